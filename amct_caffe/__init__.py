@@ -1,0 +1,22 @@
+"""amct_caffe: quantize Caffe models to INT8 (and INT4 weights) for NPU deployment.
+
+The public API keeps the names and signatures of the AMCT for Caffe user guide.
+"""
+
+import pkgutil
+
+# Running from a source checkout after `pip install .`: the checkout's Python files shadow the
+# installed ones, and this makes the build's artifacts (the _kernels extension, the compiled
+# proto schemas) still reachable from the installed copy.
+__path__ = pkgutil.extend_path(__path__, __name__)
+
+from amct_caffe.errors import (AmctError, ConfigError, GraphError, ModelFormatError, UnsupportedLayerError,
+                               WeightsError)
+from amct_caffe.proto import set_caffe_proto
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmctError", "ConfigError", "GraphError", "ModelFormatError", "UnsupportedLayerError", "WeightsError",
+    "__version__", "set_caffe_proto",
+]

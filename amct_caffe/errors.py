@@ -1,0 +1,29 @@
+"""The library's own exception types.
+
+Every error a user can trigger with bad input is one of these, and its message names the
+file, layer or field concerned and what to do about it.
+"""
+
+
+class AmctError(Exception):
+    """Base class of every error amct_caffe raises on purpose."""
+
+
+class ModelFormatError(AmctError):
+    """A prototxt or caffemodel cannot be read (syntax, truncation, unknown field)."""
+
+
+class WeightsError(AmctError):
+    """Weights do not fit the model: missing, extra, wrongly shaped or unreadable blobs."""
+
+
+class GraphError(AmctError):
+    """The network structure is invalid (undefined bottom, duplicate top, cycle...)."""
+
+
+class UnsupportedLayerError(AmctError):
+    """A layer type the embedded executor does not implement."""
+
+
+class ConfigError(AmctError):
+    """A quantization config field is missing or out of range."""

@@ -1,0 +1,101 @@
+"""Caffe model files in and out: prototxt (text) and caffemodel (binary).
+
+``load_model(prototxt, caffemodel)`` returns the upgraded, phase-filtered NetParameter and the
+weights by layer name; saving writes atomically. Nothing here modifies an input file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+
+from amct_caffe.errors import WeightsError
+from amct_caffe.io.blobs import array_to_blob, blob_shape, blob_to_array
+from amct_caffe.io.files import (atomic_output, parse_prototxt_text, read_caffemodel, read_prototxt,
+                                 write_caffemodel, write_prototxt)
+from amct_caffe.io.upgrade import TEST, TRAIN, filter_phase, layer_included, upgrade_net
+from amct_caffe.proto import caffe_pb
+
+__all__ = [
+    "TEST", "TRAIN", "array_to_blob", "atomic_output", "blob_shape", "blob_to_array", "conform_blob",
+    "filter_phase", "layer_included", "load_model", "load_prototxt", "load_weights", "net_to_caffemodel",
+    "parse_prototxt_text", "read_caffemodel", "read_prototxt", "upgrade_net", "write_caffemodel",
+    "write_prototxt",
+]
+
+_LOG = logging.getLogger(__name__)
+
+
+def load_prototxt(path, phase: int = TEST, filter_layers: bool = True):
+    """Read a prototxt, upgrade legacy forms and (by default) keep only ``phase``'s layers."""
+    net = read_prototxt(path)
+    upgrade_net(net, str(path))
+    if filter_layers:
+        filter_phase(net, phase)
+    return net
+
+
+def load_weights(path) -> "OrderedDict[str, list[np.ndarray]]":
+    """Weights of a caffemodel: layer name -> its blobs as float32 arrays (file order)."""
+    net = read_caffemodel(path)
+    upgrade_net(net, str(path))
+    weights: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+    for layer in net.layer:
+        if not len(layer.blobs):
+            continue
+        if layer.name in weights:
+            raise WeightsError(f"{path}: two layers named '{layer.name}' carry weights")
+        weights[layer.name] = [blob_to_array(b, f"{path}: layer '{layer.name}' blob {i}")
+                               for i, b in enumerate(layer.blobs)]
+    return weights
+
+
+def conform_blob(arr: np.ndarray, target_shape, where: str) -> np.ndarray:
+    """Check a loaded blob against the shape the layer expects (Caffe's ShapeEquals).
+
+    Legacy files store every blob as 4-D (num, channels, height, width); such a blob matches
+    a target of <= 4 axes whose shape, left-padded with 1s, equals it.
+    """
+    target_shape = tuple(int(d) for d in target_shape)
+    if arr.shape == target_shape:
+        return arr
+    if arr.ndim == 4 and len(target_shape) <= 4 and (1,) * (4 - len(target_shape)) + target_shape == arr.shape:
+        return arr.reshape(target_shape)
+    raise WeightsError(f"{where}: shape mismatch: the caffemodel has {list(arr.shape)} but the "
+                       f"prototxt defines {list(target_shape)}; were the model and weights files "
+                       "saved from the same network?")
+
+
+def load_model(model_file, weights_file=None, phase: int = TEST):
+    """Load a network definition and, optionally, its weights.
+
+    Returns ``(net_param, weights)`` where weights maps layer name -> list of arrays and is
+    empty without a weights file. Layers of the caffemodel that the (filtered) prototxt lacks
+    are ignored with a log line, as Caffe does; shape checks happen where shapes are known
+    (the IR importer and the executor).
+    """
+    net = load_prototxt(model_file, phase)
+    weights: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+    if weights_file is not None:
+        weights = load_weights(weights_file)
+        names = {layer.name for layer in net.layer}
+        extra = [n for n in weights if n not in names]
+        if extra:
+            _LOG.info("%s: ignoring weights of %d layer(s) absent from %s: %s", weights_file, len(extra),
+                      model_file, ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
+            for n in extra:
+                del weights[n]
+    return net, weights
+
+
+def net_to_caffemodel(net, weights) -> object:
+    """A NetParameter for a .caffemodel: ``net``'s layers with their blobs from ``weights``."""
+    out = caffe_pb().NetParameter()
+    out.CopyFrom(net)
+    for layer in out.layer:
+        del layer.blobs[:]
+        for arr in weights.get(layer.name, ()):
+            array_to_blob(arr, layer.blobs.add())
+    return out

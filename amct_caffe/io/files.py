@@ -1,0 +1,94 @@
+"""Reading and writing model files, atomically and with errors that name the file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from amct_caffe.errors import ModelFormatError, WeightsError
+from amct_caffe.proto import caffe_pb
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside ``path``; rename it into place only if the block succeeds.
+
+    A failed write therefore never leaves a half-written or truncated output behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read(path, what: str, binary: bool):
+    path = Path(path)
+    if not path.is_file():
+        err = WeightsError if what == "caffemodel" else ModelFormatError
+        raise err(f"{what} file {path} does not exist")
+    return path.read_bytes() if binary else path.read_text(encoding="utf-8", errors="replace")
+
+
+def _layer_near(text: str, line: int) -> str:
+    """Name of the last layer whose `name:` appears before ``line`` (1-based), for messages."""
+    head = "\n".join(text.splitlines()[: max(line, 0)])
+    names = re.findall(r'\bname\s*:\s*"([^"]*)"', head)
+    return f" (in or after layer '{names[-1]}')" if names else ""
+
+
+def parse_prototxt_text(text: str, path: str, message=None):
+    """Parse Caffe text format into ``message`` (a new NetParameter by default)."""
+    msg = caffe_pb().NetParameter() if message is None else message
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as e:
+        m = re.match(r"(\d+):(\d+)", str(e))
+        where = _layer_near(text, int(m.group(1))) if m else ""
+        hint = ""
+        if "has no field named" in str(e) or "has no value named" in str(e):
+            hint = (" If this is a custom layer, compile your Caffe's caffe.proto with "
+                    "amct_caffe.set_caffe_proto(path) or the AMCT_CAFFE_PROTO environment variable.")
+        raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {e}.{hint}") from None
+    return msg
+
+
+def read_prototxt(path, message=None):
+    """Load a .prototxt into a NetParameter, exactly as written (no upgrade, no filtering)."""
+    return parse_prototxt_text(_read(path, "prototxt", binary=False), str(path), message)
+
+
+def read_caffemodel(path):
+    """Load a binary .caffemodel into a NetParameter (unknown fields kept for re-saving)."""
+    data = _read(path, "caffemodel", binary=True)
+    msg = caffe_pb().NetParameter()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as e:
+        raise WeightsError(f"{path}: not a readable caffemodel (truncated, or not a Caffe binary "
+                           f"NetParameter): {e}") from None
+    if not len(msg.layer) and not len(msg.layers) and len(data):
+        raise WeightsError(f"{path}: holds no layers: is it a caffemodel?")
+    return msg
+
+
+def write_prototxt(msg, path) -> None:
+    with atomic_output(path, "w") as f:
+        f.write(text_format.MessageToString(msg))
+
+
+def write_caffemodel(msg, path) -> None:
+    with atomic_output(path, "wb") as f:
+        f.write(msg.SerializeToString())

@@ -1,0 +1,169 @@
+"""Protobuf schemas: Caffe's NetParameter & co., records and configs.
+
+The build compiles ``proto/*.proto`` into descriptor sets (``schema.desc``,
+``amct_custom.desc``) installed next to this file. They are loaded into a *private*
+:class:`~google.protobuf.descriptor_pool.DescriptorPool`, so pycaffe's own ``caffe_pb2``
+(package ``caffe`` in the default pool) can be imported in the same process without a
+"duplicate symbol" clash; our files also use the distinct package ``amct_caffe``.
+
+A user whose models carry custom layers compiles their merged caffe.proto at run time,
+through :func:`set_caffe_proto` or the ``AMCT_CAFFE_PROTO`` environment variable; the
+message classes of ``caffe_pb`` then come from that file (any package name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from amct_caffe.errors import ModelFormatError
+
+_LOG = logging.getLogger(__name__)
+PACKAGE = "amct_caffe"
+USER_PROTO_ENV = "AMCT_CAFFE_PROTO"
+
+
+class Schema:
+    """Message classes of one descriptor pool and package, looked up by short name.
+
+    ``schema.NetParameter()`` builds a message; ``schema.enum_value("Phase", "TEST")`` reads a
+    top-level enum (nested enum values are attributes of their message class, e.g.
+    ``schema.PoolingParameter.MAX``).
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool, package: str, origin: str):
+        self.pool = pool
+        self.package = package
+        self.origin = origin
+        self._classes: dict[str, type] = {}
+
+    def _full(self, name: str) -> str:
+        return f"{self.package}.{name}" if self.package else name
+
+    def has_message(self, name: str) -> bool:
+        try:
+            self.pool.FindMessageTypeByName(self._full(name))
+            return True
+        except KeyError:
+            return False
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        cls = self._classes.get(name)
+        if cls is None:
+            try:
+                desc = self.pool.FindMessageTypeByName(self._full(name))
+            except KeyError:
+                raise AttributeError(f"message {name!r} is not defined in {self.origin}") from None
+            cls = message_factory.GetMessageClass(desc)
+            self._classes[name] = cls
+        return cls
+
+    def enum_value(self, enum: str, value: str) -> int:
+        return self.pool.FindEnumTypeByName(self._full(enum)).values_by_name[value].number
+
+
+def _pool_from_file_set(data: bytes) -> descriptor_pool.DescriptorPool:
+    fds = descriptor_pb2.FileDescriptorSet.FromString(data)
+    pool = descriptor_pool.DescriptorPool()
+    for f in fds.file:
+        pool.Add(f)
+    return pool
+
+
+def _load_desc(name: str) -> bytes:
+    import amct_caffe
+
+    for root in amct_caffe.__path__:  # the source tree first, then the installed build
+        path = Path(root) / "proto" / f"{name}.desc"
+        if path.is_file():
+            return path.read_bytes()
+    raise ModelFormatError(
+        f"compiled schema {name}.desc is missing: amct_caffe was not installed by its build "
+        "(run `pip install .` from the source tree)")
+
+
+def compile_proto(proto_file: str | os.PathLike) -> bytes:
+    """Compile a .proto file to a serialized FileDescriptorSet (imports included).
+
+    Uses grpcio-tools' bundled protoc when installed, else a ``protoc`` on PATH.
+    """
+    proto_file = Path(proto_file).resolve()
+    if not proto_file.is_file():
+        raise ModelFormatError(f"proto file {proto_file} does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.desc"
+        args = [f"-I{proto_file.parent}", "--include_imports", f"--descriptor_set_out={out}",
+                str(proto_file)]
+        try:
+            import grpc_tools.protoc  # noqa: F401
+            cmd = [sys.executable, "-m", "grpc_tools.protoc", *args]
+        except ImportError:
+            exe = shutil.which("protoc")
+            if exe is None:
+                raise ModelFormatError(
+                    f"cannot compile {proto_file}: install grpcio-tools (pip install grpcio-tools) "
+                    "or put protoc on PATH") from None
+            cmd = [exe, *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise ModelFormatError(f"protoc failed on {proto_file}:\n{res.stderr.strip()}")
+        return out.read_bytes()
+
+
+_records: Schema | None = None
+_caffe: Schema | None = None
+
+
+def _builtin_schema() -> Schema:
+    pool = _pool_from_file_set(_load_desc("schema"))
+    return Schema(pool, PACKAGE, "amct_caffe's caffe.proto")
+
+
+def records() -> Schema:
+    """Schema of scale_offset_record.proto, calibration_config.proto, retrain_config.proto."""
+    global _records
+    if _records is None:
+        _records = _builtin_schema()
+    return _records
+
+
+def set_caffe_proto(proto_file: str | os.PathLike | None) -> Schema:
+    """Use a user's (merged) caffe.proto for models from now on; ``None`` restores ours."""
+    global _caffe
+    if proto_file is None:
+        _caffe = _builtin_schema()
+        return _caffe
+    data = compile_proto(proto_file)
+    fds = descriptor_pb2.FileDescriptorSet.FromString(data)
+    target = next(f for f in fds.file if Path(f.name).name == Path(proto_file).name)
+    pool = _pool_from_file_set(data)
+    schema = Schema(pool, target.package, str(proto_file))
+    if not schema.has_message("NetParameter"):
+        raise ModelFormatError(f"{proto_file} defines no NetParameter message: is it a caffe.proto?")
+    missing = [m for m in ("QuantParameter", "DeQuantParameter", "IFMRParameter") if not schema.has_message(m)]
+    if missing:
+        _LOG.warning("%s lacks the AMCT messages %s: models with AMCT layers will not parse; "
+                     "merge it with amct_custom.proto (caffe_patch/install.py) first", proto_file, missing)
+    _caffe = schema
+    _LOG.info("using caffe.proto %s (package %r)", proto_file, target.package)
+    return schema
+
+
+def caffe_pb() -> Schema:
+    """Schema of Caffe models (ours, or the user's from AMCT_CAFFE_PROTO / set_caffe_proto)."""
+    global _caffe
+    if _caffe is None:
+        user = os.environ.get(USER_PROTO_ENV)
+        if user:
+            return set_caffe_proto(user)
+        _caffe = _builtin_schema()
+    return _caffe

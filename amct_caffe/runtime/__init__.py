@@ -1,0 +1,11 @@
+"""The embedded executor: a pycaffe-compatible ``Net`` running on NumPy.
+
+Switch a pycaffe script to it with ``import amct_caffe.runtime as caffe``.
+"""
+
+from amct_caffe.runtime.blob import Blob
+from amct_caffe.runtime.net import TEST, TRAIN, Net, set_device, set_mode_cpu, set_mode_gpu
+from amct_caffe.runtime.registry import known_types, layer_class, register
+
+__all__ = ["Blob", "Net", "TEST", "TRAIN", "known_types", "layer_class", "register", "set_device",
+           "set_mode_cpu", "set_mode_gpu"]

@@ -1,0 +1,68 @@
+"""A pycaffe-like Blob: ``.data`` and ``.diff`` numpy arrays plus shape helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Blob:
+    """Holds one float32 array (``data``) and its gradient (``diff``), as ``caffe.Blob`` does.
+
+    ``data[...] = x`` writes in place like pycaffe; layers may also replace ``data`` with a new
+    array of the blob's shape.
+    """
+
+    __slots__ = ("_data", "_diff")
+
+    def __init__(self, shape=(), data: np.ndarray | None = None):
+        self._data = np.zeros(tuple(shape), np.float32) if data is None else data
+        self._diff = None
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value
+
+    @property
+    def diff(self) -> np.ndarray:
+        if self._diff is None or self._diff.shape != self._data.shape:
+            self._diff = np.zeros_like(self._data)
+        return self._diff
+
+    @diff.setter
+    def diff(self, value: np.ndarray) -> None:
+        self._diff = value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._data.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self._data.size)
+
+    def reshape(self, *shape) -> None:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(d) for d in shape)
+        if shape != self.shape:
+            self._data = np.zeros(shape, np.float32)
+            self._diff = None
+
+    def _legacy(self, i: int) -> int:
+        shape = self.shape
+        if len(shape) > 4:
+            raise ValueError("legacy num/channels/height/width accessors need a blob of <= 4 axes")
+        padded = (1,) * (4 - len(shape)) + shape if shape else (1, 1, 1, 1)
+        return padded[i]
+
+    num = property(lambda self: self._legacy(0))
+    channels = property(lambda self: self._legacy(1))
+    height = property(lambda self: self._legacy(2))
+    width = property(lambda self: self._legacy(3))
+
+    def __repr__(self) -> str:
+        return f"Blob(shape={self.shape})"

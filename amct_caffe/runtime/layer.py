@@ -1,0 +1,80 @@
+"""Base class of the executor's layers.
+
+A layer is built from its LayerParameter (``self.lp``; read fields there, so defaults are
+caffe.proto's own) and works on numpy float32 arrays:
+
+* ``reshape(bottom_shapes) -> top_shapes`` — called before every forward, like Caffe's
+  ``Layer::Reshape``; cache derived sizes on ``self`` here.
+* ``forward(bottoms) -> tops`` — pure: it must never modify a bottom array in place (in-place
+  layers of the prototxt simply rebind the blob name to the new array), and it may return views.
+* ``param_shapes(bottom_shapes)`` / ``param_fillers()`` — the learned blobs this layer owns
+  (``self.blobs``, a list of :class:`Blob` shared with ``Net.params``).
+
+Arity is declared with ``num_bottoms`` / ``num_tops``: an int (exact) or an inclusive
+``(min, max)`` range with ``None`` for "no limit"; the Net checks it at construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+
+
+class Layer:
+    type_names: tuple[str, ...] = ()
+    num_bottoms: int | tuple[int | None, int | None] = 1
+    num_tops: int | tuple[int | None, int | None] = 1
+
+    def __init__(self, lp, phase: int = 1):
+        self.lp = lp
+        self.name = lp.name
+        self.phase = phase
+        self.blobs: list = []
+
+    @property
+    def type(self) -> str:
+        return self.lp.type
+
+    # -- structure --------------------------------------------------------------------
+    @classmethod
+    def check_arity(cls, lp) -> None:
+        for what, spec, got in (("bottom", cls.num_bottoms, len(lp.bottom)), ("top", cls.num_tops, len(lp.top))):
+            lo, hi = (spec, spec) if isinstance(spec, int) else spec
+            if (lo is not None and got < lo) or (hi is not None and got > hi):
+                want = str(lo) if lo == hi else f"{lo if lo is not None else 0}..{hi if hi is not None else 'n'}"
+                raise GraphError(f"layer '{lp.name}' ({lp.type}) takes {want} {what} blob(s), "
+                                 f"the prototxt gives {got}")
+
+    def param_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Shapes of the learned blobs (empty for parameter-free layers)."""
+        return []
+
+    def param_fillers(self) -> list:
+        """Filler message per learned blob, for nets built without weights.
+
+        Missing entries (or None) mean a constant-0 fill.
+        """
+        return []
+
+    # -- computation ------------------------------------------------------------------
+    def reshape(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Top shapes for these bottom shapes. Default: one top shaped like bottom 0."""
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, bottoms: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def param(self, i: int) -> np.ndarray:
+        """Data of learned blob ``i``."""
+        return self.blobs[i].data
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} '{self.name}'>"
+
+
+def canonical_axis(axis: int, ndim: int, layer_name: str, field: str = "axis") -> int:
+    """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end; range-checked."""
+    if not -ndim <= axis < max(ndim, 1):
+        raise GraphError(f"layer '{layer_name}': {field} {axis} is out of range for a {ndim}-D blob")
+    return axis + ndim if axis < 0 else axis

@@ -1,0 +1,218 @@
+"""The pycaffe-compatible Net of the embedded executor.
+
+``Net(prototxt, TEST)``, ``Net(prototxt, weights, TEST)`` or ``Net(prototxt, TEST, weights=...)``;
+then ``net.blobs[name].data``, ``net.params[layer][i].data``, ``net.forward(**inputs)``,
+``net.forward(start=..., end=...)``, ``net.reshape()``, ``net.save(path)`` as in pycaffe.
+
+Blob naming follows Caffe: an in-place layer (top == bottom) overwrites its blob, so after a
+forward ``blobs[name]`` holds the value after the last in-place layer. Caffe's automatic Split
+layers are not inserted (layers never modify their inputs, so sharing a blob is safe).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+
+from amct_caffe import io
+from amct_caffe.errors import GraphError, WeightsError
+from amct_caffe.runtime.blob import Blob
+from amct_caffe.runtime.fillers import fill
+from amct_caffe.runtime.registry import layer_class
+
+_LOG = logging.getLogger(__name__)
+TRAIN, TEST = io.TRAIN, io.TEST
+
+
+class Net:
+    """A network ready to run forward on numpy float32 data."""
+
+    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0):
+        weights_arg, phase_arg = None, None
+        for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
+            if isinstance(a, int):
+                phase_arg = a
+            else:
+                weights_arg = a
+        weights = weights if weights is not None else weights_arg
+        phase = phase if phase is not None else (phase_arg if phase_arg is not None else TEST)
+        self.phase = phase
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            net_param, loaded = io.load_model(model, weights, phase)
+            self._source = str(model)
+        else:  # an in-memory NetParameter (already upgraded and filtered)
+            net_param, loaded = model, OrderedDict()
+            if weights is not None:
+                loaded = weights if isinstance(weights, dict) else io.load_weights(weights)
+            self._source = "<NetParameter>"
+        self._weights_file = str(weights) if weights is not None and not isinstance(weights, dict) else None
+        self.net_param = net_param
+        self._rng = np.random.default_rng(seed)
+        self._build(net_param, loaded, weights is not None)
+
+    # ---------------------------------------------------------------- construction
+    def _build(self, net_param, loaded, have_weights: bool) -> None:
+        self.layers = []
+        self._layer_names: list[str] = []
+        self.bottom_names: OrderedDict[str, list[str]] = OrderedDict()
+        self.top_names: OrderedDict[str, list[str]] = OrderedDict()
+        self.blobs: OrderedDict[str, Blob] = OrderedDict()
+        self.params: OrderedDict[str, list[Blob]] = OrderedDict()
+        self.inputs: list[str] = []
+        available: dict[str, None] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        seen_names: set[str] = set()
+        for lp in net_param.layer:
+            if lp.name in seen_names:
+                raise GraphError(f"{self._source}: two layers are named '{lp.name}'")
+            seen_names.add(lp.name)
+            cls = layer_class(lp.type, lp.name)
+            cls.check_arity(lp)
+            layer = cls(lp, self.phase)
+            for b in lp.bottom:
+                if b not in self.blobs:
+                    raise GraphError(f"{self._source}: layer '{lp.name}' reads blob '{b}', which no earlier "
+                                     "layer produces")
+                available.pop(b, None)
+            bottom_shapes = [shapes[b] for b in lp.bottom]
+            self._setup_params(layer, bottom_shapes, loaded.get(lp.name), have_weights)
+            top_shapes = layer.reshape(bottom_shapes)
+            for t, s in zip(lp.top, top_shapes):
+                shapes[t] = tuple(s)
+                if t not in self.blobs:
+                    self.blobs[t] = Blob(s)
+                available[t] = None
+            if lp.type == "Input":
+                self.inputs.extend(lp.top)
+            self.layers.append(layer)
+            self._layer_names.append(lp.name)
+            self.bottom_names[lp.name] = list(lp.bottom)
+            self.top_names[lp.name] = list(lp.top)
+        # Caffe keeps the leftover blobs in a std::set: outputs come out sorted by name.
+        self.outputs = sorted(available)
+        self._shapes_seen: list = [None] * len(self.layers)
+        self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
+
+    def _setup_params(self, layer, bottom_shapes, arrays, have_weights: bool) -> None:
+        shapes = layer.param_shapes(bottom_shapes)
+        where = f"{self._weights_file or 'weights'}: layer '{layer.name}' ({layer.type})"
+        if arrays is not None:
+            if len(arrays) != len(shapes):
+                raise WeightsError(f"{where}: the caffemodel has {len(arrays)} blob(s) but the prototxt "
+                                   f"needs {len(shapes)}")
+            data = [io.conform_blob(a, s, f"{where} blob {i}") for i, (a, s) in enumerate(zip(arrays, shapes))]
+        elif shapes and have_weights:
+            raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
+                               f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
+                               "the layer names of the prototxt and the caffemodel match")
+        else:
+            fillers = list(layer.param_fillers()) + [None] * len(shapes)
+            data = [fill(f, s, self._rng) for f, s in zip(fillers, shapes)]
+        layer.blobs = [Blob(data=np.ascontiguousarray(d, dtype=np.float32)) for d in data]
+        if layer.blobs:
+            self.params[layer.name] = layer.blobs
+
+    # ---------------------------------------------------------------- pycaffe API
+    @property
+    def layer_dict(self):
+        return OrderedDict(zip(self._layer_names, self.layers))
+
+    def reshape(self) -> None:
+        """Propagate the input blobs' shapes through every layer (as ``caffe.Net.reshape``)."""
+        for i in range(len(self.layers)):
+            self._reshape_layer(i)
+
+    def _reshape_layer(self, i: int) -> None:
+        layer = self.layers[i]
+        name = self._layer_names[i]
+        bottom_shapes = [self.blobs[b].shape for b in self.bottom_names[name]]
+        if layer.type == "Input":
+            # Input tops keep whatever shape the user gave them (pycaffe's blob.reshape).
+            if self._shapes_seen[i] is None:
+                self._shapes_seen[i] = True
+            return
+        key = tuple(bottom_shapes)
+        if self._shapes_seen[i] == key:
+            return
+        top_shapes = layer.reshape(bottom_shapes)
+        for t, s in zip(self.top_names[name], top_shapes):
+            if t not in self.bottom_names[name]:
+                self.blobs[t].reshape(s)
+        self._shapes_seen[i] = key
+
+    def _range(self, start, end) -> range:
+        def index(n, default):
+            if n is None:
+                return default
+            try:
+                return self._layer_index[n]
+            except KeyError:
+                raise GraphError(f"no layer named '{n}' in {self._source}") from None
+        return range(index(start, 0), index(end, len(self.layers) - 1) + 1)
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """Run layers ``start``..``end`` (names, inclusive); returns {output name: array}.
+
+        Keyword arguments set input blobs first; an input of a new shape reshapes the net.
+        """
+        for name, value in kwargs.items():
+            if name not in self.blobs:
+                raise GraphError(f"forward() got data for '{name}', which is not a blob of {self._source} "
+                                 f"(inputs: {self.inputs})")
+            value = np.asarray(value, dtype=np.float32)
+            blob = self.blobs[name]
+            if value.shape != blob.shape:
+                blob.reshape(value.shape)
+            blob.data[...] = value
+        for i in self._range(start, end):
+            self._forward_layer(i)
+        outs = list(self.outputs) if end is None else list(self.top_names[end])
+        outs += list(blobs or [])
+        return {o: self.blobs[o].data for o in dict.fromkeys(outs)}
+
+    def _forward_layer(self, i: int) -> None:
+        layer = self.layers[i]
+        name = self._layer_names[i]
+        if layer.type == "Input":
+            return
+        self._reshape_layer(i)
+        bottoms = [self.blobs[b].data for b in self.bottom_names[name]]
+        tops = layer.forward(bottoms)
+        for t, arr in zip(self.top_names[name], tops):
+            blob = self.blobs[t]
+            if arr.shape != blob.shape:
+                raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {blob.shape}")
+            blob.data = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+
+    def copy_from(self, weights_file) -> None:
+        """Load weights into this net (pycaffe's ``copy_from``)."""
+        loaded = io.load_weights(weights_file)
+        for layer in self.layers:
+            arrays = loaded.get(layer.name)
+            if arrays is None:
+                continue
+            where = f"{weights_file}: layer '{layer.name}'"
+            if len(arrays) != len(layer.blobs):
+                raise WeightsError(f"{where}: the caffemodel has {len(arrays)} blob(s), the layer has "
+                                   f"{len(layer.blobs)}")
+            for i, (blob, arr) in enumerate(zip(layer.blobs, arrays)):
+                blob.data[...] = io.conform_blob(arr, blob.shape, f"{where} blob {i}")
+
+    def save(self, path) -> None:
+        """Write the current weights as a .caffemodel (atomically)."""
+        weights = {layer.name: [b.data for b in layer.blobs] for layer in self.layers if layer.blobs}
+        io.write_caffemodel(io.net_to_caffemodel(self.net_param, weights), path)
+
+
+def set_mode_cpu() -> None:
+    """The executor always runs on the CPU."""
+
+
+def set_mode_gpu() -> None:
+    _LOG.warning("the embedded executor has no GPU mode; running on the CPU")
+
+
+def set_device(device_id: int) -> None:  # noqa: ARG001 - pycaffe signature
+    _LOG.warning("the embedded executor has no GPU mode; set_device(%d) ignored", device_id)
