@@ -1,9 +1,10 @@
 """BlobProto <-> numpy.
 
-A BlobProto carries its values in one of ``data`` (float32), ``double_data`` (float64) or,
-in OpenCV's variant of the schema, ``raw_data`` (little-endian bytes typed by
-``raw_data_type``, e.g. FLOAT16 for weights OpenCV halved). The shape is ``shape.dim``,
-or in legacy files the 4-D ``num, channels, height, width``.
+A BlobProto carries its values in one of ``data`` (float32), ``double_data`` (float64), the
+deploy model's integer fields ``int8_data`` (bytes) / ``int32_data`` / ``uint64_data`` (ATC's
+layout), or, read through :mod:`amct_caffe.io.opencv_blobs`, OpenCV's ``raw_data`` typed by
+``raw_data_type`` (e.g. FLOAT16). The shape is ``shape.dim``, or in legacy files the 4-D
+``num, channels, height, width``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.errors import WeightsError
-
-# OpenCV's BlobProto.Type enum -> numpy dtype (little-endian as OpenCV writes it).
-_RAW_DTYPES = {"DOUBLE": "<f8", "FLOAT": "<f4", "FLOAT16": "<f2", "INT": "<i4", "UINT": "<u4"}
+from amct_caffe.io.opencv_blobs import raw_blob_values
 
 
 def blob_shape(blob) -> tuple[int, ...]:
@@ -27,15 +26,21 @@ def blob_shape(blob) -> tuple[int, ...]:
 
 
 def _value_count(blob) -> int:
-    if len(blob.data):
-        return len(blob.data)
-    if len(blob.double_data):
-        return len(blob.double_data)
+    for field in ("data", "double_data", "int32_data", "uint64_data", "int8_data"):
+        if _has(blob, field):
+            return len(getattr(blob, field))
     return 0
 
 
+def _has(blob, field: str) -> bool:
+    return field in blob.DESCRIPTOR.fields_by_name and len(getattr(blob, field)) > 0
+
+
 def blob_to_array(blob, where: str) -> np.ndarray:
-    """Values of a BlobProto as a float32 array of its shape.
+    """Values of a BlobProto as an array of its shape.
+
+    Float blobs come back as float32; the deploy model's integer blobs keep their integer
+    dtype (int8, int32, uint64).
 
     ``where`` names the file and layer for error messages.
     """
@@ -45,8 +50,14 @@ def blob_to_array(blob, where: str) -> np.ndarray:
         values = np.asarray(blob.data, dtype=np.float32)
     elif len(blob.double_data):
         values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
-    elif blob.DESCRIPTOR.fields_by_name.get("raw_data") is not None and len(blob.raw_data):
-        values = _raw_values(blob, where)
+    elif _has(blob, "raw_data") and blob.HasField("raw_data_type"):
+        values = raw_blob_values(blob)
+    elif _has(blob, "int8_data"):
+        values = np.frombuffer(blob.int8_data, dtype=np.int8)
+    elif _has(blob, "int32_data"):
+        values = np.asarray(blob.int32_data, dtype=np.int32)
+    elif _has(blob, "uint64_data"):
+        values = np.asarray(blob.uint64_data, dtype=np.uint64)
     elif count == 0:
         values = np.zeros(0, np.float32)
     else:
@@ -58,24 +69,22 @@ def blob_to_array(blob, where: str) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _raw_values(blob, where: str) -> np.ndarray:
-    type_field = blob.DESCRIPTOR.fields_by_name["raw_data_type"]
-    type_name = type_field.enum_type.values_by_number[blob.raw_data_type].name
-    dtype = _RAW_DTYPES.get(type_name)
-    if dtype is None:
-        raise WeightsError(f"{where}: raw_data of type {type_name} is not supported "
-                           f"(supported: {', '.join(_RAW_DTYPES)})")
-    raw = blob.raw_data
-    if len(raw) % np.dtype(dtype).itemsize:
-        raise WeightsError(f"{where}: raw_data of {len(raw)} bytes is not a whole number of {type_name} values")
-    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
-
-
 def array_to_blob(arr: np.ndarray, blob) -> None:
-    """Write ``arr`` into an empty BlobProto as float32 ``data`` with a ``shape``."""
+    """Write ``arr`` into an empty BlobProto with a ``shape``, in the field of its dtype.
+
+    float64 -> double_data; int8 -> int8_data; int32 -> int32_data; uint64 -> uint64_data;
+    anything else -> float32 ``data``.
+    """
     arr = np.asarray(arr)
     blob.shape.dim.extend(int(d) for d in arr.shape)
+    flat = np.ascontiguousarray(arr).ravel()
     if arr.dtype == np.float64:
-        blob.double_data.extend(arr.ravel().tolist())
+        blob.double_data.extend(flat.tolist())
+    elif arr.dtype == np.int8:
+        blob.int8_data = flat.tobytes()
+    elif arr.dtype == np.int32:
+        blob.int32_data.extend(flat.tolist())
+    elif arr.dtype == np.uint64:
+        blob.uint64_data.extend(flat.tolist())
     else:
-        blob.data.extend(np.ascontiguousarray(arr, dtype=np.float32).ravel().tolist())
+        blob.data.extend(flat.astype(np.float32).tolist())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -12,7 +13,10 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from amct_caffe.errors import ModelFormatError, WeightsError
+from amct_caffe.io.opencv_blobs import has_raw_blobs, parse_opencv_caffemodel
 from amct_caffe.proto import caffe_pb
+
+_LOG = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -74,14 +78,31 @@ def read_caffemodel(path):
     """Load a binary .caffemodel into a NetParameter (unknown fields kept for re-saving)."""
     data = _read(path, "caffemodel", binary=True)
     msg = caffe_pb().NetParameter()
+    error = None
     try:
         msg.ParseFromString(data)
     except DecodeError as e:
+        error = e
+    if error is not None or _may_hold_opencv_blobs(msg):
+        # OpenCV's FP16 fields reuse the numbers of ATC's integer fields: re-read with them.
+        try:
+            alt = parse_opencv_caffemodel(data)
+        except DecodeError:
+            alt = None
+        if alt is not None and has_raw_blobs(alt):
+            _LOG.info("%s: weights stored as OpenCV raw (FP16) blobs; converting to float32", path)
+            return alt
+    if error is not None:
         raise WeightsError(f"{path}: not a readable caffemodel (truncated, or not a Caffe binary "
-                           f"NetParameter): {e}") from None
+                           f"NetParameter): {error}") from None
     if not len(msg.layer) and not len(msg.layers) and len(data):
         raise WeightsError(f"{path}: holds no layers: is it a caffemodel?")
     return msg
+
+
+def _may_hold_opencv_blobs(net) -> bool:
+    return any(len(b.uint64_data) and not len(b.data) and not len(b.double_data)
+               for layers in (net.layer, net.layers) for layer in layers for b in layer.blobs)
 
 
 def write_prototxt(msg, path) -> None:

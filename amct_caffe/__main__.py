@@ -1,0 +1,3 @@
+from amct_caffe.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The public functions, grouped by workflow (re-exported by ``amct_caffe``)."""

@@ -1,0 +1,170 @@
+"""The graph IR: nodes (layers) reading and writing named blobs, in SSA form, topologically ordered.
+
+SSA: every blob name is written exactly once, by one node or as a graph input. Caffe's
+in-place layers (top == bottom) are renamed on import (see :func:`ssa_rename`). The IR
+holds weights as numpy arrays and keeps each layer's original LayerParameter as an opaque
+object (``Node.layer_param``), so fields the tool does not interpret survive unchanged; this
+package never imports protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+
+
+@dataclass
+class Blob:
+    """A named tensor edge; ``shape`` is known once shapes are inferred."""
+
+    name: str
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(eq=False)
+class Node:
+    """One layer: ``type`` is the Caffe type string, ``params`` its learned blobs.
+
+    ``origin`` lists the original model's layer names this node stands for (a fused
+    Conv+BN+Scale node has three), used for the quant.json mapping.
+    """
+
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    params: list[np.ndarray] = field(default_factory=list)
+    layer_param: Any = None
+    origin: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.origin:
+            self.origin = [self.name]
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {self.type}, {self.bottoms} -> {self.tops})"
+
+
+class Graph:
+    """Nodes in execution order plus blob metadata. Mutate through the methods, then ``check()``."""
+
+    def __init__(self, name: str = "", nodes: Iterable[Node] = (), blobs: dict[str, Blob] | None = None):
+        self.name = name
+        self.nodes: list[Node] = list(nodes)
+        self.blobs: dict[str, Blob] = dict(blobs or {})
+        for n in self.nodes:
+            for b in (*n.bottoms, *n.tops):
+                self.blobs.setdefault(b, Blob(b))
+
+    # ---------------------------------------------------------------- queries
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise GraphError(f"graph '{self.name}' has no layer named '{name}'")
+
+    def has_node(self, name: str) -> bool:
+        return any(n.name == name for n in self.nodes)
+
+    def producer(self, blob: str) -> Node | None:
+        for n in self.nodes:
+            if blob in n.tops:
+                return n
+        return None
+
+    def consumers(self, blob: str) -> list[Node]:
+        return [n for n in self.nodes if blob in n.bottoms]
+
+    @property
+    def inputs(self) -> list[str]:
+        """Blobs produced by Input layers (the net's inputs)."""
+        return [t for n in self.nodes if n.type == "Input" for t in n.tops]
+
+    @property
+    def outputs(self) -> list[str]:
+        """Blobs no node reads, sorted by name as Caffe lists them."""
+        read = {b for n in self.nodes for b in n.bottoms}
+        return sorted(t for n in self.nodes for t in n.tops if t not in read)
+
+    def unique_blob_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.blobs:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    def unique_node_name(self, base: str) -> str:
+        names = {n.name for n in self.nodes}
+        name, i = base, 1
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    # ---------------------------------------------------------------- edits
+    def insert(self, index: int, node: Node) -> None:
+        self.nodes.insert(index, node)
+        for b in (*node.bottoms, *node.tops):
+            self.blobs.setdefault(b, Blob(b))
+
+    def index(self, node: Node) -> int:
+        for i, n in enumerate(self.nodes):
+            if n is node:
+                return i
+        raise GraphError(f"layer '{node.name}' is not in graph '{self.name}'")
+
+    def remove(self, node: Node) -> None:
+        del self.nodes[self.index(node)]
+
+    def rename_blob_uses(self, old: str, new: str, after: Node | None = None) -> None:
+        """Make every reader of ``old`` (after ``after`` if given) read ``new`` instead."""
+        start = self.index(after) + 1 if after is not None else 0
+        for n in self.nodes[start:]:
+            n.bottoms = [new if b == old else b for b in n.bottoms]
+        self.blobs.setdefault(new, Blob(new))
+
+    def prune_blobs(self) -> None:
+        used = {b for n in self.nodes for b in (*n.bottoms, *n.tops)}
+        self.blobs = {k: v for k, v in self.blobs.items() if k in used}
+
+    def check(self) -> None:
+        from amct_caffe.ir.checker import check_graph
+
+        check_graph(self)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.name!r}, {len(self.nodes)} nodes)"
+
+
+def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[list[str], list[str]]]:
+    """SSA names for Caffe's sequential blob semantics.
+
+    ``layers`` is [(layer name, bottoms, tops)] in file order, where a top may repeat an existing
+    blob name (Caffe's in-place computation). A re-written blob gets the writing layer's name
+    (made unique); later readers of the old name read the new one. Returns the renamed
+    (bottoms, tops) per layer.
+    """
+    current: dict[str, str] = {}  # Caffe name -> latest SSA name
+    taken: set[str] = set()
+    for _, _, tops in layers:
+        taken.update(tops)
+    out = []
+    for name, bottoms, tops in layers:
+        new_bottoms = [current.get(b, b) for b in bottoms]
+        new_tops = []
+        for t in tops:
+            if t in current:  # written before: in-place (or a re-definition) -> fresh name
+                base = name if name not in taken else f"{t}_{name}"
+                fresh, i = base, 1
+                while fresh in taken:
+                    fresh, i = f"{base}_{i}", i + 1
+                taken.add(fresh)
+                current[t] = fresh
+                new_tops.append(fresh)
+            else:
+                current[t] = t
+                new_tops.append(t)
+        out.append((new_bottoms, new_tops))
+    return out
