@@ -12,11 +12,12 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 
 from amct_caffe.errors import (AmctError, ConfigError, GraphError, ModelFormatError, UnsupportedLayerError,
                                WeightsError)
+from amct_caffe.api.common import set_cpu_mode, set_gpu_mode, uninplace_model
 from amct_caffe.proto import set_caffe_proto
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmctError", "ConfigError", "GraphError", "ModelFormatError", "UnsupportedLayerError", "WeightsError",
-    "__version__", "set_caffe_proto",
+    "__version__", "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model",
 ]

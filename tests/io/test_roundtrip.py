@@ -1,0 +1,124 @@
+"""Loading and saving an unchanged model reproduces it; legacy formats upgrade on load."""
+
+import numpy as np
+import pytest
+
+from amct_caffe import io
+from amct_caffe.proto import caffe_pb
+from tests.golden import MODELS, SHARED
+from tests.io.legacy import to_v1
+
+PROTOTXTS = sorted(MODELS.glob("*/*.prototxt")) if MODELS.exists() else []
+CAFFEMODELS = sorted([*MODELS.glob("*/*.caffemodel"), *(SHARED / "golden").glob("*.caffemodel")]) \
+    if MODELS.exists() else []
+LENET = MODELS / "lenet_mnist/lenet.prototxt"
+LENET_W = MODELS / "lenet_mnist/lenet_iter_10000.caffemodel"
+needs_shared = pytest.mark.skipif(not MODELS.exists(), reason="../shared/models not beside the repository")
+
+
+@needs_shared
+@pytest.mark.parametrize("path", PROTOTXTS, ids=lambda p: p.parent.name + "/" + p.name)
+def test_prototxt_round_trip(path, tmp_path):
+    net = io.read_prototxt(path)
+    out = tmp_path / "out.prototxt"
+    io.write_prototxt(net, out)
+    assert io.read_prototxt(out) == net
+
+
+@needs_shared
+@pytest.mark.parametrize("path", CAFFEMODELS, ids=lambda p: p.parent.name + "/" + p.name)
+def test_caffemodel_round_trip_is_byte_exact(path, tmp_path):
+    """Unknown fields (some files come from other Caffe forks) survive too."""
+    net = io.read_caffemodel(path)
+    out = tmp_path / "out.caffemodel"
+    io.write_caffemodel(net, out)
+    assert out.read_bytes() == path.read_bytes()
+
+
+@needs_shared
+def test_weights_survive_array_round_trip_bit_exact(tmp_path):
+    net, weights = io.load_model(LENET, LENET_W)
+    out = tmp_path / "w.caffemodel"
+    io.write_caffemodel(io.net_to_caffemodel(net, weights), out)
+    again = io.load_weights(out)
+    assert list(again) == list(weights)
+    for name in weights:
+        for a, b in zip(weights[name], again[name]):
+            assert a.dtype == b.dtype == np.float32
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_integer_and_double_blobs_round_trip():
+    arrays = [np.arange(-5, 5, dtype=np.int8).reshape(2, 5), np.array([1, -2**31, 2**31 - 1], np.int32),
+              np.array([2**64 - 1, 0, 12345678901234], np.uint64), np.linspace(0, 1, 7),
+              np.float32([[1.5, -2.25]])]
+    for arr in arrays:
+        blob = caffe_pb().BlobProto()
+        io.array_to_blob(arr, blob)
+        parsed = caffe_pb().BlobProto.FromString(blob.SerializeToString())
+        back = io.blob_to_array(parsed, "test")
+        assert back.shape == arr.shape
+        expect = arr.astype(np.float32) if arr.dtype == np.float64 else arr
+        assert back.dtype == expect.dtype and np.array_equal(back, expect)
+
+
+@needs_shared
+def test_v1_model_upgrades_to_the_same_network(tmp_path):
+    current = io.read_prototxt(LENET)
+    weights_msg = io.read_caffemodel(LENET_W)
+    v1_proto, v1_weights = tmp_path / "v1.prototxt", tmp_path / "v1.caffemodel"
+    io.write_prototxt(to_v1(current), v1_proto)
+    io.write_caffemodel(to_v1(weights_msg), v1_weights)
+    assert "layers {" in v1_proto.read_text() and "type: CONVOLUTION" in v1_proto.read_text()
+
+    net_new, w_new = io.load_model(LENET, LENET_W)
+    net_old, w_old = io.load_model(v1_proto, v1_weights)
+    # Caffe names the layer made from the legacy input fields "input"
+    assert net_old.layer[0].name == "input" and net_new.layer[0].name == "data"
+    net_old.layer[0].name = "data"
+    assert [(lp.name, lp.type, list(lp.bottom), list(lp.top)) for lp in net_old.layer] == \
+           [(lp.name, lp.type, list(lp.bottom), list(lp.top)) for lp in net_new.layer]
+    for a, b in zip(net_old.layer, net_new.layer):
+        for field in ("convolution_param", "pooling_param", "inner_product_param", "input_param"):
+            assert getattr(a, field) == getattr(b, field), (a.name, field)
+    assert list(w_old) == list(w_new)
+    for name in w_new:
+        for a, b in zip(w_old[name], w_new[name]):
+            assert np.array_equal(a, b)
+
+
+def test_legacy_input_fields_become_one_input_layer():
+    net = io.parse_prototxt_text('''
+        name: "legacy"
+        input: "data"  input_dim: 1 input_dim: 3 input_dim: 12 input_dim: 12
+        input: "rois"  input_dim: 5 input_dim: 5 input_dim: 1 input_dim: 1
+        layer { name: "relu" type: "ReLU" bottom: "data" top: "data" }''', "legacy.prototxt")
+    assert io.upgrade_net(net, "legacy.prototxt")
+    first = net.layer[0]
+    assert (first.name, first.type, list(first.top)) == ("input", "Input", ["data", "rois"])
+    assert [list(s.dim) for s in first.input_param.shape] == [[1, 3, 12, 12], [5, 5, 1, 1]]
+    assert not len(net.input) and not len(net.input_dim)
+    assert net.layer[1].name == "relu"
+
+
+@needs_shared
+def test_phase_filtering_keeps_test_layers():
+    net = io.load_prototxt(MODELS / "lenet_mnist/lenet_train_test.prototxt", io.TEST)
+    names = [lp.name for lp in net.layer]
+    assert names.count("mnist") == 1
+    assert "accuracy" in names
+    data = net.layer[names.index("mnist")]
+    assert data.include[0].phase == io.TEST
+    train = io.load_prototxt(MODELS / "lenet_mnist/lenet_train_test.prototxt", io.TRAIN)
+    assert "accuracy" not in [lp.name for lp in train.layer]
+
+
+def test_stage_and_level_rules():
+    net = io.parse_prototxt_text('''
+        state { level: 2 stage: "deploy" }
+        layer { name: "a" type: "ReLU" include { stage: "deploy" } }
+        layer { name: "b" type: "ReLU" include { min_level: 3 } }
+        layer { name: "c" type: "ReLU" exclude { not_stage: "deploy" } }
+        layer { name: "d" type: "ReLU" exclude { phase: TEST max_level: 2 } }''', "s.prototxt")
+    io.filter_phase(net, io.TEST)
+    assert [lp.name for lp in net.layer] == ["a", "c"]

@@ -1,0 +1,79 @@
+"""SSA import of in-place layers, the checker, and uninplace_model."""
+
+import numpy as np
+import pytest
+
+from amct_caffe import GraphError, io, uninplace_model
+from amct_caffe.io.graph_io import graph_from_net, graph_to_net
+from amct_caffe.ir import Graph, Node, ssa_rename
+from tests.golden import MODELS
+
+NSFW = MODELS / "open_nsfw/deploy.prototxt"
+NSFW_W = MODELS / "open_nsfw/resnet_50_1by2_nsfw.caffemodel"
+needs_shared = pytest.mark.skipif(not MODELS.exists(), reason="../shared/models not beside the repository")
+
+
+def test_ssa_rename_in_place_chain():
+    layers = [("data", [], ["data"]), ("conv", ["data"], ["conv"]), ("bn", ["conv"], ["conv"]),
+              ("scale", ["conv"], ["conv"]), ("relu", ["conv"], ["conv"]), ("fc", ["conv"], ["fc"])]
+    renamed = ssa_rename(layers)
+    assert renamed == [([], ["data"]), (["data"], ["conv"]), (["conv"], ["bn"]), (["bn"], ["scale"]),
+                       (["scale"], ["relu"]), (["relu"], ["fc"])]
+
+
+def test_ssa_rename_avoids_existing_blob_names():
+    layers = [("a", [], ["x"]), ("relu", ["x"], ["x"]), ("b", ["x"], ["relu"])]
+    (_, t0), (b1, t1), (b2, t2) = ssa_rename(layers)
+    assert t1 == ["x_relu"] and b2 == ["x_relu"] and t2 == ["relu"]
+
+
+def test_checker_rejects_broken_graphs():
+    with pytest.raises(GraphError, match="SSA"):
+        Graph("g", [Node("a", "Input", [], ["x"]), Node("b", "ReLU", ["x"], ["x"])]).check()
+    with pytest.raises(GraphError, match="reads blob 'y'"):
+        Graph("g", [Node("a", "Input", [], ["x"]), Node("b", "ReLU", ["y"], ["z"])]).check()
+    with pytest.raises(GraphError, match="two layers are named 'a'"):
+        Graph("g", [Node("a", "Input", [], ["x"]), Node("a", "ReLU", ["x"], ["z"])]).check()
+
+
+@needs_shared
+def test_graph_round_trip_keeps_layers_and_weights():
+    net, weights = io.load_model(NSFW, NSFW_W)
+    graph = graph_from_net(net, weights)
+    assert len(graph.nodes) == len(net.layer)
+    back, back_weights = graph_to_net(graph)
+    for a, b in zip(net.layer, back.layer):
+        assert (a.name, a.type) == (b.name, b.type)
+        assert a.convolution_param == b.convolution_param and a.batch_norm_param == b.batch_norm_param
+    for name, arrays in weights.items():
+        for x, y in zip(arrays, back_weights[name]):
+            assert np.array_equal(x, y)
+    assert graph.outputs == ["prob"] and graph.inputs == ["data"]
+
+
+@needs_shared
+def test_uninplace_model_removes_in_place_layers_and_keeps_test_layers(tmp_path):
+    out = tmp_path / "nsfw_uninplaced.prototxt"
+    uninplace_model(str(NSFW), str(out))
+    net = io.read_prototxt(out)
+    tops = [t for lp in net.layer for t in lp.top]
+    assert len(tops) == len(set(tops))
+    assert all(set(lp.top).isdisjoint(lp.bottom) for lp in net.layer)
+    assert len(net.layer) == len(io.load_prototxt(NSFW).layer)
+
+    train_test = tmp_path / "lenet_uninplaced.prototxt"
+    uninplace_model(str(MODELS / "lenet_mnist/lenet_train_test.prototxt"), str(train_test))
+    names = [lp.name for lp in io.read_prototxt(train_test).layer]
+    assert names.count("mnist") == 1 and "accuracy" in names
+
+
+@needs_shared
+def test_uninplaced_model_computes_the_same(tmp_path):
+    from amct_caffe.runtime import TEST, Net
+
+    out = tmp_path / "u.prototxt"
+    uninplace_model(str(NSFW), str(out))
+    x = np.random.default_rng(0).normal(0, 50, (1, 3, 224, 224)).astype(np.float32)
+    a = Net(str(NSFW), str(NSFW_W), TEST).forward(data=x)["prob"]
+    b = Net(str(out), str(NSFW_W), TEST).forward(data=x)["prob"]
+    assert np.array_equal(a, b)
