@@ -12,3 +12,13 @@ def _quiet_amct_logs(caplog):
 
 def real_caffe_root():
     return os.environ.get("AMCT_REAL_CAFFE")
+
+
+def pytest_collection_modifyitems(config, items):
+    if real_caffe_root():
+        return
+    skip = pytest.mark.skip(reason="needs a real Caffe build: set AMCT_REAL_CAFFE to the root made by "
+                                   "../shared/tools/build_caffe.sh (see README)")
+    for item in items:
+        if "real_caffe" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,66 @@
+"""A user's merged caffe.proto compiles at run time, so models with custom layers parse."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import amct_caffe
+from amct_caffe import ModelFormatError, io
+from amct_caffe.proto import caffe_pb
+
+REPO = Path(__file__).resolve().parents[2]
+CUSTOM_PROTOTXT = '''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
+layer { name: "id" type: "Identity2" bottom: "data" top: "out" identity2_param { scale: 2.5 } }
+'''
+
+
+def _user_proto(tmp_path) -> Path:
+    """Our caffe.proto plus a custom layer, in the user's own package name."""
+    text = (REPO / "proto/caffe.proto").read_text()
+    text = text.replace("package amct_caffe;", "package caffe;")
+    anchor = "message LayerParameter {"
+    text = text.replace(anchor, anchor + "\n  optional Identity2Parameter identity2_param = 4999;", 1)
+    text += "\nmessage Identity2Parameter {\n  optional float scale = 1 [default = 1.0];\n}\n"
+    path = tmp_path / "caffe.proto"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def restore_schema():
+    yield
+    amct_caffe.set_caffe_proto(None)
+
+
+def test_custom_layer_parses_after_set_caffe_proto(tmp_path, restore_schema):
+    model = tmp_path / "m.prototxt"
+    model.write_text(CUSTOM_PROTOTXT)
+    with pytest.raises(ModelFormatError, match="identity2_param"):
+        io.read_prototxt(model)
+    amct_caffe.set_caffe_proto(_user_proto(tmp_path))
+    net = io.read_prototxt(model)
+    assert net.layer[1].identity2_param.scale == pytest.approx(2.5)
+    assert caffe_pb().package == "caffe"
+
+
+def test_environment_variable_selects_user_proto(tmp_path):
+    model = tmp_path / "m.prototxt"
+    model.write_text(CUSTOM_PROTOTXT)
+    code = ("from amct_caffe import io; n = io.read_prototxt(%r); print(n.layer[1].identity2_param.scale)"
+            % str(model))
+    env = dict(os.environ, AMCT_CAFFE_PROTO=str(_user_proto(tmp_path)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "2.5"
+
+
+def test_broken_user_proto_reports_protoc_error(tmp_path, restore_schema):
+    bad = tmp_path / "caffe.proto"
+    bad.write_text('syntax = "proto2";\nmessage NetParameter { optional int32 x = 1 }\n')
+    with pytest.raises(ModelFormatError, match="protoc failed"):
+        amct_caffe.set_caffe_proto(bad)

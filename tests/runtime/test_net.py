@@ -1,0 +1,129 @@
+"""The Net behaves like pycaffe's for what inference scripts use."""
+
+import numpy as np
+import pytest
+
+from amct_caffe import GraphError
+from amct_caffe.runtime import TEST, Net, known_types, layer_class, register
+from amct_caffe.runtime.layer import Layer
+from tests.golden import MODELS
+
+LENET = MODELS / "lenet_mnist/lenet.prototxt"
+LENET_W = MODELS / "lenet_mnist/lenet_iter_10000.caffemodel"
+needs_shared = pytest.mark.skipif(not MODELS.exists(), reason="../shared/models not beside the repository")
+
+TINY = '''
+name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 5 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 }
+                            bias_filler { type: "constant" value: 0.5 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "b_relu" type: "ReLU" bottom: "data" top: "b" }
+'''
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.prototxt"
+    p.write_text(TINY)
+    return p
+
+
+def test_structure_matches_pycaffe(tiny):
+    net = Net(str(tiny), TEST)
+    assert list(net.blobs) == ["data", "conv", "b"]
+    assert net.inputs == ["data"]
+    assert net.outputs == ["b", "conv"]  # Caffe lists leftover blobs sorted by name
+    assert list(net.params) == ["conv"]
+    assert [b.data.shape for b in net.params["conv"]] == [(4, 3, 3, 3), (4,)]
+    assert np.all(net.params["conv"][1].data == 0.5)
+    assert net.blobs["conv"].shape == (2, 4, 3, 3)
+    assert net.blobs["data"].num == 2 and net.blobs["data"].channels == 3
+    assert net.layer_dict["relu"].type == "ReLU"
+    assert net.top_names["relu"] == ["conv"] and net.bottom_names["conv"] == ["data"]
+
+
+def test_constructor_forms(tiny):
+    a = Net(str(tiny), TEST)
+    b = Net(str(tiny), phase=TEST)
+    assert list(a.blobs) == list(b.blobs)
+
+
+def test_forward_kwargs_in_place_and_start_end(tiny):
+    net = Net(str(tiny), TEST)
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, 5)).astype(np.float32)
+    out = net.forward(data=x)
+    w, bias = net.params["conv"][0].data, net.params["conv"][1].data
+    # independent reference: direct correlation loops
+    ref = np.zeros((2, 4, 3, 3), np.float64)
+    for i in range(3):
+        for j in range(3):
+            ref[:, :, i, j] = np.einsum("nchw,ochw->no", x[:, :, i:i + 3, j:j + 3], w) + bias
+    np.testing.assert_allclose(out["conv"], np.maximum(ref, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["b"], np.maximum(x, 0))
+    # in-place: 'conv' holds the value after relu; forward(end=conv) gives the pre-relu value
+    pre = net.forward(end="conv")["conv"]
+    np.testing.assert_allclose(pre, ref, rtol=1e-5, atol=1e-5)
+    post = net.forward(start="relu", end="relu")["conv"]
+    np.testing.assert_allclose(post, np.maximum(ref, 0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(GraphError, match="no layer named 'nope'"):
+        net.forward(end="nope")
+
+
+def test_reshape_like_pycaffe(tiny):
+    net = Net(str(tiny), TEST)
+    net.blobs["data"].reshape(1, 3, 8, 7)
+    net.reshape()
+    assert net.blobs["conv"].shape == (1, 4, 6, 5)
+    net.blobs["data"].data[...] = 1.0
+    out = net.forward()
+    assert out["conv"].shape == (1, 4, 6, 5)
+    # a new input shape given to forward() reshapes too
+    assert net.forward(data=np.ones((3, 3, 4, 4), np.float32))["conv"].shape == (3, 4, 2, 2)
+
+
+def test_user_edits_to_params_are_seen(tiny):
+    net = Net(str(tiny), TEST)
+    net.params["conv"][0].data[...] = 0
+    net.params["conv"][1].data[...] = -1
+    out = net.forward(data=np.ones((2, 3, 5, 5), np.float32))
+    assert np.all(out["conv"] == 0)
+
+
+@needs_shared
+def test_save_and_copy_from_round_trip(tmp_path):
+    net = Net(str(LENET), str(LENET_W), TEST)
+    path = tmp_path / "again.caffemodel"
+    net.save(str(path))
+    fresh = Net(str(LENET), TEST)
+    fresh.copy_from(str(path))
+    for name, blobs in net.params.items():
+        for a, b in zip(blobs, fresh.params[name]):
+            assert np.array_equal(a.data, b.data)
+    x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_array_equal(net.forward(data=x)["prob"], fresh.forward(data=x)["prob"])
+
+
+def test_undefined_bottom_is_reported(tmp_path):
+    p = tmp_path / "bad.prototxt"
+    p.write_text(TINY.replace('bottom: "data" top: "b"', 'bottom: "nothing" top: "b"'))
+    with pytest.raises(GraphError, match="'b_relu' reads blob 'nothing'"):
+        Net(str(p), TEST)
+
+
+def test_arity_is_checked(tmp_path):
+    p = tmp_path / "bad.prototxt"
+    p.write_text(TINY.replace('bottom: "data" top: "b"', 'bottom: "data" bottom: "conv" top: "b"'))
+    with pytest.raises(GraphError, match="'b_relu' .* takes 1 bottom"):
+        Net(str(p), TEST)
+
+
+def test_registry_is_complete_and_strict():
+    types = known_types()
+    for t in types:
+        cls = layer_class(t)
+        assert issubclass(cls, Layer) and t in cls.type_names
+        assert cls.forward is not Layer.forward or t == "Input", f"{t} has no forward"
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register("ReLU")(type("Again", (Layer,), {}))
