@@ -1,0 +1,71 @@
+"""The compiled schemas agree with each other and with the user guide's samples."""
+
+import pytest
+from google.protobuf import descriptor_pb2, text_format
+
+from amct_caffe.proto import _load_desc, caffe_pb, records
+from tests.golden import SHARED
+
+GUIDE = SHARED / "spec/amct_caffe_user_guide.md"
+
+
+def _files(name):
+    return {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(_load_desc(name)).file}
+
+
+def _normalized(msg) -> bytes:
+    copy = descriptor_pb2.DescriptorProto()
+    copy.CopyFrom(msg)
+
+    def strip(m):
+        for f in m.field:
+            f.ClearField("json_name")
+            f.type_name = f.type_name.split(".")[-1]
+        for n in m.nested_type:
+            strip(n)
+
+    strip(copy)
+    return copy.SerializeToString(deterministic=True)
+
+
+def test_amct_custom_proto_matches_the_amct_section_of_caffe_proto():
+    """amct_custom.proto is what gets merged into users' Caffe; our caffe.proto must carry the same."""
+    custom = _files("amct_custom")["amct_custom.proto"]
+    schema = _files("schema")
+    ours = {m.name: m for f in schema.values() for m in f.message_type}
+    layer_fields = {f.name: f for f in ours["LayerParameter"].field}
+    assert any(f.number >= 200000 for f in layer_fields.values())
+    for msg in custom.message_type:
+        if msg.name == "LayerParameter":
+            for f in msg.field:
+                mine = layer_fields[f.name]
+                assert (mine.number, mine.type_name.split(".")[-1]) == (f.number, f.type_name.split(".")[-1])
+                assert f.number == 208 or f.number >= 200000, f"{f.name}: AMCT fields are numbered from 200000"
+        else:
+            assert _normalized(ours[msg.name]) == _normalized(msg), msg.name
+
+
+def test_field_numbering_rules():
+    fields = {f.name: f.number for f in caffe_pb().LayerParameter.DESCRIPTOR.fields}
+    assert fields["quant_param"] == 208 and fields["dequant_param"] == 200000
+    assert fields["permute_param"] == 202 and fields["prior_box_param"] == 203
+    assert fields["detection_output_param"] == 204 and fields["norm_param"] == 206
+    assert fields["roi_pooling_param"] == 8266711
+
+
+@pytest.mark.skipif(not GUIDE.exists(), reason="../shared/spec not beside the repository")
+def test_guide_sample_cfg_parses():
+    text = GUIDE.read_text(encoding="utf-8")
+    start = text.index("# global quantize parameter")
+    sample = text[start:text.index("```", start)]
+    cfg = text_format.Parse(sample, records().AMCTConfig())
+    assert "pool1" in cfg.skip_layers
+
+
+def test_record_example_parses():
+    rec = text_format.Parse('record{ key:"fc1000" value{ scale_w:0.0057898927 offset_w:0 shift_bit:2 num_bits_w:8 '
+                            'record_d{ scale_d:0.031852875 offset_d:-128 index:0 num_bits_d:8 } } }',
+                            records().ScaleOffsetRecord())
+    value = rec.record[0].value
+    assert rec.record[0].key == "fc1000" and value.record_d[0].offset_d == -128
+    assert value.record_d[0].scale_d == pytest.approx(0.031852875, rel=1e-7)
