@@ -1,15 +1,34 @@
-"""The one layer registry: Caffe type string -> Layer class.
+"""The one layer-type registry: Caffe type string -> what the tool can do with that type.
 
-Serves the executor and, through class attributes, the tables that ask "what can be done with
-this type" (e.g. quantizable layers). Registering a type twice is an error; asking for an
-unknown type lists the known ones (Caffe's LayerRegistry behaves the same way).
+Each entry (:class:`TypeInfo`) records the executor class (``@register``) and, where the user
+guide's 支持量化的算子列表 lists the type, how it can be quantized (``declare_quantizable``).
+Registering an executor class twice is an error; asking the executor for an unknown type
+lists the known ones (Caffe's LayerRegistry behaves the same way).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from amct_caffe.errors import UnsupportedLayerError
 
-_LAYERS: dict[str, type] = {}
+WEIGHTS_AND_DATA = "weights_and_data"
+DATA_ONLY = "data_only"
+
+
+@dataclass
+class TypeInfo:
+    name: str
+    layer_cls: type | None = None
+    quant: str | None = None          # WEIGHTS_AND_DATA, DATA_ONLY or None
+    quant_by_default: bool = False    # on in a generated config, or only when the user enables it
+
+
+_TYPES: dict[str, TypeInfo] = {}
+
+
+def _info(name: str) -> TypeInfo:
+    return _TYPES.setdefault(name, TypeInfo(name))
 
 
 def register(*type_names: str):
@@ -17,14 +36,25 @@ def register(*type_names: str):
 
     def deco(cls):
         for name in type_names:
-            if name in _LAYERS:
+            info = _info(name)
+            if info.layer_cls is not None:
                 raise RuntimeError(f"layer type {name!r} registered twice "
-                                   f"({_LAYERS[name].__qualname__} and {cls.__qualname__})")
-            _LAYERS[name] = cls
+                                   f"({info.layer_cls.__qualname__} and {cls.__qualname__})")
+            info.layer_cls = cls
         cls.type_names = tuple(type_names)
         return cls
 
     return deco
+
+
+def declare_quantizable(type_name: str, kind: str, by_default: bool = True) -> None:
+    """Record that ``type_name`` can be quantized (``kind``: WEIGHTS_AND_DATA or DATA_ONLY)."""
+    if kind not in (WEIGHTS_AND_DATA, DATA_ONLY):
+        raise ValueError(f"unknown quantization kind {kind!r}")
+    info = _info(type_name)
+    if info.quant is not None:
+        raise RuntimeError(f"quantization of layer type {type_name!r} declared twice")
+    info.quant, info.quant_by_default = kind, by_default
 
 
 def _ensure_loaded() -> None:
@@ -34,14 +64,25 @@ def _ensure_loaded() -> None:
 
 def layer_class(type_name: str, layer_name: str = "?"):
     _ensure_loaded()
-    try:
-        return _LAYERS[type_name]
-    except KeyError:
+    info = _TYPES.get(type_name)
+    if info is None or info.layer_cls is None:
         raise UnsupportedLayerError(
             f"layer '{layer_name}' has type '{type_name}', which the embedded executor does not "
-            f"support (known types: {', '.join(sorted(_LAYERS))})") from None
+            f"support (known types: {', '.join(known_types())})")
+    return info.layer_cls
 
 
 def known_types() -> list[str]:
+    """Types the executor can run."""
     _ensure_loaded()
-    return sorted(_LAYERS)
+    return sorted(n for n, i in _TYPES.items() if i.layer_cls is not None)
+
+
+def type_info(type_name: str) -> TypeInfo | None:
+    _ensure_loaded()
+    return _TYPES.get(type_name)
+
+
+def all_type_infos() -> dict[str, TypeInfo]:
+    _ensure_loaded()
+    return dict(_TYPES)
