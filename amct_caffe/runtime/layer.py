@@ -10,6 +10,9 @@ caffe.proto's own) and works on numpy float32 arrays:
 * ``param_shapes(bottom_shapes)`` / ``param_fillers()`` — the learned blobs this layer owns
   (``self.blobs``, a list of :class:`Blob` shared with ``Net.params``).
 
+A layer whose top shape depends on the data (DetectionOutput) sets ``shape_from_forward``:
+its ``reshape`` gives a placeholder shape and the blob takes whatever ``forward`` returns.
+
 Arity is declared with ``num_bottoms`` / ``num_tops``: an int (exact) or an inclusive
 ``(min, max)`` range with ``None`` for "no limit"; the Net checks it at construction.
 """
@@ -25,6 +28,7 @@ class Layer:
     type_names: tuple[str, ...] = ()
     num_bottoms: int | tuple[int | None, int | None] = 1
     num_tops: int | tuple[int | None, int | None] = 1
+    shape_from_forward: bool = False
 
     def __init__(self, lp, phase: int = 1):
         self.lp = lp

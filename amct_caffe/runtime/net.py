@@ -182,7 +182,7 @@ class Net:
         tops = layer.forward(bottoms)
         for t, arr in zip(self.top_names[name], tops):
             blob = self.blobs[t]
-            if arr.shape != blob.shape:
+            if arr.shape != blob.shape and not layer.shape_from_forward:
                 raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {blob.shape}")
             blob.data = arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
