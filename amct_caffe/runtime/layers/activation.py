@@ -1,0 +1,336 @@
+"""Element-wise activations (Caffe's NeuronLayer family) and Dropout.
+
+Each layer type has a pure reference function named exactly after it, whose keyword arguments
+are the fields of the layer's parameter message with caffe.proto's defaults, e.g.
+``ReLU(x, negative_slope=0.0)``. A function never modifies ``x``: it allocates its output and
+works in place on that. The layer classes read those keyword arguments from the parameter
+message by name, through the proto descriptor (fields the schema in use lacks keep the default).
+
+All math is float32, in the order Caffe's ``Forward_cpu`` uses, so results agree with Caffe to
+an ulp or two. Overflow to inf and NaN from invalid inputs happen silently, as in Caffe.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import zlib
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+from amct_caffe.io import TEST, TRAIN
+from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.registry import register
+
+_LOG = logging.getLogger(__name__)
+_F32 = np.float32
+_QUIET = {"over": "ignore", "under": "ignore", "invalid": "ignore", "divide": "ignore"}
+
+
+# ------------------------------------------------------------------------ reference ops
+def ReLU(x, negative_slope=0.0):
+    """y = max(x, 0) + negative_slope * min(x, 0)."""
+    if negative_slope == 0:
+        return np.maximum(x, _F32(0))
+    out = np.multiply(x, _F32(negative_slope))
+    if 0 < negative_slope <= 1:  # then max(x, slope*x) is the same function, in one pass
+        return np.maximum(out, x, out=out)
+    np.copyto(out, x, where=x > 0)
+    return out
+
+
+def PReLU(x, slope):
+    """y = max(x, 0) + a_c * min(x, 0), x: (N, C, ...), slope: (C,) or one shared value."""
+    a = np.asarray(slope, _F32)
+    a = a.reshape(()) if a.size == 1 else a.reshape((-1,) + (1,) * (x.ndim - 2))
+    out = np.multiply(x, a)
+    if np.all((a > 0) & (a <= 1)):
+        return np.maximum(out, x, out=out)
+    np.copyto(out, x, where=x > 0)
+    return out
+
+
+def ReLU6(x, negative_slope=0.0, threshold=6.0):
+    """y = min(max(x, 0) + negative_slope * min(x, 0), threshold)  (the fork's relu6_layer)."""
+    out = ReLU(x, negative_slope)
+    return np.minimum(out, _F32(threshold), out=out)
+
+
+def Clip(x, min, max):  # noqa: A002 - the ClipParameter field names
+    """y = max(min, min(x, max))  (BVLC master's clip_layer; min > max gives min everywhere)."""
+    out = np.minimum(x, _F32(max))
+    return np.maximum(out, _F32(min), out=out)
+
+
+def Sigmoid(x):
+    """y = 1 / (1 + exp(-x))."""
+    out = np.negative(x)
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
+    out += _F32(1)
+    return np.reciprocal(out, out=out)
+
+
+def TanH(x):
+    """y = tanh(x)."""
+    return np.tanh(x)
+
+
+def HardSigmoid(x, alpha=0.2, beta=0.5):
+    """y = max(0, min(1, alpha * x + beta))  (the fork's hardsigmoid_layer)."""
+    out = np.multiply(x, _F32(alpha))
+    out += _F32(beta)
+    np.minimum(out, _F32(1), out=out)
+    return np.maximum(out, _F32(0), out=out)
+
+
+def HardSwish(x):
+    """y = x * max(0, min(1, x / 6 + 0.5))  (the fork's hardswish_layer)."""
+    out = np.divide(x, _F32(6))
+    out += _F32(0.5)
+    np.minimum(out, _F32(1), out=out)
+    np.maximum(out, _F32(0), out=out)
+    return np.multiply(out, x, out=out)
+
+
+def Swish(x, beta=1.0):
+    """y = x * sigmoid(beta * x), sigmoid(t) = 0.5 * tanh(0.5 * t) + 0.5  (BVLC master)."""
+    out = np.multiply(x, _F32(0.5 * beta))
+    np.tanh(out, out=out)
+    out *= _F32(0.5)
+    out += _F32(0.5)
+    return np.multiply(out, x, out=out)
+
+
+def Power(x, power=1.0, scale=1.0, shift=0.0):
+    """y = (shift + scale * x) ^ power.
+
+    When power * scale == 0 the input is ignored: y = 1 if power == 0 else shift ^ power.
+    """
+    power, scale, shift = _F32(power), _F32(scale), _F32(shift)
+    with np.errstate(**_QUIET):
+        if power * scale == 0:
+            value = _F32(1) if power == 0 else np.power(shift, power)
+            return np.full(x.shape, value, _F32)
+        out = np.multiply(x, scale) if scale != 1 else None
+        if shift != 0:
+            out = np.add(x, shift) if out is None else np.add(out, shift, out=out)
+        if power == 1:
+            return x if out is None else out
+        if out is None:
+            return np.square(x) if power == 2 else np.power(x, power)
+        return np.square(out, out=out) if power == 2 else np.power(out, power, out=out)
+
+
+def AbsVal(x):
+    """y = |x|."""
+    return np.abs(x)
+
+
+def BNLL(x):
+    """y = log(1 + exp(x)), computed without overflow."""
+    return np.logaddexp(_F32(0), x)
+
+
+def ELU(x, alpha=1.0):
+    """y = max(x, 0) + alpha * (exp(min(x, 0)) - 1)."""
+    out = np.minimum(x, _F32(0))
+    np.exp(out, out=out)
+    out -= _F32(1)
+    out *= _F32(alpha)
+    out += np.maximum(x, _F32(0))
+    return out
+
+
+def _log_base(base) -> np.float32:
+    """log(base) in float32; base -1 stands for e (log 1 exactly), as in Caffe's Exp/Log layers."""
+    if base == -1:
+        return _F32(1)
+    if not base > 0:
+        raise ValueError(f"base must be strictly positive (or -1 for e), got {base}")
+    return np.log(_F32(base))
+
+
+def Exp(x, base=-1.0, scale=1.0, shift=0.0):
+    """y = base ^ (shift + scale * x); base -1 means e.
+
+    Caffe's order: y = exp(log(base) * scale * x) * base^shift.
+    """
+    inner = _log_base(base) * _F32(scale)
+    if shift == 0:
+        outer = _F32(1)
+    else:
+        outer = np.exp(_F32(shift)) if base == -1 else np.power(_F32(base), _F32(shift))
+    with np.errstate(**_QUIET):
+        out = np.exp(x) if inner == 1 else np.exp(np.multiply(x, inner))
+        if outer != 1:
+            out *= outer
+    return out
+
+
+def Log(x, base=-1.0, scale=1.0, shift=0.0):
+    """y = log_base(shift + scale * x); base -1 means e.
+
+    Caffe's order: y = ln(shift + scale * x) * (1 / ln(base)).
+    """
+    log_base = _log_base(base)
+    if log_base == 0:
+        raise ValueError("base 1 has no logarithm (1 / log(base) is infinite)")
+    base_scale = _F32(1) / log_base
+    with np.errstate(**_QUIET):
+        out = np.multiply(x, _F32(scale)) if scale != 1 else np.array(x, _F32, copy=True)
+        if shift != 0:
+            out += _F32(shift)
+        np.log(out, out=out)
+        if base_scale != 1:
+            out *= base_scale
+    return out
+
+
+def Threshold(x, threshold=0.0):
+    """y = 1 if x > threshold else 0."""
+    return np.greater(x, _F32(threshold)).astype(_F32)
+
+
+def Dropout(x, dropout_ratio=0.5, train=False, rng=None):
+    """TEST: y = x. TRAIN: y = x * mask / (1 - dropout_ratio), mask ~ Bernoulli(1 - dropout_ratio)."""
+    if not train:
+        return x
+    if not 0 <= dropout_ratio < 1:
+        raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio}")
+    rng = np.random.default_rng() if rng is None else rng
+    keep = rng.random(x.shape, dtype=_F32) >= _F32(dropout_ratio)
+    out = np.zeros_like(x)
+    # Caffe's scale_ = 1. / (1. - threshold_) in double, stored as float
+    return np.multiply(x, _F32(1.0 / (1.0 - float(_F32(dropout_ratio)))), out=out, where=keep)
+
+
+# ------------------------------------------------------------------------ layers
+def _param_kwargs(lp, field: str | None, fn) -> dict:
+    """Keyword arguments of ``fn`` (after x) read by name from ``lp.<field>``."""
+    if field is None or field not in lp.DESCRIPTOR.fields_by_name:
+        return {}
+    msg = getattr(lp, field)
+    names = list(inspect.signature(fn).parameters)[1:]
+    fields = msg.DESCRIPTOR.fields_by_name
+    return {n: getattr(msg, n) for n in names if n in fields}
+
+
+class _Neuron(Layer):
+    """One bottom, one top of the same shape: ``top = fn(bottom, **params)``.
+
+    Parameters are read (and checked, by a run on an empty input) at construction, like
+    Caffe's ``LayerSetUp``.
+    """
+
+    fn = staticmethod(lambda x: x)
+    param_field: str | None = None
+
+    def __init__(self, lp, phase: int = TEST):
+        super().__init__(lp, phase)
+        self.kwargs = self.read_params()
+        try:
+            self.fn(np.zeros(0, _F32), **self.kwargs)
+        except ValueError as e:
+            raise GraphError(f"layer '{self.name}' ({self.type}): {e}") from None
+
+    def read_params(self) -> dict:
+        return _param_kwargs(self.lp, self.param_field, self.fn)
+
+    def forward(self, bottoms):
+        return [self.fn(bottoms[0], **self.kwargs)]
+
+
+def _neuron(type_name: str, fn, param_field: str | None = None):
+    cls = type(f"{type_name}Layer", (_Neuron,), {
+        "fn": staticmethod(fn), "param_field": param_field,
+        "__doc__": f"Caffe's {type_name} layer: {fn.__doc__.splitlines()[0]}",
+        "__module__": __name__})
+    return register(type_name)(cls)
+
+
+ReLULayer = _neuron("ReLU", ReLU, "relu_param")
+ReLU6Layer = _neuron("ReLU6", ReLU6, "relu6_param")
+SigmoidLayer = _neuron("Sigmoid", Sigmoid)
+TanHLayer = _neuron("TanH", TanH)
+HardSigmoidLayer = _neuron("HardSigmoid", HardSigmoid, "hardsigmoid_param")
+HardSwishLayer = _neuron("HardSwish", HardSwish)
+SwishLayer = _neuron("Swish", Swish, "swish_param")
+PowerLayer = _neuron("Power", Power, "power_param")
+AbsValLayer = _neuron("AbsVal", AbsVal)
+BNLLLayer = _neuron("BNLL", BNLL)
+ELULayer = _neuron("ELU", ELU, "elu_param")
+ExpLayer = _neuron("Exp", Exp, "exp_param")
+LogLayer = _neuron("Log", Log, "log_param")
+ThresholdLayer = _neuron("Threshold", Threshold, "threshold_param")
+
+
+@register("Clip")
+class ClipLayer(_Neuron):
+    """Caffe's Clip layer (BVLC master): y = max(min, min(x, max)); both bounds are required."""
+
+    fn = staticmethod(Clip)
+    param_field = "clip_param"
+
+    def read_params(self):
+        if self.param_field not in self.lp.DESCRIPTOR.fields_by_name:
+            raise GraphError(f"layer '{self.name}' (Clip): the caffe.proto in use has no clip_param")
+        p = self.lp.clip_param
+        if not (p.HasField("min") and p.HasField("max")):
+            raise GraphError(f"layer '{self.name}' (Clip): clip_param needs both min and max")
+        return {"min": p.min, "max": p.max}
+
+
+@register("Dropout")
+class DropoutLayer(_Neuron):
+    """Caffe's Dropout layer: identity in TEST; in TRAIN a fresh random mask per forward.
+
+    The TRAIN mask comes from a generator seeded by the layer name, so runs are reproducible
+    (Caffe's masks depend on its own RNG and cannot be matched bit for bit anyway).
+    """
+
+    fn = staticmethod(Dropout)
+    param_field = "dropout_param"
+
+    def read_params(self):
+        kwargs = _param_kwargs(self.lp, self.param_field, self.fn)
+        kwargs.pop("train", None)
+        kwargs.pop("rng", None)
+        if self.phase == TRAIN:
+            kwargs.update(train=True, rng=np.random.default_rng(zlib.crc32(self.name.encode())))
+        return kwargs
+
+
+@register("PReLU")
+class PReLULayer(Layer):
+    """Caffe's PReLU layer: per-channel (axis 1) learned negative slope.
+
+    Blob 0: slopes, shape (C,), or shape () when ``channel_shared``; filled with constant
+    0.25 unless ``prelu_param.filler`` says otherwise.
+    """
+
+    def _channels(self, shape) -> int:
+        if len(shape) < 2:
+            raise GraphError(f"layer '{self.name}' (PReLU): the bottom needs >= 2 axes, it has shape "
+                             f"{list(shape)}")
+        return int(shape[1])
+
+    def param_shapes(self, bottom_shapes):
+        c = self._channels(bottom_shapes[0])
+        return [() if self.lp.prelu_param.channel_shared else (c,)]
+
+    def param_fillers(self):
+        p = self.lp.prelu_param
+        return [p.filler if p.HasField("filler") else type(p.filler)(type="constant", value=0.25)]
+
+    def reshape(self, bottom_shapes):
+        c = self._channels(bottom_shapes[0])
+        want = 1 if self.lp.prelu_param.channel_shared else c
+        if self.blobs and self.blobs[0].data.size != want:
+            raise GraphError(f"layer '{self.name}' (PReLU): {self.blobs[0].data.size} slopes for a bottom "
+                             f"with {c} channels (channel_shared={self.lp.prelu_param.channel_shared})")
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, bottoms):
+        return [PReLU(bottoms[0], self.blobs[0].data)]
