@@ -1,0 +1,74 @@
+"""InnerProduct (``src/caffe/layers/inner_product_layer.cpp``).
+
+The bottom is viewed as a matrix ``X (M, K)`` with ``M = prod(shape[:axis])`` and
+``K = prod(shape[axis:])``; the top is ``(*shape[:axis], N)``:
+
+    Y = X @ W.T + b      weight W (N, K)             (transpose: false, Caffe's default)
+    Y = X @ W + b        weight W (K, N)             (transpose: true)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layer import Layer, canonical_axis
+from amct_caffe.runtime.registry import register
+
+
+def InnerProduct(x, weight, bias=None, *, axis=1, transpose=False):  # noqa: N802 - Caffe type name
+    """Caffe's fully connected layer; see the module doc for the shapes."""
+    x = np.asarray(x, np.float32)
+    axis = canonical_axis(axis, x.ndim, "InnerProduct")
+    lead = x.shape[:axis]
+    x2 = x.reshape(math.prod(lead), -1)
+    w = np.asarray(weight, np.float32)
+    y = np.matmul(x2, w if transpose else w.T)  # BLAS takes the transposed view without a copy
+    if bias is not None:
+        y += np.asarray(bias, np.float32).reshape(-1)
+    return y.reshape(lead + (y.shape[1],))
+
+
+@register("InnerProduct")
+class InnerProductLayer(Layer):
+    """Caffe's InnerProduct: see :func:`InnerProduct`; learned blobs [weight, bias (N,)]."""
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        if lp.inner_product_param.num_output <= 0:
+            raise GraphError(f"layer '{lp.name}' (InnerProduct): inner_product_param.num_output must be > 0")
+        self.axis = None
+
+    def _k(self, shape) -> int:
+        self.axis = canonical_axis(self.lp.inner_product_param.axis, len(shape), self.name)
+        return math.prod(shape[self.axis:])
+
+    def param_shapes(self, bottom_shapes):
+        ip = self.lp.inner_product_param
+        k = self._k(tuple(bottom_shapes[0]))
+        shapes = [(k, ip.num_output) if ip.transpose else (ip.num_output, k)]
+        if ip.bias_term:
+            shapes.append((ip.num_output,))
+        return shapes
+
+    def param_fillers(self):
+        ip = self.lp.inner_product_param
+        return [ip.weight_filler, ip.bias_filler]
+
+    def reshape(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        ip = self.lp.inner_product_param
+        k = self._k(shape)
+        if self.blobs:
+            w = self.blobs[0].data.shape
+            if (w[0] if ip.transpose else w[1]) != k:
+                raise GraphError(f"layer '{self.name}' (InnerProduct): input size {k} (shape {list(shape)} from "
+                                 f"axis {self.axis}) does not match the weight shape {list(w)}")
+        return [shape[:self.axis] + (ip.num_output,)]
+
+    def forward(self, bottoms):
+        ip = self.lp.inner_product_param
+        bias = self.blobs[1].data if len(self.blobs) > 1 else None
+        return [InnerProduct(bottoms[0], self.blobs[0].data, bias, axis=self.axis, transpose=ip.transpose)]

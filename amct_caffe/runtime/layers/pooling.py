@@ -1,0 +1,253 @@
+"""Pooling and MaxUnPool (``src/caffe/layers/{pooling,maxunpool}_layer.cpp``).
+
+Pooling of x ``(N, C, H, W)`` with kernel ``k``, stride ``s``, pad ``p`` (per axis) gives
+``(N, C, Ho, Wo)`` where Caffe's size rule is
+
+    Ho = ceil((H + 2p - k) / s) + 1          (floor instead of ceil when ceil_mode is false
+                                               or round_mode is FLOOR)
+    if p > 0 and (Ho - 1) * s >= H + p:  Ho -= 1   (the last window must start inside
+                                                     the image or its top/left padding)
+
+Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
+
+* MAX: max over the window clipped to the image (so padding never wins); optional second top
+  is the argmax as a flat index ``h*W + w`` within the plane (first maximum in row-major order).
+* AVE: sum over the clipped window divided by ``(min(hs+k, H+p) - hs) * (...)``, i.e. padded
+  cells inside the padded image count in the divisor, cells beyond it do not.
+* STOCHASTIC: only Caffe's test-phase rule is implemented (``sum x^2 / sum x`` over the
+  window, as the GPU kernel does; CPU Caffe has no STOCHASTIC forward at all); in the TRAIN
+  phase it is rejected because it samples randomly.
+
+Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.registry import register
+
+MAX, AVE, STOCHASTIC = "MAX", "AVE", "STOCHASTIC"
+_FLT_MIN = np.float32(1.1754943508222875e-38)
+
+
+def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool = True) -> int:
+    """Caffe's pooled output size along one axis (see the module doc)."""
+    num = size + 2 * p - k
+    out = (-(-num // s) if ceil_mode else num // s) + 1
+    if p and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _windows(x, k, s, p, out, fill):
+    """Yield, for each kernel tap (row-major), the (N, C, Ho, Wo) view of the padded input.
+
+    The input is padded with ``fill`` to exactly the extent the windows reach.
+    """
+    h, w = x.shape[2:]
+    ext = ((out[0] - 1) * s[0] + k[0], (out[1] - 1) * s[1] + k[1])
+    if p == (0, 0) and ext[0] <= h and ext[1] <= w:
+        xp = x
+    else:
+        xp = np.full(x.shape[:2] + (max(ext[0], h + p[0]), max(ext[1], w + p[1])), fill, np.float32)
+        xp[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = x
+    for i in range(k[0]):
+        for j in range(k[1]):
+            yield i, j, xp[:, :, i:i + s[0] * (out[0] - 1) + 1:s[0], j:j + s[1] * (out[1] - 1) + 1:s[1]]
+
+
+def _ave_divisor(size, k, s, p, n_out) -> np.ndarray:
+    starts = np.arange(n_out) * s - p
+    return (np.minimum(starts + k, size + p) - starts).astype(np.float32)
+
+
+def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_pooling=False,
+            ceil_mode=True, return_mask=False, phase_test=True):  # noqa: N802 - Caffe type name
+    """Caffe pooling of ``x`` (N, C, H, W); returns the pooled array (and the MAX mask if asked)."""
+    x = np.asarray(x, np.float32)
+    n, c, h, w = x.shape
+    k, s, p = tuple(kernel), tuple(stride), tuple(pad)
+    if global_pooling:
+        k, s, p = (h, w), (1, 1), (0, 0)
+    out = (pooled_size(h, k[0], s[0], p[0], ceil_mode), pooled_size(w, k[1], s[1], p[1], ceil_mode))
+    if min(out) <= 0:
+        raise ValueError(f"pooling output would be empty: input {(h, w)}, kernel {k}, stride {s}")
+    if pool == MAX:
+        if out == (1, 1) and k == (h, w) and p == (0, 0) and not return_mask:
+            return x.max(axis=(2, 3), keepdims=True)
+        y = mask = None
+        for i, j, win in _windows(x, k, s, p, out, -np.inf):
+            if y is None:
+                y = win.copy()
+                if return_mask:
+                    mask = np.zeros(y.shape, np.int64)
+                    mask[...] = (np.arange(out[0]) * s[0] - p[0])[:, None] * w + (np.arange(out[1]) * s[1] - p[1])
+                    mask += i * w + j
+                continue
+            if return_mask:
+                better = win > y
+                tap = (np.arange(out[0]) * s[0] - p[0] + i)[:, None] * w + (np.arange(out[1]) * s[1] - p[1] + j)
+                np.copyto(mask, np.broadcast_to(tap, mask.shape), where=better)
+            np.maximum(y, win, out=y)
+        if return_mask:
+            # A window whose first tap lies in the padding starts with -inf there; Caffe's
+            # mask then points at the first real cell, which the strict '>' above found.
+            return y, mask.astype(np.float32)
+        return y
+    if pool == AVE:
+        if out == (1, 1) and k == (h, w) and p == (0, 0):
+            return (x.sum(axis=(2, 3), keepdims=True, dtype=np.float32) / np.float32(h * w)).astype(np.float32)
+        y = None
+        for _, _, win in _windows(x, k, s, p, out, 0.0):
+            if y is None:
+                y = win.copy()
+            else:
+                y += win
+        div = np.outer(_ave_divisor(h, k[0], s[0], p[0], out[0]), _ave_divisor(w, k[1], s[1], p[1], out[1]))
+        y /= div
+        return y
+    if pool == STOCHASTIC:
+        if not phase_test:
+            raise ValueError("STOCHASTIC pooling samples randomly in the TRAIN phase; only the TEST-phase "
+                             "rule (sum x^2 / sum x) is implemented")
+        if p != (0, 0):
+            raise ValueError("STOCHASTIC pooling takes no padding")
+        ssum = ssq = None
+        for _, _, win in _windows(x, k, s, p, out, 0.0):
+            ssum = win.astype(np.float32, copy=True) if ssum is None else ssum + win
+            ssq = win * win if ssq is None else ssq + win * win
+        return ssq / (ssum + _FLT_MIN)
+    raise ValueError(f"unknown pooling method {pool!r}")
+
+
+def _enum_name(msg, field: str) -> str:
+    fd = msg.DESCRIPTOR.fields_by_name[field]
+    return fd.enum_type.values_by_number[getattr(msg, field)].name
+
+
+@register("Pooling")
+class PoolingLayer(Layer):
+    """Caffe's Pooling: see :func:`Pooling`. A second top (MAX only) receives the argmax mask."""
+
+    num_tops = (1, 2)
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        pp = lp.pooling_param
+        self.pool = _enum_name(pp, "pool")
+        if pp.global_pooling:
+            if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+                self._fail("with global_pooling the kernel size cannot be given")
+            self.kernel = None
+        elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
+            self._fail("give kernel_size, or kernel_h and kernel_w (not both)")
+        else:
+            self.kernel = ((pp.kernel_size,) * 2 if pp.HasField("kernel_size") else (pp.kernel_h, pp.kernel_w))
+            if min(self.kernel) <= 0:
+                self._fail("kernel dimensions must be positive")
+        if pp.HasField("pad") and (pp.HasField("pad_h") or pp.HasField("pad_w")):
+            self._fail("give pad, or pad_h and pad_w (not both)")
+        if pp.HasField("pad_h") != pp.HasField("pad_w"):
+            self._fail("pad_h and pad_w must be given together")
+        if pp.HasField("stride") and (pp.HasField("stride_h") or pp.HasField("stride_w")):
+            self._fail("give stride, or stride_h and stride_w (not both)")
+        if pp.HasField("stride_h") != pp.HasField("stride_w"):
+            self._fail("stride_h and stride_w must be given together")
+        self.pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad, pp.pad)
+        self.stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
+        if min(self.stride) <= 0:
+            self._fail("stride must be positive")
+        if pp.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
+            self._fail("with global_pooling only pad 0 and stride 1 are allowed")
+        if self.pad != (0, 0):
+            if self.pool not in (MAX, AVE):
+                self._fail("padding is implemented only for MAX and AVE pooling")
+            if self.kernel is not None and (self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]):
+                self._fail(f"pad {self.pad} must be smaller than the kernel {self.kernel}")
+        self.ceil_mode = self._ceil_mode(pp)
+        if len(lp.top) > 1 and self.pool != MAX:
+            self._fail("only MAX pooling has a second (mask) top")
+        if self.pool == STOCHASTIC and phase != 1:
+            self._fail("STOCHASTIC pooling samples randomly in the TRAIN phase; only the TEST phase is supported")
+
+    @staticmethod
+    def _ceil_mode(pp) -> bool:
+        # The fork's ceil_mode (default true) and BVLC master's round_mode (default CEIL), when
+        # the schema has them: either one set to floor rounding gives floor.
+        fields = pp.DESCRIPTOR.fields_by_name
+        ceil = True
+        if "ceil_mode" in fields:
+            ceil = ceil and pp.ceil_mode
+        if "round_mode" in fields and pp.HasField("round_mode"):
+            ceil = ceil and _enum_name(pp, "round_mode") == "CEIL"
+        return ceil
+
+    def _fail(self, msg: str):
+        raise GraphError(f"layer '{self.name}' (Pooling): {msg}")
+
+    def reshape(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4:
+            self._fail(f"input must have 4 axes (N, C, H, W), got shape {list(shape)}")
+        n, c, h, w = shape
+        if self.kernel is None:
+            k, s, p = (h, w), (1, 1), (0, 0)
+        else:
+            k, s, p = self.kernel, self.stride, self.pad
+        out = (pooled_size(h, k[0], s[0], p[0], self.ceil_mode), pooled_size(w, k[1], s[1], p[1], self.ceil_mode))
+        if min(out) <= 0:
+            self._fail(f"output size {list(out)} is empty for input {list(shape)}")
+        return [(n, c) + out] * len(self.lp.top)
+
+    def forward(self, bottoms):
+        res = Pooling(bottoms[0], pool=self.pool, kernel=self.kernel or (1, 1), stride=self.stride, pad=self.pad,
+                      global_pooling=self.kernel is None, ceil_mode=self.ceil_mode,
+                      return_mask=len(self.lp.top) > 1, phase_test=self.phase == 1)
+        return list(res) if isinstance(res, tuple) else [res]
+
+
+def MaxUnPool(x, mask, *, out_h, out_w):  # noqa: N802 - Caffe type name
+    """Scatter ``x`` (N, C, H, W) to ``(N, C, out_h, out_w)`` zeros at the flat plane indices ``mask``.
+
+    ``y[n, c].flat[mask[n, c, i]] = x[n, c, i]`` (the inverse of MAX pooling's mask top; where
+    two entries hit one cell the later one wins, as in Caffe's loop).
+    """
+    x = np.asarray(x, np.float32)
+    n, c = x.shape[:2]
+    plane = out_h * out_w
+    idx = np.asarray(mask).reshape(n * c, -1).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= plane):
+        raise ValueError(f"unpool index out of range [0, {plane}): min {idx.min()}, max {idx.max()}")
+    y = np.zeros((n * c, plane), np.float32)
+    rows = np.broadcast_to(np.arange(n * c)[:, None], idx.shape)
+    y[rows.ravel(), idx.ravel()] = x.reshape(n * c, -1).ravel()  # later duplicates win, as in the C++ loop
+    return y.reshape(n, c, out_h, out_w)
+
+
+@register("MaxUnPool")
+class MaxUnPoolLayer(Layer):
+    """The fork's MaxUnPool: bottoms [data, mask from a MAX Pooling], ``max_unpool_param.dst_h/dst_w``."""
+
+    num_bottoms = 2
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        mp = lp.max_unpool_param
+        if not (mp.HasField("dst_h") and mp.HasField("dst_w")):
+            raise GraphError(f"layer '{lp.name}' (MaxUnPool): max_unpool_param.dst_h and dst_w are required")
+        self.out = (mp.dst_h, mp.dst_w)
+
+    def reshape(self, bottom_shapes):
+        shape, mshape = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
+        if len(shape) != 4 or math.prod(mshape) != math.prod(shape):
+            raise GraphError(f"layer '{self.name}' (MaxUnPool): needs a 4-D data bottom and a mask of the same "
+                             f"size, got {list(shape)} and {list(mshape)}")
+        return [shape[:2] + self.out]
+
+    def forward(self, bottoms):
+        return [MaxUnPool(bottoms[0], bottoms[1], out_h=self.out[0], out_w=self.out[1])]

@@ -1,0 +1,192 @@
+"""Convolution / Deconvolution against direct loop implementations of Caffe's formulas."""
+
+import itertools
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from amct_caffe.errors import GraphError
+from amct_caffe.proto import caffe_pb
+from amct_caffe.runtime.blob import Blob
+from amct_caffe.runtime.layers.conv import Convolution, ConvolutionLayer, Deconvolution, DeconvolutionLayer
+
+RNG = np.random.default_rng(7)
+
+
+def ref_conv(x, w, b, stride, pad, dilation, group):
+    """y[n,o,p] = b[o] + sum_{c,t} w[o,c,t] * x[n, g*Cg + c, p*s - pad + t*d] (zero outside)."""
+    n, c = x.shape[:2]
+    sp = x.shape[2:]
+    o, cg = w.shape[:2]
+    k = w.shape[2:]
+    og = o // group
+    out = [(s + 2 * p - (d * (kk - 1) + 1)) // st + 1 for s, kk, st, p, d in zip(sp, k, stride, pad, dilation)]
+    y = np.zeros((n, o, *out), np.float64)
+    for ni, oi in itertools.product(range(n), range(o)):
+        g = oi // og
+        for pos in itertools.product(*map(range, out)):
+            acc = 0.0 if b is None else float(b[oi])
+            for ci in range(cg):
+                for t in itertools.product(*map(range, k)):
+                    src = [q * st - p + tt * d for q, st, p, tt, d in zip(pos, stride, pad, t, dilation)]
+                    if all(0 <= s_ < lim for s_, lim in zip(src, sp)):
+                        acc += w[(oi, ci, *t)] * x[(ni, g * cg + ci, *src)]
+            y[(ni, oi, *pos)] = acc
+    return y
+
+
+def ref_deconv(x, w, b, stride, pad, dilation, group):
+    """ypad[n, g*Og + o, i*s + t*d] += w[c, o, t] * x[n, c, i]; crop pad; add bias."""
+    n, c = x.shape[:2]
+    sp = x.shape[2:]
+    og = w.shape[1]
+    k = w.shape[2:]
+    cg = c // group
+    full = [st * (s - 1) + d * (kk - 1) + 1 for s, kk, st, d in zip(sp, k, stride, dilation)]
+    yp = np.zeros((n, og * group, *full), np.float64)
+    for ni, ci in itertools.product(range(n), range(c)):
+        g = ci // cg
+        for pos in itertools.product(*map(range, sp)):
+            for oi in range(og):
+                for t in itertools.product(*map(range, k)):
+                    dst = tuple(q * st + tt * d for q, st, tt, d in zip(pos, stride, t, dilation))
+                    yp[(ni, g * og + oi, *dst)] += w[(ci, oi, *t)] * x[(ni, ci, *pos)]
+    y = yp[(slice(None), slice(None), *[slice(p, f - p) for p, f in zip(pad, full)])]
+    if b is not None:
+        y = y + b.reshape((-1,) + (1,) * len(sp))
+    return y
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+CONV_CASES = [
+    # (x shape, O, kernel, stride, pad, dilation, group)
+    ((2, 3, 7, 6), 4, (3, 3), (1, 1), (0, 0), (1, 1), 1),
+    ((1, 4, 8, 7), 6, (3, 2), (2, 1), (1, 2), (1, 1), 2),
+    ((2, 3, 9, 9), 2, (3, 3), (2, 3), (2, 1), (2, 2), 1),  # dilation + unequal stride/pad
+    ((2, 6, 6, 5), 6, (3, 3), (1, 1), (1, 1), (1, 1), 6),  # depthwise
+    ((1, 4, 7, 7), 4, (5, 3), (2, 2), (2, 1), (1, 2), 4),  # depthwise, strided, dilated
+    ((1, 4, 6, 6), 8, (3, 3), (1, 1), (1, 1), (1, 1), 4),  # group == C, multiplier 2
+    ((2, 5, 6, 4), 3, (1, 1), (1, 1), (0, 0), (1, 1), 1),  # 1x1 plain matmul
+    ((1, 4, 7, 5), 6, (1, 1), (2, 2), (0, 0), (1, 1), 2),  # 1x1 strided, grouped
+    ((1, 2, 5, 5), 3, (1, 1), (1, 1), (1, 1), (1, 1), 1),  # 1x1 with pad goes through im2col
+    ((1, 2, 5), 3, (3,), (2,), (1,), (1,), 1),  # 1-D
+    ((1, 2, 4, 5, 4), 2, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2), 2),  # 3-D
+]
+
+
+@pytest.mark.parametrize("shape,o,k,s,p,d,g", CONV_CASES)
+def test_convolution_matches_loops(shape, o, k, s, p, d, g):
+    x = rand(*shape)
+    w = rand(o, shape[1] // g, *k)
+    b = rand(o)
+    got = Convolution(x, w, b, stride=s, pad=p, dilation=d, group=g)
+    np.testing.assert_allclose(got, ref_conv(x, w, b, s, p, d, g), rtol=1e-4, atol=1e-4)
+    assert got.dtype == np.float32
+
+
+DECONV_CASES = [
+    ((1, 3, 4, 5), 2, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((2, 4, 3, 3), 6, (4, 2), (2, 3), (1, 0), (1, 2), 2),
+    ((1, 4, 3, 4), 4, (3, 3), (1, 1), (0, 0), (2, 1), 4),
+    ((1, 3, 4, 4), 2, (1, 1), (1, 1), (0, 0), (1, 1), 1),  # 1x1: no col2im
+    ((1, 3, 4, 4), 2, (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    ((1, 2, 5), 3, (3,), (2,), (1,), (1,), 1),
+]
+
+
+@pytest.mark.parametrize("shape,o,k,s,p,d,g", DECONV_CASES)
+def test_deconvolution_matches_loops(shape, o, k, s, p, d, g):
+    x = rand(*shape)
+    w = rand(shape[1], o // g, *k)
+    b = rand(o)
+    got = Deconvolution(x, w, b, stride=s, pad=p, dilation=d, group=g)
+    np.testing.assert_allclose(got, ref_deconv(x, w, b, s, p, d, g), rtol=1e-4, atol=1e-4)
+
+
+def test_deconvolution_is_the_adjoint_of_convolution():
+    x = rand(2, 3, 5, 7)
+    w = rand(4, 3, 3, 3)
+    y = Convolution(x, w, stride=2, pad=1)
+    u = rand(*y.shape)
+    v = Deconvolution(u, w, stride=2, pad=1)  # the conv weight (O, C, k, k) read as deconv's (C_in, O, k, k)
+    assert v.shape == x.shape
+    assert np.isclose(np.vdot(y, u), np.vdot(x, v), rtol=1e-4)
+
+
+def make_layer(cls, text, bottom_shapes, phase=1):
+    lp = caffe_pb().LayerParameter()
+    text_format.Parse(text, lp)
+    layer = cls(lp, phase)
+    layer.blobs = [Blob(data=rand(*s)) for s in layer.param_shapes(bottom_shapes)]
+    return layer, layer.reshape(bottom_shapes)
+
+
+def test_layer_fields_kernel_hw_stride_hw_pad_hw_and_two_bottoms():
+    text = ('name: "c" type: "Convolution" bottom: "a" bottom: "b" top: "a2" top: "b2" '
+            'convolution_param { num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 '
+            'group: 2 }')
+    layer, tops = make_layer(ConvolutionLayer, text, [(2, 6, 7, 5)] * 2)
+    assert [b.data.shape for b in layer.blobs] == [(4, 3, 3, 2), (4,)]
+    assert tops == [(2, 4, 4, 4)] * 2
+    x1, x2 = rand(2, 6, 7, 5), rand(2, 6, 7, 5)
+    y1, y2 = layer.forward([x1, x2])
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    np.testing.assert_allclose(y2, ref_conv(x2, w, b, (2, 1), (1, 0), (1, 1), 2), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y1, ref_conv(x1, w, b, (2, 1), (1, 0), (1, 1), 2), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_axis_and_no_bias():
+    # axis 2: the leading axes (2, 3) are independent images; 1-D spatial axis of 9.
+    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 2 kernel_size: 3 '
+            'stride: 2 pad: 1 dilation: 2 bias_term: false axis: 2 }')
+    layer, tops = make_layer(ConvolutionLayer, text, [(2, 3, 4, 9)])
+    assert len(layer.blobs) == 1 and tops == [(2, 3, 2, 4)]
+    x = rand(2, 3, 4, 9)
+    (y,) = layer.forward([x])
+    ref = ref_conv(x.reshape(6, 4, 9), layer.blobs[0].data, None, (2,), (1,), (2,), 1).reshape(2, 3, 2, 4)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_deconvolution_layer_shapes():
+    text = ('name: "d" type: "Deconvolution" bottom: "a" top: "b" convolution_param { num_output: 6 kernel_size: 4 '
+            'stride: 2 pad: 1 group: 3 }')
+    layer, tops = make_layer(DeconvolutionLayer, text, [(1, 3, 5, 4)])
+    assert [b.data.shape for b in layer.blobs] == [(3, 2, 4, 4), (6,)]
+    assert tops == [(1, 6, 10, 8)]  # stride*(in-1) + k - 2*pad
+    x = rand(1, 3, 5, 4)
+    (y,) = layer.forward([x])
+    ref = ref_deconv(x, layer.blobs[0].data, layer.blobs[1].data, (2, 2), (1, 1), (1, 1), 3)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fillers_are_the_proto_messages():
+    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 2 kernel_size: 1 '
+            'weight_filler { type: "xavier" } bias_filler { type: "constant" value: 0.5 } }')
+    lp = caffe_pb().LayerParameter()
+    text_format.Parse(text, lp)
+    wf, bf = ConvolutionLayer(lp).param_fillers()
+    assert wf.type == "xavier" and bf.value == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("param,msg", [
+    ("num_output: 2 kernel_size: 3 kernel_h: 3 kernel_w: 3", "not both"),
+    ("num_output: 2", "kernel_size must be given"),
+    ("num_output: 3 kernel_size: 1 group: 2", "multiple of group"),
+    ("num_output: 2 kernel_size: 1 stride: 0", "must be positive"),
+    ("num_output: 2 kernel_size: 9", "empty"),
+])
+def test_bad_fields_raise(param, msg):
+    with pytest.raises(GraphError, match=msg):
+        make_layer(ConvolutionLayer, f'name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param {{ {param} }}',
+                   [(1, 2, 5, 5)])
+
+
+def test_weight_shape_mismatch_raises():
+    text = 'name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 2 kernel_size: 3 }'
+    layer, _ = make_layer(ConvolutionLayer, text, [(1, 2, 5, 5)])
+    with pytest.raises(GraphError, match="does not fit"):
+        layer.reshape([(1, 3, 5, 5)])
