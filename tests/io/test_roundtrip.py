@@ -122,3 +122,16 @@ def test_stage_and_level_rules():
         layer { name: "d" type: "ReLU" exclude { phase: TEST max_level: 2 } }''', "s.prototxt")
     io.filter_phase(net, io.TEST)
     assert [lp.name for lp in net.layer] == ["a", "c"]
+
+
+@needs_shared
+def test_v1_model_runs_identically(tmp_path):
+    from amct_caffe.runtime import TEST, Net
+
+    v1_proto, v1_weights = tmp_path / "v1.prototxt", tmp_path / "v1.caffemodel"
+    io.write_prototxt(to_v1(io.read_prototxt(LENET)), v1_proto)
+    io.write_caffemodel(to_v1(io.read_caffemodel(LENET_W)), v1_weights)
+    x = np.random.default_rng(3).random((64, 1, 28, 28), dtype=np.float32)
+    new = Net(str(LENET), str(LENET_W), TEST).forward(data=x)["prob"]
+    old = Net(str(v1_proto), str(v1_weights), TEST).forward(data=x)["prob"]
+    np.testing.assert_array_equal(old, new)
