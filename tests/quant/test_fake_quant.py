@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amct_caffe.errors import ConfigError
+from amct_caffe.quant import (QuantizationError, dequantize, fake_quant, pack_deq_scale, quantize,
+                              round_half_away, unpack_deq_scale)
+
+from .conftest import adversarial_arrays, float_arrays, requires_kernels
+
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
+
+
+def test_round_half_away_matches_c_round():
+    t = np.array([0.5, -0.5, 1.5, 2.5, -2.5, 0.49999997, -0.49999997, 8388607.5, 3.0, -0.0], np.float32)
+    assert round_half_away(t).tolist() == [1, -1, 2, 3, -3, 0, -0, 8388608, 3, 0]
+
+
+def test_fake_quant_formula_small_case():
+    x = np.array([-1.0, -0.26, 0.0, 0.25, 0.5, 10.0], np.float32)
+    # scale 0.5, offset 3, 4 bits: q in [-8, 7] -> y in [-5.5, 2.0]
+    y = fake_quant(x, 0.5, 3, 4, backend="reference")
+    assert y.tolist() == [-1.0, -0.5, 0.0, 0.5, 0.5, 2.0]
+    assert quantize(x, 0.5, 3, 4, backend="reference").tolist() == [1, 2, 3, 4, 4, 7]
+
+
+@requires_kernels
+@SETTINGS
+@given(x=float_arrays, scale=st.floats(2.0**-10, 16.0, width=32), offset=st.integers(-128, 127),
+       num_bits=st.sampled_from([8, 4, 12, 16]))
+def test_kernel_matches_reference(x, scale, offset, num_bits):
+    qmin, qmax = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    offset = int(np.clip(offset, qmin, qmax))
+    q_ref = quantize(x, scale, offset, num_bits, backend="reference")
+    q_ker = quantize(x, scale, offset, num_bits, backend="kernel")
+    assert q_ref.dtype == q_ker.dtype == (np.int8 if num_bits <= 8 else np.int16)
+    np.testing.assert_array_equal(q_ref, q_ker)
+    y_ker = fake_quant(x, scale, offset, num_bits, backend="kernel")
+    np.testing.assert_array_equal(fake_quant(x, scale, offset, num_bits, backend="reference"), y_ker)
+    np.testing.assert_array_equal(dequantize(q_ker, scale, offset), y_ker)
+
+
+@requires_kernels
+@pytest.mark.parametrize("name,x", list(adversarial_arrays().items()))
+def test_kernel_matches_reference_adversarial(name, x):
+    for scale, offset, bits in [(0.5, 0, 8), (1e-3, -20, 8), (0.02, 100, 16)]:
+        np.testing.assert_array_equal(quantize(x, scale, offset, bits, backend="reference"),
+                                      quantize(x, scale, offset, bits, backend="kernel"))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=requires_kernels)])
+def test_bad_arguments(backend):
+    x = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="scale"):
+        fake_quant(x, 0.0, 0, 8, backend=backend)
+    with pytest.raises(ValueError, match="offset"):
+        quantize(x, 1.0, 200, 8, backend=backend)
+    with pytest.raises(ConfigError, match="num_bits"):
+        quantize(x, 1.0, 0, 17, backend=backend)
+
+
+@requires_kernels
+def test_quantize_rejects_nan_in_kernel():
+    with pytest.raises(QuantizationError, match="NaN"):
+        quantize(np.array([1.0, np.nan], np.float32), 1.0, 0, 8, backend="kernel")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=requires_kernels)])
+def test_deq_scale_pack_layout_and_roundtrip(backend):
+    scale_w = np.array([0.5, 0.001, 3.0e-5], np.float32)
+    offset_w = np.array([0, -1, 127], np.int8)
+    packed = pack_deq_scale(scale_w, 0.25, offset_w, backend=backend)
+    assert packed.dtype == np.uint64
+    deq = scale_w * np.float32(0.25)
+    assert int(packed[0]) == int(deq[:1].view(np.uint32)[0])
+    assert int(packed[1]) >> 32 == 0xFF and int(packed[2]) >> 32 == 0x7F
+    got_deq, got_off = unpack_deq_scale(packed, backend=backend)
+    np.testing.assert_array_equal(got_deq.view(np.uint32), deq.view(np.uint32))
+    np.testing.assert_array_equal(got_off, offset_w)
+
+
+@requires_kernels
+@SETTINGS
+@given(scale_w=st.lists(st.floats(2.0**-27, 1024.0, width=32), min_size=1, max_size=64),
+       scale_d=st.floats(2.0**-20, 16.0, width=32))
+def test_pack_kernel_matches_reference(scale_w, scale_d):
+    sw = np.array(scale_w, np.float32)
+    off = (np.arange(sw.size) % 256 - 128).astype(np.int8)
+    np.testing.assert_array_equal(pack_deq_scale(sw, scale_d, off, backend="reference"),
+                                  pack_deq_scale(sw, scale_d, off, backend="kernel"))
