@@ -16,9 +16,10 @@ from .snq import SnqResult, snq_quantize_weight
 from .ulq import UlqQuantizer, ulq_backward, ulq_forward, ulq_scale_offset
 
 __all__ = [
-    "ArqResult", "IfmrObserver", "IfmrParams", "IfmrResult", "QuantizationError", "SearchNObserver", "SnqResult",
-    "UlqQuantizer", "arq_quantize_weight", "arq_retrain_backward", "arq_retrain_forward", "dequantize",
-    "dequantize_bias", "fake_quant", "ifmr_search", "kernels_available", "pack_deq_scale", "quantize",
-    "quantize_bias", "round_half_away", "search_n", "snq_quantize_weight", "ulq_backward", "ulq_forward",
-    "ulq_scale_offset", "unpack_deq_scale", "use_backend",
+    "ArqResult", "IfmrObserver", "IfmrParams", "IfmrResult", "QuantizationError", "SearchNObserver",
+    "SnqResult", "UlqQuantizer", "arq_quantize_weight", "arq_retrain_backward",
+    "arq_retrain_forward", "dequantize", "dequantize_bias", "fake_quant", "ifmr_search",
+    "kernels_available", "pack_deq_scale", "quantize", "quantize_bias", "round_half_away",
+    "search_n", "snq_quantize_weight", "ulq_backward", "ulq_forward", "ulq_scale_offset",
+    "unpack_deq_scale", "use_backend",
 ]

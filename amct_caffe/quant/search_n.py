@@ -46,7 +46,8 @@ def search_n_errors(x: np.ndarray, deq_scale: np.ndarray, *, backend: str | None
         raise QuantizationError("SearchN: deq_scale must be finite and > 0")
     if resolve(backend) == "kernel":
         hi, lo = call_kernel("search_n_errors", x3, deq)
-        return [[(int(h) << 64) | int(v) for h, v in zip(hr, lr)] for hr, lr in zip(hi.tolist(), lo.tolist())]
+        return [[(int(h) << 64) | int(v) for h, v in zip(hr, lr, strict=True)]
+                for hr, lr in zip(hi.tolist(), lo.tolist(), strict=True)]
     if np.isnan(x3).any():
         raise QuantizationError("SearchN: input data contains NaN")
     s32 = np.clip(round_half_away(x3.astype(np.float64) / deq.astype(np.float64)[None, :, None]),
@@ -73,7 +74,7 @@ def search_n(x: np.ndarray, deq_scale: np.ndarray, *, backend: str | None = None
 
 
 class SearchNObserver:
-    """Accumulates exact per-channel errors over calibration batches (``update``/``compute_qparams``/``reset``)."""
+    """Sums exact per-channel errors over calibration batches: ``update``, ``compute_qparams``, ``reset``."""
 
     def __init__(self, deq_scale: np.ndarray, *, backend: str | None = None) -> None:
         self.deq_scale = np.ascontiguousarray(deq_scale, dtype=np.float32).reshape(-1)
@@ -88,7 +89,8 @@ class SearchNObserver:
     def update(self, x: np.ndarray) -> None:
         """Add one batch ``x`` [batch, C, ...]."""
         batch = search_n_errors(x, self.deq_scale, backend=self.backend)
-        self._errors = [[a + b for a, b in zip(r0, r1)] for r0, r1 in zip(self._errors, batch)]
+        self._errors = [[a + b for a, b in zip(r0, r1, strict=True)]
+                        for r0, r1 in zip(self._errors, batch, strict=True)]
         self.batches += 1
 
     @property

@@ -127,5 +127,6 @@ class UlqQuantizer:
 
     def backward(self, x: np.ndarray, grad: np.ndarray) -> tuple[np.ndarray, float, float]:
         """Gradients for ``x``, ``clip_max`` and ``clip_min`` (``clip_min``'s is 0 with fixed_min)."""
-        gx, gmax, gmin = ulq_backward(x, grad, self.clip_max, self.clip_min, self.num_bits, backend=self.backend)
+        gx, gmax, gmin = ulq_backward(x, grad, self.clip_max, self.clip_min, self.num_bits,
+                                      backend=self.backend)
         return gx, gmax, (0.0 if self.fixed_min else gmin)

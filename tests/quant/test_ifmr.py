@@ -106,7 +106,8 @@ def test_offset_formula(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_offset,name", [(True, "IfmrQuantWithOffset"), (False, "IfmrQuantWithoutOffset")])
+@pytest.mark.parametrize("with_offset,name",
+                         [(True, "IfmrQuantWithOffset"), (False, "IfmrQuantWithoutOffset")])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 1e30])
 def test_illegal_data_raises_the_spec_error(backend, with_offset, name, bad):
     x = np.array([0.5, -0.25, bad, 1.0], np.float32)

@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amct_caffe.quant import QuantizationError, UlqQuantizer, fake_quant, ulq_backward, ulq_forward, ulq_scale_offset
+from amct_caffe.quant import (QuantizationError, UlqQuantizer, fake_quant, ulq_backward, ulq_forward,
+                              ulq_scale_offset)
 from amct_caffe.quant.ulq import ulq_clip_check
 
 from .conftest import adversarial_arrays, float_arrays, requires_kernels
@@ -78,8 +79,8 @@ def test_gradients_match_finite_differences(backend, num_bits):
     xp, xm = x.copy(), x.copy()
     xp[i] += np.float32(h)
     xm[i] -= np.float32(h)
-    fd_x = (_surrogate(xp, g, cmax, cmin, num_bits, frozen) - _surrogate(xm, g, cmax, cmin, num_bits, frozen)) \
-        / float(xp[i] - xm[i])
+    up, down = (_surrogate(v, g, cmax, cmin, num_bits, frozen) for v in (xp, xm))
+    fd_x = (up - down) / float(xp[i] - xm[i])
     assert gx[i] == pytest.approx(fd_x, rel=1e-5)
     assert (gx[upper | lower] == 0).all() and upper.any() and lower.any()
 
@@ -94,7 +95,8 @@ def test_clip_check_rules():
 @requires_kernels
 def test_clip_check_kernel_agrees():
     from amct_caffe import _kernels
-    for args in [(1.0, 2.0, 3.0, -1.0), (-0.5, -2.0, 3.0, -1.0), (4.0, 0.5, 3.0, -1.0), (4.0, -0.5, 3.0, -1.0)]:
+    cases = [(1.0, 2.0, 3.0, -1.0), (-0.5, -2.0, 3.0, -1.0), (4.0, 0.5, 3.0, -1.0), (4.0, -0.5, 3.0, -1.0)]
+    for args in cases:
         assert tuple(_kernels.ulq_clip_check(*args)) == tuple(float(v) for v in ulq_clip_check(*args))
 
 
