@@ -1,0 +1,75 @@
+"""The scale/offset record: strict text round trip, and the guide's hand-written sample."""
+
+import pytest
+
+from amct_caffe import record
+from amct_caffe.proto import records
+from tests.golden import SHARED
+
+GUIDE = SHARED / "spec/amct_caffe_user_guide.md"
+
+
+def _guide_sample() -> str:
+    lines = GUIDE.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("record {"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("```"))
+    return "\n".join(lines[start:end])
+
+
+def test_round_trip(tmp_path):
+    rec = record.new_record()
+    conv = record.layer_entry(rec, "conv1", create=True)
+    conv.scale_w.extend([0.5, 0.25])
+    conv.offset_w.extend([0, 0])
+    act = record.activation_entry(conv, 0, create=True)
+    act.scale_d, act.offset_d, act.num_bits_d = 0.0123, -128, 8
+    path = tmp_path / "r.txt"
+    record.write_record(rec, path)
+    back = record.read_record(path)
+    assert back == rec
+    assert record.activation_entry(record.layer_entry(back, "conv1"), 0).offset_d == -128
+    assert record.layer_entry(back, "nope") is None
+
+
+def test_last_entry_wins_like_protobuf_maps():
+    rec = record.parse_record_text('record { key: "a" value { scale_w: 1 } } record { key: "a" value { scale_w: 2 } }')
+    assert list(record.layer_entry(rec, "a").scale_w) == [2]
+
+
+@pytest.mark.skipif(not GUIDE.exists(), reason="../shared/spec not beside the repository")
+def test_guide_sample_record_is_read_with_repairs(caplog):
+    rec = record.parse_record_text(_guide_sample(), "guide")
+    assert [e.key for e in rec.record] == ["conv1", "pool1", "fc1000"]
+    conv = record.layer_entry(rec, "conv1")
+    assert list(conv.scale_w) == pytest.approx([0.43213, 0.78163, 1.03213])
+    assert list(conv.shift_bit) == [1, 1, 1]
+    # the explicit record_d wins over the legacy top-level scale_d / offset_d
+    act = record.activation_entry(conv, 0)
+    assert act.scale_d == pytest.approx(1.554879) and act.offset_d == -49
+    fc = record.layer_entry(rec, "fc1000")
+    assert record.activation_entry(fc, 0).offset_d == -128 and list(fc.shift_bit) == [2]
+    assert "legacy layout" in caplog.text
+
+
+def test_legacy_top_level_activation_fields_move_into_record_d():
+    rec = record.parse_record_text('record { key: "c" value { scale_d: 0.5 offset_d: 3 scale_w: 0.1 '
+                                   'channels: 16 height: 8 width: 8 } }')
+    act = record.activation_entry(record.layer_entry(rec, "c"), 0)
+    assert (act.scale_d, act.offset_d, act.channels, act.height, act.width) == (0.5, 3, 16, 8, 8)
+
+
+def test_garbage_is_rejected_with_the_file_name(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("record { key: 'a' value { scale_w: oops } }")
+    with pytest.raises(record.RecordError, match="bad.txt"):
+        record.read_record(bad)
+    with pytest.raises(record.RecordError, match="does not exist"):
+        record.read_record(tmp_path / "missing.txt")
+
+
+def test_quant_param_record_txt_and_bin_agree(tmp_path):
+    rec = record.parse_record_text('record { key: "fc" value { scale_w: 0.5 offset_w: 0 '
+                                   'record_d { scale_d: 0.1 offset_d: -128 index: 0 num_bits_d: 8 } } }')
+    record.write_quant_param_record(rec, tmp_path / "q.txt", tmp_path / "q.bin")
+    from_bin = records().ScaleOffsetRecord.FromString((tmp_path / "q.bin").read_bytes())
+    assert from_bin == record.read_record(tmp_path / "q.txt") == rec
