@@ -215,6 +215,17 @@ def test_dropout_test_phase_is_identity():
     x = data(2, 3, 4)
     y, _ = run_layer('type: "Dropout" dropout_param { dropout_ratio: 0.7 }', [x])
     np.testing.assert_array_equal(y, x)
+    y, _ = run_layer('type: "Dropout" dropout_param { dropout_ratio: 1.5 }', [x])  # Caffe does not check
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(GraphError, match="dropout_ratio"):
+        run_layer('type: "Dropout" dropout_param { dropout_ratio: 1.5 }', [x], phase=TRAIN)
+
+
+def test_dropout_without_scale_train_scales_at_test_time():
+    x = np.abs(data(40, 50)) + 1
+    np.testing.assert_allclose(activation.Dropout(x, 0.25, scale_train=False), x * 0.75, rtol=1e-6)
+    y = activation.Dropout(x, 0.25, scale_train=False, train=True, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(y[y != 0], x[y != 0])
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.2])

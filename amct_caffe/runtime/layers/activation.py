@@ -193,17 +193,24 @@ def Threshold(x, threshold=0.0):
     return np.greater(x, _F32(threshold)).astype(_F32)
 
 
-def Dropout(x, dropout_ratio=0.5, train=False, rng=None):
-    """TEST: y = x. TRAIN: y = x * mask / (1 - dropout_ratio), mask ~ Bernoulli(1 - dropout_ratio)."""
-    if not train:
-        return x
+def Dropout(x, dropout_ratio=0.5, scale_train=True, train=False, rng=None):
+    """TEST: y = x. TRAIN: y = x * mask / (1 - dropout_ratio), mask ~ Bernoulli(1 - dropout_ratio).
+
+    ``scale_train`` (a field of some Caffe forks' DropoutParameter, absent from the SSD fork)
+    false moves the scaling to TEST: TRAIN y = x * mask, TEST y = x * (1 - dropout_ratio).
+    """
+    if not train and scale_train:
+        return x  # whatever the ratio, as Caffe (its range check is a debug-only DCHECK)
     if not 0 <= dropout_ratio < 1:
         raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio}")
+    # Caffe's scale_ = 1. / (1. - threshold_) in double, stored as float
+    scale = _F32(1.0 / (1.0 - float(_F32(dropout_ratio))))
+    if not train:
+        return np.multiply(x, _F32(1.0 / float(scale)))
     rng = np.random.default_rng() if rng is None else rng
     keep = rng.random(x.shape, dtype=_F32) >= _F32(dropout_ratio)
     out = np.zeros_like(x)
-    # Caffe's scale_ = 1. / (1. - threshold_) in double, stored as float
-    return np.multiply(x, _F32(1.0 / (1.0 - float(_F32(dropout_ratio)))), out=out, where=keep)
+    return np.multiply(x, scale if scale_train else _F32(1), out=out, where=keep)
 
 
 # ------------------------------------------------------------------------ layers

@@ -202,9 +202,9 @@ def _add_bias(out, bias, axis):
 
 def Bias(x, bias, axis=1):
     """y = x + bias, bias of shape x.shape[axis : axis + bias.ndim] (a scalar for shape ())."""
-    out = np.array(x, _F32, copy=True)
-    _add_bias(out, bias, axis)
-    return out
+    bias = np.asarray(bias, _F32)
+    o, d, i = _split(x.shape, bias.shape, axis, "Bias", exact=True)
+    return np.add(x.reshape(o, d, i), bias.reshape(1, d, 1)).reshape(x.shape)
 
 
 @register("Scale")
