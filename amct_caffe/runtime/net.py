@@ -110,7 +110,8 @@ class Net:
         else:
             fillers = list(layer.param_fillers()) + [None] * len(shapes)
             data = [fill(f, s, self._rng) for f, s in zip(fillers, shapes)]
-        layer.blobs = [Blob(data=np.ascontiguousarray(d, dtype=np.float32)) for d in data]
+        # np.array, not ascontiguousarray: 0-axis blobs (PReLU channel_shared) must keep shape ().
+        layer.blobs = [Blob(data=np.array(d, dtype=np.float32, order="C")) for d in data]
         if layer.blobs:
             self.params[layer.name] = layer.blobs
 
@@ -180,9 +181,11 @@ class Net:
         self._reshape_layer(i)
         bottoms = [self.blobs[b].data for b in self.bottom_names[name]]
         tops = layer.forward(bottoms)
+        in_place = self.bottom_names[name]
         for t, arr in zip(self.top_names[name], tops):
             blob = self.blobs[t]
-            if arr.shape != blob.shape and not layer.shape_from_forward:
+            # An in-place top may legitimately change shape (Caffe's MVN reshapes to 4 axes).
+            if arr.shape != blob.shape and not (layer.shape_from_forward or t in in_place):
                 raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {blob.shape}")
             blob.data = arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
