@@ -1,0 +1,123 @@
+"""Value checks shared by the JSON config and the simple .cfg, with the guide's ranges.
+
+Every failure raises :class:`~amct_caffe.errors.ConfigError` whose message starts with where the
+value was found (file, layer, field path) and ends with the allowed range written as in the
+guide's tables, e.g. ``layer 'conv1': activation_quant_params.max_percentile 1.5 is out of
+range (0.5, 1.0]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from amct_caffe.errors import ConfigError
+
+
+def show(value) -> str:
+    """A value as the user wrote it in JSON (true, "text", [0.7, 1.3], 1e-10)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def fail(where: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {message}" if where else message)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A numeric range; ``text`` is how the guide writes it."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    text: str
+
+    def __contains__(self, v) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+
+# The guide's tables (量化配置 > 参数配置说明; SNQuantize rows of the .cfg table).
+PERCENTILE = Interval(0.5, 1.0, True, False, "(0.5, 1.0]")
+ACT_NUM_BITS = Interval(8, 16, False, False, "[8, 16]")
+MAX_ITERATION = Interval(500, 2000, False, False, "[500, 2000]")
+MIN_DISTANCE = Interval(1e-10, 1e-3, False, False, "[1e-10, 1e-3]")
+BN_FRACTION = Interval(0.0, 1.0, True, True, "(0, 1.0)")
+BN_ITERATIONS = Interval(0, 1000, True, True, "(0, 1000)")
+POSITIVE = Interval(0, math.inf, True, True, "(0, +inf)")
+BATCH_NUM = Interval(0, math.inf, True, True, "(0, +inf): an integer greater than 0")
+
+VERSIONS = (1,)
+WTS_ALGOS = ("arq_quantize", "snq_quantize")
+# Table 26 lists "uniform" and "gaussian"; the SNQuantize row of the .cfg table also lists
+# "d2sampling" (kmeans++), which the SNQ kernel implements, so all three are accepted.
+INIT_ALGOS = ("uniform", "gaussian", "d2sampling")
+ARQ_NUM_BITS = 8  # table 23: uniform weight quantization is 8 bit only
+SNQ_NUM_BITS = 4  # table 23: non-uniform weight quantization is 4 bit only
+
+
+def in_range(where: str, field: str, value, interval: Interval) -> None:
+    if value not in interval:
+        raise fail(where, f"{field} {show(value)} is out of range {interval.text}")
+
+
+def one_of(where: str, field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise fail(where, f"{field} {show(value)} is not one of: {', '.join(show(a) for a in allowed)}")
+
+
+def check_search(where: str, prefix: str, start: float, end: float, step: float) -> None:
+    """Tables 17-18: 0 < search_range_start < search_range_end; search_step in (0, end - start]."""
+    if not (0 < start < end):
+        raise fail(where, f"{prefix}search_range {show([start, end])} is out of range: "
+                          "0 < search_range_start < search_range_end is required")
+    width = end - start
+    # The .cfg stores float32: compare at float32 precision so 0.6 == 1.3 - 0.7 still fits.
+    if not (0 < step <= width or (step > 0 and np.float32(step) <= np.float32(width))):
+        raise fail(where, f"{prefix}search_step {show(step)} is out of range "
+                          f"(0, search_range_end - search_range_start] = (0, {show(round(width, 9))}]")
+
+
+def shortest_float(value: float) -> float:
+    """A float32 proto value as the shortest decimal that reads back to it (0.7f -> 0.7, not 0.699999988).
+
+    The guide warns that .cfg values and the generated JSON "do not match exactly"; this keeps
+    them equal to what the user typed, and keeps 1e-3f inside [1e-10, 1e-3].
+    """
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
+
+
+# ------------------------------------------------------------------------------------- JSON types
+_TYPE_TEXT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def get_typed(d: dict, key: str, kind: type, where: str, default):
+    """``d[key]`` checked to be a JSON ``kind`` (bool is not an integer, an integer is a number)."""
+    if key not in d:
+        return default
+    value = d[key]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise fail(where, f"{key} must be {_TYPE_TEXT[kind]}, got {show(value)}")
+    return value
+
+
+def reject_unknown(d: dict, allowed, where: str) -> None:
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise fail(where, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; "
+                          f"allowed: {', '.join(allowed)}")
