@@ -1,0 +1,57 @@
+"""Type stub of the C++ extension (csrc/python/bindings.cpp). Use amct_caffe.quant, not this module.
+
+Arrays must already have the stated dtype and be C-contiguous (TypeError/ValueError otherwise);
+data errors in the core raise ValueError with the same messages as the NumPy references.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+I8 = npt.NDArray[np.int8]
+I32 = npt.NDArray[np.int32]
+U64 = npt.NDArray[np.uint64]
+
+def quantize(x: F32, scale: float, offset: int, num_bits: int) -> I8 | npt.NDArray[np.int16]: ...
+def fake_quant(x: F32, scale: float, offset: int, num_bits: int) -> F32: ...
+def pack_deq_scale(scale_w: F32, scale_d: float, offset_w: I8) -> U64: ...
+def unpack_deq_scale(param: U64) -> tuple[F32, I8]: ...
+def ifmr_search(
+    chunks: list[F32], num_bits: int, with_offset: bool, max_percentile: float, min_percentile: float,
+    ratios: F64,
+) -> tuple[int, float, int, float, float, F64]:
+    """-> (best_index, scale, offset, clip_max, clip_min, mean squared error per candidate)."""
+
+def ifmr_ratios(start: float, end: float, step: float) -> F64: ...
+def ifmr_simd_level() -> int:
+    """0 portable, 1 AVX2, 2 AVX-512."""
+
+def set_ifmr_simd_limit(level: int) -> None: ...
+def arq_scales(weight: F32, layout: list[int], channel_wise: bool, num_bits: int) -> tuple[F32, I32]:
+    """layout = (groups, rows, channels, inner); see amct_caffe.quant.arq.arq_layout."""
+
+def arq_quantize(
+    weight: F32, layout: list[int], channel_wise: bool, num_bits: int, scale: F32, offset: I32
+) -> tuple[I8, F32]: ...
+def quantize_bias(bias: F32, scale_w: F32, scale_d: float) -> npt.NDArray[np.int32]: ...
+def search_n_errors(x: F32, deq_scale: F32) -> tuple[U64, U64]:
+    """x [batch, C, inner] -> (hi, lo) [C, 16]; the exact error of shift n is (hi << 64) | lo at [c, n-1]."""
+
+def snq(
+    weight: F32, init: int, max_iteration: int, min_distance: float, seed: int
+) -> tuple[F32, npt.NDArray[np.uint8], npt.NDArray[np.int32]]:
+    """weight [C, K], init 0 uniform / 1 gaussian / 2 d2sampling.
+
+    Returns (centres [C, 16], codes [C, K], iterations [C]).
+    """
+
+def ulq_clip_check(
+    clip_max: float, clip_min: float, prev_max: float, prev_min: float
+) -> tuple[float, float, float, float]: ...
+def ulq_scale_offset(clip_max: float, clip_min: float, num_bits: int) -> tuple[float, int]: ...
+def ulq_backward(
+    x: F32, grad: F32, clip_max: float, clip_min: float, scale: float, offset: int, num_bits: int
+) -> tuple[F32, float, float]:
+    """-> (grad_x, grad_clip_max, grad_clip_min)."""
