@@ -53,11 +53,11 @@ class Blob:
             self._diff = None
 
     def _legacy(self, i: int) -> int:
+        # Caffe's Blob::LegacyShape: axes past the end count as 1 (a (N, C) blob has height 1).
         shape = self.shape
         if len(shape) > 4:
             raise ValueError("legacy num/channels/height/width accessors need a blob of <= 4 axes")
-        padded = (1,) * (4 - len(shape)) + shape if shape else (1, 1, 1, 1)
-        return padded[i]
+        return shape[i] if i < len(shape) else 1
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))

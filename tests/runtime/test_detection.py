@@ -218,7 +218,7 @@ def test_detection_output_against_reference(share, bg, nms, code, vit, keep, thr
             f"code_type: {code} variance_encoded_in_target: {str(vit).lower()} keep_top_k: {keep} "
             f"{'' if thresh is None else f'confidence_threshold: {thresh}'} }}")
     top, shape = run(text, loc, conf, prior)
-    assert shape == (1, 1, 1, 7) and make(text).data_dependent_top_shapes
+    assert shape == (1, 1, 1, 7) and make(text).shape_from_forward
     ref = detection_reference(loc, conf, prior, C, share, bg, nms, code, vit, keep,
                               -np.finfo(f32).max if thresh is None else thresh)
     assert top.shape[2] > 1

@@ -540,7 +540,7 @@ class DetectionOutputLayer(_DetectionLayer):
     """Caffe reports ``(1, 1, 1, 7)`` at reshape; forward returns the real ``(1, 1, K, 7)``."""
 
     num_bottoms = 3
-    data_dependent_top_shapes = True
+    shape_from_forward = True
     op = staticmethod(DetectionOutput)
     param = "detection_output_param"
     keys = ("num_classes", "share_location", "background_label_id", "nms_param", "code_type",
