@@ -58,7 +58,8 @@ def declare_quantizable(type_name: str, kind: str, by_default: bool = True) -> N
 
 
 def _ensure_loaded() -> None:
-    # Importing the package registers every layer module.
+    # Importing these registers every executor layer and the guide's quantizable-type table.
+    import amct_caffe.config.layer_types  # noqa: F401
     import amct_caffe.runtime.layers  # noqa: F401
 
 
