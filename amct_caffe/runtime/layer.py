@@ -29,6 +29,9 @@ class Layer:
     num_bottoms: int | tuple[int | None, int | None] = 1
     num_tops: int | tuple[int | None, int | None] = 1
     shape_from_forward: bool = False
+    # Set by the Net when the caffemodel gave this layer integer blobs (a deploy model's int8
+    # weights / int32 bias); they are handed to the layer as float32 holding those integers.
+    integer_params: bool = False
 
     def __init__(self, lp, phase: int = 1):
         self.lp = lp
@@ -60,6 +63,9 @@ class Layer:
         Missing entries (or None) mean a constant-0 fill.
         """
         return []
+
+    def on_net_built(self, net, index: int) -> None:
+        """Called once every layer exists; a layer may inspect its neighbours here."""
 
     # -- computation ------------------------------------------------------------------
     def reshape(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

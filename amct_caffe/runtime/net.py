@@ -94,6 +94,8 @@ class Net:
         self.outputs = sorted(available)
         self._shapes_seen: list = [None] * len(self.layers)
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
+        for i, layer in enumerate(self.layers):
+            layer.on_net_built(self, i)
 
     def _setup_params(self, layer, bottom_shapes, arrays, have_weights: bool) -> None:
         shapes = layer.param_shapes(bottom_shapes)
@@ -110,8 +112,12 @@ class Net:
         else:
             fillers = list(layer.param_fillers()) + [None] * len(shapes)
             data = [fill(f, s, self._rng) for f, s in zip(fillers, shapes)]
+        # A deploy model's int8 weights / int32 bias run as float32 holding the integers (exact
+        # for int8, and for int32 up to 2**24); packed uint64 parameters stay raw for DeQuant.
+        layer.integer_params = any(np.issubdtype(np.asarray(d).dtype, np.integer) for d in data)
         # np.array, not ascontiguousarray: 0-axis blobs (PReLU channel_shared) must keep shape ().
-        layer.blobs = [Blob(data=np.array(d, dtype=np.float32, order="C")) for d in data]
+        layer.blobs = [Blob(data=np.array(d, dtype=np.uint64 if np.asarray(d).dtype == np.uint64 else np.float32,
+                                          order="C")) for d in data]
         if layer.blobs:
             self.params[layer.name] = layer.blobs
 
