@@ -39,7 +39,8 @@ from amct_caffe.errors import ConfigError
 from ._backend import call_kernel, resolve
 from ._common import QuantizationError, check_num_bits, process_scale, qrange, round_half_away
 
-__all__ = ["ArqResult", "arq_layout", "arq_quantize_weight", "arq_retrain_backward", "arq_retrain_forward"]
+__all__ = ["ArqResult", "arq_layout", "arq_quantize_weight", "arq_retrain_backward", "arq_retrain_forward",
+           "quantize_with_scales"]
 
 LAYER_TYPES = ("Convolution", "DepthwiseConv", "Deconvolution", "InnerProduct")
 
@@ -107,6 +108,39 @@ def arq_quantize_weight(weight: np.ndarray, layer_type: str = "Convolution", cha
     else:
         scale, offset, q, fake = _reference(w, layout, channel_wise, num_bits)
     return ArqResult(scale=scale, offset=offset, quantized=q, fake=fake)
+
+
+def quantize_with_scales(weight: np.ndarray, scale: np.ndarray, layer_type: str = "Convolution",
+                         num_bits: int = 8, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a weight blob with given scales, exactly as ARQ does with its own.
+
+    ``scale`` has one value per output channel (layout of the module doc) or a single value.
+    Returns ``(q, fake)``: int8 codes ``clamp(round(w / s_c))`` and float32 ``q * s_c``, both of
+    the weight's shape. convert_model uses this with a user's scale_w; with ARQ's scales it
+    reproduces :func:`arq_quantize_weight`'s outputs bit for bit.
+    """
+    num_bits = check_num_bits(num_bits, 2, 8, "weight num_bits")
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+    channel_wise = scale.size != 1
+    g, a, c, b = arq_layout(w.shape, "Convolution" if layer_type == "InnerProduct" and channel_wise
+                            else layer_type, channel_wise, group)
+    if channel_wise and scale.size != g * c:
+        raise QuantizationError(f"{scale.size} weight scales given for a weight with {g * c} output channels")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise QuantizationError("weight scales must be finite and > 0")
+    rows = w.reshape(g, a, c, b).transpose(0, 2, 1, 3).reshape(g * c, a * b)
+    if not channel_wise:
+        rows = rows.reshape(1, -1)
+    qmin, qmax = qrange(num_bits)
+    s_rows = scale[:, None]
+    q_rows = np.clip(round_half_away(rows / s_rows), qmin, qmax)
+    fake_rows = (q_rows * s_rows).astype(np.float32)
+
+    def back(r: np.ndarray) -> np.ndarray:
+        return r.reshape(g, c, a, b).transpose(0, 2, 1, 3).reshape(w.shape)
+
+    return back(q_rows.astype(np.int8)), back(fake_rows)
 
 
 def arq_retrain_forward(weight: np.ndarray, layer_type: str = "Convolution", channel_wise: bool = True,
