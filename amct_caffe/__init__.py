@@ -10,14 +10,18 @@ import pkgutil
 # proto schemas) still reachable from the installed copy.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-from amct_caffe.errors import (AmctError, ConfigError, GraphError, ModelFormatError, UnsupportedLayerError,
-                               WeightsError)
-from amct_caffe.api.common import set_cpu_mode, set_gpu_mode, uninplace_model
-from amct_caffe.proto import set_caffe_proto
+from amct_caffe.api.calibration import (activation_quantize_model, create_quant_config, init,  # noqa: E402
+                                        save_model, weights_quantize_model)
+from amct_caffe.api.common import set_cpu_mode, set_gpu_mode, uninplace_model  # noqa: E402
+from amct_caffe.api.convert import convert_model  # noqa: E402
+from amct_caffe.errors import (AmctError, ConfigError, GraphError, ModelFormatError,  # noqa: E402
+                               UnsupportedLayerError, WeightsError)
+from amct_caffe.proto import set_caffe_proto  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmctError", "ConfigError", "GraphError", "ModelFormatError", "UnsupportedLayerError", "WeightsError",
-    "__version__", "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model",
+    "__version__", "activation_quantize_model", "convert_model", "create_quant_config", "init", "save_model",
+    "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model", "weights_quantize_model",
 ]

@@ -27,8 +27,8 @@ _LOG = logging.getLogger(__name__)
 _LEGACY_ACTIVATION_FIELDS = ("scale_d", "offset_d", "channels", "height", "width")
 
 
-class RecordError(AmctError):
-    """A record file is unreadable or lacks what a step needs."""
+class RecordError(AmctError, RuntimeError):
+    """A record file is unreadable or lacks what a step needs (a RuntimeError, as the guide shows)."""
 
 
 def new_record():
@@ -140,13 +140,3 @@ def write_record(record, path) -> None:
     """Write the record as text, atomically."""
     with atomic_output(path, "w") as f:
         f.write(text_format.MessageToString(record))
-
-
-def write_quant_param_record(record, txt_path, bin_path) -> None:
-    """The ``<prefix>_quant_param_record.txt`` / ``.bin`` pair for the SoC compiler.
-
-    Both hold the ScaleOffsetRecord of the quantized model, as text and as binary protobuf.
-    """
-    write_record(record, txt_path)
-    with atomic_output(bin_path, "wb") as f:
-        f.write(record.SerializeToString())

@@ -3,7 +3,6 @@
 import pytest
 
 from amct_caffe import record
-from amct_caffe.proto import records
 from tests.golden import SHARED
 
 GUIDE = SHARED / "spec/amct_caffe_user_guide.md"
@@ -65,11 +64,3 @@ def test_garbage_is_rejected_with_the_file_name(tmp_path):
         record.read_record(bad)
     with pytest.raises(record.RecordError, match="does not exist"):
         record.read_record(tmp_path / "missing.txt")
-
-
-def test_quant_param_record_txt_and_bin_agree(tmp_path):
-    rec = record.parse_record_text('record { key: "fc" value { scale_w: 0.5 offset_w: 0 '
-                                   'record_d { scale_d: 0.1 offset_d: -128 index: 0 num_bits_d: 8 } } }')
-    record.write_quant_param_record(rec, tmp_path / "q.txt", tmp_path / "q.bin")
-    from_bin = records().ScaleOffsetRecord.FromString((tmp_path / "q.bin").read_bytes())
-    assert from_bin == record.read_record(tmp_path / "q.txt") == rec

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from amct_caffe.errors import GraphError
 
-_NO_TOP_TYPES = {"Silence"}
+# Types that only observe their inputs (calibration layers) or discard them.
+_NO_TOP_TYPES = {"Silence", "IFMR", "SearchN"}
 
 
 def check_graph(graph) -> None:

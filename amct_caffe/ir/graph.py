@@ -9,6 +9,8 @@ package never imports protobuf.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -128,6 +130,13 @@ class Graph:
     def prune_blobs(self) -> None:
         used = {b for n in self.nodes for b in (*n.bottoms, *n.tops)}
         self.blobs = {k: v for k, v in self.blobs.items() if k in used}
+
+    def copy(self) -> "Graph":
+        """A structural copy: new nodes, lists and layer_params; weight arrays are shared (treat them
+        as immutable: passes assign new arrays instead of writing into old ones)."""
+        nodes = [Node(n.name, n.type, list(n.bottoms), list(n.tops), list(n.params), copy.deepcopy(n.layer_param),
+                      list(n.origin)) for n in self.nodes]
+        return Graph(self.name, nodes, {k: Blob(v.name, v.shape) for k, v in self.blobs.items()})
 
     def check(self) -> None:
         from amct_caffe.ir.checker import check_graph

@@ -1,0 +1,66 @@
+"""convert_model: quantized models from a user's own scale/offset record (the guide's convert_model)."""
+
+from __future__ import annotations
+
+import logging
+
+from amct_caffe import log
+from amct_caffe.api.calibration import load_float_graph, save_quantized
+from amct_caffe.config import config_type
+from amct_caffe.errors import AmctError
+from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
+from amct_caffe.passes.fusion import fuse_bn_scale
+from amct_caffe.passes.quantized_models import WEIGHT_TYPES, QuantTarget
+from amct_caffe.record import read_record
+from amct_caffe.runtime.registry import type_info
+
+_LOG = logging.getLogger(__name__)
+_BN_TYPES = ("BatchNorm", "Scale", "Bias")
+
+
+def convert_model(model_file, weights_file, scale_offset_record_file, save_path) -> dict[str, str]:
+    """Write the fake-quant and deploy models for a float model and a record of its factors.
+
+    Conv/Deconv/InnerProduct + BatchNorm + Scale + Bias chains are fused first, except for layers
+    whose record sets ``skip_fusion: true``; a record entry for a BatchNorm/Scale/Bias layer turns
+    that layer into a quantized depthwise convolution. Every record key must name a quantizable
+    layer of the (fused) model.
+    """
+    log.setup()
+    graph = load_float_graph(model_file, weights_file)
+    original_names = {n.name for n in graph.nodes}
+    record = read_record(scale_offset_record_file)
+    keys = [e.key for e in record.record]
+    if not keys:
+        raise AmctError(f"{scale_offset_record_file}: the record holds no layer")
+    skip = [e.key for e in record.record if e.value.skip_fusion]
+    fuse_bn_scale(graph, True, [k for k in skip if k in original_names])
+    accelerate_bn_scale_bias(graph, {k for k in keys if k in original_names
+                                     and graph.has_node(k) and graph.node(k).type in _BN_TYPES})
+    targets = []
+    present = {n.name for n in graph.nodes}
+    for key in dict.fromkeys(keys):
+        if key not in present:
+            where = "was fused into another layer" if key in original_names else f"is not a layer of {model_file}"
+            raise AmctError(f"{scale_offset_record_file}: record entry '{key}' {where}; give factors for the "
+                            "layers of the model as converted (set skip_fusion: true to keep a layer unfused)")
+    for node in graph.nodes:
+        if node.name not in keys:
+            continue
+        entry = [e.value for e in record.record if e.key == node.name][-1]
+        if node.type in WEIGHT_TYPES and node.params:
+            targets.append(QuantTarget(node.name, (0,), True, config_type(node, graph)))
+            continue
+        info = type_info(node.type)
+        if info is None or info.quant is None:
+            raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has type {node.type}, which cannot "
+                            "be quantized")
+        inputs = tuple(sorted({d.index for d in entry.record_d}))
+        if not inputs:
+            raise AmctError(f"Cannot find scale_d of layer '{node.name}' in record file")
+        if max(inputs) >= len(node.bottoms):
+            raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has {len(node.bottoms)} input(s) but "
+                            f"the record gives index {max(inputs)}")
+        targets.append(QuantTarget(node.name, inputs, False, config_type(node, graph)))
+    _LOG.info("convert_model: %d layer(s) quantized from %s", len(targets), scale_offset_record_file)
+    return save_quantized(graph, targets, record, "Both", save_path, original_names)

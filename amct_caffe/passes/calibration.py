@@ -1,0 +1,80 @@
+"""Insert the IFMR calibration layers (activation_quantize_model).
+
+Each distinct blob read by a quantized input gets one ``IFMR`` layer (no top: it only observes)
+placed right before its first quantized reader. Layers that read the same blob share the IFMR
+layer, and so share one scale_d/offset_d: the data they see is the same. The layer writes a
+``record_d`` (with the reader's input ``index``) for every layer it serves into the record file
+after ``batch_num`` forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from amct_caffe.ir import Graph, Node
+from amct_caffe.proto import caffe_pb
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """One quantized input: ``layer``'s bottom number ``index`` and its IFMR settings."""
+
+    layer: str
+    index: int
+    num_bits: int
+    with_offset: bool
+    max_percentile: float
+    min_percentile: float
+    search_range: tuple[float, float]
+    search_step: float
+
+
+def _ifmr_param(spec: ActivationSpec, batch_num: int, record_file: str, served):
+    lp = caffe_pb().LayerParameter()
+    p = lp.ifmr_param
+    p.batch_num = batch_num
+    p.with_offset = spec.with_offset
+    p.search_range_start, p.search_range_end = spec.search_range
+    p.search_step = spec.search_step
+    p.max_percentile = spec.max_percentile
+    p.min_percentile = spec.min_percentile
+    p.num_bits = spec.num_bits
+    p.record_file_path = record_file
+    for s in served:
+        p.object_layer.append(s.layer)
+        p.index.append(s.index)
+    return lp
+
+
+def insert_calibration_layers(graph: Graph, specs: list[ActivationSpec], record_file: str,
+                              batch_num: int) -> list[Node]:
+    """Add IFMR layers for ``specs`` to ``graph`` (in place); returns them."""
+    by_blob: dict[str, list[ActivationSpec]] = {}
+    for spec in specs:
+        blob = graph.node(spec.layer).bottoms[spec.index]
+        by_blob.setdefault(blob, []).append(spec)
+    added = []
+    for blob, served in by_blob.items():
+        first = served[0]
+        settings = [(s.num_bits, s.with_offset, s.max_percentile, s.min_percentile, s.search_range, s.search_step)
+                    for s in served]
+        if len(set(settings)) > 1:
+            _LOG.warning("layers %s read the same blob '%s' with different activation_quant_params; "
+                         "calibrating it once with the settings of '%s'",
+                         [s.layer for s in served], blob, first.layer)
+        readers = [graph.node(s.layer) for s in served]
+        position = min(graph.index(n) for n in readers)
+        name = graph.unique_node_name(f"{first.layer}_ifmr" if first.index == 0 else
+                                      f"{first.layer}_ifmr{first.index}")
+        lp = _ifmr_param(first, batch_num, record_file, served)
+        lp.name, lp.type = name, "IFMR"
+        lp.bottom.append(blob)
+        node = Node(name, "IFMR", [blob], [], [], lp, origin=[])
+        graph.insert(position, node)
+        added.append(node)
+        _LOG.debug("inserted IFMR '%s' on blob '%s' for %s", name, blob, [s.layer for s in served])
+    graph.check()
+    return added

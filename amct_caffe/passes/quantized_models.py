@@ -1,0 +1,237 @@
+"""Build the fake-quant and deploy graphs from a float graph and a scale/offset record.
+
+Both save_model and convert_model end here, so given the same graph and record they produce the
+same models. Layout (docs/formats.md):
+
+* every quantized input ``x`` of layer ``L`` -> ``Quant`` (``L_quant``, or ``L_quant<i>`` for input
+  ``i > 0``) -> ``L``;
+* a layer with weights writes a new blob and ``DeQuant`` (``L_dequant``) writes ``L``'s original top,
+  so all original blob names keep their meaning;
+  fake-quant: weights ``q * scale_w`` (float), float bias, DeQuant blobs [deq, shift_bit, offset_w];
+  deploy: int8 weights, int32 bias ``round(b / (scale_w * scale_d))``, DeQuant blob = packed uint64;
+* a layer without weights gets ``AntiQuant`` (``L_antiquant``, ``L_antiquant<j>``) on each top.
+
+Quant carries ``scale = 1 / scale_d`` (the multiplier the SoC applies), ``offset = offset_d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from amct_caffe.errors import AmctError
+from amct_caffe.ir import Graph, Node
+from amct_caffe.proto import caffe_pb
+from amct_caffe.quant.arq import quantize_with_scales
+from amct_caffe.quant.bias import quantize_bias
+from amct_caffe.quant.fake_quant import pack_deq_scale
+from amct_caffe.record import RecordError, activation_entry, layer_entry, new_record
+
+WEIGHT_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+INSERTED_TYPES = ("Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN")
+FAKE, DEPLOY = "fake_quant", "deploy"
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """A layer of the float graph to quantize: which inputs, and whether it has weights."""
+
+    name: str
+    inputs: tuple[int, ...]
+    weighted: bool
+    layer_type: str  # config type (DepthwiseConv for a depthwise Convolution)
+
+
+@dataclass(frozen=True)
+class ActFactors:
+    scale_d: float
+    offset_d: int
+    num_bits: int
+
+
+def activation_factors(record, target: QuantTarget) -> list[ActFactors]:
+    """scale_d/offset_d of each quantized input of ``target``, or the guide's error."""
+    entry = layer_entry(record, target.name)
+    out = []
+    for i in target.inputs:
+        act = activation_entry(entry, i) if entry is not None else None
+        if act is None or not act.HasField("scale_d"):
+            raise RecordError(f"Cannot find scale_d of layer '{target.name}' in record file"
+                              + (f" (input {i})" if i else "")
+                              + ": run the calibration model batch_num times before saving")
+        if not (np.isfinite(act.scale_d) and act.scale_d > 0):
+            raise RecordError(f"layer '{target.name}': scale_d {act.scale_d} in the record is not a positive "
+                              "finite number")
+        bits = act.num_bits_d if act.HasField("num_bits_d") else 8
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if not lo <= act.offset_d <= hi:
+            raise RecordError(f"layer '{target.name}': offset_d {act.offset_d} is outside the {bits}-bit range "
+                              f"[{lo}, {hi}]")
+        out.append(ActFactors(float(np.float32(act.scale_d)), int(act.offset_d), int(bits)))
+    return out
+
+
+def weight_factors(record, target: QuantTarget, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scale_w, offset_w, num_bits_w) of a weighted target from the record, checked."""
+    entry = layer_entry(record, target.name)
+    if entry is None or not len(entry.scale_w):
+        raise RecordError(f"Cannot find scale_w of layer '{target.name}' in record file")
+    scale_w = np.asarray(entry.scale_w, dtype=np.float32)
+    offset_w = np.asarray(entry.offset_w, dtype=np.int32) if len(entry.offset_w) else np.zeros_like(scale_w,
+                                                                                                     np.int32)
+    if scale_w.size not in (1, channels):
+        raise RecordError(f"layer '{target.name}': the record has {scale_w.size} scale_w values but the layer "
+                          f"has {channels} output channels (give 1 or {channels})")
+    if offset_w.shape != scale_w.shape:
+        raise RecordError(f"layer '{target.name}': offset_w needs as many values as scale_w ({scale_w.size})")
+    if np.any(offset_w != 0):
+        raise RecordError(f"layer '{target.name}': offset_w must be 0 (weights are quantized symmetrically)")
+    if target.layer_type == "InnerProduct" and scale_w.size != 1:
+        raise RecordError(f"layer '{target.name}': InnerProduct supports one scale_w (channel_wise false)")
+    bits = entry.num_bits_w if entry.HasField("num_bits_w") else 8
+    return scale_w, offset_w, int(bits)
+
+
+def _out_channels(node: Node) -> int:
+    w = node.params[0]
+    if node.type == "Deconvolution":
+        return int(w.shape[1]) * int(node.layer_param.convolution_param.group)
+    if node.type == "InnerProduct" and node.layer_param.inner_product_param.transpose:
+        return int(w.shape[1])
+    return int(w.shape[0])
+
+
+def _group(node: Node) -> int:
+    return int(node.layer_param.convolution_param.group) if node.type == "Deconvolution" else 1
+
+
+def _quant_node(graph: Graph, target: QuantTarget, index: int, blob: str, act: ActFactors) -> Node:
+    suffix = "" if index == 0 else str(index)
+    name = graph.unique_node_name(f"{target.name}_quant{suffix}")
+    top = graph.unique_blob_name(f"{blob}_{name}")
+    lp = caffe_pb().LayerParameter(name=name, type="Quant", bottom=[blob], top=[top])
+    qp = lp.quant_param
+    qp.scale = float(np.float32(1.0) / np.float32(act.scale_d))
+    qp.offset = act.offset_d
+    qp.with_offset = act.offset_d != 0
+    qp.num_bits_d = act.num_bits
+    qp.object_layer = target.name
+    qp.index = index
+    return Node(name, "Quant", [blob], [top], [], lp, origin=[])
+
+
+def _after_node(graph: Graph, node: Node, j: int, kind: str, suffix: str, layer_param) -> Node:
+    """Give ``node``'s top ``j`` a new name and return a ``kind`` node writing the old name."""
+    old = node.tops[j]
+    new = graph.unique_blob_name(f"{old}_{node.name}_{suffix}")
+    node.tops[j] = new
+    name = graph.unique_node_name(f"{node.name}_{suffix}" + ("" if j == 0 else str(j)))
+    layer_param.name, layer_param.type = name, kind
+    del layer_param.bottom[:]
+    layer_param.bottom.append(new)
+    del layer_param.top[:]
+    layer_param.top.append(old)
+    return Node(name, kind, [new], [old], [], layer_param, origin=[])
+
+
+def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, model: str):
+    """New params for ``node`` and the DeQuant blobs, for ``model`` FAKE or DEPLOY."""
+    channels = _out_channels(node)
+    scale_w, offset_w, bits = weight_factors(record, target, channels)
+    q, fake = quantize_with_scales(node.params[0], scale_w, node.type if node.type != "Convolution"
+                                   else target.layer_type, bits, _group(node))
+    bias = node.params[1] if len(node.params) > 1 else None
+    deq_channels = scale_w.size
+    if model == FAKE:
+        params = [fake] + ([bias] if bias is not None else [])
+        deq = (scale_w * np.float32(act.scale_d)).astype(np.float32)
+        dequant_blobs = [deq, np.zeros(deq_channels, np.float32), offset_w.astype(np.float32)]
+    else:
+        params = [q]
+        if bias is not None:
+            try:
+                params.append(quantize_bias(bias, scale_w, act.scale_d))
+            except AmctError as e:
+                raise AmctError(f"layer '{target.name}': {e}") from None
+        dequant_blobs = [pack_deq_scale(scale_w, act.scale_d, offset_w)]
+    shift = None
+    entry = layer_entry(record, target.name)
+    if model == FAKE and entry is not None and len(entry.shift_bit):
+        shift = np.asarray(entry.shift_bit, dtype=np.float32)
+        if shift.size not in (1, deq_channels):
+            raise RecordError(f"layer '{target.name}': {shift.size} shift_bit values for {deq_channels} channels")
+        dequant_blobs[1] = np.broadcast_to(shift, (deq_channels,)).astype(np.float32)
+    return params, dequant_blobs, deq_channels > 1
+
+
+def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, model: str) -> Graph:
+    """The fake-quant (``FAKE``) or deploy (``DEPLOY``) graph of float ``graph`` (not modified)."""
+    out = graph.copy()
+    for target in targets:
+        node = out.node(target.name)
+        acts = activation_factors(record, target)
+        at = out.index(node)
+        quants = []
+        for i, act in zip(target.inputs, acts):
+            quant = _quant_node(out, target, i, node.bottoms[i], act)
+            node.bottoms[i] = quant.tops[0]
+            out.insert(at, quant)
+            quants.append(quant)
+            at += 1
+        at = out.index(node) + 1
+        if target.weighted:
+            params, dequant_blobs, channel_wise = _quantize_weights(node, target, record, acts[0], model)
+            node.params = params
+            lp = caffe_pb().LayerParameter()
+            dp = lp.dequant_param
+            dp.channel_wise = channel_wise
+            dp.object_layer = target.name
+            dp.layer_type = target.layer_type
+            dequant = _after_node(out, node, 0, "DeQuant", "dequant", lp)
+            dequant.params = dequant_blobs
+            out.insert(at, dequant)
+        else:
+            for j in range(len(node.tops)):
+                lp = caffe_pb().LayerParameter()
+                lp.quant_param.CopyFrom(quants[0].layer_param.quant_param)
+                out.insert(at + j, _after_node(out, node, j, "AntiQuant", "antiquant", lp))
+    out.check()
+    return out
+
+
+def canonical_record(graph: Graph, targets: list[QuantTarget], record):
+    """The record of the saved model: one entry per target in graph order, factors as used."""
+    out = new_record()
+    for target in targets:
+        src = layer_entry(record, target.name)
+        dst = layer_entry(out, target.name, create=True)
+        if target.weighted:
+            scale_w, offset_w, bits = weight_factors(record, target, _out_channels(graph.node(target.name)))
+            dst.scale_w.extend(scale_w.tolist())
+            dst.offset_w.extend(offset_w.tolist())
+            dst.num_bits_w = bits
+            if len(src.shift_bit):
+                dst.shift_bit.extend(src.shift_bit)
+        if src is not None and src.HasField("skip_fusion"):
+            dst.skip_fusion = src.skip_fusion
+        for i in target.inputs:
+            dst.record_d.add().CopyFrom(activation_entry(src, i))
+    return out
+
+
+def quant_mapping(original_names: set[str], quantized: Graph) -> dict:
+    """The quant.json content: each quantized-model layer -> the original layers it stands for."""
+    layers = {}
+    quantized_layers = {n.layer_param.quant_param.object_layer for n in quantized.nodes if n.type == "Quant"}
+    for node in quantized.nodes:
+        if node.type in INSERTED_TYPES:
+            lp = node.layer_param
+            target = (lp.quant_param.object_layer if lp.HasField("quant_param")
+                      else lp.dequant_param.object_layer if lp.HasField("dequant_param") else "")
+            layers[node.name] = {"type": node.type, "origin": [], "inserted_for": target}
+        else:
+            layers[node.name] = {"type": node.type,
+                                 "origin": [n for n in node.origin if n in original_names],
+                                 "quantized": node.name in quantized_layers}
+    return {"version": 1, "layers": layers}

@@ -1,0 +1,145 @@
+"""Post-training quantization end to end on LeNet + MNIST, in the embedded executor."""
+
+import json
+
+import numpy as np
+import pytest
+
+import amct_caffe as amct
+from amct_caffe import AmctError, io
+from amct_caffe.runtime import TEST, Net
+from tests.golden import MODELS, SHARED
+
+LENET = MODELS / "lenet_mnist/lenet.prototxt"
+LENET_W = MODELS / "lenet_mnist/lenet_iter_10000.caffemodel"
+MNIST = SHARED / "data/mnist_5k.npz"
+pytestmark = pytest.mark.skipif(not MNIST.exists(), reason="../shared not beside the repository")
+KINDS = ("fake_quant_model.prototxt", "fake_quant_weights.caffemodel", "deploy_model.prototxt",
+         "deploy_weights.caffemodel", "quant.json", "quant_param_record.txt", "quant_param_record.bin")
+
+
+def _digits():
+    z = np.load(MNIST)
+    return z["images"][:, None].astype(np.float32) * np.float32(0.00390625), z["labels"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lenet")
+    x, _ = _digits()
+    config = tmp / "config.json"
+    amct.create_quant_config(str(config), str(LENET), str(LENET_W), batch_num=2)
+    graph = amct.init(str(config), str(LENET), str(LENET_W), str(tmp / "record.txt"))
+    mm, mw = str(tmp / "modified.prototxt"), str(tmp / "modified.caffemodel")
+    amct.weights_quantize_model(graph, mm, mw)
+    amct.activation_quantize_model(graph, mm, mw)
+    net = Net(mm, mw, TEST)
+    for b in range(2):  # calibrate on 64 digits
+        net.forward(data=x[b * 32:(b + 1) * 32])
+    paths = amct.save_model(graph, "Both", str(tmp / "out/lenet"))
+    return tmp, graph, paths
+
+
+def test_all_outputs_written(quantized):
+    tmp, _, _ = quantized
+    for kind in KINDS:
+        assert (tmp / "out" / f"lenet_{kind}").is_file(), kind
+
+
+def test_record_has_every_factor(quantized):
+    tmp, graph, _ = quantized
+    rec = amct.record.read_record(tmp / "record.txt")
+    for target in graph.targets:
+        entry = amct.record.layer_entry(rec, target.name)
+        act = amct.record.activation_entry(entry, 0)
+        assert act.scale_d > 0 and -128 <= act.offset_d <= 127 and act.num_bits_d == 8
+        assert act.channels > 0 and act.height > 0 and act.width > 0
+        assert bool(len(entry.scale_w)) == target.weighted
+    conv1 = amct.record.layer_entry(rec, "conv1")
+    assert len(conv1.scale_w) == 20  # per output channel
+    assert len(amct.record.layer_entry(rec, "ip1").scale_w) == 1  # InnerProduct: per tensor
+
+
+def test_fake_quant_accuracy_close_to_float(quantized):
+    tmp, _, _ = quantized
+    x, labels = _digits()
+    x, labels = x[64:1064], labels[64:1064]  # digits not used for calibration
+    fp = Net(str(LENET), str(LENET_W), TEST)
+    fq = Net(str(tmp / "out/lenet_fake_quant_model.prototxt"), str(tmp / "out/lenet_fake_quant_weights.caffemodel"),
+             TEST)
+    acc = []
+    for net in (fp, fq):
+        pred = np.concatenate([net.forward(data=x[i:i + 250])["prob"].argmax(1) for i in range(0, len(x), 250)])
+        acc.append(float(np.mean(pred == labels)))
+    assert acc[1] >= acc[0] - 0.005, acc
+
+
+def test_fake_quant_model_structure(quantized):
+    tmp, _, _ = quantized
+    net = io.read_prototxt(tmp / "out/lenet_fake_quant_model.prototxt")
+    names = [(lp.name, lp.type) for lp in net.layer]
+    i = names.index(("conv1", "Convolution"))
+    assert names[i - 1] == ("conv1_quant", "Quant") and names[i + 1] == ("conv1_dequant", "DeQuant")
+    assert ("pool1_quant", "Quant") in names and ("pool1_antiquant", "AntiQuant") in names
+    # original blob names keep their meaning: conv1's DeQuant writes "conv1"
+    dq = net.layer[i + 1]
+    assert list(dq.top) == ["conv1"]
+    assert not any(lp.type == "IFMR" for lp in net.layer)
+
+
+def test_deploy_model_integer_weights_and_simulation(quantized):
+    tmp, _, _ = quantized
+    w = io.load_weights(tmp / "out/lenet_deploy_weights.caffemodel")
+    assert w["conv1"][0].dtype == np.int8 and w["conv1"][1].dtype == np.int32
+    assert w["conv1_dequant"][0].dtype == np.uint64
+    x, _ = _digits()
+    x = x[2000:2100]
+    fq = Net(str(tmp / "out/lenet_fake_quant_model.prototxt"),
+             str(tmp / "out/lenet_fake_quant_weights.caffemodel"), TEST)
+    dep = Net(str(tmp / "out/lenet_deploy_model.prototxt"), str(tmp / "out/lenet_deploy_weights.caffemodel"), TEST)
+    fq.forward(data=x)
+    dep.forward(data=x)
+    rec = amct.record.read_record(tmp / "out/lenet_quant_param_record.txt")
+    for layer in ("conv1", "conv2", "ip1", "ip2"):
+        # within one quantization step of the layer's output (scale_w * scale_d per channel, at most)
+        entry = amct.record.layer_entry(rec, layer)
+        step = float(np.max(entry.scale_w)) * amct.record.activation_entry(entry, 0).scale_d
+        diff = np.abs(dep.blobs[layer].data - fq.blobs[layer].data)
+        assert diff.max() <= step * 1.01 + 1e-6 * np.abs(fq.blobs[layer].data).max(), (layer, diff.max(), step)
+    assert np.array_equal(dep.blobs["prob"].data.argmax(1), fq.blobs["prob"].data.argmax(1))
+
+
+def test_quant_json_maps_layers(quantized):
+    tmp, _, _ = quantized
+    mapping = json.loads((tmp / "out/lenet_quant.json").read_text())
+    assert mapping["layers"]["conv1"]["origin"] == ["conv1"] and mapping["layers"]["conv1"]["quantized"]
+    assert mapping["layers"]["conv1_quant"]["inserted_for"] == "conv1"
+
+
+def test_convert_model_reproduces_save_model_byte_for_byte(quantized, tmp_path):
+    tmp, _, _ = quantized
+    amct.convert_model(str(LENET), str(LENET_W), str(tmp / "record.txt"), str(tmp_path / "lenet"))
+    for kind in KINDS:
+        assert (tmp_path / f"lenet_{kind}").read_bytes() == (tmp / "out" / f"lenet_{kind}").read_bytes(), kind
+
+
+def test_convert_model_rejects_quantized_models(quantized, tmp_path):
+    tmp, _, _ = quantized
+    with pytest.raises(AmctError, match="already quantized"):
+        amct.convert_model(str(tmp / "out/lenet_fake_quant_model.prototxt"),
+                           str(tmp / "out/lenet_fake_quant_weights.caffemodel"), str(tmp / "record.txt"),
+                           str(tmp_path / "again"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_model_without_calibration_names_the_layer(tmp_path):
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(LENET), str(LENET_W))
+    graph = amct.init(str(config), str(LENET), str(LENET_W), str(tmp_path / "record.txt"))
+    amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    with pytest.raises(RuntimeError, match="Cannot find scale_d of layer 'conv1' in record file"):
+        amct.save_model(graph, "Both", str(tmp_path / "out/model"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    with pytest.raises(AmctError, match="save_type"):
+        amct.save_model(graph, "Everything", str(tmp_path / "out/model"))
