@@ -57,6 +57,14 @@ class Layer:
         """Shapes of the learned blobs (empty for parameter-free layers)."""
         return []
 
+    def param_shapes_for_weights(self, bottom_shapes, arrays) -> list[tuple[int, ...]]:
+        """Shapes expected when a caffemodel supplies ``arrays`` for this layer.
+
+        The same as :meth:`param_shapes` except for layers whose blob set depends on the model
+        kind (DeQuant: three float blobs in a fake-quant model, one packed blob in a deploy model).
+        """
+        return self.param_shapes(bottom_shapes)
+
     def param_fillers(self) -> list:
         """Filler message per learned blob, for nets built without weights.
 

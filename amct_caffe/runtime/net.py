@@ -98,7 +98,8 @@ class Net:
             layer.on_net_built(self, i)
 
     def _setup_params(self, layer, bottom_shapes, arrays, have_weights: bool) -> None:
-        shapes = layer.param_shapes(bottom_shapes)
+        shapes = (layer.param_shapes(bottom_shapes) if arrays is None
+                  else layer.param_shapes_for_weights(bottom_shapes, arrays))
         where = f"{self._weights_file or 'weights'}: layer '{layer.name}' ({layer.type})"
         if arrays is not None:
             if len(arrays) != len(shapes):
@@ -196,18 +197,19 @@ class Net:
             blob.data = arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
     def copy_from(self, weights_file) -> None:
-        """Load weights into this net (pycaffe's ``copy_from``)."""
+        """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""
         loaded = io.load_weights(weights_file)
-        for layer in self.layers:
-            arrays = loaded.get(layer.name)
-            if arrays is None:
-                continue
-            where = f"{weights_file}: layer '{layer.name}'"
-            if len(arrays) != len(layer.blobs):
-                raise WeightsError(f"{where}: the caffemodel has {len(arrays)} blob(s), the layer has "
-                                   f"{len(layer.blobs)}")
-            for i, (blob, arr) in enumerate(zip(layer.blobs, arrays)):
-                blob.data[...] = io.conform_blob(arr, blob.shape, f"{where} blob {i}")
+        saved_source, self._weights_file = self._weights_file, str(weights_file)
+        try:
+            for i, layer in enumerate(self.layers):
+                arrays = loaded.get(layer.name)
+                if arrays is None:
+                    continue
+                bottom_shapes = [self.blobs[b].shape for b in self.bottom_names[layer.name]]
+                self._setup_params(layer, bottom_shapes, arrays, True)
+                self._shapes_seen[i] = None
+        finally:
+            self._weights_file = saved_source
 
     def save(self, path) -> None:
         """Write the current weights as a .caffemodel (atomically)."""
