@@ -1,8 +1,13 @@
 """The ``amct-caffe`` command line.
 
-``amct-caffe run --model M.prototxt --weights W.caffemodel --input data.npz`` runs the model in the
-embedded executor and prints the top classes per sample (and the accuracy when the .npz has
-``labels``).
+* ``amct-caffe run --model M.prototxt --weights W.caffemodel --input data.npz`` runs the model in the
+  embedded executor and prints the top classes per sample (and the accuracy when the .npz has
+  ``labels``).
+* ``amct-caffe calibrate --model M --weights W --data PATH --batch-size B --batch-num N --output PREFIX``
+  quantizes the model, calibrating on an image folder, a .npy / .npz, a Caffe LMDB or a Record
+  directory (see :mod:`amct_caffe.data`), and prints the files written.
+* ``amct-caffe convert --model M --weights W --record R --output PREFIX`` builds the quantized models
+  from a scale/offset record.
 """
 
 from __future__ import annotations
@@ -41,22 +46,13 @@ def _load_inputs(path: str, net) -> tuple[dict[str, np.ndarray], np.ndarray | No
     return arrays, labels
 
 
-def _fit_to_input(arr: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Add the channel axis grayscale image stacks (N, H, W) lack for an (N, 1, H, W) input."""
-    if arr.ndim == len(shape) - 1 and len(shape) == 4 and shape[1] == 1:
-        arr = arr[:, None]
-    if arr.shape[1:] != tuple(shape[1:]):
-        raise AmctError(f"input '{name}': samples of shape {arr.shape[1:]} do not fit the model's "
-                        f"{tuple(shape[1:])}")
-    return arr
-
-
 def cmd_run(args) -> int:
+    from amct_caffe.data.source import check_sample
     from amct_caffe.runtime import TEST, Net
 
     net = Net(args.model, args.weights, TEST)
     arrays, labels = _load_inputs(args.input, net)
-    arrays = {k: _fit_to_input(v, net.blobs[k].shape, k) for k, v in arrays.items()}
+    arrays = {k: check_sample(v, k, tuple(net.blobs[k].shape[1:]), args.input) for k, v in arrays.items()}
     n = len(next(iter(arrays.values())))
     if args.limit:
         n = min(n, args.limit)
@@ -66,17 +62,175 @@ def cmd_run(args) -> int:
     from tqdm import tqdm
 
     for start in tqdm(range(0, n, bs), desc="forward", unit="batch", disable=not args.progress):
-        feed = {k: (v[start:start + bs].astype(np.float32) - args.mean) * args.scale for k, v in arrays.items()}
+        feed = {k: (v[start:start + bs].astype(np.float32) - args.mean) * args.scale
+                for k, v in arrays.items()}
         results.append(np.array(net.forward(**feed)[out_name]).reshape(len(next(iter(feed.values()))), -1))
     scores = np.concatenate(results)
     top = np.argsort(-scores, axis=1)[:, : args.top_k]
     for i in range(min(n, args.show)):
         pairs = ", ".join(f"{c}:{scores[i, c]:.4f}" for c in top[i])
-        print(f"sample {i}: top-{args.top_k} [{pairs}]" + (f"  label {labels[i]}" if labels is not None else ""))
+        label = f"  label {labels[i]}" if labels is not None else ""
+        print(f"sample {i}: top-{args.top_k} [{pairs}]{label}")  # noqa: T201 - the CLI's output
     if labels is not None:
         acc = float(np.mean(top[:, 0] == labels[:n]))
-        print(f"top-1 accuracy on {n} samples: {acc * 100:.2f}%")
+        print(f"top-1 accuracy on {n} samples: {acc * 100:.2f}%")  # noqa: T201
     return 0
+
+
+# ---------------------------------------------------------------------------------------- calibrate
+def _parse_shapes(entries, model_shapes: dict) -> dict:
+    """Apply ``--input-shape [NAME:]D0,D1,...`` entries to the prototxt's input shapes."""
+    shapes = dict(model_shapes)
+    for entry in entries or ():
+        name, _, dims = entry.rpartition(":")
+        if not name:
+            if len(shapes) != 1:
+                raise AmctError(f"--input-shape {entry}: the model has {len(shapes)} inputs "
+                                f"({', '.join(shapes) or 'none declared'}); write NAME:{entry}")
+            name = next(iter(shapes))
+        elif model_shapes and name not in model_shapes:
+            raise AmctError(f"--input-shape {entry}: the model has no input '{name}' "
+                            f"(inputs: {', '.join(model_shapes)})")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise AmctError(f"--input-shape {entry}: expected positive integers such as 1,3,224,224")
+        shapes[name] = shape
+    if not shapes:
+        raise AmctError("the model declares no input (Input layer or input: field): "
+                        "give --input-shape NAME:N,C,H,W")
+    return shapes
+
+
+def _parse_select(text: str | None) -> slice:
+    """``--select START:STOP:STEP`` (Python slice syntax; ``::10`` keeps every tenth sample)."""
+    if not text:
+        return slice(None)
+    parts = text.split(":")
+    try:
+        if len(parts) > 3:
+            raise ValueError
+        values = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise AmctError(f"--select {text}: expected START:STOP:STEP, e.g. ::10 or 0:500") from None
+    if len(values) == 1:  # a single number: the first N samples
+        return slice(None, values[0])
+    if len(values) > 2 and values[2] is not None and values[2] < 1:
+        raise AmctError(f"--select {text}: the step must be positive")
+    return slice(*values)
+
+
+def _preprocess(args, shapes: dict, kind: str):
+    """{input name: Preprocess} from the flags, with --preprocess JSON entries taking precedence."""
+    import json
+
+    from amct_caffe.data import Preprocess
+
+    resize = args.resize or []
+    if len(resize) > 2:
+        raise AmctError("--resize takes one value (short side) or two (height width)")
+    crop = args.crop or []
+    if len(crop) > 2:
+        raise AmctError("--crop takes one value (square) or two (height width)")
+    per_json = {}
+    if args.preprocess:
+        try:
+            doc = json.loads(Path(args.preprocess).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise AmctError(f"--preprocess {args.preprocess}: cannot read the JSON: {e}") from None
+        if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+            raise AmctError(f"--preprocess {args.preprocess}: expected {{input name: {{field: value}}}}")
+        unknown = sorted(set(doc) - set(shapes))
+        if unknown:
+            raise AmctError(f"--preprocess {args.preprocess}: no model input named {', '.join(unknown)}")
+        per_json = {n: Preprocess.from_dict(d, f"--preprocess {args.preprocess}: '{n}'")
+                    for n, d in doc.items()}
+    out = {}
+    for name, shape in shapes.items():
+        if name in per_json:
+            out[name] = per_json[name]
+            continue
+        size = tuple(resize) if len(resize) == 2 else None
+        if kind == "images" and not resize and not crop and shape is not None and len(shape) == 4:
+            size = tuple(shape[2:])  # no geometry given: resize straight to the input's H x W
+        out[name] = Preprocess(size=size, short_side=resize[0] if len(resize) == 1 else None,
+                               crop=(crop[0], crop[-1]) if crop else None, channel_order=args.channel_order,
+                               mean=tuple(args.mean or ()), std=tuple(args.std or ()), scale=args.scale)
+    return out
+
+
+def _api(module: str, function: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise AmctError(f"{module}.{function} is not available in this installation: {e}") from None
+
+
+def _check_files(**paths) -> None:
+    for what, path in paths.items():
+        if not Path(path).is_file():
+            raise AmctError(f"{what} file {path} does not exist")
+
+
+def _print_outputs(result, prefix: str) -> None:
+    if isinstance(result, dict) and result:
+        for kind, path in result.items():
+            print(f"{kind}: {path}")  # noqa: T201
+        return
+    prefix_path = Path(prefix)
+    written = sorted(prefix_path.parent.glob(prefix_path.name + "_*"))
+    for path in written:
+        print(f"wrote {path}")  # noqa: T201
+
+
+def cmd_calibrate(args) -> int:
+    from tqdm import tqdm
+
+    from amct_caffe.data import detect_kind, model_inputs, open_source
+
+    _check_files(model=args.model, weights=args.weights)
+    for flag, path in (("--config", args.config), ("--cfg", args.cfg)):
+        if path and not Path(path).is_file():
+            raise AmctError(f"{flag} {path} does not exist")
+    shapes = _parse_shapes(args.input_shape, model_inputs(args.model))
+    kind = detect_kind(args.data)
+    first = next(iter(shapes.values()))
+    batch_size = args.batch_size or (first[0] if first else 1)
+    source = open_source(args.data, shapes, batch_size, _preprocess(args, shapes, kind))
+    sel = _parse_select(args.select)
+    source = source.select(sel.start, sel.stop, sel.step)
+    batches = source.batches(args.batch_num)  # checks there is enough data before any work
+    _LOG.info("calibrating on %d batch(es) of %d from %s", args.batch_num, batch_size, source.describe())
+    calibrate = _api("amct_caffe.api.workflow", "calibrate")
+    with tqdm(batches, total=args.batch_num, desc="calibration", unit="batch",
+              disable=not args.progress) as progress:
+        result = calibrate(args.model, args.weights, progress, args.output, args.batch_num,
+                           config_file=args.config, config_defination=args.cfg,
+                           activation_offset=args.activation_offset)
+    _print_outputs(result, args.output)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    _check_files(model=args.model, weights=args.weights, record=args.record)
+    convert_model = _api("amct_caffe.api.convert", "convert_model")
+    result = convert_model(args.model, args.weights, args.record, args.output)
+    _print_outputs(result, args.output)
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
     run.add_argument("--input", required=True, help=".npy, or .npz with arrays named after the net inputs "
                      "(or one array) and optional 'labels'")
-    run.add_argument("--scale", type=float, default=1.0, help="multiply inputs by this after subtracting --mean")
+    run.add_argument("--scale", type=float, default=1.0,
+                     help="multiply inputs by this after subtracting --mean")
     run.add_argument("--mean", type=float, default=0.0, help="subtract this from inputs")
     run.add_argument("--batch-size", type=int, default=0, help="samples per forward (default: the model's)")
     run.add_argument("--limit", type=int, default=0, help="use only the first N samples")
@@ -96,6 +251,54 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--show", type=int, default=5, help="print the top classes of this many samples")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     run.set_defaults(func=cmd_run)
+
+    cal = sub.add_parser("calibrate",
+                         help="quantize a model, calibrating on images, arrays, an LMDB or a Record",
+                         description="Post-training quantization: calibrate on --batch-num batches of "
+                                     "--batch-size samples from --data, write the quantized models.")
+    cal.add_argument("--model", required=True, help="network definition (.prototxt)")
+    cal.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
+    cal.add_argument("--data", required=True,
+                     help="image folder (JPEG/PNG/BMP, sorted by name), .npy / .npz (arrays named after the "
+                          "inputs), Caffe LMDB folder, or Record directory")
+    cal.add_argument("--batch-size", type=_positive, default=0,
+                     help="samples per batch (default: the model's)")
+    cal.add_argument("--batch-num", type=_positive, default=1, help="calibration batches (default 1)")
+    group = cal.add_mutually_exclusive_group()
+    group.add_argument("--config", help="quantization config (.json, as create_quant_config writes)")
+    group.add_argument("--cfg", help="simple quantization config (.cfg, AMCTConfig text proto)")
+    cal.add_argument("--input-shape", nargs="+", metavar="[NAME:]N,C,H,W",
+                     help="input shape(s), overriding or supplying the prototxt's")
+    cal.add_argument("--select", metavar="START:STOP:STEP",
+                     help="use only these samples, in slice syntax: ::10 = every tenth, "
+                          "0:500 = the first 500")
+    pre = cal.add_argument_group("image preprocessing (images and LMDB; mean/std/scale also for arrays)",
+                                 "x = (pixel - mean[c]) / std[c] * scale, after resize, centre crop and "
+                                 "channel order. Without --resize / --crop, images are resized to the "
+                                 "input's HxW (Pillow bilinear).")
+    pre.add_argument("--resize", type=_positive, nargs="+", metavar="N",
+                     help="S: short side to S (aspect kept); H W: exactly H x W")
+    pre.add_argument("--crop", type=_positive, nargs="+", metavar="N", help="centre crop H W (or one value)")
+    pre.add_argument("--mean", type=float, nargs="+", help="per-channel mean, in the output channel order")
+    pre.add_argument("--std", type=float, nargs="+", help="per-channel std")
+    pre.add_argument("--scale", type=float, default=1.0, help="multiplies after mean / std")
+    pre.add_argument("--channel-order", type=str.upper, choices=["BGR", "RGB"], default="BGR",
+                     help="channel order the model expects (default BGR, as Caffe)")
+    pre.add_argument("--preprocess", metavar="JSON",
+                     help="per-input specs "
+                          "{input: {size, short_side, crop, channel_order, mean, std, scale}}")
+    cal.add_argument("--no-activation-offset", dest="activation_offset", action="store_false",
+                     help="symmetric activation quantization (no offset)")
+    cal.add_argument("--output", required=True, help="prefix of the files written (e.g. out/lenet)")
+    cal.add_argument("--no-progress", dest="progress", action="store_false")
+    cal.set_defaults(func=cmd_calibrate)
+
+    conv = sub.add_parser("convert", help="build quantized models from a scale/offset record")
+    conv.add_argument("--model", required=True, help="network definition (.prototxt)")
+    conv.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
+    conv.add_argument("--record", required=True, help="scale/offset record file (text proto)")
+    conv.add_argument("--output", required=True, help="prefix of the files written")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -105,7 +308,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except AmctError as e:
-        print(f"amct-caffe: error: {e}", file=sys.stderr)
+        print(f"amct-caffe: error: {e}", file=sys.stderr)  # noqa: T201
         return 2
 
 

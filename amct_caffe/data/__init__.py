@@ -1,0 +1,96 @@
+"""Calibration data: sources that yield fixed-size batches {input blob name: float32 (N, C, H, W)}.
+
+* :class:`ImageFolder` — JPEG / PNG / BMP files (Pillow), with a :class:`Preprocess` per input
+  (resize, centre crop, BGR|RGB, mean, std, scale);
+* :class:`ArrayData` — a .npy / .npz file or arrays in memory;
+* :class:`LmdbData` — a Caffe LMDB of ``Datum`` (the ``lmdb`` package);
+* :class:`Record` — saves what a user's own inference loop feeds the net; ``Record.load`` serves it.
+
+:func:`open_source` picks one from a path; :func:`model_inputs` reads a prototxt's input shapes.
+Every source keeps a fixed order and offers ``select(start, stop, step)`` (e.g. every 10th
+sample) and ``batches(batch_num)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from amct_caffe.data.arrays import ArrayData
+from amct_caffe.data.images import IMAGE_SUFFIXES, ImageFolder, list_images
+from amct_caffe.data.lmdb_data import LmdbData, is_lmdb
+from amct_caffe.data.preprocess import Preprocess, normalize
+from amct_caffe.data.record import Record, RecordData, record_files
+from amct_caffe.data.source import DataError, DataSource
+
+__all__ = ["ArrayData", "DataError", "DataSource", "ImageFolder", "LmdbData", "Preprocess", "Record",
+           "RecordData", "detect_kind", "model_inputs", "normalize", "open_source"]
+
+
+def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
+    """{input blob name: shape} of a prototxt's ``Input`` layers (legacy ``input:`` fields included).
+
+    A top without a declared shape maps to None.
+    """
+    from amct_caffe import io
+
+    net = io.load_prototxt(model_file)
+    shapes: OrderedDict[str, tuple[int, ...] | None] = OrderedDict()
+    for layer in net.layer:
+        if layer.type != "Input":
+            continue
+        declared = [tuple(int(d) for d in s.dim) for s in layer.input_param.shape]
+        for i, top in enumerate(layer.top):
+            if len(declared) == 1:
+                shapes[top] = declared[0]
+            else:
+                shapes[top] = declared[i] if i < len(declared) else None
+    return shapes
+
+
+def detect_kind(path) -> str:
+    """"arrays", "lmdb", "record" or "images", from what ``path`` holds."""
+    p = Path(path)
+    if p.is_file() and p.suffix in (".npy", ".npz"):
+        return "arrays"
+    if is_lmdb(p):
+        return "lmdb"
+    if p.is_dir():
+        if record_files(p):
+            return "record"
+        if list_images(p) or any(d.is_dir() and list_images(d) for d in p.iterdir()):
+            return "images"
+        raise DataError(f"{p} holds no calibration data: expected images ({', '.join(IMAGE_SUFFIXES)}), "
+                        "an LMDB (data.mdb) or recorded batches (batch_NNNNNN.npz)")
+    if not p.exists():
+        raise DataError(f"calibration data {p} does not exist")
+    raise DataError(f"calibration data {p}: expected an image folder, a .npy / .npz file, an LMDB or a "
+                    "Record directory")
+
+
+def open_source(path, inputs: Mapping[str, Sequence[int] | None], batch_size: int = 1,
+                preprocess: Preprocess | Mapping[str, Preprocess] | None = None) -> DataSource:
+    """The data source for ``path`` (see :func:`detect_kind`) feeding ``inputs`` {name: shape}.
+
+    ``preprocess`` applies in full to images and LMDB records; for arrays only its mean, std and
+    scale apply (a resize or crop is an error); recorded batches are served as they were fed.
+    """
+    kind = detect_kind(path)
+    if kind == "images":
+        return ImageFolder(path, inputs, preprocess, batch_size)
+    if kind == "lmdb":
+        return LmdbData(path, inputs, preprocess, batch_size)
+    specs = list(preprocess.values()) if isinstance(preprocess, Mapping) else [preprocess]
+    specs = [s for s in specs if s is not None]
+    if kind == "record":
+        if any(s != Preprocess() for s in specs):
+            raise DataError(f"{path} holds recorded batches, fed as they were recorded: "
+                            "no preprocessing applies")
+        return RecordData(path, inputs, batch_size)
+    if any(s.resizes or s.crop is not None or s.channel_order != "BGR" for s in specs):
+        raise DataError(f"{path}: resize, crop and channel order apply to images, not to arrays")
+    if len({(s.mean, s.std, s.scale) for s in specs}) > 1:
+        raise DataError(f"{path}: one mean / std / scale applies to all arrays")
+    spec = specs[0] if specs else Preprocess()
+    return ArrayData(path, inputs, mean=spec.mean, std=spec.std, scale=spec.scale, batch_size=batch_size)

@@ -1,0 +1,106 @@
+"""Calibration batches from NumPy arrays: a .npy file, a .npz file, or arrays in memory.
+
+Which array feeds which input:
+
+* a .npy holds one array, for a net with one input;
+* a .npz's arrays named after the inputs feed them; otherwise, for a one-input net, its only
+  array other than ``labels`` does (MNIST-style ``images`` + ``labels`` files work as they are).
+
+Rows are samples, taken in order. A uint8 grayscale stack (N, H, W) gets the channel axis an
+(N, 1, H, W) input needs. Values become float32, then ``(x - mean[c]) / std[c] * scale`` (channels
+on axis 1), e.g. ``scale=1/256`` for Caffe's LeNet on raw MNIST bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from amct_caffe.data.preprocess import as_floats, normalize
+from amct_caffe.data.source import DataError, DataSource, check_sample, sample_shape
+
+LABELS = "labels"
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            return {"": np.load(path, allow_pickle=False)}
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the arrays: {e}") from None
+    raise DataError(f"data file {path}: expected .npy or .npz")
+
+
+def match_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[str], where: str) -> dict[str, np.ndarray]:
+    """{input name: array} from arrays named after the inputs, or the only candidate for one input."""
+    if all(n in arrays for n in names):
+        return {n: arrays[n] for n in names}
+    candidates = [k for k in arrays if k != LABELS]
+    if len(names) == 1 and len(candidates) == 1:
+        return {names[0]: arrays[candidates[0]]}
+    missing = [n for n in names if n not in arrays]
+    raise DataError(f"{where}: no array named {', '.join(repr(m) for m in missing)}; it holds "
+                    f"{', '.join(repr(k) for k in arrays) or 'nothing'}, and the net takes "
+                    f"{', '.join(repr(n) for n in names)}: name the arrays after the inputs")
+
+
+class ArrayData(DataSource):
+    """Batches of rows of arrays.
+
+    Args:
+        data: path of a .npy / .npz file, or a mapping {name: array} already in memory.
+        inputs: {input name: input shape (N, ...)} (N ignored; None skips the shape check), or a list
+            of names.
+        mean, std, scale: ``(x - mean[c]) / std[c] * scale``, one value or one per channel.
+        batch_size: samples per batch.
+
+    ``labels`` holds the file's ``labels`` array, if any (for evaluation).
+    """
+
+    def __init__(self, data, inputs: Mapping[str, Sequence[int] | None] | Sequence[str], mean=(), std=(),
+                 scale: float = 1.0, batch_size: int = 1):
+        shapes = inputs if isinstance(inputs, Mapping) else {n: None for n in inputs}
+        if not shapes:
+            raise DataError("ArrayData: the net has no inputs")
+        if isinstance(data, Mapping):
+            self.path, arrays, where = None, dict(data), "arrays"
+        else:
+            self.path = Path(data)
+            arrays, where = _read(self.path), str(self.path)
+        self.labels = arrays.get(LABELS)
+        matched = match_arrays(arrays, list(shapes), where)
+        self._arrays = OrderedDict()
+        for name, shape in shapes.items():
+            arr = np.asarray(matched[name])
+            if arr.ndim < 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+                raise DataError(f"{where}: the array for input '{name}' is not a numeric array of samples")
+            self._arrays[name] = check_sample(arr, name, sample_shape(shape), where)
+        counts = {n: len(a) for n, a in self._arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise DataError(f"{where}: the inputs' arrays hold different numbers of samples: {counts}")
+        self._mean, self._std = as_floats(mean, "mean"), as_floats(std, "std")
+        if any(s == 0 for s in self._std):
+            raise DataError("std values must be non-zero")
+        self._scale = float(scale)
+        self._where = where
+        super().__init__(list(shapes), next(iter(counts.values())), batch_size)
+
+    def describe(self) -> str:
+        return f"array file {self.path}" if self.path is not None else "arrays"
+
+    def _load(self, indices: list[int]) -> dict[str, np.ndarray]:
+        first, last = indices[0], indices[-1]
+        contiguous = last - first + 1 == len(indices) and indices == list(range(first, last + 1))
+        out = {}
+        for name, arr in self._arrays.items():
+            rows = arr[first:last + 1] if contiguous else arr[indices]
+            out[name] = normalize(rows, self._mean, self._std, self._scale, axis=1)
+        return out

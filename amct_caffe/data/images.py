@@ -1,0 +1,120 @@
+"""Calibration batches from a folder of images (JPEG, PNG, BMP), decoded with Pillow.
+
+Images are taken in the order of their file names (``sorted`` on the name, case-sensitive), so the
+``k``-th sample is always the same file; ``select(step=10)`` keeps every tenth. Each image goes
+through the :class:`~amct_caffe.data.preprocess.Preprocess` of the input it feeds.
+
+With several net inputs, either the folder holds one sub-folder per input, named after it (the
+``i``-th files of the sub-folders make sample ``i``), or every input gets the same image through
+its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from amct_caffe.data.preprocess import Preprocess, pil_image
+from amct_caffe.data.source import DataError, DataSource, sample_shape
+
+_LOG = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                  key=lambda p: p.name)
+
+
+def per_input(value, names: Sequence[str], default, what: str) -> dict:
+    """``value`` given once for all inputs, or as a mapping {input name: value}."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise DataError(f"{what} given for {', '.join(unknown)}, which the net does not take as input "
+                            f"(inputs: {', '.join(names)})")
+        return {n: value.get(n, default) for n in names}
+    return {n: (default if value is None else value) for n in names}
+
+
+def load_image(path: Path, channels: int) -> np.ndarray:
+    """An image file as an 8-bit (H, W, C) array: RGB for ``channels`` 3, grayscale for 1."""
+    if channels not in (1, 3):
+        raise DataError(f"{path}: an image cannot feed an input of {channels} channels (1 or 3 expected)")
+    image_mod = pil_image()
+    try:
+        with image_mod.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the image: {e}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+class ImageFolder(DataSource):
+    """Batches of preprocessed images from a folder.
+
+    Args:
+        root: the folder (or one sub-folder per input, named after it).
+        inputs: {input name: input shape (N, C, H, W)}; N is ignored, C (1 or 3) picks grayscale or
+            colour, and H, W are checked against the preprocessed size. A shape may be None
+            (3 channels, no check); a plain list of names means all shapes are None.
+        preprocess: one :class:`Preprocess` for all inputs, or {input name: Preprocess}.
+        batch_size: samples per batch.
+    """
+
+    def __init__(self, root, inputs: Mapping[str, Sequence[int] | None] | Sequence[str],
+                 preprocess: Preprocess | Mapping[str, Preprocess] | None = None, batch_size: int = 1):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist")
+        shapes = inputs if isinstance(inputs, Mapping) else {n: None for n in inputs}
+        if not shapes:
+            raise DataError("ImageFolder: the net has no inputs")
+        self._shapes = {n: sample_shape(s) for n, s in shapes.items()}
+        for n, s in self._shapes.items():
+            if s is not None and len(s) != 3:
+                raise DataError(f"input '{n}' of shape (N, {', '.join(map(str, s))}) cannot take images: "
+                                "image inputs are (N, C, H, W)")
+        self._preprocess = per_input(preprocess, list(shapes), Preprocess(), "preprocess")
+        subdirs = [self.root / n for n in shapes]
+        if len(shapes) > 1 and all(d.is_dir() for d in subdirs):
+            self._files = OrderedDict((n, list_images(d)) for n, d in zip(shapes, subdirs, strict=True))
+        else:
+            files = list_images(self.root)
+            self._files = OrderedDict((n, files) for n in shapes)
+        counts = {n: len(f) for n, f in self._files.items()}
+        if len(set(counts.values())) > 1:
+            raise DataError(f"image folder {self.root}: the per-input sub-folders hold different numbers of "
+                            f"images: {counts}")
+        count = next(iter(counts.values()))
+        if count == 0:
+            raise DataError(f"image folder {self.root} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        super().__init__(list(shapes), count, batch_size)
+
+    def describe(self) -> str:
+        return f"image folder {self.root}"
+
+    def files(self, name: str | None = None) -> list[Path]:
+        """The image files this source serves, in order (for input ``name``, default the first)."""
+        all_files = self._files[name or self.inputs[0]]
+        return [all_files[i] for i in self._index]
+
+    def sample(self, name: str, i: int) -> np.ndarray:
+        """Underlying sample ``i`` for input ``name``: float32 (C, H, W)."""
+        path = self._files[name][i]
+        shape = self._shapes[name]
+        channels = 3 if shape is None else shape[0]
+        out = self._preprocess[name].apply(load_image(path, channels), str(path))
+        if shape is not None and out.shape != shape:
+            raise DataError(f"{path}: preprocessed to {out.shape[1]}x{out.shape[2]} but input '{name}' takes "
+                            f"{'x'.join(map(str, shape[1:]))} (shape {shape}): set the resize / crop "
+                            "(Preprocess size, short_side, crop; --resize, --crop)")
+        return out
+
+    def _load(self, indices: list[int]) -> dict[str, np.ndarray]:
+        return {n: np.stack([self.sample(n, i) for i in indices]) for n in self.inputs}

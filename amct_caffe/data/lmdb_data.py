@@ -1,0 +1,153 @@
+"""Calibration batches from a Caffe LMDB of ``Datum`` records (what ``convert_imageset`` writes).
+
+Needs the ``lmdb`` package (``pip install lmdb``). Records are taken in key order (LMDB sorts keys
+bytewise; ``convert_imageset`` numbers them), so the order is fixed. A Datum holds one of:
+
+* ``data``: uint8 bytes, (channels, height, width), colour channels in BGR order (Caffe reads
+  images with OpenCV);
+* ``float_data``: float values, same layout (no resize possible);
+* ``encoded`` image bytes (``convert_imageset --encoded``), decoded with Pillow.
+
+Each then goes through the input's :class:`~amct_caffe.data.preprocess.Preprocess`, Caffe's
+``transform_param`` in effect (crop_size -> ``crop``, mean_value -> ``mean``, scale -> ``scale``;
+the stored BGR order is kept unless ``channel_order="RGB"``). The label is not fed: the net's
+single input takes the image; ``label(i)`` reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from amct_caffe.data.images import per_input
+from amct_caffe.data.preprocess import Preprocess, pil_image
+from amct_caffe.data.source import DataError, DataSource, sample_shape
+from amct_caffe.proto import caffe_pb
+
+_LOG = logging.getLogger(__name__)
+
+
+def _lmdb():
+    try:
+        import lmdb
+    except ImportError:
+        raise DataError("reading a Caffe LMDB needs the lmdb package: pip install lmdb "
+                        "(or pip install 'amct_caffe[lmdb]')") from None
+    return lmdb
+
+
+def is_lmdb(path) -> bool:
+    """True for an LMDB environment folder (holding data.mdb) or a data.mdb file."""
+    path = Path(path)
+    return (path.is_dir() and (path / "data.mdb").is_file()) or (path.is_file() and path.suffix == ".mdb")
+
+
+class LmdbData(DataSource):
+    """Batches of Datum images from a Caffe LMDB.
+
+    Args:
+        path: the LMDB folder (or its data.mdb).
+        inputs: {input name: shape (N, C, H, W)} with exactly one input (a shape of None skips
+            the checks), or a one-name list.
+        preprocess: a :class:`Preprocess` (or {input name: Preprocess}).
+        batch_size: samples per batch.
+    """
+
+    def __init__(self, path, inputs: Mapping[str, Sequence[int] | None] | Sequence[str],
+                 preprocess: Preprocess | Mapping[str, Preprocess] | None = None, batch_size: int = 1):
+        self.path = Path(path)
+        shapes = inputs if isinstance(inputs, Mapping) else {n: None for n in inputs}
+        if len(shapes) != 1:
+            raise DataError(f"LMDB {self.path}: a Datum feeds one input, but the net takes {len(shapes)} "
+                            f"({', '.join(shapes)}); use .npz files or an image folder per input")
+        if not is_lmdb(self.path):
+            raise DataError(f"{self.path} is not an LMDB (no data.mdb)")
+        (self._name, shape), = shapes.items()
+        self._shape = sample_shape(shape)
+        self._preprocess = per_input(preprocess, [self._name], Preprocess(), "preprocess")[self._name]
+        with self._open() as env, env.begin(buffers=False) as txn:
+            self._keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        if not self._keys:
+            raise DataError(f"LMDB {self.path} holds no record")
+        super().__init__([self._name], len(self._keys), batch_size)
+
+    def describe(self) -> str:
+        return f"LMDB {self.path}"
+
+    def _open(self):
+        """The environment, opened read-only for one use: py-lmdb refuses a second open of the same
+        environment in a process, so no handle is kept between batches (or across ``select`` copies)."""
+        lmdb = _lmdb()
+        try:
+            return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
+                             subdir=self.path.is_dir(), max_readers=16)
+        except lmdb.Error as e:
+            raise DataError(f"{self.path}: cannot open the LMDB: {e}") from None
+
+    def _datums(self, indices: list[int]) -> list:
+        with self._open() as env, env.begin(buffers=False) as txn:
+            raws = [txn.get(self._keys[i]) for i in indices]
+        datums = []
+        for i, raw in zip(indices, raws, strict=True):
+            datum = caffe_pb().Datum()
+            try:
+                datum.ParseFromString(raw)
+            except DecodeError as e:
+                raise DataError(f"{self.path}: record {self._keys[i]!r} is not a Caffe Datum: {e}") from None
+            datums.append(datum)
+        return datums
+
+    def label(self, i: int) -> int:
+        """The label of sample ``i`` of this source (after any ``select``)."""
+        return int(self._datums([self._index[i]])[0].label)
+
+    def sample(self, i: int, datum=None) -> np.ndarray:
+        """Underlying record ``i`` (its Datum, if already read), preprocessed: float32 (C, H, W)."""
+        datum = datum if datum is not None else self._datums([i])[0]
+        where = f"{self.path} record {self._keys[i].decode(errors='replace')}"
+        want_c = self._shape[0] if self._shape is not None else None
+        pre = self._preprocess
+        if datum.encoded:
+            image_mod = pil_image()
+            channels = want_c or (datum.channels if datum.channels in (1, 3) else 3)
+            try:
+                with image_mod.open(io.BytesIO(datum.data)) as img:
+                    hwc = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DataError(f"{where}: cannot decode the encoded image: {e}") from None
+            out = pre.apply(hwc, where)
+        else:
+            c, h, w = datum.channels, datum.height, datum.width
+            if len(datum.data):
+                if len(datum.data) != c * h * w:
+                    raise DataError(f"{where}: {len(datum.data)} data bytes for shape ({c}, {h}, {w})")
+                chw = np.frombuffer(datum.data, dtype=np.uint8).reshape(c, h, w)
+            elif len(datum.float_data):
+                if len(datum.float_data) != c * h * w:
+                    raise DataError(f"{where}: {len(datum.float_data)} float_data values for shape "
+                                    f"({c}, {h}, {w})")
+                if pre.resizes:
+                    raise DataError(f"{where}: float_data cannot be resized; give crop only")
+                chw = np.asarray(datum.float_data, dtype=np.float32).reshape(c, h, w)
+            else:
+                raise DataError(f"{where}: the Datum holds no data")
+            if want_c is not None and c != want_c:
+                raise DataError(f"{where}: {c}-channel Datum for input '{self._name}' of {want_c} channels")
+            if pre.resizes:  # via Pillow, on the 8-bit image in RGB order
+                hwc = np.transpose(chw[::-1] if c == 3 else chw, (1, 2, 0))
+                out = pre.apply(np.ascontiguousarray(hwc), where)
+            else:
+                out = pre.finish(chw, "BGR", where)
+        if self._shape is not None and out.shape != self._shape:
+            raise DataError(f"{where}: preprocessed to shape {out.shape} but input '{self._name}' takes "
+                            f"{self._shape}: set the resize / crop")
+        return out
+
+    def _load(self, indices: list[int]) -> dict[str, np.ndarray]:
+        datums = self._datums(indices)
+        return {self._name: np.stack([self.sample(i, d) for i, d in zip(indices, datums, strict=True)])}
