@@ -1,0 +1,29 @@
+"""The bundled samples run as the README says."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mnist_sample_prints_accuracy_before_and_after(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), AMCT_LOG_LEVEL="WARNING")
+    res = subprocess.run([sys.executable, str(REPO / "samples/mnist/src/mnist_sample.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if "before quantize is" in x)
+    before = float(line.split("before quantize is ")[1].split(",")[0])
+    after = float(line.split("after quantize is ")[1].split()[0])
+    assert before > 0.99 and after >= before - 0.005
+    assert (tmp_path / "results/mnist_deploy_weights.caffemodel").is_file()
+    assert (tmp_path / "amct_log/amct_caffe.log").is_file()
+
+
+def test_template_is_valid_python_and_uses_the_public_api():
+    text = (REPO / "samples/amct_caffe_calibration_template.py").read_text()
+    compile(text, "template", "exec")
+    for name in ("create_quant_config", "init", "weights_quantize_model", "activation_quantize_model",
+                 "save_model"):
+        assert f"amct.{name}(" in text
