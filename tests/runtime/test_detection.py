@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from tests.runtime.layer_harness import make_layer, run_layer
 from amct_caffe.errors import GraphError
 from amct_caffe.proto import caffe_pb
 from amct_caffe.runtime.layers import detection as D
@@ -20,16 +21,17 @@ f32, f64 = np.float32, np.float64
 RNG = np.random.default_rng(11)
 
 
-def make(text):
-    lp = text_format.Parse(text, caffe_pb().LayerParameter())
-    return layer_class(lp.type, lp.name)(lp)
+make = make_layer
 
 
 def run(text, *bottoms):
     layer = make(text)
-    shapes = layer.reshape([b.shape for b in bottoms])
-    (top,) = layer.forward(list(bottoms))
-    assert top.dtype == np.float32
+    if layer.shape_from_forward:  # the top's row count is only known after forward
+        shapes = layer.reshape([b.shape for b in bottoms])
+        (top,) = layer.forward(list(bottoms))
+        assert top.dtype == np.float32
+        return top, shapes[0]
+    (top,), shapes = run_layer(layer, bottoms)
     return top, shapes[0]
 
 

@@ -2,31 +2,17 @@
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
+from tests.runtime.layer_harness import make_layer as harness_make, run_layer as harness_run
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
-from amct_caffe.runtime import TEST
 from amct_caffe.runtime.layers import eltwise
-from amct_caffe.runtime.registry import known_types, layer_class
+from amct_caffe.runtime.registry import known_types
 
 RNG = np.random.default_rng(3)
 
 
 def run_layer(text, bottoms):
-    """Build one layer from prototxt text, reshape + forward; checks the bottoms stay intact."""
-    lp = text_format.Parse(text, caffe_pb().LayerParameter())
-    lp.bottom.extend(f"b{i}" for i in range(len(bottoms)))
-    lp.top.append("t")
-    cls = layer_class(lp.type)
-    cls.check_arity(lp)
-    layer = cls(lp, TEST)
-    before = [b.copy() for b in bottoms]
-    shapes = layer.reshape([b.shape for b in bottoms])
-    (top,) = layer.forward(bottoms)
-    for b, c in zip(bottoms, before, strict=True):
-        np.testing.assert_array_equal(b, c)
-    assert top.shape == tuple(shapes[0]) and top.dtype == np.float32
+    (top,), _ = harness_run(harness_make(text, len(bottoms)), bottoms)
     return top
 
 

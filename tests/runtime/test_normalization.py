@@ -7,40 +7,24 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from tests.runtime.layer_harness import make_layer as harness_make, run_layer as harness_run
 from amct_caffe.errors import GraphError
 from amct_caffe.proto import caffe_pb
 from amct_caffe.runtime import TEST, TRAIN, Net
-from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.layers import normalization
-from amct_caffe.runtime.registry import known_types, layer_class
+from amct_caffe.runtime.registry import known_types
 
 RNG = np.random.default_rng(11)
 
 
 def make_layer(text, bottom_shapes, blobs=(), phase=TEST):
-    lp = text_format.Parse(text, caffe_pb().LayerParameter())
-    if not lp.bottom:
-        lp.bottom.extend(f"b{i}" for i in range(len(bottom_shapes)))
-    if not lp.top:
-        lp.top.append("t")
-    cls = layer_class(lp.type)
-    cls.check_arity(lp)
-    layer = cls(lp, phase)
-    layer.blobs = [Blob(data=np.array(b, np.float32)) for b in blobs]
-    return layer
+    return harness_make(text, len(bottom_shapes), blobs, phase)
 
 
 def run_layer(text, bottoms, blobs=(), phase=TEST, layer=None):
     """reshape + forward one layer; checks the bottoms stay intact and the top shapes."""
     layer = layer or make_layer(text, [b.shape for b in bottoms], blobs, phase)
-    before = [b.copy() for b in bottoms]
-    shapes = layer.reshape([b.shape for b in bottoms])
-    tops = layer.forward(bottoms)
-    for b, c in zip(bottoms, before, strict=True):
-        np.testing.assert_array_equal(b, c)
-    assert [t.shape for t in tops] == [tuple(s) for s in shapes]
-    assert all(t.dtype == np.float32 for t in tops)
-    return tops[0], layer
+    return harness_run(layer, bottoms)[0][0], layer
 
 
 def net_with(layer_text, *shapes):

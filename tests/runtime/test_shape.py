@@ -4,10 +4,9 @@ import itertools
 
 import numpy as np
 import pytest
-from google.protobuf import text_format
 
+from tests.runtime.layer_harness import make_layer, run_layer
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
 from amct_caffe.runtime.layers import shape as S
 from amct_caffe.runtime.registry import layer_class
 from tests.golden import CASES_BY_NAME, compare
@@ -15,19 +14,11 @@ from tests.golden import CASES_BY_NAME, compare
 RNG = np.random.default_rng(7)
 
 
-def make(text):
-    lp = text_format.Parse(text, caffe_pb().LayerParameter())
-    return layer_class(lp.type, lp.name)(lp)
+make = make_layer
 
 
 def run(text, *bottoms):
-    """Reshape + forward like the Net does; checks the tops have the announced shapes."""
-    layer = make(text)
-    shapes = layer.reshape([b.shape for b in bottoms])
-    tops = layer.forward(list(bottoms))
-    assert [t.shape for t in tops] == [tuple(s) for s in shapes]
-    assert all(t.dtype == np.float32 for t in tops)
-    return tops
+    return run_layer(make(text), bottoms)[0]
 
 
 def rand(*shape):
