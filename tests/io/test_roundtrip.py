@@ -135,3 +135,36 @@ def test_v1_model_runs_identically(tmp_path):
     new = Net(str(LENET), str(LENET_W), TEST).forward(data=x)["prob"]
     old = Net(str(v1_proto), str(v1_weights), TEST).forward(data=x)["prob"]
     np.testing.assert_array_equal(old, new)
+
+
+V0_NET = '''
+name: "v0"
+input: "data"  input_dim: 2 input_dim: 1 input_dim: 8 input_dim: 8
+layers { layer { name: "pad1" type: "padding" pad: 1 } bottom: "data" top: "pad1" }
+layers { layer { name: "conv1" type: "conv" num_output: 3 kernelsize: 3 stride: 1
+                 weight_filler { type: "gaussian" std: 0.1 } biasterm: true } bottom: "pad1" top: "conv1" }
+layers { layer { name: "relu1" type: "relu" } bottom: "conv1" top: "conv1" }
+layers { layer { name: "pool1" type: "pool" pool: AVE kernelsize: 2 stride: 2 } bottom: "conv1" top: "pool1" }
+layers { layer { name: "ip1" type: "innerproduct" num_output: 4 biasterm: false } bottom: "pool1" top: "ip1" }
+layers { layer { name: "prob" type: "softmax" } bottom: "ip1" top: "prob" }
+'''
+
+
+def test_v0_net_upgrades_with_padding_folded_into_the_conv(tmp_path):
+    from amct_caffe.runtime import TEST, Net
+
+    path = tmp_path / "v0.prototxt"
+    path.write_text(V0_NET)
+    net = io.load_prototxt(path)
+    types = [(lp.name, lp.type) for lp in net.layer]
+    assert types == [("input", "Input"), ("conv1", "Convolution"), ("relu1", "ReLU"), ("pool1", "Pooling"),
+                     ("ip1", "InnerProduct"), ("prob", "Softmax")]
+    conv = net.layer[1]
+    assert list(conv.bottom) == ["data"]  # the padding layer is gone ...
+    assert list(conv.convolution_param.pad) == [1]  # ... and its pad moved into the conv
+    assert conv.convolution_param.num_output == 3 and list(conv.convolution_param.kernel_size) == [3]
+    assert net.layer[3].pooling_param.pool == net.layer[3].pooling_param.AVE
+    assert not net.layer[4].inner_product_param.bias_term
+    out = Net(str(path), TEST).forward(data=np.ones((2, 1, 8, 8), np.float32))["prob"]
+    assert out.shape == (2, 4)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
