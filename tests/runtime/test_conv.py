@@ -107,6 +107,33 @@ def test_deconvolution_matches_loops(shape, o, k, s, p, d, g):
     np.testing.assert_allclose(got, ref_deconv(x, w, b, s, p, d, g), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("wide", [0, 1 << 30])
+@pytest.mark.parametrize("budget", [1, 1 << 20])
+def test_gemm_layouts_and_batch_chunks_agree(monkeypatch, wide, budget):
+    """Per-image GEMMs or one wide GEMM, whole batch or one image at a time: same numbers."""
+    from amct_caffe.runtime.layers import conv
+    monkeypatch.setattr(conv, "WIDE_GEMM_PIXELS", wide)
+    monkeypatch.setattr(conv, "COLS_BUDGET", budget)
+    x = rand(3, 4, 6, 5)
+    w = rand(6, 2, 3, 3)
+    b = rand(6)
+    got = Convolution(x, w, b, stride=(1, 2), pad=1, group=2)
+    np.testing.assert_allclose(got, ref_conv(x, w, b, (1, 2), (1, 1), (1, 1), 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [1, 800, 1 << 20])
+@pytest.mark.parametrize("stride,dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2))])
+def test_depthwise_chunks_agree(monkeypatch, budget, stride, dilation):
+    """Whole batch, one image, or a few channels of one image per chunk: same numbers."""
+    from amct_caffe.runtime.layers import conv
+    monkeypatch.setattr(conv, "COLS_BUDGET", budget)
+    x = rand(2, 5, 7, 6)
+    w = rand(5, 1, 3, 3)
+    b = rand(5)
+    got = Convolution(x, w, b, stride=stride, pad=1, dilation=dilation, group=5)
+    np.testing.assert_allclose(got, ref_conv(x, w, b, stride, (1, 1), dilation, 5), rtol=1e-4, atol=1e-4)
+
+
 def test_deconvolution_is_the_adjoint_of_convolution():
     x = rand(2, 3, 5, 7)
     w = rand(4, 3, 3, 3)

@@ -69,6 +69,7 @@ CASES = [
     ((2, 2, 9, 9), (5, 5), (3, 3), (2, 2)),  # the last-window-start correction applies
     ((1, 1, 4, 4), (2, 2), (2, 2), (0, 0)),
     ((1, 2, 5, 6), (5, 6), (1, 1), (0, 0)),  # window == input
+    ((1, 2, 5, 5), (1, 2), (3, 3), (0, 0)),  # stride > kernel: the last windows lie outside the input
 ]
 
 

@@ -13,8 +13,12 @@ works):
 
 Execution strategy (speed matters, calibration runs models many times):
 
-* depthwise (``group == C == O``): a loop over the ``prod(k)`` taps, each a vectorised
-  multiply-add over the whole batch; no im2col, no BLAS (Caffe runs C tiny GEMMs here);
+* depthwise (``group == C == O``): the taps are gathered (im2col) in cache-sized chunks of
+  images x channels and contracted per channel, ``(1 x prod(k)) @ (prod(k) x P)`` per channel;
+  no GEMM (Caffe runs C tiny GEMMs here). Measured against a loop over the taps with a
+  vectorised multiply-add each, this is as fast on large stride-1 maps of one image and up to
+  2.7x faster on small maps (per-call overhead), strided taps (slow gathers) and batches (the
+  tap loop streams the whole blob ``2*prod(k)`` times);
 * 1x1 kernels without padding: the input itself is the im2col matrix (strided for stride > 1),
   so one batched GEMM;
 * otherwise im2col by one strided copy per tap into a ``(N, g, C/g*prod(k), prod(out))``
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import numpy as np
 
@@ -52,21 +57,50 @@ def _tap_slices(tap, stride, dilation, out) -> tuple[slice, ...]:
     return tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, s, d, o in zip(tap, stride, dilation, out))
 
 
-def _pad_spatial(x: np.ndarray, pad, value: float = 0.0, extent=None) -> np.ndarray:
-    """``x`` (N, C, *sp) with ``pad`` cells of ``value`` before each spatial axis.
+_SCRATCH = threading.local()
+# im2col is done for as many images at once as fit in this many floats (4 MB): large enough
+# for few Python-level calls, small enough to stay in the last-level cache until the GEMM.
+COLS_BUDGET = 1 << 20
+# Below this many output pixels per image, a batch is convolved by one wide GEMM.
+WIDE_GEMM_PIXELS = 1024
 
-    ``extent`` (padded sizes) defaults to ``sp + 2*pad``; cells beyond the input are ``value``.
-    Returns ``x`` itself when nothing is added.
+
+def _scratch(role: str, shape) -> np.ndarray:
+    """A float32 array of ``shape`` carved from a per-thread buffer that is reused across calls.
+
+    Fresh memory is expensive here: the kernel maps and zeroes every new page on first touch,
+    and im2col buffers are ``prod(k)`` times the activation size. So scratch arrays (padded
+    input, columns, temporaries) come from one growing buffer per role. The contents are stale
+    and valid only until the next request for the same role; never return one to the caller.
     """
-    sp = x.shape[2:]
-    if extent is None:
-        extent = tuple(n + 2 * p for n, p in zip(sp, pad))
-    if not any(pad) and tuple(extent) == tuple(sp):
+    size = math.prod(shape)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(role)
+    if buf is None or buf.size < size:
+        buf = bufs[role] = np.empty(size, np.float32)
+    return buf[:size].reshape(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are rebuilt on demand)."""
+    _SCRATCH.bufs = {}
+
+
+def _padded(x: np.ndarray, pad) -> np.ndarray:
+    """``x`` (N, C, *sp) with ``pad`` zeros before and after each spatial axis (a scratch array)."""
+    if not any(pad):
         return x
-    out = np.full(x.shape[:2] + tuple(extent), value, dtype=np.float32)
-    inner = tuple(slice(p, p + min(n, e - p)) for n, p, e in zip(sp, pad, extent))
-    out[(slice(None), slice(None)) + inner] = x[(Ellipsis,) + tuple(slice(0, s.stop - s.start) for s in inner)]
-    return out
+    sp = x.shape[2:]
+    xp = _scratch("pad", x.shape[:2] + tuple(n + 2 * p for n, p in zip(sp, pad)))
+    for a, (n, p) in enumerate(zip(sp, pad)):  # zero only the borders; the interior is copied
+        if p:
+            lead = (slice(None),) * (2 + a)
+            xp[lead + (slice(0, p),)] = 0.0
+            xp[lead + (slice(p + n, None),)] = 0.0
+    xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(sp, pad))] = x
+    return xp
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -77,31 +111,21 @@ def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> 
     return stride * (size - 1) + dilation * (k - 1) + 1 - 2 * pad
 
 
-def _depthwise(xp: np.ndarray, w: np.ndarray, stride, dilation, out) -> np.ndarray:
-    """Depthwise convolution of the padded input ``xp`` (N, C, *sp) with ``w`` (C, 1, *k)."""
-    n, c = xp.shape[:2]
-    ksz = w.shape[2:]
-    wt = w.reshape(c, -1)
-    bshape = (c,) + (1,) * len(out)  # per-channel weight broadcast over the spatial axes
-    y = np.empty((n, c) + tuple(out), np.float32)
-    tmp = np.empty_like(y)
-    for i, tap in enumerate(itertools.product(*map(range, ksz))):
-        src = xp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, out)]
-        if i == 0:
-            np.multiply(src, wt[:, i].reshape(bshape), out=y)
-        else:
-            np.multiply(src, wt[:, i].reshape(bshape), out=tmp)
-            y += tmp
-    return y
+def _im2col(xp: np.ndarray, ksz, stride, dilation, out, batch_last: bool = False) -> np.ndarray:
+    """``xp`` (N, C, *sp) -> columns (scratch), one strided copy per kernel tap.
 
-
-def _im2col(xp: np.ndarray, ksz, stride, dilation, out) -> np.ndarray:
-    """``xp`` (N, C, *sp) -> columns (N, C, *k, *out): one strided copy per kernel tap."""
+    Layout (N, C, *k, *out), or (C, *k, N, *out) with ``batch_last`` so that the images of
+    the batch sit side by side in one wide matrix (a single GEMM for all of them).
+    """
     n, c = xp.shape[:2]
-    cols = np.empty((n, c) + tuple(ksz) + tuple(out), np.float32)
+    ksz, out = tuple(ksz), tuple(out)
+    if batch_last:
+        cols = _scratch("cols", (c,) + ksz + (n,) + out)
+        dst = np.moveaxis(cols, len(ksz) + 1, 0)  # (N, C, *k, *out) view of the same memory
+    else:
+        cols = dst = _scratch("cols", (n, c) + ksz + out)
     for tap in itertools.product(*map(range, ksz)):
-        cols[(slice(None), slice(None)) + tap] = xp[(slice(None), slice(None))
-                                                    + _tap_slices(tap, stride, dilation, out)]
+        dst[(slice(None), slice(None)) + tap] = xp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, out)]
     return cols
 
 
@@ -119,18 +143,53 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     out = tuple(conv_out_size(s, k, st, p, d) for s, k, st, p, d in zip(x.shape[2:], ksz, stride, pad, dilation))
     if min(out, default=1) <= 0:
         raise ValueError(f"convolution output would be empty: input {x.shape[2:]}, kernel {ksz}")
+    npix = math.prod(out)
+    cg = c // group
+    w = weight.reshape(group, o // group, -1)
     if group == c == o:
-        y = _depthwise(_pad_spatial(x, pad), weight, stride, dilation, out)
-    else:
-        cg = c // group
-        if all(k == 1 for k in ksz) and not any(pad):
-            # 1x1: the (strided) input already is the column matrix.
-            xs = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)]
-            cols = np.ascontiguousarray(xs).reshape(n, group, cg, -1)
+        # Depthwise: no BLAS GEMM (Caffe runs C tiny ones here). Channels are independent, so the
+        # taps are gathered in cache-sized (images x channels) chunks and contracted per channel,
+        # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of (1 x T) @ (T x P) products.
+        kk = math.prod(ksz)
+        w3 = weight.reshape(c, 1, kk)
+        y = np.empty((n, c, npix), np.float32)
+        nb = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
+        cb = c if nb > 1 else max(1, min(c, COLS_BUDGET // (kk * npix)))
+        for n0 in range(0, n, nb):
+            for c0 in range(0, c, cb):
+                xb = x[n0:n0 + nb, c0:c0 + cb]
+                cols = _im2col(_padded(xb, pad), ksz, stride, dilation, out)
+                np.matmul(w3[c0:c0 + cb], cols.reshape(xb.shape[0], xb.shape[1], kk, npix),
+                          out=y[n0:n0 + nb, c0:c0 + cb, None, :])
+    elif all(k == 1 for k in ksz) and not any(pad):
+        # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
+        if any(st > 1 for st in stride):
+            xs = x[(slice(None), slice(None)) + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride))]
+            cols = _scratch("cols", xs.shape)
+            np.copyto(cols, xs)
         else:
-            cols = _im2col(_pad_spatial(x, pad), ksz, stride, dilation, out).reshape(n, group, -1, math.prod(out))
-        w = weight.reshape(group, o // group, -1)
-        y = np.matmul(w, cols).reshape((n, o) + out)
+            cols = np.ascontiguousarray(x)
+        y = np.matmul(w, cols.reshape(n, group, cg, npix))
+    elif npix < WIDE_GEMM_PIXELS and n > 1:
+        # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
+        # (g, K, N*P) columns -> one (Og x K) @ (K x N*P) GEMM per group, then reorder to NCHW.
+        ckk = c * math.prod(ksz)
+        chunk = max(1, min(n, COLS_BUDGET // (ckk * npix)))
+        y = np.empty((n, group, o // group, npix), np.float32)
+        for n0 in range(0, n, chunk):
+            xb = x[n0:n0 + chunk]
+            nb = len(xb)
+            cols = _im2col(_padded(xb, pad), ksz, stride, dilation, out, batch_last=True)
+            yb = np.matmul(w, cols.reshape(group, ckk // group, nb * npix))  # (g, Og, nb*P)
+            y[n0:n0 + nb] = yb.reshape(group, o // group, nb, npix).transpose(2, 0, 1, 3)
+    else:
+        y = np.empty((n, group, o // group, npix), np.float32)
+        chunk = max(1, min(n, COLS_BUDGET // (c * math.prod(ksz) * npix)))
+        for n0 in range(0, n, chunk):
+            xb = x[n0:n0 + chunk]
+            cols = _im2col(_padded(xb, pad), ksz, stride, dilation, out)
+            np.matmul(w, cols.reshape(len(xb), group, -1, npix), out=y[n0:n0 + chunk])
+    y = y.reshape((n, o) + out)
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
@@ -154,18 +213,23 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
     cg, og = c // group, o // group
     # cols[n, g, (o', t), i] = sum_c w[g, c, (o', t)] * x[n, g, c, i]  (col2im input)
     wt = np.ascontiguousarray(weight.reshape(group, cg, og * math.prod(ksz)).transpose(0, 2, 1))
-    cols = np.matmul(wt, x.reshape(n, group, cg, -1)).reshape((n, o) + tuple(ksz) + tuple(sp))
-    full = tuple(e + 2 * p for e, p in zip(out, pad))
-    if all(k == 1 for k in ksz) and stride == (1,) * nsp:
-        yp = cols.reshape((n, o) + tuple(sp))
+    xg = np.ascontiguousarray(x).reshape(n, group, cg, -1)
+    direct = all(k == 1 for k in ksz) and stride == (1,) * nsp and not any(pad)
+    if direct:  # 1x1, stride 1, no crop: the GEMM result is the output
+        y = np.matmul(wt, xg).reshape((n, o) + tuple(sp))
     else:
-        yp = np.zeros((n, o) + full, np.float32)
+        cols = _scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
+        np.matmul(wt, xg, out=cols)
+        cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
+        full = tuple(e + 2 * p for e, p in zip(out, pad))
+        yp = np.zeros((n, o) + full, np.float32) if not any(pad) else _scratch("pad", (n, o) + full)
+        if any(pad):
+            yp.fill(0.0)
         for tap in itertools.product(*map(range, ksz)):
             yp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, sp)] += cols[
                 (slice(None), slice(None)) + tap]
-    y = yp
-    if any(pad):
-        y = np.ascontiguousarray(yp[(slice(None), slice(None)) + tuple(slice(p, p + e) for p, e in zip(pad, out))])
+        y = yp if not any(pad) else yp[(slice(None), slice(None))
+                                       + tuple(slice(p, p + e) for p, e in zip(pad, out))].copy()
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y

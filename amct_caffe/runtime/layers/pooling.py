@@ -10,15 +10,17 @@ Pooling of x ``(N, C, H, W)`` with kernel ``k``, stride ``s``, pad ``p`` (per ax
 
 Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
 
-* MAX: max over the window clipped to the image (so padding never wins); optional second top
-  is the argmax as a flat index ``h*W + w`` within the plane (first maximum in row-major order).
+* MAX: max over the window clipped to the image (so padding never wins; an empty window, possible
+  only when stride > kernel, gives -FLT_MAX); optional second top is the argmax as a flat index
+  ``h*W + w`` within the plane (first maximum in row-major order, -1 for an empty window).
 * AVE: sum over the clipped window divided by ``(min(hs+k, H+p) - hs) * (...)``, i.e. padded
   cells inside the padded image count in the divisor, cells beyond it do not.
 * STOCHASTIC: only Caffe's test-phase rule is implemented (``sum x^2 / sum x`` over the
   window, as the GPU kernel does; CPU Caffe has no STOCHASTIC forward at all); in the TRAIN
   phase it is rejected because it samples randomly.
 
-Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``.
+Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``. A clipped window is a rectangle, so
+the reductions run separably (along W, then along H) on strided views, without a padded copy.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.registry import register
 
 MAX, AVE, STOCHASTIC = "MAX", "AVE", "STOCHASTIC"
-_FLT_MIN = np.float32(1.1754943508222875e-38)
+_FLT_MIN = np.float32(np.finfo(np.float32).tiny)
+_FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
 def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool = True) -> int:
@@ -47,7 +50,7 @@ def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool = True) -> in
 def _windows(x, k, s, p, out, fill):
     """Yield, for each kernel tap (row-major), the (N, C, Ho, Wo) view of the padded input.
 
-    The input is padded with ``fill`` to exactly the extent the windows reach.
+    The input is padded with ``fill`` to the extent the windows reach (used for the mask top).
     """
     h, w = x.shape[2:]
     ext = ((out[0] - 1) * s[0] + k[0], (out[1] - 1) * s[1] + k[1])
@@ -59,6 +62,39 @@ def _windows(x, k, s, p, out, fill):
     for i in range(k[0]):
         for j in range(k[1]):
             yield i, j, xp[:, :, i:i + s[0] * (out[0] - 1) + 1:s[0], j:j + s[1] * (out[1] - 1) + 1:s[1]]
+
+
+def _reduce_axis(x, axis, k, s, p, n_out, op, fill):
+    """Reduce ``x`` along ``axis`` over Caffe's windows clipped to the input, with ufunc ``op``.
+
+    Output ``o`` combines inputs ``o*s - p + t`` for taps ``t < k`` that fall inside
+    ``[0, size)``; a window with no such input keeps ``fill``. No padded copy is made: each tap
+    updates the contiguous range of outputs it reaches, through strided views.
+    """
+    size = x.shape[axis]
+    pre = (slice(None),) * axis
+    taps = []
+    for t in range(k):
+        lo = max(0, -((t - p) // s))  # first o with o*s - p + t >= 0
+        hi = min(n_out, (size - 1 + p - t) // s + 1)  # past the last o with o*s - p + t < size
+        if hi > lo:
+            start = lo * s - p + t
+            taps.append((lo, hi, x[pre + (slice(start, start + (hi - lo - 1) * s + 1, s),)]))
+    full = next((i for i, (lo, hi, _) in enumerate(taps) if lo == 0 and hi == n_out), None)
+    if full is None:
+        y = np.full(x.shape[:axis] + (n_out,) + x.shape[axis + 1:], fill, np.float32)
+    else:
+        y = np.array(taps.pop(full)[2], dtype=np.float32, order="C")
+    for lo, hi, src in taps:
+        dst = y[pre + (slice(lo, hi),)]
+        op(dst, src, out=dst)
+    return y
+
+
+def _pool2d(x, k, s, p, out, op, fill):
+    """Separable window reduction: along W first, then along H (a clipped window is a rectangle)."""
+    t = _reduce_axis(x, 3, k[1], s[1], p[1], out[1], op, fill)
+    return _reduce_axis(t, 2, k[0], s[0], p[0], out[0], op, fill)
 
 
 def _ave_divisor(size, k, s, p, n_out) -> np.ndarray:
@@ -80,36 +116,26 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
     if pool == MAX:
         if out == (1, 1) and k == (h, w) and p == (0, 0) and not return_mask:
             return x.max(axis=(2, 3), keepdims=True)
-        y = mask = None
+        if not return_mask:
+            # Caffe starts each window at -FLT_MAX and keeps it when the window is empty
+            return _pool2d(x, k, s, p, out, np.maximum, -_FLT_MAX)
+        # Caffe's loop: top = -FLT_MAX, mask = -1, then each tap in row-major order replaces
+        # them where it is strictly greater (padding holds -inf, so it never wins).
+        y = np.full((n, c) + out, -_FLT_MAX, np.float32)
+        mask = np.full((n, c) + out, -1, np.int64)
         for i, j, win in _windows(x, k, s, p, out, -np.inf):
-            if y is None:
-                y = win.copy()
-                if return_mask:
-                    mask = np.zeros(y.shape, np.int64)
-                    mask[...] = (np.arange(out[0]) * s[0] - p[0])[:, None] * w + (np.arange(out[1]) * s[1] - p[1])
-                    mask += i * w + j
-                continue
-            if return_mask:
-                better = win > y
-                tap = (np.arange(out[0]) * s[0] - p[0] + i)[:, None] * w + (np.arange(out[1]) * s[1] - p[1] + j)
-                np.copyto(mask, np.broadcast_to(tap, mask.shape), where=better)
+            better = win > y
+            tap = (np.arange(out[0]) * s[0] - p[0] + i)[:, None] * w + (np.arange(out[1]) * s[1] - p[1] + j)
+            np.copyto(mask, np.broadcast_to(tap, mask.shape), where=better)
             np.maximum(y, win, out=y)
-        if return_mask:
-            # A window whose first tap lies in the padding starts with -inf there; Caffe's
-            # mask then points at the first real cell, which the strict '>' above found.
-            return y, mask.astype(np.float32)
-        return y
+        return y, mask.astype(np.float32)
     if pool == AVE:
         if out == (1, 1) and k == (h, w) and p == (0, 0):
             return (x.sum(axis=(2, 3), keepdims=True, dtype=np.float32) / np.float32(h * w)).astype(np.float32)
-        y = None
-        for _, _, win in _windows(x, k, s, p, out, 0.0):
-            if y is None:
-                y = win.copy()
-            else:
-                y += win
+        y = _pool2d(x, k, s, p, out, np.add, 0.0)
         div = np.outer(_ave_divisor(h, k[0], s[0], p[0], out[0]), _ave_divisor(w, k[1], s[1], p[1], out[1]))
-        y /= div
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty window divides 0 by <= 0, as in C++
+            y /= div
         return y
     if pool == STOCHASTIC:
         if not phase_test:
@@ -117,10 +143,8 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
                              "rule (sum x^2 / sum x) is implemented")
         if p != (0, 0):
             raise ValueError("STOCHASTIC pooling takes no padding")
-        ssum = ssq = None
-        for _, _, win in _windows(x, k, s, p, out, 0.0):
-            ssum = win.astype(np.float32, copy=True) if ssum is None else ssum + win
-            ssq = win * win if ssq is None else ssq + win * win
+        ssum = _pool2d(x, k, s, p, out, np.add, 0.0)
+        ssq = _pool2d(x * x, k, s, p, out, np.add, 0.0)
         return ssq / (ssum + _FLT_MIN)
     raise ValueError(f"unknown pooling method {pool!r}")
 

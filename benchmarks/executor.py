@@ -1,0 +1,188 @@
+"""FP32 forward time of the embedded executor, and of real Caffe when ``AMCT_REAL_CAFFE`` is set.
+
+    python benchmarks/executor.py [--runs 12] [--rounds 3] [--warmup 2] [--models open_nsfw,ultraface_slim320]
+
+Models (from ../shared/models): open_nsfw at batch 8 x 3 x 224 x 224 and UltraFace slim-320 at
+1 x 3 x 240 x 320, each fed a standard-normal input of fixed seed. Reported time is the median
+(and the minimum) wall time of ``forward()`` over ``runs`` runs after ``warmup`` untimed runs.
+
+``AMCT_REAL_CAFFE`` names a Caffe build root made by ``../shared/tools/build_caffe.sh`` (its
+``env.sh`` sets PYTHONPATH). pycaffe then runs the same prototxt, weights and input in a
+subprocess (its ``caffe_pb2`` must not meet ours in one process) and the script prints Caffe's
+times, the ratio ours / caffe of the medians, and the largest difference between the outputs.
+The runs are split into ``rounds`` that alternate between the two, so that a load change on a
+shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "models"
+MODELS = {
+    "open_nsfw": (SHARED / "open_nsfw/deploy.prototxt", SHARED / "open_nsfw/resnet_50_1by2_nsfw.caffemodel",
+                  "data", (8, 3, 224, 224)),
+    "ultraface_slim320": (SHARED / "ultraface_slim320/slim-320.prototxt",
+                          SHARED / "ultraface_slim320/slim-320.caffemodel", "input", (1, 3, 240, 320)),
+}
+SEED = 0
+_LOG = logging.getLogger("benchmark")
+
+# The pycaffe worker: argv = prototxt weights input_blob input.npy outputs.npz. Each stdin line
+# "k" asks for k timed forwards (answered by one JSON list of seconds); EOF ends it.
+_CAFFE_WORKER = r"""
+import json, sys, time
+import numpy as np
+import caffe
+proto, weights, blob, xfile, out = sys.argv[1:6]
+caffe.set_mode_cpu()
+x = np.load(xfile)
+net = caffe.Net(proto, weights, caffe.TEST)
+net.blobs[blob].reshape(*x.shape)
+net.reshape()
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        net.blobs[blob].data[...] = x
+        t = time.perf_counter()
+        net.forward()
+        times.append(time.perf_counter() - t)
+    print(json.dumps(times), flush=True)
+np.savez(out, **{k: net.blobs[k].data for k in net.outputs})
+"""
+
+
+class _Ours:
+    def __init__(self, name: str, x: np.ndarray):
+        sys.path.insert(0, str(REPO))
+        from amct_caffe.runtime import TEST, Net
+
+        proto, weights, self.blob, _ = MODELS[name]
+        self.x = x
+        self.net = Net(str(proto), str(weights), TEST)
+        self.net.blobs[self.blob].reshape(*x.shape)
+        self.net.reshape()
+
+    def run(self, k: int) -> list[float]:
+        times = []
+        for _ in range(k):
+            self.net.blobs[self.blob].data[...] = self.x
+            t = time.perf_counter()
+            self.net.forward()
+            times.append(time.perf_counter() - t)
+        return times
+
+    def outputs(self) -> dict:
+        return {k: self.net.blobs[k].data.copy() for k in self.net.outputs}
+
+
+class _Caffe:
+    """pycaffe in a subprocess (sourcing ROOT/env.sh), driven over stdin/stdout."""
+
+    def __init__(self, root: Path, name: str, x: np.ndarray, tmp: Path):
+        proto, weights, blob, _ = MODELS[name]
+        python = root / "venv" / "bin" / "python"
+        python = python if python.exists() else Path(sys.executable)
+        np.save(tmp / "x.npy", x)
+        self.out = tmp / "out.npz"
+        cmd = ["bash", "-c", 'source "$0/env.sh" && exec "$@"', str(root), str(python), "-c", _CAFFE_WORKER,
+               str(proto), str(weights), blob, str(tmp / "x.npy"), str(self.out)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def run(self, k: int) -> list[float]:
+        self.proc.stdin.write(f"{k}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"pycaffe worker died:\n{self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def outputs(self) -> dict:
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise RuntimeError(f"pycaffe worker failed:\n{self.proc.stderr.read()[-3000:]}")
+        with np.load(self.out) as z:
+            return {k: z[k] for k in z.files}
+
+
+def _progress(n: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # fall back to one log line per round
+        return None
+    return tqdm(total=n, desc=desc, leave=False, unit="run")
+
+
+def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None) -> dict:
+    shape = MODELS[name][3]
+    x = np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {"ours": _Ours(name, x)}
+        if caffe_root:
+            runners["caffe"] = _Caffe(Path(caffe_root), name, x, Path(tmp))
+        times = {k: [] for k in runners}
+        for r in runners.values():
+            r.run(warmup)
+        bar = _progress(runs * len(runners), name)
+        per_round = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
+        for i, k in enumerate(per_round):
+            for who, r in runners.items():
+                times[who] += r.run(k)
+                if bar is not None:
+                    bar.update(k)
+            if bar is None:
+                _LOG.info("%s: round %d/%d done", name, i + 1, rounds)
+        if bar is not None:
+            bar.close()
+        outs = {who: r.outputs() for who, r in runners.items()}
+    row = {"model": name, "input": "x".join(map(str, shape))}
+    for who, t in times.items():
+        row[f"{who}_ms"] = 1e3 * statistics.median(t)
+        row[f"{who}_min_ms"] = 1e3 * min(t)
+    if caffe_root:
+        row["ratio"] = row["ours_ms"] / row["caffe_ms"]
+        row["max_abs_diff"] = max(float(np.max(np.abs(outs["ours"][k] - outs["caffe"][k]))) for k in outs["caffe"])
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=12, help="timed runs per model and executor")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations between ours and Caffe")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    caffe_root = os.environ.get("AMCT_REAL_CAFFE")
+    rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root)
+            for name in args.models.split(",")]
+    head = f"{'model':<20} {'input':<14} {'ours ms':>9} {'(min)':>7}"
+    if caffe_root:
+        head += f" {'caffe ms':>9} {'(min)':>7} {'ours/caffe':>10} {'max|diff|':>10}"
+    print(head)
+    for r in rows:
+        line = f"{r['model']:<20} {r['input']:<14} {r['ours_ms']:>9.1f} {r['ours_min_ms']:>7.1f}"
+        if caffe_root:
+            line += (f" {r['caffe_ms']:>9.1f} {r['caffe_min_ms']:>7.1f} {r['ratio']:>10.2f}"
+                     f" {r['max_abs_diff']:>10.2e}")
+        print(line)
+    if not caffe_root:
+        print("(set AMCT_REAL_CAFFE=<caffe build root> to compare with real Caffe)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
