@@ -1,6 +1,7 @@
 """FP32 forward time of the embedded executor, and of real Caffe when ``AMCT_REAL_CAFFE`` is set.
 
-    python benchmarks/executor.py [--runs 12] [--rounds 3] [--warmup 2] [--models open_nsfw,ultraface_slim320]
+    python benchmarks/executor.py [--runs 12] [--rounds 3] [--warmup 2] [--threads N]
+                                  [--models open_nsfw,ultraface_slim320]
 
 Models (from ../shared/models): open_nsfw at batch 8 x 3 x 224 x 224 and UltraFace slim-320 at
 1 x 3 x 240 x 320, each fed a standard-normal input of fixed seed. Reported time is the median
@@ -12,6 +13,12 @@ subprocess (its ``caffe_pb2`` must not meet ours in one process) and the script 
 times, the ratio ours / caffe of the medians, and the largest difference between the outputs.
 The runs are split into ``rounds`` that alternate between the two, so that a load change on a
 shared machine hits both alike.
+
+``--threads N`` pins the BLAS thread count of both (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS,
+set before numpy loads, by re-executing the script). Without it each side uses its BLAS
+default (all cores). On an oversubscribed machine the default matters a lot: numpy's bundled
+OpenBLAS threads degrade far more than Debian's under contention, so compare at ``--threads 1``
+there.
 """
 
 from __future__ import annotations
@@ -99,8 +106,8 @@ class _Caffe:
         self.out = tmp / "out.npz"
         cmd = ["bash", "-c", 'source "$0/env.sh" && exec "$@"', str(root), str(python), "-c", _CAFFE_WORKER,
                str(proto), str(weights), blob, str(tmp / "x.npy"), str(self.out)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
 
     def run(self, k: int) -> list[float]:
         self.proc.stdin.write(f"{k}\n")
@@ -154,7 +161,8 @@ def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None
         row[f"{who}_min_ms"] = 1e3 * min(t)
     if caffe_root:
         row["ratio"] = row["ours_ms"] / row["caffe_ms"]
-        row["max_abs_diff"] = max(float(np.max(np.abs(outs["ours"][k] - outs["caffe"][k]))) for k in outs["caffe"])
+        row["max_abs_diff"] = max(float(np.max(np.abs(outs["ours"][k] - outs["caffe"][k])))
+                                  for k in outs["caffe"])
     return row
 
 
@@ -164,7 +172,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternations between ours and Caffe")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--threads", type=int, default=None, help="BLAS threads for both executors")
     args = ap.parse_args(argv)
+    if args.threads is not None and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
+        # BLAS reads its thread count when numpy loads: start over with the variables set
+        env = {**os.environ, **{v: str(args.threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                             "MKL_NUM_THREADS")}}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     caffe_root = os.environ.get("AMCT_REAL_CAFFE")
     rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root)
@@ -172,15 +186,16 @@ def main(argv=None) -> int:
     head = f"{'model':<20} {'input':<14} {'ours ms':>9} {'(min)':>7}"
     if caffe_root:
         head += f" {'caffe ms':>9} {'(min)':>7} {'ours/caffe':>10} {'max|diff|':>10}"
-    print(head)
+    print(head)  # noqa: T201
     for r in rows:
         line = f"{r['model']:<20} {r['input']:<14} {r['ours_ms']:>9.1f} {r['ours_min_ms']:>7.1f}"
         if caffe_root:
             line += (f" {r['caffe_ms']:>9.1f} {r['caffe_min_ms']:>7.1f} {r['ratio']:>10.2f}"
                      f" {r['max_abs_diff']:>10.2e}")
-        print(line)
+        print(line)  # noqa: T201
+    print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default (all cores)')}")  # noqa: T201
     if not caffe_root:
-        print("(set AMCT_REAL_CAFFE=<caffe build root> to compare with real Caffe)")
+        print("(set AMCT_REAL_CAFFE=<caffe build root> to compare with real Caffe)")  # noqa: T201
     return 0
 
 

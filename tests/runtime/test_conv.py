@@ -21,7 +21,8 @@ def ref_conv(x, w, b, stride, pad, dilation, group):
     o, cg = w.shape[:2]
     k = w.shape[2:]
     og = o // group
-    out = [(s + 2 * p - (d * (kk - 1) + 1)) // st + 1 for s, kk, st, p, d in zip(sp, k, stride, pad, dilation)]
+    out = [(s + 2 * p - (d * (kk - 1) + 1)) // st + 1
+           for s, kk, st, p, d in zip(sp, k, stride, pad, dilation, strict=True)]
     y = np.zeros((n, o, *out), np.float64)
     for ni, oi in itertools.product(range(n), range(o)):
         g = oi // og
@@ -29,8 +30,9 @@ def ref_conv(x, w, b, stride, pad, dilation, group):
             acc = 0.0 if b is None else float(b[oi])
             for ci in range(cg):
                 for t in itertools.product(*map(range, k)):
-                    src = [q * st - p + tt * d for q, st, p, tt, d in zip(pos, stride, pad, t, dilation)]
-                    if all(0 <= s_ < lim for s_, lim in zip(src, sp)):
+                    src = [q * st - p + tt * d
+                           for q, st, p, tt, d in zip(pos, stride, pad, t, dilation, strict=True)]
+                    if all(0 <= s_ < lim for s_, lim in zip(src, sp, strict=True)):
                         acc += w[(oi, ci, *t)] * x[(ni, g * cg + ci, *src)]
             y[(ni, oi, *pos)] = acc
     return y
@@ -43,16 +45,17 @@ def ref_deconv(x, w, b, stride, pad, dilation, group):
     og = w.shape[1]
     k = w.shape[2:]
     cg = c // group
-    full = [st * (s - 1) + d * (kk - 1) + 1 for s, kk, st, d in zip(sp, k, stride, dilation)]
+    full = [st * (s - 1) + d * (kk - 1) + 1 for s, kk, st, d in zip(sp, k, stride, dilation, strict=True)]
     yp = np.zeros((n, og * group, *full), np.float64)
     for ni, ci in itertools.product(range(n), range(c)):
         g = ci // cg
         for pos in itertools.product(*map(range, sp)):
             for oi in range(og):
                 for t in itertools.product(*map(range, k)):
-                    dst = tuple(q * st + tt * d for q, st, tt, d in zip(pos, stride, t, dilation))
+                    dst = tuple(q * st + tt * d
+                                for q, st, tt, d in zip(pos, stride, t, dilation, strict=True))
                     yp[(ni, g * og + oi, *dst)] += w[(ci, oi, *t)] * x[(ni, ci, *pos)]
-    y = yp[(slice(None), slice(None), *[slice(p, f - p) for p, f in zip(pad, full)])]
+    y = yp[(slice(None), slice(None), *[slice(p, f - p) for p, f in zip(pad, full, strict=True)])]
     if b is not None:
         y = y + b.reshape((-1,) + (1,) * len(sp))
     return y
@@ -109,24 +112,32 @@ def test_deconvolution_matches_loops(shape, o, k, s, p, d, g):
 
 @pytest.mark.parametrize("wide", [0, 1 << 30])
 @pytest.mark.parametrize("budget", [1, 1 << 20])
-def test_gemm_layouts_and_batch_chunks_agree(monkeypatch, wide, budget):
-    """Per-image GEMMs or one wide GEMM, whole batch or one image at a time: same numbers."""
+@pytest.mark.parametrize("rows", [0, 1 << 30])
+@pytest.mark.parametrize("stride,pad,dilation", [((1, 2), (1, 1), (1, 1)), ((1, 1), (2, 1), (2, 1)),
+                                                 ((1, 1), (0, 0), (1, 2))])
+def test_gemm_layouts_and_batch_chunks_agree(monkeypatch, wide, budget, rows, stride, pad, dilation):
+    """Per-image or one wide GEMM, whole batch or one image at a time, tap-by-tap or whole-row
+    columns: same numbers."""
     from amct_caffe.runtime.layers import conv
     monkeypatch.setattr(conv, "WIDE_GEMM_PIXELS", wide)
     monkeypatch.setattr(conv, "COLS_BUDGET", budget)
-    x = rand(3, 4, 6, 5)
+    monkeypatch.setattr(conv, "ROW_COLUMNS_WIDTH", rows)
+    monkeypatch.setattr(conv, "ROW_COLUMNS_MAX_OUT", rows)
+    x = rand(3, 4, 6, 7)
     w = rand(6, 2, 3, 3)
     b = rand(6)
-    got = Convolution(x, w, b, stride=(1, 2), pad=1, group=2)
-    np.testing.assert_allclose(got, ref_conv(x, w, b, (1, 2), (1, 1), (1, 1), 2), rtol=1e-4, atol=1e-4)
+    got = Convolution(x, w, b, stride=stride, pad=pad, dilation=dilation, group=2)
+    np.testing.assert_allclose(got, ref_conv(x, w, b, stride, pad, dilation, 2), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("budget", [1, 800, 1 << 20])
-@pytest.mark.parametrize("stride,dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2))])
-def test_depthwise_chunks_agree(monkeypatch, budget, stride, dilation):
+@pytest.mark.parametrize("rows", [0, 1 << 30])
+@pytest.mark.parametrize("stride,dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2)), ((1, 1), (2, 1))])
+def test_depthwise_chunks_agree(monkeypatch, budget, rows, stride, dilation):
     """Whole batch, one image, or a few channels of one image per chunk: same numbers."""
     from amct_caffe.runtime.layers import conv
     monkeypatch.setattr(conv, "COLS_BUDGET", budget)
+    monkeypatch.setattr(conv, "ROW_COLUMNS_WIDTH", rows)
     x = rand(2, 5, 7, 6)
     w = rand(5, 1, 3, 3)
     b = rand(5)
@@ -154,7 +165,8 @@ def make_layer(cls, text, bottom_shapes, phase=1):
 
 def test_layer_fields_kernel_hw_stride_hw_pad_hw_and_two_bottoms():
     text = ('name: "c" type: "Convolution" bottom: "a" bottom: "b" top: "a2" top: "b2" '
-            'convolution_param { num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 '
+            'convolution_param { num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 '
+            'pad_h: 1 pad_w: 0 '
             'group: 2 }')
     layer, tops = make_layer(ConvolutionLayer, text, [(2, 6, 7, 5)] * 2)
     assert [b.data.shape for b in layer.blobs] == [(4, 3, 3, 2), (4,)]
@@ -168,7 +180,8 @@ def test_layer_fields_kernel_hw_stride_hw_pad_hw_and_two_bottoms():
 
 def test_layer_axis_and_no_bias():
     # axis 2: the leading axes (2, 3) are independent images; 1-D spatial axis of 9.
-    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 2 kernel_size: 3 '
+    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" '
+            'convolution_param { num_output: 2 kernel_size: 3 '
             'stride: 2 pad: 1 dilation: 2 bias_term: false axis: 2 }')
     layer, tops = make_layer(ConvolutionLayer, text, [(2, 3, 4, 9)])
     assert len(layer.blobs) == 1 and tops == [(2, 3, 2, 4)]
@@ -179,7 +192,8 @@ def test_layer_axis_and_no_bias():
 
 
 def test_deconvolution_layer_shapes():
-    text = ('name: "d" type: "Deconvolution" bottom: "a" top: "b" convolution_param { num_output: 6 kernel_size: 4 '
+    text = ('name: "d" type: "Deconvolution" bottom: "a" top: "b" '
+            'convolution_param { num_output: 6 kernel_size: 4 '
             'stride: 2 pad: 1 group: 3 }')
     layer, tops = make_layer(DeconvolutionLayer, text, [(1, 3, 5, 4)])
     assert [b.data.shape for b in layer.blobs] == [(3, 2, 4, 4), (6,)]
@@ -191,7 +205,8 @@ def test_deconvolution_layer_shapes():
 
 
 def test_fillers_are_the_proto_messages():
-    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 2 kernel_size: 1 '
+    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" '
+            'convolution_param { num_output: 2 kernel_size: 1 '
             'weight_filler { type: "xavier" } bias_filler { type: "constant" value: 0.5 } }')
     lp = caffe_pb().LayerParameter()
     text_format.Parse(text, lp)
@@ -208,12 +223,14 @@ def test_fillers_are_the_proto_messages():
 ])
 def test_bad_fields_raise(param, msg):
     with pytest.raises(GraphError, match=msg):
-        make_layer(ConvolutionLayer, f'name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param {{ {param} }}',
+        make_layer(ConvolutionLayer,
+                   f'name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param {{ {param} }}',
                    [(1, 2, 5, 5)])
 
 
 def test_weight_shape_mismatch_raises():
-    text = 'name: "c" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 2 kernel_size: 3 }'
+    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" '
+            'convolution_param { num_output: 2 kernel_size: 3 }')
     layer, _ = make_layer(ConvolutionLayer, text, [(1, 2, 5, 5)])
     with pytest.raises(GraphError, match="does not fit"):
         layer.reshape([(1, 3, 5, 5)])

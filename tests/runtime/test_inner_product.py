@@ -26,7 +26,8 @@ def ref_ip(x, w, b, axis, transpose):
 
 def make(text, shape):
     lp = caffe_pb().LayerParameter()
-    text_format.Parse('name: "fc" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { ' + text + " }", lp)
+    text_format.Parse('name: "fc" type: "InnerProduct" bottom: "x" top: "y" '
+                      'inner_product_param { ' + text + " }", lp)
     lyr = InnerProductLayer(lp)
     lyr.blobs = [Blob(data=RNG.standard_normal(s).astype(np.float32)) for s in lyr.param_shapes([shape])]
     return lyr
@@ -40,7 +41,8 @@ def make(text, shape):
     ((6, 7), 0, False, True),        # axis 0: the whole blob is one sample
 ])
 def test_layer_matches_sum(shape, axis, transpose, bias):
-    lyr = make(f"num_output: 3 axis: {axis} transpose: {str(transpose).lower()} bias_term: {str(bias).lower()}", shape)
+    lyr = make(f"num_output: 3 axis: {axis} transpose: {str(transpose).lower()} "
+               f"bias_term: {str(bias).lower()}", shape)
     x = RNG.standard_normal(shape).astype(np.float32)
     k = int(np.prod(shape[(axis % len(shape)):]))
     assert lyr.blobs[0].data.shape == ((k, 3) if transpose else (3, k))

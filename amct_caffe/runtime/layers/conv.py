@@ -11,18 +11,24 @@ works):
   ``ypad[n, o, i*stride + t*dilation] += w[c, o, t] * x[n, c, i]``, then the border ``pad``
   is cropped.
 
-Execution strategy (speed matters, calibration runs models many times):
+Execution strategy (speed matters: calibration runs models many times). Everything is float32;
+the columns (im2col) are built in cache-sized chunks (``COLS_BUDGET`` floats) inside reused
+scratch buffers, one strided copy per kernel tap:
 
-* depthwise (``group == C == O``): the taps are gathered (im2col) in cache-sized chunks of
-  images x channels and contracted per channel, ``(1 x prod(k)) @ (prod(k) x P)`` per channel;
-  no GEMM (Caffe runs C tiny GEMMs here). Measured against a loop over the taps with a
-  vectorised multiply-add each, this is as fast on large stride-1 maps of one image and up to
-  2.7x faster on small maps (per-call overhead), strided taps (slow gathers) and batches (the
-  tap loop streams the whole blob ``2*prod(k)`` times);
-* 1x1 kernels without padding: the input itself is the im2col matrix (strided for stride > 1),
-  so one batched GEMM;
-* otherwise im2col by one strided copy per tap into a ``(N, g, C/g*prod(k), prod(out))``
-  buffer, then one ``np.matmul`` per (image, group) pair, all BLAS sgemm in float32.
+* 1x1 kernels without padding: the (strided) input already is the column matrix; one GEMM per
+  (image, group) through ``np.matmul``;
+* depthwise (``group == C == O``): columns per chunk of images x channels, contracted per
+  channel as a stack of ``(1 x prod(k)) @ (prod(k) x P)`` products; no GEMM (Caffe runs C tiny
+  ones here). Against a loop over the taps with one vectorised multiply-add each, this is as
+  fast on large stride-1 maps of one image and up to 2.7x faster on small maps (call
+  overhead), strided taps (slow gathers) and batches (the tap loop streams the blob
+  ``2*prod(k)`` times);
+* other convolutions: ``(C/g*prod(k), P)`` columns and one GEMM per (image, group); maps under
+  ``WIDE_GEMM_PIXELS`` pixels put the images of a batch side by side instead, one wide GEMM
+  ``(O/g x K) @ (K x N*P)`` per group, as narrow GEMMs run far below peak;
+* narrow stride-1 2-D maps (``Wo < ROW_COLUMNS_WIDTH``) with few outputs per group (depthwise,
+  detection heads) gather whole padded rows per tap (:func:`_im2row`, one long copy instead of
+  ``Ho`` short ones) and crop the extra columns after the GEMM.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ def _tuple(v, n: int, default: int) -> tuple[int, ...]:
 
 def _tap_slices(tap, stride, dilation, out) -> tuple[slice, ...]:
     """Slices of the padded input that kernel tap ``tap`` reads for every output position."""
-    return tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, s, d, o in zip(tap, stride, dilation, out))
+    return tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
+                 for t, s, d, o in zip(tap, stride, dilation, out, strict=True))
 
 
 _SCRATCH = threading.local()
@@ -63,6 +70,10 @@ _SCRATCH = threading.local()
 COLS_BUDGET = 1 << 20
 # Below this many output pixels per image, a batch is convolved by one wide GEMM.
 WIDE_GEMM_PIXELS = 1024
+# Stride-1 2-D maps narrower than this, with at most ROW_COLUMNS_MAX_OUT outputs per group,
+# gather whole padded rows per tap (see _im2row).
+ROW_COLUMNS_WIDTH = 32
+ROW_COLUMNS_MAX_OUT = 16
 
 
 def _scratch(role: str, shape) -> np.ndarray:
@@ -93,13 +104,13 @@ def _padded(x: np.ndarray, pad) -> np.ndarray:
     if not any(pad):
         return x
     sp = x.shape[2:]
-    xp = _scratch("pad", x.shape[:2] + tuple(n + 2 * p for n, p in zip(sp, pad)))
-    for a, (n, p) in enumerate(zip(sp, pad)):  # zero only the borders; the interior is copied
+    xp = _scratch("pad", x.shape[:2] + tuple(n + 2 * p for n, p in zip(sp, pad, strict=True)))
+    for a, (n, p) in enumerate(zip(sp, pad, strict=True)):  # zero only the borders; the interior is copied
         if p:
             lead = (slice(None),) * (2 + a)
             xp[lead + (slice(0, p),)] = 0.0
             xp[lead + (slice(p + n, None),)] = 0.0
-    xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(sp, pad))] = x
+    xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(sp, pad, strict=True))] = x
     return xp
 
 
@@ -112,7 +123,7 @@ def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> 
 
 
 def _im2col(xp: np.ndarray, ksz, stride, dilation, out, batch_last: bool = False) -> np.ndarray:
-    """``xp`` (N, C, *sp) -> columns (scratch), one strided copy per kernel tap.
+    """``xp`` (N, C, *sp) padded -> columns (scratch), one strided copy per kernel tap.
 
     Layout (N, C, *k, *out), or (C, *k, N, *out) with ``batch_last`` so that the images of
     the batch sit side by side in one wide matrix (a single GEMM for all of them).
@@ -125,7 +136,43 @@ def _im2col(xp: np.ndarray, ksz, stride, dilation, out, batch_last: bool = False
     else:
         cols = dst = _scratch("cols", (n, c) + ksz + out)
     for tap in itertools.product(*map(range, ksz)):
-        dst[(slice(None), slice(None)) + tap] = xp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, out)]
+        src = xp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, out)]
+        dst[(slice(None), slice(None)) + tap] = src
+    return cols
+
+
+def _im2row(x: np.ndarray, ksz, pad, dilation, out_h: int, batch_last: bool = False) -> np.ndarray:
+    """Columns of a stride-1 2-D convolution computed on whole padded rows.
+
+    Output pixel ``(h, w)`` reads padded cell ``(h + i*d, w + j*d)``, i.e. flat index
+    ``h*Wp + w + (i*Wp + j)*d``; so with outputs laid out on a ``(Ho, Wp)`` grid, tap ``(i, j)``
+    is the contiguous run ``xpad.flat[(i*Wp + j)*d : ... + Ho*Wp]``: one long copy per tap instead
+    of ``Ho`` short rows. Grid columns ``w >= Wo`` are garbage, cropped after the GEMM.
+    Layout (N, C, kh, kw, Ho*Wp) (or (C, kh, kw, N, Ho*Wp) with ``batch_last``).
+    """
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * pad[0], w + 2 * pad[1]
+    tail = (ksz[1] - 1) * dilation[1]  # the last tap's run ends this far past the padded image
+    flat = _scratch("pad", (n, c, hp * wp + tail))
+    flat[:, :, hp * wp:] = 0.0
+    grid = flat[:, :, :hp * wp].reshape(n, c, hp, wp)
+    if pad[0]:
+        grid[:, :, :pad[0]] = 0.0
+        grid[:, :, pad[0] + h:] = 0.0
+    if pad[1]:
+        grid[:, :, pad[0]:pad[0] + h, :pad[1]] = 0.0
+        grid[:, :, pad[0]:pad[0] + h, pad[1] + w:] = 0.0
+    grid[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = x
+    run = out_h * wp
+    if batch_last:
+        cols = _scratch("cols", (c,) + tuple(ksz) + (n, run))
+        dst = np.moveaxis(cols, 3, 0)
+    else:
+        cols = dst = _scratch("cols", (n, c) + tuple(ksz) + (run,))
+    for i in range(ksz[0]):
+        for j in range(ksz[1]):
+            off = i * dilation[0] * wp + j * dilation[1]
+            dst[:, :, i, j] = flat[:, :, off:off + run]
     return cols
 
 
@@ -140,56 +187,69 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     stride, pad, dilation = _tuple(stride, nsp, 1), _tuple(pad, nsp, 0), _tuple(dilation, nsp, 1)
     if c % group or o % group or weight.shape[1] * group != c:
         raise ValueError(f"weight {weight.shape} does not fit {c} input channels in {group} group(s)")
-    out = tuple(conv_out_size(s, k, st, p, d) for s, k, st, p, d in zip(x.shape[2:], ksz, stride, pad, dilation))
+    out = tuple(conv_out_size(s, k, st, p, d)
+                for s, k, st, p, d in zip(x.shape[2:], ksz, stride, pad, dilation, strict=True))
     if min(out, default=1) <= 0:
         raise ValueError(f"convolution output would be empty: input {x.shape[2:]}, kernel {ksz}")
-    npix = math.prod(out)
     cg = c // group
+    kk = math.prod(ksz)
     w = weight.reshape(group, o // group, -1)
-    if group == c == o:
-        # Depthwise: no BLAS GEMM (Caffe runs C tiny ones here). Channels are independent, so the
-        # taps are gathered in cache-sized (images x channels) chunks and contracted per channel,
-        # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of (1 x T) @ (T x P) products.
-        kk = math.prod(ksz)
-        w3 = weight.reshape(c, 1, kk)
-        y = np.empty((n, c, npix), np.float32)
-        nb = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
-        cb = c if nb > 1 else max(1, min(c, COLS_BUDGET // (kk * npix)))
-        for n0 in range(0, n, nb):
-            for c0 in range(0, c, cb):
-                xb = x[n0:n0 + nb, c0:c0 + cb]
-                cols = _im2col(_padded(xb, pad), ksz, stride, dilation, out)
-                np.matmul(w3[c0:c0 + cb], cols.reshape(xb.shape[0], xb.shape[1], kk, npix),
-                          out=y[n0:n0 + nb, c0:c0 + cb, None, :])
-    elif all(k == 1 for k in ksz) and not any(pad):
+    if all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
         if any(st > 1 for st in stride):
-            xs = x[(slice(None), slice(None)) + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride))]
+            xs = x[(slice(None), slice(None))
+                   + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
             cols = _scratch("cols", xs.shape)
             np.copyto(cols, xs)
         else:
             cols = np.ascontiguousarray(x)
-        y = np.matmul(w, cols.reshape(n, group, cg, npix))
-    elif npix < WIDE_GEMM_PIXELS and n > 1:
-        # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
-        # (g, K, N*P) columns -> one (Og x K) @ (K x N*P) GEMM per group, then reorder to NCHW.
-        ckk = c * math.prod(ksz)
-        chunk = max(1, min(n, COLS_BUDGET // (ckk * npix)))
-        y = np.empty((n, group, o // group, npix), np.float32)
-        for n0 in range(0, n, chunk):
-            xb = x[n0:n0 + chunk]
-            nb = len(xb)
-            cols = _im2col(_padded(xb, pad), ksz, stride, dilation, out, batch_last=True)
-            yb = np.matmul(w, cols.reshape(group, ckk // group, nb * npix))  # (g, Og, nb*P)
-            y[n0:n0 + nb] = yb.reshape(group, o // group, nb, npix).transpose(2, 0, 1, 3)
+        y = np.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
     else:
-        y = np.empty((n, group, o // group, npix), np.float32)
-        chunk = max(1, min(n, COLS_BUDGET // (c * math.prod(ksz) * npix)))
-        for n0 in range(0, n, chunk):
-            xb = x[n0:n0 + chunk]
-            cols = _im2col(_padded(xb, pad), ksz, stride, dilation, out)
-            np.matmul(w, cols.reshape(len(xb), group, -1, npix), out=y[n0:n0 + chunk])
-    y = y.reshape((n, o) + out)
+        # Narrow stride-1 2-D maps: whole-row columns (see _im2row); the GEMMs then run on a
+        # (Ho, Wp) grid whose extra columns are dropped at the end. That extra GEMM work only
+        # pays off when each column feeds few outputs (depthwise, small O/g).
+        rows = (nsp == 2 and stride == (1, 1) and out[1] < ROW_COLUMNS_WIDTH and kk > 1
+                and o // group <= ROW_COLUMNS_MAX_OUT)
+        grid = (out[0], x.shape[3] + 2 * pad[1]) if rows else out
+        npix = math.prod(grid)
+
+        def columns(xb, batch_last=False):
+            if rows:
+                return _im2row(xb, ksz, pad, dilation, out[0], batch_last)
+            return _im2col(_padded(xb, pad), ksz, stride, dilation, out, batch_last)
+
+        if group == c == o:
+            # Depthwise: no BLAS GEMM (Caffe runs C tiny ones here). Channels are independent: the
+            # taps are gathered in cache-sized (images x channels) chunks and contracted per channel,
+            # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of (1 x T) @ (T x P) products.
+            w3 = weight.reshape(c, 1, kk)
+            y = np.empty((n, c, npix), np.float32)
+            nb = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
+            cb = c if nb > 1 else max(1, min(c, COLS_BUDGET // (kk * npix)))
+            for n0 in range(0, n, nb):
+                for c0 in range(0, c, cb):
+                    xb = x[n0:n0 + nb, c0:c0 + cb]
+                    np.matmul(w3[c0:c0 + cb], columns(xb).reshape(xb.shape[0], xb.shape[1], kk, npix),
+                              out=y[n0:n0 + nb, c0:c0 + cb, None, :])
+        elif npix < WIDE_GEMM_PIXELS and n > 1:
+            # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
+            # (g, K, N*P) columns -> one (Og x K) @ (K x N*P) GEMM per group, then reorder to NCHW.
+            chunk = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
+            y = np.empty((n, group, o // group, npix), np.float32)
+            for n0 in range(0, n, chunk):
+                xb = x[n0:n0 + chunk]
+                nb = len(xb)
+                yb = np.matmul(w, columns(xb, batch_last=True).reshape(group, cg * kk, nb * npix))
+                y[n0:n0 + nb] = yb.reshape(group, o // group, nb, npix).transpose(2, 0, 1, 3)
+        else:
+            y = np.empty((n, group, o // group, npix), np.float32)
+            chunk = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
+            for n0 in range(0, n, chunk):
+                xb = x[n0:n0 + chunk]
+                np.matmul(w, columns(xb).reshape(len(xb), group, cg * kk, npix), out=y[n0:n0 + chunk])
+        y = y.reshape((n, o) + grid)
+        if rows:
+            y = np.ascontiguousarray(y[..., :out[1]])
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
@@ -207,7 +267,8 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
     stride, pad, dilation = _tuple(stride, nsp, 1), _tuple(pad, nsp, 0), _tuple(dilation, nsp, 1)
     if weight.shape[0] != c or c % group:
         raise ValueError(f"weight {weight.shape} does not fit {c} input channels in {group} group(s)")
-    out = tuple(deconv_out_size(s, k, st, p, d) for s, k, st, p, d in zip(sp, ksz, stride, pad, dilation))
+    out = tuple(deconv_out_size(s, k, st, p, d)
+                for s, k, st, p, d in zip(sp, ksz, stride, pad, dilation, strict=True))
     if min(out, default=1) <= 0:
         raise ValueError(f"deconvolution output would be empty: input {sp}, kernel {ksz}")
     cg, og = c // group, o // group
@@ -221,7 +282,7 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
         cols = _scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
         np.matmul(wt, xg, out=cols)
         cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
-        full = tuple(e + 2 * p for e, p in zip(out, pad))
+        full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
         yp = np.zeros((n, o) + full, np.float32) if not any(pad) else _scratch("pad", (n, o) + full)
         if any(pad):
             yp.fill(0.0)
@@ -229,7 +290,7 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
             yp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, sp)] += cols[
                 (slice(None), slice(None)) + tap]
         y = yp if not any(pad) else yp[(slice(None), slice(None))
-                                       + tuple(slice(p, p + e) for p, e in zip(pad, out))].copy()
+                                       + tuple(slice(p, p + e) for p, e in zip(pad, out, strict=True))].copy()
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
@@ -321,7 +382,7 @@ class _BaseConv(Layer):
                        f"{list(first)} (expected {list(want)})")
         size = deconv_out_size if self.transposed else conv_out_size
         out = tuple(size(s, k, st, p, d) for s, k, st, p, d
-                    in zip(first[axis + 1:], kernel, stride, pad, dilation))
+                    in zip(first[axis + 1:], kernel, stride, pad, dilation, strict=True))
         if min(out) <= 0:
             self._fail(f"output spatial size {list(out)} is empty for bottom {list(first)}")
         self._geom = (axis, stride, pad, dilation)

@@ -64,8 +64,8 @@ class InnerProductLayer(Layer):
         if self.blobs:
             w = self.blobs[0].data.shape
             if (w[0] if ip.transpose else w[1]) != k:
-                raise GraphError(f"layer '{self.name}' (InnerProduct): input size {k} (shape {list(shape)} from "
-                                 f"axis {self.axis}) does not match the weight shape {list(w)}")
+                raise GraphError(f"layer '{self.name}' (InnerProduct): input size {k} (shape {list(shape)} "
+                                 f"from axis {self.axis}) does not match the weight shape {list(w)}")
         return [shape[:self.axis] + (ip.num_output,)]
 
     def forward(self, bottoms):

@@ -131,7 +131,7 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
         return y, mask.astype(np.float32)
     if pool == AVE:
         if out == (1, 1) and k == (h, w) and p == (0, 0):
-            return (x.sum(axis=(2, 3), keepdims=True, dtype=np.float32) / np.float32(h * w)).astype(np.float32)
+            return x.sum(axis=(2, 3), keepdims=True, dtype=np.float32) / np.float32(h * w)
         y = _pool2d(x, k, s, p, out, np.add, 0.0)
         div = np.outer(_ave_divisor(h, k[0], s[0], p[0], out[0]), _ave_divisor(w, k[1], s[1], p[1], out[1]))
         with np.errstate(divide="ignore", invalid="ignore"):  # an empty window divides 0 by <= 0, as in C++
@@ -171,7 +171,7 @@ class PoolingLayer(Layer):
         elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
             self._fail("give kernel_size, or kernel_h and kernel_w (not both)")
         else:
-            self.kernel = ((pp.kernel_size,) * 2 if pp.HasField("kernel_size") else (pp.kernel_h, pp.kernel_w))
+            self.kernel = (pp.kernel_size,) * 2 if pp.HasField("kernel_size") else (pp.kernel_h, pp.kernel_w)
             if min(self.kernel) <= 0:
                 self._fail("kernel dimensions must be positive")
         if pp.HasField("pad") and (pp.HasField("pad_h") or pp.HasField("pad_w")):
@@ -197,7 +197,8 @@ class PoolingLayer(Layer):
         if len(lp.top) > 1 and self.pool != MAX:
             self._fail("only MAX pooling has a second (mask) top")
         if self.pool == STOCHASTIC and phase != 1:
-            self._fail("STOCHASTIC pooling samples randomly in the TRAIN phase; only the TEST phase is supported")
+            self._fail("STOCHASTIC pooling samples randomly in the TRAIN phase; only the TEST phase is "
+                       "supported")
 
     @staticmethod
     def _ceil_mode(pp) -> bool:
@@ -223,13 +224,15 @@ class PoolingLayer(Layer):
             k, s, p = (h, w), (1, 1), (0, 0)
         else:
             k, s, p = self.kernel, self.stride, self.pad
-        out = (pooled_size(h, k[0], s[0], p[0], self.ceil_mode), pooled_size(w, k[1], s[1], p[1], self.ceil_mode))
+        out = (pooled_size(h, k[0], s[0], p[0], self.ceil_mode),
+               pooled_size(w, k[1], s[1], p[1], self.ceil_mode))
         if min(out) <= 0:
             self._fail(f"output size {list(out)} is empty for input {list(shape)}")
         return [(n, c) + out] * len(self.lp.top)
 
     def forward(self, bottoms):
-        res = Pooling(bottoms[0], pool=self.pool, kernel=self.kernel or (1, 1), stride=self.stride, pad=self.pad,
+        res = Pooling(bottoms[0], pool=self.pool, kernel=self.kernel or (1, 1), stride=self.stride,
+                      pad=self.pad,
                       global_pooling=self.kernel is None, ceil_mode=self.ceil_mode,
                       return_mask=len(self.lp.top) > 1, phase_test=self.phase == 1)
         return list(res) if isinstance(res, tuple) else [res]
@@ -269,8 +272,8 @@ class MaxUnPoolLayer(Layer):
     def reshape(self, bottom_shapes):
         shape, mshape = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
         if len(shape) != 4 or math.prod(mshape) != math.prod(shape):
-            raise GraphError(f"layer '{self.name}' (MaxUnPool): needs a 4-D data bottom and a mask of the same "
-                             f"size, got {list(shape)} and {list(mshape)}")
+            raise GraphError(f"layer '{self.name}' (MaxUnPool): needs a 4-D data bottom and a mask of the "
+                             f"same size, got {list(shape)} and {list(mshape)}")
         return [shape[:2] + self.out]
 
     def forward(self, bottoms):

@@ -203,7 +203,8 @@ class InterpLayer(Layer):
 
     def forward(self, bottoms):
         ip = self.lp.interp_param
-        return [Interp(bottoms[0], height=self.out[0], width=self.out[1], pad_beg=ip.pad_beg, pad_end=ip.pad_end)]
+        return [Interp(bottoms[0], height=self.out[0], width=self.out[1], pad_beg=ip.pad_beg,
+                       pad_end=ip.pad_end)]
 
 
 # ------------------------------------------------------------------------ BilinearInterpolate
@@ -251,14 +252,16 @@ class BilinearInterpolateLayer(Layer):
             if bp.HasField("scale_factor"):
                 self.out = (int(_F(shape[2]) * _F(bp.scale_factor)), int(_F(shape[3]) * _F(bp.scale_factor)))
             else:
-                self.out = (bp.dst_h if bp.HasField("dst_h") else shape[2], bp.dst_w if bp.HasField("dst_w") else shape[3])
+                self.out = (bp.dst_h if bp.HasField("dst_h") else shape[2],
+                            bp.dst_w if bp.HasField("dst_w") else shape[3])
             if min(self.out) <= 0:
                 raise GraphError(f"layer '{self.name}' (BilinearInterpolate): empty output size {self.out}")
         return [shape[:2] + self.out]
 
     def forward(self, bottoms):
         bp = self.lp.bilinear_interpolate_param
-        return [BilinearInterpolate(bottoms[0], dst_h=self.out[0], dst_w=self.out[1], align_corners=bp.align_corners)]
+        return [BilinearInterpolate(bottoms[0], dst_h=self.out[0], dst_w=self.out[1],
+                                    align_corners=bp.align_corners)]
 
 
 # ------------------------------------------------------------------------ Resize
@@ -287,7 +290,8 @@ class ResizeLayer(Layer):
         rp = self.lp.resize_param
         if rp.is_pyramid_test:
             if not (rp.HasField("out_height_scale") and rp.HasField("out_width_scale")):
-                raise GraphError(f"layer '{self.name}' (Resize): out_height_scale and out_width_scale are required")
+                raise GraphError(f"layer '{self.name}' (Resize): out_height_scale and out_width_scale are "
+                                 "required")
             out = (int(_F(rp.out_height_scale) * _F(shape[2])), int(_F(rp.out_width_scale) * _F(shape[3])))
         else:
             if not (rp.HasField("height") and rp.HasField("width")):
