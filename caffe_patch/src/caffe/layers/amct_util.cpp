@@ -1,0 +1,132 @@
+// amct_caffe caffe_patch: shared helpers of the AMCT layers (installed by caffe_patch/install.py).
+#include <google/protobuf/text_format.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/filesystem.hpp>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "amct/capi.h"
+#include "caffe/layers/amct_util.hpp"
+
+namespace caffe {
+namespace amct {
+
+double ProtoFloat(float value) {
+  // The shortest "%.{p}g" that reads back as the same float is the closest shortest decimal,
+  // i.e. what Python's str(numpy.float32(value)) prints.
+  char text[40];
+  for (int precision = 1; precision <= 9; ++precision) {
+    snprintf(text, sizeof(text), "%.*g", precision, static_cast<double>(value));
+    if (strtof(text, NULL) == value) break;
+  }
+  return strtod(text, NULL);
+}
+
+std::string Where(const LayerParameter& param) {
+  return "layer '" + param.name() + "' (" + param.type() + "): ";
+}
+
+void CheckQuant(int status, const LayerParameter& param) {
+  if (status != AMCT_OK) {
+    LOG(FATAL) << Where(param) << amct_last_error();
+  }
+}
+
+bool ReadRecord(const std::string& path, ScaleOffsetRecord* record) {
+  if (!boost::filesystem::exists(path)) return false;
+  std::ifstream in(path.c_str());
+  CHECK(in) << "cannot read record file " << path;
+  std::stringstream text;
+  text << in.rdbuf();
+  ScaleOffsetRecord parsed;
+  CHECK(google::protobuf::TextFormat::ParseFromString(text.str(), &parsed))
+      << path << ": not a valid scale/offset record (ScaleOffsetRecord in protobuf text format)";
+  record->Swap(&parsed);
+  return true;
+}
+
+void WriteRecord(const ScaleOffsetRecord& record, const std::string& path) {
+  std::string text;
+  CHECK(google::protobuf::TextFormat::PrintToString(record, &text));
+  boost::filesystem::path target(path);
+  boost::filesystem::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  boost::filesystem::create_directories(dir);
+  std::string tmpl = (dir / ("." + target.filename().string() + ".XXXXXX")).string();
+  std::vector<char> name(tmpl.begin(), tmpl.end());
+  name.push_back('\0');
+  const int fd = mkstemp(name.data());
+  CHECK_GE(fd, 0) << "cannot create a temporary file beside " << path << ": " << strerror(errno);
+  const char* p = text.data();
+  size_t left = text.size();
+  while (left > 0) {
+    const ssize_t n = write(fd, p, left);
+    if (n < 0) {
+      close(fd);
+      unlink(name.data());
+      LOG(FATAL) << "cannot write " << path << ": " << strerror(errno);
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  close(fd);
+  // mkstemp creates 0600; give the record the usual permissions.
+  const mode_t mask = umask(0);
+  umask(mask);
+  chmod(name.data(), 0666 & ~mask);
+  if (rename(name.data(), path.c_str()) != 0) {
+    unlink(name.data());
+    LOG(FATAL) << "cannot replace " << path << ": " << strerror(errno);
+  }
+}
+
+SingleLayerRecord* LayerEntry(ScaleOffsetRecord* record, const std::string& layer, bool create) {
+  SingleLayerRecord* found = NULL;
+  for (int i = 0; i < record->record_size(); ++i) {
+    if (record->record(i).key() == layer) found = record->mutable_record(i)->mutable_value();
+  }
+  if (found == NULL && create) {
+    ScaleOffsetRecord_MapFiledEntry* entry = record->add_record();
+    entry->set_key(layer);
+    found = entry->mutable_value();
+  }
+  return found;
+}
+
+ActivationQuantParam* ActivationEntry(SingleLayerRecord* entry, int index, bool create) {
+  for (int i = 0; i < entry->record_d_size(); ++i) {
+    if (entry->record_d(i).index() == index) return entry->mutable_record_d(i);
+  }
+  if (!create) return NULL;
+  ActivationQuantParam* item = entry->add_record_d();
+  item->set_index(index);
+  return item;
+}
+
+void ChannelsHeightWidth(const std::vector<int>& shape, int* c, int* h, int* w) {
+  *c = shape.size() > 1 ? shape[1] : 1;
+  *h = shape.size() > 2 ? shape[2] : 1;
+  long long rest = 1;  // NOLINT(runtime/int)
+  for (size_t i = 3; i < shape.size(); ++i) rest *= shape[i];
+  *w = static_cast<int>(rest);
+}
+
+std::string ShapeString(const std::vector<int>& shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  if (shape.size() == 1) out << ",";
+  out << ")";
+  return out.str();
+}
+
+}  // namespace amct
+}  // namespace caffe
