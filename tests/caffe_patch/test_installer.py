@@ -1,0 +1,182 @@
+"""caffe_patch/install.py on a miniature Caffe tree: the [INFO] lines, idempotency, rollback, conflicts.
+
+The proto merge is injected (its own tests are in test_merge_proto.py); the real one runs in
+test_real_caffe_integration.py.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from caffe_patch import installer
+from caffe_patch.installer import BLOCK_BEGIN, InstallError, install, patch_cmakelists, patch_makefile
+
+INSTALL_PY = Path(installer.__file__).with_name("install.py")
+PROTO = 'syntax = "proto2";\npackage caffe;\nmessage LayerParameter {\n  optional string name = 1;\n}\n'
+MAKEFILE = ("PROJECT := caffe\nLIBRARIES += glog\n\n# Complete build flags.\n"
+            "COMMON_FLAGS += $(foreach includedir,$(INCLUDE_DIRS),-isystem $(includedir))\n"
+            "LDFLAGS += $(foreach library,$(LIBRARIES),-l$(library))\n")
+CMAKELISTS = ("cmake_minimum_required(VERSION 3.18)\nproject(Caffe C CXX)\n"
+              "# add_subdirectory(src/gtest)\nadd_subdirectory(src/caffe)\nadd_subdirectory(python)\n")
+
+try:
+    installer.find_quant_lib()
+    HAVE_LIB = True
+except InstallError:
+    HAVE_LIB = False
+pytestmark = pytest.mark.skipif(not HAVE_LIB, reason="libquant.so not installed (pip install .)")
+
+
+def fake_merge(base, amct, custom):
+    """Appends a marker once (idempotent), like merging definitions that are then present."""
+    if "// merged" in base:
+        return SimpleNamespace(text=base, added=[], notices=[])
+    extra = "// merged\nmessage QuantParameter {\n  optional float scale = 2;\n}\n"
+    return SimpleNamespace(text=base + extra, added=["quant_param = 208"], notices=["a notice"])
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    root = tmp_path / "caffe-master"
+    (root / "src/caffe/proto").mkdir(parents=True)
+    (root / "src/caffe/proto/caffe.proto").write_text(PROTO)
+    (root / "src/caffe/layers").mkdir()
+    (root / "src/caffe/layers/conv_layer.cpp").write_text("// conv\n")
+    (root / "Makefile").write_text(MAKEFILE)
+    (root / "CMakeLists.txt").write_text(CMAKELISTS)
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run(root, **kw):
+    lines = []
+    patch_dir = kw.pop("patch_dir", root / "no_patches")
+    install(root, report=lines.append, merge=fake_merge, patch_dir=patch_dir, **kw)
+    return lines
+
+
+def test_first_install_prints_the_guides_lines_and_changes_the_tree(tree):
+    lines = run(tree)
+    where = str(tree.resolve())
+    assert lines == [
+        f"[INFO]Begin to copy source files, header files and quant_lib to '{where}'",
+        f"[INFO]Finish copy source files, header files and quant_lib to '{where}'",
+        "[INFO]Begin to install patch.",
+        "[INFO]Finish install patch.",
+        "[WARNING]a notice",
+        "[INFO]Added to caffe.proto: quant_param = 208",
+        '[INFO]Merge and replace "caffe.proto" success.',
+        '[INFO]Merge and replace "Makefile" success.',
+        '[INFO]Merge and replace "CMakeLists.txt" success.',
+    ]
+    for rel in ("src/caffe/layers/quant_layer.cpp", "src/caffe/layers/ifmr_layer.cpp",
+                "include/caffe/layers/dequant_layer.hpp", "include/amct/capi.h", "quant_lib/libquant.so"):
+        assert (tree / rel).is_file(), rel
+    assert (tree / "quant_lib/libquant.so").stat().st_mode & 0o111
+    assert "// merged" in (tree / "src/caffe/proto/caffe.proto").read_text()
+    backups = list((tree / "src/caffe/proto").glob("caffe.proto.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text() == PROTO
+    assert (tree / "Makefile").read_text().count(BLOCK_BEGIN) == 1
+    cmake = (tree / "CMakeLists.txt").read_text()
+    assert cmake.index(BLOCK_BEGIN) < cmake.index("add_subdirectory(src/caffe)")
+    assert cmake.index("# add_subdirectory(src/gtest)") < cmake.index(BLOCK_BEGIN)
+
+
+def test_second_install_changes_nothing(tree):
+    run(tree)
+    before = snapshot(tree)
+    lines = run(tree)
+    assert snapshot(tree) == before
+    assert '[INFO]"caffe.proto" already holds the merged definitions; not replaced.' in lines
+    assert '[INFO]"Makefile" is already patched; not modified.' in lines
+
+
+def test_a_failure_restores_every_file(tree, monkeypatch):
+    before = snapshot(tree)
+    real_write = installer.Transaction.write
+
+    def failing_write(self, change):
+        if change.path.name == "CMakeLists.txt":
+            raise OSError("disk full")
+        real_write(self, change)
+
+    monkeypatch.setattr(installer.Transaction, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        run(tree)
+    assert snapshot(tree).keys() == before.keys()
+    assert all(snapshot(tree)[k][0] == before[k][0] for k in before)
+    assert not (tree / "quant_lib").exists() and not (tree / "include").exists()
+
+
+def test_a_foreign_layer_file_of_the_same_name_is_not_overwritten(tree):
+    (tree / "src/caffe/layers/quant_layer.cpp").write_text("// someone else's Quant layer\n")
+    before = snapshot(tree)
+    with pytest.raises(InstallError, match="is not an amct_caffe file"):
+        run(tree)
+    assert snapshot(tree) == before
+
+
+def test_merge_errors_leave_the_tree_unchanged(tree):
+    before = snapshot(tree)
+
+    def clash(base, amct, custom):
+        raise ValueError("field number 208 clashes")
+
+    with pytest.raises(ValueError, match="208"):
+        install(tree, merge=clash, patch_dir=tree / "none")
+    assert snapshot(tree) == before
+
+
+def test_patches_apply_once(tree, tmp_path):
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "conv_layer.cpp.patch").write_text(
+        "--- a/src/caffe/layers/conv_layer.cpp\n+++ b/src/caffe/layers/conv_layer.cpp\n"
+        "@@ -1 +1,2 @@\n // conv\n+// patched\n")
+    lines = run(tree, patch_dir=patches)
+    assert "[INFO]Install patch 'conv_layer.cpp.patch' successfully." in lines
+    assert (tree / "src/caffe/layers/conv_layer.cpp").read_text() == "// conv\n// patched\n"
+    lines = run(tree, patch_dir=patches)
+    assert "[INFO]Patch 'conv_layer.cpp.patch' is already installed." in lines
+    assert (tree / "src/caffe/layers/conv_layer.cpp").read_text() == "// conv\n// patched\n"
+
+
+def test_a_patch_that_does_not_apply_fails_before_any_change(tree, tmp_path):
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "bad.patch").write_text(
+        "--- a/src/caffe/layers/conv_layer.cpp\n+++ b/src/caffe/layers/conv_layer.cpp\n"
+        "@@ -1 +1,2 @@\n // not what the file holds\n+// patched\n")
+    before = snapshot(tree)
+    with pytest.raises(InstallError, match="Install patch 'bad.patch' failed"):
+        run(tree, patch_dir=patches)
+    assert snapshot(tree) == before
+
+
+def test_build_blocks_are_replaced_in_place_not_duplicated():
+    once = patch_makefile(MAKEFILE)
+    assert patch_makefile(once) == once
+    stale = once.replace("LIBRARIES += quant", "LIBRARIES += quant_old")
+    assert patch_makefile(stale) == once
+    c_once = patch_cmakelists(CMAKELISTS)
+    assert patch_cmakelists(c_once) == c_once
+    with pytest.raises(InstallError, match="cannot find where"):
+        patch_cmakelists("project(x)\n")
+
+
+def test_not_a_caffe_tree(tmp_path):
+    with pytest.raises(InstallError, match="not a Caffe source tree"):
+        install(tmp_path, merge=fake_merge)
+
+
+def test_install_py_help():
+    res = subprocess.run([sys.executable, str(INSTALL_PY), "-h"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0
+    assert "--caffe_dir" in res.stdout and "--custom_proto" in res.stdout
