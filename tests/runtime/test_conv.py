@@ -234,3 +234,80 @@ def test_weight_shape_mismatch_raises():
     layer, _ = make_layer(ConvolutionLayer, text, [(1, 2, 5, 5)])
     with pytest.raises(GraphError, match="does not fit"):
         layer.reshape([(1, 3, 5, 5)])
+
+
+# Every layer family of conv.py / pooling.py / inner_product.py / resize.py in one net, with
+# parameter variants the shared models lack; official Caffe fills the weights and computes.
+_CROSS_CHECK_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 9 dim: 11 } } }
+layer { name: "conv_g" type: "Convolution" bottom: "data" top: "conv_g" convolution_param { num_output: 6
+  kernel_size: 3 stride: 2 pad: 1 group: 2 weight_filler { type: "gaussian" std: 0.3 }
+  bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "conv_hw" type: "Convolution" bottom: "data" top: "conv_hw" convolution_param { num_output: 5
+  kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_h: 2 pad_w: 0 dilation: 2
+  weight_filler { type: "xavier" } bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "conv_dw" type: "Convolution" bottom: "data" top: "conv_dw" convolution_param { num_output: 4
+  kernel_size: 3 pad: 1 group: 4 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "conv_1x1" type: "Convolution" bottom: "data" top: "conv_1x1" convolution_param { num_output: 3
+  kernel_size: 1 stride: 2 weight_filler { type: "gaussian" std: 0.3 } bias_term: false } }
+layer { name: "deconv" type: "Deconvolution" bottom: "conv_dw" top: "deconv" convolution_param { num_output: 6
+  kernel_size: 4 stride: 2 pad: 1 group: 2 weight_filler { type: "gaussian" std: 0.3 }
+  bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "deconv_hw" type: "Deconvolution" bottom: "conv_g" top: "deconv_hw" convolution_param {
+  num_output: 2 kernel_h: 3 kernel_w: 2 stride_h: 3 stride_w: 1 pad_h: 1 dilation: 2
+  weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "pool_max" type: "Pooling" bottom: "data" top: "pool_max" top: "pool_mask" pooling_param {
+  pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "pool_ave" type: "Pooling" bottom: "data" top: "pool_ave" pooling_param { pool: AVE kernel_h: 3
+  kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1 } }
+layer { name: "pool_floor" type: "Pooling" bottom: "data" top: "pool_floor" pooling_param { pool: AVE
+  kernel_size: 2 stride: 2 pad: 1 ceil_mode: false } }
+layer { name: "pool_global" type: "Pooling" bottom: "conv_hw" top: "pool_global" pooling_param { pool: MAX
+  global_pooling: true } }
+layer { name: "unpool" type: "MaxUnPool" bottom: "pool_max" bottom: "pool_mask" top: "unpool"
+  max_unpool_param { dst_h: 9 dst_w: 11 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool_max" top: "ip" inner_product_param { num_output: 7
+  weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "ip_t" type: "InnerProduct" bottom: "conv_g" top: "ip_t" inner_product_param { num_output: 3
+  axis: 2 transpose: true weight_filler { type: "gaussian" std: 0.3 }
+  bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "up" type: "Upsample" bottom: "conv_g" top: "up" upsample_param { scale: 3 } }
+layer { name: "bil" type: "BilinearInterpolate" bottom: "conv_g" top: "bil"
+  bilinear_interpolate_param { dst_h: 13 dst_w: 7 align_corners: false } }
+layer { name: "bil_ac" type: "BilinearInterpolate" bottom: "data" top: "bil_ac"
+  bilinear_interpolate_param { scale_factor: 1.5 } }
+layer { name: "resize" type: "Resize" bottom: "data" top: "resize" resize_param { height: 14 width: 6 } }
+"""
+
+
+@pytest.mark.real_caffe
+def test_conv_pool_ip_resize_layers_match_real_caffe(tmp_path):
+    from tests.real_caffe import run_with_pycaffe
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(_CROSS_CHECK_NET)
+    code = f"""
+import numpy as np
+import caffe
+from amct_caffe.runtime import Net, TEST
+proto, weights = {str(proto)!r}, {str(tmp_path / 'net.caffemodel')!r}
+x = np.random.default_rng(1).standard_normal((2, 4, 9, 11)).astype(np.float32)
+ref = caffe.Net(proto, caffe.TEST)
+ref.save(weights)
+ref.blobs['data'].data[...] = x
+ref.forward()
+ours = Net(proto, weights, TEST)
+ours.forward(data=x)
+for name, blob in ref.blobs.items():
+    if "_split_" in name:  # copies made by Caffe's automatic Split layers
+        continue
+    a, b = blob.data, ours.blobs[name].data
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    print(name, float(np.abs(a - b).max()), float(np.abs(a).max()))
+"""
+    res = run_with_pycaffe(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.strip().splitlines()]
+    assert len(rows) == 19, rows  # data + 18 tops
+    bad = [r for r in rows if float(r[1]) > 1e-5 * max(1.0, float(r[2]))]
+    assert not bad, bad
