@@ -277,6 +277,8 @@ layer { name: "bil" type: "BilinearInterpolate" bottom: "conv_g" top: "bil"
 layer { name: "bil_ac" type: "BilinearInterpolate" bottom: "data" top: "bil_ac"
   bilinear_interpolate_param { scale_factor: 1.5 } }
 layer { name: "resize" type: "Resize" bottom: "data" top: "resize" resize_param { height: 14 width: 6 } }
+layer { name: "spp" type: "SPP" bottom: "data" top: "spp" spp_param { pyramid_height: 3 pool: MAX } }
+layer { name: "spp_ave" type: "SPP" bottom: "conv_g" top: "spp_ave" spp_param { pyramid_height: 2 pool: AVE} }
 """
 
 
@@ -308,6 +310,6 @@ for name, blob in ref.blobs.items():
     res = run_with_pycaffe(code)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line.split() for line in res.stdout.strip().splitlines()]
-    assert len(rows) == 19, rows  # data + 18 tops
+    assert len(rows) == 21, rows  # data + 20 tops
     bad = [r for r in rows if float(r[1]) > 1e-5 * max(1.0, float(r[2]))]
     assert not bad, bad

@@ -8,7 +8,8 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import GraphError
 from amct_caffe.proto import caffe_pb
-from amct_caffe.runtime.layers.pooling import MaxUnPool, MaxUnPoolLayer, Pooling, PoolingLayer, pooled_size
+from amct_caffe.runtime.layers.pooling import (MaxUnPool, MaxUnPoolLayer, Pooling, PoolingLayer, SPPLayer,
+                                               pooled_size)
 
 RNG = np.random.default_rng(3)
 
@@ -176,3 +177,24 @@ def test_max_unpool_inverts_max_pool_mask():
     np.testing.assert_array_equal(lyr.forward([y, mask])[0], ref)
     with pytest.raises(ValueError, match="out of range"):
         MaxUnPool(y, mask, out_h=3, out_w=3)
+
+
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+@pytest.mark.parametrize("height,hw", [(1, (5, 7)), (3, (9, 11)), (2, (4, 4))])
+def test_spp_levels_are_caffe_poolings_flattened(pool, height, hw):
+    lp = caffe_pb().LayerParameter()
+    text_format.Parse(f'name: "s" type: "SPP" bottom: "x" top: "y" spp_param {{ pyramid_height: {height} '
+                      f'pool: {pool} }}', lp)
+    lyr = SPPLayer(lp)
+    x = RNG.standard_normal((2, 3) + hw).astype(np.float32)
+    (top,) = lyr.reshape([x.shape])
+    (y,) = lyr.forward([x])
+    refs = []
+    for i in range(height):  # spp_layer.cpp: kernel ceil(H / 2^i), stride = kernel, pad (k*2^i - H + 1) // 2
+        bins = 2 ** i
+        k = tuple(math.ceil(v / bins) for v in hw)
+        p = tuple((kk * bins - v + 1) // 2 for kk, v in zip(k, hw, strict=True))
+        refs.append(ref_pool(x, pool, k, k, p)[0])
+    ref = refs[0] if height == 1 else np.concatenate([r.reshape(2, -1) for r in refs], axis=1)
+    assert y.shape == top == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)

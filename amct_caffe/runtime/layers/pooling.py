@@ -1,4 +1,4 @@
-"""Pooling and MaxUnPool (``src/caffe/layers/{pooling,maxunpool}_layer.cpp``).
+"""Pooling, SPP and MaxUnPool (``src/caffe/layers/{pooling,spp,maxunpool}_layer.cpp``).
 
 Pooling of x ``(N, C, H, W)`` with kernel ``k``, stride ``s``, pad ``p`` (per axis) gives
 ``(N, C, Ho, Wo)`` where Caffe's size rule is
@@ -278,3 +278,61 @@ class MaxUnPoolLayer(Layer):
 
     def forward(self, bottoms):
         return [MaxUnPool(bottoms[0], bottoms[1], out_h=self.out[0], out_w=self.out[1])]
+
+
+def spp_level_params(level: int, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(kernel, pad) of pyramid level ``level`` (2^level bins per side) for an h x w map; the
+    stride equals the kernel (spp_layer.cpp's GetPoolingParam)."""
+    bins = 2 ** level
+    kernel = (-(-h // bins), -(-w // bins))
+    pad = ((kernel[0] * bins - h + 1) // 2, (kernel[1] * bins - w + 1) // 2)
+    return kernel, pad
+
+
+@register("SPP")
+class SPPLayer(Layer):
+    """Caffe's spatial pyramid pooling (``spp_param``: pyramid_height, pool).
+
+    Level ``i`` pools the map into about ``2^i x 2^i`` bins with Caffe's Pooling (kernel
+    ``ceil(H / 2^i)``, stride = kernel, pad ``(kernel * 2^i - H + 1) // 2``, its size rule
+    included); the levels are flattened and concatenated to ``(N, C * sum_i bins_i)``. With
+    ``pyramid_height: 1`` the top is the single pooled ``(N, C, 1, 1)`` blob.
+    """
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        sp = lp.spp_param
+        self.pool = _enum_name(sp, "pool")
+        if sp.pyramid_height < 1:
+            raise GraphError(f"layer '{lp.name}' (SPP): spp_param.pyramid_height must be >= 1")
+        if self.pool == STOCHASTIC and phase != 1:
+            raise GraphError(f"layer '{lp.name}' (SPP): STOCHASTIC pooling is supported in the TEST phase "
+                             "only")
+
+    def _levels(self, shape):
+        if len(shape) != 4:
+            raise GraphError(f"layer '{self.name}' (SPP): input must have 4 axes, got shape {list(shape)}")
+        levels = []
+        for i in range(self.lp.spp_param.pyramid_height):
+            k, p = spp_level_params(i, shape[2], shape[3])
+            if p[0] >= k[0] or p[1] >= k[1] or (self.pool == STOCHASTIC and p != (0, 0)):
+                raise GraphError(f"layer '{self.name}' (SPP): level {i} needs pad {p} for kernel {k} on a "
+                                 f"{shape[2]}x{shape[3]} map, which Caffe's Pooling rejects")
+            levels.append((k, p))
+        return levels
+
+    def reshape(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        levels = self._levels(shape)
+        if len(levels) == 1:
+            return [shape[:2] + (1, 1)]
+        size = sum(pooled_size(shape[2], k[0], k[0], p[0]) * pooled_size(shape[3], k[1], k[1], p[1])
+                   for k, p in levels)
+        return [(shape[0], shape[1] * size)]
+
+    def forward(self, bottoms):
+        x = bottoms[0]
+        outs = [Pooling(x, pool=self.pool, kernel=k, stride=k, pad=p) for k, p in self._levels(x.shape)]
+        if len(outs) == 1:
+            return outs
+        return [np.concatenate([o.reshape(x.shape[0], -1) for o in outs], axis=1)]
