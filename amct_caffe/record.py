@@ -63,7 +63,7 @@ def activation_entry(layer_record, index: int = 0, create: bool = False):
 def _split_records(text: str) -> list[str]:
     """Top-level ``record { ... }`` chunks of a record text, found by the keyword, not the braces."""
     starts = [m.start() for m in re.finditer(r"(?m)(?:^|(?<=[}\s]))record\s*\{", text)]
-    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=False)]
 
 
 def _balance(chunk: str) -> str:

@@ -47,7 +47,7 @@ else:
 
 def run_caffe_model(model_file, weights_file, iterations):
     """Run the model ``iterations`` times on your data (calibration or test)."""
-    net = caffe.Net(model_file, weights_file, caffe.TEST)
+    net = caffe.Net(model_file, weights_file, caffe.TEST)  # noqa: F841 - used by the code you add
     # ############################ user modified start #########################
     # e.g.
     # for _ in range(iterations):

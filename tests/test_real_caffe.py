@@ -17,7 +17,8 @@ from caffe.proto import caffe_pb2
 import amct_caffe
 from amct_caffe.proto import caffe_pb
 from amct_caffe.runtime import Net, TEST
-proto, weights = {str(MODELS / 'lenet_mnist/lenet.prototxt')!r}, {str(MODELS / 'lenet_mnist/lenet_iter_10000.caffemodel')!r}
+proto = {str(MODELS / 'lenet_mnist/lenet.prototxt')!r}
+weights = {str(MODELS / 'lenet_mnist/lenet_iter_10000.caffemodel')!r}
 x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
 ref = caffe.Net(proto, weights, caffe.TEST)
 ref.blobs['data'].data[...] = x

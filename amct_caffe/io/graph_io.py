@@ -11,7 +11,7 @@ def graph_from_net(net, weights=None) -> Graph:
     weights = weights or {}
     layers = [(lp.name, list(lp.bottom), list(lp.top)) for lp in net.layer]
     nodes = []
-    for lp, (bottoms, tops) in zip(net.layer, ssa_rename(layers)):
+    for lp, (bottoms, tops) in zip(net.layer, ssa_rename(layers), strict=False):
         param = type(lp)()
         param.CopyFrom(lp)
         del param.blobs[:]

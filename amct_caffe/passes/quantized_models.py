@@ -173,7 +173,7 @@ def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, mode
         acts = activation_factors(record, target)
         at = out.index(node)
         quants = []
-        for i, act in zip(target.inputs, acts):
+        for i, act in zip(target.inputs, acts, strict=False):
             quant = _quant_node(out, target, i, node.bottoms[i], act)
             node.bottoms[i] = quant.tops[0]
             out.insert(at, quant)

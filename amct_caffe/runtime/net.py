@@ -79,7 +79,7 @@ class Net:
             bottom_shapes = [shapes[b] for b in lp.bottom]
             self._setup_params(layer, bottom_shapes, loaded.get(lp.name), have_weights)
             top_shapes = layer.reshape(bottom_shapes)
-            for t, s in zip(lp.top, top_shapes):
+            for t, s in zip(lp.top, top_shapes, strict=False):
                 shapes[t] = tuple(s)
                 if t not in self.blobs:
                     self.blobs[t] = Blob(s)
@@ -105,14 +105,15 @@ class Net:
             if len(arrays) != len(shapes):
                 raise WeightsError(f"{where}: the caffemodel has {len(arrays)} blob(s) but the prototxt "
                                    f"needs {len(shapes)}")
-            data = [io.conform_blob(a, s, f"{where} blob {i}") for i, (a, s) in enumerate(zip(arrays, shapes))]
+            data = [io.conform_blob(a, s, f"{where} blob {i}")
+                    for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
         elif shapes and have_weights:
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
                                f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
                                "the layer names of the prototxt and the caffemodel match")
         else:
             fillers = list(layer.param_fillers()) + [None] * len(shapes)
-            data = [fill(f, s, self._rng) for f, s in zip(fillers, shapes)]
+            data = [fill(f, s, self._rng) for f, s in zip(fillers, shapes, strict=False)]
         # A deploy model's int8 weights / int32 bias run as float32 holding the integers (exact
         # for int8, and for int32 up to 2**24); packed uint64 parameters stay raw for DeQuant.
         layer.integer_params = any(np.issubdtype(np.asarray(d).dtype, np.integer) for d in data)
@@ -125,7 +126,7 @@ class Net:
     # ---------------------------------------------------------------- pycaffe API
     @property
     def layer_dict(self):
-        return OrderedDict(zip(self._layer_names, self.layers))
+        return OrderedDict(zip(self._layer_names, self.layers, strict=False))
 
     def reshape(self) -> None:
         """Propagate the input blobs' shapes through every layer (as ``caffe.Net.reshape``)."""
@@ -145,7 +146,7 @@ class Net:
         if self._shapes_seen[i] == key:
             return
         top_shapes = layer.reshape(bottom_shapes)
-        for t, s in zip(self.top_names[name], top_shapes):
+        for t, s in zip(self.top_names[name], top_shapes, strict=False):
             if t not in self.bottom_names[name]:
                 self.blobs[t].reshape(s)
         self._shapes_seen[i] = key
@@ -189,7 +190,7 @@ class Net:
         bottoms = [self.blobs[b].data for b in self.bottom_names[name]]
         tops = layer.forward(bottoms)
         in_place = self.bottom_names[name]
-        for t, arr in zip(self.top_names[name], tops):
+        for t, arr in zip(self.top_names[name], tops, strict=False):
             blob = self.blobs[t]
             # An in-place top may legitimately change shape (Caffe's MVN reshapes to 4 axes).
             if arr.shape != blob.shape and not (layer.shape_from_forward or t in in_place):

@@ -34,7 +34,7 @@ def to_v1(net):
             if field.name.endswith("_param") and field.name in v1_fields:
                 getattr(v1, field.name).CopyFrom(value)
     if input_layer is not None:
-        for top, shape in zip(input_layer.top, input_layer.input_param.shape):
+        for top, shape in zip(input_layer.top, input_layer.input_param.shape, strict=False):
             out.input.append(top)
             out.input_dim.extend(shape.dim)
     return out

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(not MODELS.exists(), reason="../shared/models no
 
 def test_malformed_prototxt_names_file_line_and_layer(tmp_path):
     bad = tmp_path / "bad.prototxt"
-    bad.write_text(LENET.read_text().replace('kernel_size: 5\n    stride: 1\n    weight_filler', 'kernel_size: 5\n    stride: 1\n    weight_filer', 1))
+    text = LENET.read_text()
+    bad.write_text(text.replace("stride: 1\n    weight_filler", "stride: 1\n    weight_filer", 1))
     out = tmp_path / "out.prototxt"
     with pytest.raises(ModelFormatError) as e:
         uninplace_model(str(bad), str(out))
@@ -120,6 +121,6 @@ def test_fp16_raw_blobs_are_read_as_float32(tmp_path):
     half.write_bytes(msg.SerializeToString())
     loaded = io.load_weights(half)
     for name, arrays in weights.items():
-        for a, b in zip(arrays, loaded[name]):
+        for a, b in zip(arrays, loaded[name], strict=False):
             assert b.dtype == np.float32
             assert np.array_equal(b, a.astype(np.float16).astype(np.float32))

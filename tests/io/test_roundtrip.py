@@ -43,7 +43,7 @@ def test_weights_survive_array_round_trip_bit_exact(tmp_path):
     again = io.load_weights(out)
     assert list(again) == list(weights)
     for name in weights:
-        for a, b in zip(weights[name], again[name]):
+        for a, b in zip(weights[name], again[name], strict=False):
             assert a.dtype == b.dtype == np.float32
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
@@ -78,12 +78,12 @@ def test_v1_model_upgrades_to_the_same_network(tmp_path):
     net_old.layer[0].name = "data"
     assert [(lp.name, lp.type, list(lp.bottom), list(lp.top)) for lp in net_old.layer] == \
            [(lp.name, lp.type, list(lp.bottom), list(lp.top)) for lp in net_new.layer]
-    for a, b in zip(net_old.layer, net_new.layer):
+    for a, b in zip(net_old.layer, net_new.layer, strict=False):
         for field in ("convolution_param", "pooling_param", "inner_product_param", "input_param"):
             assert getattr(a, field) == getattr(b, field), (a.name, field)
     assert list(w_old) == list(w_new)
     for name in w_new:
-        for a, b in zip(w_old[name], w_new[name]):
+        for a, b in zip(w_old[name], w_new[name], strict=False):
             assert np.array_equal(a, b)
 
 

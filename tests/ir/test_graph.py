@@ -42,11 +42,11 @@ def test_graph_round_trip_keeps_layers_and_weights():
     graph = graph_from_net(net, weights)
     assert len(graph.nodes) == len(net.layer)
     back, back_weights = graph_to_net(graph)
-    for a, b in zip(net.layer, back.layer):
+    for a, b in zip(net.layer, back.layer, strict=False):
         assert (a.name, a.type) == (b.name, b.type)
         assert a.convolution_param == b.convolution_param and a.batch_norm_param == b.batch_norm_param
     for name, arrays in weights.items():
-        for x, y in zip(arrays, back_weights[name]):
+        for x, y in zip(arrays, back_weights[name], strict=False):
             assert np.array_equal(x, y)
     assert graph.outputs == ["prob"] and graph.inputs == ["data"]
 

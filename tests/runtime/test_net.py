@@ -99,7 +99,7 @@ def test_save_and_copy_from_round_trip(tmp_path):
     fresh = Net(str(LENET), TEST)
     fresh.copy_from(str(path))
     for name, blobs in net.params.items():
-        for a, b in zip(blobs, fresh.params[name]):
+        for a, b in zip(blobs, fresh.params[name], strict=False):
             assert np.array_equal(a.data, b.data)
     x = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)
     np.testing.assert_array_equal(net.forward(data=x)["prob"], fresh.forward(data=x)["prob"])
