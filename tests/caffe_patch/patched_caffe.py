@@ -1,0 +1,132 @@
+"""A real Caffe tree with caffe_patch installed and built, for test_real_caffe_integration.py.
+
+The source is the one ``../shared/tools/build_caffe.sh`` unpacked under ``AMCT_REAL_CAFFE``; the
+configure flags are those of its build (read from its CMakeCache.txt). The patched tree lives in
+a cache, ``$AMCT_PATCHED_CAFFE`` or ``~/.cache/amct-caffe/patched/<key>``, keyed by the source's
+caffe.proto, the custom.proto and the *names* of caffe_patch's layer files. Each use re-runs
+install.py on the cached tree (which updates changed layer files) and then ``make``, so an
+unchanged tree costs seconds and an edited layer recompiles only itself. A full build (about
+4 minutes on 2 idle cores; every object depends on caffe.pb.h) happens once per key; older keys
+are deleted. ``JOBS`` (default 2) sets ``make -j``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.real_caffe import pycaffe_dir
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL_PY = REPO / "caffe_patch/install.py"
+CACHE_FORMAT = "1"
+
+# The user guide's custom.proto example (安装后处理, proto合并前提条件), verbatim.
+GUIDE_CUSTOM_PROTO = """\
+message LayerParameter {
+   optional ReLU6Parameter relu6_param = 2060;
+   optional ROIPoolingParameter roi_pooling_param = 8266711;
+ }
+
+ message ReLU6Parameter {
+   optional float negative_slope = 1 [default = 0];
+ }
+
+ message ROIPoolingParameter {
+   // Pad, kernel size, and stride are all given as a single value for equal
+   // dimensions in height and width or as Y, X pairs.
+   optional uint32 pooled_h = 1 [default = 0]; // The pooled output height
+   optional uint32 pooled_w = 2 [default = 0]; // The pooled output width
+   // Multiplicative spatial scale factor to translate ROI coords from their
+   // input scale to the scale used when pooling
+   optional float spatial_scale = 3 [default = 1];
+ }
+"""
+
+
+def pristine_source() -> tuple[Path, Path]:
+    """(Caffe source dir, its build_caffe.sh build dir) under AMCT_REAL_CAFFE."""
+    src = pycaffe_dir().parent
+    if not (src / "src/caffe/proto/caffe.proto").is_file():
+        raise RuntimeError(f"{src} is not a Caffe source tree; AMCT_REAL_CAFFE must be a build_caffe.sh root")
+    build = Path(os.environ["AMCT_REAL_CAFFE"]) / "build"
+    if not (build / "CMakeCache.txt").is_file():
+        raise RuntimeError(f"{build}/CMakeCache.txt not found; AMCT_REAL_CAFFE must be a build_caffe.sh root")
+    return src, build
+
+
+def configure_args(reference_build: Path, reference_src: Path, src: Path) -> list[str]:
+    """cmake -D arguments of the reference build, with its source path replaced by ``src``."""
+    cache = (reference_build / "CMakeCache.txt").read_text()
+    args = []
+    for name in ("CMAKE_BUILD_TYPE", "ANACONDA_HOME", "PYTHON_VERSION", "CPU_ONLY", "BUILD_python",
+                 "BUILD_python_layer", "CMAKE_CXX_FLAGS", "CMAKE_SHARED_LINKER_FLAGS"):
+        m = re.search(rf"(?m)^{name}:[A-Z]+=(.*)$", cache)
+        if m:
+            args.append(f"-D{name}={m.group(1).replace(str(reference_src), str(src))}")
+    return args
+
+
+def run_install(caffe_dir: Path, custom_proto: Path | None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(INSTALL_PY), "--caffe_dir", str(caffe_dir)]
+    if custom_proto is not None:
+        cmd += ["--custom_proto", str(custom_proto)]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+
+
+def _key(src: Path, custom_text: str) -> str:
+    h = hashlib.sha256(CACHE_FORMAT.encode())
+    h.update(str(src).encode())
+    h.update((src / "src/caffe/proto/caffe.proto").read_bytes())
+    h.update(custom_text.encode())
+    for top in ("include", "src"):
+        for p in sorted((REPO / "caffe_patch" / top).rglob("*")):
+            h.update(str(p.relative_to(REPO)).encode())
+    return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        res = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, check=False)
+    if res.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        raise RuntimeError(f"{cmd[0]} failed (log {log}):\n" + "\n".join(tail))
+
+
+def patched_caffe(custom_text: str = GUIDE_CUSTOM_PROTO) -> Path:
+    """The pycaffe directory (``.../python``) of the patched and built tree; builds or updates it."""
+    pristine, reference_build = pristine_source()
+    base = Path(os.environ.get("AMCT_PATCHED_CAFFE", Path.home() / ".cache/amct-caffe/patched"))
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time
+        cache = base / _key(pristine, custom_text)
+        for old in base.iterdir():
+            if old.is_dir() and old != cache:
+                shutil.rmtree(old, ignore_errors=True)
+        src, build, log = cache / "src", cache / "build", cache / "build.log"
+        custom = cache / "custom.proto"
+        if not src.is_dir():
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir()
+            shutil.copytree(pristine, cache / "src.tmp", symlinks=True)
+            (cache / "src.tmp").rename(src)
+        custom.write_text(custom_text)
+        res = run_install(src, custom)
+        if res.returncode != 0:
+            raise RuntimeError(f"install.py failed on {src}:\n{res.stdout}\n{res.stderr}")
+        if not (build / "Makefile").is_file():
+            args = configure_args(reference_build, pristine, src)
+            _run(["cmake", "-S", str(src), "-B", str(build), *args], log)
+        else:
+            _run(["cmake", str(build)], log)  # re-glob: new layer files need a configure
+        _run(["make", "-C", str(build), f"-j{os.environ.get('JOBS', '2')}"], log)
+        return src / "python"
