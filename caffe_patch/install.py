@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     try:
         install(args.caffe_dir, args.custom_proto, report=print)
     except (InstallError, MergeError, OSError) as exc:
-        print(f"[ERROR]{exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"[ERROR]{line}", file=sys.stderr)
         print("[ERROR]Install failed; the Caffe tree is unchanged.", file=sys.stderr)
         return 1
     print("[INFO]Rebuild Caffe now: make clean && make all -j && make pycaffe -j "

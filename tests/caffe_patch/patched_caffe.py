@@ -109,8 +109,8 @@ def patched_caffe(custom_text: str = GUIDE_CUSTOM_PROTO) -> Path:
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time
         cache = base / _key(pristine, custom_text)
-        for old in base.iterdir():
-            if old.is_dir() and old != cache:
+        for old in base.iterdir():  # earlier keys' trees (only directories this module made)
+            if old != cache and re.fullmatch(r"[0-9a-f]{16}", old.name) and (old / "custom.proto").is_file():
                 shutil.rmtree(old, ignore_errors=True)
         src, build, log = cache / "src", cache / "build", cache / "build.log"
         custom = cache / "custom.proto"

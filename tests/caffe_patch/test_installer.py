@@ -180,3 +180,17 @@ def test_install_py_help():
     res = subprocess.run([sys.executable, str(INSTALL_PY), "-h"], capture_output=True, text=True, check=False)
     assert res.returncode == 0
     assert "--caffe_dir" in res.stdout and "--custom_proto" in res.stdout
+
+
+def test_install_py_reports_a_merge_clash_and_changes_nothing(tree, tmp_path):
+    """The real merge: a custom.proto reusing an AMCT field number stops install.py before any change."""
+    custom = tmp_path / "custom.proto"
+    custom.write_text("message LayerParameter {\n  optional MyParameter my_param = 200001;\n}\n"
+                      "message MyParameter {\n  optional float x = 1;\n}\n")
+    before = snapshot(tree)
+    res = subprocess.run([sys.executable, str(INSTALL_PY), "--caffe_dir", str(tree), "--custom_proto", str(custom)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 1
+    assert "[ERROR]" in res.stderr and "200001" in res.stderr and "ifmr_param" in res.stderr
+    assert "[INFO]" not in res.stdout
+    assert snapshot(tree) == before
