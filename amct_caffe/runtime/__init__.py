@@ -6,6 +6,7 @@ Switch a pycaffe script to it with ``import amct_caffe.runtime as caffe``.
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.net import TEST, TRAIN, Net, set_device, set_mode_cpu, set_mode_gpu
 from amct_caffe.runtime.registry import known_types, layer_class, register
+from amct_caffe.runtime.threads import num_threads, set_num_threads
 
 __all__ = ["Blob", "Net", "TEST", "TRAIN", "known_types", "layer_class", "register", "set_device",
-           "set_mode_cpu", "set_mode_gpu"]
+           "set_mode_cpu", "set_mode_gpu", "num_threads", "set_num_threads"]
