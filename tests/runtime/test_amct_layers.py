@@ -429,3 +429,30 @@ def test_search_n_errors(tmp_path):
         run(search_layer(rec, ["a", "b"], batch_num=1), x)
     with pytest.raises(GraphError, match="layer 'sn'.*layer_type"):
         search_layer(rec, ["a", "b"], ["Convolution"])
+
+
+def test_ifmr_layers_of_one_net_write_their_record_once(tmp_path, monkeypatch):
+    """Printing the record is slow in Python: the layers finishing in one forward share one write."""
+    from amct_caffe.runtime.layers import amct as amct_layers
+
+    record = tmp_path / "record.txt"
+    ifmr = ('layer {{ name: "{name}" type: "IFMR" bottom: "{bottom}" ifmr_param {{ batch_num: 2 '
+            'search_range_start: 0.7 search_range_end: 1.3 search_step: 0.01 max_percentile: 0.999999 '
+            'min_percentile: 0.999999 object_layer: "{target}" record_file_path: "{path}" }} }}\n')
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }\n'
+            'layer { name: "relu" type: "ReLU" bottom: "data" top: "r" }\n'
+            + ifmr.format(name="a_ifmr", bottom="data", target="relu", path=record)
+            + ifmr.format(name="b_ifmr", bottom="r", target="sig", path=record)
+            + 'layer { name: "sig" type: "Sigmoid" bottom: "r" top: "s" }\n')
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(text)
+    writes = []
+    real_write = amct_layers.write_record
+    monkeypatch.setattr(amct_layers, "write_record", lambda rec, path: (writes.append(path), real_write(rec, path)))
+    net = Net(str(proto), TEST)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        net.forward(data=rng.normal(size=(2, 3, 4, 4)).astype(np.float32))
+    assert len(writes) == 1
+    rec = read_record(record)
+    assert {e.key for e in rec.record} == {"relu", "sig"}

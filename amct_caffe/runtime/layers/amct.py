@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,40 @@ def _read_or_new(path: str):
     return read_record(path) if Path(path).exists() else new_record()
 
 
+def _stamp(path: str):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class _SharedRecord:
+    """The record file of the IFMR layers of one Net, parsed once and written once per forward.
+
+    Parsing and printing protobuf text in Python is slow (about a second for a ResNet's record), so
+    the layers that finish in the same forward update one in-memory record and the last of them
+    writes it. The file is parsed again only if something else changed it meanwhile.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._record = None
+        self._stamp = None
+
+    def get(self):
+        if self._record is None or _stamp(self.path) != self._stamp:
+            self._record = _read_or_new(self.path)
+            self._stamp = _stamp(self.path)
+        return self._record
+
+    def write(self) -> None:
+        if self._record is None:  # nothing was read or changed
+            return
+        write_record(self._record, self.path)
+        self._stamp = _stamp(self.path)
+
+
 def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """channels, height, width of a bottom (N, C[, H[, W...]]); missing axes count as 1 and
     axes past the fourth are folded into width, so C*H*W is always the per-sample count."""
@@ -240,6 +275,18 @@ class IfmrLayer(_Collector):
             raise _named(self, e) from e
         self._observer = IfmrObserver(self.params)
         self._shape: tuple[int, ...] | None = None
+        self._shared = _SharedRecord(self.record_file_path)
+        self._later_peers: list[IfmrLayer] = []
+
+    def on_net_built(self, net, index: int) -> None:
+        # IFMR layers of this net writing the same record share it (see _SharedRecord).
+        peers = [layer for layer in net.layers if isinstance(layer, IfmrLayer)
+                 and layer.record_file_path == self.record_file_path]
+        self._shared = peers[0]._shared
+        self._later_peers = [layer for layer in peers if net.layers.index(layer) > index]
+
+    def _finishes_next_forward(self) -> bool:
+        return not self._done and self._seen + 1 == self.batch_num
 
     def _collect(self, x):
         try:
@@ -255,14 +302,16 @@ class IfmrLayer(_Collector):
         try:
             result = self._observer.compute_qparams()
         except QuantizationError as e:
+            self._shared.write()  # keep what the layers before this one computed
             raise _named(self, e) from e
         c, h, w = _chw(self._shape)
-        record = _read_or_new(self.record_file_path)
+        record = self._shared.get()
         for layer, index in self.targets:
             act = activation_entry(layer_entry(record, layer, create=True), int(index), create=True)
             act.scale_d, act.offset_d, act.num_bits_d = result.scale, result.offset, self.params.num_bits
             act.channels, act.height, act.width = c, h, w
-        write_record(record, self.record_file_path)
+        if not any(peer._finishes_next_forward() for peer in self._later_peers):
+            self._shared.write()  # the last IFMR layer of this record to finish in this forward
         _LOG.info("IFMR '%s': scale_d=%.9g offset_d=%d written for %s", self.name, result.scale,
                   result.offset, [t[0] for t in self.targets])
 
