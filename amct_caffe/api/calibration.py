@@ -20,7 +20,7 @@ from amct_caffe.io.graph_io import graph_from_net, graph_to_net
 from amct_caffe.ir import Graph
 from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
 from amct_caffe.passes.calibration import ActivationSpec, insert_calibration_layers
-from amct_caffe.passes.fusion import fuse_bn_scale
+from amct_caffe.passes.fusion import find_fusions, fuse_bn_scale
 from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, INSERTED_TYPES, WEIGHT_TYPES, QuantTarget,
                                                 build_quantized_graph, canonical_record, quant_mapping)
 from amct_caffe.quant.arq import arq_quantize_weight
@@ -47,6 +47,7 @@ class QuantGraph:
     original_names: set[str]
     float_graph: Graph | None = None
     targets: list[QuantTarget] = field(default_factory=list)
+    unfused: set[str] = field(default_factory=set)  # layers BN fusion could have folded into, kept apart
     stage: str = "init"
 
     @property
@@ -103,14 +104,7 @@ def quant_targets(graph: Graph, enabled: list[str]) -> list[QuantTarget]:
     for node in graph.nodes:
         if node.name not in wanted:
             continue
-        info = type_info(node.type)
-        kind = info.quant if info is not None else None
-        if node.type in WEIGHT_TYPES and node.params:
-            targets.append(QuantTarget(node.name, (0,), True, config_type(node, graph)))
-        elif kind == DATA_ONLY or (kind == WEIGHTS_AND_DATA and not node.params):
-            targets.append(QuantTarget(node.name, tuple(range(len(node.bottoms))), False, config_type(node, graph)))
-        else:
-            raise ConfigError(f"layer '{node.name}' ({node.type}) cannot be quantized")
+        targets.append(quant_target(node, graph))
     gone = wanted - {t.name for t in targets}
     if gone:
         _LOG.info("layers %s were fused into other layers; their own quantization settings do not apply",
@@ -118,8 +112,37 @@ def quant_targets(graph: Graph, enabled: list[str]) -> list[QuantTarget]:
     return targets
 
 
+def quant_target(node, graph: Graph, inputs: tuple[int, ...] | None = None) -> QuantTarget:
+    """What quantizing ``node`` means: its weights (if any) and which inputs.
+
+    ``inputs`` narrows a data-only layer's quantized inputs (convert_model: those the record
+    gives); by default they are the type's activation inputs (all but ROI boxes, shape references...).
+    """
+    info = type_info(node.type)
+    kind = info.quant if info is not None else None
+    if node.type in WEIGHT_TYPES and node.params:
+        if len(node.bottoms) != 1 or len(node.tops) != 1:
+            raise ConfigError(f"layer '{node.name}' ({node.type}) has {len(node.bottoms)} inputs and "
+                              f"{len(node.tops)} outputs sharing its weights; only single-input layers can be "
+                              "quantized: set its quant_enable to false")
+        return QuantTarget(node.name, (0,), True, config_type(node, graph))
+    if kind == DATA_ONLY or (kind == WEIGHTS_AND_DATA and not node.params):
+        allowed = info.quant_inputs if info.quant_inputs is not None else tuple(range(len(node.bottoms)))
+        allowed = tuple(i for i in allowed if i < len(node.bottoms))
+        if inputs is not None:
+            bad = [i for i in inputs if i not in allowed]
+            if bad:
+                raise ConfigError(f"layer '{node.name}' ({node.type}): input(s) {bad} carry no activations to "
+                                  f"quantize (quantizable inputs: {list(allowed)})")
+            allowed = inputs
+        return QuantTarget(node.name, tuple(allowed), False, config_type(node, graph))
+    raise ConfigError(f"layer '{node.name}' ({node.type}) cannot be quantized")
+
+
 def _fuse(qg: QuantGraph) -> None:
     config = qg.config
+    candidates = {f.target.name for f in find_fusions(qg.graph)}
+    qg.unfused = candidates if not config.do_fusion else candidates & set(config.skip_fusion_layers)
     fuse_bn_scale(qg.graph, config.do_fusion, config.skip_fusion_layers)
     accelerate_bn_scale_bias(qg.graph, set(config.quantized_layers()))
     qg.float_graph = qg.graph.copy()
@@ -141,7 +164,9 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
         raise AmctError("weights_quantize_model: call it once, right after init()")
     _fuse(qg)
     record = read_record(qg.record_file)
-    skip = set(qg.config.skip_fusion_layers)
+    # The record says which layers stayed unfused, so convert_model rebuilds the same graph from it.
+    for name in sorted(qg.unfused):
+        layer_entry(record, name, create=True).skip_fusion = True
     for target in qg.targets:
         if not target.weighted:
             continue
@@ -165,8 +190,6 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
         entry.scale_w.extend(arq.scale.tolist())
         entry.offset_w.extend(arq.offset.tolist())
         entry.num_bits_w = 8
-        if target.name in skip or not qg.config.do_fusion:
-            entry.skip_fusion = True
         node.params = [arq.fake, *node.params[1:]]
         _LOG.debug("weights of '%s' quantized (%s, %d scale(s))", target.name,
                    "snq" if params is not None and params.wts_algo == "snq_quantize" else "arq", arq.scale.size)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 
 from amct_caffe import log
-from amct_caffe.api.calibration import load_float_graph, save_quantized
-from amct_caffe.config import config_type
-from amct_caffe.errors import AmctError
+from amct_caffe.api.calibration import load_float_graph, quant_target, save_quantized
+from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
 from amct_caffe.passes.fusion import fuse_bn_scale
-from amct_caffe.passes.quantized_models import WEIGHT_TYPES, QuantTarget
-from amct_caffe.record import read_record
+from amct_caffe.passes.quantized_models import WEIGHT_TYPES
+from amct_caffe.record import RecordError, layer_entry, read_record
 from amct_caffe.runtime.registry import type_info
 
 _LOG = logging.getLogger(__name__)
@@ -37,6 +36,8 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
     fuse_bn_scale(graph, True, [k for k in skip if k in original_names])
     accelerate_bn_scale_bias(graph, {k for k in keys if k in original_names
                                      and graph.has_node(k) and graph.node(k).type in _BN_TYPES})
+    # Entries carrying only skip_fusion are fusion settings, not layers to quantize.
+    keys = [e.key for e in record.record if len(e.value.scale_w) or len(e.value.record_d)]
     targets = []
     present = {n.name for n in graph.nodes}
     for key in dict.fromkeys(keys):
@@ -47,20 +48,19 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
     for node in graph.nodes:
         if node.name not in keys:
             continue
-        entry = [e.value for e in record.record if e.key == node.name][-1]
-        if node.type in WEIGHT_TYPES and node.params:
-            targets.append(QuantTarget(node.name, (0,), True, config_type(node, graph)))
-            continue
+        entry = layer_entry(record, node.name)
         info = type_info(node.type)
         if info is None or info.quant is None:
             raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has type {node.type}, which cannot "
                             "be quantized")
-        inputs = tuple(sorted({d.index for d in entry.record_d}))
-        if not inputs:
-            raise AmctError(f"Cannot find scale_d of layer '{node.name}' in record file")
-        if max(inputs) >= len(node.bottoms):
-            raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has {len(node.bottoms)} input(s) but "
-                            f"the record gives index {max(inputs)}")
-        targets.append(QuantTarget(node.name, inputs, False, config_type(node, graph)))
+        inputs = None
+        if not (node.type in WEIGHT_TYPES and node.params):
+            inputs = tuple(sorted({d.index for d in entry.record_d}))
+            if not inputs:
+                raise RecordError(f"Cannot find scale_d of layer '{node.name}' in record file")
+        try:
+            targets.append(quant_target(node, graph, inputs))
+        except ConfigError as e:
+            raise AmctError(f"{scale_offset_record_file}: {e}") from None
     _LOG.info("convert_model: %d layer(s) quantized from %s", len(targets), scale_offset_record_file)
     return save_quantized(graph, targets, record, "Both", save_path, original_names)

@@ -67,11 +67,18 @@ SNQ_TYPES = frozenset({"Convolution", DEPTHWISE, "InnerProduct", "Deconvolution"
 FUSABLE_TYPES = frozenset({"Convolution", DEPTHWISE, "Deconvolution", "InnerProduct"})
 
 
+#: Data-only types whose later bottoms are not activations: ROI boxes (with the batch index),
+#: a reference blob giving only a shape (Crop, Interp), an unpooling mask (Upsample). Only the
+#: listed inputs are quantized.
+QUANTIZED_INPUTS = {"ROIPooling": (0,), "PSROIPooling": (0,), "ROIAlign": (0,), "Crop": (0,),
+                    "Interp": (0,), "Upsample": (0,), "Unpooling": (0,)}
+
+
 def _declare_all() -> None:
     for name in WEIGHTED_TYPES:
-        declare_quantizable(name, WEIGHTS_AND_DATA, by_default=True)
+        declare_quantizable(name, WEIGHTS_AND_DATA, by_default=True, inputs=(0,))
     for name, by_default in DATA_ONLY_TYPES:
-        declare_quantizable(name, DATA_ONLY, by_default=by_default)
+        declare_quantizable(name, DATA_ONLY, by_default=by_default, inputs=QUANTIZED_INPUTS.get(name))
 
 
 _declare_all()

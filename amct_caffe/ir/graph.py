@@ -151,29 +151,34 @@ def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[lis
     """SSA names for Caffe's sequential blob semantics.
 
     ``layers`` is [(layer name, bottoms, tops)] in file order, where a top may repeat an existing
-    blob name (Caffe's in-place computation). A re-written blob gets the writing layer's name
-    (made unique); later readers of the old name read the new one. Returns the renamed
-    (bottoms, tops) per layer.
+    blob name (Caffe's in-place computation). The *last* write of a blob keeps the original name,
+    so it means what pycaffe shows under that name (the value after the whole in-place chain) and
+    the net's outputs keep their names. Every earlier write gets a fresh name: the writing layer's
+    name when free, else ``<blob>_<layer>`` (made unique). Returns the renamed (bottoms, tops)
+    per layer.
     """
-    current: dict[str, str] = {}  # Caffe name -> latest SSA name
-    taken: set[str] = set()
+    writes: dict[str, int] = {}
     for _, _, tops in layers:
-        taken.update(tops)
+        for t in tops:
+            writes[t] = writes.get(t, 0) + 1
+    taken = set(writes)
+    seen: dict[str, int] = {}
+    current: dict[str, str] = {}  # Caffe name -> the SSA name readers see now
     out = []
     for name, bottoms, tops in layers:
         new_bottoms = [current.get(b, b) for b in bottoms]
         new_tops = []
         for t in tops:
-            if t in current:  # written before: in-place (or a re-definition) -> fresh name
+            seen[t] = seen.get(t, 0) + 1
+            if seen[t] == writes[t]:
+                fresh = t  # the final value keeps the original name
+            else:
                 base = name if name not in taken else f"{t}_{name}"
                 fresh, i = base, 1
                 while fresh in taken:
                     fresh, i = f"{base}_{i}", i + 1
                 taken.add(fresh)
-                current[t] = fresh
-                new_tops.append(fresh)
-            else:
-                current[t] = t
-                new_tops.append(t)
+            current[t] = fresh
+            new_tops.append(fresh)
         out.append((new_bottoms, new_tops))
     return out

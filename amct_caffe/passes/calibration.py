@@ -1,8 +1,9 @@
 """Insert the IFMR calibration layers (activation_quantize_model).
 
-Each distinct blob read by a quantized input gets one ``IFMR`` layer (no top: it only observes)
-placed right before its first quantized reader. Layers that read the same blob share the IFMR
-layer, and so share one scale_d/offset_d: the data they see is the same. The layer writes a
+Each distinct blob read by a quantized input gets an ``IFMR`` layer (no top: it only observes)
+placed right before its first quantized reader. Readers of the same blob with the same
+activation settings share it, and so share one scale_d/offset_d (the data they see is the
+same); readers with other settings (bits, offset, search) get their own. The layer writes a
 ``record_d`` (with the reader's input ``index``) for every layer it serves into the record file
 after ``batch_num`` forwards.
 """
@@ -52,19 +53,15 @@ def _ifmr_param(spec: ActivationSpec, batch_num: int, record_file: str, served):
 def insert_calibration_layers(graph: Graph, specs: list[ActivationSpec], record_file: str,
                               batch_num: int) -> list[Node]:
     """Add IFMR layers for ``specs`` to ``graph`` (in place); returns them."""
-    by_blob: dict[str, list[ActivationSpec]] = {}
+    groups: dict[tuple, list[ActivationSpec]] = {}
     for spec in specs:
         blob = graph.node(spec.layer).bottoms[spec.index]
-        by_blob.setdefault(blob, []).append(spec)
+        settings = (spec.num_bits, spec.with_offset, spec.max_percentile, spec.min_percentile,
+                    tuple(spec.search_range), spec.search_step)
+        groups.setdefault((blob, settings), []).append(spec)
     added = []
-    for blob, served in by_blob.items():
+    for (blob, _), served in groups.items():
         first = served[0]
-        settings = [(s.num_bits, s.with_offset, s.max_percentile, s.min_percentile, s.search_range, s.search_step)
-                    for s in served]
-        if len(set(settings)) > 1:
-            _LOG.warning("layers %s read the same blob '%s' with different activation_quant_params; "
-                         "calibrating it once with the settings of '%s'",
-                         [s.layer for s in served], blob, first.layer)
         readers = [graph.node(s.layer) for s in served]
         position = min(graph.index(n) for n in readers)
         name = graph.unique_node_name(f"{first.layer}_ifmr" if first.index == 0 else

@@ -22,6 +22,8 @@ class TypeInfo:
     layer_cls: type | None = None
     quant: str | None = None          # WEIGHTS_AND_DATA, DATA_ONLY or None
     quant_by_default: bool = False    # on in a generated config, or only when the user enables it
+    # Inputs that carry activations to quantize (None: all). ROI boxes, shape references... stay float.
+    quant_inputs: tuple[int, ...] | None = None
 
 
 _TYPES: dict[str, TypeInfo] = {}
@@ -47,14 +49,18 @@ def register(*type_names: str):
     return deco
 
 
-def declare_quantizable(type_name: str, kind: str, by_default: bool = True) -> None:
-    """Record that ``type_name`` can be quantized (``kind``: WEIGHTS_AND_DATA or DATA_ONLY)."""
+def declare_quantizable(type_name: str, kind: str, by_default: bool = True,
+                        inputs: tuple[int, ...] | None = None) -> None:
+    """Record that ``type_name`` can be quantized (``kind``: WEIGHTS_AND_DATA or DATA_ONLY).
+
+    ``inputs`` lists the bottoms that carry activations (default: all of them).
+    """
     if kind not in (WEIGHTS_AND_DATA, DATA_ONLY):
         raise ValueError(f"unknown quantization kind {kind!r}")
     info = _info(type_name)
     if info.quant is not None:
         raise RuntimeError(f"quantization of layer type {type_name!r} declared twice")
-    info.quant, info.quant_by_default = kind, by_default
+    info.quant, info.quant_by_default, info.quant_inputs = kind, by_default, inputs
 
 
 def _ensure_loaded() -> None:

@@ -108,7 +108,8 @@ def test_deploy_model_integer_weights_and_simulation(quantized):
         dep.forward(start=f"{layer}_quant", end=f"{layer}_dequant")
         entry = amct.record.layer_entry(rec, layer)
         step = np.asarray(entry.scale_w, np.float64) * amct.record.activation_entry(entry, 0).scale_d
-        diff = np.abs(dep.blobs[layer].data - fq.blobs[layer].data)
+        out = dep.top_names[f"{layer}_dequant"][0]
+        diff = np.abs(dep.blobs[out].data - fq.blobs[out].data)
         per_channel = diff.max(axis=tuple(a for a in range(diff.ndim) if a != 1)) if step.size > 1 else diff.max()
         assert np.all(per_channel <= step * 1.001), (layer, np.max(per_channel / step))
     # end to end the two models agree on the class of almost every digit

@@ -17,14 +17,16 @@ def test_ssa_rename_in_place_chain():
     layers = [("data", [], ["data"]), ("conv", ["data"], ["conv"]), ("bn", ["conv"], ["conv"]),
               ("scale", ["conv"], ["conv"]), ("relu", ["conv"], ["conv"]), ("fc", ["conv"], ["fc"])]
     renamed = ssa_rename(layers)
-    assert renamed == [([], ["data"]), (["data"], ["conv"]), (["conv"], ["bn"]), (["bn"], ["scale"]),
-                       (["scale"], ["relu"]), (["relu"], ["fc"])]
+    # the last writer keeps the name (pycaffe's blobs["conv"] is the value after relu)
+    assert renamed == [([], ["data"]), (["data"], ["conv_conv"]), (["conv_conv"], ["bn"]), (["bn"], ["scale"]),
+                       (["scale"], ["conv"]), (["conv"], ["fc"])]
 
 
 def test_ssa_rename_avoids_existing_blob_names():
-    layers = [("a", [], ["x"]), ("relu", ["x"], ["x"]), ("b", ["x"], ["relu"])]
+    # layer "a" writes x first, but a blob named "a" exists: the early version becomes "x_a"
+    layers = [("a", [], ["x"]), ("relu", ["x"], ["x"]), ("b", ["x"], ["a"])]
     (_, t0), (b1, t1), (b2, t2) = ssa_rename(layers)
-    assert t1 == ["x_relu"] and b2 == ["x_relu"] and t2 == ["relu"]
+    assert t0 == ["x_a"] and b1 == ["x_a"] and t1 == ["x"] and b2 == ["x"] and t2 == ["a"]
 
 
 def test_checker_rejects_broken_graphs():

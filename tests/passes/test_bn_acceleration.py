@@ -26,7 +26,7 @@ def test_chain_after_pooling_becomes_a_depthwise_conv():
     assert changed and types(graph) == ["Input", "Pooling", "Convolution"]
     dw = graph.nodes[2]
     assert dw.name == "bn" and dw.origin == ["bn", "scale", "bias"]
-    assert dw.bottoms == ["pool"] and dw.tops == before.node("bias").tops
+    assert dw.bottoms == before.node("pool").tops and dw.tops == before.node("bias").tops
     cp = dw.layer_param.convolution_param
     assert (cp.num_output, cp.group, list(cp.kernel_size), cp.bias_term) == (3, 3, [1], True)
     assert [p.shape for p in dw.params] == [(3, 1, 1, 1), (3,)]

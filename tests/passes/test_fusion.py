@@ -181,7 +181,8 @@ def test_second_run_changes_nothing_and_logs(caplog):
         assert fuse_bn_scale(graph)
         assert not fuse_bn_scale(graph)
     messages = [r.getMessage() for r in caplog.records]
-    assert "BN fusion: conv + bn + scale + bias -> 'conv' (writes 'bias')" in messages
+    # in-place chain: the last writer keeps the blob's name, so the fused conv writes 'conv'
+    assert "BN fusion: conv + bn + scale + bias -> 'conv' (writes 'conv')" in messages
     assert "BN fusion: 1 layer chain(s) fused, 3 layer(s) removed" in messages
 
 

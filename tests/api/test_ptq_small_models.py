@@ -1,0 +1,177 @@
+"""PTQ on small models built in the tests: naming, multi-reader blobs, inputs that must stay float."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amct_caffe as amct
+from amct_caffe import AmctError, io, record
+from amct_caffe.runtime import TEST, Net
+
+INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
+
+
+def conv(name, bottom, top, n=4, extra=""):
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{top}" {extra}'
+            f'convolution_param {{ num_output: {n} kernel_size: 3 pad: 1 weight_filler {{ type: "gaussian" std: 0.3 }}'
+            ' bias_filler { type: "constant" value: 0.1 } } }\n')
+
+
+def make_model(tmp_path, text, seed=0):
+    proto = tmp_path / "model.prototxt"
+    proto.write_text(text)
+    weights = tmp_path / "model.caffemodel"
+    Net(str(proto), TEST, seed=seed).save(str(weights))
+    return proto, weights
+
+
+def quantize(tmp_path, proto, weights, batches, edit_config=None):
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=len(batches))
+    if edit_config is not None:
+        import json
+        c = json.loads(config.read_text())
+        edit_config(c)
+        config.write_text(json.dumps(c))
+    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
+    mm, mw = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
+    amct.weights_quantize_model(graph, mm, mw)
+    amct.activation_quantize_model(graph, mm, mw)
+    net = Net(mm, mw, TEST)
+    for b in batches:
+        net.forward(data=b)
+    paths = amct.save_model(graph, "Both", str(tmp_path / "out/model"))
+    return graph, paths
+
+
+def batches(n=2, shape=(2, 3, 8, 8), seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+
+
+def test_in_place_last_layer_keeps_the_output_name_and_meaning(tmp_path):
+    text = INPUT + conv("c1", "data", "c2") + 'layer { name: "sig" type: "Sigmoid" bottom: "c2" top: "c2" }\n'
+    proto, weights = make_model(tmp_path, text)
+    _, paths = quantize(tmp_path, proto, weights, batches())
+    x = batches(1, seed=5)[0]
+    ref = Net(str(proto), str(weights), TEST).forward(data=x)
+    for kind in ("fake_quant", "deploy"):
+        out = Net(paths[f"{kind}_model"], paths[f"{kind}_weights"], TEST).forward(data=x)
+        assert list(out) == ["c2"] == list(ref)
+        np.testing.assert_allclose(out["c2"], ref["c2"], atol=0.05)  # sigmoid outputs, quantized
+        assert out["c2"].min() >= 0 and out["c2"].max() <= 1
+
+
+def test_readers_of_one_blob_with_different_settings_get_their_own_calibration(tmp_path):
+    text = INPUT + conv("a", "data", "a") + conv("b", "data", "b")
+    proto, weights = make_model(tmp_path, text)
+
+    def sixteen_bits_for_b(c):
+        c["b"]["activation_quant_params"]["num_bits"] = 16
+        c["b"]["activation_quant_params"]["with_offset"] = False
+
+    quantize(tmp_path, proto, weights, batches(), sixteen_bits_for_b)
+    rec = record.read_record(tmp_path / "record.txt")
+    a = record.activation_entry(record.layer_entry(rec, "a"), 0)
+    b = record.activation_entry(record.layer_entry(rec, "b"), 0)
+    assert (a.num_bits_d, b.num_bits_d) == (8, 16)
+    assert b.offset_d == 0 and a.offset_d != 0
+
+
+def test_roi_boxes_are_never_quantized(tmp_path):
+    text = (INPUT + 'layer { name: "rois" type: "Input" top: "rois" input_param { shape { dim: 2 dim: 5 } } }\n'
+            + conv("c1", "data", "c1")
+            + 'layer { name: "roi" type: "ROIPooling" bottom: "c1" bottom: "rois" top: "roi" '
+              'roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 1 } }\n')
+    proto, weights = make_model(tmp_path, text)
+    rois = np.array([[0, 0, 0, 5, 5], [1, 2, 1, 7, 6]], np.float32)
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=1)
+    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
+    mm, mw = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
+    amct.weights_quantize_model(graph, mm, mw)
+    amct.activation_quantize_model(graph, mm, mw)
+    assert [t.inputs for t in graph.targets if t.name == "roi"] == [(0,)]
+    Net(mm, mw, TEST).forward(data=batches(1)[0], rois=rois)
+    paths = amct.save_model(graph, "Fakequant", str(tmp_path / "out/model"))
+    fq = io.read_prototxt(paths["fake_quant_model"])
+    quants = [lp for lp in fq.layer if lp.type == "Quant"]
+    assert all(lp.bottom[0] != "rois" for lp in quants)
+
+
+def test_weighted_layer_with_two_inputs_is_refused(tmp_path):
+    second = INPUT.replace('"data"', '"d2"')
+    text = (INPUT + second
+            + 'layer { name: "c" type: "Convolution" bottom: "data" bottom: "d2" top: "y1" top: "y2" '
+              'convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }\n')
+    proto, weights = make_model(tmp_path, text)
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights))
+    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
+    with pytest.raises(AmctError, match="layer 'c' .*2 inputs"):
+        amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+
+
+def test_convert_reproduces_save_when_an_unfused_layer_is_not_quantized(tmp_path):
+    bn = ('layer { name: "bn" type: "BatchNorm" bottom: "c1" top: "c1" }\n'
+          'layer { name: "sc" type: "Scale" bottom: "c1" top: "c1" scale_param { bias_term: true } }\n')
+    text = INPUT + conv("c1", "data", "c1") + bn + conv("c2", "c1", "c2")
+    proto, weights = make_model(tmp_path, text)
+    net = Net(str(proto), str(weights), TEST)
+    net.params["bn"][1].data[...] = 1.5  # a non-trivial variance, factor 1
+    net.params["bn"][2].data[...] = 1.0
+    net.save(str(weights))
+
+    def keep_c1_unfused_and_float(c):
+        c["skip_fusion_layers"] = ["c1"]
+        c["c1"]["quant_enable"] = False
+
+    _, paths = quantize(tmp_path, proto, weights, batches(), keep_c1_unfused_and_float)
+    again = tmp_path / "again"
+    amct.convert_model(str(proto), str(weights), str(tmp_path / "record.txt"), str(again / "model"))
+    for kind, path in paths.items():
+        name = path.rsplit("/", 1)[1]
+        assert (again / name).read_bytes() == Path(path).read_bytes(), kind
+
+
+def test_failed_save_leaves_no_new_files(tmp_path):
+    text = INPUT + conv("c1", "data", "c1")
+    proto, weights = make_model(tmp_path, text)
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights))
+    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
+    mm, mw = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
+    amct.weights_quantize_model(graph, mm, mw)
+    amct.activation_quantize_model(graph, mm, mw)
+    Net(mm, mw, TEST).forward(data=batches(1)[0])
+    out = tmp_path / "out"
+    (out / "model_quant.json").mkdir(parents=True)  # a directory where a file must go
+    with pytest.raises(AmctError, match="model_quant.json"):
+        amct.save_model(graph, "Both", str(out / "model"))
+    assert sorted(p.name for p in out.iterdir()) == ["model_quant.json"]
+
+
+def test_staged_outputs_roll_back_when_a_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    from amct_caffe.api.outputs import StagedOutputs
+
+    (tmp_path / "a.txt").write_text("old a")
+    out = StagedOutputs()
+    out.add_text(tmp_path / "a.txt", "new a")
+    out.add_text(tmp_path / "b.txt", "new b")
+    out.add_text(tmp_path / "c.txt", "new c")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("c.txt"):
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(AmctError, match="c.txt"):
+        out.commit()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    assert (tmp_path / "a.txt").read_text() == "old a"
