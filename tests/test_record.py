@@ -64,3 +64,15 @@ def test_garbage_is_rejected_with_the_file_name(tmp_path):
         record.read_record(bad)
     with pytest.raises(record.RecordError, match="does not exist"):
         record.read_record(tmp_path / "missing.txt")
+
+
+def test_builder_rejects_out_of_range_bits_naming_the_layer():
+    from amct_caffe.passes.quantized_models import QuantTarget, activation_factors, weight_factors
+
+    target = QuantTarget("conv1", (0,), True, "Convolution")
+    rec = record.parse_record_text('record { key: "conv1" value { scale_w: 0.5 num_bits_w: 4 '
+                                   'record_d { scale_d: 0.1 offset_d: 0 index: 0 num_bits_d: 17 } } }')
+    with pytest.raises(record.RecordError, match="'conv1': num_bits_d 17 is out of range"):
+        activation_factors(rec, target)
+    with pytest.raises(record.RecordError, match="'conv1': num_bits_w 4 is not supported"):
+        weight_factors(rec, target, 1)

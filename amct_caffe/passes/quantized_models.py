@@ -64,6 +64,8 @@ def activation_factors(record, target: QuantTarget) -> list[ActFactors]:
             raise RecordError(f"layer '{target.name}': scale_d {act.scale_d} in the record is not a positive "
                               "finite number")
         bits = act.num_bits_d if act.HasField("num_bits_d") else 8
+        if not 8 <= bits <= 16:
+            raise RecordError(f"layer '{target.name}': num_bits_d {bits} is out of range [8, 16]")
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         if not lo <= act.offset_d <= hi:
             raise RecordError(f"layer '{target.name}': offset_d {act.offset_d} is outside the {bits}-bit range "
@@ -90,6 +92,9 @@ def weight_factors(record, target: QuantTarget, channels: int) -> tuple[np.ndarr
     if target.layer_type == "InnerProduct" and scale_w.size != 1:
         raise RecordError(f"layer '{target.name}': InnerProduct supports one scale_w (channel_wise false)")
     bits = entry.num_bits_w if entry.HasField("num_bits_w") else 8
+    if bits != 8:
+        raise RecordError(f"layer '{target.name}': num_bits_w {bits} is not supported: weights are stored as "
+                          "INT8 (SNQ's INT4 clusters too), give num_bits_w: 8")
     return scale_w, offset_w, int(bits)
 
 
@@ -139,8 +144,11 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
     """New params for ``node`` and the DeQuant blobs, for ``model`` FAKE or DEPLOY."""
     channels = _out_channels(node)
     scale_w, offset_w, bits = weight_factors(record, target, channels)
-    q, fake = quantize_with_scales(node.params[0], scale_w, node.type if node.type != "Convolution"
-                                   else target.layer_type, bits, _group(node))
+    try:
+        q, fake = quantize_with_scales(node.params[0], scale_w, node.type if node.type != "Convolution"
+                                       else target.layer_type, bits, _group(node))
+    except AmctError as e:
+        raise RecordError(f"layer '{target.name}': {e}") from None
     bias = node.params[1] if len(node.params) > 1 else None
     deq_channels = scale_w.size
     if model == FAKE:

@@ -314,6 +314,8 @@ class IfmrLayer(_Collector):
             self._shared.write()  # the last IFMR layer of this record to finish in this forward
         _LOG.info("IFMR '%s': scale_d=%.9g offset_d=%d written for %s", self.name, result.scale,
                   result.offset, [t[0] for t in self.targets])
+        for layer, _ in self.targets:  # the guide's completion line (FAQ "Cannot find scale_d")
+            _LOG.info("Do layer '%s' activation calibration success!", layer)
 
     def _release(self):
         self._observer.reset()
