@@ -195,7 +195,10 @@ class Net:
             # An in-place top may legitimately change shape (Caffe's MVN reshapes to 4 axes).
             if arr.shape != blob.shape and not (layer.shape_from_forward or t in in_place):
                 raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {blob.shape}")
-            blob.data = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+            # Blobs are float32, except an INT8 layer's exact float64 accumulator (deploy model), which
+            # goes on to its DeQuant unrounded.
+            keep = arr.dtype == np.float32 or (layer.integer_params and arr.dtype == np.float64)
+            blob.data = arr if keep else arr.astype(np.float32)
 
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""

@@ -175,3 +175,41 @@ def test_staged_outputs_roll_back_when_a_rename_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     assert (tmp_path / "a.txt").read_text() == "old a"
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_integer_simulation_is_exact_with_wide_activations(tmp_path, bits):
+    """The deploy model's INT8 layers accumulate exactly, whatever the activation width.
+
+    With 12/16-bit activation codes the int32 accumulators pass 2**24, beyond float32's exact
+    integers. Reference: the integer computation from the deploy model's own integers, in Python
+    ints via float64 (exact below 2**53): acc = sum(q_x * q_w) + bias_int32, y = acc * deq_scale.
+    """
+    from amct_caffe.quant.fake_quant import unpack_deq_scale
+    from amct_caffe.runtime.layers.integer_ops import conv2d_exact
+
+    text = INPUT + conv("c1", "data", "c1", n=32) + conv("c2", "c1", "c2", n=8)
+    proto, weights = make_model(tmp_path, text)
+
+    def wide(c):
+        for name in ("c1", "c2"):
+            c[name]["activation_quant_params"]["num_bits"] = bits
+
+    data = [b * 50 for b in batches()]
+    _, paths = quantize(tmp_path, proto, weights, data, wide)
+    dep = Net(paths["deploy_model"], paths["deploy_weights"], TEST)
+    dep.forward(data=data[0])
+    raw = io.load_weights(paths["deploy_weights"])
+    biggest = 0.0
+    for layer in ("c1", "c2"):
+        q_x = dep.blobs[dep.top_names[f"{layer}_quant"][0]].data
+        assert np.array_equal(q_x, np.round(q_x)) and np.abs(q_x).max() < 2 ** bits
+        w, b = raw[layer]
+        acc = conv2d_exact(q_x, w, b, (1, 1), (1, 1), (1, 1), 1)
+        biggest = max(biggest, float(np.abs(acc).max()))
+        deq, _ = unpack_deq_scale(raw[f"{layer}_dequant"][0])
+        ref = (acc * deq.astype(np.float64)[None, :, None, None]).astype(np.float32)
+        out = dep.top_names[f"{layer}_dequant"][0]
+        np.testing.assert_array_equal(dep.blobs[out].data, ref)
+    if bits == 16:
+        assert biggest > 2 ** 24  # the case float32 accumulation would get wrong

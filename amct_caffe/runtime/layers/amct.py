@@ -131,8 +131,8 @@ def DeQuant(x, *params):
     kind, value = _dequant_kind(params, x.shape[1])
     if kind == "identity":
         return x
-    if kind == "deploy":
-        return x * _per_channel(value, x.ndim)
+    if kind == "deploy":  # the accumulator may arrive exact in float64; the result is float32
+        return (x * _per_channel(value, x.ndim).astype(np.float64)).astype(_F32)
     deq, pow2 = (_per_channel(v, x.ndim) for v in value)
     t = round_half_away(x / deq)
     t = np.clip(round_half_away(t / pow2), INT16_MIN, INT16_MAX)

@@ -40,6 +40,7 @@ import threading
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.runtime.registry import register
 
@@ -394,6 +395,10 @@ class _BaseConv(Layer):
         fn = Deconvolution if self.transposed else Convolution
         weight = self.blobs[0].data
         bias = self.blobs[1].data if len(self.blobs) > 1 else None
+        if self.integer_params and not self.transposed and weight.ndim == 4 and axis == 1:
+            # a deploy model's INT8 convolution: exact integer accumulation (see integer_ops)
+            group = self.lp.convolution_param.group
+            return [conv2d_exact(x, weight, bias, stride, pad, dilation, group) for x in bottoms]
         tops = []
         for x in bottoms:
             lead = x.shape[:axis]

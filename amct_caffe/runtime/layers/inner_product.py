@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layers.integer_ops import inner_product_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.runtime.registry import register
 
@@ -71,4 +72,6 @@ class InnerProductLayer(Layer):
     def forward(self, bottoms):
         ip = self.lp.inner_product_param
         bias = self.blobs[1].data if len(self.blobs) > 1 else None
+        if self.integer_params:  # a deploy model's INT8 layer: exact integer accumulation
+            return [inner_product_exact(bottoms[0], self.blobs[0].data, bias, self.axis, ip.transpose)]
         return [InnerProduct(bottoms[0], self.blobs[0].data, bias, axis=self.axis, transpose=ip.transpose)]
