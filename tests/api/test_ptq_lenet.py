@@ -8,6 +8,7 @@ import pytest
 import amct_caffe as amct
 from amct_caffe import AmctError, io
 from amct_caffe.runtime import TEST, Net
+from tests.api.flow import calibration_model
 from tests.golden import MODELS, SHARED
 
 LENET = MODELS / "lenet_mnist/lenet.prototxt"
@@ -27,12 +28,7 @@ def _digits():
 def quantized(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lenet")
     x, _ = _digits()
-    config = tmp / "config.json"
-    amct.create_quant_config(str(config), str(LENET), str(LENET_W), batch_num=2)
-    graph = amct.init(str(config), str(LENET), str(LENET_W), str(tmp / "record.txt"))
-    mm, mw = str(tmp / "modified.prototxt"), str(tmp / "modified.caffemodel")
-    amct.weights_quantize_model(graph, mm, mw)
-    amct.activation_quantize_model(graph, mm, mw)
+    graph, mm, mw = calibration_model(tmp, LENET, LENET_W, batch_num=2)
     net = Net(mm, mw, TEST)
     for b in range(2):  # calibrate on 64 digits
         net.forward(data=x[b * 32:(b + 1) * 32])

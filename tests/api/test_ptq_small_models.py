@@ -8,6 +8,7 @@ import pytest
 import amct_caffe as amct
 from amct_caffe import AmctError, io, record
 from amct_caffe.runtime import TEST, Net
+from tests.api.flow import calibration_model
 
 INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
 
@@ -27,17 +28,7 @@ def make_model(tmp_path, text, seed=0):
 
 
 def quantize(tmp_path, proto, weights, batches, edit_config=None):
-    config = tmp_path / "config.json"
-    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=len(batches))
-    if edit_config is not None:
-        import json
-        c = json.loads(config.read_text())
-        edit_config(c)
-        config.write_text(json.dumps(c))
-    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
-    mm, mw = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
-    amct.weights_quantize_model(graph, mm, mw)
-    amct.activation_quantize_model(graph, mm, mw)
+    graph, mm, mw = calibration_model(tmp_path, proto, weights, len(batches), edit_config)
     net = Net(mm, mw, TEST)
     for b in batches:
         net.forward(data=b)
@@ -86,12 +77,7 @@ def test_roi_boxes_are_never_quantized(tmp_path):
               'roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 1 } }\n')
     proto, weights = make_model(tmp_path, text)
     rois = np.array([[0, 0, 0, 5, 5], [1, 2, 1, 7, 6]], np.float32)
-    config = tmp_path / "config.json"
-    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=1)
-    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
-    mm, mw = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
-    amct.weights_quantize_model(graph, mm, mw)
-    amct.activation_quantize_model(graph, mm, mw)
+    graph, mm, mw = calibration_model(tmp_path, proto, weights)
     assert [t.inputs for t in graph.targets if t.name == "roi"] == [(0,)]
     Net(mm, mw, TEST).forward(data=batches(1)[0], rois=rois)
     paths = amct.save_model(graph, "Fakequant", str(tmp_path / "out/model"))
@@ -138,12 +124,7 @@ def test_convert_reproduces_save_when_an_unfused_layer_is_not_quantized(tmp_path
 def test_failed_save_leaves_no_new_files(tmp_path):
     text = INPUT + conv("c1", "data", "c1")
     proto, weights = make_model(tmp_path, text)
-    config = tmp_path / "config.json"
-    amct.create_quant_config(str(config), str(proto), str(weights))
-    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
-    mm, mw = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
-    amct.weights_quantize_model(graph, mm, mw)
-    amct.activation_quantize_model(graph, mm, mw)
+    graph, mm, mw = calibration_model(tmp_path, proto, weights)
     Net(mm, mw, TEST).forward(data=batches(1)[0])
     out = tmp_path / "out"
     (out / "model_quant.json").mkdir(parents=True)  # a directory where a file must go

@@ -17,32 +17,14 @@ import pytest
 from caffe_patch.merge_proto import MergeError, check_superset, merge_protos, parse
 from caffe_patch.merge_proto.__main__ import main as cli_main
 from caffe_patch.merge_proto.parser import Enum, Message, Oneof, ProtoSyntaxError, Statement
+from tests.caffe_patch.guide_examples import GUIDE_CUSTOM_PROTO
 
 REPO = Path(__file__).resolve().parents[2]
 OURS = (REPO / "proto" / "caffe.proto").read_text()
 AMCT = (REPO / "proto" / "amct_custom.proto").read_text()
 EMPTY = 'syntax = "proto2";\n'
 
-# The user guide's custom.proto example ("proto合并前提条件"), as printed, leading blanks included.
-GUIDE_CUSTOM = """message LayerParameter {
-   optional ReLU6Parameter relu6_param = 2060;
-   optional ROIPoolingParameter roi_pooling_param = 8266711;
- }
-
- message ReLU6Parameter {
-   optional float negative_slope = 1 [default = 0];
- }
-
- message ROIPoolingParameter {
-   // Pad, kernel size, and stride are all given as a single value for equal
-   // dimensions in height and width or as Y, X pairs.
-   optional uint32 pooled_h = 1 [default = 0]; // The pooled output height
-   optional uint32 pooled_w = 2 [default = 0]; // The pooled output width
-   // Multiplicative spatial scale factor to translate ROI coords from their
-   // input scale to the scale used when pooling
-   optional float spatial_scale = 3 [default = 1];
- }
-"""
+GUIDE_CUSTOM = GUIDE_CUSTOM_PROTO
 
 _RELU6_ROI = """ message ReLU6Parameter {
    optional float negative_slope = 1 [default = 0];
