@@ -162,6 +162,10 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
     log.setup()
     if qg.stage != "init":
         raise AmctError("weights_quantize_model: call it once, right after init()")
+    if qg.config.update_bn:
+        _LOG.warning("update_bn: refreshing BatchNorm statistics after weight quantization is not implemented "
+                     "yet; BN layers are fused with their trained statistics (expect lower accuracy with "
+                     "snq_quantize)")
     _fuse(qg)
     record = read_record(qg.record_file)
     # The record says which layers stayed unfused, so convert_model rebuilds the same graph from it.
