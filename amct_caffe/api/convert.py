@@ -38,6 +38,9 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
                                      and graph.has_node(k) and graph.node(k).type in _BN_TYPES})
     # Entries carrying only skip_fusion are fusion settings, not layers to quantize.
     keys = [e.key for e in record.record if len(e.value.scale_w) or len(e.value.record_d)]
+    if not keys:
+        raise AmctError(f"{scale_offset_record_file}: no record entry gives quantization factors (scale_w / "
+                        "record_d); only fusion settings were found")
     targets = []
     present = {n.name for n in graph.nodes}
     for key in dict.fromkeys(keys):

@@ -148,3 +148,11 @@ def test_save_model_without_calibration_names_the_layer(tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     with pytest.raises(AmctError, match="save_type"):
         amct.save_model(graph, "Everything", str(tmp_path / "out/model"))
+
+
+def test_convert_model_needs_factors_not_only_fusion_settings(tmp_path):
+    rec = tmp_path / "settings_only.txt"
+    rec.write_text('record { key: "conv1" value { skip_fusion: true } }\n')
+    with pytest.raises(AmctError, match="no record entry gives quantization factors"):
+        amct.convert_model(str(LENET), str(LENET_W), str(rec), str(tmp_path / "out/model"))
+    assert not (tmp_path / "out").exists()
