@@ -14,18 +14,20 @@ import numpy as np
 
 from amct_caffe import io, log
 from amct_caffe.api.outputs import StagedOutputs, write_model_files
-from amct_caffe.config import config_type, create_default_config, load_config, write_quant_config
+from amct_caffe.config import BnUpdateConfig, config_type, create_default_config, load_config, write_quant_config
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net
-from amct_caffe.ir import Graph
+from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
 from amct_caffe.passes.calibration import ActivationSpec, insert_calibration_layers
-from amct_caffe.passes.fusion import find_fusions, fuse_bn_scale
+from amct_caffe.passes.fusion import apply_fusion, check_fusions, find_fusions, fuse_bn_scale
 from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, INSERTED_TYPES, WEIGHT_TYPES, QuantTarget,
                                                 build_quantized_graph, canonical_record, quant_mapping)
+from amct_caffe.proto import caffe_pb
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.quant.snq import snq_quantize_weight
 from amct_caffe.record import layer_entry, new_record, read_record, write_record
+from amct_caffe.runtime.layers.amct import bn_dump_path
 from amct_caffe.runtime.registry import DATA_ONLY, WEIGHTS_AND_DATA, type_info
 
 _LOG = logging.getLogger(__name__)
@@ -48,6 +50,9 @@ class QuantGraph:
     float_graph: Graph | None = None
     targets: list[QuantTarget] = field(default_factory=list)
     unfused: set[str] = field(default_factory=set)  # layers BN fusion could have folded into, kept apart
+    # update_bn: quantized layer -> the BatchNorm [, Scale] [, Bias] chain left unfused until save_model,
+    # so that the BatchNorm statistics can be refreshed behind the quantized weights.
+    bn_kept: dict[str, list[str]] = field(default_factory=dict)
     stage: str = "init"
 
     @property
@@ -141,12 +146,25 @@ def quant_target(node, graph: Graph, inputs: tuple[int, ...] | None = None) -> Q
 
 def _fuse(qg: QuantGraph) -> None:
     config = qg.config
-    candidates = {f.target.name for f in find_fusions(qg.graph)}
+    fusions = find_fusions(qg.graph)
+    candidates = {f.target.name for f in fusions}
     qg.unfused = candidates if not config.do_fusion else candidates & set(config.skip_fusion_layers)
-    fuse_bn_scale(qg.graph, config.do_fusion, config.skip_fusion_layers)
-    accelerate_bn_scale_bias(qg.graph, set(config.quantized_layers()))
+    skip = list(config.skip_fusion_layers)
+    if config.update_bn and config.do_fusion:
+        # Quantized layers keep their BatchNorm chain until save_model (update_bn): the calibration
+        # model runs conv(quantized weights) -> BatchNorm -> Scale and refreshes the statistics.
+        quantized = set(config.quantized_layers())
+        qg.bn_kept = {f.target.name: [n.name for n in f.folded] for f in fusions
+                      if f.target.name in quantized and f.target.name not in qg.unfused
+                      and f.target.type in WEIGHT_TYPES}
+        skip += sorted(qg.bn_kept)
+    fuse_bn_scale(qg.graph, config.do_fusion, skip)
+    # The kept chain's layers are fused at save_model: their own quantization settings do not apply.
+    kept = {name for chain in qg.bn_kept.values() for name in chain}
+    enabled = [name for name in config.quantized_layers() if name not in kept]
+    accelerate_bn_scale_bias(qg.graph, set(enabled))
     qg.float_graph = qg.graph.copy()
-    qg.targets = quant_targets(qg.graph, config.quantized_layers())
+    qg.targets = quant_targets(qg.graph, enabled)
 
 
 def _write_graph(graph: Graph, model_file, weights_file) -> None:
@@ -156,17 +174,34 @@ def _write_graph(graph: Graph, model_file, weights_file) -> None:
     outputs.commit()
 
 
+def _arq_settings(qg: QuantGraph, node, target: QuantTarget) -> tuple[str, bool, int]:
+    """(layer_type, channel_wise, group) of the ARQ quantization of ``node``'s weights."""
+    params = qg.config.layers[target.name].weight_quant_params if target.name in qg.config.layers else None
+    group = int(node.layer_param.convolution_param.group) if node.type == "Deconvolution" else 1
+    layer_type = target.layer_type if node.type == "Convolution" else node.type
+    channel_wise = bool(getattr(params, "channel_wise", node.type != "InnerProduct"))
+    return layer_type, channel_wise, group
+
+
+def _record_weights(record, name: str, arq) -> None:
+    entry = layer_entry(record, name, create=True)
+    del entry.scale_w[:]
+    del entry.offset_w[:]
+    entry.scale_w.extend(arq.scale.tolist())
+    entry.offset_w.extend(arq.offset.tolist())
+    entry.num_bits_w = 8
+
+
 def weights_quantize_model(graph, modified_model_file, modified_weights_file) -> None:
     """Fuse BN/Scale/Bias, quantize the weights of the enabled layers (ARQ or SNQ), record scale_w."""
     qg = _check_graph(graph)
     log.setup()
     if qg.stage != "init":
         raise AmctError("weights_quantize_model: call it once, right after init()")
-    if qg.config.update_bn:
-        _LOG.warning("update_bn: refreshing BatchNorm statistics after weight quantization is not implemented "
-                     "yet; BN layers are fused with their trained statistics (expect lower accuracy with "
-                     "snq_quantize)")
     _fuse(qg)
+    if qg.config.update_bn:
+        _LOG.info("update_bn: BatchNorm layer(s) %s stay unfused until save_model; their statistics are "
+                  "refreshed by the calibration model", [chain[0] for chain in qg.bn_kept.values()])
     record = read_record(qg.record_file)
     # The record says which layers stayed unfused, so convert_model rebuilds the same graph from it.
     for name in sorted(qg.unfused):
@@ -176,9 +211,7 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
             continue
         node = qg.graph.node(target.name)
         params = qg.config.layers[target.name].weight_quant_params if target.name in qg.config.layers else None
-        group = int(node.layer_param.convolution_param.group) if node.type == "Deconvolution" else 1
-        layer_type = target.layer_type if node.type == "Convolution" else node.type
-        channel_wise = bool(getattr(params, "channel_wise", node.type != "InnerProduct"))
+        layer_type, channel_wise, group = _arq_settings(qg, node, target)
         weight = node.params[0]
         if params is not None and params.wts_algo == "snq_quantize":
             snq = snq_quantize_weight(weight, channel_wise, params.num_bits, params.max_iteration,
@@ -188,12 +221,7 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
             weight = snq.fake
             qg.float_graph.node(target.name).params[0] = weight
         arq = arq_quantize_weight(weight, layer_type, channel_wise, 8, group)
-        entry = layer_entry(record, target.name, create=True)
-        del entry.scale_w[:]
-        del entry.offset_w[:]
-        entry.scale_w.extend(arq.scale.tolist())
-        entry.offset_w.extend(arq.offset.tolist())
-        entry.num_bits_w = 8
+        _record_weights(record, target.name, arq)
         node.params = [arq.fake, *node.params[1:]]
         _LOG.debug("weights of '%s' quantized (%s, %d scale(s))", target.name,
                    "snq" if params is not None and params.wts_algo == "snq_quantize" else "arq", arq.scale.size)
@@ -222,10 +250,98 @@ def activation_quantize_model(graph, modified_model_file, modified_weights_file)
                      for i in target.inputs)
     calib = qg.graph.copy()
     insert_calibration_layers(calib, specs, qg.record_file, config.batch_num)
+    _insert_bn_update_layers(qg, calib)
     _write_graph(calib, modified_model_file, modified_weights_file)
     qg.stage = "activations"
     _LOG.info("calibration model written to %s: run it %d time(s), then call save_model", modified_model_file,
-              config.batch_num)
+              calibration_forwards(qg))
+
+
+def calibration_forwards(graph) -> int:
+    """How many times the calibration model must run: batch_num, or bn_update_iterations if larger
+    (update_bn with BatchNorm layers to refresh)."""
+    qg = _check_graph(graph)
+    n = qg.config.batch_num
+    if qg.bn_kept:
+        n = max(n, _bn_update_settings(qg).bn_update_iterations)
+    return n
+
+
+def _bn_update_settings(qg: QuantGraph) -> BnUpdateConfig:
+    return qg.config.bn_update_config or BnUpdateConfig()
+
+
+def _insert_bn_update_layers(qg: QuantGraph, calib: Graph) -> None:
+    """A BNUpdate layer on the input of each kept BatchNorm (update_bn), starting from its blobs."""
+    if not qg.bn_kept:
+        return
+    settings = _bn_update_settings(qg)
+    dump_dir = os.path.abspath(settings.bn_dump_dir)
+    for chain in qg.bn_kept.values():
+        bn = calib.node(chain[0])
+        bp = bn.layer_param.batch_norm_param
+        # The guide: the BatchNorm's own moving_average_fraction if it sets one, else the config's.
+        fraction = bp.moving_average_fraction if bp.HasField("moving_average_fraction") \
+            else settings.bn_moving_average_fraction
+        stale = bn_dump_path(dump_dir, bn.name)
+        if stale.exists():  # a dump of an earlier run must not be taken for this one's
+            stale.unlink()
+        lp = caffe_pb().LayerParameter()
+        name = calib.unique_node_name(f"{bn.name}_bn_update")
+        lp.name, lp.type = name, "BNUpdate"
+        lp.bottom.append(bn.bottoms[0])
+        p = lp.bn_update_param
+        p.bn_layer, p.iterations = bn.name, settings.bn_update_iterations
+        p.moving_average_fraction, p.dump_dir = fraction, dump_dir
+        params = [np.array(a, dtype=np.float32, copy=True) for a in bn.params[:3]]
+        calib.insert(calib.index(bn), Node(name, "BNUpdate", [bn.bottoms[0]], [], params, lp, origin=[]))
+        _LOG.debug("inserted BNUpdate '%s' for BatchNorm '%s'", name, bn.name)
+    calib.check()
+
+
+def _refreshed_float_graph(qg: QuantGraph, record) -> Graph:
+    """update_bn: the float graph with the refreshed BatchNorm statistics fused into the kept
+    layers, whose weights are quantized again (ARQ) into ``record``'s scale_w / offset_w."""
+    settings = _bn_update_settings(qg)
+    dump_dir = os.path.abspath(settings.bn_dump_dir)
+    g = qg.float_graph.copy()
+    for chain in qg.bn_kept.values():
+        bn = g.node(chain[0])
+        path = bn_dump_path(dump_dir, bn.name)
+        if not path.is_file():
+            raise AmctError(f"update_bn: no refreshed statistics of BatchNorm layer '{bn.name}' ({path}): run "
+                            f"the calibration model bn_update_iterations ({settings.bn_update_iterations}) "
+                            "times before save_model")
+        with np.load(path) as z:
+            mean, var = np.asarray(z["mean"], np.float32), np.asarray(z["var"], np.float32)
+        channels = bn.params[0].size
+        if mean.shape != (channels,) or var.shape != (channels,):
+            raise AmctError(f"update_bn: {path} holds {mean.size} mean / {var.size} var value(s); BatchNorm "
+                            f"'{bn.name}' has {channels} channels")
+        bn.params = [mean.reshape(bn.params[0].shape), var.reshape(bn.params[1].shape),
+                     np.ones_like(bn.params[2], dtype=np.float32), *bn.params[3:]]
+        _LOG.info("update_bn: BatchNorm '%s' uses the statistics of %s", bn.name, path)
+    fusions = [f for f in find_fusions(g) if f.target.name in qg.bn_kept]
+    for f in fusions:
+        if [n.name for n in f.folded] != qg.bn_kept[f.target.name]:
+            raise AmctError(f"update_bn: layer '{f.target.name}' would now fuse {[n.name for n in f.folded]}, "
+                            f"not {qg.bn_kept[f.target.name]}")
+    if {f.target.name for f in fusions} != set(qg.bn_kept):
+        raise AmctError(f"update_bn: cannot fuse the BatchNorm chains of {sorted(qg.bn_kept)} any more")
+    check_fusions(g, fusions)
+    for f in fusions:
+        apply_fusion(g, f)
+    g.prune_blobs()
+    g.check()
+    for target in qg.targets:
+        if target.name not in qg.bn_kept:
+            continue
+        node = g.node(target.name)
+        layer_type, channel_wise, group = _arq_settings(qg, node, target)
+        arq = arq_quantize_weight(node.params[0], layer_type, channel_wise, 8, group)
+        _record_weights(record, target.name, arq)
+    write_record(record, qg.record_file)
+    return g
 
 
 def save_quantized(float_graph: Graph, targets: list[QuantTarget], record, save_type: str, save_path,
@@ -267,4 +383,5 @@ def save_model(graph, save_type, save_path) -> dict[str, str]:
     if qg.stage != "activations":
         raise AmctError("save_model: call activation_quantize_model and run the calibration model first")
     record = read_record(qg.record_file)
-    return save_quantized(qg.float_graph, qg.targets, record, save_type, save_path, qg.original_names)
+    float_graph = _refreshed_float_graph(qg, record) if qg.bn_kept else qg.float_graph
+    return save_quantized(float_graph, qg.targets, record, save_type, save_path, qg.original_names)

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from amct_caffe.api.calibration import (activation_quantize_model, create_quant_config, init, save_model,
-                                        weights_quantize_model)
+from amct_caffe.api.calibration import (activation_quantize_model, calibration_forwards, create_quant_config, init,
+                                        save_model, weights_quantize_model)
 from amct_caffe.errors import AmctError
 
 _LOG = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
         modified_weights = os.path.join(tmp, "modified_model.caffemodel")
         weights_quantize_model(graph, modified_model, modified_weights)
         activation_quantize_model(graph, modified_model, modified_weights)
-        needed = graph.config.batch_num
+        needed = calibration_forwards(graph)  # batch_num, or bn_update_iterations if larger
         net = Net(modified_model, modified_weights, TEST)
         done = 0
         for feed in tqdm(batches, total=needed, desc="calibration", unit="batch", disable=not progress):
@@ -48,5 +48,6 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
             if done == needed:
                 break
         if done < needed:
-            raise AmctError(f"calibration needs {needed} batch(es) (batch_num) but the data gave only {done}")
+            raise AmctError(f"calibration needs {needed} batch(es) (batch_num, or bn_update_iterations with "
+                            f"update_bn) but the data gave only {done}")
         return save_model(graph, "Both", save_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from amct_caffe.errors import GraphError
 
 # Types that only observe their inputs (calibration layers) or discard them.
-_NO_TOP_TYPES = {"Silence", "IFMR", "SearchN"}
+_NO_TOP_TYPES = {"Silence", "IFMR", "SearchN", "BNUpdate"}
 
 
 def check_graph(graph) -> None:

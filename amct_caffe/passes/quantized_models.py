@@ -29,7 +29,7 @@ from amct_caffe.quant.fake_quant import pack_deq_scale
 from amct_caffe.record import RecordError, activation_entry, layer_entry, new_record
 
 WEIGHT_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
-INSERTED_TYPES = ("Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN")
+INSERTED_TYPES = ("Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN", "BNUpdate")
 FAKE, DEPLOY = "fake_quant", "deploy"
 
 

@@ -1,7 +1,5 @@
 """Non-uniform (SNQ, INT4) weight quantization end to end: the guide's .cfg route on LeNet."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -60,13 +58,3 @@ def test_snq_layer_has_at_most_16_levels_per_channel_and_keeps_accuracy(tmp_path
              str(tmp_path / "out/lenet_fake_quant_weights.caffemodel"), TEST).forward(data=test_x)["prob"].argmax(1)
     assert np.mean(fq == test_y) >= np.mean(fp == test_y) - 0.01
 
-
-def test_update_bn_is_announced_as_not_applied(tmp_path, caplog):
-    config = tmp_path / "config.json"
-    amct.create_quant_config(str(config), str(LENET), str(LENET_W))
-    content = json.loads(config.read_text())
-    content["update_bn"] = True
-    config.write_text(json.dumps(content))
-    graph = amct.init(str(config), str(LENET), str(LENET_W), str(tmp_path / "record.txt"))
-    amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
-    assert "update_bn" in caplog.text and "not implemented" in caplog.text

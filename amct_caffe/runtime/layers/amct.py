@@ -31,12 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from amct_caffe.errors import ConfigError, GraphError, WeightsError
+from amct_caffe.io.files import atomic_output
 from amct_caffe.proto import caffe_pb
 from amct_caffe.quant import (IfmrObserver, IfmrParams, QuantizationError, SearchNObserver, fake_quant,
                               quantize, round_half_away, unpack_deq_scale)
 from amct_caffe.record import (RecordError, activation_entry, layer_entry, new_record, read_record,
                                write_record)
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers.normalization import batch_moments
 from amct_caffe.runtime.registry import register
 
 _LOG = logging.getLogger(__name__)
@@ -492,3 +494,90 @@ class DeQuantLayer(Layer):
 
     def forward(self, bottoms):
         return [DeQuant(bottoms[0], *[b.data for b in self.blobs])]
+
+
+# ------------------------------------------------------------------ BNUpdate
+def bn_update_step(x, mean, variance, factor, fraction):
+    """One Caffe BatchNorm moving-average update (TRAIN / use_global_stats false) of the blobs
+    ``mean``, ``variance`` (each (C,)) and ``factor`` ((1,)) with batch ``x`` (N, C, ...).
+
+    factor = factor * f + 1; mean = batch_mean + f * mean;
+    variance = m / (m - 1) * batch_var + f * variance (m = elements per channel). New arrays.
+    """
+    f = _F32(fraction)
+    batch_mean, batch_var = batch_moments(np.asarray(x, _F32))
+    m = x.size // batch_mean.size
+    correction = _F32(m / (m - 1)) if m > 1 else _F32(1)
+    return (batch_mean + f * np.asarray(mean, _F32), correction * batch_var + f * np.asarray(variance, _F32),
+            np.asarray(factor, _F32) * f + _F32(1))
+
+
+def bn_dump_path(dump_dir, bn_layer: str) -> Path:
+    """Where the BNUpdate layer of BatchNorm ``bn_layer`` writes its refreshed statistics."""
+    return Path(dump_dir) / f"{bn_layer.replace('/', '_')}.npz"
+
+
+@register("BNUpdate")
+class BnUpdateLayer(Layer):
+    """Refreshes the statistics of BatchNorm ``bn_update_param.bn_layer`` (update_bn).
+
+    Bottom: the BatchNorm's input; no top. Blobs: copies of the BatchNorm's mean, variance and
+    moving-average factor, the starting point of Caffe's update rule (:func:`bn_update_step`),
+    applied on each of the first ``iterations`` forwards. After the last one the layer writes
+    ``<dump_dir>/<bn_layer>.npz`` with ``mean`` = blobs[0] / blobs[2] and ``var`` = blobs[1] / blobs[2]
+    (atomically); later forwards do nothing.
+    """
+
+    num_tops = 0
+    n_blobs = 3
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        p = lp.bn_update_param
+        where = f"layer '{self.name}' (BNUpdate): bn_update_param"
+        if not p.bn_layer:
+            raise GraphError(f"{where}.bn_layer is empty")
+        if p.iterations < 1:
+            raise GraphError(f"{where}.iterations must be >= 1, got {p.iterations}")
+        if not 0 < p.moving_average_fraction < 1:
+            raise GraphError(f"{where}.moving_average_fraction must be in (0, 1), got {p.moving_average_fraction}")
+        if not p.dump_dir:
+            raise GraphError(f"{where}.dump_dir is empty")
+        self.bn_layer, self.iterations = p.bn_layer, int(p.iterations)
+        self.fraction = _F32(p.moving_average_fraction)
+        self.dump_file = bn_dump_path(p.dump_dir, p.bn_layer)
+        self._seen = 0
+
+    @staticmethod
+    def _channels(shape) -> int:
+        return 1 if len(shape) == 1 else int(shape[1])
+
+    def param_shapes(self, bottom_shapes):
+        c = self._channels(bottom_shapes[0])
+        return [(c,), (c,), (1,)]
+
+    def reshape(self, bottom_shapes):
+        c = self._channels(bottom_shapes[0])
+        if self.blobs and self.blobs[0].data.size != c:
+            raise GraphError(f"layer '{self.name}' (BNUpdate): the bottom has {c} channels, the statistics "
+                             f"blobs {self.blobs[0].data.size}")
+        return []
+
+    def forward(self, bottoms):
+        if self._seen >= self.iterations:
+            return []
+        mean, var, factor = bn_update_step(bottoms[0], self.blobs[0].data, self.blobs[1].data,
+                                           self.blobs[2].data, self.fraction)
+        self.blobs[0].data[...], self.blobs[1].data[...], self.blobs[2].data[...] = mean, var, factor
+        self._seen += 1
+        _LOG.info("BNUpdate '%s': batch %d/%d applied to '%s'", self.name, self._seen, self.iterations,
+                  self.bn_layer)
+        if self._seen == self.iterations:
+            f = _F32(self.blobs[2].data.reshape(-1)[0])
+            with atomic_output(self.dump_file, "wb") as out:
+                np.savez(out, mean=(self.blobs[0].data / f).astype(_F32),
+                         var=(self.blobs[1].data / f).astype(_F32), bn_layer=np.array(self.bn_layer),
+                         iterations=np.array(self.iterations))
+            _LOG.info("BNUpdate '%s': statistics of BatchNorm '%s' refreshed over %d batch(es), written to %s",
+                      self.name, self.bn_layer, self.iterations, self.dump_file)
+        return []
