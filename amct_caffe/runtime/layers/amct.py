@@ -38,7 +38,7 @@ from amct_caffe.quant import (IfmrObserver, IfmrParams, QuantizationError, Searc
 from amct_caffe.record import (RecordError, activation_entry, layer_entry, new_record, read_record,
                                write_record)
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.layers.normalization import batch_moments
+from amct_caffe.runtime.layers.normalization import moving_average_update
 from amct_caffe.runtime.registry import register
 
 _LOG = logging.getLogger(__name__)
@@ -504,12 +504,7 @@ def bn_update_step(x, mean, variance, factor, fraction):
     factor = factor * f + 1; mean = batch_mean + f * mean;
     variance = m / (m - 1) * batch_var + f * variance (m = elements per channel). New arrays.
     """
-    f = _F32(fraction)
-    batch_mean, batch_var = batch_moments(np.asarray(x, _F32))
-    m = x.size // batch_mean.size
-    correction = _F32(m / (m - 1)) if m > 1 else _F32(1)
-    return (batch_mean + f * np.asarray(mean, _F32), correction * batch_var + f * np.asarray(variance, _F32),
-            np.asarray(factor, _F32) * f + _F32(1))
+    return moving_average_update(x, mean, variance, factor, fraction)[:3]
 
 
 def bn_dump_path(dump_dir, bn_layer: str) -> Path:

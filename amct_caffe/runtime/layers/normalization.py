@@ -65,6 +65,21 @@ def BatchNorm(x, mean, variance, moving_average_factor, eps=1e-5):
     return _normalize(x, m, v, eps)
 
 
+def moving_average_update(x, mean, variance, factor, fraction):
+    """Caffe BatchNorm's statistics update for batch ``x`` (N, C, ...) (TRAIN / use_global_stats false).
+
+    factor = factor * f + 1; mean = batch_mean + f * mean;
+    variance = m / (m - 1) * batch_var + f * variance, m = elements per channel, f = ``fraction``.
+    Returns ``(new mean, new variance, new factor, batch_mean, batch_var)`` as new float32 arrays.
+    """
+    f = _F32(fraction)
+    batch_mean, batch_var = batch_moments(np.asarray(x, _F32))
+    m = x.size // batch_mean.size
+    correction = _F32(m / (m - 1)) if m > 1 else _F32(1)
+    return (batch_mean + f * np.asarray(mean, _F32), correction * batch_var + f * np.asarray(variance, _F32),
+            np.asarray(factor, _F32) * f + _F32(1), batch_mean, batch_var)
+
+
 @register("BatchNorm")
 class BatchNormLayer(Layer):
     """Caffe's BatchNorm layer.
@@ -103,13 +118,9 @@ class BatchNormLayer(Layer):
     def _moments(self, x):
         if self.use_global_stats:
             return global_moments(self.blobs[0].data, self.blobs[1].data, self.blobs[2].data)
-        mean, var = batch_moments(x)
-        f = self.fraction
-        self.blobs[2].data[...] = self.blobs[2].data * f + _F32(1)
-        self.blobs[0].data[...] = mean + f * self.blobs[0].data
-        m = x.size // mean.size
-        correction = _F32(m / (m - 1)) if m > 1 else _F32(1)
-        self.blobs[1].data[...] = correction * var + f * self.blobs[1].data
+        new_mean, new_var, new_factor, mean, var = moving_average_update(
+            x, self.blobs[0].data, self.blobs[1].data, self.blobs[2].data, self.fraction)
+        self.blobs[0].data[...], self.blobs[1].data[...], self.blobs[2].data[...] = new_mean, new_var, new_factor
         return mean, var
 
     def forward(self, bottoms):
