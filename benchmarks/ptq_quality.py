@@ -471,6 +471,7 @@ def write_cfg(path: Path, skip_types, skip_layers, batch_num: int, offset: bool)
 
 def run_case(case: Case, args, out_dir: Path) -> None:
     from amct_caffe import io
+    from amct_caffe.api.fallback import calibrate_with_fallback
     from amct_caffe.api.workflow import calibrate
     from amct_caffe.runtime import TEST, Net
 
@@ -488,11 +489,24 @@ def run_case(case: Case, args, out_dir: Path) -> None:
     if config_file.exists():
         config_file.unlink()
     t0 = time.perf_counter()
-    paths = calibrate(str(case.model), str(case.weights), iter(calib_feeds), str(case_dir / case.name), batch_num,
-                      config_file=str(config_file), config_defination=str(cfg) if cfg else None,
-                      activation_offset=not args.no_offset, progress=True)
+    if args.target_cosine:
+        # The search evaluates on the calibration samples only: the evaluation data stays unseen.
+        result = calibrate_with_fallback(str(case.model), str(case.weights), calib_feeds, str(case_dir / case.name),
+                                         batch_num, target_cosine=args.target_cosine,
+                                         max_float_layers=args.max_float_layers,
+                                         config_defination=str(cfg) if cfg else None,
+                                         activation_offset=not args.no_offset, progress=True)
+        paths = result.outputs
+        config_file.write_text(Path(paths["fallback_config"]).read_text())
+        print(f"[{case.name}] fallback: float layers {result.float_layers}; calibration-set cosine "
+              f"{result.cosine_int8:.6f} -> {result.cosine_final:.6f}", flush=True)
+    else:
+        paths = calibrate(str(case.model), str(case.weights), iter(calib_feeds), str(case_dir / case.name),
+                          batch_num, config_file=str(config_file), config_defination=str(cfg) if cfg else None,
+                          activation_offset=not args.no_offset, progress=True)
     n_calib = sum(len(f[case.input]) for f in calib_feeds)
-    TIMES.append((case.name, f"calibrate ({batch_num} batch(es), {n_calib} samples)", time.perf_counter() - t0,
+    what = "calibrate + fallback search" if args.target_cosine else "calibrate"
+    TIMES.append((case.name, f"{what} ({batch_num} batch(es), {n_calib} samples)", time.perf_counter() - t0,
                   n_calib))
     conf = json.loads(config_file.read_text())
     types = {lp.name: lp.type for lp in io.load_prototxt(case.model).layer}
@@ -543,6 +557,10 @@ def main() -> int:
     ap.add_argument("--batch-mult", type=int, default=1, help="K times as many calibration batches")
     ap.add_argument("--no-deploy", action="store_true", help="skip the deploy model's integer simulation")
     ap.add_argument("--diagnose", action="store_true", help="per-blob cosine FP32 vs fake-quant")
+    ap.add_argument("--target-cosine", type=float, default=0.0,
+                    help="accuracy-based fallback (amct_caffe.api.fallback) to this output cosine, searched on "
+                         "the calibration samples")
+    ap.add_argument("--max-float-layers", type=int, default=8, help="fallback: at most this many float layers")
     args = ap.parse_args()
     args.skip_types = [t for t in args.skip_types.split(",") if t]
     args.skip_layers = [t for t in args.skip_layers.split(",") if t]

@@ -1,0 +1,249 @@
+"""Accuracy-based fallback: find the layers quantization hurts most and keep them in float.
+
+The guide (量化配置, ``quant_enable``) tells users whose network misses its accuracy to find the
+quantization-sensitive layers by comparing the float and quantized outputs layer by layer, and to
+switch their quantization off. :func:`calibrate_with_fallback` does that search automatically, in
+the manner of TPU-MLIR's ``run_sensitive_layer`` / ``search_qtable``:
+
+1. calibrate every layer the config enables (the guide's flow); if the outputs already reach
+   ``target_cosine``, that is the result. Otherwise calibrate again observing the activations of
+   the float model: the guide's flow observes them behind the quantized weights, so that one
+   broken layer would also spoil the factors of every layer after it, and make them look
+   sensitive too;
+2. the *sensitivity* of each quantized layer L is ``1 - cos``, where ``cos`` is the mean over the
+   evaluation samples of the cosine between the float model's outputs and those of the model in
+   which only L is fake-quantized (with the factors of step 1);
+3. greedy: layers move to float in decreasing sensitivity until the model with all the other
+   layers quantized reaches ``target_cosine`` (or ``max_float_layers`` are float);
+4. prune: each float layer, least sensitive first, is quantized again if the target still holds
+   without it in float (interactions make some of the greedy choices unnecessary);
+5. the config with ``quant_enable: false`` for the float layers is written beside the outputs
+   (``<prefix>_fallback_config.json``, usable with ``init`` / ``amct-caffe calibrate --config``)
+   and the model is calibrated again with it, by the guide's flow, so the saved models are exactly
+   what ``calibrate`` gives with that config. Their cosine is measured again and reported.
+
+The cosine of a sample concatenates every compared output blob (the network's outputs unless
+``compare_blobs`` names others), flattened, in float64. Steps 2-4 cost one evaluation pass per
+quantized layer plus at most ``2 * max_float_layers``; an evaluation pass runs the fake-quant
+model over ``eval_batches`` in the embedded executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from amct_caffe import log
+from amct_caffe.api.calibration import _refreshed_float_graph, create_quant_config, save_model
+from amct_caffe.api.workflow import run_calibration
+from amct_caffe.config.quant_config import read_quant_config, write_quant_config
+from amct_caffe.errors import AmctError
+from amct_caffe.io.files import atomic_output
+from amct_caffe.io.graph_io import graph_to_net
+from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
+from amct_caffe.record import read_record
+
+_LOG = logging.getLogger(__name__)
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class FallbackResult:
+    """What :func:`calibrate_with_fallback` found and wrote.
+
+    ``sensitivity``: layer -> 1 - cosine with only that layer quantized (step 2; empty when every
+    layer quantized already met the target). ``cosine_int8``: all enabled layers quantized;
+    ``cosine_final``: the saved fake-quant model (after the second calibration).
+    """
+
+    outputs: dict[str, str]
+    float_layers: list[str]
+    cosine_int8: float
+    cosine_final: float
+    target_cosine: float
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def target_met(self) -> bool:
+        return self.cosine_final >= self.target_cosine
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of the rows of two (N, D) arrays in float64; 1 where both rows are zero, 0 where one is."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.einsum("ij,ij->i", a, b)
+    both_zero = (na == 0) & (nb == 0)
+    return np.where(both_zero, 1.0, dot / np.maximum(na * nb, np.finfo(np.float64).tiny))
+
+
+class OutputComparator:
+    """Mean per-sample cosine between a reference net's outputs and other nets' on fixed batches.
+
+    A blob whose first axis is the batch size is split per sample; a batch whose outputs are not
+    all split that way counts as one sample.
+    """
+
+    def __init__(self, reference_net, batches: Sequence[Feed], compare_blobs: Sequence[str] | None = None):
+        self.batches = list(batches)
+        if not self.batches:
+            raise AmctError("accuracy-based fallback needs at least one evaluation batch")
+        self.blobs = list(compare_blobs) if compare_blobs else list(reference_net.outputs)
+        missing = [b for b in self.blobs if b not in reference_net.blobs]
+        if missing:
+            raise AmctError(f"compare_blobs {missing} are not blobs of the float model "
+                            f"(its outputs: {list(reference_net.outputs)})")
+        self.reference = [self._rows(reference_net, feed) for feed in self.batches]
+
+    def _rows(self, net, feed: Feed) -> np.ndarray:
+        net.forward(**feed)
+        n = len(next(iter(feed.values())))
+        arrays = []
+        for name in self.blobs:
+            if name not in net.blobs:
+                raise AmctError(f"blob '{name}' compared for the fallback search is missing from the "
+                                "quantized model")
+            arrays.append(np.asarray(net.blobs[name].data))
+        if all(a.ndim and a.shape[0] == n for a in arrays):
+            return np.concatenate([a.reshape(n, -1) for a in arrays], axis=1).astype(np.float64)
+        return np.concatenate([a.reshape(1, -1) for a in arrays], axis=1).astype(np.float64)
+
+    def cosine(self, net) -> float:
+        """Mean over samples of cosine(reference outputs, ``net``'s outputs)."""
+        values = [cosine_rows(ref, self._rows(net, feed)) for ref, feed in zip(self.reference, self.batches,
+                                                                                  strict=True)]
+        return float(np.concatenate(values).mean())
+
+
+def _materialize(batches, what: str) -> list[Feed]:
+    if callable(batches):
+        batches = batches()
+    out = list(batches)
+    if not out:
+        raise AmctError(f"{what}: no batch given")
+    return out
+
+
+def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str], target_cosine: float,
+                        max_float_layers: int, progress: bool = True) -> tuple[list[str], dict[str, float], float]:
+    """Steps 2-4 of the module doc over abstract layers.
+
+    ``score(quantized)`` is the output cosine with exactly the layers of ``quantized`` quantized.
+    Returns (float layers in the order they were chosen, sensitivity per layer, cosine of the
+    result). Never more than ``max_float_layers`` are float; if the target cannot be met within
+    that, the best set found is returned.
+    """
+    all_layers = list(layers)
+    sensitivity = {}
+    for name in tqdm(all_layers, desc="sensitivity", unit="layer", disable=not progress):
+        sensitivity[name] = 1.0 - score({name})
+        _LOG.info("fallback search: only '%s' quantized -> output cosine %.6f", name, 1.0 - sensitivity[name])
+    ranked = sorted(all_layers, key=lambda n: (-sensitivity[n], all_layers.index(n)))
+    chosen: list[str] = []
+    best = (score(set(all_layers)), [])
+    current = best[0]
+    for name in ranked[:max_float_layers]:
+        if current >= target_cosine:
+            break
+        chosen.append(name)
+        current = score(set(all_layers) - set(chosen))
+        _LOG.info("fallback search: %d float layer(s) (+'%s') -> output cosine %.6f", len(chosen), name, current)
+        if current > best[0]:
+            best = (current, list(chosen))
+    if current < target_cosine:  # target out of reach: the best prefix seen
+        _LOG.warning("fallback search: %d float layer(s) do not reach output cosine %.6f (best %.6f)",
+                     max_float_layers, target_cosine, best[0])
+        return best[1], sensitivity, best[0]
+    for name in reversed(list(chosen)):  # least sensitive first
+        trial = [c for c in chosen if c != name]
+        value = score(set(all_layers) - set(trial))
+        if value >= target_cosine:
+            _LOG.info("fallback search: '%s' can stay quantized (output cosine %.6f)", name, value)
+            chosen, current = trial, value
+    return chosen, sensitivity, current
+
+
+def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_path, batch_num: int,
+                            eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 8,
+                            config_file=None, config_defination=None, activation_offset: bool = True,
+                            compare_blobs: Sequence[str] | None = None, progress: bool = True) -> FallbackResult:
+    """Calibrate, then keep the most quantization-sensitive layers in float until the outputs reach
+    ``target_cosine`` (see the module doc for the search).
+
+    ``calibration_batches`` / ``eval_batches``: sequences of {input blob: array} (or zero-argument
+    callables returning an iterable of them); the calibration data is read twice, and evaluation
+    defaults to it. ``config_file`` (an existing JSON config) or ``config_defination`` (.cfg) give
+    the starting config, whose disabled layers stay disabled; neither is modified. Writes save_model's
+    files for ``save_path`` plus ``<save_path>_fallback_config.json``.
+    """
+    from amct_caffe.runtime import TEST, Net
+
+    log.setup()
+    if not 0.0 < target_cosine <= 1.0:
+        raise AmctError(f"target_cosine must be in (0, 1], got {target_cosine}")
+    if isinstance(max_float_layers, bool) or not isinstance(max_float_layers, int) or max_float_layers < 0:
+        raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
+    calib = _materialize(calibration_batches, "calibration_batches")
+    evaluation = _materialize(eval_batches, "eval_batches") if eval_batches is not None else calib
+    comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs)
+    with tempfile.TemporaryDirectory(prefix="amct_fallback_") as tmp:
+        config = os.path.join(tmp, "config.json")
+        if config_file is not None:
+            if not os.path.isfile(config_file):
+                raise AmctError(f"config_file {config_file} does not exist")
+            write_quant_config(read_quant_config(config_file), config)
+        else:
+            create_quant_config(config, model_file, weights_file, batch_num=batch_num,
+                                activation_offset=activation_offset, config_defination=config_defination)
+        def calibrated(config_path, name, float_weights=False):
+            work = os.path.join(tmp, name)
+            os.mkdir(work)
+            return run_calibration(config_path, model_file, weights_file, calib, work, progress, float_weights)
+
+        def scorer(graph):
+            record = read_record(graph.record_file)
+            float_graph = _refreshed_float_graph(graph, record) if graph.bn_kept else graph.float_graph
+            targets = {t.name: t for t in graph.targets}
+
+            def score(quantized: set[str]) -> float:
+                chosen = [t for name, t in targets.items() if name in quantized]
+                net, weights = graph_to_net(build_quantized_graph(float_graph, chosen, record, FAKE))
+                return comparator.cosine(Net(net, weights=weights, phase=TEST))
+            return score, list(targets)
+
+        graph = calibrated(config, "int8")  # the guide's flow with every enabled layer
+        score, layers = scorer(graph)
+        cosine_int8 = score(set(layers))
+        _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.6f (target %.6f)",
+                  len(layers), cosine_int8, target_cosine)
+        sensitivity: dict[str, float] = {}
+        float_layers: list[str] = []
+        final_config = graph.config
+        if cosine_int8 < target_cosine:
+            score, layers = scorer(calibrated(config, "search", float_weights=True))
+            float_layers, sensitivity, _ = search_float_layers(score, layers, target_cosine, max_float_layers,
+                                                               progress)
+            for name in float_layers:
+                final_config.layers[name].quant_enable = False
+        if float_layers:
+            final_path = os.path.join(tmp, "final_config.json")
+            write_quant_config(final_config, final_path)
+            graph = calibrated(final_path, "final")
+        config_out = f"{save_path}_fallback_config.json"
+        outputs = save_model(graph, "Both", save_path)
+        with atomic_output(config_out, "wb") as f:
+            f.write(final_config.to_json().encode("utf-8"))
+        outputs["fallback_config"] = config_out
+    cosine_final = comparator.cosine(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
+    result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
+    level = logging.INFO if result.target_met else logging.WARNING
+    _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.6f (target %.6f%s)",
+             len(float_layers), float_layers, cosine_int8, cosine_final, target_cosine,
+             "" if result.target_met else ", NOT met")
+    return result

@@ -1,0 +1,162 @@
+"""Accuracy-based fallback (amct_caffe.api.fallback): the search, and the whole flow on a model with one
+layer that INT8 weights cannot represent."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amct_caffe import AmctError
+from amct_caffe.api.fallback import calibrate_with_fallback, cosine_rows, search_float_layers
+from amct_caffe.api.workflow import calibrate
+from amct_caffe.runtime import TEST, Net
+
+SHAPE = (4, 3, 8, 8)
+MODEL = (
+    'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }\n'
+    'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 4 '
+    'kernel_size: 3 pad: 1 } }\n'
+    'layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }\n'
+    'layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param { num_output: 4 '
+    'kernel_size: 3 pad: 1 } }\n'
+    'layer { name: "r2" type: "ReLU" bottom: "c2" top: "c2" }\n'
+    'layer { name: "c3" type: "Convolution" bottom: "c2" top: "out" convolution_param { num_output: 2 '
+    'kernel_size: 1 } }\n')
+
+
+def batches(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"data": rng.normal(size=SHAPE).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """c2 reads channel 0 of c1, which ReLU keeps at 0, through a tap of 100 per output channel: per-channel
+    INT8 weights then have a step of 100/127 and round every other tap (|w| < 0.3) of c2 to 0."""
+    tmp = tmp_path_factory.mktemp("fallback_model")
+    proto = tmp / "model.prototxt"
+    proto.write_text(MODEL)
+    rng = np.random.default_rng(0)
+    net = Net(str(proto), TEST)
+    c1, c2, c3 = (net.layer_dict[n].blobs for n in ("c1", "c2", "c3"))
+    c1[0].data[...] = rng.normal(scale=0.4, size=c1[0].data.shape)
+    c1[0].data[0] = 0
+    c1[1].data[...] = [-1.0, 0.1, 0.1, 0.1]  # channel 0: ReLU(-1) = 0 everywhere
+    c2[0].data[...] = rng.uniform(-0.3, 0.3, size=c2[0].data.shape)
+    c2[0].data[:, 0, 1, 1] = 100.0
+    c2[1].data[...] = 0.05
+    c3[0].data[...] = rng.normal(scale=0.5, size=c3[0].data.shape)
+    c3[1].data[...] = 0.0
+    weights = tmp / "model.caffemodel"
+    net.save(str(weights))
+    c2[0].data[:, 0, 1, 1] = 0.2  # the same model without the outsized tap
+    healthy = tmp / "healthy.caffemodel"
+    net.save(str(healthy))
+    return proto, weights, healthy
+
+
+def mean_cosine(ref_net, net, feeds, blob="out"):
+    values = []
+    for feed in feeds:
+        a = ref_net.forward(**feed)[blob].reshape(len(feed["data"]), -1).copy()
+        b = net.forward(**feed)[blob].reshape(len(feed["data"]), -1)
+        values.append(cosine_rows(a, b))
+    return float(np.concatenate(values).mean())
+
+
+def test_cosine_rows_handles_zero_rows():
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    b = np.array([[2.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-3.0, -4.0]])
+    np.testing.assert_allclose(cosine_rows(a, b), [1.0, 1.0, 0.0, -1.0])
+
+
+def additive_score(losses, pair_bonus=None):
+    """Cosine 1 - sum of the losses of the quantized layers (minus a bonus when a pair is quantized together)."""
+    def score(quantized):
+        value = 1.0 - sum(losses[n] for n in quantized)
+        if pair_bonus and set(pair_bonus[0]) <= quantized:
+            value += pair_bonus[1]
+        return value
+    return score
+
+
+def test_search_picks_the_most_sensitive_layers_until_the_target_holds():
+    losses = {"a": 1e-5, "b": 3e-3, "c": 2e-4, "d": 5e-3, "e": 1e-6}
+    chosen, sensitivity, cos = search_float_layers(additive_score(losses), list(losses), 0.999, 8, progress=False)
+    assert chosen == ["d", "b"]
+    assert sensitivity == pytest.approx(losses)
+    assert cos == pytest.approx(1 - 1e-5 - 2e-4 - 1e-6)
+
+
+def test_search_gives_back_layers_the_target_does_not_need():
+    # The errors of a and d cancel when both are quantized: the greedy float set {d, b, c} reaches the
+    # target, and without d in it (d quantized next to a) the target still holds, so d returns to INT8.
+    losses = {"a": 1e-5, "b": 3e-3, "c": 1e-3, "d": 5e-3}
+    score = additive_score(losses, (("a", "d"), 4.5e-3))
+    chosen, _, cos = search_float_layers(score, list(losses), 0.999, 8, progress=False)
+    assert chosen == ["b", "c"]
+    assert cos == pytest.approx(1 - 1e-5 - 5e-3 + 4.5e-3)
+
+
+def test_search_returns_the_best_set_when_the_target_is_out_of_reach():
+    losses = {"a": 4e-3, "b": 3e-3, "c": 2e-3, "d": 1e-3}
+    chosen, _, cos = search_float_layers(additive_score(losses), list(losses), 0.99999, 2, progress=False)
+    assert chosen == ["a", "b"]
+    assert cos == pytest.approx(1 - 3e-3)
+    chosen, _, _ = search_float_layers(additive_score(losses), list(losses), 0.99999, 0, progress=False)
+    assert chosen == []
+
+
+def test_fallback_keeps_the_broken_layer_float_and_saves_what_the_ordinary_flow_gives(model, tmp_path):
+    proto, weights, _ = model
+    calib, evaluation = batches(2, seed=1), batches(3, seed=2)
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "fb/m"), 2,
+                                  eval_batches=evaluation, target_cosine=0.999, progress=False)
+    assert res.float_layers == ["c2"]
+    assert max(res.sensitivity, key=res.sensitivity.get) == "c2"
+    assert res.sensitivity["c2"] > 0.01 > max(v for k, v in res.sensitivity.items() if k != "c2")
+    assert res.cosine_int8 < 0.99 and res.target_met
+
+    fp32 = Net(str(proto), str(weights), TEST)
+    fq = Net(res.outputs["fake_quant_model"], res.outputs["fake_quant_weights"], TEST)
+    assert res.cosine_final == pytest.approx(mean_cosine(fp32, fq, evaluation), abs=1e-12)
+    assert "c2_quant" not in fq.layer_dict and "c1_quant" in fq.layer_dict  # c2 float, c1 INT8
+
+    config = json.loads(Path(res.outputs["fallback_config"]).read_text())
+    assert config["c2"]["quant_enable"] is False and config["c1"]["quant_enable"] is True
+    # The written config through the ordinary flow gives the same files, byte for byte.
+    plain = calibrate(str(proto), str(weights), iter(calib), str(tmp_path / "plain/m"), 2,
+                      config_file=res.outputs["fallback_config"], progress=False)
+    for kind in ("fake_quant_weights", "deploy_weights", "quant_param_record_txt"):
+        assert Path(plain[kind]).read_bytes() == Path(res.outputs[kind]).read_bytes(), kind
+
+
+def test_fallback_without_need_is_the_ordinary_calibration(model, tmp_path):
+    proto, _, healthy = model
+    calib = batches(2, seed=1)
+    res = calibrate_with_fallback(str(proto), str(healthy), calib, str(tmp_path / "fb/m"), 2, target_cosine=0.999,
+                                  progress=False)
+    assert res.float_layers == [] and res.sensitivity == {}
+    assert res.cosine_int8 >= 0.999 and res.cosine_final == pytest.approx(res.cosine_int8, abs=1e-12)
+    config = json.loads(Path(res.outputs["fallback_config"]).read_text())
+    assert all(config[n]["quant_enable"] for n in ("c1", "c2", "c3"))
+    plain = calibrate(str(proto), str(healthy), iter(calib), str(tmp_path / "plain/m"), 2, progress=False)
+    for kind in ("fake_quant_weights", "deploy_weights", "quant_param_record_txt"):
+        assert Path(plain[kind]).read_bytes() == Path(res.outputs[kind]).read_bytes(), kind
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_cosine": 1.5}, "target_cosine must be in (0, 1]"),
+    ({"max_float_layers": -1}, "max_float_layers must be an integer >= 0"),
+    ({"eval_batches": []}, "eval_batches: no batch given"),
+    ({"compare_blobs": ["nope"]}, "compare_blobs ['nope'] are not blobs of the float model"),
+    ({"config_file": "/nonexistent/config.json"}, "config_file /nonexistent/config.json does not exist"),
+])
+def test_fallback_rejects_bad_arguments_before_writing(model, tmp_path, kwargs, message):
+    proto, weights, _ = model
+    with pytest.raises(AmctError) as err:
+        calibrate_with_fallback(str(proto), str(weights), batches(1, seed=1), str(tmp_path / "m"), 1,
+                                progress=False, **kwargs)
+    assert message in str(err.value)
+    assert not list(tmp_path.iterdir())
