@@ -205,6 +205,8 @@ def cmd_calibrate(args) -> int:
     source = source.select(sel.start, sel.stop, sel.step)
     batches = source.batches(args.batch_num)  # checks there is enough data before any work
     _LOG.info("calibrating on %d batch(es) of %d from %s", args.batch_num, batch_size, source.describe())
+    if args.target_cosine is not None:
+        return _calibrate_with_fallback(args, batches)
     calibrate = _api("amct_caffe.api.workflow", "calibrate")
     with tqdm(batches, total=args.batch_num, desc="calibration", unit="batch",
               disable=not args.progress) as progress:
@@ -215,12 +217,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _calibrate_with_fallback(args, batches) -> int:
+    """calibrate, then keep the most quantization-sensitive layers float (amct_caffe.api.fallback)."""
+    calibrate_with_fallback = _api("amct_caffe.api.fallback", "calibrate_with_fallback")
+    feeds = list(batches)  # read twice or three times: calibration, search, final calibration
+    result = calibrate_with_fallback(args.model, args.weights, feeds, args.output, args.batch_num,
+                                     target_cosine=args.target_cosine, max_float_layers=args.max_float_layers,
+                                     config_file=args.config, config_defination=args.cfg,
+                                     activation_offset=args.activation_offset, progress=args.progress)
+    _print_outputs(result.outputs, args.output)
+    print(f"output cosine (FP32 vs INT8 on the calibration data): all layers quantized {result.cosine_int8:.8f}, "
+          f"saved model {result.cosine_final:.8f}, target {result.target_cosine:.8f}"
+          f"{'' if result.target_met else ' (NOT met)'}")
+    print(f"layers kept in float: {', '.join(result.float_layers) if result.float_layers else 'none'}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     _check_files(model=args.model, weights=args.weights, record=args.record)
     convert_model = _api("amct_caffe.api.convert", "convert_model")
     result = convert_model(args.model, args.weights, args.record, args.output)
     _print_outputs(result, args.output)
     return 0
+
+
+def _cosine(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -290,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-activation-offset", dest="activation_offset", action="store_false",
                      help="symmetric activation quantization (no offset)")
     cal.add_argument("--output", required=True, help="prefix of the files written (e.g. out/lenet)")
+    fb = cal.add_argument_group("accuracy-based fallback (keeps the most quantization-sensitive layers float)")
+    fb.add_argument("--target-cosine", type=_cosine, metavar="C",
+                    help="search, on the calibration data, for the fewest float layers that bring the mean "
+                         "cosine of FP32 and INT8 outputs to C (e.g. 0.9995); writes <output>_fallback_config.json")
+    fb.add_argument("--max-float-layers", type=_non_negative, default=8, metavar="N",
+                    help="at most N layers kept float (default 8)")
     cal.add_argument("--no-progress", dest="progress", action="store_false")
     cal.set_defaults(func=cmd_calibrate)
 

@@ -196,3 +196,33 @@ def test_convert_passes_its_arguments(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().out.strip() == "wrote lenet_deploy_model.prototxt"
     assert cli.main(["convert", *lenet, "--record", "none.txt"]) == 2
     assert "record file none.txt does not exist" in capsys.readouterr().err
+
+
+def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path):
+    """The real pipeline on the bundled MNIST sample: an unreachable-by-INT8 target makes the search keep
+    one layer (the budget) float; what is printed matches the written config."""
+    import json
+
+    args = ["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS),
+            "--data", str(MNIST_SAMPLE / "mnist_500.npz"), "--batch-size", "16", "--batch-num", "2",
+            "--scale", "0.00390625", "--output", "out/lenet", "--no-progress"]
+    assert cli.main(args + ["--target-cosine", "1.0", "--max-float-layers", "1"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"^output cosine \(FP32 vs INT8 on the calibration data\): all layers quantized (\S+), "
+                  r"saved model (\S+), target 1\.00000000 \(NOT met\)$", out, re.M)
+    assert m, out
+    assert 0.999 < float(m.group(1)) <= float(m.group(2)) <= 1.0
+    (kept,) = re.findall(r"^layers kept in float: (.*)$", out, re.M)
+    assert "fallback_config: out/lenet_fallback_config.json" in out
+    import amct_caffe as amct
+
+    amct.create_quant_config(str(tmp_path / "default.json"), str(LENET), str(LENET_WEIGHTS), batch_num=2)
+
+    def disabled(path):
+        config = json.loads(Path(path).read_text())
+        return {k for k, v in config.items() if isinstance(v, dict) and v.get("quant_enable") is False}
+    assert disabled(tmp_path / "out/lenet_fallback_config.json") - disabled(tmp_path / "default.json") == {kept}
+    for bad in (["--target-cosine", "1.5"], ["--target-cosine", "x"], ["--max-float-layers", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(args + bad)
+        assert exc.value.code == 2
