@@ -30,6 +30,9 @@ bool ReadRecord(const std::string& path, ScaleOffsetRecord* record);
 /// Writes the record as protobuf text, atomically (temporary file beside it, then rename).
 void WriteRecord(const ScaleOffsetRecord& record, const std::string& path);
 
+/// Writes `data` to `path` atomically (temporary file beside it, then rename), creating its directory.
+void WriteFileAtomically(const std::string& path, const std::string& data);
+
 /// The SingleLayerRecord of `layer` (the last entry wins, as protobuf map semantics); NULL if absent
 /// and not `create`.
 SingleLayerRecord* LayerEntry(ScaleOffsetRecord* record, const std::string& layer, bool create);

@@ -56,6 +56,10 @@ bool ReadRecord(const std::string& path, ScaleOffsetRecord* record) {
 void WriteRecord(const ScaleOffsetRecord& record, const std::string& path) {
   std::string text;
   CHECK(google::protobuf::TextFormat::PrintToString(record, &text));
+  WriteFileAtomically(path, text);
+}
+
+void WriteFileAtomically(const std::string& path, const std::string& data) {
   boost::filesystem::path target(path);
   boost::filesystem::path dir = target.parent_path();
   if (dir.empty()) dir = ".";
@@ -65,8 +69,8 @@ void WriteRecord(const ScaleOffsetRecord& record, const std::string& path) {
   name.push_back('\0');
   const int fd = mkstemp(name.data());
   CHECK_GE(fd, 0) << "cannot create a temporary file beside " << path << ": " << strerror(errno);
-  const char* p = text.data();
-  size_t left = text.size();
+  const char* p = data.data();
+  size_t left = data.size();
   while (left > 0) {
     const ssize_t n = write(fd, p, left);
     if (n < 0) {
@@ -78,7 +82,7 @@ void WriteRecord(const ScaleOffsetRecord& record, const std::string& path) {
     left -= static_cast<size_t>(n);
   }
   close(fd);
-  // mkstemp creates 0600; give the record the usual permissions.
+  // mkstemp creates 0600; give the file the usual permissions.
   const mode_t mask = umask(0);
   umask(mask);
   chmod(name.data(), 0666 & ~mask);
