@@ -140,6 +140,15 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
     that, the best set found is returned.
     """
     all_layers = list(layers)
+    measured: dict[frozenset, float] = {}
+    raw_score = score
+
+    def score(quantized: set[str]) -> float:  # noqa: F811  (each set is evaluated once)
+        key = frozenset(quantized)
+        if key not in measured:
+            measured[key] = raw_score(quantized)
+        return measured[key]
+
     sensitivity = {}
     for name in tqdm(all_layers, desc="sensitivity", unit="layer", disable=not progress):
         sensitivity[name] = 1.0 - score({name})

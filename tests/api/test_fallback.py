@@ -93,9 +93,16 @@ def test_search_gives_back_layers_the_target_does_not_need():
     # The errors of a and d cancel when both are quantized: the greedy float set {d, b, c} reaches the
     # target, and without d in it (d quantized next to a) the target still holds, so d returns to INT8.
     losses = {"a": 1e-5, "b": 3e-3, "c": 1e-3, "d": 5e-3}
-    score = additive_score(losses, (("a", "d"), 4.5e-3))
+    calls = []
+
+    def score(quantized):
+        calls.append(frozenset(quantized))
+        return additive_score(losses, (("a", "d"), 4.5e-3))(quantized)
     chosen, _, cos = search_float_layers(score, list(losses), 0.999, 8, progress=False)
     assert chosen == ["b", "c"]
+    # 4 single layers, all 4, greedy float {d}, {d, b} ({d, b, c} leaves {a}: known), prune b and d
+    # (pruning c leaves float {d, b}: known)
+    assert len(calls) == len(set(calls)) == 4 + 1 + 2 + 2
     assert cos == pytest.approx(1 - 1e-5 - 5e-3 + 4.5e-3)
 
 
