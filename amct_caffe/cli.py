@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--target-cosine", type=_cosine, metavar="C",
                     help="search, on the calibration data, for the fewest float layers that bring the mean "
                          "cosine of FP32 and INT8 outputs to C (e.g. 0.9995); writes <output>_fallback_config.json")
-    fb.add_argument("--max-float-layers", type=_non_negative, default=8, metavar="N",
-                    help="at most N layers kept float (default 8)")
+    fb.add_argument("--max-float-layers", type=_non_negative, default=16, metavar="N",
+                    help="at most N layers kept float (default 16)")
     cal.add_argument("--no-progress", dest="progress", action="store_false")
     cal.set_defaults(func=cmd_calibrate)
 

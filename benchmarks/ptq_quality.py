@@ -56,7 +56,9 @@ neither set; open_nsfw: other crops / mirrors of the same 32 photos; misc/ cases
 the calibration photos shrunk by 6 % per step, every other step mirrored vertically);
 ``--diagnose`` prints, per case and quantized layer, on the first evaluation batch, the cosine
 FP32 vs fake-quant of its output end to end, with the layer alone quantized (FP32 input), and
-of the worst network output when only that layer were quantized (see :func:`diagnose`).
+of the worst network output when only that layer were quantized (see :func:`diagnose`);
+``--target-cosine C [--max-float-layers N]`` calibrates with the accuracy-based fallback
+(:mod:`amct_caffe.api.fallback`), searching on the calibration samples only.
 
 Prints progress (tqdm, stderr), a final table (case, metric, FP32, INT8 fake-quant, INT8 deploy,
 target, PASS/FAIL on fake-quant) and timings. Always exits 0: it is a benchmark.
@@ -560,7 +562,7 @@ def main() -> int:
     ap.add_argument("--target-cosine", type=float, default=0.0,
                     help="accuracy-based fallback (amct_caffe.api.fallback) to this output cosine, searched on "
                          "the calibration samples")
-    ap.add_argument("--max-float-layers", type=int, default=8, help="fallback: at most this many float layers")
+    ap.add_argument("--max-float-layers", type=int, default=16, help="fallback: at most this many float layers")
     args = ap.parse_args()
     args.skip_types = [t for t in args.skip_types.split(",") if t]
     args.skip_layers = [t for t in args.skip_layers.split(",") if t]

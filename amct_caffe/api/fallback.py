@@ -179,7 +179,7 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
 
 
 def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_path, batch_num: int,
-                            eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 8,
+                            eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 16,
                             config_file=None, config_defination=None, activation_offset: bool = True,
                             compare_blobs: Sequence[str] | None = None, progress: bool = True) -> FallbackResult:
     """Calibrate, then keep the most quantization-sensitive layers in float until the outputs reach
