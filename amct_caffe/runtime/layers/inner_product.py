@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layers import caffe_gemm
 from amct_caffe.runtime.layers.integer_ops import inner_product_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.runtime.registry import register
@@ -26,7 +27,11 @@ def InnerProduct(x, weight, bias=None, *, axis=1, transpose=False):  # noqa: N80
     lead = x.shape[:axis]
     x2 = x.reshape(math.prod(lead), -1)
     w = np.asarray(weight, np.float32)
-    y = np.matmul(x2, w if transpose else w.T)  # BLAS takes the transposed view without a copy
+    # Caffe: cblas_sgemm(NoTrans, transpose ? NoTrans : Trans, M, N, K); numpy hands the
+    # transposed view to BLAS as the same Trans call, without a copy. Rounded like Caffe's
+    # OpenBLAS (see caffe_gemm).
+    n = w.shape[1] if transpose else w.shape[0]
+    y = caffe_gemm.matmul(x2, w if transpose else w.T, (x2.shape[0], n, x2.shape[1]), trans_b=not transpose)
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape(-1)
     return y.reshape(lead + (y.shape[1],))

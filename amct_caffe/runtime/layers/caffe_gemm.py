@@ -1,0 +1,250 @@
+"""Float32 GEMMs summed in the order Caffe's OpenBLAS sums them (Convolution, InnerProduct).
+
+Caffe computes each Convolution output (per image and group) and each InnerProduct as one
+``cblas_sgemm``; every output element is a dot product over ``K``. OpenBLAS's level-3 driver
+(``driver/level3``) sums ``K`` in blocks of at most ``GEMM_Q`` (a remainder between ``Q`` and
+``2Q`` in two halves), each block in one register-accumulated kernel pass, the blocks added into
+``C`` in order. ``GEMM_Q`` belongs to the core type OpenBLAS selects at load time, and that is
+where numpy's bundled OpenBLAS and the system one Caffe links part on AVX-512 CPUs with BF16
+(Cooper Lake, Sapphire Rapids, AMD Zen 4): the distribution's (Debian 12's 0.3.21, which
+build_caffe.sh links) runs its ``Cooperlake`` target, ``SGEMM_Q = 320``, numpy's wheel
+(scipy-openblas 0.3.31, which has no Cooperlake target) runs ``SkylakeX``, ``SGEMM_Q = 448``.
+Their kernels are otherwise the same: split alike, the sums agree bit for bit (measured on a
+Zen 4: identical calls and every Convolution / InnerProduct of the shared models), split
+differently (``K > 320``: ResNet-50's 3x3 convolutions, ``K = 1152 / 2304``) most elements
+differ in the last bit or two.
+
+So the GEMMs here split ``K`` themselves, in Caffe's blocks, where the two libraries would split
+it differently: each block (``<= 320 < 448``) is one numpy GEMM that numpy's BLAS does not split
+again, added into the result in order, as the driver does (``C += A_blk @ B_blk``, ``alpha = 1``).
+That costs 2-6% on the layers split (K = 512 ... 640 are halved alike by both and left alone).
+
+On AVX2 cores (OpenBLAS's ``Haswell`` target: Intel Haswell..., AMD Zen 1-3) both libraries run
+the same kernels and identical calls agree, but there the driver's rounding of an element
+depends on its position in the matrix, so the executor's reshaped GEMMs (images side by side,
+row grids) differ from Caffe's per-image ones in a few % of the elements of some layers: bit
+equality is not attempted there (:func:`exact` is False; only an explicit K block applies).
+
+What else decides the bits (same in both libraries, so only the call shapes must match):
+
+* calls with ``M*N*K <= 100**3`` (x86-64 "small matrix" kernels; for ``A @ B.T`` also
+  ``M*N <= 1200`` and ``K >= 32``) are summed in one pass without blocks, by kernels whose
+  edge tiles round differently from the driver's (and, from ``K = 32``, differently from
+  column to column): a call that Caffe makes small must be made with the same shape here, and
+  a block that Caffe sums in the driver must not become small. The driver's sums depend on
+  neither the position of an element nor ``M`` and ``N``, so images may sit side by side;
+* with more than one BLAS thread (and ``M*N*K > 65536*4``) the driver halves an odd remainder
+  as ``(r + 1) // 2`` instead of rounding the half up to 16: Caffe's thread count is taken
+  from the environment the way OpenBLAS takes it (``OPENBLAS_NUM_THREADS``, ``GOTO_NUM_THREADS``,
+  ``OMP_NUM_THREADS``, else the CPUs this process may run on);
+* numpy sends a product with one row or one column to ``sgemv``, not ``sgemm``: for one row of
+  ``K < 32`` and at most 16384 columns (sgemv's block) it rounds like Caffe's small-kernel sgemm,
+  otherwise not; a zero row / column appended makes it an sgemm.
+
+``AMCT_CAFFE_SGEMM_Q`` overrides the detection: the K block of the BLAS to reproduce (``0``:
+let numpy's BLAS block K itself). :func:`configure` does the same at run time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+SMALL_GEMM_MNK = 100 ** 3           # OpenBLAS x86-64 small-matrix kernels take M*N*K up to this
+SMALL_GEMM_TN_MAX_MN = 1200         # ... and, for op(A) transposed (column-major), M*N up to this
+SMALL_GEMM_TN_MIN_K = 32            # ... and K from this
+SMALL_GEMM_FREE_K = 32              # below this K a small kernel's sum does not depend on the column
+GEMV_LIKE_GEMM_MAX_N = 16384        # numpy's sgemv of one row, K < 32, rounds like sgemm up to this N
+THREADED_GEMM_MIN_MNK = 65536 * 4   # SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD
+GEMM_UNROLL_M = 16                  # SGEMM_DEFAULT_UNROLL_M of the AVX-512 targets
+COOPERLAKE_SGEMM_Q = 320            # SGEMM_DEFAULT_Q of OpenBLAS's Cooperlake target
+NUMPY_SKYLAKEX_SGEMM_Q = 448        # ... of numpy's bundled SkylakeX target (no extra split below it)
+
+_config: tuple[int | None, int, int | None] | None = None
+
+
+def _env_threads() -> int:
+    """BLAS threads of a process started from this environment (OpenBLAS's own rule)."""
+    for var in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        try:
+            n = int(os.environ.get(var, "0"))
+        except ValueError:
+            n = 0
+        if n > 0:
+            return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _detect_k_block(numpy_core: str | None) -> int | None:
+    env = os.environ.get("AMCT_CAFFE_SGEMM_Q")
+    if env is not None and env.strip():
+        q = int(env)
+        return q if q > 0 else None
+    if numpy_core == "skylakex" and _cpu_has_avx512_bf16():
+        return COOPERLAKE_SGEMM_Q
+    return None
+
+
+def _numpy_openblas_core() -> str | None:
+    """The core type numpy's OpenBLAS runs (lower case), if numpy's BLAS is an OpenBLAS we can tell apart.
+
+    pycaffe may have loaded another OpenBLAS into this process: numpy's is the one inside numpy's
+    wheel (``numpy.libs``, scipy-openblas), or the only one.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    except Exception:  # noqa: BLE001 - no way to tell: leave the blocking to numpy's BLAS
+        return None
+    if len(libs) > 1:
+        libs = [i for i in libs if "numpy" in os.path.basename(os.path.dirname(str(i.get("filepath", ""))))]
+    if len(libs) != 1:
+        return None
+    return str(libs[0].get("architecture", "")).lower() or None
+
+
+def config() -> tuple[int | None, int, int | None]:
+    """(K block to reproduce or None, Caffe's BLAS thread count, numpy's own K block if known),
+    detected on first use."""
+    global _config
+    if _config is None:
+        core = _numpy_openblas_core()
+        _config = (_detect_k_block(core), _env_threads(), NUMPY_SKYLAKEX_SGEMM_Q if core == "skylakex" else None)
+    return _config
+
+
+def configure(k_block: int | None = -1, threads: int | None = -1, numpy_k_block: int | None = -1) -> None:
+    """Set the K block to reproduce (None: numpy's own blocking), Caffe's BLAS thread count and/or
+    numpy's K block (None: unknown).
+
+    Arguments left at -1 keep their current value; ``configure()`` re-detects all three.
+    """
+    global _config
+    if k_block == -1 and threads == -1 and numpy_k_block == -1:
+        _config = None
+        return
+    q, t, numpy_q = config()
+    if numpy_k_block != -1:
+        numpy_q = None if numpy_k_block is None else int(numpy_k_block)
+    if k_block != -1:
+        if k_block is not None and (int(k_block) < 1 or int(k_block) > NUMPY_SKYLAKEX_SGEMM_Q):
+            raise ValueError(f"k_block must be in 1..{NUMPY_SKYLAKEX_SGEMM_Q} or None, got {k_block}")
+        q = None if k_block is None else int(k_block)
+    if threads != -1:
+        t = max(1, int(threads or 1))
+    _config = (q, t, numpy_q)
+
+
+def exact() -> bool:
+    """Whether numpy's BLAS can round like Caffe's here (its AVX-512 kernels); where it cannot, the
+    measures that only keep call shapes (padding single rows / columns, same-shaped small GEMMs) are
+    not worth their time."""
+    return config()[2] is not None
+
+
+def is_small(m: int, n: int, k: int, trans_b: bool = False) -> bool:
+    """Whether OpenBLAS runs row-major ``cblas_sgemm(NoTrans, trans_b, m, n, k)`` in a small-matrix kernel."""
+    if m * n * k > SMALL_GEMM_MNK:
+        return False
+    # row-major C = A op(B) is column-major C^T = op(B)^T A^T: op(B) transposed there means TN
+    return not trans_b or (m * n <= SMALL_GEMM_TN_MAX_MN and k >= SMALL_GEMM_TN_MIN_K)
+
+
+def k_blocks(m: int, n: int, k: int, trans_b: bool = False) -> tuple[int, ...] | None:
+    """End offsets of the K blocks Caffe's OpenBLAS sums ``cblas_sgemm(NoTrans, trans_b, m, n, k)`` in,
+    or None when numpy's BLAS, given the same call, sums it the same way already."""
+    q, threads, numpy_q = config()
+    if q is None or k <= q or is_small(m, n, k, trans_b):
+        return None
+    ends = _driver_blocks(k, q, threads > 1 and m * n * k > THREADED_GEMM_MIN_MNK)
+    if numpy_q and ends == _driver_blocks(k, numpy_q, True) == _driver_blocks(k, numpy_q, False):
+        return None  # numpy's BLAS splits the same way by itself (e.g. K = 512, 576, 640 for Q = 320 / 448)
+    return ends
+
+
+def _driver_blocks(k: int, q: int, threaded: bool) -> tuple[int, ...]:
+    """OpenBLAS level-3 driver (level3.c / level3_thread.c): end offsets of its K blocks."""
+    ends, done = [], 0
+    while done < k:
+        step = k - done
+        if step >= 2 * q:
+            step = q
+        elif step > q:
+            step = (step + 1) // 2 if threaded else (step // 2 + GEMM_UNROLL_M - 1) // GEMM_UNROLL_M * GEMM_UNROLL_M
+        done += step
+        ends.append(done)
+    return tuple(ends)
+
+
+def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, trans_b: bool = False,
+           out: np.ndarray | None = None, part: np.ndarray | None = None) -> np.ndarray:
+    """``np.matmul(a, b, out=out)`` rounded like Caffe's ``cblas_sgemm(NoTrans, trans_b, *caffe_mnk)``.
+
+    ``a`` is (..., M, K) and ``b`` (..., K, N), broadcast like ``np.matmul``; each matrix product
+    in the stack holds one or more of Caffe's calls (images side by side in ``N``: the driver's
+    sums do not depend on ``M`` or ``N``). ``trans_b`` says how numpy hands ``b`` to BLAS (True
+    for a transposed C-array), as Caffe's call does. The contraction is summed in Caffe's K
+    blocks (:func:`k_blocks`), one numpy GEMM per block; a product numpy would send to ``sgemv``
+    (one row or column) or, where Caffe's call is not small, to a small-matrix kernel, gets zero
+    rows / a zero column appended. Where Caffe's call is small the caller makes the same call
+    (same M, N, K); only a single row or column is padded to two then. ``part`` is an optional
+    scratch array of the result's shape.
+    """
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
+    if not blocks and not exact():
+        return np.matmul(a, b, out=out)
+    caffe_small = is_small(*caffe_mnk, trans_b=trans_b)
+    kmin = k
+    if blocks:
+        kmin = min(e - s for s, e in zip((0,) + blocks[:-1], blocks, strict=True))
+    rows, cols = max(m, 2), max(n, 2)
+    if not caffe_small and is_small(rows, cols, kmin, trans_b):
+        rows = max(rows, SMALL_GEMM_MNK // (cols * kmin) + 1,
+                   SMALL_GEMM_TN_MAX_MN // cols + 1 if trans_b else 0)
+    if not blocks and (rows, cols) == (m, n):
+        return np.matmul(a, b, out=out)
+    if rows != m:
+        ap = np.zeros(a.shape[:-2] + (rows, k), np.float32)
+        ap[..., :m, :] = a
+        a = ap
+    if cols != n:  # (a transposed b stays transposed: the same Trans call)
+        bp = np.zeros(b.shape[:-2] + (cols, b.shape[-2]), np.float32).swapaxes(-1, -2) if trans_b \
+            else np.zeros(b.shape[:-1] + (cols,), np.float32)
+        bp[..., :n] = b
+        b = bp
+    padded = (rows, cols) != (m, n)
+    if not blocks:
+        y = np.matmul(a, b)
+    else:
+        starts = (0,) + blocks[:-1]
+        y = np.matmul(a[..., :blocks[0]], b[..., :blocks[0], :], out=None if padded else out)
+        if part is None or padded or part.shape != y.shape:
+            part = np.empty_like(y)
+        for s, e in zip(starts[1:], blocks[1:], strict=True):
+            np.matmul(a[..., s:e], b[..., s:e, :], out=part)
+            y += part
+    if padded:
+        y = y[..., :m, :n]
+    if out is None:
+        return y
+    if y is not out:
+        np.copyto(out, y)
+    return out

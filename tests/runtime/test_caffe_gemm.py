@@ -1,0 +1,126 @@
+"""caffe_gemm: GEMMs summed in the K blocks of Caffe's OpenBLAS (bit equality with Caffe: tests/caffe_patch/
+test_real_caffe_exact_gemm.py)."""
+
+import numpy as np
+import pytest
+
+from amct_caffe.runtime.layers import caffe_gemm
+from amct_caffe.runtime.layers.conv import Convolution
+from amct_caffe.runtime.layers.inner_product import InnerProduct
+
+
+@pytest.fixture
+def k_block():
+    """Set the reproduced K block for one test, restore the detected configuration after."""
+    def set_(q, threads=1, numpy_q=None):
+        caffe_gemm.configure(k_block=q, threads=threads, numpy_k_block=numpy_q)
+    yield set_
+    caffe_gemm.configure()
+
+
+def _blocked_reference(a, b, ends):
+    """Sum of the per-block products, added in order, each block one float32 GEMM."""
+    y, start = None, 0
+    for end in ends:
+        p = np.matmul(a[..., start:end], b[..., start:end, :])
+        y = p if y is None else y + p
+        start = end
+    return y
+
+
+@pytest.mark.parametrize(("k", "threads", "ends"), [
+    (320, 1, None),                                # not above Q: one block
+    (330, 1, (176, 330)),                          # Q < K < 2Q: halves, the first rounded up to 16
+    (330, 2, (165, 330)),                          # ... threaded driver: (K + 1) // 2
+    (641, 2, (320, 481, 641)),
+    (1152, 1, (320, 640, 896, 1152)),              # ResNet-50 3x3, 256 channels
+    (2304, 2, (320, 640, 960, 1280, 1600, 1920, 2112, 2304)),
+])
+def test_k_blocks_follow_the_openblas_driver(k_block, k, threads, ends):
+    k_block(320, threads)
+    assert caffe_gemm.k_blocks(128, 196, k) == ends
+
+
+def test_small_calls_and_disabled_blocking_are_not_split(k_block):
+    k_block(320)
+    assert caffe_gemm.k_blocks(16, 36, 1152) is None            # M*N*K <= 100**3: small kernel, no blocks
+    assert caffe_gemm.k_blocks(1, 256, 2880, trans_b=True) is None
+    assert caffe_gemm.k_blocks(2, 1000, 800, trans_b=True) is not None   # A @ B.T with M*N > 1200: driver
+    k_block(None)
+    assert caffe_gemm.k_blocks(128, 196, 1152) is None
+
+
+@pytest.mark.parametrize(("k", "split"), [(512, False), (576, False), (640, False), (600, True), (1152, True)])
+def test_no_split_where_numpy_blocks_alike(k_block, k, split):
+    """numpy's BLAS (Q = 448) halves K = 512 ... 640 exactly as Caffe's (Q = 320) does: one numpy GEMM then."""
+    k_block(320, 2, 448)
+    assert (caffe_gemm.k_blocks(128, 196, k) is not None) == split
+
+
+def test_configure_validates_and_redetects(monkeypatch):
+    with pytest.raises(ValueError, match="k_block"):
+        caffe_gemm.configure(k_block=1000)
+    monkeypatch.setenv("AMCT_CAFFE_SGEMM_Q", "256")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    caffe_gemm.configure()
+    try:
+        assert caffe_gemm.config()[:2] == (256, 3)
+        monkeypatch.setenv("AMCT_CAFFE_SGEMM_Q", "0")
+        caffe_gemm.configure()
+        assert caffe_gemm.config()[0] is None
+    finally:
+        monkeypatch.delenv("AMCT_CAFFE_SGEMM_Q")
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+        caffe_gemm.configure()
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(128, 196, 1152), (6, 20, 2304), (20, 200, 700), (1, 300, 900),
+                                         (300, 1, 900)])
+def test_matmul_sums_caffes_blocks(k_block, m, n, k):
+    k_block(320)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    got = caffe_gemm.matmul(a, b, (m, n, k))
+    assert got.shape == (m, n) and got.dtype == np.float32
+    ends = caffe_gemm.k_blocks(m, n, k)
+    if ends is None:
+        np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+    else:  # the blocks (padded away from numpy's small-matrix kernel when needed) add up in order
+        pad = np.zeros((max(m, 2, 10**6 // (max(n, 2) * min(np.diff((0,) + ends))) + 1), k), np.float32)
+        pad[:m] = a
+        bp = np.zeros((k, max(n, 2)), np.float32)
+        bp[:, :n] = b
+        np.testing.assert_array_equal(got, _blocked_reference(pad, bp, ends)[:m, :n])
+    out = np.empty((m, n), np.float32)
+    assert caffe_gemm.matmul(a, b, (m, n, k), out=out) is out
+    np.testing.assert_array_equal(out, got)
+
+
+def test_layers_agree_with_and_without_blocking(k_block):
+    """Caffe's summation order changes the rounding only: conv (every path) and InnerProduct agree to float32
+    noise with numpy's own order."""
+    rng = np.random.default_rng(1)
+    cases = [((2, 256, 7, 7), (256, 256, 3, 3), 1, 1),     # wide GEMM, K = 2304
+             ((1, 128, 40, 40), (64, 128, 3, 3), 1, 1),    # per image, K = 1152
+             ((2, 512, 6, 6), (8, 512, 1, 1), 0, 1),       # 1x1, small per-image call
+             ((2, 16, 30, 30), (16, 1, 3, 3), 1, 16),      # depthwise (sgemv)
+             ((2, 8, 20, 20), (8, 1, 7, 7), 3, 8),         # depthwise, K = 49: a zero row, sgemm
+             ((1, 4, 140, 130), (4, 1, 3, 3), 1, 4),       # depthwise, P > 16384: a zero row, sgemm
+             ((3, 64, 4, 5), (12, 64, 3, 3), 1, 1)]        # narrow map, small call
+    for xs, ws, pad, group in cases:
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        b = rng.standard_normal(ws[0]).astype(np.float32)
+        k_block(None)
+        plain = Convolution(x, w, b, pad=pad, group=group)
+        k_block(320, 2, 448)  # numpy's BLAS taken for SkylakeX: the shape-keeping paths too
+        blocked = Convolution(x, w, b, pad=pad, group=group)
+        np.testing.assert_allclose(blocked, plain, rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
+    x = rng.standard_normal((3, 50, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((500, 1800)).astype(np.float32)
+    k_block(None)
+    plain = InnerProduct(x, w)
+    k_block(320, 1, 448)
+    np.testing.assert_allclose(InnerProduct(x, w), plain, rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
+    np.testing.assert_allclose(InnerProduct(x[:1], w), plain[:1], rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
