@@ -3,8 +3,9 @@
 
     python3 install.py --caffe_dir CAFFE_DIR [--custom_proto CUSTOM_PROTO_FILE]
 
-Merges caffe.proto, copies the layer sources and libquant, installs patches and patches the
-Makefile and CMakeLists.txt (see installer.py). Safe to run again; on failure nothing is changed.
+Merges caffe.proto, copies the layer sources and libquant, installs patches, moves stale protoc output
+of caffe.proto to backups and patches the Makefile and CMakeLists.txt (see installer.py). Safe to run
+again; on failure nothing is changed. It never writes Makefile.config (it says when one is missing).
 Rebuild Caffe afterwards (``make clean && make all -j && make pycaffe -j``, or re-run cmake and make).
 """
 

@@ -46,6 +46,7 @@ def tree(tmp_path):
     (root / "src/caffe/layers").mkdir()
     (root / "src/caffe/layers/conv_layer.cpp").write_text("// conv\n")
     (root / "Makefile").write_text(MAKEFILE)
+    (root / "Makefile.config").write_text("CPU_ONLY := 1\n")
     (root / "CMakeLists.txt").write_text(CMAKELISTS)
     return root
 
