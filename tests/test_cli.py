@@ -213,6 +213,10 @@ def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path)
     assert m, out
     assert 0.999 < float(m.group(1)) <= float(m.group(2)) <= 1.0
     (kept,) = re.findall(r"^layers kept in float: (.*)$", out, re.M)
+    (ranked,) = re.findall(r"^most sensitive layers \(output cosine with only that layer quantized\): (.*)$", out,
+                           re.M)
+    cosines = [float(item.split()[1]) for item in ranked.split(", ")]
+    assert ranked.split()[0] == kept and cosines == sorted(cosines)  # the most sensitive went float
     assert "fallback_config: out/lenet_fallback_config.json" in out
     import amct_caffe as amct
 
