@@ -224,9 +224,11 @@ def _calibrate_with_fallback(args, batches) -> int:
     result = calibrate_with_fallback(args.model, args.weights, feeds, args.output, args.batch_num,
                                      target_cosine=args.target_cosine, max_float_layers=args.max_float_layers,
                                      config_file=args.config, config_defination=args.cfg,
-                                     activation_offset=args.activation_offset, progress=args.progress)
+                                     activation_offset=args.activation_offset, metric=args.fallback_metric,
+                                     progress=args.progress)
     _print_outputs(result.outputs, args.output)
-    print(f"output cosine (FP32 vs INT8 on the calibration data): all layers quantized {result.cosine_int8:.8f}, "
+    print(f"output cosine ({args.fallback_metric}, FP32 vs INT8 on the calibration data): "
+          f"all layers quantized {result.cosine_int8:.8f}, "
           f"saved model {result.cosine_final:.8f}, target {result.target_cosine:.8f}"
           f"{'' if result.target_met else ' (NOT met)'}")
     print(f"layers kept in float: {', '.join(result.float_layers) if result.float_layers else 'none'}")
@@ -334,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "cosine of FP32 and INT8 outputs to C (e.g. 0.9995); writes <output>_fallback_config.json")
     fb.add_argument("--max-float-layers", type=_non_negative, default=16, metavar="N",
                     help="at most N layers kept float (default 16)")
+    fb.add_argument("--fallback-metric", choices=["worst_output", "all_outputs"], default="worst_output",
+                    help="worst_output (default): every output blob's mean cosine must reach C; all_outputs: the "
+                         "cosine of all outputs concatenated per sample")
     cal.add_argument("--no-progress", dest="progress", action="store_false")
     cal.set_defaults(func=cmd_calibrate)
 

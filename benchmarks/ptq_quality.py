@@ -57,7 +57,7 @@ the calibration photos shrunk by 6 % per step, every other step mirrored vertica
 ``--diagnose`` prints, per case and quantized layer, on the first evaluation batch, the cosine
 FP32 vs fake-quant of its output end to end, with the layer alone quantized (FP32 input), and
 of the worst network output when only that layer were quantized (see :func:`diagnose`);
-``--target-cosine C [--max-float-layers N]`` calibrates with the accuracy-based fallback
+``--target-cosine C [--max-float-layers N] [--fallback-metric M]`` calibrates with the accuracy-based fallback
 (:mod:`amct_caffe.api.fallback`), searching on the calibration samples only.
 
 Prints progress (tqdm, stderr), a final table (case, metric, FP32, INT8 fake-quant, INT8 deploy,
@@ -497,7 +497,8 @@ def run_case(case: Case, args, out_dir: Path) -> None:
                                          batch_num, target_cosine=args.target_cosine,
                                          max_float_layers=args.max_float_layers,
                                          config_defination=str(cfg) if cfg else None,
-                                         activation_offset=not args.no_offset, progress=True)
+                                         activation_offset=not args.no_offset, metric=args.fallback_metric,
+                                         progress=True)
         paths = result.outputs
         config_file.write_text(Path(paths["fallback_config"]).read_text())
         print(f"[{case.name}] fallback: float layers {result.float_layers}; calibration-set cosine "
@@ -563,6 +564,8 @@ def main() -> int:
                     help="accuracy-based fallback (amct_caffe.api.fallback) to this output cosine, searched on "
                          "the calibration samples")
     ap.add_argument("--max-float-layers", type=int, default=16, help="fallback: at most this many float layers")
+    ap.add_argument("--fallback-metric", default="worst_output", choices=["worst_output", "all_outputs"],
+                    help="fallback: every output blob must reach the target (default), or their concatenation")
     args = ap.parse_args()
     args.skip_types = [t for t in args.skip_types.split(",") if t]
     args.skip_layers = [t for t in args.skip_layers.split(",") if t]

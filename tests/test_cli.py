@@ -208,7 +208,7 @@ def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path)
             "--scale", "0.00390625", "--output", "out/lenet", "--no-progress"]
     assert cli.main(args + ["--target-cosine", "1.0", "--max-float-layers", "1"]) == 0
     out = capsys.readouterr().out
-    m = re.search(r"^output cosine \(FP32 vs INT8 on the calibration data\): all layers quantized (\S+), "
+    m = re.search(r"^output cosine \(worst_output, FP32 vs INT8 on the calibration data\): all layers quantized (\S+), "
                   r"saved model (\S+), target 1\.00000000 \(NOT met\)$", out, re.M)
     assert m, out
     assert 0.999 < float(m.group(1)) <= float(m.group(2)) <= 1.0

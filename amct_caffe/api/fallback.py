@@ -22,8 +22,10 @@ the manner of TPU-MLIR's ``run_sensitive_layer`` / ``search_qtable``:
    and the model is calibrated again with it, by the guide's flow, so the saved models are exactly
    what ``calibrate`` gives with that config. Their cosine is measured again and reported.
 
-The cosine of a sample concatenates every compared output blob (the network's outputs unless
-``compare_blobs`` names others), flattened, in float64. Steps 2-4 cost one evaluation pass per
+"Output cosine" is, by default, the smallest over the compared blobs (the network's outputs
+unless ``compare_blobs`` names others) of the blob's mean per-sample cosine, so every output has to
+reach the target; ``metric="all_outputs"`` concatenates the blobs per sample instead (see
+:class:`OutputComparator`). Steps 2-4 cost one evaluation pass per
 quantized layer plus at most ``2 * max_float_layers``; an evaluation pass runs the fake-quant
 model over ``eval_batches`` in the embedded executor.
 """
@@ -83,14 +85,25 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, dot / np.maximum(na * nb, np.finfo(np.float64).tiny))
 
 
-class OutputComparator:
-    """Mean per-sample cosine between a reference net's outputs and other nets' on fixed batches.
+METRICS = ("worst_output", "all_outputs")
 
-    A blob whose first axis is the batch size is split per sample; a batch whose outputs are not
-    all split that way counts as one sample.
+
+class OutputComparator:
+    """How close a net's outputs are to a reference net's on fixed batches, as a cosine.
+
+    ``metric``: ``"worst_output"`` -- per compared blob, the mean over samples of the cosine
+    between the two nets' values; the smallest of those (every output must reach a target: a
+    detector's box regressions count as much as its scores, whatever their magnitudes);
+    ``"all_outputs"`` -- the mean over samples of the cosine of all compared blobs concatenated.
+    A blob whose first axis is the batch size is split per sample; a batch whose blobs are not all
+    split that way counts as one sample.
     """
 
-    def __init__(self, reference_net, batches: Sequence[Feed], compare_blobs: Sequence[str] | None = None):
+    def __init__(self, reference_net, batches: Sequence[Feed], compare_blobs: Sequence[str] | None = None,
+                 metric: str = "worst_output"):
+        if metric not in METRICS:
+            raise AmctError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        self.metric = metric
         self.batches = list(batches)
         if not self.batches:
             raise AmctError("accuracy-based fallback needs at least one evaluation batch")
@@ -101,7 +114,8 @@ class OutputComparator:
                             f"(its outputs: {list(reference_net.outputs)})")
         self.reference = [self._rows(reference_net, feed) for feed in self.batches]
 
-    def _rows(self, net, feed: Feed) -> np.ndarray:
+    def _rows(self, net, feed: Feed) -> list[np.ndarray]:
+        """Per compared blob, its values as (samples, D) float64 rows."""
         net.forward(**feed)
         n = len(next(iter(feed.values())))
         arrays = []
@@ -110,14 +124,24 @@ class OutputComparator:
                 raise AmctError(f"blob '{name}' compared for the fallback search is missing from the "
                                 "quantized model")
             arrays.append(np.asarray(net.blobs[name].data))
-        if all(a.ndim and a.shape[0] == n for a in arrays):
-            return np.concatenate([a.reshape(n, -1) for a in arrays], axis=1).astype(np.float64)
-        return np.concatenate([a.reshape(1, -1) for a in arrays], axis=1).astype(np.float64)
+        rows = n if all(a.ndim and a.shape[0] == n for a in arrays) else 1
+        return [a.reshape(rows, -1).astype(np.float64) for a in arrays]
+
+    def per_output(self, net) -> dict[str, float]:
+        """Per compared blob, the mean over samples of cosine(reference, ``net``)."""
+        got = [self._rows(net, feed) for feed in self.batches]
+        return {name: float(np.concatenate([cosine_rows(ref[i], out[i]) for ref, out in
+                                            zip(self.reference, got, strict=True)]).mean())
+                for i, name in enumerate(self.blobs)}
 
     def cosine(self, net) -> float:
-        """Mean over samples of cosine(reference outputs, ``net``'s outputs)."""
-        values = [cosine_rows(ref, self._rows(net, feed)) for ref, feed in zip(self.reference, self.batches,
-                                                                                  strict=True)]
+        """The comparison's cosine under ``metric`` (class doc)."""
+        if self.metric == "worst_output":
+            return min(self.per_output(net).values())
+        values = []
+        for ref, feed in zip(self.reference, self.batches, strict=True):
+            out = self._rows(net, feed)
+            values.append(cosine_rows(np.concatenate(ref, axis=1), np.concatenate(out, axis=1)))
         return float(np.concatenate(values).mean())
 
 
@@ -181,7 +205,8 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
 def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_path, batch_num: int,
                             eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 16,
                             config_file=None, config_defination=None, activation_offset: bool = True,
-                            compare_blobs: Sequence[str] | None = None, progress: bool = True) -> FallbackResult:
+                            compare_blobs: Sequence[str] | None = None, metric: str = "worst_output",
+                            progress: bool = True) -> FallbackResult:
     """Calibrate, then keep the most quantization-sensitive layers in float until the outputs reach
     ``target_cosine`` (see the module doc for the search).
 
@@ -189,7 +214,8 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     callables returning an iterable of them); the calibration data is read twice, and evaluation
     defaults to it. ``config_file`` (an existing JSON config) or ``config_defination`` (.cfg) give
     the starting config, whose disabled layers stay disabled; neither is modified. Writes save_model's
-    files for ``save_path`` plus ``<save_path>_fallback_config.json``.
+    files for ``save_path`` plus ``<save_path>_fallback_config.json``. ``metric``: see
+    :class:`OutputComparator`.
     """
     from amct_caffe.runtime import TEST, Net
 
@@ -200,7 +226,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
     calib = _materialize(calibration_batches, "calibration_batches")
     evaluation = _materialize(eval_batches, "eval_batches") if eval_batches is not None else calib
-    comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs)
+    comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs, metric)
     with tempfile.TemporaryDirectory(prefix="amct_fallback_") as tmp:
         config = os.path.join(tmp, "config.json")
         if config_file is not None:

@@ -2,6 +2,7 @@
 layer that INT8 weights cannot represent."""
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,38 @@ def test_fallback_rejects_bad_arguments_before_writing(model, tmp_path, kwargs, 
                                 progress=False, **kwargs)
     assert message in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+class FakeNet:
+    """Outputs 'big' (magnitude 100) and 'small' (magnitude 1) computed from the input, optionally perturbed."""
+
+    def __init__(self, small_error=0.0):
+        self.outputs = ["big", "small"]
+        self.small_error = small_error
+        self.blobs = dict.fromkeys(self.outputs)  # named before any forward, as in a Net
+
+    def forward(self, **feed):
+        x = feed["data"].reshape(len(feed["data"]), -1).astype(np.float64)
+        small = x[:, :4] + self.small_error * x[:, 4:8]
+        self.blobs = {"big": types.SimpleNamespace(data=100 * x), "small": types.SimpleNamespace(data=small)}
+        return self.blobs
+
+
+def test_comparator_worst_output_sees_what_concatenation_hides():
+    from amct_caffe.api.fallback import OutputComparator
+
+    feeds = batches(2, seed=5)
+    worst = OutputComparator(FakeNet(), feeds)
+    concat = OutputComparator(FakeNet(), feeds, metric="all_outputs")
+    off = FakeNet(small_error=0.5)
+    per_blob = worst.per_output(off)
+    assert per_blob["big"] == pytest.approx(1.0, abs=1e-12)
+    flat = [b["data"].reshape(4, -1).astype(np.float64) for b in feeds]
+    ref_small = [x[:, :4] for x in flat]
+    got_small = [x[:, :4] + 0.5 * x[:, 4:8] for x in flat]
+    expected = np.concatenate([cosine_rows(r, g) for r, g in zip(ref_small, got_small, strict=True)]).mean()
+    assert per_blob["small"] == pytest.approx(expected, abs=1e-12) and expected < 0.95
+    assert worst.cosine(off) == pytest.approx(expected, abs=1e-12)
+    assert concat.cosine(off) > 0.9999  # the big output dominates the concatenation
+    with pytest.raises(AmctError, match="metric must be one of worst_output, all_outputs"):
+        OutputComparator(FakeNet(), feeds, metric="mean")
