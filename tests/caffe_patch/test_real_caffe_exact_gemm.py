@@ -23,6 +23,7 @@ import pytest
 import amct_caffe as amct
 from amct_caffe.runtime import TEST, Net
 from tests.caffe_patch.test_real_caffe_integration import OUTPUT_TOL, _nsfw_batches, _observable_layers, caffe_forward
+from tests.api.flow import calibration_model
 from tests.golden import CASES_BY_NAME, GOLDEN, MODELS
 from tests.real_caffe import run_with_pycaffe
 
@@ -102,13 +103,8 @@ def nsfw_fake_quant(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nsfw_exact")
     proto, weights = MODELS / "open_nsfw/deploy.prototxt", MODELS / "open_nsfw/resnet_50_1by2_nsfw.caffemodel"
     batches, held_out = _nsfw_batches()
-    config, record = tmp / "config.json", tmp / "record.txt"
-    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=len(batches))
-    graph = amct.init(str(config), str(proto), str(weights), str(record))
-    cal_proto, cal_weights = tmp / "calibration.prototxt", tmp / "calibration.caffemodel"
-    amct.weights_quantize_model(graph, str(cal_proto), str(cal_weights))
-    amct.activation_quantize_model(graph, str(cal_proto), str(cal_weights))
-    net = Net(str(cal_proto), str(cal_weights), TEST)
+    graph, cal_proto, cal_weights = calibration_model(tmp, proto, weights, len(batches), name="calibration")
+    net = Net(cal_proto, cal_weights, TEST)
     for x in batches:
         net.forward(data=x)
     amct.save_model(graph, "Fakequant", str(tmp / "out/open_nsfw"))

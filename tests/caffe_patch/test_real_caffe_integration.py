@@ -32,6 +32,7 @@ from amct_caffe.runtime import TEST, Net
 from amct_caffe.runtime.layers import amct as amct_layers
 from tests.caffe_patch.patched_caffe import (GUIDE_CUSTOM_PROTO, REPO, patched_caffe, pristine_source,
                                             run_install)
+from tests.api.flow import calibration_model
 from tests.golden import MODELS, SHARED
 
 pytestmark = [pytest.mark.real_caffe, pytest.mark.slow]
@@ -127,12 +128,9 @@ def calibrated(request, pycaffe, tmp_path_factory):
     proto, weights, batches_of = CASES[name]
     tmp = tmp_path_factory.mktemp(name)
     batches, held_out = batches_of()
-    config, record = tmp / "config.json", tmp / "record.txt"
-    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=len(batches))
-    graph = amct.init(str(config), str(proto), str(weights), str(record))
-    cal_proto, cal_weights = tmp / "calibration.prototxt", tmp / "calibration.caffemodel"
-    amct.weights_quantize_model(graph, str(cal_proto), str(cal_weights))
-    amct.activation_quantize_model(graph, str(cal_proto), str(cal_weights))
+    graph, _, _ = calibration_model(tmp, proto, weights, len(batches), name="calibration")
+    record, cal_proto, cal_weights = (tmp / "record.txt", tmp / "calibration.prototxt",
+                                      tmp / "calibration.caffemodel")
     # Real Caffe: the same model writing its own copy of the (weights-only) record.
     caffe_record = tmp / "record_caffe.txt"
     shutil.copy(record, caffe_record)

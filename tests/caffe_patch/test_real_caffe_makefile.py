@@ -33,6 +33,7 @@ import amct_caffe as amct
 from amct_caffe import io
 from amct_caffe.runtime import TEST, Net
 from amct_caffe.runtime.layers import amct as amct_layers
+from tests.api.flow import calibration_model
 from tests.caffe_patch.guide_examples import GUIDE_CUSTOM_PROTO
 from tests.caffe_patch.makefile_caffe import library_dir, makefile_patched_caffe
 from tests.caffe_patch.patched_caffe import REPO, run_install
@@ -147,12 +148,9 @@ def test_lenet_calibration_and_fake_quant_in_the_makefile_pycaffe_equal_the_exec
     if not proto.is_file():
         pytest.skip(f"{proto} not found (../shared)")
     batches, held_out = _lenet_batches()
-    config, record = tmp_path / "config.json", tmp_path / "record.txt"
-    amct.create_quant_config(str(config), str(proto), str(weights), batch_num=len(batches))
-    graph = amct.init(str(config), str(proto), str(weights), str(record))
-    cal_proto, cal_weights = tmp_path / "calibration.prototxt", tmp_path / "calibration.caffemodel"
-    amct.weights_quantize_model(graph, str(cal_proto), str(cal_weights))
-    amct.activation_quantize_model(graph, str(cal_proto), str(cal_weights))
+    graph, _, _ = calibration_model(tmp_path, proto, weights, len(batches), name="calibration")
+    record, cal_proto, cal_weights = (tmp_path / "record.txt", tmp_path / "calibration.prototxt",
+                                      tmp_path / "calibration.caffemodel")
     assert "IFMR" in {lp.type for lp in io.read_prototxt(cal_proto).layer}
     caffe_record, caffe_proto = tmp_path / "record_caffe.txt", tmp_path / "calibration_caffe.prototxt"
     shutil.copy(record, caffe_record)
