@@ -36,18 +36,20 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
 
 from amct_caffe import log
-from amct_caffe.api.calibration import _refreshed_float_graph, create_quant_config, save_model
+from amct_caffe.api.calibration import _refreshed_float_graph, create_quant_config, load_float_graph, save_model
 from amct_caffe.api.workflow import run_calibration
-from amct_caffe.config.quant_config import read_quant_config, write_quant_config
+from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output
 from amct_caffe.io.graph_io import graph_to_net
+from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
+from amct_caffe.passes.fusion import fuse_bn_scale
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
 from amct_caffe.record import read_record
 
@@ -117,19 +119,28 @@ class OutputComparator:
     def _rows(self, net, feed: Feed) -> list[np.ndarray]:
         """Per compared blob, its values as (samples, D) float64 rows."""
         net.forward(**feed)
-        n = len(next(iter(feed.values())))
-        arrays = []
+        n = max(len(np.asarray(v)) for v in feed.values())  # an image-info input may hold one row per batch
+        rows = []
         for name in self.blobs:
             if name not in net.blobs:
                 raise AmctError(f"blob '{name}' compared for the fallback search is missing from the "
                                 "quantized model")
-            arrays.append(np.asarray(net.blobs[name].data))
-        rows = n if all(a.ndim and a.shape[0] == n for a in arrays) else 1
-        return [a.reshape(rows, -1).astype(np.float64) for a in arrays]
+            a = np.asarray(net.blobs[name].data)
+            rows.append(a.reshape(n if a.ndim and a.shape[0] == n else 1, -1).astype(np.float64))
+        return rows
+
+    def _check(self, ref: list[np.ndarray], out: list[np.ndarray]) -> None:
+        for name, r, o in zip(self.blobs, ref, out, strict=True):
+            if r.shape != o.shape:
+                raise AmctError(f"output '{name}' has {o.size} value(s) in the quantized model and {r.size} in the "
+                                "float model (a detection list?): compare fixed-size blobs instead "
+                                "(compare_blobs, e.g. the blobs that feed the detection layer)")
 
     def per_output(self, net) -> dict[str, float]:
         """Per compared blob, the mean over samples of cosine(reference, ``net``)."""
         got = [self._rows(net, feed) for feed in self.batches]
+        for ref, out in zip(self.reference, got, strict=True):
+            self._check(ref, out)
         return {name: float(np.concatenate([cosine_rows(ref[i], out[i]) for ref, out in
                                             zip(self.reference, got, strict=True)]).mean())
                 for i, name in enumerate(self.blobs)}
@@ -141,6 +152,9 @@ class OutputComparator:
         values = []
         for ref, feed in zip(self.reference, self.batches, strict=True):
             out = self._rows(net, feed)
+            self._check(ref, out)
+            if len({r.shape[0] for r in ref}) > 1:  # not every blob has a row per sample: one row per batch
+                ref, out = [r.reshape(1, -1) for r in ref], [o.reshape(1, -1) for o in out]
             values.append(cosine_rows(np.concatenate(ref, axis=1), np.concatenate(out, axis=1)))
         return float(np.concatenate(values).mean())
 
@@ -152,6 +166,27 @@ def _materialize(batches, what: str) -> list[Feed]:
     if not out:
         raise AmctError(f"{what}: no batch given")
     return out
+
+
+def _original_weights(model_file, weights_file, config) -> dict[str, list[np.ndarray]]:
+    """Weights of the float model fused as ``config`` fuses it (BatchNorm's own statistics), by layer."""
+    graph = load_float_graph(model_file, weights_file)
+    fuse_bn_scale(graph, config.do_fusion, list(config.skip_fusion_layers))
+    accelerate_bn_scale_bias(graph, set(config.quantized_layers()))
+    return {node.name: list(node.params) for node in graph.nodes if node.params}
+
+
+def _search_config(config_path: str, tmp: str) -> str:
+    """The config for the search's calibration: update_bn dumps go to their own directory, so the
+    statistics the guide's flow refreshed (and save_model may still read) stay as they are."""
+    config = read_quant_config(config_path)
+    if not config.update_bn:
+        return config_path
+    settings = config.bn_update_config or BnUpdateConfig()
+    config.bn_update_config = replace(settings, bn_dump_dir=os.path.join(tmp, "search_bn_dump"))
+    path = os.path.join(tmp, "search_config.json")
+    write_quant_config(config, path)
+    return path
 
 
 def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str], target_cosine: float,
@@ -190,8 +225,8 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
         if current > best[0]:
             best = (current, list(chosen))
     if current < target_cosine:  # target out of reach: the best prefix seen
-        _LOG.warning("fallback search: %d float layer(s) do not reach output cosine %.6f (best %.6f)",
-                     max_float_layers, target_cosine, best[0])
+        _LOG.warning("fallback search: %d float layer(s) do not reach output cosine %.6f (best %.6f, with the "
+                     "search's factors)", len(chosen), target_cosine, best[0])
         return best[1], sensitivity, best[0]
     for name in reversed(list(chosen)):  # least sensitive first
         trial = [c for c in chosen if c != name]
@@ -224,6 +259,13 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         raise AmctError(f"target_cosine must be in (0, 1], got {target_cosine}")
     if isinstance(max_float_layers, bool) or not isinstance(max_float_layers, int) or max_float_layers < 0:
         raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
+    save_path = str(save_path)
+    if not os.path.basename(save_path):
+        raise AmctError(f"save_path {save_path!r} must end with a model name prefix, e.g. ./results/model")
+    config_out = f"{save_path}_fallback_config.json"
+    if config_file is not None and os.path.abspath(config_file) == os.path.abspath(config_out):
+        raise AmctError(f"config_file {config_file} is also where the fallback config goes; choose another "
+                        "save_path (inputs are never overwritten)")
     calib = _materialize(calibration_batches, "calibration_batches")
     evaluation = _materialize(eval_batches, "eval_batches") if eval_batches is not None else calib
     comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs, metric)
@@ -245,10 +287,17 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             record = read_record(graph.record_file)
             float_graph = _refreshed_float_graph(graph, record) if graph.bn_kept else graph.float_graph
             targets = {t.name: t for t in graph.targets}
+            original = _original_weights(model_file, weights_file, graph.config)
 
             def score(quantized: set[str]) -> float:
+                # A layer the search leaves float has its original weights (not SNQ's cluster centres,
+                # not BatchNorm statistics refreshed behind quantized weights).
+                g = float_graph.copy()
+                for name, t in targets.items():
+                    if name not in quantized and t.weighted and name in original:
+                        g.node(name).params = list(original[name])
                 chosen = [t for name, t in targets.items() if name in quantized]
-                net, weights = graph_to_net(build_quantized_graph(float_graph, chosen, record, FAKE))
+                net, weights = graph_to_net(build_quantized_graph(g, chosen, record, FAKE))
                 return comparator.cosine(Net(net, weights=weights, phase=TEST))
             return score, list(targets)
 
@@ -260,8 +309,8 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         sensitivity: dict[str, float] = {}
         float_layers: list[str] = []
         final_config = graph.config
-        if cosine_int8 < target_cosine:
-            score, layers = scorer(calibrated(config, "search", float_weights=True))
+        if cosine_int8 < target_cosine and max_float_layers > 0:
+            score, layers = scorer(calibrated(_search_config(config, tmp), "search", float_weights=True))
             float_layers, sensitivity, _ = search_float_layers(score, layers, target_cosine, max_float_layers,
                                                                progress)
             for name in float_layers:
@@ -270,7 +319,6 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             final_path = os.path.join(tmp, "final_config.json")
             write_quant_config(final_config, final_path)
             graph = calibrated(final_path, "final")
-        config_out = f"{save_path}_fallback_config.json"
         outputs = save_model(graph, "Both", save_path)
         with atomic_output(config_out, "wb") as f:
             f.write(final_config.to_json().encode("utf-8"))

@@ -203,3 +203,110 @@ def test_comparator_worst_output_sees_what_concatenation_hides():
     assert concat.cosine(off) > 0.9999  # the big output dominates the concatenation
     with pytest.raises(AmctError, match="metric must be one of worst_output, all_outputs"):
         OutputComparator(FakeNet(), feeds, metric="mean")
+
+
+def build_random(tmp, text, seed=0):
+    """A model with N(0, 0.4) weights; BatchNorm statistics mean 0.2, var 1.5 (not those of the data)."""
+    proto = tmp / "m.prototxt"
+    proto.write_text(text)
+    net = Net(str(proto), TEST)
+    rng = np.random.default_rng(seed)
+    for layer in net.layer_dict.values():
+        for i, blob in enumerate(layer.blobs):
+            blob.data[...] = ([0.2, 1.5, 1.0][i] if layer.type == "BatchNorm"
+                              else rng.normal(scale=0.4, size=blob.data.shape))
+    weights = tmp / "m.caffemodel"
+    net.save(str(weights))
+    return proto, weights
+
+
+INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }\n'
+
+
+def edited_config(tmp, proto, weights, edit):
+    import amct_caffe as amct
+
+    path = tmp / "config.json"
+    amct.create_quant_config(str(path), str(proto), str(weights), batch_num=2)
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_fallback_of_an_snq_layer_means_its_original_weights(tmp_path):
+    """A layer the search leaves float must be evaluated with its float weights, not SNQ's 16 centres:
+    otherwise floating the 4-bit layer seems to change nothing and the whole budget goes float."""
+    proto, weights = build_random(tmp_path, INPUT + (
+        'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 16 '
+        'kernel_size: 3 pad: 1 } }\nlayer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }\n'
+        'layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param { num_output: 8 '
+        'kernel_size: 3 pad: 1 } }\nlayer { name: "r2" type: "ReLU" bottom: "c2" top: "c2" }\n'
+        'layer { name: "c3" type: "Convolution" bottom: "c2" top: "out" convolution_param { num_output: 4 '
+        'kernel_size: 1 } }\n'))
+
+    def snq(c):
+        c["c2"]["weight_quant_params"] = {"wts_algo": "snq_quantize", "channel_wise": True, "num_bits": 4,
+                                          "max_iteration": 500, "min_distance": 1e-6, "init_algo": "uniform"}
+    config = edited_config(tmp_path, proto, weights, snq)
+    calib = [{"data": b["data"] * 2 + 0.5} for b in batches(2, seed=1)]
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "fb/m"), 2, target_cosine=0.9999,
+                                  max_float_layers=3, config_file=str(config), progress=False)
+    assert res.float_layers == ["c2"]
+    assert res.cosine_int8 < 0.999 and res.target_met
+
+
+def test_fallback_with_update_bn_models_float_layers_with_their_own_statistics(tmp_path):
+    """update_bn refreshes the BatchNorm statistics behind quantized weights; a layer left float keeps the
+    stored ones. The search must model that, and never let its own calibration overwrite the dumps the
+    guide's flow refreshed."""
+    proto, weights = build_random(tmp_path, INPUT + (
+        'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 6 '
+        'kernel_size: 3 pad: 1 } }\nlayer { name: "bn1" type: "BatchNorm" bottom: "c1" top: "c1" }\n'
+        'layer { name: "sc1" type: "Scale" bottom: "c1" top: "c1" scale_param { bias_term: true } }\n'
+        'layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }\n'
+        'layer { name: "c2" type: "Convolution" bottom: "c1" top: "out" convolution_param { num_output: 4 '
+        'kernel_size: 3 pad: 1 } }\n'))
+
+    def update_bn(c):
+        c["update_bn"] = True
+        c["bn_update_config"] = {"bn_update_iterations": 2, "bn_moving_average_fraction": 0.5,
+                                 "bn_dump_dir": str(tmp_path / "bn")}
+    config = edited_config(tmp_path, proto, weights, update_bn)
+    calib = [{"data": b["data"] * 2 + 0.5} for b in batches(2, seed=1)]
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "fb/m"), 2, target_cosine=0.99,
+                                  max_float_layers=2, config_file=str(config), progress=False)
+    assert res.float_layers == ["c1"] and res.cosine_int8 < 0.9 and res.cosine_final > 0.999
+    # A target out of reach with no float layer allowed: the saved model is the ordinary flow's.
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "fb0/m"), 2, target_cosine=1.0,
+                                  max_float_layers=0, config_file=str(config), progress=False)
+    assert res.float_layers == [] and not res.target_met
+    plain = calibrate(str(proto), str(weights), iter(calib), str(tmp_path / "plain/m"), 2, config_file=str(config),
+                      progress=False)
+    for kind in ("fake_quant_weights", "deploy_weights", "quant_param_record_txt"):
+        assert Path(plain[kind]).read_bytes() == Path(res.outputs[kind]).read_bytes(), kind
+
+
+def test_fallback_reports_outputs_whose_size_changes(model, tmp_path, monkeypatch):
+    from amct_caffe.api.fallback import OutputComparator
+
+    class Varying(FakeNet):
+        def forward(self, **feed):
+            super().forward(**feed)
+            self.blobs["small"] = types.SimpleNamespace(data=np.zeros((1, 3)))
+            return self.blobs
+    comparator = OutputComparator(FakeNet(), batches(1, seed=3))
+    with pytest.raises(AmctError, match="output 'small' has 3 value"):
+        comparator.cosine(Varying())
+
+
+def test_fallback_checks_save_path_and_config_before_any_work(model, tmp_path):
+    proto, weights, _ = model
+    with pytest.raises(AmctError, match="must end with a model name prefix"):
+        calibrate_with_fallback(str(proto), str(weights), batches(1, seed=1), str(tmp_path) + "/", 1, progress=False)
+    clash = tmp_path / "m_fallback_config.json"
+    clash.write_text("{}")
+    with pytest.raises(AmctError, match="is also where the fallback config goes"):
+        calibrate_with_fallback(str(proto), str(weights), batches(1, seed=1), str(tmp_path / "m"), 1,
+                                config_file=str(clash), progress=False)
+    assert clash.read_text() == "{}"
