@@ -231,11 +231,11 @@ def _calibrate_with_fallback(args, batches) -> int:
           f"all layers quantized {result.cosine_int8:.8f}, "
           f"saved model {result.cosine_final:.8f}, target {result.target_cosine:.8f}"
           f"{'' if result.target_met else ' (NOT met)'}")
-    print(f"layers kept in float: {', '.join(result.float_layers) if result.float_layers else 'none'}")
+    print(f"layers the search moved to float: {', '.join(result.float_layers) if result.float_layers else 'none'}")
     if result.sensitivity:
         ranked = sorted(result.sensitivity.items(), key=lambda kv: -kv[1])[:10]
-        print("most sensitive layers (output cosine with only that layer quantized): "
-              + ", ".join(f"{name} {1.0 - loss:.6f}" for name, loss in ranked))
+        print("most sensitive layers (1 - output cosine with only that layer quantized): "
+              + ", ".join(f"{name} {loss:.3e}" for name, loss in ranked))
     return 0
 
 
