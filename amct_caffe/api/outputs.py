@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
 from amct_caffe.io import net_to_caffemodel
+from amct_caffe.io.files import temp_file_beside
 
 
 class StagedOutputs:
@@ -46,7 +46,7 @@ class StagedOutputs:
         try:
             for path, data in self._files:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = temp_file_beside(path)
                 staged.append((tmp, path))
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

@@ -19,6 +19,23 @@ from amct_caffe.proto import caffe_pb
 _LOG = logging.getLogger(__name__)
 
 
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in ``path``'s directory, to be renamed onto ``path``.
+
+    mkstemp creates it readable by its owner only; the output gets the permissions a plain
+    ``open(path, "w")`` would give: those of the file it replaces, else 0666 minus the umask.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)  # read the umask (setting it is the only way), then put it back
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.fchmod(fd, mode)
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside ``path``; rename it into place only if the block succeeds.
@@ -27,7 +44,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

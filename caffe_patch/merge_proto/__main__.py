@@ -34,6 +34,10 @@ def _write_atomic(path: Path, text: str):
             f.write(text)
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o777)
+        else:  # what open(path, "w") would give, not mkstemp's owner-only mode
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
