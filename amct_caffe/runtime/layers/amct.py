@@ -38,7 +38,7 @@ from amct_caffe.quant import (IfmrObserver, IfmrParams, QuantizationError, Searc
 from amct_caffe.record import (RecordError, activation_entry, layer_entry, new_record, read_record,
                                write_record)
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.layers.normalization import moving_average_update
+from amct_caffe.runtime.layers.normalization import ChannelStatisticsLayer, moving_average_update
 from amct_caffe.runtime.registry import register
 
 _LOG = logging.getLogger(__name__)
@@ -513,7 +513,7 @@ def bn_dump_path(dump_dir, bn_layer: str) -> Path:
 
 
 @register("BNUpdate")
-class BnUpdateLayer(Layer):
+class BnUpdateLayer(ChannelStatisticsLayer):
     """Refreshes the statistics of BatchNorm ``bn_update_param.bn_layer`` (update_bn).
 
     Bottom: the BatchNorm's input; no top. Blobs: copies of the BatchNorm's mean, variance and
@@ -543,19 +543,8 @@ class BnUpdateLayer(Layer):
         self.dump_file = bn_dump_path(p.dump_dir, p.bn_layer)
         self._seen = 0
 
-    @staticmethod
-    def _channels(shape) -> int:
-        return 1 if len(shape) == 1 else int(shape[1])
-
-    def param_shapes(self, bottom_shapes):
-        c = self._channels(bottom_shapes[0])
-        return [(c,), (c,), (1,)]
-
     def reshape(self, bottom_shapes):
-        c = self._channels(bottom_shapes[0])
-        if self.blobs and self.blobs[0].data.size != c:
-            raise GraphError(f"layer '{self.name}' (BNUpdate): the bottom has {c} channels, the statistics "
-                             f"blobs {self.blobs[0].data.size}")
+        self.check_statistics(bottom_shapes)
         return []
 
     def forward(self, bottoms):

@@ -80,8 +80,27 @@ def moving_average_update(x, mean, variance, factor, fraction):
             np.asarray(factor, _F32) * f + _F32(1), batch_mean, batch_var)
 
 
+class ChannelStatisticsLayer(Layer):
+    """A layer holding BatchNorm's blobs: mean (C,), variance (C,), moving-average factor (1,), where
+    C is axis 1 of the bottom (or 1 for a 1-axis bottom)."""
+
+    @staticmethod
+    def _channels(shape) -> int:
+        return 1 if len(shape) == 1 else int(shape[1])
+
+    def param_shapes(self, bottom_shapes):
+        c = self._channels(bottom_shapes[0])
+        return [(c,), (c,), (1,)]
+
+    def check_statistics(self, bottom_shapes) -> None:
+        c = self._channels(bottom_shapes[0])
+        if self.blobs and self.blobs[0].data.size != c:
+            raise GraphError(f"layer '{self.name}' ({self.type}): the bottom has {c} channels, the "
+                             f"statistics blobs {self.blobs[0].data.size}")
+
+
 @register("BatchNorm")
-class BatchNormLayer(Layer):
+class BatchNormLayer(ChannelStatisticsLayer):
     """Caffe's BatchNorm layer.
 
     Blobs: mean (C,), variance (C,), moving-average factor (1,), all filled with 0.
@@ -100,19 +119,8 @@ class BatchNormLayer(Layer):
         self.eps = p.eps
         self.fraction = _F32(p.moving_average_fraction)
 
-    @staticmethod
-    def _channels(shape) -> int:
-        return 1 if len(shape) == 1 else int(shape[1])
-
-    def param_shapes(self, bottom_shapes):
-        c = self._channels(bottom_shapes[0])
-        return [(c,), (c,), (1,)]
-
     def reshape(self, bottom_shapes):
-        c = self._channels(bottom_shapes[0])
-        if self.blobs and self.blobs[0].data.size != c:
-            raise GraphError(f"layer '{self.name}' ({self.type}): the bottom has {c} channels, the "
-                             f"statistics blobs {self.blobs[0].data.size}")
+        self.check_statistics(bottom_shapes)
         return [tuple(bottom_shapes[0])]
 
     def _moments(self, x):
