@@ -26,20 +26,8 @@ EMPTY = 'syntax = "proto2";\n'
 
 GUIDE_CUSTOM = GUIDE_CUSTOM_PROTO
 
-_RELU6_ROI = """ message ReLU6Parameter {
-   optional float negative_slope = 1 [default = 0];
- }
-
- message ROIPoolingParameter {
-   // Pad, kernel size, and stride are all given as a single value for equal
-   // dimensions in height and width or as Y, X pairs.
-   optional uint32 pooled_h = 1 [default = 0]; // The pooled output height
-   optional uint32 pooled_w = 2 [default = 0]; // The pooled output width
-   // Multiplicative spatial scale factor to translate ROI coords from their
-   // input scale to the scale used when pooling
-   optional float spatial_scale = 3 [default = 1];
- }
-"""
+# The guide's two message definitions, as they stand in its custom.proto.
+_RELU6_ROI = GUIDE_CUSTOM_PROTO[GUIDE_CUSTOM_PROTO.index(" message ReLU6Parameter {"):]
 
 # The four custom.proto files of the FAQ "执行proto合并时提示ERROR信息".
 FAQ = {
