@@ -287,7 +287,6 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             record = read_record(graph.record_file)
             float_graph = _refreshed_float_graph(graph, record) if graph.bn_kept else graph.float_graph
             targets = {t.name: t for t in graph.targets}
-            original = _original_weights(model_file, weights_file, graph.config)
 
             def score(quantized: set[str]) -> float:
                 # A layer the search leaves float has its original weights (not SNQ's cluster centres,
@@ -302,6 +301,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             return score, list(targets)
 
         graph = calibrated(config, "int8")  # the guide's flow with every enabled layer
+        original = _original_weights(model_file, weights_file, graph.config)  # same config for the search
         score, layers = scorer(graph)
         cosine_int8 = score(set(layers))
         _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.6f (target %.6f)",
