@@ -54,12 +54,27 @@ def _nsfw_batches():
     return [x[0:2], x[2:4]]
 
 
+NSFW = (MODELS / "open_nsfw/deploy.prototxt", MODELS / "open_nsfw/resnet_50_1by2_nsfw.caffemodel")
+#: case -> (prototxt, caffemodel, calibration batches, config edit or None)
 CASES = {
     "lenet": (MODELS / "lenet_mnist/lenet.prototxt", MODELS / "lenet_mnist/lenet_iter_10000.caffemodel",
-              _lenet_batches),
-    "open_nsfw": (MODELS / "open_nsfw/deploy.prototxt", MODELS / "open_nsfw/resnet_50_1by2_nsfw.caffemodel",
-                  _nsfw_batches),
+              _lenet_batches, None),
+    "open_nsfw": (*NSFW, _nsfw_batches, None),
+    # SNQ on two convolutions and update_bn (BatchNorm kept until save_model, statistics refreshed)
+    "open_nsfw_snq_update_bn": (*NSFW, _nsfw_batches, "snq_update_bn"),
 }
+
+
+def _snq_update_bn(tmp: Path):
+    def edit(config):
+        for layer in ("conv_1", "conv_stage1_block0_branch2b"):
+            config[layer]["weight_quant_params"] = {
+                "wts_algo": "snq_quantize", "channel_wise": True, "num_bits": 4, "max_iteration": 500,
+                "min_distance": 1e-6, "init_algo": "d2sampling"}
+        config["update_bn"] = True
+        config["bn_update_config"] = {"bn_moving_average_fraction": 0.9, "bn_update_iterations": 2,
+                                      "bn_dump_dir": str(tmp / "bn_dump")}
+    return edit
 
 
 def _digest(data: bytes) -> str:
@@ -74,9 +89,10 @@ def _f32_digest(values) -> str:
 
 def run_flow(name: str, tmp: Path) -> dict:
     """The guide's flow on case ``name`` in ``tmp``; returns what the fixture records."""
-    proto, weights, batches_of = CASES[name]
+    proto, weights, batches_of, edit = CASES[name]
     batches = batches_of()
-    graph, mm, mw = calibration_model(tmp, proto, weights, batch_num=len(batches))
+    graph, mm, mw = calibration_model(tmp, proto, weights, batch_num=len(batches),
+                                      edit_config=_snq_update_bn(tmp) if edit else None)
     net = Net(mm, mw, TEST)
     for x in batches:
         net.forward(data=x)
