@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from amct_caffe import io, log
+from amct_caffe import io, log, ops
 from amct_caffe.api.outputs import StagedOutputs, write_model_files
 from amct_caffe.config import BnUpdateConfig, config_type, create_default_config, load_config, write_quant_config
 from amct_caffe.errors import AmctError, ConfigError
@@ -21,14 +21,13 @@ from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
 from amct_caffe.passes.calibration import ActivationSpec, insert_calibration_layers
 from amct_caffe.passes.fusion import apply_fusion, check_fusions, find_fusions, fuse_bn_scale
-from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, INSERTED_TYPES, WEIGHT_TYPES, QuantTarget,
+from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, QuantTarget,
                                                 build_quantized_graph, canonical_record, quant_mapping)
 from amct_caffe.proto import caffe_pb
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.quant.snq import snq_quantize_weight
 from amct_caffe.record import layer_entry, new_record, read_record, write_record
 from amct_caffe.runtime.layers.amct import bn_dump_path
-from amct_caffe.runtime.registry import DATA_ONLY, WEIGHTS_AND_DATA, type_info
 
 _LOG = logging.getLogger(__name__)
 SAVE_TYPES = ("Fakequant", "Deploy", "Both")
@@ -65,7 +64,7 @@ def load_float_graph(model_file, weights_file) -> Graph:
     net, weights = io.load_model(model_file, weights_file)
     graph = graph_from_net(net, weights)
     for node in graph.nodes:
-        if node.type in INSERTED_TYPES:
+        if ops.layer_type(node.type).inserted:
             raise AmctError(f"{model_file}: layer '{node.name}' is a {node.type} layer: the model is already "
                             "quantized; give the original float model")
         if any(np.issubdtype(p.dtype, np.integer) for p in node.params):
@@ -123,15 +122,15 @@ def quant_target(node, graph: Graph, inputs: tuple[int, ...] | None = None) -> Q
     ``inputs`` narrows a data-only layer's quantized inputs (convert_model: those the record
     gives); by default they are the type's activation inputs (all but ROI boxes, shape references...).
     """
-    info = type_info(node.type)
-    kind = info.quant if info is not None else None
-    if node.type in WEIGHT_TYPES and node.params:
+    info = ops.layer_type(node.type)
+    kind = info.quant
+    if info.weighted and node.params:
         if len(node.bottoms) != 1 or len(node.tops) != 1:
             raise ConfigError(f"layer '{node.name}' ({node.type}) has {len(node.bottoms)} inputs and "
                               f"{len(node.tops)} outputs sharing its weights; only single-input layers can be "
                               "quantized: set its quant_enable to false")
         return QuantTarget(node.name, (0,), True, config_type(node, graph))
-    if kind == DATA_ONLY or (kind == WEIGHTS_AND_DATA and not node.params):
+    if kind is ops.DATA_ONLY or (kind is ops.WEIGHTS_AND_DATA and not node.params):
         allowed = info.quant_inputs if info.quant_inputs is not None else tuple(range(len(node.bottoms)))
         allowed = tuple(i for i in allowed if i < len(node.bottoms))
         if inputs is not None:
@@ -156,7 +155,7 @@ def _fuse(qg: QuantGraph) -> None:
         quantized = set(config.quantized_layers())
         qg.bn_kept = {f.target.name: [n.name for n in f.folded] for f in fusions
                       if f.target.name in quantized and f.target.name not in qg.unfused
-                      and f.target.type in WEIGHT_TYPES}
+                      and ops.layer_type(f.target.type).weighted}
         skip += sorted(qg.bn_kept)
     fuse_bn_scale(qg.graph, config.do_fusion, skip)
     # The kept chain's layers are fused at save_model: their own quantization settings do not apply.

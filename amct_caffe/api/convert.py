@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from amct_caffe import log
+from amct_caffe import log, ops
 from amct_caffe.api.calibration import load_float_graph, quant_target, save_quantized
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
 from amct_caffe.passes.fusion import fuse_bn_scale
-from amct_caffe.passes.quantized_models import WEIGHT_TYPES
 from amct_caffe.record import RecordError, layer_entry, read_record
-from amct_caffe.runtime.registry import type_info
 
 _LOG = logging.getLogger(__name__)
-_BN_TYPES = ("BatchNorm", "Scale", "Bias")
 
 
 def convert_model(model_file, weights_file, scale_offset_record_file, save_path) -> dict[str, str]:
@@ -35,7 +32,7 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
     skip = [e.key for e in record.record if e.value.skip_fusion]
     fuse_bn_scale(graph, True, [k for k in skip if k in original_names])
     accelerate_bn_scale_bias(graph, {k for k in keys if k in original_names
-                                     and graph.has_node(k) and graph.node(k).type in _BN_TYPES})
+                                     and graph.has_node(k) and graph.node(k).type in ops.FOLDED_ORDER})
     # Entries carrying only skip_fusion are fusion settings, not layers to quantize.
     keys = [e.key for e in record.record if len(e.value.scale_w) or len(e.value.record_d)]
     if not keys:
@@ -52,12 +49,11 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
         if node.name not in keys:
             continue
         entry = layer_entry(record, node.name)
-        info = type_info(node.type)
-        if info is None or info.quant is None:
+        if not ops.layer_type(node.type).quantizable:
             raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has type {node.type}, which cannot "
                             "be quantized")
         inputs = None
-        if not (node.type in WEIGHT_TYPES and node.params):
+        if not (ops.layer_type(node.type).weighted and node.params):
             inputs = tuple(sorted({d.index for d in entry.record_d}))
             if not inputs:
                 raise RecordError(f"Cannot find scale_d of layer '{node.name}' in record file")

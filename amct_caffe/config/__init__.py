@@ -1,7 +1,7 @@
 """Post-training quantization config: typed JSON config, simple .cfg, defaults for a model.
 
-Importing this package declares the guide's table of quantizable layer types in the type
-registry (:mod:`.layer_types`).
+The table of quantizable layer types is :mod:`amct_caffe.ops`; :mod:`.layer_types` adds the
+rules that depend on a layer's parameters (DepthwiseConv, Scale / Bias limits).
 
 * :class:`QuantConfig` / :class:`LayerQuantConfig` / :class:`ActivationQuantParams` /
   :class:`ArqParams` / :class:`SnqParams` / :class:`BnUpdateConfig`: the JSON of 量化配置;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from amct_caffe import ops
 from amct_caffe.config import layer_types as T
 from amct_caffe.config.checks import fail, show
 from amct_caffe.config.quant_config import (ArqParams, LayerQuantConfig, QuantConfig, SnqParams,
@@ -59,13 +60,13 @@ def check_weight_params(params: WeightQuantParams | None, kind: str, where: str,
     if not T.has_weights(kind):
         raise fail(where, f"{prefix.rstrip('.')} is not allowed: {kind} layers have no weights to quantize "
                           "(only activation_quant_params applies)")
-    if params.channel_wise and kind in T.PER_TENSOR_ONLY_TYPES:
+    if params.channel_wise and ops.layer_type(kind).per_tensor_only:
         raise fail(where, f"{prefix}channel_wise true is not supported: "
                           f"{kind} supports only channel_wise false")
-    if isinstance(params, SnqParams) and kind not in T.SNQ_TYPES:
+    if isinstance(params, SnqParams) and not ops.layer_type(kind).snq:
         what = f'{prefix}wts_algo "snq_quantize"' if prefix == "weight_quant_params." else "snq_quantize"
         raise fail(where, f"{what} is not supported for {kind}: non-uniform quantization supports only "
-                          f"{', '.join(sorted(T.SNQ_TYPES))}")
+                          f"{', '.join(sorted(ops.types_where('snq')))}")
 
 
 def check_skip_fusion_layers(names, graph, where: str, field: str = "skip_fusion_layers") -> None:
@@ -75,9 +76,9 @@ def check_skip_fusion_layers(names, graph, where: str, field: str = "skip_fusion
         if node is None:
             raise fail(where, f"{field}: layer '{name}' is not in the model")
         kind = T.config_type(node, graph)
-        if kind not in T.FUSABLE_TYPES:
+        if not ops.layer_type(kind).fusion_target:
             raise fail(where, f"{field}: layer '{name}' ({kind}) is not a fusable layer "
-                              f"(BN fusion starts from {', '.join(sorted(T.FUSABLE_TYPES))})")
+                              f"(BN fusion starts from {', '.join(sorted(ops.types_where('fusion_target')))})")
 
 
 def bind_to_graph(config: QuantConfig, graph, where: str = "") -> QuantConfig:

@@ -1,13 +1,9 @@
-"""Which layer types the quantization config covers (the guide's 支持量化的算子列表).
+"""Layer types as the quantization config sees them (the guide's 支持量化的算子列表).
 
-Every row of the guide's table is declared in the one type registry
-(:mod:`amct_caffe.runtime.registry`) when this module is imported:
-
-* weights and data (``WEIGHTS_AND_DATA``): Convolution, DepthwiseConv, InnerProduct,
-  Deconvolution, LSTM, RNN, GRU;
-* data only (``DATA_ONLY``): the rest. The rows marked 默认不量化 ("not quantized unless the
-  user switches it on in the config") are declared with ``by_default=False``: the generated
-  config lists them with ``quant_enable: false``.
+The table itself (which types are quantized, with weights or data only, on by default or not,
+per-tensor only, SNQ, fusable) is :mod:`amct_caffe.ops`; this module adds what depends on a
+layer's parameters and the graph around it: the depthwise convolution's name and the limits of
+Scale and Bias.
 
 Naming of depthwise convolution. Caffe has no depthwise type: a depthwise layer is a
 ``Convolution`` with ``group == input channels == num_output``. The guide lists it as its own
@@ -34,85 +30,36 @@ Per-type rules from the guide used by validation:
 
 from __future__ import annotations
 
-from amct_caffe.runtime.registry import DATA_ONLY, WEIGHTS_AND_DATA, declare_quantizable, type_info
+from amct_caffe import ops
+from amct_caffe.ops import DEPTHWISE, quantizable_types
 
-DEPTHWISE = "DepthwiseConv"
-
-#: Types with weights, in the guide's order.
-WEIGHTED_TYPES = ("Convolution", DEPTHWISE, "InnerProduct", "Deconvolution", "LSTM", "RNN", "GRU")
-
-#: Data-only rows of the table: (type, quantized by default).
-_OFF = False  # the rows marked 默认不量化
-DATA_ONLY_TYPES = (
-    ("PassThrough", True), ("Pooling", True), ("PSROIPooling", True), ("ROIPooling", True), ("SPP", True),
-    ("Upsample", True), ("Eltwise", True), ("Slice", True), ("Concat", True), ("Softmax", True),
-    ("ROIAlign", True), ("AbsVal", _OFF), ("BNLL", True), ("CReLU", True), ("ELU", True), ("Exp", True),
-    ("Interp", True), ("Log", True), ("LRN", True), ("Mvm", True), ("Nms", True), ("Normalize", True),
-    ("Power", True), ("PReLU", _OFF), ("Reduction", True), ("ReLU", _OFF), ("Sigmoid", True), ("Sort", True),
-    ("Threshold", True), ("Scale", _OFF), ("BatchNorm", _OFF), ("Bias", _OFF), ("Reshape", True),
-    ("Reverse", True), ("ShuffleChannel", True), ("Crop", True), ("Axpy", True), ("Flatten", True),
-    ("Permute", True), ("Tile", True), ("Split", True), ("ArgMax", True), ("Clip", _OFF), ("Hswish", True),
-    ("MVN", True), ("Reorg", True), ("TanH", True), ("MatMul", True), ("RReLU", _OFF), ("ReLU6", _OFF),
-    ("Swish", _OFF), ("GroupNorm", True), ("ArgMin", True), ("Sqrt", True), ("ReduceSum", True),
-    ("ReduceMean", True), ("ReduceProd", True), ("LayerNormalization", True), ("Gemm", True), ("Ceil", True),
-    ("Pad", _OFF), ("Equal", _OFF), ("Greater", _OFF), ("ReduceMax", _OFF), ("ReduceMin", _OFF),
-    ("Sign", _OFF), ("Cos", _OFF), ("Sin", _OFF), ("TopK", _OFF), ("Unpooling", _OFF), ("Erf", _OFF),
-)
-
-#: Types whose weights are quantized per tensor only (channel_wise must be false).
-PER_TENSOR_ONLY_TYPES = frozenset({"InnerProduct", "LSTM", "RNN", "GRU"})
-#: Types snq_quantize (INT4 non-uniform) supports.
-SNQ_TYPES = frozenset({"Convolution", DEPTHWISE, "InnerProduct", "Deconvolution"})
-#: Types BN fusion starts from (what skip_fusion_layers may name).
-FUSABLE_TYPES = frozenset({"Convolution", DEPTHWISE, "Deconvolution", "InnerProduct"})
-
-
-#: Data-only types whose later bottoms are not activations: ROI boxes (with the batch index),
-#: a reference blob giving only a shape (Crop, Interp), an unpooling mask (Upsample). Only the
-#: listed inputs are quantized.
-QUANTIZED_INPUTS = {"ROIPooling": (0,), "PSROIPooling": (0,), "ROIAlign": (0,), "Crop": (0,),
-                    "Interp": (0,), "Upsample": (0,), "Unpooling": (0,)}
-
-
-def _declare_all() -> None:
-    for name in WEIGHTED_TYPES:
-        declare_quantizable(name, WEIGHTS_AND_DATA, by_default=True, inputs=(0,))
-    for name, by_default in DATA_ONLY_TYPES:
-        declare_quantizable(name, DATA_ONLY, by_default=by_default, inputs=QUANTIZED_INPUTS.get(name))
-
-
-_declare_all()
-
-
-def quantizable_types() -> list[str]:
-    """Every type name of the guide's table (DepthwiseConv included), in table order."""
-    return [*WEIGHTED_TYPES, *(name for name, _ in DATA_ONLY_TYPES)]
+__all__ = ["DEPTHWISE", "cannot_quantize_reason", "config_type", "default_channel_wise", "has_weights",
+           "is_depthwise", "is_quantizable_type", "matching_type_names", "on_by_default", "quantizable_types"]
 
 
 def is_quantizable_type(type_name: str) -> bool:
-    info = type_info(type_name)
-    return info is not None and info.quant is not None
+    return ops.layer_type(type_name).quantizable
 
 
 def has_weights(type_name: str) -> bool:
-    info = type_info(type_name)
-    return info is not None and info.quant == WEIGHTS_AND_DATA
+    return ops.layer_type(type_name).quant is ops.WEIGHTS_AND_DATA
 
 
 def on_by_default(type_name: str) -> bool:
-    info = type_info(type_name)
-    return info is not None and info.quant is not None and info.quant_by_default
+    row = ops.layer_type(type_name)
+    return row.quantizable and row.quant_by_default
 
 
 def default_channel_wise(type_name: str) -> bool:
     """The generated config's channel_wise: true, except for the per-tensor-only types."""
-    return type_name not in PER_TENSOR_ONLY_TYPES
+    return not ops.layer_type(type_name).per_tensor_only
 
 
 def _input_channels(node, graph) -> int | None:
-    if node.params and node.params[0].ndim >= 2:
-        # weight (num_output, C / group, *kernel): C = shape[1] * group
-        return int(node.params[0].shape[1]) * max(int(node.layer_param.convolution_param.group), 1)
+    if node.params:
+        channels = ops.in_channels(node.type, node.layer_param, node.params[0].shape)
+        if channels is not None:
+            return channels
     if graph is not None and node.bottoms:
         blob = graph.blobs.get(node.bottoms[0])
         if blob is not None and blob.shape is not None and len(blob.shape) >= 2:

@@ -3,15 +3,14 @@
 * node names are unique;
 * SSA: each blob is written by exactly one node;
 * topological order: a node reads only blobs written by earlier nodes;
-* every node writes at least one blob unless its type legitimately has none (Silence).
+* every node writes at least one blob unless its type legitimately has none (an observer: Silence,
+  the calibration layers).
 """
 
 from __future__ import annotations
 
 from amct_caffe.errors import GraphError
-
-# Types that only observe their inputs (calibration layers) or discard them.
-_NO_TOP_TYPES = {"Silence", "IFMR", "SearchN", "BNUpdate"}
+from amct_caffe.ops import layer_type
 
 
 def check_graph(graph) -> None:
@@ -25,7 +24,7 @@ def check_graph(graph) -> None:
             if b not in written:
                 raise GraphError(f"graph '{graph.name}': layer '{node.name}' reads blob '{b}', which no "
                                  "earlier layer writes (graph not topologically sorted, or a dangling input)")
-        if not node.tops and node.type not in _NO_TOP_TYPES:
+        if not node.tops and not layer_type(node.type).observer:
             raise GraphError(f"graph '{graph.name}': layer '{node.name}' ({node.type}) writes no blob")
         for t in node.tops:
             if t in written:

@@ -31,19 +31,13 @@ from collections.abc import Collection
 
 import numpy as np
 
+from amct_caffe import ops
 from amct_caffe.ir import Graph, Node
-from amct_caffe.passes.fusion import (FOLDED_ORDER, Fusion, blob_readers, check_fusions, fold_chain,
+from amct_caffe.ops import FOLDED_ORDER
+from amct_caffe.passes.fusion import (Fusion, blob_readers, check_fusions, fold_chain,
                                       folded_problem, follow_chain)
 
 _LOG = logging.getLogger(__name__)
-
-# Layers whose single top has as many axes as their first bottom.
-_SAME_RANK = frozenset({
-    "BatchNorm", "Scale", "Bias", "ReLU", "PReLU", "ReLU6", "Sigmoid", "TanH", "ELU", "AbsVal", "BNLL",
-    "Power", "Exp", "Log", "Threshold", "Clip", "Swish", "Hswish", "Dropout", "LRN", "MVN", "Normalize",
-    "Eltwise", "Concat", "Pooling", "Split", "Softmax", "Crop", "ShuffleChannel", "Upsample", "Interp",
-})
-
 
 def blob_rank(graph: Graph, blob: str) -> int | None:
     """Number of axes of ``blob``: its inferred shape if known, else traced back through layers that
@@ -66,7 +60,7 @@ def blob_rank(graph: Graph, blob: str) -> int | None:
         if node.type == "InnerProduct":
             axis = int(node.layer_param.inner_product_param.axis)
             return axis + 1 if axis >= 0 else None
-        if node.type not in _SAME_RANK or not node.bottoms:
+        if not ops.layer_type(node.type).rank_preserving or not node.bottoms:
             return None
         blob = node.bottoms[0]
     return None

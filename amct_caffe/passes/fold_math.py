@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from amct_caffe.ops import WeightLayout
+
 
 def _vector(a, name: str, size: int | None = None) -> np.ndarray:
     """A flat float64 copy of a per-channel blob (legacy 4-D blobs such as (1, 1, 1, C) included)."""
@@ -38,11 +40,9 @@ def _vector(a, name: str, size: int | None = None) -> np.ndarray:
 
 def out_channels(w_shape, out_axis: int, group: int = 1) -> int:
     """Number of output channels of a weight of shape ``w_shape`` (see the module table)."""
-    if out_axis == 0:
-        return int(w_shape[0])
-    if out_axis == 1:
-        return int(w_shape[1]) * int(group)
-    raise ValueError(f"out_axis must be 0 or 1, got {out_axis}")
+    if out_axis not in (0, 1):
+        raise ValueError(f"out_axis must be 0 or 1, got {out_axis}")
+    return WeightLayout(out_axis, int(group)).out_channels(w_shape)
 
 
 def scale_out_channels(w: np.ndarray, a, out_axis: int, group: int = 1) -> np.ndarray:

@@ -40,16 +40,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from amct_caffe import ops
 from amct_caffe.errors import GraphError
 from amct_caffe.ir import Graph, Node
+from amct_caffe.ops import FOLDED_ORDER
 from amct_caffe.passes import fold_math
 
 _LOG = logging.getLogger(__name__)
 
-#: Layer types BN fusion folds into (DepthwiseConv is a Convolution with group > 1).
-TARGET_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
-#: Types that may be folded, in the only order they may follow each other.
-FOLDED_ORDER = ("BatchNorm", "Scale", "Bias")
 _TRAIN = 0  # caffe.proto: enum Phase { TRAIN = 0; TEST = 1; }
 
 
@@ -66,15 +64,10 @@ class Fusion:
 
 # ------------------------------------------------------------------------ layer conditions
 def weight_layout(node: Node) -> tuple[int, int] | None:
-    """``(out_axis, group)`` of a fusable layer's weight (see fold_math), or None if not fusable."""
-    lp = node.layer_param
-    if node.type not in TARGET_TYPES or lp is None:
-        return None
-    if node.type == "InnerProduct":
-        return (1 if lp.inner_product_param.transpose else 0), 1
-    if node.type == "Deconvolution":
-        return 1, max(int(lp.convolution_param.group), 1)
-    return 0, 1
+    """``(out_axis, group)`` of a fusable layer's weight (:func:`amct_caffe.ops.weight_layout`), or
+    None if BN fusion cannot fold into its type."""
+    layout = ops.weight_layout(node.type, node.layer_param)
+    return None if layout is None else (layout.out_axis, layout.group)
 
 
 def _weight(node: Node) -> np.ndarray:
@@ -94,7 +87,7 @@ def _has_bias(node: Node) -> bool:
 def target_problem(node: Node, skip: frozenset[str] | set[str] = frozenset()) -> str | None:
     """Why ``node`` cannot receive a fusion (None if it can)."""
     if weight_layout(node) is None:
-        return f"type {node.type} is not one of {', '.join(TARGET_TYPES)}"
+        return f"type {node.type} is not one of {', '.join(ops.types_where('weighted'))}"
     if node.name in skip:
         return "it is listed in skip_fusion_layers"
     if len(node.bottoms) != 1 or len(node.tops) != 1:
@@ -197,14 +190,13 @@ def find_fusions(graph: Graph, skip_fusion_layers=()) -> list[Fusion]:
     readers = blob_readers(graph)
     found = []
     for node in graph.nodes:
-        if node.type not in TARGET_TYPES:
+        if weight_layout(node) is None:
             continue
         problem = target_problem(node, skip)
         if problem:
             _LOG.debug("BN fusion: '%s' is not a fusion target: %s", node.name, problem)
             continue
-        out_axis, group = weight_layout(node)
-        channels = fold_math.out_channels(_weight(node).shape, out_axis, group)
+        channels = ops.out_channels(node.type, node.layer_param, node.params[0].shape)
         chain, why = follow_chain(node.tops[0], ("BatchNorm",), channels, output_rank(node), readers)
         if chain:
             found.append(Fusion(node, chain))

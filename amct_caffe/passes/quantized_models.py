@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from amct_caffe import ops
 from amct_caffe.errors import AmctError
 from amct_caffe.ir import Graph, Node
 from amct_caffe.proto import caffe_pb
@@ -28,8 +29,6 @@ from amct_caffe.quant.bias import quantize_bias
 from amct_caffe.quant.fake_quant import pack_deq_scale
 from amct_caffe.record import RecordError, activation_entry, layer_entry, new_record
 
-WEIGHT_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
-INSERTED_TYPES = ("Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN", "BNUpdate")
 FAKE, DEPLOY = "fake_quant", "deploy"
 
 
@@ -99,16 +98,12 @@ def weight_factors(record, target: QuantTarget, channels: int) -> tuple[np.ndarr
 
 
 def _out_channels(node: Node) -> int:
-    w = node.params[0]
-    if node.type == "Deconvolution":
-        return int(w.shape[1]) * int(node.layer_param.convolution_param.group)
-    if node.type == "InnerProduct" and node.layer_param.inner_product_param.transpose:
-        return int(w.shape[1])
-    return int(w.shape[0])
+    return ops.out_channels(node.type, node.layer_param, node.params[0].shape)
 
 
 def _group(node: Node) -> int:
-    return int(node.layer_param.convolution_param.group) if node.type == "Deconvolution" else 1
+    """ARQ's group: a grouped Deconvolution's weight blocks (see :class:`amct_caffe.ops.WeightLayout`)."""
+    return ops.weight_layout(node.type, node.layer_param).group
 
 
 def _quant_node(graph: Graph, target: QuantTarget, index: int, blob: str, act: ActFactors) -> Node:
@@ -233,7 +228,7 @@ def quant_mapping(original_names: set[str], quantized: Graph) -> dict:
     layers = {}
     quantized_layers = {n.layer_param.quant_param.object_layer for n in quantized.nodes if n.type == "Quant"}
     for node in quantized.nodes:
-        if node.type in INSERTED_TYPES:
+        if ops.layer_type(node.type).inserted:
             lp = node.layer_param
             target = (lp.quant_param.object_layer if lp.HasField("quant_param")
                       else lp.dequant_param.object_layer if lp.HasField("dequant_param") else "")

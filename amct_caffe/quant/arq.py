@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from amct_caffe import ops
 from amct_caffe.errors import ConfigError
 
 from ._backend import call_kernel, resolve
@@ -42,7 +43,9 @@ from ._common import QuantizationError, check_num_bits, process_scale, qrange, r
 __all__ = ["ArqResult", "arq_layout", "arq_quantize_weight", "arq_retrain_backward", "arq_retrain_forward",
            "quantize_with_scales"]
 
-LAYER_TYPES = ("Convolution", "DepthwiseConv", "Deconvolution", "InnerProduct")
+#: Layers with weights of their own (the recurrent layers' weights are quantized as InnerProducts).
+LAYER_TYPES = tuple(name for name, row in ops.quantizable_rows().items()
+                    if row.quant is ops.WEIGHTS_AND_DATA and not row.recurrent)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 
 import amct_caffe.config  # noqa: F401  (declares the table)
 from amct_caffe.config import layer_types as T
-from amct_caffe.runtime.registry import DATA_ONLY, WEIGHTS_AND_DATA, all_type_infos, type_info
+from amct_caffe.ops import DATA_ONLY, WEIGHTS_AND_DATA, layer_type, quantizable_rows
 from tests.config.nets import GUIDE, MODELS, RESNET_LIKE, graph_of, load_graph, needs_guide, needs_models
 
 
@@ -33,7 +33,7 @@ def _guide_table():
 def test_registry_holds_every_row_of_the_guide_table():
     rows = _guide_table()
     assert len(rows) == 78 and rows["LSTM"] == (WEIGHTS_AND_DATA, True) and rows["Erf"] == (DATA_ONLY, False)
-    declared = {n: (i.quant, i.quant_by_default) for n, i in all_type_infos().items() if i.quant is not None}
+    declared = {n: (i.quant, i.quant_by_default) for n, i in quantizable_rows().items()}
     assert declared == rows
     assert T.quantizable_types() == list(rows)
 
@@ -42,8 +42,8 @@ def test_lookups():
     assert T.has_weights("DepthwiseConv") and not T.has_weights("Pooling")
     assert T.on_by_default("Pooling") and not T.on_by_default("ReLU") and not T.on_by_default("Input")
     assert not T.is_quantizable_type("Input") and not T.is_quantizable_type("NoSuchType")
-    assert type_info("ReLU6").quant == DATA_ONLY
-    per_tensor = [t for t in T.WEIGHTED_TYPES if not T.default_channel_wise(t)]
+    assert layer_type("ReLU6").quant == DATA_ONLY
+    per_tensor = [t for t in T.quantizable_types() if T.has_weights(t) and not T.default_channel_wise(t)]
     assert per_tensor == ["InnerProduct", "LSTM", "RNN", "GRU"]
 
 

@@ -1,7 +1,7 @@
 """Layer implementations; importing this package registers every layer type.
 
 One module per layer family. Each module registers its classes with
-``amct_caffe.runtime.registry.register``.
+``amct_caffe.ops.register``.
 """
 
 import importlib

@@ -21,7 +21,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST, TRAIN
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 _LOG = logging.getLogger(__name__)
 _F32 = np.float32

@@ -39,7 +39,7 @@ from amct_caffe.record import (RecordError, activation_entry, layer_entry, new_r
                                write_record)
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.layers.normalization import ChannelStatisticsLayer, moving_average_update
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 _LOG = logging.getLogger(__name__)
 _F32 = np.float32

@@ -50,7 +50,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layers import caffe_gemm
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 
 # ------------------------------------------------------------------------ pure kernels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 
 @register("Input")

@@ -13,7 +13,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 f32, f64 = np.float32, np.float64
 

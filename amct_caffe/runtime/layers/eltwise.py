@@ -11,7 +11,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 _F32 = np.float32
 PROD, SUM, MAX = 0, 1, 2  # EltwiseParameter.EltwiseOp numbers

@@ -17,7 +17,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layers import caffe_gemm
 from amct_caffe.runtime.layers.integer_ops import inner_product_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 
 def InnerProduct(x, weight, bias=None, *, axis=1, transpose=False):  # noqa: N802 - Caffe type name

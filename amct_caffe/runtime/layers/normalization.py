@@ -13,7 +13,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
 from amct_caffe.runtime.layer import Layer, canonical_axis
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}

@@ -31,7 +31,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 MAX, AVE, STOCHASTIC = "MAX", "AVE", "STOCHASTIC"
 _FLT_MIN = np.float32(np.finfo(np.float32).tiny)

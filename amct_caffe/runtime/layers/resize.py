@@ -32,7 +32,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.layers.pooling import MaxUnPool
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 _F = np.float32
 

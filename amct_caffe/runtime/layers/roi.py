@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.runtime.layers.detection import OpLayer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 f32, f64 = np.float32, np.float64
 

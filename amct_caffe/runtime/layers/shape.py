@@ -14,7 +14,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 
 def _axis(axis: int, ndim: int, what: str = "axis") -> int:

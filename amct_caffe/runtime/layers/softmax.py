@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.runtime.layer import Layer, canonical_axis
-from amct_caffe.runtime.registry import register
+from amct_caffe.ops import register
 
 
 def Softmax(x, *, axis=1):  # noqa: N802 - Caffe type name
