@@ -2,7 +2,7 @@
 
 import pytest
 
-from amct_caffe import record
+from amct_caffe.io import record
 from tests.golden import SHARED
 
 GUIDE = SHARED / "spec/amct_caffe_user_guide.md"
@@ -38,7 +38,7 @@ def test_last_entry_wins_like_protobuf_maps():
 @pytest.mark.skipif(not GUIDE.exists(), reason="../shared/spec not beside the repository")
 def test_guide_sample_record_is_read_with_repairs(caplog):
     rec = record.parse_record_text(_guide_sample(), "guide")
-    assert [e.key for e in rec.record] == ["conv1", "pool1", "fc1000"]
+    assert list(rec.layers) == ["conv1", "pool1", "fc1000"]
     conv = record.layer_entry(rec, "conv1")
     assert list(conv.scale_w) == pytest.approx([0.43213, 0.78163, 1.03213])
     assert list(conv.shift_bit) == [1, 1, 1]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from amct_caffe import log, ops
-from amct_caffe.api.calibration import load_float_graph, quant_target, save_quantized
+from amct_caffe.api.outputs import save_quantized
+from amct_caffe.api.session import load_float_graph
 from amct_caffe.errors import AmctError, ConfigError
-from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
-from amct_caffe.passes.fusion import fuse_bn_scale
-from amct_caffe.record import RecordError, layer_entry, read_record
+from amct_caffe.io.record import RecordError, read_record
+from amct_caffe.passes.prepare import prepare_from_record, quant_target
 
 _LOG = logging.getLogger(__name__)
 
@@ -23,32 +23,29 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
     layer of the (fused) model.
     """
     log.setup()
-    graph = load_float_graph(model_file, weights_file)
-    original_names = {n.name for n in graph.nodes}
+    source = load_float_graph(model_file, weights_file)
+    original_names = {n.name for n in source.nodes}
     record = read_record(scale_offset_record_file)
-    keys = [e.key for e in record.record]
-    if not keys:
+    if not record.layers:
         raise AmctError(f"{scale_offset_record_file}: the record holds no layer")
-    skip = [e.key for e in record.record if e.value.skip_fusion]
-    fuse_bn_scale(graph, True, [k for k in skip if k in original_names])
-    accelerate_bn_scale_bias(graph, {k for k in keys if k in original_names
-                                     and graph.has_node(k) and graph.node(k).type in ops.FOLDED_ORDER})
+    skip = [k for k, e in record.layers.items() if e.skip_fusion]
+    graph = prepare_from_record(source, list(record.layers), skip)
     # Entries carrying only skip_fusion are fusion settings, not layers to quantize.
-    keys = [e.key for e in record.record if len(e.value.scale_w) or len(e.value.record_d)]
+    keys = [k for k, e in record.layers.items() if e.scale_w or e.record_d]
     if not keys:
         raise AmctError(f"{scale_offset_record_file}: no record entry gives quantization factors (scale_w / "
                         "record_d); only fusion settings were found")
-    targets = []
     present = {n.name for n in graph.nodes}
-    for key in dict.fromkeys(keys):
+    for key in keys:
         if key not in present:
             where = "was fused into another layer" if key in original_names else f"is not a layer of {model_file}"
             raise AmctError(f"{scale_offset_record_file}: record entry '{key}' {where}; give factors for the "
                             "layers of the model as converted (set skip_fusion: true to keep a layer unfused)")
+    targets = []
     for node in graph.nodes:
         if node.name not in keys:
             continue
-        entry = layer_entry(record, node.name)
+        entry = record.layer(node.name)
         if not ops.layer_type(node.type).quantizable:
             raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has type {node.type}, which cannot "
                             "be quantized")

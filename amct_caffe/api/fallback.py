@@ -42,16 +42,15 @@ import numpy as np
 from tqdm import tqdm
 
 from amct_caffe import log
-from amct_caffe.api.calibration import _refreshed_float_graph, create_quant_config, load_float_graph, save_model
+from amct_caffe.api.calibration import create_quant_config, save_model
+from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output
-from amct_caffe.io.graph_io import graph_to_net
-from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
-from amct_caffe.passes.fusion import fuse_bn_scale
+from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
-from amct_caffe.record import read_record
+from amct_caffe.runtime import TEST, Net
 
 _LOG = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
@@ -168,11 +167,10 @@ def _materialize(batches, what: str) -> list[Feed]:
     return out
 
 
-def _original_weights(model_file, weights_file, config) -> dict[str, list[np.ndarray]]:
-    """Weights of the float model fused as ``config`` fuses it (BatchNorm's own statistics), by layer."""
-    graph = load_float_graph(model_file, weights_file)
-    fuse_bn_scale(graph, config.do_fusion, list(config.skip_fusion_layers))
-    accelerate_bn_scale_bias(graph, set(config.quantized_layers()))
+def _original_weights(session: QuantGraph) -> dict[str, list[np.ndarray]]:
+    """Weights of the float model fused as the session's config fuses it, with the BatchNorms' own
+    statistics (update_bn off), by layer."""
+    graph = prepare(session.source, replace(session.config, update_bn=False)).graph
     return {node.name: list(node.params) for node in graph.nodes if node.params}
 
 
@@ -252,8 +250,6 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     files for ``save_path`` plus ``<save_path>_fallback_config.json``. ``metric``: see
     :class:`OutputComparator`.
     """
-    from amct_caffe.runtime import TEST, Net
-
     log.setup()
     if not 0.0 < target_cosine <= 1.0:
         raise AmctError(f"target_cosine must be in (0, 1], got {target_cosine}")
@@ -283,10 +279,9 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             os.mkdir(work)
             return run_calibration(config_path, model_file, weights_file, calib, work, progress, float_weights)
 
-        def scorer(graph):
-            record = read_record(graph.record_file)
-            float_graph = _refreshed_float_graph(graph, record) if graph.bn_kept else graph.float_graph
-            targets = {t.name: t for t in graph.targets}
+        def scorer(session: QuantGraph):
+            float_graph, record = session.final(session.record)
+            targets = {t.name: t for t in session.targets}
 
             def score(quantized: set[str]) -> float:
                 # A layer the search leaves float has its original weights (not SNQ's cluster centres,
@@ -296,12 +291,11 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                     if name not in quantized and t.weighted and name in original:
                         g.node(name).params = list(original[name])
                 chosen = [t for name, t in targets.items() if name in quantized]
-                net, weights = graph_to_net(build_quantized_graph(g, chosen, record, FAKE))
-                return comparator.cosine(Net(net, weights=weights, phase=TEST))
+                return comparator.cosine(Net.from_graph(build_quantized_graph(g, chosen, record, FAKE), TEST))
             return score, list(targets)
 
         graph = calibrated(config, "int8")  # the guide's flow with every enabled layer
-        original = _original_weights(model_file, weights_file, graph.config)  # same config for the search
+        original = _original_weights(graph)  # the same config for the search
         score, layers = scorer(graph)
         cosine_int8 = score(set(layers))
         _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.6f (target %.6f)",

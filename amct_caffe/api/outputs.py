@@ -1,83 +1,68 @@
-"""Writing a set of output files all-or-nothing.
+"""Writing models and the saved quantized models (save_model, convert_model).
 
-Each file is first written to a temporary name in its target directory; only when every one was
-written are they renamed into place. A failure leaves no new or half-written output behind
-(files from an earlier run stay as they were).
+Graphs are written through :class:`~amct_caffe.io.outputs.StagedOutputs`: all files of a call, or
+none of them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import logging
 import os
-from pathlib import Path
-
-from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
 from amct_caffe.io import net_to_caffemodel
-from amct_caffe.io.files import temp_file_beside
+from amct_caffe.io.graph_io import graph_to_net
+from amct_caffe.io.outputs import StagedOutputs
+from amct_caffe.io.record import Record, record_bytes, record_text
+from amct_caffe.ir import Graph
+from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, QuantTarget, build_quantized_graph, canonical_record,
+                                                quant_mapping)
+
+_LOG = logging.getLogger(__name__)
+SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
-class StagedOutputs:
-    def __init__(self):
-        self._files: list[tuple[Path, bytes]] = []
-
-    def add_bytes(self, path, data: bytes) -> str:
-        self._files.append((Path(path), data))
-        return str(path)
-
-    def add_text(self, path, text: str) -> str:
-        return self.add_bytes(path, text.encode("utf-8"))
-
-    def add_json(self, path, obj) -> str:
-        return self.add_text(path, json.dumps(obj, indent=2) + "\n")
-
-    def add_message_text(self, path, message) -> str:
-        return self.add_text(path, text_format.MessageToString(message))
-
-    def commit(self) -> None:
-        """Write every file, or none: on any failure the targets are as they were before."""
-        for path, _ in self._files:
-            if path.is_dir():
-                raise AmctError(f"cannot write {path}: a directory of that name exists")
-        staged: list[tuple[str, Path]] = []
-        moved: list[tuple[Path, str | None]] = []  # (target, backup of its previous file or None)
-        try:
-            for path, data in self._files:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = temp_file_beside(path)
-                staged.append((tmp, path))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            for tmp, path in staged:
-                backup = None
-                if path.exists():
-                    backup = f"{tmp}.previous"
-                    os.replace(path, backup)
-                moved.append((path, backup))
-                os.replace(tmp, path)
-        except OSError as e:
-            for path, backup in reversed(moved):  # put back what was there
-                with contextlib.suppress(OSError):
-                    if backup is not None:
-                        os.replace(backup, path)
-                    else:
-                        os.unlink(path)
-            raise AmctError(f"writing {e.filename or 'the outputs'} failed ({e.strerror or e}); "
-                            "no output file was changed") from e
-        finally:
-            for tmp, _ in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-        for _, backup in moved:
-            if backup is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(backup)
-        self._files.clear()
-
-
-def write_model_files(outputs: StagedOutputs, net, weights, model_file, weights_file) -> None:
-    """Stage a prototxt (no blobs) and a caffemodel (with ``weights``) for ``net``."""
+def stage_graph(outputs: StagedOutputs, graph: Graph, model_file, weights_file) -> None:
+    """Stage a prototxt (no blobs) and a caffemodel (with the weights) of ``graph``."""
+    net, weights = graph_to_net(graph)
     outputs.add_message_text(model_file, net)
     outputs.add_bytes(weights_file, net_to_caffemodel(net, weights).SerializeToString())
+
+
+def write_graph(graph: Graph, model_file, weights_file) -> None:
+    """Write ``graph`` as a prototxt and a caffemodel (both or neither)."""
+    outputs = StagedOutputs()
+    stage_graph(outputs, graph, model_file, weights_file)
+    outputs.commit()
+
+
+def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Record, save_type: str, save_path,
+                   original_names: set[str]) -> dict[str, str]:
+    """Write the fake-quant and/or deploy model, quant.json and quant_param_record files."""
+    if save_type not in SAVE_TYPES:
+        raise AmctError(f"save_type must be one of {', '.join(SAVE_TYPES)}, got {save_type!r}")
+    save_path = str(save_path)
+    if not os.path.basename(save_path):
+        raise AmctError(f"save_path {save_path!r} must end with a model name prefix, e.g. ./results/model")
+    outputs = StagedOutputs()
+    paths = {}
+    mapping_graph = None
+    for kind, wanted in ((FAKE, ("Fakequant", "Both")), (DEPLOY, ("Deploy", "Both"))):
+        if save_type not in wanted:
+            continue
+        quantized = build_quantized_graph(float_graph, targets, record, kind)
+        mapping_graph = mapping_graph or quantized
+        model, weights_path = f"{save_path}_{kind}_model.prototxt", f"{save_path}_{kind}_weights.caffemodel"
+        stage_graph(outputs, quantized, model, weights_path)
+        paths[f"{kind}_model"], paths[f"{kind}_weights"] = model, weights_path
+    final_record = canonical_record(float_graph, targets, record)
+    paths["quant_json"] = outputs.add_json(f"{save_path}_quant.json", quant_mapping(original_names, mapping_graph))
+    # The record of the saved model, as text and as binary protobuf, for the SoC compiler.
+    paths["quant_param_record_txt"] = outputs.add_text(f"{save_path}_quant_param_record.txt",
+                                                       record_text(final_record))
+    paths["quant_param_record_bin"] = outputs.add_bytes(f"{save_path}_quant_param_record.bin",
+                                                        record_bytes(final_record))
+    outputs.commit()
+    for kind, path in paths.items():
+        _LOG.info("saved %s: %s", kind, path)
+    return paths

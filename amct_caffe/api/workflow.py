@@ -1,4 +1,10 @@
-"""The whole calibration in one call, running the calibration model in the embedded executor."""
+"""The whole calibration in one call, the calibration graph running in the embedded executor.
+
+Nothing goes through files between the steps: the session (:mod:`.session`) prepares and
+quantizes the weights in memory, the calibration graph runs in a Net built from it, and its IFMR
+layers fill the session's record in memory. The saved models are byte for byte those of the
+guide's file flow with the same inputs (tests/api/test_embedded_flow.py).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ from collections.abc import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from amct_caffe.api.calibration import (activation_quantize_model, calibration_forwards, create_quant_config, init,
-                                        save_model, weights_quantize_model)
+from amct_caffe import log
+from amct_caffe.api.calibration import create_quant_config, save_model
+from amct_caffe.api.session import QuantGraph
 from amct_caffe.errors import AmctError
+from amct_caffe.runtime import TEST, Net
 
 _LOG = logging.getLogger(__name__)
 
@@ -20,11 +28,11 @@ _LOG = logging.getLogger(__name__)
 def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]], save_path, batch_num: int,
               config_file=None, config_defination=None, activation_offset: bool = True,
               progress: bool = True) -> dict[str, str]:
-    """create_quant_config (unless ``config_file`` exists) -> init -> weights and activation
-    quantization -> ``batch_num`` forwards of the calibration model on ``batches`` -> save_model('Both').
+    """create_quant_config (unless ``config_file`` exists) -> weights and activation quantization ->
+    ``batch_num`` forwards of the calibration model on ``batches`` -> save_model('Both').
 
-    ``batches`` yields {input blob: array}. Intermediate files go to a temporary directory; a
-    given ``config_file`` that does not exist yet is written there by create_quant_config.
+    ``batches`` yields {input blob: array}. A given ``config_file`` that does not exist yet is
+    written by create_quant_config; without one the config lives in a temporary directory.
     Returns the written files by kind.
     """
     with tempfile.TemporaryDirectory(prefix="amct_calib_") as tmp:
@@ -37,27 +45,26 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
 
 
 def run_calibration(config_file, model_file, weights_file, batches: Iterable[dict[str, np.ndarray]], work_dir,
-                    progress: bool = True, float_weights: bool = False):
-    """init -> weights and activation quantization -> the calibration forwards, in ``work_dir``.
+                    progress: bool = True, float_weights: bool = False) -> QuantGraph:
+    """Weights and activation quantization, then the calibration forwards, all in memory.
 
-    Returns init's graph, ready for save_model (its record file is ``work_dir``/scale_offset_record.txt).
-    ``float_weights``: the calibration model keeps the float weights, so every layer's activation
-    factors are those of its float inputs, as if it alone were quantized (the guide's flow, the
-    default, observes the activations behind the quantized weights).
+    Returns the session, ready for save_model (its record, filled in memory, is never written to
+    ``work_dir``/scale_offset_record.txt, which only names it). ``float_weights``: the calibration
+    model keeps the float weights, so every layer's activation factors are those of its float
+    inputs, as if it alone were quantized (the guide's flow, the default, observes the activations
+    behind the quantized weights).
     """
-    from amct_caffe.runtime import TEST, Net
-
-    graph = init(config_file, model_file, weights_file, os.path.join(work_dir, "scale_offset_record.txt"))
-    modified_model = os.path.join(work_dir, "modified_model.prototxt")
-    modified_weights = os.path.join(work_dir, "modified_model.caffemodel")
-    weights_quantize_model(graph, modified_model, modified_weights)
+    log.setup()
+    session = QuantGraph.load(config_file, model_file, weights_file, os.path.join(work_dir, "scale_offset_record.txt"))
+    session.record_in_memory = True
+    session.quantize_weights()
     if float_weights:
-        for target in graph.targets:
-            if target.weighted:
-                graph.graph.node(target.name).params = list(graph.float_graph.node(target.name).params)
-    activation_quantize_model(graph, modified_model, modified_weights)
-    needed = calibration_forwards(graph)  # batch_num, or bn_update_iterations if larger
-    net = Net(modified_model, modified_weights, TEST)
+        session.calibrate_with_float_weights()
+    calibration = session.calibration_graph()
+    for stale in session.stale_bn_dumps():  # a dump of an earlier run must not be taken for this one's
+        stale.unlink()
+    needed = session.calibration_forwards()  # batch_num, or bn_update_iterations if larger
+    net = Net.from_graph(calibration, TEST, records={session.record_file: session.record})
     done = 0
     for feed in tqdm(batches, total=needed, desc="calibration", unit="batch", disable=not progress):
         net.forward(**feed)
@@ -67,4 +74,4 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     if done < needed:
         raise AmctError(f"calibration needs {needed} batch(es) (batch_num, or bn_update_iterations with "
                         f"update_bn) but the data gave only {done}")
-    return graph
+    return session

@@ -1,4 +1,6 @@
-"""Insert the IFMR calibration layers (activation_quantize_model).
+"""The calibration model (activation_quantize_model): IFMR layers, and BNUpdate layers for update_bn.
+
+:func:`calibration_graph` builds it from the working graph of the weight pass and the config.
 
 Each distinct blob read by a quantized input gets an ``IFMR`` layer (no top: it only observes)
 placed right before its first quantized reader. Readers of the same blob with the same
@@ -13,7 +15,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
+from amct_caffe.errors import ConfigError
 from amct_caffe.ir import Graph, Node
+from amct_caffe.passes.prepare import Prepared
 from amct_caffe.proto import caffe_pb
 
 _LOG = logging.getLogger(__name__)
@@ -75,3 +81,56 @@ def insert_calibration_layers(graph: Graph, specs: list[ActivationSpec], record_
         _LOG.debug("inserted IFMR '%s' on blob '%s' for %s", name, blob, [s.layer for s in served])
     graph.check()
     return added
+
+
+def activation_specs(prepared: Prepared, config) -> list[ActivationSpec]:
+    """One :class:`ActivationSpec` per quantized input of every target, from the config."""
+    specs = []
+    for target in prepared.targets:
+        layer = config.layers.get(target.name)
+        act = layer.activation_quant_params if layer is not None else None
+        if act is None:
+            raise ConfigError(f"layer '{target.name}' has no activation_quant_params")
+        with_offset = config.with_offset(target.name) if layer is not None else config.activation_offset
+        specs.extend(ActivationSpec(target.name, i, act.num_bits, with_offset, act.max_percentile,
+                                    act.min_percentile, tuple(act.search_range), act.search_step)
+                     for i in target.inputs)
+    return specs
+
+
+def insert_bn_update_layers(graph: Graph, prepared: Prepared, settings, dump_dir: str) -> list[Node]:
+    """A BNUpdate layer on the input of each kept BatchNorm (update_bn), starting from its blobs.
+
+    ``settings``: the config's BnUpdateConfig; ``dump_dir``: where the layers write their statistics.
+    """
+    added = []
+    for chain in prepared.bn_kept.values():
+        bn = graph.node(chain[0])
+        bp = bn.layer_param.batch_norm_param
+        # The guide: the BatchNorm's own moving_average_fraction if it sets one, else the config's.
+        fraction = bp.moving_average_fraction if bp.HasField("moving_average_fraction") \
+            else settings.bn_moving_average_fraction
+        lp = caffe_pb().LayerParameter()
+        name = graph.unique_node_name(f"{bn.name}_bn_update")
+        lp.name, lp.type = name, "BNUpdate"
+        lp.bottom.append(bn.bottoms[0])
+        p = lp.bn_update_param
+        p.bn_layer, p.iterations = bn.name, settings.bn_update_iterations
+        p.moving_average_fraction, p.dump_dir = fraction, dump_dir
+        params = [np.array(a, dtype=np.float32, copy=True) for a in bn.params[:3]]
+        node = Node(name, "BNUpdate", [bn.bottoms[0]], [], params, lp, origin=[])
+        graph.insert(graph.index(bn), node)
+        added.append(node)
+        _LOG.debug("inserted BNUpdate '%s' for BatchNorm '%s'", name, bn.name)
+    graph.check()
+    return added
+
+
+def calibration_graph(graph: Graph, prepared: Prepared, config, record_file: str, bn_settings,
+                      bn_dump_dir: str) -> Graph:
+    """A copy of ``graph`` with the IFMR layers writing ``record_file`` and, for update_bn, the
+    BNUpdate layers writing to ``bn_dump_dir``."""
+    calib = graph.copy()
+    insert_calibration_layers(calib, activation_specs(prepared, config), record_file, config.batch_num)
+    insert_bn_update_layers(calib, prepared, bn_settings, bn_dump_dir)
+    return calib

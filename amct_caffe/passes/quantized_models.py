@@ -27,7 +27,7 @@ from amct_caffe.proto import caffe_pb
 from amct_caffe.quant.arq import quantize_with_scales
 from amct_caffe.quant.bias import quantize_bias
 from amct_caffe.quant.fake_quant import pack_deq_scale
-from amct_caffe.record import RecordError, activation_entry, layer_entry, new_record
+from amct_caffe.io.record import ActivationRecord, LayerRecord, Record, RecordError
 
 FAKE, DEPLOY = "fake_quant", "deploy"
 
@@ -49,33 +49,34 @@ class ActFactors:
     num_bits: int
 
 
-def activation_factors(record, target: QuantTarget) -> list[ActFactors]:
+def activation_factors(record: Record, target: QuantTarget) -> list[ActFactors]:
     """scale_d/offset_d of each quantized input of ``target``, or the guide's error."""
-    entry = layer_entry(record, target.name)
+    entry = record.layer(target.name)
     out = []
     for i in target.inputs:
-        act = activation_entry(entry, i) if entry is not None else None
-        if act is None or not act.HasField("scale_d"):
+        act = entry.activation(i) if entry is not None else None
+        if act is None or act.scale_d is None:
             raise RecordError(f"Cannot find scale_d of layer '{target.name}' in record file"
                               + (f" (input {i})" if i else "")
                               + ": run the calibration model batch_num times before saving")
         if not (np.isfinite(act.scale_d) and act.scale_d > 0):
             raise RecordError(f"layer '{target.name}': scale_d {act.scale_d} in the record is not a positive "
                               "finite number")
-        bits = act.num_bits_d if act.HasField("num_bits_d") else 8
+        bits = act.num_bits_d if act.num_bits_d is not None else 8
         if not 8 <= bits <= 16:
             raise RecordError(f"layer '{target.name}': num_bits_d {bits} is out of range [8, 16]")
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        if not lo <= act.offset_d <= hi:
-            raise RecordError(f"layer '{target.name}': offset_d {act.offset_d} is outside the {bits}-bit range "
+        offset_d = act.offset_d or 0
+        if not lo <= offset_d <= hi:
+            raise RecordError(f"layer '{target.name}': offset_d {offset_d} is outside the {bits}-bit range "
                               f"[{lo}, {hi}]")
-        out.append(ActFactors(float(np.float32(act.scale_d)), int(act.offset_d), int(bits)))
+        out.append(ActFactors(float(np.float32(act.scale_d)), int(offset_d), int(bits)))
     return out
 
 
-def weight_factors(record, target: QuantTarget, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+def weight_factors(record: Record, target: QuantTarget, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(scale_w, offset_w, num_bits_w) of a weighted target from the record, checked."""
-    entry = layer_entry(record, target.name)
+    entry = record.layer(target.name)
     if entry is None or not len(entry.scale_w):
         raise RecordError(f"Cannot find scale_w of layer '{target.name}' in record file")
     scale_w = np.asarray(entry.scale_w, dtype=np.float32)
@@ -90,7 +91,7 @@ def weight_factors(record, target: QuantTarget, channels: int) -> tuple[np.ndarr
         raise RecordError(f"layer '{target.name}': offset_w must be 0 (weights are quantized symmetrically)")
     if target.layer_type == "InnerProduct" and scale_w.size != 1:
         raise RecordError(f"layer '{target.name}': InnerProduct supports one scale_w (channel_wise false)")
-    bits = entry.num_bits_w if entry.HasField("num_bits_w") else 8
+    bits = entry.num_bits_w if entry.num_bits_w is not None else 8
     if bits != 8:
         raise RecordError(f"layer '{target.name}': num_bits_w {bits} is not supported: weights are stored as "
                           "INT8 (SNQ's INT4 clusters too), give num_bits_w: 8")
@@ -159,7 +160,7 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
                 raise AmctError(f"layer '{target.name}': {e}") from None
         dequant_blobs = [pack_deq_scale(scale_w, act.scale_d, offset_w)]
     shift = None
-    entry = layer_entry(record, target.name)
+    entry = record.layer(target.name)
     if model == FAKE and entry is not None and len(entry.shift_bit):
         shift = np.asarray(entry.shift_bit, dtype=np.float32)
         if shift.size not in (1, deq_channels):
@@ -203,23 +204,22 @@ def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, mode
     return out
 
 
-def canonical_record(graph: Graph, targets: list[QuantTarget], record):
+def canonical_record(graph: Graph, targets: list[QuantTarget], record: Record) -> Record:
     """The record of the saved model: one entry per target in graph order, factors as used."""
-    out = new_record()
+    out = Record()
     for target in targets:
-        src = layer_entry(record, target.name)
-        dst = layer_entry(out, target.name, create=True)
+        src = record.layer(target.name)
+        dst = out.layers[target.name] = LayerRecord()
         if target.weighted:
             scale_w, offset_w, bits = weight_factors(record, target, _out_channels(graph.node(target.name)))
-            dst.scale_w.extend(scale_w.tolist())
-            dst.offset_w.extend(offset_w.tolist())
+            dst.scale_w = scale_w.tolist()
+            dst.offset_w = offset_w.tolist()
             dst.num_bits_w = bits
-            if len(src.shift_bit):
-                dst.shift_bit.extend(src.shift_bit)
-        if src is not None and src.HasField("skip_fusion"):
+            dst.shift_bit = list(src.shift_bit)
+        if src is not None:
             dst.skip_fusion = src.skip_fusion
         for i in target.inputs:
-            dst.record_d.add().CopyFrom(activation_entry(src, i))
+            dst.record_d.append(ActivationRecord(**vars(src.activation(i))))
     return out
 
 

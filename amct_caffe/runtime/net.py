@@ -12,14 +12,17 @@ layers are not inserted (layers never modify their inputs, so sharing a blob is 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import numpy as np
 
 from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
+from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.fillers import fill
+from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 
 _LOG = logging.getLogger(__name__)
@@ -29,7 +32,7 @@ TRAIN, TEST = io.TRAIN, io.TEST
 class Net:
     """A network ready to run forward on numpy float32 data."""
 
-    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0):
+    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None):
         weights_arg, phase_arg = None, None
         for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
             if isinstance(a, int):
@@ -50,7 +53,30 @@ class Net:
         self._weights_file = str(weights) if weights is not None and not isinstance(weights, dict) else None
         self.net_param = net_param
         self._rng = np.random.default_rng(seed)
+        # record_file_path -> Record filled in memory by the calibration layers (no file is used)
+        self._records = {os.path.abspath(p): r for p, r in (records or {}).items()}
+        self._record_sinks: dict[str, RecordSink] = {}
+        self._input_aliases: dict[str, str] = {}
         self._build(net_param, loaded, weights is not None)
+
+    @classmethod
+    def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0) -> "Net":
+        """A Net running an IR graph in memory (its nodes' params are the weights).
+
+        ``records``: {record_file_path: Record} the calibration layers fill instead of the file.
+        Blob names are the graph's (SSA: an in-place chain's intermediate values have their own names).
+        """
+        net_param, weights = graph_to_net(graph)
+        # a graph without any weights is filled by its fillers, as Net(prototxt) would be
+        net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records)
+        net._source = f"graph '{graph.name}'"
+        # An input that a later in-place layer overwrites has an SSA name of its own in the graph;
+        # forward(data=...) still means the model's input blob.
+        net._input_aliases = {original: ssa for node in graph.nodes if node.type == "Input"
+                              and node.layer_param is not None
+                              for original, ssa in zip(node.layer_param.top, node.tops, strict=False)
+                              if original != ssa}
+        return net
 
     # ---------------------------------------------------------------- construction
     def _build(self, net_param, loaded, have_weights: bool) -> None:
@@ -123,6 +149,13 @@ class Net:
         if layer.blobs:
             self.params[layer.name] = layer.blobs
 
+    def record_sink(self, path: str) -> RecordSink:
+        """The one sink of this net's calibration layers writing the record ``path``."""
+        key = os.path.abspath(path)
+        if key not in self._record_sinks:
+            self._record_sinks[key] = RecordSink(path, self._records.get(key))
+        return self._record_sinks[key]
+
     # ---------------------------------------------------------------- pycaffe API
     @property
     def layer_dict(self):
@@ -167,6 +200,7 @@ class Net:
         Keyword arguments set input blobs first; an input of a new shape reshapes the net.
         """
         for name, value in kwargs.items():
+            name = self._input_aliases.get(name, name)
             if name not in self.blobs:
                 raise GraphError(f"forward() got data for '{name}', which is not a blob of {self._source} "
                                  f"(inputs: {self.inputs})")

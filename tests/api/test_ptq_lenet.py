@@ -7,6 +7,7 @@ import pytest
 
 import amct_caffe as amct
 from amct_caffe import AmctError, io
+from amct_caffe.io import record
 from amct_caffe.runtime import TEST, Net
 from tests.api.flow import calibration_model
 from tests.golden import MODELS, SHARED
@@ -44,16 +45,16 @@ def test_all_outputs_written(quantized):
 
 def test_record_has_every_factor(quantized):
     tmp, graph, _ = quantized
-    rec = amct.record.read_record(tmp / "record.txt")
+    rec = record.read_record(tmp / "record.txt")
     for target in graph.targets:
-        entry = amct.record.layer_entry(rec, target.name)
-        act = amct.record.activation_entry(entry, 0)
+        entry = record.layer_entry(rec, target.name)
+        act = record.activation_entry(entry, 0)
         assert act.scale_d > 0 and -128 <= act.offset_d <= 127 and act.num_bits_d == 8
         assert act.channels > 0 and act.height > 0 and act.width > 0
         assert bool(len(entry.scale_w)) == target.weighted
-    conv1 = amct.record.layer_entry(rec, "conv1")
+    conv1 = record.layer_entry(rec, "conv1")
     assert len(conv1.scale_w) == 20  # per output channel
-    assert len(amct.record.layer_entry(rec, "ip1").scale_w) == 1  # InnerProduct: per tensor
+    assert len(record.layer_entry(rec, "ip1").scale_w) == 1  # InnerProduct: per tensor
 
 
 def test_fake_quant_accuracy_close_to_float(quantized):
@@ -97,13 +98,13 @@ def test_deploy_model_integer_weights_and_simulation(quantized):
     dep = Net(str(tmp / "out/lenet_deploy_model.prototxt"), str(tmp / "out/lenet_deploy_weights.caffemodel"), TEST)
     fq.forward(data=x)
     dep.forward(data=x)
-    rec = amct.record.read_record(tmp / "out/lenet_quant_param_record.txt")
+    rec = record.read_record(tmp / "out/lenet_quant_param_record.txt")
     for layer in ("conv1", "conv2", "ip1", "ip2"):
         bottom = dep.bottom_names[f"{layer}_quant"][0]
         dep.blobs[bottom].data = fq.blobs[bottom].data.copy()
         dep.forward(start=f"{layer}_quant", end=f"{layer}_dequant")
-        entry = amct.record.layer_entry(rec, layer)
-        step = np.asarray(entry.scale_w, np.float64) * amct.record.activation_entry(entry, 0).scale_d
+        entry = record.layer_entry(rec, layer)
+        step = np.asarray(entry.scale_w, np.float64) * record.activation_entry(entry, 0).scale_d
         out = dep.top_names[f"{layer}_dequant"][0]
         diff = np.abs(dep.blobs[out].data - fq.blobs[out].data)
         per_channel = diff.max(axis=tuple(a for a in range(diff.ndim) if a != 1)) if step.size > 1 else diff.max()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import amct_caffe as amct
-from amct_caffe import AmctError, io, record
+from amct_caffe import AmctError, io
+from amct_caffe.io import record
 from amct_caffe.runtime import TEST, Net
 from tests.api.flow import calibration_model
 
@@ -136,7 +137,7 @@ def test_failed_save_leaves_no_new_files(tmp_path):
 def test_staged_outputs_roll_back_when_a_rename_fails(tmp_path, monkeypatch):
     import os
 
-    from amct_caffe.api.outputs import StagedOutputs
+    from amct_caffe.io.outputs import StagedOutputs
 
     (tmp_path / "a.txt").write_text("old a")
     out = StagedOutputs()

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import amct_caffe as amct
-from amct_caffe import AmctError, io, record
+from amct_caffe import AmctError, io
+from amct_caffe.io import record
 from amct_caffe.runtime import TEST, Net
 from tests.api.flow import calibration_model
 

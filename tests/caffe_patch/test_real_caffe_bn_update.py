@@ -29,9 +29,9 @@ import pytest
 
 import amct_caffe as amct
 from amct_caffe import GraphError, io
-from amct_caffe.record import read_record
+from amct_caffe.io.record import read_record
 from amct_caffe.runtime import TEST, Net
-from amct_caffe.runtime.layers.amct import bn_dump_path
+from amct_caffe.io.bn_dump import bn_dump_path
 from tests.caffe_patch.patched_caffe import REPO, patched_caffe
 from tests.golden import MODELS, SHARED
 
@@ -345,8 +345,8 @@ def test_caffe_and_executor_calibration_dump_the_same_statistics(flows):
 
 def _record(path):
     rec = read_record(path)
-    return {e.key: (np.array(e.value.scale_w, F32), {a.index: a.scale_d for a in e.value.record_d})
-            for e in rec.record}
+    return {key: (np.array(v.scale_w, F32), {a.index: a.scale_d for a in v.record_d})
+            for key, v in rec.layers.items()}
 
 
 def test_save_model_gives_the_same_quantized_model(flows):

@@ -27,9 +27,9 @@ import pytest
 
 import amct_caffe as amct
 from amct_caffe import io
-from amct_caffe.record import read_record
+from amct_caffe.io.record import read_record
 from amct_caffe.runtime import TEST, Net
-from amct_caffe.runtime.layers import amct as amct_layers
+from amct_caffe.runtime.layers import quant_ops as amct_layers
 from tests.caffe_patch.patched_caffe import (GUIDE_CUSTOM_PROTO, REPO, patched_caffe, pristine_source,
                                             run_install)
 from tests.api.flow import calibration_model
@@ -157,9 +157,8 @@ def calibrated(request, pycaffe, tmp_path_factory):
 def _records(path):
     rec = read_record(path)
     out = {}
-    for entry in rec.record:
-        v = entry.value
-        out[entry.key] = dict(scale_w=list(v.scale_w), offset_w=list(v.offset_w), shift_bit=list(v.shift_bit),
+    for key, v in rec.layers.items():
+        out[key] = dict(scale_w=list(v.scale_w), offset_w=list(v.offset_w), shift_bit=list(v.shift_bit),
                               acts={a.index: (a.scale_d, a.offset_d, a.num_bits_d, a.channels, a.height,
                                               a.width) for a in v.record_d})
     return out

@@ -32,7 +32,7 @@ import pytest
 import amct_caffe as amct
 from amct_caffe import io
 from amct_caffe.runtime import TEST, Net
-from amct_caffe.runtime.layers import amct as amct_layers
+from amct_caffe.runtime.layers import quant_ops as amct_layers
 from tests.api.flow import calibration_model
 from tests.caffe_patch.guide_examples import GUIDE_CUSTOM_PROTO
 from tests.caffe_patch.makefile_caffe import library_dir, makefile_patched_caffe

@@ -28,7 +28,7 @@ import pytest
 from amct_caffe.quant import (UlqQuantizer, arq_retrain_backward, arq_retrain_forward, ifmr_search,
                               ulq_backward, ulq_forward, ulq_scale_offset)
 from amct_caffe.quant.ifmr import IfmrParams
-from amct_caffe.record import activation_entry, layer_entry, parse_record_text, read_record
+from amct_caffe.io.record import activation_entry, layer_entry, parse_record_text, read_record
 from tests.caffe_patch.patched_caffe import REPO, patched_caffe
 
 pytestmark = [pytest.mark.real_caffe, pytest.mark.slow]

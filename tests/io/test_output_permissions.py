@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from amct_caffe.api.outputs import StagedOutputs
+from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.files import atomic_output
 
 

@@ -10,14 +10,14 @@ from google.protobuf import text_format
 from amct_caffe.errors import ConfigError, GraphError, WeightsError
 from amct_caffe.proto import caffe_pb
 from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError, pack_deq_scale
-from amct_caffe.record import RecordError, activation_entry, layer_entry, read_record
+from amct_caffe.io.record import RecordError, activation_entry, layer_entry, read_record
 from amct_caffe.runtime import TEST, Net
 from amct_caffe.runtime.blob import Blob
-from amct_caffe.runtime.layers import amct
+from amct_caffe.runtime.layers import quant_ops as amct
 from amct_caffe.runtime.registry import known_types, layer_class
 
 RNG = np.random.default_rng(7)
-LOGGER = "amct_caffe.runtime.layers.amct"
+LOGGER = "amct_caffe.runtime.layers.calibration"
 
 
 # ------------------------------------------------------------------ helpers
@@ -433,7 +433,7 @@ def test_search_n_errors(tmp_path):
 
 def test_ifmr_layers_of_one_net_write_their_record_once(tmp_path, monkeypatch):
     """Printing the record is slow in Python: the layers finishing in one forward share one write."""
-    from amct_caffe.runtime.layers import amct as amct_layers
+    from amct_caffe.runtime import record_sink
 
     record = tmp_path / "record.txt"
     ifmr = ('layer {{ name: "{name}" type: "IFMR" bottom: "{bottom}" ifmr_param {{ batch_num: 2 '
@@ -447,12 +447,12 @@ def test_ifmr_layers_of_one_net_write_their_record_once(tmp_path, monkeypatch):
     proto = tmp_path / "net.prototxt"
     proto.write_text(text)
     writes = []
-    real_write = amct_layers.write_record
-    monkeypatch.setattr(amct_layers, "write_record", lambda rec, path: (writes.append(path), real_write(rec, path)))
+    real_write = record_sink.write_record
+    monkeypatch.setattr(record_sink, "write_record", lambda rec, path: (writes.append(path), real_write(rec, path)))
     net = Net(str(proto), TEST)
     rng = np.random.default_rng(0)
     for _ in range(2):
         net.forward(data=rng.normal(size=(2, 3, 4, 4)).astype(np.float32))
     assert len(writes) == 1
     rec = read_record(record)
-    assert {e.key for e in rec.record} == {"relu", "sig"}
+    assert set(rec.layers) == {"relu", "sig"}

@@ -1,0 +1,263 @@
+"""The scale/offset record file (量化因子记录文件) and the quant_param_record outputs.
+
+The file is a ``ScaleOffsetRecord`` (proto/scale_offset_record.proto) in protobuf text format:
+one ``record { key: <layer> value { scale_w.. offset_w.. shift_bit.. num_bits_w record_d {...} } }``
+per quantized layer. Weight factors are per output channel (or one value); activation factors
+are per input (``record_d`` with ``index``).
+
+Protobuf stays in this module: the rest of the package works on the dataclasses :class:`Record`
+(layer name -> :class:`LayerRecord`) and :class:`ActivationRecord`, parsed once per file. Their
+fields carry the proto's names, and ``None`` means "not set" (proto2 presence), so a record read
+and written again is the same text. Float fields hold float32 values, as the file does: an
+in-memory record filled by calibration and one read back from its file are equal.
+
+Reading is strict first. Records written by hand (and the user guide's own sample) sometimes use
+the older layout with ``scale_d`` / ``offset_d`` / ``channels`` / ``height`` / ``width`` directly
+in ``value``, and sometimes lose a closing brace; :func:`read_record` repairs exactly those two
+defects, with a warning, and otherwise reports the parse error with file and line. Two entries
+for one layer: the last wins (protobuf map semantics).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from amct_caffe.errors import AmctError
+from amct_caffe.io.files import atomic_output
+from amct_caffe.proto import records
+
+_LOG = logging.getLogger(__name__)
+_LEGACY_ACTIVATION_FIELDS = ("scale_d", "offset_d", "channels", "height", "width")
+
+
+class RecordError(AmctError, RuntimeError):
+    """A record file is unreadable or lacks what a step needs (a RuntimeError, as the guide shows)."""
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to float32, as a proto ``float`` field stores it."""
+    return float(np.float32(value))
+
+
+@dataclass
+class ActivationRecord:
+    """One ``record_d``: the factors of input ``index`` of a layer."""
+
+    index: int
+    scale_d: float | None = None
+    offset_d: int | None = None
+    channels: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_bits_d: int | None = None
+
+    def __setattr__(self, name, value):
+        # a proto float field keeps float32: store what the file would give back
+        if name == "scale_d" and value is not None:
+            value = f32(value)
+        super().__setattr__(name, value)
+
+
+@dataclass
+class LayerRecord:
+    """One layer's entry (``SingleLayerRecord``)."""
+
+    scale_w: list[float] = field(default_factory=list)
+    offset_w: list[int] = field(default_factory=list)
+    shift_bit: list[int] = field(default_factory=list)
+    skip_fusion: bool | None = None
+    object_layer: str | None = None
+    num_bits_w: int | None = None
+    record_d: list[ActivationRecord] = field(default_factory=list)
+
+    def __setattr__(self, name, value):
+        if name == "scale_w":  # float32, as the file holds them
+            value = [f32(v) for v in value]
+        super().__setattr__(name, value)
+
+    def activation(self, index: int = 0, create: bool = False) -> ActivationRecord | None:
+        """The ``record_d`` of input ``index`` (a new one with ``create``), else None."""
+        for item in self.record_d:
+            if item.index == index:
+                return item
+        if not create:
+            return None
+        item = ActivationRecord(index)
+        self.record_d.append(item)
+        return item
+
+
+@dataclass
+class Record:
+    """A whole record: layer name -> entry, in file order."""
+
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+
+    def layer(self, name: str, create: bool = False) -> LayerRecord | None:
+        entry = self.layers.get(name)
+        if entry is None and create:
+            entry = self.layers[name] = LayerRecord()
+        return entry
+
+    def copy(self) -> "Record":
+        return Record({k: _copy_layer(v) for k, v in self.layers.items()})
+
+
+def _copy_layer(entry: LayerRecord) -> LayerRecord:
+    return LayerRecord(list(entry.scale_w), list(entry.offset_w), list(entry.shift_bit), entry.skip_fusion,
+                       entry.object_layer, entry.num_bits_w,
+                       [ActivationRecord(**{f.name: getattr(a, f.name) for f in fields(a)}) for a in entry.record_d])
+
+
+def new_record() -> Record:
+    return Record()
+
+
+def layer_entry(record: Record, layer: str, create: bool = False) -> LayerRecord | None:
+    """The entry of ``layer`` (a new one with ``create``); None if absent."""
+    return record.layer(layer, create)
+
+
+def activation_entry(layer_record: LayerRecord, index: int = 0, create: bool = False) -> ActivationRecord | None:
+    """The ``record_d`` for input ``index`` of a layer record."""
+    return layer_record.activation(index, create)
+
+
+# ------------------------------------------------------------------ proto <-> dataclasses
+_ACT_FIELDS = ("scale_d", "offset_d", "channels", "height", "width", "num_bits_d")
+_LAYER_SCALARS = ("skip_fusion", "object_layer", "num_bits_w")
+
+
+def _from_message(msg) -> Record:
+    out = Record()
+    for item in msg.record:
+        v = item.value
+        entry = LayerRecord(list(v.scale_w), list(v.offset_w), list(v.shift_bit),
+                            *(getattr(v, n) if v.HasField(n) else None for n in _LAYER_SCALARS))
+        for d in v.record_d:
+            entry.record_d.append(ActivationRecord(d.index, *(getattr(d, n) if d.HasField(n) else None
+                                                              for n in _ACT_FIELDS)))
+        out.layers[item.key] = entry  # a repeated key: the last value wins, at the first one's place
+    return out
+
+
+def to_message(record: Record):
+    """The ``ScaleOffsetRecord`` message of ``record`` (unset fields stay unset)."""
+    msg = records().ScaleOffsetRecord()
+    for key, entry in record.layers.items():
+        item = msg.record.add()
+        item.key = key
+        v = item.value
+        v.scale_w.extend(entry.scale_w)
+        v.offset_w.extend(entry.offset_w)
+        v.shift_bit.extend(entry.shift_bit)
+        for name in _LAYER_SCALARS:
+            if getattr(entry, name) is not None:
+                setattr(v, name, getattr(entry, name))
+        for act in entry.record_d:
+            d = v.record_d.add()
+            d.index = act.index
+            for name in _ACT_FIELDS:
+                if getattr(act, name) is not None:
+                    setattr(d, name, getattr(act, name))
+    return msg
+
+
+def record_text(record: Record) -> str:
+    return text_format.MessageToString(to_message(record))
+
+
+def record_bytes(record: Record) -> bytes:
+    return to_message(record).SerializeToString()
+
+
+def _split_records(text: str) -> list[str]:
+    """Top-level ``record { ... }`` chunks of a record text, found by the keyword, not the braces."""
+    starts = [m.start() for m in re.finditer(r"(?m)(?:^|(?<=[}\s]))record\s*\{", text)]
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=False)]
+
+
+def _balance(chunk: str) -> str:
+    body = chunk.rstrip()
+    depth = body.count("{") - body.count("}")
+    while depth < 0 and body.endswith("}"):
+        body, depth = body[:-1].rstrip(), depth + 1
+    return body + " }" * max(depth, 0)
+
+
+def _repair(text: str, path: str):
+    """Parse a record with the legacy layout / unbalanced braces; returns the message."""
+    record = records().ScaleOffsetRecord()
+    chunks = _split_records(text)
+    if not chunks:
+        raise RecordError(f"{path}: no 'record {{ ... }}' entries found")
+    legacy = re.compile(r"\b(" + "|".join(_LEGACY_ACTIVATION_FIELDS) + r")\s*:\s*(-?[0-9.eE+-]+)")
+    for chunk in chunks:
+        chunk = _balance(chunk)
+        # Move the legacy top-level activation fields into a record_d for input 0, unless a
+        # record_d of the chunk already gives them (the explicit entry wins).
+        value_start = chunk.find("value")
+        head, rest = chunk[:value_start], chunk[value_start:]
+        moved: dict[str, str] = {}
+        depth, out, i = 0, [], 0
+        while i < len(rest):
+            ch = rest[i]
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            m = legacy.match(rest, i) if depth == 1 else None
+            if m:
+                moved[m.group(1)] = m.group(2)
+                i = m.end()
+                continue
+            out.append(ch)
+            i += 1
+        one = text_format.Parse(head + "".join(out), records().ScaleOffsetRecord())
+        entry = one.record[0]
+        if moved:
+            act = next((d for d in entry.value.record_d if d.index == 0), None)
+            if act is None:
+                act = entry.value.record_d.add()
+                act.index = 0
+            for name, val in moved.items():
+                if not act.HasField(name):
+                    setattr(act, name, float(val) if name == "scale_d" else int(float(val)))
+        record.record.add().CopyFrom(entry)
+    return record
+
+
+def parse_record_text(text: str, path: str = "<record>") -> Record:
+    """The record of a text (``path`` names it in messages)."""
+    message = records().ScaleOffsetRecord()
+    try:
+        text_format.Parse(text, message)
+        return _from_message(message)
+    except text_format.ParseError as strict_error:
+        try:
+            repaired = _repair(text, path)
+        except (text_format.ParseError, RecordError):
+            raise RecordError(f"{path}: not a valid scale/offset record: {strict_error}") from None
+        _LOG.warning("%s: record uses the legacy layout or has unbalanced braces; read it as %d layer "
+                     "record(s) after repair (%s)", path, len(repaired.record), strict_error)
+        return _from_message(repaired)
+
+
+def read_record(path) -> Record:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecordError(f"record file {path} does not exist") from None
+    return parse_record_text(text, str(path))
+
+
+def write_record(record: Record, path) -> None:
+    """Write the record as text, atomically."""
+    with atomic_output(path, "w") as f:
+        f.write(record_text(record))
