@@ -17,13 +17,13 @@ from amct_caffe.api.outputs import StagedOutputs, write_model_files
 from amct_caffe.config import BnUpdateConfig, config_type, create_default_config, load_config, write_quant_config
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.bn_acceleration import accelerate_bn_scale_bias
 from amct_caffe.passes.calibration import ActivationSpec, insert_calibration_layers
 from amct_caffe.passes.fusion import apply_fusion, check_fusions, find_fusions, fuse_bn_scale
 from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, INSERTED_TYPES, WEIGHT_TYPES, QuantTarget,
                                                 build_quantized_graph, canonical_record, quant_mapping)
-from amct_caffe.proto import caffe_pb
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.quant.snq import snq_quantize_weight
 from amct_caffe.record import layer_entry, new_record, read_record, write_record

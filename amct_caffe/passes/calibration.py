@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
-from amct_caffe.proto import caffe_pb
 
 _LOG = logging.getLogger(__name__)
 

@@ -1,9 +1,14 @@
 """The compiled schemas agree with each other and with the user guide's samples."""
 
+import ast
+from pathlib import Path
+
 import pytest
 from google.protobuf import descriptor_pb2, text_format
 
-from amct_caffe.proto import _load_desc, caffe_pb, records
+from amct_caffe.errors import ModelFormatError
+from amct_caffe.io import schema
+from amct_caffe.io.schema import _load_desc, caffe_pb, records
 from tests.golden import SHARED
 
 GUIDE = SHARED / "spec/amct_caffe_user_guide.md"
@@ -69,3 +74,25 @@ def test_record_example_parses():
     value = rec.record[0].value
     assert rec.record[0].key == "fc1000" and value.record_d[0].offset_d == -128
     assert value.record_d[0].scale_d == pytest.approx(0.031852875, rel=1e-7)
+
+
+def test_schema_module_imports_only_the_errors_of_the_package():
+    """io.schema sits below every other module (io's own included), so it must not import upward."""
+    tree = ast.parse(Path(schema.__file__).read_text(encoding="utf-8"))
+    ours = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            ours.update(a.name for a in node.names if a.name.split(".")[0] == "amct_caffe")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level or (node.module or "").split(".")[0] == "amct_caffe":
+                ours.add("." * node.level + (node.module or ""))
+    assert ours == {"amct_caffe.errors"}
+
+
+def test_missing_descriptor_set_says_how_to_build_it(monkeypatch):
+    monkeypatch.setattr(schema, "_DESC_PACKAGE", "amct_caffe.no_such_build_dir")
+    with pytest.raises(ModelFormatError, match=r"schema\.desc is missing .*run `pip install \.`"):
+        _load_desc("schema")
+    monkeypatch.undo()
+    with pytest.raises(ModelFormatError, match=r"no_such\.desc is missing .*run `pip install \.`"):
+        _load_desc("no_such")

@@ -9,7 +9,7 @@ import pytest
 
 import amct_caffe
 from amct_caffe import ModelFormatError, io
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOM_PROTOTXT = '''

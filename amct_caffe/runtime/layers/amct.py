@@ -32,7 +32,7 @@ import numpy as np
 
 from amct_caffe.errors import ConfigError, GraphError, WeightsError
 from amct_caffe.io.files import atomic_output
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.quant import (IfmrObserver, IfmrParams, QuantizationError, SearchNObserver, fake_quant,
                               quantize, round_half_away, unpack_deq_scale)
 from amct_caffe.record import (RecordError, activation_entry, layer_entry, new_record, read_record,
