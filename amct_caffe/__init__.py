@@ -17,7 +17,7 @@ from amct_caffe.api.convert import convert_model  # noqa: E402
 from amct_caffe.api.fallback import calibrate_with_fallback  # noqa: E402  (ours, beyond the guide)
 from amct_caffe.errors import (AmctError, ConfigError, GraphError, ModelFormatError,  # noqa: E402
                                UnsupportedLayerError, WeightsError)
-from amct_caffe.proto import set_caffe_proto  # noqa: E402
+from amct_caffe.io.schema import set_caffe_proto  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ import numpy as np
 import caffe
 from caffe.proto import caffe_pb2
 import amct_caffe
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime import Net, TEST
 proto = {str(MODELS / 'lenet_mnist/lenet.prototxt')!r}
 weights = {str(MODELS / 'lenet_mnist/lenet_iter_10000.caffemodel')!r}

@@ -44,7 +44,7 @@ from amct_caffe.config.binding import check_skip_fusion_layers, check_weight_par
 from amct_caffe.config.quant_config import (ActivationQuantParams, ArqParams, BnUpdateConfig,
                                             LayerQuantConfig, QuantConfig, SnqParams)
 from amct_caffe.errors import ConfigError
-from amct_caffe.proto import records
+from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
 

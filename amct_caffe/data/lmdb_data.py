@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from amct_caffe.data.images import per_input
 from amct_caffe.data.preprocess import Preprocess, pil_image
 from amct_caffe.data.source import DataError, DataSource, sample_shape
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 
 _LOG = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from amct_caffe.errors import WeightsError
 from amct_caffe.io.blobs import array_to_blob, blob_shape, blob_to_array
 from amct_caffe.io.files import (atomic_output, parse_prototxt_text, read_caffemodel, read_prototxt,
                                  write_caffemodel, write_prototxt)
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.io.upgrade import TEST, TRAIN, filter_phase, layer_included, upgrade_net
-from amct_caffe.proto import caffe_pb
 
 __all__ = [
     "TEST", "TRAIN", "array_to_blob", "atomic_output", "blob_shape", "blob_to_array", "conform_blob",

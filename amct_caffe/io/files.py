@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from amct_caffe.errors import ModelFormatError, WeightsError
 from amct_caffe.io.opencv_blobs import has_raw_blobs, parse_opencv_caffemodel
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 
 _LOG = logging.getLogger(__name__)
 

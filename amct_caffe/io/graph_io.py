@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node, ssa_rename
-from amct_caffe.proto import caffe_pb
 
 
 def graph_from_net(net, weights=None) -> Graph:

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 
 _VARIANT_PACKAGE = "amct_caffe_opencv_blobs"
 _FIELD = descriptor_pb2.FieldDescriptorProto

@@ -30,7 +30,7 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output
-from amct_caffe.proto import records
+from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
 _LEGACY_ACTIVATION_FIELDS = ("scale_d", "offset_d", "channels", "height", "width")

@@ -20,7 +20,7 @@ import numpy as np
 from amct_caffe.errors import ConfigError
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.prepare import Prepared
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 
 _LOG = logging.getLogger(__name__)
 

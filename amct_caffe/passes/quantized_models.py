@@ -22,8 +22,8 @@ import numpy as np
 
 from amct_caffe import ops
 from amct_caffe.errors import AmctError
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
-from amct_caffe.proto import caffe_pb
 from amct_caffe.quant.arq import quantize_with_scales
 from amct_caffe.quant.bias import quantize_bias
 from amct_caffe.quant.fake_quant import pack_deq_scale

@@ -114,7 +114,7 @@ def _record_entries(text: str) -> list[dict]:
     """scale_w (digest) and the activation factors (exact hex floats) of each record entry."""
     from google.protobuf import text_format
 
-    from amct_caffe.proto import records
+    from amct_caffe.io.schema import records
 
     msg = text_format.Parse(text, records().ScaleOffsetRecord())
     out = []

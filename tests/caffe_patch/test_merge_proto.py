@@ -1,6 +1,7 @@
 """caffe_patch.merge_proto: parser round trips, the user guide's merge rules and FAQ scenarios, protoc checks.
 
-Inputs: our proto/caffe.proto and proto/amct_custom.proto, the guide's custom.proto examples (copied below),
+Inputs: our caffe.proto (as the build generates it from proto/caffe_base.proto and proto/amct_custom.proto)
+and proto/amct_custom.proto, the guide's custom.proto examples (copied below),
 a small fixture with the proto2 syntax Caffe forks use, and - when present - the Caffe fork CI builds
 (brocolli-caffe 9.0.2, found through AMCT_REAL_CAFFE or where ../shared/tools/build_caffe.sh downloads it).
 """
@@ -18,9 +19,11 @@ from caffe_patch.merge_proto import MergeError, check_superset, merge_protos, pa
 from caffe_patch.merge_proto.__main__ import main as cli_main
 from caffe_patch.merge_proto.parser import Enum, Message, Oneof, ProtoSyntaxError, Statement
 from tests.caffe_patch.guide_examples import GUIDE_CUSTOM_PROTO
+from tests.proto_sources import generated_caffe_proto
 
 REPO = Path(__file__).resolve().parents[2]
-OURS = (REPO / "proto" / "caffe.proto").read_text()
+OURS = generated_caffe_proto()   # amct_caffe's schema, AMCT layers included
+BASE = (REPO / "proto" / "caffe_base.proto").read_text()
 AMCT = (REPO / "proto" / "amct_custom.proto").read_text()
 EMPTY = 'syntax = "proto2";\n'
 
@@ -185,7 +188,7 @@ FORK = _fork_proto()
 NO_FORK = ("the brocolli-caffe 9.0.2 sources are not on this machine (run ../shared/tools/build_caffe.sh or "
            "set AMCT_REAL_CAFFE)")
 needs_fork = pytest.mark.skipif(FORK is None, reason=NO_FORK)
-BASES = {"ours": OURS, "fixture": FIXTURE, "fork": FORK}
+BASES = {"ours": OURS, "base": BASE, "fixture": FIXTURE, "fork": FORK}
 
 
 def protoc(tmp_path: Path, text: str, name: str = "caffe.proto"):
@@ -227,7 +230,7 @@ def _schema(fd) -> dict:
 
 # ---------------------------------------------------------------------------------------------- parser
 
-@pytest.mark.parametrize("which", ["ours", "fixture", "fork", "amct"])
+@pytest.mark.parametrize("which", ["ours", "base", "fixture", "fork", "amct"])
 def test_round_trip_unchanged(which):
     """Merging nothing gives the identical text; every definition's span re-parses to itself."""
     text = AMCT if which == "amct" else BASES[which]

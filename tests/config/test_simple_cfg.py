@@ -10,7 +10,7 @@ from amct_caffe.config import (ActivationQuantParams, ArqParams, BnUpdateConfig,
                                config_from_simple_cfg, create_default_config, parse_simple_cfg)
 from amct_caffe.config.quant_config import QuantConfig
 from amct_caffe.errors import ConfigError
-from amct_caffe.proto import records
+from amct_caffe.io.schema import records
 from tests.config.nets import LSTM_LAYERS, RESNET_LIKE, graph_of, guide_cfg_samples, needs_guide
 
 SNQ_GAUSSIAN = SnqParams(channel_wise=True, num_bits=4, max_iteration=1000, min_distance=1e-10,

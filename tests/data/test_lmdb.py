@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.data import DataError, ImageFolder, LmdbData, Preprocess, detect_kind, open_source
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from tests.data.common import IMAGENET, needs_imagenet
 
 lmdb = pytest.importorskip("lmdb")

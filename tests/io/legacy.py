@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.io.upgrade import V1_TYPE_NAMES
-from amct_caffe.proto import caffe_pb
 
 _V1_ENUM_BY_TYPE = {v: k for k, v in V1_TYPE_NAMES.items() if v}
 

@@ -103,7 +103,7 @@ def test_failed_write_leaves_no_file(tmp_path):
 def test_fp16_raw_blobs_are_read_as_float32(tmp_path):
     """OpenCV stores halved weights as raw_data + raw_data_type FLOAT16 (field numbers 12 and 10)."""
     from amct_caffe.io.opencv_blobs import _variant_net_class
-    from amct_caffe.proto import caffe_pb
+    from amct_caffe.io.schema import caffe_pb
 
     schema = caffe_pb()
     base_file = schema.pool.FindMessageTypeByName(f"{schema.package}.NetParameter").file.name

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from amct_caffe import io
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from tests.golden import MODELS, SHARED
 from tests.io.legacy import to_v1
 

@@ -9,7 +9,8 @@ import pytest
 
 import amct_caffe
 from amct_caffe import ModelFormatError, io
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
+from tests.proto_sources import generated_caffe_proto
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOM_PROTOTXT = '''
@@ -19,8 +20,8 @@ layer { name: "id" type: "Identity2" bottom: "data" top: "out" identity2_param {
 
 
 def _user_proto(tmp_path) -> Path:
-    """Our caffe.proto plus a custom layer, in the user's own package name."""
-    text = (REPO / "proto/caffe.proto").read_text()
+    """Our caffe.proto (as the build generates it) plus a custom layer, in the user's own package name."""
+    text = generated_caffe_proto()
     text = text.replace("package amct_caffe;", "package caffe;")
     anchor = "message LayerParameter {"
     text = text.replace(anchor, anchor + "\n  optional Identity2Parameter identity2_param = 4999;", 1)

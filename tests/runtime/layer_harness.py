@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf import text_format
 
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime import TEST
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.registry import layer_class

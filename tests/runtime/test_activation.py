@@ -8,7 +8,7 @@ from google.protobuf import text_format
 
 from tests.runtime.layer_harness import make_layer as harness_make, run_layer as harness_run
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime import TEST, TRAIN, Net
 from amct_caffe.runtime.layers import activation
 from amct_caffe.runtime.registry import known_types

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 
 from amct_caffe.errors import ConfigError, GraphError, WeightsError
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError, pack_deq_scale
 from amct_caffe.io.record import RecordError, activation_entry, layer_entry, read_record
 from amct_caffe.runtime import TEST, Net

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 
 from tests.runtime.layer_harness import make_layer, run_layer
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime.layers import detection as D
 from amct_caffe.runtime.registry import layer_class
 from tests.golden import CASES_BY_NAME

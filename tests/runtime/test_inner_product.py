@@ -5,7 +5,7 @@ import pytest
 from google.protobuf import text_format
 
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.layers.inner_product import InnerProduct, InnerProductLayer
 

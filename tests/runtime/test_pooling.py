@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import text_format
 
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime.layers.pooling import (MaxUnPool, MaxUnPoolLayer, Pooling, PoolingLayer, SPPLayer,
                                                pooled_size)
 

@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import text_format
 
 from amct_caffe.errors import GraphError
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime.layers.softmax import Softmax
 from amct_caffe.runtime.registry import layer_class
 from tests.golden import CASES_BY_NAME, compare

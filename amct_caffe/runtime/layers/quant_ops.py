@@ -27,7 +27,7 @@ import numpy as np
 
 from amct_caffe.errors import ConfigError, GraphError, WeightsError
 from amct_caffe.ops import register
-from amct_caffe.proto import caffe_pb
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.quant import QuantizationError, fake_quant, quantize, round_half_away, unpack_deq_scale
 from amct_caffe.runtime.layer import Layer
 

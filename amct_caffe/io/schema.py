@@ -1,7 +1,7 @@
 """Protobuf schemas: Caffe's NetParameter & co., records and configs.
 
 The build compiles ``proto/*.proto`` into descriptor sets (``schema.desc``,
-``amct_custom.desc``) installed next to this file. They are loaded into a *private*
+``amct_custom.desc``) installed as data of ``amct_caffe.proto``. They are loaded into a *private*
 :class:`~google.protobuf.descriptor_pool.DescriptorPool`, so pycaffe's own ``caffe_pb2``
 (package ``caffe`` in the default pool) can be imported in the same process without a
 "duplicate symbol" clash; our files also use the distinct package ``amct_caffe``.
@@ -9,6 +9,9 @@ The build compiles ``proto/*.proto`` into descriptor sets (``schema.desc``,
 A user whose models carry custom layers compiles their merged caffe.proto at run time,
 through :func:`set_caffe_proto` or the ``AMCT_CAFFE_PROTO`` environment variable; the
 message classes of ``caffe_pb`` then come from that file (any package name).
+
+This module imports nothing of amct_caffe but its errors, so any module (``io`` itself included)
+can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -28,6 +32,8 @@ from amct_caffe.errors import ModelFormatError
 _LOG = logging.getLogger(__name__)
 PACKAGE = "amct_caffe"
 USER_PROTO_ENV = "AMCT_CAFFE_PROTO"
+# Where the build installs schema.desc and amct_custom.desc (a data-only namespace package).
+_DESC_PACKAGE = "amct_caffe.proto"
 
 
 class Schema:
@@ -80,15 +86,21 @@ def _pool_from_file_set(data: bytes) -> descriptor_pool.DescriptorPool:
 
 
 def _load_desc(name: str) -> bytes:
-    import amct_caffe
+    """The bytes of the build's ``<name>.desc``.
 
-    for root in amct_caffe.__path__:  # the source tree first, then the installed build
-        path = Path(root) / "proto" / f"{name}.desc"
+    ``amct_caffe/proto`` is a data-only namespace package: with the root package's extended
+    ``__path__`` it spans a source checkout (first) and the installed build, so a checkout run after
+    ``pip install .`` still finds the descriptor sets that only the build makes.
+    """
+    try:
+        path = resources.files(_DESC_PACKAGE).joinpath(f"{name}.desc")
         if path.is_file():
             return path.read_bytes()
+    except ModuleNotFoundError:   # no amct_caffe/proto directory at all: nothing was built
+        pass
     raise ModelFormatError(
-        f"compiled schema {name}.desc is missing: amct_caffe was not installed by its build "
-        "(run `pip install .` from the source tree)")
+        f"compiled schema {name}.desc is missing from {_DESC_PACKAGE}: amct_caffe was not installed by "
+        "its build (run `pip install .` from the source tree)")
 
 
 def compile_proto(proto_file: str | os.PathLike) -> bytes:
