@@ -74,6 +74,25 @@ def test_configure_validates_and_redetects(monkeypatch):
         caffe_gemm.configure()
 
 
+def test_configure_replaces_only_the_given_fields(k_block):
+    k_block(256, 3, 448)
+    cfg = caffe_gemm.gemm_config()
+    assert cfg == caffe_gemm.GemmConfig(k_block=256, threads=3, numpy_k_block=448)
+    assert caffe_gemm.config() == (256, 3, 448)
+    with pytest.raises(AttributeError):
+        cfg.k_block = 320  # frozen: changed through configure() only
+    caffe_gemm.configure(threads=0)              # 0 or None: one thread
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(256, 1, 448)
+    caffe_gemm.configure(k_block=None)           # None: numpy's own blocking (not "keep")
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(None, 1, 448)
+    assert not caffe_gemm.k_blocks(128, 196, 1152)
+    caffe_gemm.configure(numpy_k_block=None)
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(None, 1, None) and not caffe_gemm.exact()
+    with pytest.raises(ValueError, match="k_block"):
+        caffe_gemm.configure(k_block=0)
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(None, 1, None)
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(128, 196, 1152), (6, 20, 2304), (20, 200, 700), (1, 300, 900),
                                          (300, 1, 900)])
 def test_matmul_sums_caffes_blocks(k_block, m, n, k):
