@@ -143,3 +143,27 @@ def test_layers_agree_with_and_without_blocking(k_block):
     k_block(320, 1, 448)
     np.testing.assert_allclose(InnerProduct(x, w), plain, rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
     np.testing.assert_allclose(InnerProduct(x[:1], w), plain[:1], rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
+
+
+def test_conv_gemms_keep_caffes_shape_only_where_it_matters(k_block):
+    """Where numpy rounds like Caffe (numpy_q known) and Caffe's call is small, no wide GEMMs / row grids
+    (but a depthwise row grid below K = 32); a single depthwise weight row becomes two where sgemv would
+    round differently."""
+    k_block(320, 1, 448)
+    small = caffe_gemm.conv_gemms(12, 20, 576)                       # 12*20*576 <= 100**3
+    assert small.same_shape and not small.wide and not small.row_grid
+    assert caffe_gemm.conv_gemms(1, 400, 9, depthwise=True).row_grid
+    assert not caffe_gemm.conv_gemms(1, 400, 49, depthwise=True).row_grid
+    big = caffe_gemm.conv_gemms(128, 196, 1152)
+    assert big.wide and big.row_grid
+    dw = caffe_gemm.conv_gemms(1, 400, 9, depthwise=True)
+    w = np.arange(18, dtype=np.float32).reshape(2, 9)
+    assert dw.channel_weights(w, 400).shape == (2, 1, 9)
+    w2 = dw.channel_weights(w, 20000)                                 # P > 16384: a zero second row
+    assert w2.shape == (2, 2, 9) and not w2[:, 1].any() and (w2[:, 0] == w).all()
+    assert caffe_gemm.conv_gemms(1, 400, 49, depthwise=True).channel_weights(np.ones((2, 49), np.float32),
+                                                                          400).shape == (2, 2, 49)
+    k_block(320, 1, None)                                             # numpy's BLAS not known to round alike
+    plain = caffe_gemm.conv_gemms(12, 20, 576)
+    assert plain.wide and plain.row_grid
+    assert plain.channel_weights(np.ones((2, 49), np.float32), 20000).shape == (2, 1, 49)

@@ -41,6 +41,10 @@ What else decides the bits (same in both libraries, so only the call shapes must
   ``K < 32`` and at most 16384 columns (sgemv's block) it rounds like Caffe's small-kernel sgemm,
   otherwise not; a zero row / column appended makes it an sgemm.
 
+InnerProduct calls :func:`matmul` with its one call's shape. A convolution gets its GEMMs from
+:func:`conv_gemms`: a :class:`ConvGemms` that makes them and tells which of the executor's layouts
+(images side by side, row grids, single-row depthwise products) keep Caffe's sums.
+
 What is detected (once, on first use) is one :class:`GemmConfig`: the K block to reproduce,
 Caffe's thread count and numpy's own K block. ``AMCT_CAFFE_SGEMM_Q`` overrides the detected K
 block (``0``: let numpy's BLAS block K itself); :func:`configure` replaces any of the three at run
@@ -284,3 +288,65 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     if y is not out:
         np.copyto(out, y)
     return out
+
+
+@dataclass(frozen=True)
+class ConvGemms:
+    """The GEMMs of one convolution, made to sum like Caffe's (:func:`conv_gemms`).
+
+    Caffe makes one ``cblas_sgemm(NoTrans, NoTrans, O/g, P, C/g*prod(k))`` per image and group
+    (``caffe_mnk``). Where it runs in OpenBLAS's level-3 driver its sums depend neither on ``M``
+    and ``N`` nor on an element's position, so the executor may put the images of a batch side by
+    side (:attr:`wide`) or run the GEMMs on a grid of whole padded rows (:attr:`row_grid`); where
+    it runs in a small-matrix kernel (:func:`is_small`, and numpy's BLAS rounds like Caffe's) the
+    GEMMs keep Caffe's shape instead, except a depthwise row grid for ``K < 32``, below which the
+    small kernel's sums do not depend on the column.
+    """
+
+    caffe_mnk: tuple[int, int, int]
+    exact: bool         # numpy's BLAS can round like Caffe's (:func:`exact`)
+    same_shape: bool    # ... and Caffe's call is small: the GEMMs must have its shape
+    depthwise: bool     # group == C == O: one (1 x K) @ (K x P) product per channel
+
+    @property
+    def wide(self) -> bool:
+        """Whether the images of a batch may share one GEMM, ``(O/g x K) @ (K x N*P)``."""
+        return not self.same_shape
+
+    @property
+    def row_grid(self) -> bool:
+        """Whether the GEMMs may run on whole padded rows, the extra columns cropped after."""
+        return not self.same_shape or (self.depthwise and self.caffe_mnk[2] < SMALL_GEMM_FREE_K)
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None,
+               part: np.ndarray | None = None) -> np.ndarray:
+        """:func:`matmul` for stacks of this convolution's GEMMs (one or more of Caffe's calls each)."""
+        return matmul(a, b, self.caffe_mnk, out=out, part=part)
+
+    def channel_weights(self, weight: np.ndarray, pixels: int) -> np.ndarray:
+        """Depthwise weights ``(C, K)`` as the ``(C, rows, K)`` stack :meth:`channelwise` takes.
+
+        numpy sends a single weight row to ``sgemv``, which rounds like Caffe's sgemm only for
+        ``K < 32`` and at most 16384 ``pixels``; beyond, where numpy's BLAS can round like Caffe's,
+        a second, zero row makes the products sgemms.
+        """
+        k = weight.shape[-1]
+        two = self.exact and (k >= SMALL_GEMM_FREE_K or pixels > GEMV_LIKE_GEMM_MAX_N)
+        w = np.zeros((weight.shape[0], 2 if two else 1, k), np.float32)
+        w[:, 0] = weight
+        return w
+
+    def channelwise(self, w: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
+        """``out[n, c] = w[c, 0] @ cols[n, c]``: ``w`` (C, rows, K) from :meth:`channel_weights`,
+        ``cols`` (N, C, K, P), ``out`` (N, C, P)."""
+        if w.shape[1] == 1:
+            np.matmul(w, cols, out=out[:, :, None, :])
+        else:
+            out[...] = self.matmul(w, cols)[:, :, 0]
+
+
+def conv_gemms(m: int, n: int, k: int, *, depthwise: bool = False) -> ConvGemms:
+    """How to make the GEMMs of a convolution whose Caffe call per image and group is
+    ``cblas_sgemm(NoTrans, NoTrans, m, n, k)`` (``O/g``, output pixels, ``C/g * prod(kernel)``)."""
+    exact_ = exact()
+    return ConvGemms((m, n, k), exact_, exact_ and is_small(m, n, k), depthwise)
