@@ -74,6 +74,25 @@ def test_configure_validates_and_redetects(monkeypatch):
         caffe_gemm.configure()
 
 
+def test_configure_replaces_only_the_given_fields(k_block):
+    k_block(256, 3, 448)
+    cfg = caffe_gemm.gemm_config()
+    assert cfg == caffe_gemm.GemmConfig(k_block=256, threads=3, numpy_k_block=448)
+    assert caffe_gemm.config() == (256, 3, 448)
+    with pytest.raises(AttributeError):
+        cfg.k_block = 320  # frozen: changed through configure() only
+    caffe_gemm.configure(threads=0)              # 0 or None: one thread
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(256, 1, 448)
+    caffe_gemm.configure(k_block=None)           # None: numpy's own blocking (not "keep")
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(None, 1, 448)
+    assert not caffe_gemm.k_blocks(128, 196, 1152)
+    caffe_gemm.configure(numpy_k_block=None)
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(None, 1, None) and not caffe_gemm.exact()
+    with pytest.raises(ValueError, match="k_block"):
+        caffe_gemm.configure(k_block=0)
+    assert caffe_gemm.gemm_config() == caffe_gemm.GemmConfig(None, 1, None)
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(128, 196, 1152), (6, 20, 2304), (20, 200, 700), (1, 300, 900),
                                          (300, 1, 900)])
 def test_matmul_sums_caffes_blocks(k_block, m, n, k):
@@ -124,3 +143,27 @@ def test_layers_agree_with_and_without_blocking(k_block):
     k_block(320, 1, 448)
     np.testing.assert_allclose(InnerProduct(x, w), plain, rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
     np.testing.assert_allclose(InnerProduct(x[:1], w), plain[:1], rtol=1e-5, atol=1e-4 * float(np.abs(plain).max()))
+
+
+def test_conv_gemms_keep_caffes_shape_only_where_it_matters(k_block):
+    """Where numpy rounds like Caffe (numpy_q known) and Caffe's call is small, no wide GEMMs / row grids
+    (but a depthwise row grid below K = 32); a single depthwise weight row becomes two where sgemv would
+    round differently."""
+    k_block(320, 1, 448)
+    small = caffe_gemm.conv_gemms(12, 20, 576)                       # 12*20*576 <= 100**3
+    assert small.same_shape and not small.wide and not small.row_grid
+    assert caffe_gemm.conv_gemms(1, 400, 9, depthwise=True).row_grid
+    assert not caffe_gemm.conv_gemms(1, 400, 49, depthwise=True).row_grid
+    big = caffe_gemm.conv_gemms(128, 196, 1152)
+    assert big.wide and big.row_grid
+    dw = caffe_gemm.conv_gemms(1, 400, 9, depthwise=True)
+    w = np.arange(18, dtype=np.float32).reshape(2, 9)
+    assert dw.channel_weights(w, 400).shape == (2, 1, 9)
+    w2 = dw.channel_weights(w, 20000)                                 # P > 16384: a zero second row
+    assert w2.shape == (2, 2, 9) and not w2[:, 1].any() and (w2[:, 0] == w).all()
+    assert caffe_gemm.conv_gemms(1, 400, 49, depthwise=True).channel_weights(np.ones((2, 49), np.float32),
+                                                                          400).shape == (2, 2, 49)
+    k_block(320, 1, None)                                             # numpy's BLAS not known to round alike
+    plain = caffe_gemm.conv_gemms(12, 20, 576)
+    assert plain.wide and plain.row_grid
+    assert plain.channel_weights(np.ones((2, 49), np.float32), 20000).shape == (2, 1, 49)

@@ -7,7 +7,7 @@ import pytest
 
 from tests.runtime.layer_harness import make_layer, run_layer
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime.layers import shape as S
+from amct_caffe.runtime.layers import reduction
 from amct_caffe.runtime.registry import layer_class
 from tests.golden import CASES_BY_NAME, compare
 
@@ -237,7 +237,7 @@ def argmax_reference(x, out_max_val, top_k, axis):
     else:
         dim, axis_dist = x.shape[axis], int(np.prod(x.shape[axis:])) // x.shape[axis]
     num, data = x.size // dim, x.ravel()
-    shape = S.argmax_shape(x.shape, out_max_val, top_k, axis)
+    shape = reduction.argmax_shape(x.shape, out_max_val, top_k, axis)
     out = np.zeros(int(np.prod(shape)), np.float32)
     for i in range(num):
         pairs = [(data[(i // axis_dist * dim + j) * axis_dist + i % axis_dist], j) for j in range(dim)]

@@ -41,13 +41,22 @@ What else decides the bits (same in both libraries, so only the call shapes must
   ``K < 32`` and at most 16384 columns (sgemv's block) it rounds like Caffe's small-kernel sgemm,
   otherwise not; a zero row / column appended makes it an sgemm.
 
-``AMCT_CAFFE_SGEMM_Q`` overrides the detection: the K block of the BLAS to reproduce (``0``:
-let numpy's BLAS block K itself). :func:`configure` does the same at run time.
+InnerProduct calls :func:`matmul` with its one call's shape. A convolution gets its GEMMs from
+:func:`conv_gemms`: a :class:`ConvGemms` that makes them and tells which of the executor's layouts
+(images side by side, row grids, single-row depthwise products) keep Caffe's sums.
+
+What is detected (once, on first use) is one :class:`GemmConfig`: the K block to reproduce,
+Caffe's thread count and numpy's own K block. ``AMCT_CAFFE_SGEMM_Q`` overrides the detected K
+block (``0``: let numpy's BLAS block K itself); :func:`configure` replaces any of the three at run
+time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,9 +69,6 @@ THREADED_GEMM_MIN_MNK = 65536 * 4   # SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRES
 GEMM_UNROLL_M = 16                  # SGEMM_DEFAULT_UNROLL_M of the AVX-512 targets
 COOPERLAKE_SGEMM_Q = 320            # SGEMM_DEFAULT_Q of OpenBLAS's Cooperlake target
 NUMPY_SKYLAKEX_SGEMM_Q = 448        # ... of numpy's bundled SkylakeX target (no extra split below it)
-
-_config: tuple[int | None, int, int | None] | None = None
-
 
 def _env_threads() -> int:
     """BLAS threads of a process started from this environment (OpenBLAS's own rule)."""
@@ -119,43 +125,76 @@ def _numpy_openblas_core() -> str | None:
     return str(libs[0].get("architecture", "")).lower() or None
 
 
-def config() -> tuple[int | None, int, int | None]:
-    """(K block to reproduce or None, Caffe's BLAS thread count, numpy's own K block if known),
-    detected on first use."""
+@dataclass(frozen=True)
+class GemmConfig:
+    """What decides how the GEMMs here split K (see the module doc)."""
+
+    k_block: int | None         # Caffe's OpenBLAS K block to reproduce; None: leave K to numpy's BLAS
+    threads: int                # Caffe's BLAS threads (>= 1): more than one halves a remainder differently
+    numpy_k_block: int | None   # numpy's own K block where its OpenBLAS is known to round like Caffe's
+
+    @classmethod
+    def detect(cls) -> GemmConfig:
+        """From this process: numpy's OpenBLAS core, the CPU, ``AMCT_CAFFE_SGEMM_Q`` and the thread
+        variables."""
+        core = _numpy_openblas_core()
+        return cls(_detect_k_block(core), _env_threads(), NUMPY_SKYLAKEX_SGEMM_Q if core == "skylakex" else None)
+
+
+class _Keep(enum.Enum):
+    """Default of :func:`configure`'s arguments: leave that value as it is."""
+
+    KEEP = enum.auto()
+
+
+_KEEP = _Keep.KEEP
+_config: GemmConfig | None = None  # detected on first use; configure() without arguments drops it
+
+
+def gemm_config() -> GemmConfig:
+    """The configuration in force, detected on first use."""
     global _config
     if _config is None:
-        core = _numpy_openblas_core()
-        _config = (_detect_k_block(core), _env_threads(), NUMPY_SKYLAKEX_SGEMM_Q if core == "skylakex" else None)
+        _config = GemmConfig.detect()
     return _config
 
 
-def configure(k_block: int | None = -1, threads: int | None = -1, numpy_k_block: int | None = -1) -> None:
+def config() -> tuple[int | None, int, int | None]:
+    """(K block to reproduce or None, Caffe's BLAS thread count, numpy's own K block if known),
+    detected on first use: :func:`gemm_config` as a tuple."""
+    c = gemm_config()
+    return c.k_block, c.threads, c.numpy_k_block
+
+
+def configure(k_block: int | None | _Keep = _KEEP, threads: int | None | _Keep = _KEEP,
+              numpy_k_block: int | None | _Keep = _KEEP) -> None:
     """Set the K block to reproduce (None: numpy's own blocking), Caffe's BLAS thread count and/or
     numpy's K block (None: unknown).
 
-    Arguments left at -1 keep their current value; ``configure()`` re-detects all three.
+    Arguments not given keep their current value; ``configure()`` re-detects all three.
     """
     global _config
-    if k_block == -1 and threads == -1 and numpy_k_block == -1:
+    if k_block is _KEEP and threads is _KEEP and numpy_k_block is _KEEP:
         _config = None
         return
-    q, t, numpy_q = config()
-    if numpy_k_block != -1:
-        numpy_q = None if numpy_k_block is None else int(numpy_k_block)
-    if k_block != -1:
+    current = gemm_config()
+    changes: dict[str, int | None] = {}
+    if numpy_k_block is not _KEEP:
+        changes["numpy_k_block"] = None if numpy_k_block is None else int(numpy_k_block)
+    if k_block is not _KEEP:
         if k_block is not None and (int(k_block) < 1 or int(k_block) > NUMPY_SKYLAKEX_SGEMM_Q):
             raise ValueError(f"k_block must be in 1..{NUMPY_SKYLAKEX_SGEMM_Q} or None, got {k_block}")
-        q = None if k_block is None else int(k_block)
-    if threads != -1:
-        t = max(1, int(threads or 1))
-    _config = (q, t, numpy_q)
+        changes["k_block"] = None if k_block is None else int(k_block)
+    if threads is not _KEEP:
+        changes["threads"] = max(1, int(threads or 1))
+    _config = dataclasses.replace(current, **changes)
 
 
 def exact() -> bool:
     """Whether numpy's BLAS can round like Caffe's here (its AVX-512 kernels); where it cannot, the
     measures that only keep call shapes (padding single rows / columns, same-shaped small GEMMs) are
     not worth their time."""
-    return config()[2] is not None
+    return gemm_config().numpy_k_block is not None
 
 
 def is_small(m: int, n: int, k: int, trans_b: bool = False) -> bool:
@@ -169,10 +208,11 @@ def is_small(m: int, n: int, k: int, trans_b: bool = False) -> bool:
 def k_blocks(m: int, n: int, k: int, trans_b: bool = False) -> tuple[int, ...] | None:
     """End offsets of the K blocks Caffe's OpenBLAS sums ``cblas_sgemm(NoTrans, trans_b, m, n, k)`` in,
     or None when numpy's BLAS, given the same call, sums it the same way already."""
-    q, threads, numpy_q = config()
+    cfg = gemm_config()
+    q, numpy_q = cfg.k_block, cfg.numpy_k_block
     if q is None or k <= q or is_small(m, n, k, trans_b):
         return None
-    ends = _driver_blocks(k, q, threads > 1 and m * n * k > THREADED_GEMM_MIN_MNK)
+    ends = _driver_blocks(k, q, cfg.threads > 1 and m * n * k > THREADED_GEMM_MIN_MNK)
     if numpy_q and ends == _driver_blocks(k, numpy_q, True) == _driver_blocks(k, numpy_q, False):
         return None  # numpy's BLAS splits the same way by itself (e.g. K = 512, 576, 640 for Q = 320 / 448)
     return ends
@@ -248,3 +288,65 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     if y is not out:
         np.copyto(out, y)
     return out
+
+
+@dataclass(frozen=True)
+class ConvGemms:
+    """The GEMMs of one convolution, made to sum like Caffe's (:func:`conv_gemms`).
+
+    Caffe makes one ``cblas_sgemm(NoTrans, NoTrans, O/g, P, C/g*prod(k))`` per image and group
+    (``caffe_mnk``). Where it runs in OpenBLAS's level-3 driver its sums depend neither on ``M``
+    and ``N`` nor on an element's position, so the executor may put the images of a batch side by
+    side (:attr:`wide`) or run the GEMMs on a grid of whole padded rows (:attr:`row_grid`); where
+    it runs in a small-matrix kernel (:func:`is_small`, and numpy's BLAS rounds like Caffe's) the
+    GEMMs keep Caffe's shape instead, except a depthwise row grid for ``K < 32``, below which the
+    small kernel's sums do not depend on the column.
+    """
+
+    caffe_mnk: tuple[int, int, int]
+    exact: bool         # numpy's BLAS can round like Caffe's (:func:`exact`)
+    same_shape: bool    # ... and Caffe's call is small: the GEMMs must have its shape
+    depthwise: bool     # group == C == O: one (1 x K) @ (K x P) product per channel
+
+    @property
+    def wide(self) -> bool:
+        """Whether the images of a batch may share one GEMM, ``(O/g x K) @ (K x N*P)``."""
+        return not self.same_shape
+
+    @property
+    def row_grid(self) -> bool:
+        """Whether the GEMMs may run on whole padded rows, the extra columns cropped after."""
+        return not self.same_shape or (self.depthwise and self.caffe_mnk[2] < SMALL_GEMM_FREE_K)
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None,
+               part: np.ndarray | None = None) -> np.ndarray:
+        """:func:`matmul` for stacks of this convolution's GEMMs (one or more of Caffe's calls each)."""
+        return matmul(a, b, self.caffe_mnk, out=out, part=part)
+
+    def channel_weights(self, weight: np.ndarray, pixels: int) -> np.ndarray:
+        """Depthwise weights ``(C, K)`` as the ``(C, rows, K)`` stack :meth:`channelwise` takes.
+
+        numpy sends a single weight row to ``sgemv``, which rounds like Caffe's sgemm only for
+        ``K < 32`` and at most 16384 ``pixels``; beyond, where numpy's BLAS can round like Caffe's,
+        a second, zero row makes the products sgemms.
+        """
+        k = weight.shape[-1]
+        two = self.exact and (k >= SMALL_GEMM_FREE_K or pixels > GEMV_LIKE_GEMM_MAX_N)
+        w = np.zeros((weight.shape[0], 2 if two else 1, k), np.float32)
+        w[:, 0] = weight
+        return w
+
+    def channelwise(self, w: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
+        """``out[n, c] = w[c, 0] @ cols[n, c]``: ``w`` (C, rows, K) from :meth:`channel_weights`,
+        ``cols`` (N, C, K, P), ``out`` (N, C, P)."""
+        if w.shape[1] == 1:
+            np.matmul(w, cols, out=out[:, :, None, :])
+        else:
+            out[...] = self.matmul(w, cols)[:, :, 0]
+
+
+def conv_gemms(m: int, n: int, k: int, *, depthwise: bool = False) -> ConvGemms:
+    """How to make the GEMMs of a convolution whose Caffe call per image and group is
+    ``cblas_sgemm(NoTrans, NoTrans, m, n, k)`` (``O/g``, output pixels, ``C/g * prod(kernel)``)."""
+    exact_ = exact()
+    return ConvGemms((m, n, k), exact_, exact_ and is_small(m, n, k), depthwise)

@@ -19,11 +19,9 @@ scratch buffers, one strided copy per kernel tap:
   (image, group) through ``np.matmul``;
 * depthwise (``group == C == O``): columns per chunk of images x channels, contracted per
   channel as a stack of ``(1 x prod(k)) @ (prod(k) x P)`` products (Caffe runs C tiny GEMMs
-  here; numpy runs them as GEMVs, which round alike up to ``P = 16384`` and ``prod(k) < 32``,
-  beyond which a second, zero weight row makes them GEMMs). Against a loop over the taps with
-  one vectorised multiply-add each, this is as fast on large stride-1 maps of one image and up
-  to 2.7x faster on small maps (call overhead), strided taps (slow gathers) and batches (the
-  tap loop streams the blob ``2*prod(k)`` times);
+  here). Against a loop over the taps with one vectorised multiply-add each, this is as fast
+  on large stride-1 maps of one image and up to 2.7x faster on small maps (call overhead),
+  strided taps (slow gathers) and batches (the tap loop streams the blob ``2*prod(k)`` times);
 * other convolutions: ``(C/g*prod(k), P)`` columns and one GEMM per (image, group); maps under
   ``WIDE_GEMM_PIXELS`` pixels put the images of a batch side by side instead, one wide GEMM
   ``(O/g x K) @ (K x N*P)`` per group, as narrow GEMMs run far below peak;
@@ -31,11 +29,11 @@ scratch buffers, one strided copy per kernel tap:
   detection heads) gather whole padded rows per tap (:func:`_im2row`, one long copy instead of
   ``Ho`` short ones) and crop the extra columns after the GEMM.
 
-The convolution GEMMs go through :mod:`caffe_gemm`, which sums them in the order Caffe's
-OpenBLAS does, so that the float32 outputs are Caffe's bit for bit where the two OpenBLAS builds
-share their kernels (AVX-512). The wide GEMMs and row grids are kept where Caffe's own call runs
-in OpenBLAS's level-3 driver (whose sums do not depend on the matrix shape); where it runs in a
-small-matrix kernel (``M*N*K <= 100**3``) the per-image GEMMs have Caffe's shape.
+The GEMMs are made by :class:`caffe_gemm.ConvGemms` (one :func:`caffe_gemm.conv_gemms` per
+convolution), which sums them in the order Caffe's OpenBLAS does, so that the float32 outputs are
+Caffe's bit for bit where the two OpenBLAS builds share their kernels (AVX-512), and says which of
+the layouts above keep Caffe's sums (the wide GEMMs and row grids do unless Caffe's call runs in a
+small-matrix kernel) and how the depthwise products are made.
 """
 
 from __future__ import annotations
@@ -203,12 +201,10 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     cg = c // group
     kk = math.prod(ksz)
     w = weight.reshape(group, o // group, -1)
-    # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): the products
-    # below are rounded like it (see caffe_gemm). Where OpenBLAS gives it to a small-matrix
-    # kernel, whose rounding depends on the shape, the same-shaped GEMMs are made here.
-    caffe_mnk = (o // group, math.prod(out), cg * kk)
-    exact = caffe_gemm.exact()
-    same_shape = exact and caffe_gemm.is_small(*caffe_mnk)
+    depthwise = group == c == o
+    # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): `gemm` makes the
+    # products below sum like it and says which of the layouts keep its sums (caffe_gemm.ConvGemms).
+    gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
     if all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
         if any(st > 1 for st in stride):
@@ -218,14 +214,13 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
             np.copyto(cols, xs)
         else:
             cols = np.ascontiguousarray(x)
-        y = caffe_gemm.matmul(w, cols.reshape(n, group, cg, -1), caffe_mnk).reshape((n, o) + out)
+        y = gemm.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
     else:
         # Narrow stride-1 2-D maps: whole-row columns (see _im2row); the GEMMs then run on a
         # (Ho, Wp) grid whose extra columns are dropped at the end. That extra GEMM work only
         # pays off when each column feeds few outputs (depthwise, small O/g).
         rows = (nsp == 2 and stride == (1, 1) and out[1] < ROW_COLUMNS_WIDTH and kk > 1
-                and o // group <= ROW_COLUMNS_MAX_OUT
-                and (not same_shape or (group == c == o and kk < caffe_gemm.SMALL_GEMM_FREE_K)))
+                and o // group <= ROW_COLUMNS_MAX_OUT and gemm.row_grid)
         grid = (out[0], x.shape[3] + 2 * pad[1]) if rows else out
         npix = math.prod(grid)
 
@@ -234,15 +229,11 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
                 return _im2row(xb, ksz, pad, dilation, out[0], batch_last)
             return _im2col(_padded(xb, pad), ksz, stride, dilation, out, batch_last)
 
-        if group == c == o:
+        if depthwise:
             # Depthwise: Caffe runs C tiny GEMMs (1 x T) @ (T x P) here. Channels are independent: the
             # taps are gathered in cache-sized (images x channels) chunks and contracted per channel,
-            # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of products. numpy sends these
-            # single rows to sgemv, which rounds like Caffe's sgemm only for T < 32 and P <= 16384; beyond,
-            # where numpy's BLAS can round like Caffe's, a second, zero weight row makes them sgemms.
-            two = exact and (kk >= caffe_gemm.SMALL_GEMM_FREE_K or npix > caffe_gemm.GEMV_LIKE_GEMM_MAX_N)
-            w3 = np.zeros((c, 2 if two else 1, kk), np.float32)
-            w3[:, 0] = weight.reshape(c, kk)
+            # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of products.
+            wc = gemm.channel_weights(weight.reshape(c, kk), npix)
             y = np.empty((n, c, npix), np.float32)
             nb = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
             cb = c if nb > 1 else max(1, min(c, COLS_BUDGET // (kk * npix)))
@@ -250,13 +241,8 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
                 for c0 in range(0, c, cb):
                     xb = x[n0:n0 + nb, c0:c0 + cb]
                     cols = columns(xb).reshape(xb.shape[0], xb.shape[1], kk, npix)
-                    if not two:
-                        np.matmul(w3[c0:c0 + cb], cols, out=y[n0:n0 + nb, c0:c0 + cb, None, :])
-                        continue
-                    y2 = caffe_gemm.matmul(w3[c0:c0 + cb], cols, caffe_mnk,
-                                           out=_scratch("dw", cols.shape[:2] + (2, npix)))
-                    y[n0:n0 + nb, c0:c0 + cb] = y2[:, :, 0]
-        elif npix < WIDE_GEMM_PIXELS and n > 1 and not same_shape:
+                    gemm.channelwise(wc[c0:c0 + cb], cols, out=y[n0:n0 + nb, c0:c0 + cb])
+        elif npix < WIDE_GEMM_PIXELS and n > 1 and gemm.wide:
             # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
             # (g, K, N*P) columns -> one (Og x K) @ (K x N*P) GEMM per group, then reorder to NCHW.
             chunk = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
@@ -264,16 +250,15 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
             for n0 in range(0, n, chunk):
                 xb = x[n0:n0 + chunk]
                 nb = len(xb)
-                yb = caffe_gemm.matmul(w, columns(xb, batch_last=True).reshape(group, cg * kk, nb * npix),
-                                       caffe_mnk)
+                yb = gemm.matmul(w, columns(xb, batch_last=True).reshape(group, cg * kk, nb * npix))
                 y[n0:n0 + nb] = yb.reshape(group, o // group, nb, npix).transpose(2, 0, 1, 3)
         else:
             y = np.empty((n, group, o // group, npix), np.float32)
             chunk = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
             for n0 in range(0, n, chunk):
                 xb = x[n0:n0 + chunk]
-                caffe_gemm.matmul(w, columns(xb).reshape(len(xb), group, cg * kk, npix), caffe_mnk,
-                                  out=y[n0:n0 + chunk], part=_scratch("part", y[n0:n0 + chunk].shape))
+                gemm.matmul(w, columns(xb).reshape(len(xb), group, cg * kk, npix),
+                            out=y[n0:n0 + chunk], part=_scratch("part", y[n0:n0 + chunk].shape))
         y = y.reshape((n, o) + grid)
         if rows:
             y = np.ascontiguousarray(y[..., :out[1]])

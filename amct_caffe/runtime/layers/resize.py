@@ -21,8 +21,6 @@ exactly as the C++ does, so the cell choice (floor / truncation) matches bit for
   size is fixed when the layer is set up (Caffe computes it in LayerSetUp).
 * Resize (fork, ``util_img.cpp``): ``src = i * (in/out)``, ``i0 = floor(src)``; the weight
   of cell ``i0+1`` is dropped (not renormalised) when it lies outside the input.
-
-(The fork's PixelShuffle and Pad live in ``shape.py``.)
 """
 
 from __future__ import annotations

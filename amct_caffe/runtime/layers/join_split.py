@@ -1,0 +1,200 @@
+"""Layers that join, cut, copy or drop blobs, without arithmetic.
+
+Concat and Slice (along an axis), Split (one bottom to several tops), Crop (to a reference
+blob), Tile (repeats), BatchReindex (picks items) and Silence (consumes its bottoms). The op /
+layer conventions are shape_common's; results may be views of the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amct_caffe.ops import register
+from amct_caffe.runtime.layers.shape_common import ShapeLayer, check_axis, element_count, proto_fields
+
+
+# ------------------------------------------------------------------------ pure ops
+def concat_shape(shapes, axis=1):
+    a = check_axis(axis, len(shapes[0]))
+    for s in shapes[1:]:
+        if len(s) != len(shapes[0]) or any(x != y for i, (x, y) in enumerate(zip(s, shapes[0], strict=True))
+                                           if i != a):
+            raise ValueError(f"bottom shapes {[list(b) for b in shapes]} differ off axis {a}")
+    top = list(shapes[0])
+    top[a] = sum(s[a] for s in shapes)
+    return tuple(top)
+
+
+def Concat(*xs, axis=1):  # noqa: N802 - Caffe type name
+    """Joins the inputs along ``axis``; the other dims must agree."""
+    concat_shape([x.shape for x in xs], axis)
+    return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=axis)
+
+
+def slice_bounds(shape, axis=1, slice_point=(), num_tops=1):
+    """[(start, stop)] of each top along the canonical axis."""
+    a = check_axis(axis, len(shape))
+    dim, points = shape[a], list(slice_point)
+    if points:
+        if len(points) != num_tops - 1 or num_tops > dim:
+            raise ValueError(f"{len(points)} slice points for {num_tops} tops of an axis of {dim}")
+        if any(q <= p for p, q in zip([0] + points[:-1], points, strict=True)) or points[-1] > dim:
+            raise ValueError(f"slice points {points} must increase strictly within (0, {dim}]")
+    elif dim % num_tops:
+        raise ValueError(f"{num_tops} tops do not divide the slice axis of {dim} evenly")
+    else:
+        points = [dim // num_tops * i for i in range(1, num_tops)]
+    bounds = [0] + points + [dim]
+    return a, list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def Slice(x, *, axis=1, slice_point=(), num_tops=1):  # noqa: N802
+    """Cuts ``x`` along ``axis`` at ``slice_point`` (strictly increasing, one fewer than the
+    tops) or, without points, into ``num_tops`` equal parts."""
+    a, bounds = slice_bounds(x.shape, axis, slice_point, num_tops)
+    return [x[(slice(None),) * a + (slice(lo, hi),)] for lo, hi in bounds]
+
+
+def crop_slices(shape, ref_shape, axis=2, offset=()):
+    a, off = check_axis(axis, len(shape)), list(offset)
+    if len(off) > 1 and a + len(off) != len(shape):
+        raise ValueError(f"{len(off)} offsets for the {len(shape) - a} axes from axis {a}")
+    if len(ref_shape) != len(shape):
+        raise ValueError(f"bottoms {list(shape)} and {list(ref_shape)} differ in rank")
+    slices = []
+    for i, d in enumerate(shape):
+        o = 0 if i < a or not off else off[0] if len(off) == 1 else off[i - a]
+        size = d if i < a else ref_shape[i]
+        if o + size > d:
+            raise ValueError(f"crop of {size} at offset {o} is out of bounds on axis {i} (size {d})")
+        slices.append(slice(o, o + size))
+    return tuple(slices)
+
+
+def Crop(x, ref, *, axis=2, offset=()):  # noqa: N802
+    """Crops ``x`` to ``ref``'s dims on axes >= ``axis``, starting at ``offset`` (none: 0;
+    one value: every cropped axis; else one per cropped axis)."""
+    return x[crop_slices(x.shape, ref.shape, axis, offset)]
+
+
+def tile_shape(shape, axis=1, tiles=None):
+    if tiles is None or tiles <= 0:
+        raise ValueError("tiles must be given and positive")
+    a = check_axis(axis, len(shape))
+    return tuple(shape[:a]) + (shape[a] * tiles,) + tuple(shape[a + 1:])
+
+
+def Tile(x, *, axis=1, tiles=None):  # noqa: N802
+    """Repeats the block of axes >= ``axis`` ``tiles`` times: top[..., t*d + i, ...] = x[..., i, ...]."""
+    top = tile_shape(x.shape, axis, tiles)
+    a = check_axis(axis, x.ndim)
+    outer, inner = element_count(x.shape[:a]), element_count(x.shape[a:])
+    return np.broadcast_to(x.reshape(outer, 1, inner), (outer, tiles, inner)).reshape(top)
+
+
+def BatchReindex(x, index):  # noqa: N802
+    """``top[i] = x[index[i]]`` for a 1-D index blob."""
+    if index.ndim != 1:
+        raise ValueError(f"the index bottom must be 1-D, got {list(index.shape)}")
+    idx = index.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= x.shape[0]):
+        raise ValueError(f"index {int(idx.max())} is outside the batch of {x.shape[0]}")
+    return x[idx]
+
+
+# ------------------------------------------------------------------------ layers
+def _legacy_axis(p, legacy: str, ndim: int) -> int:
+    """``axis`` or the deprecated unsigned ``concat_dim``/``slice_dim`` (never both)."""
+    if not p.HasField(legacy):
+        return p.axis
+    if p.HasField("axis"):
+        raise ValueError(f"give either axis or {legacy}, not both")
+    if getattr(p, legacy) >= ndim:
+        raise ValueError(f"{legacy} {getattr(p, legacy)} is out of range for a {ndim}-D blob")
+    return getattr(p, legacy)
+
+
+@register("Concat")
+class ConcatLayer(ShapeLayer):
+    num_bottoms = (1, None)
+    op = staticmethod(Concat)
+
+    def shapes(self, s):
+        self._kw = {"axis": _legacy_axis(self.lp.concat_param, "concat_dim", len(s[0]))}
+        return [concat_shape(s, **self._kw)]
+
+
+@register("Slice")
+class SliceLayer(ShapeLayer):
+    num_tops = (1, None)
+    op = staticmethod(Slice)
+
+    def shapes(self, s):
+        p = self.lp.slice_param
+        self._kw = {"axis": _legacy_axis(p, "slice_dim", len(s[0])), "slice_point": tuple(p.slice_point),
+                    "num_tops": len(self.lp.top)}
+        a, bounds = slice_bounds(s[0], **self._kw)
+        return [s[0][:a] + (hi - lo,) + s[0][a + 1:] for lo, hi in bounds]
+
+
+@register("Split")
+class SplitLayer(ShapeLayer):
+    """Hands the bottom to every top (Caffe shares the data; so do we)."""
+
+    num_tops = (1, None)
+    in_place_ok = False
+
+    def shapes(self, s):
+        return [s[0]] * len(self.lp.top)
+
+    def forward(self, bottoms):
+        return [bottoms[0]] * len(self.lp.top)
+
+
+@register("Crop")
+class CropLayer(ShapeLayer):
+    num_bottoms = 2
+    op = staticmethod(Crop)
+
+    def kwargs(self):
+        return proto_fields(self.lp.crop_param, "axis", "offset")
+
+    def shapes(self, s):
+        return [tuple(sl.stop - sl.start for sl in crop_slices(s[0], s[1], **self._kw))]
+
+
+@register("Tile")
+class TileLayer(ShapeLayer):
+    op = staticmethod(Tile)
+
+    def kwargs(self):
+        p = self.lp.tile_param
+        return {"axis": p.axis, "tiles": p.tiles if p.HasField("tiles") else None}
+
+    def shapes(self, s):
+        return [tile_shape(s[0], **self._kw)]
+
+
+@register("BatchReindex")
+class BatchReindexLayer(ShapeLayer):
+    num_bottoms = 2
+    op = staticmethod(BatchReindex)
+
+    def shapes(self, s):
+        if len(s[1]) != 1:
+            raise ValueError(f"the index bottom must be 1-D, got {list(s[1])}")
+        return [(s[1][0],) + s[0][1:]]
+
+
+@register("Silence")
+class SilenceLayer(ShapeLayer):
+    """Consumes its bottoms and produces nothing."""
+
+    num_bottoms = (1, None)
+    num_tops = 0
+
+    def shapes(self, s):
+        return []
+
+    def forward(self, bottoms):
+        return []
