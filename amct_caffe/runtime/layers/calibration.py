@@ -67,6 +67,10 @@ class _Collector(Layer):
             raise GraphError(f"layer '{self.name}' ({self.type}): {what} names no quantized layer")
         self.batch_num, self.record_file_path = int(batch_num), record_file_path
         self._seen, self._done, self._told_done = 0, False, False
+        self._sink = RecordSink(record_file_path)  # the Net's shared sink replaces it (on_net_built)
+
+    def on_net_built(self, net, index: int) -> None:
+        self._sink = net.record_sink(self.record_file_path)
 
     def reshape(self, bottom_shapes):
         if len(bottom_shapes[0]) < 2:
@@ -125,14 +129,13 @@ class IfmrLayer(_Collector):
             raise _named(self, e) from e
         self._observer = IfmrObserver(self.params)
         self._shape: tuple[int, ...] | None = None
-        self._shared = RecordSink(self.record_file_path)
         self._later_peers: list[IfmrLayer] = []
 
     def on_net_built(self, net, index: int) -> None:
         # IFMR layers of this net writing the same record share its sink (see RecordSink).
+        super().on_net_built(net, index)
         peers = [layer for layer in net.layers if isinstance(layer, IfmrLayer)
-                 and layer.record_file_path == self.record_file_path]
-        self._shared = net.record_sink(self.record_file_path)
+                 and net.record_sink(layer.record_file_path) is self._sink]
         self._later_peers = [layer for layer in peers if net.layers.index(layer) > index]
 
     def _finishes_next_forward(self) -> bool:
@@ -152,16 +155,16 @@ class IfmrLayer(_Collector):
         try:
             result = self._observer.compute_qparams()
         except QuantizationError as e:
-            self._shared.write()  # keep what the layers before this one computed
+            self._sink.write()  # keep what the layers before this one computed
             raise _named(self, e) from e
         c, h, w = _chw(self._shape)
-        record = self._shared.get()
+        record = self._sink.get()
         for layer, index in self.targets:
             act = record.layer(layer, create=True).activation(int(index), create=True)
             act.scale_d, act.offset_d, act.num_bits_d = f32(result.scale), int(result.offset), int(self.params.num_bits)
             act.channels, act.height, act.width = c, h, w
         if not any(peer._finishes_next_forward() for peer in self._later_peers):
-            self._shared.write()  # the last IFMR layer of this record to finish in this forward
+            self._sink.write()  # the last IFMR layer of this record to finish in this forward
         _LOG.info("IFMR '%s': scale_d=%.9g offset_d=%d written for %s", self.name, result.scale,
                   result.offset, [t[0] for t in self.targets])
         for layer, _ in self.targets:  # the guide's completion line (FAQ "Cannot find scale_d")
@@ -195,10 +198,6 @@ class SearchNLayer(_Collector):
         self.layers = list(p.layer_name)
         self.layer_types = list(p.layer_type) or [""] * len(self.layers)
         self._batches: list[np.ndarray] = []
-        self._sink = RecordSink(self.record_file_path)
-
-    def on_net_built(self, net, index: int) -> None:
-        self._sink = net.record_sink(self.record_file_path)
 
     def _collect(self, x):
         self._batches.append(np.array(x, dtype=_F32, copy=True))
