@@ -17,7 +17,7 @@ imports are not edges (otherwise every module would import the package root). A 
 edge to that package's ``__init__``.
 
 A *part* is a direct child of ``amct_caffe/``: a subpackage (``api``, ``passes``, ...) or a top-level
-module (``cli``, ``record``, ``errors``, ...); the package root itself is the part ``__init__``.
+module (``cli``, ``ops``, ``errors``, ...); the package root itself is the part ``__init__``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ ROOT_IMPORTER_PACKAGES = ("amct_caffe.api",)
 #   passes/            graph transforms (the pipeline)
 #   runtime/           the executor
 #   quant/ config/ data/
-#   io/                every file format (record.py and proto/ are file formats: they rank with io)
+#   io/                every file format (the record, BN dumps, outputs, the compiled schemas)
 #   ir/                Graph / Node / Blob
 #   ops                the layer-type registry, "at the bottom" (under everything but errors/log)
 #   errors, log
@@ -65,7 +65,7 @@ RANKS = {
     "api": 3,
     "passes": 4, "runtime": 4,
     "quant": 5, "config": 5, "data": 5,
-    "io": 6, "record": 6, "proto": 6,
+    "io": 6,
     "ir": 7,
     "ops": 8,
     "errors": 9, "log": 9, "_kernels": 9,
