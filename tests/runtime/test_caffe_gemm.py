@@ -74,6 +74,20 @@ def test_configure_validates_and_redetects(monkeypatch):
         caffe_gemm.configure()
 
 
+@pytest.mark.parametrize(("numpy_core", "bf16", "system_core", "expected"), [
+    ("skylakex", True, "cooperlake", 320),   # Debian's OpenBLAS on a Cooper Lake / Zen 4
+    ("skylakex", True, "skylakex", None),    # a CPU OpenBLAS 0.3.21 does not take for a Cooper Lake
+    ("skylakex", True, None, 320),           # no system OpenBLAS to ask: the likely Cooperlake
+    ("skylakex", False, "skylakex", None),   # no BF16: both run SkylakeX
+    ("haswell", True, "cooperlake", None),   # numpy not on AVX-512: no bit equality attempted
+])
+def test_k_block_follows_the_core_of_caffes_openblas(monkeypatch, numpy_core, bf16, system_core, expected):
+    monkeypatch.delenv("AMCT_CAFFE_SGEMM_Q", raising=False)
+    monkeypatch.setattr(caffe_gemm, "_cpu_has_avx512_bf16", lambda: bf16)
+    monkeypatch.setattr(caffe_gemm, "_system_openblas_core", lambda: system_core)
+    assert caffe_gemm._detect_k_block(numpy_core) == expected
+
+
 def test_configure_replaces_only_the_given_fields(k_block):
     k_block(256, 3, 448)
     cfg = caffe_gemm.gemm_config()

@@ -96,13 +96,40 @@ def _cpu_has_avx512_bf16() -> bool:
     return False
 
 
+def _system_openblas_core() -> str | None:
+    """The core the system's OpenBLAS (the library a Caffe build links) selects on this CPU, or None
+    when there is no such library (or it cannot say).
+
+    It is not always Cooperlake on a CPU with AVX512-BF16: OpenBLAS 0.3.21 recognises Cooper Lake by
+    its CPU model, so a virtual CPU that reports the BF16 flag under a generic model runs SkylakeX,
+    exactly like numpy's OpenBLAS. Loading the library asks it directly (when pycaffe is imported it is
+    already loaded, and this is the very library Caffe calls).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("openblas")
+    if name is None:
+        return None
+    try:
+        corename = ctypes.CDLL(name).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    corename.restype = ctypes.c_char_p
+    core = corename()
+    return core.decode("ascii", "replace").strip().lower() if core else None
+
+
 def _detect_k_block(numpy_core: str | None) -> int | None:
     env = os.environ.get("AMCT_CAFFE_SGEMM_Q")
     if env is not None and env.strip():
         q = int(env)
         return q if q > 0 else None
     if numpy_core == "skylakex" and _cpu_has_avx512_bf16():
-        return COOPERLAKE_SGEMM_Q
+        # Caffe's OpenBLAS blocks K as its Cooperlake target does, unless it runs SkylakeX too (then
+        # both libraries split alike). Without a system OpenBLAS to ask, Cooperlake is the likely case.
+        system = _system_openblas_core()
+        return COOPERLAKE_SGEMM_Q if system in (None, "cooperlake") else None
     return None
 
 
