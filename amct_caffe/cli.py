@@ -188,8 +188,6 @@ def _print_outputs(result, prefix: str) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from tqdm import tqdm
-
     from amct_caffe.data import detect_kind, model_inputs, open_source
 
     _check_files(model=args.model, weights=args.weights)
@@ -208,11 +206,9 @@ def cmd_calibrate(args) -> int:
     if args.target_cosine is not None:
         return _calibrate_with_fallback(args, batches)
     calibrate = _api("amct_caffe.api.workflow", "calibrate")
-    with tqdm(batches, total=args.batch_num, desc="calibration", unit="batch",
-              disable=not args.progress) as progress:
-        result = calibrate(args.model, args.weights, progress, args.output, args.batch_num,
-                           config_file=args.config, config_defination=args.cfg,
-                           activation_offset=args.activation_offset)
+    # the calibration shows its one progress bar (batches), ending at 100%
+    result = calibrate(args.model, args.weights, batches, args.output, args.batch_num, config_file=args.config,
+                       config_defination=args.cfg, activation_offset=args.activation_offset, progress=args.progress)
     _print_outputs(result, args.output)
     return 0
 

@@ -46,11 +46,11 @@ def fake_calibrate(monkeypatch):
     calls = []
 
     def calibrate(model_file, weights_file, batches, save_path, batch_num, config_file=None,
-                  config_defination=None, activation_offset=True):
+                  config_defination=None, activation_offset=True, progress=True):
         fed = [dict(b) for b in batches]
         calls.append(dict(model_file=model_file, weights_file=weights_file, batches=fed, save_path=save_path,
                           batch_num=batch_num, config_file=config_file, config_defination=config_defination,
-                          activation_offset=activation_offset))
+                          activation_offset=activation_offset, progress=progress))
         return {"fake_quant_model": f"{save_path}_fake_quant_model.prototxt",
                 "deploy_model": f"{save_path}_deploy_model.prototxt"}
 
@@ -90,6 +90,7 @@ def test_calibrate_npz_passes_batches_and_arguments(fake_calibrate, capsys, tmp_
     assert call["save_path"] == "out/lenet" and call["batch_num"] == 2
     assert call["config_file"] is None and call["config_defination"] == "q.cfg"
     assert call["activation_offset"] is False
+    assert call["progress"] is False
     assert len(call["batches"]) == 2
     with np.load(MNIST) as z:
         images = z["images"]
@@ -231,3 +232,20 @@ def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path)
         with pytest.raises(SystemExit) as exc:
             cli.main(args + bad)
         assert exc.value.code == 2
+
+
+@needs_mnist
+def test_calibrate_shows_one_progress_bar_that_ends_at_100_percent(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--data", str(MNIST),
+                     "--batch-size", "8", "--batch-num", "3", "--scale", "0.00390625", "--output", "out/lenet"])
+    assert code == 0
+    err = capsys.readouterr().err
+    bars = {line.split(":")[0] for line in re.split(r"[\r\n]", err) if "batch" in line and "%|" in line}
+    assert bars == {"calibration"}, err
+    assert "100%|" in err and "3/3" in err, err
+    assert (tmp_path / "out/lenet_deploy_weights.caffemodel").is_file()
+    code = cli.main(["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--data", str(MNIST),
+                     "--batch-size", "8", "--batch-num", "1", "--scale", "0.00390625", "--output", "out/q",
+                     "--no-progress"])
+    assert code == 0 and "%|" not in capsys.readouterr().err

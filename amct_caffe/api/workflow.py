@@ -66,11 +66,13 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     needed = session.calibration_forwards()  # batch_num, or bn_update_iterations if larger
     net = Net.from_graph(calibration, TEST, records={session.record_file: session.record})
     done = 0
-    for feed in tqdm(batches, total=needed, desc="calibration", unit="batch", disable=not progress):
-        net.forward(**feed)
-        done += 1
-        if done == needed:
-            break
+    with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
+        for feed in batches:
+            net.forward(**feed)
+            done += 1
+            bar.update(1)  # counted after the forward, so the bar ends at 100% with the last batch
+            if done == needed:
+                break
     if done < needed:
         raise AmctError(f"calibration needs {needed} batch(es) (batch_num, or bn_update_iterations with "
                         f"update_bn) but the data gave only {done}")
