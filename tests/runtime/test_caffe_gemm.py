@@ -64,7 +64,8 @@ def test_configure_validates_and_redetects(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     caffe_gemm.configure()
     try:
-        assert caffe_gemm.config()[:2] == (256, 3)
+        # the K block follows AMCT_CAFFE_SGEMM_Q; the process's BLAS threads never change the sums
+        assert caffe_gemm.config()[:2] == (256, caffe_gemm.CAFFE_THREADS)
         monkeypatch.setenv("AMCT_CAFFE_SGEMM_Q", "0")
         caffe_gemm.configure()
         assert caffe_gemm.config()[0] is None
@@ -72,6 +73,25 @@ def test_configure_validates_and_redetects(monkeypatch):
         monkeypatch.delenv("AMCT_CAFFE_SGEMM_Q")
         monkeypatch.delenv("OPENBLAS_NUM_THREADS")
         caffe_gemm.configure()
+
+
+def test_numpy_never_splits_k_itself(k_block):
+    """numpy's OpenBLAS halves a K between Q and 2Q one way with one thread and another with several:
+    such a K is split here, in the multi-threaded driver's blocks, whatever numpy's thread count."""
+    k_block(None, 2, 448)
+    assert caffe_gemm.k_blocks(64, 784, 500) == (250, 500)        # numpy: 256 + 244 single-threaded
+    assert caffe_gemm.k_blocks(64, 784, 448) is None              # one block in any case
+    assert caffe_gemm.k_blocks(64, 784, 512) is None              # 256 + 256 in both modes
+
+
+def test_unknown_blas_gets_k_blocks_it_does_not_split(k_block):
+    k_block(None, 2, None)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((30, 700)).astype(np.float32)
+    b = rng.standard_normal((700, 40)).astype(np.float32)
+    ends = (256, 478, 700)  # the multi-threaded driver halves the remainder 444
+    assert caffe_gemm._driver_blocks(700, caffe_gemm.UNKNOWN_BLAS_K_BLOCK, True) == ends
+    np.testing.assert_array_equal(caffe_gemm.matmul(a, b, (30, 40, 700)), _blocked_reference(a, b, ends))
 
 
 @pytest.mark.parametrize(("numpy_core", "bf16", "system_core", "expected"), [

@@ -33,10 +33,10 @@ What else decides the bits (same in both libraries, so only the call shapes must
   column to column): a call that Caffe makes small must be made with the same shape here, and
   a block that Caffe sums in the driver must not become small. The driver's sums depend on
   neither the position of an element nor ``M`` and ``N``, so images may sit side by side;
-* with more than one BLAS thread (and ``M*N*K > 65536*4``) the driver halves an odd remainder
-  as ``(r + 1) // 2`` instead of rounding the half up to 16: Caffe's thread count is taken
-  from the environment the way OpenBLAS takes it (``OPENBLAS_NUM_THREADS``, ``GOTO_NUM_THREADS``,
-  ``OMP_NUM_THREADS``, else the CPUs this process may run on);
+* with more than one BLAS thread (and ``M*N*K > 65536*4``) the driver halves a remainder
+  between ``Q`` and ``2Q`` as ``(r + 1) // 2`` instead of rounding the half up to 16: Caffe is
+  taken to run multi-threaded (its OpenBLAS's default on any machine of two or more CPUs;
+  ``configure(threads=1)`` reproduces a single-threaded Caffe);
 * numpy sends a product with one row or one column to ``sgemv``, not ``sgemm``: for one row of
   ``K < 32`` and at most 16384 columns (sgemv's block) it rounds like Caffe's small-kernel sgemm,
   otherwise not; a zero row / column appended makes it an sgemm.
@@ -45,10 +45,18 @@ InnerProduct calls :func:`matmul` with its one call's shape. A convolution gets 
 :func:`conv_gemms`: a :class:`ConvGemms` that makes them and tells which of the executor's layouts
 (images side by side, row grids, single-row depthwise products) keep Caffe's sums.
 
+Determinism. numpy's OpenBLAS follows the same driver rule, so left to itself it would sum a K
+between ``Q`` and ``2Q`` differently with one thread and with several, and the quantization
+factors computed from the activations would depend on the machine's thread settings. Every K
+longer than numpy's own block is therefore split here (:func:`k_blocks`), in the multi-threaded
+driver's blocks, into GEMMs numpy's BLAS does not split again; where numpy's BLAS is not one whose
+block is known, K is split in blocks of 256, which no OpenBLAS target splits. The same inputs thus
+give the same bits with any number of BLAS threads (tests/test_determinism.py).
+
 What is detected (once, on first use) is one :class:`GemmConfig`: the K block to reproduce,
-Caffe's thread count and numpy's own K block. ``AMCT_CAFFE_SGEMM_Q`` overrides the detected K
-block (``0``: let numpy's BLAS block K itself); :func:`configure` replaces any of the three at run
-time.
+Caffe's thread count (fixed, not read from the environment) and numpy's own K block.
+``AMCT_CAFFE_SGEMM_Q`` overrides the detected K block (``0``: Caffe's blocks are not reproduced);
+:func:`configure` replaces any of the three at run time.
 """
 
 from __future__ import annotations
@@ -68,22 +76,9 @@ GEMV_LIKE_GEMM_MAX_N = 16384        # numpy's sgemv of one row, K < 32, rounds l
 THREADED_GEMM_MIN_MNK = 65536 * 4   # SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD
 GEMM_UNROLL_M = 16                  # SGEMM_DEFAULT_UNROLL_M of the AVX-512 targets
 COOPERLAKE_SGEMM_Q = 320            # SGEMM_DEFAULT_Q of OpenBLAS's Cooperlake target
+UNKNOWN_BLAS_K_BLOCK = 256          # K block when numpy's BLAS is not known: no OpenBLAS target splits below it
+CAFFE_THREADS = 2                   # Caffe's OpenBLAS is taken to be multi-threaded (any machine of 2+ CPUs)
 NUMPY_SKYLAKEX_SGEMM_Q = 448        # ... of numpy's bundled SkylakeX target (no extra split below it)
-
-def _env_threads() -> int:
-    """BLAS threads of a process started from this environment (OpenBLAS's own rule)."""
-    for var in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
-        try:
-            n = int(os.environ.get(var, "0"))
-        except ValueError:
-            n = 0
-        if n > 0:
-            return n
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
 
 def _cpu_has_avx512_bf16() -> bool:
     try:
@@ -165,7 +160,7 @@ class GemmConfig:
         """From this process: numpy's OpenBLAS core, the CPU, ``AMCT_CAFFE_SGEMM_Q`` and the thread
         variables."""
         core = _numpy_openblas_core()
-        return cls(_detect_k_block(core), _env_threads(), NUMPY_SKYLAKEX_SGEMM_Q if core == "skylakex" else None)
+        return cls(_detect_k_block(core), CAFFE_THREADS, NUMPY_SKYLAKEX_SGEMM_Q if core == "skylakex" else None)
 
 
 class _Keep(enum.Enum):
@@ -233,13 +228,20 @@ def is_small(m: int, n: int, k: int, trans_b: bool = False) -> bool:
 
 
 def k_blocks(m: int, n: int, k: int, trans_b: bool = False) -> tuple[int, ...] | None:
-    """End offsets of the K blocks Caffe's OpenBLAS sums ``cblas_sgemm(NoTrans, trans_b, m, n, k)`` in,
-    or None when numpy's BLAS, given the same call, sums it the same way already."""
+    """End offsets of the K blocks ``cblas_sgemm(NoTrans, trans_b, m, n, k)`` is summed in, or None
+    when numpy's BLAS, given the same call, sums it that way by itself whatever its thread count.
+
+    The blocks are those of Caffe's OpenBLAS (``k_block``) where it blocks differently from numpy's,
+    else numpy's own (``numpy_k_block``), split here so that numpy's BLAS, which halves a remainder
+    one way with one thread and another with several, never splits K itself: the sums then do not
+    depend on the thread count (module doc, "Determinism").
+    """
     cfg = gemm_config()
-    q, numpy_q = cfg.k_block, cfg.numpy_k_block
+    q = cfg.k_block or cfg.numpy_k_block
     if q is None or k <= q or is_small(m, n, k, trans_b):
         return None
     ends = _driver_blocks(k, q, cfg.threads > 1 and m * n * k > THREADED_GEMM_MIN_MNK)
+    numpy_q = cfg.numpy_k_block
     if numpy_q and ends == _driver_blocks(k, numpy_q, True) == _driver_blocks(k, numpy_q, False):
         return None  # numpy's BLAS splits the same way by itself (e.g. K = 512, 576, 640 for Q = 320 / 448)
     return ends
@@ -277,6 +279,10 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     n = b.shape[-1]
     blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
     if not blocks and not exact():
+        # numpy's BLAS is not one whose blocking is known (and no K block was set): K is split in
+        # blocks no OpenBLAS target splits again, so the sums are the same with any number of threads.
+        if k > UNKNOWN_BLAS_K_BLOCK:
+            return _blocked_matmul(a, b, _driver_blocks(k, UNKNOWN_BLAS_K_BLOCK, True), out, part)
         return np.matmul(a, b, out=out)
     caffe_small = is_small(*caffe_mnk, trans_b=trans_b)
     kmin = k
@@ -298,16 +304,8 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
         bp[..., :n] = b
         b = bp
     padded = (rows, cols) != (m, n)
-    if not blocks:
-        y = np.matmul(a, b)
-    else:
-        starts = (0,) + blocks[:-1]
-        y = np.matmul(a[..., :blocks[0]], b[..., :blocks[0], :], out=None if padded else out)
-        if part is None or padded or part.shape != y.shape:
-            part = np.empty_like(y)
-        for s, e in zip(starts[1:], blocks[1:], strict=True):
-            np.matmul(a[..., s:e], b[..., s:e, :], out=part)
-            y += part
+    y = np.matmul(a, b) if not blocks else _blocked_matmul(a, b, blocks, None if padded else out,
+                                                             None if padded else part)
     if padded:
         y = y[..., :m, :n]
     if out is None:
@@ -315,6 +313,19 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     if y is not out:
         np.copyto(out, y)
     return out
+
+
+def _blocked_matmul(a: np.ndarray, b: np.ndarray, blocks: tuple[int, ...], out: np.ndarray | None = None,
+                    part: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` summed over K in ``blocks`` (end offsets), one numpy GEMM per block, in order."""
+    starts = (0,) + blocks[:-1]
+    y = np.matmul(a[..., :blocks[0]], b[..., :blocks[0], :], out=out)
+    if part is None or part.shape != y.shape:
+        part = np.empty_like(y)
+    for s, e in zip(starts[1:], blocks[1:], strict=True):
+        np.matmul(a[..., s:e], b[..., s:e, :], out=part)
+        y += part
+    return y
 
 
 @dataclass(frozen=True)

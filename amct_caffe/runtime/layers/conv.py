@@ -288,11 +288,14 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
     wt = np.ascontiguousarray(weight.reshape(group, cg, og * math.prod(ksz)).transpose(0, 2, 1))
     xg = np.ascontiguousarray(x).reshape(n, group, cg, -1)
     direct = all(k == 1 for k in ksz) and stride == (1,) * nsp and not any(pad)
+    # Caffe: cblas_sgemm(Trans, NoTrans, og * prod(k), prod(in), cg) per image and group; summed
+    # through caffe_gemm so that the result does not depend on the BLAS thread count.
+    caffe_mnk = (og * math.prod(ksz), xg.shape[-1], cg)
     if direct:  # 1x1, stride 1, no crop: the GEMM result is the output
-        y = np.matmul(wt, xg).reshape((n, o) + tuple(sp))
+        y = caffe_gemm.matmul(wt, xg, caffe_mnk).reshape((n, o) + tuple(sp))
     else:
         cols = _scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
-        np.matmul(wt, xg, out=cols)
+        caffe_gemm.matmul(wt, xg, caffe_mnk, out=cols)
         cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
         full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
         yp = np.zeros((n, o) + full, np.float32) if not any(pad) else _scratch("pad", (n, o) + full)
