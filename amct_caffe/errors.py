@@ -27,3 +27,10 @@ class UnsupportedLayerError(AmctError):
 
 class ConfigError(AmctError):
     """A quantization config field is missing or out of range."""
+
+
+class FileAccessError(AmctError, OSError):
+    """A file cannot be written (or read): a directory in the way, permissions, a full disk...
+
+    Also an OSError, so code that handled the operating system's error keeps working.
+    """

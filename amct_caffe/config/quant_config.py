@@ -46,6 +46,7 @@ from typing import ClassVar, Union
 
 from amct_caffe.config import checks as C
 from amct_caffe.errors import ConfigError
+from amct_caffe.io.files import atomic_output, read_text
 
 
 @dataclass(frozen=True)
@@ -373,18 +374,11 @@ def _no_duplicates(pairs):
 
 def read_quant_config(path) -> QuantConfig:
     """Parse and check a JSON config file (model-independent checks only; see :mod:`.binding`)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read quantization config {path}: {e.strerror}") from None
-    return QuantConfig.from_json(text, str(path))
+    return QuantConfig.from_json(read_text(path, "quantization config", ConfigError), str(path))
 
 
 def write_quant_config(config: QuantConfig, path) -> None:
     """Check ``config`` and write it to ``path`` atomically (temporary file beside it, then rename)."""
-    from amct_caffe.io.files import atomic_output
-
     config.validate()
     text = config.to_json()
     with atomic_output(path, "wb") as f:

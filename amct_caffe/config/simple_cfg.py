@@ -44,6 +44,7 @@ from amct_caffe.config.binding import check_skip_fusion_layers, check_weight_par
 from amct_caffe.config.quant_config import (ActivationQuantParams, ArqParams, BnUpdateConfig,
                                             LayerQuantConfig, QuantConfig, SnqParams)
 from amct_caffe.errors import ConfigError
+from amct_caffe.io.files import read_text
 from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
@@ -57,10 +58,7 @@ _FLOAT_FIELDS = {"search_range_start", "search_range_end", "search_step", "max_p
 def parse_simple_cfg(path):
     """Read a .cfg file into an ``AMCTConfig`` message; errors name the file, line and column."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read simple config {path}: {e.strerror}") from None
+    text = read_text(path, "simple config", ConfigError)
     msg = records().AMCTConfig()
     try:
         text_format.Parse(text, msg)

@@ -1,4 +1,11 @@
-"""Reading and writing model files, atomically and with errors that name the file."""
+"""Reading and writing files, atomically and with errors that name the file.
+
+Every input file is read through :func:`read_bytes` / :func:`read_text` and every output written
+through :func:`atomic_output` (or :class:`amct_caffe.io.outputs.StagedOutputs`): the operating
+system's errors (a directory where a file is expected, a parent path that is a regular file,
+permissions, a NUL byte in a path, text that is not UTF-8) become the library's own errors here,
+naming the path and what to do. An output is never an input of the same call (:mod:`.paths`).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from amct_caffe.errors import ModelFormatError, WeightsError
+from amct_caffe.errors import AmctError, FileAccessError, ModelFormatError, WeightsError
 from amct_caffe.io.opencv_blobs import has_raw_blobs, parse_opencv_caffemodel
+from amct_caffe.io.paths import check_output, checked_path
 from amct_caffe.io.schema import caffe_pb
 
 _LOG = logging.getLogger(__name__)
@@ -36,31 +44,76 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def _os_reason(e: OSError, path: Path) -> str:
+    """What an OSError on ``path`` means, in words."""
+    if isinstance(e, IsADirectoryError):
+        return "it is a directory"
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        parent = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        return f"{parent} is a file, not a directory" if parent is not None else (e.strerror or str(e))
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return e.strerror or str(e)
+
+
+def write_error(path: Path, e: OSError) -> FileAccessError:
+    return FileAccessError(f"cannot write {path}: {_os_reason(e, path)}; choose a location you can write to")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside ``path``; rename it into place only if the block succeeds.
 
-    A failed write therefore never leaves a half-written or truncated output behind.
+    A failed write therefore never leaves a half-written or truncated output behind. ``path`` must
+    not be a file the current call reads (:func:`amct_caffe.io.paths.check_output`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
+    path = check_output(path)
+    if path.is_dir():
+        raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output path")
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file_beside(path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+            os.replace(tmp, path)
+        except OSError as e:
+            raise write_error(path, e) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+def read_bytes(path, what: str, error: type[AmctError] = AmctError) -> bytes:
+    """The content of input file ``path`` (``what`` names it in messages), or ``error``."""
+    path = checked_path(path, f"{what} path")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"cannot read {what} file {path}: it does not exist") from None
+    except OSError as e:
+        raise error(f"cannot read {what} file {path}: {_os_reason(e, path)}") from None
+
+
+def read_text(path, what: str, error: type[AmctError] = AmctError) -> str:
+    """The UTF-8 text of input file ``path``, or ``error`` (also for bytes that are not UTF-8 text)."""
+    data = read_bytes(path, what, error)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} file {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                    f"give the {what} as a text file") from None
+
+
 def _read(path, what: str, binary: bool):
-    path = Path(path)
-    if not path.is_file():
-        err = WeightsError if what == "caffemodel" else ModelFormatError
-        raise err(f"{what} file {path} does not exist")
-    return path.read_bytes() if binary else path.read_text(encoding="utf-8", errors="replace")
+    error = WeightsError if what == "caffemodel" else ModelFormatError
+    data = read_bytes(path, what, error)
+    # a prototxt's comments may hold anything: undecodable bytes become U+FFFD, the parser reports the rest
+    return data if binary else data.decode("utf-8", errors="replace")
 
 
 def _layer_near(text: str, line: int) -> str:

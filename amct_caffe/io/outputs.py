@@ -14,8 +14,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from amct_caffe.errors import AmctError
-from amct_caffe.io.files import temp_file_beside
+from amct_caffe.errors import FileAccessError
+from amct_caffe.io.files import temp_file_beside, write_error
+from amct_caffe.io.paths import check_distinct, check_output
 
 
 class StagedOutputs:
@@ -23,7 +24,7 @@ class StagedOutputs:
         self._files: list[tuple[Path, bytes]] = []
 
     def add_bytes(self, path, data: bytes) -> str:
-        self._files.append((Path(path), data))
+        self._files.append((check_output(path), data))
         return str(path)
 
     def add_text(self, path, text: str) -> str:
@@ -37,19 +38,24 @@ class StagedOutputs:
 
     def commit(self) -> None:
         """Write every file, or none: on any failure the targets are as they were before."""
+        check_distinct(path for path, _ in self._files)
         for path, _ in self._files:
             if path.is_dir():
-                raise AmctError(f"cannot write {path}: a directory of that name exists")
+                raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output "
+                                      "path")
         staged: list[tuple[str, Path]] = []
         moved: list[tuple[Path, str | None]] = []  # (target, backup of its previous file or None)
+        target = self._files[0][0] if self._files else Path()
         try:
             for path, data in self._files:
+                target = path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = temp_file_beside(path)
                 staged.append((tmp, path))
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             for tmp, path in staged:
+                target = path
                 backup = None
                 if path.exists():
                     backup = f"{tmp}.previous"
@@ -63,8 +69,7 @@ class StagedOutputs:
                         os.replace(backup, path)
                     else:
                         os.unlink(path)
-            raise AmctError(f"writing {e.filename or 'the outputs'} failed ({e.strerror or e}); "
-                            "no output file was changed") from e
+            raise FileAccessError(f"{write_error(target, e)}; no output file was changed") from e
         finally:
             for tmp, _ in staged:
                 with contextlib.suppress(FileNotFoundError):

@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
-from amct_caffe.io.files import atomic_output
+from amct_caffe.io.files import atomic_output, read_text
 from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
@@ -250,11 +249,7 @@ def parse_record_text(text: str, path: str = "<record>") -> Record:
 
 
 def read_record(path) -> Record:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecordError(f"record file {path} does not exist") from None
-    return parse_record_text(text, str(path))
+    return parse_record_text(read_text(path, "record", RecordError), str(path))
 
 
 def write_record(record: Record, path) -> None:

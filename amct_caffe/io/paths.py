@@ -1,0 +1,79 @@
+"""Inputs are never overwritten: the files a call reads, checked where every output is written.
+
+A public function declares the files it reads with :func:`reading` (a context manager, nested
+calls add to it); :func:`check_output` — called by :func:`amct_caffe.io.files.atomic_output` and
+:class:`amct_caffe.io.outputs.StagedOutputs`, the only places outputs are written — refuses an
+output path that is one of them: the same path once resolved (``./m.prototxt``, a symbolic link) or
+the same file (a hard link). The error names both and what to do.
+
+Paths are also checked for what the operating system cannot take (a NUL byte), so that such a
+path gives a clear error instead of a ``ValueError`` from deep inside ``os``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from amct_caffe.errors import AmctError
+
+_INPUTS: contextvars.ContextVar[tuple[tuple[str, Path], ...]] = contextvars.ContextVar("amct_inputs", default=())
+
+
+def checked_path(path, what: str = "path") -> Path:
+    """``path`` as a Path, or an AmctError if the operating system cannot take it."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        raise AmctError(f"{what} must be a file path, got {type(path).__name__} {path!r}") from None
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\0" in text:
+        raise AmctError(f"{what} {text!r} contains a NUL byte, which no file name can hold")
+    if not text:
+        raise AmctError(f"{what} is empty: give a file path")
+    return Path(text)
+
+
+@contextlib.contextmanager
+def reading(**inputs) -> Iterator[None]:
+    """Declare the files the current call reads, by argument name (``None`` values are skipped)."""
+    named = tuple((name, checked_path(value, name)) for name, value in inputs.items() if value is not None)
+    token = _INPUTS.set(_INPUTS.get() + named)
+    try:
+        yield
+    finally:
+        _INPUTS.reset(token)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(path) -> Path:
+    """Refuse an output that is a file the current call reads (module doc); returns it as a Path."""
+    out = checked_path(path, "output path")
+    for name, source in _INPUTS.get():
+        if _same(out, source):
+            raise AmctError(f"output {out} is the same file as the input {name} ({source}): inputs are never "
+                            "overwritten; choose another output path")
+    return out
+
+
+def check_distinct(paths) -> None:
+    """Refuse two outputs of one call that are the same file."""
+    seen: list[Path] = []
+    for p in paths:
+        p = checked_path(p, "output path")
+        for q in seen:
+            if _same(p, q):
+                raise AmctError(f"two outputs of this call are the same file ({q} and {p}); give distinct paths")
+        seen.append(p)
