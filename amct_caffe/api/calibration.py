@@ -16,6 +16,7 @@ from amct_caffe import log
 from amct_caffe.api.outputs import save_quantized, write_graph
 from amct_caffe.api.session import QuantGraph, check_session, load_float_graph
 from amct_caffe.config import create_default_config, write_quant_config
+from amct_caffe.io.paths import reading
 from amct_caffe.io.record import Record, read_record, write_record
 from amct_caffe.passes.prepare import Stage
 
@@ -29,9 +30,10 @@ def create_quant_config(config_file, model_file, weights_file, batch_num=1, acti
                         config_defination=None) -> None:
     """Write the full quantization config (JSON) of every quantizable layer of the model."""
     log.setup()
-    graph = load_float_graph(model_file, weights_file)
-    config = create_default_config(graph, batch_num, activation_offset, config_defination)
-    write_quant_config(config, config_file)
+    with reading(model_file=model_file, weights_file=weights_file, config_defination=config_defination):
+        graph = load_float_graph(model_file, weights_file)
+        config = create_default_config(graph, batch_num, activation_offset, config_defination)
+        write_quant_config(config, config_file)
     _LOG.info("quantization config of %d layer(s) written to %s", len(config.quantized_layers()), config_file)
 
 
@@ -39,7 +41,8 @@ def init(config_file, model_file, weights_file, scale_offset_record_file) -> Qua
     """Parse the model and config, and create (or empty) the record file."""
     log.setup()
     session = QuantGraph.load(config_file, model_file, weights_file, scale_offset_record_file)
-    write_record(Record(), scale_offset_record_file)
+    with reading(**session.inputs(with_record=False)):
+        write_record(Record(), scale_offset_record_file)
     _LOG.info("init: model %s, %d layer(s) to quantize, record %s", model_file,
               len(session.config.quantized_layers()), scale_offset_record_file)
     return session
@@ -50,8 +53,10 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
     session = check_session(graph)
     log.setup()
     record = session.quantize_weights()
-    write_record(record, session.record_file)
-    write_graph(session.graph, modified_model_file, modified_weights_file)
+    with reading(**session.inputs()):
+        write_graph(session.graph, modified_model_file, modified_weights_file)
+    with reading(**session.inputs(with_record=False)):
+        write_record(record, session.record_file)
     _LOG.info("weights of %d layer(s) quantized; model written to %s",
               sum(t.weighted for t in session.targets), modified_model_file)
 
@@ -64,7 +69,8 @@ def activation_quantize_model(graph, modified_model_file, modified_weights_file)
     calibration = session.calibration_graph()
     for stale in session.stale_bn_dumps():  # a dump of an earlier run must not be taken for this one's
         stale.unlink()
-    write_graph(calibration, modified_model_file, modified_weights_file)
+    with reading(**session.inputs()):
+        write_graph(calibration, modified_model_file, modified_weights_file)
     _LOG.info("calibration model written to %s: run it %d time(s), then call save_model", modified_model_file,
               session.calibration_forwards())
 
@@ -83,8 +89,10 @@ def save_model(graph, save_type, save_path) -> dict[str, str]:
                     "call activation_quantize_model and run the calibration model first")
     calibrated = session.record if session.record_in_memory else read_record(session.record_file)
     float_graph, record = session.final(calibrated)
-    paths = save_quantized(float_graph, session.targets, record, save_type, save_path, session.original_names)
+    with reading(**session.inputs()):
+        paths = save_quantized(float_graph, session.targets, record, save_type, save_path, session.original_names)
     if session.bn_kept and not session.record_in_memory:
         # update_bn re-quantized the kept layers' weights: the record file gets their new scale_w.
-        write_record(record, session.record_file)
+        with reading(**session.inputs(with_record=False)):
+            write_record(record, session.record_file)
     return paths

@@ -6,6 +6,7 @@ import logging
 
 from amct_caffe import io, log
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net
+from amct_caffe.io.paths import reading
 
 _LOG = logging.getLogger(__name__)
 _MODE = {"device": "cpu"}
@@ -31,16 +32,17 @@ def uninplace_model(model_file, uninplaced_model_file) -> None:
     when free), and later readers are redirected to it, so each blob has one writer.
     """
     log.setup()
-    net = io.load_prototxt(model_file, io.TEST)
-    graph = graph_from_net(net)
-    out, _ = graph_to_net(graph)
-    # keep the net-level settings (name, state, ...) of the original
-    header = io.read_prototxt(model_file)
-    del header.layer[:]
-    del header.layers[:]
-    del header.input[:]
-    del header.input_shape[:]
-    del header.input_dim[:]
-    header.MergeFrom(out)
-    io.write_prototxt(header, uninplaced_model_file)
+    with reading(model_file=model_file):
+        net = io.load_prototxt(model_file, io.TEST)
+        graph = graph_from_net(net)
+        out, _ = graph_to_net(graph)
+        # keep the net-level settings (name, state, ...) of the original
+        header = io.read_prototxt(model_file)
+        del header.layer[:]
+        del header.layers[:]
+        del header.input[:]
+        del header.input_shape[:]
+        del header.input_dim[:]
+        header.MergeFrom(out)
+        io.write_prototxt(header, uninplaced_model_file)
     _LOG.info("uninplaced model written to %s", uninplaced_model_file)

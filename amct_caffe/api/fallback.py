@@ -48,6 +48,7 @@ from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output
+from amct_caffe.io.paths import reads
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
 from amct_caffe.runtime import TEST, Net
@@ -235,6 +236,7 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
     return chosen, sensitivity, current
 
 
+@reads("model_file", "weights_file", "config_file", "config_defination")
 def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_path, batch_num: int,
                             eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 16,
                             config_file=None, config_defination=None, activation_offset: bool = True,

@@ -20,6 +20,7 @@ from amct_caffe.config import load_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.bn_dump import bn_dump_path, read_bn_dump
 from amct_caffe.io.graph_io import graph_from_net
+from amct_caffe.io.paths import reading
 from amct_caffe.io.record import Record
 from amct_caffe.ir import Graph
 from amct_caffe.passes.calibration import calibration_graph
@@ -62,6 +63,8 @@ class QuantGraph:
     record_file: str
     model_file: str
     stage: Stage = Stage.INIT
+    weights_file: str | None = None
+    config_file: str | None = None
     prepared: Prepared | None = None
     weights: QuantizedWeights | None = None
     record: Record = field(default_factory=Record)
@@ -69,8 +72,18 @@ class QuantGraph:
 
     @classmethod
     def load(cls, config_file, model_file, weights_file, record_file) -> "QuantGraph":
-        graph = load_float_graph(model_file, weights_file)
-        return cls(graph, load_config(config_file, graph), os.path.abspath(record_file), str(model_file))
+        with reading(config_file=config_file, model_file=model_file, weights_file=weights_file):
+            graph = load_float_graph(model_file, weights_file)
+            config = load_config(config_file, graph)
+        return cls(graph, config, os.path.abspath(record_file), str(model_file), weights_file=str(weights_file),
+                   config_file=str(config_file))
+
+    def inputs(self, with_record: bool = True) -> dict[str, str]:
+        """The files this session read (outputs must not overwrite them), by argument name."""
+        files = {"model_file": self.model_file, "weights_file": self.weights_file, "config_file": self.config_file}
+        if with_record and not self.record_in_memory:
+            files["scale_offset_record_file"] = self.record_file
+        return files
 
     # ------------------------------------------------------------ views
     @property

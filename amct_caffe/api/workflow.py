@@ -20,6 +20,7 @@ from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.errors import AmctError
+from amct_caffe.io.paths import reading
 from amct_caffe.runtime import TEST, Net
 
 _LOG = logging.getLogger(__name__)
@@ -35,9 +36,11 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
     written by create_quant_config; without one the config lives in a temporary directory.
     Returns the written files by kind.
     """
-    with tempfile.TemporaryDirectory(prefix="amct_calib_") as tmp:
+    given_config = config_file if config_file is not None and os.path.exists(config_file) else None
+    with reading(model_file=model_file, weights_file=weights_file, config_file=given_config,
+                 config_defination=config_defination), tempfile.TemporaryDirectory(prefix="amct_calib_") as tmp:
         config = config_file or os.path.join(tmp, "config.json")
-        if config_file is None or not os.path.exists(config_file):
+        if given_config is None:
             create_quant_config(config, model_file, weights_file, batch_num=batch_num,
                                 activation_offset=activation_offset, config_defination=config_defination)
         graph = run_calibration(config, model_file, weights_file, batches, tmp, progress)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,22 @@ def reading(**inputs) -> Iterator[None]:
         yield
     finally:
         _INPUTS.reset(token)
+
+
+def reads(*arg_names: str):
+    """Decorator: the function's arguments ``arg_names`` are files it reads (see :func:`reading`)."""
+
+    def deco(func):
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            with reading(**{n: bound.arguments.get(n) for n in arg_names}):
+                return func(*args, **kwargs)
+        return wrapper
+
+    return deco
 
 
 def _same(a: Path, b: Path) -> bool:
