@@ -50,9 +50,9 @@ def test_bn_update_layer_follows_caffes_moving_average_rule(tmp_path):
     batches = data(4, seed=3)
     for i, x in enumerate(batches):
         net.forward(data=x)
-        assert (tmp_path / "dump/b_n.npz").exists() == (i >= 2)  # written after `iterations` forwards
+        assert (tmp_path / "dump/b%2Fn.npz").exists() == (i >= 2)  # written after `iterations` forwards
     mean, var = caffe_rule(batches[:3], *start, 0.7)  # the fourth forward is ignored
-    with np.load(tmp_path / "dump/b_n.npz") as z:
+    with np.load(tmp_path / "dump/b%2Fn.npz") as z:
         np.testing.assert_allclose(z["mean"], mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(z["var"], var, rtol=1e-5)
 
@@ -132,3 +132,46 @@ def test_save_model_without_the_dump_names_the_batchnorm(tmp_path):
     graph, _ = run(tmp_path / "short", proto, weights["stale"], True, forwards=ITERATIONS - 1)
     with pytest.raises(AmctError, match=r"BatchNorm layer 'bn1'.*bn_update_iterations \(20\) times"):
         amct.save_model(graph, "Both", str(tmp_path / "res/m"))
+
+
+def test_dump_files_are_distinct_per_layer_and_belong_to_their_layer(tmp_path):
+    """'bn/1' and 'bn_1' once shared one file (a '/' became '_'): each layer got the other's statistics."""
+    from amct_caffe.io.bn_dump import bn_dump_path, read_bn_dump, write_bn_dump
+
+    names = ["bn/1", "bn_1", "bn%2F1", "bn 1", "bn\u00e91"]
+    paths = [bn_dump_path(tmp_path, n) for n in names]
+    assert len(set(paths)) == len(names) and [p.name for p in paths[:2]] == ["bn%2F1.npz", "bn_1.npz"]
+    from urllib.parse import unquote
+    assert [unquote(p.stem) for p in paths] == names  # reversible
+    write_bn_dump(paths[1], np.ones(3), np.ones(3), "bn_1", 2)
+    with pytest.raises(AmctError, match=r"holds the statistics of BatchNorm 'bn_1', not of 'bn/1'"):
+        read_bn_dump(paths[1], "bn/1", 3, "")
+
+
+def test_two_batchnorms_whose_names_differ_by_a_slash_keep_their_own_statistics(tmp_path):
+    chain = ('layer {{ name: "c{i}" type: "Convolution" bottom: "{bottom}" top: "c{i}" convolution_param {{ '
+             'num_output: 3 kernel_size: 1 weight_filler {{ type: "gaussian" std: 0.5 }} }} }}\n'
+             'layer {{ name: "{bn}" type: "BatchNorm" bottom: "c{i}" top: "c{i}" }}\n')
+    proto = tmp_path / "m.prototxt"
+    proto.write_text(INPUT + chain.format(i=1, bottom="data", bn="bn/1") + chain.format(i=2, bottom="c1", bn="bn_1"))
+    net = Net(str(proto), TEST, seed=3)
+    for name, scale in (("bn/1", 1.0), ("bn_1", 7.0)):  # stale statistics, different per layer
+        blobs = net.layer_dict[name].blobs
+        blobs[0].data[...], blobs[1].data[...], blobs[2].data[...] = scale, scale * 4, 1.0
+    weights = tmp_path / "m.caffemodel"
+    net.save(str(weights))
+
+    def edit(c):
+        c["update_bn"] = True
+        c["bn_update_config"] = {"bn_moving_average_fraction": 0.5, "bn_update_iterations": 2,
+                                 "bn_dump_dir": str(tmp_path / "dump")}
+    graph, mm, mw = calibration_model(tmp_path, proto, weights, batch_num=2, edit_config=edit)
+    calib = Net(mm, mw, TEST)
+    for x in data(2, seed=5):
+        calib.forward(data=x[:, :, :, :])
+    dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert dumps == ["bn%2F1.npz", "bn_1.npz"]
+    with np.load(tmp_path / "dump/bn%2F1.npz") as a, np.load(tmp_path / "dump/bn_1.npz") as b:
+        assert str(a["bn_layer"]) == "bn/1" and str(b["bn_layer"]) == "bn_1"
+        assert not np.allclose(a["mean"], b["mean"])
+    amct.save_model(graph, "Both", str(tmp_path / "out/m"))

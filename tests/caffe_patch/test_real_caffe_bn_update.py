@@ -127,7 +127,7 @@ def test_bn_update_layer_is_caffes_batchnorm_rule_and_dumps_like_the_executor(py
         proto = tmp_path / who / "net.prototxt"
         proto.write_text(layer_net(shape, tmp_path / who / "dump"))
         dumps[who] = bn_dump_path(tmp_path / who / "dump", "blk/bn")
-    assert dumps["caffe"].name == "blk_bn.npz"
+    assert dumps["caffe"].name == "blk%2Fbn.npz"
 
     res = run_caffe(pycaffe, CAFFE_LAYER, tmp_path / "caffe/net.prototxt", tmp_path / "start.npz",
                     tmp_path / "x.npz", dumps["caffe"], tmp_path / "caffe/blobs.npz")

@@ -1,5 +1,6 @@
 // amct_caffe caffe_patch: BNUpdate layer of update_bn (installed by caffe_patch/install.py).
-// Semantics, checks and messages: amct_caffe/runtime/layers/amct.py (BnUpdateLayer, bn_dump_path);
+// Semantics, checks and messages: amct_caffe/runtime/layers/calibration.py (BnUpdateLayer) and
+// amct_caffe/io/bn_dump.py (bn_dump_path);
 // the statistics arithmetic is batch_norm_layer.cpp's (use_global_stats false), call for call.
 #include <stdint.h>
 
@@ -65,6 +66,27 @@ std::string FloatNpy(const std::vector<float>& values) {
 }
 
 // np.array(str): a 0-d '<U{code points}' array, UTF-32LE.
+// The dump file's name for a BatchNorm layer (amct_caffe.io.bn_dump.bn_dump_path): ASCII letters,
+// digits, '.', '_' and '-' stay, every other byte of the name becomes %XX (upper-case hex), so two
+// layers never share a file and the name can be read back.
+std::string DumpFileStem(const std::string& name) {
+  static const char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (size_t i = 0; i < name.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(name[i]);
+    const bool keep = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+                      c == '_' || c == '-';
+    if (keep) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
+
 std::string UnicodeNpy(const std::string& utf8, const std::string& where) {
   std::string data;
   size_t points = 0;
@@ -168,11 +190,7 @@ void BNUpdateLayer<Dtype>::LayerSetUp(const vector<Blob<Dtype>*>& bottom,
   UnicodeNpy(bn_layer_, amct::Where(this->layer_param_));  // a name the dump cannot hold fails now, not at the end
   iterations_ = p.iterations();
   fraction_ = p.moving_average_fraction();
-  std::string file = bn_layer_;
-  for (size_t i = 0; i < file.size(); ++i) {
-    if (file[i] == '/') file[i] = '_';
-  }
-  dump_file_ = (boost::filesystem::path(p.dump_dir()) / (file + ".npz")).string();
+  dump_file_ = (boost::filesystem::path(p.dump_dir()) / (DumpFileStem(bn_layer_) + ".npz")).string();
   seen_ = 0;
   channels_ = Channels(*bottom[0]);
   if (this->blobs_.size() > 0) {
