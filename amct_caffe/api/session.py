@@ -44,7 +44,7 @@ def load_float_graph(model_file, weights_file) -> Graph:
         if any(np.issubdtype(p.dtype, np.integer) for p in node.params):
             raise AmctError(f"{weights_file}: layer '{node.name}' has integer weights: the model is already "
                             "quantized; give the original float model")
-    infer_shapes(graph)
+    infer_shapes(graph, strict=True, have_weights=weights_file is not None)
     return graph
 
 

@@ -147,6 +147,20 @@ class Graph:
         return f"Graph({self.name!r}, {len(self.nodes)} nodes)"
 
 
+def check_producers(layers: list[tuple[str, list[str], list[str]]], where: str = "") -> None:
+    """Caffe's rule for a top naming an existing blob (net.cpp, AppendTop): it is an in-place write
+    only where the layer's bottom at the same position is that blob; otherwise the blob would have two
+    producers, which Caffe refuses ("Top blob produced by multiple sources"). Raises GraphError."""
+    producer: dict[str, str] = {}
+    for name, bottoms, tops in layers:
+        for j, t in enumerate(tops):
+            if t in producer and not (j < len(bottoms) and bottoms[j] == t):
+                raise GraphError(f"{where}layer '{name}' writes blob '{t}', which layer '{producer[t]}' already "
+                                 f"produces; only an in-place layer (top {j} = bottom {j}) may write an existing "
+                                 "blob (Caffe: 'produced by multiple sources')")
+            producer[t] = name
+
+
 def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[list[str], list[str]]]:
     """SSA names for Caffe's sequential blob semantics.
 
@@ -157,6 +171,7 @@ def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[lis
     name when free, else ``<blob>_<layer>`` (made unique). Returns the renamed (bottoms, tops)
     per layer.
     """
+    check_producers(layers)
     writes: dict[str, int] = {}
     for _, _, tops in layers:
         for t in tops:

@@ -20,6 +20,7 @@ import numpy as np
 from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
+from amct_caffe.ir import check_producers
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
@@ -90,6 +91,7 @@ class Net:
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         seen_names: set[str] = set()
+        check_producers([(lp.name, list(lp.bottom), list(lp.top)) for lp in net_param.layer], f"{self._source}: ")
         for lp in net_param.layer:
             if lp.name in seen_names:
                 raise GraphError(f"{self._source}: two layers are named '{lp.name}'")

@@ -1,48 +1,104 @@
-"""Blob shapes of an IR graph, inferred by the executor's own layers.
+"""Blob shapes of an IR graph, inferred and checked by the executor's own layers.
 
 :func:`infer_shapes` fills ``graph.blobs[name].shape`` the way the Net computes shapes when it is
 built: each layer's ``reshape`` on its bottoms' shapes, in graph order, from the Input layers'
-``input_param``. It is how the IR learns its shapes at import, so that passes read a blob's rank
-instead of guessing it. Shapes stay ``None`` where they cannot be known: after a layer type the
-executor does not implement, a layer whose output size depends on the data (DetectionOutput),
-or a layer the executor would reject (its error is logged; the Net reports it when it is built).
+``input_param``. It is how the IR learns its shapes when a model is loaded, so that passes read a
+blob's rank instead of guessing it.
+
+With ``strict`` (loading a model to quantize it) it also refuses, naming the layer, what Caffe
+refuses when it builds the net, before anything is written: a wrong number of bottoms or tops, a
+weight blob count or shape that does not fit the layer (Caffe's "Incompatible number of blobs"),
+missing weights, parameters the layer's Reshape rejects (a kernel larger than the padded input,
+group not dividing the channels, stride 0...), negative dimensions and blobs of more than
+``INT_MAX`` elements. Without it, a layer the executor would reject just leaves its tops unknown.
+
+Shapes stay ``None`` after a layer type the executor does not implement and for a layer whose
+output size depends on the data (DetectionOutput): those cannot be checked here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
-from amct_caffe.errors import AmctError
-from amct_caffe.ir import Graph
+from amct_caffe.errors import AmctError, GraphError, WeightsError
+from amct_caffe.io import conform_blob
+from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import has_executor
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.net import TEST
 from amct_caffe.runtime.registry import layer_class
 
 _LOG = logging.getLogger(__name__)
+INT_MAX = 2**31 - 1  # Caffe counts blob elements in an int
 
 
-def infer_shapes(graph: Graph, phase: int = TEST) -> int:
-    """Fill the shapes of ``graph``'s blobs (module doc); returns how many blobs got one."""
+def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) -> None:
+    """The node's weight blobs against what the layer needs (Caffe's CopyTrainedLayersFrom checks)."""
+    expected = layer.param_shapes(bottoms) if not node.params else layer.param_shapes_for_weights(bottoms,
+                                                                                                 node.params)
+    if not node.params:
+        if expected and have_weights:
+            raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs {len(expected)} "
+                               f"blob(s) of shapes {[list(s) for s in expected]}); check that the layer names of "
+                               "the prototxt and the caffemodel match")
+        return
+    if len(node.params) != len(expected):
+        raise WeightsError(f"{where}: the caffemodel has {len(node.params)} blob(s), the layer needs "
+                           f"{len(expected)} ({[list(s) for s in expected]}); were the model and weights saved "
+                           "from the same network?")
+    for i, (array, shape) in enumerate(zip(node.params, expected, strict=True)):
+        conform_blob(np.asarray(array), shape, f"{where} blob {i}")
+
+
+def _check_top(where: str, top: str, shape) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise GraphError(f"{where}: top '{top}' would have the negative shape {list(shape)}")
+    if math.prod(shape) > INT_MAX:
+        raise GraphError(f"{where}: top '{top}' of shape {list(shape)} has more than {INT_MAX} elements, "
+                         "more than Caffe can hold in a blob")
+    return shape
+
+
+def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_weights: bool = True) -> int:
+    """Fill (and with ``strict`` check) the shapes of ``graph``'s blobs (module doc).
+
+    ``have_weights``: the graph was loaded with a caffemodel, so a layer that needs weights must have
+    them. Returns how many blobs got a shape.
+    """
     known = 0
     for node in graph.nodes:
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
         if any(s is None for s in bottoms) or node.layer_param is None or not has_executor(node.type):
             continue
         cls = layer_class(node.type, node.name)
+        where = f"layer '{node.name}' ({node.type})"
         try:
             cls.check_arity(node.layer_param)
             layer = cls(node.layer_param, phase)
+            bottoms = [tuple(s) for s in bottoms]
+            if strict:
+                _check_params(node, layer, bottoms, where, have_weights)
             layer.blobs = [Blob(data=np.asarray(p)) for p in node.params]
-            tops = layer.reshape([tuple(s) for s in bottoms])
-        except (AmctError, ValueError, IndexError, ZeroDivisionError) as e:
-            _LOG.debug("shape inference stops at layer '%s' (%s): %s", node.name, node.type, e)
+            tops = layer.reshape(bottoms)
+            tops = [_check_top(where, t, s) for t, s in zip(node.tops, tops, strict=False)]
+        except AmctError as e:
+            if strict:
+                raise
+            _LOG.debug("shape inference stops at %s: %s", where, e)
+            continue
+        except (ValueError, IndexError, ZeroDivisionError, OverflowError, MemoryError) as e:
+            if strict:
+                raise GraphError(f"{where}: {e} (its parameters do not fit its input shapes "
+                                 f"{[list(s) for s in bottoms]})") from None
+            _LOG.debug("shape inference stops at %s: %s", where, e)
             continue
         if cls.shape_from_forward:
             continue
         for top, shape in zip(node.tops, tops, strict=False):
-            graph.blobs[top].shape = tuple(int(d) for d in shape)
+            graph.blobs[top].shape = shape
             known += 1
     return known

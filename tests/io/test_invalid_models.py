@@ -1,0 +1,89 @@
+"""Models Caffe refuses are refused when they are loaded, naming the layer, before anything is written.
+
+Each case is a small prototxt with a caffemodel whose blobs fit its prototxt, so that the error is
+about the model itself; create_quant_config and convert_model must both stop with the library's
+error and leave no file behind (convert_model used to write models that could not be loaded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import amct_caffe as amct
+from amct_caffe import GraphError, WeightsError
+from amct_caffe import io as amct_io
+
+INPUT = 'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: {dims} }} }} }}\n'
+CONV = ('layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+        'convolution_param {{ {conv} }} }}\n')
+RELU = 'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n'
+RECORD = ('record { key: "conv" value { scale_w: 0.01 offset_w: 0 num_bits_w: 8 '
+          'record_d { scale_d: 0.02 offset_d: 0 index: 0 num_bits_d: 8 } } }\n')
+
+
+def _write(tmp_path, text: str, blobs: dict[str, list[np.ndarray]]):
+    proto = tmp_path / "m.prototxt"
+    proto.write_text(text)
+    net = amct_io.parse_prototxt_text(text, str(proto))
+    weights = tmp_path / "m.caffemodel"
+    weights.write_bytes(amct_io.net_to_caffemodel(net, blobs).SerializeToString())
+    return proto, weights
+
+
+def _conv_w(o, c, k):
+    return [np.full((o, c, k, k), 0.1, np.float32), np.zeros(o, np.float32)]
+
+
+CASES = {
+    "zero num_output": (INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 0 kernel_size: 3"),
+                        {"conv": _conv_w(0, 4, 3)}, GraphError, r"layer 'conv'.*num_output must be > 0"),
+    "kernel larger than the padded input": (
+        INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 11 pad: 1"),
+        {"conv": _conv_w(4, 4, 11)}, GraphError, r"layer 'conv'"),
+    "group not dividing the channels": (
+        INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 6 kernel_size: 3 group: 3"),
+        {"conv": [np.zeros((6, 1, 3, 3), np.float32), np.zeros(6, np.float32)]}, GraphError, r"layer 'conv'"),
+    "stride 0": (INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3 stride: 0"),
+                 {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'conv'.*stride"),
+    "no weights for a layer": (INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3"),
+                               {"other": _conv_w(4, 4, 3)}, WeightsError,
+                               r"layer 'conv' \(Convolution\): the caffemodel has no weights for this layer"),
+    "three blobs for a convolution": (
+        INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3"),
+        {"conv": [*_conv_w(4, 4, 3), np.zeros(4, np.float32)]}, WeightsError,
+        r"layer 'conv' \(Convolution\): the caffemodel has 3 blob\(s\), the layer needs 2"),
+    "negative input dimension": (
+        INPUT.format(dims="1 dim: -4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3"),
+        {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'data'.*negative shape"),
+    "absurd input dimensions": (
+        INPUT.format(dims="100000 dim: 4 dim: 100000 dim: 100000") + CONV.format(conv="num_output: 4 kernel_size: 3"),
+        {"conv": _conv_w(4, 4, 3)}, GraphError, r"more than 2147483647 elements"),
+    "a blob with two producers": (
+        INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3") + RELU
+        + 'layer { name: "other" type: "ReLU" bottom: "data" top: "conv" }\n',
+        {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'other' writes blob 'conv', which layer 'relu' already"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_create_quant_config_and_convert_model_refuse_the_model(case, tmp_path):
+    text, blobs, error, message = CASES[case]
+    proto, weights = _write(tmp_path, text, blobs)
+    with pytest.raises(error, match=message):
+        amct.create_quant_config(str(tmp_path / "config.json"), str(proto), str(weights))
+    record = tmp_path / "record.txt"
+    record.write_text(RECORD)
+    with pytest.raises(error, match=message):
+        amct.convert_model(str(proto), str(weights), str(record), str(tmp_path / "out/m"))
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_valid_model_of_the_same_kind_is_accepted(tmp_path):
+    text = INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3") + RELU
+    proto, weights = _write(tmp_path, text, {"conv": _conv_w(4, 4, 3)})
+    amct.create_quant_config(str(tmp_path / "config.json"), str(proto), str(weights))
+    record = tmp_path / "record.txt"
+    record.write_text(RECORD)
+    paths = amct.convert_model(str(proto), str(weights), str(record), str(tmp_path / "out/m"))
+    assert amct_io.load_weights(paths["deploy_weights"])["conv"][0].dtype == np.int8
