@@ -35,6 +35,7 @@ def _conv_w(o, c, k):
     return [np.full((o, c, k, k), 0.1, np.float32), np.zeros(o, np.float32)]
 
 
+X8 = INPUT.format(dims="1 dim: 4 dim: 8 dim: 8")
 CASES = {
     "zero num_output": (INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 0 kernel_size: 3"),
                         {"conv": _conv_w(0, 4, 3)}, GraphError, r"layer 'conv'.*num_output must be > 0"),
@@ -44,9 +45,9 @@ CASES = {
     "group not dividing the channels": (
         INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 6 kernel_size: 3 group: 3"),
         {"conv": [np.zeros((6, 1, 3, 3), np.float32), np.zeros(6, np.float32)]}, GraphError, r"layer 'conv'"),
-    "stride 0": (INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3 stride: 0"),
+    "stride 0": (X8 + CONV.format(conv="num_output: 4 kernel_size: 3 stride: 0"),
                  {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'conv'.*stride"),
-    "no weights for a layer": (INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3"),
+    "no weights for a layer": (X8 + CONV.format(conv="num_output: 4 kernel_size: 3"),
                                {"other": _conv_w(4, 4, 3)}, WeightsError,
                                r"layer 'conv' \(Convolution\): the caffemodel has no weights for this layer"),
     "three blobs for a convolution": (
