@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         return 1
     try:
         install(args.caffe_dir, args.custom_proto, report=print)
-    except (InstallError, MergeError, OSError) as exc:
+    except (InstallError, MergeError, OSError, ValueError) as exc:
         for line in str(exc).splitlines():
             print(f"[ERROR]{line}", file=sys.stderr)
         print("[ERROR]Install failed; the Caffe tree is unchanged.", file=sys.stderr)

@@ -96,6 +96,21 @@ class InstallError(RuntimeError):
     """The tree or our package is not as expected; nothing was changed (or everything was restored)."""
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A UTF-8 input file, or an InstallError naming it (missing, a directory, unreadable, not text)."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InstallError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); give a text .proto / "
+                           "build file") from None
+    except IsADirectoryError:
+        raise InstallError(f"{what} '{path}' is a directory, not a file") from None
+    except FileNotFoundError:
+        raise InstallError(f"{what} '{path}' does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"cannot read {what} '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+
+
 @dataclass
 class Change:
     """One file to write: ``data`` replaces (or creates) ``path``."""
@@ -230,8 +245,8 @@ def _plan_patch(caffe_dir: Path, patch_file: Path) -> list[Change]:
 
 def _plan_proto(plan: Plan, custom_proto: Path | None, merge, stamp: str) -> None:
     proto = plan.caffe_dir / PROTO_REL
-    base = proto.read_text(encoding="utf-8")
-    custom = custom_proto.read_text(encoding="utf-8") if custom_proto else None
+    base = _read_text(proto, "the tree's caffe.proto")
+    custom = _read_text(custom_proto, "--custom_proto") if custom_proto else None
     from caffe_patch.merge_proto import default_amct_proto  # noqa: PLC0415 (see _default_merge)
     try:
         amct_text = default_amct_proto().read_text(encoding="utf-8")
@@ -287,11 +302,16 @@ def _plan_stale_generated(plan: Plan, stamp: str) -> None:
 def make_plan(caffe_dir, custom_proto=None, merge: Callable | None = None,
               patch_dir: Path = PATCH_ROOT / "patch") -> Plan:
     """Everything ``install`` would change, computed without touching the tree."""
+    for flag, value in (("--caffe_dir", caffe_dir), ("--custom_proto", custom_proto)):
+        if value is not None and "\0" in str(value):
+            raise InstallError(f"{flag} {str(value)!r} contains a NUL byte, which no file name can hold")
     caffe_dir = Path(caffe_dir).resolve()
     if not (caffe_dir / PROTO_REL).is_file():
         raise InstallError(f"--caffe_dir {caffe_dir} is not a Caffe source tree (no {PROTO_REL})")
     if custom_proto is not None:
         custom_proto = Path(custom_proto)
+        if custom_proto.is_dir():
+            raise InstallError(f"--custom_proto {custom_proto} is a directory, not a .proto file")
         if not custom_proto.is_file():
             raise InstallError(f"--custom_proto {custom_proto} does not exist")
     builds = [(n, caffe_dir / n) for n in ("Makefile", "CMakeLists.txt") if (caffe_dir / n).is_file()]
@@ -306,7 +326,7 @@ def make_plan(caffe_dir, custom_proto=None, merge: Callable | None = None,
     _plan_stale_generated(plan, stamp)
     for name, path in builds:
         edit = patch_makefile if name == "Makefile" else patch_cmakelists
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, f"the tree's {name}")
         plan.build_files.append((name, _change_if_different(path, edit(text).encode("utf-8"))))
     if (caffe_dir / "Makefile").is_file() and not (caffe_dir / "Makefile.config").exists():
         plan.notes.append(f"[INFO]No Makefile.config in '{caffe_dir}': `make` needs one; create it from "

@@ -77,13 +77,27 @@ def merge_protos(base_text: str, amct_text: str, custom_text: str | None = None,
     return MergeResult(text, added, notices)
 
 
+def _read_text(path: Path) -> str:
+    """A .proto file's UTF-8 text, or a MergeError naming it and what is wrong."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergeError([f"{path} is not UTF-8 text (byte {e.start}): give a .proto text file"]) from None
+    except IsADirectoryError:
+        raise MergeError([f"{path} is a directory, not a .proto file"]) from None
+    except FileNotFoundError:
+        raise MergeError([f"{path} does not exist"]) from None
+    except (OSError, ValueError) as e:
+        raise MergeError([f"cannot read {path}: {getattr(e, 'strerror', None) or e}"]) from None
+
+
 def merge_files(caffe_proto, amct_proto, custom_proto=None) -> MergeResult:
     """:func:`merge_protos` on files (UTF-8), labelled by their base names in messages."""
     paths = [Path(p) for p in (caffe_proto, amct_proto)] + ([Path(custom_proto)] if custom_proto else [])
     labels = [p.name for p in paths]
     if len(set(labels)) < len(labels):   # e.g. two files called caffe.proto: keep messages unambiguous
         labels = [str(p) for p in paths]
-    texts = [p.read_text(encoding="utf-8") for p in paths]
+    texts = [_read_text(p) for p in paths]
     kw = dict(base_name=labels[0], amct_name=labels[1])
     if custom_proto:
         kw["custom_name"] = labels[2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -40,7 +41,8 @@ def _write_atomic(path: Path, text: str):
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
@@ -57,16 +59,20 @@ def main(argv=None) -> int:
         for problem in e.problems:
             _say(f"[ERROR]{problem}", err=True)
         return 1
-    except OSError as e:
-        _say(f"[ERROR]{e}", err=True)
-        return 1
     for line in result.notices:
         _say(f"[WARNING]{line}")
     for line in result.added:
         _say(f"[INFO]Added {line}")
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, result.text)
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, result.text)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        _say(f"[ERROR]cannot write {out}: {reason}; nothing was written", err=True)
+        return 1
     _say(f"[INFO]Merge \"{Path(args.caffe_proto).name}\" success: wrote {out}"
          f"{'' if result.added else ' (nothing to add)'}.")
     return 0

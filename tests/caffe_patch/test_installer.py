@@ -195,3 +195,32 @@ def test_install_py_reports_a_merge_clash_and_changes_nothing(tree, tmp_path):
     assert "[ERROR]" in res.stderr and "200001" in res.stderr and "ifmr_param" in res.stderr
     assert "[INFO]" not in res.stdout
     assert snapshot(tree) == before
+
+
+@pytest.mark.parametrize("case", ["binary caffe.proto", "custom_proto is a directory", "binary custom_proto",
+                                  "NUL byte in a path"])
+def test_bad_input_files_are_one_error_line_and_change_nothing(tree, tmp_path, case):
+    """OS and encoding errors used to escape as UnicodeDecodeError / IsADirectoryError tracebacks."""
+    custom = tmp_path / "custom.proto"
+    custom.write_text('syntax = "proto2";\n')
+    expected = {"binary caffe.proto": "is not UTF-8 text", "custom_proto is a directory": "is a directory",
+                "binary custom_proto": "is not UTF-8 text", "NUL byte in a path": "contains a NUL byte"}[case]
+    if case == "binary caffe.proto":
+        (tree / "src/caffe/proto/caffe.proto").write_bytes(b"\xff\xfe\x00caffe")
+    elif case == "custom_proto is a directory":
+        custom = tmp_path
+    elif case == "binary custom_proto":
+        custom.write_bytes(b"\x89PNG\xff")
+    else:
+        custom = tmp_path / "cu\0stom.proto"
+    before = snapshot(tree)
+    res = subprocess.run([sys.executable, str(INSTALL_PY), "--caffe_dir", str(tree), "--custom_proto", str(custom)]
+                         if "\0" not in str(custom) else
+                         [sys.executable, "-c", "import runpy, sys; sys.argv = ['install.py', '--caffe_dir', sys.argv[1], "
+                          "'--custom_proto', sys.argv[2].replace('@', chr(0))]; "
+                          f"runpy.run_path({str(INSTALL_PY)!r}, run_name='__main__')", str(tree),
+                          str(custom).replace("\0", "@")],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert expected in res.stderr and "[ERROR]Install failed; the Caffe tree is unchanged." in res.stderr
+    assert snapshot(tree) == before

@@ -554,3 +554,28 @@ def test_command_error_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("[ERROR]custom.proto:2: LayerParameter.relu6_param = 206 clashes with caffe.proto:")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["binary", "directory", "output parent is a file", "NUL byte"])
+def test_merge_proto_command_turns_os_errors_into_one_error_line(tmp_path, capsys, case):
+    """UnicodeDecodeError / IsADirectoryError / FileExistsError / ValueError used to escape as tracebacks."""
+    from caffe_patch.merge_proto.__main__ import main
+
+    base = tmp_path / "caffe.proto"
+    base.write_text('syntax = "proto2";\npackage caffe;\nmessage LayerParameter {\n  optional string name = 1;\n}\n')
+    out = tmp_path / "merged.proto"
+    expected = {"binary": "is not UTF-8 text", "directory": "is a directory", "output parent is a file":
+                "cannot write", "NUL byte": "cannot read"}[case]
+    if case == "binary":
+        base.write_bytes(b"\xff\xfe\x00 not text")
+    elif case == "directory":
+        base = tmp_path
+    elif case == "output parent is a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "merged.proto"
+    else:
+        base = tmp_path / "ca\0ffe.proto"
+    assert main(["--caffe_proto", str(base), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("[ERROR]") and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "merged.proto").exists()
