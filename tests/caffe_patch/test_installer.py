@@ -216,8 +216,8 @@ def test_bad_input_files_are_one_error_line_and_change_nothing(tree, tmp_path, c
     before = snapshot(tree)
     res = subprocess.run([sys.executable, str(INSTALL_PY), "--caffe_dir", str(tree), "--custom_proto", str(custom)]
                          if "\0" not in str(custom) else
-                         [sys.executable, "-c", "import runpy, sys; sys.argv = ['install.py', '--caffe_dir', sys.argv[1], "
-                          "'--custom_proto', sys.argv[2].replace('@', chr(0))]; "
+                         [sys.executable, "-c", "import runpy, sys; sys.argv = ['install.py', '--caffe_dir', "
+                          "sys.argv[1], '--custom_proto', sys.argv[2].replace('@', chr(0))]; "
                           f"runpy.run_path({str(INSTALL_PY)!r}, run_name='__main__')", str(tree),
                           str(custom).replace("\0", "@")],
                          capture_output=True, text=True, check=False)
