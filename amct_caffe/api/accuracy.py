@@ -1,0 +1,64 @@
+"""compare_model: the accuracy report of a quantized model against its float model (ours, beyond the guide).
+
+It runs the FP32 and the quantized model (fake-quant or deploy) on the same data in the embedded
+executor, compares every blob they share (:mod:`.compare`) and writes ``report.json``,
+``report.html`` and the plots into ``output_dir`` (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from amct_caffe import log
+from amct_caffe.api.compare import compare_batches
+from amct_caffe.api.report import write_report
+from amct_caffe.data import DataSource, Preprocess, model_inputs, open_source
+from amct_caffe.errors import AmctError
+from amct_caffe.io.paths import reading
+
+_LOG = logging.getLogger(__name__)
+
+
+def _feeds(data, model_file, batch_size: int, batch_num: int, preprocess) -> list[Mapping[str, np.ndarray]]:
+    if isinstance(data, (str, os.PathLike)):
+        shapes = model_inputs(model_file)
+        first = next(iter(shapes.values()), None)
+        size = batch_size or (first[0] if first else 1)
+        if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
+            preprocess = Preprocess(**preprocess)
+        data = open_source(data, shapes, size, preprocess)
+    if isinstance(data, DataSource):
+        return list(data.batches(batch_num))
+    feeds = list(data) if isinstance(data, Iterable) else None
+    if not feeds:
+        raise AmctError("compare_model needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
+                        "a non-empty sequence of {input blob: array} batches")
+    return feeds[:batch_num] if batch_num else feeds
+
+
+def compare_model(model_file, weights_file, quant_model_file, quant_weights_file, data, output_dir,
+                  batch_size: int = 0, batch_num: int = 1, preprocess=None, progress: bool = True) -> dict:
+    """Compare the FP32 and the quantized model blob by blob and write the report into ``output_dir``.
+
+    ``data``: a data path as ``amct-caffe calibrate --data`` takes (then ``batch_size`` (0: the
+    model's), ``batch_num`` and ``preprocess`` (a :class:`~amct_caffe.data.Preprocess` or its
+    fields as a dict) apply), or a sequence of {input blob: array} batches (the first ``batch_num``
+    are used; 0: all). Returns ``{"json", "html", <plot>.png: path}`` plus ``"summary"``.
+    """
+    log.setup()
+    with reading(model_file=model_file, weights_file=weights_file, quant_model_file=quant_model_file,
+                 quant_weights_file=quant_weights_file):
+        feeds = _feeds(data, model_file, batch_size, batch_num, preprocess)
+        bar = tqdm(feeds, desc="compare", unit="batch", disable=not progress)
+        reports, summary, comparison = compare_batches(model_file, weights_file, quant_model_file,
+                                                       quant_weights_file, bar)
+        paths = write_report(output_dir, reports, summary, comparison, feeds[0],
+                             {"fp32": str(model_file), "quant": str(quant_model_file)})
+    _LOG.info("accuracy report written to %s (worst output cosine %s)", paths["html"],
+              summary["worst_output_cosine"])
+    return {**paths, "summary": summary}

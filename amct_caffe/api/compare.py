@@ -1,0 +1,227 @@
+"""compare_model: where a quantized model loses accuracy, blob by blob (the accuracy report).
+
+Both models run in the executor on the same batches, as IR graphs: in SSA form every value a layer
+writes has a name of its own (an in-place chain's intermediate values too), and the quantized
+models amct_caffe saves keep the names of the float model's SSA graph (a fused Conv+BN+Scale writes
+the Scale's value, a DeQuant / AntiQuant writes the value its layer used to write). A blob name in
+both models is therefore the same quantity, FP32 and quantized; the blobs only one model has (the
+inputs of the folded layers, a Quant layer's codes) are not compared.
+
+Per blob (``x`` FP32, ``y`` quantized, per sample ``s``; sums over all compared samples):
+
+* ``cosine``: mean over samples of ``<x_s, y_s> / (|x_s| |y_s|)`` (1 where both are zero);
+* ``max_abs_error``: ``max |x - y|``; ``relative_error``: ``|x - y| / |x|`` (Euclidean norms);
+* ``sqnr_db``: ``10 log10(|x|^2 / |x - y|^2)`` (inf when equal);
+* ``top1_agreement`` for an output of shape (N, C) or (N, C, 1, 1): the share of samples whose
+  argmax over C is the same.
+
+``error_added`` ranks the layers that hurt most: ``(1 - cosine of the output) - (1 - cosine of the
+worst input)``, the error a layer adds to what it receives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from amct_caffe import io, ops
+from amct_caffe.errors import AmctError
+from amct_caffe.io.graph_io import graph_from_net
+from amct_caffe.ir import Graph
+from amct_caffe.runtime import TEST, Net
+
+_LOG = logging.getLogger(__name__)
+Feed = Mapping[str, np.ndarray]
+
+
+@dataclass
+class BlobReport:
+    name: str
+    layer: str            # the float model's layer that writes it
+    type: str
+    quant_layer: str      # the quantized model's layer that computes it (before its DeQuant / AntiQuant)
+    output: bool
+    cosine: float
+    max_abs_error: float
+    relative_error: float
+    sqnr_db: float
+    error_added: float
+    shape: list[int]
+    top1_agreement: float | None = None
+
+
+@dataclass
+class _Accumulator:
+    cosines: list[np.ndarray] = field(default_factory=list)
+    max_abs: float = 0.0
+    ref_sq: float = 0.0
+    diff_sq: float = 0.0
+    top1_same: int = 0
+    top1_total: int = 0
+    shape: tuple[int, ...] = ()
+
+
+def _rows(a: np.ndarray, n: int) -> np.ndarray:
+    """(samples, D) float64 rows of a blob whose first axis is the batch (else one row)."""
+    a = np.asarray(a, np.float64)
+    return a.reshape(n if a.ndim and a.shape[0] == n else 1, -1)
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.einsum("ij,ij->i", a, b)
+    both_zero = (na == 0) & (nb == 0)
+    return np.where(both_zero, 1.0, dot / np.maximum(na * nb, np.finfo(np.float64).tiny))
+
+
+def _is_classifier(shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and shape[1] > 1 and all(d == 1 for d in shape[2:])
+
+
+def load_ssa_net(model_file, weights_file) -> tuple[Net, Graph]:
+    """A Net over the SSA graph of a model (every intermediate value observable) and the graph."""
+    net_param, weights = io.load_model(model_file, weights_file)
+    graph = graph_from_net(net_param, weights)
+    return Net.from_graph(graph, TEST), graph
+
+
+def _real_layer(graph: Graph, blob: str) -> tuple[str, str]:
+    """(name, type) of the layer computing ``blob`` in ``graph``, looking through DeQuant / AntiQuant."""
+    node = graph.producer(blob)
+    while node is not None and node.type in ("DeQuant", "AntiQuant") and node.bottoms:
+        node = graph.producer(node.bottoms[0])
+    return (node.name, node.type) if node is not None else ("", "")
+
+
+class BlobComparison:
+    """FP32 vs quantized, every shared blob, accumulated over batches (module doc)."""
+
+    def __init__(self, fp32: tuple[Net, Graph], quant: tuple[Net, Graph]):
+        (self.fp32_net, self.fp32_graph), (self.quant_net, self.quant_graph) = fp32, quant
+        inputs = set(self.fp32_graph.inputs)
+        self.names = [t for node in self.fp32_graph.nodes for t in node.tops
+                      if t not in inputs and t in self.quant_net.blobs]
+        if not self.names:
+            raise AmctError("the float and the quantized model share no blob name: was the quantized model made "
+                            "from this float model by amct_caffe?")
+        self.outputs = set(self.fp32_net.outputs)
+        self.acc = {name: _Accumulator() for name in self.names}
+        self.samples = 0
+
+    def add(self, feed: Feed) -> None:
+        self.fp32_net.forward(**feed)
+        self.quant_net.forward(**feed)
+        n = max(len(np.asarray(v)) for v in feed.values())
+        self.samples += n
+        for name in self.names:
+            x, y = self.fp32_net.blobs[name].data, self.quant_net.blobs[name].data
+            if x.shape != y.shape:
+                raise AmctError(f"blob '{name}' has shape {list(y.shape)} in the quantized model and "
+                                f"{list(x.shape)} in the float model")
+            acc = self.acc[name]
+            acc.shape = tuple(x.shape)
+            a, b = _rows(x, n), _rows(y, n)
+            acc.cosines.append(_cosine_rows(a, b))
+            d = a - b
+            acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
+            acc.ref_sq += float(np.sum(a * a))
+            acc.diff_sq += float(np.sum(d * d))
+            if name in self.outputs and _is_classifier(x.shape):
+                acc.top1_same += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+                acc.top1_total += a.shape[0]
+
+    def reports(self) -> list[BlobReport]:
+        if not self.samples:
+            raise AmctError("compare needs at least one batch of data")
+        cosine = {n: float(np.concatenate(a.cosines).mean()) for n, a in self.acc.items()}
+        out = []
+        for name in self.names:
+            acc = self.acc[name]
+            producer = self.fp32_graph.producer(name)
+            worst_in = min((cosine.get(b, 1.0) for b in producer.bottoms), default=1.0)
+            rel = math.sqrt(acc.diff_sq / acc.ref_sq) if acc.ref_sq else (0.0 if not acc.diff_sq else math.inf)
+            sqnr = 10 * math.log10(acc.ref_sq / acc.diff_sq) if acc.diff_sq else math.inf
+            quant_layer, _ = _real_layer(self.quant_graph, name)
+            out.append(BlobReport(
+                name, producer.name, producer.type, quant_layer, name in self.outputs, cosine[name], acc.max_abs,
+                rel, sqnr, (1 - cosine[name]) - (1 - worst_in), list(acc.shape),
+                acc.top1_same / acc.top1_total if acc.top1_total else None))
+        return out
+
+
+def quantized_layers(quant_graph: Graph) -> dict[str, dict]:
+    """Per quantized layer of a saved model: its inputs' clip ranges and its weights' step.
+
+    ``{layer: {"inputs": {index: (lo, hi)}, "scale_w": array or None}}`` from the Quant layers
+    (``scale = 1 / scale_d``, ``offset``, ``num_bits_d``) and the fake-quant DeQuant blobs
+    (``deq = scale_w * scale_d``).
+    """
+    layers: dict[str, dict] = {}
+    scale_d: dict[str, float] = {}
+    for node in quant_graph.nodes:
+        if node.type == "Quant":
+            qp = node.layer_param.quant_param
+            bits = int(qp.num_bits_d) if qp.HasField("num_bits_d") else 8
+            sd = float(np.float32(1.0) / np.float32(qp.scale))
+            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            entry = layers.setdefault(qp.object_layer, {"inputs": {}, "scale_w": None})
+            entry["inputs"][int(qp.index)] = ((lo - qp.offset) * sd, (hi - qp.offset) * sd)
+            if int(qp.index) == 0:
+                scale_d[qp.object_layer] = sd
+    for node in quant_graph.nodes:
+        if node.type == "DeQuant" and len(node.params) == 3:
+            target = node.layer_param.dequant_param.object_layer
+            if target in scale_d:
+                layers[target]["scale_w"] = np.asarray(node.params[0], np.float64).ravel() / scale_d[target]
+    return layers
+
+
+def summary(reports: list[BlobReport], samples: int, worst: int = 10) -> dict:
+    outputs = [r for r in reports if r.output]
+    ranked = sorted(reports, key=lambda r: -r.error_added)
+    top1 = [r.top1_agreement for r in outputs if r.top1_agreement is not None]
+    return {
+        "samples": samples,
+        "blobs_compared": len(reports),
+        "outputs": {r.name: {"cosine": r.cosine, "sqnr_db": r.sqnr_db, "top1_agreement": r.top1_agreement}
+                    for r in outputs},
+        "worst_output_cosine": min((r.cosine for r in outputs), default=None),
+        "top1_agreement": min(top1) if top1 else None,
+        "most_sensitive_layers": [{"layer": r.quant_layer or r.layer, "blob": r.name, "error_added": r.error_added,
+                                   "cosine": r.cosine} for r in ranked[:worst]],
+    }
+
+
+def compare_batches(model_file, weights_file, quant_model_file, quant_weights_file,
+                    batches: Iterable[Feed]) -> tuple[list[BlobReport], dict, BlobComparison]:
+    """Run both models on ``batches``; (per-blob reports in network order, summary, the comparison)."""
+    comparison = BlobComparison(load_ssa_net(model_file, weights_file), load_ssa_net(quant_model_file,
+                                                                                      quant_weights_file))
+    for feed in batches:
+        comparison.add(feed)
+    reports = comparison.reports()
+    return reports, summary(reports, comparison.samples), comparison
+
+
+def json_safe(v):
+    """JSON has no infinity: an infinite SQNR / relative error (identical blobs) is written as null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def report_dict(reports: list[BlobReport], summary_: dict) -> dict:
+    """The content of report.json (``null`` where a value is infinite: the blobs are identical)."""
+    return json_safe({"blobs": [asdict(r) for r in reports], "summary": summary_})
+
+
+def weighted_layers(graph: Graph) -> list[str]:
+    return [n.name for n in graph.nodes if ops.layer_type(n.type).weighted and n.params]

@@ -1,0 +1,117 @@
+"""compare_model: the accuracy report's numbers against an independent computation, its files, and the
+page rendered by a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amct_caffe.api.accuracy import compare_model
+from amct_caffe.api.workflow import calibrate
+from amct_caffe.runtime import TEST, Net
+from tests.golden import MODELS, SHARED
+
+LENET = MODELS / "lenet_mnist/lenet.prototxt"
+LENET_W = MODELS / "lenet_mnist/lenet_iter_10000.caffemodel"
+MNIST = SHARED / "data/mnist_5k.npz"
+NSFW = (MODELS / "open_nsfw/deploy.prototxt", MODELS / "open_nsfw/resnet_50_1by2_nsfw.caffemodel")
+pytestmark = pytest.mark.skipif(not MNIST.exists(), reason="../shared not beside the repository")
+
+
+def _digits(lo, hi):
+    z = np.load(MNIST)
+    return z["images"][lo:hi, None].astype(np.float32) * np.float32(0.00390625)
+
+
+@pytest.fixture(scope="module")
+def lenet_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    x = _digits(0, 64)
+    paths = calibrate(str(LENET), str(LENET_W), [{"data": x[:32]}, {"data": x[32:]}], str(tmp / "q/lenet"), 2,
+                      progress=False)
+    held_out = [{"data": b} for b in np.split(_digits(64, 160), 3)]
+    result = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
+                           held_out, tmp / "report", batch_num=0, progress=False)
+    return tmp, paths, held_out, result
+
+
+def test_numbers_equal_an_independent_computation(lenet_report):
+    _, paths, held_out, result = lenet_report
+    report = json.loads(Path(result["json"]).read_text())
+    fp32, quant = Net(str(LENET), str(LENET_W), TEST), Net(paths["fake_quant_model"], paths["fake_quant_weights"], TEST)
+    a = np.concatenate([fp32.forward(**f)["prob"].copy() for f in held_out]).astype(np.float64)
+    b = np.concatenate([quant.forward(**f)["prob"].copy() for f in held_out]).astype(np.float64)
+    cos = np.mean([u @ v / (np.linalg.norm(u) * np.linalg.norm(v)) for u, v in zip(a, b, strict=True)])
+    prob = next(r for r in report["blobs"] if r["name"] == "prob")
+    assert prob["output"] and prob["layer"] == "prob" and prob["type"] == "Softmax"
+    assert prob["cosine"] == pytest.approx(cos, rel=1e-12)
+    assert prob["max_abs_error"] == pytest.approx(np.abs(a - b).max(), rel=1e-9)
+    assert prob["relative_error"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(a), rel=1e-9)
+    assert prob["sqnr_db"] == pytest.approx(10 * np.log10(np.sum(a * a) / np.sum((a - b) ** 2)), rel=1e-9)
+    assert prob["top1_agreement"] == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+    assert report["summary"]["samples"] == 96 and report["summary"]["worst_output_cosine"] == prob["cosine"]
+
+
+def test_every_layer_is_matched_through_fusion_and_inserted_layers(lenet_report):
+    report = json.loads(Path(lenet_report[3]["json"]).read_text())
+    by_name = {r["name"]: r for r in report["blobs"]}
+    # LeNet's ReLU runs in place on ip1: the InnerProduct's own value and the ReLU's are both compared
+    assert {"conv1", "pool1", "conv2", "pool2", "ip1", "ip2", "prob"} <= set(by_name)
+    assert by_name["ip1"]["layer"] == "relu1" and by_name["ip1"]["quant_layer"] == "relu1"
+    ip1_raw = next(r for r in report["blobs"] if r["layer"] == "ip1")
+    assert ip1_raw["quant_layer"] == "ip1"  # the quantized InnerProduct, seen through its DeQuant
+    for r in report["blobs"]:
+        assert set(r) >= {"name", "layer", "type", "output", "cosine", "max_abs_error", "relative_error", "sqnr_db"}
+        assert 0.999 < r["cosine"] <= 1.0 + 1e-12
+
+
+def test_report_files_and_page(lenet_report):
+    _, _, _, result = lenet_report
+    page = Path(result["html"]).read_text()
+    assert page.count("data:image/png;base64,") == len([k for k in result if k.endswith(".png")]) >= 3
+    assert "Layers that add the most error" in page and "<script src" not in page  # self-contained
+    for name in ("layer_error.png", "activation_1_0.png"):
+        assert Path(result[name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_open_nsfw_matches_fused_blobs(tmp_path):
+    if not NSFW[0].exists():
+        pytest.skip("open_nsfw not in ../shared")
+    rng = np.random.default_rng(0)
+    feeds = [{"data": (rng.standard_normal((2, 3, 224, 224)) * 40).astype(np.float32)}]
+    paths = calibrate(str(NSFW[0]), str(NSFW[1]), feeds, str(tmp_path / "q/nsfw"), 1, progress=False)
+    result = compare_model(str(NSFW[0]), str(NSFW[1]), paths["deploy_model"], paths["deploy_weights"], feeds,
+                           tmp_path / "report", batch_num=0, progress=False)
+    report = json.loads(Path(result["json"]).read_text())
+    by_layer = {r["layer"]: r for r in report["blobs"]}
+    # conv_1 + bn_1 + scale_1 fused: the fused convolution is compared with the float Scale's value
+    assert by_layer["scale_1"]["quant_layer"] == "conv_1"
+    assert report["summary"]["worst_output_cosine"] > 0.99
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium for the headless rendering check (.ci/run installs "
+                                                "Debian's chromium)")
+def test_page_renders_its_plots_in_a_headless_browser(lenet_report, tmp_path):
+    from PIL import Image
+
+    shot = tmp_path / "page.png"
+    res = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          f"--screenshot={shot}", "--window-size=1200,2600",
+                          "file://" + str(lenet_report[3]["html"])], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert shot.is_file(), res.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    r, g, b = pixels.T
+    # only the plots draw in colour: matplotlib's blue histograms / lines and the orange SQNR line
+    blue = np.sum((b - r > 60) & (b > 140))
+    orange = np.sum((r > 200) & (g > 90) & (g < 190) & (b < 110))
+    assert blue > 20000 and orange > 100, (blue, orange)
