@@ -42,13 +42,17 @@ def _feeds(data, model_file, batch_size: int, batch_num: int, preprocess) -> lis
 
 
 def compare_model(model_file, weights_file, quant_model_file, quant_weights_file, data, output_dir,
-                  batch_size: int = 0, batch_num: int = 1, preprocess=None, progress: bool = True) -> dict:
+                  batch_size: int = 0, batch_num: int = 1, preprocess=None, progress: bool = True,
+                  dump: bool = False) -> dict:
     """Compare the FP32 and the quantized model blob by blob and write the report into ``output_dir``.
 
     ``data``: a data path as ``amct-caffe calibrate --data`` takes (then ``batch_size`` (0: the
     model's), ``batch_num`` and ``preprocess`` (a :class:`~amct_caffe.data.Preprocess` or its
     fields as a dict) apply), or a sequence of {input blob: array} batches (the first ``batch_num``
-    are used; 0: all). Returns ``{"json", "html", <plot>.png: path}`` plus ``"summary"``.
+    are used; 0: all). ``dump``: also every blob of both models for the first sample of the first
+    batch, ``fp32_blobs.npz`` and ``quant_blobs.npz`` (the guide's dump_layer_outputs; keys are the
+    blob names, intermediate values of in-place chains included). Returns ``{"json", "html",
+    <plot>.png: path}`` (``fp32_blobs`` / ``quant_blobs`` with ``dump``) plus ``"summary"``.
     """
     log.setup()
     with reading(model_file=model_file, weights_file=weights_file, quant_model_file=quant_model_file,
@@ -58,7 +62,7 @@ def compare_model(model_file, weights_file, quant_model_file, quant_weights_file
         reports, summary, comparison = compare_batches(model_file, weights_file, quant_model_file,
                                                        quant_weights_file, bar)
         paths = write_report(output_dir, reports, summary, comparison, feeds[0],
-                             {"fp32": str(model_file), "quant": str(quant_model_file)})
+                             {"fp32": str(model_file), "quant": str(quant_model_file)}, dump=dump)
     _LOG.info("accuracy report written to %s (worst output cosine %s)", paths["html"],
               summary["worst_output_cosine"])
     return {**paths, "summary": summary}

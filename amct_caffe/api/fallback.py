@@ -241,9 +241,17 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                             eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 16,
                             config_file=None, config_defination=None, activation_offset: bool = True,
                             compare_blobs: Sequence[str] | None = None, metric: str = "worst_output",
-                            progress: bool = True) -> FallbackResult:
+                            progress: bool = True, evaluator: Callable[[Net], float] | None = None,
+                            target: float | None = None) -> FallbackResult:
     """Calibrate, then keep the most quantization-sensitive layers in float until the outputs reach
     ``target_cosine`` (see the module doc for the search).
+
+    ``evaluator``: the user's own metric instead of the output cosine (the guide's accuracy-based
+    automatic calibration): ``evaluator(net) -> float``, higher is better, e.g. the top-1 accuracy of
+    the executor ``net`` (a pycaffe-like Net of the fake-quant model) on the user's labelled data. The
+    search then meets ``target`` on that metric (required with it); ``eval_batches``,
+    ``compare_blobs`` and ``metric`` do not apply, and the result's ``cosine_*`` fields hold the
+    metric's values.
 
     ``calibration_batches`` / ``eval_batches``: sequences of {input blob: array} (or zero-argument
     callables returning an iterable of them); the calibration data is read twice, and evaluation
@@ -253,7 +261,14 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     :class:`OutputComparator`.
     """
     log.setup()
-    if not 0.0 < target_cosine <= 1.0:
+    if evaluator is not None:
+        if not callable(evaluator):
+            raise AmctError(f"evaluator must be a function net -> float, got {type(evaluator).__name__}")
+        if target is None or isinstance(target, bool) or not isinstance(target, (int, float)) \
+                or not np.isfinite(target):
+            raise AmctError(f"evaluator needs target, the metric value to reach (a finite number), got {target!r}")
+        target_cosine = float(target)
+    elif not 0.0 < target_cosine <= 1.0:
         raise AmctError(f"target_cosine must be in (0, 1], got {target_cosine}")
     if isinstance(max_float_layers, bool) or not isinstance(max_float_layers, int) or max_float_layers < 0:
         raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
@@ -266,7 +281,20 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                         "save_path (inputs are never overwritten)")
     calib = _materialize(calibration_batches, "calibration_batches")
     evaluation = _materialize(eval_batches, "eval_batches") if eval_batches is not None else calib
-    comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs, metric)
+    if evaluator is None:
+        comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs,
+                                      metric)
+        measure = comparator.cosine
+    else:
+        def measure(net) -> float:
+            value = evaluator(net)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise AmctError(f"evaluator returned {value!r}, not a number") from None
+            if not np.isfinite(value):
+                raise AmctError(f"evaluator returned {value}, not a finite number")
+            return value
     with tempfile.TemporaryDirectory(prefix="amct_fallback_") as tmp:
         config = os.path.join(tmp, "config.json")
         if config_file is not None:
@@ -293,7 +321,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                     if name not in quantized and t.weighted and name in original:
                         g.node(name).params = list(original[name])
                 chosen = [t for name, t in targets.items() if name in quantized]
-                return comparator.cosine(Net.from_graph(build_quantized_graph(g, chosen, record, FAKE), TEST))
+                return measure(Net.from_graph(build_quantized_graph(g, chosen, record, FAKE), TEST))
             return score, list(targets)
 
         graph = calibrated(config, "int8")  # the guide's flow with every enabled layer
@@ -319,7 +347,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         with atomic_output(config_out, "wb") as f:
             f.write(final_config.to_json().encode("utf-8"))
         outputs["fallback_config"] = config_out
-    cosine_final = comparator.cosine(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
+    cosine_final = measure(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
     result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
     level = logging.INFO if result.target_met else logging.WARNING
     _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.6f (target %.6f%s)",

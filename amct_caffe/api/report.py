@@ -128,9 +128,21 @@ def _img(name: str, data: bytes) -> str:
             f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">')
 
 
+def blob_dump(net, feed) -> bytes:
+    """Every blob of ``net`` for the first sample of ``feed``, as the bytes of an .npz (blob names as keys)."""
+    net.forward(**feed)
+    n = max(len(np.asarray(v)) for v in feed.values())
+    arrays = {name: np.array(b.data[:1] if b.data.ndim and b.data.shape[0] == n else b.data)
+              for name, b in net.blobs.items()}
+    buf = _bytes_io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def write_report(output_dir, reports: list[BlobReport], summary: dict, comparison: BlobComparison,
-                 first_batch, titles: dict[str, str]) -> dict[str, str]:
-    """Write report.json, report.html and the PNG plots into ``output_dir`` (all or nothing)."""
+                 first_batch, titles: dict[str, str], dump: bool = False) -> dict[str, str]:
+    """Write report.json, report.html and the PNG plots into ``output_dir`` (all or nothing); with
+    ``dump``, also every blob of both models for the first sample (fp32_blobs.npz, quant_blobs.npz)."""
     from pathlib import Path
 
     out = Path(output_dir)
@@ -160,11 +172,18 @@ def write_report(output_dir, reports: list[BlobReport], summary: dict, compariso
         sections.append((r, figures))
     for name, data in plots.items():
         staged.add_bytes(out / name, data)
+    dumps = {}
+    if dump and first_batch is not None:
+        dumps = {"fp32_blobs": blob_dump(comparison.fp32_net, first_batch),
+                 "quant_blobs": blob_dump(comparison.quant_net, first_batch)}
+        for name, data in dumps.items():
+            staged.add_bytes(out / f"{name}.npz", data)
     paths = {"json": staged.add_json(out / "report.json", report_dict(reports, summary))}
     page = _page(reports, summary, sections, plots, titles)
     paths["html"] = staged.add_text(out / "report.html", page)
     staged.commit()
     paths.update({name: str(out / name) for name in plots})
+    paths.update({name: str(out / f"{name}.npz") for name in dumps})
     return paths
 
 

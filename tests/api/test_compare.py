@@ -36,7 +36,7 @@ def lenet_report(tmp_path_factory):
                       progress=False)
     held_out = [{"data": b} for b in np.split(_digits(64, 160), 3)]
     result = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
-                           held_out, tmp / "report", batch_num=0, progress=False)
+                           held_out, tmp / "report", batch_num=0, progress=False, dump=True)
     return tmp, paths, held_out, result
 
 
@@ -115,3 +115,15 @@ def test_page_renders_its_plots_in_a_headless_browser(lenet_report, tmp_path):
     blue = np.sum((b - r > 60) & (b > 140))
     orange = np.sum((r > 200) & (g > 90) & (g < 190) & (b < 110))
     assert blue > 20000 and orange > 100, (blue, orange)
+
+
+def test_blob_dumps_hold_every_blob_of_one_sample(lenet_report):
+    _, paths, held_out, result = lenet_report
+    fp32 = Net(str(LENET), str(LENET_W), TEST)
+    fp32.forward(data=held_out[0]["data"])
+    with np.load(result["fp32_blobs"]) as f, np.load(result["quant_blobs"]) as q:
+        assert {"data", "conv1", "pool1", "ip1", "ip1_ip1", "prob"} <= set(f.files)
+        assert f["prob"].shape == (1, 10)
+        np.testing.assert_array_equal(f["prob"], fp32.blobs["prob"].data[:1])
+        assert any(name.endswith("_quant") or "quant" in name for name in q.files)  # the Quant layers' values
+        np.testing.assert_allclose(q["prob"], f["prob"], atol=0.02)

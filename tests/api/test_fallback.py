@@ -310,3 +310,35 @@ def test_fallback_checks_save_path_and_config_before_any_work(model, tmp_path):
         calibrate_with_fallback(str(proto), str(weights), batches(1, seed=1), str(tmp_path / "m"), 1,
                                 config_file=str(clash), progress=False)
     assert clash.read_text() == "{}"
+
+
+def test_fallback_meets_a_target_on_the_users_own_metric(model, tmp_path):
+    """evaluator(net) -> float replaces the output cosine: here a metric that only the float c3 satisfies,
+    which the cosine would never single out (c2 is the layer that hurts the outputs)."""
+    proto, weights, _ = model
+    seen = []
+
+    def evaluator(net):
+        seen.append(sorted(n for n in net.layer_dict if n.endswith("_quant")))
+        return 0.0 if "c3_quant" in net.layer_dict else 1.0
+
+    res = calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(tmp_path / "fb/m"), 2,
+                                  evaluator=evaluator, target=0.5, progress=False)
+    assert res.float_layers == ["c3"] and res.cosine_int8 == 0.0 and res.cosine_final == 1.0 and res.target_met
+    assert res.sensitivity == {"c1": 0.0, "c2": 0.0, "c3": 1.0}
+    assert ["c1_quant", "c2_quant", "c3_quant"] in seen  # the metric saw the fully quantized model first
+    fq = Net(res.outputs["fake_quant_model"], res.outputs["fake_quant_weights"], TEST)
+    assert "c3_quant" not in fq.layer_dict and "c2_quant" in fq.layer_dict
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"evaluator": lambda net: 1.0}, "evaluator needs target"),
+    ({"evaluator": lambda net: 1.0, "target": float("nan")}, "evaluator needs target"),
+    ({"evaluator": "top1", "target": 0.7}, "evaluator must be a function"),
+    ({"evaluator": lambda net: "high", "target": 0.7}, "evaluator returned 'high', not a number"),
+])
+def test_fallback_evaluator_errors(model, tmp_path, kwargs, message):
+    proto, weights, _ = model
+    with pytest.raises(AmctError, match=message):
+        calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(tmp_path / "fb/m"), 2,
+                                progress=False, **kwargs)
