@@ -229,8 +229,60 @@ def test_calibrate_malformed_option_values(capsys, tmp_path, fake_calibrate):
     assert fake_calibrate == []
 
 
+def test_nul_byte_in_any_argument_is_one_line(capsys, fake_calibrate):
+    """argv from a shell cannot hold NUL, main(argv) can: os.stat's "embedded null byte" ValueError."""
+    data = ["--data", str(MNIST_500), "--batch-size", "2"]
+    model, weights = ["--model", str(LENET)], ["--weights", str(LENET_WEIGHTS)]
+    for argv, flag in [(["calibrate", *model, *weights, *data, "--output", "out/q\0"], "--output"),
+                       (["calibrate", "--model", "a\0b", *weights, *data, "--output", "q"], "--model"),
+                       (["calibrate", *model, *weights, *data, "--output", "q", "--input-shape", "d\0:1"],
+                        "--input-shape"),
+                       (RUN + ["--input", "x\0.npz"], "--input")]:
+        fails(capsys, argv, f"{flag} '.*\\\\x00.*': contains a NUL character")
+    assert fake_calibrate == []
+
+
+def test_messages_with_control_characters_stay_on_one_line(capsys):
+    err = fails(capsys, RUN + ["--input", "two\nlines.npz"], r"two\\nlines.npz does not exist")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("path", ["données/été.npz", "데이터.npy"])
 def test_unicode_paths_are_named_in_messages(capsys, tmp_path, path):
     (tmp_path / path).parent.mkdir(exist_ok=True)
     (tmp_path / path).write_text("not numpy")
     fails(capsys, RUN + ["--input", path], f"{path} is not a")
+
+
+# ------------------------------------------------------------------------------------------ main
+def test_an_unexpected_exception_is_one_line_naming_it_an_internal_error(capsys, monkeypatch, caplog):
+    def broken(args):
+        raise ValueError("something the code did not expect")
+
+    monkeypatch.setattr(cli, "cmd_run", broken)  # build_parser, run by main, picks it up
+    with caplog.at_level("DEBUG", logger="amct_caffe"):
+        err = fails(capsys, RUN + ["--input", "x.npz"], "ValueError: something the code did not expect",
+                    prefix="internal error: ")
+    assert "AMCT_LOG_LEVEL=DEBUG" in err
+    (record,) = [r for r in caplog.records if r.name == "amct_caffe.cli"]
+    assert record.levelname == "DEBUG" and record.exc_info[0] is ValueError  # the traceback, for DEBUG
+
+
+@pytest.mark.parametrize(("exc", "message"), [
+    (PermissionError(13, "Permission denied", "out/q.json"), r"error: \[Errno 13\] Permission denied: 'out/q.json'"),
+    (MemoryError(), "error: out of memory: use a smaller --batch-size"),
+])
+def test_os_errors_and_memory_errors_are_one_line(capsys, monkeypatch, exc, message):
+    def broken(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_run", broken)
+    fails(capsys, RUN + ["--input", "x.npz"], message)
+
+
+def test_main_restores_the_signal_handlers(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    cli.main(RUN + ["--input", "missing.npz"])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
