@@ -322,9 +322,17 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amct-caffe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="amct-caffe", description=__doc__.splitlines()[0],
+                                     epilog="Log messages below WARNING are not shown on the screen unless -v is "
+                                            "given or AMCT_LOG_LEVEL is set; amct_log/amct_caffe.log keeps them.")
+    verbose_help = "show the library's INFO messages on stderr (as AMCT_LOG_LEVEL=INFO)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # given after the subcommand too; SUPPRESS keeps a subcommand without -v from resetting it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a model in the embedded executor and print its top outputs")
+    run = sub.add_parser("run", parents=[common],
+                         help="run a model in the embedded executor and print its top outputs")
     run.add_argument("--model", required=True, help="network definition (.prototxt)")
     run.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
     run.add_argument("--input", required=True, help=".npy, or .npz with arrays named after the net inputs "
@@ -341,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", dest="progress", action="store_false")
     run.set_defaults(func=cmd_run)
 
-    cal = sub.add_parser("calibrate",
+    cal = sub.add_parser("calibrate", parents=[common],
                          help="quantize a model, calibrating on images, arrays, an LMDB or a Record",
                          description="Post-training quantization: calibrate on --batch-num batches of "
                                      "--batch-size samples from --data, write the quantized models.")
@@ -391,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-progress", dest="progress", action="store_false")
     cal.set_defaults(func=cmd_calibrate)
 
-    conv = sub.add_parser("convert", help="build quantized models from a scale/offset record")
+    conv = sub.add_parser("convert", parents=[common], help="build quantized models from a scale/offset record")
     conv.add_argument("--model", required=True, help="network definition (.prototxt)")
     conv.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
     conv.add_argument("--record", required=True, help="scale/offset record file (text proto)")
@@ -445,12 +453,18 @@ def _error(message: str) -> None:
         print(f"amct-caffe: {_one_line(message)}", file=sys.stderr)
 
 
+def _screen_level(verbose: bool) -> int:
+    """WARNING on the screen unless AMCT_LOG_LEVEL says otherwise; -v asks for INFO at least."""
+    level = log.level_from_env("AMCT_LOG_LEVEL", default=logging.WARNING)
+    return min(level, logging.INFO) if verbose else level
+
+
 def _run(args) -> int:
     for name, value in vars(args).items():  # argv cannot hold NUL, but main(argv) from Python can
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str) and "\0" in item:
                 raise AmctError(f"--{name.replace('_', '-')} {item!r}: contains a NUL character")
-    log.setup()
+    log.setup(force=True, screen_level=_screen_level(args.verbose))
     # A file name the terminal's encoding cannot show (é on an ASCII terminal, undecodable bytes) is
     # printed escaped rather than failing after the files were written (stderr already does this).
     with contextlib.suppress(AttributeError, ValueError):

@@ -1,4 +1,4 @@
-"""amct-caffe as a process: Ctrl-C and SIGTERM clean up, a closed stdout, file names the terminal cannot show."""
+"""amct-caffe as a process: Ctrl-C and SIGTERM clean up, a closed stdout, what reaches the screen."""
 
 import os
 import signal
@@ -76,6 +76,28 @@ def test_closed_stdout_ends_quietly(tmp_path):
     assert proc.wait(timeout=60) == 141, err
     assert first.startswith(b"sample 0: top-3")
     assert err == ""
+
+
+def test_library_info_messages_stay_off_the_screen_unless_asked_for(tmp_path):
+    args = ["calibrate", "--model", LENET, "--weights", LENET_WEIGHTS, "--data", MNIST_SAMPLE / "mnist_500.npz",
+            "--batch-size", "4", "--scale", "0.00390625", "--output", tmp_path / "out/lenet", "--no-progress"]
+
+    def run(*extra, **env):
+        res = subprocess.run(_amct(*args, *extra), cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines()[0] == f"fake_quant_model: {tmp_path / 'out/lenet'}_fake_quant_model.prototxt"
+        return res.stderr
+
+    assert run() == ""  # the default: only the files written, on stdout
+    log_file = tmp_path / "amct_log/amct_caffe.log"
+    assert " - INFO - " in log_file.read_text()  # the log file keeps its INFO level
+    for err in (run("-v"), run("--verbose"), run(AMCT_LOG_LEVEL="info")):
+        assert " - INFO - [AMCT]:[amct_caffe.cli]: calibrating on 1 batch(es) of 4" in err
+    assert run(AMCT_LOG_LEVEL="ERROR") == ""
+    verbose_first = subprocess.run(_amct("-v", *args), cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                                   text=True, timeout=120, check=False)
+    assert verbose_first.returncode == 0 and " - INFO - " in verbose_first.stderr
 
 
 def test_file_names_the_terminal_cannot_encode_are_printed_escaped(tmp_path):
