@@ -32,7 +32,7 @@ layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
 def _in_tmp(tmp_path, monkeypatch):
     """Run in a scratch directory, and keep the CLI from attaching log handlers for the whole session."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda force=False: None)
+    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
 
 
 def _fake_module(monkeypatch, name: str, function: str, impl) -> None:

@@ -20,23 +20,71 @@ from pathlib import Path
 import numpy as np
 
 from amct_caffe.data.preprocess import as_floats, normalize
-from amct_caffe.data.source import DataError, DataSource, check_sample, sample_shape
+from amct_caffe.data.source import DataError, DataSource, check_sample, failure, sample_shape
 
 LABELS = "labels"
+_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
+def read_array_file(path) -> dict[str, np.ndarray]:
+    """{array name: array} of a .npy ("" names its one array) or .npz file; never unpickles.
+
+    Anything wrong with the file is a :class:`DataError` naming it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory, not a .npy / .npz file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    if path.suffix not in (".npy", ".npz"):
+        raise DataError(f"data file {path}: expected .npy or .npz")
     try:
-        if path.suffix == ".npy":
-            return {"": np.load(path, allow_pickle=False)}
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
+        # our own file object: np.load leaves the file it opened unclosed when the zip is damaged
+        with open(path, "rb") as f:
+            if not f.read(6).startswith(_MAGIC[path.suffix]):
+                raise DataError(f"{path} is not a {path.suffix} file (it does not start like one): save the "
+                                f"arrays with numpy.{'save' if path.suffix == '.npy' else 'savez'}")
+            f.seek(0)
+            if path.suffix == ".npy":
+                return {"": np.load(f, allow_pickle=False)}
+            with np.load(f, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the arrays: {e}") from None
-    raise DataError(f"data file {path}: expected .npy or .npz")
+    except DataError:
+        raise
+    # np.load parses the header with ast, unzips and inflates: a damaged file raises ValueError,
+    # OSError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError, MemoryError (a forged
+    # shape)... all the same thing to the caller: this file is not usable data.
+    except Exception as e:
+        if isinstance(e, ValueError) and "allow_pickle" in str(e):
+            raise DataError(f"{path} holds Python objects, which are not loaded (unpickling runs code): "
+                            "save numeric arrays") from None
+        raise DataError(f"{path}: cannot read the arrays ({failure(e)})") from None
+
+
+def load_arrays(data, inputs: Mapping[str, Sequence[int] | None]
+                ) -> tuple[OrderedDict[str, np.ndarray], np.ndarray | None]:
+    """({input name: samples array}, labels or None) from a .npy / .npz path or {name: array}.
+
+    The arrays are matched to ``inputs`` {name: input shape (N, ...) or None} (see the module doc),
+    must be numeric, fit the input shapes (grayscale stacks get their channel axis) and hold the
+    same number of samples. ``labels`` is returned as it is, unchecked (calibration ignores it).
+    """
+    if isinstance(data, Mapping):
+        arrays, where = dict(data), "arrays"
+    else:
+        arrays, where = read_array_file(data), str(data)
+    matched = match_arrays(arrays, list(inputs), where)
+    out = OrderedDict()
+    for name, shape in inputs.items():
+        arr = np.asarray(matched[name])
+        if arr.ndim < 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise DataError(f"{where}: the array for input '{name}' is not a numeric array of samples "
+                            f"(dtype {arr.dtype}, shape {arr.shape})")
+        out[name] = check_sample(arr, name, sample_shape(shape), where)
+    counts = {n: len(a) for n, a in out.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{where}: the inputs' arrays hold different numbers of samples: {counts}")
+    return out, arrays.get(LABELS)
 
 
 def match_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[str], where: str) -> dict[str, np.ndarray]:
@@ -70,28 +118,15 @@ class ArrayData(DataSource):
         shapes = inputs if isinstance(inputs, Mapping) else {n: None for n in inputs}
         if not shapes:
             raise DataError("ArrayData: the net has no inputs")
-        if isinstance(data, Mapping):
-            self.path, arrays, where = None, dict(data), "arrays"
-        else:
-            self.path = Path(data)
-            arrays, where = _read(self.path), str(self.path)
-        self.labels = arrays.get(LABELS)
-        matched = match_arrays(arrays, list(shapes), where)
-        self._arrays = OrderedDict()
-        for name, shape in shapes.items():
-            arr = np.asarray(matched[name])
-            if arr.ndim < 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-                raise DataError(f"{where}: the array for input '{name}' is not a numeric array of samples")
-            self._arrays[name] = check_sample(arr, name, sample_shape(shape), where)
-        counts = {n: len(a) for n, a in self._arrays.items()}
-        if len(set(counts.values())) > 1:
-            raise DataError(f"{where}: the inputs' arrays hold different numbers of samples: {counts}")
+        self.path = None if isinstance(data, Mapping) else Path(data)
+        where = "arrays" if self.path is None else str(self.path)
+        self._arrays, self.labels = load_arrays(data, shapes)
         self._mean, self._std = as_floats(mean, "mean"), as_floats(std, "std")
         if any(s == 0 for s in self._std):
             raise DataError("std values must be non-zero")
         self._scale = float(scale)
         self._where = where
-        super().__init__(list(shapes), next(iter(counts.values())), batch_size)
+        super().__init__(list(shapes), len(next(iter(self._arrays.values()))), batch_size)
 
     def describe(self) -> str:
         return f"array file {self.path}" if self.path is not None else "arrays"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from amct_caffe.data.preprocess import Preprocess, pil_image
-from amct_caffe.data.source import DataError, DataSource, sample_shape
+from amct_caffe.data.source import DataError, DataSource, failure, sample_shape
 
 _LOG = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -50,8 +50,10 @@ def load_image(path: Path, channels: int) -> np.ndarray:
     try:
         with image_mod.open(path) as img:
             arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the image: {e}") from None
+    # Decoders raise more than OSError on a malformed or hostile file (DecompressionBombError,
+    # SyntaxError, struct.error...): whatever it is, this file is not a usable image.
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the image ({failure(e)})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

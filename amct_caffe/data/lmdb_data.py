@@ -16,6 +16,7 @@ single input takes the image; ``label(i)`` reads it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from amct_caffe.data.images import per_input
 from amct_caffe.data.preprocess import Preprocess, pil_image
-from amct_caffe.data.source import DataError, DataSource, sample_shape
+from amct_caffe.data.source import DataError, DataSource, failure, sample_shape
 from amct_caffe.io.schema import caffe_pb
 
 _LOG = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class LmdbData(DataSource):
         (self._name, shape), = shapes.items()
         self._shape = sample_shape(shape)
         self._preprocess = per_input(preprocess, [self._name], Preprocess(), "preprocess")[self._name]
-        with self._open() as env, env.begin(buffers=False) as txn:
+        with self._reading("list the records of"), self._open() as env, env.begin(buffers=False) as txn:
             self._keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
         if not self._keys:
             raise DataError(f"LMDB {self.path} holds no record")
@@ -89,8 +90,18 @@ class LmdbData(DataSource):
         except lmdb.Error as e:
             raise DataError(f"{self.path}: cannot open the LMDB: {e}") from None
 
+    @contextlib.contextmanager
+    def _reading(self, what: str):
+        """Turns the lmdb package's errors (e.g. MDB_PAGE_NOTFOUND in a damaged file) into DataError."""
+        lmdb = _lmdb()
+        try:
+            yield
+        except lmdb.Error as e:
+            raise DataError(f"cannot {what} the LMDB {self.path} ({failure(e)}): "
+                            "the file is damaged or not a Caffe LMDB") from None
+
     def _datums(self, indices: list[int]) -> list:
-        with self._open() as env, env.begin(buffers=False) as txn:
+        with self._reading("read"), self._open() as env, env.begin(buffers=False) as txn:
             raws = [txn.get(self._keys[i]) for i in indices]
         datums = []
         for i, raw in zip(indices, raws, strict=True):
@@ -118,8 +129,8 @@ class LmdbData(DataSource):
             try:
                 with image_mod.open(io.BytesIO(datum.data)) as img:
                     hwc = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"{where}: cannot decode the encoded image: {e}") from None
+            except Exception as e:  # as images.load_image: any decoder failure means a bad record
+                raise DataError(f"{where}: cannot decode the encoded image ({failure(e)})") from None
             out = pre.apply(hwc, where)
         else:
             c, h, w = datum.channels, datum.height, datum.width

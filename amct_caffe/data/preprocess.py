@@ -38,26 +38,42 @@ def pil_image():
     return Image
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+
+
 def as_floats(value, field: str) -> tuple[float, ...]:
+    """One number or a sequence of numbers as a tuple of finite floats (None: empty)."""
     if value is None:
         return ()
-    values = (value,) if isinstance(value, (int, float, np.number)) else tuple(value)
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise DataError(f"{field}: expected numbers, got {value!r}") from None
+    if _is_number(value):
+        values = (value,)
+    elif isinstance(value, np.ndarray) and value.ndim <= 1:
+        values = tuple(value.reshape(-1))
+    elif isinstance(value, (list, tuple)):
+        values = tuple(value)
+    else:  # a string, a mapping, ...: iterating "104" would give 1, 0, 4
+        values = (value,)
+    if not all(_is_number(v) for v in values):
+        raise DataError(f"{field}: expected numbers, got {value!r}")
+    out = tuple(float(v) for v in values)
     if not all(math.isfinite(v) for v in out):
         raise DataError(f"{field}: values must be finite, got {value!r}")
     return out
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
 def _size(value, field: str) -> tuple[int, int] | None:
     if value is None:
         return None
-    if isinstance(value, (int, np.integer)):
+    if _positive_int(value):
         value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in value):
+    if isinstance(value, np.ndarray):
+        value = tuple(value.reshape(-1))
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_positive_int(v) for v in value):
         raise DataError(f"Preprocess.{field}: expected (height, width) positive integers, got {value!r}")
     return int(value[0]), int(value[1])
 
@@ -118,7 +134,7 @@ class Preprocess:
         set_(self, "size", _size(self.size, "size"))
         set_(self, "crop", _size(self.crop, "crop"))
         if self.short_side is not None:
-            if not isinstance(self.short_side, (int, np.integer)) or self.short_side < 1:
+            if not _positive_int(self.short_side):
                 raise DataError("Preprocess.short_side: expected a positive integer, "
                                 f"got {self.short_side!r}")
             if self.size is not None:
@@ -144,7 +160,10 @@ class Preprocess:
         if unknown:
             raise DataError(f"{where}: unknown field(s) {', '.join(unknown)}; "
                             f"known: {', '.join(sorted(known))}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        try:
+            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
 
     @property
     def resizes(self) -> bool:
@@ -161,13 +180,19 @@ class Preprocess:
             return max(1, math.floor(height * s / width + 0.5)), s
         return height, width
 
-    def resize(self, hwc: np.ndarray) -> np.ndarray:
+    def resize(self, hwc: np.ndarray, where: str = "image") -> np.ndarray:
         """Step 2 on an 8-bit (H, W, C) array (C = 1 or 3); unchanged when no resize is set."""
         h, w = hwc.shape[:2]
         target = self.resized_size(h, w)
         if target == (h, w):
             return hwc
         image_mod = pil_image()
+        # Pillow's own bound on decoded images, applied to what we ask it to make: a mistyped size
+        # would otherwise allocate gigabytes (or overflow a C int) before any check of the result.
+        limit = image_mod.MAX_IMAGE_PIXELS or 2 ** 31 - 1
+        if target[0] * target[1] > limit:
+            raise DataError(f"{where}: resizing to {target[0]}x{target[1]} exceeds Pillow's image size limit of "
+                            f"{limit} pixels: check the resize (size / short_side, --resize)")
         img = image_mod.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
         out = np.asarray(img.resize((target[1], target[0]), image_mod.Resampling.BILINEAR))
         return out.reshape(target[0], target[1], hwc.shape[2])
@@ -190,7 +215,7 @@ class Preprocess:
         """All steps on an 8-bit (H, W, C) RGB (C = 3) or grayscale (C = 1) array -> float32 (C, h, w)."""
         if hwc.ndim == 2:
             hwc = hwc[:, :, None]
-        resized = self.resize(hwc)
+        resized = self.resize(hwc, where)
         return self.finish(np.transpose(resized, (2, 0, 1)), "RGB", where)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:

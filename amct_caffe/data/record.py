@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amct_caffe.data.source import DataError, DataSource, check_sample, sample_shape
+from amct_caffe.data.source import DataError, DataSource, check_sample, failure, sample_shape
 from amct_caffe.io.files import atomic_output
 
 _LOG = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ def npz_shapes(path: Path) -> OrderedDict[str, tuple[int, ...]]:
                     else:
                         shape = reader(f)[0]
                 shapes[info.filename[:-4]] = tuple(shape)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz record: {e}") from None
+    except Exception as e:  # a damaged file: BadZipFile, a header ast cannot parse, EOFError...
+        raise DataError(f"{path}: not a readable .npz record ({failure(e)})") from None
     return shapes
 
 
@@ -193,10 +193,11 @@ class RecordData(DataSource):
     def _file_arrays(self, f: int) -> dict[str, np.ndarray]:
         if self._cache is None or self._cache[0] != f:
             try:
-                with np.load(self._files[f], allow_pickle=False) as z:
+                with open(self._files[f], "rb") as fh, np.load(fh, allow_pickle=False) as z:
                     arrays = {n: z[n] for n in self.inputs}
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-                raise DataError(f"{self._files[f]}: cannot read the recorded batch: {e}") from None
+            except Exception as e:  # a damaged file: BadZipFile, zlib.error, EOFError, MemoryError...
+                raise DataError(f"{self._files[f]}: cannot read the recorded batch "
+                                f"({failure(e)})") from None
             self._cache = (f, arrays)
         return self._cache[1]
 

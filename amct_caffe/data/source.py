@@ -25,6 +25,12 @@ class DataError(AmctError):
     """Calibration data is missing, unreadable, or does not fit the network's inputs."""
 
 
+def failure(e: BaseException) -> str:
+    """``e`` for a message: its type (module-qualified unless built in, e.g. ``zlib.error``) and text."""
+    kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    return f"{kind}: {e}" if str(e) else kind
+
+
 def sample_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
     """The per-sample part of an input shape (the batch axis dropped); None when unknown."""
     return None if shape is None else tuple(int(d) for d in shape[1:])

@@ -1,0 +1,92 @@
+"""Damaged or hostile data files are a DataError naming the file, whatever the parser underneath raises."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from amct_caffe.data import ArrayData, DataError, ImageFolder, LmdbData, Preprocess, RecordData
+
+
+def _damage(path, start: int, stop: int, seed: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[start:stop] = np.random.default_rng(seed).bytes(stop - start)
+    path.write_bytes(bytes(data))
+
+
+def test_array_files(tmp_path):
+    x = np.zeros((8, 1, 4, 4), np.float32)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("1 2 3")
+    np.save(tmp_path / "cut.npy", x)
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:200])
+    np.savez_compressed(tmp_path / "header.npz", data=x)
+    damaged = bytearray((tmp_path / "header.npz").read_bytes())
+    damaged[30:120] = bytes(90)  # np.load's header parsing: tokenize.TokenError, was not caught
+    (tmp_path / "header.npz").write_bytes(bytes(damaged))
+    np.savez(tmp_path / "cut.npz", data=x)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:300])  # zipfile.BadZipFile
+    (tmp_path / "folder.npy").mkdir()
+    for name, message in [("objects.npy", "holds Python objects"), ("text.npy", "is not a .npy file"),
+                          ("cut.npy", r"cannot read the arrays \(ValueError"),
+                          ("header.npz", "cannot read the arrays"),
+                          ("cut.npz", r"cannot read the arrays \(zipfile.BadZipFile"),
+                          ("folder.npy", "is a directory")]:
+        with pytest.raises(DataError, match=f"{name}.*{message}|{message}.*{name}"):
+            ArrayData(tmp_path / name, {"data": (1, 1, 4, 4)})
+
+
+def test_recorded_batch_damaged_after_recording(tmp_path):
+    """Headers intact, compressed data damaged: zlib.error came out of batch()."""
+    (tmp_path / "rec").mkdir()
+    x = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    np.savez_compressed(tmp_path / "rec/batch_000000.npz", data=x)
+    _damage(tmp_path / "rec/batch_000000.npz", 5000, 6000)
+    source = RecordData(tmp_path / "rec")
+    with pytest.raises(DataError, match=r"batch_000000.npz: cannot read the recorded batch \(zlib.error"):
+        source.batch(0)
+
+
+def test_image_decoder_errors_other_than_oserror(tmp_path):
+    """A PNG claiming 60000 x 60000 pixels: Pillow's DecompressionBombError is no OSError."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    (tmp_path / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"bomb.png: cannot read the image \(PIL.Image.DecompressionBombError"):
+        ImageFolder(tmp_path, ["data"]).batch(0)
+
+
+def test_damaged_lmdb(tmp_path):
+    lmdb = pytest.importorskip("lmdb")
+    with lmdb.open(str(tmp_path / "db"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for i in range(300):
+            txn.put(b"%08d" % i, bytes(500))
+    mdb = tmp_path / "db/data.mdb"
+    for offset in range(8192, mdb.stat().st_size, 4096):  # the pages after the two meta pages
+        _damage(mdb, offset + 16, offset + 400, seed=offset)
+    with pytest.raises(DataError, match="cannot list the records of the LMDB .*db .*damaged or not a Caffe LMDB"):
+        LmdbData(tmp_path / "db", ["data"])
+
+
+def test_preprocess_values_that_only_look_like_numbers():
+    with pytest.raises(DataError, match=r"Preprocess.std: expected numbers, got '12'"):
+        Preprocess(std="12")  # was std (1.0, 2.0)
+    with pytest.raises(DataError, match="Preprocess.mean: expected numbers"):
+        Preprocess(mean=(104, True, 123))
+    with pytest.raises(DataError, match="Preprocess.size"):
+        Preprocess(size=5.5)  # was TypeError
+    with pytest.raises(DataError, match="Preprocess.crop"):
+        Preprocess(crop=True)  # was a 1x1 crop
+    with pytest.raises(DataError, match="--preprocess x.json: 'data': Preprocess.scale"):
+        Preprocess.from_dict({"scale": [1, 2]}, "--preprocess x.json: 'data'")
+    assert Preprocess(mean=np.array([1, 2, 3]), size=np.array([4, 5])) == Preprocess(mean=(1, 2, 3), size=(4, 5))
+
+
+def test_resize_larger_than_pillow_allows_is_refused():
+    image = np.zeros((10, 20, 3), np.uint8)
+    for spec in (Preprocess(size=(3_000_000_000, 2)), Preprocess(short_side=10 ** 20), Preprocess(size=(10 ** 5,) * 2)):
+        with pytest.raises(DataError, match="img.png: resizing to .* exceeds Pillow's image size limit"):
+            spec.apply(image, "img.png")

@@ -1,0 +1,112 @@
+"""amct-caffe as a process: Ctrl-C and SIGTERM clean up, a closed stdout, what reaches the screen."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.data.common import IMAGENET, needs_imagenet
+from tests.golden import MODELS
+
+from .test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE, ROOT
+
+NSFW = MODELS / "open_nsfw"
+
+
+def _env(tmp_path, **extra) -> dict:
+    """The worktree's package first; temporary files in a folder of their own; no log level inherited."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AMCT_LOG_LEVEL", "AMCT_LOG_FILE_LEVEL")}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"), **extra)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return env
+
+
+def _amct(*args) -> list[str]:
+    return [sys.executable, "-m", "amct_caffe", *map(str, args)]
+
+
+@pytest.mark.slow
+@needs_imagenet
+@pytest.mark.skipif(not NSFW.is_dir(), reason="../shared/models/open_nsfw not present")
+@pytest.mark.parametrize(("sig", "code", "message"), [(signal.SIGINT, 130, "amct-caffe: interrupted"),
+                                                       (signal.SIGTERM, 143, "amct-caffe: terminated (SIGTERM)")])
+def test_a_signal_during_calibration_cleans_up_and_exits(tmp_path, sig, code, message):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _amct("calibrate", "--model", NSFW / "deploy.prototxt", "--weights", NSFW / "resnet_50_1by2_nsfw.caffemodel",
+              "--data", IMAGENET, "--batch-size", "1", "--batch-num", "32", "--resize", "256", "256",
+              "--crop", "224", "--mean", "104", "117", "123", "--output", out / "nsfw"),
+        cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        while b"calibration:" not in seen:  # the progress bar: the model is prepared, batches are running
+            chunk = proc.stderr.read(1)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        assert os.listdir(tmp_path / "tmp"), "the calibration's temporary directory exists while it runs"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = (seen + stderr).decode()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == message, err
+    assert stdout == b""
+    assert os.listdir(tmp_path / "tmp") == []  # TemporaryDirectory blocks unwound
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    """`amct-caffe run ... | head -1`: once a BrokenPipeError traceback from print()."""
+    with np.load(MNIST_SAMPLE / "mnist_500.npz") as z:  # 5000 lines of results: more than a pipe buffers
+        np.savez(tmp_path / "many.npz", data=np.tile(z["images"], (10, 1, 1)))
+    proc = subprocess.Popen(_amct("run", "--model", LENET, "--weights", LENET_WEIGHTS, "--input",
+                                  tmp_path / "many.npz", "--show", "5000", "--no-progress"),
+                            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=0)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away with ~500 lines still to come
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141, err
+    assert first.startswith(b"sample 0: top-3")
+    assert err == ""
+
+
+def test_library_info_messages_stay_off_the_screen_unless_asked_for(tmp_path):
+    args = ["calibrate", "--model", LENET, "--weights", LENET_WEIGHTS, "--data", MNIST_SAMPLE / "mnist_500.npz",
+            "--batch-size", "4", "--scale", "0.00390625", "--output", tmp_path / "out/lenet", "--no-progress"]
+
+    def run(*extra, **env):
+        res = subprocess.run(_amct(*args, *extra), cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines()[0] == f"fake_quant_model: {tmp_path / 'out/lenet'}_fake_quant_model.prototxt"
+        return res.stderr
+
+    assert run() == ""  # the default: only the files written, on stdout
+    log_file = tmp_path / "amct_log/amct_caffe.log"
+    assert " - INFO - " in log_file.read_text()  # the log file keeps its INFO level
+    for err in (run("-v"), run("--verbose"), run(AMCT_LOG_LEVEL="info")):
+        assert " - INFO - [AMCT]:[amct_caffe.cli]: calibrating on 1 batch(es) of 4" in err
+    assert run(AMCT_LOG_LEVEL="ERROR") == ""
+    verbose_first = subprocess.run(_amct("-v", *args), cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                                   text=True, timeout=120, check=False)
+    assert verbose_first.returncode == 0 and " - INFO - " in verbose_first.stderr
+
+
+def test_file_names_the_terminal_cannot_encode_are_printed_escaped(tmp_path):
+    """PYTHONIOENCODING=ascii and an output named é: the files were written, then print() raised."""
+    res = subprocess.run(_amct("calibrate", "--model", LENET, "--weights", LENET_WEIGHTS, "--data",
+                               MNIST_SAMPLE / "mnist_500.npz", "--batch-size", "4", "--output", "out/\u00e9t\u00e9",
+                               "--no-progress"),
+                         cwd=tmp_path, env=_env(tmp_path, PYTHONIOENCODING="ascii"), capture_output=True, timeout=120,
+                         check=False)
+    assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr
+    assert b"deploy_model: out/\\xe9t\\xe9_deploy_model.prototxt" in res.stdout
+    assert (tmp_path / "out/\u00e9t\u00e9_deploy_model.prototxt").is_file()
