@@ -81,8 +81,11 @@ def calibration_forwards(graph) -> int:
     return check_session(graph).calibration_forwards()
 
 
-def save_model(graph, save_type, save_path) -> dict[str, str]:
-    """Save the fake-quant model (runs in Caffe) and/or the deploy model (for the SoC compiler)."""
+def save_model(graph, save_type, save_path, extra_files: dict[str, tuple[str, bytes]] | None = None) -> dict[str, str]:
+    """Save the fake-quant model (runs in Caffe) and/or the deploy model (for the SoC compiler).
+
+    ``extra_files`` (ours): {kind: (path, bytes)} written in the same all-or-nothing step.
+    """
     session = check_session(graph)
     log.setup()
     session.require(Stage.ACTIVATIONS, "save_model",
@@ -90,7 +93,8 @@ def save_model(graph, save_type, save_path) -> dict[str, str]:
     calibrated = session.record if session.record_in_memory else read_record(session.record_file)
     float_graph, record = session.final(calibrated)
     with reading(**session.inputs()):
-        paths = save_quantized(float_graph, session.targets, record, save_type, save_path, session.original_names)
+        paths = save_quantized(float_graph, session.targets, record, save_type, save_path, session.original_names,
+                               extra_files)
     if session.bn_kept and not session.record_in_memory:
         # update_bn re-quantized the kept layers' weights: the record file gets their new scale_w.
         with reading(**session.inputs(with_record=False)):

@@ -47,7 +47,6 @@ from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.errors import AmctError
-from amct_caffe.io.files import atomic_output
 from amct_caffe.io.paths import reads
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
@@ -343,10 +342,9 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             final_path = os.path.join(tmp, "final_config.json")
             write_quant_config(final_config, final_path)
             graph = calibrated(final_path, "final")
-        outputs = save_model(graph, "Both", save_path)
-        with atomic_output(config_out, "wb") as f:
-            f.write(final_config.to_json().encode("utf-8"))
-        outputs["fallback_config"] = config_out
+        # the models and the config that made them: written together or not at all
+        outputs = save_model(graph, "Both", save_path,
+                             {"fallback_config": (config_out, final_config.to_json().encode("utf-8"))})
     cosine_final = measure(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
     result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
     level = logging.INFO if result.target_met else logging.WARNING

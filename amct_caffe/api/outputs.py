@@ -37,8 +37,11 @@ def write_graph(graph: Graph, model_file, weights_file) -> None:
 
 
 def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Record, save_type: str, save_path,
-                   original_names: set[str]) -> dict[str, str]:
-    """Write the fake-quant and/or deploy model, quant.json and quant_param_record files."""
+                   original_names: set[str], extra_files: dict[str, tuple[str, bytes]] | None = None) -> dict[str, str]:
+    """Write the fake-quant and/or deploy model, quant.json and quant_param_record files.
+
+    ``extra_files``: {kind: (path, bytes)} written together with them (all or nothing).
+    """
     if save_type not in SAVE_TYPES:
         raise AmctError(f"save_type must be one of {', '.join(SAVE_TYPES)}, got {save_type!r}")
     save_path = str(save_path)
@@ -62,6 +65,8 @@ def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Recor
                                                        record_text(final_record))
     paths["quant_param_record_bin"] = outputs.add_bytes(f"{save_path}_quant_param_record.bin",
                                                         record_bytes(final_record))
+    for kind, (path, data) in (extra_files or {}).items():
+        paths[kind] = outputs.add_bytes(path, data)
     outputs.commit()
     for kind, path in paths.items():
         _LOG.info("saved %s: %s", kind, path)

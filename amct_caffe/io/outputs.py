@@ -56,20 +56,21 @@ class StagedOutputs:
                     f.write(data)
             for tmp, path in staged:
                 target = path
-                backup = None
-                if path.exists():
-                    backup = f"{tmp}.previous"
+                backup = f"{tmp}.previous" if path.exists() else None
+                moved.append((path, backup))  # before the renames: an interrupt between them is undone too
+                if backup is not None:
                     os.replace(path, backup)
-                moved.append((path, backup))
                 os.replace(tmp, path)
-        except OSError as e:
-            for path, backup in reversed(moved):  # put back what was there
+        except BaseException as e:  # an interrupt too: put back what was there, write nothing
+            for path, backup in reversed(moved):
                 with contextlib.suppress(OSError):
                     if backup is not None:
                         os.replace(backup, path)
                     else:
                         os.unlink(path)
-            raise FileAccessError(f"{write_error(target, e)}; no output file was changed") from e
+            if isinstance(e, OSError):
+                raise FileAccessError(f"{write_error(target, e)}; no output file was changed") from e
+            raise
         finally:
             for tmp, _ in staged:
                 with contextlib.suppress(FileNotFoundError):

@@ -48,3 +48,30 @@ def test_merge_proto_command_output_follows_the_umask(tmp_path, umask_027):
 
     _write_atomic(tmp_path / "merged.proto", "syntax = 'proto2';\n")
     assert mode(tmp_path / "merged.proto") == 0o640
+
+
+def test_an_interrupt_while_outputs_are_moved_into_place_changes_nothing(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM between the renames: the files of an earlier run are put back, nothing is left."""
+    import os as _os
+
+    from amct_caffe.io.outputs import StagedOutputs
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "b.txt").write_text("old b")
+    real_replace, calls = _os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # a moved to its backup, new a in place, b moved to its backup: then the signal
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    staged = StagedOutputs()
+    staged.add_text(tmp_path / "a.txt", "new a")
+    staged.add_text(tmp_path / "b.txt", "new b")
+    monkeypatch.setattr(_os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        staged.commit()
+    monkeypatch.setattr(_os, "replace", real_replace)
+    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
