@@ -448,9 +448,11 @@ def _one_line(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
-def _error(message: str) -> None:
+def _error(message: str, new_line: bool = False) -> None:
+    """The one error line; ``new_line``: start on a fresh line (a signal may have cut a progress bar's
+    line in the middle)."""
     with contextlib.suppress(OSError, ValueError):  # stderr closed: nothing more can be said
-        print(f"amct-caffe: {_one_line(message)}", file=sys.stderr)
+        print(f"{chr(10) if new_line else ''}amct-caffe: {_one_line(message)}", file=sys.stderr)
 
 
 def _screen_level(verbose: bool) -> int:
@@ -484,10 +486,10 @@ def main(argv=None) -> int:
             _error(f"error: {e}")
             return EXIT_ERROR
         except KeyboardInterrupt:
-            _error("interrupted")
+            _error("interrupted", new_line=getattr(args, "progress", False))
             return EXIT_SIGINT
         except Terminated:
-            _error("terminated (SIGTERM)")
+            _error("terminated (SIGTERM)", new_line=getattr(args, "progress", False))
             return EXIT_SIGTERM
         except BrokenPipeError:
             # The reader of stdout is gone (e.g. `| head`): stop quietly, as a pipeline expects, and keep
