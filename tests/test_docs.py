@@ -27,3 +27,23 @@ def test_layer_table_lists_every_type_of_the_guide_and_of_the_executor():
     page = (ROOT / "docs/layers.md").read_text(encoding="utf-8")
     listed = {line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(ops.quantizable_types()) | set(known_types()) <= listed
+
+
+def test_config_page_example_cfg_is_valid(tmp_path):
+    """The .cfg example of docs/config.md builds a config for the bundled LeNet."""
+    import json
+
+    import amct_caffe as amct
+
+    page = (ROOT / "docs/config.md").read_text(encoding="utf-8")
+    example = page.split("Example:\n\n```\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "quant.cfg"
+    cfg.write_text(example)
+    model = ROOT / "samples/mnist/lenet.prototxt"
+    weights = ROOT / "samples/mnist/lenet_iter_10000.caffemodel"
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model), str(weights), config_defination=str(cfg))
+    config = json.loads((tmp_path / "c.json").read_text())
+    assert config["batch_num"] == 2 and "ip2" not in config and config["conv1"]["weight_quant_params"]["wts_algo"] \
+        == "snq_quantize"
+    assert config["ip1"]["weight_quant_params"]["channel_wise"] is False
+    assert config["conv2"]["activation_quant_params"]["search_range"] == [0.8, 1.2]
