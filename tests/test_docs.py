@@ -47,3 +47,13 @@ def test_config_page_example_cfg_is_valid(tmp_path):
         == "snq_quantize"
     assert config["ip1"]["weight_quant_params"]["channel_wise"] is False
     assert config["conv2"]["activation_quant_params"]["search_range"] == [0.8, 1.2]
+
+
+def test_every_picture_and_page_the_docs_link_exists():
+    import re
+
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
