@@ -223,3 +223,22 @@ def test_dropout_train_phase(ratio):
     assert abs(kept.mean() - (1 - ratio)) < 0.05
     y2, _ = run_layer(text, [x], phase=TRAIN)
     np.testing.assert_array_equal(y, y2)  # masks are seeded by the layer name
+
+
+@pytest.mark.parametrize("text", ['type: "ReLU" relu_param { negative_slope: -0.2 }', 'type: "ReLU"',
+                                  'type: "ELU"', 'type: "Threshold"', 'type: "Power" power_param { power: 2 }'])
+def test_zero_axis_blob(text):
+    # A Reduction over axis 0 gives a 0-axis blob; Caffe's neuron layers run on its one value.
+    layer = harness_make(f'name: "n" {text}', num_bottoms=1)
+    x = np.array(-1.5, np.float32)
+    (y,), _ = harness_run(layer, [x])
+    assert y.shape == ()
+    (ref,), _ = harness_run(layer, [x.reshape(1)])
+    assert y == ref[0]
+
+
+def test_absval_refuses_in_place():
+    # absval_layer.cpp LayerSetUp: CHECK_NE(top[0], bottom[0]) "AbsVal Layer does not allow in-place"
+    with pytest.raises(GraphError, match="'a'.*in-place"):
+        harness_make('name: "a" type: "AbsVal" bottom: "x" top: "x"', num_bottoms=1)
+    harness_make('name: "a" type: "AbsVal" bottom: "x" top: "y"', num_bottoms=1)

@@ -246,7 +246,10 @@ class _Neuron(Layer):
         return _param_kwargs(self.lp, self.param_field, self.fn)
 
     def forward(self, bottoms):
-        return [self.fn(bottoms[0], **self.kwargs)]
+        x = bottoms[0]
+        if x.ndim == 0:  # a 0-axis blob (Reduction over axis 0): numpy ufuncs would give scalars
+            return [np.asarray(self.fn(x.reshape(1), **self.kwargs)).reshape(())]
+        return [self.fn(x, **self.kwargs)]
 
 
 def _neuron(type_name: str, fn, param_field: str | None = None):
@@ -266,6 +269,7 @@ HardSwishLayer = _neuron("HardSwish", HardSwish)
 SwishLayer = _neuron("Swish", Swish, "swish_param")
 PowerLayer = _neuron("Power", Power, "power_param")
 AbsValLayer = _neuron("AbsVal", AbsVal)
+AbsValLayer.in_place_ok = False  # absval_layer.cpp's LayerSetUp: CHECK_NE(top[0], bottom[0])
 BNLLLayer = _neuron("BNLL", BNLL)
 ELULayer = _neuron("ELU", ELU, "elu_param")
 ExpLayer = _neuron("Exp", Exp, "exp_param")
