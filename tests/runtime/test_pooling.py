@@ -179,6 +179,22 @@ def test_max_unpool_inverts_max_pool_mask():
         MaxUnPool(y, mask, out_h=3, out_w=3)
 
 
+def test_max_unpool_of_an_empty_window_mask_is_refused():
+    # Ceil mode without padding: a 3x3 map, kernel 2, stride 3 gives 2x2 windows, the last ones
+    # wholly past the input (pooling_layer.cpp leaves their mask at -1). MaxUnPool's
+    # top_data[-1] = ... corrupts Caffe's heap; the executor refuses it naming the layer.
+    x = RNG.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    y, mask = Pooling(x, pool="MAX", kernel=(2, 2), stride=(3, 3), return_mask=True)
+    assert y.shape == (1, 2, 2, 2) and (mask == -1).any()
+    lp = caffe_pb().LayerParameter()
+    text_format.Parse('name: "u" type: "MaxUnPool" bottom: "y" bottom: "m" top: "z" '
+                      'max_unpool_param { dst_h: 3 dst_w: 3 }', lp)
+    lyr = MaxUnPoolLayer(lp)
+    lyr.reshape([y.shape, mask.shape])
+    with pytest.raises(GraphError, match="'u'.*out of range"):
+        lyr.forward([y, mask])
+
+
 @pytest.mark.parametrize("pool", ["MAX", "AVE"])
 @pytest.mark.parametrize("height,hw", [(1, (5, 7)), (3, (9, 11)), (2, (4, 4))])
 def test_spp_levels_are_caffe_poolings_flattened(pool, height, hw):

@@ -277,7 +277,12 @@ class MaxUnPoolLayer(Layer):
         return [shape[:2] + self.out]
 
     def forward(self, bottoms):
-        return [MaxUnPool(bottoms[0], bottoms[1], out_h=self.out[0], out_w=self.out[1])]
+        try:
+            return [MaxUnPool(bottoms[0], bottoms[1], out_h=self.out[0], out_w=self.out[1])]
+        except ValueError as e:
+            # Caffe writes through such an index (heap corruption); a MAX pooling window lying
+            # wholly past the input (ceil mode, no padding) gives the mask -1.
+            raise GraphError(f"layer '{self.name}' (MaxUnPool): {e}") from None
 
 
 def spp_level_params(level: int, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
