@@ -242,3 +242,15 @@ def test_absval_refuses_in_place():
     with pytest.raises(GraphError, match="'a'.*in-place"):
         harness_make('name: "a" type: "AbsVal" bottom: "x" top: "x"', num_bottoms=1)
     harness_make('name: "a" type: "AbsVal" bottom: "x" top: "y"', num_bottoms=1)
+
+
+def test_prelu_refuses_more_than_4_axes():
+    # prelu_layer.cpp reads bottom[0]->channels(); Blob's legacy accessors CHECK num_axes() <= 4
+    with pytest.raises(GraphError, match="2 to 4 axes"):
+        run_layer('type: "PReLU"', [data(2, 3, 2, 2, 1)], [np.ones(3, np.float32)])
+
+
+def test_hardsigmoid_maps_nan_to_one_like_std_min():
+    # max(0, min(1, a*x + b)) with std::min(Dtype(1), v) == (v < 1 ? v : 1): NaN gives 1
+    y, _ = run_layer('type: "HardSigmoid"', [np.array([np.nan, np.inf, -np.inf, 0.0], np.float32)])
+    np.testing.assert_array_equal(y, [1.0, 1.0, 0.0, 0.5])

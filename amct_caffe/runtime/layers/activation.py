@@ -81,7 +81,8 @@ def HardSigmoid(x, alpha=0.2, beta=0.5):
     """y = max(0, min(1, alpha * x + beta))  (the fork's hardsigmoid_layer)."""
     out = np.multiply(x, _F32(alpha))
     out += _F32(beta)
-    np.minimum(out, _F32(1), out=out)
+    # std::min(Dtype(1), v) is (v < 1) ? v : 1, so NaN gives 1: fmin, not minimum
+    np.fmin(out, _F32(1), out=out)
     return np.maximum(out, _F32(0), out=out)
 
 
@@ -322,8 +323,9 @@ class PReLULayer(Layer):
     """
 
     def _channels(self, shape) -> int:
-        if len(shape) < 2:
-            raise GraphError(f"layer '{self.name}' (PReLU): the bottom needs >= 2 axes, it has shape "
+        # prelu_layer.cpp reads bottom[0]->channels(), a legacy accessor: Blob CHECKs <= 4 axes
+        if not 2 <= len(shape) <= 4:
+            raise GraphError(f"layer '{self.name}' (PReLU): the bottom needs 2 to 4 axes, it has shape "
                              f"{list(shape)}")
         return int(shape[1])
 
