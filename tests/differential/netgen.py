@@ -64,10 +64,10 @@ def conv_out(size, k, s, p, d) -> int:
     return _cdiv(size + 2 * p - (d * (k - 1) + 1), s) + 1
 
 
-def pool_out(size, k, s, p, ceil_mode=True) -> int:
+def pool_out(size, k, s, p, ceil_mode=True, padded=None) -> int:
     r = (size + 2 * p - k) / s  # Caffe: static_cast<float>, then ceil / floor
     out = (math.ceil(r) if ceil_mode else math.floor(r)) + 1
-    if p and (out - 1) * s >= size + p:
+    if (p if padded is None else padded) and (out - 1) * s >= size + p:
         out -= 1
     return out
 
@@ -408,8 +408,12 @@ def _pool_params(b, h, w, allow_global=True):
         if (ph or pw) and (ph >= kh or pw >= kw):
             continue
         ceil = not b.p(0.3)
-        oh, ow = pool_out(h, kh, sh, ph, ceil), pool_out(w, kw, sw, pw, ceil)
-        if oh >= 1 and ow >= 1:
+        padded = bool(ph or pw)  # pooling_layer.cpp clips both axes when either is padded
+        oh, ow = pool_out(h, kh, sh, ph, ceil, padded), pool_out(w, kw, sw, pw, ceil, padded)
+        # An AVE window wholly past the input divides 0 by 0: NaN, whose order in ArgMax's
+        # std::partial_sort is not worth reproducing. Empty MAX windows (-FLT_MAX) stay.
+        empty = (oh - 1) * sh - ph >= h or (ow - 1) * sw - pw >= w
+        if oh >= 1 and ow >= 1 and not (empty and (pool == "AVE" or not allow_global)):
             break
     else:
         return None
@@ -914,6 +918,8 @@ def mk_permute(b):
     t = b.fresh()
     b.add("Permute", [x], [t], {"permute_param": {"order": given}} if given else None)
     b.shapes[t] = tuple(s[i] for i in full)
+    if full == sorted(full):  # permute_layer.cpp shares the bottom's data when nothing moves
+        b.aliased.update((x, t))
     return True
 
 
@@ -942,7 +948,9 @@ def mk_resize(b):
 
 
 def mk_bilinear(b):
-    x = b.pick(is4)
+    # not on a map of height or width 1: Caffe then reads one element before the plane (see
+    # KNOWN_DIFFERENCES in test_differential)
+    x = b.pick(lambda s: is4(s) and s[2] > 1 and s[3] > 1)
     if x is None:
         return False
     n, c, h, w = b.shapes[x]

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from tests.real_caffe import run_with_pycaffe
 pytestmark = pytest.mark.real_caffe
 
 SEEDS = (11, 23, 37, 41, 53, 67, 79, 97)
+EXCLUDED = "known exclusion: "
 DEFAULT_NETS = 400
 RTOL = 1e-4
 
@@ -59,13 +61,41 @@ def write_net(workdir: Path, name: str, prototxt: str, inputs: dict, seed: int =
     return {"name": name, "prototxt": f"{name}.prototxt", "inputs": f"{name}.inputs.npz", "seed": seed}
 
 
-def producer_of(net_text: str, blob: str) -> str:
-    """Name and type of the last layer writing ``blob`` in the prototxt."""
-    found = "?"
-    for m in re.finditer(r'layer \{ name: "([^"]+)" type: "([^"]+)"(.*?)\}\s*$', net_text, re.M):
+def producer_of(net_text: str, blob: str) -> tuple[str, str, str]:
+    """(name, type, text) of the last layer writing ``blob`` in the prototxt."""
+    found = ("?", "?", "")
+    for m in re.finditer(r'^layer \{ name: "([^"]+)" type: "([^"]+)"(.*)\}\s*$', net_text, re.M):
         if f'top: "{blob}"' in m.group(3):
-            found = f"{m.group(1)} ({m.group(2)})"
+            found = (m.group(1), m.group(2), m.group(3))
     return found
+
+
+def ill_conditioned(workdir: Path, name: str, layer: tuple[str, str, str]) -> str | None:
+    """Why a disagreement at ``layer`` is a known exclusion, or None.
+
+    MVN (normalize_variance) and BatchNorm with batch statistics divide x - mean by the spread of
+    their input. Where that input is constant over a normalized group, x - mean is rounding
+    noise of Caffe's gemv (sum of x * 1/n) and Caffe outputs noise / sqrt(noise^2 + eps): a
+    value of no meaning that depends on OpenBLAS's summation order. The executor gives 0 there.
+    """
+    lname, ltype, text = layer
+    if ltype not in ("MVN", "BatchNorm", "BatchNormKyle"):
+        return None
+    if ltype == "MVN" and "normalize_variance: false" in text:
+        return None
+    if ltype != "MVN" and "use_global_stats: false" not in text:
+        return None
+    with np.load(workdir / f"{name}.pre.npz") as pre:
+        x = pre[f"{lname}/0"]
+    if ltype == "MVN":
+        groups = x.reshape(x.shape[0] if "across_channels: true" in text else x.shape[0] * x.shape[1], -1)
+    else:
+        groups = np.moveaxis(x.reshape(x.shape[0], x.shape[1] if x.ndim > 1 else 1, -1), 1, 0).reshape(
+            x.shape[1] if x.ndim > 1 else 1, -1)
+    spread = groups.max(axis=1) - groups.min(axis=1)
+    if (spread <= 1e-5 * max(1.0, float(np.abs(x).max()))).any():
+        return f"{ltype} '{lname}' normalizes a constant group: Caffe's output there is rounding noise"
+    return None
 
 
 def caffe_params(workdir: Path, name: str) -> dict:
@@ -95,14 +125,19 @@ def compare_net(workdir: Path, name: str, prototxt: str) -> list[str]:
     want = np.load(workdir / f"{name}.blobs.npz")
     inputs = np.load(workdir / f"{name}.inputs.npz")
     try:
-        net = executor_net(workdir, name)
-        net.forward(**{k: inputs[k] for k in inputs.files})
+        # overflow to inf and NaN happen in Caffe too: numpy's warnings about them are no failure
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            net = executor_net(workdir, name)
+            net.forward(**{k: inputs[k] for k in inputs.files})
     except Exception as e:  # noqa: BLE001 - any failure is reported with the net
         return [f"the executor fails where Caffe runs: {type(e).__name__}: {e}"]
-    problems = []
+    problems, first = [], None
     for blob in want.files:
         ref = want[blob]
-        where = f"blob '{blob}' of layer {producer_of(prototxt, blob)}"
+        producer = producer_of(prototxt, blob)
+        where = f"blob '{blob}' of layer {producer[0]} ({producer[1]})"
+        n_before = len(problems)
         if blob not in net.blobs:
             problems.append(f"{where}: missing in the executor")
             continue
@@ -114,12 +149,19 @@ def compare_net(workdir: Path, name: str, prototxt: str) -> list[str]:
             continue
         finite = np.isfinite(ref)
         scale = max(1.0, float(np.abs(ref[finite]).max()) if finite.any() else 1.0)
-        bad = ~((np.abs(got.astype(np.float64) - ref) <= RTOL * scale) | (got == ref)
-                | (np.isnan(got) & np.isnan(ref)))
+        with np.errstate(invalid="ignore"):  # inf - inf
+            bad = ~((np.abs(got.astype(np.float64) - ref) <= RTOL * scale) | (got == ref)
+                    | (np.isnan(got) & np.isnan(ref)))
         if bad.any():
             i = np.unravel_index(int(np.argmax(bad)), ref.shape)
-            problems.append(f"{where}: {int(bad.sum())}/{ref.size} values differ, e.g. at {list(i)} executor "
-                            f"{got[i]!r} vs Caffe {ref[i]!r} (max|caffe| {scale:g})")
+            problems.append(f"{where}: {int(bad.sum())}/{ref.size} values differ, e.g. at {[int(v) for v in i]} "
+                            f"executor {float(got[i])!r} vs Caffe {float(ref[i])!r} (max|caffe| {scale:g})")
+        if first is None and len(problems) > n_before:
+            first = producer
+    if first is not None:
+        reason = ill_conditioned(workdir, name, first)
+        if reason:
+            return [EXCLUDED + reason]
     return problems
 
 
@@ -151,7 +193,7 @@ def test_random_nets_agree_with_caffe(seed, tmp_path, caplog):
     nets = [generate(seed, i) for i in range(nets_per_seed())]
     entries = [write_net(tmp_path, n.name, n.prototxt, n.inputs, seed) for n in nets]
     results = run_caffe_on(tmp_path, entries)
-    failures, refused = [], 0
+    failures, excluded, refused = [], [], 0
     for n in nets:
         r = results[n.name]
         if r["status"] == "ok":
@@ -161,11 +203,15 @@ def test_random_nets_agree_with_caffe(seed, tmp_path, caplog):
             layer = r["layer"]
             p = refusal_problem(tmp_path, n.name, layer)
             problems = [f"Caffe refuses it at layer {layer} ({r['log'][-300:].strip()!r}), but {p}"] if p else []
+        if problems and problems[0].startswith(EXCLUDED):
+            excluded.append(f"net {n.index}: {problems[0][len(EXCLUDED):]}")
+            continue
         if problems:
             failures.append(f"--- seed {seed}, net {n.index} (focus {n.focus}):\n  " + "\n  ".join(problems[:6])
                             + f"\n{n.prototxt}")
     # The generator aims at nets Caffe accepts: many refusals mean it has lost its way.
     assert refused <= max(3, len(nets) // 5), f"Caffe refused {refused} of {len(nets)} generated nets"
+    assert len(excluded) <= max(3, len(nets) // 50), f"too many known exclusions: {excluded}"
     assert not failures, f"{len(failures)} of {len(nets)} nets disagree with Caffe:\n" + "\n".join(failures[:8])
 
 
@@ -207,3 +253,79 @@ def test_executor_refuses_what_caffe_reads_out_of_bounds(tmp_path, caplog):
     for case, _text, layer in CAFFE_UNCHECKED:
         assert results[case]["status"] == "ok", f"{case}: Caffe now refuses it; move it to REFUSED"
         assert refusal_problem(tmp_path, case, layer) is None, case
+
+
+# ---------------------------------------------------------------------- known differences
+# Differences the random nets avoid, each pinned here on a fixed net:
+#
+# * deliberate (Caffe bugs not reproduced): BilinearInterpolate with align_corners and an output
+#   side of 1 divides by dst - 1 = 0 (NaN everywhere); on an input side of 1 it reads one element
+#   before the plane (h0 = src_h - 2 = -1, weighted 0, NaN if that memory holds inf or NaN). The
+#   executor uses a scale of 0 and never reads outside. MVN / BatchNorm on a constant group:
+#   see ill_conditioned. Eltwise / Scale with mismatched bottoms: CAFFE_UNCHECKED.
+# * to fix outside the layers (xfail, strict: they fail loudly once fixed):
+#   - net.py: Flatten, Reshape, Split, an identity Permute, a one-bottom Concat and a one-top
+#     Slice share their bottom's memory in Caffe (ShareData), so an in-place layer on either
+#     blob changes both; the executor rebinds the in-place top to a new array;
+#   - net.py: Caffe refuses an in-place layer on a blob another layer already read
+#     (InsertSplits renames its bottom, then "Top blob produced by multiple sources");
+#   - io: Caffe writes a 0-axis blob (PReLU / Normalize channel_shared, Scale num_axes 0) with
+#     no shape at all; io reads it as shape (1,) and Net(prototxt, caffemodel) refuses it.
+_HEAD = ('name: "k"\nlayer { name: "data" type: "Input" top: "data" '
+         'input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n')
+KNOWN_DIFFERENCES = {
+    "bilinear_align_corners_to_one_row": _HEAD + 'layer { name: "bi" type: "BilinearInterpolate" bottom: "data" '
+                                                 'top: "y" bilinear_interpolate_param { dst_h: 1 dst_w: 4 } }',
+    "flatten_then_in_place_relu": _HEAD + 'layer { name: "f" type: "Flatten" bottom: "data" top: "f" }\n'
+                                          'layer { name: "r" type: "ReLU" bottom: "f" top: "f" }',
+    "split_then_in_place_scale": _HEAD + 'layer { name: "s" type: "Split" bottom: "data" top: "a" top: "b" }\n'
+                                         'layer { name: "k" type: "Scale" bottom: "a" top: "a" }\n'
+                                         'layer { name: "t" type: "TanH" bottom: "b" top: "c" }',
+    "in_place_after_another_reader": _HEAD + 'layer { name: "t" type: "TanH" bottom: "data" top: "t" }\n'
+                                             'layer { name: "r" type: "ReLU" bottom: "data" top: "data" }',
+    "caffemodel_zero_axis_blob": _HEAD + 'layer { name: "p" type: "PReLU" bottom: "data" top: "p" '
+                                         'prelu_param { channel_shared: true } }',
+}
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("known")
+    return workdir, run_cases(workdir, list(KNOWN_DIFFERENCES.items()))
+
+
+def test_known_bilinear_align_corners_to_one_row(known):
+    workdir, results = known
+    case = "bilinear_align_corners_to_one_row"
+    assert results[case]["status"] == "ok"
+    assert np.isnan(np.load(workdir / f"{case}.blobs.npz")["y"]).all(), "Caffe no longer gives NaN: compare it"
+    net = executor_net(workdir, case)
+    inputs = np.load(workdir / f"{case}.inputs.npz")
+    y = net.forward(data=inputs["data"])["y"]
+    assert np.isfinite(y).all()  # the executor reads row 0 (scale 0), as for align_corners false
+    np.testing.assert_array_equal(y[:, :, 0, 0], inputs["data"][:, :, 0, 0])
+
+
+@pytest.mark.xfail(strict=True, reason="net.py: in-place tops must write into memory shared by "
+                                       "Flatten/Reshape/Split (Caffe's ShareData)")
+@pytest.mark.parametrize("case", ["flatten_then_in_place_relu", "split_then_in_place_scale"])
+def test_known_in_place_on_shared_memory(known, case):
+    workdir, results = known
+    assert results[case]["status"] == "ok"
+    assert compare_net(workdir, case, KNOWN_DIFFERENCES[case]) == []
+
+
+@pytest.mark.xfail(strict=True, reason="net.py: Caffe refuses an in-place layer on a blob another layer read")
+def test_known_in_place_after_another_reader(known):
+    workdir, results = known
+    case = "in_place_after_another_reader"
+    assert results[case]["status"] == "refused" and results[case]["layer"] == "r"
+    assert refusal_problem(workdir, case, "r") is None
+
+
+@pytest.mark.xfail(strict=True, reason="io: a BlobProto without shape nor legacy dims is a 0-axis blob")
+def test_known_caffemodel_zero_axis_blob(known):
+    workdir, results = known
+    case = "caffemodel_zero_axis_blob"
+    assert results[case]["status"] == "ok"
+    executor_net(workdir, case, via_caffemodel=True)
