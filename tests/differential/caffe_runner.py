@@ -28,7 +28,9 @@ import zlib
 import numpy as np
 
 
+# Layers whose bottoms (NAME/i) and tops (NAME/topi) the child keeps in NAME.pre.npz.
 NORMALIZING = ("MVN", "BatchNorm", "BatchNormKyle", "Normalize", "LRN")
+ORDER_SENSITIVE = ("DetectionOutput", "ArgMax", "Pooling")
 
 
 def fill_params(net, rng: np.random.Generator) -> None:
@@ -76,10 +78,14 @@ def _child(caffe, workdir: str, entry: dict, seed: int, prototxt: str | None = N
     # constant input there: see test_differential.ill_conditioned)
     pre = {}
     for lname, layer in zip(net._layer_names, net.layers):  # noqa: B905 - pycaffe's own lists
-        if layer.type in NORMALIZING:
+        keep = layer.type in NORMALIZING + ORDER_SENSITIVE
+        if keep:
             for i, b in enumerate(net.bottom_names[lname]):
                 pre[f"{lname}/{i}"] = np.array(net.blobs[b].data, dtype=np.float32)
         net.forward(start=lname, end=lname)
+        if keep:
+            for i, t in enumerate(net.top_names[lname]):
+                pre[f"{lname}/top{i}"] = np.array(net.blobs[t].data, dtype=np.float32)
     if prototxt is None:
         np.savez(os.path.join(workdir, name + ".pre.npz"), **pre)
         out = {k: np.array(v.data, dtype=np.float32) for k, v in net.blobs.items() if "_split_" not in k}

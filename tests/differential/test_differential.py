@@ -28,7 +28,7 @@ import pytest
 
 from amct_caffe import io
 from amct_caffe.errors import AmctError
-from amct_caffe.runtime import TEST, Net, known_types
+from amct_caffe.runtime import TEST, Net, known_types, layer_class
 from tests.differential.netgen import CAFFE_CPU_MISSING, CAFFE_UNCHECKED, COVERED, REFUSED, generate
 from tests.real_caffe import run_with_pycaffe
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.real_caffe
 
 SEEDS = (11, 23, 37, 41, 53, 67, 79, 97)
 EXCLUDED = "known exclusion: "
-DEFAULT_NETS = 400
+DEFAULT_NETS = 1600
 RTOL = 1e-4
 
 
@@ -159,18 +159,47 @@ def compare_net(workdir: Path, name: str, prototxt: str) -> list[str]:
         if first is None and len(problems) > n_before:
             first = producer
     if first is not None:
-        reason = ill_conditioned(workdir, name, first)
+        reason = ill_conditioned(workdir, name, first) or near_tie(workdir, name, first)
         if reason:
             return [EXCLUDED + reason]
     return problems
+
+
+def near_tie(workdir: Path, name: str, layer: tuple[str, str, str]) -> str | None:
+    """Why a disagreement at an order-sensitive layer is no fault of it, or None.
+
+    DetectionOutput, ArgMax and the MAX-pooling mask pick among inputs by their order: where
+    two inputs are nearly tied, the executor's inputs (within 1e-4 of Caffe's, but not bit
+    equal) may order them the other way. If the executor's layer, run alone on Caffe's own
+    bottoms, gives Caffe's tops, the layer is right and the difference comes from a near tie.
+    """
+    lname, ltype, _text = layer
+    if ltype not in ("DetectionOutput", "ArgMax", "Pooling"):
+        return None
+    lp = next(lp for lp in io.load_prototxt(workdir / f"{name}.prototxt", TEST).layer if lp.name == lname)
+    with np.load(workdir / f"{name}.pre.npz") as pre:
+        bottoms = [pre[f"{lname}/{i}"] for i in range(len(lp.bottom))]
+        want = [pre[f"{lname}/top{i}"] for i in range(len(lp.top))]
+    lyr = layer_class(lp.type, lp.name)(lp, TEST)
+    lyr.reshape([b.shape for b in bottoms])
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = lyr.forward(bottoms)
+    for g, w in zip(got, want, strict=True):
+        scale = max(1.0, float(np.abs(w[np.isfinite(w)]).max()) if np.isfinite(w).any() else 1.0)
+        if g.shape != w.shape or not np.allclose(g, w, rtol=0, atol=RTOL * scale, equal_nan=True):
+            return None
+    return f"{ltype} '{lname}' agrees with Caffe on Caffe's bottoms: a near tie upstream flips its order"
 
 
 def refusal_problem(workdir: Path, name: str, layer: str | None) -> str | None:
     """None when the executor refuses the net with an AmctError naming ``layer`` (if given)."""
     inputs = np.load(workdir / f"{name}.inputs.npz")
     try:
-        net = Net(str(workdir / f"{name}.prototxt"), TEST)
-        net.forward(**{k: inputs[k] for k in inputs.files})
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            net = Net(str(workdir / f"{name}.prototxt"), TEST)
+            net.forward(**{k: inputs[k] for k in inputs.files})
     except AmctError as e:
         if layer and f"'{layer}'" not in str(e) and f'"{layer}"' not in str(e):
             return f"the executor refuses it, but its error does not name layer '{layer}': {e}"
