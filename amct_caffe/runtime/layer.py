@@ -29,6 +29,8 @@ class Layer:
     num_bottoms: int | tuple[int | None, int | None] = 1
     num_tops: int | tuple[int | None, int | None] = 1
     shape_from_forward: bool = False
+    # False for the types whose Caffe LayerSetUp checks top[0] != bottom[0] (AbsVal, Flatten...).
+    in_place_ok: bool = True
     # Set by the Net when the caffemodel gave this layer integer blobs (a deploy model's int8
     # weights / int32 bias); they are handed to the layer as float32 holding those integers.
     integer_params: bool = False
@@ -52,6 +54,9 @@ class Layer:
                 want = str(lo) if lo == hi else f"{lo if lo is not None else 0}..{hi if hi is not None else 'n'}"
                 raise GraphError(f"layer '{lp.name}' ({lp.type}) takes {want} {what} blob(s), "
                                  f"the prototxt gives {got}")
+        if not cls.in_place_ok and lp.top and lp.bottom and lp.top[0] == lp.bottom[0]:
+            raise GraphError(f"layer '{lp.name}' ({lp.type}) does not allow in-place computation "
+                             "(top == bottom)")
 
     def param_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Shapes of the learned blobs (empty for parameter-free layers)."""

@@ -223,3 +223,34 @@ def test_dropout_train_phase(ratio):
     assert abs(kept.mean() - (1 - ratio)) < 0.05
     y2, _ = run_layer(text, [x], phase=TRAIN)
     np.testing.assert_array_equal(y, y2)  # masks are seeded by the layer name
+
+
+@pytest.mark.parametrize("text", ['type: "ReLU" relu_param { negative_slope: -0.2 }', 'type: "ReLU"',
+                                  'type: "ELU"', 'type: "Threshold"', 'type: "Power" power_param { power: 2 }'])
+def test_zero_axis_blob(text):
+    # A Reduction over axis 0 gives a 0-axis blob; Caffe's neuron layers run on its one value.
+    layer = harness_make(f'name: "n" {text}', num_bottoms=1)
+    x = np.array(-1.5, np.float32)
+    (y,), _ = harness_run(layer, [x])
+    assert y.shape == ()
+    (ref,), _ = harness_run(layer, [x.reshape(1)])
+    assert y == ref[0]
+
+
+def test_absval_refuses_in_place():
+    # absval_layer.cpp LayerSetUp: CHECK_NE(top[0], bottom[0]) "AbsVal Layer does not allow in-place"
+    with pytest.raises(GraphError, match="'a'.*in-place"):
+        harness_make('name: "a" type: "AbsVal" bottom: "x" top: "x"', num_bottoms=1)
+    harness_make('name: "a" type: "AbsVal" bottom: "x" top: "y"', num_bottoms=1)
+
+
+def test_prelu_refuses_more_than_4_axes():
+    # prelu_layer.cpp reads bottom[0]->channels(); Blob's legacy accessors CHECK num_axes() <= 4
+    with pytest.raises(GraphError, match="2 to 4 axes"):
+        run_layer('type: "PReLU"', [data(2, 3, 2, 2, 1)], [np.ones(3, np.float32)])
+
+
+def test_hardsigmoid_maps_nan_to_one_like_std_min():
+    # max(0, min(1, a*x + b)) with std::min(Dtype(1), v) == (v < 1 ? v : 1): NaN gives 1
+    y, _ = run_layer('type: "HardSigmoid"', [np.array([np.nan, np.inf, -np.inf, 0.0], np.float32)])
+    np.testing.assert_array_equal(y, [1.0, 1.0, 0.0, 0.5])

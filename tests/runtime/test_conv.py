@@ -21,7 +21,8 @@ def ref_conv(x, w, b, stride, pad, dilation, group):
     o, cg = w.shape[:2]
     k = w.shape[2:]
     og = o // group
-    out = [(s + 2 * p - (d * (kk - 1) + 1)) // st + 1
+    # C++ int division truncates toward zero (base_conv_layer.cpp's compute_output_shape)
+    out = [int((s + 2 * p - (d * (kk - 1) + 1)) / st) + 1
            for s, kk, st, p, d in zip(sp, k, stride, pad, dilation, strict=True)]
     y = np.zeros((n, o, *out), np.float64)
     for ni, oi in itertools.product(range(n), range(o)):
@@ -78,6 +79,11 @@ CONV_CASES = [
     ((1, 2, 5, 5), 3, (1, 1), (1, 1), (1, 1), (1, 1), 1),  # 1x1 with pad goes through im2col
     ((1, 2, 5), 3, (3,), (2,), (1,), (1,), 1),  # 1-D
     ((1, 2, 4, 5, 4), 2, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2), 2),  # 3-D
+    # Caffe's output size truncates a negative (in + 2p - extent) / stride toward zero: one
+    # output whose window reaches past the padded input, which reads zeros there
+    ((2, 3, 1, 1), 2, (2, 2), (3, 3), (0, 0), (1, 1), 1),  # 2-wide kernel, stride 3, on a 1x1 map
+    ((1, 2, 2, 5), 3, (5, 3), (2, 2), (1, 0), (1, 1), 1),  # kernel 5 > padded height 4
+    ((1, 4, 4, 3), 2, (3, 3), (3, 2), (0, 0), (2, 1), 2),  # dilated extent 5 > 4, grouped
 ]
 
 
@@ -176,6 +182,18 @@ def test_layer_fields_kernel_hw_stride_hw_pad_hw_and_two_bottoms():
     w, b = layer.blobs[0].data, layer.blobs[1].data
     np.testing.assert_allclose(y2, ref_conv(x2, w, b, (2, 1), (1, 0), (1, 1), 2), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(y1, ref_conv(x1, w, b, (2, 1), (1, 0), (1, 1), 2), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_output_size_truncates_toward_zero_like_cpp():
+    # (1 + 0 - 2) / 3 + 1 is 1 in C++ (-1 / 3 == 0), 0 with Python's floor division
+    text = ('name: "c" type: "Convolution" bottom: "a" top: "b" '
+            'convolution_param { num_output: 2 kernel_size: 2 stride: 3 }')
+    layer, tops = make_layer(ConvolutionLayer, text, [(1, 3, 1, 1)])
+    assert tops == [(1, 2, 1, 1)]
+    x = rand(1, 3, 1, 1)
+    (y,) = layer.forward([x])
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    np.testing.assert_allclose(y[:, :, 0, 0], x[:, :, 0, 0] @ w[:, :, 0, 0].T + b, rtol=1e-5)
 
 
 def test_layer_axis_and_no_bias():

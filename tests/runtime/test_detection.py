@@ -263,6 +263,13 @@ def test_detection_output_errors():
     with pytest.raises(GraphError, match="priors do not match"):
         run('type: "DetectionOutput" bottom: "l" bottom: "c" bottom: "p" top: "d" '
             "detection_output_param { num_classes: 4 }", loc, conf, prior)
+    # bbox_util.cpp's DecodeBBoxesAll skips the shared locations (label -1) as background when
+    # background_label_id is -1; Forward_cpu then aborts "Could not find location predictions"
+    with pytest.raises(GraphError, match="background_label_id -1"):
+        run('type: "DetectionOutput" bottom: "l" bottom: "c" bottom: "p" top: "d" '
+            "detection_output_param { num_classes: 3 background_label_id: -1 }", loc, conf, prior)
+    run('type: "DetectionOutput" bottom: "l" bottom: "c" bottom: "p" top: "d" '
+        "detection_output_param { num_classes: 3 background_label_id: 1 }", loc, conf, prior)
 
 
 def test_detection_output_golden_bit_exact():

@@ -14,10 +14,10 @@ from amct_caffe.runtime.layers.pooling import (MaxUnPool, MaxUnPoolLayer, Poolin
 RNG = np.random.default_rng(3)
 
 
-def ref_size(size, k, s, p, ceil=True):
+def ref_size(size, k, s, p, ceil=True, padded=None):
     f = math.ceil if ceil else math.floor
     out = int(f((size + 2 * p - k) / s)) + 1
-    if p and (out - 1) * s >= size + p:
+    if (p if padded is None else padded) and (out - 1) * s >= size + p:  # if (pad_h_ || pad_w_)
         out -= 1
     return out
 
@@ -25,7 +25,8 @@ def ref_size(size, k, s, p, ceil=True):
 def ref_pool(x, pool, k, s, p, ceil=True):
     """Caffe's Forward_cpu loops (MAX returns (top, mask)), plus the GPU STOCHASTIC test rule."""
     n, c, h, w = x.shape
-    ho, wo = ref_size(h, k[0], s[0], p[0], ceil), ref_size(w, k[1], s[1], p[1], ceil)
+    padded = bool(p[0] or p[1])
+    ho, wo = ref_size(h, k[0], s[0], p[0], ceil, padded), ref_size(w, k[1], s[1], p[1], ceil, padded)
     y = np.zeros((n, c, ho, wo), np.float64)
     mask = np.full((n, c, ho, wo), -1.0)
     for ni in range(n):
@@ -39,7 +40,7 @@ def ref_pool(x, pool, k, s, p, ceil=True):
                         best = -np.finfo(np.float32).max
                         for hh in range(hs, he):
                             for ww in range(ws, we):
-                                if x[ni, ci, hh, ww] > best:
+                                if x[ni, ci, hh, ww] > best:  # NaN never wins
                                     best = x[ni, ci, hh, ww]
                                     mask[ni, ci, ph, pw] = hh * w + ww
                         y[ni, ci, ph, pw] = best
@@ -60,6 +61,40 @@ def ref_pool(x, pool, k, s, p, ceil=True):
 ])
 def test_output_size_rule(size, k, s, p, ceil):
     assert pooled_size(size, k, s, p, ceil) == ref_size(size, k, s, p, ceil)
+
+
+def test_last_window_clip_applies_to_both_axes_when_either_is_padded():
+    # pooling_layer.cpp: if (pad_h_ || pad_w_) { if ((pooled_width_ - 1) * stride_w_ >= width_ + pad_w_)
+    # --pooled_width_; ... } -- on the unpadded axis too: W 2, kernel 1, stride 2 gives 1, not 2
+    x = RNG.standard_normal((2, 1, 3, 2)).astype(np.float32)
+    y, mask = Pooling(x, pool="MAX", kernel=(2, 1), stride=(2, 2), pad=(1, 0), return_mask=True)
+    assert y.shape == (2, 1, 2, 1)
+    ref_y, ref_mask = ref_pool(x, "MAX", (2, 1), (2, 2), (1, 0))
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(mask, ref_mask)
+    lp = caffe_pb().LayerParameter()
+    text_format.Parse('name: "p" type: "Pooling" top: "t" pooling_param { pool: AVE kernel_h: 2 kernel_w: 1 stride: 2 '
+                      'pad_h: 1 pad_w: 0 }', lp)
+    assert PoolingLayer(lp).reshape([(2, 1, 3, 2)]) == [(2, 1, 2, 1)]
+
+
+@pytest.mark.parametrize("return_mask", [False, True])
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3)])
+def test_max_pooling_skips_nan_like_caffes_strict_greater(return_mask, kernel):
+    # Caffe keeps a tap where bottom > top (top starts at -FLT_MAX): NaN never wins, and a window
+    # holding only NaN gives -FLT_MAX with mask -1.
+    x = RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    x[0, 0, 0, 1] = x[0, 1, 2, 2] = np.nan
+    x[0, 1, :2, :2] = np.nan
+    res = Pooling(x, pool="MAX", kernel=kernel, stride=(2, 2), return_mask=return_mask)
+    y = res[0] if return_mask else res
+    ref_y, ref_mask = ref_pool(x, "MAX", kernel, (2, 2), (0, 0))
+    assert not np.isnan(y).any()
+    np.testing.assert_array_equal(y, ref_y)
+    if return_mask:
+        np.testing.assert_array_equal(res[1], ref_mask)
+    g = Pooling(x, pool="MAX", kernel=(4, 4), stride=(1, 1))  # the global fast path
+    np.testing.assert_array_equal(g, ref_pool(x, "MAX", (4, 4), (1, 1), (0, 0))[0])
 
 
 CASES = [
@@ -177,6 +212,22 @@ def test_max_unpool_inverts_max_pool_mask():
     np.testing.assert_array_equal(lyr.forward([y, mask])[0], ref)
     with pytest.raises(ValueError, match="out of range"):
         MaxUnPool(y, mask, out_h=3, out_w=3)
+
+
+def test_max_unpool_of_an_empty_window_mask_is_refused():
+    # Ceil mode without padding: a 3x3 map, kernel 2, stride 3 gives 2x2 windows, the last ones
+    # wholly past the input (pooling_layer.cpp leaves their mask at -1). MaxUnPool's
+    # top_data[-1] = ... corrupts Caffe's heap; the executor refuses it naming the layer.
+    x = RNG.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    y, mask = Pooling(x, pool="MAX", kernel=(2, 2), stride=(3, 3), return_mask=True)
+    assert y.shape == (1, 2, 2, 2) and (mask == -1).any()
+    lp = caffe_pb().LayerParameter()
+    text_format.Parse('name: "u" type: "MaxUnPool" bottom: "y" bottom: "m" top: "z" '
+                      'max_unpool_param { dst_h: 3 dst_w: 3 }', lp)
+    lyr = MaxUnPoolLayer(lp)
+    lyr.reshape([y.shape, mask.shape])
+    with pytest.raises(GraphError, match="'u'.*out of range"):
+        lyr.forward([y, mask])
 
 
 @pytest.mark.parametrize("pool", ["MAX", "AVE"])

@@ -81,7 +81,8 @@ def HardSigmoid(x, alpha=0.2, beta=0.5):
     """y = max(0, min(1, alpha * x + beta))  (the fork's hardsigmoid_layer)."""
     out = np.multiply(x, _F32(alpha))
     out += _F32(beta)
-    np.minimum(out, _F32(1), out=out)
+    # std::min(Dtype(1), v) is (v < 1) ? v : 1, so NaN gives 1: fmin, not minimum
+    np.fmin(out, _F32(1), out=out)
     return np.maximum(out, _F32(0), out=out)
 
 
@@ -246,7 +247,10 @@ class _Neuron(Layer):
         return _param_kwargs(self.lp, self.param_field, self.fn)
 
     def forward(self, bottoms):
-        return [self.fn(bottoms[0], **self.kwargs)]
+        x = bottoms[0]
+        if x.ndim == 0:  # a 0-axis blob (Reduction over axis 0): numpy ufuncs would give scalars
+            return [np.asarray(self.fn(x.reshape(1), **self.kwargs)).reshape(())]
+        return [self.fn(x, **self.kwargs)]
 
 
 def _neuron(type_name: str, fn, param_field: str | None = None):
@@ -266,6 +270,7 @@ HardSwishLayer = _neuron("HardSwish", HardSwish)
 SwishLayer = _neuron("Swish", Swish, "swish_param")
 PowerLayer = _neuron("Power", Power, "power_param")
 AbsValLayer = _neuron("AbsVal", AbsVal)
+AbsValLayer.in_place_ok = False  # absval_layer.cpp's LayerSetUp: CHECK_NE(top[0], bottom[0])
 BNLLLayer = _neuron("BNLL", BNLL)
 ELULayer = _neuron("ELU", ELU, "elu_param")
 ExpLayer = _neuron("Exp", Exp, "exp_param")
@@ -318,8 +323,9 @@ class PReLULayer(Layer):
     """
 
     def _channels(self, shape) -> int:
-        if len(shape) < 2:
-            raise GraphError(f"layer '{self.name}' (PReLU): the bottom needs >= 2 axes, it has shape "
+        # prelu_layer.cpp reads bottom[0]->channels(), a legacy accessor: Blob CHECKs <= 4 axes
+        if not 2 <= len(shape) <= 4:
+            raise GraphError(f"layer '{self.name}' (PReLU): the bottom needs 2 to 4 axes, it has shape "
                              f"{list(shape)}")
         return int(shape[1])
 

@@ -4,7 +4,9 @@ Shapes, for ``S`` spatial axes after the channel axis (2-D is the common case, a
 works):
 
 * Convolution: x ``(N, C, *in)``, weight ``(O, C/g, *k)``, bias ``(O,)`` ->
-  ``(N, O, *out)`` with ``out = (in + 2*pad - (dilation*(k-1)+1)) // stride + 1``;
+  ``(N, O, *out)`` with ``out = (in + 2*pad - (dilation*(k-1)+1)) / stride + 1`` in C++ int
+  division, which truncates toward zero: a kernel up to ``stride - 1`` wider than the padded
+  input still gives one output (its taps past the border read the zero padding);
   ``y[n, o, p] = b[o] + sum_{c in group(o), t} w[o, c, t] * xpad[n, c, p*stride + t*dilation]``.
 * Deconvolution (the transpose of the above): x ``(N, C, *in)``, weight ``(C, O/g, *k)`` ->
   ``(N, O, *out)`` with ``out = stride*(in-1) + dilation*(k-1)+1 - 2*pad``;
@@ -122,7 +124,10 @@ def _padded(x: np.ndarray, pad) -> np.ndarray:
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - (dilation * (k - 1) + 1)) // stride + 1
+    """base_conv_layer.cpp's compute_output_shape, in C++ int arithmetic (truncating division)."""
+    num = size + 2 * pad - (dilation * (k - 1) + 1)
+    q = abs(num) // stride
+    return (q if num >= 0 else -q) + 1
 
 
 def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -198,6 +203,12 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
                 for s, k, st, p, d in zip(x.shape[2:], ksz, stride, pad, dilation, strict=True))
     if min(out, default=1) <= 0:
         raise ValueError(f"convolution output would be empty: input {x.shape[2:]}, kernel {ksz}")
+    # With C's truncating division the last window may reach past the padded input (a kernel
+    # wider than it, an odd stride): im2col reads zeros there, so extend the input with zeros.
+    tail = tuple(max(0, (o_ - 1) * st + d * (k - 1) + 1 - (s + 2 * p))
+                 for s, k, st, p, d, o_ in zip(x.shape[2:], ksz, stride, pad, dilation, out, strict=True))
+    if any(tail):
+        x = np.pad(x, ((0, 0), (0, 0)) + tuple((0, t) for t in tail))
     cg = c // group
     kk = math.prod(ksz)
     w = weight.reshape(group, o // group, -1)

@@ -5,8 +5,9 @@ Pooling of x ``(N, C, H, W)`` with kernel ``k``, stride ``s``, pad ``p`` (per ax
 
     Ho = ceil((H + 2p - k) / s) + 1          (floor instead of ceil when ceil_mode is false
                                                or round_mode is FLOOR)
-    if p > 0 and (Ho - 1) * s >= H + p:  Ho -= 1   (the last window must start inside
-                                                     the image or its top/left padding)
+    if any pad > 0 and (Ho - 1) * s >= H + p:  Ho -= 1   (the last window must start
+                                 inside the image or its top/left padding; Caffe applies this
+                                 to both axes when either one is padded)
 
 Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
 
@@ -38,13 +39,23 @@ _FLT_MIN = np.float32(np.finfo(np.float32).tiny)
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
-def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool = True) -> int:
-    """Caffe's pooled output size along one axis (see the module doc)."""
+def pooled_size(size: int, k: int, s: int, p: int, ceil_mode: bool = True, padded: bool | None = None) -> int:
+    """Caffe's pooled output size along one axis (see the module doc).
+
+    ``padded``: whether the layer has any padding (default: ``p > 0``). pooling_layer.cpp clips
+    the last window on *both* axes when either one is padded (``if (pad_h_ || pad_w_)``).
+    """
     num = size + 2 * p - k
     out = (-(-num // s) if ceil_mode else num // s) + 1
-    if p and (out - 1) * s >= size + p:
+    if (p if padded is None else padded) and (out - 1) * s >= size + p:
         out -= 1
     return out
+
+
+def pooled_hw(h: int, w: int, k, s, p, ceil_mode: bool = True) -> tuple[int, int]:
+    """(Ho, Wo) of Caffe's PoolingLayer::Reshape for an h x w map."""
+    padded = bool(p[0] or p[1])
+    return (pooled_size(h, k[0], s[0], p[0], ceil_mode, padded), pooled_size(w, k[1], s[1], p[1], ceil_mode, padded))
 
 
 def _windows(x, k, s, p, out, fill):
@@ -110,15 +121,19 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
     k, s, p = tuple(kernel), tuple(stride), tuple(pad)
     if global_pooling:
         k, s, p = (h, w), (1, 1), (0, 0)
-    out = (pooled_size(h, k[0], s[0], p[0], ceil_mode), pooled_size(w, k[1], s[1], p[1], ceil_mode))
+    out = pooled_hw(h, w, k, s, p, ceil_mode)
     if min(out) <= 0:
         raise ValueError(f"pooling output would be empty: input {(h, w)}, kernel {k}, stride {s}")
     if pool == MAX:
+        # Caffe keeps a tap only where it is strictly greater than the running max, which starts
+        # at -FLT_MAX: NaN never wins, and a window of NaN only (or empty) gives -FLT_MAX. fmax
+        # skips NaN likewise; a final fmax with -FLT_MAX replaces the NaN of all-NaN windows.
         if out == (1, 1) and k == (h, w) and p == (0, 0) and not return_mask:
-            return x.max(axis=(2, 3), keepdims=True)
+            y = np.fmax.reduce(x.reshape(n, c, h * w), axis=2, keepdims=True).reshape(n, c, 1, 1)
+            return np.fmax(y, -_FLT_MAX, out=y)
         if not return_mask:
-            # Caffe starts each window at -FLT_MAX and keeps it when the window is empty
-            return _pool2d(x, k, s, p, out, np.maximum, -_FLT_MAX)
+            y = _pool2d(x, k, s, p, out, np.fmax, -_FLT_MAX)
+            return np.fmax(y, -_FLT_MAX, out=y)
         # Caffe's loop: top = -FLT_MAX, mask = -1, then each tap in row-major order replaces
         # them where it is strictly greater (padding holds -inf, so it never wins).
         y = np.full((n, c) + out, -_FLT_MAX, np.float32)
@@ -127,7 +142,7 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
             better = win > y
             tap = (np.arange(out[0]) * s[0] - p[0] + i)[:, None] * w + (np.arange(out[1]) * s[1] - p[1] + j)
             np.copyto(mask, np.broadcast_to(tap, mask.shape), where=better)
-            np.maximum(y, win, out=y)
+            np.copyto(y, win, where=better)
         return y, mask.astype(np.float32)
     if pool == AVE:
         if out == (1, 1) and k == (h, w) and p == (0, 0):
@@ -224,8 +239,7 @@ class PoolingLayer(Layer):
             k, s, p = (h, w), (1, 1), (0, 0)
         else:
             k, s, p = self.kernel, self.stride, self.pad
-        out = (pooled_size(h, k[0], s[0], p[0], self.ceil_mode),
-               pooled_size(w, k[1], s[1], p[1], self.ceil_mode))
+        out = pooled_hw(h, w, k, s, p, self.ceil_mode)
         if min(out) <= 0:
             self._fail(f"output size {list(out)} is empty for input {list(shape)}")
         return [(n, c) + out] * len(self.lp.top)
@@ -277,7 +291,12 @@ class MaxUnPoolLayer(Layer):
         return [shape[:2] + self.out]
 
     def forward(self, bottoms):
-        return [MaxUnPool(bottoms[0], bottoms[1], out_h=self.out[0], out_w=self.out[1])]
+        try:
+            return [MaxUnPool(bottoms[0], bottoms[1], out_h=self.out[0], out_w=self.out[1])]
+        except ValueError as e:
+            # Caffe writes through such an index (heap corruption); a MAX pooling window lying
+            # wholly past the input (ceil mode, no padding) gives the mask -1.
+            raise GraphError(f"layer '{self.name}' (MaxUnPool): {e}") from None
 
 
 def spp_level_params(level: int, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -326,8 +345,7 @@ class SPPLayer(Layer):
         levels = self._levels(shape)
         if len(levels) == 1:
             return [shape[:2] + (1, 1)]
-        size = sum(pooled_size(shape[2], k[0], k[0], p[0]) * pooled_size(shape[3], k[1], k[1], p[1])
-                   for k, p in levels)
+        size = sum(math.prod(pooled_hw(shape[2], shape[3], k, k, p)) for k, p in levels)
         return [(shape[0], shape[1] * size)]
 
     def forward(self, bottoms):
