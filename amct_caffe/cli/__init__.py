@@ -27,16 +27,38 @@ _LOG = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_SIGPIPE, EXIT_SIGINT, EXIT_SIGTERM = 2, 128 + 13, 128 + 2, 128 + 15
 
 
+DESCRIPTION = """\
+Quantize Caffe models (.prototxt + .caffemodel) to INT8 and see what quantization costs. Models run in
+amct_caffe's embedded executor: no Caffe installation is needed.
+
+A typical session:
+  amct-caffe run --model M.prototxt --weights W.caffemodel --input data.npz
+  amct-caffe calibrate --model M.prototxt --weights W.caffemodel --data images/ --output out/model
+  amct-caffe run --model out/model_fake_quant_model.prototxt \\
+                 --weights out/model_fake_quant_weights.caffemodel --input data.npz
+
+'amct-caffe COMMAND --help' describes a command's options (all of them: docs/cli.md).
+"""
+EPILOG = """\
+The screen shows warnings and errors only, unless -v is given or AMCT_LOG_LEVEL is set;
+amct_log/amct_caffe.log keeps the INFO messages. Exit status: 0 done, 2 error (one line on stderr),
+130 Ctrl-C, 143 SIGTERM.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amct-caffe", description=__doc__.splitlines()[0],
-                                     epilog="Log messages below WARNING are not shown on the screen unless -v is "
-                                            "given or AMCT_LOG_LEVEL is set; amct_log/amct_caffe.log keeps them.")
+    from amct_caffe import __version__
+
+    parser = argparse.ArgumentParser(prog="amct-caffe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbose_help = "show the library's INFO messages on stderr (as AMCT_LOG_LEVEL=INFO)"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     # given after the subcommand too; SUPPRESS keeps a subcommand without -v from resetting it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub, common)
     calibrate.add_parser(sub, common)
     return parser

@@ -70,7 +70,9 @@ def add_parser(sub, common) -> None:
     cal = sub.add_parser("calibrate", parents=[common],
                          help="quantize a model, calibrating on images, arrays, an LMDB or a Record",
                          description="Post-training quantization: calibrate on --batch-num batches of "
-                                     "--batch-size samples from --data, write the quantized models.")
+                                     "--batch-size samples from --data and write the fake-quant and deploy "
+                                     "models, <output>_fake_quant_model.prototxt, <output>_deploy_model.prototxt "
+                                     "and their weights.")
     cal.add_argument("--model", required=True, help="network definition (.prototxt)")
     cal.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
     cal.add_argument("--data", required=True, help=DATA_HELP)
@@ -96,7 +98,9 @@ def add_parser(sub, common) -> None:
     cal.add_argument("--no-progress", dest="progress", action="store_false")
     cal.set_defaults(func=cmd_calibrate)
 
-    conv = sub.add_parser("convert", parents=[common], help="build quantized models from a scale/offset record")
+    conv = sub.add_parser("convert", parents=[common], help="build quantized models from a scale/offset record",
+                          description="Build the fake-quant and deploy models from your own scale/offset record "
+                                      "(the guide's convert_model), without calibrating.")
     conv.add_argument("--model", required=True, help="network definition (.prototxt)")
     conv.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
     conv.add_argument("--record", required=True, help="scale/offset record file (text proto)")

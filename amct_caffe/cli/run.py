@@ -66,7 +66,10 @@ def cmd_run(args) -> int:
 
 def add_parser(sub, common) -> None:
     run = sub.add_parser("run", parents=[common],
-                         help="run a model in the embedded executor and print its top outputs")
+                         help="run a model in the embedded executor and print its top outputs",
+                         description="Run a model in the embedded executor on every sample of --input and print "
+                                     "the top classes of the first samples (and the top-1 accuracy when the data "
+                                     "has labels).")
     run.add_argument("--model", required=True, help="network definition (.prototxt)")
     run.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
     run.add_argument("--input", required=True, help=".npy, or .npz with arrays named after the net inputs "
