@@ -93,6 +93,15 @@ def check_parent(flag: str, path) -> None:
             break
 
 
+def check_output_file(flag: str, path, suffix: str) -> None:
+    """``path`` can be written as a ``suffix`` file (not a folder; its folder can be created)."""
+    if Path(path).suffix.lower() != suffix:
+        raise AmctError(f"{flag} {path}: expected a {suffix} file name")
+    if Path(path).is_dir():
+        raise AmctError(f"{flag} {path} is a directory")
+    check_parent(flag, path)
+
+
 def api(module: str, function: str):
     """``module.function``, imported when the command runs (a missing one is a clear error)."""
     try:
@@ -222,9 +231,9 @@ def preprocess(args, shapes: dict, kind: str):
     return out
 
 
-def open_data(args, path, model_shapes: dict, batch_size: int = 0):
-    """(source, input shapes, batch size) for ``path`` with the data options of ``args``, the
-    --select applied. ``batch_size`` 0: the first input's batch dimension."""
+def open_data(args, path, model_shapes: dict, batch_size: int = 0, select: bool = True):
+    """(source, input shapes, batch size) for ``path`` with the data options of ``args`` (and their
+    --select, unless ``select`` is False). ``batch_size`` 0: the first input's batch dimension."""
     from amct_caffe.data import detect_kind, open_source
 
     if args.preprocess:
@@ -234,5 +243,7 @@ def open_data(args, path, model_shapes: dict, batch_size: int = 0):
     first = next(iter(shapes.values()))
     batch_size = batch_size or (first[0] if first else 1)
     source = open_source(path, shapes, batch_size, preprocess(args, shapes, kind))
-    sel = parse_select(args.select)
-    return source.select(sel.start, sel.stop, sel.step), shapes, batch_size
+    if select:
+        sel = parse_select(args.select)
+        source = source.select(sel.start, sel.stop, sel.step)
+    return source, shapes, batch_size
