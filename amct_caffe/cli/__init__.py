@@ -2,7 +2,8 @@
 
 * ``run`` (:mod:`.run`) runs a model in the embedded executor and prints the top classes per sample;
 * ``calibrate`` / ``convert`` (:mod:`.calibrate`) quantize a model, calibrating on data or from a
-  scale/offset record.
+  scale/offset record;
+* ``inspect`` (:mod:`.model`) lists a model's layers and what quantization does to each.
 
 :mod:`.options` holds what they share (argument types, file checks, the data options). Every
 failure is one line on stderr and exit status 2 (130 on Ctrl-C, 143 on SIGTERM).
@@ -20,7 +21,7 @@ import sys
 import threading
 
 from amct_caffe import log
-from amct_caffe.cli import calibrate, run
+from amct_caffe.cli import calibrate, model, run
 from amct_caffe.errors import AmctError
 
 _LOG = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub, common)
     calibrate.add_parser(sub, common)
+    model.add_parsers(sub, common)
     return parser
 
 
