@@ -79,7 +79,7 @@ def test_run_on_bundled_mnist_prints_accuracy(capsys):
 
 @needs_mnist
 def test_calibrate_npz_passes_batches_and_arguments(fake_calibrate, capsys, tmp_path):
-    (tmp_path / "q.cfg").write_text("batch_num: 2\n")
+    (tmp_path / "q.cfg").write_text("batch_num: 2\nactivation_offset: false\n")
     code = cli.main(["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS),
                      "--data", str(MNIST),
                      "--batch-size", "8", "--batch-num", "2", "--scale", "0.00390625", "--select", "::10",
@@ -87,9 +87,10 @@ def test_calibrate_npz_passes_batches_and_arguments(fake_calibrate, capsys, tmp_
     assert code == 0
     (call,) = fake_calibrate
     assert call["model_file"] == str(LENET) and call["weights_file"] == str(LENET_WEIGHTS)
-    assert call["save_path"] == "out/lenet" and call["batch_num"] == 2
+    # the .cfg's batch_num and activation_offset apply: the API gets the defaults, which it ignores then
+    assert call["save_path"] == "out/lenet" and call["batch_num"] == 1
     assert call["config_file"] is None and call["config_defination"] == "q.cfg"
-    assert call["activation_offset"] is False
+    assert call["activation_offset"] is True
     assert call["progress"] is False
     assert len(call["batches"]) == 2
     with np.load(MNIST) as z:
@@ -106,7 +107,7 @@ def test_calibrate_npz_passes_batches_and_arguments(fake_calibrate, capsys, tmp_
 @needs_imagenet
 def test_calibrate_image_folder_bgr_mean_crop(fake_calibrate, tmp_path):
     model, weights = _tiny_imagenet_model(tmp_path)
-    (tmp_path / "c.json").write_text("{}")
+    (tmp_path / "c.json").write_text('{"batch_num": 3}')
     code = cli.main(["calibrate", "--model", str(model), "--weights", str(weights), "--data", str(IMAGENET),
                      "--batch-size", "2", "--batch-num", "3", "--resize", "256", "--crop", "224",
                      "--mean", "104", "117", "123", "--config", "c.json", "--output", "q", "--no-progress"])

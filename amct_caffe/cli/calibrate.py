@@ -6,9 +6,10 @@ import itertools
 import logging
 
 from amct_caffe.cli.options import (DATA_HELP, add_data_options, api, check_file, check_files, check_output,
-                                    cosine, non_negative, open_data, positive, print_outputs)
+                                    config_values, cosine, non_negative, open_data, positive, print_outputs)
 
 _LOG = logging.getLogger(__name__)
+MIN_CALIBRATION_SAMPLES = 32  # fewer: warn that the activation ranges are unreliable
 
 
 def cmd_calibrate(args) -> int:
@@ -19,30 +20,39 @@ def cmd_calibrate(args) -> int:
         if path:
             check_file(flag, path)
     check_output(args.output)
+    batch_num, offset = config_values(args)
     source, _, batch_size = open_data(args, args.data, model_inputs(args.model), args.batch_size)
-    batches = source.batches(args.batch_num)  # checks there is enough data before any work
+    batches = source.batches(batch_num)  # checks there is enough data before any work
     # Decoding the first batch now finds an unreadable image, a bad LMDB record or a size mismatch
     # before the model is prepared, not minutes into the calibration.
     batches = itertools.chain([next(batches)], batches)
-    _LOG.info("calibrating on %d batch(es) of %d from %s", args.batch_num, batch_size, source.describe())
+    _LOG.info("calibrating on %d batch(es) of %d from %s", batch_num, batch_size, source.describe())
+    if batch_num * batch_size < MIN_CALIBRATION_SAMPLES:
+        where = f"--batch-size, or batch_num in {args.config or args.cfg}" if args.config or args.cfg else \
+            "--batch-num or --batch-size"
+        _LOG.warning("calibrating on %d samples (%d batch(es) of %d): activation ranges from fewer than %d samples "
+                     "are unreliable; give more with %s", batch_num * batch_size, batch_num, batch_size,
+                     MIN_CALIBRATION_SAMPLES, where)
+    if args.cfg:  # the .cfg's values apply; the defaults keep create_quant_config from warning again
+        batch_num, offset = 1, True
     if args.target_cosine is not None:
-        return _calibrate_with_fallback(args, batches)
+        return _calibrate_with_fallback(args, batches, batch_num, offset)
     calibrate = api("amct_caffe.api.workflow", "calibrate")
     # the calibration shows its one progress bar (batches), ending at 100%
-    result = calibrate(args.model, args.weights, batches, args.output, args.batch_num, config_file=args.config,
-                       config_defination=args.cfg, activation_offset=args.activation_offset, progress=args.progress)
+    result = calibrate(args.model, args.weights, batches, args.output, batch_num, config_file=args.config,
+                       config_defination=args.cfg, activation_offset=offset, progress=args.progress)
     print_outputs(result, args.output)
     return 0
 
 
-def _calibrate_with_fallback(args, batches) -> int:
+def _calibrate_with_fallback(args, batches, batch_num: int, offset: bool) -> int:
     """calibrate, then keep the most quantization-sensitive layers float (amct_caffe.api.fallback)."""
     calibrate_with_fallback = api("amct_caffe.api.fallback", "calibrate_with_fallback")
     feeds = list(batches)  # read twice or three times: calibration, search, final calibration
-    result = calibrate_with_fallback(args.model, args.weights, feeds, args.output, args.batch_num,
+    result = calibrate_with_fallback(args.model, args.weights, feeds, args.output, batch_num,
                                      target_cosine=args.target_cosine, max_float_layers=args.max_float_layers,
                                      config_file=args.config, config_defination=args.cfg,
-                                     activation_offset=args.activation_offset, metric=args.fallback_metric,
+                                     activation_offset=offset, metric=args.fallback_metric,
                                      progress=args.progress)
     print_outputs(result.outputs, args.output)
     print(f"output cosine ({args.fallback_metric}, FP32 vs INT8 on the calibration data): "
@@ -78,13 +88,15 @@ def add_parser(sub, common) -> None:
     cal.add_argument("--data", required=True, help=DATA_HELP)
     cal.add_argument("--batch-size", type=positive, default=0,
                      help="samples per batch (default: the model's)")
-    cal.add_argument("--batch-num", type=positive, default=1, help="calibration batches (default 1)")
+    cal.add_argument("--batch-num", type=positive,
+                     help="calibration batches (default 1; a --config / --cfg file's batch_num wins)")
     group = cal.add_mutually_exclusive_group()
     group.add_argument("--config", help="quantization config (.json, as create_quant_config writes)")
     group.add_argument("--cfg", help="simple quantization config (.cfg, AMCTConfig text proto)")
     add_data_options(cal, "calibration")
     cal.add_argument("--no-activation-offset", dest="activation_offset", action="store_false",
-                     help="symmetric activation quantization (no offset)")
+                     help="symmetric activation quantization (no offset; a --config / --cfg file's "
+                          "activation_offset wins)")
     cal.add_argument("--output", required=True, help="prefix of the files written (e.g. out/lenet)")
     fb = cal.add_argument_group("accuracy-based fallback (keeps the most quantization-sensitive layers float)")
     fb.add_argument("--target-cosine", type=cosine, metavar="C",

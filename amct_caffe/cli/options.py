@@ -12,10 +12,13 @@ import importlib
 import json
 import math
 import os
+import logging
 import re
 from pathlib import Path
 
 from amct_caffe.errors import AmctError
+
+_LOG = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ argument types
@@ -118,6 +121,40 @@ def print_outputs(result, prefix: str) -> None:
     prefix_path = Path(prefix)
     for path in sorted(prefix_path.parent.glob(prefix_path.name + "_*")):
         print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------- config
+def _setting(path: str, name: str, value, written: bool, wanted) -> str:
+    """What ``path`` says of ``name``, and how to get ``wanted`` instead."""
+    def shown(v):
+        v = str(v).lower() if isinstance(v, bool) else v
+        return f'"{name}": {v}' if path.endswith(".json") else f"{name}: {v}"
+    if written:
+        return f"{path} sets {shown(value)} (change it there instead)"
+    default = shown(value).split()[-1]
+    return f"{path} does not set {name}, so its default {default} applies (write {shown(wanted)} there)"
+
+
+def config_values(args) -> tuple[int, bool]:
+    """The batch_num and activation_offset that apply, and a warning for each flag a config file overrides.
+
+    With --config (JSON) or --cfg, the file's global fields define the config and the arguments of the
+    same names are ignored (the guide: 此时输入参数中该参数配置不生效), so --batch-num and
+    --no-activation-offset only count without one. ``args.batch_num`` is None when not given.
+    """
+    config, cfg = getattr(args, "config", None), getattr(args, "cfg", None)
+    if not config and not cfg:
+        return args.batch_num or 1, args.activation_offset
+    path = config or cfg
+    settings = api("amct_caffe.api.model_info", "config_settings")(config_file=config, config_defination=cfg)
+    batch_num, offset, written = settings["batch_num"], settings["activation_offset"], settings["written"]
+    if args.batch_num is not None and args.batch_num != batch_num:
+        _LOG.warning("--batch-num %d is ignored: the fields of %s win over the command line, and %s", args.batch_num,
+                     path, _setting(path, "batch_num", batch_num, "batch_num" in written, args.batch_num))
+    if not args.activation_offset and offset:
+        _LOG.warning("--no-activation-offset is ignored: the fields of %s win over the command line, and %s", path,
+                     _setting(path, "activation_offset", True, "activation_offset" in written, False))
+    return batch_num, offset
 
 
 # ------------------------------------------------------------------------------------------- data
