@@ -82,3 +82,46 @@ def test_inspect_errors_are_one_line(capsys, tmp_path):
           "weights file none.caffemodel does not exist")
     (tmp_path / "bad.prototxt").write_text("layer { name: 'x' type: 'ReLU' bottom: 'a' top: 'b' ")
     fails(capsys, ["inspect", "--model", "bad.prototxt"], "bad.prototxt")
+
+
+def test_create_config_writes_what_create_quant_config_writes(capsys, tmp_path):
+    lenet = ["--model", str(LENET), "--weights", str(LENET_WEIGHTS)]
+    assert cli.main(["create-config", *lenet, "--output", "out/config.json", "--batch-num", "4",
+                     "--no-activation-offset"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    amct.create_quant_config(str(tmp_path / "api.json"), str(LENET), str(LENET_WEIGHTS), batch_num=4,
+                             activation_offset=False)
+    assert (tmp_path / "out/config.json").read_text() == (tmp_path / "api.json").read_text()
+    assert out[:2] == ["config: out/config.json",
+                       "7 layer(s) quantized, 1 listed with quant_enable false; batch_num 4, activation_offset false"]
+    assert out[2].startswith("next: edit it, then amct-caffe calibrate --model ")
+    assert "--config out/config.json" in out[2]
+
+
+def test_create_config_from_a_cfg_warns_of_the_flags_it_overrides(capsys, tmp_path, caplog):
+    (tmp_path / "q.cfg").write_text('batch_num: 2\nskip_layers: "conv1"\n')
+    lenet = ["--model", str(LENET), "--weights", str(LENET_WEIGHTS)]
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        assert cli.main(["create-config", *lenet, "--cfg", "q.cfg", "--output", "c.json", "--batch-num", "4",
+                         "--no-activation-offset"]) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "--batch-num 4 is ignored: the fields of q.cfg win over the command line, and q.cfg sets batch_num: 2 "
+        "(change it there instead)",
+        "--no-activation-offset is ignored: the fields of q.cfg win over the command line, and q.cfg does not set "
+        "activation_offset, so its default true applies (write activation_offset: false there)"]
+    config = json.loads((tmp_path / "c.json").read_text())
+    assert config["batch_num"] == 2 and config["activation_offset"] is True and "conv1" not in config
+    assert "6 layer(s) quantized" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="amct_caffe"):  # flags that agree with the file: nothing to say
+        assert cli.main(["create-config", *lenet, "--cfg", "q.cfg", "--output", "c.json", "--batch-num", "2"]) == 0
+    assert caplog.records == []
+
+
+def test_create_config_errors_are_one_line(capsys, tmp_path):
+    lenet = ["create-config", "--model", str(LENET), "--weights", str(LENET_WEIGHTS)]
+    fails(capsys, lenet + ["--output", "config.txt"], "--output config.txt: expected a .json file name")
+    fails(capsys, lenet + ["--output", "c.json", "--cfg", "none.cfg"], "--cfg none.cfg does not exist")
+    (tmp_path / "bad.cfg").write_text("batch_num: x\n")
+    fails(capsys, lenet + ["--output", "c.json", "--cfg", "bad.cfg"], "bad.cfg:1:")
+    assert not (tmp_path / "c.json").exists()

@@ -3,7 +3,8 @@
 * ``run`` (:mod:`.run`) runs a model in the embedded executor and prints the top classes per sample;
 * ``calibrate`` / ``convert`` (:mod:`.calibrate`) quantize a model, calibrating on data or from a
   scale/offset record;
-* ``inspect`` (:mod:`.model`) lists a model's layers and what quantization does to each.
+* ``inspect`` / ``create-config`` (:mod:`.model`) list a model's layers and what quantization does to
+  each, and write the quantization config to edit.
 
 :mod:`.options` holds what they share (argument types, file checks, the data options). Every
 failure is one line on stderr and exit status 2 (130 on Ctrl-C, 143 on SIGTERM).

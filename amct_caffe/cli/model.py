@@ -4,8 +4,11 @@ create-config`` (the config to edit, then give to ``calibrate --config``)."""
 from __future__ import annotations
 
 import json
+import shlex
 
-from amct_caffe.cli.options import api, check_files
+from pathlib import Path
+
+from amct_caffe.cli.options import api, check_file, check_files, check_output_file, config_values, positive
 
 KIND = {"weights_and_data": "weights+data", "data_only": "data only", None: "no"}
 
@@ -49,6 +52,28 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_create_config(args) -> int:
+    check_files(model=args.model, weights=args.weights)
+    if args.cfg:
+        check_file("--cfg", args.cfg)
+    check_output_file("--output", args.output, ".json")
+    batch_num, offset = config_values(args)
+    if args.cfg:  # the .cfg's values apply; the defaults keep create_quant_config from warning again
+        batch_num, offset = 1, True
+    create_quant_config = api("amct_caffe.api.calibration", "create_quant_config")
+    create_quant_config(args.output, args.model, args.weights, batch_num=batch_num, activation_offset=offset,
+                        config_defination=args.cfg)
+    config = json.loads(Path(args.output).read_text(encoding="utf-8"))
+    layers = {name: entry for name, entry in config.items() if isinstance(entry, dict) and "quant_enable" in entry}
+    on = [name for name, entry in layers.items() if entry["quant_enable"]]
+    print(f"config: {args.output}")
+    print(f"{len(on)} layer(s) quantized, {len(layers) - len(on)} listed with quant_enable false; batch_num "
+          f"{config.get('batch_num', 1)}, activation_offset {str(config.get('activation_offset', True)).lower()}")
+    command = ["amct-caffe", "calibrate", "--model", args.model, "--weights", args.weights, "--config", args.output]
+    print(f"next: edit it, then {shlex.join(command)} --data DATA --output PREFIX")
+    return 0
+
+
 def add_parsers(sub, common) -> None:
     ins = sub.add_parser("inspect", parents=[common],
                          help="list a model's layers, output shapes, parameters and what is quantized",
@@ -62,3 +87,19 @@ def add_parsers(sub, common) -> None:
                      help="print a JSON list, one object per layer: name, type, config_type, bottoms, tops, "
                           "top_shapes, params, quantizable, quant_kind, by_default, note")
     ins.set_defaults(func=cmd_inspect)
+
+    cc = sub.add_parser("create-config", parents=[common],
+                        help="write the quantization config (JSON) to edit and give to calibrate --config",
+                        description="Write the full quantization config of a model (the guide's "
+                                    "create_quant_config): one entry per quantizable layer with quant_enable and "
+                                    "its parameters. Edit it (switch layers off or on, change the parameters), "
+                                    "then calibrate with it: amct-caffe calibrate --config FILE.")
+    cc.add_argument("--model", required=True, help="network definition (.prototxt)")
+    cc.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
+    cc.add_argument("--output", required=True, metavar="CONFIG.json", help="the config file to write")
+    cc.add_argument("--cfg", help="simple quantization config (.cfg, AMCTConfig text proto) to build it from; "
+                                  "its batch_num and activation_offset win over the flags")
+    cc.add_argument("--batch-num", type=positive, help="the config's batch_num (default 1)")
+    cc.add_argument("--no-activation-offset", dest="activation_offset", action="store_false",
+                    help="activation_offset false: symmetric activation quantization")
+    cc.set_defaults(func=cmd_create_config)
