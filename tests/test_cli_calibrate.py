@@ -12,7 +12,7 @@ from .test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE
 
 MNIST_500 = MNIST_SAMPLE / "mnist_500.npz"
 CALIBRATE = ["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--data", str(MNIST_500),
-             "--scale", "0.00390625", "--output", "out/lenet", "--no-progress"]
+             "--scale", "0.00390625", "--output", "out/lenet", "--no-progress", "--no-summary"]
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +78,28 @@ def test_calibrating_on_fewer_than_32_samples_warns(fake_calibrate, caplog):
     assert _warnings(caplog) == []
     assert [len(c["batches"]) for c in fake_calibrate] == [3, 2]
     np.testing.assert_array_equal(fake_calibrate[1]["batches"][0]["data"][:8], fake_calibrate[0]["batches"][0]["data"])
+
+
+def test_calibrate_ends_with_fp32_vs_int8_on_the_first_calibration_batch(capsys, tmp_path):
+    """The real pipeline: the summary is compare_batches on the first batch the calibration read (read again from
+    the source after the calibration consumed its iterator), and --no-summary drops it."""
+    from amct_caffe.api.compare import compare_batches
+    from amct_caffe.data import ArrayData
+
+    args = CALIBRATE[:-1] + ["--select", "100:", "--batch-size", "16", "--batch-num", "2"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    source = ArrayData(MNIST_500, {"data": (16, 1, 28, 28)}, scale=0.00390625, batch_size=16).select(100)
+    fake_quant = ("out/lenet_fake_quant_model.prototxt", "out/lenet_fake_quant_weights.caffemodel")
+    _, want, _ = compare_batches(str(LENET), str(LENET_WEIGHTS), *fake_quant, [source.batch(0)])
+    prob, worst = want["outputs"]["prob"], want["most_sensitive_layers"][:3]
+    assert out[-4:] == [
+        "FP32 vs INT8 on the first calibration batch (16 samples):",
+        f"  output prob: cosine {prob['cosine']:.10f}, top-1 agreement {100 * prob['top1_agreement']:.2f}%",
+        "  layers adding the most error (1 - cosine): " + ", ".join(f"{w['layer']} {w['error_added']:.3e}"
+                                                                   for w in worst),
+        "  every layer, on more data: amct-caffe compare (see its --help)"]
+    _, second, _ = compare_batches(str(LENET), str(LENET_WEIGHTS), *fake_quant, [source.batch(1)])
+    assert second["most_sensitive_layers"][0]["error_added"] != worst[0]["error_added"]  # the batch matters
+    assert cli.main(args + ["--no-summary"]) == 0
+    assert "FP32 vs INT8" not in capsys.readouterr().out

@@ -42,7 +42,27 @@ def cmd_calibrate(args) -> int:
     result = calibrate(args.model, args.weights, batches, args.output, batch_num, config_file=args.config,
                        config_defination=args.cfg, activation_offset=offset, progress=args.progress)
     print_outputs(result, args.output)
+    if args.summary:
+        _summary(args, source.batch(0), result)
     return 0
+
+
+def _summary(args, first_batch, result) -> None:
+    """FP32 vs fake-quant INT8 on the first calibration batch: each output's cosine, the 3 layers adding the most
+    error (amct_caffe.api.compare). ``first_batch`` is read again from the source: calibration consumed its
+    iterator."""
+    compare_batches = api("amct_caffe.api.compare", "compare_batches")
+    _, summary, _ = compare_batches(args.model, args.weights, result["fake_quant_model"],
+                                    result["fake_quant_weights"], [first_batch])
+    print(f"FP32 vs INT8 on the first calibration batch ({summary['samples']} samples):")
+    for name, output in summary["outputs"].items():
+        top1 = output["top1_agreement"]
+        agreement = "" if top1 is None else f", top-1 agreement {100 * top1:.2f}%"
+        print(f"  output {name}: cosine {output['cosine']:.10f}{agreement}")
+    worst = summary["most_sensitive_layers"][:3]
+    print("  layers adding the most error (1 - cosine): "
+          + ", ".join(f"{w['layer']} {w['error_added']:.3e}" for w in worst))
+    print("  every layer, on more data: amct-caffe compare (see its --help)")
 
 
 def _calibrate_with_fallback(args, batches, batch_num: int, offset: bool) -> int:
@@ -107,6 +127,10 @@ def add_parser(sub, common) -> None:
     fb.add_argument("--fallback-metric", choices=["worst_output", "all_outputs"], default="worst_output",
                     help="worst_output (default): every output blob's mean cosine must reach C; all_outputs: the "
                          "cosine of all outputs concatenated per sample")
+    cal.add_argument("--no-summary", dest="summary", action="store_false",
+                     help="do not end with the FP32 vs INT8 summary (output cosines and the layers adding the most "
+                          "error on the first calibration batch; not printed with --target-cosine, which prints "
+                          "its own)")
     cal.add_argument("--no-progress", dest="progress", action="store_false")
     cal.set_defaults(func=cmd_calibrate)
 
