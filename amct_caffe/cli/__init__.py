@@ -3,6 +3,7 @@
 * ``run`` (:mod:`.run`) runs a model in the embedded executor and prints the top classes per sample;
 * ``calibrate`` / ``convert`` (:mod:`.calibrate`) quantize a model, calibrating on data or from a
   scale/offset record;
+* ``compare`` (:mod:`.compare`) writes the accuracy report of a quantized model against its float model;
 * ``inspect`` / ``create-config`` (:mod:`.model`) list a model's layers and what quantization does to
   each, and write the quantization config to edit.
 
@@ -22,7 +23,7 @@ import sys
 import threading
 
 from amct_caffe import log
-from amct_caffe.cli import calibrate, model, run
+from amct_caffe.cli import calibrate, compare, model, run
 from amct_caffe.errors import AmctError
 
 _LOG = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(sub, common)
     calibrate.add_parser(sub, common)
+    compare.add_parser(sub, common)
     model.add_parsers(sub, common)
     return parser
 

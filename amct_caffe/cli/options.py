@@ -105,6 +105,13 @@ def check_output_file(flag: str, path, suffix: str) -> None:
     check_parent(flag, path)
 
 
+def check_output_dir(flag: str, path) -> None:
+    """``path`` is a folder or can be created as one."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise AmctError(f"{flag} {path} is a file, not a folder")
+    check_parent(flag, path)
+
+
 def api(module: str, function: str):
     """``module.function``, imported when the command runs (a missing one is a clear error)."""
     try:
