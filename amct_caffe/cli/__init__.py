@@ -34,11 +34,14 @@ DESCRIPTION = """\
 Quantize Caffe models (.prototxt + .caffemodel) to INT8 and see what quantization costs. Models run in
 amct_caffe's embedded executor: no Caffe installation is needed.
 
-A typical session:
-  amct-caffe run --model M.prototxt --weights W.caffemodel --input data.npz
+A typical session (M.prototxt and W.caffemodel: your float model):
+  amct-caffe inspect --model M.prototxt --weights W.caffemodel        # the layers, what gets quantized
   amct-caffe calibrate --model M.prototxt --weights W.caffemodel --data images/ --output out/model
+  amct-caffe compare --model M.prototxt --weights W.caffemodel --data images/ --output out/report \\
+      --quant-model out/model_fake_quant_model.prototxt \\
+      --quant-weights out/model_fake_quant_weights.caffemodel         # where accuracy goes
   amct-caffe run --model out/model_fake_quant_model.prototxt \\
-                 --weights out/model_fake_quant_weights.caffemodel --input data.npz
+      --weights out/model_fake_quant_weights.caffemodel --input images/
 
 'amct-caffe COMMAND --help' describes a command's options (all of them: docs/cli.md).
 """
@@ -62,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run.add_parser(sub, common)
+    # in the order of a session: look at the model, quantize it, see what it cost, run it
+    model.add_parsers(sub, common)
     calibrate.add_parser(sub, common)
     compare.add_parser(sub, common)
-    model.add_parsers(sub, common)
+    run.add_parser(sub, common)
     return parser
 
 
