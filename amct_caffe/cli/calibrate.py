@@ -131,7 +131,7 @@ def add_parser(sub, common) -> None:
                      help="do not end with the FP32 vs INT8 summary (output cosines and the layers adding the most "
                           "error on the first calibration batch; not printed with --target-cosine, which prints "
                           "its own)")
-    cal.add_argument("--no-progress", dest="progress", action="store_false")
+    cal.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     cal.set_defaults(func=cmd_calibrate)
 
     conv = sub.add_parser("convert", parents=[common], help="build quantized models from a scale/offset record",

@@ -70,5 +70,5 @@ def add_parser(sub, common) -> None:
     cmp.add_argument("--dump", action="store_true",
                      help="also save every blob of both models for the first sample: fp32_blobs.npz, "
                           "quant_blobs.npz")
-    cmp.add_argument("--no-progress", dest="progress", action="store_false")
+    cmp.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     cmp.set_defaults(func=cmd_compare)

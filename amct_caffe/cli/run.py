@@ -133,5 +133,5 @@ def add_parser(sub, common) -> None:
     run.add_argument("--save", metavar="OUT.npz",
                      help="save the outputs of every sample to this .npz, one array per blob named after it "
                           "(every net output, or the --output blob), samples along the first axis")
-    run.add_argument("--no-progress", dest="progress", action="store_false")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     run.set_defaults(func=cmd_run)
