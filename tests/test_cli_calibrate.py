@@ -96,7 +96,7 @@ def test_calibrate_ends_with_fp32_vs_int8_on_the_first_calibration_batch(capsys,
     assert out[-4:] == [
         "FP32 vs INT8 on the first calibration batch (16 samples):",
         f"  output prob: cosine {prob['cosine']:.10f}, top-1 agreement {100 * prob['top1_agreement']:.2f}%",
-        "  layers adding the most error (1 - cosine): " + ", ".join(f"{w['layer']} {w['error_added']:.3e}"
+        "  layers adding the most error (rise in 1 - cosine): " + ", ".join(f"{w['layer']} {w['error_added']:.3e}"
                                                                    for w in worst),
         "  every layer, on more data: amct-caffe compare (see its --help)"]
     _, second, _ = compare_batches(str(LENET), str(LENET_WEIGHTS), *fake_quant, [source.batch(1)])

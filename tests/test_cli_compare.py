@@ -51,7 +51,7 @@ def test_compare_prints_the_figures_of_report_json(capsys, tmp_path, quantized):
         f"FP32 vs quantized on 150 samples, {summary['blobs_compared']} blobs compared",
         f"worst output cosine: {summary['worst_output_cosine']:.10f} (prob)",
         f"top-1 agreement: {100 * summary['top1_agreement']:.2f}%",
-        "layers adding the most error (1 - cosine): " + ", ".join(f"{w['layer']} {w['error_added']:.3e}"
+        "layers adding the most error (rise in 1 - cosine): " + ", ".join(f"{w['layer']} {w['error_added']:.3e}"
                                                                   for w in worst),
         "blobs of the first sample: report/fp32_blobs.npz, report/quant_blobs.npz",
         "report: report/report.html (figures: report/report.json)"]

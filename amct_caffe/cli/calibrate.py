@@ -60,7 +60,7 @@ def _summary(args, first_batch, result) -> None:
         agreement = "" if top1 is None else f", top-1 agreement {100 * top1:.2f}%"
         print(f"  output {name}: cosine {output['cosine']:.10f}{agreement}")
     worst = summary["most_sensitive_layers"][:3]
-    print("  layers adding the most error (1 - cosine): "
+    print("  layers adding the most error (rise in 1 - cosine): "
           + ", ".join(f"{w['layer']} {w['error_added']:.3e}" for w in worst))
     print("  every layer, on more data: amct-caffe compare (see its --help)")
 

@@ -21,7 +21,7 @@ def headline(summary: dict) -> list[str]:
     if summary["top1_agreement"] is not None:
         lines.append(f"top-1 agreement: {100 * summary['top1_agreement']:.2f}%")
     ranked = summary["most_sensitive_layers"][:3]
-    lines.append("layers adding the most error (1 - cosine): "
+    lines.append("layers adding the most error (rise in 1 - cosine): "
                  + ", ".join(f"{r['layer']} {r['error_added']:.3e}" for r in ranked))
     return lines
 
