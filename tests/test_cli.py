@@ -79,17 +79,19 @@ def test_run_on_bundled_mnist_prints_accuracy(capsys):
 
 @needs_mnist
 def test_calibrate_npz_passes_batches_and_arguments(fake_calibrate, capsys, tmp_path):
-    (tmp_path / "q.cfg").write_text("batch_num: 2\n")
+    (tmp_path / "q.cfg").write_text("batch_num: 2\nactivation_offset: false\n")
     code = cli.main(["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS),
                      "--data", str(MNIST),
                      "--batch-size", "8", "--batch-num", "2", "--scale", "0.00390625", "--select", "::10",
-                     "--cfg", "q.cfg", "--no-activation-offset", "--output", "out/lenet", "--no-progress"])
+                     "--cfg", "q.cfg", "--no-activation-offset", "--output", "out/lenet", "--no-progress",
+                     "--no-summary"])
     assert code == 0
     (call,) = fake_calibrate
     assert call["model_file"] == str(LENET) and call["weights_file"] == str(LENET_WEIGHTS)
-    assert call["save_path"] == "out/lenet" and call["batch_num"] == 2
+    # the .cfg's batch_num and activation_offset apply: the API gets the defaults, which it ignores then
+    assert call["save_path"] == "out/lenet" and call["batch_num"] == 1
     assert call["config_file"] is None and call["config_defination"] == "q.cfg"
-    assert call["activation_offset"] is False
+    assert call["activation_offset"] is True
     assert call["progress"] is False
     assert len(call["batches"]) == 2
     with np.load(MNIST) as z:
@@ -106,10 +108,11 @@ def test_calibrate_npz_passes_batches_and_arguments(fake_calibrate, capsys, tmp_
 @needs_imagenet
 def test_calibrate_image_folder_bgr_mean_crop(fake_calibrate, tmp_path):
     model, weights = _tiny_imagenet_model(tmp_path)
-    (tmp_path / "c.json").write_text("{}")
+    (tmp_path / "c.json").write_text('{"batch_num": 3}')
     code = cli.main(["calibrate", "--model", str(model), "--weights", str(weights), "--data", str(IMAGENET),
                      "--batch-size", "2", "--batch-num", "3", "--resize", "256", "--crop", "224",
-                     "--mean", "104", "117", "123", "--config", "c.json", "--output", "q", "--no-progress"])
+                     "--mean", "104", "117", "123", "--config", "c.json", "--output", "q", "--no-progress",
+                     "--no-summary"])
     assert code == 0
     (call,) = fake_calibrate
     assert call["config_file"] == "c.json" and call["config_defination"] is None
@@ -128,7 +131,7 @@ def test_calibrate_images_default_to_input_size_and_rgb_std(fake_calibrate, tmp_
     model, weights = _tiny_imagenet_model(tmp_path)
     assert cli.main(["calibrate", "--model", str(model), "--weights", str(weights), "--data", str(IMAGENET),
                      "--input-shape", "data:1,3,32,48", "--channel-order", "rgb", "--std", "255",
-                     "--batch-num", "1", "--output", "q", "--no-progress"]) == 0
+                     "--batch-num", "1", "--output", "q", "--no-progress", "--no-summary"]) == 0
     batch = fake_calibrate[0]["batches"][0]["data"]
     assert batch.shape == (1, 3, 32, 48)  # batch size: the model's; size: the input's HxW
     assert 0 <= batch.min() and batch.max() <= 1
@@ -177,7 +180,7 @@ def test_calibrate_from_a_record_directory(fake_calibrate, tmp_path):
     for i in range(3):
         rec.add(data=np.full((2, 1, 28, 28), i, np.float32))
     assert cli.main(["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--data", "rec",
-                     "--batch-size", "3", "--batch-num", "2", "--output", "q", "--no-progress"]) == 0
+                     "--batch-size", "3", "--batch-num", "2", "--output", "q", "--no-progress", "--no-summary"]) == 0
     fed = np.concatenate([b["data"] for b in fake_calibrate[0]["batches"]])
     np.testing.assert_array_equal(fed[:, 0, 0, 0], [0, 0, 1, 1, 2, 2])
 

@@ -259,7 +259,7 @@ def test_an_unexpected_exception_is_one_line_naming_it_an_internal_error(capsys,
     def broken(args):
         raise ValueError("something the code did not expect")
 
-    monkeypatch.setattr(cli, "cmd_run", broken)  # build_parser, run by main, picks it up
+    monkeypatch.setattr(cli.run, "cmd_run", broken)  # build_parser, run by main, picks it up
     with caplog.at_level("DEBUG", logger="amct_caffe"):
         err = fails(capsys, RUN + ["--input", "x.npz"], "ValueError: something the code did not expect",
                     prefix="internal error: ")
@@ -276,7 +276,7 @@ def test_os_errors_and_memory_errors_are_one_line(capsys, monkeypatch, exc, mess
     def broken(args):
         raise exc
 
-    monkeypatch.setattr(cli, "cmd_run", broken)
+    monkeypatch.setattr(cli.run, "cmd_run", broken)
     fails(capsys, RUN + ["--input", "x.npz"], message)
 
 

@@ -80,7 +80,7 @@ def test_closed_stdout_ends_quietly(tmp_path):
 
 def test_library_info_messages_stay_off_the_screen_unless_asked_for(tmp_path):
     args = ["calibrate", "--model", LENET, "--weights", LENET_WEIGHTS, "--data", MNIST_SAMPLE / "mnist_500.npz",
-            "--batch-size", "4", "--scale", "0.00390625", "--output", tmp_path / "out/lenet", "--no-progress"]
+            "--batch-size", "32", "--scale", "0.00390625", "--output", tmp_path / "out/lenet", "--no-progress"]
 
     def run(*extra, **env):
         res = subprocess.run(_amct(*args, *extra), cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True,
@@ -93,7 +93,7 @@ def test_library_info_messages_stay_off_the_screen_unless_asked_for(tmp_path):
     log_file = tmp_path / "amct_log/amct_caffe.log"
     assert " - INFO - " in log_file.read_text()  # the log file keeps its INFO level
     for err in (run("-v"), run("--verbose"), run(AMCT_LOG_LEVEL="info")):
-        assert " - INFO - [AMCT]:[amct_caffe.cli]: calibrating on 1 batch(es) of 4" in err
+        assert " - INFO - [AMCT]:[amct_caffe.cli.calibrate]: calibrating on 1 batch(es) of 32" in err
     assert run(AMCT_LOG_LEVEL="ERROR") == ""
     verbose_first = subprocess.run(_amct("-v", *args), cwd=tmp_path, env=_env(tmp_path), capture_output=True,
                                    text=True, timeout=120, check=False)

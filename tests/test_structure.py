@@ -34,14 +34,15 @@ REPO_DIR = PACKAGE_DIR.parent
 MAX_LINES = 550
 
 # test_only_api_and_cli_import_the_package_root: the only modules that may import the package root itself
-# (``import amct_caffe`` or a name defined in ``amct_caffe/__init__.py``); every module of ``api/`` may too.
-ROOT_IMPORTERS = {"amct_caffe", "amct_caffe.__main__", "amct_caffe.cli"}
-ROOT_IMPORTER_PACKAGES = ("amct_caffe.api",)
+# (``import amct_caffe`` or a name defined in ``amct_caffe/__init__.py``); every module of ``api/`` and ``cli/``
+# may too.
+ROOT_IMPORTERS = {"amct_caffe", "amct_caffe.__main__"}
+ROOT_IMPORTER_PACKAGES = ("amct_caffe.api", "amct_caffe.cli")
 
 # test_imports_point_down_the_layers: each part's rank, from DESIGN's list of layers (top = 0; an import
 # must go to a larger rank).
 #
-#   api/, cli          the guide's functions and the command line
+#   api/, cli/         the guide's functions and the command line
 #   passes/            graph transforms (the pipeline)
 #   runtime/           the executor
 #   quant/ config/ data/
@@ -380,7 +381,7 @@ def test_only_api_and_cli_import_the_package_root():
     pkg = package()
     offenders = [f"  {imp.where(pkg.modules)}  {imp.text}" for imp in pkg.imports
                  if imp.target == ROOT_PACKAGE and not _may_import_root(imp.source)]
-    assert not offenders, (f"only {ROOT_PACKAGE}/__init__.py, __main__.py, cli.py and api/ may import the package root "
+    assert not offenders, (f"only {ROOT_PACKAGE}/__init__.py, __main__.py, cli/ and api/ may import the package root "
                            f"(``import {ROOT_PACKAGE}`` or a name of its __init__); import the submodule that "
                            "defines the name instead:\n" + "\n".join(offenders))
 

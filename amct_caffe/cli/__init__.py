@@ -1,0 +1,182 @@
+"""The ``amct-caffe`` command line: one module per command, :func:`main` runs them.
+
+* ``run`` (:mod:`.run`) runs a model in the embedded executor and prints the top classes per sample;
+* ``calibrate`` / ``convert`` (:mod:`.calibrate`) quantize a model, calibrating on data or from a
+  scale/offset record;
+* ``compare`` (:mod:`.compare`) writes the accuracy report of a quantized model against its float model;
+* ``inspect`` / ``create-config`` (:mod:`.model`) list a model's layers and what quantization does to
+  each, and write the quantization config to edit.
+
+:mod:`.options` holds what they share (argument types, file checks, the data options). Every
+failure is one line on stderr and exit status 2 (130 on Ctrl-C, 143 on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+
+from amct_caffe import log
+from amct_caffe.cli import calibrate, compare, model, run
+from amct_caffe.errors import AmctError
+
+_LOG = logging.getLogger(__name__)
+EXIT_ERROR, EXIT_SIGPIPE, EXIT_SIGINT, EXIT_SIGTERM = 2, 128 + 13, 128 + 2, 128 + 15
+
+
+DESCRIPTION = """\
+Quantize Caffe models (.prototxt + .caffemodel) to INT8 and see what quantization costs. Models run in
+amct_caffe's embedded executor: no Caffe installation is needed.
+
+A typical session (M.prototxt and W.caffemodel: your float model):
+  amct-caffe inspect --model M.prototxt --weights W.caffemodel        # the layers, what gets quantized
+  amct-caffe calibrate --model M.prototxt --weights W.caffemodel --data images/ --output out/model
+  amct-caffe compare --model M.prototxt --weights W.caffemodel --data images/ --output out/report \\
+      --quant-model out/model_fake_quant_model.prototxt \\
+      --quant-weights out/model_fake_quant_weights.caffemodel         # where accuracy goes
+  amct-caffe run --model out/model_fake_quant_model.prototxt \\
+      --weights out/model_fake_quant_weights.caffemodel --input images/
+
+'amct-caffe COMMAND --help' describes a command's options (all of them: docs/cli.md).
+"""
+EPILOG = """\
+The screen shows warnings and errors only, unless -v is given or AMCT_LOG_LEVEL is set;
+amct_log/amct_caffe.log keeps the INFO messages. Exit status: 0 done, 2 error (one line on stderr),
+130 Ctrl-C, 143 SIGTERM.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from amct_caffe import __version__
+
+    parser = argparse.ArgumentParser(prog="amct-caffe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbose_help = "show the library's INFO messages on stderr (as AMCT_LOG_LEVEL=INFO)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # given after the subcommand too; SUPPRESS keeps a subcommand without -v from resetting it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # in the order of a session: look at the model, quantize it, see what it cost, run it
+    model.add_parsers(sub, common)
+    calibrate.add_parser(sub, common)
+    compare.add_parser(sub, common)
+    run.add_parser(sub, common)
+    return parser
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM. Like KeyboardInterrupt it is no ``Exception``, so no
+    ``except Exception`` swallows it, and the ``with`` blocks it unwinds clean up as they do on Ctrl-C
+    (temporary directories removed, staged outputs not committed)."""
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """SIGINT raises KeyboardInterrupt and SIGTERM raises :class:`Terminated` in the main thread.
+
+    After the first of them both are ignored, so that a second Ctrl-C cannot cut the clean-up the
+    first one started. A signal the parent process set to be ignored (nohup, ``&`` in a script)
+    stays ignored. The previous handlers are restored on exit (``main`` also runs inside tests).
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    raises = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+    previous = {sig: signal.getsignal(sig) for sig in raises}
+
+    def handler(signum, frame):
+        for sig in raises:
+            signal.signal(sig, signal.SIG_IGN)
+        raise raises[signum]()
+
+    try:
+        for sig in raises:
+            if previous[sig] is not signal.SIG_IGN:
+                signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a path or a tool's message, a NUL) escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
+def _error(message: str, new_line: bool = False) -> None:
+    """The one error line; ``new_line``: start on a fresh line (a signal may have cut a progress bar's
+    line in the middle)."""
+    with contextlib.suppress(OSError, ValueError):  # stderr closed: nothing more can be said
+        print(f"{chr(10) if new_line else ''}amct-caffe: {_one_line(message)}", file=sys.stderr)
+
+
+def _screen_level(verbose: bool) -> int:
+    """WARNING on the screen unless AMCT_LOG_LEVEL says otherwise; -v asks for INFO at least."""
+    level = log.level_from_env("AMCT_LOG_LEVEL", default=logging.WARNING)
+    return min(level, logging.INFO) if verbose else level
+
+
+def _run(args) -> int:
+    for name, value in vars(args).items():  # argv cannot hold NUL, but main(argv) from Python can
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and "\0" in item:
+                raise AmctError(f"--{name.replace('_', '-')} {item!r}: contains a NUL character")
+    log.setup(force=True, screen_level=_screen_level(args.verbose))
+    # A file name the terminal's encoding cannot show (é on an ASCII terminal, undecodable bytes) is
+    # printed escaped rather than failing after the files were written (stderr already does this).
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    return args.func(args)
+
+
+def main(argv=None) -> int:
+    """Run the command; every failure is one line on stderr and exit status 2 (130 on Ctrl-C,
+    143 on SIGTERM, 141 when stdout is closed early, as by ``| head``)."""
+    args = build_parser().parse_args(argv)
+    with _signals_unwind():
+        try:
+            return _run(args)
+        except AmctError as e:
+            _LOG.debug("the error's traceback", exc_info=True)
+            _error(f"error: {e}")
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            _error("interrupted", new_line=getattr(args, "progress", False))
+            return EXIT_SIGINT
+        except Terminated:
+            _error("terminated (SIGTERM)", new_line=getattr(args, "progress", False))
+            return EXIT_SIGTERM
+        except BrokenPipeError:
+            # The reader of stdout is gone (e.g. `| head`): stop quietly, as a pipeline expects, and keep
+            # the interpreter's final flush from complaining about the closed pipe.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_SIGPIPE
+        except MemoryError as e:
+            _LOG.debug("out of memory", exc_info=True)
+            _error(f"error: out of memory{f' ({e})' if str(e) else ''}: use a smaller --batch-size, "
+                   "or fewer / smaller inputs")
+            return EXIT_ERROR
+        except OSError as e:  # the system refused (disk full, permissions...): not a bug, say what failed
+            _LOG.debug("the error's traceback", exc_info=True)
+            _error(f"error: {e}")
+            return EXIT_ERROR
+        except Exception as e:  # a bug: one line, the traceback in the DEBUG log
+            _LOG.debug("internal error", exc_info=True)
+            _error(f"internal error: {type(e).__name__}: {e} -- please report it; run with "
+                   "AMCT_LOG_LEVEL=DEBUG for the traceback")
+            return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

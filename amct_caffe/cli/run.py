@@ -1,0 +1,137 @@
+"""``amct-caffe run``: run a model in the embedded executor, print its top classes, save its outputs.
+
+The data is read as ``calibrate`` reads it (:func:`~amct_caffe.cli.options.open_data`: image folder,
+.npy / .npz, LMDB, Record directory, with the same preprocessing flags), every sample of it: a last
+batch smaller than --batch-size runs too. Labels come from a .npz's ``labels`` array or the LMDB's
+``Datum.label``; with them the top-1 accuracy is printed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from amct_caffe.cli.options import (DATA_HELP, add_data_options, check_file, check_files, check_output_file,
+                                    non_negative, open_data, parse_select, positive)
+from amct_caffe.errors import AmctError
+
+
+def check_labels(labels, count: int, where: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.number) or labels.size != count:
+        raise AmctError(f"{where}: 'labels' must hold one number per sample ({count}), not dtype "
+                        f"{labels.dtype} shape {labels.shape}; rename or drop it to run without accuracy")
+    return labels.reshape(-1)
+
+
+def every_batch(source):
+    """All the samples of ``source`` in its batches, the last one possibly smaller."""
+    full = len(source)
+    for b in range(full):
+        yield source.batch(b)
+    left = source.num_samples - full * source.batch_size
+    if left:
+        yield source.select(full * source.batch_size, None).with_batch_size(left).batch(0)
+
+
+def _labels(source, where: str) -> np.ndarray | None:
+    """The labels of every sample of ``source`` (before any selection), or None."""
+    from amct_caffe.data import ArrayData, LmdbData
+
+    if isinstance(source, ArrayData) and source.labels is not None:
+        return check_labels(source.labels, source.num_samples, where)
+    if isinstance(source, LmdbData):
+        return np.array([source.label(i) for i in range(source.num_samples)])
+    return None
+
+
+def _save(path, outputs: dict[str, list[np.ndarray]]) -> None:
+    from amct_caffe.io.files import atomic_output
+
+    with atomic_output(path) as f:
+        np.savez(f, **{name: np.concatenate(parts) for name, parts in outputs.items()})
+
+
+def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from amct_caffe.runtime import TEST, Net
+
+    check_files(model=args.model, weights=args.weights)
+    if Path(args.input).suffix.lower() in (".npy", ".npz"):
+        check_file("input file", args.input)
+    elif not Path(args.input).exists():
+        raise AmctError(f"--input {args.input} does not exist")
+    if args.save:
+        check_output_file("--save", args.save, ".npz")
+    net = Net(args.model, args.weights, TEST)
+    if not net.inputs:
+        raise AmctError(f"{args.model} declares no input (Input layer or input: field)")
+    out_name = args.output or (net.outputs[0] if net.outputs else None)
+    if out_name not in net.blobs:
+        raise AmctError(f"--output {out_name}: {args.model} has no blob of that name "
+                        f"(its outputs: {', '.join(net.outputs) or 'none'})")
+    saved = [out_name] if args.output else list(net.outputs)
+    model_shapes = {k: tuple(net.blobs[k].shape) for k in net.inputs}
+    source, _, _ = open_data(args, args.input, model_shapes, args.batch_size or 0, select=False)
+    total = source.num_samples
+    if total == 0:
+        raise AmctError(f"{args.input} holds no sample")
+    labels = _labels(source, args.input)
+    sel = parse_select(args.select)
+    source = source.select(sel.start, sel.stop, sel.step).select(None, args.limit)
+    n = source.num_samples
+    if n == 0:
+        raise AmctError(f"--select {args.select} leaves none of the {total} sample(s) of {args.input}")
+    if labels is not None:
+        labels = labels[sel][:n]
+    scores, outputs = [], {name: [] for name in saved}
+    batches = -(-n // source.batch_size)
+    for feed in tqdm(every_batch(source), total=batches, desc="forward", unit="batch", disable=not args.progress):
+        got = net.forward(blobs=sorted({out_name, *saved}), **feed)
+        count = len(next(iter(feed.values())))
+        scores.append(np.array(got[out_name]).reshape(count, -1))
+        if len(scores) == 1 and args.top_k > scores[0].shape[1]:
+            raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
+                            "sample; give a smaller --top-k")
+        for name in saved:
+            outputs[name].append(np.array(got[name]))
+    scores = np.concatenate(scores)
+    top = np.argsort(-scores, axis=1)[:, : args.top_k]
+    for i in range(min(n, args.show)):
+        pairs = ", ".join(f"{c}:{scores[i, c]:.4f}" for c in top[i])
+        label = f"  label {labels[i]}" if labels is not None else ""
+        print(f"sample {i}: top-{args.top_k} [{pairs}]{label}")
+    if labels is not None:
+        acc = float(np.mean(top[:, 0] == labels))
+        print(f"top-1 accuracy on {n} samples: {acc * 100:.2f}%")
+    if args.save:
+        _save(args.save, outputs)
+        print(f"saved {', '.join(saved)} for {n} samples: {args.save}")
+    return 0
+
+
+def add_parser(sub, common) -> None:
+    run = sub.add_parser("run", parents=[common],
+                         help="run a model in the embedded executor and print its top outputs",
+                         description="Run a model in the embedded executor on every sample of --input and print "
+                                     "the top classes of the first samples (and the top-1 accuracy when the data "
+                                     "has labels: a .npz's 'labels' array, an LMDB's Datum labels). --save keeps "
+                                     "the outputs of all samples.")
+    run.add_argument("--model", required=True, help="network definition (.prototxt)")
+    run.add_argument("--weights", required=True, help="trained weights (.caffemodel)")
+    run.add_argument("--input", "--data", dest="input", required=True,
+                     help=DATA_HELP + "; a .npz may hold 'labels'")
+    run.add_argument("--batch-size", type=positive, help="samples per forward (default: the model's)")
+    run.add_argument("--limit", type=positive, help="use only the first N samples (after --select)")
+    add_data_options(run, "the run")
+    run.add_argument("--output", help="blob to rank (default: the net's first output)")
+    run.add_argument("--top-k", type=positive, default=3, help="classes printed per sample (default 3)")
+    run.add_argument("--show", type=non_negative, default=5,
+                     help="print the top classes of this many samples (default 5)")
+    run.add_argument("--save", metavar="OUT.npz",
+                     help="save the outputs of every sample to this .npz, one array per blob named after it "
+                          "(every net output, or the --output blob), samples along the first axis")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    run.set_defaults(func=cmd_run)

@@ -1,0 +1,75 @@
+"""amct-caffe compare on the bundled LeNet: exit status, the report's files, printed figures = report.json's."""
+
+import json
+
+import numpy as np
+import pytest
+
+from amct_caffe import cli
+
+from .test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE
+from .test_cli_errors import fails
+
+MNIST_500 = MNIST_SAMPLE / "mnist_500.npz"
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """LeNet quantized on 2 batches of 32 digits: (fake-quant model, weights)."""
+    from amct_caffe.api.workflow import calibrate
+    from amct_caffe.data import ArrayData
+
+    out = tmp_path_factory.mktemp("quantized")
+    batches = ArrayData(MNIST_500, {"data": (32, 1, 28, 28)}, scale=0.00390625, batch_size=32).batches(2)
+    result = calibrate(str(LENET), str(LENET_WEIGHTS), batches, str(out / "lenet"), 2, progress=False)
+    return result["fake_quant_model"], result["fake_quant_weights"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+
+
+def _compare(quantized, *extra) -> list[str]:
+    return ["compare", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--quant-model", quantized[0],
+            "--quant-weights", quantized[1], "--data", str(MNIST_500), "--scale", "0.00390625", "--no-progress",
+            *extra]
+
+
+def test_compare_prints_the_figures_of_report_json(capsys, tmp_path, quantized):
+    """(Plots take seconds: one report, with --dump.)"""
+    assert cli.main(_compare(quantized, "--select", "64:", "--batch-size", "50", "--batch-num", "3",
+                             "--output", "report", "--dump")) == 0
+    out = capsys.readouterr().out.splitlines()
+    for name in ("report.json", "report.html", "layer_error.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+    summary = json.loads((tmp_path / "report/report.json").read_text())["summary"]
+    assert summary["samples"] == 150 and set(summary["outputs"]) == {"prob"}
+    worst = summary["most_sensitive_layers"][:3]
+    assert out == [
+        f"FP32 vs quantized on 150 samples, {summary['blobs_compared']} blobs compared",
+        f"worst output cosine: {summary['worst_output_cosine']:.10f} (prob)",
+        f"top-1 agreement: {100 * summary['top1_agreement']:.2f}%",
+        "layers adding the most error (rise in 1 - cosine): " + ", ".join(f"{w['layer']} {w['error_added']:.3e}"
+                                                                  for w in worst),
+        "blobs of the first sample: report/fp32_blobs.npz, report/quant_blobs.npz",
+        "report: report/report.html (figures: report/report.json)"]
+    assert 0.999 < summary["worst_output_cosine"] < 1 and summary["top1_agreement"] > 0.99
+    assert [w["layer"] for w in worst][0] in {"conv1", "pool1", "conv2", "pool2", "ip1", "ip2", "prob"}
+    with np.load(tmp_path / "report/fp32_blobs.npz") as fp32, np.load(MNIST_500) as digits:
+        assert fp32["data"].shape == (1, 1, 28, 28)  # the first sample of the selection
+        np.testing.assert_allclose(fp32["data"][0, 0], digits["images"][64] * np.float32(0.00390625))
+
+
+def test_compare_errors_are_one_line(capsys, tmp_path, quantized):
+    (tmp_path / "file").write_text("")
+    fails(capsys, _compare(quantized, "--output", "file"), "--output file is a file, not a folder")
+    fails(capsys, _compare(quantized, "--output", "r", "--batch-num", "20"), "500 sample.*need 1280")
+    bad = _compare(quantized, "--output", "r")
+    bad[bad.index("--quant-weights") + 1] = "none.caffemodel"
+    fails(capsys, bad, "quantized weights file none.caffemodel does not exist")
+    itself = _compare((str(LENET), str(LENET_WEIGHTS)), "--output", "r")
+    assert cli.main(itself) == 0  # the float model against itself: every cosine 1
+    assert "worst output cosine: 1.0000000000 (prob)" in capsys.readouterr().out
+    assert not (tmp_path / "file").read_text()

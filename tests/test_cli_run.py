@@ -1,0 +1,97 @@
+"""amct-caffe run on every kind of data calibrate reads (images, LMDB, arrays), and --save."""
+
+import re
+
+import numpy as np
+import pytest
+
+from amct_caffe import cli
+from amct_caffe.data import ImageFolder, Preprocess
+from tests.data.common import IMAGENET, needs_imagenet
+
+from .test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE, _tiny_imagenet_model
+
+MNIST_500 = MNIST_SAMPLE / "mnist_500.npz"
+LENET_RUN = ["run", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+
+
+@needs_imagenet
+def test_run_on_an_image_folder_with_calibrates_preprocessing(capsys, tmp_path):
+    """--resize / --crop / per-channel --mean as calibrate applies them; the last, smaller batch runs too."""
+    model, weights = _tiny_imagenet_model(tmp_path)  # global average pooling: the mean of each channel
+    code = cli.main(["run", "--model", str(model), "--weights", str(weights), "--input", str(IMAGENET),
+                     "--resize", "256", "--crop", "224", "--mean", "104", "117", "123", "--select", "::100",
+                     "--batch-size", "3", "--save", "out/pool.npz", "--show", "2", "--no-progress"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert [line.split(":")[0] for line in out] == ["sample 0", "sample 1", "saved pool for 10 samples"]
+    with np.load(tmp_path / "out/pool.npz") as z:
+        assert list(z) == ["pool"]
+        saved = z["pool"]
+    assert saved.shape == (10, 3, 1, 1)
+    spec = Preprocess(short_side=256, crop=(224, 224), mean=(104, 117, 123))
+    images = ImageFolder(IMAGENET, {"data": (1, 3, 224, 224)}, spec, batch_size=10).select(step=100).batch(0)["data"]
+    np.testing.assert_allclose(saved[:, :, 0, 0], images.mean(axis=(2, 3)), rtol=1e-5, atol=1e-4)
+    first = re.match(r"sample 0: top-3 \[(\d):(\S+),", out[0])
+    assert int(first.group(1)) == int(np.argmax(saved[0, :, 0, 0]))
+
+
+def _mnist_lmdb(path, images, labels) -> None:
+    lmdb = pytest.importorskip("lmdb")
+    from amct_caffe.io.schema import caffe_pb
+
+    with lmdb.open(str(path), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            d = caffe_pb().Datum()
+            d.channels, d.height, d.width = 1, *image.shape
+            d.data = image.tobytes()
+            d.label = int(label)
+            txn.put(b"%08d" % i, d.SerializeToString())
+
+
+def test_run_on_an_lmdb_uses_its_labels_and_matches_the_arrays(capsys, tmp_path):
+    with np.load(MNIST_500) as z:
+        images, labels = z["images"][:50], z["labels"][:50]
+    _mnist_lmdb(tmp_path / "db", images, labels)
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    args = ["--scale", "0.00390625", "--batch-size", "16", "--show", "1"]
+    assert cli.main(LENET_RUN + ["--input", "db", "--save", "lmdb.npz", *args]) == 0
+    from_lmdb = capsys.readouterr().out
+    assert cli.main(LENET_RUN + ["--input", "digits.npz", "--save", "arrays.npz", *args]) == 0
+    from_arrays = capsys.readouterr().out
+    assert re.search(r"^top-1 accuracy on 50 samples: 100.00%$", from_lmdb, re.M), from_lmdb
+    assert from_lmdb.replace("lmdb.npz", "") == from_arrays.replace("arrays.npz", "")
+    assert f"label {labels[0]}" in from_lmdb
+    with np.load("lmdb.npz") as a, np.load("arrays.npz") as b:
+        assert list(a) == ["prob"] and a["prob"].shape == (50, 10)
+        np.testing.assert_array_equal(a["prob"], b["prob"])
+
+
+def test_run_select_limit_and_save_of_one_blob(capsys, tmp_path):
+    assert cli.main(LENET_RUN + ["--input", str(MNIST_500), "--scale", "0.00390625", "--select", "1::2",
+                                 "--limit", "7", "--batch-size", "3", "--output", "ip2", "--save", "ip2.npz",
+                                 "--show", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["top-1 accuracy on 7 samples: 100.00%",
+                                                    "saved ip2 for 7 samples: ip2.npz"]
+    with np.load("ip2.npz") as z, np.load(MNIST_500) as digits:
+        assert list(z) == ["ip2"] and z["ip2"].shape == (7, 10)
+        assert list(z["ip2"].argmax(axis=1)) == list(digits["labels"][1:15:2])
+
+
+def test_run_save_and_input_errors(capsys, tmp_path):
+    from .test_cli_errors import fails
+
+    (tmp_path / "dir.npz").mkdir()
+    data = LENET_RUN + ["--input", str(MNIST_500)]
+    fails(capsys, data + ["--save", "out.txt"], "--save out.txt: expected a .npz file name")
+    fails(capsys, data + ["--save", "dir.npz"], "--save dir.npz is a directory")
+    fails(capsys, LENET_RUN + ["--input", "no_folder"], "--input no_folder does not exist")
+    fails(capsys, data + ["--select", "600:"], "--select 600: leaves none of the 500 sample")
+    fails(capsys, data + ["--crop", "20"], "apply to images")
+    assert not (tmp_path / "out.txt").exists()
