@@ -1,4 +1,5 @@
-"""Blobs and caffemodels read as Caffe reads them (src/caffe/blob.cpp ``Blob::FromProto``)."""
+"""Blobs and caffemodels read as Caffe reads them (src/caffe/blob.cpp ``Blob::FromProto``), and text
+that is not UTF-8 refused naming the file and layer."""
 
 import numpy as np
 import pytest
@@ -100,3 +101,39 @@ def test_opencv_raw_data_of_a_partial_value_is_refused():
     blob.raw_data = b"\x00\x3c\x00"
     with pytest.raises(WeightsError, match="b: raw_data of type FLOAT16 holds 3 bytes"):
         io.blob_to_array(blob, "b")
+
+
+# ------------------------------------------------------------------------------------------ text
+def _renamed(tmp_path, old: bytes, new: bytes):
+    net = caffe_pb().NetParameter()
+    net.layer.add(name="ok", type="ReLU")
+    layer = net.layer.add(name="conv", type="Convolution", bottom=["data"])
+    layer.blobs.append(_blob(dims=[1], data=[1.0]))
+    path = tmp_path / "text.caffemodel"
+    data = net.SerializeToString()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("old, new, field", [
+    (b"\x04conv", b"\x04\xffonv", "name"),
+    (b"\x0bConvolution", b"\x0bConv\xc0lution", "type"),
+    (b"\x04data", b"\x04d\xe2\x82a", "bottom[0]"),
+])
+def test_string_field_not_utf8_names_file_and_layer(tmp_path, old, new, field):
+    path = _renamed(tmp_path, old, new)
+    for read in (io.read_caffemodel, io.load_weights):
+        with pytest.raises(WeightsError) as e:
+            read(path)
+        msg = str(e.value)
+        assert str(path) in msg and f"layer #1 (counting from 0): its {field} is not valid UTF-8" in msg
+
+
+def test_net_name_not_utf8_is_named(tmp_path):
+    net = caffe_pb().NetParameter(name="lenet")
+    net.layer.add(name="conv", type="Convolution").blobs.append(_blob(dims=[1], data=[1.0]))
+    path = tmp_path / "name.caffemodel"
+    path.write_bytes(net.SerializeToString().replace(b"lenet", b"len\xfft"))
+    with pytest.raises(WeightsError, match=r"name.caffemodel: name is not valid UTF-8 text \(b'len\\xfft'\)"):
+        io.load_weights(path)
