@@ -1,12 +1,17 @@
-"""Blobs and caffemodels read as Caffe reads them (src/caffe/blob.cpp ``Blob::FromProto``), and text
-that is not UTF-8 refused naming the file and layer."""
+"""Blobs and caffemodels read as Caffe reads them (src/caffe/blob.cpp ``Blob::FromProto``), and the
+inputs Caffe would take but quantization cannot (non-UTF-8 text, NaN / Inf weights) refused by name."""
 
 import numpy as np
 import pytest
 
 from amct_caffe import WeightsError, io
 from amct_caffe.io.schema import caffe_pb
+from amct_caffe.runtime import TEST, Net
+from tests.golden import MODELS
 
+LENET = MODELS / "lenet_mnist/lenet.prototxt"
+LENET_W = MODELS / "lenet_mnist/lenet_iter_10000.caffemodel"
+needs_models = pytest.mark.skipif(not LENET_W.exists(), reason="../shared/models not beside the repository")
 
 
 def _blob(**fields):
@@ -137,3 +142,40 @@ def test_net_name_not_utf8_is_named(tmp_path):
     path.write_bytes(net.SerializeToString().replace(b"lenet", b"len\xfft"))
     with pytest.raises(WeightsError, match=r"name.caffemodel: name is not valid UTF-8 text \(b'len\\xfft'\)"):
         io.load_weights(path)
+
+
+# ------------------------------------------------------------------------------------------ NaN / Inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_weights_are_refused_naming_layer_and_blob(tmp_path, bad):
+    path = _model(tmp_path, _blob(dims=[2], data=[1.0, 2.0]), _blob(dims=[2, 2], data=[0.0, 1.0, bad, 3.0]))
+    with pytest.raises(WeightsError) as e:
+        io.load_weights(path)
+    msg = str(e.value)
+    assert f"{path}: layer 'conv' blob 1 holds NaN/Inf: 1 of its 4 values" in msg and "index [1, 0]" in msg
+
+
+def test_double_beyond_float32_range_is_refused(tmp_path):
+    path = _model(tmp_path, _blob(dims=[1], double_data=[1e300]))
+    with pytest.raises(WeightsError, match="blob 0 holds NaN/Inf"):
+        io.load_weights(path)
+
+
+def _lenet_with_nan(tmp_path):
+    net = io.read_caffemodel(LENET_W)
+    layer = next(layer for layer in net.layer if layer.name == "ip1")
+    layer.blobs[1].data[7] = float("nan")
+    path = tmp_path / "nan.caffemodel"
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+@needs_models
+def test_nan_weights_are_refused_where_a_user_meets_them(tmp_path):
+    """io.load_model (behind the quantization API) and the executor's Net both refuse, by name."""
+    from amct_caffe.api.session import load_float_graph
+
+    path = _lenet_with_nan(tmp_path)
+    for load in (lambda: io.load_model(LENET, path), lambda: load_float_graph(LENET, path),
+                 lambda: Net(str(LENET), str(path), TEST)):
+        with pytest.raises(WeightsError, match=r"nan.caffemodel: layer 'ip1' blob 1 holds NaN/Inf: 1 of its 500"):
+            load()
