@@ -34,15 +34,19 @@ def _has(blob, field: str) -> bool:
 
 
 def _checked_count(shape: tuple[int, ...], where: str) -> int:
-    count = 1
+    """The number of values of ``shape``, checked as Caffe's Blob::Reshape does (dims >= 0, count <= INT_MAX).
+
+    The product of the non-zero dims is bounded too: numpy cannot even shape an empty array beyond that.
+    """
+    if any(d < 0 for d in shape):
+        raise WeightsError(f"{where}: blob shape {list(shape)} has a negative dimension (corrupt caffemodel?)")
+    extent = 1
     for d in shape:
-        if d < 0:
-            raise WeightsError(f"{where}: blob shape {list(shape)} has a negative dimension (corrupt caffemodel?)")
-        count *= d
-    if count > _MAX_COUNT:
-        raise WeightsError(f"{where}: blob shape {list(shape)} holds {count} values, more than Caffe's limit "
-                           f"of {_MAX_COUNT} for one blob (corrupt caffemodel?)")
-    return count
+        extent *= max(d, 1)
+    if extent > _MAX_COUNT:
+        raise WeightsError(f"{where}: blob shape {list(shape)} is too large: more than Caffe's limit of {_MAX_COUNT} "
+                           "values for one blob (corrupt caffemodel?)")
+    return 0 if 0 in shape else extent
 
 
 def blob_to_array(blob, where: str) -> np.ndarray:

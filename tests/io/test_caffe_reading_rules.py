@@ -91,8 +91,12 @@ def test_negative_dimensions_are_refused():
 
 
 def test_count_beyond_caffes_int_limit_is_refused():
-    with pytest.raises(WeightsError, match="more than Caffe's limit"):
+    with pytest.raises(WeightsError, match=r"b: blob shape \[2147483648, 2147483648\] is too large"):
         io.blob_to_array(_blob(dims=[2**31, 2**31], data=[1.0]), "b")
+    # Caffe takes an empty blob of huge other dims; numpy cannot shape it, so it is refused too
+    with pytest.raises(WeightsError, match="is too large"):
+        io.blob_to_array(_blob(num=0, channels=2**31 - 1, height=2**31 - 1, width=1), "b")
+    assert io.blob_to_array(_blob(dims=[0, 2**20, 2**10]), "b").shape == (0, 2**20, 2**10)
 
 
 def test_opencv_raw_data_of_a_partial_value_is_refused():
