@@ -5,6 +5,7 @@ Each is kept here with the message it now gets.
 
 import pytest
 
+from amct_caffe import ModelFormatError, io
 from amct_caffe.io import record
 
 
@@ -34,3 +35,40 @@ def test_record_file_not_utf8(tmp_path):
     path.write_bytes(b'record { key: "conv\x80" }')
     with pytest.raises(record.RecordError, match=r"record.txt: not a scale/offset record: not UTF-8 text \(byte 19"):
         record.read_record(path)  # was UnicodeDecodeError
+
+
+# ------------------------------------------------------------------------------------------ V0 upgrade
+_V0_HEAD = 'name: "v0"\ninput: "data"\ninput_dim: 1 input_dim: 1 input_dim: 8 input_dim: 8\n'
+
+
+def _v0(text):
+    return io.parse_prototxt_text(_V0_HEAD + text, "v0.prototxt")
+
+
+def test_v0_net_of_only_a_padding_layer_upgrades():
+    net = _v0('layers { layer { name: "pad" type: "padding" pad: 1 } bottom: "data" top: "pad" }')
+    io.upgrade_net(net, "v0.prototxt")  # was IndexError
+    assert [layer.type for layer in net.layer] == ["Input"]
+
+
+@pytest.mark.parametrize("connections", ['top: "pad"', 'bottom: "data"', 'bottom: "data" bottom: "x" top: "pad"'])
+def test_v0_padding_layer_needs_one_bottom_and_one_top(connections):
+    net = _v0(f'layers {{ layer {{ name: "pad" type: "padding" pad: 1 }} {connections} }}')
+    with pytest.raises(ModelFormatError, match="v0.prototxt: V0 padding layer 'pad' has"):
+        io.upgrade_net(net, "v0.prototxt")  # was IndexError for a missing bottom or top
+
+
+def test_v0_padding_read_by_a_layer_other_than_conv_or_pool_is_refused():
+    net = _v0('layers { layer { name: "pad" type: "padding" pad: 1 } bottom: "data" top: "pad" }\n'
+              'layers { layer { name: "relu" type: "relu" } bottom: "pad" top: "relu" }')
+    with pytest.raises(ModelFormatError, match="'relu' .* reads the output of a padding layer"):
+        io.upgrade_net(net, "v0.prototxt")
+
+
+def test_v0_padding_folds_into_a_pool_as_in_caffe():
+    net = _v0('layers { layer { name: "pad" type: "padding" pad: 2 } bottom: "data" top: "pad" }\n'
+              'layers { layer { name: "pool" type: "pool" pool: MAX kernelsize: 3 stride: 1 } bottom: "pad" '
+              'top: "pool" }')
+    io.upgrade_net(net, "v0.prototxt")
+    pool = net.layer[-1]
+    assert list(pool.bottom) == ["data"] and pool.pooling_param.pad == 2  # was 0: the padding was lost
