@@ -17,14 +17,21 @@ import numpy as np
 from amct_caffe.errors import ConfigError
 
 
+_SHOW_CHARS = 120
+
+
 def show(value) -> str:
-    """A value as the user wrote it in JSON (true, "text", [0.7, 1.3], 1e-10)."""
+    """A value as the user wrote it in JSON (true, "text", [0.7, 1.3], 1e-10), cut after _SHOW_CHARS characters."""
     if isinstance(value, tuple):
         value = list(value)
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError):  # an int of more digits than Python prints, a deep nest
+            text = f"<{type(value).__name__}>"
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
 
 
 def fail(where: str, message: str) -> ConfigError:
@@ -110,10 +117,18 @@ def get_typed(d: dict, key: str, kind: type, where: str, default):
     value = d[key]
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return to_float(value, key, where)
     if not ok:
         raise fail(where, f"{key} must be {_TYPE_TEXT[kind]}, got {show(value)}")
     return value
+
+
+def to_float(value: int | float, field: str, where: str) -> float:
+    """A JSON number as a float; an integer too large for one is an error, not an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise fail(where, f"{field} {show(value)} is out of range: too large for a number") from None
 
 
 def reject_unknown(d: dict, allowed, where: str) -> None:

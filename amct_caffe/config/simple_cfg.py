@@ -61,6 +61,8 @@ def parse_simple_cfg(path):
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read simple config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: cannot parse simple config: not UTF-8 text (byte {e.start})") from None
     msg = records().AMCTConfig()
     try:
         text_format.Parse(text, msg)
