@@ -283,6 +283,7 @@ class QuantConfig:
         if isinstance(self.batch_num, bool) or not isinstance(self.batch_num, int):
             raise C.fail(where, f"batch_num must be an integer, got {C.show(self.batch_num)}")
         C.in_range(where, "batch_num", self.batch_num, C.BATCH_NUM)
+        C.check_uint32(where, "batch_num", self.batch_num)
         for name, value in (("activation_offset", self.activation_offset), ("do_fusion", self.do_fusion),
                             ("update_bn", self.update_bn), ("joint_quant", self.joint_quant)):
             if not isinstance(value, bool):
