@@ -75,6 +75,12 @@ def parse_prototxt_text(text: str, path: str, message=None):
     """Parse Caffe text format into ``message`` (a new NetParameter by default)."""
     msg = caffe_pb().NetParameter() if message is None else message
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: protobuf's enum lookup fails on it with a SystemError
+        line = text.count("\n", 0, e.start) + 1
+        raise ModelFormatError(f"{path}: cannot parse prototxt{_layer_near(text, line)}: line {line} holds "
+                               f"{text[e.start]!r}, which is not valid Unicode text") from None
+    try:
         text_format.Parse(text, msg)
     except text_format.ParseError as e:
         m = re.match(r"(\d+):(\d+)", str(e))

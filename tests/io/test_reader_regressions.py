@@ -72,3 +72,11 @@ def test_v0_padding_folds_into_a_pool_as_in_caffe():
     io.upgrade_net(net, "v0.prototxt")
     pool = net.layer[-1]
     assert list(pool.bottom) == ["data"] and pool.pooling_param.pad == 2  # was 0: the padding was lost
+
+
+# ------------------------------------------------------------------------------------------ prototxt
+def test_prototxt_text_with_a_lone_surrogate():
+    text = 'layer { name: "pool1" type: "Pooling"\npooling_param { pool:\udc80 MAX } }'
+    with pytest.raises(ModelFormatError, match=r"p.prototxt: cannot parse prototxt \(in or after layer 'pool1'\): "
+                                               r"line 2 holds '\\udc80', which is not valid Unicode text"):
+        io.parse_prototxt_text(text, "p.prototxt")  # was SystemError from protobuf's enum lookup
