@@ -17,14 +17,21 @@ import numpy as np
 from amct_caffe.errors import ConfigError
 
 
+_SHOW_CHARS = 120
+
+
 def show(value) -> str:
-    """A value as the user wrote it in JSON (true, "text", [0.7, 1.3], 1e-10)."""
+    """A value as the user wrote it in JSON (true, "text", [0.7, 1.3], 1e-10), cut after _SHOW_CHARS characters."""
     if isinstance(value, tuple):
         value = list(value)
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError):  # an int of more digits than Python prints, a deep nest
+            text = f"<{type(value).__name__}>"
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
 
 
 def fail(where: str, message: str) -> ConfigError:
@@ -59,6 +66,14 @@ BN_ITERATIONS = Interval(0, 1000, True, True, "(0, 1000)")
 POSITIVE = Interval(0, math.inf, True, True, "(0, +inf)")
 BATCH_NUM = Interval(0, math.inf, True, True, "(0, +inf): an integer greater than 0")
 
+# Limits of the proto fields the values end up in (the calibration layers' ifmr_param, the .cfg).
+UINT32_MAX = 2**32 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# IFMR tries every ratio of search_range, search_step apart, over all the calibration data; the
+# guide's default makes 61. More than this many is a mistake (a step of 1e-9...) that would run out
+# of memory or time.
+MAX_SEARCH_CANDIDATES = 100_000
+
 VERSIONS = (1,)
 WTS_ALGOS = ("arq_quantize", "snq_quantize")
 # Table 26 lists "uniform" and "gaussian"; the SNQuantize row of the .cfg table also lists
@@ -69,8 +84,18 @@ SNQ_NUM_BITS = 4  # table 23: non-uniform weight quantization is 4 bit only
 
 
 def in_range(where: str, field: str, value, interval: Interval) -> None:
+    """``value`` in ``interval``; a float must be so as the float32 its proto field stores too."""
     if value not in interval:
         raise fail(where, f"{field} {show(value)} is out of range {interval.text}")
+    if isinstance(value, float) and shortest_float(value) not in interval:
+        raise fail(where, f"{field} {show(value)} is out of range {interval.text} once stored as a float32 "
+                          f"({show(shortest_float(value))})")
+
+
+def check_uint32(where: str, field: str, value: int) -> None:
+    """An integer that a uint32 proto field must hold (the calibration layers' batch_num)."""
+    if value > UINT32_MAX:
+        raise fail(where, f"{field} {show(value)} is too large: at most {UINT32_MAX}")
 
 
 def one_of(where: str, field: str, value, allowed) -> None:
@@ -78,16 +103,48 @@ def one_of(where: str, field: str, value, allowed) -> None:
         raise fail(where, f"{field} {show(value)} is not one of: {', '.join(show(a) for a in allowed)}")
 
 
+def search_step_fits(step: float, width: float) -> bool:
+    """search_step in (0, width], at float32 precision so that 0.6 == 1.3 - 0.7 still fits.
+
+    (amct_caffe.quant.ifmr.IfmrParams applies the same rule to the values it receives.)
+    """
+    return 0 < step <= width or (step > 0 and np.float32(step) <= np.float32(width))
+
+
+def search_candidates(start: float, end: float, step: float) -> int:
+    """How many ratios IFMR tries (amct_caffe.quant.ifmr.ifmr_ratios)."""
+    return int(math.floor((end - start) / step + 1e-6)) + 1
+
+
 def check_search(where: str, prefix: str, start: float, end: float, step: float) -> None:
-    """Tables 17-18: 0 < search_range_start < search_range_end; search_step in (0, end - start]."""
+    """Tables 17-18: 0 < search_range_start < search_range_end; search_step in (0, end - start].
+
+    The values must hold as the float32s the calibration layer stores (finite, start still below
+    end), and give at most MAX_SEARCH_CANDIDATES ratios to try.
+    """
+    for name, value in (("search_range", [start, end]), ("search_step", step)):
+        if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in np.atleast_1d(value)):
+            raise fail(where, f"{prefix}{name} {show(value)} is out of range: it must be finite (a float32, "
+                              f"at most {FLOAT32_MAX:.7g})")
     if not (0 < start < end):
         raise fail(where, f"{prefix}search_range {show([start, end])} is out of range: "
                           "0 < search_range_start < search_range_end is required")
     width = end - start
-    # The .cfg stores float32: compare at float32 precision so 0.6 == 1.3 - 0.7 still fits.
-    if not (0 < step <= width or (step > 0 and np.float32(step) <= np.float32(width))):
+    if not search_step_fits(step, width):
         raise fail(where, f"{prefix}search_step {show(step)} is out of range "
                           f"(0, search_range_end - search_range_start] = (0, {show(round(width, 9))}]")
+    start32, end32, step32 = (shortest_float(v) for v in (start, end, step))
+    if not (0 < start32 < end32):
+        raise fail(where, f"{prefix}search_range {show([start, end])} is out of range once stored as float32s "
+                          f"({show([start32, end32])}): 0 < search_range_start < search_range_end is required")
+    if not search_step_fits(step32, end32 - start32):
+        raise fail(where, f"{prefix}search_step {show(step)} is out of range once stored as a float32 "
+                          f"({show(step32)}): (0, search_range_end - search_range_start] is required")
+    n = search_candidates(start32, end32, step32)
+    if n > MAX_SEARCH_CANDIDATES:
+        raise fail(where, f"{prefix}search_step {show(step)} is too small for search_range {show([start, end])}: "
+                          f"it makes {n} ratios to try, at most {MAX_SEARCH_CANDIDATES} are allowed (the default "
+                          "[0.7, 1.3] with 0.01 makes 61)")
 
 
 def shortest_float(value: float) -> float:
@@ -96,7 +153,8 @@ def shortest_float(value: float) -> float:
     The guide warns that .cfg values and the generated JSON "do not match exactly"; this keeps
     them equal to what the user typed, and keeps 1e-3f inside [1e-10, 1e-3].
     """
-    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, which every range check refuses
+        return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 # ------------------------------------------------------------------------------------- JSON types
@@ -110,10 +168,18 @@ def get_typed(d: dict, key: str, kind: type, where: str, default):
     value = d[key]
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return to_float(value, key, where)
     if not ok:
         raise fail(where, f"{key} must be {_TYPE_TEXT[kind]}, got {show(value)}")
     return value
+
+
+def to_float(value: int | float, field: str, where: str) -> float:
+    """A JSON number as a float; an integer too large for one is an error, not an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise fail(where, f"{field} {show(value)} is out of range: too large for a number") from None
 
 
 def reject_unknown(d: dict, allowed, where: str) -> None:

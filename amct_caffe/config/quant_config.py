@@ -92,7 +92,7 @@ class ActivationQuantParams:
         params = cls(num_bits=C.get_typed(d, "num_bits", int, ctx, 8),
                      max_percentile=C.get_typed(d, "max_percentile", float, ctx, 0.999999),
                      min_percentile=C.get_typed(d, "min_percentile", float, ctx, 0.999999),
-                     search_range=(float(rng[0]), float(rng[1])),
+                     search_range=(C.to_float(rng[0], "search_range", ctx), C.to_float(rng[1], "search_range", ctx)),
                      search_step=C.get_typed(d, "search_step", float, ctx, 0.01),
                      with_offset=C.get_typed(d, "with_offset", bool, ctx, None))
         params.validate(where)
@@ -284,6 +284,7 @@ class QuantConfig:
         if isinstance(self.batch_num, bool) or not isinstance(self.batch_num, int):
             raise C.fail(where, f"batch_num must be an integer, got {C.show(self.batch_num)}")
         C.in_range(where, "batch_num", self.batch_num, C.BATCH_NUM)
+        C.check_uint32(where, "batch_num", self.batch_num)
         for name, value in (("activation_offset", self.activation_offset), ("do_fusion", self.do_fusion),
                             ("update_bn", self.update_bn), ("joint_quant", self.joint_quant)):
             if not isinstance(value, bool):
@@ -356,11 +357,35 @@ class QuantConfig:
             raise C.fail(where, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         except _DuplicateKey as e:
             raise C.fail(where, f"key '{e.args[0]}' appears twice (layer names must be unique)") from None
+        except RecursionError:
+            raise C.fail(where, "not valid JSON for a config: arrays or objects nested too deeply") from None
+        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise C.fail(where, "not valid JSON for a config: a number has too many digits to be read") from None
+        _check_unicode(data, where)
         return cls.from_dict(data, where)
 
 
 class _DuplicateKey(Exception):
     pass
+
+
+def _check_unicode(data, where: str) -> None:
+    """Refuse strings with a lone surrogate (JSON's "\\ud800"): no layer or path is named so, and no
+    file can hold them as UTF-8. Walked without recursion: the JSON may nest as deep as the parser allows."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise C.fail(where, f"{ascii(item)[:60]} is not valid Unicode text (a lone surrogate "
+                                    "\\uXXXX escape)") from None
 
 
 def _no_duplicates(pairs):

@@ -49,7 +49,8 @@ from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
 
-# FMRQuantize field -> range; search_range_* and search_step are checked together after merging.
+# FMRQuantize field -> range; search_range_* and search_step must be positive and finite where written, and are
+# checked together (start < end, the step, float32 precision) after merging.
 _IFMR_RANGES = {"max_percentile": C.PERCENTILE, "min_percentile": C.PERCENTILE, "num_bits": C.ACT_NUM_BITS}
 _FLOAT_FIELDS = {"search_range_start", "search_range_end", "search_step", "max_percentile", "min_percentile",
                  "min_distance", "bn_moving_average_fraction"}
@@ -87,7 +88,7 @@ def _check_block(calib, path: str, block: str) -> None:
         for name, interval in _IFMR_RANGES.items():
             if name in values:
                 C.in_range(path, f"{block}.ifmr_quantize.{name}", values[name], interval)
-        for name in ("search_range_start", "search_step"):
+        for name in ("search_range_start", "search_range_end", "search_step"):
             if name in values:
                 C.in_range(path, f"{block}.ifmr_quantize.{name}", values[name], C.POSITIVE)
     algo = calib.WhichOneof("wts_quant_algo")

@@ -38,7 +38,11 @@ def load_prototxt(path, phase: int = TEST, filter_layers: bool = True):
 
 
 def load_weights(path) -> "OrderedDict[str, list[np.ndarray]]":
-    """Weights of a caffemodel: layer name -> its blobs as float32 arrays (file order)."""
+    """Weights of a caffemodel: layer name -> its blobs as float32 arrays (file order).
+
+    A blob holding NaN or infinity is refused: such weights (a diverged training, a corrupt file)
+    cannot be quantized, and would otherwise fail much later, or silently, in the calibration.
+    """
     net = read_caffemodel(path)
     upgrade_net(net, str(path))
     weights: OrderedDict[str, list[np.ndarray]] = OrderedDict()
@@ -47,9 +51,24 @@ def load_weights(path) -> "OrderedDict[str, list[np.ndarray]]":
             continue
         if layer.name in weights:
             raise WeightsError(f"{path}: two layers named '{layer.name}' carry weights")
-        weights[layer.name] = [blob_to_array(b, f"{path}: layer '{layer.name}' blob {i}")
-                               for i, b in enumerate(layer.blobs)]
+        arrays = []
+        for i, b in enumerate(layer.blobs):
+            where = f"{path}: layer '{layer.name}' blob {i}"
+            arrays.append(_finite(blob_to_array(b, where), where))
+        weights[layer.name] = arrays
     return weights
+
+
+def _finite(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
+            raise WeightsError(f"{where} holds NaN/Inf: {int(bad.sum())} of its {arr.size} values, the first "
+                               f"{arr[first]} at index {list(first)} (a diverged training, or a corrupt file; values "
+                               "beyond float32's range read as Inf); quantization needs finite weights: fix or "
+                               "retrain the model")
+    return arr
 
 
 def conform_blob(arr: np.ndarray, target_shape, where: str) -> np.ndarray:

@@ -4,7 +4,7 @@ A BlobProto carries its values in one of ``data`` (float32), ``double_data`` (fl
 deploy model's integer fields ``int8_data`` (bytes) / ``int32_data`` / ``uint64_data`` (ATC's
 layout), or, read through :mod:`amct_caffe.io.opencv_blobs`, OpenCV's ``raw_data`` typed by
 ``raw_data_type`` (e.g. FLOAT16). The shape is ``shape.dim``, or in legacy files the 4-D
-``num, channels, height, width``.
+``num, channels, height, width`` (which win when both are present, as in Caffe).
 """
 
 from __future__ import annotations
@@ -14,44 +14,59 @@ import numpy as np
 from amct_caffe.errors import WeightsError
 from amct_caffe.io.opencv_blobs import raw_blob_values
 
+_LEGACY_DIMS = ("num", "channels", "height", "width")
+_MAX_COUNT = 2**31 - 1  # Caffe's blob count is an int (Blob::Reshape checks count <= INT_MAX)
+
 
 def blob_shape(blob) -> tuple[int, ...]:
-    """Shape of a BlobProto: ``shape.dim`` if present, else legacy (num, channels, height, width)."""
-    if blob.HasField("shape"):
-        return tuple(int(d) for d in blob.shape.dim)
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
-        return (blob.num, blob.channels, blob.height, blob.width)
-    # A blob with neither: a flat vector (what Caffe does for a count-only blob).
-    return (_value_count(blob),)
+    """Shape of a BlobProto, by Caffe's ``Blob::FromProto``.
 
-
-def _value_count(blob) -> int:
-    for field in ("data", "double_data", "int32_data", "uint64_data", "int8_data"):
-        if _has(blob, field):
-            return len(getattr(blob, field))
-    return 0
+    Any of the legacy ``num, channels, height, width`` set -> those four (unset ones are 0);
+    else ``shape.dim``, which may be empty: a blob with neither is a scalar, shape ``()``.
+    """
+    if any(blob.HasField(f) for f in _LEGACY_DIMS):
+        return tuple(int(getattr(blob, f)) for f in _LEGACY_DIMS)
+    return tuple(int(d) for d in blob.shape.dim)
 
 
 def _has(blob, field: str) -> bool:
     return field in blob.DESCRIPTOR.fields_by_name and len(getattr(blob, field)) > 0
 
 
+def _checked_count(shape: tuple[int, ...], where: str) -> int:
+    """The number of values of ``shape``, checked as Caffe's Blob::Reshape does (dims >= 0, count <= INT_MAX).
+
+    The product of the non-zero dims is bounded too: numpy cannot even shape an empty array beyond that.
+    """
+    if any(d < 0 for d in shape):
+        raise WeightsError(f"{where}: blob shape {list(shape)} has a negative dimension (corrupt caffemodel?)")
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)
+    if extent > _MAX_COUNT:
+        raise WeightsError(f"{where}: blob shape {list(shape)} is too large: more than Caffe's limit of {_MAX_COUNT} "
+                           "values for one blob (corrupt caffemodel?)")
+    return 0 if 0 in shape else extent
+
+
 def blob_to_array(blob, where: str) -> np.ndarray:
-    """Values of a BlobProto as an array of its shape.
+    """Values of a BlobProto as an array of its shape (:func:`blob_shape`).
 
-    Float blobs come back as float32; the deploy model's integer blobs keep their integer
-    dtype (int8, int32, uint64).
+    As in Caffe, ``double_data`` is used when it holds values, else ``data``; then the deploy
+    model's integer fields and OpenCV's raw blobs. Float blobs come back as float32; the deploy
+    model's integer blobs keep their integer dtype (int8, int32, uint64).
 
-    ``where`` names the file and layer for error messages.
+    ``where`` names the file, layer and blob for error messages.
     """
     shape = blob_shape(blob)
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(blob.data):
+    count = _checked_count(shape, where)
+    if len(blob.double_data):
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused with NaN by io.load_weights
+            values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    elif len(blob.data):
         values = np.asarray(blob.data, dtype=np.float32)
-    elif len(blob.double_data):
-        values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
     elif _has(blob, "raw_data") and blob.HasField("raw_data_type"):
-        values = raw_blob_values(blob)
+        values = raw_blob_values(blob, where)
     elif _has(blob, "int8_data"):
         values = np.frombuffer(blob.int8_data, dtype=np.int8)
     elif _has(blob, "int32_data"):

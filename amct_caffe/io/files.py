@@ -23,6 +23,7 @@ from amct_caffe.errors import AmctError, FileAccessError, ModelFormatError, Weig
 from amct_caffe.io.opencv_blobs import has_raw_blobs, parse_opencv_caffemodel
 from amct_caffe.io.paths import check_output, checked_path
 from amct_caffe.io.schema import caffe_pb
+from amct_caffe.io.utf8 import check_utf8
 
 _LOG = logging.getLogger(__name__)
 
@@ -127,6 +128,12 @@ def parse_prototxt_text(text: str, path: str, message=None):
     """Parse Caffe text format into ``message`` (a new NetParameter by default)."""
     msg = caffe_pb().NetParameter() if message is None else message
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: protobuf's enum lookup fails on it with a SystemError
+        line = text.count("\n", 0, e.start) + 1
+        raise ModelFormatError(f"{path}: cannot parse prototxt{_layer_near(text, line)}: line {line} holds "
+                               f"{text[e.start]!r}, which is not valid Unicode text") from None
+    try:
         text_format.Parse(text, msg)
     except text_format.ParseError as e:
         m = re.match(r"(\d+):(\d+)", str(e))
@@ -151,22 +158,24 @@ def read_caffemodel(path):
     error = None
     try:
         msg.ParseFromString(data)
-    except DecodeError as e:
+    except (DecodeError, UnicodeDecodeError) as e:  # the latter: a non-UTF-8 string, pure-Python protobuf
         error = e
     if error is not None or _may_hold_opencv_blobs(msg):
         # OpenCV's FP16 fields reuse the numbers of ATC's integer fields: re-read with them.
         try:
             alt = parse_opencv_caffemodel(data)
-        except DecodeError:
+        except (DecodeError, UnicodeDecodeError):
             alt = None
         if alt is not None and has_raw_blobs(alt):
             _LOG.info("%s: weights stored as OpenCV raw (FP16) blobs; converting to float32", path)
+            check_utf8(alt, path)
             return alt
     if error is not None:
         raise WeightsError(f"{path}: not a readable caffemodel (truncated, or not a Caffe binary "
                            f"NetParameter): {error}") from None
     if not len(msg.layer) and not len(msg.layers) and len(data):
         raise WeightsError(f"{path}: holds no layers: is it a caffemodel?")
+    check_utf8(msg, path)
     return msg
 
 

@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from amct_caffe.errors import WeightsError
 from amct_caffe.io.schema import caffe_pb
 
 _VARIANT_PACKAGE = "amct_caffe_opencv_blobs"
@@ -76,7 +77,11 @@ def has_raw_blobs(net) -> bool:
                for layers in (net.layer, net.layers) for layer in layers for b in layer.blobs)
 
 
-def raw_blob_values(blob) -> np.ndarray:
-    """Values of an OpenCV raw blob as float32."""
-    dtype = dict((n, d) for _, n, d in _OPENCV_TYPES)[blob.raw_data_type]
-    return np.frombuffer(blob.raw_data, dtype=dtype).astype(np.float32)
+def raw_blob_values(blob, where: str = "blob") -> np.ndarray:
+    """Values of an OpenCV raw blob as float32; ``where`` names the file, layer and blob for errors."""
+    name, dtype = next((name, np.dtype(d)) for name, n, d in _OPENCV_TYPES if n == blob.raw_data_type)
+    if len(blob.raw_data) % dtype.itemsize:
+        raise WeightsError(f"{where}: raw_data of type {name} holds {len(blob.raw_data)} bytes, not a multiple of "
+                           f"{dtype.itemsize} (truncated or corrupt caffemodel?)")
+    with np.errstate(over="ignore"):  # DOUBLE beyond float32: inf, refused by io.load_weights
+        return np.frombuffer(blob.raw_data, dtype=dtype).astype(np.float32)

@@ -39,6 +39,10 @@ class RecordError(AmctError, RuntimeError):
     """A record file is unreadable or lacks what a step needs (a RuntimeError, as the guide shows)."""
 
 
+class _LegacyValueError(RecordError):
+    """A legacy top-level activation field whose value is not a number of its field's type."""
+
+
 def f32(value: float) -> float:
     """``value`` rounded to float32, as a proto ``float`` field stores it."""
     return float(np.float32(value))
@@ -227,9 +231,25 @@ def _repair(text: str, path: str):
                 act.index = 0
             for name, val in moved.items():
                 if not act.HasField(name):
-                    setattr(act, name, float(val) if name == "scale_d" else int(float(val)))
+                    _set_legacy(act, name, val, f"record '{entry.key}'")
         record.record.add().CopyFrom(entry)
     return record
+
+
+def _set_legacy(act, name: str, text: str, where: str) -> None:
+    """Set a legacy top-level activation field; integer fields accept a float text of an integer (3.0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _LegacyValueError(f"{where}: {name} {text!r} is not a number") from None
+    if name != "scale_d":
+        if not value.is_integer():
+            raise _LegacyValueError(f"{where}: {name} {text!r} is not an integer")
+        value = int(value)
+    try:
+        setattr(act, name, value)
+    except (ValueError, TypeError) as e:  # beyond the field's int32 / uint32 range
+        raise _LegacyValueError(f"{where}: {name} {text!r} is out of range: {e}") from None
 
 
 def parse_record_text(text: str, path: str = "<record>") -> Record:
@@ -241,6 +261,9 @@ def parse_record_text(text: str, path: str = "<record>") -> Record:
     except text_format.ParseError as strict_error:
         try:
             repaired = _repair(text, path)
+        except _LegacyValueError as e:
+            raise RecordError(f"{path}: not a valid scale/offset record: {str(strict_error).rstrip('.')}; read in "
+                              f"the legacy layout: {e}") from None
         except (text_format.ParseError, RecordError):
             raise RecordError(f"{path}: not a valid scale/offset record: {strict_error}") from None
         _LOG.warning("%s: record uses the legacy layout or has unbalanced braces; read it as %d layer "

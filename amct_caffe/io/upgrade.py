@@ -76,8 +76,12 @@ def upgrade_net(net, source: str = "model") -> bool:
     return changed
 
 
+def _v1_type_enum(net):
+    return net.DESCRIPTOR.fields_by_name["layers"].message_type.fields_by_name["type"].enum_type
+
+
 def _v1_to_current(net, source: str) -> None:
-    type_enum = net.layers[0].DESCRIPTOR.fields_by_name["type"].enum_type
+    type_enum = _v1_type_enum(net)
     layer_fields = net.layer.add().DESCRIPTOR.fields_by_name
     del net.layer[:]
     for v1 in net.layers:
@@ -114,8 +118,12 @@ def _v1_to_current(net, source: str) -> None:
 
 
 def _v0_to_v1(net, source: str) -> None:
-    """V0 nets: one V0LayerParameter inside each V1 entry; 'padding' layers fold into the next conv."""
-    type_enum = net.layers[0].DESCRIPTOR.fields_by_name["type"].enum_type
+    """V0 nets: one V0LayerParameter inside each V1 entry; 'padding' layers fold into the next conv or pool.
+
+    As Caffe's UpgradeV0PaddingLayers: a padding layer has one bottom and one top, and what reads its
+    top is a conv or pool layer with that single bottom.
+    """
+    type_enum = _v1_type_enum(net)
     pad_of_blob: dict[str, tuple[int, str]] = {}
     kept = []
     for v1 in net.layers:
@@ -124,7 +132,10 @@ def _v0_to_v1(net, source: str) -> None:
             continue
         v0 = v1.layer
         if v0.type == "padding":
-            # Caffe's V0 padding layer: its output feeds a conv that takes the pad.
+            if len(v1.bottom) != 1 or len(v1.top) != 1:
+                raise ModelFormatError(f"{source}: V0 padding layer '{v0.name}' has {len(v1.bottom)} bottom(s) and "
+                                       f"{len(v1.top)} top(s); a padding layer takes one blob and makes one")
+            # Caffe's V0 padding layer: its output feeds a conv or pool that takes the pad.
             pad_of_blob[v1.top[0]] = (v0.pad, v1.bottom[0])
             continue
         enum_name = V0_TYPES.get(v0.type)
@@ -137,8 +148,14 @@ def _v0_to_v1(net, source: str) -> None:
         pad = 0
         for b in v1.bottom:
             if b in pad_of_blob:
+                if v0.type not in ("conv", "pool") or len(v1.bottom) != 1:
+                    raise ModelFormatError(f"{source}: V0 layer '{v0.name}' ({v0.type}, {len(v1.bottom)} bottom(s)) "
+                                           f"reads the output of a padding layer; only a conv or pool layer with "
+                                           "that single bottom may")
                 pad, b = pad_of_blob[b]
             new.bottom.append(b)
+        for t in v1.top:  # a blob rewritten after the padding layer is no longer its output
+            pad_of_blob.pop(t, None)
         new.blobs.extend(v0.blobs)
         new.blobs_lr.extend(v0.blobs_lr)
         new.weight_decay.extend(v0.weight_decay)
@@ -170,7 +187,7 @@ def _v0_params(v0, v1, pad: int, source: str) -> None:
         p.pool = v0.pool
         p.kernel_size = v0.kernelsize
         p.stride = v0.stride
-        p.pad = v0.pad
+        p.pad = pad or v0.pad
     elif t == "innerproduct":
         p = v1.inner_product_param
         p.num_output = v0.num_output

@@ -84,7 +84,9 @@ class IfmrParams:
         start, end, step = self.search_range_start, self.search_range_end, self.search_step
         if not 0 < start < end:
             raise ConfigError(f"IFMR search_range must satisfy 0 < start < end, got [{start!r}, {end!r}]")
-        if not 0 < step <= end - start:
+        # at float32 precision, as the config checks (amct_caffe.config.checks.search_step_fits): a step
+        # of 0.2 fits [0.1, 0.3] although 0.3 - 0.1 is 0.19999999999999998 in float64
+        if not (0 < step <= end - start or (step > 0 and np.float32(step) <= np.float32(end - start))):
             raise ConfigError(f"IFMR search_step must be in (0, {end - start!r}] (end - start), got {step!r}")
 
     @property

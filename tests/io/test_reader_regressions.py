@@ -1,0 +1,82 @@
+"""Inputs the fuzz tests (test_fuzz_readers.py) found raising something other than an AmctError.
+
+Each is kept here with the message it now gets.
+"""
+
+import pytest
+
+from amct_caffe import ModelFormatError, io
+from amct_caffe.io import record
+
+
+# ------------------------------------------------------------------------------------------ record
+@pytest.mark.parametrize("value, message", [
+    ("scale_d: 3-1", "record 'a': scale_d '3-1' is not a number"),                   # was ValueError
+    ("scale_d: 1e", "record 'a': scale_d '1e' is not a number"),                      # was ValueError
+    ("offset_d: 1e400", "record 'a': offset_d '1e400' is not an integer"),            # was OverflowError
+    ("offset_d: 3.5", "record 'a': offset_d '3.5' is not an integer"),                # was silently 3
+    ("channels: -1", "record 'a': channels '-1' is out of range"),                    # was ValueError
+    ("offset_d: 99999999999", "record 'a': offset_d '99999999999' is out of range"),  # was ValueError
+])
+def test_legacy_activation_field_of_a_bad_value(value, message):
+    with pytest.raises(record.RecordError) as e:
+        record.parse_record_text(f'record {{ key: "a" value {{ scale_w: 1 {value} }} }}', "r.txt")
+    assert str(e.value).startswith("r.txt: not a valid scale/offset record") and message in str(e.value)
+
+
+def test_legacy_integer_field_written_as_a_float_still_reads():
+    rec = record.parse_record_text('record { key: "a" value { offset_d: -128.0 channels: 3 } }', "r.txt")
+    act = record.activation_entry(record.layer_entry(rec, "a"), 0)
+    assert (act.offset_d, act.channels) == (-128, 3)
+
+
+def test_record_file_not_utf8(tmp_path):
+    path = tmp_path / "record.txt"
+    path.write_bytes(b'record { key: "conv\x80" }')
+    with pytest.raises(record.RecordError, match=r"record file .*record.txt is not UTF-8 text \(byte 19"):
+        record.read_record(path)  # was UnicodeDecodeError
+
+
+# ------------------------------------------------------------------------------------------ V0 upgrade
+_V0_HEAD = 'name: "v0"\ninput: "data"\ninput_dim: 1 input_dim: 1 input_dim: 8 input_dim: 8\n'
+
+
+def _v0(text):
+    return io.parse_prototxt_text(_V0_HEAD + text, "v0.prototxt")
+
+
+def test_v0_net_of_only_a_padding_layer_upgrades():
+    net = _v0('layers { layer { name: "pad" type: "padding" pad: 1 } bottom: "data" top: "pad" }')
+    io.upgrade_net(net, "v0.prototxt")  # was IndexError
+    assert [layer.type for layer in net.layer] == ["Input"]
+
+
+@pytest.mark.parametrize("connections", ['top: "pad"', 'bottom: "data"', 'bottom: "data" bottom: "x" top: "pad"'])
+def test_v0_padding_layer_needs_one_bottom_and_one_top(connections):
+    net = _v0(f'layers {{ layer {{ name: "pad" type: "padding" pad: 1 }} {connections} }}')
+    with pytest.raises(ModelFormatError, match="v0.prototxt: V0 padding layer 'pad' has"):
+        io.upgrade_net(net, "v0.prototxt")  # was IndexError for a missing bottom or top
+
+
+def test_v0_padding_read_by_a_layer_other_than_conv_or_pool_is_refused():
+    net = _v0('layers { layer { name: "pad" type: "padding" pad: 1 } bottom: "data" top: "pad" }\n'
+              'layers { layer { name: "relu" type: "relu" } bottom: "pad" top: "relu" }')
+    with pytest.raises(ModelFormatError, match="'relu' .* reads the output of a padding layer"):
+        io.upgrade_net(net, "v0.prototxt")
+
+
+def test_v0_padding_folds_into_a_pool_as_in_caffe():
+    net = _v0('layers { layer { name: "pad" type: "padding" pad: 2 } bottom: "data" top: "pad" }\n'
+              'layers { layer { name: "pool" type: "pool" pool: MAX kernelsize: 3 stride: 1 } bottom: "pad" '
+              'top: "pool" }')
+    io.upgrade_net(net, "v0.prototxt")
+    pool = net.layer[-1]
+    assert list(pool.bottom) == ["data"] and pool.pooling_param.pad == 2  # was 0: the padding was lost
+
+
+# ------------------------------------------------------------------------------------------ prototxt
+def test_prototxt_text_with_a_lone_surrogate():
+    text = 'layer { name: "pool1" type: "Pooling"\npooling_param { pool:\udc80 MAX } }'
+    with pytest.raises(ModelFormatError, match=r"p.prototxt: cannot parse prototxt \(in or after layer 'pool1'\): "
+                                               r"line 2 holds '\\udc80', which is not valid Unicode text"):
+        io.parse_prototxt_text(text, "p.prototxt")  # was SystemError from protobuf's enum lookup
