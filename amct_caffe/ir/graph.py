@@ -148,17 +148,33 @@ class Graph:
 
 
 def check_producers(layers: list[tuple[str, list[str], list[str]]], where: str = "") -> None:
-    """Caffe's rule for a top naming an existing blob (net.cpp, AppendTop): it is an in-place write
-    only where the layer's bottom at the same position is that blob; otherwise the blob would have two
-    producers, which Caffe refuses ("Top blob produced by multiple sources"). Raises GraphError."""
+    """Caffe's rules for a top naming an existing blob (net.cpp AppendTop, insert_splits.cpp).
+
+    It is an in-place write only where the layer's bottom at the same position is that blob;
+    otherwise the blob would have two producers ("Top blob produced by multiple sources"). And an
+    in-place write is refused when another layer already read the blob's current value: Caffe's
+    automatic Split then gives the in-place layer a split copy as its bottom, and its top becomes a
+    second producer of the blob. Raises GraphError naming the layers.
+    """
     producer: dict[str, str] = {}
+    readers: dict[str, list[str]] = {}  # readers of each blob's current value
     for name, bottoms, tops in layers:
+        in_place = {t for j, t in enumerate(tops) if j < len(bottoms) and bottoms[j] == t}
         for j, t in enumerate(tops):
-            if t in producer and not (j < len(bottoms) and bottoms[j] == t):
+            if t in producer and t not in in_place:
                 raise GraphError(f"{where}layer '{name}' writes blob '{t}', which layer '{producer[t]}' already "
                                  f"produces; only an in-place layer (top {j} = bottom {j}) may write an existing "
                                  "blob (Caffe: 'produced by multiple sources')")
+            if t in in_place and readers.get(t):
+                raise GraphError(f"{where}layer '{name}' computes blob '{t}' in place, but layer '{readers[t][0]}' "
+                                 f"already read it; Caffe refuses this (its automatic Split gives '{name}' a copy, "
+                                 f"and '{t}' then has two producers): give '{name}' a top of its own")
+        for b in bottoms:
+            if b not in in_place:
+                readers.setdefault(b, []).append(name)
+        for t in tops:
             producer[t] = name
+            readers[t] = []
 
 
 def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[list[str], list[str]]]:

@@ -344,7 +344,6 @@ def test_known_in_place_on_shared_memory(known, case):
     assert compare_net(workdir, case, KNOWN_DIFFERENCES[case]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="net.py: Caffe refuses an in-place layer on a blob another layer read")
 def test_known_in_place_after_another_reader(known):
     workdir, results = known
     case = "in_place_after_another_reader"
@@ -352,8 +351,8 @@ def test_known_in_place_after_another_reader(known):
     assert refusal_problem(workdir, case, "r") is None
 
 
-@pytest.mark.xfail(strict=True, reason="io: a BlobProto without shape nor legacy dims is a 0-axis blob")
 def test_known_caffemodel_zero_axis_blob(known):
+    """Caffe saves a 0-axis blob (PReLU channel_shared) with no shape; io reads it back as shape ()."""
     workdir, results = known
     case = "caffemodel_zero_axis_blob"
     assert results[case]["status"] == "ok"

@@ -60,6 +60,10 @@ CASES = {
     "absurd input dimensions": (
         INPUT.format(dims="100000 dim: 4 dim: 100000 dim: 100000") + CONV.format(conv="num_output: 4 kernel_size: 3"),
         {"conv": _conv_w(4, 4, 3)}, GraphError, r"more than 2147483647 elements"),
+    "an in-place layer on a blob another layer read": (
+        X8 + CONV.format(conv="num_output: 4 kernel_size: 3")
+        + 'layer { name: "t" type: "TanH" bottom: "conv" top: "t" }\n' + RELU,
+        {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'relu' computes blob 'conv' in place, but layer 't' already"),
     "a blob with two producers": (
         INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3") + RELU
         + 'layer { name: "other" type: "ReLU" bottom: "data" top: "conv" }\n',
