@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from amct_caffe import io, ops
+from amct_caffe import io
 from amct_caffe.errors import AmctError
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.ir import Graph
@@ -65,13 +65,15 @@ class _Accumulator:
     shape: tuple[int, ...] = ()
 
 
-def _rows(a: np.ndarray, n: int) -> np.ndarray:
+def sample_rows(a: np.ndarray, n: int) -> np.ndarray:
     """(samples, D) float64 rows of a blob whose first axis is the batch (else one row)."""
     a = np.asarray(a, np.float64)
     return a.reshape(n if a.ndim and a.shape[0] == n else 1, -1)
 
 
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of the rows of two (N, D) arrays in float64; 1 where both rows are zero, 0 where one is."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     dot = np.einsum("ij,ij->i", a, b)
     both_zero = (na == 0) & (nb == 0)
@@ -124,8 +126,8 @@ class BlobComparison:
                                 f"{list(x.shape)} in the float model")
             acc = self.acc[name]
             acc.shape = tuple(x.shape)
-            a, b = _rows(x, n), _rows(y, n)
-            acc.cosines.append(_cosine_rows(a, b))
+            a, b = sample_rows(x, n), sample_rows(y, n)
+            acc.cosines.append(cosine_rows(a, b))
             d = a - b
             acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
             acc.ref_sq += float(np.sum(a * a))
@@ -222,6 +224,3 @@ def report_dict(reports: list[BlobReport], summary_: dict) -> dict:
     """The content of report.json (``null`` where a value is infinite: the blobs are identical)."""
     return json_safe({"blobs": [asdict(r) for r in reports], "summary": summary_})
 
-
-def weighted_layers(graph: Graph) -> list[str]:
-    return [n.name for n in graph.nodes if ops.layer_type(n.type).weighted and n.params]

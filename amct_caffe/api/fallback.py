@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
+from amct_caffe.api.compare import cosine_rows, sample_rows
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
@@ -75,15 +76,6 @@ class FallbackResult:
     @property
     def target_met(self) -> bool:
         return self.cosine_final >= self.target_cosine
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of the rows of two (N, D) arrays in float64; 1 where both rows are zero, 0 where one is."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = np.einsum("ij,ij->i", a, b)
-    both_zero = (na == 0) & (nb == 0)
-    return np.where(both_zero, 1.0, dot / np.maximum(na * nb, np.finfo(np.float64).tiny))
 
 
 METRICS = ("worst_output", "all_outputs")
@@ -124,8 +116,7 @@ class OutputComparator:
             if name not in net.blobs:
                 raise AmctError(f"blob '{name}' compared for the fallback search is missing from the "
                                 "quantized model")
-            a = np.asarray(net.blobs[name].data)
-            rows.append(a.reshape(n if a.ndim and a.shape[0] == n else 1, -1).astype(np.float64))
+            rows.append(sample_rows(net.blobs[name].data, n))
         return rows
 
     def _check(self, ref: list[np.ndarray], out: list[np.ndarray]) -> None:

@@ -49,9 +49,6 @@ class Prepared:
     unfused: frozenset[str] = frozenset()
     bn_kept: dict[str, list[str]] = field(default_factory=dict)
 
-    def target(self, name: str) -> QuantTarget:
-        return next(t for t in self.targets if t.name == name)
-
 
 def quant_target(node, graph: Graph, inputs: tuple[int, ...] | None = None) -> QuantTarget:
     """What quantizing ``node`` means: its weights (if any) and which inputs.
