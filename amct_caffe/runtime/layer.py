@@ -10,6 +10,18 @@ caffe.proto's own) and works on numpy float32 arrays:
 * ``param_shapes(bottom_shapes)`` / ``param_fillers()`` — the learned blobs this layer owns
   (``self.blobs``, a list of :class:`Blob` shared with ``Net.params``).
 
+Training (Caffe's ``Backward_cpu``):
+
+* ``backward(top_diffs, propagate_down, bottoms, tops) -> bottom_diffs`` — ``bottoms`` / ``tops``
+  are the blobs' data *as Caffe would hold it at backward time* (for an in-place layer the
+  bottom is the top, overwritten), so a layer that needs its pre-in-place input keeps it from
+  ``forward`` (``self.in_place`` tells), as Caffe's layers do. Return one array per bottom
+  (``None`` where ``propagate_down`` is False); add the parameter gradients into
+  ``self.blobs[i].diff`` (accumulate, never assign) where ``self.param_propagate_down[i]``.
+  Never modify a diff or data array in place.
+* ``is_loss`` marks Caffe's LossLayer family (top 0 weighs 1 unless ``loss_weight`` says
+  otherwise); ``allow_force_backward(i)`` is Caffe's AllowForceBackward.
+
 A layer whose top shape depends on the data (DetectionOutput) sets ``shape_from_forward``:
 its ``reshape`` gives a placeholder shape and the blob takes whatever ``forward`` returns.
 
@@ -35,11 +47,20 @@ class Layer:
     # weights / int32 bias); they are handed to the layer as float32 holding those integers.
     integer_params: bool = False
 
+    # Caffe's LossLayer family: top 0 is a loss of weight 1 unless the prototxt gives loss_weight.
+    is_loss: bool = False
+    # Caffe's ShareData: the tops are the bottom's memory (Flatten, Reshape, Split...), so an
+    # in-place layer on one of them changes the others. See :meth:`shares_bottom_data`.
+    shares_data: bool = False
+
     def __init__(self, lp, phase: int = 1):
         self.lp = lp
         self.name = lp.name
         self.phase = phase
         self.blobs: list = []
+        # set by the Net: top 0 is bottom 0 in the prototxt; which learned blobs get gradients
+        self.in_place = bool(lp.top) and bool(lp.bottom) and lp.top[0] == lp.bottom[0]
+        self.param_propagate_down: list[bool] = []
 
     @property
     def type(self) -> str:
@@ -87,6 +108,30 @@ class Layer:
 
     def forward(self, bottoms: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    # -- training -----------------------------------------------------------------------
+    def backward(self, top_diffs: list[np.ndarray], propagate_down: list[bool],
+                 bottoms: list[np.ndarray], tops: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Caffe's ``Backward_cpu``: the gradient of the loss w.r.t. each bottom.
+
+        ``top_diffs[i]`` has the shape of ``tops[i]``; the result has one entry per bottom, an
+        array of the bottom's shape or None where ``propagate_down[i]`` is False. Learned blobs'
+        gradients are *added* to ``self.blobs[k].diff`` when ``self.param_propagate_down[k]``.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    @classmethod
+    def has_backward(cls) -> bool:
+        """Whether this executor class implements :meth:`backward`."""
+        return cls.backward is not Layer.backward
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        """Caffe's AllowForceBackward: False for inputs no gradient is defined for (labels)."""
+        return not (self.is_loss and bottom_index == 1)
+
+    def shares_bottom_data(self, bottom_shapes) -> bool:
+        """True when Caffe makes every top share bottom 0's memory (ShareData) for this layer."""
+        return self.shares_data
 
     def param(self, i: int) -> np.ndarray:
         """Data of learned blob ``i``."""

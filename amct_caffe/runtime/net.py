@@ -6,7 +6,12 @@ then ``net.blobs[name].data``, ``net.params[layer][i].data``, ``net.forward(**in
 
 Blob naming follows Caffe: an in-place layer (top == bottom) overwrites its blob, so after a
 forward ``blobs[name]`` holds the value after the last in-place layer. Caffe's automatic Split
-layers are not inserted (layers never modify their inputs, so sharing a blob is safe).
+layers are not inserted (layers never modify their inputs, so sharing a blob is safe); the
+backward pass reproduces them where they matter, in the diffs (:mod:`.backward`).
+
+Where Caffe makes a top the very memory of its bottom (ShareData: Flatten, Reshape, Split, a
+one-bottom Concat, a one-top Slice, an identity Permute), an in-place layer on one of those
+blobs changes all of them; the Net rebinds every blob of such a group to the in-place result.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
+from amct_caffe.runtime.backward import plan_backward
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
@@ -88,6 +94,9 @@ class Net:
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
         self.params: OrderedDict[str, list[Blob]] = OrderedDict()
         self.inputs: list[str] = []
+        self._param_owners: dict[str, tuple[str, int, Blob]] = {}
+        self._learnable: list[tuple[Blob, float, float]] = []
+        share_parent: dict[str, str] = {}
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         seen_names: set[str] = set()
@@ -107,6 +116,9 @@ class Net:
             bottom_shapes = [shapes[b] for b in lp.bottom]
             self._setup_params(layer, bottom_shapes, loaded.get(lp.name), have_weights)
             top_shapes = layer.reshape(bottom_shapes)
+            if lp.bottom and layer.shares_bottom_data(bottom_shapes):
+                for t in lp.top:
+                    _union(share_parent, t, lp.bottom[0])
             for t, s in zip(lp.top, top_shapes, strict=False):
                 shapes[t] = tuple(s)
                 if t not in self.blobs:
@@ -122,6 +134,17 @@ class Net:
         self.outputs = sorted(available)
         self._shapes_seen: list = [None] * len(self.layers)
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
+        groups: dict[str, list[str]] = {}
+        for name in share_parent:
+            groups.setdefault(_find(share_parent, name), []).append(name)
+        self._shared_with = {name: members for members in groups.values() for name in members}
+        self._plan = plan_backward(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
+                                   bool(net_param.force_backward))
+        for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
+            layer.param_propagate_down = flags
+        self._split_diffs: dict[str, np.ndarray] = {}
+        self._seed_loss_diffs()
+        self._loss = 0.0
         for i, layer in enumerate(self.layers):
             layer.on_net_built(self, i)
 
@@ -146,10 +169,44 @@ class Net:
         # for int8, and for int32 up to 2**24); packed uint64 parameters stay raw for DeQuant.
         layer.integer_params = any(np.issubdtype(np.asarray(d).dtype, np.integer) for d in data)
         # np.array, not ascontiguousarray: 0-axis blobs (PReLU channel_shared) must keep shape ().
-        layer.blobs = [Blob(data=np.array(d, dtype=np.uint64 if np.asarray(d).dtype == np.uint64 else np.float32,
-                                          order="C")) for d in data]
+        arrays = [np.array(d, dtype=np.uint64 if np.asarray(d).dtype == np.uint64 else np.float32, order="C")
+                  for d in data]
+        if layer.blobs and len(layer.blobs) == len(arrays):
+            # copy_from: keep the Blob objects, which other layers (param sharing) and nets
+            # (share_with) may hold; write in place when the shape allows, as Caffe copies
+            for blob, arr in zip(layer.blobs, arrays, strict=True):
+                if blob.data.shape == arr.shape and blob.data.dtype == arr.dtype:
+                    blob.data[...] = arr
+                else:
+                    blob.data = arr
+            return
+        layer.blobs = [Blob(data=arr) for arr in arrays]
+        self._share_named_params(layer)
         if layer.blobs:
             self.params[layer.name] = layer.blobs
+
+    def _share_named_params(self, layer) -> None:
+        """Caffe's param sharing: a ``param { name }`` seen before makes this blob the owner's."""
+        specs = list(layer.lp.param)
+        for k, blob in enumerate(layer.blobs):
+            spec = specs[k] if k < len(specs) else None
+            lr_mult = spec.lr_mult if spec is not None else 1.0
+            decay_mult = spec.decay_mult if spec is not None else 1.0
+            if spec is None or not spec.name:
+                self._learnable.append((blob, lr_mult, decay_mult))
+                continue
+            owner = self._param_owners.get(spec.name)
+            if owner is None:
+                self._param_owners[spec.name] = (layer.name, k, blob)
+                self._learnable.append((blob, lr_mult, decay_mult))
+                continue
+            owner_layer, _, owner_blob = owner
+            strict = spec.share_mode == 0  # STRICT: same shape; PERMISSIVE: same count
+            if (owner_blob.shape != blob.shape) if strict else (owner_blob.count != blob.count):
+                raise GraphError(f"{self._source}: layer '{layer.name}' shares param '{spec.name}' of layer "
+                                 f"'{owner_layer}' but its shape {list(blob.shape)} differs from "
+                                 f"{list(owner_blob.shape)}")
+            layer.blobs[k] = owner_blob
 
     def record_sink(self, path: str) -> RecordSink:
         """The one sink of this net's calibration layers writing the record ``path``."""
@@ -211,6 +268,7 @@ class Net:
             if value.shape != blob.shape:
                 blob.reshape(value.shape)
             blob.data[...] = value
+        self._loss = 0.0
         for i in self._range(start, end):
             self._forward_layer(i)
         outs = list(self.outputs) if end is None else list(self.top_names[end])
@@ -235,6 +293,122 @@ class Net:
             # goes on to its DeQuant unrounded.
             keep = arr.dtype == np.float32 or (layer.integer_params and arr.dtype == np.float64)
             blob.data = arr if keep else arr.astype(np.float32)
+            if t in in_place and t in self._shared_with:
+                # Caffe's ShareData: the in-place write lands in memory other blobs are views of
+                for other in self._shared_with[t]:
+                    if other != t and self.blobs[other].count == blob.count:
+                        self.blobs[other].data = blob.data.reshape(self.blobs[other].shape)
+        for t, w in zip(self.top_names[name], self._plan.loss_weights[i], strict=False):
+            if w:  # Caffe's Layer::Forward: loss += dot(top data, loss weights)
+                self._loss += float(np.float32(w) * np.sum(self.blobs[t].data, dtype=np.float32))
+
+    # ---------------------------------------------------------------- training
+    @property
+    def loss(self) -> float:
+        """Weighted loss of the layers the last ``forward`` ran (Caffe's ForwardFromTo value)."""
+        return self._loss
+
+    def _seed_loss_diffs(self) -> None:
+        """Caffe's SetLossWeights: a loss top's diff holds its weight, the backward's seed."""
+        for name, seeds in zip(self._layer_names, self._plan.diff_seeds, strict=True):
+            for t, w in zip(self.top_names[name], seeds, strict=False):
+                if w:
+                    blob = self.blobs[t]
+                    blob.diff = np.full(blob.shape, w, np.float32)
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """Back-propagate from layer ``start`` down to layer ``end`` (names, inclusive), as pycaffe.
+
+        Keyword arguments set the diffs of the net's outputs first (all of them, as pycaffe
+        requires). Returns {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
+        Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared.
+        """
+        if kwargs:
+            if set(kwargs) != set(self.outputs):
+                raise GraphError(f"backward() got top diffs for {sorted(kwargs)}; give one for each output of "
+                                 f"{self._source}: {self.outputs}")
+            for top, diff in kwargs.items():
+                blob = self.blobs[top]
+                diff = np.asarray(diff, dtype=np.float32)
+                if diff.shape[:1] != blob.shape[:1]:
+                    raise GraphError(f"backward(): the diff of '{top}' has {diff.shape[:1]} items in its first "
+                                     f"axis, the blob {blob.shape[:1]}")
+                blob.diff[...] = diff.reshape(blob.shape)
+        steps = self._plan.steps
+        first = len(steps) - 1 if start is None else self._plan.step_of_layer[self._range(start, None)[0]]
+        last = 0 if end is None else self._plan.step_of_layer[self._range(end, None)[0]]
+        for s in range(first, last - 1, -1):
+            if steps[s].need_backward:
+                self._backward_step(steps[s])
+        outs = (list(self.bottom_names[end]) if end is not None else list(self.inputs)) + list(diffs or [])
+        return {o: self.blobs[o].diff for o in dict.fromkeys(outs)}
+
+    def _backward_step(self, step) -> None:
+        if step.layer is None:  # Caffe's SplitLayer::Backward_cpu: the readers' diffs add up
+            if not step.bottom_need_backward[0]:
+                return
+            blob = self.blobs[step.bottom_keys[0]]
+            total = None
+            for key in step.top_keys:
+                part = self._split_diffs.get(key)
+                if part is None or part.shape != blob.shape:
+                    part = np.zeros(blob.shape, np.float32)
+                total = part.copy() if total is None else np.add(total, part, dtype=np.float32)
+            if step.split_loss_weight:
+                total += np.float32(step.split_loss_weight)
+            blob.diff = total
+            return
+        layer = self.layers[step.layer]
+        name = self._layer_names[step.layer]
+        if not any(step.bottom_need_backward) and not any(layer.param_propagate_down):
+            return  # Caffe's layers without a backward (Input, Accuracy...) only fail when asked for one
+        if not layer.has_backward():
+            raise GraphError(f"{self._source}: layer '{name}' ({layer.type}) needs a backward pass, which the "
+                             "embedded runtime does not have for this type; set propagate_down: false or "
+                             "lr_mult: 0 so no gradient has to cross it")
+        bottom_names = self.bottom_names[name]
+        tops = [self.blobs[t].data for t in self.top_names[name]]
+        top_diffs = [self.blobs[t].diff for t in self.top_names[name]]
+        bottoms = [self.blobs[b].data for b in bottom_names]
+        grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
+        if len(grads) != len(bottoms):
+            raise GraphError(f"layer '{name}' ({layer.type}) returned {len(grads)} bottom diffs for "
+                             f"{len(bottoms)} bottoms")
+        for k, (key, grad) in enumerate(zip(step.bottom_keys, grads, strict=True)):
+            if not step.bottom_need_backward[k] or grad is None:
+                continue
+            grad = np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape)
+            if key in self.blobs:
+                self.blobs[key].diff = grad
+            else:
+                self._split_diffs[key] = grad
+
+    def clear_param_diffs(self) -> None:
+        """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers)."""
+        for blob, _, _ in self._learnable:
+            blob.diff = np.zeros(blob.shape, np.float32)
+
+    def learnable_params(self) -> list[tuple[Blob, float, float]]:
+        """(blob, lr_mult, decay_mult) for each blob a solver updates; a shared param once."""
+        return list(self._learnable)
+
+    def share_with(self, other: "Net") -> None:
+        """Use ``other``'s learned blobs (by layer name) as this net's, as Caffe's ShareTrainedLayersWith.
+
+        The data arrays are shared: a solver updating ``other`` in place updates this net too.
+        """
+        for layer in self.layers:
+            theirs = other.params.get(layer.name)
+            if theirs is None or not layer.blobs:
+                continue
+            if len(theirs) != len(layer.blobs):
+                raise GraphError(f"share_with: layer '{layer.name}' has {len(layer.blobs)} learned blob(s) here "
+                                 f"and {len(theirs)} in the other net")
+            for mine, src in zip(layer.blobs, theirs, strict=True):
+                if mine.shape != src.shape:
+                    raise GraphError(f"share_with: layer '{layer.name}' blob shapes differ: {list(mine.shape)} "
+                                     f"vs {list(src.shape)}")
+                mine.data = src.data
 
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""
@@ -267,3 +441,17 @@ def set_mode_gpu() -> None:
 
 def set_device(device_id: int) -> None:  # noqa: ARG001 - pycaffe signature
     _LOG.warning("the embedded executor has no GPU mode; set_device(%d) ignored", device_id)
+
+
+def _find(parent: dict[str, str], x: str) -> str:
+    while parent.get(x, x) != x:
+        x = parent[x]
+    return x
+
+
+def _union(parent: dict[str, str], a: str, b: str) -> None:
+    parent.setdefault(a, a)
+    parent.setdefault(b, b)
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[ra] = rb

@@ -292,14 +292,14 @@ def test_executor_refuses_what_caffe_reads_out_of_bounds(tmp_path, caplog):
 #   before the plane (h0 = src_h - 2 = -1, weighted 0, NaN if that memory holds inf or NaN). The
 #   executor uses a scale of 0 and never reads outside. MVN / BatchNorm on a constant group:
 #   see ill_conditioned. Eltwise / Scale with mismatched bottoms: CAFFE_UNCHECKED.
-# * to fix outside the layers (xfail, strict: they fail loudly once fixed):
+# * handled outside the layers, pinned here:
 #   - net.py: Flatten, Reshape, Split, an identity Permute, a one-bottom Concat and a one-top
-#     Slice share their bottom's memory in Caffe (ShareData), so an in-place layer on either
-#     blob changes both; the executor rebinds the in-place top to a new array;
+#     Slice share their bottom's memory in Caffe (ShareData), so an in-place layer on one of
+#     those blobs changes all of them;
 #   - net.py: Caffe refuses an in-place layer on a blob another layer already read
 #     (InsertSplits renames its bottom, then "Top blob produced by multiple sources");
 #   - io: Caffe writes a 0-axis blob (PReLU / Normalize channel_shared, Scale num_axes 0) with
-#     no shape at all; io reads it as shape (1,) and Net(prototxt, caffemodel) refuses it.
+#     no shape at all; io reads it back as shape ().
 _HEAD = ('name: "k"\nlayer { name: "data" type: "Input" top: "data" '
          'input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n')
 KNOWN_DIFFERENCES = {
@@ -335,8 +335,6 @@ def test_known_bilinear_align_corners_to_one_row(known):
     np.testing.assert_array_equal(y[:, :, 0, 0], inputs["data"][:, :, 0, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="net.py: in-place tops must write into memory shared by "
-                                       "Flatten/Reshape/Split (Caffe's ShareData)")
 @pytest.mark.parametrize("case", ["flatten_then_in_place_relu", "split_then_in_place_scale"])
 def test_known_in_place_on_shared_memory(known, case):
     workdir, results = known

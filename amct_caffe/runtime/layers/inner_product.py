@@ -80,3 +80,18 @@ class InnerProductLayer(Layer):
         if self.integer_params:  # a deploy model's INT8 layer: exact integer accumulation
             return [inner_product_exact(bottoms[0], self.blobs[0].data, bias, self.axis, ip.transpose)]
         return [InnerProduct(bottoms[0], self.blobs[0].data, bias, axis=self.axis, transpose=ip.transpose)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dW += dY^T X (or X^T dY when transposed), db += sum_m dY, dX = dY W (or dY W^T)."""
+        x = bottoms[0]
+        x2 = x.reshape(math.prod(x.shape[:self.axis]), -1)
+        dy = top_diffs[0].reshape(x2.shape[0], -1)
+        w = self.blobs[0].data
+        transpose = self.lp.inner_product_param.transpose
+        if self.param_propagate_down[0]:
+            self.blobs[0].diff += (x2.T @ dy) if transpose else (dy.T @ x2)
+        if len(self.blobs) > 1 and self.param_propagate_down[1]:
+            self.blobs[1].diff += dy.sum(axis=0, dtype=np.float32)
+        if not propagate_down[0]:
+            return [None]
+        return [(dy @ (w.T if transpose else w)).reshape(x.shape)]

@@ -119,6 +119,9 @@ class ConcatLayer(ShapeLayer):
     num_bottoms = (1, None)
     op = staticmethod(Concat)
 
+    def shares_bottom_data(self, bottom_shapes):
+        return len(bottom_shapes) == 1  # Caffe's ConcatLayer::Reshape: one bottom is shared
+
     def shapes(self, s):
         self._kw = {"axis": _legacy_axis(self.lp.concat_param, "concat_dim", len(s[0]))}
         return [concat_shape(s, **self._kw)]
@@ -128,6 +131,9 @@ class ConcatLayer(ShapeLayer):
 class SliceLayer(ShapeLayer):
     num_tops = (1, None)
     op = staticmethod(Slice)
+
+    def shares_bottom_data(self, bottom_shapes):
+        return len(self.lp.top) == 1  # Caffe's SliceLayer::Reshape: one top is shared
 
     def shapes(self, s):
         p = self.lp.slice_param
@@ -143,6 +149,7 @@ class SplitLayer(ShapeLayer):
 
     num_tops = (1, None)
     in_place_ok = False
+    shares_data = True
 
     def shapes(self, s):
         return [s[0]] * len(self.lp.top)

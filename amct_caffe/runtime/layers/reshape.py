@@ -138,6 +138,7 @@ def Reverse(x, *, axis=()):  # noqa: N802
 @register("Flatten")
 class FlattenLayer(ShapeLayer):
     in_place_ok = False
+    shares_data = True
     op = staticmethod(Flatten)
 
     def kwargs(self):
@@ -150,6 +151,7 @@ class FlattenLayer(ShapeLayer):
 @register("Reshape")
 class ReshapeLayer(ShapeLayer):
     in_place_ok = False
+    shares_data = True
     op = staticmethod(Reshape)
 
     def kwargs(self):
@@ -177,6 +179,11 @@ class UnsqueezeLayer(ShapeLayer):
 @register("Permute")
 class PermuteLayer(ShapeLayer):
     op = staticmethod(Permute)
+
+    def shares_bottom_data(self, bottom_shapes):
+        # the SSD fork's PermuteLayer copies only when the order moves an axis
+        ndim = len(bottom_shapes[0])
+        return tuple(permute_order(ndim, **self._kw)) == tuple(range(ndim))
 
     def kwargs(self):
         return proto_fields(self._param("permute_param"), "order")

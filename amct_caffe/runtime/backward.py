@@ -1,0 +1,165 @@
+"""Which layers run backward, and where each gradient goes: Caffe's ``Net::Init`` rules.
+
+The executor inserts no Split layers: a blob read by several layers is simply read several
+times. Caffe inserts one (``InsertSplits``) and that matters for gradients: every reader writes
+its own copy of the diff and the Split adds them up. :func:`plan_backward` rebuilds Caffe's
+view — the layer list with a *virtual split* after each blob version read by more than one
+layer (or read once and also weighted as a loss) — and then applies ``Net::Init``'s three
+passes over it, in Caffe's order:
+
+1. forward: a layer needs backward when a bottom needs it or a learned blob has ``lr_mult != 0``;
+   ``propagate_down`` overrides a bottom's flag;
+2. backward from the losses: a layer that contributes to no loss, or whose every top is a blob
+   no one back-propagates into, does not run backward;
+3. ``force_backward``: every layer runs backward, into every bottom its type allows.
+
+Diff keys are blob names, except a virtual split's tops: ``"<blob>@split<version>/<k>"``,
+whose diffs the Net keeps privately (pycaffe lists Caffe's split blobs; nobody reads them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from amct_caffe.errors import GraphError
+
+
+@dataclass
+class Step:
+    """One entry of Caffe's layer list: a real layer (``layer`` index) or a virtual split."""
+
+    layer: int | None  # index in Net.layers, None for a virtual split
+    bottom_keys: list[str]
+    top_keys: list[str]
+    need_backward: bool = False
+    bottom_need_backward: list[bool] = field(default_factory=list)
+    # a virtual split carrying a loss: the constant loss weight added to the sum
+    split_loss_weight: float = 0.0
+
+
+@dataclass
+class BackwardPlan:
+    steps: list[Step]
+    step_of_layer: list[int]  # Net.layers index -> index in steps
+    param_propagate_down: list[list[bool]]
+    loss_weights: list[list[float]]  # per layer, per top: the loss is sum(weight * top data)
+    # per layer, per top: the constant a loss top's diff holds (0 where a virtual split took the
+    # loss over: the split then adds the weight to its readers' diffs)
+    diff_seeds: list[list[float]]
+
+
+def loss_weights_of(layer, num_tops: int) -> list[float]:
+    """Caffe's SetLossWeights (LossLayer adds loss_weight 1 when the prototxt gives none)."""
+    given = list(layer.lp.loss_weight)
+    if not given and layer.is_loss:
+        given = [1.0]
+    if not given:
+        return [0.0] * num_tops
+    if len(given) != num_tops:
+        raise GraphError(f"layer '{layer.name}' ({layer.type}): loss_weight must be given once per top "
+                         f"blob or not at all ({len(given)} for {num_tops} top(s))")
+    return [float(w) for w in given]
+
+
+def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> BackwardPlan:
+    """The backward schedule of a net (see the module docstring)."""
+    n = len(layers)
+    loss_weights = [loss_weights_of(layer, len(top_names[i])) for i, layer in enumerate(layers)]
+    seeds = [list(w) for w in loss_weights]
+    # -- InsertSplits: readers of each blob version (a version is (producer layer, top index))
+    producer: dict[str, tuple[int, int]] = {}
+    readers: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    bottom_source: dict[tuple[int, int], tuple[int, int]] = {}
+    for i in range(n):
+        for j, b in enumerate(bottom_names[i]):
+            src = producer[b]
+            bottom_source[(i, j)] = src
+            readers.setdefault(src, []).append((i, j))
+        for j, t in enumerate(top_names[i]):
+            producer[t] = (i, j)
+    bottom_keys = [list(bottom_names[i]) for i in range(n)]
+    splits_after: dict[int, list[Step]] = {}
+    for (p, j), reads in readers.items():
+        blob = top_names[p][j]
+        weight = seeds[p][j]
+        if len(reads) + (1 if weight else 0) <= 1:
+            continue
+        keys = [f"{blob}@split{p}/{k}" for k in range(len(reads))]
+        for (i, bj), key in zip(reads, keys, strict=True):
+            bottom_keys[i][bj] = key
+        splits_after.setdefault(p, []).append(Step(None, [blob], keys, split_loss_weight=weight))
+        if weight:  # Caffe moves the loss onto the split: the blob itself is no loss any more
+            seeds[p][j] = 0.0
+    steps: list[Step] = []
+    step_of_layer = []
+    for i in range(n):
+        step_of_layer.append(len(steps))
+        steps.append(Step(i, bottom_keys[i], list(top_names[i])))
+        steps.extend(splits_after.get(i, []))
+
+    # -- pass 1: need_backward forward through the net
+    param_propagate_down = []
+    blob_need_backward: dict[str, bool] = {}
+    for step in steps:
+        layer = None if step.layer is None else layers[step.layer]
+        need = False
+        for b in step.bottom_keys:
+            need |= blob_need_backward.get(b, False)
+        if layer is not None:
+            pd = list(layer.lp.propagate_down)
+            if pd and len(pd) != len(step.bottom_keys):
+                raise GraphError(f"layer '{layer.name}': propagate_down must be given 0 or {len(step.bottom_keys)} "
+                                 f"times (once per bottom), not {len(pd)}")
+            step.bottom_need_backward = ([bool(v) for v in pd] if pd else
+                                         [blob_need_backward.get(b, False) for b in step.bottom_keys])
+            specs = list(layer.lp.param)
+            if len(specs) > len(layer.blobs):
+                raise GraphError(f"layer '{layer.name}' ({layer.type}): {len(specs)} param specs for "
+                                 f"{len(layer.blobs)} learned blob(s)")
+            flags = [(specs[k].lr_mult if k < len(specs) else 1.0) != 0 for k in range(len(layer.blobs))]
+            need |= any(flags)
+            param_propagate_down.append(flags)
+        else:
+            step.bottom_need_backward = [blob_need_backward.get(b, False) for b in step.bottom_keys]
+        step.need_backward = need
+        if need:
+            for t in step.top_keys:
+                blob_need_backward[t] = True
+
+    # -- pass 2: backward from the losses
+    step_loss = []
+    for step in steps:
+        if step.layer is None:
+            step_loss.append([0.0] * len(step.top_keys))
+        else:
+            step_loss.append(seeds[step.layer])
+    under_loss: set[str] = set()
+    skip_backprop: set[str] = set()
+    for s in range(len(steps) - 1, -1, -1):
+        step = steps[s]
+        contributes = any(step_loss[s][k] or t in under_loss for k, t in enumerate(step.top_keys))
+        contributes |= bool(step.split_loss_weight)
+        skip = all(t in skip_backprop for t in step.top_keys)
+        if step.need_backward and skip:
+            step.need_backward = False
+            step.bottom_need_backward = [False] * len(step.bottom_keys)
+        if not contributes:
+            step.need_backward = False
+        for k, b in enumerate(step.bottom_keys):
+            if contributes:
+                under_loss.add(b)
+            else:
+                step.bottom_need_backward[k] = False
+            if not step.bottom_need_backward[k]:
+                skip_backprop.add(b)
+
+    # -- pass 3: force_backward
+    if force_backward:
+        for step in steps:
+            step.need_backward = True
+            layer = None if step.layer is None else layers[step.layer]
+            step.bottom_need_backward = [
+                need or (layer is None or layer.allow_force_backward(k))
+                for k, need in enumerate(step.bottom_need_backward)]
+        param_propagate_down = [[True] * len(flags) for flags in param_propagate_down]
+    return BackwardPlan(steps, step_of_layer, param_propagate_down, loss_weights, seeds)

@@ -1,0 +1,104 @@
+"""Forward + backward of small nets in official Caffe, saved for the executor to match.
+
+Run inside a Python that imports pycaffe (``tests/real_caffe.py``'s ``run_with_pycaffe``)::
+
+    python -m tests.training.grad_runner WORKDIR
+
+``WORKDIR/manifest.json``: ``[{"name", "prototxt", "inputs", "phase", "seed"}]`` (paths relative to
+WORKDIR; ``inputs`` an .npz by input blob name; ``phase`` "TRAIN" or "TEST"). Each net runs in a
+forked child (a glog CHECK aborts only the child), which:
+
+1. builds the net and fills its learned blobs (``caffe_runner.fill_params``), saves them as
+   ``NAME.caffemodel`` (before the forward: BatchNorm in TRAIN updates its statistics);
+2. sets the inputs, runs ``forward()``; every output whose diff is zero (not a loss) gets a
+   random diff, and ``backward(**diffs)`` runs with the loss outputs keeping their seeds;
+3. saves ``NAME.grad.npz``: ``data/B`` and ``diff/B`` per blob (Caffe's ``_split_`` copies
+   left out), ``pdata/L/i`` and ``pdiff/L/i`` per learned blob, ``topdiff/B`` for the diffs it
+   set, and ``loss`` (the weighted sum the forward returned).
+
+``WORKDIR/results.json`` maps each name to ``{"status": "ok" | "refused", "log": glog tail}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from tests.differential.caffe_runner import _tail, fill_params
+
+
+def _child(caffe, workdir: str, entry: dict) -> None:
+    name = entry["name"]
+    phase = caffe.TRAIN if entry.get("phase", "TRAIN") == "TRAIN" else caffe.TEST
+    net = caffe.Net(os.path.join(workdir, entry["prototxt"]), phase)
+    rng = np.random.default_rng(entry.get("seed", 0))
+    fill_params(net, rng)
+    net.save(os.path.join(workdir, name + ".caffemodel"))
+    if entry.get("inputs"):
+        with np.load(os.path.join(workdir, entry["inputs"])) as inputs:
+            for k in inputs.files:
+                net.blobs[k].reshape(*inputs[k].shape)
+                net.blobs[k].data[...] = inputs[k]
+    # pycaffe's forward() returns outputs only; the loss is recomputed from the weights below
+    net.forward()
+    out = {}
+    loss = 0.0
+    diffs = {}
+    for o in net.outputs:
+        blob = net.blobs[o]
+        seed = np.array(blob.diff, dtype=np.float32)
+        if np.any(seed):
+            loss += float(np.sum(seed * blob.data))
+            diffs[o] = seed
+        else:
+            diffs[o] = rng.standard_normal(blob.data.shape).astype(np.float32)
+            out[f"topdiff/{o}"] = diffs[o]
+    net.backward(**diffs)
+    for k, b in net.blobs.items():
+        if "_split_" in k:
+            continue
+        out[f"data/{k}"] = np.array(b.data, dtype=np.float32)
+        out[f"diff/{k}"] = np.array(b.diff, dtype=np.float32)
+    for k, blobs in net.params.items():
+        for i, b in enumerate(blobs):
+            out[f"pdata/{k}/{i}"] = np.array(b.data, dtype=np.float32)
+            out[f"pdiff/{k}/{i}"] = np.array(b.diff, dtype=np.float32)
+    out["loss"] = np.array(loss, dtype=np.float64)
+    np.savez(os.path.join(workdir, name + ".grad.npz"), **out)
+
+
+def main(workdir: str) -> None:
+    import caffe  # noqa: PLC0415 - imported once, before the forks
+    caffe.set_mode_cpu()
+    with open(os.path.join(workdir, "manifest.json")) as f:
+        manifest = json.load(f)
+    results = {}
+    for entry in manifest:
+        name = entry["name"]
+        log = os.path.join(workdir, name + ".log")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 2)
+                _child(caffe, workdir, entry)
+                code = 0
+            except BaseException as e:  # noqa: BLE001 - reported through the exit status
+                os.write(2, f"\nPython error: {type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        results[name] = {"status": "ok" if ok else "refused", "log": "" if ok else _tail(log)}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

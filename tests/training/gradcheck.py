@@ -1,0 +1,92 @@
+"""Compare the executor's forward + backward with official Caffe's on the same nets.
+
+``run_in_caffe(workdir, cases)`` runs ``[(name, prototxt_text, inputs, phase)]`` through
+:mod:`tests.training.grad_runner` in one pycaffe process; ``executor_grads`` repeats one case
+with :class:`amct_caffe.runtime.Net` (same weights, same inputs, same top diffs) and returns the
+same keys; ``grad_problems`` lists every array that differs by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from tests.real_caffe import run_with_pycaffe
+
+
+def run_in_caffe(workdir, cases, seed: int = 0) -> dict:
+    """{name: {"status", "log"}} after running every case in real Caffe."""
+    manifest = []
+    for name, prototxt, inputs, phase in cases:
+        with open(os.path.join(workdir, name + ".prototxt"), "w") as f:
+            f.write(prototxt)
+        entry = {"name": name, "prototxt": name + ".prototxt", "phase": phase, "seed": seed}
+        if inputs:
+            np.savez(os.path.join(workdir, name + ".inputs.npz"), **inputs)
+            entry["inputs"] = name + ".inputs.npz"
+        manifest.append(entry)
+    with open(os.path.join(workdir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    proc = run_with_pycaffe(f"from tests.training.grad_runner import main; main({str(workdir)!r})", timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"grad_runner failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def caffe_grads(workdir, name) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(workdir, name + ".grad.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]:
+    """The executor's counterpart of ``caffe_grads`` for case ``name``."""
+    from amct_caffe.runtime import TEST, TRAIN, Net  # noqa: PLC0415
+
+    ref = caffe_grads(workdir, name)
+    net = Net(os.path.join(workdir, name + ".prototxt"), os.path.join(workdir, name + ".caffemodel"),
+              TRAIN if phase == "TRAIN" else TEST)
+    inputs = {}
+    path = os.path.join(workdir, name + ".inputs.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            inputs = {k: z[k] for k in z.files}
+    net.forward(**inputs)
+    diffs = {}
+    for o in net.outputs:
+        key = f"topdiff/{o}"
+        diffs[o] = ref[key] if key in ref else np.array(net.blobs[o].diff)
+    net.backward(**diffs)
+    out = {"loss": np.array(net.loss, dtype=np.float64)}
+    for k, b in net.blobs.items():
+        out[f"data/{k}"] = np.array(b.data, dtype=np.float32)
+        out[f"diff/{k}"] = np.array(b.diff, dtype=np.float32)
+    for k, blobs in net.params.items():
+        for i, b in enumerate(blobs):
+            out[f"pdata/{k}/{i}"] = np.array(b.data, dtype=np.float32)
+            out[f"pdiff/{k}/{i}"] = np.array(b.diff, dtype=np.float32)
+    return out
+
+
+def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[str]:
+    """Arrays of ``ref`` that ``ours`` lacks or that differ beyond ``rtol`` (relative to the array's scale)."""
+    problems = []
+    for key, want in ref.items():
+        if key.startswith("topdiff/") or any(key.startswith(s) for s in skip):
+            continue
+        if key not in ours:
+            problems.append(f"{key}: missing in the executor")
+            continue
+        got = ours[key]
+        if got.shape != want.shape and got.size == want.size:
+            got = got.reshape(want.shape)
+        if got.shape != want.shape:
+            problems.append(f"{key}: shape {got.shape} vs Caffe {want.shape}")
+            continue
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        err = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
+        if not err <= rtol * max(scale, 1e-3):
+            problems.append(f"{key}: max |diff| {err:.3g} vs scale {scale:.3g}")
+    return problems
