@@ -45,7 +45,8 @@ def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]
     """The executor's counterpart of ``caffe_grads`` for case ``name``."""
     from amct_caffe.runtime import TEST, TRAIN, Net  # noqa: PLC0415
 
-    ref = caffe_grads(workdir, name)
+    have_ref = os.path.exists(os.path.join(workdir, name + ".grad.npz"))
+    ref = caffe_grads(workdir, name) if have_ref else {}  # {} when Caffe could not back-propagate
     net = Net(os.path.join(workdir, name + ".prototxt"), os.path.join(workdir, name + ".caffemodel"),
               TRAIN if phase == "TRAIN" else TEST)
     inputs = {}
@@ -57,7 +58,8 @@ def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]
     diffs = {}
     for o in net.outputs:
         key = f"topdiff/{o}"
-        diffs[o] = ref[key] if key in ref else np.array(net.blobs[o].diff)
+        seed = np.array(net.blobs[o].diff)
+        diffs[o] = ref[key] if key in ref else (seed if np.any(seed) else np.ones_like(seed))
     net.backward(**diffs)
     out = {"loss": np.array(net.loss, dtype=np.float64)}
     for k, b in net.blobs.items():
