@@ -4,11 +4,12 @@ Run inside a Python that imports pycaffe (``tests/real_caffe.py``'s ``run_with_p
 
     python -m tests.training.grad_runner WORKDIR
 
-``WORKDIR/manifest.json``: ``[{"name", "prototxt", "inputs", "phase", "seed"}]`` (paths relative to
-WORKDIR; ``inputs`` an .npz by input blob name; ``phase`` "TRAIN" or "TEST"). Each net runs in a
-forked child (a glog CHECK aborts only the child), which:
+``WORKDIR/manifest.json``: ``[{"name", "prototxt", "inputs", "phase", "seed", "weights"}]`` (paths
+relative to WORKDIR but ``weights``, optional; ``inputs`` an .npz by input blob name; ``phase``
+"TRAIN" or "TEST"). Each net runs in a forked child (a glog CHECK aborts only the child), which:
 
-1. builds the net and fills its learned blobs (``caffe_runner.fill_params``), saves them as
+1. builds the net and fills its learned blobs (``caffe_runner.fill_params``, unless ``weights``
+   gives a caffemodel), saves them as
    ``NAME.caffemodel`` (before the forward: BatchNorm in TRAIN updates its statistics);
 2. sets the inputs, runs ``forward()``; every output whose diff is zero (not a loss) gets a
    random diff, and ``backward(**diffs)`` runs with the loss outputs keeping their seeds;
@@ -33,9 +34,12 @@ from tests.differential.caffe_runner import _tail, fill_params
 def _child(caffe, workdir: str, entry: dict) -> None:
     name = entry["name"]
     phase = caffe.TRAIN if entry.get("phase", "TRAIN") == "TRAIN" else caffe.TEST
-    net = caffe.Net(os.path.join(workdir, entry["prototxt"]), phase)
     rng = np.random.default_rng(entry.get("seed", 0))
-    fill_params(net, rng)
+    if entry.get("weights"):  # a real model: its own weights
+        net = caffe.Net(os.path.join(workdir, entry["prototxt"]), entry["weights"], phase)
+    else:
+        net = caffe.Net(os.path.join(workdir, entry["prototxt"]), phase)
+        fill_params(net, rng)
     net.save(os.path.join(workdir, name + ".caffemodel"))
     if entry.get("inputs"):
         with np.load(os.path.join(workdir, entry["inputs"])) as inputs:

@@ -16,13 +16,18 @@ import numpy as np
 from tests.real_caffe import run_with_pycaffe
 
 
-def run_in_caffe(workdir, cases, seed: int = 0) -> dict:
-    """{name: {"status", "log"}} after running every case in real Caffe."""
+def run_in_caffe(workdir, cases, seed: int = 0, weights: dict | None = None) -> dict:
+    """{name: {"status", "log"}} after running every case in real Caffe.
+
+    ``weights``: {case name: caffemodel path} for cases that run a real model's weights.
+    """
     manifest = []
     for name, prototxt, inputs, phase in cases:
         with open(os.path.join(workdir, name + ".prototxt"), "w") as f:
             f.write(prototxt)
         entry = {"name": name, "prototxt": name + ".prototxt", "phase": phase, "seed": seed}
+        if weights and name in weights:
+            entry["weights"] = str(os.path.abspath(weights[name]))
         if inputs:
             np.savez(os.path.join(workdir, name + ".inputs.npz"), **inputs)
             entry["inputs"] = name + ".inputs.npz"
