@@ -6,6 +6,10 @@ Dtype). Samples are served in a fixed order and the order wraps around at the en
 prefetching readers do; each ``forward`` takes the next ``batch_size`` samples. As in Caffe, a
 batch's shape is that of its first sample (a later batch may differ); a sample of another size in
 the same batch is an error. The layers have no backward (Caffe's are empty) and no parameters.
+
+Raw and float Datums are checked bit for bit against real Caffe (tests/training); encoded Datums
+and ImageData need Caffe built with OpenCV, which the reference build is not, so those are checked
+against numpy / Pillow only.
 """
 
 from __future__ import annotations
