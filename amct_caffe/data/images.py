@@ -11,6 +11,7 @@ its own preprocessing.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -42,19 +43,42 @@ def per_input(value, names: Sequence[str], default, what: str) -> dict:
     return {n: (default if value is None else value) for n in names}
 
 
+def decode_image(source: Path | bytes, channels: int | None, where) -> np.ndarray:
+    """An image file (a path) or its encoded bytes as an 8-bit (H, W, C) array, in RGB(A) order.
+
+    ``channels`` 3 -> RGB, 1 -> grayscale (Pillow's ``L``: ``(299 R + 587 G + 114 B) / 1000``),
+    None -> as stored, like OpenCV's ``IMREAD_UNCHANGED`` for 8-bit images: 1 channel for a
+    grayscale image, 4 (RGBA) for one with an alpha channel or transparency, else 3. Images of more
+    than 8 bits per channel are refused when read as stored (Caffe's transformer takes 8-bit only).
+    ``where`` names the file or record in messages.
+    """
+    image_mod = pil_image()
+    try:
+        with image_mod.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if channels is None:
+                if img.mode.startswith(("I", "F")):
+                    raise DataError(f"{where}: a {img.mode} image (more than 8 bits per channel) cannot be read as "
+                                    "8-bit pixels; set force_color or force_gray, or store 8-bit images")
+                alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+                mode = "L" if img.mode in ("1", "L") else ("RGBA" if alpha else "RGB")
+            else:
+                mode = "L" if channels == 1 else "RGB"
+            arr = np.asarray(img.convert(mode))
+    except DataError:
+        raise
+    # Decoders raise more than OSError on a malformed or hostile file (DecompressionBombError,
+    # SyntaxError, struct.error...): whatever it is, this file is not a usable image.
+    except Exception as e:
+        what = "decode the encoded image" if isinstance(source, bytes) else "read the image"
+        raise DataError(f"{where}: cannot {what} ({failure(e)})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
 def load_image(path: Path, channels: int) -> np.ndarray:
     """An image file as an 8-bit (H, W, C) array: RGB for ``channels`` 3, grayscale for 1."""
     if channels not in (1, 3):
         raise DataError(f"{path}: an image cannot feed an input of {channels} channels (1 or 3 expected)")
-    image_mod = pil_image()
-    try:
-        with image_mod.open(path) as img:
-            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-    # Decoders raise more than OSError on a malformed or hostile file (DecompressionBombError,
-    # SyntaxError, struct.error...): whatever it is, this file is not a usable image.
-    except Exception as e:
-        raise DataError(f"{path}: cannot read the image ({failure(e)})") from None
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    return decode_image(Path(path), channels, path)
 
 
 class ImageFolder(DataSource):

@@ -17,7 +17,6 @@ single input takes the image; ``label(i)`` reads it.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from amct_caffe.data.images import per_input
-from amct_caffe.data.preprocess import Preprocess, pil_image
+from amct_caffe.data.images import decode_image, per_input
+from amct_caffe.data.preprocess import Preprocess
 from amct_caffe.data.source import DataError, DataSource, failure, sample_shape
 from amct_caffe.io.schema import caffe_pb
 
@@ -46,6 +45,66 @@ def is_lmdb(path) -> bool:
     """True for an LMDB environment folder (holding data.mdb) or a data.mdb file."""
     path = Path(path)
     return (path.is_dir() and (path / "data.mdb").is_file()) or (path.is_file() and path.suffix == ".mdb")
+
+
+def open_lmdb(path: Path):
+    """The environment at ``path``, opened read-only for one use (close it, e.g. ``with``).
+
+    py-lmdb refuses a second open of the same environment in a process, so no reader keeps a handle
+    between batches: two sources (or two nets' Data layers) may then read the same database.
+    """
+    lmdb = _lmdb()
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=path.is_dir(),
+                         max_readers=16)
+    except lmdb.Error as e:
+        raise DataError(f"{path}: cannot open the LMDB: {e}") from None
+
+
+@contextlib.contextmanager
+def lmdb_errors(path: Path, what: str):
+    """Turns the lmdb package's errors (e.g. MDB_PAGE_NOTFOUND in a damaged file) into DataError."""
+    lmdb = _lmdb()
+    try:
+        yield
+    except lmdb.Error as e:
+        raise DataError(f"cannot {what} the LMDB {path} ({failure(e)}): "
+                        "the file is damaged or not a Caffe LMDB") from None
+
+
+def parse_datum(raw: bytes, where: str):
+    """A serialized ``Datum`` (``where`` names the database and key in messages)."""
+    datum = caffe_pb().Datum()
+    try:
+        datum.ParseFromString(raw)
+    except DecodeError as e:
+        raise DataError(f"{where}: the record is not a Caffe Datum: {e}") from None
+    return datum
+
+
+def datum_array(datum, where: str, color: bool | None = None) -> np.ndarray:
+    """The pixels of a Datum as (C, H, W), colour channels in BGR order as Caffe (OpenCV) holds them.
+
+    ``data`` -> uint8; ``float_data`` -> float32; an ``encoded`` image is decoded with Pillow to
+    uint8: ``color`` True -> 3 channels (Caffe's ``force_color``), False -> 1 (``force_gray``), None
+    -> as stored (:func:`~amct_caffe.data.images.decode_image`). The stored size must be
+    ``channels * height * width`` values.
+    """
+    if datum.encoded:
+        hwc = decode_image(bytes(datum.data), None if color is None else (3 if color else 1), where)
+        chw = np.transpose(hwc, (2, 0, 1))
+        # RGB(A) -> BGR(A), OpenCV's order
+        return np.ascontiguousarray(chw[[2, 1, 0, 3][:chw.shape[0]]] if chw.shape[0] >= 3 else chw)
+    c, h, w = datum.channels, datum.height, datum.width
+    if len(datum.data):
+        if len(datum.data) != c * h * w:
+            raise DataError(f"{where}: {len(datum.data)} data bytes for shape ({c}, {h}, {w})")
+        return np.frombuffer(datum.data, dtype=np.uint8).reshape(c, h, w)
+    if len(datum.float_data):
+        if len(datum.float_data) != c * h * w:
+            raise DataError(f"{where}: {len(datum.float_data)} float_data values for shape ({c}, {h}, {w})")
+        return np.asarray(datum.float_data, dtype=np.float32).reshape(c, h, w)
+    raise DataError(f"{where}: the Datum holds no data")
 
 
 class LmdbData(DataSource):
@@ -81,37 +140,18 @@ class LmdbData(DataSource):
         return f"LMDB {self.path}"
 
     def _open(self):
-        """The environment, opened read-only for one use: py-lmdb refuses a second open of the same
-        environment in a process, so no handle is kept between batches (or across ``select`` copies)."""
-        lmdb = _lmdb()
-        try:
-            return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                             subdir=self.path.is_dir(), max_readers=16)
-        except lmdb.Error as e:
-            raise DataError(f"{self.path}: cannot open the LMDB: {e}") from None
+        return open_lmdb(self.path)
 
-    @contextlib.contextmanager
     def _reading(self, what: str):
-        """Turns the lmdb package's errors (e.g. MDB_PAGE_NOTFOUND in a damaged file) into DataError."""
-        lmdb = _lmdb()
-        try:
-            yield
-        except lmdb.Error as e:
-            raise DataError(f"cannot {what} the LMDB {self.path} ({failure(e)}): "
-                            "the file is damaged or not a Caffe LMDB") from None
+        return lmdb_errors(self.path, what)
+
+    def _where(self, i: int) -> str:
+        return f"{self.path} record {self._keys[i].decode(errors='replace')}"
 
     def _datums(self, indices: list[int]) -> list:
         with self._reading("read"), self._open() as env, env.begin(buffers=False) as txn:
             raws = [txn.get(self._keys[i]) for i in indices]
-        datums = []
-        for i, raw in zip(indices, raws, strict=True):
-            datum = caffe_pb().Datum()
-            try:
-                datum.ParseFromString(raw)
-            except DecodeError as e:
-                raise DataError(f"{self.path}: record {self._keys[i]!r} is not a Caffe Datum: {e}") from None
-            datums.append(datum)
-        return datums
+        return [parse_datum(raw, self._where(i)) for i, raw in zip(indices, raws, strict=True)]
 
     def label(self, i: int) -> int:
         """The label of sample ``i`` of this source (after any ``select``)."""
@@ -120,40 +160,27 @@ class LmdbData(DataSource):
     def sample(self, i: int, datum=None) -> np.ndarray:
         """Underlying record ``i`` (its Datum, if already read), preprocessed: float32 (C, H, W)."""
         datum = datum if datum is not None else self._datums([i])[0]
-        where = f"{self.path} record {self._keys[i].decode(errors='replace')}"
+        where = self._where(i)
         want_c = self._shape[0] if self._shape is not None else None
         pre = self._preprocess
+        color = None
         if datum.encoded:
-            image_mod = pil_image()
             channels = want_c or (datum.channels if datum.channels in (1, 3) else 3)
-            try:
-                with image_mod.open(io.BytesIO(datum.data)) as img:
-                    hwc = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-            except Exception as e:  # as images.load_image: any decoder failure means a bad record
-                raise DataError(f"{where}: cannot decode the encoded image ({failure(e)})") from None
-            out = pre.apply(hwc, where)
+            if channels not in (1, 3):
+                raise DataError(f"{where}: an encoded image cannot feed input '{self._name}' of {channels} "
+                                "channels (1 or 3 expected)")
+            color = channels == 3
+        chw = datum_array(datum, where, color)
+        c = chw.shape[0]
+        if want_c is not None and c != want_c:
+            raise DataError(f"{where}: {c}-channel Datum for input '{self._name}' of {want_c} channels")
+        if pre.resizes:  # via Pillow, on the 8-bit image in RGB order
+            if chw.dtype != np.uint8:
+                raise DataError(f"{where}: float_data cannot be resized; give crop only")
+            hwc = np.transpose(chw[::-1] if c == 3 else chw, (1, 2, 0))
+            out = pre.apply(np.ascontiguousarray(hwc), where)
         else:
-            c, h, w = datum.channels, datum.height, datum.width
-            if len(datum.data):
-                if len(datum.data) != c * h * w:
-                    raise DataError(f"{where}: {len(datum.data)} data bytes for shape ({c}, {h}, {w})")
-                chw = np.frombuffer(datum.data, dtype=np.uint8).reshape(c, h, w)
-            elif len(datum.float_data):
-                if len(datum.float_data) != c * h * w:
-                    raise DataError(f"{where}: {len(datum.float_data)} float_data values for shape "
-                                    f"({c}, {h}, {w})")
-                if pre.resizes:
-                    raise DataError(f"{where}: float_data cannot be resized; give crop only")
-                chw = np.asarray(datum.float_data, dtype=np.float32).reshape(c, h, w)
-            else:
-                raise DataError(f"{where}: the Datum holds no data")
-            if want_c is not None and c != want_c:
-                raise DataError(f"{where}: {c}-channel Datum for input '{self._name}' of {want_c} channels")
-            if pre.resizes:  # via Pillow, on the 8-bit image in RGB order
-                hwc = np.transpose(chw[::-1] if c == 3 else chw, (1, 2, 0))
-                out = pre.apply(np.ascontiguousarray(hwc), where)
-            else:
-                out = pre.finish(chw, "BGR", where)
+            out = pre.finish(chw, "BGR", where)
         if self._shape is not None and out.shape != self._shape:
             raise DataError(f"{where}: preprocessed to shape {out.shape} but input '{self._name}' takes "
                             f"{self._shape}: set the resize / crop")

@@ -225,6 +225,17 @@ class Net:
         for i in range(len(self.layers)):
             self._reshape_layer(i)
 
+    def set_input_arrays(self, data, labels) -> None:
+        """pycaffe's ``set_input_arrays``: give the first layer, a MemoryData, its arrays.
+
+        ``data`` float32 (M, C, H, W), ``labels`` float32 (M,) or (M, 1, 1, 1); the checks are pycaffe's
+        (see :class:`amct_caffe.runtime.layers.array_data.MemoryData`).
+        """
+        if not self.layers or self.layers[0].type != "MemoryData":
+            raise GraphError(f"{self._source}: set_input_arrays may only be called if the first layer is a "
+                             "MemoryData layer")
+        self.layers[0].set_input_arrays(data, labels)
+
     def _reshape_layer(self, i: int) -> None:
         layer = self.layers[i]
         name = self._layer_names[i]
