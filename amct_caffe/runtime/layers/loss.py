@@ -83,12 +83,20 @@ class SoftmaxWithLossLayer(LossLayer):
     false: BATCH_SIZE) when only that is given. Top 1, if present, is p.
 
     Backward: dx = w / normalizer * (p - onehot(label)), zero at ignored positions.
+
+    This fork cannot build the layer with the prob top: two tops need two loss_weight values, and
+    its internal Softmax, made from a copy of the whole LayerParameter, then has two loss weights
+    for its one top (Caffe's CHECK fails; later Caffe clears them). The executor refuses it too.
     """
 
     num_tops = (1, 2)
 
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
+        if len(lp.top) > 1:
+            raise GraphError(f"layer '{self.name}' (SoftmaxWithLoss): a second (prob) top cannot be built by this "
+                             "Caffe (its internal Softmax inherits the loss_weight of both tops); add a Softmax layer "
+                             "for the probabilities")
         p = lp.loss_param
         self.ignore = p.ignore_label if p.HasField("ignore_label") else None
         if not p.HasField("normalization") and p.HasField("normalize"):
