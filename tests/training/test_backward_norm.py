@@ -46,14 +46,15 @@ CASES = {
     "bn_three_forwards": (_one("BatchNorm", (4, 3, 5), "batch_norm_param { moving_average_fraction: 0.8 }"),
                           {"data": (4, 3, 5), "data#1": (4, 3, 5), "data#2": (4, 3, 5)}, {"forwards": 3}),
     # in-place BatchNorm + Scale (bias) after an InnerProduct, as in every ResNet block; the IP's
-    # input takes no gradient (no force_backward), a weighted top drives the loss
-    "ip_bn_scale_in_place": (_input("data", 4, 5) +
+    # input takes no gradient (no force_backward), a Euclidean loss drives it (a loss_weight on ip2
+    # would give BatchNorm a per-channel constant top diff, whose gradient is zero up to rounding)
+    "ip_bn_scale_in_place": (_input("data", 4, 5) + _input("t", 4, 3) +
                              _layer("ip", "InnerProduct", "data", extra="inner_product_param { num_output: 6 }") +
                              _layer("bn", "BatchNorm", "ip", "ip") +
                              _layer("sc", "Scale", "ip", "ip", "scale_param { bias_term: true }") +
-                             _layer("ip2", "InnerProduct", "ip", extra="inner_product_param { num_output: 3 } "
-                                    "loss_weight: 0.5"),
-                             {"data": (4, 5)}, {}),
+                             _layer("ip2", "InnerProduct", "ip", extra="inner_product_param { num_output: 3 }") +
+                             _layer("loss", "EuclideanLoss", ["ip2", "t"], extra="loss_weight: 0.5"),
+                             {"data": (4, 5), "t": (4, 3)}, {}),
     # BatchNorm on a net input without force_backward: Caffe's backward still writes the input's diff
     # (a Euclidean loss: a per-channel constant top diff, as an InnerProduct gives, has a zero gradient)
     "bn_input_no_force": (_input("data", 4, 3) + _input("t", 4, 3) + _layer("bn", "BatchNorm", "data") +
