@@ -18,7 +18,8 @@ Training (Caffe's ``Backward_cpu``):
   ``forward`` (``self.in_place`` tells), as Caffe's layers do. Return one array per bottom
   (``None`` where ``propagate_down`` is False); add the parameter gradients into
   ``self.blobs[i].diff`` (accumulate, never assign) where ``self.param_propagate_down[i]``.
-  Never modify a diff or data array in place.
+  Never modify a diff or data array in place. A type whose Caffe backward writes a bottom's diff
+  whatever propagate_down says sets ``writes_unpropagated_diffs`` and returns that array too.
 * ``is_loss`` marks Caffe's LossLayer family (top 0 weighs 1 unless ``loss_weight`` says
   otherwise); ``allow_force_backward(i)`` is Caffe's AllowForceBackward.
 
@@ -49,6 +50,10 @@ class Layer:
 
     # Caffe's LossLayer family: top 0 is a loss of weight 1 unless the prototxt gives loss_weight.
     is_loss: bool = False
+    # Caffe's Backward_cpu of this type writes some bottom diffs even where propagate_down is False
+    # (BatchNorm, MVN ignore it; Scale leaves scratch there): ``backward`` may then return an
+    # array for such a bottom and the Net stores it, so every blob's diff matches Caffe's.
+    writes_unpropagated_diffs: bool = False
     # Caffe's ShareData: the tops are the bottom's memory (Flatten, Reshape, Split...), so an
     # in-place layer on one of them changes the others. See :meth:`shares_bottom_data`.
     shares_data: bool = False

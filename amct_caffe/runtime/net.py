@@ -386,7 +386,7 @@ class Net:
             raise GraphError(f"layer '{name}' ({layer.type}) returned {len(grads)} bottom diffs for "
                              f"{len(bottoms)} bottoms")
         for k, (key, grad) in enumerate(zip(step.bottom_keys, grads, strict=True)):
-            if not step.bottom_need_backward[k] or grad is None:
+            if grad is None or not (step.bottom_need_backward[k] or layer.writes_unpropagated_diffs):
                 continue
             grad = np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape)
             if key in self.blobs:

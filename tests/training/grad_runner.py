@@ -4,14 +4,16 @@ Run inside a Python that imports pycaffe (``tests/real_caffe.py``'s ``run_with_p
 
     python -m tests.training.grad_runner WORKDIR
 
-``WORKDIR/manifest.json``: ``[{"name", "prototxt", "inputs", "phase", "seed", "weights"}]`` (paths
-relative to WORKDIR but ``weights``, optional; ``inputs`` an .npz by input blob name; ``phase``
-"TRAIN" or "TEST"). Each net runs in a forked child (a glog CHECK aborts only the child), which:
+``WORKDIR/manifest.json``: ``[{"name", "prototxt", "inputs", "phase", "seed", "forwards", "weights"}]``
+(paths relative to WORKDIR but ``weights``, optional; ``inputs`` an .npz by input blob name;
+``phase`` "TRAIN" or "TEST"). Each net runs in a forked child (a glog CHECK aborts only the
+child), which:
 
 1. builds the net and fills its learned blobs (``caffe_runner.fill_params``, unless ``weights``
    gives a caffemodel), saves them as
    ``NAME.caffemodel`` (before the forward: BatchNorm in TRAIN updates its statistics);
-2. sets the inputs, runs ``forward()``; every output whose diff is zero (not a loss) gets a
+2. sets the inputs, runs ``forward()`` (``forwards`` times, default 1, each with its inputs:
+   ``gradcheck.inputs_for_forward``); every output whose diff is zero (not a loss) gets a
    random diff, and ``backward(**diffs)`` runs with the loss outputs keeping their seeds;
 3. saves ``NAME.grad.npz``: ``data/B`` and ``diff/B`` per blob (Caffe's ``_split_`` copies
    left out), ``pdata/L/i`` and ``pdiff/L/i`` per learned blob, ``topdiff/B`` for the diffs it
@@ -29,6 +31,7 @@ import sys
 import numpy as np
 
 from tests.differential.caffe_runner import _tail, fill_params
+from tests.training.gradcheck import inputs_for_forward
 
 
 def _child(caffe, workdir: str, entry: dict) -> None:
@@ -41,26 +44,30 @@ def _child(caffe, workdir: str, entry: dict) -> None:
         net = caffe.Net(os.path.join(workdir, entry["prototxt"]), phase)
         fill_params(net, rng)
     net.save(os.path.join(workdir, name + ".caffemodel"))
+    inputs = {}
     if entry.get("inputs"):
-        with np.load(os.path.join(workdir, entry["inputs"])) as inputs:
-            for k in inputs.files:
-                net.blobs[k].reshape(*inputs[k].shape)
-                net.blobs[k].data[...] = inputs[k]
-    # pycaffe's forward() returns outputs only; the loss is recomputed from the weights below
-    net.forward()
+        with np.load(os.path.join(workdir, entry["inputs"])) as z:
+            inputs = {k: z[k] for k in z.files}
+    for i in range(int(entry.get("forwards", 1))):
+        for k, v in inputs_for_forward(inputs, i).items():
+            net.blobs[k].reshape(*v.shape)
+            net.blobs[k].data[...] = v
+        # pycaffe's forward() returns outputs only; the loss is recomputed from the weights below
+        net.forward()
     out = {}
     loss = 0.0
-    diffs = {}
     for o in net.outputs:
         blob = net.blobs[o]
         seed = np.array(blob.diff, dtype=np.float32)
         if np.any(seed):
             loss += float(np.sum(seed * blob.data))
-            diffs[o] = seed
         else:
-            diffs[o] = rng.standard_normal(blob.data.shape).astype(np.float32)
-            out[f"topdiff/{o}"] = diffs[o]
-    net.backward(**diffs)
+            diff = rng.standard_normal(blob.data.shape).astype(np.float32)
+            out[f"topdiff/{o}"] = diff
+            blob.diff[...] = diff
+    # the diffs are set on the blobs, not passed as backward(**diffs): pycaffe checks each diff's first
+    # axis, which a loss's scalar (0-axis) top does not have
+    net.backward()
     for k, b in net.blobs.items():
         if "_split_" in k:
             continue

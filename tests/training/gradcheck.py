@@ -1,9 +1,13 @@
 """Compare the executor's forward + backward with official Caffe's on the same nets.
 
-``run_in_caffe(workdir, cases)`` runs ``[(name, prototxt_text, inputs, phase)]`` through
+``run_in_caffe(workdir, cases)`` runs ``[(name, prototxt_text, inputs, phase[, options])]`` through
 :mod:`tests.training.grad_runner` in one pycaffe process; ``executor_grads`` repeats one case
 with :class:`amct_caffe.runtime.Net` (same weights, same inputs, same top diffs) and returns the
 same keys; ``grad_problems`` lists every array that differs by more than the tolerance.
+
+``options`` (optional, so four-item cases keep working): ``{"forwards": k}`` runs the forward k
+times before the one backward (BatchNorm's moving averages in TRAIN); an input named ``"B#i"``
+replaces blob ``B`` on forward ``i`` (0-based), ``"B"`` being used on the others.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ def run_in_caffe(workdir, cases, seed: int = 0, weights: dict | None = None) -> 
     ``weights``: {case name: caffemodel path} for cases that run a real model's weights.
     """
     manifest = []
-    for name, prototxt, inputs, phase in cases:
+    for case in cases:
+        name, prototxt, inputs, phase = case[:4]
+        options = case[4] if len(case) > 4 else {}
         with open(os.path.join(workdir, name + ".prototxt"), "w") as f:
             f.write(prototxt)
-        entry = {"name": name, "prototxt": name + ".prototxt", "phase": phase, "seed": seed}
+        entry = {"name": name, "prototxt": name + ".prototxt", "phase": phase, "seed": seed,
+                 "forwards": int(options.get("forwards", 1))}
         if weights and name in weights:
             entry["weights"] = str(os.path.abspath(weights[name]))
         if inputs:
@@ -46,6 +53,23 @@ def caffe_grads(workdir, name) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def inputs_for_forward(inputs: dict, i: int) -> dict:
+    """The inputs of forward ``i``: ``"B#i"`` overrides ``"B"`` (see the module docstring)."""
+    out = {k: v for k, v in inputs.items() if "#" not in k}
+    for k, v in inputs.items():
+        if "#" in k and k.rsplit("#", 1)[1] == str(i):
+            out[k.rsplit("#", 1)[0]] = v
+    return out
+
+
+def _forwards(workdir, name) -> int:
+    path = os.path.join(workdir, "manifest.json")
+    if not os.path.exists(path):
+        return 1
+    with open(path) as f:
+        return next((int(e.get("forwards", 1)) for e in json.load(f) if e["name"] == name), 1)
+
+
 def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]:
     """The executor's counterpart of ``caffe_grads`` for case ``name``."""
     from amct_caffe.runtime import TEST, TRAIN, Net  # noqa: PLC0415
@@ -59,7 +83,8 @@ def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]
     if os.path.exists(path):
         with np.load(path) as z:
             inputs = {k: z[k] for k in z.files}
-    net.forward(**inputs)
+    for i in range(_forwards(workdir, name)):
+        net.forward(**inputs_for_forward(inputs, i))
     diffs = {}
     for o in net.outputs:
         key = f"topdiff/{o}"

@@ -24,7 +24,7 @@ from amct_caffe.io.record import RecordError, f32
 from amct_caffe.ops import register
 from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError, SearchNObserver
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.layers.normalization import ChannelStatisticsLayer, moving_average_update
+from amct_caffe.runtime.layers.batch_norm import ChannelStatisticsLayer, moving_average_update
 from amct_caffe.runtime.layers.quant_ops import _named
 from amct_caffe.runtime.record_sink import RecordSink
 
