@@ -107,11 +107,14 @@ class Solver:
                 on_start()
             display = bool(p.display) and self._iter % p.display == 0
             loss = _F(0)
-            for _ in range(p.iter_size):  # the diffs accumulate over the forward/backward passes
-                self.net.forward()
-                loss += _F(self.net.loss)
-                self.net.backward()
-            loss /= _F(p.iter_size)
+            # A diverging net overflows: the loss check below says so with the iteration, which numpy's
+            # warnings from deep inside a layer would not.
+            with np.errstate(over="ignore", invalid="ignore"):
+                for _ in range(p.iter_size):  # the diffs accumulate over the forward/backward passes
+                    self.net.forward()
+                    loss += _F(self.net.loss)
+                    self.net.backward()
+                loss /= _F(p.iter_size)
             if not np.isfinite(loss):
                 raise TrainingError(f"{self._where}: the loss is {float(loss)} at iteration {self._iter}: training "
                                     "diverged; lower base_lr, set clip_gradients, or check the data")
