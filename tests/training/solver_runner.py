@@ -1,7 +1,8 @@
 """Runs solver cases in real Caffe (pycaffe), for :mod:`tests.training.test_solvers_real`.
 
 Run in a subprocess that imports pycaffe: ``main(workdir)`` reads ``workdir/manifest.json``, a list of
-cases ``{"name", "dir", "iters", "snapshot_at", "resume_from"}``. For each case, in ``dir/caffe``
+cases ``{"name", "dir", "iters", "snapshot_at", "resume_from"}`` (or ``{"name", "dir", "mode": "solve"}``:
+:func:`solve` in ``dir/caffe``). For each case, in ``dir/caffe``
 (which holds solver.prototxt and net.prototxt): build the solver, load ``dir/init.caffemodel``, then
 for each iteration i set the ``data`` input to ``dir/data.npz``'s ``x[i]`` (and the test nets' to
 ``t``), ``step(1)``, and record every learned blob and the test nets' outputs; after ``snapshot_at``
@@ -53,6 +54,19 @@ def _run(caffe, case_dir: str, sub: str, first: int, last: int, snapshot_at, res
     np.savez(os.path.join(case_dir, sub + ".npz"), **out)
 
 
+def solve(caffe, case_dir: str, sub: str) -> None:
+    """``solve()`` in ``case_dir/sub`` from init.caffemodel on the fixed batch ``x[0]`` (its snapshots stay there)."""
+    with np.load(os.path.join(case_dir, "data.npz")) as z:
+        x, t = z["x"], z["t"]
+    os.chdir(os.path.join(case_dir, sub))
+    solver = caffe.get_solver("solver.prototxt")
+    solver.net.copy_from(os.path.join(case_dir, "init.caffemodel"))
+    solver.net.blobs["data"].data[...] = x[0]
+    for net in solver.test_nets:
+        net.blobs["data"].data[...] = t
+    solver.solve()
+
+
 def main(workdir: str) -> None:
     sys.path.insert(0, os.getcwd())
     import caffe  # noqa: PLC0415 - pycaffe is only importable in this subprocess
@@ -63,6 +77,10 @@ def main(workdir: str) -> None:
     results = {}
     for case in cases:
         try:
+            if case.get("mode") == "solve":
+                solve(caffe, case["dir"], "caffe")
+                results[case["name"]] = {"status": "ok", "log": ""}
+                continue
             _run(caffe, case["dir"], "caffe", 0, case["iters"], case["snapshot_at"], None)
             _run(caffe, case["dir"], "caffe_resumed", case["snapshot_at"], case["iters"], None, case["resume_from"])
             results[case["name"]] = {"status": "ok", "log": ""}

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import amct_caffe.runtime as ours
+from amct_caffe import io
+from amct_caffe.io.schema import caffe_pb
 from tests.real_caffe import pycaffe_dir, run_with_pycaffe
 from tests.training import solver_runner
 
@@ -69,8 +71,8 @@ CASES = {
 }
 
 
-def _write_case(root, name: str, seed: int) -> dict:
-    fields, subs = CASES[name]
+def _write_case(root, name: str, seed: int, max_iter: int = ITERS) -> dict:
+    fields, subs = CASES[name] if name in CASES else (SOLVE_CASE[1], {})
     case_dir = os.path.join(str(root), name)
     net = NET
     for key, default in (("PARAM1", ""), ("EXTRA", ""), ("LOSS_WEIGHT", "0.5")):
@@ -80,7 +82,7 @@ def _write_case(root, name: str, seed: int) -> dict:
         with open(os.path.join(case_dir, sub, "net.prototxt"), "w") as f:
             f.write(net)
         with open(os.path.join(case_dir, sub, "solver.prototxt"), "w") as f:
-            f.write(f'net: "net.prototxt"\ntest_iter: 2\ntest_interval: 2\nmax_iter: {ITERS}\ndisplay: 1\n'
+            f.write(f'net: "net.prototxt"\ntest_iter: 2\ntest_interval: 2\nmax_iter: {max_iter}\ndisplay: 1\n'
                     f'snapshot_prefix: "{os.path.join(case_dir, sub, "snap")}"\n{fields}\n')
     rng = np.random.default_rng(seed)
     ours.Net(os.path.join(case_dir, "ours", "net.prototxt"), ours.TRAIN, seed=seed).save(
@@ -89,6 +91,16 @@ def _write_case(root, name: str, seed: int) -> dict:
              t=rng.standard_normal((4, 3)).astype(np.float32))
     return {"name": name, "dir": case_dir, "iters": ITERS, "snapshot_at": SNAPSHOT_AT,
             "resume_from": os.path.join(case_dir, "ours", f"snap_iter_{SNAPSHOT_AT}.solverstate")}
+
+
+# solve(): snapshots every 2 iterations up to max_iter 5, then snapshot_after_train writes iteration 5's
+SOLVE_CASE = ("solve", 'type: "Adam" base_lr: 0.01 lr_policy: "multistep" gamma: 0.5 stepvalue: 1 stepvalue: 3 '
+              'momentum: 0.9 snapshot: 2')
+
+
+def _write_solve_case(root) -> dict:
+    case = _write_case(root, SOLVE_CASE[0], 99, max_iter=5)
+    return {"name": SOLVE_CASE[0], "dir": case["dir"], "mode": "solve"}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +114,8 @@ def runs(tmp_path_factory):
         manifest = [_write_case(root, name, seed) for seed, name in enumerate(sorted(CASES))]
         for case in manifest:
             solver_runner._run(ours, case["dir"], "ours", 0, ITERS, SNAPSHOT_AT, None)
+        manifest.append(_write_solve_case(root))
+        solver_runner.solve(ours, manifest[-1]["dir"], "ours")
         with open(os.path.join(root, "manifest.json"), "w") as f:
             json.dump(manifest, f)
         proc = run_with_pycaffe(f"from tests.training.solver_runner import main; main({str(root)!r})")
@@ -109,7 +123,7 @@ def runs(tmp_path_factory):
         with open(os.path.join(root, "results.json")) as f:
             results = json.load(f)
         for case in manifest:
-            if results[case["name"]]["status"] == "ok":
+            if results[case["name"]]["status"] == "ok" and case.get("mode") != "solve":
                 caffe_state = os.path.join(case["dir"], "caffe", f"snap_iter_{SNAPSHOT_AT}.solverstate")
                 solver_runner._run(ours, case["dir"], "ours_resumed", SNAPSHOT_AT, ITERS, None, caffe_state)
     finally:
@@ -168,3 +182,29 @@ def test_we_resume_from_caffe_snapshot(runs, name):
     resumed = _after_first_test(_load(root, name, "ours_resumed"))
     err, where = _worst({k: full[k] for k in resumed}, resumed)
     assert err <= RTOL, f"{name}: relative error {err:.3g} at {where}"
+
+
+def _state(path: str) -> tuple:
+    with open(path, "rb") as f:
+        msg = caffe_pb().SolverState.FromString(f.read())
+    return msg.iter, msg.current_step, os.path.basename(msg.learned_net), [np.array(h.data) for h in msg.history]
+
+
+def test_solve_snapshots_as_caffe(runs):
+    """solve(): the same snapshot files (interval and snapshot_after_train), states and weights."""
+    root, results = runs
+    assert results["solve"]["status"] == "ok", results["solve"]["log"]
+    case_dir = os.path.join(str(root), "solve")
+    names = {sub: sorted(f for f in os.listdir(os.path.join(case_dir, sub)) if f.startswith("snap"))
+             for sub in ("caffe", "ours")}
+    assert names["ours"] == names["caffe"] == [f"snap_iter_{i}.{ext}" for i in (2, 4, 5)
+                                               for ext in ("caffemodel", "solverstate")]
+    for i in (2, 4, 5):
+        theirs, mine = (_state(os.path.join(case_dir, sub, f"snap_iter_{i}.solverstate")) for sub in ("caffe", "ours"))
+        assert mine[:3] == theirs[:3]
+        assert _worst({str(k): h for k, h in enumerate(theirs[3])}, {str(k): h for k, h in enumerate(mine[3])})[0] \
+            <= RTOL
+        weights = {sub: {f"{n}/{k}": a for n, arrays in io.load_weights(
+            os.path.join(case_dir, sub, f"snap_iter_{i}.caffemodel")).items() for k, a in enumerate(arrays)}
+            for sub in ("caffe", "ours")}
+        assert _worst(weights["caffe"], weights["ours"])[0] <= RTOL
