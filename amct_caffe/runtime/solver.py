@@ -26,6 +26,7 @@ the weights are touched (Caffe would go on). Messages go to ``logging``; ``solve
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 
 import numpy as np
 from tqdm import tqdm
@@ -41,7 +42,7 @@ _LOG = logging.getLogger(__name__)
 _F = np.float32
 
 
-class Solver:
+class Solver(ABC):
     """The shared machinery of Caffe's solvers (Solver + SGDSolver); subclasses give the update rule."""
 
     type_name = ""
@@ -57,7 +58,10 @@ class Solver:
         check_solver_type(self.param, self.type_name, self._where)
         self.progress = progress
         seed = int(self.param.random_seed) if self.param.random_seed >= 0 else 0
-        train, tests = net_params(self.param)
+        try:
+            train, tests = net_params(self.param)
+        except AmctError as e:
+            raise type(e)(f"{self._where}: {e}") from None
         self.net = self._build_net(train, "train net", seed)
         self.test_nets = [self._build_net(t, f"test net #{i}", seed) for i, t in enumerate(tests)]
         self._iter = 0
@@ -262,9 +266,9 @@ class Solver:
             for blob, _, _ in params:
                 blob.diff *= scale
 
+    @abstractmethod
     def compute_update_value(self, i: int, g: np.ndarray, local_rate: np.float32) -> np.ndarray:
         """The update of learned blob ``i`` from its gradient ``g`` (may be modified); per solver type."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- snapshots
     def snapshot(self) -> tuple[str, str]:
