@@ -34,3 +34,7 @@ class FileAccessError(AmctError, OSError):
 
     Also an OSError, so code that handled the operating system's error keeps working.
     """
+
+
+class TrainingError(AmctError):
+    """Training cannot go on: a solver setting Caffe refuses, a loss that became NaN or infinite..."""
