@@ -1,0 +1,167 @@
+"""LeNet on MNIST trained by the embedded runtime and by official Caffe, from the same weights.
+
+The data are LMDBs written from ../shared/data/mnist_5k.npz (4000 train, 1000 test digits); the
+net is Caffe's own ``lenet_train_test.prototxt``; the solver is lenet_solver's (SGD, momentum 0.9,
+weight decay 5e-4, ``inv`` policy). Caffe initialises the weights (xavier) and both runs start from
+that caffemodel. Checked: the parameters after 20/40/60 SGD iterations (1e-3 of each blob's
+scale), a few iterations of every other solver type, Caffe resuming from our snapshot, and the
+test accuracy after 300 iterations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.real_caffe import pycaffe_dir, run_with_pycaffe
+from tests.training.mnist import mnist_lenet
+
+pytestmark = pytest.mark.real_caffe
+
+CHECKPOINTS = (20, 40, 60)
+ACCURACY_ITERS = 300
+OTHER_SOLVERS = {
+    "Nesterov": "",
+    "AdaGrad": "momentum: 0\nlr_policy: \"fixed\"",
+    "RMSProp": "momentum: 0\nrms_decay: 0.98\nbase_lr: 0.001\nlr_policy: \"fixed\"",
+    "AdaDelta": "momentum: 0.95\ndelta: 1e-6\nbase_lr: 1.0\nlr_policy: \"fixed\"",
+    "Adam": "momentum: 0.9\nmomentum2: 0.999\ndelta: 1e-8\nbase_lr: 0.001\nlr_policy: \"fixed\"",
+}
+OTHER_ITERS = 5
+
+_CAFFE = r'''
+import json, sys
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+cfg = json.loads(CFG)
+
+def params(net):
+    return {f"{k}/{i}": np.array(b.data) for k, bl in net.params.items() for i, b in enumerate(bl)}
+
+out = {}
+s = caffe.get_solver(cfg["sgd"])
+s.net.save(cfg["init"])
+for it in cfg["checkpoints"]:
+    s.step(it - s.iter)
+    out.update({f"sgd@{it}/{k}": v for k, v in params(s.net).items()})
+for name, path in cfg["others"].items():
+    o = caffe.get_solver(path)
+    o.net.copy_from(cfg["init"])
+    o.step(cfg["other_iters"])
+    out.update({f"{name}@{cfg['other_iters']}/{k}": v for k, v in params(o.net).items()})
+a = caffe.get_solver(cfg["sgd"])
+a.net.copy_from(cfg["init"])
+a.step(cfg["accuracy_iters"])
+acc = []
+for _ in range(10):
+    acc.append(float(a.test_nets[0].forward()["accuracy"]))
+out["accuracy"] = np.array(np.mean(acc))
+np.savez(cfg["out"], **out)
+'''
+
+
+def _run_caffe(code: str, cfg: dict):
+    proc = run_with_pycaffe(code.replace("CFG", repr(json.dumps(cfg))), timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if pycaffe_dir() is None:
+        pytest.skip("AMCT_REAL_CAFFE is not set")
+    workdir = tmp_path_factory.mktemp("lenet")
+    sgd = mnist_lenet(workdir)
+    others = {}
+    for name, extra in OTHER_SOLVERS.items():
+        d = workdir / name
+        d.mkdir()
+        others[name] = str(mnist_lenet(d, solver=f'type: "{name}"\n{extra}'))
+    cfg = {"sgd": str(sgd), "init": str(workdir / "init.caffemodel"), "checkpoints": list(CHECKPOINTS),
+           "others": others, "other_iters": OTHER_ITERS, "accuracy_iters": ACCURACY_ITERS,
+           "out": str(workdir / "caffe.npz")}
+    _run_caffe(_CAFFE, cfg)
+    with np.load(cfg["out"]) as z:
+        ref = {k: z[k] for k in z.files}
+    return workdir, cfg, ref
+
+
+def _ours(solver_path, init):
+    from amct_caffe import runtime as caffe  # noqa: PLC0415
+
+    s = caffe.get_solver(str(solver_path))
+    s.net.copy_from(init)
+    return s
+
+
+def _params(net) -> dict:
+    return {f"{k}/{i}": np.array(b.data) for k, bl in net.params.items() for i, b in enumerate(bl)}
+
+
+def _problems(ref: dict, prefix: str, ours: dict, rtol: float) -> list[str]:
+    out = []
+    for key, want in ref.items():
+        if not key.startswith(prefix):
+            continue
+        got = ours[key[len(prefix):]]
+        scale = float(np.abs(want).max()) or 1.0
+        err = float(np.abs(got - want).max())
+        if err > rtol * scale:
+            out.append(f"{key}: max |diff| {err:.3g}, scale {scale:.3g}")
+    return out
+
+
+def test_sgd_trajectory_matches_caffe(runs):
+    workdir, cfg, ref = runs
+    s = _ours(cfg["sgd"], cfg["init"])
+    problems = []
+    for it in CHECKPOINTS:
+        s.step(it - s.iter)
+        problems += _problems(ref, f"sgd@{it}/", _params(s.net), 1e-3)
+    assert problems == []
+
+
+@pytest.mark.parametrize("solver", sorted(OTHER_SOLVERS))
+def test_other_solvers_match_caffe(runs, solver):
+    _, cfg, ref = runs
+    s = _ours(cfg["others"][solver], cfg["init"])
+    s.step(OTHER_ITERS)
+    assert _problems(ref, f"{solver}@{OTHER_ITERS}/", _params(s.net), 1e-3) == []
+
+
+def test_caffe_resumes_our_snapshot(runs):
+    """Ours runs 30 iterations and snapshots; Caffe restores it and runs 30 more: Caffe's 60."""
+    workdir, cfg, ref = runs
+    s = _ours(cfg["sgd"], cfg["init"])
+    s.step(30)
+    s.snapshot()
+    state = workdir / "lenet_iter_30.solverstate"
+    assert state.is_file() and (workdir / "lenet_iter_30.caffemodel").is_file()
+    code = r'''
+import json, sys
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+cfg = json.loads(CFG)
+s = caffe.get_solver(cfg["sgd"])
+s.restore(cfg["state"])
+assert s.iter == 30, s.iter
+s.step(30)
+np.savez(cfg["out"], **{f"{k}/{i}": np.array(b.data) for k, bl in s.net.params.items() for i, b in enumerate(bl)})
+'''
+    out = workdir / "resumed.npz"
+    _run_caffe(code, {"sgd": cfg["sgd"], "state": str(state), "out": str(out)})
+    with np.load(out) as z:
+        resumed = {k: z[k] for k in z.files}
+    assert _problems(ref, "sgd@60/", resumed, 1e-3) == []
+
+
+def test_training_reaches_caffe_accuracy(runs):
+    _, cfg, ref = runs
+    s = _ours(cfg["sgd"], cfg["init"])
+    s.step(ACCURACY_ITERS)
+    acc = float(np.mean([float(s.test_nets[0].forward()["accuracy"]) for _ in range(10)]))
+    assert acc > 0.9
+    assert abs(acc - float(ref["accuracy"])) <= 0.01
