@@ -1,7 +1,7 @@
 """Element-wise combination of several blobs: Eltwise (PROD / SUM / MAX) and Axpy.
 
 Reference functions are named after the layer types, keyword defaults as in caffe.proto; they
-never modify their inputs.
+never modify their inputs. Backward follows eltwise_layer.cpp and SENet's axpy_layer.cpp.
 """
 
 from __future__ import annotations
@@ -71,6 +71,46 @@ def Eltwise(*xs, operation=SUM, coeff=()):
     return out
 
 
+def max_index(xs) -> np.ndarray:
+    """Caffe's max_idx_ of an Eltwise MAX: which bottom gave each top element.
+
+    The same comparisons as the forward: 0 where x0 > x1 else 1, then i where x_i > the
+    running maximum (so ties and NaNs go where the forward took their value from).
+    """
+    first = xs[0] > xs[1]
+    idx = np.where(first, np.int32(0), np.int32(1))
+    top = np.where(first, xs[0], xs[1])
+    for i, x in enumerate(xs[2:], 2):
+        later = x > top
+        idx[later] = i
+        top = np.where(later, x, top)
+    return idx
+
+
+def Eltwise_grad(dy, xs, y, i, operation=SUM, coeff=(), stable_prod_grad=True, max_idx=None):  # noqa: N802
+    """d loss / d x_i of :func:`Eltwise` given the top diff ``dy`` (all arrays of one shape).
+
+    SUM: dx_i = coeff_i * dy. PROD: dx_i = dy * prod_{j != i} x_j (``stable_prod_grad``, in
+    bottom order) or dy * y / x_i. MAX: dx_i = dy where ``max_idx`` (:func:`max_index`) is i,
+    else 0. ``xs`` and ``y`` are the data Caffe reads at backward time (in place, x_0 is y).
+    """
+    if operation == SUM:
+        c = _F32(coeff[i]) if len(coeff) else _F32(1)
+        return dy if c == 1 else np.multiply(dy, c)
+    if operation == MAX:
+        return np.where(max_idx == i, dy, _F32(0))
+    if stable_prod_grad:
+        others = [x for j, x in enumerate(xs) if j != i]
+        dx = np.array(others[0], _F32, copy=True)
+        for x in others[1:]:
+            dx *= x
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dx = np.divide(y, xs[i])
+    dx *= dy
+    return dx
+
+
 def Axpy(a, x, y):
     """F = a * X + Y (SENet's Axpy): a (N, C) or (N, C, 1, 1), X and Y (N, C, ...)."""
     if x.ndim < 2 or x.shape != y.shape:
@@ -107,7 +147,22 @@ class EltwiseLayer(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, bottoms):
+        if self.operation == MAX:
+            # the backward routes by the forward's argmax (Caffe's max_idx_); the bottoms are never
+            # modified in place, so keeping them is enough (an in-place top replaces, not overwrites)
+            self._inputs = list(bottoms)
         return [Eltwise(*bottoms, operation=self.operation, coeff=self.coeff)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """See :func:`Eltwise_grad`; each bottom gets its own array (or None when not asked)."""
+        dy = top_diffs[0]
+        xs = [b if b.shape == dy.shape else b.reshape(dy.shape) for b in bottoms]
+        idx = None
+        if self.operation == MAX and any(propagate_down):
+            idx = max_index([x.reshape(dy.shape) for x in self._inputs])
+        stable = self.lp.eltwise_param.stable_prod_grad
+        return [Eltwise_grad(dy, xs, tops[0], i, self.operation, self.coeff, stable, idx) if pd else None
+                for i, pd in enumerate(propagate_down)]
 
 
 @register("Axpy")
@@ -126,3 +181,19 @@ class AxpyLayer(Layer):
 
     def forward(self, bottoms):
         return [Axpy(*bottoms)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """da_nc = sum_s dF_ncs * X_ncs, dX = a * dF, dY = dF.
+
+        SENet's axpy_layer.cpp computes dX under ``propagate_down[0]`` (a typo for [1]); with
+        every bottom propagating, the usual case, this is the same gradient.
+        """
+        a, x, _ = bottoms
+        dy = top_diffs[0]
+        n, c = x.shape[:2]
+        da = dx = None
+        if propagate_down[0]:
+            da = np.einsum("ncs,ncs->nc", dy.reshape(n, c, -1), x.reshape(n, c, -1)).reshape(a.shape)
+        if propagate_down[1]:
+            dx = np.multiply(dy, a.reshape((n, c) + (1,) * (x.ndim - 2)))
+        return [da, dx, dy if propagate_down[2] else None]
