@@ -249,6 +249,9 @@ class _Neuron(Layer):
     fn = staticmethod(lambda x: x)
     # grad(dy, x, y, **kwargs) -> dx, x / y as Caffe holds them at backward time; None: no backward
     grad = None
+    # Caffe's Backward_cpu builds the local derivative g in the bottom diff before multiplying
+    # by the top diff (Power, Log); in place the two are one buffer, so it yields g * g
+    clobbers_top_diff = False
     param_field: str | None = None
 
     def __init__(self, lp, phase: int = TEST):
@@ -279,6 +282,14 @@ class _Neuron(Layer):
         dy, x, y = top_diffs[0], bottoms[0], tops[0]
         if dy.ndim == 0:  # a 0-axis blob: keep the ufuncs on arrays, as forward does
             dy, x, y = dy.reshape(1), x.reshape(1), y.reshape(1)
+        if self.in_place and self.clobbers_top_diff:
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                _LOG.warning("layer '%s' (%s) in place: Caffe's backward overwrites the top diff before "
+                             "reading it, so the bottom diff is the local derivative squared, not the "
+                             "gradient; reproduced as Caffe computes it", self.name, self.type)
+            g = self.grad(np.ones_like(dy), x, y, **self.kwargs)
+            return [np.multiply(g, g, out=g)]
         return [self.grad(dy, x, y, **self.kwargs)]
 
 
@@ -318,12 +329,14 @@ TanHLayer = _neuron("TanH", TanH, None, G.TanH_grad)
 HardSigmoidLayer = _neuron("HardSigmoid", HardSigmoid, "hardsigmoid_param", base=_EmptyBackward)
 HardSwishLayer = _neuron("HardSwish", HardSwish, base=_EmptyBackward)
 PowerLayer = _neuron("Power", Power, "power_param", G.Power_grad)
+PowerLayer.clobbers_top_diff = True
 AbsValLayer = _neuron("AbsVal", AbsVal, None, G.AbsVal_grad)
 AbsValLayer.in_place_ok = False  # absval_layer.cpp's LayerSetUp: CHECK_NE(top[0], bottom[0])
 BNLLLayer = _neuron("BNLL", BNLL, None, G.BNLL_grad)
 ELULayer = _neuron("ELU", ELU, "elu_param", G.ELU_grad)
 ExpLayer = _neuron("Exp", Exp, "exp_param", G.Exp_grad)
 LogLayer = _neuron("Log", Log, "log_param", G.Log_grad)
+LogLayer.clobbers_top_diff = True
 ThresholdLayer = _neuron("Threshold", Threshold, "threshold_param")  # Caffe: NOT_IMPLEMENTED
 
 

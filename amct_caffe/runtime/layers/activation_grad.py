@@ -33,7 +33,10 @@ def ReLU6_grad(dy, x, y, negative_slope=0.0, threshold=6.0):  # noqa: N802, ARG0
 
 
 def Clip_grad(dy, x, y, min, max):  # noqa: N802, A002, ARG001 - ClipParameter field names
-    """dx = dy * (min <= x <= max)  (BVLC master's clip_layer)."""
+    """dx = dy * (min <= x <= max)  (BVLC master's clip_layer).
+
+    In place x is the clipped top, always within the bounds: Caffe then passes dy through.
+    """
     return np.where((x >= _F32(min)) & (x <= _F32(max)), dy, _F32(0))
 
 

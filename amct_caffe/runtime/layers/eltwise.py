@@ -87,12 +87,16 @@ def max_index(xs) -> np.ndarray:
     return idx
 
 
-def Eltwise_grad(dy, xs, y, i, operation=SUM, coeff=(), stable_prod_grad=True, max_idx=None):  # noqa: N802
+def Eltwise_grad(dy, xs, y, i, operation=SUM, coeff=(), stable_prod_grad=True, max_idx=None,  # noqa: N802
+                 aliased=False):
     """d loss / d x_i of :func:`Eltwise` given the top diff ``dy`` (all arrays of one shape).
 
-    SUM: dx_i = coeff_i * dy. PROD: dx_i = dy * prod_{j != i} x_j (``stable_prod_grad``, in
-    bottom order) or dy * y / x_i. MAX: dx_i = dy where ``max_idx`` (:func:`max_index`) is i,
-    else 0. ``xs`` and ``y`` are the data Caffe reads at backward time (in place, x_0 is y).
+    SUM: dx_i = coeff_i * dy. PROD: dx_i = dy * g with g = prod_{j != i} x_j
+    (``stable_prod_grad``, in bottom order) or g = y / x_i. MAX: dx_i = dy where ``max_idx``
+    (:func:`max_index`) is i, else 0. ``xs`` and ``y`` are the data Caffe reads at backward time
+    (in place, that bottom's data is y). ``aliased``: bottom i is the top (in place), so its
+    diff is the top diff's buffer, which Caffe's PROD fills with g before multiplying by the
+    top diff: dx_i = g * g (SUM and MAX read each element before writing it: unaffected).
     """
     if operation == SUM:
         c = _F32(coeff[i]) if len(coeff) else _F32(1)
@@ -107,7 +111,7 @@ def Eltwise_grad(dy, xs, y, i, operation=SUM, coeff=(), stable_prod_grad=True, m
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             dx = np.divide(y, xs[i])
-    dx *= dy
+    dx *= dx if aliased else dy
     return dx
 
 
@@ -146,23 +150,66 @@ class EltwiseLayer(Layer):
                              f"{[list(s) for s in bottom_shapes]}")
         return [tuple(bottom_shapes[0])]
 
+    def _alias(self):
+        """Index of the bottom that is also the top (in place), or None."""
+        return next((k for k, b in enumerate(self.lp.bottom) if b == self.lp.top[0]), None)
+
     def forward(self, bottoms):
-        if self.operation == MAX:
-            # the backward routes by the forward's argmax (Caffe's max_idx_); the bottoms are never
-            # modified in place, so keeping them is enough (an in-place top replaces, not overwrites)
-            self._inputs = list(bottoms)
+        # the backward routes MAX by the forward's argmax (Caffe's max_idx_); the bottoms are never
+        # modified in place, so keeping them is enough (an in-place top replaces, not overwrites)
+        self._inputs = list(bottoms)
+        k = self._alias()
+        if k is not None:
+            return [self._forward_in_place(bottoms, k)]
         return [Eltwise(*bottoms, operation=self.operation, coeff=self.coeff)]
 
+    def _forward_in_place(self, bottoms, k):
+        """Caffe's forward with top == bottom k: it writes the top while still reading bottom k.
+
+        SUM first zeroes the top, so bottom k contributes (sum so far) * coeff_k; MAX first
+        fills it with -FLT_MAX, so bottom k never wins (k >= 2 compares the running maximum
+        with itself); PROD with k >= 2 squares the running product.
+        """
+        shape = bottoms[0].shape
+        xs = [x if x.shape == shape else x.reshape(shape) for x in bottoms]
+        if self.operation == SUM:
+            c = [float(v) for v in self.coeff] or [1.0] * len(xs)
+            out = np.zeros(shape, _F32)
+            for i, (x, ci) in enumerate(zip(xs, c, strict=True)):
+                out += _F32(ci) * (out if i == k else x)
+            return out
+        if self.operation == PROD:
+            out = np.multiply(xs[0], xs[1])
+            for i, x in enumerate(xs[2:], 2):
+                out *= out if i == k else x
+            return out
+        # a NaN never wins ``x > top``, as the running maximum compared with itself
+        xs[k] = np.full(shape, -np.finfo(_F32).max if k < 2 else np.nan, _F32)
+        self._inputs = xs
+        return Eltwise(*xs, operation=MAX)
+
     def backward(self, top_diffs, propagate_down, bottoms, tops):
-        """See :func:`Eltwise_grad`; each bottom gets its own array (or None when not asked)."""
+        """See :func:`Eltwise_grad`; each bottom gets its own array (or None when not asked).
+
+        In place (top == bottom k), Caffe's loop over the bottoms writes bottom k's diff into
+        the top diff's buffer: the bottoms after k then read that result as their top diff.
+        """
         dy = top_diffs[0]
         xs = [b if b.shape == dy.shape else b.reshape(dy.shape) for b in bottoms]
         idx = None
         if self.operation == MAX and any(propagate_down):
             idx = max_index([x.reshape(dy.shape) for x in self._inputs])
         stable = self.lp.eltwise_param.stable_prod_grad
-        return [Eltwise_grad(dy, xs, tops[0], i, self.operation, self.coeff, stable, idx) if pd else None
-                for i, pd in enumerate(propagate_down)]
+        alias = self._alias()
+        out = []
+        for i, pd in enumerate(propagate_down):
+            if not pd:
+                out.append(None)
+                continue
+            out.append(Eltwise_grad(dy, xs, tops[0], i, self.operation, self.coeff, stable, idx, aliased=i == alias))
+            if i == alias:
+                dy = out[-1]
+        return out
 
 
 @register("Axpy")
