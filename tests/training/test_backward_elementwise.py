@@ -154,6 +154,23 @@ CASES = {
                   IP("ip", "data", 5) + L("Reduction", "all", "ip", "all", "reduction_param { operation: ASUM }") +
                   L("Reshape", "allr", "all", "allr", "reshape_param { shape { dim: 1 } }"),
                   {"data": (2, 3, 4)}, "TRAIN", 1.0),
+    # in place, Caffe's Log writes its derivative over the top diff before reading it
+    "log_inplace": (FB + IN("data", 3, 6) + IP("ip", "data", 5) + L("Exp", "e", "ip", "ip") +
+                    L("Log", "l", "ip", "ip", "log_param { base: 2 scale: 0.5 shift: 1 }") + IP("ip2", "ip", 3),
+                    {"data": (3, 6)}, "TRAIN", 1.0),
+    # in place with three bottoms: the bottoms after the first read its diff as their top diff
+    "eltwise_inplace_three": (FB + IN("a", 2, 6) + IN("b", 2, 6) + IN("c", 2, 6) +
+                              IP("ia", "a", 6) + L("Eltwise", "s", "ia b c", "ia",
+                                                   "eltwise_param { coeff: 0.5 coeff: -2 coeff: 3 }") +
+                              IP("ib", "b", 6) + L("Eltwise", "p", "ib a c", "ib",
+                                                   "eltwise_param { operation: PROD }") +
+                              IP("ic", "c", 6) + L("Eltwise", "m", "ic a b", "ic",
+                                                   "eltwise_param { operation: MAX }"),
+                              {"a": (2, 6), "b": (2, 6), "c": (2, 6)}, "TRAIN", 1.0),
+    "crop": (FB + IN("data", 2, 3, 6, 5) + IN("ref", 2, 3, 4, 2) +
+             L("Crop", "c", "data ref", "c", "crop_param { axis: 2 offset: 1 offset: 2 }") +
+             L("Crop", "c2", "data ref", "c2", "crop_param { axis: 1 offset: 0 }"),
+             {"data": (2, 3, 6, 5), "ref": (2, 3, 4, 2)}, "TRAIN", 1.0),
     "softmax": (FB + IN("data", 2, 3, 4, 5) + L("Softmax", "sm", "data", "sm") +
                 L("Softmax", "sm3", "data", "sm3", "softmax_param { axis: -1 }") +
                 IP("ip", "data", 7) + L("Softmax", "smi", "ip", "ip") + IP("ip2", "ip", 3),

@@ -224,8 +224,10 @@ def Dropout(x, dropout_ratio=0.5, scale_train=True, train=False, rng=None, mask=
         return np.multiply(x, _F32(1.0 / float(scale)))
     if mask is None:
         mask = dropout_mask(x.shape, dropout_ratio, np.random.default_rng() if rng is None else rng)
-    out = np.zeros_like(x)
-    return np.multiply(x, scale if scale_train else _F32(1), out=out, where=mask)
+    out = np.multiply(x, mask)  # Caffe's order: x * mask * scale
+    if scale_train and scale != 1:
+        out *= scale
+    return out
 
 
 # ------------------------------------------------------------------------ layers

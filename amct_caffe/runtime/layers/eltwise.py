@@ -78,7 +78,10 @@ def max_index(xs) -> np.ndarray:
     running maximum (so ties and NaNs go where the forward took their value from).
     """
     first = xs[0] > xs[1]
-    idx = np.where(first, np.int32(0), np.int32(1))
+    idx = np.logical_not(first).view(np.int8)  # 0 where x0 won, else 1
+    if len(xs) == 2:
+        return idx
+    idx = idx.astype(np.int32)
     top = np.where(first, xs[0], xs[1])
     for i, x in enumerate(xs[2:], 2):
         later = x > top
@@ -102,7 +105,7 @@ def Eltwise_grad(dy, xs, y, i, operation=SUM, coeff=(), stable_prod_grad=True, m
         c = _F32(coeff[i]) if len(coeff) else _F32(1)
         return dy if c == 1 else np.multiply(dy, c)
     if operation == MAX:
-        return np.where(max_idx == i, dy, _F32(0))
+        return np.multiply(dy, max_idx == i)
     if stable_prod_grad:
         others = [x for j, x in enumerate(xs) if j != i]
         dx = np.array(others[0], _F32, copy=True)
@@ -150,49 +153,24 @@ class EltwiseLayer(Layer):
                              f"{[list(s) for s in bottom_shapes]}")
         return [tuple(bottom_shapes[0])]
 
-    def _alias(self):
-        """Index of the bottom that is also the top (in place), or None."""
-        return next((k for k, b in enumerate(self.lp.bottom) if b == self.lp.top[0]), None)
-
     def forward(self, bottoms):
         # the backward routes MAX by the forward's argmax (Caffe's max_idx_); the bottoms are never
         # modified in place, so keeping them is enough (an in-place top replaces, not overwrites)
         self._inputs = list(bottoms)
-        k = self._alias()
-        if k is not None:
-            return [self._forward_in_place(bottoms, k)]
-        return [Eltwise(*bottoms, operation=self.operation, coeff=self.coeff)]
-
-    def _forward_in_place(self, bottoms, k):
-        """Caffe's forward with top == bottom k: it writes the top while still reading bottom k.
-
-        SUM first zeroes the top, so bottom k contributes (sum so far) * coeff_k; MAX first
-        fills it with -FLT_MAX, so bottom k never wins (k >= 2 compares the running maximum
-        with itself); PROD with k >= 2 squares the running product.
-        """
-        shape = bottoms[0].shape
-        xs = [x if x.shape == shape else x.reshape(shape) for x in bottoms]
-        if self.operation == SUM:
-            c = [float(v) for v in self.coeff] or [1.0] * len(xs)
-            out = np.zeros(shape, _F32)
-            for i, (x, ci) in enumerate(zip(xs, c, strict=True)):
-                out += _F32(ci) * (out if i == k else x)
-            return out
-        if self.operation == PROD:
-            out = np.multiply(xs[0], xs[1])
-            for i, x in enumerate(xs[2:], 2):
-                out *= out if i == k else x
-            return out
-        # a NaN never wins ``x > top``, as the running maximum compared with itself
-        xs[k] = np.full(shape, -np.finfo(_F32).max if k < 2 else np.nan, _F32)
-        self._inputs = xs
-        return Eltwise(*xs, operation=MAX)
+        if self.in_place and self.operation != PROD:
+            # Caffe's forward first fills the top, which in place is bottom 0, with 0 (SUM) or
+            # -FLT_MAX (MAX) and only then reads the bottoms: bottom 0 counts as that value
+            # (PROD multiplies bottoms 0 and 1 element by element before writing: unaffected)
+            fill = 0 if self.operation == SUM else -np.finfo(_F32).max
+            self._inputs[0] = np.full(bottoms[0].shape, fill, _F32)
+        return [Eltwise(*self._inputs, operation=self.operation, coeff=self.coeff)]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """See :func:`Eltwise_grad`; each bottom gets its own array (or None when not asked).
 
-        In place (top == bottom k), Caffe's loop over the bottoms writes bottom k's diff into
-        the top diff's buffer: the bottoms after k then read that result as their top diff.
+        In place (top == bottom 0, the only in-place form Caffe's Net accepts), Caffe's loop over
+        the bottoms writes bottom 0's diff into the top diff's buffer: the bottoms after it
+        then read that result as their top diff.
         """
         dy = top_diffs[0]
         xs = [b if b.shape == dy.shape else b.reshape(dy.shape) for b in bottoms]
@@ -200,7 +178,7 @@ class EltwiseLayer(Layer):
         if self.operation == MAX and any(propagate_down):
             idx = max_index([x.reshape(dy.shape) for x in self._inputs])
         stable = self.lp.eltwise_param.stable_prod_grad
-        alias = self._alias()
+        alias = 0 if self.in_place else None
         out = []
         for i, pd in enumerate(propagate_down):
             if not pd:
