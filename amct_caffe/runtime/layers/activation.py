@@ -8,6 +8,9 @@ message by name, through the proto descriptor (fields the schema in use lacks ke
 
 All math is float32, in the order Caffe's ``Forward_cpu`` uses, so results agree with Caffe to
 an ulp or two. Overflow to inf and NaN from invalid inputs happen silently, as in Caffe.
+
+Backward: each layer class carries ``grad``, the ``<Type>_grad`` function of
+:mod:`.activation_grad` (None where Caffe's is NOT_IMPLEMENTED: Threshold).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST, TRAIN
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
 
 _LOG = logging.getLogger(__name__)
@@ -194,24 +198,36 @@ def Threshold(x, threshold=0.0):
     return np.greater(x, _F32(threshold)).astype(_F32)
 
 
-def Dropout(x, dropout_ratio=0.5, scale_train=True, train=False, rng=None):
+def dropout_scale(dropout_ratio) -> np.float32:
+    """Caffe's scale_ = 1. / (1. - threshold_), in double, stored as float."""
+    if not 0 <= dropout_ratio < 1:
+        raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio}")
+    return _F32(1.0 / (1.0 - float(_F32(dropout_ratio))))
+
+
+def dropout_mask(shape, dropout_ratio, rng) -> np.ndarray:
+    """Keep mask of a TRAIN forward: True with probability 1 - dropout_ratio."""
+    return rng.random(shape, dtype=_F32) >= _F32(dropout_ratio)
+
+
+def Dropout(x, dropout_ratio=0.5, scale_train=True, train=False, rng=None, mask=None):
     """TEST: y = x. TRAIN: y = x * mask / (1 - dropout_ratio), mask ~ Bernoulli(1 - dropout_ratio).
 
     ``scale_train`` (a field of some Caffe forks' DropoutParameter, absent from the SSD fork)
     false moves the scaling to TEST: TRAIN y = x * mask, TEST y = x * (1 - dropout_ratio).
+    ``mask`` (TRAIN) is a keep mask drawn beforehand (:func:`dropout_mask`), else one is drawn.
     """
     if not train and scale_train:
         return x  # whatever the ratio, as Caffe (its range check is a debug-only DCHECK)
-    if not 0 <= dropout_ratio < 1:
-        raise ValueError(f"dropout_ratio must be in [0, 1), got {dropout_ratio}")
-    # Caffe's scale_ = 1. / (1. - threshold_) in double, stored as float
-    scale = _F32(1.0 / (1.0 - float(_F32(dropout_ratio))))
+    scale = dropout_scale(dropout_ratio)
     if not train:
         return np.multiply(x, _F32(1.0 / float(scale)))
-    rng = np.random.default_rng() if rng is None else rng
-    keep = rng.random(x.shape, dtype=_F32) >= _F32(dropout_ratio)
-    out = np.zeros_like(x)
-    return np.multiply(x, scale if scale_train else _F32(1), out=out, where=keep)
+    if mask is None:
+        mask = dropout_mask(x.shape, dropout_ratio, np.random.default_rng() if rng is None else rng)
+    out = np.multiply(x, mask)  # Caffe's order: x * mask * scale
+    if scale_train and scale != 1:
+        out *= scale
+    return out
 
 
 # ------------------------------------------------------------------------ layers
@@ -233,6 +249,11 @@ class _Neuron(Layer):
     """
 
     fn = staticmethod(lambda x: x)
+    # grad(dy, x, y, **kwargs) -> dx, x / y as Caffe holds them at backward time; None: no backward
+    grad = None
+    # Caffe's Backward_cpu builds the local derivative g in the bottom diff before multiplying
+    # by the top diff (Power, Log); in place the two are one buffer, so it yields g * g
+    clobbers_top_diff = False
     param_field: str | None = None
 
     def __init__(self, lp, phase: int = TEST):
@@ -252,30 +273,90 @@ class _Neuron(Layer):
             return [np.asarray(self.fn(x.reshape(1), **self.kwargs)).reshape(())]
         return [self.fn(x, **self.kwargs)]
 
+    @classmethod
+    def has_backward(cls) -> bool:
+        return cls.grad is not None
 
-def _neuron(type_name: str, fn, param_field: str | None = None):
-    cls = type(f"{type_name}Layer", (_Neuron,), {
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = grad(dy, x, y): see :mod:`.activation_grad` for each type's formula."""
+        if not propagate_down[0]:
+            return [None]
+        dy, x, y = top_diffs[0], bottoms[0], tops[0]
+        if dy.ndim == 0:  # a 0-axis blob: keep the ufuncs on arrays, as forward does
+            dy, x, y = dy.reshape(1), x.reshape(1), y.reshape(1)
+        if self.in_place and self.clobbers_top_diff:
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                _LOG.warning("layer '%s' (%s) in place: Caffe's backward overwrites the top diff before "
+                             "reading it, so the bottom diff is the local derivative squared, not the "
+                             "gradient; reproduced as Caffe computes it", self.name, self.type)
+            g = self.grad(np.ones_like(dy), x, y, **self.kwargs)
+            return [np.multiply(g, g, out=g)]
+        return [self.grad(dy, x, y, **self.kwargs)]
+
+
+class _EmptyBackward(_Neuron):
+    """A type whose Caffe ``Backward_cpu`` is an empty body (the fork's HardSigmoid, HardSwish).
+
+    Caffe then leaves the bottom diff as it was: in place it is the top diff itself (one
+    blob), otherwise it is never written (zero). Returning None leaves it untouched here too;
+    a warning says so, since no real gradient crosses such a layer.
+    """
+
+    @classmethod
+    def has_backward(cls) -> bool:
+        return True
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        if propagate_down[0] and not getattr(self, "_warned", False):
+            self._warned = True
+            _LOG.warning("layer '%s' (%s): Caffe's backward for this type is empty, so no gradient crosses "
+                         "it (the bottom diff keeps what it held, as in Caffe)", self.name, self.type)
+        return [None]
+
+
+def _neuron(type_name: str, fn, param_field: str | None = None, grad=None, base=_Neuron):
+    cls = type(f"{type_name}Layer", (base,), {
         "fn": staticmethod(fn), "param_field": param_field,
+        "grad": None if grad is None else staticmethod(grad),
         "__doc__": f"Caffe's {type_name} layer: {fn.__doc__.splitlines()[0]}",
         "__module__": __name__})
     return register(type_name)(cls)
 
 
-ReLULayer = _neuron("ReLU", ReLU, "relu_param")
-ReLU6Layer = _neuron("ReLU6", ReLU6, "relu6_param")
-SigmoidLayer = _neuron("Sigmoid", Sigmoid)
-TanHLayer = _neuron("TanH", TanH)
-HardSigmoidLayer = _neuron("HardSigmoid", HardSigmoid, "hardsigmoid_param")
-HardSwishLayer = _neuron("HardSwish", HardSwish)
-SwishLayer = _neuron("Swish", Swish, "swish_param")
-PowerLayer = _neuron("Power", Power, "power_param")
-AbsValLayer = _neuron("AbsVal", AbsVal)
+ReLULayer = _neuron("ReLU", ReLU, "relu_param", G.ReLU_grad)
+ReLU6Layer = _neuron("ReLU6", ReLU6, "relu6_param", G.ReLU6_grad)
+SigmoidLayer = _neuron("Sigmoid", Sigmoid, None, G.Sigmoid_grad)
+TanHLayer = _neuron("TanH", TanH, None, G.TanH_grad)
+HardSigmoidLayer = _neuron("HardSigmoid", HardSigmoid, "hardsigmoid_param", base=_EmptyBackward)
+HardSwishLayer = _neuron("HardSwish", HardSwish, base=_EmptyBackward)
+PowerLayer = _neuron("Power", Power, "power_param", G.Power_grad)
+PowerLayer.clobbers_top_diff = True
+AbsValLayer = _neuron("AbsVal", AbsVal, None, G.AbsVal_grad)
 AbsValLayer.in_place_ok = False  # absval_layer.cpp's LayerSetUp: CHECK_NE(top[0], bottom[0])
-BNLLLayer = _neuron("BNLL", BNLL)
-ELULayer = _neuron("ELU", ELU, "elu_param")
-ExpLayer = _neuron("Exp", Exp, "exp_param")
-LogLayer = _neuron("Log", Log, "log_param")
-ThresholdLayer = _neuron("Threshold", Threshold, "threshold_param")
+BNLLLayer = _neuron("BNLL", BNLL, None, G.BNLL_grad)
+ELULayer = _neuron("ELU", ELU, "elu_param", G.ELU_grad)
+ExpLayer = _neuron("Exp", Exp, "exp_param", G.Exp_grad)
+LogLayer = _neuron("Log", Log, "log_param", G.Log_grad)
+LogLayer.clobbers_top_diff = True
+ThresholdLayer = _neuron("Threshold", Threshold, "threshold_param")  # Caffe: NOT_IMPLEMENTED
+
+
+@register("Swish")
+class SwishLayer(_Neuron):
+    """Caffe's Swish layer (BVLC master): y = x * sigmoid(beta * x)."""
+
+    fn = staticmethod(Swish)
+    grad = staticmethod(G.Swish_grad)
+    param_field = "swish_param"
+
+    def forward(self, bottoms):
+        # Caffe keeps sigmoid(beta * x) for an in-place backward; we keep x (never modified)
+        self._x = bottoms[0]
+        return super().forward(bottoms)
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        return super().backward(top_diffs, propagate_down, [self._x], tops)
 
 
 @register("Clip")
@@ -283,6 +364,7 @@ class ClipLayer(_Neuron):
     """Caffe's Clip layer (BVLC master): y = max(min, min(x, max)); both bounds are required."""
 
     fn = staticmethod(Clip)
+    grad = staticmethod(G.Clip_grad)
     param_field = "clip_param"
 
     def read_params(self):
@@ -299,7 +381,8 @@ class DropoutLayer(_Neuron):
     """Caffe's Dropout layer: identity in TEST; in TRAIN a fresh random mask per forward.
 
     The TRAIN mask comes from a generator seeded by the layer name, so runs are reproducible
-    (Caffe's masks depend on its own RNG and cannot be matched bit for bit anyway).
+    (Caffe's masks depend on its own RNG and cannot be matched bit for bit anyway); it is kept
+    for the backward, dx = dy * mask * scale, as Caffe keeps rand_vec_.
     """
 
     fn = staticmethod(Dropout)
@@ -307,11 +390,38 @@ class DropoutLayer(_Neuron):
 
     def read_params(self):
         kwargs = _param_kwargs(self.lp, self.param_field, self.fn)
-        kwargs.pop("train", None)
-        kwargs.pop("rng", None)
+        for k in ("train", "rng", "mask"):
+            kwargs.pop(k, None)
         if self.phase == TRAIN:
             kwargs.update(train=True, rng=np.random.default_rng(zlib.crc32(self.name.encode())))
         return kwargs
+
+    def forward(self, bottoms):
+        x = bottoms[0]
+        self._mask = None
+        if self.phase != TRAIN:
+            return super().forward(bottoms)
+        kw = dict(self.kwargs)
+        self._mask = dropout_mask(x.shape or (1,), kw["dropout_ratio"], kw.pop("rng"))
+        return [Dropout(x.reshape(self._mask.shape), mask=self._mask, **kw).reshape(x.shape)]
+
+    @classmethod
+    def has_backward(cls) -> bool:
+        return True
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """TRAIN: dx = dy * mask * scale (scale 1 / (1 - ratio), or 1 without scale_train);
+        TEST: dx = dy (times 1 - ratio when scale_train is false)."""
+        if not propagate_down[0]:
+            return [None]
+        ratio, scale_train = self.kwargs["dropout_ratio"], self.kwargs.get("scale_train", True)
+        if self.phase == TRAIN:
+            scale = dropout_scale(ratio) if scale_train else _F32(1)
+        else:
+            scale = _F32(1) if scale_train else _F32(1.0 / float(dropout_scale(ratio)))
+        dy = top_diffs[0]
+        mask = self._mask if self.phase == TRAIN else None
+        return [G.Dropout_grad(dy.reshape(mask.shape) if mask is not None else dy, mask, scale)]
 
 
 @register("PReLU")
@@ -346,4 +456,15 @@ class PReLULayer(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, bottoms):
+        # Caffe copies the input of an in-place PReLU for its backward; ours is never overwritten
+        self._x = bottoms[0]
         return [PReLU(bottoms[0], self.blobs[0].data)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy * ((x > 0) + a_c * (x <= 0)); slope diff += sum dy * x * (x <= 0) per channel."""
+        want_slope = bool(self.param_propagate_down and self.param_propagate_down[0])
+        dx, dslope = G.PReLU_grads(top_diffs[0], self._x, self.blobs[0].data, self.lp.prelu_param.channel_shared,
+                                   want_x=propagate_down[0], want_slope=want_slope)
+        if dslope is not None:
+            self.blobs[0].diff += dslope
+        return [dx]

@@ -1,7 +1,7 @@
 """Element-wise combination of several blobs: Eltwise (PROD / SUM / MAX) and Axpy.
 
 Reference functions are named after the layer types, keyword defaults as in caffe.proto; they
-never modify their inputs.
+never modify their inputs. Backward follows eltwise_layer.cpp and SENet's axpy_layer.cpp.
 """
 
 from __future__ import annotations
@@ -71,6 +71,53 @@ def Eltwise(*xs, operation=SUM, coeff=()):
     return out
 
 
+def max_index(xs) -> np.ndarray:
+    """Caffe's max_idx_ of an Eltwise MAX: which bottom gave each top element.
+
+    The same comparisons as the forward: 0 where x0 > x1 else 1, then i where x_i > the
+    running maximum (so ties and NaNs go where the forward took their value from).
+    """
+    first = xs[0] > xs[1]
+    idx = np.logical_not(first).view(np.int8)  # 0 where x0 won, else 1
+    if len(xs) == 2:
+        return idx
+    idx = idx.astype(np.int32)
+    top = np.where(first, xs[0], xs[1])
+    for i, x in enumerate(xs[2:], 2):
+        later = x > top
+        idx[later] = i
+        top = np.where(later, x, top)
+    return idx
+
+
+def Eltwise_grad(dy, xs, y, i, operation=SUM, coeff=(), stable_prod_grad=True, max_idx=None,  # noqa: N802
+                 aliased=False):
+    """d loss / d x_i of :func:`Eltwise` given the top diff ``dy`` (all arrays of one shape).
+
+    SUM: dx_i = coeff_i * dy. PROD: dx_i = dy * g with g = prod_{j != i} x_j
+    (``stable_prod_grad``, in bottom order) or g = y / x_i. MAX: dx_i = dy where ``max_idx``
+    (:func:`max_index`) is i, else 0. ``xs`` and ``y`` are the data Caffe reads at backward time
+    (in place, that bottom's data is y). ``aliased``: bottom i is the top (in place), so its
+    diff is the top diff's buffer, which Caffe's PROD fills with g before multiplying by the
+    top diff: dx_i = g * g (SUM and MAX read each element before writing it: unaffected).
+    """
+    if operation == SUM:
+        c = _F32(coeff[i]) if len(coeff) else _F32(1)
+        return dy if c == 1 else np.multiply(dy, c)
+    if operation == MAX:
+        return np.multiply(dy, max_idx == i)
+    if stable_prod_grad:
+        others = [x for j, x in enumerate(xs) if j != i]
+        dx = np.array(others[0], _F32, copy=True)
+        for x in others[1:]:
+            dx *= x
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dx = np.divide(y, xs[i])
+    dx *= dx if aliased else dy
+    return dx
+
+
 def Axpy(a, x, y):
     """F = a * X + Y (SENet's Axpy): a (N, C) or (N, C, 1, 1), X and Y (N, C, ...)."""
     if x.ndim < 2 or x.shape != y.shape:
@@ -107,7 +154,40 @@ class EltwiseLayer(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, bottoms):
-        return [Eltwise(*bottoms, operation=self.operation, coeff=self.coeff)]
+        # the backward routes MAX by the forward's argmax (Caffe's max_idx_); the bottoms are never
+        # modified in place, so keeping them is enough (an in-place top replaces, not overwrites)
+        self._inputs = list(bottoms)
+        if self.in_place and self.operation != PROD:
+            # Caffe's forward first fills the top, which in place is bottom 0, with 0 (SUM) or
+            # -FLT_MAX (MAX) and only then reads the bottoms: bottom 0 counts as that value
+            # (PROD multiplies bottoms 0 and 1 element by element before writing: unaffected)
+            fill = 0 if self.operation == SUM else -np.finfo(_F32).max
+            self._inputs[0] = np.full(bottoms[0].shape, fill, _F32)
+        return [Eltwise(*self._inputs, operation=self.operation, coeff=self.coeff)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """See :func:`Eltwise_grad`; each bottom gets its own array (or None when not asked).
+
+        In place (top == bottom 0, the only in-place form Caffe's Net accepts), Caffe's loop over
+        the bottoms writes bottom 0's diff into the top diff's buffer: the bottoms after it
+        then read that result as their top diff.
+        """
+        dy = top_diffs[0]
+        xs = [b if b.shape == dy.shape else b.reshape(dy.shape) for b in bottoms]
+        idx = None
+        if self.operation == MAX and any(propagate_down):
+            idx = max_index([x.reshape(dy.shape) for x in self._inputs])
+        stable = self.lp.eltwise_param.stable_prod_grad
+        alias = 0 if self.in_place else None
+        out = []
+        for i, pd in enumerate(propagate_down):
+            if not pd:
+                out.append(None)
+                continue
+            out.append(Eltwise_grad(dy, xs, tops[0], i, self.operation, self.coeff, stable, idx, aliased=i == alias))
+            if i == alias:
+                dy = out[-1]
+        return out
 
 
 @register("Axpy")
@@ -126,3 +206,19 @@ class AxpyLayer(Layer):
 
     def forward(self, bottoms):
         return [Axpy(*bottoms)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """da_nc = sum_s dF_ncs * X_ncs, dX = a * dF, dY = dF.
+
+        SENet's axpy_layer.cpp computes dX under ``propagate_down[0]`` (a typo for [1]); with
+        every bottom propagating, the usual case, this is the same gradient.
+        """
+        a, x, _ = bottoms
+        dy = top_diffs[0]
+        n, c = x.shape[:2]
+        da = dx = None
+        if propagate_down[0]:
+            da = np.einsum("ncs,ncs->nc", dy.reshape(n, c, -1), x.reshape(n, c, -1)).reshape(a.shape)
+        if propagate_down[1]:
+            dx = np.multiply(dy, a.reshape((n, c) + (1,) * (x.ndim - 2)))
+        return [da, dx, dy if propagate_down[2] else None]

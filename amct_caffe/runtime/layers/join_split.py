@@ -3,12 +3,17 @@
 Concat and Slice (along an axis), Split (one bottom to several tops), Crop (to a reference
 blob), Tile (repeats), BatchReindex (picks items) and Silence (consumes its bottoms). The op /
 layer conventions are shape_common's; results may be views of the input.
+
+Backward (each layer's ``Backward_cpu``): Concat cuts the top diff back into the bottoms', Slice
+joins its tops' diffs, Split and Tile add the copies' diffs up, Crop pads with zeros,
+BatchReindex scatter-adds (its index gets no gradient) and Silence writes zeros.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from amct_caffe.errors import GraphError
 from amct_caffe.ops import register
 from amct_caffe.runtime.layers.shape_common import ShapeLayer, check_axis, element_count, proto_fields
 
@@ -126,6 +131,19 @@ class ConcatLayer(ShapeLayer):
         self._kw = {"axis": _legacy_axis(self.lp.concat_param, "concat_dim", len(s[0]))}
         return [concat_shape(s, **self._kw)]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx_i = the part of dy along the axis that bottom i filled (one bottom: dy itself)."""
+        dy = top_diffs[0]
+        if len(bottoms) == 1:  # Caffe shares the diff
+            return [dy if propagate_down[0] else None]
+        a = check_axis(self._kw["axis"], dy.ndim)
+        out, start = [], 0
+        for b, pd in zip(bottoms, propagate_down, strict=True):
+            stop = start + b.shape[a]
+            out.append(np.ascontiguousarray(dy[(slice(None),) * a + (slice(start, stop),)]) if pd else None)
+            start = stop
+        return out
+
 
 @register("Slice")
 class SliceLayer(ShapeLayer):
@@ -142,6 +160,14 @@ class SliceLayer(ShapeLayer):
         a, bounds = slice_bounds(s[0], **self._kw)
         return [s[0][:a] + (hi - lo,) + s[0][a + 1:] for lo, hi in bounds]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = the tops' diffs joined along the slice axis (one top: its diff itself)."""
+        if not propagate_down[0]:
+            return [None]
+        if len(top_diffs) == 1:  # Caffe shares the diff
+            return [top_diffs[0]]
+        return [np.concatenate(top_diffs, axis=check_axis(self._kw["axis"], bottoms[0].ndim))]
+
 
 @register("Split")
 class SplitLayer(ShapeLayer):
@@ -157,6 +183,17 @@ class SplitLayer(ShapeLayer):
     def forward(self, bottoms):
         return [bottoms[0]] * len(self.lp.top)
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = sum of the tops' diffs (in top order, as Caffe's caffe_add then axpy)."""
+        if not propagate_down[0]:
+            return [None]
+        if len(top_diffs) == 1:
+            return [top_diffs[0]]
+        dx = np.add(top_diffs[0], top_diffs[1])
+        for d in top_diffs[2:]:
+            dx += d
+        return [dx]
+
 
 @register("Crop")
 class CropLayer(ShapeLayer):
@@ -168,6 +205,15 @@ class CropLayer(ShapeLayer):
 
     def shapes(self, s):
         return [tuple(sl.stop - sl.start for sl in crop_slices(s[0], s[1], **self._kw))]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = zeros with dy at the cropped window; the reference bottom's diff is left as is."""
+        if not propagate_down[0]:
+            return [None, None]
+        x = bottoms[0]
+        dx = np.zeros(x.shape, np.float32)
+        dx[crop_slices(x.shape, bottoms[1].shape, **self._kw)] = top_diffs[0]
+        return [dx, None]
 
 
 @register("Tile")
@@ -181,6 +227,16 @@ class TileLayer(ShapeLayer):
     def shapes(self, s):
         return [tile_shape(s[0], **self._kw)]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx[..., i, ...] = sum over the tiles t of dy[..., t*d + i, ...]."""
+        if not propagate_down[0]:
+            return [None]
+        x = bottoms[0]
+        a = check_axis(self._kw["axis"], x.ndim)
+        outer, inner = element_count(x.shape[:a]), element_count(x.shape[a:])
+        dy = top_diffs[0].reshape(outer, self._kw["tiles"], inner)
+        return [dy.sum(axis=1, dtype=np.float32).reshape(x.shape)]
+
 
 @register("BatchReindex")
 class BatchReindexLayer(ShapeLayer):
@@ -191,6 +247,23 @@ class BatchReindexLayer(ShapeLayer):
         if len(s[1]) != 1:
             raise ValueError(f"the index bottom must be 1-D, got {list(s[1])}")
         return [(s[1][0],) + s[0][1:]]
+
+    def allow_force_backward(self, bottom_index):
+        # Caffe allows it and then fails its CHECK(!propagate_down[1]); we fail in backward too
+        return True
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx[index[i]] += dy[i] (items picked twice add up); no gradient for the index."""
+        if propagate_down[1]:
+            raise GraphError(f"layer '{self.name}' (BatchReindex): cannot back-propagate to the index "
+                             "bottom (Caffe CHECK-fails); set propagate_down: [true, false] and no "
+                             "force_backward")
+        if not propagate_down[0]:
+            return [None, None]
+        x = bottoms[0]
+        dx = np.zeros((x.shape[0], element_count(x.shape[1:])), np.float32)
+        np.add.at(dx, bottoms[1].astype(np.int64), top_diffs[0].reshape(len(bottoms[1]), -1))
+        return [dx.reshape(x.shape), None]
 
 
 @register("Silence")
@@ -205,3 +278,7 @@ class SilenceLayer(ShapeLayer):
 
     def forward(self, bottoms):
         return []
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Zero diffs for the bottoms asked for (Caffe's caffe_set 0)."""
+        return [np.zeros(b.shape, np.float32) if pd else None for b, pd in zip(bottoms, propagate_down, strict=True)]

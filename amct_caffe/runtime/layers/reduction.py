@@ -74,6 +74,29 @@ class ReductionLayer(ShapeLayer):
     def shapes(self, s):
         return [s[0][:check_axis(self._kw["axis"], len(s[0]))]]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """With c = coeff (coeff / count for MEAN) and dy one value per leading index:
+        SUM, MEAN: dx = c * dy; ASUM: dx = c * dy * sign(x); SUMSQ: dx = 2 * c * dy * x."""
+        if not propagate_down[0]:
+            return [None]
+        x = bottoms[0]
+        op = self._kw["operation"]
+        a = check_axis(self._kw["axis"], x.ndim)
+        dim = element_count(x.shape[a:])
+        c = np.float32(self._kw["coeff"])
+        if op == "MEAN":
+            c = c / np.float32(dim)
+        # Caffe's bottom_coeff = top_diff * coeff_, one float per leading index
+        g = (top_diffs[0].reshape(-1, 1) * c).astype(np.float32)
+        if op in ("SUM", "MEAN"):
+            dx = np.empty((g.shape[0], dim), np.float32)
+            dx[...] = g  # a writable array, as Caffe's caffe_set
+            return [dx.reshape(x.shape)]
+        v = x.reshape(g.shape[0], dim)
+        if op == "ASUM":
+            return [np.multiply(np.sign(v), g).reshape(x.shape)]
+        return [np.multiply(v, g * np.float32(2)).reshape(x.shape)]
+
 
 @register("ArgMax")
 class ArgMaxLayer(ShapeLayer):

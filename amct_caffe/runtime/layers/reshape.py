@@ -4,6 +4,10 @@ Flatten, Reshape, Unsqueeze (new shape, same order: views of the bottom), Permut
 ShuffleChannel, Reorg (transposes) and Reverse (flips). ShuffleChannel, Reorg and Reverse,
 which the SSD fork lacks, follow the forks ATC takes them from (see each). The op / layer
 conventions are shape_common's.
+
+Backward: Flatten and Reshape share the diff with the bottom in Caffe (ShareDiff), so the
+bottom diff is the top diff reshaped; the transposes and flips apply their inverse to the top
+diff. The fork's Unsqueeze has an empty backward (no gradient crosses it).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.shape_common import ShapeLayer, check_axis, element_count, proto_fields
+from amct_caffe.runtime.layers.shape_common import (EmptyBackward, ShapeLayer, check_axis, element_count,
+                                                    proto_fields, transpose_adjoint)
 
 
 # ------------------------------------------------------------------------ pure ops
@@ -92,10 +97,15 @@ def Permute(x, *, order=()):  # noqa: N802
 def ShuffleChannel(x, *, group=1):  # noqa: N802
     """ShuffleNet's channel shuffle: channels viewed as (group, C/group) and transposed, so top
     channel ``j*group + i`` is bottom channel ``i*(C/group) + j`` (the ShuffleNet Caffe forks)."""
-    if group < 1 or x.ndim < 2 or x.shape[1] % group:
-        raise ValueError(f"group {group} must divide the channels of a {list(x.shape)} blob")
-    y = x.reshape((x.shape[0], group, x.shape[1] // group, -1)).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(y).reshape(x.shape)
+    view, perm = shuffle_plan(x.shape, group)
+    return np.ascontiguousarray(x.reshape(view).transpose(perm)).reshape(x.shape)
+
+
+def shuffle_plan(shape, group=1):
+    """(view, perm) of ShuffleChannel as a reshape-transpose."""
+    if group < 1 or len(shape) < 2 or shape[1] % group:
+        raise ValueError(f"group {group} must divide the channels of a {list(shape)} blob")
+    return (shape[0], group, shape[1] // group, element_count(shape[2:])), (0, 2, 1, 3)
 
 
 def reorg_shape(shape, stride=2, reverse=False):
@@ -119,13 +129,17 @@ def Reorg(x, *, stride=2, reverse=False):  # noqa: N802
     top[c2, h*s + k // s, w*s + k % s] = bottom[k*(C/s^2) + c2, h, w] (depth to space).
     """
     top = reorg_shape(x.shape, stride, reverse)
-    n, c, h, w = x.shape
+    view, perm = reorg_plan(x.shape, stride, reverse)
+    return np.ascontiguousarray(x.reshape(view).transpose(perm)).reshape(top)
+
+
+def reorg_plan(shape, stride=2, reverse=False):
+    """(view, perm) of Reorg as a reshape-transpose (see :func:`Reorg`)."""
+    n, c, h, w = shape
     tc = c // (stride * stride)
     if reverse:
-        y = x.reshape(n, stride, stride, tc, h, w).transpose(0, 3, 4, 1, 5, 2)
-    else:
-        y = x.reshape(n, tc, h, stride, w, stride).transpose(0, 3, 5, 1, 2, 4)
-    return np.ascontiguousarray(y).reshape(top)
+        return (n, stride, stride, tc, h, w), (0, 3, 4, 1, 5, 2)
+    return (n, tc, h, stride, w, stride), (0, 3, 5, 1, 2, 4)
 
 
 def Reverse(x, *, axis=()):  # noqa: N802
@@ -147,6 +161,10 @@ class FlattenLayer(ShapeLayer):
     def shapes(self, s):
         return [flatten_shape(s[0], **self._kw)]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy reshaped (Caffe: bottom ShareDiff top)."""
+        return [top_diffs[0].reshape(bottoms[0].shape) if propagate_down[0] else None]
+
 
 @register("Reshape")
 class ReshapeLayer(ShapeLayer):
@@ -161,10 +179,15 @@ class ReshapeLayer(ShapeLayer):
     def shapes(self, s):
         return [reshape_shape(s[0], self._kw["shape"], self._kw["axis"], self._kw["num_axes"])]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy reshaped (Caffe: top ShareDiff bottom, an empty backward)."""
+        return [top_diffs[0].reshape(bottoms[0].shape) if propagate_down[0] else None]
+
 
 @register("Unsqueeze")
-class UnsqueezeLayer(ShapeLayer):
-    """The fork fixes the top shape at setup; we recompute it on every reshape."""
+class UnsqueezeLayer(EmptyBackward, ShapeLayer):
+    """The fork fixes the top shape at setup; we recompute it on every reshape. Its backward is
+    empty (see :class:`EmptyBackward`)."""
 
     op = staticmethod(Unsqueeze)
 
@@ -191,6 +214,14 @@ class PermuteLayer(ShapeLayer):
     def shapes(self, s):
         return [tuple(s[0][i] for i in permute_order(len(s[0]), **self._kw))]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy transposed back (the identity order shares the diff, as Caffe)."""
+        if not propagate_down[0]:
+            return [None]
+        x = bottoms[0]
+        full = permute_order(x.ndim, **self._kw)
+        return [transpose_adjoint(top_diffs[0], x.shape, full, x.shape)]
+
 
 @register("ShuffleChannel")
 class ShuffleChannelLayer(ShapeLayer):
@@ -205,6 +236,14 @@ class ShuffleChannelLayer(ShapeLayer):
             raise ValueError(f"group {g} must divide the channels of a {list(s[0])} blob")
         return [s[0]]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = the inverse shuffle of dy (channels viewed as (C/group, group), transposed)."""
+        if not propagate_down[0]:
+            return [None]
+        shape = bottoms[0].shape
+        view, perm = shuffle_plan(shape, **self._kw)
+        return [transpose_adjoint(top_diffs[0], view, perm, shape)]
+
 
 @register("Reorg")
 class ReorgLayer(ShapeLayer):
@@ -216,6 +255,14 @@ class ReorgLayer(ShapeLayer):
 
     def shapes(self, s):
         return [reorg_shape(s[0], **self._kw)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = the inverse element move of dy (Reorg is a permutation of the elements)."""
+        if not propagate_down[0]:
+            return [None]
+        shape = bottoms[0].shape
+        view, perm = reorg_plan(shape, **self._kw)
+        return [transpose_adjoint(top_diffs[0], view, perm, shape)]
 
 
 @register("Reverse")
@@ -229,3 +276,7 @@ class ReverseLayer(ShapeLayer):
         for a in self._kw["axis"]:
             check_axis(a, len(s[0]))
         return [s[0]]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy flipped back along the same axes."""
+        return [np.ascontiguousarray(Reverse(top_diffs[0], **self._kw)) if propagate_down[0] else None]

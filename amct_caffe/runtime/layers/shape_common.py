@@ -5,14 +5,22 @@ are caffe.proto's; ``<op>_shape`` gives the top shape from the bottom shape. Bot
 ValueError on bad parameters, which :class:`ShapeLayer` reports as GraphError naming the layer.
 Semantics follow the SSD fork's ``src/caffe/layers/*.cpp`` unless a layer says otherwise.
 Results may be views of the input.
+
+Backward: these layers only move data, so each bottom diff is the adjoint of the move applied
+to the top diffs (a gather's adjoint scatters and adds); :func:`transpose_adjoint` undoes the
+reshape-transpose-reshape form most of them take.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
+
+_LOG = logging.getLogger(__name__)
 
 
 def check_axis(axis: int, ndim: int, what: str = "axis") -> int:
@@ -61,6 +69,31 @@ class ShapeLayer(Layer):
     def forward(self, bottoms):
         out = self._guard(lambda: type(self).op(*bottoms, **self._kw))
         return out if isinstance(out, list) else [out]
+
+
+def transpose_adjoint(dy, view_shape, perm, bottom_shape):
+    """Adjoint of ``y = x.reshape(view_shape).transpose(perm).reshape(top)``: the bottom diff.
+
+    The move is a permutation of the elements, so its adjoint is its inverse.
+    """
+    moved = tuple(view_shape[p] for p in perm)
+    dx = dy.reshape(moved).transpose(np.argsort(perm))
+    return np.ascontiguousarray(dx).reshape(bottom_shape)
+
+
+class EmptyBackward:
+    """Mixin for types whose Caffe ``Backward_cpu`` is an empty body (the fork's Unsqueeze).
+
+    Caffe then leaves the bottom diff as it was (never written: zero); returning None leaves
+    it untouched here too, with a warning since no gradient crosses the layer.
+    """
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        if any(propagate_down) and not getattr(self, "_warned", False):
+            self._warned = True
+            _LOG.warning("layer '%s' (%s): Caffe's backward for this type is empty, so no gradient crosses "
+                         "it (the bottom diff keeps what it held, as in Caffe)", self.name, self.type)
+        return [None] * len(bottoms)
 
 
 def _repeated(fd) -> bool:

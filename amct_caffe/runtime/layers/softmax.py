@@ -29,3 +29,13 @@ class SoftmaxLayer(Layer):
 
     def forward(self, bottoms):
         return [Softmax(bottoms[0], axis=self._axis)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = (dy - sum_axis(dy * y)) * y, from the top alone (so in place works as in Caffe)."""
+        if not propagate_down[0]:
+            return [None]
+        y, dy = tops[0], top_diffs[0]
+        dot = np.multiply(dy, y).sum(axis=self._axis, keepdims=True, dtype=np.float32)
+        dx = np.subtract(dy, dot)
+        dx *= y
+        return [dx]
