@@ -433,6 +433,39 @@ class _BaseConv(Layer):
             tops.append(y.reshape(lead + y.shape[1:]))
         return tops
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Caffe's Convolution / Deconvolution ``Backward_cpu`` (see :mod:`conv_grad`), per bottom:
+
+        dbias += sum_{n, p} dY;  Convolution: dW += dY (*) x, dx = col2im(W^T dY);
+        Deconvolution: dW += x (*) dY (the convolution's weight gradient with the roles swapped),
+        dx = Convolution(dY, W). Weight and bias gradients add up over the bottoms, as in Caffe.
+        """
+        from amct_caffe.runtime.layers import conv_grad  # noqa: PLC0415 - conv_grad imports this module
+
+        axis, stride, pad, dilation = self._geom
+        group = self.lp.convolution_param.group
+        weight = self.blobs[0].data
+        geom = dict(stride=stride, pad=pad, dilation=dilation, group=group)
+        need_w = self.param_propagate_down[0]
+        need_b = len(self.blobs) > 1 and self.param_propagate_down[1]
+        grads = []
+        for x, dy, down in zip(bottoms, top_diffs, propagate_down, strict=True):
+            lead = x.shape[:axis]
+            x4 = x.reshape((math.prod(lead),) + x.shape[axis:])
+            dy4 = np.asarray(dy, np.float32).reshape((x4.shape[0],) + dy.shape[axis:])
+            if need_b:
+                self.blobs[1].diff += conv_grad.bias_grad(dy4)
+            if need_w:
+                a, b = (dy4, x4) if self.transposed else (x4, dy4)
+                self.blobs[0].diff += conv_grad.conv_weight_grad(a, b, weight.shape[2:], **geom)
+            if not down:
+                grads.append(None)
+            elif self.transposed:
+                grads.append(Convolution(dy4, weight, **geom).reshape(x.shape))
+            else:
+                grads.append(conv_grad.conv_input_grad(dy4, weight, x4.shape, **geom).reshape(x.shape))
+        return grads
+
 
 @register("Convolution")
 class ConvolutionLayer(_BaseConv):
