@@ -16,7 +16,7 @@ forward *is* ``backward_cpu_gemm``) swaps the roles, ``a = dY`` and ``b = x``: i
 is ``weight_cpu_gemm(dY, x)`` and its bottom gradient the convolution forward of ``dY``.
 
 Speed: the images are laid side by side (``(g, K, n*P)`` columns, the ``batch_last`` layout of
-:func:`conv._im2col`) in chunks of about ``GRAD_COLS_BUDGET`` floats, so each chunk is one GEMM
+:func:`conv_cols.im2col`) in chunks of about ``GRAD_COLS_BUDGET`` floats, so each chunk is one GEMM
 per group instead of one per image; ``col2im`` is one strided add per kernel tap.
 """
 
@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from amct_caffe.runtime.layers.conv import _im2col, _scratch, _tap_slices
+from amct_caffe.runtime.layers.conv_cols import im2col, scratch, tap_slices
 
 # Columns of this many floats (32 MB) at most are built at once; a larger block than the
 # forward's keeps the (Ob/g x K) weight-gradient GEMMs long in their summed dimension.
@@ -46,7 +46,7 @@ def _padded_input(a, pad, ext) -> np.ndarray:
     sa = a.shape[2:]
     if ext == sa:
         return a
-    ap = _scratch("pad", a.shape[:2] + tuple(ext))
+    ap = scratch("pad", a.shape[:2] + tuple(ext))
     ap.fill(0.0)
     ap[(slice(None), slice(None)) + tuple(slice(p, p + s) for p, s in zip(pad, sa, strict=True))] = a
     return ap
@@ -80,7 +80,7 @@ def conv_weight_grad(a, b_diff, ksz, *, stride, pad, dilation, group) -> np.ndar
     for n0 in range(0, n, chunk):
         ab = a[n0:n0 + chunk]
         nb = len(ab)
-        cols = _im2col(_padded_input(ab, pad, ext), ksz, stride, dilation, sb, batch_last=True)
+        cols = im2col(_padded_input(ab, pad, ext), ksz, stride, dilation, sb, batch_last=True)
         dyg = _side_by_side(b_diff[n0:n0 + nb], group)
         dw += dyg @ cols.reshape(group, cg * kk, nb * math.prod(sb)).transpose(0, 2, 1)
     return dw.reshape((ob, cg) + ksz)
@@ -110,12 +110,12 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
         for n0 in range(0, n, chunk):
             db = b_diff[n0:n0 + chunk]
             nb = len(db)
-            acc = _scratch("colgrad", (nb, ca) + ext)
+            acc = scratch("colgrad", (nb, ca) + ext)
             acc.fill(0.0)
-            tmp = _scratch("tapgrad", db.shape)
+            tmp = scratch("tapgrad", db.shape)
             for t, tap in enumerate(itertools.product(*map(range, ksz))):
                 np.multiply(db, wt[:, t].reshape((1, ca) + (1,) * len(sb)), out=tmp)
-                acc[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, sb)] += tmp
+                acc[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sb)] += tmp
             out[n0:n0 + nb] = acc[inner]
         return out
     wt = np.ascontiguousarray(weight.reshape(group, og, cg * kk).transpose(0, 2, 1))  # W[g]^T (K x Ob/g)
@@ -123,14 +123,14 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
     for n0 in range(0, n, chunk):
         db = b_diff[n0:n0 + chunk]
         nb = len(db)
-        dcols = _scratch("cols", (group, cg * kk, nb * npix))
+        dcols = scratch("cols", (group, cg * kk, nb * npix))
         np.matmul(wt, _side_by_side(db, group), out=dcols)
         # col2im: (C, *k, nb, *sb) columns added onto the padded input, one strided add per tap
         dcols = np.moveaxis(dcols.reshape((ca,) + ksz + (nb,) + sb), len(ksz) + 1, 0)
-        acc = _scratch("colgrad", (nb, ca) + ext)
+        acc = scratch("colgrad", (nb, ca) + ext)
         acc.fill(0.0)
         for tap in itertools.product(*map(range, ksz)):
-            acc[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, sb)] += dcols[
+            acc[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sb)] += dcols[
                 (slice(None), slice(None)) + tap]
         out[n0:n0 + nb] = acc[inner]
     return out
