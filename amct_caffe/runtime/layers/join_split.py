@@ -169,6 +169,16 @@ class CropLayer(ShapeLayer):
     def shapes(self, s):
         return [tuple(sl.stop - sl.start for sl in crop_slices(s[0], s[1], **self._kw))]
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Caffe's CropLayer::Backward_cpu: the top diff lands in the cropped window of zeros.
+
+        The reference bottom gets no diff (Caffe leaves it untouched)."""
+        if not propagate_down[0]:
+            return [None, None]
+        dx = np.zeros(bottoms[0].shape, np.float32)
+        dx[crop_slices(bottoms[0].shape, bottoms[1].shape, **self._kw)] = top_diffs[0]
+        return [dx, None]
+
 
 @register("Tile")
 class TileLayer(ShapeLayer):
