@@ -178,13 +178,11 @@ def pool_backward(layer, dy, x, mask, kernel, stride, pad) -> np.ndarray:
         raise GraphError(f"layer '{layer.name}' ({layer.type}): {layer.pool} pooling has no backward pass (Caffe's "
                          "Backward_cpu is NOT_IMPLEMENTED for it); set propagate_down: false or lr_mult: 0 so no "
                          "gradient has to cross it")
-    if mask is None:
-        if kernel is None or (k == (h, w) and p == (0, 0)):
-            mask = pooling_grad.global_max_mask(x)
-        else:
-            mask = Pooling(x, pool=MAX, kernel=k, stride=s, pad=p, ceil_mode=getattr(layer, "ceil_mode", True),
-                           return_mask=True)[1]
-    return pooling_grad.max_pool_backward(dy, mask, (h, w))
+    if kernel is None or (k == (h, w) and p == (0, 0)):  # one window per plane
+        return pooling_grad.global_max_backward(dy, pooling_grad.global_max_mask(x) if mask is None else mask, (h, w))
+    ceil = getattr(layer, "ceil_mode", True)
+    y = Pooling(x, pool=MAX, kernel=k, stride=s, pad=p, ceil_mode=ceil) if mask is None else None
+    return pooling_grad.max_pool_backward(dy, x, y, k, s, p, mask)
 
 
 def _enum_name(msg, field: str) -> str:

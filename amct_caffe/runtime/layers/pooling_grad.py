@@ -34,33 +34,94 @@ def global_max_mask(x) -> np.ndarray:
     return np.where(best > -_FLT_MAX, idx, -1).reshape(n, c, 1, 1)
 
 
-def max_pool_backward(dy, mask, in_hw) -> np.ndarray:
-    """Scatter ``dy`` (N, C, Ho, Wo) onto (N, C, *in_hw) at the flat plane indices ``mask``."""
+def _previous_plane_writes(dx, dy, empty) -> None:
+    """Caffe's write at plane index -1 for windows that picked nothing (see the module doc)."""
     n, c = dy.shape[:2]
-    plane = in_hw[0] * in_hw[1]
-    idx = np.asarray(mask).reshape(n * c, -1).astype(np.int64)
-    idx += (np.arange(n * c, dtype=np.int64) * plane)[:, None]
-    idx = idx.ravel()
-    w = np.asarray(dy, np.float32).ravel()
-    keep = idx >= 0
-    if not keep.all():
-        idx, w = idx[keep], w[keep]
-    # bincount sums the colliding contributions (overlapping windows) in float64
-    return np.bincount(idx, weights=w, minlength=n * c * plane).astype(np.float32).reshape((n, c) + tuple(in_hw))
+    per_plane = np.where(empty, dy, np.float32(0)).reshape(n * c, -1).sum(axis=1, dtype=np.float32)
+    flat = dx.reshape(n * c, -1)
+    flat[:-1, -1] += per_plane[1:]
+
+
+def global_max_backward(dy, mask, in_hw) -> np.ndarray:
+    """Global MAX pooling's bottom diff: ``dy`` (N, C, 1, 1) at the flat plane index ``mask``."""
+    n, c = dy.shape[:2]
+    idx = np.asarray(mask).reshape(n * c).astype(np.int64)
+    dyf = np.asarray(dy, np.float32).reshape(n * c)
+    dx = np.zeros((n, c) + tuple(in_hw), np.float32)
+    flat = dx.reshape(n * c, -1)
+    ok = idx >= 0
+    flat[np.flatnonzero(ok), idx[ok]] = dyf[ok]
+    if not ok.all():
+        _previous_plane_writes(dx, dy, ~ok.reshape(dy.shape))
+    return dx
+
+
+def _tap_ranges(k, s, p, size, n_out):
+    """Per tap ``t < k``: (output slice, input slice) of the outputs whose window cell ``o*s - p + t``
+    lies in ``[0, size)``, or None when there is none (the window clipped to the input)."""
+    ranges = []
+    for t in range(k):
+        lo = max(0, -((t - p) // s))  # first o with o*s - p + t >= 0
+        hi = min(n_out, (size - 1 + p - t) // s + 1)  # past the last o with o*s - p + t < size
+        start = lo * s - p + t
+        ranges.append((slice(lo, hi), slice(start, start + (hi - lo - 1) * s + 1, s)) if hi > lo else None)
+    return ranges
+
+
+def max_pool_backward(dy, x, y, k, s, p, mask=None) -> np.ndarray:
+    """MAX pooling's bottom diff for ``dy`` (N, C, Ho, Wo) of the pooling of ``x`` (N, C, H, W).
+
+    ``y``: the pooled maxima (the forward's top, -FLT_MAX for a window that picked nothing);
+    ``mask``: Caffe's mask top (flat plane indices), when the layer has one. Each kernel tap, in
+    Caffe's row-major scan order, takes the outputs it won: with a mask, those whose index is the
+    tap's cell; without, those whose maximum it equals and no earlier tap took (Caffe keeps the
+    first maximum). Its diffs are added onto the tap's strided view of the input (taps off the
+    input are skipped per axis, so no padded copy and no index arrays are made).
+    """
+    dy = np.asarray(dy, np.float32)
+    n, c, h, w = x.shape
+    ho, wo = dy.shape[2:]
+    dx = np.zeros(x.shape, np.float32)
+    # Branch-free updates: numpy's masked (where=) operations are several times slower than plain
+    # arithmetic on the unpredictable masks of real data.
+    won = np.empty(dy.shape, bool)
+    part = np.empty(dy.shape, np.float32)
+    if mask is None:
+        empty = ~(y > -_FLT_MAX)
+        taken = empty.copy()  # a window that picked nothing gives no tap its diff
+    else:
+        mask = np.asarray(mask).astype(np.int64)
+        empty = mask < 0
+    all_ = (slice(None), slice(None))
+    for i, ri in enumerate(_tap_ranges(k[0], s[0], p[0], h, ho)):
+        for j, rj in enumerate(_tap_ranges(k[1], s[1], p[1], w, wo)):
+            if ri is None or rj is None:
+                continue
+            out_sl, in_sl = all_ + (ri[0], rj[0]), all_ + (ri[1], rj[1])
+            hit = won[out_sl]
+            if mask is None:
+                np.equal(x[in_sl], y[out_sl], out=hit)
+                np.greater(hit, taken[out_sl], out=hit)  # equal and not taken by an earlier tap
+                np.logical_or(taken[out_sl], hit, out=taken[out_sl])
+            else:
+                rows = (np.arange(ri[0].start, ri[0].stop) * s[0] - p[0] + i)[:, None]
+                np.equal(mask[out_sl], rows * w + np.arange(rj[0].start, rj[0].stop) * s[1] - p[1] + j, out=hit)
+            contrib = np.multiply(dy[out_sl], hit, out=part[out_sl])
+            dst = dx[in_sl]
+            np.add(dst, contrib, out=dst)
+    if empty.any():
+        _previous_plane_writes(dx, dy, empty)
+    return dx
 
 
 def _scatter_axis(g, axis, k, s, p, size) -> np.ndarray:
     """The transpose of pooling's clipped window sum along ``axis``: output ``o`` adds its value
     to inputs ``o*s - p + t`` (``t < k``) that lie in ``[0, size)``."""
-    n_out = g.shape[axis]
     pre = (slice(None),) * axis
     out = np.zeros(g.shape[:axis] + (size,) + g.shape[axis + 1:], np.float32)
-    for t in range(k):
-        lo = max(0, -((t - p) // s))  # first o with o*s - p + t >= 0
-        hi = min(n_out, (size - 1 + p - t) // s + 1)  # past the last o with o*s - p + t < size
-        if hi > lo:
-            start = lo * s - p + t
-            out[pre + (slice(start, start + (hi - lo - 1) * s + 1, s),)] += g[pre + (slice(lo, hi),)]
+    for r in _tap_ranges(k, s, p, size, g.shape[axis]):
+        if r is not None:
+            out[pre + (r[1],)] += g[pre + (r[0],)]
     return out
 
 
