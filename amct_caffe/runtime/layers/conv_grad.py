@@ -82,7 +82,9 @@ def conv_weight_grad(a, b_diff, ksz, *, stride, pad, dilation, group) -> np.ndar
         nb = len(ab)
         cols = im2col(_padded_input(ab, pad, ext), ksz, stride, dilation, sb, batch_last=True)
         dyg = _side_by_side(b_diff[n0:n0 + nb], group)
-        dw += dyg @ cols.reshape(group, cg * kk, nb * math.prod(sb)).transpose(0, 2, 1)
+        cols = cols.reshape(group, cg * kk, nb * math.prod(sb))
+        for g in range(group):  # 2-D products: numpy's stacked matmul skips BLAS for a transposed operand
+            dw[g] += dyg[g] @ cols[g].T
     return dw.reshape((ob, cg) + ksz)
 
 
@@ -124,7 +126,9 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
         db = b_diff[n0:n0 + chunk]
         nb = len(db)
         dcols = scratch("cols", (group, cg * kk, nb * npix))
-        np.matmul(wt, _side_by_side(db, group), out=dcols)
+        dyg = _side_by_side(db, group)
+        for g in range(group):
+            np.matmul(wt[g], dyg[g], out=dcols[g])
         # col2im: (C, *k, nb, *sb) columns added onto the padded input, one strided add per tap
         dcols = np.moveaxis(dcols.reshape((ca,) + ksz + (nb,) + sb), len(ksz) + 1, 0)
         acc = scratch("colgrad", (nb, ca) + ext)
