@@ -249,3 +249,34 @@ def test_spp_levels_are_caffe_poolings_flattened(pool, height, hw):
     ref = refs[0] if height == 1 else np.concatenate([r.reshape(2, -1) for r in refs], axis=1)
     assert y.shape == top == ref.shape
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_stochastic_pooling_backward_is_refused(tmp_path):
+    """Caffe's CPU Backward_cpu is NOT_IMPLEMENTED for STOCHASTIC: asking for its gradient fails clearly."""
+    from amct_caffe.runtime import TEST, Net
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('force_backward: true\n'
+                     'layer { name: "data" type: "Input" top: "data" '
+                     'input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }\n'
+                     'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+                     'pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 } }\n')
+    net = Net(str(proto), TEST)
+    net.forward(data=np.abs(np.random.default_rng(0).standard_normal((1, 2, 4, 4))).astype(np.float32))
+    with pytest.raises(GraphError, match="STOCHASTIC pooling has no backward"):
+        net.backward(p=np.ones((1, 2, 2, 2), np.float32))
+
+
+def test_max_pool_backward_empty_window_writes_previous_plane():
+    """A window wholly past the input (mask -1) gives its diff to the previous plane's last cell, as
+    Caffe's pointer arithmetic does; on the first plane (before Caffe's buffer) it is dropped."""
+    from amct_caffe.runtime.layers import pooling_grad
+
+    x = np.arange(2 * 5 * 5, dtype=np.float32).reshape(1, 2, 5, 5)
+    y, mask = Pooling(x, pool="MAX", kernel=(1, 1), stride=(3, 3), return_mask=True)
+    assert y.shape[2:] == (3, 3) and (mask[0, :, 2, :] == -1).all()
+    dy = np.ones(y.shape, np.float32)
+    for got in (pooling_grad.max_pool_backward(dy, x, y, (1, 1), (3, 3), (0, 0)),
+                pooling_grad.max_pool_backward(dy, x, None, (1, 1), (3, 3), (0, 0), mask)):
+        assert got[0, 0, 4, 4] == 5  # (0, 0) is no window's cell: plane 1's five empty windows land here
+        assert got.sum() == 2 * 4 + 5  # plane 0's empty windows are dropped

@@ -28,7 +28,7 @@ scratch buffers, one strided copy per kernel tap:
   ``WIDE_GEMM_PIXELS`` pixels put the images of a batch side by side instead, one wide GEMM
   ``(O/g x K) @ (K x N*P)`` per group, as narrow GEMMs run far below peak;
 * narrow stride-1 2-D maps (``Wo < ROW_COLUMNS_WIDTH``) with few outputs per group (depthwise,
-  detection heads) gather whole padded rows per tap (:func:`_im2row`, one long copy instead of
+  detection heads) gather whole padded rows per tap (:func:`conv_cols.im2row`, one long copy instead of
   ``Ho`` short ones) and crop the extra columns after the GEMM.
 
 The GEMMs are made by :class:`caffe_gemm.ConvGemms` (one :func:`caffe_gemm.conv_gemms` per
@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime.layers import caffe_gemm
+from amct_caffe.runtime.layers import caffe_gemm, conv_grad
+from amct_caffe.runtime.layers.conv_cols import im2col, im2row, padded, scratch, tap_slices
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
@@ -67,13 +67,6 @@ def _tuple(v, n: int, default: int) -> tuple[int, ...]:
     return v
 
 
-def _tap_slices(tap, stride, dilation, out) -> tuple[slice, ...]:
-    """Slices of the padded input that kernel tap ``tap`` reads for every output position."""
-    return tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
-                 for t, s, d, o in zip(tap, stride, dilation, out, strict=True))
-
-
-_SCRATCH = threading.local()
 # im2col is done for as many images at once as fit in this many floats (4 MB): large enough
 # for few Python-level calls, small enough to stay in the last-level cache until the GEMM.
 COLS_BUDGET = 1 << 20
@@ -85,44 +78,6 @@ ROW_COLUMNS_WIDTH = 32
 ROW_COLUMNS_MAX_OUT = 16
 
 
-def _scratch(role: str, shape) -> np.ndarray:
-    """A float32 array of ``shape`` carved from a per-thread buffer that is reused across calls.
-
-    Fresh memory is expensive here: the kernel maps and zeroes every new page on first touch,
-    and im2col buffers are ``prod(k)`` times the activation size. So scratch arrays (padded
-    input, columns, temporaries) come from one growing buffer per role. The contents are stale
-    and valid only until the next request for the same role; never return one to the caller.
-    """
-    size = math.prod(shape)
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get(role)
-    if buf is None or buf.size < size:
-        buf = bufs[role] = np.empty(size, np.float32)
-    return buf[:size].reshape(shape)
-
-
-def release_scratch() -> None:
-    """Free this thread's scratch buffers (they are rebuilt on demand)."""
-    _SCRATCH.bufs = {}
-
-
-def _padded(x: np.ndarray, pad) -> np.ndarray:
-    """``x`` (N, C, *sp) with ``pad`` zeros before and after each spatial axis (a scratch array)."""
-    if not any(pad):
-        return x
-    sp = x.shape[2:]
-    xp = _scratch("pad", x.shape[:2] + tuple(n + 2 * p for n, p in zip(sp, pad, strict=True)))
-    for a, (n, p) in enumerate(zip(sp, pad, strict=True)):  # zero only the borders; the interior is copied
-        if p:
-            lead = (slice(None),) * (2 + a)
-            xp[lead + (slice(0, p),)] = 0.0
-            xp[lead + (slice(p + n, None),)] = 0.0
-    xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(sp, pad, strict=True))] = x
-    return xp
-
-
 def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
     """base_conv_layer.cpp's compute_output_shape, in C++ int arithmetic (truncating division)."""
     num = size + 2 * pad - (dilation * (k - 1) + 1)
@@ -132,60 +87,6 @@ def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> in
 
 def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
     return stride * (size - 1) + dilation * (k - 1) + 1 - 2 * pad
-
-
-def _im2col(xp: np.ndarray, ksz, stride, dilation, out, batch_last: bool = False) -> np.ndarray:
-    """``xp`` (N, C, *sp) padded -> columns (scratch), one strided copy per kernel tap.
-
-    Layout (N, C, *k, *out), or (C, *k, N, *out) with ``batch_last`` so that the images of
-    the batch sit side by side in one wide matrix (a single GEMM for all of them).
-    """
-    n, c = xp.shape[:2]
-    ksz, out = tuple(ksz), tuple(out)
-    if batch_last:
-        cols = _scratch("cols", (c,) + ksz + (n,) + out)
-        dst = np.moveaxis(cols, len(ksz) + 1, 0)  # (N, C, *k, *out) view of the same memory
-    else:
-        cols = dst = _scratch("cols", (n, c) + ksz + out)
-    for tap in itertools.product(*map(range, ksz)):
-        src = xp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, out)]
-        dst[(slice(None), slice(None)) + tap] = src
-    return cols
-
-
-def _im2row(x: np.ndarray, ksz, pad, dilation, out_h: int, batch_last: bool = False) -> np.ndarray:
-    """Columns of a stride-1 2-D convolution computed on whole padded rows.
-
-    Output pixel ``(h, w)`` reads padded cell ``(h + i*d, w + j*d)``, i.e. flat index
-    ``h*Wp + w + (i*Wp + j)*d``; so with outputs laid out on a ``(Ho, Wp)`` grid, tap ``(i, j)``
-    is the contiguous run ``xpad.flat[(i*Wp + j)*d : ... + Ho*Wp]``: one long copy per tap instead
-    of ``Ho`` short rows. Grid columns ``w >= Wo`` are garbage, cropped after the GEMM.
-    Layout (N, C, kh, kw, Ho*Wp) (or (C, kh, kw, N, Ho*Wp) with ``batch_last``).
-    """
-    n, c, h, w = x.shape
-    hp, wp = h + 2 * pad[0], w + 2 * pad[1]
-    tail = (ksz[1] - 1) * dilation[1]  # the last tap's run ends this far past the padded image
-    flat = _scratch("pad", (n, c, hp * wp + tail))
-    flat[:, :, hp * wp:] = 0.0
-    grid = flat[:, :, :hp * wp].reshape(n, c, hp, wp)
-    if pad[0]:
-        grid[:, :, :pad[0]] = 0.0
-        grid[:, :, pad[0] + h:] = 0.0
-    if pad[1]:
-        grid[:, :, pad[0]:pad[0] + h, :pad[1]] = 0.0
-        grid[:, :, pad[0]:pad[0] + h, pad[1] + w:] = 0.0
-    grid[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = x
-    run = out_h * wp
-    if batch_last:
-        cols = _scratch("cols", (c,) + tuple(ksz) + (n, run))
-        dst = np.moveaxis(cols, 3, 0)
-    else:
-        cols = dst = _scratch("cols", (n, c) + tuple(ksz) + (run,))
-    for i in range(ksz[0]):
-        for j in range(ksz[1]):
-            off = i * dilation[0] * wp + j * dilation[1]
-            dst[:, :, i, j] = flat[:, :, off:off + run]
-    return cols
 
 
 def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802 - Caffe type name
@@ -221,7 +122,7 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
         if any(st > 1 for st in stride):
             xs = x[(slice(None), slice(None))
                    + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
-            cols = _scratch("cols", xs.shape)
+            cols = scratch("cols", xs.shape)
             np.copyto(cols, xs)
         else:
             cols = np.ascontiguousarray(x)
@@ -237,8 +138,8 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
 
         def columns(xb, batch_last=False):
             if rows:
-                return _im2row(xb, ksz, pad, dilation, out[0], batch_last)
-            return _im2col(_padded(xb, pad), ksz, stride, dilation, out, batch_last)
+                return im2row(xb, ksz, pad, dilation, out[0], batch_last)
+            return im2col(padded(xb, pad), ksz, stride, dilation, out, batch_last)
 
         if depthwise:
             # Depthwise: Caffe runs C tiny GEMMs (1 x T) @ (T x P) here. Channels are independent: the
@@ -269,7 +170,7 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
             for n0 in range(0, n, chunk):
                 xb = x[n0:n0 + chunk]
                 gemm.matmul(w, columns(xb).reshape(len(xb), group, cg * kk, npix),
-                            out=y[n0:n0 + chunk], part=_scratch("part", y[n0:n0 + chunk].shape))
+                            out=y[n0:n0 + chunk], part=scratch("part", y[n0:n0 + chunk].shape))
         y = y.reshape((n, o) + grid)
         if rows:
             y = np.ascontiguousarray(y[..., :out[1]])
@@ -305,15 +206,15 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
     if direct:  # 1x1, stride 1, no crop: the GEMM result is the output
         y = caffe_gemm.matmul(wt, xg, caffe_mnk).reshape((n, o) + tuple(sp))
     else:
-        cols = _scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
+        cols = scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
         caffe_gemm.matmul(wt, xg, caffe_mnk, out=cols)
         cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
         full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
-        yp = np.zeros((n, o) + full, np.float32) if not any(pad) else _scratch("pad", (n, o) + full)
+        yp = np.zeros((n, o) + full, np.float32) if not any(pad) else scratch("pad", (n, o) + full)
         if any(pad):
             yp.fill(0.0)
         for tap in itertools.product(*map(range, ksz)):
-            yp[(slice(None), slice(None)) + _tap_slices(tap, stride, dilation, sp)] += cols[
+            yp[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sp)] += cols[
                 (slice(None), slice(None)) + tap]
         y = yp if not any(pad) else yp[(slice(None), slice(None))
                                        + tuple(slice(p, p + e) for p, e in zip(pad, out, strict=True))].copy()
@@ -432,6 +333,37 @@ class _BaseConv(Layer):
                    group=self.lp.convolution_param.group)
             tops.append(y.reshape(lead + y.shape[1:]))
         return tops
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Caffe's Convolution / Deconvolution ``Backward_cpu`` (see :mod:`conv_grad`), per bottom:
+
+        dbias += sum_{n, p} dY;  Convolution: dW += dY (*) x, dx = col2im(W^T dY);
+        Deconvolution: dW += x (*) dY (the convolution's weight gradient with the roles swapped),
+        dx = Convolution(dY, W). Weight and bias gradients add up over the bottoms, as in Caffe.
+        """
+        axis, stride, pad, dilation = self._geom
+        group = self.lp.convolution_param.group
+        weight = self.blobs[0].data
+        geom = dict(stride=stride, pad=pad, dilation=dilation, group=group)
+        need_w = self.param_propagate_down[0]
+        need_b = len(self.blobs) > 1 and self.param_propagate_down[1]
+        grads = []
+        for x, dy, down in zip(bottoms, top_diffs, propagate_down, strict=True):
+            lead = x.shape[:axis]
+            x4 = x.reshape((math.prod(lead),) + x.shape[axis:])
+            dy4 = np.asarray(dy, np.float32).reshape((x4.shape[0],) + dy.shape[axis:])
+            if need_b:
+                self.blobs[1].diff += conv_grad.bias_grad(dy4)
+            if need_w:
+                a, b = (dy4, x4) if self.transposed else (x4, dy4)
+                self.blobs[0].diff += conv_grad.conv_weight_grad(a, b, weight.shape[2:], **geom)
+            if not down:
+                grads.append(None)
+            elif self.transposed:
+                grads.append(Convolution(dy4, weight, **geom).reshape(x.shape))
+            else:
+                grads.append(conv_grad.conv_input_grad(dy4, weight, x4.shape, **geom).reshape(x.shape))
+        return grads
 
 
 @register("Convolution")

@@ -1,4 +1,4 @@
-"""Normalization layers: LRN, MVN, Normalize; BatchNorm, Scale and Bias live in their own modules.
+"""Normalization layers: MVN, Normalize; LRN, BatchNorm, Scale and Bias live in their own modules.
 
 Each type has a pure reference function named after it (keyword defaults as in caffe.proto)
 that never modifies its input; the layer classes read parameters and learned blobs and call it.
@@ -18,79 +18,11 @@ from amct_caffe.ops import register
 # the per-channel affine family, re-exported: this module is where the reference functions of every
 # normalization type are looked up
 from amct_caffe.runtime.layers.batch_norm import BatchNorm  # noqa: F401
+from amct_caffe.runtime.layers.lrn import LRN  # noqa: F401
 from amct_caffe.runtime.layers.scale_bias import Bias, Scale  # noqa: F401
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
-
-
-# ------------------------------------------------------------------------ LRN
-def _window_sum(a, size: int, axis: int):
-    """Sum of ``a`` over a centred window of ``size`` along ``axis``, zero padded (size odd)."""
-    pad = (size - 1) // 2
-    n = a.shape[axis]
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (pad, pad)
-    padded = np.pad(a, widths)
-
-    def tap(k):
-        index = [slice(None)] * a.ndim
-        index[axis] = slice(k, k + n)
-        return padded[tuple(index)]
-
-    out = tap(0).copy()
-    for k in range(1, size):  # one add per tap, like a small convolution
-        out += tap(k)
-    return out
-
-
-def LRN(x, local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0):
-    """Local response normalization of x (N, C, H, W).
-
-    ACROSS_CHANNELS (0): y = x * (k + alpha / n * sum_{c' in window(c)} x_c'^2) ^ -beta.
-    WITHIN_CHANNEL (1): y = x * (1 + alpha / n^2 * sum_{n x n window} x^2) ^ -beta, the window sum
-    being Caffe's AVE pooling (pad (n-1)/2, stride 1) of x^2, whose divisor is always n^2; k is
-    unused there. n = local_size, which must be odd.
-    """
-    if local_size % 2 != 1:
-        raise ValueError(f"LRN only supports odd values for local_size, got {local_size}")
-    if x.ndim != 4:
-        raise ValueError(f"LRN needs a 4-D (num, channels, height, width) bottom, got shape {list(x.shape)}")
-    sq = np.square(x)
-    if norm_region in (1, "WITHIN_CHANNEL"):
-        s = _window_sum(_window_sum(sq, local_size, 2), local_size, 3)
-        s *= _F32(alpha) / _F32(local_size * local_size)
-        s += _F32(1)
-    else:
-        s = _window_sum(sq, local_size, 1)
-        s *= _F32(alpha) / _F32(local_size)
-        s += _F32(k)
-    with np.errstate(**_QUIET):
-        np.power(s, _F32(-beta), out=s)
-    s *= x
-    return s
-
-
-@register("LRN")
-class LRNLayer(Layer):
-    """Caffe's LRN layer (see :func:`LRN`)."""
-
-    def __init__(self, lp, phase: int = TEST):
-        super().__init__(lp, phase)
-        p = lp.lrn_param
-        if p.local_size % 2 != 1:
-            raise GraphError(f"layer '{self.name}' (LRN): local_size must be odd, got {p.local_size}")
-        self.kwargs = dict(local_size=p.local_size, alpha=p.alpha, beta=p.beta, norm_region=p.norm_region,
-                           k=p.k)
-
-    def reshape(self, bottom_shapes):
-        if len(bottom_shapes[0]) != 4:
-            raise GraphError(f"layer '{self.name}' (LRN): the bottom must have 4 axes (num, channels, "
-                             f"height, width), it has shape {list(bottom_shapes[0])}")
-        return [tuple(bottom_shapes[0])]
-
-    def forward(self, bottoms):
-        return [LRN(bottoms[0], **self.kwargs)]
 
 
 # ------------------------------------------------------------------------ MVN

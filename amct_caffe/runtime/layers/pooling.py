@@ -32,6 +32,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers import pooling_grad
 from amct_caffe.ops import register
 
 MAX, AVE, STOCHASTIC = "MAX", "AVE", "STOCHASTIC"
@@ -164,6 +165,26 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
     raise ValueError(f"unknown pooling method {pool!r}")
 
 
+def pool_backward(layer, dy, x, mask, kernel, stride, pad) -> np.ndarray:
+    """Bottom diff of ``layer``'s pooling of ``x`` (``kernel`` None: global) for top diff ``dy``.
+
+    ``mask``: the MAX argmax as flat plane indices when the forward gave it (Caffe's mask top).
+    """
+    h, w = x.shape[2:]
+    k, s, p = ((h, w), (1, 1), (0, 0)) if kernel is None else (kernel, stride, pad)
+    if layer.pool == AVE:
+        return pooling_grad.ave_pool_backward(dy, (h, w), k, s, p)
+    if layer.pool != MAX:
+        raise GraphError(f"layer '{layer.name}' ({layer.type}): {layer.pool} pooling has no backward pass (Caffe's "
+                         "Backward_cpu is NOT_IMPLEMENTED for it); set propagate_down: false or lr_mult: 0 so no "
+                         "gradient has to cross it")
+    if kernel is None or (k == (h, w) and p == (0, 0)):  # one window per plane
+        return pooling_grad.global_max_backward(dy, pooling_grad.global_max_mask(x) if mask is None else mask, (h, w))
+    ceil = getattr(layer, "ceil_mode", True)
+    y = Pooling(x, pool=MAX, kernel=k, stride=s, pad=p, ceil_mode=ceil) if mask is None else None
+    return pooling_grad.max_pool_backward(dy, x, y, k, s, p, mask)
+
+
 def _enum_name(msg, field: str) -> str:
     fd = msg.DESCRIPTOR.fields_by_name[field]
     return fd.enum_type.values_by_number[getattr(msg, field)].name
@@ -245,11 +266,26 @@ class PoolingLayer(Layer):
         return [(n, c) + out] * len(self.lp.top)
 
     def forward(self, bottoms):
+        # in place, the bottom blob is the top at backward time: keep the input for MAX's argmax
+        self._kept_input = bottoms[0] if self.in_place else None
         res = Pooling(bottoms[0], pool=self.pool, kernel=self.kernel or (1, 1), stride=self.stride,
                       pad=self.pad,
                       global_pooling=self.kernel is None, ceil_mode=self.ceil_mode,
                       return_mask=len(self.lp.top) > 1, phase_test=self.phase == 1)
         return list(res) if isinstance(res, tuple) else [res]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Caffe's PoolingLayer::Backward_cpu (see :mod:`pooling_grad`); the mask top's diff is unused.
+
+        MAX routes each output's diff to its argmax (the mask top when there is one, as Caffe
+        reads it, else the argmax recomputed from the forward's input); AVE spreads it over the
+        window as ``dy / pool_size``. STOCHASTIC has no CPU backward in Caffe and is refused.
+        """
+        if not propagate_down[0]:
+            return [None]
+        x = self._kept_input if self.in_place else bottoms[0]
+        return [pool_backward(self, top_diffs[0], x, tops[1] if len(tops) > 1 else None,
+                              self.kernel, self.stride, self.pad)]
 
 
 def MaxUnPool(x, mask, *, out_h, out_w):  # noqa: N802 - Caffe type name
@@ -354,3 +390,20 @@ class SPPLayer(Layer):
         if len(outs) == 1:
             return outs
         return [np.concatenate([o.reshape(x.shape[0], -1) for o in outs], axis=1)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Caffe's SPPLayer::Backward_cpu: each level's slice of the top diff goes back through its
+        pooling, and the levels' bottom diffs add up (Caffe's internal Split)."""
+        if not propagate_down[0]:
+            return [None]
+        x = bottoms[0]
+        n, c, h, w = x.shape
+        dy = top_diffs[0].reshape(n, -1)
+        total, at = None, 0
+        for k, p in self._levels(x.shape):
+            out = pooled_hw(h, w, k, k, p)
+            size = c * out[0] * out[1]
+            dx = pool_backward(self, dy[:, at:at + size].reshape((n, c) + out), x, None, k, k, p)
+            total = dx if total is None else np.add(total, dx, out=total)
+            at += size
+        return [total]

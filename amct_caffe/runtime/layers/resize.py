@@ -21,6 +21,11 @@ exactly as the C++ does, so the cell choice (floor / truncation) matches bit for
   size is fixed when the layer is set up (Caffe computes it in LayerSetUp).
 * Resize (fork, ``util_img.cpp``): ``src = i * (in/out)``, ``i0 = floor(src)``; the weight
   of cell ``i0+1`` is dropped (not renormalised) when it lies outside the input.
+
+Backward: only Resize has one (the transpose of its forward, as the fork's Backward_cpu). The
+fork's Upsample and BilinearInterpolate have an empty Backward_cpu (their bottoms silently keep
+a zero diff) and Interp is not in the fork: those are left without a backward, so a net that
+needs a gradient through them is refused with the Net's error rather than trained on zeros.
 """
 
 from __future__ import annotations
@@ -302,3 +307,12 @@ class ResizeLayer(Layer):
 
     def forward(self, bottoms):
         return [Resize(bottoms[0], height=self.out[0], width=self.out[1])]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """The fork's ResizeLayer::Backward_cpu: each output's diff goes back to its (up to four)
+        source cells with the forward's weights, ``dx = A_h^T @ dy @ A_w``."""
+        if not propagate_down[0]:
+            return [None]
+        h, w = bottoms[0].shape[2:]
+        ah, aw = _resize_axis(h, self.out[0]), _resize_axis(w, self.out[1])
+        return [_separable(np.asarray(top_diffs[0], np.float32), ah.T, aw.T)]

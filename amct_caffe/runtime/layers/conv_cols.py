@@ -1,0 +1,115 @@
+"""Column (im2col) helpers shared by the convolution forward (conv.py) and its gradients (conv_grad.py).
+
+Scratch memory: columns are ``prod(k)`` times the activation size, and fresh memory is expensive
+(the kernel maps and zeroes every new page on first touch), so the temporaries come from one
+growing buffer per role and thread (:func:`scratch`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+
+import numpy as np
+
+
+def tap_slices(tap, stride, dilation, out) -> tuple[slice, ...]:
+    """Slices of the padded input that kernel tap ``tap`` reads for every output position."""
+    return tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
+                 for t, s, d, o in zip(tap, stride, dilation, out, strict=True))
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(role: str, shape) -> np.ndarray:
+    """A float32 array of ``shape`` carved from a per-thread buffer that is reused across calls.
+
+    Fresh memory is expensive here: the kernel maps and zeroes every new page on first touch,
+    and im2col buffers are ``prod(k)`` times the activation size. So scratch arrays (padded
+    input, columns, temporaries) come from one growing buffer per role. The contents are stale
+    and valid only until the next request for the same role; never return one to the caller.
+    """
+    size = math.prod(shape)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(role)
+    if buf is None or buf.size < size:
+        buf = bufs[role] = np.empty(size, np.float32)
+    return buf[:size].reshape(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are rebuilt on demand)."""
+    _SCRATCH.bufs = {}
+
+
+def padded(x: np.ndarray, pad) -> np.ndarray:
+    """``x`` (N, C, *sp) with ``pad`` zeros before and after each spatial axis (a scratch array)."""
+    if not any(pad):
+        return x
+    sp = x.shape[2:]
+    xp = scratch("pad", x.shape[:2] + tuple(n + 2 * p for n, p in zip(sp, pad, strict=True)))
+    for a, (n, p) in enumerate(zip(sp, pad, strict=True)):  # zero only the borders; the interior is copied
+        if p:
+            lead = (slice(None),) * (2 + a)
+            xp[lead + (slice(0, p),)] = 0.0
+            xp[lead + (slice(p + n, None),)] = 0.0
+    xp[(slice(None), slice(None)) + tuple(slice(p, p + n) for n, p in zip(sp, pad, strict=True))] = x
+    return xp
+
+
+def im2col(xp: np.ndarray, ksz, stride, dilation, out, batch_last: bool = False) -> np.ndarray:
+    """``xp`` (N, C, *sp) padded -> columns (scratch), one strided copy per kernel tap.
+
+    Layout (N, C, *k, *out), or (C, *k, N, *out) with ``batch_last`` so that the images of
+    the batch sit side by side in one wide matrix (a single GEMM for all of them).
+    """
+    n, c = xp.shape[:2]
+    ksz, out = tuple(ksz), tuple(out)
+    if batch_last:
+        cols = scratch("cols", (c,) + ksz + (n,) + out)
+        dst = np.moveaxis(cols, len(ksz) + 1, 0)  # (N, C, *k, *out) view of the same memory
+    else:
+        cols = dst = scratch("cols", (n, c) + ksz + out)
+    for tap in itertools.product(*map(range, ksz)):
+        src = xp[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, out)]
+        dst[(slice(None), slice(None)) + tap] = src
+    return cols
+
+
+def im2row(x: np.ndarray, ksz, pad, dilation, out_h: int, batch_last: bool = False) -> np.ndarray:
+    """Columns of a stride-1 2-D convolution computed on whole padded rows.
+
+    Output pixel ``(h, w)`` reads padded cell ``(h + i*d, w + j*d)``, i.e. flat index
+    ``h*Wp + w + (i*Wp + j)*d``; so with outputs laid out on a ``(Ho, Wp)`` grid, tap ``(i, j)``
+    is the contiguous run ``xpad.flat[(i*Wp + j)*d : ... + Ho*Wp]``: one long copy per tap instead
+    of ``Ho`` short rows. Grid columns ``w >= Wo`` are garbage, cropped after the GEMM.
+    Layout (N, C, kh, kw, Ho*Wp) (or (C, kh, kw, N, Ho*Wp) with ``batch_last``).
+    """
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * pad[0], w + 2 * pad[1]
+    tail = (ksz[1] - 1) * dilation[1]  # the last tap's run ends this far past the padded image
+    flat = scratch("pad", (n, c, hp * wp + tail))
+    flat[:, :, hp * wp:] = 0.0
+    grid = flat[:, :, :hp * wp].reshape(n, c, hp, wp)
+    if pad[0]:
+        grid[:, :, :pad[0]] = 0.0
+        grid[:, :, pad[0] + h:] = 0.0
+    if pad[1]:
+        grid[:, :, pad[0]:pad[0] + h, :pad[1]] = 0.0
+        grid[:, :, pad[0]:pad[0] + h, pad[1] + w:] = 0.0
+    grid[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = x
+    run = out_h * wp
+    if batch_last:
+        cols = scratch("cols", (c,) + tuple(ksz) + (n, run))
+        dst = np.moveaxis(cols, 3, 0)
+    else:
+        cols = dst = scratch("cols", (n, c) + tuple(ksz) + (run,))
+    for i in range(ksz[0]):
+        for j in range(ksz[1]):
+            off = i * dilation[0] * wp + j * dilation[1]
+            dst[:, :, i, j] = flat[:, :, off:off + run]
+    return cols

@@ -1,0 +1,142 @@
+"""Local response normalization (``src/caffe/layers/lrn_layer.cpp``): forward and backward.
+
+For x (N, C, H, W), ``n = local_size`` (odd) and a centred, zero-padded window ``W``:
+
+* ACROSS_CHANNELS: ``s = k + alpha/n * sum_{c' in W(c)} x_c'^2`` (a window of n channels);
+* WITHIN_CHANNEL: ``s = 1 + alpha/n^2 * sum_{n x n window W(h, w)} x^2`` (Caffe's AVE pooling of x^2
+  with pad (n-1)/2 and stride 1, whose divisor is always n^2; ``k`` is unused);
+
+and ``y = x * s^-beta``. The window is symmetric, so its transpose is itself, and
+
+    dx = dy * s^-beta - (2 * alpha * beta / m) * x * sum_W(dy * y / s)      (m = n, or n^2 within)
+
+ACROSS is Caffe's CrossChannelBackward_cpu; WITHIN is what its chain of internal layers
+(Split, Power 2, AVE Pooling, Power, Eltwise PROD) back-propagates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+from amct_caffe.io import TEST
+from amct_caffe.runtime.layer import Layer
+from amct_caffe.ops import register
+
+_F32 = np.float32
+_QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
+
+
+def _window_sum(a, size: int, axis: int):
+    """Sum of ``a`` over a centred window of ``size`` along ``axis``, zero padded (size odd)."""
+    pad = (size - 1) // 2
+    n = a.shape[axis]
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (pad, pad)
+    padded = np.pad(a, widths)
+
+    def tap(k):
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(k, k + n)
+        return padded[tuple(index)]
+
+    out = tap(0).copy()
+    for k in range(1, size):  # one add per tap, like a small convolution
+        out += tap(k)
+    return out
+
+
+def _within(norm_region) -> bool:
+    return norm_region in (1, "WITHIN_CHANNEL")
+
+
+def _region_sum(a, local_size: int, norm_region):
+    """``sum_W a``: over n channels (ACROSS) or an n x n spatial window (WITHIN)."""
+    if _within(norm_region):
+        return _window_sum(_window_sum(a, local_size, 2), local_size, 3)
+    return _window_sum(a, local_size, 1)
+
+
+def lrn_scale(x, local_size=5, alpha=1.0, norm_region=0, k=1.0):
+    """The denominator base ``s`` of the module doc (Caffe's ``scale_`` for ACROSS)."""
+    if local_size % 2 != 1:
+        raise ValueError(f"LRN only supports odd values for local_size, got {local_size}")
+    if x.ndim != 4:
+        raise ValueError(f"LRN needs a 4-D (num, channels, height, width) bottom, got shape {list(x.shape)}")
+    s = _region_sum(np.square(x), local_size, norm_region)
+    if _within(norm_region):
+        s *= _F32(alpha) / _F32(local_size * local_size)
+        s += _F32(1)
+    else:
+        s *= _F32(alpha) / _F32(local_size)
+        s += _F32(k)
+    return s
+
+
+def LRN(x, local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0):  # noqa: N802 - Caffe type name
+    """Local response normalization of x (N, C, H, W): ``y = x * s^-beta`` (see the module doc)."""
+    s = lrn_scale(x, local_size, alpha, norm_region, k)
+    with np.errstate(**_QUIET):
+        np.power(s, _F32(-beta), out=s)
+    s *= x
+    return s
+
+
+def lrn_backward(dy, x, y, s, local_size=5, alpha=1.0, beta=0.75, norm_region=0):
+    """``dx`` of the module doc for top diff ``dy``, bottom ``x``, top ``y`` and base ``s``.
+
+    For ACROSS, Caffe reads ``x`` and ``y`` from the blobs at backward time and ``s`` from the
+    forward; WITHIN's internal layers read ``x`` from the blob and ``s^-beta`` from the forward,
+    so ``y`` there is ``x * s^-beta`` (the same unless the layer ran in place).
+    """
+    dy = np.asarray(dy, np.float32)
+    with np.errstate(**_QUIET):
+        p = np.power(s, _F32(-beta))
+        if _within(norm_region):
+            y = x * p
+        ratio = dy * y / s
+    m = local_size * local_size if _within(norm_region) else local_size
+    acc = _region_sum(ratio, local_size, norm_region)
+    acc *= x
+    acc *= _F32(2.0 * alpha * beta / m)
+    dx = dy * p
+    dx -= acc
+    return dx
+
+
+@register("LRN")
+class LRNLayer(Layer):
+    """Caffe's LRN layer (see :func:`LRN`)."""
+
+    def __init__(self, lp, phase: int = TEST):
+        super().__init__(lp, phase)
+        p = lp.lrn_param
+        if p.local_size % 2 != 1:
+            raise GraphError(f"layer '{self.name}' (LRN): local_size must be odd, got {p.local_size}")
+        self.kwargs = dict(local_size=p.local_size, alpha=p.alpha, beta=p.beta, norm_region=p.norm_region,
+                           k=p.k)
+        self._scale = None
+
+    def reshape(self, bottom_shapes):
+        if len(bottom_shapes[0]) != 4:
+            raise GraphError(f"layer '{self.name}' (LRN): the bottom must have 4 axes (num, channels, "
+                             f"height, width), it has shape {list(bottom_shapes[0])}")
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, bottoms):
+        kw = self.kwargs
+        s = lrn_scale(bottoms[0], kw["local_size"], kw["alpha"], kw["norm_region"], kw["k"])
+        # kept for backward like Caffe's scale_ / internal blobs (in place, the input is gone by then)
+        self._scale = s
+        with np.errstate(**_QUIET):
+            y = np.power(s, _F32(-kw["beta"]))
+        y *= bottoms[0]
+        return [y]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """Caffe's LRNLayer::Backward_cpu (see :func:`lrn_backward`)."""
+        if not propagate_down[0]:
+            return [None]
+        kw = self.kwargs
+        return [lrn_backward(top_diffs[0], bottoms[0], tops[0], self._scale, kw["local_size"], kw["alpha"],
+                             kw["beta"], kw["norm_region"])]
