@@ -1,8 +1,13 @@
 """amct_caffe: quantize Caffe models to INT8 (and INT4 weights) for NPU deployment.
 
 The public API keeps the names and signatures of the AMCT for Caffe user guide.
+
+The names below are imported on first use (PEP 562 ``__getattr__``): ``import amct_caffe`` itself
+loads nothing heavy, so that the ``amct-caffe`` command (``__main__``) can take charge of Ctrl-C
+before numpy, protobuf and the executor are imported, and ``python -m amct_caffe`` likewise.
 """
 
+import importlib
 import pkgutil
 
 # Running from a source checkout after `pip install .`: the checkout's Python files shadow the
@@ -10,16 +15,19 @@ import pkgutil
 # proto schemas) still reachable from the installed copy.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-from amct_caffe.api.calibration import (activation_quantize_model, create_quant_config, init,  # noqa: E402
-                                        save_model, weights_quantize_model)
-from amct_caffe.api.common import set_cpu_mode, set_gpu_mode, uninplace_model  # noqa: E402
-from amct_caffe.api.convert import convert_model  # noqa: E402
-from amct_caffe.api.fallback import calibrate_with_fallback  # noqa: E402  (ours, beyond the guide)
-from amct_caffe.errors import (AmctError, ConfigError, FileAccessError, GraphError,  # noqa: E402
-                               ModelFormatError, UnsupportedLayerError, WeightsError)
-from amct_caffe.io.schema import set_caffe_proto  # noqa: E402
-
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(("activation_quantize_model", "create_quant_config", "init", "save_model",
+                     "weights_quantize_model"), "amct_caffe.api.calibration"),
+    **dict.fromkeys(("set_cpu_mode", "set_gpu_mode", "uninplace_model"), "amct_caffe.api.common"),
+    "convert_model": "amct_caffe.api.convert",
+    "calibrate_with_fallback": "amct_caffe.api.fallback",  # ours, beyond the guide
+    **dict.fromkeys(("AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError",
+                     "UnsupportedLayerError", "WeightsError"), "amct_caffe.errors"),
+    "set_caffe_proto": "amct_caffe.io.schema",
+}
 
 __all__ = [
     "AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError", "UnsupportedLayerError",
@@ -28,3 +36,16 @@ __all__ = [
     "init", "save_model", "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model",
     "weights_quantize_model",
 ]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'amct_caffe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -252,12 +252,34 @@ def _set_legacy(act, name: str, text: str, where: str) -> None:
         raise _LegacyValueError(f"{where}: {name} {text!r} is out of range: {e}") from None
 
 
+def check_scales(record: Record, path: str) -> Record:
+    """Refuse a record whose scales are not finite numbers > 0; returns it.
+
+    A scale is a step size: the quantized value is ``round(x / scale) + offset``, and the deploy
+    model stores ``deq_scale = scale_w * scale_d`` and ``1 / scale_d``. Zero, negative, inf or NaN
+    (which protobuf's text format reads without complaint: ``scale_d: nan``) would give infinite or
+    NaN codes, or flip signs, in every layer downstream, long after the file was read; so the file
+    is refused when it is read, naming the layer and field. The offsets and shift_bit are integers,
+    which cannot hold inf or NaN; their ranges depend on the bit width and are checked where used.
+    """
+    for key, entry in record.layers.items():
+        bad = [(f"scale_w[{i}]" if len(entry.scale_w) > 1 else "scale_w", v) for i, v in enumerate(entry.scale_w)
+               if not (np.isfinite(v) and v > 0)]
+        bad += [(f"record_d (index {a.index}) scale_d", a.scale_d) for a in entry.record_d
+                if a.scale_d is not None and not (np.isfinite(a.scale_d) and a.scale_d > 0)]
+        if bad:
+            name, value = bad[0]
+            more = f" (and {len(bad) - 1} more bad scale(s))" if len(bad) > 1 else ""
+            raise RecordError(f"{path}: layer '{key}': {name} is {value!r}{more}; a scale must be a finite number "
+                              "> 0: recalibrate the model, or correct the record")
+    return record
+
+
 def parse_record_text(text: str, path: str = "<record>") -> Record:
-    """The record of a text (``path`` names it in messages)."""
+    """The record of a text (``path`` names it in messages); its scales are checked (:func:`check_scales`)."""
     message = records().ScaleOffsetRecord()
     try:
         text_format.Parse(text, message)
-        return _from_message(message)
     except text_format.ParseError as strict_error:
         try:
             repaired = _repair(text, path)
@@ -268,7 +290,8 @@ def parse_record_text(text: str, path: str = "<record>") -> Record:
             raise RecordError(f"{path}: not a valid scale/offset record: {strict_error}") from None
         _LOG.warning("%s: record uses the legacy layout or has unbalanced braces; read it as %d layer "
                      "record(s) after repair (%s)", path, len(repaired.record), strict_error)
-        return _from_message(repaired)
+        message = repaired
+    return check_scales(_from_message(message), path)
 
 
 def read_record(path) -> Record:

@@ -4,6 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from amct_caffe.errors import GraphError
+
+
+def check_not_empty_at_build(where: str, top: str, shape) -> None:
+    """Refuse a top that would be empty (a zero dimension) when the net is first built.
+
+    Caffe's Blob::Reshape accepts a zero dimension (``CHECK_GE(shape[i], 0)``) but allocates
+    memory only when the count grows past the blob's capacity, which starts at 0. So a freshly
+    built net never allocates an empty top, and the layer aborts when it writes it
+    (``Check failed: data_`` in ``mutable_cpu_data``; a biased Convolution already in its Reshape,
+    through its bias multiplier). A net first run on a larger input keeps its memory, and a later
+    smaller input may then give empty blobs, which Caffe and the executor both run.
+    """
+    shape = tuple(int(d) for d in shape)
+    if 0 in shape and min(shape) >= 0:
+        raise GraphError(f"{where}: top '{top}' would be empty (shape {list(shape)}); Caffe aborts on such a "
+                         "blob in a freshly built net (Check failed: data_): give a larger input or a smaller "
+                         "kernel, pad or stride so that every output size is at least 1")
+
 
 class Blob:
     """Holds one float32 array (``data``) and its gradient (``diff``), as ``caffe.Blob`` does.

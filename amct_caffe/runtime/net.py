@@ -27,7 +27,7 @@ from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime.backward import plan_backward
-from amct_caffe.runtime.blob import Blob
+from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
@@ -116,6 +116,9 @@ class Net:
             bottom_shapes = [shapes[b] for b in lp.bottom]
             self._setup_params(layer, bottom_shapes, loaded.get(lp.name), have_weights)
             top_shapes = layer.reshape(bottom_shapes)
+            if lp.type != "Input" and not layer.shape_from_forward:
+                for t, s in zip(lp.top, top_shapes, strict=False):
+                    check_not_empty_at_build(f"{self._source}: layer '{lp.name}' ({lp.type})", t, s)
             if lp.bottom and layer.shares_bottom_data(bottom_shapes):
                 for t in lp.top:
                     _union(share_parent, t, lp.bottom[0])

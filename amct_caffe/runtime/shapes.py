@@ -9,8 +9,9 @@ With ``strict`` (loading a model to quantize it) it also refuses, naming the lay
 refuses when it builds the net, before anything is written: a wrong number of bottoms or tops, a
 weight blob count or shape that does not fit the layer (Caffe's "Incompatible number of blobs"),
 missing weights, parameters the layer's Reshape rejects (a kernel larger than the padded input,
-group not dividing the channels, stride 0...), negative dimensions and blobs of more than
-``INT_MAX`` elements. Without it, a layer the executor would reject just leaves its tops unknown.
+group not dividing the channels, stride 0...), negative dimensions, empty tops (a zero output
+size, which Caffe cannot run in a freshly built net: see ``blob.check_not_empty_at_build``) and
+blobs of more than ``INT_MAX`` elements. Without it, a layer the executor would reject just leaves its tops unknown.
 
 Shapes stay ``None`` after a layer type the executor does not implement and for a layer whose
 output size depends on the data (DetectionOutput): those cannot be checked here.
@@ -27,7 +28,7 @@ from amct_caffe.errors import AmctError, GraphError, WeightsError
 from amct_caffe.io import conform_blob
 from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import has_executor
-from amct_caffe.runtime.blob import Blob
+from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.net import TEST
 from amct_caffe.runtime.registry import layer_class
 
@@ -85,6 +86,9 @@ def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_wei
             layer.blobs = [Blob(data=np.asarray(p)) for p in node.params]
             tops = layer.reshape(bottoms)
             tops = [_check_top(where, t, s) for t, s in zip(node.tops, tops, strict=False)]
+            if strict and node.type != "Input" and not cls.shape_from_forward:
+                for t, s in zip(node.layer_param.top, tops, strict=False):  # the model's names, not SSA's
+                    check_not_empty_at_build(where, t, s)
         except AmctError as e:
             if strict:
                 raise

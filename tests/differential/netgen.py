@@ -1195,6 +1195,16 @@ REFUSED = [
      "bad"),
     ("deconv_negative_output", _net(_one("Deconvolution", "convolution_param { num_output: 2 kernel_size: 1 "
                                          "pad: 3 }")), "bad"),
+    # A zero output size: Caffe's Blob::Reshape accepts it, but a freshly built net never allocates
+    # the empty top and aborts writing it (a biased convolution already in its Reshape).
+    ("conv_zero_output", _net(_one("Convolution", "convolution_param { num_output: 2 kernel_h: 6 kernel_w: 1 }")),
+     "bad"),
+    ("conv_zero_output_no_bias", _net(_one("Convolution", "convolution_param { num_output: 2 kernel_size: 6 "
+                                          "bias_term: false }")), "bad"),
+    ("deconv_zero_output", _net(_one("Deconvolution", "convolution_param { num_output: 2 kernel_size: 2 pad: 3 "
+                                    "bias_term: false }")), "bad"),
+    ("pool_zero_output", _net(_one("Pooling", "pooling_param { pool: AVE kernel_size: 6 stride: 1 "
+                                   "ceil_mode: false }")), "bad"),
     ("pool_pad_not_below_kernel", _net(_one("Pooling", "pooling_param { pool: MAX kernel_size: 2 pad: 2 }")),
      "bad"),
     ("pool_kernel_zero", _net(_one("Pooling", "pooling_param { pool: MAX kernel_size: 0 }")), "bad"),

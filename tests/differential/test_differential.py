@@ -355,3 +355,58 @@ def test_known_caffemodel_zero_axis_blob(known):
     case = "caffemodel_zero_axis_blob"
     assert results[case]["status"] == "ok"
     executor_net(workdir, case, via_caffemodel=True)
+
+
+# ---------------------------------------------------------------------- empty blobs
+# A zero output size is refused on a freshly built net (REFUSED: conv_zero_output...). A net
+# first run on a larger input keeps its memory in Caffe, and a smaller input then gives empty
+# blobs (count 0) through the whole chain: the executor must run it too, with Caffe's shapes.
+EMPTY_CHAIN = _HEAD.replace("dim: 1 dim: 2 dim: 3 dim: 3", "dim: 2 dim: 3 dim: 8 dim: 8") + "\n".join([
+    'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 '
+    'kernel_size: 6 weight_filler { type: "gaussian" std: 0.1 } bias_filler { type: "gaussian" std: 0.1 } } }',
+    'layer { name: "r" type: "ReLU" bottom: "c" top: "c" }',
+    'layer { name: "p" type: "Pooling" bottom: "c" top: "p" top: "m" pooling_param { pool: MAX kernel_size: 2 '
+    'stride: 2 } }',
+    'layer { name: "c2" type: "Convolution" bottom: "p" top: "c2" convolution_param { num_output: 2 kernel_size: 1 '
+    'weight_filler { type: "gaussian" std: 0.1 } } }',
+    'layer { name: "d" type: "Deconvolution" bottom: "c2" top: "d" convolution_param { num_output: 2 '
+    'kernel_size: 2 stride: 2 weight_filler { type: "gaussian" std: 0.1 } } }',
+    'layer { name: "a" type: "Pooling" bottom: "d" top: "a" pooling_param { pool: AVE kernel_size: 1 } }']) + "\n"
+_EMPTY_RUN = '''
+import json
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+w = {workdir!r}
+net = caffe.Net(w + "/chain.prototxt", caffe.TEST)
+net.save(w + "/chain.caffemodel")
+big = np.load(w + "/inputs.npz")
+out = {{}}
+for key in ("big", "small"):
+    x = big[key]
+    net.blobs["data"].reshape(*x.shape)
+    net.reshape()
+    net.forward(data=x)
+    np.savez(w + "/caffe_" + key + ".npz", **{{k: np.array(b.data) for k, b in net.blobs.items()}})
+    out[key] = {{k: list(b.data.shape) for k, b in net.blobs.items()}}
+open(w + "/shapes.json", "w").write(json.dumps(out))
+'''
+
+
+def test_known_empty_blobs_after_a_reshape_agree_with_caffe(tmp_path):
+    (tmp_path / "chain.prototxt").write_text(EMPTY_CHAIN)
+    rng = np.random.default_rng(5)
+    inputs = {"big": rng.standard_normal((2, 3, 8, 8)).astype(np.float32),
+              "small": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    res = run_with_pycaffe(_EMPTY_RUN.format(workdir=str(tmp_path)))
+    assert res.returncode == 0, f"Caffe no longer runs empty blobs after a reshape:\n{res.stderr[-2000:]}"
+    caffe_shapes = json.loads((tmp_path / "shapes.json").read_text())
+    assert caffe_shapes["small"]["a"] == [2, 2, 0, 0], "the case no longer reaches a zero output size"
+    net = Net(str(tmp_path / "chain.prototxt"), str(tmp_path / "chain.caffemodel"), TEST)
+    for key in ("big", "small"):
+        net.forward(data=inputs[key])
+        assert {k: list(b.data.shape) for k, b in net.blobs.items()} == caffe_shapes[key], key
+        with np.load(tmp_path / f"caffe_{key}.npz") as want:
+            for blob in want.files:
+                np.testing.assert_allclose(net.blobs[blob].data, want[blob], rtol=0, atol=1e-5, err_msg=blob)

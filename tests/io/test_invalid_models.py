@@ -42,6 +42,9 @@ CASES = {
     "kernel larger than the padded input": (
         INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 11 pad: 1"),
         {"conv": _conv_w(4, 4, 11)}, GraphError, r"layer 'conv'"),
+    "kernel one wider than the input (an empty top)": (
+        X8 + CONV.format(conv="num_output: 4 kernel_size: 9"),
+        {"conv": _conv_w(4, 4, 9)}, GraphError, r"layer 'conv'.*top 'conv' would be empty \(shape \[1, 4, 0, 0\]\)"),
     "group not dividing the channels": (
         INPUT.format(dims="1 dim: 4 dim: 8 dim: 8") + CONV.format(conv="num_output: 6 kernel_size: 3 group: 3"),
         {"conv": [np.zeros((6, 1, 3, 3), np.float32), np.zeros(6, np.float32)]}, GraphError, r"layer 'conv'"),

@@ -237,7 +237,7 @@ def test_fillers_are_the_proto_messages():
     ("num_output: 2", "kernel_size must be given"),
     ("num_output: 3 kernel_size: 1 group: 2", "multiple of group"),
     ("num_output: 2 kernel_size: 1 stride: 0", "must be positive"),
-    ("num_output: 2 kernel_size: 9", "empty"),
+    ("num_output: 2 kernel_size: 9", "negative"),
 ])
 def test_bad_fields_raise(param, msg):
     with pytest.raises(GraphError, match=msg):

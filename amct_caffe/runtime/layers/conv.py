@@ -13,6 +13,11 @@ works):
   ``ypad[n, o, i*stride + t*dilation] += w[c, o, t] * x[n, c, i]``, then the border ``pad``
   is cropped.
 
+An output size of 0 gives an empty top (count 0), as Caffe's Blob::Reshape allows
+(``CHECK_GE(dim, 0)``); a negative one is refused, as there. Caffe can run an empty top only in
+a net whose blobs held data before (see ``blob.check_not_empty_at_build``, which the Net applies
+when it is built).
+
 Execution strategy (speed matters: calibration runs models many times). Everything is float32;
 the columns (im2col) are built in cache-sized chunks (``COLS_BUDGET`` floats) inside reused
 scratch buffers, one strided copy per kernel tap:
@@ -102,8 +107,10 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
         raise ValueError(f"weight {weight.shape} does not fit {c} input channels in {group} group(s)")
     out = tuple(conv_out_size(s, k, st, p, d)
                 for s, k, st, p, d in zip(x.shape[2:], ksz, stride, pad, dilation, strict=True))
-    if min(out, default=1) <= 0:
-        raise ValueError(f"convolution output would be empty: input {x.shape[2:]}, kernel {ksz}")
+    if min(out, default=1) < 0:
+        raise ValueError(f"convolution output size {list(out)} is negative: input {x.shape[2:]}, kernel {ksz}")
+    if 0 in out:  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
+        return np.zeros((n, o) + out, np.float32)
     # With C's truncating division the last window may reach past the padded input (a kernel
     # wider than it, an odd stride): im2col reads zeros there, so extend the input with zeros.
     tail = tuple(max(0, (o_ - 1) * st + d * (k - 1) + 1 - (s + 2 * p))
@@ -193,8 +200,13 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
         raise ValueError(f"weight {weight.shape} does not fit {c} input channels in {group} group(s)")
     out = tuple(deconv_out_size(s, k, st, p, d)
                 for s, k, st, p, d in zip(sp, ksz, stride, pad, dilation, strict=True))
-    if min(out, default=1) <= 0:
-        raise ValueError(f"deconvolution output would be empty: input {sp}, kernel {ksz}")
+    if min(out, default=1) < 0:
+        raise ValueError(f"deconvolution output size {list(out)} is negative: input {sp}, kernel {ksz}")
+    if 0 in out or 0 in sp:  # an empty top, or an empty bottom (nothing to scatter)
+        y = np.zeros((n, o) + out, np.float32)
+        if bias is not None:
+            y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
+        return y
     cg, og = c // group, o // group
     # cols[n, g, (o', t), i] = sum_c w[g, c, (o', t)] * x[n, g, c, i]  (col2im input)
     wt = np.ascontiguousarray(weight.reshape(group, cg, og * math.prod(ksz)).transpose(0, 2, 1))
@@ -246,6 +258,7 @@ class _BaseConv(Layer):
             raise GraphError(f"layer '{lp.name}' ({lp.type}): num_output {cp.num_output} is not a multiple "
                              f"of group {cp.group}")
         self._geom = None
+        self._empty_top = None
 
     def _fail(self, msg: str):
         raise GraphError(f"layer '{self.name}' ({self.type}): {msg}")
@@ -310,10 +323,14 @@ class _BaseConv(Layer):
         size = deconv_out_size if self.transposed else conv_out_size
         out = tuple(size(s, k, st, p, d) for s, k, st, p, d
                     in zip(first[axis + 1:], kernel, stride, pad, dilation, strict=True))
-        if min(out) <= 0:
-            self._fail(f"output spatial size {list(out)} is empty for bottom {list(first)}")
+        if min(out) < 0:
+            extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+            self._fail(f"output spatial size {list(out)} is negative for bottom {list(first)} (kernel extent "
+                       f"{extent}, pad {list(pad)}, stride {list(stride)}); Caffe refuses a negative blob "
+                       "dimension: give a larger input or a smaller kernel, dilation or pad")
         self._geom = (axis, stride, pad, dilation)
         top = first[:axis] + (self.lp.convolution_param.num_output,) + out
+        self._empty_top = top if 0 in out else None
         return [top] * len(bottom_shapes)
 
     def forward(self, bottoms):
@@ -321,6 +338,8 @@ class _BaseConv(Layer):
         fn = Deconvolution if self.transposed else Convolution
         weight = self.blobs[0].data
         bias = self.blobs[1].data if len(self.blobs) > 1 else None
+        if self._empty_top is not None:  # a zero output size: an empty blob (count 0), as in Caffe
+            return [np.zeros(self._empty_top, np.float32) for _ in bottoms]
         if self.integer_params and not self.transposed and weight.ndim == 4 and axis == 1:
             # a deploy model's INT8 convolution: exact integer accumulation (see integer_ops)
             group = self.lp.convolution_param.group

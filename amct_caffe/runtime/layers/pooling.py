@@ -9,6 +9,10 @@ Pooling of x ``(N, C, H, W)`` with kernel ``k``, stride ``s``, pad ``p`` (per ax
                                  inside the image or its top/left padding; Caffe applies this
                                  to both axes when either one is padded)
 
+An output size of 0 gives an empty top, a negative one is refused (Caffe's Blob::Reshape,
+``CHECK_GE(dim, 0)``; a freshly built net refuses the empty top too: see
+``blob.check_not_empty_at_build``).
+
 Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
 
 * MAX: max over the window clipped to the image (so padding never wins; an empty window, possible
@@ -122,9 +126,14 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
     k, s, p = tuple(kernel), tuple(stride), tuple(pad)
     if global_pooling:
         k, s, p = (h, w), (1, 1), (0, 0)
+    if min(k) <= 0:
+        raise ValueError(f"pooling kernel {k} has a zero side (global pooling of an empty {h}x{w} map?)")
     out = pooled_hw(h, w, k, s, p, ceil_mode)
-    if min(out) <= 0:
-        raise ValueError(f"pooling output would be empty: input {(h, w)}, kernel {k}, stride {s}")
+    if min(out) < 0:
+        raise ValueError(f"pooling output size {list(out)} is negative: input {(h, w)}, kernel {k}, stride {s}")
+    if 0 in out:  # an empty top (count 0), as Caffe's Blob::Reshape allows; nothing to compute
+        y = np.zeros((n, c) + out, np.float32)
+        return (y, y.copy()) if pool == MAX and return_mask else y
     if pool == MAX:
         # Caffe keeps a tap only where it is strictly greater than the running max, which starts
         # at -FLT_MAX: NaN never wins, and a window of NaN only (or empty) gives -FLT_MAX. fmax
@@ -260,9 +269,14 @@ class PoolingLayer(Layer):
             k, s, p = (h, w), (1, 1), (0, 0)
         else:
             k, s, p = self.kernel, self.stride, self.pad
+        if min(k) <= 0:
+            # Caffe's LayerSetUp: CHECK_GT(kernel_h_, 0) "Filter dimensions cannot be zero."
+            self._fail(f"global pooling of the empty {h}x{w} map of input {list(shape)}: the kernel would be 0")
         out = pooled_hw(h, w, k, s, p, self.ceil_mode)
-        if min(out) <= 0:
-            self._fail(f"output size {list(out)} is empty for input {list(shape)}")
+        if min(out) < 0:
+            self._fail(f"output size {list(out)} is negative for input {list(shape)} (kernel {list(k)}, pad "
+                       f"{list(p)}, stride {list(s)}); Caffe refuses a negative blob dimension: give a larger "
+                       "input or a smaller kernel")
         return [(n, c) + out] * len(self.lp.top)
 
     def forward(self, bottoms):
