@@ -39,6 +39,9 @@ def mnist_lenet(workdir: Path, *, train_batch: int = 64, test_batch: int = 100, 
     """
     with np.load(MNIST) as z:
         images, labels = z["images"], z["labels"]
+    # the file is sorted by digit; one-class batches make SGD diverge (in Caffe too): a fixed shuffle
+    order = np.random.default_rng(0).permutation(len(labels))
+    images, labels = images[order], labels[order]
     train = write_lmdb(workdir / "mnist_train_lmdb", images[:N_TRAIN], labels[:N_TRAIN])
     test = write_lmdb(workdir / "mnist_test_lmdb", images[N_TRAIN:], labels[N_TRAIN:])
     text = TRAIN_TEST.read_text()

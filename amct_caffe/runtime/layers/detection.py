@@ -393,6 +393,10 @@ class PriorBoxLayer(OpLayer):
         except ValueError as e:
             raise GraphError(f"layer '{self.name}' (PriorBox): {e}") from None
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """The priors depend on shapes only: Caffe's Backward_cpu writes no diff at all."""
+        return [None] * len(bottoms)
+
 
 @register("DetectionOutput")
 class DetectionOutputLayer(OpLayer):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.io import TEST
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.ops import register
 
