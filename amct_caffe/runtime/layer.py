@@ -32,9 +32,13 @@ Arity is declared with ``num_bottoms`` / ``num_tops``: an int (exact) or an incl
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from amct_caffe.errors import GraphError
+
+_LOG = logging.getLogger(__name__)
 
 
 class Layer:
@@ -144,6 +148,27 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} '{self.name}'>"
+
+
+class EmptyBackward:
+    """Mixin for types whose Caffe ``Backward_cpu`` is an empty body.
+
+    The fork's HardSigmoid, HardSwish, Unsqueeze, Upsample, BilinearInterpolate and MaxUnPool
+    compute no gradient: Caffe leaves the bottom diff as it was (never written, so zero; in
+    place, the top diff itself). Returning None leaves it untouched here too, and a warning says
+    once per layer that no gradient crosses it.
+    """
+
+    @classmethod
+    def has_backward(cls) -> bool:
+        return True
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        if any(propagate_down) and not getattr(self, "_warned_empty_backward", False):
+            self._warned_empty_backward = True
+            _LOG.warning("layer '%s' (%s): Caffe's backward for this type is empty, so no gradient crosses "
+                         "it (the bottom diff keeps what it held, as in Caffe)", self.name, self.type)
+        return [None] * len(bottoms)
 
 
 def canonical_axis(axis: int, ndim: int, layer_name: str, field: str = "axis") -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST, TRAIN
-from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
 
@@ -295,24 +295,8 @@ class _Neuron(Layer):
         return [self.grad(dy, x, y, **self.kwargs)]
 
 
-class _EmptyBackward(_Neuron):
-    """A type whose Caffe ``Backward_cpu`` is an empty body (the fork's HardSigmoid, HardSwish).
-
-    Caffe then leaves the bottom diff as it was: in place it is the top diff itself (one
-    blob), otherwise it is never written (zero). Returning None leaves it untouched here too;
-    a warning says so, since no real gradient crosses such a layer.
-    """
-
-    @classmethod
-    def has_backward(cls) -> bool:
-        return True
-
-    def backward(self, top_diffs, propagate_down, bottoms, tops):
-        if propagate_down[0] and not getattr(self, "_warned", False):
-            self._warned = True
-            _LOG.warning("layer '%s' (%s): Caffe's backward for this type is empty, so no gradient crosses "
-                         "it (the bottom diff keeps what it held, as in Caffe)", self.name, self.type)
-        return [None]
+class _EmptyBackward(EmptyBackward, _Neuron):
+    """An activation whose Caffe ``Backward_cpu`` is an empty body (the fork's HardSigmoid, HardSwish)."""
 
 
 def _neuron(type_name: str, fn, param_field: str | None = None, grad=None, base=_Neuron):

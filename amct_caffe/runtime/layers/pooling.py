@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import pooling_grad
 from amct_caffe.ops import register
 
@@ -321,7 +321,7 @@ def MaxUnPool(x, mask, *, out_h, out_w):  # noqa: N802 - Caffe type name
 
 
 @register("MaxUnPool")
-class MaxUnPoolLayer(Layer):
+class MaxUnPoolLayer(EmptyBackward, Layer):
     """The fork's MaxUnPool: bottoms [data, mask from a MAX Pooling], ``max_unpool_param.dst_h/dst_w``."""
 
     num_bottoms = 2

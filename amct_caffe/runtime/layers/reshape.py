@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.shape_common import (EmptyBackward, ShapeLayer, check_axis, element_count,
+from amct_caffe.runtime.layer import EmptyBackward
+from amct_caffe.runtime.layers.shape_common import (ShapeLayer, check_axis, element_count,
                                                     proto_fields, transpose_adjoint)
 
 

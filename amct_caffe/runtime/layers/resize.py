@@ -22,10 +22,10 @@ exactly as the C++ does, so the cell choice (floor / truncation) matches bit for
 * Resize (fork, ``util_img.cpp``): ``src = i * (in/out)``, ``i0 = floor(src)``; the weight
   of cell ``i0+1`` is dropped (not renormalised) when it lies outside the input.
 
-Backward: only Resize has one (the transpose of its forward, as the fork's Backward_cpu). The
-fork's Upsample and BilinearInterpolate have an empty Backward_cpu (their bottoms silently keep
-a zero diff) and Interp is not in the fork: those are left without a backward, so a net that
-needs a gradient through them is refused with the Net's error rather than trained on zeros.
+Backward: Resize has one (the transpose of its forward, as the fork's Backward_cpu). The fork's
+Upsample and BilinearInterpolate have an empty Backward_cpu (their bottoms keep a zero diff):
+reproduced, with a warning (:class:`~amct_caffe.runtime.layer.EmptyBackward`). Interp is not in
+the fork and has no backward: a net that needs a gradient through it is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers.pooling import MaxUnPool
 from amct_caffe.ops import register
 
@@ -77,7 +77,7 @@ def Upsample(x, *, factor_h=2, factor_w=2):  # noqa: N802 - Caffe type name
 
 
 @register("Upsample")
-class UpsampleLayer(Layer):
+class UpsampleLayer(EmptyBackward, Layer):
     """Nearest upsampling (1 bottom) or SegNet's mask unpooling (2 bottoms); see the module doc."""
 
     num_bottoms = (1, 2)
@@ -235,7 +235,7 @@ def BilinearInterpolate(x, *, dst_h, dst_w, align_corners=True):  # noqa: N802 -
 
 
 @register("BilinearInterpolate")
-class BilinearInterpolateLayer(Layer):
+class BilinearInterpolateLayer(EmptyBackward, Layer):
     """The fork's BilinearInterpolate: ``dst_h``/``dst_w`` or ``scale_factor`` (not both)."""
 
     def __init__(self, lp, phase: int = 1):

@@ -13,14 +13,12 @@ reshape-transpose-reshape form most of them take.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer
 
-_LOG = logging.getLogger(__name__)
 
 
 def check_axis(axis: int, ndim: int, what: str = "axis") -> int:
@@ -79,21 +77,6 @@ def transpose_adjoint(dy, view_shape, perm, bottom_shape):
     moved = tuple(view_shape[p] for p in perm)
     dx = dy.reshape(moved).transpose(np.argsort(perm))
     return np.ascontiguousarray(dx).reshape(bottom_shape)
-
-
-class EmptyBackward:
-    """Mixin for types whose Caffe ``Backward_cpu`` is an empty body (the fork's Unsqueeze).
-
-    Caffe then leaves the bottom diff as it was (never written: zero); returning None leaves
-    it untouched here too, with a warning since no gradient crosses the layer.
-    """
-
-    def backward(self, top_diffs, propagate_down, bottoms, tops):
-        if any(propagate_down) and not getattr(self, "_warned", False):
-            self._warned = True
-            _LOG.warning("layer '%s' (%s): Caffe's backward for this type is empty, so no gradient crosses "
-                         "it (the bottom diff keeps what it held, as in Caffe)", self.name, self.type)
-        return [None] * len(bottoms)
 
 
 def _repeated(fd) -> bool:
