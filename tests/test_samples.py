@@ -30,3 +30,19 @@ def test_template_is_valid_python_and_uses_the_public_api():
     for name in ("create_quant_config", "init", "weights_quantize_model", "activation_quantize_model",
                  "save_model"):
         assert f"amct.{name}(" in text
+
+
+def test_training_sample_trains_lenet_from_scratch(tmp_path):
+    """The README's pycaffe training script: LeNet from Caffe's random initialisation on 400 digits."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), AMCT_LOG_LEVEL="WARNING")
+    res = subprocess.run([sys.executable, str(REPO / "samples/mnist/src/train_lenet.py"), "--iterations", "200"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if "test accuracy before training" in x)
+    before = float(line.split("before training ")[1].split("%")[0])
+    after = float(line.split("iterations ")[1].split("%")[0])
+    assert before < 40 and after >= 85
+    assert (tmp_path / "results/lenet_iter_200.caffemodel").is_file()
+    assert (tmp_path / "results/lenet_iter_200.solverstate").is_file()
+    ignored = set((REPO / ".gitignore").read_text().splitlines())
+    assert {f"/{p.name}/" if p.is_dir() else f"/{p.name}" for p in tmp_path.iterdir()} <= ignored

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from amct_caffe.data.arrays import ArrayData
 from amct_caffe.data.images import IMAGE_SUFFIXES, ImageFolder, list_images
-from amct_caffe.data.lmdb_data import LmdbData, is_lmdb
+from amct_caffe.data.lmdb_data import LmdbData, is_lmdb, write_lmdb
 from amct_caffe.data.preprocess import Preprocess, normalize
 from amct_caffe.data.record import Record, RecordData, record_files
 from amct_caffe.data.source import DataError, DataSource
 
 __all__ = ["ArrayData", "DataError", "DataSource", "ImageFolder", "LmdbData", "Preprocess", "Record",
-           "RecordData", "detect_kind", "model_inputs", "normalize", "open_source"]
+           "RecordData", "detect_kind", "model_inputs", "normalize", "open_source", "write_lmdb"]
 
 
 def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:

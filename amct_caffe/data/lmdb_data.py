@@ -189,3 +189,51 @@ class LmdbData(DataSource):
     def _load(self, indices: list[int]) -> dict[str, np.ndarray]:
         datums = self._datums(indices)
         return {self._name: np.stack([self.sample(i, d) for i, d in zip(indices, datums, strict=True)])}
+
+
+def write_lmdb(path, images, labels) -> Path:
+    """Write ``images`` (N, H, W) or (N, C, H, W) uint8 with integer ``labels`` (N,) as a Caffe LMDB.
+
+    One raw ``Datum`` per image (channels, height, width, data bytes, label) under the key
+    ``%08d`` of its index, as Caffe's ``convert_mnist_data`` and ``convert_imageset`` number them,
+    so a Data layer reads them in order. The database is built in a temporary folder beside
+    ``path`` and renamed into place: an existing ``path`` is refused, never overwritten, and a
+    failure leaves nothing behind.
+    """
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    lmdb = _lmdb()
+    path = Path(path)
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"{path}: write_lmdb takes uint8 images of shape (N, H, W) or (N, C, H, W), "
+                        f"got {images.dtype} {list(images.shape)}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: write_lmdb needs one integer label per image, got {labels.dtype} "
+                        f"{list(labels.shape)} for {len(images)} images")
+    if path.exists():
+        raise DataError(f"{path} exists: write_lmdb never overwrites; remove it or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        datum = caffe_pb().Datum()
+        env = lmdb.open(str(staging), map_size=max(1 << 20, 2 * images.nbytes + 4096 * len(images)))
+        try:
+            with env.begin(write=True) as txn:
+                for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+                    datum.Clear()
+                    datum.channels, datum.height, datum.width = (int(d) for d in img.shape)
+                    datum.data = np.ascontiguousarray(img).tobytes()
+                    datum.label = int(lab)
+                    txn.put(f"{i:08d}".encode(), datum.SerializeToString())
+        finally:
+            env.close()
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

@@ -7,29 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from amct_caffe.io.schema import caffe_pb
+from amct_caffe.data import write_lmdb
 from tests.golden import SHARED
 
 MNIST = SHARED / "data" / "mnist_5k.npz"
 TRAIN_TEST = SHARED / "models" / "lenet_mnist" / "lenet_train_test.prototxt"
 N_TRAIN = 4000
-
-
-def write_lmdb(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """One Datum per image (1 x H x W uint8, raw), keys ``%08d`` as Caffe's convert_mnist_data."""
-    import lmdb  # noqa: PLC0415 - the test extra
-
-    datum = caffe_pb().Datum()
-    env = lmdb.open(str(path), map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-            datum.Clear()
-            datum.channels, datum.height, datum.width = 1, img.shape[0], img.shape[1]
-            datum.data = np.ascontiguousarray(img, np.uint8).tobytes()
-            datum.label = int(lab)
-            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
-    env.close()
-    return path
 
 
 def mnist_lenet(workdir: Path, *, train_batch: int = 64, test_batch: int = 100, solver: str = "") -> Path:
