@@ -19,15 +19,19 @@ guide's 支持量化的算子列表: weights and data (INT8 weights, Quant befor
 only (Quant before, AntiQuant after); *default* says whether a generated config enables it
 (`quant_enable: true`) or lists it disabled for you to switch on. A type the executor does not run can
 still be quantized for a Caffe of your own (the guide's file flow), but not calibrated in the executor.
+*Backward* is what training through the type does: *yes* (Caffe's Backward_cpu, tested against real
+Caffe), *empty* (Caffe's backward is an empty body: no gradient crosses it, here as there), *-* (none:
+a net that needs a gradient through it is refused, as Caffe aborts on it, or the type has no input).
 
-| type | executor | quantization | default | notes |
-|---|---|---|---|---|
+| type | executor | backward | quantization | default | notes |
+|---|---|---|---|---|---|
 """
 
 
 def table() -> str:
     from amct_caffe import ops
-    from amct_caffe.runtime import known_types
+    from amct_caffe.runtime import known_types, layer_class
+    from amct_caffe.runtime.layer import EmptyBackward
 
     executor = set(known_types())
     names = list(ops.quantizable_types()) + sorted(executor - set(ops.quantizable_types()))
@@ -53,7 +57,11 @@ def table() -> str:
             row.quant, "-")
         default = ("on" if row.quant_by_default else "off") if row.quantizable else "-"
         runs = "yes" if name in executor or name == ops.DEPTHWISE else "no"
-        rows.append(f"| {name} | {runs} | {kind} | {default} | {'; '.join(notes)} |")
+        backward = "-"
+        if name in executor or name == ops.DEPTHWISE:
+            cls = layer_class("Convolution" if name == ops.DEPTHWISE else name)
+            backward = ("empty" if issubclass(cls, EmptyBackward) else "yes") if cls.has_backward() else "-"
+        rows.append(f"| {name} | {runs} | {backward} | {kind} | {default} | {'; '.join(notes)} |")
     return HEADER + "\n".join(rows) + "\n"
 
 

@@ -458,9 +458,5 @@ class AccuracyLayer(Layer):
                 tops.append(np.where(seen == 0, _F32(0), hits / seen).astype(_F32))
         return tops
 
-    def backward(self, top_diffs, propagate_down, bottoms, tops):
-        """Caffe's Accuracy has none: asked for a bottom diff (force_backward) it aborts."""
-        if any(propagate_down):
-            raise GraphError(f"layer '{self.name}' (Accuracy) has no backward pass (NOT_IMPLEMENTED in Caffe); "
-                             "set propagate_down: false on its bottoms")
-        return [None] * len(bottoms)
+    # No backward: Caffe's Accuracy is NOT_IMPLEMENTED there, so a net that asks for a gradient
+    # through it (force_backward) is refused by the Net, naming the layer.
