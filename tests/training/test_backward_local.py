@@ -126,3 +126,28 @@ def test_batch_reindex_refuses_a_gradient_into_the_index(tmp_path):
     net.forward(x=np.ones((3, 2), _F32), idx=np.array([0, 2, 2, 1], _F32))
     with pytest.raises(GraphError, match="index"):
         net.backward(y=np.ones((4, 2), _F32))
+
+
+@pytest.mark.parametrize("params, shape", [
+    ("interp_param { height: 7 width: 9 }", (2, 3, 4, 5)),
+    ("interp_param { zoom_factor: 3 }", (1, 2, 3, 4)),
+    ("interp_param { shrink_factor: 2 pad_beg: -1 pad_end: -1 }", (1, 2, 9, 7)),
+    ("interp_param { height: 4 width: 5 }", (1, 2, 4, 5)),  # same size: the identity
+])
+def test_interp_backward_is_the_adjoint_of_its_forward(tmp_path, params, shape):
+    """Interp (PSPNet/DeepLab fork, not in this Caffe build) is linear in x: its backward must be
+    the transpose, <Interp(x), dy> = <x, Interp^T(dy)>, and zero on the cells the pads crop."""
+    net = _net(tmp_path, _input("x", *shape) + f'layer {{ name: "l" type: "Interp" bottom: "x" top: "y" {params} }}\n')
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(_F32)
+    outs, dys, grads = _run(net, {"x": x}, rng)
+    assert float(np.vdot(outs["y"].astype(np.float64), dys["y"])) == pytest.approx(
+        float(np.vdot(x.astype(np.float64), grads["x"])), rel=1e-5, abs=1e-5)
+    # the transpose column by column: the gradient of sum(y) is the sum of each input cell's weights
+    e = np.zeros(shape, _F32)
+    e[0, 0, shape[2] // 2, shape[3] // 2] = 1
+    y_e = net.forward(x=e)["y"]
+    ones = net.backward(y=np.ones_like(y_e))["x"]
+    assert float(ones[0, 0, shape[2] // 2, shape[3] // 2]) == pytest.approx(float(y_e.sum()), rel=1e-5)
+    if "pad_beg: -1" in params:
+        assert not ones[:, :, 0].any() and not ones[:, :, :, -1].any()

@@ -4,7 +4,14 @@ Each deploy prototxt gets ``force_backward: true``; Caffe and the executor run i
 own weights with the same random input and the same random diffs on the outputs, and every blob
 diff and learned-blob diff must agree within 1e-4 of the array's scale. An SSD model's
 DetectionOutput has no backward in Caffe, so that net is cut before it (the heads become the
-outputs).
+outputs). ``open_nsfw_train`` runs open_nsfw in the TRAIN phase with its BatchNorm layers on batch
+statistics (``use_global_stats: true`` removed), as one fine-tunes it.
+
+In that phase one ReLU input within float noise of 0 (ours 2.5e-7, Caffe's exactly 0: the two sum
+the batch statistics in different orders) flips the kink, and through the BatchNorm statistics it
+shifts its whole channel's gradient, which the convolutions below spread over every blob. So the
+TRAIN case checks every blob down to the deepest such near tie, and checks that the ties are few
+and genuinely within rounding noise of 0.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ MODELS = {
     "open_nsfw": ("open_nsfw/deploy.prototxt", "open_nsfw/resnet_50_1by2_nsfw.caffemodel", 1),
     "mininet_ssd": ("hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt", "hyperlpr_mininet_ssd/mininet_ssd_v1.caffemodel",
                     1),
+    "open_nsfw_train": ("open_nsfw/deploy.prototxt", "open_nsfw/resnet_50_1by2_nsfw.caffemodel", 2),
 }
+TRAIN_PHASE = {"open_nsfw_train"}
 
 
 def _prepare(text: str) -> str:
@@ -51,12 +60,29 @@ def model_runs(tmp_path_factory):
     cases, weights = [], {}
     for name, (proto, model, batch) in MODELS.items():
         text = _prepare((SHARED / "models" / proto).read_text())
+        if name in TRAIN_PHASE:
+            text = re.sub(r"\s*use_global_stats: true", "", text)
         probe = Net(str(SHARED / "models" / proto), TEST)
         inputs = {k: rng.standard_normal((batch,) + probe.blobs[k].shape[1:]).astype(np.float32)
                   for k in probe.inputs}
-        cases.append((name, text, inputs, "TEST"))
+        cases.append((name, text, inputs, "TRAIN" if name in TRAIN_PHASE else "TEST"))
         weights[name] = SHARED / "models" / model
     return workdir, run_in_caffe(workdir, cases, weights=weights)
+
+
+def _kink_ties(ref: dict, ours: dict, blobs: list[str]) -> list[str]:
+    """Blobs (in forward order) where one side's ReLU output is exactly 0 and the other's is not."""
+    ties = []
+    for b in blobs:
+        want, got = ref.get(f"data/{b}"), ours.get(f"data/{b}")
+        if want is None or got is None or want.shape != got.shape:
+            continue
+        flip = (want == 0) != (got == 0)
+        if flip.any():
+            scale = float(np.abs(want).max()) or 1.0
+            assert float(np.abs(got[flip] - want[flip]).max()) <= 1e-5 * scale, f"{b}: a real sign difference"
+            ties.append(b)
+    return ties
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -64,5 +90,13 @@ def test_model_gradients_match_caffe(model_runs, model):
     workdir, results = model_runs
     assert results[model]["status"] == "ok", results[model]["log"]
     ref = caffe_grads(workdir, model)
-    ours = executor_grads(workdir, model, phase="TEST")
+    ours = executor_grads(workdir, model, phase="TRAIN" if model in TRAIN_PHASE else "TEST")
+    if model in TRAIN_PHASE:
+        blobs = list(dict.fromkeys(re.findall(r'top: "([^"]+)"', (workdir / f"{model}.prototxt").read_text())))
+        ties = _kink_ties(ref, ours, blobs)
+        assert len(ties) <= 3, ties
+        if ties:  # blobs from the deepest tie on, and the learned blobs of their layers, must agree
+            checked = set(blobs[blobs.index(ties[-1]) + 1:])
+            ref = {k: v for k, v in ref.items() if "/" in k and k.split("/")[1] in checked}
+            assert len(ref) > 20
     assert grad_problems(ref, ours) == []

@@ -25,7 +25,7 @@ exactly as the C++ does, so the cell choice (floor / truncation) matches bit for
 Backward: Resize has one (the transpose of its forward, as the fork's Backward_cpu). The fork's
 Upsample and BilinearInterpolate have an empty Backward_cpu (their bottoms keep a zero diff):
 reproduced, with a warning (:class:`~amct_caffe.runtime.layer.EmptyBackward`). Interp is not in
-the fork and has no backward: a net that needs a gradient through it is refused.
+this fork; its backward follows the PSPNet/DeepLab fork's (the transpose of its forward).
 """
 
 from __future__ import annotations
@@ -208,6 +208,27 @@ class InterpLayer(Layer):
         ip = self.lp.interp_param
         return [Interp(bottoms[0], height=self.out[0], width=self.out[1], pad_beg=ip.pad_beg,
                        pad_end=ip.pad_end)]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """The PSPNet/DeepLab fork's caffe_cpu_interp2_backward: each output's diff goes back to its
+        (up to four) source cells with the forward's weights, ``dx_crop = A_h^T @ dy @ A_w``; the
+        cells the pads crop away get 0, and a second (size) bottom gets no diff."""
+        grads: list = [None] * len(bottoms)
+        if not propagate_down[0]:
+            return grads
+        ip = self.lp.interp_param
+        x = bottoms[0]
+        h, w = x.shape[2:]
+        dx = np.zeros(x.shape, np.float32)
+        window = (slice(None), slice(None), slice(-ip.pad_beg, h + ip.pad_end), slice(-ip.pad_beg, w + ip.pad_end))
+        hi, wi = dx[window].shape[2:]
+        dy = np.asarray(top_diffs[0], np.float32)
+        if (hi, wi) == tuple(self.out):
+            dx[window] = dy
+        else:
+            dx[window] = _separable(dy, _interp2_axis(hi, self.out[0]).T, _interp2_axis(wi, self.out[1]).T)
+        grads[0] = dx
+        return grads
 
 
 # ------------------------------------------------------------------------ BilinearInterpolate
