@@ -163,3 +163,34 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
                 for k, need in enumerate(step.bottom_need_backward)]
         param_propagate_down = [[True] * len(flags) for flags in param_propagate_down]
     return BackwardPlan(steps, step_of_layer, param_propagate_down, loss_weights, seeds)
+
+
+class DiffSharing:
+    """Caffe's ``Blob::ShareDiff`` pointers between diff keys, replayed as Caffe makes them.
+
+    ``share(dst, src)`` is ``dst->ShareDiff(*src)``: from then on the two keys hold one diff
+    memory (and every key that already pointed at ``src``'s memory), while the memory ``dst``
+    held before stays with whoever else still points at it. Caffe makes these pointers in
+    ``Reshape`` (Reshape, a one-bottom Concat, a one-top Slice: the top takes the bottom's
+    memory, again on every forward) and in ``Backward_cpu`` (Flatten, an identity Permute: the
+    bottom takes the top's memory). A diff written to a key is then seen by every key of its
+    memory (:meth:`members`) — e.g. an in-place layer on a reshaped blob writes the diff the
+    Reshape's top shows after the backward.
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[str, int] = {}  # key -> memory id; a key absent owns its memory
+        self._next = 0
+
+    def share(self, dst: str, src: str) -> None:
+        if src not in self._memory:
+            self._memory[src] = self._next
+            self._next += 1
+        self._memory[dst] = self._memory[src]
+
+    def members(self, key: str) -> list[str]:
+        """Every key whose diff is ``key``'s memory (``key`` first)."""
+        mem = self._memory.get(key)
+        if mem is None:
+            return [key]
+        return [key] + [k for k, m in self._memory.items() if m == mem and k != key]
