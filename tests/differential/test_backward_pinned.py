@@ -42,6 +42,10 @@ CASES = {
                                  'reshape_param { shape { dim: 2 dim: 12 } } }\n' +
                                  _RELU_IN_PLACE.format(b="r") +
                                  'layer { name: "f" type: "Flatten" bottom: "r" top: "f" }\n', {"data": (2, 3, 4)}),
+    # an in-place MVN (normalize_variance): Caffe's backward builds the bottom diff in the top
+    # diff's memory while still reading it, and its axpby scales before it adds
+    "mvn_in_place": (_input(2, 3, 4, 5) + _TANH +
+                     'layer { name: "mvn" type: "MVN" bottom: "a" top: "a" }\n', {"data": (2, 3, 4, 5)}),
 }
 
 
