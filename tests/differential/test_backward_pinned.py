@@ -46,6 +46,13 @@ CASES = {
     # diff's memory while still reading it, and its axpby scales before it adds
     "mvn_in_place": (_input(2, 3, 4, 5) + _TANH +
                      'layer { name: "mvn" type: "MVN" bottom: "a" top: "a" }\n', {"data": (2, 3, 4, 5)}),
+    # MAX pooling's backward reads the mask top's data as indices (from each plane's start, into
+    # the whole bottom): an in-place layer on the mask moves the diffs, here to half the index
+    "pool_mask_rewritten": (_input(2, 2, 5, 6) +
+                            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" top: "m" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
+                            'layer { name: "half" type: "Power" bottom: "m" top: "m" power_param { scale: 0.5 } }\n',
+                            {"data": (2, 2, 5, 6)}),
 }
 
 
