@@ -143,7 +143,7 @@ class Layer:
         return self.shares_data
 
     def diff_sharing(self, bottom_shapes) -> str | None:
-        """How Caffe's ShareDiff ties this layer's diffs (:class:`~.backward.DiffSharing`).
+        """How Caffe's ShareDiff ties this layer's diffs (:class:`~.backward.DiffStore`).
 
         ``"reshape"``: top 0's diff is bottom 0's memory from every Reshape on (Reshape, a
         one-bottom Concat, a one-top Slice); ``"backward"``: bottom 0's diff becomes top 0's memory

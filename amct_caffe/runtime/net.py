@@ -26,7 +26,7 @@ from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
-from amct_caffe.runtime.backward import DiffSharing, plan_backward
+from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
@@ -145,8 +145,7 @@ class Net:
                                    bool(net_param.force_backward))
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
             layer.param_propagate_down = flags
-        self._split_diffs: dict[str, np.ndarray] = {}
-        self._diff_sharing = DiffSharing()
+        self._diffs = DiffStore(self.blobs)
         self._seed_loss_diffs()
         for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
             self._share_diffs(i, "reshape")
@@ -351,11 +350,11 @@ class Net:
                 if diff.shape[:1] != blob.shape[:1]:
                     raise GraphError(f"backward(): the diff of '{top}' has {diff.shape[:1]} items in its first "
                                      f"axis, the blob {blob.shape[:1]}")
-                self._set_diff(top, diff.reshape(blob.shape))
+                self._diffs.set(top, diff.reshape(blob.shape))
         elif start is None:
             # diffs set through net.blobs[o].diff land in memory other blobs may share (Caffe's ShareDiff)
             for top in self.outputs:
-                self._set_diff(top, self.blobs[top].diff)
+                self._diffs.set(top, self.blobs[top].diff)
         steps = self._plan.steps
         first = len(steps) - 1 if start is None else self._plan.step_of_layer[self._range(start, None)[0]]
         last = 0 if end is None else self._plan.step_of_layer[self._range(end, None)[0]]
@@ -369,17 +368,13 @@ class Net:
         if step.layer is None:  # Caffe's SplitLayer::Backward_cpu: the readers' diffs add up
             if not step.bottom_need_backward[0]:
                 return
-            blob = self.blobs[step.bottom_keys[0]]
             total = None
             for key in step.top_keys:
-                part = self._split_diffs.get(key)
-                if part is None or part.size != blob.count:
-                    part = np.zeros(blob.shape, np.float32)
-                part = part.reshape(blob.shape)
+                part = self._diffs.get(key)
                 total = part.copy() if total is None else np.add(total, part, dtype=np.float32)
             if step.split_loss_weight:
                 total += np.float32(step.split_loss_weight)
-            self._set_diff(step.bottom_keys[0], total)
+            self._diffs.set(step.bottom_keys[0], total)
             return
         layer = self.layers[step.layer]
         name = self._layer_names[step.layer]
@@ -403,7 +398,7 @@ class Net:
         for k, (key, grad) in enumerate(zip(step.bottom_keys, grads, strict=True)):
             if grad is None or not (step.bottom_need_backward[k] or layer.writes_unpropagated_diffs):
                 continue
-            self._set_diff(key, np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape))
+            self._diffs.set(key, np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape))
 
     def _share_diffs(self, i: int, when: str) -> None:
         """Replay the ShareDiff that layer ``i`` makes at ``when`` (see :meth:`Layer.diff_sharing`)."""
@@ -416,28 +411,9 @@ class Net:
         bottom = self._plan.steps[self._plan.step_of_layer[i]].bottom_keys[0]  # a virtual split's top
         top = self.top_names[name][0]
         if when == "reshape":
-            self._diff_sharing.share(top, bottom)
-            self.blobs[top].diff = self._diff_of(bottom).reshape(self.blobs[top].shape)
+            self._diffs.share(top, bottom)
         else:
-            self._diff_sharing.share(bottom, top)
-            self._set_diff(bottom, self.blobs[top].diff, alone=True)
-
-    def _diff_of(self, key: str) -> np.ndarray:
-        if key in self.blobs:
-            return self.blobs[key].diff
-        blob = self.blobs[key.rsplit("@split", 1)[0]]
-        part = self._split_diffs.get(key)
-        return part if part is not None and part.size == blob.count else np.zeros(blob.shape, np.float32)
-
-    def _set_diff(self, key: str, value: np.ndarray, alone: bool = False) -> None:
-        """Store the diff of ``key`` (a blob or a virtual split's top) in every key sharing its memory."""
-        for k in [key] if alone else self._diff_sharing.members(key):
-            blob = self.blobs[k] if k in self.blobs else self.blobs[k.rsplit("@split", 1)[0]]
-            v = value.reshape(blob.shape) if value.size == blob.count else value
-            if k in self.blobs:
-                self.blobs[k].diff = v
-            else:
-                self._split_diffs[k] = v
+            self._diffs.share(bottom, top)
 
     def clear_param_diffs(self) -> None:
         """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers)."""
