@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from amct_caffe.errors import GraphError
 
 
@@ -163,3 +165,60 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
                 for k, need in enumerate(step.bottom_need_backward)]
         param_propagate_down = [[True] * len(flags) for flags in param_propagate_down]
     return BackwardPlan(steps, step_of_layer, param_propagate_down, loss_weights, seeds)
+
+
+
+class DiffStore:
+    """The diffs of a Net's backward by key — its blobs' and its virtual splits' tops' — with
+    Caffe's ``Blob::ShareDiff`` pointers between them, replayed as Caffe makes them.
+
+    ``share(dst, src)`` is ``dst->ShareDiff(*src)``: from then on the two keys hold one diff
+    memory (with every key that already pointed at ``src``'s memory), while the memory ``dst``
+    held before stays with whoever else still points at it; ``dst`` now shows ``src``'s values.
+    Caffe makes these pointers in ``Reshape`` (Reshape, a one-bottom Concat, a one-top Slice: the
+    top takes the bottom's memory, again on every forward) and in ``Backward_cpu`` (Flatten, an
+    identity Permute: the bottom takes the top's memory). ``set`` stores a diff in every key of
+    its memory — e.g. an in-place layer on a reshaped blob writes the diff the Reshape's top shows
+    after the backward.
+    """
+
+    def __init__(self, blobs) -> None:
+        self._blobs = blobs  # the Net's {name: Blob}
+        self._split: dict[str, np.ndarray] = {}  # a virtual split's top key -> its diff
+        self._memory: dict[str, int] = {}  # key -> memory id; a key absent owns its memory
+        self._next = 0
+
+    def _blob_of(self, key: str):
+        return self._blobs[key] if key in self._blobs else self._blobs[key.rsplit("@split", 1)[0]]
+
+    def get(self, key: str) -> np.ndarray:
+        if key in self._blobs:
+            return self._blobs[key].diff
+        blob = self._blob_of(key)
+        part = self._split.get(key)
+        return part.reshape(blob.shape) if part is not None and part.size == blob.count else np.zeros(
+            blob.shape, np.float32)
+
+    def set(self, key: str, value: np.ndarray, alone: bool = False) -> None:
+        """Store the diff of ``key`` in every key of its memory (only in ``key`` if ``alone``)."""
+        for k in [key] if alone else self.members(key):
+            blob = self._blob_of(k)
+            v = value.reshape(blob.shape) if value.size == blob.count else value
+            if k in self._blobs:
+                blob.diff = v
+            else:
+                self._split[k] = v
+
+    def share(self, dst: str, src: str) -> None:
+        if src not in self._memory:
+            self._memory[src] = self._next
+            self._next += 1
+        self._memory[dst] = self._memory[src]
+        self.set(dst, self.get(src), alone=True)
+
+    def members(self, key: str) -> list[str]:
+        """Every key whose diff is ``key``'s memory (``key`` first)."""
+        mem = self._memory.get(key)
+        if mem is None:
+            return [key]
+        return [key] + [k for k, m in self._memory.items() if m == mem and k != key]

@@ -142,6 +142,16 @@ class Layer:
         """True when Caffe makes every top share bottom 0's memory (ShareData) for this layer."""
         return self.shares_data
 
+    def diff_sharing(self, bottom_shapes) -> str | None:
+        """How Caffe's ShareDiff ties this layer's diffs (:class:`~.backward.DiffStore`).
+
+        ``"reshape"``: top 0's diff is bottom 0's memory from every Reshape on (Reshape, a
+        one-bottom Concat, a one-top Slice); ``"backward"``: bottom 0's diff becomes top 0's memory
+        when the layer's backward runs, whatever propagate_down says (Flatten, an identity
+        Permute); None: each blob keeps its own diff.
+        """
+        return None
+
     def param(self, i: int) -> np.ndarray:
         """Data of learned blob ``i``."""
         return self.blobs[i].data

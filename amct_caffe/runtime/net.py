@@ -26,7 +26,7 @@ from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
-from amct_caffe.runtime.backward import plan_backward
+from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
@@ -145,8 +145,10 @@ class Net:
                                    bool(net_param.force_backward))
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
             layer.param_propagate_down = flags
-        self._split_diffs: dict[str, np.ndarray] = {}
+        self._diffs = DiffStore(self.blobs)
         self._seed_loss_diffs()
+        for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
+            self._share_diffs(i, "reshape")
         self._loss = 0.0
         for i, layer in enumerate(self.layers):
             layer.on_net_built(self, i)
@@ -295,6 +297,7 @@ class Net:
         if layer.type == "Input":
             return
         self._reshape_layer(i)
+        self._share_diffs(i, "reshape")  # Caffe's Layer::Forward calls Reshape, which may ShareDiff
         bottoms = [self.blobs[b].data for b in self.bottom_names[name]]
         tops = layer.forward(bottoms)
         in_place = self.bottom_names[name]
@@ -347,7 +350,11 @@ class Net:
                 if diff.shape[:1] != blob.shape[:1]:
                     raise GraphError(f"backward(): the diff of '{top}' has {diff.shape[:1]} items in its first "
                                      f"axis, the blob {blob.shape[:1]}")
-                blob.diff[...] = diff.reshape(blob.shape)
+                self._diffs.set(top, diff.reshape(blob.shape))
+        elif start is None:
+            # diffs set through net.blobs[o].diff land in memory other blobs may share (Caffe's ShareDiff)
+            for top in self.outputs:
+                self._diffs.set(top, self.blobs[top].diff)
         steps = self._plan.steps
         first = len(steps) - 1 if start is None else self._plan.step_of_layer[self._range(start, None)[0]]
         last = 0 if end is None else self._plan.step_of_layer[self._range(end, None)[0]]
@@ -361,19 +368,17 @@ class Net:
         if step.layer is None:  # Caffe's SplitLayer::Backward_cpu: the readers' diffs add up
             if not step.bottom_need_backward[0]:
                 return
-            blob = self.blobs[step.bottom_keys[0]]
             total = None
             for key in step.top_keys:
-                part = self._split_diffs.get(key)
-                if part is None or part.shape != blob.shape:
-                    part = np.zeros(blob.shape, np.float32)
+                part = self._diffs.get(key)
                 total = part.copy() if total is None else np.add(total, part, dtype=np.float32)
             if step.split_loss_weight:
                 total += np.float32(step.split_loss_weight)
-            blob.diff = total
+            self._diffs.set(step.bottom_keys[0], total)
             return
         layer = self.layers[step.layer]
         name = self._layer_names[step.layer]
+        self._share_diffs(step.layer, "backward")
         if not any(step.bottom_need_backward) and not any(layer.param_propagate_down):
             return  # Caffe's layers without a backward (Input, Accuracy...) only fail when asked for one
         if not layer.has_backward():
@@ -388,14 +393,27 @@ class Net:
         if len(grads) != len(bottoms):
             raise GraphError(f"layer '{name}' ({layer.type}) returned {len(grads)} bottom diffs for "
                              f"{len(bottoms)} bottoms")
+        if layer.diff_sharing([b.shape for b in bottoms]) == "reshape":
+            return  # Caffe's backward is empty: the bottom's diff is the top's memory (or detached from it)
         for k, (key, grad) in enumerate(zip(step.bottom_keys, grads, strict=True)):
             if grad is None or not (step.bottom_need_backward[k] or layer.writes_unpropagated_diffs):
                 continue
-            grad = np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape)
-            if key in self.blobs:
-                self.blobs[key].diff = grad
-            else:
-                self._split_diffs[key] = grad
+            self._diffs.set(key, np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape))
+
+    def _share_diffs(self, i: int, when: str) -> None:
+        """Replay the ShareDiff that layer ``i`` makes at ``when`` (see :meth:`Layer.diff_sharing`)."""
+        layer = self.layers[i]
+        name = self._layer_names[i]
+        if not self.bottom_names[name] or not self.top_names[name]:
+            return
+        if layer.diff_sharing([self.blobs[b].shape for b in self.bottom_names[name]]) != when:
+            return
+        bottom = self._plan.steps[self._plan.step_of_layer[i]].bottom_keys[0]  # a virtual split's top
+        top = self.top_names[name][0]
+        if when == "reshape":
+            self._diffs.share(top, bottom)
+        else:
+            self._diffs.share(bottom, top)
 
     def clear_param_diffs(self) -> None:
         """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers)."""

@@ -3,7 +3,8 @@
 The nets of :mod:`tests.differential.netgen` get ``force_backward: true`` and run through
 :mod:`tests.training.grad_runner` (TEST phase: forward, random diffs on the outputs, backward).
 The executor runs the same prototxt on the caffemodel Caffe wrote, with the same output diffs;
-every blob diff and every learned-blob diff must agree within 1e-4 of the array's scale.
+every blob diff and every learned-blob diff must agree within 1e-4 of the array's scale, except
+where both are rounding noise of a cancelled sum under a normalization (``cancelled_noise``).
 
 A net whose forward already disagrees is left to ``test_differential`` (it reports those). A net
 Caffe cannot back-propagate (a layer whose Backward_cpu is NOT_IMPLEMENTED aborts it) must be
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -49,8 +51,39 @@ def _executor(workdir: Path, name: str):
         return executor_grads(workdir, name, phase="TEST")
 
 
-def _check(workdir: Path, name: str, status: str) -> tuple[str, str]:
-    """("ok" | "forward" | "fail", detail) for one net."""
+# Layers whose output does not change when a per-group constant (MVN, BatchNorm with batch
+# statistics: the mean is subtracted) or a per-group scale (MVN normalize_variance, BatchNorm,
+# Normalize: divided by the spread or the norm) is added to or multiplies their input.
+_INVARIANT = re.compile(r'type: "(MVN|Normalize)"|type: "BatchNorm".*use_global_stats: false')
+NOISE = 1e-5
+
+
+def cancelled_noise(prototxt: str, ref: dict, ours: dict, problems: list[str]) -> str | None:
+    """Why the disagreeing arrays are rounding noise of a sum whose terms cancel, or None.
+
+    Under a layer of ``_INVARIANT`` the exact gradient of a learned blob that only shifts (a bias
+    feeding an MVN) or only scales (a num_axes 0 Scale before a variance normalization) each
+    normalized group is zero (up to eps), and so is every diff under a Normalize of one-element
+    groups or a BatchNorm of two-value channels. Caffe and the executor both return the rounding
+    of a sum of terms of the net's gradient size that cancel, so the two values agree only to a
+    few float32 ulps of those terms, whatever their own (tiny) scale. Excused: a net with such a
+    layer where every disagreement is within ``NOISE`` of the largest diff of the net.
+    """
+    if not _INVARIANT.search(prototxt):
+        return None
+    big = max(float(np.abs(v).max()) for k, v in ref.items() if k.startswith(("diff/", "topdiff/")) and v.size)
+    for p in problems:
+        key = p.split(":", 1)[0]
+        if key not in ours or ours[key].size != ref[key].size:
+            return None
+        err = float(np.abs(ours[key].reshape(ref[key].shape).astype(np.float64) - ref[key]).max())
+        if not err <= NOISE * big:
+            return None
+    return f"every disagreement is within {NOISE:g} of the net's largest diff {big:.3g}, under a normalization"
+
+
+def _check(workdir: Path, name: str, status: str, prototxt: str = "") -> tuple[str, str]:
+    """("ok" | "forward" | "noise" | "fail", detail) for one net."""
     if status != "ok":
         try:
             _executor(workdir, name)
@@ -68,6 +101,8 @@ def _check(workdir: Path, name: str, status: str) -> tuple[str, str]:
     if grad_problems({k: ref[k] for k in forward}, ours):
         return "forward", ""
     problems = grad_problems({k: v for k, v in ref.items() if k.startswith(("diff/", "pdiff/"))}, ours)
+    if problems and cancelled_noise(prototxt, ref, ours, problems):
+        return "noise", cancelled_noise(prototxt, ref, ours, problems)
     return ("fail", "\n  ".join(problems[:6])) if problems else ("ok", "")
 
 
@@ -77,12 +112,15 @@ def test_random_nets_backward_agree_with_caffe(seed, tmp_path, caplog):
     nets = [generate(seed, i) for i in range(nets_per_seed())]
     results = run_in_caffe(tmp_path, [(n.name, _with_force_backward(n.prototxt), n.inputs, "TEST") for n in nets],
                            seed=seed)
-    failures, forward_differs = [], 0
+    failures, forward_differs, noise = [], 0, 0
     for n in nets:
-        verdict, detail = _check(tmp_path, n.name, results[n.name]["status"])
+        verdict, detail = _check(tmp_path, n.name, results[n.name]["status"], n.prototxt)
         if verdict == "forward":
             forward_differs += 1
+        elif verdict == "noise":
+            noise += 1
         elif verdict == "fail":
             failures.append(f"--- seed {seed}, net {n.index} (focus {n.focus}):\n  {detail}\n{n.prototxt}")
     assert forward_differs <= max(3, len(nets) // 50), f"{forward_differs} nets differ already in the forward"
+    assert noise <= max(3, len(nets) // 50), f"{noise} nets excused as cancellation noise: too many to be that"
     assert not failures, f"{len(failures)} of {len(nets)} nets disagree with Caffe:\n" + "\n".join(failures[:8])

@@ -280,3 +280,21 @@ def test_max_pool_backward_empty_window_writes_previous_plane():
                 pooling_grad.max_pool_backward(dy, x, None, (1, 1), (3, 3), (0, 0), mask)):
         assert got[0, 0, 4, 4] == 5  # (0, 0) is no window's cell: plane 1's five empty windows land here
         assert got.sum() == 2 * 4 + 5  # plane 0's empty windows are dropped
+
+
+def test_max_pool_backward_refuses_a_mask_rewritten_out_of_the_bottom(tmp_path):
+    """An in-place layer that turns the mask top into indices outside the bottom makes Caffe's backward
+    write out of its buffer (glibc aborts it): the executor refuses instead of guessing."""
+    from amct_caffe.runtime import TEST, Net
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('force_backward: true\n'
+                     'layer { name: "data" type: "Input" top: "data" '
+                     'input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }\n'
+                     'layer { name: "p" type: "Pooling" bottom: "data" top: "p" top: "m" '
+                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+                     'layer { name: "s" type: "Power" bottom: "m" top: "m" power_param { shift: -40 } }\n')
+    net = Net(str(proto), TEST)
+    net.forward(data=RNG.standard_normal((1, 2, 4, 4)).astype(np.float32))
+    with pytest.raises(GraphError, match="mask top, rewritten after the forward"):
+        net.backward(p=np.ones((1, 2, 2, 2), np.float32), m=np.ones((1, 2, 2, 2), np.float32))

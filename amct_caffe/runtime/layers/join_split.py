@@ -127,6 +127,9 @@ class ConcatLayer(ShapeLayer):
     def shares_bottom_data(self, bottom_shapes):
         return len(bottom_shapes) == 1  # Caffe's ConcatLayer::Reshape: one bottom is shared
 
+    def diff_sharing(self, bottom_shapes):
+        return "reshape" if len(bottom_shapes) == 1 else None  # ... data and diff
+
     def shapes(self, s):
         self._kw = {"axis": _legacy_axis(self.lp.concat_param, "concat_dim", len(s[0]))}
         return [concat_shape(s, **self._kw)]
@@ -152,6 +155,9 @@ class SliceLayer(ShapeLayer):
 
     def shares_bottom_data(self, bottom_shapes):
         return len(self.lp.top) == 1  # Caffe's SliceLayer::Reshape: one top is shared
+
+    def diff_sharing(self, bottom_shapes):
+        return "reshape" if len(self.lp.top) == 1 else None  # ... data and diff
 
     def shapes(self, s):
         p = self.lp.slice_param

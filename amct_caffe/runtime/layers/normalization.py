@@ -59,13 +59,23 @@ def MVN(x, normalize_variance=True, across_channels=False, eps=1e-9):
     return _mvn(x, normalize_variance, across_channels, eps)[0]
 
 
-def mvn_backward(dy, y, std, across_channels: bool):
+def mvn_backward(dy, y, std, across_channels: bool, in_place: bool = False):
     """dL/dx of :func:`MVN` for top diff ``dy`` and top ``y`` (both 4-D), per group of ``dim`` elements.
 
     Without variance normalization (``std`` None): dx = dy - mean(dy). With it, ``std`` (groups,)
     being the forward's sqrt(var) + eps:
 
         dx = (dy - (sum(dy) + y * sum(dy * y)) / dim) / std
+
+    In place (``in_place``, with variance normalization), Caffe's Backward_cpu builds the bottom
+    diff in the memory of the top diff it is still reading: ``sum(dy)`` is taken after that memory
+    holds ``y * s`` (s = sum(dy * y)), and the final ``caffe_cpu_axpby(1, top_diff, -1/dim, diff)``
+    (``diff *= -1/dim`` then ``diff += top_diff``) reads the diff itself, already scaled, so Caffe
+    computes
+
+        dx = -2/dim * s * (y + sum(y * s) / s) / std  =  -2/dim * (y * s + sum(y * s)) / std
+
+    which the executor reproduces (it is not the gradient; an in-place MVN trains wrongly in Caffe).
     """
     groups = y.shape[0] if across_channels else y.shape[0] * y.shape[1]
     dy2 = dy.reshape(groups, -1)
@@ -73,6 +83,15 @@ def mvn_backward(dy, y, std, across_channels: bool):
     if std is None:
         return (dy2 - (dy2.sum(axis=1, dtype=np.float64) / dim).astype(_F32)[:, None]).reshape(dy.shape)
     y2 = y.reshape(groups, -1)
+    if in_place:
+        s = np.einsum("gd,gd->g", dy2, y2, dtype=np.float64).astype(_F32)[:, None]
+        aliased = y2 * s
+        aliased += (aliased.sum(axis=1, dtype=np.float64)).astype(_F32)[:, None]
+        aliased *= _F32(-1.0 / dim)
+        aliased += aliased
+        with np.errstate(**_QUIET):
+            aliased /= std[:, None]
+        return aliased.reshape(dy.shape)
     acc = y2 * np.einsum("gd,gd->g", dy2, y2, dtype=np.float64).astype(_F32)[:, None]
     acc += dy2.sum(axis=1, dtype=np.float64).astype(_F32)[:, None]
     dx = dy2 - acc * _F32(1.0 / dim)
@@ -103,7 +122,7 @@ class MVNLayer(Layer):
         """See :func:`mvn_backward` (the top as Caffe holds it at backward time)."""
         dy = top_diffs[0]
         y = tops[0].reshape(dy.shape)
-        return [mvn_backward(dy, y, self._std, self.lp.mvn_param.across_channels)]
+        return [mvn_backward(dy, y, self._std, self.lp.mvn_param.across_channels, self.in_place)]
 
 
 # ------------------------------------------------------------------------ Normalize (SSD)

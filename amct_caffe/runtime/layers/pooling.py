@@ -286,7 +286,9 @@ class PoolingLayer(Layer):
                       pad=self.pad,
                       global_pooling=self.kernel is None, ceil_mode=self.ceil_mode,
                       return_mask=len(self.lp.top) > 1, phase_test=self.phase == 1)
-        return list(res) if isinstance(res, tuple) else [res]
+        res = list(res) if isinstance(res, tuple) else [res]
+        self._mask_top = res[1] if len(res) > 1 else None
+        return res
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """Caffe's PoolingLayer::Backward_cpu (see :mod:`pooling_grad`); the mask top's diff is unused.
@@ -298,8 +300,13 @@ class PoolingLayer(Layer):
         if not propagate_down[0]:
             return [None]
         x = self._kept_input if self.in_place else bottoms[0]
-        return [pool_backward(self, top_diffs[0], x, tops[1] if len(tops) > 1 else None,
-                              self.kernel, self.stride, self.pad)]
+        mask = tops[1] if len(tops) > 1 else None
+        if mask is not None and self.pool == MAX and not (
+                mask is self._mask_top or np.array_equal(mask, self._mask_top, equal_nan=True)):
+            # an in-place layer rewrote the mask top, whose data Caffe reads as the indices
+            return [pooling_grad.rewritten_mask_backward(top_diffs[0], mask, x.shape,
+                                                         f"layer '{self.name}' (Pooling)")]
+        return [pool_backward(self, top_diffs[0], x, mask, self.kernel, self.stride, self.pad)]
 
 
 def MaxUnPool(x, mask, *, out_h, out_w):  # noqa: N802 - Caffe type name

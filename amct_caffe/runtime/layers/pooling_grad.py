@@ -10,11 +10,18 @@
 * AVE: ``dx[h, w] = sum over the windows covering (h, w) of dy / pool_size``, where
   ``pool_size`` counts the window clipped to the padded input (the forward's divisor) while
   the sum runs over the window clipped to the input.
+
+Caffe reads the mask top's *data* at backward time, as an index (``static_cast<int>``, toward
+zero) from the start of each plane into the whole bottom diff. An in-place layer on the mask top
+(a Scale, an activation) therefore moves where the diffs go, even into another plane:
+:func:`rewritten_mask_backward` follows it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from amct_caffe.errors import GraphError
 
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
@@ -139,3 +146,34 @@ def ave_pool_backward(dy, in_hw, k, s, p) -> np.ndarray:
         g = dy / div
     g = _scatter_axis(g, 2, k[0], s[0], p[0], in_hw[0])
     return _scatter_axis(g, 3, k[1], s[1], p[1], in_hw[1])
+
+
+def rewritten_mask_backward(dy, mask, x_shape, where: str) -> np.ndarray:
+    """MAX pooling's bottom diff when its mask top no longer holds the forward's argmax.
+
+    Caffe's loop, in its order (planes, then rows, then columns):
+    ``dx.flat[plane * H * W + int(mask[plane, i])] += dy[plane, i]``. An index outside the bottom
+    is a write out of Caffe's buffer (undefined behaviour; glibc usually aborts later), refused
+    with a GraphError — but -1 on the first plane, a window that picked nothing, which the forward
+    itself gives and which is dropped as in :func:`max_pool_backward`.
+    """
+    n, c = dy.shape[:2]
+    plane = int(x_shape[2]) * int(x_shape[3])
+    m = np.asarray(mask, np.float64).reshape(n * c, -1)
+    if not np.isfinite(m).all() or np.abs(m).max(initial=0) >= 2.0 ** 31:
+        raise GraphError(f"{where}: its mask top, rewritten after the forward, holds a value that is no index "
+                         "(NaN, infinite or beyond int range); Caffe's backward would write at an undefined place")
+    idx = np.trunc(m).astype(np.int64) + (np.arange(n * c, dtype=np.int64) * plane)[:, None]
+    idx = idx.ravel()
+    dyf = np.asarray(dy, np.float32).ravel()
+    keep = idx != -1  # the first plane's empty window: before Caffe's buffer, dropped
+    idx, dyf = idx[keep], dyf[keep]
+    total = n * c * plane
+    if idx.size and (idx.min() < 0 or idx.max() >= total):
+        bad = int(idx[(idx < 0) | (idx >= total)][0])
+        raise GraphError(f"{where}: its mask top, rewritten after the forward, sends a diff to flat index {bad} "
+                         f"of a bottom of {total} values; Caffe's backward writes out of its buffer there "
+                         "(undefined behaviour)")
+    dx = np.zeros(x_shape, np.float32)
+    np.add.at(dx.reshape(-1), idx, dyf)  # float32 adds in Caffe's order
+    return dx

@@ -162,6 +162,9 @@ class FlattenLayer(ShapeLayer):
     def shapes(self, s):
         return [flatten_shape(s[0], **self._kw)]
 
+    def diff_sharing(self, bottom_shapes):
+        return "backward"  # FlattenLayer::Backward_cpu: bottom[0]->ShareDiff(*top[0])
+
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = dy reshaped (Caffe: bottom ShareDiff top)."""
         return [top_diffs[0].reshape(bottoms[0].shape) if propagate_down[0] else None]
@@ -179,6 +182,9 @@ class ReshapeLayer(ShapeLayer):
 
     def shapes(self, s):
         return [reshape_shape(s[0], self._kw["shape"], self._kw["axis"], self._kw["num_axes"])]
+
+    def diff_sharing(self, bottom_shapes):
+        return "reshape"  # ReshapeLayer::Reshape: top[0]->ShareDiff(*bottom[0])
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = dy reshaped (Caffe: top ShareDiff bottom, an empty backward)."""
@@ -208,6 +214,10 @@ class PermuteLayer(ShapeLayer):
         # the SSD fork's PermuteLayer copies only when the order moves an axis
         ndim = len(bottom_shapes[0])
         return tuple(permute_order(ndim, **self._kw)) == tuple(range(ndim))
+
+    def diff_sharing(self, bottom_shapes):
+        # PermuteLayer::Backward_cpu without a permutation: bottom[0]->ShareDiff(*top[0])
+        return "backward" if self.shares_bottom_data(bottom_shapes) else None
 
     def kwargs(self):
         return proto_fields(self._param("permute_param"), "order")

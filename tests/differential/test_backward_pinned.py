@@ -1,0 +1,78 @@
+"""Pinned nets from the backward differential sweep, each the smallest form of one root cause.
+
+Every net runs with ``force_backward`` in the TEST phase in official Caffe and in the executor
+(random diffs on the outputs, as :mod:`tests.differential.test_backward_differential`), and every
+blob diff and learned-blob diff must agree. The comment above each case says what it pins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.real_caffe import pycaffe_dir
+from tests.training.gradcheck import caffe_grads, executor_grads, grad_problems, run_in_caffe
+
+pytestmark = pytest.mark.real_caffe
+
+
+def _input(*dims, name="data"):
+    shape = " ".join(f"dim: {d}" for d in dims)
+    return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {shape} }} }} }}\n'
+
+
+_RELU_IN_PLACE = 'layer {{ name: "relu" type: "ReLU" bottom: "{b}" top: "{b}" relu_param {{ negative_slope: 0.3 }} }}\n'
+_TANH = 'layer { name: "tanh" type: "TanH" bottom: "data" top: "a" }\n'
+
+# name: (prototxt body, {input: shape})
+CASES = {
+    # Reshape's top shares its bottom's diff memory (ShareDiff in Reshape): the in-place ReLU
+    # below the Reshape rewrites the diff the Reshape's output shows after the backward
+    "reshape_shares_diff": (_input(2, 3, 4) + _TANH + _RELU_IN_PLACE.format(b="a") +
+                            'layer { name: "r" type: "Reshape" bottom: "a" top: "r" '
+                            'reshape_param { shape { dim: 6 dim: 4 } } }\n', {"data": (2, 3, 4)}),
+    # the same through a one-bottom Concat
+    "concat1_shares_diff": (_input(2, 3, 4) + _TANH + _RELU_IN_PLACE.format(b="a") +
+                            'layer { name: "c" type: "Concat" bottom: "a" top: "c" }\n', {"data": (2, 3, 4)}),
+    # Flatten's backward points its bottom's diff at its top's memory, which detaches the bottom
+    # from the memory it shared with the Reshape below: the Reshape's bottom keeps a diff nobody
+    # writes (zero), and so does everything under it
+    "flatten_detaches_reshape": (_input(2, 3, 4) + _TANH +
+                                 'layer { name: "r" type: "Reshape" bottom: "a" top: "r" '
+                                 'reshape_param { shape { dim: 2 dim: 12 } } }\n' +
+                                 _RELU_IN_PLACE.format(b="r") +
+                                 'layer { name: "f" type: "Flatten" bottom: "r" top: "f" }\n', {"data": (2, 3, 4)}),
+    # an in-place MVN (normalize_variance): Caffe's backward builds the bottom diff in the top
+    # diff's memory while still reading it, and its axpby scales before it adds
+    "mvn_in_place": (_input(2, 3, 4, 5) + _TANH +
+                     'layer { name: "mvn" type: "MVN" bottom: "a" top: "a" }\n', {"data": (2, 3, 4, 5)}),
+    # MAX pooling's backward reads the mask top's data as indices (from each plane's start, into
+    # the whole bottom): an in-place layer on the mask moves the diffs, here to half the index
+    "pool_mask_rewritten": (_input(2, 2, 5, 6) +
+                            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" top: "m" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
+                            'layer { name: "half" type: "Power" bottom: "m" top: "m" power_param { scale: 0.5 } }\n',
+                            {"data": (2, 2, 5, 6)}),
+}
+
+
+@pytest.fixture(scope="module")
+def caffe_results(tmp_path_factory):
+    if pycaffe_dir() is None:
+        pytest.skip("AMCT_REAL_CAFFE is not set")
+    workdir = tmp_path_factory.mktemp("backward_pinned")
+    rng = np.random.default_rng(11)
+    cases = []
+    for name, (body, inputs) in CASES.items():
+        arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in inputs.items()}
+        cases.append((name, f'name: "{name}"\nforce_backward: true\n' + body, arrays, "TEST"))
+    return workdir, run_in_caffe(workdir, cases, seed=5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pinned_backward_matches_caffe(caffe_results, case):
+    workdir, results = caffe_results
+    assert results[case]["status"] == "ok", results[case]["log"]
+    ref = caffe_grads(workdir, case)
+    ours = executor_grads(workdir, case, phase="TEST")
+    assert grad_problems(ref, ours) == []
