@@ -36,7 +36,7 @@ from amct_caffe.config import (ArqParams, LayerQuantConfig, QuantConfig, bind_re
 from amct_caffe.errors import AmctError, ConfigError, GraphError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net, layer_graph
 from amct_caffe.io.outputs import StagedOutputs
-from amct_caffe.io.paths import reading
+from amct_caffe.io.paths import check_output, reading
 from amct_caffe.io.record import Record, read_record, record_text
 from amct_caffe.ir import Graph
 from amct_caffe.passes.prepare import prepare
@@ -189,6 +189,9 @@ def save_quant_retrain_model(retrained_model_file, retrained_weights_file, save_
         raise AmctError(f"save_type must be one of {', '.join(SAVE_TYPES)}, got {save_type!r}")
     inputs = {"retrained_model_file": retrained_model_file, "retrained_weights_file": retrained_weights_file,
               "config_file": config_file}
+    if scale_offset_record_file is not None:
+        with reading(**inputs):
+            check_output(scale_offset_record_file)  # it receives the final record: refuse it early
     with reading(**inputs, scale_offset_record_file=scale_offset_record_file):
         graph = _test_graph(retrained_model_file, retrained_weights_file, float_model=False)
         float_graph, learned = strip_retrain_layers(graph)
