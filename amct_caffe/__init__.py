@@ -23,6 +23,8 @@ _PUBLIC = {
                      "weights_quantize_model"), "amct_caffe.api.calibration"),
     **dict.fromkeys(("set_cpu_mode", "set_gpu_mode", "uninplace_model"), "amct_caffe.api.common"),
     "convert_model": "amct_caffe.api.convert",
+    **dict.fromkeys(("create_quant_retrain_config", "create_quant_retrain_model", "save_quant_retrain_model"),
+                    "amct_caffe.api.retrain"),
     "calibrate_with_fallback": "amct_caffe.api.fallback",  # ours, beyond the guide
     **dict.fromkeys(("AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError",
                      "UnsupportedLayerError", "WeightsError"), "amct_caffe.errors"),
@@ -33,8 +35,8 @@ __all__ = [
     "AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError", "UnsupportedLayerError",
     "WeightsError",
     "__version__", "activation_quantize_model", "calibrate_with_fallback", "convert_model", "create_quant_config",
-    "init", "save_model", "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model",
-    "weights_quantize_model",
+    "create_quant_retrain_config", "create_quant_retrain_model", "init", "save_model", "save_quant_retrain_model",
+    "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model", "weights_quantize_model",
 ]
 
 

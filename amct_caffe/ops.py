@@ -100,7 +100,7 @@ _RANK_PRESERVING = {
     "Eltwise", "Concat", "Pooling", "Split", "Softmax", "Crop", "ShuffleChannel", "Upsample", "Interp",
     "Quant", "AntiQuant", "DeQuant",
 }
-_INSERTED = {"Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN", "BNUpdate"}
+_INSERTED = {"Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN", "BNUpdate", "RetrainDataQuant", "RetrainWeightQuant"}
 _OBSERVERS = {"Silence", "IFMR", "SearchN", "BNUpdate"}
 
 

@@ -8,7 +8,9 @@ rules that depend on a layer's parameters (DepthwiseConv, Scale / Bias limits).
 * :func:`create_default_config` (graph -> config, optionally from a simple .cfg),
   :func:`load_config` (JSON file checked against a graph), :func:`read_quant_config` /
   :func:`write_quant_config` (file I/O, model-independent checks, atomic write);
-* :func:`config_from_simple_cfg`, :func:`parse_simple_cfg`: the .cfg (AMCTConfig text proto).
+* :func:`config_from_simple_cfg`, :func:`parse_simple_cfg`: the .cfg (AMCTConfig text proto);
+* :mod:`.retrain_config`: the quantization-aware training config (:class:`RetrainConfig`, its
+  .cfg, :func:`create_retrain_config`, :func:`bind_retrain_config`).
 """
 
 from amct_caffe.config import layer_types
@@ -18,6 +20,9 @@ from amct_caffe.config.layer_types import config_type, is_depthwise
 from amct_caffe.config.quant_config import (ActivationQuantParams, ArqParams, BnUpdateConfig,
                                             LayerQuantConfig, QuantConfig, SnqParams, WeightQuantParams,
                                             read_quant_config, write_quant_config)
+from amct_caffe.config.retrain_config import (RetrainConfig, RetrainDataConfig, RetrainLayerConfig,
+                                              RetrainWeightConfig, bind_retrain_config, create_retrain_config,
+                                              read_retrain_config, write_retrain_config)
 from amct_caffe.config.simple_cfg import config_from_simple_cfg, parse_simple_cfg
 
 __all__ = [
@@ -25,4 +30,6 @@ __all__ = [
     "WeightQuantParams", "bind_to_graph", "config_from_simple_cfg", "config_type", "create_default_config",
     "default_layer_config", "is_depthwise", "layer_types", "load_config", "parse_simple_cfg",
     "quantizable_nodes", "read_quant_config", "write_quant_config",
+    "RetrainConfig", "RetrainDataConfig", "RetrainLayerConfig", "RetrainWeightConfig", "bind_retrain_config",
+    "create_retrain_config", "read_retrain_config", "write_retrain_config",
 ]

@@ -21,6 +21,25 @@ def graph_from_net(net, weights=None) -> Graph:
     return graph
 
 
+def layer_graph(net, weights=None) -> Graph:
+    """The layers of an upgraded, *unfiltered* NetParameter (all phases) as a graph, names unchanged.
+
+    Not SSA, and not checked: blob names are Caffe's (in-place layers write their bottom again) and
+    two phases may each write a blob (a TRAIN and a TEST Data layer), even under one layer name. It
+    is for passes that edit a TRAIN/TEST model in place and keep the rest as written
+    (create_quant_retrain_model); :func:`graph_to_net` writes it back.
+    """
+    weights = weights or {}
+    nodes = []
+    for lp in net.layer:
+        param = type(lp)()
+        param.CopyFrom(lp)
+        del param.blobs[:]
+        nodes.append(Node(lp.name, lp.type, list(lp.bottom), list(lp.top),
+                          [a.copy() for a in weights.get(lp.name, ())], param))
+    return Graph(net.name, nodes)
+
+
 def graph_to_net(graph: Graph):
     """(NetParameter without blobs, weights by layer name) for a graph."""
     net = caffe_pb().NetParameter()

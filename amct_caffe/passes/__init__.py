@@ -4,7 +4,8 @@
   (:func:`~amct_caffe.passes.prepare.prepare`, ``prepare_from_record`` for convert_model);
 * :mod:`.weights` — ARQ / SNQ weight quantization returning typed factors, update_bn's refresh;
 * :mod:`.calibration` — the calibration graph (IFMR and BNUpdate layers);
-* :mod:`.quantized_models` — the fake-quant and deploy graphs, the canonical record, quant.json.
+* :mod:`.quantized_models` — the fake-quant and deploy graphs, the canonical record, quant.json;
+* :mod:`.retrain` — the retrain (QAT) layers: inserted for training, stripped before saving.
 
 The building blocks edit a graph in place and check it (:func:`fuse_bn_scale`,
 :func:`accelerate_bn_scale_bias`, :func:`~amct_caffe.passes.calibration.insert_calibration_layers`);

@@ -1,0 +1,265 @@
+"""The guide's QAT functions: the retrain model's layers, and saving a "trained" model.
+
+Training itself needs the executor's retrain layers (another branch); here the trained
+caffemodel is made by hand: clips and float weights set in the modified model's blobs. Running the
+retrain model end to end (solver, TEST-phase record) is left to the integration tests.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amct_caffe as amct
+from amct_caffe import io
+from amct_caffe.errors import AmctError, ConfigError, GraphError
+from amct_caffe.io.graph_io import graph_from_net, layer_graph
+from amct_caffe.io.record import read_record
+from amct_caffe.quant.arq import arq_quantize_weight
+from amct_caffe.quant.ulq import ulq_scale_offset
+from tests.golden import MODELS
+
+LENET = MODELS / "lenet_mnist/lenet_train_test.prototxt"
+LENET_W = MODELS / "lenet_mnist/lenet_iter_10000.caffemodel"
+pytestmark = pytest.mark.skipif(not LENET.exists(), reason="../shared not beside the repository")
+KINDS = ("fake_quant_model.prototxt", "fake_quant_weights.caffemodel", "deploy_model.prototxt",
+         "deploy_weights.caffemodel", "quant.json", "quant_param_record.txt", "quant_param_record.bin")
+
+
+def _retrain(tmp, proto, weights, edit=None):
+    config = tmp / "config.json"
+    amct.create_quant_retrain_config(str(config), str(proto), str(weights))
+    if edit is not None:
+        config.write_text(edit(config.read_text()))
+    mm, mw, rec = tmp / "modified.prototxt", tmp / "modified.caffemodel", tmp / "record.txt"
+    amct.create_quant_retrain_model(str(proto), str(weights), str(config), str(mm), str(mw), str(rec))
+    return config, mm, mw, rec
+
+
+def _layers(path):
+    return {lp.name: lp for lp in io.load_prototxt(path, filter_layers=False).layer}
+
+
+def _train_by_hand(mm, mw, out, clips, seed=0):
+    """A 'solver snapshot': clips set, float weights moved, the shared blob 0 left stale."""
+    rng = np.random.default_rng(seed)
+    graph = layer_graph(io.load_prototxt(mm, filter_layers=False), io.load_weights(mw))
+    trained = {}
+    for node in graph.nodes:
+        if node.type == "RetrainDataQuant":
+            layer = node.layer_param.retrain_data_quant_param.object_layer
+            node.params = [np.array([clips[layer][0]], np.float32), np.array([clips[layer][1]], np.float32)]
+        elif node.type == "RetrainWeightQuant":
+            w = node.params[1]
+            moved = (w + rng.normal(0, 0.01, w.shape)).astype(np.float32)
+            node.params = [node.params[0], moved]
+            trained[node.name[:-len("_weight_quant")]] = moved
+    net, weights = io.graph_io.graph_to_net(graph)
+    io.write_caffemodel(io.net_to_caffemodel(net, weights), out)
+    return trained
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qat")
+    config, mm, mw, rec = _retrain(tmp, LENET, LENET_W)
+    return tmp, config, mm, mw, rec
+
+
+def test_retrain_model_keeps_both_phases_and_inserts_the_layers(lenet):
+    _, _, mm, _, rec = lenet
+    net = io.load_prototxt(mm, filter_layers=False)
+    types = [lp.type for lp in net.layer]
+    assert types.count("Data") == 2 and "Accuracy" in types and "SoftmaxWithLoss" in types
+    assert types.count("RetrainDataQuant") == 4 and types.count("RetrainWeightQuant") == 4
+    layers = _layers(mm)
+    for name, fixed_min, channel_wise, shape in (("conv1", False, True, (20, 1, 5, 5)),
+                                                 ("conv2", False, True, (50, 20, 5, 5)),
+                                                 ("ip1", False, False, (500, 800)), ("ip2", True, False, (10, 500))):
+        dq, wq, layer = layers[f"{name}_data_quant"], layers[f"{name}_weight_quant"], layers[name]
+        assert list(wq.bottom) == list(dq.top) and list(layer.bottom) == list(wq.top)
+        p = dq.retrain_data_quant_param
+        assert (p.ifmr_init, p.fixed_min, p.object_layer, p.num_bits, p.with_offset) == (True, fixed_min, name, 8, True)
+        assert p.record_file_path == str(rec)
+        assert [(s.lr_mult, s.decay_mult) for s in dq.param] == [(1, 0), (1, 0)]
+        q = wq.retrain_weight_quant_param
+        assert (q.cout, q.cin) == shape[:2] and q.channel_wise == channel_wise and not q.with_offset
+        assert (q.HasField("h"), q.HasField("w")) == ((True, True) if len(shape) == 4 else (False, False))
+        assert q.layer_type == ("Convolution" if name.startswith("conv") else "InnerProduct")
+        shared = f"{name}_retrain_weight"
+        assert (wq.param[0].name, wq.param[0].lr_mult, wq.param[0].decay_mult) == (shared, 0, 0)
+        assert (wq.param[1].name, wq.param[1].lr_mult) == ("", 1)  # the weight's own ParamSpec
+        assert (layer.param[0].name, layer.param[0].lr_mult) == (shared, 0)
+        assert layer.param[1].lr_mult == 2  # the bias keeps its own
+    # ip1 follows pool2 (no ReLU), ip2 follows the in-place relu1: its input is a ReLU's output.
+    assert list(layers["ip2_data_quant"].bottom) == ["ip1"]
+    assert read_record(rec).layers == {}
+
+
+def test_retrain_model_blobs(lenet):
+    _, _, mm, mw, _ = lenet
+    original, modified = io.load_weights(LENET_W), io.load_weights(mw)
+    for name in ("conv1", "conv2", "ip1", "ip2"):
+        np.testing.assert_array_equal(modified[f"{name}_data_quant"][0], [3.0])
+        np.testing.assert_array_equal(modified[f"{name}_data_quant"][1], [0.0])
+        for blob in modified[f"{name}_weight_quant"]:
+            np.testing.assert_array_equal(blob, original[name][0])
+        np.testing.assert_array_equal(modified[name][1], original[name][1])
+    for phase in (io.TRAIN, io.TEST):  # each phase is a valid net
+        graph_from_net(io.load_prototxt(mm, phase), modified)
+
+
+def test_config_clips_and_fixed_min(tmp_path):
+    def edit(text):
+        d = json.loads(text)
+        d["conv1"]["retrain_data_config"].update(clip_max=2.5, clip_min=-1.5)
+        d["ip2"]["retrain_data_config"]["fixed_min"] = False
+        return json.dumps(d)
+
+    _, mm, mw, _ = _retrain(tmp_path, LENET, LENET_W, edit)
+    layers = _layers(mm)
+    p = layers["conv1_data_quant"].retrain_data_quant_param
+    assert (p.ifmr_init, p.clip_max, p.clip_min) == (False, 2.5, -1.5)
+    np.testing.assert_array_equal(io.load_weights(mw)["conv1_data_quant"][0], [2.5])
+    assert layers["ip2_data_quant"].retrain_data_quant_param.fixed_min is False  # the config's choice wins
+
+
+def test_retrain_model_errors(tmp_path, lenet):
+    _, config, mm, mw, _ = lenet
+    with pytest.raises(AmctError, match="is a RetrainDataQuant layer"):
+        amct.create_quant_retrain_model(str(mm), str(mw), str(config), str(tmp_path / "a.prototxt"),
+                                        str(tmp_path / "a.caffemodel"), str(tmp_path / "r.txt"))
+    with pytest.raises(AmctError, match="is the same file as the input model_file"):
+        amct.create_quant_retrain_model(str(LENET), str(LENET_W), str(config), str(LENET),
+                                        str(tmp_path / "a.caffemodel"), str(tmp_path / "r.txt"))
+    off = tmp_path / "off.json"
+    off.write_text(config.read_text().replace('"retrain_enable": true', '"retrain_enable": false'))
+    with pytest.raises(ConfigError, match="no layer has retrain_enable true"):
+        amct.create_quant_retrain_model(str(LENET), str(LENET_W), str(off), str(tmp_path / "a.prototxt"),
+                                        str(tmp_path / "a.caffemodel"), str(tmp_path / "r.txt"))
+    assert not (tmp_path / "a.prototxt").exists()
+
+
+CLIPS = {"conv1": (0.9, -0.1), "conv2": (3.1, -2.2), "ip1": (4.5, -3.0), "ip2": (2.75, -1.0)}
+
+
+@pytest.fixture(scope="module")
+def saved(lenet):
+    tmp, config, mm, mw, rec = lenet
+    trained_w = tmp / "trained.caffemodel"
+    trained = _train_by_hand(mm, mw, trained_w, CLIPS)
+    paths = amct.save_quant_retrain_model(str(mm), str(trained_w), "Both", str(tmp / "out/lenet"), str(rec),
+                                          str(config))
+    return tmp, trained, paths
+
+
+def test_saved_record_is_ulq_of_the_clips_and_arq_of_the_weights(saved):
+    tmp, trained, _ = saved
+    record = read_record(tmp / "out/lenet_quant_param_record.txt")
+    assert list(record.layers) == ["conv1", "conv2", "ip1", "ip2"]
+    for name, (cmax, cmin) in CLIPS.items():
+        entry = record.layer(name)
+        act = entry.activation(0)
+        fixed_min = name == "ip2"
+        scale_d, offset_d = ulq_scale_offset(cmax, 0.0 if fixed_min else cmin, 8)
+        assert (act.scale_d, act.offset_d, act.num_bits_d) == (np.float32(scale_d), offset_d, 8)
+        arq = arq_quantize_weight(trained[name], "Convolution" if name.startswith("conv") else "InnerProduct",
+                                  name.startswith("conv"))
+        np.testing.assert_array_equal(np.asarray(entry.scale_w, np.float32), arq.scale)
+        assert list(entry.offset_w) == [0] * arq.scale.size
+    assert read_record(tmp / "record.txt") == record  # the record file gets the final factors
+
+
+def test_saved_models_hold_no_retrain_layers_and_round_trip(saved):
+    tmp, trained, paths = saved
+    for kind in KINDS:
+        assert (tmp / "out" / f"lenet_{kind}").is_file(), kind
+    net, weights = io.load_model(paths["fake_quant_model"], paths["fake_quant_weights"])
+    types = [lp.type for lp in net.layer]
+    assert "RetrainDataQuant" not in types and "RetrainWeightQuant" not in types
+    assert types.count("Quant") == 4 and types.count("DeQuant") == 4 and "Data" in types and "Accuracy" in types
+    conv1 = next(lp for lp in net.layer if lp.name == "conv1")
+    assert not conv1.param[0].name and conv1.param[0].lr_mult == 1  # the original ParamSpec is back
+    graph_from_net(net, weights)
+    scale = np.asarray(read_record(tmp / "out/lenet_quant_param_record.txt").layer("conv1").scale_w, np.float32)
+    fake = weights["conv1"][0]
+    np.testing.assert_allclose(fake / scale[:, None, None, None],
+                               np.round(fake / scale[:, None, None, None]), atol=1e-3)
+    deploy = io.load_weights(paths["deploy_weights"])
+    assert deploy["conv1"][0].dtype == np.int8
+
+
+BN_NET = """name: "bnnet"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param { lr_mult: 1 decay_mult: 1 }
+        param { lr_mult: 2 decay_mult: 0 } convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { use_global_stats: true } }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1" inner_product_param { num_output: 5 } }
+"""
+
+
+def _bn_model(tmp):
+    proto = tmp / "bn.prototxt"
+    proto.write_text(BN_NET)
+    rng = np.random.default_rng(3)
+    w = {"conv1": [rng.normal(0, 0.3, (4, 3, 3, 3)), rng.normal(0, 0.1, 4)],
+         "bn1": [rng.normal(0, 0.2, 4) * 2, rng.uniform(0.5, 2, 4) * 2, np.array([2.0])],
+         "scale1": [np.array([1.5, -0.7, 0.9, 1.1]), rng.normal(0, 0.1, 4)],
+         "ip1": [rng.normal(0, 0.1, (5, 144)), rng.normal(0, 0.1, 5)]}
+    w = {k: [np.asarray(a, np.float32) for a in v] for k, v in w.items()}
+    net = io.load_prototxt(proto)
+    weights = tmp / "bn.caffemodel"
+    io.write_caffemodel(io.net_to_caffemodel(net, w), weights)
+    return proto, weights, w
+
+
+def test_bn_is_kept_for_training_and_folded_at_save(tmp_path):
+    proto, weights, w = _bn_model(tmp_path)
+    config, mm, mw, rec = _retrain(tmp_path, proto, weights)
+    assert [lp.type for lp in io.load_prototxt(mm).layer].count("BatchNorm") == 1
+    trained_w = tmp_path / "trained.caffemodel"
+    clips = {"conv1": (2.0, -1.0), "ip1": (1.5, -0.5)}
+    trained = _train_by_hand(mm, mw, trained_w, clips)
+    paths = amct.save_quant_retrain_model(str(mm), str(trained_w), "Both", str(tmp_path / "out/bn"), str(rec),
+                                          str(config))
+    record = read_record(paths["quant_param_record_txt"])
+    # BN then Scale folded into conv1 by hand: w * gamma / sqrt(var / f + eps), eps = 1e-5.
+    mean, var, f = w["bn1"]
+    k = w["scale1"][0] / np.sqrt(var / f[0] + np.float32(1e-5))
+    fused = trained["conv1"] * k[:, None, None, None]
+    np.testing.assert_allclose(np.asarray(record.layer("conv1").scale_w), arq_quantize_weight(fused).scale,
+                               rtol=1e-6)
+    assert record.layer("ip1").activation(0).scale_d == np.float32(ulq_scale_offset(1.5, 0.0)[0])  # after relu1
+    types = [lp.type for lp in io.load_prototxt(paths["fake_quant_model"]).layer]
+    assert "BatchNorm" not in types and "Scale" not in types
+
+    # The same record through convert_model (the PTQ output path) on the equivalent float model:
+    # the trained float weights in the original prototxt. The files are byte for byte equal.
+    float_w = tmp_path / "float.caffemodel"
+    eq = dict(w, conv1=[trained["conv1"], w["conv1"][1]], ip1=[trained["ip1"], w["ip1"][1]])
+    io.write_caffemodel(io.net_to_caffemodel(io.load_prototxt(proto), eq), float_w)
+    other = amct.convert_model(str(proto), str(float_w), paths["quant_param_record_txt"], str(tmp_path / "cv/bn"))
+    for kind in ("fake_quant_model", "fake_quant_weights", "deploy_model", "deploy_weights",
+                 "quant_param_record_txt"):
+        assert Path(paths[kind]).read_bytes() == Path(other[kind]).read_bytes(), kind
+
+
+def test_save_errors(tmp_path, saved, lenet):
+    tmp, _, _ = saved
+    _, config, mm, mw, rec = lenet
+    with pytest.raises(AmctError, match="save_type must be one of Fakequant, Deploy, Both"):
+        amct.save_quant_retrain_model(str(mm), str(mw), "fake", str(tmp_path / "x"))
+    with pytest.raises(GraphError, match="has no retrain layers"):
+        amct.save_quant_retrain_model(str(LENET), str(LENET_W), "Both", str(tmp_path / "x"))
+    with pytest.raises(AmctError, match="same file as the input retrained_model_file"):
+        amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Both", str(tmp_path / "x"),
+                                      str(mm))
+    bad = tmp_path / "c.json"
+    bad.write_text(config.read_text().replace('"retrain_enable": true', '"retrain_enable": false', 1))
+    with pytest.raises(ConfigError, match=r"retrained in the model but not enabled in the config: \['conv1'\]"):
+        amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Both", str(tmp_path / "x"),
+                                      None, str(bad))
+    assert not list(tmp_path.glob("x_*"))
