@@ -92,17 +92,18 @@ def _child(caffe, workdir: str, entry: dict, seed: int, prototxt: str | None = N
         np.savez(os.path.join(workdir, name + ".blobs.npz"), **out)
 
 
-def _in_child(caffe, workdir, entry, seed, log, prototxt=None) -> bool:
-    """Run :func:`_child` in a forked process; True when it ends well."""
+def run_forked(work, log: str) -> bool:
+    """Run ``work()`` in a forked child whose stderr (glog, Python errors) goes to ``log``; True when
+    it ends well. A glog CHECK aborts only the child."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # child: glog and Python errors go to the log
+    if pid == 0:  # child
         code = 1
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 2)
-            _child(caffe, workdir, entry, seed, prototxt)
+            work()
             code = 0
         except BaseException as e:  # noqa: BLE001 - reported through the exit status
             os.write(2, f"\nPython error: {type(e).__name__}: {e}\n".encode())
@@ -110,6 +111,11 @@ def _in_child(caffe, workdir, entry, seed, log, prototxt=None) -> bool:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def _in_child(caffe, workdir, entry, seed, log, prototxt=None) -> bool:
+    """Run :func:`_child` in a forked process; True when it ends well."""
+    return run_forked(lambda: _child(caffe, workdir, entry, seed, prototxt), log)
 
 
 def _culprit(caffe, workdir, entry, seed) -> str | None:

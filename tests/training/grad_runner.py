@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from tests.differential.caffe_runner import _tail, fill_params
+from tests.differential.caffe_runner import _tail, fill_params, run_forked
 from tests.training.gradcheck import inputs_for_forward
 
 
@@ -90,22 +90,7 @@ def main(workdir: str) -> None:
     for entry in manifest:
         name = entry["name"]
         log = os.path.join(workdir, name + ".log")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 2)
-                _child(caffe, workdir, entry)
-                code = 0
-            except BaseException as e:  # noqa: BLE001 - reported through the exit status
-                os.write(2, f"\nPython error: {type(e).__name__}: {e}\n".encode())
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        ok = run_forked(lambda entry=entry: _child(caffe, workdir, entry), log)
         results[name] = {"status": "ok" if ok else "refused", "log": "" if ok else _tail(log)}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f)

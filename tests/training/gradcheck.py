@@ -122,3 +122,22 @@ def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[st
         if not err <= rtol * max(scale, 1e-3):
             problems.append(f"{key}: max |diff| {err:.3g} vs scale {scale:.3g}")
     return problems
+
+
+def input_layer(name: str, *dims: int) -> str:
+    """One ``Input`` layer of top ``name`` and shape ``dims`` (prototxt text, one line)."""
+    return (f'layer {{ name: "{name}" type: "Input" top: "{name}" '
+            f'input_param {{ shape {{ {" ".join(f"dim: {d}" for d in dims)} }} }} }}\n')
+
+
+def assert_matches_caffe(workdir, results: dict, case: str, phase: str = "TRAIN", check_loss: bool = True) -> dict:
+    """Case ``case`` ran in Caffe, and the executor's data, diffs and loss equal Caffe's; returns ours."""
+    import pytest  # noqa: PLC0415 - a test helper module, imported by tests only
+
+    assert results[case]["status"] == "ok", results[case]["log"]
+    ref = caffe_grads(workdir, case)
+    ours = executor_grads(workdir, case, phase)
+    assert grad_problems(ref, ours) == []
+    if check_loss:
+        assert ours["loss"] == pytest.approx(float(ref["loss"]), rel=1e-5, abs=1e-6)
+    return ours

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.real_caffe import pycaffe_dir
-from tests.training.gradcheck import caffe_grads, executor_grads, grad_problems, run_in_caffe
+from tests.training.gradcheck import assert_matches_caffe, run_in_caffe
 
 pytestmark = pytest.mark.real_caffe
 
@@ -201,8 +201,4 @@ def caffe_results(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_backward_matches_caffe(caffe_results, case):
     workdir, results = caffe_results
-    assert results[case]["status"] == "ok", results[case]["log"]
-    ref = caffe_grads(workdir, case)
-    ours = executor_grads(workdir, case, CASES[case][2])
-    assert grad_problems(ref, ours) == []
-    assert ours["loss"] == pytest.approx(float(ref["loss"]), rel=1e-5, abs=1e-6)
+    assert_matches_caffe(workdir, results, case, CASES[case][2])

@@ -10,6 +10,8 @@ import pytest
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime import TRAIN, Net
 
+from tests.training.gradcheck import input_layer as _input
+
 _F32 = np.float32
 
 
@@ -19,9 +21,6 @@ def _net(tmp_path, text, phase=TRAIN):
     return Net(str(path), phase)
 
 
-def _input(name, *dims):
-    shape = " ".join(f"dim: {d}" for d in dims)
-    return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {shape} }} }} }}\n'
 
 
 def _run(net, inputs, rng):

@@ -7,16 +7,13 @@ import numpy as np
 import pytest
 
 from tests.real_caffe import pycaffe_dir
-from tests.training.gradcheck import caffe_grads, executor_grads, grad_problems, run_in_caffe
+from tests.training.gradcheck import input_layer as _input, assert_matches_caffe, caffe_grads, run_in_caffe
 
 pytestmark = pytest.mark.real_caffe
 
 FORCE = "force_backward: true\n"
 
 
-def _input(name, *dims):
-    return (f'layer {{ name: "{name}" type: "Input" top: "{name}" '
-            f'input_param {{ shape {{ {" ".join(f"dim: {d}" for d in dims)} }} }} }}\n')
 
 
 def _layer(name, kind, bottoms, top=None, extra=""):
@@ -124,11 +121,7 @@ def caffe_results(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_caffe(caffe_results, case):
     workdir, results = caffe_results
-    assert results[case]["status"] == "ok", results[case]["log"]
-    ref = caffe_grads(workdir, case)
-    ours = executor_grads(workdir, case)
-    assert grad_problems(ref, ours) == []
-    assert ours["loss"] == pytest.approx(float(ref["loss"]), rel=1e-5, abs=1e-6)
+    assert_matches_caffe(workdir, results, case)
 
 
 def test_moving_averages_moved(caffe_results):
