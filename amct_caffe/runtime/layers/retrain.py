@@ -24,14 +24,15 @@ width go into ``record_d`` index 0 of ``object_layer`` whenever (s, o) differ fr
 wrote last (through the Net's record sink, as the calibration layers write).
 
 ``RetrainWeightQuant`` (retrain_weight_quant_param): bottom x, top x itself (Caffe's ShareData
-and ShareDiff). Blobs of shape (cout, cin[, h, w]): [0] the fake-quantized weight, [1] the float
-weight that is trained. Blob 0 carries the object layer's weight ``param { name }``, so the Net's
-param sharing makes it the very Blob the following Convolution / InnerProduct / Deconvolution
-computes with (a caffemodel's weight for that layer lands in it, as in Caffe's shared memory).
-Forward: on the first one, an all-zero blob 1 (a fresh net) takes blob 0's values; then
-``blob0 = ARQ_fake(blob1)`` (symmetric, per output channel when channel_wise, scales
-recomputed each time). Backward, straight through: ``blob1.diff = blob0.diff`` (which the object
-layer's backward accumulated into), x's diff is top's.
+and ShareDiff in Reshape, replayed by the Net's DiffStore). Blobs of shape (cout, cin[, h, w]):
+[0] the fake-quantized weight, [1] the float weight that is trained. Blob 0 carries the object
+layer's weight ``param { name }``, so the Net's param sharing makes it the very Blob the following
+Convolution / InnerProduct / Deconvolution computes with (a caffemodel's weight for that layer
+lands in it, as in Caffe's shared memory). Forward: on the first one, an all-zero blob 1 (a fresh
+net) takes blob 0's values; then ``blob0 = ARQ_fake(blob1)`` (symmetric, per output channel when
+channel_wise, scales recomputed each time). Backward, straight through: ``blob1.diff = blob0.diff``
+(which the object layer's backward accumulated into, when its own ParamSpec has lr_mult != 0 or
+the net forces the backward: Caffe's param_propagate_down), x's diff is top's.
 """
 
 from __future__ import annotations
@@ -190,10 +191,10 @@ class RetrainWeightQuantLayer(Layer):
     """ARQ retrain of the following layer's weight; x passes through (see the module doc)."""
 
     weights_optional = True
-    # top is bottom's memory (ShareData) and its diff too (ShareDiff): whatever propagate_down
-    # says, the bottom diff is the top diff
-    shares_data = True
-    writes_unpropagated_diffs = True
+    shares_data = True  # Reshape: top[0]->ShareData(*bottom[0]) ...
+
+    def diff_sharing(self, bottom_shapes):
+        return "reshape"  # ... and ShareDiff: x's diff is the very memory the object layer writes
 
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
@@ -241,4 +242,4 @@ class RetrainWeightQuantLayer(Layer):
         if self.param_propagate_down[1]:
             # A copy, not a sum: blob 0's diff already accumulates over iter_size passes.
             self.blobs[1].diff = arq_retrain_backward(self.blobs[0].diff)
-        return [top_diffs[0]]
+        return [top_diffs[0] if propagate_down[0] else None]  # the Net keeps the shared memory instead
