@@ -164,9 +164,14 @@ def _scenarios(work) -> tuple[dict, dict]:
             [["data", "x", "clip_x"], ["forward"], ["file", "0", str(record)], ["value", "dq", 0, 4.0],
              ["forward"], ["file", "1", str(record)], ["snap", "s", ["y"]]], phase="test")
 
-    arq_cases = dict(ARQ_CASES, conv_in_place=ARQ_CASES["conv_channel_wise"])
+    conv = ARQ_CASES["conv_channel_wise"]
+    arq_cases = dict(ARQ_CASES, conv_in_place=conv, conv_obj_lr0=conv)
     for name, (layer_type, wshape, xshape, obj, cw) in arq_cases.items():
         text = arq_net(layer_type, wshape, xshape, obj, cw)
+        if name == "conv_obj_lr0":  # lr_mult 0 on the object layer's side of the shared weight
+            # (force_backward would switch every param gradient on: y is a loss instead)
+            text = text.replace("force_backward: true\n", "").replace(
+                'param { name: "obj_w" }', 'param { name: "obj_w" lr_mult: 0 decay_mult: 0 } loss_weight: 1')
         if name == "conv_in_place":
             text = text.replace('top: "xq"', 'top: "x"').replace('bottom: "xq"', 'bottom: "x"')
         w = (rng.standard_normal(wshape) * 0.2).astype(F32)
@@ -287,6 +292,15 @@ def test_retrain_weight_quant_forward_and_backward_identical(both, name):
     caffe_out, _ = both
     fake, weight = caffe_out[f"{name}/0/param/wq/0/data"], caffe_out[f"{name}/0/param/wq/1/data"]
     assert not np.array_equal(fake, weight) and np.count_nonzero(caffe_out[f"{name}/0/param/wq/1/diff"])
+
+
+def test_object_layer_lr_mult_0_leaves_the_float_weight_without_gradient(both):
+    """Caffe's param_propagate_down is the object layer's own ParamSpec: with lr_mult 0 there the
+    Convolution computes no weight gradient, so RetrainWeightQuant copies zeros (both sides)."""
+    _compare(both, "arq_conv_obj_lr0")
+    for out in both:
+        assert not out["arq_conv_obj_lr0/0/param/obj/0/diff"].any()
+        assert not out["arq_conv_obj_lr0/0/param/wq/1/diff"].any()
 
 
 @pytest.mark.parametrize("name", ["solver_conv", "solver_ip"])
