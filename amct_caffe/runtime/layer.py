@@ -61,6 +61,11 @@ class Layer:
     # Caffe's ShareData: the tops are the bottom's memory (Flatten, Reshape, Split...), so an
     # in-place layer on one of them changes the others. See :meth:`shares_bottom_data`.
     shares_data: bool = False
+    # Caffe keeps a layer's LayerSetUp blobs when the caffemodel has none for it. The executor
+    # refuses that by default (a misnamed layer would silently run on filler values); the layers
+    # the tool inserts into a trained float model for retraining set this and start from
+    # ``param_fillers`` (or, sharing a param, from its owner).
+    weights_optional: bool = False
 
     def __init__(self, lp, phase: int = 1):
         self.lp = lp

@@ -157,13 +157,14 @@ class Net:
         shapes = (layer.param_shapes(bottom_shapes) if arrays is None
                   else layer.param_shapes_for_weights(bottom_shapes, arrays))
         where = f"{self._weights_file or 'weights'}: layer '{layer.name}' ({layer.type})"
-        if arrays is not None:
+        arrays_given = arrays is not None
+        if arrays_given:
             if len(arrays) != len(shapes):
                 raise WeightsError(f"{where}: the caffemodel has {len(arrays)} blob(s) but the prototxt "
                                    f"needs {len(shapes)}")
             data = [io.conform_blob(a, s, f"{where} blob {i}")
                     for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
-        elif shapes and have_weights:
+        elif shapes and have_weights and not layer.weights_optional:
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
                                f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
                                "the layer names of the prototxt and the caffemodel match")
@@ -186,12 +187,18 @@ class Net:
                     blob.data = arr
             return
         layer.blobs = [Blob(data=arr) for arr in arrays]
-        self._share_named_params(layer)
+        self._share_named_params(layer, loaded=arrays_given)
         if layer.blobs:
             self.params[layer.name] = layer.blobs
 
-    def _share_named_params(self, layer) -> None:
-        """Caffe's param sharing: a ``param { name }`` seen before makes this blob the owner's."""
+    def _share_named_params(self, layer, loaded: bool = False) -> None:
+        """Caffe's param sharing: a ``param { name }`` seen before makes this blob the owner's.
+
+        ``loaded``: the blobs hold this layer's caffemodel arrays. Caffe copies them into the
+        layer's blob after ShareData, i.e. into the owner's memory, so they are written there
+        (a RetrainWeightQuant owns the weight of the Convolution after it, and starts from the
+        Convolution's trained weight).
+        """
         specs = list(layer.lp.param)
         for k, blob in enumerate(layer.blobs):
             spec = specs[k] if k < len(specs) else None
@@ -211,6 +218,8 @@ class Net:
                 raise GraphError(f"{self._source}: layer '{layer.name}' shares param '{spec.name}' of layer "
                                  f"'{owner_layer}' but its shape {list(blob.shape)} differs from "
                                  f"{list(owner_blob.shape)}")
+            if loaded:
+                owner_blob.data.reshape(-1)[...] = blob.data.reshape(-1)
             layer.blobs[k] = owner_blob
 
     def record_sink(self, path: str) -> RecordSink:

@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
 
 from amct_caffe import GraphError
+from amct_caffe.errors import WeightsError
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime import TEST, Net, known_types, layer_class, register
 from amct_caffe.runtime.layer import Layer
 from tests.golden import MODELS
@@ -127,3 +130,24 @@ def test_registry_is_complete_and_strict():
         assert cls.forward is not Layer.forward or t == "Input", f"{t} has no forward"
     with pytest.raises(RuntimeError, match="registered twice"):
         register("ReLU")(type("Again", (Layer,), {}))
+
+
+SHARED_W = '''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" param { name: "w" }
+        inner_product_param { num_output: 3 bias_term: false } }
+layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" }
+        inner_product_param { num_output: 3 bias_term: false } }
+'''
+
+
+def test_shared_param_takes_the_last_caffemodel_copy():
+    """Caffe copies each layer's caffemodel blobs into the layer's blob, which after ShareData is
+    the owner's memory: the later layer's copy is what both layers use."""
+    net_param = text_format.Parse(SHARED_W, caffe_pb().NetParameter())
+    wa, wb = np.full((3, 3), 1.0, np.float32), np.arange(9, dtype=np.float32).reshape(3, 3)
+    net = Net(net_param, TEST, weights={"a": [wa], "b": [wb]})
+    assert net.params["a"][0] is net.params["b"][0]
+    np.testing.assert_array_equal(net.params["a"][0].data, wb)
+    with pytest.raises(WeightsError, match="no weights for this layer"):  # only listed types may lack weights
+        Net(net_param, TEST, weights={"a": [wa]})
