@@ -17,9 +17,11 @@
 * ``RetrainWeightQuant`` holds ``L``'s weight twice: blob 1 is the float weight the solver trains
   (it takes ``L``'s own ParamSpec for the weight, lr_mult and decay_mult), blob 0 its ARQ
   fake-quantization, recomputed every forward and shared with ``L`` through a ParamSpec name
-  (``L_retrain_weight``) with lr_mult 0 and decay_mult 0 on both sides (Caffe refuses shared
-  parameters whose lr_mult differ). Its top is its bottom's data, so ``L`` computes on the
-  fake-quantized input and weight.
+  (``L_retrain_weight``). The owner (this layer) gives it lr_mult 0 and decay_mult 0, so no solver
+  moves it; ``L`` names it only: Caffe takes ``L``'s weight gradient from ``L``'s own ParamSpec
+  (an unset lr_mult is 1), so ``L`` still computes the gradient this layer hands to blob 1 (an
+  lr_mult 0 there would train the clips only), and Caffe checks two lr_mults only when both are
+  set. Its top is its bottom's data, so ``L`` computes on the fake-quantized input and weight.
 
 Inserted layers copy ``L``'s ``include`` / ``exclude`` rules, so they exist in exactly ``L``'s
 phases. Nothing else changes: BatchNorm layers stay (they are trained; BN fusion happens when the
@@ -179,7 +181,7 @@ def insert_retrain_layers(graph: Graph, specs: list[RetrainSpec], record_file: s
         if not len(lp.param):
             lp.param.add()
         lp.param[0].Clear()
-        lp.param[0].name, lp.param[0].lr_mult, lp.param[0].decay_mult = shared, 0.0, 0.0
+        lp.param[0].name = shared  # no lr_mult: L keeps computing the weight gradient (module doc)
         _LOG.debug("layer '%s': inserted %s and %s", node.name, data.name, weight.name)
     return out
 

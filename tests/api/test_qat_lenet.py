@@ -61,6 +61,18 @@ def test_record_holds_every_retrained_layer(qat):
     assert "scale_d" in text and "scale_w" in text
 
 
+def test_training_moved_the_float_weights_and_the_clips(qat):
+    """Both kinds of parameter train: the float weights (through the object layer's gradient) and the clips."""
+    from amct_caffe import io
+
+    work, _, _ = qat
+    before = io.load_weights(str(work / "modified_model.caffemodel"))
+    after = io.load_weights(str(work / f"solver_iter_{TRAIN_ITER}.caffemodel"))
+    for layer in ("conv1", "conv2", "ip1", "ip2"):
+        assert not np.array_equal(before[f"{layer}_weight_quant"][1], after[f"{layer}_weight_quant"][1]), layer
+    assert not np.array_equal(before["conv2_data_quant"][0], after["conv2_data_quant"][0])
+
+
 def test_fake_quant_and_deploy_accuracy_at_least_float(qat):
     work, model, _ = qat
     float_acc = _accuracy(model, WEIGHTS)

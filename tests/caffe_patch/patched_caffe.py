@@ -46,7 +46,7 @@ def configure_args(reference_build: Path, reference_src: Path, src: Path) -> lis
     cache = (reference_build / "CMakeCache.txt").read_text()
     args = []
     for name in ("CMAKE_BUILD_TYPE", "ANACONDA_HOME", "PYTHON_VERSION", "CPU_ONLY", "BUILD_python",
-                 "BUILD_python_layer", "CMAKE_CXX_FLAGS", "CMAKE_SHARED_LINKER_FLAGS"):
+                 "BUILD_python_layer", "USE_LMDB", "CMAKE_CXX_FLAGS", "CMAKE_SHARED_LINKER_FLAGS"):
         m = re.search(rf"(?m)^{name}:[A-Z]+=(.*)$", cache)
         if m:
             args.append(f"-D{name}={m.group(1).replace(str(reference_src), str(src))}")
@@ -106,10 +106,10 @@ def patched_caffe(custom_text: str = GUIDE_CUSTOM_PROTO) -> Path:
         res = run_install(src, custom)
         if res.returncode != 0:
             raise RuntimeError(f"install.py failed on {src}:\n{res.stdout}\n{res.stderr}")
+        args = configure_args(reference_build, pristine, src)
         if not (build / "Makefile").is_file():
-            args = configure_args(reference_build, pristine, src)
             _run(["cmake", "-S", str(src), "-B", str(build), *args], log)
-        else:
-            _run(["cmake", str(build)], log)  # re-glob: new layer files need a configure
+        else:  # re-glob (new layer files need a configure), with the reference's options (LMDB...)
+            _run(["cmake", *args, str(build)], log)
         _run(["make", "-C", str(build), f"-j{os.environ.get('JOBS', '2')}"], log)
         return src / "python"
