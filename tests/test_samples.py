@@ -1,6 +1,7 @@
 """The bundled samples run as the README says."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,5 +45,25 @@ def test_training_sample_trains_lenet_from_scratch(tmp_path):
     assert before < 40 and after >= 85
     assert (tmp_path / "results/lenet_iter_200.caffemodel").is_file()
     assert (tmp_path / "results/lenet_iter_200.solverstate").is_file()
+    ignored = set((REPO / ".gitignore").read_text().splitlines())
+    assert {f"/{p.name}/" if p.is_dir() else f"/{p.name}" for p in tmp_path.iterdir()} <= ignored
+
+
+def test_qat_sample_keeps_the_float_accuracy(tmp_path):
+    """The guide's QAT flow (ResNet50_retrain.py's) on LeNet, trained by the embedded runtime."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), AMCT_LOG_LEVEL="WARNING")
+    res = subprocess.run([sys.executable, str(REPO / "samples/mnist/src/mnist_retrain.py"), "--train_iter", "30"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if "Top 1 accuracy of the float model" in x)
+    float_acc, fake, deploy = (float(v) for v in re.findall(r"([\d.]+)%", line))
+    assert fake >= float_acc - 1.0 and deploy >= float_acc - 1.0
+    results = tmp_path / "results" / "retrain_results"
+    for name in ("retrain_fake_quant_model.prototxt", "retrain_deploy_weights.caffemodel",
+                 "retrain_quant_param_record.txt"):
+        assert (results / name).is_file()
+    for name in ("config.json", "modified_model.prototxt", "modified_model.caffemodel", "record.txt",
+                 "solver.prototxt", "solver_iter_30.caffemodel"):
+        assert (tmp_path / "tmp" / name).is_file()
     ignored = set((REPO / ".gitignore").read_text().splitlines())
     assert {f"/{p.name}/" if p.is_dir() else f"/{p.name}" for p in tmp_path.iterdir()} <= ignored
