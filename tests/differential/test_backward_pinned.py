@@ -2,7 +2,8 @@
 
 Every net runs with ``force_backward`` in the TEST phase in official Caffe and in the executor
 (random diffs on the outputs, as :mod:`tests.differential.test_backward_differential`), and every
-blob diff and learned-blob diff must agree. The comment above each case says what it pins.
+blob diff and learned-blob diff must agree; a net of ``REFUSED`` aborts Caffe and must make the
+executor raise a GraphError. The comment above each case says what it pins.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from amct_caffe.errors import GraphError
 from tests.real_caffe import pycaffe_dir
 from tests.training.gradcheck import caffe_grads, executor_grads, grad_problems, run_in_caffe
 
@@ -55,6 +57,18 @@ CASES = {
                             {"data": (2, 2, 5, 6)}),
 }
 
+# nets Caffe cannot back-propagate (it aborts): the executor must refuse them with a GraphError
+REFUSED = {
+    # a mask top rewritten to -1 (here every index; in the sweep an in-place MVN gave values in
+    # (-2, -1]): the first plane's diffs land just before Caffe's diff buffer, on the malloc
+    # chunk's size field, and glibc aborts when the blob is freed
+    "pool_mask_minus_one": (_input(2, 2, 5, 6) +
+                            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" top: "m" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
+                            'layer { name: "m1" type: "Power" bottom: "m" top: "m" '
+                            'power_param { scale: 0 shift: -1 } }\n', {"data": (2, 2, 5, 6)}),
+}
+
 
 @pytest.fixture(scope="module")
 def caffe_results(tmp_path_factory):
@@ -63,7 +77,7 @@ def caffe_results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("backward_pinned")
     rng = np.random.default_rng(11)
     cases = []
-    for name, (body, inputs) in CASES.items():
+    for name, (body, inputs) in {**CASES, **REFUSED}.items():
         arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in inputs.items()}
         cases.append((name, f'name: "{name}"\nforce_backward: true\n' + body, arrays, "TEST"))
     return workdir, run_in_caffe(workdir, cases, seed=5)
@@ -76,3 +90,11 @@ def test_pinned_backward_matches_caffe(caffe_results, case):
     ref = caffe_grads(workdir, case)
     ours = executor_grads(workdir, case, phase="TEST")
     assert grad_problems(ref, ours) == []
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_pinned_backward_refused_like_caffe(caffe_results, case):
+    workdir, results = caffe_results
+    assert results[case]["status"] == "refused", "Caffe back-propagated it"
+    with pytest.raises(GraphError):
+        executor_grads(workdir, case, phase="TEST")
