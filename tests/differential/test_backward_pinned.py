@@ -55,6 +55,12 @@ CASES = {
                             'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
                             'layer { name: "half" type: "Power" bottom: "m" top: "m" power_param { scale: 0.5 } }\n',
                             {"data": (2, 2, 5, 6)}),
+    # Power with shift 0 back-propagates power * y / x, 0/0 = NaN where the ReLU gave 0: Caffe's
+    # diffs hold NaN, the executor's must hold NaN at the same places (and agree elsewhere)
+    "power_nan_at_zero": (_input(2, 3, 4) +
+                          'layer { name: "relu" type: "ReLU" bottom: "data" top: "r" }\n'
+                          'layer { name: "cube" type: "Power" bottom: "r" top: "c" power_param { power: 3 } }\n',
+                          {"data": (2, 3, 4)}),
 }
 
 # nets Caffe cannot back-propagate (it aborts): the executor must refuse them with a GraphError
