@@ -53,8 +53,10 @@ def _executor(workdir: Path, name: str):
 
 # Layers whose output does not change when a per-group constant (MVN, BatchNorm with batch
 # statistics: the mean is subtracted) or a per-group scale (MVN normalize_variance, BatchNorm,
-# Normalize: divided by the spread or the norm) is added to or multiplies their input.
-_INVARIANT = re.compile(r'type: "(MVN|Normalize)"|type: "BatchNorm".*use_global_stats: false')
+# Normalize: divided by the spread or the norm) is added to or multiplies their input. The fork's
+# BatchNormKyle is BatchNorm then alpha * x_norm + beta; its use_global_stats defaults to the
+# phase (TEST: stored statistics), so only an explicit false counts.
+_INVARIANT = re.compile(r'type: "(MVN|Normalize)"|type: "BatchNorm(Kyle)?".*use_global_stats: false')
 NOISE = 1e-5
 
 
@@ -64,9 +66,13 @@ def cancelled_noise(prototxt: str, ref: dict, ours: dict, problems: list[str]) -
     Under a layer of ``_INVARIANT`` the exact gradient of a learned blob that only shifts (a bias
     feeding an MVN) or only scales (a num_axes 0 Scale before a variance normalization) each
     normalized group is zero (up to eps), and so is every diff under a Normalize of one-element
-    groups or a BatchNorm of two-value channels. Caffe and the executor both return the rounding
-    of a sum of terms of the net's gradient size that cancel, so the two values agree only to a
-    few float32 ulps of those terms, whatever their own (tiny) scale. Excused: a net with such a
+    groups or a BatchNorm of two-value channels. Above the normalization, a blob that scales the
+    normalized values per channel (BatchNormKyle's alpha) has gradient
+    ``sum over n, s of x_norm[n, c, s] * dy[n, c, s]``, which is zero when ``dy`` is constant per
+    channel (a SUM reduction above it), since batch statistics make ``sum x_norm[:, c] = 0``.
+    Caffe and the executor both return the rounding of a sum of terms of the net's gradient size
+    that cancel, so the two values agree only to a few float32 ulps of those terms, whatever their
+    own (tiny) scale. Excused: a net with such a
     layer where every disagreement is within ``NOISE`` of the largest diff of the net.
     """
     if not _INVARIANT.search(prototxt):

@@ -2,7 +2,9 @@
 
 Every net runs with ``force_backward`` in the TEST phase in official Caffe and in the executor
 (random diffs on the outputs, as :mod:`tests.differential.test_backward_differential`), and every
-blob diff and learned-blob diff must agree. The comment above each case says what it pins.
+blob diff and learned-blob diff must agree (a net of ``NOISY`` up to ``cancelled_noise``); a net
+of ``REFUSED`` aborts Caffe and must make the executor raise a GraphError. The comment above each
+case says what it pins.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from amct_caffe.errors import GraphError
+from tests.differential.test_backward_differential import cancelled_noise
 from tests.real_caffe import pycaffe_dir
 from tests.training.gradcheck import caffe_grads, executor_grads, grad_problems, run_in_caffe
 
@@ -24,7 +28,7 @@ def _input(*dims, name="data"):
 _RELU_IN_PLACE = 'layer {{ name: "relu" type: "ReLU" bottom: "{b}" top: "{b}" relu_param {{ negative_slope: 0.3 }} }}\n'
 _TANH = 'layer { name: "tanh" type: "TanH" bottom: "data" top: "a" }\n'
 
-# name: (prototxt body, {input: shape})
+# name: (prototxt body, {input: shape or array})
 CASES = {
     # Reshape's top shares its bottom's diff memory (ShareDiff in Reshape): the in-place ReLU
     # below the Reshape rewrites the diff the Reshape's output shows after the backward
@@ -53,6 +57,47 @@ CASES = {
                             'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
                             'layer { name: "half" type: "Power" bottom: "m" top: "m" power_param { scale: 0.5 } }\n',
                             {"data": (2, 2, 5, 6)}),
+    # Power with shift 0 back-propagates power * y / x, 0/0 = NaN where the ReLU gave 0: Caffe's
+    # diffs hold NaN, the executor's must hold NaN at the same places (and agree elsewhere)
+    "power_nan_at_zero": (_input(2, 3, 4) +
+                          'layer { name: "relu" type: "ReLU" bottom: "data" top: "r" }\n'
+                          'layer { name: "cube" type: "Power" bottom: "r" top: "c" power_param { power: 3 } }\n',
+                          {"data": (2, 3, 4)}),
+    # Exp then a log near 1 (ln(1.0004)), in place (the bottom diff is (1 / (y ln 2))^2): an ulp of
+    # exp becomes 3e-4 of the log and 6e-4 of the diff. Caffe's exp is glibc's expf (evaluated in
+    # double, rounded once); numpy's float32 exp is an ulp off it for about half of these inputs
+    "exp_ulp_under_log": (_input(2, 32) +
+                          'layer { name: "exp" type: "Exp" bottom: "data" top: "e" }\n'
+                          'layer { name: "shift" type: "Power" bottom: "e" top: "s" power_param { shift: 0.1541 } }\n'
+                          'layer { name: "log" type: "Log" bottom: "s" top: "s" log_param { base: 2 } }\n',
+                          {"data": (np.float32(-0.16683444) + np.arange(-32, 32, dtype=np.float32)
+                                    * np.float32(3e-7)).reshape(2, 32)}),
+}
+
+# nets whose exact gradient is zero somewhere, so that Caffe and the executor agree only up to the
+# rounding of a cancelled sum: every disagreement must be excused by ``cancelled_noise``
+NOISY = {
+    # a SUM reduction gives BatchNormKyle's top a diff constant per channel: its alpha's diff
+    # sum(x_norm * dy) is zero, as batch statistics centre x_norm, and both return rounding noise
+    "kyle_alpha_cancelled": (_input(3, 4, 4, 4) +
+                             'layer { name: "bn" type: "BatchNormKyle" bottom: "data" top: "bn" '
+                             'batch_norm_param { use_global_stats: false use_alpha_beta: true } }\n'
+                             'layer { name: "r" type: "Reshape" bottom: "bn" top: "r" '
+                             'reshape_param { shape { dim: 192 dim: 1 } } }\n'
+                             'layer { name: "sum" type: "Reduction" bottom: "r" top: "sum" '
+                             'reduction_param { operation: SUM coeff: -1.5 } }\n', {"data": (3, 4, 4, 4)}),
+}
+
+# nets Caffe cannot back-propagate (it aborts): the executor must refuse them with a GraphError
+REFUSED = {
+    # a mask top rewritten to -1 (here every index; in the sweep an in-place MVN gave values in
+    # (-2, -1]): the first plane's diffs land just before Caffe's diff buffer, on the malloc
+    # chunk's size field, and glibc aborts when the blob is freed
+    "pool_mask_minus_one": (_input(2, 2, 5, 6) +
+                            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" top: "m" '
+                            'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
+                            'layer { name: "m1" type: "Power" bottom: "m" top: "m" '
+                            'power_param { scale: 0 shift: -1 } }\n', {"data": (2, 2, 5, 6)}),
 }
 
 
@@ -63,8 +108,10 @@ def caffe_results(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("backward_pinned")
     rng = np.random.default_rng(11)
     cases = []
-    for name, (body, inputs) in CASES.items():
-        arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in inputs.items()}
+    for name, (body, inputs) in {**CASES, **NOISY, **REFUSED}.items():
+        # an input is a shape (random values) or the array itself
+        arrays = {k: s.astype(np.float32) if isinstance(s, np.ndarray) else rng.standard_normal(s).astype(np.float32)
+                  for k, s in inputs.items()}
         cases.append((name, f'name: "{name}"\nforce_backward: true\n' + body, arrays, "TEST"))
     return workdir, run_in_caffe(workdir, cases, seed=5)
 
@@ -76,3 +123,21 @@ def test_pinned_backward_matches_caffe(caffe_results, case):
     ref = caffe_grads(workdir, case)
     ours = executor_grads(workdir, case, phase="TEST")
     assert grad_problems(ref, ours) == []
+
+
+@pytest.mark.parametrize("case", sorted(NOISY))
+def test_pinned_backward_cancelled_noise(caffe_results, case):
+    workdir, results = caffe_results
+    assert results[case]["status"] == "ok", results[case]["log"]
+    ref = caffe_grads(workdir, case)
+    ours = executor_grads(workdir, case, phase="TEST")
+    problems = grad_problems(ref, ours)
+    assert not problems or cancelled_noise(NOISY[case][0], ref, ours, problems), problems
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_pinned_backward_refused_like_caffe(caffe_results, case):
+    workdir, results = caffe_results
+    assert results[case]["status"] == "refused", "Caffe back-propagated it"
+    with pytest.raises(GraphError):
+        executor_grads(workdir, case, phase="TEST")

@@ -103,7 +103,13 @@ def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]
 
 
 def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[str]:
-    """Arrays of ``ref`` that ``ours`` lacks or that differ beyond ``rtol`` (relative to the array's scale)."""
+    """Arrays of ``ref`` that ``ours`` lacks or that differ beyond ``rtol`` (relative to the array's scale).
+
+    A value agrees when ``|ours - ref| <= rtol * max(scale, 1e-3)``, ``scale`` the largest finite
+    ``|ref|``, or when both are the same infinity or both NaN: Caffe's own formulas give NaN and
+    inf (Power's ``power * y / x`` at x = 0 is 0/0), and the executor must give them at the same
+    places, as the forward differential test (``test_differential.compare_net``) requires.
+    """
     problems = []
     for key, want in ref.items():
         if key.startswith("topdiff/") or any(key.startswith(s) for s in skip):
@@ -117,10 +123,17 @@ def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[st
         if got.shape != want.shape:
             problems.append(f"{key}: shape {got.shape} vs Caffe {want.shape}")
             continue
-        scale = float(np.max(np.abs(want))) if want.size else 0.0
-        err = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
-        if not err <= rtol * max(scale, 1e-3):
-            problems.append(f"{key}: max |diff| {err:.3g} vs scale {scale:.3g}")
+        if not want.size:
+            continue
+        finite = np.isfinite(want)
+        scale = float(np.max(np.abs(want[finite]))) if finite.any() else 0.0
+        with np.errstate(invalid="ignore"):  # inf - inf
+            err = np.abs(got.astype(np.float64) - want)
+            bad = ~((err <= rtol * max(scale, 1e-3)) | (got == want) | (np.isnan(got) & np.isnan(want)))
+        if bad.any():
+            worst = float(np.nan_to_num(err[bad], nan=np.inf).max())
+            problems.append(f"{key}: {int(bad.sum())}/{want.size} values differ, max |diff| {worst:.3g} "
+                            f"vs scale {scale:.3g}")
     return problems
 
 

@@ -20,6 +20,21 @@ _QUIET = {"over": "ignore", "under": "ignore", "invalid": "ignore", "divide": "i
 _BNLL_THRESHOLD = _F32(50)
 
 
+def libm_f32(fn, *args) -> np.ndarray:
+    """``fn`` (np.exp, np.log, np.power) of float32 ``args`` as glibc's expf / logf / powf give it.
+
+    Caffe's caffe_exp / caffe_log and its scalar exp(), log(), pow() of a float call glibc's
+    float functions, which evaluate in double and round once: evaluating in float64 and
+    rounding to float32 gives the same value but in near-half-ulp cases (about 6 in 1e4 random
+    values for exp, 5 in 1e3 for log, an ulp apart). numpy's own float32 exp and log are SIMD
+    approximations that differ from glibc by an ulp in about 40% and 15-20% of values; an ulp
+    matters downstream of an ill-conditioned layer (a log near 1, then its in-place backward
+    squaring 1 / log).
+    """
+    with np.errstate(**_QUIET):
+        return np.asarray(fn(*(np.asarray(a, np.float64) for a in args))).astype(_F32)
+
+
 def ReLU_grad(dy, x, y, negative_slope=0.0):  # noqa: N802, ARG001 - Caffe type name; y unused
     """dx = dy * ((x > 0) + negative_slope * (x <= 0))."""
     pos = np.greater(x, _F32(0))
@@ -139,7 +154,7 @@ def Power_grad(dy, x, y, power=1.0, scale=1.0, shift=0.0):  # noqa: N802
 
 
 def _log_base(base) -> np.float32:
-    return _F32(1) if base == -1 else np.log(_F32(base))
+    return _F32(1) if base == -1 else libm_f32(np.log, _F32(base))[()]
 
 
 def Exp_grad(dy, x, y, base=-1.0, scale=1.0, shift=0.0):  # noqa: N802, ARG001

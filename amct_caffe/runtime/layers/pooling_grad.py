@@ -153,9 +153,11 @@ def rewritten_mask_backward(dy, mask, x_shape, where: str) -> np.ndarray:
 
     Caffe's loop, in its order (planes, then rows, then columns):
     ``dx.flat[plane * H * W + int(mask[plane, i])] += dy[plane, i]``. An index outside the bottom
-    is a write out of Caffe's buffer (undefined behaviour; glibc usually aborts later), refused
-    with a GraphError — but -1 on the first plane, a window that picked nothing, which the forward
-    itself gives and which is dropped as in :func:`max_pool_backward`.
+    is a write out of Caffe's buffer, refused with a GraphError. That includes -1 on the first plane
+    (a rewritten value in (-2, -1], e.g. an in-place MVN on the mask): the float lands on the high
+    half of the malloc chunk's size field just before the buffer, and glibc aborts when the blob is
+    freed ("double free or corruption (out)"; -2 hits the low half: "munmap_chunk(): invalid
+    pointer"). Only the unrewritten mask's empty windows are dropped (:func:`max_pool_backward`).
     """
     n, c = dy.shape[:2]
     plane = int(x_shape[2]) * int(x_shape[3])
@@ -166,8 +168,6 @@ def rewritten_mask_backward(dy, mask, x_shape, where: str) -> np.ndarray:
     idx = np.trunc(m).astype(np.int64) + (np.arange(n * c, dtype=np.int64) * plane)[:, None]
     idx = idx.ravel()
     dyf = np.asarray(dy, np.float32).ravel()
-    keep = idx != -1  # the first plane's empty window: before Caffe's buffer, dropped
-    idx, dyf = idx[keep], dyf[keep]
     total = n * c * plane
     if idx.size and (idx.min() < 0 or idx.max() >= total):
         bad = int(idx[(idx < 0) | (idx >= total)][0])
