@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from google.protobuf import text_format
 
 from amct_caffe.errors import ConfigError
+from amct_caffe.io.files import read_text
 
 
 _SHOW_CHARS = 120
@@ -187,3 +190,70 @@ def reject_unknown(d: dict, allowed, where: str) -> None:
     if unknown:
         raise fail(where, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; "
                           f"allowed: {', '.join(allowed)}")
+
+
+def parse_text_message(path, msg, what: str):
+    """Parse the protobuf text file ``path`` into ``msg``; errors name the file, line and column.
+
+    ``what`` names the file's kind in messages ("simple config", "retrain simple config").
+    """
+    path = Path(path)
+    try:
+        text_format.Parse(read_text(path, what, ConfigError), msg)
+    except text_format.ParseError as e:
+        line, col = e.GetLine(), e.GetColumn()
+        at = f"{path}:{line}:{col}" if line is not None else str(path)
+        detail = str(e)
+        if line is not None and detail.startswith(f"{line}:{col} : "):
+            detail = detail[len(f"{line}:{col} : "):]
+        raise ConfigError(f"{at}: cannot parse {what}: {detail}") from None
+    return msg
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _check_unicode(data, where: str) -> None:
+    """Refuse strings with a lone surrogate (JSON's "\\ud800"): no layer or path is named so, and no
+    file can hold them as UTF-8. Walked without recursion: the JSON may nest as deep as the parser allows."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise fail(where, f"{ascii(item)[:60]} is not valid Unicode text (a lone surrogate "
+                                  "\\uXXXX escape)") from None
+
+
+def load_config_json(text: str, where: str, what: str):
+    """The JSON value of a config file's ``text``: a key given twice, a lone surrogate, nesting too deep
+    or a number too long to read are ConfigErrors naming ``where`` (``what``: "config", "retrain config")."""
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise fail(where, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except _DuplicateKey as e:
+        raise fail(where, f"key '{e.args[0]}' appears twice (layer names must be unique)") from None
+    except RecursionError:
+        raise fail(where, f"not valid JSON for a {what}: arrays or objects nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise fail(where, f"not valid JSON for a {what}: a number has too many digits to be read") from None
+    _check_unicode(data, where)
+    return data

@@ -351,50 +351,7 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str = "") -> QuantConfig:
-        try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates)
-        except json.JSONDecodeError as e:
-            raise C.fail(where, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except _DuplicateKey as e:
-            raise C.fail(where, f"key '{e.args[0]}' appears twice (layer names must be unique)") from None
-        except RecursionError:
-            raise C.fail(where, "not valid JSON for a config: arrays or objects nested too deeply") from None
-        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-            raise C.fail(where, "not valid JSON for a config: a number has too many digits to be read") from None
-        _check_unicode(data, where)
-        return cls.from_dict(data, where)
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _check_unicode(data, where: str) -> None:
-    """Refuse strings with a lone surrogate (JSON's "\\ud800"): no layer or path is named so, and no
-    file can hold them as UTF-8. Walked without recursion: the JSON may nest as deep as the parser allows."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise C.fail(where, f"{ascii(item)[:60]} is not valid Unicode text (a lone surrogate "
-                                    "\\uXXXX escape)") from None
-
-
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise _DuplicateKey(k)
-        d[k] = v
-    return d
+        return cls.from_dict(C.load_config_json(text, where, "config"), where)
 
 
 def read_quant_config(path) -> QuantConfig:

@@ -46,14 +46,12 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import ClassVar
 
-from google.protobuf import text_format
 
 from amct_caffe.config import checks as C
 from amct_caffe.config.layer_types import config_type
-from amct_caffe.config.quant_config import _check_unicode, _DuplicateKey, _no_duplicates, layer_where
+from amct_caffe.config.quant_config import layer_where
 from amct_caffe.errors import ConfigError
 from amct_caffe.io.files import atomic_output, read_text
 from amct_caffe.io.schema import records
@@ -235,17 +233,7 @@ class RetrainConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str = "") -> RetrainConfig:
-        try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates)
-        except json.JSONDecodeError as e:
-            raise C.fail(where, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except _DuplicateKey as e:
-            raise C.fail(where, f"key '{e.args[0]}' appears twice (layer names must be unique)") from None
-        except (RecursionError, ValueError):
-            raise C.fail(where, "not valid JSON for a retrain config (nested too deeply, or a number with too "
-                                "many digits)") from None
-        _check_unicode(data, where)
-        return cls.from_dict(data, where)
+        return cls.from_dict(C.load_config_json(text, where, "retrain config"), where)
 
 
 def read_retrain_config(path) -> RetrainConfig:
@@ -348,18 +336,7 @@ def create_retrain_config(graph, config_defination=None) -> RetrainConfig:
 # ------------------------------------------------------------------------------ the simple .cfg
 def parse_retrain_cfg(path):
     """Read a retrain .cfg into a ``RetrainConfig`` message; errors name the file, line and column."""
-    path = Path(path)
-    msg = records().RetrainConfig()
-    try:
-        text_format.Parse(read_text(path, "retrain simple config", ConfigError), msg)
-    except text_format.ParseError as e:
-        line, col = e.GetLine(), e.GetColumn()
-        at = f"{path}:{line}:{col}" if line is not None else str(path)
-        detail = str(e)
-        if line is not None and detail.startswith(f"{line}:{col} : "):
-            detail = detail[len(f"{line}:{col} : "):]
-        raise ConfigError(f"{at}: cannot parse retrain simple config: {detail}") from None
-    return msg
+    return C.parse_text_message(path, records().RetrainConfig(), "retrain simple config")
 
 
 def _set_fields(sub) -> dict:

@@ -36,7 +36,6 @@ import difflib
 import logging
 from pathlib import Path
 
-from google.protobuf import text_format
 
 from amct_caffe.config import checks as C
 from amct_caffe.config import layer_types as T
@@ -44,7 +43,6 @@ from amct_caffe.config.binding import check_skip_fusion_layers, check_weight_par
 from amct_caffe.config.quant_config import (ActivationQuantParams, ArqParams, BnUpdateConfig,
                                             LayerQuantConfig, QuantConfig, SnqParams)
 from amct_caffe.errors import ConfigError
-from amct_caffe.io.files import read_text
 from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
@@ -59,17 +57,7 @@ _FLOAT_FIELDS = {"search_range_start", "search_range_end", "search_step", "max_p
 def parse_simple_cfg(path):
     """Read a .cfg file into an ``AMCTConfig`` message; errors name the file, line and column."""
     path = Path(path)
-    text = read_text(path, "simple config", ConfigError)
-    msg = records().AMCTConfig()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as e:
-        line, col = e.GetLine(), e.GetColumn()
-        at = f"{path}:{line}:{col}" if line is not None else str(path)
-        detail = str(e)
-        if line is not None and detail.startswith(f"{line}:{col} : "):
-            detail = detail[len(f"{line}:{col} : "):]
-        raise ConfigError(f"{at}: cannot parse simple config: {detail}") from None
+    msg = C.parse_text_message(path, records().AMCTConfig(), "simple config")
     missing = msg.FindInitializationErrors()
     if missing:
         raise ConfigError(f"{path}: required field(s) missing: {', '.join(missing)}")
