@@ -80,6 +80,8 @@ Feed = dict[str, np.ndarray]
 DEFAULT_EPOCHS = 3         # passes over the data when ``iterations`` is not given ...
 MIN_ITERATIONS = 200       # ... but at least this many updates
 CLIP_LR, WEIGHT_LR = 2e-3, 2e-2
+OUTPUT_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
+                   "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
 
 
 @dataclass
@@ -106,12 +108,13 @@ class LabelFreeResult:
 
 
 # ------------------------------------------------------------------------------------------ data
-def _feeds(data, model_file, batch_size: int, preprocess) -> list[Feed]:
-    """The data as a list of {input: array} batches (a path is opened as ``calibrate --data``)."""
+def _feeds(data, model_file, preprocess) -> list[Feed]:
+    """The data as a list of {input: array} batches (a path is opened as ``calibrate --data``, in
+    batches of the model's batch size: a deploy prototxt may fix it, e.g. in a Reshape)."""
     if isinstance(data, (str, os.PathLike)):
         shapes = model_inputs(model_file)
         first = next(iter(shapes.values()), None)
-        size = batch_size or (first[0] if first else 1)
+        size = first[0] if first else 1
         if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
             preprocess = Preprocess(**preprocess)
         data = open_source(data, shapes, size, preprocess)
@@ -309,8 +312,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
         if not (math.isfinite(value) and value >= 0):
             raise AmctError(f"{name} must be a finite number >= 0, got {value}")
     with reading(model_file=model_file, weights_file=weights_file):
-        check_output(f"{save_path}_fake_quant_model.prototxt")
-        feeds = _feeds(data, model_file, batch_size, preprocess)
+        for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs
+            check_output(f"{save_path}{suffix}")
+        feeds = _feeds(data, model_file, preprocess)
         model_batch = _batch_of(feeds[0])
         batch = batch_size or model_batch
         samples = sum(_batch_of(f) for f in feeds)
