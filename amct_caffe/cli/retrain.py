@@ -6,18 +6,18 @@ files ``calibrate`` writes are written.
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from amct_caffe.cli.options import (DATA_HELP, add_data_options, api, check_file, check_files, check_output, finite,
                                     open_data, positive, print_outputs)
+from amct_caffe.errors import AmctError
 
 _LOG = logging.getLogger(__name__)
 MIN_SAMPLES = 32  # fewer: warn that the network will fit these samples, not the data they stand for
 
 
 def non_negative_rate(text: str) -> float:
-    import argparse
-
     value = finite(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
@@ -31,13 +31,21 @@ def cmd_retrain(args) -> int:
     if args.preprocess:
         check_file("--preprocess", args.preprocess)
     check_output(args.output)
-    source, _, _ = open_data(args, args.data, model_inputs(args.model), 0)
+    # The FP32 targets and the calibration run in batches of the model's own size (a deploy prototxt may fix
+    # it, e.g. in a Reshape); --batch-size is the training batch.
+    source, _, model_batch = open_data(args, args.data, model_inputs(args.model), 0)
+    samples = source.num_samples
+    if len(source) == 0:
+        raise AmctError(f"--data {args.data} holds {samples} sample(s), fewer than one batch of the model's "
+                        f"{model_batch}: give more data, or a smaller batch with --input-shape")
+    if samples % model_batch:
+        _LOG.warning("%d of the %d samples do not fill a batch of %d and are left out", samples % model_batch,
+                     samples, model_batch)
+        samples -= samples % model_batch
+    if args.batch_size and args.batch_size > samples:
+        raise AmctError(f"--batch-size {args.batch_size} is larger than the {samples} sample(s) of {args.data}")
     # Decoding the first batch now finds an unreadable image or a size mismatch before any work.
     source.batch(0)
-    samples = source.num_samples
-    if args.batch_size and args.batch_size > samples:
-        from amct_caffe.errors import AmctError
-        raise AmctError(f"--batch-size {args.batch_size} is larger than the {samples} sample(s) of {args.data}")
     if samples < MIN_SAMPLES:
         _LOG.warning("retraining on %d samples: with fewer than %d the quantized network fits these samples rather "
                      "than the data they stand for; give more with --data / --select", samples, MIN_SAMPLES)
