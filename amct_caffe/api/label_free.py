@@ -79,7 +79,7 @@ Feed = dict[str, np.ndarray]
 
 DEFAULT_EPOCHS = 3         # passes over the data when ``iterations`` is not given ...
 MIN_ITERATIONS = 200       # ... but at least this many updates
-CLIP_LR, WEIGHT_LR = 2e-3, 2e-2
+CLIP_LR, WEIGHT_LR = 5e-3, 5e-2
 OUTPUT_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
                    "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
 

@@ -63,7 +63,7 @@ def cmd_retrain(args) -> int:
 
 # label_free_retrain's defaults, repeated for --help: the parser must not import the API (numpy...) before
 # the command takes charge of Ctrl-C; tests/test_cli_retrain.py checks that they agree.
-CLIP_LR, WEIGHT_LR, DEFAULT_EPOCHS, MIN_ITERATIONS = 2e-3, 2e-2, 3, 200
+CLIP_LR, WEIGHT_LR, DEFAULT_EPOCHS, MIN_ITERATIONS = 5e-3, 5e-2, 3, 200
 
 
 def add_parser(sub, common) -> None:
