@@ -26,7 +26,7 @@ def test_every_command_has_a_description_and_a_help_line():
     parser = cli.build_parser()
     assert "Quantize Caffe models" in parser.description and "``" not in parser.description
     commands = _subcommands(parser)
-    assert list(commands) == ["inspect", "create-config", "calibrate", "convert", "compare", "run"]
+    assert list(commands) == ["inspect", "create-config", "calibrate", "convert", "retrain", "compare", "run"]
     for name, sub in commands.items():
         assert sub.description and len(sub.description) > 40, name
         assert "``" not in sub.description, name

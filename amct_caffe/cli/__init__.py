@@ -3,6 +3,8 @@
 * ``run`` (:mod:`.run`) runs a model in the embedded executor and prints the top classes per sample;
 * ``calibrate`` / ``convert`` (:mod:`.calibrate`) quantize a model, calibrating on data or from a
   scale/offset record;
+* ``retrain`` (:mod:`.retrain`) quantization-aware training without labels (the INT8 model learns the
+  FP32 model's outputs);
 * ``compare`` (:mod:`.compare`) writes the accuracy report of a quantized model against its float model;
 * ``inspect`` / ``create-config`` (:mod:`.model`) list a model's layers and what quantization does to
   each, and write the quantization config to edit.
@@ -23,7 +25,7 @@ import sys
 import threading
 
 from amct_caffe import log
-from amct_caffe.cli import calibrate, compare, model, run
+from amct_caffe.cli import calibrate, compare, model, retrain, run
 from amct_caffe.errors import AmctError
 
 _LOG = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order of a session: look at the model, quantize it, see what it cost, run it
     model.add_parsers(sub, common)
     calibrate.add_parser(sub, common)
+    retrain.add_parser(sub, common)
     compare.add_parser(sub, common)
     run.add_parser(sub, common)
     return parser

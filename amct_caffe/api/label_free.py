@@ -1,0 +1,354 @@
+"""Label-free quantization-aware training: the INT8 network learns to reproduce the FP32 network.
+
+Most users quantizing a deployed model have images but no labels. :func:`label_free_retrain`
+trains the guide's retrain model (:mod:`amct_caffe.passes.retrain`: a RetrainDataQuant (ULQ,
+learned clips) and a RetrainWeightQuant (ARQ of a trained float weight) in front of every
+Convolution / Deconvolution / InnerProduct) on the deploy prototxt itself, with the FP32
+network's outputs as targets (distillation), and saves it as ``calibrate`` does.
+
+Steps:
+
+1. **PTQ start.** The guide's calibration (IFMR on every batch, weights ARQ-quantized) runs in the
+   executor; each retrained layer's clip range starts at the factors PTQ found::
+
+       clip_max = scale_d * (2^(b-1) - 1 - offset_d),  clip_min = scale_d * (-2^(b-1) - offset_d)
+
+   so iteration 0 is the PTQ model (up to ULQ's float32 rounding of the same grid) and training
+   can only start from there.
+2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample.
+3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
+   (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
+   fold them anyway), the retrain layers, an Input ``<o>_fp32`` per output blob ``o`` and an
+   EuclideanLoss per output, weighted so every output counts alike::
+
+       loss = sum_o  mean_n ||q_o(x_n) - t_o(x_n)||^2 / mean_n ||t_o(x_n)||^2
+
+   (EuclideanLoss computes ``sum ||q - t||^2 / (2 N)``, hence ``loss_weight = 2 / mean_n ||t||^2``).
+   For small errors ``1 - cos(q, t) ~ ||q - t||_perp^2 / (2 ||t||^2)``: the loss is about twice the
+   sum over outputs of ``1 - cosine``, the metric users compare.
+4. **Solver.** Adam (beta1 0.9, beta2 0.999), ``base_lr`` 1 and a linear ("poly", power 1) decay
+   to 0 over ``iterations``; every rate lives in the blobs' ``lr_mult``, scaled so that one Adam
+   step (at most about ``lr_mult`` in size) is a fixed fraction of each parameter's own scale:
+
+   * clips: ``clip_lr * max(|clip_max|, |clip_min|)`` (the PTQ range),
+   * weights: ``weight_lr * mean_c(max |w_c|) / 127`` (a fraction of the mean INT8 weight step),
+   * biases: ``weight_lr * mean_c(max |w_c|) / 127 * clip_max_in`` (that weight step acting on an
+     input at the top of its range),
+   * every other learned blob (a PReLU slope, a Scale not folded): ``lr_mult`` 0.
+
+   No weight decay: the goal is the FP32 function, not a regularised one. Batches are drawn
+   from the cached samples in a new random order every epoch.
+5. **Save.** The trained blobs go into the retrain model (the deploy topology) and
+   :func:`~amct_caffe.api.retrain.save_quant_retrain_model` writes the fake-quant and deploy
+   models and the record, the files ``calibrate`` writes.
+
+Models whose Reshape layers fix the batch axis (``dim: 1``) get ``dim: 0`` (copy) in the training
+net when training with another batch size; the saved models keep the prototxt as written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from amct_caffe import log
+from amct_caffe.api.calibration import create_quant_config
+from amct_caffe.api.outputs import write_graph
+from amct_caffe.api.retrain import save_quant_retrain_model
+from amct_caffe.api.session import load_float_graph
+from amct_caffe.api.workflow import run_calibration
+from amct_caffe.config import RetrainDataConfig, create_retrain_config
+from amct_caffe.data import DataSource, Preprocess, model_inputs, open_source
+from amct_caffe.errors import AmctError
+from amct_caffe.io.paths import check_output, reading
+from amct_caffe.io.schema import caffe_pb
+from amct_caffe.ir import Graph, Node
+from amct_caffe.passes.fusion import fuse_bn_scale
+from amct_caffe.passes.retrain import DATA_QUANT, WEIGHT_QUANT, RetrainSpec, insert_retrain_layers, retrain_specs
+from amct_caffe.runtime import TEST, AdamSolver, Net
+
+_LOG = logging.getLogger(__name__)
+Feed = dict[str, np.ndarray]
+
+DEFAULT_EPOCHS = 3         # passes over the data when ``iterations`` is not given ...
+MIN_ITERATIONS = 200       # ... but at least this many updates
+CLIP_LR, WEIGHT_LR = 5e-3, 5e-2
+OUTPUT_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
+                   "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
+
+
+@dataclass
+class LabelFreeResult:
+    """What :func:`label_free_retrain` wrote and how training went.
+
+    ``losses``: the training loss of every iteration (module doc, step 3); ``loss_start`` /
+    ``loss_end``: their mean over the first / last tenth of the iterations (at least one).
+    """
+
+    outputs: dict[str, str]
+    iterations: int
+    batch_size: int
+    samples: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def loss_start(self) -> float:
+        return float(np.mean(self.losses[:max(1, len(self.losses) // 10)]))
+
+    @property
+    def loss_end(self) -> float:
+        return float(np.mean(self.losses[-max(1, len(self.losses) // 10):]))
+
+
+# ------------------------------------------------------------------------------------------ data
+def _feeds(data, model_file, preprocess) -> list[Feed]:
+    """The data as a list of {input: array} batches (a path is opened as ``calibrate --data``, in
+    batches of the model's batch size: a deploy prototxt may fix it, e.g. in a Reshape)."""
+    if isinstance(data, (str, os.PathLike)):
+        shapes = model_inputs(model_file)
+        first = next(iter(shapes.values()), None)
+        size = first[0] if first else 1
+        if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
+            preprocess = Preprocess(**preprocess)
+        data = open_source(data, shapes, size, preprocess)
+    if isinstance(data, DataSource):
+        return list(data.batches())
+    feeds = [dict(f) for f in data] if isinstance(data, Iterable) else []
+    if not feeds:
+        raise AmctError("label_free_retrain needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
+                        "a non-empty sequence of {input blob: array} batches")
+    return feeds
+
+
+def _batch_of(feed: Feed) -> int:
+    return max(len(np.asarray(v)) for v in feed.values())
+
+
+def _fp32_samples(model_file, weights_file, feeds: list[Feed], bar) -> tuple[dict, dict, list[str]]:
+    """(inputs, FP32 outputs) each as {blob: (samples, ...) array}, and the output names."""
+    net = Net(model_file, weights_file, TEST)
+    inputs: dict[str, list] = {}
+    outputs: dict[str, list] = {}
+    for feed in feeds:
+        n = _batch_of(feed)
+        result = net.forward(**feed)
+        for name, value in feed.items():
+            inputs.setdefault(name, []).append(np.asarray(value, np.float32))
+        for name in net.outputs:
+            value = np.asarray(result[name], np.float32)
+            if value.ndim == 0 or value.shape[0] != n:
+                raise AmctError(f"output '{name}' has shape {list(value.shape)} for a batch of {n}: label-free "
+                                "retraining needs every output blob to hold one row per sample (batch axis first)")
+            outputs.setdefault(name, []).append(value.copy())
+        bar.update(1)
+    return ({k: np.concatenate(v) for k, v in inputs.items()}, {k: np.concatenate(v) for k, v in outputs.items()},
+            list(net.outputs))
+
+
+# ------------------------------------------------------------------------------------ the graph
+def _clip_start(record, spec: RetrainSpec) -> tuple[float, float]:
+    """PTQ's grid as a clip range (module doc, step 1); clip_min 0 with fixed_min."""
+    entry = record.layer(spec.layer)
+    act = entry.activation(0) if entry is not None else None
+    if act is None or act.scale_d is None:
+        raise AmctError(f"layer '{spec.layer}': the calibration gave no scale_d / offset_d to start retraining from")
+    b = spec.data.num_bits
+    scale, offset = float(act.scale_d), int(act.offset_d or 0)
+    cmax = scale * ((1 << (b - 1)) - 1 - offset)
+    cmin = 0.0 if spec.data.fixed_min else min(0.0, scale * (-(1 << (b - 1)) - offset))
+    return float(np.float32(cmax)), float(np.float32(cmin))
+
+
+def _retrain_graph(graph: Graph, record, record_file: str) -> tuple[Graph, list[RetrainSpec]]:
+    """The BN-folded float graph with the retrain layers of every retrainable layer, clips at PTQ's."""
+    config = create_retrain_config(graph)
+    specs = []
+    for spec in retrain_specs(graph, config):
+        cmax, cmin = _clip_start(record, spec)
+        data = RetrainDataConfig(spec.data.algo, cmax, None if spec.data.fixed_min else cmin, spec.data.fixed_min,
+                                 spec.data.num_bits)
+        specs.append(RetrainSpec(spec.layer, spec.layer_type, spec.weight_shape, data, spec.weight))
+    if not specs:
+        raise AmctError(f"model '{graph.name}' has no layer to retrain (Convolution, Deconvolution, InnerProduct "
+                        "with weights)")
+    retrain = insert_retrain_layers(graph, specs, record_file)
+    for node in retrain.nodes:  # start at the clips, not at IFMR of the first batch
+        if node.type == DATA_QUANT:
+            p = node.layer_param.retrain_data_quant_param
+            p.ifmr_init = False
+            spec = next(s for s in specs if s.layer == p.object_layer)
+            p.clip_max = spec.data.clip_max
+            p.clip_min = spec.data.clip_min or 0.0
+            node.params = [np.array([p.clip_max], np.float32), np.array([p.clip_min], np.float32)]
+    return retrain, specs
+
+
+def _set_rates(graph: Graph, clip_lr: float, weight_lr: float) -> None:
+    """Every learned blob's lr_mult (module doc, step 4), decay_mult 0."""
+    clip_of = {}
+    for node in graph.nodes:
+        if node.type == DATA_QUANT:
+            p = node.layer_param.retrain_data_quant_param
+            clip_of[p.object_layer] = max(abs(p.clip_max), abs(p.clip_min))
+    weight_owner = {}
+    for node in graph.nodes:
+        if node.type == WEIGHT_QUANT:
+            weight_owner[graph.consumers(node.tops[0])[0].name] = node
+    for node in graph.nodes:
+        lp = node.layer_param
+        if node.type == DATA_QUANT:
+            rate = clip_lr * clip_of[lp.retrain_data_quant_param.object_layer]
+            for spec in lp.param:
+                spec.lr_mult, spec.decay_mult = rate, 0.0
+        elif node.type == WEIGHT_QUANT:
+            continue  # blob 0: lr_mult 0 already; blob 1 below, with its object layer
+        elif node.name in weight_owner:
+            owner = weight_owner[node.name]
+            w = np.abs(np.asarray(owner.params[1], np.float32))
+            step = float(np.mean(w.reshape(w.shape[0], -1).max(axis=1))) / 127.0
+            owner.layer_param.param[1].lr_mult, owner.layer_param.param[1].decay_mult = weight_lr * step, 0.0
+            while len(lp.param) < len(node.params):
+                lp.param.add()
+            for spec in lp.param[1:]:  # the bias
+                spec.lr_mult, spec.decay_mult = weight_lr * step * clip_of[node.name], 0.0
+        elif node.params:
+            del lp.param[:]
+            for _ in node.params:
+                lp.param.add(lr_mult=0.0, decay_mult=0.0)
+
+
+def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
+                    model_batch: int) -> tuple[Graph, dict[str, str]]:
+    """The retrain graph at ``batch`` with the FP32 targets as inputs and one loss per output;
+    also {output: the Input blob of its target}."""
+    out = retrain.copy()
+    fed = {}
+    missing = sorted(set(targets) - set(out.outputs))
+    if missing:
+        raise AmctError(f"output blob(s) {missing} of the float model are not outputs of the retrain model")
+    for node in out.nodes:
+        lp = node.layer_param
+        if node.type == "Input":
+            for top, shape in zip(node.tops, lp.input_param.shape, strict=False):
+                shape.dim[:] = [batch, *inputs[top].shape[1:]] if top in inputs else shape.dim
+        elif node.type == "Reshape" and batch != model_batch:
+            dims = lp.reshape_param.shape.dim
+            if lp.reshape_param.axis == 0 and len(dims) and dims[0] == model_batch:
+                dims[0] = 0  # copy the batch axis: the deploy prototxt fixes it
+    for name, t in targets.items():
+        top = out.unique_blob_name(f"{name}_fp32")
+        lp = caffe_pb().LayerParameter(name=out.unique_node_name(top), type="Input", top=[top])
+        lp.input_param.shape.add().dim.extend([batch, *t.shape[1:]])
+        out.insert(0, Node(lp.name, "Input", [], [top], [], lp, origin=[]))
+        energy = float(np.mean(np.sum(np.square(t.reshape(len(t), -1).astype(np.float64)), axis=1)))
+        loss = out.unique_node_name(f"{name}_distill_loss")
+        lp = caffe_pb().LayerParameter(name=loss, type="EuclideanLoss", bottom=[name, top], top=[loss])
+        lp.loss_weight.append(2.0 / max(energy, 1e-30))
+        out.insert(len(out.nodes), Node(loss, "EuclideanLoss", [name, top], [loss], [], lp, origin=[]))
+        fed[name] = top
+    return out, fed
+
+
+# ---------------------------------------------------------------------------------------- train
+def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, str], batch: int, iterations: int,
+           bar, seed: int) -> tuple[list[float], str]:
+    """Adam on the training graph; returns the per-iteration losses and the trained caffemodel."""
+    model, weights = os.path.join(work, "train.prototxt"), os.path.join(work, "train.caffemodel")
+    write_graph(graph, model, weights)
+    solver_file = os.path.join(work, "solver.prototxt")
+    with open(solver_file, "w", encoding="utf-8") as f:
+        f.write(f'train_net: "{model}"\ntype: "Adam"\nbase_lr: 1\nlr_policy: "poly"\npower: 1\n'
+                f"max_iter: {iterations}\nmomentum: 0.9\nmomentum2: 0.999\ndelta: 1e-8\nweight_decay: 0\n"
+                "display: 0\nsnapshot: 0\nsnapshot_after_train: false\nsolver_mode: CPU\n")
+    solver = AdamSolver(solver_file, progress=False)
+    solver.net.copy_from(weights)
+    n = len(next(iter(inputs.values())))
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * batch / n) + 1)])
+    losses = []
+    for it in range(iterations):
+        idx = order[it * batch:(it + 1) * batch]
+        for name, value in inputs.items():
+            solver.net.blobs[name].data[...] = value[idx]
+        for name, value in targets.items():
+            solver.net.blobs[fed[name]].data[...] = value[idx]
+        solver.step(1)
+        losses.append(float(solver.net.loss))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3e}")
+        bar.update(1)
+    trained = os.path.join(work, "trained.caffemodel")
+    solver.net.save(trained)
+    return losses, trained
+
+
+def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
+                       batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float = WEIGHT_LR,
+                       seed: int = 0, progress: bool = True) -> LabelFreeResult:
+    """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
+
+    ``model_file`` / ``weights_file``: the float deploy model (Input layers). ``data``: what
+    ``amct-caffe calibrate --data`` takes (a path, read with ``batch_size`` (0: the model's) and
+    ``preprocess``, a :class:`~amct_caffe.data.Preprocess` or its fields) or a sequence of
+    {input blob: array} batches. ``iterations``: Adam updates (default: ``DEFAULT_EPOCHS``
+    passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size`` samples (0: the
+    first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4).
+
+    Writes the files ``calibrate`` writes (``{save_path}_fake_quant_model.prototxt``,
+    ``_fake_quant_weights.caffemodel``, ``_deploy_model.prototxt``, ``_deploy_weights.caffemodel``,
+    ``_quant.json``, ``_quant_param_record.txt`` / ``.bin``), all or nothing, never over an input.
+    The math is in the module doc.
+    """
+    log.setup()
+    if iterations is not None and iterations < 1:
+        raise AmctError(f"iterations must be a positive integer, got {iterations}")
+    for name, value in (("clip_lr", clip_lr), ("weight_lr", weight_lr)):
+        if not (math.isfinite(value) and value >= 0):
+            raise AmctError(f"{name} must be a finite number >= 0, got {value}")
+    with reading(model_file=model_file, weights_file=weights_file):
+        for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs
+            check_output(f"{save_path}{suffix}")
+        feeds = _feeds(data, model_file, preprocess)
+        model_batch = _batch_of(feeds[0])
+        batch = batch_size or model_batch
+        samples = sum(_batch_of(f) for f in feeds)
+        if batch > samples:
+            raise AmctError(f"batch size {batch} is larger than the {samples} sample(s) of the data")
+        iterations = iterations or max(MIN_ITERATIONS, math.ceil(DEFAULT_EPOCHS * samples / batch))
+        with tempfile.TemporaryDirectory(prefix="amct_lfqat_") as work, \
+                tqdm(total=2 * len(feeds) + iterations, desc="label-free QAT", unit="step",
+                     disable=not progress) as bar:
+            config = os.path.join(work, "config.json")
+            create_quant_config(config, model_file, weights_file, batch_num=len(feeds))
+            bar.set_description("calibration")
+            session = run_calibration(config, model_file, weights_file, _counted(feeds, bar), work, progress=False)
+            bar.set_description("FP32 targets")
+            inputs, targets, _ = _fp32_samples(model_file, weights_file, feeds, bar)
+            graph = load_float_graph(model_file, weights_file)
+            fuse_bn_scale(graph)
+            record_file = os.path.join(work, "retrain_record.txt")
+            retrain, _ = _retrain_graph(graph, session.record, record_file)
+            _set_rates(retrain, clip_lr, weight_lr)
+            train_graph, fed = _training_graph(retrain, inputs, targets, batch, model_batch)
+            bar.set_description("retrain")
+            losses, trained = _train(train_graph, work, inputs, targets, fed, batch, iterations, bar, seed)
+            retrain_model, retrain_weights = os.path.join(work, "retrain.prototxt"), os.path.join(work, "r.caffemodel")
+            write_graph(retrain, retrain_model, retrain_weights)
+            outputs = save_quant_retrain_model(retrain_model, trained, "Both", save_path)
+    result = LabelFreeResult(outputs, iterations, batch, samples, losses)
+    _LOG.info("label-free QAT: %d iteration(s) of %d sample(s); loss %.4g -> %.4g", iterations, batch,
+              result.loss_start, result.loss_end)
+    return result
+
+
+def _counted(feeds: list[Feed], bar):
+    for feed in feeds:
+        yield feed
+        bar.update(1)
+

@@ -1,0 +1,146 @@
+"""Label-free QAT against PTQ on real models, on images the training never saw.
+
+    python benchmarks/label_free_qat.py [--cases ultraface,open_nsfw] [--limit N] [--iterations N]
+                                        [--batch-size B] [--out DIR]
+
+Data: ``../shared/data/imagenet_samples`` (1,000 photos sorted by file name; ``AMCT_SHARED``
+overrides ``../shared``). As its README says, the 100 photos whose index is a multiple of 10
+calibrate (PTQ) and train (label-free QAT); the other 900 are unseen (``--limit N``: N of them,
+evenly spaced; default 200, 0 = all).
+
+* ``ultraface``: UltraFace slim-320, RGB, ``(x - 127) / 128``, resized to 240x320; every
+  quantizable layer INT8 (the default config: no layer kept float). Outputs ``boxes``, ``scores``.
+* ``open_nsfw``: ResNet-50-1by2, BGR, mean (104, 117, 123), resize 256x256, centre crop 224.
+  Output ``prob``; also mean |p_nsfw(INT8) - p_nsfw(FP32)|.
+
+PTQ: :func:`amct_caffe.api.workflow.calibrate` (the guide's flow, IFMR over the 100 photos in
+batches of 1). QAT: :func:`amct_caffe.label_free_retrain` with its defaults unless ``--iterations``
+/ ``--batch-size`` are given. Both fake-quant models run on the unseen photos beside the FP32
+model; the metric is, per output blob, the mean over photos of cosine(FP32, INT8), and the worst
+of those (the target: QAT >= 0.999 on UltraFace). Prints a table and the wall times.
+
+Measured (``--limit 150``, defaults: 300 iterations of 1 photo, clip_lr 0.005, weight_lr 0.05; 2 cores,
+shared with other jobs)::
+
+    ultraface  worst-output (boxes) mean cosine  PTQ 0.986333  QAT 0.996941   (scores 0.999960 / 0.999987)
+               wall time                          41.7 s        324.9 s
+    open_nsfw  mean cosine prob                   PTQ 0.999868  QAT 0.994934
+               mean |dp_nsfw|                     0.001748      0.014236
+               wall time                          72.8 s        201.4 s
+
+UltraFace improves but misses 0.999; on open_nsfw the defaults make QAT worse than PTQ (the training
+loss ends above the PTQ start's): the rates are too large for it. Not solved yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AMCT_SHARED", ROOT.parent / "shared"))
+if str(ROOT) not in sys.path:  # run from the checkout: use its amct_caffe
+    sys.path.insert(0, str(ROOT))
+
+CASES = {
+    "ultraface": dict(model="ultraface_slim320/slim-320.prototxt", weights="ultraface_slim320/slim-320.caffemodel",
+                      input="input", shape=(1, 3, 240, 320),
+                      pre=dict(size=(240, 320), channel_order="RGB", mean=(127.0,), std=(128.0,)),
+                      eval_batch=1),  # its Reshape layers fix the batch axis to 1
+    "open_nsfw": dict(model="open_nsfw/deploy.prototxt", weights="open_nsfw/resnet_50_1by2_nsfw.caffemodel",
+                      input="data", shape=(1, 3, 224, 224),
+                      pre=dict(size=(256, 256), crop=(224, 224), channel_order="BGR", mean=(104.0, 117.0, 123.0)),
+                      eval_batch=8),
+}
+
+
+def _feeds(src, ids: list[int], name: str, batch: int) -> list[dict]:
+    return [{name: np.stack([src.sample(name, i) for i in ids[k:k + batch]])} for k in range(0, len(ids), batch)]
+
+
+def run_case(case: str, args, out: Path) -> dict:
+    from amct_caffe import label_free_retrain
+    from amct_caffe.api.compare import cosine_rows, sample_rows
+    from amct_caffe.api.workflow import calibrate
+    from amct_caffe.data import ImageFolder, Preprocess
+    from amct_caffe.runtime import TEST, Net
+
+    spec = CASES[case]
+    model, weights = SHARED / "models" / spec["model"], SHARED / "models" / spec["weights"]
+    src = ImageFolder(SHARED / "data" / "imagenet_samples", {spec["input"]: spec["shape"]}, Preprocess(**spec["pre"]))
+    n = src.num_samples
+    train_ids = list(range(0, n, 10))
+    unseen = [i for i in range(n) if i % 10]
+    if args.limit and args.limit < len(unseen):
+        unseen = [unseen[int(k)] for k in np.linspace(0, len(unseen) - 1, args.limit).round()]
+    train = _feeds(src, train_ids, spec["input"], 1)
+    evals = _feeds(src, unseen, spec["input"], spec["eval_batch"])
+
+    t = time.perf_counter()
+    ptq = calibrate(str(model), str(weights), train, str(out / case / "ptq"), len(train), progress=False)
+    ptq_time = time.perf_counter() - t
+    t = time.perf_counter()
+    qat = label_free_retrain(str(model), str(weights), train, str(out / case / "qat"), iterations=args.iterations,
+                             batch_size=args.batch_size, progress=True)
+    qat_time = time.perf_counter() - t
+
+    nets = {"fp32": Net(str(model), str(weights), TEST),
+            "ptq": Net(ptq["fake_quant_model"], ptq["fake_quant_weights"], TEST),
+            "qat": Net(qat.outputs["fake_quant_model"], qat.outputs["fake_quant_weights"], TEST)}
+    outputs = list(nets["fp32"].outputs)
+    cos = {k: {o: [] for o in outputs} for k in ("ptq", "qat")}
+    dp = {"ptq": [], "qat": []}
+    for feed in evals:
+        b = len(next(iter(feed.values())))
+        got = {k: {o: np.array(net.forward(**feed)[o]) for o in outputs} for k, net in nets.items()}
+        for k in ("ptq", "qat"):
+            for o in outputs:
+                cos[k][o].append(cosine_rows(sample_rows(got["fp32"][o], b), sample_rows(got[k][o], b)))
+            if case == "open_nsfw":
+                dp[k].append(np.abs(got[k]["prob"].reshape(b, -1)[:, 1] - got["fp32"]["prob"].reshape(b, -1)[:, 1]))
+    row = {"case": case, "train": len(train_ids), "unseen": len(unseen), "ptq_time": ptq_time, "qat_time": qat_time,
+           "iterations": qat.iterations, "batch": qat.batch_size, "loss": (qat.loss_start, qat.loss_end)}
+    for k in ("ptq", "qat"):
+        per = {o: float(np.concatenate(v).mean()) for o, v in cos[k].items()}
+        row[k] = {"worst": min(per.values()), "per_output": per}
+        if case == "open_nsfw":
+            row[k]["dp_nsfw"] = float(np.concatenate(dp[k]).mean())
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="ultraface,open_nsfw")
+    ap.add_argument("--limit", type=int, default=200, help="unseen photos evaluated (evenly spaced; 0: all 900)")
+    ap.add_argument("--iterations", type=int, default=None, help="QAT iterations (default: label_free_retrain's)")
+    ap.add_argument("--batch-size", type=int, default=0, help="QAT batch (default: the model's, 1)")
+    ap.add_argument("--out", default=None, help="keep the models here (default: a temporary folder)")
+    args = ap.parse_args()
+    os.environ.setdefault("AMCT_LOG_LEVEL", "WARNING")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lfqat_bench_") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        for case in args.cases.split(","):
+            rows.append(run_case(case.strip(), args, out))
+    print(f"\n{'case':<10} {'metric (unseen photos)':<34} {'PTQ':>12} {'label-free QAT':>15}")
+    for r in rows:
+        print(f"{r['case']:<10} {'worst-output mean cosine':<34} {r['ptq']['worst']:>12.6f} {r['qat']['worst']:>15.6f}")
+        for o in r["ptq"]["per_output"]:
+            print(f"{'':<10} {'  mean cosine ' + o:<34} {r['ptq']['per_output'][o]:>12.6f} "
+                  f"{r['qat']['per_output'][o]:>15.6f}")
+        if "dp_nsfw" in r["ptq"]:
+            print(f"{'':<10} {'mean |dp_nsfw|':<34} {r['ptq']['dp_nsfw']:>12.6f} {r['qat']['dp_nsfw']:>15.6f}")
+        print(f"{'':<10} {'wall time (s)':<34} {r['ptq_time']:>12.1f} {r['qat_time']:>15.1f}")
+        print(f"{'':<10} {'':<34} {'':>12} ({r['iterations']} it x {r['batch']}, loss {r['loss'][0]:.2e} -> "
+              f"{r['loss'][1]:.2e}; {r['train']} train / {r['unseen']} unseen)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

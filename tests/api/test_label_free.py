@@ -1,0 +1,109 @@
+"""label_free_retrain on the bundled LeNet and MNIST sample, the digits used without their labels.
+
+The first 256 digits train (4 batches of 64), the last 192 are unseen. The training loss must
+fall, and the saved fake-quant model must be closer to the FP32 model than PTQ's (the mean
+cosine of the outputs, on the training digits and on the unseen ones).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amct_caffe as amct
+from amct_caffe.api.compare import cosine_rows
+from amct_caffe.api.label_free import CLIP_LR, DEFAULT_EPOCHS, MIN_ITERATIONS, WEIGHT_LR
+from amct_caffe.api.workflow import calibrate
+from amct_caffe.errors import AmctError
+from amct_caffe.runtime import TEST, Net
+
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "mnist"
+MODEL, WEIGHTS = SAMPLE / "lenet.prototxt", SAMPLE / "lenet_iter_10000.caffemodel"
+
+
+def _batches(images: np.ndarray) -> list[dict[str, np.ndarray]]:
+    x = images.astype(np.float32)[:, None] * np.float32(0.00390625)
+    return [{"data": x[i:i + 64]} for i in range(0, len(x) - 63, 64)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    with np.load(SAMPLE / "mnist_500.npz") as f:
+        images = f[f.files[0]] if "images" not in f.files else f["images"]
+    return _batches(images[:256]), _batches(images[-192:])
+
+
+def _cosine(model, weights, batches) -> float:
+    fp, q = Net(str(MODEL), str(WEIGHTS), TEST), Net(str(model), str(weights), TEST)
+    cos = [cosine_rows(np.asarray(fp.forward(**b)["prob"]).reshape(64, -1),
+                       np.asarray(q.forward(**b)["prob"]).reshape(64, -1)) for b in batches]
+    return float(np.concatenate(cos).mean())
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory):
+    train, _ = digits
+    work = tmp_path_factory.mktemp("lfqat")
+    ptq = calibrate(str(MODEL), str(WEIGHTS), train, str(work / "ptq" / "lenet"), len(train), progress=False)
+    qat = amct.label_free_retrain(str(MODEL), str(WEIGHTS), train, str(work / "qat" / "lenet"), iterations=80,
+                                  progress=False)
+    return ptq, qat
+
+
+def test_writes_the_files_calibrate_writes(runs):
+    ptq, qat = runs
+    assert sorted(qat.outputs) == sorted(ptq)
+    for path in qat.outputs.values():
+        assert Path(path).is_file(), path
+    assert "lenet_" in Path(qat.outputs["deploy_model"]).name
+
+
+def test_the_loss_falls(runs):
+    _, qat = runs
+    assert len(qat.losses) == qat.iterations == 80 and qat.batch_size == 64 and qat.samples == 256
+    assert all(np.isfinite(qat.losses))
+    assert qat.loss_end < 0.7 * qat.loss_start, (qat.loss_start, qat.loss_end)
+
+
+@pytest.mark.parametrize("split", ["training", "unseen"])
+def test_closer_to_fp32_than_ptq(runs, digits, split):
+    ptq, qat = runs
+    batches = digits[0] if split == "training" else digits[1]
+    before = _cosine(ptq["fake_quant_model"], ptq["fake_quant_weights"], batches)
+    after = _cosine(qat.outputs["fake_quant_model"], qat.outputs["fake_quant_weights"], batches)
+    assert 1 - after < 1 - before, (before, after)
+    deploy = _cosine(qat.outputs["deploy_model"], qat.outputs["deploy_weights"], batches)
+    assert deploy > before - 1e-4, (before, deploy)
+
+
+def test_the_clis_help_defaults_are_the_apis():
+    from amct_caffe.cli import retrain
+
+    assert (retrain.CLIP_LR, retrain.WEIGHT_LR, retrain.DEFAULT_EPOCHS, retrain.MIN_ITERATIONS) == (
+        CLIP_LR, WEIGHT_LR, DEFAULT_EPOCHS, MIN_ITERATIONS)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"iterations": 0}, "iterations must be a positive integer"),
+    ({"clip_lr": -1.0}, "clip_lr must be a finite number >= 0"),
+    ({"weight_lr": float("nan")}, "weight_lr must be a finite number >= 0"),
+    ({"batch_size": 1000}, "batch size 1000 is larger than the 256 sample(s)"),
+])
+def test_bad_arguments(digits, tmp_path, kwargs, message):
+    with pytest.raises(AmctError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        amct.label_free_retrain(str(MODEL), str(WEIGHTS), digits[0], str(tmp_path / "q"), progress=False, **kwargs)
+
+
+def test_no_data(tmp_path):
+    with pytest.raises(AmctError, match="needs data"):
+        amct.label_free_retrain(str(MODEL), str(WEIGHTS), [], str(tmp_path / "q"), progress=False)
+
+
+def test_outputs_never_overwrite_inputs(digits, tmp_path):
+    """An output prefix that would write over the model is refused before any work."""
+    model = tmp_path / "m_fake_quant_model.prototxt"
+    model.write_text(MODEL.read_text())
+    with pytest.raises(AmctError):
+        amct.label_free_retrain(str(model), str(WEIGHTS), digits[0], str(tmp_path / "m"), progress=False)
