@@ -97,6 +97,11 @@ class LabelFreeResult:
     batch_size: int
     samples: int
     losses: list[float] = field(default_factory=list)
+    # the distillation loss over all the data before and after training, and whether the trained
+    # model was kept (False: training did not lower it, so the calibrated start was saved)
+    data_loss_before: float = float("nan")
+    data_loss_after: float = float("nan")
+    kept_trained: bool = True
 
     @property
     def loss_start(self) -> float:
@@ -257,9 +262,29 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
 
 
 # ---------------------------------------------------------------------------------------- train
+def _data_loss(net, inputs: dict, targets: dict, fed: dict[str, str], batch: int) -> float:
+    """Mean distillation loss of ``net`` over every whole batch of the data, in order (forward only)."""
+    n = len(next(iter(inputs.values())))
+    losses = []
+    for start in range(0, n - batch + 1, batch):
+        idx = np.arange(start, start + batch)
+        for name, value in inputs.items():
+            net.blobs[name].data[...] = value[idx]
+        for name, value in targets.items():
+            net.blobs[fed[name]].data[...] = value[idx]
+        net.forward()
+        losses.append(float(net.loss))
+    return float(np.mean(losses))
+
+
 def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, str], batch: int, iterations: int,
-           bar, seed: int) -> tuple[list[float], str]:
-    """Adam on the training graph; returns the per-iteration losses and the trained caffemodel."""
+           bar, seed: int) -> tuple[list[float], str, float, float]:
+    """Adam on the training graph; returns the per-iteration losses, the caffemodel to save and the
+    data loss before and after training.
+
+    The saved model is the trained one only if training lowered the loss over all the data; else
+    the start (the calibrated, PTQ factors), so that label-free QAT never ends worse than PTQ.
+    """
     model, weights = os.path.join(work, "train.prototxt"), os.path.join(work, "train.caffemodel")
     write_graph(graph, model, weights)
     solver_file = os.path.join(work, "solver.prototxt")
@@ -269,6 +294,9 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
                 "display: 0\nsnapshot: 0\nsnapshot_after_train: false\nsolver_mode: CPU\n")
     solver = AdamSolver(solver_file, progress=False)
     solver.net.copy_from(weights)
+    before = _data_loss(solver.net, inputs, targets, fed, batch)
+    start = os.path.join(work, "start.caffemodel")
+    solver.net.save(start)  # after that forward: the clips as ClipCheck leaves them
     n = len(next(iter(inputs.values())))
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * batch / n) + 1)])
@@ -283,9 +311,15 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
         losses.append(float(solver.net.loss))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3e}")
         bar.update(1)
+    after = _data_loss(solver.net, inputs, targets, fed, batch)
+    if not after < before:
+        _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
+                     "after): keeping the calibrated factors; try fewer iterations or smaller --clip-lr / "
+                     "--weight-lr", before, after)
+        return losses, start, before, after
     trained = os.path.join(work, "trained.caffemodel")
     solver.net.save(trained)
-    return losses, trained
+    return losses, trained, before, after
 
 
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
@@ -337,11 +371,12 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             _set_rates(retrain, clip_lr, weight_lr)
             train_graph, fed = _training_graph(retrain, inputs, targets, batch, model_batch)
             bar.set_description("retrain")
-            losses, trained = _train(train_graph, work, inputs, targets, fed, batch, iterations, bar, seed)
+            losses, trained, before, after = _train(train_graph, work, inputs, targets, fed, batch, iterations, bar,
+                                                    seed)
             retrain_model, retrain_weights = os.path.join(work, "retrain.prototxt"), os.path.join(work, "r.caffemodel")
             write_graph(retrain, retrain_model, retrain_weights)
             outputs = save_quant_retrain_model(retrain_model, trained, "Both", save_path)
-    result = LabelFreeResult(outputs, iterations, batch, samples, losses)
+    result = LabelFreeResult(outputs, iterations, batch, samples, losses, before, after, after < before)
     _LOG.info("label-free QAT: %d iteration(s) of %d sample(s); loss %.4g -> %.4g", iterations, batch,
               result.loss_start, result.loss_end)
     return result
