@@ -64,6 +64,11 @@ def _cases():
             f"{k}_expose_static_restart": (_recurrent(kind, 4, 3, (2,), 3, static=(5,), expose=True), "restart",
                                            "TRAIN", {}),
             f"{k}_test_phase": (_recurrent(kind, 3, 2, (4,), 3, static=(3,), expose=True), "ones", "TEST", {}),
+            # an in-place layer on the final state: Caffe's last step reads that memory in backward
+            f"{k}_expose_in_place": (_recurrent(kind, 3, 2, (3,), 3, expose=True, after=(
+                'layer { name: "s" type: "Sigmoid" bottom: "hT" top: "hT" }\n' + (
+                    'layer { name: "s2" type: "Sigmoid" bottom: "cT" top: "cT" }\n' if kind == "LSTM" else ""))),
+                "restart", "TRAIN", {}),
             # GEMMs of some size: K = 60 for the inputs, M = T * N = 48
             f"{k}_wide": (_recurrent(kind, 6, 8, (60,), 24, static=(40,)), "restart", "TRAIN", {}),
             # the final state of forward 0 is forward 1's initial state (cont = 1 at t = 0 there)

@@ -33,6 +33,9 @@ diffs of ``hT`` / ``cT`` are ignored (Caffe never shares them) and none reaches 
 layer writes those diffs whatever ``propagate_down`` and ``lr_mult`` say. The per-step products
 add into the shared weights' diffs from ``t = T`` down to ``t = 1``, as the unrolled layers run;
 the static input's diff is the sum of the steps' gate diffs taken in ``t`` order (its Split).
+The ``hT`` / ``cT`` tops share the memory of the unrolled net's last state, which the last step's
+backward reads (LSTMUnit's ``tanh(c_T)``, the RNN's TanH and W_ho on ``h_T``): a layer working in
+place on them changes the gradient in Caffe, so the backward reads them from the tops too.
 """
 
 from __future__ import annotations
@@ -213,6 +216,10 @@ class _Recurrent(Layer):
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         if propagate_down[1]:
             raise GraphError(f"layer '{self.name}' ({self.type}): cannot back-propagate to the sequence indicators")
+        if self.expose:
+            # Caffe's hT / cT tops share the data of the unrolled net's last state blobs, which the last
+            # step's backward reads: a layer working in place on those tops changes the gradient
+            self._cache["final"] = [np.asarray(top, _F32)[0] for top in tops[1:]]
         dgates = self._step_backward(np.asarray(top_diffs[0], _F32), np.asarray(bottoms[1], _F32))
         return self._input_backward(bottoms, dgates)
 
@@ -258,8 +265,8 @@ class LSTMLayer(_Recurrent):
         dh_rec = None
         for t in range(steps - 1, -1, -1):
             dh = dh_out[t] if dh_rec is None else dh_rec + dh_out[t]   # h_t's Split
-            dc, dz = lstm_unit_backward(cache["cells"][t], cache["gates"][t], cont[t], cache["cells"][t + 1],
-                                        dc, dh)
+            c = cache["final"][1] if t == steps - 1 and "final" in cache else cache["cells"][t + 1]
+            dc, dz = lstm_unit_backward(cache["cells"][t], cache["gates"][t], cont[t], c, dc, dh)
             dgates[t] = dz
             self.blobs[self._hidden_index()].diff += dz.T @ cache["conted"][t]
             dh_rec = (dz @ w_hc) * cont[t][:, None]   # transform_t, then h_conted_{t-1}'s Scale backward
@@ -308,7 +315,7 @@ class RNNLayer(_Recurrent):
         dpre = np.empty_like(do_out)
         dh_rec = None
         for t in range(steps - 1, -1, -1):
-            h = cache["hidden"][t]
+            h = cache["final"][0] if t == steps - 1 and "final" in cache else cache["hidden"][t]
             dwo = TanH_grad(do_out[t], None, cache["out"][t])
             _accumulate_ip_grads(self.blobs, k + 1, k + 2, dwo, h)
             dh = dwo @ w_ho
