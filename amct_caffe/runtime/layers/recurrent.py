@@ -47,9 +47,9 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.ops import register
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.layers.activation import TanH
 from amct_caffe.runtime.layers.activation_grad import TanH_grad
 from amct_caffe.runtime.layers.inner_product import InnerProduct
+from amct_caffe.runtime.layers.libm_float import tanhf
 from amct_caffe.runtime.layers.lstm_unit import lstm_unit_backward, lstm_unit_forward
 
 _F32 = np.float32
@@ -107,8 +107,8 @@ class _Recurrent(Layer):
     # -- structure --------------------------------------------------------------------
     def _input_shapes(self, bottom_shapes):
         x, cont = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
-        if len(x) < 2:
-            raise GraphError(f"layer '{self.name}' ({self.type}): x must have at least 2 axes (T, N, ...), "
+        if len(x) < 3:  # recurrent_layer.cpp asks for 2, then its InnerProduct on axis 2 aborts on fewer than 3
+            raise GraphError(f"layer '{self.name}' ({self.type}): x must have at least 3 axes (T, N, ...), "
                              f"got {list(x)}")
         if cont != x[:2]:
             raise GraphError(f"layer '{self.name}' ({self.type}): cont must be (T, N) = {list(x[:2])}, "
@@ -220,6 +220,8 @@ class _Recurrent(Layer):
             # Caffe's hT / cT tops share the data of the unrolled net's last state blobs, which the last
             # step's backward reads: a layer working in place on those tops changes the gradient
             self._cache["final"] = [np.asarray(top, _F32)[0] for top in tops[1:]]
+            # likewise c0 is the unrolled net's c_0, which the first LSTMUnit's backward reads
+            self._cache["initial"] = [np.asarray(b, _F32)[0] for b in bottoms[2 + self.static:]]
         dgates = self._step_backward(np.asarray(top_diffs[0], _F32), np.asarray(bottoms[1], _F32))
         return self._input_backward(bottoms, dgates)
 
@@ -266,7 +268,8 @@ class LSTMLayer(_Recurrent):
         for t in range(steps - 1, -1, -1):
             dh = dh_out[t] if dh_rec is None else dh_rec + dh_out[t]   # h_t's Split
             c = cache["final"][1] if t == steps - 1 and "final" in cache else cache["cells"][t + 1]
-            dc, dz = lstm_unit_backward(cache["cells"][t], cache["gates"][t], cont[t], c, dc, dh)
+            c_prev = cache["initial"][1] if t == 0 and "initial" in cache else cache["cells"][t]
+            dc, dz = lstm_unit_backward(c_prev, cache["gates"][t], cont[t], c, dc, dh)
             dgates[t] = dz
             self.blobs[self._hidden_index()].diff += dz.T @ cache["conted"][t]
             dh_rec = (dz @ w_hc) * cont[t][:, None]   # transform_t, then h_conted_{t-1}'s Scale backward
@@ -298,8 +301,8 @@ class RNNLayer(_Recurrent):
             z += wx[t]                                # Eltwise SUM h_input_sum_t
             if ws is not None:
                 z += ws
-            h = TanH(z)                               # h_neuron_t
-            o = TanH(_ip(h, w_ho, b_o))               # W_ho_h_t, o_neuron_t
+            h = tanhf(z)                              # h_neuron_t (TanH: glibc's tanhf)
+            o = tanhf(_ip(h, w_ho, b_o))              # W_ho_h_t, o_neuron_t
             conted.append(hc)
             hs.append(h)
             os_.append(o)
