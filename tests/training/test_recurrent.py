@@ -167,3 +167,30 @@ def test_hidden_state_diffs_stay_zero(caffe_results):
     ref = caffe_grads(workdir, "lstm_expose")
     assert not ref["diff/h0"].any() and not ref["diff/c0"].any()
     assert ref["diff/x"].any()
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_expose_hidden_splits_a_sequence(tmp_path, kind):
+    """Two halves chained through hT / cT -> h0 / c0 give the whole sequence's output (no Caffe needed)."""
+    from amct_caffe.runtime import TEST, Net  # noqa: PLC0415
+
+    t, n, d, hidden = 6, 3, 4, 5
+    whole = tmp_path / "whole.prototxt"
+    whole.write_text(_recurrent(kind, t, n, (d,), hidden, expose=True))
+    half = tmp_path / "half.prototxt"
+    half.write_text(_recurrent(kind, t // 2, n, (d,), hidden, expose=True))
+    net = Net(str(whole), TEST)
+    weights = tmp_path / "w.caffemodel"
+    net.save(str(weights))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((t, n, d)).astype(np.float32)
+    cont = _cont("restart", t, n)
+    states = {s: rng.standard_normal((1, n, hidden)).astype(np.float32)
+              for s in (["h0", "c0"] if kind == "LSTM" else ["h0"])}
+    full = {k: np.array(v) for k, v in net.forward(x=x, cont=cont, **states).items()}
+    part = Net(str(half), str(weights), TEST)
+    first = {k: np.array(v) for k, v in part.forward(x=x[:t // 2], cont=cont[:t // 2], **states).items()}
+    nxt = {"h0": first["hT"]} | ({"c0": first["cT"]} if kind == "LSTM" else {})
+    second = part.forward(x=x[t // 2:], cont=cont[t // 2:], **nxt)
+    np.testing.assert_allclose(np.concatenate([first["y"], second["y"]]), full["y"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(second["hT"], full["hT"], rtol=0, atol=1e-6)
