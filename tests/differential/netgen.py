@@ -32,8 +32,8 @@ COVERED = (
     "AbsVal", "ArgMax", "BNLL", "BatchNorm", "BatchNormKyle", "BatchReindex", "Bias",
     "BilinearInterpolate", "Concat", "Convolution", "Crop", "Deconvolution", "DetectionOutput",
     "Dropout", "ELU", "Eltwise", "Exp", "Flatten", "HardSigmoid", "HardSwish", "InnerProduct",
-    "LRN", "Log", "MVN", "MaxUnPool", "Normalize", "PReLU", "Permute", "Pooling",
-    "Power", "PriorBox", "ReLU", "ReLU6", "Reduction", "Reshape", "Resize", "SPP", "Scale",
+    "LRN", "LSTM", "LSTMUnit", "Log", "MVN", "MaxUnPool", "Normalize", "PReLU", "Permute", "Pooling",
+    "Power", "PriorBox", "RNN", "ReLU", "ReLU6", "Reduction", "Reshape", "Resize", "SPP", "Scale",
     "Sigmoid", "Silence", "Slice", "Softmax", "Split", "TanH", "Threshold", "Tile", "Unsqueeze",
     "Upsample",
 )
@@ -1123,15 +1123,72 @@ def mk_detection(b):
     return True
 
 
+def _cont_input(b, t, n) -> str:
+    """A (T, N) Input of 0/1 sequence indicators: a new sequence at t = 0, restarts now and then."""
+    cont = (b.r.random((t, n)) < 0.8).astype(np.float32)
+    cont[0] = 0 if b.p(0.7) else cont[0]
+    return b.input((t, n), data=cont, name=b.fresh("cont"))
+
+
+def _recurrent(b, kind):
+    # (T, N, ...) with at least 3 axes: the InnerProduct on axis 2 of Caffe's unrolled net needs them,
+    # a 2-axis x now and then to see both refuse it
+    min_axes = 2 if b.p(0.05) else 3
+    x = b.pick(lambda s: len(s) >= min_axes and math.prod(s[2:]) <= 200 and s[0] <= 8)
+    if x is None:
+        return False
+    s = b.shapes[x]
+    t, n = s[0], s[1]
+    hidden = b.ri(1, 8)
+    bottoms = [x, _cont_input(b, t, n)]
+    if b.p(0.3):  # a static input (N, ...)
+        bottoms.append(b.input((n,) + ((b.ri(1, 5),) if b.p(0.6) else (b.ri(1, 3), b.ri(1, 3)))))
+    states = 2 if kind == "LSTM" else 1
+    expose = b.p(0.3)
+    prm = {"num_output": hidden}
+    if expose:
+        prm["expose_hidden"] = True
+        bottoms += [b.input((1, n, hidden)) for _ in range(states)]
+    tops = [b.fresh() for _ in range(1 + (states if expose else 0))]
+    b.add(kind, bottoms, tops, {"recurrent_param": prm})
+    b.shapes[tops[0]] = (t, n, hidden)
+    for top in tops[1:]:
+        b.shapes[top] = (1, n, hidden)
+    return True
+
+
+def mk_lstm(b):
+    return _recurrent(b, "LSTM")
+
+
+def mk_rnn(b):
+    return _recurrent(b, "RNN")
+
+
+def mk_lstmunit(b):
+    gates = b.pick(lambda s: len(s) == 3 and s[0] == 1 and s[2] % 4 == 0)
+    if gates is None or b.p(0.5):
+        gates = b.input((1, b.ri(1, 4), 4 * b.ri(1, 6)))
+    _, n, h4 = b.shapes[gates]
+    c_prev = b.input((1, n, h4 // 4))
+    cont = _cont_input(b, 1, n)
+    c, h = b.fresh(), b.fresh()
+    b.add("LSTMUnit", [c_prev, gates, cont], [c, h])
+    b.shapes[c] = b.shapes[h] = (1, n, h4 // 4)
+    return True
+
+
 MAKERS = {
     "AbsVal": mk_absval, "ArgMax": mk_argmax, "BNLL": mk_bnll, "BatchNorm": mk_batchnorm,
     "BatchNormKyle": mk_bnkyle, "BatchReindex": mk_batchreindex, "Bias": mk_bias,
     "BilinearInterpolate": mk_bilinear, "Concat": mk_concat, "Convolution": mk_conv, "Crop": mk_crop,
     "Deconvolution": mk_deconv, "DetectionOutput": mk_detection, "Dropout": mk_dropout, "ELU": mk_elu,
     "Eltwise": mk_eltwise, "Exp": mk_exp, "Flatten": mk_flatten, "HardSigmoid": mk_hardsigmoid,
-    "HardSwish": mk_hardswish, "InnerProduct": mk_ip, "LRN": mk_lrn, "Log": mk_log, "MVN": mk_mvn,
+    "HardSwish": mk_hardswish, "InnerProduct": mk_ip, "LSTM": mk_lstm, "LSTMUnit": mk_lstmunit, "LRN": mk_lrn,
+    "Log": mk_log, "MVN": mk_mvn,
     "MaxUnPool": mk_maxunpool, "Normalize": mk_normalize, "PReLU": mk_prelu,
-    "Permute": mk_permute, "Pooling": mk_pool, "Power": mk_power, "PriorBox": mk_priorbox, "ReLU": mk_relu,
+    "Permute": mk_permute, "Pooling": mk_pool, "Power": mk_power, "PriorBox": mk_priorbox, "RNN": mk_rnn,
+    "ReLU": mk_relu,
     "ReLU6": mk_relu6, "Reduction": mk_reduction, "Reshape": mk_reshape, "Resize": mk_resize, "SPP": mk_spp,
     "Scale": mk_scale, "Sigmoid": mk_sigmoid, "Silence": mk_silence, "Slice": mk_slice, "Softmax": mk_softmax,
     "Split": mk_split, "TanH": mk_tanh, "Threshold": mk_threshold, "Tile": mk_tile, "Unsqueeze": mk_unsqueeze,

@@ -1,0 +1,106 @@
+"""glibc's float ``tanhf`` (and the ``expm1f`` it calls), vectorised, rounding step for step.
+
+Caffe's TanH layer calls ``tanh(float)``, glibc's ``tanhf``. Up to glibc 2.40 that is the Sun
+fdlibm algorithm (``sysdeps/ieee754/flt-32/s_tanhf.c`` on ``s_expm1f.c``) in float arithmetic,
+which is not correctly rounded: NumPy's ``tanh`` (and ``tanh`` in double rounded to float) differs
+from it by an ulp in a good part of the values. The recurrent layers chain a TanH per time step, so
+those ulps would spread; here the same float32 operations run in the same order (no FMA: glibc's
+generic x86-64 build has no FMA variant of these two).
+
+    expm1f(x): x = k ln2 + r (hi - lo, Cody-Waite with ln2_hi, ln2_lo), then the rational
+               approximation of fdlibm with Q1..Q5 and the reconstruction by 2^k
+    tanhf(x) = sign(x) * (1 - 2 / (expm1f(2|x|) + 2))   |x| >= 1
+               sign(x) * (-t / (t + 2)), t = expm1f(-2|x|)  |x| < 1
+               sign(x) * 1 (rounded)                     |x| >= 22
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_F32 = np.float32
+_LN2_HI = _F32(6.9313812256e-01)   # 0x3f317180
+_LN2_LO = _F32(9.0580006145e-06)   # 0x3717f7d1
+_INVLN2 = _F32(1.4426950216e+00)   # 0x3fb8aa3b
+_Q = [_F32(v) for v in (-3.3333335072e-02, 1.5873016091e-03, -7.9365076090e-05, 4.0082177293e-06,
+                        -2.0109921195e-07)]
+_ONE, _TWO, _HALF = _F32(1), _F32(2), _F32(0.5)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return x.view(np.int32)
+
+
+def _scale_exp(y: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """SET_FLOAT_WORD(y, GET_FLOAT_WORD(y) + (k << 23)): add k to y's exponent."""
+    return (_bits(y) + (k.astype(np.int32) << 23)).view(_F32)
+
+
+def expm1f(x: np.ndarray) -> np.ndarray:
+    """glibc's ``expm1f`` for finite ``|x| < 27 ln2`` or negative ``x`` (what :func:`tanhf` passes)."""
+    x = np.asarray(x, _F32)
+    hx = _bits(x) & 0x7FFFFFFF
+    neg = x < 0
+    out = np.empty_like(x)
+    big_neg = neg & (hx >= 0x4195B844)            # x < -27 ln2: -1
+    out[big_neg] = _F32(1e-30) - _ONE
+    tiny = hx < 0x33000000                         # |x| < 2^-25: x
+    out[tiny] = x[tiny]
+    todo = ~(big_neg | tiny)
+    xs, negs, hxs_ = x[todo], neg[todo], hx[todo]
+    k = np.zeros(xs.shape, np.int32)
+    hi = xs.copy()
+    lo = np.zeros_like(xs)
+    near = (hxs_ > 0x3EB17218) & (hxs_ < 0x3F851592)   # 0.5 ln2 < |x| < 1.5 ln2: k = +-1
+    far = hxs_ >= 0x3F851592
+    hi[near] = np.where(negs[near], xs[near] + _LN2_HI, xs[near] - _LN2_HI)
+    lo[near] = np.where(negs[near], -_LN2_LO, _LN2_LO)
+    k[near] = np.where(negs[near], -1, 1)
+    kf = (_INVLN2 * xs[far] + np.where(negs[far], _F32(-0.5), _F32(0.5))).astype(np.int32)  # C truncation
+    t = kf.astype(_F32)
+    hi[far] = xs[far] - t * _LN2_HI
+    lo[far] = t * _LN2_LO
+    k[far] = kf
+    reduced = near | far
+    r = np.where(reduced, hi - lo, xs)
+    c = np.where(reduced, (hi - r) - lo, _F32(0))
+    hfx = _HALF * r
+    hxs = r * hfx
+    r1 = _ONE + hxs * (_Q[0] + hxs * (_Q[1] + hxs * (_Q[2] + hxs * (_Q[3] + hxs * _Q[4]))))
+    t = _F32(3) - r1 * hfx
+    e = hxs * ((r1 - t) / (_F32(6) - r * t))
+    res = r - (r * e - hxs)                        # k == 0
+    e = r * (e - c) - c
+    e = e - hxs
+    res = np.where(k == -1, _HALF * (r - e) - _HALF, res)
+    k1 = np.where(r < _F32(-0.25), -_TWO * (e - (r + _HALF)), _ONE + _TWO * (r - e))
+    res = np.where(k == 1, k1, res)
+    wide = (k <= -2) | (k > 56)
+    y = _ONE - (e - r)
+    res = np.where(wide, _scale_exp(y, np.where(wide, k, 0)) - _ONE, res)
+    mid = (k >= 2) & (k < 23)
+    tk = (np.int32(0x3F800000) - (np.int32(0x1000000) >> np.clip(k, 0, 31))).view(_F32)  # 1 - 2^-k
+    y = tk - (e - r)
+    res = np.where(mid, _scale_exp(y, np.where(mid, k, 0)), res)
+    high = (k >= 23) & (k <= 56)
+    tk = ((np.int32(0x7F) - np.clip(k, 0, 127)) << 23).view(_F32)                          # 2^-k
+    y = r - (e + tk)
+    y = y + _ONE
+    res = np.where(high, _scale_exp(y, np.where(high, k, 0)), res)
+    out[todo] = res
+    return out
+
+
+def tanhf(x: np.ndarray) -> np.ndarray:
+    """glibc's ``tanhf`` of a float32 array (see the module doc)."""
+    x = np.asarray(x, _F32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        ax = np.abs(x)
+        hx = _bits(ax)
+        ge1 = hx >= 0x3F800000
+        t = expm1f(np.where(ge1, _TWO * ax, -_TWO * ax))
+        z = np.where(ge1, _ONE - _TWO / (t + _TWO), -t / (t + _TWO))
+        z = np.where(hx >= 0x41B00000, _ONE - _F32(1e-30), z)     # |x| >= 22 (and inf)
+        out = np.where(x < 0, -z, z).astype(_F32)
+        out = np.where(hx < 0x24000000, x * (_ONE + x), out)      # |x| < 2^-55, signed zeros kept
+        return np.where(np.isnan(x), x, out)
