@@ -26,6 +26,7 @@ from amct_caffe.io import TEST, TRAIN
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
+from amct_caffe.runtime.layers.libm_float import libm_f32
 
 _LOG = logging.getLogger(__name__)
 _F32 = np.float32
@@ -154,22 +155,22 @@ def _log_base(base) -> np.float32:
         return _F32(1)
     if not base > 0:
         raise ValueError(f"base must be strictly positive (or -1 for e), got {base}")
-    return G.libm_f32(np.log, _F32(base))[()]
+    return libm_f32(np.log, _F32(base))[()]
 
 
 def Exp(x, base=-1.0, scale=1.0, shift=0.0):
     """y = base ^ (shift + scale * x); base -1 means e.
 
     Caffe's order: y = exp(log(base) * scale * x) * base^shift, each step rounded to float32,
-    exp, log and pow as glibc's (:func:`.activation_grad.libm_f32`).
+    exp, log and pow as glibc's (:func:`.libm_float.libm_f32`).
     """
     inner = _log_base(base) * _F32(scale)
     if shift == 0:
         outer = _F32(1)
     else:
-        outer = (G.libm_f32(np.exp, _F32(shift)) if base == -1 else G.libm_f32(np.power, _F32(base), _F32(shift)))[()]
+        outer = (libm_f32(np.exp, _F32(shift)) if base == -1 else libm_f32(np.power, _F32(base), _F32(shift)))[()]
     with np.errstate(**_QUIET):
-        out = G.libm_f32(np.exp, x if inner == 1 else np.multiply(x, inner))
+        out = libm_f32(np.exp, x if inner == 1 else np.multiply(x, inner))
         if outer != 1:
             out *= outer
     return out
@@ -179,7 +180,7 @@ def Log(x, base=-1.0, scale=1.0, shift=0.0):
     """y = log_base(shift + scale * x); base -1 means e.
 
     Caffe's order: y = ln(shift + scale * x) * (1 / ln(base)), each step rounded to float32, ln
-    as glibc's logf (:func:`.activation_grad.libm_f32`).
+    as glibc's logf (:func:`.libm_float.libm_f32`).
     """
     log_base = _log_base(base)
     if log_base == 0:
@@ -189,7 +190,7 @@ def Log(x, base=-1.0, scale=1.0, shift=0.0):
         out = np.multiply(x, _F32(scale)) if scale != 1 else np.array(x, _F32, copy=True)
         if shift != 0:
             out += _F32(shift)
-        out = G.libm_f32(np.log, out)
+        out = libm_f32(np.log, out)
         if base_scale != 1:
             out *= base_scale
     return out

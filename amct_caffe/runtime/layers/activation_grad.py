@@ -13,26 +13,12 @@ times slower).
 from __future__ import annotations
 
 import numpy as np
+from amct_caffe.runtime.layers.libm_float import libm_f32
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "under": "ignore", "invalid": "ignore", "divide": "ignore"}
 # bnll_layer.cpp's kBNLL_THRESHOLD: exp is evaluated at min(x, 50)
 _BNLL_THRESHOLD = _F32(50)
-
-
-def libm_f32(fn, *args) -> np.ndarray:
-    """``fn`` (np.exp, np.log, np.power) of float32 ``args`` as glibc's expf / logf / powf give it.
-
-    Caffe's caffe_exp / caffe_log and its scalar exp(), log(), pow() of a float call glibc's
-    float functions, which evaluate in double and round once: evaluating in float64 and
-    rounding to float32 gives the same value but in near-half-ulp cases (about 6 in 1e4 random
-    values for exp, 5 in 1e3 for log, an ulp apart). numpy's own float32 exp and log are SIMD
-    approximations that differ from glibc by an ulp in about 40% and 15-20% of values; an ulp
-    matters downstream of an ill-conditioned layer (a log near 1, then its in-place backward
-    squaring 1 / log).
-    """
-    with np.errstate(**_QUIET):
-        return np.asarray(fn(*(np.asarray(a, np.float64) for a in args))).astype(_F32)
 
 
 def ReLU_grad(dy, x, y, negative_slope=0.0):  # noqa: N802, ARG001 - Caffe type name; y unused

@@ -21,7 +21,7 @@ Rounding. lstm_unit_layer.cpp defines its own ``sigmoid`` and ``tanh``: ``sigmoi
 exp(-x))`` takes glibc's float ``expf`` and then divides in double (the literals are doubles), and
 ``tanh(x) = 2. * sigmoid(2. * x) - 1.`` instantiates that sigmoid for a *double* argument, so the
 whole tanh is evaluated in double and rounded once. Both are reproduced here (``expf`` as float64
-``exp`` rounded to float32, :func:`.activation_grad.libm_f32`'s convention); everything else is float32
+``exp`` rounded to float32, :func:`.libm_float.libm_f32`'s convention); everything else is float32
 arithmetic in the C++ order (the build has no FMA contraction). Measured against the real layer
 (20 000 random values of each output and diff), all but a handful agree bit for bit, those by one ulp.
 
