@@ -59,7 +59,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amct_caffe import log
-from amct_caffe.api.calibration import create_quant_config
+from amct_caffe.api.calibration import create_quant_config, save_model
 from amct_caffe.api.outputs import write_graph
 from amct_caffe.api.retrain import save_quant_retrain_model
 from amct_caffe.api.session import load_float_graph
@@ -278,12 +278,10 @@ def _data_loss(net, inputs: dict, targets: dict, fed: dict[str, str], batch: int
 
 
 def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, str], batch: int, iterations: int,
-           bar, seed: int) -> tuple[list[float], str, float, float]:
-    """Adam on the training graph; returns the per-iteration losses, the caffemodel to save and the
-    data loss before and after training.
-
-    The saved model is the trained one only if training lowered the loss over all the data; else
-    the start (the calibrated, PTQ factors), so that label-free QAT never ends worse than PTQ.
+           bar, seed: int) -> tuple[list[float], str | None, float, float]:
+    """Adam on the training graph; returns the per-iteration losses, the trained caffemodel (None
+    when training did not lower the distillation loss over all the data: the caller then saves
+    the PTQ model, so that label-free QAT never ends worse than PTQ) and that loss before and after.
     """
     model, weights = os.path.join(work, "train.prototxt"), os.path.join(work, "train.caffemodel")
     write_graph(graph, model, weights)
@@ -295,8 +293,6 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
     solver = AdamSolver(solver_file, progress=False)
     solver.net.copy_from(weights)
     before = _data_loss(solver.net, inputs, targets, fed, batch)
-    start = os.path.join(work, "start.caffemodel")
-    solver.net.save(start)  # after that forward: the clips as ClipCheck leaves them
     n = len(next(iter(inputs.values())))
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * batch / n) + 1)])
@@ -314,9 +310,9 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
     after = _data_loss(solver.net, inputs, targets, fed, batch)
     if not after < before:
         _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
-                     "after): keeping the calibrated factors; try fewer iterations or smaller --clip-lr / "
-                     "--weight-lr", before, after)
-        return losses, start, before, after
+                     "after): keeping the calibrated factors (the PTQ model); try fewer iterations or smaller "
+                     "--clip-lr / --weight-lr", before, after)
+        return losses, None, before, after
     trained = os.path.join(work, "trained.caffemodel")
     solver.net.save(trained)
     return losses, trained, before, after
@@ -375,7 +371,10 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
                                                     seed)
             retrain_model, retrain_weights = os.path.join(work, "retrain.prototxt"), os.path.join(work, "r.caffemodel")
             write_graph(retrain, retrain_model, retrain_weights)
-            outputs = save_quant_retrain_model(retrain_model, trained, "Both", save_path)
+            if trained is None:  # training did not help: exactly what calibrate writes
+                outputs = save_model(session, "Both", save_path)
+            else:
+                outputs = save_quant_retrain_model(retrain_model, trained, "Both", save_path)
     result = LabelFreeResult(outputs, iterations, batch, samples, losses, before, after, after < before)
     _LOG.info("label-free QAT: %d iteration(s) of %d sample(s); loss %.4g -> %.4g", iterations, batch,
               result.loss_start, result.loss_end)
