@@ -53,7 +53,7 @@ def cmd_retrain(args) -> int:
     retrain = api("amct_caffe.api.label_free", "label_free_retrain")
     result = retrain(args.model, args.weights, source, args.output, iterations=args.iterations,
                      batch_size=args.batch_size, clip_lr=args.clip_lr, weight_lr=args.weight_lr,
-                     progress=args.progress)
+                     equalize=args.equalize, progress=args.progress)
     print_outputs(result.outputs, args.output)
     print(f"distillation loss (sum over outputs of |INT8 - FP32|^2 / |FP32|^2), mean of the first / last tenth of "
           f"{result.iterations} iterations of {result.batch_size} sample(s): "
@@ -88,6 +88,8 @@ def add_parser(sub, common) -> None:
     ret.add_argument("--weight-lr", type=non_negative_rate, default=WEIGHT_LR, metavar="R",
                      help=f"largest step of a weight per iteration, in INT8 weight steps (default {WEIGHT_LR:g}; "
                           "0 freezes weights and biases)")
+    ret.add_argument("--no-equalize", dest="equalize", action="store_false",
+                     help="do not equalize the channel ranges before depthwise convolutions")
     add_data_options(ret, "training")
     ret.add_argument("--output", required=True, help="prefix of the files written (e.g. out/model)")
     ret.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
