@@ -330,16 +330,21 @@ def _equalize(graph: Graph, feeds: list[Feed]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- train
+def _feed(net, inputs: dict, targets: dict, fed: dict[str, str], idx) -> None:
+    """Samples ``idx`` of the cached inputs and FP32 targets into the training net's Input blobs."""
+    for name, value in inputs.items():
+        net.blobs[name].data[...] = value[idx]
+    for name, value in targets.items():
+        net.blobs[fed[name]].data[...] = value[idx]
+
+
 def _data_loss(net, inputs: dict, targets: dict, fed: dict[str, str], batch: int) -> float:
     """Mean distillation loss of ``net`` over every whole batch of the data, in order (forward only)."""
     n = len(next(iter(inputs.values())))
     losses = []
     for start in range(0, n - batch + 1, batch):
         idx = np.arange(start, start + batch)
-        for name, value in inputs.items():
-            net.blobs[name].data[...] = value[idx]
-        for name, value in targets.items():
-            net.blobs[fed[name]].data[...] = value[idx]
+        _feed(net, inputs, targets, fed, idx)
         net.forward()
         losses.append(float(net.loss))
     return float(np.mean(losses))
@@ -367,10 +372,7 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
     losses = []
     for it in range(iterations):
         idx = order[it * batch:(it + 1) * batch]
-        for name, value in inputs.items():
-            solver.net.blobs[name].data[...] = value[idx]
-        for name, value in targets.items():
-            solver.net.blobs[fed[name]].data[...] = value[idx]
+        _feed(solver.net, inputs, targets, fed, idx)
         solver.step(1)
         losses.append(float(solver.net.loss))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3e}")
