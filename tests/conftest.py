@@ -22,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_caffe" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cli_scratch_dir(tmp_path, monkeypatch):
+    """Run a command-line test in a scratch directory, and keep the CLI from attaching log handlers
+    for the whole session (the test_cli* modules use it for every test)."""
+    from amct_caffe import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)

@@ -28,11 +28,7 @@ layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
 """
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    """Run in a scratch directory, and keep the CLI from attaching log handlers for the whole session."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
 
 
 def _fake_module(monkeypatch, name: str, function: str, impl) -> None:

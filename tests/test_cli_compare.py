@@ -25,10 +25,7 @@ def quantized(tmp_path_factory):
     return result["fake_quant_model"], result["fake_quant_weights"]
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
 
 
 def _compare(quantized, *extra) -> list[str]:

@@ -23,10 +23,7 @@ RUN = ["run", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--no-prog
 CALIBRATE = ["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--output", "q", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
 
 
 @pytest.fixture

@@ -16,10 +16,7 @@ from .test_cli_errors import fails
 NSFW = MODELS / "open_nsfw"
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
 
 
 def _inspect(capsys, *args) -> list[dict]:

@@ -17,10 +17,7 @@ RETRAIN = ["retrain", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "-
            "--scale", "0.00390625", "--output", "out/lenet", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
 
 
 @pytest.fixture

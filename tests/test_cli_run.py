@@ -15,10 +15,7 @@ MNIST_500 = MNIST_SAMPLE / "mnist_500.npz"
 LENET_RUN = ["run", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
 
 
 @needs_imagenet

@@ -156,23 +156,30 @@ def _tail(path: str, limit: int = 1500) -> str:
     return text.replace("WARNING: Logging before InitGoogleLogging() is written to STDERR\n", "")[-limit:]
 
 
-def main(workdir: str) -> None:
+def run_manifest(workdir: str, run_entry) -> None:
+    """Import pycaffe once, run ``run_entry(caffe, entry, log) -> result dict`` for each entry of
+    ``WORKDIR/manifest.json`` and write ``WORKDIR/results.json`` ({name: result})."""
     import caffe  # noqa: PLC0415 - imported once, before the forks
     caffe.set_mode_cpu()
     with open(os.path.join(workdir, "manifest.json")) as f:
         manifest = json.load(f)
-    results = {}
-    for entry in manifest:
-        name = entry["name"]
-        log = os.path.join(workdir, name + ".log")
-        seed = zlib.crc32(name.encode())  # the net's name, not its place in the batch
-        ok = _in_child(caffe, workdir, entry, seed, log)
-        results[name] = {"status": "ok" if ok else "refused", "log": "" if ok else _tail(log),
-                         "layer": None if ok else _culprit(caffe, workdir, entry, seed)}
-        if ok:
-            os.unlink(log)
+    results = {entry["name"]: run_entry(caffe, entry, os.path.join(workdir, entry["name"] + ".log"))
+               for entry in manifest}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f)
+
+
+def main(workdir: str) -> None:
+    def run_entry(caffe, entry, log):
+        seed = zlib.crc32(entry["name"].encode())  # the net's name, not its place in the batch
+        ok = _in_child(caffe, workdir, entry, seed, log)
+        result = {"status": "ok" if ok else "refused", "log": "" if ok else _tail(log),
+                  "layer": None if ok else _culprit(caffe, workdir, entry, seed)}
+        if ok:
+            os.unlink(log)
+        return result
+
+    run_manifest(workdir, run_entry)
 
 
 if __name__ == "__main__":

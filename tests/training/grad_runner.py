@@ -24,13 +24,12 @@ child), which:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-from tests.differential.caffe_runner import _tail, fill_params, run_forked
+from tests.differential.caffe_runner import _tail, fill_params, run_forked, run_manifest
 from tests.training.gradcheck import inputs_for_forward
 
 
@@ -82,18 +81,11 @@ def _child(caffe, workdir: str, entry: dict) -> None:
 
 
 def main(workdir: str) -> None:
-    import caffe  # noqa: PLC0415 - imported once, before the forks
-    caffe.set_mode_cpu()
-    with open(os.path.join(workdir, "manifest.json")) as f:
-        manifest = json.load(f)
-    results = {}
-    for entry in manifest:
-        name = entry["name"]
-        log = os.path.join(workdir, name + ".log")
-        ok = run_forked(lambda entry=entry: _child(caffe, workdir, entry), log)
-        results[name] = {"status": "ok" if ok else "refused", "log": "" if ok else _tail(log)}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f)
+    def run_entry(caffe, entry, log):
+        ok = run_forked(lambda: _child(caffe, workdir, entry), log)
+        return {"status": "ok" if ok else "refused", "log": "" if ok else _tail(log)}
+
+    run_manifest(workdir, run_entry)
 
 
 if __name__ == "__main__":
