@@ -100,6 +100,10 @@ _RANK_PRESERVING = {
     "Eltwise", "Concat", "Pooling", "Split", "Softmax", "Crop", "ShuffleChannel", "Upsample", "Interp",
     "Quant", "AntiQuant", "DeQuant",
 }
+#: The quantized forms a recurrent layer takes in the models the tool writes (docs/recurrent.md).
+QUANTIZED_RECURRENT = {"LSTM": "LSTMQuant", "RNN": "RNNQuant"}
+CALIBRATION_RECURRENT = {"LSTM": "LSTMCalibration", "RNN": "RNNCalibration"}
+_RECURRENT |= set(QUANTIZED_RECURRENT.values()) | set(CALIBRATION_RECURRENT.values())
 _INSERTED = {"Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN", "BNUpdate", "RetrainDataQuant", "RetrainWeightQuant"}
 _OBSERVERS = {"Silence", "IFMR", "SearchN", "BNUpdate"}
 
@@ -108,7 +112,7 @@ def _build_table() -> dict[str, LayerType]:
     rows: list[tuple[str, QuantKind, bool]] = [(n, WEIGHTS_AND_DATA, True) for n in _WEIGHTED]
     rows += [(n, DATA_ONLY, on) for n, on in _DATA_ONLY]
     table = {n: LayerType(n, kind, on, _ACTIVATION_INPUTS.get(n)) for n, kind, on in rows}
-    names = set(table) | _RANK_PRESERVING | _INSERTED | _OBSERVERS
+    names = set(table) | _RANK_PRESERVING | _INSERTED | _OBSERVERS | _RECURRENT
     for name in names:
         row = table.get(name, LayerType(name))
         table[name] = replace(
@@ -237,3 +241,36 @@ def in_channels(type_name: str, layer_param, weight_shape) -> int | None:
     if type_name not in ("Convolution", DEPTHWISE) or layer_param is None or len(weight_shape) < 2:
         return None
     return int(weight_shape[1]) * max(int(layer_param.convolution_param.group), 1)
+
+
+# ------------------------------------------------------------------ recurrent layers
+@dataclass(frozen=True)
+class RecurrentLayout:
+    """Where a recurrent layer's (LSTM, RNN) inputs and learned blobs are.
+
+    Bottoms ``x, cont[, x_static][, h0[, c0]]``; blobs ``W_x, b[, W_x_static]`` then the recurrent
+    ones: LSTM ``W_hc``; RNN ``W_hh, W_ho, b_o``. ``input_weights`` are the blobs multiplying data
+    inputs (``W_x`` and ``W_x_static``), in the order of ``data_inputs`` (bottoms 0 and 2);
+    ``recurrent_weights`` those multiplying the hidden state (RNN: ``W_hh`` then ``W_ho``);
+    ``output_bias`` the bias added to a hidden-state product (RNN's ``b_o``), else None.
+    """
+
+    static: bool
+    data_inputs: tuple[int, ...]
+    input_weights: tuple[int, ...]
+    recurrent_weights: tuple[int, ...]
+    output_bias: int | None
+
+
+def recurrent_layout(type_name: str, layer_param, num_bottoms: int) -> RecurrentLayout:
+    """The layout of an LSTM / RNN layer (or its quantized forms) with ``num_bottoms`` bottoms."""
+    base = {v: k for k, v in {**QUANTIZED_RECURRENT, **CALIBRATION_RECURRENT}.items()}.get(type_name, type_name)
+    if base not in ("LSTM", "RNN"):
+        raise ValueError(f"layer type {type_name} is not a recurrent layer with a known blob layout")
+    states = 2 if base == "LSTM" else 1
+    exposed = states if layer_param is not None and layer_param.recurrent_param.expose_hidden else 0
+    static = num_bottoms - 2 - exposed == 1
+    first = 3 if static else 2
+    return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,),
+                           (first,) if base == "LSTM" else (first, first + 1),
+                           None if base == "LSTM" else first + 2)
