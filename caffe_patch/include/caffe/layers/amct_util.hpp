@@ -44,6 +44,26 @@ ActivationQuantParam* ActivationEntry(SingleLayerRecord* entry, int index, bool 
 /// past the fourth are folded into width, so C*H*W is the per-sample count.
 void ChannelsHeightWidth(const std::vector<int>& shape, int* c, int* h, int* w);
 
+/// The settings of an IFMRParameter, as doubles of the decimals the user wrote (ProtoFloat).
+struct IfmrSettings {
+  int batch_num, num_bits;
+  bool with_offset;
+  double max_percentile, min_percentile, start, end, step;
+};
+
+/// Reads and checks ifmr_param `p` of `layer` (the IFMR layer, or the recurrent calibration layer
+/// holding it): batch_num >= 1, a record file, at least one object_layer, and the checks of
+/// amct_caffe.quant.IfmrParams on the same decimal values. LOG(FATAL) names `layer` otherwise.
+IfmrSettings ReadIfmrSettings(const IFMRParameter& p, const LayerParameter& layer);
+
+/// libquant's IFMR search (amct_ifmr_search) over `batches`, one chunk per stored batch as the
+/// Python observer passes them; LOG(FATAL) with libquant's message on failure.
+void IfmrSearch(const IfmrSettings& s, const std::vector<std::vector<float> >& batches,
+                const LayerParameter& layer, float* scale, int* offset);
+
+/// "%.9g" of a float: enough digits to read back the same float32, for log lines.
+std::string FloatText(float value);
+
 /// "(d1, d2, ...)" like a Python tuple, for messages.
 std::string ShapeString(const std::vector<int>& shape);
 

@@ -8,6 +8,7 @@
 
 #include "caffe/blob.hpp"
 #include "caffe/layer.hpp"
+#include "caffe/layers/amct_util.hpp"
 #include "caffe/proto/caffe.pb.h"
 
 namespace caffe {
@@ -45,9 +46,7 @@ class IFMRLayer : public Layer<Dtype> {
   const char* ErrorName() const;
 
   std::vector<std::pair<std::string, int> > targets_;  // (object_layer, index)
-  int batch_num_, num_bits_;
-  bool with_offset_;
-  double max_percentile_, min_percentile_, start_, end_, step_;
+  amct::IfmrSettings settings_;
   int seen_;
   bool done_, told_done_;
   std::vector<int> shape_;                    // first batch's shape

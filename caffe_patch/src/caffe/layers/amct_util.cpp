@@ -92,6 +92,54 @@ void WriteFileAtomically(const std::string& path, const std::string& data) {
   }
 }
 
+IfmrSettings ReadIfmrSettings(const IFMRParameter& p, const LayerParameter& layer) {
+  const std::string where = Where(layer);
+  CHECK_GE(p.batch_num(), 1) << where << "ifmr_param.batch_num must be >= 1, got " << p.batch_num();
+  CHECK(!p.record_file_path().empty()) << where << "ifmr_param.record_file_path is empty";
+  CHECK_GT(p.object_layer_size(), 0) << where << "ifmr_param names no quantized layer";
+  IfmrSettings s;
+  s.batch_num = static_cast<int>(p.batch_num());
+  s.num_bits = static_cast<int>(p.num_bits());
+  s.with_offset = p.with_offset();
+  s.max_percentile = ProtoFloat(p.max_percentile());
+  s.min_percentile = ProtoFloat(p.min_percentile());
+  s.start = ProtoFloat(p.search_range_start());
+  s.end = ProtoFloat(p.search_range_end());
+  s.step = ProtoFloat(p.search_step());
+  // The checks of amct_caffe.quant.IfmrParams, on the same decimal values.
+  CHECK(s.num_bits >= 8 && s.num_bits <= 16) << where
+      << "IFMR activation_quant_params: num_bits must be an integer in [8, 16], got " << s.num_bits;
+  CHECK(s.max_percentile > 0.5 && s.max_percentile <= 1.0)
+      << where << "IFMR max_percentile must be in (0.5, 1], got " << s.max_percentile;
+  CHECK(s.min_percentile > 0.5 && s.min_percentile <= 1.0)
+      << where << "IFMR min_percentile must be in (0.5, 1], got " << s.min_percentile;
+  CHECK(0 < s.start && s.start < s.end) << where << "IFMR search_range must satisfy 0 < start < end, got ["
+      << s.start << ", " << s.end << "]";
+  CHECK(0 < s.step && s.step <= s.end - s.start) << where << "IFMR search_step must be in (0, "
+      << s.end - s.start << "] (end - start), got " << s.step;
+  return s;
+}
+
+void IfmrSearch(const IfmrSettings& s, const std::vector<std::vector<float> >& batches,
+                const LayerParameter& layer, float* scale, int* offset) {
+  std::vector<const float*> chunks;
+  std::vector<size_t> sizes;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    chunks.push_back(batches[i].data());
+    sizes.push_back(batches[i].size());
+  }
+  int best = 0;
+  CheckQuant(amct_ifmr_search(chunks.data(), sizes.data(), chunks.size(), s.num_bits, s.with_offset ? 1 : 0,
+                              s.max_percentile, s.min_percentile, s.start, s.end, s.step, scale, offset,
+                              &best), layer);
+}
+
+std::string FloatText(float value) {
+  char text[32];
+  snprintf(text, sizeof(text), "%.9g", value);
+  return text;
+}
+
 SingleLayerRecord* LayerEntry(ScaleOffsetRecord* record, const std::string& layer, bool create) {
   SingleLayerRecord* found = NULL;
   for (int i = 0; i < record->record_size(); ++i) {
