@@ -5,7 +5,9 @@
 1. copy our layer sources (``caffe_patch/src``, ``caffe_patch/include``, mirrored into the tree),
    libquant's C header (``include/amct/capi.h``) and ``libquant.so`` (``quant_lib/``);
 2. apply ``caffe_patch/patch/*.patch`` (unified diffs against the tree, ``-p1``); a patch that is
-   already applied is skipped;
+   already applied is skipped. Ours create the recurrent calibration and quant layers' files
+   (``--- /dev/null``); a file of an earlier amct_caffe version (its first line carries
+   ``SOURCE_MARKER``) is replaced by the new one, anyone else's file of that name stops the install;
 3. merge the tree's ``src/caffe/proto/caffe.proto`` with ``amct_custom.proto`` and the user's
    ``custom.proto`` (``caffe_patch.merge_proto``), backing the old file up as
    ``caffe.proto.<timestamp>.bak``;
@@ -217,6 +219,12 @@ def _patch_targets(patch_text: str) -> list[str]:
                    if "/" in m.group(1)})
 
 
+def _created_targets(patch_text: str) -> set[str]:
+    """Targets the patch creates (``--- /dev/null``), as ``_patch_targets`` names them."""
+    return {m.group(1).split("/", 1)[1] for m in re.finditer(r"(?m)^--- /dev/null\s*\n\+\+\+ (\S+)", patch_text)
+            if "/" in m.group(1)}
+
+
 def _run_patch(patch_file: Path, directory: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = ["patch", "-p1", "--batch", "--silent", "--fuzz=0", "-d", str(directory), "-i", str(patch_file),
            *extra]
@@ -229,10 +237,19 @@ def _plan_patch(caffe_dir: Path, patch_file: Path) -> list[Change]:
         raise InstallError("the 'patch' program is needed to install caffe_patch/patch/*.patch")
     if _run_patch(patch_file, caffe_dir, "--dry-run", "-R", "-f").returncode == 0:
         return []
-    targets = _patch_targets(patch_file.read_text())
+    text = patch_file.read_text()
+    targets, created = _patch_targets(text), _created_targets(text)
     with tempfile.TemporaryDirectory() as tmp:
         for rel in targets:
-            if (caffe_dir / rel).is_file():
+            if (caffe_dir / rel).is_file() and rel in created:
+                # A file this patch creates exists already: an earlier amct_caffe version's (the patch
+                # makes it anew, as step 1 updates the copied layers), or someone else's (left alone).
+                first = (caffe_dir / rel).read_text(errors="replace").split("\n", 1)[0]
+                if SOURCE_MARKER not in first:
+                    raise InstallError(f"Install patch '{patch_file.name}' failed: {caffe_dir / rel} exists and "
+                                       "is not an amct_caffe file; rename that layer or remove the file, then "
+                                       "run install.py again")
+            elif (caffe_dir / rel).is_file():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(caffe_dir / rel, Path(tmp) / rel)
         res = _run_patch(patch_file, Path(tmp), "--forward", "--no-backup-if-mismatch")
