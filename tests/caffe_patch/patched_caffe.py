@@ -3,11 +3,11 @@
 The source is the one ``../shared/tools/build_caffe.sh`` unpacked under ``AMCT_REAL_CAFFE``; the
 configure flags are those of its build (read from its CMakeCache.txt). The patched tree lives in
 a cache, ``$AMCT_PATCHED_CAFFE`` or ``~/.cache/amct-caffe/patched/<key>``, keyed by the source's
-caffe.proto, the custom.proto, our amct_custom.proto and the *names* of caffe_patch's layer files. Each use re-runs
-install.py on the cached tree (which updates changed layer files) and then ``make``, so an
-unchanged tree costs seconds and an edited layer recompiles only itself. A full build (about
-4 minutes on 2 idle cores; every object depends on caffe.pb.h) happens once per key; older keys
-are deleted. ``JOBS`` (default 2) sets ``make -j``.
+caffe.proto, the custom.proto, our amct_custom.proto and the *names* of caffe_patch's layer and patch
+files. Each use re-runs install.py on the cached tree (which updates changed layer files and
+patches) and then ``make``, so an unchanged tree costs seconds and an edited layer recompiles only
+itself. A full build (about 4 minutes on 2 idle cores; every object depends on caffe.pb.h) happens
+once per key; older keys are deleted. ``JOBS`` (default 2) sets ``make -j``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _key(src: Path, custom_text: str) -> str:
     # A new AMCT message is appended where an earlier merge put nothing, so re-installing over an
     # older patched tree would not give the same caffe.proto as a fresh install: start afresh.
     h.update((REPO / "proto" / "amct_custom.proto").read_bytes())
-    for top in ("include", "src"):
+    for top in ("include", "src", "patch"):
         for p in sorted((REPO / "caffe_patch" / top).rglob("*")):
             h.update(str(p.relative_to(REPO)).encode())
     return h.hexdigest()[:16]

@@ -161,6 +161,77 @@ def test_a_patch_that_does_not_apply_fails_before_any_change(tree, tmp_path):
     assert snapshot(tree) == before
 
 
+SHIPPED = installer.PATCH_ROOT / "patch"
+# The guide's patch files and what each creates (user guide, sample目录及patch目录说明).
+GUIDE_PATCHES = {
+    "lstm_calibration_layer.cpp.patch": "src/caffe/layers/lstm_calibration_layer.cpp",
+    "lstm_calibration_layer.hpp.patch": "include/caffe/layers/lstm_calibration_layer.hpp",
+    "lstm_quant_layer.cpp.patch": "src/caffe/layers/lstm_quant_layer.cpp",
+    "lstm_quant_layer.hpp.patch": "include/caffe/layers/lstm_quant_layer.hpp",
+}
+
+
+def test_the_shipped_patches_are_the_guides_and_print_its_lines(tree):
+    assert sorted(p.name for p in SHIPPED.glob("*.patch")) == sorted(GUIDE_PATCHES)
+    lines = run(tree, patch_dir=SHIPPED)
+    begin = lines.index("[INFO]Begin to install patch.")
+    assert lines[begin:begin + 6] == ["[INFO]Begin to install patch.",
+                                      *(f"[INFO]Install patch '{n}' successfully." for n in sorted(GUIDE_PATCHES)),
+                                      "[INFO]Finish install patch."]
+    for rel in GUIDE_PATCHES.values():
+        text = (tree / rel).read_text()
+        assert installer.SOURCE_MARKER in text.split("\n", 1)[0], rel
+    layers = (tree / "src/caffe/layers/lstm_calibration_layer.cpp").read_text()
+    assert "REGISTER_LAYER_CLASS(LSTMCalibration);" in layers and "REGISTER_LAYER_CLASS(RNNCalibration);" in layers
+    layers = (tree / "src/caffe/layers/lstm_quant_layer.cpp").read_text()
+    assert "REGISTER_LAYER_CLASS(LSTMQuant);" in layers and "REGISTER_LAYER_CLASS(RNNQuant);" in layers
+
+
+def test_the_shipped_patches_install_once(tree):
+    run(tree, patch_dir=SHIPPED)
+    before = snapshot(tree)
+    lines = run(tree, patch_dir=SHIPPED)
+    assert snapshot(tree) == before
+    for name in GUIDE_PATCHES:
+        assert f"[INFO]Patch '{name}' is already installed." in lines
+
+
+def test_a_layer_file_of_an_earlier_install_is_replaced_by_the_patch(tree):
+    run(tree, patch_dir=SHIPPED)
+    new = snapshot(tree)
+    old = tree / GUIDE_PATCHES["lstm_quant_layer.hpp.patch"]
+    old.write_text(f"// {installer.SOURCE_MARKER}: an older LSTMQuant\n#error old\n")
+    lines = run(tree, patch_dir=SHIPPED)
+    assert "[INFO]Install patch 'lstm_quant_layer.hpp.patch' successfully." in lines
+    assert "[INFO]Patch 'lstm_quant_layer.cpp.patch' is already installed." in lines
+    assert {k: v[0] for k, v in snapshot(tree).items()} == {k: v[0] for k, v in new.items()}
+
+
+def test_a_foreign_file_where_a_patch_creates_one_stops_the_install(tree):
+    foreign = tree / GUIDE_PATCHES["lstm_calibration_layer.cpp.patch"]
+    foreign.write_text("// someone else's LSTM calibration layer\n")
+    before = snapshot(tree)
+    with pytest.raises(InstallError, match="lstm_calibration_layer.cpp.patch' failed: .* is not an amct_caffe file"):
+        run(tree, patch_dir=SHIPPED)
+    assert snapshot(tree) == before
+
+
+def test_a_failure_while_patching_removes_the_patched_files(tree, monkeypatch):
+    before = snapshot(tree)
+    real_write = installer.Transaction.write
+
+    def failing_write(self, change):
+        if change.path.name == "lstm_quant_layer.cpp":
+            raise OSError("disk full")
+        real_write(self, change)
+
+    monkeypatch.setattr(installer.Transaction, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        run(tree, patch_dir=SHIPPED)
+    assert {k: v[0] for k, v in snapshot(tree).items()} == {k: v[0] for k, v in before.items()}
+    assert not (tree / "include").exists()
+
+
 def test_build_blocks_are_replaced_in_place_not_duplicated():
     once = patch_makefile(MAKEFILE)
     assert patch_makefile(once) == once

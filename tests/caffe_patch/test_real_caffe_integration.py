@@ -40,6 +40,9 @@ pytestmark = [pytest.mark.real_caffe, pytest.mark.slow]
 _LOG = logging.getLogger(__name__)
 SCALE_RTOL = 1e-6
 OUTPUT_TOL = 1e-5
+# The guide's patch files (the recurrent calibration and quant layers), in the order install.py applies them.
+PATCHES = ("lstm_calibration_layer.cpp.patch", "lstm_calibration_layer.hpp.patch", "lstm_quant_layer.cpp.patch",
+           "lstm_quant_layer.hpp.patch")
 
 
 # ------------------------------------------------------------------ running pycaffe
@@ -417,17 +420,21 @@ def test_install_on_a_fresh_copy_then_again_changes_nothing(pycaffe, tmp_path):
              and not ln.startswith(("[INFO]Added", "[INFO]Moved stale protoc output"))]
     # The sdist's protoc-3 caffe.pb.h / caffe.pb.cc and the CMake build's caffe_pb2.py of the unmerged proto.
     assert res.stdout.count("[INFO]Moved stale protoc output") == 3, res.stdout
-    assert lines[:4] == [f"[INFO]Begin to copy source files, header files and quant_lib to '{fresh}'",
+    assert lines[:8] == [f"[INFO]Begin to copy source files, header files and quant_lib to '{fresh}'",
                          f"[INFO]Finish copy source files, header files and quant_lib to '{fresh}'",
-                         "[INFO]Begin to install patch.", "[INFO]Finish install patch."]
-    assert lines[4:7] == ['[INFO]Merge and replace "caffe.proto" success.',
-                          '[INFO]Merge and replace "Makefile" success.',
-                          '[INFO]Merge and replace "CMakeLists.txt" success.']
+                         "[INFO]Begin to install patch.",
+                         *(f"[INFO]Install patch '{name}' successfully." for name in PATCHES),
+                         "[INFO]Finish install patch."]
+    assert lines[8:11] == ['[INFO]Merge and replace "caffe.proto" success.',
+                           '[INFO]Merge and replace "Makefile" success.',
+                           '[INFO]Merge and replace "CMakeLists.txt" success.']
     before = _snapshot(fresh)
     res = run_install(fresh, custom)
     assert res.returncode == 0, res.stderr
     assert _snapshot(fresh) == before
     assert '[INFO]"caffe.proto" already holds the merged definitions; not replaced.' in res.stdout
+    for name in PATCHES:
+        assert f"[INFO]Patch '{name}' is already installed." in res.stdout
     # The cached, built tree is exactly what install.py makes of a fresh copy.
     built = pycaffe.parent
     for rel, (data, _) in before.items():
