@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import amct_caffe as amct
+from amct_caffe.api.accuracy import compare_model
 from amct_caffe.errors import AmctError
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.io.record import RecordError, read_record, write_record
@@ -155,3 +156,25 @@ def test_a_recurrent_layer_takes_only_per_tensor_weights(tmp_path):
     config.write_text(text.replace('"channel_wise": false', '"channel_wise": true'))
     with pytest.raises(AmctError, match="LSTM supports only channel_wise false"):
         amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
+
+
+def test_fallback_and_compare_treat_the_recurrent_layer_as_one_layer(tmp_path):
+    proto, weights = _model(tmp_path, "LSTM", True)
+    rng = np.random.default_rng(2)
+    batches = [_batch(rng, True) for _ in range(2)]
+    result = amct.calibrate_with_fallback(str(proto), str(weights), batches, str(tmp_path / "fb" / "q"), 2,
+                                          target_cosine=0.99999999, max_float_layers=1, progress=False)
+    # the sensitivity of the LSTM as a whole (x, x_static, the hidden state and its weights together)
+    assert set(result.sensitivity) == {"rec", "fc"}
+    assert result.sensitivity["rec"] > 0
+    worst = max(result.sensitivity, key=result.sensitivity.get)
+    assert result.float_layers == [worst]
+    fake = tmp_path / "fb" / "q_fake_quant_model.prototxt"
+    assert ("LSTMQuant" in fake.read_text()) == (worst != "rec")
+    fake_weights = tmp_path / "fb" / "q_fake_quant_weights.caffemodel"
+    report = compare_model(str(proto), str(weights), str(fake), str(fake_weights), batches,
+                           str(tmp_path / "report"), progress=False)
+    # the report names the LSTM's output blob and charges its error to the LSTM
+    rows = {row["blob"]: row for row in report["summary"]["most_sensitive_layers"]}
+    assert rows["h"]["layer"] == "rec"
+    assert (rows["h"]["cosine"] < 1) == (worst != "rec")
