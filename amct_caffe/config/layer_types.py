@@ -103,9 +103,16 @@ def matching_type_names(node, graph=None) -> tuple[str, ...]:
 def cannot_quantize_reason(node, graph=None) -> str | None:
     """Why a layer of a quantizable type still cannot be quantized, or None if it can.
 
-    Only Scale and Bias have such limits (see the module doc); this is asked for every layer
-    whose type is in the table.
+    Scale and Bias have such limits (see the module doc), and a weighted layer whose output has
+    fewer than 2 axes (an InnerProduct on ``axis: 0``); this is asked for every layer whose type
+    is in the table.
     """
+    if ops.layer_type(node.type).weighted and graph is not None and node.tops:
+        blob = graph.blobs.get(node.tops[0])
+        if blob is not None and blob.shape is not None and len(blob.shape) < 2:
+            # its DeQuant scales the output along axis 1 (in Caffe too): a 1-axis output has none
+            return (f"its output {node.tops[0]} has shape {list(blob.shape)}: the DeQuant layer after it needs at "
+                    "least 2 axes (N, C, ...)")
     if node.type not in ("Scale", "Bias") or node.layer_param is None:
         return None
     param = node.layer_param.scale_param if node.type == "Scale" else node.layer_param.bias_param
