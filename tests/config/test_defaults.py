@@ -124,3 +124,17 @@ def test_inner_product_with_a_one_axis_output_is_left_out(tmp_path, caplog):
     text = (tmp_path / "c.json").read_text()
     assert '"fc"' in text and '"flat"' not in text
     assert any("'flat'" in r.getMessage() and "at least 2 axes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_layer_reading_a_one_axis_blob_is_left_out(tmp_path, caplog):
+    import amct_caffe as amct
+    from amct_caffe.runtime import Net
+
+    proto = tmp_path / "m.prototxt"
+    proto.write_text('layer { name: "v" type: "Input" top: "v" input_param { shape { dim: 6 } } }\n'
+                     'layer { name: "sig" type: "Sigmoid" bottom: "v" top: "s" }\n')
+    Net(str(proto), phase=1).save(str(tmp_path / "m.caffemodel"))
+    caplog.set_level(logging.INFO, logger="amct_caffe")
+    amct.create_quant_config(str(tmp_path / "c.json"), str(proto), str(tmp_path / "m.caffemodel"))
+    assert '"sig"' not in (tmp_path / "c.json").read_text()
+    assert any("'sig'" in r.getMessage() and "input v has shape [6]" in r.getMessage() for r in caplog.records)
