@@ -252,25 +252,28 @@ class RecurrentLayout:
     ones: LSTM ``W_hc``; RNN ``W_hh, W_ho, b_o``. ``input_weights`` are the blobs multiplying data
     inputs (``W_x`` and ``W_x_static``), in the order of ``data_inputs`` (bottoms 0 and 2);
     ``recurrent_weights`` those multiplying the hidden state (RNN: ``W_hh`` then ``W_ho``);
-    ``output_bias`` the bias added to a hidden-state product (RNN's ``b_o``), else None.
+    ``recurrent_biases`` the biases added to a hidden-state product, by the index of its weight
+    (RNN: ``b_o`` with ``W_ho``).
     """
 
     static: bool
     data_inputs: tuple[int, ...]
     input_weights: tuple[int, ...]
     recurrent_weights: tuple[int, ...]
-    output_bias: int | None
+    recurrent_biases: dict[int, int]
 
 
 def recurrent_layout(type_name: str, layer_param, num_bottoms: int) -> RecurrentLayout:
     """The layout of an LSTM / RNN layer (or its quantized forms) with ``num_bottoms`` bottoms."""
-    base = {v: k for k, v in {**QUANTIZED_RECURRENT, **CALIBRATION_RECURRENT}.items()}.get(type_name, type_name)
+    forms = {form: base for table in (QUANTIZED_RECURRENT, CALIBRATION_RECURRENT) for base, form in table.items()}
+    base = forms.get(type_name, type_name)
     if base not in ("LSTM", "RNN"):
         raise ValueError(f"layer type {type_name} is not a recurrent layer with a known blob layout")
     states = 2 if base == "LSTM" else 1
     exposed = states if layer_param is not None and layer_param.recurrent_param.expose_hidden else 0
     static = num_bottoms - 2 - exposed == 1
     first = 3 if static else 2
-    return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,),
-                           (first,) if base == "LSTM" else (first, first + 1),
-                           None if base == "LSTM" else first + 2)
+    if base == "LSTM":
+        return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,), (first,), {})
+    return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,), (first, first + 1),
+                           {first + 1: first + 2})

@@ -10,7 +10,8 @@ The rules are docs/recurrent.md's "Quantization":
   calibration form (``LSTMCalibration`` / ``RNNCalibration``) and applied inside its quantized form
   (``LSTMQuant`` / ``RNNQuant``);
 * biases stay float in the fake-quant model; in the deploy model they become int32 on the scales of
-  the product they are added to (``b``: ``scale_w[0] * scale_d``; RNN ``b_o``: ``scale_r[1] * scale_h``).
+  the product they are added to (``b``: ``scale_w[0] * scale_d``; RNN ``b_o``: ``scale_r[1] * scale_h``),
+  as :attr:`~amct_caffe.ops.RecurrentLayout.recurrent_biases` pairs them.
 
 The other passes call these functions for the targets whose type is recurrent.
 """
@@ -96,6 +97,7 @@ def calibration_form(node: Node, ifmr_layer_param) -> None:
 
 
 def _dequant(param, deq: float, target: str, layer_type: str) -> None:
+    """Append ``deq`` to a DeQuantParameter of the quantized layer (set up on the first call)."""
     param.channel_wise = False
     param.object_layer = target
     param.layer_type = layer_type
@@ -117,8 +119,9 @@ def quantized_form(node: Node, record: Record, scale_d: dict[int, float], num_bi
             params[i] = q if integer else fake
         if integer:
             params[1] = quantize_bias(node.params[1], scale_w[:1], scale_d[0])
-            if lay.output_bias is not None:
-                params[lay.output_bias] = quantize_bias(node.params[lay.output_bias], scale_r[1:2], scale_h)
+            for w, b in lay.recurrent_biases.items():
+                s = scale_r[lay.recurrent_weights.index(w)]
+                params[b] = quantize_bias(node.params[b], np.array([s], _F32), scale_h)
     except AmctError as e:
         raise RecordError(f"layer '{name}': {e}") from None
     lp = caffe_pb().LayerParameter()
@@ -134,9 +137,8 @@ def quantized_form(node: Node, record: Record, scale_d: dict[int, float], num_bi
     _dequant(qp.w_x_dequant_param, scale_w[0] * scale_d[0], name, base)
     if lay.static:
         _dequant(qp.w_x_static_dequant_param, scale_w[1] * scale_d[2], name, base)
-    _dequant(qp.w_h_dequant_param, scale_r[0] * scale_h, name, base)
-    if len(scale_r) > 1:
-        _dequant(qp.w_o_dequant_param, scale_r[1] * scale_h, name, base)
+    for s in scale_r:  # one per recurrent weight
+        _dequant(qp.w_h_dequant_param, s * scale_h, name, base)
     node.type, node.layer_param, node.params = lp.type, lp, params
 
 

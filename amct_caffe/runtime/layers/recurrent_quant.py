@@ -16,8 +16,8 @@ Same bottoms, tops, ``recurrent_param`` and blob layout as the layer they replac
   Quant layers in front): every product is computed on integers and dequantized,
   ``deqscale * (W_q v_q [+ b_q])``, with ``v_q = clamp(round(v / scale) + offset) - offset`` for
   the hidden state; ``deqscale`` comes from ``w_x_dequant_param`` (``x``),
-  ``w_x_static_dequant_param``, ``w_h_dequant_param`` (``W_h``) and ``w_o_dequant_param`` (RNN's
-  ``W_ho``). It equals the fake-quant forward up to float rounding.
+  ``w_x_static_dequant_param`` and ``w_h_dequant_param`` (one per recurrent weight: ``W_h``; RNN
+  ``W_hh, W_ho``). It equals the fake-quant forward up to the int32 biases' rounding.
 
 None of them has a backward (they are inference models), as in caffe_patch.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from amct_caffe.errors import ConfigError, GraphError
 from amct_caffe.io.record import f32
-from amct_caffe.ops import register
+from amct_caffe.ops import recurrent_layout, register
 from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError
 from amct_caffe.runtime.layers.calibration import _proto_float
 from amct_caffe.runtime.layers.quant_ops import Quant, _named, _quant_scale_d
@@ -132,12 +132,12 @@ class RNNCalibrationLayer(_HiddenCalibration, RNNLayer):
 
 
 # ------------------------------------------------------------------ quantized
-def _deqscale(param, what: str, where: str) -> np.float64:
+def _deqscale(param, what: str, where: str, count: int = 1) -> list[np.float64]:
     values = list(param.deqscale)
-    if len(values) != 1 or not (np.isfinite(values[0]) and values[0] > 0):
-        raise GraphError(f"{where}: lstm_quant_param.{what}.deqscale must be one finite value > 0 (per-tensor "
-                         f"weights), got {values}")
-    return np.float64(_F32(values[0]))
+    if len(values) != count or not all(np.isfinite(v) and v > 0 for v in values):
+        raise GraphError(f"{where}: lstm_quant_param.{what}.deqscale must be {count} finite value(s) > 0 (one per "
+                         f"weight tensor), got {values}")
+    return [np.float64(_F32(v)) for v in values]
 
 
 class _HiddenQuant(_InferenceOnly):
@@ -153,15 +153,16 @@ class _HiddenQuant(_InferenceOnly):
         except (QuantizationError, ConfigError) as e:
             raise type(e)(f"layer '{self.name}' ({self.type}): lstm_quant_param.w_h_quant_param: {e}") from e
 
-    def _deq(self) -> dict[str, np.float64]:
-        """The deploy model's dequantization factors, checked (only read in integer mode)."""
+    def _deq(self) -> dict:
+        """The deploy model's dequantization factors, checked (only read in integer mode): per data
+        input, and per recurrent weight (by blob index)."""
         p, where = self.lp.lstm_quant_param, f"layer '{self.name}' ({self.type})"
-        deq = {"x": _deqscale(p.w_x_dequant_param, "w_x_dequant_param", where),
-               "h": _deqscale(p.w_h_dequant_param, "w_h_dequant_param", where)}
+        layout = recurrent_layout(self.type, self.lp, len(self.lp.bottom))
+        deq = {"x": _deqscale(p.w_x_dequant_param, "w_x_dequant_param", where)[0]}
         if self.static:
-            deq["static"] = _deqscale(p.w_x_static_dequant_param, "w_x_static_dequant_param", where)
-        if isinstance(self, RNNLayer):
-            deq["o"] = _deqscale(p.w_o_dequant_param, "w_o_dequant_param", where)
+            deq["static"] = _deqscale(p.w_x_static_dequant_param, "w_x_static_dequant_param", where)[0]
+        recurrent = _deqscale(p.w_h_dequant_param, "w_h_dequant_param", where, len(layout.recurrent_weights))
+        deq.update(zip(layout.recurrent_weights, recurrent, strict=True))
         return deq
 
     def on_net_built(self, net, index: int) -> None:
@@ -171,8 +172,7 @@ class _HiddenQuant(_InferenceOnly):
         q = Quant(h, self.scale, self.offset, self.num_bits_d, integer=self.integer_params)
         if not self.integer_params:
             return super()._hidden_product(q, w_index, b_index)
-        deq = self._deq_factors["h" if w_index == self._hidden_index() else "o"]
-        return self._integer_product(q, w_index, b_index, deq)
+        return self._integer_product(q, w_index, b_index, self._deq_factors[w_index])
 
     def _integer_product(self, v, w_index, b_index, deq) -> np.ndarray:
         """``deq * (W_q v + b_q)`` on integers (exact in float64), rounded once to float32."""
