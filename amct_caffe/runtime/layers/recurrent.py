@@ -92,7 +92,8 @@ def _refuse_unsupported_fields(lp) -> None:
 
 
 class _Recurrent(Layer):
-    """What RNN and LSTM share (recurrent_layer.cpp): bottoms, tops, state, the input transforms."""
+    """What RNN, LSTM and GRU (gru.py) share (recurrent_layer.cpp): bottoms, tops, state, the input
+    transforms."""
 
     num_bottoms = (2, 5)
     num_tops = (1, 3)
