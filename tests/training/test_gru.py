@@ -96,7 +96,8 @@ def _scale_error(got, want) -> float:
 
 @pytest.mark.parametrize("case", sorted(c for c in CASES if c != "wide"))
 def test_matches_float64_equations_and_finite_differences(tmp_path, case):
-    """Forward within 2e-6 and every diff within 1e-4 of its scale of the float64 equations."""
+    """Forward within 2e-6 and every diff within 1e-5 of its scale of the float64 equations (measured:
+    2e-7 and 4e-7, float32 rounding)."""
     t, n, xdims, hidden, static, expose, after, _ = CASES[case]
     rng = np.random.default_rng(3)
     inputs = _inputs(case, rng)
@@ -111,11 +112,11 @@ def test_matches_float64_equations_and_finite_differences(tmp_path, case):
     assert _scale_error(ours["y"], y) < 2e-6
     assert _scale_error(ours["hT"][0], h_last) < 2e-6
     grads = numeric_grads(inputs["x"], inputs["cont"], params, seed, **kw)
-    assert _scale_error(ours["diff/x"], grads["x"]) < 1e-4
+    assert _scale_error(ours["diff/x"], grads["x"]) < 1e-5
     if static is not None:
-        assert _scale_error(ours["diff/xs"], grads["x_static"]) < 1e-4
+        assert _scale_error(ours["diff/xs"], grads["x_static"]) < 1e-5
     for j in range(len(params)):
-        assert _scale_error(ours[f"pdiff/{j}"], grads[f"p{j}"]) < 1e-4, f"blob {j}"
+        assert _scale_error(ours[f"pdiff/{j}"], grads[f"p{j}"]) < 1e-5, f"blob {j}"
 
 
 def test_blob_layout_and_fillers(tmp_path):
