@@ -61,7 +61,7 @@ from amct_caffe.ops import register
 from amct_caffe.runtime.layers.activation_grad import TanH_grad
 from amct_caffe.runtime.layers.libm_float import tanhf
 from amct_caffe.runtime.layers.lstm_unit import caffe_sigmoid
-from amct_caffe.runtime.layers.recurrent import _ip, _Recurrent
+from amct_caffe.runtime.layers.recurrent import _Recurrent
 
 _F32 = np.float32
 # the fork's default gate (F) and candidate (G) activations: recurrent_param.activations overrides them
@@ -97,32 +97,26 @@ class GRULayer(_Recurrent):
     def _recurrent_fillers(self, weight, bias):
         return [weight] * 3 + ([bias] if self.reset_after else [])
 
-    def _recurrent_weights(self):
-        k = self._hidden_index()
-        r_z, r_r, r_h = (self.blobs[k + j].data for j in range(3))
-        rb_h = self.blobs[k + 3].data if self.reset_after else None
-        return r_z, r_r, r_h, rb_h
-
     def _run(self, wx, ws, cont, state):
         (h,) = state
         hid = self.hidden
-        r_z, r_r, r_h, rb_h = self._recurrent_weights()
+        k = self._hidden_index()
         hs, steps = [], []
         for t in range(wx.shape[0]):
             g = wx[t] if ws is None else wx[t] + ws   # XW_X_static_t (Eltwise SUM), then sliced z | r | h
             hc = h * cont[t][:, None]                 # h_conted_{t-1} (Scale)
-            z = _ip(hc, r_z)
+            z = self._hidden_product(hc, k)           # R_z_h_t
             z += g[:, :hid]
             z = caffe_sigmoid(z)
-            r = _ip(hc, r_r)
+            r = self._hidden_product(hc, k + 1)       # R_r_h_t
             r += g[:, hid:2 * hid]
             r = caffe_sigmoid(r)
             if self.reset_after:
-                lin = _ip(hc, r_h, rb_h)              # R_h h~ + Rb_h, then the Eltwise PROD
+                lin = self._hidden_product(hc, k + 2, k + 3)   # R_h h~ + Rb_h, then the Eltwise PROD
                 a = r * lin
             else:
-                lin = r * hc                          # r * h~ (Eltwise PROD), then R_h
-                a = _ip(lin, r_h)
+                lin = r * hc                          # r * h~ (Eltwise PROD), the input of R_h's product
+                a = self._hidden_product(lin, k + 2)
             a += g[:, 2 * hid:]
             n = tanhf(a)                              # TanH layer: glibc's tanhf
             sub = hc - n                              # Eltwise SUM, coefficients 1, -1
@@ -134,7 +128,7 @@ class GRULayer(_Recurrent):
 
     def _step_backward(self, dh_out, cont):
         k = self._hidden_index()
-        r_z, r_r, r_h, _ = self._recurrent_weights()
+        r_z, r_r, r_h = (self.blobs[k + j].data for j in range(3))
         steps = self._cache["steps"]
         hid = self.hidden
         dgates = np.empty(dh_out.shape[:2] + (3 * hid,), _F32)
