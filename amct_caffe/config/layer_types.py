@@ -105,12 +105,11 @@ def cannot_quantize_reason(node, graph=None) -> str | None:
 
     Scale and Bias have such limits (see the module doc), any layer reading a quantized input of
     fewer than 2 axes, or a weighted one writing such an output (an InnerProduct on ``axis: 0``), and
-    a recurrent type without a quantized form (GRU); this is asked for every layer whose type is in
-    the table.
+    a recurrent type without a quantized form; this is asked for every layer whose type is in the
+    table.
     """
     row = ops.layer_type(node.type)
     if row.recurrent and row.quantizable and node.type not in ops.QUANTIZED_RECURRENT:
-        # GRU runs in the executor but has no calibration or quantized form yet (docs/recurrent.md)
         return f"{node.type} has no quantized form yet; it stays float"
     if graph is not None:
         inputs = row.quant_inputs if row.quant_inputs is not None else range(len(node.bottoms))
