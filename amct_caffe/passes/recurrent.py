@@ -1,14 +1,14 @@
-"""Quantizing a recurrent layer (LSTM, RNN): its weights, its calibration form and its quantized forms.
+"""Quantizing a recurrent layer (LSTM, RNN, GRU): its weights, its calibration form and its quantized forms.
 
 The rules are docs/recurrent.md's "Quantization":
 
 * weights per tensor with ARQ (an InnerProduct's, ``channel_wise`` false): the input weights
-  (``W_x`` [, ``W_x_static``]) give ``scale_w``, the recurrent ones (``W_h``; RNN ``W_hh, W_ho``)
-  ``scale_r``, offsets 0;
+  (``W_x`` [, ``W_x_static``]) give ``scale_w``, the recurrent ones (LSTM ``W_hc``; RNN ``W_hh,
+  W_ho``; GRU ``R_z, R_r, R_h``) ``scale_r``, offsets 0;
 * the data inputs ``x`` [, ``x_static``] are ordinary quantized inputs (bottoms 0 [and 2]); the
   hidden state has its own factors ``scale_h`` / ``offset_h``, observed inside the layer by its
-  calibration form (``LSTMCalibration`` / ``RNNCalibration``) and applied inside its quantized form
-  (``LSTMQuant`` / ``RNNQuant``);
+  calibration form (``LSTMCalibration`` / ``RNNCalibration`` / ``GRUCalibration``) and applied inside
+  its quantized form (``LSTMQuant`` / ``RNNQuant`` / ``GRUQuant``);
 * biases stay float in the fake-quant model; in the deploy model they become int32 on the scales of
   the product they are added to (``b``: ``scale_w[0] * scale_d``; RNN ``b_o``: ``scale_r[1] * scale_h``),
   as :attr:`~amct_caffe.ops.RecurrentLayout.recurrent_biases` pairs them.
@@ -29,6 +29,14 @@ from amct_caffe.quant.arq import arq_quantize_weight, quantize_with_scales
 from amct_caffe.quant.bias import quantize_bias
 
 _F32 = np.float32
+
+
+_RECURRENT_WEIGHTS = {"LSTM": "W_hc", "RNN": "W_hh, W_ho", "GRU": "R_z, R_r, R_h"}
+
+
+def _base(node: Node) -> str:
+    tables = (ops.QUANTIZED_RECURRENT, ops.CALIBRATION_RECURRENT)
+    return {form: base for table in tables for base, form in table.items()}.get(node.type, node.type)
 
 
 def is_recurrent(node_type: str) -> bool:
@@ -64,8 +72,7 @@ def recurrent_factors(record: Record, node: Node) -> tuple[np.ndarray, np.ndarra
         raise RecordError(f"Cannot find scale_w of layer '{name}' in record file")
     checks = (("scale_w", entry.scale_w, entry.offset_w, len(lay.input_weights),
                "W_x" + (", W_x_static" if lay.static else "")),
-              ("scale_r", entry.scale_r, entry.offset_r, len(lay.recurrent_weights),
-               "W_h" if len(lay.recurrent_weights) == 1 else "W_hh, W_ho"))
+              ("scale_r", entry.scale_r, entry.offset_r, len(lay.recurrent_weights), _RECURRENT_WEIGHTS[_base(node)]))
     for field, scales, offsets, want, what in checks:
         if len(scales) != want:
             raise RecordError(f"layer '{name}' ({node.type}): the record has {len(scales)} {field} value(s); the "

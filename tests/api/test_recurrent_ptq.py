@@ -27,13 +27,14 @@ KINDS = ("fake_quant_model.prototxt", "fake_quant_weights.caffemodel", "deploy_m
 
 
 def _model(tmp: Path, kind: str, static: bool) -> tuple[Path, Path]:
+    reset = "linear_before_reset: 1" if kind == "GRU_after" else ""  # a GRU resetting after R_h's product
     static_input = f'layer {{ name: "s" type: "Input" top: "s" input_param {{ shape {{ dim: {N} dim: {DS} }} }} }}'
     text = f"""
 layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: {T} dim: {N} dim: {D} }} }} }}
 layer {{ name: "cont" type: "Input" top: "cont" input_param {{ shape {{ dim: {T} dim: {N} }} }} }}
 {static_input if static else ""}
-layer {{ name: "rec" type: "{kind}" bottom: "x" bottom: "cont" {'bottom: "s"' if static else ""} top: "h"
-  recurrent_param {{ num_output: {H} weight_filler {{ type: "uniform" min: -0.5 max: 0.5 }}
+layer {{ name: "rec" type: "{kind.split('_')[0]}" bottom: "x" bottom: "cont" {'bottom: "s"' if static else ""} top: "h"
+  recurrent_param {{ num_output: {H} {reset} weight_filler {{ type: "uniform" min: -0.5 max: 0.5 }}
                      bias_filler {{ type: "uniform" min: -0.2 max: 0.2 }} }} }}
 layer {{ name: "fc" type: "InnerProduct" bottom: "h" top: "y"
   inner_product_param {{ num_output: 4 axis: 2 weight_filler {{ type: "gaussian" std: 0.3 }}
@@ -70,7 +71,8 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.fixture(scope="module", params=[("LSTM", False), ("LSTM", True), ("RNN", False), ("RNN", True)],
+@pytest.fixture(scope="module", params=[("LSTM", False), ("LSTM", True), ("RNN", False), ("RNN", True),
+                                        ("GRU", False), ("GRU", True), ("GRU_after", False)],
                 ids=lambda p: p[0] + ("-static" if p[1] else ""))
 def flow(request, tmp_path_factory):
     kind, static = request.param
@@ -79,7 +81,7 @@ def flow(request, tmp_path_factory):
     rng = np.random.default_rng(11)
     graph, mm, mw = calibration_model(tmp, proto, weights, batch_num=2)
     calib = Net(mm, mw, 1)
-    assert calib.layer_dict["rec"].type == f"{kind}Calibration"
+    assert calib.layer_dict["rec"].type == f"{kind.split('_')[0]}Calibration"
     for _ in range(2):
         _forward(calib, _batch(rng, static))
     amct.save_model(graph, "Both", str(tmp / "out" / "q"))
@@ -90,7 +92,7 @@ def test_record_holds_every_factor_of_the_recurrent_layer(flow):
     kind, static, tmp, *_ = flow
     entry = read_record(tmp / "out" / "q_quant_param_record.txt").layer("rec")
     assert len(entry.scale_w) == (2 if static else 1) and entry.offset_w == [0] * len(entry.scale_w)
-    assert len(entry.scale_r) == (2 if kind == "RNN" else 1) and entry.offset_r == [0] * len(entry.scale_r)
+    assert len(entry.scale_r) == {"LSTM": 1, "RNN": 2}.get(kind, 3) and entry.offset_r == [0] * len(entry.scale_r)
     assert entry.scale_h is not None and entry.scale_h > 0 and entry.offset_h is not None
     assert sorted(a.index for a in entry.record_d) == ([0, 2] if static else [0])
     # each weight tensor's scale is ARQ's (NumPy reference) on it alone, per tensor
@@ -99,7 +101,7 @@ def test_record_holds_every_factor_of_the_recurrent_layer(flow):
     tensors = [0] + ([2] if static else [])
     for s, i in zip(entry.scale_w, tensors, strict=True):
         assert s == _arq_scale(float_params[i].data)
-    recurrent = [first] if kind == "LSTM" else [first, first + 1]
+    recurrent = [first, first + 1, first + 2][:len(entry.scale_r)]
     for s, i in zip(entry.scale_r, recurrent, strict=True):
         assert s == _arq_scale(float_params[i].data)
 
@@ -110,7 +112,7 @@ def test_saved_models_track_the_float_model_and_each_other(flow):
     fp = Net(str(proto), str(weights), 1)
     fq = Net(str(out / "q_fake_quant_model.prototxt"), str(out / "q_fake_quant_weights.caffemodel"), 1)
     dp = Net(str(out / "q_deploy_model.prototxt"), str(out / "q_deploy_weights.caffemodel"), 1)
-    assert fq.layer_dict["rec"].type == dp.layer_dict["rec"].type == f"{kind}Quant"
+    assert fq.layer_dict["rec"].type == dp.layer_dict["rec"].type == f"{kind.split('_')[0]}Quant"
     stored = load_weights(str(out / "q_deploy_weights.caffemodel"))["rec"]
     assert [a.dtype for a in stored[:2]] == [np.int8, np.int32]
     assert dp.layer_dict["rec"].integer_params

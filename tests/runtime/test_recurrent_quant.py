@@ -21,8 +21,13 @@ T, N, D, DS, H = 5, 3, 4, 3, 6
 RNG = np.random.default_rng(7)
 
 
+def _type(kind: str) -> str:
+    return kind.split("_")[0]   # "GRU_after": a GRU with linear_before_reset
+
+
 def _prototxt(kind: str, layer_type: str, extra: str = "", static: bool = False, expose: bool = False) -> str:
     states = (2 if kind == "LSTM" else 1) if expose else 0
+    reset = " linear_before_reset: 1" if kind == "GRU_after" else ""
     inputs = [("x", (T, N, D)), ("cont", (T, N))] + ([("s", (N, DS))] if static else [])
     inputs += [(f"h{k}", (1, N, H)) for k in range(states)]
     text = "".join(f'layer {{ name: "{b}" type: "Input" top: "{b}" input_param {{ shape {{ '
@@ -30,14 +35,17 @@ def _prototxt(kind: str, layer_type: str, extra: str = "", static: bool = False,
     tops = ['top: "y"'] + [f'top: "hT{k}"' for k in range(states)]
     bottoms = " ".join(f'bottom: "{b}"' for b, _ in inputs)
     return text + (f'layer {{ name: "r" type: "{layer_type}" {bottoms} {" ".join(tops)} recurrent_param {{ '
-                   f"num_output: {H} expose_hidden: {str(expose).lower()} }} {extra} }}\n")
+                   f"num_output: {H} expose_hidden: {str(expose).lower()}{reset} }} {extra} }}\n")
 
 
 def _weights(kind: str, static: bool) -> list[np.ndarray]:
-    rows = 4 * H if kind == "LSTM" else H
+    rows = {"LSTM": 4 * H, "RNN": H}.get(kind, 3 * H)
     w = [RNG.uniform(-0.6, 0.6, (rows, D)), RNG.uniform(-0.3, 0.3, rows)]
     if static:
         w.append(RNG.uniform(-0.6, 0.6, (rows, DS)))
+    if kind.startswith("GRU"):   # R_z, R_r, R_h [, Rb_h]
+        w += [RNG.uniform(-0.6, 0.6, (H, H)) for _ in range(3)]
+        return [a.astype(np.float32) for a in w + ([RNG.uniform(-0.3, 0.3, H)] if kind == "GRU_after" else [])]
     w.append(RNG.uniform(-0.6, 0.6, (rows, H)))
     if kind == "RNN":
         w += [RNG.uniform(-0.6, 0.6, (H, H)), RNG.uniform(-0.3, 0.3, H)]
@@ -89,6 +97,16 @@ def _reference(kind: str, feed: dict, w: list[np.ndarray], static: bool, expose:
     extra = feed["s"].astype(np.float64) @ w[2].T if static else 0
     outs = []
     for t in range(T):
+        if kind.startswith("GRU"):
+            hc = cont[t][:, None] * h
+            g = x[t] @ w[0].T + w[1] + extra
+            z = sig(quant(hc) @ w[k].T + g[:, :H])
+            r = sig(quant(hc) @ w[k + 1].T + g[:, H:2 * H])
+            a = r * (quant(hc) @ w[k + 2].T + w[k + 3]) if kind == "GRU_after" else quant(r * hc) @ w[k + 2].T
+            n = np.tanh(a + g[:, 2 * H:])
+            h = n + z * (hc - n)
+            outs.append(h)
+            continue
         z = quant(cont[t][:, None] * h) @ w[k].T + x[t] @ w[0].T + w[1] + extra
         if kind == "LSTM":
             i, f, o, g = sig(z[:, :H]), sig(z[:, H:2 * H]) * cont[t][:, None], sig(z[:, 2 * H:3 * H]), \
@@ -102,7 +120,7 @@ def _reference(kind: str, feed: dict, w: list[np.ndarray], static: bool, expose:
     return np.stack(outs)
 
 
-CASES = [(kind, static, expose) for kind in ("LSTM", "RNN") for static, expose in
+CASES = [(kind, static, expose) for kind in ("LSTM", "RNN", "GRU", "GRU_after") for static, expose in
          ((False, False), (True, False), (False, True), (True, True))]
 
 
@@ -112,7 +130,7 @@ def test_fake_quant_form_matches_the_reference_cell(kind, static, expose, tmp_pa
     scale_h, offset_h = 0.0123, -7
     extra = (f"lstm_quant_param {{ w_h_quant_param {{ scale: {1 / scale_h!r} offset: {offset_h} with_offset: true "
              "num_bits_d: 8 } }")
-    net = _net(tmp_path, _prototxt(kind, f"{kind}Quant", extra, static, expose), w, "q")
+    net = _net(tmp_path, _prototxt(kind, f"{_type(kind)}Quant", extra, static, expose), w, "q")
     got = _run(net, feed)["y"]
     s = float(np.float32(1) / np.float32(np.float32(1 / scale_h)))
     want = _reference(kind, feed, w, static, expose, lambda v: _fq(v, s, offset_h))
@@ -129,8 +147,8 @@ def test_calibration_form_computes_the_float_layer_and_records_ifmr_of_the_hidde
     extra = (f'lstm_calibration_param {{ ifmr_param {{ batch_num: 2 with_offset: true search_range_start: 0.7 '
              f'search_range_end: 1.3 search_step: 0.01 max_percentile: 0.999999 min_percentile: 0.999999 '
              f'object_layer: "rec" record_file_path: "{record}" }} }}')
-    calib = _net(tmp_path, _prototxt(kind, f"{kind}Calibration", extra, static, expose), w, "c")
-    plain = _net(tmp_path, _prototxt(kind, kind, "", static, expose), w, "p")
+    calib = _net(tmp_path, _prototxt(kind, f"{_type(kind)}Calibration", extra, static, expose), w, "c")
+    plain = _net(tmp_path, _prototxt(kind, _type(kind), "", static, expose), w, "p")
     observed = []
     for _ in range(2):
         feed = _inputs(static, expose, kind)
@@ -138,10 +156,14 @@ def test_calibration_form_computes_the_float_layer_and_records_ifmr_of_the_hidde
         for blob in want:
             np.testing.assert_array_equal(got[blob], want[blob])
         # the hidden-state inputs of the products, in the order the steps read them, rebuilt
-        # from the float layer: LSTM from its output h_1..h_T; RNN from its hidden states
+        # from the float layer: LSTM from its output h_1..h_T; RNN and GRU from the states it kept
         if kind == "LSTM":
             h_prev = np.concatenate([feed["h0"] if expose else np.zeros((1, N, H), np.float32), want["y"][:-1]])
             observed.append(h_prev * feed["cont"][..., None])
+        elif kind.startswith("GRU"):   # h~ for R_z and R_r, then R_h's input: r * h~ (or h~ after the reset)
+            steps = plain.layer_dict["r"]._cache["steps"]   # (h~, z, r, r * h~ | R_h h~ + Rb_h, n, h~ - n)
+            observed.append(np.stack([v for hc, _, r, lin, *_ in steps
+                                      for v in (hc, hc, hc if kind == "GRU_after" else lin)]))
         else:
             hidden = plain.layer_dict["r"]._cache["hidden"]   # h_1 .. h_T (N, H)
             h_prev = [feed["h0"][0] if expose else np.zeros((N, H), np.float32)] + hidden[:-1]
@@ -154,7 +176,7 @@ def test_calibration_form_computes_the_float_layer_and_records_ifmr_of_the_hidde
     assert not entry.scale_w and not entry.record_d  # it writes only the hidden state's factors
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "RNN", "GRU"])
 def test_quantized_forms_refuse_backward(kind, tmp_path):
     extra = "lstm_quant_param { w_h_quant_param { scale: 100 offset: 0 } }"
     net = _net(tmp_path, _prototxt(kind, f"{kind}Quant", extra), _weights(kind, False), "q")

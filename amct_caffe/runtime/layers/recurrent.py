@@ -75,8 +75,25 @@ def _sum_in_order(parts: np.ndarray) -> np.ndarray:
     return total
 
 
+def _refuse_unsupported_fields(lp) -> None:
+    """synopsys-caffe's RecurrentParameter fields that change the bottoms, tops or math and that the
+    executor does not implement: a layer setting them is refused, naming the field. (``tf_rnn`` only
+    changes the RNN; the fork ignores ``linear_before_reset`` outside the GRU, and so does this.)"""
+    rp = lp.recurrent_param
+    bad = [f"direction {rp.direction!r}" if rp.direction != "forward" else "",
+           "default_initial" if rp.default_initial else "", "continue_recur" if rp.continue_recur else "",
+           "tf_rnn" if rp.tf_rnn and lp.type == "RNN" else "",
+           "activation_alpha" if len(rp.activation_alpha) else "", "activation_beta" if len(rp.activation_beta) else "",
+           "activations" if len(rp.activations) and lp.type != "GRU" else ""]
+    bad = [b for b in bad if b]
+    if bad:
+        raise GraphError(f"layer '{lp.name}' ({lp.type}): recurrent_param {', '.join(bad)} is not supported "
+                         "(synopsys-caffe's extensions; only their defaults are)")
+
+
 class _Recurrent(Layer):
-    """What RNN and LSTM share (recurrent_layer.cpp): bottoms, tops, state, the input transforms."""
+    """What RNN, LSTM and GRU (gru.py) share (recurrent_layer.cpp): bottoms, tops, state, the input
+    transforms."""
 
     num_bottoms = (2, 5)
     num_tops = (1, 3)
@@ -89,6 +106,7 @@ class _Recurrent(Layer):
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
         rp = lp.recurrent_param
+        _refuse_unsupported_fields(lp)
         if rp.num_output <= 0:
             raise GraphError(f"layer '{lp.name}' ({lp.type}): recurrent_param.num_output must be > 0")
         self.hidden = int(rp.num_output)

@@ -1,8 +1,8 @@
-"""The quantized and calibration forms of LSTM and RNN (docs/recurrent.md, "Quantization").
+"""The quantized and calibration forms of LSTM, RNN and GRU (docs/recurrent.md, "Quantization").
 
 Same bottoms, tops, ``recurrent_param`` and blob layout as the layer they replace
 (:mod:`.recurrent`); they differ only in the products whose input is the hidden state
-(``W_h h~_{t-1}``, RNN also ``W_ho h_t``):
+(``W_h h~_{t-1}``; RNN also ``W_ho h_t``; GRU ``R_z h~``, ``R_r h~`` and ``R_h (r * h~)`` or ``R_h h~``):
 
 * ``LSTMCalibration`` / ``RNNCalibration`` compute the float cell and observe those inputs
   (every step of ``lstm_calibration_param.ifmr_param.batch_num`` forwards, pooled), then run IFMR
@@ -34,6 +34,7 @@ from amct_caffe.ops import recurrent_layout, register
 from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError
 from amct_caffe.runtime.layers.calibration import _proto_float
 from amct_caffe.runtime.layers.quant_ops import Quant, _named, _quant_scale_d
+from amct_caffe.runtime.layers.gru import GRULayer
 from amct_caffe.runtime.layers.recurrent import LSTMLayer, RNNLayer
 from amct_caffe.runtime.record_sink import RecordSink
 
@@ -131,6 +132,11 @@ class RNNCalibrationLayer(_HiddenCalibration, RNNLayer):
     """RNN forward that calibrates its hidden state (module doc)."""
 
 
+@register("GRUCalibration")
+class GRUCalibrationLayer(_HiddenCalibration, GRULayer):
+    """GRU forward that calibrates its hidden state (module doc)."""
+
+
 # ------------------------------------------------------------------ quantized
 def _deqscale(param, what: str, where: str, count: int = 1) -> list[np.float64]:
     values = list(param.deqscale)
@@ -201,3 +207,8 @@ class LSTMQuantLayer(_HiddenQuant, LSTMLayer):
 @register("RNNQuant")
 class RNNQuantLayer(_HiddenQuant, RNNLayer):
     """RNN of a fake-quant or deploy model (module doc)."""
+
+
+@register("GRUQuant")
+class GRUQuantLayer(_HiddenQuant, GRULayer):
+    """GRU of a fake-quant or deploy model (module doc)."""
