@@ -49,10 +49,12 @@ _EXPF_UNDERFLOW = -float.fromhex("0x1.9fe368p6")                    # below: 0
 
 
 def _exp2_table() -> np.ndarray:
-    """``2^(j/32)``, j = 0..31, correctly rounded to double (glibc's ``__exp2f_data.tab`` less ``j << 47``)."""
+    """glibc's ``__exp2f_data.tab``: the bits of ``2^(j/32)`` (correctly rounded), less ``j << 47``,
+    j = 0..31, so that adding ``k << 47`` gives the bits of ``2^(k/32)``."""
     with localcontext() as ctx:
         ctx.prec = 40
-        return np.array([float(Decimal(2) ** (Decimal(j) / 32)) for j in range(1 << _EXP2F_BITS)])
+        powers = np.array([float(Decimal(2) ** (Decimal(j) / 32)) for j in range(1 << _EXP2F_BITS)])
+    return powers.view(np.int64) - (np.arange(1 << _EXP2F_BITS, dtype=np.int64) << (52 - _EXP2F_BITS))
 
 
 _EXP2_TABLE = _exp2_table()
@@ -76,22 +78,21 @@ def libm_f32(fn, *args) -> np.ndarray:
 def expf(x: np.ndarray) -> np.ndarray:
     """glibc's ``expf`` of a float32 array, bit for bit (see the module doc)."""
     x = np.asarray(x, _F32)
-    xd = np.clip(np.nan_to_num(x.astype(np.float64)), _EXPF_UNDERFLOW - 1, _EXPF_OVERFLOW + 1)
-    z = _EXPF_INVLN2N * xd
-    kd = np.rint(z)                      # glibc: (z + 0x1.8p52) - 0x1.8p52, ties to even
-    r = z - kd
-    k = kd.astype(np.int64)
-    s = np.ldexp(_EXP2_TABLE[k & 31], (k >> _EXP2F_BITS).astype(np.int32))
     c0, c1, c2 = _EXPF_C
-    zz = c0 * r + c1
-    r2 = r * r
-    y = c2 * r + 1.0
-    y = zz * r2 + y
     with np.errstate(**_QUIET):
-        out = (y * s).astype(_F32)
-    out = np.where(x > _EXPF_OVERFLOW, _F32(np.inf), out)
-    out = np.where(x < _EXPF_UNDERFLOW, _F32(0), out)
-    return np.where(np.isnan(x), x, out).astype(_F32)
+        xd = np.clip(x, _EXPF_UNDERFLOW - 1, _EXPF_OVERFLOW + 1, dtype=np.float64)  # NaN stays NaN
+        z = xd * _EXPF_INVLN2N
+        kd = np.rint(z)                  # glibc: (z + 0x1.8p52) - 0x1.8p52, ties to even
+        r = z - kd
+        k = kd.astype(np.int64)
+        s = (np.take(_EXP2_TABLE, k & 31) + (k << (52 - _EXP2F_BITS))).view(np.float64)   # 2^(k/32)
+        y = (c0 * r + c1) * (r * r) + (c2 * r + 1.0)
+        out = np.asarray((y * s).astype(_F32))
+    out[x > _EXPF_OVERFLOW] = np.inf
+    out[x < _EXPF_UNDERFLOW] = 0
+    nan = np.isnan(x)
+    out[nan] = x[nan]
+    return out
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
