@@ -1,6 +1,7 @@
 """The recurrent samples (``samples/recurrent``: LSTM and RNN over MNIST rows, a CRNN over strips of
-four digits), trained in official Caffe: the executor computes every blob of their deploy nets as
-Caffe does, and reads the held-out digits exactly as well as ``SOURCES.md`` says Caffe does."""
+four digits), trained in official Caffe: the executor computes every blob of their deploy nets (and
+the gradients of their train nets) as Caffe does, and reads the held-out digits exactly as well as
+``SOURCES.md`` says Caffe does."""
 
 from __future__ import annotations
 
@@ -108,3 +109,64 @@ def test_forward_matches_real_caffe(model, tmp_path):
     assert not grad_problems(ref, ours, rtol=1e-4)
     if caffe_gemm.exact():  # where numpy's BLAS rounds as Caffe's, the recurrence is Caffe's bit for bit
         np.testing.assert_array_equal(ours[recurrent], ref[recurrent])
+
+
+_CAFFE_BACKWARD = """
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+net = caffe.Net({train!r}, {weights!r}, caffe.TRAIN)
+for name, value in np.load({inputs!r}).items():
+    net.blobs[name].data[...] = value
+net.forward()
+net.backward()
+out = {{}}
+for name, blob in net.blobs.items():
+    if "_split_" not in name:
+        out["data/" + name], out["diff/" + name] = blob.data, blob.diff
+for name, params in net.params.items():
+    for i, p in enumerate(params):
+        out[f"pdiff/{{name}}/{{i}}"] = p.diff
+np.savez({out!r}, **out)
+"""
+
+
+def _training_batch(ms, model: str) -> dict[str, np.ndarray]:
+    """A batch of 50 training digits (strips) with labels, as train_recurrent.py feeds the train net."""
+    images, labels = ms.load()
+    train, rng = ms.split(len(labels))[0], np.random.default_rng(3)
+    if model == "crnn_mnist":
+        data, digits = ms.strips(images, labels, rng.choice(train, (50, ms.DIGITS)))
+        return {"data": data, "cont": ms.cont(8, 50), "label": ms.step_labels(digits)}
+    idx = rng.choice(train, 50)
+    return {"x": ms.rows(images[idx]), "cont": ms.cont(28, 50), "label": labels[idx].astype(np.float32)}
+
+
+@pytest.mark.real_caffe
+@pytest.mark.parametrize("model", MODELS)
+def test_training_step_matches_real_caffe(model, tmp_path):
+    """The train net with the shipped weights on a training batch: every blob's data and diff and every
+    parameter's diff within 1e-4 of its scale (the loss is where they part first: Softmax's exp and sum)."""
+    from amct_caffe.runtime import TRAIN, Net
+    from tests.real_caffe import run_with_pycaffe
+
+    train, weights = str(SAMPLE / f"{model}_train.prototxt"), _files(model)[1]
+    inputs = _training_batch(_sequences(), model)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    res = run_with_pycaffe(_CAFFE_BACKWARD.format(train=train, weights=weights, inputs=str(tmp_path / "inputs.npz"),
+                                                  out=str(tmp_path / "ref.npz")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = dict(np.load(tmp_path / "ref.npz"))
+    net = Net(train, weights, TRAIN)
+    for name, value in inputs.items():
+        net.blobs[name].data[...] = value
+    net.forward()
+    net.backward()
+    ours = {}
+    for name, blob in net.blobs.items():
+        ours["data/" + name], ours["diff/" + name] = blob.data, blob.diff
+    for name, params in net.params.items():
+        for i, p in enumerate(params):
+            ours[f"pdiff/{name}/{i}"] = p.diff
+    assert any(k.startswith("pdiff/lstm/") or k.startswith("pdiff/rnn/") for k in ref)
+    assert not grad_problems(ref, ours, rtol=1e-4)
