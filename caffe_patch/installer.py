@@ -221,8 +221,9 @@ def _patch_targets(patch_text: str) -> list[str]:
 
 def _created_targets(patch_text: str) -> set[str]:
     """Targets the patch creates (``--- /dev/null``), as ``_patch_targets`` names them."""
-    return {m.group(1).split("/", 1)[1] for m in re.finditer(r"(?m)^--- /dev/null\s*\n\+\+\+ (\S+)", patch_text)
-            if "/" in m.group(1)}
+    # diff may write a timestamp after the name: "--- /dev/null\t1970-01-01 ..."
+    created = re.finditer(r"(?m)^--- /dev/null(?:[ \t][^\n]*)?\n\+\+\+ (\S+)", patch_text)
+    return {m.group(1).split("/", 1)[1] for m in created if "/" in m.group(1)}
 
 
 def _run_patch(patch_file: Path, directory: Path, *extra: str) -> subprocess.CompletedProcess:
