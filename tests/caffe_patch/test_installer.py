@@ -207,6 +207,20 @@ def test_a_layer_file_of_an_earlier_install_is_replaced_by_the_patch(tree):
     assert {k: v[0] for k, v in snapshot(tree).items()} == {k: v[0] for k, v in new.items()}
 
 
+def test_a_new_file_patch_with_diffs_timestamps_also_replaces_an_earlier_install(tree, tmp_path):
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    marker = f"// {installer.SOURCE_MARKER}: a layer"
+    (patches / "x_layer.cpp.patch").write_text(
+        "--- /dev/null\t1970-01-01 00:00:00.000000000 +0000\n"
+        "+++ b/src/caffe/layers/x_layer.cpp\t2026-12-06 06:00:00.000000000 +0000\n"
+        f"@@ -0,0 +1,2 @@\n+{marker}\n+// new\n")
+    (tree / "src/caffe/layers/x_layer.cpp").write_text(f"{marker}\n// old\n")
+    lines = run(tree, patch_dir=patches)
+    assert "[INFO]Install patch 'x_layer.cpp.patch' successfully." in lines
+    assert (tree / "src/caffe/layers/x_layer.cpp").read_text() == f"{marker}\n// new\n"
+
+
 def test_a_foreign_file_where_a_patch_creates_one_stops_the_install(tree):
     foreign = tree / GUIDE_PATCHES["lstm_calibration_layer.cpp.patch"]
     foreign.write_text("// someone else's LSTM calibration layer\n")
