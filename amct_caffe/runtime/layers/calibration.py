@@ -43,6 +43,18 @@ def _proto_float(v: float) -> float:
     return float(str(_F32(v)))
 
 
+def ifmr_settings(layer: Layer, p) -> IfmrParams:
+    """The IFMR settings of an ``IFMRParameter`` message ``p``, checked; errors name ``layer``."""
+    try:
+        return IfmrParams(
+            num_bits=p.num_bits, with_offset=p.with_offset,
+            max_percentile=_proto_float(p.max_percentile), min_percentile=_proto_float(p.min_percentile),
+            search_range_start=_proto_float(p.search_range_start),
+            search_range_end=_proto_float(p.search_range_end), search_step=_proto_float(p.search_step))
+    except ConfigError as e:
+        raise _named(layer, e) from e
+
+
 def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """channels, height, width of a bottom (N, C[, H[, W...]]); missing axes count as 1 and
     axes past the fourth are folded into width, so C*H*W is always the per-sample count."""
@@ -119,14 +131,7 @@ class IfmrLayer(_Collector):
             raise GraphError(f"layer '{self.name}' (IFMR): ifmr_param gives {len(p.index)} index value(s) "
                              f"for {len(p.object_layer)} object_layer(s); give one per object_layer or none")
         self.targets = list(zip(p.object_layer, list(p.index) or [0] * len(p.object_layer), strict=True))
-        try:
-            self.params = IfmrParams(
-                num_bits=p.num_bits, with_offset=p.with_offset,
-                max_percentile=_proto_float(p.max_percentile), min_percentile=_proto_float(p.min_percentile),
-                search_range_start=_proto_float(p.search_range_start),
-                search_range_end=_proto_float(p.search_range_end), search_step=_proto_float(p.search_step))
-        except ConfigError as e:
-            raise _named(self, e) from e
+        self.params = ifmr_settings(self, p)
         self._observer = IfmrObserver(self.params)
         self._shape: tuple[int, ...] | None = None
         self._later_peers: list[IfmrLayer] = []

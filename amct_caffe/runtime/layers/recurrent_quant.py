@@ -31,8 +31,8 @@ import numpy as np
 from amct_caffe.errors import ConfigError, GraphError
 from amct_caffe.io.record import f32
 from amct_caffe.ops import recurrent_layout, register
-from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError
-from amct_caffe.runtime.layers.calibration import _proto_float
+from amct_caffe.quant import IfmrObserver, QuantizationError
+from amct_caffe.runtime.layers.calibration import ifmr_settings
 from amct_caffe.runtime.layers.quant_ops import Quant, _named, _quant_scale_d
 from amct_caffe.runtime.layers.gru import GRULayer
 from amct_caffe.runtime.layers.recurrent import LSTMLayer, RNNLayer
@@ -69,14 +69,7 @@ class _HiddenCalibration(_InferenceOnly):
         if len(p.object_layer) != 1:
             raise GraphError(f"{where}: lstm_calibration_param.ifmr_param must name exactly one object_layer (the "
                              f"recurrent layer), got {list(p.object_layer)}")
-        try:
-            self.params = IfmrParams(
-                num_bits=p.num_bits, with_offset=p.with_offset,
-                max_percentile=_proto_float(p.max_percentile), min_percentile=_proto_float(p.min_percentile),
-                search_range_start=_proto_float(p.search_range_start),
-                search_range_end=_proto_float(p.search_range_end), search_step=_proto_float(p.search_step))
-        except ConfigError as e:
-            raise _named(self, e) from e
+        self.params = ifmr_settings(self, p)
         self.batch_num, self.record_file_path = int(p.batch_num), p.record_file_path
         self.object_layer = p.object_layer[0]
         self._observer = IfmrObserver(self.params)
