@@ -31,6 +31,7 @@ from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
+from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
 TRAIN, TEST = io.TRAIN, io.TEST
@@ -293,6 +294,7 @@ class Net:
             if value.shape != blob.shape:
                 blob.reshape(value.shape)
             blob.data[...] = value
+        adapt_threads()  # BLAS threads follow the machine's load (runtime/threads.py)
         self._loss = 0.0
         for i in self._range(start, end):
             self._forward_layer(i)
