@@ -1,4 +1,4 @@
-"""Convolutions and the in-place chains after them, run as one step of the Net.
+"""Convolutions (and Eltwise layers) and the in-place chains after them, run as one step of the Net.
 
 A prototxt's BatchNorm, Scale and ReLU layers computed in place on a Convolution's top
 (``top == bottom == conv top``, the layers following each other) leave only their last value
@@ -21,6 +21,9 @@ the separate layers. Two modes (:class:`FoldMode`):
   differs from Caffe's by a few float32 ulps of the larger of the terms (measured: at most
   ~1e-6 relative on open_nsfw's blobs); a fake-quant model's next Quant layer could round such a
   value the other way, which is why FAST is only for float models.
+
+An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
+runs in place on the Eltwise's fresh result (the same bytes in both modes).
 
 :func:`plan` picks the chains (only in nets that need no backward: the backward reads each
 layer's own input) and the mode: ``"auto"`` is EXACT for a net holding any layer the tool inserts
@@ -52,17 +55,27 @@ class FoldMode(enum.Enum):
 
 @dataclass(frozen=True)
 class Chain:
-    """A Convolution (layer ``first``) and the in-place layers ``first + 1 .. last`` folded into it."""
+    """Layer ``first`` (a Convolution, or an Eltwise before a ReLU) and the in-place layers
+    ``first + 1 .. last`` folded into it."""
 
     first: int
     last: int
-    conv: object        # the ConvolutionLayer
+    head: object        # the ConvolutionLayer or EltwiseLayer
     members: tuple      # the BatchNorm / Scale / ReLU layers, in order
     mode: FoldMode
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """The chain's final top for the convolution's bottom ``x`` (N, C, *sp)."""
-        conv = self.conv
+    def forward(self, bottoms: list[np.ndarray]) -> np.ndarray:
+        """The chain's final top for the head's ``bottoms``."""
+        if self.head.type == "Convolution":
+            y = self._convolution(bottoms[0])
+        else:  # an Eltwise: its result is a fresh array nobody else holds
+            (y,) = self.head.forward(bottoms)
+        if self.members[-1].type == "ReLU":
+            np.maximum(y, _F32(0), out=y)  # activation.ReLU with negative_slope 0
+        return y
+
+    def _convolution(self, x: np.ndarray) -> np.ndarray:
+        conv = self.head
         _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
         weight = conv.blobs[0].data
         bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
@@ -76,18 +89,16 @@ class Chain:
                 a, b = channel_affine(affine, bias, y.shape[1])
                 y *= a.reshape(shape)
                 y += b.reshape(shape)
-            else:
-                for m in affine:
-                    if m.type == "BatchNorm":  # batch_norm._normalize, in place
-                        mean, var = global_moments(m.blobs[0].data, m.blobs[1].data, m.blobs[2].data)
-                        y -= np.asarray(mean, _F32).reshape(shape)
-                        y /= _std(var, m.eps).reshape(shape)
-                    else:  # scale_bias.Scale, in place
-                        y *= m.blobs[0].data.reshape(shape)
-                        if len(m.blobs) > 1:
-                            y += m.blobs[1].data.reshape(shape)
-        if self.members and self.members[-1].type == "ReLU":
-            np.maximum(y, _F32(0), out=y)  # activation.ReLU with negative_slope 0
+                return y
+            for m in affine:
+                if m.type == "BatchNorm":  # batch_norm._normalize, in place
+                    mean, var = global_moments(m.blobs[0].data, m.blobs[1].data, m.blobs[2].data)
+                    y -= np.asarray(mean, _F32).reshape(shape)
+                    y /= _std(var, m.eps).reshape(shape)
+                else:  # scale_bias.Scale, in place
+                    y *= m.blobs[0].data.reshape(shape)
+                    if len(m.blobs) > 1:
+                        y += m.blobs[1].data.reshape(shape)
         return y
 
 
@@ -124,7 +135,7 @@ def resolve_mode(fold: str, layer_types) -> FoldMode:
 
 def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, loss_weights,
          shared: set[str]) -> dict[int, Chain]:
-    """{index of the Convolution: Chain} for every convolution with foldable in-place layers after it.
+    """{index of the head: Chain} for every Convolution / Eltwise with foldable in-place layers after it.
 
     ``bottom_names`` / ``top_names`` are per layer; ``loss_weights`` per layer and top (a loss
     read from a top makes it observable); ``shared``: blobs that are the memory of others (Caffe's
@@ -133,11 +144,17 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
     if mode is FoldMode.OFF or needs_backward:
         return {}
     chains = {}
-    for i, conv in enumerate(layers):
-        if not _foldable_conv(conv, bottom_names[i], top_names[i], loss_weights[i]):
+    for i, head in enumerate(layers):
+        if not _foldable_head(head, bottom_names[i], top_names[i], loss_weights[i]):
             continue
         top = top_names[i][0]
         if top in shared:
+            continue
+        if head.type == "Eltwise":  # only a ReLU joins an Eltwise
+            if i + 1 < len(layers) and bottom_names[i + 1] == top_names[i + 1] == [top] \
+                    and not any(loss_weights[i + 1]) and layers[i + 1].type == "ReLU" \
+                    and _foldable_member(layers[i + 1]):
+                chains[i] = Chain(i, i + 1, head, (layers[i + 1],), mode)
             continue
         j = i + 1
         while j < len(layers) and bottom_names[j] == [top] and top_names[j] == [top] \
@@ -146,12 +163,16 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
             if layers[j - 1].type == "ReLU":  # nothing affine can join after the ReLU
                 break
         if j > i + 1:
-            chains[i] = Chain(i, j - 1, conv, tuple(layers[i + 1:j]), mode)
+            chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
     return chains
 
 
-def _foldable_conv(layer, bottoms, tops, loss_weights) -> bool:
-    if layer.type != "Convolution" or len(bottoms) != 1 or len(tops) != 1 or bottoms == tops or any(loss_weights):
+def _foldable_head(layer, bottoms, tops, loss_weights) -> bool:
+    if len(tops) != 1 or tops[0] in bottoms or any(loss_weights):
+        return False
+    if layer.type == "Eltwise":
+        return True
+    if layer.type != "Convolution" or len(bottoms) != 1:
         return False
     return not layer.integer_params and layer.lp.convolution_param.axis == 1 and len(layer.blobs) >= 1
 

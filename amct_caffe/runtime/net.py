@@ -345,11 +345,11 @@ class Net:
                 self._loss += float(np.float32(w) * np.sum(self.blobs[t].data, dtype=np.float32))
 
     def _forward_chain(self, chain) -> None:
-        """A Convolution and the in-place layers after it as one step (:mod:`.fold`)."""
+        """A Convolution or Eltwise and the in-place layers after it as one step (:mod:`.fold`)."""
         for i in range(chain.first, chain.last + 1):
             self._reshape_layer(i)
         name = self._layer_names[chain.first]
-        self.blobs[self.top_names[name][0]].data = chain.forward(self.blobs[self.bottom_names[name][0]].data)
+        self.blobs[self.top_names[name][0]].data = chain.forward([self.blobs[b].data for b in self.bottom_names[name]])
 
     # ---------------------------------------------------------------- training
     @property

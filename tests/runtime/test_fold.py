@@ -106,3 +106,13 @@ def test_channel_affine_is_batchnorm_then_scale(bias):
     a, b = channel_affine([bn, sc], bias, 3)
     got = Convolution(x, w) * a.reshape(3, 1, 1) + b.reshape(3, 1, 1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_relu_in_place_after_an_eltwise_is_folded(tmp_path):
+    text = CHAIN + '''layer { name: "sum" type: "Eltwise" bottom: "conv2" bottom: "r2" top: "sum" }
+layer { name: "sum_relu" type: "ReLU" bottom: "sum" top: "sum" }
+'''
+    net, ref = _net(tmp_path, "exact", text), _net(tmp_path, "off", text)
+    assert net._chains[7].last == 8
+    x = _x()
+    np.testing.assert_array_equal(net.forward(data=x)["sum"], ref.forward(data=x)["sum"])
