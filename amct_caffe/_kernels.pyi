@@ -55,3 +55,10 @@ def ulq_backward(
     x: F32, grad: F32, clip_max: float, clip_min: float, scale: float, offset: int, num_bits: int
 ) -> tuple[F32, float, float]:
     """-> (grad_x, grad_clip_max, grad_clip_min)."""
+
+def depthwise_conv2d(
+    x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
+) -> F32:
+    """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order."""
+
+def depthwise_has_fma() -> bool: ...

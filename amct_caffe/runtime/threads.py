@@ -36,12 +36,13 @@ MARGIN = 0.25   # another process using at most this much of a core leaves that 
 _PIN_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 _limiter = None      # threadpoolctl limiter of set_num_threads(n)
+_pinned = None       # that n
 _auto = None         # the _Adaptive state, built on first use (False: adapting is off here)
 
 
 def set_num_threads(n: int | None) -> None:
     """Pin BLAS to ``n`` threads (``None``: back to the library default, adapted to the load)."""
-    global _limiter
+    global _limiter, _pinned
     from threadpoolctl import threadpool_limits
 
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
@@ -51,6 +52,7 @@ def set_num_threads(n: int | None) -> None:
         _limiter = None
     if isinstance(_auto, _Adaptive):
         _auto.restore()
+    _pinned = n
     if n is not None:
         _limiter = threadpool_limits(limits=n, user_api="blas")
 
@@ -61,6 +63,19 @@ def num_threads() -> int:
 
     counts = [info["num_threads"] for info in threadpool_info() if info.get("user_api") == "blas"]
     return max(counts) if counts else 1
+
+
+def workers() -> int:
+    """Threads the executor's own C++ loops may use: the BLAS count in force (pinned or adapted)."""
+    if _pinned is not None:
+        return _pinned
+    if isinstance(_auto, _Adaptive):
+        return _auto.current
+    for v in _PIN_VARIABLES:
+        value = os.environ.get(v, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def adapt() -> None:

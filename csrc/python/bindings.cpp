@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "amct/arq.h"
+#include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
 #include "amct/search_n.h"
@@ -242,10 +243,31 @@ py::tuple ulq_backward(const py::handle& x_obj, const py::handle& g_obj, float c
   return py::make_tuple(gx, gmax, gmin);
 }
 
+py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
+                           std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto w = checked<float>(w_obj, "weight", 3);
+  for (const auto* v : {&stride, &pad, &dilation, &out}) {
+    if (v->size() != 2) throw py::value_error("stride, pad, dilation and out must have 2 values each");
+  }
+  if (w.shape(0) != x.shape(1)) throw py::value_error("weight must have one (kh, kw) kernel per input channel");
+  amct::Conv2dGeometry g{static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
+                         static_cast<int>(x.shape(3)), static_cast<int>(w.shape(1)), static_cast<int>(w.shape(2)),
+                         stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1], out[0], out[1]};
+  py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads);
+  return std::move(y);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
+  m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("threads"));
+  m.def("depthwise_has_fma", &amct::depthwise_has_fma);
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));
