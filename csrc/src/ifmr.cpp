@@ -239,7 +239,7 @@ void check_ifmr_config(const IfmrConfig& config, std::size_t n_ratios) {
 }
 
 IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& config,
-                       const std::vector<double>& ratios) {
+                       const std::vector<double>& ratios, std::size_t zeros) {
   check_ifmr_config(config, ratios.size());
   const char* what = error_name(config.with_offset);
   std::size_t n = 0;
@@ -250,13 +250,17 @@ IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& c
     }
     n += c.size;
   }
+  const std::size_t stored = n;
+  n += zeros;
   if (n == 0) fail(std::string(what) + ": no calibration data");
 
-  // Step 1: percentile start points, forced to include zero.
-  const float max0 = std::max(kth_best(chunks, select_count(config.max_percentile, n),
-                                       std::greater<float>()), 0.0f);
-  const float min0 = std::min(kth_best(chunks, select_count(config.min_percentile, n),
-                                       std::less<float>()), 0.0f);
+  // Step 1: percentile start points, forced to include zero. Beyond the stored values the k-th
+  // largest (smallest) is a dropped zero or lies past them on zero's other side: either way the
+  // clamp to zero gives 0.
+  const std::size_t k_max = select_count(config.max_percentile, n);
+  const std::size_t k_min = select_count(config.min_percentile, n);
+  const float max0 = k_max > stored ? 0.0f : std::max(kth_best(chunks, k_max, std::greater<float>()), 0.0f);
+  const float min0 = k_min > stored ? 0.0f : std::min(kth_best(chunks, k_min, std::less<float>()), 0.0f);
 
   // Step 3: candidate clips and scales.
   const int b = config.num_bits;
