@@ -20,7 +20,7 @@ def pack_deq_scale(scale_w: F32, scale_d: float, offset_w: I8) -> U64: ...
 def unpack_deq_scale(param: U64) -> tuple[F32, I8]: ...
 def ifmr_search(
     chunks: list[F32], num_bits: int, with_offset: bool, max_percentile: float, min_percentile: float,
-    ratios: F64, zeros: int = 0,
+    ratios: F64, zeros: int = 0, threads: int = 1,
 ) -> tuple[int, float, int, float, float, F64]:
     """-> (best_index, scale, offset, clip_max, clip_min, mean squared error per candidate)."""
 

@@ -31,6 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("AMCT_LOG_LEVEL", "ERROR")  # before amct_caffe configures its logging
 from benchmarks.executor import MODELS  # noqa: E402
 
 _LOG = logging.getLogger("benchmark")
@@ -87,7 +88,6 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=4)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("AMCT_LOG_LEVEL", "ERROR")
     load = os.getloadavg()[0]
     r = run(args.model, args.batches)
     print(f"{args.model}, {args.batches} batches [load {load:.1f} -> {os.getloadavg()[0]:.1f}]")  # noqa: T201

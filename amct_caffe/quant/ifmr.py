@@ -188,7 +188,7 @@ def _as_chunks(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams, ze
 
 
 def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | None = None, *, zeros: int = 0,
-                backend: str | None = None) -> IfmrResult:
+                threads: int = 1, backend: str | None = None) -> IfmrResult:
     """Run IFMR over the concatenation of ``chunks`` (arrays of any shape) without concatenating.
 
     ``zeros``: how many more values, all zero, the data holds (an observer may drop them). A zero
@@ -196,7 +196,8 @@ def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | 
     a loss; it counts in ``N`` (the percentiles' ranks and the mean) and, where a percentile's rank
     falls past the values kept, gives the start point 0, which the clamp of step 1 gives anyway.
     The losses are then the same sums in other float64 blocks (about 1e-13 relative apart, far
-    inside the tie tolerance of step 5): the same candidate wins.
+    inside the tie tolerance of step 5): the same candidate wins. ``threads``: the kernel's workers
+    (each sums whole candidates: the result does not depend on them).
     """
     params = params or IfmrParams()
     chunks = _as_chunks(chunks, params, zeros)
@@ -204,7 +205,8 @@ def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | 
     if resolve(backend) == "kernel":
         args = (params.num_bits, params.with_offset, params.max_percentile, params.min_percentile, ratios)
         try:
-            best, scale, offset, clip_max, clip_min, losses = call_kernel("ifmr_search", chunks, *args, zeros=zeros)
+            best, scale, offset, clip_max, clip_min, losses = call_kernel("ifmr_search", chunks, *args, zeros=zeros,
+                                                                          threads=threads)
         except TypeError:  # an extension built before `zeros` existed: give it the zeros themselves
             best, scale, offset, clip_max, clip_min, losses = call_kernel(
                 "ifmr_search", chunks + [np.zeros(zeros, np.float32)], *args)
@@ -262,8 +264,8 @@ class IfmrObserver:
         self._zeros += sum(f.size - c.size for f, c in zip(flat, kept, strict=True))
         self.batches += 1
 
-    def compute_qparams(self) -> IfmrResult:
-        """Search over everything seen since the last ``reset``."""
+    def compute_qparams(self, threads: int = 1) -> IfmrResult:
+        """Search over everything seen since the last ``reset`` (``threads``: see :func:`ifmr_search`)."""
         if not self.batches:
             raise QuantizationError(f"{self.params.error_name}: compute_qparams() before any update()")
-        return ifmr_search(self._chunks, self.params, zeros=self._zeros, backend=self.backend)
+        return ifmr_search(self._chunks, self.params, zeros=self._zeros, threads=threads, backend=self.backend)

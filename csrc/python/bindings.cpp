@@ -94,7 +94,7 @@ py::tuple unpack_deq_scale(const py::handle& p_obj) {
 }
 
 py::tuple ifmr_search(const py::list& chunk_objs, int num_bits, bool with_offset, double max_percentile,
-                      double min_percentile, const py::handle& ratios_obj, std::size_t zeros) {
+                      double min_percentile, const py::handle& ratios_obj, std::size_t zeros, int threads) {
   auto ratios_arr = checked<double>(ratios_obj, "ratios", 1);
   std::vector<py::array_t<float>> keep;
   std::vector<amct::FloatSpan> chunks;
@@ -111,7 +111,7 @@ py::tuple ifmr_search(const py::list& chunk_objs, int num_bits, bool with_offset
   amct::IfmrResult r;
   {
     py::gil_scoped_release release;
-    r = amct::ifmr_search(chunks, cfg, ratios, zeros);
+    r = amct::ifmr_search(chunks, cfg, ratios, zeros, threads);
   }
   py::array_t<double> losses(static_cast<py::ssize_t>(r.losses.size()));
   std::copy(r.losses.begin(), r.losses.end(), losses.mutable_data());
@@ -273,7 +273,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));
   m.def("unpack_deq_scale", &unpack_deq_scale, py::arg("param"));
   m.def("ifmr_search", &ifmr_search, py::arg("chunks"), py::arg("num_bits"), py::arg("with_offset"),
-        py::arg("max_percentile"), py::arg("min_percentile"), py::arg("ratios"), py::arg("zeros") = 0);
+        py::arg("max_percentile"), py::arg("min_percentile"), py::arg("ratios"), py::arg("zeros") = 0,
+        py::arg("threads") = 1);
   m.def("ifmr_ratios", [](double start, double end, double step) {
     auto r = amct::ifmr_ratios(start, end, step);
     py::array_t<double> out(static_cast<py::ssize_t>(r.size()));

@@ -162,6 +162,10 @@ def test_dropped_zeros_give_the_search_on_everything(backend, with_offset, zero_
         obs.update(b)
     assert obs._zeros == sum(int((b == 0).sum()) for b in batches)
     assert_same_result(obs.compute_qparams(), ifmr_search(np.concatenate(batches), params, backend="reference"))
+    if backend == "kernel":  # workers split the candidates: the same sums, bit for bit
+        one, three = obs.compute_qparams(threads=1), obs.compute_qparams(threads=3)
+        assert one.best_index == three.best_index and one.scale == three.scale
+        np.testing.assert_array_equal(one.losses, three.losses)
 
 
 @pytest.mark.parametrize("kwargs,match", [
