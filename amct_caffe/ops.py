@@ -100,6 +100,10 @@ _RANK_PRESERVING = {
     "Eltwise", "Concat", "Pooling", "Split", "Softmax", "Crop", "ShuffleChannel", "Upsample", "Interp",
     "Quant", "AntiQuant", "DeQuant",
 }
+#: The quantized forms a recurrent layer takes in the models the tool writes (docs/recurrent.md).
+QUANTIZED_RECURRENT = {"LSTM": "LSTMQuant", "RNN": "RNNQuant", "GRU": "GRUQuant"}
+CALIBRATION_RECURRENT = {"LSTM": "LSTMCalibration", "RNN": "RNNCalibration", "GRU": "GRUCalibration"}
+_RECURRENT |= set(QUANTIZED_RECURRENT.values()) | set(CALIBRATION_RECURRENT.values())
 _INSERTED = {"Quant", "DeQuant", "AntiQuant", "IFMR", "SearchN", "BNUpdate", "RetrainDataQuant", "RetrainWeightQuant"}
 _OBSERVERS = {"Silence", "IFMR", "SearchN", "BNUpdate"}
 
@@ -108,7 +112,7 @@ def _build_table() -> dict[str, LayerType]:
     rows: list[tuple[str, QuantKind, bool]] = [(n, WEIGHTS_AND_DATA, True) for n in _WEIGHTED]
     rows += [(n, DATA_ONLY, on) for n, on in _DATA_ONLY]
     table = {n: LayerType(n, kind, on, _ACTIVATION_INPUTS.get(n)) for n, kind, on in rows}
-    names = set(table) | _RANK_PRESERVING | _INSERTED | _OBSERVERS
+    names = set(table) | _RANK_PRESERVING | _INSERTED | _OBSERVERS | _RECURRENT
     for name in names:
         row = table.get(name, LayerType(name))
         table[name] = replace(
@@ -237,3 +241,44 @@ def in_channels(type_name: str, layer_param, weight_shape) -> int | None:
     if type_name not in ("Convolution", DEPTHWISE) or layer_param is None or len(weight_shape) < 2:
         return None
     return int(weight_shape[1]) * max(int(layer_param.convolution_param.group), 1)
+
+
+# ------------------------------------------------------------------ recurrent layers
+@dataclass(frozen=True)
+class RecurrentLayout:
+    """Where a recurrent layer's (LSTM, RNN, GRU) inputs and learned blobs are.
+
+    Bottoms ``x, cont[, x_static][, h0[, c0]]``; blobs ``W_x, b[, W_x_static]`` then the recurrent
+    ones: LSTM ``W_hc``; RNN ``W_hh, W_ho, b_o``; GRU ``R_z, R_r, R_h[, Rb_h]`` (``Rb_h`` with
+    ``linear_before_reset``). ``input_weights`` are the blobs multiplying data
+    inputs (``W_x`` and ``W_x_static``), in the order of ``data_inputs`` (bottoms 0 and 2);
+    ``recurrent_weights`` those multiplying the hidden state (RNN: ``W_hh`` then ``W_ho``);
+    ``recurrent_biases`` the biases added to a hidden-state product, by the index of its weight
+    (RNN: ``b_o`` with ``W_ho``; GRU: ``Rb_h`` with ``R_h``).
+    """
+
+    static: bool
+    data_inputs: tuple[int, ...]
+    input_weights: tuple[int, ...]
+    recurrent_weights: tuple[int, ...]
+    recurrent_biases: dict[int, int]
+
+
+def recurrent_layout(type_name: str, layer_param, num_bottoms: int) -> RecurrentLayout:
+    """The layout of an LSTM / RNN / GRU layer (or its quantized forms) with ``num_bottoms`` bottoms."""
+    forms = {form: base for table in (QUANTIZED_RECURRENT, CALIBRATION_RECURRENT) for base, form in table.items()}
+    base = forms.get(type_name, type_name)
+    if base not in ("LSTM", "RNN", "GRU"):
+        raise ValueError(f"layer type {type_name} is not a recurrent layer with a known blob layout")
+    states = 2 if base == "LSTM" else 1
+    exposed = states if layer_param is not None and layer_param.recurrent_param.expose_hidden else 0
+    static = num_bottoms - 2 - exposed == 1
+    first = 3 if static else 2
+    if base == "LSTM":
+        return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,), (first,), {})
+    if base == "GRU":
+        reset_after = layer_param is not None and layer_param.recurrent_param.linear_before_reset != 0
+        return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,),
+                               (first, first + 1, first + 2), {first + 2: first + 3} if reset_after else {})
+    return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,), (first, first + 1),
+                           {first + 1: first + 2})

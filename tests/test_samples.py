@@ -67,3 +67,19 @@ def test_qat_sample_keeps_the_float_accuracy(tmp_path):
         assert (tmp_path / "tmp" / name).is_file()
     ignored = set((REPO / ".gitignore").read_text().splitlines())
     assert {f"/{p.name}/" if p.is_dir() else f"/{p.name}" for p in tmp_path.iterdir()} <= ignored
+
+
+def test_recurrent_training_script_runs_in_the_executor(tmp_path):
+    """samples/recurrent/src/train_recurrent.py without --caffe: the CRNN trains in the embedded runtime
+    (Input layers fed from NumPy before each solver.step) and reads held-out digits above chance."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), AMCT_LOG_LEVEL="WARNING")
+    res = subprocess.run([sys.executable, str(REPO / "samples/recurrent/src/train_recurrent.py"), "--model",
+                          "crnn_mnist", "--iterations", "15"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("crnn_mnist: trained"))
+    correct, total = (int(v) for v in re.search(r"held-out digits (\d+)/(\d+)", line).groups())
+    assert total == 1000 and correct > 150  # chance: 100
+    assert (tmp_path / "results/crnn_mnist.caffemodel").is_file()
+    ignored = set((REPO / ".gitignore").read_text().splitlines())
+    assert {f"/{p.name}/" if p.is_dir() else f"/{p.name}" for p in tmp_path.iterdir()} <= ignored

@@ -56,7 +56,8 @@ def _convert(model_file, weights_file, scale_offset_record_file, save_path) -> d
             raise AmctError(f"{scale_offset_record_file}: layer '{node.name}' has type {node.type}, which cannot "
                             "be quantized")
         inputs = None
-        if not (ops.layer_type(node.type).weighted and node.params):
+        row = ops.layer_type(node.type)
+        if not ((row.weighted or row.recurrent) and node.params):
             inputs = tuple(sorted({d.index for d in entry.record_d}))
             if not inputs:
                 raise RecordError(f"Cannot find scale_d of layer '{node.name}' in record file")

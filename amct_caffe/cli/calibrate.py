@@ -13,7 +13,7 @@ MIN_CALIBRATION_SAMPLES = 32  # fewer: warn that the activation ranges are unrel
 
 
 def cmd_calibrate(args) -> int:
-    from amct_caffe.data import model_inputs
+    from amct_caffe.data import model_inputs, time_major_inputs
 
     check_files(model=args.model, weights=args.weights)
     for flag, path in (("--config", args.config), ("--cfg", args.cfg), ("--preprocess", args.preprocess)):
@@ -21,7 +21,8 @@ def cmd_calibrate(args) -> int:
             check_file(flag, path)
     check_output(args.output)
     batch_num, offset = config_values(args)
-    source, _, batch_size = open_data(args, args.data, model_inputs(args.model), args.batch_size)
+    source, _, batch_size = open_data(args, args.data, model_inputs(args.model), args.batch_size,
+                                      time_major=time_major_inputs(args.model))
     batches = source.batches(batch_num)  # checks there is enough data before any work
     # Decoding the first batch now finds an unreadable image, a bad LMDB record or a size mismatch
     # before the model is prepared, not minutes into the calibration.

@@ -27,13 +27,14 @@ def headline(summary: dict) -> list[str]:
 
 
 def cmd_compare(args) -> int:
-    from amct_caffe.data import model_inputs
+    from amct_caffe.data import model_inputs, time_major_inputs
 
     check_files(model=args.model, weights=args.weights)
     check_file("quantized model file", args.quant_model)
     check_file("quantized weights file", args.quant_weights)
     check_output_dir("--output", args.output)
-    source, _, _ = open_data(args, args.data, model_inputs(args.model), args.batch_size)
+    source, _, _ = open_data(args, args.data, model_inputs(args.model), args.batch_size,
+                             time_major=time_major_inputs(args.model))
     source.batches(args.batch_num)  # enough data? before any work
     compare_model = api("amct_caffe.api.accuracy", "compare_model")
     result = compare_model(args.model, args.weights, args.quant_model, args.quant_weights, source, args.output,

@@ -25,7 +25,7 @@ def non_negative_rate(text: str) -> float:
 
 
 def cmd_retrain(args) -> int:
-    from amct_caffe.data import model_inputs
+    from amct_caffe.data import model_inputs, time_major_inputs
 
     check_files(model=args.model, weights=args.weights)
     if args.preprocess:
@@ -33,7 +33,8 @@ def cmd_retrain(args) -> int:
     check_output(args.output)
     # The FP32 targets and the calibration run in batches of the model's own size (a deploy prototxt may fix
     # it, e.g. in a Reshape); --batch-size is the training batch.
-    source, _, model_batch = open_data(args, args.data, model_inputs(args.model), 0)
+    source, _, model_batch = open_data(args, args.data, model_inputs(args.model), 0,
+                                       time_major=time_major_inputs(args.model))
     samples = source.num_samples
     if len(source) == 0:
         raise AmctError(f"--data {args.data} holds {samples} sample(s), fewer than one batch of the model's "

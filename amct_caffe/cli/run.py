@@ -56,6 +56,7 @@ def _save(path, outputs: dict[str, list[np.ndarray]]) -> None:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
+    from amct_caffe.data import time_major_inputs
     from amct_caffe.runtime import TEST, Net
 
     check_files(model=args.model, weights=args.weights)
@@ -74,7 +75,8 @@ def cmd_run(args) -> int:
                         f"(its outputs: {', '.join(net.outputs) or 'none'})")
     saved = [out_name] if args.output else list(net.outputs)
     model_shapes = {k: tuple(net.blobs[k].shape) for k in net.inputs}
-    source, _, _ = open_data(args, args.input, model_shapes, args.batch_size or 0, select=False)
+    source, _, _ = open_data(args, args.input, model_shapes, args.batch_size or 0, select=False,
+                             time_major=time_major_inputs(args.model))
     total = source.num_samples
     if total == 0:
         raise AmctError(f"{args.input} holds no sample")

@@ -103,9 +103,26 @@ def matching_type_names(node, graph=None) -> tuple[str, ...]:
 def cannot_quantize_reason(node, graph=None) -> str | None:
     """Why a layer of a quantizable type still cannot be quantized, or None if it can.
 
-    Only Scale and Bias have such limits (see the module doc); this is asked for every layer
-    whose type is in the table.
+    Scale and Bias have such limits (see the module doc), any layer reading a quantized input of
+    fewer than 2 axes, or a weighted one writing such an output (an InnerProduct on ``axis: 0``), and
+    a recurrent type without a quantized form; this is asked for every layer whose type is in the
+    table.
     """
+    row = ops.layer_type(node.type)
+    if row.recurrent and row.quantizable and node.type not in ops.QUANTIZED_RECURRENT:
+        return f"{node.type} has no quantized form yet; it stays float"
+    if graph is not None:
+        inputs = row.quant_inputs if row.quant_inputs is not None else range(len(node.bottoms))
+        # the IFMR layer observing an input, and the DeQuant after a weighted layer, work along
+        # (N, C, ...) in Caffe too: a blob of one axis has no channel axis
+        checked = [("input", node.bottoms[i]) for i in inputs if i < len(node.bottoms)]
+        if row.weighted and node.tops:
+            checked.append(("output", node.tops[0]))
+        for what, name in checked:
+            blob = graph.blobs.get(name)
+            if blob is not None and blob.shape is not None and len(blob.shape) < 2:
+                return (f"its {what} {name} has shape {list(blob.shape)}; quantization needs at least 2 axes "
+                        "(N, C, ...)")
     if node.type not in ("Scale", "Bias") or node.layer_param is None:
         return None
     param = node.layer_param.scale_param if node.type == "Scale" else node.layer_param.bias_param

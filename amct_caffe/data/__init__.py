@@ -25,7 +25,8 @@ from amct_caffe.data.record import Record, RecordData, record_files
 from amct_caffe.data.source import DataError, DataSource
 
 __all__ = ["ArrayData", "DataError", "DataSource", "ImageFolder", "LmdbData", "Preprocess", "Record",
-           "RecordData", "detect_kind", "model_inputs", "normalize", "open_source", "write_lmdb"]
+           "RecordData", "detect_kind", "model_inputs", "normalize", "open_source", "time_major_inputs",
+           "write_lmdb"]
 
 
 def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
@@ -49,6 +50,31 @@ def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
     return shapes
 
 
+def time_major_inputs(model_file) -> list[str]:
+    """The inputs of a prototxt that a recurrent layer reads with the batch on axis 1.
+
+    Caffe's LSTM / RNN take ``x (T, N, ...)``, ``cont (T, N)`` and ``h0`` / ``c0 (1, N, H)``; only the
+    static input is ``(N, ...)``. Calibration files hold samples first (``(S, T, ...)``, ``(S, T)``),
+    as for every other input, and the sources serve these inputs transposed.
+    """
+    from amct_caffe import io, ops
+
+    net = io.load_prototxt(model_file)
+    declared = set(model_inputs(model_file))
+    found: list[str] = []
+    for layer in net.layer:
+        if not ops.layer_type(layer.type).recurrent:
+            continue
+        try:
+            static = ops.recurrent_layout(layer.type, layer, len(layer.bottom)).static
+        except ValueError:  # a recurrent type whose blob layout is not known here
+            continue
+        for i, bottom in enumerate(layer.bottom):
+            if bottom in declared and not (static and i == 2) and bottom not in found:
+                found.append(bottom)
+    return found
+
+
 def detect_kind(path) -> str:
     """"arrays", "lmdb", "record" or "images", from what ``path`` holds."""
     p = Path(path)
@@ -70,13 +96,26 @@ def detect_kind(path) -> str:
 
 
 def open_source(path, inputs: Mapping[str, Sequence[int] | None], batch_size: int = 1,
-                preprocess: Preprocess | Mapping[str, Preprocess] | None = None) -> DataSource:
+                preprocess: Preprocess | Mapping[str, Preprocess] | None = None,
+                time_major: Sequence[str] = ()) -> DataSource:
     """The data source for ``path`` (see :func:`detect_kind`) feeding ``inputs`` {name: shape}.
 
     ``preprocess`` applies in full to images and LMDB records; for arrays only its mean, std and
     scale apply (a resize or crop is an error); recorded batches are served as they were fed.
+    ``time_major``: inputs whose model shape is ``(T, N, ...)`` (:func:`time_major_inputs`); the
+    files hold them sample-first and the source serves them transposed (recorded batches excepted).
     """
     kind = detect_kind(path)
+    if time_major and kind != "record":
+        def sample_first(shape):
+            return None if shape is None or len(shape) < 2 else (shape[1], shape[0], *shape[2:])
+        inputs = {n: sample_first(s) if n in time_major else s for n, s in inputs.items()}
+        return _open(kind, path, inputs, batch_size, preprocess).with_time_major(
+            [n for n in time_major if n in inputs])
+    return _open(kind, path, inputs, batch_size, preprocess)
+
+
+def _open(kind: str, path, inputs, batch_size: int, preprocess) -> DataSource:
     if kind == "images":
         return ImageFolder(path, inputs, preprocess, batch_size)
     if kind == "lmdb":

@@ -50,6 +50,8 @@ class DataSource:
         self.inputs: tuple[str, ...] = tuple(inputs)
         self.batch_size = int(batch_size)
         self._index: list[int] = list(range(count))
+        # inputs served time-major (T, N, ...): the recurrent layers' sequences, stored sample-first
+        self.time_major: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ subclasses
     def _load(self, indices: list[int]) -> Mapping[str, np.ndarray]:
@@ -88,7 +90,8 @@ class DataSource:
             if arr.shape[0] != len(indices):  # a bug in a source, not a user error
                 raise AssertionError(f"{self.describe()}: input '{name}' got {arr.shape[0]} samples, "
                                      f"expected {len(indices)}")
-            out[name] = arr
+            # a recurrent layer's x / cont / h0 take the batch on axis 1: (T, N, ...) from (N, T, ...)
+            out[name] = np.ascontiguousarray(np.moveaxis(arr, 0, 1)) if name in self.time_major else arr
         return out
 
     def batches(self, batch_num: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -114,6 +117,12 @@ class DataSource:
             raise DataError("select: step cannot be 0")
         new = copy.copy(self)
         new._index = self._index[slice(start, stop, step)]
+        return new
+
+    def with_time_major(self, names) -> "DataSource":
+        """A copy serving the inputs ``names`` time-major: each batch's first two axes swapped."""
+        new = copy.copy(self)
+        new.time_major = frozenset(names)
         return new
 
     def with_batch_size(self, batch_size: int):

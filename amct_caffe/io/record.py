@@ -79,10 +79,17 @@ class LayerRecord:
     object_layer: str | None = None
     num_bits_w: int | None = None
     record_d: list[ActivationRecord] = field(default_factory=list)
+    # recurrent layers (docs/recurrent.md): the hidden state's data factors, the recurrent weights' scales
+    scale_h: float | None = None
+    offset_h: int | None = None
+    scale_r: list[float] = field(default_factory=list)
+    offset_r: list[int] = field(default_factory=list)
 
     def __setattr__(self, name, value):
-        if name == "scale_w":  # float32, as the file holds them
+        if name in ("scale_w", "scale_r"):  # float32, as the file holds them
             value = [f32(v) for v in value]
+        elif name == "scale_h" and value is not None:
+            value = f32(value)
         super().__setattr__(name, value)
 
     def activation(self, index: int = 0, create: bool = False) -> ActivationRecord | None:
@@ -116,7 +123,8 @@ class Record:
 def _copy_layer(entry: LayerRecord) -> LayerRecord:
     return LayerRecord(list(entry.scale_w), list(entry.offset_w), list(entry.shift_bit), entry.skip_fusion,
                        entry.object_layer, entry.num_bits_w,
-                       [ActivationRecord(**{f.name: getattr(a, f.name) for f in fields(a)}) for a in entry.record_d])
+                       [ActivationRecord(**{f.name: getattr(a, f.name) for f in fields(a)}) for a in entry.record_d],
+                       entry.scale_h, entry.offset_h, list(entry.scale_r), list(entry.offset_r))
 
 
 def new_record() -> Record:
@@ -136,6 +144,8 @@ def activation_entry(layer_record: LayerRecord, index: int = 0, create: bool = F
 # ------------------------------------------------------------------ proto <-> dataclasses
 _ACT_FIELDS = ("scale_d", "offset_d", "channels", "height", "width", "num_bits_d")
 _LAYER_SCALARS = ("skip_fusion", "object_layer", "num_bits_w")
+_RECURRENT_SCALARS = ("scale_h", "offset_h")
+_RECURRENT_LISTS = ("scale_r", "offset_r")
 
 
 def _from_message(msg) -> Record:
@@ -144,6 +154,11 @@ def _from_message(msg) -> Record:
         v = item.value
         entry = LayerRecord(list(v.scale_w), list(v.offset_w), list(v.shift_bit),
                             *(getattr(v, n) if v.HasField(n) else None for n in _LAYER_SCALARS))
+        for name in _RECURRENT_SCALARS:
+            if v.HasField(name):
+                setattr(entry, name, getattr(v, name))
+        for name in _RECURRENT_LISTS:
+            setattr(entry, name, list(getattr(v, name)))
         for d in v.record_d:
             entry.record_d.append(ActivationRecord(d.index, *(getattr(d, n) if d.HasField(n) else None
                                                               for n in _ACT_FIELDS)))
@@ -164,6 +179,11 @@ def to_message(record: Record):
         for name in _LAYER_SCALARS:
             if getattr(entry, name) is not None:
                 setattr(v, name, getattr(entry, name))
+        for name in _RECURRENT_SCALARS:
+            if getattr(entry, name) is not None:
+                setattr(v, name, getattr(entry, name))
+        for name in _RECURRENT_LISTS:
+            getattr(v, name).extend(getattr(entry, name))
         for act in entry.record_d:
             d = v.record_d.add()
             d.index = act.index
@@ -268,6 +288,10 @@ def check_scales(record: Record, path: str) -> Record:
                if not (np.isfinite(v) and v > 0)]
         bad += [(f"record_d (index {a.index}) scale_d", a.scale_d) for a in entry.record_d
                 if a.scale_d is not None and not (np.isfinite(a.scale_d) and a.scale_d > 0)]
+        bad += [(f"scale_r[{i}]" if len(entry.scale_r) > 1 else "scale_r", v) for i, v in enumerate(entry.scale_r)
+                if not (np.isfinite(v) and v > 0)]
+        if entry.scale_h is not None and not (np.isfinite(entry.scale_h) and entry.scale_h > 0):
+            bad.append(("scale_h", entry.scale_h))
         if bad:
             name, value = bad[0]
             more = f" (and {len(bad) - 1} more bad scale(s))" if len(bad) > 1 else ""

@@ -20,6 +20,7 @@ import numpy as np
 from amct_caffe.errors import ConfigError
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.prepare import Prepared
+from amct_caffe.passes.recurrent import calibration_form, is_recurrent
 from amct_caffe.io.schema import caffe_pb
 
 _LOG = logging.getLogger(__name__)
@@ -131,6 +132,13 @@ def calibration_graph(graph: Graph, prepared: Prepared, config, record_file: str
     """A copy of ``graph`` with the IFMR layers writing ``record_file`` and, for update_bn, the
     BNUpdate layers writing to ``bn_dump_dir``."""
     calib = graph.copy()
-    insert_calibration_layers(calib, activation_specs(prepared, config), record_file, config.batch_num)
+    specs = activation_specs(prepared, config)
+    insert_calibration_layers(calib, specs, record_file, config.batch_num)
+    for spec in specs:  # a recurrent layer observes its hidden state itself, with x's settings
+        node = calib.node(spec.layer)
+        if spec.index == 0 and is_recurrent(node.type):
+            lp = _ifmr_param(spec, config.batch_num, record_file, [])
+            lp.ifmr_param.object_layer.append(node.name)
+            calibration_form(node, lp)
     insert_bn_update_layers(calib, prepared, bn_settings, bn_dump_dir)
     return calib

@@ -57,6 +57,13 @@ def quant_target(node, graph: Graph, inputs: tuple[int, ...] | None = None) -> Q
     gives); by default they are the type's activation inputs (all but ROI boxes, shape references...).
     """
     row = ops.layer_type(node.type)
+    if row.recurrent and row.quantizable:
+        if not node.params:
+            raise ConfigError(f"layer '{node.name}' ({node.type}) has no weights to quantize: give the caffemodel "
+                              "that holds them, or set its quant_enable to false")
+        # x [and x_static] are quantized like any input; the hidden state inside (passes/recurrent.py)
+        return QuantTarget(node.name, ops.recurrent_layout(node.type, node.layer_param, len(node.bottoms)).data_inputs,
+                           True, node.type)
     if row.weighted and node.params:
         if len(node.bottoms) != 1 or len(node.tops) != 1:
             raise ConfigError(f"layer '{node.name}' ({node.type}) has {len(node.bottoms)} inputs and "

@@ -28,6 +28,7 @@ from amct_caffe.quant.arq import quantize_with_scales
 from amct_caffe.quant.bias import quantize_bias
 from amct_caffe.quant.fake_quant import pack_deq_scale
 from amct_caffe.io.record import ActivationRecord, LayerRecord, Record, RecordError
+from amct_caffe.passes.recurrent import copy_recurrent_record, is_recurrent, quantized_form, recurrent_factors
 
 FAKE, DEPLOY = "fake_quant", "deploy"
 
@@ -184,7 +185,10 @@ def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, mode
             quants.append(quant)
             at += 1
         at = out.index(node) + 1
-        if target.weighted:
+        if is_recurrent(node.type):  # its tops stay float: nothing follows it (passes/recurrent.py)
+            quantized_form(node, record, {i: a.scale_d for i, a in zip(target.inputs, acts, strict=True)},
+                           acts[0].num_bits, integer=model == DEPLOY)
+        elif target.weighted:
             params, dequant_blobs, channel_wise = _quantize_weights(node, target, record, acts[0], model)
             node.params = params
             lp = caffe_pb().LayerParameter()
@@ -210,7 +214,13 @@ def canonical_record(graph: Graph, targets: list[QuantTarget], record: Record) -
     for target in targets:
         src = record.layer(target.name)
         dst = out.layers[target.name] = LayerRecord()
-        if target.weighted:
+        if is_recurrent(graph.node(target.name).type):
+            scale_w, _, _, _ = recurrent_factors(record, graph.node(target.name))
+            dst.scale_w = scale_w.tolist()
+            dst.offset_w = [0] * scale_w.size
+            dst.num_bits_w = 8
+            copy_recurrent_record(src, dst)
+        elif target.weighted:
             scale_w, offset_w, bits = weight_factors(record, target, _out_channels(graph.node(target.name)))
             dst.scale_w = scale_w.tolist()
             dst.offset_w = offset_w.tolist()

@@ -26,6 +26,7 @@ from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.fusion import apply_fusion, check_fusions, find_fusions
 from amct_caffe.passes.prepare import Prepared
 from amct_caffe.passes.quantized_models import QuantTarget
+from amct_caffe.passes.recurrent import is_recurrent, quantize_recurrent_weights
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.quant.snq import snq_quantize_weight
 
@@ -36,9 +37,10 @@ _LOG = logging.getLogger(__name__)
 class WeightFactors:
     """ARQ's factors of one layer: scale_w and offset_w per output channel (or one of each)."""
 
-    scale_w: np.ndarray   # float32 (C,) or (1,)
+    scale_w: np.ndarray   # float32 (C,) or (1,); recurrent layers: one per input weight (W_x [, W_x_static])
     offset_w: np.ndarray  # int (C,) or (1,), 0 (symmetric)
     num_bits: int = 8
+    scale_r: np.ndarray | None = None   # recurrent layers: one per recurrent weight (W_h; RNN W_hh, W_ho)
 
 
 @dataclass
@@ -70,6 +72,10 @@ def quantize_weights(prepared: Prepared, config) -> QuantizedWeights:
         if not target.weighted:
             continue
         node = graph.node(target.name)
+        if is_recurrent(node.type):
+            node.params, scale_w, scale_r = quantize_recurrent_weights(node)
+            factors[target.name] = WeightFactors(scale_w, np.zeros(scale_w.size, int), scale_r=scale_r)
+            continue
         layer = config.layers.get(target.name)
         params = layer.weight_quant_params if layer is not None else None
         weight = node.params[0]
@@ -94,6 +100,9 @@ def record_weight_factors(record: Record, factors: dict[str, WeightFactors]) -> 
         entry.scale_w = np.asarray(f.scale_w, np.float32).tolist()
         entry.offset_w = np.asarray(f.offset_w).astype(int).tolist()
         entry.num_bits_w = f.num_bits
+        if f.scale_r is not None:
+            entry.scale_r = np.asarray(f.scale_r, np.float32).tolist()
+            entry.offset_r = [0] * len(entry.scale_r)
 
 
 def weights_record(prepared: Prepared, weights: QuantizedWeights) -> Record:

@@ -105,3 +105,36 @@ def test_activation_offset_argument_type():
 def test_layer_named_like_a_global_option_is_refused():
     with pytest.raises(ConfigError, match="layer 'version' has the name of a global config option"):
         create_default_config(graph_of(RESNET_LIKE.replace('name: "pool1"', 'name: "version"')))
+
+
+def test_inner_product_with_a_one_axis_output_is_left_out(tmp_path, caplog):
+    """axis 0 flattens the whole blob into one vector: no channel axis for the DeQuant after it."""
+    import amct_caffe as amct
+    from amct_caffe.runtime import Net
+
+    proto = tmp_path / "m.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
+                     'layer { name: "flat" type: "InnerProduct" bottom: "data" top: "v" '
+                     'inner_product_param { num_output: 4 axis: 0 } }\n'
+                     'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "y" '
+                     'inner_product_param { num_output: 4 } }\n')
+    Net(str(proto), phase=1).save(str(tmp_path / "m.caffemodel"))
+    caplog.set_level(logging.INFO, logger="amct_caffe")
+    amct.create_quant_config(str(tmp_path / "c.json"), str(proto), str(tmp_path / "m.caffemodel"))
+    text = (tmp_path / "c.json").read_text()
+    assert '"fc"' in text and '"flat"' not in text
+    assert any("'flat'" in r.getMessage() and "at least 2 axes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_layer_reading_a_one_axis_blob_is_left_out(tmp_path, caplog):
+    import amct_caffe as amct
+    from amct_caffe.runtime import Net
+
+    proto = tmp_path / "m.prototxt"
+    proto.write_text('layer { name: "v" type: "Input" top: "v" input_param { shape { dim: 6 } } }\n'
+                     'layer { name: "sig" type: "Sigmoid" bottom: "v" top: "s" }\n')
+    Net(str(proto), phase=1).save(str(tmp_path / "m.caffemodel"))
+    caplog.set_level(logging.INFO, logger="amct_caffe")
+    amct.create_quant_config(str(tmp_path / "c.json"), str(proto), str(tmp_path / "m.caffemodel"))
+    assert '"sig"' not in (tmp_path / "c.json").read_text()
+    assert any("'sig'" in r.getMessage() and "input v has shape [6]" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,7 @@ from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.layers import conv
 from amct_caffe.runtime.layers.conv import Convolution, ConvolutionLayer, Deconvolution, DeconvolutionLayer
+from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 
 RNG = np.random.default_rng(7)
 
@@ -332,6 +333,21 @@ for name, blob in ref.blobs.items():
     assert len(rows) == 21, rows  # data + 20 tops
     bad = [r for r in rows if float(r[1]) > 1e-5 * max(1.0, float(r[2]))]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("shape,k,s,p,d,g", [
+    ((2, 3, 4, 9), 3, 3, (0, 1), 2, 1),     # dilated kernel (5) longer than the input height (4)
+    ((1, 4, 1, 1), 2, 3, (0, 0), 1, 2),     # (1 - 2) / 3 + 1 == 1 in C++
+    ((1, 2, 6, 5), 3, 2, (1, 1), 1, 1),
+])
+def test_deploy_integer_convolution_agrees_with_caffes_loops(shape, k, s, p, d, g):
+    """The deploy model's exact INT8 convolution, also where the kernel overruns the padded input."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, shape).astype(np.float64)
+    w = rng.integers(-128, 128, (4, shape[1] // g, k, k)).astype(np.float64)
+    b = rng.integers(-1000, 1000, 4).astype(np.float64)
+    got = conv2d_exact(x, w, b, (s, s), p, (d, d), g)
+    np.testing.assert_array_equal(got, ref_conv(x, w, b, (s, s), p, (d, d), g))
 
 
 @pytest.mark.skipif(conv.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")

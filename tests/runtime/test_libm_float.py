@@ -1,4 +1,4 @@
-"""libm_float.tanhf is glibc's tanhf, bit for bit, where glibc still has fdlibm's float tanhf."""
+"""libm_float.tanhf and expf are glibc's, bit for bit (tanhf where glibc still has fdlibm's float tanhf)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import platform
 import numpy as np
 import pytest
 
-from amct_caffe.runtime.layers.libm_float import tanhf
+from amct_caffe.runtime.layers.libm_float import expf, tanhf
+from amct_caffe.runtime.layers.lstm_unit import caffe_sigmoid
 
 
 def _glibc_tanhf():
@@ -37,3 +38,43 @@ def test_tanhf_keeps_shape_and_dtype():
     y = tanhf(x)
     assert y.shape == x.shape and y.dtype == np.float32
     np.testing.assert_allclose(y, np.tanh(x), rtol=0, atol=2e-7)
+
+
+def _glibc_expf():
+    lib, version = platform.libc_ver()
+    if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 27):
+        pytest.skip(f"{lib} {version}: not the expf of e_expf.c (glibc 2.27 on)")
+    libm = ctypes.CDLL("libm.so.6")
+    libm.expf.restype = ctypes.c_float
+    libm.expf.argtypes = [ctypes.c_float]
+    return np.vectorize(lambda v: libm.expf(float(v)), otypes=[np.float32])
+
+
+def test_expf_is_glibcs_bit_for_bit():
+    """Where float64 exp rounded to float32 is an ulp off glibc's expf (6 in 1e4 values), expf is not."""
+    ref = _glibc_expf()
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(40000) * s for s in (1e-3, 0.5, 2, 8, 40)]
+                       + [rng.uniform(-110, 95, 40000)]).astype(np.float32)
+    edges = [0.0, -0.0, 1e-40, -1e-40, 88.72283, 88.72284, -87.34, -103.97207, -103.97208, 1e30, -1e30,
+             np.inf, -np.inf, np.nan]
+    x = np.concatenate([x, np.float32(edges)])
+    with np.errstate(over="ignore"):
+        want = ref(x)
+        assert np.sum(np.exp(x.astype(np.float64)).astype(np.float32) != want) > 20  # the values that tell
+    got = expf(x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(got)].view(np.int32), want[~np.isnan(want)].view(np.int32))
+
+
+def test_lstm_sigmoid_takes_glibcs_expf():
+    """lstm_unit_layer.cpp's sigmoid on gate inputs of samples/recurrent/lstm_mnist (t = 3, 4 of the first
+    held-out batch) where float64 exp rounds the other way: with it, the executor's LSTM went an ulp off
+    Caffe's at t = 3, and 1e-6 off by t = 27."""
+    ref = _glibc_expf()
+    x = np.float32([0.037025865, 0.11502473, -0.2429132, 0.048775673, -0.84987897])
+    e64 = np.exp(-x.astype(np.float64)).astype(np.float32)
+    want = (1.0 / (1.0 + ref(-x).astype(np.float64))).astype(np.float32)
+    assert np.all(e64 != ref(-x))
+    assert np.any((1.0 / (1.0 + e64.astype(np.float64))).astype(np.float32) != want)
+    np.testing.assert_array_equal(caffe_sigmoid(x).view(np.int32), want.view(np.int32))

@@ -169,7 +169,7 @@ def test_hidden_state_diffs_stay_zero(caffe_results):
     assert ref["diff/x"].any()
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+@pytest.mark.parametrize("kind", ["LSTM", "RNN", "GRU"])
 def test_expose_hidden_splits_a_sequence(tmp_path, kind):
     """Two halves chained through hT / cT -> h0 / c0 give the whole sequence's output (no Caffe needed)."""
     from amct_caffe.runtime import TEST, Net  # noqa: PLC0415
@@ -194,3 +194,20 @@ def test_expose_hidden_splits_a_sequence(tmp_path, kind):
     second = part.forward(x=x[t // 2:], cont=cont[t // 2:], **nxt)
     np.testing.assert_allclose(np.concatenate([first["y"], second["y"]]), full["y"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(second["hT"], full["hT"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,field,match", [
+    ("RNN", "tf_rnn: true", "tf_rnn"),
+    ("LSTM", 'direction: "reverse"', "direction 'reverse'"),
+    ("LSTM", 'activations: "Sigmoid"', "activations"),
+    ("RNN", "default_initial: true", "default_initial"),
+])
+def test_unimplemented_fork_fields_are_refused(tmp_path, kind, field, match):
+    """synopsys-caffe's recurrent_param extensions parse, and a layer using one is refused by name."""
+    from amct_caffe.errors import GraphError  # noqa: PLC0415
+    from amct_caffe.runtime import TEST, Net  # noqa: PLC0415
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(_recurrent(kind, 3, 2, (3,), 4).replace("num_output: 4", f"num_output: 4 {field}"))
+    with pytest.raises(GraphError, match=rf"layer 'rnn' \({kind}\): recurrent_param {match}.* is not supported"):
+        Net(str(path), TEST)

@@ -18,10 +18,15 @@ def conv2d_exact(x: np.ndarray, weight: np.ndarray, bias, stride, pad, dilation,
     Returns float64 (N, O, Ho, Wo) holding the exact integer sums for integer inputs.
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
-    x = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     o, cg, kh, kw = weight.shape
-    n, c = x.shape[:2]
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    # Caffe's output size divides with C's truncation toward zero, so a kernel longer than the padded
+    # input still gives one output row (im2col reads the missing rows as zeros): pad up to it.
+    h, w_ = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+    ho, wo = int((h - eh) / sh) + 1, int((w_ - ew) / sw) + 1
+    extra_h, extra_w = max(0, (ho - 1) * sh + eh - h), max(0, (wo - 1) * sw + ew - w_)
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (ph, ph + extra_h), (pw, pw + extra_w)))
+    n, c = x.shape[:2]
     win = sliding_window_view(x, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # N C Ho Wo kh kw
     ho, wo = win.shape[2:4]
     w = np.asarray(weight, np.float64).reshape(group, o // group, cg, kh, kw)

@@ -75,8 +75,25 @@ def _sum_in_order(parts: np.ndarray) -> np.ndarray:
     return total
 
 
+def _refuse_unsupported_fields(lp) -> None:
+    """synopsys-caffe's RecurrentParameter fields that change the bottoms, tops or math and that the
+    executor does not implement: a layer setting them is refused, naming the field. (``tf_rnn`` only
+    changes the RNN; the fork ignores ``linear_before_reset`` outside the GRU, and so does this.)"""
+    rp = lp.recurrent_param
+    bad = [f"direction {rp.direction!r}" if rp.direction != "forward" else "",
+           "default_initial" if rp.default_initial else "", "continue_recur" if rp.continue_recur else "",
+           "tf_rnn" if rp.tf_rnn and lp.type == "RNN" else "",
+           "activation_alpha" if len(rp.activation_alpha) else "", "activation_beta" if len(rp.activation_beta) else "",
+           "activations" if len(rp.activations) and lp.type != "GRU" else ""]
+    bad = [b for b in bad if b]
+    if bad:
+        raise GraphError(f"layer '{lp.name}' ({lp.type}): recurrent_param {', '.join(bad)} is not supported "
+                         "(synopsys-caffe's extensions; only their defaults are)")
+
+
 class _Recurrent(Layer):
-    """What RNN and LSTM share (recurrent_layer.cpp): bottoms, tops, state, the input transforms."""
+    """What RNN, LSTM and GRU (gru.py) share (recurrent_layer.cpp): bottoms, tops, state, the input
+    transforms."""
 
     num_bottoms = (2, 5)
     num_tops = (1, 3)
@@ -89,6 +106,7 @@ class _Recurrent(Layer):
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
         rp = lp.recurrent_param
+        _refuse_unsupported_fields(lp)
         if rp.num_output <= 0:
             raise GraphError(f"layer '{lp.name}' ({lp.type}): recurrent_param.num_output must be > 0")
         self.hidden = int(rp.num_output)
@@ -204,6 +222,14 @@ class _Recurrent(Layer):
         """Index of the first recurrent weight in ``self.blobs``."""
         return 3 if self.static else 2
 
+    def _hidden_product(self, h: np.ndarray, w_index: int, b_index: int | None = None) -> np.ndarray:
+        """``W h (+ b)`` for a product whose input is the hidden state, ``(N, rows)``.
+
+        The quantized and calibration forms of the layer (recurrent_quant.py) replace it: the hidden
+        state is quantized, or observed, exactly there.
+        """
+        return _ip(h, self.blobs[w_index].data, None if b_index is None else self.blobs[b_index].data)
+
     def forward(self, bottoms):
         cont = np.asarray(bottoms[1], _F32)
         wx, ws = self._input_transforms(bottoms)
@@ -241,12 +267,12 @@ class LSTMLayer(_Recurrent):
 
     def _run(self, wx, ws, cont, state):
         h, c = state
-        w_hc = self.blobs[self._hidden_index()].data
+        k = self._hidden_index()
         steps = wx.shape[0]
         hs, cs, gates, conted = [], [c], [], []
         for t in range(steps):
             hc = h * cont[t][:, None]                 # Scale layer h_conted_{t-1}
-            z = _ip(hc, w_hc)                         # transform_t: W_hc h~_{t-1}
+            z = self._hidden_product(hc, k)           # transform_t: W_hc h~_{t-1}
             z += wx[t]                                # Eltwise SUM gate_input_t, bottoms in order
             if ws is not None:
                 z += ws
@@ -293,16 +319,15 @@ class RNNLayer(_Recurrent):
     def _run(self, wx, ws, cont, state):
         (h,) = state
         k = self._hidden_index()
-        w_hh, w_ho, b_o = (self.blobs[k + j].data for j in range(3))
         hs, os_, conted = [], [], []
         for t in range(wx.shape[0]):
             hc = h * cont[t][:, None]                 # Scale layer h_conted_{t-1}
-            z = _ip(hc, w_hh)                         # W_hh_h_{t-1}
+            z = self._hidden_product(hc, k)           # W_hh_h_{t-1}
             z += wx[t]                                # Eltwise SUM h_input_sum_t
             if ws is not None:
                 z += ws
             h = tanhf(z)                              # h_neuron_t (TanH: glibc's tanhf)
-            o = tanhf(_ip(h, w_ho, b_o))              # W_ho_h_t, o_neuron_t
+            o = tanhf(self._hidden_product(h, k + 1, k + 2))   # W_ho_h_t, o_neuron_t
             conted.append(hc)
             hs.append(h)
             os_.append(o)

@@ -1,0 +1,75 @@
+"""The command line on a sequence model: files hold samples first, the recurrent layer reads (T, N, ...).
+
+A .npz with ``x (S, T, D)`` and ``cont (S, T)`` calibrates an LSTM model whose inputs are
+``x (T, N, D)`` and ``cont (T, N)``: the batches reach the net transposed, and the batch size is
+the model's N. The saved models are the Python API's on the same (transposed) batches, byte for byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amct_caffe import cli
+from amct_caffe.api.workflow import calibrate
+from amct_caffe.data import open_source, time_major_inputs
+from amct_caffe.runtime import Net
+
+T, N, D, DS, S = 5, 2, 3, 4, 6
+pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
+
+
+def _model(root: Path) -> tuple[Path, Path]:
+    text = f"""
+layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: {T} dim: {N} dim: {D} }} }} }}
+layer {{ name: "cont" type: "Input" top: "cont" input_param {{ shape {{ dim: {T} dim: {N} }} }} }}
+layer {{ name: "s" type: "Input" top: "s" input_param {{ shape {{ dim: {N} dim: {DS} }} }} }}
+layer {{ name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "s" top: "h"
+  recurrent_param {{ num_output: 4 weight_filler {{ type: "uniform" min: -0.5 max: 0.5 }} }} }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "h" top: "y"
+  inner_product_param {{ num_output: 3 axis: 2 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+"""
+    proto, weights = root / "seq.prototxt", root / "seq.caffemodel"
+    proto.write_text(text)
+    Net(str(proto), phase=1, seed=4).save(str(weights))
+    return proto, weights
+
+
+def _data(root: Path) -> tuple[Path, dict]:
+    rng = np.random.default_rng(0)
+    cont = np.ones((S, T), np.float32)
+    cont[:, 0] = 0
+    arrays = {"x": rng.normal(size=(S, T, D)).astype(np.float32), "cont": cont,
+              "s": rng.normal(size=(S, DS)).astype(np.float32)}
+    path = root / "seq.npz"
+    np.savez(path, **arrays)
+    return path, arrays
+
+
+def test_sequence_inputs_are_found_and_served_time_major(tmp_path):
+    proto, _ = _model(tmp_path)
+    assert time_major_inputs(proto) == ["x", "cont"]   # the static input keeps the batch first
+    path, arrays = _data(tmp_path)
+    source = open_source(path, {"x": (T, N, D), "cont": (T, N), "s": (N, DS)}, N, time_major=["x", "cont"])
+    batches = list(source)
+    assert len(batches) == S // N
+    for b, batch in enumerate(batches):
+        rows = slice(b * N, (b + 1) * N)
+        np.testing.assert_array_equal(batch["x"], arrays["x"][rows].transpose(1, 0, 2))
+        np.testing.assert_array_equal(batch["cont"], arrays["cont"][rows].T)
+        np.testing.assert_array_equal(batch["s"], arrays["s"][rows])
+
+
+def test_calibrate_command_on_a_sequence_model_saves_what_the_api_saves(tmp_path):
+    proto, weights = _model(tmp_path)
+    path, arrays = _data(tmp_path)
+    assert cli.main(["calibrate", "--model", str(proto), "--weights", str(weights), "--data", str(path),
+                     "--batch-num", "3", "--output", "out/seq", "--no-progress", "--no-summary"]) == 0
+    batches = [{"x": arrays["x"][i:i + N].transpose(1, 0, 2).copy(), "cont": arrays["cont"][i:i + N].T.copy(),
+                "s": arrays["s"][i:i + N]} for i in range(0, S, N)]
+    calibrate(str(proto), str(weights), batches, str(tmp_path / "api" / "seq"), 3, progress=False)
+    for kind in ("fake_quant_model.prototxt", "fake_quant_weights.caffemodel", "deploy_weights.caffemodel",
+                 "quant_param_record.txt"):
+        assert Path(f"out/seq_{kind}").read_bytes() == (tmp_path / "api" / f"seq_{kind}").read_bytes(), kind
