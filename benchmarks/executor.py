@@ -27,7 +27,13 @@ bundled OpenBLAS threads degrade far more than Debian's under contention, so com
 Figures (ours / caffe, medians of interleaved runs; the load average during the run in brackets):
 
 * in-place BatchNorm/Scale/ReLU chains folded into the convolutions, ``--threads 1`` [load 12]:
-  open_nsfw b8 off 0.97, exact 0.79, fast (the float default) 0.72.
+  open_nsfw b8 off 0.97, exact 0.79, fast (the float default) 0.72;
+* depthwise convolutions in C++, ``--threads 1`` [load 10]: UltraFace slim-320 b1 1.16 -> 0.70 (the
+  per-layer kernel is 4-6x faster than the NumPy products);
+* everything, against the code before (main, run just before in the same conditions):
+  ``--threads 1`` [load 11]: open_nsfw 1.01 -> 0.70, UltraFace 1.10 -> 0.71; default threads
+  [load 8-11]: open_nsfw 4.86 -> 0.67, UltraFace 8.04 -> 0.38 (before, numpy's BLAS kept both cores
+  under load; Caffe's does too, which flatters the last figure).
 """
 
 from __future__ import annotations
