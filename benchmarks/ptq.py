@@ -11,9 +11,13 @@ against the weights' size plus one batch of activations (the issue's targets: 1.
 
 Figures (2-core machine shared with other jobs; the load average in brackets):
 
-* before (exact IFMR observer keeping every value) [load 10]: 8.07x (calibration forwards 22.2 s of
-  27.3 s, FP32 3.38 s), peak 1441 MiB;
-* zeros dropped by the IFMR observer [load 12]: 5.52x (15.5 s of 19.4 s, FP32 3.52 s), peak 1296 MiB.
+* before (main, the same steps from a script run just before) [load 7.5]: 19.23 s end to end,
+  3.26x its FP32 forwards of 5.90 s (calibration forwards 17.3 s), peak 1441 MiB;
+* after (adaptive BLAS threads, folded chains, IFMR observer without the zeros, its search split
+  over the free cores, the record read back without parsing) [load 7.6]: 8.29 s end to end, 5.78x
+  its FP32 forwards of 1.43 s (calibration forwards 6.8 s), peak 1299 MiB. The FP32 forwards
+  got faster than the calibration: the IFMR search (61 candidates over every nonzero value) and
+  the copies of the observed values are most of what is left.
 """
 
 from __future__ import annotations
