@@ -20,7 +20,7 @@ def pack_deq_scale(scale_w: F32, scale_d: float, offset_w: I8) -> U64: ...
 def unpack_deq_scale(param: U64) -> tuple[F32, I8]: ...
 def ifmr_search(
     chunks: list[F32], num_bits: int, with_offset: bool, max_percentile: float, min_percentile: float,
-    ratios: F64,
+    ratios: F64, zeros: int = 0, threads: int = 1,
 ) -> tuple[int, float, int, float, float, F64]:
     """-> (best_index, scale, offset, clip_max, clip_min, mean squared error per candidate)."""
 
@@ -55,3 +55,10 @@ def ulq_backward(
     x: F32, grad: F32, clip_max: float, clip_min: float, scale: float, offset: int, num_bits: int
 ) -> tuple[F32, float, float]:
     """-> (grad_x, grad_clip_max, grad_clip_min)."""
+
+def depthwise_conv2d(
+    x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
+) -> F32:
+    """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order."""
+
+def depthwise_has_fma() -> bool: ...

@@ -16,9 +16,24 @@ shared machine hits both alike.
 
 ``--threads N`` pins the BLAS thread count of both (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS,
 set before numpy loads, by re-executing the script). Without it each side uses its BLAS
-default (all cores). On an oversubscribed machine the default matters a lot: numpy's bundled
-OpenBLAS threads degrade far more than Debian's under contention, so compare at ``--threads 1``
-there.
+default: all cores for Caffe, the cores other processes leave free for the executor
+(``amct_caffe/runtime/threads.py``). On an oversubscribed machine that matters a lot: numpy's
+bundled OpenBLAS threads degrade far more than Debian's under contention, so compare at
+``--threads 1`` there.
+
+``--fold off,exact,fast`` times the executor in several fold modes (``amct_caffe/runtime/fold.py``;
+``off`` is the executor before in-place chains were folded), interleaved with Caffe.
+
+Figures (ours / caffe, medians of interleaved runs; the load average during the run in brackets):
+
+* in-place BatchNorm/Scale/ReLU chains folded into the convolutions, ``--threads 1`` [load 12]:
+  open_nsfw b8 off 0.97, exact 0.79, fast (the float default) 0.72;
+* depthwise convolutions in C++, ``--threads 1`` [load 10]: UltraFace slim-320 b1 1.16 -> 0.70 (the
+  per-layer kernel is 4-6x faster than the NumPy products);
+* everything, against the code before (main, run just before in the same conditions):
+  ``--threads 1`` [load 11]: open_nsfw 1.01 -> 0.70, UltraFace 1.10 -> 0.71; default threads
+  [load 8-11]: open_nsfw 4.86 -> 0.67, UltraFace 8.04 -> 0.38 (before, numpy's BLAS kept both cores
+  under load; Caffe's does too, which flatters the last figure).
 """
 
 from __future__ import annotations
@@ -72,13 +87,13 @@ np.savez(out, **{k: net.blobs[k].data for k in net.outputs})
 
 
 class _Ours:
-    def __init__(self, name: str, x: np.ndarray):
+    def __init__(self, name: str, x: np.ndarray, fold: str = "auto"):
         sys.path.insert(0, str(REPO))
         from amct_caffe.runtime import TEST, Net
 
         proto, weights, self.blob, _ = MODELS[name]
         self.x = x
-        self.net = Net(str(proto), str(weights), TEST)
+        self.net = Net(str(proto), str(weights), TEST, fold=fold)
         self.net.blobs[self.blob].reshape(*x.shape)
         self.net.reshape()
 
@@ -133,11 +148,11 @@ def _progress(n: int, desc: str):
     return tqdm(total=n, desc=desc, leave=False, unit="run")
 
 
-def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None) -> dict:
+def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None, folds=("auto",)) -> dict:
     shape = MODELS[name][3]
     x = np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        runners = {"ours": _Ours(name, x)}
+        runners = {("ours" if f == "auto" else f"ours_{f}"): _Ours(name, x, f) for f in folds}
         if caffe_root:
             runners["caffe"] = _Caffe(Path(caffe_root), name, x, Path(tmp))
         times = {k: [] for k in runners}
@@ -160,9 +175,11 @@ def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None
         row[f"{who}_ms"] = 1e3 * statistics.median(t)
         row[f"{who}_min_ms"] = 1e3 * min(t)
     if caffe_root:
-        row["ratio"] = row["ours_ms"] / row["caffe_ms"]
-        row["max_abs_diff"] = max(float(np.max(np.abs(outs["ours"][k] - outs["caffe"][k])))
-                                  for k in outs["caffe"])
+        for who in times:
+            if who != "caffe":
+                row[f"ratio{who[4:]}"] = row[f"{who}_ms"] / row["caffe_ms"]
+                row[f"max_abs_diff{who[4:]}"] = max(float(np.max(np.abs(outs[who][k] - outs["caffe"][k])))
+                                                    for k in outs["caffe"])
     return row
 
 
@@ -173,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads for both executors")
+    ap.add_argument("--fold", default="auto", help="the executor's fold modes to time, comma-separated "
+                    "(auto, fast, exact, off: see amct_caffe/runtime/fold.py); 'off' is the executor before folding")
     args = ap.parse_args(argv)
     if args.threads is not None and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
         # BLAS reads its thread count when numpy loads: start over with the variables set
@@ -181,18 +200,21 @@ def main(argv=None) -> int:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     caffe_root = os.environ.get("AMCT_REAL_CAFFE")
-    rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root)
+    folds = tuple(args.fold.split(","))
+    rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root, folds)
             for name in args.models.split(",")]
-    head = f"{'model':<20} {'input':<14} {'ours ms':>9} {'(min)':>7}"
-    if caffe_root:
-        head += f" {'caffe ms':>9} {'(min)':>7} {'ours/caffe':>10} {'max|diff|':>10}"
-    print(head)  # noqa: T201
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")  # noqa: T201
     for r in rows:
-        line = f"{r['model']:<20} {r['input']:<14} {r['ours_ms']:>9.1f} {r['ours_min_ms']:>7.1f}"
-        if caffe_root:
-            line += (f" {r['caffe_ms']:>9.1f} {r['caffe_min_ms']:>7.1f} {r['ratio']:>10.2f}"
-                     f" {r['max_abs_diff']:>10.2e}")
-        print(line)  # noqa: T201
+        ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms") and not k.endswith("min_ms")]
+        for who in ours:
+            line = (f"{r['model']:<20} {r['input']:<14} {who:<11} {r[who + '_ms']:>9.1f} ms"
+                    f" (min {r[who + '_min_ms']:.1f})")
+            if caffe_root:
+                tag = who[4:]
+                line += (f"  caffe {r['caffe_ms']:.1f} ms (min {r['caffe_min_ms']:.1f})"
+                         f"  ours/caffe {r['ratio' + tag]:.2f}"
+                         f"  max|diff| {r['max_abs_diff' + tag]:.2e}")
+            print(line)  # noqa: T201
     print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default (all cores)')}")  # noqa: T201
     if not caffe_root:
         print("(set AMCT_REAL_CAFFE=<caffe build root> to compare with real Caffe)")  # noqa: T201

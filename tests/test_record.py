@@ -30,6 +30,25 @@ def test_round_trip(tmp_path):
     assert record.layer_entry(back, "nope") is None
 
 
+def test_a_record_read_back_as_written_is_the_parsed_record(tmp_path):
+    """read_record takes a text this process wrote from its message, not through the text parser:
+    the result must be the parser's, and an edited file must be parsed again."""
+    rec = record.new_record()
+    for i in range(3):
+        layer = record.layer_entry(rec, f"conv{i}", create=True)
+        layer.scale_w.extend([0.1 / (i + 1), 3e-7, 12345.678])
+        layer.offset_w.extend([0, 0, 0])
+        act = record.activation_entry(layer, 0, create=True)
+        act.scale_d, act.offset_d = 0.0123 * (i + 1), -7
+    path = tmp_path / "r.txt"
+    record.write_record(rec, path)
+    cached = record.read_record(path)
+    assert cached == record.parse_record_text(path.read_text(), str(path))
+    path.write_text(path.read_text().replace("-7", "-9", 1))
+    edited = record.read_record(path)
+    assert record.activation_entry(record.layer_entry(edited, "conv0"), 0).offset_d == -9
+
+
 def test_last_entry_wins_like_protobuf_maps():
     rec = record.parse_record_text('record { key: "a" value { scale_w: 1 } } record { key: "a" value { scale_w: 2 } }')
     assert list(record.layer_entry(rec, "a").scale_w) == [2]

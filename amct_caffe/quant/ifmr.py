@@ -175,11 +175,11 @@ def _finish(params: IfmrParams, best: int, clip, scale, min0, ratios, sums, n) -
                       best_index=best, ratios=ratios, losses=sums / n)
 
 
-def _as_chunks(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams) -> list[np.ndarray]:
+def _as_chunks(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams, zeros: int = 0) -> list[np.ndarray]:
     if isinstance(chunks, np.ndarray):
         chunks = [chunks]
     out = [np.ascontiguousarray(c, dtype=np.float32).reshape(-1) for c in chunks]
-    if sum(c.size for c in out) == 0:
+    if sum(c.size for c in out) + zeros == 0:
         raise QuantizationError(f"{params.error_name}: no calibration data")
     for c in out:
         if not np.isfinite(c).all():
@@ -187,23 +187,37 @@ def _as_chunks(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams) ->
     return out
 
 
-def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | None = None, *,
-                backend: str | None = None) -> IfmrResult:
-    """Run IFMR over the concatenation of ``chunks`` (arrays of any shape) without concatenating."""
+def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | None = None, *, zeros: int = 0,
+                threads: int = 1, backend: str | None = None) -> IfmrResult:
+    """Run IFMR over the concatenation of ``chunks`` (arrays of any shape) without concatenating.
+
+    ``zeros``: how many more values, all zero, the data holds (an observer may drop them). A zero
+    quantizes to zero under every candidate (``clamp(0) * inv`` rounds to 0), so it adds nothing to
+    a loss; it counts in ``N`` (the percentiles' ranks and the mean) and, where a percentile's rank
+    falls past the values kept, gives the start point 0, which the clamp of step 1 gives anyway.
+    The losses are then the same sums in other float64 blocks (about 1e-13 relative apart, far
+    inside the tie tolerance of step 5): the same candidate wins. ``threads``: the kernel's workers
+    (each sums whole candidates: the result does not depend on them).
+    """
     params = params or IfmrParams()
-    chunks = _as_chunks(chunks, params)
+    chunks = _as_chunks(chunks, params, zeros)
     ratios = ifmr_ratios(params.search_range_start, params.search_range_end, params.search_step)
     if resolve(backend) == "kernel":
-        best, scale, offset, clip_max, clip_min, losses = call_kernel(
-            "ifmr_search", chunks, params.num_bits, params.with_offset, params.max_percentile,
-            params.min_percentile, ratios)
+        args = (params.num_bits, params.with_offset, params.max_percentile, params.min_percentile, ratios)
+        try:
+            best, scale, offset, clip_max, clip_min, losses = call_kernel("ifmr_search", chunks, *args, zeros=zeros,
+                                                                          threads=threads)
+        except TypeError:  # an extension built before `zeros` existed: give it the zeros themselves
+            best, scale, offset, clip_max, clip_min, losses = call_kernel(
+                "ifmr_search", chunks + [np.zeros(zeros, np.float32)], *args)
         return IfmrResult(scale=scale, offset=offset, clip_max=clip_max, clip_min=clip_min,
                           best_index=best, ratios=ratios, losses=losses)
-    n = sum(c.size for c in chunks)
-    max0 = max(_kth_largest(chunks, _select_count(params.max_percentile, n)), np.float32(0))
-    min0 = -_kth_largest([-c for c in chunks], _select_count(params.min_percentile, n))
-    min0 = min(np.float32(min0), np.float32(0))
-    clip, lo, scale, inv = _candidates(params, np.float32(max0), min0, ratios)
+    stored = sum(c.size for c in chunks)
+    n = stored + zeros
+    k_max, k_min = _select_count(params.max_percentile, n), _select_count(params.min_percentile, n)
+    max0 = np.float32(0) if k_max > stored else max(_kth_largest(chunks, k_max), np.float32(0))
+    min0 = np.float32(0) if k_min > stored else min(-_kth_largest([-c for c in chunks], k_min), np.float32(0))
+    clip, lo, scale, inv = _candidates(params, np.float32(max0), np.float32(min0), ratios)
     sums = _loss_sums(chunks, clip, lo, scale, inv)
     return _finish(params, _pick(sums), clip, scale, min0, ratios, sums, n)
 
@@ -212,9 +226,11 @@ class IfmrObserver:
     """Streaming IFMR: ``update()`` once per calibration batch, then ``compute_qparams()``.
 
     IFMR needs every value (the candidates depend on the global percentiles), so ``update`` keeps
-    a float32 copy of each batch; nothing is concatenated. One call may pass several arrays (a
-    layer with several bottoms); their shapes except the leading batch axis must not change
-    between calls.
+    a float32 copy of each batch's nonzero values and counts its zeros (after a ReLU, typically
+    half of them or more): the search gives the result it would give on everything
+    (:func:`ifmr_search`'s ``zeros``) from that much less memory and time. One call may pass
+    several arrays (a layer with several bottoms); their shapes except the leading batch axis
+    must not change between calls.
     """
 
     def __init__(self, params: IfmrParams | None = None, *, backend: str | None = None) -> None:
@@ -225,6 +241,7 @@ class IfmrObserver:
     def reset(self) -> None:
         """Forget all data."""
         self._chunks: list[np.ndarray] = []
+        self._zeros = 0
         self._shapes: tuple | None = None
         self.batches = 0
 
@@ -236,17 +253,19 @@ class IfmrObserver:
         shapes = tuple(a.shape[1:] for a in arrays)
         if self._shapes is not None and shapes != self._shapes:
             raise ValueError(f"IfmrObserver: sample shapes changed from {self._shapes} to {shapes}")
-        copies = [np.array(a, dtype=np.float32, copy=True).reshape(-1) for a in arrays]
-        for c in copies:
+        flat = [np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]
+        kept = [f[f != 0] for f in flat]  # a new compact array: the caller's data is not held
+        for c in kept:
             if not np.isfinite(c).all():
                 raise QuantizationError(
                     f"{self.params.error_name} scale is illegal: input data contains inf or NaN")
         self._shapes = shapes
-        self._chunks.extend(copies)
+        self._chunks.extend(kept)
+        self._zeros += sum(f.size - c.size for f, c in zip(flat, kept, strict=True))
         self.batches += 1
 
-    def compute_qparams(self) -> IfmrResult:
-        """Search over everything seen since the last ``reset``."""
-        if not self._chunks:
+    def compute_qparams(self, threads: int = 1) -> IfmrResult:
+        """Search over everything seen since the last ``reset`` (``threads``: see :func:`ifmr_search`)."""
+        if not self.batches:
             raise QuantizationError(f"{self.params.error_name}: compute_qparams() before any update()")
-        return ifmr_search(self._chunks, self.params, backend=self.backend)
+        return ifmr_search(self._chunks, self.params, zeros=self._zeros, threads=threads, backend=self.backend)

@@ -26,11 +26,13 @@ from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
+from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
+from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
 TRAIN, TEST = io.TRAIN, io.TEST
@@ -39,7 +41,7 @@ TRAIN, TEST = io.TRAIN, io.TEST
 class Net:
     """A network ready to run forward on numpy float32 data."""
 
-    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None):
+    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None, fold: str = "auto"):
         weights_arg, phase_arg = None, None
         for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
             if isinstance(a, int):
@@ -64,6 +66,7 @@ class Net:
         self._records = {os.path.abspath(p): r for p, r in (records or {}).items()}
         self._record_sinks: dict[str, RecordSink] = {}
         self._input_aliases: dict[str, str] = {}
+        self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
         self._build(net_param, loaded, weights is not None)
 
     @classmethod
@@ -146,6 +149,10 @@ class Net:
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
             layer.param_propagate_down = flags
         self._diffs = DiffStore(self.blobs)
+        self._chains = folding.plan(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
+                                    folding.resolve_mode(self._fold, [lp.type for lp in net_param.layer]),
+                                    any(s.need_backward for s in self._plan.steps), self._plan.loss_weights,
+                                    set(self._shared_with))
         self._seed_loss_diffs()
         for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
             self._share_diffs(i, "reshape")
@@ -293,9 +300,18 @@ class Net:
             if value.shape != blob.shape:
                 blob.reshape(value.shape)
             blob.data[...] = value
+        adapt_threads()  # BLAS threads follow the machine's load (runtime/threads.py)
         self._loss = 0.0
-        for i in self._range(start, end):
-            self._forward_layer(i)
+        span = self._range(start, end)
+        i = span.start
+        while i < span.stop:
+            chain = self._chains.get(i)
+            if chain is not None and chain.last < span.stop:  # a chain cut by start / end runs unfolded
+                self._forward_chain(chain)
+                i = chain.last + 1
+            else:
+                self._forward_layer(i)
+                i += 1
         outs = list(self.outputs) if end is None else list(self.top_names[end])
         outs += list(blobs or [])
         return {o: self.blobs[o].data for o in dict.fromkeys(outs)}
@@ -327,6 +343,13 @@ class Net:
         for t, w in zip(self.top_names[name], self._plan.loss_weights[i], strict=False):
             if w:  # Caffe's Layer::Forward: loss += dot(top data, loss weights)
                 self._loss += float(np.float32(w) * np.sum(self.blobs[t].data, dtype=np.float32))
+
+    def _forward_chain(self, chain) -> None:
+        """A Convolution or Eltwise and the in-place layers after it as one step (:mod:`.fold`)."""
+        for i in range(chain.first, chain.last + 1):
+            self._reshape_layer(i)
+        name = self._layer_names[chain.first]
+        self.blobs[self.top_names[name][0]].data = chain.forward([self.blobs[b].data for b in self.bottom_names[name]])
 
     # ---------------------------------------------------------------- training
     @property

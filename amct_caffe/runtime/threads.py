@@ -1,21 +1,48 @@
 """How many threads the executor's BLAS (numpy's matmul, hence convolution) may use.
 
-By default numpy's BLAS uses every core. On a machine shared with other work that can make a
-forward many times slower (threads wait for each other); one thread per process is then faster.
-``set_num_threads(1)`` changes it at run time; ``OPENBLAS_NUM_THREADS=1`` does the same before
-Python starts.
+numpy's OpenBLAS starts one thread per core, and its threads meet at a barrier inside every
+GEMM. On a machine where other processes keep cores busy, a thread that the scheduler has parked
+holds up the others at each barrier: measured on 2 cores with another process busy on one to two
+of them, an open_nsfw forward took 2.6-6.0 s with 2 threads and 0.6-1.6 s with 1 (a 4x penalty,
+8x in the worst case seen), while on an idle machine 2 threads are 1.5x faster than 1.
+
+So by default the thread count follows the load (:func:`adapt`, which ``Net.forward`` calls):
+at most every :data:`INTERVAL` seconds the CPU time the *other* processes used since the last
+look is read from ``/proc/stat`` (the machine's busy time minus this process's own, from
+``os.times``), and BLAS gets the cores left over, rounded down with a margin of
+:data:`MARGIN` of a core:
+
+    threads = clip(floor(cpus - others_busy + MARGIN), 1, library default)
+
+``set_num_threads(n)`` pins ``n`` threads (no adapting); ``set_num_threads(None)`` returns to
+the library default and to adapting. ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` in the
+environment pin the count too. The GEMMs sum in fixed K blocks (``caffe_gemm``), so outputs are
+the same bytes with any thread count: changing it between calls is safe.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
+
 from amct_caffe.errors import AmctError
 
-_limiter = None
+_LOG = logging.getLogger(__name__)
+
+INTERVAL = 0.5  # seconds between two looks at the machine's load
+MARGIN = 0.25   # another process using at most this much of a core leaves that core to us
+_PIN_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+_limiter = None      # threadpoolctl limiter of set_num_threads(n)
+_pinned = None       # that n
+_auto = None         # the _Adaptive state, built on first use (False: adapting is off here)
 
 
 def set_num_threads(n: int | None) -> None:
-    """Limit BLAS to ``n`` threads (``None``: back to the library default)."""
-    global _limiter
+    """Pin BLAS to ``n`` threads (``None``: back to the library default, adapted to the load)."""
+    global _limiter, _pinned
     from threadpoolctl import threadpool_limits
 
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
@@ -23,6 +50,9 @@ def set_num_threads(n: int | None) -> None:
     if _limiter is not None:
         _limiter.restore_original_limits()
         _limiter = None
+    if isinstance(_auto, _Adaptive):
+        _auto.restore()
+    _pinned = n
     if n is not None:
         _limiter = threadpool_limits(limits=n, user_api="blas")
 
@@ -33,3 +63,105 @@ def num_threads() -> int:
 
     counts = [info["num_threads"] for info in threadpool_info() if info.get("user_api") == "blas"]
     return max(counts) if counts else 1
+
+
+def workers() -> int:
+    """Threads the executor's own C++ loops may use: the BLAS count in force (pinned or adapted)."""
+    if _pinned is not None:
+        return _pinned
+    if isinstance(_auto, _Adaptive):
+        return _auto.current
+    for v in _PIN_VARIABLES:
+        value = os.environ.get(v, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def adapt() -> None:
+    """Give numpy's BLAS the cores other processes leave free (see the module doc); cheap to call
+    often: it looks at the load at most every :data:`INTERVAL` seconds."""
+    global _auto
+    if _auto is None:
+        _auto = _Adaptive.create() or False
+    if _auto and _limiter is None:
+        _auto.update()
+
+
+def numpy_blas_controllers(controller) -> list:
+    """The threadpoolctl controllers of numpy's own BLAS among ``controller``'s.
+
+    pycaffe may load another OpenBLAS into the process; numpy's is the one in numpy's wheel
+    (``numpy.libs``, scipy-openblas), or the only BLAS.
+    """
+    libs = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
+    if len(libs) > 1:
+        libs = [lib for lib in libs if "numpy" in os.path.basename(os.path.dirname(str(lib.filepath)))
+                or "scipy_openblas" in str(lib.filepath)]
+    return libs
+
+
+class _Adaptive:
+    """The load seen at the last look and the thread count set then."""
+
+    def __init__(self, libs, cpus: int):
+        self.libs = libs
+        self.default = max(lib.num_threads for lib in libs)
+        self.cpus = cpus
+        self.current = self.default
+        self.last = None  # (monotonic time, machine busy seconds, own CPU seconds)
+
+    @classmethod
+    def create(cls) -> _Adaptive | None:
+        """None where adapting does not apply: pinned by the environment, one CPU, no /proc/stat."""
+        if any(os.environ.get(v, "").strip() for v in _PIN_VARIABLES):
+            return None
+        try:
+            cpus = len(os.sched_getaffinity(0))
+            _busy_seconds()
+            from threadpoolctl import ThreadpoolController
+
+            libs = numpy_blas_controllers(ThreadpoolController())
+        except (OSError, AttributeError, ValueError, ImportError):
+            return None
+        if cpus < 2 or not libs or max(lib.num_threads for lib in libs) < 2:
+            return None
+        return cls(libs, cpus)
+
+    def update(self) -> None:
+        now = time.monotonic()
+        if self.last is not None and now - self.last[0] < INTERVAL:
+            return
+        try:
+            sample = (now, _busy_seconds(), sum(os.times()[:2]))
+        except (OSError, ValueError):
+            return
+        prev, self.last = self.last, sample
+        if prev is None:
+            return
+        wall = sample[0] - prev[0]
+        others = max(0.0, (sample[1] - prev[1]) - (sample[2] - prev[2])) / wall
+        want = min(self.default, max(1, math.floor(self.cpus - others + MARGIN)))
+        if want != self.current:
+            _LOG.debug("BLAS threads %d -> %d (other processes busy on %.2f of %d CPUs)", self.current, want,
+                       others, self.cpus)
+            self._set(want)
+
+    def restore(self) -> None:
+        """Back to the library default (the next look decides again)."""
+        self._set(self.default)
+
+    def _set(self, n: int) -> None:
+        for lib in self.libs:
+            lib.set_num_threads(n)
+        self.current = n
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    if fields[0] != "cpu":
+        raise ValueError("/proc/stat does not start with the cpu line")
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "amct/arq.h"
+#include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
 #include "amct/search_n.h"
@@ -93,7 +94,7 @@ py::tuple unpack_deq_scale(const py::handle& p_obj) {
 }
 
 py::tuple ifmr_search(const py::list& chunk_objs, int num_bits, bool with_offset, double max_percentile,
-                      double min_percentile, const py::handle& ratios_obj) {
+                      double min_percentile, const py::handle& ratios_obj, std::size_t zeros, int threads) {
   auto ratios_arr = checked<double>(ratios_obj, "ratios", 1);
   std::vector<py::array_t<float>> keep;
   std::vector<amct::FloatSpan> chunks;
@@ -110,7 +111,7 @@ py::tuple ifmr_search(const py::list& chunk_objs, int num_bits, bool with_offset
   amct::IfmrResult r;
   {
     py::gil_scoped_release release;
-    r = amct::ifmr_search(chunks, cfg, ratios);
+    r = amct::ifmr_search(chunks, cfg, ratios, zeros, threads);
   }
   py::array_t<double> losses(static_cast<py::ssize_t>(r.losses.size()));
   std::copy(r.losses.begin(), r.losses.end(), losses.mutable_data());
@@ -242,16 +243,38 @@ py::tuple ulq_backward(const py::handle& x_obj, const py::handle& g_obj, float c
   return py::make_tuple(gx, gmax, gmin);
 }
 
+py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
+                           std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto w = checked<float>(w_obj, "weight", 3);
+  for (const auto* v : {&stride, &pad, &dilation, &out}) {
+    if (v->size() != 2) throw py::value_error("stride, pad, dilation and out must have 2 values each");
+  }
+  if (w.shape(0) != x.shape(1)) throw py::value_error("weight must have one (kh, kw) kernel per input channel");
+  amct::Conv2dGeometry g{static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
+                         static_cast<int>(x.shape(3)), static_cast<int>(w.shape(1)), static_cast<int>(w.shape(2)),
+                         stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1], out[0], out[1]};
+  py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads);
+  return std::move(y);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
+  m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("threads"));
+  m.def("depthwise_has_fma", &amct::depthwise_has_fma);
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));
   m.def("unpack_deq_scale", &unpack_deq_scale, py::arg("param"));
   m.def("ifmr_search", &ifmr_search, py::arg("chunks"), py::arg("num_bits"), py::arg("with_offset"),
-        py::arg("max_percentile"), py::arg("min_percentile"), py::arg("ratios"));
+        py::arg("max_percentile"), py::arg("min_percentile"), py::arg("ratios"), py::arg("zeros") = 0,
+        py::arg("threads") = 1);
   m.def("ifmr_ratios", [](double start, double end, double step) {
     auto r = amct::ifmr_ratios(start, end, step);
     py::array_t<double> out(static_cast<py::ssize_t>(r.size()));

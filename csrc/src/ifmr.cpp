@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <thread>
 
 #include "amct/common.h"
 
@@ -239,7 +240,7 @@ void check_ifmr_config(const IfmrConfig& config, std::size_t n_ratios) {
 }
 
 IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& config,
-                       const std::vector<double>& ratios) {
+                       const std::vector<double>& ratios, std::size_t zeros, int threads) {
   check_ifmr_config(config, ratios.size());
   const char* what = error_name(config.with_offset);
   std::size_t n = 0;
@@ -250,13 +251,17 @@ IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& c
     }
     n += c.size;
   }
+  const std::size_t stored = n;
+  n += zeros;
   if (n == 0) fail(std::string(what) + ": no calibration data");
 
-  // Step 1: percentile start points, forced to include zero.
-  const float max0 = std::max(kth_best(chunks, select_count(config.max_percentile, n),
-                                       std::greater<float>()), 0.0f);
-  const float min0 = std::min(kth_best(chunks, select_count(config.min_percentile, n),
-                                       std::less<float>()), 0.0f);
+  // Step 1: percentile start points, forced to include zero. Beyond the stored values the k-th
+  // largest (smallest) is a dropped zero or lies past them on zero's other side: either way the
+  // clamp to zero gives 0.
+  const std::size_t k_max = select_count(config.max_percentile, n);
+  const std::size_t k_min = select_count(config.min_percentile, n);
+  const float max0 = k_max > stored ? 0.0f : std::max(kth_best(chunks, k_max, std::greater<float>()), 0.0f);
+  const float min0 = k_min > stored ? 0.0f : std::min(kth_best(chunks, k_min, std::less<float>()), 0.0f);
 
   // Step 3: candidate clips and scales.
   const int b = config.num_bits;
@@ -281,26 +286,35 @@ IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& c
     c.inv = 1.0f / c.scale;
   }
 
-  // Step 4: one pass over the data, every candidate per L1-resident block.
+  // Step 4: one pass over the data, every candidate per L1-resident block. Workers take disjoint
+  // ranges of candidates, each summing its candidates over the blocks in the same order: the sums do
+  // not depend on `threads`.
   std::vector<double> sums(K, 0.0);
-  std::vector<float> xl(kBlock), tgt(kBlock), half(kBlock);
-  for (const auto& chunk : chunks) {
-    for (std::size_t start = 0; start < chunk.size; start += kBlock) {
-      const std::size_t m = std::min(kBlock, chunk.size - start);
-      const float* x = chunk.data + start;
-      if (config.with_offset) {
-        for (std::size_t j = 0; j < m; ++j) {
-          xl[j] = std::max(x[j], min0);
-          tgt[j] = x[j];
-          half[j] = std::copysign(kHalfBelow, xl[j]);
+  auto work = [&](std::size_t first, std::size_t last) {
+    std::vector<float> xl(kBlock), tgt(kBlock), half(kBlock);
+    for (const auto& chunk : chunks) {
+      for (std::size_t start = 0; start < chunk.size; start += kBlock) {
+        const std::size_t m = std::min(kBlock, chunk.size - start);
+        const float* x = chunk.data + start;
+        if (config.with_offset) {
+          for (std::size_t j = 0; j < m; ++j) {
+            xl[j] = std::max(x[j], min0);
+            tgt[j] = x[j];
+            half[j] = std::copysign(kHalfBelow, xl[j]);
+          }
+        } else {  // symmetric: work on |x|, the error of -x mirrors that of x exactly
+          for (std::size_t j = 0; j < m; ++j) xl[j] = tgt[j] = std::fabs(x[j]);
         }
-      } else {  // symmetric: work on |x|, the error of -x mirrors that of x exactly
-        for (std::size_t j = 0; j < m; ++j) xl[j] = tgt[j] = std::fabs(x[j]);
+        const float* h = config.with_offset ? half.data() : nullptr;
+        for (std::size_t i = first; i < last; ++i) sums[i] += block_loss(xl.data(), tgt.data(), h, m, cand[i]);
       }
-      const float* h = config.with_offset ? half.data() : nullptr;
-      for (std::size_t i = 0; i < K; ++i) sums[i] += block_loss(xl.data(), tgt.data(), h, m, cand[i]);
     }
-  }
+  };
+  const std::size_t workers = std::min<std::size_t>(static_cast<std::size_t>(std::max(threads, 1)), K);
+  std::vector<std::thread> pool;
+  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work, K * t / workers, K * (t + 1) / workers);
+  work(0, K / workers);
+  for (auto& th : pool) th.join();
 
   // Step 5: first minimum, with a relative tie tolerance for summation-order noise.
   const double best_sum = *std::min_element(sums.begin(), sums.end());

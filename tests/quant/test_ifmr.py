@@ -142,6 +142,32 @@ def test_observer_streams_batches(backend):
     assert obs.batches == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_offset", [True, False])
+@pytest.mark.parametrize("zero_share,percentile", [(0.0, 0.999999), (0.6, 0.999999), (0.97, 0.9), (0.999, 0.99),
+                                                   (1.0, 0.999999), (0.5, 1.0)])
+def test_dropped_zeros_give_the_search_on_everything(backend, with_offset, zero_share, percentile):
+    """The observer keeps nonzero values and counts zeros; the result is the full search's, also where
+    a percentile's rank falls among the zeros or past them."""
+    rng = np.random.default_rng(5)
+    params = IfmrParams(with_offset=with_offset, max_percentile=percentile, min_percentile=percentile)
+    batches = []
+    for _ in range(3):
+        b = np.maximum(rng.standard_normal((4, 8, 9, 9)).astype(np.float32), -0.2)
+        b[rng.random(b.shape) < zero_share] = 0.0
+        b[0, 0, 0, :2] = (-0.0, 0.0)
+        batches.append(b)
+    obs = IfmrObserver(params, backend=backend)
+    for b in batches:
+        obs.update(b)
+    assert obs._zeros == sum(int((b == 0).sum()) for b in batches)
+    assert_same_result(obs.compute_qparams(), ifmr_search(np.concatenate(batches), params, backend="reference"))
+    if backend == "kernel":  # workers split the candidates: the same sums, bit for bit
+        one, three = obs.compute_qparams(threads=1), obs.compute_qparams(threads=3)
+        assert one.best_index == three.best_index and one.scale == three.scale
+        np.testing.assert_array_equal(one.losses, three.losses)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"max_percentile": 0.5}, "max_percentile"), ({"min_percentile": 1.01}, "min_percentile"),
     ({"search_range_start": 1.3, "search_range_end": 0.7}, "search_range"),

@@ -14,3 +14,39 @@ def test_set_num_threads_limits_and_restores():
     assert num_threads() == before
     with pytest.raises(AmctError, match="positive integer"):
         set_num_threads(0)
+
+
+class _FakeLib:
+    def __init__(self, n):
+        self.num_threads = n
+
+    def set_num_threads(self, n):
+        self.num_threads = n
+
+
+def test_adaptive_threads_follow_the_other_processes_load(monkeypatch):
+    from amct_caffe.runtime import threads
+
+    clock = {"now": 100.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(threads, "_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(threads.os, "times", lambda: (clock["own"], 0.0))
+    lib = _FakeLib(2)
+    state = threads._Adaptive([lib], cpus=2)
+
+    def look(seconds, others, own):
+        clock["now"] += seconds
+        clock["busy"] += (others + own) * seconds
+        clock["own"] += own * seconds
+        state.update()
+        return lib.num_threads
+
+    look(0, 0, 0)                       # the first look only takes a sample
+    assert look(1.0, 0.1, 2.0) == 2     # our own two busy cores do not count
+    assert look(1.0, 1.0, 1.0) == 1     # another process on one core: one thread
+    assert look(0.1, 0.0, 1.0) == 1     # too soon to look again
+    assert look(1.0, 2.0, 0.5) == 1     # never fewer than one
+    assert look(1.0, 0.2, 2.0) == 2     # the core is free again
+    lib.num_threads = 1
+    state.restore()
+    assert lib.num_threads == 2

@@ -23,6 +23,7 @@ from amct_caffe.io.bn_dump import bn_dump_path, write_bn_dump
 from amct_caffe.io.record import RecordError, f32
 from amct_caffe.ops import register
 from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError, SearchNObserver
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.layers.batch_norm import ChannelStatisticsLayer, moving_average_update
 from amct_caffe.runtime.layers.quant_ops import _named
@@ -158,7 +159,7 @@ class IfmrLayer(_Collector):
 
     def _finish(self):
         try:
-            result = self._observer.compute_qparams()
+            result = self._observer.compute_qparams(threads=threads.workers())  # the cores the load leaves
         except QuantizationError as e:
             self._sink.write()  # keep what the layers before this one computed
             raise _named(self, e) from e

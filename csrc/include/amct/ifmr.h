@@ -36,8 +36,12 @@ float kth_largest(const std::vector<FloatSpan>& chunks, std::size_t k);
 // One search over the concatenation of `chunks`. Throws std::invalid_argument on empty or
 // non-finite data ("IfmrQuantWith[out]Offset scale is illegal ...") and on bad settings.
 // Single-threaded; one pass over the data evaluates every candidate.
+// `zeros`: how many values equal to zero the data holds besides `chunks` (an observer may drop them:
+// a zero quantizes to zero under every candidate, so it adds nothing to a loss, and it counts only
+// in N and in the percentiles, which are clamped to include zero anyway). `threads` workers split the
+// candidates; the result does not depend on their number.
 IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& config,
-                       const std::vector<double>& ratios);
+                       const std::vector<double>& ratios, std::size_t zeros = 0, int threads = 1);
 
 // Vector code path in use: 0 portable, 1 AVX2, 2 AVX-512. Every path gives the same per-value
 // errors; set_ifmr_simd_limit caps the level (for tests comparing the paths).

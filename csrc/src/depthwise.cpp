@@ -1,0 +1,95 @@
+#include "amct/depthwise.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+namespace amct {
+namespace {
+
+// The planes [first, last) of the batch. Each plane is copied once into a zero-padded buffer so the
+// tap loops need no bounds checks: one output row at a time, each tap one multiply-add over the row
+// (contiguous for stride 1, which the compiler vectorizes), taps in Caffe's order per element.
+template <int Dummy>
+__attribute__((always_inline)) inline void planes(const float* x, const float* w, float* y, const Conv2dGeometry& g,
+                                                  std::size_t first, std::size_t last) {
+  const int hp = std::max(g.h + 2 * g.ph, (g.ho - 1) * g.sh + g.dh * (g.kh - 1) + 1);
+  const int wp = std::max(g.w + 2 * g.pw, (g.wo - 1) * g.sw + g.dw * (g.kw - 1) + 1);
+  std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
+  const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
+  const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
+  for (std::size_t p = first; p < last; ++p) {
+    const float* xp = x + p * in_plane;
+    const float* wc = w + (p % g.c) * static_cast<std::size_t>(g.kh) * g.kw;
+    float* yp = y + p * out_plane;
+    for (int r = 0; r < g.h; ++r) {  // the borders stay zero from the allocation
+      std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r + 1) * g.w,
+                pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
+    }
+    for (int oy = 0; oy < g.ho; ++oy) {
+      float* acc = yp + static_cast<std::size_t>(oy) * g.wo;
+      std::fill(acc, acc + g.wo, 0.0f);
+      for (int i = 0; i < g.kh; ++i) {
+        for (int j = 0; j < g.kw; ++j) {
+          const float wv = wc[i * g.kw + j];
+          const float* src = pad.data() + static_cast<std::size_t>(oy * g.sh + i * g.dh) * wp + j * g.dw;
+          if (g.sw == 1) {
+            for (int ox = 0; ox < g.wo; ++ox) acc[ox] = std::fma(wv, src[ox], acc[ox]);
+          } else {
+            for (int ox = 0; ox < g.wo; ++ox) acc[ox] = std::fma(wv, src[static_cast<std::size_t>(ox) * g.sw], acc[ox]);
+          }
+        }
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void planes_fma(const float* x, const float* w, float* y,
+                                                    const Conv2dGeometry& g, std::size_t first, std::size_t last) {
+  planes<0>(x, w, y, g, first, last);
+}
+
+void planes_generic(const float* x, const float* w, float* y, const Conv2dGeometry& g, std::size_t first,
+                    std::size_t last) {
+  planes<1>(x, w, y, g, first, last);
+}
+
+}  // namespace
+
+bool depthwise_has_fma() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads) {
+  if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
+      g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0) {
+    throw std::invalid_argument("depthwise_conv2d: invalid geometry");
+  }
+  if ((g.ho - 1) * g.sh + g.dh * (g.kh - 1) + 1 > g.h + 2 * g.ph + g.sh ||
+      (g.wo - 1) * g.sw + g.dw * (g.kw - 1) + 1 > g.w + 2 * g.pw + g.sw) {
+    throw std::invalid_argument("depthwise_conv2d: output size does not fit the input");
+  }
+  const std::size_t total = static_cast<std::size_t>(g.n) * g.c;
+  auto run = depthwise_has_fma() ? planes_fma : planes_generic;
+  const std::size_t workers = std::min<std::size_t>(std::max(threads, 1), total);
+  if (workers <= 1) {
+    run(x, w, y, g, 0, total);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (std::size_t t = 1; t < workers; ++t) {
+    pool.emplace_back(run, x, w, y, std::cref(g), total * t / workers, total * (t + 1) / workers);
+  }
+  run(x, w, y, g, 0, total / workers);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace amct

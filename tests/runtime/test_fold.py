@@ -1,0 +1,118 @@
+"""In-place BatchNorm / Scale / ReLU chains after a convolution run as one step (runtime/fold.py)."""
+
+import numpy as np
+import pytest
+
+from amct_caffe import GraphError
+from amct_caffe.runtime import TEST, TRAIN, Net
+from amct_caffe.runtime.fold import FoldMode, channel_affine, resolve_mode
+from amct_caffe.runtime.layers.batch_norm import BatchNorm
+from amct_caffe.runtime.layers.conv import Convolution
+from amct_caffe.runtime.layers.scale_bias import Scale
+
+CHAIN = '''
+name: "chain"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 }
+                            bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "conv2" type: "Convolution" bottom: "conv" top: "conv2"
+        convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "r2" }
+'''
+
+
+def _net(tmp_path, fold, text=CHAIN, phase=TEST):
+    p = tmp_path / "chain.prototxt"
+    p.write_text(text)
+    net = Net(str(p), phase, fold=fold)
+    rng = np.random.default_rng(3)
+    for name in ("bn", "scale"):
+        if name in net.params:
+            for blob in net.params[name]:
+                blob.data[...] = rng.uniform(0.5, 2.0, blob.shape).astype(np.float32)
+    return net
+
+
+def _x():
+    return np.random.default_rng(0).normal(size=(2, 3, 9, 9)).astype(np.float32)
+
+
+def test_chains_are_found_only_in_place(tmp_path):
+    net = _net(tmp_path, "auto")
+    assert [(c.first, c.last, c.mode) for c in net._chains.values()] == [(1, 4, FoldMode.FAST)]
+    # conv2's ReLU writes another blob: conv2's top is observable, nothing is folded
+    assert 5 not in net._chains
+
+
+def test_exact_fold_gives_the_unfolded_bytes_and_fast_is_close(tmp_path):
+    x = _x()
+    off = {k: v.copy() for k, v in _net(tmp_path, "off").forward(data=x, blobs=["conv"]).items()}
+    exact = _net(tmp_path, "exact").forward(data=x, blobs=["conv"])
+    fast = _net(tmp_path, "fast").forward(data=x, blobs=["conv"])
+    for k in off:
+        np.testing.assert_array_equal(exact[k], off[k])
+        np.testing.assert_allclose(fast[k], off[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_cut_inside_a_chain_runs_it_unfolded(tmp_path):
+    net, ref = _net(tmp_path, "fast"), _net(tmp_path, "off")
+    x = _x()
+    got = net.forward(data=x, end="bn")["conv"].copy()
+    np.testing.assert_array_equal(got, ref.forward(data=x, end="bn")["conv"])
+    net.forward(start="scale", end="relu")
+    ref.forward(start="scale", end="relu")
+    np.testing.assert_array_equal(net.blobs["conv"].data, ref.blobs["conv"].data)
+
+
+def test_weights_changed_after_construction_are_used(tmp_path):
+    net, ref = _net(tmp_path, "fast"), _net(tmp_path, "off")
+    for n in (net, ref):
+        n.params["scale"][0].data[...] *= 3
+        n.params["conv"][1].data[...] -= 1
+    x = _x()
+    np.testing.assert_allclose(net.forward(data=x)["r2"], ref.forward(data=x)["r2"], rtol=1e-5, atol=1e-5)
+
+
+def test_no_fold_where_a_backward_or_quantization_layer_may_look(tmp_path):
+    assert _net(tmp_path, "auto", CHAIN + "force_backward: true")._chains == {}
+    assert _net(tmp_path, "auto", CHAIN, TRAIN)._chains == {}  # batch statistics: no fixed affine map
+    assert resolve_mode("auto", ["Convolution", "Quant", "ReLU"]) is FoldMode.EXACT
+    assert resolve_mode("auto", ["Convolution", "ReLU"]) is FoldMode.FAST
+    with pytest.raises(GraphError, match="fold must be"):
+        _net(tmp_path, "sometimes")
+
+
+@pytest.mark.parametrize("bias", [None, np.array([0.5, -1.0, 2.0], np.float32)])
+def test_channel_affine_is_batchnorm_then_scale(bias):
+    class _Blob:
+        def __init__(self, a):
+            self.data = np.asarray(a, np.float32)
+
+    class _Layer:
+        def __init__(self, type_, blobs, eps=1e-5):
+            self.type, self.blobs, self.eps = type_, [_Blob(b) for b in blobs], eps
+
+    rng = np.random.default_rng(1)
+    mean, var, gamma, beta = (rng.normal(size=3), rng.uniform(0.1, 2, 3), rng.normal(size=3), rng.normal(size=3))
+    bn = _Layer("BatchNorm", [mean * 2, var * 2, [2.0]])
+    sc = _Layer("Scale", [gamma, beta])
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 1, 1)).astype(np.float32)
+    want = Scale(BatchNorm(Convolution(x, w, bias), mean * 2, var * 2, [2.0]), gamma, beta)
+    a, b = channel_affine([bn, sc], bias, 3)
+    got = Convolution(x, w) * a.reshape(3, 1, 1) + b.reshape(3, 1, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_relu_in_place_after_an_eltwise_is_folded(tmp_path):
+    text = CHAIN + '''layer { name: "sum" type: "Eltwise" bottom: "conv2" bottom: "r2" top: "sum" }
+layer { name: "sum_relu" type: "ReLU" bottom: "sum" top: "sum" }
+'''
+    net, ref = _net(tmp_path, "exact", text), _net(tmp_path, "off", text)
+    assert net._chains[7].last == 8
+    x = _x()
+    np.testing.assert_array_equal(net.forward(data=x)["sum"], ref.forward(data=x)["sum"])
