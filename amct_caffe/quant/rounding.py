@@ -102,9 +102,9 @@ def learned_codes(rows: np.ndarray, scale: np.ndarray, h: np.ndarray, num_bits: 
             if not take.any():
                 continue
             flipped = True
-            step = np.where(take, step, 0.0)
-            codes[:, j] += np.where(take, d, 0.0)
-            g += step[:, None] * hd[j][None, :]
+            rows_ = np.flatnonzero(take)  # only the rows that flip change H e (most do not)
+            codes[rows_, j] += d[rows_]
+            g[rows_] += step[rows_, None] * hd[j][None, :]
         if not flipped:
             break
     return codes
