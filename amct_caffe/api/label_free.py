@@ -373,6 +373,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size`` samples (0: the
     first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4).
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
+    ``rounding``: start training from the learned rounding of the weights (module doc, step 1b).
 
     Writes the files ``calibrate`` writes (``{save_path}_fake_quant_model.prototxt``,
     ``_fake_quant_weights.caffemodel``, ``_deploy_model.prototxt``, ``_deploy_weights.caffemodel``,
