@@ -27,7 +27,8 @@ def fake_retrain(monkeypatch):
     def label_free_retrain(model_file, weights_file, data, save_path, **kwargs):
         calls.append(dict(model=model_file, weights=weights_file, data=data, save_path=save_path, **kwargs))
         return types.SimpleNamespace(outputs={"deploy_model": f"{save_path}_deploy_model.prototxt"}, iterations=7,
-                                     batch_size=kwargs["batch_size"] or 64, loss_start=0.5, loss_end=0.1)
+                                     batch_size=kwargs["batch_size"] or 64, loss_start=0.5, loss_end=0.1,
+                                     kept="rounded", data_loss_ptq=0.2, data_loss_before=0.05, data_loss_after=0.06)
 
     module = types.ModuleType("amct_caffe.api.label_free")
     module.label_free_retrain = label_free_retrain
@@ -37,20 +38,23 @@ def fake_retrain(monkeypatch):
 
 def test_options_reach_the_api(fake_retrain, capsys):
     assert cli.main([*RETRAIN, "--iterations", "7", "--batch-size", "32", "--clip-lr", "0.01", "--weight-lr", "0",
-                     "--select", ":256"]) == 0
+                     "--select", ":256", "--no-rounding", "--no-equalize"]) == 0
     (call,) = fake_retrain
     assert call["save_path"] == "out/lenet" and call["iterations"] == 7 and call["batch_size"] == 32
     assert call["clip_lr"] == 0.01 and call["weight_lr"] == 0.0 and call["progress"] is False
+    assert call["rounding"] is False and call["equalize"] is False
     assert call["data"].num_samples == 256
     out = capsys.readouterr().out
     assert "deploy_model: out/lenet_deploy_model.prototxt" in out
     assert "5.0000e-01 -> 1.0000e-01" in out and "7 iterations of 32 sample(s)" in out
+    assert "saved: the rounded model" in out and "PTQ 2.0000e-01, training start 5.0000e-02" in out
 
 
 def test_defaults(fake_retrain):
     assert cli.main(RETRAIN) == 0
     (call,) = fake_retrain
     assert call["iterations"] is None and call["batch_size"] == 0
+    assert call["rounding"] is True and call["equalize"] is True
     assert (call["clip_lr"], call["weight_lr"]) == (cli.retrain.CLIP_LR, cli.retrain.WEIGHT_LR)
 
 

@@ -8,19 +8,26 @@ network's outputs as targets (distillation), and saves it as ``calibrate`` does.
 
 Steps:
 
-0. **Equalize** (``equalize``, default on; :func:`_equalize`). Where a Convolution feeds only a
-   ReLU that feeds only a depthwise Convolution, the ReLU's channels are rescaled to about the
-   same range (the first layer's output channel divided by ``s_c``, the depthwise channel
-   multiplied by it: the float function is unchanged). The depthwise layer's per-tensor INT8
-   input then serves every channel alike. Such a model is calibrated and trained as equalized;
-   the others are untouched.
+0. **Equalize** (``equalize``, default on; :mod:`amct_caffe.api.label_free_equalize`). Where a
+   Convolution feeds only a ReLU that feeds only a depthwise Convolution, the ReLU's channels are
+   rescaled to about the same range (the first layer's output channel divided by ``s_c``, the
+   depthwise channel multiplied by it: the float function is unchanged). The depthwise layer's
+   per-tensor INT8 input then serves every channel alike. Such a model is calibrated and trained
+   as equalized; the others are untouched.
 1. **PTQ start.** The guide's calibration (IFMR on every batch, weights ARQ-quantized) runs in the
    executor; each retrained layer's clip range starts at the factors PTQ found::
 
        clip_max = scale_d * (2^(b-1) - 1 - offset_d),  clip_min = scale_d * (-2^(b-1) - offset_d)
 
-   so iteration 0 is the PTQ model (up to ULQ's float32 rounding of the same grid) and training
-   can only start from there.
+   so iteration 0 is the PTQ model (up to ULQ's float32 rounding of the same grid). The inputs of
+   the data-only layers PTQ quantizes (Pooling, Eltwise, Concat, Softmax...) get a RetrainDataQuant
+   fixed at PTQ's factors (:mod:`amct_caffe.api.label_free_save`): training sees, and the saved
+   models contain, every quantizer of the PTQ model.
+1b. **Learned rounding** (``rounding``, default on; :mod:`amct_caffe.api.label_free_rounding`).
+   The PTQ network runs once over the data; every Convolution / InnerProduct takes, per output
+   channel, the ARQ codes (floor or ceil of each weight, same scales) that minimise the error of
+   its output given the covariance of its quantized input patches, and the bias takes the mean
+   error. Training starts there.
 2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample.
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
@@ -44,9 +51,12 @@ Steps:
 
    No weight decay: the goal is the FP32 function, not a regularised one. Batches are drawn
    from the cached samples in a new random order every epoch.
-5. **Save.** The trained blobs go into the retrain model (the deploy topology) and
-   :func:`~amct_caffe.api.retrain.save_quant_retrain_model` writes the fake-quant and deploy
-   models and the record, the files ``calibrate`` writes.
+5. **Keep the best.** The distillation loss over all the data is measured for the PTQ model, the
+   rounded start and the trained model; the lowest is saved (a tie keeps the earlier), with a
+   warning when training did not help. PTQ is saved by ``save_model`` (calibrate's bytes).
+6. **Save.** Otherwise the blobs go into the retrain model and
+   :func:`~amct_caffe.api.label_free_save.save_trained` writes the fake-quant and deploy models and
+   the record for the calibration's layers, the files ``calibrate`` writes.
 
 Models whose Reshape layers fix the batch axis (``dim: 1``) get ``dim: 0`` (copy) in the training
 net when training with another batch size; the saved models keep the prototxt as written.
@@ -66,8 +76,10 @@ from tqdm import tqdm
 
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
+from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
+from amct_caffe.api.label_free_rounding import round_weights
+from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
 from amct_caffe.api.outputs import write_graph
-from amct_caffe.api.retrain import save_quant_retrain_model
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config import RetrainDataConfig, create_retrain_config
@@ -78,7 +90,7 @@ from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.fusion import fuse_bn_scale
 from amct_caffe.passes.retrain import DATA_QUANT, WEIGHT_QUANT, RetrainSpec, insert_retrain_layers, retrain_specs
-from amct_caffe.runtime import TEST, AdamSolver, Net
+from amct_caffe.runtime import TEST, TRAIN, AdamSolver, Net
 
 _LOG = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
@@ -108,6 +120,10 @@ class LabelFreeResult:
     data_loss_before: float = float("nan")
     data_loss_after: float = float("nan")
     kept_trained: bool = True
+    # which model was saved: "trained", "rounded" (step 1b's start) or "ptq"; and the PTQ model's
+    # data loss (measured when step 1b runs)
+    kept: str = "trained"
+    data_loss_ptq: float = float("nan")
 
     @property
     def loss_start(self) -> float:
@@ -201,11 +217,21 @@ def _retrain_graph(graph: Graph, record, record_file: str) -> tuple[Graph, list[
     return retrain, specs
 
 
-def _set_rates(graph: Graph, clip_lr: float, weight_lr: float) -> None:
-    """Every learned blob's lr_mult (module doc, step 4), decay_mult 0."""
+def _with_params(graph: Graph, params: dict[str, list[np.ndarray]]) -> Graph:
+    """A copy of ``graph`` whose layers named in ``params`` hold those blobs."""
+    out = graph.copy()
+    for node in out.nodes:
+        if node.name in params:
+            node.params = list(params[node.name])
+    return out
+
+
+def _set_rates(graph: Graph, clip_lr: float, weight_lr: float, fixed: set[str]) -> None:
+    """Every learned blob's lr_mult (module doc, step 4), decay_mult 0; the ``fixed`` layers keep
+    theirs (0: the data-only layers' quantizers stay at PTQ's factors)."""
     clip_of = {}
     for node in graph.nodes:
-        if node.type == DATA_QUANT:
+        if node.type == DATA_QUANT and node.name not in fixed:
             p = node.layer_param.retrain_data_quant_param
             clip_of[p.object_layer] = max(abs(p.clip_max), abs(p.clip_min))
     weight_owner = {}
@@ -214,6 +240,8 @@ def _set_rates(graph: Graph, clip_lr: float, weight_lr: float) -> None:
             weight_owner[graph.consumers(node.tops[0])[0].name] = node
     for node in graph.nodes:
         lp = node.layer_param
+        if node.name in fixed:
+            continue
         if node.type == DATA_QUANT:
             rate = clip_lr * clip_of[lp.retrain_data_quant_param.object_layer]
             for spec in lp.param:
@@ -267,68 +295,6 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
     return out, fed
 
 
-# ----------------------------------------------------------------------------------- equalize
-EQUALIZE_FLOOR = 1e-2  # a channel is scaled up at most 1 / EQUALIZE_FLOOR times
-
-
-def _equalize_pairs(graph: Graph) -> list[tuple[Node, str, Node]]:
-    """(conv, its ReLU's output blob, depthwise conv) wherever a Convolution feeds only a ReLU that
-    feeds only a depthwise Convolution (``group`` = its input and output channels)."""
-    pairs = []
-    for node in graph.nodes:
-        if node.type != "Convolution" or len(node.params) < 1 or len(node.tops) != 1:
-            continue
-        relu = graph.consumers(node.tops[0])
-        if len(relu) != 1 or relu[0].type != "ReLU" or relu[0].layer_param.relu_param.negative_slope != 0:
-            continue
-        nxt = graph.consumers(relu[0].tops[0])
-        if len(nxt) != 1 or nxt[0].type != "Convolution" or len(nxt[0].params) < 1:
-            continue
-        channels = node.params[0].shape[0]
-        cp = nxt[0].layer_param.convolution_param
-        if cp.group == channels == nxt[0].params[0].shape[0] and nxt[0].params[0].shape[1] == 1:
-            pairs.append((node, relu[0].tops[0], nxt[0]))
-    return pairs
-
-
-def _equalize(graph: Graph, feeds: list[Feed]) -> int:
-    """Cross-layer range equalization before a depthwise convolution; returns the pairs scaled.
-
-    A depthwise convolution's input is quantized per tensor but used per channel: a channel whose
-    range is a small part of the tensor's keeps few INT8 levels (UltraFace's second layer: ranges
-    0.06 to 4.7, boxes cosine 0.993 from that quantizer alone, 0.9998 with per-channel ranges).
-    ReLU commutes with a positive scale, so channel c of the first convolution's weights and bias
-    is divided by ``s_c = max(a_c / max_c a_c, EQUALIZE_FLOOR)`` (``a_c``: the channel's largest
-    value over the data) and channel c of the depthwise weights multiplied by it: the float
-    function is unchanged, every channel spans about the tensor's range, and both layers' weights,
-    quantized per output channel, keep their INT8 grids.
-    """
-    pairs = _equalize_pairs(graph)
-    if not pairs:
-        return 0
-    net = Net.from_graph(graph, TEST)
-    peak = {blob: None for _, blob, _ in pairs}
-    for feed in feeds:
-        net.forward(**feed)
-        for blob in peak:
-            value = np.asarray(net.blobs[blob].data, np.float32)
-            m = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).max(axis=1)
-            peak[blob] = m if peak[blob] is None else np.maximum(peak[blob], m)
-    for first, blob, depthwise in pairs:
-        a = np.maximum(peak[blob], 0.0)
-        if not a.max() > 0:
-            continue
-        s = np.maximum(a / a.max(), EQUALIZE_FLOOR).astype(np.float32)
-        w = first.params[0]
-        first.params[0] = (w / s.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
-        if len(first.params) > 1:
-            first.params[1] = (first.params[1] / s.reshape(first.params[1].shape)).astype(first.params[1].dtype)
-        d = depthwise.params[0]
-        depthwise.params[0] = (d * s.reshape(-1, *[1] * (d.ndim - 1))).astype(d.dtype)
-    _LOG.info("label-free QAT: equalized the channel ranges before %d depthwise convolution(s)", len(pairs))
-    return len(pairs)
-
-
 # ---------------------------------------------------------------------------------------- train
 def _feed(net, inputs: dict, targets: dict, fed: dict[str, str], idx) -> None:
     """Samples ``idx`` of the cached inputs and FP32 targets into the training net's Input blobs."""
@@ -336,6 +302,12 @@ def _feed(net, inputs: dict, targets: dict, fed: dict[str, str], idx) -> None:
         net.blobs[name].data[...] = value[idx]
     for name, value in targets.items():
         net.blobs[fed[name]].data[...] = value[idx]
+
+
+def _graph_loss(train: tuple[Graph, dict[str, str]], inputs: dict, targets: dict, batch: int) -> float:
+    """:func:`_data_loss` of a training graph (and its target feeds) run in memory."""
+    graph, fed = train
+    return _data_loss(Net.from_graph(graph, TRAIN), inputs, targets, fed, batch)
 
 
 def _data_loss(net, inputs: dict, targets: dict, fed: dict[str, str], batch: int) -> float:
@@ -351,10 +323,11 @@ def _data_loss(net, inputs: dict, targets: dict, fed: dict[str, str], batch: int
 
 
 def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, str], batch: int, iterations: int,
-           bar, seed: int) -> tuple[list[float], str | None, float, float]:
-    """Adam on the training graph; returns the per-iteration losses, the trained caffemodel (None
-    when training did not lower the distillation loss over all the data: the caller then saves
-    the PTQ model, so that label-free QAT never ends worse than PTQ) and that loss before and after.
+           bar, seed: int) -> tuple[list[float], dict[str, list[np.ndarray]] | None, float, float]:
+    """Adam on the training graph; returns the per-iteration losses, the trained blobs by layer
+    (None when training did not lower the distillation loss over all the data: the caller then
+    saves the start, so that label-free QAT never ends worse than where training began) and that
+    loss before and after.
     """
     model, weights = os.path.join(work, "train.prototxt"), os.path.join(work, "train.caffemodel")
     write_graph(graph, model, weights)
@@ -380,17 +353,17 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
     after = _data_loss(solver.net, inputs, targets, fed, batch)
     if not after < before:
         _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
-                     "after): keeping the calibrated factors (the PTQ model); try fewer iterations or smaller "
+                     "after): keeping the model training started from; try fewer iterations or smaller "
                      "--clip-lr / --weight-lr", before, after)
         return losses, None, before, after
-    trained = os.path.join(work, "trained.caffemodel")
-    solver.net.save(trained)
+    trained = {name: [np.array(b.data, np.float32) for b in blobs] for name, blobs in solver.net.params.items()}
     return losses, trained, before, after
 
 
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
                        batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float = WEIGHT_LR,
-                       seed: int = 0, equalize: bool = True, progress: bool = True) -> LabelFreeResult:
+                       seed: int = 0, equalize: bool = True, rounding: bool = True,
+                       progress: bool = True) -> LabelFreeResult:
     """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
 
     ``model_file`` / ``weights_file``: the float deploy model (Input layers). ``data``: what
@@ -400,6 +373,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size`` samples (0: the
     first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4).
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
+    ``rounding``: start training from the learned rounding of the weights (module doc, step 1b).
 
     Writes the files ``calibrate`` writes (``{save_path}_fake_quant_model.prototxt``,
     ``_fake_quant_weights.caffemodel``, ``_deploy_model.prototxt``, ``_deploy_weights.caffemodel``,
@@ -428,7 +402,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             graph = load_float_graph(model_file, weights_file)
             fuse_bn_scale(graph)
             calib_model, calib_weights = model_file, weights_file
-            if equalize and _equalize(graph, feeds):  # calibrate the equalized model: step 1 starts there
+            if equalize and equalize_ranges(graph, feeds):  # calibrate the equalized model: step 1 starts there
                 calib_model = os.path.join(work, "equalized.prototxt")
                 calib_weights = os.path.join(work, "equalized.caffemodel")
                 write_graph(graph, calib_model, calib_weights)
@@ -440,18 +414,25 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             inputs, targets, _ = _fp32_samples(model_file, weights_file, feeds, bar)
             record_file = os.path.join(work, "retrain_record.txt")
             retrain, _ = _retrain_graph(graph, session.record, record_file)
-            _set_rates(retrain, clip_lr, weight_lr)
+            retrain, fixed = with_data_only_quant(retrain, session.targets, session.record)
+            ptq_loss, rounded = float("nan"), False
+            if rounding:
+                bar.set_description("rounding")
+                ptq_loss = _graph_loss(_training_graph(retrain, inputs, targets, batch, model_batch), inputs,
+                                       targets, batch)
+                rounded = bool(round_weights(retrain, inputs, model_batch))
+            _set_rates(retrain, clip_lr, weight_lr, set(fixed))
             train_graph, fed = _training_graph(retrain, inputs, targets, batch, model_batch)
             bar.set_description("retrain")
             losses, trained, before, after = _train(train_graph, work, inputs, targets, fed, batch, iterations, bar,
                                                     seed)
-            retrain_model, retrain_weights = os.path.join(work, "retrain.prototxt"), os.path.join(work, "r.caffemodel")
-            write_graph(retrain, retrain_model, retrain_weights)
-            if trained is None:  # training did not help: exactly what calibrate writes
+            kept = "trained" if trained is not None else "rounded" if rounded and before < ptq_loss else "ptq"
+            if kept == "ptq":  # exactly what calibrate writes
                 outputs = save_model(session, "Both", save_path)
             else:
-                outputs = save_quant_retrain_model(retrain_model, trained, "Both", save_path)
-    result = LabelFreeResult(outputs, iterations, batch, samples, losses, before, after, after < before)
+                outputs = save_trained(_with_params(retrain, trained or {}), fixed, session, save_path)
+    result = LabelFreeResult(outputs, iterations, batch, samples, losses, before, after, kept == "trained", kept,
+                             ptq_loss)
     _LOG.info("label-free QAT: %d iteration(s) of %d sample(s); loss %.4g -> %.4g", iterations, batch,
               result.loss_start, result.loss_end)
     return result

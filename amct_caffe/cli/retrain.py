@@ -54,11 +54,14 @@ def cmd_retrain(args) -> int:
     retrain = api("amct_caffe.api.label_free", "label_free_retrain")
     result = retrain(args.model, args.weights, source, args.output, iterations=args.iterations,
                      batch_size=args.batch_size, clip_lr=args.clip_lr, weight_lr=args.weight_lr,
-                     equalize=args.equalize, progress=args.progress)
+                     equalize=args.equalize, rounding=args.rounding, progress=args.progress)
     print_outputs(result.outputs, args.output)
     print(f"distillation loss (sum over outputs of |INT8 - FP32|^2 / |FP32|^2), mean of the first / last tenth of "
           f"{result.iterations} iterations of {result.batch_size} sample(s): "
           f"{result.loss_start:.4e} -> {result.loss_end:.4e}")
+    print(f"saved: the {'PTQ' if result.kept == 'ptq' else result.kept} model (distillation loss over the data: PTQ "
+          f"{result.data_loss_ptq:.4e}, training start {result.data_loss_before:.4e}, trained "
+          f"{result.data_loss_after:.4e})")
     return 0
 
 
@@ -91,6 +94,8 @@ def add_parser(sub, common) -> None:
                           "0 freezes weights and biases)")
     ret.add_argument("--no-equalize", dest="equalize", action="store_false",
                      help="do not equalize the channel ranges before depthwise convolutions")
+    ret.add_argument("--no-rounding", dest="rounding", action="store_false",
+                     help="start training from ARQ's nearest weight codes, not from the learned rounding")
     add_data_options(ret, "training")
     ret.add_argument("--output", required=True, help="prefix of the files written (e.g. out/model)")
     ret.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

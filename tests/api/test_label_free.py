@@ -110,19 +110,58 @@ def test_outputs_never_overwrite_inputs(digits, tmp_path):
 
 
 def test_training_that_does_not_help_keeps_the_ptq_factors(digits, tmp_path, caplog):
-    """A step size far too large makes training worse: then the PTQ model is saved, byte for byte
-    what calibrate writes, with a warning."""
+    """A step size far too large makes training worse: without the learned rounding the PTQ model
+    is then saved, byte for byte what calibrate writes, with a warning."""
     train, _ = digits
     ptq = calibrate(str(MODEL), str(WEIGHTS), train, str(tmp_path / "ptq" / "lenet"), len(train), progress=False)
     qat = amct.label_free_retrain(str(MODEL), str(WEIGHTS), train, str(tmp_path / "qat" / "lenet"), iterations=20,
-                                  clip_lr=5.0, weight_lr=500.0, progress=False)
-    assert not qat.kept_trained and qat.data_loss_after >= qat.data_loss_before
-    assert "keeping the calibrated factors" in caplog.text
+                                  clip_lr=5.0, weight_lr=500.0, rounding=False, progress=False)
+    assert not qat.kept_trained and qat.kept == "ptq" and qat.data_loss_after >= qat.data_loss_before
+    assert "keeping the model training started from" in caplog.text
     for kind in ("fake_quant_weights", "deploy_weights", "quant_param_record_txt"):
         if kind in ptq:
             assert Path(qat.outputs[kind]).read_bytes() == Path(ptq[kind]).read_bytes(), kind
 
 
-def test_kept_training_lowered_the_data_loss(runs):
+def test_keeps_the_model_of_least_data_loss(runs):
+    """Of PTQ, the rounded start and the trained model, the saved one has the lowest loss over the data."""
     _, qat = runs
-    assert qat.kept_trained and qat.data_loss_after < qat.data_loss_before
+    losses = {"ptq": qat.data_loss_ptq, "rounded": qat.data_loss_before, "trained": qat.data_loss_after}
+    assert losses[qat.kept] == min(losses.values())
+    assert qat.kept_trained == (qat.kept == "trained")
+
+
+def test_training_that_does_not_help_keeps_the_rounded_start(digits, tmp_path):
+    """With the learned rounding (the default), a failed training keeps the rounded start, which
+    lowered the data loss below PTQ's and is closer to FP32 than PTQ on the training digits."""
+    train, _ = digits
+    ptq = calibrate(str(MODEL), str(WEIGHTS), train, str(tmp_path / "ptq" / "lenet"), len(train), progress=False)
+    qat = amct.label_free_retrain(str(MODEL), str(WEIGHTS), train, str(tmp_path / "qat" / "lenet"), iterations=20,
+                                  clip_lr=5.0, weight_lr=500.0, progress=False)
+    assert qat.kept == "rounded" and qat.data_loss_before < qat.data_loss_ptq
+    assert _cosine(qat.outputs["fake_quant_model"], qat.outputs["fake_quant_weights"], train) > _cosine(
+        ptq["fake_quant_model"], ptq["fake_quant_weights"], train)
+
+
+def test_rounding_lowers_the_data_loss(runs):
+    _, qat = runs
+    assert qat.data_loss_before < 0.95 * qat.data_loss_ptq
+
+
+def test_quantizes_the_layers_ptq_quantizes(runs):
+    """The data-only layers (LeNet's pooling) get their Quant / AntiQuant pairs and record entries
+    as in calibrate's models, at PTQ's factors."""
+    ptq, qat = runs
+    from amct_caffe.io.record import read_record
+
+    def quant_layers(model):
+        text = Path(model).read_text()
+        return sorted(line.split('"')[1] for line in text.splitlines() if line.strip().startswith("name:")
+                      and ("_quant" in line or "_antiquant" in line or "_dequant" in line))
+
+    assert quant_layers(qat.outputs["deploy_model"]) == quant_layers(ptq["deploy_model"])
+    assert any("pool" in name for name in quant_layers(ptq["deploy_model"]))
+    before, after = read_record(ptq["quant_param_record_txt"]), read_record(qat.outputs["quant_param_record_txt"])
+    assert list(after.layers) == list(before.layers)
+    for name in ("pool1", "pool2"):
+        assert after.layer(name).activation(0).scale_d == before.layer(name).activation(0).scale_d
