@@ -264,10 +264,18 @@ class RecurrentLayout:
     recurrent_biases: dict[int, int]
 
 
+_RECURRENT_FORMS = {form: base for table in (QUANTIZED_RECURRENT, CALIBRATION_RECURRENT)
+                    for base, form in table.items()}
+
+
+def recurrent_base(type_name: str) -> str:
+    """The recurrent type a calibration or quantized form stands for (``LSTMQuant`` -> ``LSTM``); else itself."""
+    return _RECURRENT_FORMS.get(type_name, type_name)
+
+
 def recurrent_layout(type_name: str, layer_param, num_bottoms: int) -> RecurrentLayout:
     """The layout of an LSTM / RNN / GRU layer (or its quantized forms) with ``num_bottoms`` bottoms."""
-    forms = {form: base for table in (QUANTIZED_RECURRENT, CALIBRATION_RECURRENT) for base, form in table.items()}
-    base = forms.get(type_name, type_name)
+    base = recurrent_base(type_name)
     if base not in ("LSTM", "RNN", "GRU"):
         raise ValueError(f"layer type {type_name} is not a recurrent layer with a known blob layout")
     states = 2 if base == "LSTM" else 1

@@ -36,7 +36,11 @@ def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
     """
     from amct_caffe import io
 
-    net = io.load_prototxt(model_file)
+    return _input_shapes(io.load_prototxt(model_file))
+
+
+def _input_shapes(net) -> OrderedDict[str, tuple[int, ...] | None]:
+    """:func:`model_inputs` of a parsed NetParameter."""
     shapes: OrderedDict[str, tuple[int, ...] | None] = OrderedDict()
     for layer in net.layer:
         if layer.type != "Input":
@@ -60,7 +64,7 @@ def time_major_inputs(model_file) -> list[str]:
     from amct_caffe import io, ops
 
     net = io.load_prototxt(model_file)
-    declared = set(model_inputs(model_file))
+    declared = set(_input_shapes(net))
     found: list[str] = []
     for layer in net.layer:
         if not ops.layer_type(layer.type).recurrent:

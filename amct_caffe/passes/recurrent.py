@@ -34,11 +34,6 @@ _F32 = np.float32
 _RECURRENT_WEIGHTS = {"LSTM": "W_hc", "RNN": "W_hh, W_ho", "GRU": "R_z, R_r, R_h"}
 
 
-def _base(node: Node) -> str:
-    tables = (ops.QUANTIZED_RECURRENT, ops.CALIBRATION_RECURRENT)
-    return {form: base for table in tables for base, form in table.items()}.get(node.type, node.type)
-
-
 def is_recurrent(node_type: str) -> bool:
     return ops.layer_type(node_type).recurrent
 
@@ -72,7 +67,8 @@ def recurrent_factors(record: Record, node: Node) -> tuple[np.ndarray, np.ndarra
         raise RecordError(f"Cannot find scale_w of layer '{name}' in record file")
     checks = (("scale_w", entry.scale_w, entry.offset_w, len(lay.input_weights),
                "W_x" + (", W_x_static" if lay.static else "")),
-              ("scale_r", entry.scale_r, entry.offset_r, len(lay.recurrent_weights), _RECURRENT_WEIGHTS[_base(node)]))
+              ("scale_r", entry.scale_r, entry.offset_r, len(lay.recurrent_weights),
+               _RECURRENT_WEIGHTS[ops.recurrent_base(node.type)]))
     for field, scales, offsets, want, what in checks:
         if len(scales) != want:
             raise RecordError(f"layer '{name}' ({node.type}): the record has {len(scales)} {field} value(s); the "
