@@ -132,8 +132,9 @@ def run_case(case: str, args, out: Path) -> dict:
     ptq = calibrate(str(model), str(weights), train, str(out / case / "ptq"), len(train), progress=False)
     ptq_time = time.perf_counter() - t
     t = time.perf_counter()
+    rates = {k: v for k, v in (("clip_lr", args.clip_lr), ("weight_lr", args.weight_lr)) if v is not None}
     qat = label_free_retrain(str(model), str(weights), train, str(out / case / "qat"), iterations=args.iterations,
-                             batch_size=args.batch_size, progress=True)
+                             batch_size=args.batch_size, progress=True, **rates)
     qat_time = time.perf_counter() - t
 
     nets = {"fp32": Net(str(model), str(weights), TEST),
@@ -167,6 +168,9 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=200, help="unseen photos evaluated (evenly spaced; 0: all 900)")
     ap.add_argument("--iterations", type=int, default=None, help="QAT iterations (default: label_free_retrain's)")
     ap.add_argument("--batch-size", type=int, default=0, help="QAT batch (default: the model's, 1)")
+    ap.add_argument("--clip-lr", type=float, default=None, help="QAT clip rate (default: label_free_retrain's)")
+    ap.add_argument("--weight-lr", type=float, default=None, help="QAT weight rate (default: label_free_retrain's; "
+                    "--iterations 1 --clip-lr 0 --weight-lr 0 measures the rounded start alone)")
     ap.add_argument("--out", default=None, help="keep the models here (default: a temporary folder)")
     args = ap.parse_args()
     os.environ.setdefault("AMCT_LOG_LEVEL", "WARNING")

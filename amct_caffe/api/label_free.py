@@ -24,10 +24,11 @@ Steps:
    fixed at PTQ's factors (:mod:`amct_caffe.api.label_free_save`): training sees, and the saved
    models contain, every quantizer of the PTQ model.
 1b. **Learned rounding** (``rounding``, default on; :mod:`amct_caffe.api.label_free_rounding`).
-   The PTQ network runs once over the data; every Convolution / InnerProduct takes, per output
-   channel, the ARQ codes (floor or ceil of each weight, same scales) that minimise the error of
-   its output given the covariance of its quantized input patches, and the bias takes the mean
-   error. Training starts there.
+   Layer by layer (one pass over the data per level of the graph, through the layers already
+   rounded, beside the float network), every Convolution / InnerProduct takes, per output
+   channel, the ARQ codes (floor or ceil of each weight, same scales) that bring its output on
+   its quantized input closest to the FP32 network's output of that layer, and the bias takes
+   the mean error. Training starts there.
 2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample.
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
@@ -77,7 +78,7 @@ from tqdm import tqdm
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
-from amct_caffe.api.label_free_rounding import round_weights
+from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
 from amct_caffe.api.outputs import write_graph
 from amct_caffe.api.session import load_float_graph
@@ -267,7 +268,7 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
                     model_batch: int) -> tuple[Graph, dict[str, str]]:
     """The retrain graph at ``batch`` with the FP32 targets as inputs and one loss per output;
     also {output: the Input blob of its target}."""
-    out = retrain.copy()
+    out = any_batch(retrain, model_batch) if batch != model_batch else retrain.copy()
     fed = {}
     missing = sorted(set(targets) - set(out.outputs))
     if missing:
@@ -277,10 +278,6 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
         if node.type == "Input":
             for top, shape in zip(node.tops, lp.input_param.shape, strict=False):
                 shape.dim[:] = [batch, *inputs[top].shape[1:]] if top in inputs else shape.dim
-        elif node.type == "Reshape" and batch != model_batch:
-            dims = lp.reshape_param.shape.dim
-            if lp.reshape_param.axis == 0 and len(dims) and dims[0] == model_batch:
-                dims[0] = 0  # copy the batch axis: the deploy prototxt fixes it
     for name, t in targets.items():
         top = out.unique_blob_name(f"{name}_fp32")
         lp = caffe_pb().LayerParameter(name=out.unique_node_name(top), type="Input", top=[top])
@@ -420,7 +417,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
                 bar.set_description("rounding")
                 ptq_loss = _graph_loss(_training_graph(retrain, inputs, targets, batch, model_batch), inputs,
                                        targets, batch)
-                rounded = bool(round_weights(retrain, inputs, model_batch))
+                rounded = bool(round_weights(retrain, inputs, model_batch, graph))
             _set_rates(retrain, clip_lr, weight_lr, set(fixed))
             train_graph, fed = _training_graph(retrain, inputs, targets, batch, model_batch)
             bar.set_description("retrain")

@@ -29,6 +29,16 @@ coordinate descent; flipping code k by ``d = +-1`` changes f by ``df = 2 d s (H 
 s^2 H_kk``, and a flip is taken when df < 0. Rows that share H (the output channels of one group)
 move together, vectorised; sweeps over k repeat until no flip lowers f, at most ``sweeps`` times.
 Either way f never rises above nearest rounding's on the data H came from.
+
+Upstream error. Aiming at the layer's own float weight on its quantized input ignores that the
+input itself differs from the FP32 network's, ``x_fp32 = x + d``. Aiming at the FP32 output
+``w . x_fp32`` instead, the centred error is ``e . x - w . d`` and
+
+    f(q) = e^T H e - 2 e . c + const,     c = Cov(x, d) w
+
+(the part of the upstream error this layer's rounding can cancel; BRECQ / QDrop call this the
+asymmetric reconstruction). The statistics must come from a network whose earlier layers already
+hold their final codes, or every layer would cancel the same upstream error again.
 """
 
 from __future__ import annotations
@@ -61,17 +71,21 @@ def _damped(h: np.ndarray, damp: float) -> np.ndarray:
     return h
 
 
-def rounding_cost(rows: np.ndarray, scale: np.ndarray, codes: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """f(q) = e^T H e per row (R,), ``e = s q - w``; ``h`` (K, K) shared by the rows."""
+def rounding_cost(rows: np.ndarray, scale: np.ndarray, codes: np.ndarray, h: np.ndarray,
+                  linear: np.ndarray | None = None) -> np.ndarray:
+    """f(q) = e^T H e - 2 e . c per row (R,), ``e = s q - w``; ``h`` (K, K) shared by the rows,
+    ``linear`` (R, K) the rows' ``c`` (None: 0)."""
     e = np.asarray(scale, np.float64).reshape(-1, 1) * codes - rows
-    return np.einsum("rk,kl,rl->r", e, h, e)
+    f = np.einsum("rk,kl,rl->r", e, h, e)
+    return f if linear is None else f - 2.0 * np.einsum("rk,rk->r", e, linear)
 
 
 def learned_codes(rows: np.ndarray, scale: np.ndarray, h: np.ndarray, num_bits: int = 8, *, damp: float = DAMP,
-                  sweeps: int = SWEEPS) -> np.ndarray:
+                  sweeps: int = SWEEPS, linear: np.ndarray | None = None) -> np.ndarray:
     """Codes (R, K) float64 of integers for weight rows (R, K) on per-row scales (R,) (or one),
-    minimising ``e^T H e`` per row under the module doc's constraints; ``h`` (K, K) is the input
-    covariance shared by these rows (damped here)."""
+    minimising ``e^T H e - 2 e . c`` per row under the module doc's constraints; ``h`` (K, K) is
+    the input covariance shared by these rows (damped here), ``linear`` (R, K) the rows' ``c``
+    (None: 0; see "Upstream error" in the module doc)."""
     rows = np.asarray(rows, np.float64)
     if rows.ndim != 2:
         raise QuantizationError(f"learned rounding takes weight rows (R, K), got shape {rows.shape}")
@@ -80,17 +94,27 @@ def learned_codes(rows: np.ndarray, scale: np.ndarray, h: np.ndarray, num_bits: 
     if h.shape != (k, k) or not np.isfinite(h).all():
         raise QuantizationError(f"learned rounding: input covariance must be finite ({k}, {k}), got {h.shape}")
     s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (r,)).reshape(r, 1)
+    c = np.zeros_like(rows) if linear is None else np.asarray(linear, np.float64)
+    if c.shape != rows.shape or not np.isfinite(c).all():
+        raise QuantizationError(f"learned rounding: the linear term must be finite {rows.shape}, got {c.shape}")
+    hd = _damped(h, damp)
+    return _search(rows, s, num_bits, hd, c, sweeps)
+
+
+def _search(rows, s, num_bits, hd, c, sweeps) -> np.ndarray:
+    """The codes of least f (module doc: search) from the nearest ones, ``s`` (R, 1)."""
+    k = rows.shape[1]
     qmin, qmax = qrange(num_bits)
+    dom = dominant_mask(rows)
     t = rows / s
     codes = np.clip(round_half_away(t), qmin, qmax)
     lo = np.clip(np.floor(t), qmin, qmax)
     hi = np.clip(lo + 1, qmin, qmax)
-    free = ~dominant_mask(rows) & (hi > lo)
-    hd = _damped(h, damp)
+    free = ~dom & (hi > lo)
     if k <= EXHAUSTIVE + 1 and free.sum(axis=1).max() <= EXHAUSTIVE:
-        return _exhaustive(rows, s[:, 0], codes, lo, free, hd)
+        return _exhaustive(rows, s[:, 0], codes, lo, free, hd, c)
     e = s * codes - rows
-    g = e @ hd  # (R, K): H e, half the gradient of f
+    g = e @ hd - c  # (R, K): H e - c, half the gradient of f
     diag = np.diag(hd)
     for _ in range(sweeps):
         flipped = False
@@ -110,7 +134,7 @@ def learned_codes(rows: np.ndarray, scale: np.ndarray, h: np.ndarray, num_bits: 
     return codes
 
 
-def _exhaustive(rows, s, codes, lo, free, hd) -> np.ndarray:
+def _exhaustive(rows, s, codes, lo, free, hd, c) -> np.ndarray:
     """Every rounding of each row's free codes (to floor or floor + 1); the one of least f."""
     out = codes.copy()
     for r in range(len(rows)):
@@ -121,13 +145,18 @@ def _exhaustive(rows, s, codes, lo, free, hd) -> np.ndarray:
         cand = np.repeat(codes[r][None], len(bits), axis=0)
         cand[:, idx] = lo[r, idx] + bits
         e = s[r] * cand - rows[r]
-        f = np.einsum("ck,kl,cl->c", e, hd, e)
+        f = np.einsum("ck,kl,cl->c", e, hd, e) - 2.0 * (e @ c[r])
         out[r] = cand[int(np.argmin(f))]
     return out
 
 
-def bias_correction(rows: np.ndarray, scale: np.ndarray, codes: np.ndarray, mu: np.ndarray) -> np.ndarray:
+def bias_correction(rows: np.ndarray, scale: np.ndarray, codes: np.ndarray, mu: np.ndarray,
+                    mu_upstream: np.ndarray | None = None) -> np.ndarray:
     """What to add to each channel's bias (R,) so that its mean output on the quantized input is
-    the float weight's: ``-(s q - w) . mu``, ``mu`` (K,) the mean input patch."""
-    e = np.asarray(scale, np.float64).reshape(-1, 1) * codes - np.asarray(rows, np.float64)
-    return -(e @ np.asarray(mu, np.float64))
+    the float weight's: ``-(s q - w) . mu``, ``mu`` (K,) the mean input patch; with
+    ``mu_upstream`` (K,), the mean of ``x_fp32 - x`` (the float network's input patch minus this
+    one), also ``+ w . mu_upstream``: the mean of the FP32 network's output."""
+    rows = np.asarray(rows, np.float64)
+    e = np.asarray(scale, np.float64).reshape(-1, 1) * codes - rows
+    shift = -(e @ np.asarray(mu, np.float64))
+    return shift if mu_upstream is None else shift + rows @ np.asarray(mu_upstream, np.float64)
