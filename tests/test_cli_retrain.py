@@ -55,7 +55,8 @@ def test_defaults(fake_retrain):
     (call,) = fake_retrain
     assert call["iterations"] is None and call["batch_size"] == 0
     assert call["rounding"] is True and call["equalize"] is True
-    assert (call["clip_lr"], call["weight_lr"]) == (cli.retrain.CLIP_LR, cli.retrain.WEIGHT_LR)
+    # weight_lr None: the API's own default (0 after the learned rounding, WEIGHT_LR without it)
+    assert (call["clip_lr"], call["weight_lr"]) == (cli.retrain.CLIP_LR, None)
 
 
 def test_few_samples_warn(fake_retrain, caplog):

@@ -50,6 +50,9 @@ Steps:
      input at the top of its range),
    * every other learned blob (a PReLU slope, a Scale not folded): ``lr_mult`` 0.
 
+   After the learned rounding ``weight_lr`` defaults to 0 (``ROUNDED_WEIGHT_LR``): only the clips
+   train and the weights stay on their learned codes; without it, to ``WEIGHT_LR``.
+
    No weight decay: the goal is the FP32 function, not a regularised one. Batches are drawn
    from the cached samples in a new random order every epoch.
 5. **Keep the best.** The distillation loss over all the data is measured for the PTQ model, the
@@ -99,6 +102,11 @@ Feed = dict[str, np.ndarray]
 DEFAULT_EPOCHS = 3         # passes over the data when ``iterations`` is not given ...
 MIN_ITERATIONS = 200       # ... but at least this many updates
 CLIP_LR, WEIGHT_LR = 5e-3, 5e-2
+# After the learned rounding the weights and biases stay where it put them (only the clips train):
+# Adam moves every weight about ``weight_lr`` steps per iteration whatever its gradient, which undoes
+# the rounding (UltraFace, 20 unseen photos: boxes cosine 0.99862 rounded, 0.99870 with the clips
+# trained, 0.99862 with the weights too, batches of 8 at weight_lr 0.01).
+ROUNDED_WEIGHT_LR = 0.0
 OUTPUT_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
                    "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
 
@@ -358,7 +366,7 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
 
 
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
-                       batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float = WEIGHT_LR,
+                       batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float | None = None,
                        seed: int = 0, equalize: bool = True, rounding: bool = True,
                        progress: bool = True) -> LabelFreeResult:
     """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
@@ -368,7 +376,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     ``preprocess``, a :class:`~amct_caffe.data.Preprocess` or its fields) or a sequence of
     {input blob: array} batches. ``iterations``: Adam updates (default: ``DEFAULT_EPOCHS``
     passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size`` samples (0: the
-    first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4).
+    first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4;
+    ``weight_lr`` None: ``ROUNDED_WEIGHT_LR`` (0, the weights and biases stay on their learned
+    codes) after the learned rounding, else ``WEIGHT_LR``).
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
     ``rounding``: start training from the learned rounding of the weights (module doc, step 1b).
 
@@ -380,6 +390,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     log.setup()
     if iterations is not None and iterations < 1:
         raise AmctError(f"iterations must be a positive integer, got {iterations}")
+    if weight_lr is None:
+        weight_lr = ROUNDED_WEIGHT_LR if rounding else WEIGHT_LR
     for name, value in (("clip_lr", clip_lr), ("weight_lr", weight_lr)):
         if not (math.isfinite(value) and value >= 0):
             raise AmctError(f"{name} must be a finite number >= 0, got {value}")

@@ -89,9 +89,10 @@ def add_parser(sub, common) -> None:
     ret.add_argument("--clip-lr", type=non_negative_rate, default=CLIP_LR, metavar="R",
                      help=f"largest step of a clip per iteration, relative to its calibrated range (default "
                           f"{CLIP_LR:g}; 0 freezes the clips)")
-    ret.add_argument("--weight-lr", type=non_negative_rate, default=WEIGHT_LR, metavar="R",
-                     help=f"largest step of a weight per iteration, in INT8 weight steps (default {WEIGHT_LR:g}; "
-                          "0 freezes weights and biases)")
+    ret.add_argument("--weight-lr", type=non_negative_rate, default=None, metavar="R",
+                     help="largest step of a weight per iteration, in INT8 weight steps (default: 0 after the "
+                          f"learned rounding, which keeps weights and biases on their learned codes; {WEIGHT_LR:g} "
+                          "with --no-rounding; 0 freezes weights and biases)")
     ret.add_argument("--no-equalize", dest="equalize", action="store_false",
                      help="do not equalize the channel ranges before depthwise convolutions")
     ret.add_argument("--no-rounding", dest="rounding", action="store_false",

@@ -143,6 +143,26 @@ def test_training_that_does_not_help_keeps_the_rounded_start(digits, tmp_path):
         ptq["fake_quant_model"], ptq["fake_quant_weights"], train)
 
 
+def test_after_the_rounding_only_the_clips_train_by_default(digits, tmp_path):
+    """The default weight rate after the learned rounding is 0: the saved weight codes and scales are
+    the rounded start's (training with every rate 0), only the activation factors moved."""
+    from amct_caffe.io.record import read_record
+
+    train, _ = digits
+    saved = {}
+    for name, kwargs in (("default", {}), ("frozen", {"weight_lr": 0.0, "clip_lr": 0.0})):
+        qat = amct.label_free_retrain(str(MODEL), str(WEIGHTS), train, str(tmp_path / name / "q"), iterations=20,
+                                      progress=False, **kwargs)
+        net = Net(qat.outputs["fake_quant_model"], qat.outputs["fake_quant_weights"], TEST)
+        saved[name] = ({k: np.array(net.params[k][0].data) for k in ("conv1", "conv2", "ip1", "ip2")},
+                       read_record(qat.outputs["quant_param_record_txt"]))
+    (codes, record), (frozen_codes, frozen_record) = saved["default"], saved["frozen"]
+    for layer in codes:
+        np.testing.assert_array_equal(codes[layer], frozen_codes[layer], err_msg=layer)
+        assert list(record.layer(layer).scale_w) == list(frozen_record.layer(layer).scale_w)
+    assert any(record.layer(k).activation(0).scale_d != frozen_record.layer(k).activation(0).scale_d for k in codes)
+
+
 def test_rounding_lowers_the_data_loss(runs):
     _, qat = runs
     assert qat.data_loss_before < 0.95 * qat.data_loss_ptq
