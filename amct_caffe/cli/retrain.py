@@ -74,8 +74,9 @@ def add_parser(sub, common) -> None:
     ret = sub.add_parser("retrain", parents=[common],
                          help="quantization-aware training without labels: the INT8 model learns the FP32 outputs",
                          description="Label-free quantization-aware training: starting from the calibrated (PTQ) "
-                                     "model, the INT8 network (learned activation clips and weights) is trained "
-                                     "to reproduce the float network's outputs on --data, which needs no labels. "
+                                     "model, the INT8 weights are rounded layer by layer towards the float "
+                                     "network's outputs and the activation clips are trained to reproduce them on "
+                                     "--data, which needs no labels. "
                                      "Writes the files calibrate writes: <output>_fake_quant_model.prototxt, "
                                      "<output>_deploy_model.prototxt, their weights and the record.")
     ret.add_argument("--model", required=True, help="float deploy network definition (.prototxt)")
