@@ -12,7 +12,12 @@
 #include <string>
 #include <thread>
 
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include "amct/common.h"
+#include "amct/ifmr.h"
 
 namespace amct {
 namespace {
@@ -38,6 +43,137 @@ double level(double x, double lo, double hi, double inv) {
   return std::fabs(t - r) >= 0.5 ? r + (t > 0 ? 1.0 : (t < 0 ? -1.0 : 0.0)) : r + 0.0;
 }
 
+constexpr std::size_t kFill = 512;  // values per block of the fill (a multiple of 4)
+
+struct BlockStats {
+  std::uint64_t nonzero = 0, positive = 0;
+  float max = -std::numeric_limits<float>::infinity(), min = std::numeric_limits<float>::infinity();
+};
+
+// For x[j], j < m: bin[j] = floor(x / w) - base clamped into [0, last] (exact: a power-of-two
+// scaling, then an integer below 2^53 subtracted; >= 0 inside the window, where truncation is
+// floor), dv[j] = x - centre (0 for a zero, which then adds nothing wherever it lands), and
+// lane[(first + j) % 4] += dv[j]^2 in order of j. No data-dependent branch: after a ReLU half of
+// the values are zero and a branch on it would mispredict.
+void fill_block(const float* x, std::size_t m, std::size_t first, double inv_w, double base_d, double w,
+                double last_d, std::int32_t* bin, double* kp, double* dv, double* lane, BlockStats* st) {
+  for (std::size_t j = 0; j < m; ++j) {
+    const float v = x[j];
+    const double keep = v != 0.0f ? 1.0 : 0.0;
+    const double xd = v;
+    const double t = std::trunc(std::min(std::max(xd * inv_w - base_d, 0.0), last_d));
+    const double g = t + base_d;
+    const double d = (xd - (g + 0.5) * w) * keep;
+    bin[j] = static_cast<std::int32_t>(t);
+    kp[j] = keep;
+    dv[j] = d;
+    lane[(first + j) & 3] += d * d;
+    st->nonzero += v != 0.0f;
+    st->positive += v > 0.0f;
+    st->max = std::max(st->max, v != 0.0f ? v : -std::numeric_limits<float>::infinity());
+    st->min = std::min(st->min, v != 0.0f ? v : std::numeric_limits<float>::infinity());
+  }
+}
+
+// Whether x[0..n) holds an inf or NaN (integer test of the exponent: vectorizes), and the range
+// [lo, hi] of its nonzero values (lo > hi when there is none). min and max do not depend on order.
+bool scan(const float* x, std::size_t n, float* lo, float* hi) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  std::uint32_t bad = 0;
+  float l = kInf, h = -kInf;
+  for (std::size_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+    l = std::min(l, v == 0.0f ? kInf : v);
+    h = std::max(h, v == 0.0f ? -kInf : v);
+  }
+  *lo = l;
+  *hi = h;
+  return bad != 0;
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define AMCT_STREAM_AVX2 1
+
+// The vector paths follow the IFMR search's level (amct::ifmr_simd_level: AVX2 or better, capped by
+// set_ifmr_simd_limit, which tests lower to compare the paths).
+bool use_avx2() { return ifmr_simd_level() >= 1; }
+
+// scan eight values at a time.
+__attribute__((target("avx2"))) bool scan_avx2(const float* x, std::size_t n, float* lo, float* hi) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i expo = _mm256_set1_epi32(0x7f800000);
+  __m256i bad = _mm256_setzero_si256();
+  __m256 l = pinf, h = ninf;
+  std::size_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), expo), expo));
+    const __m256 nz = _mm256_cmp_ps(v, zero, _CMP_NEQ_OQ);
+    l = _mm256_min_ps(l, _mm256_blendv_ps(pinf, v, nz));
+    h = _mm256_max_ps(h, _mm256_blendv_ps(ninf, v, nz));
+  }
+  float tl, th;
+  bool tail_bad = scan(x + j, n - j, &tl, &th);
+  alignas(32) float ls[8], hs[8];
+  _mm256_store_ps(ls, l);
+  _mm256_store_ps(hs, h);
+  for (int k = 0; k < 8; ++k) tl = std::min(tl, ls[k]), th = std::max(th, hs[k]);
+  *lo = tl;
+  *hi = th;
+  return tail_bad || !_mm256_testz_si256(bad, bad);
+}
+
+// fill_block four values at a time (the same IEEE operations in the same order: the same bits).
+__attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t m, double inv_w, double base_d,
+                                                       double w, double last_d, std::int32_t* bin, double* kp,
+                                                       double* dv, double* lane, BlockStats* st) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0), half = _mm256_set1_pd(0.5);
+  const __m256d vinv = _mm256_set1_pd(inv_w), vbase = _mm256_set1_pd(base_d), vw = _mm256_set1_pd(w);
+  const __m256d vlast = _mm256_set1_pd(last_d);
+  const __m256d ninf = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
+  const __m256d pinf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+  __m256d acc = _mm256_loadu_pd(lane), vmax = ninf, vmin = pinf;
+  std::size_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
+    const __m256d nz = _mm256_cmp_pd(xd, zero, _CMP_NEQ_OQ);
+    const __m256d keep = _mm256_and_pd(nz, one);
+    __m256d t = _mm256_sub_pd(_mm256_mul_pd(xd, vinv), vbase);
+    t = _mm256_min_pd(_mm256_max_pd(t, zero), vlast);
+    const __m128i i = _mm256_cvttpd_epi32(t);
+    const __m256d g = _mm256_add_pd(_mm256_cvtepi32_pd(i), vbase);
+    const __m256d d = _mm256_mul_pd(_mm256_sub_pd(xd, _mm256_mul_pd(_mm256_add_pd(g, half), vw)), keep);
+    _mm_store_si128(reinterpret_cast<__m128i*>(bin + j), i);
+    _mm256_store_pd(kp + j, keep);
+    _mm256_store_pd(dv + j, d);
+    acc = _mm256_add_pd(acc, _mm256_mul_pd(d, d));
+    st->nonzero += static_cast<unsigned>(__builtin_popcount(_mm256_movemask_pd(nz)));
+    st->positive += static_cast<unsigned>(__builtin_popcount(_mm256_movemask_pd(_mm256_cmp_pd(xd, zero, _CMP_GT_OQ))));
+    vmax = _mm256_max_pd(vmax, _mm256_blendv_pd(ninf, xd, nz));
+    vmin = _mm256_min_pd(vmin, _mm256_blendv_pd(pinf, xd, nz));
+  }
+  _mm256_storeu_pd(lane, acc);
+  alignas(32) double mx[4], mn[4];
+  _mm256_store_pd(mx, vmax);
+  _mm256_store_pd(mn, vmin);
+  BlockStats tail;
+  fill_block(x + j, m - j, j, inv_w, base_d, w, last_d, bin + j, kp + j, dv + j, lane, &tail);
+  st->nonzero += tail.nonzero;
+  st->positive += tail.positive;
+  st->max = tail.max;
+  st->min = tail.min;
+  for (int l = 0; l < 4; ++l) {
+    st->max = std::max(st->max, static_cast<float>(mx[l]));
+    st->min = std::min(st->min, static_cast<float>(mn[l]));
+  }
+}
+#endif
+
 // Keeps the k best of `kept` + `pending` (best first) in `kept`; `better` orders best first.
 template <class Better>
 void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_t k, Better better) {
@@ -62,34 +198,18 @@ IfmrHistogram::IfmrHistogram(std::size_t bins, std::size_t top_k)
 }
 
 void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
-  // Pass 1: the finite check (integer OR) and the range of the nonzero values, in 8 independent
-  // lanes (no loop-carried dependency, no branch; min/max are exact whatever the order).
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  float lo8[8], hi8[8];
-  std::uint32_t bad8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int l = 0; l < 8; ++l) lo8[l] = kInf, hi8[l] = -kInf;
-  std::size_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int l = 0; l < 8; ++l) {
-      const float v = x[j + l];
-      std::uint32_t u;
-      std::memcpy(&u, &v, sizeof u);
-      bad8[l] |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
-      lo8[l] = std::min(lo8[l], v == 0.0f ? kInf : v);
-      hi8[l] = std::max(hi8[l], v == 0.0f ? -kInf : v);
-    }
+  // Pass 1: the finite check and the range of the nonzero values.
+  float lo, hi;
+  bool bad;
+#ifdef AMCT_STREAM_AVX2
+  if (use_avx2()) {
+    bad = scan_avx2(x, n, &lo, &hi);
+  } else {
+    bad = scan(x, n, &lo, &hi);
   }
-  for (; j < n; ++j) {
-    const float v = x[j];
-    std::uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    bad8[0] |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
-    lo8[0] = std::min(lo8[0], v == 0.0f ? kInf : v);
-    hi8[0] = std::max(hi8[0], v == 0.0f ? -kInf : v);
-  }
-  float lo = kInf, hi = -kInf;
-  std::uint32_t bad = 0;
-  for (int l = 0; l < 8; ++l) lo = std::min(lo, lo8[l]), hi = std::max(hi, hi8[l]), bad |= bad8[l];
+#else
+  bad = scan(x, n, &lo, &hi);
+#endif
   if (bad) fail(std::string(what) + " scale is illegal: input data contains inf or NaN");
   if (!(lo <= hi)) return;  // all zeros
   cover(lo, hi);
@@ -98,40 +218,52 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
   float top_floor = top_.size() == k ? top_.back() : -std::numeric_limits<float>::infinity();
   float bottom_ceil = bottom_.size() == k ? bottom_.back() : std::numeric_limits<float>::infinity();
   std::vector<float> pending_top, pending_bottom;
-  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};  // sum of d^2 of the values at positions j = l (mod 4)
   std::uint64_t nonzero = 0, positive = 0;
-  // Pass 2, without data-dependent branches (a zero, half of the values after a ReLU, would
-  // mispredict): a zero goes to a clamped bin with weight 0, which adds nothing.
+  // Pass 2, per block of kFill values: (a) bins, deviations, squares and counts, branch-free and
+  // vectorized where the CPU allows; (b) the scatter into the bins; (c) the extremes, only for a
+  // block that may hold one.
   const double base_d = static_cast<double>(base_);
-  const auto last = static_cast<std::int64_t>(count_.size()) - 1;
-  for (j = 0; j < n; ++j) {
-    const float v = x[j];
-    const double keep = v != 0.0f ? 1.0 : 0.0;
-    const double xd = v;
-    // floor(xd / w) - base: exact (a power-of-two scaling, then an integer of < 2^53 subtracted),
-    // and >= 0 for a value inside the window, where truncation is floor.
-    const double t = xd * inv_w - base_d;
-    const std::int64_t i = std::min(std::max(static_cast<std::int64_t>(t), std::int64_t{0}), last);
-    const double g = static_cast<double>(i) + base_d;
-    const double d = (xd - (g + 0.5) * w) * keep;
-    const auto idx = static_cast<std::size_t>(i);
-    batch_[2 * idx] += keep;
-    batch_[2 * idx + 1] += d;
-    lane[j & 3] += d * d;
-    nonzero += v != 0.0f;
-    positive += v > 0.0f;
-    if (v > top_floor && v != 0.0f) {
-      pending_top.push_back(v);
-      if (pending_top.size() >= 4 * k) {
-        keep_best(&top_, &pending_top, k, std::greater<float>());
-        if (top_.size() == k) top_floor = top_.back();
-      }
+  const double last_d = static_cast<double>(count_.size() - 1);
+  alignas(32) std::int32_t bin[kFill];
+  alignas(32) double kp[kFill], dv[kFill];
+  for (std::size_t start = 0; start < n; start += kFill) {
+    const std::size_t m = std::min(kFill, n - start);
+    const float* xb = x + start;
+    BlockStats st;
+#ifdef AMCT_STREAM_AVX2
+    if (use_avx2()) {
+      fill_block_avx2(xb, m, inv_w, base_d, w, last_d, bin, kp, dv, lane, &st);
+    } else {
+      fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, lane, &st);
     }
-    if (v < bottom_ceil && v != 0.0f) {
-      pending_bottom.push_back(v);
-      if (pending_bottom.size() >= 4 * k) {
-        keep_best(&bottom_, &pending_bottom, k, std::less<float>());
-        if (bottom_.size() == k) bottom_ceil = bottom_.back();
+#else
+    fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, lane, &st);
+#endif
+    nonzero += st.nonzero;
+    positive += st.positive;
+    for (std::size_t j = 0; j < m; ++j) {
+      const auto idx = static_cast<std::size_t>(bin[j]);
+      batch_[2 * idx] += kp[j];
+      batch_[2 * idx + 1] += dv[j];
+    }
+    if (st.max > top_floor || st.min < bottom_ceil) {
+      for (std::size_t j = 0; j < m; ++j) {
+        const float v = xb[j];
+        if (v > top_floor && v != 0.0f) {
+          pending_top.push_back(v);
+          if (pending_top.size() >= 4 * k) {
+            keep_best(&top_, &pending_top, k, std::greater<float>());
+            if (top_.size() == k) top_floor = top_.back();
+          }
+        }
+        if (v < bottom_ceil && v != 0.0f) {
+          pending_bottom.push_back(v);
+          if (pending_bottom.size() >= 4 * k) {
+            keep_best(&bottom_, &pending_bottom, k, std::less<float>());
+            if (bottom_.size() == k) bottom_ceil = bottom_.back();
+          }
+        }
       }
     }
   }

@@ -120,14 +120,20 @@ def test_extremes_are_exact_up_to_top_k_then_within_a_bin(backend):
 
 
 @requires_kernels
+@pytest.mark.parametrize("simd", [2, 0])  # the vector fill (where the CPU has AVX2) and the portable one
 @pytest.mark.parametrize("kind", ["normal", "relu", "outlier"])
-def test_kernel_fills_the_references_histogram_bit_for_bit(kind):
+def test_kernel_fills_the_references_histogram_bit_for_bit(kind, simd):
+    from amct_caffe import _kernels
     ref, ker = new_hist("reference", 1 << 10), new_hist("kernel", 1 << 10)
-    for seed in range(4):  # growing, shifting batches: every grid rule runs
-        b = data(kind, 30_000 + seed, seed) * np.float32(1 + seed) + np.float32(0.5 * seed)
-        ref.update(b)
-        ker.update(b)
-        assert (ref.exp, ref.base) == (ker.exp, ker.base)
+    try:
+        _kernels.set_ifmr_simd_limit(simd)
+        for seed in range(4):  # growing, shifting batches: every grid rule runs
+            b = data(kind, 30_000 + seed, seed) * np.float32(1 + seed) + np.float32(0.5 * seed)
+            ref.update(b)
+            ker.update(b)
+            assert (ref.exp, ref.base) == (ker.exp, ker.base)
+    finally:
+        _kernels.set_ifmr_simd_limit(2)
     np.testing.assert_array_equal(ref.count, ker.count)
     assert ref.dev.tobytes() == ker.dev.tobytes() and ref.m2 == ker.m2
     np.testing.assert_array_equal(ref.top, ker.top)
