@@ -52,11 +52,13 @@ struct BlockStats {
 
 // For x[j], j < m: bin[j] = floor(x / w) - base clamped into [0, last] (exact: a power-of-two
 // scaling, then an integer below 2^53 subtracted; >= 0 inside the window, where truncation is
-// floor), dv[j] = x - centre (0 for a zero, which then adds nothing wherever it lands), and
+// floor), dv[j] = x - centre; a zero adds 0 to one of 8 spare slots after the bins (j mod 8:
+// zeros come in runs, and one slot would chain every addition to the previous one), and
 // lane[(first + j) % 4] += dv[j]^2 in order of j. No data-dependent branch: after a ReLU half of
 // the values are zero and a branch on it would mispredict.
 void fill_block(const float* x, std::size_t m, std::size_t first, double inv_w, double base_d, double w,
                 double last_d, std::int32_t* bin, double* kp, double* dv, double* lane, BlockStats* st) {
+  const auto trash = static_cast<std::int32_t>(last_d) + 1;
   for (std::size_t j = 0; j < m; ++j) {
     const float v = x[j];
     const double keep = v != 0.0f ? 1.0 : 0.0;
@@ -64,7 +66,7 @@ void fill_block(const float* x, std::size_t m, std::size_t first, double inv_w, 
     const double t = std::trunc(std::min(std::max(xd * inv_w - base_d, 0.0), last_d));
     const double g = t + base_d;
     const double d = (xd - (g + 0.5) * w) * keep;
-    bin[j] = static_cast<std::int32_t>(t);
+    bin[j] = v != 0.0f ? static_cast<std::int32_t>(t) : trash + static_cast<std::int32_t>((first + j) & 7);
     kp[j] = keep;
     dv[j] = d;
     lane[(first + j) & 3] += d * d;
@@ -92,6 +94,14 @@ bool scan(const float* x, std::size_t n, float* lo, float* hi) {
   *lo = l;
   *hi = h;
   return bad != 0;
+}
+
+// Appends the nonzero x[j] above (`above`) or below `bound` to `out`.
+void collect(const float* x, std::size_t m, float bound, bool above, std::vector<float>* out) {
+  for (std::size_t j = 0; j < m; ++j) {
+    const float v = x[j];
+    if (v != 0.0f && (above ? v > bound : v < bound)) out->push_back(v);
+  }
 }
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -128,6 +138,22 @@ __attribute__((target("avx2"))) bool scan_avx2(const float* x, std::size_t n, fl
   return tail_bad || !_mm256_testz_si256(bad, bad);
 }
 
+// collect, eight values per comparison (the candidates are rare: a mask, then its set bits).
+__attribute__((target("avx2"))) void collect_avx2(const float* x, std::size_t m, float bound, bool above,
+                                                    std::vector<float>* out) {
+  const __m256 vb = _mm256_set1_ps(bound), zero = _mm256_setzero_ps();
+  std::size_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 hit = _mm256_and_ps(above ? _mm256_cmp_ps(v, vb, _CMP_GT_OQ) : _mm256_cmp_ps(v, vb, _CMP_LT_OQ),
+                                     _mm256_cmp_ps(v, zero, _CMP_NEQ_OQ));
+    for (unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(hit)); bits; bits &= bits - 1) {
+      out->push_back(x[j + static_cast<std::size_t>(__builtin_ctz(bits))]);
+    }
+  }
+  collect(x + j, m - j, bound, above, out);
+}
+
 // fill_block four values at a time (the same IEEE operations in the same order: the same bits).
 __attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t m, double inv_w, double base_d,
                                                        double w, double last_d, std::int32_t* bin, double* kp,
@@ -138,6 +164,7 @@ __attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t
   const __m256d ninf = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
   const __m256d pinf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
   __m256d acc = _mm256_loadu_pd(lane), vmax = ninf, vmin = pinf;
+  const __m128i trash = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(last_d) + 1), _mm_setr_epi32(0, 1, 2, 3));
   std::size_t j = 0;
   for (; j + 4 <= m; j += 4) {
     const __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
@@ -146,9 +173,12 @@ __attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t
     __m256d t = _mm256_sub_pd(_mm256_mul_pd(xd, vinv), vbase);
     t = _mm256_min_pd(_mm256_max_pd(t, zero), vlast);
     const __m128i i = _mm256_cvttpd_epi32(t);
+    const __m128i nz32 = _mm256_cvtpd_epi32(_mm256_and_pd(nz, one));  // 1 where nonzero
+    const __m128i slot = _mm_add_epi32(trash, _mm_set1_epi32(static_cast<int>(j & 4)));
+    const __m128i where = _mm_blendv_epi8(slot, i, _mm_cmpeq_epi32(nz32, _mm_set1_epi32(1)));
     const __m256d g = _mm256_add_pd(_mm256_cvtepi32_pd(i), vbase);
     const __m256d d = _mm256_mul_pd(_mm256_sub_pd(xd, _mm256_mul_pd(_mm256_add_pd(g, half), vw)), keep);
-    _mm_store_si128(reinterpret_cast<__m128i*>(bin + j), i);
+    _mm_store_si128(reinterpret_cast<__m128i*>(bin + j), where);
     _mm256_store_pd(kp + j, keep);
     _mm256_store_pd(dv + j, d);
     acc = _mm256_add_pd(acc, _mm256_mul_pd(d, d));
@@ -190,7 +220,7 @@ void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_
 }  // namespace
 
 IfmrHistogram::IfmrHistogram(std::size_t bins, std::size_t top_k)
-    : top_k_(top_k), count_(bins, 0.0), dev_(bins, 0.0), batch_(2 * bins, 0.0) {
+    : top_k_(top_k), count_(bins, 0.0), dev_(bins, 0.0), batch_(2 * (bins + 8), 0.0) {
   if (bins < 4 || (bins & (bins - 1)) != 0) {
     fail("IfmrHistogram: bins must be a power of two >= 4, got " + std::to_string(bins));
   }
@@ -247,23 +277,34 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
       batch_[2 * idx] += kp[j];
       batch_[2 * idx + 1] += dv[j];
     }
-    if (st.max > top_floor || st.min < bottom_ceil) {
-      for (std::size_t j = 0; j < m; ++j) {
-        const float v = xb[j];
-        if (v > top_floor && v != 0.0f) {
-          pending_top.push_back(v);
-          if (pending_top.size() >= 4 * k) {
-            keep_best(&top_, &pending_top, k, std::greater<float>());
-            if (top_.size() == k) top_floor = top_.back();
-          }
-        }
-        if (v < bottom_ceil && v != 0.0f) {
-          pending_bottom.push_back(v);
-          if (pending_bottom.size() >= 4 * k) {
-            keep_best(&bottom_, &pending_bottom, k, std::less<float>());
-            if (bottom_.size() == k) bottom_ceil = bottom_.back();
-          }
-        }
+    if (st.max > top_floor) {  // candidates for the kept extremes (a stale threshold only adds some)
+#ifdef AMCT_STREAM_AVX2
+      if (use_avx2()) {
+        collect_avx2(xb, m, top_floor, true, &pending_top);
+      } else {
+        collect(xb, m, top_floor, true, &pending_top);
+      }
+#else
+      collect(xb, m, top_floor, true, &pending_top);
+#endif
+      if (pending_top.size() >= 4 * k) {
+        keep_best(&top_, &pending_top, k, std::greater<float>());
+        if (top_.size() == k) top_floor = top_.back();
+      }
+    }
+    if (st.min < bottom_ceil) {
+#ifdef AMCT_STREAM_AVX2
+      if (use_avx2()) {
+        collect_avx2(xb, m, bottom_ceil, false, &pending_bottom);
+      } else {
+        collect(xb, m, bottom_ceil, false, &pending_bottom);
+      }
+#else
+      collect(xb, m, bottom_ceil, false, &pending_bottom);
+#endif
+      if (pending_bottom.size() >= 4 * k) {
+        keep_best(&bottom_, &pending_bottom, k, std::less<float>());
+        if (bottom_.size() == k) bottom_ceil = bottom_.back();
       }
     }
   }

@@ -48,7 +48,7 @@ class IfmrHistogram {
   int exp_ = 0;
   std::int64_t base_ = 0;
   std::vector<double> count_, dev_;
-  std::vector<double> batch_;  // this update's (count, dev) pairs, interleaved: one cache line per value
+  std::vector<double> batch_;  // this update's (count, dev) per bin, interleaved, + 8 slots for zeros
   double m2_ = 0.0;
   std::uint64_t nonzero_ = 0, positive_ = 0;
   std::vector<float> top_, bottom_;
