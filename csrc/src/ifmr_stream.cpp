@@ -46,6 +46,7 @@ double level(double x, double lo, double hi, double inv) {
 constexpr std::size_t kFill = 512;  // values per block of the fill (a multiple of 4)
 
 struct BlockStats {
+  std::uint32_t bad = 0;  // an inf or NaN seen
   std::uint64_t nonzero = 0, positive = 0;
   float max = -std::numeric_limits<float>::infinity(), min = std::numeric_limits<float>::infinity();
 };
@@ -63,7 +64,12 @@ void fill_block(const float* x, std::size_t m, std::size_t first, double inv_w, 
     const float v = x[j];
     const double keep = v != 0.0f ? 1.0 : 0.0;
     const double xd = v;
-    const double t = std::trunc(std::min(std::max(xd * inv_w - base_d, 0.0), last_d));
+    const double z = xd * inv_w - base_d;
+    double t = z > 0.0 ? z : 0.0;  // written so that a NaN goes to 0 and an inf to last (then refused)
+    t = std::trunc(t < last_d ? t : last_d);
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    st->bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
     const double g = t + base_d;
     const double d = (xd - (g + 0.5) * w) * keep;
     bin[j] = v != 0.0f ? static_cast<std::int32_t>(t) : trash + static_cast<std::int32_t>((first + j) & 7);
@@ -164,14 +170,18 @@ __attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t
   const __m256d ninf = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
   const __m256d pinf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
   __m256d acc = _mm256_loadu_pd(lane), vmax = ninf, vmin = pinf;
+  const __m128i expo = _mm_set1_epi32(0x7f800000);
+  __m128i bad = _mm_setzero_si128();
   const __m128i trash = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(last_d) + 1), _mm_setr_epi32(0, 1, 2, 3));
   std::size_t j = 0;
   for (; j + 4 <= m; j += 4) {
-    const __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
+    const __m128 xf = _mm_loadu_ps(x + j);
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(_mm_castps_si128(xf), expo), expo));
+    const __m256d xd = _mm256_cvtps_pd(xf);
     const __m256d nz = _mm256_cmp_pd(xd, zero, _CMP_NEQ_OQ);
     const __m256d keep = _mm256_and_pd(nz, one);
     __m256d t = _mm256_sub_pd(_mm256_mul_pd(xd, vinv), vbase);
-    t = _mm256_min_pd(_mm256_max_pd(t, zero), vlast);
+    t = _mm256_min_pd(_mm256_max_pd(t, zero), vlast);  // max_pd(NaN, 0) is 0: a NaN stays in range
     const __m128i i = _mm256_cvttpd_epi32(t);
     const __m128i nz32 = _mm256_cvtpd_epi32(_mm256_and_pd(nz, one));  // 1 where nonzero
     const __m128i slot = _mm_add_epi32(trash, _mm_set1_epi32(static_cast<int>(j & 4)));
@@ -193,6 +203,7 @@ __attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t
   _mm256_store_pd(mn, vmin);
   BlockStats tail;
   fill_block(x + j, m - j, j, inv_w, base_d, w, last_d, bin + j, kp + j, dv + j, lane, &tail);
+  st->bad = tail.bad | static_cast<std::uint32_t>(!_mm_testz_si128(bad, bad));
   st->nonzero += tail.nonzero;
   st->positive += tail.positive;
   st->max = tail.max;
@@ -228,50 +239,76 @@ IfmrHistogram::IfmrHistogram(std::size_t bins, std::size_t top_k)
 }
 
 void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
-  // Pass 1: the finite check and the range of the nonzero values.
-  float lo, hi;
-  bool bad;
+  const std::string illegal = std::string(what) + " scale is illegal: input data contains inf or NaN";
+  if (!has_grid_) {  // the first data: its range sets the grid
+    float lo, hi;
 #ifdef AMCT_STREAM_AVX2
-  if (use_avx2()) {
-    bad = scan_avx2(x, n, &lo, &hi);
-  } else {
-    bad = scan(x, n, &lo, &hi);
-  }
+    const bool bad = use_avx2() ? scan_avx2(x, n, &lo, &hi) : scan(x, n, &lo, &hi);
 #else
-  bad = scan(x, n, &lo, &hi);
+    const bool bad = scan(x, n, &lo, &hi);
 #endif
-  if (bad) fail(std::string(what) + " scale is illegal: input data contains inf or NaN");
-  if (!(lo <= hi)) return;  // all zeros
-  cover(lo, hi);
+    if (bad) fail(illegal);
+    if (!(lo <= hi)) return;  // all zeros
+    cover(lo, hi);
+  }
+  // One pass on the present grid; where the batch turns out to reach past it, the pass (which
+  // only wrote this update's scratch) is dropped and made again on the grid that covers it.
+  Pass pass;
+  while (!fill(x, n, &pass)) {
+    if (pass.bad) fail(illegal);
+    cover(pass.lo, pass.hi);
+  }
+  if (!pass.nonzero) return;
+  for (std::size_t i = 0; i < count_.size(); ++i) {
+    count_[i] += batch_[2 * i];
+    dev_[i] += batch_[2 * i + 1];
+  }
+  std::fill(batch_.begin(), batch_.end(), 0.0);
+  m2_ += (pass.lane[0] + pass.lane[1]) + (pass.lane[2] + pass.lane[3]);
+  nonzero_ += pass.nonzero;
+  positive_ += pass.positive;
+  keep_best(&top_, &pass.top, top_k_, std::greater<float>());
+  keep_best(&bottom_, &pass.bottom, top_k_, std::less<float>());
+}
+
+bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
+  *pass = Pass();
+  std::fill(batch_.begin(), batch_.end(), 0.0);
   const double w = std::ldexp(1.0, exp_), inv_w = std::ldexp(1.0, -exp_);
   const std::size_t k = top_k_;
+  // Candidates are values that may enter the kept extremes; when they pile up, only the k best of
+  // them are kept (no value below those k can be among the k best of the kept and them) and the
+  // threshold rises to theirs.
   float top_floor = top_.size() == k ? top_.back() : -std::numeric_limits<float>::infinity();
   float bottom_ceil = bottom_.size() == k ? bottom_.back() : std::numeric_limits<float>::infinity();
-  std::vector<float> pending_top, pending_bottom;
-  double lane[4] = {0.0, 0.0, 0.0, 0.0};  // sum of d^2 of the values at positions j = l (mod 4)
-  std::uint64_t nonzero = 0, positive = 0;
-  // Pass 2, per block of kFill values: (a) bins, deviations, squares and counts, branch-free and
-  // vectorized where the CPU allows; (b) the scatter into the bins; (c) the extremes, only for a
-  // block that may hold one.
+  std::vector<float> scratch;
+  // Per block of kFill values: (a) bins, deviations, squares, counts, range and the finite check,
+  // branch-free and vectorized where the CPU allows; (b) the scatter into the bins; (c) the
+  // extremes, only for a block that may hold one.
   const double base_d = static_cast<double>(base_);
   const double last_d = static_cast<double>(count_.size() - 1);
   alignas(32) std::int32_t bin[kFill];
   alignas(32) double kp[kFill], dv[kFill];
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  std::uint32_t bad = 0;
   for (std::size_t start = 0; start < n; start += kFill) {
     const std::size_t m = std::min(kFill, n - start);
     const float* xb = x + start;
     BlockStats st;
 #ifdef AMCT_STREAM_AVX2
     if (use_avx2()) {
-      fill_block_avx2(xb, m, inv_w, base_d, w, last_d, bin, kp, dv, lane, &st);
+      fill_block_avx2(xb, m, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
     } else {
-      fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, lane, &st);
+      fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
     }
 #else
-    fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, lane, &st);
+    fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
 #endif
-    nonzero += st.nonzero;
-    positive += st.positive;
+    bad |= st.bad;
+    lo = std::min(lo, st.min);
+    hi = std::max(hi, st.max);
+    pass->nonzero += st.nonzero;
+    pass->positive += st.positive;
     for (std::size_t j = 0; j < m; ++j) {
       const auto idx = static_cast<std::size_t>(bin[j]);
       batch_[2 * idx] += kp[j];
@@ -280,44 +317,45 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
     if (st.max > top_floor) {  // candidates for the kept extremes (a stale threshold only adds some)
 #ifdef AMCT_STREAM_AVX2
       if (use_avx2()) {
-        collect_avx2(xb, m, top_floor, true, &pending_top);
+        collect_avx2(xb, m, top_floor, true, &pass->top);
       } else {
-        collect(xb, m, top_floor, true, &pending_top);
+        collect(xb, m, top_floor, true, &pass->top);
       }
 #else
-      collect(xb, m, top_floor, true, &pending_top);
+      collect(xb, m, top_floor, true, &pass->top);
 #endif
-      if (pending_top.size() >= 4 * k) {
-        keep_best(&top_, &pending_top, k, std::greater<float>());
-        if (top_.size() == k) top_floor = top_.back();
+      if (pass->top.size() >= 4 * k) {
+        scratch.clear();
+        keep_best(&scratch, &pass->top, k, std::greater<float>());
+        pass->top.swap(scratch);
+        top_floor = std::max(top_floor, pass->top.back());
       }
     }
     if (st.min < bottom_ceil) {
 #ifdef AMCT_STREAM_AVX2
       if (use_avx2()) {
-        collect_avx2(xb, m, bottom_ceil, false, &pending_bottom);
+        collect_avx2(xb, m, bottom_ceil, false, &pass->bottom);
       } else {
-        collect(xb, m, bottom_ceil, false, &pending_bottom);
+        collect(xb, m, bottom_ceil, false, &pass->bottom);
       }
 #else
-      collect(xb, m, bottom_ceil, false, &pending_bottom);
+      collect(xb, m, bottom_ceil, false, &pass->bottom);
 #endif
-      if (pending_bottom.size() >= 4 * k) {
-        keep_best(&bottom_, &pending_bottom, k, std::less<float>());
-        if (bottom_.size() == k) bottom_ceil = bottom_.back();
+      if (pass->bottom.size() >= 4 * k) {
+        scratch.clear();
+        keep_best(&scratch, &pass->bottom, k, std::less<float>());
+        pass->bottom.swap(scratch);
+        bottom_ceil = std::min(bottom_ceil, pass->bottom.back());
       }
     }
   }
-  keep_best(&top_, &pending_top, k, std::greater<float>());
-  keep_best(&bottom_, &pending_bottom, k, std::less<float>());
-  for (std::size_t i = 0; i < count_.size(); ++i) {
-    count_[i] += batch_[2 * i];
-    dev_[i] += batch_[2 * i + 1];
-    batch_[2 * i] = batch_[2 * i + 1] = 0.0;
-  }
-  m2_ += (lane[0] + lane[1]) + (lane[2] + lane[3]);
-  nonzero_ += nonzero;
-  positive_ += positive;
+  pass->bad = bad != 0;
+  pass->lo = lo;
+  pass->hi = hi;
+  if (pass->bad) return false;
+  if (!pass->nonzero) return true;
+  const auto bins = static_cast<std::int64_t>(count_.size());
+  return grid_index(lo, exp_) >= base_ && grid_index(hi, exp_) < base_ + bins;
 }
 
 void IfmrHistogram::cover(double lo, double hi) {

@@ -132,6 +132,11 @@ def test_kernel_fills_the_references_histogram_bit_for_bit(kind, simd):
             ref.update(b)
             ker.update(b)
             assert (ref.exp, ref.base) == (ker.exp, ker.base)
+            bad = b * np.float32(9)  # past the grid, and with a NaN: refused, nothing added
+            bad[-1] = np.nan
+            for h in (ref, ker):
+                with pytest.raises((QuantizationError, ValueError), match="scale is illegal"):
+                    h.update(bad)
     finally:
         _kernels.set_ifmr_simd_limit(2)
     np.testing.assert_array_equal(ref.count, ker.count)

@@ -39,6 +39,15 @@ class IfmrHistogram {
   const std::vector<float>& bottom() const { return bottom_; }  // ascending
 
  private:
+  struct Pass {  // what one pass over an update's data found, before it is added
+    bool bad = false;
+    float lo = 0.0f, hi = 0.0f;
+    double lane[4] = {0.0, 0.0, 0.0, 0.0};  // sums of d^2 over the positions j = l (mod 4)
+    std::uint64_t nonzero = 0, positive = 0;
+    std::vector<float> top, bottom;  // candidates for the kept extremes
+  };
+  // One pass over x into batch_ and *pass; false when x holds an inf/NaN or reaches past the grid.
+  bool fill(const float* x, std::size_t n, Pass* pass);
   void cover(double lo, double hi);
   void shift(std::int64_t base);
   void merge();
