@@ -247,8 +247,7 @@ class IfmrStreamObserver:
 
     def reset(self) -> None:
         """Forget all data."""
-        kernel = resolve(self.backend) == "kernel" and hasattr(_kernels_module, "IfmrHistogram")
-        self._hist = _kernels_module.IfmrHistogram(self.bins, TOP_K) if kernel else IfmrHistogram(self.bins)
+        self._hist = None  # made by the first update: a finished layer holds no histogram
         self._kept: list[np.ndarray] | None = []  # the nonzero values while there are few of them
         self._zeros = 0
         self._shapes: tuple | None = None
@@ -267,6 +266,9 @@ class IfmrStreamObserver:
         shapes = tuple(a.shape[1:] for a in arrays)
         if self._shapes is not None and shapes != self._shapes:
             raise ValueError(f"IfmrStreamObserver: sample shapes changed from {self._shapes} to {shapes}")
+        if self._hist is None:
+            kernel = resolve(self.backend) == "kernel" and hasattr(_kernels_module, "IfmrHistogram")
+            self._hist = _kernels_module.IfmrHistogram(self.bins, TOP_K) if kernel else IfmrHistogram(self.bins)
         for a in arrays:
             f = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
             before = self._hist.nonzero

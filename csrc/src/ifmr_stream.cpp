@@ -231,7 +231,7 @@ void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_
 }  // namespace
 
 IfmrHistogram::IfmrHistogram(std::size_t bins, std::size_t top_k)
-    : top_k_(top_k), count_(bins, 0.0), dev_(bins, 0.0), batch_(2 * (bins + 8), 0.0) {
+    : top_k_(top_k), count_(bins, 0.0), dev_(bins, 0.0) {
   if (bins < 4 || (bins & (bins - 1)) != 0) {
     fail("IfmrHistogram: bins must be a power of two >= 4, got " + std::to_string(bins));
   }
@@ -259,11 +259,11 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
     cover(pass.lo, pass.hi);
   }
   if (!pass.nonzero) return;
+  const std::vector<double>& batch = *pass.batch;
   for (std::size_t i = 0; i < count_.size(); ++i) {
-    count_[i] += batch_[2 * i];
-    dev_[i] += batch_[2 * i + 1];
+    count_[i] += batch[2 * i];
+    dev_[i] += batch[2 * i + 1];
   }
-  std::fill(batch_.begin(), batch_.end(), 0.0);
   m2_ += (pass.lane[0] + pass.lane[1]) + (pass.lane[2] + pass.lane[3]);
   nonzero_ += pass.nonzero;
   positive_ += pass.positive;
@@ -271,9 +271,18 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
   keep_best(&bottom_, &pass.bottom, top_k_, std::less<float>());
 }
 
+// This update's (count, dev) per bin, interleaved (one cache line per value), and 8 slots for zeros:
+// scratch of the calling thread, shared by every histogram it fills (one at a time), so that the
+// many layers of a calibration model do not each hold one.
+std::vector<double>& IfmrHistogram::scratch() const {
+  thread_local std::vector<double> batch;
+  batch.assign(2 * (count_.size() + 8), 0.0);
+  return batch;
+}
+
 bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
   *pass = Pass();
-  std::fill(batch_.begin(), batch_.end(), 0.0);
+  std::vector<double>& batch = scratch();
   const double w = std::ldexp(1.0, exp_), inv_w = std::ldexp(1.0, -exp_);
   const std::size_t k = top_k_;
   // Candidates are values that may enter the kept extremes; when they pile up, only the k best of
@@ -311,8 +320,8 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
     pass->positive += st.positive;
     for (std::size_t j = 0; j < m; ++j) {
       const auto idx = static_cast<std::size_t>(bin[j]);
-      batch_[2 * idx] += kp[j];
-      batch_[2 * idx + 1] += dv[j];
+      batch[2 * idx] += kp[j];
+      batch[2 * idx + 1] += dv[j];
     }
     if (st.max > top_floor) {  // candidates for the kept extremes (a stale threshold only adds some)
 #ifdef AMCT_STREAM_AVX2
@@ -349,6 +358,7 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
       }
     }
   }
+  pass->batch = &batch;
   pass->bad = bad != 0;
   pass->lo = lo;
   pass->hi = hi;

@@ -45,7 +45,9 @@ class IfmrHistogram {
     double lane[4] = {0.0, 0.0, 0.0, 0.0};  // sums of d^2 over the positions j = l (mod 4)
     std::uint64_t nonzero = 0, positive = 0;
     std::vector<float> top, bottom;  // candidates for the kept extremes
+    const std::vector<double>* batch = nullptr;  // the (count, dev) pairs it filled (scratch())
   };
+  std::vector<double>& scratch() const;
   // One pass over x into batch_ and *pass; false when x holds an inf/NaN or reaches past the grid.
   bool fill(const float* x, std::size_t n, Pass* pass);
   void cover(double lo, double hi);
@@ -57,7 +59,6 @@ class IfmrHistogram {
   int exp_ = 0;
   std::int64_t base_ = 0;
   std::vector<double> count_, dev_;
-  std::vector<double> batch_;  // this update's (count, dev) per bin, interleaved, + 8 slots for zeros
   double m2_ = 0.0;
   std::uint64_t nonzero_ = 0, positive_ = 0;
   std::vector<float> top_, bottom_;
