@@ -215,6 +215,29 @@ __attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t
 }
 #endif
 
+// The vector path where the CPU has it (and set_ifmr_simd_limit allows it), else the portable one.
+bool scan_any(const float* x, std::size_t n, float* lo, float* hi) {
+#ifdef AMCT_STREAM_AVX2
+  if (use_avx2()) return scan_avx2(x, n, lo, hi);
+#endif
+  return scan(x, n, lo, hi);
+}
+
+void fill_any(const float* x, std::size_t m, double inv_w, double base_d, double w, double last_d,
+              std::int32_t* bin, double* kp, double* dv, double* lane, BlockStats* st) {
+#ifdef AMCT_STREAM_AVX2
+  if (use_avx2()) return fill_block_avx2(x, m, inv_w, base_d, w, last_d, bin, kp, dv, lane, st);
+#endif
+  fill_block(x, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, lane, st);
+}
+
+void collect_any(const float* x, std::size_t m, float bound, bool above, std::vector<float>* out) {
+#ifdef AMCT_STREAM_AVX2
+  if (use_avx2()) return collect_avx2(x, m, bound, above, out);
+#endif
+  collect(x, m, bound, above, out);
+}
+
 // Keeps the k best of `kept` + `pending` (best first) in `kept`; `better` orders best first.
 template <class Better>
 void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_t k, Better better) {
@@ -242,12 +265,7 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
   const std::string illegal = std::string(what) + " scale is illegal: input data contains inf or NaN";
   if (!has_grid_) {  // the first data: its range sets the grid
     float lo, hi;
-#ifdef AMCT_STREAM_AVX2
-    const bool bad = use_avx2() ? scan_avx2(x, n, &lo, &hi) : scan(x, n, &lo, &hi);
-#else
-    const bool bad = scan(x, n, &lo, &hi);
-#endif
-    if (bad) fail(illegal);
+    if (scan_any(x, n, &lo, &hi)) fail(illegal);
     if (!(lo <= hi)) return;  // all zeros
     cover(lo, hi);
   }
@@ -304,15 +322,7 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
     const std::size_t m = std::min(kFill, n - start);
     const float* xb = x + start;
     BlockStats st;
-#ifdef AMCT_STREAM_AVX2
-    if (use_avx2()) {
-      fill_block_avx2(xb, m, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
-    } else {
-      fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
-    }
-#else
-    fill_block(xb, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
-#endif
+    fill_any(xb, m, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
     bad |= st.bad;
     lo = std::min(lo, st.min);
     hi = std::max(hi, st.max);
@@ -324,15 +334,7 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
       batch[2 * idx + 1] += dv[j];
     }
     if (st.max > top_floor) {  // candidates for the kept extremes (a stale threshold only adds some)
-#ifdef AMCT_STREAM_AVX2
-      if (use_avx2()) {
-        collect_avx2(xb, m, top_floor, true, &pass->top);
-      } else {
-        collect(xb, m, top_floor, true, &pass->top);
-      }
-#else
-      collect(xb, m, top_floor, true, &pass->top);
-#endif
+      collect_any(xb, m, top_floor, true, &pass->top);
       if (pass->top.size() >= 4 * k) {
         scratch.clear();
         keep_best(&scratch, &pass->top, k, std::greater<float>());
@@ -341,15 +343,7 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
       }
     }
     if (st.min < bottom_ceil) {
-#ifdef AMCT_STREAM_AVX2
-      if (use_avx2()) {
-        collect_avx2(xb, m, bottom_ceil, false, &pass->bottom);
-      } else {
-        collect(xb, m, bottom_ceil, false, &pass->bottom);
-      }
-#else
-      collect(xb, m, bottom_ceil, false, &pass->bottom);
-#endif
+      collect_any(xb, m, bottom_ceil, false, &pass->bottom);
       if (pass->bottom.size() >= 4 * k) {
         scratch.clear();
         keep_best(&scratch, &pass->bottom, k, std::less<float>());
