@@ -243,6 +243,7 @@ class IfmrStreamObserver:
         self.params = params or IfmrParams()
         self.bins, self.exact_limit = bins, exact_limit
         self.backend = backend
+        self.last_search: str | None = None  # "exact" or "histogram": what the last compute_qparams ran
         self.reset()
 
     def reset(self) -> None:
@@ -288,6 +289,7 @@ class IfmrStreamObserver:
         p = self.params
         if not self.batches:
             raise QuantizationError(f"{p.error_name}: compute_qparams() before any update()")
+        self.last_search = "exact" if self._kept is not None else "histogram"
         if self._kept is not None:
             return ifmr_search(self._kept or [np.empty(0, np.float32)], p, zeros=self._zeros, threads=threads,
                                backend=self.backend)

@@ -166,6 +166,7 @@ def test_observer_picks_the_exact_searchs_candidate(backend, with_offset, kind):
         exact.update(b)
     assert not stream.exact  # the histogram path
     a, b = stream.compute_qparams(), exact.compute_qparams()
+    assert stream.last_search == "histogram"
     assert (a.best_index, a.scale, a.offset, a.clip_max, a.clip_min) == (b.best_index, b.scale, b.offset,
                                                                          b.clip_max, b.clip_min)
     np.testing.assert_allclose(a.losses, b.losses, rtol=2e-3)
@@ -181,6 +182,7 @@ def test_small_layers_get_the_exact_search(backend):
     assert obs.exact
     got, want = obs.compute_qparams(), ifmr_search(batches, params, backend="reference")
     assert (got.best_index, got.scale, got.offset) == (want.best_index, want.scale, want.offset)
+    assert obs.last_search == "exact"
     obs.update(batches[0])  # now past the limit: the kept values are dropped
     assert not obs.exact and obs._kept is None
 
