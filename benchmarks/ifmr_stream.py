@@ -16,11 +16,11 @@ Inputs: standard-normal images of fixed seeds (open_nsfw 8 x 3 x 224 x 224, Ultr
 
 Figures (2-core machine shared with other jobs; load average in brackets):
 
-* 4 batches [load 4.7-5.0]: open_nsfw 71 of its 73 IFMR layers on the histogram, UltraFace
-  slim-320 44 of 59, LeNet 5 of 5; on all three every scale_d and offset_d equals the exact
+* 4 batches [load 3.9-5.0]: open_nsfw 71 of its 73 IFMR layers on the histogram, UltraFace
+  slim-320 44 of 60, LeNet 5 of 7; on all three every scale_d and offset_d equals the exact
   search's (max relative difference 0), and so the fake-quant outputs' cosine to FP32 (open_nsfw
   0.998946, UltraFace 0.999295, LeNet 0.999846); open_nsfw's calibration forwards 6.4 -> 4.1 s.
-* 2 batches [load 4.7-5.1]: UltraFace and LeNet equal again; open_nsfw 1 of 69 histogram layers
+* 2 batches [load 4.0-5.1]: UltraFace and LeNet equal again; open_nsfw 1 of 69 histogram layers
   takes the next candidate (scale_d 0.68% apart, offset_d -9 / -10): the exact losses of the two
   are 1.4e-4 relative apart, inside the histogram's modelling error there (1.8e-4); the cosine to
   FP32 is 0.999069 exact, 0.999155 stream.
@@ -80,7 +80,7 @@ def _flow(proto: str, weights: str, blob: str, xs, mode: str, work: Path):
     del net
     amct.save_model(graph, "Fakequant", str(work / "out/model"))
     return (read_record(work / "record.txt"), work / "out/model_fake_quant_model.prototxt",
-            work / "out/model_fake_quant_weights.caffemodel", seconds, on_histogram)
+            work / "out/model_fake_quant_weights.caffemodel", seconds, (on_histogram, len(ifmr)))
 
 
 def _cosine(a: dict, b: dict) -> float:
@@ -102,9 +102,10 @@ def compare(model: str, batches: int) -> dict:
         for mode in ("exact", "stream"):
             work = Path(tmp) / mode
             work.mkdir()
-            record, fq_proto, fq_weights, seconds, on_histogram = _flow(proto, weights, blob, xs, mode, work)
+            record, fq_proto, fq_weights, seconds, (on_histogram, layers) = _flow(proto, weights, blob, xs, mode, work)
             out = Net(str(fq_proto), str(fq_weights), TEST).forward(**{blob: held_out})
-            runs[mode] = dict(record=record, seconds=seconds, on_histogram=on_histogram, cosine=_cosine(fp32, out))
+            runs[mode] = dict(record=record, seconds=seconds, on_histogram=on_histogram, layers=layers,
+                              cosine=_cosine(fp32, out))
     exact, stream = runs["exact"]["record"], runs["stream"]["record"]
     worst, offsets, entries = 0.0, 0, 0
     for name, entry in exact.layers.items():
@@ -114,7 +115,7 @@ def compare(model: str, batches: int) -> dict:
             worst = max(worst, abs(float(b.scale_d) - float(a.scale_d)) / float(a.scale_d))
             offsets += int(b.offset_d != a.offset_d)
     return dict(runs=runs, worst=worst, offsets=offsets, entries=entries,
-                ifmr=len(runs["stream"]["on_histogram"]))
+                ifmr=len(runs["stream"]["on_histogram"]), layers=runs["stream"]["layers"])
 
 
 def main(argv=None) -> int:
@@ -128,8 +129,8 @@ def main(argv=None) -> int:
         r = compare(model, args.batches)
         e, s = r["runs"]["exact"], r["runs"]["stream"]
         print(f"{model} [load {load:.1f} -> {os.getloadavg()[0]:.1f}]: {r['entries']} record_d entries, "  # noqa: T201
-              f"{r['ifmr']} IFMR layer(s) on the histogram; scale_d max relative difference {r['worst']:.3g}, "
-              f"{r['offsets']} offset_d differ")
+              f"{r['ifmr']} of {r['layers']} IFMR layer(s) on the histogram; scale_d max relative difference "
+              f"{r['worst']:.3g}, {r['offsets']} offset_d differ")
         print(f"  calibration forwards: exact {e['seconds']:.2f} s, stream {s['seconds']:.2f} s; "  # noqa: T201
               f"fake-quant output cosine to FP32: exact {e['cosine']:.6f}, stream {s['cosine']:.6f}")
     return 0
