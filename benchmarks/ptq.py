@@ -22,14 +22,15 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
 * now (streaming IFMR: a 2^14-bin histogram per layer filled by a vectorized kernel, the exact
   search only for layers of <= 65536 values; the calibration model written with its in-place
   layers, so it holds the float model's blobs and its chains fold; caffemodel blobs written from
-  their bytes; the record's weight lines printed once), three rounds interleaved with main
-  [load 5.0-5.9]: main 12.3 / 14.5 / 13.5 s end to end = 5.5x / 5.8x / 6.8x its FP32 forwards,
-  peak 1298 MiB; this branch 4.0 / 7.9 / 7.6 s = 3.0x / 2.6x / 2.7x (FP32 forwards 1.4 / 3.0 /
-  2.8 s), peak 584-588 MiB = 2.0x the weights (23 MiB) plus the FP32 blobs of one batch (269 MiB).
-  In the quickest round: create_quant_config 0.12 s, init 0.08, weights_quantize_model 0.20,
-  activation_quantize_model 0.08, calibration Net 0.10, calibration forwards 3.03, save_model
-  0.43. What is left above the FP32 forwards is mostly the histogram fill (about 4 ns per
-  observed value on this machine, 70 M values per batch) and the writing of the files.
+  their bytes; the record's weight lines printed once; save_model's weight codes by the ARQ
+  kernel), three rounds interleaved with main [load 4.2-4.9]: main 10.6 / 16.6 / 17.3 s end to
+  end = 5.1x / 6.0x / 5.7x its FP32 forwards (calibration forwards 8.7 s in the first round),
+  peak 1298 MiB; this branch 5.0 / 7.1 / 7.6 s = 2.6x / 2.3x / 2.5x (FP32 forwards 1.9 / 3.1 /
+  3.1 s), peak 566-568 MiB = 1.95x the weights (23 MiB) plus the FP32 blobs of one batch
+  (269 MiB). First round's steps: create_quant_config 0.16 s, init 0.11, weights_quantize_model
+  0.29, activation_quantize_model 0.14, calibration Net 0.16, calibration forwards 3.72,
+  save_model 0.44. What is left above the FP32 forwards is mostly the histogram fill (about 4 ns
+  per observed value on this machine, 70 M values per batch) and the other steps' 1.3 s.
 """
 
 from __future__ import annotations
