@@ -24,6 +24,26 @@ def ifmr_search(
 ) -> tuple[int, float, int, float, float, F64]:
     """-> (best_index, scale, offset, clip_max, clip_min, mean squared error per candidate)."""
 
+class IfmrHistogram:
+    """The streaming IFMR state of amct_caffe.quant.ifmr_stream (same fields as its IfmrHistogram)."""
+
+    def __init__(self, bins: int, top_k: int) -> None: ...
+    def update(self, x: F32, what: str = "IfmrQuantWithOffset") -> None: ...
+    def kth(self, k: int, largest: bool) -> float: ...
+    def losses(self, clip: F32, lo: F32, scale: F32, threads: int = 1) -> F64: ...
+    bins: int
+    top_k: int
+    exp: int | None
+    base: int
+    count: F64
+    dev: F64
+    m2: float
+    nonzero: int
+    positive: int
+    negative: int
+    top: F32
+    bottom: F32
+
 def ifmr_ratios(start: float, end: float, step: float) -> F64: ...
 def ifmr_simd_level() -> int:
     """0 portable, 1 AVX2, 2 AVX-512."""

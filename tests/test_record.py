@@ -95,3 +95,21 @@ def test_builder_rejects_out_of_range_bits_naming_the_layer():
         activation_factors(rec, target)
     with pytest.raises(record.RecordError, match="'conv1': num_bits_w 4 is not supported"):
         weight_factors(rec, target, 1)
+
+
+def test_record_text_is_text_formats():
+    """message_text prints per entry, weights from a cache: the characters of MessageToString."""
+    from google.protobuf import text_format
+    rec = record.new_record()
+    conv = record.layer_entry(rec, 'a "quoted"\\name', create=True)
+    conv.scale_w.extend([0.1, 1e-30, 3.0e38, 1.0])
+    conv.offset_w.extend([0, 0, 0, 0])
+    conv.shift_bit.extend([3, 4, 5, 6])
+    record.activation_entry(conv, 1, create=True).scale_d = 0.5
+    lstm = record.layer_entry(rec, "lstm", create=True)
+    lstm.scale_h, lstm.offset_h = 0.25, -3
+    record.layer_entry(rec, "empty", create=True)
+    msg = record.to_message(rec)
+    msg.record.add().key = "no value"
+    for _ in range(2):  # printed, then from the cache
+        assert record.message_text(msg) == text_format.MessageToString(msg)

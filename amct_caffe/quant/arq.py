@@ -114,13 +114,15 @@ def arq_quantize_weight(weight: np.ndarray, layer_type: str = "Convolution", cha
 
 
 def quantize_with_scales(weight: np.ndarray, scale: np.ndarray, layer_type: str = "Convolution",
-                         num_bits: int = 8, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                         num_bits: int = 8, group: int = 1, *,
+                         backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a weight blob with given scales, exactly as ARQ does with its own.
 
     ``scale`` has one value per output channel (layout of the module doc) or a single value.
     Returns ``(q, fake)``: int8 codes ``clamp(round(w / s_c))`` and float32 ``q * s_c``, both of
-    the weight's shape. convert_model uses this with a user's scale_w; with ARQ's scales it
-    reproduces :func:`arq_quantize_weight`'s outputs bit for bit.
+    the weight's shape. convert_model and save_model use this with the record's scale_w; with
+    ARQ's scales it reproduces :func:`arq_quantize_weight`'s outputs bit for bit. The kernel is
+    ARQ's own quantization step (``arq_quantize`` with zero offsets).
     """
     num_bits = check_num_bits(num_bits, 2, 8, "weight num_bits")
     w = np.ascontiguousarray(weight, dtype=np.float32)
@@ -132,6 +134,9 @@ def quantize_with_scales(weight: np.ndarray, scale: np.ndarray, layer_type: str 
         raise QuantizationError(f"{scale.size} weight scales given for a weight with {g * c} output channels")
     if not (np.isfinite(scale).all() and (scale > 0).all()):
         raise QuantizationError("weight scales must be finite and > 0")
+    if resolve(backend) == "kernel":
+        return call_kernel("arq_quantize", w, [g, a, c, b], channel_wise, num_bits, np.ascontiguousarray(scale),
+                           np.zeros(scale.size, np.int32))
     rows = w.reshape(g, a, c, b).transpose(0, 2, 1, 3).reshape(g * c, a * b)
     if not channel_wise:
         rows = rows.reshape(1, -1)

@@ -12,6 +12,11 @@ backward pass reproduces them where they matter, in the diffs (:mod:`.backward`)
 Where Caffe makes a top the very memory of its bottom (ShareData: Flatten, Reshape, Split, a
 one-bottom Concat, a one-top Slice, an identity Permute), an in-place layer on one of those
 blobs changes all of them; the Net rebinds every blob of such a group to the in-place result.
+
+``ifmr`` chooses the observer of the IFMR calibration layers: ``"stream"`` (the default) keeps a
+fine histogram per layer and the exact search's values for small layers
+(:mod:`amct_caffe.quant.ifmr_stream`), ``"exact"`` keeps every value and runs the exact search,
+as the vendor's Caffe layer and caffe_patch's do (the parity tests against patched Caffe use it).
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
+IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
 
 
 class Net:
     """A network ready to run forward on numpy float32 data."""
 
-    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None, fold: str = "auto"):
+    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None, fold: str = "auto",
+                 ifmr: str = "stream"):
         weights_arg, phase_arg = None, None
         for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
             if isinstance(a, int):
@@ -67,10 +74,13 @@ class Net:
         self._record_sinks: dict[str, RecordSink] = {}
         self._input_aliases: dict[str, str] = {}
         self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
+        if ifmr not in IFMR_MODES:
+            raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
+        self.ifmr = ifmr  # the calibration layers' IFMR observer (runtime/layers/calibration.py)
         self._build(net_param, loaded, weights is not None)
 
     @classmethod
-    def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0) -> "Net":
+    def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0, ifmr: str = "stream") -> "Net":
         """A Net running an IR graph in memory (its nodes' params are the weights).
 
         ``records``: {record_file_path: Record} the calibration layers fill instead of the file.
@@ -78,7 +88,7 @@ class Net:
         """
         net_param, weights = graph_to_net(graph)
         # a graph without any weights is filled by its fillers, as Net(prototxt) would be
-        net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records)
+        net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr)
         net._source = f"graph '{graph.name}'"
         # An input that a later in-place layer overwrites has an SSA name of its own in the graph;
         # forward(data=...) still means the model's input blob.

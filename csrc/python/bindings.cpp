@@ -15,6 +15,7 @@
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
+#include "amct/ifmr_stream.h"
 #include "amct/search_n.h"
 #include "amct/snq.h"
 #include "amct/ulq.h"
@@ -116,6 +117,34 @@ py::tuple ifmr_search(const py::list& chunk_objs, int num_bits, bool with_offset
   py::array_t<double> losses(static_cast<py::ssize_t>(r.losses.size()));
   std::copy(r.losses.begin(), r.losses.end(), losses.mutable_data());
   return py::make_tuple(r.best_index, r.scale, r.offset, r.clip_max, r.clip_min, losses);
+}
+
+template <class T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
+void histogram_update(amct::IfmrHistogram& h, const py::handle& x_obj, const std::string& what) {
+  auto x = checked<float>(x_obj, "x");
+  py::gil_scoped_release release;
+  h.update(x.data(), size_of(x), what.c_str());
+}
+
+py::array histogram_losses(const amct::IfmrHistogram& h, const py::handle& clip_obj, const py::handle& lo_obj,
+                           const py::handle& scale_obj, int threads) {
+  auto clip = checked<float>(clip_obj, "clip", 1), lo = checked<float>(lo_obj, "lo", 1);
+  auto scale = checked<float>(scale_obj, "scale", 1);
+  if (lo.size() != clip.size() || scale.size() != clip.size()) {
+    throw py::value_error("clip, lo and scale must have the same size");
+  }
+  std::vector<double> sums;
+  {
+    py::gil_scoped_release release;
+    sums = h.losses(clip.data(), lo.data(), scale.data(), size_of(clip), threads);
+  }
+  return to_array(sums);
 }
 
 amct::ArqLayout layout_of(const py::handle& w, const std::vector<std::size_t>& dims) {
@@ -281,6 +310,25 @@ PYBIND11_MODULE(_kernels, m) {
     std::copy(r.begin(), r.end(), out.mutable_data());
     return out;
   }, py::arg("start"), py::arg("end"), py::arg("step"));
+  py::class_<amct::IfmrHistogram>(m, "IfmrHistogram")
+      .def(py::init<std::size_t, std::size_t>(), py::arg("bins"), py::arg("top_k"))
+      .def("update", &histogram_update, py::arg("x"), py::arg("what") = "IfmrQuantWithOffset")
+      .def("kth", &amct::IfmrHistogram::kth, py::arg("k"), py::arg("largest"))
+      .def("losses", &histogram_losses, py::arg("clip"), py::arg("lo"), py::arg("scale"), py::arg("threads") = 1)
+      .def_property_readonly("bins", &amct::IfmrHistogram::bins)
+      .def_property_readonly("top_k", &amct::IfmrHistogram::top_k)
+      .def_property_readonly("exp", [](const amct::IfmrHistogram& h) -> py::object {
+        return h.has_grid() ? py::object(py::int_(h.exp())) : py::object(py::none());
+      })
+      .def_property_readonly("base", &amct::IfmrHistogram::base)
+      .def_property_readonly("count", [](const amct::IfmrHistogram& h) { return to_array(h.count()); })
+      .def_property_readonly("dev", [](const amct::IfmrHistogram& h) { return to_array(h.dev()); })
+      .def_property_readonly("m2", &amct::IfmrHistogram::m2)
+      .def_property_readonly("nonzero", &amct::IfmrHistogram::nonzero)
+      .def_property_readonly("positive", &amct::IfmrHistogram::positive)
+      .def_property_readonly("negative", [](const amct::IfmrHistogram& h) { return h.nonzero() - h.positive(); })
+      .def_property_readonly("top", [](const amct::IfmrHistogram& h) { return to_array(h.top()); })
+      .def_property_readonly("bottom", [](const amct::IfmrHistogram& h) { return to_array(h.bottom()); });
   m.def("ifmr_simd_level", &amct::ifmr_simd_level);
   m.def("set_ifmr_simd_limit", &amct::set_ifmr_simd_limit, py::arg("level"));
   m.def("arq_scales", &arq_scales, py::arg("weight"), py::arg("layout"), py::arg("channel_wise"),

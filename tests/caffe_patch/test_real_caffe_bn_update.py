@@ -293,7 +293,7 @@ def calibrate(tmp: Path, case: dict, pycaffe_path: Path | None) -> dict:
     assert amct.api.calibration.calibration_forwards(graph) == iterations
     log = ""
     if pycaffe_path is None:
-        net = Net(str(mm), str(mw), TEST)
+        net = Net(str(mm), str(mw), TEST, ifmr="exact")
         for x in case["batches"]:
             net.forward(data=x)
     else:

@@ -104,7 +104,7 @@ def nsfw_fake_quant(tmp_path_factory):
     proto, weights = MODELS / "open_nsfw/deploy.prototxt", MODELS / "open_nsfw/resnet_50_1by2_nsfw.caffemodel"
     batches, held_out = _nsfw_batches()
     graph, cal_proto, cal_weights = calibration_model(tmp, proto, weights, len(batches), name="calibration")
-    net = Net(cal_proto, cal_weights, TEST)
+    net = Net(cal_proto, cal_weights, TEST, ifmr="exact")
     for x in batches:
         net.forward(data=x)
     amct.save_model(graph, "Fakequant", str(tmp / "out/open_nsfw"))

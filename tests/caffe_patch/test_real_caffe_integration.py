@@ -147,7 +147,7 @@ def calibrated(request, pycaffe, tmp_path_factory):
         np.save(paths[-1], x)
     log = run_caffe(pycaffe, CAFFE_CALIBRATE, caffe_proto, cal_weights, *paths, verbose=True).stderr
     # The embedded executor.
-    net = Net(str(cal_proto), str(cal_weights), TEST)
+    net = Net(str(cal_proto), str(cal_weights), TEST, ifmr="exact")
     for x in batches:
         net.forward(**{net.inputs[0]: x})
     fake = amct.save_model(graph, "Both", str(tmp / f"out/{name}"))
@@ -362,7 +362,7 @@ def test_search_n_and_shift_dequant_equal_the_executors(pycaffe, tmp_path):
     cal_proto, cal_weights = tmp_path / "cal.prototxt", tmp_path / "cal.caffemodel"
     amct.weights_quantize_model(graph, str(cal_proto), str(cal_weights))
     amct.activation_quantize_model(graph, str(cal_proto), str(cal_weights))
-    net = Net(str(cal_proto), str(cal_weights), TEST)
+    net = Net(str(cal_proto), str(cal_weights), TEST, ifmr="exact")
     for x in batches:
         net.forward(data=x)
     layers = {"conv1": "Convolution", "conv2": "Convolution", "ip1": "InnerProduct"}
@@ -378,7 +378,7 @@ def test_search_n_and_shift_dequant_equal_the_executors(pycaffe, tmp_path):
         if who == "caffe":
             run_caffe(pycaffe, CAFFE_CALIBRATE, search, cal_weights, *paths)
         else:
-            n = Net(str(search), str(cal_weights), TEST)
+            n = Net(str(search), str(cal_weights), TEST, ifmr="exact")
             for x in batches:
                 n.forward(data=x)
         records[who] = _records(rec)

@@ -159,7 +159,7 @@ def test_lenet_calibration_and_fake_quant_in_the_makefile_pycaffe_equal_the_exec
     for p, x in zip(paths, batches, strict=True):
         np.save(p, x)
     run_py(tree, CAFFE_CALIBRATE, caffe_proto, cal_weights, *paths)
-    net = Net(str(cal_proto), str(cal_weights), TEST)
+    net = Net(str(cal_proto), str(cal_weights), TEST, ifmr="exact")
     for x in batches:
         net.forward(data=x)
     ours, caffe = _records(record), _records(caffe_record)

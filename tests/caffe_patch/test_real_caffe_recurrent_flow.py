@@ -126,7 +126,7 @@ def flow(tmp_path_factory):
                           str(work / "cal_batches.npz"), str(work / "cal_caffe.npz")],
                          env=env, capture_output=True, text=True, timeout=900, check=False)
     assert res.returncode == 0, res.stderr[-4000:]
-    net = Net(cal_proto, cal_weights, TEST)
+    net = Net(cal_proto, cal_weights, TEST, ifmr="exact")
     for b in range(2):
         net.forward(x=batches[f"x{b}"], cont=batches[f"cont{b}"])
     amct.save_model(graph, "Both", str(work / "out/seq"))

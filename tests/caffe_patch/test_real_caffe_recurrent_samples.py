@@ -158,7 +158,7 @@ def quantized(request, tmp_path_factory):
     cal_batches, _ = _batches(ms, model, np.random.default_rng(7).permutation(calibration)[:2 * per_batch],
                               images, labels)
     caffe_record = _calibrate_in_caffe(pycaffe, work, cal_batches)
-    net = Net(cal_proto, cal_weights, TEST)
+    net = Net(cal_proto, cal_weights, TEST, ifmr="exact")
     for i in range(2):
         net.forward(**{name: cal_batches[f"{name}/{i}"] for name in {k.split("/")[0] for k in cal_batches}})
     amct.save_model(graph, "Both", str(work / f"out/{model}"))

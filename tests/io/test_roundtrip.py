@@ -62,6 +62,18 @@ def test_integer_and_double_blobs_round_trip():
         assert back.dtype == expect.dtype and np.array_equal(back, expect)
 
 
+@pytest.mark.parametrize("arr", [np.zeros(0, np.float32), np.float32([np.nan, -0.0, 1e-45, 3.4e38]),
+                                 np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32),
+                                 np.linspace(-1, 1, 200), np.arange(40000, dtype=np.float32)])
+def test_float_blobs_are_written_as_field_by_field_extends_would(arr):
+    """array_to_blob parses the packed bytes; the message equals (and serializes as) extend()'s."""
+    fast, slow = caffe_pb().BlobProto(), caffe_pb().BlobProto()
+    io.array_to_blob(arr, fast)
+    slow.shape.dim.extend(arr.shape)
+    (slow.double_data if arr.dtype == np.float64 else slow.data).extend(arr.ravel().tolist())
+    assert fast.SerializeToString() == slow.SerializeToString()
+
+
 @needs_shared
 def test_v1_model_upgrades_to_the_same_network(tmp_path):
     current = io.read_prototxt(LENET)

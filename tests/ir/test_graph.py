@@ -53,6 +53,37 @@ def test_graph_round_trip_keeps_layers_and_weights():
     assert graph.outputs == ["prob"] and graph.inputs == ["data"]
 
 
+def _net(text):
+    from google.protobuf import text_format
+
+    from amct_caffe.io.schema import caffe_pb
+    return text_format.Parse(text, caffe_pb().NetParameter())
+
+
+def test_in_place_layers_are_written_in_place_again_only_where_caffe_allows():
+    """conv -> bn -> relu in place is restored; a value another layer reads too keeps its SSA name."""
+    net = _net("""
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
+        layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" }
+        layer { name: "bn" type: "BatchNorm" bottom: "ip" top: "ip" }
+        layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }
+        layer { name: "ip2" type: "InnerProduct" bottom: "ip" top: "ip2" }
+        layer { name: "relu2" type: "ReLU" bottom: "ip2" top: "ip2" }""")
+    src = graph_from_net(net)
+    pre_relu2 = src.nodes[5].bottoms[0]
+    spy = Node("spy", "IFMR", [pre_relu2], [], [], None)  # an observer of the value before relu2
+    graph = Graph(src.name, src.nodes[:5] + [spy] + src.nodes[5:])
+    ssa, _ = graph_to_net(graph)
+    again, _ = graph_to_net(graph, in_place=True)
+    assert [(list(lp.bottom), list(lp.top)) for lp in ssa.layer][1:4] == [
+        (["data"], ["ip_ip"]), (["ip_ip"], ["bn"]), (["bn"], ["ip"])]
+    assert [(list(lp.bottom), list(lp.top)) for lp in again.layer] == [
+        ([], ["data"]), (["data"], ["ip"]), (["ip"], ["ip"]), (["ip"], ["ip"]), (["ip"], [pre_relu2]),
+        ([pre_relu2], []), ([pre_relu2], ["ip2"])]
+    # read back, the in-place model is the same SSA graph
+    assert [(n.bottoms, n.tops) for n in graph_from_net(again).nodes] == [(n.bottoms, n.tops) for n in graph.nodes]
+
+
 @needs_shared
 def test_uninplace_model_removes_in_place_layers_and_keeps_test_layers(tmp_path):
     out = tmp_path / "nsfw_uninplaced.prototxt"

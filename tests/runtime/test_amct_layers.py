@@ -263,6 +263,31 @@ layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
 '''
 
 
+
+@pytest.mark.parametrize("mode", ["stream", "exact"])
+def test_ifmr_layer_observer_follows_the_nets_setting(tmp_path, mode):
+    """Net(ifmr=) picks the observer; with more values than the streaming observer's exact limit the
+    two searches still agree here (a smooth distribution), and a bad name is refused."""
+    from amct_caffe.quant import IfmrStreamObserver
+    from amct_caffe.runtime.layers.calibration import IfmrLayer
+    rec = tmp_path / "record.txt"
+    proto = tmp_path / "calib.prototxt"
+    proto.write_text(IFMR_NET.format(path=rec).replace("dim: 2 dim: 3 dim: 4 dim: 5", "dim: 2 dim: 3 dim: 80 dim: 250"))
+    net = Net(str(proto), TEST, ifmr=mode)
+    layer = next(layer for layer in net.layers if isinstance(layer, IfmrLayer))
+    assert type(layer._observer) is (IfmrObserver if mode == "exact" else IfmrStreamObserver)
+    xs = [(RNG.standard_normal((2, 3, 80, 250)) * 2 + 0.5).astype(np.float32) for _ in range(2)]
+    for x in xs:
+        net.forward(data=x)
+    obs = IfmrObserver(IfmrParams(8, True, 0.999999, 0.999999, 0.7, 1.3, 0.01))
+    for x in xs:
+        obs.update(x)
+    want = obs.compute_qparams()
+    act = activation_entry(layer_entry(read_record(rec), "conv"), 0)
+    assert act.scale_d == np.float32(want.scale) and act.offset_d == want.offset
+    with pytest.raises(ValueError, match="ifmr must be one of"):
+        Net(str(proto), TEST, ifmr="histogram")
+
 def test_ifmr_end_to_end(tmp_path, caplog):
     rec = tmp_path / "record.txt"
     rec.write_text('record { key: "conv" value { scale_w: 0.1 scale_w: 0.2 offset_w: 0 offset_w: 0 } }\n'

@@ -7,6 +7,11 @@
 * ``BNUpdate``  refreshes a BatchNorm's statistics behind quantized weights (update_bn) and dumps
   them (:mod:`amct_caffe.io.bn_dump`).
 
+IFMR keeps the observer the Net asks for (``Net(..., ifmr=)``): a streaming histogram by default
+(:class:`~amct_caffe.quant.ifmr_stream.IfmrStreamObserver`, bounded memory, the exact search's
+result on small layers and, measured on the shared models, on the large ones too) or every value
+for the exact search (:class:`~amct_caffe.quant.IfmrObserver`, what patched Caffe computes).
+
 IFMR and SearchN write the record through the Net's record sink (:mod:`amct_caffe.runtime.record_sink`):
 the record file named by ``record_file_path``, or a record held in memory when the Net was built
 with one for that path (the embedded flows).
@@ -22,7 +27,7 @@ from amct_caffe.errors import ConfigError, GraphError
 from amct_caffe.io.bn_dump import bn_dump_path, write_bn_dump
 from amct_caffe.io.record import RecordError, f32
 from amct_caffe.ops import register
-from amct_caffe.quant import IfmrObserver, IfmrParams, QuantizationError, SearchNObserver
+from amct_caffe.quant import IfmrObserver, IfmrParams, IfmrStreamObserver, QuantizationError, SearchNObserver
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.layers.batch_norm import ChannelStatisticsLayer, moving_average_update
@@ -54,6 +59,11 @@ def ifmr_settings(layer: Layer, p) -> IfmrParams:
             search_range_end=_proto_float(p.search_range_end), search_step=_proto_float(p.search_step))
     except ConfigError as e:
         raise _named(layer, e) from e
+
+
+def ifmr_observer(params: IfmrParams, mode: str = "stream") -> IfmrObserver | IfmrStreamObserver:
+    """The IFMR observer of a calibration layer in a Net built with ``ifmr=mode``."""
+    return IfmrObserver(params) if mode == "exact" else IfmrStreamObserver(params)
 
 
 def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -133,13 +143,14 @@ class IfmrLayer(_Collector):
                              f"for {len(p.object_layer)} object_layer(s); give one per object_layer or none")
         self.targets = list(zip(p.object_layer, list(p.index) or [0] * len(p.object_layer), strict=True))
         self.params = ifmr_settings(self, p)
-        self._observer = IfmrObserver(self.params)
+        self._observer = ifmr_observer(self.params)
         self._shape: tuple[int, ...] | None = None
         self._later_peers: list[IfmrLayer] = []
 
     def on_net_built(self, net, index: int) -> None:
         # IFMR layers of this net writing the same record share its sink (see RecordSink).
         super().on_net_built(net, index)
+        self._observer = ifmr_observer(self.params, net.ifmr)
         peers = [layer for layer in net.layers if isinstance(layer, IfmrLayer)
                  and net.record_sink(layer.record_file_path) is self._sink]
         self._later_peers = [layer for layer in peers if net.layers.index(layer) > index]

@@ -31,8 +31,8 @@ import numpy as np
 from amct_caffe.errors import ConfigError, GraphError
 from amct_caffe.io.record import f32
 from amct_caffe.ops import recurrent_layout, register
-from amct_caffe.quant import IfmrObserver, QuantizationError
-from amct_caffe.runtime.layers.calibration import ifmr_settings
+from amct_caffe.quant import QuantizationError
+from amct_caffe.runtime.layers.calibration import ifmr_observer, ifmr_settings
 from amct_caffe.runtime.layers.quant_ops import Quant, _named, _quant_scale_d
 from amct_caffe.runtime.layers.gru import GRULayer
 from amct_caffe.runtime.layers.recurrent import LSTMLayer, RNNLayer
@@ -72,13 +72,14 @@ class _HiddenCalibration(_InferenceOnly):
         self.params = ifmr_settings(self, p)
         self.batch_num, self.record_file_path = int(p.batch_num), p.record_file_path
         self.object_layer = p.object_layer[0]
-        self._observer = IfmrObserver(self.params)
+        self._observer = ifmr_observer(self.params)
         self._sink = RecordSink(self.record_file_path)
         self._seen, self._done = 0, False
         self._observed: list[np.ndarray] = []
 
     def on_net_built(self, net, index: int) -> None:
         self._sink = net.record_sink(self.record_file_path)
+        self._observer = ifmr_observer(self.params, net.ifmr)
 
     def _hidden_product(self, h, w_index, b_index=None):
         if not self._done:
