@@ -62,3 +62,14 @@ def depthwise_conv2d(
     """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order."""
 
 def depthwise_has_fma() -> bool: ...
+def im2col_2d(
+    x: F32, cols: F32, kernel: list[int], stride: list[int], pad: list[int], dilation: list[int], out: list[int],
+    batch_last: bool, threads: int,
+) -> None:
+    """x (N, C, H, W) -> cols, (C*kh*kw, N, Ho*Wo) with batch_last else (N, C*kh*kw, Ho*Wo), written in place."""
+
+def col2im_2d(
+    cols: F32, x: F32, kernel: list[int], stride: list[int], pad: list[int], dilation: list[int], out: list[int],
+    batch_last: bool, threads: int,
+) -> None:
+    """The adjoint of im2col_2d: x (N, C, H, W) = the columns added back in Caffe's order (written in place)."""

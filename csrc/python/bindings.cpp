@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "amct/arq.h"
+#include "amct/conv_cols.h"
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
@@ -261,6 +262,46 @@ py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std
   return std::move(y);
 }
 
+// The window geometry over x (N, C, H, W) from (h, w) pairs; `what` names the call in errors.
+amct::Conv2dGeometry window_geometry(const py::array& x, const std::vector<int>& kernel, const std::vector<int>& stride,
+                                    const std::vector<int>& pad, const std::vector<int>& dilation,
+                                    const std::vector<int>& out, const char* what) {
+  for (const auto* v : {&kernel, &stride, &pad, &dilation, &out}) {
+    if (v->size() != 2) {
+      throw py::value_error(std::string(what) + ": kernel, stride, pad, dilation and out take 2 values");
+    }
+  }
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
+          static_cast<int>(x.shape(3)), kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1], dilation[0],
+          dilation[1], out[0], out[1]};
+}
+
+std::size_t cols_size(const amct::Conv2dGeometry& g) {
+  return static_cast<std::size_t>(g.n) * g.c * g.kh * g.kw * g.ho * g.wo;
+}
+
+void im2col_2d(const py::handle& x_obj, const py::handle& cols_obj, std::vector<int> kernel, std::vector<int> stride,
+               std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto cols = checked<float>(cols_obj, "cols");
+  const auto g = window_geometry(x, kernel, stride, pad, dilation, out, "im2col_2d");
+  if (size_of(cols) != cols_size(g)) throw py::value_error("im2col_2d: cols must hold N*C*kh*kw*Ho*Wo values");
+  auto* cp = cols.mutable_data();
+  py::gil_scoped_release release;
+  amct::im2col_2d(x.data(), cp, g, batch_last, threads);
+}
+
+void col2im_2d(const py::handle& cols_obj, const py::handle& x_obj, std::vector<int> kernel, std::vector<int> stride,
+               std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
+  auto cols = checked<float>(cols_obj, "cols");
+  auto x = checked<float>(x_obj, "x", 4);
+  const auto g = window_geometry(x, kernel, stride, pad, dilation, out, "col2im_2d");
+  if (size_of(cols) != cols_size(g)) throw py::value_error("col2im_2d: cols must hold N*C*kh*kw*Ho*Wo values");
+  auto* xp = x.mutable_data();
+  py::gil_scoped_release release;
+  amct::col2im_2d(cols.data(), xp, g, batch_last, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -268,6 +309,10 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"));
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
+  m.def("im2col_2d", &im2col_2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
+  m.def("col2im_2d", &col2im_2d, py::arg("cols"), py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));

@@ -1,0 +1,79 @@
+"""The C++ loops of the training path (forward and backward passes, solver update) against the NumPy
+references they replace. Random geometries with a fixed seed; bytes where the loops keep NumPy's
+order of operations, a tolerance where they add in Caffe's order instead."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from amct_caffe.runtime.layers import conv_grad
+from amct_caffe.runtime.layers.conv import conv_out_size
+from amct_caffe.runtime.layers.conv_cols import im2col, tap_slices
+
+try:
+    from amct_caffe import _kernels
+except ImportError:  # the extension is not built
+    _kernels = None
+
+
+def _needs(name: str):
+    return pytest.mark.skipif(not hasattr(_kernels, name), reason=f"amct_caffe._kernels.{name} not built")
+
+
+def _geometry(rng):
+    """A random 2-D window geometry whose output is not empty."""
+    while True:
+        n, c = (int(v) for v in rng.integers(1, 4, 2))
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        k, s, p, d = ([int(v) for v in rng.integers(lo, hi, 2)] for lo, hi in ((1, 5), (1, 4), (0, 3), (1, 3)))
+        out = [conv_out_size(h, k[0], s[0], p[0], d[0]), conv_out_size(w, k[1], s[1], p[1], d[1])]
+        if min(out) > 0:
+            return (n, c, h, w), k, s, p, d, out
+
+
+@_needs("im2col_2d")
+@pytest.mark.parametrize("seed", range(40))
+def test_im2col_and_col2im_give_the_bytes_of_the_tap_loops(seed):
+    """im2col copies what the per-tap strided copies copy; col2im adds each tap's columns onto the
+    padded input in tap order, which is Caffe's order per cell: the same bytes in both layouts and
+    with any thread count."""
+    rng = np.random.default_rng(seed)
+    shape, k, s, p, d, out = _geometry(rng)
+    x = rng.standard_normal(shape).astype(np.float32)
+    ext = conv_grad._extent(shape[2:], k, s, p, d, out)
+    for batch_last in (True, False):
+        want = im2col(conv_grad._padded_input(x, p, ext), k, s, d, out, batch_last=batch_last).copy()
+        cols = np.empty(want.size, np.float32)
+        _kernels.im2col_2d(x, cols, k, s, p, d, out, batch_last, int(rng.integers(1, 4)))
+        np.testing.assert_array_equal(cols.reshape(want.shape), want)
+        dcols = rng.standard_normal(want.shape).astype(np.float32)
+        per_tap = np.moveaxis(dcols, 3, 0) if batch_last else dcols  # (N, C, kh, kw, Ho, Wo)
+        acc = np.zeros(shape[:2] + ext, np.float32)
+        for tap in itertools.product(range(k[0]), range(k[1])):
+            acc[(slice(None), slice(None)) + tap_slices(tap, s, d, out)] += per_tap[(slice(None), slice(None)) + tap]
+        got = np.empty(shape, np.float32)
+        _kernels.col2im_2d(dcols, got, k, s, p, d, out, batch_last, int(rng.integers(1, 4)))
+        np.testing.assert_array_equal(got, acc[:, :, p[0]:p[0] + shape[2], p[1]:p[1] + shape[3]])
+
+
+@_needs("im2col_2d")
+@pytest.mark.parametrize("seed", range(8))
+def test_conv_gradients_with_and_without_the_column_kernels(seed, monkeypatch):
+    """conv_weight_grad / conv_input_grad through the C++ columns and through the NumPy fallback."""
+    rng = np.random.default_rng(100 + seed)
+    shape, k, s, p, d, out = _geometry(rng)
+    group = int(rng.choice([g for g in (1, 2, 3) if shape[1] % g == 0]))
+    o = group * int(rng.integers(1, 4))
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((o, shape[1] // group, *k)).astype(np.float32)
+    dy = rng.standard_normal((shape[0], o, *out)).astype(np.float32)
+    geom = dict(stride=s, pad=p, dilation=d, group=group)
+    fast = (conv_grad.conv_weight_grad(x, dy, k, **geom), conv_grad.conv_input_grad(dy, w, shape, **geom))
+    monkeypatch.setattr(conv_grad, "IM2COL_KERNEL", None)
+    monkeypatch.setattr(conv_grad, "COL2IM_KERNEL", None)
+    ref = (conv_grad.conv_weight_grad(x, dy, k, **geom), conv_grad.conv_input_grad(dy, w, shape, **geom))
+    np.testing.assert_array_equal(fast[0], ref[0])  # the same columns, the same per-image products
+    np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-5)  # dcols laid out per image or side by side
