@@ -73,3 +73,13 @@ def col2im_2d(
     batch_last: bool, threads: int,
 ) -> None:
     """The adjoint of im2col_2d: x (N, C, H, W) = the columns added back in Caffe's order (written in place)."""
+
+def max_pool2d(
+    x: F32, kernel: list[int], stride: list[int], pad: list[int], out: list[int], threads: int
+) -> tuple[F32, I32]:
+    """x (N, C, H, W) -> (maxima, argmax as flat plane indices or -1), both (N, C, *out)."""
+
+def max_pool2d_backward(
+    dy: F32, mask: I32, in_hw: list[int], kernel: list[int], stride: list[int], pad: list[int], threads: int
+) -> F32:
+    """dx (N, C, *in_hw): dy added at the argmax of each window (empty windows: previous plane's last cell)."""

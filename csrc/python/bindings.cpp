@@ -16,6 +16,7 @@
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
+#include "amct/max_pool.h"
 #include "amct/search_n.h"
 #include "amct/snq.h"
 #include "amct/ulq.h"
@@ -302,6 +303,39 @@ void col2im_2d(const py::handle& cols_obj, const py::handle& x_obj, std::vector<
   amct::col2im_2d(cols.data(), xp, g, batch_last, threads);
 }
 
+py::tuple max_pool2d(const py::handle& x_obj, std::vector<int> kernel, std::vector<int> stride, std::vector<int> pad,
+                     std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  const auto g = window_geometry(x, kernel, stride, pad, {1, 1}, out, "max_pool2d");
+  const std::vector<py::ssize_t> shape{x.shape(0), x.shape(1), out[0], out[1]};
+  py::array_t<float> y(shape);
+  py::array_t<std::int32_t> mask(shape);
+  auto* yp = y.mutable_data();
+  auto* mp = mask.mutable_data();
+  {
+    py::gil_scoped_release release;
+    amct::max_pool2d(x.data(), yp, mp, g, threads);
+  }
+  return py::make_tuple(y, mask);
+}
+
+py::array_t<float> max_pool2d_backward(const py::handle& dy_obj, const py::handle& mask_obj, std::vector<int> in_hw,
+                                       std::vector<int> kernel, std::vector<int> stride, std::vector<int> pad,
+                                       int threads) {
+  auto dy = checked<float>(dy_obj, "dy", 4);
+  auto mask = checked<std::int32_t>(mask_obj, "mask", 4);
+  if (shape_of(dy) != shape_of(mask)) throw py::value_error("max_pool2d_backward: dy and mask must have one shape");
+  if (in_hw.size() != 2) throw py::value_error("max_pool2d_backward: in_hw takes 2 values");
+  py::array_t<float> dx({dy.shape(0), dy.shape(1), static_cast<py::ssize_t>(in_hw[0]),
+                         static_cast<py::ssize_t>(in_hw[1])});
+  const auto g = window_geometry(dx, kernel, stride, pad, {1, 1}, {static_cast<int>(dy.shape(2)),
+                                 static_cast<int>(dy.shape(3))}, "max_pool2d_backward");
+  auto* dp = dx.mutable_data();
+  py::gil_scoped_release release;
+  amct::max_pool2d_backward(dy.data(), mask.data(), dp, g, threads);
+  return dx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -313,6 +347,10 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
   m.def("col2im_2d", &col2im_2d, py::arg("cols"), py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
+  m.def("max_pool2d", &max_pool2d, py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("out"),
+        py::arg("threads"));
+  m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dy"), py::arg("mask"), py::arg("in_hw"),
+        py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));

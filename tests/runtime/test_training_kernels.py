@@ -9,9 +9,10 @@ import itertools
 import numpy as np
 import pytest
 
-from amct_caffe.runtime.layers import conv_grad
+from amct_caffe.runtime.layers import conv_grad, pooling_grad
 from amct_caffe.runtime.layers.conv import conv_out_size
 from amct_caffe.runtime.layers.conv_cols import im2col, tap_slices
+from amct_caffe.runtime.layers.pooling import Pooling, pooled_hw
 
 try:
     from amct_caffe import _kernels
@@ -77,3 +78,35 @@ def test_conv_gradients_with_and_without_the_column_kernels(seed, monkeypatch):
     ref = (conv_grad.conv_weight_grad(x, dy, k, **geom), conv_grad.conv_input_grad(dy, w, shape, **geom))
     np.testing.assert_array_equal(fast[0], ref[0])  # the same columns, the same per-image products
     np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-5)  # dcols laid out per image or side by side
+
+
+@_needs("max_pool2d")
+@pytest.mark.parametrize("seed", range(40))
+def test_max_pool_argmax_and_backward_follow_caffes_loops(seed):
+    """Maxima and argmax as the NumPy MAX pooling with its mask top (ties, NaN, -inf, padding); the
+    backward as the per-tap reference (sums in another order where windows overlap)."""
+    rng = np.random.default_rng(200 + seed)
+    shape, k, s, _, _, _ = _geometry(rng)
+    p = [min(int(v), kk - 1) for v, kk in zip(rng.integers(0, 3, 2), k, strict=True)]
+    out = pooled_hw(shape[2], shape[3], k, s, p)
+    if min(out) <= 0:
+        pytest.skip("empty output")
+    x = np.round(rng.standard_normal(shape) * 2).astype(np.float32) / 2  # many ties
+    x[rng.random(shape) < 0.05] = np.nan
+    x[rng.random(shape) < 0.05] = -np.inf
+    want_y, want_mask = Pooling(x, pool="MAX", kernel=k, stride=s, pad=p, return_mask=True)
+    y, mask = pooling_grad.max_pool_argmax(x, k, s, p, out)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(mask, want_mask.astype(np.int32))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    got = pooling_grad.argmax_backward(dy, mask, shape[2:], k, s, p)
+    np.testing.assert_allclose(got, pooling_grad.max_pool_backward(dy, x, want_y, k, s, p), rtol=1e-6, atol=1e-6)
+
+
+@_needs("max_pool2d")
+def test_argmax_backward_writes_empty_windows_on_the_previous_plane():
+    x = np.arange(2 * 5 * 5, dtype=np.float32).reshape(1, 2, 5, 5)
+    y, mask = pooling_grad.max_pool_argmax(x, (1, 1), (3, 3), (0, 0), (3, 3))
+    assert (mask[0, :, 2, :] == -1).all()
+    got = pooling_grad.argmax_backward(np.ones(y.shape, np.float32), mask, (5, 5), (1, 1), (3, 3), (0, 0))
+    assert got[0, 0, 4, 4] == 5 and got.sum() == 2 * 4 + 5
