@@ -83,3 +83,9 @@ def max_pool2d_backward(
     dy: F32, mask: I32, in_hw: list[int], kernel: list[int], stride: list[int], pad: list[int], threads: int
 ) -> F32:
     """dx (N, C, *in_hw): dy added at the argmax of each window (empty windows: previous plane's last cell)."""
+
+def sgd_update(
+    weight: F32, diff: F32, history: F32, decay: float, momentum: float, rate: float, threads: int
+) -> None:
+    """In place: diff += decay * weight (decay != 0); history = momentum * history + rate * diff;
+    diff = history; weight -= history."""

@@ -448,9 +448,10 @@ class Net:
             self._diffs.share(bottom, top)
 
     def clear_param_diffs(self) -> None:
-        """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers)."""
+        """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers), in place
+        as Caffe's memset: an array read from ``params[layer][i].diff`` stays the blob's diff."""
         for blob, _, _ in self._learnable:
-            blob.diff = np.zeros(blob.shape, np.float32)
+            blob.diff.fill(0.0)
 
     def learnable_params(self) -> list[tuple[Blob, float, float]]:
         """(blob, lr_mult, decay_mult) for each blob a solver updates; a shared param once."""

@@ -18,6 +18,7 @@
 #include "amct/ifmr.h"
 #include "amct/max_pool.h"
 #include "amct/search_n.h"
+#include "amct/sgd.h"
 #include "amct/snq.h"
 #include "amct/ulq.h"
 
@@ -336,6 +337,21 @@ py::array_t<float> max_pool2d_backward(const py::handle& dy_obj, const py::handl
   return dx;
 }
 
+void sgd_update(const py::handle& w_obj, const py::handle& g_obj, const py::handle& h_obj, float decay, float momentum,
+                float rate, int threads) {
+  auto w = checked<float>(w_obj, "weight");
+  auto g = checked<float>(g_obj, "diff");
+  auto h = checked<float>(h_obj, "history");
+  if (size_of(g) != size_of(w) || size_of(h) != size_of(w)) {
+    throw py::value_error("sgd_update: weight, diff and history must have the same size");
+  }
+  auto* wp = w.mutable_data();
+  auto* gp = g.mutable_data();
+  auto* hp = h.mutable_data();
+  py::gil_scoped_release release;
+  amct::sgd_update(wp, gp, hp, size_of(w), decay, momentum, rate, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -351,6 +367,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("threads"));
   m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dy"), py::arg("mask"), py::arg("in_hw"),
         py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("threads"));
+  m.def("sgd_update", &sgd_update, py::arg("weight"), py::arg("diff"), py::arg("history"), py::arg("decay"),
+        py::arg("momentum"), py::arg("rate"), py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));

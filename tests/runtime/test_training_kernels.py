@@ -110,3 +110,22 @@ def test_argmax_backward_writes_empty_windows_on_the_previous_plane():
     assert (mask[0, :, 2, :] == -1).all()
     got = pooling_grad.argmax_backward(np.ones(y.shape, np.float32), mask, (5, 5), (1, 1), (3, 3), (0, 0))
     assert got[0, 0, 4, 4] == 5 and got.sum() == 2 * 4 + 5
+
+
+@_needs("sgd_update")
+@pytest.mark.parametrize("decay", [0.0, 5e-4])
+def test_sgd_update_gives_the_bytes_of_the_numpy_steps(decay):
+    rng = np.random.default_rng(5)
+    w, g, h = (rng.standard_normal(100_003).astype(np.float32) for _ in range(3))
+    w[:3] = (np.inf, -np.inf, np.nan)
+    want_w, want_g, want_h = w.copy(), g.copy(), h.copy()
+    decay, momentum, rate = np.float32(decay), np.float32(0.9), np.float32(0.01)
+    with np.errstate(invalid="ignore"):
+        if decay:
+            want_g += decay * want_w
+        want_h *= momentum
+        want_h += rate * want_g
+        want_w -= want_h
+    _kernels.sgd_update(w, g, h, float(decay), float(momentum), float(rate), 2)
+    for got, want in ((w, want_w), (g, want_h), (h, want_h)):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
