@@ -84,6 +84,12 @@ def max_pool2d_backward(
 ) -> F32:
     """dx (N, C, *in_hw): dy added at the argmax of each window (empty windows: previous plane's last cell)."""
 
+def channel_sums(a: F32, b: F32 | None, threads: int) -> tuple[F64, F64 | None]:
+    """a, b (N, C, S) -> (sum of a, sum of a*b) per channel, accumulated in double."""
+
+def batch_norm_backward(dy: F32, x_norm: F32, std: F32, sum_dy: F32, sum_dyx: F32, inv_m: float, threads: int) -> F32:
+    """(N, C, S): (dy - (x_norm * sum_dyx[c] + sum_dy[c]) * inv_m) / std[c], each operation rounded."""
+
 def sgd_update(
     weight: F32, diff: F32, history: F32, decay: float, momentum: float, rate: float, threads: int
 ) -> None:

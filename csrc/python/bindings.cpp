@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "amct/arq.h"
+#include "amct/channel_ops.h"
 #include "amct/conv_cols.h"
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
@@ -352,6 +353,50 @@ void sgd_update(const py::handle& w_obj, const py::handle& g_obj, const py::hand
   amct::sgd_update(wp, gp, hp, size_of(w), decay, momentum, rate, threads);
 }
 
+amct::ChannelShape channel_shape(const py::array& a) {
+  return {static_cast<std::size_t>(a.shape(0)), static_cast<std::size_t>(a.shape(1)),
+          static_cast<std::size_t>(a.shape(2))};
+}
+
+py::tuple channel_sums(const py::handle& a_obj, const py::handle& b_obj, int threads) {
+  auto a = checked<float>(a_obj, "a", 3);
+  py::array_t<float> b;
+  const bool product = !b_obj.is_none();
+  if (product) {
+    b = checked<float>(b_obj, "b", 3);
+    if (shape_of(b) != shape_of(a)) throw py::value_error("channel_sums: a and b must have one shape");
+  }
+  const auto shape = channel_shape(a);
+  py::array_t<double> sum_a(a.shape(1)), sum_ab(product ? a.shape(1) : 0);
+  auto* sa = sum_a.mutable_data();
+  auto* sab = sum_ab.mutable_data();
+  const float* bp = product ? b.data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    amct::channel_sums(a.data(), bp, shape, sa, sab, threads);
+  }
+  return py::make_tuple(sum_a, product ? py::object(sum_ab) : py::object(py::none()));
+}
+
+py::array_t<float> batch_norm_backward(const py::handle& dy_obj, const py::handle& xn_obj, const py::handle& std_obj,
+                                       const py::handle& s1_obj, const py::handle& s2_obj, float inv_m, int threads) {
+  auto dy = checked<float>(dy_obj, "dy", 3);
+  auto xn = checked<float>(xn_obj, "x_norm", 3);
+  auto sd = checked<float>(std_obj, "std", 1);
+  auto s1 = checked<float>(s1_obj, "sum_dy", 1);
+  auto s2 = checked<float>(s2_obj, "sum_dyx", 1);
+  if (shape_of(xn) != shape_of(dy)) throw py::value_error("batch_norm_backward: dy and x_norm must have one shape");
+  for (const auto* v : {&sd, &s1, &s2}) {
+    if (v->size() != dy.shape(1)) throw py::value_error("batch_norm_backward: one value per channel expected");
+  }
+  const auto shape = channel_shape(dy);
+  py::array_t<float> dx(shape_of(dy));
+  auto* dp = dx.mutable_data();
+  py::gil_scoped_release release;
+  amct::batch_norm_backward(dy.data(), xn.data(), sd.data(), s1.data(), s2.data(), inv_m, shape, dp, threads);
+  return dx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -367,6 +412,9 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("threads"));
   m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dy"), py::arg("mask"), py::arg("in_hw"),
         py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("threads"));
+  m.def("channel_sums", &channel_sums, py::arg("a"), py::arg("b"), py::arg("threads"));
+  m.def("batch_norm_backward", &batch_norm_backward, py::arg("dy"), py::arg("x_norm"), py::arg("std"),
+        py::arg("sum_dy"), py::arg("sum_dyx"), py::arg("inv_m"), py::arg("threads"));
   m.def("sgd_update", &sgd_update, py::arg("weight"), py::arg("diff"), py::arg("history"), py::arg("decay"),
         py::arg("momentum"), py::arg("rate"), py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));

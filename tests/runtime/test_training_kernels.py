@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
+from amct_caffe.runtime.layers import channel_sums as cs
 from amct_caffe.runtime.layers import conv_grad, pooling_grad
 from amct_caffe.runtime.layers.conv import conv_out_size
 from amct_caffe.runtime.layers.conv_cols import im2col, tap_slices
@@ -110,6 +111,26 @@ def test_argmax_backward_writes_empty_windows_on_the_previous_plane():
     assert (mask[0, :, 2, :] == -1).all()
     got = pooling_grad.argmax_backward(np.ones(y.shape, np.float32), mask, (5, 5), (1, 1), (3, 3), (0, 0))
     assert got[0, 0, 4, 4] == 5 and got.sum() == 2 * 4 + 5
+
+
+@_needs("channel_sums")
+@pytest.mark.parametrize("shape", [(8, 16, 3136), (2, 3, 5), (1, 1, 1), (64, 20, 9), (3, 7, 1001)])
+def test_channel_sums_and_batch_norm_backward(shape, monkeypatch):
+    """The float64 sums agree with NumPy's to a double's rounding and do not depend on the thread
+    count; BatchNorm's backward gives the bytes of the NumPy expression."""
+    rng = np.random.default_rng(shape[2])
+    a, b = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    s_a, s_ab = cs.channel_sums(a, b)
+    np.testing.assert_allclose(s_a, a.sum(axis=(0, 2), dtype=np.float64), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(s_ab, (a * b).sum(axis=(0, 2), dtype=np.float64), rtol=1e-12, atol=1e-9)
+    for workers in (1, 3):
+        got = _kernels.channel_sums(a, b, workers)
+        np.testing.assert_array_equal(got[0], s_a)
+        np.testing.assert_array_equal(got[1], s_ab)
+    std = (rng.random(shape[1]) + 0.5).astype(np.float32)
+    fast = cs.batch_norm_backward_batch_stats(a, b, std)
+    monkeypatch.setattr(cs, "BN_BACKWARD_KERNEL", None)
+    np.testing.assert_array_equal(fast, cs.batch_norm_backward_batch_stats(a, b, std))
 
 
 @_needs("sgd_update")
