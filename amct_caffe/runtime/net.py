@@ -400,10 +400,11 @@ class Net:
         if step.layer is None:  # Caffe's SplitLayer::Backward_cpu: the readers' diffs add up
             if not step.bottom_need_backward[0]:
                 return
-            total = None
-            for key in step.top_keys:
-                part = self._diffs.get(key)
-                total = part.copy() if total is None else np.add(total, part, dtype=np.float32)
+            parts = [self._diffs.get(key) for key in step.top_keys]
+            # ((d0 + d1) + d2) ...: caffe_add, then caffe_axpy; one new array for the sum
+            total = np.add(parts[0], parts[1], dtype=np.float32) if len(parts) > 1 else parts[0].copy()
+            for part in parts[2:]:
+                np.add(total, part, out=total)
             if step.split_loss_weight:
                 total += np.float32(step.split_loss_weight)
             self._diffs.set(step.bottom_keys[0], total)
