@@ -74,7 +74,7 @@ def col2im_2d(
 ) -> None:
     """The adjoint of im2col_2d: x (N, C, H, W) = the columns added back in Caffe's order (written in place)."""
 
-def max_pool2d(
+def max_pool2d_argmax(
     x: F32, kernel: list[int], stride: list[int], pad: list[int], out: list[int], threads: int
 ) -> tuple[F32, I32]:
     """x (N, C, H, W) -> (maxima, argmax as flat plane indices or -1), both (N, C, *out)."""

@@ -13,7 +13,7 @@
 
 #include "amct/arq.h"
 #include "amct/channel_ops.h"
-#include "amct/conv_cols.h"
+#include "amct/conv_backward.h"
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
@@ -305,10 +305,10 @@ void col2im_2d(const py::handle& cols_obj, const py::handle& x_obj, std::vector<
   amct::col2im_2d(cols.data(), xp, g, batch_last, threads);
 }
 
-py::tuple max_pool2d(const py::handle& x_obj, std::vector<int> kernel, std::vector<int> stride, std::vector<int> pad,
-                     std::vector<int> out, int threads) {
+py::tuple max_pool2d_argmax(const py::handle& x_obj, std::vector<int> kernel, std::vector<int> stride,
+                            std::vector<int> pad, std::vector<int> out, int threads) {
   auto x = checked<float>(x_obj, "x", 4);
-  const auto g = window_geometry(x, kernel, stride, pad, {1, 1}, out, "max_pool2d");
+  const auto g = window_geometry(x, kernel, stride, pad, {1, 1}, out, "max_pool2d_argmax");
   const std::vector<py::ssize_t> shape{x.shape(0), x.shape(1), out[0], out[1]};
   py::array_t<float> y(shape);
   py::array_t<std::int32_t> mask(shape);
@@ -316,7 +316,7 @@ py::tuple max_pool2d(const py::handle& x_obj, std::vector<int> kernel, std::vect
   auto* mp = mask.mutable_data();
   {
     py::gil_scoped_release release;
-    amct::max_pool2d(x.data(), yp, mp, g, threads);
+    amct::max_pool2d_argmax(x.data(), yp, mp, g, threads);
   }
   return py::make_tuple(y, mask);
 }
@@ -408,8 +408,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
   m.def("col2im_2d", &col2im_2d, py::arg("cols"), py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
-  m.def("max_pool2d", &max_pool2d, py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("out"),
-        py::arg("threads"));
+  m.def("max_pool2d_argmax", &max_pool2d_argmax, py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("out"), py::arg("threads"));
   m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dy"), py::arg("mask"), py::arg("in_hw"),
         py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("threads"));
   m.def("channel_sums", &channel_sums, py::arg("a"), py::arg("b"), py::arg("threads"));

@@ -1,6 +1,6 @@
 #include "amct/channel_ops.h"
 
-#include "amct/planes.h"
+#include "amct/parallel.h"
 
 namespace amct {
 namespace {
@@ -70,13 +70,13 @@ bool has_avx2() {
 void channel_sums(const float* a, const float* b, const ChannelShape& shape, double* sum_a, double* sum_ab,
                   int threads) {
   auto run = has_avx2() ? sums_avx2 : sums_generic;
-  parallel_ranges(shape.c, threads,
+  parallel_for(shape.c, threads,
                   [&](std::size_t first, std::size_t last) { run(a, b, shape, sum_a, sum_ab, first, last); });
 }
 
 void batch_norm_backward(const float* dy, const float* x_norm, const float* stdev, const float* sum_dy,
                          const float* sum_dyx, float inv_m, const ChannelShape& shape, float* dx, int threads) {
-  parallel_ranges(shape.n * shape.c, threads, [&](std::size_t first, std::size_t last) {
+  parallel_for(shape.n * shape.c, threads, [&](std::size_t first, std::size_t last) {
     for (std::size_t r = first; r < last; ++r) {
       const std::size_t c = r % shape.c, at = r * shape.s;
       const float s2 = sum_dyx[c], s1 = sum_dy[c], sd = stdev[c];

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 namespace amct {
@@ -77,7 +78,18 @@ void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeom
   }
   const std::size_t total = static_cast<std::size_t>(g.n) * g.c;
   auto run = depthwise_has_fma() ? planes_fma : planes_generic;
-  parallel_ranges(total, threads, [&](std::size_t first, std::size_t last) { run(x, w, y, g, first, last); });
+  const std::size_t workers = std::min<std::size_t>(std::max(threads, 1), total);
+  if (workers <= 1) {
+    run(x, w, y, g, 0, total);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (std::size_t t = 1; t < workers; ++t) {
+    pool.emplace_back(run, x, w, y, std::cref(g), total * t / workers, total * (t + 1) / workers);
+  }
+  run(x, w, y, g, 0, total / workers);
+  for (auto& th : pool) th.join();
 }
 
 }  // namespace amct

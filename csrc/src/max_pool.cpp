@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "amct/parallel.h"
+
 namespace amct {
 namespace {
 
@@ -19,11 +21,11 @@ void check(const Conv2dGeometry& g, const char* who) {
 
 }  // namespace
 
-void max_pool2d(const float* x, float* y, std::int32_t* mask, const Conv2dGeometry& g, int threads) {
-  check(g, "max_pool2d");
+void max_pool2d_argmax(const float* x, float* y, std::int32_t* mask, const Conv2dGeometry& g, int threads) {
+  check(g, "max_pool2d_argmax");
   const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
   const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
-  parallel_ranges(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
     for (std::size_t q = first; q < last; ++q) {
       const float* xp = x + q * in_plane;
       float* yp = y + q * out_plane;
@@ -64,7 +66,7 @@ void max_pool2d_backward(const float* dy, const std::int32_t* mask, float* dx, c
     if (mask[i] >= limit) throw std::invalid_argument("max_pool2d_backward: a mask index lies past its plane");
   }
   std::vector<char> empty(planes, 0);  // planes with a window that picked nothing
-  parallel_ranges(planes, threads, [&](std::size_t first, std::size_t last) {
+  parallel_for(planes, threads, [&](std::size_t first, std::size_t last) {
     for (std::size_t q = first; q < last; ++q) {
       float* dp = dx + q * in_plane;
       const float* gp = dy + q * out_plane;

@@ -1,6 +1,8 @@
 #include "amct/sgd.h"
 
-#include "amct/planes.h"
+#include <algorithm>
+
+#include "amct/parallel.h"
 
 namespace amct {
 
@@ -9,7 +11,7 @@ void sgd_update(float* w, float* g, float* h, std::size_t n, float decay, float 
   constexpr std::size_t kPerThread = std::size_t{1} << 16;
   const int workers = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(std::max(threads, 1)),
                                                              n / kPerThread + 1));
-  parallel_ranges(n, workers, [&](std::size_t first, std::size_t last) {
+  parallel_for(n, workers, [&](std::size_t first, std::size_t last) {
     if (decay != 0.0f) {
       for (std::size_t i = first; i < last; ++i) g[i] = g[i] + decay * w[i];
     }

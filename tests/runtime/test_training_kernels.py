@@ -81,7 +81,7 @@ def test_conv_gradients_with_and_without_the_column_kernels(seed, monkeypatch):
     np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-5)  # dcols laid out per image or side by side
 
 
-@_needs("max_pool2d")
+@_needs("max_pool2d_argmax")
 @pytest.mark.parametrize("seed", range(40))
 def test_max_pool_argmax_and_backward_follow_caffes_loops(seed):
     """Maxima and argmax as the NumPy MAX pooling with its mask top (ties, NaN, -inf, padding); the
@@ -104,7 +104,7 @@ def test_max_pool_argmax_and_backward_follow_caffes_loops(seed):
     np.testing.assert_allclose(got, pooling_grad.max_pool_backward(dy, x, want_y, k, s, p), rtol=1e-6, atol=1e-6)
 
 
-@_needs("max_pool2d")
+@_needs("max_pool2d_argmax")
 def test_argmax_backward_writes_empty_windows_on_the_previous_plane():
     x = np.arange(2 * 5 * 5, dtype=np.float32).reshape(1, 2, 5, 5)
     y, mask = pooling_grad.max_pool_argmax(x, (1, 1), (3, 3), (0, 0), (3, 3))

@@ -22,7 +22,7 @@ call) and the diff starts at zero; with many groups (depthwise) the images are l
 (``(g, K, n*P)`` columns, the ``batch_last`` layout of :func:`conv_cols.im2col`), one GEMM per group.
 The input gradient lays the images side by side for small maps (``P < WIDE_GRAD_PIXELS``), else
 keeps Caffe's per-image ``(K x P)`` matrices as one stacked product. Columns are built in chunks of
-about ``GRAD_COLS_BUDGET`` floats. 2-D im2col / col2im run in C++ (``csrc/src/conv_cols.cpp``: one
+about ``GRAD_COLS_BUDGET`` floats. 2-D im2col / col2im run in C++ (``csrc/src/conv_backward.cpp``: one
 pass, no GIL, the planes split between threads; col2im adds in Caffe's order); the NumPy path (one
 strided copy / add per kernel tap) is their fallback and reference. Every GEMM sums its contraction
 in blocks numpy's BLAS does not split again, so the gradients are the same bytes with any BLAS
@@ -40,7 +40,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers import caffe_gemm
 from amct_caffe.runtime.layers.conv_cols import im2col, scratch, tap_slices
 
-try:  # the C++ column kernels (csrc/src/conv_cols.cpp); the NumPy paths below are their reference
+try:  # the C++ column kernels (csrc/src/conv_backward.cpp); the NumPy paths below are their reference
     from amct_caffe._kernels import col2im_2d as COL2IM_KERNEL
     from amct_caffe._kernels import im2col_2d as IM2COL_KERNEL
 except ImportError:

@@ -33,7 +33,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.runtime import threads
 
 try:  # Caffe's MAX loops in C++ (csrc/src/max_pool.cpp); the NumPy functions below are their reference
-    from amct_caffe._kernels import max_pool2d as MAX_POOL_KERNEL
+    from amct_caffe._kernels import max_pool2d_argmax as MAX_POOL_KERNEL
     from amct_caffe._kernels import max_pool2d_backward as MAX_POOL_BACKWARD_KERNEL
 except ImportError:
     MAX_POOL_KERNEL = MAX_POOL_BACKWARD_KERNEL = None

@@ -11,9 +11,14 @@
 // signs of zero results are Caffe's.
 #pragma once
 
-#include "amct/planes.h"
-
 namespace amct {
+
+struct Conv2dGeometry {
+  int n, c, h, w;       // input (N, C, H, W)
+  int kh, kw;           // kernel
+  int sh, sw, ph, pw, dh, dw;
+  int ho, wo;           // output (N, C, Ho, Wo)
+};
 
 // x (N, C, H, W), w (C, kh, kw), y (N, C, Ho, Wo), all C-contiguous float32. `threads` workers
 // split the (image, channel) planes; each output is computed by one worker, so the result does

@@ -10,17 +10,17 @@
 // that plane's own additions, in Caffe's order); on the first plane, where Caffe writes before its
 // buffer, it is dropped.
 //
-// Uses Conv2dGeometry with dh = dw = 1. `threads` workers split the planes; the bytes do not depend
+// Uses Conv2dGeometry (depthwise.h) with dh = dw = 1. `threads` workers split the planes; the bytes do not depend
 // on `threads`.
 #pragma once
 
 #include <cstdint>
 
-#include "amct/planes.h"
+#include "amct/depthwise.h"  // Conv2dGeometry
 
 namespace amct {
 
-void max_pool2d(const float* x, float* y, std::int32_t* mask, const Conv2dGeometry& g, int threads);
+void max_pool2d_argmax(const float* x, float* y, std::int32_t* mask, const Conv2dGeometry& g, int threads);
 void max_pool2d_backward(const float* dy, const std::int32_t* mask, float* dx, const Conv2dGeometry& g, int threads);
 
 }  // namespace amct

@@ -1,9 +1,11 @@
-#include "amct/conv_cols.h"
+#include "amct/conv_backward.h"
 
 #include <algorithm>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
+
+#include "amct/parallel.h"
 
 namespace amct {
 namespace {
@@ -27,13 +29,22 @@ struct ColsLayout {
   std::size_t at(std::size_t n, std::size_t r) const { return n * image_step + r * row_step; }
 };
 
+// The outputs [lo, hi) along one axis whose tap at offset `tap` (i*d - p) reads a cell of [0, size):
+// o*s + tap in [0, size).
+void valid_outputs(int tap, int s, int size, int n_out, int* lo, int* hi) {
+  const int first = tap >= 0 ? 0 : (-tap + s - 1) / s;
+  const int last = size - 1 - tap < 0 ? -1 : (size - 1 - tap) / s;  // the last o with o*s + tap < size
+  *lo = std::min(first, n_out);
+  *hi = std::max(*lo, std::min(last + 1, n_out));
+}
+
 }  // namespace
 
 void im2col_2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads) {
   check(g, "im2col_2d");
   const ColsLayout L(g, batch_last);
   const std::size_t plane = static_cast<std::size_t>(g.h) * g.w;
-  parallel_ranges(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
     for (std::size_t q = first; q < last; ++q) {
       const std::size_t n = q / g.c, c = q % g.c;
       const float* xp = x + q * plane;
@@ -68,7 +79,7 @@ void col2im_2d(const float* cols, float* x, const Conv2dGeometry& g, bool batch_
   check(g, "col2im_2d");
   const ColsLayout L(g, batch_last);
   const std::size_t plane = static_cast<std::size_t>(g.h) * g.w;
-  parallel_ranges(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
     for (std::size_t q = first; q < last; ++q) {
       const std::size_t n = q / g.c, c = q % g.c;
       float* xp = x + q * plane;

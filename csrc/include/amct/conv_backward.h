@@ -15,7 +15,7 @@
 // bytes do not depend on `threads`.
 #pragma once
 
-#include "amct/planes.h"
+#include "amct/depthwise.h"  // Conv2dGeometry
 
 namespace amct {
 
