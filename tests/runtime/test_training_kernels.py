@@ -105,6 +105,22 @@ def test_max_pool_argmax_and_backward_follow_caffes_loops(seed):
 
 
 @_needs("max_pool2d_argmax")
+@pytest.mark.parametrize("k, s, p, hw", [((2, 2), (2, 2), (0, 0), (24, 24)), ((2, 2), (2, 2), (1, 1), (7, 9)),
+                                         ((3, 3), (2, 2), (0, 0), (13, 12)), ((3, 3), (2, 2), (1, 1), (112, 112)),
+                                         ((3, 3), (1, 2), (2, 0), (6, 11)), ((2, 2), (3, 2), (0, 1), (9, 5))])
+def test_max_pool_argmax_unrolled_windows(k, s, p, hw):
+    """The 2x2 and 3x3 windows at column stride 2 (unrolled where unclipped) as the NumPy mask top."""
+    rng = np.random.default_rng(sum(hw))
+    x = np.round(rng.standard_normal((2, 3) + hw) * 2).astype(np.float32) / 2
+    x[rng.random(x.shape) < 0.05] = np.nan
+    out = pooled_hw(hw[0], hw[1], k, s, p)
+    want_y, want_mask = Pooling(x, pool="MAX", kernel=k, stride=s, pad=p, return_mask=True)
+    y, mask = pooling_grad.max_pool_argmax(x, k, s, p, out)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(mask, want_mask.astype(np.int32))
+
+
+@_needs("max_pool2d_argmax")
 def test_argmax_backward_writes_empty_windows_on_the_previous_plane():
     x = np.arange(2 * 5 * 5, dtype=np.float32).reshape(1, 2, 5, 5)
     y, mask = pooling_grad.max_pool_argmax(x, (1, 1), (3, 3), (0, 0), (3, 3))
