@@ -82,3 +82,36 @@ def depthwise_conv2d(
     """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order."""
 
 def depthwise_has_fma() -> bool: ...
+def im2col_2d(
+    x: F32, cols: F32, kernel: list[int], stride: list[int], pad: list[int], dilation: list[int], out: list[int],
+    batch_last: bool, threads: int,
+) -> None:
+    """x (N, C, H, W) -> cols, (C*kh*kw, N, Ho*Wo) with batch_last else (N, C*kh*kw, Ho*Wo), written in place."""
+
+def col2im_2d(
+    cols: F32, x: F32, kernel: list[int], stride: list[int], pad: list[int], dilation: list[int], out: list[int],
+    batch_last: bool, threads: int,
+) -> None:
+    """The adjoint of im2col_2d: x (N, C, H, W) = the columns added back in Caffe's order (written in place)."""
+
+def max_pool2d_argmax(
+    x: F32, kernel: list[int], stride: list[int], pad: list[int], out: list[int], threads: int
+) -> tuple[F32, I32]:
+    """x (N, C, H, W) -> (maxima, argmax as flat plane indices or -1), both (N, C, *out)."""
+
+def max_pool2d_backward(
+    dy: F32, mask: I32, in_hw: list[int], kernel: list[int], stride: list[int], pad: list[int], threads: int
+) -> F32:
+    """dx (N, C, *in_hw): dy added at the argmax of each window (empty windows: previous plane's last cell)."""
+
+def channel_sums(a: F32, b: F32 | None, threads: int) -> tuple[F64, F64 | None]:
+    """a, b (N, C, S) -> (sum of a, sum of a*b) per channel, accumulated in double."""
+
+def batch_norm_backward(dy: F32, x_norm: F32, std: F32, sum_dy: F32, sum_dyx: F32, inv_m: float, threads: int) -> F32:
+    """(N, C, S): (dy - (x_norm * sum_dyx[c] + sum_dy[c]) * inv_m) / std[c], each operation rounded."""
+
+def sgd_update(
+    weight: F32, diff: F32, history: F32, decay: float, momentum: float, rate: float, threads: int
+) -> None:
+    """In place: diff += decay * weight (decay != 0); history = momentum * history + rate * diff;
+    diff = history; weight -= history."""

@@ -16,6 +16,24 @@ The same fixed random batch is fed before every step. Reported: median (and mini
 per iteration, and with Caffe the ratio ours / caffe of the medians, measured in alternating
 rounds in one run (pycaffe runs in a subprocess: its protobuf classes must not meet ours).
 ``--threads N`` pins the BLAS threads of both, as in ``benchmarks/executor.py``.
+
+Figures (``--threads 1``, 2 cores shared with other jobs, load average 3.0-5.2): medians of one
+run alternating the three solvers in rounds with this script's workers, before = the executor at
+2f4bc8a, after = with the C++ backward kernels, Caffe's per-image weight gradients and the
+one-pass SGD update; LeNet 200 iterations in 20 rounds, open_nsfw 24 in 12.
+
+=========  ========  ========  ========  ============  =============
+model      before    after     Caffe     after/Caffe   before/Caffe
+=========  ========  ========  ========  ============  =============
+lenet      60.4 ms   40.8 ms   45.5 ms   0.90          1.33
+open_nsfw  2.53 s    1.85 s    2.40 s    0.77          1.06
+=========  ========  ========  ========  ============  =============
+
+The fastest iterations (least disturbed by the other jobs): LeNet 25.4 / 17.7 / 21.6 ms, open_nsfw
+1.66 / 1.24 / 1.59 s (before / after / Caffe). An earlier run of the same kind (load 4.6-4.7, before
+the unrolled argmax pooling) gave after/Caffe 0.97 and before/Caffe 1.36 for LeNet, 0.81 and
+1.16 for open_nsfw. On a quieter machine (load 0.2-1.7) the executor at 2f4bc8a measured 1.37 (LeNet,
+35.8 vs 26.0 ms) and 1.00 (open_nsfw, 2.00 vs 1.99 s).
 """
 
 from __future__ import annotations

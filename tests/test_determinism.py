@@ -1,5 +1,5 @@
-"""Same inputs, same bytes: the quantized outputs do not depend on the BLAS thread count or on the
-working directory.
+"""Same inputs, same bytes: the quantized outputs and the trained weights do not depend on the BLAS
+thread count, the quantized outputs not on the working directory either.
 
 The guide's flow (in the executor), convert_model and ``amct-caffe calibrate`` run on LeNet in
 fresh processes with ``OPENBLAS_NUM_THREADS`` 1 and 2 (what a user's machine or a CI runner may
@@ -65,3 +65,50 @@ def test_outputs_do_not_depend_on_blas_threads_or_working_directory(tmp_path):
     assert sorted(one) == sorted(two)
     differing = [name for name in one if one[name] != two[name]]
     assert not differing, f"files that differ between 1 and 2 BLAS threads: {differing}"
+
+
+TRAIN = r"""
+import hashlib, re, sys
+import numpy as np
+import amct_caffe.runtime as caffe
+text = open(sys.argv[1]).read()
+body = text[text.index('layer {\n  name: "conv1"'):]
+body = re.sub(r'layer \{\n  name: "accuracy".*?\n\}\n', "", body, flags=re.S)
+# a BatchNorm + Scale on batch statistics after conv1, as in the ResNets one fine-tunes
+body = body.replace('layer {\n  name: "pool1"', 'layer { name: "bn" type: "BatchNorm" bottom: "conv1" top: "conv1" }\n'
+                    'layer { name: "sc" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }\n'
+                    'layer {\n  name: "pool1"', 1)
+net = ('name: "LeNet"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 64 dim: 1 dim: 28 '
+       'dim: 28 } } }\nlayer { name: "label" type: "Input" top: "label" input_param { shape { dim: 64 } } }\n' + body)
+open("net.prototxt", "w").write(net)
+open("solver.prototxt", "w").write('net: "net.prototxt"\nbase_lr: 0.01\nmomentum: 0.9\nweight_decay: 0.0005\n'
+                                   'lr_policy: "fixed"\nmax_iter: 100\nsnapshot_after_train: false\n')
+solver = caffe.SGDSolver("solver.prototxt")
+rng = np.random.default_rng(0)
+for _ in range(3):
+    solver.net.blobs["data"].data[...] = rng.random((64, 1, 28, 28), np.float32)
+    solver.net.blobs["label"].data[...] = rng.integers(0, 10, 64)
+    solver.step(1)
+h = hashlib.sha256()
+for blobs in solver.net.params.values():
+    for b in blobs:
+        h.update(b.data.tobytes())
+        h.update(b.diff.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_training_does_not_depend_on_blas_threads(tmp_path):
+    """SGD steps of LeNet (with a batch-statistics BatchNorm and Scale): the weights and the last update
+    are the same bytes with 1 and 2 BLAS threads (every backward GEMM sums in fixed blocks, the C++
+    loops split work, never sums, between threads)."""
+    digests = []
+    for threads in (1, 2):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        prototxt = SHARED / "models/lenet_mnist/lenet_train_test.prototxt"
+        proc = subprocess.run([sys.executable, "-c", TRAIN, str(prototxt)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, check=False, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests.append(proc.stdout.strip())
+    assert digests[0] == digests[1]

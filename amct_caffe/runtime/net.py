@@ -410,10 +410,11 @@ class Net:
         if step.layer is None:  # Caffe's SplitLayer::Backward_cpu: the readers' diffs add up
             if not step.bottom_need_backward[0]:
                 return
-            total = None
-            for key in step.top_keys:
-                part = self._diffs.get(key)
-                total = part.copy() if total is None else np.add(total, part, dtype=np.float32)
+            parts = [self._diffs.get(key) for key in step.top_keys]
+            # ((d0 + d1) + d2) ...: caffe_add, then caffe_axpy; one new array for the sum
+            total = np.add(parts[0], parts[1], dtype=np.float32) if len(parts) > 1 else parts[0].copy()
+            for part in parts[2:]:
+                np.add(total, part, out=total)
             if step.split_loss_weight:
                 total += np.float32(step.split_loss_weight)
             self._diffs.set(step.bottom_keys[0], total)
@@ -458,9 +459,10 @@ class Net:
             self._diffs.share(bottom, top)
 
     def clear_param_diffs(self) -> None:
-        """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers)."""
+        """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers), in place
+        as Caffe's memset: an array read from ``params[layer][i].diff`` stays the blob's diff."""
         for blob, _, _ in self._learnable:
-            blob.diff = np.zeros(blob.shape, np.float32)
+            blob.diff.fill(0.0)
 
     def learnable_params(self) -> list[tuple[Blob, float, float]]:
         """(blob, lr_mult, decay_mult) for each blob a solver updates; a shared param once."""

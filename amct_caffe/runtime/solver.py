@@ -32,11 +32,17 @@ import numpy as np
 from tqdm import tqdm
 
 from amct_caffe.errors import AmctError, TrainingError
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.backward import loss_weights_of
 from amct_caffe.runtime.net import Net
 from amct_caffe.runtime.solver_param import check_solver_type, learning_rate, net_params, read_solver_param
 from amct_caffe.runtime.solver_state import (SolverStateData, conform_history, read_solver_state,
                                              write_snapshot)
+
+try:  # SGD's whole step in one pass (csrc/src/sgd.cpp); SGDSolver.compute_update_value is its reference
+    from amct_caffe._kernels import sgd_update as SGD_KERNEL
+except ImportError:
+    SGD_KERNEL = None
 
 _LOG = logging.getLogger(__name__)
 _F = np.float32
@@ -241,14 +247,21 @@ class Solver(ABC):
             if p.iter_size != 1:  # Normalize: undo the accumulation of iter_size passes
                 g *= _F(1) / _F(p.iter_size)
             local_decay = wd * _F(decay_mult)
+            if self._fused_update(i, blob, local_decay, rate * _F(lr_mult)):
+                continue  # Regularize, ComputeUpdateValue and this blob's Net::Update done at once
             if local_decay:  # Regularize
                 if p.regularization_type == "L2":
                     g += local_decay * blob.data
                 else:  # L1 (check_solver_param refused anything else); caffe_cpu_sign: sign(0) = 0
                     g += local_decay * np.sign(blob.data).astype(_F)
             blob.diff = self.compute_update_value(i, g, rate * _F(lr_mult))
-        for blob, _, _ in params:  # Net::Update, in place: test nets share these arrays
+            # Net::Update, in place: test nets share these arrays
             np.subtract(blob.data, blob.diff, out=blob.data)
+
+    def _fused_update(self, i: int, blob, local_decay: np.float32, local_rate: np.float32) -> bool:
+        """Steps 5-6 for learned blob ``i`` in one pass, the same bytes as the operations one by one;
+        False where the solver has no such pass (then they run one by one)."""
+        return False
 
     def _clip_gradients(self, params) -> None:
         clip = _F(self.param.clip_gradients)
@@ -303,6 +316,16 @@ class SGDSolver(Solver):
         h *= _F(self.param.momentum)  # caffe_cpu_axpby: y = beta * y, then y += alpha * x
         h += local_rate * g
         return h.copy()
+
+    def _fused_update(self, i, blob, local_decay, local_rate):
+        """L2 (or no) decay: ``csrc/src/sgd.cpp`` rounds each operation as the NumPy steps do."""
+        if SGD_KERNEL is None or (local_decay and self.param.regularization_type != "L2"):
+            return False
+        w, g, h = blob.data, blob.diff, self._history[i]
+        if not all(a.dtype == _F and a.flags.c_contiguous and a.flags.writeable for a in (w, g, h)):
+            return False
+        SGD_KERNEL(w, g, h, float(local_decay), float(_F(self.param.momentum)), float(local_rate), threads.workers())
+        return True
 
 
 class NesterovSolver(Solver):

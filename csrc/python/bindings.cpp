@@ -12,11 +12,15 @@
 #include <vector>
 
 #include "amct/arq.h"
+#include "amct/channel_ops.h"
+#include "amct/conv_backward.h"
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
 #include "amct/ifmr_stream.h"
+#include "amct/max_pool.h"
 #include "amct/search_n.h"
+#include "amct/sgd.h"
 #include "amct/snq.h"
 #include "amct/ulq.h"
 
@@ -290,6 +294,138 @@ py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std
   return std::move(y);
 }
 
+// The window geometry over x (N, C, H, W) from (h, w) pairs; `what` names the call in errors.
+amct::Conv2dGeometry window_geometry(const py::array& x, const std::vector<int>& kernel, const std::vector<int>& stride,
+                                    const std::vector<int>& pad, const std::vector<int>& dilation,
+                                    const std::vector<int>& out, const char* what) {
+  for (const auto* v : {&kernel, &stride, &pad, &dilation, &out}) {
+    if (v->size() != 2) {
+      throw py::value_error(std::string(what) + ": kernel, stride, pad, dilation and out take 2 values");
+    }
+  }
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
+          static_cast<int>(x.shape(3)), kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1], dilation[0],
+          dilation[1], out[0], out[1]};
+}
+
+std::size_t cols_size(const amct::Conv2dGeometry& g) {
+  return static_cast<std::size_t>(g.n) * g.c * g.kh * g.kw * g.ho * g.wo;
+}
+
+void im2col_2d(const py::handle& x_obj, const py::handle& cols_obj, std::vector<int> kernel, std::vector<int> stride,
+               std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto cols = checked<float>(cols_obj, "cols");
+  const auto g = window_geometry(x, kernel, stride, pad, dilation, out, "im2col_2d");
+  if (size_of(cols) != cols_size(g)) throw py::value_error("im2col_2d: cols must hold N*C*kh*kw*Ho*Wo values");
+  auto* cp = cols.mutable_data();
+  py::gil_scoped_release release;
+  amct::im2col_2d(x.data(), cp, g, batch_last, threads);
+}
+
+void col2im_2d(const py::handle& cols_obj, const py::handle& x_obj, std::vector<int> kernel, std::vector<int> stride,
+               std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
+  auto cols = checked<float>(cols_obj, "cols");
+  auto x = checked<float>(x_obj, "x", 4);
+  const auto g = window_geometry(x, kernel, stride, pad, dilation, out, "col2im_2d");
+  if (size_of(cols) != cols_size(g)) throw py::value_error("col2im_2d: cols must hold N*C*kh*kw*Ho*Wo values");
+  auto* xp = x.mutable_data();
+  py::gil_scoped_release release;
+  amct::col2im_2d(cols.data(), xp, g, batch_last, threads);
+}
+
+py::tuple max_pool2d_argmax(const py::handle& x_obj, std::vector<int> kernel, std::vector<int> stride,
+                            std::vector<int> pad, std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  const auto g = window_geometry(x, kernel, stride, pad, {1, 1}, out, "max_pool2d_argmax");
+  const std::vector<py::ssize_t> shape{x.shape(0), x.shape(1), out[0], out[1]};
+  py::array_t<float> y(shape);
+  py::array_t<std::int32_t> mask(shape);
+  auto* yp = y.mutable_data();
+  auto* mp = mask.mutable_data();
+  {
+    py::gil_scoped_release release;
+    amct::max_pool2d_argmax(x.data(), yp, mp, g, threads);
+  }
+  return py::make_tuple(y, mask);
+}
+
+py::array_t<float> max_pool2d_backward(const py::handle& dy_obj, const py::handle& mask_obj, std::vector<int> in_hw,
+                                       std::vector<int> kernel, std::vector<int> stride, std::vector<int> pad,
+                                       int threads) {
+  auto dy = checked<float>(dy_obj, "dy", 4);
+  auto mask = checked<std::int32_t>(mask_obj, "mask", 4);
+  if (shape_of(dy) != shape_of(mask)) throw py::value_error("max_pool2d_backward: dy and mask must have one shape");
+  if (in_hw.size() != 2) throw py::value_error("max_pool2d_backward: in_hw takes 2 values");
+  py::array_t<float> dx({dy.shape(0), dy.shape(1), static_cast<py::ssize_t>(in_hw[0]),
+                         static_cast<py::ssize_t>(in_hw[1])});
+  const auto g = window_geometry(dx, kernel, stride, pad, {1, 1}, {static_cast<int>(dy.shape(2)),
+                                 static_cast<int>(dy.shape(3))}, "max_pool2d_backward");
+  auto* dp = dx.mutable_data();
+  py::gil_scoped_release release;
+  amct::max_pool2d_backward(dy.data(), mask.data(), dp, g, threads);
+  return dx;
+}
+
+void sgd_update(const py::handle& w_obj, const py::handle& g_obj, const py::handle& h_obj, float decay, float momentum,
+                float rate, int threads) {
+  auto w = checked<float>(w_obj, "weight");
+  auto g = checked<float>(g_obj, "diff");
+  auto h = checked<float>(h_obj, "history");
+  if (size_of(g) != size_of(w) || size_of(h) != size_of(w)) {
+    throw py::value_error("sgd_update: weight, diff and history must have the same size");
+  }
+  auto* wp = w.mutable_data();
+  auto* gp = g.mutable_data();
+  auto* hp = h.mutable_data();
+  py::gil_scoped_release release;
+  amct::sgd_update(wp, gp, hp, size_of(w), decay, momentum, rate, threads);
+}
+
+amct::ChannelShape channel_shape(const py::array& a) {
+  return {static_cast<std::size_t>(a.shape(0)), static_cast<std::size_t>(a.shape(1)),
+          static_cast<std::size_t>(a.shape(2))};
+}
+
+py::tuple channel_sums(const py::handle& a_obj, const py::handle& b_obj, int threads) {
+  auto a = checked<float>(a_obj, "a", 3);
+  py::array_t<float> b;
+  const bool product = !b_obj.is_none();
+  if (product) {
+    b = checked<float>(b_obj, "b", 3);
+    if (shape_of(b) != shape_of(a)) throw py::value_error("channel_sums: a and b must have one shape");
+  }
+  const auto shape = channel_shape(a);
+  py::array_t<double> sum_a(a.shape(1)), sum_ab(product ? a.shape(1) : 0);
+  auto* sa = sum_a.mutable_data();
+  auto* sab = sum_ab.mutable_data();
+  const float* bp = product ? b.data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    amct::channel_sums(a.data(), bp, shape, sa, sab, threads);
+  }
+  return py::make_tuple(sum_a, product ? py::object(sum_ab) : py::object(py::none()));
+}
+
+py::array_t<float> batch_norm_backward(const py::handle& dy_obj, const py::handle& xn_obj, const py::handle& std_obj,
+                                       const py::handle& s1_obj, const py::handle& s2_obj, float inv_m, int threads) {
+  auto dy = checked<float>(dy_obj, "dy", 3);
+  auto xn = checked<float>(xn_obj, "x_norm", 3);
+  auto sd = checked<float>(std_obj, "std", 1);
+  auto s1 = checked<float>(s1_obj, "sum_dy", 1);
+  auto s2 = checked<float>(s2_obj, "sum_dyx", 1);
+  if (shape_of(xn) != shape_of(dy)) throw py::value_error("batch_norm_backward: dy and x_norm must have one shape");
+  for (const auto* v : {&sd, &s1, &s2}) {
+    if (v->size() != dy.shape(1)) throw py::value_error("batch_norm_backward: one value per channel expected");
+  }
+  const auto shape = channel_shape(dy);
+  py::array_t<float> dx(shape_of(dy));
+  auto* dp = dx.mutable_data();
+  py::gil_scoped_release release;
+  amct::batch_norm_backward(dy.data(), xn.data(), sd.data(), s1.data(), s2.data(), inv_m, shape, dp, threads);
+  return dx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -297,6 +433,19 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"));
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
+  m.def("im2col_2d", &im2col_2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
+  m.def("col2im_2d", &col2im_2d, py::arg("cols"), py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
+  m.def("max_pool2d_argmax", &max_pool2d_argmax, py::arg("x"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("out"), py::arg("threads"));
+  m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dy"), py::arg("mask"), py::arg("in_hw"),
+        py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("threads"));
+  m.def("channel_sums", &channel_sums, py::arg("a"), py::arg("b"), py::arg("threads"));
+  m.def("batch_norm_backward", &batch_norm_backward, py::arg("dy"), py::arg("x_norm"), py::arg("std"),
+        py::arg("sum_dy"), py::arg("sum_dyx"), py::arg("inv_m"), py::arg("threads"));
+  m.def("sgd_update", &sgd_update, py::arg("weight"), py::arg("diff"), py::arg("history"), py::arg("decay"),
+        py::arg("momentum"), py::arg("rate"), py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));

@@ -14,6 +14,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers.channel_sums import batch_norm_backward_batch_stats, channel_sums
 from amct_caffe.ops import register
 
 _F32 = np.float32
@@ -23,12 +24,6 @@ _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
 def per_channel(v, ndim: int):
     """Reshape a (C,) vector to broadcast against an (N, C, ...) array of ``ndim`` axes."""
     return np.asarray(v, _F32).reshape((-1,) + (1,) * max(ndim - 2, 0))
-
-
-def _channel_sum(a):
-    """sum over every axis but 1 of an (N, C, ...) array (C = 1 for 1 axis), float64 -> float32 (C,)."""
-    c = 1 if a.ndim == 1 else a.shape[1]
-    return a.reshape(a.shape[0], c, -1).sum(axis=(0, 2), dtype=np.float64).astype(_F32)
 
 
 def global_moments(mean, variance, moving_average_factor):
@@ -103,16 +98,10 @@ def batch_norm_backward(dy, x_norm, std, use_global_stats: bool):
     the means per channel over the M = count / C elements, computed as Caffe does:
     ``dy - (sum(dy) + y * sum(dy * y)) / M``.
     """
-    s = per_channel(std, dy.ndim)
+    if not use_global_stats:  # the sums and the elementwise pass in C++ where built
+        return batch_norm_backward_batch_stats(dy, x_norm, std)
     with np.errstate(**_QUIET):
-        if use_global_stats:
-            return np.divide(dy, s)
-        m = dy.size // std.size
-        acc = np.multiply(x_norm, per_channel(_channel_sum(dy * x_norm), dy.ndim))
-        acc += per_channel(_channel_sum(dy), dy.ndim)
-        dx = dy - acc * _F32(1.0 / m)
-        dx /= s
-    return dx
+        return np.divide(dy, per_channel(std, dy.ndim))
 
 
 class ChannelStatisticsLayer(Layer):
@@ -224,6 +213,7 @@ class BatchNormKyleLayer(BatchNormLayer):
         d_norm = np.multiply(dy, per_channel(self.blobs[3].data, dy.ndim)) if alpha_beta else dy
         dx = batch_norm_backward(d_norm, self._x_norm, self._std, self.use_global_stats)
         if alpha_beta and not self.use_global_stats:
-            self.blobs[3].diff = _channel_sum(dy * self._x_norm).reshape(self.blobs[3].shape)
-            self.blobs[4].diff = _channel_sum(dy).reshape(self.blobs[4].shape)
+            s_dy, s_dyx = channel_sums(dy, self._x_norm)
+            self.blobs[3].diff = s_dyx.astype(_F32).reshape(self.blobs[3].shape)
+            self.blobs[4].diff = s_dy.astype(_F32).reshape(self.blobs[4].shape)
         return [dx]

@@ -315,6 +315,21 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     return out
 
 
+def stable_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
+                  part: np.ndarray | None = None) -> np.ndarray:
+    """``np.matmul(a, b, out=out)`` with the same bytes for any BLAS thread count (module doc,
+    "Determinism"), for the GEMMs that need not round like one of Caffe's calls (the gradients).
+
+    A contraction ``K`` longer than numpy's K block (or :data:`UNKNOWN_BLAS_K_BLOCK`) is summed here
+    in blocks of at most that length, in order (``C = A_1 @ B_1; C += A_i @ B_i``), which numpy's
+    BLAS does not split again; a shorter one is one GEMM. ``part``: optional scratch of the result's shape.
+    """
+    q = gemm_config().numpy_k_block or UNKNOWN_BLAS_K_BLOCK
+    if a.shape[-1] <= q:
+        return np.matmul(a, b, out=out)
+    return _blocked_matmul(a, b, _driver_blocks(a.shape[-1], q, True), out, part)
+
+
 def _blocked_matmul(a: np.ndarray, b: np.ndarray, blocks: tuple[int, ...], out: np.ndarray | None = None,
                     part: np.ndarray | None = None) -> np.ndarray:
     """``a @ b`` summed over K in ``blocks`` (end offsets), one numpy GEMM per block, in order."""

@@ -15,9 +15,18 @@ Convolution uses them with ``a = x``, ``b = y``; Deconvolution (a transposed con
 forward *is* ``backward_cpu_gemm``) swaps the roles, ``a = dY`` and ``b = x``: its weight gradient
 is ``weight_cpu_gemm(dY, x)`` and its bottom gradient the convolution forward of ``dY``.
 
-Speed: the images are laid side by side (``(g, K, n*P)`` columns, the ``batch_last`` layout of
-:func:`conv_cols.im2col`) in chunks of about ``GRAD_COLS_BUDGET`` floats, so each chunk is one GEMM
-per group instead of one per image; ``col2im`` is one strided add per kernel tap.
+Speed and rounding. The weight gradient makes Caffe's products, one ``(Ob/g x P) @ (P x K)`` per
+image and group rounded as Caffe's call (:func:`caffe_gemm.matmul`) and added in image order, so
+it is Caffe's sum wherever that call is one block (``P`` up to OpenBLAS's K block, or a small-matrix
+call) and the diff starts at zero; with many groups (depthwise) the images are laid side by side
+(``(g, K, n*P)`` columns, the ``batch_last`` layout of :func:`conv_cols.im2col`), one GEMM per group.
+The input gradient lays the images side by side for small maps (``P < WIDE_GRAD_PIXELS``), else
+keeps Caffe's per-image ``(K x P)`` matrices as one stacked product. Columns are built in chunks of
+about ``GRAD_COLS_BUDGET`` floats. 2-D im2col / col2im run in C++ (``csrc/src/conv_backward.cpp``: one
+pass, no GIL, the planes split between threads; col2im adds in Caffe's order); the NumPy path (one
+strided copy / add per kernel tap) is their fallback and reference. Every GEMM sums its contraction
+in blocks numpy's BLAS does not split again, so the gradients are the same bytes with any BLAS
+thread count.
 """
 
 from __future__ import annotations
@@ -27,11 +36,23 @@ import math
 
 import numpy as np
 
+from amct_caffe.runtime import threads
+from amct_caffe.runtime.layers import caffe_gemm
 from amct_caffe.runtime.layers.conv_cols import im2col, scratch, tap_slices
 
-# Columns of this many floats (32 MB) at most are built at once; a larger block than the
-# forward's keeps the (Ob/g x K) weight-gradient GEMMs long in their summed dimension.
-GRAD_COLS_BUDGET = 1 << 23
+try:  # the C++ column kernels (csrc/src/conv_backward.cpp); the NumPy paths below are their reference
+    from amct_caffe._kernels import col2im_2d as COL2IM_KERNEL
+    from amct_caffe._kernels import im2col_2d as IM2COL_KERNEL
+except ImportError:
+    COL2IM_KERNEL = IM2COL_KERNEL = None
+
+# Columns of this many floats (1 MB; at least one image) at most are built at once: they are still
+# in the cache when the GEMMs read them (with 32 MB, conv_1 of ResNet-50 took twice as long).
+GRAD_COLS_BUDGET = 1 << 18
+# Below this many output pixels per image the input gradient lays the images side by side too.
+WIDE_GRAD_PIXELS = 1024
+# Up to this many (image, group) products the weight gradient makes Caffe's per-image GEMMs.
+PER_IMAGE_GEMMS_MAX = 512
 
 
 def _extent(sa, ksz, stride, pad, dilation, sb) -> tuple[int, ...]:
@@ -63,28 +84,59 @@ def _side_by_side(b, group) -> np.ndarray:
     return np.ascontiguousarray(t).reshape(group, o // group, -1)
 
 
+def _columns(ab, ksz, stride, pad, dilation, sb, ext, batch_last: bool) -> np.ndarray:
+    """im2col of the images ``ab`` (n, C, *sa): (C*prod(k), n*P) with ``batch_last``, else (n, C*prod(k), P)
+    (scratch; ``ab`` itself for a 1x1 kernel without stride or pad, as Caffe's ``is_1x1_``)."""
+    n, c = ab.shape[:2]
+    npix = math.prod(sb)
+    if not batch_last and all(k == 1 for k in ksz) and not any(pad) and all(st == 1 for st in stride):
+        return np.ascontiguousarray(ab).reshape(n, c, npix)
+    rows = c * math.prod(ksz)
+    if IM2COL_KERNEL is not None and len(ksz) == 2:
+        cols = scratch("cols", (rows, n * npix) if batch_last else (n, rows, npix))
+        IM2COL_KERNEL(np.ascontiguousarray(ab), cols, list(ksz), list(stride), list(pad), list(dilation), list(sb),
+                      batch_last, threads.workers())
+        return cols
+    cols = im2col(_padded_input(ab, pad, ext), ksz, stride, dilation, sb, batch_last=batch_last)
+    return cols.reshape((rows, n * npix) if batch_last else (n, rows, npix))
+
+
 def conv_weight_grad(a, b_diff, ksz, *, stride, pad, dilation, group) -> np.ndarray:
     """sum_n weight_cpu_gemm(a[n], b_diff[n]): the gradient (Ob, Ca/g, *k) of the weight of a
-    convolution ``a`` (N, Ca, *sa) -> ``b`` (N, Ob, *sb) whose output gradient is ``b_diff``."""
+    convolution ``a`` (N, Ca, *sa) -> ``b`` (N, Ob, *sb) whose output gradient is ``b_diff``.
+
+    As Caffe: one ``(Ob/g x P) @ (P x K)`` product per image and group, each rounded as Caffe's call
+    (:func:`caffe_gemm.matmul`), added in image order; many groups (depthwise) instead lay the
+    images side by side, one GEMM per group (:func:`caffe_gemm.stable_matmul`).
+    """
     a = np.asarray(a, np.float32)
     b_diff = np.asarray(b_diff, np.float32)
     n, ca = a.shape[:2]
     ob = b_diff.shape[1]
     sb = b_diff.shape[2:]
+    npix = math.prod(sb)
     ksz = tuple(ksz)
     kk = math.prod(ksz)
-    cg = ca // group
+    cg, og = ca // group, ob // group
     ext = _extent(a.shape[2:], ksz, stride, pad, dilation, sb)
-    dw = np.zeros((group, ob // group, cg * kk), np.float32)
-    chunk = _chunk(n, ca * kk * math.prod(sb))
+    dw = np.zeros((group, og, cg * kk), np.float32)
+    chunk = _chunk(n, ca * kk * npix)
+    part = scratch("part", dw.shape[1:])
+    per_image = n * group <= PER_IMAGE_GEMMS_MAX
     for n0 in range(0, n, chunk):
         ab = a[n0:n0 + chunk]
         nb = len(ab)
-        cols = im2col(_padded_input(ab, pad, ext), ksz, stride, dilation, sb, batch_last=True)
+        if per_image:
+            cols = _columns(ab, ksz, stride, pad, dilation, sb, ext, False).reshape(nb, group, cg * kk, npix)
+            dy = b_diff[n0:n0 + nb].reshape(nb, group, og, npix)
+            for i in range(nb):
+                for g in range(group):
+                    dw[g] += caffe_gemm.matmul(dy[i, g], cols[i, g].T, (og, cg * kk, npix), trans_b=True, out=part)
+            continue
+        cols = _columns(ab, ksz, stride, pad, dilation, sb, ext, True).reshape(group, cg * kk, nb * npix)
         dyg = _side_by_side(b_diff[n0:n0 + nb], group)
-        cols = cols.reshape(group, cg * kk, nb * math.prod(sb))
         for g in range(group):  # 2-D products: numpy's stacked matmul skips BLAS for a transposed operand
-            dw[g] += dyg[g] @ cols[g].T
+            dw[g] += caffe_gemm.stable_matmul(dyg[g], cols[g].T, part=part)
     return dw.reshape((ob, cg) + ksz)
 
 
@@ -122,13 +174,30 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
         return out
     wt = np.ascontiguousarray(weight.reshape(group, og, cg * kk).transpose(0, 2, 1))  # W[g]^T (K x Ob/g)
     chunk = _chunk(n, ca * kk * npix)
+    if COL2IM_KERNEL is not None and len(ksz) == 2:
+        wide = npix < WIDE_GRAD_PIXELS and n > 1
+        for n0 in range(0, n, chunk):
+            db = b_diff[n0:n0 + chunk]
+            nb = len(db)
+            if wide:  # dcols (g, K, nb*P): one GEMM per group
+                dcols = scratch("cols", (group, cg * kk, nb * npix))
+                dyg = _side_by_side(db, group)
+                for g in range(group):
+                    caffe_gemm.stable_matmul(wt[g], dyg[g], out=dcols[g], part=scratch("part", dcols.shape[1:]))
+            else:  # dcols (nb, g, K, P): Caffe's per-image matrices
+                dcols = scratch("cols", (nb, group, cg * kk, npix))
+                caffe_gemm.stable_matmul(wt, np.ascontiguousarray(db).reshape(nb, group, og, npix), out=dcols,
+                              part=scratch("part", dcols.shape))
+            COL2IM_KERNEL(dcols, out[n0:n0 + nb], list(ksz), list(stride), list(pad), list(dilation), list(sb),
+                          wide, threads.workers())
+        return out
     for n0 in range(0, n, chunk):
         db = b_diff[n0:n0 + chunk]
         nb = len(db)
         dcols = scratch("cols", (group, cg * kk, nb * npix))
         dyg = _side_by_side(db, group)
         for g in range(group):
-            np.matmul(wt[g], dyg[g], out=dcols[g])
+            caffe_gemm.stable_matmul(wt[g], dyg[g], out=dcols[g])
         # col2im: (C, *k, nb, *sb) columns added onto the padded input, one strided add per tap
         dcols = np.moveaxis(dcols.reshape((ca,) + ksz + (nb,) + sb), len(ksz) + 1, 0)
         acc = scratch("colgrad", (nb, ca) + ext)

@@ -82,16 +82,23 @@ class InnerProductLayer(Layer):
         return [InnerProduct(bottoms[0], self.blobs[0].data, bias, axis=self.axis, transpose=ip.transpose)]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
-        """dW += dY^T X (or X^T dY when transposed), db += sum_m dY, dX = dY W (or dY W^T)."""
+        """dW += dY^T X (or X^T dY when transposed), db += sum_m dY, dX = dY W (or dY W^T).
+
+        dX is Caffe's one ``(M x N) @ (N x K)`` call rounded as Caffe's (:func:`caffe_gemm.matmul`);
+        dW sums its M rows in blocks that do not depend on the BLAS thread count.
+        """
         x = bottoms[0]
         x2 = x.reshape(math.prod(x.shape[:self.axis]), -1)
         dy = top_diffs[0].reshape(x2.shape[0], -1)
         w = self.blobs[0].data
         transpose = self.lp.inner_product_param.transpose
         if self.param_propagate_down[0]:
-            self.blobs[0].diff += (x2.T @ dy) if transpose else (dy.T @ x2)
+            a, b = (x2.T, dy) if transpose else (dy.T, x2)
+            self.blobs[0].diff += caffe_gemm.stable_matmul(a, b)
         if len(self.blobs) > 1 and self.param_propagate_down[1]:
             self.blobs[1].diff += dy.sum(axis=0, dtype=np.float32)
         if not propagate_down[0]:
             return [None]
-        return [(dy @ (w.T if transpose else w)).reshape(x.shape)]
+        m, n = dy.shape
+        dx = caffe_gemm.matmul(dy, w.T if transpose else w, (m, x2.shape[1], n), trans_b=transpose)
+        return [dx.reshape(x.shape)]

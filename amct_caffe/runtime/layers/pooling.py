@@ -244,6 +244,9 @@ class PoolingLayer(Layer):
         if self.pool == STOCHASTIC and phase != 1:
             self._fail("STOCHASTIC pooling samples randomly in the TRAIN phase; only the TEST phase is "
                        "supported")
+        self._keep_argmax = False  # set by on_net_built
+        self._argmax = None  # (N, C, Ho, Wo) int32 of the last forward, when kept
+        self._argmax_in_hw = None
 
     @staticmethod
     def _ceil_mode(pp) -> bool:
@@ -279,9 +282,28 @@ class PoolingLayer(Layer):
                        "input or a smaller kernel")
         return [(n, c) + out] * len(self.lp.top)
 
+    def on_net_built(self, net, index: int) -> None:
+        """MAX pooling in a net that runs its backward keeps the forward's argmax (Caffe's max_idx_)."""
+        step = net._plan.steps[net._plan.step_of_layer[index]]
+        self._keep_argmax = (self.pool == MAX and len(self.lp.top) == 1 and step.need_backward
+                             and pooling_grad.MAX_POOL_KERNEL is not None)
+
+    def _window(self, shape):
+        """(kernel, stride, pad, output size) for a bottom of ``shape`` (global pooling resolved)."""
+        h, w = shape[2:]
+        k, s, p = ((h, w), (1, 1), (0, 0)) if self.kernel is None else (self.kernel, self.stride, self.pad)
+        return k, s, p, pooled_hw(h, w, k, s, p, self.ceil_mode)
+
     def forward(self, bottoms):
         # in place, the bottom blob is the top at backward time: keep the input for MAX's argmax
         self._kept_input = bottoms[0] if self.in_place else None
+        self._argmax = None
+        if self._keep_argmax and bottoms[0].ndim == 4 and bottoms[0].size:
+            k, s, p, out = self._window(bottoms[0].shape)
+            if min(out) > 0:
+                y, self._argmax = pooling_grad.max_pool_argmax(bottoms[0], k, s, p, out)
+                self._argmax_in_hw = bottoms[0].shape[2:]
+                return [y]
         res = Pooling(bottoms[0], pool=self.pool, kernel=self.kernel or (1, 1), stride=self.stride,
                       pad=self.pad,
                       global_pooling=self.kernel is None, ceil_mode=self.ceil_mode,
@@ -299,6 +321,9 @@ class PoolingLayer(Layer):
         """
         if not propagate_down[0]:
             return [None]
+        if self._argmax is not None and top_diffs[0].shape == self._argmax.shape:
+            k, s, p, _ = self._window((0, 0) + tuple(self._argmax_in_hw))
+            return [pooling_grad.argmax_backward(top_diffs[0], self._argmax, self._argmax_in_hw, k, s, p)]
         x = self._kept_input if self.in_place else bottoms[0]
         mask = tops[1] if len(tops) > 1 else None
         if mask is not None and self.pool == MAX and not (

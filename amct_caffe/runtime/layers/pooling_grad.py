@@ -11,6 +11,12 @@
   ``pool_size`` counts the window clipped to the padded input (the forward's divisor) while
   the sum runs over the window clipped to the input.
 
+In a net that runs MAX pooling backward, the forward keeps the argmax as Caffe keeps ``max_idx_``:
+:func:`max_pool_argmax` (C++, ``csrc/src/max_pool.cpp``: Caffe's forward loop, one pass) gives the
+pooled maxima and the flat plane indices, and :func:`argmax_backward` scatters the diffs along
+them in Caffe's order (its previous-plane writes included). Without the extension, the argmax is
+recomputed at backward time from the input (:func:`max_pool_backward`, their reference).
+
 Caffe reads the mask top's *data* at backward time, as an index (``static_cast<int>``, toward
 zero) from the start of each plane into the whole bottom diff. An in-place layer on the mask top
 (a Scale, an activation) therefore moves where the diffs go, even into another plane:
@@ -19,11 +25,42 @@ zero) from the start of each plane into the whole bottom diff. An in-place layer
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime import threads
+
+try:  # Caffe's MAX loops in C++ (csrc/src/max_pool.cpp); the NumPy functions below are their reference
+    from amct_caffe._kernels import max_pool2d_argmax as MAX_POOL_KERNEL
+    from amct_caffe._kernels import max_pool2d_backward as MAX_POOL_BACKWARD_KERNEL
+except ImportError:
+    MAX_POOL_KERNEL = MAX_POOL_BACKWARD_KERNEL = None
 
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
+# Below this many values per pass the C++ loops run on one thread (starting more costs more).
+THREADED_VALUES = 1 << 18
+
+
+def _workers(values: int) -> int:
+    return threads.workers() if values >= THREADED_VALUES else 1
+
+
+def max_pool_argmax(x, k, s, p, out) -> tuple[np.ndarray, np.ndarray]:
+    """MAX pooling of ``x`` (N, C, H, W) into ``out`` = (Ho, Wo) by Caffe's Forward_cpu loop (C++):
+    the maxima (N, C, Ho, Wo) and the argmax as int32 flat plane indices (-1: the window picked
+    nothing). Needs :data:`MAX_POOL_KERNEL`."""
+    x = np.ascontiguousarray(x, np.float32)
+    return MAX_POOL_KERNEL(x, list(k), list(s), list(p), list(out), _workers(x.size))
+
+
+def argmax_backward(dy, argmax, in_hw, k, s, p) -> np.ndarray:
+    """MAX pooling's bottom diff (N, C, *in_hw) from the forward's ``argmax`` (:func:`max_pool_argmax`):
+    ``dx[n, c].flat[argmax] += dy`` in output order, empty windows on the previous plane's last cell."""
+    dy = np.ascontiguousarray(dy, np.float32)
+    return MAX_POOL_BACKWARD_KERNEL(dy, argmax, list(in_hw), list(k), list(s), list(p),
+                                    _workers(dy.size + math.prod(dy.shape[:2]) * math.prod(in_hw)))
 
 
 def global_max_mask(x) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.layer import Layer, canonical_axis
+from amct_caffe.runtime.layers.channel_sums import channel_sums
 from amct_caffe.ops import register
 
 _F32 = np.float32
@@ -146,15 +147,25 @@ class ScaleLayer(Layer):
         scale = bottoms[1] if two else self.blobs[0].data
         o, d, i = _split(dy.shape, scale.shape, self.lp.scale_param.axis, self.name, exact=False)
         flags = self.param_propagate_down
-        if self.lp.scale_param.bias_term and flags[-1]:
+        want_bias = self.lp.scale_param.bias_term and flags[-1]
+        want_scale = (two and propagate_down[1]) or (not two and flags[0])
+        x = self._x if self.in_place else bottoms[0]
+        eltwise = dy.size == scale.size
+        # Not in place and not elementwise, Caffe keeps dy * x in bottom 0's diff as scratch (see below)
+        product = np.multiply(dy, x) if want_scale and not eltwise and not self.in_place else None
+        s_dy = s_dyx = None
+        if product is not None:
+            s_dyx = channel_sums(product, None, (o, d, i))[0]
+            if want_bias:
+                s_dy = channel_sums(dy, None, (o, d, i))[0]
+        elif want_bias or want_scale:  # one pass for both sums, the product not kept
+            s_dy, s_dyx = channel_sums(dy, x if want_scale else None, (o, d, i))
+        if want_bias:
             bias = self.blobs[-1]
-            bias.diff += dy.reshape(o, d, i).sum(axis=(0, 2), dtype=np.float64).astype(_F32).reshape(bias.shape)
+            bias.diff += s_dy.astype(_F32).reshape(bias.shape)
         grads: list = [None] * len(bottoms)
-        if (two and propagate_down[1]) or (not two and flags[0]):
-            x = self._x if self.in_place else bottoms[0]
-            product = np.multiply(dy, x)
-            eltwise = product.size == scale.size
-            diff = product.reshape(o, d, i).sum(axis=(0, 2), dtype=np.float64).astype(_F32).reshape(scale.shape)
+        if want_scale:
+            diff = s_dyx.astype(_F32).reshape(scale.shape)
             if two:
                 grads[1] = diff
             elif eltwise or (o == 1 and i > 1 and d > 1):
@@ -201,7 +212,7 @@ class BiasLayer(Layer):
         o, d, i = _split(dy.shape, bias.shape, self.lp.bias_param.axis, self.name, exact=True)
         grads: list = [dy if propagate_down[0] else None] + [None] * (len(bottoms) - 1)
         if (two and propagate_down[1]) or (not two and self.param_propagate_down[0]):
-            diff = dy.reshape(o, d, i).sum(axis=(0, 2), dtype=np.float64).astype(_F32).reshape(bias.shape)
+            diff = channel_sums(dy, None, (o, d, i))[0].astype(_F32).reshape(bias.shape)
             if two:
                 grads[1] = diff
             else:
