@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from amct_caffe.api.staged_run import StagedRun
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.retrain import DATA_QUANT, WEIGHT_QUANT
 from amct_caffe.quant import arq_quantize_weight
 from amct_caffe.quant.rounding import bias_correction, dominant_mask, learned_codes
-from amct_caffe.runtime import TEST, Net
 
 _LOG = logging.getLogger(__name__)
 
@@ -184,13 +184,6 @@ def _levels(graph: Graph, layers: list[_Layer]) -> None:
             blob_level[top] = level
 
 
-def _run_to(net: Net, names: list[str], done: int, stop: int, feed: dict | None) -> int:
-    """Run ``net``'s layers ``done``..``stop`` (indices into ``names``); the next index to run."""
-    if stop >= done:
-        net.forward(start=names[done], end=names[stop], **(feed or {}))
-    return max(done, stop + 1)
-
-
 def _accumulate(layer: _Layer, xq: np.ndarray, xf: np.ndarray | None, rng: np.random.Generator) -> None:
     pos = _positions(xq.shape, layer, rng)
     cols = _patches(xq, layer, pos)
@@ -204,28 +197,44 @@ def _accumulate(layer: _Layer, xq: np.ndarray, xf: np.ndarray | None, rng: np.ra
         layer.diff_sums = _add(layer.diff_sums, diff.sum(axis=1, dtype=np.float64))
 
 
-def _gather(graph: Graph, reference: Graph | None, layers: list[_Layer], inputs: dict, batch: int,
-            model_batch: int, seed: int) -> None:
+def _gather(runs: tuple[StagedRun, StagedRun | None], graph: Graph, reference: Graph | None,
+            layers: list[_Layer], later: list[_Layer], inputs: dict, batch: int, seed: int) -> None:
     """Run the retrain network (and the float ``reference``) over the data, in batches of
     ``batch`` (the last one may be smaller), up to ``layers``' inputs; accumulate each layer's
-    input moments (and their cross moments with the upstream error ``x_fp32 - x``)."""
-    qnet, qnames = Net.from_graph(any_batch(graph, model_batch), TEST), [node.name for node in graph.nodes]
-    fnet = Net.from_graph(any_batch(reference, model_batch), TEST) if reference is not None else None
-    fnames = [node.name for node in reference.nodes] if reference is not None else []
-    stops = sorted(((graph.index(layer.data), reference.index(reference.node(layer.node.name)) - 1
-                     if reference is not None else -1, layer) for layer in layers), key=lambda t: t[0])
+    input moments (and their cross moments with the upstream error ``x_fp32 - x``).
+
+    ``later``: the layers still to be rounded after these. The retrain graph's run keeps the blobs
+    live where the first RetrainDataQuant of ``layers`` or ``later`` sits (these layers change once
+    measured, so the next pass must run them again), the float graph's where the first of
+    ``later`` sits; the next pass starts there.
+    """
+    qrun, frun = runs
+
+    def float_node(layer: _Layer) -> Node:
+        return reference.node(layer.node.name)
+
+    reads = sorted(((graph.index(layer.data), reference.index(float_node(layer)) - 1 if reference else -1, layer)
+                    for layer in layers), key=lambda t: t[0])
+    qrun.open(reads[-1][0], min(graph.index(x.data) for x in (*layers, *later)) if later else None)
+    if frun is not None:
+        frun.open(max(r[1] for r in reads), min((reference.index(float_node(x)) for x in later), default=None))
     rng = np.random.default_rng(seed)
     n = len(next(iter(inputs.values())))
-    for start in range(0, n, batch):
+    for number, start in enumerate(range(0, n, batch)):
         feed = {name: value[start:start + batch] for name, value in inputs.items()}
-        qdone = fdone = 0
-        for qstop, fstop, layer in stops:
-            qdone = _run_to(qnet, qnames, qdone, qstop, feed if qdone == 0 else None)
+        for run in (r for r in runs if r is not None):
+            run.begin(number, feed)
+        for qstop, fstop, layer in reads:
+            qrun.advance(qstop)
             xf = None
-            if fnet is not None:
-                fdone = _run_to(fnet, fnames, fdone, fstop, feed if fdone == 0 else None)
-                xf = np.asarray(fnet.blobs[reference.node(layer.node.name).bottoms[0]].data, np.float32)
-            _accumulate(layer, np.asarray(qnet.blobs[layer.blob].data, np.float32), xf, rng)
+            if frun is not None:
+                frun.advance(fstop)
+                xf = frun.blob(float_node(layer).bottoms[0])
+            _accumulate(layer, qrun.blob(layer.blob), xf, rng)
+        for run in (r for r in runs if r is not None):
+            run.finish()
+    for run in (r for r in runs if r is not None):
+        run.close()
 
 
 def _round_layer(layer: _Layer) -> bool:
@@ -301,11 +310,13 @@ def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph
     else:
         _levels(graph, layers)
         groups = [[layer for layer in layers if layer.level == lv] for lv in range(max(x.level for x in layers) + 1)]
+    groups = [group for group in groups if group]
+    runs = (StagedRun(lambda: any_batch(graph, model_batch)),
+            StagedRun(lambda: any_batch(reference, model_batch)) if reference is not None else None)
     changed = []
     for i, group in enumerate(groups):
-        if not group:
-            continue
-        _gather(graph, reference, group, inputs, max(BATCH, model_batch), model_batch, SEED + i)
+        later = [layer for g in groups[i + 1:] for layer in g]
+        _gather(runs, graph, reference, group, later, inputs, max(BATCH, model_batch), SEED + i)
         for layer in group:
             if _round_layer(layer):
                 changed.append(layer.node.name)
@@ -313,5 +324,5 @@ def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph
                 _LOG.debug("layer '%s': nearest rounding kept (%s)", layer.node.name, layer.skipped)
             layer.prods = layer.cross = None  # the moments of a level are not needed after it
     _LOG.info("label-free QAT: learned rounding of %d of %d layer(s) in %d pass(es)", len(changed), len(layers),
-              sum(1 for g in groups if g))
+              len(groups))
     return changed
