@@ -22,6 +22,11 @@ the separate layers. Two modes (:class:`FoldMode`):
   ~1e-6 relative on open_nsfw's blobs); a fake-quant model's next Quant layer could round such a
   value the other way, which is why FAST is only for float models.
 
+The per-channel steps after the GEMM (FAST's ``y * a + b`` and the ReLU, a ReLU alone) run as one
+C++ pass over the output where the extension is built (``channel_affine`` in
+``csrc/src/conv_cols.cpp``: the same two float32 roundings as NumPy's ``y *= a; y += b``, so the
+same bytes), instead of one NumPy pass each.
+
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
 runs in place on the Eltwise's fresh result (the same bytes in both modes).
 
@@ -40,8 +45,16 @@ import numpy as np
 
 from amct_caffe import ops
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers.batch_norm import _std, global_moments
 from amct_caffe.runtime.layers.conv import Convolution
+
+try:  # csrc/src/conv_cols.cpp; the NumPy lines beside each call are its reference
+    from amct_caffe._kernels import channel_affine as AFFINE_KERNEL
+except ImportError:
+    AFFINE_KERNEL = None
+# Below this many values the per-channel pass runs on one thread.
+THREADED_AFFINE = 1 << 18
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
@@ -66,15 +79,18 @@ class Chain:
 
     def forward(self, bottoms: list[np.ndarray]) -> np.ndarray:
         """The chain's final top for the head's ``bottoms``."""
+        relu = self.members[-1].type == "ReLU"
         if self.head.type == "Convolution":
-            y = self._convolution(bottoms[0])
+            y, done = self._convolution(bottoms[0], relu)
+            relu = relu and not done
         else:  # an Eltwise: its result is a fresh array nobody else holds
             (y,) = self.head.forward(bottoms)
-        if self.members[-1].type == "ReLU":
-            np.maximum(y, _F32(0), out=y)  # activation.ReLU with negative_slope 0
+        if relu:
+            _affine(y, None, None, relu=True)  # activation.ReLU with negative_slope 0
         return y
 
-    def _convolution(self, x: np.ndarray) -> np.ndarray:
+    def _convolution(self, x: np.ndarray, relu: bool) -> tuple[np.ndarray, bool]:
+        """The convolution and the affine members; (y, whether ``relu`` was applied too)."""
         conv = self.head
         _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
         weight = conv.blobs[0].data
@@ -87,9 +103,8 @@ class Chain:
         with np.errstate(**_QUIET):
             if fast:
                 a, b = channel_affine(affine, bias, y.shape[1])
-                y *= a.reshape(shape)
-                y += b.reshape(shape)
-                return y
+                _affine(y, a, b, relu)
+                return y, relu
             for m in affine:
                 if m.type == "BatchNorm":  # batch_norm._normalize, in place
                     mean, var = global_moments(m.blobs[0].data, m.blobs[1].data, m.blobs[2].data)
@@ -99,7 +114,21 @@ class Chain:
                     y *= m.blobs[0].data.reshape(shape)
                     if len(m.blobs) > 1:
                         y += m.blobs[1].data.reshape(shape)
-        return y
+        return y, False
+
+
+def _affine(y: np.ndarray, a: np.ndarray | None, b: np.ndarray | None, relu: bool) -> None:
+    """In place on ``y`` (N, C, ...): ``y *= a[c]; y += b[c]`` (each if given), then ReLU if ``relu``."""
+    if AFFINE_KERNEL is not None and y.flags.c_contiguous and y.ndim >= 2:
+        AFFINE_KERNEL(y, a, b, relu, threads.workers() if y.size >= THREADED_AFFINE else 1)
+        return
+    shape = (-1,) + (1,) * (y.ndim - 2)
+    if a is not None:
+        y *= a.reshape(shape)
+    if b is not None:
+        y += b.reshape(shape)
+    if relu:
+        np.maximum(y, _F32(0), out=y)
 
 
 def channel_affine(layers, bias, channels: int) -> tuple[np.ndarray, np.ndarray]:

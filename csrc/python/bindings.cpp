@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "amct/arq.h"
+#include "amct/conv_cols.h"
 #include "amct/depthwise.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
@@ -261,6 +262,65 @@ py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std
   return std::move(y);
 }
 
+amct::Conv2dGeometry geometry_2d(const py::array& x, std::vector<int> kernel, std::vector<int> stride,
+                                 std::vector<int> pad, std::vector<int> dilation, std::vector<int> out) {
+  for (const auto* v : {&kernel, &stride, &pad, &dilation, &out}) {
+    if (v->size() != 2) throw py::value_error("kernel, stride, pad, dilation and out must have 2 values each");
+  }
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
+          static_cast<int>(x.shape(3)), kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1],
+          dilation[0], dilation[1], out[0], out[1]};
+}
+
+void im2col2d(const py::handle& x_obj, const py::handle& cols_obj, std::vector<int> kernel, std::vector<int> stride,
+              std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto cols = checked<float>(cols_obj, "cols");
+  auto g = geometry_2d(x, kernel, stride, pad, dilation, out);
+  const std::size_t want = static_cast<std::size_t>(g.n) * g.c * g.kh * g.kw * g.ho * g.wo;
+  if (size_of(cols) != want) throw py::value_error("cols must hold N*C*kh*kw*Ho*Wo floats");
+  if (!cols.writeable()) throw py::value_error("cols must be writeable");
+  auto* cp = cols.mutable_data();
+  py::gil_scoped_release release;
+  amct::im2col2d(x.data(), cp, g, batch_last, threads);
+}
+
+py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector<int> kernel,
+                 std::vector<int> stride, std::vector<int> pad, std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto g = geometry_2d(x, kernel, stride, pad, {1, 1}, out);
+  if (method != "MAX" && method != "AVE") throw py::value_error("method must be 'MAX' or 'AVE'");
+  py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+  auto* yp = y.mutable_data();
+  const bool is_max = method == "MAX";
+  py::gil_scoped_release release;
+  (is_max ? amct::max_pool2d : amct::ave_pool2d)(x.data(), yp, g, threads);
+  return std::move(y);
+}
+
+void channel_affine(const py::handle& y_obj, const py::object& a_obj, const py::object& b_obj, bool relu,
+                    int threads) {
+  auto y = checked<float>(y_obj, "y");
+  if (y.ndim() < 2) throw py::value_error("y must be (N, C, ...)");
+  if (!y.writeable()) throw py::value_error("y must be writeable");
+  const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
+  const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
+  py::array_t<float> a, b;
+  if (!a_obj.is_none()) {
+    a = checked<float>(a_obj, "a", 1);
+    if (static_cast<std::size_t>(a.size()) != c) throw py::value_error("a must have one value per channel");
+  }
+  if (!b_obj.is_none()) {
+    b = checked<float>(b_obj, "b", 1);
+    if (static_cast<std::size_t>(b.size()) != c) throw py::value_error("b must have one value per channel");
+  }
+  const float* ap = a_obj.is_none() ? nullptr : a.data();
+  const float* bp = b_obj.is_none() ? nullptr : b.data();
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::channel_affine(yp, n, c, p, ap, bp, relu, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -268,6 +328,12 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"));
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
+  m.def("im2col2d", &im2col2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
+  m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("out"), py::arg("threads"));
+  m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
+        py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));

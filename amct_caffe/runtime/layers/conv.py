@@ -53,7 +53,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers import caffe_gemm, conv_grad
-from amct_caffe.runtime.layers.conv_cols import im2col, im2row, padded, scratch, tap_slices
+from amct_caffe.runtime.layers.conv_cols import im2col, im2col_2d, im2row, padded, scratch, tap_slices
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
@@ -153,6 +153,8 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
         def columns(xb, batch_last=False):
             if rows:
                 return im2row(xb, ksz, pad, dilation, out[0], batch_last)
+            if nsp == 2:
+                return im2col_2d(xb, ksz, stride, pad, dilation, out, batch_last)
             return im2col(padded(xb, pad), ksz, stride, dilation, out, batch_last)
 
         if depthwise and nsp == 2 and DEPTHWISE_KERNEL is not None:

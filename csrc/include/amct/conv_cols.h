@@ -1,0 +1,31 @@
+// Convolution columns (im2col), pooling and the per-channel epilogue of the executor's forward
+// (amct_caffe/runtime/layers/{conv_cols,pooling}.py and runtime/fold.py hold the NumPy references).
+//
+// None of these loops rounds differently from its reference: im2col and MAX pooling only copy and
+// compare, AVE pooling sums each window in Caffe's order (rows, then columns within a row) and
+// divides once, the epilogue rounds y * a and then + b as two float32 operations (no contraction).
+#pragma once
+
+#include <cstddef>
+
+#include "amct/depthwise.h"
+
+namespace amct {
+
+// x (N, C, H, W) -> cols, zero where a tap reads the padding (or past the input, where C's truncating
+// division lets the last window reach). Layout (N, C, kh, kw, Ho, Wo), or with batch_last
+// (C, kh, kw, N, Ho, Wo). Workers split the (image, channel) planes.
+void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads);
+
+// Caffe's PoolingLayer::Forward_cpu, MAX and AVE, on x (N, C, H, W) -> y (N, C, Ho, Wo); the geometry's
+// kernel / stride / pad are the pooling's (dilation unused). MAX: windows clipped to the image, a tap
+// replaces the running max (from -FLT_MAX) only where strictly greater. AVE: the clipped window's sum
+// divided by the window size clipped to the padded image.
+void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
+void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
+
+// In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then y = max(y, 0) if relu.
+void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
+                    int threads);
+
+}  // namespace amct
