@@ -20,15 +20,25 @@ the separate layers. Two modes (:class:`FoldMode`):
   Each element is rounded once (twice with the ReLU) instead of four to five times, so it
   differs from Caffe's by a few float32 ulps of the larger of the terms (measured: at most
   ~1e-6 relative on open_nsfw's blobs); a fake-quant model's next Quant layer could round such a
-  value the other way, which is why FAST is only for float models.
+  value the other way, which is why FAST is only for float models. A 3x3 stride-1 convolution in
+  such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
+  multiplies, ~1e-5 of the blob's scale from Caffe on open_nsfw), with the affine map and the
+  ReLU applied by its output transform. A chain without BatchNorm / Scale (a convolution and a
+  ReLU) keeps Caffe's arithmetic in both modes.
 
 The per-channel steps after the GEMM (FAST's ``y * a + b`` and the ReLU, a ReLU alone) run as one
 C++ pass over the output where the extension is built (``channel_affine`` in
 ``csrc/src/conv_cols.cpp``: the same two float32 roundings as NumPy's ``y *= a; y += b``, so the
 same bytes), instead of one NumPy pass each.
 
+A Convolution whose top is read by a ReLU writing another blob (``top: "relu"``, MobileNet-style
+prototxts exported from other frameworks) keeps both blobs, but runs as one step too (``split``):
+the bias is added and the ReLU's top written in one pass (``bias_relu``), the same bytes as the two
+layers, in both modes.
+
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
-runs in place on the Eltwise's fresh result (the same bytes in both modes).
+runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
+in one C++ pass (``add_relu``); the same bytes in both modes.
 
 :func:`plan` picks the chains (only in nets that need no backward: the backward reads each
 layer's own input) and the mode: ``"auto"`` is EXACT for a net holding any layer the tool inserts
@@ -39,7 +49,7 @@ layer's own input) and the mode: ``"auto"`` is EXACT for a net holding any layer
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,12 +57,19 @@ from amct_caffe import ops
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers.batch_norm import _std, global_moments
+from amct_caffe.runtime.layers import winograd
 from amct_caffe.runtime.layers.conv import Convolution
+from amct_caffe.runtime.layers.eltwise import SUM
 
 try:  # csrc/src/conv_cols.cpp; the NumPy lines beside each call are its reference
+    from amct_caffe._kernels import add_relu as ADD_RELU_KERNEL
     from amct_caffe._kernels import channel_affine as AFFINE_KERNEL
 except ImportError:
-    AFFINE_KERNEL = None
+    ADD_RELU_KERNEL = AFFINE_KERNEL = None
+try:
+    from amct_caffe._kernels import bias_relu as BIAS_RELU_KERNEL
+except ImportError:
+    BIAS_RELU_KERNEL = None
 # Below this many values the per-channel pass runs on one thread.
 THREADED_AFFINE = 1 << 18
 
@@ -76,13 +93,29 @@ class Chain:
     head: object        # the ConvolutionLayer or EltwiseLayer
     members: tuple      # the BatchNorm / Scale / ReLU layers, in order
     mode: FoldMode
+    split: bool = False  # the one member is a ReLU writing its own top (the head's top stays readable)
+    weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
 
-    def forward(self, bottoms: list[np.ndarray]) -> np.ndarray:
-        """The chain's final top for the head's ``bottoms``."""
+    def forward(self, bottoms: list[np.ndarray]) -> list[np.ndarray]:
+        """The tops for the head's ``bottoms``: [the chain's final value], or with ``split``
+        [the convolution's top, the ReLU's]."""
+        if self.split:
+            conv = self.head
+            _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
+            y = Convolution(bottoms[0], conv.blobs[0].data, None, stride=stride, pad=pad, dilation=dilation,
+                            group=conv.lp.convolution_param.group)
+            bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
+            return list(_bias_relu(y, bias))
+        return [self._single(bottoms)]
+
+    def _single(self, bottoms: list[np.ndarray]) -> np.ndarray:
         relu = self.members[-1].type == "ReLU"
         if self.head.type == "Convolution":
             y, done = self._convolution(bottoms[0], relu)
             relu = relu and not done
+        elif relu and _plain_sum(self.head, bottoms):  # a residual sum and its ReLU in one pass
+            return ADD_RELU_KERNEL(bottoms[0], bottoms[1], threads.workers() if bottoms[0].size >= THREADED_AFFINE
+                                   else 1)
         else:  # an Eltwise: its result is a fresh array nobody else holds
             (y,) = self.head.forward(bottoms)
         if relu:
@@ -96,9 +129,19 @@ class Chain:
         weight = conv.blobs[0].data
         bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
         affine = [m for m in self.members if m.type != "ReLU"]
+        group = conv.lp.convolution_param.group
+        # Winograd only where FAST already gives up Caffe's bytes (a BatchNorm / Scale folded): a
+        # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit
+        if self.mode is FoldMode.FAST and affine and winograd.available() and x.ndim == 4 \
+                and winograd.applies(weight.shape, stride, dilation, group) \
+                and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.shape[0] > 0:
+            a, b = channel_affine(affine, bias, weight.shape[0])
+            ho, wo = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
+            m = winograd.tile_size(ho, wo)
+            return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu), relu
         fast = self.mode is FoldMode.FAST and affine
         y = Convolution(x, weight, None if fast else bias, stride=stride, pad=pad, dilation=dilation,
-                        group=conv.lp.convolution_param.group)
+                        group=group)
         shape = (-1,) + (1,) * (y.ndim - 2)
         with np.errstate(**_QUIET):
             if fast:
@@ -115,6 +158,23 @@ class Chain:
                     if len(m.blobs) > 1:
                         y += m.blobs[1].data.reshape(shape)
         return y, False
+
+
+def _bias_relu(y: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
+    """``y += bias[c]`` in place (a Convolution's bias), and a fresh ``maximum(y, 0)``."""
+    if BIAS_RELU_KERNEL is not None and y.flags.c_contiguous and y.ndim >= 2:
+        b = None if bias is None else np.ascontiguousarray(bias, _F32).reshape(-1)
+        return y, BIAS_RELU_KERNEL(y, b, threads.workers() if y.size >= THREADED_AFFINE else 1)
+    if bias is not None:
+        y += np.asarray(bias, _F32).reshape((-1,) + (1,) * (y.ndim - 2))
+    return y, np.maximum(y, _F32(0))
+
+
+def _plain_sum(layer, bottoms) -> bool:
+    """Whether Eltwise ``layer`` adds two C-contiguous float32 arrays of one shape with coefficients 1."""
+    return (ADD_RELU_KERNEL is not None and layer.operation == SUM and len(bottoms) == 2
+            and all(float(c) == 1.0 for c in layer.coeff) and bottoms[0].shape == bottoms[1].shape
+            and all(b.dtype == _F32 and b.flags.c_contiguous for b in bottoms))
 
 
 def _affine(y: np.ndarray, a: np.ndarray | None, b: np.ndarray | None, relu: bool) -> None:
@@ -193,6 +253,11 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
                 break
         if j > i + 1:
             chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
+        elif i + 1 < len(layers) and bottom_names[i + 1] == [top] and len(top_names[i + 1]) == 1 \
+                and top_names[i + 1][0] not in (top, *shared) and not any(loss_weights[i + 1]) \
+                and layers[i + 1].type == "ReLU" and _foldable_member(layers[i + 1]):
+            # a ReLU writing its own blob: both tops are kept, computed in one step
+            chains[i] = Chain(i, i + 1, head, (layers[i + 1],), mode, split=True)
     return chains
 
 

@@ -349,7 +349,10 @@ class Net:
         for i in range(chain.first, chain.last + 1):
             self._reshape_layer(i)
         name = self._layer_names[chain.first]
-        self.blobs[self.top_names[name][0]].data = chain.forward([self.blobs[b].data for b in self.bottom_names[name]])
+        tops = chain.forward([self.blobs[b].data for b in self.bottom_names[name]])
+        self.blobs[self.top_names[name][0]].data = tops[0]
+        if chain.split:  # the ReLU's own top
+            self.blobs[self.top_names[self._layer_names[chain.last]][0]].data = tops[1]
 
     # ---------------------------------------------------------------- training
     @property

@@ -19,6 +19,7 @@
 #include "amct/search_n.h"
 #include "amct/snq.h"
 #include "amct/ulq.h"
+#include "amct/winograd.h"
 
 namespace py = pybind11;
 
@@ -245,7 +246,8 @@ py::tuple ulq_backward(const py::handle& x_obj, const py::handle& g_obj, float c
 }
 
 py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
-                           std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads) {
+                           std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
+                           const py::object& bias_obj) {
   auto x = checked<float>(x_obj, "x", 4);
   auto w = checked<float>(w_obj, "weight", 3);
   for (const auto* v : {&stride, &pad, &dilation, &out}) {
@@ -255,10 +257,16 @@ py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std
   amct::Conv2dGeometry g{static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
                          static_cast<int>(x.shape(3)), static_cast<int>(w.shape(1)), static_cast<int>(w.shape(2)),
                          stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1], out[0], out[1]};
+  py::array_t<float> bias;
+  if (!bias_obj.is_none()) {
+    bias = checked<float>(bias_obj, "bias", 1);
+    if (bias.shape(0) != x.shape(1)) throw py::value_error("bias must have one value per channel");
+  }
+  const float* bp = bias_obj.is_none() ? nullptr : bias.data();
   py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
-  amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads);
+  amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads, bp);
   return std::move(y);
 }
 
@@ -321,17 +329,105 @@ void channel_affine(const py::handle& y_obj, const py::object& a_obj, const py::
   amct::channel_affine(yp, n, c, p, ap, bp, relu, threads);
 }
 
+amct::WinogradGeometry winograd_geometry(const py::array& x, int o, std::vector<int> pad, int m) {
+  if (pad.size() != 2) throw py::value_error("pad must have 2 values");
+  if (m != 2 && m != 4) throw py::value_error("m must be 2 or 4");
+  const int h = static_cast<int>(x.shape(2)), w = static_cast<int>(x.shape(3));
+  const int ho = h + 2 * pad[0] - 2, wo = w + 2 * pad[1] - 2;
+  if (ho <= 0 || wo <= 0) throw py::value_error("the 3x3 convolution's output is empty");
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), h, w, o, ho, wo, pad[0], pad[1], m,
+          (ho + m - 1) / m, (wo + m - 1) / m};
+}
+
+void winograd_input(const py::handle& x_obj, const py::handle& v_obj, std::vector<int> pad, int m, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto v = checked<float>(v_obj, "v", 3);
+  auto g = winograd_geometry(x, 1, pad, m);
+  const py::ssize_t a2 = (m + 2) * (m + 2);
+  if (v.shape(0) != a2 || v.shape(1) != g.c || v.shape(2) != static_cast<py::ssize_t>(g.n) * g.th * g.tw) {
+    throw py::value_error("v must be ((m+2)^2, C, N*th*tw)");
+  }
+  if (!v.writeable()) throw py::value_error("v must be writeable");
+  auto* vp = v.mutable_data();
+  py::gil_scoped_release release;
+  amct::winograd_input(x.data(), vp, g, threads);
+}
+
+py::array winograd_output(const py::handle& mm_obj, const py::handle& x_shape_obj, std::vector<int> pad, int m,
+                          const py::object& a_obj, const py::object& b_obj, bool relu, int threads) {
+  auto mm = checked<float>(mm_obj, "mm", 3);
+  auto shape = x_shape_obj.cast<std::vector<py::ssize_t>>();
+  if (shape.size() != 4) throw py::value_error("x_shape must be (N, C, H, W)");
+  py::array_t<float> probe(shape);
+  auto g = winograd_geometry(probe, static_cast<int>(mm.shape(1)), pad, m);
+  const py::ssize_t a2 = (m + 2) * (m + 2);
+  if (mm.shape(0) != a2 || mm.shape(2) != static_cast<py::ssize_t>(g.n) * g.th * g.tw) {
+    throw py::value_error("mm must be ((m+2)^2, O, N*th*tw)");
+  }
+  py::array_t<float> a, b;
+  if (!a_obj.is_none()) a = checked<float>(a_obj, "a", 1);
+  if (!b_obj.is_none()) b = checked<float>(b_obj, "b", 1);
+  if ((!a_obj.is_none() && a.size() != g.o) || (!b_obj.is_none() && b.size() != g.o)) {
+    throw py::value_error("a and b must have one value per output channel");
+  }
+  const float* ap = a_obj.is_none() ? nullptr : a.data();
+  const float* bp = b_obj.is_none() ? nullptr : b.data();
+  py::array_t<float> y({static_cast<py::ssize_t>(g.n), static_cast<py::ssize_t>(g.o), static_cast<py::ssize_t>(g.ho),
+                        static_cast<py::ssize_t>(g.wo)});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::winograd_output(mm.data(), yp, g, ap, bp, relu, threads);
+  return std::move(y);
+}
+
+py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads) {
+  auto a = checked<float>(a_obj, "a");
+  auto b = checked<float>(b_obj, "b");
+  if (size_of(a) != size_of(b)) throw py::value_error("a and b must have the same size");
+  py::array_t<float> y(shape_of(a));
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::add_relu(a.data(), b.data(), yp, size_of(a), threads);
+  return std::move(y);
+}
+
+py::array bias_relu(const py::handle& y_obj, const py::object& b_obj, int threads) {
+  auto y = checked<float>(y_obj, "y");
+  if (y.ndim() < 2) throw py::value_error("y must be (N, C, ...)");
+  if (!y.writeable()) throw py::value_error("y must be writeable");
+  const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
+  const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
+  py::array_t<float> b;
+  if (!b_obj.is_none()) {
+    b = checked<float>(b_obj, "b", 1);
+    if (static_cast<std::size_t>(b.size()) != c) throw py::value_error("b must have one value per channel");
+  }
+  const float* bp = b_obj.is_none() ? nullptr : b.data();
+  py::array_t<float> r(shape_of(y));
+  auto* rp = r.mutable_data();
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::bias_relu(yp, rp, n, c, p, bp, threads);
+  return std::move(r);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("out"), py::arg("threads"));
+        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
   m.def("im2col2d", &im2col2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
   m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("out"), py::arg("threads"));
+  m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),
+        py::arg("threads"));
+  m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
+        py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"));
+  m.def("bias_relu", &bias_relu, py::arg("y"), py::arg("b"), py::arg("threads"));
+  m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));

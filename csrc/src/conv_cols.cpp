@@ -27,6 +27,9 @@ inline void valid_range(int n_out, int s, int p, int t, int size, int& lo, int& 
   lo = std::min(lo, hi);
 }
 
+// NumPy's maximum(v, 0): v where v > 0 or v is NaN, else +0 (so -0 gives +0).
+inline float numpy_relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
+
 }  // namespace
 
 void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads) {
@@ -151,9 +154,35 @@ void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const
         for (std::size_t i = 0; i < p; ++i) v[i] += t;
       }
       if (relu) {
-        for (std::size_t i = 0; i < p; ++i) v[i] = std::max(v[i], 0.0f);
+        for (std::size_t i = 0; i < p; ++i) v[i] = numpy_relu(v[i]);
       }
     }
+  });
+}
+
+void bias_relu(float* y, float* r, std::size_t n, std::size_t c, std::size_t p, const float* b, int threads) {
+  parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {
+    for (std::size_t pl = first; pl < last; ++pl) {
+      float* v = y + pl * p;
+      float* out = r + pl * p;
+      if (b) {
+        const float t = b[pl % c];
+        for (std::size_t i = 0; i < p; ++i) {
+          v[i] += t;
+          out[i] = numpy_relu(v[i]);
+        }
+      } else {
+        for (std::size_t i = 0; i < p; ++i) out[i] = numpy_relu(v[i]);
+      }
+    }
+  });
+}
+
+void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads) {
+  constexpr std::size_t kBlock = 1 << 14;  // items of the split: blocks of values
+  parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {
+    const std::size_t end = std::min(n, last * kBlock);
+    for (std::size_t i = first * kBlock; i < end; ++i) y[i] = numpy_relu(a[i] + b[i]);
   });
 }
 

@@ -23,7 +23,8 @@ the columns (im2col) are built in cache-sized chunks (``COLS_BUDGET`` floats) in
 scratch buffers, one strided copy per kernel tap:
 
 * 1x1 kernels without padding: the (strided) input already is the column matrix; one GEMM per
-  (image, group) through ``np.matmul``;
+  (image, group) through ``np.matmul``, or for maps under ``WIDE_1X1_PIXELS`` pixels one wide GEMM
+  per group on the images side by side (the input and output transposed);
 * depthwise (``group == C == O``): columns per chunk of images x channels, contracted per
   channel as a stack of ``(1 x prod(k)) @ (prod(k) x P)`` products (Caffe runs C tiny GEMMs
   here). Against a loop over the taps with one vectorised multiply-add each, this is as fast
@@ -62,6 +63,8 @@ try:  # the C++ depthwise loops (csrc/src/depthwise.cpp); the NumPy path below i
     from amct_caffe._kernels import depthwise_conv2d as DEPTHWISE_KERNEL
 except ImportError:
     DEPTHWISE_KERNEL = None
+# Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
+DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
 # Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
 DEPTHWISE_THREADED_MACS = 1 << 21
 
@@ -84,6 +87,9 @@ def _tuple(v, n: int, default: int) -> tuple[int, ...]:
 COLS_BUDGET = 1 << 20
 # Below this many output pixels per image, a batch is convolved by one wide GEMM.
 WIDE_GEMM_PIXELS = 1024
+# ... for 1x1 kernels, whose per-image GEMMs need no columns (the wide one needs the input and the
+# output transposed): measured on ResNet-50's 1x1 layers (batch 8), wide pays at 7x7 (-20..-27%), not at 14x14.
+WIDE_1X1_PIXELS = 128
 # Stride-1 2-D maps narrower than this, with at most ROW_COLUMNS_MAX_OUT outputs per group,
 # gather whole padded rows per tap (see _im2row).
 ROW_COLUMNS_WIDTH = 32
@@ -133,14 +139,24 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
     if all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
-        if any(st > 1 for st in stride):
-            xs = x[(slice(None), slice(None))
-                   + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
-            cols = scratch("cols", xs.shape)
-            np.copyto(cols, xs)
+        xs = x[(slice(None), slice(None))
+               + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
+        npix = math.prod(out)
+        if npix < WIDE_1X1_PIXELS and n > 1 and gemm.wide:
+            # small maps: the images side by side, (g, C/g, N*P), one wide GEMM per group
+            cols = scratch("cols", (group, cg, n, npix))
+            np.copyto(cols, xs.reshape(n, group, cg, npix).transpose(1, 2, 0, 3))
+            yb = gemm.matmul(w, cols.reshape(group, cg, n * npix)).reshape(group, o // group, n, npix)
+            y = np.empty((n, group, o // group, npix), np.float32)
+            np.copyto(y, yb.transpose(2, 0, 1, 3))
+            y = y.reshape((n, o) + out)
         else:
-            cols = np.ascontiguousarray(x)
-        y = gemm.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
+            if any(st > 1 for st in stride):
+                cols = scratch("cols", xs.shape)
+                np.copyto(cols, xs)
+            else:
+                cols = np.ascontiguousarray(x)
+            y = gemm.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
     else:
         # Narrow stride-1 2-D maps: whole-row columns (see _im2row); the GEMMs then run on a
         # (Ho, Wp) grid whose extra columns are dropped at the end. That extra GEMM work only
@@ -161,8 +177,13 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
             # One fused multiply-add per tap in tap order, as Caffe's (1 x T) @ (T x P) small-kernel sgemm
             # sums: the same bytes as the products below, 4-6x faster (no columns, no GIL).
             workers = threads.workers() if n * c * kk * math.prod(out) >= DEPTHWISE_THREADED_MACS else 1
-            y = DEPTHWISE_KERNEL(np.ascontiguousarray(x), np.ascontiguousarray(weight.reshape((c,) + ksz)),
-                                 list(stride), list(pad), list(dilation), list(out), workers)
+            args = (np.ascontiguousarray(x), np.ascontiguousarray(weight.reshape((c,) + ksz)),
+                    list(stride), list(pad), list(dilation), list(out), workers)
+            if bias is not None and DEPTHWISE_BIAS:  # the bias added to each sum in the same pass
+                y = DEPTHWISE_KERNEL(*args, np.ascontiguousarray(bias, np.float32).reshape(-1))
+                bias = None
+            else:
+                y = DEPTHWISE_KERNEL(*args)
             grid, rows = out, False
         elif depthwise:
             # Depthwise: Caffe runs C tiny GEMMs (1 x T) @ (T x P) here. Channels are independent: the

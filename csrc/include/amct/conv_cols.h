@@ -24,8 +24,16 @@ void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_l
 void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
 void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
 
-// In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then y = max(y, 0) if relu.
+// In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then, if relu, NumPy's
+// maximum(y, 0): y where y > 0 or NaN, else +0.
 void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
                     int threads);
+
+// y (N, C, P) += b[c] in place (b may be null: unchanged), and r = NumPy's maximum(y, 0) of the result:
+// a convolution's bias and the ReLU that writes another blob, in one pass.
+void bias_relu(float* y, float* r, std::size_t n, std::size_t c, std::size_t p, const float* b, int threads);
+
+// y = max(a + b, 0) elementwise over n values (an Eltwise SUM and the in-place ReLU after it).
+void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads);
 
 }  // namespace amct

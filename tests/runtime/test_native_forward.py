@@ -1,0 +1,118 @@
+"""The executor's C++ forward helpers (csrc/src/conv_cols.cpp, the depthwise bias) against the NumPy
+paths they replace: copies, compares and the same float32 roundings, so the same bytes."""
+
+import numpy as np
+import pytest
+
+from amct_caffe.runtime import fold
+from amct_caffe.runtime.layers import conv, conv_cols, pooling
+from amct_caffe.runtime.layers.pooling import Pooling
+
+pytestmark = pytest.mark.skipif(conv_cols.IM2COL_KERNEL is None, reason="amct_caffe._kernels not built")
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("batch_last", [False, True])
+def test_im2col_is_the_padded_copy(seed, batch_last):
+    rng = np.random.default_rng(seed)
+    n, c = (int(v) for v in rng.integers(1, 4, 2))
+    k = tuple(int(v) for v in rng.integers(1, 6, 2))
+    s, d, p = (tuple(int(v) for v in rng.integers(lo, hi, 2)) for lo, hi in ((1, 4), (1, 3), (0, 4)))
+    h, w = (int(v) for v in rng.integers(max(k) * 2, 20, 2))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    out = [conv.conv_out_size(*a) for a in zip((h, w), k, s, p, d, strict=True)]
+    want = conv_cols.im2col(conv_cols.padded(x, p), k, s, d, out, batch_last).copy()
+    np.testing.assert_array_equal(conv_cols.im2col_2d(x, k, s, p, d, out, batch_last), want)
+
+
+def _caffe_ave(x, k, s, p, out):
+    """pooling_layer.cpp's AVE loop: the clipped window summed row by row, divided by the padded size."""
+    y = np.zeros(x.shape[:2] + tuple(out), np.float32)
+    for oy in range(out[0]):
+        for ox in range(out[1]):
+            hs, ws = oy * s[0] - p[0], ox * s[1] - p[1]
+            he, we = min(hs + k[0], x.shape[2] + p[0]), min(ws + k[1], x.shape[3] + p[1])
+            size = np.float32((he - hs) * (we - ws))
+            acc = np.zeros(x.shape[:2], np.float32)
+            for r in range(max(hs, 0), min(he, x.shape[2])):
+                for col in range(max(ws, 0), min(we, x.shape[3])):
+                    acc += x[:, :, r, col]
+            with np.errstate(invalid="ignore", divide="ignore"):  # an empty window: 0 / size, as in C++
+                y[:, :, oy, ox] = acc / size
+    return y
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pooling_kernels(seed):
+    rng = np.random.default_rng(seed)
+    k = tuple(int(v) for v in rng.integers(1, 5, 2))
+    s = tuple(int(v) for v in rng.integers(1, 4, 2))
+    p = tuple(int(v) for v in rng.integers(0, 2, 2)) if min(k) > 1 else (0, 0)
+    x = rng.standard_normal((2, 3) + tuple(int(v) for v in rng.integers(max(k), 15, 2))).astype(np.float32)
+    x[0, 0, 0, :2] = np.nan
+    x[1, 1, 1, :] = -0.0
+    x[1, 2, :, 0] = 0.0
+    args = dict(kernel=k, stride=s, pad=p)
+    np.testing.assert_array_equal(_bits(Pooling(x, pool="MAX", **args)),
+                                  _bits(Pooling(x, pool="MAX", native=False, **args)))
+    ave = Pooling(x, pool="AVE", **args)
+    np.testing.assert_allclose(ave, Pooling(x, pool="AVE", native=False, **args), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(_bits(ave), _bits(_caffe_ave(x, k, s, p, ave.shape[2:])))
+    g = Pooling(x, pool="AVE", global_pooling=True)
+    np.testing.assert_array_equal(_bits(g), _bits(_caffe_ave(x, x.shape[2:], (1, 1), (0, 0), (1, 1))))
+
+
+def test_pooling_threads_split_planes(monkeypatch):
+    x = np.random.default_rng(0).standard_normal((3, 5, 17, 13)).astype(np.float32)
+    one = Pooling(x, pool="AVE", kernel=(3, 3), stride=(2, 2), pad=(1, 1))
+    monkeypatch.setattr(pooling, "THREADED_POOL", 0)
+    monkeypatch.setattr(pooling.threads, "workers", lambda: 3)
+    np.testing.assert_array_equal(_bits(Pooling(x, pool="AVE", kernel=(3, 3), stride=(2, 2), pad=(1, 1))), _bits(one))
+
+
+def test_channel_epilogue_and_residual_sum():
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    y[0, 0, 0, :3] = (np.nan, -0.0, np.inf)
+    a, b = (rng.standard_normal(4).astype(np.float32) for _ in range(2))
+    for args in ((a, b, True), (a, None, False), (None, b, True), (None, None, True)):
+        got, want = y.copy(), y.copy()
+        fold.AFFINE_KERNEL(got, *args, 2)
+        with np.errstate(invalid="ignore"):
+            if args[0] is not None:
+                want *= a.reshape(-1, 1, 1)
+            if args[1] is not None:
+                want += b.reshape(-1, 1, 1)
+            if args[2]:
+                np.maximum(want, np.float32(0), out=want)
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+    z = rng.standard_normal(y.shape).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = np.maximum(y + z, np.float32(0))
+    np.testing.assert_array_equal(_bits(fold.ADD_RELU_KERNEL(y, z, 2)), _bits(want))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_1x1_gives_the_per_image_bytes(stride, monkeypatch):
+    rng = np.random.default_rng(stride)
+    x = rng.standard_normal((4, 24, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((16, 24, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    wide = conv.Convolution(x, w, b, stride=stride)
+    monkeypatch.setattr(conv, "WIDE_1X1_PIXELS", 0)
+    np.testing.assert_array_equal(_bits(wide), _bits(conv.Convolution(x, w, b, stride=stride)))
+
+
+@pytest.mark.skipif(not conv.DEPTHWISE_BIAS, reason="depthwise kernel without the bias argument")
+def test_depthwise_bias_in_the_kernel_is_the_numpy_add(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 11, 12)).astype(np.float32)
+    w = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    got = conv.Convolution(x, w, b, pad=1, group=5)
+    monkeypatch.setattr(conv, "DEPTHWISE_BIAS", False)
+    np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, pad=1, group=5)))
