@@ -4,7 +4,10 @@
                                   [--models open_nsfw,ultraface_slim320]
 
 Models (from ../shared/models): open_nsfw at batch 8 x 3 x 224 x 224 and UltraFace slim-320 at
-1 x 3 x 240 x 320, each fed a standard-normal input of fixed seed. Reported time is the median
+1 x 3 x 240 x 320 by default; ``--models all`` adds the other shared models with weights (UltraFace
+RFB-320, the HyperLPR MiniNet-SSD, LeNet, MTCNN's four nets) at their prototxt's input shape, and
+MTCNN's nets as the detector runs them (P-Net on a 240 x 320 pyramid level, R-, O- and L-Net on
+batches of candidate faces). Each is fed a standard-normal input of fixed seed. Reported time is the median
 (and the minimum) wall time of ``forward()`` over ``runs`` runs after ``warmup`` untimed runs.
 
 ``AMCT_REAL_CAFFE`` names a Caffe build root made by ``../shared/tools/build_caffe.sh`` (its
@@ -58,7 +61,21 @@ MODELS = {
                   "data", (8, 3, 224, 224)),
     "ultraface_slim320": (SHARED / "ultraface_slim320/slim-320.prototxt",
                           SHARED / "ultraface_slim320/slim-320.caffemodel", "input", (1, 3, 240, 320)),
+    # the other shared models (``--models all``), at their prototxt's input shape
+    "ultraface_rfb320": (SHARED / "ultraface_rfb320/RFB-320.prototxt", SHARED / "ultraface_rfb320/RFB-320.caffemodel",
+                         "input", (1, 3, 240, 320)),
+    "mininet_ssd": (SHARED / "hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt",
+                    SHARED / "hyperlpr_mininet_ssd/mininet_ssd_v1.caffemodel", "data", (1, 3, 512, 512)),
+    "lenet": (SHARED / "lenet_mnist/lenet.prototxt", SHARED / "lenet_mnist/lenet_iter_10000.caffemodel", "data",
+              (64, 1, 28, 28)),
+    **{f"mtcnn_det{i}": (SHARED / f"mtcnn/det{i}.prototxt", SHARED / f"mtcnn/det{i}.caffemodel", "data", shape)
+       for i, shape in ((1, (1, 3, 12, 12)), (2, (1, 3, 24, 24)), (3, (1, 3, 48, 48)), (4, (1, 15, 24, 24)))},
+    # ... and as MTCNN runs them: P-Net on a pyramid level, the others on a batch of candidate faces
+    **{f"mtcnn_det{i}_{tag}": (SHARED / f"mtcnn/det{i}.prototxt", SHARED / f"mtcnn/det{i}.caffemodel", "data", shape)
+       for i, tag, shape in ((1, "240x320", (1, 3, 240, 320)), (2, "b32", (32, 3, 24, 24)),
+                             (3, "b16", (16, 3, 48, 48)), (4, "b16", (16, 15, 24, 24)))},
 }
+TARGETS = ("open_nsfw", "ultraface_slim320")  # the default --models
 SEED = 0
 _LOG = logging.getLogger("benchmark")
 
@@ -188,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=12, help="timed runs per model and executor")
     ap.add_argument("--rounds", type=int, default=3, help="alternations between ours and Caffe")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(TARGETS), help="comma-separated, or 'all' (every shared model)")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads for both executors")
     ap.add_argument("--fold", default="auto", help="the executor's fold modes to time, comma-separated "
                     "(auto, fast, exact, off: see amct_caffe/runtime/fold.py); 'off' is the executor before folding")
@@ -201,8 +218,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     caffe_root = os.environ.get("AMCT_REAL_CAFFE")
     folds = tuple(args.fold.split(","))
+    names = list(MODELS) if args.models == "all" else args.models.split(",")
     rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root, folds)
-            for name in args.models.split(",")]
+            for name in names]
     print(f"load average {os.getloadavg()[0]:.1f} at the end")  # noqa: T201
     for r in rows:
         ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms") and not k.endswith("min_ms")]

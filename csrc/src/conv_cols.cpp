@@ -71,40 +71,72 @@ void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_l
   });
 }
 
-void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
-  check(g, "max_pool2d");
+namespace {
+
+// MAX pooling of planes [first, last): separable, the max over each input row's clipped column windows
+// (taps outer, so the loops over the outputs vectorize), then over the clipped rows. Both passes keep
+// the running max unless a value is strictly greater (NaN never wins), taps in row-major order, so the
+// result is Caffe's loop's (first of equal values included).
+template <int Dummy>
+__attribute__((always_inline)) inline void max_planes(const float* x, float* y, const Conv2dGeometry& g,
+                                                      std::size_t first, std::size_t last) {
   const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
   const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
-  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
-    // Separable: the max over each input row's clipped column windows, then over the clipped rows.
-    // Both keep the first of equal values and skip NaN (strict >), so the result is Caffe's.
-    std::vector<float> rows(static_cast<std::size_t>(g.h) * g.wo);
-    for (std::size_t pl = first; pl < last; ++pl) {
-      const float* xp = x + pl * in_plane;
-      for (int r = 0; r < g.h; ++r) {
-        const float* src = xp + static_cast<std::size_t>(r) * g.w;
-        float* dst = rows.data() + static_cast<std::size_t>(r) * g.wo;
-        for (int ox = 0; ox < g.wo; ++ox) {
-          const int ws = ox * g.sw - g.pw;
-          const int we = std::min(ws + g.kw, g.w);
-          float m = -FLT_MAX;
-          for (int c = std::max(ws, 0); c < we; ++c) m = src[c] > m ? src[c] : m;
-          dst[ox] = m;
-        }
-      }
-      float* yp = y + pl * out_plane;
-      for (int oy = 0; oy < g.ho; ++oy) {
-        const int hs = oy * g.sh - g.ph;
-        const int he = std::min(hs + g.kh, g.h);
-        float* out = yp + static_cast<std::size_t>(oy) * g.wo;
-        std::fill(out, out + g.wo, -FLT_MAX);
-        for (int r = std::max(hs, 0); r < he; ++r) {
-          const float* src = rows.data() + static_cast<std::size_t>(r) * g.wo;
-          for (int ox = 0; ox < g.wo; ++ox) out[ox] = src[ox] > out[ox] ? src[ox] : out[ox];
+  std::vector<float> rows(static_cast<std::size_t>(g.h) * g.wo);
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const float* xp = x + pl * in_plane;
+    for (int r = 0; r < g.h; ++r) {
+      const float* src = xp + static_cast<std::size_t>(r) * g.w;
+      float* dst = rows.data() + static_cast<std::size_t>(r) * g.wo;
+      std::fill(dst, dst + g.wo, -FLT_MAX);
+      for (int j = 0; j < g.kw; ++j) {
+        int lo, hi;
+        valid_range(g.wo, g.sw, g.pw, j, g.w, lo, hi);
+        const float* s = src + (lo * g.sw - g.pw + j);
+        float* d = dst + lo;
+        const int n = hi - lo;
+        if (g.sw == 1) {
+          for (int k = 0; k < n; ++k) d[k] = s[k] > d[k] ? s[k] : d[k];
+        } else if (g.sw == 2) {
+          for (int k = 0; k < n; ++k) d[k] = s[2 * k] > d[k] ? s[2 * k] : d[k];
+        } else {
+          for (int k = 0; k < n; ++k) d[k] = s[k * g.sw] > d[k] ? s[k * g.sw] : d[k];
         }
       }
     }
-  });
+    float* yp = y + pl * out_plane;
+    for (int oy = 0; oy < g.ho; ++oy) {
+      const int hs = oy * g.sh - g.ph;
+      const int he = std::min(hs + g.kh, g.h);
+      float* out = yp + static_cast<std::size_t>(oy) * g.wo;
+      std::fill(out, out + g.wo, -FLT_MAX);
+      for (int r = std::max(hs, 0); r < he; ++r) {
+        const float* src = rows.data() + static_cast<std::size_t>(r) * g.wo;
+        for (int ox = 0; ox < g.wo; ++ox) out[ox] = src[ox] > out[ox] ? src[ox] : out[ox];
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void max_planes_avx2(const float* x, float* y, const Conv2dGeometry& g,
+                                                     std::size_t first, std::size_t last) {
+  max_planes<0>(x, y, g, first, last);
+}
+
+void max_planes_generic(const float* x, float* y, const Conv2dGeometry& g, std::size_t first, std::size_t last) {
+  max_planes<1>(x, y, g, first, last);
+}
+
+}  // namespace
+
+void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
+  check(g, "max_pool2d");
+  auto run = max_planes_generic;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (__builtin_cpu_supports("avx2")) run = max_planes_avx2;
+#endif
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads,
+               [&](std::size_t first, std::size_t last) { run(x, y, g, first, last); });
 }
 
 void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
