@@ -14,6 +14,7 @@
 #include "amct/arq.h"
 #include "amct/conv_cols.h"
 #include "amct/depthwise.h"
+#include "amct/direct_conv.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
 #include "amct/search_n.h"
@@ -411,6 +412,21 @@ py::array bias_relu(const py::handle& y_obj, const py::object& b_obj, int thread
   return std::move(r);
 }
 
+py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
+                        std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto w = checked<float>(w_obj, "weight", 4);
+  if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
+  auto g = geometry_2d(x, {static_cast<int>(w.shape(2)), static_cast<int>(w.shape(3))}, stride, pad, dilation, out);
+  const int o = static_cast<int>(w.shape(0));
+  py::array_t<float> y({x.shape(0), static_cast<py::ssize_t>(o), static_cast<py::ssize_t>(out[0]),
+                        static_cast<py::ssize_t>(out[1])});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads);
+  return std::move(y);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -418,6 +434,10 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
+  m.def("direct_conv2d", &direct_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("threads"));
+  m.def("direct_conv_available", &amct::direct_conv_available);
+  m.def("direct_conv_max_k", []() { return amct::kDirectMaxK; });
   m.def("im2col2d", &im2col2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
   m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),

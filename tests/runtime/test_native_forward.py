@@ -116,3 +116,28 @@ def test_depthwise_bias_in_the_kernel_is_the_numpy_add(monkeypatch):
     got = conv.Convolution(x, w, b, pad=1, group=5)
     monkeypatch.setattr(conv, "DEPTHWISE_BIAS", False)
     np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, pad=1, group=5)))
+
+
+@pytest.mark.skipif(not conv.DIRECT_MAX_K or not conv.caffe_gemm.exact(),
+                    reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
+@pytest.mark.parametrize("seed", range(12))
+def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
+    """Short contractions without columns: the bytes of the column GEMM they replace (zeros included)."""
+    rng = np.random.default_rng(seed)
+    c = int(rng.integers(1, 9))
+    k = tuple(int(v) for v in rng.integers(1, 4, 2))
+    s, d, p = (tuple(int(v) for v in rng.integers(lo, hi, 2)) for lo, hi in ((1, 3), (1, 3), (0, 3)))
+    o = int(rng.integers(1, 40))
+    x = rng.standard_normal((int(rng.integers(1, 3)), c, int(rng.integers(20, 70)), int(rng.integers(40, 90))))
+    x = np.where(x < -1, 0, x).astype(np.float32)
+    w = rng.standard_normal((o, c) + k).astype(np.float32)
+    if seed % 3 == 0:  # a 1x1 stride-1 layer: flattened planes
+        w, s, p, d = w[:, :, :1, :1].copy(), (1, 1), (0, 0), (1, 1)
+    calls = []
+    real = conv.DIRECT_KERNEL
+    monkeypatch.setattr(conv, "DIRECT_KERNEL", lambda *a: calls.append(1) or real(*a))
+    got = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
+    monkeypatch.setattr(conv, "DIRECT_KERNEL", None)
+    want = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
+    assert calls or got.shape[3] < 16 or conv.caffe_gemm.conv_gemms(o, got[0, 0].size, w[0].size).same_shape
+    np.testing.assert_array_equal(_bits(got), _bits(want))

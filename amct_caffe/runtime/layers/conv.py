@@ -63,6 +63,12 @@ try:  # the C++ depthwise loops (csrc/src/depthwise.cpp); the NumPy path below i
     from amct_caffe._kernels import depthwise_conv2d as DEPTHWISE_KERNEL
 except ImportError:
     DEPTHWISE_KERNEL = None
+try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes of numpy's GEMM (see _direct)
+    from amct_caffe._kernels import direct_conv2d as DIRECT_KERNEL
+    from amct_caffe._kernels import direct_conv_available, direct_conv_max_k
+    DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
+except ImportError:
+    DIRECT_KERNEL, DIRECT_MAX_K = None, 0
 # Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
 DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
 # Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
@@ -137,7 +143,10 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): `gemm` makes the
     # products below sum like it and says which of the layouts keep its sums (caffe_gemm.ConvGemms).
     gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
-    if all(k == 1 for k in ksz) and not any(pad) and group != c:
+    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm)
+    if direct is not None:
+        y = direct
+    elif all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
         xs = x[(slice(None), slice(None))
                + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
@@ -221,6 +230,38 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
+
+
+def _direct(x, weight, stride, pad, dilation, out, group, gemm):
+    """The convolution by the direct C++ kernel where it gives numpy's GEMM bytes and pays, else None.
+
+    The kernel sums each output in one pass of fused multiply-adds over K = C*prod(k) in column
+    order, which is how numpy's (and Caffe's) AVX-512 OpenBLAS sums a GEMM it does not split in K
+    and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`); so only
+    there (``gemm.exact``). It pays for short K (reading the input in place beats packing it) unless
+    many outputs share each column (then the GEMM's blocking wins): measured on ResNet-50 and
+    UltraFace layers, K <= 32, or K <= 64 with at most 64 outputs. Maps narrower than 16 pixels
+    waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row first).
+    """
+    o, ksz = weight.shape[0], tuple(weight.shape[2:])
+    k = x.shape[1] * math.prod(ksz)
+    if (DIRECT_KERNEL is None or x.ndim != 4 or group != 1 or not gemm.exact or gemm.same_shape
+            or k > DIRECT_MAX_K or (k > 32 and o > 64)):
+        return None
+    n, c, h, w = x.shape
+    w4 = np.ascontiguousarray(weight)
+    if ksz == (1, 1) and stride == (1, 1) and not any(pad):
+        flat = DIRECT_KERNEL(np.ascontiguousarray(x).reshape(n, c, 1, h * w), w4, [1, 1], [0, 0], [1, 1],
+                             [1, h * w], _workers(n * o * k * h * w))
+        return flat.reshape((n, o) + tuple(out))
+    if out[1] < 16:
+        return None
+    return DIRECT_KERNEL(np.ascontiguousarray(x), w4, list(stride), list(pad), list(dilation), list(out),
+                        _workers(n * o * k * math.prod(out)))
+
+
+def _workers(macs: int) -> int:
+    return threads.workers() if macs >= DEPTHWISE_THREADED_MACS else 1
 
 
 def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802
