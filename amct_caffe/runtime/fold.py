@@ -22,7 +22,7 @@ the separate layers. Two modes (:class:`FoldMode`):
   ~1e-6 relative on open_nsfw's blobs); a fake-quant model's next Quant layer could round such a
   value the other way, which is why FAST is only for float models. A 3x3 stride-1 convolution in
   such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
-  multiplies, ~1e-5 of the blob's scale from Caffe on open_nsfw), with the affine map and the
+  multiplies, at most 6.3e-6 of a blob's scale from Caffe on open_nsfw), with the affine map and the
   ReLU applied by its output transform. A chain without BatchNorm / Scale (a convolution and a
   ReLU) keeps Caffe's arithmetic in both modes.
 
@@ -35,6 +35,11 @@ A Convolution whose top is read by a ReLU writing another blob (``top: "relu"``,
 prototxts exported from other frameworks) keeps both blobs, but runs as one step too (``split``):
 the bias is added and the ReLU's top written in one pass (``bias_relu``), the same bytes as the two
 layers, in both modes.
+
+In FAST mode, a chain that ends with BatchNorm / Scale and is followed by an Eltwise SUM of its top
+and another blob with an in-place ReLU (the end of a residual block) runs the Eltwise too
+(``residual``): ``y = conv * a + b`` is written as the chain's top and ``max(y + other, 0)`` as the
+Eltwise's in the same pass (``affine_add_relu``), the bytes of the separate steps.
 
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
@@ -67,9 +72,10 @@ try:  # csrc/src/conv_cols.cpp; the NumPy lines beside each call are its referen
 except ImportError:
     ADD_RELU_KERNEL = AFFINE_KERNEL = None
 try:
+    from amct_caffe._kernels import affine_add_relu as AFFINE_ADD_RELU_KERNEL
     from amct_caffe._kernels import bias_relu as BIAS_RELU_KERNEL
 except ImportError:
-    BIAS_RELU_KERNEL = None
+    AFFINE_ADD_RELU_KERNEL = BIAS_RELU_KERNEL = None
 # Below this many values the per-channel pass runs on one thread.
 THREADED_AFFINE = 1 << 18
 
@@ -94,11 +100,16 @@ class Chain:
     members: tuple      # the BatchNorm / Scale / ReLU layers, in order
     mode: FoldMode
     split: bool = False  # the one member is a ReLU writing its own top (the head's top stays readable)
+    residual: int | None = None  # FAST: index of an Eltwise SUM + in-place ReLU run with the chain
+    other: int = 0               # ... and which of its two bottoms is not the chain's top
     weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
 
-    def forward(self, bottoms: list[np.ndarray]) -> list[np.ndarray]:
+    def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None) -> list[np.ndarray]:
         """The tops for the head's ``bottoms``: [the chain's final value], or with ``split``
-        [the convolution's top, the ReLU's]."""
+        [the convolution's top, the ReLU's], or with ``residual`` [the chain's final value, the
+        Eltwise's after its ReLU] (``other``: the Eltwise's other bottom)."""
+        if self.residual is not None:
+            return self._residual(bottoms[0], other)
         if self.split:
             conv = self.head
             _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
@@ -107,6 +118,27 @@ class Chain:
             bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
             return list(_bias_relu(y, bias))
         return [self._single(bottoms)]
+
+    def _residual(self, x: np.ndarray, other: np.ndarray) -> list[np.ndarray]:
+        """conv -> BatchNorm/Scale (FAST) as y, then max(y + other, 0), in one pass where possible."""
+        conv = self.head
+        _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
+        weight = conv.blobs[0].data
+        group = conv.lp.convolution_param.group
+        if AFFINE_ADD_RELU_KERNEL is None or winograd.applies(weight.shape, stride, dilation, group):
+            y = self._single([x])
+        else:
+            bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
+            y = Convolution(x, weight, None, stride=stride, pad=pad, dilation=dilation, group=group)
+            a, b = channel_affine(self.members, bias, y.shape[1])
+            if y.shape == other.shape and y.flags.c_contiguous and other.flags.c_contiguous \
+                    and other.dtype == _F32:
+                return [y, AFFINE_ADD_RELU_KERNEL(y, a, b, other, _threads(y))]
+            _affine(y, a, b, relu=False)
+        if _plain_pair(y, other):
+            return [y, ADD_RELU_KERNEL(y, other, _threads(y))]
+        s = np.add(other.reshape(y.shape), y)  # eltwise.Eltwise's SUM (coefficients 1), then the ReLU
+        return [y, np.maximum(s, _F32(0), out=s)]
 
     def _single(self, bottoms: list[np.ndarray]) -> np.ndarray:
         relu = self.members[-1].type == "ReLU"
@@ -172,9 +204,16 @@ def _bias_relu(y: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
 
 def _plain_sum(layer, bottoms) -> bool:
     """Whether Eltwise ``layer`` adds two C-contiguous float32 arrays of one shape with coefficients 1."""
-    return (ADD_RELU_KERNEL is not None and layer.operation == SUM and len(bottoms) == 2
-            and all(float(c) == 1.0 for c in layer.coeff) and bottoms[0].shape == bottoms[1].shape
-            and all(b.dtype == _F32 and b.flags.c_contiguous for b in bottoms))
+    return _plain_add(layer) and len(bottoms) == 2 and _plain_pair(*bottoms)
+
+
+def _plain_add(layer) -> bool:
+    return layer.operation == SUM and all(float(c) == 1.0 for c in layer.coeff)
+
+
+def _plain_pair(a: np.ndarray, b: np.ndarray) -> bool:
+    return (ADD_RELU_KERNEL is not None and a.shape == b.shape
+            and all(v.dtype == _F32 and v.flags.c_contiguous for v in (a, b)))
 
 
 def _affine(y: np.ndarray, a: np.ndarray | None, b: np.ndarray | None, relu: bool) -> None:
@@ -189,6 +228,10 @@ def _affine(y: np.ndarray, a: np.ndarray | None, b: np.ndarray | None, relu: boo
         y += b.reshape(shape)
     if relu:
         np.maximum(y, _F32(0), out=y)
+
+
+def _threads(y: np.ndarray) -> int:
+    return threads.workers() if y.size >= THREADED_AFFINE else 1
 
 
 def channel_affine(layers, bias, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,8 +276,9 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
     if mode is FoldMode.OFF or needs_backward:
         return {}
     chains = {}
+    covered = -1  # the last layer of the previous chain
     for i, head in enumerate(layers):
-        if not _foldable_head(head, bottom_names[i], top_names[i], loss_weights[i]):
+        if i <= covered or not _foldable_head(head, bottom_names[i], top_names[i], loss_weights[i]):
             continue
         top = top_names[i][0]
         if top in shared:
@@ -252,13 +296,33 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
             if layers[j - 1].type == "ReLU":  # nothing affine can join after the ReLU
                 break
         if j > i + 1:
-            chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
+            tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) \
+                if mode is FoldMode.FAST and layers[j - 1].type != "ReLU" else None
+            if tail is not None:
+                chains[i] = Chain(i, j + 1, head, tuple(layers[i + 1:j]), mode, residual=j, other=tail)
+            else:
+                chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
+            covered = chains[i].last
         elif i + 1 < len(layers) and bottom_names[i + 1] == [top] and len(top_names[i + 1]) == 1 \
                 and top_names[i + 1][0] not in (top, *shared) and not any(loss_weights[i + 1]) \
                 and layers[i + 1].type == "ReLU" and _foldable_member(layers[i + 1]):
             # a ReLU writing its own blob: both tops are kept, computed in one step
             chains[i] = Chain(i, i + 1, head, (layers[i + 1],), mode, split=True)
     return chains
+
+
+def _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) -> int | None:
+    """If layer ``j`` is an Eltwise SUM of ``top`` and another blob followed by an in-place ReLU, the
+    index of that other bottom (a residual block's end, run with the chain before it), else None."""
+    if j + 1 >= len(layers) or layers[j].type != "Eltwise" or len(bottom_names[j]) != 2 \
+            or bottom_names[j].count(top) != 1 or not _plain_add(layers[j]) \
+            or not _foldable_head(layers[j], bottom_names[j], top_names[j], loss_weights[j]):
+        return None
+    out = top_names[j][0]
+    if out in shared or bottom_names[j + 1] != [out] or top_names[j + 1] != [out] or any(loss_weights[j + 1]) \
+            or layers[j + 1].type != "ReLU" or not _foldable_member(layers[j + 1]):
+        return None
+    return 1 - bottom_names[j].index(top)
 
 
 def _foldable_head(layer, bottoms, tops, loss_weights) -> bool:

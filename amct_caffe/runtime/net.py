@@ -349,9 +349,12 @@ class Net:
         for i in range(chain.first, chain.last + 1):
             self._reshape_layer(i)
         name = self._layer_names[chain.first]
-        tops = chain.forward([self.blobs[b].data for b in self.bottom_names[name]])
+        other = None
+        if chain.residual is not None:  # the Eltwise's other bottom
+            other = self.blobs[self.bottom_names[self._layer_names[chain.residual]][chain.other]].data
+        tops = chain.forward([self.blobs[b].data for b in self.bottom_names[name]], other)
         self.blobs[self.top_names[name][0]].data = tops[0]
-        if chain.split:  # the ReLU's own top
+        if chain.split or chain.residual is not None:  # the ReLU's own top, or the Eltwise's
             self.blobs[self.top_names[self._layer_names[chain.last]][0]].data = tops[1]
 
     # ---------------------------------------------------------------- training

@@ -427,6 +427,27 @@ py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::v
   return std::move(y);
 }
 
+py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, const py::handle& b_obj,
+                          const py::handle& other_obj, int threads) {
+  auto y = checked<float>(y_obj, "y");
+  auto other = checked<float>(other_obj, "other");
+  auto a = checked<float>(a_obj, "a", 1);
+  auto b = checked<float>(b_obj, "b", 1);
+  if (y.ndim() < 2 || size_of(other) != size_of(y)) throw py::value_error("y (N, C, ...) and other must have one size");
+  if (!y.writeable()) throw py::value_error("y must be writeable");
+  const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
+  if (static_cast<std::size_t>(a.size()) != c || static_cast<std::size_t>(b.size()) != c) {
+    throw py::value_error("a and b must have one value per channel");
+  }
+  const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
+  py::array_t<float> s(shape_of(y));
+  auto* sp = s.mutable_data();
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::affine_add_relu(yp, other.data(), sp, n, c, p, a.data(), b.data(), threads);
+  return std::move(s);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -447,6 +468,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
         py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"));
   m.def("bias_relu", &bias_relu, py::arg("y"), py::arg("b"), py::arg("threads"));
+  m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
+        py::arg("threads"));
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));

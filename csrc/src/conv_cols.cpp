@@ -210,6 +210,23 @@ void bias_relu(float* y, float* r, std::size_t n, std::size_t c, std::size_t p, 
   });
 }
 
+void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
+                     const float* a, const float* b, int threads) {
+  parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {
+    for (std::size_t pl = first; pl < last; ++pl) {
+      float* v = y + pl * p;
+      const float* o = other + pl * p;
+      float* out = s + pl * p;
+      const float sa = a[pl % c], sb = b[pl % c];
+      for (std::size_t i = 0; i < p; ++i) {
+        const float t = v[i] * sa;
+        v[i] = t + sb;
+        out[i] = numpy_relu(v[i] + o[i]);
+      }
+    }
+  });
+}
+
 void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads) {
   constexpr std::size_t kBlock = 1 << 14;  // items of the split: blocks of values
   parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {

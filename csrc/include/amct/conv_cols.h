@@ -33,6 +33,11 @@ void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const
 // a convolution's bias and the ReLU that writes another blob, in one pass.
 void bias_relu(float* y, float* r, std::size_t n, std::size_t c, std::size_t p, const float* b, int threads);
 
+// A residual block's end in one pass: y (N, C, P) = y * a[c] + b[c] in place (two roundings), and
+// s = NumPy's maximum(y + other, 0) (an Eltwise SUM with the block's shortcut, then its ReLU).
+void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
+                     const float* a, const float* b, int threads);
+
 // y = max(a + b, 0) elementwise over n values (an Eltwise SUM and the in-place ReLU after it).
 void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads);
 
