@@ -27,6 +27,11 @@ bundled OpenBLAS threads degrade far more than Debian's under contention, so com
 ``--fold off,exact,fast`` times the executor in several fold modes (``amct_caffe/runtime/fold.py``;
 ``off`` is the executor before in-place chains were folded), interleaved with Caffe.
 
+The ratio "cpu" divides the medians of the CPU time (``time.process_time``) of each forward: on a
+loaded machine a process waits for a core for much of a forward's wall time (measured at load 4-5
+on 2 cores: half of it), and that wait is the other processes' doing; with one BLAS thread on each
+side the CPU time is the work each does.
+
 Figures (ours / caffe, medians of interleaved runs; the load average during the run in brackets):
 
 * in-place BatchNorm/Scale/ReLU chains folded into the convolutions, ``--threads 1`` [load 12]:
@@ -95,9 +100,9 @@ for line in sys.stdin:
     times = []
     for _ in range(int(line)):
         net.blobs[blob].data[...] = x
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         net.forward()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
     print(json.dumps(times), flush=True)
 np.savez(out, **{k: net.blobs[k].data for k in net.outputs})
 """
@@ -114,13 +119,13 @@ class _Ours:
         self.net.blobs[self.blob].reshape(*x.shape)
         self.net.reshape()
 
-    def run(self, k: int) -> list[float]:
+    def run(self, k: int) -> list[tuple[float, float]]:
         times = []
         for _ in range(k):
             self.net.blobs[self.blob].data[...] = self.x
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             self.net.forward()
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t, time.process_time() - c))
         return times
 
     def outputs(self) -> dict:
@@ -141,13 +146,13 @@ class _Caffe:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 
-    def run(self, k: int) -> list[float]:
+    def run(self, k: int) -> list[tuple[float, float]]:
         self.proc.stdin.write(f"{k}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"pycaffe worker died:\n{self.proc.stderr.read()[-3000:]}")
-        return json.loads(line)
+        return [tuple(t) for t in json.loads(line)]
 
     def outputs(self) -> dict:
         self.proc.stdin.close()
@@ -189,12 +194,14 @@ def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None
         outs = {who: r.outputs() for who, r in runners.items()}
     row = {"model": name, "input": "x".join(map(str, shape))}
     for who, t in times.items():
-        row[f"{who}_ms"] = 1e3 * statistics.median(t)
-        row[f"{who}_min_ms"] = 1e3 * min(t)
+        row[f"{who}_ms"] = 1e3 * statistics.median(w for w, _ in t)
+        row[f"{who}_min_ms"] = 1e3 * min(w for w, _ in t)
+        row[f"{who}_cpu_ms"] = 1e3 * statistics.median(c for _, c in t)
     if caffe_root:
         for who in times:
             if who != "caffe":
                 row[f"ratio{who[4:]}"] = row[f"{who}_ms"] / row["caffe_ms"]
+                row[f"cpu_ratio{who[4:]}"] = row[f"{who}_cpu_ms"] / row["caffe_cpu_ms"]
                 row[f"max_abs_diff{who[4:]}"] = max(float(np.max(np.abs(outs[who][k] - outs["caffe"][k])))
                                                     for k in outs["caffe"])
     return row
@@ -223,14 +230,15 @@ def main(argv=None) -> int:
             for name in names]
     print(f"load average {os.getloadavg()[0]:.1f} at the end")  # noqa: T201
     for r in rows:
-        ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms") and not k.endswith("min_ms")]
+        ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms")
+                and not k.endswith(("min_ms", "cpu_ms"))]
         for who in ours:
             line = (f"{r['model']:<20} {r['input']:<14} {who:<11} {r[who + '_ms']:>9.1f} ms"
                     f" (min {r[who + '_min_ms']:.1f})")
             if caffe_root:
                 tag = who[4:]
                 line += (f"  caffe {r['caffe_ms']:.1f} ms (min {r['caffe_min_ms']:.1f})"
-                         f"  ours/caffe {r['ratio' + tag]:.2f}"
+                         f"  ours/caffe {r['ratio' + tag]:.2f} (cpu {r['cpu_ratio' + tag]:.2f})"
                          f"  max|diff| {r['max_abs_diff' + tag]:.2e}")
             print(line)  # noqa: T201
     print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default (all cores)')}")  # noqa: T201

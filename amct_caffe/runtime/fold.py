@@ -33,8 +33,8 @@ same bytes), instead of one NumPy pass each.
 
 A Convolution whose top is read by a ReLU writing another blob (``top: "relu"``, MobileNet-style
 prototxts exported from other frameworks) keeps both blobs, but runs as one step too (``split``):
-the bias is added and the ReLU's top written in one pass (``bias_relu``), the same bytes as the two
-layers, in both modes.
+the bias is added and the ReLU's top written in one pass (``Convolution(..., relu=True)``, which
+uses ``bias_relu``), the same bytes as the two layers, in both modes.
 
 In FAST mode, a chain that ends with BatchNorm / Scale and is followed by an Eltwise SUM of its top
 and another blob with an in-place ReLU (the end of a residual block) runs the Eltwise too
@@ -73,9 +73,8 @@ except ImportError:
     ADD_RELU_KERNEL = AFFINE_KERNEL = None
 try:
     from amct_caffe._kernels import affine_add_relu as AFFINE_ADD_RELU_KERNEL
-    from amct_caffe._kernels import bias_relu as BIAS_RELU_KERNEL
 except ImportError:
-    AFFINE_ADD_RELU_KERNEL = BIAS_RELU_KERNEL = None
+    AFFINE_ADD_RELU_KERNEL = None
 # Below this many values the per-channel pass runs on one thread.
 THREADED_AFFINE = 1 << 18
 
@@ -113,10 +112,9 @@ class Chain:
         if self.split:
             conv = self.head
             _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
-            y = Convolution(bottoms[0], conv.blobs[0].data, None, stride=stride, pad=pad, dilation=dilation,
-                            group=conv.lp.convolution_param.group)
             bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
-            return list(_bias_relu(y, bias))
+            return list(Convolution(bottoms[0], conv.blobs[0].data, bias, stride=stride, pad=pad, dilation=dilation,
+                                    group=conv.lp.convolution_param.group, relu=True))
         return [self._single(bottoms)]
 
     def _residual(self, x: np.ndarray, other: np.ndarray) -> list[np.ndarray]:
@@ -190,16 +188,6 @@ class Chain:
                     if len(m.blobs) > 1:
                         y += m.blobs[1].data.reshape(shape)
         return y, False
-
-
-def _bias_relu(y: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
-    """``y += bias[c]`` in place (a Convolution's bias), and a fresh ``maximum(y, 0)``."""
-    if BIAS_RELU_KERNEL is not None and y.flags.c_contiguous and y.ndim >= 2:
-        b = None if bias is None else np.ascontiguousarray(bias, _F32).reshape(-1)
-        return y, BIAS_RELU_KERNEL(y, b, threads.workers() if y.size >= THREADED_AFFINE else 1)
-    if bias is not None:
-        y += np.asarray(bias, _F32).reshape((-1,) + (1,) * (y.ndim - 2))
-    return y, np.maximum(y, _F32(0))
 
 
 def _plain_sum(layer, bottoms) -> bool:

@@ -413,17 +413,25 @@ py::array bias_relu(const py::handle& y_obj, const py::object& b_obj, int thread
 }
 
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
-                        std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads) {
+                        std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
+                        const py::object& bias_obj) {
   auto x = checked<float>(x_obj, "x", 4);
   auto w = checked<float>(w_obj, "weight", 4);
   if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
   auto g = geometry_2d(x, {static_cast<int>(w.shape(2)), static_cast<int>(w.shape(3))}, stride, pad, dilation, out);
   const int o = static_cast<int>(w.shape(0));
-  py::array_t<float> y({x.shape(0), static_cast<py::ssize_t>(o), static_cast<py::ssize_t>(out[0]),
-                        static_cast<py::ssize_t>(out[1])});
+  py::array_t<float> bias;
+  if (!bias_obj.is_none()) {
+    bias = checked<float>(bias_obj, "bias", 1);
+    if (bias.shape(0) != o) throw py::value_error("bias must have one value per output channel");
+  }
+  const float* bp = bias_obj.is_none() ? nullptr : bias.data();
+  const std::vector<py::ssize_t> shape{x.shape(0), static_cast<py::ssize_t>(o), static_cast<py::ssize_t>(out[0]),
+                                       static_cast<py::ssize_t>(out[1])};
+  py::array_t<float> y(shape);
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
-  amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads);
+  amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads, bp);
   return std::move(y);
 }
 
@@ -456,7 +464,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
   m.def("direct_conv2d", &direct_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("out"), py::arg("threads"));
+        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
   m.def("direct_conv_available", &amct::direct_conv_available);
   m.def("direct_conv_max_k", []() { return amct::kDirectMaxK; });
   m.def("im2col2d", &im2col2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),

@@ -23,7 +23,6 @@ constexpr int kPix = 32;    // output pixels per register block (two 16-float ve
 // rows of W), read with masked loads at the end of each row.
 struct Phases {
   int hp, wq;
-  std::vector<float> data;
   const float* base = nullptr;
   const float* row(const Conv2dGeometry& g, int c, int phase, int r) const {
     return base + ((static_cast<std::size_t>(c) * g.sw + phase) * hp + r) * wq;
@@ -40,13 +39,17 @@ Phases split(const float* x, const Conv2dGeometry& g) {
     return p;
   }
   p.wq = (wp + g.sw - 1) / g.sw;
-  p.data.assign(static_cast<std::size_t>(g.c) * g.sw * p.hp * p.wq, 0.0f);
-  p.base = p.data.data();
+  // reused across calls (fresh memory costs a page fault per 4 KB): zeroed, then the interior copied
+  static thread_local std::vector<float> buffer;
+  const std::size_t size = static_cast<std::size_t>(g.c) * g.sw * p.hp * p.wq;
+  if (buffer.size() < size) buffer.resize(size);
+  std::fill(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(size), 0.0f);
+  p.base = buffer.data();
   for (int c = 0; c < g.c; ++c) {
     for (int r = 0; r < g.h; ++r) {
       const float* src = x + (static_cast<std::size_t>(c) * g.h + r) * g.w;
       for (int ph = 0; ph < g.sw; ++ph) {  // padded column ph + q*sw is input column ph + q*sw - pw
-        float* dst = p.data.data() + ((static_cast<std::size_t>(c) * g.sw + ph) * p.hp + r + g.ph) * p.wq;
+        float* dst = buffer.data() + ((static_cast<std::size_t>(c) * g.sw + ph) * p.hp + r + g.ph) * p.wq;
         int col = ph - g.pw, q = 0;
         while (col < 0) col += g.sw, ++q;
         for (; col < g.w; col += g.sw, ++q) dst[q] = src[col];
@@ -57,7 +60,8 @@ Phases split(const float* x, const Conv2dGeometry& g) {
 }
 
 __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g,
-                                             int o, std::size_t img, std::size_t first, std::size_t last) {
+                                             int o, std::size_t img, std::size_t first, std::size_t last,
+                                             const float* bias) {
   const int taps = g.kh * g.kw, k = g.c * taps;
   const int oblocks = (o + kOut - 1) / kOut;
   std::vector<const float*> src(static_cast<std::size_t>(k));
@@ -91,9 +95,15 @@ __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad,
         }
         const __m512 zero = _mm512_setzero_ps();
         for (int b = 0; b < kOut && ob * kOut + b < o; ++b) {
-          float* dst = y + ((img * o + ob * kOut + b) * g.ho + oy) * g.wo + ox;
-          _mm512_mask_storeu_ps(dst, m0, _mm512_add_ps(a0[b], zero));
-          if (m1) _mm512_mask_storeu_ps(dst + 16, m1, _mm512_add_ps(a1[b], zero));
+          const std::size_t at = ((img * o + ob * kOut + b) * g.ho + oy) * g.wo + ox;
+          __m512 v0 = _mm512_add_ps(a0[b], zero), v1 = _mm512_add_ps(a1[b], zero);
+          if (bias) {
+            const __m512 bv = _mm512_set1_ps(bias[ob * kOut + b]);
+            v0 = _mm512_add_ps(v0, bv);
+            v1 = _mm512_add_ps(v1, bv);
+          }
+          _mm512_mask_storeu_ps(y + at, m0, v0);
+          if (m1) _mm512_mask_storeu_ps(y + at + 16, m1, v1);
         }
       }
     }
@@ -110,7 +120,8 @@ bool direct_conv_available() {
 #endif
 }
 
-void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads) {
+void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
+                   const float* bias) {
   if (!direct_conv_available()) throw std::invalid_argument("direct_conv2d needs an AVX-512 CPU");
   if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
       g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0 || o <= 0 ||
@@ -119,16 +130,18 @@ void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometr
   }
   const int k = g.c * g.kh * g.kw;
   const int oblocks = (o + kOut - 1) / kOut;
-  std::vector<float> wpad(static_cast<std::size_t>(oblocks) * k * kOut, 0.0f);  // (block, k, kOut)
+  static thread_local std::vector<float> wpad;  // (block, k, kOut), zero past O
+  wpad.assign(static_cast<std::size_t>(oblocks) * k * kOut, 0.0f);
   for (int oc = 0; oc < o; ++oc) {
     for (int t = 0; t < k; ++t) {
       wpad[(static_cast<std::size_t>(oc / kOut) * k + t) * kOut + oc % kOut] = w[static_cast<std::size_t>(oc) * k + t];
     }
   }
+  const float* wp = wpad.data();  // (a thread_local is each thread's own: the workers get the pointer)
   for (int img = 0; img < g.n; ++img) {
     const Phases p = split(x + static_cast<std::size_t>(img) * g.c * g.h * g.w, g);
     parallel_for(static_cast<std::size_t>(g.ho), threads, [&](std::size_t first, std::size_t last) {
-      rows(p, wpad.data(), y, g, o, static_cast<std::size_t>(img), first, last);
+      rows(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, bias);
     });
   }
 }

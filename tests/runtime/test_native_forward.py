@@ -141,3 +141,15 @@ def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
     want = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
     assert calls or got.shape[3] < 16 or conv.caffe_gemm.conv_gemms(o, got[0, 0].size, w[0].size).same_shape
     np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.skipif(not conv.DIRECT_MAX_K, reason="direct kernel needs AVX-512")
+def test_direct_kernel_bytes_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 61, 83)).astype(np.float32)
+    w = rng.standard_normal((11, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    out = [conv.conv_out_size(61, 3, 2, 1, 1), conv.conv_out_size(83, 3, 2, 1, 1)]
+    ys = [conv.DIRECT_KERNEL(x, w, [2, 2], [1, 1], [1, 1], out, t, b) for t in (1, 2, 3)]
+    for y in ys[1:]:
+        np.testing.assert_array_equal(_bits(y), _bits(ys[0]))

@@ -69,6 +69,10 @@ try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes 
     DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
 except ImportError:
     DIRECT_KERNEL, DIRECT_MAX_K = None, 0
+try:  # csrc/src/conv_cols.cpp
+    from amct_caffe._kernels import bias_relu as BIAS_RELU_KERNEL
+except ImportError:
+    BIAS_RELU_KERNEL = None
 # Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
 DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
 # Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
@@ -113,8 +117,13 @@ def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> 
     return stride * (size - 1) + dilation * (k - 1) + 1 - 2 * pad
 
 
-def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802 - Caffe type name
-    """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc."""
+def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, relu=False):  # noqa: N802
+    """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc.
+
+    ``relu``: return ``(y, maximum(y, 0))``, the convolution's top and that of a ReLU reading it into
+    another blob, the second made in the same pass as the bias (:func:`bias_relu`): the bytes of the
+    two layers.
+    """
     x = np.asarray(x, np.float32)
     weight = np.asarray(weight, np.float32)
     n, c = x.shape[:2]
@@ -129,7 +138,8 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     if min(out, default=1) < 0:
         raise ValueError(f"convolution output size {list(out)} is negative: input {x.shape[2:]}, kernel {ksz}")
     if 0 in out:  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
-        return np.zeros((n, o) + out, np.float32)
+        y = np.zeros((n, o) + out, np.float32)
+        return (y, y.copy()) if relu else y
     # With C's truncating division the last window may reach past the padded input (a kernel
     # wider than it, an odd stride): im2col reads zeros there, so extend the input with zeros.
     tail = tuple(max(0, (o_ - 1) * st + d * (k - 1) + 1 - (s + 2 * p))
@@ -143,9 +153,9 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): `gemm` makes the
     # products below sum like it and says which of the layouts keep its sums (caffe_gemm.ConvGemms).
     gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
-    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm)
+    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm, None if relu else bias)
     if direct is not None:
-        y = direct
+        y, bias = direct, (bias if relu else None)
     elif all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
         xs = x[(slice(None), slice(None))
@@ -227,12 +237,24 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
         y = y.reshape((n, o) + grid)
         if rows:
             y = np.ascontiguousarray(y[..., :out[1]])
+    if relu:
+        return bias_relu(y, bias)
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
 
 
-def _direct(x, weight, stride, pad, dilation, out, group, gemm):
+def bias_relu(y: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
+    """``y += bias[c]`` in place (a Convolution's bias), and a fresh ``maximum(y, 0)``, in one pass."""
+    if BIAS_RELU_KERNEL is not None and y.flags.c_contiguous and y.ndim >= 2:
+        b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
+        return y, BIAS_RELU_KERNEL(y, b, _workers(y.size * 16))
+    if bias is not None:
+        y += np.asarray(bias, np.float32).reshape((-1,) + (1,) * (y.ndim - 2))
+    return y, np.maximum(y, np.float32(0))
+
+
+def _direct(x, weight, stride, pad, dilation, out, group, gemm, bias=None):
     """The convolution by the direct C++ kernel where it gives numpy's GEMM bytes and pays, else None.
 
     The kernel sums each output in one pass of fused multiply-adds over K = C*prod(k) in column
@@ -240,24 +262,26 @@ def _direct(x, weight, stride, pad, dilation, out, group, gemm):
     and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`); so only
     there (``gemm.exact``). It pays for short K (reading the input in place beats packing it) unless
     many outputs share each column (then the GEMM's blocking wins): measured on ResNet-50 and
-    UltraFace layers, K <= 32, or K <= 64 with at most 64 outputs. Maps narrower than 16 pixels
-    waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row first).
+    UltraFace layers, K <= 32, K <= 64 with at most 64 outputs, K <= 128 with at most 32. Maps
+    narrower than 16 pixels waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row
+    first). The bias is added in the kernel's stores.
     """
     o, ksz = weight.shape[0], tuple(weight.shape[2:])
     k = x.shape[1] * math.prod(ksz)
     if (DIRECT_KERNEL is None or x.ndim != 4 or group != 1 or not gemm.exact or gemm.same_shape
-            or k > DIRECT_MAX_K or (k > 32 and o > 64)):
+            or k > min(DIRECT_MAX_K, 128) or (k > 32 and o > 64) or (k > 64 and o > 32)):
         return None
     n, c, h, w = x.shape
     w4 = np.ascontiguousarray(weight)
+    b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
     if ksz == (1, 1) and stride == (1, 1) and not any(pad):
         flat = DIRECT_KERNEL(np.ascontiguousarray(x).reshape(n, c, 1, h * w), w4, [1, 1], [0, 0], [1, 1],
-                             [1, h * w], _workers(n * o * k * h * w))
+                             [1, h * w], _workers(n * o * k * h * w), b)
         return flat.reshape((n, o) + tuple(out))
     if out[1] < 16:
         return None
     return DIRECT_KERNEL(np.ascontiguousarray(x), w4, list(stride), list(pad), list(dilation), list(out),
-                        _workers(n * o * k * math.prod(out)))
+                         _workers(n * o * k * math.prod(out)), b)
 
 
 def _workers(macs: int) -> int:

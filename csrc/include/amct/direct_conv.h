@@ -13,11 +13,13 @@
 
 namespace amct {
 
-constexpr int kDirectMaxK = 64;
+constexpr int kDirectMaxK = 256;
 
 // x (N, C, H, W), w (O, C, kh, kw), y (N, O, Ho, Wo); geometry g with g.c = C (g.kh, g.kw, strides,
-// pads, dilations, Ho, Wo). Workers split the (image, output row) pairs.
-void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads);
+// pads, dilations, Ho, Wo). bias (O,) or null: y = sum + bias[o] (a second rounding, as Caffe adds
+// it). Workers split the output rows.
+void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
+                   const float* bias = nullptr);
 
 // Whether direct_conv2d can run here (an AVX-512 CPU).
 bool direct_conv_available();
