@@ -31,11 +31,6 @@ C++ pass over the output where the extension is built (``channel_affine`` in
 ``csrc/src/conv_cols.cpp``: the same two float32 roundings as NumPy's ``y *= a; y += b``, so the
 same bytes), instead of one NumPy pass each.
 
-A Convolution whose top is read by a ReLU writing another blob (``top: "relu"``, MobileNet-style
-prototxts exported from other frameworks) keeps both blobs, but runs as one step too (``split``):
-the bias is added and the ReLU's top written in one pass (``Convolution(..., relu=True)``, which
-uses ``bias_relu``), the same bytes as the two layers, in both modes.
-
 In FAST mode, a chain that ends with BatchNorm / Scale and is followed by an Eltwise SUM of its top
 and another blob with an in-place ReLU (the end of a residual block) runs the Eltwise too
 (``residual``): ``y = conv * a + b`` is written as the chain's top and ``max(y + other, 0)`` as the
@@ -98,23 +93,15 @@ class Chain:
     head: object        # the ConvolutionLayer or EltwiseLayer
     members: tuple      # the BatchNorm / Scale / ReLU layers, in order
     mode: FoldMode
-    split: bool = False  # the one member is a ReLU writing its own top (the head's top stays readable)
     residual: int | None = None  # FAST: index of an Eltwise SUM + in-place ReLU run with the chain
     other: int = 0               # ... and which of its two bottoms is not the chain's top
     weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
 
     def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None) -> list[np.ndarray]:
-        """The tops for the head's ``bottoms``: [the chain's final value], or with ``split``
-        [the convolution's top, the ReLU's], or with ``residual`` [the chain's final value, the
-        Eltwise's after its ReLU] (``other``: the Eltwise's other bottom)."""
+        """The tops for the head's ``bottoms``: [the chain's final value], or with ``residual``
+        [the chain's final value, the Eltwise's after its ReLU] (``other``: the Eltwise's other bottom)."""
         if self.residual is not None:
             return self._residual(bottoms[0], other)
-        if self.split:
-            conv = self.head
-            _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
-            bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
-            return list(Convolution(bottoms[0], conv.blobs[0].data, bias, stride=stride, pad=pad, dilation=dilation,
-                                    group=conv.lp.convolution_param.group, relu=True))
         return [self._single(bottoms)]
 
     def _residual(self, x: np.ndarray, other: np.ndarray) -> list[np.ndarray]:
@@ -291,11 +278,6 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
             else:
                 chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
             covered = chains[i].last
-        elif i + 1 < len(layers) and bottom_names[i + 1] == [top] and len(top_names[i + 1]) == 1 \
-                and top_names[i + 1][0] not in (top, *shared) and not any(loss_weights[i + 1]) \
-                and layers[i + 1].type == "ReLU" and _foldable_member(layers[i + 1]):
-            # a ReLU writing its own blob: both tops are kept, computed in one step
-            chains[i] = Chain(i, i + 1, head, (layers[i + 1],), mode, split=True)
     return chains
 
 

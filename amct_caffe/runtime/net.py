@@ -354,7 +354,7 @@ class Net:
             other = self.blobs[self.bottom_names[self._layer_names[chain.residual]][chain.other]].data
         tops = chain.forward([self.blobs[b].data for b in self.bottom_names[name]], other)
         self.blobs[self.top_names[name][0]].data = tops[0]
-        if chain.split or chain.residual is not None:  # the ReLU's own top, or the Eltwise's
+        if chain.residual is not None:  # the Eltwise's top
             self.blobs[self.top_names[self._layer_names[chain.last]][0]].data = tops[1]
 
     # ---------------------------------------------------------------- training

@@ -392,26 +392,6 @@ py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads
   return std::move(y);
 }
 
-py::array bias_relu(const py::handle& y_obj, const py::object& b_obj, int threads) {
-  auto y = checked<float>(y_obj, "y");
-  if (y.ndim() < 2) throw py::value_error("y must be (N, C, ...)");
-  if (!y.writeable()) throw py::value_error("y must be writeable");
-  const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
-  const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
-  py::array_t<float> b;
-  if (!b_obj.is_none()) {
-    b = checked<float>(b_obj, "b", 1);
-    if (static_cast<std::size_t>(b.size()) != c) throw py::value_error("b must have one value per channel");
-  }
-  const float* bp = b_obj.is_none() ? nullptr : b.data();
-  py::array_t<float> r(shape_of(y));
-  auto* rp = r.mutable_data();
-  auto* yp = y.mutable_data();
-  py::gil_scoped_release release;
-  amct::bias_relu(yp, rp, n, c, p, bp, threads);
-  return std::move(r);
-}
-
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                         std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
                         const py::object& bias_obj) {
@@ -475,7 +455,6 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("threads"));
   m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
         py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"));
-  m.def("bias_relu", &bias_relu, py::arg("y"), py::arg("b"), py::arg("threads"));
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
         py::arg("threads"));
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));

@@ -192,24 +192,6 @@ void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const
   });
 }
 
-void bias_relu(float* y, float* r, std::size_t n, std::size_t c, std::size_t p, const float* b, int threads) {
-  parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {
-    for (std::size_t pl = first; pl < last; ++pl) {
-      float* v = y + pl * p;
-      float* out = r + pl * p;
-      if (b) {
-        const float t = b[pl % c];
-        for (std::size_t i = 0; i < p; ++i) {
-          v[i] += t;
-          out[i] = numpy_relu(v[i]);
-        }
-      } else {
-        for (std::size_t i = 0; i < p; ++i) out[i] = numpy_relu(v[i]);
-      }
-    }
-  });
-}
-
 void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
                      const float* a, const float* b, int threads) {
   parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {

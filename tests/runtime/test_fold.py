@@ -43,10 +43,9 @@ def _x():
 
 def test_chains_are_found_only_in_place(tmp_path):
     net = _net(tmp_path, "auto")
-    assert [(c.first, c.last, c.mode, c.split) for c in net._chains.values()] == [
-        (1, 4, FoldMode.FAST, False),
-        # conv2's ReLU writes another blob: conv2's top stays observable, the two run as one step
-        (5, 6, FoldMode.FAST, True)]
+    assert [(c.first, c.last, c.mode) for c in net._chains.values()] == [(1, 4, FoldMode.FAST)]
+    # conv2's ReLU writes another blob: conv2's top is observable, nothing is folded
+    assert 5 not in net._chains
 
 
 def test_exact_fold_gives_the_unfolded_bytes_and_fast_is_close(tmp_path):
@@ -57,20 +56,6 @@ def test_exact_fold_gives_the_unfolded_bytes_and_fast_is_close(tmp_path):
     for k in off:
         np.testing.assert_array_equal(exact[k], off[k])
         np.testing.assert_allclose(fast[k], off[k], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("fold", ["fast", "exact"])
-def test_a_relu_writing_its_own_top_keeps_both_blobs(tmp_path, fold):
-    x = _x()
-    off = {k: v.copy() for k, v in _net(tmp_path, "off").forward(data=x, blobs=["conv2"]).items()}
-    got = _net(tmp_path, fold).forward(data=x, blobs=["conv2"])
-    assert set(got) == {"conv2", "r2"}
-    np.testing.assert_array_equal(got["r2"].view(np.uint32), np.maximum(got["conv2"], 0).view(np.uint32))
-    for k in got:
-        if fold == "exact":
-            np.testing.assert_array_equal(got[k].view(np.uint32), off[k].view(np.uint32))
-        else:  # the chain before conv2 is folded the fast way
-            np.testing.assert_allclose(got[k], off[k], rtol=0, atol=1e-5 * max(1.0, np.abs(off[k]).max()))
 
 
 def test_a_forward_cut_inside_a_chain_runs_it_unfolded(tmp_path):
@@ -94,8 +79,7 @@ def test_weights_changed_after_construction_are_used(tmp_path):
 
 def test_no_fold_where_a_backward_or_quantization_layer_may_look(tmp_path):
     assert _net(tmp_path, "auto", CHAIN + "force_backward: true")._chains == {}
-    # batch statistics: no fixed affine map (conv2 and its ReLU writing "r2" run together, bytes unchanged)
-    assert [(c.first, c.split) for c in _net(tmp_path, "auto", CHAIN, TRAIN)._chains.values()] == [(5, True)]
+    assert _net(tmp_path, "auto", CHAIN, TRAIN)._chains == {}  # batch statistics: no fixed affine map
     assert resolve_mode("auto", ["Convolution", "Quant", "ReLU"]) is FoldMode.EXACT
     assert resolve_mode("auto", ["Convolution", "ReLU"]) is FoldMode.FAST
     with pytest.raises(GraphError, match="fold must be"):

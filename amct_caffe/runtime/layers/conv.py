@@ -69,10 +69,6 @@ try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes 
     DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
 except ImportError:
     DIRECT_KERNEL, DIRECT_MAX_K = None, 0
-try:  # csrc/src/conv_cols.cpp
-    from amct_caffe._kernels import bias_relu as BIAS_RELU_KERNEL
-except ImportError:
-    BIAS_RELU_KERNEL = None
 # Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
 DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
 # Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
@@ -117,13 +113,8 @@ def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> 
     return stride * (size - 1) + dilation * (k - 1) + 1 - 2 * pad
 
 
-def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, relu=False):  # noqa: N802
-    """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc.
-
-    ``relu``: return ``(y, maximum(y, 0))``, the convolution's top and that of a ReLU reading it into
-    another blob, the second made in the same pass as the bias (:func:`bias_relu`): the bytes of the
-    two layers.
-    """
+def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802 - Caffe type name
+    """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc."""
     x = np.asarray(x, np.float32)
     weight = np.asarray(weight, np.float32)
     n, c = x.shape[:2]
@@ -138,8 +129,7 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, r
     if min(out, default=1) < 0:
         raise ValueError(f"convolution output size {list(out)} is negative: input {x.shape[2:]}, kernel {ksz}")
     if 0 in out:  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
-        y = np.zeros((n, o) + out, np.float32)
-        return (y, y.copy()) if relu else y
+        return np.zeros((n, o) + out, np.float32)
     # With C's truncating division the last window may reach past the padded input (a kernel
     # wider than it, an odd stride): im2col reads zeros there, so extend the input with zeros.
     tail = tuple(max(0, (o_ - 1) * st + d * (k - 1) + 1 - (s + 2 * p))
@@ -153,9 +143,9 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, r
     # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): `gemm` makes the
     # products below sum like it and says which of the layouts keep its sums (caffe_gemm.ConvGemms).
     gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
-    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm, None if relu else bias)
+    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm, bias)
     if direct is not None:
-        y, bias = direct, (bias if relu else None)
+        y, bias = direct, None
     elif all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
         xs = x[(slice(None), slice(None))
@@ -237,21 +227,9 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, r
         y = y.reshape((n, o) + grid)
         if rows:
             y = np.ascontiguousarray(y[..., :out[1]])
-    if relu:
-        return bias_relu(y, bias)
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
-
-
-def bias_relu(y: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
-    """``y += bias[c]`` in place (a Convolution's bias), and a fresh ``maximum(y, 0)``, in one pass."""
-    if BIAS_RELU_KERNEL is not None and y.flags.c_contiguous and y.ndim >= 2:
-        b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
-        return y, BIAS_RELU_KERNEL(y, b, _workers(y.size * 16))
-    if bias is not None:
-        y += np.asarray(bias, np.float32).reshape((-1,) + (1,) * (y.ndim - 2))
-    return y, np.maximum(y, np.float32(0))
 
 
 def _direct(x, weight, stride, pad, dilation, out, group, gemm, bias=None):

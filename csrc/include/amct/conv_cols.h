@@ -29,10 +29,6 @@ void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
 void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
                     int threads);
 
-// y (N, C, P) += b[c] in place (b may be null: unchanged), and r = NumPy's maximum(y, 0) of the result:
-// a convolution's bias and the ReLU that writes another blob, in one pass.
-void bias_relu(float* y, float* r, std::size_t n, std::size_t c, std::size_t p, const float* b, int threads);
-
 // A residual block's end in one pass: y (N, C, P) = y * a[c] + b[c] in place (two roundings), and
 // s = NumPy's maximum(y + other, 0) (an Eltwise SUM with the block's shortcut, then its ReLU).
 void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
