@@ -127,7 +127,7 @@ def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
     c = int(rng.integers(1, 9))
     k = tuple(int(v) for v in rng.integers(1, 4, 2))
     s, d, p = (tuple(int(v) for v in rng.integers(lo, hi, 2)) for lo, hi in ((1, 3), (1, 3), (0, 3)))
-    o = int(rng.integers(1, 40))
+    o = int(rng.integers(1, 64))
     x = rng.standard_normal((int(rng.integers(1, 3)), c, int(rng.integers(20, 70)), int(rng.integers(40, 90))))
     x = np.where(x < -1, 0, x).astype(np.float32)
     w = rng.standard_normal((o, c) + k).astype(np.float32)
