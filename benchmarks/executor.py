@@ -42,6 +42,19 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   ``--threads 1`` [load 11]: open_nsfw 1.01 -> 0.70, UltraFace 1.10 -> 0.71; default threads
   [load 8-11]: open_nsfw 4.86 -> 0.67, UltraFace 8.04 -> 0.38 (before, numpy's BLAS kept both cores
   under load; Caffe's does too, which flatters the last figure).
+* more of the forward in C++ (im2col, pooling, the fold epilogues, residual sum + ReLU), Winograd
+  F(4x4 / 2x2, 3x3) in FAST chains, short-K convolutions without columns, against main run just
+  before, ``--threads 1``, CPU-time ratios (wall-time ratios swung by +-0.1 to +-0.4 between runs
+  at this load) [load 4.1-4.4, two runs each]: open_nsfw FAST 0.74 / 0.70 -> 0.54 / 0.56 (EXACT
+  0.73 / 0.74, unfolded 0.90 / 0.93); UltraFace 0.70 / 0.62 -> 0.60 / 0.58 (100 runs: 0.62 / 0.66
+  -> 0.56 / 0.58; this model has no BatchNorm: every fold mode is the same). Per lever, in-net CPU
+  time with / without, alternating forwards [load 4-5.5]: Winograd 0.89, C++ MAX pooling 0.96, C++
+  epilogue 0.96, residual sum in the chain's pass 0.98, C++ im2col 0.99, wide 1x1 GEMMs 0.98-1.0
+  (open_nsfw); direct short-K convolutions 0.89 (UltraFace), 0.99 (open_nsfw).
+  ``--models all`` [load 4]: UltraFace RFB-320 0.64, MiniNet-SSD 0.63, LeNet 0.69, MTCNN as the
+  detector runs it 0.56-0.66; MTCNN's nets on one 12x12 / 24x24 input stay slower than Caffe (P-Net
+  12x12 11.6x, R-Net 1.4x, L-Net 1.5x, CPU; main 14.9x, 1.8x, 1.6x): Caffe runs such a layer in
+  about a microsecond, the executor's Python costs 10-20 us per layer.
 """
 
 from __future__ import annotations
