@@ -81,7 +81,7 @@ def im2col2d(
 
 def pool2d(x: F32, method: str, kernel: list[int], stride: list[int], pad: list[int], out: list[int],
            threads: int) -> F32:
-    """Caffe's MAX / AVE pooling of x (N, C, H, W) -> (N, C, *out)."""
+    """Caffe's MAX pooling of x (N, C, H, W) -> (N, C, *out) (method "MAX")."""
 
 def channel_affine(y: F32, a: F32 | None, b: F32 | None, relu: bool, threads: int) -> None:
     """In place on y (N, C, ...): y = y * a[c] + b[c] (two roundings), then NumPy's maximum(y, 0) if relu."""

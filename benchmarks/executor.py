@@ -42,7 +42,7 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   ``--threads 1`` [load 11]: open_nsfw 1.01 -> 0.70, UltraFace 1.10 -> 0.71; default threads
   [load 8-11]: open_nsfw 4.86 -> 0.67, UltraFace 8.04 -> 0.38 (before, numpy's BLAS kept both cores
   under load; Caffe's does too, which flatters the last figure).
-* more of the forward in C++ (im2col, pooling, the fold epilogues, residual sum + ReLU), Winograd
+* more of the forward in C++ (im2col, MAX pooling, the fold epilogues, residual sum + ReLU), Winograd
   F(4x4 / 2x2, 3x3) in FAST chains, short-K convolutions without columns, against main run just
   before, ``--threads 1``, CPU-time ratios (wall-time ratios swung by +-0.1 to +-0.4 between runs
   at this load) [load 4.1-4.4, two runs each]: open_nsfw FAST 0.74 / 0.70 -> 0.54 / 0.56 (EXACT

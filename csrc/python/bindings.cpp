@@ -298,12 +298,11 @@ py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector
                  std::vector<int> stride, std::vector<int> pad, std::vector<int> out, int threads) {
   auto x = checked<float>(x_obj, "x", 4);
   auto g = geometry_2d(x, kernel, stride, pad, {1, 1}, out);
-  if (method != "MAX" && method != "AVE") throw py::value_error("method must be 'MAX' or 'AVE'");
+  if (method != "MAX") throw py::value_error("method must be 'MAX'");
   py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
   auto* yp = y.mutable_data();
-  const bool is_max = method == "MAX";
   py::gil_scoped_release release;
-  (is_max ? amct::max_pool2d : amct::ave_pool2d)(x.data(), yp, g, threads);
+  amct::max_pool2d(x.data(), yp, g, threads);
   return std::move(y);
 }
 

@@ -139,38 +139,6 @@ void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) 
                [&](std::size_t first, std::size_t last) { run(x, y, g, first, last); });
 }
 
-void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
-  check(g, "ave_pool2d");
-  const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
-  const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
-  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
-    for (std::size_t pl = first; pl < last; ++pl) {
-      const float* xp = x + pl * in_plane;
-      float* yp = y + pl * out_plane;
-      for (int oy = 0; oy < g.ho; ++oy) {
-        int hs = oy * g.sh - g.ph;
-        int he = std::min(hs + g.kh, g.h + g.ph);
-        const int rows = he - hs;
-        hs = std::max(hs, 0);
-        he = std::min(he, g.h);
-        for (int ox = 0; ox < g.wo; ++ox) {
-          int ws = ox * g.sw - g.pw;
-          int we = std::min(ws + g.kw, g.w + g.pw);
-          const int pool_size = rows * (we - ws);
-          ws = std::max(ws, 0);
-          we = std::min(we, g.w);
-          float s = 0.0f;
-          for (int r = hs; r < he; ++r) {
-            const float* src = xp + static_cast<std::size_t>(r) * g.w;
-            for (int c = ws; c < we; ++c) s += src[c];
-          }
-          yp[static_cast<std::size_t>(oy) * g.wo + ox] = s / static_cast<float>(pool_size);
-        }
-      }
-    }
-  });
-}
-
 void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
                     int threads) {
   parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {

@@ -2,8 +2,7 @@
 // (amct_caffe/runtime/layers/{conv_cols,pooling}.py and runtime/fold.py hold the NumPy references).
 //
 // None of these loops rounds differently from its reference: im2col and MAX pooling only copy and
-// compare, AVE pooling sums each window in Caffe's order (rows, then columns within a row) and
-// divides once, the epilogue rounds y * a and then + b as two float32 operations (no contraction).
+// compare, the epilogues round y * a and then + b as two float32 operations (no contraction).
 #pragma once
 
 #include <cstddef>
@@ -17,12 +16,10 @@ namespace amct {
 // (C, kh, kw, N, Ho, Wo). Workers split the (image, channel) planes.
 void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads);
 
-// Caffe's PoolingLayer::Forward_cpu, MAX and AVE, on x (N, C, H, W) -> y (N, C, Ho, Wo); the geometry's
-// kernel / stride / pad are the pooling's (dilation unused). MAX: windows clipped to the image, a tap
-// replaces the running max (from -FLT_MAX) only where strictly greater. AVE: the clipped window's sum
-// divided by the window size clipped to the padded image.
+// Caffe's PoolingLayer::Forward_cpu, MAX, on x (N, C, H, W) -> y (N, C, Ho, Wo); the geometry's
+// kernel / stride / pad are the pooling's (dilation unused): windows clipped to the image, a tap
+// replaces the running max (from -FLT_MAX) only where strictly greater.
 void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
-void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
 
 // In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then, if relu, NumPy's
 // maximum(y, 0): y where y > 0 or NaN, else +0.
