@@ -47,7 +47,9 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   before, ``--threads 1``, CPU-time ratios (wall-time ratios swung by +-0.1 to +-0.4 between runs
   at this load) [load 4.1-4.4, two runs each]: open_nsfw FAST 0.74 / 0.70 -> 0.54 / 0.56 (EXACT
   0.73 / 0.74, unfolded 0.90 / 0.93); UltraFace 0.70 / 0.62 -> 0.60 / 0.58 (100 runs: 0.62 / 0.66
-  -> 0.56 / 0.58; this model has no BatchNorm: every fold mode is the same). Per lever, in-net CPU
+  -> 0.56 / 0.58; this model has no BatchNorm: every fold mode is the same); on a quieter machine
+  [load 2.1], wall (CPU): open_nsfw 0.68 (0.67) -> 0.53 (0.53), UltraFace 0.67 (0.67) -> 0.59 (0.60).
+  Per lever, in-net CPU
   time with / without, alternating forwards [load 4-5.5]: Winograd 0.89, C++ MAX pooling 0.96, C++
   epilogue 0.96, residual sum in the chain's pass 0.98, C++ im2col 0.99, wide 1x1 GEMMs 0.98-1.0
   (open_nsfw); direct short-K convolutions 0.89 (UltraFace), 0.99 (open_nsfw).
