@@ -78,8 +78,10 @@ def ulq_backward(
 
 def depthwise_conv2d(
     x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
+    bias: F32 | None = None,
 ) -> F32:
-    """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order."""
+    """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order,
+    then + bias[c] if given."""
 
 def depthwise_has_fma() -> bool: ...
 def im2col_2d(
@@ -115,3 +117,37 @@ def sgd_update(
 ) -> None:
     """In place: diff += decay * weight (decay != 0); history = momentum * history + rate * diff;
     diff = history; weight -= history."""
+def direct_conv2d(
+    x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
+    bias: F32 | None = None,
+) -> F32:
+    """x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, *out), C*kh*kw <= direct_conv_max_k(): one fused
+    multiply-add per k in column order from zero (the sum stored + 0), then + bias[o]; AVX-512 only."""
+
+def direct_conv_available() -> bool: ...
+def direct_conv_max_k() -> int: ...
+def im2col2d(
+    x: F32, cols: F32, kernel: list[int], stride: list[int], pad: list[int], dilation: list[int], out: list[int],
+    batch_last: bool, threads: int,
+) -> None:
+    """x (N, C, H, W) -> cols (N, C, kh, kw, Ho, Wo) or, batch_last, (C, kh, kw, N, Ho, Wo); 0 in the padding."""
+
+def pool2d(x: F32, method: str, kernel: list[int], stride: list[int], pad: list[int], out: list[int],
+           threads: int) -> F32:
+    """Caffe's MAX pooling of x (N, C, H, W) -> (N, C, *out) (method "MAX")."""
+
+def channel_affine(y: F32, a: F32 | None, b: F32 | None, relu: bool, threads: int) -> None:
+    """In place on y (N, C, ...): y = y * a[c] + b[c] (two roundings), then NumPy's maximum(y, 0) if relu."""
+
+def affine_add_relu(y: F32, a: F32, b: F32, other: F32, threads: int) -> F32:
+    """y = y * a[c] + b[c] in place; returns maximum(y + other, 0)."""
+
+def add_relu(a: F32, b: F32, threads: int) -> F32:
+    """maximum(a + b, 0)."""
+
+def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
+    """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
+
+def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
+                    relu: bool, threads: int) -> F32:
+    """mm ((m+2)^2, O, N*tiles) -> (N, O, Ho, Wo): A^T M A per tile, cropped, * a + b, ReLU."""

@@ -4,7 +4,10 @@
                                   [--models open_nsfw,ultraface_slim320]
 
 Models (from ../shared/models): open_nsfw at batch 8 x 3 x 224 x 224 and UltraFace slim-320 at
-1 x 3 x 240 x 320, each fed a standard-normal input of fixed seed. Reported time is the median
+1 x 3 x 240 x 320 by default; ``--models all`` adds the other shared models with weights (UltraFace
+RFB-320, the HyperLPR MiniNet-SSD, LeNet, MTCNN's four nets) at their prototxt's input shape, and
+MTCNN's nets as the detector runs them (P-Net on a 240 x 320 pyramid level, R-, O- and L-Net on
+batches of candidate faces). Each is fed a standard-normal input of fixed seed. Reported time is the median
 (and the minimum) wall time of ``forward()`` over ``runs`` runs after ``warmup`` untimed runs.
 
 ``AMCT_REAL_CAFFE`` names a Caffe build root made by ``../shared/tools/build_caffe.sh`` (its
@@ -24,6 +27,11 @@ bundled OpenBLAS threads degrade far more than Debian's under contention, so com
 ``--fold off,exact,fast`` times the executor in several fold modes (``amct_caffe/runtime/fold.py``;
 ``off`` is the executor before in-place chains were folded), interleaved with Caffe.
 
+The ratio "cpu" divides the medians of the CPU time (``time.process_time``) of each forward: on a
+loaded machine a process waits for a core for much of a forward's wall time (measured at load 4-5
+on 2 cores: half of it), and that wait is the other processes' doing; with one BLAS thread on each
+side the CPU time is the work each does.
+
 Figures (ours / caffe, medians of interleaved runs; the load average during the run in brackets):
 
 * in-place BatchNorm/Scale/ReLU chains folded into the convolutions, ``--threads 1`` [load 12]:
@@ -34,6 +42,21 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   ``--threads 1`` [load 11]: open_nsfw 1.01 -> 0.70, UltraFace 1.10 -> 0.71; default threads
   [load 8-11]: open_nsfw 4.86 -> 0.67, UltraFace 8.04 -> 0.38 (before, numpy's BLAS kept both cores
   under load; Caffe's does too, which flatters the last figure).
+* more of the forward in C++ (im2col, MAX pooling, the fold epilogues, residual sum + ReLU), Winograd
+  F(4x4 / 2x2, 3x3) in FAST chains, short-K convolutions without columns, against main run just
+  before, ``--threads 1``, CPU-time ratios (wall-time ratios swung by +-0.1 to +-0.4 between runs
+  at this load) [load 4.1-4.4, two runs each]: open_nsfw FAST 0.74 / 0.70 -> 0.54 / 0.56 (EXACT
+  0.73 / 0.74, unfolded 0.90 / 0.93); UltraFace 0.70 / 0.62 -> 0.60 / 0.58 (100 runs: 0.62 / 0.66
+  -> 0.56 / 0.58; this model has no BatchNorm: every fold mode is the same); on a quieter machine
+  [load 2.1], wall (CPU): open_nsfw 0.68 (0.67) -> 0.53 (0.53), UltraFace 0.67 (0.67) -> 0.59 (0.60).
+  Per lever, in-net CPU
+  time with / without, alternating forwards [load 4-5.5]: Winograd 0.89, C++ MAX pooling 0.96, C++
+  epilogue 0.96, residual sum in the chain's pass 0.98, C++ im2col 0.99, wide 1x1 GEMMs 0.98-1.0
+  (open_nsfw); direct short-K convolutions 0.89 (UltraFace), 0.99 (open_nsfw).
+  ``--models all`` [load 4]: UltraFace RFB-320 0.64, MiniNet-SSD 0.63, LeNet 0.69, MTCNN as the
+  detector runs it 0.56-0.66; MTCNN's nets on one 12x12 / 24x24 input stay slower than Caffe (P-Net
+  12x12 11.6x, R-Net 1.4x, L-Net 1.5x, CPU; main 14.9x, 1.8x, 1.6x): Caffe runs such a layer in
+  about a microsecond, the executor's Python costs 10-20 us per layer.
 """
 
 from __future__ import annotations
@@ -58,7 +81,21 @@ MODELS = {
                   "data", (8, 3, 224, 224)),
     "ultraface_slim320": (SHARED / "ultraface_slim320/slim-320.prototxt",
                           SHARED / "ultraface_slim320/slim-320.caffemodel", "input", (1, 3, 240, 320)),
+    # the other shared models (``--models all``), at their prototxt's input shape
+    "ultraface_rfb320": (SHARED / "ultraface_rfb320/RFB-320.prototxt", SHARED / "ultraface_rfb320/RFB-320.caffemodel",
+                         "input", (1, 3, 240, 320)),
+    "mininet_ssd": (SHARED / "hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt",
+                    SHARED / "hyperlpr_mininet_ssd/mininet_ssd_v1.caffemodel", "data", (1, 3, 512, 512)),
+    "lenet": (SHARED / "lenet_mnist/lenet.prototxt", SHARED / "lenet_mnist/lenet_iter_10000.caffemodel", "data",
+              (64, 1, 28, 28)),
+    **{f"mtcnn_det{i}": (SHARED / f"mtcnn/det{i}.prototxt", SHARED / f"mtcnn/det{i}.caffemodel", "data", shape)
+       for i, shape in ((1, (1, 3, 12, 12)), (2, (1, 3, 24, 24)), (3, (1, 3, 48, 48)), (4, (1, 15, 24, 24)))},
+    # ... and as MTCNN runs them: P-Net on a pyramid level, the others on a batch of candidate faces
+    **{f"mtcnn_det{i}_{tag}": (SHARED / f"mtcnn/det{i}.prototxt", SHARED / f"mtcnn/det{i}.caffemodel", "data", shape)
+       for i, tag, shape in ((1, "240x320", (1, 3, 240, 320)), (2, "b32", (32, 3, 24, 24)),
+                             (3, "b16", (16, 3, 48, 48)), (4, "b16", (16, 15, 24, 24)))},
 }
+TARGETS = ("open_nsfw", "ultraface_slim320")  # the default --models
 SEED = 0
 _LOG = logging.getLogger("benchmark")
 
@@ -78,9 +115,9 @@ for line in sys.stdin:
     times = []
     for _ in range(int(line)):
         net.blobs[blob].data[...] = x
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         net.forward()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
     print(json.dumps(times), flush=True)
 np.savez(out, **{k: net.blobs[k].data for k in net.outputs})
 """
@@ -97,13 +134,13 @@ class _Ours:
         self.net.blobs[self.blob].reshape(*x.shape)
         self.net.reshape()
 
-    def run(self, k: int) -> list[float]:
+    def run(self, k: int) -> list[tuple[float, float]]:
         times = []
         for _ in range(k):
             self.net.blobs[self.blob].data[...] = self.x
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             self.net.forward()
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t, time.process_time() - c))
         return times
 
     def outputs(self) -> dict:
@@ -124,13 +161,13 @@ class _Caffe:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
 
-    def run(self, k: int) -> list[float]:
+    def run(self, k: int) -> list[tuple[float, float]]:
         self.proc.stdin.write(f"{k}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"pycaffe worker died:\n{self.proc.stderr.read()[-3000:]}")
-        return json.loads(line)
+        return [tuple(t) for t in json.loads(line)]
 
     def outputs(self) -> dict:
         self.proc.stdin.close()
@@ -172,12 +209,14 @@ def bench(name: str, runs: int, rounds: int, warmup: int, caffe_root: str | None
         outs = {who: r.outputs() for who, r in runners.items()}
     row = {"model": name, "input": "x".join(map(str, shape))}
     for who, t in times.items():
-        row[f"{who}_ms"] = 1e3 * statistics.median(t)
-        row[f"{who}_min_ms"] = 1e3 * min(t)
+        row[f"{who}_ms"] = 1e3 * statistics.median(w for w, _ in t)
+        row[f"{who}_min_ms"] = 1e3 * min(w for w, _ in t)
+        row[f"{who}_cpu_ms"] = 1e3 * statistics.median(c for _, c in t)
     if caffe_root:
         for who in times:
             if who != "caffe":
                 row[f"ratio{who[4:]}"] = row[f"{who}_ms"] / row["caffe_ms"]
+                row[f"cpu_ratio{who[4:]}"] = row[f"{who}_cpu_ms"] / row["caffe_cpu_ms"]
                 row[f"max_abs_diff{who[4:]}"] = max(float(np.max(np.abs(outs[who][k] - outs["caffe"][k])))
                                                     for k in outs["caffe"])
     return row
@@ -188,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=12, help="timed runs per model and executor")
     ap.add_argument("--rounds", type=int, default=3, help="alternations between ours and Caffe")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(TARGETS), help="comma-separated, or 'all' (every shared model)")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads for both executors")
     ap.add_argument("--fold", default="auto", help="the executor's fold modes to time, comma-separated "
                     "(auto, fast, exact, off: see amct_caffe/runtime/fold.py); 'off' is the executor before folding")
@@ -201,18 +240,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     caffe_root = os.environ.get("AMCT_REAL_CAFFE")
     folds = tuple(args.fold.split(","))
+    names = list(MODELS) if args.models == "all" else args.models.split(",")
     rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root, folds)
-            for name in args.models.split(",")]
+            for name in names]
     print(f"load average {os.getloadavg()[0]:.1f} at the end")  # noqa: T201
     for r in rows:
-        ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms") and not k.endswith("min_ms")]
+        ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms")
+                and not k.endswith(("min_ms", "cpu_ms"))]
         for who in ours:
             line = (f"{r['model']:<20} {r['input']:<14} {who:<11} {r[who + '_ms']:>9.1f} ms"
                     f" (min {r[who + '_min_ms']:.1f})")
             if caffe_root:
                 tag = who[4:]
                 line += (f"  caffe {r['caffe_ms']:.1f} ms (min {r['caffe_min_ms']:.1f})"
-                         f"  ours/caffe {r['ratio' + tag]:.2f}"
+                         f"  ours/caffe {r['ratio' + tag]:.2f} (cpu {r['cpu_ratio' + tag]:.2f})"
                          f"  max|diff| {r['max_abs_diff' + tag]:.2e}")
             print(line)  # noqa: T201
     print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default (all cores)')}")  # noqa: T201

@@ -20,10 +20,25 @@ the separate layers. Two modes (:class:`FoldMode`):
   Each element is rounded once (twice with the ReLU) instead of four to five times, so it
   differs from Caffe's by a few float32 ulps of the larger of the terms (measured: at most
   ~1e-6 relative on open_nsfw's blobs); a fake-quant model's next Quant layer could round such a
-  value the other way, which is why FAST is only for float models.
+  value the other way, which is why FAST is only for float models. A 3x3 stride-1 convolution in
+  such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
+  multiplies, at most 6.3e-6 of a blob's scale from Caffe on open_nsfw), with the affine map and the
+  ReLU applied by its output transform. A chain without BatchNorm / Scale (a convolution and a
+  ReLU) keeps Caffe's arithmetic in both modes.
+
+The per-channel steps after the GEMM (FAST's ``y * a + b`` and the ReLU, a ReLU alone) run as one
+C++ pass over the output where the extension is built (``channel_affine`` in
+``csrc/src/conv_cols.cpp``: the same two float32 roundings as NumPy's ``y *= a; y += b``, so the
+same bytes), instead of one NumPy pass each.
+
+In FAST mode, a chain that ends with BatchNorm / Scale and is followed by an Eltwise SUM of its top
+and another blob with an in-place ReLU (the end of a residual block) runs the Eltwise too
+(``residual``): ``y = conv * a + b`` is written as the chain's top and ``max(y + other, 0)`` as the
+Eltwise's in the same pass (``affine_add_relu``), the bytes of the separate steps.
 
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
-runs in place on the Eltwise's fresh result (the same bytes in both modes).
+runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
+in one C++ pass (``add_relu``); the same bytes in both modes.
 
 :func:`plan` picks the chains (only in nets that need no backward: the backward reads each
 layer's own input) and the mode: ``"auto"`` is EXACT for a net holding any layer the tool inserts
@@ -34,14 +49,29 @@ layer's own input) and the mode: ``"auto"`` is EXACT for a net holding any layer
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from amct_caffe import ops
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers.batch_norm import _std, global_moments
+from amct_caffe.runtime.layers import winograd
 from amct_caffe.runtime.layers.conv import Convolution
+from amct_caffe.runtime.layers.eltwise import SUM
+
+try:  # csrc/src/conv_cols.cpp; the NumPy lines beside each call are its reference
+    from amct_caffe._kernels import add_relu as ADD_RELU_KERNEL
+    from amct_caffe._kernels import channel_affine as AFFINE_KERNEL
+except ImportError:
+    ADD_RELU_KERNEL = AFFINE_KERNEL = None
+try:
+    from amct_caffe._kernels import affine_add_relu as AFFINE_ADD_RELU_KERNEL
+except ImportError:
+    AFFINE_ADD_RELU_KERNEL = None
+# Below this many values the per-channel pass runs on one thread.
+THREADED_AFFINE = 1 << 18
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
@@ -63,33 +93,78 @@ class Chain:
     head: object        # the ConvolutionLayer or EltwiseLayer
     members: tuple      # the BatchNorm / Scale / ReLU layers, in order
     mode: FoldMode
+    residual: int | None = None  # FAST: index of an Eltwise SUM + in-place ReLU run with the chain
+    other: int = 0               # ... and which of its two bottoms is not the chain's top
+    weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
 
-    def forward(self, bottoms: list[np.ndarray]) -> np.ndarray:
-        """The chain's final top for the head's ``bottoms``."""
+    def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None) -> list[np.ndarray]:
+        """The tops for the head's ``bottoms``: [the chain's final value], or with ``residual``
+        [the chain's final value, the Eltwise's after its ReLU] (``other``: the Eltwise's other bottom)."""
+        if self.residual is not None:
+            return self._residual(bottoms[0], other)
+        return [self._single(bottoms)]
+
+    def _residual(self, x: np.ndarray, other: np.ndarray) -> list[np.ndarray]:
+        """conv -> BatchNorm/Scale (FAST) as y, then max(y + other, 0), in one pass where possible."""
+        conv = self.head
+        _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
+        weight = conv.blobs[0].data
+        group = conv.lp.convolution_param.group
+        if AFFINE_ADD_RELU_KERNEL is None or winograd.applies(weight.shape, stride, dilation, group):
+            y = self._single([x])
+        else:
+            bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
+            y = Convolution(x, weight, None, stride=stride, pad=pad, dilation=dilation, group=group)
+            a, b = channel_affine(self.members, bias, y.shape[1])
+            if y.shape == other.shape and y.flags.c_contiguous and other.flags.c_contiguous \
+                    and other.dtype == _F32:
+                return [y, AFFINE_ADD_RELU_KERNEL(y, a, b, other, _threads(y))]
+            _affine(y, a, b, relu=False)
+        if _plain_pair(y, other):
+            return [y, ADD_RELU_KERNEL(y, other, _threads(y))]
+        s = np.add(other.reshape(y.shape), y)  # eltwise.Eltwise's SUM (coefficients 1), then the ReLU
+        return [y, np.maximum(s, _F32(0), out=s)]
+
+    def _single(self, bottoms: list[np.ndarray]) -> np.ndarray:
+        relu = self.members[-1].type == "ReLU"
         if self.head.type == "Convolution":
-            y = self._convolution(bottoms[0])
+            y, done = self._convolution(bottoms[0], relu)
+            relu = relu and not done
+        elif relu and _plain_sum(self.head, bottoms):  # a residual sum and its ReLU in one pass
+            return ADD_RELU_KERNEL(bottoms[0], bottoms[1], threads.workers() if bottoms[0].size >= THREADED_AFFINE
+                                   else 1)
         else:  # an Eltwise: its result is a fresh array nobody else holds
             (y,) = self.head.forward(bottoms)
-        if self.members[-1].type == "ReLU":
-            np.maximum(y, _F32(0), out=y)  # activation.ReLU with negative_slope 0
+        if relu:
+            _affine(y, None, None, relu=True)  # activation.ReLU with negative_slope 0
         return y
 
-    def _convolution(self, x: np.ndarray) -> np.ndarray:
+    def _convolution(self, x: np.ndarray, relu: bool) -> tuple[np.ndarray, bool]:
+        """The convolution and the affine members; (y, whether ``relu`` was applied too)."""
         conv = self.head
         _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
         weight = conv.blobs[0].data
         bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
         affine = [m for m in self.members if m.type != "ReLU"]
+        group = conv.lp.convolution_param.group
+        # Winograd only where FAST already gives up Caffe's bytes (a BatchNorm / Scale folded): a
+        # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit
+        if self.mode is FoldMode.FAST and affine and winograd.available() and x.ndim == 4 \
+                and winograd.applies(weight.shape, stride, dilation, group) \
+                and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.shape[0] > 0:
+            a, b = channel_affine(affine, bias, weight.shape[0])
+            ho, wo = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
+            m = winograd.tile_size(ho, wo)
+            return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu), relu
         fast = self.mode is FoldMode.FAST and affine
         y = Convolution(x, weight, None if fast else bias, stride=stride, pad=pad, dilation=dilation,
-                        group=conv.lp.convolution_param.group)
+                        group=group)
         shape = (-1,) + (1,) * (y.ndim - 2)
         with np.errstate(**_QUIET):
             if fast:
                 a, b = channel_affine(affine, bias, y.shape[1])
-                y *= a.reshape(shape)
-                y += b.reshape(shape)
-                return y
+                _affine(y, a, b, relu)
+                return y, relu
             for m in affine:
                 if m.type == "BatchNorm":  # batch_norm._normalize, in place
                     mean, var = global_moments(m.blobs[0].data, m.blobs[1].data, m.blobs[2].data)
@@ -99,7 +174,39 @@ class Chain:
                     y *= m.blobs[0].data.reshape(shape)
                     if len(m.blobs) > 1:
                         y += m.blobs[1].data.reshape(shape)
-        return y
+        return y, False
+
+
+def _plain_sum(layer, bottoms) -> bool:
+    """Whether Eltwise ``layer`` adds two C-contiguous float32 arrays of one shape with coefficients 1."""
+    return _plain_add(layer) and len(bottoms) == 2 and _plain_pair(*bottoms)
+
+
+def _plain_add(layer) -> bool:
+    return layer.operation == SUM and all(float(c) == 1.0 for c in layer.coeff)
+
+
+def _plain_pair(a: np.ndarray, b: np.ndarray) -> bool:
+    return (ADD_RELU_KERNEL is not None and a.shape == b.shape
+            and all(v.dtype == _F32 and v.flags.c_contiguous for v in (a, b)))
+
+
+def _affine(y: np.ndarray, a: np.ndarray | None, b: np.ndarray | None, relu: bool) -> None:
+    """In place on ``y`` (N, C, ...): ``y *= a[c]; y += b[c]`` (each if given), then ReLU if ``relu``."""
+    if AFFINE_KERNEL is not None and y.flags.c_contiguous and y.ndim >= 2:
+        AFFINE_KERNEL(y, a, b, relu, threads.workers() if y.size >= THREADED_AFFINE else 1)
+        return
+    shape = (-1,) + (1,) * (y.ndim - 2)
+    if a is not None:
+        y *= a.reshape(shape)
+    if b is not None:
+        y += b.reshape(shape)
+    if relu:
+        np.maximum(y, _F32(0), out=y)
+
+
+def _threads(y: np.ndarray) -> int:
+    return threads.workers() if y.size >= THREADED_AFFINE else 1
 
 
 def channel_affine(layers, bias, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +251,9 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
     if mode is FoldMode.OFF or needs_backward:
         return {}
     chains = {}
+    covered = -1  # the last layer of the previous chain
     for i, head in enumerate(layers):
-        if not _foldable_head(head, bottom_names[i], top_names[i], loss_weights[i]):
+        if i <= covered or not _foldable_head(head, bottom_names[i], top_names[i], loss_weights[i]):
             continue
         top = top_names[i][0]
         if top in shared:
@@ -163,8 +271,28 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
             if layers[j - 1].type == "ReLU":  # nothing affine can join after the ReLU
                 break
         if j > i + 1:
-            chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
+            tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) \
+                if mode is FoldMode.FAST and layers[j - 1].type != "ReLU" else None
+            if tail is not None:
+                chains[i] = Chain(i, j + 1, head, tuple(layers[i + 1:j]), mode, residual=j, other=tail)
+            else:
+                chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
+            covered = chains[i].last
     return chains
+
+
+def _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) -> int | None:
+    """If layer ``j`` is an Eltwise SUM of ``top`` and another blob followed by an in-place ReLU, the
+    index of that other bottom (a residual block's end, run with the chain before it), else None."""
+    if j + 1 >= len(layers) or layers[j].type != "Eltwise" or len(bottom_names[j]) != 2 \
+            or bottom_names[j].count(top) != 1 or not _plain_add(layers[j]) \
+            or not _foldable_head(layers[j], bottom_names[j], top_names[j], loss_weights[j]):
+        return None
+    out = top_names[j][0]
+    if out in shared or bottom_names[j + 1] != [out] or top_names[j + 1] != [out] or any(loss_weights[j + 1]) \
+            or layers[j + 1].type != "ReLU" or not _foldable_member(layers[j + 1]):
+        return None
+    return 1 - bottom_names[j].index(top)
 
 
 def _foldable_head(layer, bottoms, tops, loss_weights) -> bool:

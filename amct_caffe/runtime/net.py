@@ -359,7 +359,13 @@ class Net:
         for i in range(chain.first, chain.last + 1):
             self._reshape_layer(i)
         name = self._layer_names[chain.first]
-        self.blobs[self.top_names[name][0]].data = chain.forward([self.blobs[b].data for b in self.bottom_names[name]])
+        other = None
+        if chain.residual is not None:  # the Eltwise's other bottom
+            other = self.blobs[self.bottom_names[self._layer_names[chain.residual]][chain.other]].data
+        tops = chain.forward([self.blobs[b].data for b in self.bottom_names[name]], other)
+        self.blobs[self.top_names[name][0]].data = tops[0]
+        if chain.residual is not None:  # the Eltwise's top
+            self.blobs[self.top_names[self._layer_names[chain.last]][0]].data = tops[1]
 
     # ---------------------------------------------------------------- training
     @property

@@ -14,7 +14,9 @@
 #include "amct/arq.h"
 #include "amct/channel_ops.h"
 #include "amct/conv_backward.h"
+#include "amct/conv_cols.h"
 #include "amct/depthwise.h"
+#include "amct/direct_conv.h"
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
 #include "amct/ifmr_stream.h"
@@ -23,6 +25,7 @@
 #include "amct/sgd.h"
 #include "amct/snq.h"
 #include "amct/ulq.h"
+#include "amct/winograd.h"
 
 namespace py = pybind11;
 
@@ -277,7 +280,8 @@ py::tuple ulq_backward(const py::handle& x_obj, const py::handle& g_obj, float c
 }
 
 py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
-                           std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads) {
+                           std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
+                           const py::object& bias_obj) {
   auto x = checked<float>(x_obj, "x", 4);
   auto w = checked<float>(w_obj, "weight", 3);
   for (const auto* v : {&stride, &pad, &dilation, &out}) {
@@ -287,10 +291,16 @@ py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std
   amct::Conv2dGeometry g{static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
                          static_cast<int>(x.shape(3)), static_cast<int>(w.shape(1)), static_cast<int>(w.shape(2)),
                          stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1], out[0], out[1]};
+  py::array_t<float> bias;
+  if (!bias_obj.is_none()) {
+    bias = checked<float>(bias_obj, "bias", 1);
+    if (bias.shape(0) != x.shape(1)) throw py::value_error("bias must have one value per channel");
+  }
+  const float* bp = bias_obj.is_none() ? nullptr : bias.data();
   py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
-  amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads);
+  amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads, bp);
   return std::move(y);
 }
 
@@ -426,12 +436,176 @@ py::array_t<float> batch_norm_backward(const py::handle& dy_obj, const py::handl
   return dx;
 }
 
+amct::Conv2dGeometry geometry_2d(const py::array& x, std::vector<int> kernel, std::vector<int> stride,
+                                 std::vector<int> pad, std::vector<int> dilation, std::vector<int> out) {
+  for (const auto* v : {&kernel, &stride, &pad, &dilation, &out}) {
+    if (v->size() != 2) throw py::value_error("kernel, stride, pad, dilation and out must have 2 values each");
+  }
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), static_cast<int>(x.shape(2)),
+          static_cast<int>(x.shape(3)), kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1],
+          dilation[0], dilation[1], out[0], out[1]};
+}
+
+void im2col2d(const py::handle& x_obj, const py::handle& cols_obj, std::vector<int> kernel, std::vector<int> stride,
+              std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto cols = checked<float>(cols_obj, "cols");
+  auto g = geometry_2d(x, kernel, stride, pad, dilation, out);
+  const std::size_t want = static_cast<std::size_t>(g.n) * g.c * g.kh * g.kw * g.ho * g.wo;
+  if (size_of(cols) != want) throw py::value_error("cols must hold N*C*kh*kw*Ho*Wo floats");
+  if (!cols.writeable()) throw py::value_error("cols must be writeable");
+  auto* cp = cols.mutable_data();
+  py::gil_scoped_release release;
+  amct::im2col2d(x.data(), cp, g, batch_last, threads);
+}
+
+py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector<int> kernel,
+                 std::vector<int> stride, std::vector<int> pad, std::vector<int> out, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto g = geometry_2d(x, kernel, stride, pad, {1, 1}, out);
+  if (method != "MAX") throw py::value_error("method must be 'MAX'");
+  py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::max_pool2d(x.data(), yp, g, threads);
+  return std::move(y);
+}
+
+void channel_affine(const py::handle& y_obj, const py::object& a_obj, const py::object& b_obj, bool relu,
+                    int threads) {
+  auto y = checked<float>(y_obj, "y");
+  if (y.ndim() < 2) throw py::value_error("y must be (N, C, ...)");
+  if (!y.writeable()) throw py::value_error("y must be writeable");
+  const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
+  const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
+  py::array_t<float> a, b;
+  if (!a_obj.is_none()) {
+    a = checked<float>(a_obj, "a", 1);
+    if (static_cast<std::size_t>(a.size()) != c) throw py::value_error("a must have one value per channel");
+  }
+  if (!b_obj.is_none()) {
+    b = checked<float>(b_obj, "b", 1);
+    if (static_cast<std::size_t>(b.size()) != c) throw py::value_error("b must have one value per channel");
+  }
+  const float* ap = a_obj.is_none() ? nullptr : a.data();
+  const float* bp = b_obj.is_none() ? nullptr : b.data();
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::channel_affine(yp, n, c, p, ap, bp, relu, threads);
+}
+
+amct::WinogradGeometry winograd_geometry(const py::array& x, int o, std::vector<int> pad, int m) {
+  if (pad.size() != 2) throw py::value_error("pad must have 2 values");
+  if (m != 2 && m != 4) throw py::value_error("m must be 2 or 4");
+  const int h = static_cast<int>(x.shape(2)), w = static_cast<int>(x.shape(3));
+  const int ho = h + 2 * pad[0] - 2, wo = w + 2 * pad[1] - 2;
+  if (ho <= 0 || wo <= 0) throw py::value_error("the 3x3 convolution's output is empty");
+  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), h, w, o, ho, wo, pad[0], pad[1], m,
+          (ho + m - 1) / m, (wo + m - 1) / m};
+}
+
+void winograd_input(const py::handle& x_obj, const py::handle& v_obj, std::vector<int> pad, int m, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto v = checked<float>(v_obj, "v", 3);
+  auto g = winograd_geometry(x, 1, pad, m);
+  const py::ssize_t a2 = (m + 2) * (m + 2);
+  if (v.shape(0) != a2 || v.shape(1) != g.c || v.shape(2) != static_cast<py::ssize_t>(g.n) * g.th * g.tw) {
+    throw py::value_error("v must be ((m+2)^2, C, N*th*tw)");
+  }
+  if (!v.writeable()) throw py::value_error("v must be writeable");
+  auto* vp = v.mutable_data();
+  py::gil_scoped_release release;
+  amct::winograd_input(x.data(), vp, g, threads);
+}
+
+py::array winograd_output(const py::handle& mm_obj, const py::handle& x_shape_obj, std::vector<int> pad, int m,
+                          const py::object& a_obj, const py::object& b_obj, bool relu, int threads) {
+  auto mm = checked<float>(mm_obj, "mm", 3);
+  auto shape = x_shape_obj.cast<std::vector<py::ssize_t>>();
+  if (shape.size() != 4) throw py::value_error("x_shape must be (N, C, H, W)");
+  py::array_t<float> probe(shape);
+  auto g = winograd_geometry(probe, static_cast<int>(mm.shape(1)), pad, m);
+  const py::ssize_t a2 = (m + 2) * (m + 2);
+  if (mm.shape(0) != a2 || mm.shape(2) != static_cast<py::ssize_t>(g.n) * g.th * g.tw) {
+    throw py::value_error("mm must be ((m+2)^2, O, N*th*tw)");
+  }
+  py::array_t<float> a, b;
+  if (!a_obj.is_none()) a = checked<float>(a_obj, "a", 1);
+  if (!b_obj.is_none()) b = checked<float>(b_obj, "b", 1);
+  if ((!a_obj.is_none() && a.size() != g.o) || (!b_obj.is_none() && b.size() != g.o)) {
+    throw py::value_error("a and b must have one value per output channel");
+  }
+  const float* ap = a_obj.is_none() ? nullptr : a.data();
+  const float* bp = b_obj.is_none() ? nullptr : b.data();
+  py::array_t<float> y({static_cast<py::ssize_t>(g.n), static_cast<py::ssize_t>(g.o), static_cast<py::ssize_t>(g.ho),
+                        static_cast<py::ssize_t>(g.wo)});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::winograd_output(mm.data(), yp, g, ap, bp, relu, threads);
+  return std::move(y);
+}
+
+py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads) {
+  auto a = checked<float>(a_obj, "a");
+  auto b = checked<float>(b_obj, "b");
+  if (size_of(a) != size_of(b)) throw py::value_error("a and b must have the same size");
+  py::array_t<float> y(shape_of(a));
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::add_relu(a.data(), b.data(), yp, size_of(a), threads);
+  return std::move(y);
+}
+
+py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
+                        std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
+                        const py::object& bias_obj) {
+  auto x = checked<float>(x_obj, "x", 4);
+  auto w = checked<float>(w_obj, "weight", 4);
+  if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
+  auto g = geometry_2d(x, {static_cast<int>(w.shape(2)), static_cast<int>(w.shape(3))}, stride, pad, dilation, out);
+  const int o = static_cast<int>(w.shape(0));
+  py::array_t<float> bias;
+  if (!bias_obj.is_none()) {
+    bias = checked<float>(bias_obj, "bias", 1);
+    if (bias.shape(0) != o) throw py::value_error("bias must have one value per output channel");
+  }
+  const float* bp = bias_obj.is_none() ? nullptr : bias.data();
+  const std::vector<py::ssize_t> shape{x.shape(0), static_cast<py::ssize_t>(o), static_cast<py::ssize_t>(out[0]),
+                                       static_cast<py::ssize_t>(out[1])};
+  py::array_t<float> y(shape);
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads, bp);
+  return std::move(y);
+}
+
+py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, const py::handle& b_obj,
+                          const py::handle& other_obj, int threads) {
+  auto y = checked<float>(y_obj, "y");
+  auto other = checked<float>(other_obj, "other");
+  auto a = checked<float>(a_obj, "a", 1);
+  auto b = checked<float>(b_obj, "b", 1);
+  if (y.ndim() < 2 || size_of(other) != size_of(y)) throw py::value_error("y (N, C, ...) and other must have one size");
+  if (!y.writeable()) throw py::value_error("y must be writeable");
+  const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
+  if (static_cast<std::size_t>(a.size()) != c || static_cast<std::size_t>(b.size()) != c) {
+    throw py::value_error("a and b must have one value per channel");
+  }
+  const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
+  py::array_t<float> s(shape_of(y));
+  auto* sp = s.mutable_data();
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::affine_add_relu(yp, other.data(), sp, n, c, p, a.data(), b.data(), threads);
+  return std::move(s);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("out"), py::arg("threads"));
+        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
   m.def("im2col_2d", &im2col_2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
@@ -446,6 +620,23 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("sum_dy"), py::arg("sum_dyx"), py::arg("inv_m"), py::arg("threads"));
   m.def("sgd_update", &sgd_update, py::arg("weight"), py::arg("diff"), py::arg("history"), py::arg("decay"),
         py::arg("momentum"), py::arg("rate"), py::arg("threads"));
+  m.def("direct_conv2d", &direct_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
+  m.def("direct_conv_available", &amct::direct_conv_available);
+  m.def("direct_conv_max_k", []() { return amct::kDirectMaxK; });
+  m.def("im2col2d", &im2col2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
+  m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
+        py::arg("out"), py::arg("threads"));
+  m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),
+        py::arg("threads"));
+  m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
+        py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"));
+  m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
+        py::arg("threads"));
+  m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
+  m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
+        py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));

@@ -15,7 +15,7 @@ namespace {
 // (contiguous for stride 1, which the compiler vectorizes), taps in Caffe's order per element.
 template <int Dummy>
 __attribute__((always_inline)) inline void planes(const float* x, const float* w, float* y, const Conv2dGeometry& g,
-                                                  std::size_t first, std::size_t last) {
+                                                  const float* bias, std::size_t first, std::size_t last) {
   const int hp = std::max(g.h + 2 * g.ph, (g.ho - 1) * g.sh + g.dh * (g.kh - 1) + 1);
   const int wp = std::max(g.w + 2 * g.pw, (g.wo - 1) * g.sw + g.dw * (g.kw - 1) + 1);
   std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
@@ -43,18 +43,23 @@ __attribute__((always_inline)) inline void planes(const float* x, const float* w
           }
         }
       }
+      if (bias) {
+        const float b = bias[p % g.c];
+        for (int ox = 0; ox < g.wo; ++ox) acc[ox] += b;
+      }
     }
   }
 }
 
 __attribute__((target("avx2,fma"))) void planes_fma(const float* x, const float* w, float* y,
-                                                    const Conv2dGeometry& g, std::size_t first, std::size_t last) {
-  planes<0>(x, w, y, g, first, last);
+                                                    const Conv2dGeometry& g, const float* bias, std::size_t first,
+                                                    std::size_t last) {
+  planes<0>(x, w, y, g, bias, first, last);
 }
 
-void planes_generic(const float* x, const float* w, float* y, const Conv2dGeometry& g, std::size_t first,
-                    std::size_t last) {
-  planes<1>(x, w, y, g, first, last);
+void planes_generic(const float* x, const float* w, float* y, const Conv2dGeometry& g, const float* bias,
+                    std::size_t first, std::size_t last) {
+  planes<1>(x, w, y, g, bias, first, last);
 }
 
 }  // namespace
@@ -67,7 +72,8 @@ bool depthwise_has_fma() {
 #endif
 }
 
-void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads) {
+void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads,
+                      const float* bias) {
   if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
       g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0) {
     throw std::invalid_argument("depthwise_conv2d: invalid geometry");
@@ -80,15 +86,15 @@ void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeom
   auto run = depthwise_has_fma() ? planes_fma : planes_generic;
   const std::size_t workers = std::min<std::size_t>(std::max(threads, 1), total);
   if (workers <= 1) {
-    run(x, w, y, g, 0, total);
+    run(x, w, y, g, bias, 0, total);
     return;
   }
   std::vector<std::thread> pool;
   pool.reserve(workers - 1);
   for (std::size_t t = 1; t < workers; ++t) {
-    pool.emplace_back(run, x, w, y, std::cref(g), total * t / workers, total * (t + 1) / workers);
+    pool.emplace_back(run, x, w, y, std::cref(g), bias, total * t / workers, total * (t + 1) / workers);
   }
-  run(x, w, y, g, 0, total / workers);
+  run(x, w, y, g, bias, 0, total / workers);
   for (auto& th : pool) th.join();
 }
 

@@ -116,3 +116,27 @@ layer { name: "sum_relu" type: "ReLU" bottom: "sum" top: "sum" }
     assert net._chains[7].last == 8
     x = _x()
     np.testing.assert_array_equal(net.forward(data=x)["sum"], ref.forward(data=x)["sum"])
+
+
+RESIDUAL = CHAIN + '''layer { name: "conv3" type: "Convolution" bottom: "conv" top: "conv3"
+        convolution_param { num_output: 6 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 }
+                            bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "bn3" type: "BatchNorm" bottom: "conv3" top: "conv3" }
+layer { name: "scale3" type: "Scale" bottom: "conv3" top: "conv3" scale_param { bias_term: true } }
+layer { name: "sum" type: "Eltwise" bottom: "conv" bottom: "conv3" top: "sum" }
+layer { name: "sum_relu" type: "ReLU" bottom: "sum" top: "sum" }
+'''
+
+
+def test_a_residual_sum_runs_with_the_fast_chain_before_it(tmp_path, monkeypatch):
+    from amct_caffe.runtime import fold
+
+    x = _x()
+    net = _net(tmp_path, "fast", RESIDUAL)
+    assert [(c.first, c.last, c.residual, c.other) for c in net._chains.values() if c.residual] == [(7, 11, 10, 0)]
+    got = {k: v.copy() for k, v in net.forward(data=x, blobs=["conv3", "sum"]).items()}
+    monkeypatch.setattr(fold, "_residual_tail", lambda *a: None)  # the same chain, the Eltwise on its own
+    want = _net(tmp_path, "fast", RESIDUAL).forward(data=x, blobs=["conv3", "sum"])
+    for k in ("conv3", "sum"):
+        np.testing.assert_array_equal(got[k].view(np.uint32), want[k].view(np.uint32))
+    assert not any(c.residual for c in _net(tmp_path, "exact", RESIDUAL)._chains.values())

@@ -23,7 +23,8 @@ the columns (im2col) are built in cache-sized chunks (``COLS_BUDGET`` floats) in
 scratch buffers, one strided copy per kernel tap:
 
 * 1x1 kernels without padding: the (strided) input already is the column matrix; one GEMM per
-  (image, group) through ``np.matmul``;
+  (image, group) through ``np.matmul``, or for maps under ``WIDE_1X1_PIXELS`` pixels one wide GEMM
+  per group on the images side by side (the input and output transposed);
 * depthwise (``group == C == O``): columns per chunk of images x channels, contracted per
   channel as a stack of ``(1 x prod(k)) @ (prod(k) x P)`` products (Caffe runs C tiny GEMMs
   here). Against a loop over the taps with one vectorised multiply-add each, this is as fast
@@ -53,7 +54,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers import caffe_gemm, conv_grad
-from amct_caffe.runtime.layers.conv_cols import im2col, im2row, padded, scratch, tap_slices
+from amct_caffe.runtime.layers.conv_cols import im2col, im2col_2d, im2row, padded, scratch, tap_slices
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
@@ -62,6 +63,16 @@ try:  # the C++ depthwise loops (csrc/src/depthwise.cpp); the NumPy path below i
     from amct_caffe._kernels import depthwise_conv2d as DEPTHWISE_KERNEL
 except ImportError:
     DEPTHWISE_KERNEL = None
+try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes of numpy's GEMM (see _direct)
+    from amct_caffe._kernels import direct_conv2d as DIRECT_KERNEL
+    from amct_caffe._kernels import direct_conv_available, direct_conv_max_k
+    DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
+except ImportError:
+    DIRECT_KERNEL, DIRECT_MAX_K = None, 0
+# (K, outputs) bounds under which the direct kernel beats the column GEMM (see _direct)
+DIRECT_SHAPES = ((64, 64),)
+# Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
+DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
 # Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
 DEPTHWISE_THREADED_MACS = 1 << 21
 
@@ -84,6 +95,9 @@ def _tuple(v, n: int, default: int) -> tuple[int, ...]:
 COLS_BUDGET = 1 << 20
 # Below this many output pixels per image, a batch is convolved by one wide GEMM.
 WIDE_GEMM_PIXELS = 1024
+# ... for 1x1 kernels, whose per-image GEMMs need no columns (the wide one needs the input and the
+# output transposed): measured on ResNet-50's 1x1 layers (batch 8), wide pays at 7x7 (-20..-27%), not at 14x14.
+WIDE_1X1_PIXELS = 128
 # Stride-1 2-D maps narrower than this, with at most ROW_COLUMNS_MAX_OUT outputs per group,
 # gather whole padded rows per tap (see _im2row).
 ROW_COLUMNS_WIDTH = 32
@@ -131,16 +145,29 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): `gemm` makes the
     # products below sum like it and says which of the layouts keep its sums (caffe_gemm.ConvGemms).
     gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
-    if all(k == 1 for k in ksz) and not any(pad) and group != c:
+    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm, bias)
+    if direct is not None:
+        y, bias = direct, None
+    elif all(k == 1 for k in ksz) and not any(pad) and group != c:
         # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
-        if any(st > 1 for st in stride):
-            xs = x[(slice(None), slice(None))
-                   + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
-            cols = scratch("cols", xs.shape)
-            np.copyto(cols, xs)
+        xs = x[(slice(None), slice(None))
+               + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
+        npix = math.prod(out)
+        if npix < WIDE_1X1_PIXELS and n > 1 and gemm.wide:
+            # small maps: the images side by side, (g, C/g, N*P), one wide GEMM per group
+            cols = scratch("cols", (group, cg, n, npix))
+            np.copyto(cols, xs.reshape(n, group, cg, npix).transpose(1, 2, 0, 3))
+            yb = gemm.matmul(w, cols.reshape(group, cg, n * npix)).reshape(group, o // group, n, npix)
+            y = np.empty((n, group, o // group, npix), np.float32)
+            np.copyto(y, yb.transpose(2, 0, 1, 3))
+            y = y.reshape((n, o) + out)
         else:
-            cols = np.ascontiguousarray(x)
-        y = gemm.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
+            if any(st > 1 for st in stride):
+                cols = scratch("cols", xs.shape)
+                np.copyto(cols, xs)
+            else:
+                cols = np.ascontiguousarray(x)
+            y = gemm.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
     else:
         # Narrow stride-1 2-D maps: whole-row columns (see _im2row); the GEMMs then run on a
         # (Ho, Wp) grid whose extra columns are dropped at the end. That extra GEMM work only
@@ -153,14 +180,21 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
         def columns(xb, batch_last=False):
             if rows:
                 return im2row(xb, ksz, pad, dilation, out[0], batch_last)
+            if nsp == 2:
+                return im2col_2d(xb, ksz, stride, pad, dilation, out, batch_last)
             return im2col(padded(xb, pad), ksz, stride, dilation, out, batch_last)
 
         if depthwise and nsp == 2 and DEPTHWISE_KERNEL is not None:
             # One fused multiply-add per tap in tap order, as Caffe's (1 x T) @ (T x P) small-kernel sgemm
             # sums: the same bytes as the products below, 4-6x faster (no columns, no GIL).
             workers = threads.workers() if n * c * kk * math.prod(out) >= DEPTHWISE_THREADED_MACS else 1
-            y = DEPTHWISE_KERNEL(np.ascontiguousarray(x), np.ascontiguousarray(weight.reshape((c,) + ksz)),
-                                 list(stride), list(pad), list(dilation), list(out), workers)
+            args = (np.ascontiguousarray(x), np.ascontiguousarray(weight.reshape((c,) + ksz)),
+                    list(stride), list(pad), list(dilation), list(out), workers)
+            if bias is not None and DEPTHWISE_BIAS:  # the bias added to each sum in the same pass
+                y = DEPTHWISE_KERNEL(*args, np.ascontiguousarray(bias, np.float32).reshape(-1))
+                bias = None
+            else:
+                y = DEPTHWISE_KERNEL(*args)
             grid, rows = out, False
         elif depthwise:
             # Depthwise: Caffe runs C tiny GEMMs (1 x T) @ (T x P) here. Channels are independent: the
@@ -198,6 +232,42 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1): 
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
+
+
+def _direct(x, weight, stride, pad, dilation, out, group, gemm, bias=None):
+    """The convolution by the direct C++ kernel where it gives numpy's GEMM bytes and pays, else None.
+
+    The kernel sums each output in one pass of fused multiply-adds over K = C*prod(k) in column
+    order, which is how numpy's (and Caffe's) AVX-512 OpenBLAS sums a GEMM it does not split in K
+    and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`); so only
+    there (``gemm.exact``). It pays for short K (reading the input in place beats packing it) unless
+    many outputs share each column (then the GEMM's blocking wins): :data:`DIRECT_SHAPES`, K <= 64
+    with at most 64 outputs, measured in the nets (CPU time of alternating forwards): UltraFace
+    9.8 ms with it, 10.9 without; on open_nsfw's 1x1 layers of K = 32 / 128 outputs and K = 128 /
+    32 outputs, which looked faster alone, the net was 2-10% slower with them. Maps narrower than
+    16 pixels waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row first). The
+    bias is added in the kernel's stores.
+    """
+    o, ksz = weight.shape[0], tuple(weight.shape[2:])
+    k = x.shape[1] * math.prod(ksz)
+    if (DIRECT_KERNEL is None or x.ndim != 4 or group != 1 or not gemm.exact or gemm.same_shape
+            or k > DIRECT_MAX_K or not any(k <= kk and o <= oo for kk, oo in DIRECT_SHAPES)):
+        return None
+    n, c, h, w = x.shape
+    w4 = np.ascontiguousarray(weight)
+    b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
+    if ksz == (1, 1) and stride == (1, 1) and not any(pad):
+        flat = DIRECT_KERNEL(np.ascontiguousarray(x).reshape(n, c, 1, h * w), w4, [1, 1], [0, 0], [1, 1],
+                             [1, h * w], _workers(n * o * k * h * w), b)
+        return flat.reshape((n, o) + tuple(out))
+    if out[1] < 16:
+        return None
+    return DIRECT_KERNEL(np.ascontiguousarray(x), w4, list(stride), list(pad), list(dilation), list(out),
+                         _workers(n * o * k * math.prod(out)), b)
+
+
+def _workers(macs: int) -> int:
+    return threads.workers() if macs >= DEPTHWISE_THREADED_MACS else 1
 
 
 def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802

@@ -1,5 +1,9 @@
 """Column (im2col) helpers shared by the convolution forward (conv.py) and its gradients (conv_grad.py).
 
+2-D columns are gathered in C++ where the extension is built (:func:`im2col_2d`: straight from the
+unpadded input, zeros where a tap reads the padding, the (image, channel) planes split between the
+executor's threads); it only copies, so the columns are the same bytes as the NumPy path's.
+
 Scratch memory: columns are ``prod(k)`` times the activation size, and fresh memory is expensive
 (the kernel maps and zeroes every new page on first touch), so the temporaries come from one
 growing buffer per role and thread (:func:`scratch`).
@@ -12,6 +16,15 @@ import math
 import threading
 
 import numpy as np
+
+from amct_caffe.runtime import threads
+
+try:  # csrc/src/conv_cols.cpp; padded() + im2col() below are its reference
+    from amct_caffe._kernels import im2col2d as IM2COL_KERNEL
+except ImportError:
+    IM2COL_KERNEL = None
+# Below this many column floats the gather runs on one thread (starting more costs more).
+THREADED_COLS = 1 << 18
 
 
 def tap_slices(tap, stride, dilation, out) -> tuple[slice, ...]:
@@ -77,6 +90,20 @@ def im2col(xp: np.ndarray, ksz, stride, dilation, out, batch_last: bool = False)
     for tap in itertools.product(*map(range, ksz)):
         src = xp[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, out)]
         dst[(slice(None), slice(None)) + tap] = src
+    return cols
+
+
+def im2col_2d(x: np.ndarray, ksz, stride, pad, dilation, out, batch_last: bool = False) -> np.ndarray:
+    """``im2col(padded(x, pad), ...)`` for 2-D ``x`` (N, C, H, W) in one C++ pass (same layout, same bytes):
+    ``cols[n, c, i, j, oy, ox] = x[n, c, oy*sh - ph + i*dh, ox*sw - pw + j*dw]``, 0 outside ``x``."""
+    if IM2COL_KERNEL is None or x.ndim != 4:
+        return im2col(padded(x, pad), ksz, stride, dilation, out, batch_last)
+    n, c = x.shape[:2]
+    ksz, out = tuple(ksz), tuple(out)
+    cols = scratch("cols", ((c,) + ksz + (n,) + out) if batch_last else ((n, c) + ksz + out))
+    workers = threads.workers() if cols.size >= THREADED_COLS else 1
+    IM2COL_KERNEL(np.ascontiguousarray(x), cols, list(ksz), list(stride), list(pad), list(dilation), list(out),
+                  batch_last, workers)
     return cols
 
 

@@ -24,8 +24,13 @@ Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
   window, as the GPU kernel does; CPU Caffe has no STOCHASTIC forward at all); in the TRAIN
   phase it is rejected because it samples randomly.
 
-Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``. A clipped window is a rectangle, so
-the reductions run separably (along W, then along H) on strided views, without a padded copy.
+Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``. MAX without the mask top runs in C++ where
+the extension is built (``csrc/src/conv_cols.cpp``, the same compares as the NumPy path: the same
+bytes). The NumPy path, the reference and the fallback, runs the reductions separably (along W,
+then along H) on strided views, without a padded copy. (AVE stays in NumPy: a C++ loop in Caffe's
+order gave Caffe's bytes, but other bytes than the executor's so far, and the TRAIN-phase gradient
+comparison with Caffe on open_nsfw, whose conv-before-BatchNorm bias gradients are rounding noise,
+then differed in one value.)
 """
 
 from __future__ import annotations
@@ -35,9 +40,17 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import pooling_grad
 from amct_caffe.ops import register
+
+try:  # csrc/src/conv_cols.cpp (max_pool2d); Pooling(..., native=False) is the reference
+    from amct_caffe._kernels import pool2d as POOL_KERNEL
+except ImportError:
+    POOL_KERNEL = None
+# Below this many input floats a pooling runs on one thread.
+THREADED_POOL = 1 << 18
 
 MAX, AVE, STOCHASTIC = "MAX", "AVE", "STOCHASTIC"
 _FLT_MIN = np.float32(np.finfo(np.float32).tiny)
@@ -119,8 +132,11 @@ def _ave_divisor(size, k, s, p, n_out) -> np.ndarray:
 
 
 def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_pooling=False,
-            ceil_mode=True, return_mask=False, phase_test=True):  # noqa: N802 - Caffe type name
-    """Caffe pooling of ``x`` (N, C, H, W); returns the pooled array (and the MAX mask if asked)."""
+            ceil_mode=True, return_mask=False, phase_test=True, native=True):  # noqa: N802 - Caffe type name
+    """Caffe pooling of ``x`` (N, C, H, W); returns the pooled array (and the MAX mask if asked).
+
+    ``native``: MAX without the mask in C++ when the extension is built (False: the NumPy path).
+    """
     x = np.asarray(x, np.float32)
     n, c, h, w = x.shape
     k, s, p = tuple(kernel), tuple(stride), tuple(pad)
@@ -134,6 +150,9 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
     if 0 in out:  # an empty top (count 0), as Caffe's Blob::Reshape allows; nothing to compute
         y = np.zeros((n, c) + out, np.float32)
         return (y, y.copy()) if pool == MAX and return_mask else y
+    if native and POOL_KERNEL is not None and pool == MAX and not return_mask:
+        return POOL_KERNEL(np.ascontiguousarray(x), pool, list(k), list(s), list(p), list(out),
+                           threads.workers() if x.size >= THREADED_POOL else 1)
     if pool == MAX:
         # Caffe keeps a tap only where it is strictly greater than the running max, which starts
         # at -FLT_MAX: NaN never wins, and a window of NaN only (or empty) gives -FLT_MAX. fmax

@@ -20,10 +20,12 @@ struct Conv2dGeometry {
   int ho, wo;           // output (N, C, Ho, Wo)
 };
 
-// x (N, C, H, W), w (C, kh, kw), y (N, C, Ho, Wo), all C-contiguous float32. `threads` workers
+// x (N, C, H, W), w (C, kh, kw), y (N, C, Ho, Wo), all C-contiguous float32; bias (C,) or null, added
+// to each sum (y = sum + bias[c], one rounding, as Caffe's bias GEMM adds it). `threads` workers
 // split the (image, channel) planes; each output is computed by one worker, so the result does
 // not depend on `threads`.
-void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads);
+void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads,
+                      const float* bias = nullptr);
 
 // Whether the loops use the CPU's FMA instruction (otherwise libm's fmaf, exact but slow).
 bool depthwise_has_fma();

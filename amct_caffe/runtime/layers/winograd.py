@@ -1,0 +1,149 @@
+"""Winograd minimal filtering F(m x m, 3 x 3) for stride-1 3x3 convolutions (FAST fold mode only).
+
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015). One output tile
+``Y`` (m x m) of a 3x3 correlation of an ``alpha x alpha`` input tile ``d`` (``alpha = m + 2``)
+by a kernel ``g`` is
+
+    Y = A^T [ (G g G^T) .* (B^T d B) ] A
+
+so that, summed over the input channels, each tile of each (image, output channel) costs
+``alpha^2`` multiplies per input channel instead of ``9 m^2``: 2.25x fewer for m = 2, 4x for
+m = 4. The products are GEMMs, one per transform position ``(xi, nu)``::
+
+    U[xi, nu] = (G g G^T)[xi, nu]          (O, C)          weights, float64 -> float32, cached
+    V[xi, nu] = (B^T d B)[xi, nu]          (C, N*T)        every input tile t of every image
+    M[xi, nu] = U[xi, nu] @ V[xi, nu]      (O, N*T)        alpha^2 GEMMs, K = C
+    y = crop(A^T M A) * a + b, ReLU        (N, O, Ho, Wo)
+
+with ``T = ceil(Ho/m) * ceil(Wo/m)`` tiles per image; tiles past the output's edge read zeros
+and their extra outputs are dropped. The matrices (points 0, +-1, +-2 and infinity for m = 4;
+0, +-1, infinity for m = 2) are :data:`MATRICES`. The input and output transforms run in C++
+(``csrc/src/winograd.cpp``); the GEMMs go through :func:`caffe_gemm.matmul`, which sums ``K`` in
+fixed blocks, so the bytes do not depend on the BLAS thread count.
+
+Accuracy. The sums are reassociated and the transforms add and subtract multiples of
+neighbouring inputs, so the result is not Caffe's bit for bit: on random layers of open_nsfw's
+shapes the largest difference to the direct convolution is ~7e-7 of the layer's largest output
+for m = 2 and ~1e-5 for m = 4; through the whole of open_nsfw (FAST, :func:`tile_size`'s choice)
+every blob stays within 6.3e-6 of its scale from Caffe's (5.2e-6 without Winograd), far below the
+executor's 1e-4 budget, but a fake-quant model's Quant layer could round such a value the other
+way: this path is used only by FAST
+chains that fold a BatchNorm or Scale (:mod:`amct_caffe.runtime.fold`), i.e. in float models, where
+the folded affine map already gives up Caffe's bytes.
+
+:func:`winograd_reference` is the NumPy (float64) formula the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from amct_caffe.runtime import threads
+from amct_caffe.runtime.layers import caffe_gemm
+
+try:  # csrc/src/winograd.cpp
+    from amct_caffe._kernels import winograd_input as INPUT_KERNEL
+    from amct_caffe._kernels import winograd_output as OUTPUT_KERNEL
+except ImportError:
+    INPUT_KERNEL = OUTPUT_KERNEL = None
+# Below this many multiply-adds (of the direct convolution) a layer's transforms run on one thread.
+THREADED_MACS = 1 << 22
+
+_F = np.float64
+# m -> (B^T, G, A^T)
+MATRICES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], _F),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], _F),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], _F)),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], _F),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], _F),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], _F)),
+}
+
+
+def available() -> bool:
+    return INPUT_KERNEL is not None
+
+
+def applies(weight_shape, stride, dilation, group: int) -> bool:
+    """Whether a convolution is a plain 2-D 3x3 stride-1 one (the only kind done here)."""
+    return (len(weight_shape) == 4 and tuple(weight_shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1) and group == 1)
+
+
+# Outputs at most this many pixels a side use m = 2 (see tile_size).
+SMALL_MAP = 16
+
+
+def tile_size(ho: int, wo: int) -> int:
+    """m = 4 on maps over :data:`SMALL_MAP` pixels a side, else 2.
+
+    F(4x4) needs fewer multiplies on any map, ``ceil(Ho/m) * ceil(Wo/m) * (m+2)^2``, but rounds worse
+    (module doc). On small maps its GEMMs are narrow (8 images of 7x7: 32 columns) and the tiles
+    waste more (7 = 2 * 4 - 1), so it saves little there: measured on open_nsfw's 14x14 and 7x7
+    layers, 3.15 vs 3.3 and 2.95 vs 3.5 ms, while F(2x2) halves the largest difference to Caffe
+    (1.2e-5 -> 6e-6 of the blob's scale)."""
+    return 4 if min(ho, wo) > SMALL_MAP else 2
+
+
+def transform_weights(weight: np.ndarray, m: int) -> np.ndarray:
+    """U = G g G^T of ``weight`` (O, C, 3, 3) as ((m+2)^2, O, C) float32, computed in float64."""
+    _, g, _ = MATRICES[m]
+    u = np.einsum("xi,ocij,yj->xyoc", g, np.asarray(weight, _F), g, optimize=True)
+    return np.ascontiguousarray(u.reshape((m + 2) ** 2, *weight.shape[:2]), dtype=np.float32)
+
+
+class WeightCache:
+    """The transformed weights of one layer, recomputed only when the weights (or m) change.
+
+    A user may write a layer's weights in place between forwards, so the cache keeps a copy of the
+    weights it transformed and compares it (O*C*9 floats) with the current ones each time.
+    """
+
+    def __init__(self):
+        self._key = None  # (m, copy of the weights)
+        self._u = None
+
+    def get(self, weight: np.ndarray, m: int) -> np.ndarray:
+        if self._key is None or self._key[0] != m or not np.array_equal(self._key[1], weight):
+            self._u = transform_weights(weight, m)
+            self._key = (m, np.array(weight, np.float32, copy=True))
+        return self._u
+
+
+def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: bool = False) -> np.ndarray:
+    """``max(conv(x, g) * a + b, 0)`` (each step if given) for x (N, C, H, W) and ``u`` from
+    :func:`transform_weights` of g (O, C, 3, 3); stride 1, ``pad`` (ph, pw). See the module doc."""
+    x = np.ascontiguousarray(x, np.float32)
+    n, c, h, w = x.shape
+    alpha2, o, _ = u.shape
+    ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
+    cols = n * math.ceil(ho / m) * math.ceil(wo / m)
+    workers = threads.workers() if n * c * o * 9 * ho * wo >= THREADED_MACS else 1
+    v = np.empty((alpha2, c, cols), np.float32)
+    INPUT_KERNEL(x, v, list(pad), m, workers)
+    mm = np.ascontiguousarray(caffe_gemm.matmul(u, v, (o, cols, c)))  # (a padded single column: a view)
+    return OUTPUT_KERNEL(mm, list(x.shape), list(pad), m, a, b, relu, workers)
+
+
+def winograd_reference(x: np.ndarray, weight: np.ndarray, m: int, pad) -> np.ndarray:
+    """The module doc's formula in float64 NumPy (no bias): the kernels' reference."""
+    bt, g, at = MATRICES[m]
+    alpha = m + 2
+    n, c, h, w = x.shape
+    ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
+    th, tw = math.ceil(ho / m), math.ceil(wo / m)
+    xp = np.zeros((n, c, th * m + 2, tw * m + 2), _F)
+    xp[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = x
+    d = np.stack([np.stack([xp[:, :, ty * m:ty * m + alpha, tx * m:tx * m + alpha] for tx in range(tw)], 2)
+                  for ty in range(th)], 2)                       # (N, C, th, tw, alpha, alpha)
+    v = np.einsum("xi,nctsij,yj->xyncts", bt, d, bt)
+    uu = np.einsum("xi,ocij,yj->xyoc", g, np.asarray(weight, _F), g)
+    mm = np.einsum("xyoc,xyncts->xynots", uu, v)
+    y = np.einsum("kx,xynots,ly->notskl", at, mm, at)             # (N, O, th, tw, m, m)
+    y = y.transpose(0, 1, 2, 4, 3, 5).reshape(n, -1, th * m, tw * m)
+    return y[:, :, :ho, :wo]

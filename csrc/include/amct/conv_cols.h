@@ -1,0 +1,37 @@
+// Convolution columns (im2col), pooling and the per-channel epilogue of the executor's forward
+// (amct_caffe/runtime/layers/{conv_cols,pooling}.py and runtime/fold.py hold the NumPy references).
+//
+// None of these loops rounds differently from its reference: im2col and MAX pooling only copy and
+// compare, the epilogues round y * a and then + b as two float32 operations (no contraction).
+#pragma once
+
+#include <cstddef>
+
+#include "amct/depthwise.h"
+
+namespace amct {
+
+// x (N, C, H, W) -> cols, zero where a tap reads the padding (or past the input, where C's truncating
+// division lets the last window reach). Layout (N, C, kh, kw, Ho, Wo), or with batch_last
+// (C, kh, kw, N, Ho, Wo). Workers split the (image, channel) planes.
+void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads);
+
+// Caffe's PoolingLayer::Forward_cpu, MAX, on x (N, C, H, W) -> y (N, C, Ho, Wo); the geometry's
+// kernel / stride / pad are the pooling's (dilation unused): windows clipped to the image, a tap
+// replaces the running max (from -FLT_MAX) only where strictly greater.
+void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
+
+// In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then, if relu, NumPy's
+// maximum(y, 0): y where y > 0 or NaN, else +0.
+void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
+                    int threads);
+
+// A residual block's end in one pass: y (N, C, P) = y * a[c] + b[c] in place (two roundings), and
+// s = NumPy's maximum(y + other, 0) (an Eltwise SUM with the block's shortcut, then its ReLU).
+void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
+                     const float* a, const float* b, int threads);
+
+// y = max(a + b, 0) elementwise over n values (an Eltwise SUM and the in-place ReLU after it).
+void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads);
+
+}  // namespace amct

@@ -1,0 +1,188 @@
+#include "amct/conv_cols.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "amct/parallel.h"
+
+namespace amct {
+namespace {
+
+void check(const Conv2dGeometry& g, const char* what) {
+  if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 || g.ph < 0 ||
+      g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0) {
+    throw std::invalid_argument(std::string(what) + ": invalid geometry");
+  }
+}
+
+// [lo, hi): the outputs o whose tap offset t reads inside [0, size): 0 <= o*s - p + t < size.
+inline void valid_range(int n_out, int s, int p, int t, int size, int& lo, int& hi) {
+  const int first = p - t;  // o*s >= p - t
+  lo = first <= 0 ? 0 : (first + s - 1) / s;
+  const int last = size - 1 + p - t;  // o*s <= size - 1 + p - t
+  hi = last < 0 ? 0 : std::min(n_out, last / s + 1);
+  lo = std::min(lo, hi);
+}
+
+// NumPy's maximum(v, 0): v where v > 0 or v is NaN, else +0 (so -0 gives +0).
+inline float numpy_relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
+
+}  // namespace
+
+void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads) {
+  check(g, "im2col2d");
+  const std::size_t planes = static_cast<std::size_t>(g.n) * g.c;
+  const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
+  const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
+  const std::size_t taps = static_cast<std::size_t>(g.kh) * g.kw;
+  parallel_for(planes, threads, [&](std::size_t first, std::size_t last) {
+    for (std::size_t pl = first; pl < last; ++pl) {
+      const std::size_t img = pl / g.c, ch = pl % g.c;
+      const float* xp = x + pl * in_plane;
+      for (int i = 0; i < g.kh; ++i) {
+        int ylo, yhi;
+        valid_range(g.ho, g.sh, g.ph, i * g.dh, g.h, ylo, yhi);
+        for (int j = 0; j < g.kw; ++j) {
+          const std::size_t tap = static_cast<std::size_t>(i) * g.kw + j;
+          float* dst = batch_last ? cols + ((ch * taps + tap) * g.n + img) * out_plane
+                                  : cols + (pl * taps + tap) * out_plane;
+          int xlo, xhi;
+          valid_range(g.wo, g.sw, g.pw, j * g.dw, g.w, xlo, xhi);
+          std::fill(dst, dst + static_cast<std::size_t>(ylo) * g.wo, 0.0f);
+          for (int oy = ylo; oy < yhi; ++oy) {
+            float* row = dst + static_cast<std::size_t>(oy) * g.wo;
+            const float* src = xp + static_cast<std::size_t>(oy * g.sh - g.ph + i * g.dh) * g.w;
+            std::fill(row, row + xlo, 0.0f);
+            const int off = j * g.dw - g.pw;
+            if (g.sw == 1) {
+              std::memcpy(row + xlo, src + xlo + off, sizeof(float) * static_cast<std::size_t>(xhi - xlo));
+            } else {
+              for (int ox = xlo; ox < xhi; ++ox) row[ox] = src[ox * g.sw + off];
+            }
+            std::fill(row + xhi, row + g.wo, 0.0f);
+          }
+          std::fill(dst + static_cast<std::size_t>(yhi) * g.wo, dst + out_plane, 0.0f);
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+// MAX pooling of planes [first, last): separable, the max over each input row's clipped column windows
+// (taps outer, so the loops over the outputs vectorize), then over the clipped rows. Both passes keep
+// the running max unless a value is strictly greater (NaN never wins), taps in row-major order, so the
+// result is Caffe's loop's (first of equal values included).
+template <int Dummy>
+__attribute__((always_inline)) inline void max_planes(const float* x, float* y, const Conv2dGeometry& g,
+                                                      std::size_t first, std::size_t last) {
+  const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
+  const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
+  std::vector<float> rows(static_cast<std::size_t>(g.h) * g.wo);
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const float* xp = x + pl * in_plane;
+    for (int r = 0; r < g.h; ++r) {
+      const float* src = xp + static_cast<std::size_t>(r) * g.w;
+      float* dst = rows.data() + static_cast<std::size_t>(r) * g.wo;
+      std::fill(dst, dst + g.wo, -FLT_MAX);
+      for (int j = 0; j < g.kw; ++j) {
+        int lo, hi;
+        valid_range(g.wo, g.sw, g.pw, j, g.w, lo, hi);
+        const float* s = src + (lo * g.sw - g.pw + j);
+        float* d = dst + lo;
+        const int n = hi - lo;
+        if (g.sw == 1) {
+          for (int k = 0; k < n; ++k) d[k] = s[k] > d[k] ? s[k] : d[k];
+        } else if (g.sw == 2) {
+          for (int k = 0; k < n; ++k) d[k] = s[2 * k] > d[k] ? s[2 * k] : d[k];
+        } else {
+          for (int k = 0; k < n; ++k) d[k] = s[k * g.sw] > d[k] ? s[k * g.sw] : d[k];
+        }
+      }
+    }
+    float* yp = y + pl * out_plane;
+    for (int oy = 0; oy < g.ho; ++oy) {
+      const int hs = oy * g.sh - g.ph;
+      const int he = std::min(hs + g.kh, g.h);
+      float* out = yp + static_cast<std::size_t>(oy) * g.wo;
+      std::fill(out, out + g.wo, -FLT_MAX);
+      for (int r = std::max(hs, 0); r < he; ++r) {
+        const float* src = rows.data() + static_cast<std::size_t>(r) * g.wo;
+        for (int ox = 0; ox < g.wo; ++ox) out[ox] = src[ox] > out[ox] ? src[ox] : out[ox];
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void max_planes_avx2(const float* x, float* y, const Conv2dGeometry& g,
+                                                     std::size_t first, std::size_t last) {
+  max_planes<0>(x, y, g, first, last);
+}
+
+void max_planes_generic(const float* x, float* y, const Conv2dGeometry& g, std::size_t first, std::size_t last) {
+  max_planes<1>(x, y, g, first, last);
+}
+
+}  // namespace
+
+void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
+  check(g, "max_pool2d");
+  auto run = max_planes_generic;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (__builtin_cpu_supports("avx2")) run = max_planes_avx2;
+#endif
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads,
+               [&](std::size_t first, std::size_t last) { run(x, y, g, first, last); });
+}
+
+void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
+                    int threads) {
+  parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {
+    for (std::size_t pl = first; pl < last; ++pl) {
+      float* v = y + pl * p;
+      const std::size_t ch = pl % c;
+      if (a) {
+        const float s = a[ch];
+        for (std::size_t i = 0; i < p; ++i) v[i] *= s;
+      }
+      if (b) {
+        const float t = b[ch];
+        for (std::size_t i = 0; i < p; ++i) v[i] += t;
+      }
+      if (relu) {
+        for (std::size_t i = 0; i < p; ++i) v[i] = numpy_relu(v[i]);
+      }
+    }
+  });
+}
+
+void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
+                     const float* a, const float* b, int threads) {
+  parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {
+    for (std::size_t pl = first; pl < last; ++pl) {
+      float* v = y + pl * p;
+      const float* o = other + pl * p;
+      float* out = s + pl * p;
+      const float sa = a[pl % c], sb = b[pl % c];
+      for (std::size_t i = 0; i < p; ++i) {
+        const float t = v[i] * sa;
+        v[i] = t + sb;
+        out[i] = numpy_relu(v[i] + o[i]);
+      }
+    }
+  });
+}
+
+void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads) {
+  constexpr std::size_t kBlock = 1 << 14;  // items of the split: blocks of values
+  parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {
+    const std::size_t end = std::min(n, last * kBlock);
+    for (std::size_t i = first * kBlock; i < end; ++i) y[i] = numpy_relu(a[i] + b[i]);
+  });
+}
+
+}  // namespace amct

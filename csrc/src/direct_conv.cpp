@@ -1,0 +1,149 @@
+#include "amct/direct_conv.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <stdexcept>
+#include <vector>
+
+#include "amct/parallel.h"
+
+namespace amct {
+namespace {
+
+constexpr int kOut = 8;     // output channels per register block
+constexpr int kPix = 32;    // output pixels per register block (two 16-float vectors)
+
+// The input of one image, zero-padded and split by column phase (phase r holds padded columns
+// r, r + sw, ...): tap (c, i, j) of output (oy, ox) is element
+// ox + (j*dw) / sw of row oy*sh + i*dh of phase (j*dw) % sw of channel c, a contiguous run in ox
+// (the last block of a row is read with masked loads).
+// Without padding, with stride 1 and every window inside the input, x itself is that (one phase,
+// rows of W), read with masked loads at the end of each row.
+struct Phases {
+  int hp, wq;
+  const float* base = nullptr;
+  const float* row(const Conv2dGeometry& g, int c, int phase, int r) const {
+    return base + ((static_cast<std::size_t>(c) * g.sw + phase) * hp + r) * wq;
+  }
+};
+
+Phases split(const float* x, const Conv2dGeometry& g) {
+  Phases p;
+  p.hp = std::max(g.h + 2 * g.ph, (g.ho - 1) * g.sh + g.dh * (g.kh - 1) + 1);
+  const int wp = std::max(g.w + 2 * g.pw, (g.wo - 1) * g.sw + g.dw * (g.kw - 1) + 1);
+  if (g.sw == 1 && g.ph == 0 && g.pw == 0 && p.hp == g.h && wp == g.w) {
+    p.wq = g.w;
+    p.base = x;
+    return p;
+  }
+  p.wq = (wp + g.sw - 1) / g.sw;
+  // reused across calls (fresh memory costs a page fault per 4 KB): zeroed, then the interior copied
+  static thread_local std::vector<float> buffer;
+  const std::size_t size = static_cast<std::size_t>(g.c) * g.sw * p.hp * p.wq;
+  if (buffer.size() < size) buffer.resize(size);
+  std::fill(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(size), 0.0f);
+  p.base = buffer.data();
+  for (int c = 0; c < g.c; ++c) {
+    for (int r = 0; r < g.h; ++r) {
+      const float* src = x + (static_cast<std::size_t>(c) * g.h + r) * g.w;
+      for (int ph = 0; ph < g.sw; ++ph) {  // padded column ph + q*sw is input column ph + q*sw - pw
+        float* dst = buffer.data() + ((static_cast<std::size_t>(c) * g.sw + ph) * p.hp + r + g.ph) * p.wq;
+        int col = ph - g.pw, q = 0;
+        while (col < 0) col += g.sw, ++q;
+        for (; col < g.w; col += g.sw, ++q) dst[q] = src[col];
+      }
+    }
+  }
+  return p;
+}
+
+__attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g,
+                                             int o, std::size_t img, std::size_t first, std::size_t last,
+                                             const float* bias) {
+  const int taps = g.kh * g.kw, k = g.c * taps;
+  const int oblocks = (o + kOut - 1) / kOut;
+  std::vector<const float*> src(static_cast<std::size_t>(k));
+  for (std::size_t oy = first; oy < last; ++oy) {
+    for (int c = 0; c < g.c; ++c) {
+      for (int i = 0; i < g.kh; ++i) {
+        for (int j = 0; j < g.kw; ++j) {
+          const int col = j * g.dw;
+          src[static_cast<std::size_t>(c * taps + i * g.kw + j)] =
+              p.row(g, c, col % g.sw, static_cast<int>(oy) * g.sh + i * g.dh) + col / g.sw;
+        }
+      }
+    }
+    for (int ox = 0; ox < g.wo; ox += kPix) {
+      const int n = std::min(kPix, g.wo - ox);
+      const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 m1 = n <= 16 ? 0 : (n >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (n - 16)) - 1));
+      for (int ob = 0; ob < oblocks; ++ob) {
+        __m512 a0[kOut], a1[kOut];
+        for (int b = 0; b < kOut; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
+        const float* wb = wpad + static_cast<std::size_t>(ob) * k * kOut;  // (k, kOut) for this block
+        for (int t = 0; t < k; ++t) {
+          const float* s = src[static_cast<std::size_t>(t)] + ox;
+          const __m512 v0 = _mm512_maskz_loadu_ps(m0, s);
+          const __m512 v1 = _mm512_maskz_loadu_ps(m1, s + 16);
+          for (int b = 0; b < kOut; ++b) {
+            const __m512 wv = _mm512_set1_ps(wb[t * kOut + b]);
+            a0[b] = _mm512_fmadd_ps(wv, v0, a0[b]);
+            a1[b] = _mm512_fmadd_ps(wv, v1, a1[b]);
+          }
+        }
+        const __m512 zero = _mm512_setzero_ps();
+        for (int b = 0; b < kOut && ob * kOut + b < o; ++b) {
+          const std::size_t at = ((img * o + ob * kOut + b) * g.ho + oy) * g.wo + ox;
+          __m512 v0 = _mm512_add_ps(a0[b], zero), v1 = _mm512_add_ps(a1[b], zero);
+          if (bias) {
+            const __m512 bv = _mm512_set1_ps(bias[ob * kOut + b]);
+            v0 = _mm512_add_ps(v0, bv);
+            v1 = _mm512_add_ps(v1, bv);
+          }
+          _mm512_mask_storeu_ps(y + at, m0, v0);
+          if (m1) _mm512_mask_storeu_ps(y + at + 16, m1, v1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool direct_conv_available() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
+                   const float* bias) {
+  if (!direct_conv_available()) throw std::invalid_argument("direct_conv2d needs an AVX-512 CPU");
+  if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
+      g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0 || o <= 0 ||
+      g.c * g.kh * g.kw > kDirectMaxK) {
+    throw std::invalid_argument("direct_conv2d: invalid geometry");
+  }
+  const int k = g.c * g.kh * g.kw;
+  const int oblocks = (o + kOut - 1) / kOut;
+  static thread_local std::vector<float> wpad;  // (block, k, kOut), zero past O
+  wpad.assign(static_cast<std::size_t>(oblocks) * k * kOut, 0.0f);
+  for (int oc = 0; oc < o; ++oc) {
+    for (int t = 0; t < k; ++t) {
+      wpad[(static_cast<std::size_t>(oc / kOut) * k + t) * kOut + oc % kOut] = w[static_cast<std::size_t>(oc) * k + t];
+    }
+  }
+  const float* wp = wpad.data();  // (a thread_local is each thread's own: the workers get the pointer)
+  for (int img = 0; img < g.n; ++img) {
+    const Phases p = split(x + static_cast<std::size_t>(img) * g.c * g.h * g.w, g);
+    parallel_for(static_cast<std::size_t>(g.ho), threads, [&](std::size_t first, std::size_t last) {
+      rows(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, bias);
+    });
+  }
+}
+
+}  // namespace amct

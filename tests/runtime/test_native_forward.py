@@ -1,0 +1,135 @@
+"""The executor's C++ forward helpers (csrc/src/conv_cols.cpp, the depthwise bias) against the NumPy
+paths they replace: copies, compares and the same float32 roundings, so the same bytes."""
+
+import numpy as np
+import pytest
+
+from amct_caffe.runtime import fold
+from amct_caffe.runtime.layers import conv, conv_cols, pooling
+from amct_caffe.runtime.layers.pooling import Pooling
+
+pytestmark = pytest.mark.skipif(conv_cols.IM2COL_KERNEL is None, reason="amct_caffe._kernels not built")
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("batch_last", [False, True])
+def test_im2col_is_the_padded_copy(seed, batch_last):
+    rng = np.random.default_rng(seed)
+    n, c = (int(v) for v in rng.integers(1, 4, 2))
+    k = tuple(int(v) for v in rng.integers(1, 6, 2))
+    s, d, p = (tuple(int(v) for v in rng.integers(lo, hi, 2)) for lo, hi in ((1, 4), (1, 3), (0, 4)))
+    h, w = (int(v) for v in rng.integers(max(k) * 2, 20, 2))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    out = [conv.conv_out_size(*a) for a in zip((h, w), k, s, p, d, strict=True)]
+    want = conv_cols.im2col(conv_cols.padded(x, p), k, s, d, out, batch_last).copy()
+    np.testing.assert_array_equal(conv_cols.im2col_2d(x, k, s, p, d, out, batch_last), want)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pooling_kernels(seed):
+    rng = np.random.default_rng(seed)
+    k = tuple(int(v) for v in rng.integers(1, 5, 2))
+    s = tuple(int(v) for v in rng.integers(1, 4, 2))
+    p = tuple(int(v) for v in rng.integers(0, 2, 2)) if min(k) > 1 else (0, 0)
+    x = rng.standard_normal((2, 3) + tuple(int(v) for v in rng.integers(max(k), 15, 2))).astype(np.float32)
+    x[0, 0, 0, :2] = np.nan
+    x[1, 1, 1, :] = -0.0
+    x[1, 2, :, 0] = 0.0
+    args = dict(kernel=k, stride=s, pad=p)
+    np.testing.assert_array_equal(_bits(Pooling(x, pool="MAX", **args)),
+                                  _bits(Pooling(x, pool="MAX", native=False, **args)))
+    np.testing.assert_array_equal(_bits(Pooling(x, pool="MAX", global_pooling=True)),
+                                  _bits(Pooling(x, pool="MAX", global_pooling=True, native=False)))
+
+
+def test_pooling_threads_split_planes(monkeypatch):
+    x = np.random.default_rng(0).standard_normal((3, 5, 17, 13)).astype(np.float32)
+    one = Pooling(x, pool="MAX", kernel=(3, 3), stride=(2, 2), pad=(1, 1))
+    monkeypatch.setattr(pooling, "THREADED_POOL", 0)
+    monkeypatch.setattr(pooling.threads, "workers", lambda: 3)
+    np.testing.assert_array_equal(_bits(Pooling(x, pool="MAX", kernel=(3, 3), stride=(2, 2), pad=(1, 1))), _bits(one))
+
+
+def test_channel_epilogue_and_residual_sum():
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    y[0, 0, 0, :3] = (np.nan, -0.0, np.inf)
+    a, b = (rng.standard_normal(4).astype(np.float32) for _ in range(2))
+    for args in ((a, b, True), (a, None, False), (None, b, True), (None, None, True)):
+        got, want = y.copy(), y.copy()
+        fold.AFFINE_KERNEL(got, *args, 2)
+        with np.errstate(invalid="ignore"):
+            if args[0] is not None:
+                want *= a.reshape(-1, 1, 1)
+            if args[1] is not None:
+                want += b.reshape(-1, 1, 1)
+            if args[2]:
+                np.maximum(want, np.float32(0), out=want)
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+    z = rng.standard_normal(y.shape).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = np.maximum(y + z, np.float32(0))
+    np.testing.assert_array_equal(_bits(fold.ADD_RELU_KERNEL(y, z, 2)), _bits(want))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_1x1_gives_the_per_image_bytes(stride, monkeypatch):
+    rng = np.random.default_rng(stride)
+    x = rng.standard_normal((4, 24, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((16, 24, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    wide = conv.Convolution(x, w, b, stride=stride)
+    monkeypatch.setattr(conv, "WIDE_1X1_PIXELS", 0)
+    np.testing.assert_array_equal(_bits(wide), _bits(conv.Convolution(x, w, b, stride=stride)))
+
+
+@pytest.mark.skipif(not conv.DEPTHWISE_BIAS, reason="depthwise kernel without the bias argument")
+def test_depthwise_bias_in_the_kernel_is_the_numpy_add(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 11, 12)).astype(np.float32)
+    w = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    got = conv.Convolution(x, w, b, pad=1, group=5)
+    monkeypatch.setattr(conv, "DEPTHWISE_BIAS", False)
+    np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, pad=1, group=5)))
+
+
+@pytest.mark.skipif(not conv.DIRECT_MAX_K or not conv.caffe_gemm.exact(),
+                    reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
+@pytest.mark.parametrize("seed", range(12))
+def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
+    """Short contractions without columns: the bytes of the column GEMM they replace (zeros included)."""
+    rng = np.random.default_rng(seed)
+    c = int(rng.integers(1, 9))
+    k = tuple(int(v) for v in rng.integers(1, 4, 2))
+    s, d, p = (tuple(int(v) for v in rng.integers(lo, hi, 2)) for lo, hi in ((1, 3), (1, 3), (0, 3)))
+    o = int(rng.integers(1, 64))
+    x = rng.standard_normal((int(rng.integers(1, 3)), c, int(rng.integers(20, 70)), int(rng.integers(40, 90))))
+    x = np.where(x < -1, 0, x).astype(np.float32)
+    w = rng.standard_normal((o, c) + k).astype(np.float32)
+    if seed % 3 == 0:  # a 1x1 stride-1 layer: flattened planes
+        w, s, p, d = w[:, :, :1, :1].copy(), (1, 1), (0, 0), (1, 1)
+    calls = []
+    real = conv.DIRECT_KERNEL
+    monkeypatch.setattr(conv, "DIRECT_KERNEL", lambda *a: calls.append(1) or real(*a))
+    got = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
+    monkeypatch.setattr(conv, "DIRECT_KERNEL", None)
+    want = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
+    assert calls or got.shape[3] < 16 or conv.caffe_gemm.conv_gemms(o, got[0, 0].size, w[0].size).same_shape
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.skipif(not conv.DIRECT_MAX_K, reason="direct kernel needs AVX-512")
+def test_direct_kernel_bytes_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 61, 83)).astype(np.float32)
+    w = rng.standard_normal((11, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    out = [conv.conv_out_size(61, 3, 2, 1, 1), conv.conv_out_size(83, 3, 2, 1, 1)]
+    ys = [conv.DIRECT_KERNEL(x, w, [2, 2], [1, 1], [1, 1], out, t, b) for t in (1, 2, 3)]
+    for y in ys[1:]:
+        np.testing.assert_array_equal(_bits(y), _bits(ys[0]))

@@ -1,0 +1,79 @@
+"""Winograd F(m x m, 3 x 3) (runtime/layers/winograd.py) against its float64 formula and the direct
+convolution, and its use by FAST chains only."""
+
+import numpy as np
+import pytest
+
+from amct_caffe.runtime import threads
+from amct_caffe.runtime.layers import winograd
+from amct_caffe.runtime.layers.conv import Convolution
+
+from .test_fold import _net, _x
+
+pytestmark = pytest.mark.skipif(not winograd.available(), reason="amct_caffe._kernels not built")
+
+
+def _case(seed):
+    rng = np.random.default_rng(seed)
+    n, c, o = (int(v) for v in rng.integers(1, 6, 3))
+    h, w = (int(v) for v in rng.integers(3, 20, 2))
+    pad = tuple(int(v) for v in rng.integers(0, 3, 2))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    g = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    return x, g, pad
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("seed", range(8))
+def test_kernels_follow_the_formula_and_give_the_convolution(m, seed):
+    x, g, pad = _case(seed)
+    got = winograd.conv3x3(x, winograd.transform_weights(g, m), m, pad)
+    ref = winograd.winograd_reference(x, g, m, pad)
+    direct = Convolution(x, g, pad=pad)
+    assert got.shape == direct.shape == ref.shape
+    np.testing.assert_allclose(ref, direct, rtol=0, atol=1e-5 * max(1.0, np.abs(direct).max()))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=(2e-6 if m == 2 else 2e-5) * max(1.0, np.abs(ref).max()))
+
+
+def test_epilogue_is_the_affine_map_then_relu():
+    x, g, pad = _case(3)
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal(g.shape[0]).astype(np.float32) for _ in range(2))
+    u = winograd.transform_weights(g, 4)
+    y = winograd.conv3x3(x, u, 4, pad)
+    want = np.maximum(y * a.reshape(-1, 1, 1) + b.reshape(-1, 1, 1), 0)
+    np.testing.assert_array_equal(winograd.conv3x3(x, u, 4, pad, a, b, relu=True), want)
+
+
+def test_bytes_do_not_depend_on_the_thread_count(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 16, 14, 14)).astype(np.float32)
+    u = winograd.transform_weights(rng.standard_normal((8, 16, 3, 3)).astype(np.float32), 4)
+    monkeypatch.setattr(winograd, "THREADED_MACS", 0)
+    outs = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(threads, "workers", lambda n=n: n)
+        outs.append(winograd.conv3x3(x, u, 4, (1, 1)))
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y.view(np.uint32), outs[0].view(np.uint32))
+
+
+def test_tile_size_is_4_on_large_maps_only():
+    assert winograd.tile_size(56, 56) == winograd.tile_size(28, 17) == 4
+    assert winograd.tile_size(14, 14) == winograd.tile_size(7, 7) == winograd.tile_size(40, 16) == 2
+
+
+def test_fast_chains_use_it_and_notice_changed_weights(tmp_path, monkeypatch):
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, off, exact = _net(tmp_path, "fast"), _net(tmp_path, "off"), _net(tmp_path, "exact")
+    x = _x()
+    for _ in range(2):  # the second time, after the weights were written in place
+        want = off.forward(data=x, blobs=["conv"])["conv"].copy()
+        got = fast.forward(data=x, blobs=["conv"])["conv"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, np.abs(want).max()))
+        np.testing.assert_array_equal(exact.forward(data=x, blobs=["conv"])["conv"], want)
+        for net in (fast, off, exact):
+            net.params["conv"][0].data[0] *= -2
+    assert len(calls) == 2  # FAST only; EXACT and unfolded nets keep Caffe's arithmetic
