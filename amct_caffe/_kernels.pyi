@@ -126,12 +126,6 @@ def direct_conv2d(
 
 def direct_conv_available() -> bool: ...
 def direct_conv_max_k() -> int: ...
-def im2col2d(
-    x: F32, cols: F32, kernel: list[int], stride: list[int], pad: list[int], dilation: list[int], out: list[int],
-    batch_last: bool, threads: int,
-) -> None:
-    """x (N, C, H, W) -> cols (N, C, kh, kw, Ho, Wo) or, batch_last, (C, kh, kw, N, Ho, Wo); 0 in the padding."""
-
 def pool2d(x: F32, method: str, kernel: list[int], stride: list[int], pad: list[int], out: list[int],
            threads: int) -> F32:
     """Caffe's MAX pooling of x (N, C, H, W) -> (N, C, *out) (method "MAX")."""

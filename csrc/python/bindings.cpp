@@ -446,19 +446,6 @@ amct::Conv2dGeometry geometry_2d(const py::array& x, std::vector<int> kernel, st
           dilation[0], dilation[1], out[0], out[1]};
 }
 
-void im2col2d(const py::handle& x_obj, const py::handle& cols_obj, std::vector<int> kernel, std::vector<int> stride,
-              std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, bool batch_last, int threads) {
-  auto x = checked<float>(x_obj, "x", 4);
-  auto cols = checked<float>(cols_obj, "cols");
-  auto g = geometry_2d(x, kernel, stride, pad, dilation, out);
-  const std::size_t want = static_cast<std::size_t>(g.n) * g.c * g.kh * g.kw * g.ho * g.wo;
-  if (size_of(cols) != want) throw py::value_error("cols must hold N*C*kh*kw*Ho*Wo floats");
-  if (!cols.writeable()) throw py::value_error("cols must be writeable");
-  auto* cp = cols.mutable_data();
-  py::gil_scoped_release release;
-  amct::im2col2d(x.data(), cp, g, batch_last, threads);
-}
-
 py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector<int> kernel,
                  std::vector<int> stride, std::vector<int> pad, std::vector<int> out, int threads) {
   auto x = checked<float>(x_obj, "x", 4);
@@ -624,8 +611,6 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
   m.def("direct_conv_available", &amct::direct_conv_available);
   m.def("direct_conv_max_k", []() { return amct::kDirectMaxK; });
-  m.def("im2col2d", &im2col2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
   m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("out"), py::arg("threads"));
   m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),

@@ -1,4 +1,5 @@
 #include "amct/channel_ops.h"
+#include "amct/cpu.h"
 
 #include "amct/parallel.h"
 
@@ -57,19 +58,11 @@ void sums_generic(const float* a, const float* b, const ChannelShape& sh, double
   sums<1>(a, b, sh, sum_a, sum_ab, first, last);
 }
 
-bool has_avx2() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx2");
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 void channel_sums(const float* a, const float* b, const ChannelShape& shape, double* sum_a, double* sum_ab,
                   int threads) {
-  auto run = has_avx2() ? sums_avx2 : sums_generic;
+  auto run = cpu_has_avx2() ? sums_avx2 : sums_generic;
   parallel_for(shape.c, threads,
                   [&](std::size_t first, std::size_t last) { run(a, b, shape, sum_a, sum_ab, first, last); });
 }

@@ -1,4 +1,5 @@
 #include "amct/conv_cols.h"
+#include "amct/cpu.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -31,45 +32,6 @@ inline void valid_range(int n_out, int s, int p, int t, int size, int& lo, int& 
 inline float numpy_relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
 
 }  // namespace
-
-void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads) {
-  check(g, "im2col2d");
-  const std::size_t planes = static_cast<std::size_t>(g.n) * g.c;
-  const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
-  const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
-  const std::size_t taps = static_cast<std::size_t>(g.kh) * g.kw;
-  parallel_for(planes, threads, [&](std::size_t first, std::size_t last) {
-    for (std::size_t pl = first; pl < last; ++pl) {
-      const std::size_t img = pl / g.c, ch = pl % g.c;
-      const float* xp = x + pl * in_plane;
-      for (int i = 0; i < g.kh; ++i) {
-        int ylo, yhi;
-        valid_range(g.ho, g.sh, g.ph, i * g.dh, g.h, ylo, yhi);
-        for (int j = 0; j < g.kw; ++j) {
-          const std::size_t tap = static_cast<std::size_t>(i) * g.kw + j;
-          float* dst = batch_last ? cols + ((ch * taps + tap) * g.n + img) * out_plane
-                                  : cols + (pl * taps + tap) * out_plane;
-          int xlo, xhi;
-          valid_range(g.wo, g.sw, g.pw, j * g.dw, g.w, xlo, xhi);
-          std::fill(dst, dst + static_cast<std::size_t>(ylo) * g.wo, 0.0f);
-          for (int oy = ylo; oy < yhi; ++oy) {
-            float* row = dst + static_cast<std::size_t>(oy) * g.wo;
-            const float* src = xp + static_cast<std::size_t>(oy * g.sh - g.ph + i * g.dh) * g.w;
-            std::fill(row, row + xlo, 0.0f);
-            const int off = j * g.dw - g.pw;
-            if (g.sw == 1) {
-              std::memcpy(row + xlo, src + xlo + off, sizeof(float) * static_cast<std::size_t>(xhi - xlo));
-            } else {
-              for (int ox = xlo; ox < xhi; ++ox) row[ox] = src[ox * g.sw + off];
-            }
-            std::fill(row + xhi, row + g.wo, 0.0f);
-          }
-          std::fill(dst + static_cast<std::size_t>(yhi) * g.wo, dst + out_plane, 0.0f);
-        }
-      }
-    }
-  });
-}
 
 namespace {
 
@@ -133,7 +95,7 @@ void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) 
   check(g, "max_pool2d");
   auto run = max_planes_generic;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if (__builtin_cpu_supports("avx2")) run = max_planes_avx2;
+  if (cpu_has_avx2()) run = max_planes_avx2;
 #endif
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads,
                [&](std::size_t first, std::size_t last) { run(x, y, g, first, last); });

@@ -1,4 +1,5 @@
 #include "amct/depthwise.h"
+#include "amct/cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -64,13 +65,7 @@ void planes_generic(const float* x, const float* w, float* y, const Conv2dGeomet
 
 }  // namespace
 
-bool depthwise_has_fma() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool depthwise_has_fma() { return cpu_has_avx2_fma(); }
 
 void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads,
                       const float* bias) {

@@ -1,4 +1,5 @@
 #include "amct/direct_conv.h"
+#include "amct/cpu.h"
 
 #include <immintrin.h>
 
@@ -112,13 +113,7 @@ __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad,
 
 }  // namespace
 
-bool direct_conv_available() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
+bool direct_conv_available() { return cpu_has_avx512f(); }
 
 void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
                    const float* bias) {

@@ -4,6 +4,7 @@
 // value. The x86 path uses AVX2 (picked at run time); the portable path gives the same per-value
 // errors, only the float64 summation order differs (which the tie tolerance absorbs).
 #include "amct/ifmr.h"
+#include "amct/cpu.h"
 
 #include <algorithm>
 #include <atomic>
@@ -128,26 +129,17 @@ __attribute__((target("avx512f"))) double block_loss_avx512(const float* xl, con
   return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3))) + tail;
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 double block_loss(const float* xl, const float* tgt, const float* half, std::size_t n,
                   const Candidate& c) {
 #ifdef AMCT_IFMR_AVX2
   const int limit = g_simd_limit.load(std::memory_order_relaxed);
-  if (limit >= 2 && cpu_has_avx512()) {
+  if (limit >= 2 && cpu_has_avx512f()) {
     return half ? block_loss_avx512<true>(xl, tgt, half, n, c)
                 : block_loss_avx512<false>(xl, tgt, half, n, c);
   }
-  if (limit >= 1 && cpu_has_avx2()) {
+  if (limit >= 1 && cpu_has_avx2_fma()) {
     return half ? block_loss_avx2<true>(xl, tgt, half, n, c)
                 : block_loss_avx2<false>(xl, tgt, half, n, c);
   }
@@ -209,8 +201,8 @@ std::size_t select_count(double percentile, std::size_t n) {
 int ifmr_simd_level() {
   const int limit = g_simd_limit.load(std::memory_order_relaxed);
 #ifdef AMCT_IFMR_AVX2
-  if (limit >= 2 && cpu_has_avx512()) return 2;
-  if (limit >= 1 && cpu_has_avx2()) return 1;
+  if (limit >= 2 && cpu_has_avx512f()) return 2;
+  if (limit >= 1 && cpu_has_avx2_fma()) return 1;
 #endif
   (void)limit;
   return 0;

@@ -1,4 +1,5 @@
 #include "amct/max_pool.h"
+#include "amct/cpu.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -111,19 +112,11 @@ void argmax_generic(const float* x, float* y, std::int32_t* mask, const Conv2dGe
   argmax_planes<1>(x, y, mask, g, first, last);
 }
 
-bool has_avx2() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  return __builtin_cpu_supports("avx2");
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 void max_pool2d_argmax(const float* x, float* y, std::int32_t* mask, const Conv2dGeometry& g, int threads) {
   check(g, "max_pool2d_argmax");
-  auto run = has_avx2() ? argmax_avx2 : argmax_generic;
+  auto run = cpu_has_avx2() ? argmax_avx2 : argmax_generic;
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads,
                [&](std::size_t first, std::size_t last) { run(x, y, mask, g, first, last); });
 }

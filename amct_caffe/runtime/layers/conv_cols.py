@@ -19,8 +19,8 @@ import numpy as np
 
 from amct_caffe.runtime import threads
 
-try:  # csrc/src/conv_cols.cpp; padded() + im2col() below are its reference
-    from amct_caffe._kernels import im2col2d as IM2COL_KERNEL
+try:  # csrc/src/conv_backward.cpp; padded() + im2col() below are its reference
+    from amct_caffe._kernels import im2col_2d as IM2COL_KERNEL
 except ImportError:
     IM2COL_KERNEL = None
 # Below this many column floats the gather runs on one thread (starting more costs more).

@@ -1,8 +1,8 @@
-// Convolution columns (im2col), pooling and the per-channel epilogue of the executor's forward
+// MAX pooling and the per-channel epilogue of the executor's forward
 // (amct_caffe/runtime/layers/{conv_cols,pooling}.py and runtime/fold.py hold the NumPy references).
 //
-// None of these loops rounds differently from its reference: im2col and MAX pooling only copy and
-// compare, the epilogues round y * a and then + b as two float32 operations (no contraction).
+// None of these loops rounds differently from its reference: MAX pooling only compares, the
+// epilogues round y * a and then + b as two float32 operations (no contraction).
 #pragma once
 
 #include <cstddef>
@@ -10,11 +10,6 @@
 #include "amct/depthwise.h"
 
 namespace amct {
-
-// x (N, C, H, W) -> cols, zero where a tap reads the padding (or past the input, where C's truncating
-// division lets the last window reach). Layout (N, C, kh, kw, Ho, Wo), or with batch_last
-// (C, kh, kw, N, Ho, Wo). Workers split the (image, channel) planes.
-void im2col2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads);
 
 // Caffe's PoolingLayer::Forward_cpu, MAX, on x (N, C, H, W) -> y (N, C, Ho, Wo); the geometry's
 // kernel / stride / pad are the pooling's (dilation unused): windows clipped to the image, a tap
