@@ -112,3 +112,29 @@ def test_training_does_not_depend_on_blas_threads(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         digests.append(proc.stdout.strip())
     assert digests[0] == digests[1]
+
+
+LABEL_FREE = f"""
+import numpy as np
+import amct_caffe as amct
+z = np.load({str(MNIST)!r})
+x = z["images"][:192, None].astype(np.float32) * np.float32(0.00390625)
+amct.label_free_retrain({str(LENET)!r}, {str(LENET_W)!r}, [{{"data": x[i:i + 64]}} for i in range(0, 192, 64)],
+                        "lf/lenet", iterations=12, progress=False)
+"""
+
+
+def test_label_free_retraining_does_not_depend_on_blas_threads(tmp_path):
+    """Label-free QAT (equalization, calibration, the level-by-level rounding's staged passes, the
+    clips' training) writes the same bytes with 1 and 2 BLAS threads."""
+    outputs = []
+    for threads in (1, 2):
+        work = tmp_path / f"threads{threads}"
+        work.mkdir()
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), AMCT_LOG_LEVEL="ERROR")
+        proc = subprocess.run([sys.executable, "-c", LABEL_FREE], cwd=work, env=env, capture_output=True, text=True,
+                              check=False, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append({p.name: p.read_bytes() for p in sorted((work / "lf").iterdir())})
+    assert len(outputs[0]) == 7 and outputs[0] == outputs[1]
