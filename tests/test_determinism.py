@@ -41,14 +41,25 @@ amct.convert_model({str(LENET)!r}, {str(LENET_W)!r}, "flow/lenet_quant_param_rec
 """
 
 
+def _env(threads: int) -> dict[str, str]:
+    """A fresh process's environment with ``threads`` BLAS threads and this checkout first on the path."""
+    return dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), AMCT_LOG_LEVEL="ERROR")
+
+
+def _python(script: str, work: Path, threads: int, *args: str) -> str:
+    """Run ``script`` in a fresh Python in ``work``; its stdout (the test fails on an error)."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=work, env=_env(threads), capture_output=True,
+                          text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def _run(tmp: Path, threads: int) -> dict[str, bytes]:
     work = tmp / f"threads{threads}"
     work.mkdir()
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), AMCT_LOG_LEVEL="ERROR")
-    flow = subprocess.run([sys.executable, "-c", FLOW], cwd=work, env=env, capture_output=True, text=True,
-                          check=False, timeout=600)
-    assert flow.returncode == 0, flow.stderr[-3000:]
+    env = _env(threads)
+    _python(FLOW, work, threads)
     cli = subprocess.run([sys.executable, "-m", "amct_caffe", "calibrate", "--model", str(LENET), "--weights",
                           str(LENET_W), "--data", str(MNIST), "--batch-size", "32", "--batch-num", "3", "--scale",
                           "0.00390625", "--output", "cli/lenet", "--no-progress"],
@@ -104,13 +115,8 @@ def test_training_does_not_depend_on_blas_threads(tmp_path):
     loops split work, never sums, between threads)."""
     digests = []
     for threads in (1, 2):
-        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         prototxt = SHARED / "models/lenet_mnist/lenet_train_test.prototxt"
-        proc = subprocess.run([sys.executable, "-c", TRAIN, str(prototxt)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, check=False, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        digests.append(proc.stdout.strip())
+        digests.append(_python(TRAIN, tmp_path, threads, str(prototxt)).strip())
     assert digests[0] == digests[1]
 
 
@@ -131,10 +137,6 @@ def test_label_free_retraining_does_not_depend_on_blas_threads(tmp_path):
     for threads in (1, 2):
         work = tmp_path / f"threads{threads}"
         work.mkdir()
-        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), AMCT_LOG_LEVEL="ERROR")
-        proc = subprocess.run([sys.executable, "-c", LABEL_FREE], cwd=work, env=env, capture_output=True, text=True,
-                              check=False, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _python(LABEL_FREE, work, threads)
         outputs.append({p.name: p.read_bytes() for p in sorted((work / "lf").iterdir())})
     assert len(outputs[0]) == 7 and outputs[0] == outputs[1]
