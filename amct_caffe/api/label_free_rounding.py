@@ -63,8 +63,7 @@ class _Layer:
 
     node: Node
     weight: Node                     # its RetrainWeightQuant (blob 1: the trained float weight)
-    data: Node                       # its RetrainDataQuant
-    blob: str                        # the quantized input blob (the RetrainDataQuant's top)
+    data: Node                       # its RetrainDataQuant (top: the quantized input)
     groups: int
     geometry: tuple | None           # (kernel, stride, pad, dilation) of a 2-D convolution; None: InnerProduct
     count: int = 0
@@ -117,7 +116,7 @@ def _targets(graph: Graph) -> list[_Layer]:
             geometry, groups = None, 1
         else:
             continue
-        out.append(_Layer(node, weight, data, data.tops[0], groups, geometry))
+        out.append(_Layer(node, weight, data, groups, geometry))
     return out
 
 
@@ -209,31 +208,35 @@ def _gather(runs: tuple[StagedRun, StagedRun | None], graph: Graph, reference: G
     ``later`` sits; the next pass starts there.
     """
     qrun, frun = runs
-
-    def float_node(layer: _Layer) -> Node:
-        return reference.node(layer.node.name)
-
-    reads = sorted(((graph.index(layer.data), reference.index(float_node(layer)) - 1 if reference else -1, layer)
-                    for layer in layers), key=lambda t: t[0])
+    # per layer: where its quantized input is made (the RetrainDataQuant) and, in the float graph,
+    # the node before it and the blob it reads there
+    reads = []
+    for layer in layers:
+        fnode = reference.node(layer.node.name) if reference is not None else None
+        reads.append((graph.index(layer.data), reference.index(fnode) - 1 if fnode else -1,
+                      fnode.bottoms[0] if fnode else "", layer))
+    reads.sort(key=lambda t: t[0])
     qrun.open(reads[-1][0], min(graph.index(x.data) for x in (*layers, *later)) if later else None)
     if frun is not None:
-        frun.open(max(r[1] for r in reads), min((reference.index(float_node(x)) for x in later), default=None))
+        frun.open(max(r[1] for r in reads), min((reference.index(reference.node(x.node.name)) for x in later),
+                                                default=None))
+    active = [run for run in runs if run is not None]
     rng = np.random.default_rng(seed)
     n = len(next(iter(inputs.values())))
     for number, start in enumerate(range(0, n, batch)):
         feed = {name: value[start:start + batch] for name, value in inputs.items()}
-        for run in (r for r in runs if r is not None):
+        for run in active:
             run.begin(number, feed)
-        for qstop, fstop, layer in reads:
+        for qstop, fstop, fblob, layer in reads:
             qrun.advance(qstop)
             xf = None
             if frun is not None:
                 frun.advance(fstop)
-                xf = frun.blob(float_node(layer).bottoms[0])
-            _accumulate(layer, qrun.blob(layer.blob), xf, rng)
-        for run in (r for r in runs if r is not None):
+                xf = frun.blob(fblob)
+            _accumulate(layer, qrun.blob(layer.data.tops[0]), xf, rng)
+        for run in active:
             run.finish()
-    for run in (r for r in runs if r is not None):
+    for run in active:
         run.close()
 
 
@@ -311,8 +314,9 @@ def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph
         _levels(graph, layers)
         groups = [[layer for layer in layers if layer.level == lv] for lv in range(max(x.level for x in layers) + 1)]
     groups = [group for group in groups if group]
-    runs = (StagedRun(lambda: any_batch(graph, model_batch)),
-            StagedRun(lambda: any_batch(reference, model_batch)) if reference is not None else None)
+    float_graph = any_batch(reference, model_batch) if reference is not None else None  # never changes
+    runs = (StagedRun(lambda: any_batch(graph, model_batch)),  # rebuilt per pass: the rounding changes its weights
+            StagedRun(lambda: float_graph) if reference is not None else None)
     changed = []
     for i, group in enumerate(groups):
         later = [layer for g in groups[i + 1:] for layer in g]

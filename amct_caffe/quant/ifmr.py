@@ -222,6 +222,18 @@ def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | 
     return _finish(params, _pick(sums), clip, scale, min0, ratios, sums, n)
 
 
+def batch_arrays(arrays, known_shapes, owner: str) -> tuple[tuple[np.ndarray, ...], tuple]:
+    """An observer's batch: the arrays and their sample shapes (all but axis 0), which must be
+    ``known_shapes`` when that is not None (the shapes of the first batch)."""
+    if not arrays:
+        raise ValueError(f"{owner}.update needs at least one array")
+    arrays = tuple(np.asarray(a) for a in arrays)
+    shapes = tuple(a.shape[1:] for a in arrays)
+    if known_shapes is not None and shapes != known_shapes:
+        raise ValueError(f"{owner}: sample shapes changed from {known_shapes} to {shapes}")
+    return arrays, shapes
+
+
 class IfmrObserver:
     """Streaming IFMR: ``update()`` once per calibration batch, then ``compute_qparams()``.
 
@@ -247,12 +259,7 @@ class IfmrObserver:
 
     def update(self, *arrays: np.ndarray) -> None:
         """Add one batch (one or more arrays); rejects inf/NaN and changed shapes."""
-        if not arrays:
-            raise ValueError("IfmrObserver.update needs at least one array")
-        arrays = tuple(np.asarray(a) for a in arrays)
-        shapes = tuple(a.shape[1:] for a in arrays)
-        if self._shapes is not None and shapes != self._shapes:
-            raise ValueError(f"IfmrObserver: sample shapes changed from {self._shapes} to {shapes}")
+        arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrObserver")
         flat = [np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]
         kept = [f[f != 0] for f in flat]  # a new compact array: the caller's data is not held
         for c in kept:

@@ -52,7 +52,8 @@ import numpy as np
 
 from ._backend import _kernels_module, resolve
 from ._common import QuantizationError
-from .ifmr import IfmrParams, IfmrResult, _candidates, _finish, _pick, _select_count, ifmr_ratios, ifmr_search
+from .ifmr import (IfmrParams, IfmrResult, _candidates, _finish, _pick, _select_count, batch_arrays, ifmr_ratios,
+                   ifmr_search)
 
 __all__ = ["DEFAULT_BINS", "EXACT_LIMIT", "TOP_K", "IfmrHistogram", "IfmrStreamObserver"]
 
@@ -261,12 +262,7 @@ class IfmrStreamObserver:
 
     def update(self, *arrays: np.ndarray) -> None:
         """Add one batch (one or more arrays); rejects inf/NaN and changed shapes."""
-        if not arrays:
-            raise ValueError("IfmrStreamObserver.update needs at least one array")
-        arrays = tuple(np.asarray(a) for a in arrays)
-        shapes = tuple(a.shape[1:] for a in arrays)
-        if self._shapes is not None and shapes != self._shapes:
-            raise ValueError(f"IfmrStreamObserver: sample shapes changed from {self._shapes} to {shapes}")
+        arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrStreamObserver")
         if self._hist is None:
             kernel = resolve(self.backend) == "kernel" and hasattr(_kernels_module, "IfmrHistogram")
             self._hist = _kernels_module.IfmrHistogram(self.bins, TOP_K) if kernel else IfmrHistogram(self.bins)

@@ -98,19 +98,12 @@ def learned_codes(rows: np.ndarray, scale: np.ndarray, h: np.ndarray, num_bits: 
     if c.shape != rows.shape or not np.isfinite(c).all():
         raise QuantizationError(f"learned rounding: the linear term must be finite {rows.shape}, got {c.shape}")
     hd = _damped(h, damp)
-    return _search(rows, s, num_bits, hd, c, sweeps)
-
-
-def _search(rows, s, num_bits, hd, c, sweeps) -> np.ndarray:
-    """The codes of least f (module doc: search) from the nearest ones, ``s`` (R, 1)."""
-    k = rows.shape[1]
     qmin, qmax = qrange(num_bits)
-    dom = dominant_mask(rows)
     t = rows / s
     codes = np.clip(round_half_away(t), qmin, qmax)
     lo = np.clip(np.floor(t), qmin, qmax)
     hi = np.clip(lo + 1, qmin, qmax)
-    free = ~dom & (hi > lo)
+    free = ~dominant_mask(rows) & (hi > lo)
     if k <= EXHAUSTIVE + 1 and free.sum(axis=1).max() <= EXHAUSTIVE:
         return _exhaustive(rows, s[:, 0], codes, lo, free, hd, c)
     e = s * codes - rows

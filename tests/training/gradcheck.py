@@ -137,6 +137,18 @@ def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[st
     return problems
 
 
+def cont_indicators(pattern: str, t: int, n: int) -> np.ndarray:
+    """Recurrent layers' 0/1 sequence indicators (T, N): ``first`` (a new sequence at t = 0),
+    ``ones`` (continue from the initial state), ``restart`` (new sequences mid-batch in some streams)."""
+    cont = np.ones((t, n), np.float32)
+    if pattern in ("first", "restart"):
+        cont[0] = 0
+    if pattern == "restart":
+        cont[t // 2, ::2] = 0
+        cont[t - 1, n - 1] = 0
+    return cont
+
+
 def input_layer(name: str, *dims: int) -> str:
     """One ``Input`` layer of top ``name`` and shape ``dims`` (prototxt text, one line)."""
     return (f'layer {{ name: "{name}" type: "Input" top: "{name}" '

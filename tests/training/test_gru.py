@@ -14,18 +14,8 @@ import pytest
 
 from amct_caffe.errors import AmctError
 from tests.real_caffe import pycaffe_dir
-from tests.training.gradcheck import caffe_grads, grad_problems, input_layer, run_in_caffe
+from tests.training.gradcheck import caffe_grads, cont_indicators, grad_problems, input_layer, run_in_caffe
 from tests.training.gru_reference import gru_forward64, numeric_grads, params_from_unrolled, unrolled_gru
-
-
-def _cont(pattern: str, t: int, n: int) -> np.ndarray:
-    cont = np.ones((t, n), np.float32)
-    if pattern in ("first", "restart"):
-        cont[0] = 0
-    if pattern == "restart":
-        cont[t // 2, ::2] = 0
-        cont[t - 1, n - 1] = 0
-    return cont
 
 
 def gru_net(t, n, xdims, hidden, *, static=None, expose=False, reset_after=False, extra="") -> str:
@@ -60,7 +50,7 @@ CASES = {
 
 def _inputs(case, rng) -> dict:
     t, n, xdims, hidden, static, _expose, _after, pattern = CASES[case]
-    arrays = {"x": rng.standard_normal((t, n) + xdims).astype(np.float32), "cont": _cont(pattern, t, n),
+    arrays = {"x": rng.standard_normal((t, n) + xdims).astype(np.float32), "cont": cont_indicators(pattern, t, n),
               "h0": (0.5 * rng.standard_normal((1, n, hidden))).astype(np.float32)}
     if static is not None:
         arrays["xs"] = rng.standard_normal((n,) + static).astype(np.float32)
@@ -144,7 +134,7 @@ def test_state_carries_over_between_forwards(tmp_path):
     params = [np.array(b.data) for b in net.params["gru"]]
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 2, 3)).astype(np.float32)
-    cont = _cont("first", 6, 2)
+    cont = cont_indicators("first", 6, 2)
     first = np.array(net.forward(x=x[:3], cont=cont[:3])["y"])
     second = np.array(net.forward(x=x[3:], cont=cont[3:])["y"])
     whole, _ = gru_forward64(x, cont, params)

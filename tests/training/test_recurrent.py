@@ -11,22 +11,10 @@ import numpy as np
 import pytest
 
 from tests.real_caffe import pycaffe_dir
-from tests.training.gradcheck import (assert_matches_caffe, caffe_grads, executor_grads, grad_problems,
+from tests.training.gradcheck import (assert_matches_caffe, caffe_grads, cont_indicators, executor_grads, grad_problems,
                                       input_layer as _input, run_in_caffe)
 
 FORCE = "force_backward: true\n"
-
-
-def _cont(pattern: str, t: int, n: int) -> np.ndarray:
-    """0/1 sequence indicators: ``first`` (a new sequence at t = 0), ``ones`` (continue from the
-    initial state), ``restart`` (new sequences mid-batch in some streams)."""
-    cont = np.ones((t, n), np.float32)
-    if pattern in ("first", "restart"):
-        cont[0] = 0
-    if pattern == "restart":
-        cont[t // 2, ::2] = 0
-        cont[t - 1, n - 1] = 0
-    return cont
 
 
 def _recurrent(kind, t, n, xdims, hidden, *, static=None, expose=False, force=True, params="", after=""):
@@ -100,12 +88,12 @@ def _inputs(text: str, pattern: str, options: dict, rng) -> dict:
         shape = tuple(int(d) for d in re.findall(r"\d+", dims))
         if name == "cont":
             arrays[name] = (np.array([[0, 1, 1]], np.float32) if pattern == "unit"
-                            else _cont(pattern, *shape))
+                            else cont_indicators(pattern, *shape))
         else:
             arrays[name] = rng.standard_normal(shape).astype(np.float32)
     for key, value in options.items():
         if key == "cont#1":
-            arrays[key] = _cont(value, *arrays["cont"].shape)
+            arrays[key] = cont_indicators(value, *arrays["cont"].shape)
             arrays["x#1"] = rng.standard_normal(arrays["x"].shape).astype(np.float32)
     return arrays
 
@@ -184,7 +172,7 @@ def test_expose_hidden_splits_a_sequence(tmp_path, kind):
     net.save(str(weights))
     rng = np.random.default_rng(2)
     x = rng.standard_normal((t, n, d)).astype(np.float32)
-    cont = _cont("restart", t, n)
+    cont = cont_indicators("restart", t, n)
     states = {s: rng.standard_normal((1, n, hidden)).astype(np.float32)
               for s in (["h0", "c0"] if kind == "LSTM" else ["h0"])}
     full = {k: np.array(v) for k, v in net.forward(x=x, cont=cont, **states).items()}
