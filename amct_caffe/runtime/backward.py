@@ -186,6 +186,7 @@ class DiffStore:
         self._blobs = blobs  # the Net's {name: Blob}
         self._split: dict[str, np.ndarray] = {}  # a virtual split's top key -> its diff
         self._memory: dict[str, int] = {}  # key -> memory id; a key absent owns its memory
+        self._orphans: dict[int, np.ndarray] = {}  # memory no key points at -> its last diff
         self._next = 0
 
     def _blob_of(self, key: str):
@@ -210,11 +211,33 @@ class DiffStore:
                 self._split[k] = v
 
     def share(self, dst: str, src: str) -> None:
-        if src not in self._memory:
-            self._memory[src] = self._next
-            self._next += 1
-        self._memory[dst] = self._memory[src]
+        src_memory = self.memory_of(src)
+        old = self._memory.get(dst)
+        if old is not None and old != src_memory and len(self._holders(old)) == 1:
+            # dst was the last key on that memory; a layer may still hold it (see ``held``)
+            self._orphans[old] = np.array(self.get(dst), np.float32)
+        self._memory[dst] = src_memory
         self.set(dst, self.get(src), alone=True)
+
+    def memory_of(self, key: str) -> int:
+        """The id of the diff memory ``key`` points at now (given one on first use)."""
+        if key not in self._memory:
+            self._memory[key] = self._next
+            self._next += 1
+        return self._memory[key]
+
+    def held(self, memory: int, shape) -> np.ndarray:
+        """The diff in ``memory`` as a layer that kept a pointer to it reads it: a key's that still
+        points there, else what it held when its last key left it."""
+        holders = self._holders(memory)
+        if holders:
+            return self.get(holders[0])
+        value = self._orphans.get(memory)
+        return value.reshape(shape) if value is not None and value.size == int(np.prod(shape)) else np.zeros(
+            shape, np.float32)
+
+    def _holders(self, memory: int) -> list[str]:
+        return [k for k, m in self._memory.items() if m == memory]
 
     def members(self, key: str) -> list[str]:
         """Every key whose diff is ``key``'s memory (``key`` first)."""

@@ -147,6 +147,11 @@ class Layer:
         """True when Caffe makes every top share bottom 0's memory (ShareData) for this layer."""
         return self.shares_data
 
+    # True for a layer that, as Caffe's RecurrentLayer, points an inner blob at top 0's diff memory
+    # in every Reshape and reads that memory in its backward: a ShareDiff made after its forward (a
+    # Flatten above it, in the Flatten's backward) leaves it reading the memory its top had before.
+    holds_top_diff: bool = False
+
     def diff_sharing(self, bottom_shapes) -> str | None:
         """How Caffe's ShareDiff ties this layer's diffs (:class:`~.backward.DiffStore`).
 

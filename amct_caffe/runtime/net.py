@@ -159,6 +159,7 @@ class Net:
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
             layer.param_propagate_down = flags
         self._diffs = DiffStore(self.blobs)
+        self._held_top_diff: dict[int, int] = {}  # layer -> the diff memory its top had at its forward
         self._chains = folding.plan(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
                                     folding.resolve_mode(self._fold, [lp.type for lp in net_param.layer]),
                                     any(s.need_backward for s in self._plan.steps), self._plan.loss_weights,
@@ -333,6 +334,8 @@ class Net:
             return
         self._reshape_layer(i)
         self._share_diffs(i, "reshape")  # Caffe's Layer::Forward calls Reshape, which may ShareDiff
+        if layer.holds_top_diff:
+            self._held_top_diff[i] = self._diffs.memory_of(self.top_names[name][0])
         bottoms = [self.blobs[b].data for b in self.bottom_names[name]]
         tops = layer.forward(bottoms)
         in_place = self.bottom_names[name]
@@ -437,6 +440,8 @@ class Net:
         bottom_names = self.bottom_names[name]
         tops = [self.blobs[t].data for t in self.top_names[name]]
         top_diffs = [self.blobs[t].diff for t in self.top_names[name]]
+        if step.layer in self._held_top_diff:
+            top_diffs[0] = self._diffs.held(self._held_top_diff[step.layer], top_diffs[0].shape)
         bottoms = [self.blobs[b].data for b in bottom_names]
         grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
         if len(grads) != len(bottoms):

@@ -72,6 +72,16 @@ CASES = {
                           'layer { name: "log" type: "Log" bottom: "s" top: "s" log_param { base: 2 } }\n',
                           {"data": (np.float32(-0.16683444) + np.arange(-32, 32, dtype=np.float32)
                                     * np.float32(3e-7)).reshape(2, 32)}),
+    # an LSTM's unrolled net reads the diff memory its top had at the LSTM's Reshape; the Flatten
+    # above points that top at the Flatten's own diff only in its backward, so in the first
+    # backward the LSTM reads its top's former (zero) diff: every diff below it is zero
+    "lstm_under_flatten": (_input(2, 3, 5) + _input(2, 3, name="cont") +
+                           'layer { name: "lstm" type: "LSTM" bottom: "data" bottom: "cont" top: "h" '
+                           'recurrent_param { num_output: 4 weight_filler { type: "uniform" min: -0.5 max: 0.5 } '
+                           '} }\n'
+                           'layer { name: "f" type: "Flatten" bottom: "h" top: "f" flatten_param { axis: 0 '
+                           'end_axis: 0 } }\n',
+                           {"data": (2, 3, 5), "cont": np.array([[0, 0, 0], [1, 1, 0]], np.float32)}),
 }
 
 # nets whose exact gradient is zero somewhere, so that Caffe and the executor agree only up to the

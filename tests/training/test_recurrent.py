@@ -184,6 +184,36 @@ def test_expose_hidden_splits_a_sequence(tmp_path, kind):
     np.testing.assert_allclose(second["hT"], full["hT"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "RNN", "GRU"])
+def test_flatten_above_reaches_the_recurrent_layer_from_the_second_backward(tmp_path, kind):
+    """Caffe's recurrent layer reads the top diff memory it saw at its last forward. A Flatten above
+    points that top at its own diff only in its first backward, so that backward leaves every diff
+    below zero (pinned against Caffe in test_backward_pinned); from the next forward on the gradient
+    is the same as without the Flatten."""
+    from amct_caffe.runtime import TEST, Net  # noqa: PLC0415
+
+    t, n, d, hidden = 4, 3, 5, 6
+    flatten = 'layer { name: "f" type: "Flatten" bottom: "y" top: "f" flatten_param { axis: 0 end_axis: 0 } }\n'
+    plain, flat = tmp_path / "plain.prototxt", tmp_path / "flat.prototxt"
+    plain.write_text(_recurrent(kind, t, n, (d,), hidden))
+    flat.write_text(_recurrent(kind, t, n, (d,), hidden, after=flatten))
+    weights = tmp_path / "w.caffemodel"
+    Net(str(plain), TEST).save(str(weights))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((t, n, d)).astype(np.float32)
+    dy = rng.standard_normal((t, n, hidden)).astype(np.float32)
+    feed = {"x": x, "cont": cont_indicators("restart", t, n)}
+    ref = Net(str(plain), str(weights), TEST)
+    ref.forward(**feed)
+    want = np.array(ref.backward(y=dy)["x"])
+    assert np.abs(want).max() > 0.01
+    net = Net(str(flat), str(weights), TEST)
+    for backward in range(2):
+        net.forward(**feed)
+        got = np.array(net.backward(f=dy)["x"])
+        np.testing.assert_array_equal(got, np.zeros_like(want) if backward == 0 else want)
+
+
 @pytest.mark.parametrize("kind,field,match", [
     ("RNN", "tf_rnn: true", "tf_rnn"),
     ("LSTM", 'direction: "reverse"', "direction 'reverse'"),

@@ -100,6 +100,8 @@ class _Recurrent(Layer):
     in_place_ok = False
     # Caffe's Backward_cpu writes x's and x_static's diff whatever propagate_down says
     writes_unpropagated_diffs = True
+    # its unrolled net's output blob shares top 0's diff from Reshape (recurrent_layer.cpp)
+    holds_top_diff = True
     states = 1      # recurrent state blobs (h; LSTM: h, c)
     gate_factor = 1  # rows of the input weights per hidden unit (LSTM: 4 gates)
 
