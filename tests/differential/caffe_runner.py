@@ -59,10 +59,13 @@ def fill_params(net, rng: np.random.Generator) -> None:
         del name
 
 
-def _child(caffe, workdir: str, entry: dict, seed: int, prototxt: str | None = None) -> None:
-    """Build, fill, forward; save weights and blobs unless ``prototxt`` (a trial) is given."""
+def _child(caffe, workdir: str, entry: dict, seed: int, prototxt: str | None = None, build_only: bool = False) -> None:
+    """Build, fill, forward; save weights and blobs unless ``prototxt`` (a trial) is given; only
+    build with ``build_only``."""
     name = entry["name"]
     net = caffe.Net(prototxt or os.path.join(workdir, entry["prototxt"]), caffe.TEST)
+    if build_only:
+        return
     fill_params(net, np.random.default_rng(seed))
     if prototxt is None:
         net.save(os.path.join(workdir, name + ".caffemodel"))
@@ -113,16 +116,18 @@ def run_forked(work, log: str) -> bool:
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-def _in_child(caffe, workdir, entry, seed, log, prototxt=None) -> bool:
+def _in_child(caffe, workdir, entry, seed, log, prototxt=None, build_only=False) -> bool:
     """Run :func:`_child` in a forked process; True when it ends well."""
-    return run_forked(lambda: _child(caffe, workdir, entry, seed, prototxt), log)
+    return run_forked(lambda: _child(caffe, workdir, entry, seed, prototxt, build_only), log)
 
 
 def _culprit(caffe, workdir, entry, seed) -> str | None:
     """The layer Caffe refuses: the last layer of the shortest failing prefix of the net.
 
     Caffe logs nothing before InitGoogleLogging (pycaffe never calls it), so the refused layer is
-    found by bisection over the prototxt's layers, one per line.
+    found by bisection over the prototxt's layers, one per line. Caffe sets every layer up before
+    the first forward, so when building the whole net fails the prefixes are only built: a layer
+    refused at setup is found even behind a layer that would fail at its forward.
     """
     with open(os.path.join(workdir, entry["prototxt"])) as f:
         lines = f.read().splitlines()
@@ -131,12 +136,13 @@ def _culprit(caffe, workdir, entry, seed) -> str | None:
         return None
     trial = os.path.join(workdir, entry["name"] + ".trial.prototxt")
     log = os.path.join(workdir, entry["name"] + ".trial.log")
+    build_only = not _in_child(caffe, workdir, entry, seed, log, build_only=True)
     lo, hi = 0, len(layer_lines)  # a prefix of lo layers runs, one of hi layers fails
     while hi - lo > 1:
         mid = (lo + hi) // 2
         with open(trial, "w") as f:
             f.write("\n".join(lines[:layer_lines[mid - 1] + 1]) + "\n")
-        if _in_child(caffe, workdir, entry, seed, log, trial):
+        if _in_child(caffe, workdir, entry, seed, log, trial, build_only):
             lo = mid
         else:
             hi = mid
