@@ -28,6 +28,10 @@ def _input(*dims, name="data"):
 _RELU_IN_PLACE = 'layer {{ name: "relu" type: "ReLU" bottom: "{b}" top: "{b}" relu_param {{ negative_slope: 0.3 }} }}\n'
 _TANH = 'layer { name: "tanh" type: "TanH" bottom: "data" top: "a" }\n'
 
+_RNN_SCALED = ('layer { name: "rnn" type: "RNN" bottom: "data" bottom: "cont" top: "o" '
+               'recurrent_param { num_output: 5 weight_filler { type: "uniform" min: -0.5 max: 0.5 } } }\n'
+               'layer { name: "s" type: "Scale" bottom: "o" top: "o" scale_param { filler { value: -1.7 } } }\n')
+
 # name: (prototxt body, {input: shape or array})
 CASES = {
     # Reshape's top shares its bottom's diff memory (ShareDiff in Reshape): the in-place ReLU
@@ -82,6 +86,13 @@ CASES = {
                            'layer { name: "f" type: "Flatten" bottom: "h" top: "f" flatten_param { axis: 0 '
                            'end_axis: 0 } }\n',
                            {"data": (2, 3, 5), "cont": np.array([[0, 0, 0], [1, 1, 0]], np.float32)}),
+    # an RNN of one step: Caffe's output Concat has one bottom, so the output shares o_1's data and
+    # the Scale working in place on it changes what o_1's TanH backward reads
+    "rnn_one_step_in_place": (_input(1, 3, 4) + _input(1, 3, name="cont") + _RNN_SCALED, {
+        "data": (1, 3, 4), "cont": np.zeros((1, 3), np.float32)}),
+    # two steps: the Concat copies, so the TanH backward reads the values before the Scale
+    "rnn_two_steps_in_place": (_input(2, 3, 4) + _input(2, 3, name="cont") + _RNN_SCALED, {
+        "data": (2, 3, 4), "cont": np.array([[0, 0, 0], [1, 1, 1]], np.float32)}),
 }
 
 # nets whose exact gradient is zero somewhere, so that Caffe and the executor agree only up to the

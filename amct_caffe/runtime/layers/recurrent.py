@@ -250,6 +250,10 @@ class _Recurrent(Layer):
             self._cache["final"] = [np.asarray(top, _F32)[0] for top in tops[1:]]
             # likewise c0 is the unrolled net's c_0, which the first LSTMUnit's backward reads
             self._cache["initial"] = [np.asarray(b, _F32)[0] for b in bottoms[2 + self.static:]]
+        if "out" in self._cache and len(tops[0]) == 1:
+            # one step: Caffe's one-bottom Concat makes the output top share o_1's data, so a layer
+            # working in place on the output changes what o_1's TanH backward reads
+            self._cache["out"] = [np.asarray(tops[0], _F32)[0]]
         dgates = self._step_backward(np.asarray(top_diffs[0], _F32), np.asarray(bottoms[1], _F32))
         return self._input_backward(bottoms, dgates)
 
@@ -333,9 +337,10 @@ class RNNLayer(_Recurrent):
             conted.append(hc)
             hs.append(h)
             os_.append(o)
-        out = np.stack(os_)
-        self._cache = {"conted": conted, "hidden": hs, "out": out}
-        return out, [h]
+        # the steps' own o_t, not the stacked top: Caffe's TanH backward reads o_neuron_t's top,
+        # which a layer working in place on the RNN's output (a copy, by Concat, for T > 1) leaves alone
+        self._cache = {"conted": conted, "hidden": hs, "out": os_}
+        return np.stack(os_), [h]
 
     def _step_backward(self, do_out, cont):
         cache = self._cache
