@@ -122,16 +122,16 @@ double fill_chunk(const float* x, std::size_t m, const Grid& g, std::size_t k, W
   return (lane[0] + lane[1]) + (lane[2] + lane[3]);
 }
 
-// Keeps the k best of `kept` + `pending` (best first) in `kept`; `better` orders best first.
+// Keeps the k best of `kept` (sorted, best first) + `pending` in `kept`; `better` orders best first.
+// After a layer's first batch few values pass the thresholds: only they are sorted, then merged in.
 template <class Better>
 void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_t k, Better better) {
-  pending->insert(pending->end(), kept->begin(), kept->end());
-  if (pending->size() > k) {
-    std::nth_element(pending->begin(), pending->begin() + static_cast<std::ptrdiff_t>(k - 1), pending->end(), better);
-    pending->resize(k);
-  }
+  if (pending->size() > k) prune(pending, k, better);
   std::sort(pending->begin(), pending->end(), better);
-  kept->swap(*pending);
+  std::vector<float> merged(kept->size() + pending->size());
+  std::merge(kept->begin(), kept->end(), pending->begin(), pending->end(), merged.begin(), better);
+  if (merged.size() > k) merged.resize(k);
+  kept->swap(merged);
   pending->clear();
 }
 
@@ -162,9 +162,9 @@ void IfmrHistogram::update(const float* x, std::size_t n, const char* what, int 
   }
   if (!pass.nonzero) return;
   const std::vector<double>& batch = *pass.batch;
-  for (std::size_t i = 0; i < count_.size(); ++i) {
-    count_[i] += batch[2 * i];
-    dev_[i] += batch[2 * i + 1];
+  for (auto b = static_cast<std::size_t>(pass.b0); b <= static_cast<std::size_t>(pass.b1); ++b) {
+    count_[b] += batch[2 * b];
+    dev_[b] += batch[2 * b + 1];
   }
   m2_ += pass.m2;
   nonzero_ += pass.nonzero;
@@ -208,6 +208,7 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, int threads, Pass* pass)
   std::condition_variable turn;
   std::size_t merged = 0;  // chunks added so far (guarded by mu)
   double m2 = 0.0;
+  std::int64_t lowest = std::numeric_limits<std::int64_t>::max(), highest = -1;  // bins touched (guarded by mu)
   auto work = [&](Worker* w) {
     for (std::size_t c = claim.fetch_add(1); c < chunks; c = claim.fetch_add(1)) {
       const std::size_t first = c * kChunk;
@@ -223,6 +224,7 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, int threads, Pass* pass)
         w->pairs[i] = w->pairs[i + 1] = 0.0;
       }
       m2 += sq;
+      if (b0 <= b1) lowest = std::min(lowest, b0), highest = std::max(highest, b1);
       lock.lock();
       merged = c + 1;
       lock.unlock();
@@ -246,6 +248,8 @@ bool IfmrHistogram::fill(const float* x, std::size_t n, int threads, Pass* pass)
   }
   pass->batch = &batch;
   pass->m2 = m2;
+  pass->b0 = lowest;
+  pass->b1 = highest;
   pass->bad = bad;
   pass->lo = lo;
   pass->hi = hi;

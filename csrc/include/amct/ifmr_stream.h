@@ -47,6 +47,7 @@ class IfmrHistogram {
     bool bad = false;
     float lo = 0.0f, hi = 0.0f;
     double m2 = 0.0;  // the chunks' sums of d^2, added in chunk order
+    std::int64_t b0 = 0, b1 = -1;  // the bins it touched: b0..b1
     std::uint64_t nonzero = 0, positive = 0;
     std::vector<float> top, bottom;  // candidates for the kept extremes
     const std::vector<double>* batch = nullptr;  // the (count, dev) pairs it filled (scratch())
