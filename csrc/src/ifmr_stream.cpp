@@ -15,11 +15,12 @@
 #include <string>
 #include <thread>
 
-#ifdef __SSE2__
-#include <emmintrin.h>
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
 #endif
 
 #include "amct/common.h"
+#include "amct/ifmr.h"
 #include "amct/ifmr_fill.h"
 
 namespace amct {
@@ -120,6 +121,102 @@ double fill_chunk(const float* x, std::size_t m, const Grid& g, std::size_t k, W
   *b0 = lo <= hi ? bin_of(lo, g) : 1;
   *b1 = lo <= hi ? bin_of(hi, g) : 0;
   return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
+// The occupied bins of a search (the module doc's n_b, D_b, edges a_b and e_b, centre c_b, slope).
+struct Occupied {
+  std::vector<double> n, d, a, c, e, beta;
+  double w = 0.0;
+};
+
+// The loss of candidate (s, lo, hi) over the bins (module doc), summed in bin order.
+double loss_one(const Occupied& o, double s, double lo_i, double hi_i) {
+  const double inv = 1.0 / s, w = o.w;
+  double sum = 0.0;
+  for (std::size_t b = 0; b < o.n.size(); ++b) {
+    const double la = level(o.a[b], lo_i, hi_i, inv), le = level(o.e[b], lo_i, hi_i, inv);
+    const double qa = la * s - o.c[b];
+    double total = o.n[b] * qa * qa - 2.0 * qa * o.d[b];
+    const double m = le - la;
+    if (m > 0) {
+      const double u = o.e[b] - s * 0.5 * (la + le);
+      const double k2 = s * s * (m * m * m - m) / 12.0;
+      const double su2 = m * u * u + k2;
+      const double su3 = m * u * u * u + 3.0 * u * k2;
+      total -= (2.0 * s / w) * o.n[b] * (0.5 * su2 + o.beta[b] * (0.25 * w * su2 - su3 / 6.0));
+    }
+    sum += total;
+  }
+  return sum;
+}
+
+constexpr std::size_t kLanes = 8;  // candidates per group of the search
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define AMCT_SEARCH_AVX512 1
+// level() for eight (lo, hi, inv) at once.
+__attribute__((target("avx512f"))) inline __m512d level8(__m512d x, __m512d lo, __m512d hi, __m512d inv) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d t = _mm512_mul_pd(_mm512_min_pd(hi, _mm512_max_pd(lo, x)), inv);
+  const __m512d r = _mm512_roundscale_pd(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask8 away = _mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_sub_pd(t, r)), _mm512_set1_pd(0.5), _CMP_GE_OQ);
+  const __m512d sign = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(t, zero, _CMP_GT_OQ),
+                                            _mm512_mask_blend_pd(_mm512_cmp_pd_mask(t, zero, _CMP_LT_OQ), zero,
+                                                                 _mm512_set1_pd(-1.0)),
+                                            one);
+  return _mm512_mask_add_pd(_mm512_add_pd(r, zero), away, r, sign);
+}
+
+// loss_one for eight candidates, one per lane: every lane does loss_one's IEEE operations in its
+// order (max(lo, x) and min(hi, x) return x on ties as std::max / std::min do; trunc keeps the
+// sign of a zero where the integer cast does not, which r + 0.0 and t - r do not see), so the
+// same bits. The per-candidate factors (1 / s, s / 2, s^2, 2 s / w) are the loop's, hoisted.
+__attribute__((target("avx512f"))) void loss_eight(const Occupied& o, const double* s8, const double* lo8,
+                                                    const double* hi8, double* out) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+  const __m512d two = _mm512_set1_pd(2.0), three = _mm512_set1_pd(3.0), twelve = _mm512_set1_pd(12.0);
+  const __m512d six = _mm512_set1_pd(6.0), quarter_w = _mm512_set1_pd(0.25 * o.w);
+  const __m512d s = _mm512_loadu_pd(s8), lo = _mm512_loadu_pd(lo8), hi = _mm512_loadu_pd(hi8);
+  const __m512d inv = _mm512_div_pd(one, s), s_half = _mm512_mul_pd(s, half), ss = _mm512_mul_pd(s, s);
+  const __m512d step = _mm512_div_pd(_mm512_mul_pd(two, s), _mm512_set1_pd(o.w));
+  __m512d sum = zero;
+  for (std::size_t b = 0; b < o.n.size(); ++b) {
+    const __m512d e = _mm512_set1_pd(o.e[b]), n = _mm512_set1_pd(o.n[b]);
+    const __m512d la = level8(_mm512_set1_pd(o.a[b]), lo, hi, inv), le = level8(e, lo, hi, inv);
+    const __m512d qa = _mm512_sub_pd(_mm512_mul_pd(la, s), _mm512_set1_pd(o.c[b]));
+    __m512d total = _mm512_sub_pd(_mm512_mul_pd(_mm512_mul_pd(n, qa), qa),
+                                  _mm512_mul_pd(_mm512_mul_pd(two, qa), _mm512_set1_pd(o.d[b])));
+    const __m512d m = _mm512_sub_pd(le, la);
+    const __mmask8 steps = _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);
+    if (steps) {
+      const __m512d u = _mm512_sub_pd(e, _mm512_mul_pd(s_half, _mm512_add_pd(la, le)));
+      const __m512d k2 = _mm512_div_pd(_mm512_mul_pd(ss, _mm512_sub_pd(_mm512_mul_pd(_mm512_mul_pd(m, m), m), m)),
+                                       twelve);
+      const __m512d mu2 = _mm512_mul_pd(_mm512_mul_pd(m, u), u);
+      const __m512d su2 = _mm512_add_pd(mu2, k2);
+      const __m512d su3 = _mm512_add_pd(_mm512_mul_pd(mu2, u), _mm512_mul_pd(_mm512_mul_pd(three, u), k2));
+      const __m512d inner = _mm512_add_pd(
+          _mm512_mul_pd(half, su2),
+          _mm512_mul_pd(_mm512_set1_pd(o.beta[b]), _mm512_sub_pd(_mm512_mul_pd(quarter_w, su2),
+                                                                 _mm512_div_pd(su3, six))));
+      total = _mm512_mask_sub_pd(total, steps, total, _mm512_mul_pd(_mm512_mul_pd(step, n), inner));
+    }
+    sum = _mm512_add_pd(sum, total);
+  }
+  _mm512_storeu_pd(out, sum);
+}
+#endif
+
+// sums[i] = loss + m2 for the kLanes candidates of a group.
+void losses_group(const Occupied& o, const double* s, const double* lo, const double* hi, double m2, double* sums) {
+#ifdef AMCT_SEARCH_AVX512
+  if (ifmr_simd_level() >= 2) {
+    loss_eight(o, s, lo, hi, sums);
+    for (std::size_t i = 0; i < kLanes; ++i) sums[i] += m2;
+    return;
+  }
+#endif
+  for (std::size_t i = 0; i < kLanes; ++i) sums[i] = loss_one(o, s[i], lo[i], hi[i]) + m2;
 }
 
 // Keeps the k best of `kept` (sorted, best first) + `pending` in `kept`; `better` orders best first.
@@ -360,46 +457,39 @@ double IfmrHistogram::kth(std::size_t k, bool largest) const {
 std::vector<double> IfmrHistogram::losses(const float* clip, const float* lo, const float* scale, std::size_t k,
                                           int threads) const {
   // The occupied bins' edges, centres and density slopes, shared by every candidate.
-  const double w = std::ldexp(1.0, exp_);
-  std::vector<double> n, d, a, c, e, beta;
+  Occupied o;
+  o.w = std::ldexp(1.0, exp_);
+  const double w = o.w;
   for (std::size_t b = 0; b < count_.size(); ++b) {
     if (count_[b] == 0.0) continue;
     const double ab = static_cast<double>(base_ + static_cast<std::int64_t>(b)) * w;
-    n.push_back(count_[b]);
-    d.push_back(dev_[b]);
-    a.push_back(ab);
-    c.push_back(ab + 0.5 * w);
-    e.push_back(ab + w);
-    beta.push_back(std::min(std::max(12.0 * dev_[b] / (count_[b] * w * w), -2.0 / w), 2.0 / w));
+    o.n.push_back(count_[b]);
+    o.d.push_back(dev_[b]);
+    o.a.push_back(ab);
+    o.c.push_back(ab + 0.5 * w);
+    o.e.push_back(ab + w);
+    o.beta.push_back(std::min(std::max(12.0 * dev_[b] / (count_[b] * w * w), -2.0 / w), 2.0 / w));
   }
-  std::vector<double> sums(k, 0.0);
+  // Candidates in groups of kLanes (the last one padded with copies of the last candidate).
+  const std::size_t groups = (k + kLanes - 1) / kLanes;
+  std::vector<double> s(groups * kLanes), l(groups * kLanes), h(groups * kLanes), sums(groups * kLanes);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const std::size_t j = std::min(i, k - 1);
+    s[i] = scale[j];
+    l[i] = lo[j];
+    h[i] = clip[j];
+  }
   auto work = [&](std::size_t first, std::size_t last) {
-    for (std::size_t i = first; i < last; ++i) {
-      const double s = scale[i], lo_i = lo[i], hi_i = clip[i], inv = 1.0 / s;
-      double sum = 0.0;
-      for (std::size_t b = 0; b < n.size(); ++b) {
-        const double la = level(a[b], lo_i, hi_i, inv), le = level(e[b], lo_i, hi_i, inv);
-        const double qa = la * s - c[b];
-        double total = n[b] * qa * qa - 2.0 * qa * d[b];
-        const double m = le - la;
-        if (m > 0) {
-          const double u = e[b] - s * 0.5 * (la + le);
-          const double k2 = s * s * (m * m * m - m) / 12.0;
-          const double su2 = m * u * u + k2;
-          const double su3 = m * u * u * u + 3.0 * u * k2;
-          total -= (2.0 * s / w) * n[b] * (0.5 * su2 + beta[b] * (0.25 * w * su2 - su3 / 6.0));
-        }
-        sum += total;
-      }
-      sums[i] = sum + m2_;
-    }
+    for (std::size_t g = first; g < last; ++g) losses_group(o, &s[g * kLanes], &l[g * kLanes], &h[g * kLanes],
+                                                            m2_, &sums[g * kLanes]);
   };
   const std::size_t workers = std::max<std::size_t>(1, std::min<std::size_t>(static_cast<std::size_t>(
-                                                                                  std::max(threads, 1)), k));
+                                                                                  std::max(threads, 1)), groups));
   std::vector<std::thread> pool;
-  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work, k * t / workers, k * (t + 1) / workers);
-  work(0, k / workers);
+  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work, groups * t / workers, groups * (t + 1) / workers);
+  work(0, groups / workers);
   for (auto& th : pool) th.join();
+  sums.resize(k);
   return sums;
 }
 

@@ -178,6 +178,26 @@ def test_kernel_fills_arrays_of_many_chunks_as_the_reference_with_any_thread_cou
 
 
 @requires_kernels
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_kernel_search_gives_the_same_losses_on_every_simd_level(with_offset):
+    """The vector search (eight candidates per register) does the scalar loop's operations per lane."""
+    from amct_caffe import _kernels
+    h = new_hist("kernel", 1 << 12)
+    for seed in range(3):
+        h.update(data("skewed", 50_000, seed) * np.float32(1 + seed))
+    clip, lo, scale, _ = _candidates(IfmrParams(with_offset=with_offset), np.float32(h.kth(2, True)),
+                                     np.float32(min(h.kth(2, False), 0)), ifmr_ratios(0.7, 1.3, 0.01))
+    got = {}
+    try:
+        for simd in (2, 1, 0):
+            _kernels.set_ifmr_simd_limit(simd)
+            got[simd] = h.losses(clip, lo, scale, 2).tobytes()
+    finally:
+        _kernels.set_ifmr_simd_limit(2)
+    assert got[2] == got[1] == got[0]
+
+
+@requires_kernels
 def test_observer_factors_do_not_depend_on_the_fill_threads():
     observers = {threads: IfmrStreamObserver(IfmrParams(), exact_limit=10_000) for threads in (1, 2)}
     for seed in range(3):
