@@ -31,6 +31,16 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   0.29, activation_quantize_model 0.14, calibration Net 0.16, calibration forwards 3.72,
   save_model 0.44. What is left above the FP32 forwards is mostly the histogram fill (about 4 ns
   per observed value on this machine, 70 M values per batch) and the other steps' 1.3 s.
+* then (the fill summed in chunks of 2^16 values taken by the free cores, an AVX-512 block that
+  drops the zeros, the search eight candidates per register; the same output bytes), rounds
+  interleaved with main [load 1.9-2.8]: adaptive threads, main 3.08 / 4.53 / 3.05 s end to end
+  = 3.20x / 3.52x / 2.78x its FP32 forwards (calibration forwards 2.33 / 3.69 / 2.31 s), this
+  branch 3.11 / 2.48 / 3.65 s = 3.76x / 2.22x / 4.40x (1.77-2.90 s); with OPENBLAS_NUM_THREADS=1,
+  steadier, main 3.01 / 3.12 s = 2.97x / 3.50x (2.27 / 2.39 s), this branch 2.59 / 2.72 s =
+  2.77x / 2.95x (1.83 / 1.98 s); peak 564-569 MiB in both. The fill takes 2.1 ns of CPU per
+  value (was 3.9). What is left: the calibration model's convolutions run exact (no Winograd,
+  so that records are Caffe's), about 0.3 s of CPU more than the FP32 forwards; the fill's
+  0.6 s of CPU; the other steps' 0.9 s (prototxt parsing and printing, the record's text).
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ counted, as in :class:`.ifmr.IfmrObserver`):
 * a histogram of ``B = bins`` bins of width ``w = 2^e`` on the grid ``[g w, (g + 1) w)``
   (``g`` integer; zero is always a bin edge), holding per bin the count ``n_b`` and the first
   moment about its centre ``c_b``, ``D_b = sum (x - c_b)``, plus the total second moment
-  ``M = sum (x - c_b)^2``. ``x - c_b`` is exact in float64, the sums run in data order. The
+  ``M = sum (x - c_b)^2``. ``x - c_b`` is exact in float64. An update's array is cut into
+  chunks of ``CHUNK = 2^16`` values; within a chunk the sums run in data order (``M``'s in four
+  lanes, positions ``j = l mod 4``, then ``(l0 + l1) + (l2 + l3)``), and the chunks' sums are
+  added in chunk order, so that workers filling whole chunks give the same bits as one. The
   first batch gets the finest ``e`` whose grid spans its values in ``B / 2`` bins; when a batch
   falls outside, the window moves or, if the occupied span no longer fits, pairs of bins merge
   (``e + 1``): ``n`` adds, ``D' = D_1 + D_2 + (n_2 - n_1) w / 2`` and ``M`` gains
@@ -40,8 +43,8 @@ differences on the shared models). Losses are ``(sum_b ... + M) / N``; the pick 
 relative tie tolerance) and the result are those of :mod:`.ifmr`.
 
 The C++ kernel (``_kernels.IfmrHistogram``) fills the same histogram bit for bit (the same grid
-rules, the same float64 sums in data order); its search sums the bins in another order, which the
-tie tolerance absorbs. Results do not depend on thread counts: one observer is filled by one thread.
+rules, the same float64 sums in the same order) with any number of threads; its search sums the
+bins in another order, which the tie tolerance absorbs. Results do not depend on thread counts.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ from ._common import QuantizationError
 from .ifmr import (IfmrParams, IfmrResult, _candidates, _finish, _pick, _select_count, batch_arrays, ifmr_ratios,
                    ifmr_search)
 
-__all__ = ["DEFAULT_BINS", "EXACT_LIMIT", "TOP_K", "IfmrHistogram", "IfmrStreamObserver"]
+__all__ = ["CHUNK", "DEFAULT_BINS", "EXACT_LIMIT", "TOP_K", "IfmrHistogram", "IfmrStreamObserver"]
 
+CHUNK = 1 << 16  # values per chunk of an update (the kernel's IfmrHistogram::kChunk)
 DEFAULT_BINS = 1 << 14
 TOP_K = 4096
 EXACT_LIMIT = 1 << 16
@@ -89,13 +93,14 @@ class IfmrHistogram:
     def negative(self) -> int:
         return self.nonzero - self.positive
 
-    def update(self, x: np.ndarray, what: str = "IfmrQuantWithOffset") -> None:
+    def update(self, x: np.ndarray, what: str = "IfmrQuantWithOffset", threads: int = 1) -> None:
         """Add the nonzero values of the flat float32 array ``x``; an inf or NaN raises
-        ``"<what> scale is illegal ..."`` and changes nothing."""
+        ``"<what> scale is illegal ..."`` and changes nothing. ``threads``: the kernel's workers (one here)."""
+        del threads
         if not np.isfinite(x).all():
             raise QuantizationError(f"{what} scale is illegal: input data contains inf or NaN")
-        nz = x != 0
-        x = x[nz]
+        pos = np.flatnonzero(x)  # positions of the nonzero values in x
+        x = x[pos]
         if not x.size:
             return
         lo, hi = float(x.min()), float(x.max())
@@ -105,8 +110,14 @@ class IfmrHistogram:
         idx = (g - self.base).astype(np.int64)
         d = x.astype(np.float64) - (g + 0.5) * w
         self.count += np.bincount(idx, minlength=self.bins)
-        self.dev += np.bincount(idx, weights=d, minlength=self.bins)
-        self.m2 += _lane_sum(d * d, nz)
+        dev, m2 = np.zeros(self.bins), 0.0
+        cuts = np.searchsorted(pos, np.arange(CHUNK, pos[-1] + 1, CHUNK))  # where each later chunk starts
+        for s in np.split(np.arange(x.size), cuts):
+            if s.size:
+                dev += np.bincount(idx[s], weights=d[s], minlength=self.bins)
+                m2 += _lane_sum(d[s] * d[s], pos[s])
+        self.dev += dev
+        self.m2 += m2
         self.nonzero += x.size
         self.positive += int(np.count_nonzero(x > 0))
         k = self.top_k
@@ -210,13 +221,11 @@ class IfmrHistogram:
         return sums
 
 
-def _lane_sum(v: np.ndarray, nonzero: np.ndarray) -> float:
-    """Sum of ``v`` (one term per nonzero value) as the kernel adds it: each value goes to lane
-    ``j % 4`` of its position ``j`` in the batch, every lane sums in order, then (l0 + l1) + (l2 + l3)."""
-    full = np.zeros(-(-nonzero.size // 4) * 4, np.float64)
-    full[:nonzero.size][nonzero] = v
-    lanes = np.cumsum(full.reshape(-1, 4), axis=0)[-1]
-    return float((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+def _lane_sum(v: np.ndarray, pos: np.ndarray) -> float:
+    """Sum of ``v`` (one term per value of a chunk, at positions ``pos`` of the array) as the kernel adds
+    it: each term goes to lane ``pos % 4``, every lane sums in order, then (l0 + l1) + (l2 + l3)."""
+    lanes = [float(np.cumsum(v[pos % 4 == lane])[-1]) if np.any(pos % 4 == lane) else 0.0 for lane in range(4)]
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
 
 
 def _level(x: np.ndarray, lo: float, hi: float, inv: float) -> np.ndarray:
@@ -260,8 +269,9 @@ class IfmrStreamObserver:
         """Whether :meth:`compute_qparams` runs the exact search (few values seen so far)."""
         return self._kept is not None
 
-    def update(self, *arrays: np.ndarray) -> None:
-        """Add one batch (one or more arrays); rejects inf/NaN and changed shapes."""
+    def update(self, *arrays: np.ndarray, threads: int = 1) -> None:
+        """Add one batch (one or more arrays); rejects inf/NaN and changed shapes. ``threads`` workers
+        fill the kernel's histogram (the same bits with any number)."""
         arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrStreamObserver")
         if self._hist is None:
             kernel = resolve(self.backend) == "kernel" and hasattr(_kernels_module, "IfmrHistogram")
@@ -270,7 +280,7 @@ class IfmrStreamObserver:
             f = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
             before = self._hist.nonzero
             try:
-                self._hist.update(f, self.params.error_name)
+                self._hist.update(f, self.params.error_name, threads)
             except ValueError as e:  # the kernel's message, as the reference's QuantizationError
                 raise QuantizationError(str(e)) from None
             added = self._hist.nonzero - before

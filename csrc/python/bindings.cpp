@@ -133,10 +133,10 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
-void histogram_update(amct::IfmrHistogram& h, const py::handle& x_obj, const std::string& what) {
+void histogram_update(amct::IfmrHistogram& h, const py::handle& x_obj, const std::string& what, int threads) {
   auto x = checked<float>(x_obj, "x");
   py::gil_scoped_release release;
-  h.update(x.data(), size_of(x), what.c_str());
+  h.update(x.data(), size_of(x), what.c_str(), threads);
 }
 
 py::array histogram_losses(const amct::IfmrHistogram& h, const py::handle& clip_obj, const py::handle& lo_obj,
@@ -637,7 +637,8 @@ PYBIND11_MODULE(_kernels, m) {
   }, py::arg("start"), py::arg("end"), py::arg("step"));
   py::class_<amct::IfmrHistogram>(m, "IfmrHistogram")
       .def(py::init<std::size_t, std::size_t>(), py::arg("bins"), py::arg("top_k"))
-      .def("update", &histogram_update, py::arg("x"), py::arg("what") = "IfmrQuantWithOffset")
+      .def("update", &histogram_update, py::arg("x"), py::arg("what") = "IfmrQuantWithOffset",
+           py::arg("threads") = 1)
       .def("kth", &amct::IfmrHistogram::kth, py::arg("k"), py::arg("largest"))
       .def("losses", &histogram_losses, py::arg("clip"), py::arg("lo"), py::arg("scale"), py::arg("threads") = 1)
       .def_property_readonly("bins", &amct::IfmrHistogram::bins)

@@ -1,14 +1,17 @@
 // Streaming IFMR histogram. Every float64 expression is written in the order of the NumPy
 // reference (amct_caffe/quant/ifmr_stream.py) and the core is built without FMA contraction, so
-// the histogram (count, dev, m2), the kept extremes and kth() are bit for bit the reference's;
-// losses() sums the bins sequentially where NumPy sums pairwise (a rounding-noise difference).
+// the histogram (count, dev, m2), the kept extremes and kth() are bit for bit the reference's,
+// whatever the thread count; losses() sums the bins sequentially where NumPy sums pairwise (a
+// rounding-noise difference).
 #include "amct/ifmr_stream.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
-#include <cstring>
+#include <condition_variable>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -18,6 +21,7 @@
 
 #include "amct/common.h"
 #include "amct/ifmr.h"
+#include "amct/ifmr_fill.h"
 
 namespace amct {
 namespace {
@@ -26,15 +30,8 @@ constexpr int kMinExp = -200;
 
 std::int64_t grid_index(double v, int e) { return static_cast<std::int64_t>(std::floor(std::ldexp(v, -e))); }
 
-// floor(t) for |t| < 2^62 without a libm call (the core is built for the baseline ISA, where
-// std::floor is one): truncate, then step down where that rounded up (negative non-integers).
-inline double floor_small(double t) {
-  const auto i = static_cast<std::int64_t>(t);
-  const auto r = static_cast<double>(i);
-  return r > t ? r - 1.0 : r;
-}
-
-// trunc(t) for |t| < 2^62, likewise.
+// trunc(t) for |t| < 2^62 without a libm call (the core is built for the baseline ISA, where
+// std::trunc is one).
 inline double trunc_small(double t) { return static_cast<double>(static_cast<std::int64_t>(t)); }
 
 double level(double x, double lo, double hi, double inv) {
@@ -43,211 +40,195 @@ double level(double x, double lo, double hi, double inv) {
   return std::fabs(t - r) >= 0.5 ? r + (t > 0 ? 1.0 : (t < 0 ? -1.0 : 0.0)) : r + 0.0;
 }
 
-constexpr std::size_t kFill = 512;  // values per block of the fill (a multiple of 4)
+using ifmr_fill::BlockStats;
+using ifmr_fill::Grid;
+using ifmr_fill::kBlock;
 
-struct BlockStats {
-  std::uint32_t bad = 0;  // an inf or NaN seen
-  std::uint64_t nonzero = 0, positive = 0;
-  float max = -std::numeric_limits<float>::infinity(), min = std::numeric_limits<float>::infinity();
+// The bin of v on the grid, as ifmr_fill::block computes it (monotonic in v).
+std::int64_t bin_of(float v, const Grid& g) {
+  const double z = static_cast<double>(v) * g.inv_w - g.base_d;
+  const double t = z > 0.0 ? z : 0.0;
+  return static_cast<std::int64_t>(t < g.last_d ? t : g.last_d);
+}
+
+// pairs[2 b] += 1, pairs[2 b + 1] += dev for every entry (count and deviation in one 16-byte add).
+void scatter(double* pairs, const std::int32_t* bin, const double* dev, std::size_t n) {
+#ifdef __SSE2__
+  for (std::size_t i = 0; i < n; ++i) {
+    double* s = pairs + 2 * static_cast<std::size_t>(bin[i]);
+    _mm_storeu_pd(s, _mm_add_pd(_mm_loadu_pd(s), _mm_set_pd(dev[i], 1.0)));
+  }
+#else
+  for (std::size_t i = 0; i < n; ++i) {
+    double* s = pairs + 2 * static_cast<std::size_t>(bin[i]);
+    s[0] += 1.0;
+    s[1] += dev[i];
+  }
+#endif
+}
+
+// What one worker of a fill gathers over the chunks it fills: the parts that do not depend on order.
+struct Worker {
+  double* pairs = nullptr;  // the (count, dev) pairs of its present chunk; zero between chunks
+  BlockStats st;
+  float top_floor = 0.0f, bottom_ceil = 0.0f;  // a value must pass these to be a candidate
+  std::vector<float> top, bottom;              // candidates for the kept extremes
 };
 
-// For x[j], j < m: bin[j] = floor(x / w) - base clamped into [0, last] (exact: a power-of-two
-// scaling, then an integer below 2^53 subtracted; >= 0 inside the window, where truncation is
-// floor), dv[j] = x - centre; a zero adds 0 to one of 8 spare slots after the bins (j mod 8:
-// zeros come in runs, and one slot would chain every addition to the previous one), and
-// lane[(first + j) % 4] += dv[j]^2 in order of j. No data-dependent branch: after a ReLU half of
-// the values are zero and a branch on it would mispredict.
-void fill_block(const float* x, std::size_t m, std::size_t first, double inv_w, double base_d, double w,
-                double last_d, std::int32_t* bin, double* kp, double* dv, double* lane, BlockStats* st) {
-  const auto trash = static_cast<std::int32_t>(last_d) + 1;
-  for (std::size_t j = 0; j < m; ++j) {
-    const float v = x[j];
-    const double keep = v != 0.0f ? 1.0 : 0.0;
-    const double xd = v;
-    const double z = xd * inv_w - base_d;
-    double t = z > 0.0 ? z : 0.0;  // written so that a NaN goes to 0 and an inf to last (then refused)
-    t = std::trunc(t < last_d ? t : last_d);
-    std::uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    st->bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
-    const double g = t + base_d;
-    const double d = (xd - (g + 0.5) * w) * keep;
-    bin[j] = v != 0.0f ? static_cast<std::int32_t>(t) : trash + static_cast<std::int32_t>((first + j) & 7);
-    kp[j] = keep;
-    dv[j] = d;
-    lane[(first + j) & 3] += d * d;
-    st->nonzero += v != 0.0f;
-    st->positive += v > 0.0f;
-    st->max = std::max(st->max, v != 0.0f ? v : -std::numeric_limits<float>::infinity());
-    st->min = std::min(st->min, v != 0.0f ? v : std::numeric_limits<float>::infinity());
-  }
+// Keeps the k best of *pending (in no order) and returns the k-th, the new threshold.
+template <class Better>
+float prune(std::vector<float>* pending, std::size_t k, Better better) {
+  std::nth_element(pending->begin(), pending->begin() + static_cast<std::ptrdiff_t>(k - 1), pending->end(), better);
+  pending->resize(k);
+  return pending->back();
 }
 
-// Whether x[0..n) holds an inf or NaN (integer test of the exponent: vectorizes), and the range
-// [lo, hi] of its nonzero values (lo > hi when there is none). min and max do not depend on order.
-bool scan(const float* x, std::size_t n, float* lo, float* hi) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  std::uint32_t bad = 0;
-  float l = kInf, h = -kInf;
-  for (std::size_t j = 0; j < n; ++j) {
-    const float v = x[j];
-    std::uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
-    l = std::min(l, v == 0.0f ? kInf : v);
-    h = std::max(h, v == 0.0f ? -kInf : v);
-  }
-  *lo = l;
-  *hi = h;
-  return bad != 0;
-}
-
-// Appends the nonzero x[j] above (`above`) or below `bound` to `out`.
-void collect(const float* x, std::size_t m, float bound, bool above, std::vector<float>* out) {
-  for (std::size_t j = 0; j < m; ++j) {
-    const float v = x[j];
-    if (v != 0.0f && (above ? v > bound : v < bound)) out->push_back(v);
-  }
-}
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define AMCT_STREAM_AVX2 1
-
-// The vector paths follow the IFMR search's level (amct::ifmr_simd_level: AVX2 or better, capped by
-// set_ifmr_simd_limit, which tests lower to compare the paths).
-bool use_avx2() { return ifmr_simd_level() >= 1; }
-
-// scan eight values at a time.
-__attribute__((target("avx2"))) bool scan_avx2(const float* x, std::size_t n, float* lo, float* hi) {
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m256i expo = _mm256_set1_epi32(0x7f800000);
-  __m256i bad = _mm256_setzero_si256();
-  __m256 l = pinf, h = ninf;
-  std::size_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_loadu_ps(x + j);
-    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), expo), expo));
-    const __m256 nz = _mm256_cmp_ps(v, zero, _CMP_NEQ_OQ);
-    l = _mm256_min_ps(l, _mm256_blendv_ps(pinf, v, nz));
-    h = _mm256_max_ps(h, _mm256_blendv_ps(ninf, v, nz));
-  }
-  float tl, th;
-  bool tail_bad = scan(x + j, n - j, &tl, &th);
-  alignas(32) float ls[8], hs[8];
-  _mm256_store_ps(ls, l);
-  _mm256_store_ps(hs, h);
-  for (int k = 0; k < 8; ++k) tl = std::min(tl, ls[k]), th = std::max(th, hs[k]);
-  *lo = tl;
-  *hi = th;
-  return tail_bad || !_mm256_testz_si256(bad, bad);
-}
-
-// collect, eight values per comparison (the candidates are rare: a mask, then its set bits).
-__attribute__((target("avx2"))) void collect_avx2(const float* x, std::size_t m, float bound, bool above,
-                                                    std::vector<float>* out) {
-  const __m256 vb = _mm256_set1_ps(bound), zero = _mm256_setzero_ps();
-  std::size_t j = 0;
-  for (; j + 8 <= m; j += 8) {
-    const __m256 v = _mm256_loadu_ps(x + j);
-    const __m256 hit = _mm256_and_ps(above ? _mm256_cmp_ps(v, vb, _CMP_GT_OQ) : _mm256_cmp_ps(v, vb, _CMP_LT_OQ),
-                                     _mm256_cmp_ps(v, zero, _CMP_NEQ_OQ));
-    for (unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(hit)); bits; bits &= bits - 1) {
-      out->push_back(x[j + static_cast<std::size_t>(__builtin_ctz(bits))]);
+// Fills x[0..m) into w->pairs block by block: (a) bins and deviations, branch-free and vectorized
+// where the CPU allows; (b) the scatter; (c) the extremes, only for a block that may hold one.
+// Returns the chunk's sum of d^2 ((l0 + l1) + (l2 + l3) of the lanes) and its bin range [*b0, *b1]
+// (b0 > b1 when it holds no nonzero value).
+double fill_chunk(const float* x, std::size_t m, const Grid& g, std::size_t k, Worker* w, std::int64_t* b0,
+                  std::int64_t* b1) {
+  alignas(64) std::int32_t bin[kBlock + ifmr_fill::kSlack];
+  alignas(64) double dev[kBlock + ifmr_fill::kSlack];
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (std::size_t start = 0; start < m; start += kBlock) {
+    const std::size_t mb = std::min(kBlock, m - start);
+    const float* xb = x + start;
+    BlockStats st;
+    scatter(w->pairs, bin, dev, ifmr_fill::block(xb, mb, g, bin, dev, lane, &st));
+    w->st.bad |= st.bad;
+    w->st.nonzero += st.nonzero;
+    w->st.positive += st.positive;
+    lo = std::min(lo, st.min);
+    hi = std::max(hi, st.max);
+    // Candidates pile up until 4k, then only the k best stay (no value below those k can be among
+    // the k best of the kept and them) and the threshold rises to theirs.
+    if (st.max > w->top_floor) {
+      ifmr_fill::collect(xb, mb, w->top_floor, true, &w->top);
+      if (w->top.size() >= 4 * k) w->top_floor = std::max(w->top_floor, prune(&w->top, k, std::greater<float>()));
+    }
+    if (st.min < w->bottom_ceil) {
+      ifmr_fill::collect(xb, mb, w->bottom_ceil, false, &w->bottom);
+      if (w->bottom.size() >= 4 * k) {
+        w->bottom_ceil = std::min(w->bottom_ceil, prune(&w->bottom, k, std::less<float>()));
+      }
     }
   }
-  collect(x + j, m - j, bound, above, out);
+  w->st.min = std::min(w->st.min, lo);
+  w->st.max = std::max(w->st.max, hi);
+  *b0 = lo <= hi ? bin_of(lo, g) : 1;
+  *b1 = lo <= hi ? bin_of(hi, g) : 0;
+  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
 }
 
-// fill_block four values at a time (the same IEEE operations in the same order: the same bits).
-__attribute__((target("avx2"))) void fill_block_avx2(const float* x, std::size_t m, double inv_w, double base_d,
-                                                       double w, double last_d, std::int32_t* bin, double* kp,
-                                                       double* dv, double* lane, BlockStats* st) {
-  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0), half = _mm256_set1_pd(0.5);
-  const __m256d vinv = _mm256_set1_pd(inv_w), vbase = _mm256_set1_pd(base_d), vw = _mm256_set1_pd(w);
-  const __m256d vlast = _mm256_set1_pd(last_d);
-  const __m256d ninf = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
-  const __m256d pinf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
-  __m256d acc = _mm256_loadu_pd(lane), vmax = ninf, vmin = pinf;
-  const __m128i expo = _mm_set1_epi32(0x7f800000);
-  __m128i bad = _mm_setzero_si128();
-  const __m128i trash = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(last_d) + 1), _mm_setr_epi32(0, 1, 2, 3));
-  std::size_t j = 0;
-  for (; j + 4 <= m; j += 4) {
-    const __m128 xf = _mm_loadu_ps(x + j);
-    bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(_mm_castps_si128(xf), expo), expo));
-    const __m256d xd = _mm256_cvtps_pd(xf);
-    const __m256d nz = _mm256_cmp_pd(xd, zero, _CMP_NEQ_OQ);
-    const __m256d keep = _mm256_and_pd(nz, one);
-    __m256d t = _mm256_sub_pd(_mm256_mul_pd(xd, vinv), vbase);
-    t = _mm256_min_pd(_mm256_max_pd(t, zero), vlast);  // max_pd(NaN, 0) is 0: a NaN stays in range
-    const __m128i i = _mm256_cvttpd_epi32(t);
-    const __m128i nz32 = _mm256_cvtpd_epi32(_mm256_and_pd(nz, one));  // 1 where nonzero
-    const __m128i slot = _mm_add_epi32(trash, _mm_set1_epi32(static_cast<int>(j & 4)));
-    const __m128i where = _mm_blendv_epi8(slot, i, _mm_cmpeq_epi32(nz32, _mm_set1_epi32(1)));
-    const __m256d g = _mm256_add_pd(_mm256_cvtepi32_pd(i), vbase);
-    const __m256d d = _mm256_mul_pd(_mm256_sub_pd(xd, _mm256_mul_pd(_mm256_add_pd(g, half), vw)), keep);
-    _mm_store_si128(reinterpret_cast<__m128i*>(bin + j), where);
-    _mm256_store_pd(kp + j, keep);
-    _mm256_store_pd(dv + j, d);
-    acc = _mm256_add_pd(acc, _mm256_mul_pd(d, d));
-    st->nonzero += static_cast<unsigned>(__builtin_popcount(_mm256_movemask_pd(nz)));
-    st->positive += static_cast<unsigned>(__builtin_popcount(_mm256_movemask_pd(_mm256_cmp_pd(xd, zero, _CMP_GT_OQ))));
-    vmax = _mm256_max_pd(vmax, _mm256_blendv_pd(ninf, xd, nz));
-    vmin = _mm256_min_pd(vmin, _mm256_blendv_pd(pinf, xd, nz));
+// The occupied bins of a search (the module doc's n_b, D_b, edges a_b and e_b, centre c_b, slope).
+struct Occupied {
+  std::vector<double> n, d, a, c, e, beta;
+  double w = 0.0;
+};
+
+// The loss of candidate (s, lo, hi) over the bins (module doc), summed in bin order.
+double loss_one(const Occupied& o, double s, double lo_i, double hi_i) {
+  const double inv = 1.0 / s, w = o.w;
+  double sum = 0.0;
+  for (std::size_t b = 0; b < o.n.size(); ++b) {
+    const double la = level(o.a[b], lo_i, hi_i, inv), le = level(o.e[b], lo_i, hi_i, inv);
+    const double qa = la * s - o.c[b];
+    double total = o.n[b] * qa * qa - 2.0 * qa * o.d[b];
+    const double m = le - la;
+    if (m > 0) {
+      const double u = o.e[b] - s * 0.5 * (la + le);
+      const double k2 = s * s * (m * m * m - m) / 12.0;
+      const double su2 = m * u * u + k2;
+      const double su3 = m * u * u * u + 3.0 * u * k2;
+      total -= (2.0 * s / w) * o.n[b] * (0.5 * su2 + o.beta[b] * (0.25 * w * su2 - su3 / 6.0));
+    }
+    sum += total;
   }
-  _mm256_storeu_pd(lane, acc);
-  alignas(32) double mx[4], mn[4];
-  _mm256_store_pd(mx, vmax);
-  _mm256_store_pd(mn, vmin);
-  BlockStats tail;
-  fill_block(x + j, m - j, j, inv_w, base_d, w, last_d, bin + j, kp + j, dv + j, lane, &tail);
-  st->bad = tail.bad | static_cast<std::uint32_t>(!_mm_testz_si128(bad, bad));
-  st->nonzero += tail.nonzero;
-  st->positive += tail.positive;
-  st->max = tail.max;
-  st->min = tail.min;
-  for (int l = 0; l < 4; ++l) {
-    st->max = std::max(st->max, static_cast<float>(mx[l]));
-    st->min = std::min(st->min, static_cast<float>(mn[l]));
+  return sum;
+}
+
+constexpr std::size_t kLanes = 8;  // candidates per group of the search
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define AMCT_SEARCH_AVX512 1
+// level() for eight (lo, hi, inv) at once.
+__attribute__((target("avx512f"))) inline __m512d level8(__m512d x, __m512d lo, __m512d hi, __m512d inv) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d t = _mm512_mul_pd(_mm512_min_pd(hi, _mm512_max_pd(lo, x)), inv);
+  const __m512d r = _mm512_roundscale_pd(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask8 away = _mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_sub_pd(t, r)), _mm512_set1_pd(0.5), _CMP_GE_OQ);
+  const __m512d sign = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(t, zero, _CMP_GT_OQ),
+                                            _mm512_mask_blend_pd(_mm512_cmp_pd_mask(t, zero, _CMP_LT_OQ), zero,
+                                                                 _mm512_set1_pd(-1.0)),
+                                            one);
+  return _mm512_mask_add_pd(_mm512_add_pd(r, zero), away, r, sign);
+}
+
+// loss_one for eight candidates, one per lane: every lane does loss_one's IEEE operations in its
+// order (max(lo, x) and min(hi, x) return x on ties as std::max / std::min do; trunc keeps the
+// sign of a zero where the integer cast does not, which r + 0.0 and t - r do not see), so the
+// same bits. The per-candidate factors (1 / s, s / 2, s^2, 2 s / w) are the loop's, hoisted.
+__attribute__((target("avx512f"))) void loss_eight(const Occupied& o, const double* s8, const double* lo8,
+                                                    const double* hi8, double* out) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+  const __m512d two = _mm512_set1_pd(2.0), three = _mm512_set1_pd(3.0), twelve = _mm512_set1_pd(12.0);
+  const __m512d six = _mm512_set1_pd(6.0), quarter_w = _mm512_set1_pd(0.25 * o.w);
+  const __m512d s = _mm512_loadu_pd(s8), lo = _mm512_loadu_pd(lo8), hi = _mm512_loadu_pd(hi8);
+  const __m512d inv = _mm512_div_pd(one, s), s_half = _mm512_mul_pd(s, half), ss = _mm512_mul_pd(s, s);
+  const __m512d step = _mm512_div_pd(_mm512_mul_pd(two, s), _mm512_set1_pd(o.w));
+  __m512d sum = zero;
+  for (std::size_t b = 0; b < o.n.size(); ++b) {
+    const __m512d e = _mm512_set1_pd(o.e[b]), n = _mm512_set1_pd(o.n[b]);
+    const __m512d la = level8(_mm512_set1_pd(o.a[b]), lo, hi, inv), le = level8(e, lo, hi, inv);
+    const __m512d qa = _mm512_sub_pd(_mm512_mul_pd(la, s), _mm512_set1_pd(o.c[b]));
+    __m512d total = _mm512_sub_pd(_mm512_mul_pd(_mm512_mul_pd(n, qa), qa),
+                                  _mm512_mul_pd(_mm512_mul_pd(two, qa), _mm512_set1_pd(o.d[b])));
+    const __m512d m = _mm512_sub_pd(le, la);
+    const __mmask8 steps = _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);
+    if (steps) {
+      const __m512d u = _mm512_sub_pd(e, _mm512_mul_pd(s_half, _mm512_add_pd(la, le)));
+      const __m512d k2 = _mm512_div_pd(_mm512_mul_pd(ss, _mm512_sub_pd(_mm512_mul_pd(_mm512_mul_pd(m, m), m), m)),
+                                       twelve);
+      const __m512d mu2 = _mm512_mul_pd(_mm512_mul_pd(m, u), u);
+      const __m512d su2 = _mm512_add_pd(mu2, k2);
+      const __m512d su3 = _mm512_add_pd(_mm512_mul_pd(mu2, u), _mm512_mul_pd(_mm512_mul_pd(three, u), k2));
+      const __m512d inner = _mm512_add_pd(
+          _mm512_mul_pd(half, su2),
+          _mm512_mul_pd(_mm512_set1_pd(o.beta[b]), _mm512_sub_pd(_mm512_mul_pd(quarter_w, su2),
+                                                                 _mm512_div_pd(su3, six))));
+      total = _mm512_mask_sub_pd(total, steps, total, _mm512_mul_pd(_mm512_mul_pd(step, n), inner));
+    }
+    sum = _mm512_add_pd(sum, total);
   }
+  _mm512_storeu_pd(out, sum);
 }
 #endif
 
-// The vector path where the CPU has it (and set_ifmr_simd_limit allows it), else the portable one.
-bool scan_any(const float* x, std::size_t n, float* lo, float* hi) {
-#ifdef AMCT_STREAM_AVX2
-  if (use_avx2()) return scan_avx2(x, n, lo, hi);
+// sums[i] = loss + m2 for the kLanes candidates of a group.
+void losses_group(const Occupied& o, const double* s, const double* lo, const double* hi, double m2, double* sums) {
+#ifdef AMCT_SEARCH_AVX512
+  if (ifmr_simd_level() >= 2) {
+    loss_eight(o, s, lo, hi, sums);
+    for (std::size_t i = 0; i < kLanes; ++i) sums[i] += m2;
+    return;
+  }
 #endif
-  return scan(x, n, lo, hi);
+  for (std::size_t i = 0; i < kLanes; ++i) sums[i] = loss_one(o, s[i], lo[i], hi[i]) + m2;
 }
 
-void fill_any(const float* x, std::size_t m, double inv_w, double base_d, double w, double last_d,
-              std::int32_t* bin, double* kp, double* dv, double* lane, BlockStats* st) {
-#ifdef AMCT_STREAM_AVX2
-  if (use_avx2()) return fill_block_avx2(x, m, inv_w, base_d, w, last_d, bin, kp, dv, lane, st);
-#endif
-  fill_block(x, m, 0, inv_w, base_d, w, last_d, bin, kp, dv, lane, st);
-}
-
-void collect_any(const float* x, std::size_t m, float bound, bool above, std::vector<float>* out) {
-#ifdef AMCT_STREAM_AVX2
-  if (use_avx2()) return collect_avx2(x, m, bound, above, out);
-#endif
-  collect(x, m, bound, above, out);
-}
-
-// Keeps the k best of `kept` + `pending` (best first) in `kept`; `better` orders best first.
+// Keeps the k best of `kept` (sorted, best first) + `pending` in `kept`; `better` orders best first.
+// After a layer's first batch few values pass the thresholds: only they are sorted, then merged in.
 template <class Better>
 void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_t k, Better better) {
-  pending->insert(pending->end(), kept->begin(), kept->end());
-  if (pending->size() > k) {
-    std::nth_element(pending->begin(), pending->begin() + static_cast<std::ptrdiff_t>(k - 1), pending->end(), better);
-    pending->resize(k);
-  }
+  if (pending->size() > k) prune(pending, k, better);
   std::sort(pending->begin(), pending->end(), better);
-  kept->swap(*pending);
+  std::vector<float> merged(kept->size() + pending->size());
+  std::merge(kept->begin(), kept->end(), pending->begin(), pending->end(), merged.begin(), better);
+  if (merged.size() > k) merged.resize(k);
+  kept->swap(merged);
   pending->clear();
 }
 
@@ -261,99 +242,112 @@ IfmrHistogram::IfmrHistogram(std::size_t bins, std::size_t top_k)
   if (top_k < 1) fail("IfmrHistogram: top_k must be >= 1");
 }
 
-void IfmrHistogram::update(const float* x, std::size_t n, const char* what) {
+void IfmrHistogram::update(const float* x, std::size_t n, const char* what, int threads) {
   const std::string illegal = std::string(what) + " scale is illegal: input data contains inf or NaN";
   if (!has_grid_) {  // the first data: its range sets the grid
     float lo, hi;
-    if (scan_any(x, n, &lo, &hi)) fail(illegal);
+    if (ifmr_fill::scan(x, n, &lo, &hi)) fail(illegal);
     if (!(lo <= hi)) return;  // all zeros
     cover(lo, hi);
   }
   // One pass on the present grid; where the batch turns out to reach past it, the pass (which
   // only wrote this update's scratch) is dropped and made again on the grid that covers it.
   Pass pass;
-  while (!fill(x, n, &pass)) {
+  while (!fill(x, n, threads, &pass)) {
     if (pass.bad) fail(illegal);
     cover(pass.lo, pass.hi);
   }
   if (!pass.nonzero) return;
   const std::vector<double>& batch = *pass.batch;
-  for (std::size_t i = 0; i < count_.size(); ++i) {
-    count_[i] += batch[2 * i];
-    dev_[i] += batch[2 * i + 1];
+  for (auto b = static_cast<std::size_t>(pass.b0); b <= static_cast<std::size_t>(pass.b1); ++b) {
+    count_[b] += batch[2 * b];
+    dev_[b] += batch[2 * b + 1];
   }
-  m2_ += (pass.lane[0] + pass.lane[1]) + (pass.lane[2] + pass.lane[3]);
+  m2_ += pass.m2;
   nonzero_ += pass.nonzero;
   positive_ += pass.positive;
   keep_best(&top_, &pass.top, top_k_, std::greater<float>());
   keep_best(&bottom_, &pass.bottom, top_k_, std::less<float>());
 }
 
-// This update's (count, dev) per bin, interleaved (one cache line per value), and 8 slots for zeros:
-// scratch of the calling thread, shared by every histogram it fills (one at a time), so that the
-// many layers of a calibration model do not each hold one.
+// This update's (count, dev) per bin, interleaved (one cache line per value): scratch of the
+// calling thread, shared by every histogram it fills (one at a time), so that the many layers of a
+// calibration model do not each hold one.
 std::vector<double>& IfmrHistogram::scratch() const {
   thread_local std::vector<double> batch;
-  batch.assign(2 * (count_.size() + 8), 0.0);
+  batch.assign(2 * count_.size(), 0.0);
   return batch;
 }
 
-bool IfmrHistogram::fill(const float* x, std::size_t n, Pass* pass) {
+bool IfmrHistogram::fill(const float* x, std::size_t n, int threads, Pass* pass) {
   *pass = Pass();
   std::vector<double>& batch = scratch();
-  const double w = std::ldexp(1.0, exp_), inv_w = std::ldexp(1.0, -exp_);
-  const std::size_t k = top_k_;
-  // Candidates are values that may enter the kept extremes; when they pile up, only the k best of
-  // them are kept (no value below those k can be among the k best of the kept and them) and the
-  // threshold rises to theirs.
-  float top_floor = top_.size() == k ? top_.back() : -std::numeric_limits<float>::infinity();
-  float bottom_ceil = bottom_.size() == k ? bottom_.back() : std::numeric_limits<float>::infinity();
-  std::vector<float> scratch;
-  // Per block of kFill values: (a) bins, deviations, squares, counts, range and the finite check,
-  // branch-free and vectorized where the CPU allows; (b) the scatter into the bins; (c) the
-  // extremes, only for a block that may hold one.
-  const double base_d = static_cast<double>(base_);
-  const double last_d = static_cast<double>(count_.size() - 1);
-  alignas(32) std::int32_t bin[kFill];
-  alignas(32) double kp[kFill], dv[kFill];
+  const Grid grid{std::ldexp(1.0, -exp_), static_cast<double>(base_), std::ldexp(1.0, exp_),
+                  static_cast<double>(count_.size() - 1)};
+  const std::size_t k = top_k_, chunks = (n + kChunk - 1) / kChunk;
+  const std::size_t workers = std::max<std::size_t>(1, std::min<std::size_t>(static_cast<std::size_t>(
+                                                                                  std::max(threads, 1)), chunks));
+  // Each worker sums its chunk into its own pairs (the bins, then the trash slots of the zeros);
+  // the caller's thread keeps them from one update to the next.
+  thread_local std::vector<std::vector<double>> own;
+  if (own.size() < workers) own.resize(workers);
+  std::vector<Worker> team(workers);
+  for (std::size_t t = 0; t < workers; ++t) {
+    own[t].assign(2 * (count_.size() + ifmr_fill::kTrash), 0.0);
+    team[t].pairs = own[t].data();
+    team[t].top_floor = top_.size() == k ? top_.back() : -std::numeric_limits<float>::infinity();
+    team[t].bottom_ceil = bottom_.size() == k ? bottom_.back() : std::numeric_limits<float>::infinity();
+  }
+  // Workers take chunks in order and add each to the batch once every earlier chunk is in: the
+  // sums per bin (0 + chunk 0 + chunk 1 + ...) and of d^2 are the same whoever filled the chunks.
+  std::atomic<std::size_t> claim{0};
+  std::mutex mu;
+  std::condition_variable turn;
+  std::size_t merged = 0;  // chunks added so far (guarded by mu)
+  double m2 = 0.0;
+  std::int64_t lowest = std::numeric_limits<std::int64_t>::max(), highest = -1;  // bins touched (guarded by mu)
+  auto work = [&](Worker* w) {
+    for (std::size_t c = claim.fetch_add(1); c < chunks; c = claim.fetch_add(1)) {
+      const std::size_t first = c * kChunk;
+      std::int64_t b0, b1;
+      const double sq = fill_chunk(x + first, std::min(kChunk, n - first), grid, k, w, &b0, &b1);
+      std::unique_lock<std::mutex> lock(mu);
+      turn.wait(lock, [&] { return merged == c; });
+      lock.unlock();  // until merged moves on, no other worker touches the batch
+      for (std::int64_t b = b0; b <= b1; ++b) {
+        const auto i = 2 * static_cast<std::size_t>(b);
+        batch[i] += w->pairs[i];
+        batch[i + 1] += w->pairs[i + 1];
+        w->pairs[i] = w->pairs[i + 1] = 0.0;
+      }
+      m2 += sq;
+      if (b0 <= b1) lowest = std::min(lowest, b0), highest = std::max(highest, b1);
+      lock.lock();
+      merged = c + 1;
+      lock.unlock();
+      turn.notify_all();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work, &team[t]);
+  work(&team[0]);
+  for (auto& th : pool) th.join();
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  std::uint32_t bad = 0;
-  for (std::size_t start = 0; start < n; start += kFill) {
-    const std::size_t m = std::min(kFill, n - start);
-    const float* xb = x + start;
-    BlockStats st;
-    fill_any(xb, m, inv_w, base_d, w, last_d, bin, kp, dv, pass->lane, &st);
-    bad |= st.bad;
-    lo = std::min(lo, st.min);
-    hi = std::max(hi, st.max);
-    pass->nonzero += st.nonzero;
-    pass->positive += st.positive;
-    for (std::size_t j = 0; j < m; ++j) {
-      const auto idx = static_cast<std::size_t>(bin[j]);
-      batch[2 * idx] += kp[j];
-      batch[2 * idx + 1] += dv[j];
-    }
-    if (st.max > top_floor) {  // candidates for the kept extremes (a stale threshold only adds some)
-      collect_any(xb, m, top_floor, true, &pass->top);
-      if (pass->top.size() >= 4 * k) {
-        scratch.clear();
-        keep_best(&scratch, &pass->top, k, std::greater<float>());
-        pass->top.swap(scratch);
-        top_floor = std::max(top_floor, pass->top.back());
-      }
-    }
-    if (st.min < bottom_ceil) {
-      collect_any(xb, m, bottom_ceil, false, &pass->bottom);
-      if (pass->bottom.size() >= 4 * k) {
-        scratch.clear();
-        keep_best(&scratch, &pass->bottom, k, std::less<float>());
-        pass->bottom.swap(scratch);
-        bottom_ceil = std::min(bottom_ceil, pass->bottom.back());
-      }
-    }
+  bool bad = false;
+  for (Worker& w : team) {
+    bad |= w.st.bad;
+    lo = std::min(lo, w.st.min);
+    hi = std::max(hi, w.st.max);
+    pass->nonzero += w.st.nonzero;
+    pass->positive += w.st.positive;
+    pass->top.insert(pass->top.end(), w.top.begin(), w.top.end());
+    pass->bottom.insert(pass->bottom.end(), w.bottom.begin(), w.bottom.end());
   }
   pass->batch = &batch;
-  pass->bad = bad != 0;
+  pass->m2 = m2;
+  pass->b0 = lowest;
+  pass->b1 = highest;
+  pass->bad = bad;
   pass->lo = lo;
   pass->hi = hi;
   if (pass->bad) return false;
@@ -463,46 +457,39 @@ double IfmrHistogram::kth(std::size_t k, bool largest) const {
 std::vector<double> IfmrHistogram::losses(const float* clip, const float* lo, const float* scale, std::size_t k,
                                           int threads) const {
   // The occupied bins' edges, centres and density slopes, shared by every candidate.
-  const double w = std::ldexp(1.0, exp_);
-  std::vector<double> n, d, a, c, e, beta;
+  Occupied o;
+  o.w = std::ldexp(1.0, exp_);
+  const double w = o.w;
   for (std::size_t b = 0; b < count_.size(); ++b) {
     if (count_[b] == 0.0) continue;
     const double ab = static_cast<double>(base_ + static_cast<std::int64_t>(b)) * w;
-    n.push_back(count_[b]);
-    d.push_back(dev_[b]);
-    a.push_back(ab);
-    c.push_back(ab + 0.5 * w);
-    e.push_back(ab + w);
-    beta.push_back(std::min(std::max(12.0 * dev_[b] / (count_[b] * w * w), -2.0 / w), 2.0 / w));
+    o.n.push_back(count_[b]);
+    o.d.push_back(dev_[b]);
+    o.a.push_back(ab);
+    o.c.push_back(ab + 0.5 * w);
+    o.e.push_back(ab + w);
+    o.beta.push_back(std::min(std::max(12.0 * dev_[b] / (count_[b] * w * w), -2.0 / w), 2.0 / w));
   }
-  std::vector<double> sums(k, 0.0);
+  // Candidates in groups of kLanes (the last one padded with copies of the last candidate).
+  const std::size_t groups = (k + kLanes - 1) / kLanes;
+  std::vector<double> s(groups * kLanes), l(groups * kLanes), h(groups * kLanes), sums(groups * kLanes);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const std::size_t j = std::min(i, k - 1);
+    s[i] = scale[j];
+    l[i] = lo[j];
+    h[i] = clip[j];
+  }
   auto work = [&](std::size_t first, std::size_t last) {
-    for (std::size_t i = first; i < last; ++i) {
-      const double s = scale[i], lo_i = lo[i], hi_i = clip[i], inv = 1.0 / s;
-      double sum = 0.0;
-      for (std::size_t b = 0; b < n.size(); ++b) {
-        const double la = level(a[b], lo_i, hi_i, inv), le = level(e[b], lo_i, hi_i, inv);
-        const double qa = la * s - c[b];
-        double total = n[b] * qa * qa - 2.0 * qa * d[b];
-        const double m = le - la;
-        if (m > 0) {
-          const double u = e[b] - s * 0.5 * (la + le);
-          const double k2 = s * s * (m * m * m - m) / 12.0;
-          const double su2 = m * u * u + k2;
-          const double su3 = m * u * u * u + 3.0 * u * k2;
-          total -= (2.0 * s / w) * n[b] * (0.5 * su2 + beta[b] * (0.25 * w * su2 - su3 / 6.0));
-        }
-        sum += total;
-      }
-      sums[i] = sum + m2_;
-    }
+    for (std::size_t g = first; g < last; ++g) losses_group(o, &s[g * kLanes], &l[g * kLanes], &h[g * kLanes],
+                                                            m2_, &sums[g * kLanes]);
   };
   const std::size_t workers = std::max<std::size_t>(1, std::min<std::size_t>(static_cast<std::size_t>(
-                                                                                  std::max(threads, 1)), k));
+                                                                                  std::max(threads, 1)), groups));
   std::vector<std::thread> pool;
-  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work, k * t / workers, k * (t + 1) / workers);
-  work(0, k / workers);
+  for (std::size_t t = 1; t < workers; ++t) pool.emplace_back(work, groups * t / workers, groups * (t + 1) / workers);
+  work(0, groups / workers);
   for (auto& th : pool) th.join();
+  sums.resize(k);
   return sums;
 }
 

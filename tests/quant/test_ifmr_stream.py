@@ -13,7 +13,7 @@ import pytest
 
 from amct_caffe.quant import IfmrObserver, IfmrParams, IfmrStreamObserver, QuantizationError, ifmr_search
 from amct_caffe.quant.ifmr import _candidates, ifmr_ratios
-from amct_caffe.quant.ifmr_stream import TOP_K, IfmrHistogram
+from amct_caffe.quant.ifmr_stream import CHUNK, TOP_K, IfmrHistogram
 
 from .conftest import requires_kernels
 
@@ -151,6 +151,62 @@ def test_kernel_fills_the_references_histogram_bit_for_bit(kind, simd):
     one, two = ker.losses(clip, lo, scale, 1), ker.losses(clip, lo, scale, 2)
     assert one.tobytes() == two.tobytes()  # workers split whole candidates
     np.testing.assert_allclose(one, ref.losses(clip, lo, scale), rtol=1e-12)
+
+
+@requires_kernels
+@pytest.mark.parametrize("simd", [2, 1, 0])
+def test_kernel_fills_arrays_of_many_chunks_as_the_reference_with_any_thread_count(simd):
+    """Arrays of several chunks, summed chunk by chunk: 1, 2 and 3 workers give the reference's bits."""
+    from amct_caffe import _kernels
+    ref = new_hist("reference", 1 << 10)
+    kernels = {threads: new_hist("kernel", 1 << 10) for threads in (1, 2, 3)}
+    try:
+        _kernels.set_ifmr_simd_limit(simd)
+        for seed in range(3):  # growing, shifting batches of 5 to 6 chunks: the grid rules run too
+            b = data("relu" if seed % 2 else "outlier", 5 * CHUNK + 12_345 * seed + 3, seed) * np.float32(1 + seed)
+            ref.update(b)
+            for threads, h in kernels.items():
+                h.update(b, threads=threads)
+    finally:
+        _kernels.set_ifmr_simd_limit(2)
+    for h in kernels.values():
+        assert (h.exp, h.base, h.nonzero, h.positive) == (ref.exp, ref.base, ref.nonzero, ref.positive)
+        np.testing.assert_array_equal(h.count, ref.count)
+        assert h.dev.tobytes() == ref.dev.tobytes() and h.m2 == ref.m2
+        np.testing.assert_array_equal(h.top, ref.top)
+        np.testing.assert_array_equal(h.bottom, ref.bottom)
+
+
+@requires_kernels
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_kernel_search_gives_the_same_losses_on_every_simd_level(with_offset):
+    """The vector search (eight candidates per register) does the scalar loop's operations per lane."""
+    from amct_caffe import _kernels
+    h = new_hist("kernel", 1 << 12)
+    for seed in range(3):
+        h.update(data("skewed", 50_000, seed) * np.float32(1 + seed))
+    clip, lo, scale, _ = _candidates(IfmrParams(with_offset=with_offset), np.float32(h.kth(2, True)),
+                                     np.float32(min(h.kth(2, False), 0)), ifmr_ratios(0.7, 1.3, 0.01))
+    got = {}
+    try:
+        for simd in (2, 1, 0):
+            _kernels.set_ifmr_simd_limit(simd)
+            got[simd] = h.losses(clip, lo, scale, 2).tobytes()
+    finally:
+        _kernels.set_ifmr_simd_limit(2)
+    assert got[2] == got[1] == got[0]
+
+
+@requires_kernels
+def test_observer_factors_do_not_depend_on_the_fill_threads():
+    observers = {threads: IfmrStreamObserver(IfmrParams(), exact_limit=10_000) for threads in (1, 2)}
+    for seed in range(3):
+        b = data("skewed", 3 * CHUNK + 7, seed).reshape(-1, 1)
+        for threads, obs in observers.items():
+            obs.update(b, threads=threads)
+    one, two = (obs.compute_qparams() for obs in observers.values())
+    assert (one.scale, one.offset, one.best_index) == (two.scale, two.offset, two.best_index)
+    assert one.losses.tobytes() == two.losses.tobytes()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -160,7 +160,10 @@ class IfmrLayer(_Collector):
 
     def _collect(self, x):
         try:
-            self._observer.update(x)
+            if isinstance(self._observer, IfmrStreamObserver):  # the histogram fill splits over the free cores
+                self._observer.update(x, threads=threads.workers())
+            else:
+                self._observer.update(x)
         except QuantizationError as e:
             raise _named(self, e) from e
         except ValueError as e:  # the sample shape changed between batches

@@ -13,8 +13,12 @@ class IfmrHistogram {
   IfmrHistogram(std::size_t bins, std::size_t top_k);
 
   // Adds the nonzero values of x[0..n). Throws std::invalid_argument "<what> scale is illegal:
-  // input data contains inf or NaN" (and changes nothing) when x holds one.
-  void update(const float* x, std::size_t n, const char* what);
+  // input data contains inf or NaN" (and changes nothing) when x holds one. x is cut into chunks of
+  // kChunk values, each summed on its own and added in chunk order, so that `threads` workers
+  // (filling whole chunks) give the same bits as one.
+  void update(const float* x, std::size_t n, const char* what, int threads = 1);
+
+  static constexpr std::size_t kChunk = std::size_t{1} << 16;
 
   // k-th largest (smallest) nonzero value, 1 <= k <= nonzero: exact for k <= top_k, else
   // interpolated in its bin.
@@ -42,14 +46,15 @@ class IfmrHistogram {
   struct Pass {  // what one pass over an update's data found, before it is added
     bool bad = false;
     float lo = 0.0f, hi = 0.0f;
-    double lane[4] = {0.0, 0.0, 0.0, 0.0};  // sums of d^2 over the positions j = l (mod 4)
+    double m2 = 0.0;  // the chunks' sums of d^2, added in chunk order
+    std::int64_t b0 = 0, b1 = -1;  // the bins it touched: b0..b1
     std::uint64_t nonzero = 0, positive = 0;
     std::vector<float> top, bottom;  // candidates for the kept extremes
     const std::vector<double>* batch = nullptr;  // the (count, dev) pairs it filled (scratch())
   };
   std::vector<double>& scratch() const;
-  // One pass over x into batch_ and *pass; false when x holds an inf/NaN or reaches past the grid.
-  bool fill(const float* x, std::size_t n, Pass* pass);
+  // One pass over x into scratch() and *pass; false when x holds an inf/NaN or reaches past the grid.
+  bool fill(const float* x, std::size_t n, int threads, Pass* pass);
   void cover(double lo, double hi);
   void shift(std::int64_t base);
   void merge();
