@@ -139,6 +139,9 @@ def affine_add_relu(y: F32, a: F32, b: F32, other: F32, threads: int) -> F32:
 def add_relu(a: F32, b: F32, threads: int) -> F32:
     """maximum(a + b, 0)."""
 
+def tanhf(x: F32, threads: int) -> F32:
+    """glibc's (fdlibm's) float tanh of every element, bit for bit on any machine."""
+
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 

@@ -20,6 +20,7 @@
 #include "amct/fake_quant.h"
 #include "amct/ifmr.h"
 #include "amct/ifmr_stream.h"
+#include "amct/libm_float.h"
 #include "amct/max_pool.h"
 #include "amct/search_n.h"
 #include "amct/sgd.h"
@@ -587,6 +588,15 @@ py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, cons
   return std::move(s);
 }
 
+py::array tanhf_array(const py::handle& x_obj, int threads) {
+  auto x = checked<float>(x_obj, "x");
+  py::array_t<float> y(shape_of(x));
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::tanhf_array(x.data(), yp, size_of(x), threads);
+  return std::move(y);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -620,6 +630,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
         py::arg("threads"));
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
+  m.def("tanhf", &tanhf_array, py::arg("x"), py::arg("threads"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));

@@ -8,7 +8,7 @@ import platform
 import numpy as np
 import pytest
 
-from amct_caffe.runtime.layers.libm_float import expf, tanhf
+from amct_caffe.runtime.layers.libm_float import TANHF_KERNEL, expf, tanhf, tanhf_reference
 from amct_caffe.runtime.layers.lstm_unit import caffe_sigmoid
 
 
@@ -31,6 +31,21 @@ def test_tanhf_is_glibcs_bit_for_bit():
     with np.errstate(over="ignore"):
         want = ref(x)
     np.testing.assert_array_equal(tanhf(x).view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.skipif(TANHF_KERNEL is None, reason="the compiled kernels are not built")
+def test_tanhf_kernel_is_the_numpy_steps_on_any_machine():
+    """The C++ port equals the NumPy reference on every 4099th float32 bit pattern (NaN, infinities,
+    subnormals, both signs) and on a large array cut between 1 and 3 workers: no libm involved."""
+    patterns = np.arange(0, 2 ** 32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    got, want = TANHF_KERNEL(patterns, 1), tanhf_reference(patterns)
+    same = (got.view(np.int32) == want.view(np.int32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), patterns[~same][:5]
+    x = np.random.default_rng(4).standard_normal(300_000).astype(np.float32) * 3
+    one = TANHF_KERNEL(x, 1)
+    np.testing.assert_array_equal(one.view(np.int32), tanhf_reference(x).view(np.int32))
+    for workers in (2, 3):
+        np.testing.assert_array_equal(TANHF_KERNEL(x, workers).view(np.int32), one.view(np.int32))
 
 
 def test_tanhf_keeps_shape_and_dtype():

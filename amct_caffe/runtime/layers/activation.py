@@ -26,7 +26,7 @@ from amct_caffe.io import TEST, TRAIN
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.libm_float import libm_f32
+from amct_caffe.runtime.layers.libm_float import libm_f32, tanhf
 
 _LOG = logging.getLogger(__name__)
 _F32 = np.float32
@@ -78,8 +78,10 @@ def Sigmoid(x):
 
 
 def TanH(x):
-    """y = tanh(x)."""
-    return np.tanh(x)
+    """y = tanh(x), rounded as glibc's ``tanhf`` that Caffe's layer calls: NumPy's ``tanh`` is an ulp
+    off it for many values, enough to flip a tie downstream (an Eltwise MAX of x and tanh(x) for a
+    tiny x, where tanhf gives x itself)."""
+    return tanhf(x)
 
 
 def HardSigmoid(x, alpha=0.2, beta=0.5):

@@ -31,6 +31,13 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
+from amct_caffe.runtime import threads
+
+try:
+    from amct_caffe._kernels import tanhf as TANHF_KERNEL
+except ImportError:  # a checkout without the compiled module: the NumPy steps below
+    TANHF_KERNEL = None
+
 _F32 = np.float32
 _LN2_HI = _F32(6.9313812256e-01)   # 0x3f317180
 _LN2_LO = _F32(9.0580006145e-06)   # 0x3717f7d1
@@ -160,7 +167,15 @@ def expm1f(x: np.ndarray) -> np.ndarray:
 
 
 def tanhf(x: np.ndarray) -> np.ndarray:
-    """glibc's ``tanhf`` of a float32 array (see the module doc)."""
+    """glibc's ``tanhf`` of a float32 array (see the module doc): the C++ port of the same
+    algorithm (``csrc/src/libm_float.cpp``, about 100 times faster), else :func:`tanhf_reference`."""
+    if TANHF_KERNEL is None:
+        return tanhf_reference(x)
+    return TANHF_KERNEL(np.ascontiguousarray(x, _F32), threads.workers())
+
+
+def tanhf_reference(x: np.ndarray) -> np.ndarray:
+    """glibc's ``tanhf`` of a float32 array in NumPy, step for step (see the module doc)."""
     x = np.asarray(x, _F32)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         ax = np.abs(x)
