@@ -152,6 +152,11 @@ class Layer:
     # Flatten above it, in the Flatten's backward) leaves it reading the memory its top had before.
     holds_top_diff: bool = False
 
+    def shared_tops(self, bottom_shapes) -> list[tuple[int, int]]:
+        """Pairs of this layer's tops that Caffe points at one data memory, so that a layer working
+        in place on one changes the other (an LSTM of one step: see :mod:`.layers.recurrent`)."""
+        return []
+
     def diff_sharing(self, bottom_shapes) -> str | None:
         """How Caffe's ShareDiff ties this layer's diffs (:class:`~.backward.DiffStore`).
 

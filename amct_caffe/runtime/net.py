@@ -135,6 +135,8 @@ class Net:
             if lp.bottom and layer.shares_bottom_data(bottom_shapes):
                 for t in lp.top:
                     _union(share_parent, t, lp.bottom[0])
+            for i, j in layer.shared_tops(bottom_shapes):
+                _union(share_parent, lp.top[i], lp.top[j])
             for t, s in zip(lp.top, top_shapes, strict=False):
                 shapes[t] = tuple(s)
                 if t not in self.blobs:

@@ -1334,6 +1334,23 @@ REFUSED = [
     ("relu_two_bottoms", _net(_one("ReLU", "", bottoms=("data", "data"))), "bad"),
     ("split_no_bottom", _net(_one("Split", "", bottoms=())), "bad"),
     ("softmax_two_tops", _net(_one("Softmax", "", tops=("a", "b"))), "bad"),
+    ("flatten_axis_after_end_axis", _net(_one("Flatten", "flatten_param { axis: -2 end_axis: 0 }")), "bad"),
+    # Caffe sets every layer up before the first forward: the Concat refused at setup is reported,
+    # not the DetectionOutput before it, which aborts only in its forward (background_label_id -1
+    # with share_location)
+    ("setup_refusal_behind_a_forward_refusal",
+     _net('layer { name: "prior" type: "PriorBox" bottom: "data" bottom: "image" top: "prior" '
+          'prior_box_param { min_size: 2 } }\n'
+          'layer { name: "l" type: "Convolution" bottom: "data" top: "l" convolution_param { num_output: 4 '
+          'kernel_size: 1 } }\n'
+          'layer { name: "lf" type: "Flatten" bottom: "l" top: "lf" }\n'
+          'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 2 '
+          'kernel_size: 1 } }\n'
+          'layer { name: "cf" type: "Flatten" bottom: "c" top: "cf" }\n'
+          'layer { name: "det" type: "DetectionOutput" bottom: "lf" bottom: "cf" bottom: "prior" top: "det" '
+          'detection_output_param { num_classes: 2 background_label_id: -1 } }\n'
+          + _one("Concat", "", bottoms=("data", "lf")), shape=(1, 2, 2, 2), extra_inputs=[("image", (1, 1, 8, 8))]),
+     "bad"),
 ]
 
 # Nets this fork of Caffe runs although they are wrong: it commented out the shape checks of

@@ -314,6 +314,17 @@ KNOWN_DIFFERENCES = {
                                              'layer { name: "r" type: "ReLU" bottom: "data" top: "data" }',
     "caffemodel_zero_axis_blob": _HEAD + 'layer { name: "p" type: "PReLU" bottom: "data" top: "p" '
                                          'prelu_param { channel_shared: true } }',
+    # an LSTM of one step: its output and the exposed h_T are one memory (the output Concat of one
+    # bottom shares h_1's data), so the in-place Power changes hT too
+    "lstm_one_step_exposed_in_place": (
+        'name: "k"\n' + "".join(f'layer {{ name: "{n}" type: "Input" top: "{n}" input_param {{ shape {{ '
+                                 + " ".join(f"dim: {d}" for d in s) + " } } }\n"
+                                 for n, s in (("x", (1, 2, 3)), ("cont", (1, 2)), ("h0", (1, 2, 4)),
+                                              ("c0", (1, 2, 4))))
+        + 'layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "h0" bottom: "c0" top: "y" '
+          'top: "hT" top: "cT" recurrent_param { num_output: 4 expose_hidden: true '
+          'weight_filler { type: "uniform" min: -0.5 max: 0.5 } } }\n'
+          'layer { name: "p" type: "Power" bottom: "y" top: "y" power_param { scale: -2 shift: 0.5 } }'),
 }
 
 
@@ -335,7 +346,8 @@ def test_known_bilinear_align_corners_to_one_row(known):
     np.testing.assert_array_equal(y[:, :, 0, 0], inputs["data"][:, :, 0, 0])
 
 
-@pytest.mark.parametrize("case", ["flatten_then_in_place_relu", "split_then_in_place_scale"])
+@pytest.mark.parametrize("case", ["flatten_then_in_place_relu", "split_then_in_place_scale",
+                                  "lstm_one_step_exposed_in_place"])
 def test_known_in_place_on_shared_memory(known, case):
     workdir, results = known
     assert results[case]["status"] == "ok"

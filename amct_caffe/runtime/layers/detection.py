@@ -414,10 +414,14 @@ class DetectionOutputLayer(OpLayer):
             _check_detection_shapes(*bottom_shapes, self._kw.get("num_classes"), self._kw["share_location"])
         except ValueError as e:
             raise GraphError(f"layer '{self.name}' (DetectionOutput): {e}") from None
+        return [(1, 1, 1, 7)]
+
+    def forward(self, bottoms):
         if self._kw["share_location"] and self._kw["background_label_id"] == -1:
             # bbox_util.cpp's DecodeBBoxesAll skips label -1 (the shared locations) as background,
-            # then Forward_cpu aborts: "Could not find location predictions for label -1".
+            # then Forward_cpu (not the setup: a later layer Caffe refuses at setup is refused
+            # first) aborts: "Could not find location predictions for label -1".
             raise GraphError(f"layer '{self.name}' (DetectionOutput): share_location with "
                              "background_label_id -1 is refused by Caffe (the shared location predictions "
                              "have label -1 and are skipped as background)")
-        return [(1, 1, 1, 7)]
+        return super().forward(bottoms)

@@ -265,6 +265,12 @@ class LSTMLayer(_Recurrent):
     states = 2
     gate_factor = 4
 
+    def shared_tops(self, bottom_shapes):
+        # One step: the output Concat has one bottom and shares h_1's data, which is also the
+        # exposed h_T; the tops point at the unrolled blobs (RecurrentLayer::Reshape after
+        # unrolled_net_->Reshape; Forward_cpu), so y and hT are one memory.
+        return [(0, 1)] if self.expose and bottom_shapes[0][0] == 1 else []
+
     def _recurrent_param_shapes(self):
         return [(4 * self.hidden, self.hidden)]
 

@@ -23,6 +23,9 @@ from amct_caffe.runtime.layers.shape_common import (ShapeLayer, check_axis, elem
 # ------------------------------------------------------------------------ pure ops
 def flatten_shape(shape, axis=1, end_axis=-1):
     a, e = check_axis(axis, len(shape)), check_axis(end_axis, len(shape), "end_axis")
+    if a > e + 1:  # Caffe: count(start_axis, end_axis + 1) checks start_axis <= end_axis + 1
+        raise ValueError(f"axis {axis} (axis {a} of {len(shape)}) comes after end_axis {end_axis} (axis {e}) "
+                         "+ 1: nothing to flatten; give axis <= end_axis")
     return tuple(shape[:a]) + (element_count(shape[a:e + 1]),) + tuple(shape[e + 1:])
 
 
