@@ -99,3 +99,29 @@ def test_an_inf_in_a_handed_over_batch_is_raised_by_its_forward(tmp_path, monkey
         net.forward(data=xs[1] * np.float32(1e4))  # exp(ip) overflows to inf
     if spare:  # the drain settles and writes the layers before the failing one before raising
         assert all(name in record.read_bytes() for name in (b"conv", b"pool", b"ip"))
+
+
+def test_a_forked_child_gets_a_worker_of_its_own(tmp_path, monkeypatch):
+    """A child forked after the worker started inherits the pool but not its thread."""
+    import multiprocessing
+    from amct_caffe.runtime.layers import calibration_overlap
+
+    assert calibration_overlap._worker().submit(lambda: 1).result() == 1  # the parent's worker runs
+    xs = batches(2, seed=4)
+    inline = run(tmp_path, monkeypatch, 0, "inline", xs, n=2)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        overlapped = pool.apply_async(_child_record, (str(tmp_path), xs)).get(timeout=120)
+    assert overlapped.replace(b"child", b"inline") == inline
+
+
+def _child_record(tmp: str, xs) -> bytes:
+    from pathlib import Path
+
+    calibration.spare_cores = lambda: 1
+    record, proto = Path(tmp) / "child.txt", Path(tmp) / "child.prototxt"
+    proto.write_text(net_text(record, 2))
+    net = Net(str(proto), TEST, seed=3)
+    for x in xs:
+        net.forward(data=x)
+    return record.read_bytes()

@@ -38,14 +38,16 @@ from amct_caffe.runtime import threads
 __all__ = ["Overlap", "spare_cores"]
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
 def _worker() -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:  # one thread: tasks run in the order they were submitted
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amct-ifmr")
+        # A forked child inherits the pool but not its thread: tasks given to it would never run.
+        if _pool is None or _pool_pid != os.getpid():  # one thread: tasks run in the order submitted
+            _pool, _pool_pid = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amct-ifmr"), os.getpid()
         return _pool
 
 
