@@ -41,6 +41,17 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   value (was 3.9). What is left: the calibration model's convolutions run exact (no Winograd,
   so that records are Caffe's), about 0.3 s of CPU more than the FP32 forwards; the fill's
   0.6 s of CPU; the other steps' 0.9 s (prototxt parsing and printing, the record's text).
+* then (the IFMR fills and last-batch searches on a worker thread while the forward goes on, when
+  the BLAS threads leave a core; the same output bytes), OPENBLAS_NUM_THREADS=1, rounds interleaved
+  with main: [load 2.2-2.4] main 2.76 / 2.76 / 3.02 s = 2.50x / 2.54x / 2.99x (calibration forwards
+  2.00 / 2.01 / 2.27 s), this branch 2.09 / 2.04 / 2.45 s = 1.92x / 2.07x / 1.97x (1.28 / 1.29 /
+  1.49 s); [load 4.0-4.2, no core left over] main 1.71x / 2.98x / 3.71x (1.95 / 2.12 / 2.79 s), this
+  branch 3.70x / 2.37x / 2.64x (2.67 / 2.32 / 2.15 s): at that load the other processes hold the
+  second core and the figures swing more than the overlap moves them (calibration forwards
+  alternated in one process, overlap on / off, five rounds: 2.06-3.05 / 2.34-3.39 s, CPU 1.9-2.05 s
+  both). Peak 562-569 MiB in both. The calibration model runs no Winograd in either fold mode (its
+  BatchNorms are fused into the weights, and Winograd is only taken where a folded BatchNorm / Scale
+  already gives up Caffe's bytes): ``fold="fast"`` gives it the same blobs, records and time.
 """
 
 from __future__ import annotations

@@ -269,13 +269,19 @@ class IfmrStreamObserver:
         """Whether :meth:`compute_qparams` runs the exact search (few values seen so far)."""
         return self._kept is not None
 
+    def prepare(self) -> None:
+        """Make the histogram now (``update`` does it on first use). A caller that fills from a worker
+        thread calls it first: the histogram's state is then allocated by the calling thread, and the
+        kernel keeps it there, instead of in the worker's own malloc arena."""
+        if self._hist is None:
+            kernel = resolve(self.backend) == "kernel" and hasattr(_kernels_module, "IfmrHistogram")
+            self._hist = _kernels_module.IfmrHistogram(self.bins, TOP_K) if kernel else IfmrHistogram(self.bins)
+
     def update(self, *arrays: np.ndarray, threads: int = 1) -> None:
         """Add one batch (one or more arrays); rejects inf/NaN and changed shapes. ``threads`` workers
         fill the kernel's histogram (the same bits with any number)."""
         arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrStreamObserver")
-        if self._hist is None:
-            kernel = resolve(self.backend) == "kernel" and hasattr(_kernels_module, "IfmrHistogram")
-            self._hist = _kernels_module.IfmrHistogram(self.bins, TOP_K) if kernel else IfmrHistogram(self.bins)
+        self.prepare()
         for a in arrays:
             f = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
             before = self._hist.nonzero

@@ -73,6 +73,7 @@ class Net:
         self._records = {os.path.abspath(p): r for p, r in (records or {}).items()}
         self._record_sinks: dict[str, RecordSink] = {}
         self._input_aliases: dict[str, str] = {}
+        self.after_forward: list = []  # called at the end of every forward (layers/calibration_overlap.py)
         self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
@@ -325,6 +326,8 @@ class Net:
             else:
                 self._forward_layer(i)
                 i += 1
+        for done in self.after_forward:
+            done()
         outs = list(self.outputs) if end is None else list(self.top_names[end])
         outs += list(blobs or [])
         return {o: self.blobs[o].data for o in dict.fromkeys(outs)}

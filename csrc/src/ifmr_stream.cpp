@@ -228,7 +228,10 @@ void keep_best(std::vector<float>* kept, std::vector<float>* pending, std::size_
   std::vector<float> merged(kept->size() + pending->size());
   std::merge(kept->begin(), kept->end(), pending->begin(), pending->end(), merged.begin(), better);
   if (merged.size() > k) merged.resize(k);
-  kept->swap(merged);
+  // Copied into the kept storage (reserved at construction), not swapped: the state stays in the memory
+  // of the thread that made the histogram, whichever thread fills it (a worker's malloc arena would
+  // otherwise hold every layer's state on top of the main one's).
+  kept->assign(merged.begin(), merged.end());
   pending->clear();
 }
 
@@ -240,6 +243,8 @@ IfmrHistogram::IfmrHistogram(std::size_t bins, std::size_t top_k)
     fail("IfmrHistogram: bins must be a power of two >= 4, got " + std::to_string(bins));
   }
   if (top_k < 1) fail("IfmrHistogram: top_k must be >= 1");
+  top_.reserve(top_k);
+  bottom_.reserve(top_k);
 }
 
 void IfmrHistogram::update(const float* x, std::size_t n, const char* what, int threads) {
@@ -408,8 +413,8 @@ void IfmrHistogram::shift(std::int64_t base) {
       dev[static_cast<std::size_t>(i)] = dev_[static_cast<std::size_t>(src)];
     }
   }
-  count_.swap(count);
-  dev_.swap(dev);
+  std::copy(count.begin(), count.end(), count_.begin());  // in place, as keep_best
+  std::copy(dev.begin(), dev.end(), dev_.begin());
   base_ = base;
 }
 
@@ -428,8 +433,8 @@ void IfmrHistogram::merge() {
     count[j] += n;
     dev[j] += d + n * sh;
   }
-  count_.swap(count);
-  dev_.swap(dev);
+  std::copy(count.begin(), count.end(), count_.begin());  // in place, as keep_best
+  std::copy(dev.begin(), dev.end(), dev_.begin());
   exp_ += 1;
   base_ = new_base;
 }

@@ -31,6 +31,7 @@ from amct_caffe.quant import IfmrObserver, IfmrParams, IfmrStreamObserver, Quant
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.layers.batch_norm import ChannelStatisticsLayer, moving_average_update
+from amct_caffe.runtime.layers.calibration_overlap import Overlap, spare_cores
 from amct_caffe.runtime.layers.quant_ops import _named
 from amct_caffe.runtime.record_sink import RecordSink
 
@@ -146,6 +147,9 @@ class IfmrLayer(_Collector):
         self._observer = ifmr_observer(self.params)
         self._shape: tuple[int, ...] | None = None
         self._later_peers: list[IfmrLayer] = []
+        self._overlap: Overlap | None = None  # the Net's worker queue (calibration_overlap.py)
+        self._reads_input = False
+        self._finish_deferred = False
 
     def on_net_built(self, net, index: int) -> None:
         # IFMR layers of this net writing the same record share its sink (see RecordSink).
@@ -154,44 +158,87 @@ class IfmrLayer(_Collector):
         peers = [layer for layer in net.layers if isinstance(layer, IfmrLayer)
                  and net.record_sink(layer.record_file_path) is self._sink]
         self._later_peers = [layer for layer in peers if net.layers.index(layer) > index]
+        if isinstance(self._observer, IfmrStreamObserver):  # the exact observer stays as patched Caffe runs
+            self._overlap = Overlap.of(net)
+            bottom = self.lp.bottom[0]
+            self._reads_input = any(b in net.inputs for b in net._shared_with.get(bottom, [bottom]))  # noqa: SLF001
 
     def _finishes_next_forward(self) -> bool:
         return not self._done and self._seen + 1 == self.batch_num
 
-    def _collect(self, x):
+    def _mapped(self, e: Exception) -> Exception:
+        if isinstance(e, QuantizationError):
+            return _named(self, e)
+        return GraphError(f"layer '{self.name}' (IFMR): {e}")  # the sample shape changed between batches
+
+    def _update(self, x, n: int) -> None:
         try:
             if isinstance(self._observer, IfmrStreamObserver):  # the histogram fill splits over the free cores
-                self._observer.update(x, threads=threads.workers())
+                self._observer.update(x, threads=n)
             else:
                 self._observer.update(x)
-        except QuantizationError as e:
-            raise _named(self, e) from e
-        except ValueError as e:  # the sample shape changed between batches
-            raise GraphError(f"layer '{self.name}' (IFMR): {e}") from e
+        except (QuantizationError, ValueError) as e:
+            raise self._mapped(e) from e
+
+    def _collect(self, x):
+        spare = spare_cores() if self._overlap is not None else 0
+        finishing = self._seen + 1 == self.batch_num
+        if not spare or self._reads_input:  # the next forward writes an input in place: fill it now
+            self._update(x, threads.workers())
+        if spare and (finishing or not self._reads_input):  # on the worker while the forward goes on
+            observer, fill = self._observer, not self._reads_input
+            observer.prepare()  # its state made by this thread (see IfmrStreamObserver.prepare)
+
+            def task():
+                if fill:
+                    observer.update(x, threads=spare)
+                return observer.compute_qparams(threads=spare) if finishing else None
+            self._overlap.submit(self, task, finishing)  # settled by the Net's drain, in this order
+            self._finish_deferred = finishing
         if self._shape is None:
             self._shape = tuple(x.shape)
 
+    def _settle(self, task, finishing: bool) -> None:
+        """The drain's part (calibration_overlap.py): the task's error, or its last batch's record."""
+        try:
+            result = task.result()
+        except (QuantizationError, ValueError) as e:
+            raise self._mapped(e) from e
+        finally:
+            if finishing:
+                self._finish_deferred = False
+                self._observer.reset()
+        if finishing:
+            self._record(result)
+
     def _finish(self):
+        if self._finish_deferred:  # the drain settles it at the end of this forward
+            return
         try:
             result = self._observer.compute_qparams(threads=threads.workers())  # the cores the load leaves
         except QuantizationError as e:
             self._sink.write()  # keep what the layers before this one computed
             raise _named(self, e) from e
+        self._record(result)
+        if not any(peer._finishes_next_forward() for peer in self._later_peers):
+            self._sink.write()  # the last IFMR layer of this record to finish in this forward
+
+    def _record(self, result) -> None:
+        """Set ``result`` as the record_d of every target (the caller writes the file)."""
         c, h, w = _chw(self._shape)
         record = self._sink.get()
         for layer, index in self.targets:
             act = record.layer(layer, create=True).activation(int(index), create=True)
             act.scale_d, act.offset_d, act.num_bits_d = f32(result.scale), int(result.offset), int(self.params.num_bits)
             act.channels, act.height, act.width = c, h, w
-        if not any(peer._finishes_next_forward() for peer in self._later_peers):
-            self._sink.write()  # the last IFMR layer of this record to finish in this forward
         _LOG.info("IFMR '%s': scale_d=%.9g offset_d=%d written for %s", self.name, result.scale,
                   result.offset, [t[0] for t in self.targets])
         for layer, _ in self.targets:  # the guide's completion line (FAQ "Cannot find scale_d")
             _LOG.info("Do layer '%s' activation calibration success!", layer)
 
     def _release(self):
-        self._observer.reset()
+        if not self._finish_deferred:  # else the drain resets it, once the worker is done with it
+            self._observer.reset()
 
 
 # ------------------------------------------------------------------ SearchN
@@ -218,6 +265,11 @@ class SearchNLayer(_Collector):
         self.layers = list(p.layer_name)
         self.layer_types = list(p.layer_type) or [""] * len(self.layers)
         self._batches: list[np.ndarray] = []
+        self._overlap: Overlap | None = None
+
+    def on_net_built(self, net, index: int) -> None:
+        super().on_net_built(net, index)
+        self._overlap = Overlap.of(net)
 
     def _collect(self, x):
         self._batches.append(np.array(x, dtype=_F32, copy=True))
@@ -263,6 +315,8 @@ class SearchNLayer(_Collector):
         return deq, rows[0][2], rows[0][1].size, is_global
 
     def _finish(self):
+        if self._overlap is not None:  # the scale_d of IFMR layers settled at the end of the forward
+            self._overlap.drain()
         record = self._sink.get()
         shape = self._batches[0].shape
         deq, scale_d, n_w, is_global = self._deq(record, shape)
