@@ -300,6 +300,19 @@ class _Neuron(Layer):
         return [self.grad(dy, x, y, **self.kwargs)]
 
 
+class _ReLUNeuron(_Neuron):
+    """ReLU, whose common form (negative slope 0) may write into the Net's array (see ``prepared_forward_into``)."""
+
+    def prepared_forward_into(self, bottom_shapes):
+        if self.kwargs.get("negative_slope", 0.0) != 0 or len(bottom_shapes[0]) == 0:
+            return None
+        zero = _F32(0)
+
+        def forward(bottoms, outs):  # ReLU(x): maximum(x, 0), into outs[0] if given
+            return [np.maximum(bottoms[0], zero, out=outs[0])]
+        return forward
+
+
 class _EmptyBackward(EmptyBackward, _Neuron):
     """An activation whose Caffe ``Backward_cpu`` is an empty body (the fork's HardSigmoid, HardSwish)."""
 
@@ -313,7 +326,7 @@ def _neuron(type_name: str, fn, param_field: str | None = None, grad=None, base=
     return register(type_name)(cls)
 
 
-ReLULayer = _neuron("ReLU", ReLU, "relu_param", G.ReLU_grad)
+ReLULayer = _neuron("ReLU", ReLU, "relu_param", G.ReLU_grad, base=_ReLUNeuron)
 ReLU6Layer = _neuron("ReLU6", ReLU6, "relu6_param", G.ReLU6_grad)
 SigmoidLayer = _neuron("Sigmoid", Sigmoid, None, G.Sigmoid_grad)
 TanHLayer = _neuron("TanH", TanH, None, G.TanH_grad)
