@@ -148,3 +148,6 @@ def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
                     relu: bool, threads: int) -> F32:
     """mm ((m+2)^2, O, N*tiles) -> (N, O, Ho, Wo): A^T M A per tile, cropped, * a + b, ReLU."""
+
+def prelu(x: F32, slope: F32, threads: int) -> F32:
+    """x (N, C, ...) -> x where x > 0, else x * slope[c] (one slope: shared): multiply, then copyto where x > 0."""

@@ -681,4 +681,20 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("ulq_scale_offset", &ulq_scale_offset, py::arg("clip_max"), py::arg("clip_min"), py::arg("num_bits"));
   m.def("ulq_backward", &ulq_backward, py::arg("x"), py::arg("grad"), py::arg("clip_max"), py::arg("clip_min"),
         py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
+  m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {
+    auto x = checked<float>(x_obj, "x");
+    auto a = checked<float>(a_obj, "slope");
+    if (x.ndim() < 2) throw py::value_error("x must be (N, C, ...)");
+    const std::size_t n = static_cast<std::size_t>(x.shape(0)), c = static_cast<std::size_t>(x.shape(1));
+    const bool shared = a.size() == 1;
+    if (!shared && static_cast<std::size_t>(a.size()) != c) {
+      throw py::value_error("slope must have one value per channel, or one for all");
+    }
+    const std::size_t p = n * c ? size_of(x) / (n * c) : 0;
+    py::array_t<float> y(shape_of(x));
+    auto* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    amct::prelu(x.data(), a.data(), yp, n, c, p, shared, threads);
+    return y;
+  }, py::arg("x"), py::arg("slope"), py::arg("threads"));
 }

@@ -122,6 +122,18 @@ void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const
   });
 }
 
+void prelu(const float* x, const float* a, float* y, std::size_t n, std::size_t c, std::size_t p, bool shared,
+           int threads) {
+  parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {
+    for (std::size_t pl = first; pl < last; ++pl) {
+      const float* u = x + pl * p;
+      float* v = y + pl * p;
+      const float s = a[shared ? 0 : pl % c];
+      for (std::size_t i = 0; i < p; ++i) v[i] = u[i] > 0.0f ? u[i] : u[i] * s;
+    }
+  });
+}
+
 void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std::size_t c, std::size_t p,
                      const float* a, const float* b, int threads) {
   parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {

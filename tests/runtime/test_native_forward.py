@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.runtime import fold
-from amct_caffe.runtime.layers import conv, conv_cols, pooling
+from amct_caffe.runtime.layers import activation, conv, conv_cols, pooling
 from amct_caffe.runtime.layers.pooling import Pooling
 
 pytestmark = pytest.mark.skipif(conv_cols.IM2COL_KERNEL is None, reason="amct_caffe._kernels not built")
@@ -133,3 +133,24 @@ def test_direct_kernel_bytes_do_not_depend_on_the_thread_count():
     ys = [conv.DIRECT_KERNEL(x, w, [2, 2], [1, 1], [1, 1], out, t, b) for t in (1, 2, 3)]
     for y in ys[1:]:
         np.testing.assert_array_equal(_bits(y), _bits(ys[0]))
+
+
+@pytest.mark.skipif(activation.PRELU_KERNEL is None, reason="amct_caffe._kernels without prelu")
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shared", [False, True])
+def test_prelu_kernel_is_the_numpy_prelu(seed, shared):
+    """Slopes in (0, 1] (NumPy's maximum branch), negative, zero and above 1 (its copyto branch); NaN,
+    -0 and +0 inputs; 2 to 4 axes; one thread or several."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 4)), int(rng.integers(1, 9))) + tuple(int(v) for v in rng.integers(1, 30, seed % 3))
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[::7] = -0.0
+    x.reshape(-1)[1::11] = 0.0
+    x.reshape(-1)[2::13] = np.nan
+    if shared:
+        slope = np.array(rng.choice([0.25, -0.5, 0.0, 1.7]), np.float32).reshape(())
+    else:
+        slope = (rng.standard_normal(shape[1]) if seed % 2 else rng.uniform(0.01, 1, shape[1])).astype(np.float32)
+    want = activation.PReLU(x, slope)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(_bits(activation.PRELU_KERNEL(x, slope, threads)), _bits(want))
