@@ -154,3 +154,21 @@ def test_prelu_kernel_is_the_numpy_prelu(seed, shared):
     want = activation.PReLU(x, slope)
     for threads in (1, 3):
         np.testing.assert_array_equal(_bits(activation.PRELU_KERNEL(x, slope, threads)), _bits(want))
+
+
+@pytest.mark.skipif(not conv.DIRECT_MAX_K or not conv.caffe_gemm.exact(),
+                    reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
+@pytest.mark.parametrize("c,k,o,stride,pad",
+                         [(3, 7, 64, 2, 3), (24, 3, 48, 1, 1), (28, 3, 16, 2, 0), (10, 5, 64, 1, 2)])
+def test_direct_kernel_with_longer_spatial_contractions(c, k, o, stride, pad, monkeypatch):
+    """Kernels of several taps run direct up to K = 256 (open_nsfw's 7x7/2 conv_1 has K = 147): still the
+    bytes of the column GEMM, bias included."""
+    rng = np.random.default_rng(c * k)
+    x = rng.standard_normal((2, c, 37, 70)).astype(np.float32)
+    w = (rng.standard_normal((o, c, k, k)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    plan = conv.conv_plan(x.shape, w.shape, (stride,) * 2, (pad,) * 2, (1, 1), 1)
+    assert plan.kind == "direct"
+    got = conv.Convolution(x, w, b, stride=stride, pad=pad)
+    monkeypatch.setattr(conv, "DIRECT_KERNEL", None)
+    np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, stride=stride, pad=pad)))

@@ -71,6 +71,8 @@ except ImportError:
     DIRECT_KERNEL, DIRECT_MAX_K = None, 0
 # (K, outputs) bounds under which the direct kernel beats the column GEMM (see _direct)
 DIRECT_SHAPES = ((64, 64),)
+# ... for kernels of more than one tap (see _direct_args)
+DIRECT_SPATIAL_SHAPES = ((256, 64),)
 # Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
 DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
 # Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
@@ -119,7 +121,7 @@ def conv_plan(x_shape, w_shape, stride, pad, dilation, group) -> "ConvPlan":
     """
     key = (x_shape, w_shape, stride, pad, dilation, group, caffe_gemm.gemm_config(), COLS_BUDGET, WIDE_GEMM_PIXELS,
            WIDE_1X1_PIXELS, ROW_COLUMNS_WIDTH, ROW_COLUMNS_MAX_OUT, DEPTHWISE_KERNEL, DEPTHWISE_BIAS, DIRECT_KERNEL,
-           DIRECT_MAX_K)
+           DIRECT_MAX_K, DIRECT_SHAPES, DIRECT_SPATIAL_SHAPES)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
@@ -306,14 +308,19 @@ def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
     many outputs share each column (then the GEMM's blocking wins): :data:`DIRECT_SHAPES`, K <= 64
     with at most 64 outputs, measured in the nets (CPU time of alternating forwards): UltraFace
     9.8 ms with it, 10.9 without; on open_nsfw's 1x1 layers of K = 32 / 128 outputs and K = 128 /
-    32 outputs, which looked faster alone, the net was 2-10% slower with them. Maps narrower than
+    32 outputs, which looked faster alone, the net was 2-10% slower with them. A kernel of several
+    taps reads each input value several times from cache, and pays up to K = 256 with at most 64
+    outputs (:data:`DIRECT_SPATIAL_SHAPES`): open_nsfw's 7x7/2 conv_1 (K = 147, O = 64) 29 -> 17.5 ms
+    alone, the net (batch 8) 253 -> 231 ms; MTCNN P-Net on 240x320 (conv2, K = 90) 11.3 -> 7.7 ms; the
+    others 0.94-1.01 (alternating forwards, CPU time, load 1.5-2.7). Maps narrower than
     16 pixels waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row first). The
     bias is added in the kernel's stores.
     """
     o, ksz = w_shape[0], tuple(w_shape[2:])
     k = x_shape[1] * math.prod(ksz)
     if (DIRECT_KERNEL is None or len(x_shape) != 4 or group != 1 or not gemm.exact or gemm.same_shape
-            or k > DIRECT_MAX_K or not any(k <= kk and o <= oo for kk, oo in DIRECT_SHAPES)):
+            or k > DIRECT_MAX_K or not any(k <= kk and o <= oo for kk, oo
+                                           in (DIRECT_SHAPES if ksz == (1, 1) else DIRECT_SPATIAL_SHAPES))):
         return None
     n, c, h, w = x_shape
     if ksz == (1, 1) and stride == (1, 1) and not any(pad):  # flattened into one row
