@@ -332,6 +332,39 @@ def plain(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool
     return not blocks and _call_shape(m, n, k, caffe_mnk, trans_b, blocks) == (m, n)
 
 
+def prepared(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool = False):
+    """:func:`matmul` for (..., m, k) @ (..., k, n) operands, its decisions made once for these sizes and
+    the configuration in force: a callable ``(a, b, out=None, part=None)`` making the same numpy calls.
+
+    The caller makes a new one when the configuration may have changed (:func:`configure`).
+    """
+    blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
+    if blocks or not exact():
+        if plain(m, k, n, caffe_mnk, trans_b):
+            return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
+        return lambda a, b, out=None, part=None: matmul(a, b, caffe_mnk, trans_b=trans_b, out=out, part=part)
+    rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
+    if (rows, cols) == (m, n):
+        return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
+
+    def padded(a, b, out=None, part=None):  # matmul's zero rows / column, without blocks
+        if rows != m:
+            ap = np.zeros(a.shape[:-2] + (rows, k), np.float32)
+            ap[..., :m, :] = a
+            a = ap
+        if cols != n:
+            bp = np.zeros(b.shape[:-2] + (cols, k), np.float32).swapaxes(-1, -2) if trans_b \
+                else np.zeros(b.shape[:-1] + (cols,), np.float32)
+            bp[..., :n] = b
+            b = bp
+        y = np.matmul(a, b)[..., :m, :n]
+        if out is None:
+            return y
+        np.copyto(out, y)
+        return out
+    return padded
+
+
 def stable_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
                   part: np.ndarray | None = None) -> np.ndarray:
     """``np.matmul(a, b, out=out)`` with the same bytes for any BLAS thread count (module doc,

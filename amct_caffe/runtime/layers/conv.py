@@ -202,10 +202,12 @@ class ConvPlan:
                 self.mm = self._matmul(og, cg * kk, (min(self.chunk, n) if self.kind == "wide" else 1) * npix)
 
     def _matmul(self, m: int, k: int, n: int):
-        """np.matmul where Caffe's sums need nothing more for these operand shapes, else the GEMMs' own."""
-        if caffe_gemm.plain(m, k, n, self.gemm.caffe_mnk) and (self.kind != "wide" or self.n % self.chunk == 0):
-            return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
-        return self.gemm.matmul
+        """The GEMMs' matmul for (m x k) @ (k x n) products, prepared once (caffe_gemm.prepared): np.matmul
+        itself where Caffe's sums need nothing more. (A batch of wide GEMMs whose last chunk is narrower
+        keeps the general one.)"""
+        if self.kind == "wide" and self.n % self.chunk:
+            return self.gemm.matmul
+        return caffe_gemm.prepared(m, k, n, self.gemm.caffe_mnk)
 
     def columns(self, xb, batch_last=False):
         if self.rows:
