@@ -697,4 +697,28 @@ PYBIND11_MODULE(_kernels, m) {
     amct::prelu(x.data(), a.data(), yp, n, c, p, shared, threads);
     return y;
   }, py::arg("x"), py::arg("slope"), py::arg("threads"));
+  m.def("direct_conv2d_affine", [](const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
+                                   std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
+                                   const py::object& scale_obj, const py::object& bias_obj, bool relu) {
+    auto x = checked<float>(x_obj, "x", 4);
+    auto w = checked<float>(w_obj, "weight", 4);
+    if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
+    auto g = geometry_2d(x, {static_cast<int>(w.shape(2)), static_cast<int>(w.shape(3))}, stride, pad, dilation, out);
+    const int o = static_cast<int>(w.shape(0));
+    py::array_t<float> scale, bias;
+    for (auto [obj, arr, name] : {std::tuple{&scale_obj, &scale, "scale"}, std::tuple{&bias_obj, &bias, "bias"}}) {
+      if (obj->is_none()) continue;
+      *arr = checked<float>(*obj, name, 1);
+      if (arr->shape(0) != o) throw py::value_error(std::string(name) + " must have one value per output channel");
+    }
+    const float* sp = scale_obj.is_none() ? nullptr : scale.data();
+    const float* bp = bias_obj.is_none() ? nullptr : bias.data();
+    py::array_t<float> y(std::vector<py::ssize_t>{x.shape(0), static_cast<py::ssize_t>(o),
+                                                  static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+    auto* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads, sp, bp, relu);
+    return y;
+  }, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"), py::arg("dilation"), py::arg("out"),
+     py::arg("threads"), py::arg("scale"), py::arg("bias"), py::arg("relu"));
 }

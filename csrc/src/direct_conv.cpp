@@ -62,7 +62,7 @@ Phases split(const float* x, const Conv2dGeometry& g) {
 
 __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g,
                                              int o, std::size_t img, std::size_t first, std::size_t last,
-                                             const float* bias) {
+                                             const float* scale, const float* bias, bool relu) {
   const int taps = g.kh * g.kw, k = g.c * taps;
   const int oblocks = (o + kOut - 1) / kOut;
   std::vector<const float*> src(static_cast<std::size_t>(k));
@@ -98,10 +98,19 @@ __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad,
         for (int b = 0; b < kOut && ob * kOut + b < o; ++b) {
           const std::size_t at = ((img * o + ob * kOut + b) * g.ho + oy) * g.wo + ox;
           __m512 v0 = _mm512_add_ps(a0[b], zero), v1 = _mm512_add_ps(a1[b], zero);
+          if (scale) {
+            const __m512 sv = _mm512_set1_ps(scale[ob * kOut + b]);
+            v0 = _mm512_mul_ps(v0, sv);
+            v1 = _mm512_mul_ps(v1, sv);
+          }
           if (bias) {
             const __m512 bv = _mm512_set1_ps(bias[ob * kOut + b]);
             v0 = _mm512_add_ps(v0, bv);
             v1 = _mm512_add_ps(v1, bv);
+          }
+          if (relu) {  // numpy_relu: v where !(v <= 0) (v > 0 or NaN), else +0
+            v0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v0, zero, _CMP_NLE_UQ), v0);
+            v1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v1, zero, _CMP_NLE_UQ), v1);
           }
           _mm512_mask_storeu_ps(y + at, m0, v0);
           if (m1) _mm512_mask_storeu_ps(y + at + 16, m1, v1);
@@ -117,6 +126,11 @@ bool direct_conv_available() { return cpu_has_avx512f(); }
 
 void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
                    const float* bias) {
+  direct_conv2d(x, w, y, g, o, threads, nullptr, bias, false);
+}
+
+void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
+                   const float* scale, const float* bias, bool relu) {
   if (!direct_conv_available()) throw std::invalid_argument("direct_conv2d needs an AVX-512 CPU");
   if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
       g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0 || o <= 0 ||
@@ -136,7 +150,7 @@ void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometr
   for (int img = 0; img < g.n; ++img) {
     const Phases p = split(x + static_cast<std::size_t>(img) * g.c * g.h * g.w, g);
     parallel_for(static_cast<std::size_t>(g.ho), threads, [&](std::size_t first, std::size_t last) {
-      rows(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, bias);
+      rows(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, scale, bias, relu);
     });
   }
 }

@@ -172,3 +172,27 @@ def test_direct_kernel_with_longer_spatial_contractions(c, k, o, stride, pad, mo
     got = conv.Convolution(x, w, b, stride=stride, pad=pad)
     monkeypatch.setattr(conv_plan, "DIRECT_KERNEL", None)
     np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, stride=stride, pad=pad)))
+
+
+@pytest.mark.skipif(conv_plan.DIRECT_AFFINE_KERNEL is None or not conv_plan.DIRECT_MAX_K
+                    or not conv_plan.caffe_gemm.exact(), reason="direct kernel needs AVX-512")
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_kernel_epilogue_is_the_separate_pass(seed):
+    """A folded chain's epilogue applied in the direct kernel's stores (ConvPlan.fused): the bytes of the
+    convolution followed by fold._affine (scale and / or bias, ReLU; NaN and zeros in the input)."""
+    rng = np.random.default_rng(seed)
+    c, k, o, stride, pad = [(3, 7, 64, 2, 3), (16, 1, 32, 1, 0), (8, 3, 24, 1, 1), (6, 3, 32, 2, 0)][seed % 4]
+    x = rng.standard_normal((2, c, 48, 61)).astype(np.float32)
+    x[0, 0, :3] = 0.0
+    x[1, 0, 5, 7] = np.nan
+    w = (rng.standard_normal((o, c, k, k)) * 0.2).astype(np.float32)
+    scale = rng.standard_normal(o).astype(np.float32) if seed % 2 else None
+    bias = rng.standard_normal(o).astype(np.float32) if seed % 3 else None
+    relu = seed % 4 != 3
+    plan = conv_plan.conv_plan(x.shape, w.shape, (stride,) * 2, (pad,) * 2, (1, 1), 1)
+    assert plan.kind == "direct"
+    got = plan.fused(x, w, scale, bias, relu)
+    want = conv.Convolution(x, w, None, stride=stride, pad=pad)
+    with np.errstate(invalid="ignore"):
+        fold._affine(want, scale, bias, relu)
+    np.testing.assert_array_equal(_bits(got), _bits(want))

@@ -47,6 +47,10 @@ try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes 
     DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
 except ImportError:
     DIRECT_KERNEL, DIRECT_MAX_K = None, 0
+try:  # ... with a folded chain's epilogue applied as it stores (see ConvPlan.fused)
+    from amct_caffe._kernels import direct_conv2d_affine as DIRECT_AFFINE_KERNEL
+except ImportError:
+    DIRECT_AFFINE_KERNEL = None
 # (K, outputs) bounds under which the direct kernel beats the column GEMM (see _direct)
 DIRECT_SHAPES = ((64, 64),)
 # ... for kernels of more than one tap (see _direct_args)
@@ -233,6 +237,21 @@ class ConvPlan:
             y += np.asarray(bias, np.float32).reshape((o,) + (1,) * self.nsp)
         return y
 
+    def fused(self, x: np.ndarray, weight: np.ndarray, scale, bias, relu: bool) -> np.ndarray | None:
+        """The convolution (no bias) followed by a folded chain's epilogue, ``y * scale[o] + bias[o]`` and
+        NumPy's ReLU (each if given), where this plan runs the direct kernel: it maps each value as it
+        stores it, one pass less over the output than ``fold._affine`` after :meth:`__call__`, the same
+        float32 roundings. None elsewhere (the caller then makes the two passes)."""
+        if self.empty or self.kind != "direct" or DIRECT_AFFINE_KERNEL is None:
+            return None
+        if self.tail is not None:
+            x = np.pad(x, self.tail)
+        flat, stride, pad, dilation, grid, macs = self.direct
+        x = np.ascontiguousarray(x)
+        y = DIRECT_AFFINE_KERNEL(x if flat is None else x.reshape(flat), np.ascontiguousarray(weight), stride, pad,
+                                 dilation, grid, _workers(macs), _vector(scale), _vector(bias), relu)
+        return y if flat is None else y.reshape((x.shape[0], self.o) + self.out)
+
     def _columns_conv(self, x, weight, kind):
         n, o, group, cg, kk = self.n, self.o, self.group, self.cg, self.kk
         npix = math.prod(self.grid)
@@ -309,6 +328,10 @@ def _direct(x, weight, args, out, bias):
     x = np.ascontiguousarray(x)
     y = DIRECT_KERNEL(x if flat is None else x.reshape(flat), w4, stride, pad, dilation, grid, _workers(macs), b)
     return y if flat is None else y.reshape((x.shape[0], weight.shape[0]) + tuple(out))
+
+
+def _vector(v):
+    return None if v is None else np.ascontiguousarray(v, np.float32).reshape(-1)
 
 
 def _workers(macs: int) -> int:
