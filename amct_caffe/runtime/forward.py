@@ -29,6 +29,17 @@ from amct_caffe.errors import GraphError
 _F32 = np.dtype(np.float32)
 
 
+def _sole_refcount() -> int:
+    """What sys.getrefcount says of an array held by one slot and read into a local, as _into_step reads a
+    blob's (3 on CPython 3.11: the slot, the local, the argument), measured rather than assumed."""
+    holder = [np.empty(1, np.float32)]
+    local = holder[0]
+    return sys.getrefcount(local)
+
+
+_SOLE_REFS = _sole_refcount()
+
+
 def forward_layer(net, i: int, reshape: bool = True) -> tuple:
     """Run layer ``i`` of ``net`` as Caffe's Layer::Forward (Reshape, then Forward_cpu); returns the
     shapes of the arrays it produced. ``reshape`` False: the shapes are known not to have changed."""
@@ -207,8 +218,7 @@ def _into_step(into, bottom, top, shape: tuple, name: str, top_name: str):
     """
     def step():
         old = top.data
-        # references: the blob, `old`, getrefcount's argument
-        if sys.getrefcount(old) > 3 or old.shape != shape or old.base is not None or old.dtype != _F32 \
+        if sys.getrefcount(old) > _SOLE_REFS or old.shape != shape or old.base is not None or old.dtype != _F32 \
                 or not old.flags.c_contiguous:
             old = None
         (arr,) = into([bottom.data], [old])
