@@ -142,9 +142,7 @@ def _careful(net, i: int, shapes, dynamic: bool) -> bool:
     return (dynamic or layer.shape_from_forward or layer.integer_params or layer.holds_top_diff
             or any(net._plan.loss_weights[i])  # noqa: SLF001
             or any(t in bottom_names and t in net._shared_with for t in top_names)  # noqa: SLF001
-            or shapes is None or len(shapes) != len(top_names)
-            or (bool(bottom_names) and bool(top_names)
-                and layer.diff_sharing([net.blobs[b].shape for b in bottom_names]) == "reshape"))
+            or shapes is None or len(shapes) != len(top_names))
 
 
 def _chain_step(net, chain, reshape: bool):
@@ -172,10 +170,22 @@ def _layer_step(net, i: int, shapes: tuple, dynamic: bool):
     layer = net.layers[i]
     name = net._layer_names[i]  # noqa: SLF001
     bottom_names, top_names = net.bottom_names[name], net.top_names[name]
-    if bottom_names and top_names and layer.diff_sharing([net.blobs[b].shape for b in bottom_names]) == "reshape":
-        dynamic = True  # Caffe's Reshape re-ties the diffs on every forward (DiffStore.share)
     if _careful(net, i, shapes, dynamic):
         return lambda: forward_layer(net, i, reshape=dynamic)
+    step = _fast_layer_step(net, i, shapes)
+    if bottom_names and top_names and layer.diff_sharing([net.blobs[b].shape for b in bottom_names]) == "reshape":
+        # Caffe's Reshape (and a one-bottom Concat, a one-top Slice) re-ties the diffs on every forward
+        def share_then_step():
+            net._share_diffs(i, "reshape")  # noqa: SLF001
+            step()
+        return share_then_step
+    return step
+
+
+def _fast_layer_step(net, i: int, shapes: tuple):
+    layer = net.layers[i]
+    name = net._layer_names[i]  # noqa: SLF001
+    bottom_names, top_names = net.bottom_names[name], net.top_names[name]
     # an in-place top may change shape (MVN): the full path does not check those either
     expect = [None if t in bottom_names else s for t, s in zip(top_names, shapes, strict=True)]
     bottoms = [net.blobs[b] for b in bottom_names]

@@ -136,3 +136,49 @@ def test_share_with_and_copy_from_reach_the_prepared_steps(proto, tmp_path):
     c.forward(data=x)
     a.forward(data=x)
     assert c.blobs["prob"].data.tobytes() == a.blobs["prob"].data.tobytes()
+
+
+TRAINED = '''
+name: "diffs"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "shape" type: "Reshape" bottom: "conv" top: "r" reshape_param { shape { dim: 0 dim: 4 dim: -1 } } }
+layer { name: "flat" type: "Flatten" bottom: "r" top: "f" }
+layer { name: "cat" type: "Concat" bottom: "f" top: "c" }
+layer { name: "relu" type: "ReLU" bottom: "c" top: "c" }
+layer { name: "fc" type: "InnerProduct" bottom: "c" top: "fc"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+'''
+
+
+def test_forward_backward_rounds_match_the_full_path(tmp_path, monkeypatch):
+    """Forward / backward rounds (the diffs Caffe's Reshape and one-bottom Concat re-tie on every forward,
+    after the Flatten's backward tied its bottom to its top; an in-place ReLU on the Concat's top): every
+    blob's data and diff as with the full path each time."""
+    from amct_caffe.runtime import forward
+
+    p = tmp_path / "diffs.prototxt"
+    p.write_text(TRAINED)
+    rng = np.random.default_rng(7)
+    rounds = [(rng.standard_normal((2, 3, 6, 6)).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32))
+              for _ in range(3)]
+
+    def run():
+        net = Net(str(p), TEST)
+        for x, dy in rounds:
+            net.forward(data=x)
+            net.backward(fc=dy)
+        return {k: (b.data.copy(), b.diff.copy()) for k, b in net.blobs.items()}, \
+            {k: [b.diff.copy() for b in v] for k, v in net.params.items()}
+
+    got = run()
+    monkeypatch.setattr(forward, "prepare", lambda net, produced: [lambda: forward.run(net, 0, len(net.layers))])
+    want = run()
+    for name, (data, diff) in want[0].items():
+        assert got[0][name][0].tobytes() == data.tobytes(), name
+        assert got[0][name][1].tobytes() == diff.tobytes(), name
+    for name, diffs in want[1].items():
+        for a, b in zip(got[1][name], diffs, strict=True):
+            assert a.tobytes() == b.tobytes(), name
