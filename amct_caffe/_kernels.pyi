@@ -148,3 +148,13 @@ def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
                     relu: bool, threads: int) -> F32:
     """mm ((m+2)^2, O, N*tiles) -> (N, O, Ho, Wo): A^T M A per tile, cropped, * a + b, ReLU."""
+
+def prelu(x: F32, slope: F32, threads: int) -> F32:
+    """x (N, C, ...) -> x where x > 0, else x * slope[c] (one slope: shared): multiply, then copyto where x > 0."""
+
+def direct_conv2d_affine(
+    x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
+    scale: F32 | None, bias: F32 | None, relu: bool,
+) -> F32:
+    """direct_conv2d, each stored value then * scale[o], + bias[o], maximum(v, 0) (each if given): the bytes
+    of the convolution followed by channel_affine."""

@@ -57,6 +57,19 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   detector runs it 0.56-0.66; MTCNN's nets on one 12x12 / 24x24 input stay slower than Caffe (P-Net
   12x12 11.6x, R-Net 1.4x, L-Net 1.5x, CPU; main 14.9x, 1.8x, 1.6x): Caffe runs such a layer in
   about a microsecond, the executor's Python costs 10-20 us per layer.
+* prepared forward steps (runtime/forward.py: per-layer parameters parsed, convolution plans and GEMM
+  decisions made once per input shape), PReLU in one vectorized C++ pass, direct convolutions for
+  spatial kernels up to K = 256, the folded epilogue in the direct kernel, Softmax over a short last
+  axis from slices; ``--models all``, two rounds each interleaved with main [load 3.1-3.3], wall (CPU
+  within 0.02): open_nsfw 0.53-0.54 -> 0.49-0.50, UltraFace slim-320 0.58-0.61 -> 0.48-0.50, RFB-320
+  0.67 -> 0.50-0.53, MiniNet-SSD 0.64-0.65 -> 0.53-0.59, LeNet 0.65-0.66 -> 0.67, MTCNN as the detector
+  runs it 0.51-0.62 -> 0.16-0.38; on one small input P-Net 12.4 -> 4.4-4.8x, R-Net 1.36-1.42 ->
+  0.56-0.58, O-Net 0.74 -> 0.36-0.43, L-Net 1.41-1.54 -> 0.77-0.78. Per lever (CPU time of
+  alternating forwards): the steps and plans UltraFace 8.3-8.5 -> 6.6-7.2 ms, P-Net 12x12 0.23 -> 0.10
+  ms; direct conv_1 open_nsfw 254 -> 230 ms, P-Net 240x320 11.2 -> 7.7 ms; the PReLU kernel L-Net
+  2.2 -> 1.2 ms (both), Softmax UltraFace 0.39 -> 0.11 ms of the scores layer. Not kept: the
+  convolution kernels also writing an out-of-place ReLU's top as they store (UltraFace 9.2 -> 11.5 ms:
+  that ReLU reads its input from cache anyway, and the second store stream slowed the direct kernel).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers.batch_norm import _std, global_moments
 from amct_caffe.runtime.layers import winograd
 from amct_caffe.runtime.layers.conv import Convolution
+from amct_caffe.runtime.layers.conv_plan import conv_plan
 from amct_caffe.runtime.layers.eltwise import SUM
 
 try:  # csrc/src/conv_cols.cpp; the NumPy lines beside each call are its reference
@@ -157,6 +158,11 @@ class Chain:
             m = winograd.tile_size(ho, wo)
             return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu), relu
         fast = self.mode is FoldMode.FAST and affine
+        if (fast or not affine) and x.ndim == 4:  # the epilogue in the direct kernel's stores, where it runs
+            a, b = channel_affine(affine, bias, weight.shape[0]) if fast else (None, bias)
+            y = conv_plan(x.shape, weight.shape, stride, pad, dilation, group).fused(x, weight, a, b, relu)
+            if y is not None:
+                return y, relu
         y = Convolution(x, weight, None if fast else bias, stride=stride, pad=pad, dilation=dilation,
                         group=group)
         shape = (-1,) + (1,) * (y.ndim - 2)

@@ -123,6 +123,24 @@ class Layer:
     def forward(self, bottoms: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
+    def prepared_forward(self, bottom_shapes: list[tuple[int, ...]]):
+        """A callable equal to :meth:`forward` for bottoms of these shapes (after :meth:`reshape` for them).
+
+        The Net's prepared steps (:mod:`.forward`) call it on every forward while the shapes stay the
+        same; a layer whose forward re-derives much from its parameters on each call returns one that
+        did that work here, once. It must read learned blobs at call time (``self.blobs[i].data``):
+        solvers, ``share_with`` and ``copy_from`` replace or rewrite them between forwards.
+        """
+        return self.forward
+
+    def prepared_forward_into(self, bottom_shapes: list[tuple[int, ...]]):
+        """None, or a callable ``(bottoms, outs) -> tops`` equal to :meth:`forward` that may write top ``i``
+        into ``outs[i]`` when that is an array (C-contiguous float32 of the top's shape, which no one else
+        holds) and must allocate it when ``outs[i]`` is None. The Net's prepared steps offer the top's
+        array of the previous forward (:mod:`.forward`), which saves the page faults of fresh memory.
+        """
+        return None
+
     # -- training -----------------------------------------------------------------------
     def backward(self, top_diffs: list[np.ndarray], propagate_down: list[bool],
                  bottoms: list[np.ndarray], tops: list[np.ndarray]) -> list[np.ndarray | None]:

@@ -32,6 +32,7 @@ from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
+from amct_caffe.runtime import forward
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
@@ -171,6 +172,7 @@ class Net:
         for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
             self._share_diffs(i, "reshape")
         self._loss = 0.0
+        self._steps, self._steps_key = None, None  # forward.prepare's, for these input shapes
         for i, layer in enumerate(self.layers):
             layer.on_net_built(self, i)
 
@@ -317,63 +319,22 @@ class Net:
         adapt_threads()  # BLAS threads follow the machine's load (runtime/threads.py)
         self._loss = 0.0
         span = self._range(start, end)
-        i = span.start
-        while i < span.stop:
-            chain = self._chains.get(i)
-            if chain is not None and chain.last < span.stop:  # a chain cut by start / end runs unfolded
-                self._forward_chain(chain)
-                i = chain.last + 1
+        if len(span) == len(self.layers):
+            key = tuple(self.blobs[t].shape for t in self.inputs)
+            if self._steps is not None and self._steps_key == key:
+                for step in self._steps:  # the prepared steps of forward.py: same shapes as last time
+                    step()
             else:
-                self._forward_layer(i)
-                i += 1
+                produced = [None] * len(self.layers)
+                forward.run(self, 0, len(self.layers), produced)
+                self._steps, self._steps_key = forward.prepare(self, produced), key
+        else:
+            forward.run(self, span.start, span.stop)
         for done in self.after_forward:
             done()
         outs = list(self.outputs) if end is None else list(self.top_names[end])
         outs += list(blobs or [])
         return {o: self.blobs[o].data for o in dict.fromkeys(outs)}
-
-    def _forward_layer(self, i: int) -> None:
-        layer = self.layers[i]
-        name = self._layer_names[i]
-        if layer.type == "Input":
-            return
-        self._reshape_layer(i)
-        self._share_diffs(i, "reshape")  # Caffe's Layer::Forward calls Reshape, which may ShareDiff
-        if layer.holds_top_diff:
-            self._held_top_diff[i] = self._diffs.memory_of(self.top_names[name][0])
-        bottoms = [self.blobs[b].data for b in self.bottom_names[name]]
-        tops = layer.forward(bottoms)
-        in_place = self.bottom_names[name]
-        for t, arr in zip(self.top_names[name], tops, strict=False):
-            blob = self.blobs[t]
-            # An in-place top may legitimately change shape (Caffe's MVN reshapes to 4 axes).
-            if arr.shape != blob.shape and not (layer.shape_from_forward or t in in_place):
-                raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {blob.shape}")
-            # Blobs are float32, except an INT8 layer's exact float64 accumulator (deploy model), which
-            # goes on to its DeQuant unrounded.
-            keep = arr.dtype == np.float32 or (layer.integer_params and arr.dtype == np.float64)
-            blob.data = arr if keep else arr.astype(np.float32)
-            if t in in_place and t in self._shared_with:
-                # Caffe's ShareData: the in-place write lands in memory other blobs are views of
-                for other in self._shared_with[t]:
-                    if other != t and self.blobs[other].count == blob.count:
-                        self.blobs[other].data = blob.data.reshape(self.blobs[other].shape)
-        for t, w in zip(self.top_names[name], self._plan.loss_weights[i], strict=False):
-            if w:  # Caffe's Layer::Forward: loss += dot(top data, loss weights)
-                self._loss += float(np.float32(w) * np.sum(self.blobs[t].data, dtype=np.float32))
-
-    def _forward_chain(self, chain) -> None:
-        """A Convolution or Eltwise and the in-place layers after it as one step (:mod:`.fold`)."""
-        for i in range(chain.first, chain.last + 1):
-            self._reshape_layer(i)
-        name = self._layer_names[chain.first]
-        other = None
-        if chain.residual is not None:  # the Eltwise's other bottom
-            other = self.blobs[self.bottom_names[self._layer_names[chain.residual]][chain.other]].data
-        tops = chain.forward([self.blobs[b].data for b in self.bottom_names[name]], other)
-        self.blobs[self.top_names[name][0]].data = tops[0]
-        if chain.residual is not None:  # the Eltwise's top
-            self.blobs[self.top_names[self._layer_names[chain.last]][0]].data = tops[1]
 
     # ---------------------------------------------------------------- training
     @property
@@ -515,6 +476,7 @@ class Net:
                 self._setup_params(layer, bottom_shapes, arrays, True)
                 self._shapes_seen[i] = None
         finally:
+            self._steps = None  # the prepared forward may hold what the new weights change
             self._weights_file = saved_source
 
     def save(self, path) -> None:

@@ -681,4 +681,44 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("ulq_scale_offset", &ulq_scale_offset, py::arg("clip_max"), py::arg("clip_min"), py::arg("num_bits"));
   m.def("ulq_backward", &ulq_backward, py::arg("x"), py::arg("grad"), py::arg("clip_max"), py::arg("clip_min"),
         py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
+  m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {
+    auto x = checked<float>(x_obj, "x");
+    auto a = checked<float>(a_obj, "slope");
+    if (x.ndim() < 2) throw py::value_error("x must be (N, C, ...)");
+    const std::size_t n = static_cast<std::size_t>(x.shape(0)), c = static_cast<std::size_t>(x.shape(1));
+    const bool shared = a.size() == 1;
+    if (!shared && static_cast<std::size_t>(a.size()) != c) {
+      throw py::value_error("slope must have one value per channel, or one for all");
+    }
+    const std::size_t p = n * c ? size_of(x) / (n * c) : 0;
+    py::array_t<float> y(shape_of(x));
+    auto* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    amct::prelu(x.data(), a.data(), yp, n, c, p, shared, threads);
+    return y;
+  }, py::arg("x"), py::arg("slope"), py::arg("threads"));
+  m.def("direct_conv2d_affine", [](const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
+                                   std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
+                                   const py::object& scale_obj, const py::object& bias_obj, bool relu) {
+    auto x = checked<float>(x_obj, "x", 4);
+    auto w = checked<float>(w_obj, "weight", 4);
+    if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
+    auto g = geometry_2d(x, {static_cast<int>(w.shape(2)), static_cast<int>(w.shape(3))}, stride, pad, dilation, out);
+    const int o = static_cast<int>(w.shape(0));
+    py::array_t<float> scale, bias;
+    for (auto [obj, arr, name] : {std::tuple{&scale_obj, &scale, "scale"}, std::tuple{&bias_obj, &bias, "bias"}}) {
+      if (obj->is_none()) continue;
+      *arr = checked<float>(*obj, name, 1);
+      if (arr->shape(0) != o) throw py::value_error(std::string(name) + " must have one value per output channel");
+    }
+    const float* sp = scale_obj.is_none() ? nullptr : scale.data();
+    const float* bp = bias_obj.is_none() ? nullptr : bias.data();
+    py::array_t<float> y(std::vector<py::ssize_t>{x.shape(0), static_cast<py::ssize_t>(o),
+                                                  static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+    auto* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads, sp, bp, relu);
+    return y;
+  }, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"), py::arg("dilation"), py::arg("out"),
+     py::arg("threads"), py::arg("scale"), py::arg("bias"), py::arg("relu"));
 }

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from amct_caffe.errors import GraphError
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime.blob import Blob
-from amct_caffe.runtime.layers import conv
+from amct_caffe.runtime.layers import conv, conv_plan
 from amct_caffe.runtime.layers.conv import Convolution, ConvolutionLayer, Deconvolution, DeconvolutionLayer
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 
@@ -126,11 +126,11 @@ def test_deconvolution_matches_loops(shape, o, k, s, p, d, g):
 def test_gemm_layouts_and_batch_chunks_agree(monkeypatch, wide, budget, rows, stride, pad, dilation):
     """Per-image or one wide GEMM, whole batch or one image at a time, tap-by-tap or whole-row
     columns: same numbers."""
-    from amct_caffe.runtime.layers import conv
-    monkeypatch.setattr(conv, "WIDE_GEMM_PIXELS", wide)
-    monkeypatch.setattr(conv, "COLS_BUDGET", budget)
-    monkeypatch.setattr(conv, "ROW_COLUMNS_WIDTH", rows)
-    monkeypatch.setattr(conv, "ROW_COLUMNS_MAX_OUT", rows)
+    from amct_caffe.runtime.layers import conv_plan
+    monkeypatch.setattr(conv_plan, "WIDE_GEMM_PIXELS", wide)
+    monkeypatch.setattr(conv_plan, "COLS_BUDGET", budget)
+    monkeypatch.setattr(conv_plan, "ROW_COLUMNS_WIDTH", rows)
+    monkeypatch.setattr(conv_plan, "ROW_COLUMNS_MAX_OUT", rows)
     x = rand(3, 4, 6, 7)
     w = rand(6, 2, 3, 3)
     b = rand(6)
@@ -143,9 +143,9 @@ def test_gemm_layouts_and_batch_chunks_agree(monkeypatch, wide, budget, rows, st
 @pytest.mark.parametrize("stride,dilation", [((1, 1), (1, 1)), ((2, 1), (1, 2)), ((1, 1), (2, 1))])
 def test_depthwise_chunks_agree(monkeypatch, budget, rows, stride, dilation):
     """Whole batch, one image, or a few channels of one image per chunk: same numbers."""
-    from amct_caffe.runtime.layers import conv
-    monkeypatch.setattr(conv, "COLS_BUDGET", budget)
-    monkeypatch.setattr(conv, "ROW_COLUMNS_WIDTH", rows)
+    from amct_caffe.runtime.layers import conv_plan
+    monkeypatch.setattr(conv_plan, "COLS_BUDGET", budget)
+    monkeypatch.setattr(conv_plan, "ROW_COLUMNS_WIDTH", rows)
     x = rand(2, 5, 7, 6)
     w = rand(5, 1, 3, 3)
     b = rand(5)
@@ -350,7 +350,7 @@ def test_deploy_integer_convolution_agrees_with_caffes_loops(shape, k, s, p, d, 
     np.testing.assert_array_equal(got, ref_conv(x, w, b, (s, s), p, (d, d), g))
 
 
-@pytest.mark.skipif(conv.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
+@pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
 @pytest.mark.parametrize("seed", range(12))
 def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatch):
     """The C++ depthwise loops (one FMA per tap, in tap order) against the NumPy path they replace."""
@@ -365,7 +365,7 @@ def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatc
     weight = rng.standard_normal((c, 1, kh, kw)).astype(np.float32)
     bias = rng.standard_normal(c).astype(np.float32)
     fast = conv.Convolution(x, weight, bias, stride=stride, pad=pad, dilation=dilation, group=c)
-    monkeypatch.setattr(conv, "DEPTHWISE_KERNEL", None)
+    monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
     ref = conv.Convolution(x, weight, bias, stride=stride, pad=pad, dilation=dilation, group=c)
     assert fast.shape == ref.shape
     if kh * kw == 4 and fast[0, 0].size <= 1024:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.runtime import fold
-from amct_caffe.runtime.layers import conv, conv_cols, pooling
+from amct_caffe.runtime.layers import activation, conv, conv_cols, conv_plan, pooling
 from amct_caffe.runtime.layers.pooling import Pooling
 
 pytestmark = pytest.mark.skipif(conv_cols.IM2COL_KERNEL is None, reason="amct_caffe._kernels not built")
@@ -83,22 +83,22 @@ def test_wide_1x1_gives_the_per_image_bytes(stride, monkeypatch):
     w = rng.standard_normal((16, 24, 1, 1)).astype(np.float32)
     b = rng.standard_normal(16).astype(np.float32)
     wide = conv.Convolution(x, w, b, stride=stride)
-    monkeypatch.setattr(conv, "WIDE_1X1_PIXELS", 0)
+    monkeypatch.setattr(conv_plan, "WIDE_1X1_PIXELS", 0)
     np.testing.assert_array_equal(_bits(wide), _bits(conv.Convolution(x, w, b, stride=stride)))
 
 
-@pytest.mark.skipif(not conv.DEPTHWISE_BIAS, reason="depthwise kernel without the bias argument")
+@pytest.mark.skipif(not conv_plan.DEPTHWISE_BIAS, reason="depthwise kernel without the bias argument")
 def test_depthwise_bias_in_the_kernel_is_the_numpy_add(monkeypatch):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 5, 11, 12)).astype(np.float32)
     w = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
     b = rng.standard_normal(5).astype(np.float32)
     got = conv.Convolution(x, w, b, pad=1, group=5)
-    monkeypatch.setattr(conv, "DEPTHWISE_BIAS", False)
+    monkeypatch.setattr(conv_plan, "DEPTHWISE_BIAS", False)
     np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, pad=1, group=5)))
 
 
-@pytest.mark.skipif(not conv.DIRECT_MAX_K or not conv.caffe_gemm.exact(),
+@pytest.mark.skipif(not conv_plan.DIRECT_MAX_K or not conv_plan.caffe_gemm.exact(),
                     reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
 @pytest.mark.parametrize("seed", range(12))
 def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
@@ -114,22 +114,85 @@ def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
     if seed % 3 == 0:  # a 1x1 stride-1 layer: flattened planes
         w, s, p, d = w[:, :, :1, :1].copy(), (1, 1), (0, 0), (1, 1)
     calls = []
-    real = conv.DIRECT_KERNEL
-    monkeypatch.setattr(conv, "DIRECT_KERNEL", lambda *a: calls.append(1) or real(*a))
+    real = conv_plan.DIRECT_KERNEL
+    monkeypatch.setattr(conv_plan, "DIRECT_KERNEL", lambda *a: calls.append(1) or real(*a))
     got = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
-    monkeypatch.setattr(conv, "DIRECT_KERNEL", None)
+    monkeypatch.setattr(conv_plan, "DIRECT_KERNEL", None)
     want = conv.Convolution(x, w, stride=s, pad=p, dilation=d)
-    assert calls or got.shape[3] < 16 or conv.caffe_gemm.conv_gemms(o, got[0, 0].size, w[0].size).same_shape
+    assert calls or got.shape[3] < 16 or conv_plan.caffe_gemm.conv_gemms(o, got[0, 0].size, w[0].size).same_shape
     np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
-@pytest.mark.skipif(not conv.DIRECT_MAX_K, reason="direct kernel needs AVX-512")
+@pytest.mark.skipif(not conv_plan.DIRECT_MAX_K, reason="direct kernel needs AVX-512")
 def test_direct_kernel_bytes_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((2, 3, 61, 83)).astype(np.float32)
     w = rng.standard_normal((11, 3, 3, 3)).astype(np.float32)
     b = rng.standard_normal(11).astype(np.float32)
     out = [conv.conv_out_size(61, 3, 2, 1, 1), conv.conv_out_size(83, 3, 2, 1, 1)]
-    ys = [conv.DIRECT_KERNEL(x, w, [2, 2], [1, 1], [1, 1], out, t, b) for t in (1, 2, 3)]
+    ys = [conv_plan.DIRECT_KERNEL(x, w, [2, 2], [1, 1], [1, 1], out, t, b) for t in (1, 2, 3)]
     for y in ys[1:]:
         np.testing.assert_array_equal(_bits(y), _bits(ys[0]))
+
+
+@pytest.mark.skipif(activation.PRELU_KERNEL is None, reason="amct_caffe._kernels without prelu")
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shared", [False, True])
+def test_prelu_kernel_is_the_numpy_prelu(seed, shared):
+    """Slopes in (0, 1] (NumPy's maximum branch), negative, zero and above 1 (its copyto branch); NaN,
+    -0 and +0 inputs; 2 to 4 axes; one thread or several."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 4)), int(rng.integers(1, 9))) + tuple(int(v) for v in rng.integers(1, 30, seed % 3))
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[::7] = -0.0
+    x.reshape(-1)[1::11] = 0.0
+    x.reshape(-1)[2::13] = np.nan
+    if shared:
+        slope = np.array(rng.choice([0.25, -0.5, 0.0, 1.7]), np.float32).reshape(())
+    else:
+        slope = (rng.standard_normal(shape[1]) if seed % 2 else rng.uniform(0.01, 1, shape[1])).astype(np.float32)
+    want = activation.PReLU(x, slope)
+    for threads in (1, 3):
+        np.testing.assert_array_equal(_bits(activation.PRELU_KERNEL(x, slope, threads)), _bits(want))
+
+
+@pytest.mark.skipif(not conv_plan.DIRECT_MAX_K or not conv_plan.caffe_gemm.exact(),
+                    reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
+@pytest.mark.parametrize("c,k,o,stride,pad",
+                         [(3, 7, 64, 2, 3), (24, 3, 48, 1, 1), (28, 3, 16, 2, 0), (10, 5, 64, 1, 2)])
+def test_direct_kernel_with_longer_spatial_contractions(c, k, o, stride, pad, monkeypatch):
+    """Kernels of several taps run direct up to K = 256 (open_nsfw's 7x7/2 conv_1 has K = 147): still the
+    bytes of the column GEMM, bias included."""
+    rng = np.random.default_rng(c * k)
+    x = rng.standard_normal((2, c, 37, 70)).astype(np.float32)
+    w = (rng.standard_normal((o, c, k, k)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    plan = conv_plan.conv_plan(x.shape, w.shape, (stride,) * 2, (pad,) * 2, (1, 1), 1)
+    assert plan.kind == "direct"
+    got = conv.Convolution(x, w, b, stride=stride, pad=pad)
+    monkeypatch.setattr(conv_plan, "DIRECT_KERNEL", None)
+    np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, stride=stride, pad=pad)))
+
+
+@pytest.mark.skipif(conv_plan.DIRECT_AFFINE_KERNEL is None or not conv_plan.DIRECT_MAX_K
+                    or not conv_plan.caffe_gemm.exact(), reason="direct kernel needs AVX-512")
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_kernel_epilogue_is_the_separate_pass(seed):
+    """A folded chain's epilogue applied in the direct kernel's stores (ConvPlan.fused): the bytes of the
+    convolution followed by fold._affine (scale and / or bias, ReLU; NaN and zeros in the input)."""
+    rng = np.random.default_rng(seed)
+    c, k, o, stride, pad = [(3, 7, 64, 2, 3), (16, 1, 32, 1, 0), (8, 3, 24, 1, 1), (6, 3, 32, 2, 0)][seed % 4]
+    x = rng.standard_normal((2, c, 48, 61)).astype(np.float32)
+    x[0, 0, :3] = 0.0
+    x[1, 0, 5, 7] = np.nan
+    w = (rng.standard_normal((o, c, k, k)) * 0.2).astype(np.float32)
+    scale = rng.standard_normal(o).astype(np.float32) if seed % 2 else None
+    bias = rng.standard_normal(o).astype(np.float32) if seed % 3 else None
+    relu = seed % 4 != 3
+    plan = conv_plan.conv_plan(x.shape, w.shape, (stride,) * 2, (pad,) * 2, (1, 1), 1)
+    assert plan.kind == "direct"
+    got = plan.fused(x, w, scale, bias, relu)
+    want = conv.Convolution(x, w, None, stride=stride, pad=pad)
+    with np.errstate(invalid="ignore"):
+        fold._affine(want, scale, bias, relu)
+    np.testing.assert_array_equal(_bits(got), _bits(want))

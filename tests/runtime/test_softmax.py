@@ -68,3 +68,22 @@ def test_softmax_golden(case, bottom, top):
     lay.reshape([x.shape])
     err, allowed = compare(top, lay.forward([x])[0], z)
     assert err <= 2e-7 <= allowed
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_short_last_axis_path_gives_the_reference_bytes(n):
+    """The layer's slice-wise path for a last axis of at most 7 values is :func:`Softmax` bit for bit
+    (numpy sums such an axis value after value); 8 values keep the reference."""
+    from amct_caffe.runtime.layers.softmax import SHORT_AXIS, softmax_short_last_axis
+
+    x = (RNG.standard_normal((2, 37, n)) * 8).astype(np.float32)
+    x[0, 0] = np.inf
+    x[1, 1, 0] = -np.inf
+    x[1, 2, 0] = np.nan
+    lay = layer(-1)
+    lay.reshape([x.shape])
+    with np.errstate(invalid="ignore"):  # inf - inf, as in Caffe
+        want = Softmax(x, axis=-1)
+        if n <= SHORT_AXIS:
+            np.testing.assert_array_equal(softmax_short_last_axis(x).view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(lay.forward([x])[0].view(np.uint32), want.view(np.uint32))

@@ -23,10 +23,18 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST, TRAIN
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
 from amct_caffe.runtime.layers.libm_float import libm_f32, tanhf
+
+try:  # csrc/src/conv_cols.cpp: PReLU in one pass; the PReLU function below is its reference
+    from amct_caffe._kernels import prelu as PRELU_KERNEL
+except ImportError:
+    PRELU_KERNEL = None
+# Below this many values PReLU runs on one thread.
+THREADED_PRELU = 1 << 18
 
 _LOG = logging.getLogger(__name__)
 _F32 = np.float32
@@ -300,6 +308,19 @@ class _Neuron(Layer):
         return [self.grad(dy, x, y, **self.kwargs)]
 
 
+class _ReLUNeuron(_Neuron):
+    """ReLU, whose common form (negative slope 0) may write into the Net's array (see ``prepared_forward_into``)."""
+
+    def prepared_forward_into(self, bottom_shapes):
+        if self.kwargs.get("negative_slope", 0.0) != 0 or len(bottom_shapes[0]) == 0:
+            return None
+        zero = _F32(0)
+
+        def forward(bottoms, outs):  # ReLU(x): maximum(x, 0), into outs[0] if given
+            return [np.maximum(bottoms[0], zero, out=outs[0])]
+        return forward
+
+
 class _EmptyBackward(EmptyBackward, _Neuron):
     """An activation whose Caffe ``Backward_cpu`` is an empty body (the fork's HardSigmoid, HardSwish)."""
 
@@ -313,7 +334,7 @@ def _neuron(type_name: str, fn, param_field: str | None = None, grad=None, base=
     return register(type_name)(cls)
 
 
-ReLULayer = _neuron("ReLU", ReLU, "relu_param", G.ReLU_grad)
+ReLULayer = _neuron("ReLU", ReLU, "relu_param", G.ReLU_grad, base=_ReLUNeuron)
 ReLU6Layer = _neuron("ReLU6", ReLU6, "relu6_param", G.ReLU6_grad)
 SigmoidLayer = _neuron("Sigmoid", Sigmoid, None, G.Sigmoid_grad)
 TanHLayer = _neuron("TanH", TanH, None, G.TanH_grad)
@@ -446,8 +467,12 @@ class PReLULayer(Layer):
 
     def forward(self, bottoms):
         # Caffe copies the input of an in-place PReLU for its backward; ours is never overwritten
-        self._x = bottoms[0]
-        return [PReLU(bottoms[0], self.blobs[0].data)]
+        x = self._x = bottoms[0]
+        slope = self.blobs[0].data
+        if PRELU_KERNEL is not None and x.dtype == _F32 and x.flags.c_contiguous and slope.dtype == _F32 \
+                and slope.flags.c_contiguous:  # one C++ pass, the bytes of PReLU's NumPy
+            return [PRELU_KERNEL(x, slope, threads.workers() if x.size >= THREADED_PRELU else 1)]
+        return [PReLU(x, slope)]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = dy * ((x > 0) + a_c * (x <= 0)); slope diff += sum dy * x * (x <= 0) per channel."""

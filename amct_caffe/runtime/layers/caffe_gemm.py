@@ -284,14 +284,7 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
         if k > UNKNOWN_BLAS_K_BLOCK:
             return _blocked_matmul(a, b, _driver_blocks(k, UNKNOWN_BLAS_K_BLOCK, True), out, part)
         return np.matmul(a, b, out=out)
-    caffe_small = is_small(*caffe_mnk, trans_b=trans_b)
-    kmin = k
-    if blocks:
-        kmin = min(e - s for s, e in zip((0,) + blocks[:-1], blocks, strict=True))
-    rows, cols = max(m, 2), max(n, 2)
-    if not caffe_small and is_small(rows, cols, kmin, trans_b):
-        rows = max(rows, SMALL_GEMM_MNK // (cols * kmin) + 1,
-                   SMALL_GEMM_TN_MAX_MN // cols + 1 if trans_b else 0)
+    rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if not blocks and (rows, cols) == (m, n):
         return np.matmul(a, b, out=out)
     if rows != m:
@@ -313,6 +306,63 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     if y is not out:
         np.copyto(out, y)
     return out
+
+
+def _call_shape(m: int, n: int, k: int, caffe_mnk, trans_b: bool, blocks) -> tuple[int, int]:
+    """(rows, columns) :func:`matmul` gives a product of (m x k) @ (k x n): padded so that numpy sends
+    it to neither ``sgemv`` nor, where Caffe's call is not small, a small-matrix kernel."""
+    caffe_small = is_small(*caffe_mnk, trans_b=trans_b)
+    kmin = k
+    if blocks:
+        kmin = min(e - s for s, e in zip((0,) + blocks[:-1], blocks, strict=True))
+    rows, cols = max(m, 2), max(n, 2)
+    if not caffe_small and is_small(rows, cols, kmin, trans_b):
+        rows = max(rows, SMALL_GEMM_MNK // (cols * kmin) + 1,
+                   SMALL_GEMM_TN_MAX_MN // cols + 1 if trans_b else 0)
+    return rows, cols
+
+
+def plain(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool = False) -> bool:
+    """Whether :func:`matmul` of (..., m, k) @ (..., k, n) operands is ``np.matmul`` itself (no K blocks,
+    no padding) under the configuration in force: a caller that makes the same product many times
+    may then skip these decisions."""
+    blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
+    if not blocks and not exact():
+        return k <= UNKNOWN_BLAS_K_BLOCK
+    return not blocks and _call_shape(m, n, k, caffe_mnk, trans_b, blocks) == (m, n)
+
+
+def prepared(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool = False):
+    """:func:`matmul` for (..., m, k) @ (..., k, n) operands, its decisions made once for these sizes and
+    the configuration in force: a callable ``(a, b, out=None, part=None)`` making the same numpy calls.
+
+    The caller makes a new one when the configuration may have changed (:func:`configure`).
+    """
+    blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
+    if blocks or not exact():
+        if plain(m, k, n, caffe_mnk, trans_b):
+            return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
+        return lambda a, b, out=None, part=None: matmul(a, b, caffe_mnk, trans_b=trans_b, out=out, part=part)
+    rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
+    if (rows, cols) == (m, n):
+        return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
+
+    def padded(a, b, out=None, part=None):  # matmul's zero rows / column, without blocks
+        if rows != m:
+            ap = np.zeros(a.shape[:-2] + (rows, k), np.float32)
+            ap[..., :m, :] = a
+            a = ap
+        if cols != n:
+            bp = np.zeros(b.shape[:-2] + (cols, k), np.float32).swapaxes(-1, -2) if trans_b \
+                else np.zeros(b.shape[:-1] + (cols,), np.float32)
+            bp[..., :n] = b
+            b = bp
+        y = np.matmul(a, b)[..., :m, :n]
+        if out is None:
+            return y
+        np.copyto(out, y)
+        return out
+    return padded
 
 
 def stable_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,

@@ -18,308 +18,37 @@ An output size of 0 gives an empty top (count 0), as Caffe's Blob::Reshape allow
 a net whose blobs held data before (see ``blob.check_not_empty_at_build``, which the Net applies
 when it is built).
 
-Execution strategy (speed matters: calibration runs models many times). Everything is float32;
-the columns (im2col) are built in cache-sized chunks (``COLS_BUDGET`` floats) inside reused
-scratch buffers, one strided copy per kernel tap:
-
-* 1x1 kernels without padding: the (strided) input already is the column matrix; one GEMM per
-  (image, group) through ``np.matmul``, or for maps under ``WIDE_1X1_PIXELS`` pixels one wide GEMM
-  per group on the images side by side (the input and output transposed);
-* depthwise (``group == C == O``): columns per chunk of images x channels, contracted per
-  channel as a stack of ``(1 x prod(k)) @ (prod(k) x P)`` products (Caffe runs C tiny GEMMs
-  here). Against a loop over the taps with one vectorised multiply-add each, this is as fast
-  on large stride-1 maps of one image and up to 2.7x faster on small maps (call overhead),
-  strided taps (slow gathers) and batches (the tap loop streams the blob ``2*prod(k)`` times);
-* other convolutions: ``(C/g*prod(k), P)`` columns and one GEMM per (image, group); maps under
-  ``WIDE_GEMM_PIXELS`` pixels put the images of a batch side by side instead, one wide GEMM
-  ``(O/g x K) @ (K x N*P)`` per group, as narrow GEMMs run far below peak;
-* narrow stride-1 2-D maps (``Wo < ROW_COLUMNS_WIDTH``) with few outputs per group (depthwise,
-  detection heads) gather whole padded rows per tap (:func:`conv_cols.im2row`, one long copy instead of
-  ``Ho`` short ones) and crop the extra columns after the GEMM.
-
-The GEMMs are made by :class:`caffe_gemm.ConvGemms` (one :func:`caffe_gemm.conv_gemms` per
-convolution), which sums them in the order Caffe's OpenBLAS does, so that the float32 outputs are
-Caffe's bit for bit where the two OpenBLAS builds share their kernels (AVX-512), and says which of
-the layouts above keep Caffe's sums (the wide GEMMs and row grids do unless Caffe's call runs in a
-small-matrix kernel) and how the depthwise products are made.
+How a convolution is computed (its layout, GEMMs and C++ kernels, chosen once per shape) is
+:mod:`.conv_plan`'s.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime import threads
-from amct_caffe.runtime.layers import caffe_gemm, conv_grad
-from amct_caffe.runtime.layers.conv_cols import im2col, im2col_2d, im2row, padded, scratch, tap_slices
+from amct_caffe.runtime.layers import conv_grad
+from amct_caffe.runtime.layers.conv_cols import per_axis
+from amct_caffe.runtime.layers.conv_plan import conv_out_size, conv_plan
+from amct_caffe.runtime.layers.deconv import Deconvolution, deconv_out_size
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
 
-try:  # the C++ depthwise loops (csrc/src/depthwise.cpp); the NumPy path below is their reference
-    from amct_caffe._kernels import depthwise_conv2d as DEPTHWISE_KERNEL
-except ImportError:
-    DEPTHWISE_KERNEL = None
-try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes of numpy's GEMM (see _direct)
-    from amct_caffe._kernels import direct_conv2d as DIRECT_KERNEL
-    from amct_caffe._kernels import direct_conv_available, direct_conv_max_k
-    DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
-except ImportError:
-    DIRECT_KERNEL, DIRECT_MAX_K = None, 0
-# (K, outputs) bounds under which the direct kernel beats the column GEMM (see _direct)
-DIRECT_SHAPES = ((64, 64),)
-# Builds before the bias argument took none (y += bias then runs in NumPy: the same bytes).
-DEPTHWISE_BIAS = DEPTHWISE_KERNEL is not None and "bias" in (DEPTHWISE_KERNEL.__doc__ or "")
-# Below this many multiply-adds a depthwise convolution runs on one thread (starting more costs more).
-DEPTHWISE_THREADED_MACS = 1 << 21
-
-# ------------------------------------------------------------------------ pure kernels
-def _tuple(v, n: int, default: int) -> tuple[int, ...]:
-    if v is None:
-        return (default,) * n
-    if isinstance(v, (int, np.integer)):
-        return (int(v),) * n
-    v = tuple(int(e) for e in v)
-    if len(v) == 1:
-        return v * n
-    if len(v) != n:
-        raise ValueError(f"expected 1 or {n} values, got {len(v)}")
-    return v
-
-
-# im2col is done for as many images at once as fit in this many floats (4 MB): large enough
-# for few Python-level calls, small enough to stay in the last-level cache until the GEMM.
-COLS_BUDGET = 1 << 20
-# Below this many output pixels per image, a batch is convolved by one wide GEMM.
-WIDE_GEMM_PIXELS = 1024
-# ... for 1x1 kernels, whose per-image GEMMs need no columns (the wide one needs the input and the
-# output transposed): measured on ResNet-50's 1x1 layers (batch 8), wide pays at 7x7 (-20..-27%), not at 14x14.
-WIDE_1X1_PIXELS = 128
-# Stride-1 2-D maps narrower than this, with at most ROW_COLUMNS_MAX_OUT outputs per group,
-# gather whole padded rows per tap (see _im2row).
-ROW_COLUMNS_WIDTH = 32
-ROW_COLUMNS_MAX_OUT = 16
-
-
-def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
-    """base_conv_layer.cpp's compute_output_shape, in C++ int arithmetic (truncating division)."""
-    num = size + 2 * pad - (dilation * (k - 1) + 1)
-    q = abs(num) // stride
-    return (q if num >= 0 else -q) + 1
-
-
-def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
-    return stride * (size - 1) + dilation * (k - 1) + 1 - 2 * pad
+__all__ = ["Convolution", "ConvolutionLayer", "Deconvolution", "DeconvolutionLayer", "conv_out_size", "deconv_out_size"]
 
 
 def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802 - Caffe type name
     """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc."""
     x = np.asarray(x, np.float32)
     weight = np.asarray(weight, np.float32)
-    n, c = x.shape[:2]
     nsp = x.ndim - 2
-    o = weight.shape[0]
-    ksz = weight.shape[2:]
-    stride, pad, dilation = _tuple(stride, nsp, 1), _tuple(pad, nsp, 0), _tuple(dilation, nsp, 1)
-    if c % group or o % group or weight.shape[1] * group != c:
-        raise ValueError(f"weight {weight.shape} does not fit {c} input channels in {group} group(s)")
-    out = tuple(conv_out_size(s, k, st, p, d)
-                for s, k, st, p, d in zip(x.shape[2:], ksz, stride, pad, dilation, strict=True))
-    if min(out, default=1) < 0:
-        raise ValueError(f"convolution output size {list(out)} is negative: input {x.shape[2:]}, kernel {ksz}")
-    if 0 in out:  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
-        return np.zeros((n, o) + out, np.float32)
-    # With C's truncating division the last window may reach past the padded input (a kernel
-    # wider than it, an odd stride): im2col reads zeros there, so extend the input with zeros.
-    tail = tuple(max(0, (o_ - 1) * st + d * (k - 1) + 1 - (s + 2 * p))
-                 for s, k, st, p, d, o_ in zip(x.shape[2:], ksz, stride, pad, dilation, out, strict=True))
-    if any(tail):
-        x = np.pad(x, ((0, 0), (0, 0)) + tuple((0, t) for t in tail))
-    cg = c // group
-    kk = math.prod(ksz)
-    w = weight.reshape(group, o // group, -1)
-    depthwise = group == c == o
-    # Caffe's GEMM per image and group, C (O/g x P) = W (O/g x K) @ cols (K x P): `gemm` makes the
-    # products below sum like it and says which of the layouts keep its sums (caffe_gemm.ConvGemms).
-    gemm = caffe_gemm.conv_gemms(o // group, math.prod(out), cg * kk, depthwise=depthwise)
-    direct = _direct(x, weight, stride, pad, dilation, out, group, gemm, bias)
-    if direct is not None:
-        y, bias = direct, None
-    elif all(k == 1 for k in ksz) and not any(pad) and group != c:
-        # 1x1: the (strided) input already is the column matrix; one GEMM per (image, group)
-        xs = x[(slice(None), slice(None))
-               + tuple(slice(None, (e - 1) * st + 1, st) for e, st in zip(out, stride, strict=True))]
-        npix = math.prod(out)
-        if npix < WIDE_1X1_PIXELS and n > 1 and gemm.wide:
-            # small maps: the images side by side, (g, C/g, N*P), one wide GEMM per group
-            cols = scratch("cols", (group, cg, n, npix))
-            np.copyto(cols, xs.reshape(n, group, cg, npix).transpose(1, 2, 0, 3))
-            yb = gemm.matmul(w, cols.reshape(group, cg, n * npix)).reshape(group, o // group, n, npix)
-            y = np.empty((n, group, o // group, npix), np.float32)
-            np.copyto(y, yb.transpose(2, 0, 1, 3))
-            y = y.reshape((n, o) + out)
-        else:
-            if any(st > 1 for st in stride):
-                cols = scratch("cols", xs.shape)
-                np.copyto(cols, xs)
-            else:
-                cols = np.ascontiguousarray(x)
-            y = gemm.matmul(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
-    else:
-        # Narrow stride-1 2-D maps: whole-row columns (see _im2row); the GEMMs then run on a
-        # (Ho, Wp) grid whose extra columns are dropped at the end. That extra GEMM work only
-        # pays off when each column feeds few outputs (depthwise, small O/g).
-        rows = (nsp == 2 and stride == (1, 1) and out[1] < ROW_COLUMNS_WIDTH and kk > 1
-                and o // group <= ROW_COLUMNS_MAX_OUT and gemm.row_grid)
-        grid = (out[0], x.shape[3] + 2 * pad[1]) if rows else out
-        npix = math.prod(grid)
-
-        def columns(xb, batch_last=False):
-            if rows:
-                return im2row(xb, ksz, pad, dilation, out[0], batch_last)
-            if nsp == 2:
-                return im2col_2d(xb, ksz, stride, pad, dilation, out, batch_last)
-            return im2col(padded(xb, pad), ksz, stride, dilation, out, batch_last)
-
-        if depthwise and nsp == 2 and DEPTHWISE_KERNEL is not None:
-            # One fused multiply-add per tap in tap order, as Caffe's (1 x T) @ (T x P) small-kernel sgemm
-            # sums: the same bytes as the products below, 4-6x faster (no columns, no GIL).
-            workers = threads.workers() if n * c * kk * math.prod(out) >= DEPTHWISE_THREADED_MACS else 1
-            args = (np.ascontiguousarray(x), np.ascontiguousarray(weight.reshape((c,) + ksz)),
-                    list(stride), list(pad), list(dilation), list(out), workers)
-            if bias is not None and DEPTHWISE_BIAS:  # the bias added to each sum in the same pass
-                y = DEPTHWISE_KERNEL(*args, np.ascontiguousarray(bias, np.float32).reshape(-1))
-                bias = None
-            else:
-                y = DEPTHWISE_KERNEL(*args)
-            grid, rows = out, False
-        elif depthwise:
-            # Depthwise: Caffe runs C tiny GEMMs (1 x T) @ (T x P) here. Channels are independent: the
-            # taps are gathered in cache-sized (images x channels) chunks and contracted per channel,
-            # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of products.
-            wc = gemm.channel_weights(weight.reshape(c, kk), npix)
-            y = np.empty((n, c, npix), np.float32)
-            nb = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
-            cb = c if nb > 1 else max(1, min(c, COLS_BUDGET // (kk * npix)))
-            for n0 in range(0, n, nb):
-                for c0 in range(0, c, cb):
-                    xb = x[n0:n0 + nb, c0:c0 + cb]
-                    cols = columns(xb).reshape(xb.shape[0], xb.shape[1], kk, npix)
-                    gemm.channelwise(wc[c0:c0 + cb], cols, out=y[n0:n0 + nb, c0:c0 + cb])
-        elif npix < WIDE_GEMM_PIXELS and n > 1 and gemm.wide:
-            # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
-            # (g, K, N*P) columns -> one (Og x K) @ (K x N*P) GEMM per group, then reorder to NCHW.
-            chunk = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
-            y = np.empty((n, group, o // group, npix), np.float32)
-            for n0 in range(0, n, chunk):
-                xb = x[n0:n0 + chunk]
-                nb = len(xb)
-                yb = gemm.matmul(w, columns(xb, batch_last=True).reshape(group, cg * kk, nb * npix))
-                y[n0:n0 + nb] = yb.reshape(group, o // group, nb, npix).transpose(2, 0, 1, 3)
-        else:
-            y = np.empty((n, group, o // group, npix), np.float32)
-            chunk = max(1, min(n, COLS_BUDGET // (c * kk * npix)))
-            for n0 in range(0, n, chunk):
-                xb = x[n0:n0 + chunk]
-                gemm.matmul(w, columns(xb).reshape(len(xb), group, cg * kk, npix),
-                            out=y[n0:n0 + chunk], part=scratch("part", y[n0:n0 + chunk].shape))
-        y = y.reshape((n, o) + grid)
-        if rows:
-            y = np.ascontiguousarray(y[..., :out[1]])
-    if bias is not None:
-        y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
-    return y
+    geometry = (per_axis(stride, nsp, 1), per_axis(pad, nsp, 0), per_axis(dilation, nsp, 1), int(group))
+    return conv_plan(x.shape, weight.shape, *geometry)(x, weight, bias)
 
 
-def _direct(x, weight, stride, pad, dilation, out, group, gemm, bias=None):
-    """The convolution by the direct C++ kernel where it gives numpy's GEMM bytes and pays, else None.
-
-    The kernel sums each output in one pass of fused multiply-adds over K = C*prod(k) in column
-    order, which is how numpy's (and Caffe's) AVX-512 OpenBLAS sums a GEMM it does not split in K
-    and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`); so only
-    there (``gemm.exact``). It pays for short K (reading the input in place beats packing it) unless
-    many outputs share each column (then the GEMM's blocking wins): :data:`DIRECT_SHAPES`, K <= 64
-    with at most 64 outputs, measured in the nets (CPU time of alternating forwards): UltraFace
-    9.8 ms with it, 10.9 without; on open_nsfw's 1x1 layers of K = 32 / 128 outputs and K = 128 /
-    32 outputs, which looked faster alone, the net was 2-10% slower with them. Maps narrower than
-    16 pixels waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row first). The
-    bias is added in the kernel's stores.
-    """
-    o, ksz = weight.shape[0], tuple(weight.shape[2:])
-    k = x.shape[1] * math.prod(ksz)
-    if (DIRECT_KERNEL is None or x.ndim != 4 or group != 1 or not gemm.exact or gemm.same_shape
-            or k > DIRECT_MAX_K or not any(k <= kk and o <= oo for kk, oo in DIRECT_SHAPES)):
-        return None
-    n, c, h, w = x.shape
-    w4 = np.ascontiguousarray(weight)
-    b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
-    if ksz == (1, 1) and stride == (1, 1) and not any(pad):
-        flat = DIRECT_KERNEL(np.ascontiguousarray(x).reshape(n, c, 1, h * w), w4, [1, 1], [0, 0], [1, 1],
-                             [1, h * w], _workers(n * o * k * h * w), b)
-        return flat.reshape((n, o) + tuple(out))
-    if out[1] < 16:
-        return None
-    return DIRECT_KERNEL(np.ascontiguousarray(x), w4, list(stride), list(pad), list(dilation), list(out),
-                         _workers(n * o * k * math.prod(out)), b)
-
-
-def _workers(macs: int) -> int:
-    return threads.workers() if macs >= DEPTHWISE_THREADED_MACS else 1
-
-
-def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802
-    """Caffe deconvolution of ``x`` (N, C, *in) by ``weight`` (C, O/group, *k); see the module doc."""
-    x = np.asarray(x, np.float32)
-    weight = np.asarray(weight, np.float32)
-    n, c = x.shape[:2]
-    sp = x.shape[2:]
-    nsp = len(sp)
-    ksz = weight.shape[2:]
-    o = weight.shape[1] * group
-    stride, pad, dilation = _tuple(stride, nsp, 1), _tuple(pad, nsp, 0), _tuple(dilation, nsp, 1)
-    if weight.shape[0] != c or c % group:
-        raise ValueError(f"weight {weight.shape} does not fit {c} input channels in {group} group(s)")
-    out = tuple(deconv_out_size(s, k, st, p, d)
-                for s, k, st, p, d in zip(sp, ksz, stride, pad, dilation, strict=True))
-    if min(out, default=1) < 0:
-        raise ValueError(f"deconvolution output size {list(out)} is negative: input {sp}, kernel {ksz}")
-    if 0 in out or 0 in sp:  # an empty top, or an empty bottom (nothing to scatter)
-        y = np.zeros((n, o) + out, np.float32)
-        if bias is not None:
-            y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
-        return y
-    cg, og = c // group, o // group
-    # cols[n, g, (o', t), i] = sum_c w[g, c, (o', t)] * x[n, g, c, i]  (col2im input)
-    wt = np.ascontiguousarray(weight.reshape(group, cg, og * math.prod(ksz)).transpose(0, 2, 1))
-    xg = np.ascontiguousarray(x).reshape(n, group, cg, -1)
-    direct = all(k == 1 for k in ksz) and stride == (1,) * nsp and not any(pad)
-    # Caffe: cblas_sgemm(Trans, NoTrans, og * prod(k), prod(in), cg) per image and group; summed
-    # through caffe_gemm so that the result does not depend on the BLAS thread count.
-    caffe_mnk = (og * math.prod(ksz), xg.shape[-1], cg)
-    if direct:  # 1x1, stride 1, no crop: the GEMM result is the output
-        y = caffe_gemm.matmul(wt, xg, caffe_mnk).reshape((n, o) + tuple(sp))
-    else:
-        cols = scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
-        caffe_gemm.matmul(wt, xg, caffe_mnk, out=cols)
-        cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
-        full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
-        yp = np.zeros((n, o) + full, np.float32) if not any(pad) else scratch("pad", (n, o) + full)
-        if any(pad):
-            yp.fill(0.0)
-        for tap in itertools.product(*map(range, ksz)):
-            yp[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sp)] += cols[
-                (slice(None), slice(None)) + tap]
-        y = yp if not any(pad) else yp[(slice(None), slice(None))
-                                       + tuple(slice(p, p + e) for p, e in zip(pad, out, strict=True))].copy()
-    if bias is not None:
-        y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
-    return y
-
-
-# ------------------------------------------------------------------------ layers
 class _BaseConv(Layer):
     """Field parsing shared by Convolution and Deconvolution (Caffe's BaseConvolutionLayer).
 
@@ -355,7 +84,7 @@ class _BaseConv(Layer):
         if nsp < 1:
             self._fail(f"a {len(shape)}-D bottom has no spatial axis after channel axis {axis}")
 
-        def per_axis(values, h_field, w_field, what, default):
+        def given(values, h_field, w_field, what, default):
             if cp.HasField(h_field) or cp.HasField(w_field):
                 if nsp != 2:
                     self._fail(f"{h_field} & {w_field} can only be used for 2-D convolution")
@@ -364,14 +93,14 @@ class _BaseConv(Layer):
                 return (getattr(cp, h_field), getattr(cp, w_field))
             if len(values) not in ((1, nsp) if default is None else (0, 1, nsp)):
                 self._fail(f"{what} must be given once or once per spatial axis ({nsp}), got {len(values)}")
-            return _tuple(list(values) or None, nsp, default)
+            return per_axis(list(values) or None, nsp, default)
 
-        kernel = per_axis(cp.kernel_size, "kernel_h", "kernel_w", "kernel_size", None)
-        stride = per_axis(cp.stride, "stride_h", "stride_w", "stride", 1)
-        pad = per_axis(cp.pad, "pad_h", "pad_w", "pad", 0)
+        kernel = given(cp.kernel_size, "kernel_h", "kernel_w", "kernel_size", None)
+        stride = given(cp.stride, "stride_h", "stride_w", "stride", 1)
+        pad = given(cp.pad, "pad_h", "pad_w", "pad", 0)
         if len(cp.dilation) not in (0, 1, nsp):
             self._fail(f"dilation must be given once or once per spatial axis ({nsp})")
-        dilation = _tuple(list(cp.dilation) or None, nsp, 1)
+        dilation = per_axis(list(cp.dilation) or None, nsp, 1)
         if min(kernel) <= 0 or min(stride) <= 0 or min(dilation) <= 0:
             self._fail(f"kernel {kernel}, stride {stride} and dilation {dilation} must be positive")
         return axis, kernel, stride, pad, dilation
@@ -436,6 +165,21 @@ class _BaseConv(Layer):
                    group=self.lp.convolution_param.group)
             tops.append(y.reshape(lead + y.shape[1:]))
         return tops
+
+    def prepared_forward(self, bottom_shapes):
+        """A float Convolution of one 4-D bottom straight to its :class:`ConvPlan` (no field re-reading)."""
+        axis, stride, pad, dilation = self._geom
+        if (self.transposed or self.integer_params or self._empty_top is not None or len(bottom_shapes) != 1
+                or axis != 1 or len(bottom_shapes[0]) != 4):
+            return self.forward
+        x_shape, group = tuple(bottom_shapes[0]), self.lp.convolution_param.group
+
+        def forward(bottoms):
+            blobs = self.blobs
+            weight = blobs[0].data
+            bias = blobs[1].data if len(blobs) > 1 else None
+            return [conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(bottoms[0], weight, bias)]
+        return forward
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """Caffe's Convolution / Deconvolution ``Backward_cpu`` (see :mod:`conv_grad`), per bottom:

@@ -33,6 +33,20 @@ def tap_slices(tap, stride, dilation, out) -> tuple[slice, ...]:
                  for t, s, d, o in zip(tap, stride, dilation, out, strict=True))
 
 
+def per_axis(v, n: int, default: int) -> tuple[int, ...]:
+    """``v`` (None, one int, or 1 or ``n`` ints) as ``n`` ints, one per spatial axis (``default`` for None)."""
+    if v is None:
+        return (default,) * n
+    if isinstance(v, (int, np.integer)):
+        return (int(v),) * n
+    v = tuple(int(e) for e in v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise ValueError(f"expected 1 or {n} values, got {len(v)}")
+    return v
+
+
 _SCRATCH = threading.local()
 
 

@@ -81,6 +81,29 @@ class InnerProductLayer(Layer):
             return [inner_product_exact(bottoms[0], self.blobs[0].data, bias, self.axis, ip.transpose)]
         return [InnerProduct(bottoms[0], self.blobs[0].data, bias, axis=self.axis, transpose=ip.transpose)]
 
+    def prepared_forward(self, bottom_shapes):
+        """:func:`InnerProduct` with its GEMM prepared for this bottom shape (caffe_gemm.prepared)."""
+        if self.integer_params:
+            return self.forward
+        shape = tuple(bottom_shapes[0])
+        lead, transpose = shape[:self.axis], self.lp.inner_product_param.transpose
+        m, k = math.prod(lead), math.prod(shape[self.axis:])
+        plans = {}  # per GEMM configuration (caffe_gemm.configure replaces it)
+
+        def forward(bottoms):
+            blobs = self.blobs
+            w = blobs[0].data
+            n = w.shape[1] if transpose else w.shape[0]
+            config = caffe_gemm.gemm_config()
+            mm = plans.get((config, n))
+            if mm is None:
+                mm = plans[(config, n)] = caffe_gemm.prepared(m, k, n, (m, n, k), trans_b=not transpose)
+            y = mm(bottoms[0].reshape(m, k), w if transpose else w.T)
+            if len(blobs) > 1:
+                y += blobs[1].data.reshape(-1)
+            return [y.reshape(lead + (n,))]
+        return forward
+
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dW += dY^T X (or X^T dY when transposed), db += sum_m dY, dX = dY W (or dY W^T).
 

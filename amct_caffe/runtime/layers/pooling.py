@@ -331,6 +331,21 @@ class PoolingLayer(Layer):
         self._mask_top = res[1] if len(res) > 1 else None
         return res
 
+    def prepared_forward(self, bottom_shapes):
+        """MAX pooling without a mask top or a kept argmax: straight to the C++ kernel, as :func:`Pooling`."""
+        shape = tuple(bottom_shapes[0])
+        if (self.pool != MAX or POOL_KERNEL is None or len(self.lp.top) > 1 or self._keep_argmax or self.in_place
+                or len(shape) != 4 or 0 in shape):
+            return self.forward
+        k, s, p, out = self._window(shape)
+        if min(out) <= 0:
+            return self.forward
+        self._kept_input = self._argmax = self._mask_top = None  # what forward leaves for such a layer
+        args = (MAX, list(k), list(s), list(p), list(out))
+        threaded = math.prod(shape) >= THREADED_POOL
+        return lambda bottoms: [POOL_KERNEL(np.ascontiguousarray(bottoms[0]), *args,
+                                            threads.workers() if threaded else 1)]
+
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """Caffe's PoolingLayer::Backward_cpu (see :mod:`pooling_grad`); the mask top's diff is unused.
 

@@ -168,6 +168,10 @@ class FlattenLayer(ShapeLayer):
     def diff_sharing(self, bottom_shapes):
         return "backward"  # FlattenLayer::Backward_cpu: bottom[0]->ShareDiff(*top[0])
 
+    def prepared_forward(self, bottom_shapes):
+        shape = self.shapes([tuple(bottom_shapes[0])])[0]  # Flatten's top shape, computed once
+        return lambda bottoms: [bottoms[0].reshape(shape)]
+
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = dy reshaped (Caffe: bottom ShareDiff top)."""
         return [top_diffs[0].reshape(bottoms[0].shape) if propagate_down[0] else None]
@@ -188,6 +192,10 @@ class ReshapeLayer(ShapeLayer):
 
     def diff_sharing(self, bottom_shapes):
         return "reshape"  # ReshapeLayer::Reshape: top[0]->ShareDiff(*bottom[0])
+
+    def prepared_forward(self, bottom_shapes):
+        shape = self.shapes([tuple(bottom_shapes[0])])[0]  # Reshape's top shape, computed once
+        return lambda bottoms: [bottoms[0].reshape(shape)]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = dy reshaped (Caffe: top ShareDiff bottom, an empty backward)."""

@@ -21,6 +21,12 @@ constexpr int kDirectMaxK = 256;
 void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
                    const float* bias = nullptr);
 
+// The same, each stored value then mapped as a folded chain's epilogue does it in a separate pass
+// (channel_affine, conv_cols.h): v * scale[o] (if scale), + bias[o] (if bias), NumPy's maximum(v, 0)
+// (if relu); each step one float32 rounding, so the bytes of the two passes.
+void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
+                   const float* scale, const float* bias, bool relu);
+
 // Whether direct_conv2d can run here (an AVX-512 CPU).
 bool direct_conv_available();
 

@@ -1,0 +1,240 @@
+"""The forward pass of a :class:`~.net.Net`: one layer (or folded chain) at a time, and the prepared
+steps that repeat it while the input shapes stay the same.
+
+Caffe's ``Net::Forward`` calls every layer's ``Reshape`` and then its ``Forward_cpu``: a few
+hundred nanoseconds of C++ per layer. The same bookkeeping in Python (compare the bottom shapes
+with the last ones, replay the ShareDiff of a Reshape, look the blobs up by name, check the tops)
+costs 10-20 us per layer, more than Caffe's whole layer on MTCNN's 12x12 P-Net. So after a full
+forward, the Net prepares one closure per layer (:func:`prepare`), bound to its Blob objects and to
+the layer's :meth:`~.layer.Layer.prepared_forward`; a later forward with the same input shapes runs
+them in a row. The closures store exactly what :func:`forward_layer` stores (the same arrays, so the
+same bytes), minus the work that cannot change while the shapes do not: the reshape checks (a layer's
+top shapes depend only on its bottoms' shapes), and the top shape check, made against the shapes the
+full forward saw.
+
+Layers that read a blob whose shape depends on the data (a ``shape_from_forward`` layer's top, and
+everything after it) keep the full per-layer path, reshape included; so do layers whose result needs
+the slow path's care (a loss, an integer deploy layer's float64 accumulator, an in-place write into
+memory other blobs share).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+
+_F32 = np.dtype(np.float32)
+
+
+def _sole_refcount() -> int:
+    """What sys.getrefcount says of an array held by one slot and read into a local, as _into_step reads a
+    blob's (3 on CPython 3.11: the slot, the local, the argument), measured rather than assumed."""
+    holder = [np.empty(1, np.float32)]
+    local = holder[0]
+    return sys.getrefcount(local)
+
+
+_SOLE_REFS = _sole_refcount()
+
+
+def forward_layer(net, i: int, reshape: bool = True) -> tuple:
+    """Run layer ``i`` of ``net`` as Caffe's Layer::Forward (Reshape, then Forward_cpu); returns the
+    shapes of the arrays it produced. ``reshape`` False: the shapes are known not to have changed."""
+    layer = net.layers[i]
+    name = net._layer_names[i]  # noqa: SLF001 - the Net's own helper, split out of net.py
+    if layer.type == "Input":
+        return ()
+    if reshape:
+        net._reshape_layer(i)  # noqa: SLF001
+        net._share_diffs(i, "reshape")  # noqa: SLF001 - Caffe's Layer::Forward calls Reshape, which may ShareDiff
+    if layer.holds_top_diff:  # (its backward reads the diff memory its top has now: Layer.holds_top_diff)
+        net._held_top_diff[i] = net._diffs.memory_of(net.top_names[name][0])  # noqa: SLF001
+    bottoms = [net.blobs[b].data for b in net.bottom_names[name]]
+    tops = layer.forward(bottoms)
+    in_place = net.bottom_names[name]
+    shared_with = net._shared_with  # noqa: SLF001
+    for t, arr in zip(net.top_names[name], tops, strict=False):
+        blob = net.blobs[t]
+        # An in-place top may legitimately change shape (Caffe's MVN reshapes to 4 axes).
+        if arr.shape != blob.shape and not (layer.shape_from_forward or t in in_place):
+            raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {blob.shape}")
+        # Blobs are float32, except an INT8 layer's exact float64 accumulator (deploy model), which
+        # goes on to its DeQuant unrounded.
+        keep = arr.dtype == np.float32 or (layer.integer_params and arr.dtype == np.float64)
+        blob.data = arr if keep else arr.astype(np.float32)
+        if t in in_place and t in shared_with:
+            # Caffe's ShareData: the in-place write lands in memory other blobs are views of
+            for other in shared_with[t]:
+                if other != t and net.blobs[other].count == blob.count:
+                    net.blobs[other].data = blob.data.reshape(net.blobs[other].shape)
+    for t, w in zip(net.top_names[name], net._plan.loss_weights[i], strict=False):  # noqa: SLF001
+        if w:  # Caffe's Layer::Forward: loss += dot(top data, loss weights)
+            net._loss += float(np.float32(w) * np.sum(net.blobs[t].data, dtype=np.float32))  # noqa: SLF001
+    return tuple(arr.shape for arr in tops)
+
+
+def forward_chain(net, chain, reshape: bool = True) -> None:
+    """A Convolution or Eltwise and the in-place layers after it as one step (:mod:`.fold`)."""
+    names = net._layer_names  # noqa: SLF001
+    if reshape:
+        for i in range(chain.first, chain.last + 1):
+            net._reshape_layer(i)  # noqa: SLF001
+    name = names[chain.first]
+    other = None
+    if chain.residual is not None:  # the Eltwise's other bottom
+        other = net.blobs[net.bottom_names[names[chain.residual]][chain.other]].data
+    tops = chain.forward([net.blobs[b].data for b in net.bottom_names[name]], other)
+    net.blobs[net.top_names[name][0]].data = tops[0]
+    if chain.residual is not None:  # the Eltwise's top
+        net.blobs[net.top_names[names[chain.last]][0]].data = tops[1]
+
+
+def run(net, start: int, stop: int, produced: list | None = None) -> None:
+    """Layers ``start`` .. ``stop - 1`` one by one, folded chains as one step (the full path).
+
+    ``produced``: filled with the shapes each layer's forward returned (for :func:`prepare`).
+    """
+    i = start
+    while i < stop:
+        chain = net._chains.get(i)  # noqa: SLF001
+        if chain is not None and chain.last < stop:  # a chain cut by start / end runs unfolded
+            forward_chain(net, chain)
+            i = chain.last + 1
+        else:
+            shapes = forward_layer(net, i)
+            if produced is not None:
+                produced[i] = shapes
+            i += 1
+
+
+def prepare(net, produced: list) -> list:
+    """The closures of a full forward for the current input shapes (module doc).
+
+    ``produced``: per layer, the shapes its forward returned in the full forward just run.
+    """
+    steps = []
+    dynamic: set[str] = set()  # blobs whose shape may change from one forward to the next
+    names = net._layer_names  # noqa: SLF001
+    i, n = 0, len(net.layers)
+    while i < n:
+        layer = net.layers[i]
+        chain = net._chains.get(i)  # noqa: SLF001
+        last = chain.last if chain is not None else i
+        reads_dynamic = any(b in dynamic for j in range(i, last + 1) for b in net.bottom_names[names[j]])
+        if reads_dynamic or layer.shape_from_forward:
+            dynamic.update(t for j in range(i, last + 1) for t in net.top_names[names[j]])
+        if chain is not None:
+            steps.append(_chain_step(net, chain, reshape=reads_dynamic))
+        elif layer.type != "Input":
+            steps.append(_layer_step(net, i, produced[i], reads_dynamic))
+        i = last + 1
+    return steps
+
+
+def _careful(net, i: int, shapes, dynamic: bool) -> bool:
+    """Whether layer ``i`` needs the full path of :func:`forward_layer` (module doc)."""
+    layer = net.layers[i]
+    name = net._layer_names[i]  # noqa: SLF001
+    bottom_names, top_names = net.bottom_names[name], net.top_names[name]
+    return (dynamic or layer.shape_from_forward or layer.integer_params or layer.holds_top_diff
+            or any(net._plan.loss_weights[i])  # noqa: SLF001
+            or any(t in bottom_names and t in net._shared_with for t in top_names)  # noqa: SLF001
+            or shapes is None or len(shapes) != len(top_names))
+
+
+def _chain_step(net, chain, reshape: bool):
+    if reshape:
+        return lambda: forward_chain(net, chain)
+    names = net._layer_names  # noqa: SLF001
+    bottoms = [net.blobs[b] for b in net.bottom_names[names[chain.first]]]
+    top = net.blobs[net.top_names[names[chain.first]][0]]
+    fwd = chain.forward
+    if chain.residual is None:
+        def step():
+            top.data = fwd([b.data for b in bottoms], None)[0]
+        return step
+    other = net.blobs[net.bottom_names[names[chain.residual]][chain.other]]
+    second = net.blobs[net.top_names[names[chain.last]][0]]
+
+    def residual_step():
+        tops = fwd([b.data for b in bottoms], other.data)
+        top.data = tops[0]
+        second.data = tops[1]
+    return residual_step
+
+
+def _layer_step(net, i: int, shapes: tuple, dynamic: bool):
+    layer = net.layers[i]
+    name = net._layer_names[i]  # noqa: SLF001
+    bottom_names, top_names = net.bottom_names[name], net.top_names[name]
+    if _careful(net, i, shapes, dynamic):
+        return lambda: forward_layer(net, i, reshape=dynamic)
+    step = _fast_layer_step(net, i, shapes)
+    if bottom_names and top_names and layer.diff_sharing([net.blobs[b].shape for b in bottom_names]) == "reshape":
+        # Caffe's Reshape (and a one-bottom Concat, a one-top Slice) re-ties the diffs on every forward
+        def share_then_step():
+            net._share_diffs(i, "reshape")  # noqa: SLF001
+            step()
+        return share_then_step
+    return step
+
+
+def _fast_layer_step(net, i: int, shapes: tuple):
+    layer = net.layers[i]
+    name = net._layer_names[i]  # noqa: SLF001
+    bottom_names, top_names = net.bottom_names[name], net.top_names[name]
+    # an in-place top may change shape (MVN): the full path does not check those either
+    expect = [None if t in bottom_names else s for t, s in zip(top_names, shapes, strict=True)]
+    bottoms = [net.blobs[b] for b in bottom_names]
+    tops = [net.blobs[t] for t in top_names]
+    fwd = layer.prepared_forward([b.shape for b in bottoms])
+    into = layer.prepared_forward_into([b.shape for b in bottoms])
+    if into is not None and len(tops) == 1 and len(bottoms) == 1 and expect[0] is not None:
+        return _into_step(into, bottoms[0], tops[0], expect[0], name, top_names[0])
+    if len(tops) == 1 and len(bottoms) == 1:
+        bottom, top, shape = bottoms[0], tops[0], expect[0]
+
+        def single():
+            (arr,) = fwd([bottom.data])
+            if arr.dtype != _F32:
+                arr = arr.astype(_F32)
+            if shape is not None and arr.shape != shape:
+                raise GraphError(f"layer '{name}' produced {top_names[0]} of shape {arr.shape}, expected {shape}")
+            top.data = arr
+        return single
+    pairs = list(zip(tops, expect, top_names, strict=True))
+
+    def step():
+        outs = fwd([b.data for b in bottoms])
+        for (blob, want, t), arr in zip(pairs, outs, strict=False):
+            if arr.dtype != _F32:
+                arr = arr.astype(_F32)
+            if want is not None and arr.shape != want:
+                raise GraphError(f"layer '{name}' produced {t} of shape {arr.shape}, expected {want}")
+            blob.data = arr
+    return step
+
+
+def _into_step(into, bottom, top, shape: tuple, name: str, top_name: str):
+    """A one-bottom, one-top layer that can write its top into a given array (Layer.prepared_forward_into).
+
+    It is given the array its top held after the last forward when nothing else holds that array: then no
+    one can see it rewritten (a caller keeping a result, a view of it as another blob, a layer keeping it
+    for its backward all hold a reference). Fresh memory costs a page fault per 4 KB, which on a
+    large out-of-place ReLU is much of its time.
+    """
+    def step():
+        old = top.data
+        if sys.getrefcount(old) > _SOLE_REFS or old.shape != shape or old.base is not None or old.dtype != _F32 \
+                or not old.flags.c_contiguous:
+            old = None
+        (arr,) = into([bottom.data], [old])
+        if arr.dtype != _F32:
+            arr = arr.astype(_F32)
+        if arr.shape != shape:
+            raise GraphError(f"layer '{name}' produced {top_name} of shape {arr.shape}, expected {shape}")
+        top.data = arr
+    return step
