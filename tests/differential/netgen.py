@@ -496,7 +496,8 @@ def mk_spp(b):
     total = sum(4 ** i for i in range(levels))
     t = b.fresh()
     b.add("SPP", [x], [t], {"spp_param": {"pyramid_height": levels, "pool": "@" + b.choice(["MAX", "AVE"])}})
-    b.shapes[t] = (n, c * total)
+    # one level is the pooling layer's own top (spp_layer.cpp returns early), 4 axes
+    b.shapes[t] = (n, c, 1, 1) if levels == 1 else (n, c * total)
     return True
 
 
