@@ -93,6 +93,18 @@ CASES = {
     # two steps: the Concat copies, so the TanH backward reads the values before the Scale
     "rnn_two_steps_in_place": (_input(2, 3, 4) + _input(2, 3, name="cont") + _RNN_SCALED, {
         "data": (2, 3, 4), "cont": np.array([[0, 0, 0], [1, 1, 1]], np.float32)}),
+    # Resize's output summed as the fork's BiLinearResizeMat_cpu does (products of weights first, then
+    # term by term): a separable product is an ulp off, enough for the MAX above to pick another of
+    # the equal-looking values (a 1x1 map pooled with padding, then resized, is flat)
+    "resize_flat_then_max": (_input(1, 5, 1, 1) +
+                             'layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { pool: MAX '
+                             'kernel_h: 4 kernel_w: 2 stride: 1 pad_h: 2 pad_w: 1 } }\n'
+                             'layer { name: "r" type: "Resize" bottom: "p" top: "r" resize_param { height: 1 '
+                             'width: 10 } }\n'
+                             'layer { name: "s" type: "SPP" bottom: "r" top: "s" spp_param { pyramid_height: 1 '
+                             'pool: MAX } }\n',
+                             {"data": np.array([0.4635898768901825, 1.8126277923583984, -0.659633994102478,
+                                                0.597612202167511, 1.321533441543579], np.float32).reshape(1, 5, 1, 1)}),
 }
 
 # nets whose exact gradient is zero somewhere, so that Caffe and the executor agree only up to the

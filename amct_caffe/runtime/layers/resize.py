@@ -297,11 +297,45 @@ def _resize_axis(n_in: int, n_out: int) -> np.ndarray:
     return _matrix(n_in, i0, np.abs(_F(1) - frac), i0 + 1, np.abs(frac))
 
 
+def _resize_cells(n_in: int, n_out: int):
+    """Per output index: the source cell ``i0``, its weight and the next cell's (util_img.cpp's
+    float steps), and whether that next cell lies inside the input."""
+    scale = _F(n_in) / _F(n_out)
+    src = (np.arange(n_out, dtype=np.float32) * scale).astype(np.float32)
+    i0 = np.floor(src).astype(np.int64)
+    frac = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, np.abs(_F(1) - frac), np.abs(frac), i0 + 1 < n_in
+
+
 def Resize(x, *, height, width):  # noqa: N802 - Caffe type name
-    """The fork's Resize: bilinear with ``src = i * in/out``, edge weights dropped (module doc)."""
+    """The fork's Resize: bilinear with ``src = i * in/out``, edge weights dropped (module doc).
+
+    Summed as BiLinearResizeMat_cpu does, so that the bytes are Caffe's (a separable product
+    rounds differently, an ulp that can flip a later MAX between equal-looking values)::
+
+        y = (wh0 ww0) x[i, j] + (wh0 ww1) x[i, j+1] + (wh1 ww0) x[i+1, j] + (wh1 ww1) x[i+1, j+1]
+
+    each product of weights rounded, then each term, added left to right; a term whose cell is
+    outside the input is left out (the last one needs both neighbours).
+    """
     x = np.asarray(x, np.float32)
     h, w = x.shape[2:]
-    return _separable(x, _resize_axis(h, height), _resize_axis(w, width))
+    i, wh0, wh1, down = _resize_cells(h, height)
+    j, ww0, ww1, right = _resize_cells(w, width)
+    i1, j1 = np.minimum(i + 1, h - 1), np.minimum(j + 1, w - 1)
+
+    def cell(ii, jj):
+        return x[:, :, ii[:, None], jj[None, :]]
+
+    def weight(a, b):
+        return (a[:, None] * b[None, :]).astype(np.float32)
+
+    y = weight(wh0, ww0) * cell(i, j)
+    y = np.where(right[None, :], y + weight(wh0, ww1) * cell(i, j1), y)
+    y = np.where(down[:, None], y + weight(wh1, ww0) * cell(i1, j), y)
+    both = down[:, None] & right[None, :]
+    y = np.where(both, y + weight(wh1, ww1) * cell(i1, j1), y)
+    return y.astype(np.float32)
 
 
 @register("Resize")
