@@ -103,8 +103,8 @@ CASES = {
                              'width: 10 } }\n'
                              'layer { name: "s" type: "SPP" bottom: "r" top: "s" spp_param { pyramid_height: 1 '
                              'pool: MAX } }\n',
-                             {"data": np.array([0.4635898768901825, 1.8126277923583984, -0.659633994102478,
-                                                0.597612202167511, 1.321533441543579], np.float32).reshape(1, 5, 1, 1)}),
+                             {"data": np.float32([0.4635898768901825, 1.8126277923583984, -0.659633994102478,
+                                                  0.597612202167511, 1.321533441543579]).reshape(1, 5, 1, 1)}),
 }
 
 # nets whose exact gradient is zero somewhere, so that Caffe and the executor agree only up to the
