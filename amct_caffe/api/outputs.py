@@ -10,7 +10,7 @@ import logging
 import os
 
 from amct_caffe.errors import AmctError
-from amct_caffe.io import net_to_caffemodel
+from amct_caffe.io.caffemodel_bytes import caffemodel_chunks
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.record import Record, record_bytes, record_text
@@ -27,7 +27,7 @@ def stage_graph(outputs: StagedOutputs, graph: Graph, model_file, weights_file, 
     (``in_place``: see :func:`~amct_caffe.io.graph_io.graph_to_net`)."""
     net, weights = graph_to_net(graph, in_place)
     outputs.add_message_text(model_file, net)
-    outputs.add_bytes(weights_file, net_to_caffemodel(net, weights).SerializeToString())
+    outputs.add_chunks(weights_file, caffemodel_chunks(net, weights))  # views of the graph's weights
 
 
 def write_graph(graph: Graph, model_file, weights_file, in_place: bool = False) -> None:

@@ -21,10 +21,15 @@ from amct_caffe.io.paths import check_distinct, check_output
 
 class StagedOutputs:
     def __init__(self):
-        self._files: list[tuple[Path, bytes]] = []
+        self._files: list[tuple[Path, list]] = []  # (target, the buffers its bytes are, in order)
 
     def add_bytes(self, path, data: bytes) -> str:
-        self._files.append((check_output(path), data))
+        return self.add_chunks(path, [data])
+
+    def add_chunks(self, path, chunks: list) -> str:
+        """Stage a file whose bytes are the concatenation of ``chunks`` (bytes or memoryviews, which
+        must not change before :meth:`commit`)."""
+        self._files.append((check_output(path), chunks))
         return str(path)
 
     def add_text(self, path, text: str) -> str:
@@ -47,13 +52,14 @@ class StagedOutputs:
         moved: list[tuple[Path, str | None]] = []  # (target, backup of its previous file or None)
         target = self._files[0][0] if self._files else Path()
         try:
-            for path, data in self._files:
+            for path, chunks in self._files:
                 target = path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = temp_file_beside(path)
                 staged.append((tmp, path))
                 with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+                    for chunk in chunks:
+                        f.write(chunk)
             for tmp, path in staged:
                 target = path
                 backup = f"{tmp}.previous" if path.exists() else None
