@@ -12,10 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from google.protobuf import text_format
-
 from amct_caffe.errors import FileAccessError
-from amct_caffe.io.files import temp_file_beside, write_error
+from amct_caffe.io.files import message_text, temp_file_beside, write_error
 from amct_caffe.io.paths import check_distinct, check_output
 
 
@@ -39,7 +37,7 @@ class StagedOutputs:
         return self.add_text(path, json.dumps(obj, indent=2) + "\n")
 
     def add_message_text(self, path, message) -> str:
-        return self.add_text(path, text_format.MessageToString(message))
+        return self.add_text(path, message_text(message))
 
     def commit(self) -> None:
         """Write every file, or none: on any failure the targets are as they were before."""
