@@ -371,14 +371,20 @@ def read_record(path) -> Record:
     return parse_record_text(text, str(path))
 
 
-def write_record(record: Record, path) -> None:
-    """Write the record as text, atomically."""
+def record_file(record: Record) -> tuple[str, bytes]:
+    """(text, the message serialized) of ``record``: what :func:`write_record` writes and remembers,
+    printed ahead of the write (while another file is written)."""
     message = to_message(record)
-    text = message_text(message)
+    return message_text(message), message.SerializeToString()
+
+
+def write_record(record: Record | tuple[str, bytes], path) -> None:
+    """Write the record (or its :func:`record_file`) as text, atomically."""
+    text, serialized = record_file(record) if isinstance(record, Record) else record
     with atomic_output(path, "w") as f:
         f.write(text)
     key = os.path.abspath(path)
     _WRITTEN.pop(key, None)
     while len(_WRITTEN) >= _WRITTEN_MAX:
         _WRITTEN.pop(next(iter(_WRITTEN)))
-    _WRITTEN[key] = (text, message.SerializeToString())
+    _WRITTEN[key] = (text, serialized)
