@@ -30,6 +30,7 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output, read_text
+from amct_caffe.io.float_text import float_texts
 from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
@@ -223,8 +224,9 @@ def message_text(msg) -> str:
             rest.ClearField(name)
         key = weights.SerializeToString()
         text = _WEIGHT_TEXT.get(key)
-        if text is None:
-            text = text_format.MessageToString(weights, indent=4)
+        if text is None:  # text_format's lines (field 1 float, field 2 int32), the floats printed together
+            text = "".join([*(f"    scale_w: {t}\n" for t in float_texts(weights.scale_w)),
+                            *(f"    offset_w: {v}\n" for v in weights.offset_w)])
             if len(_WEIGHT_TEXT) >= _WEIGHT_TEXT_MAX:
                 _WEIGHT_TEXT.pop(next(iter(_WEIGHT_TEXT)))
             _WEIGHT_TEXT[key] = text
