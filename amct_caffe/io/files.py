@@ -140,6 +140,36 @@ def _remember(message, text: str) -> None:
     _TEXTS[(type(message), text)] = message.SerializeToString()
 
 
+# The text of each layer printed lately, by its serialized bytes: the PTQ flow prints four models
+# (weights_quantize_model's, the calibration model, save_model's two) that share most of their layers.
+_LAYER_TEXTS: dict[bytes, str] = {}
+_LAYER_TEXTS_MAX = 8192
+_NET_LAYER = 100  # NetParameter.layer: text_format prints fields in number order, so the layers come last
+
+
+def _net_text(net) -> str:
+    """``text_format.MessageToString(net)``, each layer's text from the cache when printed before."""
+    if any(field.number > _NET_LAYER for field, _ in net.ListFields()):
+        return text_format.MessageToString(net)
+    top = type(net)()
+    top.CopyFrom(net)
+    top.ClearField("layer")
+    out = [text_format.MessageToString(top)]
+    for layer in net.layer:
+        if len(layer.blobs):  # a caffemodel's layer: too large to keep
+            out.append("layer {\n" + text_format.MessageToString(layer, indent=2) + "}\n")
+            continue
+        key = layer.SerializeToString(deterministic=True)
+        text = _LAYER_TEXTS.get(key)
+        if text is None:
+            text = text_format.MessageToString(layer, indent=2)
+            if len(_LAYER_TEXTS) >= _LAYER_TEXTS_MAX:
+                _LAYER_TEXTS.pop(next(iter(_LAYER_TEXTS)))
+            _LAYER_TEXTS[key] = text
+        out.append("layer {\n" + text + "}\n")
+    return "".join(out)
+
+
 def message_text(message) -> str:
     """``text_format.MessageToString(message)``, remembered so that parsing the text again (when the
     file is read back) is a copy of ``message``.
@@ -148,7 +178,7 @@ def message_text(message) -> str:
     (not printed; dropped from the remembered copy) and NaN payloads (a text with a NaN is not
     remembered).
     """
-    text = text_format.MessageToString(message)
+    text = _net_text(message) if isinstance(message, caffe_pb().NetParameter) else text_format.MessageToString(message)
     if not _NAN.search(text):
         copy = type(message)()
         copy.CopyFrom(message)

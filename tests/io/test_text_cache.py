@@ -8,6 +8,7 @@ from amct_caffe import io
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.io import files
 from amct_caffe.io.schema import caffe_pb
+from tests.golden import MODELS
 
 TEXT = """name: "n"
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
@@ -70,3 +71,17 @@ def test_parsing_into_a_message_with_fields_parses_the_text():
     target.name = "other"
     with pytest.raises(ModelFormatError, match="name"):
         io.parse_prototxt_text(TEXT, "<t>", target)
+
+
+@pytest.mark.skipif(not MODELS.exists(), reason="../shared/models not beside the repository")
+def test_models_print_as_text_format_prints_them():
+    """Layer by layer, the layers printed before from the cache, a NetParameter with blobs too."""
+    paths = sorted(MODELS.glob("*/*.prototxt"))
+    for path in paths + paths:  # the second time from the cache
+        net = io.read_prototxt(path)
+        assert files.message_text(net) == text_format.MessageToString(net), path
+    net, weights = io.load_model(MODELS / "lenet_mnist/lenet.prototxt",
+                                 MODELS / "lenet_mnist/lenet_iter_10000.caffemodel")
+    full = io.net_to_caffemodel(net, weights)
+    full.input.append("x")
+    assert files.message_text(full) == text_format.MessageToString(full)
