@@ -52,6 +52,22 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   both). Peak 562-569 MiB in both. The calibration model runs no Winograd in either fold mode (its
   BatchNorms are fused into the weights, and Winograd is only taken where a folded BatchNorm / Scale
   already gives up Caffe's bytes): ``fold="fast"`` gives it the same blobs, records and time.
+* then (the steps around the forwards: caffemodels written from views of their weights instead of
+  built and serialized, save_model's two models sharing each layer's ARQ codes, a prototxt parsed or
+  printed before read back from its message, models printed layer by layer from kept layer texts, the
+  record's scale_w lines printed together, files written on a worker thread while the call prepares
+  the next; the same output bytes), OPENBLAS_NUM_THREADS=1, three rounds interleaved with main [load
+  3.5-4.1, no core left over]: the steps outside the calibration forwards, main 1.16 / 1.21 / 0.99 s,
+  this branch 0.77 / 0.75 / 0.49 s (create_quant_config 0.14 / 0.14 / 0.09, init 0.09 / 0.08 / 0.05,
+  weights_quantize_model 0.18 / 0.18 / 0.12, activation_quantize_model 0.03, calibration Net 0.14 /
+  0.15 / 0.09, save_model 0.19 / 0.17 / 0.11; main's 0.27, 0.11-0.15 and 0.24-0.37 for the three
+  writing steps); end to end main 2.84x / 3.04x / 2.32x, this branch 2.45x / 2.49x / 2.52x (the
+  calibration forwards, 2.0-3.5 s at this load, swing more than the steps move); two more rounds
+  [load 2.5-3.1]: steps outside the forwards main 0.80 / 1.19 s, this branch 0.52 / 0.68 s
+  (calibration forwards main 1.89 / 3.97 s, this branch 2.53 / 3.03 s). Peak 560 -> 519 MiB:
+  no serialized model is held any more. What is left outside the forwards: reading the 23 MB
+  caffemodel three times (create_quant_config, init, the calibration Net: 25-45 ms each), the config's
+  generation and validation, the weight quantization, and the calibration Net's construction.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from amct_caffe.api.outputs import save_quantized, write_graph
 from amct_caffe.api.session import QuantGraph, check_session, load_float_graph
 from amct_caffe.config import create_default_config, write_quant_config
 from amct_caffe.io.paths import reading
-from amct_caffe.io.record import Record, read_record, write_record
+from amct_caffe.io.record import Record, read_record, record_file, write_record
 from amct_caffe.passes.prepare import Stage
 
 _LOG = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
     log.setup()
     record = session.quantize_weights()
     with reading(**session.inputs()):
-        write_graph(session.graph, modified_model_file, modified_weights_file, in_place=True)
+        # the record's text (most of its lines printed for the first time) is printed while the model is written
+        text = write_graph(session.graph, modified_model_file, modified_weights_file, in_place=True,
+                           meanwhile=lambda: record_file(record))
     with reading(**session.inputs(with_record=False)):
-        write_record(record, session.record_file)
+        write_record(text, session.record_file)
     _LOG.info("weights of %d layer(s) quantized; model written to %s",
               sum(t.weighted for t in session.targets), modified_model_file)
 

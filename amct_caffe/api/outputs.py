@@ -10,7 +10,7 @@ import logging
 import os
 
 from amct_caffe.errors import AmctError
-from amct_caffe.io import net_to_caffemodel
+from amct_caffe.io.caffemodel_bytes import caffemodel_chunks
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.record import Record, record_bytes, record_text
@@ -27,14 +27,17 @@ def stage_graph(outputs: StagedOutputs, graph: Graph, model_file, weights_file, 
     (``in_place``: see :func:`~amct_caffe.io.graph_io.graph_to_net`)."""
     net, weights = graph_to_net(graph, in_place)
     outputs.add_message_text(model_file, net)
-    outputs.add_bytes(weights_file, net_to_caffemodel(net, weights).SerializeToString())
+    outputs.add_chunks(weights_file, caffemodel_chunks(net, weights))  # views of the graph's weights
 
 
-def write_graph(graph: Graph, model_file, weights_file, in_place: bool = False) -> None:
-    """Write ``graph`` as a prototxt and a caffemodel (both or neither)."""
-    outputs = StagedOutputs()
-    stage_graph(outputs, graph, model_file, weights_file, in_place)
-    outputs.commit()
+def write_graph(graph: Graph, model_file, weights_file, in_place: bool = False, meanwhile=None):
+    """Write ``graph`` as a prototxt and a caffemodel (both or neither); returns ``meanwhile()``, called
+    while they are written (on a worker thread)."""
+    with StagedOutputs(ahead=meanwhile is not None) as outputs:
+        stage_graph(outputs, graph, model_file, weights_file, in_place)
+        result = meanwhile() if meanwhile is not None else None
+        outputs.commit()
+    return result
 
 
 def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Record, save_type: str, save_path,
@@ -48,13 +51,21 @@ def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Recor
     save_path = str(save_path)
     if not os.path.basename(save_path):
         raise AmctError(f"save_path {save_path!r} must end with a model name prefix, e.g. ./results/model")
-    outputs = StagedOutputs()
+    with StagedOutputs(ahead=True) as outputs:  # the fake-quant model is written while the deploy model is built
+        return _stage_quantized(outputs, float_graph, targets, record, save_type, save_path, original_names,
+                                extra_files)
+
+
+def _stage_quantized(outputs: StagedOutputs, float_graph: Graph, targets: list[QuantTarget], record: Record,
+                     save_type: str, save_path: str, original_names: set[str],
+                     extra_files: dict[str, tuple[str, bytes]] | None) -> dict[str, str]:
     paths = {}
     mapping_graph = None
+    codes: dict = {}  # each weight quantized once for both models
     for kind, wanted in ((FAKE, ("Fakequant", "Both")), (DEPLOY, ("Deploy", "Both"))):
         if save_type not in wanted:
             continue
-        quantized = build_quantized_graph(float_graph, targets, record, kind)
+        quantized = build_quantized_graph(float_graph, targets, record, kind, codes)
         mapping_graph = mapping_graph or quantized
         model, weights_path = f"{save_path}_{kind}_model.prototxt", f"{save_path}_{kind}_weights.caffemodel"
         stage_graph(outputs, quantized, model, weights_path)

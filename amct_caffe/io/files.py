@@ -124,9 +124,77 @@ def _layer_near(text: str, line: int) -> str:
     return f" (in or after layer '{names[-1]}')" if names else ""
 
 
+# Prototxt texts this process parsed or printed, by (message class, text): the message the text
+# stands for, serialized. The PTQ flow parses the user's prototxt in create_quant_config and again
+# in init, and the executor parses the calibration model activation_quantize_model just printed;
+# text_format's parser is pure Python (20 ms for open_nsfw), reading the binary form back is a copy.
+# The class is part of the key: another schema (a user's caffe.proto) may read the text differently.
+_TEXTS: dict[tuple[type, str], bytes] = {}
+_TEXTS_MAX = 8
+_NAN = re.compile(r"\bnan\b", re.IGNORECASE)
+
+
+def _remember(message, text: str) -> None:
+    while len(_TEXTS) >= _TEXTS_MAX:
+        _TEXTS.pop(next(iter(_TEXTS)))
+    _TEXTS[(type(message), text)] = message.SerializeToString()
+
+
+# The text of each layer printed lately, by its serialized bytes: the PTQ flow prints four models
+# (weights_quantize_model's, the calibration model, save_model's two) that share most of their layers.
+_LAYER_TEXTS: dict[bytes, str] = {}
+_LAYER_TEXTS_MAX = 8192
+_NET_LAYER = 100  # NetParameter.layer: text_format prints fields in number order, so the layers come last
+
+
+def _net_text(net) -> str:
+    """``text_format.MessageToString(net)``, each layer's text from the cache when printed before."""
+    if any(field.number > _NET_LAYER for field, _ in net.ListFields()):
+        return text_format.MessageToString(net)
+    top = type(net)()
+    top.CopyFrom(net)
+    top.ClearField("layer")
+    out = [text_format.MessageToString(top)]
+    for layer in net.layer:
+        if len(layer.blobs):  # a caffemodel's layer: too large to keep
+            out.append("layer {\n" + text_format.MessageToString(layer, indent=2) + "}\n")
+            continue
+        key = layer.SerializeToString(deterministic=True)
+        text = _LAYER_TEXTS.get(key)
+        if text is None:
+            text = text_format.MessageToString(layer, indent=2)
+            if len(_LAYER_TEXTS) >= _LAYER_TEXTS_MAX:
+                _LAYER_TEXTS.pop(next(iter(_LAYER_TEXTS)))
+            _LAYER_TEXTS[key] = text
+        out.append("layer {\n" + text + "}\n")
+    return "".join(out)
+
+
+def message_text(message) -> str:
+    """``text_format.MessageToString(message)``, remembered so that parsing the text again (when the
+    file is read back) is a copy of ``message``.
+
+    A printed text parses to the message printed, but for what text does not hold: unknown fields
+    (not printed; dropped from the remembered copy) and NaN payloads (a text with a NaN is not
+    remembered).
+    """
+    text = _net_text(message) if isinstance(message, caffe_pb().NetParameter) else text_format.MessageToString(message)
+    if not _NAN.search(text):
+        copy = type(message)()
+        copy.CopyFrom(message)
+        copy.DiscardUnknownFields()
+        _remember(copy, text)
+    return text
+
+
 def parse_prototxt_text(text: str, path: str, message=None):
     """Parse Caffe text format into ``message`` (a new NetParameter by default)."""
     msg = caffe_pb().NetParameter() if message is None else message
+    empty = msg.ByteSize() == 0  # parsing into a message that holds fields merges, and may refuse
+    known = _TEXTS.get((type(msg), text)) if empty else None
+    if known is not None:
+        msg.MergeFromString(known)
+        return msg
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: protobuf's enum lookup fails on it with a SystemError
@@ -143,6 +211,8 @@ def parse_prototxt_text(text: str, path: str, message=None):
             hint = (" If this is a custom layer, compile your Caffe's caffe.proto with "
                     "amct_caffe.set_caffe_proto(path) or the AMCT_CAFFE_PROTO environment variable.")
         raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {e}.{hint}") from None
+    if empty:
+        _remember(msg, text)
     return msg
 
 
@@ -186,7 +256,7 @@ def _may_hold_opencv_blobs(net) -> bool:
 
 def write_prototxt(msg, path) -> None:
     with atomic_output(path, "w") as f:
-        f.write(text_format.MessageToString(msg))
+        f.write(message_text(msg))
 
 
 def write_caffemodel(msg, path) -> None:

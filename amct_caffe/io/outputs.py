@@ -10,21 +10,67 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 
-from google.protobuf import text_format
-
 from amct_caffe.errors import FileAccessError
-from amct_caffe.io.files import temp_file_beside, write_error
+from amct_caffe.io.files import message_text, temp_file_beside, write_error
 from amct_caffe.io.paths import check_distinct, check_output
+
+_IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
+
+
+def _write_all(fd: int, chunks: list) -> None:
+    """Write ``chunks`` in turn: a few writev calls, so that a worker thread gives up and takes back
+    the interpreter lock a few times per file, not once per blob."""
+    views = [v for v in (memoryview(c).cast("B") for c in chunks) if v.nbytes]
+    while views:
+        done = os.writev(fd, views[:_IOV_MAX])
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if done:  # a partial write ends inside a buffer
+            views[0] = views[0][done:]
 
 
 class StagedOutputs:
-    def __init__(self):
-        self._files: list[tuple[Path, bytes]] = []
+    """The files of one call, written by :meth:`commit` (all of them, or none).
+
+    ``ahead``: each file is written to its temporary name on a worker thread as soon as it is added,
+    while the caller prepares the next ones; :meth:`commit` waits for it, then renames. Use it as a
+    context manager, so that a failure before the commit removes what was written ahead.
+    """
+
+    def __init__(self, ahead: bool = False):
+        self._files: list[tuple[Path, list]] = []  # (target, the buffers its bytes are, in order)
+        self._staged: list[tuple[str, Path]] = []  # (temporary file, target), written or being written
+        self._made: list[Path] = []  # directories created for the files, removed again if nothing is committed
+        self._target = Path()  # the file being written or moved, for messages
+        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if ahead else None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
 
     def add_bytes(self, path, data: bytes) -> str:
-        self._files.append((check_output(path), data))
+        return self.add_chunks(path, [data])
+
+    def add_chunks(self, path, chunks: list) -> str:
+        """Stage a file whose bytes are the concatenation of ``chunks`` (bytes or memoryviews, which
+        must not change before :meth:`commit`)."""
+        target = check_output(path)
+        self._files.append((target, chunks))
+        if self._queue is not None:
+            self._check_targets()  # before anything is written for them
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._write_ahead, name="amct-outputs", daemon=True)
+                self._worker.start()
+            self._queue.put((target, chunks))
         return str(path)
 
     def add_text(self, path, text: str) -> str:
@@ -34,28 +80,70 @@ class StagedOutputs:
         return self.add_text(path, json.dumps(obj, indent=2) + "\n")
 
     def add_message_text(self, path, message) -> str:
-        return self.add_text(path, text_format.MessageToString(message))
+        return self.add_text(path, message_text(message))
 
-    def commit(self) -> None:
-        """Write every file, or none: on any failure the targets are as they were before."""
+    def _check_targets(self) -> None:
         check_distinct(path for path, _ in self._files)
         for path, _ in self._files:
             if path.is_dir():
                 raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output "
                                       "path")
-        staged: list[tuple[str, Path]] = []
-        moved: list[tuple[Path, str | None]] = []  # (target, backup of its previous file or None)
-        target = self._files[0][0] if self._files else Path()
+
+    def _write_temp(self, path: Path, chunks: list) -> None:
+        self._target = path
+        if not path.parent.is_dir():
+            missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made += missing  # deepest first
+        fd, tmp = temp_file_beside(path)
+        self._staged.append((tmp, path))
         try:
-            for path, data in self._files:
-                target = path
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = temp_file_beside(path)
-                staged.append((tmp, path))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            for tmp, path in staged:
-                target = path
+            _write_all(fd, chunks)
+        finally:
+            os.close(fd)
+
+    def _write_ahead(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure the rest is not written; commit reports it
+                try:
+                    self._write_temp(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = e
+
+    def _join(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    def discard(self) -> None:
+        """Remove what was written and not committed (nothing after a commit): the temporary files,
+        and the directories made for them."""
+        self._join()
+        for tmp, _ in self._staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._staged.clear()
+        for directory in self._made:
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                directory.rmdir()
+        self._made.clear()
+
+    def commit(self) -> None:
+        """Write every file, or none: on any failure the targets are as they were before."""
+        if self._queue is None:
+            self._check_targets()
+        moved: list[tuple[Path, str | None]] = []  # (target, backup of its previous file or None)
+        try:
+            if self._queue is None:
+                for path, chunks in self._files:
+                    self._write_temp(path, chunks)
+            else:
+                self._join()
+                if self._error is not None:
+                    raise self._error
+            for tmp, path in self._staged:
+                self._target = path
                 backup = f"{tmp}.previous" if path.exists() else None
                 moved.append((path, backup))  # before the renames: an interrupt between them is undone too
                 if backup is not None:
@@ -68,13 +156,12 @@ class StagedOutputs:
                         os.replace(backup, path)
                     else:
                         os.unlink(path)
+            self.discard()
             if isinstance(e, OSError):
-                raise FileAccessError(f"{write_error(target, e)}; no output file was changed") from e
+                raise FileAccessError(f"{write_error(self._target, e)}; no output file was changed") from e
             raise
-        finally:
-            for tmp, _ in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        self._made.clear()  # they hold the outputs now
+        self.discard()  # nothing left to remove: every temporary file was moved
         for _, backup in moved:
             if backup is not None:
                 with contextlib.suppress(FileNotFoundError):

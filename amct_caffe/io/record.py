@@ -30,6 +30,7 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output, read_text
+from amct_caffe.io.float_text import float_texts
 from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
@@ -223,8 +224,9 @@ def message_text(msg) -> str:
             rest.ClearField(name)
         key = weights.SerializeToString()
         text = _WEIGHT_TEXT.get(key)
-        if text is None:
-            text = text_format.MessageToString(weights, indent=4)
+        if text is None:  # text_format's lines (field 1 float, field 2 int32), the floats printed together
+            text = "".join([*(f"    scale_w: {t}\n" for t in float_texts(weights.scale_w)),
+                            *(f"    offset_w: {v}\n" for v in weights.offset_w)])
             if len(_WEIGHT_TEXT) >= _WEIGHT_TEXT_MAX:
                 _WEIGHT_TEXT.pop(next(iter(_WEIGHT_TEXT)))
             _WEIGHT_TEXT[key] = text
@@ -371,14 +373,20 @@ def read_record(path) -> Record:
     return parse_record_text(text, str(path))
 
 
-def write_record(record: Record, path) -> None:
-    """Write the record as text, atomically."""
+def record_file(record: Record) -> tuple[str, bytes]:
+    """(text, the message serialized) of ``record``: what :func:`write_record` writes and remembers,
+    printed ahead of the write (while another file is written)."""
     message = to_message(record)
-    text = message_text(message)
+    return message_text(message), message.SerializeToString()
+
+
+def write_record(record: Record | tuple[str, bytes], path) -> None:
+    """Write the record (or its :func:`record_file`) as text, atomically."""
+    text, serialized = record_file(record) if isinstance(record, Record) else record
     with atomic_output(path, "w") as f:
         f.write(text)
     key = os.path.abspath(path)
     _WRITTEN.pop(key, None)
     while len(_WRITTEN) >= _WRITTEN_MAX:
         _WRITTEN.pop(next(iter(_WRITTEN)))
-    _WRITTEN[key] = (text, message.SerializeToString())
+    _WRITTEN[key] = (text, serialized)

@@ -137,15 +137,21 @@ def _after_node(graph: Graph, node: Node, j: int, kind: str, suffix: str, layer_
     return Node(name, kind, [new], [old], [], layer_param, origin=[])
 
 
-def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, model: str):
-    """New params for ``node`` and the DeQuant blobs, for ``model`` FAKE or DEPLOY."""
+def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, model: str, codes: dict | None):
+    """New params for ``node`` and the DeQuant blobs, for ``model`` FAKE or DEPLOY (``codes``: see
+    :func:`build_quantized_graph`)."""
     channels = _out_channels(node)
     scale_w, offset_w, bits = weight_factors(record, target, channels)
-    try:
-        q, fake = quantize_with_scales(node.params[0], scale_w, node.type if node.type != "Convolution"
-                                       else target.layer_type, bits, _group(node))
-    except AmctError as e:
-        raise RecordError(f"layer '{target.name}': {e}") from None
+    if codes is not None and target.name in codes:
+        q, fake = codes[target.name]
+    else:
+        try:
+            q, fake = quantize_with_scales(node.params[0], scale_w, node.type if node.type != "Convolution"
+                                           else target.layer_type, bits, _group(node))
+        except AmctError as e:
+            raise RecordError(f"layer '{target.name}': {e}") from None
+        if codes is not None:
+            codes[target.name] = q, fake
     bias = node.params[1] if len(node.params) > 1 else None
     deq_channels = scale_w.size
     if model == FAKE:
@@ -170,8 +176,14 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
     return params, dequant_blobs, deq_channels > 1
 
 
-def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, model: str) -> Graph:
-    """The fake-quant (``FAKE``) or deploy (``DEPLOY``) graph of float ``graph`` (not modified)."""
+def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, model: str,
+                          codes: dict | None = None) -> Graph:
+    """The fake-quant (``FAKE``) or deploy (``DEPLOY``) graph of float ``graph`` (not modified).
+
+    ``codes``: {layer: (integer weights, fake-quant weights)}, filled by the first of two calls with
+    the same graph, targets and record and read by the second, so that saving both models quantizes
+    each weight once (the fake-quant model holds the one, the deploy model the other).
+    """
     out = graph.copy()
     for target in targets:
         node = out.node(target.name)
@@ -189,7 +201,7 @@ def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, mode
             quantized_form(node, record, {i: a.scale_d for i, a in zip(target.inputs, acts, strict=True)},
                            acts[0].num_bits, integer=model == DEPLOY)
         elif target.weighted:
-            params, dequant_blobs, channel_wise = _quantize_weights(node, target, record, acts[0], model)
+            params, dequant_blobs, channel_wise = _quantize_weights(node, target, record, acts[0], model, codes)
             node.params = params
             lp = caffe_pb().LayerParameter()
             dp = lp.dequant_param

@@ -157,3 +157,27 @@ def test_convert_model_needs_factors_not_only_fusion_settings(tmp_path):
     with pytest.raises(AmctError, match="no record entry gives quantization factors"):
         amct.convert_model(str(LENET), str(LENET_W), str(rec), str(tmp_path / "out/model"))
     assert not (tmp_path / "out").exists()
+
+
+def test_save_model_failing_after_the_fake_quant_model_was_written_ahead_leaves_nothing(quantized, tmp_path,
+                                                                                        monkeypatch):
+    """The fake-quant model is being written while the deploy model is built: a failure there removes it."""
+    from amct_caffe.api import outputs
+    from amct_caffe.passes.quantized_models import DEPLOY
+
+    _, graph, _ = quantized
+    real = outputs.build_quantized_graph
+
+    def failing(float_graph, targets, rec, kind, codes=None):
+        if kind == DEPLOY:
+            raise AmctError("the deploy model cannot be built")
+        return real(float_graph, targets, rec, kind, codes)
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept/lenet_quant.json").write_text("an earlier run's")
+    monkeypatch.setattr(outputs, "build_quantized_graph", failing)
+    for save_path in (tmp_path / "new/dir/lenet", tmp_path / "kept/lenet"):
+        with pytest.raises(AmctError, match="deploy model cannot be built"):
+            amct.save_model(graph, "Both", str(save_path))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["kept", "kept/lenet_quant.json"]
+    assert (tmp_path / "kept/lenet_quant.json").read_text() == "an earlier run's"

@@ -6,6 +6,7 @@ import stat
 import pytest
 
 from amct_caffe.io.outputs import StagedOutputs
+from amct_caffe.errors import AmctError
 from amct_caffe.io.files import atomic_output
 
 
@@ -75,3 +76,46 @@ def test_an_interrupt_while_outputs_are_moved_into_place_changes_nothing(tmp_pat
     monkeypatch.setattr(_os, "replace", real_replace)
     assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_outputs_written_ahead_are_removed_when_the_call_fails_before_its_commit(tmp_path):
+    """The files added so far are being written; the error before the commit removes them and the
+    directories made for them."""
+    from amct_caffe.io.outputs import StagedOutputs
+
+    with pytest.raises(RuntimeError), StagedOutputs(ahead=True) as out:
+        out.add_chunks(tmp_path / "new" / "sub" / "a.bin", [b"x" * 100_000, memoryview(b"yz")])
+        out.add_text(tmp_path / "b.txt", "b")
+        raise RuntimeError("the deploy model cannot be built")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_ahead_failure_is_reported_by_the_commit(tmp_path):
+    from amct_caffe.io.outputs import StagedOutputs
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "file").write_text("not a directory")
+    with StagedOutputs(ahead=True) as out:
+        out.add_text(tmp_path / "a.txt", "new a")
+        out.add_text(tmp_path / "file" / "b.txt", "b")
+        with pytest.raises(AmctError, match="file is a file, not a directory.*no output file was changed"):
+            out.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file"]
+    assert (tmp_path / "a.txt").read_text() == "old a"
+
+
+def test_outputs_written_ahead_are_committed(tmp_path, monkeypatch):
+    """Chunks in order, through writes that stop short (as a write may) inside a buffer."""
+    import os
+
+    from amct_caffe.io.outputs import StagedOutputs
+
+    real_writev = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: real_writev(fd, [bytes(buffers[0])[:7], *buffers[1:2]]))
+    chunks = [b"head", memoryview(bytes(range(256)) * 40), b"", b"tail" * 9]
+    with StagedOutputs(ahead=True) as out:
+        out.add_chunks(tmp_path / "d" / "a.bin", chunks)
+        out.add_json(tmp_path / "b.json", {"k": 1})
+        out.commit()
+    assert (tmp_path / "d" / "a.bin").read_bytes() == b"".join(bytes(c) for c in chunks)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.bin", "b.json", "d"]
