@@ -167,11 +167,58 @@ def _check(workdir: Path, name: str, status: str, prototxt: str = "") -> tuple[s
     if grad_problems({k: ref[k] for k in forward}, ours):
         return "forward", ""
     problems = grad_problems({k: v for k, v in ref.items() if k.startswith(("diff/", "pdiff/"))}, ours)
-    if problems and constant_group(prototxt, ref):
-        return "forward", constant_group(prototxt, ref)
-    if problems and cancelled_noise(prototxt, ref, ours, problems):
-        return "noise", cancelled_noise(prototxt, ref, ours, problems)
-    return ("fail", "\n  ".join(problems[:6])) if problems else ("ok", "")
+    if not problems:
+        return "ok", ""
+    for why in (constant_group(prototxt, ref), near_max_tie(prototxt, ref, ours)):
+        if why:
+            return "forward", why
+    for why in (cancelled_noise(prototxt, ref, ours, problems), summed_noise(ref, ours, problems)):
+        if why:
+            return "noise", why
+    return "fail", "\n  ".join(problems[:6])
+
+
+_ELTWISE_MAX = re.compile(r'type: "Eltwise" ((?:bottom: "[^"]+" )+)top: "[^"]+" eltwise_param \{[^}]*operation: MAX')
+TIE = 1e-6
+
+
+def near_max_tie(prototxt: str, ref: dict, ours: dict) -> str | None:
+    """An Eltwise MAX whose two largest bottoms are within ``TIE`` of the blob scale somewhere in
+    Caffe's forward, where the executor's bottoms are not Caffe's to the bit: which bottom wins
+    there (and takes the gradient) then depends on the last ulp, as at the order-sensitive layers
+    the forward test excuses (``test_differential.near_tie``). None when there is no such place.
+    """
+    for m in _ELTWISE_MAX.finditer(prototxt):
+        names = re.findall(r'bottom: "([^"]+)"', m.group(1))
+        if any(f"data/{b}" not in ref or f"data/{b}" not in ours for b in names) or len(names) < 2:
+            continue
+        caffe = np.stack([ref[f"data/{b}"].ravel() for b in names])
+        if not any(np.any(ours[f"data/{b}"].ravel() != ref[f"data/{b}"].ravel()) for b in names):
+            continue  # the same bottoms: the same choices
+        top2 = np.sort(caffe, axis=0)[-2:]
+        scale = float(np.abs(caffe).max()) or 1.0
+        if np.any(top2[1] - top2[0] <= TIE * scale):
+            return f"an Eltwise MAX of {names} has bottoms within {TIE:g} of scale {scale:.3g}: a near tie"
+    return None
+
+
+def summed_noise(ref: dict, ours: dict, problems: list[str]) -> str | None:
+    """Why the disagreeing arrays are within the rounding of a float32 sum of the net's terms, or None.
+
+    A learned blob's gradient (a bias: the sum of its top diff over the batch and the map) whose
+    terms nearly cancel is compared against its own small scale; two summation orders differ by
+    up to about ``n`` ulps of the terms, ``n`` the largest diff array (at most 4096 counted).
+    """
+    big = max(float(np.abs(v).max()) for k, v in ref.items() if k.startswith(("diff/", "topdiff/")) and v.size)
+    n = min(4096, max(v.size for k, v in ref.items() if k.startswith(("diff/", "topdiff/"))))
+    bound = 4 * 2.0 ** -24 * n * big
+    for p in problems:
+        key = p.split(":", 1)[0]
+        if key not in ours or ours[key].size != ref[key].size or not ref[key].size:
+            return None
+        if not float(np.abs(ours[key].reshape(ref[key].shape).astype(np.float64) - ref[key]).max()) <= bound:
+            return None
+    return f"every disagreement is within {bound:.3g}, the rounding of a sum of {n} terms of the net's {big:.3g}"
 
 
 @pytest.mark.parametrize("seed", SEEDS)
