@@ -152,6 +152,9 @@ def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 
 def prelu(x: F32, slope: F32, threads: int) -> F32:
     """x (N, C, ...) -> x where x > 0, else x * slope[c] (one slope: shared): multiply, then copyto where x > 0."""
 
+def bias_prelu(y: F32, b: F32 | None, slope: F32, threads: int) -> None:
+    """In place on y (N, C, ...): y += b[c] (if given), then prelu's y > 0 ? y : y * slope[c]."""
+
 def direct_conv2d_affine(
     x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
     scale: F32 | None, bias: F32 | None, relu: bool,

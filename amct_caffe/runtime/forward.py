@@ -152,6 +152,13 @@ def _chain_step(net, chain, reshape: bool):
     bottoms = [net.blobs[b] for b in net.bottom_names[names[chain.first]]]
     top = net.blobs[net.top_names[names[chain.first]][0]]
     fwd = chain.forward
+    small = chain.prepared(bottoms[0].shape) if chain.residual is None and len(bottoms) == 1 else None
+    if small is not None:
+        (bottom,) = bottoms
+
+        def small_step():
+            top.data = small(bottom.data)
+        return small_step
     if chain.residual is None:
         def step():
             top.data = fwd([b.data for b in bottoms], None)[0]

@@ -29,13 +29,18 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime.layers import conv_grad
+from amct_caffe.runtime.layers import caffe_gemm, conv_grad
 from amct_caffe.runtime.layers.conv_cols import per_axis
 from amct_caffe.runtime.layers.conv_plan import conv_out_size, conv_plan
 from amct_caffe.runtime.layers.deconv import Deconvolution, deconv_out_size
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
+
+try:  # csrc/src/conv_cols.cpp: a bias add in C++, the float32 adds of NumPy's `y += b`
+    from amct_caffe._kernels import channel_affine as AFFINE_KERNEL
+except ImportError:
+    AFFINE_KERNEL = None
 
 __all__ = ["Convolution", "ConvolutionLayer", "Deconvolution", "DeconvolutionLayer", "conv_out_size", "deconv_out_size"]
 
@@ -173,12 +178,59 @@ class _BaseConv(Layer):
                 or axis != 1 or len(bottom_shapes[0]) != 4):
             return self.forward
         x_shape, group = tuple(bottom_shapes[0]), self.lp.convolution_param.group
+        if AFFINE_KERNEL is not None:
+            small = self.prepared_small(x_shape, lambda y, b: b is None or AFFINE_KERNEL(y, None, b, False, 1))
+            if small is not None:
+                return lambda bottoms: [small(bottoms[0])]
 
         def forward(bottoms):
             blobs = self.blobs
             weight = blobs[0].data
             bias = blobs[1].data if len(blobs) > 1 else None
             return [conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(bottoms[0], weight, bias)]
+        return forward
+
+    def prepared_small(self, x_shape: tuple, epilogue):
+        """None, or ``forward(x) -> y`` for a float Convolution of a small ``x_shape`` input: the plan's
+        :meth:`~.conv_plan.ConvPlan.unbiased` call, then ``epilogue(y, bias)`` in place (``bias`` float32
+        (O,) or None), where the plan has one. The weight and bias are read at call time as :meth:`forward`
+        reads them; their views are remade when the arrays are replaced, and a GEMM configuration changed
+        since (``caffe_gemm.configure``) or a weight not C-contiguous takes the general path."""
+        axis, stride, pad, dilation = self._geom
+        weight = self.blobs[0].data
+        if (self.transposed or self.integer_params or self._empty_top is not None or axis != 1
+                or len(x_shape) != 4 or weight.ndim != 4):
+            return None
+        group, w_shape, config = self.lp.convolution_param.group, weight.shape, caffe_gemm.gemm_config()
+        plan = conv_plan(x_shape, w_shape, stride, pad, dilation, group)
+        run = plan.unbiased()
+        if run is None:
+            return None
+        blobs = self.blobs
+        views = [None, None, None, None]  # weight, its (g, O/g, K) view, bias, its (O,) float32 view
+
+        def general(x, weight, bias):
+            plan = conv_plan(x_shape, weight.shape, stride, pad, dilation, group)
+            y = plan(x, weight, None)
+            epilogue(y, None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1))
+            return y
+
+        def forward(x):
+            weight = blobs[0].data
+            bias = blobs[1].data if len(blobs) > 1 else None
+            if weight is not views[0]:
+                if weight.shape != w_shape or not weight.flags.c_contiguous:
+                    return general(x, weight, bias)
+                views[0], views[1] = weight, weight.reshape(group, w_shape[0] // group, -1)
+            if bias is not views[2]:
+                if bias is not None and (bias.dtype != np.float32 or not bias.flags.c_contiguous):
+                    return general(x, weight, bias)
+                views[2], views[3] = bias, None if bias is None else bias.reshape(-1)
+            if caffe_gemm.gemm_config() is not config:
+                return general(x, weight, bias)
+            y = run(x, views[1])
+            epilogue(y, views[3])
+            return y
         return forward
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):

@@ -35,7 +35,7 @@ import numpy as np
 
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers import caffe_gemm
-from amct_caffe.runtime.layers.conv_cols import im2col, im2col_2d, im2row, padded, scratch
+from amct_caffe.runtime.layers.conv_cols import IM2COL_KERNEL, im2col, im2col_2d, im2row, padded, scratch
 
 try:  # the C++ depthwise loops (csrc/src/depthwise.cpp); the NumPy path below is their reference
     from amct_caffe._kernels import depthwise_conv2d as DEPTHWISE_KERNEL
@@ -73,6 +73,9 @@ WIDE_1X1_PIXELS = 128
 # gather whole padded rows per tap (see _im2row).
 ROW_COLUMNS_WIDTH = 32
 ROW_COLUMNS_MAX_OUT = 16
+# Up to this many column values (and output values) a plan's prepared call (ConvPlan.unbiased) keeps its own
+# columns: on such inputs (MTCNN's 12x12 P-Net) the Python around the kernels is most of the time.
+SMALL_COLS = 1 << 14
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -251,6 +254,42 @@ class ConvPlan:
         y = DIRECT_AFFINE_KERNEL(x if flat is None else x.reshape(flat), np.ascontiguousarray(weight), stride, pad,
                                  dilation, grid, _workers(macs), _vector(scale), _vector(bias), relu)
         return y if flat is None else y.reshape((x.shape[0], self.o) + self.out)
+
+    def unbiased(self):
+        """None, or a callable ``(x, w) -> y``: :meth:`__call__` without the bias for a small input, ``w`` the
+        weight viewed as ``(group, O/g, K)``. The same kernel and GEMM calls on the same shapes (so the same
+        bytes), minus the per-call work: for a one-chunk column GEMM (``gemm``: im2col into columns of its
+        own, made once, then the GEMM into a fresh top) and a stride-1 ``1x1`` (the input is the columns).
+        Columns and output stay under :data:`SMALL_COLS` values, below every threading threshold, so it
+        runs on one thread as ``__call__`` does there."""
+        if self.empty or self.tail is not None or self.nsp != 2 or self.kind not in ("1x1", "gemm"):
+            return None
+        n, o, group, out = self.n, self.o, self.group, self.out
+        npix = math.prod(out)
+        if n * o * npix > SMALL_COLS:
+            return None
+        top, mm, gemm_shape = (n, o) + out, self.mm, (n, group, o // group, npix)
+        if self.kind == "1x1" and self.stride == (1, 1):
+            cshape = (n, group, self.cg, npix)
+
+            def run_1x1(x, w):  # (into a fresh C-contiguous top: a padded GEMM's result is a slice)
+                y = np.empty(top, np.float32)
+                mm(w, np.ascontiguousarray(x).reshape(cshape), out=y.reshape(gemm_shape))
+                return y
+            return run_1x1
+        if self.kind != "gemm" or self.rows or self.chunk < n or IM2COL_KERNEL is None \
+                or n * self.cg * group * self.kk * npix > SMALL_COLS:
+            return None
+        cols = np.empty((n, group * self.cg) + self.ksz + out, np.float32)
+        cols4 = cols.reshape(n, group, self.cg * self.kk, npix)
+        args = (list(self.ksz), list(self.stride), list(self.pad), list(self.dilation), list(out), False, 1)
+
+        def run(x, w):
+            IM2COL_KERNEL(np.ascontiguousarray(x), cols, *args)
+            y = np.empty(top, np.float32)
+            mm(w, cols4, out=y.reshape(gemm_shape))
+            return y
+        return run
 
     def _columns_conv(self, x, weight, kind):
         n, o, group, cg, kk = self.n, self.o, self.group, self.cg, self.kk
