@@ -257,15 +257,18 @@ def main(argv=None) -> int:
     rows = [bench(name, args.runs, max(1, min(args.rounds, args.runs)), args.warmup, caffe_root, folds)
             for name in names]
     print(f"load average {os.getloadavg()[0]:.1f} at the end")  # noqa: T201
+    def ms(v: float) -> str:  # (a net that runs in microseconds keeps three digits)
+        return f"{v:.1f}" if v >= 1 else f"{v:.4f}"
+
     for r in rows:
         ours = [k[:-3] for k in r if k.startswith("ours") and k.endswith("_ms")
                 and not k.endswith(("min_ms", "cpu_ms"))]
         for who in ours:
-            line = (f"{r['model']:<20} {r['input']:<14} {who:<11} {r[who + '_ms']:>9.1f} ms"
-                    f" (min {r[who + '_min_ms']:.1f})")
+            line = (f"{r['model']:<20} {r['input']:<14} {who:<11} {ms(r[who + '_ms']):>9} ms"
+                    f" (min {ms(r[who + '_min_ms'])})")
             if caffe_root:
                 tag = who[4:]
-                line += (f"  caffe {r['caffe_ms']:.1f} ms (min {r['caffe_min_ms']:.1f})"
+                line += (f"  caffe {ms(r['caffe_ms'])} ms (min {ms(r['caffe_min_ms'])})"
                          f"  ours/caffe {r['ratio' + tag]:.2f} (cpu {r['cpu_ratio' + tag]:.2f})"
                          f"  max|diff| {r['max_abs_diff' + tag]:.2e}")
             print(line)  # noqa: T201

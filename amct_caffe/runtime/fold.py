@@ -133,26 +133,12 @@ class Chain:
 
     def prepared(self, x_shape: tuple):
         """None, or ``forward(x) -> top`` for a Convolution head and a ReLU or PReLU alone after it, on a small
-        ``x_shape`` input: the head's prepared call (:meth:`.conv._BaseConv.prepared_small`) with the bias and
-        the activation as its epilogue, in one C++ pass; the bytes of :meth:`forward`."""
+        ``x_shape`` input: the head's prepared call with the activation (:meth:`.conv._BaseConv.prepared_small`),
+        the bytes of :meth:`forward`."""
         if self.head.type != "Convolution" or self.residual is not None or len(self.members) != 1 \
-                or AFFINE_KERNEL is None:
+                or self.members[0].type not in ("ReLU", "PReLU"):
             return None
-        act = self.members[0]
-        if act.type == "ReLU":
-            return self.head.prepared_small(x_shape, lambda y, b: AFFINE_KERNEL(y, None, b, True, 1))
-        if act.type != "PReLU" or BIAS_PRELU_KERNEL is None:
-            return None
-
-        def bias_prelu(y, b):
-            slope = act.blobs[0].data
-            if slope.dtype == _F32 and slope.flags.c_contiguous:
-                BIAS_PRELU_KERNEL(y, b, slope, 1)
-            else:
-                if b is not None:
-                    y += b.reshape((-1,) + (1,) * (y.ndim - 2))
-                _prelu(y, act)
-        return self.head.prepared_small(x_shape, bias_prelu)
+        return self.head.prepared_small(x_shape, self.members[0])
 
     def _single(self, bottoms: list[np.ndarray]) -> np.ndarray:
         relu = self.members[-1].type == "ReLU"

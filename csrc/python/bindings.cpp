@@ -30,6 +30,8 @@
 
 namespace py = pybind11;
 
+void register_small_conv(py::module_& m);  // small_conv.cpp
+
 namespace {
 
 template <class T>
@@ -600,6 +602,7 @@ py::array tanhf_array(const py::handle& x_obj, int threads) {
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
+  register_small_conv(m);
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
