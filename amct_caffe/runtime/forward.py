@@ -154,7 +154,7 @@ def _runs_of_small_ops(steps: list) -> list:
 
     def close():
         if len(run) > 1:
-            out.append(_run_small_step(run))
+            out.append(_run_small_step(list(run)))  # (a copy: the steps it falls back to)
         else:
             out.extend(run)
         run.clear()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.runtime import TEST, Net
-from amct_caffe.runtime.layers import conv_plan
+from amct_caffe.runtime.layers import caffe_gemm, conv_plan
 from amct_caffe.runtime.layers.activation import PReLU
 from amct_caffe.runtime.layers.conv import Convolution
 
@@ -123,3 +123,40 @@ def test_prepared_small_net_keeps_the_full_path_bytes_and_earlier_results(tmp_pa
         for held, values in kept:
             for k, v in held.items():
                 np.testing.assert_array_equal(_bits(v), _bits(values[k]), err_msg=k)
+
+
+def _fresh_blobs(path, net, x):
+    fresh = Net(str(path), TEST, fold="off")
+    for name, blobs in net.params.items():
+        for blob, src in zip(fresh.params[name], blobs, strict=True):
+            blob.data[...] = src.data
+    fresh.forward(data=x)
+    return {k: b.data for k, b in fresh.blobs.items()}
+
+
+def test_small_ops_fall_back_to_their_own_steps(tmp_path):
+    """Under another GEMM configuration than the ops were made for, and with a learned array the C++ call
+    refuses (not C-contiguous), the layers still run, one by one, with the full path's bytes."""
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(PNET)
+    net = Net(str(path), TEST)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    net.forward(data=x)
+    net.forward(data=x)  # the prepared steps
+    try:
+        caffe_gemm.configure()  # the same settings, detected afresh: another configuration object
+        x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+        net.forward(data=x)
+        for name, want in _fresh_blobs(path, net, x).items():
+            np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+    finally:
+        caffe_gemm.configure()
+    net = Net(str(path), TEST)
+    net.forward(data=x)
+    weight = net.params["conv2"][0]
+    weight.data = np.asfortranarray(weight.data)  # the same values, refused by the C++ call
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    net.forward(data=x)
+    for name, want in _fresh_blobs(path, net, x).items():
+        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)

@@ -232,7 +232,8 @@ class _BaseConv(Layer):
                 AFFINE_KERNEL(y, None, bias, code == 1, 1)
 
         def general(x, weight, bias):
-            y = conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(x, weight, None)
+            # (a padded GEMM's result is a slice: the epilogue's C++ pass wants the values C-contiguous)
+            y = np.ascontiguousarray(conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(x, weight, None))
             epilogue(y, None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1))
             return y
 
