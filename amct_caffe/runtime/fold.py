@@ -36,6 +36,9 @@ and another blob with an in-place ReLU (the end of a residual block) runs the El
 (``residual``): ``y = conv * a + b`` is written as the chain's top and ``max(y + other, 0)`` as the
 Eltwise's in the same pass (``affine_add_relu``), the bytes of the separate steps.
 
+An in-place PReLU may end a Convolution's chain like a ReLU: it is applied in place on the chain's fresh
+top (``bias_prelu``, activation.PReLU's bytes); only a ReLU joins an Eltwise.
+
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
 in one C++ pass (``add_relu``); the same bytes in both modes.

@@ -52,25 +52,6 @@ class SoftmaxLayer(Layer):
             return [softmax_short_last_axis(x)]
         return [Softmax(x, axis=self._axis)]
 
-    def prepared_forward(self, bottom_shapes):
-        """:func:`Softmax` of a float32 bottom of these shapes (other than the short last axis) in the same
-        ufunc calls (``x.max`` and ``e.sum`` are ``np.maximum.reduce`` and ``np.add.reduce``), called
-        directly, and ``exp`` and the division in place on the one fresh array: the same bytes, a few
-        microseconds less on a tiny blob (MTCNN's (1, 2, 1, 1) face scores)."""
-        shape, axis = tuple(bottom_shapes[0]), self._axis
-        if axis == len(shape) - 1 and 1 <= shape[-1] <= SHORT_AXIS:
-            return self.forward
-        maximum, add, exp, f32 = np.maximum.reduce, np.add.reduce, np.exp, np.float32
-
-        def forward(bottoms):
-            x = bottoms[0]
-            if x.dtype != f32:
-                return self.forward(bottoms)
-            e = np.subtract(x, maximum(x, axis, None, None, True))
-            exp(e, out=e)
-            return [np.divide(e, add(e, axis, f32, None, True), out=e)]
-        return forward
-
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = (dy - sum_axis(dy * y)) * y, from the top alone (so in place works as in Caffe)."""
         if not propagate_down[0]:
