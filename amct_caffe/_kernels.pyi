@@ -152,9 +152,39 @@ def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 
 def prelu(x: F32, slope: F32, threads: int) -> F32:
     """x (N, C, ...) -> x where x > 0, else x * slope[c] (one slope: shared): multiply, then copyto where x > 0."""
 
+def bias_prelu(y: F32, b: F32 | None, slope: F32, threads: int) -> None:
+    """In place on y (N, C, ...): y += b[c] (if given), then prelu's y > 0 ? y : y * slope[c]."""
+
 def direct_conv2d_affine(
     x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
     scale: F32 | None, bias: F32 | None, relu: bool,
 ) -> F32:
     """direct_conv2d, each stored value then * scale[o], + bias[o], maximum(v, 0) (each if given): the bytes
     of the convolution followed by channel_affine."""
+
+def bind_numpy_sgemm(library: str, symbol: str, ilp64: bool) -> bool:
+    """Look up `symbol` (numpy's cblas_sgemm, 64-bit integers if ilp64) in the already loaded `library`."""
+
+def numpy_sgemm(a: F32, b: F32) -> F32:
+    """a (m, k) @ b (k, n) by the bound sgemm, called as np.matmul calls it for C-contiguous operands."""
+
+class SmallConv:
+    """A small one-group convolution of one input shape in one call (csrc/include/amct/small_conv.h)."""
+
+    def __init__(self, x_shape: list[int], o: int, kernel: list[int], stride: list[int], pad: list[int],
+                 dilation: list[int], out: list[int], rows: int, cols: int, im2col: bool, act: int) -> None: ...
+    def __call__(self, x: F32, weight: F32, bias: F32 | None, slope: F32 | None) -> F32:
+        """conv(x, weight) + bias, then act (0 none, 1 ReLU, 2 PReLU by slope): a fresh (N, O, Ho, Wo)."""
+
+class SmallPool:
+    """MAX pooling of one input shape, for SmallRun."""
+
+    def __init__(self, x_shape: list[int], kernel: list[int], stride: list[int], pad: list[int],
+                 out: list[int]) -> None: ...
+
+class SmallRun:
+    """SmallConv / SmallPool ops in order, op i reading x (inputs[i] == -1) or op inputs[i]'s output."""
+
+    def __init__(self, ops: list[SmallConv | SmallPool], inputs: list[int], biased: list[bool]) -> None: ...
+    def __call__(self, x: F32, params: list[F32]) -> list[F32]:
+        """The ops' outputs; params: each SmallConv's weight, [bias], [slope]. All checked before any runs."""

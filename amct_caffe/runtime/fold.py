@@ -36,6 +36,9 @@ and another blob with an in-place ReLU (the end of a residual block) runs the El
 (``residual``): ``y = conv * a + b`` is written as the chain's top and ``max(y + other, 0)`` as the
 Eltwise's in the same pass (``affine_add_relu``), the bytes of the separate steps.
 
+An in-place PReLU may end a Convolution's chain like a ReLU: it is applied in place on the chain's fresh
+top (``bias_prelu``, activation.PReLU's bytes); only a ReLU joins an Eltwise.
+
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
 in one C++ pass (``add_relu``); the same bytes in both modes.
@@ -58,6 +61,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers.batch_norm import _std, global_moments
 from amct_caffe.runtime.layers import winograd
+from amct_caffe.runtime.layers.activation import PReLU
 from amct_caffe.runtime.layers.conv import Convolution
 from amct_caffe.runtime.layers.conv_plan import conv_plan
 from amct_caffe.runtime.layers.eltwise import SUM
@@ -71,6 +75,10 @@ try:
     from amct_caffe._kernels import affine_add_relu as AFFINE_ADD_RELU_KERNEL
 except ImportError:
     AFFINE_ADD_RELU_KERNEL = None
+try:  # a PReLU ending a chain: the bias add and PReLU's select in one call (activation.PReLU's bytes)
+    from amct_caffe._kernels import bias_prelu as BIAS_PRELU_KERNEL
+except ImportError:
+    BIAS_PRELU_KERNEL = None
 # Below this many values the per-channel pass runs on one thread.
 THREADED_AFFINE = 1 << 18
 
@@ -126,11 +134,22 @@ class Chain:
         s = np.add(other.reshape(y.shape), y)  # eltwise.Eltwise's SUM (coefficients 1), then the ReLU
         return [y, np.maximum(s, _F32(0), out=s)]
 
+    def prepared(self, x_shape: tuple):
+        """None, or ``forward(x) -> top`` for a Convolution head and a ReLU or PReLU alone after it, on a small
+        ``x_shape`` input: the head's prepared call with the activation (:meth:`.conv._BaseConv.prepared_small`),
+        the bytes of :meth:`forward`."""
+        if self.head.type != "Convolution" or self.residual is not None or len(self.members) != 1 \
+                or self.members[0].type not in ("ReLU", "PReLU"):
+            return None
+        return self.head.prepared_small(x_shape, self.members[0])
+
     def _single(self, bottoms: list[np.ndarray]) -> np.ndarray:
         relu = self.members[-1].type == "ReLU"
         if self.head.type == "Convolution":
             y, done = self._convolution(bottoms[0], relu)
             relu = relu and not done
+            if self.members[-1].type == "PReLU":
+                _prelu(y, self.members[-1])
         elif relu and _plain_sum(self.head, bottoms):  # a residual sum and its ReLU in one pass
             return ADD_RELU_KERNEL(bottoms[0], bottoms[1], threads.workers() if bottoms[0].size >= THREADED_AFFINE
                                    else 1)
@@ -146,7 +165,7 @@ class Chain:
         _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
         weight = conv.blobs[0].data
         bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
-        affine = [m for m in self.members if m.type != "ReLU"]
+        affine = [m for m in self.members if m.type not in ("ReLU", "PReLU")]
         group = conv.lp.convolution_param.group
         # Winograd only where FAST already gives up Caffe's bytes (a BatchNorm / Scale folded): a
         # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit
@@ -209,6 +228,16 @@ def _affine(y: np.ndarray, a: np.ndarray | None, b: np.ndarray | None, relu: boo
         y += b.reshape(shape)
     if relu:
         np.maximum(y, _F32(0), out=y)
+
+
+def _prelu(y: np.ndarray, layer) -> None:
+    """In place on ``y`` (N, C, ...), the chain's fresh top: PReLU ``layer``'s forward (activation.PReLU)."""
+    slope = layer.blobs[0].data
+    if BIAS_PRELU_KERNEL is not None and y.flags.c_contiguous and slope.dtype == _F32 \
+            and slope.flags.c_contiguous:
+        BIAS_PRELU_KERNEL(y, None, slope, _threads(y))
+    else:
+        y[...] = PReLU(y, slope)
 
 
 def _threads(y: np.ndarray) -> int:
@@ -274,11 +303,11 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
         while j < len(layers) and bottom_names[j] == [top] and top_names[j] == [top] \
                 and not any(loss_weights[j]) and _foldable_member(layers[j]):
             j += 1
-            if layers[j - 1].type == "ReLU":  # nothing affine can join after the ReLU
+            if layers[j - 1].type in ("ReLU", "PReLU"):  # nothing affine can join after the activation
                 break
         if j > i + 1:
             tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) \
-                if mode is FoldMode.FAST and layers[j - 1].type != "ReLU" else None
+                if mode is FoldMode.FAST and layers[j - 1].type not in ("ReLU", "PReLU") else None
             if tail is not None:
                 chains[i] = Chain(i, j + 1, head, tuple(layers[i + 1:j]), mode, residual=j, other=tail)
             else:
@@ -312,6 +341,8 @@ def _foldable_head(layer, bottoms, tops, loss_weights) -> bool:
 
 
 def _foldable_member(layer) -> bool:
+    if layer.type == "PReLU":  # (only after a Convolution: an Eltwise takes a ReLU alone)
+        return not layer.integer_params
     if layer.type == "ReLU":
         return layer.lp.relu_param.negative_slope == 0
     if layer.type == "BatchNorm":

@@ -25,6 +25,12 @@ import sys
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layers import caffe_gemm
+
+try:  # csrc/python/small_conv.cpp: consecutive native ops in one call (_runs_of_small_ops)
+    from amct_caffe._kernels import SmallRun as SMALL_RUN
+except ImportError:
+    SMALL_RUN = None
 
 _F32 = np.dtype(np.float32)
 
@@ -131,7 +137,93 @@ def prepare(net, produced: list) -> list:
         elif layer.type != "Input":
             steps.append(_layer_step(net, i, produced[i], reads_dynamic))
         i = last + 1
-    return steps
+    return _runs_of_small_ops(steps)
+
+
+def _runs_of_small_ops(steps: list) -> list:
+    """``steps`` with each run of consecutive steps that are native ops (convolutions of small inputs and
+    the MAX pooling between them, whose step has ``small``: see :func:`_small_step`) replaced by one step
+    that runs them all in one C++ call (``SmallRun``, csrc/python/small_conv.cpp): the same kernels with
+    the same arguments, minus a Python step and a pybind11 call per layer, which on MTCNN's 12x12 P-Net
+    cost more than the layers. A run reads one blob from outside (its first op's bottom); every op reads
+    that blob or an earlier op's top, and no op writes the blob read from outside or a top written before.
+    """
+    if SMALL_RUN is None:
+        return steps
+    out, run = [], []
+
+    def close():
+        if len(run) > 1:
+            out.append(_run_small_step(list(run)))  # (a copy: the steps it falls back to)
+        else:
+            out.extend(run)
+        run.clear()
+
+    for step in steps:
+        small = getattr(step, "small", None)
+        if small is not None and run:
+            x = run[0].small[1]
+            tops = [s.small[2] for s in run]
+            if small[1] is not x and small[1] not in tops or small[2] is x or small[2] in tops:
+                close()
+        if small is None:
+            close()
+            out.append(step)
+        else:
+            run.append(step)
+    close()
+    return out
+
+
+def _run_small_step(run: list):
+    """One step running ``run`` (steps with ``small``) in one ``SmallRun`` call; their own steps, one by
+    one, under another GEMM configuration than the ops were made for (``caffe_gemm.configure``) or when the
+    call refuses an array (not C-contiguous float32: it checks all before running any)."""
+    x = run[0].small[1]
+    tops = [s.small[2] for s in run]
+    ops = [s.small[0][0] for s in run]
+    inputs = [-1 if s.small[1] is x else tops.index(s.small[1]) for s in run]
+    biased = [s.small[0][2] for s in run]
+    params = [b for s in run for b in s.small[0][1]]
+    configs = {id(c): c for c in (s.small[0][3] for s in run) if c is not None}
+    config = next(iter(configs.values()), None)
+    if len(configs) > 1:
+        return _in_turn(run)
+    try:
+        call = SMALL_RUN(ops, inputs, biased)
+    except ValueError:  # shapes that do not chain (its checks): the steps in turn
+        return _in_turn(run)
+    gemm_config = caffe_gemm.gemm_config
+
+    def step():
+        if config is None or gemm_config() is config:
+            try:
+                outs = call(x.data, [b.data for b in params])
+            except (TypeError, ValueError):  # the steps' own paths take such arrays
+                outs = None
+            if outs is not None:
+                for blob, arr in zip(tops, outs, strict=True):
+                    blob.data = arr
+                return
+        for s in run:
+            s()
+    return step
+
+
+def _in_turn(run: list):
+    def step():
+        for s in run:
+            s()
+    return step
+
+
+def _small_step(step, fwd, bottom, top):
+    """Mark ``step`` (running ``fwd`` on Blob ``bottom`` into Blob ``top``) as a native op when ``fwd`` is one
+    (its ``small_op``: the op, its learned blobs, whether it has a bias, its GEMM configuration)."""
+    op = getattr(fwd, "small_op", None)
+    if op is not None:
+        step.small = (op, bottom, top)
+    return step
 
 
 def _careful(net, i: int, shapes, dynamic: bool) -> bool:
@@ -152,6 +244,13 @@ def _chain_step(net, chain, reshape: bool):
     bottoms = [net.blobs[b] for b in net.bottom_names[names[chain.first]]]
     top = net.blobs[net.top_names[names[chain.first]][0]]
     fwd = chain.forward
+    small = chain.prepared(bottoms[0].shape) if chain.residual is None and len(bottoms) == 1 else None
+    if small is not None:
+        (bottom,) = bottoms
+
+        def small_step():
+            top.data = small(bottom.data)
+        return _small_step(small_step, small, bottom, top)
     if chain.residual is None:
         def step():
             top.data = fwd([b.data for b in bottoms], None)[0]
@@ -204,7 +303,7 @@ def _fast_layer_step(net, i: int, shapes: tuple):
             if shape is not None and arr.shape != shape:
                 raise GraphError(f"layer '{name}' produced {top_names[0]} of shape {arr.shape}, expected {shape}")
             top.data = arr
-        return single
+        return _small_step(single, fwd, bottom, top) if shape is not None else single
     pairs = list(zip(tops, expect, top_names, strict=True))
 
     def step():

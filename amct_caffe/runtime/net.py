@@ -318,9 +318,9 @@ class Net:
             blob.data[...] = value
         adapt_threads()  # BLAS threads follow the machine's load (runtime/threads.py)
         self._loss = 0.0
-        span = self._range(start, end)
-        if len(span) == len(self.layers):
-            key = tuple(self.blobs[t].shape for t in self.inputs)
+        span = None if start is None and end is None else self._range(start, end)  # None: every layer
+        if span is None or len(span) == len(self.layers):
+            key = tuple([self.blobs[t].data.shape for t in self.inputs])
             if self._steps is not None and self._steps_key == key:
                 for step in self._steps:  # the prepared steps of forward.py: same shapes as last time
                     step()
@@ -332,6 +332,8 @@ class Net:
             forward.run(self, span.start, span.stop)
         for done in self.after_forward:
             done()
+        if end is None and not blobs:  # (self.outputs has no repeats)
+            return {o: self.blobs[o].data for o in self.outputs}
         outs = list(self.outputs) if end is None else list(self.top_names[end])
         outs += list(blobs or [])
         return {o: self.blobs[o].data for o in dict.fromkeys(outs)}

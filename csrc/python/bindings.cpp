@@ -30,6 +30,8 @@
 
 namespace py = pybind11;
 
+void register_small_conv(py::module_& m);  // small_conv.cpp
+
 namespace {
 
 template <class T>
@@ -600,6 +602,7 @@ py::array tanhf_array(const py::handle& x_obj, int threads) {
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
+  register_small_conv(m);
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
@@ -697,6 +700,31 @@ PYBIND11_MODULE(_kernels, m) {
     amct::prelu(x.data(), a.data(), yp, n, c, p, shared, threads);
     return y;
   }, py::arg("x"), py::arg("slope"), py::arg("threads"));
+  // A convolution's bias and the in-place PReLU after it, in place on its GEMM result (a folded chain,
+  // runtime/fold.py): channel_affine's float32 add, then prelu's select (which reads each value before it
+  // writes it), so the bytes of `y += b` followed by the PReLU layer, in one call instead of two.
+  m.def("bias_prelu", [](const py::handle& y_obj, const py::object& b_obj, const py::handle& a_obj, int threads) {
+    auto y = checked<float>(y_obj, "y");
+    auto a = checked<float>(a_obj, "slope");
+    if (y.ndim() < 2) throw py::value_error("y must be (N, C, ...)");
+    if (!y.writeable()) throw py::value_error("y must be writeable");
+    const std::size_t n = static_cast<std::size_t>(y.shape(0)), c = static_cast<std::size_t>(y.shape(1));
+    const bool shared = a.size() == 1;
+    if (!shared && static_cast<std::size_t>(a.size()) != c) {
+      throw py::value_error("slope must have one value per channel, or one for all");
+    }
+    py::array_t<float> b;
+    if (!b_obj.is_none()) {
+      b = checked<float>(b_obj, "b", 1);
+      if (static_cast<std::size_t>(b.size()) != c) throw py::value_error("b must have one value per channel");
+    }
+    const float* bp = b_obj.is_none() ? nullptr : b.data();
+    const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
+    auto* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    if (bp) amct::channel_affine(yp, n, c, p, nullptr, bp, false, threads);
+    amct::prelu(yp, a.data(), yp, n, c, p, shared, threads);
+  }, py::arg("y"), py::arg("b"), py::arg("slope"), py::arg("threads"));
   m.def("direct_conv2d_affine", [](const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                                    std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
                                    const py::object& scale_obj, const py::object& bias_obj, bool relu) {

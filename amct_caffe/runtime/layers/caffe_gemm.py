@@ -332,6 +332,20 @@ def plain(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool
     return not blocks and _call_shape(m, n, k, caffe_mnk, trans_b, blocks) == (m, n)
 
 
+def single_call(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int]) -> tuple[int, int] | None:
+    """(rows, columns) of the one ``np.matmul`` per pair of (m x k) @ (k x n) operands that :func:`prepared`
+    makes (the operands padded with zero rows / columns to that), or None where it makes several (K
+    blocks) or one that numpy need not send to ``sgemm`` (a dimension of 1: ``sgemv`` or numpy's own loop)."""
+    blocks = k_blocks(*caffe_mnk)
+    if blocks or not exact():
+        if not plain(m, k, n, caffe_mnk):
+            return None
+        rows, cols = m, n
+    else:
+        rows, cols = _call_shape(m, n, k, caffe_mnk, False, blocks)
+    return (rows, cols) if min(rows, cols, k) >= 2 else None
+
+
 def prepared(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool = False):
     """:func:`matmul` for (..., m, k) @ (..., k, n) operands, its decisions made once for these sizes and
     the configuration in force: a callable ``(a, b, out=None, part=None)`` making the same numpy calls.

@@ -29,13 +29,20 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.runtime.layers import conv_grad
+from amct_caffe.runtime.layers import caffe_gemm, conv_grad
+from amct_caffe.runtime.layers.activation import PReLU
 from amct_caffe.runtime.layers.conv_cols import per_axis
 from amct_caffe.runtime.layers.conv_plan import conv_out_size, conv_plan
 from amct_caffe.runtime.layers.deconv import Deconvolution, deconv_out_size
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
+
+try:  # csrc/src/conv_cols.cpp: a bias add in C++, the float32 adds of NumPy's `y += b` (prepared_small)
+    from amct_caffe._kernels import bias_prelu as BIAS_PRELU_KERNEL
+    from amct_caffe._kernels import channel_affine as AFFINE_KERNEL
+except ImportError:
+    AFFINE_KERNEL = BIAS_PRELU_KERNEL = None
 
 __all__ = ["Convolution", "ConvolutionLayer", "Deconvolution", "DeconvolutionLayer", "conv_out_size", "deconv_out_size"]
 
@@ -173,12 +180,98 @@ class _BaseConv(Layer):
                 or axis != 1 or len(bottom_shapes[0]) != 4):
             return self.forward
         x_shape, group = tuple(bottom_shapes[0]), self.lp.convolution_param.group
+        small = self.prepared_small(x_shape)
+        if small is not None:
+            def forward_small(bottoms):
+                return [small(bottoms[0])]
+            if hasattr(small, "small_op"):
+                forward_small.small_op = small.small_op
+            return forward_small
 
         def forward(bottoms):
             blobs = self.blobs
             weight = blobs[0].data
             bias = blobs[1].data if len(blobs) > 1 else None
             return [conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(bottoms[0], weight, bias)]
+        return forward
+
+    def prepared_small(self, x_shape: tuple, act=None):
+        """None, or ``forward(x) -> y`` for a float Convolution of a small ``x_shape`` input, followed by
+        ``act`` (None, or the in-place ReLU of negative slope 0 or PReLU layer of its fold chain) applied in
+        place: the plan's :meth:`~.conv_plan.ConvPlan.native` C++ call where it has one, else its
+        :meth:`~.conv_plan.ConvPlan.unbiased` call and the bias and activation in one C++ pass. The
+        weight, bias and slope are read at call time as :meth:`forward` reads them (arrays that are not
+        C-contiguous float32 and a GEMM configuration changed since, ``caffe_gemm.configure``, take the
+        general path)."""
+        axis, stride, pad, dilation = self._geom
+        weight = self.blobs[0].data
+        if (self.transposed or self.integer_params or self._empty_top is not None or axis != 1
+                or len(x_shape) != 4 or weight.ndim != 4 or AFFINE_KERNEL is None
+                or (act is not None and act.type == "PReLU" and BIAS_PRELU_KERNEL is None)):
+            return None
+        group, w_shape, config = self.lp.convolution_param.group, weight.shape, caffe_gemm.gemm_config()
+        plan = conv_plan(x_shape, w_shape, stride, pad, dilation, group)
+        code = 0 if act is None else 1 if act.type == "ReLU" else 2
+        native = plan.native(code)
+        run = plan.unbiased() if native is None else None
+        if native is None and run is None:
+            return None
+        blobs, empty = self.blobs, ()
+        act_blobs = act.blobs if code == 2 else empty
+
+        def epilogue(y, bias):  # the bias and activation in place: channel_affine's / bias_prelu's bytes
+            if code == 2:
+                slope = act_blobs[0].data
+                if slope.dtype == np.float32 and slope.flags.c_contiguous:
+                    BIAS_PRELU_KERNEL(y, bias, slope, 1)
+                    return
+                if bias is not None:
+                    AFFINE_KERNEL(y, None, bias, False, 1)
+                y[...] = PReLU(y, slope)
+            elif code == 1 or bias is not None:
+                AFFINE_KERNEL(y, None, bias, code == 1, 1)
+
+        def general(x, weight, bias):
+            # (a padded GEMM's result is a slice: the epilogue's C++ pass wants the values C-contiguous)
+            y = np.ascontiguousarray(conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(x, weight, None))
+            epilogue(y, None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1))
+            return y
+
+        def usable(a):
+            return a.dtype == np.float32 and a.flags.c_contiguous
+
+        if native is not None:
+            def forward_native(x):
+                weight = blobs[0].data
+                bias = blobs[1].data if len(blobs) > 1 else None
+                slope = act_blobs[0].data if act_blobs else None
+                if caffe_gemm.gemm_config() is not config or not usable(weight) or weight.shape != w_shape \
+                        or (bias is not None and not usable(bias)) or (slope is not None and not usable(slope)):
+                    return general(x, weight, bias)
+                return native(np.ascontiguousarray(x), weight, bias, slope)
+            # what forward.py's runner of consecutive native ops needs: the op, its learned blobs in the
+            # order SmallRun takes them, whether it has a bias, and the GEMM configuration it was made for
+            forward_native.small_op = (native, [blobs[0]] + list(blobs[1:2]) + list(act_blobs[:1]),
+                                       len(blobs) > 1, config)
+            return forward_native
+        views = [None, None, None, None]  # weight, its (g, O/g, K) view, bias, its (O,) view
+
+        def forward(x):
+            weight = blobs[0].data
+            bias = blobs[1].data if len(blobs) > 1 else None
+            if weight is not views[0]:
+                if weight.shape != w_shape or not weight.flags.c_contiguous:
+                    return general(x, weight, bias)
+                views[0], views[1] = weight, weight.reshape(group, w_shape[0] // group, -1)
+            if bias is not views[2]:
+                if bias is not None and not usable(bias):
+                    return general(x, weight, bias)
+                views[2], views[3] = bias, None if bias is None else bias.reshape(-1)
+            if caffe_gemm.gemm_config() is not config:
+                return general(x, weight, bias)
+            y = run(x, views[1])
+            epilogue(y, views[3])
+            return y
         return forward
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):

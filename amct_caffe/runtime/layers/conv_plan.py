@@ -30,12 +30,13 @@ small-matrix kernel) and how the depthwise products are made.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers import caffe_gemm
-from amct_caffe.runtime.layers.conv_cols import im2col, im2col_2d, im2row, padded, scratch
+from amct_caffe.runtime.layers.conv_cols import IM2COL_KERNEL, im2col, im2col_2d, im2row, padded, scratch
 
 try:  # the C++ depthwise loops (csrc/src/depthwise.cpp); the NumPy path below is their reference
     from amct_caffe._kernels import depthwise_conv2d as DEPTHWISE_KERNEL
@@ -51,6 +52,12 @@ try:  # ... with a folded chain's epilogue applied as it stores (see ConvPlan.fu
     from amct_caffe._kernels import direct_conv2d_affine as DIRECT_AFFINE_KERNEL
 except ImportError:
     DIRECT_AFFINE_KERNEL = None
+try:  # csrc/python/small_conv.cpp: a small convolution in one call, its GEMMs numpy's own sgemm calls
+    from amct_caffe._kernels import SmallConv as SMALL_CONV_KERNEL
+    from amct_caffe._kernels import bind_numpy_sgemm, numpy_sgemm
+except ImportError:
+    SMALL_CONV_KERNEL = None
+_SGEMM_BOUND: bool | None = None  # whether numpy's sgemm is bound, once tried (numpy_sgemm_bound)
 # (K, outputs) bounds under which the direct kernel beats the column GEMM (see _direct)
 DIRECT_SHAPES = ((64, 64),)
 # ... for kernels of more than one tap (see _direct_args)
@@ -73,6 +80,9 @@ WIDE_1X1_PIXELS = 128
 # gather whole padded rows per tap (see _im2row).
 ROW_COLUMNS_WIDTH = 32
 ROW_COLUMNS_MAX_OUT = 16
+# Up to this many column values (and output values) a plan's prepared call (ConvPlan.unbiased) keeps its own
+# columns: on such inputs (MTCNN's 12x12 P-Net) the Python around the kernels is most of the time.
+SMALL_COLS = 1 << 14
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -124,7 +134,7 @@ class ConvPlan:
                     for s, k, st, p, d in zip(x_shape[2:], ksz, stride, pad, dilation, strict=True))
         if min(out, default=1) < 0:
             raise ValueError(f"convolution output size {list(out)} is negative: input {x_shape[2:]}, kernel {ksz}")
-        self.n, self.o, self.nsp, self.out = n, o, nsp, out
+        self.n, self.o, self.nsp, self.out, self.x_shape = n, o, nsp, out, tuple(x_shape)
         self.stride, self.pad, self.dilation, self.group, self.ksz = stride, pad, dilation, group, ksz
         self.empty = 0 in out  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
         if self.empty:
@@ -252,6 +262,61 @@ class ConvPlan:
                                  dilation, grid, _workers(macs), _vector(scale), _vector(bias), relu)
         return y if flat is None else y.reshape((x.shape[0], self.o) + self.out)
 
+    def unbiased(self):
+        """None, or a callable ``(x, w) -> y``: :meth:`__call__` without the bias for a small input, ``w`` the
+        weight viewed as ``(group, O/g, K)``. The same kernel and GEMM calls on the same shapes (so the same
+        bytes), minus the per-call work: for a one-chunk column GEMM (``gemm``: im2col into columns of its
+        own, made once, then the GEMM into a fresh top) and a stride-1 ``1x1`` (the input is the columns).
+        Columns and output stay under :data:`SMALL_COLS` values, below every threading threshold, so it
+        runs on one thread as ``__call__`` does there."""
+        if not self._small():
+            return None
+        n, o, group, out = self.n, self.o, self.group, self.out
+        npix = math.prod(out)
+        top, mm, gemm_shape = (n, o) + out, self.mm, (n, group, o // group, npix)
+        if self.kind == "1x1":
+            cshape = (n, group, self.cg, npix)
+
+            def run_1x1(x, w):  # (into a fresh C-contiguous top: a padded GEMM's result is a slice)
+                y = np.empty(top, np.float32)
+                mm(w, np.ascontiguousarray(x).reshape(cshape), out=y.reshape(gemm_shape))
+                return y
+            return run_1x1
+        cols = np.empty((n, group * self.cg) + self.ksz + out, np.float32)
+        cols4 = cols.reshape(n, group, self.cg * self.kk, npix)
+        args = (list(self.ksz), list(self.stride), list(self.pad), list(self.dilation), list(out), False, 1)
+
+        def run(x, w):
+            IM2COL_KERNEL(np.ascontiguousarray(x), cols, *args)
+            y = np.empty(top, np.float32)
+            mm(w, cols4, out=y.reshape(gemm_shape))
+            return y
+        return run
+
+    def _small(self) -> bool:
+        """Whether :meth:`unbiased` applies (its docstring)."""
+        if self.empty or self.tail is not None or self.nsp != 2 or self.n * self.o * math.prod(self.out) > SMALL_COLS:
+            return False
+        if self.kind == "1x1":
+            return self.stride == (1, 1)
+        return (self.kind == "gemm" and not self.rows and self.chunk >= self.n and IM2COL_KERNEL is not None
+                and self.n * self.cg * self.group * self.kk * math.prod(self.out) <= SMALL_COLS)
+
+    def native(self, act: int):
+        """None, or a ``SmallConv`` of the extension: ``(x, weight, bias, slope) -> y``, the convolution of
+        :meth:`unbiased` (one group) with the bias and an activation (``act``: 0 none, 1 ReLU, 2 PReLU by
+        ``slope``) in one C++ call. Its GEMMs are the calls ``np.matmul`` makes in :meth:`unbiased` (numpy's
+        sgemm on the same call shape, :func:`caffe_gemm.single_call`), the bias and activation those of
+        channel_affine / bias_prelu: the same bytes."""
+        if self.group != 1 or not self._small() or not numpy_sgemm_bound():
+            return None
+        shape = caffe_gemm.single_call(self.o, self.cg * self.kk, math.prod(self.out), self.gemm.caffe_mnk)
+        if shape is None:
+            return None
+        im2col = self.kind == "gemm"
+        return SMALL_CONV_KERNEL(list(self.x_shape), self.o, list(self.ksz), list(self.stride), list(self.pad),
+                                 list(self.dilation), list(self.out), shape[0], shape[1], im2col, act)
+
     def _columns_conv(self, x, weight, kind):
         n, o, group, cg, kk = self.n, self.o, self.group, self.cg, self.kk
         npix = math.prod(self.grid)
@@ -286,6 +351,37 @@ class ConvPlan:
                 self.mm(w, self.columns(xb).reshape(len(xb), group, cg * kk, npix),
                         out=y[n0:n0 + chunk], part=scratch("part", y[n0:n0 + chunk].shape))
         return y
+
+
+def numpy_sgemm_bound() -> bool:
+    """Whether the extension calls numpy's own BLAS sgemm (``bind_numpy_sgemm``), bound on first use: the
+    cblas_sgemm of the OpenBLAS numpy loaded (threadpoolctl names it), checked on products that run in both
+    of OpenBLAS's kernels (small-matrix and blocked) to give ``np.matmul``'s bytes."""
+    global _SGEMM_BOUND
+    if _SGEMM_BOUND is None:
+        _SGEMM_BOUND = SMALL_CONV_KERNEL is not None and _bind_numpy_sgemm()
+    return _SGEMM_BOUND
+
+
+def _bind_numpy_sgemm() -> bool:
+    from threadpoolctl import ThreadpoolController
+
+    libs = threads.numpy_blas_controllers(ThreadpoolController())
+    if len(libs) != 1 or libs[0].internal_api != "openblas":
+        return False
+    path = str(libs[0].filepath)
+    name = os.path.basename(path)
+    ilp64 = "openblas64_" in name  # OpenBLAS's 64-bit-integer builds suffix their symbols with 64_
+    symbol = ("scipy_" if name.startswith("libscipy_openblas") else "") + "cblas_sgemm" + ("64_" if ilp64 else "")
+    if not bind_numpy_sgemm(path, symbol, ilp64):
+        return False
+    rng = np.random.default_rng(0)
+    for m, k, n in ((2, 2, 2), (10, 27, 100), (16, 90, 9), (32, 144, 2), (3, 40, 7), (64, 300, 200)):
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        if not np.array_equal(numpy_sgemm(a, b).view(np.uint32), np.matmul(a, b).view(np.uint32)):
+            return False
+    return True
 
 
 def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):

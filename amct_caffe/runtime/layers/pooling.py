@@ -49,6 +49,10 @@ try:  # csrc/src/conv_cols.cpp (max_pool2d); Pooling(..., native=False) is the r
     from amct_caffe._kernels import pool2d as POOL_KERNEL
 except ImportError:
     POOL_KERNEL = None
+try:
+    from amct_caffe._kernels import SmallPool as SMALL_POOL
+except ImportError:
+    SMALL_POOL = None
 # Below this many input floats a pooling runs on one thread.
 THREADED_POOL = 1 << 18
 
@@ -343,8 +347,12 @@ class PoolingLayer(Layer):
         self._kept_input = self._argmax = self._mask_top = None  # what forward leaves for such a layer
         args = (MAX, list(k), list(s), list(p), list(out))
         threaded = math.prod(shape) >= THREADED_POOL
-        return lambda bottoms: [POOL_KERNEL(np.ascontiguousarray(bottoms[0]), *args,
-                                            threads.workers() if threaded else 1)]
+
+        def forward(bottoms):
+            return [POOL_KERNEL(np.ascontiguousarray(bottoms[0]), *args, threads.workers() if threaded else 1)]
+        if SMALL_POOL is not None and not threaded:  # the same kernel in forward.py's runner of native ops
+            forward.small_op = (SMALL_POOL(list(shape), *args[1:]), [], False, None)
+        return forward
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """Caffe's PoolingLayer::Backward_cpu (see :mod:`pooling_grad`); the mask top's diff is unused.
