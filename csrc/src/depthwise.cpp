@@ -30,6 +30,35 @@ __attribute__((always_inline)) inline void planes(const float* x, const float* w
       std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r + 1) * g.w,
                 pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
     }
+    if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw > 1) {
+      // 3x3 with a stride: the nine taps of one output in registers, the same multiply-adds in the
+      // same order (0.155 against 0.20 ms for 16 x 120 x 160 at stride 2; at stride 1 the row passes
+      // below are faster, 0.33 against 0.50 ms)
+      const float b = bias ? bias[p % g.c] : 0.0f;
+      const float w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7],
+                  w8 = wc[8];
+      const int s = g.sw;
+      for (int oy = 0; oy < g.ho; ++oy) {
+        const float* r0 = pad.data() + static_cast<std::size_t>(oy * g.sh) * wp;
+        const float* r1 = r0 + wp;
+        const float* r2 = r1 + wp;
+        float* out = yp + static_cast<std::size_t>(oy) * g.wo;
+        for (int ox = 0; ox < g.wo; ++ox) {
+          const int c = ox * s;
+          float a = std::fma(w0, r0[c], 0.0f);
+          a = std::fma(w1, r0[c + 1], a);
+          a = std::fma(w2, r0[c + 2], a);
+          a = std::fma(w3, r1[c], a);
+          a = std::fma(w4, r1[c + 1], a);
+          a = std::fma(w5, r1[c + 2], a);
+          a = std::fma(w6, r2[c], a);
+          a = std::fma(w7, r2[c + 1], a);
+          a = std::fma(w8, r2[c + 2], a);
+          out[ox] = bias ? a + b : a;
+        }
+      }
+      continue;
+    }
     for (int oy = 0; oy < g.ho; ++oy) {
       float* acc = yp + static_cast<std::size_t>(oy) * g.wo;
       std::fill(acc, acc + g.wo, 0.0f);

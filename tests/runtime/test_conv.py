@@ -351,6 +351,23 @@ def test_deploy_integer_convolution_agrees_with_caffes_loops(shape, k, s, p, d, 
 
 
 @pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
+@pytest.mark.parametrize("stride,pad,with_bias", [((2, 2), (1, 1), True), ((2, 2), (0, 0), False),
+                                                  ((1, 2), (1, 0), True), ((3, 3), (1, 1), True),
+                                                  ((2, 3), (0, 1), False)])
+def test_depthwise_3x3_strided_in_registers_gives_the_same_bytes(stride, pad, with_bias, monkeypatch):
+    """The 3x3 strided loop that keeps one output's nine taps in a register: the NumPy path's bytes."""
+    rng = np.random.default_rng(sum(stride) * 7 + pad[0])
+    x = rng.standard_normal((2, 5, 23, 31)).astype(np.float32)
+    x[x < -1.5] = 0.0
+    weight = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32) if with_bias else None
+    fast = conv.Convolution(x, weight, bias, stride=stride, pad=pad, group=5)
+    monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
+    ref = conv.Convolution(x, weight, bias, stride=stride, pad=pad, group=5)
+    np.testing.assert_array_equal(fast.view(np.int32), ref.view(np.int32))
+
+
+@pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
 @pytest.mark.parametrize("seed", range(12))
 def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatch):
     """The C++ depthwise loops (one FMA per tap, in tap order) against the NumPy path they replace."""
