@@ -10,13 +10,6 @@
 namespace amct {
 namespace {
 
-void check(const Conv2dGeometry& g, const char* who) {
-  if (g.n < 0 || g.c < 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 || g.ph < 0 ||
-      g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0) {
-    throw std::invalid_argument(std::string(who) + ": invalid geometry");
-  }
-}
-
 // Where row r of image n starts in the columns, and the step between the rows of one image.
 struct ColsLayout {
   std::size_t row_step, image_step;
@@ -29,19 +22,10 @@ struct ColsLayout {
   std::size_t at(std::size_t n, std::size_t r) const { return n * image_step + r * row_step; }
 };
 
-// The outputs [lo, hi) along one axis whose tap at offset `tap` (i*d - p) reads a cell of [0, size):
-// o*s + tap in [0, size).
-void valid_outputs(int tap, int s, int size, int n_out, int* lo, int* hi) {
-  const int first = tap >= 0 ? 0 : (-tap + s - 1) / s;
-  const int last = size - 1 - tap < 0 ? -1 : (size - 1 - tap) / s;  // the last o with o*s + tap < size
-  *lo = std::min(first, n_out);
-  *hi = std::max(*lo, std::min(last + 1, n_out));
-}
-
 }  // namespace
 
 void im2col_2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_last, int threads) {
-  check(g, "im2col_2d");
+  check_geometry(g, "im2col_2d");
   const ColsLayout L(g, batch_last);
   const std::size_t plane = static_cast<std::size_t>(g.h) * g.w;
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
@@ -76,7 +60,7 @@ void im2col_2d(const float* x, float* cols, const Conv2dGeometry& g, bool batch_
 }
 
 void col2im_2d(const float* cols, float* x, const Conv2dGeometry& g, bool batch_last, int threads) {
-  check(g, "col2im_2d");
+  check_geometry(g, "col2im_2d");
   const ColsLayout L(g, batch_last);
   const std::size_t plane = static_cast<std::size_t>(g.h) * g.w;
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {

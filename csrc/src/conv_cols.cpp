@@ -13,22 +13,6 @@
 namespace amct {
 namespace {
 
-void check(const Conv2dGeometry& g, const char* what) {
-  if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 || g.ph < 0 ||
-      g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0) {
-    throw std::invalid_argument(std::string(what) + ": invalid geometry");
-  }
-}
-
-// [lo, hi): the outputs o whose tap offset t reads inside [0, size): 0 <= o*s - p + t < size.
-inline void valid_range(int n_out, int s, int p, int t, int size, int& lo, int& hi) {
-  const int first = p - t;  // o*s >= p - t
-  lo = first <= 0 ? 0 : (first + s - 1) / s;
-  const int last = size - 1 + p - t;  // o*s <= size - 1 + p - t
-  hi = last < 0 ? 0 : std::min(n_out, last / s + 1);
-  lo = std::min(lo, hi);
-}
-
 // NumPy's maximum(v, 0): v where v > 0 or v is NaN, else +0 (so -0 gives +0).
 inline float numpy_relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
 
@@ -54,7 +38,7 @@ __attribute__((always_inline)) inline void max_planes(const float* x, float* y, 
       std::fill(dst, dst + g.wo, -FLT_MAX);
       for (int j = 0; j < g.kw; ++j) {
         int lo, hi;
-        valid_range(g.wo, g.sw, g.pw, j, g.w, lo, hi);
+        valid_outputs(j - g.pw, g.sw, g.w, g.wo, &lo, &hi);
         const float* s = src + (lo * g.sw - g.pw + j);
         float* d = dst + lo;
         const int n = hi - lo;
@@ -93,7 +77,7 @@ void max_planes_generic(const float* x, float* y, const Conv2dGeometry& g, std::
 }  // namespace
 
 void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
-  check(g, "max_pool2d");
+  check_geometry(g, "max_pool2d");
   auto run = max_planes_generic;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   if (cpu_has_avx2()) run = max_planes_avx2;

@@ -98,10 +98,7 @@ bool depthwise_has_fma() { return cpu_has_avx2_fma(); }
 
 void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int threads,
                       const float* bias) {
-  if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
-      g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0) {
-    throw std::invalid_argument("depthwise_conv2d: invalid geometry");
-  }
+  check_geometry(g, "depthwise_conv2d");
   if ((g.ho - 1) * g.sh + g.dh * (g.kh - 1) + 1 > g.h + 2 * g.ph + g.sh ||
       (g.wo - 1) * g.sw + g.dw * (g.kw - 1) + 1 > g.w + 2 * g.pw + g.sw) {
     throw std::invalid_argument("depthwise_conv2d: output size does not fit the input");

@@ -13,13 +13,6 @@
 namespace amct {
 namespace {
 
-void check(const Conv2dGeometry& g, const char* who) {
-  if (g.n < 0 || g.c < 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 || g.ph < 0 ||
-      g.pw < 0 || g.ho <= 0 || g.wo <= 0) {
-    throw std::invalid_argument(std::string(who) + ": invalid geometry");
-  }
-}
-
 // One output: Caffe's scan of the window rows [hs, he) and columns [ws, we) (clipped to the input),
 // the strict-greater update written as selects (no branch to mispredict on data whose maxima fall
 // anywhere): ties keep the first cell, NaN never wins.
@@ -115,7 +108,7 @@ void argmax_generic(const float* x, float* y, std::int32_t* mask, const Conv2dGe
 }  // namespace
 
 void max_pool2d_argmax(const float* x, float* y, std::int32_t* mask, const Conv2dGeometry& g, int threads) {
-  check(g, "max_pool2d_argmax");
+  check_geometry(g, "max_pool2d_argmax");
   auto run = cpu_has_avx2() ? argmax_avx2 : argmax_generic;
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads,
                [&](std::size_t first, std::size_t last) { run(x, y, mask, g, first, last); });
@@ -123,7 +116,7 @@ void max_pool2d_argmax(const float* x, float* y, std::int32_t* mask, const Conv2
 
 void max_pool2d_backward(const float* dy, const std::int32_t* mask, float* dx, const Conv2dGeometry& g,
                          int threads) {
-  check(g, "max_pool2d_backward");
+  check_geometry(g, "max_pool2d_backward");
   const std::size_t in_plane = static_cast<std::size_t>(g.h) * g.w;
   const std::size_t out_plane = static_cast<std::size_t>(g.ho) * g.wo;
   const std::size_t planes = static_cast<std::size_t>(g.n) * g.c;

@@ -11,14 +11,9 @@
 // signs of zero results are Caffe's.
 #pragma once
 
-namespace amct {
+#include "amct/conv_geometry.h"
 
-struct Conv2dGeometry {
-  int n, c, h, w;       // input (N, C, H, W)
-  int kh, kw;           // kernel
-  int sh, sw, ph, pw, dh, dw;
-  int ho, wo;           // output (N, C, Ho, Wo)
-};
+namespace amct {
 
 // x (N, C, H, W), w (C, kh, kw), y (N, C, Ho, Wo), all C-contiguous float32; bias (C,) or null, added
 // to each sum (y = sum + bias[c], one rounding, as Caffe's bias GEMM adds it). `threads` workers
