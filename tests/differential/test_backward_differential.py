@@ -60,6 +60,16 @@ _INVARIANT = re.compile(r'type: "(MVN|Normalize)"|type: "BatchNorm(Kyle)?".*use_
 NOISE = 1e-5
 
 
+def _largest_diff(ref: dict) -> float:
+    """The largest magnitude of any blob diff (or output diff) of the net."""
+    return max(float(np.abs(v).max()) for k, v in ref.items() if k.startswith(("diff/", "topdiff/")) and v.size)
+
+
+def _largest_count(ref: dict) -> int:
+    """The size of the net's largest diff array: at most that many terms sum into one gradient."""
+    return max(v.size for k, v in ref.items() if k.startswith(("diff/", "topdiff/")))
+
+
 def cancelled_noise(prototxt: str, ref: dict, ours: dict, problems: list[str]) -> str | None:
     """Why the disagreeing arrays are rounding noise of a sum whose terms cancel, or None.
 
@@ -78,7 +88,7 @@ def cancelled_noise(prototxt: str, ref: dict, ours: dict, problems: list[str]) -
     """
     if not _INVARIANT.search(prototxt):
         return None
-    big = max(float(np.abs(v).max()) for k, v in ref.items() if k.startswith(("diff/", "topdiff/")) and v.size)
+    big = _largest_diff(ref)
     bound = noise_bound(prototxt, ref)
     keys = [p.split(":", 1)[0] for p in problems]
     if any(key not in ours or ours[key].size != ref[key].size for key in keys):
@@ -88,7 +98,7 @@ def cancelled_noise(prototxt: str, ref: dict, ours: dict, problems: list[str]) -
         return float(np.abs(ours[key].reshape(ref[key].shape).astype(np.float64) - ref[key]).max()) if ref[
             key].size else 0.0
     # a learned blob's gradient sums up to n elements of diffs that agree within this each
-    n = max(v.size for k, v in ref.items() if k.startswith(("diff/", "topdiff/")))
+    n = _largest_count(ref)
     agreed = max((err(k) for k in ref if k.startswith(("diff/", "pdiff/")) and k not in keys and k in ours
                   and ours[k].size == ref[k].size), default=0.0)
     for key in keys:
@@ -108,7 +118,7 @@ def noise_bound(prototxt: str, ref: dict) -> float:
     the noise grows with the spread of the Normalize's bottom, ``max |x| / min |x|``. At least
     ``NOISE``.
     """
-    n = max(v.size for k, v in ref.items() if k.startswith(("diff/", "topdiff/")))
+    n = _largest_count(ref)
     spread = 1.0
     for bottom in re.findall(r'type: "Normalize" bottom: "([^"]+)"', prototxt):
         x = np.abs(ref.get(f"data/{bottom}", np.ones(1)))
@@ -209,8 +219,8 @@ def summed_noise(ref: dict, ours: dict, problems: list[str]) -> str | None:
     terms nearly cancel is compared against its own small scale; two summation orders differ by
     up to about ``n`` ulps of the terms, ``n`` the largest diff array (at most 4096 counted).
     """
-    big = max(float(np.abs(v).max()) for k, v in ref.items() if k.startswith(("diff/", "topdiff/")) and v.size)
-    n = min(4096, max(v.size for k, v in ref.items() if k.startswith(("diff/", "topdiff/"))))
+    big = _largest_diff(ref)
+    n = min(4096, _largest_count(ref))
     bound = 4 * 2.0 ** -24 * n * big
     for p in problems:
         key = p.split(":", 1)[0]
