@@ -257,3 +257,36 @@ def test_observer_checks(backend):
         obs.update(bad)
     r = obs.compute_qparams()  # all zeros: the unit scale of process_scale
     assert r.scale == 1.0 and r.best_index == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("percentile", [0.999999, 0.9999])
+@pytest.mark.parametrize("kind", ["relu", "skewed"])
+def test_expected_count_keeps_fewer_extremes_and_gives_the_same_bits(backend, percentile, kind):
+    params = IfmrParams(max_percentile=percentile, min_percentile=percentile)
+    full = IfmrStreamObserver(params, exact_limit=1000, backend=backend)
+    planned = IfmrStreamObserver(params, exact_limit=1000, backend=backend)
+    batches = [data(kind, 3 * CHUNK + 11, seed).reshape(-1, 1) for seed in range(4)]
+    planned.expect(len(batches) * batches[0].size)
+    k = len(batches) * batches[0].size * (1 - percentile)  # the percentile's count, about
+    assert planned.top_k < TOP_K and planned.top_k >= 4 * k
+    for b in batches:
+        full.update(b)
+        planned.update(b)
+    a, b = full.compute_qparams(), planned.compute_qparams()
+    assert (a.best_index, a.scale, a.offset, a.clip_max, a.clip_min) == (b.best_index, b.scale, b.offset,
+                                                                         b.clip_max, b.clip_min)
+    assert a.losses.tobytes() == b.losses.tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expected_count_never_keeps_more_than_top_k_and_comes_first(backend):
+    obs = IfmrStreamObserver(IfmrParams(max_percentile=0.99, min_percentile=0.99), backend=backend)
+    obs.expect(10**7)  # k = 10^5: more than the histogram ever keeps
+    assert obs.top_k == TOP_K
+    obs.update(data("normal", 1000, 0).reshape(10, 100))
+    with pytest.raises(QuantizationError, match="expect"):
+        obs.expect(1000)
+    obs.reset()  # forgets the expectation too
+    obs.expect(1000)
+    assert obs.top_k == 64 + 4 * 10

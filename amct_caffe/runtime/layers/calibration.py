@@ -181,6 +181,9 @@ class IfmrLayer(_Collector):
             raise self._mapped(e) from e
 
     def _collect(self, x):
+        if self._seen == 0 and isinstance(self._observer, IfmrStreamObserver):
+            # batch_num batches of this size: the histogram keeps only the extremes the search can read
+            self._observer.expect(self.batch_num * x.size)
         spare = spare_cores() if self._overlap is not None else 0
         finishing = self._seen + 1 == self.batch_num
         if not spare or self._reads_input:  # the next forward writes an input in place: fill it now
