@@ -155,9 +155,9 @@ class IfmrLayer(_Collector):
         # IFMR layers of this net writing the same record share its sink (see RecordSink).
         super().on_net_built(net, index)
         self._observer = ifmr_observer(self.params, net.ifmr)
-        peers = [layer for layer in net.layers if isinstance(layer, IfmrLayer)
-                 and net.record_sink(layer.record_file_path) is self._sink]
-        self._later_peers = [layer for layer in peers if net.layers.index(layer) > index]
+        # (only the layers after this one: the sink of each is looked up once per pair, not twice)
+        self._later_peers = [layer for layer in net.layers[index + 1:] if isinstance(layer, IfmrLayer)
+                             and net.record_sink(layer.record_file_path) is self._sink]
         if isinstance(self._observer, IfmrStreamObserver):  # the exact observer stays as patched Caffe runs
             self._overlap = Overlap.of(net)
             bottom = self.lp.bottom[0]
