@@ -1,6 +1,8 @@
 #include "amct/depthwise.h"
 #include "amct/cpu.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -11,10 +13,41 @@
 namespace amct {
 namespace {
 
+// One output row of a 3x3 dilation-1 depthwise plane with a column stride of 1, 16 outputs per AVX-512
+// register (the last ones under a mask): each output's nine taps accumulate in the register, in Caffe's
+// tap order, from fma(w0, x, 0), the bias added after the ninth: the row passes' multiply-adds in the
+// same order, so the same bytes, without loading and storing the accumulator row once per tap
+// (16 x 120 x 160: 0.28 -> 0.17 ms; 32 x 60 x 80: 0.155 -> 0.07; 128 x 15 x 20: 0.087 -> 0.029).
+// r0, r1, r2: the padded input rows of the output row. (Reading the plane in place instead of its
+// padded copy, with zeroing masked loads at the borders, measured no faster.)
+__attribute__((target("avx512f"))) void row3x3_avx512(const float* r0, const float* r1, const float* r2,
+                                                      const float* wc, float* out, int wo, const float* bias) {
+  const __m512 w0 = _mm512_set1_ps(wc[0]), w1 = _mm512_set1_ps(wc[1]), w2 = _mm512_set1_ps(wc[2]);
+  const __m512 w3 = _mm512_set1_ps(wc[3]), w4 = _mm512_set1_ps(wc[4]), w5 = _mm512_set1_ps(wc[5]);
+  const __m512 w6 = _mm512_set1_ps(wc[6]), w7 = _mm512_set1_ps(wc[7]), w8 = _mm512_set1_ps(wc[8]);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 b = _mm512_set1_ps(bias ? *bias : 0.0f);
+  for (int ox = 0; ox < wo; ox += 16) {
+    const int left = wo - ox;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    __m512 a = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, r0 + ox), zero);
+    a = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m, r0 + ox + 1), a);
+    a = _mm512_fmadd_ps(w2, _mm512_maskz_loadu_ps(m, r0 + ox + 2), a);
+    a = _mm512_fmadd_ps(w3, _mm512_maskz_loadu_ps(m, r1 + ox), a);
+    a = _mm512_fmadd_ps(w4, _mm512_maskz_loadu_ps(m, r1 + ox + 1), a);
+    a = _mm512_fmadd_ps(w5, _mm512_maskz_loadu_ps(m, r1 + ox + 2), a);
+    a = _mm512_fmadd_ps(w6, _mm512_maskz_loadu_ps(m, r2 + ox), a);
+    a = _mm512_fmadd_ps(w7, _mm512_maskz_loadu_ps(m, r2 + ox + 1), a);
+    a = _mm512_fmadd_ps(w8, _mm512_maskz_loadu_ps(m, r2 + ox + 2), a);
+    if (bias) a = _mm512_add_ps(a, b);
+    _mm512_mask_storeu_ps(out + ox, m, a);
+  }
+}
+
 // The planes [first, last) of the batch. Each plane is copied once into a zero-padded buffer so the
 // tap loops need no bounds checks: one output row at a time, each tap one multiply-add over the row
 // (contiguous for stride 1, which the compiler vectorizes), taps in Caffe's order per element.
-template <int Dummy>
+template <int Mode>  // 0: AVX2 + FMA, 1: portable, 2: AVX-512 (the clones differ only in instructions)
 __attribute__((always_inline)) inline void planes(const float* x, const float* w, float* y, const Conv2dGeometry& g,
                                                   const float* bias, std::size_t first, std::size_t last) {
   const int hp = std::max(g.h + 2 * g.ph, (g.ho - 1) * g.sh + g.dh * (g.kh - 1) + 1);
@@ -59,6 +92,17 @@ __attribute__((always_inline)) inline void planes(const float* x, const float* w
       }
       continue;
     }
+    if constexpr (Mode == 2) {
+      if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1) {
+        const float* b = bias ? bias + p % g.c : nullptr;
+        for (int oy = 0; oy < g.ho; ++oy) {
+          const float* r0 = pad.data() + static_cast<std::size_t>(oy * g.sh) * wp;
+          row3x3_avx512(r0, r0 + wp, r0 + 2 * static_cast<std::size_t>(wp), wc,
+                        yp + static_cast<std::size_t>(oy) * g.wo, g.wo, b);
+        }
+        continue;
+      }
+    }
     for (int oy = 0; oy < g.ho; ++oy) {
       float* acc = yp + static_cast<std::size_t>(oy) * g.wo;
       std::fill(acc, acc + g.wo, 0.0f);
@@ -87,6 +131,12 @@ __attribute__((target("avx2,fma"))) void planes_fma(const float* x, const float*
   planes<0>(x, w, y, g, bias, first, last);
 }
 
+__attribute__((target("avx512f,avx2,fma"))) void planes_avx512(const float* x, const float* w, float* y,
+                                                                const Conv2dGeometry& g, const float* bias,
+                                                                std::size_t first, std::size_t last) {
+  planes<2>(x, w, y, g, bias, first, last);
+}
+
 void planes_generic(const float* x, const float* w, float* y, const Conv2dGeometry& g, const float* bias,
                     std::size_t first, std::size_t last) {
   planes<1>(x, w, y, g, bias, first, last);
@@ -104,7 +154,7 @@ void depthwise_conv2d(const float* x, const float* w, float* y, const Conv2dGeom
     throw std::invalid_argument("depthwise_conv2d: output size does not fit the input");
   }
   const std::size_t total = static_cast<std::size_t>(g.n) * g.c;
-  auto run = depthwise_has_fma() ? planes_fma : planes_generic;
+  auto run = cpu_has_avx512f() ? planes_avx512 : depthwise_has_fma() ? planes_fma : planes_generic;
   const std::size_t workers = std::min<std::size_t>(std::max(threads, 1), total);
   if (workers <= 1) {
     run(x, w, y, g, bias, 0, total);
