@@ -370,11 +370,12 @@ def test_depthwise_3x3_strided_in_registers_gives_the_same_bytes(stride, pad, wi
 @pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
 @pytest.mark.parametrize("width", [1, 2, 15, 16, 17, 31, 33, 48, 50])
 @pytest.mark.parametrize("pad,with_bias", [((1, 1), True), ((0, 0), False), ((2, 1), True), ((1, 0), False)])
-def test_depthwise_3x3_stride_1_in_registers_gives_the_same_bytes(width, pad, with_bias, monkeypatch):
-    """The 3x3 stride-1 rows computed 16 outputs per register (the last ones masked): the NumPy path's
-    bytes, zero signs included, on widths around the register's 16 lanes."""
-    rng = np.random.default_rng(width * 5 + pad[0])
-    w = width + 2 - 2 * pad[1]  # the input width that gives `width` outputs
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_3x3_rows_in_registers_give_the_same_bytes(width, pad, with_bias, stride, monkeypatch):
+    """The 3x3 rows computed 16 outputs per register (the last ones masked; at column stride 2 gathered
+    by permutes): the NumPy path's bytes, zero signs included, on widths around the 16 lanes."""
+    rng = np.random.default_rng(width * 5 + pad[0] + 100 * stride)
+    w = (width - 1) * stride + 3 - 2 * pad[1]  # the input width that gives `width` outputs
     if w < 1:
         pytest.skip("no input for that output width")
     x = rng.standard_normal((2, 3, 7, w)).astype(np.float32)
@@ -382,10 +383,10 @@ def test_depthwise_3x3_stride_1_in_registers_gives_the_same_bytes(width, pad, wi
     weight = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
     weight[0, 0, 1] = -0.0
     bias = rng.standard_normal(3).astype(np.float32) if with_bias else None
-    fast = conv.Convolution(x, weight, bias, stride=(1, 1), pad=pad, group=3)
+    fast = conv.Convolution(x, weight, bias, stride=(stride, stride), pad=pad, group=3)
     assert fast.shape[-1] == width
     monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
-    ref = conv.Convolution(x, weight, bias, stride=(1, 1), pad=pad, group=3)
+    ref = conv.Convolution(x, weight, bias, stride=(stride, stride), pad=pad, group=3)
     np.testing.assert_array_equal(fast.view(np.int32), ref.view(np.int32))
 
 
