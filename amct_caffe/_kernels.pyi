@@ -142,6 +142,13 @@ def add_relu(a: F32, b: F32, threads: int) -> F32:
 def tanhf(x: F32, threads: int) -> F32:
     """glibc's (fdlibm's) float tanh of every element, bit for bit on any machine."""
 
+def expf(x: F32, threads: int) -> F32:
+    """glibc's float exp (e_expf.c as its x86-64 FMA build computes it) of every element, bit for bit on any
+    machine."""
+
+def libm_expf(x: F32) -> F32:
+    """This machine's libm expf of every element (what the expf port is tested against)."""
+
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 

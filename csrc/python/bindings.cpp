@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -599,6 +600,27 @@ py::array tanhf_array(const py::handle& x_obj, int threads) {
   return std::move(y);
 }
 
+py::array expf_array(const py::handle& x_obj, int threads) {
+  auto x = checked<float>(x_obj, "x");
+  py::array_t<float> y(shape_of(x));
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::expf_array(x.data(), yp, size_of(x), threads);
+  return std::move(y);
+}
+
+// The machine's own libm expf, element by element: what the port is tested against.
+py::array libm_expf_array(const py::handle& x_obj) {
+  auto x = checked<float>(x_obj, "x");
+  py::array_t<float> y(shape_of(x));
+  auto* yp = y.mutable_data();
+  const float* xp = x.data();
+  const std::size_t n = size_of(x);
+  py::gil_scoped_release release;
+  for (std::size_t i = 0; i < n; ++i) yp[i] = ::expf(xp[i]);
+  return std::move(y);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -634,6 +656,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("threads"));
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
   m.def("tanhf", &tanhf_array, py::arg("x"), py::arg("threads"));
+  m.def("expf", &expf_array, py::arg("x"), py::arg("threads"));
+  m.def("libm_expf", &libm_expf_array, py::arg("x"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
