@@ -196,9 +196,22 @@ class SmallPool:
     def __init__(self, x_shape: list[int], kernel: list[int], stride: list[int], pad: list[int],
                  out: list[int]) -> None: ...
 
-class SmallRun:
-    """SmallConv / SmallPool ops in order, op i reading x (inputs[i] == -1) or op inputs[i]'s output."""
+class SmallSoftmax:
+    """Softmax over ``axis`` of one 4-D input shape (the kernel of ``softmax``), for SmallRun."""
 
-    def __init__(self, ops: list[SmallConv | SmallPool], inputs: list[int], biased: list[bool]) -> None: ...
+    def __init__(self, x_shape: list[int], axis: int) -> None: ...
+
+class SmallRun:
+    """SmallConv / SmallPool / SmallSoftmax ops in order, op i reading x (inputs[i] == -1) or op inputs[i]'s
+    output."""
+
+    def __init__(self, ops: list[SmallConv | SmallPool | SmallSoftmax], inputs: list[int],
+                 biased: list[bool]) -> None: ...
     def __call__(self, x: F32, params: list[F32]) -> list[F32]:
         """The ops' outputs; params: each SmallConv's weight, [bias], [slope]. All checked before any runs."""
+    def bind(self, x_blob: object, param_blobs: list[object], top_blobs: list[object]) -> None:
+        """The Blob objects step() reads (x, the params in __call__'s order) and writes (one top per op)."""
+    def step(self) -> bool:
+        """The ops on the bound blobs' arrays, each top written into its array of the last step when only its
+        blob holds that (else into a fresh one, stored in the blob); False, nothing done, if an array is
+        refused."""

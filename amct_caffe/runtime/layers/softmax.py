@@ -29,12 +29,15 @@ from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.runtime.layers.libm_float import expf
 
 try:  # csrc/src/softmax.cpp: the whole softmax in one pass
+    from amct_caffe._kernels import SmallSoftmax as SMALL_SOFTMAX
     from amct_caffe._kernels import softmax as SOFTMAX_KERNEL
 except ImportError:
-    SOFTMAX_KERNEL = None
+    SMALL_SOFTMAX = SOFTMAX_KERNEL = None
 
 # numpy reduces a contiguous axis of fewer than 8 values one value after the other (pairwise from 8 on)
 SHORT_AXIS = 7
+# the largest tensor whose softmax may run inside forward.py's one call of native ops (SmallRun)
+SMALL_SOFTMAX_SIZE = 1 << 12
 
 
 def sequential_sum(channels: int, inner: int) -> bool:
@@ -92,6 +95,20 @@ class SoftmaxLayer(Layer):
 
     def forward(self, bottoms):
         return [Softmax(bottoms[0], axis=self._axis)]
+
+    def prepared_forward(self, bottom_shapes):
+        """:meth:`forward`; on a small 4-D bottom whose sum is sequential, also the op that runs it inside
+        forward.py's one call of native ops (``SmallSoftmax``: the same kernel, so the same bytes)."""
+        shape = tuple(bottom_shapes[0])
+        forward = self.forward
+        if SMALL_SOFTMAX is None or len(shape) != 4 or not 0 < math.prod(shape) <= SMALL_SOFTMAX_SIZE \
+                or not sequential_sum(shape[self._axis], math.prod(shape[self._axis + 1:])):
+            return forward
+
+        def forward_small(bottoms):
+            return forward(bottoms)
+        forward_small.small_op = (SMALL_SOFTMAX(list(shape), self._axis), [], False, None)
+        return forward_small
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = (dy - sum_axis(dy * y)) * y, from the top alone (so in place works as in Caffe)."""
