@@ -141,9 +141,9 @@ def prepare(net, produced: list) -> list:
 
 
 def _runs_of_small_ops(steps: list) -> list:
-    """``steps`` with each run of consecutive steps that are native ops (convolutions of small inputs and
-    the MAX pooling between them, whose step has ``small``: see :func:`_small_step`) replaced by one step
-    that runs them all in one C++ call (``SmallRun``, csrc/python/small_conv.cpp): the same kernels with
+    """``steps`` with each run of consecutive steps that are native ops (convolutions of small inputs, the
+    MAX pooling between them, a small Softmax; their step has ``small``: see :func:`_small_step`) replaced
+    by one step that runs them all in one C++ call (``SmallRun``, csrc/python/small_conv.cpp): the same kernels with
     the same arguments, minus a Python step and a pybind11 call per layer, which on MTCNN's 12x12 P-Net
     cost more than the layers. A run reads one blob from outside (its first op's bottom); every op reads
     that blob or an earlier op's top, and no op writes the blob read from outside or a top written before.
