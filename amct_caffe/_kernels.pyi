@@ -142,6 +142,20 @@ def add_relu(a: F32, b: F32, threads: int) -> F32:
 def tanhf(x: F32, threads: int) -> F32:
     """glibc's (fdlibm's) float tanh of every element, bit for bit on any machine."""
 
+def expf(x: F32, threads: int) -> F32:
+    """glibc's float exp (e_expf.c as its x86-64 FMA build computes it) of every element, bit for bit on any
+    machine."""
+
+def libm_expf(x: F32) -> F32:
+    """This machine's libm expf of every element (what the expf port is tested against)."""
+
+def softmax(x: F32, axis: int, threads: int) -> F32:
+    """exp(x - max) / sum over ``axis`` (0 <= axis < x.ndim), exp glibc's expf, the sum in axis order."""
+
+def softmax_sequential_order(channels: int, inner: int) -> bool:
+    """Whether NumPy's float32 sum over ``channels`` values ``inner`` apart adds them in order (what softmax
+    does): inner > 1 (whole slices) or fewer than 8 values."""
+
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 
@@ -182,9 +196,22 @@ class SmallPool:
     def __init__(self, x_shape: list[int], kernel: list[int], stride: list[int], pad: list[int],
                  out: list[int]) -> None: ...
 
-class SmallRun:
-    """SmallConv / SmallPool ops in order, op i reading x (inputs[i] == -1) or op inputs[i]'s output."""
+class SmallSoftmax:
+    """Softmax over ``axis`` of one 4-D input shape (the kernel of ``softmax``), for SmallRun."""
 
-    def __init__(self, ops: list[SmallConv | SmallPool], inputs: list[int], biased: list[bool]) -> None: ...
+    def __init__(self, x_shape: list[int], axis: int) -> None: ...
+
+class SmallRun:
+    """SmallConv / SmallPool / SmallSoftmax ops in order, op i reading x (inputs[i] == -1) or op inputs[i]'s
+    output."""
+
+    def __init__(self, ops: list[SmallConv | SmallPool | SmallSoftmax], inputs: list[int],
+                 biased: list[bool]) -> None: ...
     def __call__(self, x: F32, params: list[F32]) -> list[F32]:
         """The ops' outputs; params: each SmallConv's weight, [bias], [slope]. All checked before any runs."""
+    def bind(self, x_blob: object, param_blobs: list[object], top_blobs: list[object]) -> None:
+        """The Blob objects step() reads (x, the params in __call__'s order) and writes (one top per op)."""
+    def step(self) -> bool:
+        """The ops on the bound blobs' arrays, each top written into its array of the last step when only its
+        blob holds that (else into a fresh one, stored in the blob); False, nothing done, if an array is
+        refused."""

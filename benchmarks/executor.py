@@ -82,6 +82,20 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   convolution and per run, 103 (main, in that run) -> 29 us [load 4.5]; the run's one call against its
   ops' separate calls, alternating, 34.4 -> 29.4 us [load 0.6-1.0]. Not kept: a prepared Softmax (the
   same ufuncs called directly, exp and the division in place): 29.42 against 29.35 us.
+* the P-Net run bound to its Blobs (tops rewritten in place when no one holds them, each array checked in
+  a few loads), Softmax in one C++ pass with glibc's expf and inside that run; ``--models all``, 40 runs
+  in 4 rounds, main, the branch, the branch, main [load 2.0-2.7], wall (CPU within 0.01 but where
+  noted): P-Net 12x12 1.54 / 1.47 -> 0.65 / 0.71 (main 26.8-27.3 us, branch 13.0-15.1 us, Caffe 17.4-23.2
+  us); the others within the noise of this load: open_nsfw 0.49 / 0.49 -> 0.49 / 0.50, UltraFace
+  slim-320 0.37 / 0.40 -> 0.42 / 0.43 and RFB-320 0.37 / 0.41 -> 0.44 / 0.44 (interleaved CPU time of
+  the forward, 8 pairs: the same within 0.1 ms in 7, its Softmax 45 -> 43 us), MiniNet-SSD 0.51 / 0.54 ->
+  0.55 / 0.55, LeNet 0.64 / 0.63 -> 0.72 (cpu 0.66) / 0.65, R-Net 0.52 / 0.56 -> 0.47 / 0.48, O-Net 0.40 /
+  0.40 -> 0.42 / 0.39, L-Net 0.71 / 0.73 -> 0.78 (cpu 0.73) / 0.68, the detector's shapes 0.14-0.36 ->
+  0.14-0.46 (R-Net b32 0.32 / 0.46 in the two branch runs). The outputs of UltraFace, MiniNet-SSD and
+  MTCNN P-, R-, O-Net are now Caffe's bit for bit (max|diff| 0). Per lever, P-Net 12x12 alone, one BLAS
+  thread, 3 x 10 rounds of 2000 forwards interleaved [load 2.0-2.2]: main 27.5-29.1 us; the bound run
+  with the Softmax kernel as its own step 14.7-15.3 us; the Softmax inside the run 12.5-15.0 us. Left:
+  ~10.5 us in the one call (about 2 us of it numpy's sgemm), ~1.3 us of Net.forward.
 """
 
 from __future__ import annotations

@@ -141,9 +141,9 @@ def prepare(net, produced: list) -> list:
 
 
 def _runs_of_small_ops(steps: list) -> list:
-    """``steps`` with each run of consecutive steps that are native ops (convolutions of small inputs and
-    the MAX pooling between them, whose step has ``small``: see :func:`_small_step`) replaced by one step
-    that runs them all in one C++ call (``SmallRun``, csrc/python/small_conv.cpp): the same kernels with
+    """``steps`` with each run of consecutive steps that are native ops (convolutions of small inputs, the
+    MAX pooling between them, a small Softmax; their step has ``small``: see :func:`_small_step`) replaced
+    by one step that runs them all in one C++ call (``SmallRun``, csrc/python/small_conv.cpp): the same kernels with
     the same arguments, minus a Python step and a pybind11 call per layer, which on MTCNN's 12x12 P-Net
     cost more than the layers. A run reads one blob from outside (its first op's bottom); every op reads
     that blob or an earlier op's top, and no op writes the blob read from outside or a top written before.
@@ -176,9 +176,11 @@ def _runs_of_small_ops(steps: list) -> list:
 
 
 def _run_small_step(run: list):
-    """One step running ``run`` (steps with ``small``) in one ``SmallRun`` call; their own steps, one by
-    one, under another GEMM configuration than the ops were made for (``caffe_gemm.configure``) or when the
-    call refuses an array (not C-contiguous float32: it checks all before running any)."""
+    """One step running ``run`` (steps with ``small``) in one ``SmallRun`` call, bound to the Blob objects (it
+    reads their arrays and writes each top into its array of the last step when no one else holds that; see
+    small_conv.cpp); their own steps, one by one, under another GEMM configuration than the ops were made for
+    (``caffe_gemm.configure``) or when the call refuses an array (not C-contiguous float32: it checks all
+    before running any)."""
     x = run[0].small[1]
     tops = [s.small[2] for s in run]
     ops = [s.small[0][0] for s in run]
@@ -193,19 +195,14 @@ def _run_small_step(run: list):
         call = SMALL_RUN(ops, inputs, biased)
     except ValueError:  # shapes that do not chain (its checks): the steps in turn
         return _in_turn(run)
+    call.bind(x, params, tops)
+    native = call.step
     gemm_config = caffe_gemm.gemm_config
 
     def step():
-        if config is None or gemm_config() is config:
-            try:
-                outs = call(x.data, [b.data for b in params])
-            except (TypeError, ValueError):  # the steps' own paths take such arrays
-                outs = None
-            if outs is not None:
-                for blob, arr in zip(tops, outs, strict=True):
-                    blob.data = arr
-                return
-        for s in run:
+        if (config is None or gemm_config() is config) and native():
+            return
+        for s in run:  # the steps' own paths take such arrays
             s()
     return step
 

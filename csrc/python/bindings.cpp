@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "amct/ifmr.h"
 #include "amct/ifmr_stream.h"
 #include "amct/libm_float.h"
+#include "amct/softmax.h"
 #include "amct/max_pool.h"
 #include "amct/search_n.h"
 #include "amct/sgd.h"
@@ -599,6 +601,41 @@ py::array tanhf_array(const py::handle& x_obj, int threads) {
   return std::move(y);
 }
 
+py::array expf_array(const py::handle& x_obj, int threads) {
+  auto x = checked<float>(x_obj, "x");
+  py::array_t<float> y(shape_of(x));
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::expf_array(x.data(), yp, size_of(x), threads);
+  return std::move(y);
+}
+
+// The machine's own libm expf, element by element: what the port is tested against.
+py::array libm_expf_array(const py::handle& x_obj) {
+  auto x = checked<float>(x_obj, "x");
+  py::array_t<float> y(shape_of(x));
+  auto* yp = y.mutable_data();
+  const float* xp = x.data();
+  const std::size_t n = size_of(x);
+  py::gil_scoped_release release;
+  for (std::size_t i = 0; i < n; ++i) yp[i] = ::expf(xp[i]);
+  return std::move(y);
+}
+
+py::array softmax(const py::handle& x_obj, int axis, int threads) {
+  auto x = checked<float>(x_obj, "x");
+  if (axis < 0 || axis >= x.ndim()) throw py::value_error("axis out of range");
+  std::size_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= static_cast<std::size_t>(x.shape(d));
+  for (int d = axis + 1; d < x.ndim(); ++d) inner *= static_cast<std::size_t>(x.shape(d));
+  const auto channels = static_cast<std::size_t>(x.shape(axis));
+  py::array_t<float> y(shape_of(x));
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::softmax_channels(x.data(), yp, outer, channels, inner, threads);
+  return std::move(y);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -634,6 +671,10 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("threads"));
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
   m.def("tanhf", &tanhf_array, py::arg("x"), py::arg("threads"));
+  m.def("expf", &expf_array, py::arg("x"), py::arg("threads"));
+  m.def("libm_expf", &libm_expf_array, py::arg("x"));
+  m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
+  m.def("softmax_sequential_order", &amct::softmax_sequential_order, py::arg("channels"), py::arg("inner"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));

@@ -1,8 +1,12 @@
 #include "amct/libm_float.h"
 
+#include <immintrin.h>
+
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "amct/cpu.h"
 #include "amct/parallel.h"
 
 namespace amct {
@@ -119,6 +123,130 @@ float fdlibm_tanhf(float x) {
 void tanhf_array(const float* x, float* y, std::size_t n, int threads) {
   parallel_for(n, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
     for (std::size_t i = first; i < last; ++i) y[i] = fdlibm_tanhf(x[i]);
+  });
+}
+
+namespace {
+
+// glibc's __exp2f_data (sysdeps/ieee754/flt-32/e_exp2f_data.c), as the bits of its doubles: tab[j] is
+// 2^(j/32) correctly rounded, less j << 47, so that adding k << 47 gives 2^(k/32); then what expf reads.
+constexpr std::uint64_t kExp2fTab[32] = {
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51, 0x3fef72b83c7d517b,
+    0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1, 0x3fef06fe0a31b715, 0x3feef1a7373aa9cb,
+    0x3feedea64c123422, 0x3feece086061892d, 0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429,
+    0x3feea47eb03a5585, 0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d, 0x3feee89f995ad3ad,
+    0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f,
+    0x3fefa4afa2a490da, 0x3fefd0765b6e4540};
+constexpr std::uint64_t kInvLn2N = 0x40471547652b82fe;  // 32 / ln 2
+constexpr std::uint64_t kShift = 0x4338000000000000;    // 0x1.8p52: z + shift rounds z to an integer
+constexpr std::uint64_t kC0 = 0x3ebc6af84b912394, kC1 = 0x3f2ebfce50fac4f3, kC2 = 0x3f962e42ff0c52d6;
+constexpr std::uint32_t kOverflow = 0x42b17217;     // 0x1.62e42ep6f: above, inf
+constexpr std::uint32_t kUnderflow = 0xc2cff1b4;    // -0x1.9fe368p6f: below, 0
+constexpr std::uint32_t kMayUnderflow = 0xc2ce8ecf; // -0x1.9d1d9ep6f: below, 2^-149 (__math_may_uflowf)
+
+double dbits(std::uint64_t u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+std::uint64_t u64(double d) {
+  std::uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+
+float fbits(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// e_expf.c as glibc's x86-64 FMA build compiles it (disassembled: vfmadd for z + shift, vfmsub for r,
+// vfmadd for the three polynomial steps). std::fma is exact on any CPU, so this gives those bits
+// everywhere; inlined into a function built for FMA it is those instructions.
+__attribute__((always_inline)) inline float expf_body(float x) {
+  std::uint32_t ux;
+  std::memcpy(&ux, &x, sizeof ux);
+  const std::uint32_t abstop = (ux >> 20) & 0x7ff;
+  if (__builtin_expect(abstop >= 0x42b, 0)) {  // |x| >= 88 or NaN
+    if (ux == 0xff800000u) return 0.0f;          // -inf
+    if (abstop >= 0x7f8) return x + x;           // inf, NaN
+    if (x > fbits(kOverflow)) return HUGE_VALF;
+    if (x < fbits(kUnderflow)) return 0.0f;
+    if (x < fbits(kMayUnderflow)) return fbits(1);  // 0x1.4p-75f * 0x1.4p-75f rounded: 2^-149
+  }
+  const double xd = x, inv = dbits(kInvLn2N), shift = dbits(kShift);
+  const double shifted = std::fma(inv, xd, shift);  // k = round(x 32 / ln 2), ties to even, in the low bits
+  const std::uint64_t ki = u64(shifted);
+  const double kd = shifted - shift;
+  const double r = std::fma(inv, xd, -kd);          // x 32 / ln 2 - k, |r| <= 1/2
+  const double s = dbits(kExp2fTab[ki % 32] + (ki << 47));  // 2^(k/32)
+  const double z = std::fma(dbits(kC0), r, dbits(kC1));
+  const double r2 = r * r;
+  double y = std::fma(dbits(kC2), r, 1.0);
+  y = std::fma(z, r2, y);
+  return static_cast<float>(y * s);
+}
+
+// Four values at a time, the same operations lane by lane (vfmadd / vfmsub / vmulpd / vcvtpd2ps round as
+// their scalar forms; the table through a gather); a group holding an input of |x| >= 88 or NaN takes
+// those lanes from expf_body, whose first branch handles them.
+__attribute__((target("avx2,fma"))) void expf_fma(const float* x, float* y, std::size_t n) {
+  const __m256d inv = _mm256_set1_pd(dbits(kInvLn2N)), shift = _mm256_set1_pd(dbits(kShift));
+  const __m256d c0 = _mm256_set1_pd(dbits(kC0)), c1 = _mm256_set1_pd(dbits(kC1)), c2 = _mm256_set1_pd(dbits(kC2));
+  const __m256d one = _mm256_set1_pd(1.0);
+  const __m256i low5 = _mm256_set1_epi64x(31);
+  const __m128i top_mask = _mm_set1_epi32(0x7ff), big = _mm_set1_epi32(0x42a);
+  const auto* tab = reinterpret_cast<const long long*>(kExp2fTab);
+  std::size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m128 xf = _mm_loadu_ps(x + i);
+    const __m128i abstop = _mm_and_si128(_mm_srli_epi32(_mm_castps_si128(xf), 20), top_mask);
+    const int special = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(abstop, big)));
+    const __m256d xd = _mm256_cvtps_pd(xf);
+    const __m256d shifted = _mm256_fmadd_pd(inv, xd, shift);
+    const __m256i ki = _mm256_castpd_si256(shifted);
+    const __m256d kd = _mm256_sub_pd(shifted, shift);
+    const __m256d r = _mm256_fmsub_pd(inv, xd, kd);
+    const __m256i t = _mm256_add_epi64(_mm256_i64gather_epi64(tab, _mm256_and_si256(ki, low5), 8),
+                                       _mm256_slli_epi64(ki, 47));
+    const __m256d z = _mm256_fmadd_pd(c0, r, c1);
+    const __m256d r2 = _mm256_mul_pd(r, r);
+    __m256d p = _mm256_fmadd_pd(c2, r, one);
+    p = _mm256_fmadd_pd(z, r2, p);
+    _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(p, _mm256_castsi256_pd(t))));
+    if (special) {  // (from the loaded values: y may be x)
+      alignas(16) float in[4];
+      _mm_store_ps(in, xf);
+      for (int j = 0; j < 4; ++j) {
+        if (special >> j & 1) y[i + j] = expf_body(in[j]);
+      }
+    }
+  }
+  for (; i < n; ++i) y[i] = expf_body(x[i]);
+}
+
+void expf_portable(const float* x, float* y, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) y[i] = expf_body(x[i]);
+}
+
+}  // namespace
+
+float glibc_expf(float x) { return expf_body(x); }
+
+void expf_span(const float* x, float* y, std::size_t n) {
+  if (cpu_has_avx2_fma()) {
+    expf_fma(x, y, n);
+  } else {
+    expf_portable(x, y, n);
+  }
+}
+
+void expf_array(const float* x, float* y, std::size_t n, int threads) {
+  parallel_for(n, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
+    expf_span(x + first, y + first, last - first);
   });
 }
 

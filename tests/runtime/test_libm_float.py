@@ -8,7 +8,7 @@ import platform
 import numpy as np
 import pytest
 
-from amct_caffe.runtime.layers.libm_float import TANHF_KERNEL, expf, tanhf, tanhf_reference
+from amct_caffe.runtime.layers.libm_float import EXPF_KERNEL, TANHF_KERNEL, expf, expf_reference, tanhf, tanhf_reference
 from amct_caffe.runtime.layers.lstm_unit import caffe_sigmoid
 
 
@@ -77,9 +77,55 @@ def test_expf_is_glibcs_bit_for_bit():
     with np.errstate(over="ignore"):
         want = ref(x)
         assert np.sum(np.exp(x.astype(np.float64)).astype(np.float32) != want) > 20  # the values that tell
-    got = expf(x)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(got[~np.isnan(got)].view(np.int32), want[~np.isnan(want)].view(np.int32))
+    for fn in (expf, expf_reference):
+        got = fn(x)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got[~np.isnan(got)].view(np.int32), want[~np.isnan(want)].view(np.int32))
+
+
+def _same_bits(got, want):
+    """Per element: the same bits, or both NaN."""
+    return (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+
+
+_EXPF_EDGES = np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 88.0, 88.72283, 88.72284, -87.33655,
+                          -103.27893, -103.278931, -103.972076, -103.97208, -104.0, 1e-45, -1e-45, 1e-38, 3e38,
+                          -3e38, 0.5 * np.log(2) / 32, np.float32(np.log(2) / 64) * 3])
+# the only two float32 inputs where glibc's FMA build rounds otherwise than the same steps unfused (the
+# NumPy steps, expf_reference): 0x1.04845ep+5 and -0x1.f8cbb2p+5 (an exhaustive run over all 2^32)
+_EXPF_FMA_SHOWS = np.float32([float.fromhex("0x1.04845ep+5"), -float.fromhex("0x1.f8cbb2p+5")])
+
+
+@pytest.mark.skipif(EXPF_KERNEL is None, reason="the compiled kernels are not built")
+def test_expf_kernel_is_libms_on_every_257th_float():
+    """The C++ port against this machine's libm expf on 16.7 million float32 bit patterns spread over the
+    whole range (both signs, subnormal inputs and results, overflow, underflow, infinities, NaNs: checked
+    against all 2^32 once, see csrc/src/libm_float.cpp) and the thresholds, threaded and not."""
+    from amct_caffe._kernels import libm_expf
+
+    _glibc_expf()  # (skips where libm is not glibc's e_expf.c)
+    x = np.concatenate([np.arange(0, 2 ** 32, 257, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                        _EXPF_EDGES, _EXPF_FMA_SHOWS, np.nextafter(_EXPF_EDGES, np.float32(np.inf)),
+                        np.nextafter(_EXPF_EDGES, np.float32(-np.inf))])
+    want = libm_expf(x)
+    assert (want.view(np.uint32) == 1).any() and np.isinf(want).any() and (want == 0).any()  # the edges are in
+    for threads in (1, 2):
+        same = _same_bits(EXPF_KERNEL(x, threads), want)
+        assert same.all(), (x[~same][:5], EXPF_KERNEL(x, 1)[~same][:5], want[~same][:5])
+
+
+@pytest.mark.skipif(EXPF_KERNEL is None, reason="the compiled kernels are not built")
+def test_expf_kernel_is_the_numpy_steps_on_any_machine():
+    """The C++ port (FMA-contracted as glibc's x86-64 FMA build) equals the NumPy steps (no FMA) on every
+    4099th bit pattern and on the values of a softmax (x - max <= 0): no libm involved."""
+    patterns = np.arange(0, 2 ** 32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([patterns, _EXPF_EDGES, -np.abs(rng.standard_normal(200_000) * 6).astype(np.float32)])
+    same = _same_bits(EXPF_KERNEL(x, 1), expf_reference(x))
+    assert same.all(), x[~same][:5]
+    # where the fused steps show, the kernel takes glibc's FMA build's values (an ulp above the unfused ones)
+    np.testing.assert_array_equal(EXPF_KERNEL(_EXPF_FMA_SHOWS, 1).view(np.int32),
+                                  expf_reference(_EXPF_FMA_SHOWS).view(np.int32) + 1)
 
 
 def test_lstm_sigmoid_takes_glibcs_expf():

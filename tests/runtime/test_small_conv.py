@@ -160,3 +160,64 @@ def test_small_ops_fall_back_to_their_own_steps(tmp_path):
     net.forward(data=x)
     for name, want in _fresh_blobs(path, net, x).items():
         np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+
+
+@pytest.mark.skipif(not conv_plan.numpy_sgemm_bound(), reason="numpy's BLAS sgemm could not be bound")
+def test_run_rewrites_its_tops_only_when_no_one_else_holds_them(tmp_path):
+    """The whole net (convolutions, pooling, the Softmax) runs as one SmallRun step, which writes each top into
+    its array of the last forward when only the blob holds it, and into fresh memory when a caller kept the
+    array, a view of it, or a forward's result dict: those keep their values. Every blob has the bytes of
+    the full path."""
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(PNET)
+    net = Net(str(path), TEST)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(5)]
+    net.forward(data=xs[0])
+    net.forward(data=xs[1])  # the prepared steps
+    assert len(net._steps) == 1  # noqa: SLF001 - one call for the whole net
+    tops = [t for t in net.blobs if t != "data"]
+    before = {t: net.blobs[t].data for t in tops}
+    ids = {t: id(a) for t, a in before.items()}
+    del before
+    net.forward(data=xs[2])
+    assert {t: id(net.blobs[t].data) for t in tops} == ids  # no one held them: rewritten in place
+    kept = net.blobs["conv3"].data
+    view = net.blobs["pool1"].data[0, 1:]
+    result = net.forward(data=xs[3])
+    assert set(result) == {"head2", "prob"}
+    snapshot = {"conv3": kept.copy(), "pool1": view.copy(), **{k: v.copy() for k, v in result.items()}}
+    net.forward(data=xs[4])
+    for name, want in _fresh_blobs(path, net, xs[4]).items():
+        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+    np.testing.assert_array_equal(_bits(kept), _bits(snapshot["conv3"]))
+    np.testing.assert_array_equal(_bits(view), _bits(snapshot["pool1"]))
+    for k, v in result.items():
+        np.testing.assert_array_equal(_bits(v), _bits(snapshot[k]), err_msg=k)
+        assert net.blobs[k].data is not v
+    assert net.blobs["conv3"].data is not kept and not np.shares_memory(net.blobs["pool1"].data, view)
+    assert id(net.blobs["conv1"].data) == ids["conv1"]  # the others still reused
+
+
+@pytest.mark.skipif(not conv_plan.numpy_sgemm_bound(), reason="numpy's BLAS sgemm could not be bound")
+def test_run_takes_the_arrays_a_user_puts_in_the_blobs(tmp_path):
+    """A top array replaced by the user (a new array, then one of another shape) is not written into; the
+    step makes its own again, with the full path's bytes."""
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(PNET)
+    net = Net(str(path), TEST)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    net.forward(data=x)
+    net.forward(data=x)
+    mine = np.zeros_like(net.blobs["conv2"].data)
+    net.blobs["conv2"].data = mine
+    net.forward(data=x)
+    assert not mine.any() and net.blobs["conv2"].data is not mine
+    net.blobs["conv2"].data = np.zeros(5, np.float32)
+    held = net.blobs["conv2"].data
+    x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
+    net.forward(data=x)
+    assert not held.any()
+    for name, want in _fresh_blobs(path, net, x).items():
+        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)

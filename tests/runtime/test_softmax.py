@@ -8,6 +8,7 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import GraphError
 from amct_caffe.io.schema import caffe_pb
+from amct_caffe.runtime.layers import softmax
 from amct_caffe.runtime.layers.softmax import Softmax
 from amct_caffe.runtime.registry import layer_class
 from tests.golden import CASES_BY_NAME, compare
@@ -87,3 +88,72 @@ def test_short_last_axis_path_gives_the_reference_bytes(n):
         if n <= SHORT_AXIS:
             np.testing.assert_array_equal(softmax_short_last_axis(x).view(np.uint32), want.view(np.uint32))
         np.testing.assert_array_equal(lay.forward([x])[0].view(np.uint32), want.view(np.uint32))
+
+
+def _order_sensitive(shape, axis, rng):
+    """Logits whose exps sum to different floats in different orders: a dominant 1 and many 2^-24-sized
+    terms (exp(-16.6) ~ 6e-8), random elsewhere."""
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    moved = np.moveaxis(x, axis, 0)
+    moved[1:] = np.where(rng.random(moved[1:].shape) < 0.5, np.float32(-16.6), moved[1:])
+    moved[0] = 0
+    return x
+
+
+@pytest.mark.skipif(softmax.SOFTMAX_KERNEL is None, reason="the compiled kernels are not built")
+@pytest.mark.parametrize("shape, axis", [((1, 2, 1, 1), 1), ((3, 5), 1), ((2, 7), -1), ((4, 3, 5, 6), 1),
+                                         ((2, 9, 3, 4), 1), ((1, 20, 2, 1), 1), ((64, 10), 0), ((2, 3, 4, 5), 3),
+                                         ((2, 3, 4, 5), 0), ((1, 4420, 2), 2), ((5, 1), 1), ((1, 130, 1, 3), 1)])
+def test_kernel_gives_the_reference_bytes(shape, axis):
+    """Where the sum is sequential (inner > 1, or < 8 values) the one-pass C++ softmax is softmax_reference
+    bit for bit (its ufuncs: max, subtract, glibc's expf, NumPy's sum, divide), on sums whose order shows,
+    with infinities and NaNs as Caffe has them; and the layer takes the kernel there."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[axis])
+    x = _order_sensitive(shape, axis, rng)
+    flat = x.reshape(-1)
+    flat[rng.integers(0, flat.size, 3)] = [np.inf, -np.inf, np.nan]
+    inner = int(np.prod(x.shape[axis % x.ndim + 1:]))
+    assert softmax.sequential_sum(x.shape[axis], inner)
+    with np.errstate(invalid="ignore"):
+        want = softmax.softmax_reference(x, axis=axis)
+        got = softmax.SOFTMAX_KERNEL(x, axis % x.ndim, 1)
+        same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+        assert same.all() and np.isnan(got).any()
+        np.testing.assert_array_equal(Softmax(x, axis=axis).view(np.uint32), got.view(np.uint32))
+    x = _order_sensitive(shape, axis, rng)
+    want = softmax.softmax_reference(x, axis=axis)
+    np.testing.assert_array_equal(Softmax(x, axis=axis).view(np.uint32), want.view(np.uint32))
+    np.testing.assert_allclose(want, reference(x, axis % x.ndim), rtol=2e-6, atol=1e-7)
+
+
+def test_long_contiguous_axis_keeps_numpys_pairwise_sum():
+    """Eight or more values along a contiguous axis: NumPy sums them pairwise, and so does Softmax (the
+    reference path); the sequential sum would be another float here."""
+    rng = np.random.default_rng(9)
+    x = _order_sensitive((6, 40), 1, rng)
+    assert not softmax.sequential_sum(40, 1)
+    got = Softmax(x, axis=1)
+    e = softmax.expf(x - x.max(axis=1, keepdims=True))
+    np.testing.assert_array_equal(got.view(np.uint32), (e / e.sum(axis=1, keepdims=True)).view(np.uint32))
+    sequential = e[:, :1].copy()
+    for j in range(1, 40):
+        sequential += e[:, j:j + 1]
+    assert not np.array_equal(sequential, e.sum(axis=1, keepdims=True))  # (the case tells the orders apart)
+
+
+@pytest.mark.skipif(softmax.SOFTMAX_KERNEL is None, reason="the compiled kernels are not built")
+def test_kernel_threads_give_one_result():
+    x = (RNG.standard_normal((40, 3, 50, 20)) * 5).astype(np.float32)
+    one = softmax.SOFTMAX_KERNEL(x, 1, 1)
+    for workers in (2, 3):
+        np.testing.assert_array_equal(softmax.SOFTMAX_KERNEL(x, 1, workers).view(np.uint32), one.view(np.uint32))
+
+
+def test_exp_is_glibcs_expf():
+    """Softmax's exp is libm_float.expf (glibc's, as Caffe's std::exp(float)), not NumPy's float32 exp: on
+    two channels, y0 = 1 / (1 + expf(x1 - x0)) when x0 is the max."""
+    x = np.stack([np.zeros(20000, np.float32), -np.linspace(0.01, 12, 20000, dtype=np.float32)], axis=1)
+    e = softmax.expf(x[:, 1])
+    want = np.float32(1) / (np.float32(1) + e)
+    np.testing.assert_array_equal(Softmax(x, axis=1)[:, 0].view(np.uint32), want.view(np.uint32))
+    assert (np.exp(x[:, 1]) != e).any()  # (NumPy's own exp would be another result here)

@@ -1,37 +1,84 @@
-"""Softmax (Caffe's softmax_layer.cpp). The fork defines no LogSoftmax layer."""
+"""Softmax (Caffe's softmax_layer.cpp). The fork defines no LogSoftmax layer.
+
+Caffe's SoftmaxLayer::Forward_cpu, per index of the axes around ``axis`` (an (outer, channels, inner)
+view):
+
+    m = max_c x                      (a loop of std::max)
+    e = exp(x - m)                   (a GEMM with a ones vector: x - m rounded once; std::exp of a
+                                      float, glibc's expf)
+    s = sum_c e                      (a gemv with a ones vector: its BLAS's order)
+    y = e / s
+
+Here ``exp`` is glibc's ``expf`` bit for bit (:func:`.libm_float.expf`; NumPy's own float32 exp is an
+ulp off it for about a fifth of all inputs), and the sum adds the channels in order, c = 0, 1, ...:
+NumPy's order for a float32 sum over a C-contiguous axis when it adds whole slices (inner > 1) or fewer
+than 8 values (from 8 on, inner == 1, NumPy sums pairwise, and :func:`softmax_reference` keeps it). With
+two channels (MTCNN, UltraFace and most detectors' scores) every order gives the same sum, so the
+result is Caffe's bit for bit; with more, the gemv's order may put the sum an ulp away.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
+from amct_caffe.runtime import threads
+from amct_caffe.runtime.layer import Layer, canonical_axis
+from amct_caffe.runtime.layers.libm_float import expf
 
-
-def Softmax(x, *, axis=1):  # noqa: N802 - Caffe type name
-    """``y = exp(x - max_axis x) / sum_axis exp(x - max_axis x)`` in float32, as Caffe does it.
-
-    ``axis`` may be negative; every slice along it (the other axes index independent
-    softmaxes) is shifted by its maximum before ``exp`` so no term overflows.
-    """
-    x = np.asarray(x, np.float32)
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True, dtype=np.float32)
-
+try:  # csrc/src/softmax.cpp: the whole softmax in one pass
+    from amct_caffe._kernels import SmallSoftmax as SMALL_SOFTMAX
+    from amct_caffe._kernels import softmax as SOFTMAX_KERNEL
+except ImportError:
+    SMALL_SOFTMAX = SOFTMAX_KERNEL = None
 
 # numpy reduces a contiguous axis of fewer than 8 values one value after the other (pairwise from 8 on)
 SHORT_AXIS = 7
+# the largest tensor whose softmax may run inside forward.py's one call of native ops (SmallRun)
+SMALL_SOFTMAX_SIZE = 1 << 12
+
+
+def sequential_sum(channels: int, inner: int) -> bool:
+    """Whether NumPy's float32 sum over ``channels`` values ``inner`` apart adds them in order."""
+    return inner > 1 or channels <= SHORT_AXIS
+
+
+def Softmax(x, *, axis=1):  # noqa: N802 - Caffe type name
+    """``y = exp(x - max_axis x) / sum_axis exp(x - max_axis x)`` in float32, as Caffe does it (module doc).
+
+    ``axis`` may be negative; every slice along it (the other axes index independent
+    softmaxes) is shifted by its maximum before ``exp`` so no term overflows. Where the sum is
+    sequential, the C++ kernel computes the same bytes as :func:`softmax_reference` in one pass.
+    """
+    x = np.asarray(x, np.float32)
+    axis = axis % x.ndim if x.ndim else 0
+    if SOFTMAX_KERNEL is not None and x.ndim and x.size \
+            and sequential_sum(x.shape[axis], math.prod(x.shape[axis + 1:])):
+        size = x.size
+        return SOFTMAX_KERNEL(np.ascontiguousarray(x), axis, threads.workers() if size >= 1 << 16 else 1)
+    return softmax_reference(x, axis=axis)
+
+
+def softmax_reference(x, *, axis=1):
+    """:func:`Softmax` in NumPy ufuncs (the bytes the C++ kernel is tested against)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim and axis % x.ndim == x.ndim - 1 and 1 <= x.shape[-1] <= SHORT_AXIS:
+        return softmax_short_last_axis(x)
+    e = expf(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True, dtype=np.float32)
 
 
 def softmax_short_last_axis(x: np.ndarray) -> np.ndarray:
-    """:func:`Softmax` over the last axis of ``x`` when it holds at most :data:`SHORT_AXIS` values: the same
-    bytes (the maximum is exact, the sum adds the values in order as numpy's reduction does there), but
-    from whole slices (``x[..., j]``) instead of a numpy reduction per row, which is slow on such rows
-    (UltraFace's (1, 4420, 2) scores: 0.39 -> 0.11 ms)."""
+    """:func:`softmax_reference` over the last axis of ``x`` when it holds at most :data:`SHORT_AXIS`
+    values: the same bytes (the maximum is exact, the sum adds the values in order as numpy's reduction
+    does there), but from whole slices (``x[..., j]``) instead of a numpy reduction per row, which is
+    slow on such rows (UltraFace's (1, 4420, 2) scores: 0.39 -> 0.11 ms)."""
     m = x[..., 0].copy()
     for j in range(1, x.shape[-1]):
         np.maximum(m, x[..., j], out=m)
-    e = np.exp(x - m[..., None])
+    e = expf(x - m[..., None])
     s = e[..., 0].copy()
     for j in range(1, x.shape[-1]):
         s += e[..., j]
@@ -47,10 +94,21 @@ class SoftmaxLayer(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, bottoms):
-        x = bottoms[0]
-        if self._axis == x.ndim - 1 and 1 <= x.shape[-1] <= SHORT_AXIS and x.dtype == np.float32:
-            return [softmax_short_last_axis(x)]
-        return [Softmax(x, axis=self._axis)]
+        return [Softmax(bottoms[0], axis=self._axis)]
+
+    def prepared_forward(self, bottom_shapes):
+        """:meth:`forward`; on a small 4-D bottom whose sum is sequential, also the op that runs it inside
+        forward.py's one call of native ops (``SmallSoftmax``: the same kernel, so the same bytes)."""
+        shape = tuple(bottom_shapes[0])
+        forward = self.forward
+        if SMALL_SOFTMAX is None or len(shape) != 4 or not 0 < math.prod(shape) <= SMALL_SOFTMAX_SIZE \
+                or not sequential_sum(shape[self._axis], math.prod(shape[self._axis + 1:])):
+            return forward
+
+        def forward_small(bottoms):
+            return forward(bottoms)
+        forward_small.small_op = (SMALL_SOFTMAX(list(shape), self._axis), [], False, None)
+        return forward_small
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = (dy - sum_axis(dy * y)) * y, from the top alone (so in place works as in Caffe)."""

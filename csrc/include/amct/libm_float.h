@@ -8,6 +8,13 @@
 //              sign(x) (-t / (t + 2)), t = expm1f(-2|x|)  for 2^-55 <= |x| < 1
 //              x (1 + x) below, sign(x) (1 - 1e-30) above, NaN for NaN.
 // amct_caffe/runtime/layers/libm_float.py holds the NumPy reference it is tested against.
+//
+// glibc_expf is glibc's expf (sysdeps/ieee754/flt-32/e_expf.c, glibc 2.27 on) as its x86-64 FMA build
+// computes it, which is the one glibc picks on a CPU with AVX2 and FMA (and so the one Caffe's
+// std::exp(float) gets there). In double: k = round(x 32/ln2), r = x 32/ln2 - k (both from one fused
+// product), 2^(k/32) from a table of 2^(j/32) scaled by 2^(k div 32), times the cubic
+// fma(fma(C0, r, C1), r^2, fma(C2, r, 1)), rounded once to float; overflow to inf above 0x1.62e42ep6,
+// 0 below -0x1.9fe368p6, 2^-149 just above that (glibc's __math_may_uflowf), NaN stays NaN.
 #pragma once
 
 #include <cstddef>
@@ -19,5 +26,11 @@ float fdlibm_tanhf(float x);
 
 // y[i] = fdlibm_tanhf(x[i]); `threads` workers split the range (per element: same bytes for any count).
 void tanhf_array(const float* x, float* y, std::size_t n, int threads);
+
+float glibc_expf(float x);
+// y[i] = glibc_expf(x[i]) (an FMA build of the loop where the CPU has it: the same bits, faster);
+// expf_array splits the range between `threads` workers from 2^16 elements on.
+void expf_span(const float* x, float* y, std::size_t n);
+void expf_array(const float* x, float* y, std::size_t n, int threads);
 
 }  // namespace amct
