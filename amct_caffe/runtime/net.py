@@ -38,6 +38,7 @@ from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
+from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Net:
         self.inputs: list[str] = []
         self._param_owners: dict[str, tuple[str, int, Blob]] = {}
         self._learnable: list[tuple[Blob, float, float]] = []
-        share_parent: dict[str, str] = {}
+        shared = ShareGroups()  # the blobs Caffe makes one memory (ShareData)
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         seen_names: set[str] = set()
@@ -136,9 +137,9 @@ class Net:
                     check_not_empty_at_build(f"{self._source}: layer '{lp.name}' ({lp.type})", t, s)
             if lp.bottom and layer.shares_bottom_data(bottom_shapes):
                 for t in lp.top:
-                    _union(share_parent, t, lp.bottom[0])
+                    shared.join(t, lp.bottom[0])
             for i, j in layer.shared_tops(bottom_shapes):
-                _union(share_parent, lp.top[i], lp.top[j])
+                shared.join(lp.top[i], lp.top[j])
             for t, s in zip(lp.top, top_shapes, strict=False):
                 shapes[t] = tuple(s)
                 if t not in self.blobs:
@@ -154,10 +155,7 @@ class Net:
         self.outputs = sorted(available)
         self._shapes_seen: list = [None] * len(self.layers)
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
-        groups: dict[str, list[str]] = {}
-        for name in share_parent:
-            groups.setdefault(_find(share_parent, name), []).append(name)
-        self._shared_with = {name: members for members in groups.values() for name in members}
+        self._shared_with = shared.members()
         self._plan = plan_backward(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
                                    bool(net_param.force_backward))
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
@@ -498,16 +496,3 @@ def set_mode_gpu() -> None:
 def set_device(device_id: int) -> None:  # noqa: ARG001 - pycaffe signature
     _LOG.warning("the embedded executor has no GPU mode; set_device(%d) ignored", device_id)
 
-
-def _find(parent: dict[str, str], x: str) -> str:
-    while parent.get(x, x) != x:
-        x = parent[x]
-    return x
-
-
-def _union(parent: dict[str, str], a: str, b: str) -> None:
-    parent.setdefault(a, a)
-    parent.setdefault(b, b)
-    ra, rb = _find(parent, a), _find(parent, b)
-    if ra != rb:
-        parent[ra] = rb
