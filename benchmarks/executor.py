@@ -96,6 +96,17 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   thread, 3 x 10 rounds of 2000 forwards interleaved [load 2.0-2.2]: main 27.5-29.1 us; the bound run
   with the Softmax kernel as its own step 14.7-15.3 us; the Softmax inside the run 12.5-15.0 us. Left:
   ~10.5 us in the one call (about 2 us of it numpy's sgemm), ~1.3 us of Net.forward.
+* 3x3 depthwise convolutions at column stride 1 and 2, sixteen outputs per AVX-512 register (taps in
+  the same order; at stride 2 gathered by permutes; the same bytes): kernel alone, one thread, stride 1
+  16x120x160 0.28 -> 0.17 ms, 128x15x20 0.09 -> 0.03; stride 2 32x120x160 0.33 -> 0.19 ms; UltraFace
+  slim-320 forward interleaved with the build before [load 2-2.5] 6.2-7.3 -> 4.6-5.6 ms. ``--models
+  all``, 24 runs in 4 rounds, after every merge of the session [load 0.6-0.9]: open_nsfw 0.50 (cpu
+  0.51), UltraFace slim-320 0.37, RFB-320 0.39, MiniNet-SSD 0.55, LeNet 0.66, P-Net 12x12 0.73, R-Net
+  0.49, O-Net 0.43, L-Net 0.71, the detector's shapes 0.16-0.36. Measured and not kept: MAX pooling's
+  stride-2 columns gathered by AVX-512 permutes (open_nsfw's pool1 alone 2.65 -> 2.90 ms: the AVX2
+  loop is as fast; in the net the layer takes 5 ms from memory traffic, not arithmetic), direct
+  convolution blocks of 48 pixels (the templated loop spilled its accumulators: 2-3x slower), and
+  process-wide malloc / transparent-huge-page settings (open_nsfw within the noise on a quiet machine).
 """
 
 from __future__ import annotations
