@@ -345,34 +345,20 @@ py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, cons
   return std::move(s);
 }
 
-py::array tanhf_array(const py::handle& x_obj, int threads) {
+// y = f(x) element by element, by one of libm_float.h's array loops (or the machine's own expf).
+template <void (*F)(const float*, float*, std::size_t, int)>
+py::array map_floats(const py::handle& x_obj, int threads) {
   auto x = checked<float>(x_obj, "x");
   py::array_t<float> y(shape_of(x));
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
-  amct::tanhf_array(x.data(), yp, size_of(x), threads);
-  return std::move(y);
-}
-
-py::array expf_array(const py::handle& x_obj, int threads) {
-  auto x = checked<float>(x_obj, "x");
-  py::array_t<float> y(shape_of(x));
-  auto* yp = y.mutable_data();
-  py::gil_scoped_release release;
-  amct::expf_array(x.data(), yp, size_of(x), threads);
+  F(x.data(), yp, size_of(x), threads);
   return std::move(y);
 }
 
 // The machine's own libm expf, element by element: what the port is tested against.
-py::array libm_expf_array(const py::handle& x_obj) {
-  auto x = checked<float>(x_obj, "x");
-  py::array_t<float> y(shape_of(x));
-  auto* yp = y.mutable_data();
-  const float* xp = x.data();
-  const std::size_t n = size_of(x);
-  py::gil_scoped_release release;
-  for (std::size_t i = 0; i < n; ++i) yp[i] = ::expf(xp[i]);
-  return std::move(y);
+void libm_expf_loop(const float* x, float* y, std::size_t n, int /*threads*/) {
+  for (std::size_t i = 0; i < n; ++i) y[i] = ::expf(x[i]);
 }
 
 py::array softmax(const py::handle& x_obj, int axis, int threads) {
@@ -424,9 +410,9 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
         py::arg("threads"));
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
-  m.def("tanhf", &tanhf_array, py::arg("x"), py::arg("threads"));
-  m.def("expf", &expf_array, py::arg("x"), py::arg("threads"));
-  m.def("libm_expf", &libm_expf_array, py::arg("x"));
+  m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
+  m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
+  m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
   m.def("softmax_sequential_order", &amct::softmax_sequential_order, py::arg("channels"), py::arg("inner"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),

@@ -96,21 +96,13 @@ __attribute__((always_inline)) inline void planes(const float* x, const float* w
                 pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
     }
     if constexpr (Mode == 2) {
-      if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 2) {
+      if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && (g.sw == 1 || g.sw == 2)) {
+        const auto row = g.sw == 1 ? row3x3_avx512 : row3x3s2_avx512;
         const float* b = bias ? bias + p % g.c : nullptr;
         for (int oy = 0; oy < g.ho; ++oy) {
           const float* r0 = pad.data() + static_cast<std::size_t>(oy * g.sh) * wp;
-          row3x3s2_avx512(r0, r0 + wp, r0 + 2 * static_cast<std::size_t>(wp), wc,
-                          yp + static_cast<std::size_t>(oy) * g.wo, g.wo, b);
-        }
-        continue;
-      }
-      if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sw == 1) {
-        const float* b = bias ? bias + p % g.c : nullptr;
-        for (int oy = 0; oy < g.ho; ++oy) {
-          const float* r0 = pad.data() + static_cast<std::size_t>(oy * g.sh) * wp;
-          row3x3_avx512(r0, r0 + wp, r0 + 2 * static_cast<std::size_t>(wp), wc,
-                        yp + static_cast<std::size_t>(oy) * g.wo, g.wo, b);
+          row(r0, r0 + wp, r0 + 2 * static_cast<std::size_t>(wp), wc, yp + static_cast<std::size_t>(oy) * g.wo, g.wo,
+              b);
         }
         continue;
       }

@@ -12,6 +12,16 @@
 namespace amct {
 namespace {
 
+// The bits of one type read as another of the same size (C++20's std::bit_cast).
+template <class To, class From>
+To bit_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "same size only");
+  To t;
+  std::memcpy(&t, &v, sizeof t);
+  return t;
+}
+
+
 constexpr float kOne = 1.0f, kHalf = 0.5f, kTwo = 2.0f;
 constexpr float kHuge = 1.0e30f, kTiny = 1.0e-30f;
 constexpr float kLn2Hi = 6.9313812256e-01f;   // 0x3f317180
@@ -20,27 +30,17 @@ constexpr float kInvLn2 = 1.4426950216e+00f;  // 0x3fb8aa3b
 constexpr float kQ1 = -3.3333335072e-02f, kQ2 = 1.5873016091e-03f, kQ3 = -7.9365076090e-05f,
                 kQ4 = 4.0082177293e-06f, kQ5 = -2.0109921195e-07f;
 
-std::int32_t bits(float x) {
-  std::int32_t i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-}
-
-float from_bits(std::int32_t i) {
-  float x;
-  std::memcpy(&x, &i, sizeof x);
-  return x;
-}
-
 // SET_FLOAT_WORD(y, GET_FLOAT_WORD(y) + (k << 23)): k added to y's exponent
 float scale_exponent(float y, std::int32_t k) {
-  return from_bits(static_cast<std::int32_t>(static_cast<std::uint32_t>(bits(y)) + (static_cast<std::uint32_t>(k) << 23)));
+  const std::uint32_t raised =
+      static_cast<std::uint32_t>(bit_as<std::int32_t>(y)) + (static_cast<std::uint32_t>(k) << 23);
+  return bit_as<float>(static_cast<std::int32_t>(raised));
 }
 
 }  // namespace
 
 float fdlibm_expm1f(float x) {
-  const std::int32_t word = bits(x);
+  const std::int32_t word = bit_as<std::int32_t>(x);
   const bool negative = word < 0;
   const std::uint32_t hx = static_cast<std::uint32_t>(word) & 0x7fffffffu;
   if (hx >= 0x4195b844u) {           // |x| >= 27 ln2
@@ -88,10 +88,10 @@ float fdlibm_expm1f(float x) {
   if (k <= -2 || k > 56) return scale_exponent(kOne - (e - x), k) - kOne;
   float y;
   if (k < 23) {
-    t = from_bits(0x3f800000 - (0x1000000 >> k));     // 1 - 2^-k
+    t = bit_as<float>(0x3f800000 - (0x1000000 >> k));     // 1 - 2^-k
     y = t - (e - x);
   } else {
-    t = from_bits((0x7f - k) << 23);                  // 2^-k
+    t = bit_as<float>((0x7f - k) << 23);                  // 2^-k
     y = x - (e + t);
     y += kOne;
   }
@@ -99,7 +99,7 @@ float fdlibm_expm1f(float x) {
 }
 
 float fdlibm_tanhf(float x) {
-  const std::int32_t jx = bits(x);
+  const std::int32_t jx = bit_as<std::int32_t>(x);
   const std::uint32_t ix = static_cast<std::uint32_t>(jx) & 0x7fffffffu;
   if (ix >= 0x7f800000u) return jx >= 0 ? kOne / x + kOne : kOne / x - kOne;  // +-inf: +-1; NaN
   float z;
@@ -145,24 +145,6 @@ constexpr std::uint32_t kOverflow = 0x42b17217;     // 0x1.62e42ep6f: above, inf
 constexpr std::uint32_t kUnderflow = 0xc2cff1b4;    // -0x1.9fe368p6f: below, 0
 constexpr std::uint32_t kMayUnderflow = 0xc2ce8ecf; // -0x1.9d1d9ep6f: below, 2^-149 (__math_may_uflowf)
 
-double dbits(std::uint64_t u) {
-  double d;
-  std::memcpy(&d, &u, sizeof d);
-  return d;
-}
-
-std::uint64_t u64(double d) {
-  std::uint64_t u;
-  std::memcpy(&u, &d, sizeof u);
-  return u;
-}
-
-float fbits(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // e_expf.c as glibc's x86-64 FMA build compiles it (disassembled: vfmadd for z + shift, vfmsub for r,
 // vfmadd for the three polynomial steps). std::fma is exact on any CPU, so this gives those bits
 // everywhere; inlined into a function built for FMA it is those instructions.
@@ -173,19 +155,19 @@ __attribute__((always_inline)) inline float expf_body(float x) {
   if (__builtin_expect(abstop >= 0x42b, 0)) {  // |x| >= 88 or NaN
     if (ux == 0xff800000u) return 0.0f;          // -inf
     if (abstop >= 0x7f8) return x + x;           // inf, NaN
-    if (x > fbits(kOverflow)) return HUGE_VALF;
-    if (x < fbits(kUnderflow)) return 0.0f;
-    if (x < fbits(kMayUnderflow)) return fbits(1);  // 0x1.4p-75f * 0x1.4p-75f rounded: 2^-149
+    if (x > bit_as<float>(kOverflow)) return HUGE_VALF;
+    if (x < bit_as<float>(kUnderflow)) return 0.0f;
+    if (x < bit_as<float>(kMayUnderflow)) return bit_as<float>(1);  // 0x1.4p-75f * 0x1.4p-75f rounded: 2^-149
   }
-  const double xd = x, inv = dbits(kInvLn2N), shift = dbits(kShift);
+  const double xd = x, inv = bit_as<double>(kInvLn2N), shift = bit_as<double>(kShift);
   const double shifted = std::fma(inv, xd, shift);  // k = round(x 32 / ln 2), ties to even, in the low bits
-  const std::uint64_t ki = u64(shifted);
+  const std::uint64_t ki = bit_as<std::uint64_t>(shifted);
   const double kd = shifted - shift;
   const double r = std::fma(inv, xd, -kd);          // x 32 / ln 2 - k, |r| <= 1/2
-  const double s = dbits(kExp2fTab[ki % 32] + (ki << 47));  // 2^(k/32)
-  const double z = std::fma(dbits(kC0), r, dbits(kC1));
+  const double s = bit_as<double>(kExp2fTab[ki % 32] + (ki << 47));  // 2^(k/32)
+  const double z = std::fma(bit_as<double>(kC0), r, bit_as<double>(kC1));
   const double r2 = r * r;
-  double y = std::fma(dbits(kC2), r, 1.0);
+  double y = std::fma(bit_as<double>(kC2), r, 1.0);
   y = std::fma(z, r2, y);
   return static_cast<float>(y * s);
 }
@@ -194,8 +176,9 @@ __attribute__((always_inline)) inline float expf_body(float x) {
 // their scalar forms; the table through a gather); a group holding an input of |x| >= 88 or NaN takes
 // those lanes from expf_body, whose first branch handles them.
 __attribute__((target("avx2,fma"))) void expf_fma(const float* x, float* y, std::size_t n) {
-  const __m256d inv = _mm256_set1_pd(dbits(kInvLn2N)), shift = _mm256_set1_pd(dbits(kShift));
-  const __m256d c0 = _mm256_set1_pd(dbits(kC0)), c1 = _mm256_set1_pd(dbits(kC1)), c2 = _mm256_set1_pd(dbits(kC2));
+  const __m256d inv = _mm256_set1_pd(bit_as<double>(kInvLn2N)), shift = _mm256_set1_pd(bit_as<double>(kShift));
+  const __m256d c0 = _mm256_set1_pd(bit_as<double>(kC0)), c1 = _mm256_set1_pd(bit_as<double>(kC1));
+  const __m256d c2 = _mm256_set1_pd(bit_as<double>(kC2));
   const __m256d one = _mm256_set1_pd(1.0);
   const __m256i low5 = _mm256_set1_epi64x(31);
   const __m128i top_mask = _mm_set1_epi32(0x7ff), big = _mm_set1_epi32(0x42a);
