@@ -55,6 +55,14 @@ def test_tanhf_keeps_shape_and_dtype():
     np.testing.assert_allclose(y, np.tanh(x), rtol=0, atol=2e-7)
 
 
+def test_expf_keeps_shape_and_dtype():
+    """A 0-d input stays 0-d (as expf_reference), an n-d one keeps its shape."""
+    assert expf(np.float32(1.0)).shape == () and expf(np.float32(1.0)).dtype == np.float32
+    x = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)
+    assert expf(x).shape == x.shape
+    np.testing.assert_array_equal(expf(np.float32(0.5)), expf_reference(np.float32(0.5)))
+
+
 def _glibc_expf():
     lib, version = platform.libc_ver()
     if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 27):
@@ -103,9 +111,13 @@ def test_expf_kernel_is_libms_on_every_257th_float():
     against all 2^32 once, see csrc/src/libm_float.cpp) and the thresholds, threaded and not."""
     from amct_caffe._kernels import libm_expf
 
+    from amct_caffe._kernels import depthwise_has_fma
+
     _glibc_expf()  # (skips where libm is not glibc's e_expf.c)
+    # without FMA glibc runs its unfused build, which differs from the port at _EXPF_FMA_SHOWS
+    fma_shows = _EXPF_FMA_SHOWS if depthwise_has_fma() else np.empty(0, np.float32)
     x = np.concatenate([np.arange(0, 2 ** 32, 257, dtype=np.uint64).astype(np.uint32).view(np.float32),
-                        _EXPF_EDGES, _EXPF_FMA_SHOWS, np.nextafter(_EXPF_EDGES, np.float32(np.inf)),
+                        _EXPF_EDGES, fma_shows, np.nextafter(_EXPF_EDGES, np.float32(np.inf)),
                         np.nextafter(_EXPF_EDGES, np.float32(-np.inf))])
     want = libm_expf(x)
     assert (want.view(np.uint32) == 1).any() and np.isinf(want).any() and (want == 0).any()  # the edges are in

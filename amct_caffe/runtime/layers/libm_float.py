@@ -92,8 +92,9 @@ def expf(x: np.ndarray) -> np.ndarray:
     :func:`expf_reference`."""
     if EXPF_KERNEL is None:
         return expf_reference(x)
+    shape = np.shape(x)  # (ascontiguousarray makes a 0-d input 1-d)
     x = np.ascontiguousarray(x, _F32)
-    return EXPF_KERNEL(x, threads.workers() if x.size >= _THREADED_EXPF else 1)
+    return EXPF_KERNEL(x, threads.workers() if x.size >= _THREADED_EXPF else 1).reshape(shape)
 
 
 def expf_reference(x: np.ndarray) -> np.ndarray:
