@@ -152,10 +152,6 @@ def libm_expf(x: F32) -> F32:
 def softmax(x: F32, axis: int, threads: int) -> F32:
     """exp(x - max) / sum over ``axis`` (0 <= axis < x.ndim), exp glibc's expf, the sum in axis order."""
 
-def softmax_sequential_order(channels: int, inner: int) -> bool:
-    """Whether NumPy's float32 sum over ``channels`` values ``inner`` apart adds them in order (what softmax
-    does): inner > 1 (whole slices) or fewer than 8 values."""
-
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 

@@ -414,7 +414,6 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
-  m.def("softmax_sequential_order", &amct::softmax_sequential_order, py::arg("channels"), py::arg("inner"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {

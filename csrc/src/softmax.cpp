@@ -41,7 +41,6 @@ void normalize(float* y, std::size_t channels, std::size_t inner, float* s) {
 
 }  // namespace
 
-bool softmax_sequential_order(std::size_t channels, std::size_t inner) { return inner > 1 || channels < 8; }
 
 void softmax_channels(const float* x, float* y, std::size_t outer, std::size_t channels, std::size_t inner,
                       int threads) {

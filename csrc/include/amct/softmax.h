@@ -7,15 +7,13 @@
 //
 // The sum in channel order is NumPy's for the executor's Softmax (runtime/layers/softmax.py) when it
 // adds whole slices (inner > 1) or fewer than 8 values (inner == 1: from 8 on NumPy sums pairwise);
-// softmax_sequential_order says which. Caffe sums with a gemv, whose order is its BLAS's; with two
+// the Python side (sequential_sum) decides which. Caffe sums with a gemv, whose order is its BLAS's; with two
 // channels every order gives one result.
 #pragma once
 
 #include <cstddef>
 
 namespace amct {
-
-bool softmax_sequential_order(std::size_t channels, std::size_t inner);
 
 // y may be x. `threads` workers split the outer index from 2^16 elements on (same bytes for any count).
 void softmax_channels(const float* x, float* y, std::size_t outer, std::size_t channels, std::size_t inner,
