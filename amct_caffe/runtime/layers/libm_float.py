@@ -51,7 +51,6 @@ _Q = [_F32(v) for v in (-3.3333335072e-02, 1.5873016091e-03, -7.9365076090e-05, 
 _ONE, _TWO, _HALF = _F32(1), _F32(2), _F32(0.5)
 _QUIET = {"over": "ignore", "under": "ignore", "invalid": "ignore", "divide": "ignore"}
 
-_THREADED_EXPF = 1 << 16  # (the kernel splits from there on)
 _EXP2F_BITS = 5                                                      # EXP2F_TABLE_BITS: N = 32
 _EXPF_INVLN2N = float.fromhex("0x1.71547652b82fep+0") * 32
 _EXPF_C = (float.fromhex("0x1.c6af84b912394p-5") / 32 ** 3, float.fromhex("0x1.ebfce50fac4f3p-3") / 32 ** 2,
@@ -94,7 +93,7 @@ def expf(x: np.ndarray) -> np.ndarray:
         return expf_reference(x)
     shape = np.shape(x)  # (ascontiguousarray makes a 0-d input 1-d)
     x = np.ascontiguousarray(x, _F32)
-    return EXPF_KERNEL(x, threads.workers() if x.size >= _THREADED_EXPF else 1).reshape(shape)
+    return EXPF_KERNEL(x, threads.workers()).reshape(shape)  # (the kernel splits from 2^16 values on)
 
 
 def expf_reference(x: np.ndarray) -> np.ndarray:

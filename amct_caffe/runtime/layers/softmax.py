@@ -56,8 +56,8 @@ def Softmax(x, *, axis=1):  # noqa: N802 - Caffe type name
     axis = axis % x.ndim if x.ndim else 0
     if SOFTMAX_KERNEL is not None and x.ndim and x.size \
             and sequential_sum(x.shape[axis], math.prod(x.shape[axis + 1:])):
-        size = x.size
-        return SOFTMAX_KERNEL(np.ascontiguousarray(x), axis, threads.workers() if size >= 1 << 16 else 1)
+        # (the kernel splits between the workers from 2^16 values on)
+        return SOFTMAX_KERNEL(np.ascontiguousarray(x), axis, threads.workers())
     return softmax_reference(x, axis=axis)
 
 
