@@ -203,10 +203,8 @@ class SmallRun:
 
     def __init__(self, ops: list[SmallConv | SmallPool | SmallSoftmax], inputs: list[int],
                  biased: list[bool]) -> None: ...
-    def __call__(self, x: F32, params: list[F32]) -> list[F32]:
-        """The ops' outputs; params: each SmallConv's weight, [bias], [slope]. All checked before any runs."""
     def bind(self, x_blob: object, param_blobs: list[object], top_blobs: list[object]) -> None:
-        """The Blob objects step() reads (x, the params in __call__'s order) and writes (one top per op)."""
+        """The Blob objects step() reads (x; each SmallConv's weight, [bias], [slope]) and writes (one top per op)."""
     def step(self) -> bool:
         """The ops on the bound blobs' arrays, each top written into its array of the last step when only its
         blob holds that (else into a fresh one, stored in the blob); False, nothing done, if an array is

@@ -213,13 +213,12 @@ class SmallSoftmax {
 // op inputs[i]'s output. The ops are cast and their shapes checked once, here. The learned arrays (`params`)
 // are each SmallConv's weight, then its bias if `biased[i]`, then its slope if it ends in a PReLU.
 //
-// Two ways to call it. `run(x, params)` returns the outputs as fresh arrays. `step()` is a Net's prepared
-// step (runtime/forward.py) once `bind` gave it the Blob objects: it reads their `data` and writes op i's
+// `step()` is a Net's prepared step (runtime/forward.py) once `bind` gave it the Blob objects: it reads their `data` and writes op i's
 // output into top i's array of the last step when nothing else holds that array (what forward.py's
 // _into_step does for one layer: a caller keeping a result, or a view of it, holds a reference, and gets
 // fresh memory next time; the reused arrays also save a numpy allocation and a Blob.data store each).
-// Both check every array before the first op runs, then run the ops with the GIL released; `run` raises
-// when it refuses one, `step` returns false.
+// It checks every array before the first op runs, then runs the ops with the GIL released; it returns
+// false, having done nothing, when it refuses one.
 class SmallRun {
  public:
   SmallRun(const py::list& ops, std::vector<int> inputs, std::vector<bool> biased)
@@ -257,27 +256,6 @@ class SmallRun {
     args_.resize(n);
     ptr_.resize(n);
     held_.resize(nparams_);
-  }
-
-  py::list run(const py::handle& x_obj, const py::list& params) {
-    if (!bound) throw py::value_error("numpy's sgemm is not bound (bind_numpy_sgemm)");
-    auto x = f32(x_obj, "x", -1);
-    if (shape4(x, "x") != x_shape_) throw py::value_error("x has not the shape the ops were made for");
-    if (params.size() != nparams_) throw py::value_error("wrong number of params");
-    for (std::size_t j = 0; j < nparams_; ++j) held_[j] = params[j];
-    if (!gather_args()) {
-      release_args();
-      throw py::value_error("a learned array is not a C-contiguous float32 array of the size its op needs");
-    }
-    py::list result(convs_.size());
-    for (std::size_t i = 0; i < convs_.size(); ++i) {
-      py::array_t<float> y(std::vector<py::ssize_t>(outs_[i].begin(), outs_[i].end()));
-      ptr_[i] = y.mutable_data();
-      result[i] = std::move(y);
-    }
-    execute(x.data());
-    release_args();
-    return result;
   }
 
   void bind(py::object x_blob, const py::list& param_blobs, const py::list& top_blobs) {
@@ -422,7 +400,6 @@ void register_small_conv(py::module_& m) {
   py::class_<SmallRun>(m, "SmallRun")
       .def(py::init<const py::list&, std::vector<int>, std::vector<bool>>(), py::arg("ops"), py::arg("inputs"),
            py::arg("biased"))
-      .def("__call__", &SmallRun::run, py::arg("x"), py::arg("params"))
       .def("bind", &SmallRun::bind, py::arg("x_blob"), py::arg("param_blobs"), py::arg("top_blobs"))
       .def("step", &SmallRun::step);
 }
