@@ -103,26 +103,24 @@ layer { name: "prob" type: "Softmax" bottom: "head1" top: "prob" }
 def test_prepared_small_net_keeps_the_full_path_bytes_and_earlier_results(tmp_path, fold, shape):
     """Forward after forward (prepared steps, the native ops in one call), every blob is a fresh net's first
     forward's, and arrays a caller kept from an earlier forward still hold that forward's values."""
-    path = tmp_path / "tiny.prototxt"
-    path.write_text(PNET)
-    net = Net(str(path), TEST, fold=fold)
-    weights = {name: [b.data.copy() for b in blobs] for name, blobs in net.params.items()}
+    path, net = _pnet(tmp_path, fold=fold)
     rng = np.random.default_rng(1)
     kept = []
     for _ in range(3):
         x = rng.standard_normal(shape).astype(np.float32)
         out = net.forward(data=x)
-        fresh = Net(str(path), TEST, fold="off")
-        for name, arrays in weights.items():
-            for blob, arr in zip(fresh.params[name], arrays, strict=True):
-                blob.data[...] = arr
-        fresh.forward(data=x)
-        for name, blob in net.blobs.items():
-            np.testing.assert_array_equal(_bits(blob.data), _bits(fresh.blobs[name].data), err_msg=name)
+        _assert_full_path_bytes(path, net, x)
         kept.append((out, {k: v.copy() for k, v in out.items()}))
         for held, values in kept:
             for k, v in held.items():
                 np.testing.assert_array_equal(_bits(v), _bits(values[k]), err_msg=k)
+
+
+def _pnet(tmp_path, **kwargs):
+    """(the prototxt's path, a Net of PNET) with seeded weights."""
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(PNET)
+    return path, Net(str(path), TEST, **kwargs)
 
 
 def _fresh_blobs(path, net, x):
@@ -134,12 +132,16 @@ def _fresh_blobs(path, net, x):
     return {k: b.data for k, b in fresh.blobs.items()}
 
 
+def _assert_full_path_bytes(path, net, x):
+    """Every blob of ``net`` has the bytes of a fresh net's first forward (the full path) on ``x``."""
+    for name, want in _fresh_blobs(path, net, x).items():
+        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+
+
 def test_small_ops_fall_back_to_their_own_steps(tmp_path):
     """Under another GEMM configuration than the ops were made for, and with a learned array the C++ call
     refuses (not C-contiguous), the layers still run, one by one, with the full path's bytes."""
-    path = tmp_path / "tiny.prototxt"
-    path.write_text(PNET)
-    net = Net(str(path), TEST)
+    path, net = _pnet(tmp_path)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
     net.forward(data=x)
@@ -148,8 +150,7 @@ def test_small_ops_fall_back_to_their_own_steps(tmp_path):
         caffe_gemm.configure()  # the same settings, detected afresh: another configuration object
         x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
         net.forward(data=x)
-        for name, want in _fresh_blobs(path, net, x).items():
-            np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+        _assert_full_path_bytes(path, net, x)
     finally:
         caffe_gemm.configure()
     net = Net(str(path), TEST)
@@ -158,8 +159,7 @@ def test_small_ops_fall_back_to_their_own_steps(tmp_path):
     weight.data = np.asfortranarray(weight.data)  # the same values, refused by the C++ call
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
     net.forward(data=x)
-    for name, want in _fresh_blobs(path, net, x).items():
-        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+    _assert_full_path_bytes(path, net, x)
 
 
 @pytest.mark.skipif(not conv_plan.numpy_sgemm_bound(), reason="numpy's BLAS sgemm could not be bound")
@@ -168,9 +168,7 @@ def test_run_rewrites_its_tops_only_when_no_one_else_holds_them(tmp_path):
     its array of the last forward when only the blob holds it, and into fresh memory when a caller kept the
     array, a view of it, or a forward's result dict: those keep their values. Every blob has the bytes of
     the full path."""
-    path = tmp_path / "tiny.prototxt"
-    path.write_text(PNET)
-    net = Net(str(path), TEST)
+    path, net = _pnet(tmp_path)
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(5)]
     net.forward(data=xs[0])
@@ -188,8 +186,7 @@ def test_run_rewrites_its_tops_only_when_no_one_else_holds_them(tmp_path):
     assert set(result) == {"head2", "prob"}
     snapshot = {"conv3": kept.copy(), "pool1": view.copy(), **{k: v.copy() for k, v in result.items()}}
     net.forward(data=xs[4])
-    for name, want in _fresh_blobs(path, net, xs[4]).items():
-        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+    _assert_full_path_bytes(path, net, xs[4])
     np.testing.assert_array_equal(_bits(kept), _bits(snapshot["conv3"]))
     np.testing.assert_array_equal(_bits(view), _bits(snapshot["pool1"]))
     for k, v in result.items():
@@ -203,9 +200,7 @@ def test_run_rewrites_its_tops_only_when_no_one_else_holds_them(tmp_path):
 def test_run_takes_the_arrays_a_user_puts_in_the_blobs(tmp_path):
     """A top array replaced by the user (a new array, then one of another shape) is not written into; the
     step makes its own again, with the full path's bytes."""
-    path = tmp_path / "tiny.prototxt"
-    path.write_text(PNET)
-    net = Net(str(path), TEST)
+    path, net = _pnet(tmp_path)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
     net.forward(data=x)
@@ -219,5 +214,4 @@ def test_run_takes_the_arrays_a_user_puts_in_the_blobs(tmp_path):
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
     net.forward(data=x)
     assert not held.any()
-    for name, want in _fresh_blobs(path, net, x).items():
-        np.testing.assert_array_equal(_bits(net.blobs[name].data), _bits(want), err_msg=name)
+    _assert_full_path_bytes(path, net, x)
