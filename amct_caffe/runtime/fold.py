@@ -106,31 +106,36 @@ class Chain:
     other: int = 0               # ... and which of its two bottoms is not the chain's top
     weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
 
-    def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None) -> list[np.ndarray]:
+    def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None,
+                into: tuple = (None, None)) -> list[np.ndarray]:
         """The tops for the head's ``bottoms``: [the chain's final value], or with ``residual``
-        [the chain's final value, the Eltwise's after its ReLU] (``other``: the Eltwise's other bottom)."""
-        if self.residual is not None:
-            return self._residual(bottoms[0], other)
-        return [self._single(bottoms)]
+        [the chain's final value, the Eltwise's after its ReLU] (``other``: the Eltwise's other bottom).
 
-    def _residual(self, x: np.ndarray, other: np.ndarray) -> list[np.ndarray]:
+        ``into``: for each top, None or an array its value may be written into instead of fresh memory
+        (the top's array of the last forward when no one else holds it: runtime/forward.py); the kernels
+        take it only when it has the top's shape and shares no memory with what they read."""
+        if self.residual is not None:
+            return self._residual(bottoms[0], other, into)
+        return [self._single(bottoms, into[0])]
+
+    def _residual(self, x: np.ndarray, other: np.ndarray, into: tuple) -> list[np.ndarray]:
         """conv -> BatchNorm/Scale (FAST) as y, then max(y + other, 0), in one pass where possible."""
         conv = self.head
         _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
         weight = conv.blobs[0].data
         group = conv.lp.convolution_param.group
         if AFFINE_ADD_RELU_KERNEL is None or winograd.applies(weight.shape, stride, dilation, group):
-            y = self._single([x])
+            y = self._single([x], into[0])
         else:
             bias = conv.blobs[1].data if len(conv.blobs) > 1 else None
-            y = Convolution(x, weight, None, stride=stride, pad=pad, dilation=dilation, group=group)
+            y = Convolution(x, weight, None, stride=stride, pad=pad, dilation=dilation, group=group, into=into[0])
             a, b = channel_affine(self.members, bias, y.shape[1])
             if y.shape == other.shape and y.flags.c_contiguous and other.flags.c_contiguous \
                     and other.dtype == _F32:
-                return [y, AFFINE_ADD_RELU_KERNEL(y, a, b, other, _threads(y))]
+                return [y, AFFINE_ADD_RELU_KERNEL(y, a, b, other, _threads(y), into[1])]
             _affine(y, a, b, relu=False)
         if _plain_pair(y, other):
-            return [y, ADD_RELU_KERNEL(y, other, _threads(y))]
+            return [y, ADD_RELU_KERNEL(y, other, _threads(y), into[1])]
         s = np.add(other.reshape(y.shape), y)  # eltwise.Eltwise's SUM (coefficients 1), then the ReLU
         return [y, np.maximum(s, _F32(0), out=s)]
 
@@ -143,24 +148,25 @@ class Chain:
             return None
         return self.head.prepared_small(x_shape, self.members[0])
 
-    def _single(self, bottoms: list[np.ndarray]) -> np.ndarray:
+    def _single(self, bottoms: list[np.ndarray], into: np.ndarray | None = None) -> np.ndarray:
         relu = self.members[-1].type == "ReLU"
         if self.head.type == "Convolution":
-            y, done = self._convolution(bottoms[0], relu)
+            y, done = self._convolution(bottoms[0], relu, into)
             relu = relu and not done
             if self.members[-1].type == "PReLU":
                 _prelu(y, self.members[-1])
         elif relu and _plain_sum(self.head, bottoms):  # a residual sum and its ReLU in one pass
             return ADD_RELU_KERNEL(bottoms[0], bottoms[1], threads.workers() if bottoms[0].size >= THREADED_AFFINE
-                                   else 1)
+                                   else 1, into)
         else:  # an Eltwise: its result is a fresh array nobody else holds
             (y,) = self.head.forward(bottoms)
         if relu:
             _affine(y, None, None, relu=True)  # activation.ReLU with negative_slope 0
         return y
 
-    def _convolution(self, x: np.ndarray, relu: bool) -> tuple[np.ndarray, bool]:
-        """The convolution and the affine members; (y, whether ``relu`` was applied too)."""
+    def _convolution(self, x: np.ndarray, relu: bool, into: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+        """The convolution and the affine members; (y, whether ``relu`` was applied too). ``into``: see
+        :meth:`forward`."""
         conv = self.head
         _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
         weight = conv.blobs[0].data
@@ -175,15 +181,15 @@ class Chain:
             a, b = channel_affine(affine, bias, weight.shape[0])
             ho, wo = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
             m = winograd.tile_size(ho, wo)
-            return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu), relu
+            return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu, into), relu
         fast = self.mode is FoldMode.FAST and affine
         if (fast or not affine) and x.ndim == 4:  # the epilogue in the direct kernel's stores, where it runs
             a, b = channel_affine(affine, bias, weight.shape[0]) if fast else (None, bias)
-            y = conv_plan(x.shape, weight.shape, stride, pad, dilation, group).fused(x, weight, a, b, relu)
+            y = conv_plan(x.shape, weight.shape, stride, pad, dilation, group).fused(x, weight, a, b, relu, into)
             if y is not None:
                 return y, relu
         y = Convolution(x, weight, None if fast else bias, stride=stride, pad=pad, dilation=dilation,
-                        group=group)
+                        group=group, into=into)
         shape = (-1,) + (1,) * (y.ndim - 2)
         with np.errstate(**_QUIET):
             if fast:

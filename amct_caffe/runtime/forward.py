@@ -250,16 +250,31 @@ def _chain_step(net, chain, reshape: bool):
         return _small_step(small_step, small, bottom, top)
     if chain.residual is None:
         def step():
-            top.data = fwd([b.data for b in bottoms], None)[0]
+            top.data = fwd([b.data for b in bottoms], None, (_sole_array(top), None))[0]
         return step
     other = net.blobs[net.bottom_names[names[chain.residual]][chain.other]]
     second = net.blobs[net.top_names[names[chain.last]][0]]
 
     def residual_step():
-        tops = fwd([b.data for b in bottoms], other.data)
+        tops = fwd([b.data for b in bottoms], other.data, (_sole_array(top), _sole_array(second)))
         top.data = tops[0]
         second.data = tops[1]
     return residual_step
+
+
+def _sole_array(blob):
+    """The array ``blob`` holds when nothing else does (no caller keeping a result, no view of it as another
+    blob, no layer keeping it for its backward: each would hold a reference), so that a kernel may write the
+    blob's next value into it (see _into_step); else None. The kernels take it only when it has the new
+    value's shape and shares no memory with what they read."""
+    arr = blob.data
+    if sys.getrefcount(arr) > _SOLE_REFS or arr.dtype != _F32 or not arr.flags.c_contiguous:
+        return None
+    base = arr.base  # a kernel's result reshaped (numpy views even a reshape to the same shape): a view of all of it
+    if base is not None and (type(base) is not np.ndarray or base.base is not None or base.nbytes != arr.nbytes
+                             or sys.getrefcount(base) > _SOLE_REFS):
+        return None
+    return arr
 
 
 def _layer_step(net, i: int, shapes: tuple, dynamic: bool):
@@ -323,9 +338,8 @@ def _into_step(into, bottom, top, shape: tuple, name: str, top_name: str):
     large out-of-place ReLU is much of its time.
     """
     def step():
-        old = top.data
-        if sys.getrefcount(old) > _SOLE_REFS or old.shape != shape or old.base is not None or old.dtype != _F32 \
-                or not old.flags.c_contiguous:
+        old = _sole_array(top)
+        if old is not None and old.shape != shape:
             old = None
         (arr,) = into([bottom.data], [old])
         if arr.dtype != _F32:

@@ -39,7 +39,7 @@ using amct_py::to_array;
 namespace {
 py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                            std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
-                           const py::object& bias_obj) {
+                           const py::object& bias_obj, const py::object& into) {
   auto x = checked<float>(x_obj, "x", 4);
   auto w = checked<float>(w_obj, "weight", 3);
   for (const auto* v : {&stride, &pad, &dilation, &out}) {
@@ -55,7 +55,8 @@ py::array depthwise_conv2d(const py::handle& x_obj, const py::handle& w_obj, std
     if (bias.shape(0) != x.shape(1)) throw py::value_error("bias must have one value per channel");
   }
   const float* bp = bias_obj.is_none() ? nullptr : bias.data();
-  py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+  auto y = amct_py::output_into(
+      into, {x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])}, {&x, &w});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
   amct::depthwise_conv2d(x.data(), w.data(), yp, g, threads, bp);
@@ -239,20 +240,22 @@ void channel_affine(const py::handle& y_obj, const py::object& a_obj, const py::
   amct::channel_affine(yp, n, c, p, ap, bp, relu, threads);
 }
 
-amct::WinogradGeometry winograd_geometry(const py::array& x, int o, std::vector<int> pad, int m) {
+// x_shape: (N, C, H, W) of the input.
+amct::WinogradGeometry winograd_geometry(const std::vector<py::ssize_t>& x_shape, int o, std::vector<int> pad, int m) {
+  if (x_shape.size() != 4) throw py::value_error("x must be (N, C, H, W)");
   if (pad.size() != 2) throw py::value_error("pad must have 2 values");
   if (m != 2 && m != 4) throw py::value_error("m must be 2 or 4");
-  const int h = static_cast<int>(x.shape(2)), w = static_cast<int>(x.shape(3));
+  const int h = static_cast<int>(x_shape[2]), w = static_cast<int>(x_shape[3]);
   const int ho = h + 2 * pad[0] - 2, wo = w + 2 * pad[1] - 2;
   if (ho <= 0 || wo <= 0) throw py::value_error("the 3x3 convolution's output is empty");
-  return {static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)), h, w, o, ho, wo, pad[0], pad[1], m,
+  return {static_cast<int>(x_shape[0]), static_cast<int>(x_shape[1]), h, w, o, ho, wo, pad[0], pad[1], m,
           (ho + m - 1) / m, (wo + m - 1) / m};
 }
 
 void winograd_input(const py::handle& x_obj, const py::handle& v_obj, std::vector<int> pad, int m, int threads) {
   auto x = checked<float>(x_obj, "x", 4);
   auto v = checked<float>(v_obj, "v", 3);
-  auto g = winograd_geometry(x, 1, pad, m);
+  auto g = winograd_geometry(shape_of(x), 1, pad, m);
   const py::ssize_t a2 = (m + 2) * (m + 2);
   if (v.shape(0) != a2 || v.shape(1) != g.c || v.shape(2) != static_cast<py::ssize_t>(g.n) * g.th * g.tw) {
     throw py::value_error("v must be ((m+2)^2, C, N*th*tw)");
@@ -264,12 +267,11 @@ void winograd_input(const py::handle& x_obj, const py::handle& v_obj, std::vecto
 }
 
 py::array winograd_output(const py::handle& mm_obj, const py::handle& x_shape_obj, std::vector<int> pad, int m,
-                          const py::object& a_obj, const py::object& b_obj, bool relu, int threads) {
+                          const py::object& a_obj, const py::object& b_obj, bool relu, int threads,
+                          const py::object& into) {
   auto mm = checked<float>(mm_obj, "mm", 3);
   auto shape = x_shape_obj.cast<std::vector<py::ssize_t>>();
-  if (shape.size() != 4) throw py::value_error("x_shape must be (N, C, H, W)");
-  py::array_t<float> probe(shape);
-  auto g = winograd_geometry(probe, static_cast<int>(mm.shape(1)), pad, m);
+  auto g = winograd_geometry(shape, static_cast<int>(mm.shape(1)), pad, m);
   const py::ssize_t a2 = (m + 2) * (m + 2);
   if (mm.shape(0) != a2 || mm.shape(2) != static_cast<py::ssize_t>(g.n) * g.th * g.tw) {
     throw py::value_error("mm must be ((m+2)^2, O, N*th*tw)");
@@ -282,19 +284,19 @@ py::array winograd_output(const py::handle& mm_obj, const py::handle& x_shape_ob
   }
   const float* ap = a_obj.is_none() ? nullptr : a.data();
   const float* bp = b_obj.is_none() ? nullptr : b.data();
-  py::array_t<float> y({static_cast<py::ssize_t>(g.n), static_cast<py::ssize_t>(g.o), static_cast<py::ssize_t>(g.ho),
-                        static_cast<py::ssize_t>(g.wo)});
+  auto y = amct_py::output_into(into, {static_cast<py::ssize_t>(g.n), static_cast<py::ssize_t>(g.o),
+                                       static_cast<py::ssize_t>(g.ho), static_cast<py::ssize_t>(g.wo)}, {&mm});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
   amct::winograd_output(mm.data(), yp, g, ap, bp, relu, threads);
   return std::move(y);
 }
 
-py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads) {
+py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads, const py::object& into) {
   auto a = checked<float>(a_obj, "a");
   auto b = checked<float>(b_obj, "b");
   if (size_of(a) != size_of(b)) throw py::value_error("a and b must have the same size");
-  py::array_t<float> y(shape_of(a));
+  auto y = amct_py::output_into(into, shape_of(a), {&a, &b});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
   amct::add_relu(a.data(), b.data(), yp, size_of(a), threads);
@@ -303,7 +305,7 @@ py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads
 
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                         std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
-                        const py::object& bias_obj) {
+                        const py::object& bias_obj, const py::object& into) {
   auto x = checked<float>(x_obj, "x", 4);
   auto w = checked<float>(w_obj, "weight", 4);
   if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
@@ -317,7 +319,7 @@ py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::v
   const float* bp = bias_obj.is_none() ? nullptr : bias.data();
   const std::vector<py::ssize_t> shape{x.shape(0), static_cast<py::ssize_t>(o), static_cast<py::ssize_t>(out[0]),
                                        static_cast<py::ssize_t>(out[1])};
-  py::array_t<float> y(shape);
+  auto y = amct_py::output_into(into, shape, {&x, &w});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
   amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads, bp);
@@ -325,7 +327,7 @@ py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::v
 }
 
 py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, const py::handle& b_obj,
-                          const py::handle& other_obj, int threads) {
+                          const py::handle& other_obj, int threads, const py::object& into) {
   auto y = checked<float>(y_obj, "y");
   auto other = checked<float>(other_obj, "other");
   auto a = checked<float>(a_obj, "a", 1);
@@ -337,7 +339,7 @@ py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, cons
     throw py::value_error("a and b must have one value per channel");
   }
   const std::size_t p = n * c ? size_of(y) / (n * c) : 0;
-  py::array_t<float> s(shape_of(y));
+  auto s = amct_py::output_into(into, shape_of(y), {&y, &other});
   auto* sp = s.mutable_data();
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
@@ -382,7 +384,8 @@ PYBIND11_MODULE(_kernels, m) {
   register_small_conv(m);
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
+        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none(),
+        py::arg("into") = py::none());
   m.def("depthwise_has_fma", &amct::depthwise_has_fma);
   m.def("im2col_2d", &im2col_2d, py::arg("x"), py::arg("cols"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("batch_last"), py::arg("threads"));
@@ -398,7 +401,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("sgd_update", &sgd_update, py::arg("weight"), py::arg("diff"), py::arg("history"), py::arg("decay"),
         py::arg("momentum"), py::arg("rate"), py::arg("threads"));
   m.def("direct_conv2d", &direct_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
-        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none());
+        py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none(),
+        py::arg("into") = py::none());
   m.def("direct_conv_available", &amct::direct_conv_available);
   m.def("direct_conv_max_k", []() { return amct::kDirectMaxK; });
   m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
@@ -406,10 +410,10 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),
         py::arg("threads"));
   m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
-        py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"));
+        py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"), py::arg("into") = py::none());
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
-        py::arg("threads"));
-  m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"));
+        py::arg("threads"), py::arg("into") = py::none());
+  m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"), py::arg("into") = py::none());
   m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
@@ -459,7 +463,8 @@ PYBIND11_MODULE(_kernels, m) {
   }, py::arg("y"), py::arg("b"), py::arg("slope"), py::arg("threads"));
   m.def("direct_conv2d_affine", [](const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                                    std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
-                                   const py::object& scale_obj, const py::object& bias_obj, bool relu) {
+                                   const py::object& scale_obj, const py::object& bias_obj, bool relu,
+                                   const py::object& into) {
     auto x = checked<float>(x_obj, "x", 4);
     auto w = checked<float>(w_obj, "weight", 4);
     if (w.shape(1) != x.shape(1)) throw py::value_error("weight must be (O, C, kh, kw) for x (N, C, H, W)");
@@ -473,12 +478,12 @@ PYBIND11_MODULE(_kernels, m) {
     }
     const float* sp = scale_obj.is_none() ? nullptr : scale.data();
     const float* bp = bias_obj.is_none() ? nullptr : bias.data();
-    py::array_t<float> y(std::vector<py::ssize_t>{x.shape(0), static_cast<py::ssize_t>(o),
-                                                  static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+    auto y = amct_py::output_into(into, {x.shape(0), static_cast<py::ssize_t>(o), static_cast<py::ssize_t>(out[0]),
+                                         static_cast<py::ssize_t>(out[1])}, {&x, &w});
     auto* yp = y.mutable_data();
     py::gil_scoped_release release;
     amct::direct_conv2d(x.data(), w.data(), yp, g, o, threads, sp, bp, relu);
     return y;
   }, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"), py::arg("dilation"), py::arg("out"),
-     py::arg("threads"), py::arg("scale"), py::arg("bias"), py::arg("relu"));
+     py::arg("threads"), py::arg("scale"), py::arg("bias"), py::arg("relu"), py::arg("into") = py::none());
 }

@@ -47,13 +47,14 @@ except ImportError:
 __all__ = ["Convolution", "ConvolutionLayer", "Deconvolution", "DeconvolutionLayer", "conv_out_size", "deconv_out_size"]
 
 
-def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1):  # noqa: N802 - Caffe type name
-    """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc."""
+def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, into=None):  # noqa: N802 - Caffe type name
+    """Caffe convolution of ``x`` (N, C, *in) by ``weight`` (O, C/group, *k); see the module doc. ``into``: an
+    array the result may be written into (:meth:`.conv_plan.ConvPlan.__call__`)."""
     x = np.asarray(x, np.float32)
     weight = np.asarray(weight, np.float32)
     nsp = x.ndim - 2
     geometry = (per_axis(stride, nsp, 1), per_axis(pad, nsp, 0), per_axis(dilation, nsp, 1), int(group))
-    return conv_plan(x.shape, weight.shape, *geometry)(x, weight, bias)
+    return conv_plan(x.shape, weight.shape, *geometry)(x, weight, bias, into)
 
 
 class _BaseConv(Layer):
@@ -194,6 +195,24 @@ class _BaseConv(Layer):
             bias = blobs[1].data if len(blobs) > 1 else None
             return [conv_plan(x_shape, weight.shape, stride, pad, dilation, group)(bottoms[0], weight, bias)]
         return forward
+
+    def prepared_forward_into(self, bottom_shapes):
+        """:meth:`prepared_forward`'s general path, writing the top into the array offered (Layer's doc) through
+        :meth:`.conv_plan.ConvPlan.__call__`'s ``into``. None where the prepared forward is another call (a
+        small input's native op, which the Net runs with its neighbours in one C++ call) or the layer's own."""
+        axis, stride, pad, dilation = self._geom
+        if (self.transposed or self.integer_params or self._empty_top is not None or len(bottom_shapes) != 1
+                or axis != 1 or len(bottom_shapes[0]) != 4 or self.prepared_small(tuple(bottom_shapes[0])) is not None):
+            return None
+        x_shape, group = tuple(bottom_shapes[0]), self.lp.convolution_param.group
+
+        def forward_into(bottoms, outs):
+            blobs = self.blobs
+            weight = blobs[0].data
+            bias = blobs[1].data if len(blobs) > 1 else None
+            plan = conv_plan(x_shape, weight.shape, stride, pad, dilation, group)
+            return [plan(bottoms[0], weight, bias, outs[0])]
+        return forward_into
 
     def prepared_small(self, x_shape: tuple, act=None):
         """None, or ``forward(x) -> y`` for a float Convolution of a small ``x_shape`` input, followed by

@@ -199,8 +199,14 @@ class ConvPlan:
             return im2col_2d(xb, self.ksz, self.stride, self.pad, self.dilation, self.out, batch_last)
         return im2col(padded(xb, self.pad), self.ksz, self.stride, self.dilation, self.out, batch_last)
 
-    def __call__(self, x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
-        """The convolution of ``x`` (of the plan's input shape) by ``weight``, plus ``bias`` if given."""
+    def __call__(self, x: np.ndarray, weight: np.ndarray, bias=None, into: np.ndarray | None = None) -> np.ndarray:
+        """The convolution of ``x`` (of the plan's input shape) by ``weight``, plus ``bias`` if given.
+
+        ``into``: an array of the result's shape the result may be written into instead of fresh memory (a
+        blob's array of the last forward that no one else holds: runtime/forward.py); the same bytes either way.
+        Only a float32 C-contiguous array of exactly that shape sharing no memory with ``x`` or ``weight`` is used.
+        """
+        into = into if _fits(into, (self.n, self.o) + self.out, x, weight) else None
         n, o, out, group = self.n, self.o, self.out, self.group
         if self.empty:
             return np.zeros((n, o) + out, np.float32)
@@ -208,7 +214,7 @@ class ConvPlan:
             x = np.pad(x, self.tail)
         kind = self.kind
         if kind == "direct":
-            y, bias = _direct(x, weight, self.direct, out, bias), None
+            y, bias = _direct(x, weight, self.direct, out, bias, into), None
         elif kind.startswith("1x1"):
             cg, npix = self.cg, math.prod(out)
             w = weight.reshape(group, o // group, -1)
@@ -227,39 +233,44 @@ class ConvPlan:
                     np.copyto(cols, xs)
                 else:
                     cols = np.ascontiguousarray(x)
-                y = self.mm(w, cols.reshape(n, group, cg, -1)).reshape((n, o) + out)
+                # (into an array of the top's shape, not a view of the GEMM's: see runtime/forward.py's _sole_array)
+                y = np.empty((n, o) + out, np.float32) if into is None else into
+                self.mm(w, cols.reshape(n, group, cg, -1), out=y.reshape(n, group, o // group, -1))
         elif kind == "depthwise kernel":
             # One fused multiply-add per tap in tap order, as Caffe's (1 x T) @ (T x P) small-kernel sgemm
             # sums: the same bytes as the products below, 4-6x faster (no columns, no GIL).
             args = (np.ascontiguousarray(x), np.ascontiguousarray(weight.reshape((o,) + self.ksz)), *self.dw_args,
                     threads.workers() if self.dw_threaded else 1)
             if bias is not None and DEPTHWISE_BIAS:  # the bias added to each sum in the same pass
-                y = DEPTHWISE_KERNEL(*args, np.ascontiguousarray(bias, np.float32).reshape(-1))
+                y = DEPTHWISE_KERNEL(*args, np.ascontiguousarray(bias, np.float32).reshape(-1), into)
                 bias = None
             else:
-                y = DEPTHWISE_KERNEL(*args)
+                y = DEPTHWISE_KERNEL(*args, None, into)
             y = y.reshape((n, o) + out)
         else:
-            y = self._columns_conv(x, weight, kind).reshape((n, o) + self.grid)
+            y = self._columns_conv(x, weight, kind, None if self.rows else into).reshape((n, o) + self.grid)
             if self.rows:
                 y = np.ascontiguousarray(y[..., :out[1]])
         if bias is not None:
             y += np.asarray(bias, np.float32).reshape((o,) + (1,) * self.nsp)
         return y
 
-    def fused(self, x: np.ndarray, weight: np.ndarray, scale, bias, relu: bool) -> np.ndarray | None:
+    def fused(self, x: np.ndarray, weight: np.ndarray, scale, bias, relu: bool,
+              into: np.ndarray | None = None) -> np.ndarray | None:
         """The convolution (no bias) followed by a folded chain's epilogue, ``y * scale[o] + bias[o]`` and
         NumPy's ReLU (each if given), where this plan runs the direct kernel: it maps each value as it
         stores it, one pass less over the output than ``fold._affine`` after :meth:`__call__`, the same
-        float32 roundings. None elsewhere (the caller then makes the two passes)."""
+        float32 roundings. None elsewhere (the caller then makes the two passes). ``into``: as
+        :meth:`__call__`'s."""
         if self.empty or self.kind != "direct" or DIRECT_AFFINE_KERNEL is None:
             return None
         if self.tail is not None:
             x = np.pad(x, self.tail)
         flat, stride, pad, dilation, grid, macs = self.direct
         x = np.ascontiguousarray(x)
+        into = _flat_into(into, (self.n, self.o) + self.out, flat, x, weight)
         y = DIRECT_AFFINE_KERNEL(x if flat is None else x.reshape(flat), np.ascontiguousarray(weight), stride, pad,
-                                 dilation, grid, _workers(macs), _vector(scale), _vector(bias), relu)
+                                 dilation, grid, _workers(macs), _vector(scale), _vector(bias), relu, into)
         return y if flat is None else y.reshape((x.shape[0], self.o) + self.out)
 
     def unbiased(self):
@@ -317,7 +328,7 @@ class ConvPlan:
         return SMALL_CONV_KERNEL(list(self.x_shape), self.o, list(self.ksz), list(self.stride), list(self.pad),
                                  list(self.dilation), list(self.out), shape[0], shape[1], im2col, act)
 
-    def _columns_conv(self, x, weight, kind):
+    def _columns_conv(self, x, weight, kind, into=None):
         n, o, group, cg, kk = self.n, self.o, self.group, self.cg, self.kk
         npix = math.prod(self.grid)
         if kind == "depthwise":
@@ -326,7 +337,7 @@ class ConvPlan:
             # y[n, c, p] = sum_t w[c, t] * cols[n, c, t, p], as a stack of products.
             c = o
             wc = self.gemm.channel_weights(weight.reshape(c, kk), npix)
-            y = np.empty((n, c, npix), np.float32)
+            y = np.empty((n, c, npix), np.float32) if into is None else into.reshape(n, c, npix)
             nb, cb = self.nb, self.cb
             for n0 in range(0, n, nb):
                 for c0 in range(0, c, cb):
@@ -335,7 +346,7 @@ class ConvPlan:
                     self.gemm.channelwise(wc[c0:c0 + cb], cols, out=y[n0:n0 + nb, c0:c0 + cb])
             return y
         w = weight.reshape(group, o // group, -1)
-        y = np.empty((n, group, o // group, npix), np.float32)
+        y = np.empty((n, group, o // group, npix), np.float32) if into is None else into.reshape(n, group, o // group, npix)
         chunk = self.chunk
         if kind == "wide":
             # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
@@ -416,14 +427,29 @@ def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
     return None, list(stride), list(pad), list(dilation), list(out), n * o * k * math.prod(out)
 
 
-def _direct(x, weight, args, out, bias):
+def _direct(x, weight, args, out, bias, into=None):
     """The convolution by the direct kernel with :func:`_direct_args`' ``args``, the bias added."""
     flat, stride, pad, dilation, grid, macs = args
     w4 = np.ascontiguousarray(weight)
     b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
     x = np.ascontiguousarray(x)
-    y = DIRECT_KERNEL(x if flat is None else x.reshape(flat), w4, stride, pad, dilation, grid, _workers(macs), b)
+    into = _flat_into(into, (x.shape[0], weight.shape[0]) + tuple(out), flat, x, weight)
+    y = DIRECT_KERNEL(x if flat is None else x.reshape(flat), w4, stride, pad, dilation, grid, _workers(macs), b,
+                      into)
     return y if flat is None else y.reshape((x.shape[0], weight.shape[0]) + tuple(out))
+
+
+def _fits(into, shape: tuple, *inputs) -> bool:
+    """Whether ``into`` may take a convolution's result of ``shape`` (:meth:`ConvPlan.__call__`)."""
+    return (into is not None and into.shape == shape and into.dtype == np.float32 and into.flags.c_contiguous
+            and into.flags.writeable and not any(np.may_share_memory(into, a) for a in inputs))
+
+
+def _flat_into(into, shape: tuple, flat, *inputs):
+    """``into`` as the direct kernel's output (viewed as its one-row shape when ``flat``), or None."""
+    if not _fits(into, shape, *inputs):
+        return None
+    return into if flat is None else into.reshape(shape[0], shape[1], 1, -1)
 
 
 def _vector(v):

@@ -115,10 +115,14 @@ class WeightCache:
         return self._u
 
 
-def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: bool = False) -> np.ndarray:
+def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: bool = False,
+            into: np.ndarray | None = None) -> np.ndarray:
     """``max(conv(x, g) * a + b, 0)`` (each step if given) for x (N, C, H, W) and ``u`` from
-    :func:`transform_weights` of g (O, C, 3, 3); stride 1, ``pad`` (ph, pw). See the module doc."""
+    :func:`transform_weights` of g (O, C, 3, 3); stride 1, ``pad`` (ph, pw). See the module doc.
+    ``into``: an array the result may be written into (used when it is float32 of the result's shape)."""
     x = np.ascontiguousarray(x, np.float32)
+    if into is not None and np.may_share_memory(into, x):
+        into = None
     n, c, h, w = x.shape
     alpha2, o, _ = u.shape
     ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
@@ -127,7 +131,7 @@ def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: boo
     v = np.empty((alpha2, c, cols), np.float32)
     INPUT_KERNEL(x, v, list(pad), m, workers)
     mm = np.ascontiguousarray(caffe_gemm.matmul(u, v, (o, cols, c)))  # (a padded single column: a view)
-    return OUTPUT_KERNEL(mm, list(x.shape), list(pad), m, a, b, relu, workers)
+    return OUTPUT_KERNEL(mm, list(x.shape), list(pad), m, a, b, relu, workers, into)
 
 
 def winograd_reference(x: np.ndarray, weight: np.ndarray, m: int, pad) -> np.ndarray:
