@@ -346,7 +346,8 @@ class ConvPlan:
                     self.gemm.channelwise(wc[c0:c0 + cb], cols, out=y[n0:n0 + nb, c0:c0 + cb])
             return y
         w = weight.reshape(group, o // group, -1)
-        y = np.empty((n, group, o // group, npix), np.float32) if into is None else into.reshape(n, group, o // group, npix)
+        shape = (n, group, o // group, npix)
+        y = np.empty(shape, np.float32) if into is None else into.reshape(shape)
         chunk = self.chunk
         if kind == "wide":
             # Small maps: per-image GEMMs would be narrow, so lay the images side by side,
