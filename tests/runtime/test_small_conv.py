@@ -8,6 +8,7 @@ and a freshly built net's first forward (the full per-layer path, no prepared st
 import numpy as np
 import pytest
 
+from amct_caffe.errors import GraphError
 from amct_caffe.runtime import TEST, Net
 from amct_caffe.runtime.layers import caffe_gemm, conv_plan
 from amct_caffe.runtime.layers.activation import PReLU
@@ -159,6 +160,21 @@ def test_small_ops_fall_back_to_their_own_steps(tmp_path):
     weight.data = np.asfortranarray(weight.data)  # the same values, refused by the C++ call
     x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32)
     net.forward(data=x)
+    _assert_full_path_bytes(path, net, x)
+
+
+def test_an_input_of_another_rank_gets_the_layers_own_error(tmp_path):
+    """An input array of another rank put in the blob is refused by the one-call step (which checks before it
+    runs anything) and reaches the layers' own steps, which name the layer, as the full path would."""
+    path, net = _pnet(tmp_path)
+    x = np.random.default_rng(4).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    net.forward(data=x)
+    net.forward(data=x)  # the prepared steps
+    net.blobs["data"].data = x[0].copy()
+    with pytest.raises(GraphError, match=r"layer 'conv1' \(Convolution\).*bottom of shape \[3, 12, 12\]"):
+        net.forward()
+    net.blobs["data"].data = x.copy()  # the right rank again: the one-call step runs, with the full path's bytes
+    net.forward()
     _assert_full_path_bytes(path, net, x)
 
 
