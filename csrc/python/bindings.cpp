@@ -206,11 +206,13 @@ amct::Conv2dGeometry geometry_2d(const py::array& x, std::vector<int> kernel, st
 }
 
 py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector<int> kernel,
-                 std::vector<int> stride, std::vector<int> pad, std::vector<int> out, int threads) {
+                 std::vector<int> stride, std::vector<int> pad, std::vector<int> out, int threads,
+                 const py::object& into) {
   auto x = checked<float>(x_obj, "x", 4);
   auto g = geometry_2d(x, kernel, stride, pad, {1, 1}, out);
   if (method != "MAX") throw py::value_error("method must be 'MAX'");
-  py::array_t<float> y({x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])});
+  auto y = amct_py::output_into(
+      into, {x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])}, {&x});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
   amct::max_pool2d(x.data(), yp, g, threads);
@@ -406,7 +408,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("direct_conv_available", &amct::direct_conv_available);
   m.def("direct_conv_max_k", []() { return amct::kDirectMaxK; });
   m.def("pool2d", &pool2d, py::arg("x"), py::arg("method"), py::arg("kernel"), py::arg("stride"), py::arg("pad"),
-        py::arg("out"), py::arg("threads"));
+        py::arg("out"), py::arg("threads"), py::arg("into") = py::none());
   m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),
         py::arg("threads"));
   m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),

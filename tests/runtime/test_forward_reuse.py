@@ -3,8 +3,8 @@
 
 The net has one of each convolution path that takes the array: a folded chain through the direct kernel
 (7x7 / 2 on 3 channels), Winograd (FAST) or the column GEMM (EXACT), the depthwise kernel, a residual
-chain (1x1 direct kernel, then the affine + add + ReLU kernel), an Eltwise + ReLU chain and two lone
-convolutions (column GEMM, 1x1 GEMM).
+chain (1x1 direct kernel, then the affine + add + ReLU kernel), an Eltwise + ReLU chain, three lone
+convolutions (column GEMM, 1x1 GEMM, 1x1 GEMM over the images side by side) and a MAX pooling.
 """
 
 import numpy as np
@@ -35,10 +35,14 @@ PROTO = (
     'layer { name: "relu5" type: "ReLU" bottom: "sum2" top: "sum2" }\n'
     f'layer {{ name: "lone" type: "Convolution" bottom: "sum2" top: "lone" convolution_param {{ num_output: 24 '
     f'kernel_size: 3 stride: 2 {_FILLER} }} }}\n'
-    f'layer {{ name: "expand" type: "Convolution" bottom: "sum2" top: "expand" convolution_param {{ num_output: 80 '
+    f'layer {{ name: "expand" type: "Convolution" bottom: "sum2" top: "expand" convolution_param {{ num_output: 128 '
+    f'kernel_size: 1 {_FILLER} }} }}\n'
+    'layer { name: "pool" type: "Pooling" bottom: "expand" top: "pool" '
+    'pooling_param { pool: MAX kernel_size: 4 stride: 4 } }\n'
+    f'layer {{ name: "squeeze" type: "Convolution" bottom: "pool" top: "squeeze" convolution_param {{ num_output: 160 '
     f'kernel_size: 1 {_FILLER} }} }}\n'
 )
-LARGE = ["conv1", "conv2", "dw", "pw", "sum", "sum2", "lone", "expand"]
+LARGE = ["conv1", "conv2", "dw", "pw", "sum", "sum2", "lone", "expand", "pool", "squeeze"]
 
 
 @pytest.fixture

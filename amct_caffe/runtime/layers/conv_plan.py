@@ -224,7 +224,8 @@ class ConvPlan:
                 cols = scratch("cols", (group, cg, n, npix))
                 np.copyto(cols, xs.reshape(n, group, cg, npix).transpose(1, 2, 0, 3))
                 yb = self.mm(w, cols.reshape(group, cg, n * npix)).reshape(group, o // group, n, npix)
-                y = np.empty((n, group, o // group, npix), np.float32)
+                shape = (n, group, o // group, npix)
+                y = np.empty(shape, np.float32) if into is None else into.reshape(shape)
                 np.copyto(y, yb.transpose(2, 0, 1, 3))
                 y = y.reshape((n, o) + out)
             else:
