@@ -28,7 +28,9 @@ Steps:
    rounded, beside the float network), every Convolution / InnerProduct takes, per output
    channel, the ARQ codes (floor or ceil of each weight, same scales) that bring its output on
    its quantized input closest to the FP32 network's output of that layer, and the bias takes
-   the mean error. Training starts there.
+   the mean error. Training starts there. With ``per_sample_rounding`` every sample's patches
+   count in those statistics with the weight :func:`sample_weights` gives it (the inverse of its
+   FP32 output energy, averaging 1), as the per-photo mean of a cosine counts every photo alike.
 2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample.
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
@@ -39,7 +41,11 @@ Steps:
 
    (EuclideanLoss computes ``sum ||q - t||^2 / (2 N)``, hence ``loss_weight = 2 / mean_n ||t||^2``).
    For small errors ``1 - cos(q, t) ~ ||q - t||_perp^2 / (2 ||t||^2)``: the loss is about twice the
-   sum over outputs of ``1 - cosine``, the metric users compare.
+   sum over outputs of ``1 - cosine``, the metric users compare. With ``per_sample_loss`` each
+   sample's error is divided by its own target's energy instead, ``sum_o mean_n ||q - t||^2 /
+   ||t_n||^2`` (twice the mean over samples of ``1 - cosine``, as the metric averages it): a
+   Scale layer multiplies the output by ``a_n = sqrt(mean_m ||t_m||^2 / ||t_n||^2)``, fed as one
+   more Input, and the target is fed times ``a_n``.
 4. **Solver.** Adam (beta1 0.9, beta2 0.999), ``base_lr`` 1 and a linear ("poly", power 1) decay
    to 0 over ``iterations``; every rate lives in the blobs' ``lr_mult``, scaled so that one Adam
    step (at most about ``lr_mult`` in size) is a fixed fraction of each parameter's own scale:
@@ -272,12 +278,33 @@ def _set_rates(graph: Graph, clip_lr: float, weight_lr: float, fixed: set[str]) 
                 lp.param.add(lr_mult=0.0, decay_mult=0.0)
 
 
-def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
-                    model_batch: int) -> tuple[Graph, dict[str, str]]:
+def sample_weights(targets: dict, outputs=None) -> np.ndarray:
+    """Per sample, ``mean_m E_m / E_n`` normalised to average 1, ``E_n`` sample n's FP32 output
+    energy ``sum_o ||t_o(x_n)||^2 / mean_m ||t_o(x_m)||^2`` over the ``outputs`` named (None:
+    all): weighting a sum over samples by them makes each sample count as its relative error
+    does in a per-sample metric (the mean over samples of a cosine)."""
+    names = list(targets) if outputs is None else list(outputs)
+    energy = 0.0
+    for name in names:
+        t = np.asarray(targets[name])
+        e = np.sum(np.square(t.reshape(len(t), -1).astype(np.float64)), axis=1)
+        energy = energy + e / max(float(np.mean(e)), 1e-30)
+    w = 1.0 / np.maximum(energy, 1e-30)
+    return w / np.mean(w)
+
+
+def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, model_batch: int,
+                    per_sample: bool = False) -> tuple[Graph, dict[str, np.ndarray]]:
     """The retrain graph at ``batch`` with the FP32 targets as inputs and one loss per output;
-    also {output: the Input blob of its target}."""
+    also what to feed it per sample, {blob: (samples, ...) array}: the inputs and the targets.
+
+    ``per_sample``: each sample's error counts relative to its own target's energy (module doc,
+    step 3): the output and its target are both scaled by ``a_n = sqrt(mean_m ||t_m||^2 /
+    ||t_n||^2)`` (a Scale layer on the output, the target fed scaled, the factors fed as one
+    more Input), so ``loss = sum_o mean_n ||q - t||^2 / ||t_n||^2``.
+    """
     out = any_batch(retrain, model_batch) if batch != model_batch else retrain.copy()
-    fed = {}
+    feeds = dict(inputs)
     missing = sorted(set(targets) - set(out.outputs))
     if missing:
         raise AmctError(f"output blob(s) {missing} of the float model are not outputs of the retrain model")
@@ -291,44 +318,57 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int,
         lp = caffe_pb().LayerParameter(name=out.unique_node_name(top), type="Input", top=[top])
         lp.input_param.shape.add().dim.extend([batch, *t.shape[1:]])
         out.insert(0, Node(lp.name, "Input", [], [top], [], lp, origin=[]))
-        energy = float(np.mean(np.sum(np.square(t.reshape(len(t), -1).astype(np.float64)), axis=1)))
+        energies = np.sum(np.square(t.reshape(len(t), -1).astype(np.float64)), axis=1)
+        energy = float(np.mean(energies))
+        compared = name
+        feeds[top] = t
+        if per_sample:
+            factor = out.unique_blob_name(f"{name}_fp32_factor")
+            lp = caffe_pb().LayerParameter(name=out.unique_node_name(factor), type="Input", top=[factor])
+            lp.input_param.shape.add().dim.extend([batch])
+            out.insert(0, Node(lp.name, "Input", [], [factor], [], lp, origin=[]))
+            a = np.sqrt(energy / np.maximum(energies, 1e-30)).astype(np.float32)
+            feeds[factor] = a
+            feeds[top] = (t * a.reshape(-1, *([1] * (t.ndim - 1)))).astype(np.float32)
+            compared = out.unique_blob_name(f"{name}_per_sample")
+            lp = caffe_pb().LayerParameter(name=out.unique_node_name(compared), type="Scale", bottom=[name, factor],
+                                           top=[compared])
+            lp.scale_param.axis = 0
+            out.insert(len(out.nodes), Node(lp.name, "Scale", [name, factor], [compared], [], lp, origin=[]))
         loss = out.unique_node_name(f"{name}_distill_loss")
-        lp = caffe_pb().LayerParameter(name=loss, type="EuclideanLoss", bottom=[name, top], top=[loss])
+        lp = caffe_pb().LayerParameter(name=loss, type="EuclideanLoss", bottom=[compared, top], top=[loss])
         lp.loss_weight.append(2.0 / max(energy, 1e-30))
-        out.insert(len(out.nodes), Node(loss, "EuclideanLoss", [name, top], [loss], [], lp, origin=[]))
-        fed[name] = top
-    return out, fed
+        out.insert(len(out.nodes), Node(loss, "EuclideanLoss", [compared, top], [loss], [], lp, origin=[]))
+    return out, feeds
 
 
 # ---------------------------------------------------------------------------------------- train
-def _feed(net, inputs: dict, targets: dict, fed: dict[str, str], idx) -> None:
+def _feed(net, feeds: dict, idx) -> None:
     """Samples ``idx`` of the cached inputs and FP32 targets into the training net's Input blobs."""
-    for name, value in inputs.items():
+    for name, value in feeds.items():
         net.blobs[name].data[...] = value[idx]
-    for name, value in targets.items():
-        net.blobs[fed[name]].data[...] = value[idx]
 
 
-def _graph_loss(train: tuple[Graph, dict[str, str]], inputs: dict, targets: dict, batch: int) -> float:
-    """:func:`_data_loss` of a training graph (and its target feeds) run in memory."""
-    graph, fed = train
-    return _data_loss(Net.from_graph(graph, TRAIN), inputs, targets, fed, batch)
+def _graph_loss(train: tuple[Graph, dict[str, np.ndarray]], batch: int) -> float:
+    """:func:`_data_loss` of a training graph (and its feeds) run in memory."""
+    graph, feeds = train
+    return _data_loss(Net.from_graph(graph, TRAIN), feeds, batch)
 
 
-def _data_loss(net, inputs: dict, targets: dict, fed: dict[str, str], batch: int) -> float:
+def _data_loss(net, feeds: dict, batch: int) -> float:
     """Mean distillation loss of ``net`` over every whole batch of the data, in order (forward only)."""
-    n = len(next(iter(inputs.values())))
+    n = len(next(iter(feeds.values())))
     losses = []
     for start in range(0, n - batch + 1, batch):
         idx = np.arange(start, start + batch)
-        _feed(net, inputs, targets, fed, idx)
+        _feed(net, feeds, idx)
         net.forward()
         losses.append(float(net.loss))
     return float(np.mean(losses))
 
 
-def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, str], batch: int, iterations: int,
-           bar, seed: int) -> tuple[list[float], dict[str, list[np.ndarray]] | None, float, float]:
+def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, bar,
+           seed: int) -> tuple[list[float], dict[str, list[np.ndarray]] | None, float, float]:
     """Adam on the training graph; returns the per-iteration losses, the trained blobs by layer
     (None when training did not lower the distillation loss over all the data: the caller then
     saves the start, so that label-free QAT never ends worse than where training began) and that
@@ -343,19 +383,19 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
                 "display: 0\nsnapshot: 0\nsnapshot_after_train: false\nsolver_mode: CPU\n")
     solver = AdamSolver(solver_file, progress=False)
     solver.net.copy_from(weights)
-    before = _data_loss(solver.net, inputs, targets, fed, batch)
-    n = len(next(iter(inputs.values())))
+    before = _data_loss(solver.net, feeds, batch)
+    n = len(next(iter(feeds.values())))
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * batch / n) + 1)])
     losses = []
     for it in range(iterations):
         idx = order[it * batch:(it + 1) * batch]
-        _feed(solver.net, inputs, targets, fed, idx)
+        _feed(solver.net, feeds, idx)
         solver.step(1)
         losses.append(float(solver.net.loss))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3e}")
         bar.update(1)
-    after = _data_loss(solver.net, inputs, targets, fed, batch)
+    after = _data_loss(solver.net, feeds, batch)
     if not after < before:
         _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
                      "after): keeping the model training started from; try fewer iterations or smaller "
@@ -368,6 +408,7 @@ def _train(graph: Graph, work: str, inputs: dict, targets: dict, fed: dict[str, 
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
                        batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float | None = None,
                        seed: int = 0, equalize: bool = True, rounding: bool = True,
+                       per_sample_rounding: bool = False, per_sample_loss: bool = False,
                        progress: bool = True) -> LabelFreeResult:
     """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
 
@@ -381,6 +422,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     codes) after the learned rounding, else ``WEIGHT_LR``).
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
     ``rounding``: start training from the learned rounding of the weights (module doc, step 1b).
+    ``per_sample_rounding``: weight each sample's statistics in that rounding by
+    :func:`sample_weights`; ``per_sample_loss``: each sample's error relative to its own target's
+    energy in the distillation loss (module doc, step 3), in training and in the keep-the-best check.
 
     Writes the files ``calibrate`` writes (``{save_path}_fake_quant_model.prototxt``,
     ``_fake_quant_weights.caffemodel``, ``_deploy_model.prototxt``, ``_deploy_weights.caffemodel``,
@@ -427,14 +471,14 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             ptq_loss, rounded = float("nan"), False
             if rounding:
                 bar.set_description("rounding")
-                ptq_loss = _graph_loss(_training_graph(retrain, inputs, targets, batch, model_batch), inputs,
-                                       targets, batch)
-                rounded = bool(round_weights(retrain, inputs, model_batch, graph))
+                ptq_loss = _graph_loss(_training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss),
+                                       batch)
+                weights = sample_weights(targets) if per_sample_rounding else None
+                rounded = bool(round_weights(retrain, inputs, model_batch, graph, weights))
             _set_rates(retrain, clip_lr, weight_lr, set(fixed))
-            train_graph, fed = _training_graph(retrain, inputs, targets, batch, model_batch)
+            train_graph, train_feeds = _training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss)
             bar.set_description("retrain")
-            losses, trained, before, after = _train(train_graph, work, inputs, targets, fed, batch, iterations, bar,
-                                                    seed)
+            losses, trained, before, after = _train(train_graph, work, train_feeds, batch, iterations, bar, seed)
             kept = "trained" if trained is not None else "rounded" if rounded and before < ptq_loss else "ptq"
             if kept == "ptq":  # exactly what calibrate writes
                 outputs = save_model(session, "Both", save_path)
