@@ -28,9 +28,7 @@ Steps:
    rounded, beside the float network), every Convolution / InnerProduct takes, per output
    channel, the ARQ codes (floor or ceil of each weight, same scales) that bring its output on
    its quantized input closest to the FP32 network's output of that layer, and the bias takes
-   the mean error. Training starts there. With ``per_sample_rounding`` every sample's patches
-   count in those statistics with the weight :func:`sample_weights` gives it (the inverse of its
-   FP32 output energy, averaging 1), as the per-photo mean of a cosine counts every photo alike.
+   the mean error. Training starts there.
 2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample.
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
@@ -278,21 +276,6 @@ def _set_rates(graph: Graph, clip_lr: float, weight_lr: float, fixed: set[str]) 
                 lp.param.add(lr_mult=0.0, decay_mult=0.0)
 
 
-def sample_weights(targets: dict, outputs=None) -> np.ndarray:
-    """Per sample, ``mean_m E_m / E_n`` normalised to average 1, ``E_n`` sample n's FP32 output
-    energy ``sum_o ||t_o(x_n)||^2 / mean_m ||t_o(x_m)||^2`` over the ``outputs`` named (None:
-    all): weighting a sum over samples by them makes each sample count as its relative error
-    does in a per-sample metric (the mean over samples of a cosine)."""
-    names = list(targets) if outputs is None else list(outputs)
-    energy = 0.0
-    for name in names:
-        t = np.asarray(targets[name])
-        e = np.sum(np.square(t.reshape(len(t), -1).astype(np.float64)), axis=1)
-        energy = energy + e / max(float(np.mean(e)), 1e-30)
-    w = 1.0 / np.maximum(energy, 1e-30)
-    return w / np.mean(w)
-
-
 def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, model_batch: int,
                     per_sample: bool = False) -> tuple[Graph, dict[str, np.ndarray]]:
     """The retrain graph at ``batch`` with the FP32 targets as inputs and one loss per output;
@@ -408,7 +391,7 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
                        batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float | None = None,
                        seed: int = 0, equalize: bool = True, rounding: bool = True,
-                       per_sample_rounding: bool = False, per_sample_loss: bool = False,
+                       per_sample_loss: bool = False,
                        progress: bool = True) -> LabelFreeResult:
     """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
 
@@ -422,9 +405,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     codes) after the learned rounding, else ``WEIGHT_LR``).
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
     ``rounding``: start training from the learned rounding of the weights (module doc, step 1b).
-    ``per_sample_rounding``: weight each sample's statistics in that rounding by
-    :func:`sample_weights`; ``per_sample_loss``: each sample's error relative to its own target's
-    energy in the distillation loss (module doc, step 3), in training and in the keep-the-best check.
+    ``per_sample_loss``: each sample's error relative to its own target's energy in the distillation
+    loss (module doc, step 3), in training and in the keep-the-best check.
 
     Writes the files ``calibrate`` writes (``{save_path}_fake_quant_model.prototxt``,
     ``_fake_quant_weights.caffemodel``, ``_deploy_model.prototxt``, ``_deploy_weights.caffemodel``,
@@ -473,8 +455,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
                 bar.set_description("rounding")
                 ptq_loss = _graph_loss(_training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss),
                                        batch)
-                weights = sample_weights(targets) if per_sample_rounding else None
-                rounded = bool(round_weights(retrain, inputs, model_batch, graph, weights))
+                rounded = bool(round_weights(retrain, inputs, model_batch, graph))
             _set_rates(retrain, clip_lr, weight_lr, set(fixed))
             train_graph, train_feeds = _training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss)
             bar.set_description("retrain")

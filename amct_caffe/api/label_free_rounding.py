@@ -66,8 +66,7 @@ class _Layer:
     data: Node                       # its RetrainDataQuant (top: the quantized input)
     groups: int
     geometry: tuple | None           # (kernel, stride, pad, dilation) of a 2-D convolution; None: InnerProduct
-    count: int = 0                   # input patches seen
-    mass: float = 0.0                # their summed sample weights (``count`` when unweighted)
+    count: int = 0
     sums: np.ndarray | None = None   # (G, K): sum x
     prods: np.ndarray | None = None  # (G, K, K): sum x x^T
     cross: np.ndarray | None = None      # (G, K, K): sum x (x_fp32 - x)^T
@@ -184,34 +183,24 @@ def _levels(graph: Graph, layers: list[_Layer]) -> None:
             blob_level[top] = level
 
 
-def _accumulate(layer: _Layer, xq: np.ndarray, xf: np.ndarray | None, rng: np.random.Generator,
-                weights: np.ndarray | None = None) -> None:
-    """Add a batch's patches to ``layer``'s moments; ``weights`` (N,): each sample's weight (None: 1)."""
+def _accumulate(layer: _Layer, xq: np.ndarray, xf: np.ndarray | None, rng: np.random.Generator) -> None:
     pos = _positions(xq.shape, layer, rng)
     cols = _patches(xq, layer, pos)
-    wcols = cols  # the patches times their sample's weight
-    if weights is not None:
-        per = np.repeat(np.asarray(weights, np.float32), cols.shape[1] // len(weights))
-        wcols = cols * per[None, :, None]
-    tcols = wcols.transpose(0, 2, 1)
+    tcols = cols.transpose(0, 2, 1)
     layer.prods = _add(layer.prods, np.matmul(tcols, cols).astype(np.float64))  # float32 products
-    layer.sums = _add(layer.sums, wcols.sum(axis=1, dtype=np.float64))
+    layer.sums = _add(layer.sums, cols.sum(axis=1, dtype=np.float64))
     layer.count += cols.shape[1]
-    layer.mass += cols.shape[1] if weights is None else float(per.sum(dtype=np.float64))
     if xf is not None:
         diff = _patches(xf, layer, pos) - cols
         layer.cross = _add(layer.cross, np.matmul(tcols, diff).astype(np.float64))
-        wdiff = diff if weights is None else diff * per[None, :, None]
-        layer.diff_sums = _add(layer.diff_sums, wdiff.sum(axis=1, dtype=np.float64))
+        layer.diff_sums = _add(layer.diff_sums, diff.sum(axis=1, dtype=np.float64))
 
 
 def _gather(runs: tuple[StagedRun, StagedRun | None], graph: Graph, reference: Graph | None,
-            layers: list[_Layer], later: list[_Layer], inputs: dict, batch: int, seed: int,
-            weights: np.ndarray | None = None) -> None:
+            layers: list[_Layer], later: list[_Layer], inputs: dict, batch: int, seed: int) -> None:
     """Run the retrain network (and the float ``reference``) over the data, in batches of
     ``batch`` (the last one may be smaller), up to ``layers``' inputs; accumulate each layer's
-    input moments (and their cross moments with the upstream error ``x_fp32 - x``), each sample's
-    patches weighted by ``weights`` (None: alike).
+    input moments (and their cross moments with the upstream error ``x_fp32 - x``).
 
     ``later``: the layers still to be rounded after these. The retrain graph's run keeps the blobs
     live where the first RetrainDataQuant of ``layers`` or ``later`` sits (these layers change once
@@ -244,8 +233,7 @@ def _gather(runs: tuple[StagedRun, StagedRun | None], graph: Graph, reference: G
             if frun is not None:
                 frun.advance(fstop)
                 xf = frun.blob(fblob)
-            _accumulate(layer, qrun.blob(layer.data.tops[0]), xf, rng,
-                        None if weights is None else weights[start:start + batch])
+            _accumulate(layer, qrun.blob(layer.data.tops[0]), xf, rng)
         for run in active:
             run.finish()
     for run in active:
@@ -264,20 +252,20 @@ def _round_layer(layer: _Layer) -> bool:
     scale = np.broadcast_to(arq.scale.astype(np.float64), (cout,))
     rows = w.reshape(cout, k).astype(np.float64)
     has_bias = len(layer.node.params) > 1
-    mu = layer.sums / layer.mass                                     # (G, K)
+    mu = layer.sums / layer.count                                    # (G, K)
     upstream = layer.cross is not None
-    mu_d = layer.diff_sums / layer.mass if upstream else None
+    mu_d = layer.diff_sums / layer.count if upstream else None
     codes = np.array(arq.quantized, np.float64).reshape(cout, k)
     shift = np.zeros(cout)
     per = cout // layer.groups
     for g in range(layer.groups):
         r = slice(g * per, (g + 1) * per)
-        h = layer.prods[g] / layer.mass
+        h = layer.prods[g] / layer.count
         if has_bias:  # the bias takes the mean error: centred moments
             h = h - np.outer(mu[g], mu[g])
         linear = None
         if upstream:  # c = Cov(x, d) w per row (quant/rounding.py, "Upstream error")
-            cross = layer.cross[g] / layer.mass
+            cross = layer.cross[g] / layer.count
             if has_bias:
                 cross = cross - np.outer(mu[g], mu_d[g])
             linear = rows[r] @ cross.T
@@ -305,8 +293,7 @@ def _round_layer(layer: _Layer) -> bool:
     return True
 
 
-def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph | None = None,
-                  sample_weights: np.ndarray | None = None) -> list[str]:
+def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph | None = None) -> list[str]:
     """Learned rounding and bias correction of every Convolution / InnerProduct of the retrain
     graph ``graph`` (changed in place) from the data ``inputs`` ({input: (samples, ...)}, run in
     batches of at least ``BATCH`` samples; ``model_batch``: the batch the model's prototxt
@@ -317,10 +304,6 @@ def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph
     rounded level by level (:func:`_levels`), one pass over the data per level, each pass through
     the layers already rounded. Without it, every layer aims at its own float weight on its
     quantized input, all from one pass of the PTQ network.
-
-    ``sample_weights`` (samples,): how much each sample's patches count in every moment (H, C
-    and the means the bias correction uses); None: all alike (``label_free.sample_weights``
-    gives the weights that make each sample's FP32 output count alike).
     """
     layers = _targets(graph)
     if not layers:
@@ -337,7 +320,7 @@ def round_weights(graph: Graph, inputs: dict, model_batch: int, reference: Graph
     changed = []
     for i, group in enumerate(groups):
         later = [layer for g in groups[i + 1:] for layer in g]
-        _gather(runs, graph, reference, group, later, inputs, max(BATCH, model_batch), SEED + i, sample_weights)
+        _gather(runs, graph, reference, group, later, inputs, max(BATCH, model_batch), SEED + i)
         for layer in group:
             if _round_layer(layer):
                 changed.append(layer.node.name)

@@ -92,46 +92,6 @@ def test_statistics_passes_take_any_batch(setting):
 
 
 # ------------------------------------------------------------------ each sample weighted alike
-def test_sample_weights_average_one_and_undo_each_samples_energy():
-    t = {"boxes": np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]), "scores": np.ones((3, 4))}
-    w = lf.sample_weights(t, ["boxes"])
-    assert w.mean() == pytest.approx(1.0)
-    np.testing.assert_allclose(w * np.array([1.0, 4.0, 9.0]), w[0])  # w_n ||t_n||^2 the same for every n
-    # every output: its energies relative to its mean, summed (scores are alike, so they dilute the boxes')
-    relative = np.array([1.0, 4.0, 9.0]) / (14.0 / 3.0) + 1.0
-    np.testing.assert_allclose(lf.sample_weights(t), (1 / relative) / np.mean(1 / relative))
-    np.testing.assert_allclose(lf.sample_weights({"o": np.full((5, 3), 2.0)}), np.ones(5))
-
-
-def test_equal_sample_weights_give_the_unweighted_rounding(setting):
-    graph, retrain, inputs, _ = setting
-    a, b = retrain.copy(), retrain.copy()
-    lfr.round_weights(a, inputs, 64, graph)
-    lfr.round_weights(b, inputs, 64, graph, np.ones(len(inputs["data"])))
-    for node in a.nodes:
-        for x, y in zip(node.params, b.node(node.name).params, strict=True):
-            np.testing.assert_array_equal(x, y, err_msg=node.name)
-
-
-@pytest.mark.parametrize("name", ["conv2", "ip1"])
-def test_a_sample_of_weight_two_counts_as_two_copies(setting, name):
-    """Every moment the rounding reads (H, C, the means of x and of the upstream error): a sample
-    weighted 2 against 1 gives what the unweighted statistics of that sample taken twice give."""
-    _, retrain, _, _ = setting
-    layer = next(x for x in lfr._targets(retrain) if x.node.name == name)
-    shape = (3, 20, 12, 12) if name == "conv2" else (3, 50, 4, 4)
-    rng = np.random.default_rng(1)
-    xq, xf = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-    weighted, copies = lfr._Layer(**vars(layer)), lfr._Layer(**vars(layer))
-    lfr._accumulate(weighted, xq, xf, np.random.default_rng(0), np.array([1.5, 0.75, 0.75]))
-    twice = [0, 0, 1, 2]
-    lfr._accumulate(copies, xq[twice], xf[twice], np.random.default_rng(0))
-    for field in ("prods", "sums", "cross", "diff_sums"):
-        np.testing.assert_allclose(getattr(weighted, field) / weighted.mass, getattr(copies, field) / copies.mass,
-                                   rtol=1e-5, atol=1e-6, err_msg=field)
-    assert copies.mass == copies.count and weighted.count == 3 * copies.count // 4
-
-
 def test_per_sample_loss_divides_each_samples_error_by_its_own_energy(setting):
     graph, retrain, inputs, _ = setting
     x = inputs["data"]
