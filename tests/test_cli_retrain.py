@@ -38,11 +38,11 @@ def fake_retrain(monkeypatch):
 
 def test_options_reach_the_api(fake_retrain, capsys):
     assert cli.main([*RETRAIN, "--iterations", "7", "--batch-size", "32", "--clip-lr", "0.01", "--weight-lr", "0",
-                     "--select", ":256", "--no-rounding", "--no-equalize"]) == 0
+                     "--select", ":256", "--no-rounding", "--no-equalize", "--no-per-sample-loss"]) == 0
     (call,) = fake_retrain
     assert call["save_path"] == "out/lenet" and call["iterations"] == 7 and call["batch_size"] == 32
     assert call["clip_lr"] == 0.01 and call["weight_lr"] == 0.0 and call["progress"] is False
-    assert call["rounding"] is False and call["equalize"] is False
+    assert call["rounding"] is False and call["equalize"] is False and call["per_sample_loss"] is False
     assert call["data"].num_samples == 256
     out = capsys.readouterr().out
     assert "deploy_model: out/lenet_deploy_model.prototxt" in out
@@ -54,7 +54,7 @@ def test_defaults(fake_retrain):
     assert cli.main(RETRAIN) == 0
     (call,) = fake_retrain
     assert call["iterations"] is None and call["batch_size"] == 0
-    assert call["rounding"] is True and call["equalize"] is True
+    assert call["rounding"] is True and call["equalize"] is True and call["per_sample_loss"] is True
     # weight_lr None: the API's own default (0 after the learned rounding, WEIGHT_LR without it)
     assert (call["clip_lr"], call["weight_lr"]) == (cli.retrain.CLIP_LR, None)
 

@@ -33,17 +33,18 @@ Steps:
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
    fold them anyway), the retrain layers, an Input ``<o>_fp32`` per output blob ``o`` and an
-   EuclideanLoss per output, weighted so every output counts alike::
+   EuclideanLoss per output, weighted so every output and every sample counts alike::
 
-       loss = sum_o  mean_n ||q_o(x_n) - t_o(x_n)||^2 / mean_n ||t_o(x_n)||^2
+       loss = sum_o  mean_n ||q_o(x_n) - t_o(x_n)||^2 / ||t_o(x_n)||^2
 
-   (EuclideanLoss computes ``sum ||q - t||^2 / (2 N)``, hence ``loss_weight = 2 / mean_n ||t||^2``).
    For small errors ``1 - cos(q, t) ~ ||q - t||_perp^2 / (2 ||t||^2)``: the loss is about twice the
-   sum over outputs of ``1 - cosine``, the metric users compare. With ``per_sample_loss`` each
-   sample's error is divided by its own target's energy instead, ``sum_o mean_n ||q - t||^2 /
-   ||t_n||^2`` (twice the mean over samples of ``1 - cosine``, as the metric averages it): a
-   Scale layer multiplies the output by ``a_n = sqrt(mean_m ||t_m||^2 / ||t_n||^2)``, fed as one
-   more Input, and the target is fed times ``a_n``.
+   sum over outputs of the mean over samples of ``1 - cosine``, the metric users compare. A Scale
+   layer multiplies the output by ``a_n = sqrt(mean_m ||t_m||^2 / ||t_n||^2)``, fed as one more
+   Input, and the target is fed times ``a_n``; EuclideanLoss computes ``sum ||q - t||^2 / (2 N)``,
+   hence ``loss_weight = 2 / mean_n ||t||^2``. With ``per_sample_loss=False`` the samples' errors
+   are summed before the division, ``sum_o mean_n ||q - t||^2 / mean_n ||t||^2``: photos of larger
+   outputs then count more, and on UltraFace training the clips on that loss fits the bright photos
+   and loses on the average one (``benchmarks/label_free_qat.py``).
 4. **Solver.** Adam (beta1 0.9, beta2 0.999), ``base_lr`` 1 and a linear ("poly", power 1) decay
    to 0 over ``iterations``; every rate lives in the blobs' ``lr_mult``, scaled so that one Adam
    step (at most about ``lr_mult`` in size) is a fixed fraction of each parameter's own scale:
@@ -391,7 +392,7 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
                        batch_size: int = 0, preprocess=None, clip_lr: float = CLIP_LR, weight_lr: float | None = None,
                        seed: int = 0, equalize: bool = True, rounding: bool = True,
-                       per_sample_loss: bool = False,
+                       per_sample_loss: bool = True,
                        progress: bool = True) -> LabelFreeResult:
     """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
 
@@ -406,7 +407,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
     ``rounding``: start training from the learned rounding of the weights (module doc, step 1b).
     ``per_sample_loss``: each sample's error relative to its own target's energy in the distillation
-    loss (module doc, step 3), in training and in the keep-the-best check.
+    loss (module doc, step 3), in training and in the keep-the-best check; False: relative to the
+    mean energy over the data.
 
     Writes the files ``calibrate`` writes (``{save_path}_fake_quant_model.prototxt``,
     ``_fake_quant_weights.caffemodel``, ``_deploy_model.prototxt``, ``_deploy_weights.caffemodel``,

@@ -54,9 +54,12 @@ def cmd_retrain(args) -> int:
     retrain = api("amct_caffe.api.label_free", "label_free_retrain")
     result = retrain(args.model, args.weights, source, args.output, iterations=args.iterations,
                      batch_size=args.batch_size, clip_lr=args.clip_lr, weight_lr=args.weight_lr,
-                     equalize=args.equalize, rounding=args.rounding, progress=args.progress)
+                     equalize=args.equalize, rounding=args.rounding, per_sample_loss=args.per_sample_loss,
+                     progress=args.progress)
     print_outputs(result.outputs, args.output)
-    print(f"distillation loss (sum over outputs of |INT8 - FP32|^2 / |FP32|^2), mean of the first / last tenth of "
+    ratio = ("the mean over samples of |INT8 - FP32|^2 / |FP32|^2" if args.per_sample_loss
+             else "mean |INT8 - FP32|^2 / mean |FP32|^2 over the samples")
+    print(f"distillation loss (sum over outputs of {ratio}), mean of the first / last tenth of "
           f"{result.iterations} iterations of {result.batch_size} sample(s): "
           f"{result.loss_start:.4e} -> {result.loss_end:.4e}")
     print(f"saved: the {'PTQ' if result.kept == 'ptq' else result.kept} model (distillation loss over the data: PTQ "
@@ -98,6 +101,9 @@ def add_parser(sub, common) -> None:
                      help="do not equalize the channel ranges before depthwise convolutions")
     ret.add_argument("--no-rounding", dest="rounding", action="store_false",
                      help="start training from ARQ's nearest weight codes, not from the learned rounding")
+    ret.add_argument("--no-per-sample-loss", dest="per_sample_loss", action="store_false",
+                     help="divide the distillation error by the outputs' mean energy over the data, not by each "
+                          "sample's own (larger outputs then count more)")
     add_data_options(ret, "training")
     ret.add_argument("--output", required=True, help="prefix of the files written (e.g. out/model)")
     ret.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
