@@ -5,11 +5,20 @@ time (numpy, protobuf, the executor), and a KeyboardInterrupt raised inside an i
 otherwise escape before ``cli.main`` installs its own handling. So this module imports nothing
 heavy itself (``amct_caffe/__init__`` is lazy) and wraps the import and the run: an interrupt at
 any point ends with cli.main's own line and status, 130.
+
+That status is then given by ``os._exit`` (:func:`_exit_interrupted`), not by returning: CPython 3.11
+marks a KeyboardInterrupt raised inside code run by ``exec()`` or ``eval()`` as unhandled even when it
+is caught, and then ends the process at exit by re-raising SIGINT (status -2, not 130). Such code runs
+whenever a module defining a dataclass or a namedtuple is imported, as the command's modules are, lazily,
+while it works: a Ctrl-C there used to end with -2 about once in ten.
 """
 
+import atexit
+import contextlib
 import os
 import signal
 import sys
+import threading
 
 EXIT_SIGINT = 128 + signal.SIGINT
 
@@ -18,7 +27,7 @@ def main() -> int:
     try:
         from amct_caffe.cli import main as cli_main
 
-        return cli_main()
+        code = cli_main()
     except KeyboardInterrupt:
         # A second Ctrl-C must not cut this line short with a traceback of its own.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -26,7 +35,25 @@ def main() -> int:
             os.write(2, b"amct-caffe: interrupted\n")  # the line cli.main prints on Ctrl-C
         except OSError:  # stderr closed: nothing more can be said
             pass
-        return EXIT_SIGINT
+        code = EXIT_SIGINT
+    if code == EXIT_SIGINT:
+        _exit_interrupted()
+    return code
+
+
+def _exit_interrupted():
+    """End the process with status 130 after what interpreter shutdown does first (module doc): wait for
+    the threads that are not daemons (a file being written finishes or removes its temporary file), run
+    the ``atexit`` handlers (logging's flush, the finalizers of temporary directories), flush stdio."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up below is not to be cut short either
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - the interpreter's own exit step, run before os._exit skips it
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_SIGINT)
 
 
 if __name__ == "__main__":

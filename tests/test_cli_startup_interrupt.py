@@ -39,11 +39,12 @@ def _console_script() -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
 
 
-def _run(tmp_path, command: list[str], target: str) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(HOOK)
+def _run(tmp_path, command: list[str], target: str, hook: str = HOOK,
+         args=("inspect", "--help")) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(hook)
     env = {k: v for k, v in os.environ.items() if k not in ("AMCT_LOG_LEVEL", "AMCT_LOG_FILE_LEVEL")}
     env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]), AMCT_TEST_SIGINT_ON_IMPORT=target)
-    return subprocess.run([*command, "inspect", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+    return subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120, check=False)
 
 
@@ -72,3 +73,22 @@ def test_without_an_interrupt_the_command_starts(tmp_path):
     res = _run(tmp_path, _console_script(), "a.module.nobody.imports")
     assert res.returncode == 0, res.stderr
     assert "usage: amct-caffe inspect" in res.stdout
+
+
+# The KeyboardInterrupt raised inside code run by exec(), as when Ctrl-C lands while a dataclass or a
+# namedtuple builds its methods: CPython then ends a process whose code caught the interrupt by re-raising
+# SIGINT at exit (status -2), unless the command leaves by os._exit (amct_caffe/__main__.py).
+HOOK_IN_EXEC = HOOK.replace(
+    "            os.kill(os.getpid(), signal.SIGINT)\n            time.sleep(30)  # the KeyboardInterrupt comes here",
+    '            exec("os.kill(os.getpid(), signal.SIGINT); time.sleep(30)",\n'
+    '                 {"os": os, "signal": signal, "time": time})')
+
+
+@pytest.mark.parametrize("target", ["amct_caffe.cli.calibrate", "amct_caffe.api.model_info"])  # start-up / running
+@pytest.mark.parametrize("how", ["python -m amct_caffe", "console script"])
+def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path, target, how):
+    command = [sys.executable, "-m", "amct_caffe"] if how == "python -m amct_caffe" else _console_script()
+    res = _run(tmp_path, command, target, HOOK_IN_EXEC, ("inspect", "--model", ROOT / "samples/mnist/lenet.prototxt"))
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.strip() == "amct-caffe: interrupted"
+    assert res.stdout == ""
