@@ -81,6 +81,15 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   is left for 1.5x: the IFMR fill (about 1.4 ns per observed value, 70 M per batch, hidden only
   when a core is free), the first calibration forward on fresh memory (0.1-0.3 s over a warm one)
   and the steps' 0.4-0.5 s (config generation and validation, fusion and ARQ, three model writes).
+* then (every convolution path writing its top into its array of the last forward when only the blob
+  holds it, in the FP32 and the calibration forwards alike; the same output bytes), OPENBLAS_NUM_THREADS=1,
+  three runs [load 0.8-2.5]: FP32 forwards 0.86-0.90 s (0.92 s before, same load), PTQ end to end
+  1.64-2.14 s = 1.91x / 2.00x / 2.39x (calibration forwards 1.18-1.68 s), steps 0.45 s; peak 514 -> 477
+  MiB (1.64x the budget). The ratio grew because the FP32 forwards got faster: per batch of 8 the FP32
+  forward takes 0.20-0.21 s, the calibration forward 0.24 s warm with its IFMR layers done, 0.37-0.45 s
+  with the fill on the main thread, and the first one 0.1-0.25 s more. For 1.5x the four calibration
+  forwards and the steps would have to fit in 1.5 x 0.82 = 1.23 s; the exact forwards alone take 0.98 s
+  (no Winograd there: records equal to patched Caffe's).
 """
 
 from __future__ import annotations
