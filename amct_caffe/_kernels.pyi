@@ -2,6 +2,9 @@
 
 Arrays must already have the stated dtype and be C-contiguous (TypeError/ValueError otherwise);
 data errors in the core raise ValueError with the same messages as the NumPy references.
+``into`` (the convolution, pooling and residual kernels): an array the result is written into and
+returned, used only when it is float32, C-contiguous, writeable, of the result's shape and shares
+no memory with the inputs; otherwise the result gets a fresh array.
 """
 
 import numpy as np
@@ -78,7 +81,7 @@ def ulq_backward(
 
 def depthwise_conv2d(
     x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
-    bias: F32 | None = None,
+    bias: F32 | None = None, into: F32 | None = None,
 ) -> F32:
     """x (N, C, H, W), weight (C, kh, kw) -> (N, C, *out): one fused multiply-add per tap, taps in order,
     then + bias[c] if given."""
@@ -119,7 +122,7 @@ def sgd_update(
     diff = history; weight -= history."""
 def direct_conv2d(
     x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
-    bias: F32 | None = None,
+    bias: F32 | None = None, into: F32 | None = None,
 ) -> F32:
     """x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, *out), C*kh*kw <= direct_conv_max_k(): one fused
     multiply-add per k in column order from zero (the sum stored + 0), then + bias[o]; AVX-512 only."""
@@ -127,16 +130,16 @@ def direct_conv2d(
 def direct_conv_available() -> bool: ...
 def direct_conv_max_k() -> int: ...
 def pool2d(x: F32, method: str, kernel: list[int], stride: list[int], pad: list[int], out: list[int],
-           threads: int) -> F32:
+           threads: int, into: F32 | None = None) -> F32:
     """Caffe's MAX pooling of x (N, C, H, W) -> (N, C, *out) (method "MAX")."""
 
 def channel_affine(y: F32, a: F32 | None, b: F32 | None, relu: bool, threads: int) -> None:
     """In place on y (N, C, ...): y = y * a[c] + b[c] (two roundings), then NumPy's maximum(y, 0) if relu."""
 
-def affine_add_relu(y: F32, a: F32, b: F32, other: F32, threads: int) -> F32:
+def affine_add_relu(y: F32, a: F32, b: F32, other: F32, threads: int, into: F32 | None = None) -> F32:
     """y = y * a[c] + b[c] in place; returns maximum(y + other, 0)."""
 
-def add_relu(a: F32, b: F32, threads: int) -> F32:
+def add_relu(a: F32, b: F32, threads: int, into: F32 | None = None) -> F32:
     """maximum(a + b, 0)."""
 
 def tanhf(x: F32, threads: int) -> F32:
@@ -156,7 +159,7 @@ def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
-                    relu: bool, threads: int) -> F32:
+                    relu: bool, threads: int, into: F32 | None = None) -> F32:
     """mm ((m+2)^2, O, N*tiles) -> (N, O, Ho, Wo): A^T M A per tile, cropped, * a + b, ReLU."""
 
 def prelu(x: F32, slope: F32, threads: int) -> F32:
@@ -167,7 +170,7 @@ def bias_prelu(y: F32, b: F32 | None, slope: F32, threads: int) -> None:
 
 def direct_conv2d_affine(
     x: F32, weight: F32, stride: list[int], pad: list[int], dilation: list[int], out: list[int], threads: int,
-    scale: F32 | None, bias: F32 | None, relu: bool,
+    scale: F32 | None, bias: F32 | None, relu: bool, into: F32 | None = None,
 ) -> F32:
     """direct_conv2d, each stored value then * scale[o], + bias[o], maximum(v, 0) (each if given): the bytes
     of the convolution followed by channel_affine."""

@@ -36,8 +36,19 @@ _F32 = np.dtype(np.float32)
 
 
 def _sole_refcount() -> int:
-    """What sys.getrefcount says of an array held by one slot and read into a local, as _into_step reads a
-    blob's (3 on CPython 3.11: the slot, the local, the argument), measured rather than assumed."""
+    """What sys.getrefcount says of an array held by one slot and read into a local, as _sole_array reads a
+    blob's (3 on CPython 3.11: the slot, the local, the argument), measured rather than assumed, with no
+    trace function set: a debugger's, reading the frame's locals, keeps a reference more (CPython < 3.13),
+    and a count too high would let a held array pass for a sole one."""
+    trace = sys.gettrace()
+    sys.settrace(None)
+    try:
+        return _count_one_holder()
+    finally:
+        sys.settrace(trace)
+
+
+def _count_one_holder() -> int:
     holder = [np.empty(1, np.float32)]
     local = holder[0]
     return sys.getrefcount(local)
@@ -268,7 +279,8 @@ def _sole_array(blob):
     blob's next value into it (see _into_step); else None. The kernels take it only when it has the new
     value's shape and shares no memory with what they read."""
     arr = blob.data
-    if sys.getrefcount(arr) > _SOLE_REFS or arr.dtype != _F32 or not arr.flags.c_contiguous:
+    if (sys.getrefcount(arr) > _SOLE_REFS or arr.dtype != _F32 or not arr.flags.c_contiguous
+            or not arr.flags.writeable):  # (a top a user made read-only gets a fresh array)
         return None
     base = arr.base  # a kernel's result reshaped (numpy views even a reshape to the same shape): a view of all of it
     if base is not None and (type(base) is not np.ndarray or base.base is not None or base.nbytes != arr.nbytes

@@ -415,3 +415,14 @@ def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatc
         np.testing.assert_allclose(fast, ref, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_array_equal(fast.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize(("k", "s", "p", "g"), [(1, 1, 0, 1), (1, 2, 0, 1), (1, 1, 0, 2), (3, 1, 1, 1), (3, 2, 0, 4)])
+def test_an_empty_batch_gives_an_empty_top(k, s, p, g):
+    """A batch of 0 images (Caffe's Blob allows a count of 0; its convolution then loops over no image): the top
+    is (0, O, *out), as the reference gives it, on every path (the 1x1 GEMM once tried to reshape it)."""
+    x = np.zeros((0, 4, 7, 6), np.float32)
+    w = np.ones((8, 4 // g, k, k), np.float32)
+    b = np.ones(8, np.float32)
+    y = Convolution(x, w, b, stride=s, pad=p, group=g)
+    assert y.shape == ref_conv(x, w, b, (s, s), (p, p), (1, 1), g).shape and y.dtype == np.float32

@@ -136,7 +136,7 @@ class ConvPlan:
             raise ValueError(f"convolution output size {list(out)} is negative: input {x_shape[2:]}, kernel {ksz}")
         self.n, self.o, self.nsp, self.out, self.x_shape = n, o, nsp, out, tuple(x_shape)
         self.stride, self.pad, self.dilation, self.group, self.ksz = stride, pad, dilation, group, ksz
-        self.empty = 0 in out  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
+        self.empty = 0 in out or n == 0  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
         if self.empty:
             return
         # With C's truncating division the last window may reach past the padded input (a kernel
