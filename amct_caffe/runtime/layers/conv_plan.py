@@ -269,7 +269,7 @@ class ConvPlan:
             x = np.pad(x, self.tail)
         flat, stride, pad, dilation, grid, macs = self.direct
         x = np.ascontiguousarray(x)
-        into = _flat_into(into, (self.n, self.o) + self.out, flat, x, weight)
+        into = _flat(into, flat) if _fits(into, (self.n, self.o) + self.out, x, weight) else None
         y = DIRECT_AFFINE_KERNEL(x if flat is None else x.reshape(flat), np.ascontiguousarray(weight), stride, pad,
                                  dilation, grid, _workers(macs), _vector(scale), _vector(bias), relu, into)
         return y if flat is None else y.reshape((x.shape[0], self.o) + self.out)
@@ -430,14 +430,14 @@ def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
 
 
 def _direct(x, weight, args, out, bias, into=None):
-    """The convolution by the direct kernel with :func:`_direct_args`' ``args``, the bias added."""
+    """The convolution by the direct kernel with :func:`_direct_args`' ``args``, the bias added; ``into`` as
+    :meth:`ConvPlan.__call__` passes it (already checked by :func:`_fits`)."""
     flat, stride, pad, dilation, grid, macs = args
     w4 = np.ascontiguousarray(weight)
     b = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(-1)
     x = np.ascontiguousarray(x)
-    into = _flat_into(into, (x.shape[0], weight.shape[0]) + tuple(out), flat, x, weight)
     y = DIRECT_KERNEL(x if flat is None else x.reshape(flat), w4, stride, pad, dilation, grid, _workers(macs), b,
-                      into)
+                      _flat(into, flat))
     return y if flat is None else y.reshape((x.shape[0], weight.shape[0]) + tuple(out))
 
 
@@ -447,11 +447,10 @@ def _fits(into, shape: tuple, *inputs) -> bool:
             and into.flags.writeable and not any(np.may_share_memory(into, a) for a in inputs))
 
 
-def _flat_into(into, shape: tuple, flat, *inputs):
-    """``into`` as the direct kernel's output (viewed as its one-row shape when ``flat``), or None."""
-    if not _fits(into, shape, *inputs):
-        return None
-    return into if flat is None else into.reshape(shape[0], shape[1], 1, -1)
+def _flat(into, flat):
+    """``into`` (None, or an array of the top's shape) as the direct kernel's output: viewed as one row a map
+    when ``flat`` (a 1x1 stride-1 convolution flattened, see :func:`_direct_args`)."""
+    return into if into is None or flat is None else into.reshape(into.shape[0], into.shape[1], 1, -1)
 
 
 def _vector(v):
