@@ -17,6 +17,10 @@ Per blob (``x`` FP32, ``y`` quantized, per sample ``s``; sums over all compared 
 
 ``error_added`` ranks the layers that hurt most: ``(1 - cosine of the output) - (1 - cosine of the
 worst input)``, the error a layer adds to what it receives.
+
+A blob whose shape depends on the data (a DetectionOutput's list, and what is computed from it) is
+not compared: its length differs between the models; the blobs it is computed from count as the
+outputs in its place (:mod:`amct_caffe.api.compared_outputs`; the summary's ``compared_instead``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from amct_caffe import io
+from amct_caffe.api.compared_outputs import dynamic_shape_blobs, graph_layers, stand_in_outputs
 from amct_caffe.errors import AmctError
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.ir import Graph
@@ -105,12 +110,18 @@ class BlobComparison:
     def __init__(self, fp32: tuple[Net, Graph], quant: tuple[Net, Graph]):
         (self.fp32_net, self.fp32_graph), (self.quant_net, self.quant_graph) = fp32, quant
         inputs = set(self.fp32_graph.inputs)
+        layers = graph_layers(self.fp32_graph)
+        # a detection list (and anything computed from it) changes length with the rounding: its
+        # inputs stand for it (compared_outputs)
+        self.uncompared = dynamic_shape_blobs(layers)
         self.names = [t for node in self.fp32_graph.nodes for t in node.tops
-                      if t not in inputs and t in self.quant_net.blobs]
+                      if t not in inputs and t not in self.uncompared and t in self.quant_net.blobs]
         if not self.names:
             raise AmctError("the float and the quantized model share no blob name: was the quantized model made "
                             "from this float model by amct_caffe?")
-        self.outputs = set(self.fp32_net.outputs)
+        self.net_outputs = set(self.fp32_graph.outputs)
+        stand_ins, self.replaced = stand_in_outputs(layers, sorted(self.net_outputs))
+        self.outputs = set(stand_ins)
         self.acc = {name: _Accumulator() for name in self.names}
         self.samples = 0
 
@@ -132,7 +143,7 @@ class BlobComparison:
             acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
             acc.ref_sq += float(np.sum(a * a))
             acc.diff_sq += float(np.sum(d * d))
-            if name in self.outputs and _is_classifier(x.shape):
+            if name in self.net_outputs and _is_classifier(x.shape):  # not a stand-in (box offsets)
                 acc.top1_same += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
                 acc.top1_total += a.shape[0]
 
@@ -182,7 +193,8 @@ def quantized_layers(quant_graph: Graph) -> dict[str, dict]:
     return layers
 
 
-def summary(reports: list[BlobReport], samples: int, worst: int = 10) -> dict:
+def summary(reports: list[BlobReport], samples: int, worst: int = 10,
+            compared_instead: dict[str, list[str]] | None = None) -> dict:
     outputs = [r for r in reports if r.output]
     ranked = sorted(reports, key=lambda r: -r.error_added)
     top1 = [r.top1_agreement for r in outputs if r.top1_agreement is not None]
@@ -195,6 +207,7 @@ def summary(reports: list[BlobReport], samples: int, worst: int = 10) -> dict:
         "top1_agreement": min(top1) if top1 else None,
         "most_sensitive_layers": [{"layer": r.quant_layer or r.layer, "blob": r.name, "error_added": r.error_added,
                                    "cosine": r.cosine} for r in ranked[:worst]],
+        "compared_instead": dict(compared_instead or {}),
     }
 
 
@@ -206,7 +219,7 @@ def compare_batches(model_file, weights_file, quant_model_file, quant_weights_fi
     for feed in batches:
         comparison.add(feed)
     reports = comparison.reports()
-    return reports, summary(reports, comparison.samples), comparison
+    return reports, summary(reports, comparison.samples, compared_instead=comparison.replaced), comparison
 
 
 def json_safe(v):

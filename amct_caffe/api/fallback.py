@@ -23,7 +23,8 @@ the manner of TPU-MLIR's ``run_sensitive_layer`` / ``search_qtable``:
    what ``calibrate`` gives with that config. Their cosine is measured again and reported.
 
 "Output cosine" is, by default, the smallest over the compared blobs (the network's outputs
-unless ``compare_blobs`` names others) of the blob's mean per-sample cosine, so every output has to
+unless ``compare_blobs`` names others; a detection list is compared through the blobs it is
+computed from, :mod:`amct_caffe.api.compared_outputs`) of the blob's mean per-sample cosine, so every output has to
 reach the target; ``metric="all_outputs"`` concatenates the blobs per sample instead (see
 :class:`OutputComparator`). Steps 2-4 cost one evaluation pass per
 quantized layer plus at most ``2 * max_float_layers``; an evaluation pass runs the fake-quant
@@ -44,6 +45,7 @@ from tqdm import tqdm
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
 from amct_caffe.api.compare import cosine_rows, sample_rows
+from amct_caffe.api.compared_outputs import net_layers, stand_in_outputs
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
@@ -272,8 +274,13 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     calib = _materialize(calibration_batches, "calibration_batches")
     evaluation = _materialize(eval_batches, "eval_batches") if eval_batches is not None else calib
     if evaluator is None:
-        comparator = OutputComparator(Net(str(model_file), str(weights_file), TEST), evaluation, compare_blobs,
-                                      metric)
+        reference = Net(str(model_file), str(weights_file), TEST)
+        if not compare_blobs:  # the outputs, or what stands for them (a detection list's inputs)
+            compare_blobs = stand_in_outputs(net_layers(reference), reference.outputs)[0]
+            if not compare_blobs:
+                raise AmctError(f"the float model's outputs {list(reference.outputs)} do not depend on its inputs' "
+                                "values: name the blobs to compare (compare_blobs)")
+        comparator = OutputComparator(reference, evaluation, compare_blobs, metric)
         measure = comparator.cosine
     else:
         def measure(net) -> float:

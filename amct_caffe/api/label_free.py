@@ -29,11 +29,14 @@ Steps:
    channel, the ARQ codes (floor or ceil of each weight, same scales) that bring its output on
    its quantized input closest to the FP32 network's output of that layer, and the bias takes
    the mean error. Training starts there.
-2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample.
+2. **Targets.** The FP32 network runs once over the data; its output blobs are cached per sample
+   (an output of data-dependent shape or without a gradient, such as SSD's DetectionOutput, is
+   replaced by the blobs it is computed from: :mod:`amct_caffe.api.compared_outputs`).
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
-   fold them anyway), the retrain layers, an Input ``<o>_fp32`` per output blob ``o`` and an
-   EuclideanLoss per output, weighted so every output and every sample counts alike::
+   fold them anyway), the retrain layers, an Input ``<o>_fp32`` per target blob ``o`` and an
+   EuclideanLoss per target (the layers no loss needs are left out), weighted so every output and
+   every sample counts alike::
 
        loss = sum_o  mean_n ||q_o(x_n) - t_o(x_n)||^2 / ||t_o(x_n)||^2
 
@@ -85,6 +88,7 @@ from tqdm import tqdm
 
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
+from amct_caffe.api.compared_outputs import graph_layers, stand_in_outputs
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
 from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
@@ -172,25 +176,40 @@ def _batch_of(feed: Feed) -> int:
     return max(len(np.asarray(v)) for v in feed.values())
 
 
-def _fp32_samples(model_file, weights_file, feeds: list[Feed], bar) -> tuple[dict, dict, list[str]]:
-    """(inputs, FP32 outputs) each as {blob: (samples, ...) array}, and the output names."""
-    net = Net(model_file, weights_file, TEST)
+def _fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
+    """(inputs, FP32 targets) each as {blob: (samples, ...) array}; the targets are the float
+    graph's outputs or the blobs that stand for them (module doc, step 2)."""
+    names, _ = stand_in_outputs(graph_layers(graph), graph.outputs, trainable=True)
+    if not names:
+        raise AmctError(f"the model's outputs {graph.outputs} do not depend on its inputs through layers that can "
+                        "be trained: label-free retraining has nothing to distil")
+    net = Net.from_graph(graph, TEST)
     inputs: dict[str, list] = {}
     outputs: dict[str, list] = {}
     for feed in feeds:
         n = _batch_of(feed)
-        result = net.forward(**feed)
+        net.forward(**feed)
         for name, value in feed.items():
             inputs.setdefault(name, []).append(np.asarray(value, np.float32))
-        for name in net.outputs:
-            value = np.asarray(result[name], np.float32)
+        for name in names:
+            value = np.asarray(net.blobs[name].data, np.float32)
             if value.ndim == 0 or value.shape[0] != n:
                 raise AmctError(f"output '{name}' has shape {list(value.shape)} for a batch of {n}: label-free "
                                 "retraining needs every output blob to hold one row per sample (batch axis first)")
             outputs.setdefault(name, []).append(value.copy())
         bar.update(1)
-    return ({k: np.concatenate(v) for k, v in inputs.items()}, {k: np.concatenate(v) for k, v in outputs.items()},
-            list(net.outputs))
+    return {k: np.concatenate(v) for k, v in inputs.items()}, {k: np.concatenate(v) for k, v in outputs.items()}
+
+
+def _needed_only(graph: Graph) -> None:
+    """Removes the layers no loss reads from, directly or not (a detection layer after the targets);
+    Input layers stay, as they are fed."""
+    needed: set[str] = set()
+    for node in reversed(list(graph.nodes)):
+        if node.type == "Input" or node.type == "EuclideanLoss" or needed.intersection(node.tops):
+            needed.update(node.bottoms)
+        else:
+            graph.remove(node)
 
 
 # ------------------------------------------------------------------------------------ the graph
@@ -289,9 +308,9 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, mod
     """
     out = any_batch(retrain, model_batch) if batch != model_batch else retrain.copy()
     feeds = dict(inputs)
-    missing = sorted(set(targets) - set(out.outputs))
+    missing = sorted(set(targets) - {t for node in out.nodes for t in node.tops})
     if missing:
-        raise AmctError(f"output blob(s) {missing} of the float model are not outputs of the retrain model")
+        raise AmctError(f"blob(s) {missing} of the float model are missing from the retrain model")
     for node in out.nodes:
         lp = node.layer_param
         if node.type == "Input":
@@ -323,6 +342,7 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, mod
         lp = caffe_pb().LayerParameter(name=loss, type="EuclideanLoss", bottom=[compared, top], top=[loss])
         lp.loss_weight.append(2.0 / max(energy, 1e-30))
         out.insert(len(out.nodes), Node(loss, "EuclideanLoss", [compared, top], [loss], [], lp, origin=[]))
+    _needed_only(out)
     return out, feeds
 
 
@@ -437,6 +457,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
                 tqdm(total=2 * len(feeds) + iterations, desc="label-free QAT", unit="step",
                      disable=not progress) as bar:
             graph = load_float_graph(model_file, weights_file)
+            bar.set_description("FP32 targets")
+            inputs, targets = _fp32_samples(graph, feeds, bar)
             fuse_bn_scale(graph)
             calib_model, calib_weights = model_file, weights_file
             if equalize and equalize_ranges(graph, feeds):  # calibrate the equalized model: step 1 starts there
@@ -447,8 +469,6 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             create_quant_config(config, calib_model, calib_weights, batch_num=len(feeds))
             bar.set_description("calibration")
             session = run_calibration(config, calib_model, calib_weights, _counted(feeds, bar), work, progress=False)
-            bar.set_description("FP32 targets")
-            inputs, targets, _ = _fp32_samples(model_file, weights_file, feeds, bar)
             record_file = os.path.join(work, "retrain_record.txt")
             retrain, _ = _retrain_graph(graph, session.record, record_file)
             retrain, fixed = with_data_only_quant(retrain, session.targets, session.record)

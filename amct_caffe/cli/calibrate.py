@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 
+from amct_caffe.cli.compare import compared_instead
 from amct_caffe.cli.options import (DATA_HELP, add_data_options, api, check_file, check_files, check_output,
                                     config_values, cosine, non_negative, open_data, positive, print_outputs)
 
@@ -56,6 +57,8 @@ def _summary(args, first_batch, result) -> None:
     _, summary, _ = compare_batches(args.model, args.weights, result["fake_quant_model"],
                                     result["fake_quant_weights"], [first_batch])
     print(f"FP32 vs INT8 on the first calibration batch ({summary['samples']} samples):")
+    for line in compared_instead(summary):
+        print(f"  {line}")
     for name, output in summary["outputs"].items():
         top1 = output["top1_agreement"]
         agreement = "" if top1 is None else f", top-1 agreement {100 * top1:.2f}%"

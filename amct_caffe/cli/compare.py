@@ -10,11 +10,17 @@ from amct_caffe.cli.options import (DATA_HELP, add_data_options, api, check_file
                                     open_data, positive)
 
 
+def compared_instead(summary: dict) -> list[str]:
+    """One line per output compared through the blobs it is computed from (a detection list)."""
+    return [f"output {name} (its shape depends on the data) compared through: {', '.join(blobs)}"
+            for name, blobs in summary.get("compared_instead", {}).items()]
+
+
 def headline(summary: dict) -> list[str]:
     """The report's summary in a few lines: worst output cosine, top-1 agreement, the 3 layers adding the most
     error."""
     outputs = summary["outputs"]
-    lines = []
+    lines = compared_instead(summary)
     if outputs:
         worst = min(outputs, key=lambda name: outputs[name]["cosine"])
         lines.append(f"worst output cosine: {outputs[worst]['cosine']:.10f} ({worst})")

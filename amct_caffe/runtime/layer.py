@@ -46,6 +46,9 @@ class Layer:
     num_bottoms: int | tuple[int | None, int | None] = 1
     num_tops: int | tuple[int | None, int | None] = 1
     shape_from_forward: bool = False
+    # True for a type whose tops depend on its bottoms' shapes only, never their values (PriorBox):
+    # such a blob is the same in a float and a quantized model (api/compared_outputs.py).
+    reads_shapes_only: bool = False
     # False for the types whose Caffe LayerSetUp checks top[0] != bottom[0] (AbsVal, Flatten...).
     in_place_ok: bool = True
     # Set by the Net when the caffemodel gave this layer integer blobs (a deploy model's int8

@@ -378,6 +378,7 @@ class OpLayer(Layer):
 @register("PriorBox")
 class PriorBoxLayer(OpLayer):
     num_bottoms = 2
+    reads_shapes_only = True
     op = staticmethod(PriorBox)
     param = "prior_box_param"
     keys = ("min_size", "max_size", "aspect_ratio", "flip", "clip", "variance", "img_size", "img_h", "img_w",
