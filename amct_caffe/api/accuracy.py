@@ -17,7 +17,7 @@ from tqdm import tqdm
 from amct_caffe import log
 from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.report import write_report
-from amct_caffe.data import DataSource, Preprocess, model_inputs, open_source
+from amct_caffe.data import DataSource, open_for_model
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reading
 
@@ -26,12 +26,7 @@ _LOG = logging.getLogger(__name__)
 
 def _feeds(data, model_file, batch_size: int, batch_num: int, preprocess) -> list[Mapping[str, np.ndarray]]:
     if isinstance(data, (str, os.PathLike)):
-        shapes = model_inputs(model_file)
-        first = next(iter(shapes.values()), None)
-        size = batch_size or (first[0] if first else 1)
-        if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
-            preprocess = Preprocess(**preprocess)
-        data = open_source(data, shapes, size, preprocess)
+        data = open_for_model(data, model_file, batch_size, preprocess)
     if isinstance(data, DataSource):
         return list(data.batches(batch_num))
     feeds = list(data) if isinstance(data, Iterable) else None

@@ -80,15 +80,14 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from amct_caffe import log
+from amct_caffe import log, ops
 from amct_caffe.api.calibration import create_quant_config, save_model
-from amct_caffe.api.compared_outputs import graph_layers, stand_in_outputs
+from amct_caffe.api.label_free_data import Feed, batch_of, fp32_samples, read_feeds
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
 from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
@@ -96,17 +95,15 @@ from amct_caffe.api.outputs import write_graph
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config import RetrainDataConfig, create_retrain_config
-from amct_caffe.data import DataSource, Preprocess, model_inputs, open_source
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import check_output, reading
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.fusion import fuse_bn_scale
 from amct_caffe.passes.retrain import DATA_QUANT, WEIGHT_QUANT, RetrainSpec, insert_retrain_layers, retrain_specs
-from amct_caffe.runtime import TEST, TRAIN, AdamSolver, Net
+from amct_caffe.runtime import TRAIN, AdamSolver, Net
 
 _LOG = logging.getLogger(__name__)
-Feed = dict[str, np.ndarray]
 
 DEFAULT_EPOCHS = 3         # passes over the data when ``iterations`` is not given ...
 MIN_ITERATIONS = 200       # ... but at least this many updates
@@ -152,55 +149,7 @@ class LabelFreeResult:
         return float(np.mean(self.losses[-max(1, len(self.losses) // 10):]))
 
 
-# ------------------------------------------------------------------------------------------ data
-def _feeds(data, model_file, preprocess) -> list[Feed]:
-    """The data as a list of {input: array} batches (a path is opened as ``calibrate --data``, in
-    batches of the model's batch size: a deploy prototxt may fix it, e.g. in a Reshape)."""
-    if isinstance(data, (str, os.PathLike)):
-        shapes = model_inputs(model_file)
-        first = next(iter(shapes.values()), None)
-        size = first[0] if first else 1
-        if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
-            preprocess = Preprocess(**preprocess)
-        data = open_source(data, shapes, size, preprocess)
-    if isinstance(data, DataSource):
-        return list(data.batches())
-    feeds = [dict(f) for f in data] if isinstance(data, Iterable) else []
-    if not feeds:
-        raise AmctError("label_free_retrain needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
-                        "a non-empty sequence of {input blob: array} batches")
-    return feeds
-
-
-def _batch_of(feed: Feed) -> int:
-    return max(len(np.asarray(v)) for v in feed.values())
-
-
-def _fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
-    """(inputs, FP32 targets) each as {blob: (samples, ...) array}; the targets are the float
-    graph's outputs or the blobs that stand for them (module doc, step 2)."""
-    names, _ = stand_in_outputs(graph_layers(graph), graph.outputs, trainable=True)
-    if not names:
-        raise AmctError(f"the model's outputs {graph.outputs} do not depend on its inputs through layers that can "
-                        "be trained: label-free retraining has nothing to distil")
-    net = Net.from_graph(graph, TEST)
-    inputs: dict[str, list] = {}
-    outputs: dict[str, list] = {}
-    for feed in feeds:
-        n = _batch_of(feed)
-        net.forward(**feed)
-        for name, value in feed.items():
-            inputs.setdefault(name, []).append(np.asarray(value, np.float32))
-        for name in names:
-            value = np.asarray(net.blobs[name].data, np.float32)
-            if value.ndim == 0 or value.shape[0] != n:
-                raise AmctError(f"output '{name}' has shape {list(value.shape)} for a batch of {n}: label-free "
-                                "retraining needs every output blob to hold one row per sample (batch axis first)")
-            outputs.setdefault(name, []).append(value.copy())
-        bar.update(1)
-    return {k: np.concatenate(v) for k, v in inputs.items()}, {k: np.concatenate(v) for k, v in outputs.items()}
-
-
+# ------------------------------------------------------------------------------------ the graph
 def _needed_only(graph: Graph) -> None:
     """Removes the layers no loss reads from, directly or not (a detection layer after the targets);
     Input layers stay, as they are fed."""
@@ -212,7 +161,6 @@ def _needed_only(graph: Graph) -> None:
             graph.remove(node)
 
 
-# ------------------------------------------------------------------------------------ the graph
 def _clip_start(record, spec: RetrainSpec) -> tuple[float, float]:
     """PTQ's grid as a clip range (module doc, step 1); clip_min 0 with fixed_min."""
     entry = record.layer(spec.layer)
@@ -446,10 +394,10 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     with reading(model_file=model_file, weights_file=weights_file):
         for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs
             check_output(f"{save_path}{suffix}")
-        feeds = _feeds(data, model_file, preprocess)
-        model_batch = _batch_of(feeds[0])
+        feeds = read_feeds(data, model_file, preprocess)
+        model_batch = batch_of(feeds[0])
         batch = batch_size or model_batch
-        samples = sum(_batch_of(f) for f in feeds)
+        samples = sum(batch_of(f) for f in feeds)
         if batch > samples:
             raise AmctError(f"batch size {batch} is larger than the {samples} sample(s) of the data")
         iterations = iterations or max(MIN_ITERATIONS, math.ceil(DEFAULT_EPOCHS * samples / batch))
@@ -457,8 +405,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
                 tqdm(total=2 * len(feeds) + iterations, desc="label-free QAT", unit="step",
                      disable=not progress) as bar:
             graph = load_float_graph(model_file, weights_file)
+            _refuse_recurrent(graph, model_file)
             bar.set_description("FP32 targets")
-            inputs, targets = _fp32_samples(graph, feeds, bar)
+            inputs, targets = fp32_samples(graph, feeds, bar)
             fuse_bn_scale(graph)
             calib_model, calib_weights = model_file, weights_file
             if equalize and equalize_ranges(graph, feeds):  # calibrate the equalized model: step 1 starts there
@@ -492,6 +441,16 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     _LOG.info("label-free QAT: %d iteration(s) of %d sample(s); loss %.4g -> %.4g", iterations, batch,
               result.loss_start, result.loss_end)
     return result
+
+
+def _refuse_recurrent(graph: Graph, model_file) -> None:
+    """The retrain model trains the layers before and after an LSTM / RNN / GRU through its float
+    form, so its losses would leave out the recurrent layer's own quantization (its hidden state)."""
+    found = [node.name for node in graph.nodes if ops.layer_type(node.type).recurrent]
+    if found:
+        raise AmctError(f"{model_file}: layer '{found[0]}' ({graph.node(found[0]).type}) is recurrent: label-free "
+                        "QAT cannot train through a quantized LSTM / RNN / GRU yet; quantize this model with "
+                        "calibrate (post-training quantization)")
 
 
 def _counted(feeds: list[Feed], bar):

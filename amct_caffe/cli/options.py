@@ -279,15 +279,13 @@ def open_data(args, path, model_shapes: dict, batch_size: int = 0, select: bool 
     """(source, input shapes, batch size) for ``path`` with the data options of ``args`` (and their
     --select, unless ``select`` is False). ``batch_size`` 0: the first input's batch dimension (axis 1
     of a ``time_major`` input, one a recurrent layer reads as ``(T, N, ...)``)."""
-    from amct_caffe.data import detect_kind, open_source
+    from amct_caffe.data import detect_kind, model_batch_size, open_source
 
     if args.preprocess:
         check_file("--preprocess", args.preprocess)
     shapes = parse_shapes(args.input_shape, model_shapes)
     kind = detect_kind(path)
-    name, first = next(iter(shapes.items()))
-    batch_axis = 1 if name in time_major and first and len(first) > 1 else 0
-    batch_size = batch_size or (first[batch_axis] if first else 1)
+    batch_size = batch_size or model_batch_size(shapes, time_major)
     source = open_source(path, shapes, batch_size, preprocess(args, shapes, kind), time_major)
     if select:
         sel = parse_select(args.select)

@@ -25,8 +25,8 @@ from amct_caffe.data.record import Record, RecordData, record_files
 from amct_caffe.data.source import DataError, DataSource
 
 __all__ = ["ArrayData", "DataError", "DataSource", "ImageFolder", "LmdbData", "Preprocess", "Record",
-           "RecordData", "detect_kind", "model_inputs", "normalize", "open_source", "time_major_inputs",
-           "write_lmdb"]
+           "RecordData", "detect_kind", "model_batch_size", "model_inputs", "normalize", "open_for_model",
+           "open_source", "time_major_inputs", "write_lmdb"]
 
 
 def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
@@ -117,6 +117,27 @@ def open_source(path, inputs: Mapping[str, Sequence[int] | None], batch_size: in
         return _open(kind, path, inputs, batch_size, preprocess).with_time_major(
             [n for n in time_major if n in inputs])
     return _open(kind, path, inputs, batch_size, preprocess)
+
+
+def model_batch_size(shapes: Mapping[str, Sequence[int] | None], time_major: Sequence[str] = ()) -> int:
+    """The batch size a model declares: its first input's batch dimension (axis 1 of an input a
+    recurrent layer reads time-major, ``(T, N, ...)``); 1 when undeclared."""
+    name, first = next(iter(shapes.items()), ("", None))
+    if not first:
+        return 1
+    return int(first[1] if name in time_major and len(first) > 1 else first[0])
+
+
+def open_for_model(path, model_file, batch_size: int = 0,
+                   preprocess: Preprocess | Mapping[str, object] | None = None) -> DataSource:
+    """:func:`open_source` for the inputs of ``model_file``, in batches of ``batch_size`` (0: the
+    model's, :func:`model_batch_size`), its time-major inputs served as the model reads them.
+    ``preprocess``: a :class:`Preprocess`, one per input, or the fields of one."""
+    shapes = model_inputs(model_file)
+    time_major = time_major_inputs(model_file)
+    if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
+        preprocess = Preprocess(**preprocess)
+    return open_source(path, shapes, batch_size or model_batch_size(shapes, time_major), preprocess, time_major)
 
 
 def _open(kind: str, path, inputs, batch_size: int, preprocess) -> DataSource:

@@ -14,6 +14,7 @@ import pytest
 
 import amct_caffe as amct
 from amct_caffe.api.accuracy import compare_model
+from amct_caffe.api.workflow import calibrate
 from amct_caffe.errors import AmctError
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.io.record import RecordError, read_record, write_record
@@ -180,3 +181,25 @@ def test_fallback_and_compare_treat_the_recurrent_layer_as_one_layer(tmp_path):
     rows = {row["blob"]: row for row in report["summary"]["most_sensitive_layers"]}
     assert rows["h"]["layer"] == "rec"
     assert (rows["h"]["cosine"] < 1) == (worst != "rec")
+
+
+def test_compare_model_reads_time_major_inputs_from_a_file(tmp_path):
+    """A .npz holds samples first; compare_model serves x and cont time-major, as calibrate's CLI does."""
+    proto, weights = _model(tmp_path, "LSTM", False)
+    rng = np.random.default_rng(4)
+    batches = [_batch(rng, False) for _ in range(2)]
+    paths = calibrate(str(proto), str(weights), batches, str(tmp_path / "q" / "q"), 2, progress=False)
+    np.savez(tmp_path / "data.npz", x=np.concatenate([b["x"].transpose(1, 0, 2) for b in batches]),
+             cont=np.concatenate([b["cont"].T for b in batches]))
+    args = (str(proto), str(weights), paths["fake_quant_model"], paths["fake_quant_weights"])
+    from_file = compare_model(*args, str(tmp_path / "data.npz"), str(tmp_path / "r1"), batch_num=2, progress=False)
+    from_feeds = compare_model(*args, batches, str(tmp_path / "r2"), batch_num=2, progress=False)
+    assert from_file["summary"] == from_feeds["summary"]
+
+
+def test_label_free_qat_refuses_a_recurrent_layer(tmp_path):
+    proto, weights = _model(tmp_path, "GRU", False)
+    batches = [_batch(np.random.default_rng(5), False)]
+    with pytest.raises(AmctError, match="layer 'rec' \\(GRU\\) is recurrent: label-free QAT cannot train through"):
+        amct.label_free_retrain(str(proto), str(weights), batches, str(tmp_path / "out" / "q"), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,61 @@
+"""Label-free QAT's data: the user's batches, and the FP32 targets cached per sample (steps 2-3 of
+:mod:`amct_caffe.api.label_free`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+
+from amct_caffe.api.compared_outputs import graph_layers, stand_in_outputs
+from amct_caffe.data import DataSource, open_for_model
+from amct_caffe.errors import AmctError
+from amct_caffe.ir import Graph
+from amct_caffe.runtime import TEST, Net
+
+Feed = dict[str, np.ndarray]
+
+
+def read_feeds(data, model_file, preprocess) -> list[Feed]:
+    """The data as a list of {input: array} batches (a path is opened as ``calibrate --data``, in
+    batches of the model's batch size: a deploy prototxt may fix it, e.g. in a Reshape)."""
+    if isinstance(data, (str, os.PathLike)):
+        data = open_for_model(data, model_file, 0, preprocess)
+    if isinstance(data, DataSource):
+        return list(data.batches())
+    feeds = [dict(f) for f in data] if isinstance(data, Iterable) else []
+    if not feeds:
+        raise AmctError("label_free_retrain needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
+                        "a non-empty sequence of {input blob: array} batches")
+    return feeds
+
+
+def batch_of(feed: Feed) -> int:
+    """How many samples a batch holds (an input of one row per batch, e.g. image sizes, counts less)."""
+    return max(len(np.asarray(v)) for v in feed.values())
+
+
+def fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
+    """(inputs, FP32 targets) each as {blob: (samples, ...) array}; the targets are the float
+    graph's outputs or the blobs that stand for them (label_free module doc, step 2)."""
+    names, _ = stand_in_outputs(graph_layers(graph), graph.outputs, trainable=True)
+    if not names:
+        raise AmctError(f"the model's outputs {graph.outputs} do not depend on its inputs through layers that can "
+                        "be trained: label-free retraining has nothing to distil")
+    net = Net.from_graph(graph, TEST)
+    inputs: dict[str, list] = {}
+    outputs: dict[str, list] = {}
+    for feed in feeds:
+        n = batch_of(feed)
+        net.forward(**feed)
+        for name, value in feed.items():
+            inputs.setdefault(name, []).append(np.asarray(value, np.float32))
+        for name in names:
+            value = np.asarray(net.blobs[name].data, np.float32)
+            if value.ndim == 0 or value.shape[0] != n:
+                raise AmctError(f"output '{name}' has shape {list(value.shape)} for a batch of {n}: label-free "
+                                "retraining needs every output blob to hold one row per sample (batch axis first)")
+            outputs.setdefault(name, []).append(value.copy())
+        bar.update(1)
+    return {k: np.concatenate(v) for k, v in inputs.items()}, {k: np.concatenate(v) for k, v in outputs.items()}
