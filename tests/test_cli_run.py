@@ -92,3 +92,36 @@ def test_run_save_and_input_errors(capsys, tmp_path):
     fails(capsys, data + ["--select", "600:"], "--select 600: leaves none of the 500 sample")
     fails(capsys, data + ["--crop", "20"], "apply to images")
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_run_prints_and_saves_a_detection_list(capsys, tmp_path):
+    """A DetectionOutput top is a list of boxes per batch: run prints each sample's count and best box, and
+    --save keeps one (1, 1, K, 7) list whose column 0 numbers the samples over the whole run."""
+    from amct_caffe.api.outputs import write_graph
+    from amct_caffe.runtime import TEST, Net
+    from tests.api.test_compared_outputs import SSD
+    from tests.passes.helpers import model
+
+    graph, _ = model(SSD, seed=3)
+    proto, weights = tmp_path / "ssd.prototxt", tmp_path / "ssd.caffemodel"
+    write_graph(graph, str(proto), str(weights))
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", data=x)
+    net = Net(str(proto), str(weights), TEST)
+    want = []
+    for i in range(5):
+        rows = np.array(net.forward(data=x[i:i + 1])["detection_out"]).reshape(-1, 7)
+        rows = rows[rows[:, 0] >= 0]
+        rows[:, 0] = i
+        want.append(rows)
+    code = cli.main(["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"),
+                     "--batch-size", "2", "--save", str(tmp_path / "out.npz"), "--show", "2", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    for i in range(2):
+        best = want[i][np.argmax(want[i][:, 2])]
+        assert f"sample {i}: {len(want[i])} detection(s) in 'detection_out', best: label {int(best[1])} " \
+               f"score {best[2]:.4f}" in out
+    saved = np.load(tmp_path / "out.npz")["detection_out"]
+    assert saved.shape == (1, 1, sum(len(w) for w in want), 7)
+    np.testing.assert_allclose(saved.reshape(-1, 7), np.concatenate(want), rtol=1e-5, atol=1e-6)

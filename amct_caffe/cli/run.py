@@ -46,11 +46,33 @@ def _labels(source, where: str) -> np.ndarray | None:
     return None
 
 
+def detection_rows(table: np.ndarray, first: int) -> np.ndarray:
+    """A DetectionOutput top ``(1, 1, K, 7)`` of a batch whose first sample is number ``first`` as
+    rows ``[sample, label, score, xmin, ymin, xmax, ymax]``; Caffe's ``-1`` row (nothing detected)
+    is dropped."""
+    rows = np.asarray(table, np.float32).reshape(-1, 7)
+    rows = rows[rows[:, 0] >= 0].copy()
+    rows[:, 0] += first
+    return rows
+
+
 def _save(path, outputs: dict[str, list[np.ndarray]]) -> None:
+    """One array per blob, the batches' parts concatenated (a detection list's rows, as ``(1, 1, K, 7)``)."""
     from amct_caffe.io.files import atomic_output
 
     with atomic_output(path) as f:
-        np.savez(f, **{name: np.concatenate(parts) for name, parts in outputs.items()})
+        np.savez(f, **{name: np.concatenate(parts, axis=2 if isinstance(parts, _Rows) else 0)
+                       for name, parts in outputs.items()})
+
+
+class _Rows(list):
+    """The parts of a detection list: ``(1, 1, k, 7)`` each, sample numbers counted over the whole run."""
+
+
+def _detection_blobs(net) -> set[str]:
+    """The blobs a DetectionOutput layer writes: a list of boxes per batch, not a row per sample."""
+    return {t for name, layer in zip(net._layer_names, net.layers, strict=True)  # noqa: SLF001 - pycaffe's name
+            if layer.type == "DetectionOutput" for t in net.top_names[name]}
 
 
 def cmd_run(args) -> int:
@@ -88,17 +110,33 @@ def cmd_run(args) -> int:
         raise AmctError(f"--select {args.select} leaves none of the {total} sample(s) of {args.input}")
     if labels is not None:
         labels = labels[sel][:n]
-    scores, outputs = [], {name: [] for name in saved}
-    batches = -(-n // source.batch_size)
+    tables = _detection_blobs(net)
+    scores, outputs = [], {name: _Rows() if name in tables else [] for name in saved}
+    batches, done = -(-n // source.batch_size), 0
     for feed in tqdm(every_batch(source), total=batches, desc="forward", unit="batch", disable=not args.progress):
         got = net.forward(blobs=sorted({out_name, *saved}), **feed)
         count = len(next(iter(feed.values())))
-        scores.append(np.array(got[out_name]).reshape(count, -1))
-        if len(scores) == 1 and args.top_k > scores[0].shape[1]:
-            raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
-                            "sample; give a smaller --top-k")
+        if out_name in tables:
+            scores.append(detection_rows(got[out_name], done))
+        else:
+            scores.append(np.array(got[out_name]).reshape(count, -1))
+            if len(scores) == 1 and args.top_k > scores[0].shape[1]:
+                raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
+                                "sample; give a smaller --top-k")
         for name in saved:
-            outputs[name].append(np.array(got[name]))
+            outputs[name].append(detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name]))
+        done += count
+    if out_name in tables:  # a detection list: how many boxes each sample got, and the best
+        rows = np.concatenate(scores)
+        for i in range(min(n, args.show)):
+            mine = rows[rows[:, 0] == i]
+            top = mine[np.argmax(mine[:, 2])] if len(mine) else None
+            best = f", best: label {int(top[1])} score {top[2]:.4f}" if top is not None else ""
+            print(f"sample {i}: {len(mine)} detection(s) in '{out_name}'{best}")
+        if args.save:
+            _save(args.save, outputs)
+            print(f"saved {', '.join(saved)} for {n} samples: {args.save}")
+        return 0
     scores = np.concatenate(scores)
     top = np.argsort(-scores, axis=1)[:, : args.top_k]
     for i in range(min(n, args.show)):
@@ -134,6 +172,7 @@ def add_parser(sub, common) -> None:
                      help="print the top classes of this many samples (default 5)")
     run.add_argument("--save", metavar="OUT.npz",
                      help="save the outputs of every sample to this .npz, one array per blob named after it "
-                          "(every net output, or the --output blob), samples along the first axis")
+                          "(every net output, or the --output blob), samples along the first axis; a "
+                          "DetectionOutput's boxes as one (1, 1, K, 7) list, column 0 the sample number")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     run.set_defaults(func=cmd_run)
