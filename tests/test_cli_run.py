@@ -125,3 +125,21 @@ def test_run_prints_and_saves_a_detection_list(capsys, tmp_path):
     saved = np.load(tmp_path / "out.npz")["detection_out"]
     assert saved.shape == (1, 1, sum(len(w) for w in want), 7)
     np.testing.assert_allclose(saved.reshape(-1, 7), np.concatenate(want), rtol=1e-5, atol=1e-6)
+
+
+def test_run_default_top_k_shows_every_class_of_a_two_class_output(capsys, tmp_path):
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }\n'
+            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }\n'
+            'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
+    from amct_caffe.api.outputs import write_graph
+    from tests.passes.helpers import model
+
+    graph, _ = model(text)
+    proto, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
+    write_graph(graph, str(proto), str(weights))
+    np.savez(tmp_path / "x.npz", data=np.ones((2, 4), np.float32))
+    base = ["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"), "--no-progress"]
+    assert cli.main(base) == 0
+    assert re.search(r"sample 0: top-2 \[\d:\d\.\d{4}, \d:\d\.\d{4}\]", capsys.readouterr().out)
+    assert cli.main([*base, "--top-k", "3"]) == 2
+    assert "--top-k 3: blob 'prob' has 2 value(s) per sample; give a smaller --top-k" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from amct_caffe.cli.options import (DATA_HELP, add_data_options, check_file, che
                                     non_negative, open_data, parse_select, positive)
 from amct_caffe.errors import AmctError
 
+DEFAULT_TOP_K = 3
+
 
 def check_labels(labels, count: int, where: str) -> np.ndarray:
     labels = np.asarray(labels)
@@ -120,6 +122,8 @@ def cmd_run(args) -> int:
             scores.append(detection_rows(got[out_name], done))
         else:
             scores.append(np.array(got[out_name]).reshape(count, -1))
+            if len(scores) == 1 and args.top_k is None:  # the default: 3, or every class of a smaller output
+                args.top_k = min(DEFAULT_TOP_K, scores[0].shape[1])
             if len(scores) == 1 and args.top_k > scores[0].shape[1]:
                 raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
                                 "sample; give a smaller --top-k")
@@ -167,7 +171,8 @@ def add_parser(sub, common) -> None:
     run.add_argument("--limit", type=positive, help="use only the first N samples (after --select)")
     add_data_options(run, "the run")
     run.add_argument("--output", help="blob to rank (default: the net's first output)")
-    run.add_argument("--top-k", type=positive, default=3, help="classes printed per sample (default 3)")
+    run.add_argument("--top-k", type=positive, default=None,
+                     help=f"classes printed per sample (default {DEFAULT_TOP_K}, or all of a smaller output)")
     run.add_argument("--show", type=non_negative, default=5,
                      help="print the top classes of this many samples (default 5)")
     run.add_argument("--save", metavar="OUT.npz",
