@@ -138,7 +138,8 @@ def test_run_default_top_k_shows_every_class_of_a_two_class_output(capsys, tmp_p
     proto, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
     write_graph(graph, str(proto), str(weights))
     np.savez(tmp_path / "x.npz", data=np.ones((2, 4), np.float32))
-    base = ["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"), "--no-progress"]
+    base = ["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"),
+            "--no-progress"]
     assert cli.main(base) == 0
     assert re.search(r"sample 0: top-2 \[\d:\d\.\d{4}, \d:\d\.\d{4}\]", capsys.readouterr().out)
     assert cli.main([*base, "--top-k", "3"]) == 2
