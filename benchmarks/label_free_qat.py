@@ -204,6 +204,18 @@ CASES = {
                       input="data", shape=(1, 3, 224, 224),
                       pre=dict(size=(256, 256), crop=(224, 224), channel_order="BGR", mean=(104.0, 117.0, 123.0)),
                       eval_batch=8),
+    # the other shared models, whole photos resized to their inputs (a check that QAT does not lose to
+    # PTQ there; MiniNet-SSD compared through its box offsets and class scores, compared_outputs)
+    "rfb": dict(model="ultraface_rfb320/RFB-320.prototxt", weights="ultraface_rfb320/RFB-320.caffemodel",
+                input="input", shape=(1, 3, 240, 320),
+                pre=dict(size=(240, 320), channel_order="RGB", mean=(127.0,), std=(128.0,)), eval_batch=1),
+    "mininet_ssd": dict(model="hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt",
+                        weights="hyperlpr_mininet_ssd/mininet_ssd_v1.caffemodel", input="data", shape=(1, 3, 512, 512),
+                        pre=dict(size=(512, 512), mean=(127.5,), std=(127.5,)), eval_batch=1),
+    "det2": dict(model="mtcnn/det2.prototxt", weights="mtcnn/det2.caffemodel", input="data", shape=(1, 3, 24, 24),
+                 pre=dict(size=(24, 24), mean=(127.5,), std=(128.0,)), eval_batch=1),
+    "det3": dict(model="mtcnn/det3.prototxt", weights="mtcnn/det3.caffemodel", input="data", shape=(1, 3, 48, 48),
+                 pre=dict(size=(48, 48), mean=(127.5,), std=(128.0,)), eval_batch=1),
 }
 
 
@@ -214,6 +226,7 @@ def _feeds(src, ids: list[int], name: str, batch: int) -> list[dict]:
 def run_case(case: str, args, out: Path) -> dict:
     from amct_caffe import label_free_retrain
     from amct_caffe.api.compare import cosine_rows, sample_rows
+    from amct_caffe.api.compared_outputs import net_layers, stand_in_outputs
     from amct_caffe.api.workflow import calibrate
     from amct_caffe.data import ImageFolder, Preprocess
     from amct_caffe.runtime import TEST, Net
@@ -242,12 +255,17 @@ def run_case(case: str, args, out: Path) -> dict:
     nets = {"fp32": Net(str(model), str(weights), TEST),
             "ptq": Net(ptq["fake_quant_model"], ptq["fake_quant_weights"], TEST),
             "qat": Net(qat.outputs["fake_quant_model"], qat.outputs["fake_quant_weights"], TEST)}
-    outputs = list(nets["fp32"].outputs)
+    outputs = stand_in_outputs(net_layers(nets["fp32"]), nets["fp32"].outputs)[0]
     cos = {k: {o: [] for o in outputs} for k in ("ptq", "qat")}
     dp = {"ptq": [], "qat": []}
+
+    def blobs(net, feed):
+        net.forward(**feed)
+        return {o: np.array(net.blobs[o].data) for o in outputs}
+
     for feed in evals:
         b = len(next(iter(feed.values())))
-        got = {k: {o: np.array(net.forward(**feed)[o]) for o in outputs} for k, net in nets.items()}
+        got = {k: blobs(net, feed) for k, net in nets.items()}
         for k in ("ptq", "qat"):
             for o in outputs:
                 cos[k][o].append(cosine_rows(sample_rows(got["fp32"][o], b), sample_rows(got[k][o], b)))
@@ -266,7 +284,7 @@ def run_case(case: str, args, out: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="ultraface,open_nsfw")
+    ap.add_argument("--cases", default="ultraface,open_nsfw", help=f"any of {', '.join(CASES)}")
     ap.add_argument("--limit", type=int, default=200, help="unseen photos evaluated (evenly spaced; 0: all 900)")
     ap.add_argument("--iterations", type=int, default=None, help="QAT iterations (default: label_free_retrain's)")
     ap.add_argument("--batch-size", type=int, default=0, help="QAT batch (default: the model's, 1)")
