@@ -174,6 +174,16 @@ when training helps) 0.998604 / 0.998765 / 0.998692 (mean 0.998687; the average'
 last iterate's at seed 1 only, so choosing by data loss would have given 0.998747 / 0.998765 / 0.998786,
 within the seeds' noise); the defaults (300 of 1, clips only, the last iterate) stay.
 
+The other shared models (``--cases det2,det3,rfb,mininet_ssd --limit 60``, defaults, seed 0; worst-output
+mean cosine, PTQ / label-free QAT, and the model saved)::
+
+    det2 (24x24)      0.996800 / 0.996618   rounded  (conv5-2 loses, prob1 0.999180 -> 0.999549; on 300 unseen
+                                                      photos both gain: conv5-2 0.996825 -> 0.996942, prob1
+                                                      0.999470 -> 0.999618)
+    det3 (48x48)      0.997119 / 0.997555   rounded
+    RFB-320           0.992565 / 0.998573   trained  (87 s)
+    MiniNet-SSD       0.998862 / 0.999669   rounded  (box offsets; class scores 1.000000 in both; 178 s)
+
 QAT wall time 63 to 70 s in every case. Training the clips on the energy-weighted loss fits the
 bright photos and loses on the average photo; per photo it gains 6.7e-5 on average over the rounded
 start, but the batch order alone moves it by 1.5e-4. Weighting the rounding does nothing.
