@@ -113,6 +113,10 @@ CLIP_LR, WEIGHT_LR = 5e-3, 5e-2
 # the rounding (UltraFace, 20 unseen photos: boxes cosine 0.99862 rounded, 0.99870 with the clips
 # trained, 0.99862 with the weights too, batches of 8 at weight_lr 0.01).
 ROUNDED_WEIGHT_LR = 0.0
+# The per-sample loss divides by each sample's target energy, at least this fraction of the mean: a
+# sample whose target is (almost) zero, a blank image's heat map, would otherwise weigh without bound
+# (its cosine is undefined), and one quantized value a little off zero would swamp the loss.
+SAMPLE_ENERGY_FLOOR = 1e-2
 OUTPUT_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
                    "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
 
@@ -252,7 +256,8 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, mod
     ``per_sample``: each sample's error counts relative to its own target's energy (module doc,
     step 3): the output and its target are both scaled by ``a_n = sqrt(mean_m ||t_m||^2 /
     ||t_n||^2)`` (a Scale layer on the output, the target fed scaled, the factors fed as one
-    more Input), so ``loss = sum_o mean_n ||q - t||^2 / ||t_n||^2``.
+    more Input), so ``loss = sum_o mean_n ||q - t||^2 / ||t_n||^2`` (``||t_n||^2`` at least
+    ``SAMPLE_ENERGY_FLOOR`` of its mean).
     """
     out = any_batch(retrain, model_batch) if batch != model_batch else retrain.copy()
     feeds = dict(inputs)
@@ -278,7 +283,7 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, mod
             lp = caffe_pb().LayerParameter(name=out.unique_node_name(factor), type="Input", top=[factor])
             lp.input_param.shape.add().dim.extend([batch])
             out.insert(0, Node(lp.name, "Input", [], [factor], [], lp, origin=[]))
-            a = np.sqrt(energy / np.maximum(energies, 1e-30)).astype(np.float32)
+            a = np.sqrt(energy / np.maximum(energies, SAMPLE_ENERGY_FLOOR * energy + 1e-30)).astype(np.float32)
             feeds[factor] = a
             feeds[top] = (t * a.reshape(-1, *([1] * (t.ndim - 1)))).astype(np.float32)
             compared = out.unique_blob_name(f"{name}_per_sample")

@@ -107,3 +107,24 @@ def test_per_sample_loss_divides_each_samples_error_by_its_own_energy(setting):
         err = np.sum((np.asarray(net.blobs["prob"].data, np.float64).reshape(64, -1) - t[idx]) ** 2, axis=1)
         want = np.mean(err / energy[idx]) if per_sample else np.mean(err) / np.mean(energy)
         assert float(net.loss) == pytest.approx(want, rel=1e-4)
+
+
+def test_per_sample_loss_bounds_the_weight_of_a_sample_with_a_zero_target(setting):
+    """A sample whose FP32 output is zero (a blank image's heat map) counts as if its energy were
+    SAMPLE_ENERGY_FLOOR of the mean: the loss stays finite and the other samples still count."""
+    graph, retrain, inputs, _ = setting
+    x = inputs["data"]
+    targets = {"prob": np.array(Net(MODEL, WEIGHTS, TEST).forward(data=x)["prob"], np.float32)}
+    targets["prob"][70] = 0.0
+    t = targets["prob"].reshape(len(x), -1).astype(np.float64)
+    energy = np.sum(t * t, axis=1)
+    idx = np.arange(64, 128)
+    train, feeds = lf._training_graph(retrain, inputs, targets, 64, 64, True)
+    net = Net.from_graph(train, TRAIN)
+    lf._feed(net, feeds, idx)
+    net.forward()
+    err = np.sum((np.asarray(net.blobs["prob"].data, np.float64).reshape(64, -1) - t[idx]) ** 2, axis=1)
+    floor = lf.SAMPLE_ENERGY_FLOOR * np.mean(energy)
+    want = np.mean(err / np.maximum(energy[idx], floor))
+    assert np.isfinite(float(net.loss)) and float(net.loss) == pytest.approx(want, rel=1e-3)
+    assert err[70 - 64] > 0  # the quantized output is not zero there: without the floor the loss is ~1e30
