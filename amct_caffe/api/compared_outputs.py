@@ -101,7 +101,10 @@ def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
         visit(writes.writer(out, len(layers)), mine, True)
         if mine != [out]:
             replaced[out] = mine
-            _LOG.info("output '%s' is compared through %s (its shape depends on the data%s)", out, mine,
-                      " or it has no gradient" if trainable else "")
+            if mine:
+                _LOG.info("output '%s' is compared through %s (its shape depends on the data%s)", out, mine,
+                          " or it has no gradient" if trainable else "")
+            else:
+                _LOG.info("output '%s' does not depend on the inputs' values: it is not compared", out)
         chosen.extend(b for b in mine if b not in chosen)
     return chosen, replaced

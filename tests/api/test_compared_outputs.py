@@ -140,3 +140,17 @@ def test_label_free_retrain_needs_an_output_that_depends_on_the_data(tmp_path):
     batches = [{"data": np.zeros((1, 3, 16, 16), np.float32)}]
     with pytest.raises(AmctError, match="nothing to distil"):
         amct.label_free_retrain(*files, batches, str(tmp_path / "out" / "p"), iterations=1, progress=False)
+
+
+def test_compare_report_says_an_output_of_priors_is_not_compared(ssd, tmp_path):
+    from amct_caffe.cli.compare import headline
+
+    (_, _), batches = ssd
+    graph, _ = model(SSD.split('layer { name: "detection_out"')[0], seed=3)
+    files = str(tmp_path / "p.prototxt"), str(tmp_path / "p.caffemodel")
+    write_graph(graph, *files)
+    ptq = calibrate(*files, batches, str(tmp_path / "ptq" / "p"), len(batches), progress=False)
+    _, summary, _ = compare_batches(*files, ptq["fake_quant_model"], ptq["fake_quant_weights"], batches)
+    assert summary["compared_instead"] == {"priors": []}
+    assert sorted(summary["outputs"]) == ["conf", "loc"]
+    assert "output priors does not depend on the input's values (priors): not compared" in headline(summary)
