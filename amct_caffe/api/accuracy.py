@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from amct_caffe import log
 from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.report import write_report
-from amct_caffe.data import DataSource, open_for_model
+from amct_caffe.data import DataSource, checked_feeds, open_for_model
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reading
 
@@ -27,9 +27,11 @@ _LOG = logging.getLogger(__name__)
 def _feeds(data, model_file, batch_size: int, batch_num: int, preprocess) -> list[Mapping[str, np.ndarray]]:
     if isinstance(data, (str, os.PathLike)):
         data = open_for_model(data, model_file, batch_size, preprocess)
+    if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 0:
+        raise AmctError(f"batch_num must be an integer >= 0 (0: every batch given), got {batch_num!r}")
     if isinstance(data, DataSource):
         return list(data.batches(batch_num))
-    feeds = list(data) if isinstance(data, Iterable) else None
+    feeds = list(checked_feeds(data, "compare_model data")) if data is not None else None
     if not feeds:
         raise AmctError("compare_model needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
                         "a non-empty sequence of {input blob: array} batches")
@@ -44,10 +46,11 @@ def compare_model(model_file, weights_file, quant_model_file, quant_weights_file
     ``data``: a data path as ``amct-caffe calibrate --data`` takes (then ``batch_size`` (0: the
     model's), ``batch_num`` and ``preprocess`` (a :class:`~amct_caffe.data.Preprocess` or its
     fields as a dict) apply), or a sequence of {input blob: array} batches (the first ``batch_num``
-    are used; 0: all). ``dump``: also every blob of both models for the first sample of the first
-    batch, ``fp32_blobs.npz`` and ``quant_blobs.npz`` (the guide's dump_layer_outputs; keys are the
-    blob names, intermediate values of in-place chains included). Returns ``{"json", "html",
-    <plot>.png: path}`` (``fp32_blobs`` / ``quant_blobs`` with ``dump``) plus ``"summary"``.
+    are used; 0: all; one mapping is one batch). ``dump``: also every blob of both models for the
+    first sample of the first batch, ``fp32_blobs.npz`` and ``quant_blobs.npz`` (the guide's
+    dump_layer_outputs; keys are the blob names, intermediate values of in-place chains included).
+    Returns ``{"json", "html", <plot>.png: path}`` (``fp32_blobs`` / ``quant_blobs`` with ``dump``)
+    plus ``"summary"``.
     """
     log.setup()
     with reading(model_file=model_file, weights_file=weights_file, quant_model_file=quant_model_file,

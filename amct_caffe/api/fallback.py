@@ -48,6 +48,7 @@ from amct_caffe.api.compare import cosine_rows, sample_rows
 from amct_caffe.api.compared_outputs import net_layers, stand_in_outputs
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
+from amct_caffe.data import checked_feeds
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reads
@@ -154,7 +155,7 @@ class OutputComparator:
 def _materialize(batches, what: str) -> list[Feed]:
     if callable(batches):
         batches = batches()
-    out = list(batches)
+    out = list(checked_feeds(batches, what))
     if not out:
         raise AmctError(f"{what}: no batch given")
     return out
@@ -260,8 +261,9 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                 or not np.isfinite(target):
             raise AmctError(f"evaluator needs target, the metric value to reach (a finite number), got {target!r}")
         target_cosine = float(target)
-    elif not 0.0 < target_cosine <= 1.0:
-        raise AmctError(f"target_cosine must be in (0, 1], got {target_cosine}")
+    elif isinstance(target_cosine, bool) or not isinstance(target_cosine, (int, float)) \
+            or not 0.0 < target_cosine <= 1.0:
+        raise AmctError(f"target_cosine must be a number in (0, 1], got {target_cosine!r}")
     if isinstance(max_float_layers, bool) or not isinstance(max_float_layers, int) or max_float_layers < 0:
         raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
     save_path = str(save_path)

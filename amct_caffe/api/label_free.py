@@ -372,9 +372,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     ``model_file`` / ``weights_file``: the float deploy model (Input layers). ``data``: what
     ``amct-caffe calibrate --data`` takes (a path, read with ``batch_size`` (0: the model's) and
     ``preprocess``, a :class:`~amct_caffe.data.Preprocess` or its fields) or a sequence of
-    {input blob: array} batches. ``iterations``: Adam updates (default: ``DEFAULT_EPOCHS``
-    passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size`` samples (0: the
-    first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4;
+    {input blob: array} batches (one mapping is one batch). ``iterations``: Adam updates (default:
+    ``DEFAULT_EPOCHS`` passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size``
+    samples (0: the first batch's size). ``clip_lr`` / ``weight_lr``: the relative step sizes (module doc, step 4;
     ``weight_lr`` None: ``ROUNDED_WEIGHT_LR`` (0, the weights and biases stay on their learned
     codes) after the learned rounding, else ``WEIGHT_LR``).
     ``equalize``: equalize the channel ranges before depthwise convolutions first (module doc, step 0).
@@ -389,12 +389,15 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     The math is in the module doc.
     """
     log.setup()
-    if iterations is not None and iterations < 1:
-        raise AmctError(f"iterations must be a positive integer, got {iterations}")
+    for name, value, least in (("iterations", iterations, 1), ("batch_size", batch_size, 0), ("seed", seed, 0)):
+        if value is None and name == "iterations":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise AmctError(f"{name} must be an integer >= {least}, got {value!r}")
     if weight_lr is None:
         weight_lr = ROUNDED_WEIGHT_LR if rounding else WEIGHT_LR
     for name, value in (("clip_lr", clip_lr), ("weight_lr", weight_lr)):
-        if not (math.isfinite(value) and value >= 0):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
             raise AmctError(f"{name} must be a finite number >= 0, got {value}")
     with reading(model_file=model_file, weights_file=weights_file):
         for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-
 import numpy as np
 
 from amct_caffe.api.compared_outputs import graph_layers, stand_in_outputs
-from amct_caffe.data import DataSource, open_for_model
+from amct_caffe.data import DataSource, checked_feeds, open_for_model
 from amct_caffe.errors import AmctError
 from amct_caffe.ir import Graph
 from amct_caffe.runtime import TEST, Net
@@ -24,7 +22,7 @@ def read_feeds(data, model_file, preprocess) -> list[Feed]:
         data = open_for_model(data, model_file, 0, preprocess)
     if isinstance(data, DataSource):
         return list(data.batches())
-    feeds = [dict(f) for f in data] if isinstance(data, Iterable) else []
+    feeds = list(checked_feeds(data, "label_free_retrain data")) if data is not None else []
     if not feeds:
         raise AmctError("label_free_retrain needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
                         "a non-empty sequence of {input blob: array} batches")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
 from amct_caffe.api.session import QuantGraph
+from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reading
 from amct_caffe.runtime import TEST, Net
@@ -32,8 +33,9 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
     """create_quant_config (unless ``config_file`` exists) -> weights and activation quantization ->
     ``batch_num`` forwards of the calibration model on ``batches`` -> save_model('Both').
 
-    ``batches`` yields {input blob: array}. A given ``config_file`` that does not exist yet is
-    written by create_quant_config; without one the config lives in a temporary directory.
+    ``batches`` yields {input blob: array} (one such mapping is one batch; each is checked as it is
+    drawn). A given ``config_file`` that does not exist yet is written by create_quant_config;
+    without one the config lives in a temporary directory.
     Returns the written files by kind.
     """
     given_config = config_file if config_file is not None and os.path.exists(config_file) else None
@@ -70,7 +72,7 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     net = Net.from_graph(calibration, TEST, records={session.record_file: session.record})
     done = 0
     with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
-        for feed in batches:
+        for feed in checked_feeds(batches, "calibration data"):
             net.forward(**feed)
             done += 1
             bar.update(1)  # counted after the forward, so the bar ends at 100% with the last batch

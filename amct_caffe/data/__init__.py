@@ -14,8 +14,10 @@ sample) and ``batches(batch_num)``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from amct_caffe.data.arrays import ArrayData
 from amct_caffe.data.images import IMAGE_SUFFIXES, ImageFolder, list_images
@@ -25,8 +27,8 @@ from amct_caffe.data.record import Record, RecordData, record_files
 from amct_caffe.data.source import DataError, DataSource
 
 __all__ = ["ArrayData", "DataError", "DataSource", "ImageFolder", "LmdbData", "Preprocess", "Record",
-           "RecordData", "detect_kind", "model_batch_size", "model_inputs", "normalize", "open_for_model",
-           "open_source", "time_major_inputs", "write_lmdb"]
+           "RecordData", "checked_feeds", "detect_kind", "model_batch_size", "model_inputs", "normalize",
+           "open_for_model", "open_source", "time_major_inputs", "write_lmdb"]
 
 
 def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
@@ -119,6 +121,30 @@ def open_source(path, inputs: Mapping[str, Sequence[int] | None], batch_size: in
     return _open(kind, path, inputs, batch_size, preprocess)
 
 
+def checked_feeds(batches, who: str) -> Iterator[dict[str, np.ndarray]]:
+    """The batches a Python caller gives (``{input blob: array}``, or an iterable of them), each
+    checked as it is drawn, so that a stream stays a stream: every batch must be a non-empty mapping
+    whose arrays hold at least one sample. Anything else raises :class:`DataError` naming ``who``."""
+    if isinstance(batches, Mapping):  # one batch
+        batches = [batches]
+    if batches is None or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise DataError(f"{who}: expected {{input blob: array}} batches (a list of them, or a generator), got "
+                        f"{type(batches).__name__}")
+    for i, feed in enumerate(batches):
+        if not isinstance(feed, Mapping) or not feed:
+            raise DataError(f"{who}: batch {i} is {type(feed).__name__ if feed is not None else 'None'}"
+                            f"{' (empty)' if isinstance(feed, Mapping) else ''}, not a {{input blob: array}} mapping")
+        out = {}
+        for name, value in feed.items():
+            array = np.asarray(value)
+            if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+                raise DataError(f"{who}: batch {i}: input '{name}' holds {array.dtype} values, not numbers")
+            if array.ndim == 0 or len(array) == 0:
+                raise DataError(f"{who}: batch {i}: input '{name}' holds no sample (shape {list(array.shape)})")
+            out[str(name)] = array
+        yield out
+
+
 def model_batch_size(shapes: Mapping[str, Sequence[int] | None], time_major: Sequence[str] = ()) -> int:
     """The batch size a model declares: its first input's batch dimension (axis 1 of an input a
     recurrent layer reads time-major, ``(T, N, ...)``); 1 when undeclared."""
@@ -136,7 +162,9 @@ def open_for_model(path, model_file, batch_size: int = 0,
     shapes = model_inputs(model_file)
     time_major = time_major_inputs(model_file)
     if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
-        preprocess = Preprocess(**preprocess)
+        preprocess = Preprocess.from_dict(preprocess)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise DataError(f"batch_size must be an integer >= 0 (0: the model's), got {batch_size!r}")
     return open_source(path, shapes, batch_size or model_batch_size(shapes, time_major), preprocess, time_major)
 
 

@@ -127,3 +127,33 @@ def test_blob_dumps_hold_every_blob_of_one_sample(lenet_report):
         np.testing.assert_array_equal(f["prob"], fp32.blobs["prob"].data[:1])
         assert any(name.endswith("_quant") or "quant" in name for name in q.files)  # the Quant layers' values
         np.testing.assert_allclose(q["prob"], f["prob"], atol=0.02)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_num": -1}, "batch_num must be an integer >= 0 (0: every batch given), got -1"),
+    ({"batch_num": "2"}, "batch_num must be an integer >= 0 (0: every batch given), got '2'"),
+    ({"data": [{"data": np.zeros((0, 1, 28, 28), np.float32)}]},
+     "compare_model data: batch 0: input 'data' holds no sample (shape [0, 1, 28, 28])"),
+    ({"data": 7}, "compare_model data: expected {input blob: array} batches"),
+    ({"data": str(MNIST), "batch_size": -2}, "batch_size must be an integer >= 0 (0: the model's), got -2"),
+    ({"data": str(MNIST), "preprocess": {"bogus": 1}}, "preprocess: unknown field(s) bogus"),
+])
+def test_bad_arguments_get_the_librarys_errors(lenet_report, tmp_path, kwargs, message):
+    from amct_caffe.errors import AmctError
+
+    _, paths, held_out, _ = lenet_report
+    args = {"data": held_out, **kwargs}
+    with pytest.raises(AmctError) as err:
+        compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
+                      output_dir=tmp_path / "r", progress=False, **args)
+    assert message in str(err.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_batch_may_be_given_as_a_mapping(lenet_report, tmp_path):
+    _, paths, held_out, _ = lenet_report
+    one = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
+                        held_out[0], tmp_path / "a", progress=False)
+    listed = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
+                           held_out[:1], tmp_path / "b", progress=False)
+    assert one["summary"] == listed["summary"]

@@ -48,3 +48,26 @@ def test_embedded_flow_saves_the_file_flows_bytes(case, tmp_path, monkeypatch):
         want = Path(f"{file_dir}/out/{case}_{kind}").read_bytes()
         got = Path(f"{mem_dir}/out/{case}_{kind}").read_bytes()
         assert got == want, kind
+
+
+def test_calibrate_checks_each_batch_it_draws(tmp_path):
+    """A mapping is one batch (the same files as a list of it); a batch without samples, or not a
+    mapping, gets the library's error naming it, and nothing is written."""
+    import numpy as np
+
+    from amct_caffe.errors import AmctError
+    from tests.golden import MODELS
+
+    model = str(MODELS / "lenet_mnist/lenet.prototxt")
+    weights = str(MODELS / "lenet_mnist/lenet_iter_10000.caffemodel")
+    x = np.random.default_rng(0).uniform(0, 1, (8, 1, 28, 28)).astype(np.float32)
+    one = calibrate(model, weights, {"data": x}, str(tmp_path / "a" / "m"), 1, progress=False)
+    listed = calibrate(model, weights, [{"data": x}], str(tmp_path / "b" / "m"), 1, progress=False)
+    assert Path(one["fake_quant_weights"]).read_bytes() == Path(listed["fake_quant_weights"]).read_bytes()
+    for batches, message in (([{"data": x}, {"data": x[:0]}], "calibration data: batch 1: input 'data' holds no "
+                              "sample (shape [0, 1, 28, 28])"),
+                             ((b for b in [None]), "calibration data: batch 0 is None, not a {input blob: array}")):
+        with pytest.raises(AmctError) as err:
+            calibrate(model, weights, batches, str(tmp_path / "c" / "m"), 2, progress=False)
+        assert message in str(err.value)
+        assert not (tmp_path / "c").exists()

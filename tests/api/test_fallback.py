@@ -155,9 +155,15 @@ def test_fallback_without_need_is_the_ordinary_calibration(model, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"target_cosine": 1.5}, "target_cosine must be in (0, 1]"),
+    ({"target_cosine": 1.5}, "target_cosine must be a number in (0, 1], got 1.5"),
     ({"max_float_layers": -1}, "max_float_layers must be an integer >= 0"),
     ({"eval_batches": []}, "eval_batches: no batch given"),
+    ({"target_cosine": "0.9"}, "target_cosine must be a number in (0, 1], got '0.9'"),
+    ({"eval_batches": [{"data": np.zeros((0, 3, 8, 8), np.float32)}]},
+     "eval_batches: batch 0: input 'data' holds no sample (shape [0, 3, 8, 8])"),
+    ({"eval_batches": [{"data": np.array(["a"])}]},
+     "eval_batches: batch 0: input 'data' holds <U1 values, not numbers"),
+    ({"eval_batches": [None]}, "eval_batches: batch 0 is None, not a {input blob: array} mapping"),
     ({"compare_blobs": ["nope"]}, "compare_blobs ['nope'] are not blobs of the float model"),
     ({"config_file": "/nonexistent/config.json"}, "config_file /nonexistent/config.json does not exist"),
 ])

@@ -91,7 +91,12 @@ def test_the_clis_help_defaults_are_the_apis():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"iterations": 0}, "iterations must be a positive integer"),
+    ({"iterations": 0}, "iterations must be an integer >= 1, got 0"),
+    ({"iterations": "10"}, "iterations must be an integer >= 1, got '10'"),
+    ({"batch_size": -1}, "batch_size must be an integer >= 0, got -1"),
+    ({"batch_size": 1.5}, "batch_size must be an integer >= 0, got 1.5"),
+    ({"seed": "a"}, "seed must be an integer >= 0, got 'a'"),
+    ({"clip_lr": "0.1"}, "clip_lr must be a finite number >= 0, got 0.1"),
     ({"clip_lr": -1.0}, "clip_lr must be a finite number >= 0"),
     ({"weight_lr": float("nan")}, "weight_lr must be a finite number >= 0"),
     ({"batch_size": 1000}, "batch size 1000 is larger than the 256 sample(s)"),
@@ -104,6 +109,25 @@ def test_bad_arguments(digits, tmp_path, kwargs, message):
 def test_no_data(tmp_path):
     with pytest.raises(AmctError, match="needs data"):
         amct.label_free_retrain(str(MODEL), str(WEIGHTS), [], str(tmp_path / "q"), progress=False)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ([{"data": np.zeros((0, 1, 28, 28), np.float32)}], "batch 0: input 'data' holds no sample (shape [0, 1, 28, 28])"),
+    ([{"data": np.zeros((4, 1, 28, 28))}, "x"], "batch 1 is str, not a {input blob: array} mapping"),
+    ([{}], "batch 0 is dict (empty), not a {input blob: array} mapping"),
+    ("/nonexistent/images", "/nonexistent/images"),
+])
+def test_bad_data(tmp_path, data, message):
+    with pytest.raises(AmctError) as err:
+        amct.label_free_retrain(str(MODEL), str(WEIGHTS), data, str(tmp_path / "q"), progress=False)
+    assert message in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_one_batch_may_be_given_as_a_mapping(digits, tmp_path):
+    result = amct.label_free_retrain(str(MODEL), str(WEIGHTS), digits[0][0], str(tmp_path / "q"), iterations=2,
+                                     progress=False)
+    assert result.samples == 64
 
 
 def test_outputs_never_overwrite_inputs(digits, tmp_path):
