@@ -20,7 +20,7 @@ from amct_caffe.config import load_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.bn_dump import bn_dump_path, read_bn_dump
 from amct_caffe.io.graph_io import graph_from_net
-from amct_caffe.io.paths import reading
+from amct_caffe.io.paths import checked_path, reading
 from amct_caffe.io.record import Record
 from amct_caffe.ir import Graph
 from amct_caffe.passes.calibration import calibration_graph
@@ -75,6 +75,7 @@ class QuantGraph:
         with reading(config_file=config_file, model_file=model_file, weights_file=weights_file):
             graph = load_float_graph(model_file, weights_file)
             config = load_config(config_file, graph)
+        record_file = checked_path(record_file, "scale_offset_record_file")
         return cls(graph, config, os.path.abspath(record_file), str(model_file), weights_file=str(weights_file),
                    config_file=str(config_file))
 

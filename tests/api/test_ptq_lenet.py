@@ -181,3 +181,11 @@ def test_save_model_failing_after_the_fake_quant_model_was_written_ahead_leaves_
             amct.save_model(graph, "Both", str(save_path))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["kept", "kept/lenet_quant.json"]
     assert (tmp_path / "kept/lenet_quant.json").read_text() == "an earlier run's"
+
+
+@pytest.mark.parametrize("record_file", [None, 3, ""])
+def test_init_refuses_a_record_path_that_is_no_path(tmp_path, record_file):
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(LENET), str(LENET_W))
+    with pytest.raises(AmctError, match="scale_offset_record_file (must be a file path|is empty)"):
+        amct.init(str(config), str(LENET), str(LENET_W), record_file)
