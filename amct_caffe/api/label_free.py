@@ -91,7 +91,7 @@ from amct_caffe.api.label_free_data import Feed, batch_of, fp32_samples, read_fe
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
 from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
-from amct_caffe.api.outputs import write_graph
+from amct_caffe.api.outputs import check_save_path, write_graph
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config import RetrainDataConfig, create_retrain_config
@@ -398,7 +398,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
         weight_lr = ROUNDED_WEIGHT_LR if rounding else WEIGHT_LR
     for name, value in (("clip_lr", clip_lr), ("weight_lr", weight_lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise AmctError(f"{name} must be a finite number >= 0, got {value}")
+            raise AmctError(f"{name} must be a finite number >= 0, got {value!r}")
+    save_path = check_save_path(save_path)
     with reading(model_file=model_file, weights_file=weights_file):
         for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs
             check_output(f"{save_path}{suffix}")

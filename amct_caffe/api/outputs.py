@@ -13,6 +13,7 @@ from amct_caffe.errors import AmctError
 from amct_caffe.io.caffemodel_bytes import caffemodel_chunks
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.io.outputs import StagedOutputs
+from amct_caffe.io.paths import checked_path
 from amct_caffe.io.record import Record, record_bytes, record_text
 from amct_caffe.ir import Graph
 from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, QuantTarget, build_quantized_graph, canonical_record,
@@ -40,6 +41,16 @@ def write_graph(graph: Graph, model_file, weights_file, in_place: bool = False, 
     return result
 
 
+def check_save_path(save_path) -> str:
+    """``save_path`` as a string, refused (None, a number, an empty or NUL-holding string, a
+    directory without a model name prefix) before any work that would be lost."""
+    checked_path(save_path, "save_path")
+    save_path = os.fsdecode(os.fspath(save_path))
+    if not os.path.basename(save_path):
+        raise AmctError(f"save_path {save_path!r} must end with a model name prefix, e.g. ./results/model")
+    return save_path
+
+
 def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Record, save_type: str, save_path,
                    original_names: set[str], extra_files: dict[str, tuple[str, bytes]] | None = None) -> dict[str, str]:
     """Write the fake-quant and/or deploy model, quant.json and quant_param_record files.
@@ -48,9 +59,7 @@ def save_quantized(float_graph: Graph, targets: list[QuantTarget], record: Recor
     """
     if save_type not in SAVE_TYPES:
         raise AmctError(f"save_type must be one of {', '.join(SAVE_TYPES)}, got {save_type!r}")
-    save_path = str(save_path)
-    if not os.path.basename(save_path):
-        raise AmctError(f"save_path {save_path!r} must end with a model name prefix, e.g. ./results/model")
+    save_path = check_save_path(save_path)
     with StagedOutputs(ahead=True) as outputs:  # the fake-quant model is written while the deploy model is built
         return _stage_quantized(outputs, float_graph, targets, record, save_type, save_path, original_names,
                                 extra_files)

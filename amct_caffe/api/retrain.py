@@ -36,7 +36,7 @@ from amct_caffe.config import (ArqParams, LayerQuantConfig, QuantConfig, bind_re
 from amct_caffe.errors import AmctError, ConfigError, GraphError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net, layer_graph
 from amct_caffe.io.outputs import StagedOutputs
-from amct_caffe.io.paths import check_output, reading
+from amct_caffe.io.paths import check_output, checked_path, reading
 from amct_caffe.io.record import Record, read_record, record_text
 from amct_caffe.ir import Graph
 from amct_caffe.passes.prepare import prepare
@@ -100,7 +100,7 @@ def create_quant_retrain_model(model_file, weights_file, config_file, modified_m
     """Write the model to train: the user's TRAIN/TEST model with the retrain layers of every layer
     the config enables; the record file is created empty (the TEST phase fills it)."""
     log.setup()
-    record_file = os.path.abspath(os.fspath(scale_offset_record_file))
+    record_file = os.path.abspath(checked_path(scale_offset_record_file, "scale_offset_record_file"))
     with reading(model_file=model_file, weights_file=weights_file, config_file=config_file):
         graph = _test_graph(model_file, weights_file)
         config = bind_retrain_config(read_retrain_config(config_file), graph, str(config_file))

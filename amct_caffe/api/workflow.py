@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
+from amct_caffe.api.outputs import check_save_path
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
@@ -38,6 +39,7 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
     without one the config lives in a temporary directory.
     Returns the written files by kind.
     """
+    check_save_path(save_path)
     given_config = config_file if config_file is not None and os.path.exists(config_file) else None
     with reading(model_file=model_file, weights_file=weights_file, config_file=given_config,
                  config_defination=config_defination), tempfile.TemporaryDirectory(prefix="amct_calib_") as tmp:

@@ -96,7 +96,7 @@ def test_the_clis_help_defaults_are_the_apis():
     ({"batch_size": -1}, "batch_size must be an integer >= 0, got -1"),
     ({"batch_size": 1.5}, "batch_size must be an integer >= 0, got 1.5"),
     ({"seed": "a"}, "seed must be an integer >= 0, got 'a'"),
-    ({"clip_lr": "0.1"}, "clip_lr must be a finite number >= 0, got 0.1"),
+    ({"clip_lr": "0.1"}, "clip_lr must be a finite number >= 0, got '0.1'"),
     ({"clip_lr": -1.0}, "clip_lr must be a finite number >= 0"),
     ({"weight_lr": float("nan")}, "weight_lr must be a finite number >= 0"),
     ({"batch_size": 1000}, "batch size 1000 is larger than the 256 sample(s)"),

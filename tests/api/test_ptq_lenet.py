@@ -189,3 +189,28 @@ def test_init_refuses_a_record_path_that_is_no_path(tmp_path, record_file):
     amct.create_quant_config(str(config), str(LENET), str(LENET_W))
     with pytest.raises(AmctError, match="scale_offset_record_file (must be a file path|is empty)"):
         amct.init(str(config), str(LENET), str(LENET_W), record_file)
+
+
+@pytest.mark.parametrize("save_path", [None, 7, "", "out/"])
+def test_every_saving_call_refuses_a_save_path_that_is_no_prefix(quantized, tmp_path, monkeypatch, save_path):
+    """Before this check, save_path None wrote None_fake_quant_model.prototxt & co. into the working
+    directory; now every call that saves refuses it, before any work, and writes nothing."""
+    from amct_caffe.api.workflow import calibrate
+
+    monkeypatch.chdir(tmp_path)
+    x = np.zeros((4, 1, 28, 28), np.float32)
+    _, graph, paths = quantized
+    record = paths["quant_param_record_txt"]
+    calls = {
+        "calibrate": lambda: calibrate(str(LENET), str(LENET_W), [{"data": x}], save_path, 1, progress=False),
+        "fallback": lambda: amct.calibrate_with_fallback(str(LENET), str(LENET_W), [{"data": x}], save_path, 1,
+                                                         progress=False),
+        "label_free": lambda: amct.label_free_retrain(str(LENET), str(LENET_W), [{"data": x}], save_path,
+                                                      progress=False),
+        "convert": lambda: amct.convert_model(str(LENET), str(LENET_W), str(record), save_path),
+        "save_model": lambda: amct.save_model(graph, "Both", save_path),
+    }
+    for name, call in calls.items():
+        with pytest.raises(AmctError, match="save_path"):
+            call()
+        assert not list(tmp_path.iterdir()), name
