@@ -28,7 +28,8 @@ def fake_retrain(monkeypatch):
         calls.append(dict(model=model_file, weights=weights_file, data=data, save_path=save_path, **kwargs))
         return types.SimpleNamespace(outputs={"deploy_model": f"{save_path}_deploy_model.prototxt"}, iterations=7,
                                      batch_size=kwargs["batch_size"] or 64, loss_start=0.5, loss_end=0.1,
-                                     kept="rounded", data_loss_ptq=0.2, data_loss_before=0.05, data_loss_after=0.06)
+                                     kept="rounded", data_loss_ptq=0.2, data_loss_before=0.05, data_loss_after=0.06,
+                                     targets=["prob"])
 
     module = types.ModuleType("amct_caffe.api.label_free")
     module.label_free_retrain = label_free_retrain
@@ -111,5 +112,6 @@ def test_trains_lenet(capsys, tmp_path):
     assert cli.main([*RETRAIN, "--select", ":128", "--iterations", "6"]) == 0
     out = capsys.readouterr().out
     assert "distillation loss" in out and "6 iterations of 64 sample(s)" in out
+    assert "distilled: prob\n" in out
     for suffix in ("_fake_quant_model.prototxt", "_deploy_weights.caffemodel", "_quant_param_record.txt"):
         assert (tmp_path / f"out/lenet{suffix}").is_file()

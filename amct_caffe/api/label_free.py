@@ -143,6 +143,8 @@ class LabelFreeResult:
     # data loss (measured when step 1b runs)
     kept: str = "trained"
     data_loss_ptq: float = float("nan")
+    # the blobs distilled: the float model's outputs, or what stands for them (a detection list's inputs)
+    targets: list[str] = field(default_factory=list)
 
     @property
     def loss_start(self) -> float:
@@ -446,7 +448,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             else:
                 outputs = save_trained(_with_params(retrain, trained or {}), fixed, session, save_path)
     result = LabelFreeResult(outputs, iterations, batch, samples, losses, before, after, kept == "trained", kept,
-                             ptq_loss)
+                             ptq_loss, list(targets))
     _LOG.info("label-free QAT: %d iteration(s) of %d sample(s); loss %.4g -> %.4g", iterations, batch,
               result.loss_start, result.loss_end)
     return result

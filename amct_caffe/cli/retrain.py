@@ -59,7 +59,8 @@ def cmd_retrain(args) -> int:
     print_outputs(result.outputs, args.output)
     ratio = ("the mean over samples of |INT8 - FP32|^2 / |FP32|^2" if args.per_sample_loss
              else "mean |INT8 - FP32|^2 / mean |FP32|^2 over the samples")
-    print(f"distillation loss (sum over outputs of {ratio}), mean of the first / last tenth of "
+    print(f"distilled: {', '.join(result.targets)}")
+    print(f"distillation loss (sum over those blobs of {ratio}), mean of the first / last tenth of "
           f"{result.iterations} iterations of {result.batch_size} sample(s): "
           f"{result.loss_start:.4e} -> {result.loss_end:.4e}")
     print(f"saved: the {'PTQ' if result.kept == 'ptq' else result.kept} model (distillation loss over the data: PTQ "

@@ -128,6 +128,7 @@ def test_label_free_retrain_on_a_detection_model(ssd, tmp_path):
     net = Net(result.outputs["fake_quant_model"], result.outputs["fake_quant_weights"], TEST)
     assert net.forward(**batches[0])["detection_out"].shape[-1] == 7
     assert np.isfinite(result.losses).all()
+    assert result.targets == ["loc", "conf"]
 
 
 def test_label_free_retrain_needs_an_output_that_depends_on_the_data(tmp_path):
