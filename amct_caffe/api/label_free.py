@@ -160,11 +160,15 @@ def _needed_only(graph: Graph) -> None:
     """Removes the layers no loss reads from, directly or not (a detection layer after the targets);
     Input layers stay, as they are fed."""
     needed: set[str] = set()
+    dropped = 0
     for node in reversed(list(graph.nodes)):
         if node.type == "Input" or node.type == "EuclideanLoss" or needed.intersection(node.tops):
             needed.update(node.bottoms)
         else:
             graph.remove(node)
+            dropped += 1
+    if dropped:
+        graph.prune_blobs()
 
 
 def _clip_start(record, spec: RetrainSpec) -> tuple[float, float]:
