@@ -24,9 +24,9 @@ the manner of TPU-MLIR's ``run_sensitive_layer`` / ``search_qtable``:
 
 "Output cosine" is, by default, the smallest over the compared blobs (the network's outputs
 unless ``compare_blobs`` names others; a detection list is compared through the blobs it is
-computed from, :mod:`amct_caffe.api.compared_outputs`) of the blob's mean per-sample cosine, so every output has to
-reach the target; ``metric="all_outputs"`` concatenates the blobs per sample instead (see
-:class:`OutputComparator`). Steps 2-4 cost one evaluation pass per
+computed from, :mod:`amct_caffe.api.compared_outputs`) of the blob's mean per-sample cosine, so
+every output has to reach the target; ``metric="all_outputs"`` concatenates the blobs per sample
+instead (see :class:`OutputComparator`). Steps 2-4 cost one evaluation pass per
 quantized layer plus at most ``2 * max_float_layers``; an evaluation pass runs the fake-quant
 model over ``eval_batches`` in the embedded executor.
 """
@@ -49,8 +49,8 @@ from amct_caffe.api.compared_outputs import net_layers, stand_in_outputs
 from amct_caffe.api.outputs import check_save_path
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
-from amct_caffe.data import checked_feeds
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
+from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reads
 from amct_caffe.passes.prepare import prepare
