@@ -4,11 +4,11 @@ Switch a pycaffe script to it with ``import amct_caffe.runtime as caffe``.
 """
 
 from amct_caffe.runtime.blob import Blob
-from amct_caffe.runtime.net import TEST, TRAIN, Net, set_device, set_mode_cpu, set_mode_gpu
+from amct_caffe.runtime.net import TEST, TRAIN, Net
 from amct_caffe.runtime.registry import known_types, layer_class, register
 from amct_caffe.runtime.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
                                        SGDSolver, Solver, get_solver)
-from amct_caffe.runtime.threads import num_threads, set_num_threads
+from amct_caffe.runtime.threads import num_threads, set_device, set_mode_cpu, set_mode_gpu, set_num_threads
 
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "Blob", "Net", "NesterovSolver", "RMSPropSolver",
            "SGDSolver", "Solver", "TEST", "TRAIN", "get_solver", "known_types", "layer_class", "register", "set_device",

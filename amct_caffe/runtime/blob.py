@@ -67,6 +67,8 @@ class Blob:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise GraphError(f"Blob.reshape: the shape {list(shape)} has a negative dimension")
         if shape != self.shape:
             self._data = np.zeros(shape, np.float32)
             self._diff = None

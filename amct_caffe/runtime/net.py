@@ -30,6 +30,7 @@ import numpy as np
 from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
+from amct_caffe.io.paths import check_output, reading
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward
@@ -59,6 +60,8 @@ class Net:
                 weights_arg = a
         weights = weights if weights is not None else weights_arg
         phase = phase if phase is not None else (phase_arg if phase_arg is not None else TEST)
+        if phase not in (TRAIN, TEST):
+            raise GraphError(f"Net: phase must be TRAIN ({TRAIN}) or TEST ({TEST}), got {phase!r}")
         self.phase = phase
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             net_param, loaded = io.load_model(model, weights, phase)
@@ -69,6 +72,9 @@ class Net:
                 loaded = weights if isinstance(weights, dict) else io.load_weights(weights)
             self._source = "<NetParameter>"
         self._weights_file = str(weights) if weights is not None and not isinstance(weights, dict) else None
+        # the files this net read, which save() never overwrites
+        model_file = None if self._source == "<NetParameter>" else self._source
+        self._read_files = {k: f for k, f in (("model_file", model_file), ("weights_file", self._weights_file)) if f}
         self.net_param = net_param
         self._rng = np.random.default_rng(seed)
         # record_file_path -> Record filled in memory by the calibration layers (no file is used)
@@ -309,7 +315,10 @@ class Net:
             if name not in self.blobs:
                 raise GraphError(f"forward() got data for '{name}', which is not a blob of {self._source} "
                                  f"(inputs: {self.inputs})")
-            value = np.asarray(value, dtype=np.float32)
+            try:
+                value = np.asarray(value, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise GraphError(f"forward(): the data for '{name}' is not numbers: {e}") from None
             blob = self.blobs[name]
             if value.shape != blob.shape:
                 blob.reshape(value.shape)
@@ -334,6 +343,9 @@ class Net:
             return {o: self.blobs[o].data for o in self.outputs}
         outs = list(self.outputs) if end is None else list(self.top_names[end])
         outs += list(blobs or [])
+        missing = [o for o in outs if o not in self.blobs]
+        if missing:
+            raise GraphError(f"forward(blobs=...): {missing} are not blobs of {self._source}")
         return {o: self.blobs[o].data for o in dict.fromkeys(outs)}
 
     # ---------------------------------------------------------------- training
@@ -466,6 +478,7 @@ class Net:
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""
         loaded = io.load_weights(weights_file)
+        self._read_files[f"weights_file of copy_from #{len(self._read_files)}"] = str(weights_file)
         saved_source, self._weights_file = self._weights_file, str(weights_file)
         try:
             for i, layer in enumerate(self.layers):
@@ -480,19 +493,8 @@ class Net:
             self._weights_file = saved_source
 
     def save(self, path) -> None:
-        """Write the current weights as a .caffemodel (atomically)."""
+        """Write the current weights as a .caffemodel (atomically); never over a file this net read."""
+        with reading(**self._read_files):
+            check_output(path)
         weights = {layer.name: [b.data for b in layer.blobs] for layer in self.layers if layer.blobs}
         io.write_caffemodel(io.net_to_caffemodel(self.net_param, weights), path)
-
-
-def set_mode_cpu() -> None:
-    """The executor always runs on the CPU."""
-
-
-def set_mode_gpu() -> None:
-    _LOG.warning("the embedded executor has no GPU mode; running on the CPU")
-
-
-def set_device(device_id: int) -> None:  # noqa: ARG001 - pycaffe signature
-    _LOG.warning("the embedded executor has no GPU mode; set_device(%d) ignored", device_id)
-

@@ -165,3 +165,16 @@ def _busy_seconds() -> float:
         raise ValueError("/proc/stat does not start with the cpu line")
     ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# pycaffe's device switches: the executor runs on the CPU, its threads set above
+def set_mode_cpu() -> None:
+    """The executor always runs on the CPU."""
+
+
+def set_mode_gpu() -> None:
+    _LOG.warning("the embedded executor has no GPU mode; running on the CPU")
+
+
+def set_device(device_id: int) -> None:  # noqa: ARG001 - pycaffe signature
+    _LOG.warning("the embedded executor has no GPU mode; set_device(%d) ignored", device_id)

@@ -151,3 +151,31 @@ def test_shared_param_takes_the_last_caffemodel_copy():
     np.testing.assert_array_equal(net.params["a"][0].data, wb)
     with pytest.raises(WeightsError, match="no weights for this layer"):  # only listed types may lack weights
         Net(net_param, TEST, weights={"a": [wa]})
+
+
+def test_bad_calls_get_the_librarys_errors(tmp_path):
+    from amct_caffe import AmctError
+
+    weights = tmp_path / "lenet.caffemodel"
+    weights.write_bytes(LENET_W.read_bytes())
+    net = Net(str(LENET), str(weights), TEST)
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    with pytest.raises(GraphError, match="forward\\(\\): the data for 'data' is not numbers"):
+        net.forward(data="abc")
+    with pytest.raises(GraphError, match=r"forward\(blobs=...\): \['nope'\] are not blobs of"):
+        net.forward(blobs=["nope"], data=x)
+    with pytest.raises(GraphError, match="Blob.reshape: the shape \\[-1, 1, 28, 28\\] has a negative dimension"):
+        net.blobs["data"].reshape(-1, 1, 28, 28)
+    with pytest.raises(GraphError, match="Net: phase must be TRAIN \\(0\\) or TEST \\(1\\), got 7"):
+        Net(str(LENET), str(weights), 7)
+    before = weights.read_bytes()
+    with pytest.raises(AmctError, match="is the same file as the input weights_file"):
+        net.save(str(weights))  # the weights it was built from: never overwritten
+    other = tmp_path / "other.caffemodel"
+    net.save(str(other))
+    net.copy_from(str(other))
+    with pytest.raises(AmctError, match="is the same file as the input weights_file of copy_from"):
+        net.save(str(other))
+    with pytest.raises(AmctError, match="is the same file as the input model_file"):
+        net.save(str(LENET))
+    assert weights.read_bytes() == before
