@@ -34,9 +34,10 @@ Steps:
    replaced by the blobs it is computed from: :mod:`amct_caffe.api.compared_outputs`).
 3. **Training net.** The deploy graph with BatchNorm / Scale folded into the layers before them
    (a deploy model's statistics are kept, not re-estimated on a few images; the saved models
-   fold them anyway), the retrain layers, an Input ``<o>_fp32`` per target blob ``o`` and an
-   EuclideanLoss per target (the layers no loss needs are left out), weighted so every output and
-   every sample counts alike::
+   fold them anyway; :func:`_as_in_test` makes the rest compute the TEST-phase function), the
+   retrain layers, an Input ``<o>_fp32`` per target blob ``o`` and an EuclideanLoss per target
+   (the layers no loss needs are left out), weighted so every output and every sample counts
+   alike::
 
        loss = sum_o  mean_n ||q_o(x_n) - t_o(x_n)||^2 / ||t_o(x_n)||^2
 
@@ -102,6 +103,7 @@ from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.fusion import fuse_bn_scale
 from amct_caffe.passes.retrain import DATA_QUANT, WEIGHT_QUANT, RetrainSpec, insert_retrain_layers, retrain_specs
 from amct_caffe.runtime import TRAIN, AdamSolver, Net
+from amct_caffe.runtime.layers.activation import dropout_scale
 
 _LOG = logging.getLogger(__name__)
 
@@ -169,6 +171,25 @@ def _needed_only(graph: Graph) -> None:
             dropped += 1
     if dropped:
         graph.prune_blobs()
+
+
+def _as_in_test(graph: Graph) -> None:
+    """Makes the training net compute the deploy (TEST) function the targets come from: BatchNorm
+    with its stored statistics (``use_global_stats``, which also stops the moving averages that
+    would change the saved blobs), Dropout as its TEST-phase scaling (a Power layer), no phase rules."""
+    for node in graph.nodes:
+        lp = node.layer_param
+        del lp.include[:]
+        del lp.exclude[:]
+        if node.type == "BatchNorm":
+            lp.batch_norm_param.use_global_stats = True
+        elif node.type == "Dropout":
+            dp = lp.dropout_param
+            scaled = "scale_train" not in dp.DESCRIPTOR.fields_by_name or dp.scale_train
+            factor = 1.0 if scaled else float(np.float32(1.0 / float(dropout_scale(dp.dropout_ratio))))
+            lp.ClearField("dropout_param")
+            node.type = lp.type = "Power"
+            lp.power_param.scale = factor
 
 
 def _clip_start(record, spec: RetrainSpec) -> tuple[float, float]:
@@ -266,6 +287,7 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, mod
     ``SAMPLE_ENERGY_FLOOR`` of its mean).
     """
     out = any_batch(retrain, model_batch) if batch != model_batch else retrain.copy()
+    _as_in_test(out)
     feeds = dict(inputs)
     missing = sorted(set(targets) - {t for node in out.nodes for t in node.tops})
     if missing:

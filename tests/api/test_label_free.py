@@ -215,3 +215,43 @@ def test_quantizes_the_layers_ptq_quantizes(runs):
     assert list(after.layers) == list(before.layers)
     for name in ("pool1", "pool2"):
         assert after.layer(name).activation(0).scale_d == before.layer(name).activation(0).scale_d
+
+
+def test_training_computes_the_deploy_function(tmp_path):
+    """A BatchNorm no convolution absorbs, a Dropout and a TEST-only layer: the training net must compute
+    what the deploy model computes (BatchNorm on its stored statistics, no dropout, every layer kept), so
+    the PTQ data loss it reports is the one of the saved PTQ model, and the saved BatchNorm blobs are the
+    model's own (no moving-average updates)."""
+    from amct_caffe.api.outputs import write_graph
+    from amct_caffe.io import load_weights
+    from tests.passes.helpers import model
+
+    text = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" include { phase: TEST } }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "conv1" bottom: "conv2" top: "sum" }
+layer { name: "bn" type: "BatchNorm" bottom: "sum" top: "bn" }
+layer { name: "drop" type: "Dropout" bottom: "bn" top: "bn" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "conv3" type: "Convolution" bottom: "bn" top: "out"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+"""
+    graph, _ = model(text, seed=2)
+    files = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
+    write_graph(graph, *files)
+    rng = np.random.default_rng(0)
+    batches = [{"data": rng.uniform(-1, 1, (4, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    ptq = calibrate(*files, batches, str(tmp_path / "ptq" / "q"), len(batches), progress=False)
+    result = amct.label_free_retrain(*files, batches, str(tmp_path / "qat" / "q"), iterations=20, progress=False)
+    fp, q = Net(*files, TEST), Net(ptq["fake_quant_model"], ptq["fake_quant_weights"], TEST)
+    t = np.concatenate([np.array(fp.forward(**b)["out"]).reshape(4, -1) for b in batches]).astype(np.float64)
+    y = np.concatenate([np.array(q.forward(**b)["out"]).reshape(4, -1) for b in batches]).astype(np.float64)
+    energy = np.sum(t * t, axis=1)
+    want = np.mean(np.sum((y - t) ** 2, axis=1) / energy)
+    assert result.data_loss_ptq == pytest.approx(want, rel=2e-2)  # the same grid, up to ULQ's float32 clips
+    saved = load_weights(result.outputs["fake_quant_weights"])
+    for a, b in zip(saved["bn"], graph.node("bn").params, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
