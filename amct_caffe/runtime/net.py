@@ -30,7 +30,6 @@ import numpy as np
 from amct_caffe import io
 from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
-from amct_caffe.io.paths import check_output, reading
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward
@@ -72,9 +71,6 @@ class Net:
                 loaded = weights if isinstance(weights, dict) else io.load_weights(weights)
             self._source = "<NetParameter>"
         self._weights_file = str(weights) if weights is not None and not isinstance(weights, dict) else None
-        # the files this net read, which save() never overwrites
-        model_file = None if self._source == "<NetParameter>" else self._source
-        self._read_files = {k: f for k, f in (("model_file", model_file), ("weights_file", self._weights_file)) if f}
         self.net_param = net_param
         self._rng = np.random.default_rng(seed)
         # record_file_path -> Record filled in memory by the calibration layers (no file is used)
@@ -478,7 +474,6 @@ class Net:
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""
         loaded = io.load_weights(weights_file)
-        self._read_files[f"weights_file of copy_from #{len(self._read_files)}"] = str(weights_file)
         saved_source, self._weights_file = self._weights_file, str(weights_file)
         try:
             for i, layer in enumerate(self.layers):
@@ -493,8 +488,8 @@ class Net:
             self._weights_file = saved_source
 
     def save(self, path) -> None:
-        """Write the current weights as a .caffemodel (atomically); never over a file this net read."""
-        with reading(**self._read_files):
-            check_output(path)
+        """Write the current weights as a .caffemodel (atomically: a reader of ``path`` sees the old
+        file or the new one). As in pycaffe it may replace the file the net was loaded from: a script
+        that edits weights and saves them back asks for exactly that."""
         weights = {layer.name: [b.data for b in layer.blobs] for layer in self.layers if layer.blobs}
         io.write_caffemodel(io.net_to_caffemodel(self.net_param, weights), path)

@@ -168,14 +168,5 @@ def test_bad_calls_get_the_librarys_errors(tmp_path):
         net.blobs["data"].reshape(-1, 1, 28, 28)
     with pytest.raises(GraphError, match="Net: phase must be TRAIN \\(0\\) or TEST \\(1\\), got 7"):
         Net(str(LENET), str(weights), 7)
-    before = weights.read_bytes()
-    with pytest.raises(AmctError, match="is the same file as the input weights_file"):
-        net.save(str(weights))  # the weights it was built from: never overwritten
-    other = tmp_path / "other.caffemodel"
-    net.save(str(other))
-    net.copy_from(str(other))
-    with pytest.raises(AmctError, match="is the same file as the input weights_file of copy_from"):
-        net.save(str(other))
-    with pytest.raises(AmctError, match="is the same file as the input model_file"):
-        net.save(str(LENET))
-    assert weights.read_bytes() == before
+    with pytest.raises(AmctError, match="cannot write .*: a directory of that name exists"):
+        net.save(str(tmp_path))
