@@ -48,7 +48,12 @@ def fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
         n = batch_of(feed)
         net.forward(**feed)
         for name, value in feed.items():
-            inputs.setdefault(name, []).append(np.asarray(value, np.float32))
+            value = np.asarray(value, np.float32)
+            if value.ndim == 0 or value.shape[0] != n:
+                raise AmctError(f"input '{name}' has shape {list(value.shape)} in a batch of {n} sample(s): label-free "
+                                "retraining draws samples across batches, so every input must hold one row per "
+                                "sample (an image-info input cannot be split); quantize this model with calibrate")
+            inputs.setdefault(name, []).append(value)
         for name in names:
             value = np.asarray(net.blobs[name].data, np.float32)
             if value.ndim == 0 or value.shape[0] != n:

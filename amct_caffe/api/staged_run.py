@@ -66,13 +66,22 @@ class StagedRun:
         self._kept: list[dict[str, np.ndarray]] = []
 
     def begin(self, batch: int, feed: dict[str, np.ndarray]) -> None:
-        """Start batch number ``batch``: the model's inputs ``feed`` on the first pass, else the blobs kept."""
+        """Start batch number ``batch``: the blobs kept by the last pass, and those of the model's
+        inputs ``feed`` whose Input layers this pass holds (a prototxt may declare an input after
+        other layers: its Input then falls in a later pass)."""
+        inputs = {k: v for k, v in feed.items() if k in self._net.blobs}
         if self.start == 0:
-            self._net.forward(start=self._names[0], end=self._names[0], **feed)  # an Input: sets the data
+            self._net.forward(start=self._names[0], end=self._names[0], **inputs)  # an Input: sets the data
             self._pos = 1
         else:
             if self._first is not None:
-                self._net.forward(start=self._first, end=self._first, **self._live[batch])
+                self._net.forward(start=self._first, end=self._first, **{**inputs, **self._live[batch]})
+            else:
+                for name, value in inputs.items():  # set as forward(**inputs) would, running no layer
+                    value = np.asarray(value, np.float32)
+                    if value.shape != self._net.blobs[name].shape:
+                        self._net.blobs[name].reshape(value.shape)
+                    self._net.blobs[name].data[...] = value
             self._pos = self.start
         self._pending = self._keep_names is not None
 

@@ -53,3 +53,35 @@ def test_passes_read_what_a_whole_forward_reads():
         ip2 = graph.node("ip2")
         ip2.params = [ip2.params[0] * np.float32(1.5 + number), *ip2.params[1:]]
     assert run.start == index["ip2"]
+
+
+def test_an_input_declared_after_other_layers_is_fed_in_its_pass():
+    """A prototxt may declare an input after other layers; the pass holding its Input layer must
+    set it from the batch, or the layers reading it would see zeros."""
+    from tests.passes.helpers import model
+
+    text = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "data" top: "fc1" inner_product_param { num_output: 3 } }
+layer { name: "fc2" type: "InnerProduct" bottom: "fc1" top: "fc2" inner_product_param { num_output: 3 } }
+layer { name: "extra" type: "Input" top: "extra" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "cat" type: "Concat" bottom: "fc2" bottom: "extra" top: "cat" }
+layer { name: "fc3" type: "InnerProduct" bottom: "cat" top: "fc3" inner_product_param { num_output: 2 } }
+"""
+    graph, _ = model(text)
+    index = {node.name: i for i, node in enumerate(graph.nodes)}
+    rng = np.random.default_rng(1)
+    batches = [{"data": rng.random((2, 4), dtype=np.float32), "extra": rng.random((2, 5), dtype=np.float32)}
+               for _ in range(2)]
+    run = StagedRun(lambda: graph.copy())
+    for reads, keep in ((["fc1"], index["fc2"]), (["fc3"], None)):
+        run.open(max(index[r] for r in reads), keep)
+        for b, feed in enumerate(batches):
+            run.begin(b, feed)
+            for r in reads:
+                run.advance(index[r])
+                full = Net.from_graph(graph, TEST)
+                full.forward(**feed)
+                np.testing.assert_array_equal(run.blob(r), full.blobs[r].data, err_msg=f"{r}, batch {b}")
+            run.finish()
+        run.close()
