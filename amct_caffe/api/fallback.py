@@ -277,10 +277,9 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     if evaluator is None:
         reference = Net(str(model_file), str(weights_file), TEST)
         if not compare_blobs:  # the outputs, or what stands for them (a detection list's inputs)
-            compare_blobs = stand_in_outputs(net_layers(reference), reference.outputs)[0]
+            compare_blobs = stand_in_outputs(net_layers(reference), reference.outputs)[0] or list(reference.outputs)
             if not compare_blobs:
-                raise AmctError(f"the float model's outputs {list(reference.outputs)} do not depend on its inputs' "
-                                "values: name the blobs to compare (compare_blobs)")
+                raise AmctError("the float model has no output blob to compare: name the blobs (compare_blobs)")
         comparator = OutputComparator(reference, evaluation, compare_blobs, metric)
         measure = comparator.cosine
     else:

@@ -5,7 +5,8 @@ enables, two batches) either refuses with the library's own error or saves model
 
 * run in the executor (fake-quant and deploy) on the calibration batch, with finite outputs;
 * are what ``convert_model`` writes from the saved record, byte for byte (the record holds every
-  factor, recurrent layers' included).
+  factor, recurrent layers' included);
+* are compared with the float model by the accuracy report without an error.
 
 ``AMCT_PTQ_NETS`` sets the number of nets (default 300; a few seconds per hundred).
 """
@@ -17,6 +18,7 @@ import os
 import numpy as np
 import pytest
 
+from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.convert import convert_model
 from amct_caffe.api.workflow import calibrate
 from amct_caffe.errors import AmctError
@@ -74,6 +76,10 @@ def test_ptq_on_random_networks(tmp_path):
         outcomes["recurrent"] += any(e.scale_h is not None for e in record.layers.values())
         for model in ("fake_quant", "deploy"):
             _run(work / "q" / f"m_{model}_model.prototxt", work / "q" / f"m_{model}_weights.caffemodel", batches[0])
+            # the accuracy report compares it (a detection list through the blobs it is computed from)
+            _, summary, _ = compare_batches(str(proto), str(weights), str(work / "q" / f"m_{model}_model.prototxt"),
+                                            str(work / "q" / f"m_{model}_weights.caffemodel"), batches)
+            assert summary["blobs_compared"] > 0, where
         convert_model(str(proto), str(weights), str(work / "q" / "m_quant_param_record.txt"), str(work / "c" / "m"))
         for kind in SAVED:
             assert (work / "c" / f"m_{kind}").read_bytes() == (work / "q" / f"m_{kind}").read_bytes(), \
