@@ -77,6 +77,27 @@ def _detection_blobs(net) -> set[str]:
             if layer.type == "DetectionOutput" for t in net.top_names[name]}
 
 
+def _print_detections(rows: np.ndarray, blob: str, show: int) -> None:
+    """How many boxes each of the first ``show`` samples got, and the best of them."""
+    for i in range(show):
+        mine = rows[rows[:, 0] == i]
+        top = mine[np.argmax(mine[:, 2])] if len(mine) else None
+        best = f", best: label {int(top[1])} score {top[2]:.4f}" if top is not None else ""
+        print(f"sample {i}: {len(mine)} detection(s) in '{blob}'{best}")
+
+
+def _print_top(scores: np.ndarray, top_k: int, labels: np.ndarray | None, show: int) -> None:
+    """The top classes of the first ``show`` samples, and the top-1 accuracy when there are labels."""
+    top = np.argsort(-scores, axis=1)[:, :top_k]
+    for i in range(show):
+        pairs = ", ".join(f"{c}:{scores[i, c]:.4f}" for c in top[i])
+        label = f"  label {labels[i]}" if labels is not None else ""
+        print(f"sample {i}: top-{top_k} [{pairs}]{label}")
+    if labels is not None:
+        acc = float(np.mean(top[:, 0] == labels))
+        print(f"top-1 accuracy on {len(scores)} samples: {acc * 100:.2f}%")
+
+
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
@@ -130,26 +151,10 @@ def cmd_run(args) -> int:
         for name in saved:
             outputs[name].append(detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name]))
         done += count
-    if out_name in tables:  # a detection list: how many boxes each sample got, and the best
-        rows = np.concatenate(scores)
-        for i in range(min(n, args.show)):
-            mine = rows[rows[:, 0] == i]
-            top = mine[np.argmax(mine[:, 2])] if len(mine) else None
-            best = f", best: label {int(top[1])} score {top[2]:.4f}" if top is not None else ""
-            print(f"sample {i}: {len(mine)} detection(s) in '{out_name}'{best}")
-        if args.save:
-            _save(args.save, outputs)
-            print(f"saved {', '.join(saved)} for {n} samples: {args.save}")
-        return 0
-    scores = np.concatenate(scores)
-    top = np.argsort(-scores, axis=1)[:, : args.top_k]
-    for i in range(min(n, args.show)):
-        pairs = ", ".join(f"{c}:{scores[i, c]:.4f}" for c in top[i])
-        label = f"  label {labels[i]}" if labels is not None else ""
-        print(f"sample {i}: top-{args.top_k} [{pairs}]{label}")
-    if labels is not None:
-        acc = float(np.mean(top[:, 0] == labels))
-        print(f"top-1 accuracy on {n} samples: {acc * 100:.2f}%")
+    if out_name in tables:
+        _print_detections(np.concatenate(scores), out_name, min(n, args.show))
+    else:
+        _print_top(np.concatenate(scores), args.top_k, labels, min(n, args.show))
     if args.save:
         _save(args.save, outputs)
         print(f"saved {', '.join(saved)} for {n} samples: {args.save}")
