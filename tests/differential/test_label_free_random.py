@@ -17,9 +17,7 @@ import pytest
 
 from amct_caffe import label_free_retrain
 from amct_caffe.errors import AmctError
-from amct_caffe.runtime import Net
-from tests.differential.netgen import generate
-from tests.differential.test_ptq_random import _batches, _run
+from tests.differential.test_ptq_random import _batches, _run, random_models
 
 NETS = int(os.environ.get("AMCT_LF_NETS", "200"))
 SEED = int(os.environ.get("AMCT_LF_SEED", "7"))
@@ -27,16 +25,7 @@ SEED = int(os.environ.get("AMCT_LF_SEED", "7"))
 
 def test_label_free_qat_on_random_networks(tmp_path):
     outcomes = {"saved": 0, "refused": 0}
-    for index in range(NETS):
-        gen = generate(SEED, index)
-        work = tmp_path / str(index)
-        work.mkdir()
-        proto, weights = work / "m.prototxt", work / "m.caffemodel"
-        proto.write_text(gen.prototxt)
-        try:
-            Net(str(proto), phase=1, seed=index).save(str(weights))
-        except AmctError:
-            continue  # a net Caffe refuses too; the differential test covers those
+    for index, gen, work, proto, weights in random_models(SEED, NETS, tmp_path):
         batches = [*_batches(gen.inputs, index), *_batches(gen.inputs, index + 10_000)][:3]
         where = f"net ({SEED}, {index}) focused on {gen.focus}"
         try:

@@ -47,10 +47,12 @@ def _run(prototxt, weights, feed: dict) -> None:
         assert np.isfinite(net.blobs[name].data).all(), f"{prototxt}: output {name} is not finite"
 
 
-def test_ptq_on_random_networks(tmp_path):
-    outcomes = {"saved": 0, "refused": 0, "nothing to quantize": 0, "recurrent": 0}
-    for index in range(NETS):
-        gen = generate(SEED, index)
+def random_models(seed: int, count: int, tmp_path):
+    """(index, netgen net, its folder, prototxt, caffemodel of its fillers' weights) of each of the first
+    ``count`` nets of ``seed`` that the executor builds (a net Caffe refuses too, netgen's REFUSED kind, is
+    skipped: the differential test covers those)."""
+    for index in range(count):
+        gen = generate(seed, index)
         work = tmp_path / str(index)
         work.mkdir()
         proto, weights = work / "m.prototxt", work / "m.caffemodel"
@@ -58,7 +60,13 @@ def test_ptq_on_random_networks(tmp_path):
         try:
             Net(str(proto), phase=1, seed=index).save(str(weights))
         except AmctError:
-            continue  # a net Caffe refuses too (netgen's REFUSED kind); the differential test covers those
+            continue
+        yield index, gen, work, proto, weights
+
+
+def test_ptq_on_random_networks(tmp_path):
+    outcomes = {"saved": 0, "refused": 0, "nothing to quantize": 0, "recurrent": 0}
+    for index, gen, work, proto, weights in random_models(SEED, NETS, tmp_path):
         batches = _batches(gen.inputs, index)
         where = f"net ({SEED}, {index}) focused on {gen.focus}"
         try:
