@@ -29,7 +29,9 @@ def uninplace_model(model_file, uninplaced_model_file) -> None:
     """Rewrite a prototxt without in-place layers, keeping layers with no phase or phase TEST.
 
     Every blob written by an in-place layer (top == bottom) gets a fresh name (the layer's name
-    when free), and later readers are redirected to it, so each blob has one writer.
+    when free), and later readers are redirected to it, so each blob has one writer. The last value
+    of a chain keeps the blob's name (the net's outputs keep theirs), except on a network input: the
+    input keeps its name, so the model is fed as before, and the values written over it are renamed.
     """
     log.setup()
     with reading(model_file=model_file):

@@ -10,8 +10,9 @@ def graph_from_net(net, weights=None) -> Graph:
     """Build an SSA graph from an upgraded, phase-filtered NetParameter and its weights."""
     weights = weights or {}
     layers = [(lp.name, list(lp.bottom), list(lp.top)) for lp in net.layer]
+    inputs = [t for lp in net.layer if lp.type == "Input" for t in lp.top]
     nodes = []
-    for lp, (bottoms, tops) in zip(net.layer, ssa_rename(layers), strict=False):
+    for lp, (bottoms, tops) in zip(net.layer, ssa_rename(layers, inputs), strict=False):
         param = type(lp)()
         param.CopyFrom(lp)
         del param.blobs[:]
@@ -76,7 +77,8 @@ def in_place_names(graph: Graph) -> dict[str, str]:
     refuses an in-place layer on a blob that another layer reads too (its automatic Split would
     give the blob two producers), and then no layer can tell the two values apart. A chain of
     such writes takes the name of its last value (the one ssa_rename gave the source's name, when
-    nothing moved), so its readers keep their names.
+    nothing moved), so its readers keep their names; a chain on a network input takes the input's
+    name (which ssa_rename kept), so the model is fed as the source is.
     """
     produced = {t for node in graph.nodes for t in node.tops}
     readers: dict[str, int] = {}
@@ -92,10 +94,12 @@ def in_place_names(graph: Graph) -> dict[str, str]:
         b = node.bottoms[0]
         if b in produced and readers[b] == 1:
             parent[b] = node.tops[0]
+    inputs = set(graph.inputs)
     names = {}
-    for b in parent:
-        root = b
-        while root in parent:
-            root = parent[root]
-        names[b] = root
+    for start in set(parent) - set(parent.values()):  # each chain from its first value
+        chain = [start]
+        while chain[-1] in parent:
+            chain.append(parent[chain[-1]])
+        written = start if start in inputs else chain[-1]
+        names.update((v, written) for v in chain if v != written)
     return names

@@ -177,17 +177,20 @@ def check_producers(layers: list[tuple[str, list[str], list[str]]], where: str =
             readers[t] = []
 
 
-def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[list[str], list[str]]]:
+def ssa_rename(layers: list[tuple[str, list[str], list[str]]],
+               inputs: Iterable[str] = ()) -> list[tuple[list[str], list[str]]]:
     """SSA names for Caffe's sequential blob semantics.
 
     ``layers`` is [(layer name, bottoms, tops)] in file order, where a top may repeat an existing
     blob name (Caffe's in-place computation). The *last* write of a blob keeps the original name,
     so it means what pycaffe shows under that name (the value after the whole in-place chain) and
-    the net's outputs keep their names. Every earlier write gets a fresh name: the writing layer's
-    name when free, else ``<blob>_<layer>`` (made unique). Returns the renamed (bottoms, tops)
-    per layer.
+    the net's outputs keep their names, except for the network's ``inputs`` (the Input layers'
+    tops): their *first* write keeps the name, so that the models written from the graph are fed
+    as the source is. Every other write gets a fresh name: the writing layer's name when free, else
+    ``<blob>_<layer>`` (made unique). Returns the renamed (bottoms, tops) per layer.
     """
     check_producers(layers)
+    inputs = set(inputs)
     writes: dict[str, int] = {}
     for _, _, tops in layers:
         for t in tops:
@@ -201,8 +204,8 @@ def ssa_rename(layers: list[tuple[str, list[str], list[str]]]) -> list[tuple[lis
         new_tops = []
         for t in tops:
             seen[t] = seen.get(t, 0) + 1
-            if seen[t] == writes[t]:
-                fresh = t  # the final value keeps the original name
+            if seen[t] == (1 if t in inputs else writes[t]):
+                fresh = t  # the final value keeps the original name (an input: the value fed)
             else:
                 base = name if name not in taken else f"{t}_{name}"
                 fresh, i = base, 1

@@ -22,6 +22,47 @@ def test_ssa_rename_in_place_chain():
                        (["scale"], ["conv"]), (["conv"], ["fc"])]
 
 
+def test_ssa_rename_keeps_the_names_of_the_network_inputs():
+    """An in-place layer on an input: the input keeps its name (models are fed by it), the value
+    written over it takes a fresh one."""
+    layers = [("data", [], ["data"]), ("scale", ["data"], ["data"]), ("relu", ["data"], ["data"]),
+              ("fc", ["data"], ["fc"])]
+    assert ssa_rename(layers, inputs=["data"]) == [([], ["data"]), (["data"], ["scale"]), (["scale"], ["relu"]),
+                                                    (["relu"], ["fc"])]
+
+
+def test_models_written_from_a_graph_keep_an_input_written_in_place(tmp_path):
+    """Caffe's and our uninplaced, calibration and saved models are fed under the source's input name,
+    and compute what the source computes."""
+    from amct_caffe.api.outputs import write_graph
+    from amct_caffe.api.workflow import calibrate
+    from amct_caffe.runtime import TEST, Net
+    from tests.passes.helpers import model
+
+    text = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "norm" type: "Scale" bottom: "data" top: "data" scale_param { bias_term: true } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
+"""
+    graph, _ = model(text)
+    files = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
+    write_graph(graph, *files, in_place=True)
+    assert io.read_prototxt(files[0]).layer[1].top == ["data"]  # written in place again, as the source
+    x = np.random.default_rng(0).random((2, 3, 6, 6)).astype(np.float32)
+    want = np.array(Net(*files, TEST).forward(data=x)["conv"])
+    uninplace_model(files[0], str(tmp_path / "u.prototxt"))
+    u = io.read_prototxt(tmp_path / "u.prototxt")
+    assert list(u.layer[0].top) == ["data"] and list(u.layer[1].bottom) == ["data"] and list(u.layer[1].top) != ["data"]
+    np.testing.assert_array_equal(np.array(Net(str(tmp_path / "u.prototxt"), files[1], TEST).forward(data=x)["conv"]),
+                                  want)
+    paths = calibrate(*files, [{"data": x}], str(tmp_path / "q" / "m"), 1, progress=False)
+    for kind in ("fake_quant", "deploy"):
+        net = Net(paths[f"{kind}_model"], paths[f"{kind}_weights"], TEST)
+        assert net.inputs == ["data"], kind
+        got = np.array(net.forward(data=x)["conv"])
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99, kind
+
+
 def test_ssa_rename_avoids_existing_blob_names():
     # layer "a" writes x first, but a blob named "a" exists: the early version becomes "x_a"
     layers = [("a", [], ["x"]), ("relu", ["x"], ["x"]), ("b", ["x"], ["a"])]
