@@ -144,3 +144,22 @@ def test_run_default_top_k_shows_every_class_of_a_two_class_output(capsys, tmp_p
     assert re.search(r"sample 0: top-2 \[\d:\d\.\d{4}, \d:\d\.\d{4}\]", capsys.readouterr().out)
     assert cli.main([*base, "--top-k", "3"]) == 2
     assert "--top-k 3: blob 'prob' has 2 value(s) per sample; give a smaller --top-k" in capsys.readouterr().err
+
+
+def test_run_on_an_output_without_a_row_per_sample(capsys, tmp_path):
+    """A scalar output (a Reduction over everything) is not ranked, and --save keeps it batch by batch."""
+    from amct_caffe.api.outputs import write_graph
+    from tests.passes.helpers import model
+
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }\n'
+            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 3 } }\n'
+            'layer { name: "total" type: "Reduction" bottom: "fc" top: "total" reduction_param { axis: 0 } }\n')
+    graph, _ = model(text)
+    proto, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
+    write_graph(graph, str(proto), str(weights))
+    np.savez(tmp_path / "x.npz", data=np.ones((5, 4), np.float32))
+    code = cli.main(["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"),
+                     "--batch-size", "2", "--save", str(tmp_path / "out.npz"), "--no-progress"])
+    assert code == 0
+    assert "blob 'total' has shape [] for a batch of 2, not one row per sample: nothing to rank" in capsys.readouterr().out
+    assert np.load(tmp_path / "out.npz")["total"].shape == (3,)  # batches of 2, 2 and 1

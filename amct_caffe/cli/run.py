@@ -59,12 +59,18 @@ def detection_rows(table: np.ndarray, first: int) -> np.ndarray:
 
 
 def _save(path, outputs: dict[str, list[np.ndarray]]) -> None:
-    """One array per blob, the batches' parts concatenated (a detection list's rows, as ``(1, 1, K, 7)``)."""
+    """One array per blob, the batches' parts concatenated (a detection list's rows, as ``(1, 1, K, 7)``;
+    a blob without a row per sample, stacked batch by batch)."""
     from amct_caffe.io.files import atomic_output
 
+    def joined(parts):
+        if isinstance(parts, _Rows):
+            return np.concatenate(parts, axis=2)
+        # a blob without a row per sample (a scalar...) is kept batch by batch
+        return np.concatenate(parts) if all(p.ndim for p in parts) else np.stack(parts)
+
     with atomic_output(path) as f:
-        np.savez(f, **{name: np.concatenate(parts, axis=2 if isinstance(parts, _Rows) else 0)
-                       for name, parts in outputs.items()})
+        np.savez(f, **{name: joined(parts) for name, parts in outputs.items()})
 
 
 class _Rows(list):
@@ -115,6 +121,8 @@ def cmd_run(args) -> int:
     if not net.inputs:
         raise AmctError(f"{args.model} declares no input (Input layer or input: field)")
     out_name = args.output or (net.outputs[0] if net.outputs else None)
+    if out_name is None:
+        raise AmctError(f"{args.model} has no output blob (every blob is read by a layer): name one with --output")
     if out_name not in net.blobs:
         raise AmctError(f"--output {out_name}: {args.model} has no blob of that name "
                         f"(its outputs: {', '.join(net.outputs) or 'none'})")
@@ -134,25 +142,30 @@ def cmd_run(args) -> int:
     if labels is not None:
         labels = labels[sel][:n]
     tables = _detection_blobs(net)
-    scores, outputs = [], {name: _Rows() if name in tables else [] for name in saved}
+    scores, outputs, unranked = [], {name: _Rows() if name in tables else [] for name in saved}, None
     batches, done = -(-n // source.batch_size), 0
     for feed in tqdm(every_batch(source), total=batches, desc="forward", unit="batch", disable=not args.progress):
         got = net.forward(blobs=sorted({out_name, *saved}), **feed)
         count = len(next(iter(feed.values())))
+        ranked = np.array(got[out_name])
         if out_name in tables:
-            scores.append(detection_rows(got[out_name], done))
-        else:
-            scores.append(np.array(got[out_name]).reshape(count, -1))
+            scores.append(detection_rows(ranked, done))
+        elif unranked is None and ranked.ndim and ranked.shape[0] == count:
+            scores.append(ranked.reshape(count, -1))
             if len(scores) == 1 and args.top_k is None:  # the default: 3, or every class of a smaller output
                 args.top_k = min(DEFAULT_TOP_K, scores[0].shape[1])
             if len(scores) == 1 and args.top_k > scores[0].shape[1]:
                 raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
                                 "sample; give a smaller --top-k")
+        elif unranked is None:  # no row per sample (a scalar, a batch axis moved): nothing to rank
+            unranked = f"blob '{out_name}' has shape {list(ranked.shape)} for a batch of {count}"
         for name in saved:
             outputs[name].append(detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name]))
         done += count
     if out_name in tables:
         _print_detections(np.concatenate(scores), out_name, min(n, args.show))
+    elif unranked is not None:
+        print(f"{unranked}, not one row per sample: nothing to rank (--output picks another blob)")
     else:
         _print_top(np.concatenate(scores), args.top_k, labels, min(n, args.show))
     if args.save:
