@@ -161,5 +161,6 @@ def test_run_on_an_output_without_a_row_per_sample(capsys, tmp_path):
     code = cli.main(["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"),
                      "--batch-size", "2", "--save", str(tmp_path / "out.npz"), "--no-progress"])
     assert code == 0
-    assert "blob 'total' has shape [] for a batch of 2, not one row per sample: nothing to rank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "blob 'total' has shape [] for a batch of 2, not one row per sample: nothing to rank" in out
     assert np.load(tmp_path / "out.npz")["total"].shape == (3,)  # batches of 2, 2 and 1
