@@ -127,17 +127,24 @@ def test_run_prints_and_saves_a_detection_list(capsys, tmp_path):
     np.testing.assert_allclose(saved.reshape(-1, 7), np.concatenate(want), rtol=1e-5, atol=1e-6)
 
 
-def test_run_default_top_k_shows_every_class_of_a_two_class_output(capsys, tmp_path):
-    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }\n'
-            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }\n'
-            'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
+def _fc_model(tmp_path, outputs: int, last: str, samples: int):
+    """An InnerProduct of ``outputs`` values then the layer text ``last``, with random weights, and a .npz of
+    ``samples`` inputs: (prototxt, caffemodel)."""
     from amct_caffe.api.outputs import write_graph
     from tests.passes.helpers import model
 
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }\n'
+            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+            f'inner_product_param {{ num_output: {outputs} }} }}\n' + last)
     graph, _ = model(text)
     proto, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
     write_graph(graph, str(proto), str(weights))
-    np.savez(tmp_path / "x.npz", data=np.ones((2, 4), np.float32))
+    np.savez(tmp_path / "x.npz", data=np.ones((samples, 4), np.float32))
+    return proto, weights
+
+
+def test_run_default_top_k_shows_every_class_of_a_two_class_output(capsys, tmp_path):
+    proto, weights = _fc_model(tmp_path, 2, 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n', 2)
     base = ["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"),
             "--no-progress"]
     assert cli.main(base) == 0
@@ -148,16 +155,8 @@ def test_run_default_top_k_shows_every_class_of_a_two_class_output(capsys, tmp_p
 
 def test_run_on_an_output_without_a_row_per_sample(capsys, tmp_path):
     """A scalar output (a Reduction over everything) is not ranked, and --save keeps it batch by batch."""
-    from amct_caffe.api.outputs import write_graph
-    from tests.passes.helpers import model
-
-    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }\n'
-            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 3 } }\n'
-            'layer { name: "total" type: "Reduction" bottom: "fc" top: "total" reduction_param { axis: 0 } }\n')
-    graph, _ = model(text)
-    proto, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
-    write_graph(graph, str(proto), str(weights))
-    np.savez(tmp_path / "x.npz", data=np.ones((5, 4), np.float32))
+    proto, weights = _fc_model(tmp_path, 3, 'layer { name: "total" type: "Reduction" bottom: "fc" top: "total" '
+                                            'reduction_param { axis: 0 } }\n', 5)
     code = cli.main(["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "x.npz"),
                      "--batch-size", "2", "--save", str(tmp_path / "out.npz"), "--no-progress"])
     assert code == 0
