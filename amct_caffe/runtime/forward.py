@@ -314,7 +314,8 @@ def _fast_layer_step(net, i: int, shapes: tuple):
     bottoms = [net.blobs[b] for b in bottom_names]
     tops = [net.blobs[t] for t in top_names]
     fwd = layer.prepared_forward([b.shape for b in bottoms])
-    into = layer.prepared_forward_into([b.shape for b in bottoms])
+    # a prepared forward marked takes_outs is its own into-form (Layer.prepared_forward_into)
+    into = fwd if getattr(fwd, "takes_outs", False) else layer.prepared_forward_into([b.shape for b in bottoms])
     if into is not None and len(tops) == 1 and len(bottoms) == 1 and expect[0] is not None:
         return _into_step(into, bottoms[0], tops[0], expect[0], name, top_names[0])
     if len(tops) == 1 and len(bottoms) == 1:

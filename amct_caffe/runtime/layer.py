@@ -141,6 +141,9 @@ class Layer:
         into ``outs[i]`` when that is an array (C-contiguous float32 of the top's shape, which no one else
         holds) and must allocate it when ``outs[i]`` is None. The Net's prepared steps offer the top's
         array of the previous forward (:mod:`.forward`), which saves the page faults of fresh memory.
+        A :meth:`prepared_forward` that already takes ``outs`` (a second argument, default ``(None,)``)
+        says so with a ``takes_outs`` attribute set to True; the Net then uses it for both, and this
+        method is not asked.
         """
         return None
 

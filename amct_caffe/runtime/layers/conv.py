@@ -189,21 +189,14 @@ class _BaseConv(Layer):
                 forward_small.small_op = small.small_op
             return forward_small
 
-        def forward(bottoms, outs=(None,)):  # outs: see prepared_forward_into
+        def forward(bottoms, outs=(None,)):  # outs: see Layer.prepared_forward_into
             blobs = self.blobs
             weight = blobs[0].data
             bias = blobs[1].data if len(blobs) > 1 else None
             plan = conv_plan(x_shape, weight.shape, stride, pad, dilation, group)
             return [plan(bottoms[0], weight, bias, outs[0])]
-        forward.takes_outs = True
+        forward.takes_outs = True  # writes the top into the array offered (Layer.prepared_forward_into)
         return forward
-
-    def prepared_forward_into(self, bottom_shapes):
-        """:meth:`prepared_forward`'s general path, which writes the top into the array offered (Layer's doc)
-        through :meth:`.conv_plan.ConvPlan.__call__`'s ``into``. None where the prepared forward is another call
-        (a small input's native op, which the Net runs with its neighbours in one C++ call) or the layer's own."""
-        forward = self.prepared_forward(bottom_shapes)
-        return forward if getattr(forward, "takes_outs", False) else None
 
     def prepared_small(self, x_shape: tuple, act=None):
         """None, or ``forward(x) -> y`` for a float Convolution of a small ``x_shape`` input, followed by

@@ -348,19 +348,13 @@ class PoolingLayer(Layer):
         args = (MAX, list(k), list(s), list(p), list(out))
         threaded = math.prod(shape) >= THREADED_POOL
 
-        def forward(bottoms, outs=(None,)):  # outs: see prepared_forward_into
+        def forward(bottoms, outs=(None,)):  # outs: see Layer.prepared_forward_into
             return [POOL_KERNEL(np.ascontiguousarray(bottoms[0]), *args, threads.workers() if threaded else 1, outs[0])]
         if SMALL_POOL is not None and not threaded:  # the same kernel in forward.py's runner of native ops
             forward.small_op = (SMALL_POOL(list(shape), *args[1:]), [], False, None)
         else:
-            forward.takes_outs = True
+            forward.takes_outs = True  # writes the top into the array offered (Layer.prepared_forward_into)
         return forward
-
-    def prepared_forward_into(self, bottom_shapes):
-        """:meth:`prepared_forward`'s C++ MAX pooling, which writes the top into the array offered (Layer's doc).
-        None where that forward is another call, or a small op the Net runs with its neighbours in one C++ call."""
-        forward = self.prepared_forward(bottom_shapes)
-        return forward if getattr(forward, "takes_outs", False) else None
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """Caffe's PoolingLayer::Backward_cpu (see :mod:`pooling_grad`); the mask top's diff is unused.
