@@ -8,34 +8,16 @@ executor, compares every blob they share (:mod:`.compare`) and writes ``report.j
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 
-import numpy as np
 from tqdm import tqdm
 
 from amct_caffe import log
 from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.report import write_report
-from amct_caffe.data import DataSource, checked_feeds, open_for_model
-from amct_caffe.errors import AmctError
+from amct_caffe.data import given_feeds
 from amct_caffe.io.paths import reading
 
 _LOG = logging.getLogger(__name__)
-
-
-def _feeds(data, model_file, batch_size: int, batch_num: int, preprocess) -> list[Mapping[str, np.ndarray]]:
-    if isinstance(data, (str, os.PathLike)):
-        data = open_for_model(data, model_file, batch_size, preprocess)
-    if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 0:
-        raise AmctError(f"batch_num must be an integer >= 0 (0: every batch given), got {batch_num!r}")
-    if isinstance(data, DataSource):
-        return list(data.batches(batch_num))
-    feeds = list(checked_feeds(data, "compare_model data")) if data is not None else None
-    if not feeds:
-        raise AmctError("compare_model needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
-                        "a non-empty sequence of {input blob: array} batches")
-    return feeds[:batch_num] if batch_num else feeds
 
 
 def compare_model(model_file, weights_file, quant_model_file, quant_weights_file, data, output_dir,
@@ -55,7 +37,7 @@ def compare_model(model_file, weights_file, quant_model_file, quant_weights_file
     log.setup()
     with reading(model_file=model_file, weights_file=weights_file, quant_model_file=quant_model_file,
                  quant_weights_file=quant_weights_file):
-        feeds = _feeds(data, model_file, batch_size, batch_num, preprocess)
+        feeds = given_feeds(data, model_file, "compare_model", batch_size, batch_num, preprocess)
         bar = tqdm(feeds, desc="compare", unit="batch", disable=not progress)
         reports, summary, comparison = compare_batches(model_file, weights_file, quant_model_file,
                                                        quant_weights_file, bar)

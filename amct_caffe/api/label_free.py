@@ -88,7 +88,7 @@ from tqdm import tqdm
 
 from amct_caffe import log, ops
 from amct_caffe.api.calibration import create_quant_config, save_model
-from amct_caffe.api.label_free_data import Feed, batch_of, fp32_samples, read_feeds
+from amct_caffe.api.label_free_data import Feed, batch_of, fp32_samples
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
 from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
@@ -96,6 +96,7 @@ from amct_caffe.api.outputs import check_save_path, write_graph
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config import RetrainDataConfig, create_retrain_config
+from amct_caffe.data import given_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import check_output, reading
 from amct_caffe.io.schema import caffe_pb
@@ -431,7 +432,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     with reading(model_file=model_file, weights_file=weights_file):
         for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs
             check_output(f"{save_path}{suffix}")
-        feeds = read_feeds(data, model_file, preprocess)
+        feeds = given_feeds(data, model_file, "label_free_retrain", preprocess=preprocess)
         model_batch = batch_of(feeds[0])
         batch = batch_size or model_batch
         samples = sum(batch_of(f) for f in feeds)

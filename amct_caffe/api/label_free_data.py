@@ -1,32 +1,15 @@
-"""Label-free QAT's data: the user's batches, and the FP32 targets cached per sample (steps 2-3 of
-:mod:`amct_caffe.api.label_free`)."""
+"""Label-free QAT's FP32 targets, cached per sample (step 2 of :mod:`amct_caffe.api.label_free`)."""
 
 from __future__ import annotations
 
-import os
 import numpy as np
 
 from amct_caffe.api.compared_outputs import graph_layers, stand_in_outputs
-from amct_caffe.data import DataSource, checked_feeds, open_for_model
 from amct_caffe.errors import AmctError
 from amct_caffe.ir import Graph
 from amct_caffe.runtime import TEST, Net
 
 Feed = dict[str, np.ndarray]
-
-
-def read_feeds(data, model_file, preprocess) -> list[Feed]:
-    """The data as a list of {input: array} batches (a path is opened as ``calibrate --data``, in
-    batches of the model's batch size: a deploy prototxt may fix it, e.g. in a Reshape)."""
-    if isinstance(data, (str, os.PathLike)):
-        data = open_for_model(data, model_file, 0, preprocess)
-    if isinstance(data, DataSource):
-        return list(data.batches())
-    feeds = list(checked_feeds(data, "label_free_retrain data")) if data is not None else []
-    if not feeds:
-        raise AmctError("label_free_retrain needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or "
-                        "a non-empty sequence of {input blob: array} batches")
-    return feeds
 
 
 def batch_of(feed: Feed) -> int:

@@ -13,6 +13,8 @@ sample) and ``batches(batch_num)``.
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,8 +29,8 @@ from amct_caffe.data.record import Record, RecordData, record_files
 from amct_caffe.data.source import DataError, DataSource
 
 __all__ = ["ArrayData", "DataError", "DataSource", "ImageFolder", "LmdbData", "Preprocess", "Record",
-           "RecordData", "checked_feeds", "detect_kind", "model_batch_size", "model_inputs", "normalize",
-           "open_for_model", "open_source", "time_major_inputs", "write_lmdb"]
+           "RecordData", "checked_feeds", "detect_kind", "given_feeds", "model_batch_size", "model_inputs",
+           "normalize", "open_for_model", "open_source", "time_major_inputs", "write_lmdb"]
 
 
 def model_inputs(model_file) -> OrderedDict[str, tuple[int, ...] | None]:
@@ -166,6 +168,25 @@ def open_for_model(path, model_file, batch_size: int = 0,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise DataError(f"batch_size must be an integer >= 0 (0: the model's), got {batch_size!r}")
     return open_source(path, shapes, batch_size or model_batch_size(shapes, time_major), preprocess, time_major)
+
+
+def given_feeds(data, model_file, who: str, batch_size: int = 0, batch_num: int = 0,
+                preprocess=None) -> list[dict[str, np.ndarray]]:
+    """The batches a call of ``who`` (compare_model, label_free_retrain) was given, as a list: a data
+    path read as ``calibrate --data`` reads it (:func:`open_for_model`, ``batch_size`` 0: the
+    model's), a :class:`DataSource`, or the caller's {input: array} batches (:func:`checked_feeds`);
+    the first ``batch_num`` of them (0: all)."""
+    if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 0:
+        raise DataError(f"batch_num must be an integer >= 0 (0: every batch given), got {batch_num!r}")
+    if isinstance(data, (str, os.PathLike)):
+        data = open_for_model(data, model_file, batch_size, preprocess)
+    if isinstance(data, DataSource):
+        return list(data.batches(batch_num or None))
+    feeds = list(itertools.islice(checked_feeds(data, f"{who} data"), batch_num or None)) if data is not None else []
+    if not feeds:
+        raise DataError(f"{who} needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or a "
+                        "non-empty sequence of {input blob: array} batches")
+    return feeds
 
 
 def _open(kind: str, path, inputs, batch_size: int, preprocess) -> DataSource:

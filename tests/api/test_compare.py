@@ -157,3 +157,12 @@ def test_one_batch_may_be_given_as_a_mapping(lenet_report, tmp_path):
     listed = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
                            held_out[:1], tmp_path / "b", progress=False)
     assert one["summary"] == listed["summary"]
+
+
+def test_batch_num_zero_reads_every_batch_of_a_data_path(lenet_report, tmp_path):
+    """batch_num 0 means every batch, for a data path too (it used to ask the source for 0 batches)."""
+    _, paths, _, _ = lenet_report
+    np.savez(tmp_path / "x.npz", data=_digits(0, 96))
+    result = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
+                           str(tmp_path / "x.npz"), tmp_path / "r", batch_size=32, batch_num=0, progress=False)
+    assert result["summary"]["samples"] == 96
