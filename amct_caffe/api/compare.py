@@ -113,9 +113,9 @@ class BlobComparison:
         layers = graph_layers(self.fp32_graph)
         # a detection list (and anything computed from it) changes length with the rounding: its
         # inputs stand for it (compared_outputs)
-        self.uncompared = dynamic_shape_blobs(layers)
+        uncompared = dynamic_shape_blobs(layers)
         self.names = [t for node in self.fp32_graph.nodes for t in node.tops
-                      if t not in inputs and t not in self.uncompared and t in self.quant_net.blobs]
+                      if t not in inputs and t not in uncompared and t in self.quant_net.blobs]
         if not self.names:
             raise AmctError("the float and the quantized model share no blob name: was the quantized model made "
                             "from this float model by amct_caffe?")

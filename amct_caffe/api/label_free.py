@@ -399,7 +399,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     """Quantization-aware training without labels: distil the FP32 model into its INT8 model.
 
     ``model_file`` / ``weights_file``: the float deploy model (Input layers). ``data``: what
-    ``amct-caffe calibrate --data`` takes (a path, read with ``batch_size`` (0: the model's) and
+    ``amct-caffe calibrate --data`` takes (a path, read in batches of the model's batch size with
     ``preprocess``, a :class:`~amct_caffe.data.Preprocess` or its fields) or a sequence of
     {input blob: array} batches (one mapping is one batch). ``iterations``: Adam updates (default:
     ``DEFAULT_EPOCHS`` passes over the data, at least ``MIN_ITERATIONS``), each on ``batch_size``
