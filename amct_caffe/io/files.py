@@ -211,9 +211,29 @@ def parse_prototxt_text(text: str, path: str, message=None):
             hint = (" If this is a custom layer, compile your Caffe's caffe.proto with "
                     "amct_caffe.set_caffe_proto(path) or the AMCT_CAFFE_PROTO environment variable.")
         raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {e}.{hint}") from None
+    _check_required(msg, path)
     if empty:
         _remember(msg, text)
     return msg
+
+
+def _check_required(msg, path) -> None:
+    """Refuse a message lacking fields its schema marks required (the tool's IFMR / SearchN / retrain
+    parameters have some), as Caffe's text parser does; name the layer of each."""
+    missing = msg.FindInitializationErrors()
+    if not missing:
+        return
+    by_layer: dict[str, list[str]] = {}
+    for field in missing:
+        m = re.match(r"layer\[(\d+)\]\.(.*)", field)
+        if m and isinstance(msg, caffe_pb().NetParameter):
+            layer = msg.layer[int(m.group(1))]
+            by_layer.setdefault(f"layer '{layer.name}' ({layer.type})", []).append(m.group(2))
+        else:
+            by_layer.setdefault("the net", []).append(field)
+    what = "; ".join(f"{where} lacks {', '.join(fields)}" for where, fields in by_layer.items())
+    raise ModelFormatError(f"{path}: required field(s) missing: {what}. Caffe refuses such a prototxt too; "
+                           "give every required field (the user guide lists each layer's parameters)")
 
 
 def read_prototxt(path, message=None):

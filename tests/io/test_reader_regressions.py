@@ -7,6 +7,7 @@ import pytest
 
 from amct_caffe import ModelFormatError, io
 from amct_caffe.io import record
+from amct_caffe.runtime import TEST, Net
 
 
 # ------------------------------------------------------------------------------------------ record
@@ -80,3 +81,18 @@ def test_prototxt_text_with_a_lone_surrogate():
     with pytest.raises(ModelFormatError, match=r"p.prototxt: cannot parse prototxt \(in or after layer 'pool1'\): "
                                                r"line 2 holds '\\udc80', which is not valid Unicode text"):
         io.parse_prototxt_text(text, "p.prototxt")  # was SystemError from protobuf's enum lookup
+
+
+def test_prototxt_lacking_a_required_field_names_the_layer_and_fields(tmp_path):
+    # The tool's IFMR parameters are required fields: Caffe's parser refuses a text without them. Ours
+    # parsed it and then failed inside protobuf (EncodeError) the first time the message was serialized.
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+            'layer { name: "conv_ifmr" type: "IFMR" bottom: "data" ifmr_param { batch_num: 1 record_file_path: "r" '
+            'object_layer: "conv" search_range_start: 0.7 search_range_end: 1.3 search_step: 0.01 } }\n')
+    with pytest.raises(ModelFormatError, match=r"m.prototxt: required field\(s\) missing: layer 'conv_ifmr' \(IFMR\) "
+                                               r"lacks ifmr_param.max_percentile, ifmr_param.min_percentile\."):
+        io.parse_prototxt_text(text, "m.prototxt")
+    path = tmp_path / "m.prototxt"
+    path.write_text(text)
+    with pytest.raises(ModelFormatError, match="lacks ifmr_param.max_percentile"):
+        Net(str(path), TEST)
