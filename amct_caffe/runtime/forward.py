@@ -100,13 +100,18 @@ def forward_chain(net, chain, reshape: bool = True) -> None:
         for i in range(chain.first, chain.last + 1):
             net._reshape_layer(i)  # noqa: SLF001
     name = names[chain.first]
-    other = None
-    if chain.residual is not None:  # the Eltwise's other bottom
+    top = net.blobs[net.top_names[name][0]]
+    other = second = None
+    if chain.residual is not None:  # the Eltwise's other bottom, and its top
         other = net.blobs[net.bottom_names[names[chain.residual]][chain.other]].data
-    tops = chain.forward([net.blobs[b].data for b in net.bottom_names[name]], other)
-    net.blobs[net.top_names[name][0]].data = tops[0]
-    if chain.residual is not None:  # the Eltwise's top
-        net.blobs[net.top_names[names[chain.last]][0]].data = tops[1]
+        second = net.blobs[net.top_names[names[chain.last]][0]]
+    # Written into the arrays the tops hold when nothing else does, as the prepared steps are: on the first
+    # forward those are the arrays the reshape just made (not yet touched), so no second set is allocated.
+    into = (_sole_array(top), None if second is None else _sole_array(second))
+    tops = chain.forward([net.blobs[b].data for b in net.bottom_names[name]], other, into)
+    top.data = tops[0]
+    if second is not None:
+        second.data = tops[1]
 
 
 def run(net, start: int, stop: int, produced: list | None = None) -> None:

@@ -163,3 +163,18 @@ def test_the_sole_reference_count_ignores_a_tracer_reading_locals():
     finally:
         sys.settrace(None)
     assert measured == forward_steps._SOLE_REFS == forward_steps._count_one_holder()  # noqa: SLF001
+
+
+def test_the_first_forward_writes_folded_chains_into_the_arrays_the_net_was_built_with(proto):
+    # Net construction sizes every blob; the first forward's folded chains (conv + BatchNorm + Scale + ReLU,
+    # the residual Eltwise + ReLU) write into those arrays instead of allocating a second set.
+    net = _net(proto, "auto")
+    chain_tops = ["conv1", "conv2", "dw", "pw", "sum", "sum2"]
+    built = {name: _address(net.blobs[name].data) for name in chain_tops}
+    x = _inputs(1, seed=2)[0]
+    net.forward(data=x)
+    assert {name: _address(net.blobs[name].data) for name in chain_tops} == built
+    reference = _net(proto, "auto")
+    reference.forward(data=x)
+    for name in LARGE:
+        assert net.blobs[name].data.tobytes() == reference.blobs[name].data.tobytes(), name
