@@ -69,6 +69,9 @@ class Layer:
     # the tool inserts into a trained float model for retraining set this and start from
     # ``param_fillers`` (or, sharing a param, from its owner).
     weights_optional: bool = False
+    # True for a calibration layer, which acts on its net's first batch_num forwards only: such a net
+    # allocates its blobs without numpy's huge-page hint (runtime/memory.py).
+    bounded_run: bool = False
 
     def __init__(self, lp, phase: int = 1):
         self.lp = lp

@@ -36,6 +36,7 @@ from amct_caffe.runtime import forward
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
+from amct_caffe.runtime import memory
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.share_groups import ShareGroups
@@ -168,6 +169,7 @@ class Net:
                                     folding.resolve_mode(self._fold, [lp.type for lp in net_param.layer]),
                                     any(s.need_backward for s in self._plan.steps), self._plan.loss_weights,
                                     set(self._shared_with))
+        self._bounded_run = any(layer.bounded_run for layer in self.layers)  # a calibration net (runtime/memory.py)
         self._seed_loss_diffs()
         for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
             self._share_diffs(i, "reshape")
@@ -306,6 +308,12 @@ class Net:
 
         Keyword arguments set input blobs first; an input of a new shape reshapes the net.
         """
+        if self._bounded_run:  # a calibration net: its blobs without numpy's huge-page hint (runtime/memory.py)
+            with memory.hint_off():
+                return self._forward(blobs, start, end, kwargs)
+        return self._forward(blobs, start, end, kwargs)
+
+    def _forward(self, blobs, start, end, kwargs: dict):
         for name, value in kwargs.items():
             name = self._input_aliases.get(name, name)
             if name not in self.blobs:

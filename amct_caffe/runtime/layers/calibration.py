@@ -80,6 +80,7 @@ class _Collector(Layer):
     """A calibration layer: no top, acts on the first ``batch_num`` forwards, then does nothing."""
 
     num_tops = 0
+    bounded_run = True
 
     def _setup(self, batch_num: int, record_file_path: str, targets, what: str) -> None:
         if batch_num < 1:

@@ -1,0 +1,52 @@
+"""numpy's huge-page hint, left out of the blobs of calibration nets.
+
+numpy asks Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``) on every array of 4 MiB or
+more. A net's first forward allocates its blobs and writes them for the first time (open_nsfw batch
+8: 268 MiB); later forwards write into the same arrays. Measured on the 2-core virtual machine of
+docs/performance.md (THP ``enabled`` and ``defrag`` both ``madvise``), open_nsfw batch 8:
+
+* first forward 1.31-1.82 s with the hint (1.1 s of it system time faulting in huge pages), 0.42-0.48 s
+  without it;
+* later forwards 0.218-0.239 s with the hint, 0.228-0.247 s without (huge pages spare TLB misses:
+  about 4 % of a warm forward).
+
+So the hint pays for a net that runs many forwards and costs a net that runs a few. A net holding
+calibration layers (IFMR, SearchN: ``Layer.bounded_run``) exists for its ``batch_num`` forwards, one
+by default, so the Net allocates its blobs with the hint off (:func:`hint_off`, around the forwards
+that reshape its blobs); every other net keeps numpy's setting. ``AMCT_NUMPY_HUGEPAGE=1`` keeps the
+hint for calibration nets too. The hint decides where the kernel places an array, never its values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+
+def _hint_switch():
+    """numpy's private switch (``_set_madvise_hugepage``, numpy 1.20+; it returns the setting it
+    replaces), or None where it is missing."""
+    for core in ("_core", "core"):  # numpy 2 renamed numpy.core
+        multiarray = getattr(getattr(np, core, None), "multiarray", None)
+        switch = getattr(multiarray, "_set_madvise_hugepage", None)
+        if switch is not None:
+            return switch
+    return None
+
+
+_SWITCH = _hint_switch()
+
+
+@contextlib.contextmanager
+def hint_off():
+    """numpy's huge-page hint off inside the block (unless ``AMCT_NUMPY_HUGEPAGE=1``), as before after it."""
+    if _SWITCH is None or os.environ.get("AMCT_NUMPY_HUGEPAGE", "").strip() == "1":
+        yield
+        return
+    before = _SWITCH(False)
+    try:
+        yield
+    finally:
+        _SWITCH(before)
