@@ -90,12 +90,18 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   with the fill on the main thread, and the first one 0.1-0.25 s more. For 1.5x the four calibration
   forwards and the steps would have to fit in 1.5 x 0.82 = 1.23 s; the exact forwards alone take 0.98 s
   (no Winograd there: records equal to patched Caffe's).
+* then (a calibration model allocates its blobs without numpy's huge-page hint, runtime/memory.py; folded
+  chains write into the arrays the reshape made on the first forward too; this script imports the API
+  module before the clock starts, as the FP32 side's modules are, and no longer echoes the library's
+  INFO records through a root handler), OPENBLAS_NUM_THREADS=1, four runs each [load 0.5-0.9, a slower
+  day: FP32 forwards 0.95-1.01 s]: 1.87-1.93x, against 2.22-2.37x with the hint kept
+  (AMCT_NUMPY_HUGEPAGE=1); peak 477 MiB either way. With the hint, open_nsfw's first forward spent 1.1 s
+  of system time faulting huge pages in on this virtual machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import resource
 import sys
@@ -110,8 +116,6 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("AMCT_LOG_LEVEL", "ERROR")  # before amct_caffe configures its logging
 from benchmarks.executor import MODELS  # noqa: E402
 
-_LOG = logging.getLogger("benchmark")
-
 
 def _timed(times: dict, name: str, fn):
     start = time.perf_counter()
@@ -122,6 +126,7 @@ def _timed(times: dict, name: str, fn):
 
 def run(model: str, batches: int) -> dict:
     import amct_caffe as amct
+    import amct_caffe.api.calibration  # noqa: F401 - imported before the clock starts, as the FP32 side's modules are
     from amct_caffe.runtime import TEST, Net
 
     proto, weights, blob, shape = (str(v) if isinstance(v, Path) else v for v in MODELS[model])
@@ -164,7 +169,6 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="open_nsfw", choices=sorted(MODELS))
     ap.add_argument("--batches", type=int, default=4)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     load = os.getloadavg()[0]
     r = run(args.model, args.batches)
     print(f"{args.model}, {args.batches} batches [load {load:.1f} -> {os.getloadavg()[0]:.1f}]")  # noqa: T201
