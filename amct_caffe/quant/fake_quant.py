@@ -68,13 +68,17 @@ def dequantize(q: np.ndarray, scale: float, offset: int = 0) -> np.ndarray:
 
 
 def fake_quant(x: np.ndarray, scale: float, offset: int = 0, num_bits: int = 8, *,
-               backend: str | None = None) -> np.ndarray:
-    """float32 ``x`` -> float32 ``(clamp(round(x/s)+o, qmin, qmax) - o) * s``, same shape."""
+               backend: str | None = None, into: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``x`` -> float32 ``(clamp(round(x/s)+o, qmin, qmax) - o) * s``, same shape.
+
+    ``into``: an array the kernel may write the result into instead of fresh memory (used only when it
+    is float32, C-contiguous, writeable, of ``x``'s shape and not ``x``'s memory; else ignored).
+    """
     num_bits = check_num_bits(num_bits, 2, 16, "fake_quant")
     s, o = _check_scale(scale), _check_offset(offset, num_bits)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if resolve(backend) == "kernel":
-        return call_kernel("fake_quant", x, float(s), o, num_bits)
+        return call_kernel("fake_quant", x, float(s), o, num_bits, into)
     qmin, qmax = qrange(num_bits)
     q = np.clip(round_half_away(x / s) + np.float32(o), qmin, qmax)
     return ((q - np.float32(o)) * s).astype(np.float32)

@@ -45,9 +45,9 @@ py::array quantize(const py::handle& x_obj, float scale, int offset, int num_bit
   return std::move(q);
 }
 
-py::array_t<float> fake_quant(const py::handle& x_obj, float scale, int offset, int num_bits) {
+py::array_t<float> fake_quant(const py::handle& x_obj, float scale, int offset, int num_bits, const py::object& into) {
   auto x = checked<float>(x_obj, "x");
-  py::array_t<float> out(shape_of(x));
+  auto out = amct_py::output_into(into, shape_of(x), {&x});
   auto* op = out.mutable_data();
   py::gil_scoped_release release;
   amct::fake_quant(x.data(), op, size_of(x), scale, offset, num_bits);
@@ -254,7 +254,8 @@ py::tuple ulq_backward(const py::handle& x_obj, const py::handle& g_obj, float c
 
 void register_quant(py::module_& m) {
   m.def("quantize", &quantize, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
-  m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"));
+  m.def("fake_quant", &fake_quant, py::arg("x"), py::arg("scale"), py::arg("offset"), py::arg("num_bits"),
+        py::arg("into") = py::none());
   m.def("pack_deq_scale", &pack_deq_scale, py::arg("scale_w"), py::arg("scale_d"), py::arg("offset_w"));
   m.def("unpack_deq_scale", &unpack_deq_scale, py::arg("param"));
   m.def("ifmr_search", &ifmr_search, py::arg("chunks"), py::arg("num_bits"), py::arg("with_offset"),

@@ -1,6 +1,7 @@
 #include "amct/fake_quant.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -38,11 +39,34 @@ void quantize(const float* x, std::int16_t* q, std::size_t n, float scale, int o
   quantize_to(x, q, n, scale, offset, num_bits);
 }
 
+// out = (clamp(round(x / scale) + offset, qmin, qmax) - offset) * scale, as quantize_one, in a form the
+// compiler vectorizes (quantize_one's std::round is a libm call per value): with v = x / scale (the same
+// division) and lo = qmin - offset, hi = qmax - offset (integers, exact in float),
+//   * v is first clamped to [lo - 1, hi + 1]: the rounded value is clamped to [lo, hi] anyway, and the
+//     clamp keeps v within int range for the truncation below (inf clamps like any large value);
+//   * round half away from zero = t + [d >= 0.5] - [d <= -0.5], t = trunc(v) (an int conversion), d = v - t
+//     (exact: v and t are within 1 of each other and below 2^17);
+//   * (q - offset) with q = r + offset is r exactly (small integers), so out = r * scale;
+//   * a NaN x gives v, the NaN quantize_one's arithmetic would carry through, bit for bit.
+// The bytes equal quantize_one's for every float32 input (tests/quant/test_fake_quant_kernel.py).
 void fake_quant(const float* in, float* out, std::size_t n, float scale, int offset, int num_bits) {
   check_uniform_args(scale, offset, num_bits);
-  const float qmin = static_cast<float>(qmin_of(num_bits)), qmax = static_cast<float>(qmax_of(num_bits));
   const float off = static_cast<float>(offset);
-  for (std::size_t i = 0; i < n; ++i) out[i] = (quantize_one(in[i], scale, off, qmin, qmax) - off) * scale;
+  const float lo = static_cast<float>(qmin_of(num_bits)) - off, hi = static_cast<float>(qmax_of(num_bits)) - off;
+  const float below = lo - 1.0f, above = hi + 1.0f;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = in[i] / scale;
+    const bool nan = v != v;
+    float c = v < below ? below : v;
+    c = c > above ? above : c;
+    c = nan ? 0.0f : c;
+    const float t = static_cast<float>(static_cast<std::int32_t>(c));
+    const float d = c - t;
+    float r = t + (d >= 0.5f ? 1.0f : 0.0f) - (d <= -0.5f ? 1.0f : 0.0f);
+    r = r < lo ? lo : r;
+    r = r > hi ? hi : r;
+    out[i] = nan ? v : r * scale;
+  }
 }
 
 void pack_deq_scale(const float* scale_w, float scale_d, const std::int8_t* offset_w,

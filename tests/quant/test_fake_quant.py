@@ -47,6 +47,39 @@ def test_kernel_matches_reference_adversarial(name, x):
     for scale, offset, bits in [(0.5, 0, 8), (1e-3, -20, 8), (0.02, 100, 16)]:
         np.testing.assert_array_equal(quantize(x, scale, offset, bits, backend="reference"),
                                       quantize(x, scale, offset, bits, backend="kernel"))
+        with np.errstate(invalid="ignore"):  # (the NumPy reference on NaN / inf inputs)
+            reference = fake_quant(x, scale, offset, bits, backend="reference")
+        assert fake_quant(x, scale, offset, bits, backend="kernel").tobytes() == reference.tobytes()
+
+
+@requires_kernels
+def test_fake_quant_kernel_rounds_ties_and_edges_like_the_reference():
+    # The kernel rounds with an int conversion instead of std::round (so that the loop vectorizes):
+    # every tie, value next to a tie, the clamp edges, both zeros, infinities and NaN payloads as the reference.
+    scale = np.float32(0.0123)
+    ties = np.arange(-300, 300, 0.5, dtype=np.float32) * scale
+    near = np.concatenate([np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))])
+    nans = np.array([0x7FC00001, 0xFFC12345, 0x7F800001], np.uint32).view(np.float32)
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 1e-40, -1e-40], np.float32)
+    x = np.concatenate([ties, near, nans, special])
+    for s, offset, bits in [(scale, 0, 8), (scale, -128, 8), (scale, 127, 8), (np.float32(1.0), 5, 4),
+                            (np.float32(3.3e-5), 100, 16), (np.float32(7.0), 0, 2)]:
+        with np.errstate(invalid="ignore"):
+            reference = fake_quant(x, float(s), offset, bits, backend="reference")
+        assert fake_quant(x, float(s), offset, bits, backend="kernel").tobytes() == reference.tobytes()
+
+
+@requires_kernels
+def test_fake_quant_writes_into_an_array_that_fits_only():
+    x = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)
+    want = fake_quant(x, 0.1, -3, 8, backend="reference")
+    into = np.full_like(x, np.nan)
+    assert fake_quant(x, 0.1, -3, 8, backend="kernel", into=into) is into and into.tobytes() == want.tobytes()
+    for other in (np.empty((2, 3, 5), np.float32), np.empty(x.shape, np.float64), x):  # shape, dtype, the input
+        before = other.copy()
+        out = fake_quant(x, 0.1, -3, 8, backend="kernel", into=other)
+        assert out is not other and out.tobytes() == want.tobytes()
+        assert other.tobytes() == before.tobytes()
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=requires_kernels)])

@@ -144,6 +144,18 @@ def test_quant_fake_mode_in_net_with_float_weights():
     np.testing.assert_array_equal(net.blobs["data_quant"].data, quant_ref(x, 20.0, -10, 8, integer=False))
 
 
+def test_quant_fake_mode_rewrites_its_top_in_place_on_later_forwards():
+    w = RNG.standard_normal((3, 2, 2, 2)).astype(np.float32)
+    net = build_net(QUANT_NET, weights={"conv": [w, np.zeros(3, np.float32)]})
+    xs = [(RNG.standard_normal((2, 2, 4, 4)) * 3).astype(np.float32) for _ in range(3)]
+    net.forward(data=xs[0])
+    net.forward(data=xs[1])  # the prepared steps from here on
+    address = net.blobs["data_quant"].data.__array_interface__["data"][0]
+    net.forward(data=xs[2])
+    assert net.blobs["data_quant"].data.__array_interface__["data"][0] == address
+    np.testing.assert_array_equal(net.blobs["data_quant"].data, quant_ref(xs[2], 20.0, -10, 8, integer=False))
+
+
 # ------------------------------------------------------------------ DeQuant
 def dequant_layer(blobs, channel_wise=True):
     flag = str(channel_wise).lower()

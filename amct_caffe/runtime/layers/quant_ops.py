@@ -164,6 +164,15 @@ class QuantLayer(Layer):
     def forward(self, bottoms):
         return [Quant(bottoms[0], self.scale, self.offset, self.num_bits_d, self.integer)]
 
+    def prepared_forward_into(self, bottom_shapes):
+        if self.integer:
+            return None
+        scale_d, offset, num_bits = self.scale_d, self.offset, self.num_bits_d
+
+        def quant_into(bottoms, outs):  # fake_quant's kernel writes into the top's array of the last forward
+            return [fake_quant(bottoms[0], scale_d, offset, num_bits, into=outs[0])]
+        return quant_into
+
 
 @register("AntiQuant")
 class AntiQuantLayer(Layer):
