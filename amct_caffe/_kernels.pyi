@@ -18,7 +18,7 @@ I32 = npt.NDArray[np.int32]
 U64 = npt.NDArray[np.uint64]
 
 def quantize(x: F32, scale: float, offset: int, num_bits: int) -> I8 | npt.NDArray[np.int16]: ...
-def fake_quant(x: F32, scale: float, offset: int, num_bits: int) -> F32: ...
+def fake_quant(x: F32, scale: float, offset: int, num_bits: int, into: F32 | None = None) -> F32: ...
 def pack_deq_scale(scale_w: F32, scale_d: float, offset_w: I8) -> U64: ...
 def unpack_deq_scale(param: U64) -> tuple[F32, I8]: ...
 def ifmr_search(
@@ -111,6 +111,9 @@ def max_pool2d_backward(
 
 def channel_sums(a: F32, b: F32 | None, threads: int) -> tuple[F64, F64 | None]:
     """a, b (N, C, S) -> (sum of a, sum of a*b) per channel, accumulated in double."""
+
+def blob_stats(a: F32, b: F32, rows: int, threads: int) -> tuple[F64, F64, F64, F64, float]:
+    """a, b (rows, cols) -> per row sums of a*b, a*a, b*b, (a-b)^2 in double; max abs(a - b)."""
 
 def batch_norm_backward(dy: F32, x_norm: F32, std: F32, sum_dy: F32, sum_dyx: F32, inv_m: float, threads: int) -> F32:
     """(N, C, S): (dy - (x_norm * sum_dyx[c] + sum_dy[c]) * inv_m) / std[c], each operation rounded."""

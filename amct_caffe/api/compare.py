@@ -37,7 +37,14 @@ from amct_caffe.api.compared_outputs import dynamic_shape_blobs, graph_layers, s
 from amct_caffe.errors import AmctError
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.ir import Graph
-from amct_caffe.runtime import TEST, Net
+from amct_caffe.runtime import TEST, Net, threads
+
+try:  # csrc/src/blob_stats.cpp
+    from amct_caffe._kernels import blob_stats as BLOB_STATS_KERNEL
+except ImportError:
+    BLOB_STATS_KERNEL = None
+
+THREADED_VALUES = 1 << 18  # below this many values the C++ loop runs on one thread
 
 _LOG = logging.getLogger(__name__)
 Feed = Mapping[str, np.ndarray]
@@ -79,10 +86,33 @@ def sample_rows(a: np.ndarray, n: int) -> np.ndarray:
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of the rows of two (N, D) arrays in float64; 1 where both rows are zero, 0 where one is."""
     a, b = a.astype(np.float64), b.astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = np.einsum("ij,ij->i", a, b)
+    return _cosine(np.einsum("ij,ij->i", a, b), np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b))
+
+
+def _cosine(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
+    """cos = dot / (|a| |b|) per row from the sums; 1 where both rows are zero, 0 where one is."""
+    na, nb = np.sqrt(aa), np.sqrt(bb)
     both_zero = (na == 0) & (nb == 0)
     return np.where(both_zero, 1.0, dot / np.maximum(na * nb, np.finfo(np.float64).tiny))
+
+
+def blob_error_sums(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                     float]:
+    """``(dot, aa, bb, dd, max_abs)`` of an FP32 blob ``x`` and its quantized ``y`` over the rows of
+    :func:`sample_rows` (float64, one per row: sum a*b, a*a, b*b, (a-b)^2; max |a - b| over all).
+
+    float32 blobs go through one pass of a C++ loop (``csrc/src/blob_stats.cpp``, fixed summation order);
+    other dtypes (a deploy model's float64 accumulators) through the NumPy expressions, the reference.
+    """
+    rows = n if x.ndim and x.shape[0] == n else 1
+    if (BLOB_STATS_KERNEL is not None and x.dtype == np.float32 and y.dtype == np.float32 and x.size
+            and x.flags.c_contiguous and y.flags.c_contiguous):
+        workers = threads.workers() if x.size >= THREADED_VALUES else 1
+        return BLOB_STATS_KERNEL(x, y, rows, workers)
+    a, b = sample_rows(x, n), sample_rows(y, n)
+    d = a - b
+    return (np.einsum("ij,ij->i", a, b), np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b),
+            np.einsum("ij,ij->i", d, d), float(np.max(np.abs(d))) if d.size else 0.0)
 
 
 def _is_classifier(shape: tuple[int, ...]) -> bool:
@@ -137,13 +167,13 @@ class BlobComparison:
                                 f"{list(x.shape)} in the float model")
             acc = self.acc[name]
             acc.shape = tuple(x.shape)
-            a, b = sample_rows(x, n), sample_rows(y, n)
-            acc.cosines.append(cosine_rows(a, b))
-            d = a - b
-            acc.max_abs = max(acc.max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
-            acc.ref_sq += float(np.sum(a * a))
-            acc.diff_sq += float(np.sum(d * d))
+            dot, aa, bb, dd, max_abs = blob_error_sums(x, y, n)
+            acc.cosines.append(_cosine(dot, aa, bb))
+            acc.max_abs = max(acc.max_abs, max_abs) if not math.isnan(max_abs) else math.nan
+            acc.ref_sq += float(np.sum(aa))
+            acc.diff_sq += float(np.sum(dd))
             if name in self.net_outputs and _is_classifier(x.shape):  # not a stand-in (box offsets)
+                a, b = sample_rows(x, n), sample_rows(y, n)
                 acc.top1_same += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
                 acc.top1_total += a.shape[0]
 

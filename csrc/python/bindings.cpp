@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "amct/blob_stats.h"
 #include "amct/channel_ops.h"
 #include "amct/conv_backward.h"
 #include "amct/conv_cols.h"
@@ -174,6 +175,22 @@ py::tuple channel_sums(const py::handle& a_obj, const py::handle& b_obj, int thr
     amct::channel_sums(a.data(), bp, shape, sa, sab, threads);
   }
   return py::make_tuple(sum_a, product ? py::object(sum_ab) : py::object(py::none()));
+}
+
+py::tuple blob_stats(const py::handle& a_obj, const py::handle& b_obj, std::size_t rows, int threads) {
+  auto a = checked<float>(a_obj, "a");
+  auto b = checked<float>(b_obj, "b");
+  const std::size_t n = size_of(a);
+  if (size_of(b) != n) throw py::value_error("blob_stats: a and b must have one size");
+  if (rows == 0 || n % rows) throw py::value_error("blob_stats: rows must divide the size");
+  py::array_t<double> dot(rows), aa(rows), bb(rows), dd(rows);
+  const amct::RowSums sums{dot.mutable_data(), aa.mutable_data(), bb.mutable_data(), dd.mutable_data()};
+  double max_abs;
+  {
+    py::gil_scoped_release release;
+    max_abs = amct::blob_stats(a.data(), b.data(), rows, n / rows, sums, threads);
+  }
+  return py::make_tuple(dot, aa, bb, dd, max_abs);
 }
 
 py::array_t<float> batch_norm_backward(const py::handle& dy_obj, const py::handle& xn_obj, const py::handle& std_obj,
@@ -398,6 +415,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("max_pool2d_backward", &max_pool2d_backward, py::arg("dy"), py::arg("mask"), py::arg("in_hw"),
         py::arg("kernel"), py::arg("stride"), py::arg("pad"), py::arg("threads"));
   m.def("channel_sums", &channel_sums, py::arg("a"), py::arg("b"), py::arg("threads"));
+  m.def("blob_stats", &blob_stats, py::arg("a"), py::arg("b"), py::arg("rows"), py::arg("threads"));
   m.def("batch_norm_backward", &batch_norm_backward, py::arg("dy"), py::arg("x_norm"), py::arg("std"),
         py::arg("sum_dy"), py::arg("sum_dyx"), py::arg("inv_m"), py::arg("threads"));
   m.def("sgd_update", &sgd_update, py::arg("weight"), py::arg("diff"), py::arg("history"), py::arg("decay"),

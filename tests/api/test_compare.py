@@ -166,3 +166,25 @@ def test_batch_num_zero_reads_every_batch_of_a_data_path(lenet_report, tmp_path)
     result = compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
                            str(tmp_path / "x.npz"), tmp_path / "r", batch_size=32, batch_num=0, progress=False)
     assert result["summary"]["samples"] == 96
+
+
+def test_blob_error_sums_kernel_equals_the_numpy_expressions_on_any_thread_count(monkeypatch):
+    from amct_caffe.api import compare
+    if compare.BLOB_STATS_KERNEL is None:
+        pytest.skip("the C++ extension is not built")
+    rng = np.random.default_rng(3)
+    for shape, n in [((8, 16, 30, 30), 8), ((3, 40000, 3), 3), ((1, 5), 1), ((7,), 2), ((4, 3), 4)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = (x + rng.standard_normal(shape).astype(np.float32) * np.float32(0.01)).astype(np.float32)
+        got = [compare.BLOB_STATS_KERNEL(x, y, compare.sample_rows(x, n).shape[0], t) for t in (1, 2, 3)]
+        assert all(np.array_equal(np.stack(g[:4]), np.stack(got[0][:4])) and g[4] == got[0][4] for g in got)
+        monkeypatch.setattr(compare, "BLOB_STATS_KERNEL", None)
+        reference = compare.blob_error_sums(x, y, n)  # the NumPy expressions
+        monkeypatch.undo()
+        for k, r in zip(compare.blob_error_sums(x, y, n), reference, strict=True):
+            np.testing.assert_allclose(k, r, rtol=1e-12, atol=0)
+    x = np.zeros((2, 5), np.float32)
+    y = x.copy()
+    y[1, 2] = np.nan
+    dot, aa, bb, dd, max_abs = compare.blob_error_sums(x, y, 2)
+    assert np.isnan(max_abs) and np.isnan(dot[1]) and dd[0] == 0 and bb[0] == 0
