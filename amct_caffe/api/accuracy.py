@@ -16,10 +16,12 @@ from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.report import write_report
 from amct_caffe.data import given_feeds
 from amct_caffe.io.paths import reading
+from amct_caffe.runtime.memory import few_forwards
 
 _LOG = logging.getLogger(__name__)
 
 
+@few_forwards
 def compare_model(model_file, weights_file, quant_model_file, quant_weights_file, data, output_dir,
                   batch_size: int = 0, batch_num: int = 1, preprocess=None, progress: bool = True,
                   dump: bool = False) -> dict:

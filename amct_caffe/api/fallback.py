@@ -56,6 +56,7 @@ from amct_caffe.io.paths import reads
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
 from amct_caffe.runtime import TEST, Net
+from amct_caffe.runtime.memory import few_forwards
 
 _LOG = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
@@ -231,6 +232,7 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
 
 
 @reads("model_file", "weights_file", "config_file", "config_defination")
+@few_forwards
 def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_path, batch_num: int,
                             eval_batches=None, target_cosine: float = 0.9995, max_float_layers: int = 16,
                             config_file=None, config_defination=None, activation_offset: bool = True,

@@ -10,16 +10,23 @@ docs/performance.md (THP ``enabled`` and ``defrag`` both ``madvise``), open_nsfw
 * later forwards 0.218-0.239 s with the hint, 0.228-0.247 s without (huge pages spare TLB misses:
   about 4 % of a warm forward).
 
-So the hint pays for a net that runs many forwards and costs a net that runs a few. A net holding
-calibration layers (IFMR, SearchN: ``Layer.bounded_run``) exists for its ``batch_num`` forwards, one
-by default, so the Net allocates its blobs with the hint off (:func:`hint_off`, around the forwards
-that reshape its blobs); every other net keeps numpy's setting. ``AMCT_NUMPY_HUGEPAGE=1`` keeps the
-hint for calibration nets too. The hint decides where the kernel places an array, never its values.
+So the hint pays for a net that runs many forwards and costs a net that runs a few. It is off
+(:func:`hint_off`) for
+
+* a net holding calibration layers (IFMR, SearchN: ``Layer.bounded_run``), which exists for its
+  ``batch_num`` forwards, one by default: the Net runs its forwards inside :func:`hint_off`;
+* the nets of the calls that build nets for a few forwards each (:func:`few_forwards`): the accuracy
+  report (``compare_model``: open_nsfw, 2 batches of 8, 9.9-10.9 s with the hint, 5.8-6.2 s without)
+  and the fallback search.
+
+Every other net (a user's, training, ``amct-caffe run``) keeps numpy's setting. ``AMCT_NUMPY_HUGEPAGE=1``
+keeps the hint everywhere. The hint decides where the kernel places an array, never its values.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import numpy as np
@@ -50,3 +57,13 @@ def hint_off():
         yield
     finally:
         _SWITCH(before)
+
+
+def few_forwards(fn):
+    """Decorator: ``fn`` builds nets that it runs a few times each; their blobs are allocated with the
+    hint off (module doc)."""
+    @functools.wraps(fn)
+    def with_hint_off(*args, **kwargs):
+        with hint_off():
+            return fn(*args, **kwargs)
+    return with_hint_off

@@ -60,3 +60,35 @@ def test_other_nets_and_the_opt_out_keep_numpys_hint(tmp_path, hint_seen, monkey
     hint_seen.clear()
     net.forward(data=np.ones((4, 2, 3, 3), np.float32))
     assert hint_seen and all(hint_seen)
+
+
+def test_calls_that_run_nets_a_few_times_make_their_blobs_with_the_hint_off(tmp_path, hint_seen):
+    net = _net(tmp_path, FLOAT)
+
+    @memory.few_forwards
+    def report(x):
+        """Runs a float net twice."""
+        net.forward(data=x)
+        return net.forward(data=x + 1)["out"].copy()
+
+    hint_seen.clear()
+    out = report(np.ones((3, 2, 3, 3), np.float32))
+    assert hint_seen and not any(hint_seen)
+    assert out.min() == 2 and report.__doc__ == "Runs a float net twice."
+    assert memory._SWITCH(True) is True  # noqa: SLF001 - back on after the call
+
+
+def test_the_accuracy_report_is_such_a_call(tmp_path, hint_seen):
+    from amct_caffe.api.accuracy import compare_model
+    from amct_caffe.api.workflow import calibrate
+    from tests.golden import SHARED
+    model = SHARED / "models" / "lenet_mnist" / "lenet.prototxt"
+    weights = SHARED / "models" / "lenet_mnist" / "lenet_iter_10000.caffemodel"
+    if not weights.exists():
+        pytest.skip("shared LeNet not available")
+    batches = [{"data": np.random.default_rng(0).random((2, 1, 28, 28)).astype(np.float32)}]
+    q = calibrate(str(model), str(weights), batches, str(tmp_path / "q"), 1, progress=False)
+    hint_seen.clear()
+    compare_model(str(model), str(weights), q["fake_quant_model"], q["fake_quant_weights"], batches,
+                  str(tmp_path / "report"), progress=False)
+    assert hint_seen and not any(hint_seen)
