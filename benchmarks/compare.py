@@ -11,13 +11,15 @@ run by a plain Net in the same process just before (a warm-up forward untimed).
 Figures (2-core machine, OPENBLAS_NUM_THREADS=1, open_nsfw, 2 batches of 8; FP32 forwards of the two
 batches 0.45-0.5 s):
 
-* before (main of 2026-12-06: per-blob statistics in NumPy float64 copies, histograms drawn as bars,
-  a forward run again for the plots, numpy's huge-page hint on the report's nets): 14.1-17.5 s
-  end to end, the report 4.4-4.7 s of it;
+* before (main of 2026-12-06, 1967818: per-blob statistics in NumPy float64 copies, histograms drawn
+  as bars, a forward run again for the plots, numpy's huge-page hint on the report's nets), three runs
+  interleaved with the code below: 14.85-15.47 s end to end, the report 4.09-4.26 s of it;
 * now (one C++ pass per blob pair for the statistics, csrc/src/blob_stats.cpp; the fake-quant layers
   vectorized and writing into their tops; histograms drawn as one step outline; the plots from the
-  last batch compared; the report's nets without the huge-page hint, runtime/memory.py): 5.65-6.2 s,
-  the report 2.5-2.9 s of it.
+  last batch compared; the report's nets without the huge-page hint, runtime/memory.py): 7.31-9.25 s,
+  the report 2.81-3.23 s of it. Most of what is left: the two SSA nets' first forwards on fresh memory
+  (767 MiB of blobs in the FP32 one, 1041 MiB in the fake-quant one, of which the 122 blobs compared
+  are 415 MiB), and matplotlib laying out the nine plots.
 """
 
 from __future__ import annotations

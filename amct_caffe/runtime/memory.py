@@ -16,7 +16,8 @@ So the hint pays for a net that runs many forwards and costs a net that runs a f
 * a net holding calibration layers (IFMR, SearchN: ``Layer.bounded_run``), which exists for its
   ``batch_num`` forwards, one by default: the Net runs its forwards inside :func:`hint_off`;
 * the nets of the calls that build nets for a few forwards each (:func:`few_forwards`): the accuracy
-  report (``compare_model``: open_nsfw, 2 batches of 8, 9.9-10.9 s with the hint, 5.8-6.2 s without)
+  report (``compare_model``: open_nsfw, 2 batches of 8, three runs each interleaved, 9.1-10.6 s with
+  the hint, 8.4-10.0 s without; in an earlier hour of the same machine 9.9-10.9 s against 5.8-6.2 s)
   and the fallback search.
 
 Every other net (a user's, training, ``amct-caffe run``) keeps numpy's setting. ``AMCT_NUMPY_HUGEPAGE=1``
