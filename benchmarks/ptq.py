@@ -96,8 +96,8 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   INFO records through a root handler), OPENBLAS_NUM_THREADS=1, four runs each [load 0.5-0.9, a slower
   day: FP32 forwards 0.95-1.01 s]: 1.87-1.93x, against 2.22-2.37x with the hint kept
   (AMCT_NUMPY_HUGEPAGE=1); peak 477 MiB either way. An hour later, three rounds interleaved [load 0.9]:
-  1.91x / 2.29x / 2.02x against 2.27x / 2.15x / 2.08x with the hint kept. With the hint, open_nsfw's first forward spent 1.1 s
-  of system time faulting huge pages in on this virtual machine.
+  1.91x / 2.29x / 2.02x against 2.27x / 2.15x / 2.08x with the hint kept. With the hint, open_nsfw's
+  first forward spent 1.1 s of system time faulting huge pages in on this virtual machine.
 """
 
 from __future__ import annotations

@@ -16,43 +16,40 @@ struct ChunkSums {
   bool nan = false;
 };
 
-// Eight lanes per quantity, each lane summing every eighth value, combined in lane order at the end.
-ChunkSums chunk_sums(const float* a, const float* b, std::size_t n) {
-  constexpr std::size_t kLanes = 8;
-  double dot[kLanes] = {}, aa[kLanes] = {}, bb[kLanes] = {}, dd[kLanes] = {}, mx[kLanes] = {};
+// One lane's running sums.
+struct Lane {
+  double dot = 0, aa = 0, bb = 0, dd = 0, max_abs = 0;
   bool nan = false;
-  std::size_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (std::size_t k = 0; k < kLanes; ++k) {
-      const double x = a[j + k], y = b[j + k], d = x - y;
-      dot[k] += x * y;
-      aa[k] += x * x;
-      bb[k] += y * y;
-      dd[k] += d * d;
-      const double ad = std::fabs(d);
-      mx[k] = ad > mx[k] ? ad : mx[k];
-      nan |= d != d;
-    }
-  }
-  for (std::size_t k = 0; j < n; ++j, ++k) {
-    const double x = a[j], y = b[j], d = x - y;
-    dot[k] += x * y;
-    aa[k] += x * x;
-    bb[k] += y * y;
-    dd[k] += d * d;
-    const double ad = std::fabs(d);
-    mx[k] = ad > mx[k] ? ad : mx[k];
+
+  void add(double x, double y) {
+    const double d = x - y, ad = std::fabs(d);
+    dot += x * y;
+    aa += x * x;
+    bb += y * y;
+    dd += d * d;
+    max_abs = ad > max_abs ? ad : max_abs;
     nan |= d != d;
   }
-  ChunkSums s;
-  for (std::size_t k = 0; k < kLanes; ++k) {
-    s.dot += dot[k];
-    s.aa += aa[k];
-    s.bb += bb[k];
-    s.dd += dd[k];
-    s.max_abs = std::max(s.max_abs, mx[k]);
+};
+
+// Eight lanes, lane k summing values k, k + 8, ...; combined in lane order at the end.
+ChunkSums chunk_sums(const float* a, const float* b, std::size_t n) {
+  constexpr std::size_t kLanes = 8;
+  Lane lanes[kLanes];
+  std::size_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (std::size_t k = 0; k < kLanes; ++k) lanes[k].add(a[j + k], b[j + k]);
   }
-  s.nan = nan;
+  for (std::size_t k = 0; j < n; ++j, ++k) lanes[k].add(a[j], b[j]);
+  ChunkSums s;
+  for (const Lane& lane : lanes) {
+    s.dot += lane.dot;
+    s.aa += lane.aa;
+    s.bb += lane.bb;
+    s.dd += lane.dd;
+    s.max_abs = std::max(s.max_abs, lane.max_abs);
+    s.nan |= lane.nan;
+  }
   return s;
 }
 
