@@ -32,11 +32,10 @@ from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
-from amct_caffe.runtime import forward
+from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
 from amct_caffe.runtime.fillers import fill
-from amct_caffe.runtime import memory
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.share_groups import ShareGroups
