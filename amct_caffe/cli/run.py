@@ -8,6 +8,7 @@ batch smaller than --batch-size runs too. Labels come from a .npz's ``labels`` a
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,36 @@ def _print_top(scores: np.ndarray, top_k: int, labels: np.ndarray | None, show: 
         print(f"top-1 accuracy on {len(scores)} samples: {acc * 100:.2f}%")
 
 
+def _forwards(net, feeds, out_name: str, tables: set[str], outputs: dict, args) -> tuple[list, str | None]:
+    """Run ``net`` on every batch of ``feeds``: the rows of ``out_name`` to rank (or a detection list's rows)
+    and, when it has no row per sample, why (None otherwise); the blobs to save are appended to ``outputs``."""
+    scores, unranked, done = [], None, 0
+    for feed in feeds:
+        got = net.forward(blobs=sorted({out_name, *outputs}), **feed)
+        count = len(next(iter(feed.values())))
+        ranked = np.array(got[out_name])
+        if out_name in tables:
+            scores.append(detection_rows(ranked, done))
+        elif unranked is None and ranked.ndim and ranked.shape[0] == count:
+            scores.append(ranked.reshape(count, -1))
+            if len(scores) == 1 and args.top_k is None:  # the default: 3, or every class of a smaller output
+                args.top_k = min(DEFAULT_TOP_K, scores[0].shape[1])
+            if len(scores) == 1 and args.top_k > scores[0].shape[1]:
+                raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
+                                "sample; give a smaller --top-k")
+        elif unranked is None:  # no row per sample (a scalar, a batch axis moved): nothing to rank
+            unranked = f"blob '{out_name}' has shape {list(ranked.shape)} for a batch of {count}"
+        for name in outputs:
+            outputs[name].append(detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name]))
+        done += count
+    return scores, unranked
+
+
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
     from amct_caffe.data import time_major_inputs
-    from amct_caffe.runtime import TEST, Net
+    from amct_caffe.runtime import TEST, Net, memory
 
     check_files(model=args.model, weights=args.weights)
     if Path(args.input).suffix.lower() in (".npy", ".npz"):
@@ -142,26 +168,12 @@ def cmd_run(args) -> int:
     if labels is not None:
         labels = labels[sel][:n]
     tables = _detection_blobs(net)
-    scores, outputs, unranked = [], {name: _Rows() if name in tables else [] for name in saved}, None
-    batches, done = -(-n // source.batch_size), 0
-    for feed in tqdm(every_batch(source), total=batches, desc="forward", unit="batch", disable=not args.progress):
-        got = net.forward(blobs=sorted({out_name, *saved}), **feed)
-        count = len(next(iter(feed.values())))
-        ranked = np.array(got[out_name])
-        if out_name in tables:
-            scores.append(detection_rows(ranked, done))
-        elif unranked is None and ranked.ndim and ranked.shape[0] == count:
-            scores.append(ranked.reshape(count, -1))
-            if len(scores) == 1 and args.top_k is None:  # the default: 3, or every class of a smaller output
-                args.top_k = min(DEFAULT_TOP_K, scores[0].shape[1])
-            if len(scores) == 1 and args.top_k > scores[0].shape[1]:
-                raise AmctError(f"--top-k {args.top_k}: blob '{out_name}' has {scores[0].shape[1]} value(s) per "
-                                "sample; give a smaller --top-k")
-        elif unranked is None:  # no row per sample (a scalar, a batch axis moved): nothing to rank
-            unranked = f"blob '{out_name}' has shape {list(ranked.shape)} for a batch of {count}"
-        for name in saved:
-            outputs[name].append(detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name]))
-        done += count
+    outputs = {name: _Rows() if name in tables else [] for name in saved}
+    batches = -(-n // source.batch_size)
+    # a short run is better off without numpy's huge-page hint (runtime/memory.py)
+    with memory.hint_off() if batches <= memory.FEW_FORWARDS else contextlib.nullcontext():
+        scores, unranked = _forwards(net, tqdm(every_batch(source), total=batches, desc="forward", unit="batch",
+                                               disable=not args.progress), out_name, tables, outputs, args)
     if out_name in tables:
         _print_detections(np.concatenate(scores), out_name, min(n, args.show))
     elif unranked is not None:

@@ -15,12 +15,13 @@ So the hint pays for a net that runs many forwards and costs a net that runs a f
 
 * a net holding calibration layers (IFMR, SearchN: ``Layer.bounded_run``), which exists for its
   ``batch_num`` forwards, one by default: the Net runs its forwards inside :func:`hint_off`;
+* ``amct-caffe run`` over at most :data:`FEW_FORWARDS` batches;
 * the nets of the calls that build nets for a few forwards each (:func:`few_forwards`): the accuracy
   report (``compare_model``: open_nsfw, 2 batches of 8, three runs each interleaved, 9.1-10.6 s with
   the hint, 8.4-10.0 s without; in an earlier hour of the same machine 9.9-10.9 s against 5.8-6.2 s)
   and the fallback search.
 
-Every other net (a user's, training, ``amct-caffe run``) keeps numpy's setting. ``AMCT_NUMPY_HUGEPAGE=1``
+Every other net (a user's, training, a long ``amct-caffe run``) keeps numpy's setting. ``AMCT_NUMPY_HUGEPAGE=1``
 keeps the hint everywhere. The hint decides where the kernel places an array, never its values.
 """
 
@@ -31,6 +32,11 @@ import functools
 import os
 
 import numpy as np
+
+
+# On open_nsfw batch 8 the hint costs up to about 1 s once (the first forward) and saves about 4 % of each
+# later one (0.01 s): below about 100 forwards a net is better off without it.
+FEW_FORWARDS = 100
 
 
 def _hint_switch():

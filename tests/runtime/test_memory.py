@@ -92,3 +92,18 @@ def test_the_accuracy_report_is_such_a_call(tmp_path, hint_seen):
     compare_model(str(model), str(weights), q["fake_quant_model"], q["fake_quant_weights"], batches,
                   str(tmp_path / "report"), progress=False)
     assert hint_seen and not any(hint_seen)
+
+
+@pytest.mark.parametrize("few", [True, False])
+def test_a_short_command_line_run_makes_its_blobs_with_the_hint_off(tmp_path, hint_seen, monkeypatch, capsys, few):
+    from amct_caffe import cli
+    (tmp_path / "m.prototxt").write_text(FLOAT)
+    Net(str(tmp_path / "m.prototxt"), TEST).save(str(tmp_path / "m.caffemodel"))
+    np.savez(tmp_path / "x.npz", data=np.ones((6, 2, 3, 3), np.float32))
+    if not few:
+        monkeypatch.setattr(memory, "FEW_FORWARDS", 2)  # 3 batches of 2: a long run here
+    hint_seen.clear()
+    assert cli.main(["run", "--model", str(tmp_path / "m.prototxt"), "--weights", str(tmp_path / "m.caffemodel"),
+                     "--input", str(tmp_path / "x.npz"), "--batch-size", "2", "--no-progress"]) == 0
+    # (the Net is built before the run decides; the blobs its forwards make for batches of 2 come last)
+    assert hint_seen and hint_seen[-1] is not few and (False in hint_seen) == few
