@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -51,19 +52,33 @@ def _hint_switch():
 
 
 _SWITCH = _hint_switch()
+_LOCK = threading.Lock()
+_open_blocks = 0  # hint_off blocks open in any thread
+_before = True    # numpy's setting when the first of them opened
 
 
 @contextlib.contextmanager
 def hint_off():
-    """numpy's huge-page hint off inside the block (unless ``AMCT_NUMPY_HUGEPAGE=1``), as before after it."""
+    """numpy's huge-page hint off inside the block (unless ``AMCT_NUMPY_HUGEPAGE=1``), as before after it.
+
+    The setting is process-wide: blocks of several threads (or nested ones) count as one, switched off
+    when the first opens and restored when the last closes, in whatever order they close.
+    """
+    global _open_blocks, _before
     if _SWITCH is None or os.environ.get("AMCT_NUMPY_HUGEPAGE", "").strip() == "1":
         yield
         return
-    before = _SWITCH(False)
+    with _LOCK:
+        if _open_blocks == 0:
+            _before = _SWITCH(False)
+        _open_blocks += 1
     try:
         yield
     finally:
-        _SWITCH(before)
+        with _LOCK:
+            _open_blocks -= 1
+            if _open_blocks == 0:
+                _SWITCH(_before)
 
 
 def few_forwards(fn):

@@ -107,3 +107,27 @@ def test_a_short_command_line_run_makes_its_blobs_with_the_hint_off(tmp_path, hi
                      "--input", str(tmp_path / "x.npz"), "--batch-size", "2", "--no-progress"]) == 0
     # (the Net is built before the run decides; the blobs its forwards make for batches of 2 come last)
     assert hint_seen and hint_seen[-1] is not few and (False in hint_seen) == few
+
+
+def test_overlapping_blocks_of_two_threads_restore_numpys_setting(hint_seen):
+    import threading
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with memory.hint_off():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()  # leaves while the other block is still open
+
+    def second():
+        a_in.wait(5)
+        with memory.hint_off():
+            b_in.set()
+            a_out.wait(5)
+            assert memory._SWITCH(False) is False  # noqa: SLF001 - still off for this block
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert memory._SWITCH(True) is True  # noqa: SLF001 - on again once both have closed
