@@ -73,7 +73,7 @@ def _histogram(ax, values: np.ndarray, bins: int, span, color: str) -> None:
 def activation_plot(values: np.ndarray, clip: tuple[float, float], title: str) -> bytes:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5.5, 3))
-    v = np.asarray(values).ravel()  # (float32 as the blob is: no float64 copy of a large activation)
+    v = np.asarray(values, np.float64).ravel()  # (float32 bin arithmetic overflows on spans near its range)
     lo, hi = clip
     span = (min(float(v.min(initial=lo)), lo), max(float(v.max(initial=hi)), hi))
     _histogram(ax, v, 120, span, "tab:blue")

@@ -188,3 +188,9 @@ def test_blob_error_sums_kernel_equals_the_numpy_expressions_on_any_thread_count
     y[1, 2] = np.nan
     dot, aa, bb, dd, max_abs = compare.blob_error_sums(x, y, 2)
     assert np.isnan(max_abs) and np.isnan(dot[1]) and dd[0] == 0 and bb[0] == 0
+
+
+def test_activation_histogram_of_values_spanning_float32s_range():
+    from amct_caffe.api.report import activation_plot
+    png = activation_plot(np.array([-3e38, 2e38, 0.0], np.float32), (-1.0, 1.0), "extreme values")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"  # (float32 bin arithmetic overflowed here)
