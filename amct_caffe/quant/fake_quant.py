@@ -72,10 +72,12 @@ def fake_quant(x: np.ndarray, scale: float, offset: int = 0, num_bits: int = 8, 
     """float32 ``x`` -> float32 ``(clamp(round(x/s)+o, qmin, qmax) - o) * s``, same shape.
 
     ``into``: an array the kernel may write the result into instead of fresh memory (used only when it
-    is float32, C-contiguous, writeable, of ``x``'s shape and not ``x``'s memory; else ignored).
+    is float32, C-contiguous, writeable, of ``x``'s shape and shares no memory with ``x``; else ignored).
     """
     num_bits = check_num_bits(num_bits, 2, 16, "fake_quant")
     s, o = _check_scale(scale), _check_offset(offset, num_bits)
+    if into is not None and isinstance(x, np.ndarray) and np.may_share_memory(into, x):
+        into = None  # (the kernel sees a contiguous copy of a strided x, and could not tell)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if resolve(backend) == "kernel":
         return call_kernel("fake_quant", x, float(s), o, num_bits, into)

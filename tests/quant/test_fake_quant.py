@@ -122,3 +122,14 @@ def test_pack_kernel_matches_reference(scale_w, scale_d):
     off = (np.arange(sw.size) % 256 - 128).astype(np.int8)
     np.testing.assert_array_equal(pack_deq_scale(sw, scale_d, off, backend="reference"),
                                   pack_deq_scale(sw, scale_d, off, backend="kernel"))
+
+
+@requires_kernels
+def test_fake_quant_never_writes_into_the_callers_strided_input():
+    base = np.linspace(-3, 3, 48, dtype=np.float32)
+    x = base[::2]  # strided: the kernel sees a contiguous copy
+    kept = base.copy()
+    into = base[:24]  # contiguous, of x's shape, over x's memory
+    out = fake_quant(x, 0.1, 0, 8, backend="kernel", into=into)
+    assert base.tobytes() == kept.tobytes()
+    assert out.tobytes() == fake_quant(np.ascontiguousarray(x), 0.1, 0, 8, backend="reference").tobytes()
