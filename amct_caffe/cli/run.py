@@ -8,7 +8,6 @@ batch smaller than --batch-size runs too. Labels come from a .npz's ``labels`` a
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +170,7 @@ def cmd_run(args) -> int:
     outputs = {name: _Rows() if name in tables else [] for name in saved}
     batches = -(-n // source.batch_size)
     # a short run is better off without numpy's huge-page hint (runtime/memory.py)
-    with memory.hint_off() if batches <= memory.FEW_FORWARDS else contextlib.nullcontext():
+    with memory.hint_off(batches <= memory.FEW_FORWARDS):
         scores, unranked = _forwards(net, tqdm(every_batch(source), total=batches, desc="forward", unit="batch",
                                                disable=not args.progress), out_name, tables, outputs, args)
     if out_name in tables:

@@ -224,9 +224,10 @@ def _check_required(msg, path) -> None:
     if not missing:
         return
     by_layer: dict[str, list[str]] = {}
+    net = isinstance(msg, caffe_pb().NetParameter)
     for field in missing:
         m = re.match(r"layer\[(\d+)\]\.(.*)", field)
-        if m and isinstance(msg, caffe_pb().NetParameter):
+        if m and net:
             layer = msg.layer[int(m.group(1))]
             by_layer.setdefault(f"layer '{layer.name}' ({layer.type})", []).append(m.group(2))
         else:

@@ -1,4 +1,4 @@
-"""numpy's huge-page hint, left out of the blobs of calibration nets.
+"""numpy's huge-page hint, left out of the blobs of nets that run a few forwards.
 
 numpy asks Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``) on every array of 4 MiB or
 more. A net's first forward allocates its blobs and writes them for the first time (open_nsfw batch
@@ -58,14 +58,15 @@ _before = True    # numpy's setting when the first of them opened
 
 
 @contextlib.contextmanager
-def hint_off():
-    """numpy's huge-page hint off inside the block (unless ``AMCT_NUMPY_HUGEPAGE=1``), as before after it.
+def hint_off(enabled: bool = True):
+    """numpy's huge-page hint off inside the block (unless ``enabled`` is False or ``AMCT_NUMPY_HUGEPAGE=1``),
+    as before after it.
 
     The setting is process-wide: blocks of several threads (or nested ones) count as one, switched off
     when the first opens and restored when the last closes, in whatever order they close.
     """
     global _open_blocks, _before
-    if _SWITCH is None or os.environ.get("AMCT_NUMPY_HUGEPAGE", "").strip() == "1":
+    if not enabled or _SWITCH is None or os.environ.get("AMCT_NUMPY_HUGEPAGE", "").strip() == "1":
         yield
         return
     with _LOCK:
