@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -73,7 +74,8 @@ def run(model: str, batches: int) -> dict:
             total = time.perf_counter() - start
         finally:
             accuracy.write_report = write_report
-    return {"fp32": fp32, "total": total, "report": times.get("report", float("nan"))}
+    return {"fp32": fp32, "total": total, "report": times.get("report", float("nan")),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main(argv=None) -> int:
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     r = run(args.model, args.batches)
     print(f"{args.model}, {args.batches} batches [load {load:.1f} -> {os.getloadavg()[0]:.1f}]")  # noqa: T201
     print(f"  FP32 forwards {r['fp32']:.2f} s; compare_model {r['total']:.2f} s = {r['total'] / r['fp32']:.1f}x "  # noqa: T201
-          f"(the report's files {r['report']:.2f} s of it)")
+          f"(the report's files {r['report']:.2f} s of it); peak RSS {r['peak_mib']:.0f} MiB")
     return 0
 
 

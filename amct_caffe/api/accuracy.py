@@ -42,7 +42,7 @@ def compare_model(model_file, weights_file, quant_model_file, quant_weights_file
         feeds = given_feeds(data, model_file, "compare_model", batch_size, batch_num, preprocess)
         bar = tqdm(feeds, desc="compare", unit="batch", disable=not progress)
         reports, summary, comparison = compare_batches(model_file, weights_file, quant_model_file,
-                                                       quant_weights_file, bar)
+                                                       quant_weights_file, bar, every_blob=dump)
         paths = write_report(output_dir, reports, summary, comparison, feeds[0],
                              {"fp32": str(model_file), "quant": str(quant_model_file)}, dump=dump)
     _LOG.info("accuracy report written to %s (worst output cosine %s)", paths["html"],

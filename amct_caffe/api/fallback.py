@@ -284,7 +284,11 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                 raise AmctError("the float model has no output blob to compare: name the blobs (compare_blobs)")
         comparator = OutputComparator(reference, evaluation, compare_blobs, metric)
         measure = comparator.cosine
+        # the candidate nets need only the compared blobs after a forward: the values before the layers
+        # computed in place are written over and those chains fold (Net.from_graph's observed)
+        observed = comparator.blobs
     else:
+        observed = None  # the user's evaluator may read any blob of the candidate net
         def measure(net) -> float:
             value = evaluator(net)
             try:
@@ -320,7 +324,8 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                     if name not in quantized and t.weighted and name in original:
                         g.node(name).params = list(original[name])
                 chosen = [t for name, t in targets.items() if name in quantized]
-                return measure(Net.from_graph(build_quantized_graph(g, chosen, record, FAKE), TEST))
+                return measure(Net.from_graph(build_quantized_graph(g, chosen, record, FAKE), TEST,
+                                              observed=observed))
             return score, list(targets)
 
         graph = calibrated(config, "int8")  # the guide's flow with every enabled layer

@@ -71,7 +71,10 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     for stale in session.stale_bn_dumps():  # a dump of an earlier run must not be taken for this one's
         stale.unlink()
     needed = session.calibration_forwards()  # batch_num, or bn_update_iterations if larger
-    net = Net.from_graph(calibration, TEST, records={session.record_file: session.record})
+    # Only the calibration layers read the values (each is a reader of its own, so nothing they read is
+    # written over): the float model's in-place layers run in place again and their chains fold.
+    net = Net.from_graph(calibration, TEST, records={session.record_file: session.record},
+                         observed=calibration.outputs)
     done = 0
     with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
         for feed in checked_feeds(batches, "calibration data"):

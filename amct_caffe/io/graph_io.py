@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node, ssa_rename
 
@@ -41,15 +43,15 @@ def layer_graph(net, weights=None) -> Graph:
     return Graph(net.name, nodes)
 
 
-def graph_to_net(graph: Graph, in_place: bool = False):
+def graph_to_net(graph: Graph, in_place: bool = False, keep: Collection[str] = ()):
     """(NetParameter without blobs, weights by layer name) for a graph.
 
     ``in_place``: write the layers the source model computed in place (one bottom, one top, the
     same name in their layer_param) in place again wherever that is safe (:func:`in_place_names`),
-    so that Caffe, or the executor, runs the model in the source's memory and folds its chains.
-    Otherwise every blob keeps its SSA name.
+    so that Caffe, or the executor, runs the model in the source's memory and folds its chains;
+    the values named in ``keep`` are not written over. Otherwise every blob keeps its SSA name.
     """
-    names = in_place_names(graph) if in_place else {}
+    names = in_place_names(graph, keep) if in_place else {}
     net = caffe_pb().NetParameter()
     net.name = graph.name
     weights = {}
@@ -69,7 +71,7 @@ def graph_to_net(graph: Graph, in_place: bool = False):
     return net, weights
 
 
-def in_place_names(graph: Graph) -> dict[str, str]:
+def in_place_names(graph: Graph, keep: Collection[str] = ()) -> dict[str, str]:
     """{SSA name: written name} that makes the source's in-place layers in place again.
 
     A node writes its top into its bottom's memory when its layer_param was in place (bottom ==
@@ -79,7 +81,12 @@ def in_place_names(graph: Graph) -> dict[str, str]:
     such writes takes the name of its last value (the one ssa_rename gave the source's name, when
     nothing moved), so its readers keep their names; a chain on a network input takes the input's
     name (which ssa_rename kept), so the model is fed as the source is.
+
+    A value named in ``keep`` is not written over: the layer reading it writes a blob of its own, so
+    the value is still there after a forward (the accuracy report's compared blobs). Such a value
+    may itself be written into its producer's input; it then lends that chain its name.
     """
+    keep = set(keep)
     produced = {t for node in graph.nodes for t in node.tops}
     readers: dict[str, int] = {}
     for node in graph.nodes:
@@ -92,7 +99,7 @@ def in_place_names(graph: Graph) -> dict[str, str]:
                 or list(lp.bottom) != list(lp.top)):
             continue
         b = node.bottoms[0]
-        if b in produced and readers[b] == 1:
+        if b in produced and readers[b] == 1 and b not in keep:
             parent[b] = node.tops[0]
     inputs = set(graph.inputs)
     names = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Collection
 
 import numpy as np
 
@@ -85,15 +86,21 @@ class Net:
         self._build(net_param, loaded, weights is not None)
 
     @classmethod
-    def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0, ifmr: str = "stream") -> "Net":
+    def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0, ifmr: str = "stream",
+                   observed: Collection[str] | None = None, fold: str = "auto") -> "Net":
         """A Net running an IR graph in memory (its nodes' params are the weights).
 
         ``records``: {record_file_path: Record} the calibration layers fill instead of the file.
         Blob names are the graph's (SSA: an in-place chain's intermediate values have their own names).
+        ``observed``: only these values (and the inputs) need to be readable after a forward; the layers
+        the source model computed in place write over the others again (io.graph_io.in_place_names), so
+        their values share memory, and the chains fold, as in a Net of the source's prototxt.
         """
-        net_param, weights = graph_to_net(graph)
+        keep = None if observed is None else set(observed) | set(graph.inputs)
+        net_param, weights = graph_to_net(graph, in_place=keep is not None, keep=keep or ())
         # a graph without any weights is filled by its fillers, as Net(prototxt) would be
-        net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr)
+        net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr,
+                  fold=fold)
         net._source = f"graph '{graph.name}'"
         # An input that a later in-place layer overwrites has an SSA name of its own in the graph;
         # forward(data=...) still means the model's input blob.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.api.accuracy import compare_model
+from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.workflow import calibrate
 from amct_caffe.runtime import TEST, Net
 from tests.golden import MODELS, SHARED
@@ -92,6 +93,15 @@ def test_open_nsfw_matches_fused_blobs(tmp_path):
     # conv_1 + bn_1 + scale_1 fused: the fused convolution is compared with the float Scale's value
     assert by_layer["scale_1"]["quant_layer"] == "conv_1"
     assert report["summary"]["worst_output_cosine"] > 0.99
+    # The nets of the report write over the values nobody compares (the Convolution's output before its
+    # BatchNorm and Scale), and run those chains folded; the figures are those of nets keeping every value.
+    quant = (paths["fake_quant_model"], paths["fake_quant_weights"])
+    lean, _, lean_cmp = compare_batches(str(NSFW[0]), str(NSFW[1]), *quant, feeds)
+    full, _, full_cmp = compare_batches(str(NSFW[0]), str(NSFW[1]), *quant, feeds, every_blob=True)
+    assert lean == full and len(lean) == len(lean_cmp.names) > 100
+    assert len(lean_cmp.fp32_net.blobs) < len(full_cmp.fp32_net.blobs) - 100
+    assert len(lean_cmp.fp32_net._chains) >= 53 and not full_cmp.fp32_net._chains  # noqa: SLF001
+    assert set(lean_cmp.names) <= set(lean_cmp.fp32_net.blobs) & set(lean_cmp.quant_net.blobs)
 
 
 def _chromium() -> str | None:

@@ -125,6 +125,28 @@ def test_in_place_layers_are_written_in_place_again_only_where_caffe_allows():
     assert [(n.bottoms, n.tops) for n in graph_from_net(again).nodes] == [(n.bottoms, n.tops) for n in graph.nodes]
 
 
+def test_kept_values_are_not_written_over():
+    """keep: a value that must be readable after a forward (a compared blob) is not written over; the
+    chain before it still is, and takes the kept value's name."""
+    net = _net("""
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
+        layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" }
+        layer { name: "bn" type: "BatchNorm" bottom: "ip" top: "ip" }
+        layer { name: "scale" type: "Scale" bottom: "ip" top: "ip" }
+        layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }""")
+    graph = graph_from_net(net)
+    after_bn, after_scale = graph.nodes[2].tops[0], graph.nodes[3].tops[0]
+    kept, _ = graph_to_net(graph, in_place=True, keep={after_scale})
+    assert [(list(lp.bottom), list(lp.top)) for lp in kept.layer][1:] == [
+        (["data"], [after_scale]), ([after_scale], [after_scale]), ([after_scale], [after_scale]),
+        ([after_scale], ["ip"])]
+    # nothing kept: the whole chain is in place, as the source; everything kept: the SSA names
+    assert [list(lp.top) for lp in graph_to_net(graph, in_place=True)[0].layer][1:] == [["ip"]] * 4
+    every = {t for n in graph.nodes for t in n.tops}
+    assert graph_to_net(graph, in_place=True, keep=every)[0] == graph_to_net(graph)[0]
+    assert after_bn not in {t for lp in kept.layer for t in lp.top}
+
+
 @needs_shared
 def test_uninplace_model_removes_in_place_layers_and_keeps_test_layers(tmp_path):
     out = tmp_path / "nsfw_uninplaced.prototxt"
