@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from amct_caffe.errors import GraphError
+
+
+INT_MAX = 2**31 - 1  # Caffe counts a blob's elements in an int
+
+
+def check_top_shape(where: str, top: str, shape) -> tuple[int, ...]:
+    """``shape`` as ints, refused as Caffe's Blob::Reshape refuses it: a negative dimension
+    (``CHECK_GE(shape[i], 0)``) or more than INT_MAX elements (``CHECK_LE(count_, INT_MAX)``)."""
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise GraphError(f"{where}: top '{top}' would have the negative shape {list(shape)}")
+    if math.prod(shape) > INT_MAX:
+        raise GraphError(f"{where}: top '{top}' of shape {list(shape)} has more than {INT_MAX} elements, "
+                         "more than Caffe can hold in a blob")
+    return shape
 
 
 def check_not_empty_at_build(where: str, top: str, shape) -> None:
@@ -69,6 +86,9 @@ class Blob:
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise GraphError(f"Blob.reshape: the shape {list(shape)} has a negative dimension")
+        if math.prod(shape) > INT_MAX:
+            raise GraphError(f"Blob.reshape: the shape {list(shape)} has more than {INT_MAX} elements, more than "
+                             "Caffe can hold in a blob")
         if shape != self.shape:
             self._data = np.zeros(shape, np.float32)
             self._diff = None

@@ -35,7 +35,7 @@ from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
-from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
+from amct_caffe.runtime.blob import Blob, check_not_empty_at_build, check_top_shape
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
@@ -140,10 +140,12 @@ class Net:
                 available.pop(b, None)
             bottom_shapes = [shapes[b] for b in lp.bottom]
             self._setup_params(layer, bottom_shapes, loaded.get(lp.name), have_weights)
-            top_shapes = layer.reshape(bottom_shapes)
+            where = f"{self._source}: layer '{lp.name}' ({lp.type})"
+            top_shapes = [check_top_shape(where, t, s) for t, s in zip(lp.top, layer.reshape(bottom_shapes),
+                                                                         strict=False)]
             if lp.type != "Input" and not layer.shape_from_forward:
                 for t, s in zip(lp.top, top_shapes, strict=False):
-                    check_not_empty_at_build(f"{self._source}: layer '{lp.name}' ({lp.type})", t, s)
+                    check_not_empty_at_build(where, t, s)
             if lp.bottom and layer.shares_bottom_data(bottom_shapes):
                 for t in lp.top:
                     shared.join(t, lp.bottom[0])

@@ -20,7 +20,6 @@ output size depends on the data (DetectionOutput): those cannot be checked here.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
@@ -28,12 +27,11 @@ from amct_caffe.errors import AmctError, GraphError, WeightsError
 from amct_caffe.io import conform_blob
 from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import has_executor
-from amct_caffe.runtime.blob import Blob, check_not_empty_at_build
+from amct_caffe.runtime.blob import Blob, check_not_empty_at_build, check_top_shape
 from amct_caffe.runtime.net import TEST
 from amct_caffe.runtime.registry import layer_class
 
 _LOG = logging.getLogger(__name__)
-INT_MAX = 2**31 - 1  # Caffe counts blob elements in an int
 
 
 def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) -> None:
@@ -52,16 +50,6 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) ->
                            "from the same network?")
     for i, (array, shape) in enumerate(zip(node.params, expected, strict=True)):
         conform_blob(np.asarray(array), shape, f"{where} blob {i}")
-
-
-def _check_top(where: str, top: str, shape) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
-        raise GraphError(f"{where}: top '{top}' would have the negative shape {list(shape)}")
-    if math.prod(shape) > INT_MAX:
-        raise GraphError(f"{where}: top '{top}' of shape {list(shape)} has more than {INT_MAX} elements, "
-                         "more than Caffe can hold in a blob")
-    return shape
 
 
 def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_weights: bool = True) -> int:
@@ -85,7 +73,7 @@ def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_wei
                 _check_params(node, layer, bottoms, where, have_weights)
             layer.blobs = [Blob(data=np.asarray(p)) for p in node.params]
             tops = layer.reshape(bottoms)
-            tops = [_check_top(where, t, s) for t, s in zip(node.tops, tops, strict=False)]
+            tops = [check_top_shape(where, t, s) for t, s in zip(node.tops, tops, strict=False)]
             if strict and node.type != "Input" and not cls.shape_from_forward:
                 for t, s in zip(node.layer_param.top, tops, strict=False):  # the model's names, not SSA's
                     check_not_empty_at_build(where, t, s)

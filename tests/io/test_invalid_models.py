@@ -95,3 +95,28 @@ def test_a_valid_model_of_the_same_kind_is_accepted(tmp_path):
     record.write_text(RECORD)
     paths = amct.convert_model(str(proto), str(weights), str(record), str(tmp_path / "out/m"))
     assert amct_io.load_weights(paths["deploy_weights"])["conv"][0].dtype == np.int8
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_embedded_runtime_refuses_the_model_with_the_librarys_error(case, tmp_path):
+    """Net(prototxt, caffemodel), which `amct-caffe run` and a user's calibration script build, refuses the same
+    models with an AmctError (a negative or absurd input dimension used to reach numpy's ValueError)."""
+    from amct_caffe import AmctError
+    from amct_caffe.runtime import TEST, Net
+
+    text, blobs, _, message = CASES[case]
+    proto, weights = _write(tmp_path, text, blobs)
+    with pytest.raises(AmctError) as caught:
+        Net(str(proto), str(weights), TEST)
+    if "input dimension" in case:
+        assert caught.match(message)
+
+
+def test_a_forward_input_beyond_int_max_elements_is_refused(tmp_path):
+    from amct_caffe.runtime import TEST, Net
+
+    text = X8 + CONV.format(conv="num_output: 4 kernel_size: 3")
+    proto, weights = _write(tmp_path, text, {"conv": _conv_w(4, 4, 3)})
+    net = Net(str(proto), str(weights), TEST)
+    with pytest.raises(GraphError, match=r"Blob.reshape: the shape \[1, 4, 65536, 65536\] has more than 2147483647"):
+        net.blobs["data"].reshape(1, 4, 65536, 65536)
