@@ -43,6 +43,10 @@ from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
+# Caffe's float arithmetic overflows to inf and gives NaN without a word: so do the forward and backward
+# passes, which would otherwise print numpy's RuntimeWarnings (with a line of our code) on a user's screen.
+# (a new errstate per call: one instance cannot be entered twice, by nested or concurrent calls)
+_AS_CAFFE = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
 IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
 
@@ -316,10 +320,9 @@ class Net:
 
         Keyword arguments set input blobs first; an input of a new shape reshapes the net.
         """
-        if self._bounded_run:  # a calibration net: its blobs without numpy's huge-page hint (runtime/memory.py)
-            with memory.hint_off():
-                return self._forward(blobs, start, end, kwargs)
-        return self._forward(blobs, start, end, kwargs)
+        # a calibration net: its blobs without numpy's huge-page hint (runtime/memory.py)
+        with np.errstate(**_AS_CAFFE), memory.hint_off(self._bounded_run):
+            return self._forward(blobs, start, end, kwargs)
 
     def _forward(self, blobs, start, end, kwargs: dict):
         for name, value in kwargs.items():
@@ -381,6 +384,10 @@ class Net:
         requires). Returns {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
         Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared.
         """
+        with np.errstate(**_AS_CAFFE):
+            return self._backward(diffs, start, end, kwargs)
+
+    def _backward(self, diffs, start, end, kwargs: dict):
         if kwargs:
             if set(kwargs) != set(self.outputs):
                 raise GraphError(f"backward() got top diffs for {sorted(kwargs)}; give one for each output of "

@@ -170,3 +170,26 @@ def test_bad_calls_get_the_librarys_errors(tmp_path):
         Net(str(LENET), str(weights), 7)
     with pytest.raises(AmctError, match="cannot write .*: a directory of that name exists"):
         net.save(str(tmp_path))
+
+
+def test_overflow_and_nan_pass_through_without_numpy_warnings(tmp_path):
+    """Caffe's float arithmetic overflows to inf and makes NaN silently; so do forward and backward (numpy's
+    RuntimeWarnings, a line of our code under each, used to reach the screen of `amct-caffe run`)."""
+    import warnings
+
+    text = '''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1e30 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+'''
+    p = tmp_path / "overflow.prototxt"
+    p.write_text(text)
+    net = Net(str(p), TEST)
+    x = np.array([[1e30, 1e30, 1e30], [1.0, -1.0, 0.5]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = net.forward(data=x)
+        net.backward(prob=np.ones((2, 2), np.float32))
+    assert np.isinf(net.blobs["ip"].data[0]).all() and np.isnan(out["prob"][0]).all()
+    assert np.isfinite(out["prob"][1]).all()
