@@ -10,6 +10,19 @@ from amct_caffe.errors import GraphError
 
 
 INT_MAX = 2**31 - 1  # Caffe counts a blob's elements in an int
+# The largest padded input, kernel extent or stride a window layer (Convolution, Pooling) runs with: the
+# kernels add two of them in int arithmetic.
+WINDOW_LIMIT = 2**30 - 1
+
+
+def clamped_strides(strides) -> tuple[int, ...]:
+    """Window strides with any beyond WINDOW_LIMIT replaced by it: the same output sizes and values.
+
+    With the padded input ``P`` and the kernel extent ``E`` at most WINDOW_LIMIT, a stride ``s`` beyond it
+    gives one output (``|P - E| < s``) whose window starts at ``-pad`` whatever ``s`` is, and so does
+    WINDOW_LIMIT; Caffe takes any int stride, and the kernels' int index arithmetic would overflow on it.
+    """
+    return tuple(min(int(s), WINDOW_LIMIT) for s in strides)
 
 
 def check_top_shape(where: str, top: str, shape) -> tuple[int, ...]:

@@ -63,6 +63,9 @@ CASES = {
     "absurd input dimensions": (
         INPUT.format(dims="100000 dim: 4 dim: 100000 dim: 100000") + CONV.format(conv="num_output: 4 kernel_size: 3"),
         {"conv": _conv_w(4, 4, 3)}, GraphError, r"more than 2147483647 elements"),
+    "a pad whose padded input overflows int index arithmetic": (
+        X8 + CONV.format(conv="num_output: 4 kernel_size: 3 pad: 1073741824 stride: 2147483647"),
+        {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'conv'.*padded input \[2147483656, 2147483656\].*exceeds"),
     "an in-place layer on a blob another layer read": (
         X8 + CONV.format(conv="num_output: 4 kernel_size: 3")
         + 'layer { name: "t" type: "TanH" bottom: "conv" top: "t" }\n' + RELU,

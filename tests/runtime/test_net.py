@@ -193,3 +193,28 @@ layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
         net.backward(prob=np.ones((2, 2), np.float32))
     assert np.isinf(net.blobs["ip"].data[0]).all() and np.isnan(out["prob"][0]).all()
     assert np.isfinite(out["prob"][1]).all()
+
+
+@pytest.mark.parametrize(("conv", "pool"), [
+    ("num_output: 4 kernel_size: 3 stride_h: {s} stride_w: 2", "pool: MAX kernel_size: 2 stride_h: {s} stride_w: 1"),
+    ("num_output: 3 kernel_size: 3 pad: 2 stride: {s} group: 3", "pool: AVE kernel_size: 2 pad: 1 stride: {s}"),
+])
+def test_a_stride_up_to_int_max_gives_the_values_of_any_stride_past_the_input(tmp_path, conv, pool):
+    """Caffe takes any int stride; past the padded input it leaves one output per axis whatever its value. The
+    kernels used to overflow their int index arithmetic on one near INT_MAX (a depthwise convolution refused its
+    output size with a ValueError)."""
+    x = np.random.default_rng(0).random((2, 3, 9, 7)).astype(np.float32)
+    blobs = []
+    for s in (2147483647, 100):
+        text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 7 } } }\n'
+                'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { '
+                + conv.format(s=s) + ' weight_filler { type: "gaussian" std: 1 } } }\n'
+                'layer { name: "p" type: "Pooling" bottom: "c" top: "p" pooling_param { ' + pool.format(s=s) + ' } }\n')
+        p = tmp_path / f"s{s}.prototxt"
+        p.write_text(text)
+        net = Net(str(p), TEST)
+        net.forward(data=x)
+        blobs.append({k: v.data.copy() for k, v in net.blobs.items()})
+    for name in ("c", "p"):
+        assert blobs[0][name].shape == blobs[1][name].shape and blobs[0][name].shape[2] == 1
+        np.testing.assert_array_equal(blobs[0][name], blobs[1][name])

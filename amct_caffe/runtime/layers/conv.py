@@ -34,6 +34,7 @@ from amct_caffe.runtime.layers.activation import PReLU
 from amct_caffe.runtime.layers.conv_cols import per_axis
 from amct_caffe.runtime.layers.conv_plan import conv_out_size, conv_plan
 from amct_caffe.runtime.layers.deconv import Deconvolution, deconv_out_size
+from amct_caffe.runtime.blob import WINDOW_LIMIT, clamped_strides
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
@@ -141,6 +142,12 @@ class _BaseConv(Layer):
         if self.blobs and tuple(self.blobs[0].data.shape) != want:
             self._fail(f"weight shape {list(self.blobs[0].data.shape)} does not fit a bottom of shape "
                        f"{list(first)} (expected {list(want)})")
+        extents = [(s + 2 * p, d * (k - 1) + 1) for s, k, p, d in zip(first[axis + 1:], kernel, pad, dilation,
+                                                                        strict=True)]
+        if max(max(e) for e in extents) > WINDOW_LIMIT:
+            self._fail(f"the padded input {[e[0] for e in extents]} or the kernel extent {[e[1] for e in extents]} "
+                       f"exceeds {WINDOW_LIMIT}: the sums of such extents overflow the int index arithmetic of "
+                       "Caffe and of the kernels; give a smaller pad or dilation")
         size = deconv_out_size if self.transposed else conv_out_size
         out = tuple(size(s, k, st, p, d) for s, k, st, p, d
                     in zip(first[axis + 1:], kernel, stride, pad, dilation, strict=True))
@@ -149,6 +156,8 @@ class _BaseConv(Layer):
             self._fail(f"output spatial size {list(out)} is negative for bottom {list(first)} (kernel extent "
                        f"{extent}, pad {list(pad)}, stride {list(stride)}); Caffe refuses a negative blob "
                        "dimension: give a larger input or a smaller kernel, dilation or pad")
+        if not self.transposed:
+            stride = clamped_strides(stride)
         self._geom = (axis, stride, pad, dilation)
         top = first[:axis] + (self.lp.convolution_param.num_output,) + out
         self._empty_top = top if 0 in out else None

@@ -41,6 +41,7 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime import threads
+from amct_caffe.runtime.blob import WINDOW_LIMIT, clamped_strides
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import pooling_grad
 from amct_caffe.ops import register
@@ -298,6 +299,10 @@ class PoolingLayer(Layer):
         if min(k) <= 0:
             # Caffe's LayerSetUp: CHECK_GT(kernel_h_, 0) "Filter dimensions cannot be zero."
             self._fail(f"global pooling of the empty {h}x{w} map of input {list(shape)}: the kernel would be 0")
+        if max(h + 2 * p[0], w + 2 * p[1], *k) > WINDOW_LIMIT:
+            self._fail(f"the padded input {[h + 2 * p[0], w + 2 * p[1]]} or the kernel {list(k)} exceeds "
+                       f"{WINDOW_LIMIT}: the sums of such extents overflow the int index arithmetic of Caffe and of "
+                       "the kernels; give a smaller pad or kernel")
         out = pooled_hw(h, w, k, s, p, self.ceil_mode)
         if min(out) < 0:
             self._fail(f"output size {list(out)} is negative for input {list(shape)} (kernel {list(k)}, pad "
@@ -315,7 +320,7 @@ class PoolingLayer(Layer):
         """(kernel, stride, pad, output size) for a bottom of ``shape`` (global pooling resolved)."""
         h, w = shape[2:]
         k, s, p = ((h, w), (1, 1), (0, 0)) if self.kernel is None else (self.kernel, self.stride, self.pad)
-        return k, s, p, pooled_hw(h, w, k, s, p, self.ceil_mode)
+        return k, clamped_strides(s), p, pooled_hw(h, w, k, s, p, self.ceil_mode)
 
     def forward(self, bottoms):
         # in place, the bottom blob is the top at backward time: keep the input for MAX's argmax
