@@ -115,6 +115,17 @@ def blob_error_sums(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, n
             np.einsum("ij,ij->i", d, d), float(np.max(np.abs(d))) if d.size else 0.0)
 
 
+def _sqnr_db(ref_sq: float, diff_sq: float) -> float:
+    """``10 log10(|x|^2 / |x - y|^2)``: inf for no error, -inf for an error on a zero (or far smaller)
+    reference, NaN when a blob held NaN."""
+    if math.isnan(ref_sq) or math.isnan(diff_sq):
+        return math.nan
+    if not diff_sq:
+        return math.inf
+    ratio = ref_sq / diff_sq
+    return 10 * math.log10(ratio) if ratio > 0 else -math.inf
+
+
 def _is_classifier(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and shape[1] > 1 and all(d == 1 for d in shape[2:])
 
@@ -173,6 +184,10 @@ class BlobComparison:
         self.quant_net.forward(**feed)
         n = max(len(np.asarray(v)) for v in feed.values())
         self.samples += n
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a blob of inf / NaN: NaN figures
+            self._add_sums(n)
+
+    def _add_sums(self, n: int) -> None:
         for name in self.names:
             x, y = self.fp32_net.blobs[name].data, self.quant_net.blobs[name].data
             if x.shape != y.shape:
@@ -200,7 +215,7 @@ class BlobComparison:
             producer = self.fp32_graph.producer(name)
             worst_in = min((cosine.get(b, 1.0) for b in producer.bottoms), default=1.0)
             rel = math.sqrt(acc.diff_sq / acc.ref_sq) if acc.ref_sq else (0.0 if not acc.diff_sq else math.inf)
-            sqnr = 10 * math.log10(acc.ref_sq / acc.diff_sq) if acc.diff_sq else math.inf
+            sqnr = _sqnr_db(acc.ref_sq, acc.diff_sq)
             quant_layer, _ = _real_layer(self.quant_graph, name)
             out.append(BlobReport(
                 name, producer.name, producer.type, quant_layer, name in self.outputs, cosine[name], acc.max_abs,

@@ -87,7 +87,8 @@ class Net:
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
         self.ifmr = ifmr  # the calibration layers' IFMR observer (runtime/layers/calibration.py)
-        self._build(net_param, loaded, weights is not None)
+        with np.errstate(**_AS_CAFFE):  # the layers' setup computes like their forward (a PriorBox's sizes)
+            self._build(net_param, loaded, weights is not None)
 
     @classmethod
     def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0, ifmr: str = "stream",

@@ -58,6 +58,11 @@ def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_wei
     ``have_weights``: the graph was loaded with a caffemodel, so a layer that needs weights must have
     them. Returns how many blobs got a shape.
     """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # as the Net's build (runtime/net.py)
+        return _infer(graph, phase, strict, have_weights)
+
+
+def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool) -> int:
     known = 0
     for node in graph.nodes:
         bottoms = [graph.blobs[b].shape for b in node.bottoms]

@@ -204,3 +204,24 @@ def test_activation_histogram_of_values_spanning_float32s_range():
     from amct_caffe.api.report import activation_plot
     png = activation_plot(np.array([-3e38, 2e38, 0.0], np.float32), (-1.0, 1.0), "extreme values")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"  # (float32 bin arithmetic overflowed here)
+
+
+def test_blobs_of_nan_give_nan_figures_without_numpy_warnings(tmp_path):
+    """LeNet with its pool2 STOCHASTIC (its TEST-phase average weighted by the values divides by their sum, zero
+    where a window is all zero: NaN) compares to NaN figures, silently: the report must not print numpy's
+    RuntimeWarnings (a line of our code under each) on the user's screen."""
+    import warnings
+
+    from amct_caffe.api.compare import compare_batches
+
+    text = LENET.read_text()
+    at = text.index('name: "pool2"')
+    model = tmp_path / "lenet_stochastic.prototxt"
+    model.write_text(text[:at] + text[at:].replace("pool: MAX", "pool: STOCHASTIC", 1))
+    x = _digits(0, 16)
+    paths = calibrate(str(model), str(LENET_W), [{"data": x}], str(tmp_path / "q/m"), 1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reports, summary, _ = compare_batches(str(model), str(LENET_W), paths["fake_quant_model"],
+                                              paths["fake_quant_weights"], [{"data": x}])
+    assert any(np.isnan(r.cosine) for r in reports) and summary["samples"] == 16

@@ -460,3 +460,30 @@ def test_roi_align(ratio, end_mode):
     assert top.shape == shape == (5, 3, 2, 3)
     want = roi_align_reference(x, rois, 2, 3, 0.125, ratio, end_mode)
     np.testing.assert_allclose(top, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_negative_aspect_ratio_makes_nan_priors_silently(tmp_path):
+    """Caffe takes a negative aspect ratio and computes NaN box sizes (sqrt); the net is built, and the shapes
+    inferred, without numpy's RuntimeWarnings."""
+    import warnings
+
+    from amct_caffe.io.graph_io import graph_from_net
+    from amct_caffe.runtime import TEST, Net
+    from amct_caffe.runtime.shapes import infer_shapes
+
+    text = '''
+layer { name: "data" type: "Input" top: "data" top: "feat"
+        input_param { shape { dim: 1 dim: 3 dim: 32 dim: 32 } shape { dim: 1 dim: 4 dim: 4 dim: 4 } } }
+layer { name: "pb" type: "PriorBox" bottom: "feat" bottom: "data" top: "pb"
+        prior_box_param { min_size: 8 aspect_ratio: -2 } }
+'''
+    p = tmp_path / "pb.prototxt"
+    p.write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = Net(str(p), TEST)
+        out = net.forward(data=np.zeros((1, 3, 32, 32), np.float32), feat=np.zeros((1, 4, 4, 4), np.float32))
+        from amct_caffe import io
+        graph = graph_from_net(io.load_prototxt(p))
+        infer_shapes(graph)
+    assert np.isnan(out["pb"][0, 0]).any() and graph.blobs["pb"].shape == out["pb"].shape

@@ -206,7 +206,8 @@ def test_a_stride_up_to_int_max_gives_the_values_of_any_stride_past_the_input(tm
     x = np.random.default_rng(0).random((2, 3, 9, 7)).astype(np.float32)
     blobs = []
     for s in (2147483647, 100):
-        text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 7 } } }\n'
+        text = ('layer { name: "data" type: "Input" top: "data" '
+                'input_param { shape { dim: 2 dim: 3 dim: 9 dim: 7 } } }\n'
                 'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { '
                 + conv.format(s=s) + ' weight_filler { type: "gaussian" std: 1 } } }\n'
                 'layer { name: "p" type: "Pooling" bottom: "c" top: "p" pooling_param { ' + pool.format(s=s) + ' } }\n')
