@@ -27,6 +27,7 @@ from amct_caffe.passes.fusion import apply_fusion, check_fusions, find_fusions
 from amct_caffe.passes.prepare import Prepared
 from amct_caffe.passes.quantized_models import QuantTarget
 from amct_caffe.passes.recurrent import is_recurrent, quantize_recurrent_weights
+from amct_caffe.quant import QuantizationError
 from amct_caffe.quant.arq import arq_quantize_weight
 from amct_caffe.quant.snq import snq_quantize_weight
 
@@ -79,13 +80,16 @@ def quantize_weights(prepared: Prepared, config) -> QuantizedWeights:
         layer = config.layers.get(target.name)
         params = layer.weight_quant_params if layer is not None else None
         weight = node.params[0]
-        if isinstance(params, SnqParams):
-            layer_type, channel_wise, _ = arq_settings(node, target, config)
-            snq = snq_quantize_weight(weight, channel_wise, params.num_bits, params.max_iteration,
-                                      params.min_distance, params.init_algo, layer_type=layer_type)
-            weight = snq.fake
-            float_graph.node(target.name).params[0] = weight
-        arq = _arq(node, target, config, weight)
+        try:
+            if isinstance(params, SnqParams):
+                layer_type, channel_wise, _ = arq_settings(node, target, config)
+                snq = snq_quantize_weight(weight, channel_wise, params.num_bits, params.max_iteration,
+                                          params.min_distance, params.init_algo, layer_type=layer_type)
+                weight = snq.fake
+                float_graph.node(target.name).params[0] = weight
+            arq = _arq(node, target, config, weight)
+        except QuantizationError as e:  # the algorithms do not know which layer they quantize
+            raise type(e)(f"layer '{node.name}' ({node.type}), its weights: {e}") from None
         factors[target.name] = WeightFactors(arq.scale, arq.offset)
         node.params = [arq.fake, *node.params[1:]]
         _LOG.debug("weights of '%s' quantized (%s, %d scale(s))", target.name,

@@ -123,3 +123,26 @@ def test_a_forward_input_beyond_int_max_elements_is_refused(tmp_path):
     net = Net(str(proto), str(weights), TEST)
     with pytest.raises(GraphError, match=r"Blob.reshape: the shape \[1, 4, 65536, 65536\] has more than 2147483647"):
         net.blobs["data"].reshape(1, 4, 65536, 65536)
+
+
+@pytest.mark.parametrize("algo", ["arq", "snq"])
+def test_weights_that_cannot_be_quantized_are_refused_naming_the_layer(tmp_path, algo):
+    """A weight near float32's maximum gives an illegal ARQ scale (its INT8 step would exceed 2^23 steps of the
+    range); the error names the layer, which the algorithm itself does not know."""
+    from amct_caffe.quant import QuantizationError
+
+    weight = _conv_w(4, 4, 3)
+    weight[0][1, 2, 0, 0] = 1e38
+    proto, weights = _write(tmp_path, X8 + CONV.format(conv="num_output: 4 kernel_size: 3"), {"conv": weight})
+    config = tmp_path / "config.json"
+    cfg = tmp_path / "snq.cfg"
+    cfg.write_text('override_layer_configs { layer_name: "conv" calibration_config {\n'
+                   '  snq_quantize { channel_wise: true }\n'
+                   '  ifmr_quantize { search_range_start: 0.7 search_range_end: 1.3 search_step: 0.01\n'
+                   '                  max_percentile: 0.999999 min_percentile: 0.999999 num_bits: 8 } } }\n')
+    amct.create_quant_config(str(config), str(proto), str(weights),
+                             config_defination=str(cfg) if algo == "snq" else None)
+    graph = amct.init(str(config), str(proto), str(weights), str(tmp_path / "record.txt"))
+    with pytest.raises(QuantizationError, match=r"layer 'conv' \(Convolution\), its weights: .*scale is illegal"):
+        amct.weights_quantize_model(graph, str(tmp_path / "mod.prototxt"), str(tmp_path / "mod.caffemodel"))
+    assert not (tmp_path / "mod.prototxt").exists() and not (tmp_path / "mod.caffemodel").exists()
