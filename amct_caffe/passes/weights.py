@@ -73,28 +73,32 @@ def quantize_weights(prepared: Prepared, config) -> QuantizedWeights:
         if not target.weighted:
             continue
         node = graph.node(target.name)
-        if is_recurrent(node.type):
-            node.params, scale_w, scale_r = quantize_recurrent_weights(node)
-            factors[target.name] = WeightFactors(scale_w, np.zeros(scale_w.size, int), scale_r=scale_r)
-            continue
-        layer = config.layers.get(target.name)
-        params = layer.weight_quant_params if layer is not None else None
-        weight = node.params[0]
         try:
-            if isinstance(params, SnqParams):
-                layer_type, channel_wise, _ = arq_settings(node, target, config)
-                snq = snq_quantize_weight(weight, channel_wise, params.num_bits, params.max_iteration,
-                                          params.min_distance, params.init_algo, layer_type=layer_type)
-                weight = snq.fake
-                float_graph.node(target.name).params[0] = weight
-            arq = _arq(node, target, config, weight)
+            factors[target.name] = _quantize_node(node, target, config, float_graph)
         except QuantizationError as e:  # the algorithms do not know which layer they quantize
             raise type(e)(f"layer '{node.name}' ({node.type}), its weights: {e}") from None
-        factors[target.name] = WeightFactors(arq.scale, arq.offset)
-        node.params = [arq.fake, *node.params[1:]]
-        _LOG.debug("weights of '%s' quantized (%s, %d scale(s))", target.name,
-                   "snq" if isinstance(params, SnqParams) else "arq", arq.scale.size)
     return QuantizedWeights(graph, float_graph, factors)
+
+
+def _quantize_node(node: Node, target: QuantTarget, config, float_graph: Graph) -> WeightFactors:
+    """Quantize ``node``'s weights in place (SNQ's centres also into ``float_graph``); its factors."""
+    if is_recurrent(node.type):
+        node.params, scale_w, scale_r = quantize_recurrent_weights(node)
+        return WeightFactors(scale_w, np.zeros(scale_w.size, int), scale_r=scale_r)
+    layer = config.layers.get(target.name)
+    params = layer.weight_quant_params if layer is not None else None
+    weight = node.params[0]
+    if isinstance(params, SnqParams):
+        layer_type, channel_wise, _ = arq_settings(node, target, config)
+        snq = snq_quantize_weight(weight, channel_wise, params.num_bits, params.max_iteration,
+                                  params.min_distance, params.init_algo, layer_type=layer_type)
+        weight = snq.fake
+        float_graph.node(target.name).params[0] = weight
+    arq = _arq(node, target, config, weight)
+    node.params = [arq.fake, *node.params[1:]]
+    _LOG.debug("weights of '%s' quantized (%s, %d scale(s))", target.name,
+               "snq" if isinstance(params, SnqParams) else "arq", arq.scale.size)
+    return WeightFactors(arq.scale, arq.offset)
 
 
 def record_weight_factors(record: Record, factors: dict[str, WeightFactors]) -> None:
