@@ -25,15 +25,22 @@ def clamped_strides(strides) -> tuple[int, ...]:
     return tuple(min(int(s), WINDOW_LIMIT) for s in strides)
 
 
-def check_top_shape(where: str, top: str, shape) -> tuple[int, ...]:
-    """``shape`` as ints, refused as Caffe's Blob::Reshape refuses it: a negative dimension
-    (``CHECK_GE(shape[i], 0)``) or more than INT_MAX elements (``CHECK_LE(count_, INT_MAX)``)."""
-    shape = tuple(int(d) for d in shape)
+def _shape_fault(shape: tuple[int, ...]) -> str | None:
+    """What Caffe's Blob::Reshape refuses in ``shape``: a negative dimension (``CHECK_GE(shape[i], 0)``) or
+    more than INT_MAX elements (``CHECK_LE(count_, INT_MAX)``); None when it takes it."""
     if any(d < 0 for d in shape):
-        raise GraphError(f"{where}: top '{top}' would have the negative shape {list(shape)}")
+        return "has a negative dimension"
     if math.prod(shape) > INT_MAX:
-        raise GraphError(f"{where}: top '{top}' of shape {list(shape)} has more than {INT_MAX} elements, "
-                         "more than Caffe can hold in a blob")
+        return f"has more than {INT_MAX} elements, more than Caffe can hold in a blob"
+    return None
+
+
+def check_top_shape(where: str, top: str, shape) -> tuple[int, ...]:
+    """``shape`` as ints, or a GraphError naming ``where`` and the top if Caffe would refuse it."""
+    shape = tuple(int(d) for d in shape)
+    fault = _shape_fault(shape)
+    if fault:
+        raise GraphError(f"{where}: top '{top}' of shape {list(shape)} {fault}")
     return shape
 
 
@@ -97,11 +104,9 @@ class Blob:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape):
-            raise GraphError(f"Blob.reshape: the shape {list(shape)} has a negative dimension")
-        if math.prod(shape) > INT_MAX:
-            raise GraphError(f"Blob.reshape: the shape {list(shape)} has more than {INT_MAX} elements, more than "
-                             "Caffe can hold in a blob")
+        fault = _shape_fault(shape)
+        if fault:
+            raise GraphError(f"Blob.reshape: the shape {list(shape)} {fault}")
         if shape != self.shape:
             self._data = np.zeros(shape, np.float32)
             self._diff = None

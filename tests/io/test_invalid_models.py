@@ -59,7 +59,8 @@ CASES = {
         r"layer 'conv' \(Convolution\): the caffemodel has 3 blob\(s\), the layer needs 2"),
     "negative input dimension": (
         INPUT.format(dims="1 dim: -4 dim: 8 dim: 8") + CONV.format(conv="num_output: 4 kernel_size: 3"),
-        {"conv": _conv_w(4, 4, 3)}, GraphError, r"layer 'data'.*negative shape"),
+        {"conv": _conv_w(4, 4, 3)}, GraphError,
+        r"layer 'data'.*top 'data' of shape \[1, -4, 8, 8\] has a negative dimension"),
     "absurd input dimensions": (
         INPUT.format(dims="100000 dim: 4 dim: 100000 dim: 100000") + CONV.format(conv="num_output: 4 kernel_size: 3"),
         {"conv": _conv_w(4, 4, 3)}, GraphError, r"more than 2147483647 elements"),
