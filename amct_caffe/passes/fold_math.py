@@ -97,7 +97,14 @@ def batchnorm_affine(mean, var, scale_factor, eps: float) -> tuple[np.ndarray, n
     s = 0.0 if f == 0 else 1.0 / f
     mean = _vector(mean, "the BatchNorm mean") * s
     var = _vector(var, "the BatchNorm variance", mean.size) * s
-    a = 1.0 / np.sqrt(var + float(eps))
+    denominator = var + float(eps)
+    bad = np.flatnonzero(~(denominator > 0))
+    if bad.size:  # Caffe would compute NaN / inf outputs; folded, they would be NaN / inf weights
+        c = int(bad[0])
+        raise ValueError(f"its variance + eps is {denominator[c]:g} in channel {c} ({bad.size} channel(s) not "
+                         f"positive: variance blob {var[c] / s if s else var[c]:g}, moving-average factor {f:g}, "
+                         f"eps {float(eps):g}); its statistics are corrupt")
+    a = 1.0 / np.sqrt(denominator)
     return a, -mean * a
 
 

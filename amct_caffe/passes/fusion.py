@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from amct_caffe import ops
-from amct_caffe.errors import GraphError
+from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import FOLDED_ORDER
 from amct_caffe.passes import fold_math
@@ -238,8 +238,12 @@ def fold_chain(target: Node, folded: list[Node]) -> None:
         p = node.params
         if node.type == "BatchNorm":
             # Caffe quirk: blobs 0 and 1 hold mean * f and var * f, blob 2 holds f (fold_math).
-            w, b = fold_math.fold_batchnorm(w, b, p[0], p[1], p[2], node.layer_param.batch_norm_param.eps,
-                                            out_axis, group)
+            try:
+                w, b = fold_math.fold_batchnorm(w, b, p[0], p[1], p[2], node.layer_param.batch_norm_param.eps,
+                                                out_axis, group)
+            except ValueError as e:
+                raise WeightsError(f"layer '{node.name}' (BatchNorm): {e}: its fusion into '{target.name}' "
+                                   "would give NaN or infinite weights; fix the model's statistics") from None
         elif node.type == "Scale":
             beta = p[1] if node.layer_param.scale_param.bias_term else None
             w, b = fold_math.fold_scale(w, b, p[0], beta, out_axis, group)

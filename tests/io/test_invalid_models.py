@@ -147,3 +147,28 @@ def test_weights_that_cannot_be_quantized_are_refused_naming_the_layer(tmp_path,
     with pytest.raises(QuantizationError, match=r"layer 'conv' \(Convolution\), its weights: .*scale is illegal"):
         amct.weights_quantize_model(graph, str(tmp_path / "mod.prototxt"), str(tmp_path / "mod.caffemodel"))
     assert not (tmp_path / "mod.prototxt").exists() and not (tmp_path / "mod.caffemodel").exists()
+
+
+@pytest.mark.parametrize(("variance", "factor", "message"), [
+    (-1.0, 1.0, r"variance \+ eps is -0.99999 in channel 1 \(1 channel\(s\) not positive: variance blob -1"),
+    (2.0, -1.0, r"variance \+ eps is -1.99999 in channel 0 \(4 channel\(s\) not positive: .*moving-average factor -1"),
+])
+def test_a_batchnorm_with_corrupt_statistics_is_refused_before_its_fusion(tmp_path, variance, factor, message):
+    """Folded, a BatchNorm whose variance + eps is not positive gives NaN / inf weights (Caffe computes NaN
+    outputs); it is refused naming the layer, without numpy's RuntimeWarning (sqrt of a negative)."""
+    import warnings
+
+    from amct_caffe.api.workflow import calibrate
+
+    bn = 'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }\n'
+    var = np.full(4, 2.0, np.float32)
+    if factor > 0:
+        var[1] = variance
+    blobs = {"conv": _conv_w(4, 4, 3), "bn": [np.zeros(4, np.float32), var, np.array([factor], np.float32)]}
+    proto, weights = _write(tmp_path, X8 + CONV.format(conv="num_output: 4 kernel_size: 3") + bn, blobs)
+    x = np.random.default_rng(0).random((1, 4, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError, match=r"layer 'bn' \(BatchNorm\): its " + message):
+            calibrate(str(proto), str(weights), [{"data": x}], str(tmp_path / "q" / "m"), 1, progress=False)
+    assert not (tmp_path / "q").exists()
