@@ -10,6 +10,10 @@ from amct_caffe.errors import GraphError
 
 
 INT_MAX = 2**31 - 1  # Caffe counts a blob's elements in an int
+# np.errstate arguments for the Net's build, forward and backward and the IR's shape inference: Caffe's float
+# arithmetic overflows to inf and makes NaN without a word, where numpy would print RuntimeWarnings (with a
+# line of our code) on a user's screen. (A new errstate per use: one instance cannot be entered twice.)
+AS_CAFFE = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
 # The largest padded input, kernel extent or stride a window layer (Convolution, Pooling) runs with: the
 # kernels add two of them in int arithmetic.
 WINDOW_LIMIT = 2**30 - 1

@@ -35,7 +35,7 @@ from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
-from amct_caffe.runtime.blob import Blob, check_not_empty_at_build, check_top_shape
+from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_top_shape
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
@@ -43,10 +43,7 @@ from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
-# Caffe's float arithmetic overflows to inf and gives NaN without a word: so do the forward and backward
-# passes, which would otherwise print numpy's RuntimeWarnings (with a line of our code) on a user's screen.
-# (a new errstate per call: one instance cannot be entered twice, by nested or concurrent calls)
-_AS_CAFFE = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
+
 IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
 
@@ -87,7 +84,7 @@ class Net:
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
         self.ifmr = ifmr  # the calibration layers' IFMR observer (runtime/layers/calibration.py)
-        with np.errstate(**_AS_CAFFE):  # the layers' setup computes like their forward (a PriorBox's sizes)
+        with np.errstate(**AS_CAFFE):  # the layers' setup computes like their forward (a PriorBox's sizes)
             self._build(net_param, loaded, weights is not None)
 
     @classmethod
@@ -322,7 +319,7 @@ class Net:
         Keyword arguments set input blobs first; an input of a new shape reshapes the net.
         """
         # a calibration net: its blobs without numpy's huge-page hint (runtime/memory.py)
-        with np.errstate(**_AS_CAFFE), memory.hint_off(self._bounded_run):
+        with np.errstate(**AS_CAFFE), memory.hint_off(self._bounded_run):
             return self._forward(blobs, start, end, kwargs)
 
     def _forward(self, blobs, start, end, kwargs: dict):
@@ -385,7 +382,7 @@ class Net:
         requires). Returns {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
         Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared.
         """
-        with np.errstate(**_AS_CAFFE):
+        with np.errstate(**AS_CAFFE):
             return self._backward(diffs, start, end, kwargs)
 
     def _backward(self, diffs, start, end, kwargs: dict):

@@ -27,7 +27,7 @@ from amct_caffe.errors import AmctError, GraphError, WeightsError
 from amct_caffe.io import conform_blob
 from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import has_executor
-from amct_caffe.runtime.blob import Blob, check_not_empty_at_build, check_top_shape
+from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_top_shape
 from amct_caffe.runtime.net import TEST
 from amct_caffe.runtime.registry import layer_class
 
@@ -58,7 +58,7 @@ def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_wei
     ``have_weights``: the graph was loaded with a caffemodel, so a layer that needs weights must have
     them. Returns how many blobs got a shape.
     """
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # as the Net's build (runtime/net.py)
+    with np.errstate(**AS_CAFFE):  # computed as the Net's build computes it
         return _infer(graph, phase, strict, have_weights)
 
 

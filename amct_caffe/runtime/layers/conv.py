@@ -29,12 +29,12 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.blob import WINDOW_LIMIT, clamped_strides
 from amct_caffe.runtime.layers import caffe_gemm, conv_grad
 from amct_caffe.runtime.layers.activation import PReLU
 from amct_caffe.runtime.layers.conv_cols import per_axis
 from amct_caffe.runtime.layers.conv_plan import conv_out_size, conv_plan
 from amct_caffe.runtime.layers.deconv import Deconvolution, deconv_out_size
-from amct_caffe.runtime.blob import WINDOW_LIMIT, clamped_strides
 from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.ops import register
