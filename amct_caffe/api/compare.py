@@ -117,12 +117,14 @@ def blob_error_sums(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, n
 
 def _sqnr_db(ref_sq: float, diff_sq: float) -> float:
     """``10 log10(|x|^2 / |x - y|^2)``: inf for no error, -inf for an error on a zero (or far smaller)
-    reference, NaN when a blob held NaN."""
+    reference, NaN when a blob held NaN or both sums are infinite."""
     if math.isnan(ref_sq) or math.isnan(diff_sq):
         return math.nan
     if not diff_sq:
         return math.inf
     ratio = ref_sq / diff_sq
+    if math.isnan(ratio):  # inf / inf: an infinite float blob against a finite quantized one
+        return math.nan
     return 10 * math.log10(ratio) if ratio > 0 else -math.inf
 
 

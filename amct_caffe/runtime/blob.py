@@ -20,13 +20,15 @@ WINDOW_LIMIT = 2**30 - 1
 
 
 def clamped_strides(strides) -> tuple[int, ...]:
-    """Window strides with any beyond WINDOW_LIMIT replaced by it: the same output sizes and values.
+    """Window strides with any above ``WINDOW_LIMIT + 1`` (2^30) lowered to it: the same output sizes and values.
 
-    With the padded input ``P`` and the kernel extent ``E`` at most WINDOW_LIMIT, a stride ``s`` beyond it
-    gives one output (``|P - E| < s``) whose window starts at ``-pad`` whatever ``s`` is, and so does
-    WINDOW_LIMIT; Caffe takes any int stride, and the kernels' int index arithmetic would overflow on it.
+    Caffe takes any int stride, and the kernels' int index arithmetic would overflow on a huge one. With the
+    padded input ``P`` and the kernel extent ``E`` at most WINDOW_LIMIT (the layers refuse more), ``|P - E| <
+    2^30``: a stride of 2^30 or more gives the windows any other such stride gives (the first at ``-pad``; in
+    Pooling's ceil mode a second one past the input, clipped or empty alike), and 2^30 plus an extent still
+    fits an int.
     """
-    return tuple(min(int(s), WINDOW_LIMIT) for s in strides)
+    return tuple(min(int(s), WINDOW_LIMIT + 1) for s in strides)
 
 
 def _shape_fault(shape: tuple[int, ...]) -> str | None:

@@ -37,12 +37,27 @@ from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_top_shape
 from amct_caffe.runtime.fillers import fill
+from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
+
+
+def _shareable_values(graph) -> set[str]:
+    """The tops of the graph's layers that Caffe may make one memory with their bottom or each other
+    (ShareData: Split, Flatten, Reshape, a one-bottom Concat, an LSTM of one step...). An in-place layer
+    writing over one would change them all (the Net rebinds a share group after such a write), so
+    ``from_graph(observed=...)`` never writes over them."""
+    values = set()
+    for node in graph.nodes:
+        cls = layer_class(node.type, node.name)
+        if cls.shares_data or cls.shares_bottom_data is not Layer.shares_bottom_data \
+                or cls.shared_tops is not Layer.shared_tops:
+            values.update(node.tops)
+    return values
 
 IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
@@ -98,7 +113,7 @@ class Net:
         the source model computed in place write over the others again (io.graph_io.in_place_names), so
         their values share memory, and the chains fold, as in a Net of the source's prototxt.
         """
-        keep = None if observed is None else set(observed) | set(graph.inputs)
+        keep = None if observed is None else set(observed) | set(graph.inputs) | _shareable_values(graph)
         net_param, weights = graph_to_net(graph, in_place=keep is not None, keep=keep or ())
         # a graph without any weights is filled by its fillers, as Net(prototxt) would be
         net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr,

@@ -225,3 +225,11 @@ def test_blobs_of_nan_give_nan_figures_without_numpy_warnings(tmp_path):
         reports, summary, _ = compare_batches(str(model), str(LENET_W), paths["fake_quant_model"],
                                               paths["fake_quant_weights"], [{"data": x}])
     assert any(np.isnan(r.cosine) for r in reports) and summary["samples"] == 16
+
+
+def test_sqnr_of_the_edge_cases():
+    from amct_caffe.api.compare import _sqnr_db
+
+    assert _sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert _sqnr_db(1.0, 0.0) == float("inf") and _sqnr_db(0.0, 1.0) == float("-inf")  # log10(0) used to raise
+    assert np.isnan(_sqnr_db(float("inf"), float("inf"))) and np.isnan(_sqnr_db(float("nan"), 1.0))

@@ -175,3 +175,37 @@ def test_uninplaced_model_computes_the_same(tmp_path):
     a = Net(str(NSFW), str(NSFW_W), TEST, fold="exact").forward(data=x)["prob"]
     b = Net(str(out), str(NSFW_W), TEST).forward(data=x)["prob"]
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("sharing", [
+    'layer { name: "fl" type: "Flatten" bottom: "v" top: "f" }',
+    'layer { name: "sp" type: "Split" bottom: "v" top: "f" top: "g" }\n'
+    'layer { name: "ip3" type: "InnerProduct" bottom: "g" top: "out3" inner_product_param { num_output: 2 } }',
+])
+def test_values_sharing_memory_are_not_written_over(sharing):
+    """Caffe makes a Flatten's or a Split's tops one memory with the bottom (ShareData), and the Net rebinds the
+    group after an in-place write into one of them: written over, ``v`` (kept) and the Split's other top would
+    read the ReLU's values. A net keeping only some values leaves those tops out of its in-place writes."""
+    from google.protobuf import text_format
+
+    from amct_caffe.io.schema import caffe_pb
+    from amct_caffe.runtime import TEST, Net
+
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }\n'
+            'layer { name: "c1" type: "Convolution" bottom: "data" top: "v" '
+            'convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }\n'
+            + sharing + '\nlayer { name: "relu" type: "ReLU" bottom: "f" top: "f" }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "f" top: "out" inner_product_param { num_output: 3 } }\n'
+            'layer { name: "ip2" type: "InnerProduct" bottom: "v" top: "out2" inner_product_param { num_output: 3 } }')
+    net_param = text_format.Parse(text, caffe_pb().NetParameter())
+    weights = {n: [b.data.copy() for b in blobs] for n, blobs in Net(net_param, TEST, seed=3).params.items()}
+    graph = graph_from_net(net_param, weights)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    every = Net.from_graph(graph, TEST)
+    kept = ["v", *graph.outputs]
+    lean = Net.from_graph(graph, TEST, observed=kept, fold="exact")
+    every.forward(data=x)
+    lean.forward(data=x)
+    assert (every.blobs["v"].data < 0).any()  # the ReLU's input, not its output
+    for name in kept:
+        np.testing.assert_array_equal(lean.blobs[name].data, every.blobs[name].data, err_msg=name)

@@ -255,6 +255,7 @@ class PoolingLayer(Layer):
         self.stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
         if min(self.stride) <= 0:
             self._fail("stride must be positive")
+        self.stride = clamped_strides(self.stride)  # the same windows (blob.py), within the kernels' ints
         if pp.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
             self._fail("with global_pooling only pad 0 and stride 1 are allowed")
         if self.pad != (0, 0):
@@ -320,7 +321,7 @@ class PoolingLayer(Layer):
         """(kernel, stride, pad, output size) for a bottom of ``shape`` (global pooling resolved)."""
         h, w = shape[2:]
         k, s, p = ((h, w), (1, 1), (0, 0)) if self.kernel is None else (self.kernel, self.stride, self.pad)
-        return k, clamped_strides(s), p, pooled_hw(h, w, k, s, p, self.ceil_mode)
+        return k, s, p, pooled_hw(h, w, k, s, p, self.ceil_mode)
 
     def forward(self, bottoms):
         # in place, the bottom blob is the top at backward time: keep the input for MAX's argmax
