@@ -179,7 +179,7 @@ class BlobComparison:
         BatchNorm and Scale run as one step. The quantized models amct_caffe saves have no in-place
         layers, so their nets keep every value. EXACT folding: the bytes of the layers run one by one."""
         observed = None if every_blob else set(self.names) | set(graph.outputs)
-        return Net.from_graph(graph, TEST, observed=observed, fold="exact")
+        return Net.from_graph(graph, TEST, observed=observed)
 
     def add(self, feed: Feed) -> None:
         self.fp32_net.forward(**feed)

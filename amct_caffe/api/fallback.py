@@ -325,7 +325,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                         g.node(name).params = list(original[name])
                 chosen = [t for name, t in targets.items() if name in quantized]
                 return measure(Net.from_graph(build_quantized_graph(g, chosen, record, FAKE), TEST,
-                                              observed=observed, fold="exact"))
+                                              observed=observed))
             return score, list(targets)
 
         graph = calibrated(config, "int8")  # the guide's flow with every enabled layer

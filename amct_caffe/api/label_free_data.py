@@ -25,7 +25,7 @@ def fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
         raise AmctError(f"the model's outputs {graph.outputs} do not depend on its inputs through layers that can "
                         "be trained: label-free retraining has nothing to distil")
     # only the targets are read after a forward: the in-place chains fold, with the bytes of the separate layers
-    net = Net.from_graph(graph, TEST, observed=names, fold="exact")
+    net = Net.from_graph(graph, TEST, observed=names)
     inputs: dict[str, list] = {}
     outputs: dict[str, list] = {}
     for feed in feeds:

@@ -74,7 +74,7 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     # Only the calibration layers read the values (each is a reader of its own, so nothing they read is
     # written over): the float model's in-place layers run in place again and their chains fold.
     net = Net.from_graph(calibration, TEST, records={session.record_file: session.record},
-                         observed=calibration.outputs, fold="exact")
+                         observed=calibration.outputs)
     done = 0
     with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
         for feed in checked_feeds(batches, "calibration data"):

@@ -59,6 +59,7 @@ def _shareable_values(graph) -> set[str]:
             values.update(node.tops)
     return values
 
+
 IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
 
@@ -104,15 +105,19 @@ class Net:
 
     @classmethod
     def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0, ifmr: str = "stream",
-                   observed: Collection[str] | None = None, fold: str = "auto") -> "Net":
+                   observed: Collection[str] | None = None, fold: str | None = None) -> "Net":
         """A Net running an IR graph in memory (its nodes' params are the weights).
 
         ``records``: {record_file_path: Record} the calibration layers fill instead of the file.
         Blob names are the graph's (SSA: an in-place chain's intermediate values have their own names).
         ``observed``: only these values (and the inputs) need to be readable after a forward; the layers
         the source model computed in place write over the others again (io.graph_io.in_place_names), so
-        their values share memory, and the chains fold, as in a Net of the source's prototxt.
+        their values share memory, and the chains fold, as in a Net of the source's prototxt. ``fold``
+        (see ``Net``) defaults to ``"exact"`` then, so that the observed values keep the bytes of the SSA
+        net's separate layers, and to ``"auto"`` otherwise.
         """
+        if fold is None:
+            fold = "auto" if observed is None else "exact"
         keep = None if observed is None else set(observed) | set(graph.inputs) | _shareable_values(graph)
         net_param, weights = graph_to_net(graph, in_place=keep is not None, keep=keep or ())
         # a graph without any weights is filled by its fillers, as Net(prototxt) would be
