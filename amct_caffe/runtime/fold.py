@@ -177,7 +177,7 @@ class Chain:
         # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit
         if self.mode is FoldMode.FAST and affine and winograd.available() and x.ndim == 4 \
                 and winograd.applies(weight.shape, stride, dilation, group) \
-                and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.shape[0] > 0:
+                and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.size > 0:
             a, b = channel_affine(affine, bias, weight.shape[0])
             ho, wo = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
             m = winograd.tile_size(ho, wo)

@@ -19,7 +19,8 @@ from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime import TEST, Net
 from amct_caffe.runtime.blob import Blob
-from amct_caffe.runtime.layers.conv import Convolution, ConvolutionLayer, Deconvolution
+from amct_caffe.runtime.layers import conv_grad
+from amct_caffe.runtime.layers.conv import Convolution, ConvolutionLayer, Deconvolution, conv_out_size
 from amct_caffe.runtime.layers.pooling import Pooling, PoolingLayer
 from amct_caffe.runtime.shapes import infer_shapes
 
@@ -124,3 +125,57 @@ def test_a_reshape_to_a_negative_output_size_is_refused_naming_the_layer():
     with pytest.raises(GraphError, match=r"layer 'c' \(Convolution\): output spatial size \[-1, -1\] is negative"
                                          r".*kernel extent \[6, 6\]"):
         net.forward(data=np.zeros((2, 3, 4, 4), np.float32))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, pad, dilation, stride", [
+    ((2, 3, 0, 4), (4, 3, 1, 1), (1, 0), (1, 1), (1, 1)),           # zero height, the pad gives 2 rows
+    ((1, 3, 0, 5), (2, 3, 2, 3), (2, 1), (3, 1), (1, 2)),           # dilated, strided
+    ((1, 3, 0, 4), (4, 3, 3, 3), (2, 1), (1, 1), (1, 1)),           # a 3x3 stride-1 kernel (Winograd's shape)
+    ((1, 0, 3, 3), (4, 0, 3, 3), (1, 1), (1, 1), (1, 1)),           # no channels at all
+    ((1, 3, 0, 4), (4, 3, 2, 1), (2**29 - 1, 0), (2**28, 1), (2**29, 1)),  # windows 2^28 apart: no memory for them
+])
+def test_a_convolution_over_an_empty_bottom_gives_its_bias_where_the_padding_fills_windows(
+        x_shape, w_shape, pad, dilation, stride):
+    bias = np.array([0.5, -1.25, 2.0, 3.5][:w_shape[0]], np.float32)
+    y = Convolution(np.zeros(x_shape, np.float32), RNG.standard_normal(w_shape).astype(np.float32), bias,
+                    stride=stride, pad=pad, dilation=dilation)
+    out = tuple(conv_out_size(s, k, st, p, d) for s, k, st, p, d in zip(x_shape[2:], w_shape[2:], stride, pad,
+                                                                        dilation, strict=True))
+    assert y.shape == (x_shape[0], w_shape[0]) + out and y.size > 0
+    np.testing.assert_array_equal(y, np.broadcast_to(bias.reshape(-1, 1, 1), y.shape))
+    # and backward: nothing reaches the weights or the (empty) input through padding
+    dy = np.ones(y.shape, np.float32)
+    geom = dict(stride=stride, pad=pad, dilation=dilation, group=1)
+    np.testing.assert_array_equal(conv_grad.conv_weight_grad(np.zeros(x_shape, np.float32), dy, w_shape[2:], **geom),
+                                  np.zeros(w_shape, np.float32))
+    assert conv_grad.conv_input_grad(dy, np.ones(w_shape, np.float32), x_shape, **geom).shape == x_shape
+
+
+@pytest.mark.parametrize("fold", ["fast", "exact", "off"])
+def test_a_folded_batchnorm_chain_over_an_emptied_bottom_runs_on_its_bias(fold):
+    """A net run on 8x8 and then on 5x5: the 6x6 kernel leaves c empty, and the 3x3 convolution with pad 2 after
+    it still has 2x2 outputs, its bias through the BatchNorm, Scale and ReLU (the formula below)."""
+    layers = (
+        'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 4 '
+        'kernel_size: 6 } }\n'
+        'layer { name: "k" type: "Convolution" bottom: "c" top: "k" convolution_param { num_output: 3 '
+        'kernel_size: 3 pad: 2 } }\n'
+        'layer { name: "bn" type: "BatchNorm" bottom: "k" top: "k" }\n'
+        'layer { name: "sc" type: "Scale" bottom: "k" top: "k" scale_param { bias_term: true } }\n'
+        'layer { name: "r" type: "ReLU" bottom: "k" top: "k" }\n')
+    text = 'name: "z"\n' + INPUT.format(h=8) + layers
+    net = Net(io.parse_prototxt_text(text, "z.prototxt"), phase=TEST, fold=fold)
+    rng = np.random.default_rng(11)
+    for layer in net.layers:
+        for blob in layer.blobs:
+            blob.data[...] = rng.uniform(0.5, 1.5, blob.data.shape).astype(np.float32)
+    k_bias = net.params["k"][1].data * np.float32(rng.choice([-1, 1], 3))
+    net.params["k"][1].data[...] = k_bias
+    net.forward(data=rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    out = net.forward(data=rng.standard_normal((2, 3, 5, 5)).astype(np.float32))["k"]
+    mean, var, factor = (p.data.astype(np.float64) for p in net.params["bn"])
+    gamma, beta = (p.data.astype(np.float64) for p in net.params["sc"])
+    f = 0.0 if factor[0] == 0 else 1.0 / factor[0]
+    want = np.maximum((k_bias - mean * f) / np.sqrt(var * f + 1e-5) * gamma + beta, 0)
+    assert out.shape == (2, 3, 2, 2)
+    np.testing.assert_allclose(out, np.broadcast_to(want.reshape(3, 1, 1), out.shape), rtol=2e-6, atol=1e-6)

@@ -16,7 +16,8 @@ works):
 An output size of 0 gives an empty top (count 0), as Caffe's Blob::Reshape allows
 (``CHECK_GE(dim, 0)``); a negative one is refused, as there. Caffe can run an empty top only in
 a net whose blobs held data before (see ``blob.check_not_empty_at_build``, which the Net applies
-when it is built).
+when it is built). An empty bottom under windows its padding still fills gives a top of the bias
+alone (Caffe's im2col reads zeros for every tap), and no gradient reaches the weights.
 
 How a convolution is computed (its layout, GEMMs and C++ kernels, chosen once per shape) is
 :mod:`.conv_plan`'s.

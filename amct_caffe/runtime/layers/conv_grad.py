@@ -118,8 +118,10 @@ def conv_weight_grad(a, b_diff, ksz, *, stride, pad, dilation, group) -> np.ndar
     ksz = tuple(ksz)
     kk = math.prod(ksz)
     cg, og = ca // group, ob // group
-    ext = _extent(a.shape[2:], ksz, stride, pad, dilation, sb)
     dw = np.zeros((group, og, cg * kk), np.float32)
+    if a.size == 0:  # no input values: every column Caffe's im2col makes reads padding (zeros)
+        return dw.reshape((ob, cg) + ksz)
+    ext = _extent(a.shape[2:], ksz, stride, pad, dilation, sb)
     chunk = _chunk(n, ca * kk * npix)
     part = scratch("part", dw.shape[1:])
     per_image = n * group <= PER_IMAGE_GEMMS_MAX
@@ -152,6 +154,8 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
     kk = math.prod(ksz)
     ca = weight.shape[1] * group
     cg, og = ca // group, ob // group
+    if math.prod(in_shape) == 0:  # no input values: the gradient Caffe's col2im scatters lands in padding only
+        return np.zeros(tuple(in_shape), np.float32)
     ext = _extent(sa, ksz, stride, pad, dilation, sb)
     inner = (slice(None), slice(None)) + tuple(slice(p, p + s) for p, s in zip(pad, sa, strict=True))
     out = np.empty((n, ca) + sa, np.float32)

@@ -137,7 +137,10 @@ class ConvPlan:
         self.n, self.o, self.nsp, self.out, self.x_shape = n, o, nsp, out, tuple(x_shape)
         self.stride, self.pad, self.dilation, self.group, self.ksz = stride, pad, dilation, group, ksz
         self.empty = 0 in out or n == 0  # an empty top, as Caffe's Blob::Reshape allows (see _BaseConv.reshape)
-        if self.empty:
+        # No input values (no channels, or a zero spatial size) under windows the padding still fills: every
+        # tap reads padding, as Caffe's im2col writes zeros for it, so each output is its bias alone.
+        self.blank = not self.empty and math.prod(x_shape) == 0
+        if self.empty or self.blank:
             return
         # With C's truncating division the last window may reach past the padded input (a kernel
         # wider than it, an odd stride): im2col reads zeros there, so extend the input with zeros.
@@ -208,8 +211,11 @@ class ConvPlan:
         """
         into = into if _fits(into, (self.n, self.o) + self.out, x, weight) else None
         n, o, out, group = self.n, self.o, self.out, self.group
-        if self.empty:
-            return np.zeros((n, o) + out, np.float32)
+        if self.empty or self.blank:
+            y = np.zeros((n, o) + out, np.float32)
+            if bias is not None and self.blank:
+                y += np.asarray(bias, np.float32).reshape((o,) + (1,) * self.nsp)
+            return y
         if self.tail is not None:
             x = np.pad(x, self.tail)
         kind = self.kind
@@ -263,7 +269,7 @@ class ConvPlan:
         stores it, one pass less over the output than ``fold._affine`` after :meth:`__call__`, the same
         float32 roundings. None elsewhere (the caller then makes the two passes). ``into``: as
         :meth:`__call__`'s."""
-        if self.empty or self.kind != "direct" or DIRECT_AFFINE_KERNEL is None:
+        if self.empty or self.blank or self.kind != "direct" or DIRECT_AFFINE_KERNEL is None:
             return None
         if self.tail is not None:
             x = np.pad(x, self.tail)
@@ -307,7 +313,8 @@ class ConvPlan:
 
     def _small(self) -> bool:
         """Whether :meth:`unbiased` applies (its docstring)."""
-        if self.empty or self.tail is not None or self.nsp != 2 or self.n * self.o * math.prod(self.out) > SMALL_COLS:
+        if self.empty or self.blank or self.tail is not None or self.nsp != 2 \
+                or self.n * self.o * math.prod(self.out) > SMALL_COLS:
             return False
         if self.kind == "1x1":
             return self.stride == (1, 1)
