@@ -80,6 +80,9 @@ def load_arrays(data, inputs: Mapping[str, Sequence[int] | None]
         if arr.ndim < 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise DataError(f"{where}: the array for input '{name}' is not a numeric array of samples "
                             f"(dtype {arr.dtype}, shape {arr.shape})")
+        if np.iscomplexobj(arr):
+            raise DataError(f"{where}: the array for input '{name}' holds complex values ({arr.dtype}); "
+                            "a net takes real inputs: save the real part (or magnitude) you mean")
         out[name] = check_sample(arr, name, sample_shape(shape), where)
     counts = {n: len(a) for n, a in out.items()}
     if len(set(counts.values())) > 1:

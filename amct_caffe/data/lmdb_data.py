@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,6 +48,47 @@ def is_lmdb(path) -> bool:
     return (path.is_dir() and (path / "data.mdb").is_file()) or (path.is_file() and path.suffix == ".mdb")
 
 
+# liblmdb's meta pages (pages 0 and 1 of data.mdb, 64-bit layout): after the 16-byte page header,
+# mm_magic and mm_version (uint32 each), then at byte 40 of the page the page size (the free DB's md_pad),
+# at byte 136 mm_last_pg and at 144 mm_txnid (uint64 each).
+_META_MAGIC, _META_VERSION = 0xBEEFC0DE, 1
+
+
+def _meta(head: bytes, offset: int) -> tuple[int, int, int] | None:
+    """(page size, last page number, txnid) of the meta page at ``offset``, or None if it is not one."""
+    if len(head) < offset + 152:
+        return None
+    magic, version = struct.unpack_from("<II", head, offset + 16)
+    psize = struct.unpack_from("<I", head, offset + 40)[0]
+    last_page, txnid = struct.unpack_from("<QQ", head, offset + 136)
+    if magic != _META_MAGIC or version != _META_VERSION or not 512 <= psize <= 65536 or psize & (psize - 1):
+        return None
+    return psize, last_page, txnid
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a data.mdb shorter than its newest meta page says it is (a copy cut short, a full disk):
+    liblmdb maps the file, and reading a page past its end kills the process with SIGBUS. Files this
+    check cannot read (another layout, no meta page) are left to liblmdb's own checks."""
+    mdb = path / "data.mdb" if path.is_dir() else path
+    try:
+        size = mdb.stat().st_size
+        with open(mdb, "rb") as f:
+            head = f.read(4096 + 152)
+            first = _meta(head, 0)
+            if first is None:
+                return
+            f.seek(first[0])
+            second = _meta(f.read(152), 0)
+    except OSError:
+        return  # lmdb.open says what is wrong with the file
+    newest = max((m for m in (first, second) if m is not None), key=lambda m: m[2])
+    need = (newest[1] + 1) * newest[0]
+    if size < need:
+        raise DataError(f"{mdb} is truncated: it holds {size} bytes, but its pages run to {need}; "
+                        "copy the LMDB again (whole data.mdb)")
+
+
 def open_lmdb(path: Path):
     """The environment at ``path``, opened read-only for one use (close it, e.g. ``with``).
 
@@ -54,6 +96,7 @@ def open_lmdb(path: Path):
     between batches: two sources (or two nets' Data layers) may then read the same database.
     """
     lmdb = _lmdb()
+    check_complete(path)
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=path.is_dir(),
                          max_readers=16)

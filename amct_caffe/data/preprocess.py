@@ -95,15 +95,17 @@ def normalize(x: np.ndarray, mean: Sequence[float] = (), std: Sequence[float] = 
               axis: int = 1) -> np.ndarray:
     """``(x - mean[c]) / std[c] * scale`` in float32, channels along ``axis``.
 
-    ``mean`` / ``std`` hold one value (all channels) or one per channel; empty means 0 / 1.
+    ``mean`` / ``std`` hold one value (all channels) or one per channel; empty means 0 / 1. Values
+    beyond float32's range become infinite, quietly: the batch's finite check names the sample.
     """
-    x = np.asarray(x, dtype=np.float32)
-    if len(mean):
-        x = x - _per_channel(mean, x, axis, "mean")
-    if len(std):
-        x = x / _per_channel(std, x, axis, "std")
-    if scale != 1.0:
-        x = x * np.float32(scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.asarray(x, dtype=np.float32)
+        if len(mean):
+            x = x - _per_channel(mean, x, axis, "mean")
+        if len(std):
+            x = x / _per_channel(std, x, axis, "std")
+        if scale != 1.0:
+            x = x * np.float32(scale)
     return x
 
 

@@ -36,6 +36,17 @@ def sample_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(d) for d in shape[1:])
 
 
+def _check_finite(batch: np.ndarray, name: str, indices: list[int], where: str) -> None:
+    """Refuse a batch holding NaN or infinity (stored so, or past float32's range after the
+    preprocessing): the net would carry it to every blob, and calibration would fail far from its cause."""
+    if batch.size == 0 or np.isfinite(batch).all():
+        return
+    bad = ~np.isfinite(batch.reshape(len(indices), -1)).all(axis=1)
+    first = int(np.flatnonzero(bad)[0])
+    raise DataError(f"{where}: sample {indices[first]} for input '{name}' holds NaN or infinite values (as stored, "
+                    "or beyond float32 after the mean / std / scale): give finite data")
+
+
 class DataSource:
     """Base of the sources: samples in a fixed order, batched.
 
@@ -90,6 +101,7 @@ class DataSource:
             if arr.shape[0] != len(indices):  # a bug in a source, not a user error
                 raise AssertionError(f"{self.describe()}: input '{name}' got {arr.shape[0]} samples, "
                                      f"expected {len(indices)}")
+            _check_finite(arr, name, indices, self.describe())
             # a recurrent layer's x / cont / h0 take the batch on axis 1: (T, N, ...) from (N, T, ...)
             out[name] = np.ascontiguousarray(np.moveaxis(arr, 0, 1)) if name in self.time_major else arr
         return out

@@ -1,7 +1,10 @@
 """Damaged or hostile data files are a DataError naming the file, whatever the parser underneath raises."""
 
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +72,47 @@ def test_damaged_lmdb(tmp_path):
         _damage(mdb, offset + 16, offset + 400, seed=offset)
     with pytest.raises(DataError, match="cannot list the records of the LMDB .*db .*damaged or not a Caffe LMDB"):
         LmdbData(tmp_path / "db", ["data"])
+
+
+_TRUNCATED_LMDB = """
+import sys
+from amct_caffe.data import DataError, LmdbData
+try:
+    LmdbData(sys.argv[1], ["data"]).batch(0)
+except DataError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("keep", [4096 + 200, 8192, 8192 * 3])
+def test_truncated_lmdb_is_refused_before_liblmdb_reads_past_the_end(tmp_path, keep):
+    """A data.mdb cut short (a copy interrupted, a full disk): liblmdb maps it, and the first page past
+    the end killed the process with SIGBUS. Run in a child process, so that a regression fails one test."""
+    lmdb = pytest.importorskip("lmdb")
+    with lmdb.open(str(tmp_path / "db"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for i in range(40):
+            txn.put(b"%08d" % i, bytes(3000))
+    mdb = tmp_path / "db/data.mdb"
+    whole = mdb.stat().st_size
+    mdb.write_bytes(mdb.read_bytes()[:keep])
+    run = subprocess.run([sys.executable, "-c", _TRUNCATED_LMDB, str(tmp_path / "db")],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"data.mdb is truncated: it holds {keep} bytes, but its pages run to {whole}" in run.stdout
+
+
+def test_non_finite_or_complex_samples_are_refused_naming_the_sample(tmp_path):
+    x = np.ones((6, 1, 4, 4), np.float32)
+    x[4, 0, 1, 2] = np.nan
+    with pytest.raises(DataError, match=r"sample 4 for input 'data' holds NaN or infinite values"):
+        ArrayData({"data": x}, {"data": (1, 1, 4, 4)}, batch_size=3).batch(1)
+    assert ArrayData({"data": x}, {"data": (1, 1, 4, 4)}, batch_size=3).batch(0)["data"].shape == (3, 1, 4, 4)
+    huge = np.full((2, 1, 4, 4), 1e30)  # finite as stored, beyond float32 after the scale
+    with pytest.raises(DataError, match=r"sample 0 for input 'data' holds NaN or infinite values"):
+        ArrayData({"data": huge}, {"data": (1, 1, 4, 4)}, scale=1e10).batch(0)
+    np.save(tmp_path / "c.npy", x.astype(np.complex64))
+    with pytest.raises(DataError, match=r"c.npy: the array for input 'data' holds complex values \(complex64\)"):
+        ArrayData(tmp_path / "c.npy", {"data": (1, 1, 4, 4)})
 
 
 def test_preprocess_values_that_only_look_like_numbers():
