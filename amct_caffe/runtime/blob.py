@@ -50,6 +50,16 @@ def check_top_shape(where: str, top: str, shape) -> tuple[int, ...]:
     return shape
 
 
+def check_param_shapes(where: str, shapes) -> None:
+    """A GraphError naming ``where`` if Caffe would refuse one of a layer's learned blob ``shapes`` (a
+    num_output of 2^31 - 1 asked numpy for terabytes before anything said why)."""
+    for i, shape in enumerate(shapes):
+        fault = _shape_fault(tuple(int(d) for d in shape))
+        if fault:
+            raise GraphError(f"{where}: its learned blob {i} of shape {[int(d) for d in shape]} {fault}; check the "
+                             "layer's num_output and kernel sizes")
+
+
 def check_not_empty_at_build(where: str, top: str, shape) -> None:
     """Refuse a top that would be empty (a zero dimension) when the net is first built.
 

@@ -35,7 +35,7 @@ from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
-from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_top_shape
+from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.record_sink import RecordSink
@@ -211,6 +211,7 @@ class Net:
     def _setup_params(self, layer, bottom_shapes, arrays, have_weights: bool) -> None:
         shapes = (layer.param_shapes(bottom_shapes) if arrays is None
                   else layer.param_shapes_for_weights(bottom_shapes, arrays))
+        check_param_shapes(f"layer '{layer.name}' ({layer.type})", shapes)
         where = f"{self._weights_file or 'weights'}: layer '{layer.name}' ({layer.type})"
         arrays_given = arrays is not None
         if arrays_given:

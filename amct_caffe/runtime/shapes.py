@@ -27,7 +27,7 @@ from amct_caffe.errors import AmctError, GraphError, WeightsError
 from amct_caffe.io import conform_blob
 from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import has_executor
-from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_top_shape
+from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.net import TEST
 from amct_caffe.runtime.registry import layer_class
 
@@ -38,6 +38,7 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) ->
     """The node's weight blobs against what the layer needs (Caffe's CopyTrainedLayersFrom checks)."""
     expected = layer.param_shapes(bottoms) if not node.params else layer.param_shapes_for_weights(bottoms,
                                                                                                  node.params)
+    check_param_shapes(where, expected)
     if not node.params:
         if expected and have_weights:
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs {len(expected)} "

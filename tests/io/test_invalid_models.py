@@ -172,3 +172,21 @@ def test_a_batchnorm_with_corrupt_statistics_is_refused_before_its_fusion(tmp_pa
         with pytest.raises(WeightsError, match=r"layer 'bn' \(BatchNorm\): its " + message):
             calibrate(str(proto), str(weights), [{"data": x}], str(tmp_path / "q" / "m"), 1, progress=False)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("layer", [CONV.format(conv="num_output: 2147483647 kernel_size: 3"),
+                                   'layer { name: "conv" type: "InnerProduct" bottom: "data" top: "conv" '
+                                   'inner_product_param { num_output: 2000000000 } }\n'])
+def test_a_learned_blob_beyond_int_max_elements_is_refused_before_it_is_allocated(layer):
+    """A num_output near 2^31 without weights (a net to train, its blobs filled): Caffe's Blob::Reshape refuses
+    the weight blob; numpy was asked for terabytes and raised MemoryError, naming nothing."""
+    from amct_caffe.io.graph_io import graph_from_net
+    from amct_caffe.runtime import TEST, Net
+    from amct_caffe.runtime.shapes import infer_shapes
+
+    net = amct_io.parse_prototxt_text('name: "z"\n' + X8 + layer, "z.prototxt")
+    message = r"layer 'conv' \((Convolution|InnerProduct)\): its learned blob 0 of shape \[\d+, .*more than 2147483647"
+    with pytest.raises(GraphError, match=message):
+        Net(net, phase=TEST)
+    with pytest.raises(GraphError, match=message):
+        infer_shapes(graph_from_net(net, {}), strict=True, have_weights=False)
