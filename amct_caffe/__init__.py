@@ -27,6 +27,7 @@ _PUBLIC = {
                     "amct_caffe.api.retrain"),
     "calibrate_with_fallback": "amct_caffe.api.fallback",  # ours, beyond the guide
     "label_free_retrain": "amct_caffe.api.label_free",  # ours, beyond the guide
+    "compare_model": "amct_caffe.api.accuracy",  # ours, beyond the guide
     **dict.fromkeys(("AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError",
                      "UnsupportedLayerError", "WeightsError"), "amct_caffe.errors"),
     "set_caffe_proto": "amct_caffe.io.schema",
@@ -35,7 +36,8 @@ _PUBLIC = {
 __all__ = [
     "AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError", "UnsupportedLayerError",
     "WeightsError",
-    "__version__", "activation_quantize_model", "calibrate_with_fallback", "convert_model", "create_quant_config",
+    "__version__", "activation_quantize_model", "calibrate_with_fallback", "compare_model", "convert_model",
+    "create_quant_config",
     "create_quant_retrain_config", "create_quant_retrain_model", "init", "label_free_retrain", "save_model",
     "save_quant_retrain_model",
     "set_caffe_proto", "set_cpu_mode", "set_gpu_mode", "uninplace_model", "weights_quantize_model",
