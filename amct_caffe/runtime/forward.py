@@ -114,22 +114,25 @@ def forward_chain(net, chain, reshape: bool = True) -> None:
         second.data = tops[1]
 
 
-def run(net, start: int, stop: int, produced: list | None = None) -> None:
+def run(net, start: int, stop: int, produced: list | None = None, releases=None) -> None:
     """Layers ``start`` .. ``stop - 1`` one by one, folded chains as one step (the full path).
 
     ``produced``: filled with the shapes each layer's forward returned (for :func:`prepare`).
+    ``releases``: the net's :class:`~.release.Releases` in a full forward (None: every value is kept).
     """
     i = start
     while i < stop:
         chain = net._chains.get(i)  # noqa: SLF001
-        if chain is not None and chain.last < stop:  # a chain cut by start / end runs unfolded
+        last = chain.last if chain is not None and chain.last < stop else i  # a chain cut by start / end: unfolded
+        if last > i:
             forward_chain(net, chain)
-            i = chain.last + 1
         else:
             shapes = forward_layer(net, i)
             if produced is not None:
                 produced[i] = shapes
-            i += 1
+        if releases is not None:
+            releases.free(i, last)
+        i = last + 1
 
 
 def prepare(net, produced: list) -> list:
@@ -148,10 +151,14 @@ def prepare(net, produced: list) -> list:
         reads_dynamic = any(b in dynamic for j in range(i, last + 1) for b in net.bottom_names[names[j]])
         if reads_dynamic or layer.shape_from_forward:
             dynamic.update(t for j in range(i, last + 1) for t in net.top_names[names[j]])
+        step = None
         if chain is not None:
-            steps.append(_chain_step(net, chain, reshape=reads_dynamic))
+            step = _chain_step(net, chain, reshape=reads_dynamic)
         elif layer.type != "Input":
-            steps.append(_layer_step(net, i, produced[i], reads_dynamic))
+            step = _layer_step(net, i, produced[i], reads_dynamic)
+        if step is not None:
+            releases = net._releases  # noqa: SLF001
+            steps.append(step if releases is None else releases.steps(i, last, step))
         i = last + 1
     return _runs_of_small_ops(steps)
 

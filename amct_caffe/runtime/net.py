@@ -40,6 +40,7 @@ from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
+from amct_caffe.runtime.release import Releases
 from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
@@ -96,6 +97,7 @@ class Net:
         self._record_sinks: dict[str, RecordSink] = {}
         self._input_aliases: dict[str, str] = {}
         self.after_forward: list = []  # called at the end of every forward (layers/calibration_overlap.py)
+        self._releases = None  # from_graph(observed=...): the values a full forward frees (runtime/release.py)
         self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
@@ -124,6 +126,8 @@ class Net:
         net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr,
                   fold=fold)
         net._source = f"graph '{graph.name}'"
+        if keep is not None:
+            net._releases = Releases(net, keep) or None
         # An input that a later in-place layer overwrites has an SSA name of its own in the graph;
         # forward(data=...) still means the model's input blob.
         net._input_aliases = {original: ssa for node in graph.nodes if node.type == "Input"
@@ -367,9 +371,11 @@ class Net:
                     step()
             else:
                 produced = [None] * len(self.layers)
-                forward.run(self, 0, len(self.layers), produced)
+                forward.run(self, 0, len(self.layers), produced, self._releases)
                 self._steps, self._steps_key = forward.prepare(self, produced), key
         else:
+            if self._releases is not None:
+                self._releases.check_range(self, span.start, span.stop)
             forward.run(self, span.start, span.stop)
         for done in self.after_forward:
             done()

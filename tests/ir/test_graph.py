@@ -209,3 +209,38 @@ def test_values_sharing_memory_are_not_written_over(sharing):
     assert (every.blobs["v"].data < 0).any()  # the ReLU's input, not its output
     for name in kept:
         np.testing.assert_array_equal(lean.blobs[name].data, every.blobs[name].data, err_msg=name)
+
+
+@needs_shared
+def test_a_net_keeping_some_values_lets_the_others_go_during_the_forward():
+    """from_graph(observed=...) frees each value no one reads after the forward once its last reader has run
+    (runtime/release.py): the kept values hold the bytes of a net keeping every value, forward after forward,
+    the others a memory-less stand-in; a forward over a range that would read a freed value is refused."""
+    from amct_caffe.runtime import TEST, Net
+    from amct_caffe.runtime.release import is_stand_in
+
+    net_param, weights = io.load_model(str(NSFW), str(NSFW_W))
+    graph = graph_from_net(net_param, weights)
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) * 50 for _ in range(2)]
+    values = [t for node in graph.nodes for t in node.tops if node.type != "Input"]
+    kept = set(values[5::7]) | set(graph.outputs)
+    every = Net.from_graph(graph, TEST, fold="exact")
+    lean = Net.from_graph(graph, TEST, observed=kept)
+
+    def held(net):  # MiB of memory the blobs hold (views of one array counted once)
+        owners = {id(b.data.base if b.data.base is not None else b.data): b.data.nbytes
+                  for b in net.blobs.values() if not is_stand_in(b.data)}
+        return sum(owners.values()) / 2**20
+
+    for x in xs:  # the second forward runs the prepared steps
+        every.forward(data=x)
+        lean.forward(data=x)
+        for name in kept:
+            np.testing.assert_array_equal(lean.blobs[name].data, every.blobs[name].data, err_msg=name)
+        freed = [n for n, b in lean.blobs.items() if is_stand_in(b.data)]
+        assert len(freed) > 40 and not set(freed) & kept
+        assert held(lean) < 0.6 * held(every)
+    stage = next(n for n in lean._layer_names if n.startswith("conv_stage1"))  # noqa: SLF001
+    with pytest.raises(GraphError, match=r"reads '.+', which this net does not keep after a forward"):
+        lean.forward(start=stage)
