@@ -44,7 +44,7 @@ from amct_caffe.passes.quantized_models import canonical_record
 from amct_caffe.passes.retrain import LearnedClips, insert_retrain_layers, retrain_specs, strip_retrain_layers
 from amct_caffe.passes.weights import quantize_weights, weights_record
 from amct_caffe.quant.ulq import ulq_clip_check, ulq_scale_offset
-from amct_caffe.runtime.shapes import infer_shapes
+from amct_caffe.runtime.shapes import check_weights_fit, data_source_shapes, infer_shapes
 
 _LOG = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
                 raise AmctError(f"{model_file}: layer '{node.name}' is a {node.type} layer: give the original float "
                                 "model, not one amct_caffe has already modified")
     infer_shapes(graph)  # not strict: Data layers' sources need not exist here
+    if data_source_shapes(graph):  # where they can be read, the weights must fit the shapes they give
+        infer_shapes(graph)
+        check_weights_fit(graph)
     return graph
 
 

@@ -100,3 +100,44 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool) -> int:
             graph.blobs[top].shape = shape
             known += 1
     return known
+
+
+# Layers that read their tops from a data source (Caffe's DataLayerSetUp gives their shape from the first record)
+DATA_SOURCES = ("Data", "ImageData", "MemoryData")
+
+
+def data_source_shapes(graph: Graph, phase: int = TEST) -> int:
+    """Give the tops of the graph's data layers whose source can be read the shapes their first record
+    gives them, as Caffe's DataLayerSetUp does; a source that cannot be read (not on this machine, a path
+    relative to another directory) leaves them unknown. Returns how many tops got a shape."""
+    known = 0
+    for node in graph.nodes:
+        if node.type not in DATA_SOURCES or node.layer_param is None or not has_executor(node.type):
+            continue
+        try:
+            with np.errstate(**AS_CAFFE):
+                tops = layer_class(node.type, node.name)(node.layer_param, phase).reshape([])
+        except (AmctError, OSError, ValueError) as e:
+            _LOG.debug("layer '%s' (%s): no shape from its source: %s", node.name, node.type, e)
+            continue
+        for top, shape in zip(node.tops, tops, strict=False):
+            graph.blobs[top].shape = tuple(int(d) for d in shape)
+            known += 1
+    return known
+
+
+def check_weights_fit(graph: Graph, phase: int = TEST) -> None:
+    """A WeightsError naming the layer when its caffemodel blobs do not fit the shapes of its bottoms, for
+    every layer whose bottom shapes are known (Caffe's CopyTrainedLayersFrom check)."""
+    for node in graph.nodes:
+        if not node.params or node.layer_param is None or not has_executor(node.type):
+            continue
+        bottoms = [graph.blobs[b].shape for b in node.bottoms]
+        if any(s is None for s in bottoms):
+            continue
+        try:
+            layer = layer_class(node.type, node.name)(node.layer_param, phase)
+        except AmctError:
+            continue  # the net's build says what is wrong with the layer itself
+        _check_params(node, layer, [tuple(s) for s in bottoms], f"layer '{node.name}' ({node.type})", False)
+

@@ -142,6 +142,29 @@ def test_retrain_model_errors(tmp_path, lenet):
     assert not (tmp_path / "a.prototxt").exists()
 
 
+def test_weights_that_do_not_fit_the_shapes_a_readable_data_source_gives_are_refused(tmp_path):
+    """Where the Data layers' LMDBs can be read, their first record gives the net its shapes (Caffe's
+    DataLayerSetUp), and a layer whose caffemodel blobs do not fit them is refused naming it; such a model
+    used to pass, and failed only when the solver built the net, naming the retrain layers amct_caffe inserts."""
+    from amct_caffe.errors import WeightsError
+    from tests.training.mnist import mnist_lenet
+
+    mnist_lenet(tmp_path, train_batch=8, test_batch=10)
+    text = (tmp_path / "lenet_train_test.prototxt").read_text()
+    wrong = tmp_path / "wrong.prototxt"
+    wrong.write_text(text.replace('bottom: "pool2"\n  top: "ip1"', 'bottom: "data"\n  top: "ip1"'))
+    assert wrong.read_text() != text
+    message = r"layer 'ip1' \(InnerProduct\) blob 0: shape mismatch: the caffemodel has \[500, 800\] but the " \
+              r"prototxt defines \[500, 784\]"
+    with pytest.raises(WeightsError, match=message):
+        amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(wrong), str(LENET_W))
+    # the same model whose data sources are elsewhere: nothing to check the weights against here
+    elsewhere = tmp_path / "elsewhere.prototxt"
+    elsewhere.write_text(wrong.read_text().replace(str(tmp_path / "mnist_"), "/nonexistent/mnist_"))
+    amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(elsewhere), str(LENET_W))
+    assert json.loads((tmp_path / "c.json").read_text())
+
+
 CLIPS = {"conv1": (0.9, -0.1), "conv2": (3.1, -2.2), "ip1": (4.5, -3.0), "ip2": (2.75, -1.0)}
 
 
