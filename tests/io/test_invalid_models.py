@@ -190,3 +190,19 @@ def test_a_learned_blob_beyond_int_max_elements_is_refused_before_it_is_allocate
         Net(net, phase=TEST)
     with pytest.raises(GraphError, match=message):
         infer_shapes(graph_from_net(net, {}), strict=True, have_weights=False)
+
+
+def test_a_float_model_overflowing_on_the_data_is_refused_naming_its_blob(tmp_path):
+    """An Exp of inputs near 100 is infinite in float32: the IFMR layer that meets those values is amct_caffe's,
+    so the error also names the user's blob and the layer whose input it is."""
+    from amct_caffe.api.workflow import calibrate
+    from amct_caffe.errors import AmctError
+
+    text = (X8 + 'layer { name: "exp" type: "Exp" bottom: "data" top: "e" }\n'
+            + CONV.format(conv="num_output: 4 kernel_size: 3").replace('bottom: "data"', 'bottom: "e"'))
+    proto, weights = _write(tmp_path, text, {"conv": _conv_w(4, 4, 3)})
+    x = np.full((1, 4, 8, 8), 100.0, np.float32)
+    with pytest.raises(AmctError, match=r"inf or NaN: blob 'e', the input of 'conv', holds infinite or NaN values "
+                                        r"in the float model on this data"):
+        calibrate(str(proto), str(weights), [{"data": x}], str(tmp_path / "q" / "m"), 1, progress=False)
+    assert not (tmp_path / "q").exists()

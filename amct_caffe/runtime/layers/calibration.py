@@ -169,8 +169,17 @@ class IfmrLayer(_Collector):
 
     def _mapped(self, e: Exception) -> Exception:
         if isinstance(e, QuantizationError):
-            return _named(self, e)
+            return self._explained(_named(self, e))
         return GraphError(f"layer '{self.name}' (IFMR): {e}")  # the sample shape changed between batches
+
+    def _explained(self, e: Exception) -> Exception:
+        """``e`` with, for non-finite data, where the values come from: this layer is amct_caffe's, the blob and
+        the layers it calibrates are the user's (the data batches were finite: data.source checks them)."""
+        if "inf or NaN" not in str(e):
+            return e
+        layers = ", ".join(f"'{name}'" for name, _ in self.targets)
+        return type(e)(f"{e}: blob '{self.lp.bottom[0]}', the input of {layers}, holds infinite or NaN values in "
+                       "the float model on this data; check the weights before it and the scale of the input data")
 
     def _update(self, x, n: int) -> None:
         try:
@@ -222,7 +231,7 @@ class IfmrLayer(_Collector):
             result = self._observer.compute_qparams(threads=threads.workers())  # the cores the load leaves
         except QuantizationError as e:
             self._sink.write()  # keep what the layers before this one computed
-            raise _named(self, e) from e
+            raise self._explained(_named(self, e)) from e
         self._record(result)
         if not any(peer._finishes_next_forward() for peer in self._later_peers):
             self._sink.write()  # the last IFMR layer of this record to finish in this forward
