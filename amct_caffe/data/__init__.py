@@ -141,6 +141,9 @@ def checked_feeds(batches, who: str) -> Iterator[dict[str, np.ndarray]]:
             array = np.asarray(value)
             if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
                 raise DataError(f"{who}: batch {i}: input '{name}' holds {array.dtype} values, not numbers")
+            if np.iscomplexobj(array):  # numpy would drop the imaginary part, with a warning on screen
+                raise DataError(f"{who}: batch {i}: input '{name}' holds complex values ({array.dtype}); a net "
+                                "takes real inputs: give the real part (or magnitude) you mean")
             if array.ndim == 0 or len(array) == 0:
                 raise DataError(f"{who}: batch {i}: input '{name}' holds no sample (shape {list(array.shape)})")
             out[str(name)] = array

@@ -348,6 +348,9 @@ class Net:
             return self._forward(blobs, start, end, kwargs)
 
     def _forward(self, blobs, start, end, kwargs: dict):
+        if self._releases is not None:
+            self._releases.refuse(self, [self._input_aliases.get(n, n) for n in kwargs], "forward() was given data for")
+            self._releases.refuse(self, list(blobs or []), "forward(blobs=...) asks for")
         for name, value in kwargs.items():
             name = self._input_aliases.get(name, name)
             if name not in self.blobs:
@@ -413,6 +416,8 @@ class Net:
             return self._backward(diffs, start, end, kwargs)
 
     def _backward(self, diffs, start, end, kwargs: dict):
+        if self._releases is not None:
+            self._releases.refuse(self, sorted(self._releases.names), "backward() would read")
         if kwargs:
             if set(kwargs) != set(self.outputs):
                 raise GraphError(f"backward() got top diffs for {sorted(kwargs)}; give one for each output of "

@@ -11,15 +11,17 @@ integer-valued output, read by its DeQuant; in a calibration net, every value it
 read-only stand-in of its shape (zeros, no memory of its own), and the array returns to the allocator,
 which hands the memory to the values made next. Peak memory falls from the sum of the values to about
 the most that are alive at once (measured in docs/performance.md: the embedded calibration of
-open_nsfw at batch 8, 462 -> 271 MiB; the accuracy report, 1482 -> 1300 MiB). The bytes of every kept
+open_nsfw at batch 8, 462 -> 252 MiB; the accuracy report, 1482 -> 1300 MiB). The bytes of every kept
 value are unchanged.
 
 Never let go: observed values, inputs, outputs, blobs Caffe shares with others (Split, Reshape,
 Flatten...: a share group is rebound as one), the tops of layers whose shape depends on the data, and
 values under :data:`MIN_BYTES` (not worth a step; it also keeps tiny nets' runs of native ops in one
 call). An array something else still holds (a worker thread filling an IFMR histogram from it) lives
-on until that holder is done: only the blob's reference goes. Only full forwards let values go, and a
-forward over a range of layers that would read one is refused (:meth:`Releases.check_range`).
+on until that holder is done: only the blob's reference goes. Only full forwards let values go; a
+forward over a range of layers that would read one is refused (:meth:`Releases.check_range`), and so are
+``forward(blobs=...)`` asking for one, ``forward(name=array)`` setting one and ``backward()``, whose
+gradients would read them (:meth:`Releases.refuse`).
 (Keeping the arrays in a pool for the next values of their size did not pay: most layers that make
 these values, Quant / DeQuant / AntiQuant / Eltwise, write fresh arrays, so the pool only held memory.)
 """
@@ -34,6 +36,7 @@ from amct_caffe.errors import GraphError
 MIN_BYTES = 1 << 16
 
 _ZERO = np.zeros((), np.float32)
+_ZERO.flags.writeable = False
 
 
 def stand_in(shape: tuple[int, ...]) -> np.ndarray:
@@ -66,11 +69,13 @@ class Releases:
             if layer.shape_from_forward or layer.type == "Input":
                 dynamic.update(tops)
         self._after: dict[int, list] = {}
+        self.names: set[str] = set()  # the values let go
         for blob_name, i in last_reader.items():
             blob = net.blobs[blob_name]
             if blob_name in fixed or blob_name in dynamic or blob_name not in made or blob.data.nbytes < MIN_BYTES:
                 continue
             self._after.setdefault(i, []).append(blob)
+            self.names.add(blob_name)
             # the array the build gave it (not yet written) goes too, or the first forward would fill them all
             blob.data = stand_in(blob.shape)
 
@@ -93,6 +98,13 @@ class Releases:
             step()
             self.free(first, last)
         return then_free
+
+    def refuse(self, net, names, what: str) -> None:
+        """A GraphError if ``what`` (a pycaffe call) would read or write one of ``names`` that this net lets go."""
+        freed = [n for n in names if n in self.names]
+        if freed:
+            raise GraphError(f"{net._source}: {what} {freed}, which this net does not keep after a forward (built "  # noqa: SLF001
+                             "with observed values only); build it without observed, or keeping those values")
 
     def check_range(self, net, start: int, stop: int) -> None:
         """Refuse a forward over layers ``start``..``stop - 1`` that would read a value an earlier full

@@ -110,6 +110,9 @@ def test_non_finite_or_complex_samples_are_refused_naming_the_sample(tmp_path):
     huge = np.full((2, 1, 4, 4), 1e30)  # finite as stored, beyond float32 after the scale
     with pytest.raises(DataError, match=r"sample 0 for input 'data' holds NaN or infinite values"):
         ArrayData({"data": huge}, {"data": (1, 1, 4, 4)}, scale=1e10).batch(0)
+    from amct_caffe.data import checked_feeds
+    with pytest.raises(DataError, match=r"calibrate: batch 0: input 'data' holds complex values \(complex128\)"):
+        list(checked_feeds([{"data": x.astype(complex)}], "calibrate"))
     np.save(tmp_path / "c.npy", x.astype(np.complex64))
     with pytest.raises(DataError, match=r"c.npy: the array for input 'data' holds complex values \(complex64\)"):
         ArrayData(tmp_path / "c.npy", {"data": (1, 1, 4, 4)})

@@ -244,3 +244,10 @@ def test_a_net_keeping_some_values_lets_the_others_go_during_the_forward():
     stage = next(n for n in lean._layer_names if n.startswith("conv_stage1"))  # noqa: SLF001
     with pytest.raises(GraphError, match=r"reads '.+', which this net does not keep after a forward"):
         lean.forward(start=stage)
+    # pycaffe's other ways to reach a value: each refused, naming it, instead of zeros or wrong gradients
+    with pytest.raises(GraphError, match=rf"forward\(blobs=...\) asks for \['{freed[0]}'\], which this net does not"):
+        lean.forward(blobs=[freed[0]], data=xs[0])
+    with pytest.raises(GraphError, match=rf"forward\(\) was given data for \['{freed[0]}'\]"):
+        lean.forward(**{"data": xs[0], freed[0]: np.zeros(lean.blobs[freed[0]].shape, np.float32)})
+    with pytest.raises(GraphError, match=r"backward\(\) would read \[.+\], which this net does not keep"):
+        lean.backward()
