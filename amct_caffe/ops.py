@@ -169,9 +169,12 @@ def executor_class(type_name: str, layer_name: str = "?") -> type:
     """The executor class registered for ``type_name``; the error lists the registered types."""
     cls = _EXECUTORS.get(type_name)
     if cls is None:
+        what = ("a Python layer runs code of yours, which the embedded executor does not load" if type_name == "Python"
+                else f"the embedded executor does not run type '{type_name}'")
         raise UnsupportedLayerError(
-            f"layer '{layer_name}' has type '{type_name}', which the embedded executor does not "
-            f"support (known types: {', '.join(registered_types())})")
+            f"layer '{layer_name}' has type '{type_name}': {what}. Quantize with the guide's calls and run the "
+            "calibration model in your own (patched) Caffe, or leave the layer out of the model you quantize "
+            f"(a post-processing layer at the end, say). The executor runs: {', '.join(registered_types())}")
     return cls
 
 

@@ -283,3 +283,16 @@ def test_main_restores_the_signal_handlers(capsys):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     cli.main(RUN + ["--input", "missing.npz"])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_python_layer_is_one_line_that_says_what_to_do(capsys, tmp_path):
+    """A model ending in a Python layer (post-processing code of the user's): the executor cannot load it. The
+    line names the layer and says the two ways on, before the list of what the executor runs."""
+    model = tmp_path / "m.prototxt"
+    model.write_text(LENET.read_text() + '\nlayer { name: "post" type: "Python" bottom: "prob" top: "out" '
+                     'python_param { module: "mine" layer: "Post" } }\n')
+    fails(capsys, ["run", "--model", str(model), "--weights", str(LENET_WEIGHTS), "--input", str(MNIST_500),
+                   "--no-progress"],
+          r"layer 'post' has type 'Python': a Python layer runs code of yours, which the embedded executor does not "
+          r"load\. Quantize with the guide's calls and run the calibration model in your own \(patched\) Caffe, or "
+          r"leave the layer out of the model you quantize .*The executor runs: AbsVal, ")
