@@ -1,0 +1,145 @@
+"""Embed, Parameter and DummyData (``src/caffe/layers/{embed,dummy_data}_layer.cpp``, ``parameter_layer.hpp``).
+
+* Embed: a lookup table. x holds integer indices in [0, input_dim), any shape S; weight
+  ``(input_dim, num_output)``, bias ``(num_output,)`` -> y ``S + (num_output,)`` with
+  ``y[s] = W[x[s]] + b``. Backward: ``dW[x[s]] += dy[s]`` in the order of s (Caffe's axpy per
+  index), ``db += sum_s dy[s]``; no gradient reaches the indices (Caffe refuses to give one).
+* Parameter: a learned blob of ``parameter_param.shape`` as its only top (Caffe shares the top's data
+  and diff with the blob, so the top's gradient is the blob's). Caffe starts the blob at zeros (no
+  filler); a net whose caffemodel has no blob for it does the same here. An in-place layer after it
+  would change the learned blob in Caffe (they share memory); here it changes only the top.
+* DummyData: tops of fixed shapes (``shape``, or the deprecated num / channels / height / width), each
+  filled by its ``data_filler`` (none: zeros; one: all tops; else one per top). A constant filler fills
+  once, as Caffe's; any other refills at every forward, from the executor's random generator (not
+  Caffe's, so those values differ from Caffe's run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amct_caffe.errors import GraphError
+from amct_caffe.ops import register
+from amct_caffe.runtime.fillers import fill
+from amct_caffe.runtime.layer import Layer
+
+_F32 = np.float32
+
+
+@register("Embed")
+class EmbedLayer(Layer):
+    """Caffe's Embed (module doc); learned blobs [weight (input_dim, num_output), bias (num_output,)]."""
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        p = lp.embed_param
+        if p.num_output <= 0 or p.input_dim <= 0:
+            raise GraphError(f"layer '{self.name}' (Embed): embed_param.num_output ({p.num_output}) and input_dim "
+                             f"({p.input_dim}) must both be > 0")
+        self.num_output, self.input_dim, self.bias_term = int(p.num_output), int(p.input_dim), p.bias_term
+        self._index = None  # the last forward's indices, for the backward
+
+    def param_shapes(self, bottom_shapes):
+        return [(self.input_dim, self.num_output)] + ([(self.num_output,)] if self.bias_term else [])
+
+    def param_fillers(self):
+        return [self.lp.embed_param.weight_filler, self.lp.embed_param.bias_filler]
+
+    def reshape(self, bottom_shapes):
+        return [tuple(bottom_shapes[0]) + (self.num_output,)]
+
+    def _indices(self, x: np.ndarray) -> np.ndarray:
+        flat = np.asarray(x, _F32).reshape(-1)
+        index = flat.astype(np.int64)  # C's (int) cast: toward zero
+        bad = (index != flat) | (index < 0) | (index >= self.input_dim)
+        if bad.any():
+            value = flat[np.flatnonzero(bad)[0]]
+            raise GraphError(f"layer '{self.name}' (Embed): input value {value} is not an index in [0, "
+                             f"{self.input_dim}) (embed_param.input_dim); Embed takes integer indices")
+        return index
+
+    def forward(self, bottoms):
+        x = bottoms[0]
+        index = self._indices(x)
+        self._index = index
+        y = self.blobs[0].data[index]
+        if self.bias_term:
+            y = y + self.blobs[1].data.reshape(1, -1)
+        return [np.ascontiguousarray(y, _F32).reshape(x.shape + (self.num_output,))]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        if propagate_down[0]:
+            raise GraphError(f"layer '{self.name}' (Embed): no gradient reaches its input indices (Caffe: \"Can't "
+                             "backpropagate to EmbedLayer input.\"); set propagate_down: false for it")
+        dy = np.asarray(top_diffs[0], _F32).reshape(-1, self.num_output)
+        index = self._indices(bottoms[0]) if self._index is None or len(self._index) != len(dy) else self._index
+        if self.param_propagate_down[0]:
+            np.add.at(self.blobs[0].diff, index, dy)  # row by row, in order: Caffe's axpy per index
+        if self.bias_term and self.param_propagate_down[1]:
+            self.blobs[1].diff += dy.sum(axis=0, dtype=_F32)
+        return [None]
+
+
+@register("Parameter")
+class ParameterLayer(Layer):
+    """Caffe's Parameter (module doc): its learned blob as its top."""
+
+    num_bottoms = 0
+    weights_optional = True  # Caffe keeps the zeros of its LayerSetUp when the caffemodel has no blob for it
+
+    def _shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.lp.parameter_param.shape.dim)
+
+    def param_shapes(self, bottom_shapes):
+        return [self._shape()]
+
+    def reshape(self, bottom_shapes):
+        return [self._shape()]
+
+    def forward(self, bottoms):
+        return [self.blobs[0].data]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        if self.param_propagate_down[0]:
+            self.blobs[0].diff += np.asarray(top_diffs[0], _F32).reshape(self.blobs[0].data.shape)
+        return []
+
+
+@register("DummyData")
+class DummyDataLayer(Layer):
+    """Caffe's DummyData (module doc)."""
+
+    num_bottoms = 0
+    num_tops = (1, None)
+
+    def __init__(self, lp, phase: int = 1):
+        super().__init__(lp, phase)
+        p = lp.dummy_data_param
+        n = len(lp.top)
+        where = f"layer '{self.name}' (DummyData)"
+        if len(p.data_filler) not in (0, 1, n):
+            raise GraphError(f"{where}: {len(p.data_filler)} data_filler(s) for {n} top(s); give 0, 1 or {n}")
+        legacy = [list(p.num), list(p.channels), list(p.height), list(p.width)]
+        if any(legacy):
+            if len(p.shape):
+                raise GraphError(f"{where}: give shape or num / channels / height / width, not both")
+            for field, values in zip(("num", "channels", "height", "width"), legacy, strict=True):
+                if len(values) not in (1, n):
+                    raise GraphError(f"{where}: {len(values)} {field} value(s) for {n} top(s); give 1 or {n}")
+            self.shapes = [tuple(int(v[i if len(v) > 1 else 0]) for v in legacy) for i in range(n)]
+        else:
+            if len(p.shape) not in (1, n):
+                raise GraphError(f"{where}: {len(p.shape)} shape(s) for {n} top(s); give 1 or {n}")
+            self.shapes = [tuple(int(d) for d in p.shape[i if len(p.shape) > 1 else 0].dim) for i in range(n)]
+        fillers = list(p.data_filler)
+        self.fillers = [fillers[i if len(fillers) > 1 else 0] if fillers else None for i in range(n)]
+        self._rng = np.random.default_rng(0)
+        self._fixed = [fill(f, s, self._rng) if f is None or f.type == "constant" else None
+                       for f, s in zip(self.fillers, self.shapes, strict=True)]
+
+    def reshape(self, bottom_shapes):
+        return list(self.shapes)
+
+    def forward(self, bottoms):
+        return [fixed if fixed is not None else fill(f, s, self._rng)
+                for fixed, f, s in zip(self._fixed, self.fillers, self.shapes, strict=True)]

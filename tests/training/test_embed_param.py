@@ -1,0 +1,91 @@
+"""Embed, Parameter and DummyData against official Caffe: forward data, every blob's diff and the learned
+blobs' gradients (runtime/layers/embed_param.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from amct_caffe.errors import GraphError
+from amct_caffe.runtime import TRAIN, Net
+from tests.real_caffe import pycaffe_dir
+from tests.training.gradcheck import assert_matches_caffe, input_layer, run_in_caffe
+
+
+def L(ltype, name, bottoms, tops, params=""):  # noqa: N802 - reads like a prototxt line
+    b = " ".join(f'bottom: "{x}"' for x in bottoms.split())
+    t = " ".join(f'top: "{x}"' for x in tops.split())
+    return f'layer {{ name: "{name}" type: "{ltype}" {b} {t} {params} }}\n'
+
+
+def IP(name, bottom, n):  # noqa: N802
+    """An InnerProduct whose top is a loss of weight 1: the gradients reach the layers below it (without a loss,
+    Caffe back-propagates nothing; force_backward would ask Caffe for an Embed input's gradient, which it refuses)."""
+    return L("InnerProduct", name, bottom, name, f"inner_product_param {{ num_output: {n} axis: -1 }} loss_weight: 1")
+
+
+RNG = np.random.default_rng(21)
+# name -> (prototxt body, inputs)
+CASES = {
+    # repeated indices: their rows' gradients add up in order; a second Embed without bias, read twice
+    "embed": (input_layer("idx", 4, 3) + input_layer("x", 4, 3, 5)
+              + L("Embed", "emb", "idx", "emb", "embed_param { num_output: 5 input_dim: 7 }")
+              + L("Embed", "emb2", "idx", "emb2", "embed_param { num_output: 5 input_dim: 7 bias_term: false }")
+              + L("Eltwise", "s", "emb emb2 x", "s") + IP("ip", "s", 4) + IP("ip2", "emb2", 3),
+              {"idx": RNG.integers(0, 7, (4, 3)).astype(np.float32),
+               "x": RNG.standard_normal((4, 3, 5)).astype(np.float32)}),
+    # the learned blob as a top, read by two layers (Caffe's Split sums their gradients into it)
+    "parameter": (input_layer("x", 3, 4)
+                  + L("Parameter", "p", "", "p", "parameter_param { shape { dim: 3 dim: 4 } }")
+                  + L("Eltwise", "s", "p x", "s", "eltwise_param { operation: PROD }") + IP("ip", "s", 2)
+                  + IP("ip2", "p", 3),
+                  {"x": RNG.standard_normal((3, 4)).astype(np.float32)}),
+    # constant fillers: one per top, one for all, none (zeros); a shape and the deprecated 4-D fields
+    "dummy": (input_layer("x", 2, 3)
+              + L("DummyData", "d", "", "a b", 'dummy_data_param { shape { dim: 2 dim: 3 } '
+                  'data_filler { type: "constant" value: 0.5 } data_filler { type: "constant" value: -2 } }')
+              + L("DummyData", "d2", "", "c", "dummy_data_param { num: 2 channels: 3 height: 1 width: 1 }")
+              + L("DummyData", "d3", "", "e f", 'dummy_data_param { shape { dim: 2 dim: 3 } '
+                  'data_filler { type: "constant" value: 1.5 } }')
+              + L("Reshape", "r", "c", "cr", "reshape_param { shape { dim: 2 dim: 3 } }")
+              + L("Eltwise", "s", "x a b cr e f", "s") + IP("ip", "s", 4),
+              {"x": RNG.standard_normal((2, 3)).astype(np.float32)}),
+}
+
+
+@pytest.fixture(scope="module")
+def caffe_results(tmp_path_factory):
+    if pycaffe_dir() is None:
+        pytest.skip("AMCT_REAL_CAFFE is not set")
+    workdir = tmp_path_factory.mktemp("embed_param")
+    cases = [(name, f'name: "{name}"\n' + body, inputs, "TRAIN") for name, (body, inputs) in CASES.items()]
+    return workdir, run_in_caffe(workdir, cases)
+
+
+@pytest.mark.real_caffe
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_match_caffe(caffe_results, case):
+    workdir, results = caffe_results
+    assert_matches_caffe(workdir, results, case)
+
+
+def _net(tmp_path, text):
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    return Net(str(path), TRAIN)
+
+
+def test_embed_refuses_what_is_not_an_index_and_a_gradient_for_its_input(tmp_path):
+    net = _net(tmp_path, input_layer("idx", 2, 2) + L("Embed", "emb", "idx", "emb",
+                                                      "embed_param { num_output: 3 input_dim: 4 }"))
+    out = net.forward(idx=np.array([[0, 3], [3, 1]], np.float32))["emb"]
+    weight, bias = (b.data for b in net.params["emb"])
+    np.testing.assert_array_equal(out, weight[[[0, 3], [3, 1]]] + bias)
+    for bad in (np.array([[0, 4], [1, 1]]), np.array([[0, -1], [1, 1]]), np.array([[0, 1.5], [1, 1]])):
+        with pytest.raises(GraphError, match=r"layer 'emb' \(Embed\): input value .* is not an index in \[0, 4\)"):
+            net.forward(idx=bad.astype(np.float32))
+    forced = _net(tmp_path, "force_backward: true\n" + input_layer("idx", 2, 2)
+                  + L("Embed", "emb", "idx", "emb", "embed_param { num_output: 3 input_dim: 4 }"))
+    forced.forward(idx=np.zeros((2, 2), np.float32))
+    with pytest.raises(GraphError, match=r"layer 'emb' \(Embed\): no gradient reaches its input indices"):
+        forced.backward(emb=np.ones((2, 2, 3), np.float32))
