@@ -40,7 +40,7 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) ->
                                                                                                  node.params)
     check_param_shapes(where, expected)
     if not node.params:
-        if expected and have_weights and not layer.weights_optional:
+        if expected and have_weights:
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs {len(expected)} "
                                f"blob(s) of shapes {[list(s) for s in expected]}); check that the layer names of "
                                "the prototxt and the caffemodel match")

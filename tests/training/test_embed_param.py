@@ -89,3 +89,51 @@ def test_embed_refuses_what_is_not_an_index_and_a_gradient_for_its_input(tmp_pat
     forced.forward(idx=np.zeros((2, 2), np.float32))
     with pytest.raises(GraphError, match=r"layer 'emb' \(Embed\): no gradient reaches its input indices"):
         forced.backward(emb=np.ones((2, 2, 3), np.float32))
+
+
+def test_a_parameter_gradient_is_replaced_by_each_backward_as_caffe_shares_it_with_the_top(tmp_path):
+    """Caffe's Parameter top and blob share one diff, which the layer reading the top writes: two backwards
+    leave one backward's gradient there (an InnerProduct's gradient adds up over them)."""
+    net = _net(tmp_path, L("Parameter", "p", "", "p", "parameter_param { shape { dim: 2 dim: 3 } }")
+               + IP("ip", "p", 4))
+    net.params["p"][0].data[...] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    net.params["ip"][0].data[...] = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    net.forward()
+    net.backward()
+    once, ip_once = np.array(net.params["p"][0].diff), np.array(net.params["ip"][0].diff)
+    assert np.abs(once).max() > 0
+    net.forward()
+    net.backward()
+    np.testing.assert_array_equal(net.params["p"][0].diff, once)
+    np.testing.assert_array_equal(net.params["ip"][0].diff, 2 * ip_once)
+
+
+def test_dummy_data_random_fillers_draw_per_layer_and_per_forward(tmp_path):
+    text = "".join(L("DummyData", name, "", name, 'dummy_data_param { shape { dim: 2 dim: 3 } '
+                     'data_filler { type: "gaussian" std: 1 } }') for name in ("a", "b"))
+    first, second = _net(tmp_path, text), _net(tmp_path, text)
+    out = {k: np.array(v) for k, v in first.forward().items()}
+    assert not np.array_equal(out["a"], out["b"])  # two layers, two streams
+    assert not np.array_equal(first.forward()["a"], out["a"])  # refilled at every forward
+    np.testing.assert_array_equal(second.forward()["a"], out["a"])  # two nets of one prototxt draw the same
+
+
+def test_quantization_refuses_a_parameter_layer_the_caffemodel_lacks(tmp_path):
+    """A Net starts such a blob at zeros, as Caffe; the quantized models would be written without it, which
+    Caffe refuses to load, so the quantization calls refuse the model, naming the layer."""
+    import amct_caffe as amct
+    from amct_caffe import io
+    from amct_caffe.errors import WeightsError
+
+    text = ('name: "m"\n' + input_layer("x", 2, 3)
+            + L("Parameter", "p", "", "p", "parameter_param { shape { dim: 2 dim: 3 } }")
+            + L("Eltwise", "s", "x p", "s") + IP("ip", "s", 4))
+    proto = tmp_path / "m.prototxt"
+    proto.write_text(text)
+    net = Net(str(proto), TRAIN)
+    weights = tmp_path / "m.caffemodel"
+    params = {"ip": [b.data for b in net.params["ip"]]}
+    weights.write_bytes(io.net_to_caffemodel(io.parse_prototxt_text(text, str(proto)), params).SerializeToString())
+    with pytest.raises(WeightsError, match=r"layer 'p' \(Parameter\): the caffemodel has no weights for this layer"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(proto), str(weights))
+    assert not Net(str(proto), str(weights), TRAIN).params["p"][0].data.any()  # the executor: Caffe's zeros

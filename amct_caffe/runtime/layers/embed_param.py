@@ -4,14 +4,18 @@
   ``(input_dim, num_output)``, bias ``(num_output,)`` -> y ``S + (num_output,)`` with
   ``y[s] = W[x[s]] + b``. Backward: ``dW[x[s]] += dy[s]`` in the order of s (Caffe's axpy per
   index), ``db += sum_s dy[s]``; no gradient reaches the indices (Caffe refuses to give one).
-* Parameter: a learned blob of ``parameter_param.shape`` as its only top (Caffe shares the top's data
-  and diff with the blob, so the top's gradient is the blob's). Caffe starts the blob at zeros (no
-  filler); a net whose caffemodel has no blob for it does the same here. An in-place layer after it
+* Parameter: a learned blob of ``parameter_param.shape`` as its only top. Caffe shares the top's data
+  and diff with the blob, so the top's gradient is the blob's: each backward replaces it (it does not
+  add up over an ``iter_size`` > 1 iteration, unlike other learned blobs'). Caffe starts the blob at
+  zeros (no filler); a Net whose caffemodel has no blob for it does the same here (quantization refuses
+  such a model, naming the layer, as for any layer without its weights). An in-place layer after it
   would change the learned blob in Caffe (they share memory); here it changes only the top.
 * DummyData: tops of fixed shapes (``shape``, or the deprecated num / channels / height / width), each
   filled by its ``data_filler`` (none: zeros; one: all tops; else one per top). A constant filler fills
-  once, as Caffe's; any other refills at every forward, from the executor's random generator (not
-  Caffe's, so those values differ from Caffe's run).
+  once, as Caffe's; any other refills at every forward, from a generator seeded by the layer's name
+  (not Caffe's, so those values differ from Caffe's run; two nets of one prototxt draw the same). An
+  in-place layer over a constant top rewrites Caffe's top for good (it is never refilled), so its
+  effect compounds from one forward to the next there; here every forward starts from the filler.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.ops import register
 from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers.data_transform import layer_rng
 
 _F32 = np.float32
 
@@ -100,8 +105,10 @@ class ParameterLayer(Layer):
         return [self.blobs[0].data]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
+        # Caffe's top and blob share one diff, which the layers reading the top write (not add to): each
+        # backward replaces the blob's gradient, also within an iter_size > 1 iteration, as there
         if self.param_propagate_down[0]:
-            self.blobs[0].diff += np.asarray(top_diffs[0], _F32).reshape(self.blobs[0].data.shape)
+            self.blobs[0].diff = np.array(top_diffs[0], _F32).reshape(self.blobs[0].data.shape)
         return []
 
 
@@ -117,23 +124,24 @@ class DummyDataLayer(Layer):
         p = lp.dummy_data_param
         n = len(lp.top)
         where = f"layer '{self.name}' (DummyData)"
+        one_or_n = "1" if n == 1 else f"1 or {n}"
         if len(p.data_filler) not in (0, 1, n):
-            raise GraphError(f"{where}: {len(p.data_filler)} data_filler(s) for {n} top(s); give 0, 1 or {n}")
+            raise GraphError(f"{where}: {len(p.data_filler)} data_filler(s) for {n} top(s); give 0 or {one_or_n}")
         legacy = [list(p.num), list(p.channels), list(p.height), list(p.width)]
         if any(legacy):
             if len(p.shape):
                 raise GraphError(f"{where}: give shape or num / channels / height / width, not both")
             for field, values in zip(("num", "channels", "height", "width"), legacy, strict=True):
                 if len(values) not in (1, n):
-                    raise GraphError(f"{where}: {len(values)} {field} value(s) for {n} top(s); give 1 or {n}")
+                    raise GraphError(f"{where}: {len(values)} {field} value(s) for {n} top(s); give {one_or_n}")
             self.shapes = [tuple(int(v[i if len(v) > 1 else 0]) for v in legacy) for i in range(n)]
         else:
             if len(p.shape) not in (1, n):
-                raise GraphError(f"{where}: {len(p.shape)} shape(s) for {n} top(s); give 1 or {n}")
+                raise GraphError(f"{where}: {len(p.shape)} shape(s) for {n} top(s); give {one_or_n}")
             self.shapes = [tuple(int(d) for d in p.shape[i if len(p.shape) > 1 else 0].dim) for i in range(n)]
         fillers = list(p.data_filler)
         self.fillers = [fillers[i if len(fillers) > 1 else 0] if fillers else None for i in range(n)]
-        self._rng = np.random.default_rng(0)
+        self._rng = layer_rng(self.name, 0)
         self._fixed = [fill(f, s, self._rng) if f is None or f.type == "constant" else None
                        for f, s in zip(self.fillers, self.shapes, strict=True)]
 
