@@ -223,8 +223,9 @@ class EmptyBackward:
         return [None] * len(bottoms)
 
 
-def canonical_axis(axis: int, ndim: int, layer_name: str, field: str = "axis") -> int:
-    """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end; range-checked."""
+def canonical_axis(axis: int, ndim: int, layer_name: str, field: str = "axis", where: str | None = None) -> int:
+    """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end; range-checked. The error names
+    ``where`` (e.g. "layer 'x' (Scale)") if given, else the layer."""
     if not -ndim <= axis < max(ndim, 1):
-        raise GraphError(f"layer '{layer_name}': {field} {axis} is out of range for a {ndim}-D blob")
+        raise GraphError(f"{where or f'layer {layer_name!r}'}: {field} {axis} is out of range for a {ndim}-D blob")
     return axis + ndim if axis < 0 else axis

@@ -206,3 +206,13 @@ def test_a_float_model_overflowing_on_the_data_is_refused_naming_its_blob(tmp_pa
                                         r"in the float model on this data"):
         calibrate(str(proto), str(weights), [{"data": x}], str(tmp_path / "q" / "m"), 1, progress=False)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("ltype, param", [("Scale", "scale_param { axis: 5 }"), ("Bias", "bias_param { axis: 5 }")])
+def test_an_axis_out_of_range_names_the_layer_once(ltype, param):
+    from amct_caffe.runtime import TEST, Net
+
+    text = ('name: "z"\n' + INPUT.format(dims="2 dim: 3") +
+            f'layer {{ name: "sc" type: "{ltype}" bottom: "data" top: "sc" {param} }}\n')
+    with pytest.raises(GraphError, match=rf"^layer 'sc' \({ltype}\): axis 5 is out of range for a 2-D blob$"):
+        Net(amct_io.parse_prototxt_text(text, "z.prototxt"), phase=TEST)

@@ -27,7 +27,7 @@ def _split(shape, pshape, axis: int, who: str, exact: bool):
     if len(pshape) == 0:
         axis = 0
     else:
-        axis = canonical_axis(axis, len(shape), who)
+        axis = canonical_axis(axis, len(shape), "", where=who)
     if len(shape) < axis + len(pshape):
         raise GraphError(f"{who}: a parameter of shape {list(pshape)} applied from axis {axis} extends "
                          f"past the bottom's shape {list(shape)}")
@@ -42,7 +42,7 @@ def _split(shape, pshape, axis: int, who: str, exact: bool):
 
 def _covered(shape, axis: int, num_axes: int, who: str) -> tuple[int, ...]:
     """bottom shape[axis : axis + num_axes] (num_axes -1: to the end): a learned parameter's shape."""
-    axis = canonical_axis(axis, len(shape), who)
+    axis = canonical_axis(axis, len(shape), "", where=who)
     if num_axes < -1:
         raise GraphError(f"{who}: num_axes must be >= 0, or -1 to extend to the end, got {num_axes}")
     if num_axes >= 0 and len(shape) < axis + num_axes:
