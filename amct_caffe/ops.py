@@ -168,6 +168,9 @@ def register(*type_names: str):
 def executor_class(type_name: str, layer_name: str = "?") -> type:
     """The executor class registered for ``type_name``; the error lists the registered types."""
     cls = _EXECUTORS.get(type_name)
+    if cls is None and not type_name:
+        raise UnsupportedLayerError(f"layer '{layer_name}' gives no type: set its type (type: \"ReLU\", say); "
+                                    "Caffe refuses a layer without one too")
     if cls is None:
         what = ("a Python layer runs code of yours, which the embedded executor does not load" if type_name == "Python"
                 else f"the embedded executor does not run type '{type_name}'")

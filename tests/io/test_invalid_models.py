@@ -216,3 +216,12 @@ def test_an_axis_out_of_range_names_the_layer_once(ltype, param):
             f'layer {{ name: "sc" type: "{ltype}" bottom: "data" top: "sc" {param} }}\n')
     with pytest.raises(GraphError, match=rf"^layer 'sc' \({ltype}\): axis 5 is out of range for a 2-D blob$"):
         Net(amct_io.parse_prototxt_text(text, "z.prototxt"), phase=TEST)
+
+
+def test_a_layer_without_a_type_is_told_to_give_one():
+    from amct_caffe import UnsupportedLayerError
+    from amct_caffe.runtime import TEST, Net
+
+    text = 'name: "z"\n' + INPUT.format(dims="2 dim: 3") + 'layer { name: "r" type: "" bottom: "data" top: "r" }\n'
+    with pytest.raises(UnsupportedLayerError, match=r"^layer 'r' gives no type: set its type \(type: \"ReLU\", say\)"):
+        Net(amct_io.parse_prototxt_text(text, "z.prototxt"), phase=TEST)
