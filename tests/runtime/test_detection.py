@@ -90,7 +90,10 @@ def test_prior_box_variants(param, img, step):
 def test_prior_box_errors():
     for param, match in (("max_size: 5", "min_size"), ("min_size: 8 max_size: 4", "max_size"),
                          ("min_size: 8 variance: 0.1 variance: 0.2", "variances"),
-                         ("min_size: 8 img_size: 3 img_h: 3", "not both")):
+                         ("min_size: 8 img_size: 3 img_h: 3", "not both"),
+                         # (an OverflowError came out of the int conversion of inf)
+                         ("min_size: 8 max_size: inf", r"must be finite and below 2\^31"),
+                         ("min_size: 3e9", r"must be finite and below 2\^31")):
         with pytest.raises(GraphError, match=match):
             run(f'type: "PriorBox" bottom: "f" bottom: "i" top: "p" prior_box_param {{ {param} }}',
                 np.zeros((1, 1, 2, 2), f32), np.zeros((1, 1, 8, 8), f32))

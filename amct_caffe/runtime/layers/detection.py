@@ -37,6 +37,9 @@ def prior_sizes(min_size=(), max_size=(), aspect_ratio=(), flip=True) -> np.ndar
     """
     if not min_size or min(min_size) <= 0:
         raise ValueError("prior_box_param needs positive min_size values")
+    if not all(np.isfinite(v) and v < 2.0 ** 31 for v in (*min_size, *max_size)):
+        # (the fork stores them in ints: C's conversion of inf or of 2^31 and more has no defined value)
+        raise ValueError(f"min_size {list(min_size)} and max_size {list(max_size)} must be finite and below 2^31")
     if max_size and (len(max_size) != len(min_size)
                      or any(M <= m for m, M in zip(min_size, max_size, strict=True))):
         raise ValueError("give one max_size > min_size per min_size")
