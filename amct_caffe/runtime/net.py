@@ -397,12 +397,17 @@ class Net:
         """Weighted loss of the layers the last ``forward`` ran (Caffe's ForwardFromTo value)."""
         return self._loss
 
-    def _seed_loss_diffs(self) -> None:
-        """Caffe's SetLossWeights: a loss top's diff holds its weight, the backward's seed."""
+    def _seed_loss_diffs(self, stale_only: bool = False) -> None:
+        """Caffe's SetLossWeights: a loss top's diff holds its weight, the backward's seed. ``stale_only``: only
+        the loss tops whose shape changed since (a new batch size, a Filter's item count), whose diff no longer
+        fits: Caffe keeps the weights in the diff's memory when a top shrinks. (When it grows, Caffe reallocates
+        the diff as zeros, and its loss and gradients vanish; the executor keeps the weights.)"""
         for name, seeds in zip(self._layer_names, self._plan.diff_seeds, strict=True):
             for t, w in zip(self.top_names[name], seeds, strict=False):
                 if w:
                     blob = self.blobs[t]
+                    if stale_only and blob._diff is not None and blob._diff.shape == blob.shape:  # noqa: SLF001
+                        continue
                     blob.diff = np.full(blob.shape, w, np.float32)
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
@@ -430,6 +435,7 @@ class Net:
                                      f"axis, the blob {blob.shape[:1]}")
                 self._diffs.set(top, diff.reshape(blob.shape))
         elif start is None:
+            self._seed_loss_diffs(stale_only=True)
             # diffs set through net.blobs[o].diff land in memory other blobs may share (Caffe's ShareDiff)
             for top in self.outputs:
                 self._diffs.set(top, self.blobs[top].diff)

@@ -47,9 +47,10 @@ NOT_GENERATED = {
     "EuclideanLoss": "needs a target", "SigmoidCrossEntropyLoss": "needs targets", "HingeLoss": "needs labels",
     "InfogainLoss": "needs labels", "MultinomialLogisticLoss": "needs labels",
     "ContrastiveLoss": "needs pairs and labels",
-    # tests/training/test_embed_param.py compares these three with Caffe, forward and backward
+    # tests/training/test_embed_param.py compares these four with Caffe, forward and backward
     "Embed": "needs integer indices", "Parameter": "a learned blob as a source, no bottom",
     "DummyData": "a source with no bottom (its random fillers draw from Caffe's generator)",
+    "Filter": "needs a selector of 0s and 1s",
 }
 
 

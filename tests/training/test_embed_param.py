@@ -1,5 +1,5 @@
-"""Embed, Parameter and DummyData against official Caffe: forward data, every blob's diff and the learned
-blobs' gradients (runtime/layers/embed_param.py)."""
+"""Embed, Parameter, DummyData and Filter against official Caffe: forward data, every blob's diff and the
+learned blobs' gradients (runtime/layers/embed_param.py, runtime/layers/filter.py)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ CASES = {
               + L("Reshape", "r", "c", "cr", "reshape_param { shape { dim: 2 dim: 3 } }")
               + L("Eltwise", "s", "x a b cr e f", "s") + IP("ip", "s", 4),
               {"x": RNG.standard_normal((2, 3)).astype(np.float32)}),
+    # the selector keeps items 0, 2 and 4 (any nonzero value); the gradient reaches the kept items of 'a' only
+    "filter": (input_layer("x", 5, 3) + input_layer("y", 5, 2, 2) + input_layer("sel", 5, 1)
+               + L("InnerProduct", "a", "x", "a", "inner_product_param { num_output: 4 }")
+               + L("Filter", "f", "a y sel", "fa fy",
+                   "propagate_down: true propagate_down: false propagate_down: false")
+               + IP("b", "fa", 2) + IP("c", "fy", 3),
+               {"x": RNG.standard_normal((5, 3)).astype(np.float32),
+                "y": RNG.standard_normal((5, 2, 2)).astype(np.float32),
+                "sel": np.array([[1], [0], [2], [0], [-1]], np.float32)}),
 }
 
 
@@ -137,3 +146,44 @@ def test_quantization_refuses_a_parameter_layer_the_caffemodel_lacks(tmp_path):
     with pytest.raises(WeightsError, match=r"layer 'p' \(Parameter\): the caffemodel has no weights for this layer"):
         amct.create_quant_config(str(tmp_path / "c.json"), str(proto), str(weights))
     assert not Net(str(proto), str(weights), TRAIN).params["p"][0].data.any()  # the executor: Caffe's zeros
+
+
+def test_filter_keeps_the_selected_items_and_passes_their_gradients_back(tmp_path):
+    """Filter (runtime/layers/filter.py) on its own: the kept items in order, zeros for the others' gradients,
+    none for the selector."""
+    net = _net(tmp_path, input_layer("x", 5, 3) + input_layer("sel", 5, 1)
+               + L("InnerProduct", "a", "x", "a", "inner_product_param { num_output: 4 }")
+               + L("Filter", "f", "a sel", "fa") + IP("b", "fa", 2))
+    net.params["a"][0].data[...] = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    net.params["b"][0].data[...] = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    x = RNG.standard_normal((5, 3)).astype(np.float32)
+    out = net.forward(x=x, sel=np.array([[1], [0], [2], [0], [-1]], np.float32))
+    np.testing.assert_array_equal(net.blobs["fa"].data, net.blobs["a"].data[[0, 2, 4]])
+    assert out["b"].shape == (3, 2)
+    net.backward()
+    da = net.blobs["a"].diff
+    assert not da[[1, 3]].any() and da[[0, 2, 4]].any()
+    np.testing.assert_array_equal(da[[0, 2, 4]], net.blobs["fa"].diff)
+    out = net.forward(x=x, sel=np.array([[0], [0], [3], [0], [0]], np.float32))  # the item count follows the data
+    assert out["b"].shape == (1, 2)
+    forced = _net(tmp_path, "force_backward: true\n" + input_layer("x", 2, 3) + input_layer("sel", 2, 1)
+                  + L("Filter", "f", "x sel", "fx"))
+    forced.forward(x=np.ones((2, 3), np.float32), sel=np.ones((2, 1), np.float32))
+    with pytest.raises(GraphError, match=r"layer 'f' \(Filter\): no gradient reaches its selector"):
+        forced.backward(fx=np.ones((2, 3), np.float32))
+
+
+def test_a_loss_top_that_changes_shape_keeps_its_weight_as_the_backward_seed(tmp_path):
+    """The loss weight lives in the top's diff (Caffe's SetLossWeights); a new batch size changes the top's shape.
+    The gradients were zero after that (the diff no longer fitted and was read as zeros); now the seed is the
+    weight again, as Caffe's diff memory keeps it when the top shrinks."""
+    body = L("InnerProduct", "ip", "x", "ip", "inner_product_param { num_output: 2 } loss_weight: 2")
+    grads = []
+    for built in (4, 2):
+        net = _net(tmp_path, input_layer("x", built, 3) + body)
+        net.params["ip"][0].data[...] = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+        net.forward(x=np.arange(6, dtype=np.float32).reshape(2, 3))
+        net.backward()
+        grads.append(np.array(net.params["ip"][0].diff))
+    np.testing.assert_array_equal(grads[0], grads[1])
+    assert np.abs(grads[0]).max() > 0
