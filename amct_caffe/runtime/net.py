@@ -37,28 +37,13 @@ from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.fillers import fill
-from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
-from amct_caffe.runtime.release import Releases
+from amct_caffe.runtime.release import Releases, shareable_values
 from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
-
-
-def _shareable_values(graph) -> set[str]:
-    """The tops of the graph's layers that Caffe may make one memory with their bottom or each other
-    (ShareData: Split, Flatten, Reshape, a one-bottom Concat, an LSTM of one step...). An in-place layer
-    writing over one would change them all (the Net rebinds a share group after such a write), so
-    ``from_graph(observed=...)`` never writes over them."""
-    values = set()
-    for node in graph.nodes:
-        cls = layer_class(node.type, node.name)
-        if cls.shares_data or cls.shares_bottom_data is not Layer.shares_bottom_data \
-                or cls.shared_tops is not Layer.shared_tops:
-            values.update(node.tops)
-    return values
 
 
 IFMR_MODES = ("stream", "exact")
@@ -98,6 +83,7 @@ class Net:
         self._input_aliases: dict[str, str] = {}
         self.after_forward: list = []  # called at the end of every forward (layers/calibration_overlap.py)
         self._releases = None  # from_graph(observed=...): the values a full forward frees (runtime/release.py)
+        self._loss_tops: list | None = None  # (Blob, loss weight) of every loss top (_seed_loss_diffs)
         self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
@@ -120,7 +106,7 @@ class Net:
         """
         if fold is None:
             fold = "auto" if observed is None else "exact"
-        keep = None if observed is None else set(observed) | set(graph.inputs) | _shareable_values(graph)
+        keep = None if observed is None else set(observed) | set(graph.inputs) | shareable_values(graph)
         net_param, weights = graph_to_net(graph, in_place=keep is not None, keep=keep or ())
         # a graph without any weights is filled by its fillers, as Net(prototxt) would be
         net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr,
@@ -382,6 +368,8 @@ class Net:
             forward.run(self, span.start, span.stop)
         for done in self.after_forward:
             done()
+        if self._loss_tops:
+            self._seed_loss_diffs(stale_only=True)  # before anyone reads a diff that no longer fits
         if end is None and not blobs:  # (self.outputs has no repeats)
             return {o: self.blobs[o].data for o in self.outputs}
         outs = list(self.outputs) if end is None else list(self.top_names[end])
@@ -398,17 +386,18 @@ class Net:
         return self._loss
 
     def _seed_loss_diffs(self, stale_only: bool = False) -> None:
-        """Caffe's SetLossWeights: a loss top's diff holds its weight, the backward's seed. ``stale_only``: only
-        the loss tops whose shape changed since (a new batch size, a Filter's item count), whose diff no longer
-        fits: Caffe keeps the weights in the diff's memory when a top shrinks. (When it grows, Caffe reallocates
-        the diff as zeros, and its loss and gradients vanish; the executor keeps the weights.)"""
-        for name, seeds in zip(self._layer_names, self._plan.diff_seeds, strict=True):
-            for t, w in zip(self.top_names[name], seeds, strict=False):
-                if w:
-                    blob = self.blobs[t]
-                    if stale_only and blob._diff is not None and blob._diff.shape == blob.shape:  # noqa: SLF001
-                        continue
-                    blob.diff = np.full(blob.shape, w, np.float32)
+        """Caffe's SetLossWeights: a loss top's diff holds its weight, the backward's seed. ``stale_only`` (after
+        each forward): only the loss tops whose shape changed (a new batch size, a Filter's item count), whose
+        diff no longer fits: Caffe keeps the weights in the diff's memory when a top shrinks. (When it grows,
+        Caffe reallocates the diff as zeros, and its loss and gradients vanish; the executor keeps the weights.)"""
+        if self._loss_tops is None:
+            self._loss_tops = [(self.blobs[t], w) for name, seeds in zip(self._layer_names, self._plan.diff_seeds,
+                                                                          strict=True)
+                               for t, w in zip(self.top_names[name], seeds, strict=False) if w]
+        for blob, w in self._loss_tops:
+            if stale_only and blob._diff is not None and blob._diff.shape == blob.shape:  # noqa: SLF001
+                continue
+            blob.diff = np.full(blob.shape, w, np.float32)
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """Back-propagate from layer ``start`` down to layer ``end`` (names, inclusive), as pycaffe.
@@ -435,7 +424,6 @@ class Net:
                                      f"axis, the blob {blob.shape[:1]}")
                 self._diffs.set(top, diff.reshape(blob.shape))
         elif start is None:
-            self._seed_loss_diffs(stale_only=True)
             # diffs set through net.blobs[o].diff land in memory other blobs may share (Caffe's ShareDiff)
             for top in self.outputs:
                 self._diffs.set(top, self.blobs[top].diff)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.registry import layer_class
 
 # Values smaller than this are kept (64 KiB: 16k float32).
 MIN_BYTES = 1 << 16
@@ -118,3 +120,17 @@ class Releases:
                                      "keep after a forward (built with observed values only): run the whole net, "
                                      "or build it keeping that value")
             made.update(net.top_names[names[i]])
+
+
+def shareable_values(graph) -> set[str]:
+    """The tops of the graph's layers that Caffe may make one memory with their bottom or each other
+    (ShareData: Split, Flatten, Reshape, a one-bottom Concat, an LSTM of one step...). An in-place layer
+    writing over one would change them all (the Net rebinds a share group after such a write), so
+    ``from_graph(observed=...)`` never writes over them."""
+    values = set()
+    for node in graph.nodes:
+        cls = layer_class(node.type, node.name)
+        if cls.shares_data or cls.shares_bottom_data is not Layer.shares_bottom_data \
+                or cls.shared_tops is not Layer.shared_tops:
+            values.update(node.tops)
+    return values

@@ -187,3 +187,21 @@ def test_a_loss_top_that_changes_shape_keeps_its_weight_as_the_backward_seed(tmp
         grads.append(np.array(net.params["ip"][0].diff))
     np.testing.assert_array_equal(grads[0], grads[1])
     assert np.abs(grads[0]).max() > 0
+
+
+def test_reading_a_loss_diff_after_a_shape_change_keeps_the_seed_and_an_empty_filter_runs(tmp_path):
+    """The seed is back as soon as the forward ends, so reading the diff (pycaffe users do) shows the weight and
+    the backward uses it; a selector keeping no item gives empty tops, as Caffe's, and a loss of 0."""
+    body = L("InnerProduct", "ip", "x", "ip", "inner_product_param { num_output: 2 } loss_weight: 2")
+    net = _net(tmp_path, input_layer("x", 4, 3) + body)
+    net.params["ip"][0].data[...] = 1
+    net.forward(x=np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(net.blobs["ip"].diff, np.full((2, 2), 2, np.float32))
+    net.backward()
+    np.testing.assert_array_equal(net.params["ip"][0].diff, np.full((2, 3), 4, np.float32))
+    empty = _net(tmp_path, input_layer("x", 3, 2) + input_layer("sel", 3, 1) + L("Filter", "f", "x sel", "fx")
+                 + L("InnerProduct", "ip", "fx", "ip", "inner_product_param { num_output: 2 } loss_weight: 1"))
+    out = empty.forward(x=np.ones((3, 2), np.float32), sel=np.zeros((3, 1), np.float32))
+    assert out["ip"].shape == (0, 2) and empty.loss == 0
+    empty.backward()
+    assert not empty.params["ip"][0].diff.any()

@@ -25,7 +25,7 @@ def InnerProduct(x, weight, bias=None, *, axis=1, transpose=False):  # noqa: N80
     x = np.asarray(x, np.float32)
     axis = canonical_axis(axis, x.ndim, "InnerProduct")
     lead = x.shape[:axis]
-    x2 = x.reshape(math.prod(lead), -1)
+    x2 = x.reshape(math.prod(lead), math.prod(x.shape[axis:]))  # (not -1: an empty batch has 0 rows)
     w = np.asarray(weight, np.float32)
     # Caffe: cblas_sgemm(NoTrans, transpose ? NoTrans : Trans, M, N, K); numpy hands the
     # transposed view to BLAS as the same Trans call, without a copy. Rounded like Caffe's
@@ -111,8 +111,8 @@ class InnerProductLayer(Layer):
         dW sums its M rows in blocks that do not depend on the BLAS thread count.
         """
         x = bottoms[0]
-        x2 = x.reshape(math.prod(x.shape[:self.axis]), -1)
-        dy = top_diffs[0].reshape(x2.shape[0], -1)
+        x2 = x.reshape(math.prod(x.shape[:self.axis]), math.prod(x.shape[self.axis:]))
+        dy = top_diffs[0].reshape(x2.shape[0], math.prod(top_diffs[0].shape[self.axis:]))
         w = self.blobs[0].data
         transpose = self.lp.inner_product_param.transpose
         if self.param_propagate_down[0]:
