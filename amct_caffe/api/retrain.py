@@ -44,7 +44,7 @@ from amct_caffe.passes.quantized_models import canonical_record
 from amct_caffe.passes.retrain import LearnedClips, insert_retrain_layers, retrain_specs, strip_retrain_layers
 from amct_caffe.passes.weights import quantize_weights, weights_record
 from amct_caffe.quant.ulq import ulq_clip_check, ulq_scale_offset
-from amct_caffe.runtime.shapes import check_weights_fit, data_source_shapes, infer_shapes
+from amct_caffe.runtime.shapes import check_weights_fit, infer_shapes
 
 _LOG = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ __all__ = ["create_quant_retrain_config", "create_quant_retrain_model", "save_qu
 
 
 def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
-    """The model's TEST phase as an SSA graph with its weights (and the shapes that can be inferred
-    without reading the data sources).
+    """The model's TEST phase as an SSA graph with its weights, its shapes (the data sources' where they can
+    be read) and its weights checked against the shapes known.
 
     ``float_model``: refuse a model that already has AMCT layers (quantized or retrain ones).
     """
@@ -64,10 +64,10 @@ def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
             if ops.layer_type(node.type).inserted:
                 raise AmctError(f"{model_file}: layer '{node.name}' is a {node.type} layer: give the original float "
                                 "model, not one amct_caffe has already modified")
-    infer_shapes(graph)  # not strict: Data layers' sources need not exist here
-    if data_source_shapes(graph):  # where they can be read, the weights must fit the shapes they give
-        infer_shapes(graph)
-        check_weights_fit(graph)
+    # not strict: the data sources need not exist here; where they can be read, the weights must fit the
+    # shapes they give
+    infer_shapes(graph, data_sources=True)
+    check_weights_fit(graph)
     return graph
 
 

@@ -44,8 +44,6 @@ from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
 _LOG = logging.getLogger(__name__)
-
-
 IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
 
@@ -83,7 +81,6 @@ class Net:
         self._input_aliases: dict[str, str] = {}
         self.after_forward: list = []  # called at the end of every forward (layers/calibration_overlap.py)
         self._releases = None  # from_graph(observed=...): the values a full forward frees (runtime/release.py)
-        self._loss_tops: list | None = None  # (Blob, loss weight) of every loss top (_seed_loss_diffs)
         self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
@@ -190,6 +187,9 @@ class Net:
                                     any(s.need_backward for s in self._plan.steps), self._plan.loss_weights,
                                     set(self._shared_with))
         self._bounded_run = any(layer.bounded_run for layer in self.layers)  # a calibration net (runtime/memory.py)
+        self._loss_tops = [(self.blobs[t], w) for name, seeds in zip(self._layer_names, self._plan.diff_seeds,
+                                                                      strict=True)
+                           for t, w in zip(self.top_names[name], seeds, strict=False) if w]
         self._seed_loss_diffs()
         for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
             self._share_diffs(i, "reshape")
@@ -390,10 +390,6 @@ class Net:
         each forward): only the loss tops whose shape changed (a new batch size, a Filter's item count), whose
         diff no longer fits: Caffe keeps the weights in the diff's memory when a top shrinks. (When it grows,
         Caffe reallocates the diff as zeros, and its loss and gradients vanish; the executor keeps the weights.)"""
-        if self._loss_tops is None:
-            self._loss_tops = [(self.blobs[t], w) for name, seeds in zip(self._layer_names, self._plan.diff_seeds,
-                                                                          strict=True)
-                               for t, w in zip(self.top_names[name], seeds, strict=False) if w]
         for blob, w in self._loss_tops:
             if stale_only and blob._diff is not None and blob._diff.shape == blob.shape:  # noqa: SLF001
                 continue

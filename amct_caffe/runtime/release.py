@@ -59,22 +59,18 @@ class Releases:
     def __init__(self, net, keep: set[str]):
         names = net._layer_names  # noqa: SLF001 - the Net's own helper
         fixed = set(keep) | set(net.inputs) | set(net.outputs) | set(net._shared_with)  # noqa: SLF001
-        made: set[str] = set()
         last_reader: dict[str, int] = {}
-        dynamic: set[str] = set()
+        dynamic: set[str] = set()  # tops whose shape follows the data
         for i, name in enumerate(names):
-            layer = net.layers[i]
             for b in net.bottom_names[name]:
                 last_reader[b] = i
-            tops = net.top_names[name]
-            made.update(tops)
-            if layer.shape_from_forward or layer.type == "Input":
-                dynamic.update(tops)
+            if net.layers[i].shape_from_forward:
+                dynamic.update(net.top_names[name])
         self._after: dict[int, list] = {}
         self.names: set[str] = set()  # the values let go
         for blob_name, i in last_reader.items():
             blob = net.blobs[blob_name]
-            if blob_name in fixed or blob_name in dynamic or blob_name not in made or blob.data.nbytes < MIN_BYTES:
+            if blob_name in fixed or blob_name in dynamic or blob.data.nbytes < MIN_BYTES:
                 continue
             self._after.setdefault(i, []).append(blob)
             self.names.add(blob_name)

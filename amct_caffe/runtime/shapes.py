@@ -53,17 +53,21 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) ->
         conform_blob(np.asarray(array), shape, f"{where} blob {i}")
 
 
-def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_weights: bool = True) -> int:
+def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_weights: bool = True,
+                 data_sources: bool = False) -> int:
     """Fill (and with ``strict`` check) the shapes of ``graph``'s blobs (module doc).
 
     ``have_weights``: the graph was loaded with a caffemodel, so a layer that needs weights must have
-    them. Returns how many blobs got a shape.
+    them. ``data_sources``: the tops of data layers whose shape comes from their source (Data, ImageData,
+    MemoryData: ``shape_from_forward`` without bottoms) get the shapes their first record gives, as Caffe's
+    DataLayerSetUp does, where the source can be read; a source that cannot be read (not on this machine)
+    leaves them unknown. Returns how many blobs got a shape.
     """
     with np.errstate(**AS_CAFFE):  # computed as the Net's build computes it
-        return _infer(graph, phase, strict, have_weights)
+        return _infer(graph, phase, strict, have_weights, data_sources)
 
 
-def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool) -> int:
+def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sources: bool) -> int:
     known = 0
     for node in graph.nodes:
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
@@ -94,34 +98,10 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool) -> int:
                                  f"{[list(s) for s in bottoms]})") from None
             _LOG.debug("shape inference stops at %s: %s", where, e)
             continue
-        if cls.shape_from_forward:
+        if cls.shape_from_forward and not (data_sources and not node.bottoms):
             continue
         for top, shape in zip(node.tops, tops, strict=False):
             graph.blobs[top].shape = shape
-            known += 1
-    return known
-
-
-# Layers that read their tops from a data source (Caffe's DataLayerSetUp gives their shape from the first record)
-DATA_SOURCES = ("Data", "ImageData", "MemoryData")
-
-
-def data_source_shapes(graph: Graph, phase: int = TEST) -> int:
-    """Give the tops of the graph's data layers whose source can be read the shapes their first record
-    gives them, as Caffe's DataLayerSetUp does; a source that cannot be read (not on this machine, a path
-    relative to another directory) leaves them unknown. Returns how many tops got a shape."""
-    known = 0
-    for node in graph.nodes:
-        if node.type not in DATA_SOURCES or node.layer_param is None or not has_executor(node.type):
-            continue
-        try:
-            with np.errstate(**AS_CAFFE):
-                tops = layer_class(node.type, node.name)(node.layer_param, phase).reshape([])
-        except (AmctError, OSError, ValueError) as e:
-            _LOG.debug("layer '%s' (%s): no shape from its source: %s", node.name, node.type, e)
-            continue
-        for top, shape in zip(node.tops, tops, strict=False):
-            graph.blobs[top].shape = tuple(int(d) for d in shape)
             known += 1
     return known
 

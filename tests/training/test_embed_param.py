@@ -10,12 +10,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.runtime import TRAIN, Net
 from tests.real_caffe import pycaffe_dir
 from tests.training.gradcheck import assert_matches_caffe, input_layer, run_in_caffe
-
-
-def L(ltype, name, bottoms, tops, params=""):  # noqa: N802 - reads like a prototxt line
-    b = " ".join(f'bottom: "{x}"' for x in bottoms.split())
-    t = " ".join(f'top: "{x}"' for x in tops.split())
-    return f'layer {{ name: "{name}" type: "{ltype}" {b} {t} {params} }}\n'
+from tests.training.test_backward_elementwise import L
 
 
 def IP(name, bottom, n):  # noqa: N802

@@ -231,7 +231,7 @@ class IfmrLayer(_Collector):
             result = self._observer.compute_qparams(threads=threads.workers())  # the cores the load leaves
         except QuantizationError as e:
             self._sink.write()  # keep what the layers before this one computed
-            raise self._explained(_named(self, e)) from e
+            raise self._mapped(e) from e
         self._record(result)
         if not any(peer._finishes_next_forward() for peer in self._later_peers):
             self._sink.write()  # the last IFMR layer of this record to finish in this forward

@@ -42,7 +42,6 @@ class EmbedLayer(Layer):
             raise GraphError(f"layer '{self.name}' (Embed): embed_param.num_output ({p.num_output}) and input_dim "
                              f"({p.input_dim}) must both be > 0")
         self.num_output, self.input_dim, self.bias_term = int(p.num_output), int(p.input_dim), p.bias_term
-        self._index = None  # the last forward's indices, for the backward
 
     def param_shapes(self, bottom_shapes):
         return [(self.input_dim, self.num_output)] + ([(self.num_output,)] if self.bias_term else [])
@@ -65,9 +64,7 @@ class EmbedLayer(Layer):
 
     def forward(self, bottoms):
         x = bottoms[0]
-        index = self._indices(x)
-        self._index = index
-        y = self.blobs[0].data[index]
+        y = self.blobs[0].data[self._indices(x)]
         if self.bias_term:
             y = y + self.blobs[1].data.reshape(1, -1)
         return [np.ascontiguousarray(y, _F32).reshape(x.shape + (self.num_output,))]
@@ -77,9 +74,8 @@ class EmbedLayer(Layer):
             raise GraphError(f"layer '{self.name}' (Embed): no gradient reaches its input indices (Caffe: \"Can't "
                              "backpropagate to EmbedLayer input.\"); set propagate_down: false for it")
         dy = np.asarray(top_diffs[0], _F32).reshape(-1, self.num_output)
-        index = self._indices(bottoms[0]) if self._index is None or len(self._index) != len(dy) else self._index
-        if self.param_propagate_down[0]:
-            np.add.at(self.blobs[0].diff, index, dy)  # row by row, in order: Caffe's axpy per index
+        if self.param_propagate_down[0]:  # (Caffe reads the indices from the bottom at backward time too)
+            np.add.at(self.blobs[0].diff, self._indices(bottoms[0]), dy)  # row by row, in order: Caffe's axpy per index
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff += dy.sum(axis=0, dtype=_F32)
         return [None]
