@@ -172,8 +172,7 @@ def executor_class(type_name: str, layer_name: str = "?") -> type:
         raise UnsupportedLayerError(f"layer '{layer_name}' gives no type: set its type (type: \"ReLU\", say); "
                                     "Caffe refuses a layer without one too")
     if cls is None:
-        what = ("a Python layer runs code of yours, which the embedded executor does not load" if type_name == "Python"
-                else f"the embedded executor does not run type '{type_name}'")
+        what = f"the embedded executor does not run type '{type_name}'"
         raise UnsupportedLayerError(
             f"layer '{layer_name}' has type '{type_name}': {what}. Quantize with the guide's calls and run the "
             "calibration model in your own (patched) Caffe, or leave the layer out of the model you quantize "

@@ -27,6 +27,33 @@ a net that needs a gradient through it is refused, as Caffe aborts on it, or the
 |---|---|---|---|---|---|
 """
 
+FOOTER = """
+## Python layers
+
+A `type: "Python"` layer runs the class `python_param.layer` of the module `python_param.module`, as
+Caffe built with `WITH_PYTHON_LAYER` does: the module must be importable (its directory on
+`PYTHONPATH`), and building a Net of the model runs its code, so load such models from sources you
+trust. While the Net imports the module, `import caffe` in it gives `amct_caffe.runtime`, whose `Layer`
+is pycaffe's base class; a module written for pycaffe runs unchanged. The object gets `param_str` and
+`phase`, then `setup(bottom, top)` once, `reshape` and `forward` on every forward, and
+`backward(top, propagate_down, bottom)` in training, with blobs that have pycaffe's `data`, `diff`,
+`reshape(*shape)` and `count`; its learned blobs (`self.blobs.add_blob(*shape)` in `setup`) are
+the Net's `params`, read from and saved to the caffemodel, and trained by the solvers.
+`tests/training/test_python_layer.py` runs such a module (a data layer, learned blobs, an in-place
+layer, tops whose size follows the data, a loss) in official Caffe and here: data, diffs and
+gradients agree.
+
+Where it differs from the other types:
+
+* its tops take the shape its `forward` gives them, so the layers after it run the Net's per-layer
+  path, and the accuracy report compares the outputs after it through the blobs before it (their
+  shapes may differ between the float and the quantized model);
+* config generation and the guide's file flow never import the module: they quantize the layers
+  around it on the prototxt alone, and the Net run for calibration imports it;
+* an exception in its code becomes a GraphError naming the layer and its class, with the original
+  exception chained for its traceback.
+"""
+
 
 def table() -> str:
     from amct_caffe import ops
@@ -53,6 +80,8 @@ def table() -> str:
             notes.append("inserted by amct_caffe")
         if name == ops.DEPTHWISE:
             notes.append("a Convolution with group = channels = num_output")
+        if name in executor and layer_class(name).runs_user_code:
+            notes.append("your module's code, as Caffe's WITH_PYTHON_LAYER runs it (see below)")
         kind = {ops.QuantKind.WEIGHTS_AND_DATA: "weights and data", ops.QuantKind.DATA_ONLY: "data only"}.get(
             row.quant, "-")
         default = ("on" if row.quant_by_default else "off") if row.quantizable else "-"
@@ -62,7 +91,7 @@ def table() -> str:
             cls = layer_class("Convolution" if name == ops.DEPTHWISE else name)
             backward = ("empty" if issubclass(cls, EmptyBackward) else "yes") if cls.has_backward() else "-"
         rows.append(f"| {name} | {runs} | {backward} | {kind} | {default} | {'; '.join(notes)} |")
-    return HEADER + "\n".join(rows) + "\n"
+    return HEADER + "\n".join(rows) + "\n" + FOOTER
 
 
 if __name__ == "__main__":

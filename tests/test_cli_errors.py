@@ -285,14 +285,28 @@ def test_main_restores_the_signal_handlers(capsys):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_a_python_layer_is_one_line_that_says_what_to_do(capsys, tmp_path):
-    """A model ending in a Python layer (post-processing code of the user's): the executor cannot load it. The
-    line names the layer and says the two ways on, before the list of what the executor runs."""
+def test_a_python_layer_whose_module_is_not_found_is_one_line_that_says_what_to_do(capsys, tmp_path):
+    """A model ending in a Python layer (post-processing code of the user's) whose module is not on the path:
+    the line names the layer and the module and says where Python looks, as Caffe would need it too."""
     model = tmp_path / "m.prototxt"
     model.write_text(LENET.read_text() + '\nlayer { name: "post" type: "Python" bottom: "prob" top: "out" '
                      'python_param { module: "mine" layer: "Post" } }\n')
     fails(capsys, ["run", "--model", str(model), "--weights", str(LENET_WEIGHTS), "--input", str(MNIST_500),
                    "--no-progress"],
-          r"layer 'post' has type 'Python': a Python layer runs code of yours, which the embedded executor does not "
-          r"load\. Quantize with the guide's calls and run the calibration model in your own \(patched\) Caffe, or "
-          r"leave the layer out of the model you quantize .*The executor runs: AbsVal, ")
+          r"layer 'post' \(Python\): cannot import module 'mine' \(No module named 'mine'\); put the directory that "
+          r"holds it on PYTHONPATH, as Caffe needs too$")
+
+
+def test_an_error_in_a_python_layers_code_is_one_line(capsys, tmp_path, monkeypatch):
+    """The user's layer raising in its forward: the line names the layer, its class and the exception."""
+    (tmp_path / "post_layers.py").write_text(
+        "import caffe\n\n\nclass Post(caffe.Layer):\n    def reshape(self, bottom, top):\n"
+        "        top[0].reshape(*bottom[0].data.shape)\n\n    def forward(self, bottom, top):\n"
+        "        raise KeyError('no such class id')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = tmp_path / "m.prototxt"
+    model.write_text(LENET.read_text() + '\nlayer { name: "post" type: "Python" bottom: "prob" top: "out" '
+                     'python_param { module: "post_layers" layer: "Post" } }\n')
+    fails(capsys, ["run", "--model", str(model), "--weights", str(LENET_WEIGHTS), "--input", str(MNIST_500),
+                   "--no-progress"],
+          r"layer 'post' \(Python post_layers.Post\): its forward\(\) raised KeyError: 'no such class id'$")

@@ -37,7 +37,10 @@ def _param_shapes(node, graph) -> list[tuple[int, ...]] | None:
     if any(s is None for s in bottoms) or node.layer_param is None:
         return None
     try:
-        layer = layer_class(node.type, node.name)(node.layer_param, TEST)
+        cls = layer_class(node.type, node.name)
+        if cls.runs_user_code:  # a Python layer: only a Net imports its module
+            return None
+        layer = cls(node.layer_param, TEST)
         return [tuple(int(d) for d in s) for s in layer.param_shapes([tuple(s) for s in bottoms])]
     except (AmctError, ValueError, IndexError):  # no executor for the type, or parameters it rejects
         return None

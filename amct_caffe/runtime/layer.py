@@ -37,6 +37,7 @@ import logging
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.fillers import fill
 
 _LOG = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class Layer:
     # True for a calibration layer, which acts on its net's first batch_num forwards only: such a net
     # allocates its blobs without numpy's huge-page hint (runtime/memory.py).
     bounded_run: bool = False
+    # True for Caffe's Python layer, whose code is the user's module: only a Net imports it; shape inference
+    # outside a Net (config generation, the guide's file flow) leaves the layer alone.
+    runs_user_code: bool = False
 
     def __init__(self, lp, phase: int = 1):
         self.lp = lp
@@ -117,6 +121,12 @@ class Layer:
         Missing entries (or None) mean a constant-0 fill.
         """
         return []
+
+    def initial_params(self, shapes, rng: np.random.Generator) -> list[np.ndarray]:
+        """The learned blobs' values when no caffemodel gives them: :meth:`param_fillers`' fills (a
+        Python layer gives what its ``setup`` made)."""
+        fillers = list(self.param_fillers()) + [None] * len(shapes)
+        return [fill(f, s, rng) for f, s in zip(fillers, shapes, strict=False)]
 
     def on_net_built(self, net, index: int) -> None:
         """Called once every layer exists; a layer may inspect its neighbours here."""

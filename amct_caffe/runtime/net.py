@@ -36,7 +36,6 @@ from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
-from amct_caffe.runtime.fillers import fill
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.release import Releases, shareable_values
@@ -215,8 +214,7 @@ class Net:
                                f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
                                "the layer names of the prototxt and the caffemodel match")
         else:
-            fillers = list(layer.param_fillers()) + [None] * len(shapes)
-            data = [fill(f, s, self._rng) for f, s in zip(fillers, shapes, strict=False)]
+            data = layer.initial_params(shapes, self._rng)
         # A deploy model's int8 weights / int32 bias run as float32 holding the integers (exact
         # for int8, and for int32 up to 2**24); packed uint64 parameters stay raw for DeQuant.
         layer.integer_params = any(np.issubdtype(np.asarray(d).dtype, np.integer) for d in data)

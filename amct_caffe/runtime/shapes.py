@@ -74,6 +74,8 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
         if any(s is None for s in bottoms) or node.layer_param is None or not has_executor(node.type):
             continue
         cls = layer_class(node.type, node.name)
+        if cls.runs_user_code:  # a Python layer: only a Net imports its module (layers/python_layer.py)
+            continue
         where = f"layer '{node.name}' ({node.type})"
         try:
             cls.check_arity(node.layer_param)
@@ -110,7 +112,8 @@ def check_weights_fit(graph: Graph, phase: int = TEST) -> None:
     """A WeightsError naming the layer when its caffemodel blobs do not fit the shapes of its bottoms, for
     every layer whose bottom shapes are known (Caffe's CopyTrainedLayersFrom check)."""
     for node in graph.nodes:
-        if not node.params or node.layer_param is None or not has_executor(node.type):
+        if not node.params or node.layer_param is None or not has_executor(node.type) \
+                or layer_class(node.type).runs_user_code:
             continue
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
         if any(s is None for s in bottoms):

@@ -1,0 +1,198 @@
+"""Caffe's Python layer (runtime/layers/python_layer.py): the user's module (tests/training/python_layers.py)
+run by official Caffe's pycaffe and by the executor, forward data, every blob's diff and the learned blobs'
+gradients; its setup, its learned blobs through the caffemodel and the solver, the calibration flows, and
+the errors a broken module gets."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import amct_caffe as amct
+from amct_caffe.errors import GraphError, UnsupportedLayerError
+from amct_caffe.runtime import TEST, TRAIN, Net, SGDSolver
+from tests.real_caffe import pycaffe_dir
+from tests.training.gradcheck import assert_matches_caffe, input_layer
+from tests.training.test_backward_elementwise import L
+
+MODULE = "tests.training.python_layers"
+RNG = np.random.default_rng(5)
+
+
+def PY(name, bottoms, tops, layer, param_str="", extra=""):  # noqa: N802
+    return L("Python", name, bottoms, tops,
+             f'python_param {{ module: "{MODULE}" layer: "{layer}" param_str: "{param_str}" }} {extra}')
+
+
+# a Python data layer, a learned affine map, an in-place square, a selection whose size follows the data,
+# and a Python loss; force_backward asks for the input's gradient too
+NET = ("force_backward: true\n"
+       + PY("ramp", "", "x", "RampData", "n=4 c=3 h=4 w=5") + input_layer("y", 4, 3, 4, 5)
+       + L("Eltwise", "s", "x y", "s")
+       + PY("aff", "s", "a", "ChannelAffine", "b=0.25")
+       + L("Convolution", "conv", "a", "c", "convolution_param { num_output: 2 kernel_size: 3 pad: 1 }")
+       + PY("rows", "c", "r count", "PositiveRows")
+       + PY("sq", "r", "r", "SquareInPlace")
+       + L("InnerProduct", "ip", "r", "ip", "inner_product_param { num_output: 3 }")
+       + PY("loss", "ip", "loss", "HalfSquaredNorm", extra="loss_weight: 1"))
+INPUTS = {"y": RNG.standard_normal((4, 3, 4, 5)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def caffe_results(tmp_path_factory):
+    if pycaffe_dir() is None:
+        pytest.skip("AMCT_REAL_CAFFE is not set")
+    from tests.training.gradcheck import run_in_caffe  # noqa: PLC0415
+
+    workdir = tmp_path_factory.mktemp("python_layer")
+    # two forwards: the data layer's state moves on, and the selection may keep other items
+    cases = [("python", 'name: "python"\n' + NET, INPUTS, "TRAIN", {"forwards": 2})]
+    return workdir, run_in_caffe(workdir, cases)
+
+
+@pytest.mark.real_caffe
+def test_forward_and_gradients_match_caffe(caffe_results):
+    workdir, results = caffe_results
+    ours = assert_matches_caffe(workdir, results, "python")
+    kept = ours["data/r"].shape[0]
+    assert 0 < kept < 4, "the selection should keep some items and drop others on this data"
+    assert np.any(ours["pdiff/aff/0"]) and np.any(ours["diff/y"])
+
+
+def _write(tmp_path, body, name="net.prototxt"):
+    path = tmp_path / name
+    path.write_text('name: "p"\n' + body)
+    return str(path)
+
+
+AFFINE = input_layer("x", 2, 3, 4, 4) + PY("aff", "x", "a", "ChannelAffine", "b=0.5")
+
+
+def test_forward_runs_the_users_code_with_its_setup_values(tmp_path):
+    net = Net(_write(tmp_path, AFFINE), TEST)
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    out = net.forward(x=x)["a"]
+    w = (1 + 0.1 * np.arange(3, dtype=np.float32)).reshape(1, 3, 1, 1)
+    np.testing.assert_array_equal(out, x * w + np.float32(0.5))
+    assert [b.data.tolist() for b in net.params["aff"]] == [pytest.approx([1.0, 1.1, 1.2]), [0.5] * 3]
+    assert "caffe" not in sys.modules  # the alias lasts as long as the import
+
+
+def test_learned_blobs_round_trip_through_the_caffemodel(tmp_path):
+    model = _write(tmp_path, AFFINE)
+    net = Net(model, TEST)
+    net.params["aff"][0].data[...] = [2.0, -1.0, 0.5]
+    net.save(str(tmp_path / "w.caffemodel"))
+    again = Net(model, str(tmp_path / "w.caffemodel"), TEST)
+    assert again.params["aff"][0].data.tolist() == [2.0, -1.0, 0.5]
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(again.forward(x=x)["a"], x * np.float32([2, -1, 0.5]).reshape(1, 3, 1, 1)
+                                  + np.float32(0.5))
+
+
+def test_a_caffemodel_without_the_layer_keeps_the_setup_values(tmp_path):
+    # Caffe copies only the layers a caffemodel holds: the Python layer keeps what its setup made
+    before = _write(tmp_path, input_layer("x", 2, 3, 4, 4)
+                    + L("Convolution", "conv", "x", "c", "convolution_param { num_output: 3 kernel_size: 1 }"),
+                    "conv.prototxt")
+    Net(before, TEST).save(str(tmp_path / "conv.caffemodel"))
+    model = _write(tmp_path, input_layer("x", 2, 3, 4, 4)
+                   + L("Convolution", "conv", "x", "c", "convolution_param { num_output: 3 kernel_size: 1 }")
+                   + PY("aff", "c", "a", "ChannelAffine"))
+    net = Net(model, str(tmp_path / "conv.caffemodel"), TEST)
+    assert net.params["aff"][0].data.tolist() == pytest.approx([1.0, 1.1, 1.2])
+
+
+def test_the_solver_trains_a_python_layers_blobs(tmp_path):
+    # loss = sum((x * w + b)^2) / 2 / n: one SGD step moves w and b by -lr times their gradients
+    model = _write(tmp_path, input_layer("x", 2, 3, 2, 2) + PY("aff", "x", "a", "ChannelAffine")
+                   + PY("loss", "a", "loss", "HalfSquaredNorm", extra="loss_weight: 1"))
+    (tmp_path / "solver.prototxt").write_text(f'net: "{model}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n'
+                                              'snapshot_after_train: false\n')
+    solver = SGDSolver(str(tmp_path / "solver.prototxt"))
+    x = RNG.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    solver.net.blobs["x"].data[...] = x
+    w = 1 + 0.1 * np.arange(3)
+    a = x * w.reshape(1, 3, 1, 1)
+    grad_w = np.sum(a * x, axis=(0, 2, 3)) / 2
+    grad_b = np.sum(a, axis=(0, 2, 3)) / 2
+    solver.step(1)
+    np.testing.assert_allclose(solver.net.params["aff"][0].data, w - 0.1 * grad_w, rtol=1e-5)
+    np.testing.assert_allclose(solver.net.params["aff"][1].data, -0.1 * grad_b, rtol=1e-5, atol=1e-7)
+
+
+def test_tops_keep_their_shape_from_the_forward_and_arrays_held_do_not_change(tmp_path):
+    net = Net(_write(tmp_path, input_layer("x", 4, 2) + PY("rows", "x", "r count", "PositiveRows")), TEST)
+    x = np.array([[1, 1], [-1, -1], [2, 0], [0, -3]], np.float32)  # sums 2, -2, 2, -3: mean -0.25
+    first = net.forward(x=x)
+    np.testing.assert_array_equal(first["r"], x[[0, 2]])
+    held = first["r"]
+    second = net.forward(x=-x)
+    np.testing.assert_array_equal(second["r"], -x[[1, 3]])
+    np.testing.assert_array_equal(held, x[[0, 2]])  # the Net's arrays are copies of the user's blobs
+    assert second["count"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("method", ["setup", "reshape", "forward", "backward"])
+def test_an_exception_in_the_users_code_names_the_layer(tmp_path, method):
+    model = _write(tmp_path, "force_backward: true\n" + input_layer("x", 2, 3)
+                   + PY("bad", "x", "y", "Failing", method))
+    with pytest.raises(GraphError, match=rf"layer 'bad' \(Python {MODULE}.Failing\): its {method}\(\) raised "
+                                         rf"ZeroDivisionError: {method} fails on purpose") as info:
+        net = Net(model, TRAIN)
+        net.forward(x=np.ones((2, 3), np.float32))
+        net.backward(y=np.ones((2, 3), np.float32))
+    assert isinstance(info.value.__cause__, ZeroDivisionError)  # the user's traceback stays reachable
+
+
+@pytest.mark.parametrize(("param", "message"), [
+    ('module: "no_such_module_here" layer: "X"', "cannot import module 'no_such_module_here'.*PYTHONPATH"),
+    (f'module: "{MODULE}" layer: "Missing"', f"module '{MODULE}' .* has no class 'Missing'"),
+    (f'module: "{MODULE}" layer: "NotALayer"', "class 'NotALayer' of module .* must derive from caffe.Layer"),
+    ('layer: "X"', "python_param must give the module and the class"),
+])
+def test_a_layer_that_cannot_be_loaded_is_refused_with_what_to_do(tmp_path, param, message):
+    model = _write(tmp_path, input_layer("x", 2, 3)
+                   + L("Python", "py", "x", "y", f"python_param {{ {param} }}"))
+    with pytest.raises(UnsupportedLayerError, match=rf"layer 'py' \(Python\): {message}"):
+        Net(model, TEST)
+
+
+def test_the_guide_flow_never_imports_the_module(tmp_path):
+    # config generation and the calibration model's files work on the prototxt alone, as before
+    model = _write(tmp_path, input_layer("x", 1, 3, 6, 6)
+                   + L("Convolution", "conv", "x", "c", "convolution_param { num_output: 2 kernel_size: 3 }")
+                   + L("Python", "py", "c", "p", 'python_param { module: "no_such_module_here" layer: "X" }'))
+    amct.create_quant_config(str(tmp_path / "config.json"), model, None)
+    graph = amct.init(str(tmp_path / "config.json"), model, None, str(tmp_path / "record.txt"))
+    amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    assert "no_such_module_here" not in sys.modules
+    assert 'module: "no_such_module_here"' in (tmp_path / "m.prototxt").read_text()
+
+
+FILL = 'kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 }'
+
+
+def test_embedded_calibration_quantizes_the_layer_reading_a_python_top(tmp_path):
+    from amct_caffe.api.workflow import calibrate  # noqa: PLC0415
+
+    model = _write(tmp_path, input_layer("x", 2, 3, 6, 6)
+                   + L("Convolution", "conv1", "x", "c1", f"convolution_param {{ num_output: 4 {FILL} }}")
+                   + PY("aff", "c1", "a", "ChannelAffine", "b=0.5")
+                   + L("Convolution", "conv2", "a", "c2", f"convolution_param {{ num_output: 2 {FILL} }}"))
+    Net(model, TEST).save(str(tmp_path / "w.caffemodel"))
+    batches = [{"x": RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(2)]
+    calibrate(model, str(tmp_path / "w.caffemodel"), batches, str(tmp_path / "out" / "q"), batch_num=2,
+              progress=False)
+    record = (tmp_path / "out" / "q_quant_param_record.txt").read_text()
+    assert 'key: "conv2"' in record and "scale_d" in record.split('key: "conv2"')[1]
+    fake = Net(str(tmp_path / "out" / "q_fake_quant_model.prototxt"),
+               str(tmp_path / "out" / "q_fake_quant_weights.caffemodel"), TEST)
+    ref = Net(model, str(tmp_path / "w.caffemodel"), TEST)
+    x = batches[0]["x"]
+    got, want = fake.forward(x=x)["c2"], ref.forward(x=x)["c2"]
+    cosine = float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want))
+    assert 0.999 < cosine < 1.0
