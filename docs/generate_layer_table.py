@@ -33,25 +33,39 @@ FOOTER = """
 A `type: "Python"` layer runs the class `python_param.layer` of the module `python_param.module`, as
 Caffe built with `WITH_PYTHON_LAYER` does: the module must be importable (its directory on
 `PYTHONPATH`), and building a Net of the model runs its code, so load such models from sources you
-trust. While the Net imports the module, `import caffe` in it gives `amct_caffe.runtime`, whose `Layer`
-is pycaffe's base class; a module written for pycaffe runs unchanged. The object gets `param_str` and
-`phase`, then `setup(bottom, top)` once, `reshape` and `forward` on every forward, and
-`backward(top, propagate_down, bottom)` in training, with blobs that have pycaffe's `data`, `diff`,
-`reshape(*shape)` and `count`; its learned blobs (`self.blobs.add_blob(*shape)` in `setup`) are
-the Net's `params`, read from and saved to the caffemodel, and trained by the solvers.
+trust. While the Net imports the module and calls it, `import caffe` gives `amct_caffe.runtime`: its
+`Layer` is pycaffe's base class, with `Blob`, `Net`, `TRAIN` / `TEST` and the solvers, so a layer
+written against those runs unchanged; pycaffe's `caffe.io`, `caffe.proto` and NetSpec are not there
+(the import error says so).
+
+The calls are Caffe's: the object gets `param_str` and `phase`; `setup(bottom, top)` then
+`reshape(bottom, top)` when the Net is built (bottoms of zeros of their shapes); `reshape` then
+`forward` on every forward, and `reshape` on `Net.reshape()`, with the Net's data;
+`backward(top, propagate_down, bottom)` in training. Blobs have pycaffe's `data`, `diff`,
+`reshape(*shape)`, `shape` and `count`, and, as in pycaffe, `data` and `diff` are written into, never
+rebound. The learned blobs the layer makes (`self.blobs.add_blob(*shape)` in `setup` or its first
+`reshape`) are the Net's `params` themselves: read from and saved to the caffemodel, trained in place by
+the solvers, and left as the layer made them when the caffemodel has none for it. `net.layers[i]` and
+`net.layer_dict[name]` reach the layer's own attributes and methods (py-faster-rcnn's `set_roidb`).
 `tests/training/test_python_layer.py` runs such a module (a data layer, learned blobs, an in-place
 layer, tops whose size follows the data, a loss) in official Caffe and here: data, diffs and
 gradients agree.
 
-Where it differs from the other types:
+Where it differs:
 
 * its tops take the shape its `forward` gives them, so the layers after it run the Net's per-layer
-  path, and the accuracy report compares the outputs after it through the blobs before it (their
-  shapes may differ between the float and the quantized model);
+  path, and the accuracy report, the fallback's target and label-free QAT compare and distil the
+  blobs before the first Python layer (as for SSD's detection output: the shapes may differ between
+  the float and the quantized model); what follows the Python layer is quantized but not measured;
+* the Net keeps a copy of each top after the forward, so no array it handed out changes later;
 * config generation and the guide's file flow never import the module: they quantize the layers
   around it on the prototxt alone, and the Net run for calibration imports it;
-* an exception in its code becomes a GraphError naming the layer and its class, with the original
-  exception chained for its traceback.
+* a Python layer without bottoms gets no `backward` call (Caffe makes one under `force_backward`);
+* once this runtime has imported a module, official pycaffe cannot build it in the same process (its
+  classes derive from our `caffe.Layer`), and the other way round; the error says so;
+* a module or class that cannot be loaded is an UnsupportedLayerError naming the layer, and an
+  exception in its code a GraphError naming the layer and its class, the original chained for its
+  traceback.
 """
 
 

@@ -8,7 +8,8 @@ label-free QAT therefore use the blobs such an output is computed from (for SSD:
 and the class scores), which have the same shape in both models:
 
 * an output is *replaced* by the inputs of the layer that writes it when that layer's top shape
-  depends on the data (``shape_from_forward``, a layer with bottoms), when any input has such a
+  depends on the data (``shape_from_forward``, a layer with bottoms: a detection output, and a Python
+  layer, whose code may reshape its tops), when any input has such a
   shape, or (for training, ``trainable``) when the executor has no backward for the layer; the
   replacement repeats until every blob left is kept;
 * a blob whose values do not depend on the inputs' values is dropped (PriorBox's priors depend on
@@ -102,7 +103,7 @@ def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
         if mine != [out]:
             replaced[out] = mine
             if mine:
-                _LOG.info("output '%s' is compared through %s (its shape depends on the data%s)", out, mine,
+                _LOG.info("output '%s' is compared through %s (its shape may depend on the data%s)", out, mine,
                           " or it has no gradient" if trainable else "")
             else:
                 _LOG.info("output '%s' does not depend on the inputs' values: it is not compared", out)

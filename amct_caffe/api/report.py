@@ -212,7 +212,7 @@ def _page(reports, summary, sections, plots, titles) -> str:
             f"{summary['blobs_compared']} blobs compared.</p>")
     lines = [f"<li>worst output cosine: <b>{_fmt(summary['worst_output_cosine'])}</b></li>"]
     lines += [f"<li>output <code>{html.escape(name)}</code> "
-              + ("(its shape depends on the data) compared through " + ", ".join(f"<code>{html.escape(b)}</code>"
+              + ("(its shape may depend on the data) compared through " + ", ".join(f"<code>{html.escape(b)}</code>"
                                                                                  for b in blobs)
                  if blobs else "does not depend on the input's values (priors): not compared") + "</li>"
               for name, blobs in summary.get("compared_instead", {}).items()]

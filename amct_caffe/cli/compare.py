@@ -12,7 +12,7 @@ from amct_caffe.cli.options import (DATA_HELP, add_data_options, api, check_file
 
 def compared_instead(summary: dict) -> list[str]:
     """One line per output compared through the blobs it is computed from (a detection list), or not at all."""
-    return [f"output {name} (its shape depends on the data) compared through: {', '.join(blobs)}" if blobs else
+    return [f"output {name} (its shape may depend on the data) compared through: {', '.join(blobs)}" if blobs else
             f"output {name} does not depend on the input's values (priors): not compared"
             for name, blobs in summary.get("compared_instead", {}).items()]
 

@@ -37,6 +37,7 @@ import logging
 import numpy as np
 
 from amct_caffe.errors import GraphError
+from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.fillers import fill
 
 _LOG = logging.getLogger(__name__)
@@ -127,6 +128,10 @@ class Layer:
         Python layer gives what its ``setup`` made)."""
         fillers = list(self.param_fillers()) + [None] * len(shapes)
         return [fill(f, s, rng) for f, s in zip(fillers, shapes, strict=False)]
+
+    def make_param_blobs(self, arrays: list[np.ndarray]) -> list:
+        """The Blob objects holding the learned blobs' first values ``arrays`` (a Python layer gives its own)."""
+        return [Blob(data=arr) for arr in arrays]
 
     def on_net_built(self, net, index: int) -> None:
         """Called once every layer exists; a layer may inspect its neighbours here."""

@@ -230,7 +230,7 @@ class Net:
                 else:
                     blob.data = arr
             return
-        layer.blobs = [Blob(data=arr) for arr in arrays]
+        layer.blobs = layer.make_param_blobs(arrays)
         self._share_named_params(layer, loaded=arrays_given)
         if layer.blobs:
             self.params[layer.name] = layer.blobs
@@ -280,7 +280,10 @@ class Net:
 
     def reshape(self) -> None:
         """Propagate the input blobs' shapes through every layer (as ``caffe.Net.reshape``)."""
-        for i in range(len(self.layers)):
+        for i, layer in enumerate(self.layers):
+            if layer.runs_user_code:  # a Python layer's own reshape, on the blobs' data, as Caffe's Net::Reshape
+                layer.reshape_on([self.blobs[b].data for b in self.bottom_names[self._layer_names[i]]])
+                self._shapes_seen[i] = None  # its tops take the shapes it gave
             self._reshape_layer(i)
 
     def set_input_arrays(self, data, labels) -> None:

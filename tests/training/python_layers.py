@@ -15,37 +15,41 @@ def _options(param_str: str) -> dict[str, float]:
 
 class RampData(caffe.Layer):
     """A data layer (no bottoms): top (n, c, h, w) of param_str 'n=.. c=.. h=.. w=..', holding
-    0.01 * index - 0.3, plus 0.1 more at each forward (state kept on the object)."""
+    0.01 * index - 0.3 plus 0.1 per call of reshape so far (Caffe calls it once at the build and once
+    per forward: a layer that fetches its next batch in reshape relies on that count)."""
 
     def setup(self, bottom, top):
         o = _options(self.param_str)
         self.shape = tuple(int(o[k]) for k in ("n", "c", "h", "w"))
-        self.calls = 0
+        self.reshapes = 0
 
     def reshape(self, bottom, top):
+        self.reshapes += 1
         top[0].reshape(*self.shape)
 
     def forward(self, bottom, top):
         ramp = np.arange(np.prod(self.shape), dtype=np.float32).reshape(self.shape)
-        top[0].data[...] = ramp * np.float32(0.01) - np.float32(0.3) + np.float32(0.1 * self.calls)
-        self.calls += 1
+        top[0].data[...] = ramp * np.float32(0.01) - np.float32(0.3) + np.float32(0.1 * self.reshapes)
 
     def backward(self, top, propagate_down, bottom):
         pass
 
 
 class ChannelAffine(caffe.Layer):
-    """y = x * w[c] + b[c] along axis 1, w and b learned blobs made by setup (w = 1 + 0.1 c, b = param_str's
-    'b' or 0)."""
+    """y = x * w[c] + b[c] along axis 1, w and b learned blobs (w = 1 + 0.1 c, b = param_str's 'b' or 0 before
+    a caffemodel or a solver changes them). The bias is added by the first reshape, and the layer keeps the
+    blob objects it made, as layers written for pycaffe do: they must be the Net's."""
 
     def setup(self, bottom, top):
         channels = bottom[0].data.shape[1]
         self.blobs.add_blob(channels)
-        self.blobs.add_blob(channels)
-        self.blobs[0].data[...] = 1 + 0.1 * np.arange(channels)
-        self.blobs[1].data[...] = _options(self.param_str).get("b", 0.0)
+        self.weight = self.blobs[0]
+        self.weight.data[...] = 1 + 0.1 * np.arange(channels)
 
     def reshape(self, bottom, top):
+        if len(self.blobs) == 1:
+            self.blobs.add_blob(bottom[0].data.shape[1])
+            self.blobs[1].data[...] = _options(self.param_str).get("b", 0.0)
         top[0].reshape(*bottom[0].data.shape)
 
     def _per_channel(self, v, ndim):
@@ -53,16 +57,16 @@ class ChannelAffine(caffe.Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        top[0].data[...] = x * self._per_channel(self.blobs[0].data, x.ndim) \
+        top[0].data[...] = x * self._per_channel(self.weight.data, x.ndim) \
             + self._per_channel(self.blobs[1].data, x.ndim)
 
     def backward(self, top, propagate_down, bottom):
         x, dy = bottom[0].data, top[0].diff
         axes = (0,) + tuple(range(2, x.ndim))
-        self.blobs[0].diff[...] += np.sum(dy * x, axis=axes)
+        self.weight.diff[...] += np.sum(dy * x, axis=axes)
         self.blobs[1].diff[...] += np.sum(dy, axis=axes)
         if propagate_down[0]:
-            bottom[0].diff[...] = dy * self._per_channel(self.blobs[0].data, x.ndim)
+            bottom[0].diff[...] = dy * self._per_channel(self.weight.data, x.ndim)
 
 
 class SquareInPlace(caffe.Layer):
@@ -147,6 +151,43 @@ class Failing(caffe.Layer):
     def _maybe_fail(self, method):
         if self.param_str == method:
             raise ZeroDivisionError(f"{method} fails on purpose")
+
+
+class Counting(caffe.Layer):
+    """An identity that lists the calls it gets (read through net.layers[i].calls) and has a method a script
+    calls on it (as py-faster-rcnn's set_roidb); it imports caffe inside its forward."""
+
+    def setup(self, bottom, top):
+        self.calls = ["setup"]
+        self.offset = 0.0
+
+    def reshape(self, bottom, top):
+        self.calls.append("reshape")
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        import caffe as inner  # noqa: PLC0415 - a layer may import caffe when it runs
+
+        self.calls.append("forward" if inner.TEST == 1 else "?")
+        top[0].data[...] = bottom[0].data + np.float32(self.offset)
+
+    def backward(self, top, propagate_down, bottom):
+        self.calls.append("backward")
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff
+
+    def set_offset(self, offset):
+        self.offset = offset
+
+
+class RebindsTop(caffe.Layer):
+    """Rebinds its top's data instead of writing into it (pycaffe refuses that)."""
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data = bottom[0].data * 2
 
 
 class NotALayer:

@@ -77,6 +77,7 @@ def test_forward_runs_the_users_code_with_its_setup_values(tmp_path):
     w = (1 + 0.1 * np.arange(3, dtype=np.float32)).reshape(1, 3, 1, 1)
     np.testing.assert_array_equal(out, x * w + np.float32(0.5))
     assert [b.data.tolist() for b in net.params["aff"]] == [pytest.approx([1.0, 1.1, 1.2]), [0.5] * 3]
+    assert net.params["aff"][0] is net.layer_dict["aff"].weight  # the blob the layer keeps is the Net's
     assert "caffe" not in sys.modules  # the alias lasts as long as the import
 
 
@@ -133,6 +134,59 @@ def test_tops_keep_their_shape_from_the_forward_and_arrays_held_do_not_change(tm
     np.testing.assert_array_equal(second["r"], -x[[1, 3]])
     np.testing.assert_array_equal(held, x[[0, 2]])  # the Net's arrays are copies of the user's blobs
     assert second["count"].tolist() == [2.0]
+
+
+def test_the_calls_are_caffes_and_net_layers_reach_the_users_object(tmp_path):
+    # Caffe: setup and reshape at the build, then reshape and forward on every forward (once each)
+    model = _write(tmp_path, "force_backward: true\n" + input_layer("x", 2, 3) + PY("count", "x", "y", "Counting"))
+    net = Net(model, TRAIN)
+    layer = net.layers[list(net._layer_names).index("count")]  # noqa: SLF001 - pycaffe's net.layers order
+    assert layer.calls == ["setup", "reshape"]
+    x = np.ones((2, 3), np.float32)
+    net.forward(x=x)
+    net.forward(x=x[:1])  # a new batch size: still one reshape per forward
+    net.backward(y=np.ones((1, 3), np.float32))
+    assert layer.calls == ["setup", "reshape", "reshape", "forward", "reshape", "forward", "backward"]
+    layer.set_offset(2.5)  # a method of the user's class, called on net.layers[i]
+    np.testing.assert_array_equal(net.forward(x=x)["y"], x + 2.5)
+    layer.offset = -1.0  # an attribute set from the script reaches the user's object
+    np.testing.assert_array_equal(net.forward(x=x)["y"], x - 1.0)
+    assert "caffe" not in sys.modules
+
+
+def test_the_layers_blob_objects_are_the_nets(tmp_path):
+    # ChannelAffine keeps the weight blob it made in setup and adds the bias in its first reshape
+    model = _write(tmp_path, AFFINE)
+    net = Net(model, TEST)
+    assert [len(b.data) for b in net.params["aff"]] == [3, 3]
+    net.params["aff"][0].data[...] = [2.0, -1.0, 0.5]  # in place, as pycaffe users write
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(net.forward(x=x)["a"], x * np.float32([2, -1, 0.5]).reshape(1, 3, 1, 1)
+                                  + np.float32(0.5))
+
+
+def test_rebinding_a_blobs_data_is_refused_as_pycaffe_refuses_it(tmp_path):
+    model = _write(tmp_path, input_layer("x", 2, 3) + PY("bad", "x", "y", "RebindsTop"))
+    net = Net(model, TEST)
+    with pytest.raises(GraphError, match=r"layer 'bad' \(Python .*RebindsTop\): its forward\(\) raised "
+                                         r"AttributeError"):
+        net.forward(x=np.ones((2, 3), np.float32))
+
+
+@pytest.mark.parametrize(("module", "message"), [
+    ("needs_dep", "importing module 'needs_dep' failed: ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
+    ("needs_io", "importing module 'needs_io' failed: No module named 'caffe.io'.*; `caffe` is amct_caffe.runtime "
+                 "there, which has pycaffe's Layer, Blob, Net and solvers but not caffe.io"),
+])
+def test_a_module_whose_imports_fail_says_which_import(tmp_path, monkeypatch, module, message):
+    (tmp_path / "needs_dep.py").write_text("import caffe\nimport no_such_dependency_xyz  # noqa: F401\n")
+    (tmp_path / "needs_io.py").write_text("import caffe.io  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = _write(tmp_path, input_layer("x", 2, 3)
+                   + L("Python", "py", "x", "y", f'python_param {{ module: "{module}" layer: "X" }}'))
+    with pytest.raises(UnsupportedLayerError, match=rf"layer 'py' \(Python\): {message}"):
+        Net(model, TEST)
+    assert "caffe" not in sys.modules
 
 
 @pytest.mark.parametrize("method", ["setup", "reshape", "forward", "backward"])

@@ -3,32 +3,46 @@
 As Caffe built with ``WITH_PYTHON_LAYER`` does (``python_layer.hpp``, ``GetPythonLayer`` in
 ``layer_factory.cpp``), the Net imports ``python_param.module``, calls its class ``python_param.layer``
 with the LayerParameter, sets ``param_str`` (the prototxt's string, as is) and ``phase`` (0 TRAIN,
-1 TEST) on the object, then calls its methods with lists of :class:`~amct_caffe.runtime.Blob`:
+1 TEST) on the object, then calls its methods with lists of blobs:
 
-* ``setup(bottom, top)`` once when the Net is built (Caffe's LayerSetUp), then ``reshape(bottom, top)``;
-* ``reshape(bottom, top)`` then ``forward(bottom, top)`` on every forward (Layer::Forward reshapes first);
-* ``backward(top, propagate_down, bottom)``: ``top[i].diff`` holds the gradient; the method writes
-  ``bottom[i].diff`` where ``propagate_down[i]``, and its learned blobs' ``diff``.
+* when the Net is built (Caffe's SetUp): ``setup(bottom, top)``, then ``reshape(bottom, top)``; the
+  learned blobs are read after both, so either may ``self.blobs.add_blob(*shape)``;
+* on every forward (Caffe's Layer::Forward): ``reshape(bottom, top)``, then ``forward(bottom, top)``, with
+  the Net's bottom arrays;
+* in training: ``backward(top, propagate_down, bottom)``: ``top[i].diff`` holds the gradient; the method
+  writes ``bottom[i].diff`` where ``propagate_down[i]``, and its learned blobs' ``diff``.
 
-A blob has pycaffe's ``data``, ``diff``, ``reshape(*shape)``, ``shape``, ``count``, ``num`` ... ``width``.
-An in-place layer (top == bottom) gets one Blob object in both lists, as Caffe passes one pointer.
-The learned blobs are ``self.blobs``, made in ``setup`` by ``self.blobs.add_blob(*shape)`` (zeros,
-as pycaffe's BlobVec); they are the Net's ``params[name]``, read from and saved to the caffemodel,
-and keep the values ``setup`` gave them when the caffemodel has none for the layer (Caffe copies
-only the layers a caffemodel holds).
+A blob has pycaffe's ``data``, ``diff``, ``reshape(*shape)``, ``shape``, ``count``, ``num`` ... ``width``,
+and, as in pycaffe, ``data`` and ``diff`` cannot be rebound (write into them). An in-place layer (top ==
+bottom) gets one blob object in both lists, as Caffe passes one pointer. At build, the bottoms hold zeros
+of their shapes (Caffe's blobs before any forward). The learned blobs (``self.blobs``, pycaffe's BlobVec;
+zeros when added) *are* the Net's ``params[name]``: read from and saved to the caffemodel (written into in
+place), updated in place by the solvers, and left as the layer made them when the caffemodel has none for
+it (Caffe copies only the layers a caffemodel holds). ``net.layers[i]`` / ``net.layer_dict[name]`` reach
+the user's object: attributes the executor's side does not have are the object's (a method such as
+py-faster-rcnn's ``set_roidb``, or state the layer keeps).
 
-``import caffe`` in the module: while the Net imports it, ``caffe`` is :mod:`amct_caffe.runtime`, whose
-``Layer`` is :class:`Layer` below (pycaffe's base class; a module imported earlier with another
-Caffe's pycaffe derives from that Caffe's class, which this Net cannot build, and is refused). Like
-Caffe, building a Net of such a model runs the module's code: load models from sources you trust.
+``import caffe`` in the module, when it is imported and inside every call, gives :mod:`amct_caffe.runtime`
+(``Layer``, ``Blob``, ``Net``, ``TRAIN`` / ``TEST``, the solvers); pycaffe's other modules (``caffe.io``,
+``caffe.proto``, NetSpec's ``caffe.layers``) are not there. A module imported earlier with another Caffe's
+pycaffe derives from that Caffe's class, which this Net cannot build, and is refused (and the other way
+round: once this Net imported a module, that Caffe cannot build it in the same process). Like Caffe,
+building a Net of such a model runs the module's code: load models from sources you trust.
 
-What the Net keeps of Caffe's memory model: the top blobs the layer sees persist from one forward to
-the next (a forward writing only part of a top finds the rest as it left it), but the Net's blob gets
-a copy after each forward, so arrays a caller holds from an earlier forward never change. Bottoms are
-the Net's arrays (an in-place layer's are a copy the Net takes as its top). Shape inference outside a
-Net (config generation, the guide's file flow) never imports the module: the tops of a Python layer
-and what follows get their shapes when a Net runs it. An exception in the user's code is raised as
-a GraphError naming the layer, with the original chained (``__cause__``) for its traceback.
+What differs from Caffe:
+
+* the Net's blob gets a copy of each top after the forward (the layer's own top blobs persist, as
+  Caffe's do), so arrays a caller holds from an earlier forward never change;
+* a layer without bottoms gets no ``backward`` call (Caffe calls it under ``force_backward``; it can
+  only have side effects there);
+* its tops take whatever shape the forward gives them (``shape_from_forward``), so the layers after it
+  run the Net's per-layer path, and the accuracy report, the fallback and label-free QAT compare and
+  distil the blobs before the first Python layer (as for a detection output: the shapes may differ
+  between the float and the quantized model);
+* shape inference outside a Net (config generation, the guide's file flow) never imports the module.
+
+Failures are AmctErrors naming the layer, the original exception chained (``__cause__``) for its
+traceback: UnsupportedLayerError when the class cannot be loaded, GraphError when its code raises.
 """
 
 from __future__ import annotations
@@ -46,9 +60,13 @@ from amct_caffe.runtime.layer import Layer as ExecutorLayer
 
 __all__ = ["BlobVec", "Layer", "PythonLayer"]
 
+# What ``import caffe`` gives a Python layer's module: the package amct_caffe.runtime, which sets it when it
+# loads (it imports this module for Layer; importing the package here would make the two a cycle).
+CAFFE_ALIAS = None
+
 
 class BlobVec(list):
-    """pycaffe's ``BlobVec``: a layer's learned blobs, grown by :meth:`add_blob` in ``setup``."""
+    """pycaffe's ``BlobVec``: a layer's learned blobs, grown by :meth:`add_blob`."""
 
     def add_blob(self, *shape) -> None:
         blob = Blob(())
@@ -67,7 +85,6 @@ class Layer:
         self.blobs = BlobVec()
         self.param_str = ""
         self.phase = 1
-        self.layer_param = param
 
     @property
     def type(self) -> str:
@@ -86,9 +103,19 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__} defines no backward(top, propagate_down, bottom)")
 
 
-# What ``import caffe`` gives a Python layer's module: the package amct_caffe.runtime, which sets it when it
-# loads (it imports this module for Layer; importing the package here would make the two a cycle).
-CAFFE_ALIAS = None
+class _LayerBlob(Blob):
+    """A bottom or top handed to the user's code: pycaffe's blob, whose ``data`` / ``diff`` cannot be rebound."""
+
+    __slots__ = ()
+
+    data = property(Blob.data.fget)
+    diff = property(Blob.diff.fget)
+
+    @classmethod
+    def of(cls, data: np.ndarray, diff: np.ndarray | None = None) -> _LayerBlob:
+        blob = cls(data=data)
+        blob._diff = diff  # noqa: SLF001 - Blob's own slot
+        return blob
 
 
 @contextlib.contextmanager
@@ -97,6 +124,9 @@ def _caffe_is_runtime():
     runtime = CAFFE_ALIAS
     missing = object()
     saved = sys.modules.get("caffe", missing)
+    if saved is runtime:  # nested (a layer's code building a Net of Python layers)
+        yield
+        return
     sys.modules["caffe"] = runtime
     try:
         yield
@@ -113,6 +143,18 @@ def _foreign_base(cls: type) -> bool:
     return any(base.__name__ == "Layer" and base.__module__.startswith("caffe") for base in cls.__mro__[1:])
 
 
+def _import_failure(where: str, module: str, e: ImportError) -> UnsupportedLayerError:
+    missing = e.name or ""
+    if missing == "caffe" or missing.startswith("caffe."):
+        return UnsupportedLayerError(f"{where}: importing module '{module}' failed: {e}; `caffe` is "
+                                     "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net and solvers "
+                                     "but not caffe.io, caffe.proto or NetSpec")
+    if missing and (missing == module or module.startswith(missing + ".")):
+        return UnsupportedLayerError(f"{where}: cannot import module '{module}' ({e}); put the directory that "
+                                     "holds it on PYTHONPATH, as Caffe needs too")
+    return UnsupportedLayerError(f"{where}: importing module '{module}' failed: {type(e).__name__}: {e}")
+
+
 def user_layer_class(lp) -> type:
     """The class ``python_param`` names, its module imported with ``caffe`` as this runtime."""
     p = lp.python_param
@@ -124,8 +166,7 @@ def user_layer_class(lp) -> type:
         with _caffe_is_runtime():
             module = importlib.import_module(p.module)
     except ImportError as e:
-        raise UnsupportedLayerError(f"{where}: cannot import module '{p.module}' ({e}); put the directory that "
-                                    "holds it on PYTHONPATH, as Caffe needs too") from e
+        raise _import_failure(where, p.module, e) from e
     except Exception as e:  # the module's own code failed while it was imported
         raise UnsupportedLayerError(f"{where}: importing module '{p.module}' raised {type(e).__name__}: {e}") from e
     cls = getattr(module, p.layer, None)
@@ -142,9 +183,13 @@ def user_layer_class(lp) -> type:
     return cls
 
 
+# The executor's own attributes of a PythonLayer; any other attribute is the user's object's (module doc).
+_OWN = frozenset(("lp", "name", "phase", "blobs", "in_place", "param_propagate_down", "integer_params", "user"))
+
+
 @register("Python")
 class PythonLayer(ExecutorLayer):
-    """The executor's side of a Python layer: the user's object, called with Blob lists (module doc)."""
+    """The executor's side of a Python layer: the user's object, called with blob lists (module doc)."""
 
     num_bottoms = (0, None)
     num_tops = (0, None)
@@ -154,8 +199,7 @@ class PythonLayer(ExecutorLayer):
 
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
-        self._set_up = False
-        self._bound = False  # the user's blobs are the Net's (on_net_built)
+        self._built = False
         cls = user_layer_class(lp)
         self._where = f"layer '{lp.name}' (Python {lp.python_param.module}.{lp.python_param.layer})"
         self.user = self._call("__init__", cls, lp)
@@ -163,18 +207,29 @@ class PythonLayer(ExecutorLayer):
             self.user.blobs = BlobVec()
         self.user.param_str = lp.python_param.param_str
         self.user.phase = phase
-        # top i -> the bottom it is computed in place on (Caffe hands the layer one Blob for both)
+        # top i -> the bottom it is computed in place on (Caffe hands the layer one blob for both)
         self._in_place = {i: list(lp.bottom).index(t) for i, t in enumerate(lp.top) if t in lp.bottom}
-        self._tops = [Blob(()) for _ in lp.top]  # the top blobs the user's code sees, kept between forwards
+        self._tops = [_LayerBlob(()) for _ in lp.top]  # the top blobs the user's code sees, kept between calls
+        self._top_shapes: list[tuple[int, ...]] = []
 
-    # -- the user's code --------------------------------------------------------------
+    # -- the user's object: its attributes, its code -------------------------------------
+    def __getattr__(self, name: str):
+        if name.startswith("_") or "user" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["user"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name.startswith("_") or name in _OWN or hasattr(type(self), name) or "user" not in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__["user"], name, value)
+
     def _call(self, method: str, *args):
-        if self._bound:  # the Net's learned blobs, whichever objects the Net holds now (copy_from, share_with)
-            self.user.blobs[:] = self.blobs
         try:
-            if method == "__init__":
-                return args[0](*args[1:])
-            return getattr(self.user, method)(*args)
+            with _caffe_is_runtime():
+                if method == "__init__":
+                    return args[0](*args[1:])
+                return getattr(self.user, method)(*args)
         except AmctError as e:
             raise type(e)(f"{self._where}: {e}") from e
         except Exception as e:
@@ -184,62 +239,78 @@ class PythonLayer(ExecutorLayer):
         tops = [bottoms[self._in_place[i]] if i in self._in_place else blob for i, blob in enumerate(self._tops)]
         return bottoms, tops
 
-    def _ensure_setup(self, bottom_shapes) -> None:
-        if not self._set_up:
-            self._set_up = True
-            bottoms, tops = self._blob_lists([Blob(tuple(s)) for s in bottom_shapes])
-            self._call("setup", bottoms, tops)
-            for k, blob in enumerate(self.user.blobs):
-                if not isinstance(blob, Blob):
-                    raise GraphError(f"{self._where}: self.blobs[{k}] is a {type(blob).__name__}, not a blob; "
-                                     "add learned blobs with self.blobs.add_blob(*shape)")
+    def _check_blobs(self, tops) -> None:
+        for k, blob in enumerate(self.user.blobs):
+            if not isinstance(blob, Blob) or not isinstance(blob.data, np.ndarray):
+                raise GraphError(f"{self._where}: self.blobs[{k}] is not a blob of numbers; add learned blobs with "
+                                 "self.blobs.add_blob(*shape) and write into their data")
+        self._top_shapes = [blob.shape for blob in tops]
+
+    def _build(self, bottom_shapes) -> None:
+        """Caffe's SetUp at the Net's build: setup, then reshape, on zero bottoms of these shapes."""
+        if self._built:
+            return
+        self._built = True
+        bottoms, tops = self._blob_lists([_LayerBlob(tuple(s)) for s in bottom_shapes])
+        self._call("setup", bottoms, tops)
+        self._call("reshape", bottoms, tops)
+        self._check_blobs(tops)
 
     # -- the executor's interface ---------------------------------------------------------
     def param_shapes(self, bottom_shapes):
-        self._ensure_setup(bottom_shapes)
+        self._build(bottom_shapes)
         return [tuple(blob.shape) for blob in self.user.blobs]
 
     def initial_params(self, shapes, rng):
         return [np.array(blob.data, np.float32) for blob in self.user.blobs]
 
+    def make_param_blobs(self, arrays):
+        """The user's own blobs, the values written into them (so that what the layer holds stays the Net's)."""
+        for blob, arr in zip(self.user.blobs, arrays, strict=True):
+            if blob.data.shape == arr.shape and blob.data.dtype == arr.dtype:
+                blob.data[...] = arr
+            else:
+                blob.data = arr
+        return list(self.user.blobs)
+
     def on_net_built(self, net, index: int) -> None:
-        self._bound = True
+        # a shared param (param { name }) is its owner's blob: the layer reads that one
+        self.user.blobs[:] = self.blobs
 
     def reshape(self, bottom_shapes):
-        """The user's reshape on blobs of these shapes holding zeros (Caffe's bottoms before the first forward)."""
-        self._ensure_setup(bottom_shapes)
-        bottoms, tops = self._blob_lists([Blob(tuple(s)) for s in bottom_shapes])
-        self._call("reshape", bottoms, tops)
-        return [blob.shape for blob in tops]
+        """The top shapes the layer's code gave last (its own reshape runs at the build and in every forward)."""
+        self._build(bottom_shapes)
+        return list(self._top_shapes)
+
+    def _with_data(self, bottoms) -> tuple[list[Blob], list[Blob]]:
+        """The user's bottom and top blobs for the Net's arrays ``bottoms`` (an in-place one: a copy to write)."""
+        return self._blob_lists([_LayerBlob.of(np.array(a) if j in self._in_place.values() else a)
+                                 for j, a in enumerate(bottoms)])
+
+    def reshape_on(self, bottoms) -> None:
+        """The layer's reshape on the Net's bottom arrays (``Net.reshape()``, as Caffe's Net::Reshape)."""
+        bottom_blobs, tops = self._with_data(bottoms)
+        self._call("reshape", bottom_blobs, tops)
+        self._check_blobs(tops)
 
     def forward(self, bottoms):
-        blobs = [Blob(data=np.array(a) if j in self._in_place.values() else a) for j, a in enumerate(bottoms)]
-        bottom_blobs, tops = self._blob_lists(blobs)
+        bottom_blobs, tops = self._with_data(bottoms)
         self._call("reshape", bottom_blobs, tops)
         self._call("forward", bottom_blobs, tops)
-        return [self._top_array(i, blob) for i, blob in enumerate(tops)]
-
-    def _top_array(self, i: int, blob) -> np.ndarray:
-        data = blob.data
-        if not isinstance(data, np.ndarray) or not np.can_cast(data.dtype, np.float64):
-            raise GraphError(f"{self._where}: top {i} holds {type(data).__name__} "
-                             f"{getattr(data, 'dtype', '')}, not numbers")
-        # a copy: the user's blob keeps its memory for the next forward, the Net's arrays are never rewritten
-        return np.array(data, np.float32) if i not in self._in_place else np.asarray(data, np.float32)
+        self._check_blobs(tops)
+        # copies: the layer's blobs keep their memory for the next forward, the Net's arrays are never rewritten
+        return [np.asarray(blob.data, np.float32) if i in self._in_place else np.array(blob.data, np.float32)
+                for i, blob in enumerate(tops)]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
-        bottom_blobs = [Blob(data=a) for a in bottoms]
+        bottom_blobs = [_LayerBlob.of(a) for a in bottoms]
         top_blobs = []
         for i, (data, diff) in enumerate(zip(tops, top_diffs, strict=True)):
-            blob = bottom_blobs[self._in_place[i]] if i in self._in_place else Blob(data=data)
-            blob.diff = np.array(diff, np.float32)  # a copy: the user's code may write into it
+            if i in self._in_place:
+                blob = bottom_blobs[self._in_place[i]]
+                blob._diff = np.array(diff, np.float32)  # noqa: SLF001 - a copy the user's code may write into
+            else:
+                blob = _LayerBlob.of(data, np.array(diff, np.float32))
             top_blobs.append(blob)
         self._call("backward", top_blobs, [bool(p) for p in propagate_down], bottom_blobs)
-        out = []
-        for j, blob in enumerate(bottom_blobs):
-            diff = blob.diff if propagate_down[j] else None
-            if diff is not None and np.shape(diff) != np.shape(bottoms[j]):
-                raise GraphError(f"{self._where}: its backward() left bottom {j}'s diff of shape "
-                                 f"{list(np.shape(diff))}, its data has {list(np.shape(bottoms[j]))}")
-            out.append(None if diff is None else np.array(diff, np.float32))
-        return out
+        return [np.array(blob.diff, np.float32) if propagate_down[j] else None for j, blob in enumerate(bottom_blobs)]
