@@ -31,7 +31,7 @@ import numpy as np
 COVERED = (
     "AbsVal", "ArgMax", "BNLL", "BatchNorm", "BatchNormKyle", "BatchReindex", "Bias",
     "BilinearInterpolate", "Concat", "Convolution", "Crop", "Deconvolution", "DetectionOutput",
-    "Dropout", "ELU", "Eltwise", "Exp", "Flatten", "HardSigmoid", "HardSwish", "InnerProduct",
+    "Dropout", "ELU", "Eltwise", "Exp", "Flatten", "HardSigmoid", "HardSwish", "Im2col", "InnerProduct",
     "LRN", "LSTM", "LSTMUnit", "Log", "MVN", "MaxUnPool", "Normalize", "PReLU", "Permute", "Pooling",
     "Power", "PriorBox", "RNN", "ReLU", "ReLU6", "Reduction", "Reshape", "Resize", "SPP", "Scale",
     "Sigmoid", "Silence", "Slice", "Softmax", "Split", "TanH", "Threshold", "Tile", "Unsqueeze",
@@ -373,7 +373,24 @@ def mk_conv(b, deconv=False):
             break
     else:
         return False
-    cp = {"num_output": nout}
+    cp = {"num_output": nout, **_window_fields(b, (kh, kw), (sh, sw), (ph, pw), (dh, dw))}
+    if g != 1:
+        cp["group"] = g
+    if b.p(0.3):
+        cp["bias_term"] = False
+    t = b.top(x, (n, nout, oh, ow))
+    b.add("Deconvolution" if deconv else "Convolution", [x], [t], {"convolution_param": cp})
+    return True
+
+
+def mk_deconv(b):
+    return mk_conv(b, deconv=True)
+
+
+def _window_fields(b, kernel, stride, pad, dilation) -> dict:
+    """convolution_param's window fields for 2-D (h, w) pairs, in one of the ways a prototxt may give them."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, pad, dilation
+    cp = {}
     if kh == kw and b.p(0.7):
         cp["kernel_size"] = kh
     else:
@@ -393,17 +410,35 @@ def mk_conv(b, deconv=False):
             cp["dilation"] = dh
     else:
         cp["dilation"] = [dh, dw]
-    if g != 1:
-        cp["group"] = g
+    return cp
+
+
+def mk_im2col(b):
+    """Im2col: the Convolution's window fields, C * kh * kw output channels (force_nd_im2col now and then)."""
+    x = b.pick(is4)
+    if x is None:
+        return False
+    n, c, h, w = b.shapes[x]
+    for _ in range(20):
+        kh = b.ri(1, 4)
+        kw = kh if b.p(0.6) else b.ri(1, 4)
+        sh = b.choice([1, 1, 2, 3])
+        sw = sh if b.p(0.7) else b.choice([1, 2, 3])
+        ph = b.choice([0, 0, 1, 2])
+        pw = ph if b.p(0.7) else b.choice([0, 1, 2])
+        dh = b.choice([1, 1, 2])
+        dw = dh if b.p(0.7) else b.choice([1, 2])
+        oh, ow = conv_out(h, kh, sh, ph, dh), conv_out(w, kw, sw, pw, dw)
+        if 1 <= oh <= 16 and 1 <= ow <= 16 and c * kh * kw <= 64:
+            break
+    else:
+        return False
+    cp = _window_fields(b, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     if b.p(0.3):
-        cp["bias_term"] = False
-    t = b.top(x, (n, nout, oh, ow))
-    b.add("Deconvolution" if deconv else "Convolution", [x], [t], {"convolution_param": cp})
+        cp["force_nd_im2col"] = True
+    t = b.top(x, (n, c * kh * kw, oh, ow))
+    b.add("Im2col", [x], [t], {"convolution_param": cp})
     return True
-
-
-def mk_deconv(b):
-    return mk_conv(b, deconv=True)
 
 
 def _pool_params(b, h, w, allow_global=True):
@@ -1191,7 +1226,8 @@ MAKERS = {
     "BilinearInterpolate": mk_bilinear, "Concat": mk_concat, "Convolution": mk_conv, "Crop": mk_crop,
     "Deconvolution": mk_deconv, "DetectionOutput": mk_detection, "Dropout": mk_dropout, "ELU": mk_elu,
     "Eltwise": mk_eltwise, "Exp": mk_exp, "Flatten": mk_flatten, "HardSigmoid": mk_hardsigmoid,
-    "HardSwish": mk_hardswish, "InnerProduct": mk_ip, "LSTM": mk_lstm, "LSTMUnit": mk_lstmunit, "LRN": mk_lrn,
+    "HardSwish": mk_hardswish, "Im2col": mk_im2col, "InnerProduct": mk_ip, "LSTM": mk_lstm,
+    "LSTMUnit": mk_lstmunit, "LRN": mk_lrn,
     "Log": mk_log, "MVN": mk_mvn,
     "MaxUnPool": mk_maxunpool, "Normalize": mk_normalize, "PReLU": mk_prelu,
     "Permute": mk_permute, "Pooling": mk_pool, "Power": mk_power, "PriorBox": mk_priorbox, "RNN": mk_rnn,

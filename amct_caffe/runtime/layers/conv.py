@@ -59,6 +59,58 @@ def Convolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1, i
     return conv_plan(x.shape, weight.shape, *geometry)(x, weight, bias, into)
 
 
+def conv_geometry(lp, shape, fail) -> tuple:
+    """(channel axis, kernel, stride, pad, dilation) of ``lp``'s convolution_param for a bottom of ``shape``,
+    checked as base_conv_layer.cpp's LayerSetUp checks them (``fail(message)`` raises)."""
+    cp = lp.convolution_param
+    axis = canonical_axis(cp.axis, len(shape), lp.name)
+    nsp = len(shape) - axis - 1
+    if nsp < 1:
+        fail(f"a {len(shape)}-D bottom has no spatial axis after channel axis {axis}")
+
+    def given(values, h_field, w_field, what, default):
+        if cp.HasField(h_field) or cp.HasField(w_field):
+            if nsp != 2:
+                fail(f"{h_field} & {w_field} can only be used for 2-D convolution")
+            if len(values):
+                fail(f"either {what} or {h_field}/{w_field} should be given, not both")
+            return (getattr(cp, h_field), getattr(cp, w_field))
+        if len(values) not in ((1, nsp) if default is None else (0, 1, nsp)):
+            fail(f"{what} must be given once or once per spatial axis ({nsp}), got {len(values)}")
+        return per_axis(list(values) or None, nsp, default)
+
+    kernel = given(cp.kernel_size, "kernel_h", "kernel_w", "kernel_size", None)
+    stride = given(cp.stride, "stride_h", "stride_w", "stride", 1)
+    pad = given(cp.pad, "pad_h", "pad_w", "pad", 0)
+    if len(cp.dilation) not in (0, 1, nsp):
+        fail(f"dilation must be given once or once per spatial axis ({nsp})")
+    dilation = per_axis(list(cp.dilation) or None, nsp, 1)
+    if min(kernel) <= 0 or min(stride) <= 0 or min(dilation) <= 0:
+        fail(f"kernel {kernel}, stride {stride} and dilation {dilation} must be positive")
+    return axis, kernel, stride, pad, dilation
+
+
+def conv_out_shape(shape, geometry, fail, transposed: bool = False) -> tuple[int, ...]:
+    """The output spatial sizes of a window of ``geometry`` (conv_geometry's) over a bottom of ``shape``, in C++
+    int arithmetic; ``fail`` for windows beyond WINDOW_LIMIT or a negative size (Caffe's Blob::Reshape)."""
+    axis, kernel, stride, pad, dilation = geometry
+    extents = [(s + 2 * p, d * (k - 1) + 1) for s, k, p, d in zip(shape[axis + 1:], kernel, pad, dilation,
+                                                                    strict=True)]
+    if max(max(e) for e in extents) > WINDOW_LIMIT:
+        fail(f"the padded input {[e[0] for e in extents]} or the kernel extent {[e[1] for e in extents]} "
+             f"exceeds {WINDOW_LIMIT}: the sums of such extents overflow the int index arithmetic of "
+             "Caffe and of the kernels; give a smaller pad or dilation")
+    size = deconv_out_size if transposed else conv_out_size
+    out = tuple(size(s, k, st, p, d) for s, k, st, p, d
+                in zip(shape[axis + 1:], kernel, stride, pad, dilation, strict=True))
+    if min(out) < 0:
+        extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+        fail(f"output spatial size {list(out)} is negative for bottom {list(shape)} (kernel extent "
+             f"{extent}, pad {list(pad)}, stride {list(stride)}); Caffe refuses a negative blob "
+             "dimension: give a larger input or a smaller kernel, dilation or pad")
+    return out
+
+
 class _BaseConv(Layer):
     """Field parsing shared by Convolution and Deconvolution (Caffe's BaseConvolutionLayer).
 
@@ -88,32 +140,7 @@ class _BaseConv(Layer):
 
     def _geometry(self, shape) -> tuple:
         """(channel axis, kernel, stride, pad, dilation) for a bottom of this shape."""
-        cp = self.lp.convolution_param
-        axis = canonical_axis(cp.axis, len(shape), self.name)
-        nsp = len(shape) - axis - 1
-        if nsp < 1:
-            self._fail(f"a {len(shape)}-D bottom has no spatial axis after channel axis {axis}")
-
-        def given(values, h_field, w_field, what, default):
-            if cp.HasField(h_field) or cp.HasField(w_field):
-                if nsp != 2:
-                    self._fail(f"{h_field} & {w_field} can only be used for 2-D convolution")
-                if len(values):
-                    self._fail(f"either {what} or {h_field}/{w_field} should be given, not both")
-                return (getattr(cp, h_field), getattr(cp, w_field))
-            if len(values) not in ((1, nsp) if default is None else (0, 1, nsp)):
-                self._fail(f"{what} must be given once or once per spatial axis ({nsp}), got {len(values)}")
-            return per_axis(list(values) or None, nsp, default)
-
-        kernel = given(cp.kernel_size, "kernel_h", "kernel_w", "kernel_size", None)
-        stride = given(cp.stride, "stride_h", "stride_w", "stride", 1)
-        pad = given(cp.pad, "pad_h", "pad_w", "pad", 0)
-        if len(cp.dilation) not in (0, 1, nsp):
-            self._fail(f"dilation must be given once or once per spatial axis ({nsp})")
-        dilation = per_axis(list(cp.dilation) or None, nsp, 1)
-        if min(kernel) <= 0 or min(stride) <= 0 or min(dilation) <= 0:
-            self._fail(f"kernel {kernel}, stride {stride} and dilation {dilation} must be positive")
-        return axis, kernel, stride, pad, dilation
+        return conv_geometry(self.lp, shape, self._fail)
 
     def param_shapes(self, bottom_shapes):
         cp = self.lp.convolution_param
@@ -143,20 +170,7 @@ class _BaseConv(Layer):
         if self.blobs and tuple(self.blobs[0].data.shape) != want:
             self._fail(f"weight shape {list(self.blobs[0].data.shape)} does not fit a bottom of shape "
                        f"{list(first)} (expected {list(want)})")
-        extents = [(s + 2 * p, d * (k - 1) + 1) for s, k, p, d in zip(first[axis + 1:], kernel, pad, dilation,
-                                                                        strict=True)]
-        if max(max(e) for e in extents) > WINDOW_LIMIT:
-            self._fail(f"the padded input {[e[0] for e in extents]} or the kernel extent {[e[1] for e in extents]} "
-                       f"exceeds {WINDOW_LIMIT}: the sums of such extents overflow the int index arithmetic of "
-                       "Caffe and of the kernels; give a smaller pad or dilation")
-        size = deconv_out_size if self.transposed else conv_out_size
-        out = tuple(size(s, k, st, p, d) for s, k, st, p, d
-                    in zip(first[axis + 1:], kernel, stride, pad, dilation, strict=True))
-        if min(out) < 0:
-            extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
-            self._fail(f"output spatial size {list(out)} is negative for bottom {list(first)} (kernel extent "
-                       f"{extent}, pad {list(pad)}, stride {list(stride)}); Caffe refuses a negative blob "
-                       "dimension: give a larger input or a smaller kernel, dilation or pad")
+        out = conv_out_shape(first, (axis, kernel, stride, pad, dilation), self._fail, self.transposed)
         if not self.transposed:
             stride = clamped_strides(stride)
         self._geom = (axis, stride, pad, dilation)

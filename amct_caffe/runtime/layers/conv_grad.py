@@ -218,3 +218,26 @@ def bias_grad(b_diff) -> np.ndarray:
     b_diff = np.asarray(b_diff, np.float32)
     return b_diff.reshape(b_diff.shape[0], b_diff.shape[1], -1).sum(axis=(0, 2), dtype=np.float32)
 
+
+
+def col2im(dcols, in_shape, ksz, *, stride, pad, dilation) -> np.ndarray:
+    """Caffe's col2im per image: columns ``dcols`` (N, C * prod(k), *sb) back to an input (N, C, *sa) of
+    ``in_shape``, every entry added onto the cell it was read from, taps in Caffe's order (zero start; the
+    cells of the padding dropped): the gradient of :func:`conv_cols.im2col`."""
+    in_shape = tuple(in_shape)
+    n, c = in_shape[:2]
+    sa, sb, ksz = in_shape[2:], tuple(dcols.shape[2:]), tuple(ksz)
+    if math.prod(in_shape) == 0:
+        return np.zeros(in_shape, np.float32)
+    dcols = np.ascontiguousarray(dcols, np.float32)
+    if COL2IM_KERNEL is not None and len(ksz) == 2:
+        out = np.empty(in_shape, np.float32)
+        COL2IM_KERNEL(dcols.reshape(n, 1, c * math.prod(ksz), math.prod(sb)), out, list(ksz), list(stride),
+                      list(pad), list(dilation), list(sb), False, threads.workers())
+        return out
+    acc = np.zeros((n, c) + _extent(sa, ksz, stride, pad, dilation, sb), np.float32)
+    taps = dcols.reshape((n, c) + ksz + sb)
+    both = (slice(None), slice(None))
+    for tap in itertools.product(*map(range, ksz)):
+        acc[both + tap_slices(tap, stride, dilation, sb)] += taps[both + tap]
+    return np.array(acc[both + tuple(slice(p, p + s) for p, s in zip(pad, sa, strict=True))])
