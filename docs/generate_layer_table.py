@@ -56,7 +56,8 @@ Where it differs:
 * its tops take the shape its `forward` gives them, so the layers after it run the Net's per-layer
   path, and the accuracy report, the fallback's target and label-free QAT compare and distil the
   blobs before the first Python layer (as for SSD's detection output: the shapes may differ between
-  the float and the quantized model); what follows the Python layer is quantized but not measured;
+  the float and the quantized model); what follows the Python layer is quantized but not measured, and a
+  warning says so (`calibrate_with_fallback`'s `compare_blobs` names blobs of fixed shape to measure);
 * the Net keeps a copy of each top after the forward, so no array it handed out changes later;
 * config generation and the guide's file flow never import the module: they quantize the layers
   around it on the prototxt alone, and the Net run for calibration imports it;

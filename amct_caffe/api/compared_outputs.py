@@ -52,15 +52,20 @@ class _Writes:
         self.writers: dict[str, list[int]] = {}
         self.varying: dict[tuple[int, str], bool] = {}
         self.dynamic: dict[tuple[int, str], bool] = {}
-        for i, (_, type_name, bottoms, tops) in enumerate(layers):
+        self.after_python: dict[tuple[int, str], str] = {}  # a dynamic value computed from a Python layer's top
+        for i, (name, type_name, bottoms, tops) in enumerate(layers):
             cls = layer_class(type_name)
             ins = [self.writer(b, i) for b in bottoms]
             varies = not bottoms or (not cls.reads_shapes_only and any(self.varying.get(k, True) for k in ins))
             dynamic = bool(bottoms) and (cls.shape_from_forward or any(self.dynamic.get(k, False) for k in ins))
+            python = name if bottoms and cls.runs_user_code else next(
+                (self.after_python[k] for k in ins if k in self.after_python), None)
             for t in tops:
                 self.writers.setdefault(t, []).append(i)
                 self.varying[(i, t)] = varies
                 self.dynamic[(i, t)] = dynamic
+                if python is not None:
+                    self.after_python[(i, t)] = python
 
     def writer(self, blob: str, before: int) -> tuple[int, str]:
         """(index of the last layer before ``before`` writing ``blob``, blob); index -1 if none."""
@@ -99,9 +104,16 @@ def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
 
     for out in outputs:
         mine: list[str] = []
-        visit(writes.writer(out, len(layers)), mine, True)
+        key = writes.writer(out, len(layers))
+        visit(key, mine, True)
         if mine != [out]:
             replaced[out] = mine
+            python = writes.after_python.get(key)
+            if python is not None:
+                _LOG.warning("output '%s' is computed after Python layer '%s', whose code may change its tops' shape "
+                             "with the data: it is compared through %s, and the layers in between are quantized but "
+                             "not measured; name blobs of fixed shape to compare (compare_blobs) if it has them",
+                             out, python, ", ".join(mine) or "nothing")
             if mine:
                 _LOG.info("output '%s' is compared through %s (its shape may depend on the data%s)", out, mine,
                           " or it has no gradient" if trainable else "")

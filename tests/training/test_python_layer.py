@@ -250,3 +250,15 @@ def test_embedded_calibration_quantizes_the_layer_reading_a_python_top(tmp_path)
     got, want = fake.forward(x=x)["c2"], ref.forward(x=x)["c2"]
     cosine = float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want))
     assert 0.999 < cosine < 1.0
+
+
+def test_outputs_after_a_python_layer_are_compared_through_the_blobs_before_it_with_a_warning(caplog):
+    from amct_caffe.api.compared_outputs import stand_in_outputs  # noqa: PLC0415
+
+    layers = [("x", "Input", [], ["x"]), ("conv1", "Convolution", ["x"], ["c1"]),
+              ("py", "Python", ["c1"], ["p"]), ("conv2", "Convolution", ["p"], ["c2"])]
+    with caplog.at_level("WARNING", logger="amct_caffe.api.compared_outputs"):
+        chosen, replaced = stand_in_outputs(layers, ["c2"])
+    assert chosen == ["c1"] and replaced == {"c2": ["c1"]}
+    assert "output 'c2' is computed after Python layer 'py'" in caplog.text
+    assert "compared through c1, and the layers in between are quantized but not measured" in caplog.text
