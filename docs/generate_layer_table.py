@@ -34,9 +34,9 @@ A `type: "Python"` layer runs the class `python_param.layer` of the module `pyth
 Caffe built with `WITH_PYTHON_LAYER` does: the module must be importable (its directory on
 `PYTHONPATH`), and building a Net of the model runs its code, so load such models from sources you
 trust. While the Net imports the module and calls it, `import caffe` gives `amct_caffe.runtime`: its
-`Layer` is pycaffe's base class, with `Blob`, `Net`, `TRAIN` / `TEST` and the solvers, so a layer
-written against those runs unchanged; pycaffe's `caffe.io`, `caffe.proto` and NetSpec are not there
-(the import error says so).
+`Layer` is pycaffe's base class, with `Blob`, `Net`, `TRAIN` / `TEST`, the solvers and `caffe.io`, so a
+layer written against those runs unchanged; pycaffe's `caffe.proto` and NetSpec are not there (the
+import error says so).
 
 The calls are Caffe's: the object gets `param_str` and `phase`; `setup(bottom, top)` then
 `reshape(bottom, top)` when the Net is built (bottoms of zeros of their shapes); `reshape` then

@@ -175,12 +175,13 @@ def test_rebinding_a_blobs_data_is_refused_as_pycaffe_refuses_it(tmp_path):
 
 @pytest.mark.parametrize(("module", "message"), [
     ("needs_dep", "importing module 'needs_dep' failed: ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
-    ("needs_io", "importing module 'needs_io' failed: No module named 'caffe.io'.*; `caffe` is amct_caffe.runtime "
-                 "there, which has pycaffe's Layer, Blob, Net and solvers but not caffe.io"),
+    ("needs_proto", "importing module 'needs_proto' failed: No module named 'caffe.proto'.*; `caffe` is "
+                    "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net, io and solvers but not "
+                    "caffe.proto"),
 ])
 def test_a_module_whose_imports_fail_says_which_import(tmp_path, monkeypatch, module, message):
     (tmp_path / "needs_dep.py").write_text("import caffe\nimport no_such_dependency_xyz  # noqa: F401\n")
-    (tmp_path / "needs_io.py").write_text("import caffe.io  # noqa: F401\n")
+    (tmp_path / "needs_proto.py").write_text("from caffe.proto import caffe_pb2  # noqa: F401\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = _write(tmp_path, input_layer("x", 2, 3)
                    + L("Python", "py", "x", "y", f'python_param {{ module: "{module}" layer: "X" }}'))

@@ -23,8 +23,8 @@ the user's object: attributes the executor's side does not have are the object's
 py-faster-rcnn's ``set_roidb``, or state the layer keeps).
 
 ``import caffe`` in the module, when it is imported and inside every call, gives :mod:`amct_caffe.runtime`
-(``Layer``, ``Blob``, ``Net``, ``TRAIN`` / ``TEST``, the solvers); pycaffe's other modules (``caffe.io``,
-``caffe.proto``, NetSpec's ``caffe.layers``) are not there. A module imported earlier with another Caffe's
+(``Layer``, ``Blob``, ``Net``, ``TRAIN`` / ``TEST``, the solvers, ``caffe.io``); pycaffe's ``caffe.proto``
+and NetSpec's ``caffe.layers`` are not there. A module imported earlier with another Caffe's
 pycaffe derives from that Caffe's class, which this Net cannot build, and is refused (and the other way
 round: once this Net imported a module, that Caffe cannot build it in the same process). Like Caffe,
 building a Net of such a model runs the module's code: load models from sources you trust.
@@ -120,22 +120,24 @@ class _LayerBlob(Blob):
 
 @contextlib.contextmanager
 def _caffe_is_runtime():
-    """``import caffe`` gives :data:`CAFFE_ALIAS` inside the block; what ``caffe`` was comes back after."""
-    runtime = CAFFE_ALIAS
+    """``import caffe`` (and ``import caffe.io``) give :data:`CAFFE_ALIAS` (and its ``io``) inside the block;
+    what those names were comes back after."""
+    aliases = {"caffe": CAFFE_ALIAS, "caffe.io": CAFFE_ALIAS.io}
     missing = object()
-    saved = sys.modules.get("caffe", missing)
-    if saved is runtime:  # nested (a layer's code building a Net of Python layers)
+    if sys.modules.get("caffe") is CAFFE_ALIAS:  # nested (a layer's code building a Net of Python layers)
         yield
         return
-    sys.modules["caffe"] = runtime
+    saved = {name: sys.modules.get(name, missing) for name in aliases}
+    sys.modules.update(aliases)
     try:
         yield
     finally:
-        if sys.modules.get("caffe") is runtime:
-            if saved is missing:
-                del sys.modules["caffe"]
-            else:
-                sys.modules["caffe"] = saved
+        for name, module in aliases.items():
+            if sys.modules.get(name) is module:
+                if saved[name] is missing:
+                    del sys.modules[name]
+                else:
+                    sys.modules[name] = saved[name]
 
 
 def _foreign_base(cls: type) -> bool:
@@ -147,8 +149,8 @@ def _import_failure(where: str, module: str, e: ImportError) -> UnsupportedLayer
     missing = e.name or ""
     if missing == "caffe" or missing.startswith("caffe."):
         return UnsupportedLayerError(f"{where}: importing module '{module}' failed: {e}; `caffe` is "
-                                     "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net and solvers "
-                                     "but not caffe.io, caffe.proto or NetSpec")
+                                     "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net, io and "
+                                     "solvers but not caffe.proto or NetSpec")
     if missing and (missing == module or module.startswith(missing + ".")):
         return UnsupportedLayerError(f"{where}: cannot import module '{module}' ({e}); put the directory that "
                                      "holds it on PYTHONPATH, as Caffe needs too")

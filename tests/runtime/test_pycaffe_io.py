@@ -1,0 +1,157 @@
+"""pycaffe's caffe.io as amct_caffe.runtime.io (runtime/pycaffe_io.py): the protobuf conversions, Transformer and
+oversample against official pycaffe's on the same arrays; load_image / resize_image against scikit-image, which
+pycaffe's call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amct_caffe.runtime as caffe
+from amct_caffe.errors import AmctError
+from tests.real_caffe import pycaffe_dir, run_with_pycaffe
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+MEAN = SHARED / "data" / "ilsvrc_2012_mean.npy"
+PHOTO = sorted((SHARED / "data" / "imagenet_samples").iterdir())[0]
+
+# The same calls in official pycaffe and here; each result is saved by name. (pycaffe's array_to_datum of a uint8
+# array calls ndarray.tostring, which numpy 2 removed: that case is checked by the round trip below.)
+SCRIPT = """
+import numpy as np
+rng = np.random.default_rng(3)
+image = rng.random((227, 227, 3)).astype(np.float32)
+mean = np.load({mean!r})[:, :227, :227]
+out = {{}}
+t = caffe.io.Transformer({{"data": (1, 3, 227, 227)}})
+t.set_transpose("data", (2, 0, 1))
+t.set_channel_swap("data", (2, 1, 0))
+t.set_raw_scale("data", 255)
+t.set_mean("data", mean)
+t.set_input_scale("data", 0.017)
+out["pre"] = t.preprocess("data", image)
+out["de"] = t.deprocess("data", out["pre"][np.newaxis])
+t2 = caffe.io.Transformer({{"data": (1, 3, 227, 227)}})
+t2.set_mean("data", np.array([104.0, 117.0, 123.0]))
+t2.set_transpose("data", (2, 0, 1))
+out["pre_channel_mean"] = t2.preprocess("data", image * 255)
+out["crops"] = caffe.io.oversample([image, image[::-1]], (201, 200))
+arr = rng.standard_normal((2, 3, 4)).astype(np.float32)
+out["blob_bytes"] = np.frombuffer(caffe.io.array_to_blobproto(arr, arr * 2).SerializeToString(), np.uint8)
+out["vector_bytes"] = np.frombuffer(caffe.io.arraylist_to_blobprotovector_str([arr, arr[0]]), np.uint8)
+out["datum_f"] = np.frombuffer(caffe.io.array_to_datum(arr.astype(np.float64), 3).SerializeToString(), np.uint8)
+np.savez({path!r}, **out)
+"""
+
+
+def _run_here(path: Path) -> None:
+    exec(SCRIPT.format(mean=str(MEAN), path=str(path)), {"caffe": caffe})  # noqa: S102 - the test's own script
+
+
+@pytest.mark.real_caffe
+def test_the_same_calls_give_pycaffes_results(tmp_path):
+    if pycaffe_dir() is None:
+        pytest.skip("AMCT_REAL_CAFFE is not set")
+    code = "import caffe\n" + SCRIPT.format(mean=str(MEAN), path=str(tmp_path / "theirs.npz"))
+    proc = run_with_pycaffe(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_here(tmp_path / "ours.npz")
+    with np.load(tmp_path / "theirs.npz") as theirs, np.load(tmp_path / "ours.npz") as ours:
+        assert sorted(theirs.files) == sorted(ours.files)
+        for key in theirs.files:
+            assert ours[key].dtype == theirs[key].dtype, key
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_protobuf_conversions_round_trip():
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7
+    blob = caffe.io.array_to_blobproto(arr, -arr)
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob), arr)
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob, return_diff=True), -arr)
+    legacy = caffe.io.array_to_blobproto(arr)
+    legacy.ClearField("shape")
+    legacy.num, legacy.channels, legacy.height, legacy.width = 1, 2, 3, 4  # the 4-D fields win when set
+    assert caffe.io.blobproto_to_array(legacy).shape == (1, 2, 3, 4)
+    back = caffe.io.blobprotovector_str_to_arraylist(caffe.io.arraylist_to_blobprotovector_str([arr, arr[1]]))
+    assert [a.shape for a in back] == [(2, 3, 4), (3, 4)]
+    u8 = (arr * 20).astype(np.uint8)
+    datum = caffe.io.array_to_datum(u8, label=4)
+    assert datum.label == 4 and datum.data == u8.tobytes()
+    np.testing.assert_array_equal(caffe.io.datum_to_array(datum), u8)
+    np.testing.assert_array_equal(caffe.io.datum_to_array(caffe.io.array_to_datum(arr)), arr.astype(float))
+    with pytest.raises(ValueError, match="Incorrect array shape"):
+        caffe.io.array_to_datum(arr[0])
+
+
+def test_preprocess_leaves_the_callers_image_alone():
+    image = np.full((4, 5, 3), 0.5, np.float32)
+    t = caffe.io.Transformer({"data": (1, 3, 4, 5)})
+    t.set_transpose("data", (2, 0, 1))
+    t.set_raw_scale("data", 255)
+    assert t.preprocess("data", image).max() == pytest.approx(127.5)
+    assert image.max() == 0.5
+
+
+def test_load_image_is_scikit_images_reading(tmp_path):
+    skimage_io = pytest.importorskip("skimage.io")
+    from PIL import Image  # noqa: PLC0415
+
+    rgb = caffe.io.load_image(str(PHOTO))
+    want = skimage_io.imread(str(PHOTO)).astype(np.float64) / 255
+    assert rgb.dtype == np.float32 and rgb.shape == want.shape
+    np.testing.assert_allclose(rgb, want, atol=1e-7)
+    grey = caffe.io.load_image(str(PHOTO), color=False)
+    assert grey.shape == want.shape[:2] + (1,)
+    weights = np.array([0.2125, 0.7154, 0.0721])  # scikit-image's rgb2gray
+    np.testing.assert_allclose(grey[:, :, 0], want @ weights, atol=1e-6)
+    rgba = np.dstack([np.uint8(np.arange(12).reshape(3, 4) * 20)] * 3 + [np.full((3, 4), 9, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    np.testing.assert_allclose(caffe.io.load_image(str(tmp_path / "a.png")), rgba[:, :, :3] / 255, atol=1e-7)
+    Image.fromarray(rgba[:, :, 0], "L").save(tmp_path / "g.png")
+    np.testing.assert_allclose(caffe.io.load_image(str(tmp_path / "g.png")), np.dstack([rgba[:, :, :1] / 255] * 3),
+                               atol=1e-7)
+
+
+def test_resize_image_on_the_images_range_and_other_channel_counts():
+    transform = pytest.importorskip("skimage.transform")
+    ndimage = pytest.importorskip("scipy.ndimage")
+    image = np.random.default_rng(0).random((6, 8, 3)).astype(np.float32) * 200 - 50
+    lo, hi = image.min(), image.max()
+    want = transform.resize((image - lo) / (hi - lo), (9, 5), order=1, mode="constant") * (hi - lo) + lo
+    got = caffe.io.resize_image(image, (9, 5))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(caffe.io.resize_image(np.full((3, 3, 1), 2.5), (4, 6)), np.full((4, 6, 1), 2.5))
+    four = np.random.default_rng(1).random((6, 8, 4))
+    np.testing.assert_allclose(caffe.io.resize_image(four, (12, 16)),
+                               ndimage.zoom(four, (2.0, 2.0, 1), order=1).astype(np.float32))
+
+
+def test_the_transformer_resizes_an_image_of_another_size():
+    pytest.importorskip("skimage.transform")
+    t = caffe.io.Transformer({"data": (1, 3, 10, 12)})
+    t.set_transpose("data", (2, 0, 1))
+    assert t.preprocess("data", np.random.default_rng(2).random((20, 24, 3))).shape == (3, 10, 12)
+
+
+def test_a_missing_scikit_image_says_what_to_install(monkeypatch):
+    for name in ("skimage", "skimage.io"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails, as where it is not installed
+    with pytest.raises(AmctError, match=r"caffe.io.load_image uses skimage, as pycaffe's does: pip install "
+                                        r"\"amct_caffe\[pycaffe\]\""):
+        caffe.io.load_image(str(PHOTO))
+
+
+def test_a_transformer_checks_its_arguments_as_pycaffes():
+    t = caffe.io.Transformer({"data": (1, 3, 4, 4)})
+    with pytest.raises(Exception, match="other is not one of the net inputs"):
+        t.set_raw_scale("other", 2)
+    with pytest.raises(Exception, match="Transpose order needs"):
+        t.set_transpose("data", (1, 0))
+    with pytest.raises(ValueError, match="Mean channels incompatible"):
+        t.set_mean("data", np.zeros(4))
+    assert json.dumps(t.inputs)  # plain data, as pycaffe keeps it
