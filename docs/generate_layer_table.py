@@ -33,20 +33,24 @@ FOOTER = """
 A `type: "Python"` layer runs the class `python_param.layer` of the module `python_param.module`, as
 Caffe built with `WITH_PYTHON_LAYER` does: the module must be importable (its directory on
 `PYTHONPATH`), and building a Net of the model runs its code, so load such models from sources you
-trust. While the Net imports the module and calls it, `import caffe` gives `amct_caffe.runtime`: its
-`Layer` is pycaffe's base class, with `Blob`, `Net`, `TRAIN` / `TEST`, the solvers and `caffe.io`, so a
-layer written against those runs unchanged; pycaffe's `caffe.proto` and NetSpec are not there (the
-import error says so).
+trust. While the Net imports the module and calls it, `import caffe` gives `amct_caffe.runtime` (for every
+thread, until the last call ends): its `Layer` is pycaffe's base class, with `Blob`, `Net`, `TRAIN` / `TEST`,
+the solvers, `caffe.io` and `caffe.proto.caffe_pb2`, so a layer written against those runs unchanged.
+NetSpec is not there: `caffe.layers` is the executor's own package, and `import caffe.net_spec` fails
+with an error that says so.
 
 The calls are Caffe's: the object gets `param_str` and `phase`; `setup(bottom, top)` then
-`reshape(bottom, top)` when the Net is built (bottoms of zeros of their shapes); `reshape` then
-`forward` on every forward, and `reshape` on `Net.reshape()`, with the Net's data;
-`backward(top, propagate_down, bottom)` in training. Blobs have pycaffe's `data`, `diff`,
-`reshape(*shape)`, `shape` and `count`, and, as in pycaffe, `data` and `diff` are written into, never
-rebound. The learned blobs the layer makes (`self.blobs.add_blob(*shape)` in `setup` or its first
-`reshape`) are the Net's `params` themselves: read from and saved to the caffemodel, trained in place by
-the solvers, and left as the layer made them when the caffemodel has none for it. `net.layers[i]` and
-`net.layer_dict[name]` reach the layer's own attributes and methods (py-faster-rcnn's `set_roidb`).
+`reshape(bottom, top)` when the Net is built (on bottoms holding zeros: what an earlier layer's setup
+wrote there, which Caffe would pass on, is not); `reshape` then `forward` on every forward, and `reshape`
+on `Net.reshape()`, with the Net's data; `backward(top, propagate_down, bottom)` in training. Blobs have
+pycaffe's `data`, `diff`, `reshape(*shape)`, `shape` and `count`; as in pycaffe, the bottoms' and tops'
+`data` and `diff` are written into, never rebound. The learned blobs the layer makes
+(`self.blobs.add_blob(*shape)` in `setup` or its first `reshape`) are the Net's `params` themselves: read
+from and saved to the caffemodel, trained in place by the solvers, and left as the layer made them when
+the caffemodel has none for it; one shared by name (`param { name }`) reads and writes its owner's data
+and diff, also through the object the layer keeps. `net.layers[i]` and `net.layer_dict[name]` reach the
+layer's own attributes and methods (py-faster-rcnn's `set_roidb`, a `_roidb`), except the names the
+executor's side has itself (`name`, `blobs`, `phase`, `reshape`, `forward`, `backward`, `param`).
 `tests/training/test_python_layer.py` runs such a module (a data layer, learned blobs, an in-place
 layer, tops whose size follows the data, a loss) in official Caffe and here: data, diffs and
 gradients agree.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from amct_caffe import ops
 from amct_caffe.ir import Graph
 from amct_caffe.runtime.registry import layer_class
 
@@ -87,7 +88,7 @@ def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
     chosen: list[str] = []
     replaced: dict[str, list[str]] = {}
 
-    def visit(key: tuple[int, str], into: list[str], output: bool) -> None:
+    def visit(key: tuple[int, str], into: list[str], output: bool, crossed: list[str]) -> None:
         index, blob = key
         if not writes.varying.get(key, True):
             return
@@ -96,24 +97,26 @@ def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
             if not bottoms and not output:
                 return  # an input the replaced layer reads (an image-info blob): the same in both models
             if writes.dynamic[key] or (trainable and bottoms and not layer_class(type_name).has_backward()):
+                crossed.append(type_name)
                 for b in bottoms:
-                    visit(writes.writer(b, index), into, False)
+                    visit(writes.writer(b, index), into, False, crossed)
                 return
         if blob not in into:
             into.append(blob)
 
     for out in outputs:
         mine: list[str] = []
+        crossed: list[str] = []  # the types of the layers between the output and what stands for it
         key = writes.writer(out, len(layers))
-        visit(key, mine, True)
+        visit(key, mine, True, crossed)
         if mine != [out]:
             replaced[out] = mine
             python = writes.after_python.get(key)
-            if python is not None:
+            if python is not None and any(ops.layer_type(t).quantizable for t in crossed):
                 _LOG.warning("output '%s' is computed after Python layer '%s', whose code may change its tops' shape "
-                             "with the data: it is compared through %s, and the layers in between are quantized but "
-                             "not measured; name blobs of fixed shape to compare (compare_blobs) if it has them",
-                             out, python, ", ".join(mine) or "nothing")
+                             "with the data: it is compared through %s, and the quantized layers in between are not "
+                             "measured (calibrate_with_fallback's compare_blobs can name blobs of fixed shape to "
+                             "compare instead)", out, python, ", ".join(mine) or "nothing")
             if mine:
                 _LOG.info("output '%s' is compared through %s (its shape may depend on the data%s)", out, mine,
                           " or it has no gradient" if trainable else "")

@@ -1,4 +1,4 @@
-"""pycaffe's caffe.io as amct_caffe.runtime.io (runtime/pycaffe_io.py): the protobuf conversions, Transformer and
+"""pycaffe's caffe.io as amct_caffe.runtime.io (runtime/io.py): the protobuf conversions, Transformer and
 oversample against official pycaffe's on the same arrays; load_image / resize_image against scikit-image, which
 pycaffe's call."""
 
@@ -155,3 +155,13 @@ def test_a_transformer_checks_its_arguments_as_pycaffes():
     with pytest.raises(ValueError, match="Mean channels incompatible"):
         t.set_mean("data", np.zeros(4))
     assert json.dumps(t.inputs)  # plain data, as pycaffe keeps it
+
+
+def test_caffe_pb2_is_reachable_as_in_pycaffe():
+    from amct_caffe.runtime.io import Transformer  # noqa: PLC0415 - importable as a module, as caffe.io is
+    from amct_caffe.runtime.proto import caffe_pb2  # noqa: PLC0415
+
+    assert Transformer is caffe.io.Transformer
+    mean = caffe_pb2.BlobProto.FromString(caffe.io.array_to_blobproto(np.ones((1, 3, 2, 2))).SerializeToString())
+    assert caffe.io.blobproto_to_array(mean).shape == (1, 3, 2, 2)  # a mean file's usual reading
+    assert caffe.io.caffe_pb2.Datum is caffe_pb2.Datum

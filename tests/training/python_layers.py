@@ -180,6 +180,29 @@ class Counting(caffe.Layer):
         self.offset = offset
 
 
+class KeptScale(caffe.Layer):
+    """y = x * w along axis 1, w one learned blob (param_str's 'w' per element at setup) that the layer keeps as
+    self.w: shared by name with another layer's (param { name }), it must read the owner's values."""
+
+    def setup(self, bottom, top):
+        self.blobs.add_blob(bottom[0].data.shape[1])
+        self.blobs[0].data[...] = _options(self.param_str).get("w", 1.0)
+        self.w = self.blobs[0]
+        self._calls = 0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        self._calls += 1
+        top[0].data[...] = bottom[0].data * self.w.data
+
+    def backward(self, top, propagate_down, bottom):
+        self.w.diff[...] += np.sum(top[0].diff * bottom[0].data, axis=0)
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff * self.w.data
+
+
 class RebindsTop(caffe.Layer):
     """Rebinds its top's data instead of writing into it (pycaffe refuses that)."""
 

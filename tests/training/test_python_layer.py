@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import amct_caffe as amct
+import amct_caffe.runtime as caffe_runtime
 from amct_caffe.errors import GraphError, UnsupportedLayerError
 from amct_caffe.runtime import TEST, TRAIN, Net, SGDSolver
 from tests.real_caffe import pycaffe_dir
@@ -40,6 +41,13 @@ NET = ("force_backward: true\n"
 INPUTS = {"y": RNG.standard_normal((4, 3, 4, 5)).astype(np.float32)}
 
 
+# two Python layers sharing a learned blob by name, each keeping it as self.w (read through it in forward)
+SHARED_NET = ("force_backward: true\n" + input_layer("x", 2, 3)
+              + PY("a", "x", "ya", "KeptScale", "w=5", 'param { name: "w" }')
+              + PY("b", "x", "yb", "KeptScale", "w=3", 'param { name: "w" }'))
+SHARED_INPUTS = {"x": RNG.standard_normal((2, 3)).astype(np.float32)}
+
+
 @pytest.fixture(scope="module")
 def caffe_results(tmp_path_factory):
     if pycaffe_dir() is None:
@@ -48,7 +56,8 @@ def caffe_results(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("python_layer")
     # two forwards: the data layer's state moves on, and the selection may keep other items
-    cases = [("python", 'name: "python"\n' + NET, INPUTS, "TRAIN", {"forwards": 2})]
+    cases = [("python", 'name: "python"\n' + NET, INPUTS, "TRAIN", {"forwards": 2}),
+             ("shared", 'name: "shared"\n' + SHARED_NET, SHARED_INPUTS, "TRAIN")]
     return workdir, run_in_caffe(workdir, cases)
 
 
@@ -59,6 +68,13 @@ def test_forward_and_gradients_match_caffe(caffe_results):
     kept = ours["data/r"].shape[0]
     assert 0 < kept < 4, "the selection should keep some items and drop others on this data"
     assert np.any(ours["pdiff/aff/0"]) and np.any(ours["diff/y"])
+
+
+@pytest.mark.real_caffe
+def test_a_blob_shared_by_name_matches_caffe(caffe_results):
+    workdir, results = caffe_results
+    ours = assert_matches_caffe(workdir, results, "shared")
+    np.testing.assert_array_equal(ours["data/ya"], ours["data/yb"])
 
 
 def _write(tmp_path, body, name="net.prototxt"):
@@ -165,6 +181,54 @@ def test_the_layers_blob_objects_are_the_nets(tmp_path):
                                   + np.float32(0.5))
 
 
+def test_a_learned_blob_shared_by_name_is_the_owners_for_the_object_the_layer_keeps(tmp_path):
+    share = 'param { name: "shared_w" }'
+    model = _write(tmp_path, "force_backward: true\n" + input_layer("x", 2, 3)
+                   + PY("a", "x", "ya", "KeptScale", "w=5", share) + PY("b", "x", "yb", "KeptScale", "w=3", share))
+    net = Net(model, TRAIN)
+    x = np.ones((2, 3), np.float32)
+    out = net.forward(x=x)
+    np.testing.assert_array_equal(out["yb"], out["ya"])  # b computes with a's blob (5), as Caffe's ShareData gives
+    assert net.params["b"][0] is net.params["a"][0]
+    net.backward(ya=np.ones((2, 3), np.float32), yb=np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(net.params["a"][0].diff, [4.0, 4.0, 4.0])  # both layers' gradients, added
+    kept = net.layer_dict["b"].w
+    net.params["a"][0].data[...] = 2.0
+    assert kept.data.tolist() == [2.0] * 3
+
+
+def test_private_attributes_of_the_users_layer_are_reached_through_net_layers(tmp_path):
+    net = Net(_write(tmp_path, input_layer("x", 2, 3) + PY("k", "x", "y", "KeptScale")), TEST)
+    layer = net.layer_dict["k"]
+    net.forward(x=np.ones((2, 3), np.float32))
+    assert layer._calls == 1  # noqa: SLF001 - the user's attribute, as a pycaffe script reads it
+    layer._calls = 10  # noqa: SLF001
+    net.forward(x=np.ones((2, 3), np.float32))
+    assert layer.user._calls == 11  # noqa: SLF001
+
+
+def test_the_caffe_alias_lasts_until_the_last_thread_leaves_it():
+    import threading  # noqa: PLC0415
+
+    from amct_caffe.runtime.layers.python_layer import _caffe_is_runtime  # noqa: PLC0415
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with _caffe_is_runtime():
+            inside.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=other)
+    with _caffe_is_runtime():
+        thread.start()
+        assert inside.wait(5)
+    assert sys.modules["caffe"] is caffe_runtime and sys.modules["caffe.io"] is caffe_runtime.io
+    leave.set()
+    thread.join(5)
+    assert "caffe" not in sys.modules and "caffe.io" not in sys.modules
+
+
 def test_rebinding_a_blobs_data_is_refused_as_pycaffe_refuses_it(tmp_path):
     model = _write(tmp_path, input_layer("x", 2, 3) + PY("bad", "x", "y", "RebindsTop"))
     net = Net(model, TEST)
@@ -175,13 +239,13 @@ def test_rebinding_a_blobs_data_is_refused_as_pycaffe_refuses_it(tmp_path):
 
 @pytest.mark.parametrize(("module", "message"), [
     ("needs_dep", "importing module 'needs_dep' failed: ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
-    ("needs_proto", "importing module 'needs_proto' failed: No module named 'caffe.proto'.*; `caffe` is "
-                    "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net, io and solvers but not "
-                    "caffe.proto"),
+    ("needs_netspec", "importing module 'needs_netspec' failed: No module named 'caffe.net_spec'.*; `caffe` is "
+                      "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net, io, proto and solvers but not "
+                      "NetSpec"),
 ])
 def test_a_module_whose_imports_fail_says_which_import(tmp_path, monkeypatch, module, message):
     (tmp_path / "needs_dep.py").write_text("import caffe\nimport no_such_dependency_xyz  # noqa: F401\n")
-    (tmp_path / "needs_proto.py").write_text("from caffe.proto import caffe_pb2  # noqa: F401\n")
+    (tmp_path / "needs_netspec.py").write_text("import caffe.net_spec  # noqa: F401\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = _write(tmp_path, input_layer("x", 2, 3)
                    + L("Python", "py", "x", "y", f'python_param {{ module: "{module}" layer: "X" }}'))
@@ -262,4 +326,9 @@ def test_outputs_after_a_python_layer_are_compared_through_the_blobs_before_it_w
         chosen, replaced = stand_in_outputs(layers, ["c2"])
     assert chosen == ["c1"] and replaced == {"c2": ["c1"]}
     assert "output 'c2' is computed after Python layer 'py'" in caplog.text
-    assert "compared through c1, and the layers in between are quantized but not measured" in caplog.text
+    assert "compared through c1, and the quantized layers in between are not measured" in caplog.text
+    caplog.clear()
+    head = layers[:2] + [("acc", "Python", ["c1"], ["acc"])]  # a Python head right after the compared blob
+    with caplog.at_level("WARNING", logger="amct_caffe.api.compared_outputs"):
+        assert stand_in_outputs(head, ["acc"])[0] == ["c1"]
+    assert caplog.text == ""  # nothing quantized goes unmeasured: no warning

@@ -12,25 +12,29 @@ with the LayerParameter, sets ``param_str`` (the prototxt's string, as is) and `
 * in training: ``backward(top, propagate_down, bottom)``: ``top[i].diff`` holds the gradient; the method
   writes ``bottom[i].diff`` where ``propagate_down[i]``, and its learned blobs' ``diff``.
 
-A blob has pycaffe's ``data``, ``diff``, ``reshape(*shape)``, ``shape``, ``count``, ``num`` ... ``width``,
-and, as in pycaffe, ``data`` and ``diff`` cannot be rebound (write into them). An in-place layer (top ==
-bottom) gets one blob object in both lists, as Caffe passes one pointer. At build, the bottoms hold zeros
-of their shapes (Caffe's blobs before any forward). The learned blobs (``self.blobs``, pycaffe's BlobVec;
-zeros when added) *are* the Net's ``params[name]``: read from and saved to the caffemodel (written into in
-place), updated in place by the solvers, and left as the layer made them when the caffemodel has none for
-it (Caffe copies only the layers a caffemodel holds). ``net.layers[i]`` / ``net.layer_dict[name]`` reach
-the user's object: attributes the executor's side does not have are the object's (a method such as
-py-faster-rcnn's ``set_roidb``, or state the layer keeps).
+A blob has pycaffe's ``data``, ``diff``, ``reshape(*shape)``, ``shape``, ``count``, ``num`` ... ``width``;
+as in pycaffe, a bottom's or top's ``data`` and ``diff`` cannot be rebound (write into them). An in-place
+layer (top == bottom) gets one blob object in both lists, as Caffe passes one pointer. The learned blobs
+(``self.blobs``, pycaffe's BlobVec; zeros when added) *are* the Net's ``params[name]``: read from and
+saved to the caffemodel (written into in place), updated in place by the solvers, and left as the layer
+made them when the caffemodel has none for it (Caffe copies only the layers a caffemodel holds); one
+shared by name (``param { name }``) with an earlier layer reads and writes that layer's data and diff
+(:class:`_ParamBlob`), as Caffe's ShareData / ShareDiff make it. ``net.layers[i]`` /
+``net.layer_dict[name]`` reach the user's object: names the executor's side does not have are the
+object's, read and written (a method such as py-faster-rcnn's ``set_roidb``, or state the layer keeps).
 
 ``import caffe`` in the module, when it is imported and inside every call, gives :mod:`amct_caffe.runtime`
-(``Layer``, ``Blob``, ``Net``, ``TRAIN`` / ``TEST``, the solvers, ``caffe.io``); pycaffe's ``caffe.proto``
-and NetSpec's ``caffe.layers`` are not there. A module imported earlier with another Caffe's
+(``Layer``, ``Blob``, ``Net``, ``TRAIN`` / ``TEST``, the solvers, ``caffe.io``, ``caffe.proto``); the alias
+is module-wide, so other threads see it until the last call of any thread ends. NetSpec is not there
+(``caffe.layers`` is the executor's own package). A module imported earlier with another Caffe's
 pycaffe derives from that Caffe's class, which this Net cannot build, and is refused (and the other way
 round: once this Net imported a module, that Caffe cannot build it in the same process). Like Caffe,
 building a Net of such a model runs the module's code: load models from sources you trust.
 
 What differs from Caffe:
 
+* at the build, ``setup`` and ``reshape`` see bottoms holding zeros of their shapes, where Caffe would
+  pass what an earlier layer's own setup wrote (a DummyData's constant);
 * the Net's blob gets a copy of each top after the forward (the layer's own top blobs persist, as
   Caffe's do), so arrays a caller holds from an earlier forward never change;
 * a layer without bottoms gets no ``backward`` call (Caffe calls it under ``force_backward``; it can
@@ -50,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import threading
 
 import numpy as np
 
@@ -65,11 +70,33 @@ __all__ = ["BlobVec", "Layer", "PythonLayer"]
 CAFFE_ALIAS = None
 
 
+class _ParamBlob(Blob):
+    """A learned blob a Python layer made. When the prototxt shares it by name (``param { name }``) with an earlier
+    layer's, it reads and writes that blob's data and diff (Caffe's ShareData / ShareDiff), so that the object the
+    layer keeps stays the one it computes with."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, shape=()):
+        super().__init__(shape)
+        self._owner = None
+
+    def _target(self) -> Blob:
+        return self if self._owner is None else self._owner
+
+    data = property(lambda self: Blob.data.fget(self._target()),
+                    lambda self, value: Blob.data.fset(self._target(), value))
+    diff = property(lambda self: Blob.diff.fget(self._target()),
+                    lambda self, value: Blob.diff.fset(self._target(), value))
+    shape = property(lambda self: Blob.shape.fget(self._target()))
+    count = property(lambda self: Blob.count.fget(self._target()))
+
+
 class BlobVec(list):
     """pycaffe's ``BlobVec``: a layer's learned blobs, grown by :meth:`add_blob`."""
 
     def add_blob(self, *shape) -> None:
-        blob = Blob(())
+        blob = _ParamBlob(())
         blob.reshape(*shape)  # Blob.reshape checks the shape (non-negative, not too large)
         self.append(blob)
 
@@ -118,26 +145,37 @@ class _LayerBlob(Blob):
         return blob
 
 
+_ALIAS_LOCK = threading.Lock()
+_alias_depth = 0
+_alias_saved: dict = {}
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def _caffe_is_runtime():
-    """``import caffe`` (and ``import caffe.io``) give :data:`CAFFE_ALIAS` (and its ``io``) inside the block;
-    what those names were comes back after."""
-    aliases = {"caffe": CAFFE_ALIAS, "caffe.io": CAFFE_ALIAS.io}
-    missing = object()
-    if sys.modules.get("caffe") is CAFFE_ALIAS:  # nested (a layer's code building a Net of Python layers)
-        yield
-        return
-    saved = {name: sys.modules.get(name, missing) for name in aliases}
-    sys.modules.update(aliases)
+    """``import caffe`` (``caffe.io``, ``caffe.proto``) gives :data:`CAFFE_ALIAS` (its ``io``, ``proto``) inside the
+    block; what those names were comes back when the last such block of any thread ends (module-wide state:
+    other threads see the alias meanwhile)."""
+    global _alias_depth
+    aliases = {"caffe": CAFFE_ALIAS, "caffe.io": CAFFE_ALIAS.io, "caffe.proto": CAFFE_ALIAS.proto}
+    with _ALIAS_LOCK:
+        if _alias_depth == 0:
+            _alias_saved.clear()
+            _alias_saved.update({name: sys.modules.get(name, _MISSING) for name in aliases})
+            sys.modules.update(aliases)
+        _alias_depth += 1
     try:
         yield
     finally:
-        for name, module in aliases.items():
-            if sys.modules.get(name) is module:
-                if saved[name] is missing:
-                    del sys.modules[name]
-                else:
-                    sys.modules[name] = saved[name]
+        with _ALIAS_LOCK:
+            _alias_depth -= 1
+            if _alias_depth == 0:
+                for name, module in aliases.items():
+                    if sys.modules.get(name) is module:  # (unless the code itself replaced it)
+                        if _alias_saved[name] is _MISSING:
+                            del sys.modules[name]
+                        else:
+                            sys.modules[name] = _alias_saved[name]
 
 
 def _foreign_base(cls: type) -> bool:
@@ -149,8 +187,8 @@ def _import_failure(where: str, module: str, e: ImportError) -> UnsupportedLayer
     missing = e.name or ""
     if missing == "caffe" or missing.startswith("caffe."):
         return UnsupportedLayerError(f"{where}: importing module '{module}' failed: {e}; `caffe` is "
-                                     "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net, io and "
-                                     "solvers but not caffe.proto or NetSpec")
+                                     "amct_caffe.runtime there, which has pycaffe's Layer, Blob, Net, io, proto "
+                                     "and solvers but not NetSpec")
     if missing and (missing == module or module.startswith(missing + ".")):
         return UnsupportedLayerError(f"{where}: cannot import module '{module}' ({e}); put the directory that "
                                      "holds it on PYTHONPATH, as Caffe needs too")
@@ -185,8 +223,10 @@ def user_layer_class(lp) -> type:
     return cls
 
 
-# The executor's own attributes of a PythonLayer; any other attribute is the user's object's (module doc).
-_OWN = frozenset(("lp", "name", "phase", "blobs", "in_place", "param_propagate_down", "integer_params", "user"))
+# The attributes the executor sets on its layers; any other name set on a PythonLayer after its construction
+# (net.layers[i].x = ...) goes to the user's object, and reading one the PythonLayer lacks reads the object's.
+_OWN = frozenset(("lp", "name", "phase", "blobs", "in_place", "param_propagate_down", "integer_params", "user",
+                  "_warned_empty_backward"))
 
 
 @register("Python")
@@ -201,27 +241,27 @@ class PythonLayer(ExecutorLayer):
 
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
+        # every attribute of the executor's side exists before `user` does (__setattr__ sends new names there)
         self._built = False
-        cls = user_layer_class(lp)
         self._where = f"layer '{lp.name}' (Python {lp.python_param.module}.{lp.python_param.layer})"
-        self.user = self._call("__init__", cls, lp)
-        if not isinstance(getattr(self.user, "blobs", None), BlobVec):  # a subclass that skipped Layer.__init__
-            self.user.blobs = BlobVec()
-        self.user.param_str = lp.python_param.param_str
-        self.user.phase = phase
         # top i -> the bottom it is computed in place on (Caffe hands the layer one blob for both)
         self._in_place = {i: list(lp.bottom).index(t) for i, t in enumerate(lp.top) if t in lp.bottom}
         self._tops = [_LayerBlob(()) for _ in lp.top]  # the top blobs the user's code sees, kept between calls
         self._top_shapes: list[tuple[int, ...]] = []
+        self.user = self._call("__init__", user_layer_class(lp), lp)
+        if not isinstance(getattr(self.user, "blobs", None), BlobVec):  # a subclass that skipped Layer.__init__
+            self.user.blobs = BlobVec()
+        self.user.param_str = lp.python_param.param_str
+        self.user.phase = phase
 
     # -- the user's object: its attributes, its code -------------------------------------
     def __getattr__(self, name: str):
-        if name.startswith("_") or "user" not in self.__dict__:
+        if (name.startswith("__") and name.endswith("__")) or "user" not in self.__dict__:
             raise AttributeError(name)
         return getattr(self.__dict__["user"], name)
 
     def __setattr__(self, name: str, value) -> None:
-        if name.startswith("_") or name in _OWN or hasattr(type(self), name) or "user" not in self.__dict__:
+        if "user" not in self.__dict__ or name in _OWN or name in self.__dict__ or hasattr(type(self), name):
             object.__setattr__(self, name, value)
         else:
             setattr(self.__dict__["user"], name, value)
@@ -276,8 +316,13 @@ class PythonLayer(ExecutorLayer):
         return list(self.user.blobs)
 
     def on_net_built(self, net, index: int) -> None:
-        # a shared param (param { name }) is its owner's blob: the layer reads that one
-        self.user.blobs[:] = self.blobs
+        # a learned blob shared by name is the owner's Blob in the Net: the layer's own object now reads it
+        for mine, nets in zip(self.user.blobs, self.blobs, strict=True):
+            if mine is not nets:
+                if isinstance(mine, _ParamBlob):
+                    mine._owner = nets  # noqa: SLF001 - this module's class
+                else:  # a blob the layer's code appended itself
+                    self.user.blobs[self.user.blobs.index(mine)] = nets
 
     def reshape(self, bottom_shapes):
         """The top shapes the layer's code gave last (its own reshape runs at the build and in every forward)."""

@@ -4,14 +4,18 @@ The same names, arguments and results:
 
 * protobuf conversions: :func:`blobproto_to_array` / :func:`array_to_blobproto`,
   :func:`arraylist_to_blobprotovector_str` / :func:`blobprotovector_str_to_arraylist`,
-  :func:`array_to_datum` / :func:`datum_to_array` (the messages of the caffe.proto in use,
-  :func:`amct_caffe.set_caffe_proto`; a message of another caffe_pb2 is read alike);
-* :class:`Transformer`, an input's preprocessing for a Net: ``preprocess(name, image)`` turns an
-  (H, W, K) float image into (K, H, W): resized to the input's height and width when they differ,
-  transposed, channels reordered, ``* raw_scale``, ``- mean``, ``* input_scale``, each step only if set;
-  ``deprocess`` undoes them;
-* :func:`load_image` (an (H, W, 3) RGB or (H, W, 1) float32 image in [0, 1]), :func:`resize_image`,
-  :func:`oversample` (the four corner crops and the centre one, and their mirror images).
+  :func:`array_to_datum` / :func:`datum_to_array`, on the messages of the caffe.proto in use
+  (``caffe.io.caffe_pb2``, also ``caffe.proto.caffe_pb2``: ours or :func:`amct_caffe.set_caffe_proto`'s;
+  a message of another caffe_pb2 is read alike);
+* :class:`Transformer`, an input's preprocessing for a Net: ``preprocess(name, image)`` takes an
+  (H, W, K) image, resizes it to the input's height and width when they differ, then applies each step
+  that was set: the transpose (``(2, 0, 1)`` gives the Net's (K, H, W)), the channel order,
+  ``* raw_scale``, ``- mean``, ``* input_scale``; float32. ``deprocess`` undoes them. (pycaffe compares
+  the image's size with the input shape as given, so an input shape given as a list makes it resize an
+  image of the right size too; here the sizes are compared as numbers);
+* :func:`load_image` (float32 in [0, 1]: an RGB image (H, W, 3), or grey (H, W, 1); scikit-image's reading
+  otherwise, e.g. of an animated GIF), :func:`resize_image`, :func:`oversample` (the four corner crops and
+  the centre one, and their mirror images).
 
 Reading and resizing images is scikit-image's, as in pycaffe (``skimage.io.imread``,
 ``skimage.transform.resize(order, mode="constant")``; other channel counts than 1 and 3 go through
@@ -29,6 +33,12 @@ from amct_caffe.io.schema import caffe_pb
 __all__ = ["Transformer", "array_to_blobproto", "array_to_datum", "arraylist_to_blobprotovector_str",
            "blobproto_to_array", "blobprotovector_str_to_arraylist", "datum_to_array", "load_image", "oversample",
            "resize_image"]
+
+
+def __getattr__(name: str):
+    if name == "caffe_pb2":  # pycaffe's io has the generated module; here the caffe.proto in use
+        return caffe_pb()
+    raise AttributeError(f"module 'caffe.io' has no attribute {name!r}")
 
 
 def _optional(module: str, what: str):
