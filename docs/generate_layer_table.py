@@ -39,7 +39,8 @@ the solvers, `caffe.io` and `caffe.proto.caffe_pb2`, so a layer written against 
 NetSpec is not there: `caffe.layers` is the executor's own package, and `import caffe.net_spec` fails
 with an error that says so.
 
-The calls are Caffe's: the object gets `param_str` and `phase`; `setup(bottom, top)` then
+The calls are Caffe's (the class defines `setup` and `reshape`, as Caffe needs, and `forward`): the
+object gets `param_str` and `phase`; `setup(bottom, top)` then
 `reshape(bottom, top)` when the Net is built (on bottoms holding zeros: what an earlier layer's setup
 wrote there, which Caffe would pass on, is not); `reshape` then `forward` on every forward, and `reshape`
 on `Net.reshape()`, with the Net's data; `backward(top, propagate_down, bottom)` in training. Blobs have
@@ -58,10 +59,12 @@ gradients agree.
 Where it differs:
 
 * its tops take the shape its `forward` gives them, so the layers after it run the Net's per-layer
-  path, and the accuracy report, the fallback's target and label-free QAT compare and distil the
-  blobs before the first Python layer (as for SSD's detection output: the shapes may differ between
-  the float and the quantized model); what follows the Python layer is quantized but not measured, and a
-  warning says so (`calibrate_with_fallback`'s `compare_blobs` names blobs of fixed shape to measure);
+  path. The output figures (the report's worst output, the fallback's target, label-free QAT's loss)
+  stand on the blobs before the first Python layer, as for SSD's detection output, since the shapes
+  after it may differ between the float and the quantized model (a proposal list); a warning says
+  when quantized layers sit in between (`calibrate_with_fallback`'s `compare_blobs` names blobs of
+  fixed shape to measure instead). The accuracy report still compares every blob after it while both
+  models give it one shape, and leaves one out, with a warning, from the first batch where they do not;
 * the Net keeps a copy of each top after the forward, so no array it handed out changes later;
 * config generation and the guide's file flow never import the module: they quantize the layers
   around it on the prototxt alone, and the Net run for calibration imports it;

@@ -300,7 +300,8 @@ def test_a_python_layer_whose_module_is_not_found_is_one_line_that_says_what_to_
 def test_an_error_in_a_python_layers_code_is_one_line(capsys, tmp_path, monkeypatch):
     """The user's layer raising in its forward: the line names the layer, its class and the exception."""
     (tmp_path / "post_layers.py").write_text(
-        "import caffe\n\n\nclass Post(caffe.Layer):\n    def reshape(self, bottom, top):\n"
+        "import caffe\n\n\nclass Post(caffe.Layer):\n    def setup(self, bottom, top):\n        pass\n\n"
+        "    def reshape(self, bottom, top):\n"
         "        top[0].reshape(*bottom[0].data.shape)\n\n    def forward(self, bottom, top):\n"
         "        raise KeyError('no such class id')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

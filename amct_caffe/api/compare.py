@@ -21,6 +21,8 @@ worst input)``, the error a layer adds to what it receives.
 A blob whose shape depends on the data (a DetectionOutput's list, and what is computed from it) is
 not compared: its length differs between the models; the blobs it is computed from count as the
 outputs in its place (:mod:`amct_caffe.api.compared_outputs`; the summary's ``compared_instead``).
+A blob computed after a Python layer is compared while both models give it one shape (the layer's code
+decides; a custom activation keeps it), and left out with a warning from the first batch where they do not.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from amct_caffe import io
-from amct_caffe.api.compared_outputs import dynamic_shape_blobs, graph_layers, stand_in_outputs
+from amct_caffe.api.compared_outputs import (dynamic_shape_blobs, graph_layers, python_shape_blobs,
+                                             stand_in_outputs)
 from amct_caffe.errors import AmctError
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.ir import Graph
@@ -157,13 +160,18 @@ class BlobComparison:
         layers = graph_layers(self.fp32_graph)
         # a detection list (and anything computed from it) changes length with the rounding: its
         # inputs stand for it (compared_outputs)
-        uncompared = dynamic_shape_blobs(layers)
+        # blobs after a Python layer are compared while the two models give them one shape (its code decides)
+        self.shape_may_differ = python_shape_blobs(layers)
+        uncompared = dynamic_shape_blobs(layers) - self.shape_may_differ
         quant_values = set(quant_graph.inputs) | {t for node in quant_graph.nodes for t in node.tops}
-        self.names = [t for node in self.fp32_graph.nodes for t in node.tops
-                      if t not in inputs and t not in uncompared and t in quant_values]
-        if not self.names:
+        shared = [t for node in self.fp32_graph.nodes for t in node.tops if t not in inputs and t in quant_values]
+        self.names = [t for t in shared if t not in uncompared]
+        if not shared:
             raise AmctError("the float and the quantized model share no blob name: was the quantized model made "
                             "from this float model by amct_caffe?")
+        if not self.names:
+            raise AmctError("every blob the two models share has a shape that depends on the data (it is computed "
+                            "after a detection output): nothing can be compared value by value")
         self.net_outputs = set(self.fp32_graph.outputs)
         stand_ins, self.replaced = stand_in_outputs(layers, sorted(self.net_outputs))
         self.outputs = set(stand_ins)
@@ -190,8 +198,14 @@ class BlobComparison:
             self._add_sums(n)
 
     def _add_sums(self, n: int) -> None:
-        for name in self.names:
+        for name in list(self.names):
             x, y = self.fp32_net.blobs[name].data, self.quant_net.blobs[name].data
+            if x.shape != y.shape and name in self.shape_may_differ:
+                _LOG.warning("blob '%s' (after a Python layer) has shape %s in the quantized model and %s in the float "
+                             "model on this batch: it is not compared", name, list(y.shape), list(x.shape))
+                self.names.remove(name)
+                del self.acc[name]
+                continue
             if x.shape != y.shape:
                 raise AmctError(f"blob '{name}' has shape {list(y.shape)} in the quantized model and "
                                 f"{list(x.shape)} in the float model")

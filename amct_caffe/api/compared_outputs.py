@@ -54,6 +54,7 @@ class _Writes:
         self.varying: dict[tuple[int, str], bool] = {}
         self.dynamic: dict[tuple[int, str], bool] = {}
         self.after_python: dict[tuple[int, str], str] = {}  # a dynamic value computed from a Python layer's top
+        self.fixed_elsewhere: dict[tuple[int, str], bool] = {}  # dynamic through a layer other than a Python one
         for i, (name, type_name, bottoms, tops) in enumerate(layers):
             cls = layer_class(type_name)
             ins = [self.writer(b, i) for b in bottoms]
@@ -61,10 +62,13 @@ class _Writes:
             dynamic = bool(bottoms) and (cls.shape_from_forward or any(self.dynamic.get(k, False) for k in ins))
             python = name if bottoms and cls.runs_user_code else next(
                 (self.after_python[k] for k in ins if k in self.after_python), None)
+            other = bool(bottoms) and ((cls.shape_from_forward and not cls.runs_user_code)
+                                       or any(self.fixed_elsewhere.get(k, False) for k in ins))
             for t in tops:
                 self.writers.setdefault(t, []).append(i)
                 self.varying[(i, t)] = varies
                 self.dynamic[(i, t)] = dynamic
+                self.fixed_elsewhere[(i, t)] = other
                 if python is not None:
                     self.after_python[(i, t)] = python
 
@@ -78,6 +82,14 @@ def dynamic_shape_blobs(layers: Sequence[LayerView]) -> set[str]:
     """Blobs whose final value has a data-dependent shape (a detection list and what is computed from it)."""
     writes = _Writes(layers)
     return {t for t in writes.writers if writes.dynamic.get(writes.writer(t, len(layers)), False)}
+
+
+def python_shape_blobs(layers: Sequence[LayerView]) -> set[str]:
+    """The blobs of :func:`dynamic_shape_blobs` whose shape depends on the data only through Python layers: their
+    code may keep the shapes (a custom activation) or not (a proposal list), which only a run tells."""
+    writes = _Writes(layers)
+    return {t for t in writes.writers if writes.dynamic.get(key := writes.writer(t, len(layers)), False)
+            and not writes.fixed_elsewhere.get(key, False)}
 
 
 def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
@@ -114,9 +126,10 @@ def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,
             python = writes.after_python.get(key)
             if python is not None and any(ops.layer_type(t).quantizable for t in crossed):
                 _LOG.warning("output '%s' is computed after Python layer '%s', whose code may change its tops' shape "
-                             "with the data: it is compared through %s, and the quantized layers in between are not "
-                             "measured (calibrate_with_fallback's compare_blobs can name blobs of fixed shape to "
-                             "compare instead)", out, python, ", ".join(mine) or "nothing")
+                             "with the data: %s stand(s) for it, so the quantized layers in between count in no output "
+                             "figure (the report's worst output, the fallback's target, label-free QAT's loss); "
+                             "calibrate_with_fallback's compare_blobs can name blobs of fixed shape instead",
+                             out, python, ", ".join(mine) or "nothing")
             if mine:
                 _LOG.info("output '%s' is compared through %s (its shape may depend on the data%s)", out, mine,
                           " or it has no gradient" if trainable else "")

@@ -33,7 +33,7 @@ COVERED = (
     "BilinearInterpolate", "Concat", "Convolution", "Crop", "Deconvolution", "DetectionOutput",
     "Dropout", "ELU", "Eltwise", "Exp", "Flatten", "HardSigmoid", "HardSwish", "Im2col", "InnerProduct",
     "LRN", "LSTM", "LSTMUnit", "Log", "MVN", "MaxUnPool", "Normalize", "PReLU", "Permute", "Pooling",
-    "Power", "PriorBox", "RNN", "ReLU", "ReLU6", "Reduction", "Reshape", "Resize", "SPP", "Scale",
+    "Power", "PriorBox", "Python", "RNN", "ReLU", "ReLU6", "Reduction", "Reshape", "Resize", "SPP", "Scale",
     "Sigmoid", "Silence", "Slice", "Softmax", "Split", "TanH", "Threshold", "Tile", "Unsqueeze",
     "Upsample",
 )
@@ -51,8 +51,6 @@ NOT_GENERATED = {
     "Embed": "needs integer indices", "Parameter": "a learned blob as a source, no bottom",
     "DummyData": "a source with no bottom (its random fillers draw from Caffe's generator)",
     "Filter": "needs a selector of 0s and 1s",
-    # tests/training/test_python_layer.py runs a module of Python layers in Caffe and the executor
-    "Python": "runs a module of the user's",
 }
 
 
@@ -218,6 +216,32 @@ def _neuron(b: _Builder, ltype, params=None, positive=False, pred=lambda s: True
 
 def mk_relu(b):
     return _neuron(b, "ReLU", {"relu_param": {"negative_slope": b.rf(-0.5, 0.5)}} if b.p(0.5) else None)
+
+
+PYTHON_MODULE = "tests.differential.netgen_python"
+
+
+def mk_python(b):
+    """One of netgen_python's Python layers: in place or not, one to three bottoms, one or two tops, a learned blob."""
+    kind = b.choice(["PyReLU", "PySum", "PyTwoTops", "PyScale"])
+    x = b.pick(lambda s: len(s) >= 2) if kind == "PyScale" else b.pick()
+    if x is None:
+        return False
+    s = b.shapes[x]
+    param = {"python_param": {"module": PYTHON_MODULE, "layer": kind}}
+    if kind == "PySum":
+        parts = [x] + [b.choice([y for y in b.blobs(lambda t: t == s)]) for _ in range(b.ri(0, 2))]
+        t = b.fresh()
+        b.add("Python", parts, [t], param)
+        b.shapes[t] = s
+    elif kind == "PyTwoTops":
+        t, u = b.fresh(), b.fresh()
+        b.add("Python", [x], [t, u], param)
+        b.shapes[t] = b.shapes[u] = s
+    else:
+        t = b.top(x, s, inplace_ok=True)
+        b.add("Python", [x], [t], param)
+    return True
 
 
 def mk_relu6(b):
@@ -1230,7 +1254,8 @@ MAKERS = {
     "LSTMUnit": mk_lstmunit, "LRN": mk_lrn,
     "Log": mk_log, "MVN": mk_mvn,
     "MaxUnPool": mk_maxunpool, "Normalize": mk_normalize, "PReLU": mk_prelu,
-    "Permute": mk_permute, "Pooling": mk_pool, "Power": mk_power, "PriorBox": mk_priorbox, "RNN": mk_rnn,
+    "Permute": mk_permute, "Pooling": mk_pool, "Power": mk_power, "PriorBox": mk_priorbox, "Python": mk_python,
+    "RNN": mk_rnn,
     "ReLU": mk_relu,
     "ReLU6": mk_relu6, "Reduction": mk_reduction, "Reshape": mk_reshape, "Resize": mk_resize, "SPP": mk_spp,
     "Scale": mk_scale, "Sigmoid": mk_sigmoid, "Silence": mk_silence, "Slice": mk_slice, "Softmax": mk_softmax,

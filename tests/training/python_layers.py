@@ -206,6 +206,9 @@ class KeptScale(caffe.Layer):
 class RebindsTop(caffe.Layer):
     """Rebinds its top's data instead of writing into it (pycaffe refuses that)."""
 
+    def setup(self, bottom, top):
+        pass
+
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
 

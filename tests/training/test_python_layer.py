@@ -326,9 +326,50 @@ def test_outputs_after_a_python_layer_are_compared_through_the_blobs_before_it_w
         chosen, replaced = stand_in_outputs(layers, ["c2"])
     assert chosen == ["c1"] and replaced == {"c2": ["c1"]}
     assert "output 'c2' is computed after Python layer 'py'" in caplog.text
-    assert "compared through c1, and the quantized layers in between are not measured" in caplog.text
+    assert "c1 stand(s) for it, so the quantized layers in between count in no output figure" in caplog.text
     caplog.clear()
     head = layers[:2] + [("acc", "Python", ["c1"], ["acc"])]  # a Python head right after the compared blob
     with caplog.at_level("WARNING", logger="amct_caffe.api.compared_outputs"):
         assert stand_in_outputs(head, ["acc"])[0] == ["c1"]
     assert caplog.text == ""  # nothing quantized goes unmeasured: no warning
+
+
+def test_a_layer_without_setup_is_refused_as_caffe_cannot_run_it(tmp_path, monkeypatch):
+    # pycaffe's base setup is Caffe's LayerSetUp, which calls setup again: Caffe fails with a RecursionError
+    (tmp_path / "no_setup.py").write_text("import caffe\n\n\nclass NoSetup(caffe.Layer):\n"
+                                          "    def reshape(self, bottom, top):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = _write(tmp_path, input_layer("x", 2, 3)
+                   + L("Python", "py", "x", "y", 'python_param { module: "no_setup" layer: "NoSetup" }'))
+    with pytest.raises(GraphError, match=r"its setup\(\) raised NotImplementedError: NoSetup defines no "
+                                         r"setup\(bottom, top\); Caffe needs one too"):
+        Net(model, TEST)
+
+
+def test_the_report_compares_blobs_after_a_python_layer_while_their_shapes_agree(tmp_path, caplog):
+    from amct_caffe.api.compare import compare_batches  # noqa: PLC0415
+    from amct_caffe.api.workflow import calibrate  # noqa: PLC0415
+
+    model = _write(tmp_path, input_layer("x", 4, 2)
+                   + L("InnerProduct", "ip1", "x", "h", f"inner_product_param {{ num_output: 4 {IP_FILL} }}")
+                   + PY("aff", "h", "a", "ChannelAffine", "b=0.5")
+                   + L("InnerProduct", "ip2", "a", "y", f"inner_product_param {{ num_output: 3 {IP_FILL} }}"))
+    Net(model, TEST).save(str(tmp_path / "w.caffemodel"))
+    batches = [{"x": RNG.standard_normal((4, 2)).astype(np.float32)} for _ in range(2)]
+    calibrate(model, str(tmp_path / "w.caffemodel"), batches, str(tmp_path / "q"), batch_num=2, progress=False)
+    reports, summary, comparison = compare_batches(model, str(tmp_path / "w.caffemodel"),
+                                                   str(tmp_path / "q_fake_quant_model.prototxt"),
+                                                   str(tmp_path / "q_fake_quant_weights.caffemodel"), batches)
+    by_name = {r.name: r for r in reports}
+    assert {"h", "a", "y"} <= set(by_name)  # after the Python layer too: both models gave one shape
+    assert 0.99 < by_name["y"].cosine < 1.0
+    assert summary["compared_instead"] == {"y": ["h"]}  # the output figure stays on the blob before it
+    # a batch where the two models give a blob after it different shapes: that blob is left out, with a warning
+    comparison.quant_net.blobs["a"].data = np.zeros((1, 4), np.float32)
+    with caplog.at_level("WARNING", logger="amct_caffe.api.compare"):
+        comparison._add_sums(4)  # noqa: SLF001 - the per-batch step, on the nets' current blobs
+    assert "blob 'a' (after a Python layer) has shape [1, 4] in the quantized model and [4, 4]" in caplog.text
+    assert "a" not in {r.name for r in comparison.reports()}
+
+
+IP_FILL = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.1 }'

@@ -118,7 +118,8 @@ class Layer:
         return "Python"
 
     def setup(self, bottom, top) -> None:
-        """Caffe's Layer::LayerSetUp: nothing unless the subclass defines it."""
+        # pycaffe's base binds Caffe's LayerSetUp, which calls setup again: a class without one recurses there
+        raise NotImplementedError(f"{type(self).__name__} defines no setup(bottom, top); Caffe needs one too")
 
     def reshape(self, bottom, top) -> None:
         raise NotImplementedError(f"{type(self).__name__} defines no reshape(bottom, top); Caffe needs one too")
