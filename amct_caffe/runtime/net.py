@@ -35,6 +35,7 @@ from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
+from amct_caffe.runtime.batches import WholeSetCalls
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
@@ -47,7 +48,7 @@ IFMR_MODES = ("stream", "exact")
 TRAIN, TEST = io.TRAIN, io.TEST
 
 
-class Net:
+class Net(WholeSetCalls):
     """A network ready to run forward on numpy float32 data."""
 
     def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None, fold: str = "auto",
