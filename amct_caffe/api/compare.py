@@ -21,8 +21,9 @@ worst input)``, the error a layer adds to what it receives.
 A blob whose shape depends on the data (a DetectionOutput's list, and what is computed from it) is
 not compared: its length differs between the models; the blobs it is computed from count as the
 outputs in its place (:mod:`amct_caffe.api.compared_outputs`; the summary's ``compared_instead``).
-A blob computed after a Python layer is compared while both models give it one shape (the layer's code
-decides; a custom activation keeps it), and left out with a warning from the first batch where they do not.
+A blob computed after a Python layer is compared while both models give it one item per sample (the layer's
+code decides: a custom activation does, a selection of rows does not), and left out with a warning from the
+first batch where they do not; ``error_added`` is then measured against its inputs still compared.
 """
 
 from __future__ import annotations
@@ -200,9 +201,12 @@ class BlobComparison:
     def _add_sums(self, n: int) -> None:
         for name in list(self.names):
             x, y = self.fp32_net.blobs[name].data, self.quant_net.blobs[name].data
-            if x.shape != y.shape and name in self.shape_may_differ:
+            if name in self.shape_may_differ and (x.shape != y.shape or not x.ndim or x.shape[0] != n):
+                # after a Python layer a blob is compared only while it holds one item per sample in both models:
+                # two selections of the same size may still hold different items (the rows a threshold keeps)
                 _LOG.warning("blob '%s' (after a Python layer) has shape %s in the quantized model and %s in the float "
-                             "model on this batch: it is not compared", name, list(y.shape), list(x.shape))
+                             "model for a batch of %d: from this batch on it is not compared", name, list(y.shape),
+                             list(x.shape), n)
                 self.names.remove(name)
                 del self.acc[name]
                 continue
@@ -216,7 +220,7 @@ class BlobComparison:
             acc.max_abs = max(acc.max_abs, max_abs) if not math.isnan(max_abs) else math.nan
             acc.ref_sq += float(np.sum(aa))
             acc.diff_sq += float(np.sum(dd))
-            if name in self.net_outputs and _is_classifier(x.shape):  # not a stand-in (box offsets)
+            if name in self.net_outputs and _is_classifier(x.shape) and x.size:  # not a stand-in (box offsets)
                 a, b = sample_rows(x, n), sample_rows(y, n)
                 acc.top1_same += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
                 acc.top1_total += a.shape[0]

@@ -29,6 +29,7 @@ class WholeSetCalls:
         """``arrays`` (all of one length N) in slices of the net's batch size, the last completed with zeros."""
         if not arrays:
             return
+        arrays = {name: np.asarray(a) for name, a in arrays.items()}  # (lists too)
         lengths = {name: len(a) for name, a in arrays.items()}
         if len(set(lengths.values())) != 1:
             raise GraphError(f"the arrays to run in batches differ in length: {lengths}")

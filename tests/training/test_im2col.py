@@ -66,3 +66,48 @@ def test_a_window_larger_than_the_input_is_refused(tmp_path):
     (tmp_path / "m.prototxt").write_text('name: "m"\n' + body)
     with pytest.raises(GraphError, match=r"layer 'cols' \(Im2col\): output spatial size \[-1, -1\] is negative"):
         Net(str(tmp_path / "m.prototxt"), TEST)
+
+
+def _net(tmp_path, shape, conv_param, train=False):
+    body, _ = _case(shape, conv_param)
+    (tmp_path / "m.prototxt").write_text('name: "m"\n' + body)
+    from amct_caffe.runtime import TRAIN  # noqa: PLC0415
+
+    return Net(str(tmp_path / "m.prototxt"), TRAIN if train else TEST)
+
+
+def test_windows_over_padding_only_or_no_window_give_zeros(tmp_path):
+    # an empty input under padding that still fills windows: Caffe's im2col reads zeros for every tap
+    net = _net(tmp_path, (1, 2, 3, 4), "kernel_size: 3 pad: 2")
+    cols = net.forward(x=np.zeros((1, 2, 0, 4), np.float32))["cols"]
+    assert cols.shape == (1, 18, 2, 6) and not cols.any()
+    # no output position: an empty top, and a zero gradient (col2im of nothing)
+    net = _net(tmp_path, (1, 2, 5, 8), "kernel_size: 4", train=True)
+    assert net.forward(x=np.ones((1, 2, 3, 8), np.float32))["cols"].shape == (1, 32, 0, 5)
+    grad = net.backward(cols=np.zeros((1, 32, 0, 5), np.float32))["x"]
+    assert grad.shape == (1, 2, 3, 8) and not grad.any()
+
+
+def test_in_place_and_huge_padding_are_refused(tmp_path):
+    (tmp_path / "p.prototxt").write_text('name: "p"\n' + input_layer("x", 1, 2, 4, 4)
+                                         + L("Im2col", "cols", "x", "x", "convolution_param { kernel_size: 2 }"))
+    with pytest.raises(GraphError, match=r"layer 'cols' \(Im2col\) does not allow in-place computation"):
+        Net(str(tmp_path / "p.prototxt"), TEST)
+    net = _net(tmp_path, (1, 1, 2, 2, 2), "kernel_size: 1 pad: 4096 stride: 4096")
+    with pytest.raises(GraphError, match=r"layer 'cols' \(Im2col\): with pad \[4096, 4096, 4096\] the padded "
+                                         r"input holds \d+ values"):
+        net.forward(x=np.ones((1, 1, 2, 2, 2), np.float32))
+
+
+def test_a_convolution_with_no_output_position_back_propagates_zeros(tmp_path):
+    (tmp_path / "c.prototxt").write_text(
+        'name: "c"\nforce_backward: true\n' + input_layer("x", 1, 2, 5, 8)
+        + L("Convolution", "c", "x", "y", 'convolution_param { num_output: 3 kernel_size: 4 '
+            'weight_filler { type: "gaussian" std: 0.1 } }'))
+    from amct_caffe.runtime import TRAIN  # noqa: PLC0415
+
+    net = Net(str(tmp_path / "c.prototxt"), TRAIN)
+    assert net.forward(x=np.ones((1, 2, 3, 8), np.float32))["y"].shape == (1, 3, 0, 5)
+    grad = net.backward(y=np.zeros((1, 3, 0, 5), np.float32))["x"]
+    assert grad.shape == (1, 2, 3, 8) and not grad.any()
+    assert not net.params["c"][0].diff.any()

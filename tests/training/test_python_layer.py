@@ -373,3 +373,24 @@ def test_the_report_compares_blobs_after_a_python_layer_while_their_shapes_agree
 
 
 IP_FILL = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.1 }'
+
+
+def test_the_report_leaves_out_a_selection_after_a_python_layer(tmp_path, caplog):
+    # PositiveRows keeps the items above the mean: as many in both models can still be other items
+    from amct_caffe.api.compare import compare_batches  # noqa: PLC0415
+    from amct_caffe.api.workflow import calibrate  # noqa: PLC0415
+
+    model = _write(tmp_path, input_layer("x", 4, 2)
+                   + L("InnerProduct", "ip1", "x", "h", f"inner_product_param {{ num_output: 4 {IP_FILL} }}")
+                   + PY("rows", "h", "r count", "PositiveRows")
+                   + L("InnerProduct", "ip2", "r", "y", f"inner_product_param {{ num_output: 3 {IP_FILL} }}"))
+    Net(model, TEST).save(str(tmp_path / "w.caffemodel"))
+    batches = [{"x": RNG.standard_normal((4, 2)).astype(np.float32)} for _ in range(2)]
+    calibrate(model, str(tmp_path / "w.caffemodel"), batches, str(tmp_path / "q"), batch_num=2, progress=False)
+    with caplog.at_level("WARNING", logger="amct_caffe.api.compare"):
+        reports, summary, _ = compare_batches(model, str(tmp_path / "w.caffemodel"),
+                                              str(tmp_path / "q_fake_quant_model.prototxt"),
+                                              str(tmp_path / "q_fake_quant_weights.caffemodel"), batches)
+    assert {r.name for r in reports} == {"h"}  # r, count, y hold fewer items than the batch's 4 samples
+    assert "blob 'r' (after a Python layer)" in caplog.text and "from this batch on it is not compared" in caplog.text
+    assert summary["compared_instead"] == {"y": ["h"], "count": ["h"]}

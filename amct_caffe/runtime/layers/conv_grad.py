@@ -119,7 +119,7 @@ def conv_weight_grad(a, b_diff, ksz, *, stride, pad, dilation, group) -> np.ndar
     kk = math.prod(ksz)
     cg, og = ca // group, ob // group
     dw = np.zeros((group, og, cg * kk), np.float32)
-    if a.size == 0:  # no input values: every column Caffe's im2col makes reads padding (zeros)
+    if a.size == 0 or b_diff.size == 0:  # no input values (every column reads padding), or no output position
         return dw.reshape((ob, cg) + ksz)
     ext = _extent(a.shape[2:], ksz, stride, pad, dilation, sb)
     chunk = _chunk(n, ca * kk * npix)
@@ -154,7 +154,7 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
     kk = math.prod(ksz)
     ca = weight.shape[1] * group
     cg, og = ca // group, ob // group
-    if math.prod(in_shape) == 0:  # no input values: the gradient Caffe's col2im scatters lands in padding only
+    if math.prod(in_shape) == 0 or math.prod(sb) == 0:  # no input cell, or no window: a zero gradient
         return np.zeros(tuple(in_shape), np.float32)
     ext = _extent(sa, ksz, stride, pad, dilation, sb)
     inner = (slice(None), slice(None)) + tuple(slice(p, p + s) for p, s in zip(pad, sa, strict=True))
@@ -227,7 +227,7 @@ def col2im(dcols, in_shape, ksz, *, stride, pad, dilation) -> np.ndarray:
     in_shape = tuple(in_shape)
     n, c = in_shape[:2]
     sa, sb, ksz = in_shape[2:], tuple(dcols.shape[2:]), tuple(ksz)
-    if math.prod(in_shape) == 0:
+    if math.prod(in_shape) == 0 or dcols.size == 0:  # no input cell, or no window: a zero gradient
         return np.zeros(in_shape, np.float32)
     dcols = np.ascontiguousarray(dcols, np.float32)
     if COL2IM_KERNEL is not None and len(ksz) == 2:

@@ -29,8 +29,16 @@ from amct_caffe.runtime.layers.conv_grad import _extent, _padded_input, col2im
 __all__ = ["Im2colLayer"]
 
 
+# Values of a padded input the N-D path builds in memory at most (4 GiB of float32).
+PADDED_LIMIT = 1 << 30
+
+
 @register("Im2col")
 class Im2colLayer(Layer):
+    # Caffe runs Im2col in place on garbage: reshaping the top reallocates the shared blob (zeros out, a zero
+    # gradient); refused at the build instead
+    in_place_ok = False
+
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
         self._geom = None
@@ -54,13 +62,17 @@ class Im2colLayer(Layer):
         x = bottoms[0]
         axis, kernel, stride, pad, dilation, out = self._geom
         top = x.shape[:axis] + (x.shape[axis] * math.prod(kernel),) + out
-        if math.prod(top) == 0:
+        if math.prod(top) == 0 or x.size == 0:  # no window, or windows over padding only: Caffe's zeros
             return [np.zeros(top, np.float32)]
         images = np.ascontiguousarray(self._images(x), np.float32)
         if len(kernel) == 2:
             cols = im2col_2d(images, kernel, stride, pad, dilation, out)
         else:
             ext = _extent(images.shape[2:], kernel, stride, pad, dilation, out)
+            padded = images.shape[0] * images.shape[1] * math.prod(ext)
+            if padded > PADDED_LIMIT:  # this path pads the input in memory (the 2-D kernel does not)
+                self._fail(f"with pad {list(pad)} the padded input holds {padded} values, more than {PADDED_LIMIT} "
+                           f"this executor pads in memory for a {len(kernel)}-D window; give a smaller pad")
             cols = im2col(_padded_input(images, pad, ext), kernel, stride, dilation, out)
         return [np.array(cols).reshape(top)]  # a copy: the columns live in a reused scratch buffer
 
