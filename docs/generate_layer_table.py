@@ -64,7 +64,8 @@ Where it differs:
   after it may differ between the float and the quantized model (a proposal list); a warning says
   when quantized layers sit in between (`calibrate_with_fallback`'s `compare_blobs` names blobs of
   fixed shape to measure instead). The accuracy report still compares every blob after it while both
-  models give it one shape, and leaves one out, with a warning, from the first batch where they do not;
+  models give it one item per sample (a custom activation does; a selection of rows does not), and leaves
+  one out, with a warning, from the first batch where they do not;
 * the Net keeps a copy of each top after the forward, so no array it handed out changes later;
 * config generation and the guide's file flow never import the module: they quantize the layers
   around it on the prototxt alone, and the Net run for calibration imports it;
