@@ -40,6 +40,7 @@ from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, ch
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.release import Releases, shareable_values
+from amct_caffe.runtime.seed import random_seed
 from amct_caffe.runtime.share_groups import ShareGroups
 from amct_caffe.runtime.threads import adapt as adapt_threads
 
@@ -51,8 +52,8 @@ TRAIN, TEST = io.TRAIN, io.TEST
 class Net(WholeSetCalls):
     """A network ready to run forward on numpy float32 data."""
 
-    def __init__(self, model, *args, weights=None, phase=None, seed: int = 0, records=None, fold: str = "auto",
-                 ifmr: str = "stream"):
+    def __init__(self, model, *args, weights=None, phase=None, seed: int | None = None, records=None,
+                 fold: str = "auto", ifmr: str = "stream"):
         weights_arg, phase_arg = None, None
         for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
             if isinstance(a, int):
@@ -74,7 +75,7 @@ class Net(WholeSetCalls):
             self._source = "<NetParameter>"
         self._weights_file = str(weights) if weights is not None and not isinstance(weights, dict) else None
         self.net_param = net_param
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(random_seed() if seed is None else seed)  # fillers (runtime/seed.py)
         # record_file_path -> Record filled in memory by the calibration layers (no file is used)
         self._records = {os.path.abspath(p): r for p, r in (records or {}).items()}
         self._record_sinks: dict[str, RecordSink] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import amct_caffe.runtime.layers  # noqa: F401  (registers every executor layer class)
 from amct_caffe.ops import executor_class, register, registered_types
 
-__all__ = ["known_types", "layer_class", "register"]
+__all__ = ["known_types", "layer_class", "layer_type_list", "register"]
 
 
 def layer_class(type_name: str, layer_name: str = "?") -> type:
@@ -20,4 +20,9 @@ def layer_class(type_name: str, layer_name: str = "?") -> type:
 
 def known_types() -> list[str]:
     """Types the executor can run, sorted."""
+    return registered_types()
+
+
+def layer_type_list() -> list[str]:
+    """pycaffe's ``caffe.layer_type_list()``: the types the executor can run, sorted."""
     return registered_types()

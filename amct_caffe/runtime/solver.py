@@ -36,6 +36,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.backward import loss_weights_of
 from amct_caffe.runtime.net import Net
 from amct_caffe.runtime.solver_param import check_solver_type, learning_rate, net_params, read_solver_param
+from amct_caffe.runtime.seed import random_seed
 from amct_caffe.runtime.solver_state import (SolverStateData, conform_history, read_solver_state,
                                              write_snapshot)
 
@@ -63,7 +64,7 @@ class Solver(ABC):
         self.param = read_solver_param(param_file)
         check_solver_type(self.param, self.type_name, self._where)
         self.progress = progress
-        seed = int(self.param.random_seed) if self.param.random_seed >= 0 else 0
+        seed = int(self.param.random_seed) if self.param.random_seed >= 0 else random_seed()  # (runtime/seed.py)
         try:
             train, tests = net_params(self.param)
         except AmctError as e:

@@ -220,3 +220,32 @@ def test_a_stride_up_to_int_max_gives_the_values_of_any_stride_past_the_input(tm
     for name in ("c", "p"):
         assert blobs[0][name].shape == blobs[1][name].shape
         np.testing.assert_array_equal(blobs[0][name], blobs[1][name])
+
+
+def test_set_random_seed_seeds_the_fillers_of_later_nets(tmp_path):
+    """pycaffe's caffe.set_random_seed: Nets built afterwards fill their learned blobs from it (runtime/seed.py)."""
+    import amct_caffe.runtime as caffe
+    from amct_caffe.errors import AmctError
+
+    (tmp_path / "m.prototxt").write_text(
+        'name: "m"\nlayer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 4 '
+        'weight_filler { type: "gaussian" std: 1 } } }\n')
+    model = str(tmp_path / "m.prototxt")
+
+    def weights():
+        return caffe.Net(model, caffe.TEST).params["ip"][0].data.copy()
+
+    default = weights()
+    try:
+        caffe.set_random_seed(7)
+        seven = weights()
+        np.testing.assert_array_equal(weights(), seven)  # the same seed, the same fill
+        assert not np.array_equal(seven, default)
+        np.testing.assert_array_equal(caffe.Net(model, caffe.TEST, seed=0).params["ip"][0].data, default)
+        with pytest.raises(AmctError, match="the seed must be an integer"):
+            caffe.set_random_seed(-1)
+    finally:
+        caffe.set_random_seed(0)
+    np.testing.assert_array_equal(weights(), default)
+    assert "InnerProduct" in caffe.layer_type_list() and "Python" in caffe.layer_type_list()
