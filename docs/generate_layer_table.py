@@ -71,7 +71,8 @@ Where it differs:
   around it on the prototxt alone, and the Net run for calibration imports it;
 * a Python layer without bottoms gets no `backward` call (Caffe makes one under `force_backward`);
 * once this runtime has imported a module, official pycaffe cannot build it in the same process (its
-  classes derive from our `caffe.Layer`), and the other way round; the error says so;
+  classes derive from our `caffe.Layer`; Boost.Python's error says no converter is registered), and the
+  other way round (this runtime's error says so and what to do);
 * a module or class that cannot be loaded is an UnsupportedLayerError naming the layer, and an
   exception in its code a GraphError naming the layer and its class, the original chained for its
   traceback.
