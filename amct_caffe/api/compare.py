@@ -36,8 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from amct_caffe import io
-from amct_caffe.api.compared_outputs import (dynamic_shape_blobs, graph_layers, python_shape_blobs,
-                                             stand_in_outputs)
+from amct_caffe.api.compared_outputs import dynamic_shape_blobs, graph_layers, stand_in_outputs
 from amct_caffe.errors import AmctError
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.ir import Graph
@@ -161,9 +160,10 @@ class BlobComparison:
         layers = graph_layers(self.fp32_graph)
         # a detection list (and anything computed from it) changes length with the rounding: its
         # inputs stand for it (compared_outputs)
-        # blobs after a Python layer are compared while the two models give them one shape (its code decides)
-        self.shape_may_differ = python_shape_blobs(layers)
-        uncompared = dynamic_shape_blobs(layers) - self.shape_may_differ
+        # blobs after a Python layer are compared while the two models give them one item per sample (its code decides)
+        dynamic = dynamic_shape_blobs(layers)
+        self.shape_may_differ = {b for b, through_python in dynamic.items() if through_python}
+        uncompared = {b for b, through_python in dynamic.items() if not through_python}
         quant_values = set(quant_graph.inputs) | {t for node in quant_graph.nodes for t in node.tops}
         shared = [t for node in self.fp32_graph.nodes for t in node.tops if t not in inputs and t in quant_values]
         self.names = [t for t in shared if t not in uncompared]

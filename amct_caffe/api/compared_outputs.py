@@ -54,7 +54,7 @@ class _Writes:
         self.varying: dict[tuple[int, str], bool] = {}
         self.dynamic: dict[tuple[int, str], bool] = {}
         self.after_python: dict[tuple[int, str], str] = {}  # a dynamic value computed from a Python layer's top
-        self.fixed_elsewhere: dict[tuple[int, str], bool] = {}  # dynamic through a layer other than a Python one
+        self.dynamic_elsewhere: dict[tuple[int, str], bool] = {}  # dynamic through a layer other than a Python one
         for i, (name, type_name, bottoms, tops) in enumerate(layers):
             cls = layer_class(type_name)
             ins = [self.writer(b, i) for b in bottoms]
@@ -63,12 +63,12 @@ class _Writes:
             python = name if bottoms and cls.runs_user_code else next(
                 (self.after_python[k] for k in ins if k in self.after_python), None)
             other = bool(bottoms) and ((cls.shape_from_forward and not cls.runs_user_code)
-                                       or any(self.fixed_elsewhere.get(k, False) for k in ins))
+                                       or any(self.dynamic_elsewhere.get(k, False) for k in ins))
             for t in tops:
                 self.writers.setdefault(t, []).append(i)
                 self.varying[(i, t)] = varies
                 self.dynamic[(i, t)] = dynamic
-                self.fixed_elsewhere[(i, t)] = other
+                self.dynamic_elsewhere[(i, t)] = other
                 if python is not None:
                     self.after_python[(i, t)] = python
 
@@ -78,18 +78,14 @@ class _Writes:
         return index, blob
 
 
-def dynamic_shape_blobs(layers: Sequence[LayerView]) -> set[str]:
-    """Blobs whose final value has a data-dependent shape (a detection list and what is computed from it)."""
+def dynamic_shape_blobs(layers: Sequence[LayerView]) -> dict[str, bool]:
+    """Blobs whose final value has a data-dependent shape (a detection list and what is computed from it), each
+    with whether that comes through Python layers alone: their code may keep the shapes (a custom activation) or
+    not (a proposal list), which only a run tells."""
     writes = _Writes(layers)
-    return {t for t in writes.writers if writes.dynamic.get(writes.writer(t, len(layers)), False)}
-
-
-def python_shape_blobs(layers: Sequence[LayerView]) -> set[str]:
-    """The blobs of :func:`dynamic_shape_blobs` whose shape depends on the data only through Python layers: their
-    code may keep the shapes (a custom activation) or not (a proposal list), which only a run tells."""
-    writes = _Writes(layers)
-    return {t for t in writes.writers if writes.dynamic.get(key := writes.writer(t, len(layers)), False)
-            and not writes.fixed_elsewhere.get(key, False)}
+    keys = {t: writes.writer(t, len(layers)) for t in writes.writers}
+    return {t: not writes.dynamic_elsewhere.get(key, False) for t, key in keys.items()
+            if writes.dynamic.get(key, False)}
 
 
 def stand_in_outputs(layers: Sequence[LayerView], outputs: Sequence[str], *,

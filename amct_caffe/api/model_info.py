@@ -25,8 +25,8 @@ from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.files import read_text
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.io.paths import reading
-from amct_caffe.runtime import TEST, layer_class
-from amct_caffe.runtime.shapes import infer_shapes
+from amct_caffe.runtime import TEST
+from amct_caffe.runtime.shapes import infer_shapes, static_class
 
 __all__ = ["config_settings", "describe_layers"]
 
@@ -36,13 +36,13 @@ def _param_shapes(node, graph) -> list[tuple[int, ...]] | None:
     bottoms = [graph.blobs[b].shape for b in node.bottoms]
     if any(s is None for s in bottoms) or node.layer_param is None:
         return None
+    cls = static_class(node.type)
+    if cls is None:  # no executor for the type, or a Python layer (only a Net imports its module)
+        return None
     try:
-        cls = layer_class(node.type, node.name)
-        if cls.runs_user_code:  # a Python layer: only a Net imports its module
-            return None
         layer = cls(node.layer_param, TEST)
         return [tuple(int(d) for d in s) for s in layer.param_shapes([tuple(s) for s in bottoms])]
-    except (AmctError, ValueError, IndexError):  # no executor for the type, or parameters it rejects
+    except (AmctError, ValueError, IndexError):  # parameters the layer rejects
         return None
 
 

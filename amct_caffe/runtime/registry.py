@@ -23,6 +23,4 @@ def known_types() -> list[str]:
     return registered_types()
 
 
-def layer_type_list() -> list[str]:
-    """pycaffe's ``caffe.layer_type_list()``: the types the executor can run, sorted."""
-    return registered_types()
+layer_type_list = known_types  # pycaffe's name for it (caffe.layer_type_list())

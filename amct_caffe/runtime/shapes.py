@@ -53,6 +53,15 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) ->
         conform_blob(np.asarray(array), shape, f"{where} blob {i}")
 
 
+def static_class(type_name: str) -> type | None:
+    """The executor class shape inference outside a Net may build for ``type_name``; None for a type without one,
+    or whose code is the user's (a Python layer: only a Net imports its module, layers/python_layer.py)."""
+    if not has_executor(type_name):
+        return None
+    cls = layer_class(type_name)
+    return None if cls.runs_user_code else cls
+
+
 def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_weights: bool = True,
                  data_sources: bool = False) -> int:
     """Fill (and with ``strict`` check) the shapes of ``graph``'s blobs (module doc).
@@ -71,10 +80,8 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
     known = 0
     for node in graph.nodes:
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
-        if any(s is None for s in bottoms) or node.layer_param is None or not has_executor(node.type):
-            continue
-        cls = layer_class(node.type, node.name)
-        if cls.runs_user_code:  # a Python layer: only a Net imports its module (layers/python_layer.py)
+        cls = static_class(node.type)
+        if any(s is None for s in bottoms) or node.layer_param is None or cls is None:
             continue
         where = f"layer '{node.name}' ({node.type})"
         try:
@@ -112,14 +119,14 @@ def check_weights_fit(graph: Graph, phase: int = TEST) -> None:
     """A WeightsError naming the layer when its caffemodel blobs do not fit the shapes of its bottoms, for
     every layer whose bottom shapes are known (Caffe's CopyTrainedLayersFrom check)."""
     for node in graph.nodes:
-        if not node.params or node.layer_param is None or not has_executor(node.type) \
-                or layer_class(node.type).runs_user_code:
+        cls = static_class(node.type)
+        if not node.params or node.layer_param is None or cls is None:
             continue
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
         if any(s is None for s in bottoms):
             continue
         try:
-            layer = layer_class(node.type, node.name)(node.layer_param, phase)
+            layer = cls(node.layer_param, phase)
         except AmctError:
             continue  # the net's build says what is wrong with the layer itself
         _check_params(node, layer, [tuple(s) for s in bottoms], f"layer '{node.name}' ({node.type})", False)

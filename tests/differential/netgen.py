@@ -371,6 +371,19 @@ def mk_power(b):
     return _neuron(b, "Power", {"power_param": prm}, positive=not integral, src=x)
 
 
+def _draw_window(b, max_kernel: int, dilations: list[int]) -> tuple[int, ...]:
+    """One random 2-D window (kh, kw, sh, sw, ph, pw, dh, dw): equal per axis more often than not."""
+    kh = b.ri(1, max_kernel)
+    kw = kh if b.p(0.6) else b.ri(1, max_kernel)
+    sh = b.choice([1, 1, 2, 3])
+    sw = sh if b.p(0.7) else b.choice([1, 2, 3])
+    ph = b.choice([0, 0, 1, 2])
+    pw = ph if b.p(0.7) else b.choice([0, 1, 2])
+    dh = b.choice(dilations)
+    dw = dh if b.p(0.7) else b.choice([1, 2])
+    return kh, kw, sh, sw, ph, pw, dh, dw
+
+
 def mk_conv(b, deconv=False):
     x = b.pick(is4)
     if x is None:
@@ -380,14 +393,7 @@ def mk_conv(b, deconv=False):
     g = b.choice(groups) if b.p(0.4) else 1
     nout = g * b.ri(1, max(1, 6 // g))
     for _ in range(20):
-        kh = b.ri(1, 5)
-        kw = kh if b.p(0.6) else b.ri(1, 5)
-        sh = b.choice([1, 1, 2, 3])
-        sw = sh if b.p(0.7) else b.choice([1, 2, 3])
-        ph = b.choice([0, 0, 1, 2])
-        pw = ph if b.p(0.7) else b.choice([0, 1, 2])
-        dh = b.choice([1, 1, 2, 3])
-        dw = dh if b.p(0.7) else b.choice([1, 2])
+        kh, kw, sh, sw, ph, pw, dh, dw = _draw_window(b, 5, [1, 1, 2, 3])
         if deconv:
             oh = sh * (h - 1) + dh * (kh - 1) + 1 - 2 * ph
             ow = sw * (w - 1) + dw * (kw - 1) + 1 - 2 * pw
@@ -444,14 +450,7 @@ def mk_im2col(b):
         return False
     n, c, h, w = b.shapes[x]
     for _ in range(20):
-        kh = b.ri(1, 4)
-        kw = kh if b.p(0.6) else b.ri(1, 4)
-        sh = b.choice([1, 1, 2, 3])
-        sw = sh if b.p(0.7) else b.choice([1, 2, 3])
-        ph = b.choice([0, 0, 1, 2])
-        pw = ph if b.p(0.7) else b.choice([0, 1, 2])
-        dh = b.choice([1, 1, 2])
-        dw = dh if b.p(0.7) else b.choice([1, 2])
+        kh, kw, sh, sw, ph, pw, dh, dw = _draw_window(b, 4, [1, 1, 2])
         oh, ow = conv_out(h, kh, sh, ph, dh), conv_out(w, kw, sw, pw, dw)
         if 1 <= oh <= 16 and 1 <= ow <= 16 and c * kh * kw <= 64:
             break

@@ -318,13 +318,14 @@ def test_embedded_calibration_quantizes_the_layer_reading_a_python_top(tmp_path)
 
 
 def test_outputs_after_a_python_layer_are_compared_through_the_blobs_before_it_with_a_warning(caplog):
-    from amct_caffe.api.compared_outputs import stand_in_outputs  # noqa: PLC0415
+    from amct_caffe.api.compared_outputs import dynamic_shape_blobs, stand_in_outputs  # noqa: PLC0415
 
     layers = [("x", "Input", [], ["x"]), ("conv1", "Convolution", ["x"], ["c1"]),
               ("py", "Python", ["c1"], ["p"]), ("conv2", "Convolution", ["p"], ["c2"])]
     with caplog.at_level("WARNING", logger="amct_caffe.api.compared_outputs"):
         chosen, replaced = stand_in_outputs(layers, ["c2"])
     assert chosen == ["c1"] and replaced == {"c2": ["c1"]}
+    assert dynamic_shape_blobs(layers) == {"p": True, "c2": True}  # through the Python layer alone
     assert "output 'c2' is computed after Python layer 'py'" in caplog.text
     assert "c1 stand(s) for it, so the quantized layers in between count in no output figure" in caplog.text
     caplog.clear()

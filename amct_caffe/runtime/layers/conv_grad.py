@@ -202,13 +202,9 @@ def conv_input_grad(b_diff, weight, in_shape, *, stride, pad, dilation, group) -
         dyg = _side_by_side(db, group)
         for g in range(group):
             caffe_gemm.stable_matmul(wt[g], dyg[g], out=dcols[g])
-        # col2im: (C, *k, nb, *sb) columns added onto the padded input, one strided add per tap
-        dcols = np.moveaxis(dcols.reshape((ca,) + ksz + (nb,) + sb), len(ksz) + 1, 0)
+        # col2im: the (C, *k, nb, *sb) columns added onto the padded input
         acc = scratch("colgrad", (nb, ca) + ext)
-        acc.fill(0.0)
-        for tap in itertools.product(*map(range, ksz)):
-            acc[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sb)] += dcols[
-                (slice(None), slice(None)) + tap]
+        _add_columns(acc, np.moveaxis(dcols.reshape((ca,) + ksz + (nb,) + sb), len(ksz) + 1, 0), stride, dilation)
         out[n0:n0 + nb] = acc[inner]
     return out
 
@@ -235,9 +231,17 @@ def col2im(dcols, in_shape, ksz, *, stride, pad, dilation) -> np.ndarray:
         COL2IM_KERNEL(dcols.reshape(n, 1, c * math.prod(ksz), math.prod(sb)), out, list(ksz), list(stride),
                       list(pad), list(dilation), list(sb), False, threads.workers())
         return out
-    acc = np.zeros((n, c) + _extent(sa, ksz, stride, pad, dilation, sb), np.float32)
-    taps = dcols.reshape((n, c) + ksz + sb)
+    acc = np.empty((n, c) + _extent(sa, ksz, stride, pad, dilation, sb), np.float32)
+    _add_columns(acc, dcols.reshape((n, c) + ksz + sb), stride, dilation)
+    return np.array(acc[(slice(None), slice(None)) + tuple(slice(p, p + s) for p, s in zip(pad, sa, strict=True))])
+
+
+def _add_columns(acc: np.ndarray, taps: np.ndarray, stride, dilation) -> None:
+    """The NumPy col2im: ``acc`` (n, C, *padded extent) set to zero, then each column entry of ``taps``
+    (n, C, *k, *sb) added onto the cell it was read from, one strided add per tap in order (Caffe's order)."""
     both = (slice(None), slice(None))
+    spatial = (taps.ndim - 2) // 2
+    ksz, sb = taps.shape[2:2 + spatial], taps.shape[2 + spatial:]
+    acc.fill(0.0)
     for tap in itertools.product(*map(range, ksz)):
         acc[both + tap_slices(tap, stride, dilation, sb)] += taps[both + tap]
-    return np.array(acc[both + tuple(slice(p, p + s) for p, s in zip(pad, sa, strict=True))])

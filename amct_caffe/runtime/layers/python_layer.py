@@ -224,12 +224,6 @@ def user_layer_class(lp) -> type:
     return cls
 
 
-# The attributes the executor sets on its layers; any other name set on a PythonLayer after its construction
-# (net.layers[i].x = ...) goes to the user's object, and reading one the PythonLayer lacks reads the object's.
-_OWN = frozenset(("lp", "name", "phase", "blobs", "in_place", "param_propagate_down", "integer_params", "user",
-                  "_warned_empty_backward"))
-
-
 @register("Python")
 class PythonLayer(ExecutorLayer):
     """The executor's side of a Python layer: the user's object, called with blob lists (module doc)."""
@@ -262,7 +256,9 @@ class PythonLayer(ExecutorLayer):
         return getattr(self.__dict__["user"], name)
 
     def __setattr__(self, name: str, value) -> None:
-        if "user" not in self.__dict__ or name in _OWN or name in self.__dict__ or hasattr(type(self), name):
+        # the executor's attributes all exist before `user` (or are class attributes); any other name set on the
+        # layer (net.layers[i].x = ...) is the user's object's, as reading one the layer lacks reads the object's
+        if "user" not in self.__dict__ or name in self.__dict__ or hasattr(type(self), name):
             object.__setattr__(self, name, value)
         else:
             setattr(self.__dict__["user"], name, value)
