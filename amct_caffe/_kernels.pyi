@@ -161,6 +161,10 @@ def softmax(x: F32, axis: int, threads: int) -> F32:
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 
+def winograd_simd_level() -> int:
+    """0 portable, 2 AVX-512 (both transforms, the same bytes)."""
+
+def set_winograd_simd_limit(level: int) -> None: ...
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
                     relu: bool, threads: int, into: F32 | None = None) -> F32:
     """mm ((m+2)^2, O, N*tiles) -> (N, O, Ho, Wo): A^T M A per tile, cropped, * a + b, ReLU."""

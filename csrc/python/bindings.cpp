@@ -429,6 +429,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("out"), py::arg("threads"), py::arg("into") = py::none());
   m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),
         py::arg("threads"));
+  m.def("winograd_simd_level", &amct::winograd_simd_level);
+  m.def("set_winograd_simd_limit", &amct::set_winograd_simd_limit, py::arg("level"));
   m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
         py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"), py::arg("into") = py::none());
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),

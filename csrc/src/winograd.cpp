@@ -1,13 +1,18 @@
 #include "amct/winograd.h"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <vector>
 
+#include "amct/cpu.h"
 #include "amct/parallel.h"
+#include "amct/winograd_simd.h"
 
 namespace amct {
 namespace {
+
+std::atomic<int> simd_limit{2};
 
 // d[0..alpha) (stride sd) -> o[0..alpha) (stride so): B^T d.
 inline void bt4(const float* d, std::size_t sd, float* o, std::size_t so) {  // F(2x2, 3x3)
@@ -132,10 +137,16 @@ void output_planes(const float* mm, float* y, const WinogradGeometry& g, const f
 
 }  // namespace
 
+int winograd_simd_level() { return cpu_has_avx512f() ? std::min(2, simd_limit.load()) : 0; }
+
+void set_winograd_simd_limit(int level) { simd_limit.store(level); }
+
 void winograd_input(const float* x, float* v, const WinogradGeometry& g, int threads) {
   check(g);
+  const bool vector = winograd_simd_level() >= 2;
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
-    if (g.m == 2) input_planes<2>(x, v, g, first, last);
+    if (vector) winograd_input_avx512(x, v, g, first, last);
+    else if (g.m == 2) input_planes<2>(x, v, g, first, last);
     else input_planes<4>(x, v, g, first, last);
   });
 }
@@ -143,8 +154,10 @@ void winograd_input(const float* x, float* v, const WinogradGeometry& g, int thr
 void winograd_output(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b, bool relu,
                      int threads) {
   check(g);
+  const bool vector = winograd_simd_level() >= 2;
   parallel_for(static_cast<std::size_t>(g.n) * g.o, threads, [&](std::size_t first, std::size_t last) {
-    if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
+    if (vector) winograd_output_avx512(mm, y, g, a, b, relu, first, last);
+    else if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
     else output_planes<4>(mm, y, g, a, b, relu, first, last);
   });
 }

@@ -77,3 +77,46 @@ def test_fast_chains_use_it_and_notice_changed_weights(tmp_path, monkeypatch):
         for net in (fast, off, exact):
             net.params["conv"][0].data[0] *= -2
     assert len(calls) == 2  # FAST only; EXACT and unfolded nets keep Caffe's arithmetic
+
+
+def _transforms(x, mm, pad, m, a, b, relu):
+    from amct_caffe import _kernels
+
+    cols = mm.shape[2]
+    v = np.full(((m + 2) ** 2, x.shape[1], cols), np.nan, np.float32)
+    _kernels.winograd_input(x, v, list(pad), m, 1)
+    return v, _kernels.winograd_output(mm, list(x.shape), list(pad), m, a, b, relu, 1)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_vector_transforms_give_the_portable_bytes(m):
+    """The AVX-512 transforms (sixteen tiles per vector) against the one-tile loops: maps narrower and
+    wider than a vector of tiles, every padding, NaN and -0 through the ReLU, with and without the map."""
+    from amct_caffe import _kernels
+
+    if _kernels.winograd_simd_level() < 2:
+        pytest.skip("no AVX-512 on this CPU")
+    rng = np.random.default_rng(m)
+    try:
+        for case in range(60):
+            n, c, o = (int(v) for v in rng.integers(1, 4, 3))
+            h, w = int(rng.integers(1, 40)), int(rng.integers(1, 150))
+            pad = tuple(int(v) for v in rng.integers(0, 3, 2))
+            ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
+            if ho <= 0 or wo <= 0:
+                continue
+            x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+            x.flat[rng.integers(0, x.size, 3)] = [np.nan, -0.0, np.inf]
+            cols = n * -(-ho // m) * -(-wo // m)
+            mm = rng.standard_normal(((m + 2) ** 2, o, cols)).astype(np.float32)
+            mm[0, 0, :2] = [np.nan, -0.0]
+            a = rng.standard_normal(o).astype(np.float32) if case % 3 else None
+            b = rng.standard_normal(o).astype(np.float32) if case % 4 else None
+            got = []
+            for level in (2, 0):
+                _kernels.set_winograd_simd_limit(level)
+                got.append(_transforms(x, mm, pad, m, a, b, relu=bool(case % 2)))
+            for fast, portable in zip(*got, strict=True):
+                np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
+    finally:
+        _kernels.set_winograd_simd_limit(2)

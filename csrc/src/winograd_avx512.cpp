@@ -1,0 +1,224 @@
+// The Winograd transforms of winograd.cpp sixteen tiles at a time (AVX-512F).
+//
+// The portable loops transform one tile at a time, reading its alpha input columns with a stride of
+// m floats, a pattern the compiler does not vectorize. Here lane l of every vector is tile tx0 + l of
+// one tile row: the input row's floats are split by column phase with permutes (phase j holds
+// columns j, j + m, j + 2m, ...: the j-th column of sixteen consecutive tiles), and the output
+// tiles' columns are interleaved back the same way. Each value goes through the same float32
+// operations in the same order as in the portable loops (no contraction: -ffp-contract=off), so the
+// bytes are theirs; tests/runtime/test_winograd.py compares the two paths.
+#include "amct/winograd_simd.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+namespace amct {
+namespace {
+
+#define AMCT_AVX512 __attribute__((target("avx512f")))
+
+constexpr int kLanes = 16;
+
+AMCT_AVX512 inline __m512 mul(float k, __m512 v) { return _mm512_mul_ps(_mm512_set1_ps(k), v); }
+
+// B^T d over alpha vectors (the portable bt4 / bt6, term for term).
+template <int M>
+AMCT_AVX512 inline void bt(const __m512* d, __m512* o) {
+  if constexpr (M == 2) {
+    o[0] = _mm512_sub_ps(d[0], d[2]);
+    o[1] = _mm512_add_ps(d[1], d[2]);
+    o[2] = _mm512_sub_ps(d[2], d[1]);
+    o[3] = _mm512_sub_ps(d[1], d[3]);
+  } else {
+    const __m512 p = _mm512_sub_ps(d[4], mul(4.0f, d[2])), q = _mm512_sub_ps(d[3], mul(4.0f, d[1]));
+    const __m512 r = _mm512_sub_ps(d[4], d[2]), s = mul(2.0f, _mm512_sub_ps(d[3], d[1]));
+    o[0] = _mm512_add_ps(_mm512_sub_ps(mul(4.0f, d[0]), mul(5.0f, d[2])), d[4]);
+    o[1] = _mm512_add_ps(p, q);
+    o[2] = _mm512_sub_ps(p, q);
+    o[3] = _mm512_add_ps(r, s);
+    o[4] = _mm512_sub_ps(r, s);
+    o[5] = _mm512_add_ps(_mm512_sub_ps(mul(4.0f, d[1]), mul(5.0f, d[3])), d[5]);
+  }
+}
+
+// A^T v over alpha vectors (the portable at4 / at6).
+template <int M>
+AMCT_AVX512 inline void at(const __m512* v, __m512* y) {
+  if constexpr (M == 2) {
+    y[0] = _mm512_add_ps(_mm512_add_ps(v[0], v[1]), v[2]);
+    y[1] = _mm512_sub_ps(_mm512_sub_ps(v[1], v[2]), v[3]);
+  } else {
+    const __m512 a = _mm512_add_ps(v[1], v[2]), b = _mm512_sub_ps(v[1], v[2]);
+    const __m512 c = _mm512_add_ps(v[3], v[4]), d = _mm512_sub_ps(v[3], v[4]);
+    y[0] = _mm512_add_ps(_mm512_add_ps(v[0], a), c);
+    y[1] = _mm512_add_ps(b, mul(2.0f, d));
+    y[2] = _mm512_add_ps(a, mul(4.0f, c));
+    y[3] = _mm512_add_ps(_mm512_add_ps(b, mul(8.0f, d)), v[5]);
+  }
+}
+
+AMCT_AVX512 inline __mmask16 first_lanes(int count) {
+  return count >= kLanes ? static_cast<__mmask16>(0xFFFF)
+                         : count <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+AMCT_AVX512 inline __m512i indices(int start, int step) {
+  alignas(64) int idx[kLanes];
+  for (int l = 0; l < kLanes; ++l) idx[l] = start + step * l;
+  return _mm512_load_si512(idx);
+}
+
+// d[j] lane l = row[l*M + j], j < alpha, for the sixteen tiles whose columns start at row[0]
+// (row must have 16*M + 16 readable floats).
+template <int M>
+AMCT_AVX512 inline void tile_columns(const float* row, __m512* d) {
+  const __m512i next = indices(1, 1);  // lanes 1..15 of a, then lane 0 of b
+  if constexpr (M == 2) {
+    const __m512 l0 = _mm512_loadu_ps(row), l1 = _mm512_loadu_ps(row + 16), l2 = _mm512_loadu_ps(row + 32);
+    d[0] = _mm512_permutex2var_ps(l0, indices(0, 2), l1);
+    d[1] = _mm512_permutex2var_ps(l0, indices(1, 2), l1);
+    d[2] = _mm512_permutex2var_ps(d[0], next, l2);                                  // row[2l + 2]
+    d[3] = _mm512_permutex2var_ps(d[1], next, _mm512_permutexvar_ps(next, l2));     // row[2l + 3]
+  } else {
+    const __m512 l0 = _mm512_loadu_ps(row), l1 = _mm512_loadu_ps(row + 16), l2 = _mm512_loadu_ps(row + 32);
+    const __m512 l3 = _mm512_loadu_ps(row + 48), l4 = _mm512_loadu_ps(row + 64);
+    for (int j = 0; j < 4; ++j) {  // lanes 0..7 from l0:l1, 8..15 from l2:l3
+      const __m512i idx = indices(j, 4);
+      d[j] = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(l0, idx, l1), _mm512_permutex2var_ps(l2, idx, l3),
+                                  _MM_SHUFFLE(1, 0, 1, 0));
+    }
+    d[4] = _mm512_permutex2var_ps(d[0], next, l4);                                  // row[4l + 4]
+    d[5] = _mm512_permutex2var_ps(d[1], next, _mm512_permutexvar_ps(next, l4));     // row[4l + 5]
+  }
+}
+
+template <int M>
+AMCT_AVX512 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first,
+                              std::size_t last) {
+  constexpr int A = M + 2;
+  const int hp = g.th * M + 2;
+  const int blocks = (g.tw + kLanes - 1) / kLanes;
+  const int wp = blocks * kLanes * M + kLanes;  // every block's loads stay inside the zeroed row
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
+  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
+  const std::size_t slab = static_cast<std::size_t>(g.c) * cols;
+  std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
+  const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
+  __m512 u[A][A];  // u[i][nu]: row i of the tiles, transformed
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const std::size_t img = pl / g.c, ch = pl % g.c;
+    const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
+    for (int r = 0; r < rows; ++r) {  // the same interior every plane: the border stays zero
+      std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r) * g.w + width,
+                pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
+    }
+    for (int ty = 0; ty < g.th; ++ty) {
+      float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
+      for (int blk = 0; blk < blocks; ++blk) {
+        const int tx0 = blk * kLanes;
+        for (int i = 0; i < A; ++i) {
+          __m512 d[A];
+          tile_columns<M>(pad.data() + static_cast<std::size_t>(ty * M + i) * wp + tx0 * M, d);
+          bt<M>(d, u[i]);
+        }
+        const __mmask16 keep = first_lanes(g.tw - tx0);
+        for (int nu = 0; nu < A; ++nu) {
+          __m512 col[A], o[A];
+          for (int i = 0; i < A; ++i) col[i] = u[i][nu];
+          bt<M>(col, o);
+          for (int xi = 0; xi < A; ++xi) _mm512_mask_storeu_ps(dst + (xi * A + nu) * slab + tx0, keep, o[xi]);
+        }
+      }
+    }
+  }
+}
+
+// The output row's floats from the M tile columns t[k] (lane l = tile tx0 + l): t[0][0], t[1][0], ...,
+// t[M-1][0], t[0][1], ...; `valid` of them stored.
+template <int M>
+AMCT_AVX512 inline void store_interleaved(const __m512* t, float* out, int valid) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  if constexpr (M == 2) {
+    _mm512_mask_storeu_ps(out, first_lanes(valid), _mm512_permutex2var_ps(t[0], lo, t[1]));
+    _mm512_mask_storeu_ps(out + 16, first_lanes(valid - 16), _mm512_permutex2var_ps(t[0], hi, t[1]));
+  } else {
+    const __m512d pairs[4] = {  // (t0, t1) and (t2, t3) pairs of tiles 0..7 and 8..15, as 64-bit lanes
+        _mm512_castps_pd(_mm512_permutex2var_ps(t[0], lo, t[1])), _mm512_castps_pd(_mm512_permutex2var_ps(t[2], lo, t[3])),
+        _mm512_castps_pd(_mm512_permutex2var_ps(t[0], hi, t[1])), _mm512_castps_pd(_mm512_permutex2var_ps(t[2], hi, t[3]))};
+    const __m512i first4 = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+    const __m512i last4 = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+    for (int half = 0; half < 2; ++half) {
+      const __m512d a = pairs[2 * half], b = pairs[2 * half + 1];
+      const int at = 32 * half;
+      _mm512_mask_storeu_ps(out + at, first_lanes(valid - at), _mm512_castpd_ps(_mm512_permutex2var_pd(a, first4, b)));
+      _mm512_mask_storeu_ps(out + at + 16, first_lanes(valid - at - 16),
+                            _mm512_castpd_ps(_mm512_permutex2var_pd(a, last4, b)));
+    }
+  }
+}
+
+template <int M>
+AMCT_AVX512 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
+                               bool relu, std::size_t first, std::size_t last) {
+  constexpr int A = M + 2;
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
+  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
+  const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
+  const int blocks = (g.tw + kLanes - 1) / kLanes;
+  const __m512 zero = _mm512_setzero_ps();
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const std::size_t img = pl / g.o, oc = pl % g.o;
+    const __m512 sa = _mm512_set1_ps(a ? a[oc] : 1.0f), sb = _mm512_set1_ps(b ? b[oc] : 0.0f);
+    float* yp = y + pl * static_cast<std::size_t>(g.ho) * g.wo;
+    for (int ty = 0; ty < g.th; ++ty) {
+      const float* src = mm + oc * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
+      const int rows = std::min(M, g.ho - ty * M);
+      for (int blk = 0; blk < blocks; ++blk) {
+        const int tx0 = blk * kLanes;
+        const __mmask16 keep = first_lanes(g.tw - tx0);
+        __m512 s[A][M];  // s[xi][k]: the columns transformed
+        for (int xi = 0; xi < A; ++xi) {
+          __m512 row[A];
+          for (int nu = 0; nu < A; ++nu) row[nu] = _mm512_maskz_loadu_ps(keep, src + (xi * A + nu) * slab + tx0);
+          at<M>(row, s[xi]);
+        }
+        __m512 t[M][M];  // t[kr][k]: output row kr, column k of each tile
+        for (int k = 0; k < M; ++k) {
+          __m512 col[A], out[M];
+          for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
+          at<M>(col, out);
+          for (int kr = 0; kr < M; ++kr) {
+            __m512 val = out[kr];
+            if (a) val = _mm512_mul_ps(val, sa);
+            if (b) val = _mm512_add_ps(val, sb);
+            if (relu) val = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN
+            t[kr][k] = val;
+          }
+        }
+        const int valid = std::min(kLanes * M, g.wo - tx0 * M);
+        for (int kr = 0; kr < rows; ++kr) {
+          store_interleaved<M>(t[kr], yp + static_cast<std::size_t>(ty * M + kr) * g.wo + tx0 * M, valid);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void winograd_input_avx512(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
+  if (g.m == 2) input_planes<2>(x, v, g, first, last);
+  else input_planes<4>(x, v, g, first, last);
+}
+
+void winograd_output_avx512(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
+                            bool relu, std::size_t first, std::size_t last) {
+  if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
+  else output_planes<4>(mm, y, g, a, b, relu, first, last);
+}
+
+}  // namespace amct
