@@ -24,6 +24,7 @@
 #include "amct/softmax.h"
 #include "amct/max_pool.h"
 #include "amct/sgd.h"
+#include "amct/pointwise_conv.h"
 #include "amct/winograd.h"
 #include "array_args.h"
 
@@ -345,6 +346,35 @@ py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::v
   return std::move(y);
 }
 
+// x (N, K, ...) by weight (O, K, 1...) -> y (N, O, ...), with a folded chain's epilogue (pointwise_conv.h).
+py::array pointwise_conv(const py::handle& x_obj, const py::handle& w_obj, const py::object& scale_obj,
+                         const py::object& bias_obj, bool relu, int threads, const py::object& into) {
+  auto x = checked<float>(x_obj, "x");
+  auto w = checked<float>(w_obj, "weight");
+  if (x.ndim() < 3 || w.ndim() < 2) throw py::value_error("x must be (N, K, ...) and weight (O, K, ...)");
+  const py::ssize_t n = x.shape(0), k = x.shape(1), o = w.shape(0);
+  if (k == 0 || w.shape(1) != k || w.size() != o * k) throw py::value_error("weight must be (O, K) or (O, K, 1, 1)");
+  auto shape = shape_of(x);
+  shape[1] = o;
+  py::array_t<float> scale, bias;
+  amct::PointwiseEpilogue ep;
+  if (!scale_obj.is_none()) scale = checked<float>(scale_obj, "scale", 1), ep.scale = scale.data();
+  if (!bias_obj.is_none()) bias = checked<float>(bias_obj, "bias", 1), ep.bias = bias.data();
+  if ((ep.scale && scale.size() != o) || (ep.bias && bias.size() != o)) {
+    throw py::value_error("scale and bias must have one value per output channel");
+  }
+  ep.relu = relu;
+  auto y = amct_py::output_into(into, shape, {&x, &w});
+  const std::size_t p = n ? size_of(x) / static_cast<std::size_t>(n * k) : 0;
+  auto* yp = y.mutable_data();
+  if (n > 0 && p > 0 && o > 0) {
+    py::gil_scoped_release release;
+    amct::pointwise_conv(x.data(), w.data(), yp, static_cast<int>(n), static_cast<int>(k), p, static_cast<int>(o), ep,
+                         threads);
+  }
+  return std::move(y);
+}
+
 py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, const py::handle& b_obj,
                           const py::handle& other_obj, int threads, const py::object& into) {
   auto y = checked<float>(y_obj, "y");
@@ -435,6 +465,9 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"), py::arg("into") = py::none());
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),
         py::arg("threads"), py::arg("into") = py::none());
+  m.def("pointwise_conv", &pointwise_conv, py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"),
+        py::arg("relu"), py::arg("threads"), py::arg("into") = py::none());
+  m.def("pointwise_conv_available", &amct::pointwise_conv_available);
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"), py::arg("into") = py::none());
   m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));

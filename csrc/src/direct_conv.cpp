@@ -14,7 +14,7 @@ namespace amct {
 namespace {
 
 constexpr int kOut = 8;     // output channels per register block
-constexpr int kPix = 32;    // output pixels per register block (two 16-float vectors)
+constexpr int kPix = 48;    // output pixels per register block (three 16-float vectors)
 
 // The input of one image, zero-padded and split by column phase (phase r holds padded columns
 // r, r + sw, ...): tap (c, i, j) of output (oy, ox) is element
@@ -89,6 +89,58 @@ __attribute__((target("avx512f"), noinline)) void map_row(float* y, const Conv2d
   }
 }
 
+// One register block: outputs ox .. ox + 16*V of kOut channels (outs of them stored, plane stride `plane`,
+// the first at y), taps src[t] + ox; the last vector's lanes limited by `last`. The sums are kept in
+// registers (loops unrolled; a block of fewer than kOut channels is stored through a stack buffer:
+// indexed by the run-time `outs`, the accumulators would live in memory).
+template <int V>
+__attribute__((target("avx512f"), noinline)) void block(const float* const* src, int ox, const float* wb, int k,
+                                                        __mmask16 last, float* y, std::size_t plane, int outs,
+                                                        const float* bias) {
+  __m512 acc[kOut][V];
+#pragma GCC unroll 8
+  for (int b = 0; b < kOut; ++b) {
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) acc[b][v] = _mm512_setzero_ps();
+  }
+  for (int t = 0; t < k; ++t) {
+    const float* s = src[t] + ox;
+    __m512 xv[V];
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) xv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, s + 16 * v) : _mm512_loadu_ps(s + 16 * v);
+#pragma GCC unroll 8
+    for (int b = 0; b < kOut; ++b) {
+      const __m512 wv = _mm512_set1_ps(wb[t * kOut + b]);
+#pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) acc[b][v] = _mm512_fmadd_ps(wv, xv[v], acc[b][v]);
+    }
+  }
+  const auto store = [](float* at, __mmask16 m, __m512 sum, const float* b) __attribute__((target("avx512f"))) {
+    __m512 val = _mm512_add_ps(sum, _mm512_setzero_ps());  // alpha * acc + 0: -0 stored +0
+    if (b) val = _mm512_add_ps(val, _mm512_set1_ps(*b));
+    _mm512_mask_storeu_ps(at, m, val);
+  };
+  if (outs == kOut) {  // stored from the registers
+#pragma GCC unroll 8
+    for (int b = 0; b < kOut; ++b) {
+#pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) store(y + b * plane + 16 * v, v == V - 1 ? last : 0xFFFF, acc[b][v], bias ? bias + b : nullptr);
+    }
+    return;
+  }
+  alignas(64) float sums[kOut][V * 16];
+#pragma GCC unroll 8
+  for (int b = 0; b < kOut; ++b) {
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) _mm512_store_ps(sums[b] + 16 * v, acc[b][v]);
+  }
+  for (int b = 0; b < outs; ++b) {
+    for (int v = 0; v < V; ++v) {
+      store(y + b * plane + 16 * v, v == V - 1 ? last : 0xFFFF, _mm512_load_ps(sums[b] + 16 * v), bias ? bias + b : nullptr);
+    }
+  }
+}
+
 __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g,
                                              int o, std::size_t img, std::size_t first, std::size_t last,
                                              const float* bias, const Epilogue* ep) {
@@ -107,34 +159,17 @@ __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad,
     }
     for (int ox = 0; ox < g.wo; ox += kPix) {
       const int n = std::min(kPix, g.wo - ox);
-      const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-      const __mmask16 m1 = n <= 16 ? 0 : (n >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (n - 16)) - 1));
+      const int tail = n - 16 * ((n - 1) / 16);  // pixels of the last vector, 1..16
+      const auto lastm = static_cast<__mmask16>(tail >= 16 ? 0xFFFF : (1u << tail) - 1);
+      const std::size_t row0 = (img * o * g.ho + oy) * g.wo + ox;  // output (img, 0, oy, ox)
       for (int ob = 0; ob < oblocks; ++ob) {
-        __m512 a0[kOut], a1[kOut];
-        for (int b = 0; b < kOut; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
         const float* wb = wpad + static_cast<std::size_t>(ob) * k * kOut;  // (k, kOut) for this block
-        for (int t = 0; t < k; ++t) {
-          const float* s = src[static_cast<std::size_t>(t)] + ox;
-          const __m512 v0 = _mm512_maskz_loadu_ps(m0, s);
-          const __m512 v1 = _mm512_maskz_loadu_ps(m1, s + 16);
-          for (int b = 0; b < kOut; ++b) {
-            const __m512 wv = _mm512_set1_ps(wb[t * kOut + b]);
-            a0[b] = _mm512_fmadd_ps(wv, v0, a0[b]);
-            a1[b] = _mm512_fmadd_ps(wv, v1, a1[b]);
-          }
-        }
-        const __m512 zero = _mm512_setzero_ps();
-        for (int b = 0; b < kOut && ob * kOut + b < o; ++b) {
-          const std::size_t at = ((img * o + ob * kOut + b) * g.ho + oy) * g.wo + ox;
-          __m512 v0 = _mm512_add_ps(a0[b], zero), v1 = _mm512_add_ps(a1[b], zero);
-          if (bias) {
-            const __m512 bv = _mm512_set1_ps(bias[ob * kOut + b]);
-            v0 = _mm512_add_ps(v0, bv);
-            v1 = _mm512_add_ps(v1, bv);
-          }
-          _mm512_mask_storeu_ps(y + at, m0, v0);
-          if (m1) _mm512_mask_storeu_ps(y + at + 16, m1, v1);
-        }
+        const int outs = std::min(kOut, o - ob * kOut);
+        float* yb = y + row0 + static_cast<std::size_t>(ob) * kOut * g.ho * g.wo;
+        const float* bb = bias ? bias + ob * kOut : nullptr;
+        if (n > 32) block<3>(src.data(), ox, wb, k, lastm, yb, static_cast<std::size_t>(g.ho) * g.wo, outs, bb);
+        else if (n > 16) block<2>(src.data(), ox, wb, k, lastm, yb, static_cast<std::size_t>(g.ho) * g.wo, outs, bb);
+        else block<1>(src.data(), ox, wb, k, lastm, yb, static_cast<std::size_t>(g.ho) * g.wo, outs, bb);
       }
     }
     if (ep) map_row(y, g, o, img, oy, *ep);
