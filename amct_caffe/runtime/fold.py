@@ -22,7 +22,7 @@ the separate layers. Two modes (:class:`FoldMode`):
   ~1e-6 relative on open_nsfw's blobs); a fake-quant model's next Quant layer could round such a
   value the other way, which is why FAST is only for float models. A 3x3 stride-1 convolution in
   such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
-  multiplies, at most 6.3e-6 of a blob's scale from Caffe on open_nsfw), with the affine map and the
+  multiplies, at most 1.4e-5 of a blob's scale from Caffe on open_nsfw), with the affine map and the
   ReLU applied by its output transform. A chain without BatchNorm / Scale (a convolution and a
   ReLU) keeps Caffe's arithmetic in both modes.
 

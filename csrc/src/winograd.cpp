@@ -143,10 +143,9 @@ void set_winograd_simd_limit(int level) { simd_limit.store(level); }
 
 void winograd_input(const float* x, float* v, const WinogradGeometry& g, int threads) {
   check(g);
-  const bool vector = winograd_simd_level() >= 2;
+  if (winograd_simd_level() >= 2) return winograd_input_avx512(x, v, g, threads);
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
-    if (vector) winograd_input_avx512(x, v, g, first, last);
-    else if (g.m == 2) input_planes<2>(x, v, g, first, last);
+    if (g.m == 2) input_planes<2>(x, v, g, first, last);
     else input_planes<4>(x, v, g, first, last);
   });
 }
@@ -154,10 +153,9 @@ void winograd_input(const float* x, float* v, const WinogradGeometry& g, int thr
 void winograd_output(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b, bool relu,
                      int threads) {
   check(g);
-  const bool vector = winograd_simd_level() >= 2;
+  if (winograd_simd_level() >= 2) return winograd_output_avx512(mm, y, g, a, b, relu, threads);
   parallel_for(static_cast<std::size_t>(g.n) * g.o, threads, [&](std::size_t first, std::size_t last) {
-    if (vector) winograd_output_avx512(mm, y, g, a, b, relu, first, last);
-    else if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
+    if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
     else output_planes<4>(mm, y, g, a, b, relu, first, last);
   });
 }

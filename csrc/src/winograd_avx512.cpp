@@ -13,7 +13,10 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
+
+#include "amct/parallel.h"
 
 namespace amct {
 namespace {
@@ -21,6 +24,8 @@ namespace {
 #define AMCT_AVX512 __attribute__((target("avx512f")))
 
 constexpr int kLanes = 16;
+// Maps of fewer tiles a row than this gather their lanes across rows and images (see input_gathered).
+constexpr int kGatherTilesRow = 12;
 
 AMCT_AVX512 inline __m512 mul(float k, __m512 v) { return _mm512_mul_ps(_mm512_set1_ps(k), v); }
 
@@ -208,17 +213,157 @@ AMCT_AVX512 void output_planes(const float* mm, float* y, const WinogradGeometry
   }
 }
 
+// ---- narrow maps: the lanes are sixteen consecutive columns of V / M (tiles of one or more images) -------
+//
+// With fewer than kLanes tiles a row, a vector of one tile row would be mostly empty (open_nsfw's 14x14 and
+// 7x7 maps have 7 and 4 tiles a row at m = 2). Here lane l of group q is tile q*16 + l of the batch
+// (image-major, then row-major, as V's columns); its inputs are gathered and its outputs scattered by
+// offsets computed once per call, the padding and the tiles past the batch masked off. The arithmetic per
+// lane is the one above, so the bytes are the same.
+
+// Per group q and tap (i, j) of the alpha x alpha window (or output (kr, k) of the m x m tile): the offset
+// of that value in image-major (N, ch, H, W) data, channel 0, and which lanes fall inside the map.
+struct Taps {
+  int taps = 0;
+  std::vector<std::int32_t> offset;  // (groups, taps, kLanes)
+  std::vector<__mmask16> inside;     // (groups, taps)
+};
+
+Taps lane_taps(const WinogradGeometry& g, int span, int rows, int cols, int channels, int shift) {
+  Taps t;
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw, total = tiles * g.n;
+  const std::size_t groups = (total + kLanes - 1) / kLanes;
+  t.taps = span * span;
+  t.offset.assign(groups * t.taps * kLanes, 0);
+  t.inside.assign(groups * t.taps, 0);
+  for (std::size_t col = 0; col < total; ++col) {
+    const std::size_t img = col / tiles, q = col / kLanes;
+    const int ty = static_cast<int>(col % tiles) / g.tw, tx = static_cast<int>(col % tiles) % g.tw;
+    const int lane = static_cast<int>(col % kLanes);
+    for (int i = 0; i < span; ++i) {
+      for (int j = 0; j < span; ++j) {
+        const int r = ty * g.m + i - shift * g.ph, c = tx * g.m + j - shift * g.pw;
+        if (r < 0 || r >= rows || c < 0 || c >= cols) continue;
+        const std::size_t tap = q * t.taps + i * span + j;
+        t.offset[tap * kLanes + lane] =
+            static_cast<std::int32_t>((img * channels * rows + r) * static_cast<std::size_t>(cols) + c);
+        t.inside[tap] = static_cast<__mmask16>(t.inside[tap] | (1u << lane));
+      }
+    }
+  }
+  return t;
+}
+
+template <int M>
+AMCT_AVX512 void input_gathered(const float* x, float* v, const WinogradGeometry& g, const Taps& taps,
+                                std::size_t first, std::size_t last) {
+  constexpr int A = M + 2;
+  const std::size_t total = static_cast<std::size_t>(g.n) * g.th * g.tw;
+  const std::size_t slab = static_cast<std::size_t>(g.c) * total;
+  const std::size_t groups = (total + kLanes - 1) / kLanes;
+  __m512 u[A][A];
+  for (std::size_t ch = first; ch < last; ++ch) {
+    const float* xc = x + ch * static_cast<std::size_t>(g.h) * g.w;
+    for (std::size_t q = 0; q < groups; ++q) {
+      const std::int32_t* off = taps.offset.data() + q * A * A * kLanes;
+      const __mmask16* in = taps.inside.data() + q * A * A;
+      for (int i = 0; i < A; ++i) {
+        __m512 d[A];
+        for (int j = 0; j < A; ++j) {
+          const __m512i idx = _mm512_loadu_si512(off + (i * A + j) * kLanes);
+          d[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in[i * A + j], idx, xc, 4);
+        }
+        bt<M>(d, u[i]);
+      }
+      const __mmask16 keep = first_lanes(static_cast<int>(std::min<std::size_t>(kLanes, total - q * kLanes)));
+      float* dst = v + ch * total + q * kLanes;
+      for (int nu = 0; nu < A; ++nu) {
+        __m512 col[A], o[A];
+        for (int i = 0; i < A; ++i) col[i] = u[i][nu];
+        bt<M>(col, o);
+        for (int xi = 0; xi < A; ++xi) _mm512_mask_storeu_ps(dst + (xi * A + nu) * slab, keep, o[xi]);
+      }
+    }
+  }
+}
+
+template <int M>
+AMCT_AVX512 void output_scattered(const float* mm, float* y, const WinogradGeometry& g, const Taps& taps,
+                                  const float* a, const float* b, bool relu, std::size_t first, std::size_t last) {
+  constexpr int A = M + 2;
+  const std::size_t total = static_cast<std::size_t>(g.n) * g.th * g.tw;
+  const std::size_t slab = static_cast<std::size_t>(g.o) * total;
+  const std::size_t groups = (total + kLanes - 1) / kLanes;
+  const __m512 zero = _mm512_setzero_ps();
+  for (std::size_t oc = first; oc < last; ++oc) {
+    const __m512 sa = _mm512_set1_ps(a ? a[oc] : 1.0f), sb = _mm512_set1_ps(b ? b[oc] : 0.0f);
+    float* yc = y + oc * static_cast<std::size_t>(g.ho) * g.wo;
+    for (std::size_t q = 0; q < groups; ++q) {
+      const __mmask16 keep = first_lanes(static_cast<int>(std::min<std::size_t>(kLanes, total - q * kLanes)));
+      const float* src = mm + oc * total + q * kLanes;
+      __m512 s[A][M];
+      for (int xi = 0; xi < A; ++xi) {
+        __m512 row[A];
+        for (int nu = 0; nu < A; ++nu) row[nu] = _mm512_maskz_loadu_ps(keep, src + (xi * A + nu) * slab);
+        at<M>(row, s[xi]);
+      }
+      const std::int32_t* off = taps.offset.data() + q * M * M * kLanes;
+      const __mmask16* in = taps.inside.data() + q * M * M;
+      for (int k = 0; k < M; ++k) {
+        __m512 col[A], out[M];
+        for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
+        at<M>(col, out);
+        for (int kr = 0; kr < M; ++kr) {
+          __m512 val = out[kr];
+          if (a) val = _mm512_mul_ps(val, sa);
+          if (b) val = _mm512_add_ps(val, sb);
+          if (relu) val = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN
+          const int tap = kr * M + k;
+          _mm512_mask_i32scatter_ps(yc, in[tap], _mm512_loadu_si512(off + tap * kLanes), val, 4);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
-void winograd_input_avx512(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
-  if (g.m == 2) input_planes<2>(x, v, g, first, last);
-  else input_planes<4>(x, v, g, first, last);
+bool winograd_gathers(const WinogradGeometry& g) {
+  // narrow rows, and offsets that fit in int32 (the larger of the input and output data)
+  const std::size_t values = static_cast<std::size_t>(g.n) * std::max(g.c * static_cast<std::size_t>(g.h) * g.w,
+                                                                      g.o * static_cast<std::size_t>(g.ho) * g.wo);
+  return g.tw < kGatherTilesRow && values < (std::size_t{1} << 31);
+}
+
+void winograd_input_avx512(const float* x, float* v, const WinogradGeometry& g, int threads) {
+  if (winograd_gathers(g)) {
+    const Taps taps = lane_taps(g, g.m + 2, g.h, g.w, g.c, 1);
+    parallel_for(static_cast<std::size_t>(g.c), threads, [&](std::size_t first, std::size_t last) {
+      if (g.m == 2) input_gathered<2>(x, v, g, taps, first, last);
+      else input_gathered<4>(x, v, g, taps, first, last);
+    });
+    return;
+  }
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
+    if (g.m == 2) input_planes<2>(x, v, g, first, last);
+    else input_planes<4>(x, v, g, first, last);
+  });
 }
 
 void winograd_output_avx512(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
-                            bool relu, std::size_t first, std::size_t last) {
-  if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
-  else output_planes<4>(mm, y, g, a, b, relu, first, last);
+                            bool relu, int threads) {
+  if (winograd_gathers(g)) {
+    const Taps taps = lane_taps(g, g.m, g.ho, g.wo, g.o, 0);
+    parallel_for(static_cast<std::size_t>(g.o), threads, [&](std::size_t first, std::size_t last) {
+      if (g.m == 2) output_scattered<2>(mm, y, g, taps, a, b, relu, first, last);
+      else output_scattered<4>(mm, y, g, taps, a, b, relu, first, last);
+    });
+    return;
+  }
+  parallel_for(static_cast<std::size_t>(g.n) * g.o, threads, [&](std::size_t first, std::size_t last) {
+    if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
+    else output_planes<4>(mm, y, g, a, b, relu, first, last);
+  });
 }
 
 }  // namespace amct

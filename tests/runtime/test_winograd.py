@@ -58,9 +58,17 @@ def test_bytes_do_not_depend_on_the_thread_count(monkeypatch):
         np.testing.assert_array_equal(y.view(np.uint32), outs[0].view(np.uint32))
 
 
-def test_tile_size_is_4_on_large_maps_only():
+def test_tile_size_is_4_on_large_maps_and_wherever_the_transforms_are_vectors(monkeypatch):
+    from amct_caffe import _kernels
+
     assert winograd.tile_size(56, 56) == winograd.tile_size(28, 17) == 4
-    assert winograd.tile_size(14, 14) == winograd.tile_size(7, 7) == winograd.tile_size(40, 16) == 2
+    small = (winograd.tile_size(14, 14), winograd.tile_size(7, 7), winograd.tile_size(40, 16))
+    assert small == ((4, 4, 4) if _kernels.winograd_simd_level() >= 2 else (2, 2, 2))
+    try:
+        _kernels.set_winograd_simd_limit(0)
+        assert winograd.tile_size(14, 14) == winograd.tile_size(7, 7) == winograd.tile_size(40, 16) == 2
+    finally:
+        _kernels.set_winograd_simd_limit(2)
 
 
 def test_fast_chains_use_it_and_notice_changed_weights(tmp_path, monkeypatch):

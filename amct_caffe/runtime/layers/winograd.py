@@ -18,14 +18,16 @@ m = 4. The products are GEMMs, one per transform position ``(xi, nu)``::
 with ``T = ceil(Ho/m) * ceil(Wo/m)`` tiles per image; tiles past the output's edge read zeros
 and their extra outputs are dropped. The matrices (points 0, +-1, +-2 and infinity for m = 4;
 0, +-1, infinity for m = 2) are :data:`MATRICES`. The input and output transforms run in C++
-(``csrc/src/winograd.cpp``); the GEMMs go through :func:`caffe_gemm.matmul`, which sums ``K`` in
+(``csrc/src/winograd.cpp``; on AVX-512 CPUs sixteen tiles per vector, ``csrc/src/winograd_avx512.cpp``,
+the same bytes); the GEMMs go through :func:`caffe_gemm.matmul`, which sums ``K`` in
 fixed blocks, so the bytes do not depend on the BLAS thread count.
 
 Accuracy. The sums are reassociated and the transforms add and subtract multiples of
 neighbouring inputs, so the result is not Caffe's bit for bit: on random layers of open_nsfw's
 shapes the largest difference to the direct convolution is ~7e-7 of the layer's largest output
 for m = 2 and ~1e-5 for m = 4; through the whole of open_nsfw (FAST, :func:`tile_size`'s choice)
-every blob stays within 6.3e-6 of its scale from Caffe's (5.2e-6 without Winograd), far below the
+every blob stays within 1.4e-5 of its scale from Caffe's (5.2e-6 without Winograd; 6.3e-6 with F(2x2) on
+the maps of at most 16 pixels a side), far below the
 executor's 1e-4 budget, but a fake-quant model's Quant layer could round such a value the other
 way: this path is used only by FAST
 chains that fold a BatchNorm or Scale (:mod:`amct_caffe.runtime.fold`), i.e. in float models, where
@@ -46,8 +48,9 @@ from amct_caffe.runtime.layers import caffe_gemm
 try:  # csrc/src/winograd.cpp
     from amct_caffe._kernels import winograd_input as INPUT_KERNEL
     from amct_caffe._kernels import winograd_output as OUTPUT_KERNEL
+    from amct_caffe._kernels import winograd_simd_level as SIMD_LEVEL
 except ImportError:
-    INPUT_KERNEL = OUTPUT_KERNEL = None
+    INPUT_KERNEL = OUTPUT_KERNEL = SIMD_LEVEL = None
 # Below this many multiply-adds (of the direct convolution) a layer's transforms run on one thread.
 THREADED_MACS = 1 << 22
 
@@ -75,19 +78,23 @@ def applies(weight_shape, stride, dilation, group: int) -> bool:
             and tuple(dilation) == (1, 1) and group == 1)
 
 
-# Outputs at most this many pixels a side use m = 2 (see tile_size).
+# Outputs at most this many pixels a side use m = 2 where the transforms run one tile at a time (see tile_size).
 SMALL_MAP = 16
 
 
 def tile_size(ho: int, wo: int) -> int:
-    """m = 4 on maps over :data:`SMALL_MAP` pixels a side, else 2.
+    """4, or 2 on maps of at most :data:`SMALL_MAP` pixels a side where the transforms are the portable loops.
 
     F(4x4) needs fewer multiplies on any map, ``ceil(Ho/m) * ceil(Wo/m) * (m+2)^2``, but rounds worse
-    (module doc). On small maps its GEMMs are narrow (8 images of 7x7: 32 columns) and the tiles
-    waste more (7 = 2 * 4 - 1), so it saves little there: measured on open_nsfw's 14x14 and 7x7
-    layers, 3.15 vs 3.3 and 2.95 vs 3.5 ms, while F(2x2) halves the largest difference to Caffe
-    (1.2e-5 -> 6e-6 of the blob's scale)."""
-    return 4 if min(ho, wo) > SMALL_MAP else 2
+    (module doc). With the portable one-tile loops its transforms cost more than it saves on small maps
+    (open_nsfw's 14x14 and 7x7 layers, batch 8: 3.15 against 3.3 and 2.95 against 3.5 ms), where F(2x2)
+    also halves the largest difference to Caffe (1.2e-5 -> 6e-6 of the blob's scale). The AVX-512
+    transforms gather sixteen tiles of any rows and images per vector (csrc/src/winograd_avx512.cpp):
+    there F(4x4) wins on every map, 14x14 2.3 against 2.7 ms and 7x7 2.2 against 3.2 (input transform,
+    GEMMs and output transform), and open_nsfw's blobs stay within 1.4e-5 of their scale from Caffe's."""
+    if min(ho, wo) > SMALL_MAP or (INPUT_KERNEL is not None and SIMD_LEVEL() >= 2):
+        return 4
+    return 2
 
 
 def transform_weights(weight: np.ndarray, m: int) -> np.ndarray:
