@@ -161,6 +161,13 @@ def softmax(x: F32, axis: int, threads: int) -> F32:
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 
+def pointwise_conv(
+    x: F32, weight: F32, scale: F32 | None, bias: F32 | None, relu: bool, threads: int, into: F32 | None = None,
+) -> F32:
+    """x (N, K, ...) by weight (O, K[, 1, 1]) -> (N, O, ...): one fused multiply-add per k in order from zero,
+    stored + 0, then * scale[o], + bias[o], maximum(v, 0) (each if given); AVX-512 only."""
+
+def pointwise_conv_available() -> bool: ...
 def winograd_simd_level() -> int:
     """0 portable, 2 AVX-512 (both transforms, the same bytes)."""
 

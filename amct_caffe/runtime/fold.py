@@ -236,14 +236,13 @@ def _pointwise(x, weight, stride, a, b, relu: bool, into) -> np.ndarray:
     """``max(conv1x1(x, weight) * a + b, 0)`` (the ReLU if ``relu``) by the pointwise kernel: each sum one
     fused multiply-add per input channel in order, then the folded map's two float32 roundings as
     :func:`_affine`'s (csrc/include/amct/pointwise_conv.h). A strided layer reads its pixels first."""
-    if any(s > 1 for s in stride):
-        x = x[:, :, ::stride[0], ::stride[1]]
-    x = np.ascontiguousarray(x)
+    if into is not None and np.may_share_memory(into, x):
+        into = None
+    x = np.ascontiguousarray(x[:, :, ::stride[0], ::stride[1]] if any(s > 1 for s in stride) else x)
     n, k = x.shape[:2]
     o = weight.shape[0]
     workers = threads.workers() if n * k * o * x.shape[2] * x.shape[3] >= THREADED_POINTWISE else 1
-    return POINTWISE_KERNEL(x, np.ascontiguousarray(weight), a, b, relu, workers,
-                            into if into is not None and not np.may_share_memory(into, x) else None)
+    return POINTWISE_KERNEL(x, np.ascontiguousarray(weight), a, b, relu, workers, into)
 
 
 def _plain_sum(layer, bottoms) -> bool:

@@ -364,7 +364,7 @@ py::array pointwise_conv(const py::handle& x_obj, const py::handle& w_obj, const
     throw py::value_error("scale and bias must have one value per output channel");
   }
   ep.relu = relu;
-  auto y = amct_py::output_into(into, shape, {&x, &w});
+  auto y = amct_py::output_into(into, shape, {&x, &w, &scale, &bias});
   const std::size_t p = n ? size_of(x) / static_cast<std::size_t>(n * k) : 0;
   auto* yp = y.mutable_data();
   if (n > 0 && p > 0 && o > 0) {

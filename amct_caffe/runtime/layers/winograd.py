@@ -91,7 +91,9 @@ def tile_size(ho: int, wo: int) -> int:
     also halves the largest difference to Caffe (1.2e-5 -> 6e-6 of the blob's scale). The AVX-512
     transforms gather sixteen tiles of any rows and images per vector (csrc/src/winograd_avx512.cpp):
     there F(4x4) wins on every map, 14x14 2.3 against 2.7 ms and 7x7 2.2 against 3.2 (input transform,
-    GEMMs and output transform), and open_nsfw's blobs stay within 1.4e-5 of their scale from Caffe's."""
+    GEMMs and output transform), and open_nsfw's blobs stay within 1.4e-5 of their scale from Caffe's.
+    So a FAST net's values on such maps depend on whether the CPU has AVX-512, as its GEMMs' already
+    depend on the BLAS kernels the CPU selects; on one machine they are the same on every run."""
     if min(ho, wo) > SMALL_MAP or (INPUT_KERNEL is not None and SIMD_LEVEL() >= 2):
         return 4
     return 2
