@@ -128,3 +128,17 @@ def test_vector_transforms_give_the_portable_bytes(m):
                 np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
     finally:
         _kernels.set_winograd_simd_limit(2)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_a_batch_in_chunks_of_images_gives_the_convolution_into_the_given_array(m, monkeypatch):
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)  # one image at a time
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 3, 11, 13)).astype(np.float32)
+    g = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    a, b = (rng.standard_normal(4).astype(np.float32) for _ in range(2))
+    into = np.full((5, 4, 11, 13), np.nan, np.float32)
+    got = winograd.conv3x3(x, winograd.transform_weights(g, m), m, (1, 1), a, b, True, into)
+    assert got is into
+    ref = np.maximum(winograd.winograd_reference(x, g, m, (1, 1)) * a.reshape(-1, 1, 1) + b.reshape(-1, 1, 1), 0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * max(1.0, np.abs(ref).max()))

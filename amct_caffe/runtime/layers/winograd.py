@@ -53,6 +53,8 @@ except ImportError:
     INPUT_KERNEL = OUTPUT_KERNEL = SIMD_LEVEL = None
 # Below this many multiply-adds (of the direct convolution) a layer's transforms run on one thread.
 THREADED_MACS = 1 << 22
+# conv3x3 transforms this many bytes of input tiles at a time (see there).
+CHUNK_BYTES = 1 << 19
 
 _F = np.float64
 # m -> (B^T, G, A^T)
@@ -128,19 +130,29 @@ def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: boo
             into: np.ndarray | None = None) -> np.ndarray:
     """``max(conv(x, g) * a + b, 0)`` (each step if given) for x (N, C, H, W) and ``u`` from
     :func:`transform_weights` of g (O, C, 3, 3); stride 1, ``pad`` (ph, pw). See the module doc.
-    ``into``: an array the result may be written into (used when it is float32 of the result's shape)."""
+    ``into``: an array the result may be written into (used when it is float32 of the result's shape).
+
+    The batch goes through in chunks of images whose transformed input ``V`` stays under
+    :data:`CHUNK_BYTES`, so that ``V`` and the products are still in cache when the GEMMs and the output
+    transform read them."""
     x = np.ascontiguousarray(x, np.float32)
     if into is not None and np.may_share_memory(into, x):
         into = None
     n, c, h, w = x.shape
     alpha2, o, _ = u.shape
     ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
-    cols = n * math.ceil(ho / m) * math.ceil(wo / m)
+    tiles = math.ceil(ho / m) * math.ceil(wo / m)
     workers = threads.workers() if n * c * o * 9 * ho * wo >= THREADED_MACS else 1
-    v = np.empty((alpha2, c, cols), np.float32)
-    INPUT_KERNEL(x, v, list(pad), m, workers)
-    mm = np.ascontiguousarray(caffe_gemm.matmul(u, v, (o, cols, c)))  # (a padded single column: a view)
-    return OUTPUT_KERNEL(mm, list(x.shape), list(pad), m, a, b, relu, workers, into)
+    chunk = max(1, min(n, CHUNK_BYTES // (alpha2 * c * tiles * 4)))
+    if into is None or into.shape != (n, o, ho, wo) or into.dtype != np.float32 or not into.flags.c_contiguous:
+        into = np.empty((n, o, ho, wo), np.float32)
+    for n0 in range(0, n, chunk):
+        xb = x[n0:n0 + chunk]
+        v = np.empty((alpha2, c, len(xb) * tiles), np.float32)
+        INPUT_KERNEL(xb, v, list(pad), m, workers)
+        mm = np.ascontiguousarray(caffe_gemm.matmul(u, v, (o, v.shape[2], c)))  # (a padded single column: a view)
+        OUTPUT_KERNEL(mm, list(xb.shape), list(pad), m, a, b, relu, workers, into[n0:n0 + chunk])
+    return into
 
 
 def winograd_reference(x: np.ndarray, weight: np.ndarray, m: int, pad) -> np.ndarray:
