@@ -119,6 +119,14 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   all``, 16 runs in 4 rounds [load 2.1]: open_nsfw 0.48, UltraFace slim-320 0.35, RFB-320 0.39,
   MiniNet-SSD 0.49, LeNet 0.62, P-Net 12x12 0.70, R-Net 0.46, O-Net 0.42, L-Net 0.67, the detector's
   shapes 0.14-0.35.
+* On an AVX-512 AMD CPU (Zen 4), where this run started at open_nsfw 0.56 (225 ms, Caffe 399 ms) and
+  UltraFace slim-320 0.49 [load 1.4]: the Winograd transforms sixteen tiles per AVX-512 vector (gathered
+  across rows and images on narrow maps, then F(4x4) on every map), a pointwise kernel for FAST chains'
+  1x1 convolutions with the folded map in its stores, the direct kernel's 8 x 48 register blocks, and
+  conv3x3 in cache-sized chunks of images; ``--models all``, two runs [load 0.6-1.1]: open_nsfw 0.49 /
+  0.51 (179 / 186 ms against 363 / 365), UltraFace slim-320 0.50 / 0.50, RFB-320 0.54 / 0.57, MiniNet-SSD
+  0.57 / 0.60, LeNet 0.69 / 0.70, MTCNN 0.17-0.88 (R-Net 1.08 in one run: median 0.21 ms, minimum 0.15).
+  Each lever's figure, and those measured and not kept, in docs/performance.md.
 """
 
 from __future__ import annotations
