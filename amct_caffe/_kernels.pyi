@@ -169,7 +169,7 @@ def pointwise_conv(
 
 def pointwise_conv_available() -> bool: ...
 def winograd_simd_level() -> int:
-    """0 portable, 2 AVX-512 (both transforms, the same bytes)."""
+    """0 portable, 1 AVX2, 2 AVX-512 (both transforms, the same bytes)."""
 
 def set_winograd_simd_limit(level: int) -> None: ...
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,

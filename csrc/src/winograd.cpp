@@ -137,13 +137,15 @@ void output_planes(const float* mm, float* y, const WinogradGeometry& g, const f
 
 }  // namespace
 
-int winograd_simd_level() { return cpu_has_avx512f() ? std::min(2, simd_limit.load()) : 0; }
+int winograd_simd_level() { return std::min(cpu_has_avx512f() ? 2 : cpu_has_avx2() ? 1 : 0, simd_limit.load()); }
 
 void set_winograd_simd_limit(int level) { simd_limit.store(level); }
 
 void winograd_input(const float* x, float* v, const WinogradGeometry& g, int threads) {
   check(g);
-  if (winograd_simd_level() >= 2) return winograd_input_avx512(x, v, g, threads);
+  const int level = winograd_simd_level();
+  if (level >= 2) return winograd_input_avx512(x, v, g, threads);
+  if (level == 1) return winograd_input_avx2(x, v, g, threads);
   parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
     if (g.m == 2) input_planes<2>(x, v, g, first, last);
     else input_planes<4>(x, v, g, first, last);
@@ -153,7 +155,9 @@ void winograd_input(const float* x, float* v, const WinogradGeometry& g, int thr
 void winograd_output(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b, bool relu,
                      int threads) {
   check(g);
-  if (winograd_simd_level() >= 2) return winograd_output_avx512(mm, y, g, a, b, relu, threads);
+  const int level = winograd_simd_level();
+  if (level >= 2) return winograd_output_avx512(mm, y, g, a, b, relu, threads);
+  if (level == 1) return winograd_output_avx2(mm, y, g, a, b, relu, threads);
   parallel_for(static_cast<std::size_t>(g.n) * g.o, threads, [&](std::size_t first, std::size_t last) {
     if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
     else output_planes<4>(mm, y, g, a, b, relu, first, last);

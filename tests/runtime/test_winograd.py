@@ -96,16 +96,19 @@ def _transforms(x, mm, pad, m, a, b, relu):
     return v, _kernels.winograd_output(mm, list(x.shape), list(pad), m, a, b, relu, 1)
 
 
+@pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("m", [2, 4])
-def test_vector_transforms_give_the_portable_bytes(m):
-    """The AVX-512 transforms (sixteen tiles per vector) against the one-tile loops: maps narrower and
-    wider than a vector of tiles, every padding, NaN and -0 through the ReLU, with and without the map."""
+def test_vector_transforms_give_the_portable_bytes(m, level):
+    """The AVX2 (eight tiles per vector) and AVX-512 transforms (sixteen; on maps of few tiles a row gathered
+    across rows and images) against the one-tile loops: maps narrower and wider than a vector of tiles,
+    several images, every padding, NaN and -0 through the ReLU, with and without the map."""
     from amct_caffe import _kernels
 
-    if _kernels.winograd_simd_level() < 2:
-        pytest.skip("no AVX-512 on this CPU")
-    rng = np.random.default_rng(m)
+    _kernels.set_winograd_simd_limit(level)
     try:
+        if _kernels.winograd_simd_level() < level:
+            pytest.skip("the CPU lacks this vector width")
+        rng = np.random.default_rng(m)
         for case in range(60):
             n, c, o = (int(v) for v in rng.integers(1, 4, 3))
             h, w = int(rng.integers(1, 40)), int(rng.integers(1, 150))
@@ -121,8 +124,8 @@ def test_vector_transforms_give_the_portable_bytes(m):
             a = rng.standard_normal(o).astype(np.float32) if case % 3 else None
             b = rng.standard_normal(o).astype(np.float32) if case % 4 else None
             got = []
-            for level in (2, 0):
-                _kernels.set_winograd_simd_limit(level)
+            for limit in (level, 0):
+                _kernels.set_winograd_simd_limit(limit)
                 got.append(_transforms(x, mm, pad, m, a, b, relu=bool(case % 2)))
             for fast, portable in zip(*got, strict=True):
                 np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))

@@ -85,7 +85,7 @@ SMALL_MAP = 16
 
 
 def tile_size(ho: int, wo: int) -> int:
-    """4, or 2 on maps of at most :data:`SMALL_MAP` pixels a side where the transforms are the portable loops.
+    """4, or 2 on maps of at most :data:`SMALL_MAP` pixels a side unless the transforms are AVX-512's.
 
     F(4x4) needs fewer multiplies on any map, ``ceil(Ho/m) * ceil(Wo/m) * (m+2)^2``, but rounds worse
     (module doc). With the portable one-tile loops its transforms cost more than it saves on small maps
@@ -94,6 +94,8 @@ def tile_size(ho: int, wo: int) -> int:
     transforms gather sixteen tiles of any rows and images per vector (csrc/src/winograd_avx512.cpp):
     there F(4x4) wins on every map, 14x14 2.3 against 2.7 ms and 7x7 2.2 against 3.2 (input transform,
     GEMMs and output transform), and open_nsfw's blobs stay within 1.4e-5 of their scale from Caffe's.
+    The AVX2 transforms (eight tiles of one tile row per vector) fill few lanes on such maps: with them
+    and OpenBLAS's AVX2 kernels, F(4x4) there made open_nsfw slower (207 against 202 ms).
     So a FAST net's values on such maps depend on whether the CPU has AVX-512, as its GEMMs' already
     depend on the BLAS kernels the CPU selects; on one machine they are the same on every run."""
     if min(ho, wo) > SMALL_MAP or (INPUT_KERNEL is not None and SIMD_LEVEL() >= 2):

@@ -32,7 +32,8 @@ void winograd_input(const float* x, float* v, const WinogradGeometry& g, int thr
 void winograd_output(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b, bool relu,
                      int threads);
 
-// Vector code path of both transforms: 0 portable, 2 AVX-512 (sixteen tiles at a time), the same bytes.
+// Vector code path of both transforms: 0 portable, 1 AVX2 (eight tiles at a time), 2 AVX-512 (sixteen),
+// the same bytes.
 // set_winograd_simd_limit caps it (tests compare the paths).
 int winograd_simd_level();
 void set_winograd_simd_limit(int level);

@@ -14,4 +14,10 @@ void winograd_input_avx512(const float* x, float* v, const WinogradGeometry& g, 
 void winograd_output_avx512(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
                             bool relu, int threads);
 
+// ... eight tiles of a tile row at a time (csrc/src/winograd_avx2.cpp), for AVX2 CPUs.
+void winograd_input_avx2(const float* x, float* v, const WinogradGeometry& g, int threads);
+
+void winograd_output_avx2(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
+                          bool relu, int threads);
+
 }  // namespace amct

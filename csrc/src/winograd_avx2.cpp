@@ -1,0 +1,242 @@
+// The Winograd transforms of winograd.cpp eight tiles at a time (AVX2), for CPUs without AVX-512.
+//
+// As in winograd_avx512.cpp: lane l of every vector is tile tx0 + l of one tile row, the input row's
+// floats split by column phase (an 8 x m transpose of the row's m-float groups) and the output tiles'
+// columns interleaved back the same way; each value goes through the portable loops' float32
+// operations in the same order (-ffp-contract=off), so the bytes are theirs (tests/runtime/test_winograd.py
+// compares the paths).
+#include "amct/winograd_simd.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "amct/parallel.h"
+
+namespace amct {
+namespace {
+
+#define AMCT_AVX2 __attribute__((target("avx2")))
+
+constexpr int kLanes = 8;
+
+AMCT_AVX2 inline __m256 mul(float k, __m256 v) { return _mm256_mul_ps(_mm256_set1_ps(k), v); }
+
+// B^T d over alpha vectors (the portable bt4 / bt6, term for term).
+template <int M>
+AMCT_AVX2 inline void bt(const __m256* d, __m256* o) {
+  if constexpr (M == 2) {
+    o[0] = _mm256_sub_ps(d[0], d[2]);
+    o[1] = _mm256_add_ps(d[1], d[2]);
+    o[2] = _mm256_sub_ps(d[2], d[1]);
+    o[3] = _mm256_sub_ps(d[1], d[3]);
+  } else {
+    const __m256 p = _mm256_sub_ps(d[4], mul(4.0f, d[2])), q = _mm256_sub_ps(d[3], mul(4.0f, d[1]));
+    const __m256 r = _mm256_sub_ps(d[4], d[2]), s = mul(2.0f, _mm256_sub_ps(d[3], d[1]));
+    o[0] = _mm256_add_ps(_mm256_sub_ps(mul(4.0f, d[0]), mul(5.0f, d[2])), d[4]);
+    o[1] = _mm256_add_ps(p, q);
+    o[2] = _mm256_sub_ps(p, q);
+    o[3] = _mm256_add_ps(r, s);
+    o[4] = _mm256_sub_ps(r, s);
+    o[5] = _mm256_add_ps(_mm256_sub_ps(mul(4.0f, d[1]), mul(5.0f, d[3])), d[5]);
+  }
+}
+
+// A^T v over alpha vectors (the portable at4 / at6).
+template <int M>
+AMCT_AVX2 inline void at(const __m256* v, __m256* y) {
+  if constexpr (M == 2) {
+    y[0] = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), v[2]);
+    y[1] = _mm256_sub_ps(_mm256_sub_ps(v[1], v[2]), v[3]);
+  } else {
+    const __m256 a = _mm256_add_ps(v[1], v[2]), b = _mm256_sub_ps(v[1], v[2]);
+    const __m256 c = _mm256_add_ps(v[3], v[4]), d = _mm256_sub_ps(v[3], v[4]);
+    y[0] = _mm256_add_ps(_mm256_add_ps(v[0], a), c);
+    y[1] = _mm256_add_ps(b, mul(2.0f, d));
+    y[2] = _mm256_add_ps(a, mul(4.0f, c));
+    y[3] = _mm256_add_ps(_mm256_add_ps(b, mul(8.0f, d)), v[5]);
+  }
+}
+
+// The first `count` lanes (0..8) as a maskload / maskstore mask.
+AMCT_AVX2 inline __m256i first_lanes(int count) {
+  const int c = std::clamp(count, 0, kLanes);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The first `count` lanes of v at p: a plain store when all eight are (AMD's masked store is microcoded,
+// many times slower).
+AMCT_AVX2 inline void store_first(float* p, int count, __m256 v) {
+  if (count >= kLanes) _mm256_storeu_ps(p, v);
+  else if (count > 0) _mm256_maskstore_ps(p, first_lanes(count), v);
+}
+
+AMCT_AVX2 inline __m256 load_first(const float* p, int count) {
+  return count >= kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(count));
+}
+
+// lanes 1..7 of a, then `last`: the tiles' next column
+AMCT_AVX2 inline __m256 shift_in(__m256 a, float last) {
+  const __m256 s = _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 7));
+  return _mm256_blend_ps(s, _mm256_set1_ps(last), 0x80);
+}
+
+// d[j] lane l = row[l*M + j], j < alpha, for the eight tiles whose columns start at row[0]
+// (row must have 8*M + 8 readable floats).
+template <int M>
+AMCT_AVX2 inline void tile_columns(const float* row, __m256* d) {
+  if constexpr (M == 2) {
+    const __m256 l0 = _mm256_loadu_ps(row), l1 = _mm256_loadu_ps(row + 8);
+    // even / odd floats, in 64-bit pairs ordered (0, 2, 1, 3)
+    const __m256 even = _mm256_shuffle_ps(l0, l1, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 odd = _mm256_shuffle_ps(l0, l1, _MM_SHUFFLE(3, 1, 3, 1));
+    d[0] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+    d[1] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), _MM_SHUFFLE(3, 1, 2, 0)));
+    d[2] = shift_in(d[0], row[16]);
+    d[3] = shift_in(d[1], row[17]);
+  } else {
+    // an 8 x 4 transpose: l0 = tiles 0 and 1, ..., l3 = tiles 6 and 7 (four floats each)
+    const __m256 l0 = _mm256_loadu_ps(row), l1 = _mm256_loadu_ps(row + 8);
+    const __m256 l2 = _mm256_loadu_ps(row + 16), l3 = _mm256_loadu_ps(row + 24);
+    const __m256 t0 = _mm256_unpacklo_ps(l0, l1), t1 = _mm256_unpackhi_ps(l0, l1);
+    const __m256 t2 = _mm256_unpacklo_ps(l2, l3), t3 = _mm256_unpackhi_ps(l2, l3);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // tiles (0 2 4 6 | 1 3 5 7) -> 0..7
+    d[0] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), order);
+    d[1] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)), order);
+    d[2] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), order);
+    d[3] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)), order);
+    d[4] = shift_in(d[0], row[32]);
+    d[5] = shift_in(d[1], row[33]);
+  }
+}
+
+template <int M>
+AMCT_AVX2 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
+  constexpr int A = M + 2;
+  const int hp = g.th * M + 2;
+  const int blocks = (g.tw + kLanes - 1) / kLanes;
+  const int wp = blocks * kLanes * M + kLanes;  // every block's loads stay inside the zeroed row
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
+  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
+  const std::size_t slab = static_cast<std::size_t>(g.c) * cols;
+  std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
+  const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
+  __m256 u[A][A];  // u[i][nu]: row i of the tiles, transformed
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const std::size_t img = pl / g.c, ch = pl % g.c;
+    const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
+    for (int r = 0; r < rows; ++r) {  // the same interior every plane: the border stays zero
+      std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r) * g.w + width,
+                pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
+    }
+    for (int ty = 0; ty < g.th; ++ty) {
+      float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
+      for (int blk = 0; blk < blocks; ++blk) {
+        const int tx0 = blk * kLanes;
+        for (int i = 0; i < A; ++i) {
+          __m256 d[A];
+          tile_columns<M>(pad.data() + static_cast<std::size_t>(ty * M + i) * wp + tx0 * M, d);
+          bt<M>(d, u[i]);
+        }
+        const int count = g.tw - tx0;
+        for (int nu = 0; nu < A; ++nu) {
+          __m256 col[A], o[A];
+          for (int i = 0; i < A; ++i) col[i] = u[i][nu];
+          bt<M>(col, o);
+          for (int xi = 0; xi < A; ++xi) store_first(dst + (xi * A + nu) * slab + tx0, count, o[xi]);
+        }
+      }
+    }
+  }
+}
+
+// The output row's floats from the M tile columns t[k] (lane l = tile tx0 + l): t[0][0], t[1][0], ...,
+// t[M-1][0], t[0][1], ...; `valid` of them stored.
+template <int M>
+AMCT_AVX2 inline void store_interleaved(const __m256* t, float* out, int valid) {
+  __m256 chunk[M];
+  if constexpr (M == 2) {
+    const __m256 lo = _mm256_unpacklo_ps(t[0], t[1]), hi = _mm256_unpackhi_ps(t[0], t[1]);
+    chunk[0] = _mm256_permute2f128_ps(lo, hi, 0x20);  // tiles 0..3
+    chunk[1] = _mm256_permute2f128_ps(lo, hi, 0x31);  // tiles 4..7
+  } else {  // the inverse of tile_columns' transpose
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // tiles 0..7 -> (0 2 4 6 | 1 3 5 7)
+    __m256 u[4];
+    for (int k = 0; k < 4; ++k) u[k] = _mm256_permutevar8x32_ps(t[k], order);
+    const __m256 s0 = _mm256_unpacklo_ps(u[0], u[1]), s1 = _mm256_unpackhi_ps(u[0], u[1]);
+    const __m256 s2 = _mm256_unpacklo_ps(u[2], u[3]), s3 = _mm256_unpackhi_ps(u[2], u[3]);
+    chunk[0] = _mm256_shuffle_ps(s0, s2, _MM_SHUFFLE(1, 0, 1, 0));  // tiles 0, 1
+    chunk[1] = _mm256_shuffle_ps(s0, s2, _MM_SHUFFLE(3, 2, 3, 2));  // tiles 2, 3
+    chunk[2] = _mm256_shuffle_ps(s1, s3, _MM_SHUFFLE(1, 0, 1, 0));  // tiles 4, 5
+    chunk[3] = _mm256_shuffle_ps(s1, s3, _MM_SHUFFLE(3, 2, 3, 2));  // tiles 6, 7
+  }
+  for (int c = 0; c < M; ++c) store_first(out + 8 * c, valid - 8 * c, chunk[c]);
+}
+
+template <int M>
+AMCT_AVX2 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
+                             bool relu, std::size_t first, std::size_t last) {
+  constexpr int A = M + 2;
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
+  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
+  const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
+  const int blocks = (g.tw + kLanes - 1) / kLanes;
+  const __m256 zero = _mm256_setzero_ps();
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const std::size_t img = pl / g.o, oc = pl % g.o;
+    const __m256 sa = _mm256_set1_ps(a ? a[oc] : 1.0f), sb = _mm256_set1_ps(b ? b[oc] : 0.0f);
+    float* yp = y + pl * static_cast<std::size_t>(g.ho) * g.wo;
+    for (int ty = 0; ty < g.th; ++ty) {
+      const float* src = mm + oc * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
+      const int rows = std::min(M, g.ho - ty * M);
+      for (int blk = 0; blk < blocks; ++blk) {
+        const int tx0 = blk * kLanes;
+        const int count = g.tw - tx0;
+        __m256 s[A][M];  // s[xi][k]: the columns transformed
+        for (int xi = 0; xi < A; ++xi) {
+          __m256 row[A];
+          for (int nu = 0; nu < A; ++nu) row[nu] = load_first(src + (xi * A + nu) * slab + tx0, count);
+          at<M>(row, s[xi]);
+        }
+        __m256 t[M][M];  // t[kr][k]: output row kr, column k of each tile
+        for (int k = 0; k < M; ++k) {
+          __m256 col[A], out[M];
+          for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
+          at<M>(col, out);
+          for (int kr = 0; kr < M; ++kr) {
+            __m256 val = out[kr];
+            if (a) val = _mm256_mul_ps(val, sa);
+            if (b) val = _mm256_add_ps(val, sb);
+            if (relu) val = _mm256_and_ps(_mm256_cmp_ps(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN, else +0
+            t[kr][k] = val;
+          }
+        }
+        const int valid = std::min(kLanes * M, g.wo - tx0 * M);
+        for (int kr = 0; kr < rows; ++kr) {
+          store_interleaved<M>(t[kr], yp + static_cast<std::size_t>(ty * M + kr) * g.wo + tx0 * M, valid);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void winograd_input_avx2(const float* x, float* v, const WinogradGeometry& g, int threads) {
+  parallel_for(static_cast<std::size_t>(g.n) * g.c, threads, [&](std::size_t first, std::size_t last) {
+    if (g.m == 2) input_planes<2>(x, v, g, first, last);
+    else input_planes<4>(x, v, g, first, last);
+  });
+}
+
+void winograd_output_avx2(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
+                          bool relu, int threads) {
+  parallel_for(static_cast<std::size_t>(g.n) * g.o, threads, [&](std::size_t first, std::size_t last) {
+    if (g.m == 2) output_planes<2>(mm, y, g, a, b, relu, first, last);
+    else output_planes<4>(mm, y, g, a, b, relu, first, last);
+  });
+}
+
+}  // namespace amct
