@@ -161,6 +161,9 @@ def softmax(x: F32, axis: int, threads: int) -> F32:
 def winograd_input(x: F32, v: F32, pad: list[int], m: int, threads: int) -> None:
     """x (N, C, H, W) -> v ((m+2)^2, C, N*tiles): B^T d B of every input tile (runtime/layers/winograd.py)."""
 
+def relu(x: F32, threads: int, into: F32 | None = None) -> F32:
+    """NumPy's maximum(x, 0) (NaNs kept, -0 to +0), the same bytes, without NumPy's slower NaN path."""
+
 def pointwise_conv(
     x: F32, weight: F32, scale: F32 | None, bias: F32 | None, relu: bool, threads: int, into: F32 | None = None,
 ) -> F32:

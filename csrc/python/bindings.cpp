@@ -237,6 +237,17 @@ py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector
   return std::move(y);
 }
 
+py::array relu(const py::handle& x_obj, int threads, const py::object& into) {
+  auto x = checked<float>(x_obj, "x");
+  auto y = amct_py::output_into(into, shape_of(x), {});  // (into may be x itself: elementwise in place is safe)
+  auto* yp = y.mutable_data();
+  const std::size_t n = size_of(x);
+  const float* xp = x.data();
+  py::gil_scoped_release release;
+  amct::relu(xp, yp, n, threads);
+  return std::move(y);
+}
+
 void channel_affine(const py::handle& y_obj, const py::object& a_obj, const py::object& b_obj, bool relu,
                     int threads) {
   auto y = checked<float>(y_obj, "y");
@@ -473,6 +484,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
+  m.def("relu", &relu, py::arg("x"), py::arg("threads"), py::arg("into") = py::none());
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {

@@ -107,6 +107,19 @@ void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const
   });
 }
 
+namespace {
+void relu_run(const float* x, float* y, std::size_t len) {
+  for (std::size_t i = 0; i < len; ++i) y[i] = numpy_relu(x[i]);
+}
+}  // namespace
+
+void relu(const float* x, float* y, std::size_t n, int threads) {
+  constexpr std::size_t kChunk = 1 << 14;  // values per work item
+  parallel_for((n + kChunk - 1) / kChunk, threads, [&](std::size_t first, std::size_t last) {
+    relu_run(x + first * kChunk, y + first * kChunk, std::min(n, last * kChunk) - first * kChunk);
+  });
+}
+
 // y = u > 0 ? u : u * s over one run. The product everywhere, then a bitwise select: GCC keeps the
 // conditional form a branch on the data's sign (it may not hoist a float multiply that could trap),
 // 10-20x slower on mixed signs. (A separate function with the length by value: inside the caller's

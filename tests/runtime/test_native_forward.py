@@ -196,3 +196,31 @@ def test_direct_kernel_epilogue_is_the_separate_pass(seed):
     with np.errstate(invalid="ignore"):
         fold._affine(want, scale, bias, relu)
     np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_relu_kernel_is_numpys_maximum_with_zero_on_every_kind_of_float():
+    """NaNs of both signs and any payload kept, -0 and negatives to +0, denormals, infinities: the bytes of
+    np.maximum(x, 0), which the prepared ReLU step used before; with any thread count and into its top's array."""
+    bits = np.arange(0, 2**32, 65521, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0x80000000, 0x7FC00001, 0xFFC00002, 0x7F800000, 0xFF800000, 1, 0x80000001], np.uint32)
+    x = np.concatenate([bits, special]).view(np.float32)
+    want = np.maximum(x, np.float32(0))
+    for threads in (1, 3):
+        into = np.empty_like(x)
+        got = activation.RELU_KERNEL(x, threads, into)
+        assert got is into
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_prepared_relu_steps_give_numpys_bytes(monkeypatch):
+    layer_forward = activation._ReLUNeuron.prepared_forward_into  # noqa: SLF001 - the step under test
+
+    class Fake:
+        kwargs = {"negative_slope": 0.0}
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 33, 17)).astype(np.float32)
+    x[0, 0, 0, :3] = [np.nan, -0.0, -np.inf]
+    step = layer_forward(Fake(), [x.shape])
+    got = step([x], [None])[0].copy()
+    monkeypatch.setattr(activation, "RELU_KERNEL", None)
+    np.testing.assert_array_equal(_bits(got), _bits(step([x], [None])[0]))

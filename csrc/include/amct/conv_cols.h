@@ -18,6 +18,10 @@ void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
 
 // In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then, if relu, NumPy's
 // maximum(y, 0): y where y > 0 or NaN, else +0.
+// y[i] = NumPy's maximum(x[i], 0) for i < n: x where x > 0 or NaN, else +0 (a ReLU layer whose top is
+// another blob). NumPy's own loop keeps NaNs by a slower path: 0.23 ms for 614,400 values against 0.06.
+void relu(const float* x, float* y, std::size_t n, int threads);
+
 void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
                     int threads);
 
