@@ -126,7 +126,10 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   conv3x3 in cache-sized chunks of images; ``--models all``, two runs [load 0.6-1.1]: open_nsfw 0.49 /
   0.51 (179 / 186 ms against 363 / 365), UltraFace slim-320 0.50 / 0.50, RFB-320 0.54 / 0.57, MiniNet-SSD
   0.57 / 0.60, LeNet 0.69 / 0.70, MTCNN 0.17-0.88 (R-Net 1.08 in one run: median 0.21 ms, minimum 0.15).
-  Each lever's figure, and those measured and not kept, in docs/performance.md.
+  Then out-of-place ReLUs in one C++ pass (NumPy's maximum keeps NaNs by a 3x slower loop) and the
+  pointwise kernel's L2 requests [load 1.2]: open_nsfw 0.50 (180 ms, minimum 165), UltraFace slim-320
+  0.44, RFB-320 0.51, MiniNet-SSD 0.60, LeNet 0.73, MTCNN 0.18-0.95. Each lever's figure, and those
+  measured and not kept, in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "amct/parallel.h"
+#include "amct/register_block.h"
 
 namespace amct {
 namespace {
@@ -89,56 +90,15 @@ __attribute__((target("avx512f"), noinline)) void map_row(float* y, const Conv2d
   }
 }
 
-// One register block: outputs ox .. ox + 16*V of kOut channels (outs of them stored, plane stride `plane`,
-// the first at y), taps src[t] + ox; the last vector's lanes limited by `last`. The sums are kept in
-// registers (loops unrolled; a block of fewer than kOut channels is stored through a stack buffer:
-// indexed by the run-time `outs`, the accumulators would live in memory).
+// One register block (amct/register_block.h): outputs ox .. ox + 16*V of kOut channels (outs of them
+// stored, plane stride `plane`, the first at y), taps src[t] + ox, the bias added.
 template <int V>
 __attribute__((target("avx512f"), noinline)) void block(const float* const* src, int ox, const float* wb, int k,
                                                         __mmask16 last, float* y, std::size_t plane, int outs,
                                                         const float* bias) {
-  __m512 acc[kOut][V];
-#pragma GCC unroll 8
-  for (int b = 0; b < kOut; ++b) {
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) acc[b][v] = _mm512_setzero_ps();
-  }
-  for (int t = 0; t < k; ++t) {
-    const float* s = src[t] + ox;
-    __m512 xv[V];
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) xv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, s + 16 * v) : _mm512_loadu_ps(s + 16 * v);
-#pragma GCC unroll 8
-    for (int b = 0; b < kOut; ++b) {
-      const __m512 wv = _mm512_set1_ps(wb[t * kOut + b]);
-#pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) acc[b][v] = _mm512_fmadd_ps(wv, xv[v], acc[b][v]);
-    }
-  }
-  const auto store = [](float* at, __mmask16 m, __m512 sum, const float* b) __attribute__((target("avx512f"))) {
-    __m512 val = _mm512_add_ps(sum, _mm512_setzero_ps());  // alpha * acc + 0: -0 stored +0
-    if (b) val = _mm512_add_ps(val, _mm512_set1_ps(*b));
-    _mm512_mask_storeu_ps(at, m, val);
-  };
-  if (outs == kOut) {  // stored from the registers
-#pragma GCC unroll 8
-    for (int b = 0; b < kOut; ++b) {
-#pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) store(y + b * plane + 16 * v, v == V - 1 ? last : 0xFFFF, acc[b][v], bias ? bias + b : nullptr);
-    }
-    return;
-  }
-  alignas(64) float sums[kOut][V * 16];
-#pragma GCC unroll 8
-  for (int b = 0; b < kOut; ++b) {
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) _mm512_store_ps(sums[b] + 16 * v, acc[b][v]);
-  }
-  for (int b = 0; b < outs; ++b) {
-    for (int v = 0; v < V; ++v) {
-      store(y + b * plane + 16 * v, v == V - 1 ? last : 0xFFFF, _mm512_load_ps(sums[b] + 16 * v), bias ? bias + b : nullptr);
-    }
-  }
+  register_block::Epilogue ep;
+  ep.bias = bias;
+  register_block::run<V>([&](int t) { return src[t] + ox; }, wb, k, last, y, plane, outs, ep);
 }
 
 __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g,

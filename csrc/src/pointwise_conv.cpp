@@ -8,80 +8,31 @@
 
 #include "amct/cpu.h"
 #include "amct/parallel.h"
+#include "amct/register_block.h"
 
 namespace amct {
 namespace {
 
 #define AMCT_AVX512 __attribute__((target("avx512f")))
 
-constexpr int kRows = 8;    // output channels per register block
-constexpr int kVecs = 3;    // 16-float vectors of pixels per register block
+constexpr int kRows = register_block::kRows;  // output channels per register block
+constexpr int kVecs = 3;                       // 16-float vectors of pixels per register block
 constexpr int kPixels = 16 * kVecs;
-constexpr std::size_t kSpan = 4 * kPixels;
-  // pixels per work item (measured: 48 to 768, best at 192-384)
+constexpr std::size_t kSpan = 4 * kPixels;     // pixels per work item (measured: 48 to 768, best at 192-384)
 
-// One register block: rows [o0, o0 + rows) of the output, pixels [p0, p0 + V*16) of image img (the
-// last vector's lanes limited by `last`); wb (k, kRows) the block's weights, xs = x + (img*K)*P + p0.
-// The accumulators must stay in registers: everything is in this one function, its loops unrolled.
+// One register block (amct/register_block.h): channels [o0, o0 + rows) of the output, pixels
+// [p0, p0 + V*16) of image img (the last vector's lanes limited by `last`); wb (k, kRows) the block's
+// weights, xs = x + (img*K)*P + p0.
 template <int V>
 AMCT_AVX512 __attribute__((noinline)) void block(const float* xs, const float* wb, float* y, std::size_t img, int k,
                                                  std::size_t p, std::size_t p0, int o0, int rows, int o,
                                                  __mmask16 last, const PointwiseEpilogue& ep) {
-  __m512 acc[kRows][V];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int t = 0; t < k; ++t) {
-    const float* row = xs + static_cast<std::size_t>(t) * p;
-    __m512 xv[V];
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) {
-      xv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, row + 16 * v) : _mm512_loadu_ps(row + 16 * v);
-    }
-    const float* wt = wb + static_cast<std::size_t>(t) * kRows;
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 wv = _mm512_set1_ps(wt[r]);
-#pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(wv, xv[v], acc[r][v]);
-    }
-  }
-  const auto store = [](float* at, __mmask16 m, __m512 sum, float sv, float bv, const PointwiseEpilogue& ep)
-      __attribute__((target("avx512f"))) {
-    sum = _mm512_add_ps(sum, _mm512_setzero_ps());  // as a GEMM stores alpha * acc + 0: -0 becomes +0
-    if (ep.scale) sum = _mm512_mul_ps(sum, _mm512_set1_ps(sv));
-    if (ep.bias) sum = _mm512_add_ps(sum, _mm512_set1_ps(bv));
-    if (ep.relu) sum = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_NLE_UQ), sum);  // > 0 or NaN
-    _mm512_mask_storeu_ps(at, m, sum);
-  };
-  const float* sc = ep.scale ? ep.scale + o0 : nullptr;
-  const float* bi = ep.bias ? ep.bias + o0 : nullptr;
-  float* yb = y + (img * o + o0) * p + p0;
-  if (rows == kRows) {  // stored from the registers
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) {
-        store(yb + r * p + 16 * v, v == V - 1 ? last : 0xFFFF, acc[r][v], sc ? sc[r] : 1.0f, bi ? bi[r] : 0.0f, ep);
-      }
-    }
-    return;
-  }
-  // (indexed by the run-time row count, the accumulators would live in memory throughout: a stack buffer)
-  alignas(64) float sums[kRows][V * 16];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) _mm512_store_ps(sums[r] + 16 * v, acc[r][v]);
-  }
-  for (int r = 0; r < rows; ++r) {
-    for (int v = 0; v < V; ++v) {
-      store(yb + r * p + 16 * v, v == V - 1 ? last : 0xFFFF, _mm512_load_ps(sums[r] + 16 * v), sc ? sc[r] : 1.0f,
-            bi ? bi[r] : 0.0f, ep);
-    }
-  }
+  register_block::Epilogue bep;
+  bep.scale = ep.scale ? ep.scale + o0 : nullptr;
+  bep.bias = ep.bias ? ep.bias + o0 : nullptr;
+  bep.relu = ep.relu;
+  register_block::run<V>([&](int t) { return xs + static_cast<std::size_t>(t) * p; }, wb, k, last,
+                         y + (img * o + o0) * p + p0, p, rows, bep);
 }
 
 // Pixels [p0, p1) of image img, all output channels: per block of kRows channels, the register

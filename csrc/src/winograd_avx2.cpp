@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "amct/parallel.h"
+#include "amct/winograd_tile.h"
 
 namespace amct {
 namespace {
@@ -21,44 +22,6 @@ namespace {
 #define AMCT_AVX2 __attribute__((target("avx2")))
 
 constexpr int kLanes = 8;
-
-AMCT_AVX2 inline __m256 mul(float k, __m256 v) { return _mm256_mul_ps(_mm256_set1_ps(k), v); }
-
-// B^T d over alpha vectors (the portable bt4 / bt6, term for term).
-template <int M>
-AMCT_AVX2 inline void bt(const __m256* d, __m256* o) {
-  if constexpr (M == 2) {
-    o[0] = _mm256_sub_ps(d[0], d[2]);
-    o[1] = _mm256_add_ps(d[1], d[2]);
-    o[2] = _mm256_sub_ps(d[2], d[1]);
-    o[3] = _mm256_sub_ps(d[1], d[3]);
-  } else {
-    const __m256 p = _mm256_sub_ps(d[4], mul(4.0f, d[2])), q = _mm256_sub_ps(d[3], mul(4.0f, d[1]));
-    const __m256 r = _mm256_sub_ps(d[4], d[2]), s = mul(2.0f, _mm256_sub_ps(d[3], d[1]));
-    o[0] = _mm256_add_ps(_mm256_sub_ps(mul(4.0f, d[0]), mul(5.0f, d[2])), d[4]);
-    o[1] = _mm256_add_ps(p, q);
-    o[2] = _mm256_sub_ps(p, q);
-    o[3] = _mm256_add_ps(r, s);
-    o[4] = _mm256_sub_ps(r, s);
-    o[5] = _mm256_add_ps(_mm256_sub_ps(mul(4.0f, d[1]), mul(5.0f, d[3])), d[5]);
-  }
-}
-
-// A^T v over alpha vectors (the portable at4 / at6).
-template <int M>
-AMCT_AVX2 inline void at(const __m256* v, __m256* y) {
-  if constexpr (M == 2) {
-    y[0] = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), v[2]);
-    y[1] = _mm256_sub_ps(_mm256_sub_ps(v[1], v[2]), v[3]);
-  } else {
-    const __m256 a = _mm256_add_ps(v[1], v[2]), b = _mm256_sub_ps(v[1], v[2]);
-    const __m256 c = _mm256_add_ps(v[3], v[4]), d = _mm256_sub_ps(v[3], v[4]);
-    y[0] = _mm256_add_ps(_mm256_add_ps(v[0], a), c);
-    y[1] = _mm256_add_ps(b, mul(2.0f, d));
-    y[2] = _mm256_add_ps(a, mul(4.0f, c));
-    y[3] = _mm256_add_ps(_mm256_add_ps(b, mul(8.0f, d)), v[5]);
-  }
-}
 
 // The first `count` lanes (0..8) as a maskload / maskstore mask.
 AMCT_AVX2 inline __m256i first_lanes(int count) {
@@ -114,7 +77,6 @@ AMCT_AVX2 inline void tile_columns(const float* row, __m256* d) {
 
 template <int M>
 AMCT_AVX2 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
-  constexpr int A = M + 2;
   const int hp = g.th * M + 2;
   const int blocks = (g.tw + kLanes - 1) / kLanes;
   const int wp = blocks * kLanes * M + kLanes;  // every block's loads stay inside the zeroed row
@@ -123,7 +85,6 @@ AMCT_AVX2 void input_planes(const float* x, float* v, const WinogradGeometry& g,
   const std::size_t slab = static_cast<std::size_t>(g.c) * cols;
   std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
   const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
-  __m256 u[A][A];  // u[i][nu]: row i of the tiles, transformed
   for (std::size_t pl = first; pl < last; ++pl) {
     const std::size_t img = pl / g.c, ch = pl % g.c;
     const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
@@ -135,18 +96,11 @@ AMCT_AVX2 void input_planes(const float* x, float* v, const WinogradGeometry& g,
       float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
       for (int blk = 0; blk < blocks; ++blk) {
         const int tx0 = blk * kLanes;
-        for (int i = 0; i < A; ++i) {
-          __m256 d[A];
-          tile_columns<M>(pad.data() + static_cast<std::size_t>(ty * M + i) * wp + tx0 * M, d);
-          bt<M>(d, u[i]);
-        }
+        const float* rows = pad.data() + static_cast<std::size_t>(ty * M) * wp + tx0 * M;
         const int count = g.tw - tx0;
-        for (int nu = 0; nu < A; ++nu) {
-          __m256 col[A], o[A];
-          for (int i = 0; i < A; ++i) col[i] = u[i][nu];
-          bt<M>(col, o);
-          for (int xi = 0; xi < A; ++xi) store_first(dst + (xi * A + nu) * slab + tx0, count, o[xi]);
-        }
+        winograd_tile::input_tiles<M, __m256>(
+            [&](int i, __m256* d) AMCT_AVX2 { tile_columns<M>(rows + static_cast<std::size_t>(i) * wp, d); },
+            [&](int at, const __m256& value) AMCT_AVX2 { store_first(dst + at * slab + tx0, count, value); });
       }
     }
   }
@@ -178,7 +132,6 @@ AMCT_AVX2 inline void store_interleaved(const __m256* t, float* out, int valid) 
 template <int M>
 AMCT_AVX2 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
                              bool relu, std::size_t first, std::size_t last) {
-  constexpr int A = M + 2;
   const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
   const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
   const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
@@ -194,19 +147,12 @@ AMCT_AVX2 void output_planes(const float* mm, float* y, const WinogradGeometry& 
       for (int blk = 0; blk < blocks; ++blk) {
         const int tx0 = blk * kLanes;
         const int count = g.tw - tx0;
-        __m256 s[A][M];  // s[xi][k]: the columns transformed
-        for (int xi = 0; xi < A; ++xi) {
-          __m256 row[A];
-          for (int nu = 0; nu < A; ++nu) row[nu] = load_first(src + (xi * A + nu) * slab + tx0, count);
-          at<M>(row, s[xi]);
-        }
         __m256 t[M][M];  // t[kr][k]: output row kr, column k of each tile
-        for (int k = 0; k < M; ++k) {
-          __m256 col[A], out[M];
-          for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
-          at<M>(col, out);
-          for (int kr = 0; kr < M; ++kr) {
-            __m256 val = out[kr];
+        winograd_tile::output_tiles<M, __m256>(
+            [&](int at, __m256& v) AMCT_AVX2 { v = load_first(src + at * slab + tx0, count); }, t);
+        for (int kr = 0; kr < M; ++kr) {
+          for (int k = 0; k < M; ++k) {
+            __m256 val = t[kr][k];
             if (a) val = _mm256_mul_ps(val, sa);
             if (b) val = _mm256_add_ps(val, sb);
             if (relu) val = _mm256_and_ps(_mm256_cmp_ps(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN, else +0

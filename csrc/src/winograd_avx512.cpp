@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "amct/parallel.h"
+#include "amct/winograd_tile.h"
 
 namespace amct {
 namespace {
@@ -26,44 +27,6 @@ namespace {
 constexpr int kLanes = 16;
 // Maps of fewer tiles a row than this gather their lanes across rows and images (see input_gathered).
 constexpr int kGatherTilesRow = 12;
-
-AMCT_AVX512 inline __m512 mul(float k, __m512 v) { return _mm512_mul_ps(_mm512_set1_ps(k), v); }
-
-// B^T d over alpha vectors (the portable bt4 / bt6, term for term).
-template <int M>
-AMCT_AVX512 inline void bt(const __m512* d, __m512* o) {
-  if constexpr (M == 2) {
-    o[0] = _mm512_sub_ps(d[0], d[2]);
-    o[1] = _mm512_add_ps(d[1], d[2]);
-    o[2] = _mm512_sub_ps(d[2], d[1]);
-    o[3] = _mm512_sub_ps(d[1], d[3]);
-  } else {
-    const __m512 p = _mm512_sub_ps(d[4], mul(4.0f, d[2])), q = _mm512_sub_ps(d[3], mul(4.0f, d[1]));
-    const __m512 r = _mm512_sub_ps(d[4], d[2]), s = mul(2.0f, _mm512_sub_ps(d[3], d[1]));
-    o[0] = _mm512_add_ps(_mm512_sub_ps(mul(4.0f, d[0]), mul(5.0f, d[2])), d[4]);
-    o[1] = _mm512_add_ps(p, q);
-    o[2] = _mm512_sub_ps(p, q);
-    o[3] = _mm512_add_ps(r, s);
-    o[4] = _mm512_sub_ps(r, s);
-    o[5] = _mm512_add_ps(_mm512_sub_ps(mul(4.0f, d[1]), mul(5.0f, d[3])), d[5]);
-  }
-}
-
-// A^T v over alpha vectors (the portable at4 / at6).
-template <int M>
-AMCT_AVX512 inline void at(const __m512* v, __m512* y) {
-  if constexpr (M == 2) {
-    y[0] = _mm512_add_ps(_mm512_add_ps(v[0], v[1]), v[2]);
-    y[1] = _mm512_sub_ps(_mm512_sub_ps(v[1], v[2]), v[3]);
-  } else {
-    const __m512 a = _mm512_add_ps(v[1], v[2]), b = _mm512_sub_ps(v[1], v[2]);
-    const __m512 c = _mm512_add_ps(v[3], v[4]), d = _mm512_sub_ps(v[3], v[4]);
-    y[0] = _mm512_add_ps(_mm512_add_ps(v[0], a), c);
-    y[1] = _mm512_add_ps(b, mul(2.0f, d));
-    y[2] = _mm512_add_ps(a, mul(4.0f, c));
-    y[3] = _mm512_add_ps(_mm512_add_ps(b, mul(8.0f, d)), v[5]);
-  }
-}
 
 AMCT_AVX512 inline __mmask16 first_lanes(int count) {
   return count >= kLanes ? static_cast<__mmask16>(0xFFFF)
@@ -103,7 +66,6 @@ AMCT_AVX512 inline void tile_columns(const float* row, __m512* d) {
 template <int M>
 AMCT_AVX512 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first,
                               std::size_t last) {
-  constexpr int A = M + 2;
   const int hp = g.th * M + 2;
   const int blocks = (g.tw + kLanes - 1) / kLanes;
   const int wp = blocks * kLanes * M + kLanes;  // every block's loads stay inside the zeroed row
@@ -112,7 +74,6 @@ AMCT_AVX512 void input_planes(const float* x, float* v, const WinogradGeometry& 
   const std::size_t slab = static_cast<std::size_t>(g.c) * cols;
   std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
   const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
-  __m512 u[A][A];  // u[i][nu]: row i of the tiles, transformed
   for (std::size_t pl = first; pl < last; ++pl) {
     const std::size_t img = pl / g.c, ch = pl % g.c;
     const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
@@ -124,21 +85,23 @@ AMCT_AVX512 void input_planes(const float* x, float* v, const WinogradGeometry& 
       float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
       for (int blk = 0; blk < blocks; ++blk) {
         const int tx0 = blk * kLanes;
-        for (int i = 0; i < A; ++i) {
-          __m512 d[A];
-          tile_columns<M>(pad.data() + static_cast<std::size_t>(ty * M + i) * wp + tx0 * M, d);
-          bt<M>(d, u[i]);
-        }
+        const float* rows = pad.data() + static_cast<std::size_t>(ty * M) * wp + tx0 * M;
         const __mmask16 keep = first_lanes(g.tw - tx0);
-        for (int nu = 0; nu < A; ++nu) {
-          __m512 col[A], o[A];
-          for (int i = 0; i < A; ++i) col[i] = u[i][nu];
-          bt<M>(col, o);
-          for (int xi = 0; xi < A; ++xi) _mm512_mask_storeu_ps(dst + (xi * A + nu) * slab + tx0, keep, o[xi]);
-        }
+        winograd_tile::input_tiles<M, __m512>(
+            [&](int i, __m512* d) AMCT_AVX512 { tile_columns<M>(rows + static_cast<std::size_t>(i) * wp, d); },
+            [&](int at, const __m512& value) AMCT_AVX512 { _mm512_mask_storeu_ps(dst + at * slab + tx0, keep, value); });
       }
     }
   }
+}
+
+// The output transform's epilogue on one vector: * a, + b, NumPy's maximum(v, 0) (each if asked), as the
+// portable loop.
+AMCT_AVX512 inline __m512 epilogue(__m512 v, __m512 sa, __m512 sb, bool scale, bool shift, bool relu) {
+  if (scale) v = _mm512_mul_ps(v, sa);
+  if (shift) v = _mm512_add_ps(v, sb);
+  if (relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ), v);  // > 0 or NaN
+  return v;
 }
 
 // The output row's floats from the M tile columns t[k] (lane l = tile tx0 + l): t[0][0], t[1][0], ...,
@@ -169,12 +132,10 @@ AMCT_AVX512 inline void store_interleaved(const __m512* t, float* out, int valid
 template <int M>
 AMCT_AVX512 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
                                bool relu, std::size_t first, std::size_t last) {
-  constexpr int A = M + 2;
   const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
   const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
   const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
   const int blocks = (g.tw + kLanes - 1) / kLanes;
-  const __m512 zero = _mm512_setzero_ps();
   for (std::size_t pl = first; pl < last; ++pl) {
     const std::size_t img = pl / g.o, oc = pl % g.o;
     const __m512 sa = _mm512_set1_ps(a ? a[oc] : 1.0f), sb = _mm512_set1_ps(b ? b[oc] : 0.0f);
@@ -185,24 +146,11 @@ AMCT_AVX512 void output_planes(const float* mm, float* y, const WinogradGeometry
       for (int blk = 0; blk < blocks; ++blk) {
         const int tx0 = blk * kLanes;
         const __mmask16 keep = first_lanes(g.tw - tx0);
-        __m512 s[A][M];  // s[xi][k]: the columns transformed
-        for (int xi = 0; xi < A; ++xi) {
-          __m512 row[A];
-          for (int nu = 0; nu < A; ++nu) row[nu] = _mm512_maskz_loadu_ps(keep, src + (xi * A + nu) * slab + tx0);
-          at<M>(row, s[xi]);
-        }
         __m512 t[M][M];  // t[kr][k]: output row kr, column k of each tile
-        for (int k = 0; k < M; ++k) {
-          __m512 col[A], out[M];
-          for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
-          at<M>(col, out);
-          for (int kr = 0; kr < M; ++kr) {
-            __m512 val = out[kr];
-            if (a) val = _mm512_mul_ps(val, sa);
-            if (b) val = _mm512_add_ps(val, sb);
-            if (relu) val = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN
-            t[kr][k] = val;
-          }
+        winograd_tile::output_tiles<M, __m512>(
+            [&](int at, __m512& v) AMCT_AVX512 { v = _mm512_maskz_loadu_ps(keep, src + at * slab + tx0); }, t);
+        for (int kr = 0; kr < M; ++kr) {
+          for (int k = 0; k < M; ++k) t[kr][k] = epilogue(t[kr][k], sa, sb, a != nullptr, b != nullptr, relu);
         }
         const int valid = std::min(kLanes * M, g.wo - tx0 * M);
         for (int kr = 0; kr < rows; ++kr) {
@@ -261,28 +209,21 @@ AMCT_AVX512 void input_gathered(const float* x, float* v, const WinogradGeometry
   const std::size_t total = static_cast<std::size_t>(g.n) * g.th * g.tw;
   const std::size_t slab = static_cast<std::size_t>(g.c) * total;
   const std::size_t groups = (total + kLanes - 1) / kLanes;
-  __m512 u[A][A];
   for (std::size_t ch = first; ch < last; ++ch) {
     const float* xc = x + ch * static_cast<std::size_t>(g.h) * g.w;
     for (std::size_t q = 0; q < groups; ++q) {
       const std::int32_t* off = taps.offset.data() + q * A * A * kLanes;
       const __mmask16* in = taps.inside.data() + q * A * A;
-      for (int i = 0; i < A; ++i) {
-        __m512 d[A];
-        for (int j = 0; j < A; ++j) {
-          const __m512i idx = _mm512_loadu_si512(off + (i * A + j) * kLanes);
-          d[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in[i * A + j], idx, xc, 4);
-        }
-        bt<M>(d, u[i]);
-      }
       const __mmask16 keep = first_lanes(static_cast<int>(std::min<std::size_t>(kLanes, total - q * kLanes)));
       float* dst = v + ch * total + q * kLanes;
-      for (int nu = 0; nu < A; ++nu) {
-        __m512 col[A], o[A];
-        for (int i = 0; i < A; ++i) col[i] = u[i][nu];
-        bt<M>(col, o);
-        for (int xi = 0; xi < A; ++xi) _mm512_mask_storeu_ps(dst + (xi * A + nu) * slab, keep, o[xi]);
-      }
+      winograd_tile::input_tiles<M, __m512>(
+          [&](int i, __m512* d) AMCT_AVX512 {
+            for (int j = 0; j < A; ++j) {
+              const __m512i idx = _mm512_loadu_si512(off + (i * A + j) * kLanes);
+              d[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in[i * A + j], idx, xc, 4);
+            }
+          },
+          [&](int at, const __m512& value) AMCT_AVX512 { _mm512_mask_storeu_ps(dst + at * slab, keep, value); });
     }
   }
 }
@@ -290,37 +231,23 @@ AMCT_AVX512 void input_gathered(const float* x, float* v, const WinogradGeometry
 template <int M>
 AMCT_AVX512 void output_scattered(const float* mm, float* y, const WinogradGeometry& g, const Taps& taps,
                                   const float* a, const float* b, bool relu, std::size_t first, std::size_t last) {
-  constexpr int A = M + 2;
   const std::size_t total = static_cast<std::size_t>(g.n) * g.th * g.tw;
   const std::size_t slab = static_cast<std::size_t>(g.o) * total;
   const std::size_t groups = (total + kLanes - 1) / kLanes;
-  const __m512 zero = _mm512_setzero_ps();
   for (std::size_t oc = first; oc < last; ++oc) {
     const __m512 sa = _mm512_set1_ps(a ? a[oc] : 1.0f), sb = _mm512_set1_ps(b ? b[oc] : 0.0f);
     float* yc = y + oc * static_cast<std::size_t>(g.ho) * g.wo;
     for (std::size_t q = 0; q < groups; ++q) {
       const __mmask16 keep = first_lanes(static_cast<int>(std::min<std::size_t>(kLanes, total - q * kLanes)));
       const float* src = mm + oc * total + q * kLanes;
-      __m512 s[A][M];
-      for (int xi = 0; xi < A; ++xi) {
-        __m512 row[A];
-        for (int nu = 0; nu < A; ++nu) row[nu] = _mm512_maskz_loadu_ps(keep, src + (xi * A + nu) * slab);
-        at<M>(row, s[xi]);
-      }
+      __m512 t[M][M];
+      winograd_tile::output_tiles<M, __m512>(
+          [&](int at, __m512& v) AMCT_AVX512 { v = _mm512_maskz_loadu_ps(keep, src + at * slab); }, t);
       const std::int32_t* off = taps.offset.data() + q * M * M * kLanes;
       const __mmask16* in = taps.inside.data() + q * M * M;
-      for (int k = 0; k < M; ++k) {
-        __m512 col[A], out[M];
-        for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
-        at<M>(col, out);
-        for (int kr = 0; kr < M; ++kr) {
-          __m512 val = out[kr];
-          if (a) val = _mm512_mul_ps(val, sa);
-          if (b) val = _mm512_add_ps(val, sb);
-          if (relu) val = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN
-          const int tap = kr * M + k;
-          _mm512_mask_i32scatter_ps(yc, in[tap], _mm512_loadu_si512(off + tap * kLanes), val, 4);
-        }
+      for (int tap = 0; tap < M * M; ++tap) {
+        const __m512 val = epilogue(t[tap / M][tap % M], sa, sb, a != nullptr, b != nullptr, relu);
+        _mm512_mask_i32scatter_ps(yc, in[tap], _mm512_loadu_si512(off + tap * kLanes), val, 4);
       }
     }
   }
