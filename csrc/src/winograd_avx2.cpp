@@ -77,33 +77,21 @@ AMCT_AVX2 inline void tile_columns(const float* row, __m256* d) {
 
 template <int M>
 AMCT_AVX2 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
-  const int hp = g.th * M + 2;
-  const int blocks = (g.tw + kLanes - 1) / kLanes;
-  const int wp = blocks * kLanes * M + kLanes;  // every block's loads stay inside the zeroed row
-  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
-  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
-  const std::size_t slab = static_cast<std::size_t>(g.c) * cols;
-  std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
-  const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
-  for (std::size_t pl = first; pl < last; ++pl) {
-    const std::size_t img = pl / g.c, ch = pl % g.c;
-    const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
-    for (int r = 0; r < rows; ++r) {  // the same interior every plane: the border stays zero
-      std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r) * g.w + width,
-                pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
-    }
-    for (int ty = 0; ty < g.th; ++ty) {
-      float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
-      for (int blk = 0; blk < blocks; ++blk) {
-        const int tx0 = blk * kLanes;
-        const float* rows = pad.data() + static_cast<std::size_t>(ty * M) * wp + tx0 * M;
-        const int count = g.tw - tx0;
-        winograd_tile::input_tiles<M, __m256>(
-            [&](int i, __m256* d) AMCT_AVX2 { tile_columns<M>(rows + static_cast<std::size_t>(i) * wp, d); },
-            [&](int at, const __m256& value) AMCT_AVX2 { store_first(dst + at * slab + tx0, count, value); });
-      }
-    }
-  }
+  const std::size_t slab = static_cast<std::size_t>(g.c) * g.n * g.th * g.tw;
+  winograd_tile::input_row_blocks<M, kLanes>(x, g, first, last, v, [&](const float* rows, std::size_t wp, float* dst,
+                                                                       int count) AMCT_AVX2 {
+    winograd_tile::input_tiles<M, __m256>([&](int i, __m256* d) AMCT_AVX2 { tile_columns<M>(rows + i * wp, d); },
+                                      [&](int at, const __m256& value) AMCT_AVX2 { store_first(dst + at * slab, count, value); });
+  });
+}
+
+// The output transform's epilogue on one vector of channel oc: * a[oc], + b[oc], NumPy's maximum(v, 0)
+// (each if given), as the portable loop.
+AMCT_AVX2 inline __m256 epilogue(__m256 v, const float* a, const float* b, bool relu, std::size_t oc) {
+  if (a) v = _mm256_mul_ps(v, _mm256_set1_ps(a[oc]));
+  if (b) v = _mm256_add_ps(v, _mm256_set1_ps(b[oc]));
+  if (relu) v = _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ), v);  // > 0 or NaN, else +0
+  return v;
 }
 
 // The output row's floats from the M tile columns t[k] (lane l = tile tx0 + l): t[0][0], t[1][0], ...,
@@ -131,41 +119,17 @@ AMCT_AVX2 inline void store_interleaved(const __m256* t, float* out, int valid) 
 
 template <int M>
 AMCT_AVX2 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
-                             bool relu, std::size_t first, std::size_t last) {
-  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
-  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
-  const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
-  const int blocks = (g.tw + kLanes - 1) / kLanes;
-  const __m256 zero = _mm256_setzero_ps();
-  for (std::size_t pl = first; pl < last; ++pl) {
-    const std::size_t img = pl / g.o, oc = pl % g.o;
-    const __m256 sa = _mm256_set1_ps(a ? a[oc] : 1.0f), sb = _mm256_set1_ps(b ? b[oc] : 0.0f);
-    float* yp = y + pl * static_cast<std::size_t>(g.ho) * g.wo;
-    for (int ty = 0; ty < g.th; ++ty) {
-      const float* src = mm + oc * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
-      const int rows = std::min(M, g.ho - ty * M);
-      for (int blk = 0; blk < blocks; ++blk) {
-        const int tx0 = blk * kLanes;
-        const int count = g.tw - tx0;
-        __m256 t[M][M];  // t[kr][k]: output row kr, column k of each tile
-        winograd_tile::output_tiles<M, __m256>(
-            [&](int at, __m256& v) AMCT_AVX2 { v = load_first(src + at * slab + tx0, count); }, t);
-        for (int kr = 0; kr < M; ++kr) {
-          for (int k = 0; k < M; ++k) {
-            __m256 val = t[kr][k];
-            if (a) val = _mm256_mul_ps(val, sa);
-            if (b) val = _mm256_add_ps(val, sb);
-            if (relu) val = _mm256_and_ps(_mm256_cmp_ps(val, zero, _CMP_NLE_UQ), val);  // > 0 or NaN, else +0
-            t[kr][k] = val;
-          }
-        }
-        const int valid = std::min(kLanes * M, g.wo - tx0 * M);
-        for (int kr = 0; kr < rows; ++kr) {
-          store_interleaved<M>(t[kr], yp + static_cast<std::size_t>(ty * M + kr) * g.wo + tx0 * M, valid);
-        }
-      }
+                               bool relu, std::size_t first, std::size_t last) {
+  const std::size_t slab = static_cast<std::size_t>(g.o) * g.n * g.th * g.tw;
+  winograd_tile::output_row_blocks<M, kLanes>(mm, y, g, first, last, [&](const float* src, std::size_t oc, float* out,
+                                                                         int rows, int count, int valid) AMCT_AVX2 {
+    __m256 t[M][M];  // t[kr][k]: output row kr, column k of each tile
+    winograd_tile::output_tiles<M, __m256>([&](int at, __m256& v) AMCT_AVX2 { v = load_first(src + at * slab, count); }, t);
+    for (int kr = 0; kr < rows; ++kr) {
+      for (int k = 0; k < M; ++k) t[kr][k] = epilogue(t[kr][k], a, b, relu, oc);
+      store_interleaved<M>(t[kr], out + static_cast<std::size_t>(kr) * g.wo, valid);
     }
-  }
+  });
 }
 
 }  // namespace

@@ -64,42 +64,20 @@ AMCT_AVX512 inline void tile_columns(const float* row, __m512* d) {
 }
 
 template <int M>
-AMCT_AVX512 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first,
-                              std::size_t last) {
-  const int hp = g.th * M + 2;
-  const int blocks = (g.tw + kLanes - 1) / kLanes;
-  const int wp = blocks * kLanes * M + kLanes;  // every block's loads stay inside the zeroed row
-  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
-  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
-  const std::size_t slab = static_cast<std::size_t>(g.c) * cols;
-  std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
-  const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
-  for (std::size_t pl = first; pl < last; ++pl) {
-    const std::size_t img = pl / g.c, ch = pl % g.c;
-    const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
-    for (int r = 0; r < rows; ++r) {  // the same interior every plane: the border stays zero
-      std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r) * g.w + width,
-                pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
-    }
-    for (int ty = 0; ty < g.th; ++ty) {
-      float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
-      for (int blk = 0; blk < blocks; ++blk) {
-        const int tx0 = blk * kLanes;
-        const float* rows = pad.data() + static_cast<std::size_t>(ty * M) * wp + tx0 * M;
-        const __mmask16 keep = first_lanes(g.tw - tx0);
-        winograd_tile::input_tiles<M, __m512>(
-            [&](int i, __m512* d) AMCT_AVX512 { tile_columns<M>(rows + static_cast<std::size_t>(i) * wp, d); },
-            [&](int at, const __m512& value) AMCT_AVX512 { _mm512_mask_storeu_ps(dst + at * slab + tx0, keep, value); });
-      }
-    }
-  }
+AMCT_AVX512 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
+  const std::size_t slab = static_cast<std::size_t>(g.c) * g.n * g.th * g.tw;
+  winograd_tile::input_row_blocks<M, kLanes>(x, g, first, last, v, [&](const float* rows, std::size_t wp, float* dst,
+                                                                       int count) AMCT_AVX512 {
+    winograd_tile::input_tiles<M, __m512>([&](int i, __m512* d) AMCT_AVX512 { tile_columns<M>(rows + i * wp, d); },
+                                      [&](int at, const __m512& value) AMCT_AVX512 { _mm512_mask_storeu_ps(dst + at * slab, first_lanes(count), value); });
+  });
 }
 
-// The output transform's epilogue on one vector: * a, + b, NumPy's maximum(v, 0) (each if asked), as the
-// portable loop.
-AMCT_AVX512 inline __m512 epilogue(__m512 v, __m512 sa, __m512 sb, bool scale, bool shift, bool relu) {
-  if (scale) v = _mm512_mul_ps(v, sa);
-  if (shift) v = _mm512_add_ps(v, sb);
+// The output transform's epilogue on one vector of channel oc: * a[oc], + b[oc], NumPy's maximum(v, 0)
+// (each if given), as the portable loop.
+AMCT_AVX512 inline __m512 epilogue(__m512 v, const float* a, const float* b, bool relu, std::size_t oc) {
+  if (a) v = _mm512_mul_ps(v, _mm512_set1_ps(a[oc]));
+  if (b) v = _mm512_add_ps(v, _mm512_set1_ps(b[oc]));
   if (relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ), v);  // > 0 or NaN
   return v;
 }
@@ -132,33 +110,16 @@ AMCT_AVX512 inline void store_interleaved(const __m512* t, float* out, int valid
 template <int M>
 AMCT_AVX512 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b,
                                bool relu, std::size_t first, std::size_t last) {
-  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
-  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
-  const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
-  const int blocks = (g.tw + kLanes - 1) / kLanes;
-  for (std::size_t pl = first; pl < last; ++pl) {
-    const std::size_t img = pl / g.o, oc = pl % g.o;
-    const __m512 sa = _mm512_set1_ps(a ? a[oc] : 1.0f), sb = _mm512_set1_ps(b ? b[oc] : 0.0f);
-    float* yp = y + pl * static_cast<std::size_t>(g.ho) * g.wo;
-    for (int ty = 0; ty < g.th; ++ty) {
-      const float* src = mm + oc * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
-      const int rows = std::min(M, g.ho - ty * M);
-      for (int blk = 0; blk < blocks; ++blk) {
-        const int tx0 = blk * kLanes;
-        const __mmask16 keep = first_lanes(g.tw - tx0);
-        __m512 t[M][M];  // t[kr][k]: output row kr, column k of each tile
-        winograd_tile::output_tiles<M, __m512>(
-            [&](int at, __m512& v) AMCT_AVX512 { v = _mm512_maskz_loadu_ps(keep, src + at * slab + tx0); }, t);
-        for (int kr = 0; kr < M; ++kr) {
-          for (int k = 0; k < M; ++k) t[kr][k] = epilogue(t[kr][k], sa, sb, a != nullptr, b != nullptr, relu);
-        }
-        const int valid = std::min(kLanes * M, g.wo - tx0 * M);
-        for (int kr = 0; kr < rows; ++kr) {
-          store_interleaved<M>(t[kr], yp + static_cast<std::size_t>(ty * M + kr) * g.wo + tx0 * M, valid);
-        }
-      }
+  const std::size_t slab = static_cast<std::size_t>(g.o) * g.n * g.th * g.tw;
+  winograd_tile::output_row_blocks<M, kLanes>(mm, y, g, first, last, [&](const float* src, std::size_t oc, float* out,
+                                                                         int rows, int count, int valid) AMCT_AVX512 {
+    __m512 t[M][M];  // t[kr][k]: output row kr, column k of each tile
+    winograd_tile::output_tiles<M, __m512>([&](int at, __m512& v) AMCT_AVX512 { v = _mm512_maskz_loadu_ps(first_lanes(count), src + at * slab); }, t);
+    for (int kr = 0; kr < rows; ++kr) {
+      for (int k = 0; k < M; ++k) t[kr][k] = epilogue(t[kr][k], a, b, relu, oc);
+      store_interleaved<M>(t[kr], out + static_cast<std::size_t>(kr) * g.wo, valid);
     }
-  }
+  });
 }
 
 // ---- narrow maps: the lanes are sixteen consecutive columns of V / M (tiles of one or more images) -------
@@ -235,7 +196,6 @@ AMCT_AVX512 void output_scattered(const float* mm, float* y, const WinogradGeome
   const std::size_t slab = static_cast<std::size_t>(g.o) * total;
   const std::size_t groups = (total + kLanes - 1) / kLanes;
   for (std::size_t oc = first; oc < last; ++oc) {
-    const __m512 sa = _mm512_set1_ps(a ? a[oc] : 1.0f), sb = _mm512_set1_ps(b ? b[oc] : 0.0f);
     float* yc = y + oc * static_cast<std::size_t>(g.ho) * g.wo;
     for (std::size_t q = 0; q < groups; ++q) {
       const __mmask16 keep = first_lanes(static_cast<int>(std::min<std::size_t>(kLanes, total - q * kLanes)));
@@ -246,7 +206,7 @@ AMCT_AVX512 void output_scattered(const float* mm, float* y, const WinogradGeome
       const std::int32_t* off = taps.offset.data() + q * M * M * kLanes;
       const __mmask16* in = taps.inside.data() + q * M * M;
       for (int tap = 0; tap < M * M; ++tap) {
-        const __m512 val = epilogue(t[tap / M][tap % M], sa, sb, a != nullptr, b != nullptr, relu);
+        const __m512 val = epilogue(t[tap / M][tap % M], a, b, relu, oc);
         _mm512_mask_i32scatter_ps(yc, in[tap], _mm512_loadu_si512(off + tap * kLanes), val, 4);
       }
     }

@@ -6,6 +6,12 @@
 // the loads and stores, which differ per instruction set, are the callers' functors.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "amct/winograd.h"
+
 namespace amct {
 namespace winograd_tile {
 
@@ -81,6 +87,61 @@ AMCT_TILE_INLINE void output_tiles(Load load, V (&t)[M][M]) {
     for (int xi = 0; xi < A; ++xi) col[xi] = s[xi][k];
     at<M>(col, out);
     for (int kr = 0; kr < M; ++kr) t[kr][k] = out[kr];
+  }
+}
+
+// The input transform's walk over planes [first, last) (plane = image * C + channel) by blocks of `Lanes`
+// tiles of one tile row: each plane is copied into a zero-padded buffer of rows of wp floats (every
+// block's loads, 16 * M + Lanes floats from its first column, stay inside), then
+// block(rows, wp, dst, count) for each block: rows = its first input row's first column, dst = V's column
+// of its first tile at position 0 (positions `slab` apart), count = its tiles (up to Lanes).
+template <int M, int Lanes, class Block>
+AMCT_TILE_INLINE void input_row_blocks(const float* x, const WinogradGeometry& g, std::size_t first, std::size_t last,
+                                       float* v, Block block) {
+  const int hp = g.th * M + 2;
+  const int blocks = (g.tw + Lanes - 1) / Lanes;
+  const int wp = blocks * Lanes * M + Lanes;
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
+  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
+  std::vector<float> pad(static_cast<std::size_t>(hp) * wp, 0.0f);
+  const int rows = std::min(g.h, hp - g.ph), width = std::min(g.w, g.tw * M + 2 - g.pw);
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const std::size_t img = pl / g.c, ch = pl % g.c;
+    const float* xp = x + pl * static_cast<std::size_t>(g.h) * g.w;
+    for (int r = 0; r < rows; ++r) {  // the same interior every plane: the border stays zero
+      std::copy(xp + static_cast<std::size_t>(r) * g.w, xp + static_cast<std::size_t>(r) * g.w + width,
+                pad.data() + static_cast<std::size_t>(r + g.ph) * wp + g.pw);
+    }
+    for (int ty = 0; ty < g.th; ++ty) {
+      float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
+      for (int tx0 = 0; tx0 < g.tw; tx0 += Lanes) {
+        block(pad.data() + static_cast<std::size_t>(ty * M) * wp + tx0 * M, static_cast<std::size_t>(wp), dst + tx0,
+              g.tw - tx0);
+      }
+    }
+  }
+}
+
+// The output transform's walk over planes [first, last) (plane = image * O + channel) by blocks of `Lanes`
+// tiles of one tile row: block(src, oc, out, rows, count, valid) with src = M's column of the block's first
+// tile at position 0, oc its channel, out = its first output (row ty*M, column tx0*M), rows the output
+// rows inside the map (up to M), count its tiles, valid the outputs of a row inside the map.
+template <int M, int Lanes, class Block>
+AMCT_TILE_INLINE void output_row_blocks(const float* mm, float* y, const WinogradGeometry& g, std::size_t first,
+                                        std::size_t last, Block block) {
+  const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
+  const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
+  for (std::size_t pl = first; pl < last; ++pl) {
+    const std::size_t img = pl / g.o, oc = pl % g.o;
+    float* yp = y + pl * static_cast<std::size_t>(g.ho) * g.wo;
+    for (int ty = 0; ty < g.th; ++ty) {
+      const float* src = mm + oc * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
+      const int rows = std::min(M, g.ho - ty * M);
+      for (int tx0 = 0; tx0 < g.tw; tx0 += Lanes) {
+        block(src + tx0, oc, yp + static_cast<std::size_t>(ty * M) * g.wo + tx0 * M, rows, g.tw - tx0,
+              std::min(Lanes * M, g.wo - tx0 * M));
+      }
+    }
   }
 }
 
