@@ -128,8 +128,9 @@ Figures (ours / caffe, medians of interleaved runs; the load average during the 
   0.57 / 0.60, LeNet 0.69 / 0.70, MTCNN 0.17-0.88 (R-Net 1.08 in one run: median 0.21 ms, minimum 0.15).
   Then out-of-place ReLUs in one C++ pass (NumPy's maximum keeps NaNs by a 3x slower loop) and the
   pointwise kernel's L2 requests [load 1.2]: open_nsfw 0.50 (180 ms, minimum 165), UltraFace slim-320
-  0.44, RFB-320 0.51, MiniNet-SSD 0.60, LeNet 0.73, MTCNN 0.18-0.95. Each lever's figure, and those
-  measured and not kept, in docs/performance.md.
+  0.44, RFB-320 0.51, MiniNet-SSD 0.60, LeNet 0.73, MTCNN 0.18-0.95; the default two models [load 1.0]:
+  open_nsfw 0.47 (168 ms against 358), UltraFace slim-320 0.43. Each lever's figure, and those measured and
+  not kept, in docs/performance.md.
 """
 
 from __future__ import annotations
