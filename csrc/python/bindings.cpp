@@ -239,7 +239,7 @@ py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector
 
 py::array relu(const py::handle& x_obj, int threads, const py::object& into) {
   auto x = checked<float>(x_obj, "x");
-  auto y = amct_py::output_into(into, shape_of(x), {});  // (into may be x itself: elementwise in place is safe)
+  auto y = amct_py::output_into(into, shape_of(x), {&x});
   auto* yp = y.mutable_data();
   const std::size_t n = size_of(x);
   const float* xp = x.data();

@@ -210,6 +210,13 @@ def test_relu_kernel_is_numpys_maximum_with_zero_on_every_kind_of_float():
         got = activation.RELU_KERNEL(x, threads, into)
         assert got is into
         np.testing.assert_array_equal(_bits(got), _bits(want))
+    # an array overlapping the input is not written into (a shifted view would feed results forward)
+    buf = np.random.default_rng(1).standard_normal(40001).astype(np.float32)
+    src, shifted = buf[:40000], buf[1:]
+    want = np.maximum(src, np.float32(0))
+    got = activation.RELU_KERNEL(src, 2, shifted)
+    assert got is not shifted
+    np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
 def test_prepared_relu_steps_give_numpys_bytes(monkeypatch):

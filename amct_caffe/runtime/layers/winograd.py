@@ -146,7 +146,8 @@ def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: boo
     tiles = math.ceil(ho / m) * math.ceil(wo / m)
     workers = threads.workers() if n * c * o * 9 * ho * wo >= THREADED_MACS else 1
     chunk = max(1, min(n, CHUNK_BYTES // (alpha2 * c * tiles * 4)))
-    if into is None or into.shape != (n, o, ho, wo) or into.dtype != np.float32 or not into.flags.c_contiguous:
+    if into is None or into.shape != (n, o, ho, wo) or into.dtype != np.float32 or not into.flags.c_contiguous \
+            or not into.flags.writeable:
         into = np.empty((n, o, ho, wo), np.float32)
     for n0 in range(0, n, chunk):
         xb = x[n0:n0 + chunk]

@@ -1,7 +1,8 @@
 // The Winograd transforms' arithmetic on vectors of tiles (one tile per lane), for any GCC vector type
 // (__m256, __m512): B^T d B and A^T M A term for term as the portable bt4 / bt6 / at4 / at6 of
 // winograd.cpp, the same float32 operations in the same order (the core is built with
-// -ffp-contract=off), so the same bytes. Written with the vector operators and always inlined, so that
+// -ffp-contract=off), so the same bytes (but for NaN payloads where two different NaNs meet: the
+// compiler may order an addition's operands either way, and x86 keeps the first operand's NaN). Written with the vector operators and always inlined, so that
 // each caller compiles them for its own vector width (csrc/src/winograd_avx2.cpp, winograd_avx512.cpp);
 // the loads and stores, which differ per instruction set, are the callers' functors.
 #pragma once
