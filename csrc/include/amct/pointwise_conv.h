@@ -1,5 +1,5 @@
-// A 1x1 stride-1 convolution of a folded chain (FAST fold mode, float nets), with the chain's epilogue
-// applied while the sums are still in registers:
+// A 1x1 convolution of a folded chain (FAST fold mode, float nets; a strided layer's pixels are picked
+// first by the caller), with the chain's epilogue applied while the sums are still in registers:
 //
 //   s[n, o, p] = sum_k w[o, k] * x[n, k, p] + 0    one fused multiply-add per k, in k order, from zero;
 //                                                    stored + 0 as a GEMM's alpha * acc + beta * 0
@@ -7,13 +7,13 @@
 //                                                    separate channel_affine pass of conv_cols.h)
 //   y = max(y, 0)                                   (relu, NumPy's maximum: NaN kept, -0 -> +0)
 //
-// The sums are those of direct_conv.h's kernel and of OpenBLAS's AVX-512 sgemm when it does not split K
-// (conv_plan.py / caffe_gemm.py decide where that holds). Compared with a BLAS GEMM followed by a pass
-// over the output, the output is written once and never
-// read back, and the input is read in place (a GEMM packs it). Register blocks of 8 output channels x
-// 48 pixels of one image (24 AVX-512 accumulators), the blocks of 192 pixels of all channels one work
-// item; each sum does not depend on the thread count or the blocking. AVX-512 CPUs only.
-// (A residual Eltwise's max(y + other, 0) in the same kernel measured slower than a separate pass.)
+// The sums are those of direct_conv.h's kernel (the register block of amct/register_block.h) and of
+// OpenBLAS's AVX-512 sgemm where it does not split K. Against a BLAS GEMM and then a pass over the
+// output, the output is written once and never read back, and the input is read in place (a GEMM packs
+// it). Register blocks of 8 output channels x 48 pixels of one image (24 AVX-512 accumulators); a work
+// item is 192 pixels of all channels, and the next item's input rows are requested into L2 while it
+// runs. No sum depends on the thread count or the blocking. AVX-512 CPUs only. (A residual Eltwise's
+// max(y + other, 0) in the same kernel measured slower than a separate pass.)
 #pragma once
 
 #include <cstddef>
