@@ -18,8 +18,9 @@ m = 4. The products are GEMMs, one per transform position ``(xi, nu)``::
 with ``T = ceil(Ho/m) * ceil(Wo/m)`` tiles per image; tiles past the output's edge read zeros
 and their extra outputs are dropped. The matrices (points 0, +-1, +-2 and infinity for m = 4;
 0, +-1, infinity for m = 2) are :data:`MATRICES`. The input and output transforms run in C++
-(``csrc/src/winograd.cpp``; on AVX-512 CPUs sixteen tiles per vector, ``csrc/src/winograd_avx512.cpp``,
-the same bytes); the GEMMs go through :func:`caffe_gemm.matmul`, which sums ``K`` in
+(``csrc/src/winograd.cpp``; eight tiles per vector on AVX2 CPUs, sixteen on AVX-512 ones,
+``csrc/src/winograd_avx2.cpp`` / ``winograd_avx512.cpp``, the same bytes but for NaN payloads where two
+NaNs meet); the batch in chunks of images that keep the transformed tiles in cache; the GEMMs go through :func:`caffe_gemm.matmul`, which sums ``K`` in
 fixed blocks, so the bytes do not depend on the BLAS thread count.
 
 Accuracy. The sums are reassociated and the transforms add and subtract multiples of
