@@ -20,8 +20,9 @@ and their extra outputs are dropped. The matrices (points 0, +-1, +-2 and infini
 0, +-1, infinity for m = 2) are :data:`MATRICES`. The input and output transforms run in C++
 (``csrc/src/winograd.cpp``; eight tiles per vector on AVX2 CPUs, sixteen on AVX-512 ones,
 ``csrc/src/winograd_avx2.cpp`` / ``winograd_avx512.cpp``, the same bytes but for NaN payloads where two
-NaNs meet); the batch in chunks of images that keep the transformed tiles in cache; the GEMMs go through :func:`caffe_gemm.matmul`, which sums ``K`` in
-fixed blocks, so the bytes do not depend on the BLAS thread count.
+NaNs meet), the batch in chunks of images that keep the transformed tiles in cache. The GEMMs go
+through :func:`caffe_gemm.matmul`, which sums ``K`` in fixed blocks, so the bytes do not depend on the
+BLAS thread count.
 
 Accuracy. The sums are reassociated and the transforms add and subtract multiples of
 neighbouring inputs, so the result is not Caffe's bit for bit: on random layers of open_nsfw's
