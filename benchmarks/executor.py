@@ -24,6 +24,9 @@ default: all cores for Caffe, the cores other processes leave free for the execu
 bundled OpenBLAS threads degrade far more than Debian's under contention, so compare at
 ``--threads 1`` there.
 
+The last line says which of the executor's vector kernels the CPU runs (AVX-512, AVX2 or portable):
+the ratios differ much between them (docs/performance.md).
+
 ``--fold off,exact,fast`` times the executor in several fold modes (``amct_caffe/runtime/fold.py``;
 ``off`` is the executor before in-place chains were folded), interleaved with Caffe.
 
@@ -333,10 +336,20 @@ def main(argv=None) -> int:
                          f"  ours/caffe {r['ratio' + tag]:.2f} (cpu {r['cpu_ratio' + tag]:.2f})"
                          f"  max|diff| {r['max_abs_diff' + tag]:.2e}")
             print(line)  # noqa: T201
-    print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default (all cores)')}")  # noqa: T201
+    print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default (all cores)')}; "  # noqa: T201
+          f"vector kernels: {_vector_width()}")
     if not caffe_root:
         print("(set AMCT_REAL_CAFFE=<caffe build root> to compare with real Caffe)")  # noqa: T201
     return 0
+
+
+def _vector_width() -> str:
+    """Which of the executor's vector kernels this CPU runs: the figures differ much between the two."""
+    try:
+        from amct_caffe import _kernels
+    except ImportError:
+        return "none (the extension is not built)"
+    return {2: "AVX-512", 1: "AVX2 (no AVX-512 kernels)"}.get(_kernels.winograd_simd_level(), "portable")
 
 
 if __name__ == "__main__":
