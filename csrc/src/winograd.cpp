@@ -8,47 +8,12 @@
 #include "amct/cpu.h"
 #include "amct/parallel.h"
 #include "amct/winograd_simd.h"
+#include "amct/winograd_tile.h"
 
 namespace amct {
 namespace {
 
 std::atomic<int> simd_limit{2};
-
-// d[0..alpha) (stride sd) -> o[0..alpha) (stride so): B^T d.
-inline void bt4(const float* d, std::size_t sd, float* o, std::size_t so) {  // F(2x2, 3x3)
-  const float d0 = d[0], d1 = d[sd], d2 = d[2 * sd], d3 = d[3 * sd];
-  o[0] = d0 - d2;
-  o[so] = d1 + d2;
-  o[2 * so] = d2 - d1;
-  o[3 * so] = d1 - d3;
-}
-
-inline void bt6(const float* d, std::size_t sd, float* o, std::size_t so) {  // F(4x4, 3x3)
-  const float d0 = d[0], d1 = d[sd], d2 = d[2 * sd], d3 = d[3 * sd], d4 = d[4 * sd], d5 = d[5 * sd];
-  const float p = d4 - 4.0f * d2, q = d3 - 4.0f * d1, r = d4 - d2, s = 2.0f * (d3 - d1);
-  o[0] = (4.0f * d0 - 5.0f * d2) + d4;
-  o[so] = p + q;
-  o[2 * so] = p - q;
-  o[3 * so] = r + s;
-  o[4 * so] = r - s;
-  o[5 * so] = (4.0f * d1 - 5.0f * d3) + d5;
-}
-
-// v[0..alpha) (stride sv) -> y[0..m) (stride sy): A^T v.
-inline void at4(const float* v, std::size_t sv, float* y, std::size_t sy) {
-  const float m1 = v[sv], m2 = v[2 * sv];
-  y[0] = (v[0] + m1) + m2;
-  y[sy] = (m1 - m2) - v[3 * sv];
-}
-
-inline void at6(const float* v, std::size_t sv, float* y, std::size_t sy) {
-  const float m1 = v[sv], m2 = v[2 * sv], m3 = v[3 * sv], m4 = v[4 * sv];
-  const float a = m1 + m2, b = m1 - m2, c = m3 + m4, d = m3 - m4;
-  y[0] = (v[0] + a) + c;
-  y[sy] = b + 2.0f * d;
-  y[2 * sy] = a + 4.0f * c;
-  y[3 * sy] = (b + 8.0f * d) + v[5 * sv];
-}
 
 void check(const WinogradGeometry& g) {
   if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.o <= 0 || g.ho <= 0 || g.wo <= 0 || g.ph < 0 || g.pw < 0 ||
@@ -58,10 +23,13 @@ void check(const WinogradGeometry& g) {
   }
 }
 
+// The portable loops (CPUs without AVX2): a tile row at a time, each tile's values gathered through the
+// shared tile arithmetic of amct/winograd_tile.h with a float for a vector; the reference the vector paths
+// are tested against. (Each pass writes its results contiguously along the tile row: one tile at a time,
+// the 36 scattered stores per tile made these loops 3-9x slower.)
 template <int M>
 void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size_t first, std::size_t last) {
   constexpr int A = M + 2;
-  auto bt = M == 2 ? bt4 : bt6;
   const int hp = g.th * M + 2, wp = g.tw * M + 2;
   const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
   const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;      // columns of each V[xi, nu]
@@ -79,12 +47,19 @@ void input_planes(const float* x, float* v, const WinogradGeometry& g, std::size
     for (int ty = 0; ty < g.th; ++ty) {
       for (int i = 0; i < A; ++i) {
         const float* row = pad.data() + static_cast<std::size_t>(ty * M + i) * wp;
-        for (int tx = 0; tx < g.tw; ++tx) bt(row + tx * M, 1, u.data() + (i * A) * g.tw + tx, g.tw);
+        for (int tx = 0; tx < g.tw; ++tx) {
+          float o[A];
+          winograd_tile::bt<M>(row + tx * M, o);
+          for (int nu = 0; nu < A; ++nu) u[static_cast<std::size_t>(i * A + nu) * g.tw + tx] = o[nu];
+        }
       }
       float* dst = v + ch * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
       for (int nu = 0; nu < A; ++nu) {
         for (int tx = 0; tx < g.tw; ++tx) {
-          bt(u.data() + nu * g.tw + tx, static_cast<std::size_t>(A) * g.tw, dst + nu * slab + tx, A * slab);
+          float d[A], o[A];
+          for (int i = 0; i < A; ++i) d[i] = u[static_cast<std::size_t>(i * A + nu) * g.tw + tx];
+          winograd_tile::bt<M>(d, o);
+          for (int xi = 0; xi < A; ++xi) dst[(xi * A + nu) * slab + tx] = o[xi];
         }
       }
     }
@@ -95,7 +70,6 @@ template <int M>
 void output_planes(const float* mm, float* y, const WinogradGeometry& g, const float* a, const float* b, bool relu,
                    std::size_t first, std::size_t last) {
   constexpr int A = M + 2;
-  auto at = M == 2 ? at4 : at6;
   const std::size_t tiles = static_cast<std::size_t>(g.th) * g.tw;
   const std::size_t cols = static_cast<std::size_t>(g.n) * tiles;
   const std::size_t slab = static_cast<std::size_t>(g.o) * cols;
@@ -108,12 +82,19 @@ void output_planes(const float* mm, float* y, const WinogradGeometry& g, const f
     for (int ty = 0; ty < g.th; ++ty) {
       const float* src = mm + oc * cols + img * tiles + static_cast<std::size_t>(ty) * g.tw;
       for (int xi = 0; xi < A; ++xi) {
-        for (int tx = 0; tx < g.tw; ++tx) at(src + xi * A * slab + tx, slab, s.data() + xi * M * g.tw + tx, g.tw);
+        for (int tx = 0; tx < g.tw; ++tx) {
+          float m[A], o[M];
+          for (int nu = 0; nu < A; ++nu) m[nu] = src[(xi * A + nu) * slab + tx];
+          winograd_tile::at<M>(m, o);
+          for (int k = 0; k < M; ++k) s[static_cast<std::size_t>(xi * M + k) * g.tw + tx] = o[k];
+        }
       }
       for (int k = 0; k < M; ++k) {
         for (int tx = 0; tx < g.tw; ++tx) {
-          at(s.data() + k * g.tw + tx, static_cast<std::size_t>(M) * g.tw, t.data() + k * g.tw + tx,
-             static_cast<std::size_t>(M) * g.tw);
+          float col[A], o[M];
+          for (int xi = 0; xi < A; ++xi) col[xi] = s[static_cast<std::size_t>(xi * M + k) * g.tw + tx];
+          winograd_tile::at<M>(col, o);
+          for (int kr = 0; kr < M; ++kr) t[static_cast<std::size_t>(kr * M + k) * g.tw + tx] = o[kr];
         }
       }
       const int rows = std::min(M, g.ho - ty * M);

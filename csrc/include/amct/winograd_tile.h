@@ -3,7 +3,8 @@
 // winograd.cpp, the same float32 operations in the same order (the core is built with
 // -ffp-contract=off), so the same bytes (but for NaN payloads where two different NaNs meet: the
 // compiler may order an addition's operands either way, and x86 keeps the first operand's NaN). Written with the vector operators and always inlined, so that
-// each caller compiles them for its own vector width (csrc/src/winograd_avx2.cpp, winograd_avx512.cpp);
+// each caller compiles them for its own vector width (csrc/src/winograd_avx2.cpp, winograd_avx512.cpp; the
+// portable loops of winograd.cpp use bt and at with a float for a vector);
 // the loads and stores, which differ per instruction set, are the callers' functors.
 #pragma once
 
@@ -93,7 +94,7 @@ AMCT_TILE_INLINE void output_tiles(Load load, V (&t)[M][M]) {
 
 // The input transform's walk over planes [first, last) (plane = image * C + channel) by blocks of `Lanes`
 // tiles of one tile row: each plane is copied into a zero-padded buffer of rows of wp floats (every
-// block's loads, 16 * M + Lanes floats from its first column, stay inside), then
+// block's loads, Lanes * M + Lanes floats from its first column, stay inside), then
 // block(rows, wp, dst, count) for each block: rows = its first input row's first column, dst = V's column
 // of its first tile at position 0 (positions `slab` apart), count = its tiles (up to Lanes).
 template <int M, int Lanes, class Block>
