@@ -51,7 +51,6 @@ def ifmr_ratios(start: float, end: float, step: float) -> F64: ...
 def ifmr_simd_level() -> int:
     """0 portable, 1 AVX2, 2 AVX-512."""
 
-def set_ifmr_simd_limit(level: int) -> None: ...
 def arq_scales(weight: F32, layout: list[int], channel_wise: bool, num_bits: int) -> tuple[F32, I32]:
     """layout = (groups, rows, channels, inner); see amct_caffe.quant.arq.arq_layout."""
 
@@ -174,7 +173,13 @@ def pointwise_conv_available() -> bool: ...
 def winograd_simd_level() -> int:
     """0 portable, 1 AVX2, 2 AVX-512 (both transforms, the same bytes)."""
 
-def set_winograd_simd_limit(level: int) -> None: ...
+def simd_level() -> int:
+    """The vector kernels in use: 2 AVX-512, 1 AVX2 (with FMA), 0 portable; the CPU's, capped by AMCT_SIMD
+    ("avx512", "avx2", "portable") and set_simd_limit."""
+
+def set_simd_limit(level: int) -> int:
+    """Caps simd_level() at level (0..2; 2 lifts the cap) for every kernel; returns the previous cap."""
+
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
                     relu: bool, threads: int, into: F32 | None = None) -> F32:
     """mm ((m+2)^2, O, N*tiles) -> (N, O, Ho, Wo): A^T M A per tile, cropped, * a + b, ReLU."""

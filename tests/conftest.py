@@ -32,3 +32,15 @@ def cli_scratch_dir(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.log, "setup", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def simd_limit():
+    """``simd_limit(level)`` caps every kernel's vector level for the test (2 AVX-512, 1 AVX2, 0 portable;
+    amct/cpu.h), e.g. to compare a kernel's paths; the cap in force before (``AMCT_SIMD``) is back after it."""
+    from amct_caffe import _kernels
+
+    previous = _kernels.set_simd_limit(2)
+    _kernels.set_simd_limit(previous)
+    yield _kernels.set_simd_limit
+    _kernels.set_simd_limit(previous)

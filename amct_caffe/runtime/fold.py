@@ -81,12 +81,14 @@ try:  # a PReLU ending a chain: the bias add and PReLU's select in one call (act
     from amct_caffe._kernels import bias_prelu as BIAS_PRELU_KERNEL
 except ImportError:
     BIAS_PRELU_KERNEL = None
-try:  # csrc/src/pointwise_conv.cpp: a FAST chain's 1x1 convolution with its epilogue in the stores (AVX-512)
+try:  # csrc/src/pointwise_conv.cpp: a FAST chain's 1x1 convolution with its epilogue in the stores (AVX2 / AVX-512)
     from amct_caffe._kernels import pointwise_conv as POINTWISE_KERNEL
-    from amct_caffe._kernels import pointwise_conv_available
-    POINTWISE = pointwise_conv_available()
+    from amct_caffe._kernels import simd_level
 except ImportError:
-    POINTWISE_KERNEL, POINTWISE = None, False
+    POINTWISE_KERNEL = None
+
+    def simd_level() -> int:
+        return 0
 # Below this many values the per-channel pass runs on one thread.
 THREADED_AFFINE = 1 << 18
 # ... below this many multiply-adds the pointwise kernel
@@ -94,6 +96,10 @@ THREADED_POINTWISE = 1 << 21
 # Output maps of fewer pixels per image run the 1x1 GEMM: the kernel's 48-pixel blocks would be partly empty
 # (open_nsfw's 7x7 layers at batch 8: 2.5-2.6 ms against 2.4-2.5 through OpenBLAS; 14x14: 2.0 against 2.2-2.4).
 POINTWISE_MIN_PIXELS = 128
+# With AVX2 only (4 channels per pass, amct/register_block.h) the kernel beats OpenBLAS's Haswell GEMM plus the
+# pass up to this K (measured with OpenBLAS's Haswell kernels: K = 32-128 0.74-0.90 of their time, K = 256-1024
+# 1.15-1.21).
+POINTWISE_AVX2_MAX_K = 128
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
@@ -227,9 +233,13 @@ class Chain:
 
 def _pointwise_applies(x: np.ndarray, weight: np.ndarray, stride, pad, group: int) -> bool:
     """Whether a FAST chain's convolution runs in the pointwise kernel: a 2-D 1x1 one without padding or
-    groups, on float32, whose output maps have at least :data:`POINTWISE_MIN_PIXELS` pixels."""
-    if not POINTWISE or x.ndim != 4 or weight.ndim != 4 or weight.shape[2:] != (1, 1) or any(pad) or group != 1 \
-            or x.dtype != _F32 or weight.dtype != _F32 or x.shape[1] == 0:
+    groups, on float32, whose output maps have at least :data:`POINTWISE_MIN_PIXELS` pixels, on a CPU with
+    AVX-512, or with AVX2 for at most :data:`POINTWISE_AVX2_MAX_K` input channels."""
+    if POINTWISE_KERNEL is None or x.ndim != 4 or weight.ndim != 4 or weight.shape[2:] != (1, 1) or any(pad) \
+            or group != 1 or x.dtype != _F32 or weight.dtype != _F32 or x.shape[1] == 0:
+        return False
+    level = simd_level()
+    if level < 1 or (level == 1 and x.shape[1] > POINTWISE_AVX2_MAX_K):
         return False
     return ((x.shape[2] - 1) // stride[0] + 1) * ((x.shape[3] - 1) // stride[1] + 1) >= POINTWISE_MIN_PIXELS
 

@@ -18,6 +18,7 @@
 #include "amct/channel_ops.h"
 #include "amct/conv_backward.h"
 #include "amct/conv_cols.h"
+#include "amct/cpu.h"
 #include "amct/depthwise.h"
 #include "amct/direct_conv.h"
 #include "amct/libm_float.h"
@@ -471,7 +472,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("winograd_input", &winograd_input, py::arg("x"), py::arg("v"), py::arg("pad"), py::arg("m"),
         py::arg("threads"));
   m.def("winograd_simd_level", &amct::winograd_simd_level);
-  m.def("set_winograd_simd_limit", &amct::set_winograd_simd_limit, py::arg("level"));
+  m.def("simd_level", &amct::simd_level);
+  m.def("set_simd_limit", &amct::set_simd_limit, py::arg("level"));
   m.def("winograd_output", &winograd_output, py::arg("mm"), py::arg("x_shape"), py::arg("pad"), py::arg("m"),
         py::arg("a"), py::arg("b"), py::arg("relu"), py::arg("threads"), py::arg("into") = py::none());
   m.def("affine_add_relu", &affine_add_relu, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("other"),

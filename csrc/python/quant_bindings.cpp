@@ -288,7 +288,6 @@ void register_quant(py::module_& m) {
       .def_property_readonly("top", [](const amct::IfmrHistogram& h) { return to_array(h.top()); })
       .def_property_readonly("bottom", [](const amct::IfmrHistogram& h) { return to_array(h.bottom()); });
   m.def("ifmr_simd_level", &amct::ifmr_simd_level);
-  m.def("set_ifmr_simd_limit", &amct::set_ifmr_simd_limit, py::arg("level"));
   m.def("arq_scales", &arq_scales, py::arg("weight"), py::arg("layout"), py::arg("channel_wise"),
         py::arg("num_bits"));
   m.def("arq_quantize", &arq_quantize, py::arg("weight"), py::arg("layout"), py::arg("channel_wise"),

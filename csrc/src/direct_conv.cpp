@@ -14,8 +14,7 @@
 namespace amct {
 namespace {
 
-constexpr int kOut = 8;     // output channels per register block
-constexpr int kPix = 48;    // output pixels per register block (three 16-float vectors)
+constexpr int kOut = register_block::kRows;  // output channels per register block
 
 // The input of one image, zero-padded and split by column phase (phase r holds padded columns
 // r, r + sw, ...): tap (c, i, j) of output (oy, ox) is element
@@ -62,12 +61,8 @@ Phases split(const float* x, const Conv2dGeometry& g) {
 }
 
 // What a folded chain does to each stored sum (conv_cols.h's channel_affine): * scale[o] (if scale),
-// + bias[o] (if bias), NumPy's maximum(v, 0) (if relu), one float32 rounding each.
-struct Epilogue {
-  const float* scale;
-  const float* bias;
-  bool relu;
-};
+// + bias[o] (if bias), NumPy's maximum(v, 0) (if relu), one float32 rounding each; here for all O channels.
+using Epilogue = register_block::Epilogue;
 
 // The epilogue over output row oy of image img, just written (in cache). Kept out of `rows`: live in
 // its loops, the epilogue's values changed their register allocation and made them up to 2x slower.
@@ -90,22 +85,34 @@ __attribute__((target("avx512f"), noinline)) void map_row(float* y, const Conv2d
   }
 }
 
-// One register block (amct/register_block.h): outputs ox .. ox + 16*V of kOut channels (outs of them
-// stored, plane stride `plane`, the first at y), taps src[t] + ox, the bias added.
+// One register block (amct/register_block.h): outputs ox .. ox + count of kOut channels (outs of them
+// stored, plane stride `plane`, the first at y), taps src[t] + ox, the epilogue applied as it stores.
 template <int V>
-__attribute__((target("avx512f"), noinline)) void block(const float* const* src, int ox, const float* wb, int k,
-                                                        __mmask16 last, float* y, std::size_t plane, int outs,
-                                                        const float* bias) {
-  register_block::Epilogue ep;
-  ep.bias = bias;
-  register_block::run<V>([&](int t) { return src[t] + ox; }, wb, k, last, y, plane, outs, ep);
+__attribute__((target("avx512f"), noinline)) void block512(const float* const* src, int ox, const float* wb, int k,
+                                                           int count, float* y, std::size_t plane, int outs,
+                                                           const register_block::Epilogue& ep) {
+  register_block::run512<V>([&](int t) { return src[t] + ox; }, wb, k, count, y, plane, outs, ep);
 }
 
-__attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g,
-                                             int o, std::size_t img, std::size_t first, std::size_t last,
-                                             const float* bias, const Epilogue* ep) {
+template <int V>
+__attribute__((target("avx2,fma"), noinline)) void block256(const float* const* src, int ox, const float* wb, int k,
+                                                            int count, float* y, std::size_t plane, int outs,
+                                                            const register_block::Epilogue& ep) {
+  register_block::run256<V>([&](int t) { return src[t] + ox; }, wb, k, count, y, plane, outs, ep);
+}
+
+// Output rows [first, last) of image img, register blocks of kVectors vectors of pixels (16 floats each
+// with AVX-512, 8 with AVX2). With AVX-512 a scale or a ReLU is applied to each finished row (map_row,
+// the bias in the stores); with AVX2 the whole epilogue is in the stores.
+template <bool Avx512>
+void rows(const Phases& p, const float* wpad, float* y, const Conv2dGeometry& g, int o, std::size_t img,
+          std::size_t first, std::size_t last, const Epilogue& ep) {
+  constexpr int kLanes = Avx512 ? 16 : 8;
+  constexpr int kPix = register_block::kVectors * kLanes;
+  const bool mapped = Avx512 && (ep.scale != nullptr || ep.relu);
   const int taps = g.kh * g.kw, k = g.c * taps;
   const int oblocks = (o + kOut - 1) / kOut;
+  const std::size_t plane = static_cast<std::size_t>(g.ho) * g.wo;
   std::vector<const float*> src(static_cast<std::size_t>(k));
   for (std::size_t oy = first; oy < last; ++oy) {
     for (int c = 0; c < g.c; ++c) {
@@ -119,26 +126,35 @@ __attribute__((target("avx512f"))) void rows(const Phases& p, const float* wpad,
     }
     for (int ox = 0; ox < g.wo; ox += kPix) {
       const int n = std::min(kPix, g.wo - ox);
-      const int tail = n - 16 * ((n - 1) / 16);  // pixels of the last vector, 1..16
-      const auto lastm = static_cast<__mmask16>(tail >= 16 ? 0xFFFF : (1u << tail) - 1);
       const std::size_t row0 = (img * o * g.ho + oy) * g.wo + ox;  // output (img, 0, oy, ox)
       for (int ob = 0; ob < oblocks; ++ob) {
         const float* wb = wpad + static_cast<std::size_t>(ob) * k * kOut;  // (k, kOut) for this block
         const int outs = std::min(kOut, o - ob * kOut);
-        float* yb = y + row0 + static_cast<std::size_t>(ob) * kOut * g.ho * g.wo;
-        const float* bb = bias ? bias + ob * kOut : nullptr;
-        if (n > 32) block<3>(src.data(), ox, wb, k, lastm, yb, static_cast<std::size_t>(g.ho) * g.wo, outs, bb);
-        else if (n > 16) block<2>(src.data(), ox, wb, k, lastm, yb, static_cast<std::size_t>(g.ho) * g.wo, outs, bb);
-        else block<1>(src.data(), ox, wb, k, lastm, yb, static_cast<std::size_t>(g.ho) * g.wo, outs, bb);
+        float* yb = y + row0 + static_cast<std::size_t>(ob) * kOut * plane;
+        Epilogue bep;  // this block's channels' share, unless map_row applies it
+        if (!mapped) {
+          bep.scale = ep.scale ? ep.scale + ob * kOut : nullptr;
+          bep.bias = ep.bias ? ep.bias + ob * kOut : nullptr;
+          bep.relu = ep.relu;
+        }
+        if constexpr (Avx512) {
+          if (n > 32) block512<3>(src.data(), ox, wb, k, n, yb, plane, outs, bep);
+          else if (n > 16) block512<2>(src.data(), ox, wb, k, n, yb, plane, outs, bep);
+          else block512<1>(src.data(), ox, wb, k, n, yb, plane, outs, bep);
+        } else {
+          if (n > 16) block256<3>(src.data(), ox, wb, k, n, yb, plane, outs, bep);
+          else if (n > 8) block256<2>(src.data(), ox, wb, k, n, yb, plane, outs, bep);
+          else block256<1>(src.data(), ox, wb, k, n, yb, plane, outs, bep);
+        }
       }
     }
-    if (ep) map_row(y, g, o, img, oy, *ep);
+    if (mapped) map_row(y, g, o, img, oy, ep);
   }
 }
 
 }  // namespace
 
-bool direct_conv_available() { return cpu_has_avx512f(); }
+bool direct_conv_available() { return cpu_has_avx2(); }
 
 void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
                    const float* bias) {
@@ -147,7 +163,7 @@ void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometr
 
 void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
                    const float* scale, const float* bias, bool relu) {
-  if (!direct_conv_available()) throw std::invalid_argument("direct_conv2d needs an AVX-512 CPU");
+  if (!direct_conv_available()) throw std::invalid_argument("direct_conv2d needs an AVX2 CPU");
   if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0 ||
       g.ph < 0 || g.pw < 0 || g.dh <= 0 || g.dw <= 0 || g.ho <= 0 || g.wo <= 0 || o <= 0 ||
       g.c * g.kh * g.kw > kDirectMaxK) {
@@ -162,15 +178,17 @@ void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometr
       wpad[(static_cast<std::size_t>(oc / kOut) * k + t) * kOut + oc % kOut] = w[static_cast<std::size_t>(oc) * k + t];
     }
   }
-  // a scale or a ReLU: the sums are stored plain (+ 0) and each row then mapped whole (map_row)
-  const Epilogue ep{scale, bias, relu};
-  const Epilogue* mapped = scale != nullptr || relu ? &ep : nullptr;
-  const float* row_bias = mapped ? nullptr : bias;
+  Epilogue ep;
+  ep.scale = scale;
+  ep.bias = bias;
+  ep.relu = relu;
+  const bool avx512 = cpu_has_avx512f();
   const float* wp = wpad.data();  // (a thread_local is each thread's own: the workers get the pointer)
   for (int img = 0; img < g.n; ++img) {
     const Phases p = split(x + static_cast<std::size_t>(img) * g.c * g.h * g.w, g);
     parallel_for(static_cast<std::size_t>(g.ho), threads, [&](std::size_t first, std::size_t last) {
-      rows(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, row_bias, mapped);
+      if (avx512) rows<true>(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, ep);
+      else rows<false>(p, wp, y, g, o, static_cast<std::size_t>(img), first, last, ep);
     });
   }
 }

@@ -7,7 +7,6 @@
 #include "amct/cpu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -27,7 +26,6 @@ namespace {
 constexpr std::size_t kBlock = 1024;    // values per block: 3 float arrays = 12 KiB of L1
 constexpr std::size_t kHeapMaxK = 4096;  // above this, select with nth_element on a copy
 constexpr double kTieRtol = 1e-10;
-std::atomic<int> g_simd_limit{2};  // tests lower it to compare the code paths
 
 const char* error_name(bool with_offset) {
   return with_offset ? "IfmrQuantWithOffset" : "IfmrQuantWithoutOffset";
@@ -134,12 +132,11 @@ __attribute__((target("avx512f"))) double block_loss_avx512(const float* xl, con
 double block_loss(const float* xl, const float* tgt, const float* half, std::size_t n,
                   const Candidate& c) {
 #ifdef AMCT_IFMR_AVX2
-  const int limit = g_simd_limit.load(std::memory_order_relaxed);
-  if (limit >= 2 && cpu_has_avx512f()) {
+  if (cpu_has_avx512f()) {
     return half ? block_loss_avx512<true>(xl, tgt, half, n, c)
                 : block_loss_avx512<false>(xl, tgt, half, n, c);
   }
-  if (limit >= 1 && cpu_has_avx2_fma()) {
+  if (cpu_has_avx2()) {
     return half ? block_loss_avx2<true>(xl, tgt, half, n, c)
                 : block_loss_avx2<false>(xl, tgt, half, n, c);
   }
@@ -199,16 +196,12 @@ std::size_t select_count(double percentile, std::size_t n) {
 }  // namespace
 
 int ifmr_simd_level() {
-  const int limit = g_simd_limit.load(std::memory_order_relaxed);
 #ifdef AMCT_IFMR_AVX2
-  if (limit >= 2 && cpu_has_avx512f()) return 2;
-  if (limit >= 1 && cpu_has_avx2_fma()) return 1;
-#endif
-  (void)limit;
+  return simd_level();
+#else
   return 0;
+#endif
 }
-
-void set_ifmr_simd_limit(int level) { g_simd_limit.store(level, std::memory_order_relaxed); }
 
 std::vector<double> ifmr_ratios(double start, double end, double step) {
   if (!(step > 0.0) || !(end > start)) fail("IFMR search range: need start < end and step > 0");

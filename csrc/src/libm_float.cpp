@@ -220,7 +220,7 @@ void expf_portable(const float* x, float* y, std::size_t n) {
 float glibc_expf(float x) { return expf_body(x); }
 
 void expf_span(const float* x, float* y, std::size_t n) {
-  if (cpu_has_avx2_fma()) {
+  if (cpu_has_avx2()) {
     expf_fma(x, y, n);
   } else {
     expf_portable(x, y, n);

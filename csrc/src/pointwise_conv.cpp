@@ -13,34 +13,39 @@
 namespace amct {
 namespace {
 
-#define AMCT_AVX512 __attribute__((target("avx512f")))
-
 constexpr int kRows = register_block::kRows;  // output channels per register block
-constexpr int kVecs = 3;                       // 16-float vectors of pixels per register block
-constexpr int kPixels = 16 * kVecs;
-constexpr std::size_t kSpan = 4 * kPixels;     // pixels per work item (measured: 48 to 768, best at 192-384)
+constexpr std::size_t kSpan = 192;             // pixels per work item (measured: 48 to 768, best at 192-384)
 
 // One register block (amct/register_block.h): channels [o0, o0 + rows) of the output, pixels
-// [p0, p0 + V*16) of image img (the last vector's lanes limited by `last`); wb (k, kRows) the block's
-// weights, xs = x + (img*K)*P + p0.
+// [p0, p0 + count) of image img; wb (k, kRows) the block's weights, xs = x + (img*K)*P + p0.
 template <int V>
-AMCT_AVX512 __attribute__((noinline)) void block(const float* xs, const float* wb, float* y, std::size_t img, int k,
-                                                 std::size_t p, std::size_t p0, int o0, int rows, int o,
-                                                 __mmask16 last, const PointwiseEpilogue& ep) {
-  register_block::Epilogue bep;
-  bep.scale = ep.scale ? ep.scale + o0 : nullptr;
-  bep.bias = ep.bias ? ep.bias + o0 : nullptr;
-  bep.relu = ep.relu;
-  register_block::run<V>([&](int t) { return xs + static_cast<std::size_t>(t) * p; }, wb, k, last,
-                         y + (img * o + o0) * p + p0, p, rows, bep);
+__attribute__((target("avx512f"), noinline)) void block512(const float* xs, const float* wb, float* y,
+                                                           std::size_t img, int k, std::size_t p, std::size_t p0,
+                                                           int o0, int rows, int o, int count,
+                                                           const register_block::Epilogue& ep) {
+  register_block::run512<V>([&](int t) { return xs + static_cast<std::size_t>(t) * p; }, wb, k, count,
+                            y + (img * o + o0) * p + p0, p, rows, ep);
+}
+
+template <int V>
+__attribute__((target("avx2,fma"), noinline)) void block256(const float* xs, const float* wb, float* y,
+                                                            std::size_t img, int k, std::size_t p, std::size_t p0,
+                                                            int o0, int rows, int o, int count,
+                                                            const register_block::Epilogue& ep) {
+  register_block::run256<V>([&](int t) { return xs + static_cast<std::size_t>(t) * p; }, wb, k, count,
+                            y + (img * o + o0) * p + p0, p, rows, ep);
 }
 
 // Pixels [p0, p1) of image img, all output channels: per block of kRows channels, the register
-// blocks left to right (the block's weights stay in cache, each output row is written in one run).
+// blocks left to right (the block's weights stay in cache, each output row is written in one run),
+// kVectors vectors of 16 (AVX-512) or 8 (AVX2) pixels each.
 // next: the input of the span this thread does next (its first pixel of channel 0), next_len its pixels;
 // null for none.
+template <bool Avx512>
 void span(const float* x, const float* wpack, float* y, std::size_t img, int k, std::size_t p, std::size_t p0,
           std::size_t p1, int o, const PointwiseEpilogue& ep, const float* next, std::size_t next_len) {
+  constexpr int kLanes = Avx512 ? 16 : 8;
+  constexpr std::size_t kPixels = register_block::kVectors * kLanes;
   const float* xs = x + img * k * p;
   const int blocks = (o + kRows - 1) / kRows;
   const std::size_t lines = next ? (next_len + 15) / 16 : 0;
@@ -59,24 +64,32 @@ void span(const float* x, const float* wpack, float* y, std::size_t img, int k, 
     }
     const float* wb = wpack + static_cast<std::size_t>(o0) * k;
     const int rows = std::min(kRows, o - o0);
+    register_block::Epilogue bep;
+    bep.scale = ep.scale ? ep.scale + o0 : nullptr;
+    bep.bias = ep.bias ? ep.bias + o0 : nullptr;
+    bep.relu = ep.relu;
     for (std::size_t q = p0; q < p1; q += kPixels) {
-      const std::size_t left = std::min<std::size_t>(p1 - q, kPixels);
-      const std::size_t tail = left - 16 * ((left - 1) / 16);  // pixels of the last vector, 1..16
-      const auto last = static_cast<__mmask16>(tail >= 16 ? 0xFFFF : (1u << tail) - 1);
-      if (left > 32) block<3>(xs + q, wb, y, img, k, p, q, o0, rows, o, last, ep);
-      else if (left > 16) block<2>(xs + q, wb, y, img, k, p, q, o0, rows, o, last, ep);
-      else block<1>(xs + q, wb, y, img, k, p, q, o0, rows, o, last, ep);
+      const int n = static_cast<int>(std::min<std::size_t>(p1 - q, kPixels));
+      if constexpr (Avx512) {
+        if (n > 32) block512<3>(xs + q, wb, y, img, k, p, q, o0, rows, o, n, bep);
+        else if (n > 16) block512<2>(xs + q, wb, y, img, k, p, q, o0, rows, o, n, bep);
+        else block512<1>(xs + q, wb, y, img, k, p, q, o0, rows, o, n, bep);
+      } else {
+        if (n > 16) block256<3>(xs + q, wb, y, img, k, p, q, o0, rows, o, n, bep);
+        else if (n > 8) block256<2>(xs + q, wb, y, img, k, p, q, o0, rows, o, n, bep);
+        else block256<1>(xs + q, wb, y, img, k, p, q, o0, rows, o, n, bep);
+      }
     }
   }
 }
 
 }  // namespace
 
-bool pointwise_conv_available() { return cpu_has_avx512f(); }
+bool pointwise_conv_available() { return cpu_has_avx2(); }
 
 void pointwise_conv(const float* x, const float* w, float* y, int n, int k, std::size_t p, int o,
                     const PointwiseEpilogue& ep, int threads) {
-  if (!pointwise_conv_available()) throw std::invalid_argument("pointwise_conv needs an AVX-512 CPU");
+  if (!pointwise_conv_available()) throw std::invalid_argument("pointwise_conv needs an AVX2 CPU");
   if (n < 0 || k <= 0 || o <= 0 || p == 0) {
     throw std::invalid_argument("pointwise_conv: invalid arguments");
   }
@@ -88,6 +101,7 @@ void pointwise_conv(const float* x, const float* w, float* y, int n, int k, std:
     for (int t = 0; t < k; ++t) wpack[base + static_cast<std::size_t>(t) * kRows] = w[static_cast<std::size_t>(oc) * k + t];
   }
   const std::size_t spans = (p + kSpan - 1) / kSpan;
+  const bool avx512 = cpu_has_avx512f();
   const float* wp = wpack.data();
   parallel_for(static_cast<std::size_t>(n) * spans, threads, [&](std::size_t first, std::size_t last) {
     for (std::size_t item = first; item < last; ++item) {
@@ -99,7 +113,8 @@ void pointwise_conv(const float* x, const float* w, float* y, int n, int k, std:
         next = x + nimg * k * p + np0;
         next_len = std::min(p, np0 + kSpan) - np0;
       }
-      span(x, wp, y, img, k, p, p0, std::min(p, p0 + kSpan), o, ep, next, next_len);
+      if (avx512) span<true>(x, wp, y, img, k, p, p0, std::min(p, p0 + kSpan), o, ep, next, next_len);
+      else span<false>(x, wp, y, img, k, p, p0, std::min(p, p0 + kSpan), o, ep, next, next_len);
     }
   });
 }

@@ -1,7 +1,6 @@
 #include "amct/winograd.h"
 
 #include <algorithm>
-#include <atomic>
 #include <stdexcept>
 #include <vector>
 
@@ -12,8 +11,6 @@
 
 namespace amct {
 namespace {
-
-std::atomic<int> simd_limit{2};
 
 void check(const WinogradGeometry& g) {
   if (g.n < 0 || g.c <= 0 || g.h <= 0 || g.w <= 0 || g.o <= 0 || g.ho <= 0 || g.wo <= 0 || g.ph < 0 || g.pw < 0 ||
@@ -118,9 +115,7 @@ void output_planes(const float* mm, float* y, const WinogradGeometry& g, const f
 
 }  // namespace
 
-int winograd_simd_level() { return std::min(cpu_has_avx512f() ? 2 : cpu_has_avx2() ? 1 : 0, simd_limit.load()); }
-
-void set_winograd_simd_limit(int level) { simd_limit.store(level); }
+int winograd_simd_level() { return simd_level(); }
 
 void winograd_input(const float* x, float* v, const WinogradGeometry& g, int threads) {
   check(g);

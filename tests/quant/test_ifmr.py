@@ -57,17 +57,13 @@ def test_kernel_matches_reference_random(x, with_offset, num_bits, percentile):
 
 @requires_kernels
 @pytest.mark.parametrize("with_offset", [True, False])
-def test_every_simd_path_agrees(with_offset):
-    from amct_caffe import _kernels
+def test_every_simd_path_agrees(with_offset, simd_limit):
     x = np.random.default_rng(3).standard_normal(100_003).astype(np.float32) * 3
     params = IfmrParams(with_offset=with_offset)
     ref = ifmr_search(x, params, backend="reference")
-    try:
-        for level in (2, 1, 0):
-            _kernels.set_ifmr_simd_limit(level)
-            assert_same_result(ref, ifmr_search([x[:777], x[777:]], params, backend="kernel"))
-    finally:
-        _kernels.set_ifmr_simd_limit(2)
+    for level in (2, 1, 0):
+        simd_limit(level)
+        assert_same_result(ref, ifmr_search([x[:777], x[777:]], params, backend="kernel"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -122,23 +122,19 @@ def test_extremes_are_exact_up_to_top_k_then_within_a_bin(backend):
 @requires_kernels
 @pytest.mark.parametrize("simd", [2, 0])  # the vector fill (where the CPU has AVX2) and the portable one
 @pytest.mark.parametrize("kind", ["normal", "relu", "outlier"])
-def test_kernel_fills_the_references_histogram_bit_for_bit(kind, simd):
-    from amct_caffe import _kernels
+def test_kernel_fills_the_references_histogram_bit_for_bit(kind, simd, simd_limit):
     ref, ker = new_hist("reference", 1 << 10), new_hist("kernel", 1 << 10)
-    try:
-        _kernels.set_ifmr_simd_limit(simd)
-        for seed in range(4):  # growing, shifting batches: every grid rule runs
-            b = data(kind, 30_000 + seed, seed) * np.float32(1 + seed) + np.float32(0.5 * seed)
-            ref.update(b)
-            ker.update(b)
-            assert (ref.exp, ref.base) == (ker.exp, ker.base)
-            bad = b * np.float32(9)  # past the grid, and with a NaN: refused, nothing added
-            bad[-1] = np.nan
-            for h in (ref, ker):
-                with pytest.raises((QuantizationError, ValueError), match="scale is illegal"):
-                    h.update(bad)
-    finally:
-        _kernels.set_ifmr_simd_limit(2)
+    simd_limit(simd)
+    for seed in range(4):  # growing, shifting batches: every grid rule runs
+        b = data(kind, 30_000 + seed, seed) * np.float32(1 + seed) + np.float32(0.5 * seed)
+        ref.update(b)
+        ker.update(b)
+        assert (ref.exp, ref.base) == (ker.exp, ker.base)
+        bad = b * np.float32(9)  # past the grid, and with a NaN: refused, nothing added
+        bad[-1] = np.nan
+        for h in (ref, ker):
+            with pytest.raises((QuantizationError, ValueError), match="scale is illegal"):
+                h.update(bad)
     np.testing.assert_array_equal(ref.count, ker.count)
     assert ref.dev.tobytes() == ker.dev.tobytes() and ref.m2 == ker.m2
     np.testing.assert_array_equal(ref.top, ker.top)
@@ -155,20 +151,16 @@ def test_kernel_fills_the_references_histogram_bit_for_bit(kind, simd):
 
 @requires_kernels
 @pytest.mark.parametrize("simd", [2, 1, 0])
-def test_kernel_fills_arrays_of_many_chunks_as_the_reference_with_any_thread_count(simd):
+def test_kernel_fills_arrays_of_many_chunks_as_the_reference_with_any_thread_count(simd, simd_limit):
     """Arrays of several chunks, summed chunk by chunk: 1, 2 and 3 workers give the reference's bits."""
-    from amct_caffe import _kernels
     ref = new_hist("reference", 1 << 10)
     kernels = {threads: new_hist("kernel", 1 << 10) for threads in (1, 2, 3)}
-    try:
-        _kernels.set_ifmr_simd_limit(simd)
-        for seed in range(3):  # growing, shifting batches of 5 to 6 chunks: the grid rules run too
-            b = data("relu" if seed % 2 else "outlier", 5 * CHUNK + 12_345 * seed + 3, seed) * np.float32(1 + seed)
-            ref.update(b)
-            for threads, h in kernels.items():
-                h.update(b, threads=threads)
-    finally:
-        _kernels.set_ifmr_simd_limit(2)
+    simd_limit(simd)
+    for seed in range(3):  # growing, shifting batches of 5 to 6 chunks: the grid rules run too
+        b = data("relu" if seed % 2 else "outlier", 5 * CHUNK + 12_345 * seed + 3, seed) * np.float32(1 + seed)
+        ref.update(b)
+        for threads, h in kernels.items():
+            h.update(b, threads=threads)
     for h in kernels.values():
         assert (h.exp, h.base, h.nonzero, h.positive) == (ref.exp, ref.base, ref.nonzero, ref.positive)
         np.testing.assert_array_equal(h.count, ref.count)
@@ -179,21 +171,17 @@ def test_kernel_fills_arrays_of_many_chunks_as_the_reference_with_any_thread_cou
 
 @requires_kernels
 @pytest.mark.parametrize("with_offset", [True, False])
-def test_kernel_search_gives_the_same_losses_on_every_simd_level(with_offset):
+def test_kernel_search_gives_the_same_losses_on_every_simd_level(with_offset, simd_limit):
     """The vector search (eight candidates per register) does the scalar loop's operations per lane."""
-    from amct_caffe import _kernels
     h = new_hist("kernel", 1 << 12)
     for seed in range(3):
         h.update(data("skewed", 50_000, seed) * np.float32(1 + seed))
     clip, lo, scale, _ = _candidates(IfmrParams(with_offset=with_offset), np.float32(h.kth(2, True)),
                                      np.float32(min(h.kth(2, False), 0)), ifmr_ratios(0.7, 1.3, 0.01))
     got = {}
-    try:
-        for simd in (2, 1, 0):
-            _kernels.set_ifmr_simd_limit(simd)
-            got[simd] = h.losses(clip, lo, scale, 2).tobytes()
-    finally:
-        _kernels.set_ifmr_simd_limit(2)
+    for simd in (2, 1, 0):
+        simd_limit(simd)
+        got[simd] = h.losses(clip, lo, scale, 2).tobytes()
     assert got[2] == got[1] == got[0]
 
 

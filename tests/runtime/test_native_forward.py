@@ -6,6 +6,7 @@ import pytest
 
 from amct_caffe.runtime import fold
 from amct_caffe.runtime.layers import activation, conv, conv_cols, conv_plan, pooling
+from amct_caffe.runtime.layers.integer_ops import conv2d_exact
 from amct_caffe.runtime.layers.pooling import Pooling
 
 pytestmark = pytest.mark.skipif(conv_cols.IM2COL_KERNEL is None, reason="amct_caffe._kernels not built")
@@ -98,8 +99,18 @@ def test_depthwise_bias_in_the_kernel_is_the_numpy_add(monkeypatch):
     np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, pad=1, group=5)))
 
 
-@pytest.mark.skipif(not conv_plan.DIRECT_MAX_K or not conv_plan.caffe_gemm.exact(),
-                    reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
+# the direct kernel runs here (a CPU with AVX2, amct/cpu.h)
+DIRECT = conv_plan.DIRECT_KERNEL is not None and conv_plan.simd_level() >= 1
+
+
+def _vector_levels(simd_limit) -> list[int]:
+    """The vector widths of the register-block kernels this CPU can run: 1 (AVX2), 2 (AVX-512)."""
+    simd_limit(2)
+    return [level for level in (1, 2) if level <= conv_plan.simd_level()]
+
+
+@pytest.mark.skipif(not DIRECT or not conv_plan.caffe_gemm.exact(),
+                    reason="direct kernel needs AVX2 and numpy's OpenBLAS rounding like Caffe's")
 @pytest.mark.parametrize("seed", range(12))
 def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
     """Short contractions without columns: the bytes of the column GEMM they replace (zeros included)."""
@@ -123,7 +134,7 @@ def test_direct_kernel_gives_numpy_gemm_bytes(seed, monkeypatch):
     np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
-@pytest.mark.skipif(not conv_plan.DIRECT_MAX_K, reason="direct kernel needs AVX-512")
+@pytest.mark.skipif(not DIRECT, reason="direct kernel needs AVX2")
 def test_direct_kernel_bytes_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((2, 3, 61, 83)).astype(np.float32)
@@ -156,8 +167,8 @@ def test_prelu_kernel_is_the_numpy_prelu(seed, shared):
         np.testing.assert_array_equal(_bits(activation.PRELU_KERNEL(x, slope, threads)), _bits(want))
 
 
-@pytest.mark.skipif(not conv_plan.DIRECT_MAX_K or not conv_plan.caffe_gemm.exact(),
-                    reason="direct kernel needs AVX-512 and numpy's OpenBLAS rounding like Caffe's")
+@pytest.mark.skipif(not DIRECT or not conv_plan.caffe_gemm.exact(),
+                    reason="direct kernel needs AVX2 and numpy's OpenBLAS rounding like Caffe's")
 @pytest.mark.parametrize("c,k,o,stride,pad",
                          [(3, 7, 64, 2, 3), (24, 3, 48, 1, 1), (28, 3, 16, 2, 0), (10, 5, 64, 1, 2)])
 def test_direct_kernel_with_longer_spatial_contractions(c, k, o, stride, pad, monkeypatch):
@@ -174,8 +185,7 @@ def test_direct_kernel_with_longer_spatial_contractions(c, k, o, stride, pad, mo
     np.testing.assert_array_equal(_bits(got), _bits(conv.Convolution(x, w, b, stride=stride, pad=pad)))
 
 
-@pytest.mark.skipif(conv_plan.DIRECT_AFFINE_KERNEL is None or not conv_plan.DIRECT_MAX_K
-                    or not conv_plan.caffe_gemm.exact(), reason="direct kernel needs AVX-512")
+@pytest.mark.skipif(conv_plan.DIRECT_AFFINE_KERNEL is None or not DIRECT, reason="direct kernel needs AVX2")
 @pytest.mark.parametrize("seed", range(8))
 def test_direct_kernel_epilogue_is_the_separate_pass(seed):
     """A folded chain's epilogue applied in the direct kernel's stores (ConvPlan.fused): the bytes of the
@@ -231,3 +241,39 @@ def test_prepared_relu_steps_give_numpys_bytes(monkeypatch):
     got = step([x], [None])[0].copy()
     monkeypatch.setattr(activation, "RELU_KERNEL", None)
     np.testing.assert_array_equal(_bits(got), _bits(step([x], [None])[0]))
+
+
+@pytest.mark.skipif(conv_plan.DIRECT_AFFINE_KERNEL is None or not DIRECT, reason="direct kernel needs AVX2")
+@pytest.mark.parametrize("seed", range(10))
+def test_direct_kernel_is_exact_on_integers_and_the_same_on_every_vector_width(seed, simd_limit):
+    """Both register blocks (AVX2: 24 pixels, four channels a pass, taps in chunks of 64; AVX-512: 48 pixels,
+    eight channels): on small integers, whose sums are exact in any order, the exact convolution (taps,
+    padding, strides, partial blocks of pixels and channels, the epilogue of a folded chain); on floats, the
+    same bytes on both widths (each sum the same chain of fused multiply-adds)."""
+    rng = np.random.default_rng(seed)
+    kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+    c = int(rng.integers(1, 256 // (kh * kw) + 1))  # K = c*kh*kw up to 256, across the chunks of 64
+    o = int(rng.integers(1, 21))
+    stride, pad = [int(v) for v in rng.integers(1, 3, 2)], [int(v) for v in rng.integers(0, 2, 2)]
+    shape = (int(rng.integers(1, 3)), c, int(rng.integers(kh, 12)), int(rng.integers(kw, 80)))
+    out = [conv.conv_out_size(shape[2], kh, stride[0], pad[0], 1),
+           conv.conv_out_size(shape[3], kw, stride[1], pad[1], 1)]
+    xi, wi = rng.integers(-8, 9, shape), rng.integers(-4, 5, (o, c, kh, kw))
+    bi, scale = rng.integers(-50, 50, o), 2.0 ** rng.integers(-2, 3, o)
+    exact = conv2d_exact(xi.astype(np.float64), wi.astype(np.float64), None, stride, pad, (1, 1), 1)
+    xf, wf = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(wi.shape).astype(np.float32)
+    f32 = np.float32
+    floats = []
+    for level in _vector_levels(simd_limit):
+        simd_limit(level)
+        got = conv_plan.DIRECT_KERNEL(xi.astype(f32), wi.astype(f32), stride, pad, [1, 1], out, 1, bi.astype(f32))
+        np.testing.assert_array_equal(got, (exact + bi[:, None, None]).astype(f32))
+        got = conv_plan.DIRECT_AFFINE_KERNEL(xi.astype(f32), wi.astype(f32), stride, pad, [1, 1], out, 1,
+                                             scale.astype(f32), bi.astype(f32), True)
+        np.testing.assert_array_equal(got, np.maximum(exact * scale[:, None, None] + bi[:, None, None], 0).astype(f32))
+        floats.append([conv_plan.DIRECT_KERNEL(xf, wf, stride, pad, [1, 1], out, 1, None),
+                       conv_plan.DIRECT_AFFINE_KERNEL(xf, wf, stride, pad, [1, 1], out, 1, wf[:, 0, 0, 0].copy(),
+                                                      xf[0, 0, 0, :o].copy() if shape[3] >= o else None, True)])
+    for width in floats[1:]:
+        for a, b in zip(width, floats[0], strict=True):
+            np.testing.assert_array_equal(_bits(a), _bits(b))

@@ -8,7 +8,8 @@ from amct_caffe.runtime import fold, threads
 
 from .test_fold import _net
 
-pytestmark = pytest.mark.skipif(not fold.POINTWISE, reason="needs the extension on an AVX-512 CPU")
+pytestmark = pytest.mark.skipif(fold.POINTWISE_KERNEL is None or fold.simd_level() < 1,
+                                reason="needs the extension on a CPU with AVX2")
 
 
 def _case(rng, n=None, k=None, o=None, p=None):
@@ -30,6 +31,40 @@ def test_sums_follow_the_float64_products(seed):
     want = w[:, :, 0, 0].astype(np.float64) @ x[:, :, 0, :].astype(np.float64)
     assert got.shape == (x.shape[0], w.shape[0], 1, x.shape[3])
     assert np.all(np.abs(got[:, :, 0, :] - want) <= 2 * x.shape[1] * np.finfo(np.float32).eps * terms + 1e-30)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_vector_width_gives_the_same_bytes(seed, simd_limit):
+    """The AVX2 register blocks (8 x 24, four channels a pass, taps in chunks of 64) and the AVX-512 ones
+    (8 x 48): the same chain of fused multiply-adds per sum, with and without the epilogue, K across the
+    chunks and partial blocks of channels and pixels."""
+    rng = np.random.default_rng(seed)
+    x, w = _case(rng, k=int(rng.integers(1, 200)))
+    a = rng.standard_normal(w.shape[0]).astype(np.float32)
+    simd_limit(2)
+    if fold.simd_level() < 2:
+        pytest.skip("the CPU lacks AVX-512")
+    got = []
+    for level in (2, 1):
+        simd_limit(level)
+        got.append([fold.POINTWISE_KERNEL(x, w, None, None, False, 1), fold.POINTWISE_KERNEL(x, w, a, a, True, 1)])
+    for wide, narrow in zip(*got, strict=True):
+        np.testing.assert_array_equal(wide.view(np.uint32), narrow.view(np.uint32))
+
+
+def test_avx2_blocks_only_take_short_contractions(simd_limit):
+    """With AVX2 only, FAST chains take the kernel up to POINTWISE_AVX2_MAX_K input channels (beyond, OpenBLAS's
+    GEMM and a pass are faster); with AVX-512 at any K."""
+    x = np.zeros((1, fold.POINTWISE_AVX2_MAX_K + 1, 16, 16), np.float32)
+    w = np.zeros((8, x.shape[1], 1, 1), np.float32)
+    simd_limit(1)
+    assert fold._pointwise_applies(x[:, 1:], w[:, 1:], (1, 1), (0, 0), 1)
+    assert not fold._pointwise_applies(x, w, (1, 1), (0, 0), 1)
+    simd_limit(0)
+    assert not fold._pointwise_applies(x[:, 1:], w[:, 1:], (1, 1), (0, 0), 1)
+    simd_limit(2)
+    if fold.simd_level() == 2:
+        assert fold._pointwise_applies(x, w, (1, 1), (0, 0), 1)
 
 
 @pytest.mark.parametrize("seed", range(6))

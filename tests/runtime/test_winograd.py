@@ -58,17 +58,14 @@ def test_bytes_do_not_depend_on_the_thread_count(monkeypatch):
         np.testing.assert_array_equal(y.view(np.uint32), outs[0].view(np.uint32))
 
 
-def test_tile_size_is_4_on_large_maps_and_wherever_the_transforms_are_vectors(monkeypatch):
+def test_tile_size_is_4_on_large_maps_and_wherever_the_transforms_are_vectors(monkeypatch, simd_limit):
     from amct_caffe import _kernels
 
     assert winograd.tile_size(56, 56) == winograd.tile_size(28, 17) == 4
     small = (winograd.tile_size(14, 14), winograd.tile_size(7, 7), winograd.tile_size(40, 16))
     assert small == ((4, 4, 4) if _kernels.winograd_simd_level() >= 2 else (2, 2, 2))
-    try:
-        _kernels.set_winograd_simd_limit(0)
-        assert winograd.tile_size(14, 14) == winograd.tile_size(7, 7) == winograd.tile_size(40, 16) == 2
-    finally:
-        _kernels.set_winograd_simd_limit(2)
+    simd_limit(0)
+    assert winograd.tile_size(14, 14) == winograd.tile_size(7, 7) == winograd.tile_size(40, 16) == 2
 
 
 def test_fast_chains_use_it_and_notice_changed_weights(tmp_path, monkeypatch):
@@ -98,40 +95,37 @@ def _transforms(x, mm, pad, m, a, b, relu):
 
 @pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("m", [2, 4])
-def test_vector_transforms_give_the_portable_bytes(m, level):
+def test_vector_transforms_give_the_portable_bytes(m, level, simd_limit):
     """The AVX2 (eight tiles per vector) and AVX-512 transforms (sixteen; on maps of few tiles a row gathered
     across rows and images) against the one-tile loops: maps narrower and wider than a vector of tiles,
     several images, every padding, NaN and -0 through the ReLU, with and without the map. (One NaN: where two
     different NaNs meet, which one an addition keeps depends on the order the compiler gave its operands.)"""
     from amct_caffe import _kernels
 
-    _kernels.set_winograd_simd_limit(level)
-    try:
-        if _kernels.winograd_simd_level() < level:
-            pytest.skip("the CPU lacks this vector width")
-        rng = np.random.default_rng(m)
-        for case in range(60):
-            n, c, o = (int(v) for v in rng.integers(1, 4, 3))
-            h, w = int(rng.integers(1, 40)), int(rng.integers(1, 150))
-            pad = tuple(int(v) for v in rng.integers(0, 3, 2))
-            ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
-            if ho <= 0 or wo <= 0:
-                continue
-            x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-            x.flat[rng.integers(0, x.size, 3)] = [np.nan, -0.0, np.inf]
-            cols = n * -(-ho // m) * -(-wo // m)
-            mm = rng.standard_normal(((m + 2) ** 2, o, cols)).astype(np.float32)
-            mm[0, 0, :2] = [np.nan, -0.0]
-            a = rng.standard_normal(o).astype(np.float32) if case % 3 else None
-            b = rng.standard_normal(o).astype(np.float32) if case % 4 else None
-            got = []
-            for limit in (level, 0):
-                _kernels.set_winograd_simd_limit(limit)
-                got.append(_transforms(x, mm, pad, m, a, b, relu=bool(case % 2)))
-            for fast, portable in zip(*got, strict=True):
-                np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
-    finally:
-        _kernels.set_winograd_simd_limit(2)
+    simd_limit(level)
+    if _kernels.winograd_simd_level() < level:
+        pytest.skip("the CPU lacks this vector width")
+    rng = np.random.default_rng(m)
+    for case in range(60):
+        n, c, o = (int(v) for v in rng.integers(1, 4, 3))
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 150))
+        pad = tuple(int(v) for v in rng.integers(0, 3, 2))
+        ho, wo = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
+        if ho <= 0 or wo <= 0:
+            continue
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        x.flat[rng.integers(0, x.size, 3)] = [np.nan, -0.0, np.inf]
+        cols = n * -(-ho // m) * -(-wo // m)
+        mm = rng.standard_normal(((m + 2) ** 2, o, cols)).astype(np.float32)
+        mm[0, 0, :2] = [np.nan, -0.0]
+        a = rng.standard_normal(o).astype(np.float32) if case % 3 else None
+        b = rng.standard_normal(o).astype(np.float32) if case % 4 else None
+        got = []
+        for limit in (level, 0):
+            simd_limit(limit)
+            got.append(_transforms(x, mm, pad, m, a, b, relu=bool(case % 2)))
+        for fast, portable in zip(*got, strict=True):
+            np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
 
 
 @pytest.mark.parametrize("m", [2, 4])

@@ -29,6 +29,7 @@ small-matrix kernel) and how the depthwise products are made.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -44,10 +45,18 @@ except ImportError:
     DEPTHWISE_KERNEL = None
 try:  # csrc/src/direct_conv.cpp: short contractions without columns, the bytes of numpy's GEMM (see _direct)
     from amct_caffe._kernels import direct_conv2d as DIRECT_KERNEL
-    from amct_caffe._kernels import direct_conv_available, direct_conv_max_k
-    DIRECT_MAX_K = direct_conv_max_k() if direct_conv_available() else 0
+    from amct_caffe._kernels import direct_conv_max_k, simd_level
+    DIRECT_MAX_K = direct_conv_max_k()
 except ImportError:
     DIRECT_KERNEL, DIRECT_MAX_K = None, 0
+
+    def simd_level() -> int:
+        return 0
+# AMCT_SIMD caps the vector kernels every C++ loop may use (csrc/include/amct/cpu.h); it ignores other values
+SIMD_VARIABLE_VALUES = ("avx512", "avx2", "portable")
+if os.environ.get("AMCT_SIMD", "") not in ("",) + SIMD_VARIABLE_VALUES:
+    logging.getLogger(__name__).warning("AMCT_SIMD=%r is not one of %s; the CPU's own vector kernels are used",
+                                        os.environ["AMCT_SIMD"], ", ".join(SIMD_VARIABLE_VALUES))
 try:  # ... with a folded chain's epilogue applied as it stores (see ConvPlan.fused)
     from amct_caffe._kernels import direct_conv2d_affine as DIRECT_AFFINE_KERNEL
 except ImportError:
@@ -104,7 +113,7 @@ def conv_plan(x_shape, w_shape, stride, pad, dilation, group) -> "ConvPlan":
     """
     key = (x_shape, w_shape, stride, pad, dilation, group, caffe_gemm.gemm_config(), COLS_BUDGET, WIDE_GEMM_PIXELS,
            WIDE_1X1_PIXELS, ROW_COLUMNS_WIDTH, ROW_COLUMNS_MAX_OUT, DEPTHWISE_KERNEL, DEPTHWISE_BIAS, DIRECT_KERNEL,
-           DIRECT_MAX_K, DIRECT_SHAPES, DIRECT_SPATIAL_SHAPES)
+           DIRECT_MAX_K, DIRECT_SHAPES, DIRECT_SPATIAL_SHAPES, simd_level())
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
@@ -405,26 +414,27 @@ def _bind_numpy_sgemm() -> bool:
 
 
 def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
-    """The direct C++ kernel's arguments where it gives numpy's GEMM bytes and pays, else None.
+    """The direct C++ kernel's arguments where it keeps numpy's GEMM bytes (or there are none to keep) and
+    pays, else None.
 
-    The kernel sums each output in one pass of fused multiply-adds over K = C*prod(k) in column
-    order, which is how numpy's (and Caffe's) AVX-512 OpenBLAS sums a GEMM it does not split in K
-    and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`); so only
-    there (``gemm.exact``). It pays for short K (reading the input in place beats packing it) unless
-    many outputs share each column (then the GEMM's blocking wins): :data:`DIRECT_SHAPES`, K <= 64
-    with at most 64 outputs, measured in the nets (CPU time of alternating forwards): UltraFace
-    9.8 ms with it, 10.9 without; on open_nsfw's 1x1 layers of K = 32 / 128 outputs and K = 128 /
-    32 outputs, which looked faster alone, the net was 2-10% slower with them. A kernel of several
-    taps reads each input value several times from cache, and pays up to K = 256 with at most 64
-    outputs (:data:`DIRECT_SPATIAL_SHAPES`): open_nsfw's 7x7/2 conv_1 (K = 147, O = 64) 29 -> 17.5 ms
-    alone, the net (batch 8) 253 -> 231 ms; MTCNN P-Net on 240x320 (conv2, K = 90) 11.3 -> 7.7 ms; the
-    others 0.94-1.01 (alternating forwards, CPU time, load 1.5-2.7). Maps narrower than
-    16 pixels waste its 16-wide vectors (1x1 stride-1 maps are flattened into one row first). The
-    bias is added in the kernel's stores.
+    The kernel sums each output in one pass of fused multiply-adds over K = C*prod(k) in column order, with
+    AVX-512 or AVX2 alike, which is how numpy's (and Caffe's) AVX-512 OpenBLAS sums a GEMM it does not split in
+    K and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`). Where numpy's BLAS
+    rounds like Caffe's (``gemm.exact``) it is taken only where those sums agree; elsewhere (OpenBLAS's Haswell
+    kernels on a CPU without AVX-512) no GEMM here has Caffe's bytes, and it is taken wherever it pays. It pays
+    for short K (reading the input in place beats packing it) unless many outputs share each column (then the
+    GEMM's blocking wins): :data:`DIRECT_SHAPES`, K <= 64 with at most 64 outputs, measured in the nets (CPU
+    time of alternating forwards): UltraFace 9.8 ms with it, 10.9 without; on open_nsfw's 1x1 layers of K = 32 /
+    128 outputs and K = 128 / 32 outputs, which looked faster alone, the net was 2-10% slower with them. A
+    kernel of several taps reads each input value several times from cache, and pays up to K = 256 with at most
+    64 outputs (:data:`DIRECT_SPATIAL_SHAPES`): open_nsfw's 7x7/2 conv_1 (K = 147, O = 64) 29 -> 17.5 ms alone,
+    the net (batch 8) 253 -> 231 ms; MTCNN P-Net on 240x320 (conv2, K = 90) 11.3 -> 7.7 ms; the others 0.94-1.01
+    (alternating forwards, CPU time, load 1.5-2.7). Maps narrower than 16 pixels waste its 16-wide vectors (1x1
+    stride-1 maps are flattened into one row first). The bias is added in the kernel's stores.
     """
     o, ksz = w_shape[0], tuple(w_shape[2:])
     k = x_shape[1] * math.prod(ksz)
-    if (DIRECT_KERNEL is None or len(x_shape) != 4 or group != 1 or not gemm.exact or gemm.same_shape
+    if (DIRECT_KERNEL is None or simd_level() < 1 or len(x_shape) != 4 or group != 1 or gemm.same_shape
             or k > DIRECT_MAX_K or not any(k <= kk and o <= oo for kk, oo
                                            in (DIRECT_SHAPES if ksz == (1, 1) else DIRECT_SPATIAL_SHAPES))):
         return None

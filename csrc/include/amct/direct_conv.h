@@ -2,11 +2,13 @@
 // without columns, summed as OpenBLAS's level-3 sgemm driver sums each element of Caffe's column GEMM
 // (one call per image, K not split): one fused multiply-add per k in Caffe's column order (c, i, j),
 // from zero, the sum stored as alpha * acc + 0 (so -0 is stored +0). numpy's OpenBLAS (AVX-512
-// kernels) computes the same bytes; the caller checks it is the one in use (caffe_gemm.exact()).
+// kernels) computes the same bytes; the caller checks it is the one in use (caffe_gemm.exact()) where
+// those bytes matter.
 //
 // Early layers of small networks (a 3x3 stride-2 layer on an RGB image, 1x1 layers on 16-32
 // channels over large maps) are like this: their GEMM is mostly packing and memory traffic, while
-// here each input vector loaded feeds 8 output channels, 32 pixels at a time, in AVX-512 registers.
+// here each input vector loaded feeds 8 output channels (amct/register_block.h: 48 pixels at a time in
+// AVX-512 registers, or 24 in AVX2 registers, four channels per pass; the same bytes).
 #pragma once
 
 #include "amct/depthwise.h"
@@ -27,7 +29,7 @@ void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometr
 void direct_conv2d(const float* x, const float* w, float* y, const Conv2dGeometry& g, int o, int threads,
                    const float* scale, const float* bias, bool relu);
 
-// Whether direct_conv2d can run here (an AVX-512 CPU).
+// Whether direct_conv2d can run here (a CPU with AVX2 and FMA, amct/cpu.h's simd_level() >= 1).
 bool direct_conv_available();
 
 }  // namespace amct

@@ -44,9 +44,8 @@ IfmrResult ifmr_search(const std::vector<FloatSpan>& chunks, const IfmrConfig& c
                        const std::vector<double>& ratios, std::size_t zeros = 0, int threads = 1);
 
 // Vector code path in use: 0 portable, 1 AVX2, 2 AVX-512. Every path gives the same per-value
-// errors; set_ifmr_simd_limit caps the level (for tests comparing the paths).
+// errors; amct/cpu.h's set_simd_limit caps the level (tests compare the paths).
 int ifmr_simd_level();
-void set_ifmr_simd_limit(int level);
 
 // Settings check shared with the C API (throws std::invalid_argument).
 void check_ifmr_config(const IfmrConfig& config, std::size_t n_ratios);

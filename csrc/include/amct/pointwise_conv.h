@@ -10,9 +10,10 @@
 // The sums are those of direct_conv.h's kernel (the register block of amct/register_block.h) and of
 // OpenBLAS's AVX-512 sgemm where it does not split K. Against a BLAS GEMM and then a pass over the
 // output, the output is written once and never read back, and the input is read in place (a GEMM packs
-// it). Register blocks of 8 output channels x 48 pixels of one image (24 AVX-512 accumulators); a work
-// item is 192 pixels of all channels, and the next item's input rows are requested into L2 while it
-// runs. No sum depends on the thread count or the blocking. AVX-512 CPUs only. (A residual Eltwise's
+// it). Register blocks of 8 output channels x 48 pixels of one image (24 AVX-512 accumulators), or with
+// AVX2 8 x 24 in two passes of 4 channels (the same bytes); a work item is 192 pixels of all channels,
+// and the next item's input rows are requested into L2 while it runs. No sum depends on the thread
+// count or the blocking. CPUs with AVX2 and FMA. (A residual Eltwise's
 // max(y + other, 0) in the same kernel measured slower than a separate pass.)
 #pragma once
 

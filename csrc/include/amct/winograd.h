@@ -34,8 +34,7 @@ void winograd_output(const float* mm, float* y, const WinogradGeometry& g, const
 
 // Vector code path of both transforms: 0 portable, 1 AVX2 (eight tiles at a time), 2 AVX-512 (sixteen),
 // the same bytes (NaN payloads aside where two different NaNs meet).
-// set_winograd_simd_limit caps it (tests compare the paths).
+// amct/cpu.h's set_simd_limit caps it (tests compare the paths).
 int winograd_simd_level();
-void set_winograd_simd_limit(int level);
 
 }  // namespace amct
