@@ -18,6 +18,14 @@ look is read from ``/proc/stat`` (the machine's busy time minus this process's o
 the library default and to adapting. ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` in the
 environment pin the count too. The GEMMs sum in fixed K blocks (``caffe_gemm``), so outputs are
 the same bytes with any thread count: changing it between calls is safe.
+
+That holds where numpy's BLAS is OpenBLAS with its AVX-512 kernels (``caffe_gemm.exact``), whose
+sums depend on nothing but K's blocking. Elsewhere they may depend on how the threads split the
+matrices (OpenBLAS's Haswell kernels, used on CPUs without AVX-512: a (20 x 25) @ (25 x 36864)
+product differs in most of its rows between 1 and 2 threads, and between a call and the same call
+on halves of its columns). There numpy's BLAS is held at one thread (:func:`adapt`), whatever the
+count above says; that count still goes to the executor's own C++ loops (:func:`workers`), whose
+sums never depend on it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ MARGIN = 0.25   # another process using at most this much of a core leaves that 
 _PIN_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 _limiter = None      # threadpoolctl limiter of set_num_threads(n)
+_serial = None       # ... holding numpy's BLAS at one thread where its sums depend on the count (False: no need)
 _pinned = None       # that n
 _auto = None         # the _Adaptive state, built on first use (False: adapting is off here)
 
@@ -54,7 +63,7 @@ def set_num_threads(n: int | None) -> None:
         _auto.restore()
     _pinned = n
     if n is not None:
-        _limiter = threadpool_limits(limits=n, user_api="blas")
+        _limiter = threadpool_limits(limits=_blas_count(n), user_api="blas")
 
 
 def num_threads() -> int:
@@ -81,11 +90,32 @@ def workers() -> int:
 def adapt() -> None:
     """Give numpy's BLAS the cores other processes leave free (see the module doc); cheap to call
     often: it looks at the load at most every :data:`INTERVAL` seconds."""
-    global _auto
+    global _auto, _serial
     if _auto is None:
-        _auto = _Adaptive.create() or False
+        _auto = _Adaptive.create() or False  # (its default: the BLAS count before any hold)
+    if _serial is None:
+        _serial = False if _blas_sums_thread_free() else _serial_blas()
     if _auto and _limiter is None:
         _auto.update()
+
+
+def _blas_sums_thread_free() -> bool:
+    """Whether numpy's BLAS sums the executor's GEMMs alike with any thread count (module doc)."""
+    from amct_caffe.runtime.layers import caffe_gemm
+
+    return caffe_gemm.exact()
+
+
+def _blas_count(n: int) -> int:
+    """The BLAS threads to set for a count of ``n``: ``n``, or 1 where the sums would depend on it."""
+    return n if _serial is False or _blas_sums_thread_free() else 1
+
+
+def _serial_blas():
+    from threadpoolctl import threadpool_limits
+
+    _LOG.debug("numpy's BLAS held at one thread: its sums depend on the thread count on this machine")
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def numpy_blas_controllers(controller) -> list:
@@ -153,7 +183,7 @@ class _Adaptive:
 
     def _set(self, n: int) -> None:
         for lib in self.libs:
-            lib.set_num_threads(n)
+            lib.set_num_threads(_blas_count(n))
         self.current = n
 
 

@@ -31,6 +31,7 @@ def test_adaptive_threads_follow_the_other_processes_load(monkeypatch):
     monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
     monkeypatch.setattr(threads, "_busy_seconds", lambda: clock["busy"])
     monkeypatch.setattr(threads.os, "times", lambda: (clock["own"], 0.0))
+    monkeypatch.setattr(threads, "_blas_sums_thread_free", lambda: True)
     lib = _FakeLib(2)
     state = threads._Adaptive([lib], cpus=2)
 
@@ -50,3 +51,28 @@ def test_adaptive_threads_follow_the_other_processes_load(monkeypatch):
     lib.num_threads = 1
     state.restore()
     assert lib.num_threads == 2
+
+
+def test_blas_is_held_at_one_thread_where_its_sums_depend_on_the_count(monkeypatch):
+    """Where numpy's BLAS is not OpenBLAS with its AVX-512 kernels (caffe_gemm.exact), its sums may change with
+    the thread count, so it runs on one thread whatever is pinned or adapted; the executor's own loops still
+    get the count (threads.workers)."""
+    from amct_caffe.runtime import threads
+
+    monkeypatch.setattr(threads, "_blas_sums_thread_free", lambda: False)
+    monkeypatch.setattr(threads, "_serial", None)
+    monkeypatch.setattr(threads, "_auto", False)  # no adapting: the environment's or library's count
+    try:
+        threads.adapt()
+        assert num_threads() == 1
+        set_num_threads(2)
+        assert (num_threads(), threads.workers()) == (1, 2)
+        set_num_threads(None)
+        assert num_threads() == 1
+        lib = _FakeLib(2)
+        state = threads._Adaptive([lib], cpus=2)
+        state._set(2)
+        assert (lib.num_threads, state.current) == (1, 2)
+    finally:
+        set_num_threads(None)
+        threads._serial.restore_original_limits()

@@ -280,11 +280,12 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
     if not blocks and not exact():
         # numpy's BLAS is not one whose blocking is known (and no K block was set): K is split in
-        # blocks no OpenBLAS target splits again, so the sums are the same with any number of threads.
-        if k > UNKNOWN_BLAS_K_BLOCK:
-            return _blocked_matmul(a, b, _driver_blocks(k, UNKNOWN_BLAS_K_BLOCK, True), out, part)
-        return np.matmul(a, b, out=out)
-    rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
+        # blocks no OpenBLAS target splits again; a single row or column is padded to two, so that the
+        # product is an sgemm as in the one-call path (ConvPlan.native), not numpy's sgemv.
+        blocks = _driver_blocks(k, UNKNOWN_BLAS_K_BLOCK, True) if k > UNKNOWN_BLAS_K_BLOCK else None
+        rows, cols = max(m, 2), max(n, 2)
+    else:
+        rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if not blocks and (rows, cols) == (m, n):
         return np.matmul(a, b, out=out)
     if rows != m:
@@ -328,7 +329,7 @@ def plain(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool
     may then skip these decisions."""
     blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
     if not blocks and not exact():
-        return k <= UNKNOWN_BLAS_K_BLOCK
+        return k <= UNKNOWN_BLAS_K_BLOCK and min(m, n) >= 2
     return not blocks and _call_shape(m, n, k, caffe_mnk, trans_b, blocks) == (m, n)
 
 
@@ -337,10 +338,12 @@ def single_call(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int]) -> tupl
     makes (the operands padded with zero rows / columns to that), or None where it makes several (K
     blocks) or one that numpy need not send to ``sgemm`` (a dimension of 1: ``sgemv`` or numpy's own loop)."""
     blocks = k_blocks(*caffe_mnk)
-    if blocks or not exact():
-        if not plain(m, k, n, caffe_mnk):
+    if not blocks and not exact():
+        if k > UNKNOWN_BLAS_K_BLOCK:
             return None
-        rows, cols = m, n
+        rows, cols = max(m, 2), max(n, 2)  # as matmul pads them
+    elif blocks:
+        return None
     else:
         rows, cols = _call_shape(m, n, k, caffe_mnk, False, blocks)
     return (rows, cols) if min(rows, cols, k) >= 2 else None
