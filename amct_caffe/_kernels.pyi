@@ -178,7 +178,8 @@ def simd_level() -> int:
     ("avx512", "avx2", "portable") and set_simd_limit."""
 
 def set_simd_limit(level: int) -> int:
-    """Caps simd_level() at level (0..2; 2 lifts the cap) for every kernel; returns the previous cap."""
+    """Caps simd_level() at level (0..2; 2 lifts the cap) for every kernel; returns the previous cap. Layers
+    a Net has already prepared keep the choices made at the level then in force: set it before building nets."""
 
 def winograd_output(mm: F32, x_shape: list[int], pad: list[int], m: int, a: F32 | None, b: F32 | None,
                     relu: bool, threads: int, into: F32 | None = None) -> F32:

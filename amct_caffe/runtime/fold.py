@@ -24,8 +24,9 @@ the separate layers. Two modes (:class:`FoldMode`):
   such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
   multiplies, at most 1.4e-5 of a blob's scale from Caffe on open_nsfw), with the affine map and the
   ReLU applied by its output transform. A 1x1 convolution (no padding or groups) in such a chain runs
-  in the pointwise kernel where the CPU has AVX-512 (``csrc/src/pointwise_conv.cpp``: one fused
-  multiply-add per input channel in order, the affine map and ReLU applied as it stores). A chain
+  in the pointwise kernel where the CPU has AVX-512, or AVX2 for at most :data:`POINTWISE_AVX2_MAX_K`
+  input channels (``csrc/src/pointwise_conv.cpp``: one fused multiply-add per input channel in order,
+  the affine map and ReLU applied as it stores). A chain
   without BatchNorm / Scale (a convolution and a ReLU) keeps Caffe's arithmetic in both modes.
 
 The per-channel steps after the GEMM (FAST's ``y * a + b`` and the ReLU, a ReLU alone) run as one

@@ -350,11 +350,29 @@ def test_deploy_integer_convolution_agrees_with_caffes_loops(shape, k, s, p, d, 
     np.testing.assert_array_equal(got, ref_conv(x, w, b, (s, s), p, (d, d), g))
 
 
+def _assert_depthwise_kernel_bytes(fast, simd_limit, monkeypatch, x, weight, bias, **geometry):
+    """``fast``, the depthwise kernel's output, against what it must equal: the NumPy path's bytes (Caffe's
+    sums) where numpy's BLAS sums like Caffe's (``caffe_gemm.exact``); elsewhere, where numpy's own products
+    sum in another order, the kernel's portable loops' bytes (one fused multiply-add per tap in tap order)
+    and the NumPy path within float32 rounding."""
+    c = weight.shape[0]
+    kernel = conv_plan.DEPTHWISE_KERNEL
+    monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
+    ref = Convolution(x, weight, bias, group=c, **geometry)
+    monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", kernel)
+    assert fast.shape == ref.shape
+    if not conv_plan.caffe_gemm.exact():
+        np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+        simd_limit(0)
+        ref = Convolution(x, weight, bias, group=c, **geometry)
+    np.testing.assert_array_equal(fast.view(np.int32), ref.view(np.int32))
+
+
 @pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
 @pytest.mark.parametrize("stride,pad,with_bias", [((2, 2), (1, 1), True), ((2, 2), (0, 0), False),
                                                   ((1, 2), (1, 0), True), ((3, 3), (1, 1), True),
                                                   ((2, 3), (0, 1), False)])
-def test_depthwise_3x3_strided_in_registers_gives_the_same_bytes(stride, pad, with_bias, monkeypatch):
+def test_depthwise_3x3_strided_in_registers_gives_the_same_bytes(stride, pad, with_bias, monkeypatch, simd_limit):
     """The 3x3 strided loop that keeps one output's nine taps in a register: the NumPy path's bytes."""
     rng = np.random.default_rng(sum(stride) * 7 + pad[0])
     x = rng.standard_normal((2, 5, 23, 31)).astype(np.float32)
@@ -362,9 +380,7 @@ def test_depthwise_3x3_strided_in_registers_gives_the_same_bytes(stride, pad, wi
     weight = rng.standard_normal((5, 1, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32) if with_bias else None
     fast = conv.Convolution(x, weight, bias, stride=stride, pad=pad, group=5)
-    monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
-    ref = conv.Convolution(x, weight, bias, stride=stride, pad=pad, group=5)
-    np.testing.assert_array_equal(fast.view(np.int32), ref.view(np.int32))
+    _assert_depthwise_kernel_bytes(fast, simd_limit, monkeypatch, x, weight, bias, stride=stride, pad=pad)
 
 
 @pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
@@ -391,16 +407,15 @@ def test_depthwise_3x3_rows_in_registers_give_the_same_bytes(width, pad, with_bi
     weight = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
     weight[0, 0, 1] = -0.0
     bias = rng.standard_normal(3).astype(np.float32) if with_bias else None
+    x[0, 1, 2, :2] = np.nan
     fast = conv.Convolution(x, weight, bias, stride=(stride, stride), pad=pad, group=3)
     assert fast.shape[-1] == width
-    monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
-    ref = conv.Convolution(x, weight, bias, stride=(stride, stride), pad=pad, group=3)
-    np.testing.assert_array_equal(fast.view(np.int32), ref.view(np.int32))
+    _assert_depthwise_kernel_bytes(fast, simd_limit, monkeypatch, x, weight, bias, stride=(stride, stride), pad=pad)
 
 
 @pytest.mark.skipif(conv_plan.DEPTHWISE_KERNEL is None, reason="amct_caffe._kernels not built")
 @pytest.mark.parametrize("seed", range(12))
-def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatch):
+def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatch, simd_limit):
     """The C++ depthwise loops (one FMA per tap, in tap order) against the NumPy path they replace."""
     rng = np.random.default_rng(seed)
     n, c = int(rng.integers(1, 4)), int(rng.integers(1, 9))
@@ -413,6 +428,10 @@ def test_depthwise_kernel_gives_the_bytes_of_the_numpy_products(seed, monkeypatc
     weight = rng.standard_normal((c, 1, kh, kw)).astype(np.float32)
     bias = rng.standard_normal(c).astype(np.float32)
     fast = conv.Convolution(x, weight, bias, stride=stride, pad=pad, dilation=dilation, group=c)
+    if not conv_plan.caffe_gemm.exact():
+        _assert_depthwise_kernel_bytes(fast, simd_limit, monkeypatch, x, weight, bias, stride=stride, pad=pad,
+                                       dilation=dilation)
+        return
     monkeypatch.setattr(conv_plan, "DEPTHWISE_KERNEL", None)
     ref = conv.Convolution(x, weight, bias, stride=stride, pad=pad, dilation=dilation, group=c)
     assert fast.shape == ref.shape

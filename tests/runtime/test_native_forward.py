@@ -77,6 +77,8 @@ def test_channel_epilogue_and_residual_sum():
     np.testing.assert_array_equal(_bits(fold.ADD_RELU_KERNEL(y, z, 2)), _bits(want))
 
 
+@pytest.mark.skipif(not conv_plan.caffe_gemm.exact(),
+                    reason="numpy's BLAS here sums a product differently as its columns are split differently")
 @pytest.mark.parametrize("stride", [1, 2])
 def test_wide_1x1_gives_the_per_image_bytes(stride, monkeypatch):
     rng = np.random.default_rng(stride)
@@ -262,6 +264,8 @@ def test_direct_kernel_is_exact_on_integers_and_the_same_on_every_vector_width(s
     bi, scale = rng.integers(-50, 50, o), 2.0 ** rng.integers(-2, 3, o)
     exact = conv2d_exact(xi.astype(np.float64), wi.astype(np.float64), None, stride, pad, (1, 1), 1)
     xf, wf = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(wi.shape).astype(np.float32)
+    xf.reshape(-1)[::97] = np.nan  # (the ReLU keeps NaN and stores -0 as +0 on both widths)
+    xf.reshape(-1)[1::89] = -0.0
     f32 = np.float32
     floats = []
     for level in _vector_levels(simd_limit):
