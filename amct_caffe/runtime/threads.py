@@ -23,9 +23,9 @@ That holds where numpy's BLAS is OpenBLAS with its AVX-512 kernels (``caffe_gemm
 sums depend on nothing but K's blocking. Elsewhere they may depend on how the threads split the
 matrices (OpenBLAS's Haswell kernels, used on CPUs without AVX-512: a (20 x 25) @ (25 x 36864)
 product differs in most of its rows between 1 and 2 threads, and between a call and the same call
-on halves of its columns). There numpy's BLAS is held at one thread (:func:`adapt`), whatever the
-count above says; that count still goes to the executor's own C++ loops (:func:`workers`), whose
-sums never depend on it.
+on halves of its columns). There numpy's BLAS is held at one thread, whatever the count above says
+(decided once, at the first :func:`adapt` or :func:`set_num_threads`, before any other limit); that
+count still goes to the executor's own C++ loops (:func:`workers`), whose sums never depend on it.
 """
 
 from __future__ import annotations
@@ -44,18 +44,22 @@ MARGIN = 0.25   # another process using at most this much of a core leaves that 
 _PIN_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 _limiter = None      # threadpoolctl limiter of set_num_threads(n)
-_serial = None       # ... holding numpy's BLAS at one thread where its sums depend on the count (False: no need)
 _pinned = None       # that n
 _auto = None         # the _Adaptive state, built on first use (False: adapting is off here)
+_hold = None         # limiter holding numpy's BLAS at one thread where its sums depend on the count (module
+                     # doc), made before any other limiter (False: not needed here; None: not decided yet)
+_unheld = 1          # the BLAS thread count before that hold
 
 
 def set_num_threads(n: int | None) -> None:
-    """Pin BLAS to ``n`` threads (``None``: back to the library default, adapted to the load)."""
+    """Pin the executor to ``n`` threads (``None``: back to the library default, adapted to the load): its
+    C++ loops, and numpy's BLAS unless that is held at one thread (module doc)."""
     global _limiter, _pinned
     from threadpoolctl import threadpool_limits
 
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise AmctError(f"set_num_threads: n must be a positive integer or None, got {n!r}")
+    _decide_hold()
     if _limiter is not None:
         _limiter.restore_original_limits()
         _limiter = None
@@ -90,32 +94,42 @@ def workers() -> int:
 def adapt() -> None:
     """Give numpy's BLAS the cores other processes leave free (see the module doc); cheap to call
     often: it looks at the load at most every :data:`INTERVAL` seconds."""
-    global _auto, _serial
+    global _auto
+    _decide_hold()
     if _auto is None:
-        _auto = _Adaptive.create() or False  # (its default: the BLAS count before any hold)
-    if _serial is None:
-        _serial = False if _blas_sums_thread_free() else _serial_blas()
+        _auto = _Adaptive.create() or False
     if _auto and _limiter is None:
         _auto.update()
 
 
 def _blas_sums_thread_free() -> bool:
-    """Whether numpy's BLAS sums the executor's GEMMs alike with any thread count (module doc)."""
+    """Whether numpy's BLAS sums the executor's GEMMs alike with any thread count: OpenBLAS with its AVX-512
+    kernels (module doc). Asked of the library itself, not of ``caffe_gemm``'s configuration in force
+    (which tests change)."""
     from amct_caffe.runtime.layers import caffe_gemm
 
-    return caffe_gemm.exact()
+    return caffe_gemm.GemmConfig.detect().numpy_k_block is not None
+
+
+def _decide_hold() -> None:
+    """Once per process, before any other limiter: hold numpy's BLAS at one thread if its sums depend on
+    the count, keeping the count it had (the adaptive default)."""
+    global _hold, _unheld
+    if _hold is not None:
+        return
+    from threadpoolctl import threadpool_limits
+
+    _unheld = num_threads()
+    if _blas_sums_thread_free():
+        _hold = False
+        return
+    _LOG.debug("numpy's BLAS held at one thread: its sums depend on the thread count on this machine")
+    _hold = threadpool_limits(limits=1, user_api="blas")
 
 
 def _blas_count(n: int) -> int:
-    """The BLAS threads to set for a count of ``n``: ``n``, or 1 where the sums would depend on it."""
-    return n if _serial is False or _blas_sums_thread_free() else 1
-
-
-def _serial_blas():
-    from threadpoolctl import threadpool_limits
-
-    _LOG.debug("numpy's BLAS held at one thread: its sums depend on the thread count on this machine")
-    return threadpool_limits(limits=1, user_api="blas")
+    """The BLAS threads to set for a count of ``n``: ``n``, or 1 while numpy's BLAS is held."""
+    return 1 if _hold else n
 
 
 def numpy_blas_controllers(controller) -> list:
@@ -136,7 +150,7 @@ class _Adaptive:
 
     def __init__(self, libs, cpus: int):
         self.libs = libs
-        self.default = max(lib.num_threads for lib in libs)
+        self.default = _unheld if _hold else max(lib.num_threads for lib in libs)
         self.cpus = cpus
         self.current = self.default
         self.last = None  # (monotonic time, machine busy seconds, own CPU seconds)
@@ -154,7 +168,7 @@ class _Adaptive:
             libs = numpy_blas_controllers(ThreadpoolController())
         except (OSError, AttributeError, ValueError, ImportError):
             return None
-        if cpus < 2 or not libs or max(lib.num_threads for lib in libs) < 2:
+        if cpus < 2 or not libs or (_unheld if _hold else max(lib.num_threads for lib in libs)) < 2:
             return None
         return cls(libs, cpus)
 

@@ -106,7 +106,7 @@ def test_forward_matches_real_caffe(model, tmp_path):
     ours = {name: net.blobs[name].data for name in ref}
     recurrent = "rnn" if model == "rnn_mnist" else "lstm"
     assert set(ref) >= {recurrent, "fc", "prob"}
-    assert not grad_problems(ref, ours, rtol=1e-4)
+    assert not grad_problems(ref, ours, rtol=1e-4, ties=None if caffe_gemm.exact() else 5e-3)
     if caffe_gemm.exact():  # where numpy's BLAS rounds as Caffe's, the recurrence is Caffe's bit for bit
         np.testing.assert_array_equal(ours[recurrent], ref[recurrent])
 
@@ -148,6 +148,7 @@ def test_training_step_matches_real_caffe(model, tmp_path):
     """The train net with the shipped weights on a training batch: every blob's data and diff and every
     parameter's diff within 1e-4 of its scale (the loss is where they part first: Softmax's exp and sum)."""
     from amct_caffe.runtime import TRAIN, Net
+    from amct_caffe.runtime.layers import caffe_gemm
     from tests.real_caffe import run_with_pycaffe
 
     train, weights = str(SAMPLE / f"{model}_train.prototxt"), _files(model)[1]
@@ -169,4 +170,4 @@ def test_training_step_matches_real_caffe(model, tmp_path):
         for i, p in enumerate(params):
             ours[f"pdiff/{name}/{i}"] = p.diff
     assert any(k.startswith("pdiff/lstm/") or k.startswith("pdiff/rnn/") for k in ref)
-    assert not grad_problems(ref, ours, rtol=1e-4)
+    assert not grad_problems(ref, ours, rtol=1e-4, ties=None if caffe_gemm.exact() else 5e-3)

@@ -5,6 +5,7 @@ from amct_caffe.runtime import num_threads, set_num_threads
 
 
 def test_set_num_threads_limits_and_restores():
+    set_num_threads(None)  # (where numpy's BLAS is held at one thread, the hold is made first)
     before = num_threads()
     try:
         set_num_threads(1)
@@ -31,7 +32,7 @@ def test_adaptive_threads_follow_the_other_processes_load(monkeypatch):
     monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
     monkeypatch.setattr(threads, "_busy_seconds", lambda: clock["busy"])
     monkeypatch.setattr(threads.os, "times", lambda: (clock["own"], 0.0))
-    monkeypatch.setattr(threads, "_blas_sums_thread_free", lambda: True)
+    monkeypatch.setattr(threads, "_hold", False)  # numpy's BLAS not held at one thread
     lib = _FakeLib(2)
     state = threads._Adaptive([lib], cpus=2)
 
@@ -55,24 +56,30 @@ def test_adaptive_threads_follow_the_other_processes_load(monkeypatch):
 
 def test_blas_is_held_at_one_thread_where_its_sums_depend_on_the_count(monkeypatch):
     """Where numpy's BLAS is not OpenBLAS with its AVX-512 kernels (caffe_gemm.exact), its sums may change with
-    the thread count, so it runs on one thread whatever is pinned or adapted; the executor's own loops still
-    get the count (threads.workers)."""
+    the thread count, so it runs on one thread whatever is pinned or adapted, in any order of calls; the
+    executor's own loops still get the count (threads.workers), and adapting starts from the count before."""
     from amct_caffe.runtime import threads
 
     monkeypatch.setattr(threads, "_blas_sums_thread_free", lambda: False)
-    monkeypatch.setattr(threads, "_serial", None)
-    monkeypatch.setattr(threads, "_auto", False)  # no adapting: the environment's or library's count
+    monkeypatch.setattr(threads, "_hold", None)
+    monkeypatch.setattr(threads, "_auto", None)
+    before = num_threads()
     try:
-        threads.adapt()
-        assert num_threads() == 1
-        set_num_threads(2)
+        set_num_threads(2)  # before the first forward's adapt()
         assert (num_threads(), threads.workers()) == (1, 2)
+        threads.adapt()
         set_num_threads(None)
         assert num_threads() == 1
+        threads.adapt()
+        assert num_threads() == 1
+        if threads._auto:
+            assert threads._auto.default == before
         lib = _FakeLib(2)
         state = threads._Adaptive([lib], cpus=2)
         state._set(2)
         assert (lib.num_threads, state.current) == (1, 2)
     finally:
         set_num_threads(None)
-        threads._serial.restore_original_limits()
+        if threads._hold:
+            threads._hold.restore_original_limits()
+    assert num_threads() == before

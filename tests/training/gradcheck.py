@@ -102,13 +102,21 @@ def executor_grads(workdir, name, phase: str = "TRAIN") -> dict[str, np.ndarray]
     return out
 
 
-def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[str]:
+TIE_RTOL = 1e-2  # (grad_problems' ``ties``) a gradient a tie sent elsewhere differs by more than this x scale
+
+
+def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=(), ties: float | None = None) -> list[str]:
     """Arrays of ``ref`` that ``ours`` lacks or that differ beyond ``rtol`` (relative to the array's scale).
 
     A value agrees when ``|ours - ref| <= rtol * max(scale, 1e-3)``, ``scale`` the largest finite
     ``|ref|``, or when both are the same infinity or both NaN: Caffe's own formulas give NaN and
     inf (Power's ``power * y / x`` at x = 0 is 0/0), and the executor must give them at the same
     places, as the forward differential test (``test_differential.compare_net``) requires.
+
+    ``ties``: where the two forwards do not round alike (numpy's BLAS is not OpenBLAS's AVX-512 build,
+    ``caffe_gemm.exact()`` false), a max pooling's argmax or a ReLU's kink within rounding noise may go
+    the other way and send a gradient elsewhere; an array then agrees when at most that fraction of its
+    values differ by more than :data:`TIE_RTOL` of its scale.
     """
     problems = []
     for key, want in ref.items():
@@ -130,6 +138,11 @@ def grad_problems(ref: dict, ours: dict, rtol: float = 1e-4, skip=()) -> list[st
         with np.errstate(invalid="ignore"):  # inf - inf
             err = np.abs(got.astype(np.float64) - want)
             bad = ~((err <= rtol * max(scale, 1e-3)) | (got == want) | (np.isnan(got) & np.isnan(want)))
+        if bad.any() and ties is not None:
+            with np.errstate(invalid="ignore"):
+                bad &= ~(err <= TIE_RTOL * max(scale, 1e-3))
+            if bad.mean() <= ties:
+                continue
         if bad.any():
             worst = float(np.nan_to_num(err[bad], nan=np.inf).max())
             problems.append(f"{key}: {int(bad.sum())}/{want.size} values differ, max |diff| {worst:.3g} "

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.runtime import TEST, Net
+from amct_caffe.runtime.layers import caffe_gemm
 from tests.golden import SHARED
 from tests.real_caffe import pycaffe_dir
 from tests.training.gradcheck import caffe_grads, executor_grads, grad_problems, run_in_caffe
@@ -99,4 +100,6 @@ def test_model_gradients_match_caffe(model_runs, model):
             checked = set(blobs[blobs.index(ties[-1]) + 1:])
             ref = {k: v for k, v in ref.items() if "/" in k and k.split("/")[1] in checked}
             assert len(ref) > 20
-    assert grad_problems(ref, ours) == []
+    # (CPUs without AVX-512: Caffe's own gradients there differ from its AVX-512 build's by up to 0.2 % of
+    # open_nsfw's, the executor's within 1e-6 of each other; up to 0.12 % of values moved by ties)
+    assert grad_problems(ref, ours, ties=None if caffe_gemm.exact() else 5e-3) == []

@@ -73,6 +73,8 @@ SMALL_GEMM_TN_MAX_MN = 1200         # ... and, for op(A) transposed (column-majo
 SMALL_GEMM_TN_MIN_K = 32            # ... and K from this
 SMALL_GEMM_FREE_K = 32              # below this K a small kernel's sum does not depend on the column
 GEMV_LIKE_GEMM_MAX_N = 16384        # numpy's sgemv of one row, K < 32, rounds like sgemm up to this N
+PADDED_SINGLE_MAX_MN = 1 << 14      # where numpy's BLAS is unknown, a single row / column is padded up to this
+                                    # M*N (the one-call path's products, conv_plan.SMALL_COLS, fit)
 THREADED_GEMM_MIN_MNK = 65536 * 4   # SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD
 GEMM_UNROLL_M = 16                  # SGEMM_DEFAULT_UNROLL_M of the AVX-512 targets
 COOPERLAKE_SGEMM_Q = 320            # SGEMM_DEFAULT_Q of OpenBLAS's Cooperlake target
@@ -280,10 +282,11 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
     blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
     if not blocks and not exact():
         # numpy's BLAS is not one whose blocking is known (and no K block was set): K is split in
-        # blocks no OpenBLAS target splits again; a single row or column is padded to two, so that the
-        # product is an sgemm as in the one-call path (ConvPlan.native), not numpy's sgemv.
+        # blocks no OpenBLAS target splits again; a small product of a single row or column is padded to
+        # two, so that it is an sgemm as in the one-call path (ConvPlan.native, single_call), not numpy's
+        # sgemv (a large one stays an sgemv: padded, it took 2-3x longer).
         blocks = _driver_blocks(k, UNKNOWN_BLAS_K_BLOCK, True) if k > UNKNOWN_BLAS_K_BLOCK else None
-        rows, cols = max(m, 2), max(n, 2)
+        rows, cols = _unknown_blas_shape(m, n, k)
     else:
         rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if not blocks and (rows, cols) == (m, n):
@@ -323,25 +326,34 @@ def _call_shape(m: int, n: int, k: int, caffe_mnk, trans_b: bool, blocks) -> tup
     return rows, cols
 
 
+def _unknown_blas_shape(m: int, n: int, k: int) -> tuple[int, int]:
+    """(rows, columns) :func:`matmul` gives a product where numpy's BLAS is not known: a single row or
+    column padded to two where the product is small and K one block."""
+    if min(m, n) < 2 and k <= UNKNOWN_BLAS_K_BLOCK and m * n <= PADDED_SINGLE_MAX_MN:
+        return max(m, 2), max(n, 2)
+    return m, n
+
+
 def plain(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: bool = False) -> bool:
     """Whether :func:`matmul` of (..., m, k) @ (..., k, n) operands is ``np.matmul`` itself (no K blocks,
     no padding) under the configuration in force: a caller that makes the same product many times
     may then skip these decisions."""
     blocks = k_blocks(*caffe_mnk, trans_b=trans_b)
     if not blocks and not exact():
-        return k <= UNKNOWN_BLAS_K_BLOCK and min(m, n) >= 2
+        return k <= UNKNOWN_BLAS_K_BLOCK and _unknown_blas_shape(m, n, k) == (m, n)
     return not blocks and _call_shape(m, n, k, caffe_mnk, trans_b, blocks) == (m, n)
 
 
 def single_call(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int]) -> tuple[int, int] | None:
     """(rows, columns) of the one ``np.matmul`` per pair of (m x k) @ (k x n) operands that :func:`prepared`
     makes (the operands padded with zero rows / columns to that), or None where it makes several (K
-    blocks) or one that numpy need not send to ``sgemm`` (a dimension of 1: ``sgemv`` or numpy's own loop)."""
+    blocks) or one that numpy need not send to ``sgemm`` (a dimension of 1 left unpadded: ``sgemv`` or
+    numpy's own loop)."""
     blocks = k_blocks(*caffe_mnk)
     if not blocks and not exact():
         if k > UNKNOWN_BLAS_K_BLOCK:
             return None
-        rows, cols = max(m, 2), max(n, 2)  # as matmul pads them
+        rows, cols = _unknown_blas_shape(m, n, k)
     elif blocks:
         return None
     else:

@@ -92,6 +92,8 @@ ROW_COLUMNS_MAX_OUT = 16
 # Up to this many column values (and output values) a plan's prepared call (ConvPlan.unbiased) keeps its own
 # columns: on such inputs (MTCNN's 12x12 P-Net) the Python around the kernels is most of the time.
 SMALL_COLS = 1 << 14
+# (its products' single rows / columns are padded to sgemms by caffe_gemm where numpy's BLAS is unknown)
+assert SMALL_COLS <= caffe_gemm.PADDED_SINGLE_MAX_MN
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -181,7 +183,7 @@ class ConvPlan:
             # pays off when each column feeds few outputs (depthwise, small O/g), and not on inputs
             # small enough for the one-call path (unbiased / native: MTCNN's P-Net on 12 x 12 took
             # 0.10 ms through rows where numpy's BLAS does not round like Caffe's, 0.015 ms in one call).
-            tiny = n * max(o, c * kk) * math.prod(out) <= SMALL_COLS
+            tiny = not depthwise and n * max(o, c * kk) * math.prod(out) <= SMALL_COLS
             self.rows = (nsp == 2 and stride == (1, 1) and out[1] < ROW_COLUMNS_WIDTH and kk > 1
                          and og <= ROW_COLUMNS_MAX_OUT and gemm.row_grid and not tiny)
             self.grid = (out[0], xs[3] + 2 * pad[1]) if self.rows else out
@@ -424,9 +426,9 @@ def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
     AVX-512 or AVX2 alike, which is how numpy's (and Caffe's) AVX-512 OpenBLAS sums a GEMM it does not split in
     K and does not run in a small-matrix kernel (:attr:`caffe_gemm.ConvGemms.same_shape`). Where numpy's BLAS
     rounds like Caffe's (``gemm.exact``) it is taken only where those sums agree; elsewhere (OpenBLAS's Haswell
-    kernels on a CPU without AVX-512) no GEMM here has Caffe's bytes, and it is taken wherever it pays. Never
-    where Caffe's call is a small-matrix one: those inputs take the one-call path (:meth:`ConvPlan.native`;
-    MTCNN's P-Net on 12 x 12: 0.04 ms with its 1x1 heads direct, 0.015 ms in one call). It pays
+    kernels on a CPU without AVX-512) no GEMM here has Caffe's bytes, and it is taken wherever it pays but on
+    inputs small enough for the one-call path (:meth:`ConvPlan.native`; MTCNN's P-Net on 12 x 12: 0.04 ms
+    with its 1x1 heads direct, 0.015 ms in one call). It pays
     for short K (reading the input in place beats packing it) unless many outputs share each column (then the
     GEMM's blocking wins): :data:`DIRECT_SHAPES`, K <= 64 with at most 64 outputs, measured in the nets (CPU
     time of alternating forwards): UltraFace 9.8 ms with it, 10.9 without; on open_nsfw's 1x1 layers of K = 32 /
@@ -439,9 +441,10 @@ def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
     """
     o, ksz = w_shape[0], tuple(w_shape[2:])
     k = x_shape[1] * math.prod(ksz)
-    if (DIRECT_KERNEL is None or simd_level() < 1 or len(x_shape) != 4 or group != 1
-            or caffe_gemm.is_small(*gemm.caffe_mnk) or k > DIRECT_MAX_K or not any(k <= kk and o <= oo for kk, oo
-                                           in (DIRECT_SHAPES if ksz == (1, 1) else DIRECT_SPATIAL_SHAPES))):
+    tiny = x_shape[0] * max(o, k) * math.prod(out) <= SMALL_COLS  # (the one-call path's inputs: ConvPlan._small)
+    if (DIRECT_KERNEL is None or simd_level() < 1 or len(x_shape) != 4 or group != 1 or gemm.same_shape
+            or (tiny and not gemm.exact) or k > DIRECT_MAX_K
+            or not any(k <= kk and o <= oo for kk, oo in (DIRECT_SHAPES if ksz == (1, 1) else DIRECT_SPATIAL_SHAPES))):
         return None
     n, c, h, w = x_shape
     if ksz == (1, 1) and stride == (1, 1) and not any(pad):  # flattened into one row
