@@ -25,7 +25,10 @@ bundled OpenBLAS threads degrade far more than Debian's under contention, so com
 ``--threads 1`` there.
 
 The last line says which of the executor's vector kernels the CPU runs (AVX-512, AVX2 or portable):
-the ratios differ much between them (docs/performance.md).
+the ratios differ much between them (docs/performance.md). ``AMCT_SIMD=avx2`` (``portable``) caps them,
+and ``OPENBLAS_CORETYPE=Haswell`` makes both numpy's and Caffe's OpenBLAS run their AVX2 kernels: together
+they show on an AVX-512 CPU what a CPU without AVX-512 runs (on Zen 4, which splits 512-bit operations in
+two, at about the same speed per instruction as AVX2 code; not how an Intel AVX2 CPU would time it).
 
 ``--fold off,exact,fast`` times the executor in several fold modes (``amct_caffe/runtime/fold.py``;
 ``off`` is the executor before in-place chains were folded), interleaved with Caffe.
@@ -349,7 +352,7 @@ def _vector_width() -> str:
         from amct_caffe import _kernels
     except ImportError:
         return "none (the extension is not built)"
-    return {2: "AVX-512", 1: "AVX2 (no AVX-512 kernels)"}.get(_kernels.winograd_simd_level(), "portable")
+    return {2: "AVX-512", 1: "AVX2 (no AVX-512 kernels)"}.get(_kernels.simd_level(), "portable")
 
 
 if __name__ == "__main__":

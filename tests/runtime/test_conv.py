@@ -387,12 +387,12 @@ def test_depthwise_3x3_strided_in_registers_gives_the_same_bytes(stride, pad, wi
 @pytest.mark.parametrize("width", [1, 2, 7, 8, 9, 15, 16, 17, 23, 25, 31, 33, 48, 50])
 @pytest.mark.parametrize("pad,with_bias", [((1, 1), True), ((0, 0), False), ((2, 1), True), ((1, 0), False)])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("level", [2, 1])
+@pytest.mark.parametrize("level", [2, 1, 0])
 def test_depthwise_3x3_rows_in_registers_give_the_same_bytes(width, pad, with_bias, stride, level, monkeypatch,
                                                              simd_limit):
     """The 3x3 rows computed 16 (AVX-512) or 8 (AVX2) outputs per register (the last ones masked or stored
-    through the stack; at column stride 2 gathered by permutes / shuffles): the NumPy path's bytes, zero
-    signs included, on widths around the lanes."""
+    through the stack; at column stride 2 gathered by permutes / shuffles), and the portable loops (level
+    0): the NumPy path's bytes, zero signs included, on widths around the lanes."""
     from amct_caffe import _kernels
 
     simd_limit(level)
