@@ -71,11 +71,10 @@ def set_num_threads(n: int | None) -> None:
 
 
 def num_threads() -> int:
-    """The BLAS thread count in force (the largest over the BLAS libraries loaded)."""
-    from threadpoolctl import threadpool_info
+    """The thread count in force of numpy's BLAS (the largest over its libraries; 1 if none is known)."""
+    from threadpoolctl import ThreadpoolController
 
-    counts = [info["num_threads"] for info in threadpool_info() if info.get("user_api") == "blas"]
-    return max(counts) if counts else 1
+    return max((lib.num_threads for lib in numpy_blas_controllers(ThreadpoolController())), default=1)
 
 
 def workers() -> int:
@@ -112,19 +111,36 @@ def _blas_sums_thread_free() -> bool:
 
 
 def _decide_hold() -> None:
-    """Once per process, before any other limiter: hold numpy's BLAS at one thread if its sums depend on
-    the count, keeping the count it had (the adaptive default)."""
+    """Once per process, before any other limiter: hold numpy's BLAS (not another one pycaffe may have
+    loaded) at one thread if its sums depend on the count, keeping the count it had (the adaptive default)."""
     global _hold, _unheld
     if _hold is not None:
         return
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
-    _unheld = num_threads()
-    if _blas_sums_thread_free():
+    try:
+        libs = numpy_blas_controllers(ThreadpoolController())
+    except (OSError, AttributeError, ValueError):
+        libs = []
+    _unheld = max((lib.num_threads for lib in libs), default=1)
+    if not libs or _blas_sums_thread_free():
         _hold = False
         return
     _LOG.debug("numpy's BLAS held at one thread: its sums depend on the thread count on this machine")
-    _hold = threadpool_limits(limits=1, user_api="blas")
+    _hold = _Hold(libs)
+
+
+class _Hold:
+    """numpy's BLAS libraries set to one thread; ``restore_original_limits`` gives them their counts back."""
+
+    def __init__(self, libs):
+        self.saved = [(lib, lib.num_threads) for lib in libs]
+        for lib in libs:
+            lib.set_num_threads(1)
+
+    def restore_original_limits(self) -> None:
+        for lib, n in self.saved:
+            lib.set_num_threads(n)
 
 
 def _blas_count(n: int) -> int:
