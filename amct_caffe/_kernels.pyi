@@ -127,7 +127,7 @@ def direct_conv2d(
     bias: F32 | None = None, into: F32 | None = None,
 ) -> F32:
     """x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, *out), C*kh*kw <= direct_conv_max_k(): one fused
-    multiply-add per k in column order from zero (the sum stored + 0), then + bias[o]; AVX-512 only."""
+    multiply-add per k in column order from zero (the sum stored + 0), then + bias[o]; AVX2 or AVX-512."""
 
 def direct_conv_available() -> bool: ...
 def direct_conv_max_k() -> int: ...
@@ -167,7 +167,7 @@ def pointwise_conv(
     x: F32, weight: F32, scale: F32 | None, bias: F32 | None, relu: bool, threads: int, into: F32 | None = None,
 ) -> F32:
     """x (N, K, ...) by weight (O, K[, 1, 1]) -> (N, O, ...): one fused multiply-add per k in order from zero,
-    stored + 0, then * scale[o], + bias[o], maximum(v, 0) (each if given); AVX-512 only."""
+    stored + 0, then * scale[o], + bias[o], maximum(v, 0) (each if given); AVX2 or AVX-512."""
 
 def pointwise_conv_available() -> bool: ...
 def winograd_simd_level() -> int:
