@@ -159,7 +159,11 @@ def test_other_solvers_match_caffe(runs, solver):
     s.step(OTHER_ITERS)
     lr = {"Nesterov": 0.01, "AdaGrad": 0.01, "RMSProp": 0.001, "AdaDelta": 1.0, "Adam": 0.001}[solver]
     adaptive = solver != "Nesterov"
-    assert _problems(ref, f"{solver}@{OTHER_ITERS}/", _params(s.net), 1e-3, outliers=1e-3 if adaptive else 0.0,
+    # (an adaptive step divides by the gradients' own size, so where they are near 0 their rounding noise moves
+    # a parameter by up to lr a step; where numpy's BLAS does not round like Caffe's every gradient carries
+    # such noise: measured 0.12 % of conv2's weights with RMSProp and OpenBLAS's Sandybridge kernels)
+    strays = (1e-3 if caffe_gemm.exact() else 5e-3) if adaptive else 0.0
+    assert _problems(ref, f"{solver}@{OTHER_ITERS}/", _params(s.net), 1e-3, outliers=strays,
                      bound=2 * lr * OTHER_ITERS if adaptive else 0.0) == []
 
 
