@@ -66,7 +66,7 @@ from amct_caffe.runtime.layers.batch_norm import _std, global_moments
 from amct_caffe.runtime.layers import winograd
 from amct_caffe.runtime.layers.activation import PReLU
 from amct_caffe.runtime.layers.conv import Convolution
-from amct_caffe.runtime.layers.conv_plan import conv_plan
+from amct_caffe.runtime.layers.conv_plan import conv_plan, simd_level
 from amct_caffe.runtime.layers.eltwise import SUM
 
 try:  # csrc/src/conv_cols.cpp; the NumPy lines beside each call are its reference
@@ -84,12 +84,8 @@ except ImportError:
     BIAS_PRELU_KERNEL = None
 try:  # csrc/src/pointwise_conv.cpp: a FAST chain's 1x1 convolution with its epilogue in the stores (AVX2 / AVX-512)
     from amct_caffe._kernels import pointwise_conv as POINTWISE_KERNEL
-    from amct_caffe._kernels import simd_level
 except ImportError:
     POINTWISE_KERNEL = None
-
-    def simd_level() -> int:
-        return 0
 # Below this many values the per-channel pass runs on one thread.
 THREADED_AFFINE = 1 << 18
 # ... below this many multiply-adds the pointwise kernel

@@ -46,9 +46,8 @@ _PIN_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 _limiter = None      # threadpoolctl limiter of set_num_threads(n)
 _pinned = None       # that n
 _auto = None         # the _Adaptive state, built on first use (False: adapting is off here)
-_hold = None         # limiter holding numpy's BLAS at one thread where its sums depend on the count (module
-                     # doc), made before any other limiter (False: not needed here; None: not decided yet)
-_unheld = 1          # the BLAS thread count before that hold
+_hold = None         # _Hold of numpy's BLAS at one thread where its sums depend on the count (module doc),
+                     # made before any other limiter (False: not needed here; None: not decided yet)
 
 
 def set_num_threads(n: int | None) -> None:
@@ -113,7 +112,7 @@ def _blas_sums_thread_free() -> bool:
 def _decide_hold() -> None:
     """Once per process, before any other limiter: hold numpy's BLAS (not another one pycaffe may have
     loaded) at one thread if its sums depend on the count, keeping the count it had (the adaptive default)."""
-    global _hold, _unheld
+    global _hold
     if _hold is not None:
         return
     from threadpoolctl import ThreadpoolController
@@ -122,7 +121,6 @@ def _decide_hold() -> None:
         libs = numpy_blas_controllers(ThreadpoolController())
     except (OSError, AttributeError, ValueError):
         libs = []
-    _unheld = max((lib.num_threads for lib in libs), default=1)
     if not libs or _blas_sums_thread_free():
         _hold = False
         return
@@ -141,6 +139,13 @@ class _Hold:
     def restore_original_limits(self) -> None:
         for lib, n in self.saved:
             lib.set_num_threads(n)
+
+
+def _library_count(libs) -> int:
+    """The BLAS thread count ``libs`` had before any limit of ours: the count the hold keeps, or theirs."""
+    if _hold:
+        return max(n for _, n in _hold.saved)
+    return max(lib.num_threads for lib in libs)
 
 
 def _blas_count(n: int) -> int:
@@ -166,7 +171,7 @@ class _Adaptive:
 
     def __init__(self, libs, cpus: int):
         self.libs = libs
-        self.default = _unheld if _hold else max(lib.num_threads for lib in libs)
+        self.default = _library_count(libs)
         self.cpus = cpus
         self.current = self.default
         self.last = None  # (monotonic time, machine busy seconds, own CPU seconds)
@@ -184,7 +189,7 @@ class _Adaptive:
             libs = numpy_blas_controllers(ThreadpoolController())
         except (OSError, AttributeError, ValueError, ImportError):
             return None
-        if cpus < 2 or not libs or (_unheld if _hold else max(lib.num_threads for lib in libs)) < 2:
+        if cpus < 2 or not libs or _library_count(libs) < 2:
             return None
         return cls(libs, cpus)
 

@@ -1,4 +1,5 @@
 #include "amct/depthwise.h"
+#include "amct/avx2_lanes.h"
 #include "amct/cpu.h"
 
 #include <immintrin.h>
@@ -77,26 +78,8 @@ __attribute__((target("avx512f"))) void row3x3s2_avx512(const float* r0, const f
 }
 
 // row3x3_avx512 and row3x3s2_avx512 with AVX2 registers of 8 outputs (the same multiply-adds, so the same
-// bytes); a row's last partial vector is stored through the stack (AMD's masked store is microcoded). The
+// bytes); a row's last partial vector is stored through the stack (amct/avx2_lanes.h). The
 // loads may run past a row's last output as the AVX-512 rows' do, within the padded buffer's slack.
-__attribute__((target("avx2,fma"))) inline void store8(float* out, int left, __m256 a) {
-  if (left >= 8) {
-    _mm256_storeu_ps(out, a);
-    return;
-  }
-  alignas(32) float part[8];
-  _mm256_store_ps(part, a);
-  std::copy(part, part + left, out);
-}
-
-// The even floats of p[0..16) in order (lanes 0..7 = p[0], p[2], ..., p[14]), or the odd ones.
-template <bool Odd>
-__attribute__((target("avx2,fma"))) inline __m256 strided2(const float* p) {
-  const __m256 lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
-  const __m256 pick = Odd ? _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)) : _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pick), _MM_SHUFFLE(3, 1, 2, 0)));
-}
-
 template <int Stride>
 __attribute__((target("avx2,fma"))) void row3x3_avx2(const float* r0, const float* r1, const float* r2,
                                                      const float* wc, float* out, int wo, const float* bias) {
@@ -113,13 +96,13 @@ __attribute__((target("avx2,fma"))) void row3x3_avx2(const float* r0, const floa
         a = _mm256_fmadd_ps(wv[3 * i + 1], _mm256_loadu_ps(r + 1), a);
         a = _mm256_fmadd_ps(wv[3 * i + 2], _mm256_loadu_ps(r + 2), a);
       } else {
-        a = _mm256_fmadd_ps(wv[3 * i], strided2<false>(r), a);
-        a = _mm256_fmadd_ps(wv[3 * i + 1], strided2<true>(r), a);
-        a = _mm256_fmadd_ps(wv[3 * i + 2], strided2<false>(r + 2), a);
+        a = _mm256_fmadd_ps(wv[3 * i], avx2_lanes::stride2<false>(r), a);
+        a = _mm256_fmadd_ps(wv[3 * i + 1], avx2_lanes::stride2<true>(r), a);
+        a = _mm256_fmadd_ps(wv[3 * i + 2], avx2_lanes::stride2<false>(r + 2), a);
       }
     }
     if (bias) a = _mm256_add_ps(a, b);
-    store8(out + ox, wo - ox, a);
+    avx2_lanes::store_first(out + ox, wo - ox, a);
   }
 }
 

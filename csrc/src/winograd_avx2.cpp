@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "amct/avx2_lanes.h"
 #include "amct/parallel.h"
 #include "amct/winograd_tile.h"
 
@@ -21,24 +22,10 @@ namespace {
 
 #define AMCT_AVX2 __attribute__((target("avx2")))
 
-constexpr int kLanes = 8;
+constexpr int kLanes = avx2_lanes::kLanes;
 
-// The first `count` lanes (0..8) as a maskload / maskstore mask.
-AMCT_AVX2 inline __m256i first_lanes(int count) {
-  const int c = std::clamp(count, 0, kLanes);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// The first `count` lanes of v at p: a plain store when all eight are (AMD's masked store is microcoded,
-// many times slower).
-AMCT_AVX2 inline void store_first(float* p, int count, __m256 v) {
-  if (count >= kLanes) _mm256_storeu_ps(p, v);
-  else if (count > 0) _mm256_maskstore_ps(p, first_lanes(count), v);
-}
-
-AMCT_AVX2 inline __m256 load_first(const float* p, int count) {
-  return count >= kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(count));
-}
+using avx2_lanes::load_first;
+using avx2_lanes::store_first;
 
 // lanes 1..7 of a, then `last`: the tiles' next column
 AMCT_AVX2 inline __m256 shift_in(__m256 a, float last) {
@@ -51,12 +38,8 @@ AMCT_AVX2 inline __m256 shift_in(__m256 a, float last) {
 template <int M>
 AMCT_AVX2 inline void tile_columns(const float* row, __m256* d) {
   if constexpr (M == 2) {
-    const __m256 l0 = _mm256_loadu_ps(row), l1 = _mm256_loadu_ps(row + 8);
-    // even / odd floats, in 64-bit pairs ordered (0, 2, 1, 3)
-    const __m256 even = _mm256_shuffle_ps(l0, l1, _MM_SHUFFLE(2, 0, 2, 0));
-    const __m256 odd = _mm256_shuffle_ps(l0, l1, _MM_SHUFFLE(3, 1, 3, 1));
-    d[0] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
-    d[1] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), _MM_SHUFFLE(3, 1, 2, 0)));
+    d[0] = avx2_lanes::stride2<false>(row);
+    d[1] = avx2_lanes::stride2<true>(row);
     d[2] = shift_in(d[0], row[16]);
     d[3] = shift_in(d[1], row[17]);
   } else {

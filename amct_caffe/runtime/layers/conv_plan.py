@@ -183,7 +183,7 @@ class ConvPlan:
             # pays off when each column feeds few outputs (depthwise, small O/g), and not on inputs
             # small enough for the one-call path (unbiased / native: MTCNN's P-Net on 12 x 12 took
             # 0.10 ms through rows where numpy's BLAS does not round like Caffe's, 0.015 ms in one call).
-            tiny = not depthwise and n * max(o, c * kk) * math.prod(out) <= SMALL_COLS
+            tiny = not depthwise and _one_call_sized(n, o, c * kk, out)
             self.rows = (nsp == 2 and stride == (1, 1) and out[1] < ROW_COLUMNS_WIDTH and kk > 1
                          and og <= ROW_COLUMNS_MAX_OUT and gemm.row_grid and not tiny)
             self.grid = (out[0], xs[3] + 2 * pad[1]) if self.rows else out
@@ -333,7 +333,7 @@ class ConvPlan:
         if self.kind == "1x1":
             return self.stride == (1, 1)
         return (self.kind == "gemm" and not self.rows and self.chunk >= self.n and IM2COL_KERNEL is not None
-                and self.n * self.cg * self.group * self.kk * math.prod(self.out) <= SMALL_COLS)
+                and _one_call_sized(self.n, self.o, self.cg * self.group * self.kk, self.out))
 
     def native(self, act: int):
         """None, or a ``SmallConv`` of the extension: ``(x, weight, bias, slope) -> y``, the convolution of
@@ -418,6 +418,13 @@ def _bind_numpy_sgemm() -> bool:
     return True
 
 
+def _one_call_sized(n: int, o: int, k: int, out) -> bool:
+    """Whether a convolution of ``n`` images, ``o`` outputs and ``k = C * prod(kernel)`` columns per output
+    pixel keeps its columns and output within :data:`SMALL_COLS` values (the one-call path's bound,
+    :meth:`ConvPlan._small`)."""
+    return n * max(o, k) * math.prod(out) <= SMALL_COLS
+
+
 def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
     """The direct C++ kernel's arguments where it keeps numpy's GEMM bytes (or there are none to keep) and
     pays, else None.
@@ -441,9 +448,8 @@ def _direct_args(x_shape, w_shape, stride, pad, dilation, out, group, gemm):
     """
     o, ksz = w_shape[0], tuple(w_shape[2:])
     k = x_shape[1] * math.prod(ksz)
-    tiny = x_shape[0] * max(o, k) * math.prod(out) <= SMALL_COLS  # (the one-call path's inputs: ConvPlan._small)
     if (DIRECT_KERNEL is None or simd_level() < 1 or len(x_shape) != 4 or group != 1 or gemm.same_shape
-            or (tiny and not gemm.exact) or k > DIRECT_MAX_K
+            or (not gemm.exact and _one_call_sized(x_shape[0], o, k, out)) or k > DIRECT_MAX_K
             or not any(k <= kk and o <= oo for kk, oo in (DIRECT_SHAPES if ksz == (1, 1) else DIRECT_SPATIAL_SHAPES))):
         return None
     n, c, h, w = x_shape

@@ -21,6 +21,8 @@
 #include <cstddef>
 #include <cstring>
 
+#include "amct/avx2_lanes.h"
+
 namespace amct {
 namespace register_block {
 
@@ -97,13 +99,7 @@ __attribute__((target("avx512f"), always_inline)) inline void run512(Row row, co
 
 // ------------------------------------------------------------------------------------------ AVX2 + FMA
 
-// The first `count` lanes (1..8) as a maskload mask (masked lanes are not read, so never fault).
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i lanes8(int count) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// The epilogue on one vector of sums of channel r, its first `count` lanes stored at `at` (a partial
-// vector through the stack: AMD's masked store is microcoded, many times slower than a copy).
+// The epilogue on one vector of sums of channel r, its first `count` lanes stored at `at`.
 __attribute__((target("avx2,fma"), always_inline)) inline void store256(float* at, int count, __m256 sum,
                                                                          const Epilogue& ep, int r) {
   const __m256 zero = _mm256_setzero_ps();
@@ -111,7 +107,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void store256(float* a
   if (ep.scale) sum = _mm256_mul_ps(sum, _mm256_set1_ps(ep.scale[r]));
   if (ep.bias) sum = _mm256_add_ps(sum, _mm256_set1_ps(ep.bias[r]));
   if (ep.relu) sum = _mm256_and_ps(sum, _mm256_cmp_ps(sum, zero, _CMP_NLE_UQ));  // > 0 or NaN, else +0
-  if (count >= 8) {
+  if (count >= 8) {  // (avx2_lanes::store_first's own code, kept here: inlined from there, measured 12 % slower)
     _mm256_storeu_ps(at, sum);
     return;
   }
@@ -132,7 +128,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void run256(Row row, c
                                                                        const Epilogue& ep) {
   constexpr int kHalf = kRows / 2;
   const int tail = count - 8 * (V - 1);  // lanes of the last vector, 1..8
-  const __m256i last = lanes8(tail);
+  const __m256i last = avx2_lanes::first(tail);  // (made once: in the tap loop it cost 6 % of UltraFace)
   const int passes = outs > kHalf ? 2 : 1;
   alignas(32) float sums[kRows][V * 8];
   for (int t0 = 0; t0 < k; t0 += kChunk) {
