@@ -41,7 +41,8 @@ from amct_caffe.io.record import Record, read_record, record_text
 from amct_caffe.ir import Graph
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import canonical_record
-from amct_caffe.passes.retrain import LearnedClips, insert_retrain_layers, retrain_specs, strip_retrain_layers
+from amct_caffe.passes.retrain import (IFMR_START_MAX, IFMR_START_MIN, LearnedClips, insert_retrain_layers,
+                                       retrain_specs, strip_retrain_layers)
 from amct_caffe.passes.weights import quantize_weights, weights_record
 from amct_caffe.quant.ulq import ulq_clip_check, ulq_scale_offset
 from amct_caffe.runtime.shapes import check_weights_fit, infer_shapes
@@ -202,6 +203,13 @@ def save_quant_retrain_model(retrained_model_file, retrained_weights_file, save_
             if ops.layer_type(node.type).inserted:
                 raise AmctError(f"{retrained_model_file}: layer '{node.name}' is a {node.type} layer; give the "
                                 "retrain model written by create_quant_retrain_model")
+        untouched = [c.layer for c in learned if c.untouched]
+        if untouched:
+            _LOG.warning("%s: the clips of %s still hold the start placeholders [%s, %s] that IFMR replaces on the "
+                         "first forward: this looks like the model before training; the saved factors are those "
+                         "placeholders. Give the trained caffemodel (e.g. the solver's snapshot)",
+                         retrained_weights_file, ", ".join(f"'{n}'" for n in untouched), IFMR_START_MIN,
+                         IFMR_START_MAX)
         if config_file is not None:
             _check_config(config_file, learned)
         test_record = None

@@ -22,7 +22,7 @@ from amct_caffe.config.quant_config import (ActivationQuantParams, ArqParams, Bn
                                             read_quant_config, write_quant_config)
 from amct_caffe.config.retrain_config import (RetrainConfig, RetrainDataConfig, RetrainLayerConfig,
                                               RetrainWeightConfig, bind_retrain_config, create_retrain_config,
-                                              read_retrain_config, write_retrain_config)
+                                              follows_relu, read_retrain_config, write_retrain_config)
 from amct_caffe.config.simple_cfg import config_from_simple_cfg, parse_simple_cfg
 
 __all__ = [
@@ -31,5 +31,5 @@ __all__ = [
     "default_layer_config", "is_depthwise", "layer_types", "load_config", "parse_simple_cfg",
     "quantizable_nodes", "read_quant_config", "write_quant_config",
     "RetrainConfig", "RetrainDataConfig", "RetrainLayerConfig", "RetrainWeightConfig", "bind_retrain_config",
-    "create_retrain_config", "read_retrain_config", "write_retrain_config",
+    "create_retrain_config", "follows_relu", "read_retrain_config", "write_retrain_config",
 ]

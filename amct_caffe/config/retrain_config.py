@@ -20,9 +20,11 @@ File layout (layer keys are layer names of the model; every field optional)::
 
 Clip values. ULQ learns ``clip_max`` / ``clip_min`` during training. Their start values come from
 IFMR on the first training batch unless the config gives them: ``clip_max`` and ``clip_min``
-together, or ``clip_max`` alone with ``fixed_min: true`` (clip_min is then 0). Giving only one
-bound would leave the other without a start value, and ``clip_min`` with ``fixed_min: true``
-contradicts itself; both are errors.
+together, or ``clip_max`` alone where the lower clip is held at 0 (``fixed_min: true``, or
+``fixed_min`` absent on a layer whose input is a ReLU's output). Giving only one bound otherwise
+would leave the other without a start value, and ``clip_min`` with ``fixed_min: true`` contradicts
+itself; both are errors. Absent ``fixed_min`` is decided from the graph (:func:`follows_relu`), except
+that a given ``clip_min`` is kept: the lower clip then starts there and is learned.
 
 Which layers: Convolution (DepthwiseConv for a depthwise one), Deconvolution and InnerProduct with
 weights, one input and one output: the layers the RetrainWeightQuant layer supports. A grouped
@@ -66,6 +68,20 @@ CLIP_MAX = C.Interval(0, math.inf, True, True, "clip_max > 0")
 CLIP_MIN = C.Interval(-math.inf, 0, True, True, "clip_min < 0")
 
 
+def _clip_max_alone(where: str, prefix: str, why: str = "") -> ConfigError:
+    return C.fail(where, f"{prefix}clip_max is given without clip_min{why}: give clip_min (< 0) too, or set "
+                         "fixed_min true (lower clip 0), or give neither (IFMR then finds them)")
+
+
+def follows_relu(graph, node) -> bool:
+    """Whether ``node``'s input is a plain ReLU's output (no negative slope): where an absent ``fixed_min``
+    holds the lower clip at 0."""
+    producer = graph.producer(node.bottoms[0])
+    if producer is None or producer.type != "ReLU":
+        return False
+    return producer.layer_param is None or float(producer.layer_param.relu_param.negative_slope) == 0.0
+
+
 def _finite32(where: str, name: str, value: float) -> None:
     if not (math.isfinite(value) and abs(value) <= C.FLOAT32_MAX):
         raise C.fail(where, f"{name} {C.show(value)} is out of range: it must be a finite float32 "
@@ -102,9 +118,18 @@ class RetrainDataConfig:
         if self.clip_min is not None and self.clip_max is None:
             raise C.fail(where, f"{prefix}clip_min is given without clip_max: give both start values, or neither "
                                 "(IFMR then finds them)")
-        if self.clip_max is not None and self.clip_min is None and not self.fixed_min:
-            raise C.fail(where, f"{prefix}clip_max is given without clip_min: give clip_min (< 0) too, or set "
-                                "fixed_min true (lower clip 0), or give neither (IFMR then finds them)")
+        if self.clip_max is not None and self.clip_min is None and self.fixed_min is False:
+            raise _clip_max_alone(where, prefix)
+
+    def resolved(self, after_relu: bool, where: str, prefix: str = "retrain_data_config.") -> RetrainDataConfig:
+        """This config with ``fixed_min`` decided for a layer whose input is (``after_relu``) or is not a
+        plain ReLU's output: absent, it holds the lower clip at 0 after a ReLU unless ``clip_min`` is given."""
+        if self.fixed_min is not None:
+            return self
+        fixed = after_relu and self.clip_min is None
+        if self.clip_max is not None and self.clip_min is None and not fixed:
+            raise _clip_max_alone(where, prefix, " and the layer's input is not a ReLU's output")
+        return replace(self, fixed_min=fixed)
 
     def to_dict(self) -> dict:
         d: dict = {"algo": self.algo}
@@ -311,6 +336,7 @@ def bind_retrain_config(config: RetrainConfig, graph, where: str = "") -> Retrai
         reason = retrain_reason(node, graph)
         if reason is not None:
             raise C.fail(layer_where(where, name), f"cannot be retrained: {reason}; remove it from the config")
+        config.layers[name].retrain_data_config.resolved(follows_relu(graph, node), layer_where(where, name))
         if config.layers[name].retrain_weight_config.channel_wise and per_tensor_only(node, graph):
             kind = config_type(node, graph)
             what = "grouped Deconvolution" if kind == "Deconvolution" else kind

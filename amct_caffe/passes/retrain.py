@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amct_caffe.config import RetrainConfig, RetrainDataConfig, RetrainWeightConfig, config_type
+from amct_caffe.config import RetrainConfig, RetrainDataConfig, RetrainWeightConfig, config_type, follows_relu
 from amct_caffe.errors import ConfigError, GraphError, WeightsError
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
@@ -77,14 +77,8 @@ class LearnedClips:
     fixed_min: bool
     num_bits: int
     channel_wise: bool  # the weight layer's setting
+    untouched: bool = False  # IFMR was to give the start values, and the blobs still hold the placeholders
 
-
-def _follows_relu(graph: Graph, node: Node) -> bool:
-    """Whether ``node``'s input is a ReLU's output (a plain ReLU: no negative slope)."""
-    producer = graph.producer(node.bottoms[0])
-    if producer is None or producer.type != "ReLU":
-        return False
-    return producer.layer_param is None or float(producer.layer_param.relu_param.negative_slope) == 0.0
 
 
 def retrain_specs(graph: Graph, config: RetrainConfig) -> list[RetrainSpec]:
@@ -98,12 +92,16 @@ def retrain_specs(graph: Graph, config: RetrainConfig) -> list[RetrainSpec]:
             raise ConfigError(f"layer '{name}' shares its weight with other layers (param name "
                               f"'{params[0].name}'): a shared weight cannot be retrained for one layer alone; set its "
                               "retrain_enable to false")
-        data = layer.retrain_data_config
-        if data.fixed_min is None:
-            fixed = _follows_relu(graph, node)
-            data = RetrainDataConfig(data.algo, data.clip_max, data.clip_min, fixed, data.num_bits)
-            _LOG.debug("layer '%s': fixed_min %s (its input %s a ReLU's output)", name, fixed,
-                       "is" if fixed else "is not")
+        given = layer.retrain_data_config
+        after_relu = follows_relu(graph, node)
+        data = given.resolved(after_relu, f"layer '{name}'")
+        if given.fixed_min is None:
+            _LOG.debug("layer '%s': fixed_min %s (its input %s a ReLU's output)", name, data.fixed_min,
+                       "is" if after_relu else "is not")
+            if after_relu and given.clip_min is not None:
+                _LOG.warning("layer '%s': its input is a ReLU's output, but the config gives clip_min %s, so the "
+                             "lower clip starts there and is learned instead of held at 0 (fixed_min true)", name,
+                             given.clip_min)
         specs.append(RetrainSpec(name, config_type(node, graph), tuple(node.params[0].shape), data,
                                  layer.retrain_weight_config))
     return specs
@@ -229,7 +227,10 @@ def strip_retrain_layers(graph: Graph) -> tuple[Graph, list[LearnedClips]]:
                                f"layer '{node.name}'")
         learned.append(LearnedClips(node.name, _single(data.params[0], "clip_max", data.name),
                                     _single(data.params[1], "clip_min", data.name), bool(dp.fixed_min),
-                                    int(dp.num_bits), bool(wp.channel_wise)))
+                                    int(dp.num_bits), bool(wp.channel_wise),
+                                    untouched=bool(dp.ifmr_init) and np.array_equal(
+                                        np.ravel(data.params[0]), [IFMR_START_MAX])
+                                    and np.array_equal(np.ravel(data.params[1]), [IFMR_START_MIN])))
         node.bottoms[0] = data.bottoms[0]
         node.params = [trained, *node.params[1:]]
         lp = node.layer_param

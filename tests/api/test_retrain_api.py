@@ -126,6 +126,41 @@ def test_config_clips_and_fixed_min(tmp_path):
     assert layers["ip2_data_quant"].retrain_data_quant_param.fixed_min is False  # the config's choice wins
 
 
+def _set_clips(**clips):
+    def edit(text):
+        d = json.loads(text)
+        for layer, values in clips.items():
+            d[layer]["retrain_data_config"].update(values)
+        return json.dumps(d)
+    return edit
+
+
+def test_given_clip_min_wins_over_the_relu_rule(tmp_path, caplog):
+    # the guide's tuning example gives clip_max 3 / clip_min -3 with fixed_min absent: on ip2, whose input is
+    # relu1's output, the given lower clip is kept (with a warning) instead of being replaced by 0
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        _, mm, _, _ = _retrain(tmp_path, LENET, LENET_W, _set_clips(ip2={"clip_max": 3.0, "clip_min": -3.0}))
+    p = _layers(mm)["ip2_data_quant"].retrain_data_quant_param
+    assert (p.ifmr_init, p.fixed_min, p.clip_max, p.clip_min) == (False, False, 3.0, -3.0)
+    assert "layer 'ip2': its input is a ReLU's output, but the config gives clip_min -3.0" in caplog.text
+
+
+def test_clip_max_alone_where_the_lower_clip_is_held_at_zero(tmp_path):
+    (tmp_path / "a").mkdir()
+    _, mm, _, _ = _retrain(tmp_path / "a", LENET, LENET_W, _set_clips(ip2={"clip_max": 2.0}))  # after relu1
+    p = _layers(mm)["ip2_data_quant"].retrain_data_quant_param
+    assert (p.ifmr_init, p.fixed_min, p.clip_max, p.clip_min) == (False, True, 2.0, 0.0)
+    (tmp_path / "b").mkdir()  # ip1 reads pool2, not a ReLU: its lower clip has no start value
+    with pytest.raises(ConfigError, match=r"layer 'ip1'.*clip_max is given without clip_min and the layer's "
+                                          r"input is not a ReLU's output"):
+        _retrain(tmp_path / "b", LENET, LENET_W, _set_clips(ip1={"clip_max": 2.0}))
+    assert not (tmp_path / "b" / "modified.prototxt").exists()
+    (tmp_path / "c").mkdir()  # unless fixed_min says so
+    _, mm, _, _ = _retrain(tmp_path / "c", LENET, LENET_W, _set_clips(ip1={"clip_max": 2.0, "fixed_min": True}))
+    p = _layers(mm)["ip1_data_quant"].retrain_data_quant_param
+    assert (p.ifmr_init, p.fixed_min, p.clip_max, p.clip_min) == (False, True, 2.0, 0.0)
+
+
 def test_retrain_model_errors(tmp_path, lenet):
     _, config, mm, mw, _ = lenet
     with pytest.raises(AmctError, match="is a RetrainDataQuant layer"):
@@ -287,3 +322,16 @@ def test_save_errors(tmp_path, saved, lenet):
         amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Both", str(tmp_path / "x"),
                                       None, str(bad))
     assert not list(tmp_path.glob("x_*"))
+
+
+def test_saving_the_untrained_retrain_model_warns(tmp_path, saved, lenet, caplog):
+    # the retrain model before any forward: its IFMR-initialised clips still hold the placeholders
+    tmp, _, _ = saved
+    _, _, mm, mw, _ = lenet
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        amct.save_quant_retrain_model(str(mm), str(mw), "Fakequant", str(tmp_path / "untrained"))
+    assert "the clips of 'conv1', 'conv2', 'ip1', 'ip2' still hold the start placeholders [0.0, 3.0]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="amct_caffe"):  # the hand-trained one moved its clips: no warning
+        amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Fakequant", str(tmp_path / "t"))
+    assert "placeholders" not in caplog.text
