@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def test_training_sample_trains_lenet_from_scratch(tmp_path):
     assert {f"/{p.name}/" if p.is_dir() else f"/{p.name}" for p in tmp_path.iterdir()} <= ignored
 
 
-def test_qat_sample_keeps_the_float_accuracy(tmp_path):
+def test_qat_sample_keeps_the_float_accuracy(tmp_path, monkeypatch):
     """The guide's QAT flow (ResNet50_retrain.py's) on LeNet, trained by the embedded runtime."""
     env = dict(os.environ, PYTHONPATH=str(REPO), AMCT_LOG_LEVEL="WARNING")
     res = subprocess.run([sys.executable, str(REPO / "samples/mnist/src/mnist_retrain.py"), "--train_iter", "30"],
@@ -62,6 +64,17 @@ def test_qat_sample_keeps_the_float_accuracy(tmp_path):
     for name in ("retrain_fake_quant_model.prototxt", "retrain_deploy_weights.caffemodel",
                  "retrain_quant_param_record.txt"):
         assert (results / name).is_file()
+    # the guide's retrain_atc_model.prototxt: the deploy model on an Input, without the label readers,
+    # computing the deploy model's outputs
+    from amct_caffe.runtime import TEST, Net
+    weights = str(results / "retrain_deploy_weights.caffemodel")
+    monkeypatch.chdir(tmp_path)  # the deploy model's Data layer names the sample's tmp/ LMDB
+    deploy = Net(str(results / "retrain_deploy_model.prototxt"), weights, TEST)
+    atc = Net(str(results / "retrain_atc_model.prototxt"), weights, TEST)
+    assert atc.inputs == ["data"] and not {"Data", "Accuracy", "SoftmaxWithLoss"} & {lay.type for lay in atc.layers}
+    deploy.forward()
+    atc.forward(data=deploy.blobs["data"].data)
+    np.testing.assert_array_equal(atc.blobs["ip2"].data, deploy.blobs["ip2"].data)
     for name in ("config.json", "modified_model.prototxt", "modified_model.caffemodel", "record.txt",
                  "solver.prototxt", "solver_iter_30.caffemodel"):
         assert (tmp_path / "tmp" / name).is_file()
