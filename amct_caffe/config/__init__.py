@@ -9,8 +9,8 @@ rules that depend on a layer's parameters (DepthwiseConv, Scale / Bias limits).
   :func:`load_config` (JSON file checked against a graph), :func:`read_quant_config` /
   :func:`write_quant_config` (file I/O, model-independent checks, atomic write);
 * :func:`config_from_simple_cfg`, :func:`parse_simple_cfg`: the .cfg (AMCTConfig text proto);
-* :mod:`.retrain_config`: the quantization-aware training config (:class:`RetrainConfig`, its
-  .cfg, :func:`create_retrain_config`, :func:`bind_retrain_config`).
+* :mod:`.retrain_config`: the quantization-aware training config (:class:`RetrainConfig`,
+  :func:`bind_retrain_config`); :mod:`.retrain_cfg`: its .cfg and :func:`create_retrain_config`.
 """
 
 from amct_caffe.config import layer_types
@@ -20,9 +20,10 @@ from amct_caffe.config.layer_types import config_type, is_depthwise
 from amct_caffe.config.quant_config import (ActivationQuantParams, ArqParams, BnUpdateConfig,
                                             LayerQuantConfig, QuantConfig, SnqParams, WeightQuantParams,
                                             read_quant_config, write_quant_config)
+from amct_caffe.config.retrain_cfg import create_retrain_config
 from amct_caffe.config.retrain_config import (RetrainConfig, RetrainDataConfig, RetrainLayerConfig,
-                                              RetrainWeightConfig, bind_retrain_config, create_retrain_config,
-                                              follows_relu, read_retrain_config, write_retrain_config)
+                                              RetrainWeightConfig, bind_retrain_config, follows_relu,
+                                              read_retrain_config, write_retrain_config)
 from amct_caffe.config.simple_cfg import config_from_simple_cfg, parse_simple_cfg
 
 __all__ = [

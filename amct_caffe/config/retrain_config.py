@@ -31,12 +31,7 @@ weights, one input and one output: the layers the RetrainWeightQuant layer suppo
 Deconvolution's output channels are not rows of its weight blob, so it takes ``channel_wise:
 false`` only, as InnerProduct does.
 
-The simple retrain config (.cfg, ``config_defination``): the guide passes one to
-create_quant_retrain_config but gives no schema for it, so it is the protobuf text form of the
-JSON's own schema, ``RetrainConfig`` in proto/retrain_config.proto: ``version`` and one ``layers
-{ key: "<layer>" value { ... } }`` per layer to change. The generated entry of every retrainable
-layer is the default; a layer the .cfg names takes each field the .cfg sets (``retrain_enable:
-false`` switches it off). A name that is not a retrainable layer of the model is an error.
+The simple retrain config (.cfg, ``config_defination``) and the generated config: :mod:`.retrain_cfg`.
 
 Reading checks types and ranges and rejects unknown fields, naming the file, layer and field;
 :func:`bind_retrain_config` checks a config against a model. Writing is atomic.
@@ -56,7 +51,6 @@ from amct_caffe.config.layer_types import config_type
 from amct_caffe.config.quant_config import layer_where
 from amct_caffe.errors import ConfigError
 from amct_caffe.io.files import atomic_output, read_text
-from amct_caffe.io.schema import records
 
 _LOG = logging.getLogger(__name__)
 
@@ -345,51 +339,3 @@ def bind_retrain_config(config: RetrainConfig, graph, where: str = "") -> Retrai
                          "channel_wise false")
     layers = {n.name: config.layers[n.name] for n in graph.nodes if n.name in config.layers}
     return replace(config, layers=layers)
-
-
-def create_retrain_config(graph, config_defination=None) -> RetrainConfig:
-    """Every retrainable layer of ``graph`` with its default entry; with a retrain .cfg
-    (:mod:`.retrain_cfg`), the entries it names take its fields."""
-    layers = {node.name: default_retrain_layer(node, graph) for node, _ in retrainable_nodes(graph)}
-    config = RetrainConfig(layers=layers)
-    if config_defination is not None:
-        config = apply_retrain_cfg(config, config_defination)
-    if not config.retrained_layers():
-        _LOG.warning("no layer of model '%s' will be retrained", graph.name)
-    return bind_retrain_config(config, graph, "" if config_defination is None else str(config_defination))
-
-
-# ------------------------------------------------------------------------------ the simple .cfg
-def parse_retrain_cfg(path):
-    """Read a retrain .cfg into a ``RetrainConfig`` message; errors name the file, line and column."""
-    return C.parse_text_message(path, records().RetrainConfig(), "retrain simple config")
-
-
-def _set_fields(sub) -> dict:
-    """The fields a sub-message sets; float32 values shown as the user wrote them (0.7, not 0.699999988)."""
-    out = {}
-    for fd, value in sub.ListFields():
-        out[fd.name] = C.shortest_float(value) if fd.type == fd.TYPE_FLOAT else value
-    return out
-
-
-def apply_retrain_cfg(config: RetrainConfig, path) -> RetrainConfig:
-    """``config`` (the generated defaults) with the entries of the .cfg at ``path`` applied (module doc)."""
-    msg = parse_retrain_cfg(path)
-    where = str(path)
-    layers = dict(config.layers)
-    for name in sorted(msg.layers, key=list(msg.layers).index):
-        if name not in layers:
-            close = ", ".join(sorted(layers)[:10]) or "none"
-            raise C.fail(where, f"layer '{name}' is not a retrainable layer of the model (retrainable: {close})")
-        entry, lw = msg.layers[name], layer_where(where, name)
-        d = layers[name].to_dict()
-        if entry.HasField("retrain_enable"):
-            d["retrain_enable"] = entry.retrain_enable
-        for key in ("retrain_data_config", "retrain_weight_config"):
-            if entry.HasField(key):
-                d[key].update(_set_fields(getattr(entry, key)))
-        layers[name] = RetrainLayerConfig.from_dict(d, lw)
-    out = RetrainConfig(version=msg.version, layers=layers)
-    out.validate(where)
-    return out
