@@ -23,7 +23,9 @@ the separate layers. Two modes (:class:`FoldMode`):
   value the other way, which is why FAST is only for float models. A 3x3 stride-1 convolution in
   such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
   multiplies, at most 1.4e-5 of a blob's scale from Caffe on open_nsfw), with the affine map and the
-  ReLU applied by its output transform. A 1x1 convolution (no padding or groups) in such a chain runs
+  ReLU applied by its output transform, unless a later layer rewrites the chain's result in place
+  (a TanH, Sigmoid, Exp...: it may squash the scale Winograd's error is small against). A 1x1
+  convolution (no padding or groups) in such a chain runs
   in the pointwise kernel where the CPU has AVX-512, or AVX2 for at most :data:`POINTWISE_AVX2_MAX_K`
   input channels (``csrc/src/pointwise_conv.cpp``: one fused multiply-add per input channel in order,
   the affine map and ReLU applied as it stores). A chain
@@ -121,6 +123,7 @@ class Chain:
     residual: int | None = None  # FAST: index of an Eltwise SUM + in-place ReLU run with the chain
     other: int = 0               # ... and which of its two bottoms is not the chain's top
     weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
+    winograd: bool = True        # FAST: whether a 3x3 stride-1 head may run as Winograd (see plan)
 
     def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None,
                 into: tuple = (None, None)) -> list[np.ndarray]:
@@ -192,7 +195,7 @@ class Chain:
         group = conv.lp.convolution_param.group
         # Winograd only where FAST already gives up Caffe's bytes (a BatchNorm / Scale folded): a
         # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit
-        if self.mode is FoldMode.FAST and affine and winograd.available() and x.ndim == 4 \
+        if self.mode is FoldMode.FAST and self.winograd and affine and winograd.available() and x.ndim == 4 \
                 and winograd.applies(weight.shape, stride, dilation, group) \
                 and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.size > 0:
             a, b = channel_affine(affine, bias, weight.shape[0])
@@ -360,11 +363,20 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
         if j > i + 1:
             tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) \
                 if mode is FoldMode.FAST and layers[j - 1].type not in ("ReLU", "PReLU") else None
+            last = j + 1 if tail is not None else j - 1
+            # Winograd's error is small against the chain's own values; a layer that later rewrites them in
+            # place (a TanH / Sigmoid / Exp...) can squash that scale, leaving the error large against what
+            # stays observable (measured: 2.9e-4 of a TanH'd blob, against Caffe's own 5e-5 from float64).
+            # Such chains keep the GEMM.
+            outs = {top, top_names[last][0]}
+            rewritten = any(top_names[k] == bottom_names[k] and set(top_names[k]) & outs
+                            for k in range(last + 1, len(layers)))
+            members = tuple(layers[i + 1:j])
             if tail is not None:
-                chains[i] = Chain(i, j + 1, head, tuple(layers[i + 1:j]), mode, residual=j, other=tail)
+                chains[i] = Chain(i, last, head, members, mode, residual=j, other=tail, winograd=not rewritten)
             else:
-                chains[i] = Chain(i, j - 1, head, tuple(layers[i + 1:j]), mode)
-            covered = chains[i].last
+                chains[i] = Chain(i, last, head, members, mode, winograd=not rewritten)
+            covered = last
     return chains
 
 

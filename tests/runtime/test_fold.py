@@ -142,3 +142,30 @@ def test_a_residual_sum_runs_with_the_fast_chain_before_it(tmp_path, monkeypatch
     for k in ("conv3", "sum"):
         np.testing.assert_array_equal(got[k].view(np.uint32), want[k].view(np.uint32))
     assert not any(c.residual for c in _net(tmp_path, "exact", RESIDUAL)._chains.values())
+
+
+SQUASHED = '''
+name: "squashed"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 16 dim: 34 dim: 54 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "y"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.08 }
+                            bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "scale" type: "Scale" bottom: "y" top: "y" scale_param { bias_term: true } }
+layer { name: "tanh" type: "TanH" bottom: "y" top: "y" }
+'''
+
+
+@pytest.mark.parametrize("level", [2, 1])
+def test_a_chain_squashed_in_place_afterwards_keeps_the_gemm(tmp_path, level, simd_limit):
+    """A 3x3 chain whose values a TanH then rewrites in place: Winograd's error, small against the chain's own
+    scale (raw pixels: |y| up to ~800), would be large against the TanH's [-1, 1]; the chain folds without it."""
+    simd_limit(level)
+    x = np.floor(np.random.default_rng(0).uniform(0, 256, (4, 16, 34, 54))).astype(np.float32)
+    fast = _net(tmp_path, "fast", SQUASHED)
+    assert [c.winograd for c in fast._chains.values()] == [False]
+    got = fast.forward(data=x)["y"]
+    want = _net(tmp_path, "off", SQUASHED).forward(data=x)["y"]
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    # without the TanH the same chain runs Winograd
+    fast = _net(tmp_path, "fast", SQUASHED.replace('layer { name: "tanh" type: "TanH" bottom: "y" top: "y" }', ""))
+    assert [c.winograd for c in fast._chains.values()] == [True]
