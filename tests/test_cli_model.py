@@ -73,6 +73,14 @@ def test_inspect_without_weights_infers_every_shape_of_a_resnet(capsys):
     assert scale["quant_kind"] == "data_only" and not scale["by_default"]
 
 
+def test_inspect_without_weights_of_a_kernel_caffe_cannot_hold(capsys, tmp_path):
+    """A weight of more than INT_MAX elements: its shapes stay unknown instead of an allocation failing."""
+    (tmp_path / "k.prototxt").write_text(LENET.read_text().replace("kernel_size: 5", "kernel_size: 4294967295", 1))
+    rows = _inspect(capsys, "--model", tmp_path / "k.prototxt")
+    conv1 = next(x for x in rows if x["name"] == "conv1")
+    assert conv1["params"] == 20 * 4294967295 ** 2 + 20  # counted from the shapes, not allocated
+
+
 def test_inspect_errors_are_one_line(capsys, tmp_path):
     fails(capsys, ["inspect", "--model", "none.prototxt"], "model file none.prototxt does not exist")
     fails(capsys, ["inspect", "--model", str(LENET), "--weights", "none.caffemodel"],

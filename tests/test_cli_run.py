@@ -92,6 +92,15 @@ def test_run_save_and_input_errors(capsys, tmp_path):
     fails(capsys, data + ["--select", "600:"], "--select 600: leaves none of the 500 sample")
     fails(capsys, data + ["--crop", "20"], "apply to images")
     assert not (tmp_path / "out.txt").exists()
+    # --save onto the input (or into an input folder) is refused before any forward
+    copy = tmp_path / "digits.npz"
+    copy.write_bytes(MNIST_500.read_bytes())
+    fails(capsys, LENET_RUN + ["--input", str(copy), "--save", str(copy)],
+          "output .*digits.npz is the same file as the input --input")
+    assert copy.read_bytes() == MNIST_500.read_bytes()
+    (tmp_path / "rec").mkdir()
+    fails(capsys, LENET_RUN + ["--input", str(tmp_path / "rec"), "--save", str(tmp_path / "rec/b.npz")],
+          "output .*b.npz is inside the input folder --input")
 
 
 def test_run_prints_and_saves_a_detection_list(capsys, tmp_path):

@@ -8,6 +8,7 @@ executor, compares every blob they share (:mod:`.compare`) and writes ``report.j
 from __future__ import annotations
 
 import logging
+import os
 
 from tqdm import tqdm
 
@@ -15,7 +16,7 @@ from amct_caffe import log
 from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.report import write_report
 from amct_caffe.data import given_feeds
-from amct_caffe.io.paths import reading
+from amct_caffe.io.paths import checked_path, reading
 from amct_caffe.runtime.memory import few_forwards
 
 _LOG = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ def compare_model(model_file, weights_file, quant_model_file, quant_weights_file
     plus ``"summary"``.
     """
     log.setup()
+    checked_path(output_dir, "output_dir")
+    data_path = data if isinstance(data, (str, os.PathLike)) else None
     with reading(model_file=model_file, weights_file=weights_file, quant_model_file=quant_model_file,
-                 quant_weights_file=quant_weights_file):
+                 quant_weights_file=quant_weights_file, data=data_path):
         feeds = given_feeds(data, model_file, "compare_model", batch_size, batch_num, preprocess)
         bar = tqdm(feeds, desc="compare", unit="batch", disable=not progress)
         reports, summary, comparison = compare_batches(model_file, weights_file, quant_model_file,

@@ -26,6 +26,7 @@ from amct_caffe.io.files import read_text
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.io.paths import reading
 from amct_caffe.runtime import TEST
+from amct_caffe.runtime.blob import INT_MAX
 from amct_caffe.runtime.shapes import infer_shapes, static_class
 
 __all__ = ["config_settings", "describe_layers"]
@@ -56,8 +57,9 @@ def _infer_shapes_without_weights(graph) -> None:
             if node.params or all(graph.blobs[t].shape is not None for t in node.tops):
                 continue
             shapes = _param_shapes(node, graph)
-            if shapes:
-                node.params = [np.zeros(s, np.float32) for s in shapes]
+            if shapes and all(math.prod(s) <= INT_MAX for s in shapes):  # larger: Caffe refuses them, shapes unknown
+                # zero views, not arrays: only their shapes are read, and a layer of huge parameters stays cheap
+                node.params = [np.broadcast_to(np.float32(0), s) for s in shapes]
                 filled = True
         if not filled:
             return

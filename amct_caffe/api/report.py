@@ -63,11 +63,17 @@ def layer_error_plot(reports: list[BlobReport]) -> bytes:
 
 
 def _histogram(ax, values: np.ndarray, bins: int, span, color: str) -> None:
-    """Counts of ``values`` in ``bins`` equal bins over ``span`` (None: their range) on a log axis, drawn as
-    one step outline (a bar per bin, as ``ax.hist`` draws, made its plot three times slower)."""
-    counts, edges = np.histogram(values, bins=bins, range=span)
-    ax.stairs(counts, edges, fill=True, color=color, alpha=0.8)
-    ax.set_yscale("log")
+    """Counts of the finite ``values`` in ``bins`` equal bins over ``span`` (None: their range) on a log axis,
+    drawn as one step outline (a bar per bin, as ``ax.hist`` draws, made its plot three times slower); NaN
+    and infinities (a Log of negative inputs...) are counted in the legend, not binned."""
+    finite = values[np.isfinite(values)]
+    if finite.size:
+        counts, edges = np.histogram(finite, bins=bins, range=span)
+        ax.stairs(counts, edges, fill=True, color=color, alpha=0.8)
+        ax.set_yscale("log")
+    if finite.size < values.size:
+        ax.text(0.02, 0.95, f"{values.size - finite.size} of {values.size} values NaN or infinite",
+                transform=ax.transAxes, fontsize=8, va="top", color="tab:red")
 
 
 def activation_plot(values: np.ndarray, clip: tuple[float, float], title: str) -> bytes:
@@ -75,7 +81,8 @@ def activation_plot(values: np.ndarray, clip: tuple[float, float], title: str) -
     fig, ax = plt.subplots(figsize=(5.5, 3))
     v = np.asarray(values, np.float64).ravel()  # (float32 bin arithmetic overflows on spans near its range)
     lo, hi = clip
-    span = (min(float(v.min(initial=lo)), lo), max(float(v.max(initial=hi)), hi))
+    finite = v[np.isfinite(v)]
+    span = (min(float(finite.min(initial=lo)), lo), max(float(finite.max(initial=hi)), hi))
     _histogram(ax, v, 120, span, "tab:blue")
     for edge in clip:
         ax.axvline(edge, color="tab:red", lw=1.2)
@@ -95,7 +102,8 @@ def weight_plot(weights: np.ndarray, scale_w: np.ndarray, title: str) -> bytes:
     lo, hi = -128 * step, 127 * step
     ax.axvline(lo, color="tab:red", lw=1.2)
     ax.axvline(hi, color="tab:red", lw=1.2)
-    if 255 * step / max(np.ptp(w), 1e-30) < 60:  # grid lines only where they can be told apart
+    finite = w[np.isfinite(w)]
+    if finite.size and 255 * step / max(np.ptp(finite), 1e-30) < 60:  # grid lines only where they can be told apart
         for k in range(-128, 128, 8):
             ax.axvline(k * step, color="tab:red", lw=0.3, alpha=0.4)
     per = "per channel" if np.size(scale_w) > 1 else "per tensor"

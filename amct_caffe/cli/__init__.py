@@ -27,6 +27,7 @@ import threading
 from amct_caffe import log
 from amct_caffe.cli import calibrate, compare, model, retrain, run
 from amct_caffe.errors import AmctError
+from amct_caffe.io.paths import reading
 
 _LOG = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_SIGPIPE, EXIT_SIGINT, EXIT_SIGTERM = 2, 128 + 13, 128 + 2, 128 + 15
@@ -129,6 +130,11 @@ def _screen_level(verbose: bool) -> int:
     return min(level, logging.INFO) if verbose else level
 
 
+# The options that name files or folders a command reads.
+INPUT_ARGS = ("model", "weights", "input", "data", "preprocess", "config", "cfg", "record", "quant_model",
+              "quant_weights")
+
+
 def _run(args) -> int:
     for name, value in vars(args).items():  # argv cannot hold NUL, but main(argv) from Python can
         for item in value if isinstance(value, list) else [value]:
@@ -139,7 +145,10 @@ def _run(args) -> int:
     # printed escaped rather than failing after the files were written (stderr already does this).
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(errors="backslashreplace")
-    return args.func(args)
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name) for name in INPUT_ARGS
+              if isinstance(getattr(args, name, None), str)}
+    with reading(**inputs):  # every output the command writes is checked against these (io/paths.py)
+        return args.func(args)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from amct_caffe.errors import AmctError
+from amct_caffe.io import paths
 
 _LOG = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def check_output_file(flag: str, path, suffix: str) -> None:
     if Path(path).is_dir():
         raise AmctError(f"{flag} {path} is a directory")
     check_parent(flag, path)
+    paths.check_output(path)  # not an input of the command, nor inside an input folder: refused before the work
 
 
 def check_output_dir(flag: str, path) -> None:
@@ -110,6 +112,7 @@ def check_output_dir(flag: str, path) -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise AmctError(f"{flag} {path} is a file, not a folder")
     check_parent(flag, path)
+    paths.check_output(Path(path) / "report")  # its files: not inside an input folder, refused before the work
 
 
 def api(module: str, function: str):

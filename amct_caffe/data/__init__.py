@@ -168,6 +168,9 @@ def open_for_model(path, model_file, batch_size: int = 0,
     time_major = time_major_inputs(model_file)
     if isinstance(preprocess, Mapping) and not all(isinstance(v, Preprocess) for v in preprocess.values()):
         preprocess = Preprocess.from_dict(preprocess)
+    elif preprocess is not None and not isinstance(preprocess, (Preprocess, Mapping)):
+        raise DataError(f"preprocess must be a Preprocess, a dict of its fields or one Preprocess per input, "
+                        f"got {type(preprocess).__name__} {preprocess!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise DataError(f"batch_size must be an integer >= 0 (0: the model's), got {batch_size!r}")
     return open_source(path, shapes, batch_size or model_batch_size(shapes, time_major), preprocess, time_major)

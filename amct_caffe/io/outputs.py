@@ -85,7 +85,11 @@ class StagedOutputs:
     def _check_targets(self) -> None:
         check_distinct(path for path, _ in self._files)
         for path, _ in self._files:
-            if path.is_dir():
+            try:
+                is_dir = path.is_dir()
+            except OSError as e:  # a name the file system refuses (too long, ...): before anything is written
+                raise FileAccessError(f"cannot write {path}: {e.strerror or e}; choose another output path") from None
+            if is_dir:
                 raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output "
                                       "path")
 

@@ -76,13 +76,24 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return folder.is_dir() and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
+
+
 def check_output(path) -> Path:
-    """Refuse an output that is a file the current call reads (module doc); returns it as a Path."""
+    """Refuse an output that is a file the current call reads, or lies inside a folder it reads (a data folder
+    whose next reader would take the output for data) (module doc); returns it as a Path."""
     out = checked_path(path, "output path")
     for name, source in _INPUTS.get():
         if _same(out, source):
             raise AmctError(f"output {out} is the same file as the input {name} ({source}): inputs are never "
                             "overwritten; choose another output path")
+        if _inside(out, source):
+            raise AmctError(f"output {out} is inside the input folder {name} ({source}): inputs are never "
+                            "changed, and its next reader would take the output for input; write it elsewhere")
     return out
 
 

@@ -147,15 +147,17 @@ def test_blob_dumps_hold_every_blob_of_one_sample(lenet_report):
     ({"data": 7}, "compare_model data: expected {input blob: array} batches"),
     ({"data": str(MNIST), "batch_size": -2}, "batch_size must be an integer >= 0 (0: the model's), got -2"),
     ({"data": str(MNIST), "preprocess": {"bogus": 1}}, "preprocess: unknown field(s) bogus"),
+    ({"data": str(MNIST), "preprocess": "x"}, "preprocess must be a Preprocess, a dict of its fields"),
+    ({"output_dir": None}, "output_dir must be a file path, got NoneType None"),
 ])
 def test_bad_arguments_get_the_librarys_errors(lenet_report, tmp_path, kwargs, message):
     from amct_caffe.errors import AmctError
 
     _, paths, held_out, _ = lenet_report
-    args = {"data": held_out, **kwargs}
+    args = {"data": held_out, "output_dir": tmp_path / "r", **kwargs}
     with pytest.raises(AmctError) as err:
         compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
-                      output_dir=tmp_path / "r", progress=False, **args)
+                      progress=False, **args)
     assert message in str(err.value)
     assert not (tmp_path / "r").exists()
 
@@ -233,3 +235,21 @@ def test_sqnr_of_the_edge_cases():
     assert _sqnr_db(100.0, 1.0) == pytest.approx(20.0)
     assert _sqnr_db(1.0, 0.0) == float("inf") and _sqnr_db(0.0, 1.0) == float("-inf")  # log10(0) used to raise
     assert np.isnan(_sqnr_db(float("inf"), float("inf"))) and np.isnan(_sqnr_db(float("nan"), 1.0))
+
+
+def test_a_blob_of_nan_or_infinities_is_reported_not_a_crash(tmp_path):
+    """A Log of zeros and negative values makes -inf and NaN from finite data: the report counts them in its
+    plots and still writes every file."""
+    model = tmp_path / "log.prototxt"
+    model.write_text(LENET.read_text().replace('bottom: "data"\n  top: "conv1"', 'bottom: "lg"\n  top: "conv1"', 1)
+                     .replace('layer {\n  name: "conv1"', 'layer { name: "lg" type: "Log" bottom: "data" top: "lg" }\n'
+                              'layer {\n  name: "conv1"', 1))
+    assert 'type: "Log"' in model.read_text() and 'bottom: "lg"' in model.read_text()
+    q = calibrate(str(model), str(LENET_W), [{"data": _digits(0, 16) + np.float32(0.5)}], str(tmp_path / "q/m"), 1,
+                  progress=False)
+    x = _digits(0, 8) - np.float32(0.5)  # zeros and negatives: -inf and NaN after the Log
+    result = compare_model(str(model), str(LENET_W), q["fake_quant_model"], q["fake_quant_weights"], [{"data": x}],
+                           tmp_path / "r", progress=False)
+    assert any(name.startswith("activation") for name in result)
+    assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "layer_error.png").is_file()
+    assert np.isnan(result["summary"]["worst_output_cosine"])

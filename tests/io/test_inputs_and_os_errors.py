@@ -111,6 +111,19 @@ def test_save_model_and_convert_model_refuse_outputs_over_inputs(model, tmp_path
     unchanged()
 
 
+def test_a_file_name_the_file_system_refuses(model, tmp_path):
+    """A prefix longer than a file name may be (255 bytes here): the library's error, and nothing written."""
+    proto, weights, config = model
+    graph = _calibrated(tmp_path, proto, weights, config)
+    (tmp_path / "out").mkdir()
+    long = str(tmp_path / "out" / ("x" * 300))
+    with pytest.raises(FileAccessError, match="cannot write .*xxx_fake_quant_model.prototxt: File name too long"):
+        amct.save_model(graph, "Both", long)
+    with pytest.raises(FileAccessError, match="File name too long"):
+        amct.convert_model(str(proto), str(weights), str(tmp_path / "record.txt"), long)
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_uninplace_model_refuses_its_input_also_through_links(model, tmp_path):
     proto, _, _ = model
     unchanged = _unchanged(proto)
