@@ -149,7 +149,7 @@ _RECURRENT_SCALARS = ("scale_h", "offset_h")
 _RECURRENT_LISTS = ("scale_r", "offset_r")
 
 
-def _from_message(msg) -> Record:
+def _from_message(msg, path: str = "record") -> Record:
     out = Record()
     for item in msg.record:
         v = item.value
@@ -163,7 +163,9 @@ def _from_message(msg) -> Record:
         for d in v.record_d:
             entry.record_d.append(ActivationRecord(d.index, *(getattr(d, n) if d.HasField(n) else None
                                                               for n in _ACT_FIELDS)))
-        out.layers[item.key] = entry  # a repeated key: the last value wins, at the first one's place
+        if item.key in out.layers:  # a protobuf map's rule: the last value wins, at the first one's place
+            _LOG.warning("%s: layer '%s' has more than one entry; the last one is used", path, item.key)
+        out.layers[item.key] = entry
     return out
 
 
@@ -259,6 +261,11 @@ def _repair(text: str, path: str):
     chunks = _split_records(text)
     if not chunks:
         raise RecordError(f"{path}: no 'record {{ ... }}' entries found")
+    before = re.sub(r"(?m)#.*$", "", text[:text.find(chunks[0])]).strip()
+    if before:  # a damaged first entry ("rec0rd {") would otherwise be dropped with its layer
+        line = text[:text.find(before[:20])].count("\n") + 1
+        raise RecordError(f"{path}:{line}: cannot read {before[:40]!r}... before the first 'record {{' entry; "
+                          "correct the record (or recalibrate)")
     legacy = re.compile(r"\b(" + "|".join(_LEGACY_ACTIVATION_FIELDS) + r")\s*:\s*(-?[0-9.eE+-]+)")
     for chunk in chunks:
         chunk = _balance(chunk)
@@ -354,7 +361,7 @@ def parse_record_text(text: str, path: str = "<record>") -> Record:
         _LOG.warning("%s: record uses the legacy layout or has unbalanced braces; read it as %d layer "
                      "record(s) after repair (%s)", path, len(repaired.record), strict_error)
         message = repaired
-    return check_scales(_from_message(message), path)
+    return check_scales(_from_message(message, path), path)
 
 
 # The texts this process wrote last, by absolute path: (text, the message serialized). The guide's flow

@@ -72,3 +72,21 @@ def test_convert_model_stops_at_the_record(tmp_path):
     with pytest.raises(record.RecordError, match=r"record\.txt: layer 'conv1': record_d \(index 0\) scale_d is nan"):
         amct.convert_model(str(LENET), str(LENET_WEIGHTS), str(path), str(tmp_path / "out/m"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_first_entry_is_not_dropped_by_the_repair():
+    """The repair of unbalanced braces splits the text at each 'record {': a damaged first keyword used to put
+    that entry before the first chunk, where it was dropped with its layer."""
+    ok = _text()
+    assert set(record.parse_record_text(ok[:-2], "r.txt").layers) == {"conv1", "fc"}  # a brace lost: repaired
+    for damaged in ("rec/rd {" + ok[len("record {"):-2], "rec\0rd {" + ok[len("record {"):-2]):
+        with pytest.raises(record.RecordError, match=r"^r\.txt: not a valid scale/offset record"):
+            record.parse_record_text(damaged, "r.txt")
+
+
+def test_a_layer_given_twice_warns_and_the_last_entry_wins(caplog):
+    text = _text() + 'record { key: "fc" value { scale_w: 0.2 record_d { index: 0 scale_d: 0.6 } } }\n'
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        rec = record.parse_record_text(text, "r.txt")
+    assert rec.layers["fc"].scale_w == [pytest.approx(0.2)] and list(rec.layers) == ["conv1", "fc"]
+    assert "r.txt: layer 'fc' has more than one entry; the last one is used" in caplog.text
