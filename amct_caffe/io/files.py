@@ -23,7 +23,7 @@ from amct_caffe.errors import AmctError, FileAccessError, ModelFormatError, Weig
 from amct_caffe.io.opencv_blobs import has_raw_blobs, parse_opencv_caffemodel
 from amct_caffe.io.paths import check_output, checked_path
 from amct_caffe.io.schema import caffe_pb
-from amct_caffe.io.utf8 import check_utf8
+from amct_caffe.io.utf8 import check_replaced, check_utf8
 
 _LOG = logging.getLogger(__name__)
 
@@ -239,7 +239,11 @@ def _check_required(msg, path) -> None:
 
 def read_prototxt(path, message=None):
     """Load a .prototxt into a NetParameter, exactly as written (no upgrade, no filtering)."""
-    return parse_prototxt_text(_read(path, "prototxt", binary=False), str(path), message)
+    text = _read(path, "prototxt", binary=False)
+    msg = parse_prototxt_text(text, str(path), message)
+    if "\ufffd" in text:  # maybe an undecodable byte (see _read): refused in a string field
+        check_replaced(msg, path)
+    return msg
 
 
 def read_caffemodel(path):

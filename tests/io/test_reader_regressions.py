@@ -96,3 +96,17 @@ def test_prototxt_lacking_a_required_field_names_the_layer_and_fields(tmp_path):
     path.write_text(text)
     with pytest.raises(ModelFormatError, match="lacks ifmr_param.max_percentile"):
         Net(str(path), TEST)
+
+
+def test_a_prototxt_name_that_is_not_utf8_is_refused_not_renamed(tmp_path):
+    """Undecodable bytes are allowed in comments (replaced), but in a layer name they would come out as U+FFFD
+    in every saved model, no longer matching the weights or the record."""
+    from amct_caffe.io.files import read_prototxt
+
+    body = b'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+    (tmp_path / "comment.prototxt").write_bytes(b"# caf\xe9 (Latin-1)\n" + body)
+    assert [lp.name for lp in read_prototxt(tmp_path / "comment.prototxt").layer] == ["data"]
+    (tmp_path / "name.prototxt").write_bytes(body.replace(b'name: "data"', b'name: "d\xffta"'))
+    with pytest.raises(ModelFormatError, match=r"name.prototxt: layer #0 \(counting from 0\): its name 'd\ufffdta' "
+                                              r"holds bytes that are not UTF-8 text"):
+        read_prototxt(tmp_path / "name.prototxt")
