@@ -90,3 +90,14 @@ def test_a_layer_given_twice_warns_and_the_last_entry_wins(caplog):
         rec = record.parse_record_text(text, "r.txt")
     assert rec.layers["fc"].scale_w == [pytest.approx(0.2)] and list(rec.layers) == ["conv1", "fc"]
     assert "r.txt: layer 'fc' has more than one entry; the last one is used" in caplog.text
+
+
+def test_activation_lookup_follows_changes_to_record_d():
+    entry = record.LayerRecord()
+    made = [entry.activation(i, create=True) for i in range(2000)]  # a Concat of many inputs: no scan each
+    assert [entry.activation(i) for i in (0, 1234, 1999)] == [made[0], made[1234], made[1999]]
+    assert entry.activation(2000) is None
+    entry.record_d.append(record.ActivationRecord(0))  # a second entry of index 0: the first still wins
+    assert entry.activation(0) is made[0]
+    entry.record_d = [record.ActivationRecord(3)]  # replaced
+    assert entry.activation(3) is entry.record_d[0] and entry.activation(0) is None
