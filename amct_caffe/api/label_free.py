@@ -377,7 +377,14 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
     for it in range(iterations):
         idx = order[it * batch:(it + 1) * batch]
         _feed(solver.net, feeds, idx)
-        solver.step(1)
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):  # a diverging step is reported below, once
+                solver.step(1)
+        except AmctError as e:  # e.g. a clip range gone non-finite: the retrain layers refuse it
+            _LOG.warning("label-free QAT diverged at iteration %d (%s): keeping the model training started "
+                         "from; try smaller --clip-lr / --weight-lr", it + 1, e)
+            bar.update(iterations - it)  # the steps left are not taken: the bar still ends at 100 %
+            return losses, None, before, math.nan
         losses.append(float(solver.net.loss))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3e}")
         bar.update(1)
@@ -389,6 +396,9 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
         return losses, None, before, after
     trained = {name: [np.array(b.data, np.float32) for b in blobs] for name, blobs in solver.net.params.items()}
     return losses, trained, before, after
+
+
+MAX_ITERATIONS = 2**31 - 1  # Caffe's max_iter is an int32
 
 
 def label_free_retrain(model_file, weights_file, data, save_path, *, iterations: int | None = None,
@@ -423,6 +433,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise AmctError(f"{name} must be an integer >= {least}, got {value!r}")
+    if iterations is not None and iterations > MAX_ITERATIONS:
+        raise AmctError(f"iterations must be at most {MAX_ITERATIONS} (a solver's max_iter), got {iterations}")
     if weight_lr is None:
         weight_lr = ROUNDED_WEIGHT_LR if rounding else WEIGHT_LR
     for name, value in (("clip_lr", clip_lr), ("weight_lr", weight_lr)):

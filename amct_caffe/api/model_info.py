@@ -25,6 +25,7 @@ from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.files import read_text
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.io.paths import reading
+from amct_caffe.config import checks as C
 from amct_caffe.runtime import TEST
 from amct_caffe.runtime.blob import INT_MAX
 from amct_caffe.runtime.shapes import infer_shapes, static_class
@@ -125,5 +126,6 @@ def config_settings(config_file=None, config_defination=None) -> dict:
         else:
             values = parse_simple_cfg(config_defination)
             written = [n for n in names if values.HasField(n)]
+            C.in_range(str(config_defination), "batch_num", int(values.batch_num), C.BATCH_NUM)
     return {"batch_num": int(values.batch_num), "activation_offset": bool(values.activation_offset),
             "written": written}

@@ -99,6 +99,7 @@ def test_the_clis_help_defaults_are_the_apis():
     ({"clip_lr": "0.1"}, "clip_lr must be a finite number >= 0, got '0.1'"),
     ({"clip_lr": -1.0}, "clip_lr must be a finite number >= 0"),
     ({"weight_lr": float("nan")}, "weight_lr must be a finite number >= 0"),
+    ({"iterations": 10**20}, "iterations must be at most 2147483647 (a solver's max_iter), got 1000"),
     ({"batch_size": 1000}, "batch size 1000 is larger than the 256 sample(s)"),
 ])
 def test_bad_arguments(digits, tmp_path, kwargs, message):
@@ -260,3 +261,13 @@ layer { name: "conv3" type: "Convolution" bottom: "bn" top: "out"
     saved = load_weights(result.outputs["fake_quant_weights"])
     for a, b in zip(saved["bn"], graph.node("bn").params, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_training_that_diverges_keeps_the_start_with_a_warning(digits, tmp_path, caplog):
+    """A rate far too large drives a clip range non-finite, which the retrain layers refuse: the run keeps the
+    model training started from instead of failing after the calibration and the rounding."""
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        result = amct.label_free_retrain(str(MODEL), str(WEIGHTS), digits[0], str(tmp_path / "q"), iterations=5,
+                                         clip_lr=1e308, progress=False)
+    assert result.kept in ("ptq", "rounded") and "label-free QAT diverged at iteration" in caplog.text
+    assert (tmp_path / "q_fake_quant_model.prototxt").is_file()
