@@ -204,6 +204,7 @@ def test_calibrate_lmdb_that_is_damaged_or_not_an_lmdb(capsys, tmp_path, fake_ca
 def test_calibrate_malformed_option_values(capsys, tmp_path, fake_calibrate):
     np.savez(tmp_path / "d.npz", data=np.zeros((4, 1, 28, 28), np.float32))
     (tmp_path / "bad.json").write_text("{data: 1")
+    (tmp_path / "dup.json").write_text('{"data": {"std": [2]}, "data": {"std": [3]}}')
     (tmp_path / "text_std.json").write_text('{"data": {"std": "12"}}')  # was read as std (1, 2)
     (tmp_path / "float_size.json").write_text('{"data": {"size": 5.5}}')  # was TypeError
     base = CALIBRATE + ["--data", "d.npz"]
@@ -211,7 +212,8 @@ def test_calibrate_malformed_option_values(capsys, tmp_path, fake_calibrate):
         (["--input-shape", "data:1,x"], "--input-shape data:1,x: expected positive integers"),  # was shape (1,)
         (["--input-shape", "data:1,,28,28"], "expected positive integers"),
         (["--select", "1:2:3:4"], "--select 1:2:3:4: expected START:STOP:STEP"),
-        (["--preprocess", "bad.json"], "--preprocess bad.json: cannot read the JSON"),
+        (["--preprocess", "bad.json"], "--preprocess bad.json: not valid JSON"),
+        (["--preprocess", "dup.json"], "--preprocess dup.json: key .data. appears twice"),
         (["--preprocess", "text_std.json"], r"--preprocess text_std.json: 'data': Preprocess.std: expected numbers"),
         (["--preprocess", "float_size.json"], "--preprocess float_size.json: 'data': Preprocess.size"),
         (["--preprocess", "missing.json"], "--preprocess missing.json does not exist"),

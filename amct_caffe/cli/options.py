@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import logging
@@ -253,10 +252,11 @@ def preprocess(args, shapes: dict, kind: str):
         raise AmctError("--crop takes one value (square) or two (height width)")
     per_json = {}
     if args.preprocess:
-        try:
-            doc = json.loads(Path(args.preprocess).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise AmctError(f"--preprocess {args.preprocess}: cannot read the JSON: {e}") from None
+        from amct_caffe.config.checks import load_config_json
+        from amct_caffe.io.files import read_text
+
+        doc = load_config_json(read_text(args.preprocess, "preprocessing"), f"--preprocess {args.preprocess}",
+                               "preprocessing file")
         if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
             raise AmctError(f"--preprocess {args.preprocess}: expected {{input name: {{field: value}}}}")
         unknown = sorted(set(doc) - set(shapes))

@@ -250,7 +250,8 @@ def load_config_json(text: str, where: str, what: str):
     except json.JSONDecodeError as e:
         raise fail(where, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except _DuplicateKey as e:
-        raise fail(where, f"key '{e.args[0]}' appears twice (layer names must be unique)") from None
+        unique = " (layer names must be unique)" if "config" in what else ""
+        raise fail(where, f"key '{e.args[0]}' appears twice{unique}") from None
     except RecursionError:
         raise fail(where, f"not valid JSON for a {what}: arrays or objects nested too deeply") from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
