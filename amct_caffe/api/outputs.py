@@ -69,6 +69,9 @@ def _stage_quantized(outputs: StagedOutputs, float_graph: Graph, targets: list[Q
                      save_type: str, save_path: str, original_names: set[str],
                      extra_files: dict[str, tuple[str, bytes]] | None) -> dict[str, str]:
     paths = {}
+    if not targets:
+        _LOG.warning("no layer is quantized (the config enables none): the models saved to %s compute the float "
+                     "model", save_path)
     mapping_graph = None
     codes: dict = {}  # each weight quantized once for both models
     for kind, wanted in ((FAKE, ("Fakequant", "Both")), (DEPLOY, ("Deploy", "Both"))):

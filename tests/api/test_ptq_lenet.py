@@ -214,3 +214,18 @@ def test_every_saving_call_refuses_a_save_path_that_is_no_prefix(quantized, tmp_
         with pytest.raises(AmctError, match="save_path"):
             call()
         assert not list(tmp_path.iterdir()), name
+
+
+def test_a_config_that_enables_no_layer_warns_that_the_models_are_float(tmp_path, caplog):
+    def disable_all(config):
+        for value in config.values():
+            if isinstance(value, dict) and "quant_enable" in value:
+                value["quant_enable"] = False
+
+    graph, mm, mw = calibration_model(tmp_path, LENET, LENET_W, edit_config=disable_all)
+    Net(mm, mw, TEST).forward(data=_digits()[0][:32])
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        paths = amct.save_model(graph, "Both", str(tmp_path / "out/lenet"))
+    assert "no layer is quantized (the config enables none)" in caplog.text
+    types = {lp.type for lp in io.load_prototxt(paths["deploy_model"]).layer}
+    assert not types & {"Quant", "DeQuant", "AntiQuant"}
