@@ -172,3 +172,14 @@ def test_run_on_an_output_without_a_row_per_sample(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "blob 'total' has shape [] for a batch of 2, not one row per sample: nothing to rank" in out
     assert np.load(tmp_path / "out.npz")["total"].shape == (3,)  # batches of 2, 2 and 1
+
+
+def test_labels_that_are_not_class_numbers_are_named(capsys, tmp_path, caplog):
+    with np.load(MNIST_500) as digits:
+        labels = digits["labels"][:6].astype(np.float32)
+        labels[[1, 4]] = [np.nan, 12]  # LeNet has classes 0..9
+        np.savez(tmp_path / "x.npz", data=digits["images"][:6, None].astype(np.float32), labels=labels)
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        assert cli.main(LENET_RUN + ["--input", str(tmp_path / "x.npz"), "--scale", "0.00390625", "--show", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["top-1 accuracy on 6 samples: 66.67%"]
+    assert "2 of 6 labels are not class numbers of the output (0 to 9): nan, 12.0; they count as misses" in caplog.text

@@ -8,6 +8,7 @@ batch smaller than --batch-size runs too. Labels come from a .npz's ``labels`` a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from amct_caffe.cli.options import (DATA_HELP, add_data_options, check_file, che
                                     non_negative, open_data, parse_select, positive)
 from amct_caffe.errors import AmctError
 
+_LOG = logging.getLogger(__name__)
 DEFAULT_TOP_K = 3
 
 
@@ -100,6 +102,13 @@ def _print_top(scores: np.ndarray, top_k: int, labels: np.ndarray | None, show: 
         label = f"  label {labels[i]}" if labels is not None else ""
         print(f"sample {i}: top-{top_k} [{pairs}]{label}")
     if labels is not None:
+        classes = scores.shape[1]
+        valid = np.isfinite(labels) & (labels >= 0) & (labels < classes) & (labels == np.floor(labels))
+        if not valid.all():
+            bad = labels[~valid]
+            _LOG.warning(
+                "%d of %d labels are not class numbers of the output (0 to %d): %s%s; they count as misses",
+                bad.size, labels.size, classes - 1, ", ".join(str(v) for v in bad[:5]), "..." if bad.size > 5 else "")
         acc = float(np.mean(top[:, 0] == labels))
         print(f"top-1 accuracy on {len(scores)} samples: {acc * 100:.2f}%")
 
