@@ -27,9 +27,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=lambda p: p.name)
+    """Image files directly in ``folder``, sorted by name. Entries with an image's name that are not files (a
+    broken symbolic link, a folder) are left out with a warning naming them."""
+    named = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p in named if p.is_file()]
+    if len(files) < len(named):
+        skipped = sorted(p.name for p in named if not p.is_file())
+        _LOG.warning("%s: %d entr%s with an image's name %s not a readable file (a broken link or a folder), "
+                     "left out: %s%s", folder, len(skipped), "y" if len(skipped) == 1 else "ies",
+                     "is" if len(skipped) == 1 else "are", ", ".join(skipped[:5]), "..." if len(skipped) > 5 else "")
+    return sorted(files, key=lambda p: p.name)
 
 
 def per_input(value, names: Sequence[str], default, what: str) -> dict:

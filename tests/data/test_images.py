@@ -162,3 +162,14 @@ def test_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(DataError, match="pip install pillow"):
         ImageFolder(tmp_path, ["data"]).batch(0)
+
+
+def test_entries_named_like_images_that_are_not_files_are_named(tmp_path, caplog):
+    _write_png(tmp_path / "a.png", np.full((8, 8, 3), 5, np.uint8))
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")  # a broken link
+    (tmp_path / "dir.png").mkdir()
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        folder = ImageFolder(tmp_path, {"x": (1, 3, 8, 8)}, Preprocess(size=(8, 8)), batch_size=1)
+    assert folder.num_samples == 1
+    assert "2 entries with an image's name are not a readable file (a broken link or a folder), left out: " \
+           "dir.png, gone.jpg" in caplog.text
