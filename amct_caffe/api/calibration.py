@@ -17,7 +17,7 @@ from amct_caffe.api.outputs import save_quantized, write_graph
 from amct_caffe.api.session import QuantGraph, check_session, load_float_graph
 from amct_caffe.config import create_default_config, write_quant_config
 from amct_caffe.io.paths import reading
-from amct_caffe.io.record import Record, read_record, record_file, write_record
+from amct_caffe.io.record import Record, RecordError, read_record, record_file, write_record
 from amct_caffe.passes.prepare import Stage
 
 _LOG = logging.getLogger(__name__)
@@ -95,8 +95,13 @@ def save_model(graph, save_type, save_path, extra_files: dict[str, tuple[str, by
     calibrated = session.record if session.record_in_memory else read_record(session.record_file)
     float_graph, record = session.final(calibrated)
     with reading(**session.inputs()):
-        paths = save_quantized(float_graph, session.targets, record, save_type, save_path, session.original_names,
-                               extra_files)
+        try:
+            paths = save_quantized(float_graph, session.targets, record, save_type, save_path,
+                                   session.original_names, extra_files)
+        except RecordError as e:  # a factor missing or out of range: name the record it comes from
+            if session.record_in_memory or str(e).startswith(str(session.record_file)):
+                raise
+            raise RecordError(f"{session.record_file}: {e}") from None
     if session.bn_kept and not session.record_in_memory:
         # update_bn re-quantized the kept layers' weights: the record file gets their new scale_w.
         with reading(**session.inputs(with_record=False)):

@@ -60,10 +60,14 @@ def _convert(model_file, weights_file, scale_offset_record_file, save_path) -> d
         if not ((row.weighted or row.recurrent) and node.params):
             inputs = tuple(sorted({d.index for d in entry.record_d}))
             if not inputs:
-                raise RecordError(f"Cannot find scale_d of layer '{node.name}' in record file")
+                raise RecordError(f"{scale_offset_record_file}: Cannot find scale_d of layer '{node.name}' in record "
+                                  "file")
         try:
             targets.append(quant_target(node, graph, inputs))
         except ConfigError as e:
             raise AmctError(f"{scale_offset_record_file}: {e}") from None
     _LOG.info("convert_model: %d layer(s) quantized from %s", len(targets), scale_offset_record_file)
-    return save_quantized(graph, targets, record, "Both", save_path, original_names)
+    try:
+        return save_quantized(graph, targets, record, "Both", save_path, original_names)
+    except RecordError as e:  # a factor missing or out of range: name the file it comes from
+        raise RecordError(f"{scale_offset_record_file}: {e}") from None

@@ -129,6 +129,17 @@ def test_convert_model_reproduces_save_model_byte_for_byte(quantized, tmp_path):
         assert (tmp_path / f"lenet_{kind}").read_bytes() == (tmp / "out" / f"lenet_{kind}").read_bytes(), kind
 
 
+def test_convert_model_names_the_record_a_factor_is_missing_from(quantized, tmp_path):
+    tmp, _, _ = quantized
+    rec = record.read_record(tmp / "record.txt")
+    rec.layers["ip1"].scale_w = []
+    bad = tmp_path / "no_scale_w.txt"
+    record.write_record(rec, bad)
+    with pytest.raises(record.RecordError, match=r"no_scale_w.txt: Cannot find scale_w of layer 'ip1' in record file"):
+        amct.convert_model(str(LENET), str(LENET_W), str(bad), str(tmp_path / "lenet"))
+    assert not list(tmp_path.glob("lenet_*"))
+
+
 def test_convert_model_rejects_quantized_models(quantized, tmp_path):
     tmp, _, _ = quantized
     with pytest.raises(AmctError, match="already quantized"):
@@ -144,7 +155,7 @@ def test_save_model_without_calibration_names_the_layer(tmp_path):
     graph = amct.init(str(config), str(LENET), str(LENET_W), str(tmp_path / "record.txt"))
     amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
     amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
-    with pytest.raises(RuntimeError, match="Cannot find scale_d of layer 'conv1' in record file"):
+    with pytest.raises(RuntimeError, match=r"record.txt: Cannot find scale_d of layer 'conv1' in record file"):
         amct.save_model(graph, "Both", str(tmp_path / "out/model"))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     with pytest.raises(AmctError, match="save_type"):
