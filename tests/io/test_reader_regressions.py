@@ -110,3 +110,21 @@ def test_a_prototxt_name_that_is_not_utf8_is_refused_not_renamed(tmp_path):
     with pytest.raises(ModelFormatError, match=r"name.prototxt: layer #0 \(counting from 0\): its name 'd\ufffdta' "
                                               r"holds bytes that are not UTF-8 text"):
         read_prototxt(tmp_path / "name.prototxt")
+
+
+@pytest.mark.parametrize("body, message", [
+    ('layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+     'convolution_param { num_output: 4 kernel_size: 1 group: 0 } }',
+     "layer 'c' (Convolution): convolution_param.group must be > 0, got 0"),
+    ('layer { name: "in2" type: "Input" top: "a" top: "b" input_param { } }',
+     "layer 'in2' (Input): input_param must give 1 shape or one per top (2), it gives 0"),
+])
+def test_messages_for_a_zero_group_and_missing_input_shapes(tmp_path, body, message):
+    from amct_caffe import AmctError
+
+    proto = tmp_path / "m.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" '
+                     'input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n' + body)
+    with pytest.raises(AmctError) as e:
+        Net(str(proto), TEST)
+    assert message in str(e.value)

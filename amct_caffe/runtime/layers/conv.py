@@ -129,7 +129,9 @@ class _BaseConv(Layer):
         cp = lp.convolution_param
         if cp.num_output <= 0:
             raise GraphError(f"layer '{lp.name}' ({lp.type}): convolution_param.num_output must be > 0")
-        if cp.group <= 0 or cp.num_output % cp.group:
+        if cp.group <= 0:
+            raise GraphError(f"layer '{lp.name}' ({lp.type}): convolution_param.group must be > 0, got {cp.group}")
+        if cp.num_output % cp.group:
             raise GraphError(f"layer '{lp.name}' ({lp.type}): num_output {cp.num_output} is not a multiple "
                              f"of group {cp.group}")
         self._geom = None

@@ -18,8 +18,8 @@ class Input(Layer):
         shapes = self.lp.input_param.shape
         n = len(self.lp.top)
         if len(shapes) not in (1, n):
-            raise GraphError(f"layer '{self.name}' (Input): input_param must give 1 or {n} shapes, "
-                             f"it gives {len(shapes)}")
+            wanted = "1 shape" if n == 1 else f"1 shape or one per top ({n})"
+            raise GraphError(f"layer '{self.name}' (Input): input_param must give {wanted}, it gives {len(shapes)}")
         return [tuple(int(d) for d in shapes[0 if len(shapes) == 1 else i].dim) for i in range(n)]
 
     def forward(self, bottoms):  # the Net never calls it: inputs are set by the user
