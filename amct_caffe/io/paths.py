@@ -76,22 +76,24 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def _directly_in(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is an entry of ``folder`` itself (the data readers list a folder's own entries; a
+    subfolder such as ``results/`` inside an image folder is not read as data)."""
     try:
-        return folder.is_dir() and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+        return folder.is_dir() and os.path.realpath(path.parent) == os.path.realpath(folder)
     except (OSError, ValueError):
         return False
 
 
 def check_output(path) -> Path:
-    """Refuse an output that is a file the current call reads, or lies inside a folder it reads (a data folder
+    """Refuse an output that is a file the current call reads, or an entry of a folder it reads (a data folder
     whose next reader would take the output for data) (module doc); returns it as a Path."""
     out = checked_path(path, "output path")
     for name, source in _INPUTS.get():
         if _same(out, source):
             raise AmctError(f"output {out} is the same file as the input {name} ({source}): inputs are never "
                             "overwritten; choose another output path")
-        if _inside(out, source):
+        if _directly_in(out, source):
             raise AmctError(f"output {out} is inside the input folder {name} ({source}): inputs are never "
                             "changed, and its next reader would take the output for input; write it elsewhere")
     return out

@@ -184,3 +184,14 @@ def test_text_files_that_are_not_utf8(model, tmp_path):
     with pytest.raises(RecordError, match="not UTF-8"):
         amct.convert_model(str(proto), str(weights), str(binary), str(tmp_path / "out"))
     json.loads(config.read_text())  # the inputs are intact
+
+
+def test_outputs_in_an_input_folder_are_refused_but_not_in_its_subfolders(tmp_path):
+    from amct_caffe.io.paths import check_output, reading
+
+    (tmp_path / "images").mkdir()
+    with reading(data=str(tmp_path / "images")):
+        with pytest.raises(AmctError, match=r"report.html is inside the input folder data"):
+            check_output(tmp_path / "images" / "report.html")  # the next run would list it among the images
+        check_output(tmp_path / "images" / "results" / "report.html")  # a subfolder is not read as data
+        check_output(tmp_path / "report.html")
