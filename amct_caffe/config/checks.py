@@ -41,6 +41,15 @@ def fail(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}" if where else message)
 
 
+def unique(where: str, field: str, names) -> None:
+    """A ConfigError naming ``field`` if a name of its list ``names`` is given twice."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise fail(where, f"{field}: '{name}' is listed twice")
+        seen.add(name)
+
+
 @dataclass(frozen=True)
 class Interval:
     """A numeric range; ``text`` is how the guide writes it."""

@@ -135,12 +135,21 @@ def _not_retrainable(where: str, what: str, layers: dict):
     return C.fail(where, f"{what} is not a retrainable layer of the model (retrainable: {close})")
 
 
-def _unique(where: str, field: str, names) -> None:
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise C.fail(where, f"{field}: '{name}' is listed twice")
-        seen.add(name)
+
+def _overrides(entries, key: str, kind: str, skipped, skip_field: str, known, where: str) -> dict:
+    """{key value: _Level} of override_layer_types / override_layer_configs ``entries`` (``key``: layer_type or
+    layer_name), each known, given once and not also skipped."""
+    field = "override_layer_types" if key == "layer_type" else "override_layer_configs"
+    out: dict = {}
+    for o in entries:
+        name = getattr(o, key)
+        known(field, name)
+        if name in out:
+            raise C.fail(where, f"{field}: {kind} '{name}' is overridden twice")
+        if name in skipped:
+            raise C.fail(where, f"{field}: {kind} '{name}' is also in {skip_field}")
+        out[name] = _Level(o, f"{where}: {field}[{name}].")
+    return out
 
 
 def _levels(msg, where: str, layers: dict) -> tuple[dict, dict]:
@@ -153,28 +162,16 @@ def _levels(msg, where: str, layers: dict) -> tuple[dict, dict]:
         if name not in RETRAINABLE_TYPES:
             raise C.fail(where, f"{field}: '{name}' is not one of the retrainable types {', '.join(RETRAINABLE_TYPES)}")
 
-    _unique(where, "skip_layers", msg.skip_layers)
+    C.unique(where, "skip_layers", msg.skip_layers)
     for name in msg.skip_layers:
         known_layer("skip_layers", name)
-    _unique(where, "skip_layer_types", msg.skip_layer_types)
+    C.unique(where, "skip_layer_types", msg.skip_layer_types)
     for name in msg.skip_layer_types:
         known_type("skip_layer_types", name)
-    types: dict = {}
-    for o in msg.override_layer_types:
-        known_type("override_layer_types", o.layer_type)
-        if o.layer_type in types:
-            raise C.fail(where, f"override_layer_types: type '{o.layer_type}' is overridden twice")
-        if o.layer_type in msg.skip_layer_types:
-            raise C.fail(where, f"override_layer_types: type '{o.layer_type}' is also in skip_layer_types")
-        types[o.layer_type] = _Level(o, f"{where}: override_layer_types[{o.layer_type}].")
-    named: dict = {}
-    for o in msg.override_layer_configs:
-        known_layer("override_layer_configs", o.layer_name)
-        if o.layer_name in named:
-            raise C.fail(where, f"override_layer_configs: layer '{o.layer_name}' is overridden twice")
-        if o.layer_name in msg.skip_layers:
-            raise C.fail(where, f"override_layer_configs: layer '{o.layer_name}' is also in skip_layers")
-        named[o.layer_name] = _Level(o, f"{where}: override_layer_configs[{o.layer_name}].")
+    types = _overrides(msg.override_layer_types, "layer_type", "type", msg.skip_layer_types, "skip_layer_types",
+                       known_type, where)
+    named = _overrides(msg.override_layer_configs, "layer_name", "layer", msg.skip_layers, "skip_layers",
+                       known_layer, where)
     return types, named
 
 

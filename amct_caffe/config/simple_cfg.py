@@ -140,13 +140,6 @@ def _type_name_error(path: str, field: str, name: str) -> ConfigError:
     return C.fail(path, f"{field}: '{name}' is not a layer type that supports quantization{hint}")
 
 
-def _unique(path: str, field: str, names) -> None:
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise C.fail(path, f"{field}: '{name}' is listed twice")
-        seen.add(name)
-
 
 def config_from_simple_cfg(cfg_path, graph) -> QuantConfig:
     """Build the full config of ``graph`` from the simple .cfg ``cfg_path`` (rules: module doc)."""
@@ -155,11 +148,11 @@ def config_from_simple_cfg(cfg_path, graph) -> QuantConfig:
     by_name = {n.name: n for n in graph.nodes}
 
     # ---- names and types
-    _unique(path, "skip_layers", cfg.skip_layers)
+    C.unique(path, "skip_layers", cfg.skip_layers)
     for name in cfg.skip_layers:
         if name not in by_name:
             raise C.fail(path, f"skip_layers: layer '{name}' is not in the model")
-    _unique(path, "skip_layer_types", cfg.skip_layer_types)
+    C.unique(path, "skip_layer_types", cfg.skip_layer_types)
     for name in cfg.skip_layer_types:
         if not T.is_quantizable_type(name):
             raise _type_name_error(path, "skip_layer_types", name)
@@ -188,7 +181,7 @@ def config_from_simple_cfg(cfg_path, graph) -> QuantConfig:
         layer_overrides[name] = o.calibration_config
     if cfg.HasField("common_config"):
         _check_block(cfg.common_config, path, "common_config")
-    _unique(path, "skip_fusion_layers", cfg.skip_fusion_layers)
+    C.unique(path, "skip_fusion_layers", cfg.skip_fusion_layers)
     check_skip_fusion_layers(cfg.skip_fusion_layers, graph, path)
 
     # ---- per-layer entries
