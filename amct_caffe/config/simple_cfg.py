@@ -140,7 +140,6 @@ def _type_name_error(path: str, field: str, name: str) -> ConfigError:
     return C.fail(path, f"{field}: '{name}' is not a layer type that supports quantization{hint}")
 
 
-
 def config_from_simple_cfg(cfg_path, graph) -> QuantConfig:
     """Build the full config of ``graph`` from the simple .cfg ``cfg_path`` (rules: module doc)."""
     path = str(cfg_path)
