@@ -135,7 +135,6 @@ def _not_retrainable(where: str, what: str, layers: dict):
     return C.fail(where, f"{what} is not a retrainable layer of the model (retrainable: {close})")
 
 
-
 def _overrides(entries, key: str, kind: str, skipped, skip_field: str, known, where: str) -> dict:
     """{key value: _Level} of override_layer_types / override_layer_configs ``entries`` (``key``: layer_type or
     layer_name), each known, given once and not also skipped."""
