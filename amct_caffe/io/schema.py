@@ -110,7 +110,8 @@ def compile_proto(proto_file: str | os.PathLike) -> bytes:
     """
     proto_file = Path(proto_file).resolve()
     if not proto_file.is_file():
-        raise ModelFormatError(f"proto file {proto_file} does not exist")
+        what = "is a folder, not a .proto file" if proto_file.is_dir() else "does not exist"
+        raise ModelFormatError(f"proto file {proto_file} {what}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.desc"
         args = [f"-I{proto_file.parent}", "--include_imports", f"--descriptor_set_out={out}",

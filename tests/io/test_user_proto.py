@@ -65,3 +65,10 @@ def test_broken_user_proto_reports_protoc_error(tmp_path, restore_schema):
     bad.write_text('syntax = "proto2";\nmessage NetParameter { optional int32 x = 1 }\n')
     with pytest.raises(ModelFormatError, match="protoc failed"):
         amct_caffe.set_caffe_proto(bad)
+
+
+def test_a_folder_or_a_missing_proto_file_is_named_as_such(tmp_path, restore_schema):
+    with pytest.raises(ModelFormatError, match="is a folder, not a .proto file"):
+        amct_caffe.set_caffe_proto(tmp_path)
+    with pytest.raises(ModelFormatError, match="none.proto does not exist"):
+        amct_caffe.set_caffe_proto(tmp_path / "none.proto")
