@@ -95,24 +95,23 @@ class LayerRecord:
 
     def activation(self, index: int = 0, create: bool = False) -> ActivationRecord | None:
         """The ``record_d`` of input ``index`` (the first one of that index; a new one with ``create``), else
-        None. A map by index, rebuilt when ``record_d`` changed length or was replaced, keeps a layer of many
-        inputs (a Concat of thousands) from a scan per lookup; an entry's ``index`` is its key, not to be
-        changed once it is in ``record_d``."""
-        key = (id(self.record_d), len(self.record_d))
-        cached = self.__dict__.get("_by_index")
-        if cached is None or cached[0] != key:
-            cached = (key, {item.index: item for item in reversed(self.record_d)})
-            self.__dict__["_by_index"] = cached
-        item = cached[1].get(index)
-        if item is not None:
-            return item
+        None. For many indices at once, :meth:`activations` (one pass instead of one per index)."""
+        for item in self.record_d:
+            if item.index == index:
+                return item
         if not create:
             return None
         item = ActivationRecord(index)
         self.record_d.append(item)
-        cached[1][index] = item
-        self.__dict__["_by_index"] = ((id(self.record_d), len(self.record_d)), cached[1])
         return item
+
+    def activations(self) -> dict[int, ActivationRecord]:
+        """{index: the first ``record_d`` of that index}, built now (a layer of thousands of inputs, such as a
+        wide Concat, would take a scan per index through :meth:`activation`)."""
+        out: dict[int, ActivationRecord] = {}
+        for item in self.record_d:
+            out.setdefault(item.index, item)
+        return out
 
 
 @dataclass

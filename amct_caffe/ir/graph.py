@@ -98,11 +98,15 @@ class Graph:
             name, i = f"{base}_{i}", i + 1
         return name
 
-    def unique_node_name(self, base: str) -> str:
-        names = {n.name for n in self.nodes}
+    def unique_node_name(self, base: str, taken: set[str] | None = None) -> str:
+        """``base``, or ``base_1``, ``base_2``... that no node has. ``taken``: the node names, kept by a caller that
+        adds many nodes (the chosen name is added to it), instead of a scan of every node per call."""
+        names = {n.name for n in self.nodes} if taken is None else taken
         name, i = base, 1
         while name in names:
             name, i = f"{base}_{i}", i + 1
+        if taken is not None:
+            taken.add(name)
         return name
 
     # ---------------------------------------------------------------- edits

@@ -53,9 +53,10 @@ class ActFactors:
 def activation_factors(record: Record, target: QuantTarget) -> list[ActFactors]:
     """scale_d/offset_d of each quantized input of ``target``, or the guide's error."""
     entry = record.layer(target.name)
+    by_index = entry.activations() if entry is not None else {}
     out = []
     for i in target.inputs:
-        act = entry.activation(i) if entry is not None else None
+        act = by_index.get(i)
         if act is None or act.scale_d is None:
             raise RecordError(f"Cannot find scale_d of layer '{target.name}' in record file"
                               + (f" (input {i})" if i else "")
@@ -108,9 +109,10 @@ def _group(node: Node) -> int:
     return ops.weight_layout(node.type, node.layer_param).group
 
 
-def _quant_node(graph: Graph, target: QuantTarget, index: int, blob: str, act: ActFactors) -> Node:
+def _quant_node(graph: Graph, target: QuantTarget, index: int, blob: str, act: ActFactors,
+                taken: set[str] | None = None) -> Node:
     suffix = "" if index == 0 else str(index)
-    name = graph.unique_node_name(f"{target.name}_quant{suffix}")
+    name = graph.unique_node_name(f"{target.name}_quant{suffix}", taken)
     top = graph.unique_blob_name(f"{blob}_{name}")
     lp = caffe_pb().LayerParameter(name=name, type="Quant", bottom=[blob], top=[top])
     qp = lp.quant_param
@@ -190,8 +192,9 @@ def build_quantized_graph(graph: Graph, targets: list[QuantTarget], record, mode
         acts = activation_factors(record, target)
         at = out.index(node)
         quants = []
+        taken = {n.name for n in out.nodes} if len(target.inputs) > 1 else None  # one scan for a wide layer
         for i, act in zip(target.inputs, acts, strict=False):
-            quant = _quant_node(out, target, i, node.bottoms[i], act)
+            quant = _quant_node(out, target, i, node.bottoms[i], act, taken)
             node.bottoms[i] = quant.tops[0]
             out.insert(at, quant)
             quants.append(quant)
@@ -240,8 +243,9 @@ def canonical_record(graph: Graph, targets: list[QuantTarget], record: Record) -
             dst.shift_bit = list(src.shift_bit)
         if src is not None:
             dst.skip_fusion = src.skip_fusion
+        by_index = src.activations()
         for i in target.inputs:
-            dst.record_d.append(ActivationRecord(**vars(src.activation(i))))
+            dst.record_d.append(ActivationRecord(**vars(by_index[i])))
     return out
 
 

@@ -92,12 +92,9 @@ def test_a_layer_given_twice_warns_and_the_last_entry_wins(caplog):
     assert "r.txt: layer 'fc' has more than one entry; the last one is used" in caplog.text
 
 
-def test_activation_lookup_follows_changes_to_record_d():
+def test_activations_by_index_keep_the_first_of_each_index():
     entry = record.LayerRecord()
-    made = [entry.activation(i, create=True) for i in range(2000)]  # a Concat of many inputs: no scan each
-    assert [entry.activation(i) for i in (0, 1234, 1999)] == [made[0], made[1234], made[1999]]
-    assert entry.activation(2000) is None
-    entry.record_d.append(record.ActivationRecord(0))  # a second entry of index 0: the first still wins
-    assert entry.activation(0) is made[0]
-    entry.record_d = [record.ActivationRecord(3)]  # replaced
-    assert entry.activation(3) is entry.record_d[0] and entry.activation(0) is None
+    made = [entry.activation(i, create=True) for i in range(5)]
+    entry.record_d.append(record.ActivationRecord(0))  # a second entry of index 0: the first wins, as activation()
+    by_index = entry.activations()
+    assert by_index == {i: made[i] for i in range(5)} and by_index[0] is made[0] is entry.activation(0)

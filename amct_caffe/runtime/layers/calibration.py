@@ -25,7 +25,7 @@ import numpy as np
 
 from amct_caffe.errors import ConfigError, GraphError
 from amct_caffe.io.bn_dump import bn_dump_path, write_bn_dump
-from amct_caffe.io.record import RecordError, f32
+from amct_caffe.io.record import ActivationRecord, RecordError, f32
 from amct_caffe.ops import register
 from amct_caffe.quant import IfmrObserver, IfmrParams, IfmrStreamObserver, QuantizationError, SearchNObserver
 from amct_caffe.runtime import threads
@@ -240,8 +240,16 @@ class IfmrLayer(_Collector):
         """Set ``result`` as the record_d of every target (the caller writes the file)."""
         c, h, w = _chw(self._shape)
         record = self._sink.get()
+        have: dict[str, dict] = {}  # per layer, its record_d by index (a Concat may have thousands of inputs)
         for layer, index in self.targets:
-            act = record.layer(layer, create=True).activation(int(index), create=True)
+            entry = record.layer(layer, create=True)
+            by_index = have.get(layer)
+            if by_index is None:
+                by_index = have[layer] = entry.activations()
+            act = by_index.get(int(index))
+            if act is None:
+                act = by_index[int(index)] = ActivationRecord(int(index))
+                entry.record_d.append(act)
             act.scale_d, act.offset_d, act.num_bits_d = f32(result.scale), int(result.offset), int(self.params.num_bits)
             act.channels, act.height, act.width = c, h, w
         _LOG.info("IFMR '%s': scale_d=%.9g offset_d=%d written for %s", self.name, result.scale,
