@@ -23,13 +23,22 @@ the separate layers. Two modes (:class:`FoldMode`):
   value the other way, which is why FAST is only for float models. A 3x3 stride-1 convolution in
   such a chain runs as Winograd F(4x4 or 2x2, 3x3) (:mod:`.layers.winograd`: 2.25-4x fewer
   multiplies, at most 1.4e-5 of a blob's scale from Caffe on open_nsfw), with the affine map and the
-  ReLU applied by its output transform, unless a later layer rewrites the chain's result in place
-  (a TanH, Sigmoid, Exp...: it may squash the scale Winograd's error is small against). A 1x1
+  ReLU applied by its output transform. A 1x1
   convolution (no padding or groups) in such a chain runs
   in the pointwise kernel where the CPU has AVX-512, or AVX2 for at most :data:`POINTWISE_AVX2_MAX_K`
   input channels (``csrc/src/pointwise_conv.cpp``: one fused multiply-add per input channel in order,
   the affine map and ReLU applied as it stores). A chain
   without BatchNorm / Scale (a convolution and a ReLU) keeps Caffe's arithmetic in both modes.
+
+A chain whose result reaches a layer other than the pass-through ones of :data:`_PASS_THROUGH` (ReLU,
+pooling, Eltwise SUM, Concat, reshaping...) before the next Convolution / InnerProduct runs EXACT even in
+a FAST net (:func:`_fast_safe`): a TanH, Sigmoid, Softmax, ReLU6... straight after it can squash large
+values, and FAST's differences, small against the chain's values, would be large against the squashed
+output (a TanH on a chain of raw pixels: 2.9e-4 of the TanH's output from Caffe with Winograd, 1.3e-4
+with the folded map alone; Caffe's own is 5e-5 from float64). Differences that pass through further
+layers before such a squash are float32 rounding amplified by the net itself: a deep net of large
+pre-activations (hundreds) ending in a TanH can differ from Caffe by more than 1e-4 of the TanH's output
+with no folding at all, as Caffe differs from float64.
 
 The per-channel steps after the GEMM (FAST's ``y * a + b`` and the ReLU, a ReLU alone) run as one
 C++ pass over the output where the extension is built (``channel_affine`` in
@@ -123,7 +132,6 @@ class Chain:
     residual: int | None = None  # FAST: index of an Eltwise SUM + in-place ReLU run with the chain
     other: int = 0               # ... and which of its two bottoms is not the chain's top
     weights: winograd.WeightCache = field(default_factory=winograd.WeightCache, compare=False, repr=False)
-    winograd: bool = True        # FAST: whether a 3x3 stride-1 head may run as Winograd (see plan)
 
     def forward(self, bottoms: list[np.ndarray], other: np.ndarray | None = None,
                 into: tuple = (None, None)) -> list[np.ndarray]:
@@ -195,7 +203,7 @@ class Chain:
         group = conv.lp.convolution_param.group
         # Winograd only where FAST already gives up Caffe's bytes (a BatchNorm / Scale folded): a
         # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit
-        if self.mode is FoldMode.FAST and self.winograd and affine and winograd.available() and x.ndim == 4 \
+        if self.mode is FoldMode.FAST and affine and winograd.available() and x.ndim == 4 \
                 and winograd.applies(weight.shape, stride, dilation, group) \
                 and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.size > 0:
             a, b = channel_affine(affine, bias, weight.shape[0])
@@ -364,20 +372,50 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
             tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) \
                 if mode is FoldMode.FAST and layers[j - 1].type not in ("ReLU", "PReLU") else None
             last = j + 1 if tail is not None else j - 1
-            # Winograd's error is small against the chain's own values; a layer that later rewrites them in
-            # place (a TanH / Sigmoid / Exp...) can squash that scale, leaving the error large against what
-            # stays observable (measured: 2.9e-4 of a TanH'd blob, against Caffe's own 5e-5 from float64).
-            # Such chains keep the GEMM.
-            outs = {top, top_names[last][0]}
-            rewritten = any(top_names[k] == bottom_names[k] and set(top_names[k]) & outs
-                            for k in range(last + 1, len(layers)))
+            chain_mode = mode
+            if mode is FoldMode.FAST and not _fast_safe({top, top_names[last][0]}, last + 1, layers, bottom_names,
+                                                        top_names):
+                chain_mode, tail, last = FoldMode.EXACT, None, j - 1
             members = tuple(layers[i + 1:j])
             if tail is not None:
-                chains[i] = Chain(i, last, head, members, mode, residual=j, other=tail, winograd=not rewritten)
+                chains[i] = Chain(i, last, head, members, chain_mode, residual=j, other=tail)
             else:
-                chains[i] = Chain(i, last, head, members, mode, winograd=not rewritten)
+                chains[i] = Chain(i, last, head, members, chain_mode)
             covered = last
     return chains
+
+
+# Layers through which a value's difference from Caffe keeps its size relative to the values around it, and
+# layers that only read their bottoms' shapes: a FAST chain's result may reach only these before the next layer
+# that mixes channels (see _fast_safe).
+_PASS_THROUGH = frozenset(("ReLU", "PReLU", "Pooling", "Eltwise", "Concat", "Split", "Slice", "Flatten", "Reshape",
+                           "Permute", "Crop", "Dropout", "BatchNorm", "Scale", "Bias", "Upsample", "Resize", "Interp",
+                           "BilinearInterpolate", "Silence"))
+_SHAPE_ONLY = frozenset(("PriorBox",))
+_MIXING = frozenset(("Convolution", "Deconvolution", "InnerProduct"))
+
+
+def _fast_safe(blobs: set[str], start: int, layers, bottom_names, top_names) -> bool:
+    """Whether the values of ``blobs`` (a chain's results, from layer ``start`` on) reach only ``_PASS_THROUGH``
+    layers before a Convolution / Deconvolution / InnerProduct.
+
+    FAST's differences from Caffe are small against the values they arise in (the folded map: a few float32 ulps
+    of its largest term; Winograd F(4x4): 1.4e-5 of the blob's scale on open_nsfw, some 100x float32's). A
+    layer that squashes large values (TanH, Sigmoid, Softmax, ReLU6, Exp...) straight after the chain leaves
+    them large against its own, much smaller output: a TanH on a chain of raw pixels was 2.9e-4 of the TanH's
+    output from Caffe (Caffe's own: 5e-5 from float64). Such chains run EXACT. Past a layer that mixes
+    channels the chain's differences are mixed with that layer's own float32 rounding, as in Caffe."""
+    live = set(blobs)
+    for k in range(start, len(layers)):
+        if not live.intersection(bottom_names[k]):
+            continue
+        layer = layers[k]
+        if layer.type in _SHAPE_ONLY or layer.type in _MIXING:
+            continue
+        if layer.type not in _PASS_THROUGH or (layer.type == "Eltwise" and layer.operation != SUM):
+            return False
+        live.update(top_names[k])
+    return True
 
 
 def _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) -> int | None:

@@ -5,11 +5,17 @@ so the paths a float model takes at real sizes rarely run there: Convolution -> 
 ReLU chains folded into one affine map (runtime/fold.py), Winograd F(2x2) / F(4x4) for 3x3 stride-1
 convolutions, the pointwise kernel for 1x1 ones, the depthwise and direct kernels, a residual Eltwise SUM
 and its ReLU fused into the chain before it. Here every net is a stack of such blocks on maps of 5 to 60
-pixels and 8 to 160 channels; Caffe fills the weights (tests/differential/caffe_runner.py: BatchNorm with
-positive variance), and every blob of the executor's default Net must be within 1e-4 of its largest value
-from Caffe's, after the first forward and after the prepared second one (test_differential.compare_net).
+pixels and 8 to 160 channels. Caffe fills the weights (tests/differential/caffe_runner.py: BatchNorm with
+positive variance, statistics that do not normalize), and every blob of the executor's default Net must be
+within 1e-4 of its largest value from Caffe's, after the first forward and after the prepared second one
+(test_differential.compare_net).
 
-``AMCT_FAST_NETS`` sets the number of nets (default 40, about a minute with Caffe's forwards).
+No TanH / Sigmoid / ReLU6 here: with such weights, pre-activations grow to hundreds, and a squashing layer
+turns float32 rounding that differs from Caffe's by an ulp (in any layer, folded or not) into more than
+1e-4 of its [-1, 1] output, as Caffe differs from float64 by as much. A chain squashed straight away runs
+EXACT (runtime/fold.py; tests/runtime/test_fold.py).
+
+``AMCT_FAST_NETS`` sets the number of nets (default 40, about 5 s with Caffe's forwards).
 """
 
 from __future__ import annotations

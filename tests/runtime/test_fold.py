@@ -155,17 +155,42 @@ layer { name: "tanh" type: "TanH" bottom: "y" top: "y" }
 '''
 
 
+TANH_IN_PLACE = 'layer { name: "tanh" type: "TanH" bottom: "y" top: "y" }'
+READERS = {
+    "in place": TANH_IN_PLACE,
+    "a TanH into a new blob": 'layer { name: "tanh" type: "TanH" bottom: "y" top: "t" }',
+    "a Sigmoid after a pooling": 'layer { name: "p" type: "Pooling" bottom: "y" top: "p" pooling_param { '
+                                 'pool: MAX kernel_size: 2 stride: 2 } }\n'
+                                 'layer { name: "s" type: "Sigmoid" bottom: "p" top: "s" }',
+    "a Softmax": 'layer { name: "sm" type: "Softmax" bottom: "y" top: "sm" }',
+}
+
+
 @pytest.mark.parametrize("level", [2, 1])
-def test_a_chain_squashed_in_place_afterwards_keeps_the_gemm(tmp_path, level, simd_limit):
-    """A 3x3 chain whose values a TanH then rewrites in place: Winograd's error, small against the chain's own
-    scale (raw pixels: |y| up to ~800), would be large against the TanH's [-1, 1]; the chain folds without it."""
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_chain_whose_result_is_squashed_runs_exact(tmp_path, level, reader, simd_limit):
+    """A 3x3 chain whose values a TanH / Sigmoid / Softmax squashes: FAST's differences, small against the chain's
+    own scale (raw pixels: |y| up to ~800), would be large against the squashed output ([-1, 1]); the chain runs
+    EXACT and every blob has the unfolded bytes."""
     simd_limit(level)
     x = np.floor(np.random.default_rng(0).uniform(0, 256, (4, 16, 34, 54))).astype(np.float32)
-    fast = _net(tmp_path, "fast", SQUASHED)
-    assert [c.winograd for c in fast._chains.values()] == [False]
-    got = fast.forward(data=x)["y"]
-    want = _net(tmp_path, "off", SQUASHED).forward(data=x)["y"]
-    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
-    # without the TanH the same chain runs Winograd
-    fast = _net(tmp_path, "fast", SQUASHED.replace('layer { name: "tanh" type: "TanH" bottom: "y" top: "y" }', ""))
-    assert [c.winograd for c in fast._chains.values()] == [True]
+    text = SQUASHED.replace(TANH_IN_PLACE, READERS[reader])
+    fast = _net(tmp_path, "fast", text)
+    assert [c.mode for c in fast._chains.values()] == [FoldMode.EXACT]
+    got = {k: v.copy() for k, v in fast.forward(data=x, blobs=list(fast.blobs)).items()}
+    want = _net(tmp_path, "off", text).forward(data=x, blobs=list(fast.blobs))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_a_chain_whose_result_is_mixed_by_a_convolution_first_stays_fast(tmp_path):
+    """A Softmax / ELU after the next convolution, or a TanH on a PriorBox reading the chain (its shape only),
+    leave the chain FAST."""
+    text = SQUASHED.replace(TANH_IN_PLACE, 'layer { name: "p" type: "Pooling" bottom: "y" top: "p" pooling_param { '
+                            'pool: AVE kernel_size: 2 stride: 2 } }\nlayer { name: "c" type: "Convolution" bottom: "p" '
+                            'top: "c" convolution_param { num_output: 2 kernel_size: 1 } }\nlayer { name: "pb" '
+                            'type: "PriorBox" bottom: "y" bottom: "data" top: "pb" prior_box_param { min_size: 4 } }\n'
+                            'layer { name: "s" type: "Softmax" bottom: "c" top: "s" }\n'
+                            'layer { name: "e" type: "ELU" bottom: "c" top: "e" }\n'
+                            'layer { name: "t" type: "TanH" bottom: "pb" top: "t" }')
+    assert [c.mode for c in _net(tmp_path, "fast", text)._chains.values()] == [FoldMode.FAST]

@@ -26,11 +26,9 @@ Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
 
 Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``. MAX without the mask top runs in C++ where
 the extension is built (``csrc/src/conv_cols.cpp``, the same compares as the NumPy path: the same
-bytes). The NumPy path, the reference and the fallback, runs the reductions separably (along W,
-then along H) on strided views, without a padded copy. (AVE stays in NumPy: a C++ loop in Caffe's
-order gave Caffe's bytes, but other bytes than the executor's so far, and the TRAIN-phase gradient
-comparison with Caffe on open_nsfw, whose conv-before-BatchNorm bias gradients are rounding noise,
-then differed in one value.)
+bytes). The NumPy path, the reference and the fallback, runs MAX's reductions separably (along W,
+then along H) on strided views, without a padded copy; AVE sums each window tap by tap in Caffe's
+order (row-major, from +0), so its bytes are Caffe's.
 """
 
 from __future__ import annotations
@@ -179,9 +177,16 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
             np.copyto(y, win, where=better)
         return y, mask.astype(np.float32)
     if pool == AVE:
-        if out == (1, 1) and k == (h, w) and p == (0, 0):
-            return x.sum(axis=(2, 3), keepdims=True, dtype=np.float32) / np.float32(h * w)
-        y = _pool2d(x, k, s, p, out, np.add, 0.0)
+        # Caffe's order: each window summed tap by tap in row-major order from +0, then divided once. A cell
+        # outside the image adds +0, which changes no sum (Caffe skips it); float32 sums in another order
+        # (NumPy's pairwise sum, rows then columns) differ in the last bits, which a squashing layer after a
+        # large-valued pooling can make visible.
+        if out == (1, 1) and k == (h, w) and p == (0, 0):  # global: a running sum over the plane
+            total = np.cumsum(x.reshape(n, c, h * w), axis=2, dtype=np.float32)[:, :, -1:]
+            return total.reshape(n, c, 1, 1) / np.float32(h * w)
+        y = np.zeros((n, c) + out, np.float32)
+        for _, _, win in _windows(x, k, s, p, out, 0.0):
+            y += win
         div = np.outer(_ave_divisor(h, k[0], s[0], p[0], out[0]), _ave_divisor(w, k[1], s[1], p[1], out[1]))
         with np.errstate(divide="ignore", invalid="ignore"):  # an empty window divides 0 by <= 0, as in C++
             y /= div
