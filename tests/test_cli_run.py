@@ -99,8 +99,8 @@ def test_run_save_and_input_errors(capsys, tmp_path):
           "output .*digits.npz is the same file as the input --input")
     assert copy.read_bytes() == MNIST_500.read_bytes()
     (tmp_path / "rec").mkdir()
-    fails(capsys, LENET_RUN + ["--input", str(tmp_path / "rec"), "--save", str(tmp_path / "rec/b.npz")],
-          "output .*b.npz is inside the input folder --input")
+    fails(capsys, LENET_RUN + ["--input", str(tmp_path / "rec"), "--save", str(tmp_path / "rec/batch_000003.npz")],
+          "output .*batch_000003.npz is inside the input folder --input")
 
 
 def test_run_prints_and_saves_a_detection_list(capsys, tmp_path):

@@ -17,6 +17,7 @@ import contextvars
 import functools
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,26 +77,32 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _directly_in(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is an entry of ``folder`` itself (the data readers list a folder's own entries; a
-    subfolder such as ``results/`` inside an image folder is not read as data)."""
+# The entries a data folder's readers take (amct_caffe/data: image folders, Record folders, LMDB); an output of
+# such a name inside an input folder would be read as data by the next run.
+DATA_ENTRY = re.compile(r"(?i)^(.*\.(jpe?g|png|bmp)|batch_\d+\.npz|data\.mdb|lock\.mdb)$")
+
+
+def _read_as_data(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is an entry of input folder ``folder`` that its data reader would take (a subfolder's
+    entries, or other names such as a model or a report page, are not read)."""
     try:
-        return folder.is_dir() and os.path.realpath(path.parent) == os.path.realpath(folder)
+        return bool(DATA_ENTRY.match(path.name)) and folder.is_dir() \
+            and os.path.realpath(path.parent) == os.path.realpath(folder)
     except (OSError, ValueError):
         return False
 
 
 def check_output(path) -> Path:
-    """Refuse an output that is a file the current call reads, or an entry of a folder it reads (a data folder
-    whose next reader would take the output for data) (module doc); returns it as a Path."""
+    """Refuse an output that is a file the current call reads, or an entry of a folder it reads that the folder's
+    data reader would take (an image, a recorded batch) (module doc); returns it as a Path."""
     out = checked_path(path, "output path")
     for name, source in _INPUTS.get():
         if _same(out, source):
             raise AmctError(f"output {out} is the same file as the input {name} ({source}): inputs are never "
                             "overwritten; choose another output path")
-        if _directly_in(out, source):
-            raise AmctError(f"output {out} is inside the input folder {name} ({source}): inputs are never "
-                            "changed, and its next reader would take the output for input; write it elsewhere")
+        if _read_as_data(out, source):
+            raise AmctError(f"output {out} is inside the input folder {name} ({source}), whose next reader would "
+                            "take it for data: inputs are never changed; write it elsewhere")
     return out
 
 

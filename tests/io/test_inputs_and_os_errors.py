@@ -186,12 +186,15 @@ def test_text_files_that_are_not_utf8(model, tmp_path):
     json.loads(config.read_text())  # the inputs are intact
 
 
-def test_outputs_in_an_input_folder_are_refused_but_not_in_its_subfolders(tmp_path):
+def test_outputs_an_input_folder_would_read_as_data_are_refused(tmp_path):
+    from amct_caffe.data.images import IMAGE_SUFFIXES
     from amct_caffe.io.paths import check_output, reading
 
     (tmp_path / "images").mkdir()
     with reading(data=str(tmp_path / "images")):
-        with pytest.raises(AmctError, match=r"report.html is inside the input folder data"):
-            check_output(tmp_path / "images" / "report.html")  # the next run would list it among the images
-        check_output(tmp_path / "images" / "results" / "report.html")  # a subfolder is not read as data
-        check_output(tmp_path / "report.html")
+        for name in [f"plot{suffix}" for suffix in IMAGE_SUFFIXES] + ["PLOT.PNG", "batch_000003.npz", "data.mdb"]:
+            with pytest.raises(AmctError, match=rf"{name} is inside the input folder data .*next reader would take"):
+                check_output(tmp_path / "images" / name)  # the next run would read it among the data
+        for name in ("model_deploy_model.prototxt", "report.html", "outputs.npz", "results/plot.png"):
+            check_output(tmp_path / "images" / name)  # not data to the folder's reader (a subfolder is not read)
+        check_output(tmp_path / "plot.png")
