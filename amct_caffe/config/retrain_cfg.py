@@ -29,7 +29,8 @@ of its type (a depthwise Convolution: "Convolution", then "DepthwiseConv"); then
 ``clip_max_min`` sets the pair (a bound it leaves out is removed, so the JSON's rules on a lone bound
 apply). ``dst_type`` INT8 / INT16 is ``num_bits`` 8 / 16 (data; weights INT8 only). A layer in
 ``skip_layers``, or of a type in ``skip_layer_types`` and not named by ``override_layer_configs``, gets
-``retrain_enable: false``. ``batch_num`` is the number of batches IFMR starts the clips on: the retrain
+``retrain_enable: false`` and keeps the default settings (the common and type levels, which may not fit it, do
+not apply). ``batch_num`` is the number of batches IFMR starts the clips on: the retrain
 layers start them on the first forward, so only 1 is taken.
 
 Checks: parse errors name the file, line and column; every layer name must be a retrainable layer of the
@@ -196,13 +197,14 @@ def apply_retrain_cfg(config: RetrainConfig, path, graph) -> RetrainConfig:
         d = layers[name].to_dict()
         type_names = T.matching_type_names(nodes[name], graph)
         if name in msg.skip_layers or (name not in named and any(t in msg.skip_layer_types for t in type_names)):
-            d["retrain_enable"] = False
-        common.apply(d)
-        for t in type_names:
-            if t in types:
-                types[t].apply(d)
-        if name in named:
-            named[name].apply(d)
+            d["retrain_enable"] = False  # and its settings stay the defaults: the levels are for retrained layers
+        else:
+            common.apply(d)
+            for t in type_names:
+                if t in types:
+                    types[t].apply(d)
+            if name in named:
+                named[name].apply(d)
         if name in msg.layers:
             entry = msg.layers[name]
             if entry.HasField("retrain_enable"):

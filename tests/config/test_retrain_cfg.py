@@ -112,3 +112,17 @@ def test_vendor_form_errors_name_the_file_and_field(tmp_path, lenet, text, messa
     with pytest.raises(ConfigError) as e:
         create_retrain_config(lenet, cfg)
     assert message in str(e.value) and str(cfg) in str(e.value)
+
+
+def test_the_docs_example_skipped_layers_take_no_common_setting(tmp_path, lenet):
+    """docs/qat.md's example: InnerProduct layers skipped by type, a common channel_wise true (which an
+    InnerProduct cannot take) applies to the retrained convolutions only."""
+    d = _config(tmp_path, lenet, '''
+        batch_num: 1
+        skip_layer_types: "InnerProduct"
+        retrain_data_quant_config { ulq_quantize { fixed_min: false dst_type: INT8 } }
+        retrain_weight_quant_config { arq_retrain { channel_wise: true } }
+    ''')
+    default = create_retrain_config(lenet).to_dict()
+    assert d["ip1"] == {**default["ip1"], "retrain_enable": False}
+    assert d["conv2"]["retrain_data_config"] == {"algo": "ulq_quantize", "fixed_min": False, "num_bits": 8}
