@@ -233,7 +233,7 @@ class BlobComparison:
         for name in self.names:
             acc = self.acc[name]
             producer = self.fp32_graph.producer(name)
-            worst_in = min((cosine.get(b, 1.0) for b in producer.bottoms), default=1.0)
+            worst_in = worst_cosine([cosine.get(b, 1.0) for b in producer.bottoms], default=1.0)
             rel = math.sqrt(acc.diff_sq / acc.ref_sq) if acc.ref_sq else (0.0 if not acc.diff_sq else math.inf)
             sqnr = _sqnr_db(acc.ref_sq, acc.diff_sq)
             quant_layer, _ = _real_layer(self.quant_graph, name)
@@ -271,17 +271,31 @@ def quantized_layers(quant_graph: Graph) -> dict[str, dict]:
     return layers
 
 
+def worst_cosine(values, default=None):
+    """The smallest of ``values``, NaN (a blob that went non-finite) counting as the worst whatever its place."""
+    values = list(values)
+    if any(math.isnan(v) for v in values if v is not None):
+        return math.nan
+    return min(values, default=default)
+
+
+def by_error_added(reports: list[BlobReport]) -> list[BlobReport]:
+    """``reports`` by the error each layer adds, largest first; NaN (non-finite values) ranks first."""
+    return sorted(reports, key=lambda r: (not math.isnan(r.error_added), -r.error_added if not math.isnan(r.error_added)
+                                          else 0.0))
+
+
 def summary(reports: list[BlobReport], samples: int, worst: int = 10,
             compared_instead: dict[str, list[str]] | None = None) -> dict:
     outputs = [r for r in reports if r.output]
-    ranked = sorted(reports, key=lambda r: -r.error_added)
+    ranked = by_error_added(reports)
     top1 = [r.top1_agreement for r in outputs if r.top1_agreement is not None]
     return {
         "samples": samples,
         "blobs_compared": len(reports),
         "outputs": {r.name: {"cosine": r.cosine, "sqnr_db": r.sqnr_db, "top1_agreement": r.top1_agreement}
                     for r in outputs},
-        "worst_output_cosine": min((r.cosine for r in outputs), default=None),
+        "worst_output_cosine": worst_cosine([r.cosine for r in outputs], default=None),
         "top1_agreement": min(top1) if top1 else None,
         "most_sensitive_layers": [{"layer": r.quant_layer or r.layer, "blob": r.name, "error_added": r.error_added,
                                    "cosine": r.cosine} for r in ranked[:worst]],

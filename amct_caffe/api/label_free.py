@@ -372,10 +372,12 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
     before = _data_loss(solver.net, feeds, batch)
     n = len(next(iter(feeds.values())))
     rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(iterations * batch / n) + 1)])
     losses = []
+    order = np.empty(0, np.int64)  # the samples still to draw: a new permutation each epoch, made as needed
     for it in range(iterations):
-        idx = order[it * batch:(it + 1) * batch]
+        while len(order) < batch:
+            order = np.concatenate([order, rng.permutation(n)])
+        idx, order = order[:batch], order[batch:]
         _feed(solver.net, feeds, idx)
         try:
             with np.errstate(invalid="ignore", over="ignore"):  # a diverging step is reported below, once

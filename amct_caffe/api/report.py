@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-from amct_caffe.api.compare import BlobComparison, BlobReport, json_safe, quantized_layers, report_dict
+from amct_caffe.api.compare import (BlobComparison, BlobReport, by_error_added, json_safe, quantized_layers,
+                                    report_dict)
 from amct_caffe.io.outputs import StagedOutputs
 
 WORST_PLOTTED = 4
@@ -167,7 +168,7 @@ def write_report(output_dir, reports: list[BlobReport], summary: dict, compariso
     staged = StagedOutputs()
     plots: dict[str, bytes] = {"layer_error.png": layer_error_plot(reports)}
     qlayers = quantized_layers(comparison.quant_graph)
-    by_layer = {r.quant_layer: r for r in sorted(reports, key=lambda r: -r.error_added) if r.quant_layer in qlayers}
+    by_layer = {r.quant_layer: r for r in by_error_added(reports) if r.quant_layer in qlayers}
     worst = list(by_layer.values())[:WORST_PLOTTED]
     sections = []
     for i, r in enumerate(worst, 1):
@@ -213,7 +214,7 @@ def _fp32_name(comparison: BlobComparison, quant_blob: str) -> str | None:
 
 def _page(reports, summary, sections, plots, titles) -> str:
     outputs = [r for r in reports if r.output]
-    ranked = sorted(reports, key=lambda r: -r.error_added)[:15]
+    ranked = by_error_added(reports)[:15]
     top1 = summary.get("top1_agreement")
     head = (f"<h1>Quantization accuracy report</h1><p>FP32 <code>{html.escape(titles['fp32'])}</code> vs quantized "
             f"<code>{html.escape(titles['quant'])}</code>, {summary['samples']} sample(s), "

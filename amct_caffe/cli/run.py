@@ -23,7 +23,8 @@ DEFAULT_TOP_K = 3
 
 def check_labels(labels, count: int, where: str) -> np.ndarray:
     labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.number) or labels.size != count:
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)) \
+            or labels.size != count:
         raise AmctError(f"{where}: 'labels' must hold one number per sample ({count}), not dtype "
                         f"{labels.dtype} shape {labels.shape}; rename or drop it to run without accuracy")
     return labels.reshape(-1)

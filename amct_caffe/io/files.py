@@ -69,9 +69,10 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
     not be a file the current call reads (:func:`amct_caffe.io.paths.check_output`).
     """
     path = check_output(path)
-    if path.is_dir():
-        raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output path")
     try:
+        if path.is_dir():
+            raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output "
+                                  "path")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = temp_file_beside(path)
     except OSError as e:
@@ -110,11 +111,8 @@ def read_text(path, what: str, error: type[AmctError] = AmctError) -> str:
                     f"give the {what} as a text file") from None
 
 
-def _read(path, what: str, binary: bool):
-    error = WeightsError if what == "caffemodel" else ModelFormatError
-    data = read_bytes(path, what, error)
-    # a prototxt's comments may hold anything: undecodable bytes become U+FFFD, the parser reports the rest
-    return data if binary else data.decode("utf-8", errors="replace")
+def _read(path, what: str) -> bytes:
+    return read_bytes(path, what, WeightsError if what == "caffemodel" else ModelFormatError)
 
 
 def _layer_near(text: str, line: int) -> str:
@@ -239,16 +237,20 @@ def _check_required(msg, path) -> None:
 
 def read_prototxt(path, message=None):
     """Load a .prototxt into a NetParameter, exactly as written (no upgrade, no filtering)."""
-    text = _read(path, "prototxt", binary=False)
+    data = _read(path, "prototxt")
+    try:
+        text, replaced = data.decode("utf-8"), False
+    except UnicodeDecodeError:  # comments may hold anything (as U+FFFD to the parser); a string field may not
+        text, replaced = data.decode("utf-8", errors="replace"), True
     msg = parse_prototxt_text(text, str(path), message)
-    if "\ufffd" in text:  # maybe an undecodable byte (see _read): refused in a string field
+    if replaced:
         check_replaced(msg, path)
     return msg
 
 
 def read_caffemodel(path):
     """Load a binary .caffemodel into a NetParameter (unknown fields kept for re-saving)."""
-    data = _read(path, "caffemodel", binary=True)
+    data = _read(path, "caffemodel")
     msg = caffe_pb().NetParameter()
     error = None
     try:

@@ -270,11 +270,10 @@ def _repair(text: str, path: str):
     chunks = _split_records(text)
     if not chunks:
         raise RecordError(f"{path}: no 'record {{ ... }}' entries found")
-    before = re.sub(r"(?m)#.*$", "", text[:text.find(chunks[0])]).strip()
-    if before:  # a damaged first entry ("rec0rd {") would otherwise be dropped with its layer
-        line = text[:text.find(before[:20])].count("\n") + 1
-        raise RecordError(f"{path}:{line}: cannot read {before[:40]!r}... before the first 'record {{' entry; "
-                          "correct the record (or recalibrate)")
+    if re.sub(r"(?m)#.*$", "", text[:text.find(chunks[0])]).strip():
+        # a damaged first entry ("rec0rd {") would otherwise be dropped with its layer; the caller reports the
+        # strict parser's error, which names the line
+        raise RecordError(f"{path}: text before the first 'record {{' entry")
     legacy = re.compile(r"\b(" + "|".join(_LEGACY_ACTIVATION_FIELDS) + r")\s*:\s*(-?[0-9.eE+-]+)")
     for chunk in chunks:
         chunk = _balance(chunk)

@@ -253,3 +253,16 @@ def test_a_blob_of_nan_or_infinities_is_reported_not_a_crash(tmp_path):
     assert any(name.startswith("activation") for name in result)
     assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "layer_error.png").is_file()
     assert np.isnan(result["summary"]["worst_output_cosine"])
+    assert np.isnan(result["summary"]["most_sensitive_layers"][0]["error_added"])  # non-finite ranks first
+
+
+def test_rankings_put_nan_first_and_keep_the_finite_order():
+    from types import SimpleNamespace
+
+    from amct_caffe.api.compare import by_error_added, worst_cosine
+
+    reports = [SimpleNamespace(name=n, error_added=e) for n, e in (("a", 0.01), ("n1", float("nan")), ("b", 0.49),
+                                                                     ("c", 0.0), ("n2", float("nan")))]
+    assert [r.name for r in by_error_added(reports)] == ["n1", "n2", "b", "a", "c"]
+    assert np.isnan(worst_cosine([0.5, float("nan")])) and np.isnan(worst_cosine([float("nan"), 0.5]))
+    assert worst_cosine([0.9, 0.5]) == 0.5 and worst_cosine([], default=1.0) == 1.0

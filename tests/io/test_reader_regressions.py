@@ -128,3 +128,12 @@ def test_messages_for_a_zero_group_and_missing_input_shapes(tmp_path, body, mess
     with pytest.raises(AmctError) as e:
         Net(str(proto), TEST)
     assert message in str(e.value)
+
+
+def test_a_replacement_character_written_as_utf8_is_a_name_like_any_other(tmp_path):
+    from amct_caffe.io.files import read_prototxt
+
+    proto = tmp_path / "m.prototxt"
+    proto.write_text('layer { name: "d\ufffdta" type: "Input" top: "data" input_param { shape { dim: 1 } } }\n',
+                     encoding="utf-8")
+    assert [lp.name for lp in read_prototxt(proto).layer] == ["d\ufffdta"]
