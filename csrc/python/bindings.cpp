@@ -229,12 +229,13 @@ py::array pool2d(const py::handle& x_obj, const std::string& method, std::vector
                  const py::object& into) {
   auto x = checked<float>(x_obj, "x", 4);
   auto g = geometry_2d(x, kernel, stride, pad, {1, 1}, out);
-  if (method != "MAX") throw py::value_error("method must be 'MAX'");
+  if (method != "MAX" && method != "AVE") throw py::value_error("method must be 'MAX' or 'AVE'");
   auto y = amct_py::output_into(
       into, {x.shape(0), x.shape(1), static_cast<py::ssize_t>(out[0]), static_cast<py::ssize_t>(out[1])}, {&x});
   auto* yp = y.mutable_data();
   py::gil_scoped_release release;
-  amct::max_pool2d(x.data(), yp, g, threads);
+  if (method == "AVE") amct::ave_pool2d(x.data(), yp, g, threads);
+  else amct::max_pool2d(x.data(), yp, g, threads);
   return std::move(y);
 }
 

@@ -86,6 +86,103 @@ void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) 
                [&](std::size_t first, std::size_t last) { run(x, y, g, first, last); });
 }
 
+namespace {
+
+// One clipped window's sum in Caffe's order, from +0.
+inline float window_sum(const float* xp, int w, int hs, int he, int ws, int we) {
+  float s = 0.0f;
+  for (int r = hs; r < he; ++r) {
+    const float* row = xp + static_cast<std::size_t>(r) * w;
+    for (int c = ws; c < we; ++c) s += row[c];
+  }
+  return s;
+}
+
+template <int Isa>  // only to give each target its own copy (see ave_planes_avx2)
+__attribute__((always_inline)) inline void ave_planes(const float* x, float* y, const Conv2dGeometry& g,
+                                                      std::size_t first, std::size_t last) {
+  std::vector<float> acc_buffer(static_cast<std::size_t>(g.wo));
+  float* __restrict__ acc = acc_buffer.data();
+  // outputs whose window columns [ox*sw - pw, + kw) lie inside [0, W): the same taps for each, side by side
+  const int ox_lo = std::min(g.wo, (g.pw + g.sw - 1) / g.sw);
+  const int ox_hi = g.w - g.kw + g.pw < 0 ? ox_lo : std::max(ox_lo, std::min(g.wo, (g.w - g.kw + g.pw) / g.sw + 1));
+  for (std::size_t plane = first; plane < last; ++plane) {
+    const float* xp = x + plane * static_cast<std::size_t>(g.h) * g.w;
+    float* yp = y + plane * static_cast<std::size_t>(g.ho) * g.wo;
+    for (int oy = 0; oy < g.ho; ++oy) {
+      const int hs0 = oy * g.sh - g.ph, he0 = std::min(hs0 + g.kh, g.h + g.ph);
+      const int hs = std::max(hs0, 0), he = std::min(he0, g.h);
+      std::fill(acc, acc + g.wo, 0.0f);
+      for (int r = hs; r < he; ++r) {
+        const float* row = xp + static_cast<std::size_t>(r) * g.w;
+        for (int j = 0; j < g.kw; ++j) {
+          const float* __restrict__ tap = row + j - g.pw;
+          if (g.sw == 1) {
+            for (int ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += tap[ox];
+          } else {
+            for (int ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += tap[static_cast<std::ptrdiff_t>(ox) * g.sw];
+          }
+        }
+      }
+      float* out = yp + static_cast<std::size_t>(oy) * g.wo;
+      for (int ox = 0; ox < g.wo; ++ox) {
+        const int ws0 = ox * g.sw - g.pw, we0 = std::min(ws0 + g.kw, g.w + g.pw);
+        const float sum = ox >= ox_lo && ox < ox_hi ? acc[ox]
+                                                    : window_sum(xp, g.w, hs, he, std::max(ws0, 0), std::min(we0, g.w));
+        out[ox] = sum / static_cast<float>((he0 - hs0) * (we0 - ws0));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void ave_planes_avx2(const float* x, float* y, const Conv2dGeometry& g,
+                                                     std::size_t first, std::size_t last) {
+  ave_planes<0>(x, y, g, first, last);
+}
+
+void ave_planes_generic(const float* x, float* y, const Conv2dGeometry& g, std::size_t first, std::size_t last) {
+  ave_planes<1>(x, y, g, first, last);
+}
+
+// Global pooling (one window = the whole plane): sixteen planes' running sums side by side.
+void ave_global(const float* x, float* y, std::size_t hw, std::size_t first, std::size_t last, float size) {
+  constexpr std::size_t kPlanes = 16;
+  std::size_t plane = first;
+  for (; plane + kPlanes <= last; plane += kPlanes) {
+    float acc[kPlanes] = {};
+    const float* xp = x + plane * hw;
+    for (std::size_t i = 0; i < hw; ++i) {
+      for (std::size_t p = 0; p < kPlanes; ++p) acc[p] += xp[p * hw + i];
+    }
+    for (std::size_t p = 0; p < kPlanes; ++p) y[plane + p] = acc[p] / size;
+  }
+  for (; plane < last; ++plane) {
+    float s = 0.0f;
+    const float* xp = x + plane * hw;
+    for (std::size_t i = 0; i < hw; ++i) s += xp[i];
+    y[plane] = s / size;
+  }
+}
+
+}  // namespace
+
+void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) {
+  check_geometry(g, "ave_pool2d");
+  const std::size_t planes = static_cast<std::size_t>(g.n) * g.c;
+  if (g.kh == g.h && g.kw == g.w && g.ph == 0 && g.pw == 0 && g.ho == 1 && g.wo == 1) {
+    const std::size_t hw = static_cast<std::size_t>(g.h) * g.w;
+    parallel_for(planes, threads, [&](std::size_t first, std::size_t last) {
+      ave_global(x, y, hw, first, last, static_cast<float>(g.h * g.w));
+    });
+    return;
+  }
+  auto run = ave_planes_generic;  // plain adds: the same bytes on every instruction set
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (cpu_has_avx2()) run = ave_planes_avx2;
+#endif
+  parallel_for(planes, threads, [&](std::size_t first, std::size_t last) { run(x, y, g, first, last); });
+}
+
 void channel_affine(float* y, std::size_t n, std::size_t c, std::size_t p, const float* a, const float* b, bool relu,
                     int threads) {
   parallel_for(n * c, threads, [&](std::size_t first, std::size_t last) {

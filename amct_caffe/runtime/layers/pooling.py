@@ -24,11 +24,11 @@ Window ``(i, j)`` covers rows ``hs = i*s - p .. hs + k`` (same for columns):
   window, as the GPU kernel does; CPU Caffe has no STOCHASTIC forward at all); in the TRAIN
   phase it is rejected because it samples randomly.
 
-Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``. MAX without the mask top runs in C++ where
-the extension is built (``csrc/src/conv_cols.cpp``, the same compares as the NumPy path: the same
-bytes). The NumPy path, the reference and the fallback, runs MAX's reductions separably (along W,
-then along H) on strided views, without a padded copy; AVE sums each window tap by tap in Caffe's
-order (row-major, from +0), so its bytes are Caffe's.
+Global pooling uses ``k = (H, W)``, ``s = 1``, ``p = 0``. MAX without the mask top and AVE run in C++
+where the extension is built (``csrc/src/conv_cols.cpp``: the same compares, the same sums in the same
+order as the NumPy path: the same bytes). The NumPy path, the reference and the fallback, runs MAX's
+reductions separably (along W, then along H) on strided views, without a padded copy; AVE sums each
+window tap by tap in Caffe's order (row-major, from +0), so its bytes are Caffe's.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
     if 0 in out:  # an empty top (count 0), as Caffe's Blob::Reshape allows; nothing to compute
         y = np.zeros((n, c) + out, np.float32)
         return (y, y.copy()) if pool == MAX and return_mask else y
-    if native and POOL_KERNEL is not None and pool == MAX and not return_mask:
+    if native and POOL_KERNEL is not None and (pool == AVE or (pool == MAX and not return_mask)):
         return POOL_KERNEL(np.ascontiguousarray(x), pool, list(k), list(s), list(p), list(out),
                            threads.workers() if x.size >= THREADED_POOL else 1)
     if pool == MAX:
@@ -181,9 +181,10 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
         # outside the image adds +0, which changes no sum (Caffe skips it); float32 sums in another order
         # (NumPy's pairwise sum, rows then columns) differ in the last bits, which a squashing layer after a
         # large-valued pooling can make visible.
-        if out == (1, 1) and k == (h, w) and p == (0, 0):  # global: a running sum over the plane
-            total = np.cumsum(x.reshape(n, c, h * w), axis=2, dtype=np.float32)[:, :, -1:]
-            return total.reshape(n, c, 1, 1) / np.float32(h * w)
+        if out == (1, 1) and k == (h, w) and p == (0, 0):  # global: the planes' running sums side by side
+            planes = np.ascontiguousarray(x.reshape(n * c, h * w).T)
+            total = np.add.reduce(planes, axis=0, initial=np.float32(0))  # row after row: each plane in order
+            return (total / np.float32(h * w)).reshape(n, c, 1, 1)
         y = np.zeros((n, c) + out, np.float32)
         for _, _, win in _windows(x, k, s, p, out, 0.0):
             y += win

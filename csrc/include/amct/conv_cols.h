@@ -16,6 +16,12 @@ namespace amct {
 // replaces the running max (from -FLT_MAX) only where strictly greater.
 void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
 
+// Caffe's PoolingLayer::Forward_cpu, AVE: each window's cells clipped to the image summed in row-major order
+// from +0, then divided by the window's size clipped to the padded image (an int, converted to float): Caffe's
+// bytes. The sums of one output row run side by side over the outputs whose window lies inside the image, so
+// each keeps its own order; global pooling sums sixteen planes side by side.
+void ave_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads);
+
 // In place on y (N, C, P): y = y * a[c] + b[c] (a or b may be null: skipped), then, if relu, NumPy's
 // maximum(y, 0): y where y > 0 or NaN, else +0.
 // y[i] = NumPy's maximum(x[i], 0) for i < n: x where x > 0 or NaN, else +0 (a ReLU layer whose top is
