@@ -30,15 +30,16 @@ the separate layers. Two modes (:class:`FoldMode`):
   the affine map and ReLU applied as it stores). A chain
   without BatchNorm / Scale (a convolution and a ReLU) keeps Caffe's arithmetic in both modes.
 
-A chain whose result reaches a layer other than the pass-through ones of :data:`_PASS_THROUGH` (ReLU,
-pooling, Eltwise SUM, Concat, reshaping...) before the next Convolution / InnerProduct runs EXACT even in
-a FAST net (:func:`_fast_safe`): a TanH, Sigmoid, Softmax, ReLU6... straight after it can squash large
-values, and FAST's differences, small against the chain's values, would be large against the squashed
-output (a TanH on a chain of raw pixels: 2.9e-4 of the TanH's output from Caffe with Winograd, 1.3e-4
-with the folded map alone; Caffe's own is 5e-5 from float64). Differences that pass through further
-layers before such a squash are float32 rounding amplified by the net itself: a deep net of large
-pre-activations (hundreds) ending in a TanH can differ from Caffe by more than 1e-4 of the TanH's output
-with no folding at all, as Caffe differs from float64.
+A chain whose result reaches a layer that squashes large values (:data:`_SQUASHING`: TanH, Sigmoid,
+Softmax, ReLU6, Clip, Exp...; or a Python layer) before the next Convolution / InnerProduct runs EXACT
+even in a FAST net (:func:`_fast_safe`): FAST's differences, small against the chain's values, would be
+large against the squashed output (a TanH on a chain of raw pixels: 2.9e-4 of the TanH's output from
+Caffe with Winograd, 1.3e-4 with the folded map alone; Caffe's own is 5e-5 from float64). Past a
+convolution a squash can still show them, as it shows any float32 rounding upstream: on a net of
+pre-activations in the hundreds, a 1x1 convolution then a TanH after a FAST chain differed from the
+unfolded net by 2.3e-4 of the TanH's output (Caffe from float64: 6.9e-5), and a deep such net can differ
+from Caffe by more than 1e-4 with no folding at all. Nets of normalized activations stay far below (the
+shared models: at most 1.4e-5 of a blob's scale); ``fold="exact"`` gives Caffe's arithmetic.
 
 The per-channel steps after the GEMM (FAST's ``y * a + b`` and the ReLU, a ReLU alone) run as one
 C++ pass over the output where the extension is built (``channel_affine`` in
@@ -350,6 +351,10 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
         return {}
     chains = {}
     covered = -1  # the last layer of the previous chain
+    readers: dict[str, list[int]] = {}
+    for k, names in enumerate(bottom_names):
+        for name in dict.fromkeys(names):
+            readers.setdefault(name, []).append(k)
     for i, head in enumerate(layers):
         if i <= covered or not _foldable_head(head, bottom_names[i], top_names[i], loss_weights[i]):
             continue
@@ -373,7 +378,7 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
                 if mode is FoldMode.FAST and layers[j - 1].type not in ("ReLU", "PReLU") else None
             last = j + 1 if tail is not None else j - 1
             chain_mode = mode
-            if mode is FoldMode.FAST and not _fast_safe({top, top_names[last][0]}, last + 1, layers, bottom_names,
+            if mode is FoldMode.FAST and not _fast_safe({top, top_names[last][0]}, last + 1, readers, layers,
                                                         top_names):
                 chain_mode, tail, last = FoldMode.EXACT, None, j - 1
             members = tuple(layers[i + 1:j])
@@ -385,36 +390,43 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
     return chains
 
 
-# Layers through which a value's difference from Caffe keeps its size relative to the values around it, and
-# layers that only read their bottoms' shapes: a FAST chain's result may reach only these before the next layer
-# that mixes channels (see _fast_safe).
-_PASS_THROUGH = frozenset(("ReLU", "PReLU", "Pooling", "Eltwise", "Concat", "Split", "Slice", "Flatten", "Reshape",
-                           "Permute", "Crop", "Dropout", "BatchNorm", "Scale", "Bias", "Upsample", "Resize", "Interp",
-                           "BilinearInterpolate", "Silence"))
-_SHAPE_ONLY = frozenset(("PriorBox",))
+# Layers that squash large values into a small range (saturate, clamp or exponentiate: the output keeps the
+# input's absolute differences but not its scale), flip on a threshold, or run user code: a FAST chain's result
+# read by one of these before the next layer that mixes channels runs EXACT (see _fast_safe). Others (ReLU,
+# pooling, Eltwise, reshaping, ShuffleChannel, AbsVal, ELU / Swish / HardSwish, which follow large positive
+# values, normalizations that divide everything alike) keep a difference's size relative to their output.
+_SQUASHING = frozenset(("TanH", "Sigmoid", "Softmax", "ReLU6", "Clip", "HardSigmoid", "Threshold", "Exp", "Log",
+                        "Power", "Python"))
 _MIXING = frozenset(("Convolution", "Deconvolution", "InnerProduct"))
+_SHAPE_ONLY = frozenset(("PriorBox",))  # reads its bottoms' shapes, not their values
 
 
-def _fast_safe(blobs: set[str], start: int, layers, bottom_names, top_names) -> bool:
-    """Whether the values of ``blobs`` (a chain's results, from layer ``start`` on) reach only ``_PASS_THROUGH``
-    layers before a Convolution / Deconvolution / InnerProduct.
+def _fast_safe(blobs: set[str], start: int, readers: dict[str, list[int]], layers, top_names) -> bool:
+    """Whether the values of ``blobs`` (a chain's results, read from layer ``start`` on: ``readers`` lists each
+    blob's readers in order) reach no ``_SQUASHING`` layer before a Convolution / Deconvolution / InnerProduct.
 
     FAST's differences from Caffe are small against the values they arise in (the folded map: a few float32 ulps
     of its largest term; Winograd F(4x4): 1.4e-5 of the blob's scale on open_nsfw, some 100x float32's). A
-    layer that squashes large values (TanH, Sigmoid, Softmax, ReLU6, Exp...) straight after the chain leaves
-    them large against its own, much smaller output: a TanH on a chain of raw pixels was 2.9e-4 of the TanH's
-    output from Caffe (Caffe's own: 5e-5 from float64). Such chains run EXACT. Past a layer that mixes
-    channels the chain's differences are mixed with that layer's own float32 rounding, as in Caffe."""
-    live = set(blobs)
-    for k in range(start, len(layers)):
-        if not live.intersection(bottom_names[k]):
-            continue
-        layer = layers[k]
-        if layer.type in _SHAPE_ONLY or layer.type in _MIXING:
-            continue
-        if layer.type not in _PASS_THROUGH or (layer.type == "Eltwise" and layer.operation != SUM):
-            return False
-        live.update(top_names[k])
+    layer that squashes large values straight after the chain leaves them large against its own, much smaller
+    output: a TanH on a chain of raw pixels was 2.9e-4 of the TanH's output from Caffe (Caffe's own: 5e-5 from
+    float64). Such chains run EXACT. Past a layer that mixes channels the chain's differences are mixed with
+    that layer's own rounding; a squash further down can still show them on nets of large pre-activations
+    (module doc)."""
+    todo, seen = list(blobs), set(blobs)
+    while todo:
+        blob = todo.pop()
+        for k in readers.get(blob, ()):
+            if k < start:
+                continue
+            layer = layers[k]
+            if layer.type in _MIXING or layer.type in _SHAPE_ONLY:
+                continue
+            if layer.type in _SQUASHING:
+                return False
+            for top in top_names[k]:
+                if top not in seen:
+                    seen.add(top)
+                    todo.append(top)
     return True
 
 
