@@ -3,6 +3,7 @@
 The API is faked except in the last test, which trains LeNet for a few iterations through the command.
 """
 
+import re
 import sys
 import types
 
@@ -108,9 +109,11 @@ def test_help_lists_the_command(capsys):
 
 
 def test_trains_lenet(capsys, tmp_path):
-    """The real thing, briefly: the files appear and the loss line is printed."""
-    assert cli.main([*RETRAIN, "--select", ":128", "--iterations", "6"]) == 0
-    out = capsys.readouterr().out
+    """The real thing, briefly: the files appear, the loss line is printed, the one bar ends at 100 %."""
+    assert cli.main([*[a for a in RETRAIN if a != "--no-progress"], "--select", ":128", "--iterations", "6"]) == 0
+    captured = capsys.readouterr()
+    out, last_bar = captured.out, [x for x in re.split(r"[\r\n]", captured.err) if "%|" in x][-1]
+    assert "100%|" in last_bar and "/" in last_bar, captured.err
     assert "distillation loss" in out and "6 iterations of 64 sample(s)" in out
     assert "distilled: prob\n" in out
     for suffix in ("_fake_quant_model.prototxt", "_deploy_weights.caffemodel", "_quant_param_record.txt"):

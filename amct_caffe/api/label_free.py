@@ -506,7 +506,9 @@ def _refuse_recurrent(graph: Graph, model_file) -> None:
 
 
 def _counted(feeds: list[Feed], bar):
+    """``feeds``, each counted on the bar as it is handed out (the calibration may not ask past its last batch,
+    so a count after the hand-out would be lost and the bar would end short of 100 %)."""
     for feed in feeds:
-        yield feed
         bar.update(1)
+        yield feed
 

@@ -70,9 +70,12 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
     """
     path = check_output(path)
     try:
-        if path.is_dir():
-            raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output "
-                                  "path")
+        is_dir = path.is_dir()
+    except OSError as e:  # a name the file system refuses (too long...)
+        raise write_error(path, e) from None
+    if is_dir:
+        raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output path")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = temp_file_beside(path)
     except OSError as e:
