@@ -280,6 +280,10 @@ def retrain_reason(node, graph=None) -> str | None:
     ndim = node.params[0].ndim
     if ndim != (2 if kind == "InnerProduct" else 4):
         return f"its weight has {ndim} axes; the RetrainWeightQuant layer takes 2-D (InnerProduct) or 4-D weights"
+    params = node.layer_param.param if node.layer_param is not None else ()
+    if len(params) and params[0].name:
+        return (f"it shares its weight with other layers (param name '{params[0].name}'), and a shared weight "
+                "cannot be retrained for one layer alone")
     return None
 
 

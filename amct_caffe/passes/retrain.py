@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amct_caffe.config import RetrainConfig, RetrainDataConfig, RetrainWeightConfig, config_type, follows_relu
-from amct_caffe.errors import ConfigError, GraphError, WeightsError
+from amct_caffe.errors import GraphError, WeightsError
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
 
@@ -87,11 +87,6 @@ def retrain_specs(graph: Graph, config: RetrainConfig) -> list[RetrainSpec]:
     for name in config.retrained_layers():
         node = graph.node(name)
         layer = config.layers[name]
-        params = node.layer_param.param if node.layer_param is not None else ()
-        if len(params) and params[0].name:
-            raise ConfigError(f"layer '{name}' shares its weight with other layers (param name "
-                              f"'{params[0].name}'): a shared weight cannot be retrained for one layer alone; set its "
-                              "retrain_enable to false")
         given = layer.retrain_data_config
         after_relu = follows_relu(graph, node)
         data = given.resolved(after_relu, f"layer '{name}'")

@@ -335,3 +335,25 @@ def test_saving_the_untrained_retrain_model_warns(tmp_path, saved, lenet, caplog
     with caplog.at_level("WARNING", logger="amct_caffe"):  # the hand-trained one moved its clips: no warning
         amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Fakequant", str(tmp_path / "t"))
     assert "placeholders" not in caplog.text
+
+
+def test_layers_sharing_a_weight_are_left_out_of_the_generated_config(tmp_path):
+    text = (MODELS / "lenet_mnist/lenet.prototxt").read_text()
+    at = text.index('name: "ip2"')
+    text = text[:at] + text[at:].replace("lr_mult: 1", 'name: "sw" lr_mult: 1', 1).replace(
+        "lr_mult: 2", 'name: "sb" lr_mult: 2', 1)
+    text += ('layer { name: "ip2b" type: "InnerProduct" bottom: "ip1" top: "ip2b" param { name: "sw" } '
+             'param { name: "sb" } inner_product_param { num_output: 10 } }\n')
+    proto, config = tmp_path / "shared.prototxt", tmp_path / "config.json"
+    proto.write_text(text)
+    amct.create_quant_retrain_config(str(config), str(proto), str(LENET_W))
+    generated = json.loads(config.read_text())
+    assert {"conv1", "conv2", "ip1"} <= set(generated) and not {"ip2", "ip2b"} & set(generated)
+    amct.create_quant_retrain_model(str(proto), str(LENET_W), str(config), str(tmp_path / "m.prototxt"),
+                                    str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))  # the generated one runs
+    generated["ip2"] = generated["ip1"]  # enabled by hand: refused, naming the config and the reason
+    config.write_text(json.dumps(generated))
+    with pytest.raises(ConfigError, match=r"config.json: layer 'ip2': cannot be retrained: it shares its weight "
+                                          r"with other layers \(param name 'sw'\)"):
+        amct.create_quant_retrain_model(str(proto), str(LENET_W), str(config), str(tmp_path / "n.prototxt"),
+                                        str(tmp_path / "n.caffemodel"), str(tmp_path / "s.txt"))
