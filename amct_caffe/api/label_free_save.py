@@ -44,19 +44,22 @@ def with_data_only_quant(graph: Graph, targets, record: Record) -> tuple[Graph, 
     data-only ``targets`` (module doc), and the names of the layers inserted."""
     out = graph.copy()
     inserted = []
+    taken = {n.name for n in out.nodes}  # the node names, kept up to date as layers go in (a wide Concat)
     for target in targets:
-        if target.weighted or target.name not in {n.name for n in out.nodes}:
+        if target.weighted or target.name not in taken:
             continue
         node = out.node(target.name)
         entry = record.layer(target.name)
+        by_index = entry.activations() if entry is not None else {}
+        at = out.index(node)  # where the next quantizer goes: just before the node, which moves on by one each time
         for i in target.inputs:
-            act = entry.activation(i) if entry is not None else None
+            act = by_index.get(i)
             if act is None or act.scale_d is None:
                 raise AmctError(f"layer '{target.name}': the calibration gave no scale_d for input {i}")
             b, scale, offset = int(act.num_bits_d or 8), float(act.scale_d), int(act.offset_d or 0)
             cmax = float(np.float32(scale * ((1 << (b - 1)) - 1 - offset)))
             cmin = float(np.float32(min(0.0, scale * (-(1 << (b - 1)) - offset))))
-            name = out.unique_node_name(f"{target.name}_data_quant{i or ''}")
+            name = out.unique_node_name(f"{target.name}_data_quant{i or ''}", taken)
             top = out.unique_blob_name(name)
             lp = caffe_pb().LayerParameter(name=name, type=DATA_QUANT, bottom=[node.bottoms[i]], top=[top])
             p = lp.retrain_data_quant_param
@@ -66,7 +69,8 @@ def with_data_only_quant(graph: Graph, targets, record: Record) -> tuple[Graph, 
                 lp.param.add(lr_mult=0.0, decay_mult=0.0)
             quant = Node(name, DATA_QUANT, [node.bottoms[i]], [top],
                          [np.array([cmax], np.float32), np.array([cmin], np.float32)], lp, origin=[])
-            out.insert(out.index(node), quant)
+            out.insert(at, quant)
+            at += 1
             node.bottoms[i] = top
             inserted.append(name)
     if inserted:
