@@ -131,6 +131,8 @@ class Net(WholeSetCalls):
         self.inputs: list[str] = []
         self._param_owners: dict[str, tuple[str, int, Blob]] = {}
         self._learnable: list[tuple[Blob, float, float]] = []
+        # param name -> (its index in _learnable, whether an lr_mult / a decay_mult was given)
+        self._shared_mults: dict[str, tuple[int, bool, bool]] = {}
         shared = ShareGroups()  # the blobs Caffe makes one memory (ShareData)
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
@@ -211,7 +213,7 @@ class Net(WholeSetCalls):
                                    f"needs {len(shapes)}")
             data = [io.conform_blob(a, s, f"{where} blob {i}")
                     for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
-        elif shapes and have_weights and not layer.weights_optional:
+        elif shapes and have_weights and not layer.weights_optional and not self._all_shared(layer, len(shapes)):
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
                                f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
                                "the layer names of the prototxt and the caffemodel match")
@@ -237,6 +239,33 @@ class Net(WholeSetCalls):
         if layer.blobs:
             self.params[layer.name] = layer.blobs
 
+    def _merge_shared_mults(self, layer_name: str, spec) -> None:
+        """Caffe's Net::AppendParam for a sharer's ParamSpec: an lr_mult / decay_mult it gives becomes the shared
+        blob's where none was given before (the owner's unset one counts as unset, not as its default 1), and
+        must equal the one given before otherwise (Caffe aborts on "mismatched lr_mult")."""
+        index, has_lr, has_decay = self._shared_mults[spec.name]
+        blob, lr_mult, decay_mult = self._learnable[index]
+        for field, has, current in (("lr_mult", has_lr, lr_mult), ("decay_mult", has_decay, decay_mult)):
+            if not spec.HasField(field):
+                continue
+            value = getattr(spec, field)
+            if has and value != current:
+                raise GraphError(f"{self._source}: layer '{layer_name}': shared param '{spec.name}' has mismatched "
+                                 f"{field} ({value} here, {current} before); Caffe refuses this: give one value")
+            if field == "lr_mult":
+                lr_mult, has_lr = value, True
+            else:
+                decay_mult, has_decay = value, True
+        self._learnable[index] = (blob, lr_mult, decay_mult)
+        self._shared_mults[spec.name] = (index, has_lr, has_decay)
+
+    def _all_shared(self, layer, count: int) -> bool:
+        """Whether each of ``layer``'s ``count`` learned blobs names (``param { name }``) one an earlier layer owns:
+        then it needs no weights of its own in the caffemodel (Caffe loads such a net; the blobs are the
+        owner's)."""
+        specs = list(layer.lp.param)
+        return len(specs) >= count and all(spec.name and spec.name in self._param_owners for spec in specs[:count])
+
     def _share_named_params(self, layer, loaded: bool = False) -> None:
         """Caffe's param sharing: a ``param { name }`` seen before makes this blob the owner's.
 
@@ -256,8 +285,11 @@ class Net(WholeSetCalls):
             owner = self._param_owners.get(spec.name)
             if owner is None:
                 self._param_owners[spec.name] = (layer.name, k, blob)
+                self._shared_mults[spec.name] = (len(self._learnable), spec.HasField("lr_mult"),
+                                                 spec.HasField("decay_mult"))
                 self._learnable.append((blob, lr_mult, decay_mult))
                 continue
+            self._merge_shared_mults(layer.name, spec)
             owner_layer, _, owner_blob = owner
             strict = spec.share_mode == 0  # STRICT: same shape; PERMISSIVE: same count
             if (owner_blob.shape != blob.shape) if strict else (owner_blob.count != blob.count):

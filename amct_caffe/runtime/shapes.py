@@ -34,13 +34,16 @@ from amct_caffe.runtime.registry import layer_class
 _LOG = logging.getLogger(__name__)
 
 
-def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool) -> None:
-    """The node's weight blobs against what the layer needs (Caffe's CopyTrainedLayersFrom checks)."""
+def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool, owned: set[str] = frozenset()) -> None:
+    """The node's weight blobs against what the layer needs (Caffe's CopyTrainedLayersFrom checks). ``owned``:
+    the param names earlier layers own; a layer whose every blob is one of them needs no weights of its own."""
     expected = layer.param_shapes(bottoms) if not node.params else layer.param_shapes_for_weights(bottoms,
                                                                                                  node.params)
     check_param_shapes(where, expected)
     if not node.params:
-        if expected and have_weights:
+        specs = list(node.layer_param.param) if node.layer_param is not None else []
+        shared = len(specs) >= len(expected) and all(p.name and p.name in owned for p in specs[:len(expected)])
+        if expected and have_weights and not shared:
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs {len(expected)} "
                                f"blob(s) of shapes {[list(s) for s in expected]}); check that the layer names of "
                                "the prototxt and the caffemodel match")
@@ -78,6 +81,7 @@ def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_wei
 
 def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sources: bool) -> int:
     known = 0
+    owned: set[str] = set()  # param names of the layers so far (Caffe's param sharing)
     for node in graph.nodes:
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
         cls = static_class(node.type)
@@ -89,7 +93,9 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
             layer = cls(node.layer_param, phase)
             bottoms = [tuple(s) for s in bottoms]
             if strict:
-                _check_params(node, layer, bottoms, where, have_weights)
+                _check_params(node, layer, bottoms, where, have_weights, owned)
+            if node.layer_param is not None:
+                owned.update(p.name for p in node.layer_param.param if p.name)
             layer.blobs = [Blob(data=np.asarray(p)) for p in node.params]
             tops = layer.reshape(bottoms)
             tops = [check_top_shape(where, t, s) for t, s in zip(node.tops, tops, strict=False)]

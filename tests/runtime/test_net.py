@@ -149,8 +149,12 @@ def test_shared_param_takes_the_last_caffemodel_copy():
     net = Net(net_param, TEST, weights={"a": [wa], "b": [wb]})
     assert net.params["a"][0] is net.params["b"][0]
     np.testing.assert_array_equal(net.params["a"][0].data, wb)
-    with pytest.raises(WeightsError, match="no weights for this layer"):  # only listed types may lack weights
-        Net(net_param, TEST, weights={"a": [wa]})
+    # a layer whose blobs are all shared from an earlier owner needs no weights of its own, as Caffe loads it
+    only_owner = Net(net_param, TEST, weights={"a": [wa]})
+    assert only_owner.params["b"][0] is only_owner.params["a"][0]
+    np.testing.assert_array_equal(only_owner.params["b"][0].data, wa)
+    with pytest.raises(WeightsError, match="layer 'a'.*no weights for this layer"):  # the owner must have its own
+        Net(net_param, TEST, weights={"b": [wb]})
 
 
 def test_bad_calls_get_the_librarys_errors(tmp_path):
@@ -249,3 +253,23 @@ def test_set_random_seed_seeds_the_fillers_of_later_nets(tmp_path):
         caffe.set_random_seed(0)
     np.testing.assert_array_equal(weights(), default)
     assert "InnerProduct" in caffe.layer_type_list() and "Python" in caffe.layer_type_list()
+
+
+@pytest.mark.parametrize("owner, sharer, want", [
+    ("", "lr_mult: 0", (0.0, 1.0)),                     # the owner gave none: the sharer's 0 freezes the weight
+    ("lr_mult: 3 decay_mult: 0", "", (3.0, 0.0)),       # the sharer gives none: the owner's stay
+    ("lr_mult: 2", "lr_mult: 2 decay_mult: 5", (2.0, 5.0)),
+])
+def test_shared_param_multipliers_merge_as_caffe_appends_params(owner, sharer, want):
+    text = SHARED_W.replace('param { name: "w" }', f'param {{ name: "w" {owner} }}', 1)
+    text = text.replace('top: "b" param { name: "w" }', f'top: "b" param {{ name: "w" {sharer} }}')
+    net = Net(text_format.Parse(text, caffe_pb().NetParameter()), TEST, weights={"a": [np.ones((3, 3), np.float32)]})
+    (blob, lr_mult, decay_mult), = net.learnable_params()
+    assert blob is net.params["a"][0] and (lr_mult, decay_mult) == want
+
+
+def test_shared_param_with_mismatched_lr_mult_is_refused_as_caffe_does():
+    text = SHARED_W.replace('param { name: "w" }', 'param { name: "w" lr_mult: 1 }', 1)
+    text = text.replace('top: "b" param { name: "w" }', 'top: "b" param { name: "w" lr_mult: 2 }')
+    with pytest.raises(GraphError, match="layer 'b': shared param 'w' has mismatched lr_mult"):
+        Net(text_format.Parse(text, caffe_pb().NetParameter()), TEST, weights={"a": [np.ones((3, 3), np.float32)]})
