@@ -169,12 +169,12 @@ def _record(prepared, weights, learned: list[LearnedClips], graph: Graph, test_r
         shape = graph.blobs[graph.node(clips.layer).bottoms[0]].shape
         old = test_record.layer(clips.layer) if test_record is not None else None
         old_act = old.activation(0) if old is not None else None
-        if old_act is not None and old_act.channels is not None:
-            act.channels, act.height, act.width = old_act.channels, old_act.height, old_act.width
-        elif shape is not None and len(shape) >= 2:
+        if shape is not None and len(shape) >= 2:  # the model's own shape, whatever the record file says
             act.channels = int(shape[1])
             act.height = int(shape[2]) if len(shape) > 2 else 1
             act.width = int(shape[3]) if len(shape) > 3 else 1
+        elif old_act is not None and old_act.channels is not None:
+            act.channels, act.height, act.width = old_act.channels, old_act.height, old_act.width
         if old_act is not None and old_act.scale_d is not None and (old_act.scale_d, old_act.offset_d) != (
                 act.scale_d, act.offset_d):
             _LOG.info("layer '%s': scale_d/offset_d from the trained clips (%s, %s) replace the record file's "

@@ -63,9 +63,10 @@ def cmd_retrain(args) -> int:
     print(f"distillation loss (sum over those blobs of {ratio}), mean of the first / last tenth of "
           f"{result.iterations} iterations of {result.batch_size} sample(s): "
           f"{result.loss_start:.4e} -> {result.loss_end:.4e}")
-    print(f"saved: the {'PTQ' if result.kept == 'ptq' else result.kept} model (distillation loss over the data: PTQ "
-          f"{result.data_loss_ptq:.4e}, training start {result.data_loss_before:.4e}, trained "
-          f"{result.data_loss_after:.4e})")
+    losses = [("PTQ", result.data_loss_ptq), ("training start", result.data_loss_before),
+              ("trained", result.data_loss_after)]  # PTQ's is measured only when the rounding gives another start
+    print(f"saved: the {'PTQ' if result.kept == 'ptq' else result.kept} model (distillation loss over the data: "
+          + ", ".join(f"{name} {value:.4e}" for name, value in losses if value == value) + ")")
     return 0
 
 

@@ -105,6 +105,8 @@ class Solver(ABC):
 
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's Solver::Step); the displayed loss is smoothed over them."""
+        if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)):
+            raise AmctError(f"{self._where}: step(iters): iters must be an integer, got {iters!r}")
         start_iter = self._iter
         stop_iter = self._iter + int(iters)
         self._losses = []

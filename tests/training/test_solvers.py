@@ -344,3 +344,28 @@ def test_solve_runs_to_max_iter_with_a_progress_bar(tmp_path, capsys):
     again.solve(str(tmp_path / "s_iter_5.solverstate"))  # resumes at max_iter: nothing left to do
     assert again.iter == 5
     assert capsys.readouterr().err == ""
+
+
+def test_step_takes_an_integer(tmp_path):
+    from amct_caffe import AmctError
+
+    solver = caffe.get_solver(_setup(tmp_path, 'base_lr: 0.1 lr_policy: "fixed"'))
+    for bad in (None, 1.5, "2", True):
+        with pytest.raises(AmctError, match=r"step\(iters\): iters must be an integer"):
+            solver.step(bad)
+    solver.step(np.int64(1))
+    assert solver.iter == 1
+
+
+def test_a_nan_label_is_named_as_nan():
+    from amct_caffe import GraphError
+    from amct_caffe.runtime import Net
+
+    text = ('layer { name: "d" type: "Input" top: "x" top: "y" input_param { shape { dim: 2 dim: 3 } '
+            'shape { dim: 2 } } }\nlayer { name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "y" top: "l" }\n')
+    from google.protobuf import text_format
+
+    from amct_caffe.io.schema import caffe_pb
+    net = Net(text_format.Parse(text, caffe_pb().NetParameter()), caffe.TEST)
+    with pytest.raises(GraphError, match=r"layer 'loss' \(SoftmaxWithLoss\): label NaN is not a class number"):
+        net.forward(x=np.zeros((2, 3), np.float32), y=np.array([0, np.nan], np.float32))

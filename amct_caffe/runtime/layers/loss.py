@@ -28,9 +28,15 @@ LOG_THRESHOLD = _F32(1e-20)  # Caffe's kLOG_THRESHOLD
 FULL, VALID, BATCH_SIZE, NONE = 0, 1, 2, 3
 
 
-def _labels(arr) -> np.ndarray:
-    """Caffe's static_cast<int>(label): truncation toward zero."""
-    return np.trunc(np.asarray(arr, np.float64)).astype(np.int64)
+def _labels(arr, layer) -> np.ndarray:
+    """Caffe's static_cast<int>(label): truncation toward zero. A NaN or infinite label, which that cast turns into
+    some integer of no meaning, is refused naming ``layer``."""
+    values = np.asarray(arr, np.float64)
+    if not np.isfinite(values).all():
+        bad = values[~np.isfinite(values)][0]
+        raise GraphError(f"layer '{layer.name}' ({layer.type}): label {'NaN' if bad != bad else bad} is not a "
+                         "class number; check the labels")
+    return np.trunc(values).astype(np.int64)
 
 
 def _legacy(shape, i: int) -> int:
@@ -119,7 +125,7 @@ class SoftmaxWithLossLayer(LossLayer):
         """prob viewed (outer, C, inner), labels (outer, inner), the valid mask and the labels to index with."""
         prob = Softmax(bottoms[0], axis=self.axis)
         p3 = prob.reshape(self.outer, -1, self.inner)
-        labels = _labels(bottoms[1]).reshape(self.outer, self.inner)
+        labels = _labels(bottoms[1], self).reshape(self.outer, self.inner)
         valid = labels != self.ignore if self.ignore is not None else np.ones(labels.shape, bool)
         self._check_labels(labels, p3.shape[1], self.ignore)
         return prob, p3, valid, np.where(valid, labels, 0)
@@ -227,7 +233,7 @@ class HingeLossLayer(LossLayer):
     def forward(self, bottoms):
         x = bottoms[0]
         n = x.shape[0]
-        labels = _labels(bottoms[1]).reshape(-1)[:n]
+        labels = _labels(bottoms[1], self).reshape(-1)[:n]
         margins = x.reshape(n, -1).copy()
         self._check_labels(labels, margins.shape[1])
         rows = np.arange(n)
@@ -278,7 +284,7 @@ class MultinomialLogisticLossLayer(LossLayer):
     def _picked(self, bottoms):
         n = bottoms[0].shape[0]
         p = bottoms[0].reshape(n, -1)
-        labels = _labels(bottoms[1]).reshape(-1)
+        labels = _labels(bottoms[1], self).reshape(-1)
         self._check_labels(labels, p.shape[1])
         return p, labels, np.maximum(p[np.arange(n), labels], LOG_THRESHOLD)
 
@@ -335,7 +341,7 @@ class InfogainLossLayer(MultinomialLogisticLossLayer):
     def forward(self, bottoms):
         n = bottoms[0].shape[0]
         p = np.maximum(bottoms[0].reshape(n, -1), LOG_THRESHOLD)
-        labels = _labels(bottoms[1]).reshape(-1)
+        labels = _labels(bottoms[1], self).reshape(-1)
         self._check_labels(labels, p.shape[1])
         h = self._matrix(bottoms)[labels]
         loss = -(h.astype(np.float64) * np.log(p.astype(np.float64))).sum()
@@ -348,7 +354,7 @@ class InfogainLossLayer(MultinomialLogisticLossLayer):
         n = bottoms[0].shape[0]
         p = np.maximum(bottoms[0].reshape(n, -1), LOG_THRESHOLD)
         scale = -_F32(top_diffs[0].reshape(-1)[0]) / _F32(n)
-        grad = scale * self._matrix(bottoms)[_labels(bottoms[1]).reshape(-1)] / p
+        grad = scale * self._matrix(bottoms)[_labels(bottoms[1], self).reshape(-1)] / p
         return [grad.reshape(bottoms[0].shape)] + [None] * (len(bottoms) - 1)
 
 
@@ -438,7 +444,7 @@ class AccuracyLayer(Layer):
         p = self.lp.accuracy_param
         x = bottoms[0].reshape(self.outer, -1, self.inner)
         c = x.shape[1]
-        labels = _labels(bottoms[1]).reshape(self.outer, self.inner)
+        labels = _labels(bottoms[1], self).reshape(self.outer, self.inner)
         valid = labels != p.ignore_label if p.HasField("ignore_label") else np.ones(labels.shape, bool)
         if ((labels < 0) | (labels >= c))[valid].any():
             raise GraphError(f"layer '{self.name}' (Accuracy): a label is outside 0..{c - 1}")
