@@ -381,7 +381,7 @@ class ContrastiveLossLayer(LossLayer):
         n = a.shape[0]
         self._diff = np.subtract(a, b).reshape(n, -1)
         self._dist_sq = np.einsum("nc,nc->n", self._diff, self._diff, dtype=np.float64).astype(_F32)
-        self._similar = _labels(bottoms[2]).reshape(-1) != 0
+        self._similar = _labels(bottoms[2], self).reshape(-1) != 0
         p = self.lp.contrastive_loss_param
         margin = _F32(p.margin)
         if p.legacy_version:
