@@ -37,6 +37,7 @@ from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, plan_backward
 from amct_caffe.runtime.batches import WholeSetCalls
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
+from amct_caffe.runtime.param_sharing import ParamSharing
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.release import Releases, shareable_values
@@ -129,10 +130,7 @@ class Net(WholeSetCalls):
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
         self.params: OrderedDict[str, list[Blob]] = OrderedDict()
         self.inputs: list[str] = []
-        self._param_owners: dict[str, tuple[str, int, Blob]] = {}
-        self._learnable: list[tuple[Blob, float, float]] = []
-        # param name -> (its index in _learnable, whether an lr_mult / a decay_mult was given)
-        self._shared_mults: dict[str, tuple[int, bool, bool]] = {}
+        self._sharing = ParamSharing(self._source)  # the learnable blobs, Caffe's param sharing
         shared = ShareGroups()  # the blobs Caffe makes one memory (ShareData)
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
@@ -213,7 +211,8 @@ class Net(WholeSetCalls):
                                    f"needs {len(shapes)}")
             data = [io.conform_blob(a, s, f"{where} blob {i}")
                     for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
-        elif shapes and have_weights and not layer.weights_optional and not self._all_shared(layer, len(shapes)):
+        elif shapes and have_weights and not layer.weights_optional \
+                and not self._sharing.all_shared(layer.lp.param, len(shapes)):
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
                                f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
                                "the layer names of the prototxt and the caffemodel match")
@@ -235,70 +234,9 @@ class Net(WholeSetCalls):
                     blob.data = arr
             return
         layer.blobs = layer.make_param_blobs(arrays)
-        self._share_named_params(layer, loaded=arrays_given)
+        self._sharing.add(layer, loaded=arrays_given)
         if layer.blobs:
             self.params[layer.name] = layer.blobs
-
-    def _merge_shared_mults(self, layer_name: str, spec) -> None:
-        """Caffe's Net::AppendParam for a sharer's ParamSpec: an lr_mult / decay_mult it gives becomes the shared
-        blob's where none was given before (the owner's unset one counts as unset, not as its default 1), and
-        must equal the one given before otherwise (Caffe aborts on "mismatched lr_mult")."""
-        index, has_lr, has_decay = self._shared_mults[spec.name]
-        blob, lr_mult, decay_mult = self._learnable[index]
-        for field, has, current in (("lr_mult", has_lr, lr_mult), ("decay_mult", has_decay, decay_mult)):
-            if not spec.HasField(field):
-                continue
-            value = getattr(spec, field)
-            if has and value != current:
-                raise GraphError(f"{self._source}: layer '{layer_name}': shared param '{spec.name}' has mismatched "
-                                 f"{field} ({value} here, {current} before); Caffe refuses this: give one value")
-            if field == "lr_mult":
-                lr_mult, has_lr = value, True
-            else:
-                decay_mult, has_decay = value, True
-        self._learnable[index] = (blob, lr_mult, decay_mult)
-        self._shared_mults[spec.name] = (index, has_lr, has_decay)
-
-    def _all_shared(self, layer, count: int) -> bool:
-        """Whether each of ``layer``'s ``count`` learned blobs names (``param { name }``) one an earlier layer owns:
-        then it needs no weights of its own in the caffemodel (Caffe loads such a net; the blobs are the
-        owner's)."""
-        specs = list(layer.lp.param)
-        return len(specs) >= count and all(spec.name and spec.name in self._param_owners for spec in specs[:count])
-
-    def _share_named_params(self, layer, loaded: bool = False) -> None:
-        """Caffe's param sharing: a ``param { name }`` seen before makes this blob the owner's.
-
-        ``loaded``: the blobs hold this layer's caffemodel arrays. Caffe copies them into the
-        layer's blob after ShareData, i.e. into the owner's memory, so they are written there
-        (a RetrainWeightQuant owns the weight of the Convolution after it, and starts from the
-        Convolution's trained weight).
-        """
-        specs = list(layer.lp.param)
-        for k, blob in enumerate(layer.blobs):
-            spec = specs[k] if k < len(specs) else None
-            lr_mult = spec.lr_mult if spec is not None else 1.0
-            decay_mult = spec.decay_mult if spec is not None else 1.0
-            if spec is None or not spec.name:
-                self._learnable.append((blob, lr_mult, decay_mult))
-                continue
-            owner = self._param_owners.get(spec.name)
-            if owner is None:
-                self._param_owners[spec.name] = (layer.name, k, blob)
-                self._shared_mults[spec.name] = (len(self._learnable), spec.HasField("lr_mult"),
-                                                 spec.HasField("decay_mult"))
-                self._learnable.append((blob, lr_mult, decay_mult))
-                continue
-            self._merge_shared_mults(layer.name, spec)
-            owner_layer, _, owner_blob = owner
-            strict = spec.share_mode == 0  # STRICT: same shape; PERMISSIVE: same count
-            if (owner_blob.shape != blob.shape) if strict else (owner_blob.count != blob.count):
-                raise GraphError(f"{self._source}: layer '{layer.name}' shares param '{spec.name}' of layer "
-                                 f"'{owner_layer}' but its shape {list(blob.shape)} differs from "
-                                 f"{list(owner_blob.shape)}")
-            if loaded:
-                owner_blob.data.reshape(-1)[...] = blob.data.reshape(-1)
-            layer.blobs[k] = owner_blob
 
     def record_sink(self, path: str) -> RecordSink:
         """The one sink of this net's calibration layers writing the record ``path``."""
@@ -524,12 +462,12 @@ class Net(WholeSetCalls):
     def clear_param_diffs(self) -> None:
         """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers), in place
         as Caffe's memset: an array read from ``params[layer][i].diff`` stays the blob's diff."""
-        for blob, _, _ in self._learnable:
+        for blob, _, _ in self._sharing.learnable:
             blob.diff.fill(0.0)
 
     def learnable_params(self) -> list[tuple[Blob, float, float]]:
         """(blob, lr_mult, decay_mult) for each blob a solver updates; a shared param once."""
-        return list(self._learnable)
+        return list(self._sharing.learnable)
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s learned blobs (by layer name) as this net's, as Caffe's ShareTrainedLayersWith.

@@ -1,0 +1,82 @@
+"""The learnable blobs of a Net and Caffe's param sharing (``param { name: ... }``), as Net::AppendParam does.
+
+A layer's ParamSpec naming a param no earlier layer named makes that layer its owner; a later layer naming
+it (a sharer) uses the owner's blob instead of its own: same shape (``share_mode`` STRICT) or same count
+(PERMISSIVE). The learnable list holds each blob once, with its ``lr_mult`` / ``decay_mult``: an owner's, or,
+where the owner gave none, the first sharer's that gives one (the owner's unset value counts as unset, not as
+its default 1); two that differ are refused, as Caffe aborts on "Shared param has mismatched lr_mult".
+"""
+
+from __future__ import annotations
+
+from amct_caffe.errors import GraphError
+from amct_caffe.runtime.blob import Blob
+
+
+class ParamSharing:
+    """The learnable blobs of one Net, in the order Caffe lists them, with the owners of named params."""
+
+    def __init__(self, source: str):
+        self.source = source  # names the model in messages
+        self.learnable: list[tuple[Blob, float, float]] = []  # (blob, lr_mult, decay_mult)
+        self._owners: dict[str, tuple[str, Blob]] = {}  # param name -> (owner layer, blob)
+        # param name -> (its index in learnable, whether an lr_mult / a decay_mult was given)
+        self._given: dict[str, tuple[int, bool, bool]] = {}
+
+    def all_shared(self, specs, count: int) -> bool:
+        """Whether each of a layer's ``count`` learned blobs names (``specs``: its ParamSpecs) a param an earlier
+        layer owns: then it needs no weights of its own in the caffemodel (Caffe loads such a net; the blobs
+        are the owner's)."""
+        specs = list(specs)
+        return len(specs) >= count and all(spec.name and spec.name in self._owners for spec in specs[:count])
+
+    def add(self, layer, loaded: bool = False) -> None:
+        """Register ``layer``'s blobs: learnable, or the owner's for a param named before (``layer.blobs`` then
+        holds the owner's Blob).
+
+        ``loaded``: the blobs hold this layer's caffemodel arrays. Caffe copies them into the layer's blob after
+        ShareData, i.e. into the owner's memory, so they are written there (a RetrainWeightQuant owns the weight
+        of the Convolution after it, and starts from the Convolution's trained weight).
+        """
+        specs = list(layer.lp.param)
+        for k, blob in enumerate(layer.blobs):
+            spec = specs[k] if k < len(specs) else None
+            lr_mult = spec.lr_mult if spec is not None else 1.0
+            decay_mult = spec.decay_mult if spec is not None else 1.0
+            if spec is None or not spec.name:
+                self.learnable.append((blob, lr_mult, decay_mult))
+                continue
+            owner = self._owners.get(spec.name)
+            if owner is None:
+                self._owners[spec.name] = (layer.name, blob)
+                self._given[spec.name] = (len(self.learnable), spec.HasField("lr_mult"), spec.HasField("decay_mult"))
+                self.learnable.append((blob, lr_mult, decay_mult))
+                continue
+            self._merge_mults(layer.name, spec)
+            owner_layer, owner_blob = owner
+            strict = spec.share_mode == 0  # STRICT: same shape; PERMISSIVE: same count
+            if (owner_blob.shape != blob.shape) if strict else (owner_blob.count != blob.count):
+                raise GraphError(f"{self.source}: layer '{layer.name}' shares param '{spec.name}' of layer "
+                                 f"'{owner_layer}' but its shape {list(blob.shape)} differs from "
+                                 f"{list(owner_blob.shape)}")
+            if loaded:
+                owner_blob.data.reshape(-1)[...] = blob.data.reshape(-1)
+            layer.blobs[k] = owner_blob
+
+    def _merge_mults(self, layer_name: str, spec) -> None:
+        """A sharer's lr_mult / decay_mult (module doc)."""
+        index, has_lr, has_decay = self._given[spec.name]
+        blob, lr_mult, decay_mult = self.learnable[index]
+        for field, has, current in (("lr_mult", has_lr, lr_mult), ("decay_mult", has_decay, decay_mult)):
+            if not spec.HasField(field):
+                continue
+            value = getattr(spec, field)
+            if has and value != current:
+                raise GraphError(f"{self.source}: layer '{layer_name}': shared param '{spec.name}' has mismatched "
+                                 f"{field} ({value} here, {current} before); Caffe refuses this: give one value")
+            if field == "lr_mult":
+                lr_mult, has_lr = value, True
+            else:
+                decay_mult, has_decay = value, True
+        self.learnable[index] = (blob, lr_mult, decay_mult)
+        self._given[spec.name] = (index, has_lr, has_decay)
