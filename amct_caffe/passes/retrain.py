@@ -217,7 +217,10 @@ def strip_retrain_layers(graph: Graph) -> tuple[Graph, list[LearnedClips]]:
                                f"(got {len(data.params)} and {len(weight.params)}): give the caffemodel of the "
                                "retrained model (a solver snapshot)")
         trained = np.asarray(weight.params[1], np.float32)
-        if not node.params or trained.shape != tuple(node.params[0].shape):
+        if not node.params:
+            raise WeightsError(f"layer '{node.name}' is not in the weights file: give the caffemodel of the "
+                               "retrained model (a solver snapshot)")
+        if trained.shape != tuple(node.params[0].shape):
             raise WeightsError(f"layer '{weight.name}': trained weight shape {list(trained.shape)} does not fit "
                                f"layer '{node.name}'")
         learned.append(LearnedClips(node.name, _single(data.params[0], "clip_max", data.name),

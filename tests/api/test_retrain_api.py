@@ -324,6 +324,22 @@ def test_save_errors(tmp_path, saved, lenet):
     assert not list(tmp_path.glob("x_*"))
 
 
+def test_a_retrained_caffemodel_without_a_retrained_layer_says_so(tmp_path, saved, lenet):
+    from amct_caffe.errors import WeightsError
+    from amct_caffe.io.schema import caffe_pb
+
+    tmp, _, _ = saved
+    _, _, mm, _, _ = lenet
+    net = caffe_pb().NetParameter()
+    net.ParseFromString((tmp / "trained.caffemodel").read_bytes())
+    del net.layer[[lp.name for lp in net.layer].index("ip2")]
+    (tmp_path / "w.caffemodel").write_bytes(net.SerializeToString())
+    with pytest.raises(WeightsError, match="layer 'ip2' is not in the weights file: give the caffemodel of the "
+                                           "retrained model"):
+        amct.save_quant_retrain_model(str(mm), str(tmp_path / "w.caffemodel"), "Both", str(tmp_path / "x"))
+    assert not list(tmp_path.glob("x_*"))
+
+
 def test_saving_the_untrained_retrain_model_warns(tmp_path, saved, lenet, caplog):
     # the retrain model before any forward: its IFMR-initialised clips still hold the placeholders
     tmp, _, _ = saved
