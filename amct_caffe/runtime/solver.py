@@ -189,7 +189,10 @@ class Solver(ABC):
     def _test(self, k: int) -> list[tuple[str, float]]:
         net = self.test_nets[k]
         _LOG.info("Iteration %d, Testing net (#%d)", self._iter, k)
-        net.share_with(self.net)
+        try:
+            net.share_with(self.net)
+        except AmctError as e:
+            raise type(e)(f"{self._where}: test net #{k}: {e}") from None
         runs = self.param.test_iter[k]
         sums: list[tuple[str, np.ndarray]] = []
         loss = _F(0)

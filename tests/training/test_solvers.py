@@ -369,3 +369,20 @@ def test_a_nan_label_is_named_as_nan():
     net = Net(text_format.Parse(text, caffe_pb().NetParameter()), caffe.TEST)
     with pytest.raises(GraphError, match=r"layer 'loss' \(SoftmaxWithLoss\): label NaN is not a class number"):
         net.forward(x=np.zeros((2, 3), np.float32), y=np.array([0, np.nan], np.float32))
+
+
+def test_a_test_net_whose_weights_do_not_fit_names_the_solver_and_the_test_net(tmp_path):
+    """The TEST phase's input is smaller, so its InnerProduct's weight has another shape than the train net's."""
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 4 } } include { phase: TRAIN } }\n'
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } include { phase: TEST } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+        'inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.1 } } }\n')
+    path = tmp_path / "solver.prototxt"
+    path.write_text(f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\ntest_iter: 1\n'
+                    'test_interval: 1\ntest_initialization: true\n')
+    from amct_caffe import AmctError
+
+    solver = caffe.get_solver(str(path))
+    with pytest.raises(AmctError, match=r"solver.prototxt: test net #0: share_with: layer 'ip' blob shapes differ"):
+        solver.step(1)
