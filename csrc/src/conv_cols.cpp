@@ -88,24 +88,23 @@ void max_pool2d(const float* x, float* y, const Conv2dGeometry& g, int threads) 
 
 namespace {
 
-// One clipped window's sum in Caffe's order, from +0.
-inline float window_sum(const float* xp, int w, int hs, int he, int ws, int we) {
-  float s = 0.0f;
-  for (int r = hs; r < he; ++r) {
-    const float* row = xp + static_cast<std::size_t>(r) * w;
-    for (int c = ws; c < we; ++c) s += row[c];
-  }
-  return s;
+// The outputs [lo, hi) whose window reads column ox*sw + off of the input (0 <= it < w).
+inline void tap_outputs(int off, int sw, int w, int wo, int* lo, int* hi) {
+  *lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+  *hi = w - 1 - off < 0 ? 0 : std::min(wo, (w - 1 - off) / sw + 1);
+  if (*hi < *lo) *hi = *lo;
 }
 
+// Each output row: for every tap (r, j) of the windows, in Caffe's row-major order, the outputs whose window
+// holds that cell inside the image add it, side by side (a cell outside the image is skipped, as Caffe's
+// clipped loops skip it), so every sum keeps Caffe's order from +0.
 template <int Isa>  // only to give each target its own copy (see ave_planes_avx2)
 __attribute__((always_inline)) inline void ave_planes(const float* x, float* y, const Conv2dGeometry& g,
                                                       std::size_t first, std::size_t last) {
   std::vector<float> acc_buffer(static_cast<std::size_t>(g.wo));
   float* __restrict__ acc = acc_buffer.data();
-  // outputs whose window columns [ox*sw - pw, + kw) lie inside [0, W): the same taps for each, side by side
-  const int ox_lo = std::min(g.wo, (g.pw + g.sw - 1) / g.sw);
-  const int ox_hi = g.w - g.kw + g.pw < 0 ? ox_lo : std::max(ox_lo, std::min(g.wo, (g.w - g.kw + g.pw) / g.sw + 1));
+  std::vector<int> lo(static_cast<std::size_t>(g.kw)), hi(static_cast<std::size_t>(g.kw));
+  for (int j = 0; j < g.kw; ++j) tap_outputs(j - g.pw, g.sw, g.w, g.wo, &lo[j], &hi[j]);
   for (std::size_t plane = first; plane < last; ++plane) {
     const float* xp = x + plane * static_cast<std::size_t>(g.h) * g.w;
     float* yp = y + plane * static_cast<std::size_t>(g.ho) * g.wo;
@@ -114,22 +113,21 @@ __attribute__((always_inline)) inline void ave_planes(const float* x, float* y, 
       const int hs = std::max(hs0, 0), he = std::min(he0, g.h);
       std::fill(acc, acc + g.wo, 0.0f);
       for (int r = hs; r < he; ++r) {
-        const float* row = xp + static_cast<std::size_t>(r) * g.w;
+        const float* __restrict__ row = xp + static_cast<std::size_t>(r) * g.w;
         for (int j = 0; j < g.kw; ++j) {
-          const float* __restrict__ tap = row + j - g.pw;
+          const std::ptrdiff_t off = j - g.pw;  // input column of output ox: ox * sw + off (>= 0 from lo[j] on)
+          const int o0 = lo[j], o1 = hi[j];
           if (g.sw == 1) {
-            for (int ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += tap[ox];
+            for (int ox = o0; ox < o1; ++ox) acc[ox] += row[ox + off];
           } else {
-            for (int ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += tap[static_cast<std::ptrdiff_t>(ox) * g.sw];
+            for (int ox = o0; ox < o1; ++ox) acc[ox] += row[static_cast<std::ptrdiff_t>(ox) * g.sw + off];
           }
         }
       }
       float* out = yp + static_cast<std::size_t>(oy) * g.wo;
       for (int ox = 0; ox < g.wo; ++ox) {
         const int ws0 = ox * g.sw - g.pw, we0 = std::min(ws0 + g.kw, g.w + g.pw);
-        const float sum = ox >= ox_lo && ox < ox_hi ? acc[ox]
-                                                    : window_sum(xp, g.w, hs, he, std::max(ws0, 0), std::min(we0, g.w));
-        out[ox] = sum / static_cast<float>((he0 - hs0) * (we0 - ws0));
+        out[ox] = acc[ox] / static_cast<float>((he0 - hs0) * (we0 - ws0));
       }
     }
   }
