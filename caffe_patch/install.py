@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `caffe_patch` importable as a package
 
-from caffe_patch.installer import InstallError, install  # noqa: E402
+from caffe_patch.installer import InstallError, PartialRollback, install  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,10 @@ def main(argv=None) -> int:
     except (InstallError, MergeError, OSError, ValueError) as exc:
         for line in str(exc).splitlines():
             print(f"[ERROR]{line}", file=sys.stderr)
-        print("[ERROR]Install failed; the Caffe tree is unchanged.", file=sys.stderr)
+        if isinstance(exc, PartialRollback):
+            print("[ERROR]Install failed, and the Caffe tree could not be fully restored (see above).", file=sys.stderr)
+        else:
+            print("[ERROR]Install failed; the Caffe tree is unchanged.", file=sys.stderr)
         return 1
     print("[INFO]Rebuild Caffe now: make clean && make all -j && make pycaffe -j "
           "(CMake: re-run cmake in the build directory, then make).")

@@ -356,19 +356,24 @@ def make_plan(caffe_dir, custom_proto=None, merge: Callable | None = None,
 class Transaction:
     """Writes and removes files atomically and remembers how to undo each (and each directory it made).
 
-    Undoing restores contents, modes and modification times: make and the stale-file rule compare mtimes.
+    Undoing restores contents, modes and modification times (make and the stale-file rule compare mtimes),
+    and a symbolic link as the link it was (not its target's contents).
     """
 
     def __init__(self) -> None:
-        self._undo: list[tuple[Path, bytes | None, int | None, tuple[int, int] | None]] = []
+        # (path, what it was: "file" / "link" / None for nothing, contents or link target, mode, times)
+        self._undo: list[tuple[Path, str | None, bytes | str | None, int | None, tuple[int, int] | None]] = []
         self._made_dirs: list[Path] = []
 
     def _remember(self, path: Path) -> None:
-        if path.exists():
+        if os.path.islink(path):
+            self._undo.append((path, "link", os.readlink(path), None, None))
+        elif path.exists():
             st = path.stat()
-            self._undo.append((path, path.read_bytes(), st.st_mode & 0o7777, (st.st_atime_ns, st.st_mtime_ns)))
+            self._undo.append((path, "file", path.read_bytes(), st.st_mode & 0o7777,
+                               (st.st_atime_ns, st.st_mtime_ns)))
         else:
-            self._undo.append((path, None, None, None))
+            self._undo.append((path, None, None, None, None))
 
     def write(self, change: Change) -> None:
         path = change.path
@@ -378,22 +383,48 @@ class Transaction:
         self._remember(path)
         mode = change.mode if change.mode is not None else (path.stat().st_mode & 0o7777 if path.exists()
                                                             else 0o644)
-        _atomic_write(path, change.data, mode)
+        try:
+            _atomic_write(path, change.data, mode)
+        except BaseException:
+            self._undo.pop()  # an atomic write that failed changed nothing: nothing to undo (or to fail again)
+            raise
 
     def remove(self, path: Path) -> None:
         self._remember(path)
-        path.unlink()
+        try:
+            path.unlink()
+        except BaseException:
+            self._undo.pop()
+            raise
 
-    def rollback(self) -> None:
-        for path, data, mode, times in reversed(self._undo):
-            if data is None:
-                path.unlink(missing_ok=True)
-            else:
-                _atomic_write(path, data, mode)
-                os.utime(path, ns=times)
+    def rollback(self) -> list[str]:
+        """Undo every change, newest first, going on past a file that cannot be restored; returns those files
+        (with why), empty when the tree is as it was."""
+        failed = []
+        for path, kind, data, mode, times in reversed(self._undo):
+            try:
+                if kind is None:
+                    path.unlink(missing_ok=True)
+                elif kind == "link":
+                    if os.path.lexists(path):
+                        path.unlink()
+                    os.symlink(data, path)
+                else:
+                    _atomic_write(path, data, mode)
+                    os.utime(path, ns=times)
+            except OSError as exc:
+                failed.append(f"{path}: {exc.strerror or exc}")
         for d in sorted(self._made_dirs, key=lambda p: len(p.parts), reverse=True):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+            try:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+            except OSError as exc:
+                failed.append(f"{d}: {exc.strerror or exc}")
+        return failed
+
+
+class PartialRollback(InstallError):
+    """The install failed and some of its changes could not be undone (named in the message)."""
 
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
@@ -442,8 +473,11 @@ def apply_plan(plan: Plan, report: Callable[[str], None]) -> None:
                    else f'[INFO]"{name}" is already patched; not modified.')
         for line in plan.notes:
             report(line)
-    except BaseException:
-        tx.rollback()
+    except BaseException as exc:
+        failed = tx.rollback()
+        if failed:
+            raise PartialRollback(f"{exc}\nthese changes could not be undone (restore them by hand, e.g. from "
+                                  "version control):\n" + "\n".join(f"  {f}" for f in failed)) from exc
         raise
 
 

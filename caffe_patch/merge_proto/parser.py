@@ -33,6 +33,11 @@ _TOKEN = re.compile(r"""
 """, re.VERBOSE | re.DOTALL)
 
 
+# Field numbers protoc accepts: 1 to 2^29 - 1, without the range it keeps for itself.
+MAX_FIELD_NUMBER = (1 << 29) - 1
+RESERVED_FIELD_NUMBERS = (19000, 19999)
+
+
 class ProtoSyntaxError(ValueError):
     """A .proto text the parser (and protoc) cannot read; the message starts with ``file:line:col``."""
 
@@ -483,7 +488,11 @@ class _Parser:
             f.type = self.full_ident("a field type")
         f.name = self.ident("a field name")
         self.expect("=", "'=' and the field number")
+        number_tok = self.peek()
         f.number = self.integer("the field number")
+        if not 1 <= f.number <= MAX_FIELD_NUMBER or RESERVED_FIELD_NUMBERS[0] <= f.number <= RESERVED_FIELD_NUMBERS[1]:
+            self.error(f"field number {f.number} of '{f.name}' is not allowed (protoc takes 1 to {MAX_FIELD_NUMBER}, "
+                       f"but not {RESERVED_FIELD_NUMBERS[0]} to {RESERVED_FIELD_NUMBERS[1]})", number_tok)
         if self.peek() is not None and self.peek().text == "[":
             open_ = self.next()
             self.option_body()
@@ -533,4 +542,7 @@ class _Parser:
 
 def parse(text: str, name: str = "<proto>") -> ProtoFile:
     """Parse proto2 text into a :class:`ProtoFile`; raise :class:`ProtoSyntaxError` on bad syntax."""
-    return _Parser(text, name).parse_file()
+    try:
+        return _Parser(text, name).parse_file()
+    except RecursionError:  # the parser descends once per nested message / enum / option brace
+        raise ProtoSyntaxError(f"{name}: definitions nested too deeply to read") from None

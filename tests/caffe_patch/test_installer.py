@@ -4,6 +4,7 @@ The proto merge is injected (its own tests are in test_merge_proto.py); the real
 test_real_caffe_integration.py.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,48 @@ def test_a_failure_restores_every_file(tree, monkeypatch):
     assert snapshot(tree).keys() == before.keys()
     assert all(snapshot(tree)[k][0] == before[k][0] for k in before)
     assert not (tree / "quant_lib").exists() and not (tree / "include").exists()
+
+
+def test_a_file_that_cannot_be_written_is_not_restored_first_and_symlinks_come_back_as_links(tree, monkeypatch):
+    """The write that fails changed nothing (atomic): rollback must not stop at it, and a symbolic link the
+    install replaced is restored as that link, not as a copy of its target."""
+    target = tree.parent / "shared_makefile"
+    target.write_text((tree / "Makefile").read_text())
+    (tree / "Makefile").unlink()
+    (tree / "Makefile").symlink_to(target)
+    before, target_before = snapshot(tree), target.read_bytes()
+    real = installer._atomic_write
+
+    def refusing(path, data, mode):
+        if path.name == "CMakeLists.txt":  # e.g. an immutable file: every write of it fails
+            raise PermissionError(1, "Operation not permitted")
+        real(path, data, mode)
+
+    monkeypatch.setattr(installer, "_atomic_write", refusing)
+    with pytest.raises(PermissionError):
+        run(tree)
+    assert (tree / "Makefile").is_symlink() and os.readlink(tree / "Makefile") == str(target)
+    assert target.read_bytes() == target_before
+    assert snapshot(tree).keys() == before.keys() and all(snapshot(tree)[k][0] == before[k][0] for k in before)
+
+
+def test_changes_that_cannot_be_undone_are_named(tree, monkeypatch):
+    real = installer._atomic_write
+    calls = {"n": 0}
+
+    def failing(path, data, mode):
+        if path.name == "CMakeLists.txt":
+            raise OSError(28, "No space left on device")
+        if path.name == "Makefile" and (tree / "Makefile").read_text().count(BLOCK_BEGIN):
+            calls["n"] += 1  # restoring the patched Makefile fails too
+            raise OSError(30, "Read-only file system")
+        real(path, data, mode)
+
+    monkeypatch.setattr(installer, "_atomic_write", failing)
+    with pytest.raises(installer.PartialRollback, match=r"(?s)No space left.*could not be undone.*Makefile: "
+                                                        r"Read-only file system"):
+        run(tree)
+    assert calls["n"] == 1
 
 
 def test_a_foreign_layer_file_of_the_same_name_is_not_overwritten(tree):

@@ -579,3 +579,16 @@ def test_merge_proto_command_turns_os_errors_into_one_error_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("[ERROR]") and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "merged.proto").exists()
+
+
+@pytest.mark.parametrize("number", [0, 19000, 19999, (1 << 29)])
+def test_field_numbers_protoc_refuses_are_syntax_errors(number):
+    text = f'syntax = "proto2";\nmessage A {{\n  optional int32 r = {number};\n}}\n'
+    with pytest.raises(ProtoSyntaxError, match=rf"^c.proto:3:\d+: field number {number} of 'r' is not allowed"):
+        parse(text, "c.proto")
+    parse(text.replace(f"= {number};", f"= {(1 << 29) - 1};"), "c.proto")  # the largest allowed
+
+
+def test_definitions_nested_too_deeply_are_a_syntax_error_not_a_crash():
+    with pytest.raises(ProtoSyntaxError, match="c.proto: definitions nested too deeply to read"):
+        parse("message A { " * 3000 + "}" * 3000, "c.proto")
