@@ -77,7 +77,7 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
                          observed=calibration.outputs)
     done = 0
     with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
-        for feed in checked_feeds(batches, "calibration data"):
+        for feed in checked_feeds(batches, "calibration data", net.inputs):
             net.forward(**feed)
             done += 1
             bar.update(1)  # counted after the forward, so the bar ends at 100% with the last batch

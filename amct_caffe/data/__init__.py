@@ -123,10 +123,12 @@ def open_source(path, inputs: Mapping[str, Sequence[int] | None], batch_size: in
     return _open(kind, path, inputs, batch_size, preprocess)
 
 
-def checked_feeds(batches, who: str) -> Iterator[dict[str, np.ndarray]]:
+def checked_feeds(batches, who: str, inputs: Sequence[str] = ()) -> Iterator[dict[str, np.ndarray]]:
     """The batches a Python caller gives (``{input blob: array}``, or an iterable of them), each
     checked as it is drawn, so that a stream stays a stream: every batch must be a non-empty mapping
-    whose arrays hold at least one sample. Anything else raises :class:`DataError` naming ``who``."""
+    whose arrays hold at least one sample, and give each of the model's ``inputs`` (a net's forward
+    would otherwise run on what the blob held before, as pycaffe's does). Anything else raises
+    :class:`DataError` naming ``who``."""
     if isinstance(batches, Mapping):  # one batch
         batches = [batches]
     if batches is None or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
@@ -147,6 +149,10 @@ def checked_feeds(batches, who: str) -> Iterator[dict[str, np.ndarray]]:
             if array.ndim == 0 or len(array) == 0:
                 raise DataError(f"{who}: batch {i}: input '{name}' holds no sample (shape {list(array.shape)})")
             out[str(name)] = array
+        missing = [name for name in inputs if name not in out]
+        if missing:
+            raise DataError(f"{who}: batch {i} gives no {', '.join(repr(m) for m in missing)} (the model's inputs: "
+                            f"{', '.join(inputs)}); give every input in every batch")
         yield out
 
 
@@ -188,7 +194,9 @@ def given_feeds(data, model_file, who: str, batch_size: int = 0, batch_num: int 
         data = open_for_model(data, model_file, batch_size, preprocess)
     if isinstance(data, DataSource):
         return list(data.batches(batch_num or None))
-    feeds = list(itertools.islice(checked_feeds(data, f"{who} data"), batch_num or None)) if data is not None else []
+    inputs = list(model_inputs(model_file)) if data is not None else []
+    feeds = list(itertools.islice(checked_feeds(data, f"{who} data", inputs), batch_num or None)) \
+        if data is not None else []
     if not feeds:
         raise DataError(f"{who} needs data: a path (image folder, .npy/.npz, LMDB, Record directory) or a "
                         "non-empty sequence of {input blob: array} batches")

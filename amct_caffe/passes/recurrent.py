@@ -82,8 +82,18 @@ def recurrent_factors(record: Record, node: Node) -> tuple[np.ndarray, np.ndarra
     if entry.scale_h is None:
         raise RecordError(f"Cannot find scale_h of layer '{name}' in record file: run the calibration model "
                           "batch_num times before saving")
-    return (np.asarray(entry.scale_w, _F32), np.asarray(entry.scale_r, _F32), float(_F32(entry.scale_h)),
-            int(entry.offset_h or 0))
+    with np.errstate(over="ignore"):
+        inverse = _F32(1.0) / _F32(entry.scale_h)
+    if not np.isfinite(inverse):  # the Quant layer multiplies by 1 / scale_h
+        raise RecordError(f"layer '{name}': scale_h {entry.scale_h!r} is too small (1 / scale_h overflows float32); "
+                          "recalibrate the model, or correct the record")
+    offset_h = int(entry.offset_h or 0)
+    bits = entry.record_d[0].num_bits_d if entry.record_d and entry.record_d[0].num_bits_d else 8
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if not lo <= offset_h <= hi:
+        raise RecordError(f"layer '{name}': offset_h {offset_h} is outside the {bits}-bit range [{lo}, {hi}]; "
+                          "recalibrate the model, or correct the record")
+    return (np.asarray(entry.scale_w, _F32), np.asarray(entry.scale_r, _F32), float(_F32(entry.scale_h)), offset_h)
 
 
 def calibration_form(node: Node, ifmr_layer_param) -> None:

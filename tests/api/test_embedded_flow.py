@@ -66,7 +66,10 @@ def test_calibrate_checks_each_batch_it_draws(tmp_path):
     assert Path(one["fake_quant_weights"]).read_bytes() == Path(listed["fake_quant_weights"]).read_bytes()
     for batches, message in (([{"data": x}, {"data": x[:0]}], "calibration data: batch 1: input 'data' holds no "
                               "sample (shape [0, 1, 28, 28])"),
-                             ((b for b in [None]), "calibration data: batch 0 is None, not a {input blob: array}")):
+                             ((b for b in [None]), "calibration data: batch 0 is None, not a {input blob: array}"),
+                             # a forward without an input would run on what its blob held (pycaffe's rule)
+                             ([{"data": x}, {"label": x}], "calibration data: batch 1 gives no 'data' (the model's "
+                              "inputs: data); give every input in every batch")):
         with pytest.raises(AmctError) as err:
             calibrate(model, weights, batches, str(tmp_path / "c" / "m"), 2, progress=False)
         assert message in str(err.value)

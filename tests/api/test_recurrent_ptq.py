@@ -139,6 +139,9 @@ def test_convert_model_from_the_saved_record_writes_the_same_models(flow, tmp_pa
     (lambda e: setattr(e, "scale_r", []), "0 scale_r value"),
     (lambda e: setattr(e, "scale_w", e.scale_w[:1] * 3), "3 scale_w value"),
     (lambda e: setattr(e, "offset_r", [5] * len(e.scale_r)), "offset_r must be"),
+    # models that would not load, or would hold scale: inf
+    (lambda e: setattr(e, "offset_h", 300), r"record.txt: layer 'rec': offset_h 300 is outside the 8-bit range"),
+    (lambda e: setattr(e, "scale_h", 1e-45), r"layer 'rec': scale_h .* is too small \(1 / scale_h overflows"),
 ])
 def test_convert_model_refuses_an_incomplete_recurrent_record(flow, tmp_path, edit, message):
     _, _, tmp, proto, weights = flow
