@@ -69,7 +69,7 @@ def test_compare_errors_are_one_line(capsys, tmp_path, quantized):
     (tmp_path / "images").mkdir()  # a report written into the data folder would be read as data next time
     images = _compare(quantized, "--output", "images")
     images[images.index("--data") + 1] = "images"
-    fails(capsys, images, "is inside the input folder --data [(]images[)]")
+    fails(capsys, images, "output folder images is the input folder --data [(]images[)]")
     assert not list((tmp_path / "images").iterdir())
     itself = _compare((str(LENET), str(LENET_WEIGHTS)), "--output", "r")
     assert cli.main(itself) == 0  # the float model against itself: every cosine 1

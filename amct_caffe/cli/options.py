@@ -111,7 +111,7 @@ def check_output_dir(flag: str, path) -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise AmctError(f"{flag} {path} is a file, not a folder")
     check_parent(flag, path)
-    paths.check_output(Path(path) / "layer_error.png")  # a report's plots in a data folder: refused before the work
+    paths.check_output_folder(path)  # a report's plots in a data folder: refused before the work
 
 
 def api(module: str, function: str):

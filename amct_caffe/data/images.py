@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,9 +22,11 @@ import numpy as np
 
 from amct_caffe.data.preprocess import Preprocess, pil_image
 from amct_caffe.data.source import DataError, DataSource, failure, sample_shape
+from amct_caffe.io.paths import register_data_names
 
 _LOG = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+register_data_names(re.compile(r"(?i)^.*(" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$"))
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from amct_caffe.data.images import decode_image, per_input
 from amct_caffe.data.preprocess import Preprocess
 from amct_caffe.data.source import DataError, DataSource, failure, sample_shape
 from amct_caffe.io.schema import caffe_pb
+from amct_caffe.io.paths import register_data_names
 
 _LOG = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ def _lmdb():
         raise DataError("reading a Caffe LMDB needs the lmdb package: pip install lmdb "
                         "(or pip install 'amct_caffe[lmdb]')") from None
     return lmdb
+
+
+register_data_names(re.compile(r"^(data|lock)\.mdb$"))
 
 
 def is_lmdb(path) -> bool:

@@ -30,9 +30,11 @@ import numpy as np
 
 from amct_caffe.data.source import DataError, DataSource, check_sample, failure, sample_shape
 from amct_caffe.io.files import atomic_output
+from amct_caffe.io.paths import register_data_names
 
 _LOG = logging.getLogger(__name__)
 _FILE = re.compile(r"^batch_(\d+)\.npz$")
+register_data_names(_FILE)
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 

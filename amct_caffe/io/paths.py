@@ -77,19 +77,35 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-# The entries a data folder's readers take (amct_caffe/data: image folders, Record folders, LMDB); an output of
-# such a name inside an input folder would be read as data by the next run.
-DATA_ENTRY = re.compile(r"(?i)^(.*\.(jpe?g|png|bmp)|batch_\d+\.npz|data\.mdb|lock\.mdb)$")
+# The names of the entries a data folder's readers take (amct_caffe/data registers them: images, recorded
+# batches, LMDB files): an output of such a name inside an input folder would be read as data by the next run.
+_DATA_NAMES: list[re.Pattern] = []
+
+
+def register_data_names(pattern: re.Pattern) -> None:
+    """A data reader's file names (matched against an entry's name), for :func:`check_output`."""
+    _DATA_NAMES.append(pattern)
 
 
 def _read_as_data(path: Path, folder: Path) -> bool:
     """Whether ``path`` is an entry of input folder ``folder`` that its data reader would take (a subfolder's
     entries, or other names such as a model or a report page, are not read)."""
     try:
-        return bool(DATA_ENTRY.match(path.name)) and folder.is_dir() \
+        return any(p.match(path.name) for p in _DATA_NAMES) and folder.is_dir() \
             and os.path.realpath(path.parent) == os.path.realpath(folder)
     except (OSError, ValueError):
         return False
+
+
+def check_output_folder(folder) -> Path:
+    """Refuse a folder for a call's outputs of any kind (a report's plots...) when it is a folder the call reads
+    (module doc); returns it as a Path."""
+    out = checked_path(folder, "output folder")
+    for name, source in _INPUTS.get():
+        if source.is_dir() and _same(out, source):
+            raise AmctError(f"output folder {out} is the input folder {name} ({source}), whose next reader would "
+                            "take the outputs for data: inputs are never changed; write them elsewhere")
+    return out
 
 
 def check_output(path) -> Path:
