@@ -281,8 +281,7 @@ def worst_cosine(values, default=None):
 
 def by_error_added(reports: list[BlobReport]) -> list[BlobReport]:
     """``reports`` by the error each layer adds, largest first; NaN (non-finite values) ranks first."""
-    return sorted(reports, key=lambda r: (not math.isnan(r.error_added), -r.error_added if not math.isnan(r.error_added)
-                                          else 0.0))
+    return sorted(reports, key=lambda r: -math.inf if math.isnan(r.error_added) else -r.error_added)
 
 
 def summary(reports: list[BlobReport], samples: int, worst: int = 10,

@@ -188,12 +188,8 @@ def apply_retrain_cfg(config: RetrainConfig, path, graph) -> RetrainConfig:
             raise _not_retrainable(where, f"layer '{name}'", layers)
     types, named = _levels(msg, where, layers)
     common = _Level(msg, f"{where}: ")
-    vendor = bool(msg.skip_layers or msg.skip_layer_types or types or named
-                  or msg.HasField("retrain_data_quant_config") or msg.HasField("retrain_weight_quant_config"))
     nodes = {n.name: n for n in graph.nodes}
-    for name in list(layers):
-        if not vendor and name not in msg.layers:
-            continue
+    for name in list(layers):  # a level that sets nothing leaves the entry as it is
         d = layers[name].to_dict()
         type_names = T.matching_type_names(nodes[name], graph)
         if name in msg.skip_layers or (name not in named and any(t in msg.skip_layer_types for t in type_names)):
