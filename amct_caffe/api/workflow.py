@@ -72,9 +72,10 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
         stale.unlink()
     needed = session.calibration_forwards()  # batch_num, or bn_update_iterations if larger
     # Only the calibration layers read the values (each is a reader of its own, so nothing they read is
-    # written over): the float model's in-place layers run in place again and their chains fold.
+    # written over): the float model's in-place layers run in place again and their chains fold, with the
+    # kernels of the guide's calibration model run by Net (runtime/fold.py, CALIBRATION), for the same record.
     net = Net.from_graph(calibration, TEST, records={session.record_file: session.record},
-                         observed=calibration.outputs)
+                         observed=calibration.outputs, fold="auto")
     done = 0
     with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
         for feed in checked_feeds(batches, "calibration data", net.inputs):

@@ -124,7 +124,7 @@ def run(net, start: int, stop: int, produced: list | None = None, releases=None)
     while i < stop:
         chain = net._chains.get(i)  # noqa: SLF001
         last = chain.last if chain is not None and chain.last < stop else i  # a chain cut by start / end: unfolded
-        if last > i:
+        if chain is not None and chain.last < stop:
             forward_chain(net, chain)
         else:
             shapes = forward_layer(net, i)

@@ -83,7 +83,8 @@ class Net(WholeSetCalls):
         self._input_aliases: dict[str, str] = {}
         self.after_forward: list = []  # called at the end of every forward (layers/calibration_overlap.py)
         self._releases = None  # from_graph(observed=...): the values a full forward frees (runtime/release.py)
-        self._fold = fold  # in-place chains after convolutions: "auto", "exact", "fast", "off" (runtime/fold.py)
+        # in-place chains after convolutions: "auto", "exact", "fast", "calibration", "off" (runtime/fold.py)
+        self._fold = fold
         if ifmr not in IFMR_MODES:
             raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
         self.ifmr = ifmr  # the calibration layers' IFMR observer (runtime/layers/calibration.py)
@@ -184,7 +185,7 @@ class Net(WholeSetCalls):
         self._diffs = DiffStore(self.blobs)
         self._held_top_diff: dict[int, int] = {}  # layer -> the diff memory its top had at its forward
         self._chains = folding.plan(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
-                                    folding.resolve_mode(self._fold, [lp.type for lp in net_param.layer]),
+                                    folding.resolve_mode(self._fold, [lp.type for lp in net_param.layer], self.ifmr),
                                     any(s.need_backward for s in self._plan.steps), self._plan.loss_weights,
                                     set(self._shared_with))
         self._bounded_run = any(layer.bounded_run for layer in self.layers)  # a calibration net (runtime/memory.py)

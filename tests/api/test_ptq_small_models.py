@@ -195,3 +195,36 @@ def test_integer_simulation_is_exact_with_wide_activations(tmp_path, bits):
         np.testing.assert_array_equal(dep.blobs[out].data, ref)
     if bits == 16:
         assert biggest > 2 ** 24  # the case float32 accumulation would get wrong
+
+
+def test_the_calibration_net_runs_the_fast_kernels_and_keeps_the_exact_nets_record(tmp_path):
+    """A calibration net (streaming IFMR) runs FAST's kernels on its convolutions (runtime/fold.py, CALIBRATION):
+    its record is the one a net of Caffe's arithmetic writes, within float noise, and its offsets are equal."""
+    bn = ('layer {{ name: "{0}_bn" type: "BatchNorm" bottom: "{0}" top: "{0}" }}\n'
+          'layer {{ name: "{0}_scale" type: "Scale" bottom: "{0}" top: "{0}" scale_param {{ bias_term: true }} }}\n'
+          'layer {{ name: "{0}_relu" type: "ReLU" bottom: "{0}" top: "{0}" }}\n')
+    text = (INPUT.replace("dim: 3 dim: 8 dim: 8", "dim: 6 dim: 20 dim: 20") + conv("c1", "data", "c1", 16)
+            + bn.format("c1") + conv("c2", "c1", "c2", 16) + bn.format("c2")
+            + 'layer { name: "p" type: "Convolution" bottom: "c2" top: "p" convolution_param { num_output: 8 '
+              'kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }\n'
+            + 'layer { name: "sum" type: "Eltwise" bottom: "p" bottom: "p" top: "sum" }\n')
+    proto, weights = make_model(tmp_path, text)
+    xs = batches(2, (2, 6, 20, 20))
+    records = {}
+    for fold in ("exact", "auto"):
+        folder = tmp_path / fold
+        folder.mkdir()
+        _, mm, mw = calibration_model(folder, proto, weights, len(xs))
+        net = Net(mm, mw, TEST, fold=fold)
+        assert {c.mode.value for c in net._chains.values()} == {"exact" if fold == "exact" else "calibration"}
+        for x in xs:
+            blobs = {k: v.copy() for k, v in net.forward(data=x, blobs=["c2", "p"]).items()}
+        records[fold] = (record.read_record(str(folder / "record.txt")), blobs)
+    (exact, exact_blobs), (fast, fast_blobs) = records["exact"], records["auto"]
+    assert not np.array_equal(fast_blobs["c2"], exact_blobs["c2"])  # Winograd ran on c2
+    assert exact.layers.keys() == fast.layers.keys() == {"c1", "c2", "p", "sum"}
+    for name, want in exact.layers.items():
+        got = fast.layers[name]
+        assert list(got.scale_w) == list(want.scale_w), name
+        for a, b in zip(got.record_d, want.record_d, strict=True):
+            assert a.offset_d == b.offset_d and abs(a.scale_d - b.scale_d) <= 1e-5 * b.scale_d, name

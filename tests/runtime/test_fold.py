@@ -194,3 +194,53 @@ def test_a_chain_whose_result_is_mixed_by_a_convolution_first_stays_fast(tmp_pat
                             'layer { name: "e" type: "ELU" bottom: "c" top: "e" }\n'
                             'layer { name: "t" type: "TanH" bottom: "pb" top: "t" }')
     assert [c.mode for c in _net(tmp_path, "fast", text)._chains.values()] == [FoldMode.FAST]
+
+
+def test_calibration_nets_fold_with_the_fast_kernels_unless_ifmr_is_exact():
+    assert resolve_mode("auto", ["Convolution", "IFMR", "ReLU"]) is FoldMode.CALIBRATION
+    assert resolve_mode("auto", ["Convolution", "SearchN", "BNUpdate"]) is FoldMode.CALIBRATION
+    assert resolve_mode("auto", ["Convolution", "IFMR", "ReLU"], ifmr="exact") is FoldMode.EXACT
+    assert resolve_mode("auto", ["IFMR", "Quant"]) is FoldMode.EXACT  # a fake-quant layer rounds what it reads
+    assert resolve_mode("calibration", ["Convolution"]) is FoldMode.CALIBRATION
+
+
+# A calibration net's float part after BN fusion: a 3x3 convolution and ReLU (Winograd), a 1x1 one with no
+# in-place layer after it (the pointwise kernel, a chain of its own), and a wide 3x3 one on a small map,
+# whose transformed weights would be larger than its output (kept on the GEMM).
+CALIBRATION_FLOAT = '''
+name: "calibration_float"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 8 dim: 24 dim: 24 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.2 }
+                            bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "point" type: "Convolution" bottom: "conv" top: "point"
+        convolution_param { num_output: 24 kernel_size: 1 weight_filler { type: "gaussian" std: 0.2 }
+                            bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "pool" type: "Pooling" bottom: "point" top: "pool" pooling_param { pool: MAX kernel_size: 4 stride: 4 } }
+layer { name: "wide" type: "Convolution" bottom: "pool" top: "wide"
+        convolution_param { num_output: 64 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu_wide" type: "ReLU" bottom: "wide" top: "wide" }
+'''
+
+
+def test_calibration_mode_runs_every_convolution_fast_within_float_noise(tmp_path):
+    x = np.random.default_rng(4).normal(size=(2, 8, 24, 24)).astype(np.float32)
+    net, ref = _net(tmp_path, "calibration", CALIBRATION_FLOAT), _net(tmp_path, "off", CALIBRATION_FLOAT)
+    chains = {net._layer_names[i]: (c.last - c.first, c.mode) for i, c in net._chains.items()}
+    assert chains == {"conv": (1, FoldMode.CALIBRATION), "point": (0, FoldMode.CALIBRATION),
+                      "wide": (1, FoldMode.CALIBRATION)}
+    # FAST leaves a convolution + ReLU chain and a lone convolution with Caffe's arithmetic
+    fast = _net(tmp_path, "fast", CALIBRATION_FLOAT)
+    assert {fast._layer_names[i] for i in fast._chains} == {"conv", "wide"}
+    for _ in range(2):  # the first forward and the prepared steps of the next
+        got = {k: v.copy() for k, v in net.forward(data=x, blobs=["conv", "point"]).items()}
+        want = ref.forward(data=x, blobs=["conv", "point"])
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-5 * np.abs(v).max())
+        assert not np.array_equal(got["conv"], want["conv"])  # Winograd ran
+        np.testing.assert_array_equal(fast.forward(data=x)["wide"], want["wide"])
+    # Winograd kept its transformed weights for the first layer only: 36 * 16 * 8 floats against its
+    # 2 * 16 * 24 * 24 outputs; the wide layer's 36 * 64 * 24 are more than its 2 * 64 * 6 * 6
+    caches = {net._layer_names[i]: c.weights._u is not None for i, c in net._chains.items()}
+    assert caches == {"conv": True, "point": False, "wide": False}
