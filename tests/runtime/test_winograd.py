@@ -24,6 +24,18 @@ def _case(seed):
 
 
 @pytest.mark.parametrize("m", [2, 4])
+def test_transformed_weights_are_g_g_gt_of_each_kernel(m):
+    g_matrix = winograd.MATRICES[m][1]
+    weight = np.random.default_rng(m).standard_normal((5, 7, 3, 3)).astype(np.float32)
+    u = winograd.transform_weights(weight, m)
+    assert u.shape == ((m + 2) ** 2, 5, 7) and u.dtype == np.float32 and u.flags.c_contiguous
+    for o in range(5):
+        for c in range(7):
+            want = g_matrix @ weight[o, c].astype(np.float64) @ g_matrix.T
+            np.testing.assert_allclose(u[:, o, c], want.ravel(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("seed", range(8))
 def test_kernels_follow_the_formula_and_give_the_convolution(m, seed):
     x, g, pad = _case(seed)
