@@ -101,6 +101,13 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   hour [load 1.0], after the review fixes: FP32 forwards 0.79-0.85 s, PTQ 1.44-1.52 s = 1.80-1.85x
   (calibration forwards 1.08-1.14 s; steps create_quant_config 0.05, init 0.05, weights_quantize_model
   0.10-0.11, activation_quantize_model 0.03, calibration Net 0.05, save_model 0.10).
+* then (calibration nets with streaming IFMR layers run Winograd, where its transformed weights are no
+  larger than the layer's output, and the pointwise kernel on every convolution: runtime/fold.py's
+  CALIBRATION; records within 8.4e-7 relative of the exact nets' on the shared models), alternated with the
+  previous commit [load 0.5-0.9]: calibration forwards 1.24-1.42 -> 1.05-1.10 s, end to end 1.63-1.85 ->
+  1.43-1.49 s; three more runs [load 1.3]: 1.92-2.19x the warm FP32 forwards. The script now also times the
+  batches in a fresh net (its load and first forward included, what a script that only runs the float model
+  pays): 0.99-1.40 s, PTQ 1.16-1.51x that. Peak 481 MiB.
 """
 
 from __future__ import annotations
