@@ -5,8 +5,9 @@
 create_quant_config -> init -> weights_quantize_model -> activation_quantize_model -> the calibration
 model run by the executor on ``batches`` batches -> save_model, through the public API and files in a
 temporary directory, as a user's script does. The FP32 forwards of the same batches (open_nsfw: 4
-batches of 8 standard-normal images of fixed seed) are timed in the same process just before; the
-script prints both, their ratio, the time of each step and the process's peak resident memory,
+batches of 8 standard-normal images of fixed seed) are timed in the same process just before, twice:
+in a fresh net (its load and first forward included) and again on warm memory; the
+script prints them, the ratios, the time of each step and the process's peak resident memory,
 against the weights' size plus the FP32 model's blobs of one batch (the issue's targets: 1.5x
 and 2x).
 
