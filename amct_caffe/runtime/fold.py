@@ -58,17 +58,21 @@ An Eltwise followed by an in-place ReLU (a residual block's end) is folded the s
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
 in one C++ pass (``add_relu``); the same bytes in both modes.
 
-A third mode, ``CALIBRATION``, is FAST that also gives every convolution the fast kernels (Winograd, the
-pointwise kernel), with or without a BatchNorm / Scale after it, and alone as a chain of its own when no
-in-place layer follows. It is for calibration nets: their BatchNorms are already fused into the weights, so
-FAST would find nothing to fold, and their IFMR layers' streaming observer bins the values anyway (2^14 bins
-of the range, :mod:`amct_caffe.quant.ifmr_stream`). Measured on the shared models (open_nsfw, UltraFace
-slim-320 and RFB-320, MiniNet-SSD, MTCNN P- and O-Net; two batches), every ``scale_d`` is within 8.4e-7
-relative of an EXACT net's and every ``offset_d`` equal; open_nsfw's four calibration forwards at batch 8
-take 1.02 s instead of 1.18 s. Winograd's transformed weights ((m+2)^2 / 9 times a layer's weights) are
-kept only where they are no larger than the layer's output, so that a calibration net's memory stays that
-of its blobs (open_nsfw at batch 8: F(4x4) on the 56x56 and 28x28 maps, 2.8 MB; on every 3x3 layer the
-process's peak grew by 64 MiB, for 0.02-0.04 s less over the four forwards).
+A third mode, ``CALIBRATION``, folds as FAST does (but for the residual Eltwise, which stays FAST's) and
+gives every convolution the fast kernels (Winograd, the pointwise kernel), with or without a BatchNorm /
+Scale after it, alone as a chain of its own when no in-place layer follows, on every forward alike (no
+small-input path of Caffe's arithmetic). It is for calibration nets: their BatchNorms are already fused into
+the weights, so FAST would find nothing to fold, and their IFMR layers' streaming observer bins the values
+anyway (2^14 bins of the range, :mod:`amct_caffe.quant.ifmr_stream`); SearchN's shifts and BNUpdate's
+statistics read the same values (a BNUpdate dump moved by 4e-8 relative in a review's check). Measured on the
+shared models (open_nsfw, UltraFace slim-320 and RFB-320, MiniNet-SSD, MTCNN P- and O-Net; two batches of
+normal noise), every ``scale_d`` was within 8.4e-7 relative of an EXACT net's (open_nsfw on raw 0-255
+pixels: 1.1e-6) and every ``offset_d`` equal; open_nsfw's four calibration forwards at batch 8 take 1.02 s
+instead of 1.18 s. Winograd's transformed weights ((m+2)^2 / 9 times a layer's weights, plus the copy of the
+weights they were made from) are kept only where they are no larger than the layer's output, so that a
+calibration net's memory stays that of its blobs (open_nsfw at batch 8: F(4x4) on the 56x56 and 28x28
+maps, 2.8 MB; on every 3x3 layer the process's peak grew by 64 MiB, for 0.02-0.04 s less over the four
+forwards); a layer that no longer meets the rule (a smaller batch) lets go of them.
 
 :func:`plan` picks the chains (only in nets that need no backward: the backward reads each
 layer's own input) and the mode: ``"auto"`` is CALIBRATION for a net whose inserted layers only observe
@@ -138,7 +142,7 @@ class FoldMode(enum.Enum):
 @dataclass(frozen=True)
 class Chain:
     """Layer ``first`` (a Convolution, or an Eltwise before a ReLU) and the in-place layers
-    ``first + 1 .. last`` folded into it."""
+    ``first + 1 .. last`` folded into it (none in CALIBRATION's lone convolutions: ``last == first``)."""
 
     first: int
     last: int
@@ -188,8 +192,8 @@ class Chain:
         ``x_shape`` input: the head's prepared call with the activation (:meth:`.conv._BaseConv.prepared_small`),
         the bytes of :meth:`forward`."""
         if self.head.type != "Convolution" or self.residual is not None or len(self.members) > 1 \
-                or any(m.type not in ("ReLU", "PReLU") for m in self.members):
-            return None
+                or any(m.type not in ("ReLU", "PReLU") for m in self.members) or self.mode is FoldMode.CALIBRATION:
+            return None  # (CALIBRATION: its fast kernels run on small inputs too, on every forward alike)
         return self.head.prepared_small(x_shape, self.members[0] if self.members else None)
 
     def _single(self, bottoms: list[np.ndarray], into: np.ndarray | None = None) -> np.ndarray:
@@ -231,6 +235,7 @@ class Chain:
                     weight.shape[0] * ho * wo:
                 a, b = channel_affine(affine, bias, weight.shape[0])
                 return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu, into), relu
+            self.weights.clear()
         if fast and _pointwise_applies(x, weight, stride, pad, group):
             a, b = channel_affine(affine, bias, weight.shape[0])
             return _pointwise(x, weight, stride, a, b, relu, into), relu
@@ -260,8 +265,8 @@ class Chain:
 
 
 def _pointwise_applies(x: np.ndarray, weight: np.ndarray, stride, pad, group: int) -> bool:
-    """Whether a FAST chain's convolution runs in the pointwise kernel: a 2-D 1x1 one without padding or
-    groups, on float32, whose output maps have at least :data:`POINTWISE_MIN_PIXELS` pixels, on a CPU with
+    """Whether a FAST (or CALIBRATION) chain's convolution runs in the pointwise kernel: a 2-D 1x1 one without
+    padding or groups, on float32, whose output maps have at least :data:`POINTWISE_MIN_PIXELS` pixels, on a CPU with
     AVX-512, or with AVX2 for at most :data:`POINTWISE_AVX2_MAX_K` input channels."""
     if POINTWISE_KERNEL is None or x.ndim != 4 or weight.ndim != 4 or weight.shape[2:] != (1, 1) or any(pad) \
             or group != 1 or x.dtype != _F32 or weight.dtype != _F32 or x.shape[1] == 0:
@@ -350,13 +355,19 @@ def channel_affine(layers, bias, channels: int) -> tuple[np.ndarray, np.ndarray]
 
 def resolve_mode(fold: str, layer_types, ifmr: str = "stream") -> FoldMode:
     """The mode for ``Net(fold=..., ifmr=...)``: "auto" is FAST for a float net, CALIBRATION for a calibration net
-    whose inserted layers only observe and whose IFMR layers stream (``ifmr="stream"``), EXACT for any other net
-    holding a layer the tool inserts."""
+    whose inserted layers only observe (IFMR, SearchN, BNUpdate, the recurrent calibration layers) and whose IFMR
+    layers stream (``ifmr="stream"``), EXACT for any other net holding a layer the tool inserts (Quant, the
+    quantized recurrent layers...)."""
     if fold == "auto":
-        inserted = [ops.layer_type(t) for t in layer_types if ops.layer_type(t).inserted]
-        if not inserted:
+        # the recurrent layers the tool puts in place of LSTM / RNN / GRU count as inserted: their calibration
+        # forms observe (IFMR inside), their quantized forms round their inputs
+        observing = set(ops.CALIBRATION_RECURRENT.values())
+        tool = [t for t in set(layer_types) if ops.layer_type(t).inserted or t in observing
+                or t in ops.QUANTIZED_RECURRENT.values()]
+        if not tool:
             return FoldMode.FAST
-        return FoldMode.CALIBRATION if ifmr == "stream" and all(t.observer for t in inserted) else FoldMode.EXACT
+        only_observe = all(ops.layer_type(t).observer or t in observing for t in tool)
+        return FoldMode.CALIBRATION if ifmr == "stream" and only_observe else FoldMode.EXACT
     try:
         return FoldMode(fold)
     except ValueError:
@@ -365,7 +376,8 @@ def resolve_mode(fold: str, layer_types, ifmr: str = "stream") -> FoldMode:
 
 def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, loss_weights,
          shared: set[str]) -> dict[int, Chain]:
-    """{index of the head: Chain} for every Convolution / Eltwise with foldable in-place layers after it.
+    """{index of the head: Chain} for every Convolution / Eltwise with foldable in-place layers after it, and in
+    CALIBRATION for every other Convolution whose top no squashing layer reads first (:func:`_fast_safe`).
 
     ``bottom_names`` / ``top_names`` are per layer; ``loss_weights`` per layer and top (a loss
     read from a top makes it observable); ``shared``: blobs that are the memory of others (Caffe's

@@ -202,6 +202,11 @@ def test_calibration_nets_fold_with_the_fast_kernels_unless_ifmr_is_exact():
     assert resolve_mode("auto", ["Convolution", "IFMR", "ReLU"], ifmr="exact") is FoldMode.EXACT
     assert resolve_mode("auto", ["IFMR", "Quant"]) is FoldMode.EXACT  # a fake-quant layer rounds what it reads
     assert resolve_mode("calibration", ["Convolution"]) is FoldMode.CALIBRATION
+    # the recurrent layers the tool writes: calibration forms observe, quantized forms round
+    assert resolve_mode("auto", ["Convolution", "LSTMCalibration"]) is FoldMode.CALIBRATION
+    assert resolve_mode("auto", ["Convolution", "LSTMCalibration"], ifmr="exact") is FoldMode.EXACT
+    assert resolve_mode("auto", ["Convolution", "GRUQuant"]) is FoldMode.EXACT
+    assert resolve_mode("auto", ["Convolution", "LSTM"]) is FoldMode.FAST
 
 
 # A calibration net's float part after BN fusion: a 3x3 convolution and ReLU (Winograd), a 1x1 one with no
@@ -244,3 +249,26 @@ def test_calibration_mode_runs_every_convolution_fast_within_float_noise(tmp_pat
     # 2 * 16 * 24 * 24 outputs; the wide layer's 36 * 64 * 24 are more than its 2 * 64 * 6 * 6
     caches = {net._layer_names[i]: c.weights._u is not None for i, c in net._chains.items()}
     assert caches == {"conv": True, "point": False, "wide": False}
+
+
+def test_calibration_mode_gives_every_forward_the_same_bytes(tmp_path):
+    """The first forward (full path) and the prepared later ones take the same kernels, small inputs included."""
+    text = CALIBRATION_FLOAT.replace("dim: 2 dim: 8 dim: 24 dim: 24", "dim: 1 dim: 3 dim: 16 dim: 16")
+    net, ref = _net(tmp_path, "calibration", text), _net(tmp_path, "off", text)
+    x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    first, *later = [{k: v.copy() for k, v in net.forward(data=x, blobs=["conv", "point"]).items()} for _ in range(3)]
+    want = ref.forward(data=x, blobs=["conv", "point"])
+    assert not np.array_equal(first["conv"], want["conv"])  # Winograd, on every forward
+    for out in later:
+        for k, v in first.items():
+            np.testing.assert_array_equal(out[k], v, err_msg=k)
+
+
+def test_a_calibration_layer_lets_go_of_winograd_weights_it_no_longer_uses(tmp_path):
+    net = _net(tmp_path, "calibration", CALIBRATION_FLOAT)
+    conv = next(c for i, c in net._chains.items() if net._layer_names[i] == "conv")
+    net.forward(data=np.ones((2, 8, 24, 24), np.float32))
+    assert conv.weights._u is not None
+    net.blobs["data"].reshape(1, 8, 2, 2)  # 36 * 16 * 8 transformed weights against 1 * 16 * 2 * 2 outputs
+    net.forward(data=np.ones((1, 8, 2, 2), np.float32))
+    assert conv.weights._u is None

@@ -138,6 +138,10 @@ class WeightCache:
             self._key = (m, np.array(weight, np.float32, copy=True))
         return self._u
 
+    def clear(self) -> None:
+        """Let go of the transformed weights and the copy (the layer runs without Winograd now)."""
+        self._key = self._u = None
+
 
 def conv3x3(x: np.ndarray, u: np.ndarray, m: int, pad, a=None, b=None, relu: bool = False,
             into: np.ndarray | None = None) -> np.ndarray:
