@@ -58,21 +58,22 @@ An Eltwise followed by an in-place ReLU (a residual block's end) is folded the s
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
 in one C++ pass (``add_relu``); the same bytes in both modes.
 
-A third mode, ``CALIBRATION``, folds as FAST does (but for the residual Eltwise, which stays FAST's) and
-gives every convolution the fast kernels (Winograd, the pointwise kernel), with or without a BatchNorm /
-Scale after it, alone as a chain of its own when no in-place layer follows, on every forward alike (no
-small-input path of Caffe's arithmetic). It is for calibration nets: their BatchNorms are already fused into
-the weights, so FAST would find nothing to fold, and their IFMR layers' streaming observer bins the values
-anyway (2^14 bins of the range, :mod:`amct_caffe.quant.ifmr_stream`); SearchN's shifts and BNUpdate's
+A third mode, ``CALIBRATION``, folds as FAST does (but for the residual Eltwise, which stays FAST's) and gives
+the fast kernels (Winograd, the pointwise kernel) to every convolution that Caffe's arithmetic would run as a
+column GEMM (not the direct, depthwise or one-call paths, which are as fast and keep its bytes), with or
+without a BatchNorm / Scale after it, alone as a chain of its own when no in-place layer follows; the first
+forward and the prepared later ones choose alike. It is for calibration nets: their BatchNorms are already
+fused into the weights, so FAST would find nothing to fold, and their IFMR layers' streaming observer bins the
+values anyway (2^14 bins of the range, :mod:`amct_caffe.quant.ifmr_stream`); SearchN's shifts and BNUpdate's
 statistics read the same values (a BNUpdate dump moved by 4e-8 relative in a review's check). Measured on the
 shared models (open_nsfw, UltraFace slim-320 and RFB-320, MiniNet-SSD, MTCNN P- and O-Net; two batches of
-normal noise), every ``scale_d`` was within 8.4e-7 relative of an EXACT net's (open_nsfw on raw 0-255
-pixels: 1.1e-6) and every ``offset_d`` equal; open_nsfw's four calibration forwards at batch 8 take 1.02 s
-instead of 1.18 s. Winograd's transformed weights ((m+2)^2 / 9 times a layer's weights, plus the copy of the
-weights they were made from) are kept only where they are no larger than the layer's output, so that a
-calibration net's memory stays that of its blobs (open_nsfw at batch 8: F(4x4) on the 56x56 and 28x28
-maps, 2.8 MB; on every 3x3 layer the process's peak grew by 64 MiB, for 0.02-0.04 s less over the four
-forwards); a layer that no longer meets the rule (a smaller batch) lets go of them.
+normal noise), every ``scale_d`` was within 8.4e-7 relative of an EXACT net's (open_nsfw on raw 0-255 pixels:
+1.1e-6) and every ``offset_d`` equal; open_nsfw's four calibration forwards at batch 8 take 1.02 s instead of
+1.18 s. Winograd's transformed weights ((m+2)^2 / 9 times a layer's weights, plus the copy of the weights they
+were made from) are kept only where they are no larger than the layer's output, so that a calibration net's
+memory stays that of its blobs (open_nsfw at batch 8: F(4x4) on the 56x56 and 28x28 maps, 2.8 MB; on every 3x3
+layer the process's peak grew by 64 MiB, for 0.02-0.04 s less over the four forwards); a layer that no longer
+meets the rule (a smaller batch) lets go of them.
 
 :func:`plan` picks the chains (only in nets that need no backward: the backward reads each
 layer's own input) and the mode: ``"auto"`` is CALIBRATION for a net whose inserted layers only observe
@@ -192,9 +193,23 @@ class Chain:
         ``x_shape`` input: the head's prepared call with the activation (:meth:`.conv._BaseConv.prepared_small`),
         the bytes of :meth:`forward`."""
         if self.head.type != "Convolution" or self.residual is not None or len(self.members) > 1 \
-                or any(m.type not in ("ReLU", "PReLU") for m in self.members) or self.mode is FoldMode.CALIBRATION:
-            return None  # (CALIBRATION: its fast kernels run on small inputs too, on every forward alike)
+                or any(m.type not in ("ReLU", "PReLU") for m in self.members) \
+                or self.mode is FoldMode.CALIBRATION and self._calibration_kernels(x_shape):
+            return None
         return self.head.prepared_small(x_shape, self.members[0] if self.members else None)
+
+    def _calibration_kernels(self, x_shape) -> bool:
+        """CALIBRATION: whether the convolution takes FAST's kernels on inputs of ``x_shape``. Only where Caffe's
+        arithmetic runs a column GEMM (:attr:`~.conv_plan.ConvPlan.column_gemm`), which they beat; the direct,
+        depthwise and one-call paths are as fast and keep Caffe's bytes (MTCNN O-Net at batch 16: 15.9 ms a
+        calibration forward with them, 21.8 ms with Winograd on its small layers instead)."""
+        conv = self.head
+        _, stride, pad, dilation = conv._geom  # noqa: SLF001 - set by the layer's reshape
+        weight = conv.blobs[0].data
+        if len(x_shape) != 4 or weight.ndim != 4:
+            return False
+        return conv_plan(tuple(x_shape), weight.shape, stride, pad, dilation,
+                         conv.lp.convolution_param.group).column_gemm
 
     def _single(self, bottoms: list[np.ndarray], into: np.ndarray | None = None) -> np.ndarray:
         relu = bool(self.members) and self.members[-1].type == "ReLU"
@@ -225,7 +240,7 @@ class Chain:
         # convolution + ReLU chain stays exact, as float nets without BatchNorm are Caffe's bit for bit; a
         # CALIBRATION net takes them on every chain
         folded = bool(affine) and self.mode in (FoldMode.FAST, FoldMode.CALIBRATION)  # one map y * a + b
-        fast = folded or self.mode is FoldMode.CALIBRATION  # Winograd and the pointwise kernel
+        fast = folded or self.mode is FoldMode.CALIBRATION and self._calibration_kernels(x.shape)  # Winograd, 1x1
         if fast and winograd.available() and x.ndim == 4 and winograd.applies(weight.shape, stride, dilation, group) \
                 and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.size > 0:
             ho, wo = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
@@ -235,7 +250,8 @@ class Chain:
                     weight.shape[0] * ho * wo:
                 a, b = channel_affine(affine, bias, weight.shape[0])
                 return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu, into), relu
-            self.weights.clear()
+        if self.mode is FoldMode.CALIBRATION:
+            self.weights.clear()  # (no Winograd on these inputs: a smaller batch)
         if fast and _pointwise_applies(x, weight, stride, pad, group):
             a, b = channel_affine(affine, bias, weight.shape[0])
             return _pointwise(x, weight, stride, a, b, relu, into), relu

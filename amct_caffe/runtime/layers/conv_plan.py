@@ -325,6 +325,13 @@ class ConvPlan:
             return y
         return run
 
+    @property
+    def column_gemm(self) -> bool:
+        """Whether this plan runs a column GEMM (im2col or a 1x1's input, not the one-call path of small inputs):
+        where a calibration net's fast kernels take over (runtime/fold.py, CALIBRATION)."""
+        return (not (self.empty or self.blank) and getattr(self, "kind", None) in ("gemm", "wide", "1x1", "1x1 wide")
+                and not self._small())
+
     def _small(self) -> bool:
         """Whether :meth:`unbiased` applies (its docstring)."""
         if self.empty or self.blank or self.tail is not None or self.nsp != 2 \
