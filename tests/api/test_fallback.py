@@ -140,6 +140,37 @@ def test_fallback_keeps_the_broken_layer_float_and_saves_what_the_ordinary_flow_
         assert Path(plain[kind]).read_bytes() == Path(res.outputs[kind]).read_bytes(), kind
 
 
+def test_fallback_goes_on_while_the_guides_factors_miss_the_target(model, tmp_path, monkeypatch):
+    """The search's factors are observed on the float model; where they meet the target and the guide's do not,
+    the next most sensitive layers go float until the saved model meets it."""
+    import amct_caffe.api.fallback as fallback
+
+    search = fallback.search_float_layers
+    seen = {}
+
+    def optimistic(score, layers, target_cosine, max_float_layers, progress=True):  # as if the search were met
+        result = search(score, layers, -1.0, max_float_layers, progress)
+        seen["chosen"] = list(result[0])
+        return result
+    monkeypatch.setattr(fallback, "search_float_layers", optimistic)
+    proto, weights, _ = model
+    calib, evaluation = batches(2, seed=1), batches(3, seed=2)
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "fb/m"), 2,
+                                  eval_batches=evaluation, target_cosine=0.999, progress=False)
+    assert seen["chosen"] == [] and res.cosine_int8 < 0.99
+    assert res.float_layers == ["c2"] and res.target_met  # (c2 tried quantized again: the target needs it float)
+    config = json.loads(Path(res.outputs["fallback_config"]).read_text())
+    assert config["c2"]["quant_enable"] is False and config["c1"]["quant_enable"] is True
+    plain = calibrate(str(proto), str(weights), iter(calib), str(tmp_path / "plain/m"), 2,
+                      config_file=res.outputs["fallback_config"], progress=False)
+    for kind in ("fake_quant_weights", "deploy_weights", "quant_param_record_txt"):
+        assert Path(plain[kind]).read_bytes() == Path(res.outputs[kind]).read_bytes(), kind
+    # with no room for a float layer, the result says the target is missed
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "none/m"), 2,
+                                  eval_batches=evaluation, target_cosine=0.999, max_float_layers=0, progress=False)
+    assert res.float_layers == [] and not res.target_met
+
+
 def test_fallback_without_need_is_the_ordinary_calibration(model, tmp_path):
     proto, _, healthy = model
     calib = batches(2, seed=1)
