@@ -9,8 +9,9 @@
 
 IFMR keeps the observer the Net asks for (``Net(..., ifmr=)``): a streaming histogram by default
 (:class:`~amct_caffe.quant.ifmr_stream.IfmrStreamObserver`, bounded memory, the exact search's
-result on small layers and, measured on the shared models, on the large ones too) or every value
-for the exact search (:class:`~amct_caffe.quant.IfmrObserver`, what patched Caffe computes).
+result on small layers and, measured on the shared models, on the large ones too, but for layers whose
+loss is nearly flat over the candidates) or every value for the exact search
+(:class:`~amct_caffe.quant.IfmrObserver`, what patched Caffe computes).
 
 IFMR and SearchN write the record through the Net's record sink (:mod:`amct_caffe.runtime.record_sink`):
 the record file named by ``record_file_path``, or a record held in memory when the Net was built
