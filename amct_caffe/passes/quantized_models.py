@@ -16,6 +16,8 @@ Quant carries ``scale = 1 / scale_d`` (the multiplier the SoC applies), ``offset
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,8 @@ from amct_caffe.io.record import ActivationRecord, LayerRecord, Record, RecordEr
 from amct_caffe.passes.recurrent import copy_recurrent_record, is_recurrent, quantized_form, recurrent_factors
 
 FAKE, DEPLOY = "fake_quant", "deploy"
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,28 @@ def _after_node(graph: Graph, node: Node, j: int, kind: str, suffix: str, layer_
     return Node(name, kind, [new], [old], [], layer_param, origin=[])
 
 
+def _warn_zero_channels(name: str, q: np.ndarray, bias, bias_q: np.ndarray, scale_w: np.ndarray,
+                        scale_d: float) -> None:
+    """Warn about output channels whose weights are all zero (a pruned channel) and whose bias the deploy model
+    rounds coarsely: ARQ gives them scale_w 1 (the guide's rule for a zero range), so their int32 bias has a step
+    of ``1 * scale_d``, the input's step, where the fake-quant model keeps the float bias."""
+    b = np.asarray(bias, np.float32).reshape(-1)
+    if scale_w.size < 2 or q.ndim < 2 or q.shape[0] != scale_w.size or b.size != scale_w.size:
+        return  # a per-tensor scale, or a layout whose output channels are not the first axis
+    zero = ~q.reshape(q.shape[0], -1).any(axis=1) & (np.asarray(scale_w).reshape(-1) == 1)
+    step = np.float32(scale_d)
+    error = np.abs(np.asarray(bias_q, np.float64) * float(step) - b)
+    bad = np.flatnonzero(zero & (error > 0.01 * np.abs(b)))
+    if bad.size:
+        c = int(bad[np.argmax(error[bad])])
+        _LOG.warning("layer '%s': output channel(s) %s have all-zero weights (pruned?), for which ARQ sets scale_w "
+                     "to 1 as the guide's rule does; the deploy model's int32 bias then has a step of scale_d "
+                     "(%.6g), so channel %d's bias %.6g becomes %.6g there (the fake-quant model keeps it). Keep the "
+                     "layer float (quant_enable: false) if those channels matter, or remove them from the model",
+                     name, ", ".join(str(int(i)) for i in bad[:8]) + (", ..." if bad.size > 8 else ""), step, c,
+                     float(b[c]), float(bias_q[c]) * float(step))
+
+
 def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, model: str, codes: dict | None):
     """New params for ``node`` and the DeQuant blobs, for ``model`` FAKE or DEPLOY (``codes``: see
     :func:`build_quantized_graph`)."""
@@ -167,6 +193,7 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
                 params.append(quantize_bias(bias, scale_w, act.scale_d))
             except AmctError as e:
                 raise AmctError(f"layer '{target.name}': {e}") from None
+            _warn_zero_channels(target.name, q, bias, params[-1], scale_w, act.scale_d)
         dequant_blobs = [pack_deq_scale(scale_w, act.scale_d, offset_w)]
     shift = None
     entry = record.layer(target.name)

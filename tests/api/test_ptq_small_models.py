@@ -228,3 +228,22 @@ def test_the_calibration_net_runs_the_fast_kernels_and_keeps_the_exact_nets_reco
         assert list(got.scale_w) == list(want.scale_w), name
         for a, b in zip(got.record_d, want.record_d, strict=True):
             assert a.offset_d == b.offset_d and abs(a.scale_d - b.scale_d) <= 1e-5 * b.scale_d, name
+
+
+@pytest.mark.parametrize("bias, warned", [(0.05, True), (0.0, False)])
+def test_a_pruned_channel_whose_deploy_bias_is_rounded_coarsely_is_named(tmp_path, caplog, bias, warned):
+    """All-zero weights get scale_w 1 (ARQ's rule for a zero range), so the deploy model's int32 bias of that
+    channel has the input's step, scale_d: the bias is off there, and save_model says which channel."""
+    proto, weights = make_model(tmp_path, INPUT + conv("c1", "data", "c1", 4) + conv("c2", "c1", "c2", 4))
+    net = Net(str(proto), str(weights), TEST)
+    net.params["c1"][0].data[2] = 0
+    net.params["c1"][1].data[2] = bias
+    net.save(str(weights))
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        _, paths = quantize(tmp_path, proto, weights, batches())
+    messages = [r.getMessage() for r in caplog.records if "all-zero weights" in r.getMessage()]
+    assert bool(messages) is warned
+    if warned:
+        assert messages[0].startswith("layer 'c1': output channel(s) 2 have all-zero weights")
+        scale_d = record.read_record(paths["quant_param_record_txt"]).layers["c1"].record_d[0].scale_d
+        assert f"a step of scale_d ({scale_d:.6g})" in messages[0]
