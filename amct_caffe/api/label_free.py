@@ -392,9 +392,13 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
         bar.update(1)
     after = _data_loss(solver.net, feeds, batch)
     if not after < before:
-        _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
-                     "after): keeping the model training started from; try fewer iterations or smaller "
-                     "--clip-lr / --weight-lr", before, after)
+        if before == 0:
+            _LOG.info("label-free QAT: the model training started from already gives the FP32 outputs on the data "
+                      "(distillation loss 0); keeping it")
+        else:
+            _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
+                         "after): keeping the model training started from; try fewer iterations or smaller "
+                         "--clip-lr / --weight-lr", before, after)
         return losses, None, before, after
     trained = {name: [np.array(b.data, np.float32) for b in blobs] for name, blobs in solver.net.params.items()}
     return losses, trained, before, after

@@ -114,7 +114,8 @@ def bind_to_graph(config: QuantConfig, graph, where: str = "") -> QuantConfig:
         layers[name] = replace(layer)  # a copy: the caller's config stays as it was
     check_skip_fusion_layers(config.skip_fusion_layers, graph, where)
     bound = replace(config, skip_fusion_layers=list(config.skip_fusion_layers), layers=layers)
-    _warn_snq_without_bn_update(bound)
+    if any(node.type == "BatchNorm" for node in graph.nodes):  # (update_bn refreshes BatchNorm statistics)
+        _warn_snq_without_bn_update(bound)
     return bound
 
 

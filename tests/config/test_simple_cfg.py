@@ -255,8 +255,13 @@ def test_snq_on_lstm_is_refused(tmp_path):
     _fails(tmp_path, text, message, RESNET_LIKE + LSTM_LAYERS)
 
 
-def test_snq_without_bn_update_warns(tmp_path, caplog):
+def test_snq_without_bn_update_warns_where_there_is_a_batchnorm(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="amct_caffe")
-    create_default_config(graph_of(RESNET_LIKE), config_defination=_cfg(
-        tmp_path, 'override_layer_configs { layer_name: "conv1" calibration_config { snq_quantize { } } }'))
+    cfg = _cfg(tmp_path, 'override_layer_configs { layer_name: "conv1" calibration_config { snq_quantize { } } }')
+    create_default_config(graph_of(RESNET_LIKE), config_defination=cfg)
     assert any("update_bn is false" in r.getMessage() for r in caplog.records)
+    caplog.clear()  # no BatchNorm whose statistics update_bn could refresh: nothing to say
+    no_bn = "\n".join(line for line in RESNET_LIKE.splitlines() if '"bn_conv1"' not in line
+                      and "use_global_stats" not in line)
+    create_default_config(graph_of(no_bn), config_defination=cfg)
+    assert not any("update_bn is false" in r.getMessage() for r in caplog.records)
