@@ -81,6 +81,23 @@ def test_inspect_without_weights_of_a_kernel_caffe_cannot_hold(capsys, tmp_path)
     assert conv1["params"] == 20 * 4294967295 ** 2 + 20  # counted from the shapes, not allocated
 
 
+def test_inspect_without_weights_says_where_and_why_shapes_become_unknown(capsys, tmp_path):
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 25 dim: 25 } } }\n'
+            'layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" '
+            'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+            'layer { name: "up" type: "Deconvolution" bottom: "pool" top: "up" '
+            'convolution_param { num_output: 3 kernel_size: 2 stride: 2 } }\n'
+            'layer { name: "cat" type: "Concat" bottom: "up" bottom: "data" top: "cat" }\n'
+            'layer { name: "conv" type: "Convolution" bottom: "cat" top: "conv" convolution_param { num_output: 2 '
+            'kernel_size: 1 } }\n')
+    (tmp_path / "m.prototxt").write_text(text)
+    rows = {x["name"]: x for x in _inspect(capsys, "--model", tmp_path / "m.prototxt")}
+    assert rows["up"]["top_shapes"] == [[1, 3, 26, 26]] and rows["up"]["note"] is None
+    assert rows["cat"]["top_shapes"] == [None] and rows["cat"]["note"] == (
+        "output shape unknown: layer 'cat' (Concat): bottom shapes [[1, 3, 26, 26], [1, 3, 25, 25]] differ off axis 1")
+    assert rows["conv"]["top_shapes"] == [None] and rows["conv"]["note"] is None
+
+
 def test_inspect_errors_are_one_line(capsys, tmp_path):
     fails(capsys, ["inspect", "--model", "none.prototxt"], "model file none.prototxt does not exist")
     fails(capsys, ["inspect", "--model", str(LENET), "--weights", "none.caffemodel"],

@@ -48,11 +48,13 @@ def _param_shapes(node, graph) -> list[tuple[int, ...]] | None:
         return None
 
 
-def _infer_shapes_without_weights(graph) -> None:
+def _infer_shapes_without_weights(graph) -> dict[str, str]:
     """infer_shapes(have_weights=False), with zero placeholders for the learned blobs of the layers that
-    read their blobs' shapes to shape their output (Scale, Bias): without them inference stops there."""
+    read their blobs' shapes to shape their output (Scale, Bias): without them inference stops there.
+    Returns {layer: why its output shapes are unknown} for the layers where inference stopped."""
     while True:
-        infer_shapes(graph, have_weights=False)
+        stops: dict[str, str] = {}
+        infer_shapes(graph, have_weights=False, stops=stops)
         filled = False
         for node in graph.nodes:
             if node.params or all(graph.blobs[t].shape is not None for t in node.tops):
@@ -63,7 +65,7 @@ def _infer_shapes_without_weights(graph) -> None:
                 node.params = [np.broadcast_to(np.float32(0), s) for s in shapes]
                 filled = True
         if not filled:
-            return
+            return stops
 
 
 def _param_count(node, graph) -> int | None:
@@ -85,13 +87,14 @@ def describe_layers(model_file, weights_file=None) -> list[dict]:
     """
     log.setup()
     with reading(model_file=model_file, weights_file=weights_file):
+        stops: dict[str, str] = {}
         if weights_file is not None:
             graph = load_float_graph(model_file, weights_file)
             enabled = set(create_default_config(graph).quantized_layers())
         else:
             net, _ = io.load_model(model_file)
             graph = graph_from_net(net)
-            _infer_shapes_without_weights(graph)
+            stops = _infer_shapes_without_weights(graph)
             enabled = None
     rows = []
     for node in graph.nodes:
@@ -99,6 +102,8 @@ def describe_layers(model_file, weights_file=None) -> list[dict]:
         row = ops.layer_type(kind)
         note = cannot_quantize_reason(node, graph) if row.quantizable else None
         quantizable = row.quantizable and note is None
+        if node.name in stops:  # where shape inference stopped: the layers after it have unknown shapes too
+            note = f"output shape unknown: {stops[node.name]}" + (f"; {note}" if note else "")
         by_default = node.name in enabled if enabled is not None else quantizable and row.quant_by_default
         shapes = [graph.blobs[t].shape for t in node.tops]
         rows.append({

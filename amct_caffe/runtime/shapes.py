@@ -66,20 +66,22 @@ def static_class(type_name: str) -> type | None:
 
 
 def infer_shapes(graph: Graph, phase: int = TEST, strict: bool = False, have_weights: bool = True,
-                 data_sources: bool = False) -> int:
+                 data_sources: bool = False, stops: dict[str, str] | None = None) -> int:
     """Fill (and with ``strict`` check) the shapes of ``graph``'s blobs (module doc).
 
     ``have_weights``: the graph was loaded with a caffemodel, so a layer that needs weights must have
     them. ``data_sources``: the tops of data layers whose shape comes from their source (Data, ImageData,
     MemoryData: ``shape_from_forward`` without bottoms) get the shapes their first record gives, as Caffe's
     DataLayerSetUp does, where the source can be read; a source that cannot be read (not on this machine)
-    leaves them unknown. Returns how many blobs got a shape.
+    leaves them unknown. ``stops``: filled with {layer name: why} for each layer whose input shapes were known
+    but whose own parameters refused them (not ``strict``). Returns how many blobs got a shape.
     """
     with np.errstate(**AS_CAFFE):  # computed as the Net's build computes it
-        return _infer(graph, phase, strict, have_weights, data_sources)
+        return _infer(graph, phase, strict, have_weights, data_sources, {} if stops is None else stops)
 
 
-def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sources: bool) -> int:
+def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sources: bool,
+           stops: dict[str, str]) -> int:
     known = 0
     owned: set[str] = set()  # param names of the layers so far (Caffe's param sharing)
     for node in graph.nodes:
@@ -106,12 +108,14 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
             if strict:
                 raise
             _LOG.debug("shape inference stops at %s: %s", where, e)
+            stops[node.name] = str(e)
             continue
         except (ValueError, IndexError, ZeroDivisionError, OverflowError, MemoryError) as e:
+            why = f"{where}: {e} (its parameters do not fit its input shapes {[list(s) for s in bottoms]})"
             if strict:
-                raise GraphError(f"{where}: {e} (its parameters do not fit its input shapes "
-                                 f"{[list(s) for s in bottoms]})") from None
-            _LOG.debug("shape inference stops at %s: %s", where, e)
+                raise GraphError(why) from None
+            _LOG.debug("shape inference stops at %s", why)
+            stops[node.name] = why
             continue
         if cls.shape_from_forward and not (data_sources and not node.bottoms):
             continue
