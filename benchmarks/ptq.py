@@ -108,7 +108,9 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   previous commit [load 0.5-0.9]: calibration forwards 1.24-1.42 -> 1.05-1.10 s, end to end 1.63-1.85 ->
   1.43-1.49 s; three more runs [load 1.3]: 1.92-2.19x the warm FP32 forwards. The script now also times the
   batches in a fresh net (its load and first forward included, what a script that only runs the float model
-  pays): 0.99-1.40 s, PTQ 1.16-1.51x that. Peak 481 MiB.
+  pays): 0.99-1.40 s, PTQ 1.16-1.51x that. Peak 481 MiB. After the review fixes (fast kernels only where
+  Caffe's arithmetic would run a column GEMM), alternated with the session's first commit [load 0.6-0.9]:
+  2.10-2.27x -> 1.84-1.92x warm (PTQ 1.57-1.63 -> 1.35-1.37 s), 1.21-1.35x fresh.
 """
 
 from __future__ import annotations
