@@ -230,20 +230,23 @@ def test_the_calibration_net_runs_the_fast_kernels_and_keeps_the_exact_nets_reco
             assert a.offset_d == b.offset_d and abs(a.scale_d - b.scale_d) <= 1e-5 * b.scale_d, name
 
 
-@pytest.mark.parametrize("bias, warned", [(0.05, True), (0.0, False)])
-def test_a_pruned_channel_whose_deploy_bias_is_rounded_coarsely_is_named(tmp_path, caplog, bias, warned):
+def test_a_pruned_channel_whose_deploy_bias_is_rounded_coarsely_is_named(tmp_path, caplog):
     """All-zero weights get scale_w 1 (ARQ's rule for a zero range), so the deploy model's int32 bias of that
-    channel has the input's step, scale_d: the bias is off there, and save_model says which channel."""
+    channel has the input's step, scale_d: a bias of 1.5 steps reads 2 there, and save_model names the channel;
+    one of half a step (below the noise of the other channels) is not named."""
     proto, weights = make_model(tmp_path, INPUT + conv("c1", "data", "c1", 4) + conv("c2", "c1", "c2", 4))
     net = Net(str(proto), str(weights), TEST)
     net.params["c1"][0].data[2] = 0
-    net.params["c1"][1].data[2] = bias
-    net.save(str(weights))
-    with caplog.at_level("WARNING", logger="amct_caffe"):
-        _, paths = quantize(tmp_path, proto, weights, batches())
-    messages = [r.getMessage() for r in caplog.records if "all-zero weights" in r.getMessage()]
-    assert bool(messages) is warned
-    if warned:
-        assert messages[0].startswith("layer 'c1': output channel(s) 2 have all-zero weights")
+    scale_d = None
+    for steps, warned in ((0.0, False), (1.5, True), (0.5, False)):  # (c1's input step does not depend on its bias)
+        net.params["c1"][1].data[2] = steps * (scale_d or 0.0)
+        net.save(str(weights))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="amct_caffe"):
+            _, paths = quantize(tmp_path, proto, weights, batches())
         scale_d = record.read_record(paths["quant_param_record_txt"]).layers["c1"].record_d[0].scale_d
-        assert f"a step of scale_d ({scale_d:.6g})" in messages[0]
+        messages = [r.getMessage() for r in caplog.records if "all-zero weights" in r.getMessage()]
+        assert bool(messages) is warned, steps
+        if warned:
+            assert messages[0].startswith("layer 'c1': output channel(s) 2 have all-zero weights")
+            assert f"a step of scale_d ({scale_d:.6g})" in messages[0]
