@@ -137,7 +137,7 @@ class FoldMode(enum.Enum):
     OFF = "off"
     EXACT = "exact"
     FAST = "fast"
-    CALIBRATION = "calibration"  # FAST's kernels on every chain, BatchNorm or not (resolve_mode)
+    CALIBRATION = "calibration"  # FAST's kernels wherever Caffe's would run a column GEMM, BatchNorm or not
 
 
 @dataclass(frozen=True)
