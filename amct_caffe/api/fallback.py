@@ -23,6 +23,9 @@ the manner of TPU-MLIR's ``run_sensitive_layer`` / ``search_qtable``:
    with the search's factors, 0.999291 with the guide's): while it does, the next most sensitive
    layer goes float too and the model is calibrated again (within ``max_float_layers``); once the
    target holds, each layer added so, last first, is quantized again if the target holds without it;
+   if it never holds, the set of the best output cosine calibrated is kept (all INT8 included). The
+   saved models are those of a calibration of the kept set (calibrated again if a later trial ran
+   since: with update_bn each calibration rewrites the BatchNorm dumps save_model reads);
 6. the config that made the result is written beside the outputs (``<prefix>_fallback_config.json``,
    usable with ``init`` / ``amct-caffe calibrate --config``): the saved models are exactly what
    ``calibrate`` gives with it. Their cosine is measured again and reported.
@@ -38,6 +41,7 @@ model over ``eval_batches`` in the embedded executor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -347,22 +351,28 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             float_layers, sensitivity, _ = search_float_layers(score, layers, target_cosine, max_float_layers,
                                                                progress)
             ranked = sorted(layers, key=lambda n: (-sensitivity[n], layers.index(n)))
-            rounds = [0]
+            measured = {frozenset(): cosine_int8}  # float layers -> the guide's flow's output cosine
+            # the last calibration: its session, and its BatchNorm dumps (update_bn) are the ones in bn_dump_dir
+            last = {"floats": frozenset(), "session": graph, "rounds": 0}
 
-            def guide_flow(floats: list[str]) -> tuple[QuantGraph, float]:
-                """The guide's calibration with ``floats`` float, and its output cosine."""
+            def guide_flow(floats, again: bool = False) -> float:
+                """The output cosine of the guide's calibration with ``floats`` float (measured once per set,
+                unless ``again``)."""
+                key = frozenset(floats)
+                if key in measured and not again:
+                    return measured[key]
                 for name in layers:
-                    final_config.layers[name].quant_enable = name not in floats
-                rounds[0] += 1
-                final_path = os.path.join(tmp, f"final_config_{rounds[0]}.json")
-                write_quant_config(final_config, final_path)
-                session = calibrated(final_path, f"final_{rounds[0]}")
+                    final_config.layers[name].quant_enable = name not in key
+                last["rounds"] += 1
+                path = os.path.join(tmp, f"final_config_{last['rounds']}.json")
+                write_quant_config(final_config, path)
+                session = calibrated(path, f"final_{last['rounds']}")
                 final_score, quantized = scorer(session)
-                return session, final_score(set(quantized))
+                measured[key] = final_score(set(quantized))
+                last.update(floats=key, session=session)
+                return measured[key]
 
-            current, added = cosine_int8, []
-            if float_layers:  # (none: the first calibration above is the result)
-                graph, current = guide_flow(float_layers)
+            current, added = guide_flow(float_layers), []
             while current < target_cosine and len(float_layers) < max_float_layers:  # step 5
                 extra = next((n for n in ranked if n not in float_layers), None)
                 if extra is None:
@@ -372,20 +382,32 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                           "too", len(float_layers), current, extra)
                 float_layers.append(extra)
                 added.append(extra)
-                graph, current = guide_flow(float_layers)
+                current = guide_flow(float_layers)
             if current >= target_cosine:  # the layers step 5 added, last first: those the target does not need
                 for name in reversed(added):
                     trial = [n for n in float_layers if n != name]
-                    session, value = guide_flow(trial)
+                    value = guide_flow(trial)
                     if value >= target_cosine:
                         _LOG.info("fallback: '%s' can stay quantized (output cosine %.6f)", name, value)
-                        float_layers, graph, current = trial, session, value
-                for name in layers:  # the config of the result
-                    final_config.layers[name].quant_enable = name not in float_layers
+                        float_layers, current = trial, value
+            else:  # out of reach: the best set calibrated (the fewest float layers on a tie)
+                best = max(measured, key=lambda k: (measured[k], -len(k)))
+                float_layers, current = [n for n in float_layers if n in best], measured[best]
+            if last["floats"] != frozenset(float_layers):  # a later trial's session and dumps: calibrate it again
+                guide_flow(float_layers, again=True)
+            graph = last["session"]
+            for name in layers:  # the config of the result
+                final_config.layers[name].quant_enable = name not in float_layers
         # the models and the config that made them: written together or not at all
         outputs = save_model(graph, "Both", save_path,
                              {"fallback_config": (config_out, final_config.to_json().encode("utf-8"))})
-    cosine_final = measure(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
+    try:
+        cosine_final = measure(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
+    except BaseException:  # a failed run leaves no files behind (the user's evaluator may raise here)
+        for path in outputs.values():
+            with contextlib.suppress(OSError, TypeError):
+                os.unlink(path)
+        raise
     result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
     level = logging.INFO if result.target_met else logging.WARNING
     _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.6f (target %.6f%s)",

@@ -378,3 +378,65 @@ def test_fallback_evaluator_errors(model, tmp_path, kwargs, message):
     with pytest.raises(AmctError, match=message):
         calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(tmp_path / "fb/m"), 2,
                                 progress=False, **kwargs)
+
+
+def _optimistic_search(monkeypatch):
+    """search_float_layers as if its own factors met the target with every layer quantized."""
+    import amct_caffe.api.fallback as fallback
+
+    search = fallback.search_float_layers
+    monkeypatch.setattr(fallback, "search_float_layers", lambda score, layers, target, most, progress=True:
+                        search(score, layers, -1.0, most, progress))
+
+
+def test_fallback_with_update_bn_saves_the_statistics_of_the_set_it_keeps(model, tmp_path, monkeypatch):
+    """Each calibration of step 5 refreshes the BatchNorm dumps; after a rejected trial the kept set is
+    calibrated again, so the saved models are what its config gives."""
+    _optimistic_search(monkeypatch)
+    text = MODEL + ('layer { name: "bn3" type: "BatchNorm" bottom: "out" top: "out" }\n'
+                    'layer { name: "sc3" type: "Scale" bottom: "out" top: "out" scale_param { bias_term: true } }\n')
+    proto, weights, _ = model
+    net = Net(str(proto), str(weights), TEST)
+    (tmp_path / "bn.prototxt").write_text(text)
+    with_bn = Net(str(tmp_path / "bn.prototxt"), TEST)
+    for name, layer in net.layer_dict.items():
+        for mine, theirs in zip(with_bn.layer_dict[name].blobs, layer.blobs, strict=True):
+            mine.data[...] = theirs.data
+    for blob, value in zip(with_bn.layer_dict["bn3"].blobs, (0.2, 1.5, 1.0), strict=True):
+        blob.data[...] = value
+    with_bn.layer_dict["sc3"].blobs[0].data[...] = 1.0
+    with_bn.save(str(tmp_path / "bn.caffemodel"))
+    proto, weights = tmp_path / "bn.prototxt", tmp_path / "bn.caffemodel"
+    config = edited_config(tmp_path, proto, weights, lambda c: c.update(
+        update_bn=True, bn_update_config={"bn_update_iterations": 2, "bn_moving_average_fraction": 0.5,
+                                          "bn_dump_dir": str(tmp_path / "bn_dump")}))
+    calib = batches(2, seed=1)
+    res = calibrate_with_fallback(str(proto), str(weights), calib, str(tmp_path / "fb/m"), 2,
+                                  eval_batches=batches(3, seed=2), target_cosine=0.97, config_file=str(config),
+                                  progress=False)
+    assert res.float_layers == ["c2"] and res.target_met  # (all INT8 tried again last: rejected)
+    _c2_float_and_the_ordinary_flow_gives_the_files(res, proto, weights, calib, tmp_path)
+
+
+def test_fallback_out_of_reach_keeps_the_best_set_it_calibrated(model, tmp_path, monkeypatch):
+    _optimistic_search(monkeypatch)
+    proto, weights, _ = model
+    quantized_share = lambda net: sum(name.endswith("_quant") for name in net.layer_dict) / 10  # noqa: E731
+    res = calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(tmp_path / "fb/m"), 2,
+                                  evaluator=quantized_share, target=0.5, progress=False)
+    assert res.float_layers == [] and res.cosine_final == res.cosine_int8 == 0.3 and not res.target_met
+
+
+def test_fallback_whose_last_measurement_fails_leaves_no_files(model, tmp_path):
+    proto, weights, _ = model
+    calls = []
+
+    def evaluator(net):
+        calls.append(1)
+        if len(calls) == 2:  # the saved model's measurement (the first: every layer quantized, target met)
+            raise RuntimeError("labels unreadable")
+        return 1.0
+    with pytest.raises(RuntimeError, match="labels unreadable"):
+        calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(tmp_path / "fb/m"), 2,
+                                evaluator=evaluator, target=0.5, progress=False)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
