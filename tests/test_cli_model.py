@@ -96,6 +96,11 @@ def test_inspect_without_weights_says_where_and_why_shapes_become_unknown(capsys
     assert rows["cat"]["top_shapes"] == [None] and rows["cat"]["note"] == (
         "output shape unknown: layer 'cat' (Concat): bottom shapes [[1, 3, 26, 26], [1, 3, 25, 25]] differ off axis 1")
     assert rows["conv"]["top_shapes"] == [None] and rows["conv"]["note"] is None
+    (tmp_path / "u.prototxt").write_text(text.replace('type: "Concat" bottom: "up" bottom: "data"',
+                                                      'type: "FancyUnknown" bottom: "up"'))
+    rows = {x["name"]: x for x in _inspect(capsys, "--model", tmp_path / "u.prototxt")}
+    assert rows["cat"]["note"] == ("output shape unknown: layer 'cat' (FancyUnknown): the executor does not run "
+                                   "this type")
 
 
 def test_inspect_errors_are_one_line(capsys, tmp_path):

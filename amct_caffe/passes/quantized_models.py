@@ -152,7 +152,7 @@ def _warn_zero_channels(name: str, q: np.ndarray, bias, bias_q: np.ndarray, scal
     have biases below a step: not named)."""
     b = np.asarray(bias, np.float32).reshape(-1)
     if scale_w.size < 2 or q.ndim < 2 or q.shape[0] != scale_w.size or b.size != scale_w.size:
-        return  # a per-tensor scale, or a layout whose output channels are not the first axis
+        return  # a per-tensor scale (the caller passes Convolutions only: output channels on axis 0)
     zero = ~q.reshape(q.shape[0], -1).any(axis=1) & (np.asarray(scale_w).reshape(-1) == 1)
     step = np.float32(scale_d)
     error = np.abs(np.asarray(bias_q, np.float64) * float(step) - b)
@@ -197,7 +197,8 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
                 params.append(quantize_bias(bias, scale_w, act.scale_d))
             except AmctError as e:
                 raise AmctError(f"layer '{target.name}': {e}") from None
-            _warn_zero_channels(target.name, q, bias, params[-1], scale_w, act.scale_d)
+            if node.type == "Convolution":  # (output channels on the weight's first axis)
+                _warn_zero_channels(target.name, q, bias, params[-1], scale_w, act.scale_d)
         dequant_blobs = [pack_deq_scale(scale_w, act.scale_d, offset_w)]
     shift = None
     entry = record.layer(target.name)

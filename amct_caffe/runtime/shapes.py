@@ -87,7 +87,12 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
     for node in graph.nodes:
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
         cls = static_class(node.type)
-        if any(s is None for s in bottoms) or node.layer_param is None or cls is None:
+        if any(s is None for s in bottoms) or node.layer_param is None:
+            continue
+        if cls is None:
+            stops[node.name] = (f"layer '{node.name}' ({node.type}): " + (
+                "a Python layer's shapes come from its module, which only a Net imports" if node.type == "Python"
+                else "the executor does not run this type"))
             continue
         where = f"layer '{node.name}' ({node.type})"
         try:
