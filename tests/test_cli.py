@@ -199,8 +199,10 @@ def test_convert_passes_its_arguments(monkeypatch, capsys, tmp_path):
 
 
 def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path):
-    """The real pipeline on the bundled MNIST sample: an unreachable-by-INT8 target makes the search keep
-    one layer (the budget) float; what is printed matches the written config."""
+    """The real pipeline on the bundled MNIST sample: with an unreachable target and a budget of one layer,
+    the search ranks the layers and floats the most sensitive; the saved model is the better of the sets the
+    guide's flow calibrated (here within 1e-10 of each other: all INT8, or that layer float); what is printed
+    matches the written config."""
     import json
 
     args = ["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS),
@@ -217,7 +219,7 @@ def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path)
                            out, re.M)
     losses = [float(item.split()[1]) for item in ranked.split(", ")]
     assert len(losses) == 7 and losses[0] > 0  # LeNet's 7 quantized layers, at least one not lossless
-    assert ranked.split()[0] == kept and losses == sorted(losses, reverse=True)  # the most sensitive went float
+    assert kept in ("none", ranked.split()[0]) and losses == sorted(losses, reverse=True)
     assert "fallback_config: out/lenet_fallback_config.json" in out
     import amct_caffe as amct
 
@@ -226,7 +228,8 @@ def test_calibrate_with_target_cosine_runs_the_fallback_search(capsys, tmp_path)
     def disabled(path):
         config = json.loads(Path(path).read_text())
         return {k for k, v in config.items() if isinstance(v, dict) and v.get("quant_enable") is False}
-    assert disabled(tmp_path / "out/lenet_fallback_config.json") - disabled(tmp_path / "default.json") == {kept}
+    assert disabled(tmp_path / "out/lenet_fallback_config.json") - disabled(tmp_path / "default.json") == (
+        set() if kept == "none" else {kept})
     for bad in (["--target-cosine", "1.5"], ["--target-cosine", "x"], ["--max-float-layers", "-1"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(args + bad)
