@@ -377,9 +377,9 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                 extra = next((n for n in ranked if n not in float_layers), None)
                 if extra is None:
                     break
-                _LOG.info("fallback: with the guide's factors %d float layer(s) give output cosine %.6f, below the "
-                          "target (the search's factors, observed on the float model, gave more); '%s' goes float "
-                          "too", len(float_layers), current, extra)
+                _LOG.info("fallback: with the guide's factors (observed behind the quantized weights) %d float "
+                          "layer(s) give output cosine %.6f, below the target; '%s' goes float too",
+                          len(float_layers), current, extra)
                 float_layers.append(extra)
                 added.append(extra)
                 current = guide_flow(float_layers)
