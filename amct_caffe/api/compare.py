@@ -271,12 +271,14 @@ def quantized_layers(quant_graph: Graph) -> dict[str, dict]:
     return layers
 
 
+def nan_first(cosine: float) -> tuple[bool, float]:
+    """A sort key on cosines, ascending, with NaN (a blob that went non-finite) before every number."""
+    return (not math.isnan(cosine), cosine)
+
+
 def worst_cosine(values, default=None):
-    """The smallest of ``values``, NaN (a blob that went non-finite) counting as the worst whatever its place."""
-    values = list(values)
-    if any(math.isnan(v) for v in values if v is not None):
-        return math.nan
-    return min(values, default=default)
+    """The smallest of ``values``, NaN counting as the worst whatever its place (:func:`nan_first`)."""
+    return min(values, key=nan_first, default=default)
 
 
 def by_error_added(reports: list[BlobReport]) -> list[BlobReport]:

@@ -192,6 +192,12 @@ def _search_config(config_path: str, tmp: str) -> str:
     return path
 
 
+def _by_sensitivity(layers: Sequence[str], sensitivity: dict[str, float]) -> list[str]:
+    """``layers``, most sensitive first (model order on a tie)."""
+    order = {name: i for i, name in enumerate(layers)}
+    return sorted(layers, key=lambda n: (-sensitivity[n], order[n]))
+
+
 def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str], target_cosine: float,
                         max_float_layers: int, progress: bool = True) -> tuple[list[str], dict[str, float], float]:
     """Steps 2-4 of the module doc over abstract layers.
@@ -215,7 +221,7 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
     for name in tqdm(all_layers, desc="sensitivity", unit="layer", disable=not progress):
         sensitivity[name] = 1.0 - score({name})
         _LOG.info("fallback search: only '%s' quantized -> output cosine %.6f", name, 1.0 - sensitivity[name])
-    ranked = sorted(all_layers, key=lambda n: (-sensitivity[n], all_layers.index(n)))
+    ranked = _by_sensitivity(all_layers, sensitivity)
     chosen: list[str] = []
     best = (score(set(all_layers)), [])
     current = best[0]
@@ -350,7 +356,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             score, layers = scorer(calibrated(_search_config(config, tmp), "search", float_weights=True))
             float_layers, sensitivity, _ = search_float_layers(score, layers, target_cosine, max_float_layers,
                                                                progress)
-            ranked = sorted(layers, key=lambda n: (-sensitivity[n], layers.index(n)))
+            ranked = _by_sensitivity(layers, sensitivity)
             measured = {frozenset(): cosine_int8}  # float layers -> the guide's flow's output cosine
             # the last calibration: its session, and its BatchNorm dumps (update_bn) are the ones in bn_dump_dir
             last = {"floats": frozenset(), "session": graph, "rounds": 0}

@@ -6,8 +6,6 @@ prints the report's headline figures; report.html in --output has the rest.
 
 from __future__ import annotations
 
-import math
-
 from amct_caffe.cli.options import (DATA_HELP, add_data_options, api, check_file, check_files, check_output_dir,
                                     open_data, positive)
 
@@ -25,8 +23,8 @@ def headline(summary: dict) -> list[str]:
     outputs = summary["outputs"]
     lines = compared_instead(summary)
     if outputs:
-        # NaN (an output gone non-finite) is the worst, wherever it stands (summary's worst_output_cosine too)
-        worst = min(outputs, key=lambda name: (not math.isnan(outputs[name]["cosine"]), outputs[name]["cosine"]))
+        nan_first = api("amct_caffe.api.compare", "nan_first")  # an output gone non-finite is the worst
+        worst = min(outputs, key=lambda name: nan_first(outputs[name]["cosine"]))
         lines.append(f"worst output cosine: {outputs[worst]['cosine']:.10f} ({worst})")
     if summary["top1_agreement"] is not None:
         lines.append(f"top-1 agreement: {100 * summary['top1_agreement']:.2f}%")

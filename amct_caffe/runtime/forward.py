@@ -123,8 +123,10 @@ def run(net, start: int, stop: int, produced: list | None = None, releases=None)
     i = start
     while i < stop:
         chain = net._chains.get(i)  # noqa: SLF001
-        last = chain.last if chain is not None and chain.last < stop else i  # a chain cut by start / end: unfolded
-        if chain is not None and chain.last < stop:
+        if chain is not None and chain.last >= stop:  # a chain cut by start / end: unfolded
+            chain = None
+        last = chain.last if chain is not None else i
+        if chain is not None:
             forward_chain(net, chain)
         else:
             shapes = forward_layer(net, i)

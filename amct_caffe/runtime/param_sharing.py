@@ -13,6 +13,14 @@ from amct_caffe.errors import GraphError
 from amct_caffe.runtime.blob import Blob
 
 
+def shares_every_blob(specs, count: int, owned) -> bool:
+    """Whether each of a layer's ``count`` learned blobs names (``specs``: its ParamSpecs) a param in ``owned`` (the
+    names earlier layers own): then it needs no weights of its own in the caffemodel (Caffe loads such a net; the
+    blobs are the owner's)."""
+    specs = list(specs)
+    return len(specs) >= count and all(spec.name and spec.name in owned for spec in specs[:count])
+
+
 class ParamSharing:
     """The learnable blobs of one Net, in the order Caffe lists them, with the owners of named params."""
 
@@ -24,11 +32,8 @@ class ParamSharing:
         self._given: dict[str, tuple[int, bool, bool]] = {}
 
     def all_shared(self, specs, count: int) -> bool:
-        """Whether each of a layer's ``count`` learned blobs names (``specs``: its ParamSpecs) a param an earlier
-        layer owns: then it needs no weights of its own in the caffemodel (Caffe loads such a net; the blobs
-        are the owner's)."""
-        specs = list(specs)
-        return len(specs) >= count and all(spec.name and spec.name in self._owners for spec in specs[:count])
+        """:func:`shares_every_blob` with the params the layers so far own."""
+        return shares_every_blob(specs, count, self._owners)
 
     def add(self, layer, loaded: bool = False) -> None:
         """Register ``layer``'s blobs: learnable, or the owner's for a param named before (``layer.blobs`` then

@@ -29,6 +29,7 @@ from amct_caffe.ir import Graph, Node
 from amct_caffe.ops import has_executor
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.net import TEST
+from amct_caffe.runtime.param_sharing import shares_every_blob
 from amct_caffe.runtime.registry import layer_class
 
 _LOG = logging.getLogger(__name__)
@@ -41,9 +42,8 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool, ow
                                                                                                  node.params)
     check_param_shapes(where, expected)
     if not node.params:
-        specs = list(node.layer_param.param) if node.layer_param is not None else []
-        shared = len(specs) >= len(expected) and all(p.name and p.name in owned for p in specs[:len(expected)])
-        if expected and have_weights and not shared:
+        specs = node.layer_param.param if node.layer_param is not None else ()
+        if expected and have_weights and not shares_every_blob(specs, len(expected), owned):
             raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs {len(expected)} "
                                f"blob(s) of shapes {[list(s) for s in expected]}); check that the layer names of "
                                "the prototxt and the caffemodel match")
@@ -101,8 +101,7 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
             bottoms = [tuple(s) for s in bottoms]
             if strict:
                 _check_params(node, layer, bottoms, where, have_weights, owned)
-            if node.layer_param is not None:
-                owned.update(p.name for p in node.layer_param.param if p.name)
+            owned.update(p.name for p in node.layer_param.param if p.name)
             layer.blobs = [Blob(data=np.asarray(p)) for p in node.params]
             tops = layer.reshape(bottoms)
             tops = [check_top_shape(where, t, s) for t, s in zip(node.tops, tops, strict=False)]
