@@ -211,7 +211,7 @@ def parse_prototxt_text(text: str, path: str, message=None):
         if "has no field named" in str(e) or "has no value named" in str(e):
             hint = (" If this is a custom layer, compile your Caffe's caffe.proto with "
                     "amct_caffe.set_caffe_proto(path) or the AMCT_CAFFE_PROTO environment variable.")
-        raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {e}.{hint}") from None
+        raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {str(e).rstrip('.')}.{hint}") from None
     _check_required(msg, path)
     if empty:
         _remember(msg, text)

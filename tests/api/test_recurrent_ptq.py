@@ -206,3 +206,22 @@ def test_label_free_qat_refuses_a_recurrent_layer(tmp_path):
     with pytest.raises(AmctError, match="layer 'rec' \\(GRU\\) is recurrent: label-free QAT cannot train through"):
         amct.label_free_retrain(str(proto), str(weights), batches, str(tmp_path / "out" / "q"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gru_spelling_out_its_default_activations_quantizes_as_without_them(tmp_path):
+    """recurrent_param.activations "Sigmoid" / "TanH" are the GRU's defaults: its calibration and quantized
+    forms take them (they used to be refused there as fields of another layer type), and the files are those of
+    the same GRU without the field."""
+    records = []
+    for spelled in (False, True):
+        tmp = tmp_path / str(spelled)
+        tmp.mkdir()
+        proto, weights = _model(tmp, "GRU", False)
+        if spelled:
+            proto.write_text(proto.read_text().replace("num_output:", 'activations: "Sigmoid" activations: "TanH" '
+                                                                      "num_output:", 1))
+        feeds = [_batch(np.random.default_rng(4), False)]
+        calibrate(str(proto), str(weights), feeds, str(tmp / "q"), 1, progress=False)
+        records.append((tmp / "q_quant_param_record.txt").read_text())
+        Net(str(tmp / "q_fake_quant_model.prototxt"), str(tmp / "q_fake_quant_weights.caffemodel"), 1)
+    assert records[0] == records[1]

@@ -229,3 +229,56 @@ def test_unimplemented_fork_fields_are_refused(tmp_path, kind, field, match):
     path.write_text(_recurrent(kind, 3, 2, (3,), 4).replace("num_output: 4", f"num_output: 4 {field}"))
     with pytest.raises(GraphError, match=rf"layer 'rnn' \({kind}\): recurrent_param {match}.* is not supported"):
         Net(str(path), TEST)
+
+
+_STREAMS = (3, 2, 3, 4)  # fewer streams, as many as the first forward again, more than ever
+
+
+@pytest.mark.real_caffe
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_state_carried_when_the_number_of_streams_changes(tmp_path, kind):
+    """Without expose_hidden each forward starts from the last one's final state, as Caffe's blob memory
+    holds it: with fewer streams, streams 0..N-1 go on from theirs; back to a count the memory held
+    before, the streams past the last forward's take what they had then; past it, all start from zero."""
+    import json  # noqa: PLC0415
+
+    from amct_caffe.runtime import TEST, Net  # noqa: PLC0415
+    from tests.real_caffe import run_with_pycaffe  # noqa: PLC0415
+
+    text = _recurrent(kind, 2, 3, (2,), 3)
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(text)
+    weights = tmp_path / "w.caffemodel"
+    Net(str(proto), TEST).save(str(weights))
+    script = f"""
+import json, numpy as np, caffe
+net = caffe.Net({str(proto)!r}, {str(weights)!r}, caffe.TEST)
+out = []
+for n in {_STREAMS!r}:
+    net.blobs["x"].reshape(2, n, 2); net.blobs["cont"].reshape(2, n)
+    net.blobs["x"].data[...] = np.arange(4 * n, dtype=np.float32).reshape(2, n, 2) / 10
+    net.blobs["cont"].data[...] = 1
+    net.reshape(); net.forward()
+    out.append(net.blobs["y"].data.tolist())
+print(json.dumps(out))
+"""
+    done = run_with_pycaffe(script)
+    assert done.returncode == 0, done.stderr
+    want = json.loads(done.stdout.strip().splitlines()[-1])
+    net = Net(str(proto), str(weights), TEST)
+    for n, expected in zip(_STREAMS, want, strict=True):
+        x = np.arange(4 * n, dtype=np.float32).reshape(2, n, 2) / 10
+        got = net.forward(x=x, cont=np.ones((2, n), np.float32))["y"]
+        np.testing.assert_allclose(got, np.array(expected, np.float32), rtol=0, atol=1e-6)
+
+
+def test_one_axis_static_input_is_refused(tmp_path):
+    """Caffe's unrolled InnerProduct on x_static aborts on a 1-axis blob ("axis 1 out of range"): refused by name."""
+    from amct_caffe.errors import GraphError  # noqa: PLC0415
+    from amct_caffe.runtime import TEST, Net  # noqa: PLC0415
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(_input("xs", 2) + _recurrent("LSTM", 3, 2, (3,), 4).replace('bottom: "cont"',
+                                                                              'bottom: "cont" bottom: "xs"'))
+    with pytest.raises(GraphError, match=r"layer 'rnn' \(LSTM\): x_static must be .* at least 2 axes, got \[2\]"):
+        Net(str(path), TEST)

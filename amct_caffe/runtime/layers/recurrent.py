@@ -10,7 +10,9 @@ that stream), an optional static input ``x_static (N, ...)`` (``D_s``), and with
 ``expose_hidden`` the initial state ``h0 (1, N, H)`` [LSTM: and ``c0 (1, N, H)``]. Tops: the
 output ``(T, N, H)`` and with ``expose_hidden`` the final state ``hT`` [LSTM: and ``cT``].
 ``H = recurrent_param.num_output``. Without ``expose_hidden`` the initial state is the final state
-of the previous forward (zero on the first one), as Caffe's layer keeps it.
+of the previous forward (zero on the first one), as Caffe's layer keeps it; with fewer streams than the
+last forward, streams ``0 .. N-1`` go on from theirs, with more, every stream starts from zero (the memory
+Caffe's Blob::Reshape keeps or allocates).
 
 LSTM, learned blobs ``[W_xc (4H, D), b_c (4H), [W_xc_static (4H, D_s)], W_hc (4H, H)]``, gates
 stacked ``i, f, o, g`` (lstm_unit.py)::
@@ -45,7 +47,7 @@ import math
 import numpy as np
 
 from amct_caffe.errors import GraphError
-from amct_caffe.ops import register
+from amct_caffe.ops import recurrent_base, register
 from amct_caffe.runtime.layer import Layer
 from amct_caffe.runtime.layers.activation_grad import TanH_grad
 from amct_caffe.runtime.layers.inner_product import InnerProduct
@@ -78,13 +80,15 @@ def _sum_in_order(parts: np.ndarray) -> np.ndarray:
 def _refuse_unsupported_fields(lp) -> None:
     """synopsys-caffe's RecurrentParameter fields that change the bottoms, tops or math and that the
     executor does not implement: a layer setting them is refused, naming the field. (``tf_rnn`` only
-    changes the RNN; the fork ignores ``linear_before_reset`` outside the GRU, and so does this.)"""
+    changes the RNN; the fork ignores ``linear_before_reset`` outside the GRU, and so does this.) A calibration
+    or quantized form (GRUCalibration, RNNQuant, ...) takes the fields of the type it stands for."""
     rp = lp.recurrent_param
+    base = recurrent_base(lp.type)
     bad = [f"direction {rp.direction!r}" if rp.direction != "forward" else "",
            "default_initial" if rp.default_initial else "", "continue_recur" if rp.continue_recur else "",
-           "tf_rnn" if rp.tf_rnn and lp.type == "RNN" else "",
+           "tf_rnn" if rp.tf_rnn and base == "RNN" else "",
            "activation_alpha" if len(rp.activation_alpha) else "", "activation_beta" if len(rp.activation_beta) else "",
-           "activations" if len(rp.activations) and lp.type != "GRU" else ""]
+           "activations" if len(rp.activations) and base != "GRU" else ""]
     bad = [b for b in bad if b]
     if bad:
         raise GraphError(f"layer '{lp.name}' ({lp.type}): recurrent_param {', '.join(bad)} is not supported "
@@ -121,7 +125,7 @@ class _Recurrent(Layer):
                              f"{nb} and {nt}")
         self.static = nb == 3 + exposed
         self.steps: int | None = None   # T, fixed at the first reshape as in Caffe's LayerSetUp
-        self._state: list[np.ndarray] | None = None
+        self._state: list[np.ndarray] | None = None  # the final state blobs' memory, flat (capacity)
         self._cache: dict = {}
 
     # -- structure --------------------------------------------------------------------
@@ -136,9 +140,10 @@ class _Recurrent(Layer):
         d_static = None
         if self.static:
             s = tuple(bottom_shapes[2])
-            if len(s) < 1 or s[0] != x[1]:
-                raise GraphError(f"layer '{self.name}' ({self.type}): x_static must be (N, ...) with N = {x[1]}, "
-                                 f"got {list(s)}")
+            # (at least 2 axes: Caffe's InnerProduct on it flattens from axis 1, and a 1-axis blob aborts there)
+            if len(s) < 2 or s[0] != x[1]:
+                raise GraphError(f"layer '{self.name}' ({self.type}): x_static must be (N, ...) with N = {x[1]} and "
+                                 f"at least 2 axes, got {list(s)}")
             d_static = math.prod(s[1:])
         return x, math.prod(x[2:]), d_static
 
@@ -188,10 +193,13 @@ class _Recurrent(Layer):
     def _initial_state(self, bottoms, n: int) -> list[np.ndarray]:
         if self.expose:
             return [np.asarray(b, _F32)[0] for b in bottoms[2 + self.static:]]
-        # Caffe copies the previous forward's final state into the first step's input
-        if self._state is not None and all(s.shape == (n, self.hidden) for s in self._state):
-            return list(self._state)
-        return [np.zeros((n, self.hidden), _F32) for _ in range(self.states)]
+        # Caffe copies the previous forward's final state blob into the first step's input, count N*H values.
+        # That blob's Reshape allocates new (zeroed) memory only when the count grows past its capacity: with
+        # fewer streams than before, stream k < N goes on from its own final state (the first N*H values).
+        size = n * self.hidden
+        if self._state is None or self._state[0].size < size:
+            self._state = [np.zeros(size, _F32) for _ in range(self.states)]
+        return [s[:size].reshape(n, self.hidden).copy() for s in self._state]
 
     def _input_transforms(self, bottoms):
         """``W x_t + b`` for every step, ``(T, N, rows)``, and ``W_static x_static`` (``(N, rows)`` or None)."""
@@ -238,7 +246,8 @@ class _Recurrent(Layer):
         state = self._initial_state(bottoms, cont.shape[1])
         out, final = self._run(wx, ws, cont, state)
         if not self.expose:
-            self._state = [s.copy() for s in final]
+            for memory, s in zip(self._state, final, strict=True):
+                memory[:s.size] = s.reshape(-1)
         return [out] + ([s[None] for s in final] if self.expose else [])
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
