@@ -16,12 +16,12 @@ from amct_caffe.io.blobs import array_to_blob, blob_shape, blob_to_array
 from amct_caffe.io.files import (atomic_output, parse_prototxt_text, read_caffemodel, read_prototxt,
                                  write_caffemodel, write_prototxt)
 from amct_caffe.io.schema import caffe_pb
-from amct_caffe.io.upgrade import TEST, TRAIN, filter_phase, layer_included, upgrade_net
+from amct_caffe.io.upgrade import TEST, TRAIN, clear_batchnorm_param_specs, filter_phase, layer_included, upgrade_net
 
 __all__ = [
-    "TEST", "TRAIN", "array_to_blob", "atomic_output", "blob_shape", "blob_to_array", "conform_blob",
-    "filter_phase", "layer_included", "load_model", "load_prototxt", "load_weights", "net_to_caffemodel",
-    "parse_prototxt_text", "read_caffemodel", "read_prototxt", "upgrade_net", "write_caffemodel",
+    "TEST", "TRAIN", "array_to_blob", "atomic_output", "blob_shape", "blob_to_array", "clear_batchnorm_param_specs",
+    "conform_blob", "filter_phase", "layer_included", "load_model", "load_prototxt", "load_weights",
+    "net_to_caffemodel", "parse_prototxt_text", "read_caffemodel", "read_prototxt", "upgrade_net", "write_caffemodel",
     "write_prototxt",
 ]
 

@@ -76,6 +76,23 @@ def upgrade_net(net, source: str = "model") -> bool:
     return changed
 
 
+def clear_batchnorm_param_specs(net, source: str = "model") -> list[str]:
+    """Caffe's ``UpgradeNetBatchNorm``, which it applies to every net it reads from a file (not to one given
+    inline in a solver): a BatchNorm layer declaring exactly three ``param`` specs, as the old definition
+    required (usually ``lr_mult: 0``), has them cleared. This Caffe's BatchNorm then adds no specs of its own,
+    so its mean / variance / factor blobs train with the solver's defaults: their diff stays 0, but weight decay
+    (and AdaGrad / RMSProp's updates of it) moves them. Returns the names of the layers changed."""
+    changed = [layer.name for layer in net.layer if layer.type == "BatchNorm" and len(layer.param) == 3]
+    for layer in net.layer:
+        if layer.type == "BatchNorm" and len(layer.param) == 3:
+            del layer.param[:]
+    if changed:
+        _LOG.info("%s: the three param specs of BatchNorm layer(s) %s cleared, as Caffe does on reading a net "
+                  "file (UpgradeNetBatchNorm): their statistics blobs take lr_mult and decay_mult 1",
+                  source, ", ".join(f"'{n}'" for n in changed[:5]) + (" ..." if len(changed) > 5 else ""))
+    return changed
+
+
 def _v1_type_enum(net):
     return net.DESCRIPTOR.fields_by_name["layers"].message_type.fields_by_name["type"].enum_type
 

@@ -44,7 +44,10 @@ class BackwardPlan:
     steps: list[Step]
     step_of_layer: list[int]  # Net.layers index -> index in steps
     param_propagate_down: list[list[bool]]
-    loss_weights: list[list[float]]  # per layer, per top: the loss is sum(weight * top data)
+    # per layer, per top: the forward's loss is sum(weight * top data), with Caffe's weights after InsertSplits
+    # (a split carrying a loss adds its weight to its blob's; a layer losing its loss_weight list to one keeps none,
+    # or a LossLayer's default 1 on top 0)
+    loss_weights: list[list[float]]
     # per layer, per top: the constant a loss top's diff holds (0 where a virtual split took the
     # loss over: the split then adds the weight to its readers' diffs)
     diff_seeds: list[list[float]]
@@ -68,6 +71,8 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
     n = len(layers)
     loss_weights = [loss_weights_of(layer, len(top_names[i])) for i, layer in enumerate(layers)]
     seeds = [list(w) for w in loss_weights]
+    # InsertSplits sees only the loss_weight fields a prototxt gives (not a LossLayer's default of 1)
+    given = [[float(w) for w in layer.lp.loss_weight][:len(top_names[i])] for i, layer in enumerate(layers)]
     # -- InsertSplits: readers of each blob version (a version is (producer layer, top index))
     producer: dict[str, tuple[int, int]] = {}
     readers: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -81,17 +86,28 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
             producer[t] = (i, j)
     bottom_keys = [list(bottom_names[i]) for i in range(n)]
     splits_after: dict[int, list[Step]] = {}
-    for (p, j), reads in readers.items():
+    split_losses: list[tuple[int, int, float]] = []  # (layer, top, weight) of each split carrying a loss
+    for (p, j), reads in sorted(readers.items()):
         blob = top_names[p][j]
-        weight = seeds[p][j]
+        weight = given[p][j] if j < len(given[p]) else 0.0
         if len(reads) + (1 if weight else 0) <= 1:
             continue
         keys = [f"{blob}@split{p}/{k}" for k in range(len(reads))]
         for (i, bj), key in zip(reads, keys, strict=True):
             bottom_keys[i][bj] = key
         splits_after.setdefault(p, []).append(Step(None, [blob], keys, split_loss_weight=weight))
-        if weight:  # Caffe moves the loss onto the split: the blob itself is no loss any more
-            seeds[p][j] = 0.0
+        if weight:
+            split_losses.append((p, j, weight))
+            # Caffe moves the loss onto the split and clears the layer's loss_weight list, every top's: its
+            # other tops are no loss any more, and a LossLayer's setup then gives top 0 its default weight of 1
+            # again (a diff the split's backward overwrites when it is this top; the forward loss counts it)
+            seeds[p] = [0.0] * len(seeds[p])
+            if layers[p].is_loss:
+                seeds[p][0] = 1.0
+    # the loss the forward reports: each top's weight after the splits, plus the loss of the split carrying it
+    forward_weights = [list(w) for w in seeds]
+    for p, j, weight in split_losses:
+        forward_weights[p][j] += weight
     steps: list[Step] = []
     step_of_layer = []
     for i in range(n):
@@ -141,7 +157,8 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
         step = steps[s]
         contributes = any(step_loss[s][k] or t in under_loss for k, t in enumerate(step.top_keys))
         contributes |= bool(step.split_loss_weight)
-        skip = all(t in skip_backprop for t in step.top_keys)
+        # (a split carrying a loss has a top for it in Caffe, which no layer reads and so none skips)
+        skip = not step.split_loss_weight and all(t in skip_backprop for t in step.top_keys)
         if step.need_backward and skip:
             step.need_backward = False
             step.bottom_need_backward = [False] * len(step.bottom_keys)
@@ -164,7 +181,7 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
                 need or (layer is None or layer.allow_force_backward(k))
                 for k, need in enumerate(step.bottom_need_backward)]
         param_propagate_down = [[True] * len(flags) for flags in param_propagate_down]
-    return BackwardPlan(steps, step_of_layer, param_propagate_down, loss_weights, seeds)
+    return BackwardPlan(steps, step_of_layer, param_propagate_down, forward_weights, seeds)
 
 
 

@@ -68,6 +68,7 @@ class Net(WholeSetCalls):
         self.phase = phase
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             net_param, loaded = io.load_model(model, weights, phase)
+            io.clear_batchnorm_param_specs(net_param, str(model))  # as Caffe's reading of a net file
             self._source = str(model)
         else:  # an in-memory NetParameter (already upgraded and filtered)
             net_param, loaded = model, OrderedDict()

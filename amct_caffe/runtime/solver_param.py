@@ -105,6 +105,7 @@ def check_solver_type(param, solver_type: str, where: str) -> None:
 def _read_net(path: str):
     net = io.read_prototxt(path)
     io.upgrade_net(net, path)
+    io.clear_batchnorm_param_specs(net, path)  # (Caffe upgrades a net read from a file, not one given inline)
     return net
 
 

@@ -17,7 +17,7 @@ child), which:
    random diff, and ``backward(**diffs)`` runs with the loss outputs keeping their seeds;
 3. saves ``NAME.grad.npz``: ``data/B`` and ``diff/B`` per blob (Caffe's ``_split_`` copies
    left out), ``pdata/L/i`` and ``pdiff/L/i`` per learned blob, ``topdiff/B`` for the diffs it
-   set, and ``loss`` (the weighted sum the forward returned).
+   set, and ``loss`` (what the last forward's ``Net::ForwardFromTo`` returned).
 
 ``WORKDIR/results.json`` maps each name to ``{"status": "ok" | "refused", "log": glog tail}``.
 """
@@ -51,16 +51,13 @@ def _child(caffe, workdir: str, entry: dict) -> None:
         for k, v in inputs_for_forward(inputs, i).items():
             net.blobs[k].reshape(*v.shape)
             net.blobs[k].data[...] = v
-        # pycaffe's forward() returns outputs only; the loss is recomputed from the weights below
-        net.forward()
+        # pycaffe's forward() returns outputs only; Net::ForwardFromTo returns the loss (split layers' included)
+        loss = float(net._forward(0, len(net.layers) - 1))
     out = {}
-    loss = 0.0
     for o in net.outputs:
         blob = net.blobs[o]
         seed = np.array(blob.diff, dtype=np.float32)
-        if np.any(seed):
-            loss += float(np.sum(seed * blob.data))
-        else:
+        if not np.any(seed):
             diff = rng.standard_normal(blob.data.shape).astype(np.float32)
             out[f"topdiff/{o}"] = diff
             blob.diff[...] = diff

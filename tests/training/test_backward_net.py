@@ -12,6 +12,7 @@ from tests.training.gradcheck import assert_matches_caffe, run_in_caffe
 pytestmark = pytest.mark.real_caffe
 
 _IN = 'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ {dims} }} }} }}\n'
+_TARGET = 'layer { name: "target" type: "Input" top: "target" input_param { shape { dim: 4 dim: 2 } } }\n'
 
 
 def _input(*dims):
@@ -41,6 +42,29 @@ CASES = {
     'loss_weight: 1.5 }\n'
     'layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 3 } '
     'loss_weight: 0.25 }\n',
+    # a loss-weighted top whose other reader leads to no loss: the split carrying the loss still runs backward
+    "loss_blob_read_by_a_dead_end": _input(4, 3) +
+    'layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 3 } '
+    'loss_weight: 0.1 }\n'
+    'layer { name: "t" type: "TanH" bottom: "a" top: "t" }\n',
+    # ... or reads it with propagate_down false
+    "loss_blob_read_without_propagation": _input(4, 3) +
+    'layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 3 } '
+    'loss_weight: 0.1 }\n'
+    'layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" propagate_down: false '
+    'inner_product_param { num_output: 2 } loss_weight: 1 }\n',
+    # a loss layer's top with an explicit weight, read by another layer: the layer's own top gets a LossLayer's
+    # default weight 1 again (the forward's loss counts 1 + 2 of it, the gradient 2)
+    "loss_layer_top_also_read": _input(4, 3) + _TARGET +
+    'layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 2 } }\n'
+    'layer { name: "loss" type: "EuclideanLoss" bottom: "a" bottom: "target" top: "loss" loss_weight: 2 }\n'
+    'layer { name: "pw" type: "Power" bottom: "loss" top: "pw" power_param { scale: 3 } }\n',
+    # a Slice whose weighted first top is read: Caffe clears the layer's loss_weight list, the second top's too
+    "split_clears_the_other_tops_weights": _input(4, 3) + _TARGET +
+    'layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 4 } }\n'
+    'layer { name: "sl" type: "Slice" bottom: "a" top: "s1" top: "s2" slice_param { axis: 1 slice_point: 2 } '
+    'loss_weight: 0.3 loss_weight: -0.2 }\n'
+    'layer { name: "loss" type: "EuclideanLoss" bottom: "s1" bottom: "target" top: "loss" }\n',
     # shared parameters: both layers accumulate into one weight
     "shared_param": _input(2, 5) +
     'layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" param { name: "w" } param { name: "bias" } '
@@ -48,6 +72,10 @@ CASES = {
     'layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" } param { name: "bias" } '
     'inner_product_param { num_output: 5 } loss_weight: 1 }\n',
 }
+
+
+_INPUT_SHAPES = {name: (4, 3) for name in ("loss_blob_read_by_a_dead_end", "loss_blob_read_without_propagation",
+                                          "loss_layer_top_also_read", "split_clears_the_other_tops_weights")}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +87,10 @@ def caffe_results(tmp_path_factory):
     cases = []
     for name, text in CASES.items():
         shape = (3, 2, 2, 2) if name == "ip_two_readers" else (2, 5)
-        cases.append((name, f'name: "{name}"\n' + text, {"data": rng.standard_normal(shape).astype(np.float32)},
-                      "TRAIN"))
+        arrays = {"data": rng.standard_normal(_INPUT_SHAPES.get(name, shape)).astype(np.float32)}
+        if '"target"' in text:
+            arrays["target"] = rng.standard_normal((4, 2)).astype(np.float32)
+        cases.append((name, f'name: "{name}"\n' + text, arrays, "TRAIN"))
     return workdir, run_in_caffe(workdir, cases)
 
 

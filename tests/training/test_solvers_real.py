@@ -42,6 +42,9 @@ NET = (
 SHARED = ('layer { name: "ip1b" type: "InnerProduct" bottom: "data" top: "ip1b" param { name: "w1" } '
           'param { name: "b1" } inner_product_param { num_output: 3 } loss_weight: 0.25 }\n')
 
+BATCHNORM = ('layer { name: "bn" type: "BatchNorm" bottom: "ip1" top: "ip1" ' +
+             "param { lr_mult: 0 decay_mult: 0 } " * 3 + "}\n")
+
 CASES = {
     # name: (solver fields, net substitutions)
     "sgd_fixed_l2": ('type: "SGD" base_lr: 0.05 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.01', {}),
@@ -68,6 +71,10 @@ CASES = {
     "adam": ('type: "Adam" base_lr: 0.01 lr_policy: "fixed" momentum: 0.9 momentum2: 0.999 delta: 1e-8 '
              'clip_gradients: 2', {}),
     "adam_legacy_enum": ('solver_type: ADAM base_lr: 0.02 lr_policy: "exp" gamma: 0.9 momentum: 0.8', {}),
+    # the old BatchNorm idiom, three lr_mult 0 specs in a net file: Caffe's UpgradeNetBatchNorm clears them, so
+    # weight decay moves the statistics
+    "sgd_batchnorm_param_specs": ('type: "SGD" base_lr: 0.05 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.2',
+                                  {"EXTRA": BATCHNORM}),
 }
 
 
