@@ -151,18 +151,19 @@ class Graph:
         return f"Graph({self.name!r}, {len(self.nodes)} nodes)"
 
 
-def check_producers(layers: list[tuple[str, list[str], list[str]]], where: str = "") -> None:
+def check_producers(layers: list[tuple], where: str = "") -> None:
     """Caffe's rules for a top naming an existing blob (net.cpp AppendTop, insert_splits.cpp).
 
-    It is an in-place write only where the layer's bottom at the same position is that blob;
-    otherwise the blob would have two producers ("Top blob produced by multiple sources"). And an
-    in-place write is refused when another layer already read the blob's current value: Caffe's
-    automatic Split then gives the in-place layer a split copy as its bottom, and its top becomes a
+    ``layers``: (name, bottoms, tops[, the loss_weight fields given]) per layer. It is an in-place write only
+    where the layer's bottom at the same position is that blob; otherwise the blob would have two producers
+    ("Top blob produced by multiple sources"). And an in-place write is refused when another layer already
+    read the blob's current value, or its producer gave it a loss_weight (a loss counts as a reader there):
+    Caffe's automatic Split then gives the in-place layer a split copy as its bottom, and its top becomes a
     second producer of the blob. Raises GraphError naming the layers.
     """
     producer: dict[str, str] = {}
-    readers: dict[str, list[str]] = {}  # readers of each blob's current value
-    for name, bottoms, tops in layers:
+    readers: dict[str, list[str]] = {}  # readers of each blob's current value ("layer 'x'", or its loss)
+    for name, bottoms, tops, *weights in layers:
         in_place = {t for j, t in enumerate(tops) if j < len(bottoms) and bottoms[j] == t}
         for j, t in enumerate(tops):
             if t in producer and t not in in_place:
@@ -170,15 +171,17 @@ def check_producers(layers: list[tuple[str, list[str], list[str]]], where: str =
                                  f"produces; only an in-place layer (top {j} = bottom {j}) may write an existing "
                                  "blob (Caffe: 'produced by multiple sources')")
             if t in in_place and readers.get(t):
-                raise GraphError(f"{where}layer '{name}' computes blob '{t}' in place, but layer '{readers[t][0]}' "
-                                 f"already read it; Caffe refuses this (its automatic Split gives '{name}' a copy, "
-                                 f"and '{t}' then has two producers): give '{name}' a top of its own")
+                raise GraphError(f"{where}layer '{name}' computes blob '{t}' in place, but {readers[t][0]} already "
+                                 f"read it; Caffe refuses this (its automatic Split gives '{name}' a copy, and '{t}' "
+                                 f"then has two producers): give '{name}' a top of its own")
         for b in bottoms:
             if b not in in_place:
-                readers.setdefault(b, []).append(name)
-        for t in tops:
+                readers.setdefault(b, []).append(f"layer '{name}'")
+        given = list(weights[0]) if weights else []
+        for j, t in enumerate(tops):
             producer[t] = name
-            readers[t] = []
+            readers[t] = [f"the loss (loss_weight {given[j]:g} of layer '{name}')"] if j < len(given) and given[j] \
+                else []
 
 
 def ssa_rename(layers: list[tuple[str, list[str], list[str]]],

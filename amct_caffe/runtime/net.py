@@ -137,7 +137,8 @@ class Net(WholeSetCalls):
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         seen_names: set[str] = set()
-        check_producers([(lp.name, list(lp.bottom), list(lp.top)) for lp in net_param.layer], f"{self._source}: ")
+        check_producers([(lp.name, list(lp.bottom), list(lp.top), list(lp.loss_weight)) for lp in net_param.layer],
+                        f"{self._source}: ")
         for lp in net_param.layer:
             if lp.name in seen_names:
                 raise GraphError(f"{self._source}: two layers are named '{lp.name}'")

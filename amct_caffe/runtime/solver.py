@@ -71,6 +71,11 @@ class Solver(ABC):
             raise type(e)(f"{self._where}: {e}") from None
         self.net = self._build_net(train, "train net", seed)
         self.test_nets = [self._build_net(t, f"test net #{i}", seed) for i, t in enumerate(tests)]
+        if self.param.regularization_type not in ("L1", "L2") and self.param.weight_decay and \
+                any(decay_mult for _, _, decay_mult in self.net.learnable_params()):
+            # (Caffe reads the type only for a blob with a weight decay, aborting at the first update)
+            raise TrainingError(f"{self._where}: unknown regularization_type \"{self.param.regularization_type}\"; "
+                                "use L2 or L1")
         self._iter = 0
         self._current_step = 0
         self._history = [np.zeros(b.shape, _F) for _ in range(self.history_sets)

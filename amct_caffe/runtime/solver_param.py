@@ -76,8 +76,6 @@ def check_solver_param(param, where: str) -> None:
         raise bad(f"lr_policy \"step\" needs stepsize > 0 (it is {param.stepsize})")
     if param.lr_policy == "poly" and param.max_iter <= 0:
         raise bad(f"lr_policy \"poly\" needs max_iter > 0 (it is {param.max_iter})")
-    if param.weight_decay and param.regularization_type not in ("L1", "L2"):
-        raise bad(f"unknown regularization_type \"{param.regularization_type}\"; use L2 or L1")
     if param.type not in LEGACY_TYPES.values():
         raise bad(f"unknown solver type \"{param.type}\"; use one of {', '.join(LEGACY_TYPES.values())}")
     if param.snapshot_format != caffe_pb().SolverParameter.BINARYPROTO:

@@ -98,3 +98,29 @@ def caffe_results(tmp_path_factory):
 def test_backward_matches_caffe(caffe_results, case):
     workdir, results = caffe_results
     assert_matches_caffe(workdir, results, case)
+
+
+@pytest.mark.parametrize("extra, why", [
+    ('layer { name: "r" type: "ReLU" bottom: "ip" top: "ip" }\n', "the loss (loss_weight 0.5 of layer 'ip')"),
+    ('layer { name: "t" type: "TanH" bottom: "ip" top: "t" }\n'
+     'layer { name: "r" type: "ReLU" bottom: "ip" top: "ip" }\n', "layer 't'"),
+])
+def test_an_in_place_layer_on_a_split_blob_is_refused_as_caffe_does(tmp_path, extra, why):
+    """A blob read by two layers, or read once and weighted as a loss, gets Caffe's Split, which renames the
+    readers' bottoms only: an in-place reader then makes the blob a second time and Caffe aborts."""
+    import re  # noqa: PLC0415
+
+    from amct_caffe.errors import GraphError  # noqa: PLC0415
+    from amct_caffe.runtime import TRAIN, Net  # noqa: PLC0415
+    from tests.real_caffe import run_with_pycaffe  # noqa: PLC0415
+
+    weight = "loss_weight: 0.5 " if "loss" in why else ""
+    path = tmp_path / "net.prototxt"
+    path.write_text(_input(2, 3) + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                    f'inner_product_param {{ num_output: 2 }} {weight}}}\n' + extra)
+    message = f"layer 'r' computes blob 'ip' in place, but {why} already read it"
+    with pytest.raises(GraphError, match=re.escape(message)):
+        Net(str(path), TRAIN)
+    if pycaffe_dir() is not None:
+        done = run_with_pycaffe(f"import caffe\ncaffe.Net({str(path)!r}, caffe.TRAIN)")
+        assert done.returncode != 0 and "Top blob 'ip' produced by multiple sources" in done.stderr

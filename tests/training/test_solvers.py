@@ -253,6 +253,31 @@ def test_solver_settings_caffe_refuses_are_training_errors(tmp_path, text, messa
     assert str(path) in str(e.value)
 
 
+def test_an_unknown_regularization_type_matters_only_where_a_blob_decays(tmp_path):
+    """Caffe reads regularization_type only for a learned blob with a weight decay: with every decay_mult 0 an
+    unknown type trains as weight_decay 0 does (the same bytes); with one blob decaying it is refused."""
+    frozen = 'param { decay_mult: 0 } param { decay_mult: 0 }'
+    runs = []
+    for k, fields in enumerate(('weight_decay: 0.1 regularization_type: "l2"', "weight_decay: 0")):
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        path = _setup(folder, f'type: "SGD" base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 {fields}', param1=frozen)
+        text = (folder / "net.prototxt").read_text()
+        (folder / "net.prototxt").write_text(text.replace('top: "ip2"', f'top: "ip2" {frozen}', 1))
+        solver = caffe.get_solver(path)
+        solver.net.params["ip1"][0].data[...] = 0.25  # the same start in both runs
+        solver.net.params["ip2"][0].data[...] = -0.5
+        solver.net.blobs["data"].data[...] = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+        solver.step(2)
+        runs.append(_params(solver))
+    for key, value in runs[1].items():
+        np.testing.assert_array_equal(runs[0][key], value)
+    path = _setup(tmp_path, 'type: "SGD" base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.1 regularization_type: "l2"',
+                  param1=frozen)
+    with pytest.raises(TrainingError, match='unknown regularization_type "l2"; use L2 or L1'):
+        caffe.get_solver(path)
+
+
 def test_unreadable_files_name_the_file(tmp_path):
     bad = tmp_path / "solver.prototxt"
     bad.write_text('net: "x.prototxt"\nbase_lr: oops\n')
