@@ -44,11 +44,23 @@ def main() -> int:
 def _exit_interrupted():
     """End the process with status 130 after what interpreter shutdown does first (module doc): wait for
     the threads that are not daemons (a file being written finishes or removes its temporary file), run
-    the ``atexit`` handlers (logging's flush, the finalizers of temporary directories), flush stdio."""
+    the ``atexit`` handlers (logging's flush, the finalizers of temporary directories), flush stdio.
+
+    The threads are waited for as the interpreter waits for them, through ``threading._shutdown``: it first
+    runs the exit hooks of ``threading._register_atexit``, which tell a ``ThreadPoolExecutor``'s idle workers
+    (the IFMR worker of runtime/layers/calibration_overlap.py) to stop; joining those threads without them
+    waited forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up below is not to be cut short either
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:  # (an interpreter without it: join them, ending our own pool first)
+        pools = sys.modules.get("concurrent.futures.thread")
+        with contextlib.suppress(Exception):
+            pools._python_exit()  # noqa: SLF001
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()  # noqa: SLF001 - the interpreter's own exit step, run before os._exit skips it
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

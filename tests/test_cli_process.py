@@ -61,6 +61,35 @@ def test_a_signal_during_calibration_cleans_up_and_exits(tmp_path, sig, code, me
     assert not out.exists() or os.listdir(out) == []
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the IFMR worker runs only beside a spare core")
+@pytest.mark.parametrize("command", ["calibrate", "retrain"])
+def test_ctrl_c_ends_a_run_whose_ifmr_worker_is_running(tmp_path, command):
+    """With one BLAS thread on a machine of several cores the IFMR fills go to a worker thread; Ctrl-C then still
+    ends the run with status 130 (the exit used to wait for that idle worker forever)."""
+    out = tmp_path / "out"
+    work = ["--batch-size", "5", "--batch-num", "100"] if command == "calibrate" else ["--select", ":256"]
+    proc = subprocess.Popen(
+        _amct(command, "--model", LENET, "--weights", LENET_WEIGHTS, "--data", MNIST_SAMPLE / "mnist_500.npz",
+              "--scale", "0.00390625", *work, "--output", out / "lenet"),
+        cwd=tmp_path, env=_env(tmp_path, OPENBLAS_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        bar = b"calibration:" if command == "calibrate" else b"retrain"
+        while bar not in seen:
+            chunk = proc.stderr.read(1)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = (seen + stderr).decode()
+    assert proc.returncode == 130, err
+    assert err.rstrip().splitlines()[-1] == "amct-caffe: interrupted", err
+    assert not out.exists() or os.listdir(out) == []
+
+
 def test_closed_stdout_ends_quietly(tmp_path):
     """`amct-caffe run ... | head -1`: once a BrokenPipeError traceback from print()."""
     with np.load(MNIST_SAMPLE / "mnist_500.npz") as z:  # 5000 lines of results: more than a pipe buffers
