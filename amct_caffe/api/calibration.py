@@ -69,9 +69,8 @@ def activation_quantize_model(graph, modified_model_file, modified_weights_file)
     session = check_session(graph)
     log.setup()
     calibration = session.calibration_graph()
-    for stale in session.stale_bn_dumps():  # a dump of an earlier run must not be taken for this one's
-        stale.unlink()
     with reading(**session.inputs()):
+        session.remove_stale_bn_dumps()  # a dump of an earlier run must not be taken for this one's
         write_graph(calibration, modified_model_file, modified_weights_file, in_place=True)
     _LOG.info("calibration model written to %s: run it %d time(s), then call save_model", modified_model_file,
               session.calibration_forwards())

@@ -55,7 +55,7 @@ from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
 from amct_caffe.api.compare import cosine_rows, sample_rows
 from amct_caffe.api.compared_outputs import net_layers, stand_in_outputs
-from amct_caffe.api.outputs import check_save_path
+from amct_caffe.api.outputs import check_saved_outputs
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
@@ -284,7 +284,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         raise AmctError(f"target_cosine must be a number in (0, 1], got {target_cosine!r}")
     if isinstance(max_float_layers, bool) or not isinstance(max_float_layers, int) or max_float_layers < 0:
         raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
-    save_path = check_save_path(save_path)
+    save_path = check_saved_outputs(save_path)  # a file this call reads is refused before the search
     config_out = f"{save_path}_fallback_config.json"
     if config_file is not None and os.path.abspath(config_file) == os.path.abspath(config_out):
         raise AmctError(f"config_file {config_file} is also where the fallback config goes; choose another "

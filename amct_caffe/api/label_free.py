@@ -92,13 +92,13 @@ from amct_caffe.api.label_free_data import Feed, batch_of, fp32_samples
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
 from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
-from amct_caffe.api.outputs import check_save_path, write_graph
+from amct_caffe.api.outputs import check_save_path, check_saved_outputs, write_graph
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config import RetrainDataConfig, create_retrain_config
 from amct_caffe.data import given_feeds
 from amct_caffe.errors import AmctError
-from amct_caffe.io.paths import check_output, reading
+from amct_caffe.io.paths import reading
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.fusion import fuse_bn_scale
@@ -120,8 +120,6 @@ ROUNDED_WEIGHT_LR = 0.0
 # sample whose target is (almost) zero, a blank image's heat map, would otherwise weigh without bound
 # (its cosine is undefined), and one quantized value a little off zero would swamp the loss.
 SAMPLE_ENERGY_FLOOR = 1e-2
-OUTPUT_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
-                   "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
 
 
 @dataclass
@@ -448,8 +446,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             raise AmctError(f"{name} must be a finite number >= 0, got {value!r}")
     save_path = check_save_path(save_path)
     with reading(model_file=model_file, weights_file=weights_file):
-        for suffix in OUTPUT_SUFFIXES:  # refused before any work; the save checks again, knowing only its inputs
-            check_output(f"{save_path}{suffix}")
+        check_saved_outputs(save_path)  # refused before any work; the save checks again, knowing only its inputs
         feeds = given_feeds(data, model_file, "label_free_retrain", preprocess=preprocess)
         model_batch = batch_of(feeds[0])
         batch = batch_size or model_batch

@@ -20,6 +20,7 @@ import numpy as np
 from amct_caffe import io, log, ops
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.config import create_default_config, parse_simple_cfg, read_quant_config
+from amct_caffe.config.quant_config import BnUpdateConfig
 from amct_caffe.config.layer_types import cannot_quantize_reason, config_type
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.files import read_text
@@ -117,9 +118,10 @@ def describe_layers(model_file, weights_file=None) -> list[dict]:
 
 
 def config_settings(config_file=None, config_defination=None) -> dict:
-    """``{"batch_num", "activation_offset", "written": the names of the two the file sets itself}`` of a
-    JSON config (``config_file``) or a simple .cfg (``config_defination``); a value the file does not
-    set is its default (1, true), which applies all the same."""
+    """``{"batch_num", "activation_offset", "written": the names of the two the file sets itself,
+    "bn_update_iterations": the forwards update_bn asks for (0 without update_bn)}`` of a JSON config
+    (``config_file``) or a simple .cfg (``config_defination``); a value the file does not set is its
+    default (1, true, the guide's 30 iterations), which applies all the same."""
     if (config_file is None) == (config_defination is None):
         raise AmctError("config_settings: give one of config_file and config_defination")
     names = ("batch_num", "activation_offset")
@@ -128,9 +130,13 @@ def config_settings(config_file=None, config_defination=None) -> dict:
             config = read_quant_config(config_file)
             doc = json.loads(read_text(config_file, "quantization config", ConfigError))
             values, written = config, [n for n in names if n in doc]
+            iterations = (config.bn_update_config or BnUpdateConfig()).bn_update_iterations
         else:
             values = parse_simple_cfg(config_defination)
             written = [n for n in names if values.HasField(n)]
             C.in_range(str(config_defination), "batch_num", int(values.batch_num), C.BATCH_NUM)
+            bn = values.bn_update_config
+            iterations = bn.bn_update_iterations if bn.HasField("bn_update_iterations") else \
+                BnUpdateConfig().bn_update_iterations
     return {"batch_num": int(values.batch_num), "activation_offset": bool(values.activation_offset),
-            "written": written}
+            "written": written, "bn_update_iterations": int(iterations) if values.update_bn else 0}

@@ -13,7 +13,7 @@ from amct_caffe.errors import AmctError
 from amct_caffe.io.caffemodel_bytes import caffemodel_chunks
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.io.outputs import StagedOutputs
-from amct_caffe.io.paths import checked_path
+from amct_caffe.io.paths import check_output, checked_path
 from amct_caffe.io.record import Record, record_bytes, record_text
 from amct_caffe.ir import Graph
 from amct_caffe.passes.quantized_models import (DEPLOY, FAKE, QuantTarget, build_quantized_graph, canonical_record,
@@ -48,6 +48,21 @@ def check_save_path(save_path) -> str:
     save_path = os.fsdecode(os.fspath(save_path))
     if not os.path.basename(save_path):
         raise AmctError(f"save_path {save_path!r} must end with a model name prefix, e.g. ./results/model")
+    return save_path
+
+
+# The files save_quantized writes for save_type "Both", after the prefix
+SAVED_SUFFIXES = ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel", "_deploy_model.prototxt",
+                  "_deploy_weights.caffemodel", "_quant.json", "_quant_param_record.txt", "_quant_param_record.bin")
+
+
+def check_saved_outputs(save_path) -> str:
+    """``save_path`` checked as :func:`check_save_path` does, and each file save_quantized would write there
+    against the files the current call reads (io/paths.py): a collision is refused before the work, not after
+    it. Returns ``save_path`` as a string."""
+    save_path = check_save_path(save_path)
+    for suffix in SAVED_SUFFIXES:
+        check_output(f"{save_path}{suffix}")
     return save_path
 
 

@@ -9,6 +9,7 @@ graph in the executor with the record in memory. Both therefore save identical m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from amct_caffe.config import load_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.bn_dump import bn_dump_path, read_bn_dump
 from amct_caffe.io.graph_io import graph_from_net
-from amct_caffe.io.paths import checked_path, reading
+from amct_caffe.io.paths import check_output, checked_path, reading
 from amct_caffe.io.record import Record
 from amct_caffe.ir import Graph
 from amct_caffe.passes.calibration import calibration_graph
@@ -150,6 +151,27 @@ class QuantGraph:
         """Dump files of the kept BatchNorms left by an earlier run (to delete before calibrating)."""
         return [p for p in (bn_dump_path(self.bn_dump_dir(), chain[0]) for chain in self.bn_kept.values())
                 if p.exists()]
+
+    @contextlib.contextmanager
+    def bn_dumps_removed_on_failure(self):
+        """A block after :meth:`remove_stale_bn_dumps`: if it fails (or is interrupted), the dumps the run wrote
+        meanwhile go too, so that a failed run leaves no files behind."""
+        try:
+            yield
+        except BaseException:
+            for path in self.stale_bn_dumps():  # (the earlier run's were removed: these are this run's)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+
+    def remove_stale_bn_dumps(self) -> None:
+        """Delete the dumps of an earlier run (this run's must not be mistaken for them), each checked as the
+        output it is first (a file the current call reads, e.g. data in ``bn_dump_dir``, is refused, not lost)."""
+        stale = self.stale_bn_dumps()
+        for path in stale:
+            check_output(path)
+        for path in stale:
+            path.unlink()
 
     def calibration_forwards(self) -> int:
         """batch_num, or bn_update_iterations if larger (update_bn with BatchNorm layers to refresh)."""

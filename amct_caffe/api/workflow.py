@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from amct_caffe import log
 from amct_caffe.api.calibration import create_quant_config, save_model
-from amct_caffe.api.outputs import check_save_path
+from amct_caffe.api.outputs import check_save_path, check_saved_outputs
 from amct_caffe.api.session import QuantGraph
 from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
@@ -43,12 +43,14 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
     given_config = config_file if config_file is not None and os.path.exists(config_file) else None
     with reading(model_file=model_file, weights_file=weights_file, config_file=given_config,
                  config_defination=config_defination), tempfile.TemporaryDirectory(prefix="amct_calib_") as tmp:
+        check_saved_outputs(save_path)  # a file this call reads is refused before the work, not after it
         config = config_file or os.path.join(tmp, "config.json")
         if given_config is None:
             create_quant_config(config, model_file, weights_file, batch_num=batch_num,
                                 activation_offset=activation_offset, config_defination=config_defination)
         graph = run_calibration(config, model_file, weights_file, batches, tmp, progress)
-        return save_model(graph, "Both", save_path)
+        with graph.bn_dumps_removed_on_failure():
+            return save_model(graph, "Both", save_path)
 
 
 def run_calibration(config_file, model_file, weights_file, batches: Iterable[dict[str, np.ndarray]], work_dir,
@@ -68,8 +70,7 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     if float_weights:
         session.calibrate_with_float_weights()
     calibration = session.calibration_graph()
-    for stale in session.stale_bn_dumps():  # a dump of an earlier run must not be taken for this one's
-        stale.unlink()
+    session.remove_stale_bn_dumps()  # a dump of an earlier run must not be taken for this one's
     needed = session.calibration_forwards()  # batch_num, or bn_update_iterations if larger
     # Only the calibration layers read the values (each is a reader of its own, so nothing they read is
     # written over): the float model's in-place layers run in place again and their chains fold, with the
@@ -77,14 +78,15 @@ def run_calibration(config_file, model_file, weights_file, batches: Iterable[dic
     net = Net.from_graph(calibration, TEST, records={session.record_file: session.record},
                          observed=calibration.outputs, fold="auto")
     done = 0
-    with tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
+    with session.bn_dumps_removed_on_failure(), \
+            tqdm(total=needed, desc="calibration", unit="batch", disable=not progress) as bar:
         for feed in checked_feeds(batches, "calibration data", net.inputs):
             net.forward(**feed)
             done += 1
             bar.update(1)  # counted after the forward, so the bar ends at 100% with the last batch
             if done == needed:
                 break
-    if done < needed:
-        raise AmctError(f"calibration needs {needed} batch(es) (batch_num, or bn_update_iterations with "
-                        f"update_bn) but the data gave only {done}")
+        if done < needed:
+            raise AmctError(f"calibration needs {needed} batch(es) (batch_num, or bn_update_iterations with "
+                            f"update_bn) but the data gave only {done}")
     return session

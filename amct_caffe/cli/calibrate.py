@@ -21,10 +21,13 @@ def cmd_calibrate(args) -> int:
         if path:
             check_file(flag, path)
     check_output(args.output)
-    batch_num, offset = config_values(args)
+    batch_num, offset, bn_iterations = config_values(args)
     source, _, batch_size = open_data(args, args.data, model_inputs(args.model), args.batch_size,
                                       time_major=time_major_inputs(args.model))
-    batches = source.batches(batch_num)  # checks there is enough data before any work
+    source.batches(batch_num)  # checks there is enough data before any work
+    # update_bn on a model with a BatchNorm to refresh runs bn_update_iterations forwards if more: the batches
+    # are drawn as the calibration asks for them, up to that many (it says so if the data holds fewer)
+    batches = source.batches(min(max(batch_num, bn_iterations), len(source)))
     # Decoding the first batch now finds an unreadable image, a bad LMDB record or a size mismatch
     # before the model is prepared, not minutes into the calibration.
     batches = itertools.chain([next(batches)], batches)

@@ -57,7 +57,7 @@ def cmd_create_config(args) -> int:
     if args.cfg:
         check_file("--cfg", args.cfg)
     check_output_file("--output", args.output, ".json")
-    batch_num, offset = config_values(args)
+    batch_num, offset, _ = config_values(args)
     if args.cfg:  # the .cfg's values apply; the defaults keep create_quant_config from warning again
         batch_num, offset = 1, True
     create_quant_config = api("amct_caffe.api.calibration", "create_quant_config")

@@ -144,8 +144,9 @@ def _setting(path: str, name: str, value, written: bool, wanted) -> str:
     return f"{path} does not set {name}, so its default {default} applies (write {shown(wanted)} there)"
 
 
-def config_values(args) -> tuple[int, bool]:
-    """The batch_num and activation_offset that apply, and a warning for each flag a config file overrides.
+def config_values(args) -> tuple[int, bool, int]:
+    """The batch_num and activation_offset that apply, the forwards update_bn asks for (0 without it), and a
+    warning for each flag a config file overrides.
 
     With --config (JSON) or --cfg, the file's global fields define the config and the arguments of the
     same names are ignored (the guide: 此时输入参数中该参数配置不生效), so --batch-num and
@@ -153,7 +154,7 @@ def config_values(args) -> tuple[int, bool]:
     """
     config, cfg = getattr(args, "config", None), getattr(args, "cfg", None)
     if not config and not cfg:
-        return args.batch_num or 1, args.activation_offset
+        return args.batch_num or 1, args.activation_offset, 0
     path = config or cfg
     settings = api("amct_caffe.api.model_info", "config_settings")(config_file=config, config_defination=cfg)
     batch_num, offset, written = settings["batch_num"], settings["activation_offset"], settings["written"]
@@ -163,7 +164,7 @@ def config_values(args) -> tuple[int, bool]:
     if not args.activation_offset and offset:
         _LOG.warning("--no-activation-offset is ignored: the fields of %s win over the command line, and %s", path,
                      _setting(path, "activation_offset", True, "activation_offset" in written, False))
-    return batch_num, offset
+    return batch_num, offset, settings["bn_update_iterations"]
 
 
 # ------------------------------------------------------------------------------------------- data

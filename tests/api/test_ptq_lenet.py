@@ -227,6 +227,34 @@ def test_every_saving_call_refuses_a_save_path_that_is_no_prefix(quantized, tmp_
         assert not list(tmp_path.iterdir()), name
 
 
+def test_every_long_call_refuses_an_output_that_is_an_input_before_drawing_data(tmp_path):
+    """A save_path whose deploy prototxt would be the model file: calibrate, the fallback and label-free QAT
+    refuse it before drawing a batch (they used to calibrate, or search, first), and write nothing."""
+    from amct_caffe.api.workflow import calibrate
+
+    model = tmp_path / "m_deploy_model.prototxt"
+    model.write_bytes(LENET.read_bytes())
+    drawn = []
+
+    def data():
+        drawn.append(1)
+        yield {"data": np.zeros((4, 1, 28, 28), np.float32)}
+
+    calls = {
+        "calibrate": lambda: calibrate(str(model), str(LENET_W), data(), str(tmp_path / "m"), 1, progress=False),
+        "fallback": lambda: amct.calibrate_with_fallback(str(model), str(LENET_W), data(), str(tmp_path / "m"), 1,
+                                                         progress=False),
+        "label_free": lambda: amct.label_free_retrain(str(model), str(LENET_W), data(), str(tmp_path / "m"),
+                                                      progress=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(AmctError, match="is the same file as the input model_file"):
+            call()
+        assert not drawn, name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m_deploy_model.prototxt"], name
+    assert model.read_bytes() == LENET.read_bytes()
+
+
 def test_a_config_that_enables_no_layer_warns_that_the_models_are_float(tmp_path, caplog):
     def disable_all(config):
         for value in config.values():

@@ -175,3 +175,82 @@ def test_two_batchnorms_whose_names_differ_by_a_slash_keep_their_own_statistics(
         assert str(a["bn_layer"]) == "bn/1" and str(b["bn_layer"]) == "bn_1"
         assert not np.allclose(a["mean"], b["mean"])
     amct.save_model(graph, "Both", str(tmp_path / "out/m"))
+
+
+def test_a_stale_dump_that_is_an_input_is_refused_not_deleted(tmp_path, capsys):
+    """update_bn deletes an earlier run's dumps before calibrating; a file the command reads that sits where a
+    dump goes (the data in bn_dump_dir, named after the BatchNorm) is refused there, not deleted."""
+    import json
+
+    from amct_caffe import cli
+
+    proto, weights = make_models(tmp_path)
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights["stale"]), batch_num=2)
+    c = json.loads(config.read_text())
+    snq(True, tmp_path / "mydata")(c)
+    config.write_text(json.dumps(c))
+    (tmp_path / "mydata").mkdir()
+    batch = tmp_path / "mydata" / "bn1.npz"
+    np.savez(batch, data=np.concatenate(data(3, seed=1)))
+    before = batch.read_bytes()
+    code = cli.main(["calibrate", "--model", str(proto), "--weights", str(weights["stale"]), "--config", str(config),
+                     "--data", str(batch), "--output", str(tmp_path / "out" / "m"), "--no-progress"])
+    assert code == 2
+    assert f"is the same file as the input --data ({batch})" in capsys.readouterr().err
+    assert batch.read_bytes() == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_draws_the_batches_update_bn_asks_for(tmp_path, capsys):
+    """batch_num 2 and bn_update_iterations 20: calibrate draws 20 batches from data holding 21 (it drew
+    batch_num and then said the data gave too few); with 5 batches it says how many it needs."""
+    import json
+
+    from amct_caffe import cli
+
+    proto, weights = make_models(tmp_path)
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights["stale"]), batch_num=2)
+    c = json.loads(config.read_text())
+    snq(True, tmp_path / "dumps")(c)
+    config.write_text(json.dumps(c))
+    for batches, code in ((21, 0), (5, 2)):
+        samples = tmp_path / f"x{batches}.npy"
+        np.save(samples, np.concatenate(data(batches, seed=1)))
+        args = ["calibrate", "--model", str(proto), "--weights", str(weights["stale"]), "--config", str(config),
+                "--data", str(samples), "--output", str(tmp_path / f"out{batches}" / "m"), "--no-progress",
+                "--no-summary"]
+        assert cli.main(args) == code
+        err = capsys.readouterr().err
+        if code:
+            assert "calibration needs 20 batch(es)" in err and "the data gave only 5" in err
+        else:
+            assert (tmp_path / "out21" / "m_deploy_model.prototxt").exists()
+
+
+def test_a_failed_calibration_takes_its_dumps_with_it(tmp_path, monkeypatch):
+    """The dumps the forwards wrote go when the run then fails (here the save): a failed run leaves no files."""
+    import json
+
+    from amct_caffe.api import workflow
+
+    proto, weights = make_models(tmp_path)
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(proto), str(weights["stale"]), batch_num=2)
+    c = json.loads(config.read_text())
+    snq(True, tmp_path / "dumps")(c)
+    config.write_text(json.dumps(c))
+    seen = []
+
+    def failing_save(graph, save_type, save_path):
+        seen.extend(p.name for p in (tmp_path / "dumps").iterdir())
+        raise AmctError("disk full")
+
+    monkeypatch.setattr(workflow, "save_model", failing_save)
+    with pytest.raises(AmctError, match="disk full"):
+        workflow.calibrate(str(proto), str(weights["stale"]), [{"data": x} for x in data(ITERATIONS, seed=2)],
+                           str(tmp_path / "out" / "m"),
+                           2, config_file=str(config), progress=False)
+    assert seen == ["bn1.npz"]  # written by the forwards, then removed
+    assert list((tmp_path / "dumps").iterdir()) == []
