@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from amct_caffe import cli
+from amct_caffe.runtime import TEST, Net
 
 from .test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE
 from .test_cli_errors import fails
@@ -75,3 +76,28 @@ def test_compare_errors_are_one_line(capsys, tmp_path, quantized):
     assert cli.main(itself) == 0  # the float model against itself: every cosine 1
     assert "worst output cosine: 1.0000000000 (prob)" in capsys.readouterr().out
     assert not (tmp_path / "file").read_text()
+
+
+def test_a_report_into_a_per_input_image_folder_is_refused(capsys, tmp_path):
+    """A two-input model's image folder holds one sub-folder per input, each read as data: the report's plots
+    there would change the data (the next run finds the sub-folders' counts differ), so it is refused."""
+    from PIL import Image
+
+    model = tmp_path / "two.prototxt"
+    model.write_text("".join(f'layer {{ name: "{n}" type: "Input" top: "{n}" input_param {{ shape {{ dim: 1 dim: 3 '
+                             f'dim: 8 dim: 8 }} }} }}\n' for n in ("a", "b")) +
+                     'layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }\n'
+                     'layer { name: "c" type: "Convolution" bottom: "sum" top: "c" convolution_param { num_output: 2 '
+                     'kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }\n')
+    weights = tmp_path / "two.caffemodel"
+    Net(str(model), TEST, seed=1).save(str(weights))
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    args = ["compare", "--model", str(model), "--weights", str(weights), "--quant-model", str(model),
+            "--quant-weights", str(weights), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "data/a")]
+    fails(capsys, args, "output folder .*data/a is the input folder --data [(]input 'a'[)]")
+    assert sorted(p.name for p in (tmp_path / "data" / "a").iterdir()) == ["0.png", "1.png"]
+    args[-1] = str(tmp_path / "report")
+    assert cli.main(args) == 0

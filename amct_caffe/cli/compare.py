@@ -43,6 +43,7 @@ def cmd_compare(args) -> int:
     check_output_dir("--output", args.output)
     source, _, _ = open_data(args, args.data, model_inputs(args.model), args.batch_size,
                              time_major=time_major_inputs(args.model))
+    check_output_dir("--output", args.output)  # again: open_data adds the data's per-input sub-folders
     source.batches(args.batch_num)  # enough data? before any work
     compare_model = api("amct_caffe.api.accuracy", "compare_model")
     result = compare_model(args.model, args.weights, args.quant_model, args.quant_weights, source, args.output,

@@ -291,6 +291,9 @@ def open_data(args, path, model_shapes: dict, batch_size: int = 0, select: bool 
     kind = detect_kind(path)
     batch_size = batch_size or model_batch_size(shapes, time_major)
     source = open_source(path, shapes, batch_size, preprocess(args, shapes, kind), time_major)
+    # an image folder's per-input sub-folders are read too: an output there is refused as in the folder itself
+    paths.also_reading(**{f"--data (input '{name}')": folder for name, folder in getattr(source, "folders", {}).items()
+                          if os.path.realpath(folder) != os.path.realpath(path)})
     if select:
         sel = parse_select(args.select)
         source = source.select(sel.start, sel.stop, sel.step)

@@ -120,9 +120,11 @@ class ImageFolder(DataSource):
         subdirs = [self.root / n for n in shapes]
         if len(shapes) > 1 and all(d.is_dir() for d in subdirs):
             self._files = OrderedDict((n, list_images(d)) for n, d in zip(shapes, subdirs, strict=True))
+            self.folders = {n: d for n, d in zip(shapes, subdirs, strict=True)}  # the folders images come from
         else:
             files = list_images(self.root)
             self._files = OrderedDict((n, files) for n in shapes)
+            self.folders = {n: self.root for n in shapes}
         counts = {n: len(f) for n, f in self._files.items()}
         if len(set(counts.values())) > 1:
             raise DataError(f"image folder {self.root}: the per-input sub-folders hold different numbers of "

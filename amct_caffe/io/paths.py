@@ -52,6 +52,14 @@ def reading(**inputs) -> Iterator[None]:
         _INPUTS.reset(token)
 
 
+def also_reading(**inputs) -> None:
+    """Add to the files the current call reads (as :func:`reading` does) until the enclosing ``reading`` block
+    ends: for what a reader learns it reads only once it has looked, such as an image folder's per-input
+    sub-folders. Call it inside a ``reading`` block (outside one, the addition would stay for good)."""
+    named = tuple((name, checked_path(value, name)) for name, value in inputs.items() if value is not None)
+    _INPUTS.set(_INPUTS.get() + named)
+
+
 def reads(*arg_names: str):
     """Decorator: the function's arguments ``arg_names`` are files it reads (see :func:`reading`)."""
 

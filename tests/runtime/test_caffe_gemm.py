@@ -75,6 +75,19 @@ def test_configure_validates_and_redetects(monkeypatch):
         caffe_gemm.configure()
 
 
+def test_a_bad_sgemm_q_value_is_said_and_ignored(monkeypatch, caplog):
+    """AMCT_CAFFE_SGEMM_Q=abc: a warning naming it, then the detected K block (it was an internal ValueError)."""
+    detected = caffe_gemm.config()[0]
+    monkeypatch.setenv("AMCT_CAFFE_SGEMM_Q", "abc")
+    try:
+        caffe_gemm.configure()
+        assert caffe_gemm.config()[0] == detected
+        assert any("AMCT_CAFFE_SGEMM_Q='abc' is not an integer" in r.getMessage() for r in caplog.records)
+    finally:
+        monkeypatch.delenv("AMCT_CAFFE_SGEMM_Q")
+        caffe_gemm.configure()
+
+
 def test_numpy_never_splits_k_itself(k_block):
     """numpy's OpenBLAS halves a K between Q and 2Q one way with one thread and another with several:
     such a K is split here, in the multi-threaded driver's blocks, whatever numpy's thread count."""

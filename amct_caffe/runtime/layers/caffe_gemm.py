@@ -63,10 +63,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
+
+_LOG = logging.getLogger(__name__)
 
 SMALL_GEMM_MNK = 100 ** 3           # OpenBLAS x86-64 small-matrix kernels take M*N*K up to this
 SMALL_GEMM_TN_MAX_MN = 1200         # ... and, for op(A) transposed (column-major), M*N up to this
@@ -120,8 +123,12 @@ def _system_openblas_core() -> str | None:
 def _detect_k_block(numpy_core: str | None) -> int | None:
     env = os.environ.get("AMCT_CAFFE_SGEMM_Q")
     if env is not None and env.strip():
-        q = int(env)
-        return q if q > 0 else None
+        try:
+            q = int(env)
+        except ValueError:  # as for the other variables: said once, then as if unset
+            _LOG.warning("AMCT_CAFFE_SGEMM_Q=%r is not an integer (a K block, or 0); ignored", env)
+        else:
+            return q if q > 0 else None
     if numpy_core == "skylakex" and _cpu_has_avx512_bf16():
         # Caffe's OpenBLAS blocks K as its Cooperlake target does, unless it runs SkylakeX too (then
         # both libraries split alike). Without a system OpenBLAS to ask, Cooperlake is the likely case.
