@@ -73,3 +73,66 @@ def test_calibrate_command_on_a_sequence_model_saves_what_the_api_saves(tmp_path
     for kind in ("fake_quant_model.prototxt", "fake_quant_weights.caffemodel", "deploy_weights.caffemodel",
                  "quant_param_record.txt"):
         assert Path(f"out/seq_{kind}").read_bytes() == (tmp_path / "api" / f"seq_{kind}").read_bytes(), kind
+
+
+def test_inputs_reaching_the_recurrent_layer_through_other_layers_are_time_major(tmp_path):
+    """Caffe's language models: words (T, N) -> Embed -> LSTM; features through an InnerProduct on axis 2, a
+    ReLU and a Concat on axis 2 keep (T, N) too. A static input through an InnerProduct on axis 1 does not."""
+    text = f"""
+layer {{ name: "in" type: "Input" top: "words" top: "feats" top: "cont" top: "s"
+  input_param {{ shape {{ dim: {T} dim: {N} }} shape {{ dim: {T} dim: {N} dim: 7 }} shape {{ dim: {T} dim: {N} }}
+                 shape {{ dim: {N} dim: 9 }} }} }}
+layer {{ name: "embed" type: "Embed" bottom: "words" top: "emb"
+  embed_param {{ num_output: 3 input_dim: 10 weight_filler {{ type: "uniform" min: -1 max: 1 }} }} }}
+layer {{ name: "proj" type: "InnerProduct" bottom: "feats" top: "proj"
+  inner_product_param {{ num_output: 2 axis: 2 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+layer {{ name: "relu" type: "ReLU" bottom: "proj" top: "proj" }}
+layer {{ name: "cat" type: "Concat" bottom: "emb" bottom: "proj" top: "x" concat_param {{ axis: 2 }} }}
+layer {{ name: "sproj" type: "InnerProduct" bottom: "s" top: "sp"
+  inner_product_param {{ num_output: 4 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+layer {{ name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "sp" top: "h"
+  recurrent_param {{ num_output: 4 weight_filler {{ type: "uniform" min: -0.5 max: 0.5 }} }} }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "h" top: "y"
+  inner_product_param {{ num_output: 3 axis: 2 weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+"""
+    proto, weights = tmp_path / "lm.prototxt", tmp_path / "lm.caffemodel"
+    proto.write_text(text)
+    Net(str(proto), phase=1, seed=4).save(str(weights))
+    assert sorted(time_major_inputs(proto)) == ["cont", "feats", "words"]
+    rng = np.random.default_rng(1)
+    cont = np.ones((S, T), np.float32)
+    cont[:, 0] = 0
+    arrays = {"words": rng.integers(0, 10, (S, T)).astype(np.float32), "feats": rng.normal(size=(S, T, 7)),
+              "cont": cont, "s": rng.normal(size=(S, 9))}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    np.savez(tmp_path / "lm.npz", **arrays)
+    assert cli.main(["calibrate", "--model", str(proto), "--weights", str(weights), "--data", str(tmp_path / "lm.npz"),
+                     "--batch-num", "3", "--output", "out/lm", "--no-progress", "--no-summary"]) == 0
+    batches = [{k: (v[i:i + N] if k == "s" else np.swapaxes(v[i:i + N], 0, 1)).copy() for k, v in arrays.items()}
+               for i in range(0, S, N)]
+    calibrate(str(proto), str(weights), batches, str(tmp_path / "api" / "lm"), 3, progress=False)
+    for kind in ("fake_quant_weights.caffemodel", "quant_param_record.txt"):
+        assert Path(f"out/lm_{kind}").read_bytes() == (tmp_path / "api" / f"lm_{kind}").read_bytes(), kind
+
+
+def test_run_saves_a_sequence_output_samples_first(tmp_path, capsys):
+    """amct-caffe run on an LSTM model: the output y (T, N, 3) of each batch is saved samples first, (S, T, 3),
+    equal to the model run on the transposed batches, the last, smaller batch included; it is not ranked."""
+    proto, weights = _model(tmp_path)
+    _, arrays = _data(tmp_path)
+    odd = {k: np.concatenate([v, v[:1]]) for k, v in arrays.items()}  # 7 samples: batches of 2, 2, 2, 1
+    np.savez(tmp_path / "odd.npz", **odd)
+    assert cli.main(["run", "--model", str(proto), "--weights", str(weights), "--input", str(tmp_path / "odd.npz"),
+                     "--save", "y.npz", "--no-progress"]) == 0
+    assert "blob 'y' is a sequence" in capsys.readouterr().out
+    with np.load("y.npz") as z:
+        saved = z["y"]
+    net = Net(str(proto), str(weights), 1)
+    want = []
+    for i in range(0, S + 1, N):
+        rows = slice(i, i + N)
+        got = net.forward(x=odd["x"][rows].transpose(1, 0, 2).copy(), cont=odd["cont"][rows].T.copy(),
+                          s=odd["s"][rows])
+        want.append(np.swapaxes(np.array(got["y"]), 0, 1))
+    assert saved.shape == (S + 1, T, 3)
+    np.testing.assert_array_equal(saved, np.concatenate(want))

@@ -114,16 +114,23 @@ def _print_top(scores: np.ndarray, top_k: int, labels: np.ndarray | None, show: 
         print(f"top-1 accuracy on {len(scores)} samples: {acc * 100:.2f}%")
 
 
-def _forwards(net, feeds, out_name: str, tables: set[str], outputs: dict, args) -> tuple[list, str | None]:
+def _forwards(net, feeds, out_name: str, tables: set[str], outputs: dict, args,
+              time_major: frozenset = frozenset()) -> tuple[list, str | None]:
     """Run ``net`` on every batch of ``feeds``: the rows of ``out_name`` to rank (or a detection list's rows)
-    and, when it has no row per sample, why (None otherwise); the blobs to save are appended to ``outputs``."""
+    and, when it has no row per sample, why (None otherwise); the blobs to save are appended to ``outputs``.
+    ``time_major``: the inputs and outputs with the batch on axis 1 (a recurrent layer's): their samples are
+    counted there, and the outputs saved samples first; a sequence output is not ranked."""
     scores, unranked, done = [], None, 0
     for feed in feeds:
         got = net.forward(blobs=sorted({out_name, *outputs}), **feed)
-        count = len(next(iter(feed.values())))
+        name, first = next(iter(feed.items()))
+        count = first.shape[1] if name in time_major else len(first)
         ranked = np.array(got[out_name])
         if out_name in tables:
             scores.append(detection_rows(ranked, done))
+        elif out_name in time_major:
+            unranked = (f"blob '{out_name}' is a sequence, shape {list(ranked.shape)} (time steps first) for a batch "
+                        f"of {count}")
         elif unranked is None and ranked.ndim and ranked.shape[0] == count:
             scores.append(ranked.reshape(count, -1))
             if len(scores) == 1 and args.top_k is None:  # the default: 3, or every class of a smaller output
@@ -134,7 +141,8 @@ def _forwards(net, feeds, out_name: str, tables: set[str], outputs: dict, args) 
         elif unranked is None:  # no row per sample (a scalar, a batch axis moved): nothing to rank
             unranked = f"blob '{out_name}' has shape {list(ranked.shape)} for a batch of {count}"
         for name in outputs:
-            outputs[name].append(detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name]))
+            value = detection_rows(got[name], done)[None, None] if name in tables else np.array(got[name])
+            outputs[name].append(np.swapaxes(value, 0, 1) if name in time_major else value)  # samples first
         done += count
     return scores, unranked
 
@@ -142,7 +150,7 @@ def _forwards(net, feeds, out_name: str, tables: set[str], outputs: dict, args) 
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from amct_caffe.data import time_major_inputs
+    from amct_caffe.data import time_major_inputs, time_major_outputs
     from amct_caffe.runtime import TEST, Net, memory
 
     check_files(model=args.model, weights=args.weights)
@@ -163,8 +171,10 @@ def cmd_run(args) -> int:
                         f"(its outputs: {', '.join(net.outputs) or 'none'})")
     saved = [out_name] if args.output else list(net.outputs)
     model_shapes = {k: tuple(net.blobs[k].shape) for k in net.inputs}
+    time_major = time_major_inputs(args.model)
     source, _, _ = open_data(args, args.input, model_shapes, args.batch_size or 0, select=False,
-                             time_major=time_major_inputs(args.model))
+                             time_major=time_major)
+    time_major = frozenset(time_major + time_major_outputs(args.model, {out_name, *saved}))
     total = source.num_samples
     if total == 0:
         raise AmctError(f"{args.input} holds no sample")
@@ -182,7 +192,8 @@ def cmd_run(args) -> int:
     # a short run is better off without numpy's huge-page hint (runtime/memory.py)
     with memory.hint_off(batches <= memory.FEW_FORWARDS):
         scores, unranked = _forwards(net, tqdm(every_batch(source), total=batches, desc="forward", unit="batch",
-                                               disable=not args.progress), out_name, tables, outputs, args)
+                                               disable=not args.progress), out_name, tables, outputs, args,
+                                     time_major)
     if out_name in tables:
         _print_detections(np.concatenate(scores), out_name, min(n, args.show))
     elif unranked is not None:

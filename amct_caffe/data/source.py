@@ -142,6 +142,7 @@ class DataSource:
         new = copy.copy(self)
         DataSource.__init__(new, self.inputs, 0, batch_size)
         new._index = list(self._index)
+        new.time_major = self.time_major  # (__init__ resets it: a last, smaller batch went batch-first)
         return new
 
 
