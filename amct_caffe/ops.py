@@ -295,3 +295,59 @@ def recurrent_layout(type_name: str, layer_param, num_bottoms: int) -> Recurrent
                                (first, first + 1, first + 2), {first + 2: first + 3} if reset_after else {})
     return RecurrentLayout(static, (0, 2) if static else (0,), (0, 2) if static else (0,), (first, first + 1),
                            {first + 1: first + 2})
+
+
+# Layers whose top has the shape of their (first) bottom
+_SAME_SHAPE = ("ReLU", "PReLU", "ReLU6", "Sigmoid", "TanH", "Dropout", "Power", "AbsVal", "BNLL", "Exp", "Log",
+               "ELU", "Clip", "Swish", "Threshold", "Scale", "Bias", "Eltwise", "Split", "Softmax", "BatchNorm",
+               "MVN", "LRN")
+
+
+def leading_axes_bottoms(layer_param) -> list[str]:
+    """The bottoms of a layer whose first two axes its top keeps (an Embed's, an InnerProduct's on axis >= 2,
+    an element-wise layer's, a Concat's or Slice's along axis >= 2); none for any other layer."""
+    kind, bottoms = layer_param.type, list(layer_param.bottom)
+    if kind == "Embed" or (kind == "InnerProduct" and layer_param.inner_product_param.axis >= 2):
+        return bottoms[:1]
+    if kind in ("Scale", "Bias"):  # (a second bottom is the factor, of other axes)
+        return bottoms[:1]
+    if kind in _SAME_SHAPE:
+        return bottoms
+    if kind == "Concat":
+        p = layer_param.concat_param
+        return bottoms if (p.concat_dim if p.HasField("concat_dim") else p.axis) >= 2 else []
+    if kind == "Slice":
+        p = layer_param.slice_param
+        return bottoms if (p.slice_dim if p.HasField("slice_dim") else p.axis) >= 2 else []
+    return []
+
+
+def time_major_blobs(layer_params, downstream: bool = False) -> list[str]:
+    """The blobs a recurrent layer reads with the batch on axis 1 (its bottoms but the static input: ``x (T, N,
+    ...)``, ``cont (T, N)``, ``h0 (1, N, H)``) and, back through the layers keeping their bottoms' first two axes
+    (:func:`leading_axes_bottoms`: Caffe's language models feed words ``(T, N)`` through an Embed), those they
+    come from; with ``downstream``, also the recurrent layers' tops and what such layers make of them. In the
+    order found; ``layer_params``: a net's LayerParameters in order."""
+    layers = list(layer_params)
+    time_major: list[str] = []
+    recurrent = []
+    for layer in layers:
+        if not layer_type(layer.type).recurrent:
+            continue
+        try:
+            static = recurrent_layout(layer.type, layer, len(layer.bottom)).static
+        except ValueError:  # a recurrent type whose blob layout is not known here
+            continue
+        recurrent.append(layer)
+        time_major += [b for i, b in enumerate(layer.bottom) if not (static and i == 2) and b not in time_major]
+    for blob in time_major:  # (grows while it is walked)
+        for layer in layers:
+            if blob in layer.top and blob not in layer.bottom:
+                time_major += [b for b in leading_axes_bottoms(layer) if b not in time_major]
+    if downstream:
+        after = [t for layer in recurrent for t in layer.top]
+        for layer in layers:
+            if any(b in after for b in leading_axes_bottoms(layer)):
+                after += [t for t in layer.top if t not in after]
+        time_major += [b for b in after if b not in time_major]
+    return time_major

@@ -66,76 +66,20 @@ def time_major_inputs(model_file) -> list[str]:
     as for every other input, and the sources serve these inputs transposed. An input also counts when it
     reaches such a bottom through layers that keep its first two axes (an Embed, an InnerProduct on axis 2).
     """
-    from amct_caffe import io
+    from amct_caffe import io, ops
 
     net = io.load_prototxt(model_file)
     declared = set(_input_shapes(net))
-    return [b for b in _time_major_blobs(net) if b in declared]
+    return [b for b in ops.time_major_blobs(net.layer) if b in declared]
 
 
 def time_major_outputs(model_file, names) -> list[str]:
     """Those of the blobs ``names`` that carry the batch on axis 1: a recurrent layer's tops (``(T, N, H)``,
     ``hT (1, N, H)``) and what layers keeping their first two axes make of them."""
-    from amct_caffe import io
+    from amct_caffe import io, ops
 
-    found = set(_time_major_blobs(io.load_prototxt(model_file), downstream=True))
+    found = set(ops.time_major_blobs(io.load_prototxt(model_file).layer, downstream=True))
     return [n for n in names if n in found]
-
-
-def _time_major_blobs(net, downstream: bool = False) -> list[str]:
-    """The blobs of ``net`` read time-major by a recurrent layer (its bottoms but the static input) and, back
-    through the layers keeping their bottoms' first two axes (Caffe's language models feed words ``(T, N)``
-    through an Embed), those they come from; with ``downstream``, also its tops and what such layers make of
-    them."""
-    from amct_caffe import ops
-
-    time_major: list[str] = []  # in the order found
-    recurrent = []
-    for layer in net.layer:
-        if not ops.layer_type(layer.type).recurrent:
-            continue
-        try:
-            static = ops.recurrent_layout(layer.type, layer, len(layer.bottom)).static
-        except ValueError:  # a recurrent type whose blob layout is not known here
-            continue
-        recurrent.append(layer)
-        time_major += [b for i, b in enumerate(layer.bottom) if not (static and i == 2) and b not in time_major]
-    for blob in time_major:  # (grows while it is walked)
-        for layer in net.layer:
-            if blob in layer.top and blob not in layer.bottom:
-                time_major += [b for b in _leading_axes_bottoms(layer) if b not in time_major]
-    if downstream:
-        after = {t for layer in recurrent for t in layer.top}
-        for layer in net.layer:
-            if any(b in after for b in _leading_axes_bottoms(layer)):
-                after.update(layer.top)
-        time_major += [b for b in after if b not in time_major]
-    return time_major
-
-
-# Layers whose top has the shape of their (first) bottom
-_SAME_SHAPE = ("ReLU", "PReLU", "ReLU6", "Sigmoid", "TanH", "Dropout", "Power", "AbsVal", "BNLL", "Exp", "Log",
-               "ELU", "Clip", "Swish", "Threshold", "Scale", "Bias", "Eltwise", "Split", "Softmax", "BatchNorm",
-               "MVN", "LRN")
-
-
-def _leading_axes_bottoms(layer) -> list[str]:
-    """The bottoms of ``layer`` whose first two axes its top keeps (an Embed's, an InnerProduct's on axis >= 2,
-    an element-wise layer's, a Concat's or Slice's along axis >= 2); none for any other layer."""
-    kind, bottoms = layer.type, list(layer.bottom)
-    if kind == "Embed" or (kind == "InnerProduct" and layer.inner_product_param.axis >= 2):
-        return bottoms[:1]
-    if kind in ("Scale", "Bias"):  # (a second bottom is the factor, of other axes)
-        return bottoms[:1]
-    if kind in _SAME_SHAPE:
-        return bottoms
-    if kind == "Concat":
-        p = layer.concat_param
-        return bottoms if (p.axis if not p.HasField("concat_dim") else p.concat_dim) >= 2 else []
-    if kind == "Slice":
-        p = layer.slice_param
-        return bottoms if (p.axis if not p.HasField("slice_dim") else p.slice_dim) >= 2 else []
-    return []
 
 
 def detect_kind(path) -> str:

@@ -222,13 +222,14 @@ def ifmr_search(chunks: Sequence[np.ndarray] | np.ndarray, params: IfmrParams | 
     return _finish(params, _pick(sums), clip, scale, min0, ratios, sums, n)
 
 
-def batch_arrays(arrays, known_shapes, owner: str) -> tuple[tuple[np.ndarray, ...], tuple]:
-    """An observer's batch: the arrays and their sample shapes (all but axis 0), which must be
-    ``known_shapes`` when that is not None (the shapes of the first batch)."""
+def batch_arrays(arrays, known_shapes, owner: str, batch_axis: int = 0) -> tuple[tuple[np.ndarray, ...], tuple]:
+    """An observer's batch: the arrays and their sample shapes (all but the batch axis: 0, or 1 for the
+    time-major data of a recurrent layer), which must be ``known_shapes`` when that is not None (the shapes of
+    the first batch)."""
     if not arrays:
         raise ValueError(f"{owner}.update needs at least one array")
     arrays = tuple(np.asarray(a) for a in arrays)
-    shapes = tuple(a.shape[1:] for a in arrays)
+    shapes = tuple(a.shape[:batch_axis] + a.shape[batch_axis + 1:] for a in arrays)
     if known_shapes is not None and shapes != known_shapes:
         raise ValueError(f"{owner}: sample shapes changed from {known_shapes} to {shapes}")
     return arrays, shapes
@@ -248,6 +249,7 @@ class IfmrObserver:
     def __init__(self, params: IfmrParams | None = None, *, backend: str | None = None) -> None:
         self.params = params or IfmrParams()
         self.backend = backend
+        self.batch_axis = 0  # 1 for a recurrent layer's time-major data: a smaller last batch changes axis 1
         self.reset()
 
     def reset(self) -> None:
@@ -259,7 +261,7 @@ class IfmrObserver:
 
     def update(self, *arrays: np.ndarray) -> None:
         """Add one batch (one or more arrays); rejects inf/NaN and changed shapes."""
-        arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrObserver")
+        arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrObserver", self.batch_axis)
         flat = [np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]
         kept = [f[f != 0] for f in flat]  # a new compact array: the caller's data is not held
         for c in kept:

@@ -262,6 +262,7 @@ class IfmrStreamObserver:
         self.bins, self.exact_limit = bins, exact_limit
         self.backend = backend
         self.last_search: str | None = None  # "exact" or "histogram": what the last compute_qparams ran
+        self.batch_axis = 0  # 1 for a recurrent layer's time-major data (see ifmr.batch_arrays)
         self.reset()
 
     def expect(self, total: int) -> None:
@@ -307,7 +308,7 @@ class IfmrStreamObserver:
     def update(self, *arrays: np.ndarray, threads: int = 1) -> None:
         """Add one batch (one or more arrays); rejects inf/NaN and changed shapes. ``threads`` workers
         fill the kernel's histogram (the same bits with any number)."""
-        arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrStreamObserver")
+        arrays, shapes = batch_arrays(arrays, self._shapes, "IfmrStreamObserver", self.batch_axis)
         self.prepare()
         for a in arrays:
             f = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)

@@ -225,3 +225,29 @@ def test_a_gru_spelling_out_its_default_activations_quantizes_as_without_them(tm
         records.append((tmp / "q_quant_param_record.txt").read_text())
         Net(str(tmp / "q_fake_quant_model.prototxt"), str(tmp / "q_fake_quant_weights.caffemodel"), 1)
     assert records[0] == records[1]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_a_smaller_last_batch_calibrates_as_the_same_streams_split_evenly(tmp_path, kind):
+    """The IFMR layers of a recurrent layer see (T, N, ...) data: a last batch of fewer streams changes axis 1,
+    not the samples' shape (it was refused as 'sample shapes changed'). Its factors are those of the same six
+    streams in two batches of three, within float rounding."""
+    proto, weights = _model(tmp_path, kind, False)
+    rng = np.random.default_rng(5)
+    six = {"x": rng.normal(0, 1, (T, 6, D)).astype(np.float32), "cont": np.ones((T, 6), np.float32)}
+    six["cont"][0] = 0
+    records = []
+    for split in ((4, 2), (3, 3)):
+        feeds, at = [], 0
+        for n in split:
+            feeds.append({k: v[:, at:at + n].copy() for k, v in six.items()})
+            at += n
+        out = tmp_path / f"q{split[0]}"
+        calibrate(str(proto), str(weights), feeds, str(out / "q"), 2, progress=False)
+        records.append(read_record(str(out / "q_quant_param_record.txt")))
+    for name in ("rec", "fc"):
+        a, b = records[0].layer(name), records[1].layer(name)
+        np.testing.assert_allclose([d.scale_d for d in a.record_d], [d.scale_d for d in b.record_d], rtol=1e-6)
+        assert [d.offset_d for d in a.record_d] == [d.offset_d for d in b.record_d]
+        if a.scale_h is not None:
+            np.testing.assert_allclose(a.scale_h, b.scale_h, rtol=1e-6)

@@ -27,6 +27,7 @@ import numpy as np
 from amct_caffe.errors import ConfigError, GraphError
 from amct_caffe.io.bn_dump import bn_dump_path, write_bn_dump
 from amct_caffe.io.record import ActivationRecord, RecordError, f32
+from amct_caffe import ops
 from amct_caffe.ops import register
 from amct_caffe.quant import IfmrObserver, IfmrParams, IfmrStreamObserver, QuantizationError, SearchNObserver
 from amct_caffe.runtime import threads
@@ -66,6 +67,15 @@ def ifmr_settings(layer: Layer, p) -> IfmrParams:
 def ifmr_observer(params: IfmrParams, mode: str = "stream") -> IfmrObserver | IfmrStreamObserver:
     """The IFMR observer of a calibration layer in a Net built with ``ifmr=mode``."""
     return IfmrObserver(params) if mode == "exact" else IfmrStreamObserver(params)
+
+
+def _time_major_blobs(net) -> frozenset[str]:
+    """The blobs of ``net`` with the batch on axis 1 (ops.time_major_blobs), worked out once per net."""
+    found = getattr(net, "_time_major_blobs", None)
+    if found is None:
+        found = frozenset(ops.time_major_blobs(net.net_param.layer, downstream=True))
+        net._time_major_blobs = found  # noqa: SLF001 - a cache on the net these layers belong to
+    return found
 
 
 def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -157,6 +167,8 @@ class IfmrLayer(_Collector):
         # IFMR layers of this net writing the same record share its sink (see RecordSink).
         super().on_net_built(net, index)
         self._observer = ifmr_observer(self.params, net.ifmr)
+        if self.lp.bottom[0] in _time_major_blobs(net):
+            self._observer.batch_axis = 1  # (T, N, ...) data of a recurrent layer: a smaller last batch changes N
         # (only the layers after this one: the sink of each is looked up once per pair, not twice)
         self._later_peers = [layer for layer in net.layers[index + 1:] if isinstance(layer, IfmrLayer)
                              and net.record_sink(layer.record_file_path) is self._sink]

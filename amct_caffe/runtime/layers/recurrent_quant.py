@@ -80,6 +80,7 @@ class _HiddenCalibration(_InferenceOnly):
     def on_net_built(self, net, index: int) -> None:
         self._sink = net.record_sink(self.record_file_path)
         self._observer = ifmr_observer(self.params, net.ifmr)
+        self._observer.batch_axis = 1  # the hidden states (T, N, H): a smaller last batch changes N
 
     def _hidden_product(self, h, w_index, b_index=None):
         if not self._done:
