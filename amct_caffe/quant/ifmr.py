@@ -160,7 +160,10 @@ def _loss_sums(chunks: Sequence[np.ndarray], clip, lo, scale, inv) -> np.ndarray
 
 
 def _pick(sums: np.ndarray) -> int:
-    return int(np.flatnonzero(sums <= sums.min() * (1.0 + TIE_RTOL))[0])
+    """The first candidate whose loss is within TIE_RTOL of the least (ties go to the smaller clip)."""
+    least = sums.min()
+    # (a negative least, which only a histogram's loss model can give, is a candidate too)
+    return int(np.flatnonzero(sums <= least * (1.0 + TIE_RTOL if least >= 0 else 1.0 - TIE_RTOL))[0])
 
 
 def _finish(params: IfmrParams, best: int, clip, scale, min0, ratios, sums, n) -> IfmrResult:
