@@ -29,6 +29,7 @@ from amct_caffe.ir import Graph, Node
 from amct_caffe.quant.arq import quantize_with_scales
 from amct_caffe.quant.bias import quantize_bias
 from amct_caffe.quant.fake_quant import pack_deq_scale
+from amct_caffe.quant.search_n import shift_bit_fault
 from amct_caffe.io.record import ActivationRecord, LayerRecord, Record, RecordError
 from amct_caffe.passes.recurrent import copy_recurrent_record, is_recurrent, quantized_form, recurrent_factors
 
@@ -186,9 +187,14 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
             codes[target.name] = q, fake
     bias = node.params[1] if len(node.params) > 1 else None
     deq_channels = scale_w.size
+    with np.errstate(over="ignore", under="ignore"):  # (an overflow is refused just below)
+        deq = (scale_w * np.float32(act.scale_d)).astype(np.float32)  # the DeQuant's deq_scale, packed or not
+    if not (np.isfinite(deq).all() and (deq > 0).all()):  # (a bias's quantization says so too; this for every layer)
+        raise RecordError(f"layer '{target.name}': scale_w * scale_d must be finite and > 0 (the DeQuant's "
+                          f"deq_scale), got {deq[~(np.isfinite(deq) & (deq > 0))][:4].tolist()} with scale_d "
+                          f"{act.scale_d}")
     if model == FAKE:
         params = [fake] + ([bias] if bias is not None else [])
-        deq = (scale_w * np.float32(act.scale_d)).astype(np.float32)
         dequant_blobs = [deq, np.zeros(deq_channels, np.float32), offset_w.astype(np.float32)]
     else:
         params = [q]
@@ -206,6 +212,9 @@ def _quantize_weights(node: Node, target: QuantTarget, record, act: ActFactors, 
         shift = np.asarray(entry.shift_bit, dtype=np.float32)
         if shift.size not in (1, deq_channels):
             raise RecordError(f"layer '{target.name}': {shift.size} shift_bit values for {deq_channels} channels")
+        fault = shift_bit_fault(shift)
+        if fault:
+            raise RecordError(f"layer '{target.name}': {fault}")
         dequant_blobs[1] = np.broadcast_to(shift, (deq_channels,)).astype(np.float32)
     return params, dequant_blobs, deq_channels > 1
 

@@ -26,9 +26,21 @@ import numpy as np
 from ._backend import call_kernel, resolve
 from ._common import INT32_MAX, INT32_MIN, QuantizationError, round_half_away
 
-__all__ = ["SearchNObserver", "search_n", "search_n_errors"]
+__all__ = ["SearchNObserver", "search_n", "search_n_errors", "shift_bit_fault"]
 
-SHIFT_BITS = np.arange(1, 17)
+MIN_SHIFT_BIT, MAX_SHIFT_BIT = 1, 16
+SHIFT_BITS = np.arange(MIN_SHIFT_BIT, MAX_SHIFT_BIT + 1)
+
+
+def shift_bit_fault(values) -> str | None:
+    """What is wrong with a layer's shift_bit values (None: nothing). They are all 0 (no requantization) or all
+    integers in [1, 16] (a shift per channel), never mixed: the DeQuant layer's rule."""
+    n = np.asarray(values, np.float64).reshape(-1)
+    if not np.any(n) or np.all((n >= MIN_SHIFT_BIT) & (n <= MAX_SHIFT_BIT) & (n == np.round(n))):
+        return None
+    shown = [int(v) if float(v).is_integer() else float(v) for v in n[:8]]
+    return (f"shift_bit values must be all 0 or all integers in [{MIN_SHIFT_BIT}, {MAX_SHIFT_BIT}] (mixed "
+            f"zero/non-zero is not allowed), got {shown}{' ...' if n.size > 8 else ''}")
 
 
 def _as_3d(x: np.ndarray, channels: int) -> np.ndarray:

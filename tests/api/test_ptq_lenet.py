@@ -140,6 +140,46 @@ def test_convert_model_names_the_record_a_factor_is_missing_from(quantized, tmp_
     assert not list(tmp_path.glob("lenet_*"))
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: setattr(e, "shift_bit", [17] * 20), r"shift_bit values must be all 0 or all integers in \[1, 16\]"),
+    (lambda e: setattr(e, "shift_bit", [0] + [3] * 19), r"\(mixed zero/non-zero is not allowed\), got \[0, 3, 3"),
+    # conv1 has a bias, ip2's deq_scale is checked as well: both refuse an overflowing scale_w * scale_d
+    (lambda e: (setattr(e, "scale_w", [3e38] * 20), setattr(e.record_d[0], "scale_d", 100.0)),
+     r"scale_w \* scale_d must be finite and > 0"),
+])
+def test_convert_model_refuses_factors_the_dequant_layer_cannot_take(quantized, tmp_path, edit, message):
+    """A hand-edited record whose shift_bit or deq_scale the DeQuant layer refuses is refused by convert_model,
+    naming the layer, and nothing is written (it used to write a fake-quant model that could not be loaded)."""
+    tmp, _, _ = quantized
+    rec = record.read_record(tmp / "record.txt")
+    edit(rec.layers["conv1"])
+    bad = tmp_path / "bad.txt"
+    record.write_record(rec, bad)
+    with pytest.raises(record.RecordError, match=f"bad.txt: layer 'conv1': .*{message}"):
+        amct.convert_model(str(LENET), str(LENET_W), str(bad), str(tmp_path / "lenet"))
+    assert not list(tmp_path.glob("lenet_*"))
+
+
+def test_a_layer_without_bias_refuses_an_overflowing_deq_scale(tmp_path):
+    """The deq_scale check of a layer without bias (none quantizes a bias there to say it)."""
+    proto = tmp_path / "nobias.prototxt"
+    proto.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 '
+                     'dim: 6 } } }\nlayer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                     'convolution_param { num_output: 4 kernel_size: 3 bias_term: false weight_filler { '
+                     'type: "gaussian" std: 0.3 } } }\n')
+    weights = tmp_path / "nobias.caffemodel"
+    Net(str(proto), TEST, seed=1).save(str(weights))
+    rec = record.Record()
+    rec.layers["conv"] = entry = record.LayerRecord(scale_w=[1e30] * 4, offset_w=[0] * 4)
+    act = entry.activation(0, create=True)
+    act.scale_d, act.offset_d = 1e10, 0
+    path = tmp_path / "record.txt"
+    record.write_record(rec, path)
+    with pytest.raises(record.RecordError, match=r"layer 'conv': scale_w \* scale_d must be finite and > 0"):
+        amct.convert_model(str(proto), str(weights), str(path), str(tmp_path / "out" / "m"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_model_rejects_quantized_models(quantized, tmp_path):
     tmp, _, _ = quantized
     with pytest.raises(AmctError, match="already quantized"):

@@ -92,6 +92,15 @@ def test_a_layer_given_twice_warns_and_the_last_entry_wins(caplog):
     assert "r.txt: layer 'fc' has more than one entry; the last one is used" in caplog.text
 
 
+def test_an_input_given_twice_in_one_layer_warns_and_the_first_is_used(caplog):
+    text = 'record { key: "fc" value { scale_w: 0.2 record_d { index: 0 scale_d: 0.6 } record_d { index: 0 ' \
+           'scale_d: 0.9 } } }\n'
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        rec = record.parse_record_text(text, "r.txt")
+    assert rec.layers["fc"].activation(0).scale_d == pytest.approx(0.6)
+    assert "r.txt: layer 'fc' has more than one record_d of index [0]; the first one is used" in caplog.text
+
+
 def test_activations_by_index_keep_the_first_of_each_index():
     entry = record.LayerRecord()
     made = [entry.activation(i, create=True) for i in range(5)]

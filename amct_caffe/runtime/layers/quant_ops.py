@@ -29,11 +29,11 @@ from amct_caffe.errors import ConfigError, GraphError, WeightsError
 from amct_caffe.ops import register
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.quant import QuantizationError, fake_quant, quantize, round_half_away, unpack_deq_scale
+from amct_caffe.quant.search_n import shift_bit_fault
 from amct_caffe.runtime.layer import Layer
 
 _LOG = logging.getLogger(__name__)
 _F32 = np.float32
-MIN_SHIFT_BIT, MAX_SHIFT_BIT = 1, 16
 INT16_MIN, INT16_MAX = -32768, 32767
 
 
@@ -106,9 +106,9 @@ def _dequant_kind(params, channels: int | None = None):
     n = arrays[1].astype(np.float64).reshape(-1)
     if not np.any(n):
         return "identity", None
-    if not np.all((n >= MIN_SHIFT_BIT) & (n <= MAX_SHIFT_BIT) & (n == np.round(n))):
-        raise ValueError(f"shift_bit values must be all 0 or all integers in [{MIN_SHIFT_BIT}, "
-                         f"{MAX_SHIFT_BIT}] (mixed zero/non-zero is not allowed), got {n.tolist()}")
+    fault = shift_bit_fault(n)
+    if fault:
+        raise ValueError(fault)
     if not (np.isfinite(deq).all() and (deq > 0).all()):
         raise ValueError(f"deq_scale must be finite and > 0 to emulate the shift, got {deq.tolist()}")
     return "shift", (deq, np.exp2(n).astype(_F32))
