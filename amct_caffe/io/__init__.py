@@ -33,7 +33,7 @@ def load_prototxt(path, phase: int = TEST, filter_layers: bool = True):
     net = read_prototxt(path)
     upgrade_net(net, str(path))
     if filter_layers:
-        filter_phase(net, phase)
+        filter_phase(net, phase, level=0)  # as pycaffe's Net(file, phase): its level 0 wins over the file's
     return net
 
 

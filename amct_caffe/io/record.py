@@ -21,6 +21,7 @@ for one layer: the last wins (protobuf map semantics).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -172,10 +173,10 @@ def _from_message(msg, path: str = "record") -> Record:
         for d in v.record_d:
             entry.record_d.append(ActivationRecord(d.index, *(getattr(d, n) if d.HasField(n) else None
                                                               for n in _ACT_FIELDS)))
-        indices = [d.index for d in entry.record_d]
-        if len(set(indices)) < len(indices):  # (the first of an index is the one read: LayerRecord.activation)
+        counts = Counter(d.index for d in entry.record_d)
+        if len(counts) < len(entry.record_d):  # (the first of an index is the one read: LayerRecord.activation)
             _LOG.warning("%s: layer '%s' has more than one record_d of index %s; the first one is used", path,
-                         item.key, sorted({i for i in indices if indices.count(i) > 1}))
+                         item.key, sorted(i for i, n in counts.items() if n > 1)[:8])
         if item.key in out.layers:  # a protobuf map's rule: the last value wins, at the first one's place
             _LOG.warning("%s: layer '%s' has more than one entry; the last one is used", path, item.key)
         out.layers[item.key] = entry

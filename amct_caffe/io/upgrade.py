@@ -275,13 +275,17 @@ def layer_included(layer, phase: int = TEST, level: int = 0, stages: set[str] | 
     return not any(_rule_met(r, phase, level, set(stages)) for r in layer.exclude)
 
 
-def filter_phase(net, phase: int = TEST, level: int = 0, stages=()) -> None:
-    """Drop, in place, the layers the net state excludes (TEST phase by default)."""
-    # As in Caffe's Net constructor, the requested phase overrides the file's state.phase;
-    # the file's level and stages still apply.
+def filter_phase(net, phase: int = TEST, level: int | None = None, stages=()) -> None:
+    """Drop, in place, the layers the net state excludes (TEST phase by default).
+
+    The requested phase overrides the file's ``state.phase`` and ``stages`` add to its stages. ``level``: the
+    level of pycaffe's ``Net(file, phase, level=0, stages)``, whose constructor overrides the file's
+    (net.cpp); None keeps the file's ``state.level``, as a solver's net state merged into it does."""
     if net.HasField("state"):
-        level = net.state.level if net.state.HasField("level") else level
+        if level is None and net.state.HasField("level"):
+            level = net.state.level
         stages = tuple(stages) + tuple(net.state.stage)
+    level = 0 if level is None else level
     kept = [layer for layer in net.layer if layer_included(layer, phase, level, frozenset(stages))]
     if len(kept) != len(net.layer):
         del net.layer[:]

@@ -27,13 +27,31 @@ def _variance_norm(filler, fan_in: float, fan_out: float) -> float:
     return fan_in
 
 
+def _check(filler, kind: str) -> None:
+    """The checks of Caffe's fillers (filler.hpp, math_functions.cpp), which abort the net's setup."""
+    if kind != "gaussian" and filler.sparse != -1:
+        raise ModelFormatError(f"the {kind} filler does not support sparse ({filler.sparse}); only gaussian does "
+                               "(Caffe: Sparsity not supported by this Filler)")
+    if kind == "gaussian" and not filler.std > 0:
+        raise ModelFormatError(f"the gaussian filler's std must be > 0, got {filler.std} (Caffe: Check failed: "
+                               "sigma > 0)")
+    if kind == "uniform" and not filler.min <= filler.max:
+        raise ModelFormatError(f"the uniform filler's min ({filler.min}) must not exceed its max ({filler.max})")
+
+
 def fill(filler, shape, rng: np.random.Generator) -> np.ndarray:
     shape = tuple(int(d) for d in shape)
     kind = filler.type if filler is not None else "constant"
+    if filler is not None:
+        _check(filler, kind)
     if kind == "constant":
         return np.full(shape, filler.value if filler is not None else 0.0, np.float32)
     if kind == "gaussian":
-        return rng.normal(filler.mean, filler.std, shape).astype(np.float32)
+        x = rng.normal(filler.mean, filler.std, shape).astype(np.float32)
+        if filler.sparse >= 0 and len(shape):
+            # Caffe keeps each weight with probability sparse / num_outputs (shape[0]), zeroing the others
+            x *= rng.random(shape) < filler.sparse / shape[0]
+        return x
     if kind == "uniform":
         return rng.uniform(filler.min, filler.max, shape).astype(np.float32)
     if kind == "xavier":

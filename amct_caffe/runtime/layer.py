@@ -36,7 +36,7 @@ import logging
 
 import numpy as np
 
-from amct_caffe.errors import GraphError
+from amct_caffe.errors import GraphError, ModelFormatError
 from amct_caffe.runtime.blob import Blob
 from amct_caffe.runtime.fillers import fill
 
@@ -100,9 +100,33 @@ class Layer:
                 want = str(lo) if lo == hi else f"{lo if lo is not None else 0}..{hi if hi is not None else 'n'}"
                 raise GraphError(f"layer '{lp.name}' ({lp.type}) takes {want} {what} blob(s), "
                                  f"the prototxt gives {got}")
-        if not cls.in_place_ok and lp.top and lp.bottom and lp.top[0] == lp.bottom[0]:
-            raise GraphError(f"layer '{lp.name}' ({lp.type}) does not allow in-place computation "
-                             "(top == bottom)")
+        if lp.top and lp.bottom and lp.top[0] == lp.bottom[0]:
+            if not cls.in_place_ok:
+                raise GraphError(f"layer '{lp.name}' ({lp.type}) does not allow in-place computation "
+                                 "(top == bottom)")
+            why = cls.in_place_fault(lp)
+            if why:
+                raise GraphError(f"layer '{lp.name}' ({lp.type}) works in place (top == bottom), where {why}; "
+                                 "give it a top of its own")
+
+    def in_place_zero_diff(self, bottom: np.ndarray, why: str) -> np.ndarray:
+        """The bottom diff Caffe's backward gives in place, where it clears or scales the diff memory the top
+        shares before it reads the top diff: zero (``why`` says how), with a warning once per layer."""
+        if not getattr(self, "_warned_in_place", False):
+            self._warned_in_place = True
+            _LOG.warning("layer '%s' (%s) in place: Caffe's backward %s, so the bottom diff is zero, not the "
+                         "gradient; reproduced as Caffe computes it (give the layer a top of its own for the "
+                         "gradient)", self.name, self.type, why)
+        return np.zeros(np.shape(bottom), np.float32)
+
+    # Why Caffe's layer, run in place, does not compute its function (it writes its top, which is its bottom,
+    # before it has read all of the bottom), for a type whose class sets it; such a net is refused by name.
+    in_place_differs: str = ""
+
+    @classmethod
+    def in_place_fault(cls, lp) -> str:
+        """Why this layer, as ``lp`` sets it up, cannot run in place ("" where it can): :attr:`in_place_differs`."""
+        return cls.in_place_differs
 
     def param_shapes(self, bottom_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Shapes of the learned blobs (empty for parameter-free layers)."""
@@ -127,7 +151,10 @@ class Layer:
         """The learned blobs' values when no caffemodel gives them: :meth:`param_fillers`' fills (a
         Python layer gives what its ``setup`` made)."""
         fillers = list(self.param_fillers()) + [None] * len(shapes)
-        return [fill(f, s, rng) for f, s in zip(fillers, shapes, strict=False)]
+        try:
+            return [fill(f, s, rng) for f, s in zip(fillers, shapes, strict=False)]
+        except ModelFormatError as e:
+            raise ModelFormatError(f"layer '{self.name}' ({self.type}): {e}") from None
 
     def make_param_blobs(self, arrays: list[np.ndarray]) -> list:
         """The Blob objects holding the learned blobs' first values ``arrays`` (a Python layer gives its own)."""

@@ -136,6 +136,24 @@ def test_stage_and_level_rules():
     assert [lp.name for lp in net.layer] == ["a", "c"]
 
 
+def test_a_net_read_from_a_file_takes_level_0_as_pycaffe_does(tmp_path):
+    """pycaffe's Net(file, phase, level=0) sets the level over the file's state.level (net.cpp), while the stages
+    add up; a solver's net keeps the level its state gives (filter_phase(level=None))."""
+    from amct_caffe.runtime import TEST, Net
+
+    text = ('state { level: 2 stage: "deploy" }\n'
+            'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+            'layer { name: "low" type: "Sigmoid" bottom: "x" top: "y" include { max_level: 1 } }\n'
+            'layer { name: "high" type: "TanH" bottom: "x" top: "y" include { min_level: 2 } }\n'
+            'layer { name: "staged" type: "ReLU" bottom: "y" top: "y" include { stage: "deploy" } }\n')
+    path = tmp_path / "levels.prototxt"
+    path.write_text(text)
+    assert list(Net(str(path), TEST).layer_dict) == ["x", "low", "staged"]
+    solver_view = io.parse_prototxt_text(text, "levels.prototxt")
+    io.filter_phase(solver_view, io.TEST)
+    assert [lp.name for lp in solver_view.layer] == ["x", "high", "staged"]
+
+
 @needs_shared
 def test_v1_model_runs_identically(tmp_path):
     from amct_caffe.runtime import TEST, Net

@@ -59,10 +59,10 @@ def bn_reference(x, mean, var, eps):
     return y
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (4, 3), (6,), (2, 3, 2, 2, 2)])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (4, 3), (2, 3, 2, 2, 2)])
 @pytest.mark.parametrize("factor,eps", [(1.0, 1e-5), (0.5, 1e-3), (999.0, 1e-5), (0.0, 1e-5)])
 def test_batchnorm_global_stats(shape, factor, eps):
-    c = 1 if len(shape) == 1 else shape[1]
+    c = shape[1]
     x = data(*shape, shift=1.0)
     mean = data(c, scale=0.5)
     var = np.abs(data(c)) + 0.5
@@ -71,6 +71,15 @@ def test_batchnorm_global_stats(shape, factor, eps):
     sf = 0.0 if factor == 0 else 1.0 / factor  # a zero factor zeroes the statistics (Caffe)
     check(y, bn_reference(x, mean.astype(np.float64) * sf, var.astype(np.float64) * sf, eps), rtol=1e-5,
           atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "BatchNormKyle"])
+def test_a_bottom_without_channel_axis_is_refused_as_caffe_refuses_it(kind):
+    """Caffe's BatchNorm takes one channel for a 1-axis bottom at setup, then its Reshape checks axis 1: abort."""
+    from amct_caffe.errors import GraphError
+
+    with pytest.raises(GraphError, match=rf"layer 'l' \({kind}\): the bottom \[6\] has no channel axis"):
+        net_with(f'type: "{kind}"', (6,))
 
 
 def test_batchnorm_blobs_default_to_zero():

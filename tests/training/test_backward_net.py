@@ -65,6 +65,15 @@ CASES = {
     'layer { name: "sl" type: "Slice" bottom: "a" top: "s1" top: "s2" slice_param { axis: 1 slice_point: 2 } '
     'loss_weight: 0.3 loss_weight: -0.2 }\n'
     'layer { name: "loss" type: "EuclideanLoss" bottom: "s1" bottom: "target" top: "loss" }\n',
+    # in place, Caffe's Normalize, Crop and Resize write over the top diff they share before reading it: the
+    # bottom's diff is zero (Normalize's scale diff, computed first, is the gradient)
+    "normalize_in_place": "force_backward: true\n" + _input(1, 3, 2, 2) +
+    'layer { name: "n" type: "Normalize" bottom: "data" top: "data" }\n',
+    "crop_in_place": "force_backward: true\n" + _input(1, 2, 3, 3) +
+    _TARGET.replace("dim: 4 dim: 2", "dim: 1 dim: 2 dim: 3 dim: 3") +
+    'layer { name: "c" type: "Crop" bottom: "data" bottom: "target" top: "data" }\n',
+    "resize_in_place": "force_backward: true\n" + _input(1, 2, 3, 3) +
+    'layer { name: "r" type: "Resize" bottom: "data" top: "data" resize_param { height: 3 width: 3 } }\n',
     # shared parameters: both layers accumulate into one weight
     "shared_param": _input(2, 5) +
     'layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" param { name: "w" } param { name: "bias" } '
@@ -76,6 +85,7 @@ CASES = {
 
 _INPUT_SHAPES = {name: (4, 3) for name in ("loss_blob_read_by_a_dead_end", "loss_blob_read_without_propagation",
                                           "loss_layer_top_also_read", "split_clears_the_other_tops_weights")}
+_INPUT_SHAPES.update(normalize_in_place=(1, 3, 2, 2), crop_in_place=(1, 2, 3, 3), resize_in_place=(1, 2, 3, 3))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +99,7 @@ def caffe_results(tmp_path_factory):
         shape = (3, 2, 2, 2) if name == "ip_two_readers" else (2, 5)
         arrays = {"data": rng.standard_normal(_INPUT_SHAPES.get(name, shape)).astype(np.float32)}
         if '"target"' in text:
-            arrays["target"] = rng.standard_normal((4, 2)).astype(np.float32)
+            arrays["target"] = rng.standard_normal((1, 2, 3, 3) if "crop" in name else (4, 2)).astype(np.float32)
         cases.append((name, f'name: "{name}"\n' + text, arrays, "TRAIN"))
     return workdir, run_in_caffe(workdir, cases)
 

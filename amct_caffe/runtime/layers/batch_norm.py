@@ -106,11 +106,13 @@ def batch_norm_backward(dy, x_norm, std, use_global_stats: bool):
 
 class ChannelStatisticsLayer(Layer):
     """A layer holding BatchNorm's blobs: mean (C,), variance (C,), moving-average factor (1,), where
-    C is axis 1 of the bottom (or 1 for a 1-axis bottom)."""
+    C is axis 1 of the bottom."""
 
-    @staticmethod
-    def _channels(shape) -> int:
-        return 1 if len(shape) == 1 else int(shape[1])
+    def _channels(self, shape) -> int:
+        if len(shape) < 2:  # (Caffe's setup takes one channel, then its Reshape checks axis 1, which fails)
+            raise GraphError(f"layer '{self.name}' ({self.type}): the bottom {list(shape)} has no channel axis; "
+                             "Caffe's Reshape refuses it (Check failed: axis 1 out of range): give it (N, C, ...)")
+        return int(shape[1])
 
     def param_shapes(self, bottom_shapes):
         c = self._channels(bottom_shapes[0])

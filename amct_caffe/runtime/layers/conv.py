@@ -339,9 +339,13 @@ class _BaseConv(Layer):
 class ConvolutionLayer(_BaseConv):
     """Caffe's Convolution: see :func:`Convolution`; learned blobs [weight (O, C/g, *k), bias (O,)]."""
 
+    in_place_differs = "Caffe's GEMM would write the output into the input it is still reading"
+
 
 @register("Deconvolution")
 class DeconvolutionLayer(_BaseConv):
     """Caffe's Deconvolution: see :func:`Deconvolution`; learned blobs [weight (C, O/g, *k), bias (O,)]."""
+
+    in_place_differs = "Caffe's GEMM would write the output into the input it is still reading"
 
     transposed = True

@@ -76,6 +76,8 @@ def PriorBox(feature, image, *, min_size=(), max_size=(), aspect_ratio=(), flip=
         raise ValueError("give img_size or img_h/img_w, not both")
     if (step_h is not None or step_w is not None) and step is not None:
         raise ValueError("give step or step_h/step_w, not both")
+    if any(v is not None and not v > 0 for v in (step, step_h, step_w)):  # (prior_box_layer.cpp: CHECK_GT)
+        raise ValueError(f"a step given must be > 0, got step {step}, step_h {step_h}, step_w {step_w}")
     lh, lw = _hw(np.shape(feature))
     ih, iw = (img_h or 0, img_w or 0) if img_h is not None or img_w is not None else (img_size or 0,) * 2
     if ih == 0 or iw == 0:
@@ -389,6 +391,9 @@ class PriorBoxLayer(OpLayer):
 
     def reshape(self, bottom_shapes):
         h, w = _hw(bottom_shapes[0])
+        steps = [self._kw[k] for k in ("step", "step_h", "step_w") if self._kw.get(k) is not None]
+        if any(not v > 0 for v in steps):  # prior_box_layer.cpp's LayerSetUp: CHECK_GT(step, 0)
+            raise GraphError(f"layer '{self.name}' (PriorBox): a step given must be > 0, got {steps}")
         return [(1, 2, h * w * self._num_priors() * 4)]
 
     def _num_priors(self) -> int:

@@ -41,6 +41,8 @@ def InnerProduct(x, weight, bias=None, *, axis=1, transpose=False):  # noqa: N80
 class InnerProductLayer(Layer):
     """Caffe's InnerProduct: see :func:`InnerProduct`; learned blobs [weight, bias (N,)]."""
 
+    in_place_differs = "Caffe's GEMM would write the output into the input it is still reading"
+
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)
         if lp.inner_product_param.num_output <= 0:

@@ -124,6 +124,11 @@ class ConcatLayer(ShapeLayer):
     num_bottoms = (1, None)
     op = staticmethod(Concat)
 
+    @classmethod
+    def in_place_fault(cls, lp) -> str:  # (one bottom: Caffe shares it, as in place)
+        return "Caffe's Concat resizes its first input to the joined shape (its memory breaks)" \
+            if len(lp.bottom) > 1 else ""
+
     def shares_bottom_data(self, bottom_shapes):
         return len(bottom_shapes) == 1  # Caffe's ConcatLayer::Reshape: one bottom is shared
 
@@ -152,6 +157,10 @@ class ConcatLayer(ShapeLayer):
 class SliceLayer(ShapeLayer):
     num_tops = (1, None)
     op = staticmethod(Slice)
+
+    @classmethod
+    def in_place_fault(cls, lp) -> str:  # (one top: Caffe shares it, as in place)
+        return "Caffe's Slice refuses to reshape its input to a part of it (Check failed)" if len(lp.top) > 1 else ""
 
     def shares_bottom_data(self, bottom_shapes):
         return len(self.lp.top) == 1  # Caffe's SliceLayer::Reshape: one top is shared
@@ -216,6 +225,8 @@ class CropLayer(ShapeLayer):
         """dx = zeros with dy at the cropped window; the reference bottom's diff is left as is."""
         if not propagate_down[0]:
             return [None, None]
+        if self.in_place:
+            return [self.in_place_zero_diff(bottoms[0], "clears the diff it shares with the top first"), None]
         x = bottoms[0]
         dx = np.zeros(x.shape, np.float32)
         dx[crop_slices(x.shape, bottoms[1].shape, **self._kw)] = top_diffs[0]

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from amct_caffe.errors import GraphError
+from amct_caffe.errors import AmctError, GraphError
 from amct_caffe.ops import register
 from amct_caffe.runtime.layer import Layer, canonical_axis
 from amct_caffe.runtime.layers.activation import Sigmoid
@@ -325,10 +325,17 @@ class InfogainLossLayer(MultinomialLogisticLossLayer):
             if not source:
                 raise GraphError(f"layer '{self.name}' (InfogainLoss): infogain_loss_param.source must be given "
                                  "when there is no third bottom")
+            from amct_caffe.io.files import read_bytes  # noqa: PLC0415
+            where = f"layer '{self.name}' (InfogainLoss): infogain_loss_param.source {source}"
             blob = caffe_pb().BlobProto()
-            with open(source, "rb") as f:
-                blob.ParseFromString(f.read())
-            self._infogain = blob_to_array(blob, source).astype(_F32)
+            data = read_bytes(source, f"layer '{self.name}' (InfogainLoss) infogain matrix", GraphError)
+            try:
+                blob.ParseFromString(data)
+                self._infogain = blob_to_array(blob, where).astype(_F32)
+            except AmctError as e:
+                raise GraphError(str(e)) from None
+            except Exception as e:  # protobuf's DecodeError, or any failure to parse a damaged file
+                raise GraphError(f"{where} is not a binaryproto BlobProto ({e})") from None
 
     def _matrix(self, bottoms):
         h = bottoms[2] if len(bottoms) > 2 else self._infogain

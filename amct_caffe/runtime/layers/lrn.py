@@ -108,6 +108,13 @@ def lrn_backward(dy, x, y, s, local_size=5, alpha=1.0, beta=0.75, norm_region=0)
 class LRNLayer(Layer):
     """Caffe's LRN layer (see :func:`LRN`)."""
 
+    @classmethod
+    def in_place_fault(cls, lp) -> str:
+        # ACROSS_CHANNELS writes scale^-beta into the top and then multiplies it by the bottom, the same memory
+        if lp.lrn_param.norm_region == lp.lrn_param.ACROSS_CHANNELS:
+            return "Caffe's ACROSS_CHANNELS LRN overwrites its input before it multiplies by it (scale^-2beta)"
+        return ""
+
     def __init__(self, lp, phase: int = TEST):
         super().__init__(lp, phase)
         p = lp.lrn_param

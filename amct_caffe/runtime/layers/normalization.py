@@ -240,6 +240,9 @@ class NormalizeLayer(Layer):
         p = self.lp.norm_param
         dx, dscale = normalize_backward(top_diffs[0], bottoms[0], tops[0], self._norm, self.blobs[0].data,
                                         p.across_spatial, p.channel_shared)
-        if self.param_propagate_down[0]:
+        if self.param_propagate_down[0]:  # (Caffe computes it first, from the top diff: right in place too)
             self.blobs[0].diff += dscale.reshape(self.blobs[0].shape)
+        if self.in_place and propagate_down[0]:
+            return [self.in_place_zero_diff(bottoms[0], "writes the bottom diff over the top diff it shares "
+                                                        "before subtracting it")]
         return [dx if propagate_down[0] else None]

@@ -233,6 +233,8 @@ def _enum_name(msg, field: str) -> str:
 class PoolingLayer(Layer):
     """Caffe's Pooling: see :func:`Pooling`. A second top (MAX only) receives the argmax mask."""
 
+    in_place_differs = "Caffe's Pooling fills its top (-FLT_MAX or 0) before it reads the bottom"
+
     num_tops = (1, 2)
 
     def __init__(self, lp, phase: int = 1):
@@ -455,6 +457,8 @@ class SPPLayer(Layer):
     included); the levels are flattened and concatenated to ``(N, C * sum_i bins_i)``. With
     ``pyramid_height: 1`` the top is the single pooled ``(N, C, 1, 1)`` blob.
     """
+
+    in_place_differs = "Caffe's SPP pools into its top before it has read all of the bottom"
 
     def __init__(self, lp, phase: int = 1):
         super().__init__(lp, phase)

@@ -67,6 +67,7 @@ def ArgMax(x, *, out_max_val=False, top_k=1, axis=None):  # noqa: N802
 @register("Reduction")
 class ReductionLayer(ShapeLayer):
     op = staticmethod(Reduction)
+    in_place_differs = "Caffe's Reduction reshapes its top, the input it then reads, to the reduced shape"
 
     def kwargs(self):
         return proto_fields(self.lp.reduction_param, "operation", "axis", "coeff")

@@ -221,6 +221,13 @@ class UnsqueezeLayer(EmptyBackward, ShapeLayer):
 class PermuteLayer(ShapeLayer):
     op = staticmethod(Permute)
 
+    @classmethod
+    def in_place_fault(cls, lp) -> str:
+        order = list(lp.permute_param.order)
+        if order == list(range(len(order))):  # no axis moves: the top is the bottom's data anyway
+            return ""
+        return "Caffe's Permute writes each value over the input it has yet to read"
+
     def shares_bottom_data(self, bottom_shapes):
         # the SSD fork's PermuteLayer copies only when the order moves an axis
         ndim = len(bottom_shapes[0])

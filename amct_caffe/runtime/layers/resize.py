@@ -368,6 +368,8 @@ class ResizeLayer(Layer):
         source cells with the forward's weights, ``dx = A_h^T @ dy @ A_w``."""
         if not propagate_down[0]:
             return [None]
+        if self.in_place:
+            return [self.in_place_zero_diff(bottoms[0], "clears the diff it shares with the top first")]
         h, w = bottoms[0].shape[2:]
         ah, aw = _resize_axis(h, self.out[0]), _resize_axis(w, self.out[1])
         return [_separable(np.asarray(top_diffs[0], np.float32), ah.T, aw.T)]

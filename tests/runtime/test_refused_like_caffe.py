@@ -1,0 +1,68 @@
+"""Layer settings official Caffe aborts on (a CHECK in its setup) get the library's error naming the layer.
+
+Each case was run in official Caffe when its check was added: Caffe aborted on every one; the executor had run
+them (a gaussian of std 0 filled zeros, a PriorBox of step 0 put every box at the origin) or failed with a
+NumPy or protobuf exception.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from amct_caffe.errors import AmctError
+from amct_caffe.runtime import TEST, TRAIN, Net
+
+X = 'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }\n'
+
+
+def _conv(filler: str) -> str:
+    return X + ('layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 2 '
+                f'kernel_size: 3 weight_filler {{ {filler} }} }} }}\n')
+
+
+@pytest.mark.parametrize("filler, message", [
+    ('type: "gaussian" std: 0', r"the gaussian filler's std must be > 0, got 0"),
+    ('type: "uniform" min: 1 max: -1', r"the uniform filler's min \(1.0\) must not exceed its max \(-1.0\)"),
+    ('type: "xavier" sparse: 1', r"the xavier filler does not support sparse \(1\); only gaussian does"),
+    ('type: "constant" sparse: 2', r"the constant filler does not support sparse"),
+])
+def test_filler_settings_caffe_refuses(tmp_path, filler, message):
+    path = tmp_path / "net.prototxt"
+    path.write_text(_conv(filler))
+    with pytest.raises(AmctError, match=rf"layer 'c' \(Convolution\): {message}"):
+        Net(str(path), TEST)
+
+
+def test_a_sparse_gaussian_keeps_about_sparse_in_num_outputs_of_the_weights(tmp_path):
+    """gaussian with sparse k keeps each weight with probability k / num_outputs (Caffe's bernoulli mask)."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(X.replace("dim: 2 dim: 4 dim: 4", "dim: 400") +
+                    'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: '
+                    '50 weight_filler { type: "gaussian" std: 1 sparse: 10 } } }\n')
+    w = Net(str(path), TEST, seed=3).params["ip"][0].data
+    assert 0.17 < (w != 0).mean() < 0.23  # 10 / 50 of 20,000 weights
+
+
+def test_a_priorbox_step_of_zero_is_refused(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text(X + X.replace('"x"', '"img"') + 'layer { name: "p" type: "PriorBox" bottom: "x" bottom: "img" '
+                    'top: "p" prior_box_param { min_size: 2 step: 0 } }\n')
+    with pytest.raises(AmctError, match=r"layer 'p' \(PriorBox\): a step given must be > 0"):
+        Net(str(path), TEST)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"cannot read layer 'l' \(InfogainLoss\) infogain matrix file .*: it does not exist"),
+    (b"\xff\xff\xff", r"layer 'l' \(InfogainLoss\): infogain_loss_param.source .* is not a binaryproto BlobProto"),
+])
+def test_an_infogain_source_that_cannot_be_read_is_named(tmp_path, content, message):
+    source = tmp_path / "H.binaryproto"
+    if content is not None:
+        source.write_bytes(content)
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "x" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 3 } '
+                    'shape { dim: 2 } } }\n'
+                    f'layer {{ name: "l" type: "InfogainLoss" bottom: "x" bottom: "t" top: "loss" '
+                    f'infogain_loss_param {{ source: "{source}" }} }}\n')
+    with pytest.raises(AmctError, match=message):
+        Net(str(path), TRAIN)
