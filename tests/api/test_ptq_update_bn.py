@@ -177,6 +177,7 @@ def test_two_batchnorms_whose_names_differ_by_a_slash_keep_their_own_statistics(
     amct.save_model(graph, "Both", str(tmp_path / "out/m"))
 
 
+@pytest.mark.usefixtures("cli_scratch_dir")  # (no log handler left on a closed stream)
 def test_a_stale_dump_that_is_an_input_is_refused_not_deleted(tmp_path, capsys):
     """update_bn deletes an earlier run's dumps before calibrating; a file the command reads that sits where a
     dump goes (the data in bn_dump_dir, named after the BatchNorm) is refused there, not deleted."""
@@ -202,6 +203,7 @@ def test_a_stale_dump_that_is_an_input_is_refused_not_deleted(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("cli_scratch_dir")  # (no log handler left on a closed stream)
 def test_the_command_line_draws_the_batches_update_bn_asks_for(tmp_path, capsys):
     """batch_num 2 and bn_update_iterations 20: calibrate draws 20 batches from data holding 21 (it drew
     batch_num and then said the data gave too few); with 5 batches it says how many it needs."""

@@ -94,6 +94,7 @@ def test_the_accuracy_report_is_such_a_call(tmp_path, hint_seen):
     assert hint_seen and not any(hint_seen)
 
 
+@pytest.mark.usefixtures("cli_scratch_dir")  # (no log handler left on a closed stream)
 @pytest.mark.parametrize("few", [True, False])
 def test_a_short_command_line_run_makes_its_blobs_with_the_hint_off(tmp_path, hint_seen, monkeypatch, capsys, few):
     from amct_caffe import cli
