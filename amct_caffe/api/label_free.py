@@ -381,8 +381,8 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
             with np.errstate(invalid="ignore", over="ignore"):  # a diverging step is reported below, once
                 solver.step(1)
         except AmctError as e:  # e.g. a clip range gone non-finite: the retrain layers refuse it
-            _LOG.warning("label-free QAT diverged at iteration %d (%s): keeping the model training started "
-                         "from; try smaller --clip-lr / --weight-lr", it + 1, e)
+            _LOG.warning("label-free QAT diverged at iteration %d (%s): the trained model is not kept; try "
+                         "smaller --clip-lr / --weight-lr", it + 1, e)
             bar.update(iterations - it)  # the steps left are not taken: the bar still ends at 100 %
             return losses, None, before, math.nan
         losses.append(float(solver.net.loss))
@@ -392,10 +392,10 @@ def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, ba
     if not after < before:
         if before == 0:
             _LOG.info("label-free QAT: the model training started from already gives the FP32 outputs on the data "
-                      "(distillation loss 0); keeping it")
+                      "(distillation loss 0); the trained model is not kept")
         else:
             _LOG.warning("label-free QAT did not lower the distillation loss over the data (%.4g before, %.4g "
-                         "after): keeping the model training started from; try fewer iterations or smaller "
+                         "after): the trained model is not kept; try fewer iterations or smaller "
                          "--clip-lr / --weight-lr", before, after)
         return losses, None, before, after
     trained = {name: [np.array(b.data, np.float32) for b in blobs] for name, blobs in solver.net.params.items()}
@@ -484,7 +484,11 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             train_graph, train_feeds = _training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss)
             bar.set_description("retrain")
             losses, trained, before, after = _train(train_graph, work, train_feeds, batch, iterations, bar, seed)
-            kept = "trained" if trained is not None else "rounded" if rounded and before < ptq_loss else "ptq"
+            # the lowest loss over the data of the three (PTQ's is measured where the rounding ran: else training
+            # started from the PTQ model itself); a NaN (not measured) loses every comparison
+            better_than_ptq = {"trained": not after >= ptq_loss, "rounded": rounded and before < ptq_loss}
+            kept = "trained" if trained is not None and better_than_ptq["trained"] else \
+                "rounded" if better_than_ptq["rounded"] else "ptq"
             if kept == "ptq":  # exactly what calibrate writes
                 outputs = save_model(session, "Both", save_path)
             else:

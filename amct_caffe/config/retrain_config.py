@@ -281,10 +281,19 @@ def retrain_reason(node, graph=None) -> str | None:
     if ndim != (2 if kind == "InnerProduct" else 4):
         return f"its weight has {ndim} axes; the RetrainWeightQuant layer takes 2-D (InnerProduct) or 4-D weights"
     params = node.layer_param.param if node.layer_param is not None else ()
-    if len(params) and params[0].name:
+    if len(params) and params[0].name and _named_elsewhere(params[0].name, node, graph):
         return (f"it shares its weight with other layers (param name '{params[0].name}'), and a shared weight "
                 "cannot be retrained for one layer alone")
     return None
+
+
+def _named_elsewhere(name: str, node, graph) -> bool:
+    """Whether a layer other than ``node`` (a copy of it for another phase does not count) names a param ``name``;
+    without the graph, assume so."""
+    if graph is None:
+        return True
+    return any(other.name != node.name and other.layer_param is not None
+               and any(p.name == name for p in other.layer_param.param) for other in graph.nodes)
 
 
 def per_tensor_only(node, graph=None) -> bool:

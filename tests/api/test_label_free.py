@@ -147,7 +147,7 @@ def test_training_that_does_not_help_keeps_the_ptq_factors(digits, tmp_path, cap
     qat = amct.label_free_retrain(str(MODEL), str(WEIGHTS), train, str(tmp_path / "qat" / "lenet"), iterations=20,
                                   clip_lr=5.0, weight_lr=500.0, rounding=False, progress=False)
     assert not qat.kept_trained and qat.kept == "ptq" and qat.data_loss_after >= qat.data_loss_before
-    assert "keeping the model training started from" in caplog.text
+    assert "the trained model is not kept" in caplog.text
     for kind in ("fake_quant_weights", "deploy_weights", "quant_param_record_txt"):
         if kind in ptq:
             assert Path(qat.outputs[kind]).read_bytes() == Path(ptq[kind]).read_bytes(), kind
@@ -159,6 +159,27 @@ def test_keeps_the_model_of_least_data_loss(runs):
     losses = {"ptq": qat.data_loss_ptq, "rounded": qat.data_loss_before, "trained": qat.data_loss_after}
     assert losses[qat.kept] == min(losses.values())
     assert qat.kept_trained == (qat.kept == "trained")
+
+
+def test_a_trained_model_worse_than_ptq_is_not_kept(digits, tmp_path, monkeypatch):
+    """A rounding that raised the loss (here made bad on purpose), then a training that lowers it, but not to
+    PTQ's: the PTQ model is saved, whatever training gained over the rounded start (the trained one was)."""
+    from amct_caffe.api import label_free
+
+    real = label_free.round_weights
+
+    def bad_rounding(graph, *args, **kwargs):
+        done = real(graph, *args, **kwargs)
+        for node in graph.nodes:  # the biases shifted: a rounding that hurts
+            if node.type == "Convolution" and len(node.params) > 1:
+                node.params[1] = (node.params[1] + 0.05).astype(node.params[1].dtype)
+        return done
+
+    monkeypatch.setattr(label_free, "round_weights", bad_rounding)
+    qat = amct.label_free_retrain(str(MODEL), str(WEIGHTS), digits[0], str(tmp_path / "q"), iterations=10,
+                                  progress=False)
+    assert qat.data_loss_ptq < qat.data_loss_after < qat.data_loss_before  # training helped, not enough
+    assert qat.kept == "ptq" and not qat.kept_trained
 
 
 def test_training_that_does_not_help_keeps_the_rounded_start(digits, tmp_path):

@@ -373,3 +373,22 @@ def test_layers_sharing_a_weight_are_left_out_of_the_generated_config(tmp_path):
                                           r"with other layers \(param name 'sw'\)"):
         amct.create_quant_retrain_model(str(proto), str(LENET_W), str(config), str(tmp_path / "n.prototxt"),
                                         str(tmp_path / "n.caffemodel"), str(tmp_path / "s.txt"))
+
+
+def test_a_param_name_no_other_layer_uses_does_not_make_a_weight_shared(tmp_path):
+    """Converters name every param ("conv1_w"): a name no other layer uses shares nothing, so conv1 is retrained
+    (it was left out of the generated config as a shared weight), trained and saved like the others."""
+    text = LENET.read_text()
+    at = text.index('name: "conv1"')
+    text = text[:at] + text[at:].replace("lr_mult: 1", 'name: "conv1_w" lr_mult: 1', 1).replace(
+        "lr_mult: 2", 'name: "conv1_b" lr_mult: 2', 1)
+    proto = tmp_path / "named.prototxt"
+    proto.write_text(text)
+    config, mm, mw, rec = _retrain(tmp_path, proto, LENET_W)
+    assert "conv1" in json.loads(config.read_text())
+    assert "conv1_weight_quant" in _layers(mm)
+    trained = tmp_path / "trained.caffemodel"
+    _train_by_hand(mm, mw, trained, CLIPS)
+    paths = amct.save_quant_retrain_model(str(mm), str(trained), "Both", str(tmp_path / "out" / "m"), str(rec),
+                                          str(config))
+    assert read_record(paths["quant_param_record_txt"]).layer("conv1").scale_w
