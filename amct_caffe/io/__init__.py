@@ -42,6 +42,9 @@ def load_weights(path) -> "OrderedDict[str, list[np.ndarray]]":
 
     A blob holding NaN or infinity is refused: such weights (a diverged training, a corrupt file)
     cannot be quantized, and would otherwise fail much later, or silently, in the calibration.
+    Two layers of one name (a layer a prototxt defines once per phase) give one entry: Caffe copies each
+    in turn into the layer of that name, so the last one's blobs are those used; a warning says so where
+    they differ.
     """
     net = read_caffemodel(path)
     upgrade_net(net, str(path))
@@ -49,12 +52,15 @@ def load_weights(path) -> "OrderedDict[str, list[np.ndarray]]":
     for layer in net.layer:
         if not len(layer.blobs):
             continue
-        if layer.name in weights:
-            raise WeightsError(f"{path}: two layers named '{layer.name}' carry weights")
         arrays = []
         for i, b in enumerate(layer.blobs):
             where = f"{path}: layer '{layer.name}' blob {i}"
             arrays.append(_finite(blob_to_array(b, where), where))
+        earlier = weights.get(layer.name)
+        if earlier is not None and not (len(earlier) == len(arrays) and all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(earlier, arrays, strict=True))):
+            _LOG.warning("%s: two layers named '%s' carry different weights; the last one's are used, as Caffe "
+                         "copies both in turn", path, layer.name)
         weights[layer.name] = arrays
     return weights
 

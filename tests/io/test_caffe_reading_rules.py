@@ -183,3 +183,36 @@ def test_nan_weights_are_refused_where_a_user_meets_them(tmp_path):
                  lambda: Net(str(LENET), str(path), TEST)):
         with pytest.raises(WeightsError, match=r"nan.caffemodel: layer 'ip1' blob 1 holds NaN/Inf: 1 of its 500"):
             load()
+
+
+def test_a_caffemodel_naming_a_layer_twice_gives_the_last_weights(tmp_path, caplog):
+    """A layer a prototxt defines once per phase is saved twice with the same blobs (a retrain model of such a
+    prototxt): read as one, with no word; different blobs under one name warn, and the last ones count, as
+    Caffe's CopyTrainedLayersFrom copies each in turn."""
+    import numpy as np
+
+    from amct_caffe import io as amct_io
+
+    def model(second):
+        net = amct_io.parse_prototxt_text('layer { name: "bn" type: "BatchNorm" } layer { name: "bn" type: '
+                                          '"BatchNorm" }', "m.prototxt")
+        first = [np.array([1.0, 2.0], np.float32), np.array([3.0, 4.0], np.float32), np.array([1.0], np.float32)]
+        msg = amct_io.net_to_caffemodel(net, {"bn": first})
+        for blob, value in zip(msg.layer[1].blobs, second, strict=False):
+            del blob.data[:]
+            blob.data.extend(value)
+        if not len(msg.layer[1].blobs):
+            msg.layer[1].blobs.extend(msg.layer[0].blobs)
+            for blob, value in zip(msg.layer[1].blobs, second, strict=True):
+                del blob.data[:]
+                blob.data.extend(value)
+        path = tmp_path / "m.caffemodel"
+        path.write_bytes(msg.SerializeToString())
+        return path
+
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        same = amct_io.load_weights(model([[1.0, 2.0], [3.0, 4.0], [1.0]]))
+    assert list(same) == ["bn"] and "carry different weights" not in caplog.text
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        other = amct_io.load_weights(model([[5.0, 6.0], [7.0, 8.0], [2.0]]))
+    assert other["bn"][0].tolist() == [5.0, 6.0] and "two layers named 'bn' carry different weights" in caplog.text
