@@ -33,7 +33,7 @@ from amct_caffe import io, log, ops
 from amct_caffe.api.outputs import SAVE_TYPES, save_quantized, stage_graph
 from amct_caffe.config import (ArqParams, LayerQuantConfig, QuantConfig, bind_retrain_config, create_retrain_config,
                                read_retrain_config, write_retrain_config)
-from amct_caffe.errors import AmctError, ConfigError, GraphError
+from amct_caffe.errors import AmctError, ConfigError, GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net, layer_graph
 from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.paths import check_output, checked_path, reading
@@ -45,7 +45,7 @@ from amct_caffe.passes.retrain import (IFMR_START_MAX, IFMR_START_MIN, LearnedCl
                                        retrain_specs, strip_retrain_layers)
 from amct_caffe.passes.weights import quantize_weights, weights_record
 from amct_caffe.quant.ulq import ulq_clip_check, ulq_scale_offset
-from amct_caffe.runtime.shapes import check_weights_fit, infer_shapes
+from amct_caffe.runtime.shapes import check_weights_fit, infer_shapes, layers_without_weights
 
 _LOG = logging.getLogger(__name__)
 
@@ -198,6 +198,15 @@ def save_quant_retrain_model(retrained_model_file, retrained_weights_file, save_
             check_output(scale_offset_record_file)  # it receives the final record: refuse it early
     with reading(**inputs, scale_offset_record_file=scale_offset_record_file):
         graph = _test_graph(retrained_model_file, retrained_weights_file, float_model=False)
+        by_name = {node.name: node for node in graph.nodes}
+        missing = [name for name in layers_without_weights(graph)  # (the saved models would not load)
+                   if not io.layer_included(by_name[name].layer_param, io.TRAIN)]
+        if missing:
+            names = ", ".join(map(repr, missing))
+            raise WeightsError(f"{retrained_weights_file} holds no weights for layer(s) {names} of the TEST phase; a "
+                               "solver snapshot holds the TRAIN net's layers only: give a "
+                               "caffemodel of the TEST net (e.g. solver.test_nets[0].save(path)) or of a net holding "
+                               "every layer")
         float_graph, learned = strip_retrain_layers(graph)
         for node in float_graph.nodes:
             if ops.layer_type(node.type).inserted:

@@ -26,6 +26,7 @@ import numpy as np
 from amct_caffe.errors import AmctError, GraphError, WeightsError
 from amct_caffe.io import conform_blob
 from amct_caffe.ir import Graph, Node
+from amct_caffe import ops
 from amct_caffe.ops import has_executor
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.net import TEST
@@ -127,6 +128,27 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
             graph.blobs[top].shape = shape
             known += 1
     return known
+
+
+def layers_without_weights(graph: Graph, phase: int = TEST) -> list[str]:
+    """The layers of ``graph`` with learned blobs by their type for which the graph holds no weights: a Net built
+    from it would refuse them. (Where a layer's bottom shapes are unknown, Caffe's weighted types count.)"""
+    missing = []
+    for node in graph.nodes:
+        cls = static_class(node.type)
+        if node.params or node.layer_param is None or cls is None:
+            continue
+        bottoms = [graph.blobs[b].shape for b in node.bottoms]
+        if any(s is None for s in bottoms):
+            if ops.layer_type(node.type).weighted:
+                missing.append(node.name)
+            continue
+        try:
+            if cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms]):
+                missing.append(node.name)
+        except (AmctError, ValueError):
+            continue  # the net's build says what is wrong with the layer itself
+    return missing
 
 
 def check_weights_fit(graph: Graph, phase: int = TEST) -> None:

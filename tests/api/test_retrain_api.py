@@ -13,7 +13,7 @@ import pytest
 
 import amct_caffe as amct
 from amct_caffe import io
-from amct_caffe.errors import AmctError, ConfigError, GraphError
+from amct_caffe.errors import AmctError, ConfigError, GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_from_net, layer_graph
 from amct_caffe.io.record import read_record
 from amct_caffe.quant.arq import arq_quantize_weight
@@ -392,3 +392,32 @@ def test_a_param_name_no_other_layer_uses_does_not_make_a_weight_shared(tmp_path
     paths = amct.save_quant_retrain_model(str(mm), str(trained), "Both", str(tmp_path / "out" / "m"), str(rec),
                                           str(config))
     assert read_record(paths["quant_param_record_txt"]).layer("conv1").scale_w
+
+
+def test_a_weighted_layer_only_in_the_test_phase(tmp_path):
+    """Not retrained (a solver trains the TRAIN net, whose snapshots lack it), and a retrained caffemodel without
+    its weights is refused naming it (the saved fake-quant model could not be loaded)."""
+    text = LENET.read_text() + ('layer { name: "extra" type: "InnerProduct" bottom: "ip1" top: "extra" '
+                                'include { phase: TEST } inner_product_param { num_output: 5 weight_filler { '
+                                'type: "xavier" } } }\n')
+    proto = tmp_path / "extra.prototxt"
+    proto.write_text(text)
+    weights = tmp_path / "extra.caffemodel"
+    net = io.load_prototxt(proto, io.TEST)
+    loaded = io.load_weights(LENET_W)
+    loaded["extra"] = [np.full((5, 500), 0.01, np.float32), np.zeros(5, np.float32)]
+    io.write_caffemodel(io.net_to_caffemodel(net, loaded), weights)
+    config, mm, mw, rec = _retrain(tmp_path, proto, weights)
+    assert "extra" not in json.loads(config.read_text())
+    trained = tmp_path / "trained.caffemodel"
+    _train_by_hand(mm, mw, trained, CLIPS)
+    amct.save_quant_retrain_model(str(mm), str(trained), "Both", str(tmp_path / "out" / "m"), str(rec))
+    snapshot = tmp_path / "snapshot.caffemodel"
+    msg = io.read_caffemodel(trained)
+    kept = [layer for layer in msg.layer if layer.name != "extra"]
+    del msg.layer[:]
+    msg.layer.extend(kept)
+    snapshot.write_bytes(msg.SerializeToString())
+    with pytest.raises(WeightsError, match=r"snapshot.caffemodel holds no weights for layer\(s\) 'extra' of the TEST"):
+        amct.save_quant_retrain_model(str(mm), str(snapshot), "Both", str(tmp_path / "out2" / "m"), str(rec))
+    assert not (tmp_path / "out2").exists()
