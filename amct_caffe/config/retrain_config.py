@@ -45,6 +45,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+import numpy as np
+
 
 from amct_caffe.config import checks as C
 from amct_caffe.config.layer_types import config_type
@@ -115,11 +117,19 @@ class RetrainDataConfig:
                                 "(IFMR then finds them)")
         if self.clip_max is not None and self.clip_min is None and self.fixed_min is False:
             raise _clip_max_alone(where, prefix)
+        span = None if self.clip_max is None or self.clip_min is None else float(self.clip_max) - float(self.clip_min)
+        if span is not None and not span <= float(np.finfo(np.float32).max):
+            raise C.fail(where, f"{prefix}clip_max - clip_min ({C.show(self.clip_max)} - {C.show(self.clip_min)}) "
+                                "overflows float32: the quantization step would be infinite; give a narrower range")
 
     def resolved(self, after_relu: bool, where: str, prefix: str = "retrain_data_config.") -> RetrainDataConfig:
         """This config with ``fixed_min`` decided for a layer whose input is (``after_relu``) or is not a
         plain ReLU's output: absent, it holds the lower clip at 0 after a ReLU unless ``clip_min`` is given."""
         if self.fixed_min is not None:
+            if self.fixed_min and not after_relu:  # (the guide's table: fixed_min true only after a ReLU)
+                _LOG.warning("%s: %sfixed_min is true but the layer's input is not a ReLU's output: its negative "
+                             "values are clipped to 0; the guide keeps fixed_min for inputs after a ReLU", where,
+                             prefix)
             return self
         fixed = after_relu and self.clip_min is None
         if self.clip_max is not None and self.clip_min is None and not fixed:

@@ -271,6 +271,10 @@ def read_caffemodel(path):
             check_utf8(alt, path)
             return alt
     if error is not None:
+        if data.startswith(b"\x89HDF\r\n\x1a\n"):  # the HDF5 signature: Caffe's snapshot_format HDF5
+            raise WeightsError(f"{path}: an HDF5 file (Caffe's snapshot_format: HDF5), which is not read here: "
+                               "give a binary caffemodel (snapshot_format: BINARYPROTO, the default, or "
+                               "net.save(path))") from None
         raise WeightsError(f"{path}: not a readable caffemodel (truncated, or not a Caffe binary "
                            f"NetParameter): {error}") from None
     if not len(msg.layer) and not len(msg.layers) and len(data):

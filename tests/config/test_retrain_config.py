@@ -73,6 +73,8 @@ BAD = [
     ({"conv1": _layer(retrain_data_config={"clip_max": 1.0, "clip_min": 0.5})},
      "retrain_data_config.clip_min 0.5 is out of range clip_min < 0"),
     ({"conv1": _layer(retrain_data_config={"clip_max": 1e39, "clip_min": -1.0})}, "finite float32"),
+    ({"conv1": _layer(retrain_data_config={"clip_max": 3e38, "clip_min": -3e38})},
+     "clip_max - clip_min (3e+38 - -3e+38) overflows float32"),
     ({"conv1": _layer(retrain_data_config={"clip_max": 1.0, "fixed_min": False})},
      "clip_max is given without clip_min"),
     ({"conv1": _layer(retrain_data_config={"clip_min": -1.0})}, "clip_min is given without clip_max"),

@@ -216,3 +216,14 @@ def test_a_caffemodel_naming_a_layer_twice_gives_the_last_weights(tmp_path, capl
     with caplog.at_level("WARNING", logger="amct_caffe"):
         other = amct_io.load_weights(model([[5.0, 6.0], [7.0, 8.0], [2.0]]))
     assert other["bn"][0].tolist() == [5.0, 6.0] and "two layers named 'bn' carry different weights" in caplog.text
+
+
+def test_an_hdf5_snapshot_is_named_as_such(tmp_path):
+    """Caffe's snapshot_format HDF5 writes .caffemodel.h5 files; given as a caffemodel, the error says so."""
+    from amct_caffe import io as amct_io
+    from amct_caffe.errors import WeightsError
+
+    path = tmp_path / "snap_iter_3.caffemodel.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(WeightsError, match=r"an HDF5 file \(Caffe's snapshot_format: HDF5\), which is not read"):
+        amct_io.load_weights(path)
