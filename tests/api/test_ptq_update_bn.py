@@ -177,20 +177,26 @@ def test_two_batchnorms_whose_names_differ_by_a_slash_keep_their_own_statistics(
     amct.save_model(graph, "Both", str(tmp_path / "out/m"))
 
 
-@pytest.mark.usefixtures("cli_scratch_dir")  # (no log handler left on a closed stream)
-def test_a_stale_dump_that_is_an_input_is_refused_not_deleted(tmp_path, capsys):
-    """update_bn deletes an earlier run's dumps before calibrating; a file the command reads that sits where a
-    dump goes (the data in bn_dump_dir, named after the BatchNorm) is refused there, not deleted."""
+def _update_bn_config(tmp_path, dump_dir):
+    """(model, stale weights, a config of batch_num 2 with update_bn dumping into ``dump_dir``)."""
     import json
-
-    from amct_caffe import cli
 
     proto, weights = make_models(tmp_path)
     config = tmp_path / "config.json"
     amct.create_quant_config(str(config), str(proto), str(weights["stale"]), batch_num=2)
     c = json.loads(config.read_text())
-    snq(True, tmp_path / "mydata")(c)
+    snq(True, dump_dir)(c)
     config.write_text(json.dumps(c))
+    return proto, weights, config
+
+
+@pytest.mark.usefixtures("cli_scratch_dir")  # (no log handler left on a closed stream)
+def test_a_stale_dump_that_is_an_input_is_refused_not_deleted(tmp_path, capsys):
+    """update_bn deletes an earlier run's dumps before calibrating; a file the command reads that sits where a
+    dump goes (the data in bn_dump_dir, named after the BatchNorm) is refused there, not deleted."""
+    from amct_caffe import cli
+
+    proto, weights, config = _update_bn_config(tmp_path, tmp_path / "mydata")
     (tmp_path / "mydata").mkdir()
     batch = tmp_path / "mydata" / "bn1.npz"
     np.savez(batch, data=np.concatenate(data(3, seed=1)))
@@ -207,16 +213,9 @@ def test_a_stale_dump_that_is_an_input_is_refused_not_deleted(tmp_path, capsys):
 def test_the_command_line_draws_the_batches_update_bn_asks_for(tmp_path, capsys):
     """batch_num 2 and bn_update_iterations 20: calibrate draws 20 batches from data holding 21 (it drew
     batch_num and then said the data gave too few); with 5 batches it says how many it needs."""
-    import json
-
     from amct_caffe import cli
 
-    proto, weights = make_models(tmp_path)
-    config = tmp_path / "config.json"
-    amct.create_quant_config(str(config), str(proto), str(weights["stale"]), batch_num=2)
-    c = json.loads(config.read_text())
-    snq(True, tmp_path / "dumps")(c)
-    config.write_text(json.dumps(c))
+    proto, weights, config = _update_bn_config(tmp_path, tmp_path / "dumps")
     for batches, code in ((21, 0), (5, 2)):
         samples = tmp_path / f"x{batches}.npy"
         np.save(samples, np.concatenate(data(batches, seed=1)))
@@ -233,16 +232,9 @@ def test_the_command_line_draws_the_batches_update_bn_asks_for(tmp_path, capsys)
 
 def test_a_failed_calibration_takes_its_dumps_with_it(tmp_path, monkeypatch):
     """The dumps the forwards wrote go when the run then fails (here the save): a failed run leaves no files."""
-    import json
-
     from amct_caffe.api import workflow
 
-    proto, weights = make_models(tmp_path)
-    config = tmp_path / "config.json"
-    amct.create_quant_config(str(config), str(proto), str(weights["stale"]), batch_num=2)
-    c = json.loads(config.read_text())
-    snq(True, tmp_path / "dumps")(c)
-    config.write_text(json.dumps(c))
+    proto, weights, config = _update_bn_config(tmp_path, tmp_path / "dumps")
     seen = []
 
     def failing_save(graph, save_type, save_path):
