@@ -60,6 +60,8 @@ def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
     """
     net, weights = io.load_model(model_file, weights_file)
     graph = graph_from_net(net, weights)
+    # (a layer defined once per phase is in both: its TEST copy is trained through its TRAIN one)
+    graph.train_layers = frozenset(lp.name for lp in io.load_prototxt(model_file, io.TRAIN).layer)
     if float_model:
         for node in graph.nodes:
             if ops.layer_type(node.type).inserted:
@@ -198,9 +200,8 @@ def save_quant_retrain_model(retrained_model_file, retrained_weights_file, save_
             check_output(scale_offset_record_file)  # it receives the final record: refuse it early
     with reading(**inputs, scale_offset_record_file=scale_offset_record_file):
         graph = _test_graph(retrained_model_file, retrained_weights_file, float_model=False)
-        by_name = {node.name: node for node in graph.nodes}
         missing = [name for name in layers_without_weights(graph)  # (the saved models would not load)
-                   if not io.layer_included(by_name[name].layer_param, io.TRAIN)]
+                   if name not in graph.train_layers]
         if missing:
             names = ", ".join(map(repr, missing))
             raise WeightsError(f"{retrained_weights_file} holds no weights for layer(s) {names} of the TEST phase; a "

@@ -53,7 +53,6 @@ from amct_caffe.config.layer_types import config_type
 from amct_caffe.config.quant_config import layer_where
 from amct_caffe.errors import ConfigError
 from amct_caffe.io.files import atomic_output, read_text
-from amct_caffe.io.upgrade import TRAIN, layer_included
 
 _LOG = logging.getLogger(__name__)
 
@@ -291,7 +290,7 @@ def retrain_reason(node, graph=None) -> str | None:
     ndim = node.params[0].ndim
     if ndim != (2 if kind == "InnerProduct" else 4):
         return f"its weight has {ndim} axes; the RetrainWeightQuant layer takes 2-D (InnerProduct) or 4-D weights"
-    if node.layer_param is not None and not layer_included(node.layer_param, TRAIN):
+    if graph is not None and graph.train_layers is not None and node.name not in graph.train_layers:
         return ("it exists only in the TEST phase: a solver trains the TRAIN net, whose snapshots hold no weights "
                 "for it")
     params = node.layer_param.param if node.layer_param is not None else ()

@@ -56,6 +56,9 @@ class Graph:
 
     def __init__(self, name: str = "", nodes: Iterable[Node] = (), blobs: dict[str, Blob] | None = None):
         self.name = name
+        # the layer names of the model's TRAIN phase, where this is the TEST phase of a TRAIN/TEST model (QAT:
+        # a layer only in the TEST phase is never trained); None otherwise
+        self.train_layers: frozenset[str] | None = None
         self.nodes: list[Node] = list(nodes)
         self.blobs: dict[str, Blob] = dict(blobs or {})
         for n in self.nodes:
@@ -140,7 +143,9 @@ class Graph:
         as immutable: passes assign new arrays instead of writing into old ones)."""
         nodes = [Node(n.name, n.type, list(n.bottoms), list(n.tops), list(n.params), copy.deepcopy(n.layer_param),
                       list(n.origin)) for n in self.nodes]
-        return Graph(self.name, nodes, {k: Blob(v.name, v.shape) for k, v in self.blobs.items()})
+        out = Graph(self.name, nodes, {k: Blob(v.name, v.shape) for k, v in self.blobs.items()})
+        out.train_layers = self.train_layers
+        return out
 
     def check(self) -> None:
         from amct_caffe.ir.checker import check_graph

@@ -394,6 +394,22 @@ def test_a_param_name_no_other_layer_uses_does_not_make_a_weight_shared(tmp_path
     assert read_record(paths["quant_param_record_txt"]).layer("conv1").scale_w
 
 
+def test_a_layer_defined_once_per_phase_is_retrained(tmp_path):
+    """ip2 defined twice, a TRAIN copy and a TEST copy of one name: its TEST copy is trained through the TRAIN
+    one, so it stays in the generated config (it was taken for a TEST-only layer)."""
+    text = LENET.read_text()
+    start = text.index("layer {", text.index('name: "ip2"') - 40)
+    end = text.index("\nlayer {", start + 1)
+    ip2 = text[start:end]
+    copies = "\n".join(ip2.replace('name: "ip2"', f'name: "ip2" include {{ phase: {phase} }}', 1)
+                       for phase in ("TRAIN", "TEST"))
+    proto = tmp_path / "copies.prototxt"
+    proto.write_text(text[:start] + copies + text[end:])
+    config = tmp_path / "config.json"
+    amct.create_quant_retrain_config(str(config), str(proto), str(LENET_W))
+    assert {"conv1", "conv2", "ip1", "ip2"} <= set(json.loads(config.read_text()))
+
+
 def test_a_weighted_layer_only_in_the_test_phase(tmp_path):
     """Not retrained (a solver trains the TRAIN net, whose snapshots lack it), and a retrained caffemodel without
     its weights is refused naming it (the saved fake-quant model could not be loaded)."""
