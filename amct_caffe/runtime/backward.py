@@ -51,6 +51,10 @@ class BackwardPlan:
     # per layer, per top: the constant a loss top's diff holds (0 where a virtual split took the
     # loss over: the split then adds the weight to its readers' diffs)
     diff_seeds: list[list[float]]
+    # (layer, top) of a loss layer's top 0 that got its default weight back after its split (InsertSplits): Caffe's
+    # forward weights it by its diff, which the split's backward overwrites, so from the second forward on the
+    # loss counts what the backward left there; ``loss_weights`` hold only the split's part for it
+    diff_weighted: set = field(default_factory=set)
 
 
 def loss_weights_of(layer, num_tops: int) -> list[float]:
@@ -87,6 +91,7 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
     bottom_keys = [list(bottom_names[i]) for i in range(n)]
     splits_after: dict[int, list[Step]] = {}
     split_losses: list[tuple[int, int, float]] = []  # (layer, top, weight) of each split carrying a loss
+    diff_weighted: set[tuple[int, int]] = set()
     for (p, j), reads in sorted(readers.items()):
         blob = top_names[p][j]
         weight = given[p][j] if j < len(given[p]) else 0.0
@@ -104,8 +109,11 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
             seeds[p] = [0.0] * len(seeds[p])
             if layers[p].is_loss:
                 seeds[p][0] = 1.0
+                diff_weighted.add((p, 0))
     # the loss the forward reports: each top's weight after the splits, plus the loss of the split carrying it
     forward_weights = [list(w) for w in seeds]
+    for p, j in diff_weighted:
+        forward_weights[p][j] = 0.0  # (read from the diff each forward)
     for p, j, weight in split_losses:
         forward_weights[p][j] += weight
     steps: list[Step] = []
@@ -181,7 +189,7 @@ def plan_backward(layers, bottom_names, top_names, force_backward: bool) -> Back
                 need or (layer is None or layer.allow_force_backward(k))
                 for k, need in enumerate(step.bottom_need_backward)]
         param_propagate_down = [[True] * len(flags) for flags in param_propagate_down]
-    return BackwardPlan(steps, step_of_layer, param_propagate_down, forward_weights, seeds)
+    return BackwardPlan(steps, step_of_layer, param_propagate_down, forward_weights, seeds, diff_weighted)
 
 
 

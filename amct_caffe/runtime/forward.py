@@ -87,9 +87,13 @@ def forward_layer(net, i: int, reshape: bool = True) -> tuple:
             for other in shared_with[t]:
                 if other != t and net.blobs[other].count == blob.count:
                     net.blobs[other].data = blob.data.reshape(net.blobs[other].shape)
-    for t, w in zip(net.top_names[name], net._plan.loss_weights[i], strict=False):  # noqa: SLF001
+    plan = net._plan  # noqa: SLF001
+    for j, (t, w) in enumerate(zip(net.top_names[name], plan.loss_weights[i], strict=False)):
         if w:  # Caffe's Layer::Forward: loss += dot(top data, loss weights)
             net._loss += float(np.float32(w) * np.sum(net.blobs[t].data, dtype=np.float32))  # noqa: SLF001
+        if (i, j) in plan.diff_weighted:  # ... whose loss weights are the top's diff (BackwardPlan.diff_weighted)
+            blob = net.blobs[t]
+            net._loss += float(np.dot(blob.data.ravel(), blob.diff.ravel().astype(np.float32)))  # noqa: SLF001
     return tuple(arr.shape for arr in tops)
 
 
@@ -254,7 +258,7 @@ def _careful(net, i: int, shapes, dynamic: bool) -> bool:
     name = net._layer_names[i]  # noqa: SLF001
     bottom_names, top_names = net.bottom_names[name], net.top_names[name]
     return (dynamic or layer.shape_from_forward or layer.integer_params or layer.holds_top_diff
-            or any(net._plan.loss_weights[i])  # noqa: SLF001
+            or any(net._plan.loss_weights[i]) or any(p == i for p, _ in net._plan.diff_weighted)  # noqa: SLF001
             or any(t in bottom_names and t in net._shared_with for t in top_names)  # noqa: SLF001
             or shapes is None or len(shapes) != len(top_names))
 

@@ -60,3 +60,14 @@ def test_concat_and_slice_in_place_only_with_one_blob_joined_or_split(tmp_path):
     with pytest.raises(GraphError, match=r"\(Slice\) works in place .* refuses to reshape its input"):
         Net(_net(tmp_path, 'type: "Slice" slice_param { axis: 1 }', ("x",), ("x", "z")), TEST)
     Net(_net(tmp_path, 'type: "Concat"'), TEST).forward()  # one bottom: Caffe shares it
+
+
+def test_crop_and_resize_in_place_only_where_the_shape_stays(tmp_path):
+    """Caffe's in-place Crop to a smaller shape aborts (it reshapes its input, then reads past it); a Resize that
+    changes the size alike. Where the shape stays they run (their backward: tests/training/test_backward_net.py)."""
+    ref = INPUT.format(dims="dim: 1 dim: 4 dim: 2 dim: 2").replace('"x"', '"r"')
+    with pytest.raises(GraphError, match=r"\(Crop\): works in place \(top == bottom\) while cropping \[1, 4, 3, 3\]"):
+        Net(_net(tmp_path, 'type: "Crop" crop_param { axis: 2 }', ("x", "r"), ("x",), ref), TEST)
+    with pytest.raises(GraphError, match=r"\(Resize\) works in place \(top == bottom\) while resizing \[3, 3\]"):
+        Net(_net(tmp_path, 'type: "Resize" resize_param { height: 5 width: 5 }'), TEST)
+    Net(_net(tmp_path, 'type: "Resize" resize_param { height: 3 width: 3 }'), TEST).forward()

@@ -134,3 +134,43 @@ def test_an_in_place_layer_on_a_split_blob_is_refused_as_caffe_does(tmp_path, ex
     if pycaffe_dir() is not None:
         done = run_with_pycaffe(f"import caffe\ncaffe.Net({str(path)!r}, caffe.TRAIN)")
         assert done.returncode != 0 and "Top blob 'ip' produced by multiple sources" in done.stderr
+
+
+def test_a_loss_layers_regained_weight_is_read_from_its_diff_each_forward(tmp_path):
+    """EuclideanLoss with loss_weight 2 whose top a Power also reads: Caffe's split overwrites the loss top's diff
+    in backward, and the next forward weights that top by it (its own weight being 1 again): the losses of
+    forward, backward, forward are Caffe's."""
+    import json
+
+    from amct_caffe.runtime import TRAIN, Net
+    from tests.real_caffe import run_with_pycaffe
+
+    text = CASES["loss_layer_top_also_read"]
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    weights = tmp_path / "w.caffemodel"
+    Net(str(path), TRAIN, seed=2).save(str(weights))
+    rng = np.random.default_rng(4)
+    data, target = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", data=data, target=target)
+    done = run_with_pycaffe(f"""
+import json, numpy as np, caffe
+net = caffe.Net({str(path)!r}, {str(weights)!r}, caffe.TRAIN)
+z = np.load({str(tmp_path / "in.npz")!r})
+net.blobs["data"].data[...] = z["data"]; net.blobs["target"].data[...] = z["target"]
+losses = []
+for _ in range(3):
+    losses.append(float(net._forward(0, len(net.layers) - 1)))
+    net._backward(len(net.layers) - 1, 0)
+print(json.dumps(losses))
+""")
+    assert done.returncode == 0, done.stderr
+    want = json.loads(done.stdout.strip().splitlines()[-1])
+    net = Net(str(path), str(weights), TRAIN)
+    got = []
+    for _ in range(3):
+        net.forward(data=data, target=target)
+        got.append(net.loss)
+        net.backward()
+    assert want[1] != pytest.approx(want[0])  # (the case shows the effect)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -219,7 +219,11 @@ class CropLayer(ShapeLayer):
         return proto_fields(self.lp.crop_param, "axis", "offset")
 
     def shapes(self, s):
-        return [tuple(sl.stop - sl.start for sl in crop_slices(s[0], s[1], **self._kw))]
+        out = tuple(sl.stop - sl.start for sl in crop_slices(s[0], s[1], **self._kw))
+        if self.in_place and out != tuple(s[0]):  # Caffe reshapes its input to the crop, then reads past it: abort
+            self._fail(f"works in place (top == bottom) while cropping {list(s[0])} to {list(out)}, which Caffe "
+                       "refuses (Check failed: indices[i] < shape(i)); give it a top of its own")
+        return [out]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """dx = zeros with dy at the cropped window; the reference bottom's diff is left as is."""

@@ -357,6 +357,9 @@ class ResizeLayer(Layer):
             out = (rp.height, rp.width)
         if min(out) <= 0:
             raise GraphError(f"layer '{self.name}' (Resize): empty output size {out}")
+        if self.in_place and out != tuple(shape[2:]):  # (its top, its input, would be reshaped before it is read)
+            raise GraphError(f"layer '{self.name}' (Resize) works in place (top == bottom) while resizing "
+                             f"{list(shape[2:])} to {list(out)}; give it a top of its own")
         self.out = out
         return [shape[:2] + out]
 
