@@ -8,6 +8,7 @@ flags (input shapes, sample selection, image preprocessing) and :func:`open_data
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
@@ -267,11 +268,15 @@ def preprocess(args, shapes: dict, kind: str):
                     for n, d in doc.items()}
     out = {}
     for name, shape in shapes.items():
+        fits = kind == "images" and shape is not None and len(shape) == 4  # (an image input: (N, C, H, W))
         if name in per_json:
-            out[name] = per_json[name]
+            entry = per_json[name]
+            if fits and entry.size is None and entry.short_side is None and entry.crop is None:
+                entry = dataclasses.replace(entry, size=tuple(shape[2:]))  # as for the flags: the input's H x W
+            out[name] = entry
             continue
         size = tuple(resize) if len(resize) == 2 else None
-        if kind == "images" and not resize and not crop and shape is not None and len(shape) == 4:
+        if fits and not resize and not crop:
             size = tuple(shape[2:])  # no geometry given: resize straight to the input's H x W
         out[name] = Preprocess(size=size, short_side=resize[0] if len(resize) == 1 else None,
                                crop=(crop[0], crop[-1]) if crop else None, channel_order=args.channel_order,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from amct_caffe.data.preprocess import as_floats, normalize
-from amct_caffe.data.source import DataError, DataSource, check_sample, failure, sample_shape
+from amct_caffe.data.source import DataError, DataSource, check_sample, failure, not_numeric, sample_shape
 
 LABELS = "labels"
 _MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
@@ -77,12 +77,9 @@ def load_arrays(data, inputs: Mapping[str, Sequence[int] | None]
     out = OrderedDict()
     for name, shape in inputs.items():
         arr = np.asarray(matched[name])
-        if arr.ndim < 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise DataError(f"{where}: the array for input '{name}' is not a numeric array of samples "
-                            f"(dtype {arr.dtype}, shape {arr.shape})")
-        if np.iscomplexobj(arr):
-            raise DataError(f"{where}: the array for input '{name}' holds complex values ({arr.dtype}); "
-                            "a net takes real inputs: save the real part (or magnitude) you mean")
+        fault = not_numeric(arr) or ("has no sample axis" if arr.ndim < 1 else None)
+        if fault:
+            raise DataError(f"{where}: the array for input '{name}' {fault} (shape {arr.shape})")
         out[name] = check_sample(arr, name, sample_shape(shape), where)
     counts = {n: len(a) for n, a in out.items()}
     if len(set(counts.values())) > 1:

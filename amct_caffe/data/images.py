@@ -58,17 +58,22 @@ def decode_image(source: Path | bytes, channels: int | None, where) -> np.ndarra
 
     ``channels`` 3 -> RGB, 1 -> grayscale (Pillow's ``L``: ``(299 R + 587 G + 114 B) / 1000``),
     None -> as stored, like OpenCV's ``IMREAD_UNCHANGED`` for 8-bit images: 1 channel for a
-    grayscale image, 4 (RGBA) for one with an alpha channel or transparency, else 3. Images of more
-    than 8 bits per channel are refused when read as stored (Caffe's transformer takes 8-bit only).
+    grayscale image, 4 (RGBA) for one with an alpha channel or transparency, else 3. A 16-bit gray image
+    read as 1 or 3 channels keeps its high byte, as OpenCV's imread does; other images of more than 8 bits
+    per channel are refused (Caffe's transformer takes 8-bit only).
     ``where`` names the file or record in messages.
     """
     image_mod = pil_image()
     try:
         with image_mod.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.mode.startswith(("I", "F")) and (channels is None or not img.mode.startswith("I;16")):
+                raise DataError(f"{where}: a {img.mode} image (more than 8 bits per channel) cannot be read as "
+                                "8-bit pixels; " + ("set force_color or force_gray, or " if channels is None
+                                                    else "") + "store 8-bit images")
+            if img.mode.startswith("I;16"):  # 16-bit gray: to 8 bits as OpenCV's imread (Caffe's reader) does
+                high = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+                img = image_mod.fromarray(high, "L")
             if channels is None:
-                if img.mode.startswith(("I", "F")):
-                    raise DataError(f"{where}: a {img.mode} image (more than 8 bits per channel) cannot be read as "
-                                    "8-bit pixels; set force_color or force_gray, or store 8-bit images")
                 alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
                 mode = "L" if img.mode in ("1", "L") else ("RGBA" if alpha else "RGB")
             else:
@@ -118,6 +123,12 @@ class ImageFolder(DataSource):
                                 "image inputs are (N, C, H, W)")
         self._preprocess = per_input(preprocess, list(shapes), Preprocess(), "preprocess")
         subdirs = [self.root / n for n in shapes]
+        present = [d.name for d in subdirs if d.is_dir()]
+        if len(shapes) > 1 and present and len(present) < len(subdirs):  # (a misnamed one: not the shared images)
+            missing = [d.name for d in subdirs if not d.is_dir()]
+            raise DataError(f"image folder {self.root}: it holds sub-folders for input(s) {present} but none for "
+                            f"{missing}: give one sub-folder per input, named after it (or no sub-folder named "
+                            "after an input, for the same images in every input)")
         if len(shapes) > 1 and all(d.is_dir() for d in subdirs):
             self._files = OrderedDict((n, list_images(d)) for n, d in zip(shapes, subdirs, strict=True))
             self.folders = {n: d for n, d in zip(shapes, subdirs, strict=True)}  # the folders images come from
@@ -131,7 +142,10 @@ class ImageFolder(DataSource):
                             f"images: {counts}")
         count = next(iter(counts.values()))
         if count == 0:
-            raise DataError(f"image folder {self.root} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            hint = (f"; its sub-folders ({', '.join(folders[:5])}{' ...' if len(folders) > 5 else ''}) are read only "
+                    "as the per-input folders of a net of several inputs named after them") if folders else ""
+            raise DataError(f"image folder {self.root} holds no image ({', '.join(IMAGE_SUFFIXES)}){hint}")
         super().__init__(list(shapes), count, batch_size)
 
     def describe(self) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amct_caffe.data.source import DataError, DataSource, check_sample, failure, sample_shape
+from amct_caffe.data.source import DataError, DataSource, check_sample, failure, not_numeric, sample_shape
 from amct_caffe.io.files import atomic_output
 from amct_caffe.io.paths import register_data_names
 
@@ -125,8 +125,8 @@ class Record:
         out = OrderedDict()
         for k, v in named.items():
             arr = np.asarray(v)
-            if arr.ndim < 1 or arr.shape[0] < 1 or arr.dtype == object:
-                raise DataError(f"Record.add: '{k}' must be a numeric array of samples (N, ...), "
+            if arr.ndim < 1 or arr.shape[0] < 1 or not_numeric(arr):
+                raise DataError(f"Record.add: '{k}' must be a numeric array of samples (N, ...) of real values, "
                                 f"got shape {arr.shape} dtype {arr.dtype}")
             out[k] = np.ascontiguousarray(arr)
         counts = {k: a.shape[0] for k, a in out.items()}
@@ -200,6 +200,10 @@ class RecordData(DataSource):
             except Exception as e:  # a damaged file: BadZipFile, zlib.error, EOFError, MemoryError...
                 raise DataError(f"{self._files[f]}: cannot read the recorded batch "
                                 f"({failure(e)})") from None
+            for n, arr in arrays.items():  # (a file written by hand may hold text or complex values)
+                fault = not_numeric(arr)
+                if fault:
+                    raise DataError(f"{self._files[f]}: the recorded array '{n}' {fault}")
             self._cache = (f, arrays)
         return self._cache[1]
 

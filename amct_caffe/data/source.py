@@ -146,6 +146,16 @@ class DataSource:
         return new
 
 
+def not_numeric(arr: np.ndarray) -> str | None:
+    """Why ``arr`` cannot feed a net (None where it can): its values must be real numbers (or booleans)."""
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        return f"is not a numeric array (dtype {arr.dtype})"
+    if np.iscomplexobj(arr):
+        return (f"holds complex values ({arr.dtype}); a net takes real inputs: save the real part (or magnitude) "
+                "you mean")
+    return None
+
+
 def check_sample(arr: np.ndarray, name: str, expected: tuple[int, ...] | None, where: str) -> np.ndarray:
     """Fit samples ``arr`` (n, ...) to an input whose per-sample shape is ``expected``.
 
