@@ -183,7 +183,7 @@ class Preprocess:
         return height, width
 
     def resize(self, hwc: np.ndarray, where: str = "image") -> np.ndarray:
-        """Step 2 on an 8-bit (H, W, C) array (C = 1 or 3); unchanged when no resize is set."""
+        """Step 2 on an 8-bit (H, W, C) array; unchanged when no resize is set."""
         h, w = hwc.shape[:2]
         target = self.resized_size(h, w)
         if target == (h, w):
@@ -195,9 +195,16 @@ class Preprocess:
         if target[0] * target[1] > limit:
             raise DataError(f"{where}: resizing to {target[0]}x{target[1]} exceeds Pillow's image size limit of "
                             f"{limit} pixels: check the resize (size / short_side, --resize)")
-        img = image_mod.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
-        out = np.asarray(img.resize((target[1], target[0]), image_mod.Resampling.BILINEAR))
-        return out.reshape(target[0], target[1], hwc.shape[2])
+        size = (target[1], target[0])
+        if hwc.shape[2] in (1, 3):
+            img = image_mod.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
+            out = np.asarray(img.resize(size, image_mod.Resampling.BILINEAR))
+            return out.reshape(target[0], target[1], hwc.shape[2])
+        # other channel counts (a Datum of 2 or 4): one gray image per channel, since Pillow would take 2 or 4 as
+        # LA / RGBA and weight the colours by the last channel as alpha
+        planes = [np.asarray(image_mod.fromarray(np.ascontiguousarray(hwc[:, :, k])).resize(
+            size, image_mod.Resampling.BILINEAR)) for k in range(hwc.shape[2])]
+        return np.stack(planes, axis=2)
 
     def finish(self, chw: np.ndarray, source_order: str, where: str) -> np.ndarray:
         """Steps 3-5 on a (C, H, W) array whose colour channels are in ``source_order``."""

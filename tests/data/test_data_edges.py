@@ -62,3 +62,14 @@ def test_a_preprocess_file_entry_without_geometry_resizes_to_the_input(tmp_path)
     (tmp_path / "pp.json").write_text(json.dumps({"data": {"scale": 0.00390625}}))
     assert cli.main(["run", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--input", str(tmp_path / "img"),
                      "--preprocess", str(tmp_path / "pp.json"), "--batch-size", "2", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_a_resize_of_2_or_4_channels_keeps_each_channel(channels):
+    """Pillow takes 2 or 4 channels for LA / RGBA and weights the colours by the last as alpha: a constant
+    [200, ..., 0] image came out all 0. Each channel is now resized on its own (a constant stays constant)."""
+    hwc = np.zeros((8, 8, channels), np.uint8)
+    hwc[:, :, :-1] = 200
+    out = Preprocess(size=(4, 4)).resize(hwc)
+    assert out.shape == (4, 4, channels)
+    np.testing.assert_array_equal(out[0, 0], [200] * (channels - 1) + [0])
