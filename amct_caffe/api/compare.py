@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from amct_caffe import io
+from amct_caffe import io, ops
 from amct_caffe.api.compared_outputs import dynamic_shape_blobs, graph_layers, stand_in_outputs
 from amct_caffe.errors import AmctError
 from amct_caffe.io.graph_io import graph_from_net
@@ -78,6 +78,32 @@ class _Accumulator:
     top1_same: int = 0
     top1_total: int = 0
     shape: tuple[int, ...] = ()
+
+
+def time_major_values(graph: Graph) -> frozenset[str]:
+    """The values of ``graph`` (SSA names) with the batch on axis 1: a recurrent layer's inputs and outputs and
+    what keeps their first two axes (ops.time_major_blobs)."""
+    layers = []
+    for node in graph.nodes:
+        if node.layer_param is None:
+            continue
+        lp = type(node.layer_param)()
+        lp.CopyFrom(node.layer_param)
+        del lp.bottom[:], lp.top[:]
+        lp.bottom.extend(node.bottoms)
+        lp.top.extend(node.tops)
+        layers.append(lp)
+    return frozenset(ops.time_major_blobs(layers, downstream=True))
+
+
+def batch_samples(feed: Mapping[str, np.ndarray], time_major: frozenset = frozenset()) -> int:
+    """The samples in a batch: the inputs' first axis, their second for one read time-major."""
+    return max(np.shape(v)[1] if k in time_major and np.ndim(v) > 1 else len(np.asarray(v)) for k, v in feed.items())
+
+
+def samples_first(a: np.ndarray, name: str, time_major: frozenset) -> np.ndarray:
+    """``a`` with its samples on axis 0 (a time-major value's axes 0 and 1 swapped)."""
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1)) if name in time_major and np.ndim(a) > 1 else a
 
 
 def sample_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -177,6 +203,7 @@ class BlobComparison:
         stand_ins, self.replaced = stand_in_outputs(layers, sorted(self.net_outputs))
         self.outputs = set(stand_ins)
         self.acc = {name: _Accumulator() for name in self.names}
+        self.time_major = time_major_values(fp32_graph)  # (a recurrent model's sequences: samples on axis 1)
         self.samples = 0
         self.fp32_net = self._net(fp32_graph, every_blob)
         self.quant_net = self._net(quant_graph, every_blob)
@@ -193,14 +220,15 @@ class BlobComparison:
     def add(self, feed: Feed) -> None:
         self.fp32_net.forward(**feed)
         self.quant_net.forward(**feed)
-        n = max(len(np.asarray(v)) for v in feed.values())
+        n = batch_samples(feed, self.time_major)
         self.samples += n
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a blob of inf / NaN: NaN figures
             self._add_sums(n)
 
     def _add_sums(self, n: int) -> None:
         for name in list(self.names):
-            x, y = self.fp32_net.blobs[name].data, self.quant_net.blobs[name].data
+            x = samples_first(self.fp32_net.blobs[name].data, name, self.time_major)
+            y = samples_first(self.quant_net.blobs[name].data, name, self.time_major)
             if name in self.shape_may_differ and (x.shape != y.shape or not x.ndim or x.shape[0] != n):
                 # after a Python layer a blob is compared only while it holds one item per sample in both models:
                 # two selections of the same size may still hold different items (the rows a threshold keeps)

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from tqdm import tqdm
 
-from amct_caffe import log
+from amct_caffe import log, ops
 from amct_caffe.api.calibration import create_quant_config, save_model
-from amct_caffe.api.compare import cosine_rows, sample_rows
+from amct_caffe.api.compare import batch_samples, cosine_rows, sample_rows, samples_first
 from amct_caffe.api.compared_outputs import net_layers, stand_in_outputs
 from amct_caffe.api.outputs import check_saved_outputs
 from amct_caffe.api.session import QuantGraph
@@ -115,6 +115,9 @@ class OutputComparator:
         if not self.batches:
             raise AmctError("accuracy-based fallback needs at least one evaluation batch")
         self.blobs = list(compare_blobs) if compare_blobs else list(reference_net.outputs)
+        # a recurrent model's inputs and outputs hold the samples (sequences) on axis 1
+        net_param = getattr(reference_net, "net_param", None)  # (a stand-in net of the tests may have none)
+        self.time_major = frozenset(ops.time_major_blobs(net_param.layer, downstream=True) if net_param else ())
         missing = [b for b in self.blobs if b not in reference_net.blobs]
         if missing:
             raise AmctError(f"compare_blobs {missing} are not blobs of the float model "
@@ -124,13 +127,13 @@ class OutputComparator:
     def _rows(self, net, feed: Feed) -> list[np.ndarray]:
         """Per compared blob, its values as (samples, D) float64 rows."""
         net.forward(**feed)
-        n = max(len(np.asarray(v)) for v in feed.values())  # an image-info input may hold one row per batch
+        n = batch_samples(feed, self.time_major)  # (an image-info input may hold one row per batch)
         rows = []
         for name in self.blobs:
             if name not in net.blobs:
                 raise AmctError(f"blob '{name}' compared for the fallback search is missing from the "
                                 "quantized model")
-            rows.append(sample_rows(net.blobs[name].data, n))
+            rows.append(sample_rows(samples_first(net.blobs[name].data, name, self.time_major), n))
         return rows
 
     def _check(self, ref: list[np.ndarray], out: list[np.ndarray]) -> None:

@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from amct_caffe.api.compare import (BlobComparison, BlobReport, by_error_added, json_safe, quantized_layers,
-                                    report_dict)
+from amct_caffe.api.compare import (BlobComparison, BlobReport, batch_samples, by_error_added, json_safe,
+                                    quantized_layers, report_dict)
 from amct_caffe.io.outputs import StagedOutputs
 
 WORST_PLOTTED = 4
@@ -145,12 +145,17 @@ def _img(name: str, data: bytes) -> str:
             f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">')
 
 
-def blob_dump(net, feed) -> bytes:
-    """Every blob of ``net`` for the first sample of ``feed``, as the bytes of an .npz (blob names as keys)."""
+def blob_dump(net, feed, time_major: frozenset = frozenset()) -> bytes:
+    """Every blob of ``net`` for the first sample of ``feed``, as the bytes of an .npz (blob names as keys; a
+    time-major value, a recurrent layer's, keeps its time axis first: ``(T, 1, ...)``)."""
     net.forward(**feed)
-    n = max(len(np.asarray(v)) for v in feed.values())
-    arrays = {name: np.array(b.data[:1] if b.data.ndim and b.data.shape[0] == n else b.data)
-              for name, b in net.blobs.items()}
+    n = batch_samples(feed, time_major)
+    arrays = {}
+    for name, b in net.blobs.items():
+        if name in time_major and b.data.ndim > 1 and b.data.shape[1] == n:
+            arrays[name] = np.array(b.data[:, :1])
+        else:
+            arrays[name] = np.array(b.data[:1] if b.data.ndim and b.data.shape[0] == n else b.data)
     buf = _bytes_io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -191,8 +196,8 @@ def write_report(output_dir, reports: list[BlobReport], summary: dict, compariso
         staged.add_bytes(out / name, data)
     dumps = {}
     if dump and first_batch is not None:
-        dumps = {"fp32_blobs": blob_dump(comparison.fp32_net, first_batch),
-                 "quant_blobs": blob_dump(comparison.quant_net, first_batch)}
+        dumps = {"fp32_blobs": blob_dump(comparison.fp32_net, first_batch, comparison.time_major),
+                 "quant_blobs": blob_dump(comparison.quant_net, first_batch, comparison.time_major)}
         for name, data in dumps.items():
             staged.add_bytes(out / f"{name}.npz", data)
     paths = {"json": staged.add_json(out / "report.json", report_dict(reports, summary))}

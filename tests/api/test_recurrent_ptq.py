@@ -251,3 +251,22 @@ def test_a_smaller_last_batch_calibrates_as_the_same_streams_split_evenly(tmp_pa
         assert [d.offset_d for d in a.record_d] == [d.offset_d for d in b.record_d]
         if a.scale_h is not None:
             np.testing.assert_allclose(a.scale_h, b.scale_h, rtol=1e-6)
+
+
+def test_the_report_counts_sequences_and_compares_them_whole(tmp_path):
+    """compare_model on an LSTM model (x (T, N, D)): a sample is a sequence (axis 1), not a time step: 8
+    sequences in 2 batches of 4 (it said 12 samples), each output's cosine the mean over sequences."""
+    proto, weights = _model(tmp_path, "LSTM", False)
+    rng = np.random.default_rng(2)
+    batches = [_batch(rng, False) for _ in range(2)]
+    paths = calibrate(str(proto), str(weights), batches, str(tmp_path / "q" / "q"), 2, progress=False)
+    summary = compare_model(str(proto), str(weights), paths["fake_quant_model"], paths["fake_quant_weights"], batches,
+                            str(tmp_path / "rep"), progress=False, batch_num=0)["summary"]
+    assert summary["samples"] == 2 * N
+    fp32, quant = Net(str(proto), str(weights), 1), Net(paths["fake_quant_model"], paths["fake_quant_weights"], 1)
+    cosines = []
+    for feed in batches:
+        a = np.swapaxes(_forward(fp32, feed).reshape(T, N, -1), 0, 1).reshape(N, -1)
+        b = np.swapaxes(_forward(quant, feed).reshape(T, N, -1), 0, 1).reshape(N, -1)
+        cosines += [_cosine(x, y) for x, y in zip(a, b, strict=True)]
+    assert summary["outputs"]["y"]["cosine"] == pytest.approx(float(np.mean(cosines)), rel=0, abs=1e-12)
