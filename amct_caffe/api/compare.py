@@ -204,6 +204,10 @@ class BlobComparison:
         self.outputs = set(stand_ins)
         self.acc = {name: _Accumulator() for name in self.names}
         self.time_major = time_major_values(fp32_graph)  # (a recurrent model's sequences: samples on axis 1)
+        # the outputs whose top-1 agreement is meaningful: where some come from a Softmax, those (MTCNN's prob1, not
+        # its box and landmark regressions); else every output of one row of scores per sample (logits)
+        softmax = {t for node in fp32_graph.nodes if node.type == "Softmax" for t in node.tops} & self.net_outputs
+        self.classifier_outputs = softmax or self.net_outputs
         self.samples = 0
         self.fp32_net = self._net(fp32_graph, every_blob)
         self.quant_net = self._net(quant_graph, every_blob)
@@ -248,7 +252,7 @@ class BlobComparison:
             acc.max_abs = max(acc.max_abs, max_abs) if not math.isnan(max_abs) else math.nan
             acc.ref_sq += float(np.sum(aa))
             acc.diff_sq += float(np.sum(dd))
-            if name in self.net_outputs and _is_classifier(x.shape) and x.size:  # not a stand-in (box offsets)
+            if name in self.classifier_outputs and _is_classifier(x.shape) and x.size:  # (not a stand-in)
                 a, b = sample_rows(x, n), sample_rows(y, n)
                 acc.top1_same += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
                 acc.top1_total += a.shape[0]

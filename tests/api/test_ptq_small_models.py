@@ -10,6 +10,7 @@ from amct_caffe import AmctError, io
 from amct_caffe.io import record
 from amct_caffe.runtime import TEST, Net
 from tests.api.flow import calibration_model
+from tests.golden import MODELS
 
 INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
 
@@ -250,3 +251,20 @@ def test_a_pruned_channel_whose_deploy_bias_is_rounded_coarsely_is_named(tmp_pat
         if warned:
             assert messages[0].startswith("layer 'c1': output channel(s) 2 have all-zero weights")
             assert f"a step of scale_d ({scale_d:.6g})" in messages[0]
+
+
+def test_top1_agreement_is_reported_for_the_softmax_output_only(tmp_path):
+    """MTCNN O-Net's outputs: prob1 (Softmax) and the box / landmark regressions conv6-2 and conv6-3, of one row
+    per sample each: only prob1 is a classifier (the headline took the regressions' argmax agreement)."""
+    from amct_caffe.api.accuracy import compare_model
+    from amct_caffe.api.workflow import calibrate
+
+    proto, weights = MODELS / "mtcnn/det3.prototxt", MODELS / "mtcnn/det3.caffemodel"
+    rng = np.random.default_rng(0)
+    batches = [{"data": rng.uniform(-1, 1, (4, 3, 48, 48)).astype(np.float32)} for _ in range(2)]
+    paths = calibrate(str(proto), str(weights), batches, str(tmp_path / "q" / "q"), 2, progress=False)
+    summary = compare_model(str(proto), str(weights), paths["fake_quant_model"], paths["fake_quant_weights"], batches,
+                            str(tmp_path / "rep"), progress=False, batch_num=0)["summary"]
+    assert summary["outputs"]["prob1"]["top1_agreement"] is not None
+    assert summary["outputs"]["conv6-2"]["top1_agreement"] is None
+    assert summary["outputs"]["conv6-3"]["top1_agreement"] is None
