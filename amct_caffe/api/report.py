@@ -150,9 +150,14 @@ def blob_dump(net, feed, time_major: frozenset = frozenset()) -> bytes:
     time-major value, a recurrent layer's, keeps its time axis first: ``(T, 1, ...)``)."""
     net.forward(**feed)
     n = batch_samples(feed, time_major)
+    # a DetectionOutput's list (1, 1, K, 7) holds every sample's boxes, column 0 the sample: the first one's rows
+    lists = {t for layer, tops in zip(net.layers, net.top_names.values(), strict=True)
+             if layer.type == "DetectionOutput" for t in tops}
     arrays = {}
     for name, b in net.blobs.items():
-        if name in time_major and b.data.ndim > 1 and b.data.shape[1] == n:
+        if name in lists and b.data.ndim == 4 and b.data.shape[-1] == 7:
+            arrays[name] = np.array(b.data[:, :, b.data[0, 0, :, 0] == 0])
+        elif name in time_major and b.data.ndim > 1 and b.data.shape[1] == n:
             arrays[name] = np.array(b.data[:, :1])
         else:
             arrays[name] = np.array(b.data[:1] if b.data.ndim and b.data.shape[0] == n else b.data)

@@ -268,3 +268,23 @@ def test_top1_agreement_is_reported_for_the_softmax_output_only(tmp_path):
     assert summary["outputs"]["prob1"]["top1_agreement"] is not None
     assert summary["outputs"]["conv6-2"]["top1_agreement"] is None
     assert summary["outputs"]["conv6-3"]["top1_agreement"] is None
+
+
+def test_the_dump_of_a_detection_list_holds_the_first_samples_boxes(tmp_path):
+    """--dump keeps each blob of the first sample; a DetectionOutput's list holds every sample's boxes (column 0
+    the sample): the dump keeps sample 0's rows (it kept the whole batch's)."""
+    from amct_caffe.api.accuracy import compare_model
+    from amct_caffe.api.workflow import calibrate
+
+    proto = MODELS / "hyperlpr_mininet_ssd/mininet_ssd_v1.prototxt"
+    weights = MODELS / "hyperlpr_mininet_ssd/mininet_ssd_v1.caffemodel"
+    rng = np.random.default_rng(0)
+    batches = [{"data": rng.uniform(-1, 1, (2, 3, 512, 512)).astype(np.float32)}]
+    paths = calibrate(str(proto), str(weights), batches, str(tmp_path / "q" / "q"), 1, progress=False)
+    result = compare_model(str(proto), str(weights), paths["fake_quant_model"], paths["fake_quant_weights"], batches,
+                           str(tmp_path / "rep"), progress=False, batch_num=0, dump=True)
+    with np.load(result["fp32_blobs"]) as z:
+        boxes = z["detection_out"]
+    full = Net(str(proto), str(weights), TEST).forward(**batches[0])["detection_out"]
+    assert set(full[0, 0, :, 0].tolist()) == {0.0, 1.0}  # (both samples have boxes in the batch)
+    np.testing.assert_array_equal(boxes, full[:, :, full[0, 0, :, 0] == 0])
