@@ -51,16 +51,7 @@ def _exit_interrupted():
     (the IFMR worker of runtime/layers/calibration_overlap.py) to stop; joining those threads without them
     waited forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up below is not to be cut short either
-    shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    else:  # (an interpreter without it: join them, ending our own pool first)
-        pools = sys.modules.get("concurrent.futures.thread")
-        with contextlib.suppress(Exception):
-            pools._python_exit()  # noqa: SLF001
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+    threading._shutdown()  # noqa: SLF001 - (every supported Python, 3.10 on, has it)
     atexit._run_exitfuncs()  # noqa: SLF001 - the interpreter's own exit step, run before os._exit skips it
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

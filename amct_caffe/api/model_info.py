@@ -21,6 +21,7 @@ from amct_caffe import io, log, ops
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.config import create_default_config, parse_simple_cfg, read_quant_config
 from amct_caffe.config.quant_config import BnUpdateConfig
+from amct_caffe.passes.weights import bn_update_settings
 from amct_caffe.config.layer_types import cannot_quantize_reason, config_type
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.files import read_text
@@ -130,7 +131,7 @@ def config_settings(config_file=None, config_defination=None) -> dict:
             config = read_quant_config(config_file)
             doc = json.loads(read_text(config_file, "quantization config", ConfigError))
             values, written = config, [n for n in names if n in doc]
-            iterations = (config.bn_update_config or BnUpdateConfig()).bn_update_iterations
+            iterations = bn_update_settings(config).bn_update_iterations
         else:
             values = parse_simple_cfg(config_defination)
             written = [n for n in names if values.HasField(n)]

@@ -131,23 +131,27 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
 
 
 def layers_without_weights(graph: Graph, phase: int = TEST) -> list[str]:
-    """The layers of ``graph`` with learned blobs by their type for which the graph holds no weights: a Net built
-    from it would refuse them. (Where a layer's bottom shapes are unknown, Caffe's weighted types count.)"""
+    """The layers of ``graph`` with learned blobs by their type for which the graph holds no weights and which
+    share none by param name (:func:`~.param_sharing.shares_every_blob`): a Net built from it would refuse them.
+    (Where a layer's bottom shapes are unknown, Caffe's weighted types count.)"""
     missing = []
+    owned: set[str] = set()  # param names of the layers so far, as in _infer
     for node in graph.nodes:
         cls = static_class(node.type)
+        specs = node.layer_param.param if node.layer_param is not None else ()
         if node.params or node.layer_param is None or cls is None:
+            owned.update(p.name for p in specs if p.name)
             continue
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
-        if any(s is None for s in bottoms):
-            if ops.layer_type(node.type).weighted:
-                missing.append(node.name)
-            continue
         try:
-            if cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms]):
-                missing.append(node.name)
+            if any(s is None for s in bottoms):
+                count = 1 if ops.layer_type(node.type).weighted else 0
+            else:
+                count = len(cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms]))
         except (AmctError, ValueError):
             continue  # the net's build says what is wrong with the layer itself
+        if count and not shares_every_blob(specs, count, owned):
+            missing.append(node.name)
     return missing
 
 

@@ -437,3 +437,27 @@ def test_a_weighted_layer_only_in_the_test_phase(tmp_path):
     with pytest.raises(WeightsError, match=r"snapshot.caffemodel holds no weights for layer\(s\) 'extra' of the TEST"):
         amct.save_quant_retrain_model(str(mm), str(snapshot), "Both", str(tmp_path / "out2" / "m"), str(rec))
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_test_only_layer_sharing_its_weights_needs_none_of_its_own(tmp_path):
+    """A TEST-only layer whose params name another layer's (Caffe's sharing) takes that layer's weights: a snapshot
+    without it saves (only a layer with weights of its own is refused when they are missing)."""
+    text = LENET.read_text()
+    at = text.index('name: "ip2"')
+    text = text[:at] + text[at:].replace("lr_mult: 1", 'name: "w2" lr_mult: 1', 1).replace(
+        "lr_mult: 2", 'name: "b2" lr_mult: 2', 1)
+    text += ('layer { name: "twin" type: "InnerProduct" bottom: "ip1" top: "twin" include { phase: TEST } '
+             'param { name: "w2" } param { name: "b2" } inner_product_param { num_output: 10 } }\n')
+    proto = tmp_path / "twin.prototxt"
+    proto.write_text(text)
+    config, mm, mw, rec = _retrain(tmp_path, proto, LENET_W)
+    trained = tmp_path / "trained.caffemodel"
+    _train_by_hand(mm, mw, trained, {k: v for k, v in CLIPS.items() if k != "ip2"})
+    msg = io.read_caffemodel(trained)
+    kept = [layer for layer in msg.layer if layer.name != "twin"]
+    del msg.layer[:]
+    msg.layer.extend(kept)
+    snapshot = tmp_path / "snapshot.caffemodel"
+    snapshot.write_bytes(msg.SerializeToString())
+    paths = amct.save_quant_retrain_model(str(mm), str(snapshot), "Both", str(tmp_path / "out" / "m"), str(rec))
+    assert Path(paths["fake_quant_weights"]).is_file()
