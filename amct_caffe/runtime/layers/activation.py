@@ -140,9 +140,18 @@ def Power(x, power=1.0, scale=1.0, shift=0.0):
             out = np.add(x, shift) if out is None else np.add(out, shift, out=out)
         if power == 1:
             return x if out is None else out
-        if out is None:
-            return np.square(x) if power == 2 else np.power(x, power)
-        return np.square(out, out=out) if power == 2 else np.power(out, power, out=out)
+        base = x if out is None else out
+        if power == 2:
+            return np.square(base, out=out)
+        if power != 0.5:
+            return np.power(base, power, out=out)
+        # numpy takes a square root for 0.5, where Caffe's std::pow gives pow(-inf, 0.5) = +inf and
+        # pow(-0, 0.5) = +0 (the root: NaN and -0)
+        negative_infinity = np.isneginf(base)
+        result = np.power(base, power, out=out)
+        np.copyto(result, np.inf, where=negative_infinity)
+        result += _F32(0)
+        return result
 
 
 def AbsVal(x):
@@ -185,10 +194,17 @@ def Exp(x, base=-1.0, scale=1.0, shift=0.0):
         outer = _F32(1)
     else:
         outer = (libm_f32(np.exp, _F32(shift)) if base == -1 else libm_f32(np.power, _F32(base), _F32(shift)))[()]
+    # a factor of 0 (inner, or an outer base^shift that underflowed) is Caffe's BLAS sscal by 0: zeros
+    # even where x is inf or NaN
+    if outer == 0:
+        return np.zeros(x.shape, _F32)
     with np.errstate(**_QUIET):
-        out = libm_f32(np.exp, x if inner == 1 else np.multiply(x, inner))
-        if outer != 1:
-            out *= outer
+        if inner == 0:
+            out = np.full(x.shape, outer, _F32)
+        else:
+            out = libm_f32(np.exp, x if inner == 1 else np.multiply(x, inner))
+            if outer != 1:
+                out *= outer
     return out
 
 
@@ -203,7 +219,9 @@ def Log(x, base=-1.0, scale=1.0, shift=0.0):
         raise ValueError("base 1 has no logarithm (1 / log(base) is infinite)")
     base_scale = _F32(1) / log_base
     with np.errstate(**_QUIET):
-        out = np.multiply(x, _F32(scale)) if scale != 1 else np.array(x, _F32, copy=True)
+        # scale 0: Caffe's BLAS sscal by 0 writes zeros, even where x is inf or NaN
+        out = (np.zeros(x.shape, _F32) if scale == 0 else np.multiply(x, _F32(scale)) if scale != 1
+               else np.array(x, _F32, copy=True))
         if shift != 0:
             out += _F32(shift)
         out = libm_f32(np.log, out)

@@ -56,18 +56,25 @@ def Eltwise(*xs, operation=SUM, coeff=()):
         for x in xs[2:]:
             np.copyto(out, x, where=x > out)
         return out
-    c = [float(v) for v in coeff] or [1.0] * len(xs)
+    c = [float(_F32(v)) for v in coeff] or [1.0] * len(xs)
     if c[0] == 1 and c[1] == 1:  # the common residual sum: one pass
         out, start = np.add(xs[0], xs[1]), 2
     else:
-        out, start = (np.multiply(xs[0], _F32(c[0])) if c[0] != 1 else np.array(xs[0], _F32, copy=True)), 1
+        out, start = np.zeros(shape, _F32), 0
     for x, ci in zip(xs[start:], c[start:], strict=True):
+        # Caffe adds each term with BLAS saxpy: a coefficient 0 skips the term (inf / NaN included),
+        # and the others are fused multiply-adds, one rounding per term: exact in float64 (a float32
+        # product fits its 53 bits), then rounded to float32 (3e38 * 2 - 3e38 * 2 is inf, not NaN)
         if ci == 1:
             out += x
         elif ci == -1:
             out -= x
-        else:
-            out += _F32(ci) * x
+        elif ci != 0:
+            fused = x.astype(np.float64)
+            fused *= ci
+            fused += out
+            with np.errstate(over="ignore"):
+                out[...] = fused
     return out
 
 

@@ -25,6 +25,8 @@ def Reduction(x, *, operation="SUM", axis=0, coeff=1.0):  # noqa: N802
     c = np.float32(coeff)
     if operation == "MEAN":
         c = c / np.float32(v.shape[-1])
+    if c == 0:  # Caffe's caffe_scal (BLAS sscal) writes 0 for a factor of 0, even over inf / NaN sums
+        return np.zeros(total.shape, np.float32)
     return np.asarray(total * c if c != 1 else total, np.float32)
 
 

@@ -60,6 +60,9 @@ def Scale(x, scale, bias=None, axis=1):
     scale = np.asarray(scale, _F32)
     o, d, i = _split(x.shape, scale.shape, axis, "Scale", exact=False)
     out = np.multiply(x.reshape(o, d, i), scale.reshape(1, d, 1))
+    zero = scale.reshape(d) == 0
+    if zero.any():  # Caffe scales with BLAS sscal, which writes 0 for a factor of 0 even on inf / NaN
+        out[:, zero, :] = 0
     if bias is not None:
         _add_bias(out.reshape(x.shape), bias, axis)
     return out.reshape(x.shape)
