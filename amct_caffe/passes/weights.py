@@ -89,9 +89,9 @@ def _quantize_node(node: Node, target: QuantTarget, config, float_graph: Graph) 
     params = layer.weight_quant_params if layer is not None else None
     weight = node.params[0]
     if isinstance(params, SnqParams):
-        layer_type, channel_wise, _ = arq_settings(node, target, config)
+        layer_type, channel_wise, group = arq_settings(node, target, config)
         snq = snq_quantize_weight(weight, channel_wise, params.num_bits, params.max_iteration,
-                                  params.min_distance, params.init_algo, layer_type=layer_type)
+                                  params.min_distance, params.init_algo, layer_type=layer_type, group=group)
         weight = snq.fake
         float_graph.node(target.name).params[0] = weight
     arq = _arq(node, target, config, weight)

@@ -36,6 +36,7 @@ import numpy as np
 from amct_caffe.errors import ConfigError
 
 from ._backend import call_kernel, resolve
+from .arq import arq_layout
 from ._common import QuantizationError
 
 __all__ = ["SnqResult", "snq_quantize_weight"]
@@ -124,9 +125,15 @@ def _channel(w: np.ndarray, init: str, max_iteration: int, min_distance: float, 
 
 def snq_quantize_weight(weight: np.ndarray, channel_wise: bool = True, num_bits: int = 4,
                         max_iteration: int = 1000, min_distance: float = 1e-10, init_algo: str = "uniform",
-                        seed: int = 0, *, layer_type: str = "Convolution",
+                        seed: int = 0, *, layer_type: str = "Convolution", group: int = 1,
                         backend: str | None = None) -> SnqResult:
-    """Cluster each output channel (axis 0) of ``weight`` into 16 centres; see the module doc."""
+    """Cluster each output channel of ``weight`` into 16 centres; see the module doc.
+
+    The output channels are ARQ's (:func:`.arq.arq_layout`): axis 0 of a Convolution or InnerProduct
+    weight, axis 1 within each group of a Deconvolution's ``(Cin, Cout / group, kh, kw)``, so that the
+    ARQ that follows finds at most 16 values per channel it scales. ``centres`` and ``codes`` have one
+    row per output channel in that order (group-major for a Deconvolution).
+    """
     if num_bits != 4:
         raise ConfigError(f"SNQ supports only num_bits=4 (codes in [0, 15]), got {num_bits!r}")
     if not 500 <= max_iteration <= 2000 or int(max_iteration) != max_iteration:
@@ -142,7 +149,12 @@ def snq_quantize_weight(weight: np.ndarray, channel_wise: bool = True, num_bits:
     w = np.ascontiguousarray(weight, dtype=np.float32)
     if w.size == 0 or w.ndim < 1:
         raise QuantizationError("SNQ: empty weight")
-    rows = w.reshape(w.shape[0], -1) if channel_wise else w.reshape(1, -1)
+    if channel_wise:
+        groups, per_group, channels, inner = arq_layout(w.shape, layer_type, True, group)
+        by_channel = w.reshape(groups, per_group, channels, inner).transpose(0, 2, 1, 3)
+        rows = by_channel.reshape(groups * channels, per_group * inner)
+    else:
+        rows = w.reshape(1, -1)
     if resolve(backend) == "kernel":
         centres, codes, iters = call_kernel("snq", np.ascontiguousarray(rows), INIT_ALGOS.index(init_algo),
                                             int(max_iteration), float(min_distance), int(seed))
@@ -153,5 +165,8 @@ def snq_quantize_weight(weight: np.ndarray, channel_wise: bool = True, num_bits:
         centres = np.stack([o[0] for o in out])
         codes = np.stack([o[1] for o in out])
         iters = np.array([o[2] for o in out], dtype=np.int32)
-    fake = np.take_along_axis(centres, codes.astype(np.intp), axis=1).reshape(w.shape)
+    fake = np.take_along_axis(centres, codes.astype(np.intp), axis=1)
+    if channel_wise:  # back from one row per output channel to the weight's own layout
+        fake = fake.reshape(groups, channels, per_group, inner).transpose(0, 2, 1, 3)
+    fake = np.ascontiguousarray(fake).reshape(w.shape)
     return SnqResult(centres=centres, codes=codes.reshape(rows.shape), fake=fake, iterations=iters)

@@ -89,3 +89,27 @@ def test_config_errors(kwargs, match):
 def test_non_finite_weight(backend):
     with pytest.raises(QuantizationError, match="inf or NaN"):
         snq_quantize_weight(np.array([[1.0, np.inf]], np.float32), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [1, 2])
+def test_deconvolution_clusters_each_output_channel(backend, group):
+    """A Deconvolution's output channels are axis 1 within each group of (Cin, Cout / g, kh, kw): SNQ
+    clusters those (at most 16 values each, what ARQ then scales), the same as on the weight laid out
+    as a Convolution's (one row per output channel)."""
+    rng = np.random.default_rng(3)
+    cin, per_group, k = 8, 3, 3
+    w = rng.standard_normal((cin, per_group, k, k)).astype(np.float32)
+    r = snq_quantize_weight(w, layer_type="Deconvolution", group=group, backend=backend)
+    assert r.fake.shape == w.shape
+    rows_per_group = cin // group
+    for g in range(group):
+        block = r.fake[g * rows_per_group:(g + 1) * rows_per_group]
+        for c in range(per_group):
+            assert len(np.unique(block[:, c])) <= 16
+    as_conv = np.concatenate([w[g * rows_per_group:(g + 1) * rows_per_group].transpose(1, 0, 2, 3)
+                              for g in range(group)])
+    conv = snq_quantize_weight(as_conv, backend=backend)
+    back = np.concatenate([conv.fake[g * per_group:(g + 1) * per_group].transpose(1, 0, 2, 3) for g in range(group)])
+    np.testing.assert_array_equal(r.fake, back)
+    np.testing.assert_array_equal(r.centres, conv.centres)
