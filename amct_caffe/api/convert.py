@@ -10,7 +10,7 @@ from amct_caffe.api.session import load_float_graph
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.paths import reading
 from amct_caffe.io.record import RecordError, read_record
-from amct_caffe.passes.prepare import prepare_from_record, quant_target
+from amct_caffe.passes.prepare import prepare_from_record, quant_target, unshare_quantized_weights
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def _convert(model_file, weights_file, scale_offset_record_file, save_path) -> d
             targets.append(quant_target(node, graph, inputs))
         except ConfigError as e:
             raise AmctError(f"{scale_offset_record_file}: {e}") from None
+    unshare_quantized_weights(graph, targets)
     _LOG.info("convert_model: %d layer(s) quantized from %s", len(targets), scale_offset_record_file)
     try:
         return save_quantized(graph, targets, record, "Both", save_path, original_names)

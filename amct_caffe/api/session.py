@@ -29,7 +29,7 @@ from amct_caffe.passes.prepare import Prepared, Stage, prepare
 from amct_caffe.passes.quantized_models import QuantTarget
 from amct_caffe.passes.weights import (QuantizedWeights, bn_update_settings, quantize_weights, record_weight_factors,
                                        refresh_bn_chains, weights_record)
-from amct_caffe.runtime.shapes import infer_shapes
+from amct_caffe.runtime.shapes import fill_shared_weights, infer_shapes
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def load_float_graph(model_file, weights_file) -> Graph:
             raise AmctError(f"{weights_file}: layer '{node.name}' has integer weights: the model is already "
                             "quantized; give the original float model")
     infer_shapes(graph, strict=True, have_weights=weights_file is not None)
+    fill_shared_weights(graph)
     return graph
 
 

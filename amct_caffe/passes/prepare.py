@@ -94,6 +94,27 @@ def quant_targets(graph: Graph, enabled: Iterable[str]) -> list[QuantTarget]:
     return targets
 
 
+def unshare_quantized_weights(graph: Graph, targets: Iterable[QuantTarget]) -> list[str]:
+    """Each layer whose weights are quantized stops sharing them by param name (its ParamSpecs lose their
+    ``name``), in ``graph``, in place; returns those layers.
+
+    The saved and calibration models hold per-layer values in those blobs: an int32 bias divided by the
+    layer's own ``scale_w * scale_d``, weights quantized with the layer's own settings. Loaded with the names
+    kept, Caffe (and the executor) make the blobs one memory and every sharer would run with the last layer's
+    values. The layers' own blobs are in the graph (:func:`amct_caffe.runtime.shapes.fill_shared_weights`)."""
+    unshared = []
+    for target in targets:
+        lp = graph.node(target.name).layer_param if target.weighted else None
+        if lp is not None and any(spec.name for spec in lp.param):
+            for spec in lp.param:
+                spec.ClearField("name")
+            unshared.append(target.name)
+    if unshared:
+        _LOG.info("layer(s) %s share weights by param name; quantized, each keeps its own in the models saved",
+                  unshared)
+    return unshared
+
+
 def prepare(graph: Graph, config) -> Prepared:
     """Fusion, BN acceleration and targets as ``config`` (a bound QuantConfig) asks (module doc)."""
     graph = graph.copy()
@@ -118,7 +139,9 @@ def prepare(graph: Graph, config) -> Prepared:
     if bn_kept:
         _LOG.info("update_bn: BatchNorm layer(s) %s stay unfused until the models are saved; their statistics "
                   "are refreshed by the calibration model", [chain[0] for chain in bn_kept.values()])
-    return Prepared(graph, quant_targets(graph, enabled), frozenset(unfused), bn_kept)
+    targets = quant_targets(graph, enabled)
+    unshare_quantized_weights(graph, targets)
+    return Prepared(graph, targets, frozenset(unfused), bn_kept)
 
 
 def prepare_from_record(graph: Graph, layers: Collection[str], skip_fusion: Collection[str]) -> Graph:

@@ -155,6 +155,33 @@ def layers_without_weights(graph: Graph, phase: int = TEST) -> list[str]:
     return missing
 
 
+def fill_shared_weights(graph: Graph, phase: int = TEST) -> list[str]:
+    """Give each layer whose caffemodel holds no blobs, and which names an earlier layer's params for every blob
+    it has (:func:`~.param_sharing.shares_every_blob`), copies of that owner's blobs, as Caffe's Net holds them:
+    every node of the graph then carries its own weights (a pass may then quantize one sharer and not the
+    other). The count is the layer's own (a sharer without a bias takes only the weight). Returns the layers
+    filled."""
+    owners: dict[str, np.ndarray] = {}  # param name -> the blob of the first layer that holds it
+    filled = []
+    for node in graph.nodes:
+        specs = list(node.layer_param.param) if node.layer_param is not None else []
+        cls = static_class(node.type)
+        if not node.params and specs and cls is not None:
+            bottoms = [graph.blobs[b].shape for b in node.bottoms]
+            try:
+                count = (0 if any(s is None for s in bottoms)
+                         else len(cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms])))
+            except (AmctError, ValueError):
+                count = 0  # the net's build says what is wrong with the layer itself
+            if count and shares_every_blob(specs, count, owners):
+                node.params = [owners[spec.name].copy() for spec in specs[:count]]
+                filled.append(node.name)
+        for spec, array in zip(specs, node.params, strict=False):
+            if spec.name:
+                owners.setdefault(spec.name, array)
+    return filled
+
+
 def check_weights_fit(graph: Graph, phase: int = TEST) -> None:
     """A WeightsError naming the layer when its caffemodel blobs do not fit the shapes of its bottoms, for
     every layer whose bottom shapes are known (Caffe's CopyTrainedLayersFrom check)."""

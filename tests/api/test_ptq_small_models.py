@@ -288,3 +288,51 @@ def test_the_dump_of_a_detection_list_holds_the_first_samples_boxes(tmp_path):
     full = Net(str(proto), str(weights), TEST).forward(**batches[0])["detection_out"]
     assert set(full[0, 0, :, 0].tolist()) == {0.0, 1.0}  # (both samples have boxes in the batch)
     np.testing.assert_array_equal(boxes, full[:, :, full[0, 0, :, 0] == 0])
+
+
+@pytest.mark.parametrize("sharer_blobs_in_file", [True, False])
+def test_layers_sharing_weights_each_run_their_own_quantized_values(tmp_path, sharer_blobs_in_file):
+    """Two Convolutions sharing weight and bias by param name, one per channel and one per tensor: each
+    saved model runs each layer with its own values (the int32 bias divides by the layer's own
+    scale_w * scale_d), though Caffe makes named params one memory; a sharer whose blobs the caffemodel
+    leaves out takes its owner's and is quantized as a weighted layer."""
+    shared = 'param { name: "w" } param { name: "b" } '
+    text = (INPUT.replace('"data"', '"a"', 2) + INPUT.replace('"data"', '"b"', 2)
+            + conv("c1", "a", "c1", extra=shared) + conv("c2", "b", "c2", extra=shared))
+    proto, weights = make_model(tmp_path, text)
+    if not sharer_blobs_in_file:
+        model = io.schema.caffe_pb().NetParameter.FromString(weights.read_bytes())
+        keep = [layer for layer in model.layer if layer.name != "c2"]
+        del model.layer[:]
+        model.layer.extend(keep)
+        weights.write_bytes(model.SerializeToString())
+    w, bias = io.load_weights(str(weights))["c1"]
+
+    def per_tensor_c2(config):
+        config["c2"]["weight_quant_params"]["channel_wise"] = False
+
+    graph, mm, mw = calibration_model(tmp_path, proto, weights, 2, per_tensor_c2)
+    calibration = Net(mm, mw, TEST)
+    rng = np.random.default_rng(3)
+    for _ in range(2):  # the two inputs span different ranges: different scale_d
+        calibration.forward(a=rng.normal(size=(2, 3, 8, 8)).astype(np.float32),
+                            b=4 * rng.normal(size=(2, 3, 8, 8)).astype(np.float32))
+    assert not np.array_equal(calibration.params["c1"][0].data, calibration.params["c2"][0].data)
+    paths = amct.save_model(graph, "Both", str(tmp_path / "out/model"))
+    factors = record.read_record(str(tmp_path / "record.txt"))
+    assert len(factors.layer("c1").scale_w) == 4 and len(factors.layer("c2").scale_w) == 1
+    fake = Net(paths["fake_quant_model"], paths["fake_quant_weights"], TEST)
+    deploy = Net(paths["deploy_model"], paths["deploy_weights"], TEST)
+    for name in ("c1", "c2"):
+        entry = factors.layer(name)
+        scale_w = np.asarray(entry.scale_w, np.float32).reshape(-1, 1, 1, 1)
+        codes = np.clip(np.round(w / scale_w), -128, 127)
+        np.testing.assert_array_equal(fake.params[name][0].data, (codes * scale_w).astype(np.float32))
+        np.testing.assert_array_equal(deploy.params[name][0].data, codes)
+        scale_d = np.float32(entry.record_d[0].scale_d)
+        expected_bias = np.round(bias / (scale_w.ravel() * scale_d))
+        np.testing.assert_allclose(deploy.params[name][1].data, expected_bias, atol=1)
+    assert not np.array_equal(deploy.params["c1"][1].data, deploy.params["c2"][1].data)
+    converted = amct.convert_model(str(proto), str(weights), str(tmp_path / "record.txt"), str(tmp_path / "conv/model"))
+    for key in ("deploy_model", "deploy_weights", "fake_quant_model", "fake_quant_weights"):
+        assert Path(converted[key]).read_bytes() == Path(paths[key]).read_bytes(), key
