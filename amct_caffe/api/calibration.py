@@ -16,7 +16,7 @@ from amct_caffe import log
 from amct_caffe.api.outputs import save_quantized, write_graph
 from amct_caffe.api.session import QuantGraph, check_session, load_float_graph
 from amct_caffe.config import create_default_config, write_quant_config
-from amct_caffe.io.paths import reading
+from amct_caffe.io.paths import reading, require
 from amct_caffe.io.record import Record, RecordError, read_record, record_file, write_record
 from amct_caffe.passes.prepare import Stage
 
@@ -30,6 +30,7 @@ def create_quant_config(config_file, model_file, weights_file, batch_num=1, acti
                         config_defination=None) -> None:
     """Write the full quantization config (JSON) of every quantizable layer of the model."""
     log.setup()
+    require(model_file=model_file, weights_file=weights_file)
     with reading(model_file=model_file, weights_file=weights_file, config_defination=config_defination):
         graph = load_float_graph(model_file, weights_file)
         config = create_default_config(graph, batch_num, activation_offset, config_defination)
@@ -53,12 +54,16 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
     session = check_session(graph)
     log.setup()
     record = session.quantize_weights()
-    with reading(**session.inputs()):
-        # the record's text (most of its lines printed for the first time) is printed while the model is written
-        text = write_graph(session.graph, modified_model_file, modified_weights_file, in_place=True,
-                           meanwhile=lambda: record_file(record))
-    with reading(**session.inputs(with_record=False)):
-        write_record(text, session.record_file)
+    try:
+        with reading(**session.inputs()):
+            # the record's text (most of its lines printed for the first time) is printed while the model is written
+            text = write_graph(session.graph, modified_model_file, modified_weights_file, in_place=True,
+                               meanwhile=lambda: record_file(record))
+        with reading(**session.inputs(with_record=False)):
+            write_record(text, session.record_file)
+    except BaseException:
+        session.forget_weights()  # nothing was written: the call may be made again
+        raise
     _LOG.info("weights of %d layer(s) quantized; model written to %s",
               sum(t.weighted for t in session.targets), modified_model_file)
 

@@ -8,7 +8,7 @@ from amct_caffe import log, ops
 from amct_caffe.api.outputs import save_quantized
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.errors import AmctError, ConfigError
-from amct_caffe.io.paths import reading
+from amct_caffe.io.paths import reading, require
 from amct_caffe.io.record import RecordError, read_record
 from amct_caffe.passes.prepare import prepare_from_record, quant_target, unshare_quantized_weights
 
@@ -24,6 +24,7 @@ def convert_model(model_file, weights_file, scale_offset_record_file, save_path)
     layer of the (fused) model.
     """
     log.setup()
+    require(model_file=model_file, weights_file=weights_file, scale_offset_record_file=scale_offset_record_file)
     with reading(model_file=model_file, weights_file=weights_file, scale_offset_record_file=scale_offset_record_file):
         return _convert(model_file, weights_file, scale_offset_record_file, save_path)
 

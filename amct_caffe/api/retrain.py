@@ -36,7 +36,7 @@ from amct_caffe.config import (ArqParams, LayerQuantConfig, QuantConfig, bind_re
 from amct_caffe.errors import AmctError, ConfigError, GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net, layer_graph
 from amct_caffe.io.outputs import StagedOutputs
-from amct_caffe.io.paths import check_output, checked_path, reading
+from amct_caffe.io.paths import check_output, checked_path, reading, require
 from amct_caffe.io.record import Record, read_record, record_text
 from amct_caffe.ir import Graph
 from amct_caffe.passes.prepare import prepare
@@ -81,6 +81,7 @@ def create_quant_retrain_config(config_file, model_file, weights_file, config_de
     :mod:`amct_caffe.config.retrain_config`).
     """
     log.setup()
+    require(model_file=model_file, weights_file=weights_file)
     with reading(model_file=model_file, weights_file=weights_file, config_defination=config_defination):
         graph = _test_graph(model_file, weights_file)
         config = create_retrain_config(graph, config_defination)
@@ -107,6 +108,7 @@ def create_quant_retrain_model(model_file, weights_file, config_file, modified_m
     the config enables; the record file is created empty (the TEST phase fills it)."""
     log.setup()
     record_file = os.path.abspath(checked_path(scale_offset_record_file, "scale_offset_record_file"))
+    require(model_file=model_file, weights_file=weights_file, config_file=config_file)
     with reading(model_file=model_file, weights_file=weights_file, config_file=config_file):
         graph = _test_graph(model_file, weights_file)
         config = bind_retrain_config(read_retrain_config(config_file), graph, str(config_file))
@@ -193,6 +195,7 @@ def save_quant_retrain_model(retrained_model_file, retrained_weights_file, save_
     log.setup()
     if save_type not in SAVE_TYPES:
         raise AmctError(f"save_type must be one of {', '.join(SAVE_TYPES)}, got {save_type!r}")
+    require(retrained_model_file=retrained_model_file, retrained_weights_file=retrained_weights_file)
     inputs = {"retrained_model_file": retrained_model_file, "retrained_weights_file": retrained_weights_file,
               "config_file": config_file}
     if scale_offset_record_file is not None:

@@ -21,7 +21,7 @@ from amct_caffe.config import load_config
 from amct_caffe.errors import AmctError
 from amct_caffe.io.bn_dump import bn_dump_path, read_bn_dump
 from amct_caffe.io.graph_io import graph_from_net
-from amct_caffe.io.paths import check_output, checked_path, reading
+from amct_caffe.io.paths import check_output, checked_path, reading, require
 from amct_caffe.io.record import Record
 from amct_caffe.ir import Graph
 from amct_caffe.passes.calibration import calibration_graph
@@ -74,6 +74,7 @@ class QuantGraph:
 
     @classmethod
     def load(cls, config_file, model_file, weights_file, record_file) -> "QuantGraph":
+        require(config_file=config_file, model_file=model_file, weights_file=weights_file)
         with reading(config_file=config_file, model_file=model_file, weights_file=weights_file):
             graph = load_float_graph(model_file, weights_file)
             config = load_config(config_file, graph)
@@ -128,6 +129,11 @@ class QuantGraph:
         self.record = weights_record(self.prepared, self.weights)
         self.stage = Stage.WEIGHTS
         return self.record
+
+    def forget_weights(self) -> None:
+        """Back to right after init: the weight step's files could not be written, and the call may be made
+        again."""
+        self.stage, self.prepared, self.weights, self.record = Stage.INIT, None, None, Record()
 
     def calibrate_with_float_weights(self) -> None:
         """Make the calibration model run the float weights (each layer's activation factors are then

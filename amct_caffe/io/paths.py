@@ -41,6 +41,15 @@ def checked_path(path, what: str = "path") -> Path:
     return Path(text)
 
 
+def require(**inputs) -> None:
+    """An AmctError naming the first of ``inputs`` (argument name -> value) that is None: the guide's
+    calls take these files as required strings, and a model quantized without its caffemodel would be
+    saved without weights."""
+    for name, value in inputs.items():
+        if value is None:
+            raise AmctError(f"{name} is None: give the path of the file (this argument is required)")
+
+
 @contextlib.contextmanager
 def reading(**inputs) -> Iterator[None]:
     """Declare the files the current call reads, by argument name (``None`` values are skipped)."""

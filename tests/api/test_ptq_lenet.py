@@ -331,3 +331,46 @@ def test_data_of_more_than_8_bits_calibrates_as_the_exact_search_does(tmp_path, 
         amct.save_model(graph, "Both", str(tmp_path / mode / "out"))
         records.append((tmp_path / mode / "out_quant_param_record.txt").read_text())
     assert records[0] == records[1]
+
+
+TRAIN_TEST = MODELS / "lenet_mnist/lenet_train_test.prototxt"
+
+
+@pytest.mark.parametrize("call", ["create_quant_config", "init", "convert_model", "create_quant_retrain_config",
+                                  "create_quant_retrain_model", "save_quant_retrain_model"])
+def test_the_guides_calls_refuse_a_missing_weights_file(tmp_path, call):
+    """weights_file is a required string in the guide: None is refused before anything is written (it
+    used to quantize nothing and save models without weights)."""
+    config, record_file = str(tmp_path / "config.json"), str(tmp_path / "record.txt")
+    amct.create_quant_config(config, str(LENET), str(LENET_W))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    calls = {
+        "create_quant_config": lambda: amct.create_quant_config(str(tmp_path / "c2.json"), str(LENET), None),
+        "init": lambda: amct.init(config, str(LENET), None, record_file),
+        "convert_model": lambda: amct.convert_model(str(LENET), None, record_file, str(tmp_path / "out/m")),
+        "create_quant_retrain_config": lambda: amct.create_quant_retrain_config(str(tmp_path / "r.json"),
+                                                                                str(TRAIN_TEST), None),
+        "create_quant_retrain_model": lambda: amct.create_quant_retrain_model(
+            str(TRAIN_TEST), None, config, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"), record_file),
+        "save_quant_retrain_model": lambda: amct.save_quant_retrain_model(str(TRAIN_TEST), None, "Both",
+                                                                          str(tmp_path / "out/m")),
+    }
+    name = "retrained_weights_file" if call == "save_quant_retrain_model" else "weights_file"
+    with pytest.raises(AmctError, match=f"^{name} is None: give the path of the file"):
+        calls[call]()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_weights_quantize_model_can_be_called_again_after_its_files_failed(tmp_path):
+    """A bad output path fails the weight step before anything is written; the same graph then takes the
+    call again (it used to say "call it once" and fail at save_model for want of scale_w)."""
+    config, record_file = str(tmp_path / "config.json"), str(tmp_path / "record.txt")
+    amct.create_quant_config(config, str(LENET), str(LENET_W))
+    graph = amct.init(config, str(LENET), str(LENET_W), record_file)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(AmctError, match="directory"):
+        amct.weights_quantize_model(graph, str(tmp_path / "taken"), str(tmp_path / "m.caffemodel"))
+    assert not (tmp_path / "m.caffemodel").exists()
+    amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    assert "scale_w" in (tmp_path / "record.txt").read_text()
+    amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))

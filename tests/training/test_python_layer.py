@@ -13,6 +13,8 @@ import pytest
 import amct_caffe as amct
 import amct_caffe.runtime as caffe_runtime
 from amct_caffe.errors import GraphError, UnsupportedLayerError
+from amct_caffe.io.blobs import array_to_blob
+from amct_caffe.io.schema import caffe_pb
 from amct_caffe.runtime import TEST, TRAIN, Net, SGDSolver
 from tests.real_caffe import pycaffe_dir
 from tests.training.gradcheck import assert_matches_caffe, input_layer
@@ -284,8 +286,14 @@ def test_the_guide_flow_never_imports_the_module(tmp_path):
     model = _write(tmp_path, input_layer("x", 1, 3, 6, 6)
                    + L("Convolution", "conv", "x", "c", "convolution_param { num_output: 2 kernel_size: 3 }")
                    + L("Python", "py", "c", "p", 'python_param { module: "no_such_module_here" layer: "X" }'))
-    amct.create_quant_config(str(tmp_path / "config.json"), model, None)
-    graph = amct.init(str(tmp_path / "config.json"), model, None, str(tmp_path / "record.txt"))
+    weights = tmp_path / "w.caffemodel"  # the convolution's blobs, written without building the net
+    net = caffe_pb().NetParameter()
+    conv = net.layer.add(name="conv", type="Convolution")
+    for shape in ((2, 3, 3, 3), (2,)):
+        array_to_blob(np.full(shape, 0.5, np.float32), conv.blobs.add())
+    weights.write_bytes(net.SerializeToString())
+    amct.create_quant_config(str(tmp_path / "config.json"), model, str(weights))
+    graph = amct.init(str(tmp_path / "config.json"), model, str(weights), str(tmp_path / "record.txt"))
     amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
     amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
     assert "no_such_module_here" not in sys.modules
