@@ -265,7 +265,9 @@ class Solver(ABC):
                     g += local_decay * blob.data
                 else:  # L1 (check_solver_param refused anything else); caffe_cpu_sign: sign(0) = 0
                     g += local_decay * np.sign(blob.data).astype(_F)
-            blob.diff = self.compute_update_value(i, g, rate * _F(lr_mult))
+            update = self.compute_update_value(i, g, rate * _F(lr_mult))
+            if update is not blob.diff:  # into the diff's own memory: a Python layer or a callback may keep it
+                np.copyto(blob.diff, update)
             # Net::Update, in place: test nets share these arrays
             np.subtract(blob.data, blob.diff, out=blob.data)
 

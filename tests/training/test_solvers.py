@@ -146,6 +146,34 @@ def test_update_rules_follow_their_formulas(tmp_path, kind):
             np.testing.assert_allclose(after[key], want, rtol=1e-5, atol=1e-6, err_msg=f"{kind} {key} iter {it}")
 
 
+@pytest.mark.parametrize("kind, extra", [(kind, "") for kind in sorted(RULES)]
+                         + [("SGD", 'weight_decay: 0.01 regularization_type: "L1"')])
+def test_a_kept_diff_array_stays_the_blobs_diff(tmp_path, kind, extra):
+    """pycaffe's params[layer][i].diff is the blob's memory for the blob's life: a callback (or a Python
+    layer) that keeps the array and zeroes it freezes the weights, on every iteration and every solver,
+    as zeroing the diff read afresh does (the update used to rebind the diff to a new array)."""
+    fields = extra or " ".join(f"{k}: {v}" for k, v in RULES[kind].items())
+    runs = []
+    for keep in (True, False):
+        (tmp_path / str(keep)).mkdir()
+        solver = caffe.get_solver(_setup(tmp_path / str(keep), f'type: "{kind}" base_lr: 0.1 lr_policy: "fixed" '
+                                                               f"{fields}"))
+        kept = solver.net.params["ip1"][0].diff
+        solver.add_callback(lambda: None, lambda s=solver, k=kept, keep=keep: (
+            k if keep else s.net.params["ip1"][0].diff).__setitem__(..., 0))
+        rng = np.random.default_rng(0)
+        start = solver.net.params["ip1"][0].data.copy()
+        for _ in range(3):
+            solver.net.blobs["data"].data[...] = rng.standard_normal((4, 3))
+            solver.step(1)
+        assert solver.net.params["ip1"][0].diff is kept
+        runs.append(_params(solver))
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[0][key], runs[1][key], err_msg=key)
+    if "weight_decay" not in fields:  # zero gradients (and histories of zeros) leave the weights be
+        np.testing.assert_array_equal(runs[0]["ip1/0"], start)
+
+
 def test_lr_and_decay_mult_and_l1(tmp_path):
     solver = caffe.SGDSolver(_setup(tmp_path, 'base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.5 '
                                               'regularization_type: "L1"',
