@@ -475,8 +475,12 @@ class Net(WholeSetCalls):
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s learned blobs (by layer name) as this net's, as Caffe's ShareTrainedLayersWith.
 
-        The data arrays are shared: a solver updating ``other`` in place updates this net too.
+        The data arrays are shared: a solver updating ``other`` in place updates this net too. Only the
+        layers ``other`` has are re-pointed: a layer of this net alone that shares a blob by param name
+        with one of them keeps the memory it had (Caffe's sharers are Blobs of their own over one memory,
+        and ShareData moves one Blob), e.g. a TEST-only layer keeps the test net's weights.
         """
+        pairs = []
         for layer in self.layers:
             theirs = other.params.get(layer.name)
             if theirs is None or not layer.blobs:
@@ -488,7 +492,15 @@ class Net(WholeSetCalls):
                 if mine.shape != src.shape:
                     raise GraphError(f"share_with: layer '{layer.name}' blob shapes differ: {list(mine.shape)} "
                                      f"vs {list(src.shape)}")
-                mine.data = src.data
+                pairs.append((mine, src))
+        moved = {id(mine) for mine, _ in pairs}
+        for layer in self.layers:
+            if layer.name not in other.params:
+                for k, blob in enumerate(layer.blobs):
+                    if id(blob) in moved:
+                        layer.blobs[k] = Blob(data=blob.data)
+        for mine, src in pairs:
+            mine.data = src.data
 
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""

@@ -439,3 +439,31 @@ def test_a_test_net_whose_weights_do_not_fit_names_the_solver_and_the_test_net(t
     solver = caffe.get_solver(str(path))
     with pytest.raises(AmctError, match=r"solver.prototxt: test net #0: share_with: layer 'ip' blob shapes differ"):
         solver.step(1)
+
+
+def test_a_test_only_layer_sharing_a_trained_param_keeps_the_test_nets_weights(tmp_path):
+    """Caffe's ShareTrainedLayersWith re-points the layers the train net has; a TEST-only layer naming the
+    same param keeps the memory it shared at the test net's build (official Caffe: its weights stay the
+    filler's 0.1 while ip1 trains)."""
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 } } }\n'
+        'layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }\n'
+        'layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1" param { name: "w" } '
+        'inner_product_param { num_output: 3 bias_term: false weight_filler { type: "constant" value: 0.1 } } }\n'
+        'layer { name: "probe" type: "InnerProduct" bottom: "data" top: "probe" param { name: "w" } '
+        'include { phase: TEST } inner_product_param { num_output: 3 bias_term: false } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }\n')
+    (tmp_path / "solver.prototxt").write_text(f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.5\n'
+                                              'lr_policy: "fixed"\ntest_iter: 1\ntest_interval: 1\n')
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    for net in [solver.net, *solver.test_nets]:
+        net.blobs["data"].data[...] = np.arange(12, dtype=np.float32).reshape(4, 3) / 5
+        net.blobs["label"].data[...] = [0, 1, 2, 1]
+    solver.step(3)
+    test = solver.test_nets[0]
+    np.testing.assert_array_equal(test.params["ip1"][0].data, solver.net.params["ip1"][0].data)
+    assert not np.allclose(solver.net.params["ip1"][0].data, 0.1)
+    np.testing.assert_array_equal(test.params["probe"][0].data, np.full((3, 3), 0.1, np.float32))
+    test.forward()
+    np.testing.assert_allclose(test.blobs["probe"].data, test.blobs["data"].data.sum(1, keepdims=True) * 0.1
+                               * np.ones((1, 3)), rtol=1e-6)
