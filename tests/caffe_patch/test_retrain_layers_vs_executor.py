@@ -200,6 +200,19 @@ def _scenarios(work) -> tuple[dict, dict]:
         for k in range(STEPS):
             ops += [["step", 1], ["snap", str(k), blobs]]
         spec[name] = {"solver": str(work / f"{name}.prototxt"), "ops": ops}
+
+    # the deploy-side layers a fake-quant model holds, trained through: Quant and DeQuant copy the top
+    # diff, AntiQuant shares it (caffe_patch)
+    inputs["chain_x"] = (rng.standard_normal((2, 4, 3, 3)) * 0.3).astype(F32)
+    inputs["chain_g"] = rng.standard_normal((2, 4, 3, 3)).astype(F32)
+    inputs["chain_deq"] = rng.uniform(0.5, 2.0, 4).astype(F32)
+    net("quant_chain", "force_backward: true\n"
+        'layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 2 dim: 4 dim: 3 dim: 3 } } }\n'
+        'layer { name: "q" type: "Quant" bottom: "x" top: "xq" quant_param { scale: 20 offset: 3 } }\n'
+        'layer { name: "dq" type: "DeQuant" bottom: "xq" top: "xd" dequant_param { channel_wise: true } }\n'
+        'layer { name: "aq" type: "AntiQuant" bottom: "xd" top: "y" quant_param { scale: 1 } }\n',
+        [["param", "dq", 0, "chain_deq"], ["data", "x", "chain_x"], ["forward"], ["diff", "y", "chain_g"],
+         ["backward"], ["snap", "0", ["x", "xq", "xd", "y"]]])
     return spec, inputs
 
 
@@ -316,3 +329,10 @@ def test_solver_steps_agree(both, name):
     for layer, i in (("dq", 0), ("wq", 1)):  # training moved the clip and the float weight
         assert not np.array_equal(caffe_out[f"{name}/start/param/{layer}/{i}/data"],
                                   caffe_out[f"{name}/{STEPS - 1}/param/{layer}/{i}/data"])
+
+
+def test_quant_layers_pass_the_gradient_straight_through(both):
+    """Quant, DeQuant and AntiQuant forward and backward bit-identical: x's gradient is y's."""
+    _compare(both, "quant_chain")
+    caffe_out, _ = both
+    np.testing.assert_array_equal(caffe_out["quant_chain/0/blob/x/diff"], caffe_out["quant_chain/0/blob/y/diff"])

@@ -173,13 +173,26 @@ class QuantLayer(Layer):
             return [fake_quant(bottoms[0], scale_d, offset, num_bits, into=outs[0])]
         return quant_into
 
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy: caffe_patch's Quant copies the top diff (a straight-through gradient)."""
+        return [top_diffs[0] if propagate_down[0] else None]
+
 
 @register("AntiQuant")
 class AntiQuantLayer(Layer):
-    """AntiQuant (quant_param, unused here): identity."""
+    """AntiQuant (quant_param, unused here): identity; caffe_patch's layer makes its top share the
+    bottom's data and diff (ShareData, ShareDiff at every Reshape), so its gradient is the top's."""
+
+    shares_data = True
 
     def forward(self, bottoms):
         return [AntiQuant(bottoms[0])]
+
+    def diff_sharing(self, bottom_shapes):
+        return "reshape"
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        return [top_diffs[0] if propagate_down[0] else None]
 
 
 @register("DeQuant")
@@ -223,3 +236,7 @@ class DeQuantLayer(Layer):
 
     def forward(self, bottoms):
         return [DeQuant(bottoms[0], *[b.data for b in self.blobs])]
+
+    def backward(self, top_diffs, propagate_down, bottoms, tops):
+        """dx = dy (caffe_patch's DeQuant copies the top diff; its blobs get no gradient)."""
+        return [top_diffs[0] if propagate_down[0] else None]
