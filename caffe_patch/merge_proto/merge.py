@@ -149,7 +149,9 @@ def combine(amct: ProtoFile, custom: ProtoFile | None, names: Names) -> Combined
         for s in user_layer:
             f = s.node
             if f.label != "optional":
-                problems.append(f"{_fdesc(s)} is {f.label or 'in a oneof'}. {rules['optional']}")
+                what = (f.label if f.label else f"in oneof {f.oneof}" if f.oneof is not None
+                        else "a map" if f.type.startswith("map<") else "without a label")
+                problems.append(f"{_fdesc(s)} is {what}. {rules['optional']}")
             if f.number in amct_num:
                 problems.append(f"{_fdesc(s)} clashes with {_fdesc(amct_num[f.number])}. "
                                 f"{rules['amct_number']}")

@@ -488,6 +488,10 @@ def test_user_definitions_win_and_base_members_are_carried(tmp_path):
     ("message A { optional int32 a = 1; optional int32 b = 1; }",
      "custom.proto:1: A.b = 1 clashes with custom.proto:1: A.a = 1 in the same file"),
     ('syntax = "proto3";\nmessage A { int32 a = 1; }', 'custom.proto: syntax = "proto3".'),
+    ('syntax = "proto3";\nmessage LayerParameter { MyP my_param = 3000; }\nmessage MyP {}',
+     "custom.proto:2: LayerParameter.my_param = 3000 is without a label. rule: custom.proto declares its layers"),
+    ("message LayerParameter { oneof kind { MyP my_param = 3000; } }\nmessage MyP {}",
+     "custom.proto:1: LayerParameter.my_param = 3000 is in oneof kind. rule: custom.proto declares its layers"),
     ("enum MyMode { TRAIN = 0; }", "custom.proto:1: enum value MyMode.TRAIN has the name of caffe.proto:60: "
      "enum value Phase.TRAIN. rule: enum values of top-level enums share one scope"),
 ])
