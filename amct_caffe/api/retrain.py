@@ -71,7 +71,24 @@ def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
     # shapes they give
     infer_shapes(graph, data_sources=True)
     check_weights_fit(graph)
+    if float_model:
+        _check_weights_present(graph, model_file, weights_file)
     return graph
+
+
+def _check_weights_present(graph: Graph, model_file, weights_file) -> None:
+    """A caffemodel with weights for none of the model's weighted layers is another model's (or empty):
+    refused. Some missing is a warning: Caffe starts those layers from their fillers (a new classifier being
+    fine-tuned), and they are not retrained."""
+    missing = layers_without_weights(graph)
+    if not missing:
+        return
+    if not any(node.params for node in graph.nodes):
+        raise WeightsError(f"{weights_file} holds weights for none of the {len(missing)} weighted layer(s) of "
+                           f"{model_file} ({', '.join(repr(n) for n in missing[:5])}"
+                           f"{', ...' if len(missing) > 5 else ''}): give the caffemodel trained with this model")
+    _LOG.warning("%s holds no weights for layer(s) %s of %s: Caffe starts them from their fillers, and they are "
+                 "not retrained", weights_file, ", ".join(f"'{n}'" for n in missing), model_file)
 
 
 def create_quant_retrain_config(config_file, model_file, weights_file, config_defination=None) -> None:

@@ -284,7 +284,7 @@ def retrain_reason(node, graph=None) -> str | None:
     if kind not in RETRAINABLE_TYPES:
         return f"{kind} is not one of the retrainable types {', '.join(RETRAINABLE_TYPES)}"
     if not node.params:
-        return "it has no weights"
+        return "the caffemodel holds no weights for it"
     if len(node.bottoms) != 1 or len(node.tops) != 1:
         return f"it has {len(node.bottoms)} inputs and {len(node.tops)} outputs (one of each is required)"
     ndim = node.params[0].ndim

@@ -182,16 +182,35 @@ def fill_shared_weights(graph: Graph, phase: int = TEST) -> list[str]:
     return filled
 
 
+def _bottom_from_weights(node: Node) -> tuple[int, ...] | None:
+    """A bottom shape that a Convolution, Deconvolution or InnerProduct (on its default axis 1) with
+    ``node``'s caffemodel weights would take, for checking what the prototxt alone fixes (num_output,
+    kernel, group) where the real bottom's shape is unknown (a data source not on this machine)."""
+    lp, weight = node.layer_param, np.asarray(node.params[0])
+    if node.type in ("Convolution", "Deconvolution") and lp.convolution_param.axis == 1 and weight.ndim >= 3:
+        group = max(int(lp.convolution_param.group), 1)
+        channels = weight.shape[0] if node.type == "Deconvolution" else weight.shape[1] * group
+        return (1, int(channels)) + (64,) * (weight.ndim - 2)
+    if node.type == "InnerProduct" and lp.inner_product_param.axis == 1 and weight.ndim == 2:
+        return (1, int(weight.shape[0] if lp.inner_product_param.transpose else weight.shape[1]))
+    return None
+
+
 def check_weights_fit(graph: Graph, phase: int = TEST) -> None:
     """A WeightsError naming the layer when its caffemodel blobs do not fit the shapes of its bottoms, for
-    every layer whose bottom shapes are known (Caffe's CopyTrainedLayersFrom check)."""
+    every layer whose bottom shapes are known (Caffe's CopyTrainedLayersFrom check); where they are not, a
+    Convolution's, Deconvolution's or InnerProduct's blobs are still checked against what its own parameters
+    fix (the channels they read are taken from the weights)."""
     for node in graph.nodes:
         cls = static_class(node.type)
         if not node.params or node.layer_param is None or cls is None:
             continue
         bottoms = [graph.blobs[b].shape for b in node.bottoms]
         if any(s is None for s in bottoms):
-            continue
+            guessed = _bottom_from_weights(node) if len(bottoms) == 1 else None
+            if guessed is None:
+                continue
+            bottoms = [guessed]
         try:
             layer = cls(node.layer_param, phase)
         except AmctError:

@@ -6,6 +6,7 @@ retrain model end to end (solver, TEST-phase record) is left to the integration 
 """
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,44 @@ def test_weights_that_do_not_fit_the_shapes_a_readable_data_source_gives_are_ref
     elsewhere.write_text(wrong.read_text().replace(str(tmp_path / "mnist_"), "/nonexistent/mnist_"))
     amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(elsewhere), str(LENET_W))
     assert json.loads((tmp_path / "c.json").read_text())
+
+
+def test_another_models_weights_are_refused_where_the_data_sources_are_elsewhere(tmp_path):
+    """LeNet's train/test model (its LMDBs not on this machine) with MTCNN P-Net's caffemodel: the shapes the
+    prototxt fixes by itself (conv1's 20 outputs of 5x5) are checked against the weights; it used to write a
+    retrain model holding P-Net's [10, 3, 3, 3] conv1."""
+    from amct_caffe.errors import WeightsError
+
+    other = MODELS / "mtcnn/det1.caffemodel"
+    message = r"layer 'conv1' \(Convolution\) blob 0: shape mismatch: the caffemodel has \[10, 3, 3, 3\]"
+    with pytest.raises(WeightsError, match=message):
+        amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(LENET), str(other))
+    config = tmp_path / "lenet.json"
+    amct.create_quant_retrain_config(str(config), str(LENET), str(LENET_W))
+    with pytest.raises(WeightsError, match=message):
+        amct.create_quant_retrain_model(str(LENET), str(other), str(config), str(tmp_path / "m.prototxt"),
+                                        str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.json"]
+
+
+def test_a_caffemodel_without_the_models_weights_is_named(tmp_path, caplog):
+    """Weights for none of the weighted layers (an empty file): refused naming the file. Some missing (a new
+    layer to fine-tune): a warning, and the layer is left out of the config (Caffe starts it from its
+    fillers)."""
+    from amct_caffe.errors import WeightsError
+
+    empty = tmp_path / "empty.caffemodel"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"empty.caffemodel holds weights for none of the 4 weighted layer\(s\) "
+                                           r".*\('conv1', 'conv2', 'ip1', 'ip2'\): give the caffemodel trained"):
+        amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(LENET), str(empty))
+    renamed = tmp_path / "renamed.prototxt"
+    renamed.write_text(LENET.read_text().replace('name: "ip2"', 'name: "classifier"'))
+    assert renamed.read_text() != LENET.read_text()
+    caplog.set_level(logging.WARNING, logger="amct_caffe")
+    amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(renamed), str(LENET_W))
+    assert "holds no weights for layer(s) 'classifier'" in caplog.text
+    assert "classifier" not in json.loads((tmp_path / "c.json").read_text())
 
 
 CLIPS = {"conv1": (0.9, -0.1), "conv2": (3.1, -2.2), "ip1": (4.5, -3.0), "ip2": (2.75, -1.0)}
