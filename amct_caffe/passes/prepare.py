@@ -131,6 +131,14 @@ def prepare(graph: Graph, config) -> Prepared:
                    if f.target.name in set(quantized) and f.target.name not in unfused
                    and ops.layer_type(f.target.type).weighted}
         skip += sorted(bn_kept)
+    if config.update_bn:
+        refreshed = {chain[0] for chain in bn_kept.values()}
+        left = [node.name for node in graph.nodes if node.type == "BatchNorm" and node.name not in refreshed]
+        if left:
+            why = ("do_fusion is false" if not config.do_fusion else
+                   "only a BatchNorm folded into a quantized layer is refreshed (skip_fusion_layers keeps some "
+                   "apart, or the layer before is not a quantized weighted one)")
+            _LOG.warning("update_bn: BatchNorm layer(s) %s keep their statistics: %s", left, why)
     fuse_bn_scale(graph, config.do_fusion, skip)
     # The kept chains' layers are fused at save time: their own quantization settings do not apply.
     kept = {name for chain in bn_kept.values() for name in chain}

@@ -248,3 +248,19 @@ def test_a_failed_calibration_takes_its_dumps_with_it(tmp_path, monkeypatch):
                            2, config_file=str(config), progress=False)
     assert seen == ["bn1.npz"]  # written by the forwards, then removed
     assert list((tmp_path / "dumps").iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, why", [({"do_fusion": False}, "do_fusion is false"),
+                                          ({"skip_fusion_layers": ["c1"]}, "only a BatchNorm folded into")])
+def test_update_bn_says_which_batchnorms_it_cannot_refresh(tmp_path, caplog, setting, why):
+    """update_bn refreshes the BatchNorms it folds into quantized layers; one kept apart (do_fusion false,
+    skip_fusion_layers) keeps its statistics, and a warning says so (it was silently ignored)."""
+    proto, weights = make_models(tmp_path)
+    caplog.set_level("WARNING", logger="amct_caffe")
+
+    def edit(c):
+        snq(True, tmp_path / "bn_data")(c)
+        c.update(setting)
+    graph, _, _ = calibration_model(tmp_path, proto, weights["stale"], batch_num=2, edit_config=edit)
+    assert f"update_bn: BatchNorm layer(s) ['bn1'] keep their statistics: {why}" in caplog.text
+    assert amct.api.calibration.calibration_forwards(graph) == 2
