@@ -149,6 +149,10 @@ class QuantGraph:
         """The calibration model: IFMR layers writing ``record_file``, BNUpdate layers for update_bn."""
         if self.stage not in (Stage.WEIGHTS, Stage.ACTIVATIONS):
             raise AmctError("activation_quantize_model: call weights_quantize_model first")
+        dump_dir = self.bn_dump_dir()
+        if self.bn_kept and os.path.exists(dump_dir) and not os.path.isdir(dump_dir):
+            raise AmctError(f"{self.config_file or 'the config'}: bn_update_config.bn_dump_dir {dump_dir} is a file, "
+                            "not a directory: give a directory for update_bn's statistics")
         graph = calibration_graph(self.weights.graph, self.prepared, self.config, self.record_file,
                                   bn_update_settings(self.config), self.bn_dump_dir())
         self.stage = Stage.ACTIVATIONS

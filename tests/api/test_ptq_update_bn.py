@@ -264,3 +264,13 @@ def test_update_bn_says_which_batchnorms_it_cannot_refresh(tmp_path, caplog, set
     graph, _, _ = calibration_model(tmp_path, proto, weights["stale"], batch_num=2, edit_config=edit)
     assert f"update_bn: BatchNorm layer(s) ['bn1'] keep their statistics: {why}" in caplog.text
     assert amct.api.calibration.calibration_forwards(graph) == 2
+
+
+def test_a_bn_dump_dir_that_is_a_file_is_refused_before_calibration(tmp_path):
+    """The guide's bn_dump_dir is a directory: a file there is refused when the calibration model is
+    written (it failed at the second calibration forward)."""
+    proto, weights = make_models(tmp_path)
+    (tmp_path / "bn_data").write_text("a user's file")
+    with pytest.raises(AmctError, match=r"bn_dump_dir .*bn_data is a file, not a directory"):
+        calibration_model(tmp_path, proto, weights["stale"], batch_num=2, edit_config=snq(True, tmp_path / "bn_data"))
+    assert (tmp_path / "bn_data").read_text() == "a user's file"
