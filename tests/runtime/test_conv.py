@@ -453,3 +453,12 @@ def test_an_empty_batch_gives_an_empty_top(k, s, p, g):
     b = np.ones(8, np.float32)
     y = Convolution(x, w, b, stride=s, pad=p, group=g)
     assert y.shape == ref_conv(x, w, b, (s, s), (p, p), (1, 1), g).shape and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("cls", [ConvolutionLayer, DeconvolutionLayer])
+def test_a_channel_axis_without_spatial_axes_points_to_the_inner_product(cls):
+    """Caffe takes a channel axis that is the bottom's last (a product over the channels); the executor
+    refuses it and names the InnerProduct that computes the same (docs/differential.md)."""
+    text = 'name: "c" type: "Convolution" convolution_param { num_output: 2 kernel_size: 1 axis: 3 }'
+    with pytest.raises(GraphError, match="no spatial axis after channel axis 3: .*InnerProduct with axis: 3"):
+        make_layer(cls, text, [(2, 3, 4, 5)])

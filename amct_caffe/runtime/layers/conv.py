@@ -66,7 +66,9 @@ def conv_geometry(lp, shape, fail) -> tuple:
     axis = canonical_axis(cp.axis, len(shape), lp.name)
     nsp = len(shape) - axis - 1
     if nsp < 1:
-        fail(f"a {len(shape)}-D bottom has no spatial axis after channel axis {axis}")
+        fail(f"a {len(shape)}-D bottom has no spatial axis after channel axis {axis}: the executor runs "
+             "convolutions over one spatial axis or more (Caffe computes this one as a product over the channel "
+             f"axis: an InnerProduct with axis: {axis} gives the same numbers)")
 
     def given(values, h_field, w_field, what, default):
         if cp.HasField(h_field) or cp.HasField(w_field):
