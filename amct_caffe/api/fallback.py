@@ -114,6 +114,9 @@ class OutputComparator:
         self.batches = list(batches)
         if not self.batches:
             raise AmctError("accuracy-based fallback needs at least one evaluation batch")
+        if isinstance(compare_blobs, (str, bytes)):  # one name, not its letters
+            raise AmctError(f"compare_blobs must be a list of blob names, got the string {compare_blobs!r}: "
+                            f"write [{compare_blobs!r}]")
         self.blobs = list(compare_blobs) if compare_blobs else list(reference_net.outputs)
         # a recurrent model's inputs and outputs hold the samples (sequences) on axis 1
         net_param = getattr(reference_net, "net_param", None)  # (a stand-in net of the tests may have none)

@@ -195,6 +195,7 @@ def test_fallback_without_need_is_the_ordinary_calibration(model, tmp_path):
      "eval_batches: batch 0: input 'data' holds <U1 values, not numbers"),
     ({"eval_batches": [None]}, "eval_batches: batch 0 is None, not a {input blob: array} mapping"),
     ({"compare_blobs": ["nope"]}, "compare_blobs ['nope'] are not blobs of the float model"),
+    ({"compare_blobs": "prob"}, "compare_blobs must be a list of blob names, got the string 'prob': write ['prob']"),
     ({"config_file": "/nonexistent/config.json"}, "config_file /nonexistent/config.json does not exist"),
 ])
 def test_fallback_rejects_bad_arguments_before_writing(model, tmp_path, kwargs, message):
