@@ -48,8 +48,8 @@ def _exit_interrupted():
 
     The threads are waited for as the interpreter waits for them, through ``threading._shutdown``: it first
     runs the exit hooks of ``threading._register_atexit``, which tell a ``ThreadPoolExecutor``'s idle workers
-    (the IFMR worker of runtime/layers/calibration_overlap.py) to stop; joining those threads without them
-    waited forever."""
+    to stop; joining those threads without them waited forever. (The IFMR worker of
+    runtime/layers/calibration_overlap.py is a daemon: nothing waits for it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up below is not to be cut short either
     threading._shutdown()  # noqa: SLF001 - (every supported Python, 3.10 on, has it)
     atexit._run_exitfuncs()  # noqa: SLF001 - the interpreter's own exit step, run before os._exit skips it

@@ -139,3 +139,75 @@ def test_file_names_the_terminal_cannot_encode_are_printed_escaped(tmp_path):
     assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr
     assert b"deploy_model: out/\\xe9t\\xe9_deploy_model.prototxt" in res.stdout
     assert (tmp_path / "out/\u00e9t\u00e9_deploy_model.prototxt").is_file()
+
+
+def _calibrate_lenet(out, extra=()):
+    return ["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--data",
+            str(MNIST_SAMPLE / "mnist_500.npz"), "--scale", "0.00390625", "--batch-size", "16", "--batch-num", "2",
+            "--no-progress", *extra, "--output", str(out / "lenet")]
+
+
+# Runs the command with a hook: HOOK's code runs at a chosen moment of the run, then the command goes on.
+_HOOKED = r'''
+import os, signal, sys, threading
+HOOK
+from amct_caffe.__main__ import main
+sys.argv = ["amct-caffe", *ARGS]
+sys.exit(main())
+'''
+
+
+def _hooked(tmp_path, hook: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    code = _HOOKED.replace("HOOK", hook).replace("ARGS", repr(args))
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the IFMR worker runs only beside a spare core")
+@pytest.mark.parametrize(("sig", "code", "message"), [("SIGINT", 130, "amct-caffe: interrupted"),
+                                                       ("SIGTERM", 143, "amct-caffe: terminated (SIGTERM)")])
+def test_a_signal_as_the_ifmr_worker_starts_still_ends_the_run(tmp_path, sig, code, message):
+    """A signal right after the IFMR worker's thread started (a window in which a ThreadPoolExecutor's worker
+    was not yet known to the exit hook, and the exit waited for it for ever)."""
+    hook = ("orig = threading.Thread.start\n"
+            "def start(self, *a, **k):\n"
+            "    orig(self, *a, **k)\n"
+            "    if self.name.startswith('amct-ifmr'):\n"
+            f"        signal.raise_signal(signal.{sig})\n"
+            "threading.Thread.start = start\n")
+    out = tmp_path / "out"
+    res = _hooked(tmp_path, hook, _calibrate_lenet(out), OPENBLAS_NUM_THREADS="1")
+    assert res.returncode == code, res.stderr
+    assert res.stderr.rstrip().splitlines()[-1] == message
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_a_signal_dropped_in_a_finalizer_still_ends_the_command(tmp_path):
+    """Python drops an exception raised in a weakref callback (printing 'Exception ignored'): a Ctrl-C landing
+    there used to let the run finish with status 0 and no longer be interruptible."""
+    hook = ("import weakref, amct_caffe.api.workflow as wf\n"
+            "real = wf.calibrate\n"
+            "class Token: pass\n"
+            "def calibrate(*a, **k):\n"
+            "    t = Token(); r = weakref.ref(t, lambda _: signal.raise_signal(signal.SIGINT)); del t\n"
+            "    return real(*a, **k)\n"
+            "wf.calibrate = calibrate\n"
+            "import amct_caffe.cli.calibrate as c; c.calibrate = calibrate\n")
+    res = _hooked(tmp_path, hook, _calibrate_lenet(tmp_path / "out"))
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.rstrip().splitlines()[-1].startswith("amct-caffe: interrupted")
+
+
+def test_an_interrupt_after_the_outputs_are_written_says_they_are_complete(tmp_path):
+    """The summary runs after the outputs are in place: Ctrl-C there leaves them complete, and says so."""
+    hook = ("import amct_caffe.cli.calibrate as c\n"
+            "def summary(*a, **k):\n"
+            "    raise KeyboardInterrupt\n"
+            "c._summary = summary\n")
+    out = tmp_path / "out"
+    res = _hooked(tmp_path, hook, _calibrate_lenet(out))
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.rstrip().splitlines()[-1] == ("amct-caffe: interrupted after the outputs were written (they "
+                                                    "are complete)")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert (out / "lenet_deploy_model.prototxt").exists()

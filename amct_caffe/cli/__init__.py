@@ -27,6 +27,7 @@ import threading
 from amct_caffe import log
 from amct_caffe.cli import calibrate, compare, model, retrain, run
 from amct_caffe.errors import AmctError
+from amct_caffe.io import outputs
 from amct_caffe.io.paths import reading
 
 _LOG = logging.getLogger(__name__)
@@ -90,9 +91,14 @@ def _signals_unwind():
     After the first of them both are ignored, so that a second Ctrl-C cannot cut the clean-up the
     first one started. A signal the parent process set to be ignored (nohup, ``&`` in a script)
     stays ignored. The previous handlers are restored on exit (``main`` also runs inside tests).
+
+    Yields the list of the signals received: Python drops an exception raised inside a finalizer
+    (``__del__``, a weakref callback: matplotlib runs many), so a signal landing there does not stop
+    the command, and ``main`` then ends it as interrupted once the command returns.
     """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
+        yield received
         return
     raises = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
     previous = {sig: signal.getsignal(sig) for sig in raises}
@@ -100,13 +106,14 @@ def _signals_unwind():
     def handler(signum, frame):
         for sig in raises:
             signal.signal(sig, signal.SIG_IGN)
+        received.append(signum)
         raise raises[signum]()
 
     try:
         for sig in raises:
             if previous[sig] is not signal.SIG_IGN:
                 signal.signal(sig, handler)
-        yield
+        yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
@@ -155,19 +162,23 @@ def main(argv=None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2 (130 on Ctrl-C,
     143 on SIGTERM, 141 when stdout is closed early, as by ``| head``)."""
     args = build_parser().parse_args(argv)
-    with _signals_unwind():
+    committed = outputs.commits()
+    with _signals_unwind() as received:
         try:
-            return _run(args)
+            code = _run(args)
+            if received:  # the signal's exception was dropped in a finalizer: end as it asked
+                raise (KeyboardInterrupt if received[0] == signal.SIGINT else Terminated)()
+            return code
         except AmctError as e:
             _LOG.debug("the error's traceback", exc_info=True)
             _error(f"error: {e}")
             return EXIT_ERROR
-        except KeyboardInterrupt:
-            _error("interrupted", new_line=getattr(args, "progress", False))
-            return EXIT_SIGINT
-        except Terminated:
-            _error("terminated (SIGTERM)", new_line=getattr(args, "progress", False))
-            return EXIT_SIGTERM
+        except (KeyboardInterrupt, Terminated) as e:
+            # after a commit the new outputs are all in place (what follows is a summary or a clean-up)
+            after = " after the outputs were written (they are complete)" if outputs.commits() > committed else ""
+            what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+            _error(what + after, new_line=getattr(args, "progress", False))
+            return EXIT_SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_SIGTERM
         except BrokenPipeError:
             # The reader of stdout is gone (e.g. `| head`): stop quietly, as a pipeline expects, and keep
             # the interpreter's final flush from complaining about the closed pipe.

@@ -20,6 +20,30 @@ from amct_caffe.io.paths import check_distinct, check_output
 
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
+# How many sets of outputs this process has committed: the command line tells an interrupt that came
+# after its outputs were in place (they are complete) from one that left the previous files.
+_commits = 0
+
+
+def commits() -> int:
+    return _commits
+
+
+def _remove_all(paths: list[str]) -> None:
+    """Remove ``paths`` (missing ones are fine); an interrupt arriving midway is raised once every one is
+    gone, so no backup of the previous outputs is left beside the new ones."""
+    interrupt: BaseException | None = None
+    for path in paths:
+        while True:
+            try:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                break
+            except BaseException as e:  # noqa: BLE001 - a signal's exception: finish first, raise below
+                interrupt = interrupt or e
+    if interrupt is not None:
+        raise interrupt
+
 
 def _write_all(fd: int, chunks: list) -> None:
     """Write ``chunks`` in turn: a few writev calls, so that a worker thread gives up and takes back
@@ -164,10 +188,9 @@ class StagedOutputs:
             if isinstance(e, OSError):
                 raise FileAccessError(f"{write_error(self._target, e)}; no output file was changed") from e
             raise
+        global _commits
+        _commits += 1
         self._made.clear()  # they hold the outputs now
         self.discard()  # nothing left to remove: every temporary file was moved
-        for _, backup in moved:
-            if backup is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(backup)
         self._files.clear()
+        _remove_all([backup for _, backup in moved if backup is not None])

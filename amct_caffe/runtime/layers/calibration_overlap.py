@@ -30,24 +30,59 @@ settled and its record written.
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 from amct_caffe.runtime import threads
 
 __all__ = ["Overlap", "spare_cores"]
 
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
+
+class _Worker:
+    """One daemon thread running the tasks in the order submitted.
+
+    A daemon, unlike a ThreadPoolExecutor's worker: its tasks only fill in-memory histograms (the
+    records are written by the drain, on the calling thread), so nothing is lost if the interpreter
+    exits without it, and exit never waits on it. (The pool's worker made Ctrl-C hang for ever when the
+    signal landed between its thread's start and its registration for the exit hook: the exit then
+    joined a thread nobody told to stop.)
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="amct-ifmr", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, future = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - the drain raises it on the calling thread
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+            del fn, future  # the task's arrays are not held until the next one
+
+    def submit(self, fn) -> Future:
+        future: Future = Future()
+        self._tasks.put((fn, future))
+        return future
+
+
+_pool: _Worker | None = None
 _pool_lock = threading.Lock()
 
 
-def _worker() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
+def _worker() -> _Worker:
+    global _pool
     with _pool_lock:
-        # A forked child inherits the pool but not its thread: tasks given to it would never run.
-        if _pool is None or _pool_pid != os.getpid():  # one thread: tasks run in the order submitted
-            _pool, _pool_pid = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amct-ifmr"), os.getpid()
+        # A forked child inherits the worker object but not its thread: tasks given to it would never run.
+        if _pool is None or _pool.pid != os.getpid():
+            _pool = _Worker()
         return _pool
 
 
