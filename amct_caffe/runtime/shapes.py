@@ -53,8 +53,10 @@ def _check_params(node: Node, layer, bottoms, where: str, have_weights: bool, ow
         raise WeightsError(f"{where}: the caffemodel has {len(node.params)} blob(s), the layer needs "
                            f"{len(expected)} ({[list(s) for s in expected]}); were the model and weights saved "
                            "from the same network?")
-    for i, (array, shape) in enumerate(zip(node.params, expected, strict=True)):
-        conform_blob(np.asarray(array), shape, f"{where} blob {i}")
+    # a legacy blob (4-D num/channels/height/width for a 2-D weight) takes the layer's shape, as Caffe's
+    # CopyTrainedLayersFrom reshapes it: the passes after this read the weights with the layer's axes
+    node.params = [conform_blob(np.asarray(array), shape, f"{where} blob {i}")
+                   for i, (array, shape) in enumerate(zip(node.params, expected, strict=True))]
 
 
 def static_class(type_name: str) -> type | None:

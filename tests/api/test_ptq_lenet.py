@@ -374,3 +374,30 @@ def test_weights_quantize_model_can_be_called_again_after_its_files_failed(tmp_p
     amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
     assert "scale_w" in (tmp_path / "record.txt").read_text()
     amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+
+
+def test_legacy_4d_blobs_of_an_old_caffemodel_are_quantized_as_the_current_ones(tmp_path):
+    """Old Caffe wrote every blob 4-D (num, channels, height, width): an InnerProduct weight (1, 1, 500, 800).
+    Caffe reshapes them on load; the guide's flow used to refuse them ("does not match the weight shape")."""
+    from amct_caffe.io.blobs import array_to_blob
+    from amct_caffe.io.schema import caffe_pb
+
+    model = caffe_pb().NetParameter.FromString(LENET_W.read_bytes())
+    for layer in model.layer:
+        if layer.type == "InnerProduct":
+            arrays = [io.blobs.blob_to_array(b, layer.name) for b in layer.blobs]
+            del layer.blobs[:]
+            for a in arrays:
+                array_to_blob(a.reshape((1,) * (4 - a.ndim) + a.shape), layer.blobs.add())
+    assert list(model.layer[-2].blobs[0].shape.dim) == [1, 1, 10, 500]
+    legacy = tmp_path / "legacy.caffemodel"
+    legacy.write_bytes(model.SerializeToString())
+    records = []
+    for name, weights in (("current", LENET_W), ("legacy", legacy)):
+        (tmp_path / name).mkdir()
+        config, record_file = str(tmp_path / name / "c.json"), str(tmp_path / name / "r.txt")
+        amct.create_quant_config(config, str(LENET), str(weights))
+        graph = amct.init(config, str(LENET), str(weights), record_file)
+        amct.weights_quantize_model(graph, str(tmp_path / name / "m.prototxt"), str(tmp_path / name / "m.caffemodel"))
+        records.append((tmp_path / name / "r.txt").read_text())
+    assert records[0] == records[1]
