@@ -53,9 +53,21 @@ class _LazyFileHandler(logging.FileHandler):
         try:
             super().emit(record)
         except OSError as e:  # raised by _open, which FileHandler.emit calls outside its own error handling
-            self._failed = True
-            sys.stderr.write(f"amct_caffe: cannot write the log file {self.baseFilename} ({e.strerror or e}); "
-                             "file logging is off\n")
+            self._give_up(e)
+
+    def handleError(self, record):  # noqa: N802 - logging's name
+        """A write or flush that failed inside StreamHandler.emit (a full disk, a file size limit): logging
+        would print a traceback per record; say it once and stop writing the file."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._give_up(error)
+        else:
+            super().handleError(record)
+
+    def _give_up(self, error: OSError) -> None:
+        self._failed = True
+        sys.stderr.write(f"amct_caffe: cannot write the log file {self.baseFilename} "
+                         f"({error.strerror or error}); file logging is off\n")
 
 
 def setup(force: bool = False, screen_level: int | None = None) -> logging.Logger:

@@ -73,3 +73,27 @@ def test_undecodable_file_names_are_logged(monkeypatch, tmp_path, capsys, restor
         h.flush()
     assert "saved out/\\udcff\\udcfeq.prototxt" in (tmp_path / "amct_log/amct_caffe.log").read_text()
     assert "Logging error" not in capsys.readouterr().err
+
+
+def test_a_log_file_that_stops_taking_writes_is_reported_once(monkeypatch, tmp_path, capsys, restore_logger):
+    """A full disk or a file size limit fails the writes inside logging's own emit: it printed a traceback
+    per record (39 of them in one calibration); now one line, and the file is left alone."""
+    monkeypatch.chdir(tmp_path)
+    logger = log.setup(force=True, screen_level=logging.ERROR)
+    logging.getLogger("amct_caffe.test").info("opens the file")
+    _, file = _handlers(logger)
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    file.stream.close()
+    file.stream = Full()
+    for i in range(3):
+        logging.getLogger("amct_caffe.test").info("record %d", i)
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log file") == 1 and "No space left on device" in err
+    assert "Traceback" not in err and "Logging error" not in err
