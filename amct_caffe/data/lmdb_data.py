@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -92,6 +95,38 @@ def check_complete(path: Path) -> None:
     if size < need:
         raise DataError(f"{mdb} is truncated: it holds {size} bytes, but its pages run to {need}; "
                         "copy the LMDB again (whole data.mdb)")
+
+
+# Walks every key of an LMDB (argv 1; argv 2: "1" for a folder) as the readers do, in a process of its own.
+_WALK = ("import sys, lmdb\n"
+         "env = lmdb.open(sys.argv[1], readonly=True, lock=False, readahead=False, subdir=sys.argv[2] == '1')\n"
+         "with env.begin() as txn:\n"
+         "    for _ in txn.cursor().iternext(keys=True, values=False):\n"
+         "        pass\n")
+_walked: dict[tuple, None] = {}  # (path, size, mtime) of the LMDBs already walked safely in this process
+
+
+def check_walkable(path: Path) -> None:
+    """Refuse an LMDB whose pages liblmdb cannot walk: on a damaged page (a zeroed block) its cursor fails an
+    assertion and aborts the whole process (SIGABRT), which no exception handler sees. The keys are walked
+    once in a child process first; a child killed by a signal means the file is damaged."""
+    mdb = path / "data.mdb" if path.is_dir() else path
+    try:
+        stat = mdb.stat()
+    except OSError:
+        return  # lmdb.open says what is wrong
+    key = (str(mdb.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _walked:
+        return
+    check_complete(path)
+    result = subprocess.run([sys.executable, "-c", _WALK, str(path), "1" if path.is_dir() else "0"],
+                            capture_output=True, text=True, check=False)
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name if -result.returncode in signal.valid_signals() else ""
+        detail = (result.stderr.strip().splitlines() or [""])[-1]
+        raise DataError(f"the LMDB {path} is damaged: walking its records crashed liblmdb ({name or 'signal'}"
+                        f"{f': {detail}' if detail else ''}); copy or rebuild the LMDB")
+    _walked[key] = None  # an lmdb.Error in the child is left to the reader, which names it
 
 
 def open_lmdb(path: Path):
@@ -178,6 +213,7 @@ class LmdbData(DataSource):
         (self._name, shape), = shapes.items()
         self._shape = sample_shape(shape)
         self._preprocess = per_input(preprocess, [self._name], Preprocess(), "preprocess")[self._name]
+        check_walkable(self.path)
         with self._reading("list the records of"), self._open() as env, env.begin(buffers=False) as txn:
             self._keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
         if not self._keys:

@@ -1,6 +1,7 @@
 """Damaged or hostile data files are a DataError naming the file, whatever the parser underneath raises."""
 
 import struct
+import re
 import subprocess
 import sys
 import zlib
@@ -99,6 +100,41 @@ def test_truncated_lmdb_is_refused_before_liblmdb_reads_past_the_end(tmp_path, k
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"data.mdb is truncated: it holds {keep} bytes, but its pages run to {whole}" in run.stdout
+
+
+_DATA_LAYER = """
+import sys
+from amct_caffe.data import DataError
+from amct_caffe.runtime import TRAIN, Net
+try:
+    Net(sys.argv[1], TRAIN)
+except DataError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("page", [3, 10])
+@pytest.mark.parametrize("reader", ["source", "layer"])
+def test_a_zeroed_page_is_refused_before_liblmdb_aborts(tmp_path, page, reader):
+    """A page of zeros in a data.mdb of full length (a disk error): liblmdb's cursor fails an assertion on it
+    and aborts the process (SIGABRT, status 134). The calibration source and the Data layer now refuse it.
+    Run in a child process, so that a regression fails one test."""
+    lmdb = pytest.importorskip("lmdb")
+    with lmdb.open(str(tmp_path / "db"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for i in range(40):
+            txn.put(b"%08d" % i, bytes(784))
+    mdb = tmp_path / "db/data.mdb"
+    data = bytearray(mdb.read_bytes())
+    data[page * 4096:(page + 1) * 4096] = bytes(4096)
+    mdb.write_bytes(bytes(data))
+    (tmp_path / "net.prototxt").write_text(
+        f'layer {{ name: "d" type: "Data" top: "x" data_param {{ source: "{tmp_path / "db"}" batch_size: 2 '
+        'backend: LMDB } }')
+    code, arg = (_TRUNCATED_LMDB, tmp_path / "db") if reader == "source" else (_DATA_LAYER, tmp_path / "net.prototxt")
+    run = subprocess.run([sys.executable, "-c", code, str(arg)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"the LMDB .*db is damaged: walking its records crashed liblmdb \(SIGABRT", run.stdout), run.stdout
 
 
 def test_non_finite_or_complex_samples_are_refused_naming_the_sample(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 
 from amct_caffe.data import DataError, Preprocess
 from amct_caffe.data.images import decode_image
-from amct_caffe.data.lmdb_data import datum_array, is_lmdb, lmdb_errors, open_lmdb, parse_datum
+from amct_caffe.data.lmdb_data import check_walkable, datum_array, is_lmdb, lmdb_errors, open_lmdb, parse_datum
 from amct_caffe.io.files import read_text
 from amct_caffe.io.schema import caffe_pb
 from amct_caffe.ops import register
@@ -78,6 +78,7 @@ class Data(Layer):
         self.transform = DataTransformer(transform_param(lp, param), phase, self.where, layer_rng(self.name, 1))
         if self.transform.color is not None:
             _LOG.info("%s: force_color / force_gray apply to encoded Datums only", self.where)
+        check_walkable(self.source)
         with lmdb_errors(self.source, "read"), open_lmdb(self.source) as env, env.begin() as txn:
             count = env.stat()["entries"]
             cursor = txn.cursor()
