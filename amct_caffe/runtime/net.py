@@ -137,6 +137,9 @@ class Net(WholeSetCalls):
         available: dict[str, None] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         seen_names: set[str] = set()
+        # Caffe's CopyTrainedLayersFrom copies the layers the caffemodel names and leaves the others as their
+        # fillers made them (fine-tuning a renamed or new layer); a caffemodel naming none of them is refused
+        self._some_weights_loaded = have_weights and any(lp.name in loaded for lp in net_param.layer)
         check_producers([(lp.name, list(lp.bottom), list(lp.top), list(lp.loss_weight)) for lp in net_param.layer],
                         f"{self._source}: ")
         for lp in net_param.layer:
@@ -216,9 +219,14 @@ class Net(WholeSetCalls):
                     for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
         elif shapes and have_weights and not layer.weights_optional \
                 and not self._sharing.all_shared(layer.lp.param, len(shapes)):
-            raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
-                               f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}); check that "
-                               "the layer names of the prototxt and the caffemodel match")
+            if not self._some_weights_loaded:
+                raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
+                                   f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}), nor for any "
+                                   "other layer of the net; check that the layer names of the prototxt and the "
+                                   "caffemodel match")
+            _LOG.warning("%s: the caffemodel has no weights for this layer; its blobs come from its fillers, as "
+                         "Caffe leaves a layer the caffemodel does not name (a new layer to train)", where)
+            data = layer.initial_params(shapes, self._rng)
         else:
             data = layer.initial_params(shapes, self._rng)
         # A deploy model's int8 weights / int32 bias run as float32 holding the integers (exact

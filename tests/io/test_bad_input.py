@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import amct_caffe as amct
+
 from amct_caffe import AmctError, ModelFormatError, UnsupportedLayerError, WeightsError, io, uninplace_model
 from amct_caffe.runtime import TEST, Net
 from tests.golden import MODELS
@@ -53,12 +55,16 @@ def test_missing_files_are_named(tmp_path):
         io.load_weights(tmp_path / "nope.caffemodel")
 
 
-def test_layer_without_weights_is_named(tmp_path):
-    """A parameterized layer the caffemodel has no blobs for would silently run on random fillers."""
+def test_layer_without_weights_is_named(tmp_path, caplog):
+    """A parameterized layer the caffemodel has no blobs for runs on its fillers, as in Caffe (fine-tuning a
+    new layer), and a warning names it; the guide's flow refuses it (a quantized model needs its weights)."""
     renamed = tmp_path / "renamed.prototxt"
     renamed.write_text(LENET.read_text().replace('name: "ip2"', 'name: "ip2_new"'))
+    caplog.set_level("WARNING", logger="amct_caffe")
+    Net(str(renamed), str(LENET_W), TEST)
+    assert "'ip2_new' (InnerProduct): the caffemodel has no weights for this layer" in caplog.text
     with pytest.raises(WeightsError) as e:
-        Net(str(renamed), str(LENET_W), TEST)
+        amct.create_quant_config(str(tmp_path / "c.json"), str(renamed), str(LENET_W))
     assert "'ip2_new'" in str(e.value) and "no weights" in str(e.value)
 
 

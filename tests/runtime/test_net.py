@@ -1,5 +1,7 @@
 """The Net behaves like pycaffe's for what inference scripts use."""
 
+import logging
+
 import numpy as np
 import pytest
 from google.protobuf import text_format
@@ -153,8 +155,26 @@ def test_shared_param_takes_the_last_caffemodel_copy():
     only_owner = Net(net_param, TEST, weights={"a": [wa]})
     assert only_owner.params["b"][0] is only_owner.params["a"][0]
     np.testing.assert_array_equal(only_owner.params["b"][0].data, wa)
-    with pytest.raises(WeightsError, match="layer 'a'.*no weights for this layer"):  # the owner must have its own
-        Net(net_param, TEST, weights={"b": [wb]})
+    # the owner missing from the caffemodel starts from its filler, and the sharer's copy lands in that memory
+    only_sharer = Net(net_param, TEST, weights={"b": [wb]})
+    assert only_sharer.params["a"][0] is only_sharer.params["b"][0]
+    np.testing.assert_array_equal(only_sharer.params["a"][0].data, wb)
+
+
+def test_a_layer_the_caffemodel_does_not_name_starts_from_its_fillers(tmp_path, caplog):
+    """Fine-tuning: Caffe copies the layers the caffemodel names and leaves a renamed or new layer as its
+    fillers made it (pycaffe's Net(prototxt, weights, phase)); a warning names it. A caffemodel naming no
+    layer of the net is another model's: refused."""
+    net_param = text_format.Parse(SHARED_W.replace('param { name: "w" }', ""), caffe_pb().NetParameter())
+    wa = np.full((3, 3), 1.0, np.float32)
+    caplog.set_level(logging.WARNING, logger="amct_caffe")
+    net = Net(net_param, TEST, weights={"a": [wa]})
+    np.testing.assert_array_equal(net.params["a"][0].data, wa)
+    assert net.params["b"][0].data.shape == (3, 3)
+    assert "layer 'b' (InnerProduct): the caffemodel has no weights for this layer; its blobs come from its " \
+           "fillers" in caplog.text
+    with pytest.raises(WeightsError, match="layer 'a'.*no weights for this layer .*nor for any other layer"):
+        Net(net_param, TEST, weights={"other": [wa]})
 
 
 def test_bad_calls_get_the_librarys_errors(tmp_path):
