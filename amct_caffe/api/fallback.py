@@ -41,12 +41,12 @@ model over ``eval_batches`` in the embedded executor.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -61,6 +61,7 @@ from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
+from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.paths import reads
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
@@ -69,6 +70,17 @@ from amct_caffe.runtime.memory import few_forwards
 
 _LOG = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
+
+
+def _move_into_place(staged: dict[str, str], prefix: str, save_path: str) -> dict[str, str]:
+    """The files ``staged`` (named ``prefix``...) written again as ``save_path``..., all or none."""
+    outputs, paths = StagedOutputs(), {}
+    for kind, path in staged.items():
+        paths[kind] = outputs.add_bytes(save_path + path[len(prefix):], Path(path).read_bytes())
+    outputs.commit()
+    for kind, path in paths.items():
+        _LOG.info("fallback: saved %s: %s", kind, path)
+    return paths
 
 
 @dataclass
@@ -291,7 +303,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     if isinstance(max_float_layers, bool) or not isinstance(max_float_layers, int) or max_float_layers < 0:
         raise AmctError(f"max_float_layers must be an integer >= 0, got {max_float_layers!r}")
     save_path = check_saved_outputs(save_path)  # a file this call reads is refused before the search
-    config_out = f"{save_path}_fallback_config.json"
+    config_out = f"{save_path}_fallback_config.json"  # (written by _move_into_place, from the prefix it saved)
     if config_file is not None and os.path.abspath(config_file) == os.path.abspath(config_out):
         raise AmctError(f"config_file {config_file} is also where the fallback config goes; choose another "
                         "save_path (inputs are never overwritten)")
@@ -410,16 +422,14 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             graph = last["session"]
             for name in layers:  # the config of the result
                 final_config.layers[name].quant_enable = name not in float_layers
-        # the models and the config that made them: written together or not at all
-        outputs = save_model(graph, "Both", save_path,
-                             {"fallback_config": (config_out, final_config.to_json().encode("utf-8"))})
-    try:
-        cosine_final = measure(Net(outputs["fake_quant_model"], outputs["fake_quant_weights"], TEST))
-    except BaseException:  # a failed run leaves no files behind (the user's evaluator may raise here)
-        for path in outputs.values():
-            with contextlib.suppress(OSError, TypeError):
-                os.unlink(path)
-        raise
+        # the models and the config that made them, measured where they were first saved, then moved into
+        # place together: a failure there (the user's evaluator may raise) or an interrupt leaves the
+        # previous files as they were
+        prefix = os.path.join(tmp, "result", "model")
+        staged = save_model(graph, "Both", prefix, {"fallback_config": (f"{prefix}_fallback_config.json",
+                                                                         final_config.to_json().encode("utf-8"))})
+        cosine_final = measure(Net(staged["fake_quant_model"], staged["fake_quant_weights"], TEST))
+        outputs = _move_into_place(staged, prefix, save_path)
     result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
     level = logging.INFO if result.target_met else logging.WARNING
     _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.6f (target %.6f%s)",

@@ -368,6 +368,29 @@ def test_fallback_meets_a_target_on_the_users_own_metric(model, tmp_path):
     assert "c3_quant" not in fq.layer_dict and "c2_quant" in fq.layer_dict
 
 
+def test_a_final_measurement_that_fails_leaves_the_previous_outputs(model, tmp_path):
+    """The saved model is measured before it replaces the previous run's files: an evaluator failing there
+    (or an interrupt) used to delete them all."""
+    proto, weights, _ = model
+    save = tmp_path / "fb/m"
+    first = calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(save), 2,
+                                    evaluator=lambda net: 1.0, target=0.5, progress=False)
+    before = {p: Path(p).read_bytes() for p in first.outputs.values()}
+    calls = []
+
+    def failing_at_the_end(net):
+        calls.append(net)
+        if len(calls) == 2:  # the first measures the INT8 model (target met), the second the saved one
+            raise RuntimeError("evaluation failed")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        calibrate_with_fallback(str(proto), str(weights), batches(2, seed=2), str(save), 2,
+                                evaluator=failing_at_the_end, target=0.5, progress=False)
+    assert sorted(str(p) for p in save.parent.iterdir()) == sorted(before)
+    assert all(Path(p).read_bytes() == data for p, data in before.items())
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"evaluator": lambda net: 1.0}, "evaluator needs target"),
     ({"evaluator": lambda net: 1.0, "target": float("nan")}, "evaluator needs target"),
