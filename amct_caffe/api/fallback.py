@@ -187,6 +187,10 @@ def _materialize(batches, what: str) -> list[Feed]:
     out = list(checked_feeds(batches, what))
     if not out:
         raise AmctError(f"{what}: no batch given")
+    for i, feed in enumerate(out):  # a NaN makes every cosine NaN, and a NaN never misses the target
+        for name, array in feed.items():
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise AmctError(f"{what}: batch {i}: input '{name}' holds NaN or infinite values; give finite data")
     return out
 
 

@@ -194,6 +194,8 @@ def test_fallback_without_need_is_the_ordinary_calibration(model, tmp_path):
     ({"eval_batches": [{"data": np.array(["a"])}]},
      "eval_batches: batch 0: input 'data' holds <U1 values, not numbers"),
     ({"eval_batches": [None]}, "eval_batches: batch 0 is None, not a {input blob: array} mapping"),
+    ({"eval_batches": [{"data": np.full((2, 3, 8, 8), np.nan, np.float32)}]},
+     "eval_batches: batch 0: input 'data' holds NaN or infinite values"),
     ({"compare_blobs": ["nope"]}, "compare_blobs ['nope'] are not blobs of the float model"),
     ({"compare_blobs": "prob"}, "compare_blobs must be a list of blob names, got the string 'prob': write ['prob']"),
     ({"config_file": "/nonexistent/config.json"}, "config_file /nonexistent/config.json does not exist"),
