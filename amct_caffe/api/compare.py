@@ -350,9 +350,10 @@ def compare_batches(model_file, weights_file, quant_model_file, quant_weights_fi
 
 
 def json_safe(v):
-    """JSON has no infinity: an infinite SQNR / relative error (identical blobs) is written as null."""
+    """JSON has no infinity nor NaN: such a value is written as the string "inf" (an SQNR of identical blobs),
+    "-inf" (an SQNR where the FP32 blob is all zeros and the other is not) or "nan"."""
     if isinstance(v, float) and not math.isfinite(v):
-        return None
+        return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
     if isinstance(v, dict):
         return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, list):
@@ -361,6 +362,6 @@ def json_safe(v):
 
 
 def report_dict(reports: list[BlobReport], summary_: dict) -> dict:
-    """The content of report.json (``null`` where a value is infinite: the blobs are identical)."""
+    """The content of report.json (non-finite values as strings: :func:`json_safe`)."""
     return json_safe({"blobs": [asdict(r) for r in reports], "summary": summary_})
 

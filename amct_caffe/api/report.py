@@ -117,8 +117,8 @@ def _fmt(v, digits: int = 6) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
+        if not math.isfinite(v):
+            return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
         return f"{v:.{digits}g}"
     return html.escape(str(v))
 

@@ -237,6 +237,17 @@ def test_sqnr_of_the_edge_cases():
     assert np.isnan(_sqnr_db(float("inf"), float("inf"))) and np.isnan(_sqnr_db(float("nan"), 1.0))
 
 
+def test_non_finite_figures_keep_their_sign_in_the_json_and_the_page():
+    """SQNR +inf (identical blobs) and -inf (an all-zero FP32 blob against another) and NaN are told apart:
+    report.json wrote null and the page "inf" for all of them."""
+    from amct_caffe.api.compare import json_safe
+    from amct_caffe.api.report import _fmt
+
+    values = {"same": float("inf"), "zero_reference": float("-inf"), "undefined": float("nan"), "x": 1.5}
+    assert json_safe(values) == {"same": "inf", "zero_reference": "-inf", "undefined": "nan", "x": 1.5}
+    assert [_fmt(v) for v in values.values()] == ["inf", "-inf", "nan", "1.5"]
+
+
 def test_a_blob_of_nan_or_infinities_is_reported_not_a_crash(tmp_path):
     """A Log of zeros and negative values makes -inf and NaN from finite data: the report counts them in its
     plots and still writes every file."""
