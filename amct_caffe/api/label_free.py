@@ -12,8 +12,9 @@ Steps:
    Convolution feeds only a ReLU that feeds only a depthwise Convolution, the ReLU's channels are
    rescaled to about the same range (the first layer's output channel divided by ``s_c``, the
    depthwise channel multiplied by it: the float function is unchanged). The depthwise layer's
-   per-tensor INT8 input then serves every channel alike. Such a model is calibrated and trained
-   as equalized; the others are untouched.
+   per-tensor INT8 input then serves every channel alike. Both models are calibrated (step 1), and
+   the one whose PTQ is closer to FP32 on the data (the distillation loss of step 3) is trained;
+   the others are untouched. So the result never loses to the PTQ ``calibrate`` writes.
 1. **PTQ start.** The guide's calibration (IFMR on every batch, weights ARQ-quantized) runs in the
    executor; each retrained layer's clip range starts at the factors PTQ found::
 
@@ -330,7 +331,10 @@ def _training_graph(retrain: Graph, inputs: dict, targets: dict, batch: int, mod
 def _feed(net, feeds: dict, idx) -> None:
     """Samples ``idx`` of the cached inputs and FP32 targets into the training net's Input blobs."""
     for name, value in feeds.items():
-        net.blobs[name].data[...] = value[idx]
+        part, blob = value[idx], net.blobs[name]
+        if blob.data.shape != part.shape:  # a last smaller batch, or the whole batches again after it
+            blob.reshape(*part.shape)
+        blob.data[...] = part
 
 
 def _graph_loss(train: tuple[Graph, dict[str, np.ndarray]], batch: int) -> float:
@@ -340,15 +344,16 @@ def _graph_loss(train: tuple[Graph, dict[str, np.ndarray]], batch: int) -> float
 
 
 def _data_loss(net, feeds: dict, batch: int) -> float:
-    """Mean distillation loss of ``net`` over every whole batch of the data, in order (forward only)."""
+    """Mean distillation loss of ``net`` per sample over all the data, in batches of ``batch`` in order, the last
+    one smaller if need be (forward only): each batch's loss, a mean over its samples, weighs by their count."""
     n = len(next(iter(feeds.values())))
-    losses = []
-    for start in range(0, n - batch + 1, batch):
-        idx = np.arange(start, start + batch)
+    total = 0.0
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(start + batch, n))
         _feed(net, feeds, idx)
         net.forward()
-        losses.append(float(net.loss))
-    return float(np.mean(losses))
+        total += float(net.loss) * len(idx)
+    return total / n
 
 
 def _train(graph: Graph, work: str, feeds: dict, batch: int, iterations: int, bar,
@@ -462,30 +467,40 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             bar.set_description("FP32 targets")
             inputs, targets = fp32_samples(graph, feeds, bar)
             fuse_bn_scale(graph)
-            calib_model, calib_weights = model_file, weights_file
-            if equalize and equalize_ranges(graph, feeds):  # calibrate the equalized model: step 1 starts there
-                calib_model = os.path.join(work, "equalized.prototxt")
-                calib_weights = os.path.join(work, "equalized.caffemodel")
-                write_graph(graph, calib_model, calib_weights)
-            config = os.path.join(work, "config.json")
-            create_quant_config(config, calib_model, calib_weights, batch_num=len(feeds))
-            bar.set_description("calibration")
-            session = run_calibration(config, calib_model, calib_weights, _counted(feeds, bar), work, progress=False)
-            record_file = os.path.join(work, "retrain_record.txt")
-            retrain, _ = _retrain_graph(graph, session.record, record_file)
-            retrain, fixed = with_data_only_quant(retrain, session.targets, session.record)
-            ptq_loss, rounded = float("nan"), False
+
+            def ptq_start(graph, model, weights, name):  # step 1 on ``graph``: its PTQ session, retrain graph, loss
+                config = os.path.join(work, f"{name}_config.json")
+                create_quant_config(config, model, weights, batch_num=len(feeds))
+                bar.set_description("calibration")
+                session = run_calibration(config, model, weights, _counted(feeds, bar), os.path.join(work, name),
+                                          progress=False)
+                retrain, _ = _retrain_graph(graph, session.record, os.path.join(work, f"{name}_record.txt"))
+                retrain, fixed = with_data_only_quant(retrain, session.targets, session.record)
+                train = _training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss)
+                return session, retrain, fixed, _graph_loss(train, batch)
+
+            plain = graph.copy()
+            session, retrain, fixed, ptq_loss = ptq_start(graph, model_file, weights_file, "model")
+            if equalize and equalize_ranges(graph, feeds):  # step 0: kept where its PTQ is closer to FP32
+                bar.total += len(feeds)
+                equalized = os.path.join(work, "equalized.prototxt"), os.path.join(work, "equalized.caffemodel")
+                write_graph(graph, *equalized)
+                start = ptq_start(graph, *equalized, "equalized")
+                if start[3] < ptq_loss:
+                    session, retrain, fixed, ptq_loss = start
+                else:
+                    _LOG.info("label-free QAT: range equalization does not lower PTQ's loss (%.4g, against %.4g "
+                              "without): the model's own PTQ is the start", start[3], ptq_loss)
+                    graph = plain
+            rounded = False
             if rounding:
                 bar.set_description("rounding")
-                ptq_loss = _graph_loss(_training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss),
-                                       batch)
                 rounded = bool(round_weights(retrain, inputs, model_batch, graph))
             _set_rates(retrain, clip_lr, weight_lr, set(fixed))
             train_graph, train_feeds = _training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss)
             bar.set_description("retrain")
             losses, trained, before, after = _train(train_graph, work, train_feeds, batch, iterations, bar, seed)
-            # the lowest loss over the data of the three (PTQ's is measured where the rounding ran: else training
-            # started from the PTQ model itself); a NaN (not measured) loses every comparison
+            # the lowest loss over the data of the three; a NaN (not measured) loses every comparison
             better_than_ptq = {"trained": not after >= ptq_loss, "rounded": rounded and before < ptq_loss}
             kept = "trained" if trained is not None and better_than_ptq["trained"] else \
                 "rounded" if better_than_ptq["rounded"] else "ptq"

@@ -292,3 +292,45 @@ def test_training_that_diverges_keeps_the_start_with_a_warning(digits, tmp_path,
                                          clip_lr=1e308, progress=False)
     assert result.kept in ("ptq", "rounded") and "label-free QAT diverged at iteration" in caplog.text
     assert (tmp_path / "q_fake_quant_model.prototxt").is_file()
+
+
+DEPTHWISE = '''name: "dw"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 8 kernel_size: 3 pad: 1
+  weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "dw" type: "Convolution" bottom: "c1" top: "dw" convolution_param { num_output: 8 group: 8 kernel_size: 3
+  pad: 1 weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "r2" type: "ReLU" bottom: "dw" top: "dw" }
+layer { name: "fc" type: "InnerProduct" bottom: "dw" top: "fc" inner_product_param { num_output: 6
+  weight_filler { type: "gaussian" std: 0.1 } bias_filler { type: "gaussian" std: 0.1 } } }
+'''
+
+
+def _distillation_loss(prefix, reference, batches) -> float:
+    """label_free_retrain's per-sample loss (module doc, step 3), recomputed from saved files."""
+    quantized = Net(f"{prefix}_fake_quant_model.prototxt", f"{prefix}_fake_quant_weights.caffemodel", TEST)
+    t = np.concatenate([reference.forward(**b)["fc"].astype(np.float64) for b in batches])
+    y = np.concatenate([quantized.forward(**b)["fc"].astype(np.float64) for b in batches])
+    energy = (t ** 2).sum(1)
+    return float((((y - t) ** 2).sum(1) / np.maximum(energy, 0.01 * energy.mean())).mean())
+
+
+def test_never_worse_than_calibrates_ptq_when_equalization_does_not_help(tmp_path):
+    """A depthwise model whose equalized PTQ is further from FP32 than its own: the model's own PTQ is the start
+    (label-free QAT used to compare its result with the equalized PTQ only, and saved a model worse than
+    calibrate's). With 36 samples in batches of 8 the loss counts the last 4 too."""
+    (tmp_path / "dw.prototxt").write_text(DEPTHWISE)
+    net = Net(str(tmp_path / "dw.prototxt"), TEST, seed=3)
+    rng = np.random.default_rng(3)
+    net.params["c1"][0].data[...] *= rng.uniform(0.02, 3, size=(8, 1, 1, 1)).astype(np.float32)
+    net.save(str(tmp_path / "dw.caffemodel"))
+    x = rng.standard_normal((36, 3, 12, 12)).astype(np.float32)
+    feeds = [{"data": x[i:i + 4]} for i in range(0, 36, 4)]
+    model, weights = str(tmp_path / "dw.prototxt"), str(tmp_path / "dw.caffemodel")
+    result = amct.label_free_retrain(model, weights, feeds, str(tmp_path / "qat"), batch_size=8, progress=False)
+    calibrate(model, weights, feeds, str(tmp_path / "ptq"), len(feeds), progress=False)
+    reference = Net(model, weights, TEST)
+    ptq = _distillation_loss(tmp_path / "ptq", reference, feeds)
+    assert result.data_loss_ptq == pytest.approx(ptq, rel=1e-5)  # calibrate's PTQ, over all 36 samples
+    assert _distillation_loss(tmp_path / "qat", reference, feeds) <= ptq * (1 + 1e-6)
