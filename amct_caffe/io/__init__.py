@@ -28,12 +28,13 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 
-def load_prototxt(path, phase: int = TEST, filter_layers: bool = True):
-    """Read a prototxt, upgrade legacy forms and (by default) keep only ``phase``'s layers."""
+def load_prototxt(path, phase: int = TEST, filter_layers: bool = True, level: int = 0, stages=()):
+    """Read a prototxt, upgrade legacy forms and (by default) keep only the layers of ``phase``, ``level`` and
+    ``stages`` (pycaffe's Net(file, phase, level=0, stages): its level wins over the file's, its stages add)."""
     net = read_prototxt(path)
     upgrade_net(net, str(path))
     if filter_layers:
-        filter_phase(net, phase, level=0)  # as pycaffe's Net(file, phase): its level 0 wins over the file's
+        filter_phase(net, phase, level=level, stages=stages)
     return net
 
 
@@ -93,7 +94,7 @@ def conform_blob(arr: np.ndarray, target_shape, where: str) -> np.ndarray:
                        "saved from the same network?")
 
 
-def load_model(model_file, weights_file=None, phase: int = TEST):
+def load_model(model_file, weights_file=None, phase: int = TEST, level: int = 0, stages=()):
     """Load a network definition and, optionally, its weights.
 
     Returns ``(net_param, weights)`` where weights maps layer name -> list of arrays and is
@@ -101,7 +102,7 @@ def load_model(model_file, weights_file=None, phase: int = TEST):
     are ignored with a log line, as Caffe does; shape checks happen where shapes are known
     (the IR importer and the executor).
     """
-    net = load_prototxt(model_file, phase)
+    net = load_prototxt(model_file, phase, level=level, stages=stages)
     weights: OrderedDict[str, list[np.ndarray]] = OrderedDict()
     if weights_file is not None:
         weights = load_weights(weights_file)

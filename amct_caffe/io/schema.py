@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.internal import enum_type_wrapper
 
 from amct_caffe.errors import ModelFormatError
 
@@ -68,10 +69,27 @@ class Schema:
             try:
                 desc = self.pool.FindMessageTypeByName(self._full(name))
             except KeyError:
+                enum = self._top_level_enum(name)
+                if enum is not None:
+                    return enum
                 raise AttributeError(f"message {name!r} is not defined in {self.origin}") from None
             cls = message_factory.GetMessageClass(desc)
             self._classes[name] = cls
         return cls
+
+    def _top_level_enum(self, name: str):
+        """A top-level enum (``Phase``) as a generated ``_pb2`` module has it, or one of its values (``TRAIN``:
+        its number); None if ``name`` is neither."""
+        try:
+            file = self.pool.FindFileContainingSymbol(self._full(name))
+        except KeyError:
+            return None
+        if name in file.enum_types_by_name:
+            return enum_type_wrapper.EnumTypeWrapper(file.enum_types_by_name[name])
+        for enum in file.enum_types_by_name.values():
+            if name in enum.values_by_name:
+                return enum.values_by_name[name].number
+        return None
 
     def enum_value(self, enum: str, value: str) -> int:
         return self.pool.FindEnumTypeByName(self._full(enum)).values_by_name[value].number

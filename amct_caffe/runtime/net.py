@@ -34,7 +34,7 @@ from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
-from amct_caffe.runtime.backward import DiffStore, plan_backward
+from amct_caffe.runtime.backward import DiffStore, loss_weights_of, plan_backward
 from amct_caffe.runtime.batches import WholeSetCalls
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.param_sharing import ParamSharing
@@ -53,8 +53,8 @@ TRAIN, TEST = io.TRAIN, io.TEST
 class Net(WholeSetCalls):
     """A network ready to run forward on numpy float32 data."""
 
-    def __init__(self, model, *args, weights=None, phase=None, seed: int | None = None, records=None,
-                 fold: str = "auto", ifmr: str = "stream"):
+    def __init__(self, model, *args, weights=None, phase=None, level: int = 0, stages=None, seed: int | None = None,
+                 records=None, fold: str = "auto", ifmr: str = "stream"):
         weights_arg, phase_arg = None, None
         for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
             if isinstance(a, int):
@@ -66,8 +66,12 @@ class Net(WholeSetCalls):
         if phase not in (TRAIN, TEST):
             raise GraphError(f"Net: phase must be TRAIN ({TRAIN}) or TEST ({TEST}), got {phase!r}")
         self.phase = phase
+        stages = [stages] if isinstance(stages, str) else list(stages or ())
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or \
+                not all(isinstance(s, str) for s in stages):
+            raise GraphError(f"Net: level must be an integer and stages strings, got {level!r} and {stages!r}")
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            net_param, loaded = io.load_model(model, weights, phase)
+            net_param, loaded = io.load_model(model, weights, phase, level=int(level), stages=stages)
             io.clear_batchnorm_param_specs(net_param, str(model))  # as Caffe's reading of a net file
             self._source = str(model)
         else:  # an in-memory NetParameter (already upgraded and filtered)
@@ -475,6 +479,14 @@ class Net(WholeSetCalls):
         as Caffe's memset: an array read from ``params[layer][i].diff`` stays the blob's diff."""
         for blob, _, _ in self._sharing.learnable:
             blob.diff.fill(0.0)
+
+    @property
+    def blob_loss_weights(self) -> OrderedDict[str, float]:
+        """pycaffe's {blob: the loss weight a layer gives it as its top} (0.0 for every other blob)."""
+        weights = OrderedDict.fromkeys(self.blobs, 0.0)
+        for layer, tops in zip(self.layers, self.top_names.values(), strict=True):
+            weights.update((top, w) for top, w in zip(tops, loss_weights_of(layer, len(tops)), strict=True) if w)
+        return weights
 
     def learnable_params(self) -> list[tuple[Blob, float, float]]:
         """(blob, lr_mult, decay_mult) for each blob a solver updates; a shared param once."""

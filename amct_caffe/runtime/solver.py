@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from amct_caffe.errors import AmctError, TrainingError
 from amct_caffe.runtime import threads
-from amct_caffe.runtime.backward import loss_weights_of
 from amct_caffe.runtime.net import Net
 from amct_caffe.runtime.solver_param import check_solver_type, learning_rate, net_params, read_solver_param
 from amct_caffe.runtime.seed import random_seed
@@ -209,7 +208,7 @@ class Solver(ABC):
                 [(n, s + v) for (n, s), (_, v) in zip(sums, values, strict=True)]
         if self.param.test_compute_loss:
             _LOG.info("Test loss: %s", _fmt(loss / _F(runs)))
-        weights = _blob_loss_weights(net)
+        weights = net.blob_loss_weights
         scores = []
         for name, total in sums:
             for value in total:
@@ -234,7 +233,7 @@ class Solver(ABC):
 
     def _log_outputs(self) -> None:
         _LOG.info("Iteration %d, loss = %s", self._iter, _fmt(self._smoothed_loss))
-        weights = _blob_loss_weights(self.net)
+        weights = self.net.blob_loss_weights
         index = 0
         for name in self.net.outputs:
             w = weights.get(name, 0.0)
@@ -430,16 +429,6 @@ def get_solver(param_file, *, progress: bool | None = None) -> Solver:
     """The solver the prototxt's ``type`` (or legacy ``solver_type``) names, as pycaffe's ``get_solver``."""
     param = read_solver_param(param_file)
     return SOLVERS[param.type](param_file, progress=progress)
-
-
-def _blob_loss_weights(net: Net) -> dict[str, float]:
-    """Caffe's blob_loss_weights: the loss weight of each blob a layer's top makes a loss."""
-    weights: dict[str, float] = {}
-    for layer, tops in zip(net.layers, net.top_names.values(), strict=True):
-        for top, w in zip(tops, loss_weights_of(layer, len(tops)), strict=True):
-            if w:
-                weights[top] = w
-    return weights
 
 
 def _fmt(x) -> str:

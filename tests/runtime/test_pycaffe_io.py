@@ -165,3 +165,44 @@ def test_caffe_pb2_is_reachable_as_in_pycaffe():
     mean = caffe_pb2.BlobProto.FromString(caffe.io.array_to_blobproto(np.ones((1, 3, 2, 2))).SerializeToString())
     assert caffe.io.blobproto_to_array(mean).shape == (1, 3, 2, 2)  # a mean file's usual reading
     assert caffe.io.caffe_pb2.Datum is caffe_pb2.Datum
+
+
+def test_caffe_pb2_has_the_top_level_enums_and_imports_as_a_module():
+    """pycaffe scripts write caffe_pb2.TRAIN / TEST / Phase.Name(...) and ``import caffe.proto.caffe_pb2``."""
+    import amct_caffe.runtime.proto.caffe_pb2 as as_module  # noqa: PLC0415
+    from amct_caffe.runtime.proto import caffe_pb2  # noqa: PLC0415
+
+    for pb2 in (caffe_pb2, as_module):
+        assert (pb2.TRAIN, pb2.TEST) == (0, 1) == (caffe.TRAIN, caffe.TEST)
+        assert pb2.Phase.Name(1) == "TEST" and pb2.Phase.Value("TRAIN") == 0
+        assert pb2.NetState(phase=pb2.TEST).phase == 1
+    with pytest.raises(AttributeError, match="'NoSuchThing' is not defined"):
+        caffe_pb2.NoSuchThing  # noqa: B018
+
+
+def test_net_takes_pycaffes_level_and_stages(tmp_path):
+    """pycaffe's Net(file, phase, level=0, stages=None, weights=None): the level and stages choose the layers."""
+    model = tmp_path / "m.prototxt"
+    model.write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+        'layer { name: "always" type: "ReLU" bottom: "x" top: "a" }\n'
+        'layer { name: "staged" type: "ReLU" bottom: "x" top: "s" include { stage: "extra" } }\n'
+        'layer { name: "high" type: "ReLU" bottom: "x" top: "h" include { min_level: 2 } }\n')
+    assert caffe.Net(str(model), caffe.TEST)._layer_names == ["x", "always"]
+    assert caffe.Net(str(model), caffe.TEST, stages=["extra"])._layer_names == ["x", "always", "staged"]
+    assert caffe.Net(str(model), caffe.TEST, level=3)._layer_names == ["x", "always", "high"]
+    with pytest.raises(AmctError, match="level must be an integer and stages strings"):
+        caffe.Net(str(model), caffe.TEST, stages=[1])
+
+
+def test_blob_loss_weights_as_pycaffe_lists_them(tmp_path):
+    """pycaffe's Net.blob_loss_weights: every blob, 0.0 unless a layer makes it a loss (a loss layer's default 1,
+    a loss_weight given)."""
+    model = tmp_path / "m.prototxt"
+    model.write_text(
+        'layer { name: "x" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 '
+        'dim: 3 } } }\n'
+        'layer { name: "p" type: "Power" bottom: "x" top: "p" loss_weight: 0.25 }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "t" top: "loss" }\n')
+    weights = caffe.Net(str(model), caffe.TRAIN).blob_loss_weights
+    assert list(weights.items()) == [("x", 0.0), ("t", 0.0), ("p", 0.25), ("loss", 1.0)]
