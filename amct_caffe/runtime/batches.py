@@ -56,7 +56,7 @@ class WholeSetCalls:
         results: dict[str, list] = {name: [] for name in set(self.outputs) | set(blobs or [])}
         for batch in self._batches(kwargs):
             for name, data in self.forward(blobs=blobs, **batch).items():
-                results[name].extend(np.array(data))
+                results[name].extend(_samples(name, data))
         return self._stacked(results, _length(kwargs, results))
 
     def forward_backward_all(self, blobs=None, diffs=None, **kwargs) -> tuple[dict, dict]:
@@ -71,9 +71,9 @@ class WholeSetCalls:
         backwards = list(self._batches({n: kwargs[n] for n in self.outputs if n in kwargs}))
         for i in range(max(len(forwards), len(backwards))):
             for name, value in self.forward(blobs=blobs, **(forwards[i] if i < len(forwards) else {})).items():
-                data[name].extend(np.array(value))
+                data[name].extend(_samples(name, value))
             for name, value in self.backward(diffs=diffs, **(backwards[i] if i < len(backwards) else {})).items():
-                grads[name].extend(np.array(value))
+                grads[name].extend(_samples(name, value))
         keep = _length(kwargs, data)
         return self._stacked(data, keep), self._stacked(grads, keep)
 
@@ -81,3 +81,12 @@ class WholeSetCalls:
 def _length(given: Mapping[str, np.ndarray], results: dict[str, list]) -> int:
     """How many samples the caller gave: the results past it are the padding's."""
     return len(next(iter(given.values())))
+
+
+def _samples(name: str, value) -> np.ndarray:
+    """A copy of blob ``name``'s batch, to gather sample by sample; a blob without a batch axis (a loss) has none."""
+    value = np.array(value)
+    if value.ndim == 0:
+        raise GraphError(f"blob '{name}' holds one value (shape []), not one per sample: the whole-set calls "
+                         "gather blobs sample by sample; name others (blobs=..., diffs=...), or call forward()")
+    return value

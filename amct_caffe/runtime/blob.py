@@ -119,6 +119,8 @@ class Blob:
     def reshape(self, *shape) -> None:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape):
+            raise GraphError(f"Blob.reshape: dimensions must be integers, got {list(shape)!r}")
         shape = tuple(int(d) for d in shape)
         fault = _shape_fault(shape)
         if fault:

@@ -37,7 +37,7 @@ from amct_caffe.runtime import forward, memory
 from amct_caffe.runtime.backward import DiffStore, loss_weights_of, plan_backward
 from amct_caffe.runtime.batches import WholeSetCalls
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
-from amct_caffe.runtime.param_sharing import ParamSharing
+from amct_caffe.runtime.param_sharing import ParamSharing, share_trained_layers
 from amct_caffe.runtime.record_sink import RecordSink
 from amct_caffe.runtime.registry import layer_class
 from amct_caffe.runtime.release import Releases, shareable_values
@@ -396,6 +396,9 @@ class Net(WholeSetCalls):
     def _backward(self, diffs, start, end, kwargs: dict):
         if self._releases is not None:
             self._releases.refuse(self, sorted(self._releases.names), "backward() would read")
+        missing = [d for d in diffs or () if d not in self.blobs]
+        if missing:
+            raise GraphError(f"backward(diffs=...): {missing} are not blobs of {self._source}")
         if kwargs:
             if set(kwargs) != set(self.outputs):
                 raise GraphError(f"backward() got top diffs for {sorted(kwargs)}; give one for each output of "
@@ -403,9 +406,9 @@ class Net(WholeSetCalls):
             for top, diff in kwargs.items():
                 blob = self.blobs[top]
                 diff = np.asarray(diff, dtype=np.float32)
-                if diff.shape[:1] != blob.shape[:1]:
-                    raise GraphError(f"backward(): the diff of '{top}' has {diff.shape[:1]} items in its first "
-                                     f"axis, the blob {blob.shape[:1]}")
+                if diff.shape[:1] != blob.shape[:1] or diff.size != int(np.prod(blob.shape)):
+                    raise GraphError(f"backward(): the diff of '{top}' has shape {list(diff.shape)}, the blob "
+                                     f"{list(blob.shape)}")
                 self._diffs.set(top, diff.reshape(blob.shape))
         elif start is None:
             # diffs set through net.blobs[o].diff land in memory other blobs may share (Caffe's ShareDiff)
@@ -495,32 +498,10 @@ class Net(WholeSetCalls):
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s learned blobs (by layer name) as this net's, as Caffe's ShareTrainedLayersWith.
 
-        The data arrays are shared: a solver updating ``other`` in place updates this net too. Only the
-        layers ``other`` has are re-pointed: a layer of this net alone that shares a blob by param name
-        with one of them keeps the memory it had (Caffe's sharers are Blobs of their own over one memory,
-        and ShareData moves one Blob), e.g. a TEST-only layer keeps the test net's weights.
+        The data arrays are shared: a solver updating ``other`` in place updates this net too
+        (:func:`~.param_sharing.share_trained_layers`).
         """
-        pairs = []
-        for layer in self.layers:
-            theirs = other.params.get(layer.name)
-            if theirs is None or not layer.blobs:
-                continue
-            if len(theirs) != len(layer.blobs):
-                raise GraphError(f"share_with: layer '{layer.name}' has {len(layer.blobs)} learned blob(s) here "
-                                 f"and {len(theirs)} in the other net")
-            for mine, src in zip(layer.blobs, theirs, strict=True):
-                if mine.shape != src.shape:
-                    raise GraphError(f"share_with: layer '{layer.name}' blob shapes differ: {list(mine.shape)} "
-                                     f"vs {list(src.shape)}")
-                pairs.append((mine, src))
-        moved = {id(mine) for mine, _ in pairs}
-        for layer in self.layers:
-            if layer.name not in other.params:
-                for k, blob in enumerate(layer.blobs):
-                    if id(blob) in moved:
-                        layer.blobs[k] = Blob(data=blob.data)
-        for mine, src in pairs:
-            mine.data = src.data
+        share_trained_layers(self.layers, other.params)
 
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""

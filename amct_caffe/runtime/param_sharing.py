@@ -85,3 +85,31 @@ class ParamSharing:
                 decay_mult, has_decay = value, True
         self.learnable[index] = (blob, lr_mult, decay_mult)
         self._given[spec.name] = (index, has_lr, has_decay)
+
+
+def share_trained_layers(layers, others: dict) -> None:
+    """Net.share_with's work: ``layers`` (a Net's) take the data of ``others``' blobs (another net's params, by
+    layer name). Only the layers ``others`` has are re-pointed: a layer it lacks that shares one of their blobs
+    by param name keeps the memory it had (Caffe's sharers are Blobs of their own over one memory, and
+    ShareData moves one Blob), e.g. a TEST-only layer keeps the test net's weights."""
+    pairs = []
+    for layer in layers:
+        theirs = others.get(layer.name)
+        if theirs is None or not layer.blobs:
+            continue
+        if len(theirs) != len(layer.blobs):
+            raise GraphError(f"share_with: layer '{layer.name}' has {len(layer.blobs)} learned blob(s) here "
+                             f"and {len(theirs)} in the other net")
+        for mine, src in zip(layer.blobs, theirs, strict=True):
+            if mine.shape != src.shape:
+                raise GraphError(f"share_with: layer '{layer.name}' blob shapes differ: {list(mine.shape)} "
+                                 f"vs {list(src.shape)}")
+            pairs.append((mine, src))
+    moved = {id(mine) for mine, _ in pairs}
+    for layer in layers:
+        if layer.name not in others:
+            for k, blob in enumerate(layer.blobs):
+                if id(blob) in moved:
+                    layer.blobs[k] = Blob(data=blob.data)
+    for mine, src in pairs:
+        mine.data = src.data

@@ -206,3 +206,23 @@ def test_blob_loss_weights_as_pycaffe_lists_them(tmp_path):
         'layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "t" top: "loss" }\n')
     weights = caffe.Net(str(model), caffe.TRAIN).blob_loss_weights
     assert list(weights.items()) == [("x", 0.0), ("t", 0.0), ("p", 0.25), ("loss", 1.0)]
+
+
+def test_bad_calls_of_the_blob_and_net_api_get_the_librarys_errors(tmp_path):
+    model = tmp_path / "m.prototxt"
+    model.write_text(
+        'layer { name: "x" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 '
+        'dim: 3 } } }\n'
+        'layer { name: "p" type: "Power" bottom: "x" top: "p" }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "t" top: "loss" }\n')
+    net = caffe.Net(str(model), caffe.TRAIN)
+    for bad in (("a",), (2.5, 3), (True, 3)):
+        with pytest.raises(AmctError, match="Blob.reshape: dimensions must be integers"):
+            net.blobs["x"].reshape(*bad)
+    net.forward()
+    with pytest.raises(AmctError, match=r"the diff of 'loss' has shape \[2\], the blob \[\]"):
+        net.backward(loss=np.ones(2, np.float32))
+    with pytest.raises(AmctError, match=r"backward\(diffs=...\): \['nosuch'\] are not blobs"):
+        net.backward(diffs=["nosuch"])
+    with pytest.raises(AmctError, match="blob 'loss' holds one value .*not one per sample"):
+        net.forward_all(x=np.zeros((5, 3), np.float32), t=np.zeros((5, 3), np.float32))
