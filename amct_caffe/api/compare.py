@@ -321,7 +321,11 @@ def by_error_added(reports: list[BlobReport]) -> list[BlobReport]:
 def summary(reports: list[BlobReport], samples: int, worst: int = 10,
             compared_instead: dict[str, list[str]] | None = None) -> dict:
     outputs = [r for r in reports if r.output]
-    ranked = by_error_added(reports)
+    ranked, seen = [], set()
+    for r in by_error_added(reports):  # a layer of several tops (an LSTM's y, h_T, c_T) once, at its largest
+        if (r.quant_layer or r.layer) not in seen:
+            seen.add(r.quant_layer or r.layer)
+            ranked.append(r)
     top1 = [r.top1_agreement for r in outputs if r.top1_agreement is not None]
     return {
         "samples": samples,

@@ -277,3 +277,18 @@ def test_rankings_put_nan_first_and_keep_the_finite_order():
     assert [r.name for r in by_error_added(reports)] == ["n1", "n2", "b", "a", "c"]
     assert np.isnan(worst_cosine([0.5, float("nan")])) and np.isnan(worst_cosine([float("nan"), 0.5]))
     assert worst_cosine([0.9, 0.5]) == 0.5 and worst_cosine([], default=1.0) == 1.0
+
+
+def test_a_layer_of_several_tops_is_one_of_the_most_sensitive_layers_once():
+    """An LSTM's y, h_T and c_T each add error; the summary's ranking names the layer once (it filled the
+    command line's three places with it)."""
+    from amct_caffe.api.compare import BlobReport, summary
+
+    def report(name, layer, added):
+        return BlobReport(name, layer, "LSTM" if layer == "lstm" else "InnerProduct", layer, name == "fc", 0.99,
+                          0.1, 0.01, 40.0, added, [2, 4])
+
+    reports = [report("fc0", "fc0", 1e-5), report("y", "lstm", 3e-4), report("hT", "lstm", 2e-4),
+               report("cT", "lstm", 1e-4), report("fc", "fc", 5e-5)]
+    ranked = summary(reports, samples=2)["most_sensitive_layers"]
+    assert [(r["layer"], r["blob"]) for r in ranked] == [("lstm", "y"), ("fc", "fc"), ("fc0", "fc0")]
