@@ -379,3 +379,29 @@ def _into_step(into, bottom, top, shape: tuple, name: str, top_name: str):
             raise GraphError(f"layer '{name}' produced {top_name} of shape {arr.shape}, expected {shape}")
         top.data = arr
     return step
+
+
+def held_arrays(net) -> dict:
+    """The arrays of ``net``'s outputs as a forward starts. pycaffe's blobs keep their memory for their life, and
+    scripts hold an output's (``prob = net.blobs['prob'].data`` once, read after every forward);
+    :func:`keep_memory` writes the forward's values into them. Only arrays of the blob's own are kept: a data
+    layer's top that is a view of the user's arrays (MemoryData) or of a file's rows moves on as in Caffe."""
+    held = {}
+    for name in net._memory_kept:  # noqa: SLF001
+        arr = net.blobs[name].data
+        base = arr.base
+        if arr.flags.writeable and (base is None or (type(base) is np.ndarray and base.base is None
+                                                     and base.nbytes == arr.nbytes)):
+            held[name] = arr
+    return held
+
+
+def keep_memory(net, before: dict) -> None:
+    """Where a forward gave an output blob a new array of the shape it had, its values go into the array the
+    blob held before, which it holds again (:func:`held_arrays`)."""
+    for name, old in before.items():
+        blob = net.blobs[name]
+        new = blob.data
+        if new is not old and new.shape == old.shape and new.dtype == old.dtype:
+            np.copyto(old, new)
+            blob.data = old

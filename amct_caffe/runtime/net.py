@@ -117,6 +117,7 @@ class Net(WholeSetCalls):
         net = cls(net_param, weights=weights or None, phase=phase, seed=seed, records=records, ifmr=ifmr,
                   fold=fold)
         net._source = f"graph '{graph.name}'"
+        net._memory_kept = []  # the API's own nets: no script holds their arrays
         if keep is not None:
             net._releases = Releases(net, keep) or None
         # An input that a later in-place layer overwrites has an SSA name of its own in the graph;
@@ -187,6 +188,9 @@ class Net(WholeSetCalls):
         self._shapes_seen: list = [None] * len(self.layers)
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
         self._shared_with = shared.members()
+        # the blobs whose arrays stay theirs across forwards, as pycaffe's (forward.keep_memory): the outputs but
+        # the inputs and those Caffe shares with another blob; none in the nets the API builds from graphs
+        self._memory_kept = [n for n in self.outputs if n not in self._shared_with and n not in self.inputs]
         self._plan = plan_backward(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
                                    bool(net_param.force_backward))
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):
@@ -339,6 +343,7 @@ class Net(WholeSetCalls):
                 blob.reshape(value.shape)
             blob.data[...] = value
         adapt_threads()  # BLAS threads follow the machine's load (runtime/threads.py)
+        held = forward.held_arrays(self)
         self._loss = 0.0
         span = None if start is None and end is None else self._range(start, end)  # None: every layer
         if span is None or len(span) == len(self.layers):
@@ -356,6 +361,8 @@ class Net(WholeSetCalls):
             forward.run(self, span.start, span.stop)
         for done in self.after_forward:
             done()
+        forward.keep_memory(self, held)
+        del held
         if self._loss_tops:
             self._seed_loss_diffs(stale_only=True)  # before anyone reads a diff that no longer fits
         if end is None and not blobs:  # (self.outputs has no repeats)

@@ -272,7 +272,7 @@ def test_hdf5_shuffle_serves_every_row_each_epoch(tmp_path):
     os.chdir(tmp_path)  # relative paths in the list: from the current directory, as Caffe
     try:
         net = _net(tmp_path, H5.format("list.txt", 2, "shuffle: true"), tops=("label",))
-        epochs = [np.concatenate([net.forward()["label"] for _ in range(5)]) for _ in range(3)]
+        epochs = [np.concatenate([net.forward()["label"].copy() for _ in range(5)]) for _ in range(3)]
     finally:
         os.chdir(cwd)
     for e in epochs:

@@ -293,3 +293,28 @@ def test_shared_param_with_mismatched_lr_mult_is_refused_as_caffe_does():
     text = text.replace('top: "b" param { name: "w" }', 'top: "b" param { name: "w" lr_mult: 2 }')
     with pytest.raises(GraphError, match="layer 'b': shared param 'w' has mismatched lr_mult"):
         Net(text_format.Parse(text, caffe_pb().NetParameter()), TEST, weights={"a": [np.ones((3, 3), np.float32)]})
+
+
+def test_arrays_held_before_a_forward_are_the_blobs_memory_after_it(tmp_path):
+    """pycaffe's blobs keep their memory: a script takes ``prob = net.blobs['prob'].data`` and the input's array
+    once, fills the input and reads the output at every forward. The executor's forwards made new arrays, so a
+    held output stayed at its first values (zeros). (An in-place layer on an input writes a new array: Caffe's
+    writes into the input's memory, README.)"""
+    model = tmp_path / "m.prototxt"
+    model.write_text(
+        'layer { name: "x" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "pw" type: "Power" bottom: "data" top: "p" power_param { scale: 2 shift: 1 } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "p" top: "ip" inner_product_param { num_output: 4 '
+        'weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }\n')
+    net = Net(str(model), TEST, seed=1)
+    reference = Net(str(model), TEST, seed=1)
+    held_input, held_prob = net.blobs["data"].data, net.blobs["prob"].data
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3)).astype(np.float32)
+        held_input[...] = x
+        net.forward()
+        want = reference.forward(data=x)["prob"]
+        np.testing.assert_array_equal(held_prob, want)
+        assert net.blobs["prob"].data is held_prob and net.blobs["data"].data is held_input

@@ -103,18 +103,22 @@ layer { name: "prob" type: "Softmax" bottom: "head1" top: "prob" }
 @pytest.mark.parametrize("shape", [(1, 3, 12, 12), (2, 3, 13, 17)])
 def test_prepared_small_net_keeps_the_full_path_bytes_and_earlier_results(tmp_path, fold, shape):
     """Forward after forward (prepared steps, the native ops in one call), every blob is a fresh net's first
-    forward's, and arrays a caller kept from an earlier forward still hold that forward's values."""
+    forward's; an intermediate blob's array a caller kept from an earlier forward still holds that forward's
+    values, and an output's is the blob's memory, as in pycaffe (it holds the last forward's)."""
     path, net = _pnet(tmp_path, fold=fold)
     rng = np.random.default_rng(1)
-    kept = []
+    kept, first = [], None
     for _ in range(3):
         x = rng.standard_normal(shape).astype(np.float32)
         out = net.forward(data=x)
         _assert_full_path_bytes(path, net, x)
-        kept.append((out, {k: v.copy() for k, v in out.items()}))
+        conv3 = net.blobs["conv3"].data
+        kept.append((conv3, conv3.copy()))
         for held, values in kept:
-            for k, v in held.items():
-                np.testing.assert_array_equal(_bits(v), _bits(values[k]), err_msg=k)
+            np.testing.assert_array_equal(_bits(held), _bits(values))
+        first = first or out
+        for name, value in out.items():
+            assert value is first[name] is net.blobs[name].data, name
 
 
 def _pnet(tmp_path, **kwargs):
@@ -182,8 +186,8 @@ def test_an_input_of_another_rank_gets_the_layers_own_error(tmp_path):
 def test_run_rewrites_its_tops_only_when_no_one_else_holds_them(tmp_path):
     """The whole net (convolutions, pooling, the Softmax) runs as one SmallRun step, which writes each top into
     its array of the last forward when only the blob holds it, and into fresh memory when a caller kept the
-    array, a view of it, or a forward's result dict: those keep their values. Every blob has the bytes of
-    the full path."""
+    array or a view of it: those keep their values. An output's array stays the blob's, as in pycaffe: a
+    forward's result dict holds the last forward's values. Every blob has the bytes of the full path."""
     path, net = _pnet(tmp_path)
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(5)]
@@ -206,8 +210,8 @@ def test_run_rewrites_its_tops_only_when_no_one_else_holds_them(tmp_path):
     np.testing.assert_array_equal(_bits(kept), _bits(snapshot["conv3"]))
     np.testing.assert_array_equal(_bits(view), _bits(snapshot["pool1"]))
     for k, v in result.items():
-        np.testing.assert_array_equal(_bits(v), _bits(snapshot[k]), err_msg=k)
-        assert net.blobs[k].data is not v
+        assert net.blobs[k].data is v
+        assert not np.array_equal(_bits(v), _bits(snapshot[k])), k  # the next forward's values
     assert net.blobs["conv3"].data is not kept and not np.shares_memory(net.blobs["pool1"].data, view)
     assert id(net.blobs["conv1"].data) == ids["conv1"]  # the others still reused
 

@@ -142,15 +142,16 @@ def test_the_solver_trains_a_python_layers_blobs(tmp_path):
     np.testing.assert_allclose(solver.net.params["aff"][1].data, -0.1 * grad_b, rtol=1e-5, atol=1e-7)
 
 
-def test_tops_keep_their_shape_from_the_forward_and_arrays_held_do_not_change(tmp_path):
+def test_tops_keep_their_shape_from_the_forward_and_the_users_arrays(tmp_path):
     net = Net(_write(tmp_path, input_layer("x", 4, 2) + PY("rows", "x", "r count", "PositiveRows")), TEST)
     x = np.array([[1, 1], [-1, -1], [2, 0], [0, -3]], np.float32)  # sums 2, -2, 2, -3: mean -0.25
     first = net.forward(x=x)
     np.testing.assert_array_equal(first["r"], x[[0, 2]])
-    held = first["r"]
+    held, kept = first["r"], first["r"].copy()
     second = net.forward(x=-x)
     np.testing.assert_array_equal(second["r"], -x[[1, 3]])
-    np.testing.assert_array_equal(held, x[[0, 2]])  # the Net's arrays are copies of the user's blobs
+    np.testing.assert_array_equal(held, second["r"])  # an output's array is the blob's, as in pycaffe
+    np.testing.assert_array_equal(kept, x[[0, 2]])
     assert second["count"].tolist() == [2.0]
 
 
