@@ -304,8 +304,10 @@ _SAME_SHAPE = ("ReLU", "PReLU", "ReLU6", "Sigmoid", "TanH", "Dropout", "Power", 
 
 
 def leading_axes_bottoms(layer_param) -> list[str]:
-    """The bottoms of a layer whose first two axes its top keeps (an Embed's, an InnerProduct's on axis >= 2,
-    an element-wise layer's, a Concat's or Slice's along axis >= 2); none for any other layer."""
+    """The bottoms of a layer whose axis 1 (a time-major blob's batch) its top keeps in place, with axis 0 before
+    it: an Embed's, an InnerProduct's on axis >= 2, an element-wise layer's, a Concat's or Slice's along any axis
+    but 1 (along 0: fewer or more time steps), a Flatten's from axis >= 2, a Reshape's copying the first two
+    axes (``dim: 0 dim: 0``), a Permute's keeping them; none for any other layer."""
     kind, bottoms = layer_param.type, list(layer_param.bottom)
     if kind == "Embed" or (kind == "InnerProduct" and layer_param.inner_product_param.axis >= 2):
         return bottoms[:1]
@@ -313,12 +315,18 @@ def leading_axes_bottoms(layer_param) -> list[str]:
         return bottoms[:1]
     if kind in _SAME_SHAPE:
         return bottoms
-    if kind == "Concat":
-        p = layer_param.concat_param
-        return bottoms if (p.concat_dim if p.HasField("concat_dim") else p.axis) >= 2 else []
-    if kind == "Slice":
-        p = layer_param.slice_param
-        return bottoms if (p.slice_dim if p.HasField("slice_dim") else p.axis) >= 2 else []
+    if kind in ("Concat", "Slice"):
+        p = layer_param.concat_param if kind == "Concat" else layer_param.slice_param
+        legacy = "concat_dim" if kind == "Concat" else "slice_dim"
+        axis = getattr(p, legacy) if p.HasField(legacy) else p.axis
+        return bottoms if axis == 0 or axis >= 2 else []
+    if kind == "Flatten":
+        return bottoms[:1] if layer_param.flatten_param.axis >= 2 else []
+    if kind == "Reshape":
+        p = layer_param.reshape_param
+        return bottoms[:1] if p.axis == 0 and list(p.shape.dim[:2]) == [0, 0] else []
+    if kind == "Permute":
+        return bottoms[:1] if list(layer_param.permute_param.order[:2]) in ([], [0], [0, 1]) else []
     return []
 
 

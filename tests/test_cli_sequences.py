@@ -136,3 +136,28 @@ def test_run_saves_a_sequence_output_samples_first(tmp_path, capsys):
         want.append(np.swapaxes(np.array(got["y"]), 0, 1))
     assert saved.shape == (S + 1, T, 3)
     np.testing.assert_array_equal(saved, np.concatenate(want))
+
+
+def test_layers_that_keep_the_batch_on_axis_1_carry_time_major_values():
+    """After an LSTM (y: T, N, H): a Slice or Concat along the time axis 0, a Reshape copying the first two axes,
+    a Permute keeping them and a Flatten from axis 2 keep the batch on axis 1 (a report compared the last time
+    step's slice per batch, and `run` saved it batches first); a Permute swapping the first two axes and a
+    Slice along axis 1 do not."""
+    from google.protobuf import text_format
+
+    from amct_caffe import ops
+    from amct_caffe.io.schema import caffe_pb
+
+    text = """
+layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "y" recurrent_param { num_output: 4 } }
+layer { name: "t" type: "Slice" bottom: "y" top: "head" top: "last" slice_param { axis: 0 slice_point: 9 } }
+layer { name: "r" type: "Reshape" bottom: "last" top: "r" reshape_param { shape { dim: 0 dim: 0 dim: -1 } } }
+layer { name: "p" type: "Permute" bottom: "r" top: "p" permute_param { order: 0 order: 1 order: 2 } }
+layer { name: "f" type: "Flatten" bottom: "p" top: "f" flatten_param { axis: 2 } }
+layer { name: "c" type: "Concat" bottom: "head" bottom: "last" top: "c" concat_param { axis: 0 } }
+layer { name: "swap" type: "Permute" bottom: "y" top: "batch_first" permute_param { order: 1 order: 0 order: 2 } }
+layer { name: "n" type: "Slice" bottom: "y" top: "n0" top: "n1" slice_param { axis: 1 } }
+"""
+    net = text_format.Parse(text, caffe_pb().NetParameter())
+    found = ops.time_major_blobs(net.layer, downstream=True)
+    assert set(found) == {"x", "cont", "y", "head", "last", "r", "p", "f", "c"}
