@@ -369,7 +369,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         original = _original_weights(graph)  # the same config for the search
         score, layers = scorer(graph)
         cosine_int8 = score(set(layers))
-        _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.6f (target %.6f)",
+        _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.6f (target %.10g)",
                   len(layers), cosine_int8, target_cosine)
         sensitivity: dict[str, float] = {}
         float_layers: list[str] = []
@@ -436,7 +436,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         outputs = _move_into_place(staged, prefix, save_path)
     result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
     level = logging.INFO if result.target_met else logging.WARNING
-    _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.6f (target %.6f%s)",
+    _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.10g (target %.10g%s)",
              len(float_layers), float_layers, cosine_int8, cosine_final, target_cosine,
              "" if result.target_met else ", NOT met")
     return result

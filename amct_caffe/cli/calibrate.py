@@ -82,9 +82,11 @@ def _calibrate_with_fallback(args, batches, batch_num: int, offset: bool) -> int
                                      activation_offset=offset, metric=args.fallback_metric,
                                      progress=args.progress)
     print_outputs(result.outputs, args.output)
+    # (8 decimals, or every digit where those would show a missed target as reached: 0.99999999999965 vs 1)
+    digits = ".8f" if result.target_met or f"{result.cosine_final:.8f}" != f"{result.target_cosine:.8f}" else ".17g"
     print(f"output cosine ({args.fallback_metric}, FP32 vs INT8 on the calibration data): "
-          f"all layers quantized {result.cosine_int8:.8f}, "
-          f"saved model {result.cosine_final:.8f}, target {result.target_cosine:.8f}"
+          f"all layers quantized {result.cosine_int8:{digits}}, "
+          f"saved model {result.cosine_final:{digits}}, target {result.target_cosine:{digits}}"
           f"{'' if result.target_met else ' (NOT met)'}")
     print(f"layers the search moved to float: {', '.join(result.float_layers) if result.float_layers else 'none'}")
     if result.sensitivity:

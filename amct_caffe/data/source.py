@@ -117,7 +117,8 @@ class DataSource:
             raise DataError(f"batch_num must be positive, not {batch_num}")
         if batch_num > len(self):
             raise DataError(f"{self.describe()} holds {self.num_samples} sample(s): {batch_num} batches of "
-                            f"{self.batch_size} need {batch_num * self.batch_size}")
+                            f"{self.batch_size} need {batch_num * self.batch_size}; give more data, or a smaller "
+                            "batch size or number of batches (--batch-size / --batch-num)")
         return (self.batch(b) for b in range(batch_num))
 
     def select(self, start: int | None = None, stop: int | None = None, step: int | None = None):
