@@ -10,16 +10,20 @@ PNG data, so the page can be mailed or archived alone.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io as _bytes_io
 import json
 import math
+import re
 
 import numpy as np
 
 from amct_caffe.api.compare import (BlobComparison, BlobReport, batch_samples, by_error_added, json_safe,
                                     quantized_layers, report_dict)
+from amct_caffe.errors import AmctError
 from amct_caffe.io.outputs import StagedOutputs
+from amct_caffe.io.paths import check_output
 
 WORST_PLOTTED = 4
 
@@ -211,7 +215,25 @@ def write_report(output_dir, reports: list[BlobReport], summary: dict, compariso
     staged.commit()
     paths.update({name: str(out / name) for name in plots})
     paths.update({name: str(out / f"{name}.npz") for name in dumps})
+    _remove_earlier_reports_files(out, set(paths.values()))
     return paths
+
+
+# The files of a report whose number varies from one report to another (plots of the worst layers, --dump)
+_VARYING = re.compile(r"(activation_\d+_\d+|weights_\d+)\.png|(fp32|quant)_blobs\.npz")
+
+
+def _remove_earlier_reports_files(out, written: set[str]) -> None:
+    """A report folder holds one report: the plots and dumps an earlier report wrote there and this one did not
+    (fewer layers plotted, no --dump) would be taken for this one's. Inputs are never removed."""
+    for path in out.iterdir():
+        if _VARYING.fullmatch(path.name) and str(path) not in written and path.is_file():
+            try:
+                check_output(path)
+            except AmctError:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _fp32_name(comparison: BlobComparison, quant_blob: str) -> str | None:

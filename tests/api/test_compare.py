@@ -292,3 +292,19 @@ def test_a_layer_of_several_tops_is_one_of_the_most_sensitive_layers_once():
                report("cT", "lstm", 1e-4), report("fc", "fc", 5e-5)]
     ranked = summary(reports, samples=2)["most_sensitive_layers"]
     assert [(r["layer"], r["blob"]) for r in ranked] == [("lstm", "y"), ("fc", "fc"), ("fc0", "fc0")]
+
+
+def test_a_report_folder_used_again_holds_only_the_new_reports_files(lenet_report, tmp_path):
+    """The plots of more layers and the dumps of an earlier report (with --dump) are removed when a report without
+    them is written into the same folder; other files stay."""
+    _, paths, _, _ = lenet_report
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "activation_9_0.png").write_bytes(b"an earlier report's plot")
+    (out / "fp32_blobs.npz").write_bytes(b"an earlier report's dump")
+    (out / "notes.txt").write_text("mine")
+    compare_model(str(LENET), str(LENET_W), paths["fake_quant_model"], paths["fake_quant_weights"],
+                  [{"data": _digits(0, 16)}], out, progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert "activation_9_0.png" not in names and "fp32_blobs.npz" not in names
+    assert "notes.txt" in names and "report.json" in names and "layer_error.png" in names
