@@ -33,15 +33,13 @@ def _convert(model_file, weights_file, scale_offset_record_file, save_path) -> d
     source = load_float_graph(model_file, weights_file)
     original_names = {n.name for n in source.nodes}
     record = read_record(scale_offset_record_file)
-    if not record.layers:
-        raise AmctError(f"{scale_offset_record_file}: the record holds no layer")
     skip = [k for k, e in record.layers.items() if e.skip_fusion]
     graph = prepare_from_record(source, list(record.layers), skip)
     # Entries carrying only skip_fusion are fusion settings, not layers to quantize.
     keys = [k for k, e in record.layers.items() if e.scale_w or e.record_d]
-    if not keys:
-        raise AmctError(f"{scale_offset_record_file}: no record entry gives quantization factors (scale_w / "
-                        "record_d); only fusion settings were found")
+    if not keys:  # what calibrate writes for a config that quantizes no layer: save_model's float models
+        _LOG.warning("%s: no record entry gives quantization factors (scale_w / record_d): no layer is quantized",
+                     scale_offset_record_file)
     present = {n.name for n in graph.nodes}
     for key in keys:
         if key not in present:

@@ -1,6 +1,7 @@
 """Post-training quantization end to end on LeNet + MNIST, in the embedded executor."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,12 +203,15 @@ def test_save_model_without_calibration_names_the_layer(tmp_path):
         amct.save_model(graph, "Everything", str(tmp_path / "out/model"))
 
 
-def test_convert_model_needs_factors_not_only_fusion_settings(tmp_path):
+def test_convert_model_with_fusion_settings_only_quantizes_nothing(tmp_path, caplog):
+    """A record of fusion settings alone (what calibrate writes when no layer is quantized): the float model is
+    saved, with a warning."""
     rec = tmp_path / "settings_only.txt"
     rec.write_text('record { key: "conv1" value { skip_fusion: true } }\n')
-    with pytest.raises(AmctError, match="no record entry gives quantization factors"):
-        amct.convert_model(str(LENET), str(LENET_W), str(rec), str(tmp_path / "out/model"))
-    assert not (tmp_path / "out").exists()
+    caplog.set_level("WARNING", logger="amct_caffe")
+    paths = amct.convert_model(str(LENET), str(LENET_W), str(rec), str(tmp_path / "out/model"))
+    assert "no record entry gives quantization factors" in caplog.text
+    assert "Quant" not in Path(paths["fake_quant_model"]).read_text()
 
 
 def test_save_model_failing_after_the_fake_quant_model_was_written_ahead_leaves_nothing(quantized, tmp_path,
@@ -401,3 +405,24 @@ def test_legacy_4d_blobs_of_an_old_caffemodel_are_quantized_as_the_current_ones(
         amct.weights_quantize_model(graph, str(tmp_path / name / "m.prototxt"), str(tmp_path / name / "m.caffemodel"))
         records.append((tmp_path / name / "r.txt").read_text())
     assert records[0] == records[1]
+
+
+def test_convert_model_takes_the_empty_record_of_a_config_quantizing_nothing(tmp_path, caplog):
+    """A config with every layer disabled: calibrate's record is empty and save_model writes the float model
+    with a warning; convert_model on that record writes the same files (it refused the record)."""
+    config, record_file = tmp_path / "c.json", str(tmp_path / "r.txt")
+    amct.create_quant_config(str(config), str(LENET), str(LENET_W))
+    content = json.loads(config.read_text())
+    for entry in content.values():
+        if isinstance(entry, dict):
+            entry["quant_enable"] = False
+    config.write_text(json.dumps(content))
+    graph = amct.init(str(config), str(LENET), str(LENET_W), record_file)
+    amct.weights_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    amct.activation_quantize_model(graph, str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"))
+    saved = amct.save_model(graph, "Both", str(tmp_path / "saved/lenet"))
+    caplog.set_level("WARNING", logger="amct_caffe")
+    converted = amct.convert_model(str(LENET), str(LENET_W), record_file, str(tmp_path / "converted/lenet"))
+    assert "no layer is quantized" in caplog.text
+    for kind, path in saved.items():
+        assert Path(converted[kind]).read_bytes() == Path(path).read_bytes(), kind
