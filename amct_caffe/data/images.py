@@ -76,7 +76,10 @@ def decode_image(source: Path | bytes, channels: int | None, where) -> np.ndarra
             if channels is None:
                 alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
                 mode = "L" if img.mode in ("1", "L") else ("RGBA" if alpha else "RGB")
-            else:
+            else:  # OpenCV's IMREAD_COLOR / IMREAD_GRAYSCALE (Caffe's readers) turn the image as its EXIF says
+                from PIL import ImageOps  # noqa: PLC0415 - Pillow is there: pil_image() said so
+
+                img = ImageOps.exif_transpose(img)
                 mode = "L" if channels == 1 else "RGB"
             arr = np.asarray(img.convert(mode))
     except DataError:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.data import DataError, ImageFolder, Preprocess
+from amct_caffe.data.images import decode_image
 from tests.data.common import IMAGENET, IMAGENET_MEAN, needs_imagenet
 
 Image = pytest.importorskip("PIL.Image")
@@ -173,3 +174,22 @@ def test_entries_named_like_images_that_are_not_files_are_named(tmp_path, caplog
     assert folder.num_samples == 1
     assert "2 entries with an image's name are not a readable file (a broken link or a folder), left out: " \
            "dir.png, gone.jpg" in caplog.text
+
+
+def test_a_jpeg_turns_as_its_exif_orientation_says_read_as_color_or_gray(tmp_path):
+    """OpenCV's imread in colour or gray (Caffe's convert_imageset, its ImageData layer) applies the EXIF
+    orientation; as stored (IMREAD_UNCHANGED) it does not. A camera's portrait photo (orientation 6: turn
+    90 degrees clockwise) was read on its side."""
+    from PIL import Image
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:20, :20] = 255  # a white top-left corner
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    color = decode_image(tmp_path / "portrait.jpg", 3, "portrait.jpg")
+    gray = decode_image(tmp_path / "portrait.jpg", 1, "portrait.jpg")
+    stored = decode_image(tmp_path / "portrait.jpg", None, "portrait.jpg")
+    assert color.shape == (60, 40, 3) and gray.shape == (60, 40, 1) and stored.shape == (40, 60, 3)
+    assert color[:20, -20:].mean() > 200 and color[:20, :20].mean() < 50  # the corner went to the top right
