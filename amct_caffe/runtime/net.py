@@ -351,10 +351,14 @@ class Net(WholeSetCalls):
             if self._steps is not None and self._steps_key == key:
                 for step in self._steps:  # the prepared steps of forward.py: same shapes as last time
                     step()
+                # every layer's blobs have the shapes of the forward that prepared the steps (a partial forward
+                # since may have reshaped some: the next one must reshape them back)
+                self._shapes_seen = list(self._steps_seen)
             else:
                 produced = [None] * len(self.layers)
                 forward.run(self, 0, len(self.layers), produced, self._releases)
                 self._steps, self._steps_key = forward.prepare(self, produced), key
+                self._steps_seen = list(self._shapes_seen)
         else:
             if self._releases is not None:
                 self._releases.check_range(self, span.start, span.stop)

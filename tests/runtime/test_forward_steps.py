@@ -117,6 +117,21 @@ def test_input_shape_change_weight_change_and_partial_forward(proto):
     assert dw.blobs[0].data.shape == (8, 1, 3, 3)
 
 
+@pytest.mark.parametrize("fold", ["auto", "off"])
+def test_a_partial_forward_at_another_shape_between_prepared_ones(proto, fold):
+    """Full forward (the steps are prepared), a partial one at another batch, a full one through the prepared
+    steps, then the partial one again: the layers it runs are reshaped again, as Caffe's forward reshapes every
+    layer it runs (the layers' memo of their last shapes went stale, and the net refused the forward)."""
+    net = Net(proto, TEST, fold=fold)
+    two, one = _inputs((2, 3, 9, 9), 1, seed=4)[0], _inputs((1, 3, 9, 9), 1, seed=5)[0]
+    want = _fresh(proto, _weights(net), one)
+    for x, end in ((two, None), (one, "relu1"), (two, None), (one, "relu1"), (one, None)):
+        out = net.forward(data=x, end=end)
+        assert next(iter(out.values())).shape[0] == len(x)
+    for name in want:
+        assert net.blobs[name].data.tobytes() == want[name].tobytes(), name
+
+
 def test_share_with_and_copy_from_reach_the_prepared_steps(proto, tmp_path):
     a, b = Net(proto, TEST), Net(proto, TEST, seed=5)
     x = _inputs((2, 3, 9, 9), 1, seed=4)[0]
