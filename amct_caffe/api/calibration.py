@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 
 from amct_caffe import log
-from amct_caffe.api.outputs import save_quantized, write_graph
+from amct_caffe.api.outputs import save_quantized, stage_graph, write_graph
 from amct_caffe.api.session import QuantGraph, check_session, load_float_graph
 from amct_caffe.config import create_default_config, write_quant_config
-from amct_caffe.io.paths import reading, require
-from amct_caffe.io.record import Record, RecordError, read_record, record_file, write_record
+from amct_caffe.io.outputs import StagedOutputs
+from amct_caffe.io.paths import check_output, reading, require
+from amct_caffe.io.record import Record, RecordError, read_record, record_file, remember_written, write_record
 from amct_caffe.passes.prepare import Stage
 
 _LOG = logging.getLogger(__name__)
@@ -55,12 +56,17 @@ def weights_quantize_model(graph, modified_model_file, modified_weights_file) ->
     log.setup()
     record = session.quantize_weights()
     try:
-        with reading(**session.inputs()):
-            # the record's text (most of its lines printed for the first time) is printed while the model is written
-            text = write_graph(session.graph, modified_model_file, modified_weights_file, in_place=True,
-                               meanwhile=lambda: record_file(record))
-        with reading(**session.inputs(with_record=False)):
-            write_record(text, session.record_file)
+        with reading(**session.inputs()):  # the model files are no input, the record file included
+            check_output(modified_model_file)
+            check_output(modified_weights_file)
+        # the model and the record (which this call writes, and the later steps read) in one all-or-nothing step;
+        # the record's text is printed while the model is written
+        with reading(**session.inputs(with_record=False)), StagedOutputs(ahead=True) as outputs:
+            stage_graph(outputs, session.graph, modified_model_file, modified_weights_file, in_place=True)
+            printed = record_file(record)
+            outputs.add_text(session.record_file, printed[0])
+            outputs.commit()
+        remember_written(session.record_file, printed)
     except BaseException:
         session.forget_weights()  # nothing was written: the call may be made again
         raise

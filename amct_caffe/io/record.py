@@ -405,6 +405,13 @@ def write_record(record: Record | tuple[str, bytes], path) -> None:
     text, serialized = record_file(record) if isinstance(record, Record) else record
     with atomic_output(path, "w") as f:
         f.write(text)
+    remember_written(path, (text, serialized))
+
+
+def remember_written(path, printed: tuple[str, bytes]) -> None:
+    """Note that ``path`` now holds the text of ``printed`` (a :func:`record_file`), which :func:`read_record`
+    then reads back from its binary form."""
+    text, serialized = printed
     key = os.path.abspath(path)
     _WRITTEN.pop(key, None)
     while len(_WRITTEN) >= _WRITTEN_MAX:

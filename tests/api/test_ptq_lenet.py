@@ -426,3 +426,18 @@ def test_convert_model_takes_the_empty_record_of_a_config_quantizing_nothing(tmp
     assert "no layer is quantized" in caplog.text
     for kind, path in saved.items():
         assert Path(converted[kind]).read_bytes() == Path(path).read_bytes(), kind
+
+
+def test_weights_quantize_model_writes_its_model_and_the_record_together(tmp_path):
+    """A record file that cannot be written (a directory of that name): the modified model is not left
+    behind either (it was written first and stayed)."""
+    config, record_dir = str(tmp_path / "config.json"), tmp_path / "rec"
+    record_dir.mkdir()
+    amct.create_quant_config(config, str(LENET), str(LENET_W))
+    graph = amct.init(config, str(LENET), str(LENET_W), str(record_dir / "record.txt"))
+    (record_dir / "record.txt").unlink()
+    (record_dir / "record.txt").mkdir()
+    (tmp_path / "mod").mkdir()
+    with pytest.raises(AmctError, match="record.txt"):
+        amct.weights_quantize_model(graph, str(tmp_path / "mod/m.prototxt"), str(tmp_path / "mod/m.caffemodel"))
+    assert list((tmp_path / "mod").iterdir()) == []
