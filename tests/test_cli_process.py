@@ -211,3 +211,23 @@ def test_an_interrupt_after_the_outputs_are_written_says_they_are_complete(tmp_p
                                                     "are complete)")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert (out / "lenet_deploy_model.prototxt").exists()
+
+
+def test_only_the_commands_own_outputs_count_as_written(tmp_path):
+    """An interrupt says the outputs are complete only when files under --output / --save were committed: the
+    fallback first saves into a temporary folder, which said so while nothing had been written."""
+    import argparse
+
+    from amct_caffe.cli import _wrote_outputs
+    from amct_caffe.io.outputs import StagedOutputs, commits
+
+    args = argparse.Namespace(output=str(tmp_path / "out/lenet"), save=None)
+    mark = commits()
+    staged = StagedOutputs()
+    staged.add_text(tmp_path / "work/model_fake_quant_model.prototxt", "a temporary save")
+    staged.commit()
+    assert not _wrote_outputs(args, mark)
+    staged = StagedOutputs()
+    staged.add_text(tmp_path / "out/lenet_fake_quant_model.prototxt", "the command's output")
+    staged.commit()
+    assert _wrote_outputs(args, mark)

@@ -158,6 +158,14 @@ def _run(args) -> int:
         return args.func(args)
 
 
+def _wrote_outputs(args, mark: int) -> bool:
+    """Whether files under the command's --output (a prefix or a folder) or --save were committed since ``mark``
+    (not the temporary files some commands commit on the way)."""
+    targets = [os.path.abspath(p) for p in (getattr(args, "output", None), getattr(args, "save", None))
+               if isinstance(p, str)]
+    return any(path.startswith(target) for path in outputs.committed_since(mark) for target in targets)
+
+
 def main(argv=None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2 (130 on Ctrl-C,
     143 on SIGTERM, 141 when stdout is closed early, as by ``| head``)."""
@@ -174,8 +182,8 @@ def main(argv=None) -> int:
             _error(f"error: {e}")
             return EXIT_ERROR
         except (KeyboardInterrupt, Terminated) as e:
-            # after a commit the new outputs are all in place (what follows is a summary or a clean-up)
-            after = " after the outputs were written (they are complete)" if outputs.commits() > committed else ""
+            # after the command's outputs were committed they are all in place (a summary or a clean-up was left)
+            after = " after the outputs were written (they are complete)" if _wrote_outputs(args, committed) else ""
             what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
             _error(what + after, new_line=getattr(args, "progress", False))
             return EXIT_SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_SIGTERM

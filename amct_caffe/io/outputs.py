@@ -20,13 +20,19 @@ from amct_caffe.io.paths import check_distinct, check_output
 
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
-# How many sets of outputs this process has committed: the command line tells an interrupt that came
-# after its outputs were in place (they are complete) from one that left the previous files.
-_commits = 0
+# Every file this process has committed, in order: the command line tells an interrupt that came after its
+# outputs were in place (they are complete) from one that left the previous files.
+_committed: list[str] = []
 
 
 def commits() -> int:
-    return _commits
+    """How many files have been committed so far (a mark for :func:`committed_since`)."""
+    return len(_committed)
+
+
+def committed_since(mark: int) -> list[str]:
+    """The absolute paths of the files committed since ``mark``."""
+    return _committed[mark:]
 
 
 def _remove_all(paths: list[str]) -> None:
@@ -188,8 +194,7 @@ class StagedOutputs:
             if isinstance(e, OSError):
                 raise FileAccessError(f"{write_error(self._target, e)}; no output file was changed") from e
             raise
-        global _commits
-        _commits += 1
+        _committed.extend(os.path.abspath(path) for _, path in self._staged)
         self._made.clear()  # they hold the outputs now
         self.discard()  # nothing left to remove: every temporary file was moved
         self._files.clear()

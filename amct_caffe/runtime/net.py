@@ -55,14 +55,16 @@ class Net(WholeSetCalls):
 
     def __init__(self, model, *args, weights=None, phase=None, level: int = 0, stages=None, seed: int | None = None,
                  records=None, fold: str = "auto", ifmr: str = "stream"):
-        weights_arg, phase_arg = None, None
-        for a in args:  # pycaffe accepts (model, phase) and (model, weights, phase)
-            if isinstance(a, int):
-                phase_arg = a
-            else:
-                weights_arg = a
-        weights = weights if weights is not None else weights_arg
-        phase = phase if phase is not None else (phase_arg if phase_arg is not None else TEST)
+        # pycaffe's two forms: (model, phase, level=0, stages=None, weights=None) and (model, weights, phase)
+        form = (("weights", "phase") if args and not isinstance(args[0], (int, np.integer))
+                else ("phase", "level", "stages", "weights"))
+        if len(args) > len(form):
+            raise GraphError(f"Net: {len(args)} positional arguments; pycaffe takes (model, {', '.join(form)})")
+        named = dict(zip(form, args, strict=False))
+        weights = weights if weights is not None else named.get("weights")
+        phase = phase if phase is not None else named.get("phase", TEST)
+        level = named.get("level", level)
+        stages = named.get("stages", stages)
         if phase not in (TRAIN, TEST):
             raise GraphError(f"Net: phase must be TRAIN ({TRAIN}) or TEST ({TEST}), got {phase!r}")
         self.phase = phase
@@ -190,7 +192,9 @@ class Net(WholeSetCalls):
         self._shared_with = shared.members()
         # the blobs whose arrays stay theirs across forwards, as pycaffe's (forward.keep_memory): the outputs but
         # the inputs and those Caffe shares with another blob; none in the nets the API builds from graphs
-        self._memory_kept = [n for n in self.outputs if n not in self._shared_with and n not in self.inputs]
+        sources = {t for layer, tops in zip(self.layers, self.top_names.values(), strict=True) if not layer.lp.bottom
+                   for t in tops}  # a data layer's tops may be views of the user's arrays (MemoryData): theirs
+        self._memory_kept = [n for n in self.outputs if n not in self._shared_with and n not in sources]
         self._plan = plan_backward(self.layers, list(self.bottom_names.values()), list(self.top_names.values()),
                                    bool(net_param.force_backward))
         for layer, flags in zip(self.layers, self._plan.param_propagate_down, strict=True):

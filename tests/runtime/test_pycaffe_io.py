@@ -226,3 +226,38 @@ def test_bad_calls_of_the_blob_and_net_api_get_the_librarys_errors(tmp_path):
         net.backward(diffs=["nosuch"])
     with pytest.raises(AmctError, match="blob 'loss' holds one value .*not one per sample"):
         net.forward_all(x=np.zeros((5, 3), np.float32), t=np.zeros((5, 3), np.float32))
+
+
+def test_net_takes_level_and_stages_positionally_as_pycaffe(tmp_path):
+    """pycaffe's Net(file, phase, level, stages, weights) positionally, besides (file, weights, phase): a level
+    of 0 was taken for the phase (TRAIN)."""
+    model = tmp_path / "m.prototxt"
+    model.write_text(
+        'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+        'layer { name: "tr" type: "ReLU" bottom: "x" top: "t" include { phase: TRAIN } }\n'
+        'layer { name: "te" type: "ReLU" bottom: "x" top: "e" include { phase: TEST } }\n'
+        'layer { name: "dep" type: "ReLU" bottom: "x" top: "d" include { stage: "deploy" } }\n'
+        'layer { name: "lv" type: "ReLU" bottom: "x" top: "l" include { min_level: 1 } }\n')
+    assert caffe.Net(str(model), caffe.TEST, 0)._layer_names == ["x", "te"]
+    assert caffe.Net(str(model), caffe.TEST, 1)._layer_names == ["x", "te", "lv"]
+    assert caffe.Net(str(model), caffe.TEST, 1, ["deploy"])._layer_names == ["x", "te", "dep", "lv"]
+    with pytest.raises(AmctError, match="5 positional arguments"):
+        caffe.Net(str(model), caffe.TEST, 0, [], None, 1)
+
+
+def test_a_memory_data_output_stays_a_view_of_the_users_arrays(tmp_path):
+    """A MemoryData top that is a net output is a view of the arrays given to set_input_arrays, as in Caffe; the
+    next batch must not be written into the previous arrays (the output-memory rule did, for arrays of exactly
+    one batch)."""
+    model = tmp_path / "m.prototxt"
+    model.write_text('layer { name: "m" type: "MemoryData" top: "data" top: "label" '
+                     'memory_data_param { batch_size: 2 channels: 3 height: 1 width: 1 } }\n')
+    net = caffe.Net(str(model), caffe.TEST)
+    first = (np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1), np.array([10, 11], np.float32))
+    second = (np.full((2, 3, 1, 1), 7, np.float32), np.array([77, 78], np.float32))
+    net.set_input_arrays(*first)
+    net.forward()
+    net.set_input_arrays(*second)
+    net.forward()
+    assert first[1].tolist() == [10, 11] and first[0].ravel().tolist() == list(range(6))
+    assert net.blobs["label"].data.ravel().tolist() == [77, 78]
