@@ -57,24 +57,36 @@ def Eltwise(*xs, operation=SUM, coeff=()):
             np.copyto(out, x, where=x > out)
         return out
     c = [float(_F32(v)) for v in coeff] or [1.0] * len(xs)
+    out = _weighted_sum(xs, c, shape, fused=False)
+    if any(ci not in (0.0, 1.0, -1.0) for ci in c) and not np.isfinite(out).all():
+        out = _weighted_sum(xs, c, shape, fused=True)  # an overflow: its infinities as Caffe's FMAs give them
+    return out
+
+
+def _weighted_sum(xs, c, shape, fused: bool) -> np.ndarray:
+    """sum_i c_i * x_i as Caffe's saxpy calls add it: a coefficient 0 skips the term (inf / NaN included), 1 and
+    -1 add and subtract. With ``fused`` each other term is a fused multiply-add, one rounding per term (exact in
+    float64, a float32 product fitting its 53 bits, then rounded: 2 * 3e38 - 2 * 3e38 is inf, not NaN); else
+    the product is rounded first (an ulp apart at most, and a pass less)."""
     if c[0] == 1 and c[1] == 1:  # the common residual sum: one pass
         out, start = np.add(xs[0], xs[1]), 2
-    else:
-        out, start = np.zeros(shape, _F32), 0
+    elif c[0] == 0:
+        out, start = np.zeros(shape, _F32), 1
+    else:  # Caffe's first saxpy onto zeros: the product rounded once
+        out, start = (np.multiply(xs[0], _F32(c[0])) if c[0] != 1 else np.array(xs[0], _F32, copy=True)), 1
     for x, ci in zip(xs[start:], c[start:], strict=True):
-        # Caffe adds each term with BLAS saxpy: a coefficient 0 skips the term (inf / NaN included),
-        # and the others are fused multiply-adds, one rounding per term: exact in float64 (a float32
-        # product fits its 53 bits), then rounded to float32 (3e38 * 2 - 3e38 * 2 is inf, not NaN)
         if ci == 1:
             out += x
         elif ci == -1:
             out -= x
+        elif ci != 0 and not fused:
+            out += _F32(ci) * x
         elif ci != 0:
-            fused = x.astype(np.float64)
-            fused *= ci
-            fused += out
+            total = x.astype(np.float64)
+            total *= ci
+            total += out
             with np.errstate(over="ignore"):
-                out[...] = fused
+                out[...] = total
     return out
 
 
