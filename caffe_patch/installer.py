@@ -317,6 +317,20 @@ def _plan_stale_generated(plan: Plan, stamp: str) -> None:
         plan.stale.append((Change(_backup_path(path, stamp), data, path.stat().st_mode & 0o777), path))
 
 
+def _check_layer_class(caffe_dir: Path) -> None:
+    """Refuse a tree whose Layer class is not Caffe's ``Layer<Dtype>`` (NVIDIA Caffe's ``Layer<Ftype, Btype>``):
+    the layers installed derive from it and would not compile."""
+    header = caffe_dir / "include/caffe/layer.hpp"
+    if not header.is_file():
+        return
+    text = _read_text(header, "the tree's include/caffe/layer.hpp")
+    if re.search(r"class\s+Layer\b", text) and not re.search(r"template\s*<\s*typename\s+\w+\s*>\s*class\s+Layer\b",
+                                                               text):
+        raise InstallError(f"{header}: this tree's Layer class is not Caffe's Layer<Dtype> (NVIDIA Caffe's takes two "
+                           "types): amct_caffe's layers are written for BVLC Caffe and its forks; install into one "
+                           "of those")
+
+
 def make_plan(caffe_dir, custom_proto=None, merge: Callable | None = None,
               patch_dir: Path = PATCH_ROOT / "patch") -> Plan:
     """Everything ``install`` would change, computed without touching the tree."""
@@ -335,10 +349,22 @@ def make_plan(caffe_dir, custom_proto=None, merge: Callable | None = None,
     builds = [(n, caffe_dir / n) for n in ("Makefile", "CMakeLists.txt") if (caffe_dir / n).is_file()]
     if not builds:
         raise InstallError(f"{caffe_dir} has neither a Makefile nor a CMakeLists.txt to patch")
+    _check_layer_class(caffe_dir)
     plan = Plan(caffe_dir)
     lib, header = find_quant_lib()
     plan.copies = _plan_copies(caffe_dir, lib, header)
-    plan.patches = [(p.name, _plan_patch(caffe_dir, p)) for p in sorted(Path(patch_dir).glob("*.patch"))]
+    patches = sorted(Path(patch_dir).glob("*.patch"))
+    recurrent = [caffe_dir / "include/caffe/layers" / name for name in ("lstm_layer.hpp", "rnn_layer.hpp")]
+    if not all(path.is_file() for path in recurrent):
+        # the recurrent quantization layers derive from the tree's LSTMLayer / RNNLayer (Caffe 1.0 on): without
+        # them their sources would break the whole libcaffe build
+        skipped = [p.name for p in patches if p.name.startswith("lstm_")]
+        patches = [p for p in patches if p.name not in skipped]
+        missing = ", ".join(str(r.relative_to(caffe_dir)) for r in recurrent if not r.is_file())
+        plan.notes.append(f"[WARNING]'{caffe_dir}' has no LSTM / RNN layers (no {missing}; Caffe 1.0 has them): "
+                          f"the recurrent quantization layers are not installed ({', '.join(skipped)} not "
+                          "applied); LSTM / RNN models cannot be calibrated in this Caffe, the other layers can.")
+    plan.patches = [(p.name, _plan_patch(caffe_dir, p)) for p in patches]
     stamp = time.strftime("%Y%m%d%H%M%S")
     _plan_proto(plan, custom_proto, merge or _default_merge, stamp)
     _plan_stale_generated(plan, stamp)

@@ -197,10 +197,20 @@ class _Merger:
         bt = self.base.text
         by_num = {f.number: Src(f, self.base) for f in lp.all_fields()}
         by_name = {f.name: Src(f, self.base) for f in lp.all_fields()}
+        closed = [Src(it, self.base) for it in lp.items if isinstance(it, Statement)
+                  and it.kind in ("reserved", "extensions")]
         new = []
         for s in fields:
             f = s.node
             same = by_name.get(f.name)
+            taken = [st for st in closed if (same is None or same.node.number != f.number)
+                     and (_in_ranges(f.number, st.node.key[1:])
+                          or (st.node.kind == "reserved" and any(t.strip("'\"") == f.name
+                                                                 for t in st.node.key[1:] if t[:1] in "'\"")))]
+            if taken:  # protoc refuses a field in a reserved or extension range, or of a reserved name
+                self.problems.append(f"{_fdesc(s)} falls under {taken[0].where}: {LAYER} "
+                                     f"'{' '.join(taken[0].node.key)}'. {self.rules['base_number']}")
+                continue
             if same is not None and same.node.number == f.number:
                 if not self.same_kind(same, s):
                     continue

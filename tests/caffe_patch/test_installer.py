@@ -46,6 +46,10 @@ def tree(tmp_path):
     (root / "src/caffe/proto/caffe.proto").write_text(PROTO)
     (root / "src/caffe/layers").mkdir()
     (root / "src/caffe/layers/conv_layer.cpp").write_text("// conv\n")
+    (root / "include/caffe/layers").mkdir(parents=True)
+    for name in ("lstm_layer.hpp", "rnn_layer.hpp"):  # Caffe 1.0's recurrent layers, which ours derive from
+        (root / "include/caffe/layers" / name).write_text(f"// {name}\n")
+    (root / "include/caffe/layer.hpp").write_text("template <typename Dtype>\nclass Layer {\n};\n")
     (root / "Makefile").write_text(MAKEFILE)
     (root / "Makefile.config").write_text("CPU_ONLY := 1\n")
     (root / "CMakeLists.txt").write_text(CMAKELISTS)
@@ -114,7 +118,7 @@ def test_a_failure_restores_every_file(tree, monkeypatch):
         run(tree)
     assert snapshot(tree).keys() == before.keys()
     assert all(snapshot(tree)[k][0] == before[k][0] for k in before)
-    assert not (tree / "quant_lib").exists() and not (tree / "include").exists()
+    assert not (tree / "quant_lib").exists() and not (tree / "include/caffe/layers/quant_layer.hpp").exists()
 
 
 def test_a_file_that_cannot_be_written_is_not_restored_first_and_symlinks_come_back_as_links(tree, monkeypatch):
@@ -286,7 +290,7 @@ def test_a_failure_while_patching_removes_the_patched_files(tree, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         run(tree, patch_dir=SHIPPED)
     assert {k: v[0] for k, v in snapshot(tree).items()} == {k: v[0] for k, v in before.items()}
-    assert not (tree / "include").exists()
+    assert sorted(p.name for p in (tree / "include/caffe/layers").iterdir()) == ["lstm_layer.hpp", "rnn_layer.hpp"]
 
 
 def test_build_blocks_are_replaced_in_place_not_duplicated():
@@ -351,4 +355,25 @@ def test_bad_input_files_are_one_error_line_and_change_nothing(tree, tmp_path, c
                          capture_output=True, text=True, check=False)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert expected in res.stderr and "[ERROR]Install failed; the Caffe tree is unchanged." in res.stderr
+    assert snapshot(tree) == before
+
+
+def test_a_tree_without_recurrent_layers_gets_the_other_layers_and_a_warning(tree):
+    """An older tree (py-faster-rcnn's Caffe, BVLC 1.0-rc3) has no LSTMLayer / RNNLayer: the recurrent layers'
+    patches would make sources that break the whole libcaffe build, yet the install said it succeeded."""
+    for name in ("lstm_layer.hpp", "rnn_layer.hpp"):
+        (tree / "include/caffe/layers" / name).unlink()
+    lines = run(tree, patch_dir=SHIPPED)
+    assert not (tree / "src/caffe/layers/lstm_quant_layer.cpp").exists()
+    assert (tree / "src/caffe/layers/quant_layer.cpp").exists()
+    (warning,) = [line for line in lines if line.startswith("[WARNING]") and "LSTM" in line]
+    assert "has no LSTM / RNN layers" in warning and "lstm_quant_layer.cpp.patch" in warning
+
+
+def test_a_tree_whose_layer_takes_two_types_is_refused(tree):
+    """NVIDIA Caffe's Layer<Ftype, Btype>: our layers derive from Layer<Dtype> and would not compile."""
+    (tree / "include/caffe/layer.hpp").write_text("template<typename Ftype, typename Btype>\nclass Layer {\n};\n")
+    before = snapshot(tree)
+    with pytest.raises(InstallError, match="not Caffe's Layer<Dtype>"):
+        run(tree, patch_dir=SHIPPED)
     assert snapshot(tree) == before

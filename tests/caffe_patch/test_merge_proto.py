@@ -596,3 +596,17 @@ def test_field_numbers_protoc_refuses_are_syntax_errors(number):
 def test_definitions_nested_too_deeply_are_a_syntax_error_not_a_crash():
     with pytest.raises(ProtoSyntaxError, match="c.proto: definitions nested too deeply to read"):
         parse("message A { " * 3000 + "}" * 3000, "c.proto")
+
+
+@pytest.mark.parametrize("closed, field", [("reserved 3000;", "optional MyP my_param = 3000;"),
+                                           ("extensions 2000 to max;", "optional MyP my_param = 3000;"),
+                                           ('reserved "my_param";', "optional MyP my_param = 3000;")])
+def test_a_field_the_trees_layer_parameter_closes_is_refused(closed, field):
+    """A LayerParameter whose reserved / extensions entries cover a field the merge adds: protoc would refuse
+    the merged file, which the install used to write with its success line."""
+    base = FIXTURE.replace("message LayerParameter {", f"message LayerParameter {{\n  {closed}", 1)
+    assert base != FIXTURE
+    with pytest.raises(MergeError) as e:
+        merge_protos(base, AMCT, f"message LayerParameter {{ {field} }}\nmessage MyP {{}}")
+    assert any("LayerParameter.my_param = 3000 falls under caffe.proto:" in p for p in e.value.problems), \
+        e.value.problems
