@@ -307,7 +307,9 @@ def leading_axes_bottoms(layer_param) -> list[str]:
     """The bottoms of a layer whose axis 1 (a time-major blob's batch) its top keeps in place, with axis 0 before
     it: an Embed's, an InnerProduct's on axis >= 2, an element-wise layer's, a Concat's or Slice's along any axis
     but 1 (along 0: fewer or more time steps), a Flatten's from axis >= 2, a Reshape's copying the first two
-    axes (``dim: 0 dim: 0``), a Permute's keeping them; none for any other layer."""
+    axes (``dim: 0 dim: 0``), a Permute's keeping them; none for any other layer. A negative axis counts from
+    the end, which the layer parameters alone do not place: -1 is taken for the features of a (T, N, ...) blob of
+    three axes or more (a sequence's; a cont (T, N) is not concatenated), other negative axes as not keeping."""
     kind, bottoms = layer_param.type, list(layer_param.bottom)
     if kind == "Embed" or (kind == "InnerProduct" and layer_param.inner_product_param.axis >= 2):
         return bottoms[:1]
@@ -319,9 +321,9 @@ def leading_axes_bottoms(layer_param) -> list[str]:
         p = layer_param.concat_param if kind == "Concat" else layer_param.slice_param
         legacy = "concat_dim" if kind == "Concat" else "slice_dim"
         axis = getattr(p, legacy) if p.HasField(legacy) else p.axis
-        return bottoms if axis == 0 or axis >= 2 else []
+        return bottoms if axis == 0 or axis >= 2 or axis == -1 else []
     if kind == "Flatten":
-        return bottoms[:1] if layer_param.flatten_param.axis >= 2 else []
+        return bottoms[:1] if layer_param.flatten_param.axis >= 2 or layer_param.flatten_param.axis == -1 else []
     if kind == "Reshape":
         p = layer_param.reshape_param
         return bottoms[:1] if p.axis == 0 and list(p.shape.dim[:2]) == [0, 0] else []

@@ -157,7 +157,8 @@ layer { name: "f" type: "Flatten" bottom: "p" top: "f" flatten_param { axis: 2 }
 layer { name: "c" type: "Concat" bottom: "head" bottom: "last" top: "c" concat_param { axis: 0 } }
 layer { name: "swap" type: "Permute" bottom: "y" top: "batch_first" permute_param { order: 1 order: 0 order: 2 } }
 layer { name: "n" type: "Slice" bottom: "y" top: "n0" top: "n1" slice_param { axis: 1 } }
+layer { name: "features" type: "Concat" bottom: "y" bottom: "y" top: "wide" concat_param { axis: -1 } }
 """
     net = text_format.Parse(text, caffe_pb().NetParameter())
     found = ops.time_major_blobs(net.layer, downstream=True)
-    assert set(found) == {"x", "cont", "y", "head", "last", "r", "p", "f", "c"}
+    assert set(found) == {"x", "cont", "y", "head", "last", "r", "p", "f", "c", "wide"}

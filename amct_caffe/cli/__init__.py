@@ -163,7 +163,12 @@ def _wrote_outputs(args, mark: int) -> bool:
     (not the temporary files some commands commit on the way)."""
     targets = [os.path.abspath(p) for p in (getattr(args, "output", None), getattr(args, "save", None))
                if isinstance(p, str)]
-    return any(path.startswith(target) for path in outputs.committed_since(mark) for target in targets)
+
+    def under(path: str, target: str) -> bool:  # the file itself, a file in the folder, or prefix + suffix
+        folder, prefix = os.path.split(target)
+        return path == target or path.startswith(target + os.sep) or (
+            os.path.dirname(path) == folder and os.path.basename(path).startswith(prefix + "_"))
+    return any(under(path, target) for path in outputs.committed_since(mark) for target in targets)
 
 
 def main(argv=None) -> int:

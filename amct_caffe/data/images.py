@@ -70,16 +70,17 @@ def decode_image(source: Path | bytes, channels: int | None, where) -> np.ndarra
                 raise DataError(f"{where}: a {img.mode} image (more than 8 bits per channel) cannot be read as "
                                 "8-bit pixels; " + ("set force_color or force_gray, or " if channels is None
                                                     else "") + "store 8-bit images")
+            if channels is not None:  # OpenCV's IMREAD_COLOR / IMREAD_GRAYSCALE (Caffe's readers) turn the image
+                from PIL import ImageOps  # noqa: PLC0415 - as its EXIF says; Pillow is there: pil_image() said so
+
+                img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I;16"):  # 16-bit gray: to 8 bits as OpenCV's imread (Caffe's reader) does
                 high = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
                 img = image_mod.fromarray(high, "L")
             if channels is None:
                 alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
                 mode = "L" if img.mode in ("1", "L") else ("RGBA" if alpha else "RGB")
-            else:  # OpenCV's IMREAD_COLOR / IMREAD_GRAYSCALE (Caffe's readers) turn the image as its EXIF says
-                from PIL import ImageOps  # noqa: PLC0415 - Pillow is there: pil_image() said so
-
-                img = ImageOps.exif_transpose(img)
+            else:
                 mode = "L" if channels == 1 else "RGB"
             arr = np.asarray(img.convert(mode))
     except DataError:

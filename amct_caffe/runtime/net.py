@@ -302,13 +302,17 @@ class Net(WholeSetCalls):
                 self._shapes_seen[i] = True
             return
         key = tuple(bottom_shapes)
-        if self._shapes_seen[i] == key:
+        # (its bottom shapes, its tops' shapes) when it last reshaped: the tops' too, since a forward that does
+        # not reshape (prepared steps) may have given them other shapes since a partial forward reshaped them
+        seen = self._shapes_seen[i]
+        if seen is not None and seen[0] == key and all(self.blobs[t].shape == s for t, s in seen[1]):
             return
         top_shapes = layer.reshape(bottom_shapes)
+        own = [t for t in self.top_names[name] if t not in self.bottom_names[name]]
         for t, s in zip(self.top_names[name], top_shapes, strict=False):
-            if t not in self.bottom_names[name]:
+            if t in own:
                 self.blobs[t].reshape(s)
-        self._shapes_seen[i] = key
+        self._shapes_seen[i] = (key, tuple((t, self.blobs[t].shape) for t in own))
 
     def _range(self, start, end) -> range:
         def index(n, default):
@@ -355,14 +359,10 @@ class Net(WholeSetCalls):
             if self._steps is not None and self._steps_key == key:
                 for step in self._steps:  # the prepared steps of forward.py: same shapes as last time
                     step()
-                # every layer's blobs have the shapes of the forward that prepared the steps (a partial forward
-                # since may have reshaped some: the next one must reshape them back)
-                self._shapes_seen = list(self._steps_seen)
             else:
                 produced = [None] * len(self.layers)
                 forward.run(self, 0, len(self.layers), produced, self._releases)
                 self._steps, self._steps_key = forward.prepare(self, produced), key
-                self._steps_seen = list(self._shapes_seen)
         else:
             if self._releases is not None:
                 self._releases.check_range(self, span.start, span.stop)

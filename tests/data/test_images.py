@@ -193,3 +193,20 @@ def test_a_jpeg_turns_as_its_exif_orientation_says_read_as_color_or_gray(tmp_pat
     stored = decode_image(tmp_path / "portrait.jpg", None, "portrait.jpg")
     assert color.shape == (60, 40, 3) and gray.shape == (60, 40, 1) and stored.shape == (40, 60, 3)
     assert color[:20, -20:].mean() > 200 and color[:20, :20].mean() < 50  # the corner went to the top right
+
+
+def test_a_16_bit_image_turns_as_its_exif_orientation_says_too():
+    """A 16-bit gray PNG is brought to 8 bits (its high byte) after it is turned: the conversion dropped the
+    EXIF, so it was read on its side where the 8-bit one was turned."""
+    import io
+
+    from PIL import Image
+
+    pixels = (np.arange(6, dtype=np.uint16).reshape(2, 3) + 1) * 2560  # high bytes 10, 20, ... 60
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", exif=exif)
+    gray = decode_image(buffer.getvalue(), 1, "gray16.png")
+    assert gray[:, :, 0].tolist() == [[40, 10], [50, 20], [60, 30]]

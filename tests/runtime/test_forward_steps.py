@@ -197,3 +197,19 @@ def test_forward_backward_rounds_match_the_full_path(tmp_path, monkeypatch):
     for name, diffs in want[1].items():
         for a, b in zip(got[1][name], diffs, strict=True):
             assert a.tobytes() == b.tobytes(), name
+
+
+def test_a_layer_after_a_filter_follows_the_rows_kept_through_prepared_forwards(tmp_path):
+    """A Filter keeps 2, 3, 2, 3 rows at one input shape: the layer after it reshapes with it at every forward,
+    prepared steps or not (a memo of shapes restored after the prepared steps made the third forward fail)."""
+    model = tmp_path / "f.prototxt"
+    model.write_text(
+        'layer { name: "in" type: "Input" top: "x" top: "s" input_param { shape { dim: 4 dim: 3 } '
+        'shape { dim: 4 } } }\n'
+        'layer { name: "f" type: "Filter" bottom: "x" bottom: "s" top: "kept" }\n'
+        'layer { name: "p" type: "Power" bottom: "kept" top: "y" power_param { scale: 2 } }\n')
+    net = Net(str(model), TEST)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    for keep in ([1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]):
+        y = net.forward(x=x, s=np.array(keep, np.float32))["y"]
+        np.testing.assert_array_equal(y, 2 * x[np.array(keep, bool)])

@@ -67,7 +67,8 @@ def _weighted_sum(xs, c, shape, fused: bool) -> np.ndarray:
     """sum_i c_i * x_i as Caffe's saxpy calls add it: a coefficient 0 skips the term (inf / NaN included), 1 and
     -1 add and subtract. With ``fused`` each other term is a fused multiply-add, one rounding per term (exact in
     float64, a float32 product fitting its 53 bits, then rounded: 2 * 3e38 - 2 * 3e38 is inf, not NaN); else
-    the product is rounded first (an ulp apart at most, and a pass less)."""
+    the product is rounded first (a pass less; an ulp apart, or where terms cancel the product's rounding error,
+    about 1e-8, which Caffe's FMA keeps)."""
     if c[0] == 1 and c[1] == 1:  # the common residual sum: one pass
         out, start = np.add(xs[0], xs[1]), 2
     elif c[0] == 0:
