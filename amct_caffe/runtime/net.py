@@ -188,6 +188,7 @@ class Net(WholeSetCalls):
         # Caffe keeps the leftover blobs in a std::set: outputs come out sorted by name.
         self.outputs = sorted(available)
         self._shapes_seen: list = [None] * len(self.layers)
+        self._reshapes = 0  # layer reshapes so far: a partial forward or reshape() that made any drops the steps
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
         self._shared_with = shared.members()
         # the blobs whose arrays stay theirs across forwards, as pycaffe's (forward.keep_memory): the outputs but
@@ -275,11 +276,14 @@ class Net(WholeSetCalls):
 
     def reshape(self) -> None:
         """Propagate the input blobs' shapes through every layer (as ``caffe.Net.reshape``)."""
+        before = self._reshapes
         for i, layer in enumerate(self.layers):
             if layer.runs_user_code:  # a Python layer's own reshape, on the blobs' data, as Caffe's Net::Reshape
                 layer.reshape_on([self.blobs[b].data for b in self.bottom_names[self._layer_names[i]]])
                 self._shapes_seen[i] = None  # its tops take the shapes it gave
             self._reshape_layer(i)
+        if self._reshapes != before:
+            self._steps = None  # prepared for blobs of other shapes (forward.prepare)
 
     def set_input_arrays(self, data, labels) -> None:
         """pycaffe's ``set_input_arrays``: give the first layer, a MemoryData, its arrays.
@@ -308,6 +312,7 @@ class Net(WholeSetCalls):
         if seen is not None and seen[0] == key and all(self.blobs[t].shape == s for t, s in seen[1]):
             return
         top_shapes = layer.reshape(bottom_shapes)
+        self._reshapes += 1
         own = [t for t in self.top_names[name] if t not in self.bottom_names[name]]
         for t, s in zip(self.top_names[name], top_shapes, strict=False):
             if t in own:
@@ -366,7 +371,10 @@ class Net(WholeSetCalls):
         else:
             if self._releases is not None:
                 self._releases.check_range(self, span.start, span.stop)
+            before = self._reshapes
             forward.run(self, span.start, span.stop)
+            if self._reshapes != before:  # blobs of other shapes than the prepared steps were made for
+                self._steps = None
         for done in self.after_forward:
             done()
         forward.keep_memory(self, held)

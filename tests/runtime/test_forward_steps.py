@@ -213,3 +213,27 @@ def test_a_layer_after_a_filter_follows_the_rows_kept_through_prepared_forwards(
     for keep in ([1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]):
         y = net.forward(x=x, s=np.array(keep, np.float32))["y"]
         np.testing.assert_array_equal(y, 2 * x[np.array(keep, bool)])
+
+
+@pytest.mark.parametrize("how", ["partial forward", "reshape"])
+def test_prepared_steps_are_dropped_when_blobs_were_reshaped_for_other_shapes(tmp_path, how):
+    """Full forwards at batch 3 (the steps are prepared), then a partial forward or Net.reshape() at batch 2, then a
+    full forward at batch 3 again: the steps, made for blobs of batch 3, are not run on blobs reshaped since (a
+    layer with a loss weight keeps the careful path and refused the forward, as an LSTM did)."""
+    model = tmp_path / "l.prototxt"
+    model.write_text(
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 3 dim: 4 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" loss_weight: 1 '
+        'inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }\n')
+    net = Net(str(model), TEST, seed=2)
+    three, two = _inputs((3, 4), 1, seed=6)[0], _inputs((2, 4), 1, seed=7)[0]
+    net.forward(x=three)
+    net.forward(x=three)
+    if how == "partial forward":
+        net.forward(x=two, end="ip")
+    else:
+        net.blobs["x"].reshape(2, 4)
+        net.reshape()
+    got = net.forward(x=three)["ip"]
+    w, b = net.params["ip"][0].data, net.params["ip"][1].data
+    np.testing.assert_allclose(got, three @ w.T + b, rtol=1e-5)
