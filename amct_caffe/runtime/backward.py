@@ -19,6 +19,7 @@ whose diffs the Net keeps privately (pycaffe lists Caffe's split blobs; nobody r
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,3 +271,19 @@ class DiffStore:
         if mem is None:
             return [key]
         return [key] + [k for k, m in self._memory.items() if m == mem and k != key]
+
+
+def blob_loss_weights(blobs, layers, top_names) -> "OrderedDict[str, float]":
+    """pycaffe's Net.blob_loss_weights: {blob: the loss weight a layer gives it as its top}, 0.0 for the others."""
+    weights = OrderedDict.fromkeys(blobs, 0.0)
+    for layer, tops in zip(layers, top_names, strict=True):
+        weights.update((top, w) for top, w in zip(tops, loss_weights_of(layer, len(tops)), strict=True) if w)
+    return weights
+
+
+def as_shape(arr: np.ndarray, shapes, k: int) -> np.ndarray:
+    """``arr`` viewed in ``shapes[k]`` where that is another shape of its element count, else as it is: a layer's
+    backward sees its blobs in the shapes it gave them, though a later in-place layer reshaped them."""
+    if k < len(shapes) and arr.shape != shapes[k] and arr.size == int(np.prod(shapes[k], dtype=np.int64)):
+        return arr.reshape(shapes[k])
+    return arr

@@ -34,7 +34,7 @@ from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
-from amct_caffe.runtime.backward import DiffStore, loss_weights_of, plan_backward
+from amct_caffe.runtime.backward import DiffStore, as_shape, blob_loss_weights, plan_backward
 from amct_caffe.runtime.batches import WholeSetCalls
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.param_sharing import ParamSharing, share_trained_layers
@@ -306,8 +306,7 @@ class Net(WholeSetCalls):
                 self._shapes_seen[i] = True
             return
         key = tuple(bottom_shapes)
-        # (its bottom shapes, its tops' shapes) when it last reshaped: the tops' too, since a forward that does
-        # not reshape (prepared steps) may have given them other shapes since a partial forward reshaped them
+        # the memo holds its tops' shapes too: prepared steps may have changed them since a partial forward
         seen = self._shapes_seen[i]
         if seen is not None and seen[0] == key and all(self.blobs[t].shape == s for t, s in seen[1]):
             return
@@ -317,7 +316,8 @@ class Net(WholeSetCalls):
         for t, s in zip(self.top_names[name], top_shapes, strict=False):
             if t in own:
                 self.blobs[t].reshape(s)
-        self._shapes_seen[i] = (key, tuple((t, self.blobs[t].shape) for t in own))
+        # (bottom shapes, own tops' shapes, every top's shape as the layer gave it: its backward's view)
+        self._shapes_seen[i] = (key, tuple((t, self.blobs[t].shape) for t in own), tuple(map(tuple, top_shapes)))
 
     def _range(self, start, end) -> range:
         def index(n, default):
@@ -467,13 +467,16 @@ class Net(WholeSetCalls):
         if not layer.has_backward():
             raise GraphError(f"{self._source}: layer '{name}' ({layer.type}) needs a backward pass, which the "
                              "embedded runtime does not have for this type; set propagate_down: false or "
-                             "lr_mult: 0 so no gradient has to cross it")
+                             "lr_mult: 0 so no gradient has to cross it (force_backward overrides propagate_down)")
         bottom_names = self.bottom_names[name]
-        tops = [self.blobs[t].data for t in self.top_names[name]]
-        top_diffs = [self.blobs[t].diff for t in self.top_names[name]]
+        # blobs in the shapes the layer gave them (a later in-place MVN or Unsqueeze reshapes them: backward.as_shape)
+        seen = self._shapes_seen[step.layer]
+        top_shapes, bottom_shapes = (seen[2], seen[0]) if isinstance(seen, tuple) else ((), ())
+        tops = [as_shape(self.blobs[t].data, top_shapes, k) for k, t in enumerate(self.top_names[name])]
+        top_diffs = [as_shape(self.blobs[t].diff, top_shapes, k) for k, t in enumerate(self.top_names[name])]
         if step.layer in self._held_top_diff:
             top_diffs[0] = self._diffs.held(self._held_top_diff[step.layer], top_diffs[0].shape)
-        bottoms = [self.blobs[b].data for b in bottom_names]
+        bottoms = [as_shape(self.blobs[b].data, bottom_shapes, k) for k, b in enumerate(bottom_names)]
         grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
         if len(grads) != len(bottoms):
             raise GraphError(f"layer '{name}' ({layer.type}) returned {len(grads)} bottom diffs for "
@@ -483,7 +486,7 @@ class Net(WholeSetCalls):
         for k, (key, grad) in enumerate(zip(step.bottom_keys, grads, strict=True)):
             if grad is None or not (step.bottom_need_backward[k] or layer.writes_unpropagated_diffs):
                 continue
-            self._diffs.set(key, np.asarray(grad, dtype=np.float32).reshape(bottoms[k].shape))
+            self._diffs.set(key, np.asarray(grad, dtype=np.float32).reshape(self.blobs[bottom_names[k]].shape))
 
     def _share_diffs(self, i: int, when: str) -> None:
         """Replay the ShareDiff that layer ``i`` makes at ``when`` (see :meth:`Layer.diff_sharing`)."""
@@ -509,10 +512,7 @@ class Net(WholeSetCalls):
     @property
     def blob_loss_weights(self) -> OrderedDict[str, float]:
         """pycaffe's {blob: the loss weight a layer gives it as its top} (0.0 for every other blob)."""
-        weights = OrderedDict.fromkeys(self.blobs, 0.0)
-        for layer, tops in zip(self.layers, self.top_names.values(), strict=True):
-            weights.update((top, w) for top, w in zip(tops, loss_weights_of(layer, len(tops)), strict=True) if w)
-        return weights
+        return blob_loss_weights(self.blobs, self.layers, self.top_names.values())
 
     def learnable_params(self) -> list[tuple[Blob, float, float]]:
         """(blob, lr_mult, decay_mult) for each blob a solver updates; a shared param once."""

@@ -102,6 +102,12 @@ CASES = {
                           {"data": (2, 4, 3, 2)}, {}),
     "norm_pixel_channels": (_one("Normalize", (2, 4, 3, 2), "norm_param { across_spatial: false "
                                  "channel_shared: false eps: 0.01 }"), {"data": (2, 4, 3, 2)}, {}),
+    # an in-place MVN on 3 axes gives the shared blob 4 (Caffe's legacy accessors): the Scale and ReLU below
+    # still backpropagate through it (their backward received the diff in the 4-axis shape and failed)
+    "mvn_in_place_reshapes_below": (FORCE + _input("data", 2, 3, 4)
+                                    + _layer("s", "Scale", "data", "h", 'scale_param { filler { type: "gaussian" } }')
+                                    + _layer("r", "ReLU", "h", "h") + _layer("m", "MVN", "h", "h"),
+                                    {"data": (2, 3, 4)}, {}),
 }
 
 

@@ -72,7 +72,8 @@ class EmbedLayer(Layer):
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         if propagate_down[0]:
             raise GraphError(f"layer '{self.name}' (Embed): no gradient reaches its input indices (Caffe: \"Can't "
-                             "backpropagate to EmbedLayer input.\"); set propagate_down: false for it")
+                             "backpropagate to EmbedLayer input.\"); set propagate_down: false for it, without "
+                             "force_backward (which overrides it)")
         dy = np.asarray(top_diffs[0], _F32).reshape(-1, self.num_output)
         if self.param_propagate_down[0]:  # (Caffe reads the indices from the bottom at backward time too)
             np.add.at(self.blobs[0].diff, self._indices(bottoms[0]), dy)  # row by row, in order: Caffe's axpy per index

@@ -54,7 +54,8 @@ class FilterLayer(Layer):
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         if propagate_down[-1]:
             raise GraphError(f"layer '{self.name}' (Filter): no gradient reaches its selector (Caffe: \"cannot "
-                             "backpropagate to filter index inputs\"); set propagate_down: false for it")
+                             "backpropagate to filter index inputs\"); set propagate_down: false for it, "
+                             "without force_backward (which overrides it)")
         kept = self._kept
         grads = []
         for x, dy, down in zip(bottoms[:-1], top_diffs, propagate_down[:-1], strict=True):
