@@ -103,7 +103,7 @@ _WALK = ("import sys, lmdb\n"
          "with env.begin() as txn:\n"
          "    for _ in txn.cursor().iternext(keys=True, values=False):\n"
          "        pass\n")
-_walked: dict[tuple, None] = {}  # (path, size, mtime) of the LMDBs already walked safely in this process
+_walked: set[tuple] = set()  # (path, size, mtime) of the LMDBs already walked safely in this process
 
 
 def check_walkable(path: Path) -> None:
@@ -126,7 +126,7 @@ def check_walkable(path: Path) -> None:
         detail = (result.stderr.strip().splitlines() or [""])[-1]
         raise DataError(f"the LMDB {path} is damaged: walking its records crashed liblmdb ({name or 'signal'}"
                         f"{f': {detail}' if detail else ''}); copy or rebuild the LMDB")
-    _walked[key] = None  # an lmdb.Error in the child is left to the reader, which names it
+    _walked.add(key)  # an lmdb.Error in the child is left to the reader, which names it
 
 
 def open_lmdb(path: Path):

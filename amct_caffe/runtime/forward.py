@@ -384,8 +384,9 @@ def _into_step(into, bottom, top, shape: tuple, name: str, top_name: str):
 def held_arrays(net) -> dict:
     """The arrays of ``net``'s outputs as a forward starts. pycaffe's blobs keep their memory for their life, and
     scripts hold an output's (``prob = net.blobs['prob'].data`` once, read after every forward);
-    :func:`keep_memory` writes the forward's values into them. Only arrays of the blob's own are kept: a data
-    layer's top that is a view of the user's arrays (MemoryData) or of a file's rows moves on as in Caffe."""
+    :func:`keep_memory` writes the forward's values into them. Only arrays of the blob's own are kept (a view of
+    other memory is not written into); the Net leaves out data layers' tops, which may be views of the user's
+    arrays (MemoryData)."""
     held = {}
     for name in net._memory_kept:  # noqa: SLF001
         arr = net.blobs[name].data

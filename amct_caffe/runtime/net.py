@@ -230,17 +230,16 @@ class Net(WholeSetCalls):
                                    f"needs {len(shapes)}")
             data = [io.conform_blob(a, s, f"{where} blob {i}")
                     for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
-        elif shapes and have_weights and not layer.weights_optional \
-                and not self._sharing.all_shared(layer.lp.param, len(shapes)):
-            if not self._some_weights_loaded:
-                raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
-                                   f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}), nor for any "
-                                   "other layer of the net; check that the layer names of the prototxt and the "
-                                   "caffemodel match")
-            _LOG.warning("%s: the caffemodel has no weights for this layer; its blobs come from its fillers, as "
-                         "Caffe leaves a layer the caffemodel does not name (a new layer to train)", where)
-            data = layer.initial_params(shapes, self._rng)
         else:
+            if shapes and have_weights and not layer.weights_optional \
+                    and not self._sharing.all_shared(layer.lp.param, len(shapes)):
+                if not self._some_weights_loaded:
+                    raise WeightsError(f"{where}: the caffemodel has no weights for this layer (it needs "
+                                       f"{len(shapes)} blob(s) of shapes {[list(s) for s in shapes]}), nor for any "
+                                       "other layer of the net; check that the layer names of the prototxt and the "
+                                       "caffemodel match")
+                _LOG.warning("%s: the caffemodel has no weights for this layer; its blobs come from its fillers, "
+                             "as Caffe leaves a layer the caffemodel does not name (a new layer to train)", where)
             data = layer.initial_params(shapes, self._rng)
         # A deploy model's int8 weights / int32 bias run as float32 holding the integers (exact
         # for int8, and for int32 up to 2**24); packed uint64 parameters stay raw for DeQuant.

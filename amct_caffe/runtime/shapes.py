@@ -132,6 +132,18 @@ def _infer(graph: Graph, phase: int, strict: bool, have_weights: bool, data_sour
     return known
 
 
+def _blob_count(cls, node: Node, graph: Graph, phase: int, unknown: int) -> int:
+    """How many learned blobs ``node``'s layer (executor class ``cls``) has for its bottoms' shapes: ``unknown``
+    where a bottom's shape is unknown, 0 where the layer's own parameters are wrong (the net's build says what)."""
+    bottoms = [graph.blobs[b].shape for b in node.bottoms]
+    if any(s is None for s in bottoms):
+        return unknown
+    try:
+        return len(cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms]))
+    except (AmctError, ValueError):
+        return 0
+
+
 def layers_without_weights(graph: Graph, phase: int = TEST) -> list[str]:
     """The layers of ``graph`` with learned blobs by their type for which the graph holds no weights and which
     share none by param name (:func:`~.param_sharing.shares_every_blob`): a Net built from it would refuse them.
@@ -144,14 +156,7 @@ def layers_without_weights(graph: Graph, phase: int = TEST) -> list[str]:
         if node.params or node.layer_param is None or cls is None:
             owned.update(p.name for p in specs if p.name)
             continue
-        bottoms = [graph.blobs[b].shape for b in node.bottoms]
-        try:
-            if any(s is None for s in bottoms):
-                count = 1 if ops.layer_type(node.type).weighted else 0
-            else:
-                count = len(cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms]))
-        except (AmctError, ValueError):
-            continue  # the net's build says what is wrong with the layer itself
+        count = _blob_count(cls, node, graph, phase, unknown=1 if ops.layer_type(node.type).weighted else 0)
         if count and not shares_every_blob(specs, count, owned):
             missing.append(node.name)
     return missing
@@ -169,12 +174,7 @@ def fill_shared_weights(graph: Graph, phase: int = TEST) -> list[str]:
         specs = list(node.layer_param.param) if node.layer_param is not None else []
         cls = static_class(node.type)
         if not node.params and specs and cls is not None:
-            bottoms = [graph.blobs[b].shape for b in node.bottoms]
-            try:
-                count = (0 if any(s is None for s in bottoms)
-                         else len(cls(node.layer_param, phase).param_shapes([tuple(s) for s in bottoms])))
-            except (AmctError, ValueError):
-                count = 0  # the net's build says what is wrong with the layer itself
+            count = _blob_count(cls, node, graph, phase, unknown=0)
             if count and shares_every_blob(specs, count, owners):
                 node.params = [owners[spec.name].copy() for spec in specs[:count]]
                 filled.append(node.name)

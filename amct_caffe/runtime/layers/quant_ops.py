@@ -137,6 +137,11 @@ def _named(layer: Layer, err: Exception) -> Exception:
 
 
 # ------------------------------------------------------------------ layers
+def _straight_through(self, top_diffs, propagate_down, bottoms, tops):
+    """dx = dy, the backward of caffe_patch's Quant and DeQuant (the top diff copied) and AntiQuant (shared)."""
+    return [top_diffs[0] if propagate_down[0] else None]
+
+
 @register("Quant")
 class QuantLayer(Layer):
     """Quant (quant_param): fake-quant, or integer codes when ``object_layer`` has integer weights."""
@@ -173,9 +178,7 @@ class QuantLayer(Layer):
             return [fake_quant(bottoms[0], scale_d, offset, num_bits, into=outs[0])]
         return quant_into
 
-    def backward(self, top_diffs, propagate_down, bottoms, tops):
-        """dx = dy: caffe_patch's Quant copies the top diff (a straight-through gradient)."""
-        return [top_diffs[0] if propagate_down[0] else None]
+    backward = _straight_through
 
 
 @register("AntiQuant")
@@ -191,8 +194,7 @@ class AntiQuantLayer(Layer):
     def diff_sharing(self, bottom_shapes):
         return "reshape"
 
-    def backward(self, top_diffs, propagate_down, bottoms, tops):
-        return [top_diffs[0] if propagate_down[0] else None]
+    backward = _straight_through
 
 
 @register("DeQuant")
@@ -237,6 +239,4 @@ class DeQuantLayer(Layer):
     def forward(self, bottoms):
         return [DeQuant(bottoms[0], *[b.data for b in self.blobs])]
 
-    def backward(self, top_diffs, propagate_down, bottoms, tops):
-        """dx = dy (caffe_patch's DeQuant copies the top diff; its blobs get no gradient)."""
-        return [top_diffs[0] if propagate_down[0] else None]
+    backward = _straight_through  # (its blobs get no gradient)
