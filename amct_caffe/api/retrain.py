@@ -39,6 +39,7 @@ from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.paths import check_output, checked_path, reading, require
 from amct_caffe.io.record import Record, read_record, record_text
 from amct_caffe.ir import Graph
+from amct_caffe.passes.fusion import find_fusions
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import canonical_record
 from amct_caffe.passes.retrain import (IFMR_START_MAX, IFMR_START_MIN, LearnedClips, insert_retrain_layers,
@@ -137,12 +138,28 @@ def create_quant_retrain_model(model_file, weights_file, config_file, modified_m
         modified = insert_retrain_layers(layer_graph(net, weights), specs, record_file)
         out_net, _ = graph_to_net(modified)
         _check_phases(out_net, modified_model_file)
+        _warn_per_tensor_folds(graph, {s.layer for s in specs if not s.weight.channel_wise})
         outputs = StagedOutputs()
         stage_graph(outputs, modified, modified_model_file, modified_weights_file)
         outputs.add_text(record_file, record_text(Record()))
         outputs.commit()
     _LOG.info("retrain model written to %s (%d layer(s) retrained); train it with test_initialization false, "
               "then call save_quant_retrain_model", modified_model_file, len(specs))
+
+
+def _warn_per_tensor_folds(graph: Graph, per_tensor: set[str]) -> None:
+    """Warn about each layer in ``per_tensor`` (one weight scale) that BatchNorm / Scale fold into at save.
+
+    Training quantizes ``w`` on one grid and the BatchNorm after it scales channel ``c`` by ``k_c``;
+    the saved layer holds ``w * k`` quantized on one grid, which is not ``Q(w) * k`` unless every
+    ``k_c`` is the same (per channel, a positive ``k_c`` commutes with the quantization)."""
+    folds = {f.target.name: [n.name for n in f.folded] for f in find_fusions(graph) if f.target.name in per_tensor}
+    for name, folded in sorted(folds.items()):
+        _LOG.warning("layer '%s' quantizes its weights on one grid (channel_wise false) and %s fold into it when "
+                     "the model is saved: the saved weights are the folded ones quantized again, which are not "
+                     "the trained ones where the folded factors differ between channels. Set "
+                     "retrain_weight_config.channel_wise true where the layer allows it (Convolution)",
+                     name, ", ".join(f"'{n}'" for n in folded))
 
 
 def _check_config(config_file, learned: list[LearnedClips]) -> None:
@@ -158,10 +175,21 @@ def _check_config(config_file, learned: list[LearnedClips]) -> None:
                               ("retrained in the model but not enabled in the config", extra)) if names))
     for name in sorted(wanted):
         entry = config.layers[name]
-        if entry.retrain_weight_config.channel_wise != found[name].channel_wise:
-            raise ConfigError(f"{config_file}: layer '{name}': retrain_weight_config.channel_wise "
-                              f"{str(entry.retrain_weight_config.channel_wise).lower()} differs from the retrained "
-                              "model's")
+        data = entry.retrain_data_config
+        differing = [("retrain_weight_config.channel_wise", entry.retrain_weight_config.channel_wise,
+                      found[name].channel_wise),
+                     ("retrain_data_config.num_bits", data.num_bits, found[name].num_bits)]
+        if data.fixed_min is not None:  # absent: decided from the graph when the model was made
+            differing.append(("retrain_data_config.fixed_min", data.fixed_min, found[name].fixed_min))
+        for field, given, trained in differing:
+            if given != trained:
+                raise ConfigError(f"{config_file}: layer '{name}': {field} {_json_value(given)} differs from the "
+                                  f"retrained model's ({_json_value(trained)}): give the config the model was made "
+                                  "from")
+
+
+def _json_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _activation_factors(clips: LearnedClips, test_record: Record | None) -> tuple[float, int]:
@@ -245,6 +273,7 @@ def save_quant_retrain_model(retrained_model_file, retrained_weights_file, save_
         test_record = None
         if scale_offset_record_file is not None and os.path.exists(scale_offset_record_file):
             test_record = read_record(scale_offset_record_file)
+        _warn_per_tensor_folds(float_graph, {c.layer for c in learned if not c.channel_wise})
         config = QuantConfig(layers={c.layer: LayerQuantConfig(weight_quant_params=ArqParams(c.channel_wise))
                                      for c in learned})
         prepared = prepare(float_graph, config)

@@ -345,6 +345,25 @@ def test_bn_is_kept_for_training_and_folded_at_save(tmp_path):
         assert Path(paths[kind]).read_bytes() == Path(other[kind]).read_bytes(), kind
 
 
+def test_a_per_tensor_layer_that_batchnorm_folds_into_is_named(tmp_path, caplog):
+    """One weight grid cannot hold the trained Q(w) scaled per channel by the folded BatchNorm / Scale:
+    both calls say which layer is re-quantized at save (per channel, nothing is said)."""
+    proto, weights, _ = _bn_model(tmp_path)
+    per_tensor = lambda text: text.replace('"channel_wise": true', '"channel_wise": false', 1)  # noqa: E731
+    for edit, warned in ((None, False), (per_tensor, True)):
+        out = tmp_path / ("pt" if warned else "pc")
+        out.mkdir()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="amct_caffe"):
+            config, mm, mw, rec = _retrain(out, proto, weights, edit)
+            trained_w = out / "trained.caffemodel"
+            _train_by_hand(mm, mw, trained_w, {"conv1": (2.0, -1.0), "ip1": (1.5, -0.5)})
+            amct.save_quant_retrain_model(str(mm), str(trained_w), "Both", str(out / "out/bn"), str(rec), str(config))
+        found = [r.getMessage() for r in caplog.records if "quantizes its weights on one grid" in r.getMessage()]
+        assert len(found) == (2 if warned else 0), found
+        assert all("layer 'conv1'" in m and "'bn1', 'scale1' fold into it" in m for m in found)
+
+
 def test_save_errors(tmp_path, saved, lenet):
     tmp, _, _ = saved
     _, config, mm, mw, rec = lenet
@@ -360,6 +379,17 @@ def test_save_errors(tmp_path, saved, lenet):
     with pytest.raises(ConfigError, match=r"retrained in the model but not enabled in the config: \['conv1'\]"):
         amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Both", str(tmp_path / "x"),
                                       None, str(bad))
+    # A config whose data settings are not the model's: the record would not say what the model trained.
+    for field, value, message in (("num_bits", 16, "retrain_data_config.num_bits 16 differs from the retrained "
+                                                   r"model's \(8\)"),
+                                  ("fixed_min", True, "retrain_data_config.fixed_min true differs from the "
+                                                      r"retrained model's \(false\)")):
+        edited = json.loads(config.read_text())
+        edited["conv1"]["retrain_data_config"][field] = value
+        bad.write_text(json.dumps(edited))
+        with pytest.raises(ConfigError, match=f"layer 'conv1': {message}"):
+            amct.save_quant_retrain_model(str(mm), str(tmp / "trained.caffemodel"), "Both", str(tmp_path / "x"),
+                                          None, str(bad))
     assert not list(tmp_path.glob("x_*"))
 
 
