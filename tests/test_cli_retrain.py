@@ -19,6 +19,7 @@ RETRAIN = ["retrain", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "-
 
 
 pytestmark = pytest.mark.usefixtures("cli_scratch_dir")
+RUN: dict = {}  # what the fake API's training ran (test_training_that_diverged_is_counted_as_it_ran)
 
 
 @pytest.fixture
@@ -27,10 +28,11 @@ def fake_retrain(monkeypatch):
 
     def label_free_retrain(model_file, weights_file, data, save_path, **kwargs):
         calls.append(dict(model=model_file, weights=weights_file, data=data, save_path=save_path, **kwargs))
+        run = RUN.get("iterations", 7)  # the iterations that ran: fewer than the 7 asked when training diverged
         return types.SimpleNamespace(outputs={"deploy_model": f"{save_path}_deploy_model.prototxt"}, iterations=7,
                                      batch_size=kwargs["batch_size"] or 64, loss_start=0.5, loss_end=0.1,
-                                     kept="rounded", data_loss_ptq=0.2, data_loss_before=0.05, data_loss_after=0.06,
-                                     targets=["prob"])
+                                     losses=[0.5] * run, kept="rounded", data_loss_ptq=0.2, data_loss_before=0.05,
+                                     data_loss_after=0.06, targets=["prob"])
 
     module = types.ModuleType("amct_caffe.api.label_free")
     module.label_free_retrain = label_free_retrain
@@ -50,6 +52,16 @@ def test_options_reach_the_api(fake_retrain, capsys):
     assert "deploy_model: out/lenet_deploy_model.prototxt" in out
     assert "5.0000e-01 -> 1.0000e-01" in out and "7 iterations of 32 sample(s)" in out
     assert "saved: the rounded model" in out and "PTQ 2.0000e-01, training start 5.0000e-02" in out
+
+
+@pytest.mark.parametrize("run, said", [(3, "mean of the first / last tenth of the 3 iteration(s) before training "
+                                              "diverged (of 7) of 64 sample(s): 5.0000e-01"),
+                                       (0, "distillation loss: training diverged at its first iteration (of 7)")])
+def test_training_that_diverged_is_counted_as_it_ran(fake_retrain, capsys, monkeypatch, run, said):
+    monkeypatch.setitem(RUN, "iterations", run)
+    assert cli.main(RETRAIN) == 0
+    out = capsys.readouterr().out
+    assert said in out and "7 iterations" not in out
 
 
 def test_defaults(fake_retrain):

@@ -447,7 +447,8 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     if weight_lr is None:
         weight_lr = ROUNDED_WEIGHT_LR if rounding else WEIGHT_LR
     for name, value in (("clip_lr", clip_lr), ("weight_lr", weight_lr)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not numeric or not (math.isfinite(value) and value >= 0):
             raise AmctError(f"{name} must be a finite number >= 0, got {value!r}")
     save_path = check_save_path(save_path)
     with reading(model_file=model_file, weights_file=weights_file):
@@ -496,8 +497,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
             if rounding:
                 bar.set_description("rounding")
                 rounded = bool(round_weights(retrain, inputs, model_batch, graph))
-            _set_rates(retrain, clip_lr, weight_lr, set(fixed))
-            train_graph, train_feeds = _training_graph(retrain, inputs, targets, batch, model_batch, per_sample_loss)
+            rated = retrain.copy()  # the training's rates; the models saved keep the user's ParamSpecs
+            _set_rates(rated, clip_lr, weight_lr, set(fixed))
+            train_graph, train_feeds = _training_graph(rated, inputs, targets, batch, model_batch, per_sample_loss)
             bar.set_description("retrain")
             losses, trained, before, after = _train(train_graph, work, train_feeds, batch, iterations, bar, seed)
             # the lowest loss over the data of the three; a NaN (not measured) loses every comparison

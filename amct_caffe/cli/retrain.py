@@ -60,9 +60,14 @@ def cmd_retrain(args) -> int:
     ratio = ("the mean over samples of |INT8 - FP32|^2 / |FP32|^2" if args.per_sample_loss
              else "mean |INT8 - FP32|^2 / mean |FP32|^2 over the samples")
     print(f"distilled: {', '.join(result.targets)}")
-    print(f"distillation loss (sum over those blobs of {ratio}), mean of the first / last tenth of "
-          f"{result.iterations} iterations of {result.batch_size} sample(s): "
-          f"{result.loss_start:.4e} -> {result.loss_end:.4e}")
+    run = len(result.losses)  # fewer than asked when training diverged (a warning said where)
+    counted = (f"{run} iterations" if run == result.iterations else
+               f"the {run} iteration(s) before training diverged (of {result.iterations})")
+    if run:
+        print(f"distillation loss (sum over those blobs of {ratio}), mean of the first / last tenth of "
+              f"{counted} of {result.batch_size} sample(s): {result.loss_start:.4e} -> {result.loss_end:.4e}")
+    else:
+        print(f"distillation loss: training diverged at its first iteration (of {result.iterations})")
     losses = [("PTQ", result.data_loss_ptq), ("training start", result.data_loss_before),
               ("trained", result.data_loss_after)]  # PTQ's is measured only when the rounding gives another start
     print(f"saved: the {'PTQ' if result.kept == 'ptq' else result.kept} model (distillation loss over the data: "

@@ -126,9 +126,11 @@ def test_bad_data(tmp_path, data, message):
 
 
 def test_one_batch_may_be_given_as_a_mapping(digits, tmp_path):
-    result = amct.label_free_retrain(str(MODEL), str(WEIGHTS), digits[0][0], str(tmp_path / "q"), iterations=2,
+    # numpy scalars count as numbers, as a script that computes its rates gets them
+    result = amct.label_free_retrain(str(MODEL), str(WEIGHTS), digits[0][0], str(tmp_path / "q"),
+                                     iterations=np.int64(2), clip_lr=np.float32(0.005), weight_lr=np.float64(0),
                                      progress=False)
-    assert result.samples == 64
+    assert result.samples == 64 and result.iterations == 2
 
 
 def test_outputs_never_overwrite_inputs(digits, tmp_path):
@@ -223,6 +225,24 @@ def test_after_the_rounding_only_the_clips_train_by_default(digits, tmp_path):
 def test_rounding_lowers_the_data_loss(runs):
     _, qat = runs
     assert qat.data_loss_before < 0.95 * qat.data_loss_ptq
+
+
+def test_the_saved_models_keep_the_models_param_specs(runs):
+    """The training's learning rates (lr_mult 0 on the frozen layers, tiny ones on the trained blobs)
+    stay in the training net: the fake-quant and deploy models carry LeNet's own lr_mult 1 / 2, as
+    calibrate's do, so that the user can fine-tune them."""
+    from amct_caffe import io
+
+    ptq, qat = runs
+    assert qat.kept != "ptq"  # else the files are calibrate's by construction
+
+    def specs(model):
+        return {lp.name: [(p.lr_mult, p.decay_mult) for p in lp.param] for lp in io.load_prototxt(model).layer}
+
+    for kind in ("fake_quant_model", "deploy_model"):
+        got, want = specs(qat.outputs[kind]), specs(ptq[kind])
+        assert got == want, kind
+        assert want["conv1"] == [(1.0, 1.0), (2.0, 1.0)]
 
 
 def test_quantizes_the_layers_ptq_quantizes(runs):
