@@ -183,8 +183,10 @@ def test_a_signal_as_the_ifmr_worker_starts_still_ends_the_run(tmp_path, sig, co
 
 
 def test_a_signal_dropped_in_a_finalizer_still_ends_the_command(tmp_path):
-    """Python drops an exception raised in a weakref callback (printing 'Exception ignored'): a Ctrl-C landing
-    there used to let the run finish with status 0 and no longer be interruptible."""
+    """Python drops an exception raised in a weakref callback, printing 'Exception ignored' and a traceback: a
+    Ctrl-C landing there let the run go on to the end with the signals ignored (no second Ctrl-C could stop a
+    long run), printing that traceback. It is delivered again after the callback: the run stops there, quietly,
+    and nothing is written."""
     hook = ("import weakref, amct_caffe.api.workflow as wf\n"
             "real = wf.calibrate\n"
             "class Token: pass\n"
@@ -193,9 +195,30 @@ def test_a_signal_dropped_in_a_finalizer_still_ends_the_command(tmp_path):
             "    return real(*a, **k)\n"
             "wf.calibrate = calibrate\n"
             "import amct_caffe.cli.calibrate as c; c.calibrate = calibrate\n")
-    res = _hooked(tmp_path, hook, _calibrate_lenet(tmp_path / "out"))
+    out = tmp_path / "out"
+    res = _hooked(tmp_path, hook, _calibrate_lenet(out))
     assert res.returncode == 130, res.stderr
-    assert res.stderr.rstrip().splitlines()[-1].startswith("amct-caffe: interrupted")
+    assert res.stderr.splitlines() == ["amct-caffe: interrupted"]
+    assert not out.exists() or os.listdir(out) == []
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_as_a_temporary_folder_is_removed_leaves_nothing(tmp_path, sig, code):
+    """The signal lands as the removal of the run's temporary folder starts (the folder holds the config and
+    the intermediate models): that removal stopped there and left the folder in TMPDIR."""
+    hook = ("import shutil\n"
+            "real = shutil.rmtree\n"
+            "def rmtree(path, *a, **k):\n"
+            "    if 'amct_calib_' in str(path) and not getattr(rmtree, 'done', False):\n"
+            "        rmtree.done = True\n"
+            f"        signal.raise_signal(signal.{sig})\n"
+            "    return real(path, *a, **k)\n"
+            "shutil.rmtree = rmtree\n")
+    res = _hooked(tmp_path, hook, _calibrate_lenet(tmp_path / "out"))
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr
+    assert os.listdir(tmp_path / "tmp") == []
 
 
 def test_an_interrupt_after_the_outputs_are_written_says_they_are_complete(tmp_path):

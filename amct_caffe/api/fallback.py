@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +62,7 @@ from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.paths import reads
+from amct_caffe.io.scratch import temporary_directory
 from amct_caffe.passes.prepare import prepare
 from amct_caffe.passes.quantized_models import FAKE, build_quantized_graph
 from amct_caffe.runtime import TEST, Net
@@ -335,7 +335,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
             if not np.isfinite(value):
                 raise AmctError(f"evaluator returned {value}, not a finite number")
             return value
-    with tempfile.TemporaryDirectory(prefix="amct_fallback_") as tmp:
+    with temporary_directory("amct_fallback_") as tmp:
         config = os.path.join(tmp, "config.json")
         if config_file is not None:
             if not os.path.isfile(config_file):

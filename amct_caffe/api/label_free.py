@@ -81,7 +81,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,6 +100,7 @@ from amct_caffe.data import given_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reading
 from amct_caffe.io.schema import caffe_pb
+from amct_caffe.io.scratch import temporary_directory
 from amct_caffe.ir import Graph, Node
 from amct_caffe.passes.fusion import fuse_bn_scale
 from amct_caffe.passes.retrain import DATA_QUANT, WEIGHT_QUANT, RetrainSpec, insert_retrain_layers, retrain_specs
@@ -460,7 +460,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
         if batch > samples:
             raise AmctError(f"batch size {batch} is larger than the {samples} sample(s) of the data")
         iterations = iterations or max(MIN_ITERATIONS, math.ceil(DEFAULT_EPOCHS * samples / batch))
-        with tempfile.TemporaryDirectory(prefix="amct_lfqat_") as work, \
+        with temporary_directory("amct_lfqat_") as work, \
                 tqdm(total=2 * len(feeds) + iterations, desc="label-free QAT", unit="step",
                      disable=not progress) as bar:
             graph = load_float_graph(model_file, weights_file)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -23,6 +22,7 @@ from amct_caffe.api.session import QuantGraph
 from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reading
+from amct_caffe.io.scratch import temporary_directory
 from amct_caffe.runtime import TEST, Net
 
 _LOG = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def calibrate(model_file, weights_file, batches: Iterable[dict[str, np.ndarray]]
     check_save_path(save_path)
     given_config = config_file if config_file is not None and os.path.exists(config_file) else None
     with reading(model_file=model_file, weights_file=weights_file, config_file=given_config,
-                 config_defination=config_defination), tempfile.TemporaryDirectory(prefix="amct_calib_") as tmp:
+                 config_defination=config_defination), temporary_directory("amct_calib_") as tmp:
         check_saved_outputs(save_path)  # a file this call reads is refused before the work, not after it
         config = config_file or os.path.join(tmp, "config.json")
         if given_config is None:

@@ -22,12 +22,14 @@ import os
 import re
 import signal
 import sys
+import _thread
 import threading
+import time
 
 from amct_caffe import log
 from amct_caffe.cli import calibrate, compare, model, retrain, run
 from amct_caffe.errors import AmctError
-from amct_caffe.io import outputs
+from amct_caffe.io import outputs, scratch
 from amct_caffe.io.paths import reading
 
 _LOG = logging.getLogger(__name__)
@@ -92,9 +94,12 @@ def _signals_unwind():
     first one started. A signal the parent process set to be ignored (nohup, ``&`` in a script)
     stays ignored. The previous handlers are restored on exit (``main`` also runs inside tests).
 
-    Yields the list of the signals received: Python drops an exception raised inside a finalizer
-    (``__del__``, a weakref callback: matplotlib runs many), so a signal landing there does not stop
-    the command, and ``main`` then ends it as interrupted once the command returns.
+    Yields the list of the signals received. Python drops an exception raised inside a finalizer
+    (``__del__``, a weakref callback: tqdm and matplotlib run them), printing its traceback through
+    ``sys.unraisablehook``. Ours are not printed: the handlers are armed again and the signal is
+    delivered anew from a helper thread, so it is raised at the main thread's next check, after the
+    finalizer (again, if that lands in another one). ``main`` also ends a command that returns after
+    a signal as interrupted.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
@@ -102,6 +107,8 @@ def _signals_unwind():
         return
     raises = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
     previous = {sig: signal.getsignal(sig) for sig in raises}
+    armed = [sig for sig in raises if previous[sig] is not signal.SIG_IGN]
+    previous_hook = sys.unraisablehook
 
     def handler(signum, frame):
         for sig in raises:
@@ -109,12 +116,30 @@ def _signals_unwind():
         received.append(signum)
         raise raises[signum]()
 
+    def unraisable(info) -> None:
+        ours = isinstance(info.exc_value, tuple(raises.values())) and received
+        if not ours or threading.current_thread() is not threading.main_thread():
+            previous_hook(info)
+            return
+        for sig in armed:
+            signal.signal(sig, handler)
+        hook_done = [False]
+
+        def deliver(signum=received[-1]):  # once this hook has returned: raised inside it, it would be dropped too
+            while not hook_done[0]:
+                time.sleep(0.001)
+            _thread.interrupt_main(signum)
+
+        threading.Thread(target=deliver, daemon=True).start()
+        hook_done[0] = True  # the last statement: no call between it and the return
+
     try:
-        for sig in raises:
-            if previous[sig] is not signal.SIG_IGN:
-                signal.signal(sig, handler)
+        for sig in armed:
+            signal.signal(sig, handler)
+        sys.unraisablehook = unraisable
         yield received
     finally:
+        sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
@@ -187,6 +212,7 @@ def main(argv=None) -> int:
             _error(f"error: {e}")
             return EXIT_ERROR
         except (KeyboardInterrupt, Terminated) as e:
+            scratch.remove_leftovers()  # a temporary folder whose removal the signal cut
             # after the command's outputs were committed they are all in place (a summary or a clean-up was left)
             after = " after the outputs were written (they are complete)" if _wrote_outputs(args, committed) else ""
             what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"

@@ -1,0 +1,73 @@
+"""Temporary folders that an interrupt cannot leave behind.
+
+A Ctrl-C or SIGTERM raises its exception wherever the main thread is: also inside the removal of a
+temporary folder, which then stops half way and leaves the folder (with the run's intermediate
+models) in the system's temporary directory. :func:`temporary_directory` registers each folder
+before it exists and forgets it only once it is gone; :func:`remove_leftovers` removes what is still
+registered. The command line calls it after an interrupt (when further signals are ignored), and it
+runs at interpreter exit for scripts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+
+_LIVE: set[str] = set()  # folders made and not yet removed
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def temporary_directory(prefix: str) -> Iterator[str]:
+    """A new folder (mode 0700) in the temporary directory, removed with its contents at the end."""
+    while True:  # registered before it is made: an interrupt between the two leaves nothing unknown
+        path = os.path.join(tempfile.gettempdir(), prefix + secrets.token_hex(6))
+        with _LOCK:
+            _LIVE.add(path)
+        try:
+            os.mkdir(path, 0o700)
+            break
+        except FileExistsError:
+            _forget(path)
+        except BaseException:
+            _forget(path)
+            raise
+    try:
+        yield path
+    finally:
+        remove(path)
+
+
+def _forget(path: str) -> None:
+    with _LOCK:
+        _LIVE.discard(path)
+
+
+def remove(path: str) -> None:
+    """Remove the folder ``path`` and forget it (kept registered if it could not be removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        _forget(path)
+
+
+def remove_leftovers() -> None:
+    """Remove every folder of :func:`temporary_directory` still there (an interrupt cut its removal)."""
+    with _LOCK:
+        left = sorted(_LIVE)
+    for path in left:
+        remove(path)
+
+
+def leftovers() -> list[str]:
+    """The folders still registered (for tests)."""
+    with _LOCK:
+        return sorted(_LIVE)
+
+
+atexit.register(remove_leftovers)
