@@ -336,6 +336,17 @@ py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads
   return std::move(y);
 }
 
+py::array greater_select(const py::handle& a_obj, const py::handle& b_obj, int threads, const py::object& into) {
+  auto a = checked<float>(a_obj, "a");
+  auto b = checked<float>(b_obj, "b");
+  if (size_of(a) != size_of(b)) throw py::value_error("a and b must have the same size");
+  auto y = amct_py::output_into(into, shape_of(a), {});
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::greater_select(a.data(), b.data(), yp, size_of(a), threads);
+  return std::move(y);
+}
+
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                         std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
                         const py::object& bias_obj, const py::object& into) {
@@ -488,6 +499,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
   m.def("relu", &relu, py::arg("x"), py::arg("threads"), py::arg("into") = py::none());
+  m.def("greater_select", &greater_select, py::arg("a"), py::arg("b"), py::arg("threads"),
+        py::arg("into") = py::none());
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {

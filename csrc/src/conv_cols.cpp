@@ -257,6 +257,28 @@ void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std:
   });
 }
 
+// y = a > b ? a : b, as a bitwise select (GCC vectorizes the select, not the conditional form on floats).
+namespace {
+void greater_select_run(const float* a, const float* b, float* y, std::size_t len) {
+  for (std::size_t i = 0; i < len; ++i) {
+    std::uint32_t ab, bb;
+    std::memcpy(&ab, a + i, sizeof ab);
+    std::memcpy(&bb, b + i, sizeof bb);
+    const std::uint32_t keep = 0u - static_cast<std::uint32_t>(a[i] > b[i]);
+    const std::uint32_t r = (ab & keep) | (bb & ~keep);
+    std::memcpy(y + i, &r, sizeof r);
+  }
+}
+}  // namespace
+
+void greater_select(const float* a, const float* b, float* y, std::size_t n, int threads) {
+  constexpr std::size_t kBlock = 1 << 14;  // items of the split: blocks of values
+  parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {
+    const std::size_t begin = first * kBlock;
+    greater_select_run(a + begin, b + begin, y + begin, std::min(n, last * kBlock) - begin);
+  });
+}
+
 void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads) {
   constexpr std::size_t kBlock = 1 << 14;  // items of the split: blocks of values
   parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {

@@ -27,7 +27,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.libm_float import libm_f32, tanhf
+from amct_caffe.runtime.layers.libm_float import expf, libm_f32, tanhf
 
 try:  # csrc/src/conv_cols.cpp: NumPy's maximum(x, 0) without its NaN-keeping slow path (3x faster), same bytes
     from amct_caffe._kernels import relu as RELU_KERNEL
@@ -187,13 +187,14 @@ def Exp(x, base=-1.0, scale=1.0, shift=0.0):
     """y = base ^ (shift + scale * x); base -1 means e.
 
     Caffe's order: y = exp(log(base) * scale * x) * base^shift, each step rounded to float32,
-    exp, log and pow as glibc's (:func:`.libm_float.libm_f32`).
+    exp as glibc's expf bit for bit (:func:`.libm_float.expf`), log and pow as glibc's
+    (:func:`.libm_float.libm_f32`).
     """
     inner = _log_base(base) * _F32(scale)
     if shift == 0:
         outer = _F32(1)
     else:
-        outer = (libm_f32(np.exp, _F32(shift)) if base == -1 else libm_f32(np.power, _F32(base), _F32(shift)))[()]
+        outer = (expf(_F32(shift)) if base == -1 else libm_f32(np.power, _F32(base), _F32(shift)))[()]
     # a factor of 0 (inner, or an outer base^shift that underflowed) is Caffe's BLAS sscal by 0: zeros
     # even where x is inf or NaN
     if outer == 0:
@@ -202,7 +203,7 @@ def Exp(x, base=-1.0, scale=1.0, shift=0.0):
         if inner == 0:
             out = np.full(x.shape, outer, _F32)
         else:
-            out = libm_f32(np.exp, x if inner == 1 else np.multiply(x, inner))
+            out = expf(x if inner == 1 else np.multiply(x, inner))
             if outer != 1:
                 out *= outer
     return out

@@ -10,12 +10,19 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
-from amct_caffe.runtime.layer import Layer
 from amct_caffe.ops import register
+from amct_caffe.runtime import threads
+from amct_caffe.runtime.layer import Layer
+
+try:
+    from amct_caffe._kernels import greater_select as GREATER_SELECT_KERNEL
+except ImportError:  # a checkout without the compiled module: NumPy's masked copies
+    GREATER_SELECT_KERNEL = None
 
 _F32 = np.float32
 PROD, SUM, MAX = 0, 1, 2  # EltwiseParameter.EltwiseOp numbers
 _OPS = {"PROD": PROD, "SUM": SUM, "MAX": MAX}
+_THREADED_SELECT = 1 << 18  # values from which MAX's select runs on the free cores
 
 
 def _check_eltwise(n_bottoms: int, operation, coeff) -> int:
@@ -51,6 +58,12 @@ def Eltwise(*xs, operation=SUM, coeff=()):
             out *= x
         return out
     if op == MAX:
+        if GREATER_SELECT_KERNEL is not None and all(x.dtype == _F32 for x in xs):
+            workers = threads.workers() if xs[0].size >= _THREADED_SELECT else 1
+            out = GREATER_SELECT_KERNEL(np.ascontiguousarray(xs[0]), np.ascontiguousarray(xs[1]), workers)
+            for x in xs[2:]:
+                GREATER_SELECT_KERNEL(np.ascontiguousarray(x), out, workers, out)
+            return out
         out = np.array(xs[1], _F32, copy=True)
         np.copyto(out, xs[0], where=xs[0] > xs[1])
         for x in xs[2:]:

@@ -359,6 +359,14 @@ class PoolingLayer(Layer):
         if min(out) <= 0:
             return self.forward
         self._kept_input = self._argmax = self._mask_top = None  # what forward leaves for such a layer
+        if tuple(out) == (1, 1) and tuple(k) == tuple(shape[2:]) and not any(p):
+            # a whole plane per output: one vectorized reduction (the kernel's taps-outer loops get rows of
+            # one output); NaN skipped and all-NaN -FLT_MAX as in Caffe's loop (Pooling's NumPy path)
+            def global_max(bottoms, outs=(None,)):
+                x = bottoms[0]
+                y = np.fmax.reduce(x.reshape(x.shape[0], x.shape[1], -1), axis=2, keepdims=True)
+                return [np.fmax(y, -_FLT_MAX, out=y).reshape(x.shape[0], x.shape[1], 1, 1)]
+            return global_max
         args = (MAX, list(k), list(s), list(p), list(out))
         threaded = math.prod(shape) >= THREADED_POOL
 

@@ -39,6 +39,10 @@ void affine_add_relu(float* y, const float* other, float* s, std::size_t n, std:
 // y = max(a + b, 0) elementwise over n values (an Eltwise SUM and the in-place ReLU after it).
 void add_relu(const float* a, const float* b, float* y, std::size_t n, int threads);
 
+// y = a > b ? a : b elementwise over n values (Caffe's Eltwise MAX step: NaN never wins; equal values give b).
+// y may be a or b.
+void greater_select(const float* a, const float* b, float* y, std::size_t n, int threads);
+
 // PReLU over x (N, C, P): y = x where x > 0, else x * a[c] (a[0] for every channel if `shared`): NumPy's
 // multiply(x, a) then copyto(y, x, where=x > 0), so NaN and -0 come out as there, in one pass.
 void prelu(const float* x, const float* a, float* y, std::size_t n, std::size_t c, std::size_t p, bool shared,
