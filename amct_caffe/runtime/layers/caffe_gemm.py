@@ -69,6 +69,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from amct_caffe.runtime.layers.cblas import numpy_cblas_sgemm, single_row_sgemm
+
 _LOG = logging.getLogger(__name__)
 
 SMALL_GEMM_MNK = 100 ** 3           # OpenBLAS x86-64 small-matrix kernels take M*N*K up to this
@@ -298,6 +300,10 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
         rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if not blocks and (rows, cols) == (m, n):
         return np.matmul(a, b, out=out)
+    if not blocks and m == 1 and tuple(caffe_mnk[:1]) == (1,) and min(n, k) >= 2:  # Caffe's own call
+        y = single_row_sgemm(a, b, trans_b, out)
+        if y is not None:
+            return y
     if rows != m:
         ap = np.zeros(a.shape[:-2] + (rows, k), np.float32)
         ap[..., :m, :] = a
@@ -382,6 +388,8 @@ def prepared(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: b
     rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if (rows, cols) == (m, n):
         return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
+    if m == 1 and caffe_mnk[0] == 1 and min(n, k) >= 2 and numpy_cblas_sgemm() is not None:
+        return lambda a, b, out=None, part=None: matmul(a, b, caffe_mnk, trans_b=trans_b, out=out, part=part)
 
     def padded(a, b, out=None, part=None):  # matmul's zero rows / column, without blocks
         if rows != m:
