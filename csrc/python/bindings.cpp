@@ -496,6 +496,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"), py::arg("into") = py::none());
   m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
+  m.def("powf_half", &map_floats<amct::powf_half_array>, py::arg("x"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
   m.def("relu", &relu, py::arg("x"), py::arg("threads"), py::arg("into") = py::none());

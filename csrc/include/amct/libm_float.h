@@ -33,4 +33,8 @@ float glibc_expf(float x);
 void expf_span(const float* x, float* y, std::size_t n);
 void expf_array(const float* x, float* y, std::size_t n, int threads);
 
+// y[i] = powf(x[i], 0.5f), glibc's powf as Caffe's caffe_powx calls it (BatchNorm's standard deviation):
+// not always sqrtf's correctly rounded value (125 of 200,000 random values differ by an ulp).
+void powf_half_array(const float* x, float* y, std::size_t n, int threads);
+
 }  // namespace amct
