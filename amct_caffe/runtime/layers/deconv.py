@@ -12,8 +12,17 @@ import math
 
 import numpy as np
 
+from amct_caffe.runtime import threads
 from amct_caffe.runtime.layers import caffe_gemm
 from amct_caffe.runtime.layers.conv_cols import per_axis, scratch, tap_slices
+
+try:  # Caffe's col2im_cpu in one C++ pass (a 2-D deconvolution's forward is a convolution's input gradient)
+    from amct_caffe._kernels import col2im_2d as COL2IM_KERNEL
+except ImportError:  # a checkout without the compiled module: one strided NumPy add per tap
+    COL2IM_KERNEL = None
+
+
+THREADED_COL2IM = 1 << 16  # column values from which col2im runs on the free cores
 
 
 def deconv_out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -54,6 +63,13 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
     else:
         cols = scratch("cols", (n, group, og * math.prod(ksz), xg.shape[-1]))
         caffe_gemm.matmul(wt, xg, caffe_mnk, out=cols)
+        if COL2IM_KERNEL is not None and nsp == 2:  # the same sums, in the same order (tap by tap per cell)
+            y = np.empty((n, o) + out, np.float32)
+            COL2IM_KERNEL(cols, y, list(ksz), list(stride), list(pad), list(dilation), list(sp), False,
+                          threads.workers() if cols.size >= THREADED_COL2IM else 1)
+            if bias is not None:
+                y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
+            return y
         cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
         full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
         yp = np.zeros((n, o) + full, np.float32) if not any(pad) else scratch("pad", (n, o) + full)
