@@ -22,6 +22,7 @@
 #include "amct/depthwise.h"
 #include "amct/direct_conv.h"
 #include "amct/libm_float.h"
+#include "amct/lrn.h"
 #include "amct/softmax.h"
 #include "amct/max_pool.h"
 #include "amct/sgd.h"
@@ -347,6 +348,20 @@ py::array greater_select(const py::handle& a_obj, const py::handle& b_obj, int t
   return std::move(y);
 }
 
+py::tuple lrn_across(const py::handle& x_obj, int size, float alpha_over_size, float beta, float k, int threads) {
+  auto x = checked<float>(x_obj, "x", 4);
+  if (size < 1 || size % 2 != 1) throw py::value_error("lrn_across: size must be odd and positive");
+  py::array_t<float> y(shape_of(x)), scale(shape_of(x));
+  auto* yp = y.mutable_data();
+  auto* sp = scale.mutable_data();
+  const std::size_t n = x.shape(0), c = x.shape(1), hw = static_cast<std::size_t>(x.shape(2)) * x.shape(3);
+  {
+    py::gil_scoped_release release;
+    amct::lrn_across(x.data(), yp, sp, n, c, hw, size, alpha_over_size, beta, k, threads);
+  }
+  return py::make_tuple(std::move(y), std::move(scale));
+}
+
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                         std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
                         const py::object& bias_obj, const py::object& into) {
@@ -497,6 +512,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
   m.def("powf_half", &map_floats<amct::powf_half_array>, py::arg("x"), py::arg("threads"));
+  m.def("lrn_across", &lrn_across, py::arg("x"), py::arg("size"), py::arg("alpha_over_size"), py::arg("beta"),
+        py::arg("k"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
   m.def("relu", &relu, py::arg("x"), py::arg("threads"), py::arg("into") = py::none());

@@ -20,10 +20,17 @@ import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
-from amct_caffe.runtime.layer import Layer
 from amct_caffe.ops import register
+from amct_caffe.runtime import threads
+from amct_caffe.runtime.layer import Layer
+
+try:  # csrc/src/lrn.cpp: ACROSS_CHANNELS in Caffe's running-sum arithmetic (fused saxpy steps, glibc's powf)
+    from amct_caffe._kernels import lrn_across as LRN_ACROSS_KERNEL
+except ImportError:  # a checkout without the compiled module: window sums, an ulp or so off Caffe's
+    LRN_ACROSS_KERNEL = None
 
 _F32 = np.float32
+_THREADED_LRN = 1 << 16  # values from which the images are split between the free cores
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
 
 
@@ -132,6 +139,13 @@ class LRNLayer(Layer):
 
     def forward(self, bottoms):
         kw = self.kwargs
+        x = bottoms[0]
+        if LRN_ACROSS_KERNEL is not None and not _within(kw["norm_region"]) and x.ndim == 4:
+            # Caffe's scale_ (alpha_ / size_ in float) as its running sum leaves it, kept for the backward
+            y, self._scale = LRN_ACROSS_KERNEL(np.ascontiguousarray(x, _F32), kw["local_size"],
+                                               _F32(kw["alpha"]) / _F32(kw["local_size"]), kw["beta"], kw["k"],
+                                               threads.workers() if x.size >= _THREADED_LRN else 1)
+            return [y]
         s = lrn_scale(bottoms[0], kw["local_size"], kw["alpha"], kw["norm_region"], kw["k"])
         # kept for backward like Caffe's scale_ / internal blobs (in place, the input is gone by then)
         self._scale = s
