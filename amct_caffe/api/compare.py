@@ -265,7 +265,7 @@ class BlobComparison:
         for name in self.names:
             acc = self.acc[name]
             producer = self.fp32_graph.producer(name)
-            worst_in = worst_cosine([cosine.get(b, 1.0) for b in producer.bottoms], default=1.0)
+            worst_in = worst_cosine(self._input_cosines(producer, cosine), default=1.0)
             rel = math.sqrt(acc.diff_sq / acc.ref_sq) if acc.ref_sq else (0.0 if not acc.diff_sq else math.inf)
             sqnr = _sqnr_db(acc.ref_sq, acc.diff_sq)
             quant_layer, _ = _real_layer(self.quant_graph, name)
@@ -274,6 +274,29 @@ class BlobComparison:
                 rel, sqnr, (1 - cosine[name]) - (1 - worst_in), list(acc.shape),
                 acc.top1_same / acc.top1_total if acc.top1_total else None))
         return out
+
+
+    def _input_cosines(self, producer, cosine: dict[str, float]) -> list[float]:
+        """The cosines of the compared blobs ``producer`` reads, directly or through blobs not compared.
+
+        A blob the quantized model folds away (a BatchNorm's output inside a Convolution + BatchNorm + Scale
+        chain, the convolution's own output) has no cosine: the error a layer adds is measured from the
+        compared blobs its chain starts from, not from a perfect input. A net input counts as exact."""
+        found: list[float] = []
+        seen: set[str] = set()
+        todo = list(producer.bottoms)
+        while todo:
+            blob = todo.pop()
+            if blob in seen:
+                continue
+            seen.add(blob)
+            if blob in cosine:
+                found.append(cosine[blob])
+                continue
+            source = self.fp32_graph.producer(blob)
+            if source is not None:
+                todo.extend(source.bottoms)
+        return found
 
 
 def quantized_layers(quant_graph: Graph) -> dict[str, dict]:

@@ -308,3 +308,55 @@ def test_a_report_folder_used_again_holds_only_the_new_reports_files(lenet_repor
     names = sorted(p.name for p in out.iterdir())
     assert "activation_9_0.png" not in names and "fp32_blobs.npz" not in names
     assert "notes.txt" in names and "report.json" in names and "layer_error.png" in names
+
+
+def _bn_chain_net(tmp_path) -> tuple[Path, Path]:
+    """data -> 3 x (Convolution without bias -> BatchNorm -> Scale -> ReLU, all in place): a linear chain."""
+    layers = ['layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 12 '
+              'dim: 12 } } }']
+    bottom = "data"
+    for i in (1, 2, 3):
+        c = f"c{i}"
+        layers += [f'layer {{ name: "{c}" type: "Convolution" bottom: "{bottom}" top: "{c}" convolution_param {{ '
+                   f'num_output: 8 kernel_size: 3 pad: 1 bias_term: false weight_filler {{ type: "msra" }} }} }}',
+                   f'layer {{ name: "{c}_bn" type: "BatchNorm" bottom: "{c}" top: "{c}" }}',
+                   f'layer {{ name: "{c}_sc" type: "Scale" bottom: "{c}" top: "{c}" '
+                   'scale_param { bias_term: true } }',
+                   f'layer {{ name: "{c}_relu" type: "ReLU" bottom: "{c}" top: "{c}" }}']
+        bottom = c
+    proto = tmp_path / "bn_chain.prototxt"
+    proto.write_text("\n".join(layers) + "\n")
+    net = Net(str(proto), TEST)
+    rng = np.random.default_rng(1)
+    for name, p in net.params.items():
+        if name.endswith("_bn"):
+            p[0].data[...] = rng.normal(0, 0.1, p[0].data.shape)
+            p[1].data[...] = rng.uniform(0.5, 1.5, p[1].data.shape)
+            p[2].data[...] = 1
+        elif name.endswith("_sc"):
+            p[0].data[...] = rng.uniform(0.5, 1.5, p[0].data.shape)
+            p[1].data[...] = rng.normal(0, 0.1, p[1].data.shape)
+    weights = tmp_path / "bn_chain.caffemodel"
+    net.save(str(weights))
+    return proto, weights
+
+
+def test_error_added_of_a_folded_chain_starts_from_the_chains_compared_input(tmp_path):
+    """The blob compared for a Convolution + BatchNorm + Scale chain is the Scale's; its input (the BatchNorm's
+    output) exists only in the float model. The error the chain adds is measured from the chain's compared input,
+    so along a linear net the errors added sum to the output's 1 - cosine; each used to count from a perfect
+    input, which ranked the deepest layers first with every error before them."""
+    proto, weights = _bn_chain_net(tmp_path)
+    rng = np.random.default_rng(2)
+    feeds = [{"data": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)} for _ in range(2)]
+    paths = calibrate(str(proto), str(weights), feeds, str(tmp_path / "q/bn"), 2, progress=False)
+    result = compare_model(str(proto), str(weights), paths["fake_quant_model"], paths["fake_quant_weights"], feeds,
+                           tmp_path / "report", batch_num=0, progress=False)
+    blobs = {r["name"]: r for r in json.loads(Path(result["json"]).read_text())["blobs"]}
+    # the chains' Scale outputs and the ReLUs' in-place outputs, in net order: a linear chain of compared blobs
+    assert list(blobs) == ["c1_sc", "c1", "c2_sc", "c2", "c3_sc", "c3"] and blobs["c3"]["output"]
+    assert [blobs[n]["quant_layer"] for n in ("c1_sc", "c2_sc", "c3_sc")] == ["c1", "c2", "c3"]
+    assert sum(r["error_added"] for r in blobs.values()) == pytest.approx(1 - blobs["c3"]["cosine"], abs=1e-12)
+    for chain, before in (("c2_sc", "c1"), ("c3_sc", "c2")):
+        assert blobs[chain]["error_added"] == pytest.approx(
+            (1 - blobs[chain]["cosine"]) - (1 - blobs[before]["cosine"]), abs=1e-12)
