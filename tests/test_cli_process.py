@@ -203,6 +203,39 @@ def test_a_signal_dropped_in_a_finalizer_still_ends_the_command(tmp_path):
     assert os.listdir(tmp_path / "tmp") == []
 
 
+_LATE = r"""
+import signal, sys, time, weakref
+import amct_caffe.cli as cli
+
+def _run(args):  # the command's last step runs a finalizer in which the signal lands
+    class Token: pass
+    t = Token()
+    r = weakref.ref(t, lambda _: signal.raise_signal(signal.SIG))
+    del t
+    return 0
+cli._run = _run
+code = cli.main(["run", "--model", "m", "--weights", "w", "--input", "i", "--no-progress"])
+print("main returned", code, flush=True)
+try:
+    time.sleep(0.2)
+    print("nothing after")
+except BaseException as e:
+    print("raised after main returned:", type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_dropped_as_the_command_returns_is_not_delivered_after_main(tmp_path, sig, code):
+    """The command returned while the dropped signal waited to be delivered again: main ended it as interrupted
+    and then the late delivery raised in main's error branch (a traceback) or in main's caller."""
+    for _ in range(3):
+        res = subprocess.run([sys.executable, "-c", _LATE.replace("signal.SIG)", f"signal.{sig})")], cwd=tmp_path,
+                             env=_env(tmp_path), capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == [f"main returned {code}", "nothing after"], res.stdout
+        assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_as_a_temporary_folder_is_removed_leaves_nothing(tmp_path, sig, code):
     """The signal lands as the removal of the run's temporary folder starts (the folder holds the config and

@@ -86,6 +86,25 @@ class Terminated(BaseException):
     (temporary directories removed, staged outputs not committed)."""
 
 
+# The signal on which a signal dropped in a finalizer is delivered again (a real-time one: no tool sends it).
+_REDELIVER = getattr(signal, "SIGRTMIN", None)
+
+
+class _Signals:
+    """What :func:`_signals_unwind` yields: ``received``, the signals that came, and :meth:`settle`."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.lock = threading.Lock()
+        self.open = True  # False once the command ends: no signal is delivered again after that
+
+    def settle(self) -> None:
+        """The command is ending: a signal dropped in a finalizer is not delivered again (the caller now acts
+        on ``received``; a late delivery would raise in its error branch, or in its own caller)."""
+        with self.lock:
+            self.open = False
+
+
 @contextlib.contextmanager
 def _signals_unwind():
     """SIGINT raises KeyboardInterrupt and SIGTERM raises :class:`Terminated` in the main thread.
@@ -94,21 +113,23 @@ def _signals_unwind():
     first one started. A signal the parent process set to be ignored (nohup, ``&`` in a script)
     stays ignored. The previous handlers are restored on exit (``main`` also runs inside tests).
 
-    Yields the list of the signals received. Python drops an exception raised inside a finalizer
-    (``__del__``, a weakref callback: tqdm and matplotlib run them), printing its traceback through
-    ``sys.unraisablehook``. Ours are not printed: the handlers are armed again and the signal is
-    delivered anew from a helper thread, so it is raised at the main thread's next check, after the
-    finalizer (again, if that lands in another one). ``main`` also ends a command that returns after
-    a signal as interrupted.
+    Yields a :class:`_Signals`. Python drops an exception raised inside a finalizer (``__del__``, a
+    weakref callback: tqdm and matplotlib run them), printing its traceback through
+    ``sys.unraisablehook``. Ours are not printed: a helper thread delivers the signal again, once the
+    hook has returned, on a real-time signal of its own (SIGINT and SIGTERM stay ignored), so that it is
+    raised at the main thread's next check after the finalizer (again, if that lands in another one).
+    ``main`` ends a command that returns after a signal as interrupted, after :meth:`_Signals.settle`.
     """
-    received: list[int] = []
+    state = _Signals()
+    received = state.received
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield received
+        yield state
         return
     raises = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
     previous = {sig: signal.getsignal(sig) for sig in raises}
     armed = [sig for sig in raises if previous[sig] is not signal.SIG_IGN]
     previous_hook = sys.unraisablehook
+    previous_redeliver = signal.getsignal(_REDELIVER) if _REDELIVER is not None else None
 
     def handler(signum, frame):
         for sig in raises:
@@ -116,19 +137,25 @@ def _signals_unwind():
         received.append(signum)
         raise raises[signum]()
 
+    def redelivered(signum, frame):
+        with state.lock:
+            again = state.open and received
+        if again:
+            raise raises[received[-1]]()
+
     def unraisable(info) -> None:
         ours = isinstance(info.exc_value, tuple(raises.values())) and received
-        if not ours or threading.current_thread() is not threading.main_thread():
+        if not ours or threading.current_thread() is not threading.main_thread() or _REDELIVER is None:
             previous_hook(info)
             return
-        for sig in armed:
-            signal.signal(sig, handler)
         hook_done = [False]
 
-        def deliver(signum=received[-1]):  # once this hook has returned: raised inside it, it would be dropped too
+        def deliver():  # once this hook has returned: raised inside it, it would be dropped too
             while not hook_done[0]:
                 time.sleep(0.001)
-            _thread.interrupt_main(signum)
+            with state.lock:
+                if state.open:
+                    _thread.interrupt_main(_REDELIVER)
 
         threading.Thread(target=deliver, daemon=True).start()
         hook_done[0] = True  # the last statement: no call between it and the return
@@ -136,12 +163,17 @@ def _signals_unwind():
     try:
         for sig in armed:
             signal.signal(sig, handler)
+        if _REDELIVER is not None:
+            signal.signal(_REDELIVER, redelivered)
         sys.unraisablehook = unraisable
-        yield received
+        yield state
     finally:
+        state.settle()
         sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        if _REDELIVER is not None:
+            signal.signal(_REDELIVER, previous_redeliver if previous_redeliver is not None else signal.SIG_DFL)
 
 
 def _one_line(text: str) -> str:
@@ -201,17 +233,21 @@ def main(argv=None) -> int:
     143 on SIGTERM, 141 when stdout is closed early, as by ``| head``)."""
     args = build_parser().parse_args(argv)
     committed = outputs.commits()
-    with _signals_unwind() as received:
+    with _signals_unwind() as signals:
         try:
-            code = _run(args)
-            if received:  # the signal's exception was dropped in a finalizer: end as it asked
-                raise (KeyboardInterrupt if received[0] == signal.SIGINT else Terminated)()
+            try:
+                code = _run(args)
+            finally:
+                signals.settle()  # before any branch below runs: no late delivery inside them
+            if signals.received:  # the signal's exception was dropped in a finalizer: end as it asked
+                raise (KeyboardInterrupt if signals.received[0] == signal.SIGINT else Terminated)()
             return code
         except AmctError as e:
             _LOG.debug("the error's traceback", exc_info=True)
             _error(f"error: {e}")
             return EXIT_ERROR
         except (KeyboardInterrupt, Terminated) as e:
+            signals.settle()
             scratch.remove_leftovers()  # a temporary folder whose removal the signal cut
             # after the command's outputs were committed they are all in place (a summary or a clean-up was left)
             after = " after the outputs were written (they are complete)" if _wrote_outputs(args, committed) else ""
