@@ -70,6 +70,23 @@ def test_max_nan_follows_caffes_comparison_order():
     np.testing.assert_array_equal(y, [5.0, np.nan, 2.0])
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_max_in_the_kernel_and_in_numpy(monkeypatch, kernel):
+    """The C++ select and the NumPy fallback: the same bits (equal values give the later operand's, so -0 / +0
+    follow Caffe's order), and 0-d blobs (Reduction over axis 0) stay 0-d."""
+    if not kernel:
+        monkeypatch.setattr(eltwise, "GREATER_SELECT_KERNEL", None)
+    a = np.array([0.0, -0.0, 3.0, np.nan, -1.0], np.float32)
+    b = np.array([-0.0, 0.0, 3.0, 1.0, np.nan], np.float32)
+    y = eltwise.Eltwise(a, b, operation="MAX")
+    np.testing.assert_array_equal(y.view(np.uint32), b.view(np.uint32)[[0, 1, 2, 3, 4]])
+    assert eltwise.Eltwise(np.float32(2.0).reshape(()), np.float32(5.0).reshape(()), operation="MAX").shape == ()
+    big = [np.random.default_rng(i).standard_normal((3, 70, 50, 40)).astype(np.float32) for i in range(3)]
+    want = np.where(big[0] > big[1], big[0], big[1])
+    want = np.where(big[2] > want, big[2], want)
+    np.testing.assert_array_equal(eltwise.Eltwise(*big, operation="MAX"), want)
+
+
 def test_equal_count_different_shapes_combine_in_memory_order():
     a, b = data(2, 3, 1, 1), data(2, 3)  # the fork dropped the equal-shape check
     y = run_layer('type: "Eltwise"', [a, b])

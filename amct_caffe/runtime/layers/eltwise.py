@@ -63,7 +63,7 @@ def Eltwise(*xs, operation=SUM, coeff=()):
             out = GREATER_SELECT_KERNEL(np.ascontiguousarray(xs[0]), np.ascontiguousarray(xs[1]), workers)
             for x in xs[2:]:
                 GREATER_SELECT_KERNEL(np.ascontiguousarray(x), out, workers, out)
-            return out
+            return out.reshape(shape)  # (ascontiguousarray makes 0-d blobs 1-d)
         out = np.array(xs[1], _F32, copy=True)
         np.copyto(out, xs[0], where=xs[0] > xs[1])
         for x in xs[2:]:
