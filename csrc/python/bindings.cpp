@@ -511,7 +511,18 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"), py::arg("into") = py::none());
   m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
-  m.def("powf_half", &map_floats<amct::powf_half_array>, py::arg("x"), py::arg("threads"));
+  m.def("logf", &map_floats<amct::logf_array>, py::arg("x"), py::arg("threads"));
+  m.def(
+      "powf",
+      [](const py::handle& x_obj, float exponent) {
+        auto x = checked<float>(x_obj, "x");
+        py::array_t<float> y(shape_of(x));
+        auto* yp = y.mutable_data();
+        py::gil_scoped_release release;
+        amct::powf_array(x.data(), yp, size_of(x), exponent);
+        return y;
+      },
+      py::arg("x"), py::arg("exponent"));
   m.def("lrn_across", &lrn_across, py::arg("x"), py::arg("size"), py::arg("alpha_over_size"), py::arg("beta"),
         py::arg("k"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));

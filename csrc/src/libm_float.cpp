@@ -233,10 +233,14 @@ void expf_array(const float* x, float* y, std::size_t n, int threads) {
   });
 }
 
-void powf_half_array(const float* x, float* y, std::size_t n, int /*threads*/) {
-  volatile float exponent = 0.5f;  // read at run time: the call stays libm's powf, never a sqrtf
-  const float half = exponent;
-  for (std::size_t i = 0; i < n; ++i) y[i] = std::pow(x[i], half);
+void powf_array(const float* x, float* y, std::size_t n, float exponent) {
+  volatile float held = exponent;  // read at run time: the call stays libm's powf (never a sqrtf or x * x)
+  const float p = held;
+  for (std::size_t i = 0; i < n; ++i) y[i] = std::pow(x[i], p);
+}
+
+void logf_array(const float* x, float* y, std::size_t n, int /*threads*/) {
+  for (std::size_t i = 0; i < n; ++i) y[i] = std::log(x[i]);
 }
 
 }  // namespace amct

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from amct_caffe.runtime.layers.libm_float import EXPF_KERNEL, TANHF_KERNEL, expf, expf_reference, tanhf, tanhf_reference
-from amct_caffe.runtime.layers.lstm_unit import caffe_sigmoid
+from amct_caffe.runtime.layers.libm_float import caffe_sigmoid
 
 
 def _glibc_tanhf():

@@ -27,7 +27,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.libm_float import expf, libm_f32, tanhf
+from amct_caffe.runtime.layers.libm_float import caffe_sigmoid, expf, libm_f32, logf, powf, tanhf
 
 try:  # csrc/src/conv_cols.cpp: NumPy's maximum(x, 0) without its NaN-keeping slow path (3x faster), same bytes
     from amct_caffe._kernels import relu as RELU_KERNEL
@@ -83,12 +83,9 @@ def Clip(x, min, max):  # noqa: A002 - the ClipParameter field names
 
 
 def Sigmoid(x):
-    """y = 1 / (1 + exp(-x))."""
-    out = np.negative(x)
-    with np.errstate(over="ignore"):
-        np.exp(out, out=out)
-    out += _F32(1)
-    return np.reciprocal(out, out=out)
+    """y = 1 / (1 + exp(-x)), as sigmoid_layer.cpp rounds it: glibc's expf, then the sum and the division in
+    double (its literals are doubles), rounded once (:func:`.libm_float.caffe_sigmoid`)."""
+    return caffe_sigmoid(x)
 
 
 def TanH(x):
@@ -133,25 +130,16 @@ def Power(x, power=1.0, scale=1.0, shift=0.0):
     power, scale, shift = _F32(power), _F32(scale), _F32(shift)
     with np.errstate(**_QUIET):
         if power * scale == 0:
-            value = _F32(1) if power == 0 else np.power(shift, power)
+            value = _F32(1) if power == 0 else powf(np.asarray(shift), power)[()]
             return np.full(x.shape, value, _F32)
         out = np.multiply(x, scale) if scale != 1 else None
         if shift != 0:
             out = np.add(x, shift) if out is None else np.add(out, shift, out=out)
         if power == 1:
             return x if out is None else out
-        base = x if out is None else out
-        if power == 2:
-            return np.square(base, out=out)
-        if power != 0.5:
-            return np.power(base, power, out=out)
-        # numpy takes a square root for 0.5, where Caffe's std::pow gives pow(-inf, 0.5) = +inf and
-        # pow(-0, 0.5) = +0 (the root: NaN and -0)
-        negative_infinity = np.isneginf(base)
-        result = np.power(base, power, out=out)
-        np.copyto(result, np.inf, where=negative_infinity)
-        result += _F32(0)
-        return result
+        # caffe_powx: glibc's powf for every power, 2 and 0.5 included (not always the correctly rounded
+        # square or root numpy's square / sqrt give; pow(-inf, 0.5) = +inf and pow(-0, 0.5) = +0 as well)
+        return powf(x if out is None else out, power)
 
 
 def AbsVal(x):
@@ -160,14 +148,20 @@ def AbsVal(x):
 
 
 def BNLL(x):
-    """y = log(1 + exp(x)), computed without overflow."""
-    return np.logaddexp(_F32(0), x)
+    """y = log(1 + exp(x)) as bnll_layer.cpp computes it: ``x > 0 ? x + log(1. + expf(-x)) : log(1. + expf(x))``,
+    glibc's expf rounded to float, the rest in double (its literal is a double), rounded once."""
+    x = np.asarray(x, _F32)
+    with np.errstate(**_QUIET):
+        e = expf(-np.abs(x)).astype(np.float64)
+        out = np.log(1.0 + e)
+        positive = x > 0
+        out[positive] += x[positive]
+    return out.astype(_F32)
 
 
 def ELU(x, alpha=1.0):
-    """y = max(x, 0) + alpha * (exp(min(x, 0)) - 1)."""
-    out = np.minimum(x, _F32(0))
-    np.exp(out, out=out)
+    """y = max(x, 0) + alpha * (exp(min(x, 0)) - 1), in float with glibc's expf (elu_layer.cpp)."""
+    out = expf(np.minimum(x, _F32(0)))
     out -= _F32(1)
     out *= _F32(alpha)
     out += np.maximum(x, _F32(0))
@@ -213,7 +207,7 @@ def Log(x, base=-1.0, scale=1.0, shift=0.0):
     """y = log_base(shift + scale * x); base -1 means e.
 
     Caffe's order: y = ln(shift + scale * x) * (1 / ln(base)), each step rounded to float32, ln
-    as glibc's logf (:func:`.libm_float.libm_f32`).
+    glibc's logf itself (:func:`.libm_float.logf`).
     """
     log_base = _log_base(base)
     if log_base == 0:
@@ -225,7 +219,7 @@ def Log(x, base=-1.0, scale=1.0, shift=0.0):
                else np.array(x, _F32, copy=True))
         if shift != 0:
             out += _F32(shift)
-        out = libm_f32(np.log, out)
+        out = logf(out)
         if base_scale != 1:
             out *= base_scale
     return out

@@ -14,13 +14,9 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers.libm_float import powf
 from amct_caffe.runtime.layers.channel_sums import batch_norm_backward_batch_stats, channel_sums
 from amct_caffe.ops import register
-
-try:
-    from amct_caffe._kernels import powf_half as POWF_HALF_KERNEL
-except ImportError:  # a checkout without the compiled module: sqrt, an ulp off powf in about 6 values in 10^4
-    POWF_HALF_KERNEL = None
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
@@ -59,11 +55,7 @@ def _std(variance, eps):
     Caffe takes the power by ``caffe_powx``, glibc's ``powf(v, 0.5f)``, which is not always the
     correctly rounded square root: an ulp apart in a channel changes every value of it."""
     with np.errstate(**_QUIET):
-        v = np.asarray(variance, _F32) + _F32(eps)
-        if POWF_HALF_KERNEL is None:
-            return np.sqrt(v)
-        shape = v.shape  # (ascontiguousarray makes a 0-d input 1-d)
-        return POWF_HALF_KERNEL(np.ascontiguousarray(v), 1).reshape(shape)
+        return powf(np.asarray(variance, _F32) + _F32(eps), 0.5)
 
 
 def _normalize(x, mean, std):

@@ -32,7 +32,7 @@ The ONNX GRU's equations, with ``Wb + Rb`` of the z, r gates folded into ``b`` (
 into ``h_t``: a restarted stream starts from zero, as in RNN and LSTM.
 
 Rounding: ``sigmoid`` is sigmoid_layer.cpp's ``1. / (1. + expf(-x))`` (the division in double,
-:func:`.lstm_unit.caffe_sigmoid`), ``tanh`` glibc's ``tanhf`` (:func:`.libm_float.tanhf`), the
+:func:`.libm_float.caffe_sigmoid`), ``tanh`` glibc's ``tanhf`` (:func:`.libm_float.tanhf`), the
 InnerProducts :func:`.inner_product.InnerProduct`'s, the rest float32 in the C++ order.
 
 Backward (Caffe's backward of the unrolled net, as recurrent.py): only the output's diff enters,
@@ -60,7 +60,7 @@ from amct_caffe.errors import GraphError
 from amct_caffe.ops import register
 from amct_caffe.runtime.layers.activation_grad import TanH_grad
 from amct_caffe.runtime.layers.libm_float import tanhf
-from amct_caffe.runtime.layers.lstm_unit import caffe_sigmoid
+from amct_caffe.runtime.layers.libm_float import caffe_sigmoid
 from amct_caffe.runtime.layers.recurrent import _Recurrent
 
 _F32 = np.float32

@@ -38,9 +38,11 @@ from amct_caffe.runtime import threads
 
 try:
     from amct_caffe._kernels import expf as EXPF_KERNEL
+    from amct_caffe._kernels import logf as LOGF_KERNEL
+    from amct_caffe._kernels import powf as POWF_KERNEL
     from amct_caffe._kernels import tanhf as TANHF_KERNEL
 except ImportError:  # a checkout without the compiled module: the NumPy steps below
-    EXPF_KERNEL = TANHF_KERNEL = None
+    EXPF_KERNEL = LOGF_KERNEL = POWF_KERNEL = TANHF_KERNEL = None
 
 _F32 = np.float32
 _LN2_HI = _F32(6.9313812256e-01)   # 0x3f317180
@@ -94,6 +96,31 @@ def expf(x: np.ndarray) -> np.ndarray:
     shape = np.shape(x)  # (ascontiguousarray makes a 0-d input 1-d)
     x = np.ascontiguousarray(x, _F32)
     return EXPF_KERNEL(x, threads.workers()).reshape(shape)  # (the kernel splits from 2^16 values on)
+
+
+def powf(x: np.ndarray, exponent) -> np.ndarray:
+    """glibc's ``powf(x, exponent)`` of a float32 array, as Caffe's ``caffe_powx`` calls it (the machine's
+    libm through the C++ module; without it :func:`libm_f32`, an ulp off in rare near-half-ulp cases)."""
+    x = np.asarray(x, _F32)
+    if POWF_KERNEL is None:
+        return libm_f32(np.power, x, np.full(x.shape, exponent, _F32))
+    return POWF_KERNEL(np.ascontiguousarray(x), float(_F32(exponent))).reshape(x.shape)
+
+
+def logf(x: np.ndarray) -> np.ndarray:
+    """glibc's ``logf`` of a float32 array, as Caffe's ``caffe_log`` calls it (see :func:`powf`)."""
+    x = np.asarray(x, _F32)
+    if LOGF_KERNEL is None:
+        return libm_f32(np.log, x)
+    return LOGF_KERNEL(np.ascontiguousarray(x), 1).reshape(x.shape)
+
+
+def caffe_sigmoid(x: np.ndarray) -> np.ndarray:
+    """Caffe's CPU ``sigmoid<float>`` (sigmoid_layer.cpp, lstm_unit_layer.cpp): ``1. / (1. + expf(-x))``, glibc's
+    expf rounded to float, the sum and the division in double, one rounding to float at the end."""
+    with np.errstate(**_QUIET):
+        e = expf(-np.asarray(x, _F32))  # float inf beyond 88.7: the quotient is then 0
+        return (1.0 / (1.0 + e.astype(np.float64))).astype(_F32)
 
 
 def expf_reference(x: np.ndarray) -> np.ndarray:

@@ -37,17 +37,10 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.ops import register
 from amct_caffe.runtime.layer import Layer
-from amct_caffe.runtime.layers.libm_float import expf
+from amct_caffe.runtime.layers.libm_float import caffe_sigmoid
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "under": "ignore"}
-
-
-def caffe_sigmoid(x: np.ndarray) -> np.ndarray:
-    """lstm_unit_layer.cpp's ``sigmoid<float>``: ``1. / (1. + expf(-x))``, the division in double."""
-    with np.errstate(**_QUIET):
-        e = expf(-np.asarray(x, _F32))  # glibc's expf: float inf beyond 88.7
-        return (1.0 / (1.0 + e.astype(np.float64))).astype(_F32)
 
 
 def caffe_tanh(x: np.ndarray) -> np.ndarray:

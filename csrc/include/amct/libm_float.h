@@ -33,8 +33,11 @@ float glibc_expf(float x);
 void expf_span(const float* x, float* y, std::size_t n);
 void expf_array(const float* x, float* y, std::size_t n, int threads);
 
-// y[i] = powf(x[i], 0.5f), glibc's powf as Caffe's caffe_powx calls it (BatchNorm's standard deviation):
-// not always sqrtf's correctly rounded value (125 of 200,000 random values differ by an ulp).
-void powf_half_array(const float* x, float* y, std::size_t n, int threads);
+// y[i] = powf(x[i], exponent) and y[i] = logf(x[i]): the machine's glibc, as Caffe's caffe_powx and caffe_log
+// call them (BatchNorm's standard deviation, Power, Log). Not correctly rounded: powf(v, 0.5f) is an ulp off
+// the square root in about 6 values in 10^4, and a float64 log rounded to float is an ulp off logf in about 5
+// in 10^3.
+void powf_array(const float* x, float* y, std::size_t n, float exponent);
+void logf_array(const float* x, float* y, std::size_t n, int threads);
 
 }  // namespace amct
