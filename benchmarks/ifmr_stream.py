@@ -29,7 +29,6 @@ Figures (2-core machine shared with other jobs; load average in brackets):
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -123,7 +122,6 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(CASES))
     ap.add_argument("--batches", type=int, default=4)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     for model in args.models.split(","):
         load = os.getloadavg()[0]
         r = compare(model, args.batches)

@@ -28,6 +28,7 @@ Measured (2 cores shared with other jobs, load about 10)::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "recurrent"
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("AMCT_LOG_LEVEL", "WARNING")  # before amct_caffe configures its logging
 sys.path.insert(0, str(SAMPLES / "src"))
 
 import mnist_sequences as ms  # noqa: E402
