@@ -512,6 +512,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
   m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
   m.def("logf", &map_floats<amct::logf_array>, py::arg("x"), py::arg("threads"));
+  m.def("caffe_sigmoid", &map_floats<amct::caffe_sigmoid_array>, py::arg("x"), py::arg("threads"));
   m.def(
       "powf",
       [](const py::handle& x_obj, float exponent) {

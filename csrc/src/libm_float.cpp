@@ -2,6 +2,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -237,6 +238,19 @@ void powf_array(const float* x, float* y, std::size_t n, float exponent) {
   volatile float held = exponent;  // read at run time: the call stays libm's powf (never a sqrtf or x * x)
   const float p = held;
   for (std::size_t i = 0; i < n; ++i) y[i] = std::pow(x[i], p);
+}
+
+void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads) {
+  constexpr std::size_t kChunk = 4096;  // -x and its expf in a buffer of this many values
+  parallel_for((n + kChunk - 1) / kChunk, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
+    float e[kChunk];
+    for (std::size_t c = first; c < last; ++c) {
+      const std::size_t begin = c * kChunk, len = std::min(n, begin + kChunk) - begin;
+      for (std::size_t i = 0; i < len; ++i) e[i] = -x[begin + i];
+      expf_span(e, e, len);
+      for (std::size_t i = 0; i < len; ++i) y[begin + i] = static_cast<float>(1.0 / (1.0 + static_cast<double>(e[i])));
+    }
+  });
 }
 
 void logf_array(const float* x, float* y, std::size_t n, int /*threads*/) {

@@ -37,12 +37,12 @@ import numpy as np
 from amct_caffe.runtime import threads
 
 try:
-    from amct_caffe._kernels import expf as EXPF_KERNEL
-    from amct_caffe._kernels import logf as LOGF_KERNEL
-    from amct_caffe._kernels import powf as POWF_KERNEL
-    from amct_caffe._kernels import tanhf as TANHF_KERNEL
+    from amct_caffe import _kernels
 except ImportError:  # a checkout without the compiled module: the NumPy steps below
-    EXPF_KERNEL = LOGF_KERNEL = POWF_KERNEL = TANHF_KERNEL = None
+    _kernels = None
+# (each looked up on its own: a module built from older sources lacks the newer ones)
+SIGMOID_KERNEL, EXPF_KERNEL, LOGF_KERNEL, POWF_KERNEL, TANHF_KERNEL = (
+    getattr(_kernels, name, None) for name in ("caffe_sigmoid", "expf", "logf", "powf", "tanhf"))
 
 _F32 = np.float32
 _LN2_HI = _F32(6.9313812256e-01)   # 0x3f317180
@@ -118,8 +118,11 @@ def logf(x: np.ndarray) -> np.ndarray:
 def caffe_sigmoid(x: np.ndarray) -> np.ndarray:
     """Caffe's CPU ``sigmoid<float>`` (sigmoid_layer.cpp, lstm_unit_layer.cpp): ``1. / (1. + expf(-x))``, glibc's
     expf rounded to float, the sum and the division in double, one rounding to float at the end."""
+    x = np.asarray(x, _F32)
+    if SIGMOID_KERNEL is not None:  # the same steps in one C++ pass
+        return SIGMOID_KERNEL(np.ascontiguousarray(x), threads.workers()).reshape(x.shape)
     with np.errstate(**_QUIET):
-        e = expf(-np.asarray(x, _F32))  # float inf beyond 88.7: the quotient is then 0
+        e = expf(-x)  # float inf beyond 88.7: the quotient is then 0
         return (1.0 / (1.0 + e.astype(np.float64))).astype(_F32)
 
 

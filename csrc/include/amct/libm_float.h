@@ -39,5 +39,8 @@ void expf_array(const float* x, float* y, std::size_t n, int threads);
 // in 10^3.
 void powf_array(const float* x, float* y, std::size_t n, float exponent);
 void logf_array(const float* x, float* y, std::size_t n, int threads);
+// y[i] = (float)(1. / (1. + (double)glibc_expf(-x[i]))): Caffe's CPU sigmoid<float> (sigmoid_layer.cpp,
+// lstm_unit_layer.cpp), its literals doubles; one pass, `threads` workers from 2^16 values on.
+void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads);
 
 }  // namespace amct
