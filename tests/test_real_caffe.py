@@ -119,14 +119,17 @@ layer { name: "root" type: "Power" bottom: "p" top: "root" power_param { power: 
 layer { name: "odd" type: "Power" bottom: "p" top: "odd" power_param { power: 1.7 } }
 layer { name: "log" type: "Log" bottom: "p" top: "log" }
 layer { name: "log2" type: "Log" bottom: "p" top: "log2" log_param { base: 2 scale: 1.5 shift: 0.1 } }
+layer { name: "wsum" type: "Eltwise" bottom: "x" bottom: "p" bottom: "x" top: "wsum"
+  eltwise_param { operation: SUM coeff: 0.5 coeff: -1.3 coeff: 2.1 } }
 """
 
 
 def test_elementwise_math_is_glibcs_as_caffe_calls_it(tmp_path):
     """Sigmoid (expf, then the sum and the division in double), BNLL (expf, log in double), ELU (expf), Power
-    (powf for every power, 2 and 0.5 included) and Log (logf): numpy's float32 exp / power / square / sqrt and
-    float64 log rounded to float32 each differ from what Caffe's layers call, in up to a third of the values
-    (Sigmoid), by an ulp. Bit for bit now."""
+    (powf for every power, 2 and 0.5 included), Log (logf) and an Eltwise SUM with coefficients (one fused
+    saxpy per term): numpy's float32 exp / power / square / sqrt, float64 log rounded to float32 and rounded
+    products each differ from what Caffe's layers compute, in up to a third of the values (Sigmoid), by an ulp.
+    Bit for bit now."""
     proto = tmp_path / "math.prototxt"
     proto.write_text(GLIBC_MATH_NET)
     code = f"""
@@ -142,11 +145,12 @@ for k, v in feed.items():
 ref.forward()
 ours = Net(proto, TEST)
 ours.forward(**feed)
-names = ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2")
+names = ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2", "wsum")
 print(*[f"{{k}}:{{int(np.count_nonzero(ours.blobs[k].data.view(np.uint32) != ref.blobs[k].data.view(np.uint32)))}}"
         for k in names])
 """
     res = run_with_pycaffe(code)
     assert res.returncode == 0, res.stderr[-3000:]
     got = res.stdout.strip().splitlines()[-1].split()
-    assert got == [f"{k}:0" for k in ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2")], got
+    assert got == [f"{k}:0" for k in ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2",
+                                      "wsum")], got

@@ -362,6 +362,16 @@ py::tuple lrn_across(const py::handle& x_obj, int size, float alpha_over_size, f
   return py::make_tuple(std::move(y), std::move(scale));
 }
 
+void fused_axpy(float a, const py::handle& x_obj, const py::handle& y_obj, int threads) {
+  auto x = checked<float>(x_obj, "x");
+  auto y = checked<float>(y_obj, "y");
+  if (size_of(x) != size_of(y)) throw py::value_error("x and y must have the same size");
+  if (!(y.flags() & py::array::c_style) || !y.writeable()) throw py::value_error("y must be a writeable C array");
+  auto* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  amct::fused_axpy(a, x.data(), yp, size_of(x), threads);
+}
+
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                         std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
                         const py::object& bias_obj, const py::object& into) {
@@ -531,6 +541,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("relu", &relu, py::arg("x"), py::arg("threads"), py::arg("into") = py::none());
   m.def("greater_select", &greater_select, py::arg("a"), py::arg("b"), py::arg("threads"),
         py::arg("into") = py::none());
+  m.def("fused_axpy", &fused_axpy, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("threads"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {

@@ -2,6 +2,7 @@
 #include "amct/cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
@@ -276,6 +277,28 @@ void greater_select(const float* a, const float* b, float* y, std::size_t n, int
   parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {
     const std::size_t begin = first * kBlock;
     greater_select_run(a + begin, b + begin, y + begin, std::min(n, last * kBlock) - begin);
+  });
+}
+
+// y = fma(a, x, y): OpenBLAS's saxpy kernels fuse the multiply-add. std::fma is exact wherever it runs (the FMA
+// instruction in the clone, libm's fmaf in the portable loop), so both give the same bytes.
+namespace {
+template <int Dummy>
+__attribute__((always_inline)) inline void axpy_run(float a, const float* x, float* y, std::size_t len) {
+  for (std::size_t i = 0; i < len; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+__attribute__((target("avx2,fma"))) void axpy_fma(float a, const float* x, float* y, std::size_t len) {
+  axpy_run<0>(a, x, y, len);
+}
+void axpy_portable(float a, const float* x, float* y, std::size_t len) { axpy_run<1>(a, x, y, len); }
+}  // namespace
+
+void fused_axpy(float a, const float* x, float* y, std::size_t n, int threads) {
+  auto run = cpu_has_avx2() ? axpy_fma : axpy_portable;
+  constexpr std::size_t kBlock = 1 << 14;
+  parallel_for((n + kBlock - 1) / kBlock, threads, [&](std::size_t first, std::size_t last) {
+    const std::size_t begin = first * kBlock;
+    run(a, x + begin, y + begin, std::min(n, last * kBlock) - begin);
   });
 }
 

@@ -15,9 +15,11 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import Layer
 
 try:
-    from amct_caffe._kernels import greater_select as GREATER_SELECT_KERNEL
-except ImportError:  # a checkout without the compiled module: NumPy's masked copies
-    GREATER_SELECT_KERNEL = None
+    from amct_caffe import _kernels
+except ImportError:  # a checkout without the compiled module: NumPy's masked copies and float64 sums
+    _kernels = None
+GREATER_SELECT_KERNEL = getattr(_kernels, "greater_select", None)
+FUSED_AXPY_KERNEL = getattr(_kernels, "fused_axpy", None)
 
 _F32 = np.float32
 PROD, SUM, MAX = 0, 1, 2  # EltwiseParameter.EltwiseOp numbers
@@ -70,8 +72,11 @@ def Eltwise(*xs, operation=SUM, coeff=()):
             np.copyto(out, x, where=x > out)
         return out
     c = [float(_F32(v)) for v in coeff] or [1.0] * len(xs)
+    general = any(ci not in (0.0, 1.0, -1.0) for ci in c)
+    if general and FUSED_AXPY_KERNEL is not None:  # Caffe's saxpy steps themselves, one fused pass per term
+        return _weighted_sum(xs, c, shape, fused=True)
     out = _weighted_sum(xs, c, shape, fused=False)
-    if any(ci not in (0.0, 1.0, -1.0) for ci in c) and not np.isfinite(out).all():
+    if general and not np.isfinite(out).all():
         out = _weighted_sum(xs, c, shape, fused=True)  # an overflow: its infinities as Caffe's FMAs give them
     return out
 
@@ -79,9 +84,17 @@ def Eltwise(*xs, operation=SUM, coeff=()):
 def _weighted_sum(xs, c, shape, fused: bool) -> np.ndarray:
     """sum_i c_i * x_i as Caffe's saxpy calls add it: a coefficient 0 skips the term (inf / NaN included), 1 and
     -1 add and subtract. With ``fused`` each other term is a fused multiply-add, one rounding per term (exact in
-    float64, a float32 product fitting its 53 bits, then rounded: 2 * 3e38 - 2 * 3e38 is inf, not NaN); else
+    float64, a float32 product fitting its 53 bits, then rounded: 2 * 3e38 - 2 * 3e38 is inf, not NaN; the C++
+    kernel's fused multiply-adds, where it is built, round exactly as Caffe's saxpy does); else
     the product is rounded first (a pass less; an ulp apart, or where terms cancel the product's rounding error,
     about 1e-8, which Caffe's FMA keeps)."""
+    if fused and FUSED_AXPY_KERNEL is not None:  # zeros, then one saxpy per term: Caffe's steps and roundings
+        out = np.zeros(shape, _F32)
+        workers = threads.workers() if out.size >= _THREADED_SELECT else 1
+        for x, ci in zip(xs, c, strict=True):
+            if ci != 0:
+                FUSED_AXPY_KERNEL(ci, np.ascontiguousarray(x, _F32).reshape(shape), out, workers)
+        return out
     if c[0] == 1 and c[1] == 1:  # the common residual sum: one pass
         out, start = np.add(xs[0], xs[1]), 2
     elif c[0] == 0:

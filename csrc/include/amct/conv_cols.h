@@ -43,6 +43,9 @@ void add_relu(const float* a, const float* b, float* y, std::size_t n, int threa
 // y may be a or b.
 void greater_select(const float* a, const float* b, float* y, std::size_t n, int threads);
 
+// y = fma(a, x, y) elementwise over n values, one rounding each (Caffe's saxpy: an Eltwise SUM's coefficients).
+void fused_axpy(float a, const float* x, float* y, std::size_t n, int threads);
+
 // PReLU over x (N, C, P): y = x where x > 0, else x * a[c] (a[0] for every channel if `shared`): NumPy's
 // multiply(x, a) then copyto(y, x, where=x > 0), so NaN and -0 come out as there, in one pass.
 void prelu(const float* x, const float* a, float* y, std::size_t n, std::size_t c, std::size_t p, bool shared,
