@@ -525,15 +525,16 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("caffe_sigmoid", &map_floats<amct::caffe_sigmoid_array>, py::arg("x"), py::arg("threads"));
   m.def(
       "powf",
-      [](const py::handle& x_obj, float exponent) {
+      [](const py::handle& x_obj, float exponent, int threads) {
         auto x = checked<float>(x_obj, "x");
         py::array_t<float> y(shape_of(x));
         auto* yp = y.mutable_data();
         py::gil_scoped_release release;
-        amct::powf_array(x.data(), yp, size_of(x), exponent);
+        amct::powf_array(x.data(), yp, size_of(x), exponent, threads);
         return y;
       },
-      py::arg("x"), py::arg("exponent"));
+      py::arg("x"), py::arg("exponent"), py::arg("threads"));
+  m.def("caffe_bnll", &map_floats<amct::caffe_bnll_array>, py::arg("x"), py::arg("threads"));
   m.def("lrn_across", &lrn_across, py::arg("x"), py::arg("size"), py::arg("alpha_over_size"), py::arg("beta"),
         py::arg("k"), py::arg("threads"));
   m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));

@@ -234,10 +234,12 @@ void expf_array(const float* x, float* y, std::size_t n, int threads) {
   });
 }
 
-void powf_array(const float* x, float* y, std::size_t n, float exponent) {
+void powf_array(const float* x, float* y, std::size_t n, float exponent, int threads) {
   volatile float held = exponent;  // read at run time: the call stays libm's powf (never a sqrtf or x * x)
   const float p = held;
-  for (std::size_t i = 0; i < n; ++i) y[i] = std::pow(x[i], p);
+  parallel_for(n, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i) y[i] = std::pow(x[i], p);
+  });
 }
 
 void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads) {
@@ -253,8 +255,27 @@ void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads) {
   });
 }
 
-void logf_array(const float* x, float* y, std::size_t n, int /*threads*/) {
-  for (std::size_t i = 0; i < n; ++i) y[i] = std::log(x[i]);
+void logf_array(const float* x, float* y, std::size_t n, int threads) {
+  parallel_for(n, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
+    for (std::size_t i = first; i < last; ++i) y[i] = std::log(x[i]);
+  });
+}
+
+void caffe_bnll_array(const float* x, float* y, std::size_t n, int threads) {
+  constexpr std::size_t kChunk = 4096;  // -|x| and its expf in a buffer of this many values
+  parallel_for((n + kChunk - 1) / kChunk, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
+    float e[kChunk];
+    for (std::size_t c = first; c < last; ++c) {
+      const std::size_t begin = c * kChunk, len = std::min(n, begin + kChunk) - begin;
+      for (std::size_t i = 0; i < len; ++i) e[i] = -std::fabs(x[begin + i]);
+      expf_span(e, e, len);
+      for (std::size_t i = 0; i < len; ++i) {
+        const float v = x[begin + i];
+        const double l = std::log(1.0 + static_cast<double>(e[i]));
+        y[begin + i] = static_cast<float>(v > 0.0f ? static_cast<double>(v) + l : l);
+      }
+    }
+  });
 }
 
 }  // namespace amct

@@ -27,7 +27,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.libm_float import caffe_sigmoid, expf, libm_f32, logf, powf, tanhf
+from amct_caffe.runtime.layers.libm_float import caffe_bnll, caffe_sigmoid, expf, libm_f32, logf, powf, tanhf
 
 try:  # csrc/src/conv_cols.cpp: NumPy's maximum(x, 0) without its NaN-keeping slow path (3x faster), same bytes
     from amct_caffe._kernels import relu as RELU_KERNEL
@@ -148,15 +148,8 @@ def AbsVal(x):
 
 
 def BNLL(x):
-    """y = log(1 + exp(x)) as bnll_layer.cpp computes it: ``x > 0 ? x + log(1. + expf(-x)) : log(1. + expf(x))``,
-    glibc's expf rounded to float, the rest in double (its literal is a double), rounded once."""
-    x = np.asarray(x, _F32)
-    with np.errstate(**_QUIET):
-        e = expf(-np.abs(x)).astype(np.float64)
-        out = np.log(1.0 + e)
-        positive = x > 0
-        out[positive] += x[positive]
-    return out.astype(_F32)
+    """y = log(1 + exp(x)) as bnll_layer.cpp computes it (:func:`.libm_float.caffe_bnll`)."""
+    return caffe_bnll(x)
 
 
 def ELU(x, alpha=1.0):
@@ -216,7 +209,7 @@ def Log(x, base=-1.0, scale=1.0, shift=0.0):
     with np.errstate(**_QUIET):
         # scale 0: Caffe's BLAS sscal by 0 writes zeros, even where x is inf or NaN
         out = (np.zeros(x.shape, _F32) if scale == 0 else np.multiply(x, _F32(scale)) if scale != 1
-               else np.array(x, _F32, copy=True))
+               else np.asarray(x, _F32) if shift == 0 else np.array(x, _F32, copy=True))  # (logf makes a new array)
         if shift != 0:
             out += _F32(shift)
         out = logf(out)

@@ -13,7 +13,7 @@ times slower).
 from __future__ import annotations
 
 import numpy as np
-from amct_caffe.runtime.layers.libm_float import libm_f32
+from amct_caffe.runtime.layers.libm_float import expf, libm_f32, powf
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "under": "ignore", "invalid": "ignore", "divide": "ignore"}
@@ -50,10 +50,11 @@ def Clip_grad(dy, x, y, min, max):  # noqa: N802, A002, ARG001 - ClipParameter f
 
 
 def Sigmoid_grad(dy, x, y):  # noqa: N802, ARG001
-    """dx = dy * y * (1 - y), from the top alone (sigmoid_layer.cpp)."""
-    dx = np.multiply(dy, y)
-    dx *= _F32(1) - y
-    return dx
+    """dx = dy * y * (1 - y), from the top alone, as sigmoid_layer.cpp rounds it: ``dy * y`` in float, then
+    times ``1. - y`` in double (a double literal), rounded once."""
+    dx = np.multiply(dy, y).astype(np.float64)
+    dx *= 1.0 - np.asarray(y, np.float64)
+    return dx.astype(_F32)
 
 
 def TanH_grad(dy, x, y):  # noqa: N802, ARG001
@@ -98,13 +99,13 @@ def AbsVal_grad(dy, x, y):  # noqa: N802, ARG001
 
 
 def BNLL_grad(dy, x, y):  # noqa: N802, ARG001
-    """dx = dy * e / (e + 1), e = exp(min(x, 50))."""
-    e = np.minimum(x, _BNLL_THRESHOLD)
-    np.exp(e, out=e)
-    dx = np.add(e, _F32(1))
-    np.divide(e, dx, out=dx)
-    dx *= dy
-    return dx
+    """dx = dy * e / (e + 1), e = expf(min(x, 50)), as bnll_layer.cpp rounds it: ``dy * e`` in float, the
+    division by ``e + 1.`` in double (a double literal), rounded once."""
+    e = expf(np.minimum(x, _BNLL_THRESHOLD))
+    with np.errstate(invalid="ignore"):
+        dx = np.multiply(dy, e).astype(np.float64)
+        dx /= e.astype(np.float64) + 1.0
+    return dx.astype(_F32)
 
 
 def Power_grad(dy, x, y, power=1.0, scale=1.0, shift=0.0):  # noqa: N802
@@ -158,7 +159,7 @@ def Log_grad(dy, x, y, base=-1.0, scale=1.0, shift=0.0):  # noqa: N802, ARG001
         dx = np.multiply(x, _F32(scale)) if scale != 1 else np.array(x, _F32, copy=True)
         if shift != 0:
             dx += _F32(shift)
-        np.reciprocal(dx, out=dx)
+        dx = powf(dx, -1.0)  # caffe_powx(x, -1): glibc's powf, not always the correctly rounded reciprocal
         num = _F32(scale) / _log_base(base)
         if num != 1:
             dx *= num

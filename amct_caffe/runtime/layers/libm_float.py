@@ -41,8 +41,8 @@ try:
 except ImportError:  # a checkout without the compiled module: the NumPy steps below
     _kernels = None
 # (each looked up on its own: a module built from older sources lacks the newer ones)
-SIGMOID_KERNEL, EXPF_KERNEL, LOGF_KERNEL, POWF_KERNEL, TANHF_KERNEL = (
-    getattr(_kernels, name, None) for name in ("caffe_sigmoid", "expf", "logf", "powf", "tanhf"))
+SIGMOID_KERNEL, BNLL_KERNEL, EXPF_KERNEL, LOGF_KERNEL, POWF_KERNEL, TANHF_KERNEL = (
+    getattr(_kernels, name, None) for name in ("caffe_sigmoid", "caffe_bnll", "expf", "logf", "powf", "tanhf"))
 
 _F32 = np.float32
 _LN2_HI = _F32(6.9313812256e-01)   # 0x3f317180
@@ -104,7 +104,7 @@ def powf(x: np.ndarray, exponent) -> np.ndarray:
     x = np.asarray(x, _F32)
     if POWF_KERNEL is None:
         return libm_f32(np.power, x, np.full(x.shape, exponent, _F32))
-    return POWF_KERNEL(np.ascontiguousarray(x), float(_F32(exponent))).reshape(x.shape)
+    return POWF_KERNEL(np.ascontiguousarray(x), float(_F32(exponent)), threads.workers()).reshape(x.shape)
 
 
 def logf(x: np.ndarray) -> np.ndarray:
@@ -112,7 +112,7 @@ def logf(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, _F32)
     if LOGF_KERNEL is None:
         return libm_f32(np.log, x)
-    return LOGF_KERNEL(np.ascontiguousarray(x), 1).reshape(x.shape)
+    return LOGF_KERNEL(np.ascontiguousarray(x), threads.workers()).reshape(x.shape)
 
 
 def caffe_sigmoid(x: np.ndarray) -> np.ndarray:
@@ -124,6 +124,18 @@ def caffe_sigmoid(x: np.ndarray) -> np.ndarray:
     with np.errstate(**_QUIET):
         e = expf(-x)  # float inf beyond 88.7: the quotient is then 0
         return (1.0 / (1.0 + e.astype(np.float64))).astype(_F32)
+
+
+def caffe_bnll(x: np.ndarray) -> np.ndarray:
+    """Caffe's BNLL (bnll_layer.cpp): ``x > 0 ? x + log(1. + expf(-x)) : log(1. + expf(x))``, glibc's expf
+    rounded to float, the rest in double (its literal is a double), rounded once."""
+    x = np.asarray(x, _F32)
+    if BNLL_KERNEL is not None:  # the same steps in one C++ pass
+        return BNLL_KERNEL(np.ascontiguousarray(x), threads.workers()).reshape(x.shape)
+    with np.errstate(**_QUIET):
+        out = np.log(1.0 + expf(-np.abs(x)).astype(np.float64))
+        out = np.where(x > 0, x.astype(np.float64) + out, out)
+    return np.asarray(out.astype(_F32)).reshape(x.shape)
 
 
 def expf_reference(x: np.ndarray) -> np.ndarray:

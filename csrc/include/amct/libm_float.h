@@ -37,10 +37,13 @@ void expf_array(const float* x, float* y, std::size_t n, int threads);
 // call them (BatchNorm's standard deviation, Power, Log). Not correctly rounded: powf(v, 0.5f) is an ulp off
 // the square root in about 6 values in 10^4, and a float64 log rounded to float is an ulp off logf in about 5
 // in 10^3.
-void powf_array(const float* x, float* y, std::size_t n, float exponent);
+void powf_array(const float* x, float* y, std::size_t n, float exponent, int threads);
 void logf_array(const float* x, float* y, std::size_t n, int threads);
 // y[i] = (float)(1. / (1. + (double)glibc_expf(-x[i]))): Caffe's CPU sigmoid<float> (sigmoid_layer.cpp,
 // lstm_unit_layer.cpp), its literals doubles; one pass, `threads` workers from 2^16 values on.
 void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads);
+// y[i] = x > 0 ? x + log(1. + expf(-x)) : log(1. + expf(x)) (bnll_layer.cpp: glibc's expf rounded to float, the
+// rest in double, rounded once); one pass.
+void caffe_bnll_array(const float* x, float* y, std::size_t n, int threads);
 
 }  // namespace amct
