@@ -66,11 +66,10 @@ print(json.dumps(dict(rows=rows, cores=cores, k_block=caffe_gemm.config()[0])))
 """
 
 
-def _layer_by_layer(case: str, layers: list[str]) -> dict:
-    c = CASES_BY_NAME[case]
-    code = f"import sys; sys.argv = ['x', {str(c.prototxt)!r}, {str(c.weights)!r}, " \
-           f"{str(GOLDEN / (case + '.npz'))!r}, {','.join(layers)!r}]\n" + LAYER_BY_LAYER
-    res = run_with_pycaffe(code, timeout=900)
+def _run_where_exact(code: str, timeout: int) -> dict:
+    """The JSON a pycaffe script prints last (its ``cores``: the OpenBLAS core of each side); skips where the
+    two libraries' kernels do not round alike."""
+    res = run_with_pycaffe(code, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     pair = (out["cores"].get("numpy"), out["cores"].get("caffe"))
@@ -78,6 +77,13 @@ def _layer_by_layer(case: str, layers: list[str]) -> dict:
         pytest.skip(f"OpenBLAS cores numpy={pair[0]} caffe={pair[1]}: bit equality is reproduced only for "
                     f"{sorted(EXACT_PAIRS)}")
     return out
+
+
+def _layer_by_layer(case: str, layers: list[str]) -> dict:
+    c = CASES_BY_NAME[case]
+    code = f"import sys; sys.argv = ['x', {str(c.prototxt)!r}, {str(c.weights)!r}, " \
+           f"{str(GOLDEN / (case + '.npz'))!r}, {','.join(layers)!r}]\n" + LAYER_BY_LAYER
+    return _run_where_exact(code, timeout=900)
 
 
 @pytest.mark.parametrize(("case", "layers"), [
@@ -141,13 +147,7 @@ def test_inner_products_of_one_row_equal_caffe_bit_for_bit(tmp_path):
     proto = tmp_path / "ip.prototxt"
     proto.write_text(SINGLE_ROW_NET)
     code = f"import sys; sys.argv = ['x', {str(proto)!r}, {str(tmp_path / 'ip.caffemodel')!r}]\n" + SINGLE_ROW
-    res = run_with_pycaffe(code, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    pair = (out["cores"].get("numpy"), out["cores"].get("caffe"))
-    if pair not in EXACT_PAIRS:
-        pytest.skip(f"OpenBLAS cores numpy={pair[0]} caffe={pair[1]}: bit equality is reproduced only for "
-                    f"{sorted(EXACT_PAIRS)}")
+    out = _run_where_exact(code, timeout=300)
     assert [r for r in out["rows"] if r[1]] == [], out["rows"]
 
 
