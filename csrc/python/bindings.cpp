@@ -1,6 +1,6 @@
 // amct_caffe._kernels: the module, and the executor's forward and backward kernels (convolution, pooling,
 // per-channel maps, activations); the quantization algorithms are in quant_bindings.cpp, the small-net
-// runner in small_conv.cpp. Each function checks dtype, C-contiguity and
+// runner in small_conv.cpp, glibc's float math and the element-wise layers' loops in elementwise_bindings.cpp. Each function checks dtype, C-contiguity and
 // shape of its arrays (no silent conversion: the Python wrappers in amct_caffe/quant convert),
 // allocates the outputs, then releases the GIL around the C++ loop. Releasing is safe because
 // the loops touch only raw buffers of arrays this frame keeps referenced, and no Python object.
@@ -21,8 +21,6 @@
 #include "amct/cpu.h"
 #include "amct/depthwise.h"
 #include "amct/direct_conv.h"
-#include "amct/libm_float.h"
-#include "amct/lrn.h"
 #include "amct/softmax.h"
 #include "amct/max_pool.h"
 #include "amct/sgd.h"
@@ -34,6 +32,7 @@ namespace py = pybind11;
 
 void register_small_conv(py::module_& m);  // small_conv.cpp
 void register_quant(py::module_& m);       // quant_bindings.cpp
+void register_elementwise(py::module_& m);  // elementwise_bindings.cpp
 
 using amct_py::checked;
 using amct_py::shape_of;
@@ -337,41 +336,6 @@ py::array add_relu(const py::handle& a_obj, const py::handle& b_obj, int threads
   return std::move(y);
 }
 
-py::array greater_select(const py::handle& a_obj, const py::handle& b_obj, int threads, const py::object& into) {
-  auto a = checked<float>(a_obj, "a");
-  auto b = checked<float>(b_obj, "b");
-  if (size_of(a) != size_of(b)) throw py::value_error("a and b must have the same size");
-  auto y = amct_py::output_into(into, shape_of(a), {});
-  auto* yp = y.mutable_data();
-  py::gil_scoped_release release;
-  amct::greater_select(a.data(), b.data(), yp, size_of(a), threads);
-  return std::move(y);
-}
-
-py::tuple lrn_across(const py::handle& x_obj, int size, float alpha_over_size, float beta, float k, int threads) {
-  auto x = checked<float>(x_obj, "x", 4);
-  if (size < 1 || size % 2 != 1) throw py::value_error("lrn_across: size must be odd and positive");
-  py::array_t<float> y(shape_of(x)), scale(shape_of(x));
-  auto* yp = y.mutable_data();
-  auto* sp = scale.mutable_data();
-  const std::size_t n = x.shape(0), c = x.shape(1), hw = static_cast<std::size_t>(x.shape(2)) * x.shape(3);
-  {
-    py::gil_scoped_release release;
-    amct::lrn_across(x.data(), yp, sp, n, c, hw, size, alpha_over_size, beta, k, threads);
-  }
-  return py::make_tuple(std::move(y), std::move(scale));
-}
-
-void fused_axpy(float a, const py::handle& x_obj, const py::handle& y_obj, int threads) {
-  auto x = checked<float>(x_obj, "x");
-  auto y = checked<float>(y_obj, "y");
-  if (size_of(x) != size_of(y)) throw py::value_error("x and y must have the same size");
-  if (!(y.flags() & py::array::c_style) || !y.writeable()) throw py::value_error("y must be a writeable C array");
-  auto* yp = y.mutable_data();
-  py::gil_scoped_release release;
-  amct::fused_axpy(a, x.data(), yp, size_of(x), threads);
-}
-
 py::array direct_conv2d(const py::handle& x_obj, const py::handle& w_obj, std::vector<int> stride,
                         std::vector<int> pad, std::vector<int> dilation, std::vector<int> out, int threads,
                         const py::object& bias_obj, const py::object& into) {
@@ -445,22 +409,6 @@ py::array affine_add_relu(const py::handle& y_obj, const py::handle& a_obj, cons
   return std::move(s);
 }
 
-// y = f(x) element by element, by one of libm_float.h's array loops (or the machine's own expf).
-template <void (*F)(const float*, float*, std::size_t, int)>
-py::array map_floats(const py::handle& x_obj, int threads) {
-  auto x = checked<float>(x_obj, "x");
-  py::array_t<float> y(shape_of(x));
-  auto* yp = y.mutable_data();
-  py::gil_scoped_release release;
-  F(x.data(), yp, size_of(x), threads);
-  return std::move(y);
-}
-
-// The machine's own libm expf, element by element: what the port is tested against.
-void libm_expf_loop(const float* x, float* y, std::size_t n, int /*threads*/) {
-  for (std::size_t i = 0; i < n; ++i) y[i] = ::expf(x[i]);
-}
-
 py::array softmax(const py::handle& x_obj, int axis, int threads) {
   auto x = checked<float>(x_obj, "x");
   if (axis < 0 || axis >= x.ndim()) throw py::value_error("axis out of range");
@@ -480,6 +428,7 @@ py::array softmax(const py::handle& x_obj, int axis, int threads) {
 PYBIND11_MODULE(_kernels, m) {
   register_quant(m);
   register_small_conv(m);
+  register_elementwise(m);
   m.doc() = "amct_caffe C++ kernels; amct_caffe/quant holds the NumPy references and the public API";
   m.def("depthwise_conv2d", &depthwise_conv2d, py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("pad"),
         py::arg("dilation"), py::arg("out"), py::arg("threads"), py::arg("bias") = py::none(),
@@ -519,30 +468,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("relu"), py::arg("threads"), py::arg("into") = py::none());
   m.def("pointwise_conv_available", &amct::pointwise_conv_available);
   m.def("add_relu", &add_relu, py::arg("a"), py::arg("b"), py::arg("threads"), py::arg("into") = py::none());
-  m.def("tanhf", &map_floats<amct::tanhf_array>, py::arg("x"), py::arg("threads"));
-  m.def("expf", &map_floats<amct::expf_array>, py::arg("x"), py::arg("threads"));
-  m.def("logf", &map_floats<amct::logf_array>, py::arg("x"), py::arg("threads"));
-  m.def("caffe_sigmoid", &map_floats<amct::caffe_sigmoid_array>, py::arg("x"), py::arg("threads"));
-  m.def(
-      "powf",
-      [](const py::handle& x_obj, float exponent, int threads) {
-        auto x = checked<float>(x_obj, "x");
-        py::array_t<float> y(shape_of(x));
-        auto* yp = y.mutable_data();
-        py::gil_scoped_release release;
-        amct::powf_array(x.data(), yp, size_of(x), exponent, threads);
-        return y;
-      },
-      py::arg("x"), py::arg("exponent"), py::arg("threads"));
-  m.def("caffe_bnll", &map_floats<amct::caffe_bnll_array>, py::arg("x"), py::arg("threads"));
-  m.def("lrn_across", &lrn_across, py::arg("x"), py::arg("size"), py::arg("alpha_over_size"), py::arg("beta"),
-        py::arg("k"), py::arg("threads"));
-  m.def("libm_expf", [](const py::handle& x) { return map_floats<libm_expf_loop>(x, 1); }, py::arg("x"));
   m.def("softmax", &softmax, py::arg("x"), py::arg("axis"), py::arg("threads"));
   m.def("relu", &relu, py::arg("x"), py::arg("threads"), py::arg("into") = py::none());
-  m.def("greater_select", &greater_select, py::arg("a"), py::arg("b"), py::arg("threads"),
-        py::arg("into") = py::none());
-  m.def("fused_axpy", &fused_axpy, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("threads"));
   m.def("channel_affine", &channel_affine, py::arg("y"), py::arg("a"), py::arg("b"), py::arg("relu"),
         py::arg("threads"));
   m.def("prelu", [](const py::handle& x_obj, const py::handle& a_obj, int threads) {
