@@ -27,7 +27,7 @@ from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import EmptyBackward, Layer
 from amct_caffe.runtime.layers import activation_grad as G
 from amct_caffe.ops import register
-from amct_caffe.runtime.layers.libm_float import caffe_bnll, caffe_sigmoid, expf, libm_f32, logf, powf, tanhf
+from amct_caffe.runtime.layers.libm_float import caffe_bnll, caffe_sigmoid, expf, logf, powf, tanhf
 
 try:  # csrc/src/conv_cols.cpp: NumPy's maximum(x, 0) without its NaN-keeping slow path (3x faster), same bytes
     from amct_caffe._kernels import relu as RELU_KERNEL
@@ -167,7 +167,7 @@ def _log_base(base) -> np.float32:
         return _F32(1)
     if not base > 0:
         raise ValueError(f"base must be strictly positive (or -1 for e), got {base}")
-    return libm_f32(np.log, _F32(base))[()]
+    return logf(np.asarray(_F32(base)))[()]  # Caffe's log(Dtype): logf
 
 
 def Exp(x, base=-1.0, scale=1.0, shift=0.0):
@@ -181,7 +181,7 @@ def Exp(x, base=-1.0, scale=1.0, shift=0.0):
     if shift == 0:
         outer = _F32(1)
     else:
-        outer = (expf(_F32(shift)) if base == -1 else libm_f32(np.power, _F32(base), _F32(shift)))[()]
+        outer = (expf(_F32(shift)) if base == -1 else powf(np.asarray(_F32(base)), shift))[()]
     # a factor of 0 (inner, or an outer base^shift that underflowed) is Caffe's BLAS sscal by 0: zeros
     # even where x is inf or NaN
     if outer == 0:

@@ -13,7 +13,7 @@ times slower).
 from __future__ import annotations
 
 import numpy as np
-from amct_caffe.runtime.layers.libm_float import expf, libm_f32, powf
+from amct_caffe.runtime.layers.libm_float import expf, logf, powf
 
 _F32 = np.float32
 _QUIET = {"over": "ignore", "under": "ignore", "invalid": "ignore", "divide": "ignore"}
@@ -141,7 +141,7 @@ def Power_grad(dy, x, y, power=1.0, scale=1.0, shift=0.0):  # noqa: N802
 
 
 def _log_base(base) -> np.float32:
-    return _F32(1) if base == -1 else libm_f32(np.log, _F32(base))[()]
+    return _F32(1) if base == -1 else logf(np.asarray(_F32(base)))[()]  # Caffe's log(Dtype): logf
 
 
 def Exp_grad(dy, x, y, base=-1.0, scale=1.0, shift=0.0):  # noqa: N802, ARG001
