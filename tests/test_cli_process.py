@@ -254,6 +254,43 @@ def test_a_signal_as_a_temporary_folder_is_removed_leaves_nothing(tmp_path, sig,
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def test_ctrl_c_and_sigterm_together_end_as_the_first(tmp_path):
+    """Both pending at once: the SIGINT handler's own signal.signal call ran the SIGTERM handler inside it, which
+    raised first, so a Ctrl-C followed at once by a SIGTERM reported SIGTERM (143)."""
+    hook = ("import amct_caffe.api.workflow as wf\n"
+            "real = wf.calibrate\n"
+            "def calibrate(*a, **k):\n"
+            "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
+            "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})\n"
+            "    return real(*a, **k)\n"
+            "wf.calibrate = calibrate\n"
+            "import amct_caffe.cli.calibrate as c; c.calibrate = calibrate\n")
+    out = tmp_path / "out"
+    res = _hooked(tmp_path, hook, _calibrate_lenet(out))
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.splitlines() == ["amct-caffe: interrupted"]
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_after_run_saved_its_file_says_it_is_complete(tmp_path, sig, code):
+    """``run --save`` writes its file by itself (not as a set of outputs): an interrupt after it was in place said
+    nothing of it."""
+    data = tmp_path / "digits.npy"
+    np.save(data, (np.load(MNIST_SAMPLE / "mnist_500.npz")["images"][:8, None] / 256).astype(np.float32))
+    hook = ("import amct_caffe.cli.run as r\n"
+            "real = r._save\n"
+            "def _save(*a, **k):\n"
+            "    real(*a, **k)\n"
+            f"    signal.raise_signal(signal.{sig})\n"
+            "r._save = _save\n")
+    res = _hooked(tmp_path, hook, ["run", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--input",
+                                   str(data), "--save", str(tmp_path / "out.npz"), "--no-progress"])
+    assert res.returncode == code, res.stderr
+    assert res.stderr.strip().endswith("after the outputs were written (they are complete)"), res.stderr
+    assert (tmp_path / "out.npz").exists()
+
+
 def test_an_interrupt_after_the_outputs_are_written_says_they_are_complete(tmp_path):
     """The summary runs after the outputs are in place: Ctrl-C there leaves them complete, and says so."""
     hook = ("import amct_caffe.cli.calibrate as c\n"

@@ -92,3 +92,16 @@ def test_ctrl_c_inside_exec_code_still_exits_130(tmp_path, target, how):
     assert res.returncode == 130, res.stderr
     assert res.stderr.strip() == "amct-caffe: interrupted"
     assert res.stdout == ""
+
+
+HOOK_TERM = HOOK.replace("os.kill(os.getpid(), signal.SIGINT)", "os.kill(os.getpid(), signal.SIGTERM)")
+
+
+@pytest.mark.parametrize("target", ["amct_caffe.cli", "argparse", "numpy"])
+def test_sigterm_during_start_up_exits_143_with_one_line(tmp_path, target):
+    """SIGTERM while the command line is imported (before cli.main handles it) killed the process with no word
+    (status -15); it now ends as a SIGTERM during the run does."""
+    res = _run(tmp_path, [sys.executable, "-m", "amct_caffe"], target, HOOK_TERM)
+    assert res.returncode == 143, res.stderr
+    assert res.stderr == "amct-caffe: terminated (SIGTERM)\n"
+    assert res.stdout == ""

@@ -132,9 +132,11 @@ def _signals_unwind():
     previous_redeliver = signal.getsignal(_REDELIVER) if _REDELIVER is not None else None
 
     def handler(signum, frame):
-        for sig in raises:
-            signal.signal(sig, signal.SIG_IGN)
+        if received:  # a second signal run from inside the first one's signal.signal below: the first wins
+            return
         received.append(signum)
+        for sig in raises:
+            signal.signal(sig, signal.SIG_IGN)  # (CPython runs the handlers of pending signals here)
         raise raises[signum]()
 
     def redelivered(signum, frame):
@@ -145,6 +147,8 @@ def _signals_unwind():
 
     def unraisable(info) -> None:
         ours = isinstance(info.exc_value, tuple(raises.values())) and received
+        if received and not ours:  # a finalizer of an object the interrupt left half built: noise, not news
+            return
         if not ours or threading.current_thread() is not threading.main_thread() or _REDELIVER is None:
             previous_hook(info)
             return

@@ -61,6 +61,11 @@ def write_error(path: Path, e: OSError) -> FileAccessError:
     return FileAccessError(f"cannot write {path}: {_os_reason(e, path)}; choose a location you can write to")
 
 
+# Every file this process has committed (renamed into place), in order: the command line tells an interrupt that
+# came after its outputs were in place (they are complete) from one that left the previous files.
+COMMITTED: list[str] = []
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "wb"):
     """Open a temporary file beside ``path``; rename it into place only if the block succeeds.
@@ -85,6 +90,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
             with os.fdopen(fd, mode) as f:
                 yield f
             os.replace(tmp, path)
+            COMMITTED.append(os.path.abspath(path))
         except OSError as e:
             raise write_error(path, e) from None
     except BaseException:

@@ -15,14 +15,13 @@ import threading
 from pathlib import Path
 
 from amct_caffe.errors import FileAccessError
-from amct_caffe.io.files import message_text, temp_file_beside, write_error
+from amct_caffe.io.files import COMMITTED, message_text, temp_file_beside, write_error
 from amct_caffe.io.paths import check_distinct, check_output
 
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
-# Every file this process has committed, in order: the command line tells an interrupt that came after its
-# outputs were in place (they are complete) from one that left the previous files.
-_committed: list[str] = []
+# Every file this process has committed, in order (io.files.COMMITTED: sets of files and single ones).
+_committed = COMMITTED
 
 
 def commits() -> int:
