@@ -199,3 +199,37 @@ print(*[f"{{k}}:{{int(np.count_nonzero(ours.blobs[k].diff.view(np.uint32) != ref
     res = run_with_pycaffe(code)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1].split() == ["x:0", "x2:0", "p:0"], res.stdout[-500:]
+
+
+SOFTMAX_NET = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 64 dim: 1000 } } }
+layer { name: "prob" type: "Softmax" bottom: "x" top: "prob" }
+layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 3 dim: 5 dim: 37 } } }
+layer { name: "last" type: "Softmax" bottom: "t" top: "last" softmax_param { axis: -1 } }
+"""
+
+
+def test_softmax_over_a_last_axis_sums_as_caffes_gemv(tmp_path):
+    """A classifier's (N, 1000) softmax: Caffe sums each row by sgemv, in its kernel's order, where NumPy's
+    pairwise sum put about a third of the sums an ulp away. Bit for bit where the two OpenBLAS builds round
+    alike (the rest of this file's cores)."""
+    proto = tmp_path / "softmax.prototxt"
+    proto.write_text(SOFTMAX_NET)
+    code = f"""
+import numpy as np, caffe
+from amct_caffe.runtime import Net, TEST
+proto = {str(proto)!r}
+rng = np.random.default_rng(0)
+feed = dict(x=(rng.standard_normal((64, 1000)) * 4).astype(np.float32),
+            t=(rng.standard_normal((3, 5, 37)) * 4).astype(np.float32))
+ref = caffe.Net(proto, caffe.TEST)
+for k, v in feed.items():
+    ref.blobs[k].data[...] = v
+ref.forward()
+got = Net(proto, TEST).forward(**feed)
+print(*[f"{{k}}:{{int(np.count_nonzero(got[k].view(np.uint32) != ref.blobs[k].data.view(np.uint32)))}}"
+        for k in ("prob", "last")])
+"""
+    res = run_with_pycaffe(code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1].split() == ["prob:0", "last:0"], res.stdout[-300:]

@@ -126,14 +126,19 @@ def test_kernel_gives_the_reference_bytes(shape, axis):
     np.testing.assert_allclose(want, reference(x, axis % x.ndim), rtol=2e-6, atol=1e-7)
 
 
-def test_long_contiguous_axis_keeps_numpys_pairwise_sum():
-    """Eight or more values along a contiguous axis: NumPy sums them pairwise, and so does Softmax (the
-    reference path); the sequential sum would be another float here."""
+def test_long_axis_with_nothing_after_it_sums_by_caffes_gemv(monkeypatch):
+    """Eight or more values along an axis with nothing after it (a classifier's (N, classes)): each row's sum is
+    Caffe's sgemv call through numpy's OpenBLAS (real Caffe's bytes: tests/test_real_caffe.py); without that
+    library, NumPy's pairwise sum (the reference path). Both differ from the sequential sum here."""
     rng = np.random.default_rng(9)
     x = _order_sensitive((6, 40), 1, rng)
     assert not softmax.sequential_sum(40, 1)
-    got = Softmax(x, axis=1)
     e = softmax.expf(x - x.max(axis=1, keepdims=True))
+    sums = softmax.row_sums_as_gemv(e)
+    if sums is not None:
+        np.testing.assert_array_equal(Softmax(x, axis=1).view(np.uint32), (e / sums[:, None]).view(np.uint32))
+    monkeypatch.setattr(softmax, "row_sums_as_gemv", lambda rows: None)
+    got = Softmax(x, axis=1)
     np.testing.assert_array_equal(got.view(np.uint32), (e / e.sum(axis=1, keepdims=True)).view(np.uint32))
     sequential = e[:, :1].copy()
     for j in range(1, 40):

@@ -51,6 +51,7 @@ def _load_cblas_sgemm():
         fn.restype = None
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
                        ctypes.c_void_p, integer, ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer]
+        fn._lib_path = str(libs[0]["filepath"])  # for the other symbols of the same library
         return fn
     return None
 
@@ -76,3 +77,48 @@ def single_row_sgemm(a: np.ndarray, b: np.ndarray, trans_b: bool, out: np.ndarra
         np.copyto(out, y)
         return out
     return y
+
+
+_sgemv_fn = None  # numpy's cblas_sgemv through ctypes; False: not found
+
+
+def numpy_cblas_sgemv():
+    """numpy's own OpenBLAS ``cblas_sgemv`` through ctypes (as :func:`numpy_cblas_sgemm`), or None."""
+    global _sgemv_fn
+    if _sgemv_fn is None:
+        sgemm = numpy_cblas_sgemm()  # the same library, found once
+        _sgemv_fn = _load_sgemv(sgemm) if sgemm is not None else False
+    return _sgemv_fn or None
+
+
+def _load_sgemv(sgemm):
+    import ctypes
+
+    lib = ctypes.CDLL(sgemm._lib_path)  # noqa: SLF001
+    for name, wide in (("scipy_cblas_sgemv64_", True), ("scipy_cblas_sgemv", False)):
+        fn = getattr(lib, name, None)
+        if fn is None:
+            continue
+        integer = ctypes.c_int64 if wide else ctypes.c_int32
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, integer, integer, ctypes.c_float, ctypes.c_void_p, integer,
+                       ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer]
+        return fn
+    return None
+
+
+def row_sums_as_gemv(rows: np.ndarray) -> np.ndarray | None:
+    """Each row's sum as Caffe's Softmax takes it over an axis with nothing after it:
+    ``cblas_sgemv(RowMajor, Trans, channels, 1, 1, row, 1, ones, 1, 0, y, 1)`` per row (the kernel's own
+    order, not the values in turn); ``rows`` (outer, channels) float32. None where the call cannot be made."""
+    fn = numpy_cblas_sgemv()
+    if fn is None or rows.ndim != 2 or rows.dtype != np.float32:
+        return None
+    rows = np.ascontiguousarray(rows)
+    outer, channels = rows.shape
+    ones = np.ones(channels, np.float32)
+    sums = np.zeros(outer, np.float32)
+    base, step, out = rows.ctypes.data, channels * 4, sums.ctypes.data
+    for i in range(outer):
+        fn(_ROW_MAJOR, _TRANS, channels, 1, 1.0, base + i * step, 1, ones.ctypes.data, 1, 0.0, out + 4 * i, 1)
+    return sums

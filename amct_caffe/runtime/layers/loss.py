@@ -123,7 +123,7 @@ class SoftmaxWithLossLayer(LossLayer):
 
     def _gather(self, bottoms):
         """prob viewed (outer, C, inner), labels (outer, inner), the valid mask and the labels to index with."""
-        prob = Softmax(bottoms[0], axis=self.axis)
+        prob = Softmax(bottoms[0], axis=self.axis, gemv_sums=False)  # (the loss sums in float64 anyway)
         p3 = prob.reshape(self.outer, -1, self.inner)
         labels = _labels(bottoms[1], self).reshape(self.outer, self.inner)
         valid = labels != self.ignore if self.ignore is not None else np.ones(labels.shape, bool)

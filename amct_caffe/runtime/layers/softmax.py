@@ -14,7 +14,9 @@ ulp off it for about a fifth of all inputs), and the sum adds the channels in or
 NumPy's order for a float32 sum over a C-contiguous axis when it adds whole slices (inner > 1) or fewer
 than 8 values (from 8 on, inner == 1, NumPy sums pairwise, and :func:`softmax_reference` keeps it). With
 two channels (MTCNN, UltraFace and most detectors' scores) every order gives the same sum, so the
-result is Caffe's bit for bit; with more, the gemv's order may put the sum an ulp away.
+result is Caffe's bit for bit. With nothing after the axis (inner == 1: a classifier's (N, classes)) and 8
+values or more, each row's sum is Caffe's own call, numpy's OpenBLAS ``sgemv`` (:mod:`.cblas`), so the
+result is Caffe's there too where the two OpenBLAS builds round alike.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from amct_caffe.ops import register
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import Layer, canonical_axis
+from amct_caffe.runtime.layers.cblas import row_sums_as_gemv
 from amct_caffe.runtime.layers.libm_float import expf
 
 try:  # csrc/src/softmax.cpp: the whole softmax in one pass
@@ -45,12 +48,14 @@ def sequential_sum(channels: int, inner: int) -> bool:
     return inner > 1 or channels <= SHORT_AXIS
 
 
-def Softmax(x, *, axis=1):  # noqa: N802 - Caffe type name
+def Softmax(x, *, axis=1, gemv_sums=True):  # noqa: N802 - Caffe type name
     """``y = exp(x - max_axis x) / sum_axis exp(x - max_axis x)`` in float32, as Caffe does it (module doc).
 
     ``axis`` may be negative; every slice along it (the other axes index independent
     softmaxes) is shifted by its maximum before ``exp`` so no term overflows. Where the sum is
     sequential, the C++ kernel computes the same bytes as :func:`softmax_reference` in one pass.
+    ``gemv_sums``: with nothing after a long axis, Caffe's sgemv sums (a call per row: 2-3 microseconds
+    each); False keeps NumPy's (SoftmaxWithLoss, whose loss is summed in float64 anyway).
     """
     x = np.asarray(x, np.float32)
     axis = axis % x.ndim if x.ndim else 0
@@ -58,6 +63,13 @@ def Softmax(x, *, axis=1):  # noqa: N802 - Caffe type name
             and sequential_sum(x.shape[axis], math.prod(x.shape[axis + 1:])):
         # (the kernel splits between the workers from 2^16 values on)
         return SOFTMAX_KERNEL(np.ascontiguousarray(x), axis, threads.workers())
+    if gemv_sums and x.ndim and x.size and math.prod(x.shape[axis + 1:]) == 1:
+        # nothing after the axis (a classifier's (N, 1000)): Caffe's gemv sums each row in its kernel's order
+        rows = x.reshape(-1, x.shape[axis])
+        e = expf(rows - rows.max(axis=1, keepdims=True))
+        sums = row_sums_as_gemv(e)
+        if sums is not None:
+            return (e / sums[:, None]).reshape(x.shape)
     return softmax_reference(x, axis=axis)
 
 
