@@ -76,14 +76,19 @@ layer { name: "a" type: "LRN" bottom: "x" top: "a" lrn_param { local_size: 5 alp
 layer { name: "b" type: "LRN" bottom: "x" top: "b" lrn_param { local_size: 3 alpha: 2 beta: 0.5 k: 2 } }
 layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 3 dim: 2 dim: 5 dim: 4 } } }
 layer { name: "c" type: "LRN" bottom: "t" top: "c" lrn_param { local_size: 7 alpha: 0.5 beta: 1.5 } }
+layer { name: "w" type: "LRN" bottom: "x" top: "w" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75
+  norm_region: WITHIN_CHANNEL } }
+layer { name: "w3" type: "LRN" bottom: "t" top: "w3" lrn_param { local_size: 3 alpha: 2 beta: 0.5
+  norm_region: WITHIN_CHANNEL } }
 """
 
 
 def test_lrn_across_channels_is_caffes_running_sum(tmp_path):
     """Caffe's ACROSS_CHANNELS LRN keeps a running sum of the squares (each step a fused saxpy) and takes glibc's
     powf: window sums rounded otherwise, so a third of GoogLeNet's LRN values were an ulp or so off, which
-    moved its record by 1.3e-6 and flipped Quant roundings in its fake-quant model. Bit for bit now, with a
-    window wider than the channels too."""
+    moved its record by 1.3e-6 and flipped Quant roundings in its fake-quant model. WITHIN_CHANNEL runs Caffe's
+    internal layers (powf squares, AVE pooling, Power, product) instead of separable window sums. Bit for bit
+    now, with a window wider than the channels too."""
     proto = tmp_path / "lrn.prototxt"
     proto.write_text(LRN_NET)
     code = f"""
@@ -99,12 +104,12 @@ for k, v in feed.items():
 ref.forward()
 for fold in ("exact", "auto"):
     got = Net(proto, TEST, fold=fold).forward(**feed)
-    print(fold, *[int(np.count_nonzero(got[k] != ref.blobs[k].data)) for k in ("a", "b", "c")])
+    print(fold, *[int(np.count_nonzero(got[k] != ref.blobs[k].data)) for k in ("a", "b", "c", "w", "w3")])
 """
     res = run_with_pycaffe(code)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()[-2:]
-    assert lines == ["exact 0 0 0", "auto 0 0 0"], lines
+    assert lines == ["exact 0 0 0 0 0", "auto 0 0 0 0 0"], lines
 
 
 GLIBC_MATH_NET = """

@@ -80,6 +80,23 @@ def lrn_scale(x, local_size=5, alpha=1.0, norm_region=0, k=1.0):
     return s
 
 
+def within_channel(x, local_size: int, alpha: float, beta: float):
+    """WITHIN_CHANNEL as Caffe's LRN layer runs it, through its internal layers: Power 2 (glibc's powf), AVE
+    pooling with pad (n-1)/2 and stride 1 (taps summed in order, divided by n^2), Power with scale alpha and
+    shift 1 then powf(., -beta), Eltwise PROD with x. Returns (y, s), s = 1 + alpha * the average (for the
+    backward)."""
+    from amct_caffe.runtime.layers.activation import Power
+    from amct_caffe.runtime.layers.pooling import AVE, Pooling
+
+    pre = (local_size - 1) // 2
+    pooled = Pooling(Power(np.asarray(x, _F32), 2.0), pool=AVE, kernel=(local_size, local_size), stride=(1, 1),
+                     pad=(pre, pre))
+    with np.errstate(**_QUIET):
+        s = np.multiply(pooled, _F32(alpha))
+        s += _F32(1)
+    return np.multiply(x, Power(s, -beta)), s
+
+
 def LRN(x, local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0):  # noqa: N802 - Caffe type name
     """Local response normalization of x (N, C, H, W): ``y = x * s^-beta`` (see the module doc)."""
     s = lrn_scale(x, local_size, alpha, norm_region, k)
@@ -145,6 +162,9 @@ class LRNLayer(Layer):
             y, self._scale = LRN_ACROSS_KERNEL(np.ascontiguousarray(x, _F32), kw["local_size"],
                                                _F32(kw["alpha"]) / _F32(kw["local_size"]), kw["beta"], kw["k"],
                                                threads.workers() if x.size >= _THREADED_LRN else 1)
+            return [y]
+        if _within(kw["norm_region"]) and x.ndim == 4:
+            y, self._scale = within_channel(x, kw["local_size"], kw["alpha"], kw["beta"])
             return [y]
         s = lrn_scale(bottoms[0], kw["local_size"], kw["alpha"], kw["norm_region"], kw["k"])
         # kept for backward like Caffe's scale_ / internal blobs (in place, the input is gone by then)
