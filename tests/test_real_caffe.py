@@ -112,6 +112,40 @@ for fold in ("exact", "auto"):
     assert lines == ["exact 0 0 0 0 0", "auto 0 0 0 0 0"], lines
 
 
+# Runs ``proto`` in pycaffe and in the executor on the arrays ``feed`` (code defining a dict of them, with ``rng``
+# at hand), optionally a backward from random top diffs, and prints how many float32 values of each blob of ``names``
+# (its data, or its diff after the backward) differ in their bits.
+BITS_SCRIPT = """
+import numpy as np, caffe
+from amct_caffe.runtime import Net, TEST, TRAIN
+proto, names, tops = {proto!r}, {names!r}, {tops!r}
+rng = np.random.default_rng(0)
+{feed}
+phase = TRAIN if tops else TEST
+nets = [caffe.Net(proto, caffe.TRAIN if tops else caffe.TEST), Net(proto, phase)]
+diffs = {{k: rng.standard_normal(nets[0].blobs[k].data.shape).astype(np.float32) for k in tops}}
+for net in nets:
+    for k, v in feed.items():
+        net.blobs[k].data[...] = v
+    net.forward()
+    if tops:
+        for k, v in diffs.items():
+            net.blobs[k].diff[...] = v
+        net.backward()
+bits = [[(b.diff if tops else b.data).view(np.uint32) for b in (net.blobs[k] for k in names)] for net in nets]
+print(*[f"{{k}}:{{int(np.count_nonzero(a != b))}}" for k, a, b in zip(names, *bits)])
+"""
+
+
+def _differing_bits(tmp_path, net_text: str, feed: str, names, tops=()) -> list[str]:
+    """``name:count`` per blob of ``names`` (:data:`BITS_SCRIPT`)."""
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(net_text)
+    res = run_with_pycaffe(BITS_SCRIPT.format(proto=str(proto), names=tuple(names), tops=tuple(tops), feed=feed))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1].split()
+
+
 GLIBC_MATH_NET = """
 layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 8 dim: 31 dim: 17 } } }
 layer { name: "p" type: "Input" top: "p" input_param { shape { dim: 2 dim: 8 dim: 31 dim: 17 } } }
@@ -135,30 +169,11 @@ def test_elementwise_math_is_glibcs_as_caffe_calls_it(tmp_path):
     saxpy per term): numpy's float32 exp / power / square / sqrt, float64 log rounded to float32 and rounded
     products each differ from what Caffe's layers compute, in up to a third of the values (Sigmoid), by an ulp.
     Bit for bit now."""
-    proto = tmp_path / "math.prototxt"
-    proto.write_text(GLIBC_MATH_NET)
-    code = f"""
-import numpy as np, caffe
-from amct_caffe.runtime import Net, TEST
-proto = {str(proto)!r}
-rng = np.random.default_rng(0)
-x = (rng.standard_normal((2, 8, 31, 17)) * 3).astype(np.float32)
-feed = dict(x=x, p=(np.abs(x) + np.float32(0.01)).astype(np.float32))
-ref = caffe.Net(proto, caffe.TEST)
-for k, v in feed.items():
-    ref.blobs[k].data[...] = v
-ref.forward()
-ours = Net(proto, TEST)
-ours.forward(**feed)
-names = ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2", "wsum")
-print(*[f"{{k}}:{{int(np.count_nonzero(ours.blobs[k].data.view(np.uint32) != ref.blobs[k].data.view(np.uint32)))}}"
-        for k in names])
-"""
-    res = run_with_pycaffe(code)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = res.stdout.strip().splitlines()[-1].split()
-    assert got == [f"{k}:0" for k in ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2",
-                                      "wsum")], got
+    names = ("sigmoid", "bnll", "elu", "cube", "square", "root", "odd", "log", "log2", "wsum")
+    feed = ("x = (rng.standard_normal((2, 8, 31, 17)) * 3).astype(np.float32)\n"
+            "feed = dict(x=x, p=(np.abs(x) + np.float32(0.01)).astype(np.float32))")
+    got = _differing_bits(tmp_path, GLIBC_MATH_NET, feed, names)
+    assert got == [f"{k}:0" for k in names], got
 
 
 GRAD_NET = """
@@ -176,34 +191,10 @@ def test_elementwise_math_gradients_are_caffes(tmp_path):
     """The backward of Sigmoid (dy * y in float, times 1. - y in double), BNLL (dy * expf(x) in float, divided
     by expf(x) + 1. in double) and Log (glibc's powf(x', -1), not the reciprocal) as Caffe rounds them: numpy's
     float32 steps were an ulp off in up to a third of the values."""
-    proto = tmp_path / "grad.prototxt"
-    proto.write_text(GRAD_NET)
-    code = f"""
-import numpy as np, caffe
-from amct_caffe.runtime import Net, TRAIN
-proto = {str(proto)!r}
-rng = np.random.default_rng(0)
-x = (rng.standard_normal((2, 8, 31, 17)) * 3).astype(np.float32)
-feed = dict(x=x, p=(np.abs(x) + np.float32(0.01)).astype(np.float32), x2=(x * 7).astype(np.float32))
-diffs = {{k: rng.standard_normal((2, 8, 31, 17)).astype(np.float32) for k in ("sigmoid", "bnll", "log")}}
-ref = caffe.Net(proto, caffe.TRAIN)
-for k, v in feed.items():
-    ref.blobs[k].data[...] = v
-ref.forward()
-for k, v in diffs.items():
-    ref.blobs[k].diff[...] = v
-ref.backward()
-ours = Net(proto, TRAIN)
-ours.forward(**feed)
-for k, v in diffs.items():
-    ours.blobs[k].diff[...] = v
-ours.backward()
-print(*[f"{{k}}:{{int(np.count_nonzero(ours.blobs[k].diff.view(np.uint32) != ref.blobs[k].diff.view(np.uint32)))}}"
-        for k in ("x", "x2", "p")])
-"""
-    res = run_with_pycaffe(code)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1].split() == ["x:0", "x2:0", "p:0"], res.stdout[-500:]
+    feed = ("x = (rng.standard_normal((2, 8, 31, 17)) * 3).astype(np.float32)\n"
+            "feed = dict(x=x, p=(np.abs(x) + np.float32(0.01)).astype(np.float32), x2=(x * 7).astype(np.float32))")
+    got = _differing_bits(tmp_path, GRAD_NET, feed, ("x", "x2", "p"), tops=("sigmoid", "bnll", "log"))
+    assert got == ["x:0", "x2:0", "p:0"], got
 
 
 SOFTMAX_NET = """
@@ -218,23 +209,7 @@ def test_softmax_over_a_last_axis_sums_as_caffes_gemv(tmp_path):
     """A classifier's (N, 1000) softmax: Caffe sums each row by sgemv, in its kernel's order, where NumPy's
     pairwise sum put about a third of the sums an ulp away. Bit for bit where the two OpenBLAS builds round
     alike (the rest of this file's cores)."""
-    proto = tmp_path / "softmax.prototxt"
-    proto.write_text(SOFTMAX_NET)
-    code = f"""
-import numpy as np, caffe
-from amct_caffe.runtime import Net, TEST
-proto = {str(proto)!r}
-rng = np.random.default_rng(0)
-feed = dict(x=(rng.standard_normal((64, 1000)) * 4).astype(np.float32),
-            t=(rng.standard_normal((3, 5, 37)) * 4).astype(np.float32))
-ref = caffe.Net(proto, caffe.TEST)
-for k, v in feed.items():
-    ref.blobs[k].data[...] = v
-ref.forward()
-got = Net(proto, TEST).forward(**feed)
-print(*[f"{{k}}:{{int(np.count_nonzero(got[k].view(np.uint32) != ref.blobs[k].data.view(np.uint32)))}}"
-        for k in ("prob", "last")])
-"""
-    res = run_with_pycaffe(code)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1].split() == ["prob:0", "last:0"], res.stdout[-300:]
+    feed = ("feed = dict(x=(rng.standard_normal((64, 1000)) * 4).astype(np.float32),\n"
+            "            t=(rng.standard_normal((3, 5, 37)) * 4).astype(np.float32))")
+    got = _differing_bits(tmp_path, SOFTMAX_NET, feed, ("prob", "last"))
+    assert got == ["prob:0", "last:0"], got

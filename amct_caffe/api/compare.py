@@ -275,7 +275,6 @@ class BlobComparison:
                 acc.top1_same / acc.top1_total if acc.top1_total else None))
         return out
 
-
     def _input_cosines(self, producer, cosine: dict[str, float]) -> list[float]:
         """The cosines of the compared blobs ``producer`` reads, directly or through blobs not compared.
 

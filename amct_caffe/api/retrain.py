@@ -33,6 +33,7 @@ from amct_caffe import io, log, ops
 from amct_caffe.api.outputs import SAVE_TYPES, save_quantized, stage_graph
 from amct_caffe.config import (ArqParams, LayerQuantConfig, QuantConfig, bind_retrain_config, create_retrain_config,
                                read_retrain_config, write_retrain_config)
+from amct_caffe.config.checks import show
 from amct_caffe.errors import AmctError, ConfigError, GraphError, WeightsError
 from amct_caffe.io.graph_io import graph_from_net, graph_to_net, layer_graph
 from amct_caffe.io.outputs import StagedOutputs
@@ -183,13 +184,9 @@ def _check_config(config_file, learned: list[LearnedClips]) -> None:
             differing.append(("retrain_data_config.fixed_min", data.fixed_min, found[name].fixed_min))
         for field, given, trained in differing:
             if given != trained:
-                raise ConfigError(f"{config_file}: layer '{name}': {field} {_json_value(given)} differs from the "
-                                  f"retrained model's ({_json_value(trained)}): give the config the model was made "
+                raise ConfigError(f"{config_file}: layer '{name}': {field} {show(given)} differs from the "
+                                  f"retrained model's ({show(trained)}): give the config the model was made "
                                   "from")
-
-
-def _json_value(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _activation_factors(clips: LearnedClips, test_record: Record | None) -> tuple[float, int]:

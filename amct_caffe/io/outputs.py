@@ -20,18 +20,15 @@ from amct_caffe.io.paths import check_distinct, check_output
 
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
-# Every file this process has committed, in order (io.files.COMMITTED: sets of files and single ones).
-_committed = COMMITTED
-
 
 def commits() -> int:
     """How many files have been committed so far (a mark for :func:`committed_since`)."""
-    return len(_committed)
+    return len(COMMITTED)
 
 
 def committed_since(mark: int) -> list[str]:
     """The absolute paths of the files committed since ``mark``."""
-    return _committed[mark:]
+    return COMMITTED[mark:]
 
 
 def _remove_all(paths: list[str]) -> None:
@@ -193,7 +190,7 @@ class StagedOutputs:
             if isinstance(e, OSError):
                 raise FileAccessError(f"{write_error(self._target, e)}; no output file was changed") from e
             raise
-        _committed.extend(os.path.abspath(path) for _, path in self._staged)
+        COMMITTED.extend(os.path.abspath(path) for _, path in self._staged)
         self._made.clear()  # they hold the outputs now
         self.discard()  # nothing left to remove: every temporary file was moved
         self._files.clear()

@@ -64,10 +64,4 @@ def remove_leftovers() -> None:
         remove(path)
 
 
-def leftovers() -> list[str]:
-    """The folders still registered (for tests)."""
-    with _LOCK:
-        return sorted(_LIVE)
-
-
 atexit.register(remove_leftovers)

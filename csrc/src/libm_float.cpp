@@ -242,39 +242,41 @@ void powf_array(const float* x, float* y, std::size_t n, float exponent, int thr
   });
 }
 
-void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads) {
-  constexpr std::size_t kChunk = 4096;  // -x and its expf in a buffer of this many values
+namespace {
+
+// y[i] = finish(x[i], glibc_expf(argument(x[i]))) over chunks: the arguments and their expf in a buffer, the
+// expf loop vectorized (expf_span), each value written by one worker (the bytes do not depend on `threads`).
+template <class Argument, class Finish>
+void with_expf(const float* x, float* y, std::size_t n, int threads, Argument argument, Finish finish) {
+  constexpr std::size_t kChunk = 4096;
   parallel_for((n + kChunk - 1) / kChunk, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
     float e[kChunk];
     for (std::size_t c = first; c < last; ++c) {
       const std::size_t begin = c * kChunk, len = std::min(n, begin + kChunk) - begin;
-      for (std::size_t i = 0; i < len; ++i) e[i] = -x[begin + i];
+      for (std::size_t i = 0; i < len; ++i) e[i] = argument(x[begin + i]);
       expf_span(e, e, len);
-      for (std::size_t i = 0; i < len; ++i) y[begin + i] = static_cast<float>(1.0 / (1.0 + static_cast<double>(e[i])));
+      for (std::size_t i = 0; i < len; ++i) y[begin + i] = finish(x[begin + i], e[i]);
     }
+  });
+}
+
+}  // namespace
+
+void caffe_sigmoid_array(const float* x, float* y, std::size_t n, int threads) {
+  with_expf(x, y, n, threads, [](float v) { return -v; },
+            [](float, float e) { return static_cast<float>(1.0 / (1.0 + static_cast<double>(e))); });
+}
+
+void caffe_bnll_array(const float* x, float* y, std::size_t n, int threads) {
+  with_expf(x, y, n, threads, [](float v) { return -std::fabs(v); }, [](float v, float e) {
+    const double l = std::log(1.0 + static_cast<double>(e));
+    return static_cast<float>(v > 0.0f ? static_cast<double>(v) + l : l);
   });
 }
 
 void logf_array(const float* x, float* y, std::size_t n, int threads) {
   parallel_for(n, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
     for (std::size_t i = first; i < last; ++i) y[i] = std::log(x[i]);
-  });
-}
-
-void caffe_bnll_array(const float* x, float* y, std::size_t n, int threads) {
-  constexpr std::size_t kChunk = 4096;  // -|x| and its expf in a buffer of this many values
-  parallel_for((n + kChunk - 1) / kChunk, n >= (1u << 16) ? threads : 1, [&](std::size_t first, std::size_t last) {
-    float e[kChunk];
-    for (std::size_t c = first; c < last; ++c) {
-      const std::size_t begin = c * kChunk, len = std::min(n, begin + kChunk) - begin;
-      for (std::size_t i = 0; i < len; ++i) e[i] = -std::fabs(x[begin + i]);
-      expf_span(e, e, len);
-      for (std::size_t i = 0; i < len; ++i) {
-        const float v = x[begin + i];
-        const double l = std::log(1.0 + static_cast<double>(e[i]));
-        y[begin + i] = static_cast<float>(v > 0.0f ? static_cast<double>(v) + l : l);
-      }
-    }
   });
 }
 

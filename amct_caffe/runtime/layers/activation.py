@@ -174,8 +174,7 @@ def Exp(x, base=-1.0, scale=1.0, shift=0.0):
     """y = base ^ (shift + scale * x); base -1 means e.
 
     Caffe's order: y = exp(log(base) * scale * x) * base^shift, each step rounded to float32,
-    exp as glibc's expf bit for bit (:func:`.libm_float.expf`), log and pow as glibc's
-    (:func:`.libm_float.libm_f32`).
+    exp, log and pow as Caffe's calls of glibc's expf, logf and powf (:mod:`.libm_float`).
     """
     inner = _log_base(base) * _F32(scale)
     if shift == 0:

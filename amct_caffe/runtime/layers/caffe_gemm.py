@@ -300,7 +300,7 @@ def matmul(a: np.ndarray, b: np.ndarray, caffe_mnk: tuple[int, int, int], *, tra
         rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if not blocks and (rows, cols) == (m, n):
         return np.matmul(a, b, out=out)
-    if not blocks and m == 1 and tuple(caffe_mnk[:1]) == (1,) and min(n, k) >= 2:  # Caffe's own call
+    if not blocks and m == 1 and caffe_mnk[0] == 1 and min(n, k) >= 2:  # Caffe's own call (cblas.py)
         y = single_row_sgemm(a, b, trans_b, out)
         if y is not None:
             return y
@@ -388,10 +388,13 @@ def prepared(m: int, k: int, n: int, caffe_mnk: tuple[int, int, int], trans_b: b
     rows, cols = _call_shape(m, n, k, caffe_mnk, trans_b, blocks)
     if (rows, cols) == (m, n):
         return lambda a, b, out=None, part=None: np.matmul(a, b, out=out)
-    if m == 1 and caffe_mnk[0] == 1 and min(n, k) >= 2 and numpy_cblas_sgemm() is not None:
-        return lambda a, b, out=None, part=None: matmul(a, b, caffe_mnk, trans_b=trans_b, out=out, part=part)
+    single_row = m == 1 and caffe_mnk[0] == 1 and min(n, k) >= 2 and numpy_cblas_sgemm() is not None
 
-    def padded(a, b, out=None, part=None):  # matmul's zero rows / column, without blocks
+    def padded(a, b, out=None, part=None):  # matmul's zero rows / column, without blocks (or Caffe's own call)
+        if single_row:
+            y = single_row_sgemm(a, b, trans_b, out)
+            if y is not None:
+                return y
         if rows != m:
             ap = np.zeros(a.shape[:-2] + (rows, k), np.float32)
             ap[..., :m, :] = a

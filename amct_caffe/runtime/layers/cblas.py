@@ -1,11 +1,13 @@
-"""numpy's own OpenBLAS ``cblas_sgemm`` called directly, for the products numpy would not make as Caffe's call.
+"""numpy's own OpenBLAS called directly (``cblas_sgemm``, ``cblas_sgemv``), for the calls numpy would not make
+as Caffe makes them.
 
 numpy makes a product of one row an ``sgemv``, whose sums are not those of the small-matrix kernel
 Caffe's ``cblas_sgemm`` of ``M = 1`` runs; padded to two rows (:mod:`.caffe_gemm`) it may leave the
 small kernels (``M*N > 1200`` transposed) for the level-3 driver, which rounds otherwise and packs
 its operands: 5-7x Caffe's time on a 512 -> 1000 InnerProduct at batch 1. Calling sgemm itself makes
-Caffe's call. Only scipy-openblas (numpy's wheels) is called, whose symbol names and integer width
-are known; elsewhere :func:`numpy_cblas_sgemm` is None and the callers pad as before.
+Caffe's call; Softmax's row sums likewise take Caffe's sgemv (:func:`row_sums_as_gemv`). Only
+scipy-openblas (numpy's wheels) is called, whose symbol names and integer width are known; elsewhere
+these give None and the callers keep NumPy's products and sums.
 """
 
 from __future__ import annotations
@@ -14,46 +16,51 @@ import os
 
 import numpy as np
 
-_CBLAS_SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("scipy_cblas_sgemm", False))  # scipy-openblas64 / 32
-_cblas_sgemm_fn = None  # numpy's cblas_sgemm through ctypes; False: not found
+_library = None   # numpy's OpenBLAS (ctypes.CDLL); False: not found
+_functions: dict = {}  # CBLAS routine -> its ctypes function, or None
+
+
+def _numpy_openblas():
+    """numpy's own OpenBLAS as a ctypes library, or None (pycaffe may load another OpenBLAS beside it)."""
+    global _library
+    if _library is None:
+        _library = False
+        try:
+            import ctypes
+
+            from threadpoolctl import threadpool_info
+
+            libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+            if len(libs) > 1:
+                libs = [i for i in libs if "numpy" in os.path.basename(os.path.dirname(str(i.get("filepath", ""))))]
+            if len(libs) == 1:
+                _library = ctypes.CDLL(str(libs[0]["filepath"]))
+        except Exception:  # noqa: BLE001 - no way to tell which library numpy's is, or to load it
+            _library = False
+    return _library or None
+
+
+def _cblas(routine: str, signature: str):
+    """scipy-openblas's ``cblas_<routine>`` (the ILP64 build's, else the 32-bit one's) with its argument types,
+    ``signature`` one letter per argument: e enum, i integer, f float, p pointer; or None."""
+    if routine not in _functions:
+        import ctypes
+
+        lib, fn = _numpy_openblas(), None
+        for suffix, integer in (("64_", ctypes.c_int64), ("", ctypes.c_int32)):
+            fn = getattr(lib, f"scipy_cblas_{routine}{suffix}", None) if lib is not None else None
+            if fn is not None:
+                types = {"e": ctypes.c_int, "i": integer, "f": ctypes.c_float, "p": ctypes.c_void_p}
+                fn.restype = None
+                fn.argtypes = [types[c] for c in signature]
+                break
+        _functions[routine] = fn
+    return _functions[routine]
 
 
 def numpy_cblas_sgemm():
     """numpy's own OpenBLAS ``cblas_sgemm`` through ctypes (module doc), or None."""
-    global _cblas_sgemm_fn
-    if _cblas_sgemm_fn is None:
-        _cblas_sgemm_fn = _load_cblas_sgemm() or False
-    return _cblas_sgemm_fn or None
-
-
-def _load_cblas_sgemm():
-    import ctypes
-
-    try:
-        from threadpoolctl import threadpool_info
-
-        libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
-    except Exception:  # noqa: BLE001 - no way to tell which library numpy's is
-        return None
-    if len(libs) > 1:
-        libs = [i for i in libs if "numpy" in os.path.basename(os.path.dirname(str(i.get("filepath", ""))))]
-    if len(libs) != 1:
-        return None
-    try:
-        lib = ctypes.CDLL(str(libs[0]["filepath"]))
-    except OSError:
-        return None
-    for name, wide in _CBLAS_SGEMM_SYMBOLS:
-        fn = getattr(lib, name, None)
-        if fn is None:
-            continue
-        integer = ctypes.c_int64 if wide else ctypes.c_int32
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
-                       ctypes.c_void_p, integer, ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer]
-        fn._lib_path = str(libs[0]["filepath"])  # for the other symbols of the same library
-        return fn
-    return None
+    return _cblas("sgemm", "eeeiiifpipifpi")
 
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_ORDER / CBLAS_TRANSPOSE values
@@ -79,39 +86,11 @@ def single_row_sgemm(a: np.ndarray, b: np.ndarray, trans_b: bool, out: np.ndarra
     return y
 
 
-_sgemv_fn = None  # numpy's cblas_sgemv through ctypes; False: not found
-
-
-def numpy_cblas_sgemv():
-    """numpy's own OpenBLAS ``cblas_sgemv`` through ctypes (as :func:`numpy_cblas_sgemm`), or None."""
-    global _sgemv_fn
-    if _sgemv_fn is None:
-        sgemm = numpy_cblas_sgemm()  # the same library, found once
-        _sgemv_fn = _load_sgemv(sgemm) if sgemm is not None else False
-    return _sgemv_fn or None
-
-
-def _load_sgemv(sgemm):
-    import ctypes
-
-    lib = ctypes.CDLL(sgemm._lib_path)  # noqa: SLF001
-    for name, wide in (("scipy_cblas_sgemv64_", True), ("scipy_cblas_sgemv", False)):
-        fn = getattr(lib, name, None)
-        if fn is None:
-            continue
-        integer = ctypes.c_int64 if wide else ctypes.c_int32
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, integer, integer, ctypes.c_float, ctypes.c_void_p, integer,
-                       ctypes.c_void_p, integer, ctypes.c_float, ctypes.c_void_p, integer]
-        return fn
-    return None
-
-
 def row_sums_as_gemv(rows: np.ndarray) -> np.ndarray | None:
     """Each row's sum as Caffe's Softmax takes it over an axis with nothing after it:
     ``cblas_sgemv(RowMajor, Trans, channels, 1, 1, row, 1, ones, 1, 0, y, 1)`` per row (the kernel's own
     order, not the values in turn); ``rows`` (outer, channels) float32. None where the call cannot be made."""
-    fn = numpy_cblas_sgemv()
+    fn = _cblas("sgemv", "eeiifpipifpi")
     if fn is None or rows.ndim != 2 or rows.dtype != np.float32:
         return None
     rows = np.ascontiguousarray(rows)

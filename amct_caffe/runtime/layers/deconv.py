@@ -67,19 +67,23 @@ def Deconvolution(x, weight, bias=None, *, stride=1, pad=0, dilation=1, group=1)
             y = np.empty((n, o) + out, np.float32)
             COL2IM_KERNEL(cols, y, list(ksz), list(stride), list(pad), list(dilation), list(sp), False,
                           threads.workers() if cols.size >= THREADED_COL2IM else 1)
-            if bias is not None:
-                y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
-            return y
-        cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
-        full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
-        yp = np.zeros((n, o) + full, np.float32) if not any(pad) else scratch("pad", (n, o) + full)
-        if any(pad):
-            yp.fill(0.0)
-        for tap in itertools.product(*map(range, ksz)):
-            yp[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sp)] += cols[
-                (slice(None), slice(None)) + tap]
-        y = yp if not any(pad) else yp[(slice(None), slice(None))
-                                       + tuple(slice(p, p + e) for p, e in zip(pad, out, strict=True))].copy()
+        else:
+            y = _col2im(cols, n, o, ksz, sp, out, stride, pad, dilation)
     if bias is not None:
         y += np.asarray(bias, np.float32).reshape((o,) + (1,) * nsp)
     return y
+
+
+def _col2im(cols, n: int, o: int, ksz, sp, out, stride, pad, dilation) -> np.ndarray:
+    """The output (N, O, *out) from the columns (N, O * prod(k), prod(in)): one strided add per tap."""
+    cols = cols.reshape((n, o) + tuple(ksz) + tuple(sp))
+    full = tuple(e + 2 * p for e, p in zip(out, pad, strict=True))
+    yp = np.zeros((n, o) + full, np.float32) if not any(pad) else scratch("pad", (n, o) + full)
+    if any(pad):
+        yp.fill(0.0)
+    for tap in itertools.product(*map(range, ksz)):
+        yp[(slice(None), slice(None)) + tap_slices(tap, stride, dilation, sp)] += cols[
+            (slice(None), slice(None)) + tap]
+    if not any(pad):
+        return yp
+    return yp[(slice(None), slice(None)) + tuple(slice(p, p + e) for p, e in zip(pad, out, strict=True))].copy()

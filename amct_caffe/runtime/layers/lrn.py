@@ -97,13 +97,29 @@ def within_channel(x, local_size: int, alpha: float, beta: float):
     return np.multiply(x, Power(s, -beta)), s
 
 
-def LRN(x, local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0):  # noqa: N802 - Caffe type name
-    """Local response normalization of x (N, C, H, W): ``y = x * s^-beta`` (see the module doc)."""
+def lrn_forward(x, local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0):
+    """``(y, s)``: the LRN of x (N, C, H, W) and its base ``s`` (Caffe's ``scale_``, kept for the backward), in
+    Caffe's arithmetic: ACROSS by the C++ running sum, WITHIN by Caffe's internal layers (:func:`within_channel`);
+    without the compiled module, ACROSS by window sums (an ulp or so off)."""
+    x = np.asarray(x, _F32)
+    if local_size % 2 != 1:
+        raise ValueError(f"LRN only supports odd values for local_size, got {local_size}")
+    if x.ndim == 4 and _within(norm_region):
+        return within_channel(x, local_size, alpha, beta)
+    if x.ndim == 4 and LRN_ACROSS_KERNEL is not None:
+        # (alpha_ / size_ in float, as Caffe computes it)
+        return LRN_ACROSS_KERNEL(np.ascontiguousarray(x), local_size, _F32(alpha) / _F32(local_size), beta, k,
+                                 threads.workers() if x.size >= _THREADED_LRN else 1)
     s = lrn_scale(x, local_size, alpha, norm_region, k)
     with np.errstate(**_QUIET):
-        np.power(s, _F32(-beta), out=s)
-    s *= x
-    return s
+        y = np.power(s, _F32(-beta))
+    y *= x
+    return y, s
+
+
+def LRN(x, local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0):  # noqa: N802 - Caffe type name
+    """Local response normalization of x (N, C, H, W): ``y = x * s^-beta`` (see the module doc)."""
+    return lrn_forward(x, local_size, alpha, beta, norm_region, k)[0]
 
 
 def lrn_backward(dy, x, y, s, local_size=5, alpha=1.0, beta=0.75, norm_region=0):
@@ -155,23 +171,8 @@ class LRNLayer(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, bottoms):
-        kw = self.kwargs
-        x = bottoms[0]
-        if LRN_ACROSS_KERNEL is not None and not _within(kw["norm_region"]) and x.ndim == 4:
-            # Caffe's scale_ (alpha_ / size_ in float) as its running sum leaves it, kept for the backward
-            y, self._scale = LRN_ACROSS_KERNEL(np.ascontiguousarray(x, _F32), kw["local_size"],
-                                               _F32(kw["alpha"]) / _F32(kw["local_size"]), kw["beta"], kw["k"],
-                                               threads.workers() if x.size >= _THREADED_LRN else 1)
-            return [y]
-        if _within(kw["norm_region"]) and x.ndim == 4:
-            y, self._scale = within_channel(x, kw["local_size"], kw["alpha"], kw["beta"])
-            return [y]
-        s = lrn_scale(bottoms[0], kw["local_size"], kw["alpha"], kw["norm_region"], kw["k"])
-        # kept for backward like Caffe's scale_ / internal blobs (in place, the input is gone by then)
-        self._scale = s
-        with np.errstate(**_QUIET):
-            y = np.power(s, _F32(-kw["beta"]))
-        y *= bottoms[0]
+        # the base is kept for backward like Caffe's scale_ / internal blobs (in place, the input is gone by then)
+        y, self._scale = lrn_forward(bottoms[0], **self.kwargs)
         return [y]
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):

@@ -161,8 +161,7 @@ def Pooling(x, *, pool=MAX, kernel=(1, 1), stride=(1, 1), pad=(0, 0), global_poo
         # at -FLT_MAX: NaN never wins, and a window of NaN only (or empty) gives -FLT_MAX. fmax
         # skips NaN likewise; a final fmax with -FLT_MAX replaces the NaN of all-NaN windows.
         if out == (1, 1) and k == (h, w) and p == (0, 0) and not return_mask:
-            y = np.fmax.reduce(x.reshape(n, c, h * w), axis=2, keepdims=True).reshape(n, c, 1, 1)
-            return np.fmax(y, -_FLT_MAX, out=y)
+            return _global_max(x)
         if not return_mask:
             y = _pool2d(x, k, s, p, out, np.fmax, -_FLT_MAX)
             return np.fmax(y, -_FLT_MAX, out=y)
@@ -362,11 +361,7 @@ class PoolingLayer(Layer):
         if tuple(out) == (1, 1) and tuple(k) == tuple(shape[2:]) and not any(p):
             # a whole plane per output: one vectorized reduction (the kernel's taps-outer loops get rows of
             # one output); NaN skipped and all-NaN -FLT_MAX as in Caffe's loop (Pooling's NumPy path)
-            def global_max(bottoms, outs=(None,)):
-                x = bottoms[0]
-                y = np.fmax.reduce(x.reshape(x.shape[0], x.shape[1], -1), axis=2, keepdims=True)
-                return [np.fmax(y, -_FLT_MAX, out=y).reshape(x.shape[0], x.shape[1], 1, 1)]
-            return global_max
+            return lambda bottoms, outs=(None,): [_global_max(bottoms[0])]
         args = (MAX, list(k), list(s), list(p), list(out))
         threaded = math.prod(shape) >= THREADED_POOL
 
@@ -398,6 +393,14 @@ class PoolingLayer(Layer):
             return [pooling_grad.rewritten_mask_backward(top_diffs[0], mask, x.shape,
                                                          f"layer '{self.name}' (Pooling)")]
         return [pool_backward(self, top_diffs[0], x, mask, self.kernel, self.stride, self.pad)]
+
+
+def _global_max(x: np.ndarray) -> np.ndarray:
+    """MAX pooling of each whole plane of x (N, C, H, W) -> (N, C, 1, 1): fmax skips NaN as Caffe's strict
+    comparison does, and a final fmax with -FLT_MAX (Caffe's start) replaces the NaN of an all-NaN plane."""
+    n, c = x.shape[:2]
+    y = np.fmax.reduce(x.reshape(n, c, -1), axis=2, keepdims=True).reshape(n, c, 1, 1)
+    return np.fmax(y, -_FLT_MAX, out=y)
 
 
 def MaxUnPool(x, mask, *, out_h, out_w):  # noqa: N802 - Caffe type name
