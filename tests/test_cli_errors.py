@@ -217,6 +217,7 @@ def test_calibrate_malformed_option_values(capsys, tmp_path, fake_calibrate):
         (["--preprocess", "text_std.json"], r"--preprocess text_std.json: 'data': Preprocess.std: expected numbers"),
         (["--preprocess", "float_size.json"], "--preprocess float_size.json: 'data': Preprocess.size"),
         (["--preprocess", "missing.json"], "--preprocess missing.json does not exist"),
+        (["--preprocess", '{"data": {"size": [28, 28]}}'], "--preprocess takes the path of a JSON file, not the JSON"),
         (["--preprocess", "/dev/zero"], "--preprocess /dev/zero is not a regular file"),  # was: read forever
         (["--config", "/dev/null"], "--config /dev/null is not a regular file"),
         (["--resize", "1", "2", "3"], "--resize takes one value"),

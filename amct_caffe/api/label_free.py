@@ -96,6 +96,7 @@ from amct_caffe.api.outputs import check_save_path, check_saved_outputs, write_g
 from amct_caffe.api.session import load_float_graph
 from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config import RetrainDataConfig, create_retrain_config
+from amct_caffe.config.retrain_config import retrainable_nodes
 from amct_caffe.data import given_feeds
 from amct_caffe.errors import AmctError
 from amct_caffe.io.paths import reading
@@ -464,7 +465,7 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
                 tqdm(total=2 * len(feeds) + iterations, desc="label-free QAT", unit="step",
                      disable=not progress) as bar:
             graph = load_float_graph(model_file, weights_file)
-            _refuse_recurrent(graph, model_file)
+            _refuse_untrainable(graph, model_file)
             bar.set_description("FP32 targets")
             inputs, targets = fp32_samples(graph, feeds, bar)
             fuse_bn_scale(graph)
@@ -517,14 +518,18 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     return result
 
 
-def _refuse_recurrent(graph: Graph, model_file) -> None:
-    """The retrain model trains the layers before and after an LSTM / RNN / GRU through its float
-    form, so its losses would leave out the recurrent layer's own quantization (its hidden state)."""
+def _refuse_untrainable(graph: Graph, model_file) -> None:
+    """Refused before any work: a model with no layer to retrain, and a recurrent one (the retrain model
+    trains the layers before and after an LSTM / RNN / GRU through its float form, so its losses would
+    leave out the recurrent layer's own quantization, its hidden state)."""
     found = [node.name for node in graph.nodes if ops.layer_type(node.type).recurrent]
     if found:
         raise AmctError(f"{model_file}: layer '{found[0]}' ({graph.node(found[0]).type}) is recurrent: label-free "
                         "QAT cannot train through a quantized LSTM / RNN / GRU yet; quantize this model with "
                         "calibrate (post-training quantization)")
+    if not retrainable_nodes(graph, log_skipped=False):
+        raise AmctError(f"{model_file}: no layer to retrain (Convolution, Deconvolution, InnerProduct with "
+                        "weights); quantize this model with calibrate (post-training quantization)")
 
 
 def _counted(feeds: list[Feed], bar):

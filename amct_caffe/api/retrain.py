@@ -103,7 +103,7 @@ def create_quant_retrain_config(config_file, model_file, weights_file, config_de
     require(model_file=model_file, weights_file=weights_file)
     with reading(model_file=model_file, weights_file=weights_file, config_defination=config_defination):
         graph = _test_graph(model_file, weights_file)
-        config = create_retrain_config(graph, config_defination)
+        config = create_retrain_config(graph, config_defination, model_file)
         write_retrain_config(config, config_file)
     _LOG.info("retrain config of %d layer(s) written to %s", len(config.retrained_layers()), config_file)
 

@@ -72,6 +72,9 @@ def check_file(label: str, path) -> None:
     if p.exists() and not p.is_file():  # a device or a FIFO: reading it may never end
         raise AmctError(f"{label} {path} is not a regular file")
     if not p.is_file():
+        if label == "--preprocess" and str(path).lstrip().startswith("{"):
+            raise AmctError("--preprocess takes the path of a JSON file, not the JSON itself: write the specs to a "
+                            "file and give its path")
         raise AmctError(f"{label} {path} does not exist")
 
 
@@ -193,8 +196,8 @@ def add_data_options(parser: argparse.ArgumentParser, what: str) -> None:
     pre.add_argument("--scale", type=finite, default=1.0, help="multiplies after mean / std")
     pre.add_argument("--channel-order", type=str.upper, choices=["BGR", "RGB"], default="BGR",
                      help="channel order the model expects (default BGR, as Caffe)")
-    pre.add_argument("--preprocess", metavar="JSON",
-                     help="per-input specs "
+    pre.add_argument("--preprocess", metavar="FILE",
+                     help="a JSON file of per-input specs "
                           "{input: {size, short_side, crop, channel_order, mean, std, scale}}")
 
 

@@ -214,13 +214,13 @@ def apply_retrain_cfg(config: RetrainConfig, path, graph) -> RetrainConfig:
     return out
 
 
-def create_retrain_config(graph, config_defination=None) -> RetrainConfig:
+def create_retrain_config(graph, config_defination=None, model_file=None) -> RetrainConfig:
     """Every retrainable layer of ``graph`` with its default entry; with a retrain .cfg, that applied (module
-    doc); checked against ``graph``."""
+    doc); checked against ``graph``. ``model_file`` names the model in the warning when nothing is retrained."""
     layers = {node.name: default_retrain_layer(node, graph) for node, _ in retrainable_nodes(graph)}
     config = RetrainConfig(layers=layers)
     if config_defination is not None:
         config = apply_retrain_cfg(config, config_defination, graph)
     if not config.retrained_layers():
-        _LOG.warning("no layer of model '%s' will be retrained", graph.name)
+        _LOG.warning("no layer of %s will be retrained", model_file or f"model '{graph.name}'")
     return bind_retrain_config(config, graph, "" if config_defination is None else str(config_defination))

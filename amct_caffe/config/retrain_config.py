@@ -49,7 +49,7 @@ import numpy as np
 
 
 from amct_caffe.config import checks as C
-from amct_caffe.config.layer_types import config_type
+from amct_caffe.config.layer_types import cannot_quantize_reason, config_type
 from amct_caffe.config.quant_config import layer_where
 from amct_caffe.errors import ConfigError
 from amct_caffe.io.files import atomic_output, read_text
@@ -290,6 +290,9 @@ def retrain_reason(node, graph=None) -> str | None:
     ndim = node.params[0].ndim
     if ndim != (2 if kind == "InnerProduct" else 4):
         return f"its weight has {ndim} axes; the RetrainWeightQuant layer takes 2-D (InnerProduct) or 4-D weights"
+    shapes = cannot_quantize_reason(node, graph)  # an input or output of fewer than 2 axes, as PTQ refuses
+    if shapes is not None:
+        return shapes
     if graph is not None and graph.train_layers is not None and node.name not in graph.train_layers:
         return ("it exists only in the TEST phase: a solver trains the TRAIN net, whose snapshots hold no weights "
                 "for it")

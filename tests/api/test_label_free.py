@@ -354,3 +354,16 @@ def test_never_worse_than_calibrates_ptq_when_equalization_does_not_help(tmp_pat
     ptq = _distillation_loss(tmp_path / "ptq", reference, feeds)
     assert result.data_loss_ptq == pytest.approx(ptq, rel=1e-5)  # calibrate's PTQ, over all 36 samples
     assert _distillation_loss(tmp_path / "qat", reference, feeds) <= ptq * (1 + 1e-6)
+
+
+def test_a_model_with_nothing_to_retrain_is_refused_before_any_work(tmp_path):
+    from amct_caffe.runtime import TEST, Net
+    model, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
+    model.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 '
+                     'dim: 4 } } }\nlayer { name: "pool" type: "Pooling" bottom: "data" top: "pool" '
+                     'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n')
+    Net(str(model), TEST).save(str(weights))
+    data = [{"data": np.ones((1, 3, 4, 4), np.float32)}]
+    with pytest.raises(AmctError, match=f"{model}: no layer to retrain"):
+        amct.label_free_retrain(str(model), str(weights), data, str(tmp_path / "out" / "q"), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -152,3 +152,41 @@ def test_simple_cfg_errors(tmp_path, graph, text, message):
     with pytest.raises(ConfigError) as e:
         create_retrain_config(graph, cfg)
     assert message in str(e.value) and str(cfg) in str(e.value)
+
+
+NARROW_OUTPUT = '''
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+layer { name: "ipa" type: "InnerProduct" bottom: "data" top: "ipa" inner_product_param { num_output: 6 axis: 2
+  weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu" type: "ReLU" bottom: "ipa" top: "ipa" }
+layer { name: "ip0" type: "InnerProduct" bottom: "ipa" top: "ip0" inner_product_param { num_output: 4 axis: 0
+  weight_filler { type: "gaussian" std: 0.3 } } }
+'''
+
+
+def test_layers_ptq_cannot_quantize_for_their_shapes_are_not_retrained(tmp_path):
+    """An InnerProduct on axis 0 writes a blob of one axis, which no DeQuant takes: PTQ keeps it float, and
+    the retrain config left it in, so save_quant_retrain_model wrote models that did not load."""
+    from amct_caffe.api.retrain import _test_graph
+    from amct_caffe.runtime import TEST, Net
+    model, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
+    model.write_text(NARROW_OUTPUT)
+    Net(str(model), TEST).save(str(weights))
+    graph = _test_graph(str(model), str(weights))  # the shapes inferred, as create_quant_retrain_config has them
+    assert list(create_retrain_config(graph).layers) == ["ipa"]
+    with pytest.raises(ConfigError, match=r"layer 'ip0': cannot be retrained: its output ip0 has shape \[4\]; "
+                                          "quantization needs at least 2 axes"):
+        bind_retrain_config(RetrainConfig.from_dict({"ip0": _layer(retrain_weight_config={"channel_wise": False})}),
+                            graph)
+
+
+def test_nothing_to_retrain_names_the_model_file(tmp_path, caplog):
+    import amct_caffe as amct
+    from amct_caffe.runtime import TEST, Net
+    model, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
+    model.write_text(NARROW_OUTPUT.replace('"ipa" inner_product_param { num_output: 6 axis: 2',
+                                           '"ipa" inner_product_param { num_output: 6 axis: 0'))
+    Net(str(model), TEST).save(str(weights))
+    with caplog.at_level("WARNING"):
+        amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(model), str(weights))
+    assert f"no layer of {model} will be retrained" in caplog.text
