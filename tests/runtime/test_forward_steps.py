@@ -237,3 +237,18 @@ def test_prepared_steps_are_dropped_when_blobs_were_reshaped_for_other_shapes(tm
     got = net.forward(x=three)["ip"]
     w, b = net.params["ip"][0].data, net.params["ip"][1].data
     np.testing.assert_allclose(got, three @ w.T + b, rtol=1e-5)
+
+
+def test_only_output_arrays_someone_holds_are_kept_for_the_next_forward(proto):
+    """keep_memory's list: an output array a script holds keeps its memory; one that only its blob holds is
+    left to the kernels, which write into it (holding it there made them allocate a new one, copied back)."""
+    from amct_caffe.runtime import forward
+    net = Net(proto, TEST)
+    x = _inputs((2, 3, 9, 9), 1)[0]
+    net.forward(data=x)
+    assert forward.held_arrays(net) == {}
+    prob = net.blobs["prob"].data
+    held = forward.held_arrays(net)
+    assert list(held) == ["prob"] and held["prob"] is prob
+    net.forward(data=x * 2)
+    assert net.blobs["prob"].data is prob
