@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from amct_caffe.api.compare import batch_samples
 from amct_caffe.api.compared_outputs import graph_layers, stand_in_outputs
 from amct_caffe.errors import AmctError
 from amct_caffe.ir import Graph
@@ -13,8 +14,8 @@ Feed = dict[str, np.ndarray]
 
 
 def batch_of(feed: Feed) -> int:
-    """How many samples a batch holds (an input of one row per batch, e.g. image sizes, counts less)."""
-    return max(len(np.asarray(v)) for v in feed.values())
+    """How many samples a batch holds, as the accuracy report counts them (:func:`.compare.batch_samples`)."""
+    return batch_samples(feed)
 
 
 def fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:

@@ -360,3 +360,40 @@ def test_error_added_of_a_folded_chain_starts_from_the_chains_compared_input(tmp
     for chain, before in (("c2_sc", "c1"), ("c3_sc", "c2")):
         assert blobs[chain]["error_added"] == pytest.approx(
             (1 - blobs[chain]["cosine"]) - (1 - blobs[before]["cosine"]), abs=1e-12)
+
+
+@pytest.mark.parametrize(("feed", "time_major", "samples"), [
+    ({"data": np.zeros((8, 3, 4, 4)), "im_info": np.zeros((1, 3))}, (), 8),   # one row per batch
+    ({"im_info": np.zeros((1, 3)), "data": np.zeros((8, 3, 4, 4))}, (), 8),   # in any order
+    ({"data": np.zeros((1, 3, 4, 4)), "rois": np.zeros((128, 5))}, (), 1),    # regions of one image
+    ({"data": np.zeros((1, 6, 5, 8)), "mask": np.zeros((6, 5, 8))}, (), 1),   # a constant broadcast over N
+    ({"seq": np.zeros((5, 3, 7)), "cont": np.zeros((5, 3))}, ("seq", "cont"), 3),  # time-major: axis 1
+    ({"x": np.zeros((4, 2)), "y": np.zeros((4, 2))}, (), 4),
+])
+def test_the_samples_of_a_batch_are_those_of_its_input_with_the_most_axes(feed, time_major, samples):
+    from amct_caffe.api.compare import batch_samples
+    assert batch_samples(feed, frozenset(time_major)) == samples
+
+
+def test_blobs_after_a_python_layer_are_compared_beside_a_constant_input(tmp_path):
+    """A (C, H, W) input added to the batch by a Bias counted as 6 samples per batch of 1 (the largest first
+    axis), so every blob after a Python layer, which must hold one row per sample, went uncompared."""
+    model, weights = tmp_path / "m.prototxt", tmp_path / "m.caffemodel"
+    model.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 6 dim: 5 dim: 8 } } }\n'
+        'layer { name: "py" type: "Python" bottom: "data" top: "b1" '
+        'python_param { module: "tests.differential.netgen_python" layer: "PyReLU" } }\n'
+        'layer { name: "mask" type: "Input" top: "mask" input_param { shape { dim: 6 dim: 5 dim: 8 } } }\n'
+        'layer { name: "bias" type: "Bias" bottom: "b1" bottom: "mask" top: "b2" bias_param { axis: -3 } }\n'
+        'layer { name: "conv" type: "Convolution" bottom: "b2" top: "b3" convolution_param { num_output: 4 '
+        'kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }\n')
+    Net(str(model), TEST, seed=3).save(str(weights))
+    rng = np.random.default_rng(0)
+    batches = [{"data": rng.normal(size=(1, 6, 5, 8)).astype(np.float32),
+                "mask": rng.normal(size=(6, 5, 8)).astype(np.float32)} for _ in range(2)]
+    calibrate(str(model), str(weights), batches, str(tmp_path / "q" / "m"), 2, progress=False)
+    _, summary, _ = compare_batches(str(model), str(weights), str(tmp_path / "q" / "m_fake_quant_model.prototxt"),
+                                    str(tmp_path / "q" / "m_fake_quant_weights.caffemodel"), batches)
+    assert summary["samples"] == 2
+    compared = {entry["blob"]: entry["cosine"] for entry in summary["most_sensitive_layers"]}
+    assert summary["blobs_compared"] == 3 and set(compared) == {"b1", "b2", "b3"} and compared["b3"] > 0.99
