@@ -70,10 +70,12 @@ shared models (open_nsfw, UltraFace slim-320 and RFB-320, MiniNet-SSD, MTCNN P- 
 normal noise), every ``scale_d`` was within 8.4e-7 relative of an EXACT net's (open_nsfw on raw 0-255 pixels:
 1.1e-6) and every ``offset_d`` equal; open_nsfw's four calibration forwards at batch 8 take 1.02 s instead of
 1.18 s. Winograd's transformed weights ((m+2)^2 / 9 times a layer's weights, plus the copy of the weights they
-were made from) are kept only where they are no larger than the layer's output, so that a calibration net's
-memory stays that of its blobs (open_nsfw at batch 8: F(4x4) on the 56x56 and 28x28 maps, 2.8 MB; on every 3x3
-layer the process's peak grew by 64 MiB, for 0.02-0.04 s less over the four forwards); a layer that no longer
-meets the rule (a smaller batch) lets go of them.
+were made from) are kept only where they hold at most :data:`TRANSFORMED_PER_BLOBS` (4) times the values of the
+layer's input and output, so that a calibration net's memory stays about that of its blobs: open_nsfw at batch 8
+takes F(4x4) on its 56x56, 28x28 and 14x14 maps (+17 MiB of peak; on the 7x7 ones too it was +70 MiB), MiniNet-SSD
+on its two larger 3x3 heads. On Zen 4 the 14x14 layers' column GEMMs took 6-11 ms, Winograd 2.2-2.8 ms (a
+calibration forward of open_nsfw 231 -> 213 ms, on a loaded machine); with the rule against the output alone
+(before) they ran the GEMMs. A layer that no longer meets the rule (a smaller batch) lets go of them.
 
 :func:`plan` picks the chains (only in nets that need no backward: the backward reads each
 layer's own input) and the mode: ``"auto"`` is CALIBRATION for a net whose inserted layers only observe
@@ -124,6 +126,9 @@ THREADED_POINTWISE = 1 << 21
 # Output maps of fewer pixels per image run the 1x1 GEMM: the kernel's 48-pixel blocks would be partly empty
 # (open_nsfw's 7x7 layers at batch 8: 2.5-2.6 ms against 2.4-2.5 through OpenBLAS; 14x14: 2.0 against 2.2-2.4).
 POINTWISE_MIN_PIXELS = 128
+# A calibration net keeps a layer's Winograd weights ((m+2)^2 / 9 times its weights) only up to this many times
+# the values of the layer's input and output (module doc).
+TRANSFORMED_PER_BLOBS = 4
 # With AVX2 only (4 channels per pass, amct/register_block.h) the kernel beats OpenBLAS's Haswell GEMM plus the
 # pass up to this K (measured with OpenBLAS's Haswell kernels: K = 32-128 0.74-0.90 of their time, K = 256-1024
 # 1.15-1.21).
@@ -245,9 +250,10 @@ class Chain:
                 and min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) > 2 and x.size > 0:
             ho, wo = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
             m = winograd.tile_size(ho, wo)
-            # a calibration net holds no transformed weights larger than the layer's output (module doc)
-            if self.mode is FoldMode.FAST or (m + 2) ** 2 * weight.shape[0] * weight.shape[1] <= x.shape[0] * \
-                    weight.shape[0] * ho * wo:
+            # a calibration net's transformed weights stay within TRANSFORMED_PER_BLOBS times the layer's input and
+            # output (module doc)
+            if self.mode is FoldMode.FAST or (m + 2) ** 2 * weight.shape[0] * weight.shape[1] <= \
+                    TRANSFORMED_PER_BLOBS * (x.size + x.shape[0] * weight.shape[0] * ho * wo):
                 a, b = channel_affine(affine, bias, weight.shape[0])
                 return winograd.conv3x3(x, self.weights.get(weight, m), m, pad, a, b, relu, into), relu
         if self.mode is FoldMode.CALIBRATION:
