@@ -113,3 +113,48 @@ def test_record_text_is_text_formats():
     msg.record.add().key = "no value"
     for _ in range(2):  # printed, then from the cache
         assert record.message_text(msg) == text_format.MessageToString(msg)
+
+
+VALID_RECORD = '''record {
+  key: "conv1"
+  value {
+    scale_w: 0.00390625
+    offset_w: 0
+    record_d {
+      scale_d: 0.00390625
+      offset_d: -128
+      index: 0
+      num_bits_d: 8
+    }
+  }
+}
+record {
+  key: "conv2"
+  value {
+    scale_w: 0.0078125
+    offset_w: 0
+    record_d {
+      scale_d: 0.125
+      offset_d: -3
+      index: 0
+      num_bits_d: 8
+    }
+  }
+}
+'''
+
+
+def test_a_record_cut_short_is_refused_not_repaired():
+    """A record cut inside its last entry was closed by the brace repair (meant for the guide's sample) and read:
+    a cut 'scale_d: 0.0039' became a factor, and convert wrote a deploy model from it with exit 0."""
+    assert list(record.parse_record_text(VALID_RECORD).layers) == ["conv1", "conv2"]
+    last = VALID_RECORD.index('record {\n  key: "conv2"')
+    ends = [i + 1 for i, c in enumerate(VALID_RECORD) if c == "\n" and last < i < len(VALID_RECORD) - 3]
+    cuts = [VALID_RECORD.index("0.125") + 3] + ends
+    for cut in cuts:
+        if VALID_RECORD[:cut].rstrip().endswith("}"):  # only closing braces lost: the entry is whole, and repaired
+            assert record.parse_record_text(VALID_RECORD[:cut], "cut.txt").layers["conv2"].scale_w == [0.0078125]
+            continue
+        with pytest.raises(record.RecordError, match=r"cut.txt: the file ends inside its last entry \(the "
+                                                     r"'record \{' of line 14 is not closed\): it looks cut short"):
+            record.parse_record_text(VALID_RECORD[:cut], "cut.txt")

@@ -261,6 +261,10 @@ def _split_records(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=False)]
 
 
+class _Truncated(RecordError):
+    """A record text that ends inside an entry (see :func:`_repair`)."""
+
+
 def _balance(chunk: str) -> str:
     body = chunk.rstrip()
     depth = body.count("{") - body.count("}")
@@ -279,6 +283,16 @@ def _repair(text: str, path: str):
         # a damaged first entry ("rec0rd {") would otherwise be dropped with its layer; the caller reports the
         # strict parser's error, which names the line
         raise RecordError(f"{path}: text before the first 'record {{' entry")
+    last = re.sub(r"(?m)#.*$", "", chunks[-1]).rstrip()
+    if last.count("{") > last.count("}") and not last.endswith("}"):
+        # The guide's sample lacks a brace between two entries, and a file may lack its last closing braces,
+        # which the repair restores; a file that ends inside a field or block of its last entry was cut short
+        # (a copy or a write that did not finish), and closing it would read a cut number as a factor and
+        # leave the layers after the cut out.
+        line = text.count("\n", 0, len(text) - len(chunks[-1])) + 1
+        raise _Truncated(f"{path}: the file ends inside its last entry (the 'record {{' of line {line} is not "
+                         "closed): it looks cut short; write the record again (calibrate again, or copy the whole "
+                         "file)")
     legacy = re.compile(r"\b(" + "|".join(_LEGACY_ACTIVATION_FIELDS) + r")\s*:\s*(-?[0-9.eE+-]+)")
     for chunk in chunks:
         chunk = _balance(chunk)
@@ -369,6 +383,8 @@ def parse_record_text(text: str, path: str = "<record>") -> Record:
         except _LegacyValueError as e:
             raise RecordError(f"{path}: not a valid scale/offset record: {str(strict_error).rstrip('.')}; read in "
                               f"the legacy layout: {e}") from None
+        except _Truncated as e:
+            raise RecordError(str(e)) from None
         except (text_format.ParseError, RecordError):
             raise RecordError(f"{path}: not a valid scale/offset record: {strict_error}") from None
         _LOG.warning("%s: record uses the legacy layout or has unbalanced braces; read it as %d layer "
