@@ -171,7 +171,12 @@ def check_producers(layers: list[tuple], where: str = "") -> None:
     for name, bottoms, tops, *weights in layers:
         in_place = {t for j, t in enumerate(tops) if j < len(bottoms) and bottoms[j] == t}
         for j, t in enumerate(tops):
-            if t in producer and t not in in_place:
+            if j < len(bottoms) and bottoms[j] == t:  # (Caffe's AppendTop asks the bottom at the top's position)
+                pass
+            elif t in tops[:j]:
+                raise GraphError(f"{where}layer '{name}' writes blob '{t}' twice (tops {tops.index(t)} and {j}); "
+                                 "give each top its own name (Caffe: 'produced by multiple sources')")
+            elif t in producer:
                 raise GraphError(f"{where}layer '{name}' writes blob '{t}', which layer '{producer[t]}' already "
                                  f"produces; only an in-place layer (top {j} = bottom {j}) may write an existing "
                                  "blob (Caffe: 'produced by multiple sources')")

@@ -318,3 +318,29 @@ def test_arrays_held_before_a_forward_are_the_blobs_memory_after_it(tmp_path):
         want = reference.forward(data=x)["prob"]
         np.testing.assert_array_equal(held_prob, want)
         assert net.blobs["prob"].data is held_prob and net.blobs["data"].data is held_input
+
+
+@pytest.mark.parametrize("layers", [
+    'layer { name: "in" type: "Input" top: "data" top: "data" input_param { shape { dim: 1 dim: 4 } '
+    'shape { dim: 2 dim: 4 } } }\n',
+    'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }\n'
+    'layer { name: "s" type: "Slice" bottom: "data" top: "a" top: "a" slice_param { axis: 1 } }\n',
+    'layer { name: "in" type: "Input" top: "data" top: "b" input_param { shape { dim: 2 dim: 4 } } }\n'
+    'layer { name: "e" type: "Eltwise" bottom: "data" bottom: "b" top: "data" top: "data" }\n',
+])
+def test_a_layer_writing_one_top_twice_is_refused_as_caffe_does(tmp_path, layers):
+    """Caffe's AppendTop refuses a top that names a blob already made, unless the bottom at its position is that
+    blob: a second top of the same name in one layer was accepted (two legacy 'input: "data"' lines made one
+    blob of the second shape)."""
+    from amct_caffe.io.graph_io import graph_from_net
+    from amct_caffe.io.files import parse_prototxt_text
+    from tests.real_caffe import pycaffe_dir, run_with_pycaffe
+    path = tmp_path / "net.prototxt"
+    path.write_text(layers)
+    with pytest.raises(GraphError, match="writes blob '(data|a)' twice .tops 0 and 1.; give each top its own name"):
+        Net(str(path), TEST)
+    with pytest.raises(GraphError, match="twice"):
+        graph_from_net(parse_prototxt_text(layers, str(path)))
+    if pycaffe_dir() is not None:
+        done = run_with_pycaffe(f"import caffe\ncaffe.Net({str(path)!r}, caffe.TEST)")
+        assert done.returncode != 0 and "produced by multiple sources" in done.stderr
