@@ -6,12 +6,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "amct/conv_cols.h"
 #include "amct/libm_float.h"
 #include "amct/lrn.h"
+#include "amct/nms.h"
 #include "array_args.h"
 
 namespace py = pybind11;
@@ -68,6 +71,81 @@ py::array map_floats(const py::handle& x_obj, int threads) {
   return std::move(y);
 }
 
+py::array_t<std::int64_t> nms_fast(const py::handle& boxes_obj, const py::handle& sizes_obj,
+                                   const py::handle& cand_obj, float threshold, float eta) {
+  auto boxes = checked<float>(boxes_obj, "boxes", 2);
+  auto sizes = checked<float>(sizes_obj, "sizes", 1);
+  auto cand = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(cand_obj);
+  if (!cand || cand.ndim() != 1) throw py::value_error("cand must be a 1-D integer array");
+  const auto p = static_cast<std::int64_t>(boxes.shape(0));
+  if (boxes.shape(1) != 4 || sizes.shape(0) != p) throw py::value_error("boxes must be (P, 4) and sizes (P,)");
+  const std::int64_t* cp = cand.data();
+  const auto n = static_cast<std::size_t>(cand.shape(0));
+  for (std::size_t k = 0; k < n; ++k) {
+    if (cp[k] < 0 || cp[k] >= p) throw py::value_error("a candidate index is out of range");
+  }
+  std::vector<std::int64_t> kept;
+  {
+    py::gil_scoped_release release;
+    kept = amct::nms_fast(boxes.data(), sizes.data(), cp, n, threshold, eta);
+  }
+  py::array_t<std::int64_t> out(static_cast<py::ssize_t>(kept.size()));
+  std::copy(kept.begin(), kept.end(), out.mutable_data());
+  return out;
+}
+
+// Each row's sum as Caffe's Softmax takes it over an axis with nothing after it: per row,
+// cblas_sgemv(RowMajor, Trans, channels, 1, 1, row, 1, ones, 1, 0, &sum, 1) through the cblas_sgemv at `address`
+// (numpy's own OpenBLAS, which runtime/layers/cblas.py finds and checks), 64-bit integers if `ilp64`: the calls
+// runtime/layers/cblas.py makes through ctypes, without its 3 microseconds per call.
+py::array_t<float> row_sums_sgemv(const py::handle& rows_obj, std::uintptr_t address, bool ilp64) {
+  auto rows = checked<float>(rows_obj, "rows", 2);
+  if (address == 0) throw py::value_error("no sgemv address");
+  const auto outer = static_cast<std::size_t>(rows.shape(0));
+  const auto channels = static_cast<std::int64_t>(rows.shape(1));
+  py::array_t<float> sums(static_cast<py::ssize_t>(outer));
+  float* out = sums.mutable_data();
+  const float* base = rows.data();
+  const std::vector<float> ones(static_cast<std::size_t>(channels), 1.0f);
+  constexpr int kRowMajor = 101, kTrans = 112;
+  py::gil_scoped_release release;
+  if (ilp64) {
+    using Gemv = void (*)(int, int, std::int64_t, std::int64_t, float, const float*, std::int64_t, const float*,
+                          std::int64_t, float, float*, std::int64_t);
+    auto gemv = reinterpret_cast<Gemv>(address);
+    for (std::size_t i = 0; i < outer; ++i) {
+      out[i] = 0.0f;
+      gemv(kRowMajor, kTrans, channels, 1, 1.0f, base + i * channels, 1, ones.data(), 1, 0.0f, out + i, 1);
+    }
+  } else {
+    using Gemv = void (*)(int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+    auto gemv = reinterpret_cast<Gemv>(address);
+    for (std::size_t i = 0; i < outer; ++i) {
+      out[i] = 0.0f;
+      gemv(kRowMajor, kTrans, static_cast<int>(channels), 1, 1.0f, base + i * channels, 1, ones.data(), 1, 0.0f,
+           out + i, 1);
+    }
+  }
+  return sums;
+}
+
+// The permutation libstdc++'s std::sort leaves when sorting indices by keys[i] > keys[j] (DetectionOutput's
+// keep_top_k cut: SortScorePairDescend over (score, (label, index)) pairs makes the same comparisons, so the
+// same moves); runtime/layers/detection.py libstdcxx_sort_desc is its Python form.
+py::array_t<std::int64_t> sort_desc(const py::handle& keys_obj) {
+  auto keys = checked<float>(keys_obj, "keys", 1);
+  std::vector<std::int64_t> order(static_cast<std::size_t>(keys.shape(0)));
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::int64_t>(i);
+  const float* k = keys.data();
+  {
+    py::gil_scoped_release release;
+    std::sort(order.begin(), order.end(), [k](std::int64_t a, std::int64_t b) { return k[a] > k[b]; });
+  }
+  py::array_t<std::int64_t> out(static_cast<py::ssize_t>(order.size()));
+  std::copy(order.begin(), order.end(), out.mutable_data());
+  return out;
+}
+
 // The machine's own libm expf, element by element: what the port is tested against.
 void libm_expf_loop(const float* x, float* y, std::size_t n, int /*threads*/) {
   for (std::size_t i = 0; i < n; ++i) y[i] = ::expf(x[i]);
@@ -97,5 +175,9 @@ void register_elementwise(py::module_& m) {
         py::arg("k"), py::arg("threads"));
   m.def("greater_select", &greater_select, py::arg("a"), py::arg("b"), py::arg("threads"),
         py::arg("into") = py::none());
+  m.def("row_sums_sgemv", &row_sums_sgemv, py::arg("rows"), py::arg("address"), py::arg("ilp64"));
+  m.def("sort_desc", &sort_desc, py::arg("keys"));
+  m.def("nms_fast", &nms_fast, py::arg("boxes"), py::arg("sizes"), py::arg("cand"), py::arg("threshold"),
+        py::arg("eta"));
   m.def("fused_axpy", &fused_axpy, py::arg("a"), py::arg("x"), py::arg("y"), py::arg("threads"));
 }

@@ -490,3 +490,53 @@ layer { name: "pb" type: "PriorBox" bottom: "feat" bottom: "data" top: "pb"
         graph = graph_from_net(io.load_prototxt(p))
         infer_shapes(graph)
     assert np.isnan(out["pb"][0, 0]).any() and graph.blobs["pb"].shape == out["pb"].shape
+
+
+@pytest.mark.skipif(D.NMS_KERNEL is None, reason="the C++ kernels are not built")
+@pytest.mark.parametrize("seed", range(40))
+def test_nms_kernel_keeps_the_boxes_the_numpy_loop_keeps(seed):
+    """csrc/src/nms.cpp against nms_reference: overlapping, inverted, zero-size and NaN boxes, tied scores,
+    fixed and adaptive thresholds."""
+    rng = np.random.default_rng(seed)
+    p = int(rng.integers(1, 400))
+    xy = rng.uniform(0, 1, (p, 2)).astype(f32)
+    wh = rng.uniform(-0.05, 0.4, (p, 2)).astype(f32) * (rng.random((p, 1)) < 0.95)  # some inverted, some points
+    boxes = np.concatenate([xy, xy + wh], 1).astype(f32)
+    boxes[rng.random(p) < 0.03, int(rng.integers(4))] = np.nan
+    scores = np.round(rng.random(p), int(rng.integers(1, 4))).astype(f32)  # ties
+    for eta, thr, top_k in [(1.0, 0.45, -1), (0.9, 0.7, 200), (0.5, 0.55, -1), (1.0, 0.0, 50), (1.0, 1.0, -1)]:
+        got = D.nms_fast(boxes, scores, 0.05, thr, eta, top_k)
+        cand = np.flatnonzero(scores > f32(0.05))
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+        cand = cand[:top_k] if top_k > -1 else cand
+        want = D.nms_reference(boxes, D._bbox_size(boxes), cand, thr, eta)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.int64
+
+
+@pytest.mark.skipif(D.SORT_KERNEL is None, reason="the C++ kernels are not built")
+@pytest.mark.parametrize("seed", range(30))
+def test_std_sort_kernel_leaves_the_permutation_of_the_python_introsort(seed):
+    """The keep_top_k cut sorts (score, (label, index)) pairs with libstdc++'s unstable std::sort: the kernel
+    sorts indices by the same comparisons, so it must leave libstdcxx_sort_desc's permutation, ties included."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 3000))
+    keys = np.round(rng.random(n), int(rng.integers(1, 3))).astype(f32)  # many ties
+    got = D.SORT_KERNEL(keys)
+    assert got.tolist() == D.libstdcxx_sort_desc(keys.tolist())
+
+
+def test_prior_boxes_are_made_once_per_shape_and_handed_out_as_copies(monkeypatch):
+    layer = make_layer('type: "PriorBox" bottom: "f" bottom: "i" top: "p" prior_box_param { min_size: 30 '
+                       'aspect_ratio: 2 variance: 0.1 }')
+    calls = []
+    real = D.PriorBox
+    monkeypatch.setattr(D.PriorBoxLayer, "op", staticmethod(lambda *a, **k: calls.append(1) or real(*a, **k)))
+    feature, image = np.zeros((1, 2, 5, 6), f32), np.zeros((1, 3, 60, 72), f32)
+    (first,) = layer.forward([feature, image])
+    first[...] = -1  # a script writing into the top's array
+    (second,) = layer.forward([feature, image])
+    np.testing.assert_array_equal(second, real(feature, image, min_size=(30,), aspect_ratio=(2,), variance=(0.1,)))
+    assert len(calls) == 1
+    layer.forward([np.zeros((1, 2, 3, 3), f32), image])
+    assert len(calls) == 2

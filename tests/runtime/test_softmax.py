@@ -162,3 +162,19 @@ def test_exp_is_glibcs_expf():
     want = np.float32(1) / (np.float32(1) + e)
     np.testing.assert_array_equal(Softmax(x, axis=1)[:, 0].view(np.uint32), want.view(np.uint32))
     assert (np.exp(x[:, 1]) != e).any()  # (NumPy's own exp would be another result here)
+
+
+def test_row_sums_from_cpp_are_the_ctypes_calls_sums(monkeypatch):
+    """The per-row cblas_sgemv calls made in one C++ loop (SSD's thousands of prior rows) against the same calls
+    made one by one through ctypes: bit for bit, for widths across OpenBLAS's kernel blocks."""
+    from amct_caffe.runtime.layers import cblas
+    if cblas.ROW_SUMS_KERNEL is None or cblas._cblas("sgemv", "eeiifpipifpi") is None:
+        pytest.skip("numpy's OpenBLAS or the compiled kernels are not available")
+    rng = np.random.default_rng(4)
+    for channels in (8, 9, 16, 21, 33, 64, 1000):
+        rows = rng.standard_normal((257, channels)).astype(np.float32) ** 2
+        fast = cblas.row_sums_as_gemv(rows)
+        monkeypatch.setattr(cblas, "ROW_SUMS_KERNEL", None)
+        slow = cblas.row_sums_as_gemv(rows)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))
