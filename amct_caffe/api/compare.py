@@ -97,16 +97,17 @@ def time_major_values(graph: Graph) -> frozenset[str]:
 
 
 def batch_samples(feed: Mapping[str, np.ndarray], time_major: frozenset = frozenset()) -> int:
-    """The samples in a batch: the sample axis (the first; the second of an input read time-major) of the input
-    with the most axes, the first of those in the feed.
+    """The samples in a batch: the second axis of the inputs read time-major (a recurrent layer's), else the
+    first axis of the input with the most axes, the first of those in the feed.
 
     The data an image net runs on has the most axes (N, C, H, W); its other inputs may hold one row per batch
     (an image-info (1, 3)), rows that are not samples (Fast R-CNN's (R, 5) regions of one image) or a constant
     broadcast over the batch (a (C, H, W) Bias operand), whose first axis says nothing of the batch."""
-    name, value = max(feed.items(), key=lambda item: np.ndim(item[1]))  # (max keeps the first of equals)
-    if np.ndim(value) == 0:
-        return 1
-    return np.shape(value)[1] if name in time_major and np.ndim(value) > 1 else np.shape(value)[0]
+    timed = {k: v for k, v in feed.items() if k in time_major and np.ndim(v) > 1}
+    if timed:  # a recurrent layer's (T, N, ...) inputs say N; others may be time-major through layers unseen
+        return max(np.shape(v)[1] for v in timed.values())
+    _, value = max(feed.items(), key=lambda item: np.ndim(item[1]))  # (max keeps the first of equals)
+    return np.shape(value)[0] if np.ndim(value) else 1
 
 
 def samples_first(a: np.ndarray, name: str, time_major: frozenset) -> np.ndarray:

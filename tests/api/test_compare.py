@@ -368,6 +368,8 @@ def test_error_added_of_a_folded_chain_starts_from_the_chains_compared_input(tmp
     ({"data": np.zeros((1, 3, 4, 4)), "rois": np.zeros((128, 5))}, (), 1),    # regions of one image
     ({"data": np.zeros((1, 6, 5, 8)), "mask": np.zeros((6, 5, 8))}, (), 1),   # a constant broadcast over N
     ({"seq": np.zeros((5, 3, 7)), "cont": np.zeros((5, 3))}, ("seq", "cont"), 3),  # time-major: axis 1
+    # an LSTM's (T, N, ...) data through a Python layer, which hides that it is time-major: the cont input tells
+    ({"data": np.zeros((2, 4, 2, 8)), "cont": np.zeros((2, 4))}, ("cont",), 4),
     ({"x": np.zeros((4, 2)), "y": np.zeros((4, 2))}, (), 4),
 ])
 def test_the_samples_of_a_batch_are_those_of_its_input_with_the_most_axes(feed, time_major, samples):
