@@ -140,3 +140,61 @@ def test_moving_averages_moved(caffe_results):
                 TRAIN).params["l"][2].data
     f = np.float32(0.8)
     np.testing.assert_allclose(ref["pdata/l/2"], start * f**3 + f**2 + f + 1, rtol=1e-6)
+
+
+BN_SHAPES = [(2, 3), (1, 5), (4, 8, 5, 7), (1, 16, 1, 1), (3, 6, 2, 3, 4), (8, 64, 14, 14), (2, 512, 3, 3),
+             (1, 32, 40, 40)]
+
+
+def test_batch_statistics_are_caffes_bit_for_bit(tmp_path):
+    """BatchNorm in TRAIN (batch statistics): top, the three statistics blobs after two forwards and the bottom
+    diff are real Caffe's bytes. Summed in float64 they were about 1e-7 off, enough to flip a deep net's ReLU
+    masks and move its gradients by up to 1e-2..0.5 relative (MobileNet, ResNet-18 on batch statistics). The
+    inputs have channel means far from zero and sizes that thread Caffe's sgemv."""
+    from tests.real_caffe import run_with_pycaffe
+
+    rng = np.random.default_rng(5)
+    arrays = {}
+    for i, shape in enumerate(BN_SHAPES):
+        offset = rng.normal(0, 50, (1, shape[1]) + (1,) * (len(shape) - 2))
+        arrays[f"x{i}"] = (rng.standard_normal(shape) * rng.uniform(0.1, 3) + offset).astype(np.float32)
+        arrays[f"x2_{i}"] = rng.standard_normal(shape).astype(np.float32)
+        arrays[f"dy{i}"] = rng.standard_normal(shape).astype(np.float32)
+    np.savez(tmp_path / "in.npz", **arrays)
+    script = f"""
+import sys, numpy as np
+which = sys.argv[1]
+if which == "caffe":
+    import os
+    os.environ["OPENBLAS_NUM_THREADS"] = "2"  # the multi-threaded Caffe the executor reproduces (caffe_gemm.py)
+    import caffe
+    Net, TRAIN = caffe.Net, caffe.TRAIN
+else:
+    from amct_caffe.runtime import Net, TRAIN
+d, out = np.load({str(tmp_path / 'in.npz')!r}), {{}}
+for i, shape in enumerate({BN_SHAPES!r}):
+    path = {str(tmp_path)!r} + f"/bn{{i}}.prototxt"
+    dims = " ".join(f"dim: {{v}}" for v in shape)
+    open(path, "w").write('force_backward: true\\nlayer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ '
+                          + dims + ' }} }} }}\\nlayer {{ name: "bn" type: "BatchNorm" bottom: "x" top: "y" '
+                          'batch_norm_param {{ moving_average_fraction: 0.9 }} }}\\n')
+    net = Net(path, TRAIN)
+    for x in (d[f"x2_{{i}}"], d[f"x{{i}}"]):
+        net.blobs["x"].data[...] = x
+        net.forward()
+    net.blobs["y"].diff[...] = d[f"dy{{i}}"]
+    net.backward()
+    out[f"top{{i}}"] = net.blobs["y"].data.copy()
+    out[f"dx{{i}}"] = net.blobs["x"].diff.copy()
+    for j in range(3):
+        out[f"b{{j}}_{{i}}"] = net.params["bn"][j].data.copy()
+np.savez({str(tmp_path)!r} + f"/{{which}}.npz", **out)
+"""
+    (tmp_path / "run.py").write_text(script)
+    for which in ("caffe", "ours"):
+        done = run_with_pycaffe(f"import runpy, sys; sys.argv = ['run.py', {which!r}]; "
+                                f"runpy.run_path({str(tmp_path / 'run.py')!r}, run_name='__main__')")
+        assert done.returncode == 0, done.stderr[-3000:]
+    caffe, ours = np.load(tmp_path / "caffe.npz"), np.load(tmp_path / "ours.npz")
+    for key in caffe.files:
+        np.testing.assert_array_equal(ours[key].view(np.uint32), caffe[key].view(np.uint32), err_msg=key)

@@ -3,8 +3,9 @@
 x is (N, C, ...) (or (N,) with C = 1); statistics are per channel (axis 1) over the
 ``M = count / C`` other elements. With ``use_global_stats`` (default: phase == TEST) the layer
 normalizes with the stored statistics; otherwise with the batch's, and updates the stored ones.
-Float32 throughout; reductions accumulate in float64 (Caffe's float32 BLAS sums differ from the
-exact value by more than ours do).
+Float32 throughout. On batch statistics the layer makes Caffe's own BLAS calls (:mod:`.batch_norm_caffe`, its
+bytes); without numpy's OpenBLAS at hand, and for the stored statistics' updates of BatchNormKyle and of the
+calibration layers, the reductions accumulate in float64 (closer to the exact value than Caffe's sums).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from amct_caffe.errors import GraphError
 from amct_caffe.io import TEST
 from amct_caffe.runtime.layer import Layer
+from amct_caffe.runtime.layers import batch_norm_caffe
 from amct_caffe.runtime.layers.libm_float import powf
 from amct_caffe.runtime.layers.channel_sums import batch_norm_backward_batch_stats, channel_sums
 from amct_caffe.ops import register
@@ -147,6 +149,8 @@ class BatchNormLayer(ChannelStatisticsLayer):
     n_blobs = 3
     # Backward_cpu writes bottom 0's diff without looking at propagate_down
     writes_unpropagated_diffs = True
+    # batch statistics by Caffe's BLAS calls (batch_norm_caffe.py); the fork's BatchNormKyle keeps float64 sums
+    caffe_sums = True
 
     def __init__(self, lp, phase: int = TEST):
         super().__init__(lp, phase)
@@ -156,6 +160,7 @@ class BatchNormLayer(ChannelStatisticsLayer):
         self.fraction = _F32(p.moving_average_fraction)
         self._x_norm = None
         self._std = None
+        self._temp = None  # Caffe's temp_ (x-shaped std) when the batch statistics took its BLAS calls
 
     def reshape(self, bottom_shapes):
         self.check_statistics(bottom_shapes)
@@ -171,6 +176,12 @@ class BatchNormLayer(ChannelStatisticsLayer):
 
     def forward(self, bottoms):
         x = bottoms[0]
+        self._temp = None
+        if not self.use_global_stats and self.caffe_sums and x.ndim >= 2 and batch_norm_caffe.available():
+            blobs = [b.data for b in self.blobs[:3]]
+            if all(b.dtype == _F32 and b.flags.c_contiguous and b.flags.writeable for b in blobs):
+                self._x_norm, self._temp, self._std = batch_norm_caffe.forward(x, *blobs, self.fraction, self.eps)
+                return [self._x_norm]
         mean, var = self._moments(x)
         self._std = _std(var, self.eps)
         # Caffe's x_norm_: the normalized value survives later in-place layers for the backward
@@ -179,6 +190,8 @@ class BatchNormLayer(ChannelStatisticsLayer):
 
     def backward(self, top_diffs, propagate_down, bottoms, tops):
         """See :func:`batch_norm_backward`; no gradient for the statistics blobs."""
+        if self._temp is not None:
+            return [batch_norm_caffe.backward(top_diffs[0], self._x_norm, self._temp)]
         return [batch_norm_backward(top_diffs[0], self._x_norm, self._std, self.use_global_stats)]
 
 
@@ -188,6 +201,8 @@ class BatchNormKyleLayer(BatchNormLayer):
 
     Blobs 3 and 4 (alpha, beta; (C,)) exist only with use_alpha_beta; filled 1 and 0.
     """
+
+    caffe_sums = False
 
     def param_shapes(self, bottom_shapes):
         shapes = super().param_shapes(bottom_shapes)
