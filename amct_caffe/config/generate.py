@@ -22,6 +22,9 @@ names are then ignored (the guide: 此时输入参数中该参数配置不生效
 from __future__ import annotations
 
 import logging
+import numbers
+
+import numpy as np
 
 from amct_caffe.config import checks as C
 from amct_caffe.config.binding import bind_to_graph, default_layer_config, quantizable_nodes
@@ -31,19 +34,22 @@ from amct_caffe.config.simple_cfg import config_from_simple_cfg
 _LOG = logging.getLogger(__name__)
 
 
-def _check_arguments(batch_num, activation_offset) -> None:
-    """create_quant_config's own arguments: batch_num an integer > 0, activation_offset a bool."""
-    if isinstance(batch_num, bool) or not isinstance(batch_num, int):
+def _check_arguments(batch_num, activation_offset) -> tuple[int, bool]:
+    """create_quant_config's own arguments: batch_num an integer > 0, activation_offset a bool (NumPy's
+    integers and bools too, as Python's); returned as Python's."""
+    if isinstance(batch_num, (bool, np.bool_)) or not isinstance(batch_num, numbers.Integral):
         raise C.fail("", f"batch_num must be an integer greater than 0, got {C.show(batch_num)}")
+    batch_num = int(batch_num)
     C.in_range("", "batch_num", batch_num, C.BATCH_NUM)
-    if not isinstance(activation_offset, bool):
+    if not isinstance(activation_offset, (bool, np.bool_)):
         raise C.fail("", f"activation_offset must be true or false, got {C.show(activation_offset)}")
+    return batch_num, bool(activation_offset)
 
 
 def create_default_config(graph, batch_num: int = 1, activation_offset: bool = True,
                           config_defination=None) -> QuantConfig:
     """The full quantization config of ``graph`` (rules: module doc)."""
-    _check_arguments(batch_num, activation_offset)
+    batch_num, activation_offset = _check_arguments(batch_num, activation_offset)
     for node in graph.nodes:
         if node.name in GLOBAL_KEYS:
             raise C.fail("", f"layer '{node.name}' has the name of a global config option; rename it")

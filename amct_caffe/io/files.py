@@ -113,11 +113,20 @@ def read_bytes(path, what: str, error: type[AmctError] = AmctError) -> bytes:
 def read_text(path, what: str, error: type[AmctError] = AmctError) -> str:
     """The UTF-8 text of input file ``path``, or ``error`` (also for bytes that are not UTF-8 text)."""
     data = read_bytes(path, what, error)
+    _refuse_bom(data, path, what, error)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{what} file {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
                     f"give the {what} as a text file") from None
+
+
+def _refuse_bom(data: bytes, path, what: str, error: type[AmctError]) -> None:
+    """A text starting with UTF-8's byte-order mark (Windows editors' "UTF-8 with BOM"): refused by name, as
+    Caffe's parser refuses it (the parsers' own errors show an invisible character)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise error(f"{what} file {path} starts with a UTF-8 byte-order mark (BOM), which Caffe's parser refuses "
+                    "too: save it as UTF-8 without a BOM")
 
 
 def _read(path, what: str) -> bytes:
@@ -127,8 +136,10 @@ def _read(path, what: str) -> bytes:
 def _layer_near(text: str, line: int) -> str:
     """Name of the last layer whose `name:` appears before ``line`` (1-based), for messages."""
     head = "\n".join(text.splitlines()[: max(line, 0)])
-    names = re.findall(r'\bname\s*:\s*"([^"]*)"', head)
-    return f" (in or after layer '{names[-1]}')" if names else ""
+    starts = [m.end() for m in re.finditer(r"\blayers?\s*\{", head)]
+    # the layer's own name: the first name after its 'layer {' (not the net's, nor a param's of a shared weight)
+    name = re.search(r'\bname\s*:\s*"([^"]*)"', head[starts[-1]:]) if starts else None
+    return f" (in or after layer '{name.group(1)}')" if name else ""
 
 
 # Prototxt texts this process parsed or printed, by (message class, text): the message the text
@@ -247,6 +258,7 @@ def _check_required(msg, path) -> None:
 def read_prototxt(path, message=None):
     """Load a .prototxt into a NetParameter, exactly as written (no upgrade, no filtering)."""
     data = _read(path, "prototxt")
+    _refuse_bom(data, path, "prototxt", ModelFormatError)
     try:
         text, replaced = data.decode("utf-8"), False
     except UnicodeDecodeError:  # comments may hold anything (as U+FFFD to the parser); a string field may not

@@ -3,6 +3,7 @@
 import logging
 import re
 
+import numpy as np
 import pytest
 
 from amct_caffe.config import ActivationQuantParams, ArqParams, create_default_config
@@ -95,6 +96,12 @@ def test_unquantizable_scale_is_left_out_with_a_log_line(caplog):
 def test_batch_num_argument_range(batch_num, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         create_default_config(graph_of(RESNET_LIKE), batch_num=batch_num)
+
+
+def test_numpy_integers_and_bools_are_arguments_as_pythons():
+    """batch_num=np.int64(2) was refused as 'must be an integer ... got 2'; a script's counts are often NumPy's."""
+    config = create_default_config(graph_of(RESNET_LIKE), batch_num=np.int64(2), activation_offset=np.bool_(False))
+    assert config.batch_num == 2 and type(config.batch_num) is int and config.activation_offset is False
 
 
 def test_activation_offset_argument_type():

@@ -83,6 +83,17 @@ def test_prototxt_text_with_a_lone_surrogate():
         io.parse_prototxt_text(text, "p.prototxt")  # was SystemError from protobuf's enum lookup
 
 
+@pytest.mark.parametrize("text, where", [
+    ('name: "LeNet"\nlayer { name: "data" type: "Input" top: "data" }\nbad', " (in or after layer 'data')"),
+    ('name: "LeNet"\nbad\nlayer { name: "data" type: "Input" top: "data" }', ""),  # the net's name is no layer's
+    ('layer { name: "ip" type: "InnerProduct" param { name: "shared_w" }\nbad }', " (in or after layer 'ip')"),
+])
+def test_a_parse_error_names_the_layer_it_is_in(text, where):
+    with pytest.raises(ModelFormatError) as err:
+        io.parse_prototxt_text(text, "p.prototxt")
+    assert str(err.value).startswith(f"p.prototxt: cannot parse prototxt{where}:")
+
+
 def test_prototxt_lacking_a_required_field_names_the_layer_and_fields(tmp_path):
     # The tool's IFMR parameters are required fields: Caffe's parser refuses a text without them. Ours
     # parsed it and then failed inside protobuf (EncodeError) the first time the message was serialized.
@@ -137,3 +148,16 @@ def test_a_replacement_character_written_as_utf8_is_a_name_like_any_other(tmp_pa
     proto.write_text('layer { name: "d\ufffdta" type: "Input" top: "data" input_param { shape { dim: 1 } } }\n',
                      encoding="utf-8")
     assert [lp.name for lp in read_prototxt(proto).layer] == ["d\ufffdta"]
+
+
+def test_a_byte_order_mark_is_named(tmp_path):
+    from amct_caffe.config import read_quant_config
+    from amct_caffe.errors import ConfigError
+    proto, config = tmp_path / "m.prototxt", tmp_path / "c.json"
+    proto.write_bytes(b'\xef\xbb\xbfname: "LeNet"\n')
+    config.write_bytes(b'\xef\xbb\xbf{"version": 1}')
+    with pytest.raises(ModelFormatError, match=r"prototxt file .*m.prototxt starts with a UTF-8 byte-order mark "
+                                               r"\(BOM\), which Caffe's parser refuses too: save it as UTF-8 without"):
+        io.read_prototxt(proto)
+    with pytest.raises(ConfigError, match=r"c.json starts with a UTF-8 byte-order mark"):
+        read_quant_config(config)
