@@ -222,6 +222,7 @@ def test_calibrate_malformed_option_values(capsys, tmp_path, fake_calibrate):
         (["--config", "/dev/null"], "--config /dev/null is not a regular file"),
         (["--resize", "1", "2", "3"], "--resize takes one value"),
         (["--crop", "1", "2", "3"], "--crop takes one value"),
+        (["--std", "1", "0", "2"], "--std 1 0 2: every value must be non-zero"),  # was 'Preprocess.std: ...'
     ]:
         fails(capsys, base + extra, message)
     refused(capsys, base + ["--mean", "inf"], "--mean: expected a finite number")

@@ -242,7 +242,7 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
     sensitivity = {}
     for name in tqdm(all_layers, desc="sensitivity", unit="layer", disable=not progress):
         sensitivity[name] = 1.0 - score({name})
-        _LOG.info("fallback search: only '%s' quantized -> output cosine %.6f", name, 1.0 - sensitivity[name])
+        _LOG.info("fallback search: only '%s' quantized -> output cosine %.10g", name, 1.0 - sensitivity[name])
     ranked = _by_sensitivity(all_layers, sensitivity)
     chosen: list[str] = []
     best = (score(set(all_layers)), [])
@@ -252,18 +252,18 @@ def search_float_layers(score: Callable[[set[str]], float], layers: Sequence[str
             break
         chosen.append(name)
         current = score(set(all_layers) - set(chosen))
-        _LOG.info("fallback search: %d float layer(s) (+'%s') -> output cosine %.6f", len(chosen), name, current)
+        _LOG.info("fallback search: %d float layer(s) (+'%s') -> output cosine %.10g", len(chosen), name, current)
         if current > best[0]:
             best = (current, list(chosen))
     if current < target_cosine:  # target out of reach: the best prefix seen
-        _LOG.warning("fallback search: %d float layer(s) do not reach output cosine %.6f (best %.6f, with the "
+        _LOG.warning("fallback search: %d float layer(s) do not reach output cosine %.10g (best %.10g, with the "
                      "search's factors)", len(chosen), target_cosine, best[0])
         return best[1], sensitivity, best[0]
     for name in reversed(list(chosen)):  # least sensitive first
         trial = [c for c in chosen if c != name]
         value = score(set(all_layers) - set(trial))
         if value >= target_cosine:
-            _LOG.info("fallback search: '%s' can stay quantized (output cosine %.6f)", name, value)
+            _LOG.info("fallback search: '%s' can stay quantized (output cosine %.10g)", name, value)
             chosen, current = trial, value
     return chosen, sensitivity, current
 
@@ -369,7 +369,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         original = _original_weights(graph)  # the same config for the search
         score, layers = scorer(graph)
         cosine_int8 = score(set(layers))
-        _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.6f (target %.10g)",
+        _LOG.info("fallback search: all %d quantized layer(s) -> output cosine %.10g (target %.10g)",
                   len(layers), cosine_int8, target_cosine)
         sensitivity: dict[str, float] = {}
         float_layers: list[str] = []
@@ -406,7 +406,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                 if extra is None:
                     break
                 _LOG.info("fallback: with the guide's factors (observed behind the quantized weights) %d float "
-                          "layer(s) give output cosine %.6f, below the target; '%s' goes float too",
+                          "layer(s) give output cosine %.10g, below the target; '%s' goes float too",
                           len(float_layers), current, extra)
                 float_layers.append(extra)
                 added.append(extra)
@@ -416,7 +416,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
                     trial = [n for n in float_layers if n != name]
                     value = guide_flow(trial)
                     if value >= target_cosine:
-                        _LOG.info("fallback: '%s' can stay quantized (output cosine %.6f)", name, value)
+                        _LOG.info("fallback: '%s' can stay quantized (output cosine %.10g)", name, value)
                         float_layers, current = trial, value
             else:  # out of reach: the best set calibrated (the fewest float layers on a tie)
                 best = max(measured, key=lambda k: (measured[k], -len(k)))
@@ -436,7 +436,7 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
         outputs = _move_into_place(staged, prefix, save_path)
     result = FallbackResult(outputs, float_layers, cosine_int8, cosine_final, target_cosine, sensitivity)
     level = logging.INFO if result.target_met else logging.WARNING
-    _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.6f -> %.10g (target %.10g%s)",
+    _LOG.log(level, "fallback: %d layer(s) kept in float %s; output cosine %.10g -> %.10g (target %.10g%s)",
              len(float_layers), float_layers, cosine_int8, cosine_final, target_cosine,
              "" if result.target_met else ", NOT met")
     return result

@@ -269,6 +269,9 @@ def preprocess(args, shapes: dict, kind: str):
             raise AmctError(f"--preprocess {args.preprocess}: no model input named {', '.join(unknown)}")
         per_json = {n: Preprocess.from_dict(d, f"--preprocess {args.preprocess}: '{n}'")
                     for n, d in doc.items()}
+    if args.std and any(v == 0 for v in args.std):  # (Preprocess would name its own field)
+        raise AmctError(f"--std {' '.join(f'{v:g}' for v in args.std)}: every value must be non-zero (the data is "
+                        "divided by it)")
     out = {}
     for name, shape in shapes.items():
         fits = kind == "images" and shape is not None and len(shape) == 4  # (an image input: (N, C, H, W))

@@ -116,6 +116,14 @@ def test_search_returns_the_best_set_when_the_target_is_out_of_reach():
     assert chosen == []
 
 
+def test_an_unreachable_target_is_logged_with_its_digits(caplog):
+    """The warning printed cosines with six decimals: 'do not reach output cosine 1.000000 (best 1.000000)'."""
+    losses = {"a": 4e-9, "b": 3e-9}
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        search_float_layers(additive_score(losses), list(losses), 0.9999999999, 1, progress=False)
+    assert "do not reach output cosine 0.9999999999 (best 0.999999997," in caplog.text
+
+
 def test_fallback_keeps_the_broken_layer_float_and_saves_what_the_ordinary_flow_gives(model, tmp_path):
     proto, weights, _ = model
     calib, evaluation = batches(2, seed=1), batches(3, seed=2)
