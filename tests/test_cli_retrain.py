@@ -111,7 +111,7 @@ def test_batch_larger_than_the_data(fake_retrain, capsys):
 
 def test_fewer_samples_than_a_model_batch(fake_retrain, capsys):
     assert cli.main([*RETRAIN, "--select", ":16"]) == 2
-    assert "holds 16 sample(s), fewer than one batch of the model's 64" in capsys.readouterr().err
+    assert "holds 500 sample(s), 16 of them selected, fewer than one batch of the model's 64" in capsys.readouterr().err
 
 
 def test_help_lists_the_command(capsys):

@@ -37,8 +37,8 @@ def cmd_retrain(args) -> int:
                                        time_major=time_major_inputs(args.model))
     samples = source.num_samples
     if len(source) == 0:
-        raise AmctError(f"--data {args.data} holds {samples} sample(s), fewer than one batch of the model's "
-                        f"{model_batch}: give more data, or a smaller batch with --input-shape")
+        raise AmctError(f"--data: {source.holds()}, fewer than one batch of the model's {model_batch}: give more "
+                        "data, or a smaller batch with --input-shape")
     if samples % model_batch:
         _LOG.warning("%d of the %d samples do not fill a batch of %d and are left out", samples % model_batch,
                      samples, model_batch)

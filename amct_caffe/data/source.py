@@ -61,6 +61,7 @@ class DataSource:
         self.inputs: tuple[str, ...] = tuple(inputs)
         self.batch_size = int(batch_size)
         self._index: list[int] = list(range(count))
+        self._selected_from: int | None = None  # after select(): the samples of the source it selects from
         # inputs served time-major (T, N, ...): the recurrent layers' sequences, stored sample-first
         self.time_major: frozenset[str] = frozenset()
 
@@ -116,7 +117,7 @@ class DataSource:
         if batch_num < 1:
             raise DataError(f"batch_num must be positive, not {batch_num}")
         if batch_num > len(self):
-            raise DataError(f"{self.describe()} holds {self.num_samples} sample(s): {batch_num} batches of "
+            raise DataError(f"{self.holds()}: {batch_num} batches of "
                             f"{self.batch_size} need {batch_num * self.batch_size}; give more data, or a smaller "
                             "batch size or number of batches (--batch-size / --batch-num)")
         return (self.batch(b) for b in range(batch_num))
@@ -130,7 +131,14 @@ class DataSource:
             raise DataError("select: step cannot be 0")
         new = copy.copy(self)
         new._index = self._index[slice(start, stop, step)]
+        new._selected_from = self._selected_from or self.num_samples
         return new
+
+    def holds(self) -> str:
+        """'<description> holds N sample(s)' for messages, with how many of them a selection serves."""
+        if self._selected_from is None:
+            return f"{self.describe()} holds {self.num_samples} sample(s)"
+        return f"{self.describe()} holds {self._selected_from} sample(s), {self.num_samples} of them selected"
 
     def with_time_major(self, names) -> "DataSource":
         """A copy serving the inputs ``names`` time-major: each batch's first two axes swapped."""
@@ -143,6 +151,7 @@ class DataSource:
         new = copy.copy(self)
         DataSource.__init__(new, self.inputs, 0, batch_size)
         new._index = list(self._index)
+        new._selected_from = self._selected_from
         new.time_major = self.time_major  # (__init__ resets it: a last, smaller batch went batch-first)
         return new
 

@@ -78,3 +78,12 @@ def test_array_errors(tmp_path):
         ArrayData({"data": x}, ["data"], batch_size=0)
     with pytest.raises(DataError, match="resize, crop and channel order apply to images"):
         open_source(tmp_path / "c.npz", {"data": None}, preprocess=Preprocess(crop=2))
+
+
+def test_too_few_selected_samples_say_how_many_the_file_holds(tmp_path):
+    """With --select the message said the file held the selected count ('mn.npz holds 13 sample(s)')."""
+    np.savez(tmp_path / "mn.npz", data=np.zeros((128, 1, 28, 28), np.float32))
+    source = open_source(str(tmp_path / "mn.npz"), {"data": (64, 1, 28, 28)}, batch_size=64).select(None, None, 10)
+    with pytest.raises(DataError, match=r"array file .*mn.npz holds 128 sample\(s\), 13 of them selected: 1 "
+                                        r"batches of 64 need 64"):
+        list(source.batches(1))
