@@ -15,6 +15,7 @@ import pytest
 
 from amct_caffe import cli
 from tests.data.common import IMAGENET, needs_imagenet
+from tests.golden import MODELS
 
 from .test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE
 
@@ -315,3 +316,17 @@ def test_an_error_in_a_python_layers_code_is_one_line(capsys, tmp_path, monkeypa
     fails(capsys, ["run", "--model", str(model), "--weights", str(LENET_WEIGHTS), "--input", str(MNIST_500),
                    "--no-progress"],
           r"layer 'post' \(Python post_layers.Post\): its forward\(\) raised KeyError: 'no such class id'$")
+
+
+def test_a_model_without_inputs_is_refused_with_advice_that_helps(capsys, tmp_path):
+    """An empty prototxt, or a TRAIN / TEST one reading Data layers, got 'give --input-shape NAME:N,C,H,W', and
+    following that advice led to an internal error ('forward() got data for 'data', which is not a blob')."""
+    np.savez(tmp_path / "d.npz", data=np.zeros((4, 1, 28, 28), np.float32))
+    train_test = MODELS / "lenet_mnist" / "lenet_train_test.prototxt"
+    for model in (train_test, tmp_path / "empty.prototxt"):
+        (tmp_path / "empty.prototxt").write_text("")
+        for extra in ([], ["--input-shape", "data:4,1,28,28"]):
+            fails(capsys, ["calibrate", "--model", str(model), "--weights", str(LENET_WEIGHTS), "--data",
+                           str(tmp_path / "d.npz"), "--output", str(tmp_path / "q"), "--no-progress", *extra],
+                  "the model declares no input .* give the deploy prototxt")
+    assert not (tmp_path / "q").exists()

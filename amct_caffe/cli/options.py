@@ -203,6 +203,10 @@ def add_data_options(parser: argparse.ArgumentParser, what: str) -> None:
 
 def parse_shapes(entries, model_shapes: dict) -> dict:
     """Apply ``--input-shape [NAME:]D0,D1,...`` entries to the prototxt's input shapes."""
+    if not model_shapes:  # (--input-shape only sets the shapes of declared inputs: it cannot add one)
+        raise AmctError("the model declares no input (an Input layer or the input: field) to feed the data to; "
+                        "a TRAIN / TEST prototxt that reads Data / ImageData layers is not the model to give: "
+                        "give the deploy prototxt")
     shapes = dict(model_shapes)
     for entry in entries or ():
         name, _, dims = entry.rpartition(":")
@@ -211,7 +215,7 @@ def parse_shapes(entries, model_shapes: dict) -> dict:
                 raise AmctError(f"--input-shape {entry}: the model has {len(shapes)} inputs "
                                 f"({', '.join(shapes) or 'none declared'}); write NAME:{entry}")
             name = next(iter(shapes))
-        elif model_shapes and name not in model_shapes:
+        elif name not in model_shapes:
             raise AmctError(f"--input-shape {entry}: the model has no input '{name}' "
                             f"(inputs: {', '.join(model_shapes)})")
         try:
@@ -221,9 +225,6 @@ def parse_shapes(entries, model_shapes: dict) -> dict:
         if not shape or min(shape) < 1:
             raise AmctError(f"--input-shape {entry}: expected positive integers such as 1,3,224,224")
         shapes[name] = shape
-    if not shapes:
-        raise AmctError("the model declares no input (Input layer or input: field): "
-                        "give --input-shape NAME:N,C,H,W")
     return shapes
 
 
