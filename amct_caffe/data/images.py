@@ -26,6 +26,7 @@ from amct_caffe.io.paths import register_data_names
 
 _LOG = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_TOLD: set[tuple[str, tuple[str, ...]]] = set()  # (folder, entries left out) already warned about
 register_data_names(re.compile(r"(?i)^.*(" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$"))
 
 
@@ -34,8 +35,9 @@ def list_images(folder: Path) -> list[Path]:
     broken symbolic link, a folder) are left out with a warning naming them."""
     named = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     files = [p for p in named if p.is_file()]
-    if len(files) < len(named):
-        skipped = sorted(p.name for p in named if not p.is_file())
+    skipped = sorted(p.name for p in named if not p.is_file())
+    if skipped and (str(folder), tuple(skipped)) not in _TOLD:  # (a command lists a folder several times)
+        _TOLD.add((str(folder), tuple(skipped)))
         _LOG.warning("%s: %d entr%s with an image's name %s not a readable file (a broken link or a folder), "
                      "left out: %s%s", folder, len(skipped), "y" if len(skipped) == 1 else "ies",
                      "is" if len(skipped) == 1 else "are", ", ".join(skipped[:5]), "..." if len(skipped) > 5 else "")

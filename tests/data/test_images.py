@@ -174,6 +174,10 @@ def test_entries_named_like_images_that_are_not_files_are_named(tmp_path, caplog
     assert folder.num_samples == 1
     assert "2 entries with an image's name are not a readable file (a broken link or a folder), left out: " \
            "dir.png, gone.jpg" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="amct_caffe"):  # listed again (a command lists it three times): told once
+        ImageFolder(tmp_path, {"x": (1, 3, 8, 8)}, Preprocess(size=(8, 8)), batch_size=1)
+    assert "left out" not in caplog.text
 
 
 def test_a_jpeg_turns_as_its_exif_orientation_says_read_as_color_or_gray(tmp_path):
