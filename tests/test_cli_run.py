@@ -70,6 +70,16 @@ def test_run_on_an_lmdb_uses_its_labels_and_matches_the_arrays(capsys, tmp_path)
         np.testing.assert_array_equal(a["prob"], b["prob"])
 
 
+def test_no_accuracy_is_computed_on_a_feature_map(capsys, tmp_path):
+    """--output conv1 on labelled digits printed 'top-1 accuracy on 4 samples: 0.00%': the argmax of 11,520
+    feature values taken for a class."""
+    assert cli.main(LENET_RUN + ["--input", str(MNIST_500), "--scale", "0.00390625", "--limit", "4",
+                                 "--output", "conv1", "--show", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 accuracy on" not in out
+    assert "blob 'conv1' holds [20, 24, 24] values per sample, not one score per class: no top-1 accuracy" in out
+
+
 def test_run_select_limit_and_save_of_one_blob(capsys, tmp_path):
     assert cli.main(LENET_RUN + ["--input", str(MNIST_500), "--scale", "0.00390625", "--select", "1::2",
                                  "--limit", "7", "--batch-size", "3", "--output", "ip2", "--save", "ip2.npz",

@@ -199,6 +199,11 @@ def cmd_run(args) -> int:
     elif unranked is not None:
         print(f"{unranked}, not one row per sample: nothing to rank (--output picks another blob)")
     else:
+        per_sample = tuple(net.blobs[out_name].shape[1:])
+        if labels is not None and not all(d == 1 for d in per_sample[1:]):  # a feature map, not class scores
+            print(f"blob '{out_name}' holds {list(per_sample)} values per sample, not one score per class: no "
+                  "top-1 accuracy against the labels")
+            labels = None
         _print_top(np.concatenate(scores), args.top_k, labels, min(n, args.show))
     if args.save:
         _save(args.save, outputs)
