@@ -137,9 +137,16 @@ def _layer_near(text: str, line: int) -> str:
     """Name of the last layer whose `name:` appears before ``line`` (1-based), for messages."""
     head = "\n".join(text.splitlines()[: max(line, 0)])
     starts = [m.end() for m in re.finditer(r"\blayers?\s*\{", head)]
-    # the layer's own name: the first name after its 'layer {' (not the net's, nor a param's of a shared weight)
-    name = re.search(r'\bname\s*:\s*"([^"]*)"', head[starts[-1]:]) if starts else None
-    return f" (in or after layer '{name.group(1)}')" if name else ""
+    if not starts:
+        return ""
+    # the layer's own name: a name directly inside its 'layer {' (not the net's, nor a param's of a shared weight)
+    depth = 0
+    for m in re.finditer(r'[{}]|\bname\s*:\s*"([^"]*)"', head[starts[-1]:]):
+        if m.group(0) in "{}":
+            depth += 1 if m.group(0) == "{" else -1
+        elif depth == 0:
+            return f" (in or after layer '{m.group(1)}')"
+    return ""
 
 
 # Prototxt texts this process parsed or printed, by (message class, text): the message the text

@@ -390,12 +390,13 @@ def held_arrays(net) -> dict:
     held = {}
     for name in net._memory_kept:  # noqa: SLF001
         arr = net.blobs[name].data
-        if sys.getrefcount(arr) <= _SOLE_REFS:
-            # no script holds it: the forward may write into it or replace it, no one sees which (holding it
-            # here would make the kernels that write into an array no one else holds allocate a new one, and
-            # keep_memory copy that back: MTCNN P-Net at 12x12, 2 of its 17 microseconds)
-            continue
         base = arr.base
+        if sys.getrefcount(arr) <= _SOLE_REFS and (base is None or sys.getrefcount(base) <= _SOLE_REFS):
+            # no script holds it (nor a view of the array it is a view of: NumPy points a slice of a view at
+            # the base): the forward may write into it or replace it, no one sees which (holding it here would
+            # make the kernels that write into an array no one else holds allocate a new one, and keep_memory
+            # copy that back: MTCNN P-Net at 12x12, 2 of its 17 microseconds)
+            continue
         if arr.flags.writeable and (base is None or (type(base) is np.ndarray and base.base is None
                                                      and base.nbytes == arr.nbytes)):
             held[name] = arr

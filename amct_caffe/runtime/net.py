@@ -329,10 +329,8 @@ class Net(WholeSetCalls):
         return range(index(start, 0), index(end, len(self.layers) - 1) + 1)
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
-        """Run layers ``start``..``end`` (names, inclusive); returns {output name: array}.
-
-        Keyword arguments set input blobs first; an input of a new shape reshapes the net.
-        """
+        """Run layers ``start``..``end`` (names, inclusive); returns {output name: array}. Keyword arguments
+        set input blobs first; an input of a new shape reshapes the net."""
         if self._bounded_run:  # a calibration net's blobs without numpy's huge-page hint (runtime/memory.py)
             with np.errstate(**AS_CAFFE), memory.hint_off():
                 return self._forward(blobs, start, end, kwargs)

@@ -87,6 +87,7 @@ def test_prototxt_text_with_a_lone_surrogate():
     ('name: "LeNet"\nlayer { name: "data" type: "Input" top: "data" }\nbad', " (in or after layer 'data')"),
     ('name: "LeNet"\nbad\nlayer { name: "data" type: "Input" top: "data" }', ""),  # the net's name is no layer's
     ('layer { name: "ip" type: "InnerProduct" param { name: "shared_w" }\nbad }', " (in or after layer 'ip')"),
+    ('layer { param { name: "shared_w" } name: "ip" type: "InnerProduct"\nbad }', " (in or after layer 'ip')"),
 ])
 def test_a_parse_error_names_the_layer_it_is_in(text, where):
     with pytest.raises(ModelFormatError) as err:

@@ -252,3 +252,23 @@ def test_only_output_arrays_someone_holds_are_kept_for_the_next_forward(proto):
     assert list(held) == ["prob"] and held["prob"] is prob
     net.forward(data=x * 2)
     assert net.blobs["prob"].data is prob
+
+
+def test_a_held_row_of_an_output_that_is_a_view_follows_each_forward(tmp_path):
+    """row = net.blobs['sig'].data[0], the pycaffe idiom: Sigmoid after Flatten gives a view of a same-size base,
+    and NumPy points the row at that base, so the output's own reference count said nobody held it; the blob got
+    a new array and the row kept the first forward's values."""
+    path = tmp_path / "view.prototxt"
+    path.write_text(
+        'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
+        'layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { pool: MAX kernel_size: 2 '
+        'stride: 2 } }\nlayer { name: "flat" type: "Flatten" bottom: "pool" top: "flat" }\n'
+        'layer { name: "sig" type: "Sigmoid" bottom: "flat" top: "sig" }\n')
+    net = Net(str(path), TEST)
+    xs = _inputs((2, 3, 8, 8), 3, seed=4)
+    net.forward(data=xs[0])
+    row = net.blobs["sig"].data[0]
+    for x in xs[1:]:
+        net.forward(data=x)
+        np.testing.assert_array_equal(row, net.blobs["sig"].data[0])
+        assert np.shares_memory(row, net.blobs["sig"].data)

@@ -10,7 +10,9 @@ moves its gradients by up to 1e-2..0.5 relative. Here each call is Caffe's, in C
 :mod:`.cblas`; ``caffe_powx`` is glibc's powf (:mod:`.libm_float`).
 
 Caffe's OpenBLAS threads an sgemv of at least 2304 * 4 values by giving each thread a contiguous range of
-the outputs (at least 4 wide), and the kernel's column grouping restarts at each range: with
+the outputs (at least 4 wide), and the kernel's column grouping restarts at each range; where that leaves a
+thread idle (a sum over the batch of four channels or fewer), its column-major NoTrans kernel splits the summed
+axis instead and adds the threads' partial sums in turn. With
 :attr:`caffe_gemm.GemmConfig.threads` above 1 (Caffe's BLAS taken to be multi-threaded, as for its GEMMs) the
 calls are split as its ``gemv_thread.c`` splits them. numpy's OpenBLAS gives the same bytes on any thread
 count, so the result does not depend on this process's.
@@ -31,6 +33,7 @@ from amct_caffe.runtime.layers.libm_float import powf
 _F32 = np.float32
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _THREADED_GEMV = 2304 * 4  # OpenBLAS 0.3.x interface/gemv.c: m * n values from which a call is threaded
+_PARTIALS = 1024  # gemv_thread.c's buffer of per-thread partial outputs (Y_DUMMY_NUM)
 
 
 def _routines():
@@ -67,7 +70,18 @@ def gemv(trans: bool, m: int, n: int, alpha: float, a: np.ndarray, x: np.ndarray
     if threads <= 1 or m * n < _THREADED_GEMV:
         fn(_ROW_MAJOR, _TRANS if trans else _NO_TRANS, m, n, alpha, _ptr(a), n, _ptr(x), 1, 0.0, _ptr(y), 1)
         return
-    for lo, hi in _output_ranges(n if trans else m, threads):  # one kernel call per thread's range
+    ranges = _output_ranges(n if trans else m, threads)
+    if trans and len(ranges) < threads and m * n > _THREADED_GEMV and n * threads <= _PARTIALS:
+        # Fewer output ranges than threads (a few channels): OpenBLAS's column-major gemv_n (our row-major Trans)
+        # splits the summed axis instead, each thread's partial sums into a zeroed buffer, added into y in order
+        y[...] = 0
+        for lo, hi in _output_ranges(m, threads):  # y += A[lo:hi, :]^T x[lo:hi]
+            part = np.zeros(n, _F32)
+            fn(_ROW_MAJOR, _TRANS, hi - lo, n, alpha, _ptr(a) + 4 * lo * n, n, _ptr(x) + 4 * lo, 1, 0.0,
+               _ptr(part), 1)
+            y += part
+        return
+    for lo, hi in ranges:  # one kernel call per thread's range
         if trans:  # y[lo:hi] = A[:, lo:hi]^T x
             fn(_ROW_MAJOR, _TRANS, m, hi - lo, alpha, _ptr(a) + 4 * lo, n, _ptr(x), 1, 0.0, _ptr(y) + 4 * lo, 1)
         else:      # y[lo:hi] = A[lo:hi, :] x
