@@ -5,7 +5,8 @@
 
 Models (from ../shared/models): open_nsfw at batch 8 x 3 x 224 x 224 and UltraFace slim-320 at
 1 x 3 x 240 x 320 by default; ``--models all`` adds the other shared models with weights (UltraFace
-RFB-320, the HyperLPR MiniNet-SSD, LeNet, MTCNN's four nets) at their prototxt's input shape, and
+RFB-320, the HyperLPR MiniNet-SSD, LeNet, MTCNN's four nets; SqueezeNet v1.1 at batch 2 and MobileNet-v2 with the
+seeded random weights of ../shared/golden) at their prototxt's input shape, and
 MTCNN's nets as the detector runs them (P-Net on a 240 x 320 pyramid level, R-, O- and L-Net on
 batches of candidate faces). Each is fed a standard-normal input of fixed seed. Reported time is the median
 (and the minimum) wall time of ``forward()`` over ``runs`` runs after ``warmup`` untimed runs.
@@ -170,6 +171,11 @@ MODELS = {
               (64, 1, 28, 28)),
     **{f"mtcnn_det{i}": (SHARED / f"mtcnn/det{i}.prototxt", SHARED / f"mtcnn/det{i}.caffemodel", "data", shape)
        for i, shape in ((1, (1, 3, 12, 12)), (2, (1, 3, 24, 24)), (3, (1, 3, 48, 48)), (4, (1, 15, 24, 24)))},
+    # the shared prototxts that ../shared/golden gives seeded random weights
+    "squeezenet_v1.1": (SHARED / "prototxt_only/SqueezeNet_v1.1_deploy.prototxt",
+                        SHARED.parent / "golden/squeezenet_v1.1_random.caffemodel", "data", (2, 3, 227, 227)),
+    "mobilenet_v2": (SHARED / "prototxt_only/mobilenet_v2_deploy.prototxt",
+                     SHARED.parent / "golden/mobilenet_v2_random.caffemodel", "data", (1, 3, 224, 224)),
     # ... and as MTCNN runs them: P-Net on a pyramid level, the others on a batch of candidate faces
     **{f"mtcnn_det{i}_{tag}": (SHARED / f"mtcnn/det{i}.prototxt", SHARED / f"mtcnn/det{i}.caffemodel", "data", shape)
        for i, tag, shape in ((1, "240x320", (1, 3, 240, 320)), (2, "b32", (32, 3, 24, 24)),
