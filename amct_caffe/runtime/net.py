@@ -406,12 +406,11 @@ class Net(WholeSetCalls):
             blob.diff = np.full(blob.shape, w, np.float32)
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
-        """Back-propagate from layer ``start`` down to layer ``end`` (names, inclusive), as pycaffe.
-
+        """Back-propagate from layer ``start`` down to layer ``end`` (names, inclusive), as pycaffe; the sums of
+        the blobs ``start`` writes that several layers read (Caffe's Split layers) run with it.
         Keyword arguments set the diffs of the net's outputs first (all of them, as pycaffe
         requires). Returns {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
-        Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared.
-        """
+        Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared."""
         with np.errstate(**AS_CAFFE):
             return self._backward(diffs, start, end, kwargs)
 
@@ -438,6 +437,8 @@ class Net(WholeSetCalls):
                 self._diffs.set(top, self.blobs[top].diff)
         steps = self._plan.steps
         first = len(steps) - 1 if start is None else self._plan.step_of_layer[self._range(start, None)[0]]
+        while start is not None and first + 1 < len(steps) and steps[first + 1].layer is None:
+            first += 1  # start's splits (Caffe's are layers stepped by name; ours are no layers: they run with it)
         last = 0 if end is None else self._plan.step_of_layer[self._range(end, None)[0]]
         for s in range(first, last - 1, -1):
             if steps[s].need_backward:

@@ -150,3 +150,36 @@ def test_interp_backward_is_the_adjoint_of_its_forward(tmp_path, params, shape):
     assert float(ones[0, 0, shape[2] // 2, shape[3] // 2]) == pytest.approx(float(y_e.sum()), rel=1e-5)
     if "pad_beg: -1" in params:
         assert not ones[:, :, 0].any() and not ones[:, :, :, -1].any()
+
+
+def test_backward_one_layer_at_a_time_adds_the_readers_of_a_blob_read_twice(tmp_path):
+    """pycaffe scripts step backward over net._layer_names; Caffe lists its Split layers there, ours are not
+    layers, so stepping gave the producer a zero top diff (the data diff and c1's weight diff came out 0).
+    A blob's split now runs with its producer: stepping gives one backward()'s gradients."""
+    from amct_caffe.runtime import TRAIN, Net  # noqa: PLC0415
+
+    path = tmp_path / "split.prototxt"
+    path.write_text(
+        'force_backward: true\n'
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n'
+        'layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n'
+        + "".join(f'layer {{ name: "{n}" type: "Convolution" bottom: "{b}" top: "{n}" convolution_param {{ '
+                  f'num_output: 2 kernel_size: 1 weight_filler {{ type: "gaussian" std: 1 }} }} }}\n'
+                  for n, b in (("c1", "data"), ("a", "c1"), ("b", "c1")))
+        + 'layer { name: "la" type: "EuclideanLoss" bottom: "a" bottom: "t" top: "la" }\n'
+          'layer { name: "lb" type: "EuclideanLoss" bottom: "b" bottom: "t" top: "lb" }\n')
+    results = []
+    for stepped in (False, True):
+        net = Net(str(path), TRAIN, seed=2)
+        net.blobs["data"].data[...] = np.arange(18, dtype=np.float32).reshape(1, 2, 3, 3) / 10
+        net.forward()
+        if stepped:
+            for name in reversed(list(net._layer_names)):
+                net.backward(start=name, end=name)
+        else:
+            net.backward()
+        results.append((net.blobs["data"].diff.copy(), net.params["c1"][0].diff.copy()))
+    (whole_x, whole_w), (step_x, step_w) = results
+    assert np.abs(whole_x).max() > 0
+    np.testing.assert_array_equal(step_x, whole_x)
+    np.testing.assert_array_equal(step_w, whole_w)
