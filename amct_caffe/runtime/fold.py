@@ -56,7 +56,9 @@ top (``bias_prelu``, activation.PReLU's bytes); only a ReLU joins an Eltwise.
 
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
-in one C++ pass (``add_relu``); the same bytes in both modes.
+in one C++ pass (``add_relu``); the same bytes in both modes. In FAST, a BatchNorm writing a top of its own
+(MobileNet-v2's ``conv1 -> conv1/bn``) with Scale / ReLU in place on it is a chain too: a copy of its bottom,
+then the folded map in one pass (MobileNet-v2 at batch 1: 31.8 -> 22.4 ms; five passes before).
 
 A third mode, ``CALIBRATION``, folds as FAST does (but for the residual Eltwise, which stays FAST's) and gives
 the fast kernels (Winograd, the pointwise kernel) to every convolution that Caffe's arithmetic would run as a
@@ -223,6 +225,17 @@ class Chain:
             relu = relu and not done
             if self.members and self.members[-1].type == "PReLU":
                 _prelu(y, self.members[-1])
+        elif self.head.type == "BatchNorm":  # out of place: a copy of its bottom, then the one affine pass
+            x = bottoms[0]
+            y = into if into is not None and into.shape == x.shape and not np.may_share_memory(into, x) \
+                else np.empty(x.shape, _F32)
+            np.copyto(y, x)
+            a, b = channel_affine((self.head,) + tuple(m for m in self.members if m.type in ("BatchNorm", "Scale")),
+                                  None, x.shape[1])
+            _affine(y, a, b, relu)
+            if self.members and self.members[-1].type == "PReLU":
+                _prelu(y, self.members[-1])
+            return y
         elif relu and _plain_sum(self.head, bottoms):  # a residual sum and its ReLU in one pass
             return ADD_RELU_KERNEL(bottoms[0], bottoms[1], threads.workers() if bottoms[0].size >= THREADED_AFFINE
                                    else 1, into)
@@ -419,6 +432,8 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
         top = top_names[i][0]
         if top in shared:
             continue
+        if head.type == "BatchNorm" and mode is not FoldMode.FAST:
+            continue
         if head.type == "Eltwise":  # only a ReLU joins an Eltwise
             if i + 1 < len(layers) and bottom_names[i + 1] == top_names[i + 1] == [top] \
                     and not any(loss_weights[i + 1]) and layers[i + 1].type == "ReLU" \
@@ -435,12 +450,15 @@ def plan(layers, bottom_names, top_names, mode: FoldMode, needs_backward: bool, 
                 and _fast_safe({top}, i + 1, readers, layers, top_names):
             chains[i] = Chain(i, i, head, (), mode)  # a convolution alone, for the fast kernels
         elif j > i + 1:
-            tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) \
-                if mode is FoldMode.FAST and layers[j - 1].type not in ("ReLU", "PReLU") else None
+            residual = mode is FoldMode.FAST and head.type == "Convolution" and layers[j - 1].type not in ("ReLU",
+                                                                                                         "PReLU")
+            tail = _residual_tail(j, top, layers, bottom_names, top_names, loss_weights, shared) if residual else None
             last = j + 1 if tail is not None else j - 1
             chain_mode = mode
             if mode in (FoldMode.FAST, FoldMode.CALIBRATION) \
                     and not _fast_safe({top, top_names[last][0]}, last + 1, readers, layers, top_names):
+                if head.type == "BatchNorm":  # (its layers run one by one instead)
+                    continue
                 chain_mode, tail, last = FoldMode.EXACT, None, j - 1
             members = tuple(layers[i + 1:j])
             if tail is not None:
@@ -510,6 +528,8 @@ def _foldable_head(layer, bottoms, tops, loss_weights) -> bool:
         return False
     if layer.type == "Eltwise":
         return True
+    if layer.type == "BatchNorm":  # out of place, on the stored statistics (FAST only: plan)
+        return len(bottoms) == 1 and layer.use_global_stats and len(layer.lp.bottom) == 1
     if layer.type != "Convolution" or len(bottoms) != 1:
         return False
     return not layer.integer_params and layer.lp.convolution_param.axis == 1 and len(layer.blobs) >= 1

@@ -68,8 +68,11 @@ class _Stack:
     def in_place(self, affine: bool, activation: str | None) -> None:
         t = self.top
         if affine:
-            self.lines.append(f'layer {{ name: "{self.name("bn")}" type: "BatchNorm" bottom: "{t}" top: "{t}" '
+            # a BatchNorm writing a top of its own (MobileNet-v2's "conv1" -> "conv1/bn"), the rest in place on it
+            bottom, t = t, (self.name("bnout") if self.rng.random() < 0.3 else t)
+            self.lines.append(f'layer {{ name: "{self.name("bn")}" type: "BatchNorm" bottom: "{bottom}" top: "{t}" '
                               'batch_norm_param { use_global_stats: true } }')
+            self.top = t
             if self.rng.random() < 0.85:  # a BatchNorm without its Scale folds too
                 self.lines.append(f'layer {{ name: "{self.name("scale")}" type: "Scale" bottom: "{t}" top: "{t}" '
                                   'scale_param { bias_term: true } }')

@@ -276,3 +276,26 @@ def test_a_calibration_layer_lets_go_of_winograd_weights_it_no_longer_uses(tmp_p
     net.blobs["data"].reshape(1, 8, 2, 2)  # 36 * 16 * 8 transformed weights against 1 * 16 * 2 * 2 outputs
     net.forward(data=np.ones((1, 8, 2, 2), np.float32))
     assert conv.weights._u is None
+
+
+def test_an_out_of_place_batchnorm_and_its_in_place_layers_fold_in_fast(tmp_path):
+    """MobileNet-v2's pattern: conv -> BatchNorm writing 'bn' -> Scale / ReLU in place on 'bn'. In FAST the three
+    are one chain (a copy, one affine pass); the convolution's own top stays observable and unchanged."""
+    text = CHAIN.replace('name: "bn" type: "BatchNorm" bottom: "conv" top: "conv"',
+                         'name: "bn" type: "BatchNorm" bottom: "conv" top: "bn"')
+    text = text.replace('bottom: "conv" top: "conv" scale_param', 'bottom: "bn" top: "bn" scale_param')
+    text = text.replace('type: "ReLU" bottom: "conv" top: "conv"', 'type: "ReLU" bottom: "bn" top: "bn"')
+    text = text.replace('type: "Convolution" bottom: "conv"', 'type: "Convolution" bottom: "bn"')
+    x = _x()
+    fast_net = _net(tmp_path, "auto", text)
+    assert [(c.first, c.last, c.head.type) for c in fast_net._chains.values()] == [(2, 4, "BatchNorm")]
+    assert not _net(tmp_path, "exact", text)._chains or all(c.head.type != "BatchNorm"
+                                                            for c in _net(tmp_path, "exact", text)._chains.values())
+    off = _net(tmp_path, "off", text)
+    want = {k: v.copy() for k, v in off.forward(data=x, blobs=["conv", "bn"]).items()}
+    for _ in range(2):  # the first forward, then the prepared steps
+        got = fast_net.forward(data=x, blobs=["conv", "bn"])
+        np.testing.assert_array_equal(got["conv"], want["conv"])
+        np.testing.assert_allclose(got["bn"], want["bn"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["r2"], want["r2"], rtol=1e-5, atol=1e-5)
+        assert (got["bn"] >= 0).all()
