@@ -37,7 +37,7 @@ import numpy as np
 
 from amct_caffe import io, ops
 from amct_caffe.api.compared_outputs import dynamic_shape_blobs, graph_layers, stand_in_outputs
-from amct_caffe.errors import AmctError
+from amct_caffe.errors import AmctError, GraphError
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.ir import Graph
 from amct_caffe.runtime import TEST, Net, threads
@@ -187,10 +187,13 @@ def _real_layer(graph: Graph, blob: str) -> tuple[str, str]:
 class BlobComparison:
     """FP32 vs quantized, every shared blob, accumulated over batches (module doc)."""
 
-    def __init__(self, fp32_graph: Graph, quant_graph: Graph, every_blob: bool = False):
+    def __init__(self, fp32_graph: Graph, quant_graph: Graph, every_blob: bool = False,
+                 files: tuple[str, str] = ("the float model", "the quantized model")):
         """``every_blob``: keep every value of both models readable after a forward (for a dump of all
-        blobs); otherwise only the compared blobs, the inputs and the outputs are (:meth:`_net`)."""
+        blobs); otherwise only the compared blobs, the inputs and the outputs are (:meth:`_net`). ``files``: the
+        two models' prototxts, for messages."""
         self.fp32_graph, self.quant_graph = fp32_graph, quant_graph
+        self.files = files
         inputs = set(self.fp32_graph.inputs)
         layers = graph_layers(self.fp32_graph)
         # a detection list (and anything computed from it) changes length with the rounding: its
@@ -232,7 +235,10 @@ class BlobComparison:
 
     def add(self, feed: Feed) -> None:
         self.fp32_net.forward(**feed)
-        self.quant_net.forward(**feed)
+        try:
+            self.quant_net.forward(**feed)
+        except GraphError as e:  # (the float model ran on this data: the quantized one is another model's)
+            raise GraphError(f"{self.files[1]}: {e}; give the quantized model made from {self.files[0]}") from None
         n = batch_samples(feed, self.time_major)
         self.samples += n
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a blob of inf / NaN: NaN figures
@@ -377,7 +383,8 @@ def compare_batches(model_file, weights_file, quant_model_file, quant_weights_fi
     """Run both models on ``batches``; (per-blob reports in network order, summary, the comparison).
     ``every_blob``: see :class:`BlobComparison`."""
     comparison = BlobComparison(load_ssa_graph(model_file, weights_file),
-                                load_ssa_graph(quant_model_file, quant_weights_file), every_blob)
+                                load_ssa_graph(quant_model_file, quant_weights_file), every_blob,
+                                (str(model_file), str(quant_model_file)))
     for feed in batches:
         comparison.add(feed)
     reports = comparison.reports()

@@ -11,8 +11,12 @@ from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.io.paths import reading, require
 from amct_caffe.io.record import RecordError, read_record
 from amct_caffe.passes.prepare import prepare_from_record, quant_target, unshare_quantized_weights
+from amct_caffe.passes.quantized_models import MISSING_SCALE_D_ADVICE
 
 _LOG = logging.getLogger(__name__)
+# convert_model runs no calibration model: a layer's entry must give its activation factors itself
+_NO_RECORD_D = ("its entry gives no record_d; add record_d { scale_d offset_d index } for each input it quantizes, "
+                "or drop the entry to keep the layer float")
 
 
 def convert_model(model_file, weights_file, scale_offset_record_file, save_path) -> dict[str, str]:
@@ -60,7 +64,7 @@ def _convert(model_file, weights_file, scale_offset_record_file, save_path) -> d
             inputs = tuple(sorted({d.index for d in entry.record_d}))
             if not inputs:
                 raise RecordError(f"{scale_offset_record_file}: Cannot find scale_d of layer '{node.name}' in record "
-                                  "file")
+                                  f"file: {_NO_RECORD_D}")
         try:
             targets.append(quant_target(node, graph, inputs))
         except ConfigError as e:
@@ -70,4 +74,5 @@ def _convert(model_file, weights_file, scale_offset_record_file, save_path) -> d
     try:
         return save_quantized(graph, targets, record, "Both", save_path, original_names)
     except RecordError as e:  # a factor missing or out of range: name the file it comes from
-        raise RecordError(f"{scale_offset_record_file}: {e}") from None
+        text = str(e).replace(MISSING_SCALE_D_ADVICE, _NO_RECORD_D)  # no calibration model runs here
+        raise RecordError(f"{scale_offset_record_file}: {text}") from None

@@ -95,6 +95,9 @@ def match_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[str], where: 
     if len(names) == 1 and len(candidates) == 1:
         return {names[0]: arrays[candidates[0]]}
     missing = [n for n in names if n not in arrays]
+    if list(arrays) == [""]:  # a .npy: one unnamed array
+        raise DataError(f"{where}: a .npy holds one array, and the net takes {len(names)} inputs "
+                        f"({', '.join(repr(n) for n in names)}): give a .npz with one array named after each input")
     raise DataError(f"{where}: no array named {', '.join(repr(m) for m in missing)}; it holds "
                     f"{', '.join(repr(k) for k in arrays) or 'nothing'}, and the net takes "
                     f"{', '.join(repr(n) for n in names)}: name the arrays after the inputs")

@@ -232,7 +232,10 @@ def parse_prototxt_text(text: str, path: str, message=None):
         m = re.match(r"(\d+):(\d+)", str(e))
         where = _layer_near(text, int(m.group(1))) if m else ""
         hint = ""
-        if "has no field named" in str(e) or "has no value named" in str(e):
+        if not where and _SOLVER_FIELD.search(text):
+            hint = (" It looks like a solver prototxt (a solver's fields: net, base_lr, ...): give the net prototxt "
+                    "the solver names.")
+        elif where and ("has no field named" in str(e) or "has no value named" in str(e)):
             hint = (" If this is a custom layer, compile your Caffe's caffe.proto with "
                     "amct_caffe.set_caffe_proto(path) or the AMCT_CAFFE_PROTO environment variable.")
         raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {str(e).rstrip('.')}.{hint}") from None
@@ -240,6 +243,11 @@ def parse_prototxt_text(text: str, path: str, message=None):
     if empty:
         _remember(msg, text)
     return msg
+
+
+# A top-level field of Caffe's SolverParameter that a NetParameter does not have: a solver given as the net.
+_SOLVER_FIELD = re.compile(r"(?m)^\s*(net|train_net|test_net|net_param|train_net_param|base_lr|lr_policy|max_iter|"
+                           r"solver_mode|snapshot_prefix|test_iter|test_interval)\s*[:{]")
 
 
 def _check_required(msg, path) -> None:

@@ -55,6 +55,10 @@ class ActFactors:
     num_bits: int
 
 
+# What the guide's "Cannot find scale_d" error tells save_model's caller (convert_model says its own).
+MISSING_SCALE_D_ADVICE = "run the calibration model batch_num times before saving"
+
+
 def activation_factors(record: Record, target: QuantTarget) -> list[ActFactors]:
     """scale_d/offset_d of each quantized input of ``target``, or the guide's error."""
     entry = record.layer(target.name)
@@ -65,7 +69,7 @@ def activation_factors(record: Record, target: QuantTarget) -> list[ActFactors]:
         if act is None or act.scale_d is None:
             raise RecordError(f"Cannot find scale_d of layer '{target.name}' in record file"
                               + (f" (input {i})" if i else "")
-                              + ": run the calibration model batch_num times before saving")
+                              + f": {MISSING_SCALE_D_ADVICE}")
         if not (np.isfinite(act.scale_d) and act.scale_d > 0):
             raise RecordError(f"layer '{target.name}': scale_d {act.scale_d} in the record is not a positive "
                               "finite number")

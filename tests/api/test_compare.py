@@ -14,6 +14,7 @@ import pytest
 from amct_caffe.api.accuracy import compare_model
 from amct_caffe.api.compare import compare_batches
 from amct_caffe.api.workflow import calibrate
+from amct_caffe.errors import GraphError
 from amct_caffe.runtime import TEST, Net
 from tests.golden import MODELS, SHARED
 
@@ -399,3 +400,19 @@ def test_blobs_after_a_python_layer_are_compared_beside_a_constant_input(tmp_pat
     assert summary["samples"] == 2
     compared = {entry["blob"]: entry["cosine"] for entry in summary["most_sensitive_layers"]}
     assert summary["blobs_compared"] == 3 and set(compared) == {"b1", "b2", "b3"} and compared["b3"] > 0.99
+
+
+def test_a_quantized_model_of_another_network_is_named(tmp_path):
+    """Both models have a 'conv1': the shape error did not say which file it came from."""
+    det1 = MODELS / "mtcnn"
+    rng = np.random.default_rng(0)
+    calibrate(str(det1 / "det1.prototxt"), str(det1 / "det1.caffemodel"),
+              [{"data": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)}], str(tmp_path / "q" / "det1"), 1,
+              progress=False)
+    lenet = MODELS / "lenet_mnist"
+    quant = tmp_path / "q" / "det1_fake_quant_model.prototxt"
+    with pytest.raises(GraphError, match=rf"{quant}: layer 'conv1' \(Convolution\): weight shape .*; give the "
+                                         rf"quantized model made from {lenet / 'lenet.prototxt'}"):
+        compare_batches(str(lenet / "lenet.prototxt"), str(lenet / "lenet_iter_10000.caffemodel"), str(quant),
+                        str(tmp_path / "q" / "det1_fake_quant_weights.caffemodel"),
+                        [{"data": rng.random((2, 1, 28, 28)).astype(np.float32)}])

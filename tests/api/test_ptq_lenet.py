@@ -139,6 +139,12 @@ def test_convert_model_names_the_record_a_factor_is_missing_from(quantized, tmp_
     with pytest.raises(record.RecordError, match=r"no_scale_w.txt: Cannot find scale_w of layer 'ip1' in record file"):
         amct.convert_model(str(LENET), str(LENET_W), str(bad), str(tmp_path / "lenet"))
     assert not list(tmp_path.glob("lenet_*"))
+    rec = record.read_record(tmp / "record.txt")
+    rec.layers["ip1"].record_d = []  # an entry of weight factors only: convert runs no calibration to fill it
+    record.write_record(rec, tmp_path / "no_record_d.txt")
+    with pytest.raises(record.RecordError, match=r"no_record_d.txt: Cannot find scale_d of layer 'ip1' in record "
+                                                 r"file: its entry gives no record_d; add record_d \{ scale_d"):
+        amct.convert_model(str(LENET), str(LENET_W), str(tmp_path / "no_record_d.txt"), str(tmp_path / "lenet"))
 
 
 @pytest.mark.parametrize("edit, message", [

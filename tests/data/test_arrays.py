@@ -87,3 +87,10 @@ def test_too_few_selected_samples_say_how_many_the_file_holds(tmp_path):
     with pytest.raises(DataError, match=r"array file .*mn.npz holds 128 sample\(s\), 13 of them selected: 1 "
                                         r"batches of 64 need 64"):
         list(source.batches(1))
+
+
+def test_a_npy_for_a_net_of_two_inputs_says_to_give_a_npz(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
+    with pytest.raises(DataError, match=r"x.npy: a .npy holds one array, and the net takes 2 inputs \('x', 'cont'\): "
+                                        "give a .npz with one array named after each input"):
+        open_source(str(tmp_path / "x.npy"), {"x": (4, 3), "cont": (4,)})

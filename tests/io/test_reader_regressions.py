@@ -162,3 +162,13 @@ def test_a_byte_order_mark_is_named(tmp_path):
         io.read_prototxt(proto)
     with pytest.raises(ConfigError, match=r"c.json starts with a UTF-8 byte-order mark"):
         read_quant_config(config)
+
+
+def test_a_solver_given_as_the_net_is_named_and_custom_layers_are_not_blamed(tmp_path):
+    text = 'net: "lenet_train_test.prototxt"\nbase_lr: 0.01\nmax_iter: 100\n'
+    with pytest.raises(ModelFormatError) as err:
+        io.parse_prototxt_text(text, "solver.prototxt")
+    assert "It looks like a solver prototxt" in str(err.value) and "custom layer" not in str(err.value)
+    with pytest.raises(ModelFormatError) as err:  # an unknown field inside a layer keeps the custom-layer advice
+        io.parse_prototxt_text('layer { name: "x" type: "Foo" foo_param { a: 1 } }', "m.prototxt")
+    assert "If this is a custom layer" in str(err.value)
