@@ -15,8 +15,8 @@ from amct_caffe.passes.quantized_models import MISSING_SCALE_D_ADVICE
 
 _LOG = logging.getLogger(__name__)
 # convert_model runs no calibration model: a layer's entry must give its activation factors itself
-_NO_RECORD_D = ("its entry gives no record_d; add record_d { scale_d offset_d index } for each input it quantizes, "
-                "or drop the entry to keep the layer float")
+_NO_RECORD_D = ("give its entry a record_d { scale_d offset_d index } for each input it quantizes, or drop the "
+                "entry to keep the layer float")
 
 
 def convert_model(model_file, weights_file, scale_offset_record_file, save_path) -> dict[str, str]:

@@ -232,7 +232,7 @@ def parse_prototxt_text(text: str, path: str, message=None):
         m = re.match(r"(\d+):(\d+)", str(e))
         where = _layer_near(text, int(m.group(1))) if m else ""
         hint = ""
-        if not where and _SOLVER_FIELD.search(text):
+        if not where and isinstance(msg, caffe_pb().NetParameter) and _SOLVER_FIELD.search(text):
             hint = (" It looks like a solver prototxt (a solver's fields: net, base_lr, ...): give the net prototxt "
                     "the solver names.")
         elif where and ("has no field named" in str(e) or "has no value named" in str(e)):

@@ -225,13 +225,15 @@ class Chain:
             relu = relu and not done
             if self.members and self.members[-1].type == "PReLU":
                 _prelu(y, self.members[-1])
-        elif self.head.type == "BatchNorm":  # out of place: a copy of its bottom, then the one affine pass
+        elif self.head.type == "BatchNorm":  # out of place: x - mean as Caffe's first step, then one affine pass
             x = bottoms[0]
             y = into if into is not None and into.shape == x.shape and not np.may_share_memory(into, x) \
                 else np.empty(x.shape, _F32)
-            np.copyto(y, x)
+            mean, _ = global_moments(*(blob.data for blob in self.head.blobs[:3]))
+            # (the mean taken first: folded into the shift it cancels x * a where the mean dwarfs the spread)
+            np.subtract(x, np.asarray(mean, _F32).reshape((-1,) + (1,) * (x.ndim - 2)), out=y)
             a, b = channel_affine((self.head,) + tuple(m for m in self.members if m.type in ("BatchNorm", "Scale")),
-                                  None, x.shape[1])
+                                  np.asarray(mean, np.float64), x.shape[1])  # the head's own mean cancels exactly
             _affine(y, a, b, relu)
             if self.members and self.members[-1].type == "PReLU":
                 _prelu(y, self.members[-1])

@@ -407,7 +407,7 @@ class Net(WholeSetCalls):
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """Back-propagate from layer ``start`` down to layer ``end`` (names, inclusive), as pycaffe; the sums of
-        the blobs ``start`` writes that several layers read (Caffe's Split layers) run with it.
+        the blobs the layer below ``end`` writes that several layers read (Caffe's Split layers) end the range.
         Keyword arguments set the diffs of the net's outputs first (all of them, as pycaffe
         requires). Returns {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
         Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared."""
@@ -437,9 +437,9 @@ class Net(WholeSetCalls):
                 self._diffs.set(top, self.blobs[top].diff)
         steps = self._plan.steps
         first = len(steps) - 1 if start is None else self._plan.step_of_layer[self._range(start, None)[0]]
-        while start is not None and first + 1 < len(steps) and steps[first + 1].layer is None:
-            first += 1  # start's splits (Caffe's are layers stepped by name; ours are no layers: they run with it)
         last = 0 if end is None else self._plan.step_of_layer[self._range(end, None)[0]]
+        while end is not None and last > 0 and steps[last - 1].layer is None:
+            last -= 1  # the splits just below end (Caffe's are layers stepped by name; ours run at the end of a range)
         for s in range(first, last - 1, -1):
             if steps[s].need_backward:
                 self._backward_step(steps[s])

@@ -143,7 +143,7 @@ def test_convert_model_names_the_record_a_factor_is_missing_from(quantized, tmp_
     rec.layers["ip1"].record_d = []  # an entry of weight factors only: convert runs no calibration to fill it
     record.write_record(rec, tmp_path / "no_record_d.txt")
     with pytest.raises(record.RecordError, match=r"no_record_d.txt: Cannot find scale_d of layer 'ip1' in record "
-                                                 r"file: its entry gives no record_d; add record_d \{ scale_d"):
+                                                 r"file: give its entry a record_d \{ scale_d offset_d index \}"):
         amct.convert_model(str(LENET), str(LENET_W), str(tmp_path / "no_record_d.txt"), str(tmp_path / "lenet"))
 
 

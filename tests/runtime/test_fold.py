@@ -299,3 +299,25 @@ def test_an_out_of_place_batchnorm_and_its_in_place_layers_fold_in_fast(tmp_path
         np.testing.assert_allclose(got["bn"], want["bn"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got["r2"], want["r2"], rtol=1e-5, atol=1e-5)
         assert (got["bn"] >= 0).all()
+
+
+def test_a_batchnorm_head_takes_its_mean_first_where_it_dwarfs_the_spread(tmp_path):
+    """A BatchNorm on a raw feature of 250 +- 0.02: folded into one shift, the mean cancelled x * a and left
+    8.8e-4 of float32 rounding, over the 1e-4 budget; subtracted first (Caffe's first step) it leaves none."""
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 } } }\n'
+            'layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" }\n'
+            'layer { name: "scale" type: "Scale" bottom: "bn" top: "bn" scale_param { bias_term: true } }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "bn" top: "ip" inner_product_param { num_output: 2 '
+            'weight_filler { type: "gaussian" std: 1 } } }\n')
+    rng = np.random.default_rng(1)
+    x = (250 + 0.02 * rng.standard_normal((4, 3))).astype(np.float32)
+    got = {}
+    for fold in ("auto", "off"):
+        net = _net(tmp_path, fold, text)
+        net.params["bn"][0].data[...] = 250
+        net.params["bn"][1].data[...] = 4e-4
+        net.params["bn"][2].data[...] = 1
+        got[fold] = {k: v.copy() for k, v in net.forward(data=x, blobs=["bn"]).items()}
+    assert len(_net(tmp_path, "auto", text)._chains) == 1
+    for k in ("bn", "ip"):
+        np.testing.assert_allclose(got["auto"][k], got["off"][k], rtol=0, atol=1e-5 * np.abs(got["off"][k]).max())

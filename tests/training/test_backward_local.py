@@ -183,3 +183,29 @@ def test_backward_one_layer_at_a_time_adds_the_readers_of_a_blob_read_twice(tmp_
     assert np.abs(whole_x).max() > 0
     np.testing.assert_array_equal(step_x, whole_x)
     np.testing.assert_array_equal(step_w, whole_w)
+
+
+def test_backward_from_a_layer_whose_top_is_read_twice_starts_from_the_diff_given(tmp_path):
+    """The DeepDream idiom: net.blobs[X].diff[...] = g; net.backward(start=X). Caffe starts at X, below the Split
+    of X's top, so g is what X back-propagates (not the sum of its readers' diffs, zero or stale)."""
+    from amct_caffe.runtime import TRAIN, Net  # noqa: PLC0415
+
+    def net_with_readers(readers):
+        path = tmp_path / f"r{len(readers)}.prototxt"
+        path.write_text(
+            'force_backward: true\n'
+            'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n'
+            'layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 2 '
+            'kernel_size: 1 } }\n'
+            + "".join(f'layer {{ name: "{r}" type: "ReLU" bottom: "c1" top: "{r}" }}\n' for r in readers))
+        net = Net(str(path), TRAIN)
+        net.params["c1"][0].data[...] = np.arange(4, dtype=np.float32).reshape(2, 2, 1, 1) - 1.5
+        net.blobs["data"].data[...] = np.linspace(-1, 1, 18, dtype=np.float32).reshape(1, 2, 3, 3)
+        net.forward()
+        net.blobs["c1"].diff[...] = np.linspace(1, 2, 18, dtype=np.float32).reshape(1, 2, 3, 3)
+        net.backward(start="c1")
+        return net.blobs["data"].diff.copy()
+
+    twice, once = net_with_readers(["a", "b"]), net_with_readers(["a"])
+    assert np.abs(once).max() > 0
+    np.testing.assert_array_equal(twice, once)
