@@ -58,7 +58,7 @@ An Eltwise followed by an in-place ReLU (a residual block's end) is folded the s
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
 in one C++ pass (``add_relu``); the same bytes in both modes. In FAST, a BatchNorm writing a top of its own
 (MobileNet-v2's ``conv1 -> conv1/bn``) with Scale / ReLU in place on it is a chain too: a copy of its bottom,
-then the folded map in one pass (MobileNet-v2 at batch 1: 31.8 -> 22.4 ms; five passes before).
+then the folded map in one pass (MobileNet-v2 at batch 1: 31.8 -> 25.1 ms; five passes before).
 
 A third mode, ``CALIBRATION``, folds as FAST does (but for the residual Eltwise, which stays FAST's) and gives
 the fast kernels (Winograd, the pointwise kernel) to every convolution that Caffe's arithmetic would run as a
