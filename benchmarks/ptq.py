@@ -111,6 +111,11 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   pays): 0.99-1.40 s, PTQ 1.16-1.51x that. Peak 481 MiB. After the review fixes (fast kernels only where
   Caffe's arithmetic would run a column GEMM), alternated with the session's first commit [load 0.6-0.9]:
   2.10-2.27x -> 1.84-1.92x warm (PTQ 1.57-1.63 -> 1.35-1.37 s), 1.21-1.35x fresh.
+* then (on a Zen 4 machine: calibration nets keep a layer's Winograd weights up to 4x the values of its input
+  and output, so open_nsfw's 14x14 layers leave their 6-11 ms column GEMMs for 2.2-2.8 ms of Winograd; +17 MiB
+  of peak) [load 1.0-1.3]: warm calibration forward 231 -> 213 ms (minimum, the two rules alternated in one
+  process); end to end 1.85-2.14x the warm FP32 forwards (PTQ 1.45-1.66 s, FP32 0.77-0.78 s, calibration
+  forwards 0.94-1.05 s), 1.00-1.51x fresh; peak 498 MiB = 1.71x.
 """
 
 from __future__ import annotations
