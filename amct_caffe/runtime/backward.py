@@ -287,3 +287,17 @@ def as_shape(arr: np.ndarray, shapes, k: int) -> np.ndarray:
     if k < len(shapes) and arr.shape != shapes[k] and arr.size == int(np.prod(shapes[k], dtype=np.int64)):
         return arr.reshape(shapes[k])
     return arr
+
+
+def own_diffs(grads: list, top_diffs: list, bottom_names: list, top_names: list) -> list:
+    """``grads`` with a copy wherever one is (a view of) a top's diff or of another bottom's: Caffe's blobs each
+    own their diff memory, and a layer passing a gradient through (an Eltwise SUM's coefficient 1) copies it,
+    so a script writing one blob's diff changes no other. A bottom computed in place (also a top) keeps it."""
+    out, kept = [], [d for d in top_diffs if d is not None]
+    for grad, name in zip(grads, bottom_names, strict=True):
+        if grad is not None and name not in top_names and any(np.may_share_memory(grad, d) for d in kept):
+            grad = np.array(grad, dtype=np.float32, copy=True)
+        if grad is not None:
+            kept.append(grad)
+        out.append(grad)
+    return out

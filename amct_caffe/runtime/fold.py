@@ -56,9 +56,8 @@ top (``bias_prelu``, activation.PReLU's bytes); only a ReLU joins an Eltwise.
 
 An Eltwise followed by an in-place ReLU (a residual block's end) is folded the same way: the ReLU
 runs in place on the Eltwise's fresh result, or, for the plain sum of two blobs, ``max(x0 + x1, 0)``
-in one C++ pass (``add_relu``); the same bytes in both modes. In FAST, a BatchNorm writing a top of its own
-(MobileNet-v2's ``conv1 -> conv1/bn``) with Scale / ReLU in place on it is a chain too: a copy of its bottom,
-then the folded map in one pass (MobileNet-v2 at batch 1: 31.8 -> 25.1 ms; five passes before).
+in one C++ pass (``add_relu``); the same bytes in both modes. In FAST, a BatchNorm writing a top of its own with
+Scale / ReLU in place on it (MobileNet-v2) heads a chain: x - mean, then the rest in one pass (31.8 -> 25.1 ms).
 
 A third mode, ``CALIBRATION``, folds as FAST does (but for the residual Eltwise, which stays FAST's) and gives
 the fast kernels (Winograd, the pointwise kernel) to every convolution that Caffe's arithmetic would run as a
@@ -229,11 +228,10 @@ class Chain:
             x = bottoms[0]
             y = into if into is not None and into.shape == x.shape and not np.may_share_memory(into, x) \
                 else np.empty(x.shape, _F32)
-            mean, _ = global_moments(*(blob.data for blob in self.head.blobs[:3]))
-            # (the mean taken first: folded into the shift it cancels x * a where the mean dwarfs the spread)
+            mean, _ = global_moments(*(blob.data for blob in self.head.blobs[:3]))  # (first: as a shift it cancels)
             np.subtract(x, np.asarray(mean, _F32).reshape((-1,) + (1,) * (x.ndim - 2)), out=y)
             a, b = channel_affine((self.head,) + tuple(m for m in self.members if m.type in ("BatchNorm", "Scale")),
-                                  np.asarray(mean, np.float64), x.shape[1])  # the head's own mean cancels exactly
+                                  None, x.shape[1], centred=True)
             _affine(y, a, b, relu)
             if self.members and self.members[-1].type == "PReLU":
                 _prelu(y, self.members[-1])
@@ -369,18 +367,20 @@ def _threads(y: np.ndarray) -> int:
     return threads.workers() if y.size >= THREADED_AFFINE else 1
 
 
-def channel_affine(layers, bias, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def channel_affine(layers, bias, channels: int, centred: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(a, b), float32 (C,): the BatchNorm / Scale ``layers`` applied after a convolution of ``bias``
-    (None: 0) as one map ``y -> y * a + b`` (module doc), composed in float64."""
+    (None: 0) as one map ``y -> y * a + b`` (module doc), composed in float64. ``centred``: the first layer is
+    a BatchNorm whose mean the caller subtracted already (it only scales)."""
     a = np.ones(channels, np.float64)
     b = np.zeros(channels, np.float64) if bias is None else np.asarray(bias, np.float64).reshape(-1).copy()
     with np.errstate(**_QUIET):
-        for m in layers:
+        for k, m in enumerate(layers):
             if m.type == "BatchNorm":
                 mean, var = global_moments(m.blobs[0].data, m.blobs[1].data, m.blobs[2].data)
                 inv = 1.0 / np.sqrt(np.asarray(var, np.float64) + np.float64(_F32(m.eps)))
                 a *= inv
-                b = (b - np.asarray(mean, np.float64)) * inv
+                if not (centred and k == 0):
+                    b = (b - np.asarray(mean, np.float64)) * inv
             else:
                 s = np.asarray(m.blobs[0].data, np.float64).reshape(-1)
                 a *= s

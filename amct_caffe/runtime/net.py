@@ -34,7 +34,7 @@ from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
 from amct_caffe.runtime import forward, memory
-from amct_caffe.runtime.backward import DiffStore, as_shape, blob_loss_weights, plan_backward
+from amct_caffe.runtime.backward import DiffStore, as_shape, blob_loss_weights, own_diffs, plan_backward
 from amct_caffe.runtime.batches import WholeSetCalls
 from amct_caffe.runtime.blob import AS_CAFFE, Blob, check_not_empty_at_build, check_param_shapes, check_top_shape
 from amct_caffe.runtime.param_sharing import ParamSharing, share_trained_layers
@@ -288,8 +288,7 @@ class Net(WholeSetCalls):
         """pycaffe's ``set_input_arrays``: give the first layer, a MemoryData, its arrays.
 
         ``data`` float32 (M, C, H, W), ``labels`` float32 (M,) or (M, 1, 1, 1); the checks are pycaffe's
-        (see :class:`amct_caffe.runtime.layers.array_data.MemoryData`).
-        """
+        (see :class:`amct_caffe.runtime.layers.array_data.MemoryData`)."""
         if not self.layers or self.layers[0].type != "MemoryData":
             raise GraphError(f"{self._source}: set_input_arrays may only be called if the first layer is a "
                              "MemoryData layer")
@@ -408,8 +407,8 @@ class Net(WholeSetCalls):
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """Back-propagate from layer ``start`` down to layer ``end`` (names, inclusive), as pycaffe; the sums of
         the blobs the layer below ``end`` writes that several layers read (Caffe's Split layers) end the range.
-        Keyword arguments set the diffs of the net's outputs first (all of them, as pycaffe
-        requires). Returns {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
+        Keyword arguments set the diffs of the net's outputs first (all of them, as pycaffe requires). Returns
+        {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
         Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared."""
         with np.errstate(**AS_CAFFE):
             return self._backward(diffs, start, end, kwargs)
@@ -483,6 +482,7 @@ class Net(WholeSetCalls):
                              f"{len(bottoms)} bottoms")
         if layer.diff_sharing([b.shape for b in bottoms]) == "reshape":
             return  # Caffe's backward is empty: the bottom's diff is the top's memory (or detached from it)
+        grads = own_diffs(grads, top_diffs, bottom_names, self.top_names[name])
         for k, (key, grad) in enumerate(zip(step.bottom_keys, grads, strict=True)):
             if grad is None or not (step.bottom_need_backward[k] or layer.writes_unpropagated_diffs):
                 continue

@@ -321,3 +321,24 @@ def test_a_batchnorm_head_takes_its_mean_first_where_it_dwarfs_the_spread(tmp_pa
     assert len(_net(tmp_path, "auto", text)._chains) == 1
     for k in ("bn", "ip"):
         np.testing.assert_allclose(got["auto"][k], got["off"][k], rtol=0, atol=1e-5 * np.abs(got["off"][k]).max())
+
+
+@pytest.mark.parametrize("mean, var, eps", [(3e38, 1.0, 1e-5), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0)])
+def test_a_batchnorm_head_with_infinite_terms_gives_the_unfolded_values(tmp_path, mean, var, eps):
+    """A mean of inf (3e38 / a factor of 0.5) made the folded shift inf - inf = NaN, and eps 0 with variance 0
+    made 0 * inf = NaN, where Caffe and the unfolded layers give +-inf."""
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 2 dim: 2 } } }\n'
+            f'layer {{ name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param {{ eps: {eps} }} }}\n'
+            'layer { name: "scale" type: "Scale" bottom: "bn" top: "bn" scale_param { bias_term: true } }\n')
+    x = np.random.default_rng(2).normal(size=(2, 3, 2, 2)).astype(np.float32)
+    got = {}
+    for fold in ("auto", "off"):
+        net = _net(tmp_path, fold, text)
+        net.params["bn"][0].data[...] = mean
+        net.params["bn"][1].data[...] = var
+        net.params["bn"][2].data[...] = 0.5
+        got[fold] = net.forward(data=x)["bn"].copy()
+    np.testing.assert_array_equal(np.isnan(got["auto"]), np.isnan(got["off"]))
+    np.testing.assert_array_equal(np.isinf(got["auto"]), np.isinf(got["off"]))
+    finite = np.isfinite(got["off"])
+    np.testing.assert_allclose(got["auto"][finite], got["off"][finite], rtol=1e-5, atol=1e-5)

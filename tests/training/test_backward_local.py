@@ -209,3 +209,25 @@ def test_backward_from_a_layer_whose_top_is_read_twice_starts_from_the_diff_give
     twice, once = net_with_readers(["a", "b"]), net_with_readers(["a"])
     assert np.abs(once).max() > 0
     np.testing.assert_array_equal(twice, once)
+
+
+def test_blobs_keep_diffs_of_their_own_through_an_eltwise_sum(tmp_path):
+    """Eltwise SUM passes its top diff to both bottoms; handed on as one array, the three blobs shared their diff
+    memory, so writing c2's diff (then backward(start='c2')) rewrote c1's and the sum's too. Caffe copies."""
+    from amct_caffe.runtime import TRAIN, Net  # noqa: PLC0415
+
+    path = tmp_path / "sum.prototxt"
+    path.write_text(
+        'force_backward: true\n'
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }\n'
+        'layer { name: "c1" type: "Power" bottom: "data" top: "c1" power_param { scale: 2 } }\n'
+        'layer { name: "c2" type: "Power" bottom: "data" top: "c2" power_param { scale: 3 } }\n'
+        'layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "c2" top: "sum" }\n')
+    net = Net(str(path), TRAIN)
+    net.forward(data=np.ones((1, 1, 2, 2), np.float32))
+    net.backward(sum=np.ones((1, 1, 2, 2), np.float32))
+    net.blobs["c2"].diff[...] = 7
+    np.testing.assert_array_equal(net.blobs["c1"].diff, 1)
+    np.testing.assert_array_equal(net.blobs["sum"].diff, 1)
+    net.backward(start="c2")
+    np.testing.assert_array_equal(net.blobs["data"].diff, 21 + 2)  # c2's 3 * 7, and c1's 2 * 1 from its split
