@@ -202,14 +202,18 @@ layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 64 dim: 1000
 layer { name: "prob" type: "Softmax" bottom: "x" top: "prob" }
 layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 3 dim: 5 dim: 37 } } }
 layer { name: "last" type: "Softmax" bottom: "t" top: "last" softmax_param { axis: -1 } }
+layer { name: "w" type: "Input" top: "w" input_param { shape { dim: 3 dim: 12000 } } }
+layer { name: "wide" type: "Softmax" bottom: "w" top: "wide" }
 """
 
 
 def test_softmax_over_a_last_axis_sums_as_caffes_gemv(tmp_path):
     """A classifier's (N, 1000) softmax: Caffe sums each row by sgemv, in its kernel's order, where NumPy's
-    pairwise sum put about a third of the sums an ulp away. Bit for bit where the two OpenBLAS builds round
-    alike (the rest of this file's cores)."""
+    pairwise sum put about a third of the sums an ulp away. Over 9,216 classes or more Caffe's threaded OpenBLAS
+    sums each row in two halves (every value of a 12,000-class softmax was off). Bit for bit where the two
+    OpenBLAS builds round alike (the rest of this file's cores)."""
     feed = ("feed = dict(x=(rng.standard_normal((64, 1000)) * 4).astype(np.float32),\n"
-            "            t=(rng.standard_normal((3, 5, 37)) * 4).astype(np.float32))")
-    got = _differing_bits(tmp_path, SOFTMAX_NET, feed, ("prob", "last"))
-    assert got == ["prob:0", "last:0"], got
+            "            t=(rng.standard_normal((3, 5, 37)) * 4).astype(np.float32),\n"
+            "            w=(rng.standard_normal((3, 12000)) * 3).astype(np.float32))")
+    got = _differing_bits(tmp_path, SOFTMAX_NET, feed, ("prob", "last", "wide"))
+    assert got == ["prob:0", "last:0", "wide:0"], got

@@ -134,10 +134,10 @@ def test_long_axis_with_nothing_after_it_sums_by_caffes_gemv(monkeypatch):
     x = _order_sensitive((6, 40), 1, rng)
     assert not softmax.sequential_sum(40, 1)
     e = softmax.expf(x - x.max(axis=1, keepdims=True))
-    sums = softmax.row_sums_as_gemv(e)
+    sums = softmax.row_sums_as_gemv(e, softmax.gemm_config().threads)
     if sums is not None:
         np.testing.assert_array_equal(Softmax(x, axis=1).view(np.uint32), (e / sums[:, None]).view(np.uint32))
-    monkeypatch.setattr(softmax, "row_sums_as_gemv", lambda rows: None)
+    monkeypatch.setattr(softmax, "row_sums_as_gemv", lambda rows, threads: None)
     got = Softmax(x, axis=1)
     np.testing.assert_array_equal(got.view(np.uint32), (e / e.sum(axis=1, keepdims=True)).view(np.uint32))
     sequential = e[:, :1].copy()
@@ -173,8 +173,8 @@ def test_row_sums_from_cpp_are_the_ctypes_calls_sums(monkeypatch):
     rng = np.random.default_rng(4)
     for channels in (8, 9, 16, 21, 33, 64, 1000):
         rows = rng.standard_normal((257, channels)).astype(np.float32) ** 2
-        fast = cblas.row_sums_as_gemv(rows)
+        fast = cblas.row_sums_as_gemv(rows, 2)
         monkeypatch.setattr(cblas, "ROW_SUMS_KERNEL", None)
-        slow = cblas.row_sums_as_gemv(rows)
+        slow = cblas.row_sums_as_gemv(rows, 2)
         monkeypatch.undo()
         np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))

@@ -9,13 +9,8 @@ round otherwise: about 1e-7 of a channel's values, which on a deep net flips a R
 moves its gradients by up to 1e-2..0.5 relative. Here each call is Caffe's, in Caffe's order, through
 :mod:`.cblas`; ``caffe_powx`` is glibc's powf (:mod:`.libm_float`).
 
-Caffe's OpenBLAS threads an sgemv of at least 2304 * 4 values by giving each thread a contiguous range of
-the outputs (at least 4 wide), and the kernel's column grouping restarts at each range; where that leaves a
-thread idle (a sum over the batch of four channels or fewer), its column-major NoTrans kernel splits the summed
-axis instead and adds the threads' partial sums in turn. With
-:attr:`caffe_gemm.GemmConfig.threads` above 1 (Caffe's BLAS taken to be multi-threaded, as for its GEMMs) the
-calls are split as its ``gemv_thread.c`` splits them. numpy's OpenBLAS gives the same bytes on any thread
-count, so the result does not depend on this process's.
+The sgemv calls are split as Caffe's multi-threaded OpenBLAS splits them (:func:`.cblas.caffe_cpu_gemv`), so
+the result does not depend on this process's thread count.
 
 Checked against real Caffe (one BatchNorm in TRAIN, 2-D / 4-D / 5-D inputs, N = 1, 1x1 maps, channel means
 up to 1e6 times their spread): top, the three blobs and the bottom diff bit for bit in 560 of 560 cases with
@@ -31,14 +26,17 @@ from amct_caffe.runtime.layers import caffe_gemm, cblas
 from amct_caffe.runtime.layers.libm_float import powf
 
 _F32 = np.float32
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_THREADED_GEMV = 2304 * 4  # OpenBLAS 0.3.x interface/gemv.c: m * n values from which a call is threaded
-_PARTIALS = 1024  # gemv_thread.c's buffer of per-thread partial outputs (Y_DUMMY_NUM)
+_ROW_MAJOR, _NO_TRANS = cblas._ROW_MAJOR, cblas._NO_TRANS  # noqa: SLF001 - the CBLAS enums cblas.py calls with
+
+
+def gemv(trans: bool, m: int, n: int, alpha: float, a: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """``caffe_cpu_gemv`` on the thread count Caffe's GEMMs are taken to run on (caffe_gemm.py)."""
+    cblas.caffe_cpu_gemv(trans, m, n, alpha, a, x, y, caffe_gemm.gemm_config().threads)
 
 
 def _routines():
-    return (cblas._cblas("sgemv", "eeiifpipifpi"), cblas._cblas("sgemm", "eeeiiifpipifpi"),
-            cblas._cblas("sscal", "ifpi"), cblas._cblas("saxpy", "ifpipi"))
+    return (cblas._cblas("sgemv", "eeiifpipifpi"), cblas._cblas("sgemm", "eeeiiifpipifpi"),  # noqa: SLF001
+            cblas._cblas("sscal", "ifpi"), cblas._cblas("saxpy", "ifpipi"))  # noqa: SLF001
 
 
 def available() -> bool:
@@ -48,45 +46,6 @@ def available() -> bool:
 
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
-
-
-def _output_ranges(outputs: int, threads: int) -> list[tuple[int, int]]:
-    """The contiguous output ranges gemv_thread.c gives ``threads`` threads: each ceil(rest / threads left)
-    wide, at least 4."""
-    ranges, start, rest, used = [], 0, outputs, 0
-    while rest > 0:
-        width = -(-rest // (threads - used)) if threads > used else rest
-        width = min(max(width, 4), rest)
-        ranges.append((start, start + width))
-        start, rest, used = start + width, rest - width, used + 1
-    return ranges
-
-
-def gemv(trans: bool, m: int, n: int, alpha: float, a: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    """``caffe_cpu_gemv(trans, m, n, alpha, a, x, 0, y)``: y = alpha * op(A) x for A (m, n) row-major."""
-    fn = _routines()[0]
-    alpha = float(_F32(alpha))
-    threads = caffe_gemm.gemm_config().threads
-    if threads <= 1 or m * n < _THREADED_GEMV:
-        fn(_ROW_MAJOR, _TRANS if trans else _NO_TRANS, m, n, alpha, _ptr(a), n, _ptr(x), 1, 0.0, _ptr(y), 1)
-        return
-    ranges = _output_ranges(n if trans else m, threads)
-    if trans and len(ranges) < threads and m * n > _THREADED_GEMV and n * threads <= _PARTIALS:
-        # Fewer output ranges than threads (a few channels): OpenBLAS's column-major gemv_n (our row-major Trans)
-        # splits the summed axis instead, each thread's partial sums into a zeroed buffer, added into y in order
-        y[...] = 0
-        for lo, hi in _output_ranges(m, threads):  # y += A[lo:hi, :]^T x[lo:hi]
-            part = np.zeros(n, _F32)
-            fn(_ROW_MAJOR, _TRANS, hi - lo, n, alpha, _ptr(a) + 4 * lo * n, n, _ptr(x) + 4 * lo, 1, 0.0,
-               _ptr(part), 1)
-            y += part
-        return
-    for lo, hi in ranges:  # one kernel call per thread's range
-        if trans:  # y[lo:hi] = A[:, lo:hi]^T x
-            fn(_ROW_MAJOR, _TRANS, m, hi - lo, alpha, _ptr(a) + 4 * lo, n, _ptr(x), 1, 0.0, _ptr(y) + 4 * lo, 1)
-        else:      # y[lo:hi] = A[lo:hi, :] x
-            fn(_ROW_MAJOR, _NO_TRANS, hi - lo, n, alpha, _ptr(a) + 4 * lo * n, n, _ptr(x), 1, 0.0,
-               _ptr(y) + 4 * lo, 1)
 
 
 def _gemm_k1(m: int, n: int, alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray) -> None:

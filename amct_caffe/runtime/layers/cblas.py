@@ -93,22 +93,70 @@ def single_row_sgemm(a: np.ndarray, b: np.ndarray, trans_b: bool, out: np.ndarra
     return y
 
 
-def row_sums_as_gemv(rows: np.ndarray) -> np.ndarray | None:
+# OpenBLAS 0.3.x threads an sgemv of at least this many values (interface/gemv.c: 2304 * GEMM_MULTITHREAD_THRESHOLD)
+THREADED_GEMV = 2304 * 4
+_PARTIALS = 1024  # gemv_thread.c's buffer of per-thread partial outputs (Y_DUMMY_NUM)
+
+
+def _output_ranges(outputs: int, threads: int) -> list[tuple[int, int]]:
+    """The contiguous ranges gemv_thread.c gives ``threads`` threads: each ceil(rest / threads left) wide, at
+    least 4."""
+    ranges, start, rest, used = [], 0, outputs, 0
+    while rest > 0:
+        width = -(-rest // (threads - used)) if threads > used else rest
+        width = min(max(width, 4), rest)
+        ranges.append((start, start + width))
+        start, rest, used = start + width, rest - width, used + 1
+    return ranges
+
+
+def caffe_cpu_gemv(trans: bool, m: int, n: int, alpha: float, a: np.ndarray, x: np.ndarray, y: np.ndarray,
+                   threads: int) -> None:
+    """Caffe's ``caffe_cpu_gemv(trans, m, n, alpha, a, x, 0, y)``: y = alpha * op(A) x for A (m, n) row-major,
+    float32 C arrays, as Caffe's OpenBLAS sums it on ``threads`` threads (``caffe_gemm.GemmConfig.threads``).
+
+    A call of at least :data:`THREADED_GEMV` values is threaded: each thread takes a contiguous range of the
+    outputs (at least 4 wide), and the kernel's column grouping restarts at each range; where that leaves a
+    thread idle (few outputs: a sum over the batch of four channels, one row's sum), its column-major NoTrans
+    kernel (our row-major Trans) splits the summed axis instead, each thread's partial sums into a zeroed buffer,
+    added into y in turn. numpy's OpenBLAS gives the same bytes on any thread count of its own, so the splits are
+    made here, call by call."""
+    fn, ptr = _cblas("sgemv", "eeiifpipifpi"), (lambda arr: arr.ctypes.data)
+    alpha = float(np.float32(alpha))
+    if threads <= 1 or m * n < THREADED_GEMV:
+        fn(_ROW_MAJOR, _TRANS if trans else _NO_TRANS, m, n, alpha, ptr(a), n, ptr(x), 1, 0.0, ptr(y), 1)
+        return
+    ranges = _output_ranges(n if trans else m, threads)
+    if trans and len(ranges) < threads and m * n > THREADED_GEMV and n * threads <= _PARTIALS:
+        y[...] = 0
+        for lo, hi in _output_ranges(m, threads):  # y += A[lo:hi, :]^T x[lo:hi]
+            part = np.zeros(n, np.float32)
+            fn(_ROW_MAJOR, _TRANS, hi - lo, n, alpha, ptr(a) + 4 * lo * n, n, ptr(x) + 4 * lo, 1, 0.0, ptr(part), 1)
+            y += part
+        return
+    for lo, hi in ranges:  # one kernel call per thread's range
+        if trans:  # y[lo:hi] = A[:, lo:hi]^T x
+            fn(_ROW_MAJOR, _TRANS, m, hi - lo, alpha, ptr(a) + 4 * lo, n, ptr(x), 1, 0.0, ptr(y) + 4 * lo, 1)
+        else:      # y[lo:hi] = A[lo:hi, :] x
+            fn(_ROW_MAJOR, _NO_TRANS, hi - lo, n, alpha, ptr(a) + 4 * lo * n, n, ptr(x), 1, 0.0, ptr(y) + 4 * lo, 1)
+
+
+def row_sums_as_gemv(rows: np.ndarray, threads: int) -> np.ndarray | None:
     """Each row's sum as Caffe's Softmax takes it over an axis with nothing after it:
-    ``cblas_sgemv(RowMajor, Trans, channels, 1, 1, row, 1, ones, 1, 0, y, 1)`` per row (the kernel's own
-    order, not the values in turn); ``rows`` (outer, channels) float32. None where the call cannot be made."""
+    ``caffe_cpu_gemv(Trans, channels, 1, 1, row, ones, 0, y)`` per row (the kernel's own order, not the values
+    in turn; over :data:`THREADED_GEMV` classes or more on ``threads`` > 1, partial sums); ``rows`` (outer,
+    channels) float32. None where the call cannot be made."""
     fn = _cblas("sgemv", "eeiifpipifpi")
     if fn is None or rows.ndim != 2 or rows.dtype != np.float32:
         return None
     rows = np.ascontiguousarray(rows)
     outer, channels = rows.shape
-    if ROW_SUMS_KERNEL is not None:  # the same calls from C++ (SSD's 8,732 rows of 21 classes: 30 ms -> 1 ms)
+    sums = np.zeros(outer, np.float32)
+    ones = np.ones(channels, np.float32)
+    if channels < THREADED_GEMV and ROW_SUMS_KERNEL is not None:  # the calls from C++ (SSD's 8,732 rows: 30 -> 1 ms)
         import ctypes
 
         return ROW_SUMS_KERNEL(rows, ctypes.cast(fn, ctypes.c_void_p).value, _ilp64["sgemv"])
-    ones = np.ones(channels, np.float32)
-    sums = np.zeros(outer, np.float32)
-    base, step, out = rows.ctypes.data, channels * 4, sums.ctypes.data
     for i in range(outer):
-        fn(_ROW_MAJOR, _TRANS, channels, 1, 1.0, base + i * step, 1, ones.ctypes.data, 1, 0.0, out + 4 * i, 1)
+        caffe_cpu_gemv(True, channels, 1, 1.0, rows[i], ones, sums[i:i + 1], threads)
     return sums

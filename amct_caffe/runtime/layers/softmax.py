@@ -28,6 +28,7 @@ import numpy as np
 from amct_caffe.ops import register
 from amct_caffe.runtime import threads
 from amct_caffe.runtime.layer import Layer, canonical_axis
+from amct_caffe.runtime.layers.caffe_gemm import gemm_config
 from amct_caffe.runtime.layers.cblas import row_sums_as_gemv
 from amct_caffe.runtime.layers.libm_float import expf
 
@@ -67,7 +68,7 @@ def Softmax(x, *, axis=1, gemv_sums=True):  # noqa: N802 - Caffe type name
         # nothing after the axis (a classifier's (N, 1000)): Caffe's gemv sums each row in its kernel's order
         rows = x.reshape(-1, x.shape[axis])
         e = expf(rows - rows.max(axis=1, keepdims=True))
-        sums = row_sums_as_gemv(e)
+        sums = row_sums_as_gemv(e, gemm_config().threads)
         if sums is not None:
             return (e / sums[:, None]).reshape(x.shape)
     return softmax_reference(x, axis=axis)
