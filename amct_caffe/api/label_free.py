@@ -88,7 +88,8 @@ from tqdm import tqdm
 
 from amct_caffe import log, ops
 from amct_caffe.api.calibration import create_quant_config, save_model
-from amct_caffe.api.label_free_data import Feed, batch_of, fp32_samples
+from amct_caffe.api.compare import batch_samples
+from amct_caffe.api.label_free_data import Feed, fp32_samples
 from amct_caffe.api.label_free_equalize import equalize as equalize_ranges
 from amct_caffe.api.label_free_rounding import any_batch, round_weights
 from amct_caffe.api.label_free_save import save_trained, with_data_only_quant
@@ -455,9 +456,9 @@ def label_free_retrain(model_file, weights_file, data, save_path, *, iterations:
     with reading(model_file=model_file, weights_file=weights_file):
         check_saved_outputs(save_path)  # refused before any work; the save checks again, knowing only its inputs
         feeds = given_feeds(data, model_file, "label_free_retrain", preprocess=preprocess)
-        model_batch = batch_of(feeds[0])
+        model_batch = batch_samples(feeds[0])
         batch = batch_size or model_batch
-        samples = sum(batch_of(f) for f in feeds)
+        samples = sum(batch_samples(f) for f in feeds)
         if batch > samples:
             raise AmctError(f"batch size {batch} is larger than the {samples} sample(s) of the data")
         iterations = iterations or max(MIN_ITERATIONS, math.ceil(DEFAULT_EPOCHS * samples / batch))

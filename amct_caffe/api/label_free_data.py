@@ -13,11 +13,6 @@ from amct_caffe.runtime import TEST, Net
 Feed = dict[str, np.ndarray]
 
 
-def batch_of(feed: Feed) -> int:
-    """How many samples a batch holds, as the accuracy report counts them (:func:`.compare.batch_samples`)."""
-    return batch_samples(feed)
-
-
 def fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
     """(inputs, FP32 targets) each as {blob: (samples, ...) array}; the targets are the float
     graph's outputs or the blobs that stand for them (label_free module doc, step 2)."""
@@ -30,7 +25,7 @@ def fp32_samples(graph: Graph, feeds: list[Feed], bar) -> tuple[dict, dict]:
     inputs: dict[str, list] = {}
     outputs: dict[str, list] = {}
     for feed in feeds:
-        n = batch_of(feed)
+        n = batch_samples(feed)
         net.forward(**feed)
         for name, value in feed.items():
             value = np.asarray(value, np.float32)
