@@ -157,6 +157,14 @@ sys.exit(main())
 '''
 
 
+def _before_calibrate(setup: str, body: str) -> str:
+    """A hook running ``body`` (lines) as the command's calibration starts, after ``setup`` (module lines)."""
+    lines = "".join(f"    {line}\n" for line in body.splitlines())
+    return (f"{setup}import amct_caffe.api.workflow as wf\nreal = wf.calibrate\ndef calibrate(*a, **k):\n{lines}"
+            "    return real(*a, **k)\nwf.calibrate = calibrate\n"
+            "import amct_caffe.cli.calibrate as c; c.calibrate = calibrate\n")
+
+
 def _hooked(tmp_path, hook: str, args: list[str], **env) -> subprocess.CompletedProcess:
     code = _HOOKED.replace("HOOK", hook).replace("ARGS", repr(args))
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True,
@@ -187,14 +195,8 @@ def test_a_signal_dropped_in_a_finalizer_still_ends_the_command(tmp_path):
     Ctrl-C landing there let the run go on to the end with the signals ignored (no second Ctrl-C could stop a
     long run), printing that traceback. It is delivered again after the callback: the run stops there, quietly,
     and nothing is written."""
-    hook = ("import weakref, amct_caffe.api.workflow as wf\n"
-            "real = wf.calibrate\n"
-            "class Token: pass\n"
-            "def calibrate(*a, **k):\n"
-            "    t = Token(); r = weakref.ref(t, lambda _: signal.raise_signal(signal.SIGINT)); del t\n"
-            "    return real(*a, **k)\n"
-            "wf.calibrate = calibrate\n"
-            "import amct_caffe.cli.calibrate as c; c.calibrate = calibrate\n")
+    hook = _before_calibrate("import weakref\nclass Token: pass\n",
+                             "t = Token(); r = weakref.ref(t, lambda _: signal.raise_signal(signal.SIGINT)); del t")
     out = tmp_path / "out"
     res = _hooked(tmp_path, hook, _calibrate_lenet(out))
     assert res.returncode == 130, res.stderr
@@ -257,15 +259,9 @@ def test_a_signal_as_a_temporary_folder_is_removed_leaves_nothing(tmp_path, sig,
 def test_ctrl_c_and_sigterm_together_end_as_the_first(tmp_path):
     """Both pending at once: the SIGINT handler's own signal.signal call ran the SIGTERM handler inside it, which
     raised first, so a Ctrl-C followed at once by a SIGTERM reported SIGTERM (143)."""
-    hook = ("import amct_caffe.api.workflow as wf\n"
-            "real = wf.calibrate\n"
-            "def calibrate(*a, **k):\n"
-            "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
-            "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})\n"
-            "    return real(*a, **k)\n"
-            "wf.calibrate = calibrate\n"
-            "import amct_caffe.cli.calibrate as c; c.calibrate = calibrate\n")
+    hook = _before_calibrate("", "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
+                                 "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
+                                 "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})")
     out = tmp_path / "out"
     res = _hooked(tmp_path, hook, _calibrate_lenet(out))
     assert res.returncode == 130, res.stderr
