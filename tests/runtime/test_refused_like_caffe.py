@@ -7,6 +7,8 @@ NumPy or protobuf exception.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from amct_caffe.errors import AmctError
@@ -43,11 +45,23 @@ def test_a_sparse_gaussian_keeps_about_sparse_in_num_outputs_of_the_weights(tmp_
     assert 0.17 < (w != 0).mean() < 0.23  # 10 / 50 of 20,000 weights
 
 
-def test_a_priorbox_step_of_zero_is_refused(tmp_path):
+@pytest.mark.parametrize("fields, message", [
+    ("step: 0", "step must be > 0, got 0"),
+    ("img_size: 0", "img_size must be > 0, got 0"),
+    # prior_box_layer.cpp checks img_h and img_w (step_h and step_w) both as soon as either is set: one
+    # alone is refused there, where taking the other from the image would silently drop the one given
+    ("img_h: 20", "img_h and img_w go together and must be > 0, got img_w unset"),
+    ("img_w: 30", "img_h and img_w go together and must be > 0, got img_h unset"),
+    ("img_h: 0 img_w: 30", "img_h and img_w go together and must be > 0, got img_h 0"),
+    ("step_h: 3", "step_h and step_w go together and must be > 0, got step_w unset"),
+    ("step_w: 5 step_h: -1", "step_h and step_w go together and must be > 0, got step_h -1"),
+    ("img_size: 30 img_h: 20 img_w: 20", "give img_size or img_h/img_w, not both"),
+])
+def test_priorbox_image_size_and_step_settings_caffe_refuses_are_refused(tmp_path, fields, message):
     path = tmp_path / "net.prototxt"
     path.write_text(X + X.replace('"x"', '"img"') + 'layer { name: "p" type: "PriorBox" bottom: "x" bottom: "img" '
-                    'top: "p" prior_box_param { min_size: 2 step: 0 } }\n')
-    with pytest.raises(AmctError, match=r"layer 'p' \(PriorBox\): a step given must be > 0"):
+                    f'top: "p" prior_box_param {{ min_size: 2 {fields} }} }}\n')
+    with pytest.raises(AmctError, match=r"layer 'p' \(PriorBox\): " + re.escape(message)):
         Net(str(path), TEST)
 
 

@@ -63,6 +63,23 @@ def prior_sizes(min_size=(), max_size=(), aspect_ratio=(), flip=True) -> np.ndar
     return np.array(sizes, f32)
 
 
+def check_image_and_step(*, img_size=None, img_h=None, img_w=None, step=None, step_h=None, step_w=None, **_) -> None:
+    """PriorBox's LayerSetUp checks (prior_box_layer.cpp): img_size or img_h / img_w, not both; img_h with
+    img_w, step_h with step_w, each given value > 0. ValueError naming the fields otherwise."""
+    for one, pair in (("img_size", (("img_h", img_h), ("img_w", img_w))),
+                      ("step", (("step_h", step_h), ("step_w", step_w)))):
+        single = img_size if one == "img_size" else step
+        if any(v is not None for _, v in pair):
+            if single is not None:
+                raise ValueError(f"give {one} or {pair[0][0]}/{pair[1][0]}, not both")
+            for name, v in pair:
+                if v is None or not v > 0:
+                    raise ValueError(f"{pair[0][0]} and {pair[1][0]} go together and must be > 0, got {name} "
+                                     f"{'unset' if v is None else v}")
+        elif single is not None and not single > 0:
+            raise ValueError(f"{one} must be > 0, got {single}")
+
+
 def PriorBox(feature, image, *, min_size=(), max_size=(), aspect_ratio=(), flip=True, clip=True,  # noqa: N802
              variance=(), img_size=None, img_h=None, img_w=None, step=None, step_h=None, step_w=None,
              offset=0.5):
@@ -78,19 +95,16 @@ def PriorBox(feature, image, *, min_size=(), max_size=(), aspect_ratio=(), flip=
     sizes = prior_sizes(min_size, max_size, aspect_ratio, flip)
     if len(variance) not in (0, 1, 4) or any(v <= 0 for v in variance):
         raise ValueError("give 1 or 4 positive variances")
-    if (img_h is not None or img_w is not None) and img_size is not None:
-        raise ValueError("give img_size or img_h/img_w, not both")
-    if (step_h is not None or step_w is not None) and step is not None:
-        raise ValueError("give step or step_h/step_w, not both")
-    if any(v is not None and not v > 0 for v in (step, step_h, step_w)):  # (prior_box_layer.cpp: CHECK_GT)
-        raise ValueError(f"a step given must be > 0, got step {step}, step_h {step_h}, step_w {step_w}")
+    check_image_and_step(img_size=img_size, img_h=img_h, img_w=img_w, step=step, step_h=step_h, step_w=step_w)
     lh, lw = _hw(np.shape(feature))
-    ih, iw = (img_h or 0, img_w or 0) if img_h is not None or img_w is not None else (img_size or 0,) * 2
-    if ih == 0 or iw == 0:
-        ih, iw = _hw(np.shape(image))
-    sh, sw = (step_h or 0, step_w or 0) if step_h is not None or step_w is not None else (step or 0,) * 2
-    if sh == 0 or sw == 0:
-        sh, sw = f32(ih) / f32(lh), f32(iw) / f32(lw)
+    if img_h is not None or img_w is not None:
+        ih, iw = img_h, img_w
+    else:
+        ih, iw = (img_size,) * 2 if img_size is not None else _hw(np.shape(image))
+    if step_h is not None or step_w is not None:
+        sh, sw = step_h, step_w
+    else:
+        sh, sw = (step,) * 2 if step is not None else (f32(ih) / f32(lh), f32(iw) / f32(lw))
     cx = ((np.arange(lw, dtype=f32) + f32(offset)) * f32(sw)).astype(f64)[None, :, None]
     cy = ((np.arange(lh, dtype=f32) + f32(offset)) * f32(sh)).astype(f64)[:, None, None]
     hw, hh = sizes[:, 0].astype(f64) / 2, sizes[:, 1].astype(f64) / 2
@@ -422,9 +436,10 @@ class PriorBoxLayer(OpLayer):
 
     def reshape(self, bottom_shapes):
         h, w = _hw(bottom_shapes[0])
-        steps = [self._kw[k] for k in ("step", "step_h", "step_w") if self._kw.get(k) is not None]
-        if any(not v > 0 for v in steps):  # prior_box_layer.cpp's LayerSetUp: CHECK_GT(step, 0)
-            raise GraphError(f"layer '{self.name}' (PriorBox): a step given must be > 0, got {steps}")
+        try:  # prior_box_layer.cpp's LayerSetUp checks, before any forward
+            check_image_and_step(**self._kw)
+        except ValueError as e:
+            raise GraphError(f"layer '{self.name}' (PriorBox): {e}") from None
         return [(1, 2, h * w * self._num_priors() * 4)]
 
     def _num_priors(self) -> int:
