@@ -248,6 +248,23 @@ def in_channels(type_name: str, layer_param, weight_shape) -> int | None:
     return int(weight_shape[1]) * max(int(layer_param.convolution_param.group), 1)
 
 
+
+def off_channel_axis(type_name: str, layer_param, bottom_rank: int | None = None) -> str | None:
+    """Why a (de)convolution's output channels are not on axis 1, or None if they are.
+
+    ``convolution_param.axis`` (default 1) names the channel axis; the quantization layers (the DeQuant's
+    per-channel factors, IFMR's ``(N, C, ...)``) and the BatchNorm / Scale fusion work along axis 1, so a
+    convolution on any other axis (e.g. 2 on a 5-D blob of several 3-D volumes) is neither quantized nor fused.
+    A negative axis counts from the end of the bottom's ``bottom_rank`` axes; with the rank unknown only
+    axis 1 passes."""
+    if type_name not in ("Convolution", "Deconvolution", DEPTHWISE) or layer_param is None:
+        return None
+    axis = int(layer_param.convolution_param.axis)
+    if (axis + bottom_rank if axis < 0 and bottom_rank else axis) == 1:
+        return None
+    return (f"its convolution_param.axis is {axis}, so its output channels are not axis 1, which quantization "
+            "and fusion work along")
+
 # ------------------------------------------------------------------ recurrent layers
 @dataclass(frozen=True)
 class RecurrentLayout:

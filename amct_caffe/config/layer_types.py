@@ -104,13 +104,19 @@ def cannot_quantize_reason(node, graph=None) -> str | None:
     """Why a layer of a quantizable type still cannot be quantized, or None if it can.
 
     Scale and Bias have such limits (see the module doc), any layer reading a quantized input of
-    fewer than 2 axes, or a weighted one writing such an output (an InnerProduct on ``axis: 0``), and
-    a recurrent type without a quantized form; this is asked for every layer whose type is in the
+    fewer than 2 axes, or a weighted one writing such an output (an InnerProduct on ``axis: 0``), a
+    convolution whose channels are not axis 1 (:func:`ops.off_channel_axis`), and a recurrent type
+    without a quantized form; this is asked for every layer whose type is in the
     table.
     """
     row = ops.layer_type(node.type)
     if row.recurrent and row.quantizable and node.type not in ops.QUANTIZED_RECURRENT:
         return f"{node.type} has no quantized form yet; it stays float"
+    bottom = graph.blobs.get(node.bottoms[0]) if graph is not None and node.bottoms else None
+    off_axis = ops.off_channel_axis(node.type, node.layer_param,
+                                    None if bottom is None or bottom.shape is None else len(bottom.shape))
+    if off_axis is not None:
+        return off_axis
     if graph is not None:
         inputs = row.quant_inputs if row.quant_inputs is not None else range(len(node.bottoms))
         # the IFMR layer observing an input, and the DeQuant after a weighted layer, work along

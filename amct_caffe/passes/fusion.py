@@ -84,8 +84,8 @@ def _has_bias(node: Node) -> bool:
     return bool(param.bias_term) and len(node.params) > 1
 
 
-def target_problem(node: Node, skip: frozenset[str] | set[str] = frozenset()) -> str | None:
-    """Why ``node`` cannot receive a fusion (None if it can)."""
+def target_problem(node: Node, skip: frozenset[str] | set[str] = frozenset(), graph: Graph | None = None) -> str | None:
+    """Why ``node`` cannot receive a fusion (None if it can); ``graph`` gives its bottom's rank."""
     if weight_layout(node) is None:
         return f"type {node.type} is not one of {', '.join(ops.types_where('weighted'))}"
     if node.name in skip:
@@ -98,7 +98,9 @@ def target_problem(node: Node, skip: frozenset[str] | set[str] = frozenset()) ->
         return "it shares parameters with another layer (param { name })"
     if node.type == "InnerProduct" and int(node.layer_param.inner_product_param.axis) != 1:
         return "its inner_product_param.axis is not 1, so its outputs are not the channel axis"
-    return None
+    bottom = graph.blobs.get(node.bottoms[0]) if graph is not None else None
+    return ops.off_channel_axis(node.type, node.layer_param,
+                                None if bottom is None or bottom.shape is None else len(bottom.shape))
 
 
 def output_rank(node: Node) -> int | None:
@@ -192,7 +194,7 @@ def find_fusions(graph: Graph, skip_fusion_layers=()) -> list[Fusion]:
     for node in graph.nodes:
         if weight_layout(node) is None:
             continue
-        problem = target_problem(node, skip)
+        problem = target_problem(node, skip, graph)
         if problem:
             _LOG.debug("BN fusion: '%s' is not a fusion target: %s", node.name, problem)
             continue

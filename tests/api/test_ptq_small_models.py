@@ -336,3 +336,40 @@ def test_layers_sharing_weights_each_run_their_own_quantized_values(tmp_path, sh
     converted = amct.convert_model(str(proto), str(weights), str(tmp_path / "record.txt"), str(tmp_path / "conv/model"))
     for key in ("deploy_model", "deploy_weights", "fake_quant_model", "fake_quant_weights"):
         assert Path(converted[key]).read_bytes() == Path(paths[key]).read_bytes(), key
+
+
+@pytest.mark.parametrize("axis, quantized", [(2, False), (-4, True)])
+def test_a_convolution_whose_channels_are_not_axis_1_is_neither_fused_nor_quantized(tmp_path, axis, quantized):
+    """convolution_param.axis 2 on (N, V, C, H, W) convolves each of the V volumes' C channels: the BatchNorm
+    after it normalizes axis 1 (not the convolution's outputs) and the DeQuant's per-channel factors would
+    run along V. Such a layer stays float, its BatchNorm / Scale too, and the models compute what the float
+    one does; axis -4 on the same 5-D blob is axis 1 and is quantized as usual."""
+    shape = (2, 3, 3, 6, 6)  # V = C = num_output = 3, so wrong axes would not even fail on shapes
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 3 dim: 6 '
+            'dim: 6 } } }\n'
+            f'layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param {{ num_output: 3 '
+            f'kernel_size: 3 axis: {axis} weight_filler {{ type: "gaussian" std: 0.5 }} }} }}\n'
+            'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" batch_norm_param { use_global_stats: '
+            'true } }\n'
+            'layer { name: "sc" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }\n')
+    proto = tmp_path / "model.prototxt"
+    proto.write_text(text)
+    net = Net(str(proto), TEST)
+    rng = np.random.default_rng(0)
+    for blobs in net.params.values():
+        for b in blobs:
+            b.data[...] = rng.uniform(0.5, 2.0, b.data.shape)
+    net.params["bn"][2].data[...] = 1.0
+    weights = tmp_path / "model.caffemodel"
+    net.save(str(weights))
+    x = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    reference = net.forward(data=x[0])["conv"].copy()
+    graph, paths = quantize(tmp_path, proto, weights, x)
+    for kind in ("fake_quant", "deploy"):
+        saved = Net(paths[f"{kind}_model"], paths[f"{kind}_weights"], TEST)
+        kinds = [layer.type for layer in saved.layers]
+        assert ("BatchNorm" not in kinds) is quantized and ("Convolution" in kinds)
+        out = saved.forward(data=x[0])
+        y = out[next(iter(out))]
+        error = np.abs(y - reference).max() / np.abs(reference).max()
+        assert (error < 1e-6) is not quantized and error < 0.05, (kind, error)
