@@ -268,6 +268,6 @@ class EmptyBackward:
 def canonical_axis(axis: int, ndim: int, layer_name: str, field: str = "axis", where: str | None = None) -> int:
     """Caffe's Blob::CanonicalAxisIndex: negative axes count from the end; range-checked. The error names
     ``where`` (e.g. "layer 'x' (Scale)") if given, else the layer."""
-    if not -ndim <= axis < max(ndim, 1):
+    if not -ndim <= axis < ndim:  # a 0-D blob has no axis (Caffe: "axis 0 out of range for 0-D Blob")
         raise GraphError(f"{where or f'layer {layer_name!r}'}: {field} {axis} is out of range for a {ndim}-D blob")
     return axis + ndim if axis < 0 else axis

@@ -80,3 +80,20 @@ def test_an_infogain_source_that_cannot_be_read_is_named(tmp_path, content, mess
                     f'infogain_loss_param {{ source: "{source}" }} }}\n')
     with pytest.raises(AmctError, match=message):
         Net(str(path), TRAIN)
+
+
+@pytest.mark.parametrize("layer", [
+    'type: "Reduction" reduction_param { operation: SUMSQ }',
+    'type: "Flatten"',
+    'type: "Softmax"',
+    'type: "Concat"',
+])
+def test_a_layer_taking_an_axis_of_a_0d_blob_is_refused(tmp_path, layer):
+    """A Reduction over every axis gives a 0-D blob; Caffe's CanonicalAxisIndex aborts on any axis of it
+    ("axis 0 out of range for 0-D Blob"), where the executor had reduced it again as if it had one axis."""
+    path = tmp_path / "net.prototxt"
+    path.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                    'layer { name: "all" type: "Reduction" bottom: "x" top: "s" }\n'
+                    f'layer {{ name: "again" {layer} bottom: "s" top: "t" }}\n')
+    with pytest.raises(AmctError, match=r"'again'.*out of range for a 0-D blob"):
+        Net(str(path), TEST)

@@ -23,7 +23,7 @@ from amct_caffe.runtime.layer import Layer
 
 def check_axis(axis: int, ndim: int, what: str = "axis") -> int:
     """Caffe's CanonicalAxisIndex, raising ValueError."""
-    if not -ndim <= axis < max(ndim, 1):
+    if not -ndim <= axis < ndim:  # a 0-D blob has no axis (Caffe: "axis 0 out of range for 0-D Blob")
         raise ValueError(f"{what} {axis} is out of range for a {ndim}-D blob")
     return axis + ndim if axis < 0 else axis
 
