@@ -2,12 +2,15 @@
 
 A layer's ParamSpec naming a param no earlier layer named makes that layer its owner; a later layer naming
 it (a sharer) uses the owner's blob instead of its own: same shape (``share_mode`` STRICT) or same count
-(PERMISSIVE). The learnable list holds each blob once, with its ``lr_mult`` / ``decay_mult``: an owner's, or,
+(PERMISSIVE: the sharer sees the owner's memory in its own shape, :class:`SharedView`). The learnable list
+holds each blob once, with its ``lr_mult`` / ``decay_mult``: an owner's, or,
 where the owner gave none, the first sharer's that gives one (the owner's unset value counts as unset, not as
 its default 1); two that differ are refused, as Caffe aborts on "Shared param has mismatched lr_mult".
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from amct_caffe.errors import GraphError
 from amct_caffe.runtime.blob import Blob
@@ -61,12 +64,13 @@ class ParamSharing:
             owner_layer, owner_blob = owner
             strict = spec.share_mode == 0  # STRICT: same shape; PERMISSIVE: same count
             if (owner_blob.shape != blob.shape) if strict else (owner_blob.count != blob.count):
+                what = "shape" if strict else "count (share_mode PERMISSIVE)"
+                mine, theirs = (list(blob.shape), list(owner_blob.shape)) if strict else (blob.count, owner_blob.count)
                 raise GraphError(f"{self.source}: layer '{layer.name}' shares param '{spec.name}' of layer "
-                                 f"'{owner_layer}' but its shape {list(blob.shape)} differs from "
-                                 f"{list(owner_blob.shape)}")
+                                 f"'{owner_layer}' but its {what} {mine} differs from {theirs}")
             if loaded:
                 owner_blob.data.reshape(-1)[...] = blob.data.reshape(-1)
-            layer.blobs[k] = owner_blob
+            layer.blobs[k] = owner_blob if owner_blob.shape == blob.shape else SharedView(owner_blob, blob.shape)
 
     def _merge_mults(self, layer_name: str, spec) -> None:
         """A sharer's lr_mult / decay_mult (module doc)."""
@@ -85,6 +89,29 @@ class ParamSharing:
                 decay_mult, has_decay = value, True
         self.learnable[index] = (blob, lr_mult, decay_mult)
         self._given[spec.name] = (index, has_lr, has_decay)
+
+
+class SharedView(Blob):
+    """A PERMISSIVE sharer's blob: the owner's memory (data and diff) seen in the sharer's own shape, as Caffe's
+    ShareData / ShareDiff give a Blob of its own shape over the owner's memory (same count). Whatever replaces
+    the owner's arrays (a solver's update, another net's weights) shows here; an array written to this blob
+    becomes the owner's, reshaped to the owner's shape."""
+
+    __slots__ = ("_owner", "_view_shape")
+
+    def __init__(self, owner: Blob, shape) -> None:  # noqa: D107 - no Blob.__init__: the arrays are the owner's
+        self._owner, self._view_shape = owner, tuple(shape)
+
+    def _own_shape(self, value):
+        return None if value is None else value.reshape(self._view_shape)
+
+    def _to_owner(self, value):
+        return None if value is None else np.asarray(value).reshape(self._owner.shape)
+
+    _data = property(lambda self: self._own_shape(self._owner.data),
+                     lambda self, value: setattr(self._owner, "data", self._to_owner(value)))
+    _diff = property(lambda self: self._own_shape(self._owner._diff),  # noqa: SLF001 - None until a backward
+                     lambda self, value: setattr(self._owner, "diff", self._to_owner(value)))
 
 
 def share_trained_layers(layers, others: dict) -> None:

@@ -42,6 +42,14 @@ NET = (
 SHARED = ('layer { name: "ip1b" type: "InnerProduct" bottom: "data" top: "ip1b" param { name: "w1" } '
           'param { name: "b1" } inner_product_param { num_output: 3 } loss_weight: 0.25 }\n')
 
+# a 1x1 convolution sharing ip1's (3, 3) weight as (3, 3, 1, 1): share_mode PERMISSIVE (same count), each layer
+# seeing the one memory in its own shape
+PERMISSIVE = ('layer { name: "as4d" type: "Reshape" bottom: "data" top: "data4" reshape_param { shape { dim: 0 '
+              'dim: 3 dim: 1 dim: 1 } } }\n'
+              'layer { name: "conv1b" type: "Convolution" bottom: "data4" top: "conv1b" param { name: "w1" '
+              'share_mode: PERMISSIVE } param { name: "b1" } convolution_param { num_output: 3 kernel_size: 1 } '
+              'loss_weight: 0.25 }\n')
+
 BATCHNORM = ('layer { name: "bn" type: "BatchNorm" bottom: "ip1" top: "ip1" ' +
              "param { lr_mult: 0 decay_mult: 0 } " * 3 + "}\n")
 
@@ -62,6 +70,8 @@ CASES = {
                       {}),
     "sgd_shared": ('type: "SGD" base_lr: 0.05 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.01',
                    {"PARAM1": 'param { name: "w1" } param { name: "b1" }', "EXTRA": SHARED}),
+    "sgd_shared_permissive": ('type: "SGD" base_lr: 0.05 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.01',
+                              {"PARAM1": 'param { name: "w1" } param { name: "b1" }', "EXTRA": PERMISSIVE}),
     "nesterov_l1": ('type: "Nesterov" base_lr: 0.05 lr_policy: "step" gamma: 0.5 stepsize: 4 momentum: 0.9 '
                     'weight_decay: 0.05 regularization_type: "L1"', {}),
     "adagrad": ('type: "AdaGrad" base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.01 delta: 1e-6', {}),
