@@ -19,10 +19,10 @@ from amct_caffe.io.schema import caffe_pb
 from amct_caffe.io.upgrade import TEST, TRAIN, clear_batchnorm_param_specs, filter_phase, layer_included, upgrade_net
 
 __all__ = [
-    "TEST", "TRAIN", "array_to_blob", "atomic_output", "blob_shape", "blob_to_array", "clear_batchnorm_param_specs",
-    "conform_blob", "filter_phase", "layer_included", "load_model", "load_prototxt", "load_weights",
-    "net_to_caffemodel", "parse_prototxt_text", "read_caffemodel", "read_prototxt", "upgrade_net", "write_caffemodel",
-    "write_prototxt",
+    "TEST", "TRAIN", "Weights", "array_to_blob", "atomic_output", "blob_shape", "blob_to_array",
+    "clear_batchnorm_param_specs", "conform_blob", "filter_phase", "layer_blobs", "layer_included", "load_model",
+    "load_prototxt", "load_weights", "net_to_caffemodel", "parse_prototxt_text", "read_caffemodel", "read_prototxt",
+    "upgrade_net", "write_caffemodel", "write_prototxt",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -38,43 +38,68 @@ def load_prototxt(path, phase: int = TEST, filter_layers: bool = True, level: in
     return net
 
 
-def load_weights(path) -> "OrderedDict[str, list[np.ndarray]]":
+class Weights(OrderedDict):
+    """A caffemodel's weights: layer name -> its blobs as float32 arrays (file order). ``without_blobs`` names the
+    layers the file lists with no blob at all (every parameter-free layer Caffe saves; for a layer that has
+    parameters, Caffe's CopyTrainedLayersFrom aborts on "Incompatible number of blobs")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.without_blobs: set[str] = set()
+
+
+def load_weights(path, finite: bool = True) -> Weights:
     """Weights of a caffemodel: layer name -> its blobs as float32 arrays (file order).
 
-    A blob holding NaN or infinity is refused: such weights (a diverged training, a corrupt file)
-    cannot be quantized, and would otherwise fail much later, or silently, in the calibration.
+    With ``finite`` (the quantization flows), a blob holding NaN or infinity is refused: such weights (a
+    diverged training, a corrupt file) cannot be quantized, and would otherwise fail much later, or
+    silently, in the calibration; the executor's Net loads them with a warning, as Caffe loads them, and
+    computes with them.
     Two layers of one name (a layer a prototxt defines once per phase) give one entry: Caffe copies each
     in turn into the layer of that name, so the last one's blobs are those used; a warning says so where
     they differ.
     """
     net = read_caffemodel(path)
     upgrade_net(net, str(path))
-    weights: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+    weights = Weights()
     for layer in net.layer:
         if not len(layer.blobs):
+            weights.without_blobs.add(layer.name)
             continue
         arrays = []
         for i, b in enumerate(layer.blobs):
             where = f"{path}: layer '{layer.name}' blob {i}"
-            arrays.append(_finite(blob_to_array(b, where), where))
+            arr = blob_to_array(b, where)
+            arrays.append(_finite(arr, where, refuse=finite))
         earlier = weights.get(layer.name)
         if earlier is not None and not (len(earlier) == len(arrays) and all(
-                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(earlier, arrays, strict=True))):
+                a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+                for a, b in zip(earlier, arrays, strict=True))):
             _LOG.warning("%s: two layers named '%s' carry different weights; the last one's are used, as Caffe "
                          "copies both in turn", path, layer.name)
         weights[layer.name] = arrays
+    weights.without_blobs -= set(weights)  # a later entry of the name had blobs
     return weights
 
 
-def _finite(arr: np.ndarray, where: str) -> np.ndarray:
+def layer_blobs(weights, name: str) -> list[np.ndarray] | None:
+    """``name``'s blobs in ``weights``: its arrays, [] where the caffemodel lists the layer with no blob (a layer
+    with parameters is then refused, as Caffe's CopyTrainedLayersFrom refuses it), None where it does not
+    name the layer (its blobs come from its fillers, as in Caffe)."""
+    arrays = weights.get(name)
+    return [] if arrays is None and name in getattr(weights, "without_blobs", ()) else arrays
+
+def _finite(arr: np.ndarray, where: str, refuse: bool = True) -> np.ndarray:
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr)
         if bad.any():
             first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
-            raise WeightsError(f"{where} holds NaN/Inf: {int(bad.sum())} of its {arr.size} values, the first "
-                               f"{arr[first]} at index {list(first)} (a diverged training, or a corrupt file; values "
-                               "beyond float32's range read as Inf); quantization needs finite weights: fix or "
-                               "retrain the model")
+            what = (f"{where} holds NaN/Inf: {int(bad.sum())} of its {arr.size} values, the first {arr[first]} at "
+                    f"index {list(first)} (a diverged training, or a corrupt file; values beyond float32's range "
+                    "read as Inf)")
+            if refuse:
+                raise WeightsError(f"{what}; quantization needs finite weights: fix or retrain the model")
+            _LOG.warning("%s; computed with, as Caffe does (quantization refuses such weights)", what)
     return arr
 
 
@@ -94,18 +119,18 @@ def conform_blob(arr: np.ndarray, target_shape, where: str) -> np.ndarray:
                        "saved from the same network?")
 
 
-def load_model(model_file, weights_file=None, phase: int = TEST, level: int = 0, stages=()):
+def load_model(model_file, weights_file=None, phase: int = TEST, level: int = 0, stages=(), finite: bool = True):
     """Load a network definition and, optionally, its weights.
 
     Returns ``(net_param, weights)`` where weights maps layer name -> list of arrays and is
     empty without a weights file. Layers of the caffemodel that the (filtered) prototxt lacks
     are ignored with a log line, as Caffe does; shape checks happen where shapes are known
-    (the IR importer and the executor).
+    (the IR importer and the executor). ``finite``: as :func:`load_weights`.
     """
     net = load_prototxt(model_file, phase, level=level, stages=stages)
-    weights: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+    weights = Weights()
     if weights_file is not None:
-        weights = load_weights(weights_file)
+        weights = load_weights(weights_file, finite)
         names = {layer.name for layer in net.layer}
         extra = [n for n in weights if n not in names]
         if extra:

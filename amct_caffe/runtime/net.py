@@ -73,13 +73,13 @@ class Net(WholeSetCalls):
                 not all(isinstance(s, str) for s in stages):
             raise GraphError(f"Net: level must be an integer and stages strings, got {level!r} and {stages!r}")
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            net_param, loaded = io.load_model(model, weights, phase, level=int(level), stages=stages)
+            net_param, loaded = io.load_model(model, weights, phase, level=int(level), stages=stages, finite=False)
             io.clear_batchnorm_param_specs(net_param, str(model))  # as Caffe's reading of a net file
             self._source = str(model)
         else:  # an in-memory NetParameter (already upgraded and filtered)
             net_param, loaded = model, OrderedDict()
             if weights is not None:
-                loaded = weights if isinstance(weights, dict) else io.load_weights(weights)
+                loaded = weights if isinstance(weights, dict) else io.load_weights(weights, finite=False)
             self._source = "<NetParameter>"
         self._weights_file = str(weights) if weights is not None and not isinstance(weights, dict) else None
         self.net_param = net_param
@@ -162,7 +162,7 @@ class Net(WholeSetCalls):
                                      "layer produces")
                 available.pop(b, None)
             bottom_shapes = [shapes[b] for b in lp.bottom]
-            self._setup_params(layer, bottom_shapes, loaded.get(lp.name), have_weights)
+            self._setup_params(layer, bottom_shapes, io.layer_blobs(loaded, lp.name), have_weights)
             where = f"{self._source}: layer '{lp.name}' ({lp.type})"
             top_shapes = [check_top_shape(where, t, s) for t, s in zip(lp.top, layer.reshape(bottom_shapes),
                                                                          strict=False)]
@@ -227,7 +227,7 @@ class Net(WholeSetCalls):
         if arrays_given:
             if len(arrays) != len(shapes):
                 raise WeightsError(f"{where}: the caffemodel has {len(arrays)} blob(s) but the prototxt "
-                                   f"needs {len(shapes)}")
+                                   f"needs {len(shapes)} (Caffe: Incompatible number of blobs)")
             data = [io.conform_blob(a, s, f"{where} blob {i}")
                     for i, (a, s) in enumerate(zip(arrays, shapes, strict=True))]
         else:
@@ -528,11 +528,11 @@ class Net(WholeSetCalls):
 
     def copy_from(self, weights_file) -> None:
         """Load weights into this net (pycaffe's ``copy_from``); blobs are replaced as at construction."""
-        loaded = io.load_weights(weights_file)
+        loaded = io.load_weights(weights_file, finite=False)
         saved_source, self._weights_file = self._weights_file, str(weights_file)
         try:
             for i, layer in enumerate(self.layers):
-                arrays = loaded.get(layer.name)
+                arrays = io.layer_blobs(loaded, layer.name)
                 if arrays is None:
                     continue
                 bottom_shapes = [self.blobs[b].shape for b in self.bottom_names[layer.name]]

@@ -388,6 +388,8 @@ def mk_conv(b, deconv=False):
     x = b.pick(is4)
     if x is None:
         return False
+    if b.p(0.12):
+        return _conv_on_axis_2(b, x, deconv)
     n, c, h, w = b.shapes[x]
     groups = [g for g in range(1, c + 1) if c % g == 0]
     g = b.choice(groups) if b.p(0.4) else 1
@@ -408,7 +410,28 @@ def mk_conv(b, deconv=False):
         cp["group"] = g
     if b.p(0.3):
         cp["bias_term"] = False
+    if b.p(0.1):
+        cp["axis"] = -3  # the channel axis 1 of a 4-D blob, counted from the end
     t = b.top(x, (n, nout, oh, ow))
+    b.add("Deconvolution" if deconv else "Convolution", [x], [t], {"convolution_param": cp})
+    return True
+
+
+def _conv_on_axis_2(b, x, deconv: bool) -> bool:
+    """A 1-D (de)convolution of a 4-D blob (N, C, H, W) along W with ``axis: 2``: H is its channel axis and
+    (N, C) its images, so its output (N, C, O, W') has its channels on axis 2 (what reads axis 1 after it, a
+    BatchNorm, a DeQuant, must not take them for its own)."""
+    n, c, h, w = b.shapes[x]
+    g = b.choice([d for d in range(1, h + 1) if h % d == 0]) if b.p(0.3) else 1
+    nout = g * b.ri(1, max(1, 6 // g))
+    k, s, pad, d = b.ri(1, 4), b.choice([1, 1, 2]), b.choice([0, 0, 1]), b.choice([1, 1, 2])
+    ow = s * (w - 1) + d * (k - 1) + 1 - 2 * pad if deconv else conv_out(w, k, s, pad, d)
+    if not 1 <= ow <= 24:
+        return False
+    cp = {"num_output": nout, "kernel_size": k, "axis": _axis_field(b, 2, 4)}
+    cp.update({key: v for key, v, default in (("stride", s, 1), ("pad", pad, 0), ("dilation", d, 1), ("group", g, 1))
+               if v != default})
+    t = b.top(x, (n, c, nout, ow))
     b.add("Deconvolution" if deconv else "Convolution", [x], [t], {"convolution_param": cp})
     return True
 
@@ -1402,6 +1425,20 @@ REFUSED = [
     ("split_no_bottom", _net(_one("Split", "", bottoms=())), "bad"),
     ("softmax_two_tops", _net(_one("Softmax", "", tops=("a", "b"))), "bad"),
     ("flatten_axis_after_end_axis", _net(_one("Flatten", "flatten_param { axis: -2 end_axis: 0 }")), "bad"),
+    # a Reduction over every axis leaves a 0-D blob, which has no axis 0 to take
+    ("reduction_of_a_0d_blob", _net('layer { name: "all" type: "Reduction" bottom: "data" top: "s" }\n'
+                                    + _one("Reduction", "reduction_param { operation: SUMSQ }", bottoms=("s",))),
+     "bad"),
+    ("softmax_of_a_0d_blob", _net('layer { name: "all" type: "Reduction" bottom: "data" top: "s" }\n'
+                                  + _one("Softmax", "", bottoms=("s",))), "bad"),
+    # PriorBox's img_h / img_w and step_h / step_w go in pairs
+    ("priorbox_img_h_alone", _net(_one("PriorBox", "prior_box_param { min_size: 2 img_h: 20 }",
+                                       bottoms=("data", "image")), extra_inputs=[("image", (2, 3, 20, 20))]), "bad"),
+    ("priorbox_step_w_alone", _net(_one("PriorBox", "prior_box_param { min_size: 2 step_w: 4 }",
+                                        bottoms=("data", "image")), extra_inputs=[("image", (2, 3, 20, 20))]), "bad"),
+    ("priorbox_img_size_zero", _net(_one("PriorBox", "prior_box_param { min_size: 2 img_size: 0 }",
+                                         bottoms=("data", "image")), extra_inputs=[("image", (2, 3, 20, 20))]),
+     "bad"),
     # Caffe sets every layer up before the first forward: the Concat refused at setup is reported,
     # not the DetectionOutput before it, which aborts only in its forward (background_label_id -1
     # with share_location)

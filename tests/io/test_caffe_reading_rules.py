@@ -174,15 +174,43 @@ def _lenet_with_nan(tmp_path):
 
 
 @needs_models
-def test_nan_weights_are_refused_where_a_user_meets_them(tmp_path):
-    """io.load_model (behind the quantization API) and the executor's Net both refuse, by name."""
+def test_nan_weights_are_refused_by_quantization_and_run_by_the_executor(tmp_path, caplog):
+    """io.load_model (behind the quantization API) refuses, by name; the executor's Net loads the model, as
+    pycaffe does, with a warning naming the blob, and its outputs are NaN as Caffe's (a diverged model can
+    still be run to find the layer that went wrong)."""
+    import numpy as np
+
     from amct_caffe.api.session import load_float_graph
 
     path = _lenet_with_nan(tmp_path)
-    for load in (lambda: io.load_model(LENET, path), lambda: load_float_graph(LENET, path),
-                 lambda: Net(str(LENET), str(path), TEST)):
+    for load in (lambda: io.load_model(LENET, path), lambda: load_float_graph(LENET, path)):
         with pytest.raises(WeightsError, match=r"nan.caffemodel: layer 'ip1' blob 1 holds NaN/Inf: 1 of its 500"):
             load()
+    net = Net(str(LENET), str(path), TEST)
+    assert any("layer 'ip1' blob 1 holds NaN/Inf" in r.getMessage() for r in caplog.records)
+    assert np.isnan(net.params["ip1"][1].data[7])
+    x = np.random.default_rng(0).uniform(0, 1, net.blobs["data"].data.shape).astype(np.float32)
+    assert np.isnan(net.forward(data=x)["prob"]).all()  # the NaN bias reaches every class through ip2
+
+
+@needs_models
+def test_a_layer_the_caffemodel_lists_without_its_blobs_is_refused(tmp_path):
+    """Caffe's CopyTrainedLayersFrom aborts ("Incompatible number of blobs for layer ip2") on a caffemodel entry
+    with no blob for a layer that has parameters; the executor had run ip2 on filler weights. Parameter-free
+    layers listed without blobs (as Caffe saves every ReLU) stay fine."""
+    net = io.read_caffemodel(LENET_W)
+    layer = next(layer for layer in net.layer if layer.name == "ip2")
+    del layer.blobs[:]
+    assert any(not len(other.blobs) for other in net.layer)  # e.g. relu1, as Caffe saves it
+    path = tmp_path / "empty.caffemodel"
+    path.write_bytes(net.SerializeToString())
+    with pytest.raises(WeightsError, match=r"layer 'ip2' \(InnerProduct\): the caffemodel has 0 blob\(s\) but the "
+                                           r"prototxt needs 2 \(Caffe: Incompatible number of blobs\)"):
+        Net(str(LENET), str(path), TEST)
+    reference = Net(str(LENET), str(LENET_W), TEST)
+    reference.copy_from(str(LENET_W))
+    with pytest.raises(WeightsError, match="Incompatible number of blobs"):
+        reference.copy_from(str(path))
 
 
 def test_a_caffemodel_naming_a_layer_twice_gives_the_last_weights(tmp_path, caplog):
