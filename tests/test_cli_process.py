@@ -324,3 +324,58 @@ def test_only_the_commands_own_outputs_count_as_written(tmp_path):
     staged.add_text(tmp_path / "out/lenet_fake_quant_model.prototxt", "the command's output")
     staged.commit()
     assert _wrote_outputs(args, mark)
+
+
+# A real signal raised just before or just after a call of the output writing (the hook wraps it) that ``when``
+# picks; a Python exception there would stand for a signal only where the signal handler runs at once.
+_SIGNAL_AT = ("import os, signal, tempfile, threading\n"
+              "real = {target}\n"
+              "count = [0]\n"
+              "def wrapped(*a, **k):\n"
+              "    hit = False\n"
+              "    if {when}:\n"
+              "        count[0] += 1\n"
+              "        hit = count[0] == {nth}\n"
+              "    if hit and {before}:\n"
+              "        signal.raise_signal(signal.{sig})\n"
+              "    result = real(*a, **k)\n"
+              "    if hit and not {before}:\n"
+              "        signal.raise_signal(signal.{sig})\n"
+              "    return result\n"
+              "{target} = wrapped\n")
+
+
+def _create_config(out):
+    return ["create-config", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--output",
+            str(out / "config.json")]
+
+
+@pytest.mark.parametrize("command, target, when, nth, before, complete", [
+    # a file written on its own (create-config's): its temporary file was just made, and must be removed
+    (_create_config, "tempfile.mkstemp", "True", 1, False, False),
+    # the output writer's thread is about to start: the interrupt must not find it noted but never started
+    (_calibrate_lenet, "threading.Thread.start", "a[0].name == 'amct-outputs'", 1, True, False),
+    # the first output renamed over the previous run's: the others follow, the previous files go, then the signal
+    (_calibrate_lenet, "os.replace", "True", 2, False, True),
+])
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_in_the_output_writing_leaves_old_or_new_files_and_nothing_else(tmp_path, command, target, when,
+                                                                                 nth, before, complete, sig, code):
+    """Signals landing between the calls that write outputs over a previous run's: found leaving the previous
+    files as hidden ``.tmp.previous`` backups (a signal as the renames ended), a hidden ``.tmp`` (one just after
+    a temporary file was made) or an internal error (one as the writer thread started)."""
+    out = tmp_path / "out"
+    first = _hooked(tmp_path, "", command(out))
+    assert first.returncode == 0, first.stderr
+    before_run = {p.name: p.read_bytes() for p in out.iterdir()}
+    for p in out.iterdir():  # the next run's files are told apart from these by their time
+        os.utime(p, ns=(0, 0))
+    hook = _SIGNAL_AT.format(target=target, when=when, nth=nth, before=before, sig=sig)
+    res = _hooked(tmp_path, hook, command(out))
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr
+    assert res.stderr.rstrip().endswith("after the outputs were written (they are complete)") is complete, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(before_run)  # no hidden file, no output missing
+    assert all((p.stat().st_mtime_ns != 0) is complete for p in out.iterdir())  # all new, or all as they were
+    assert all(p.read_bytes() == before_run[p.name] for p in out.iterdir())  # the same inputs: the same bytes
+    assert os.listdir(tmp_path / "tmp") == []

@@ -23,6 +23,7 @@ from amct_caffe.errors import AmctError, FileAccessError, ModelFormatError, Weig
 from amct_caffe.io.opencv_blobs import has_raw_blobs, parse_opencv_caffemodel
 from amct_caffe.io.paths import check_output, checked_path
 from amct_caffe.io.schema import caffe_pb
+from amct_caffe.io.scratch import signals_deferred
 from amct_caffe.io.utf8 import check_replaced, check_utf8
 
 _LOG = logging.getLogger(__name__)
@@ -36,12 +37,18 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0o022)  # read the umask (setting it is the only way), then put it back
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    os.fchmod(fd, mode)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except OSError:
+            umask = os.umask(0o022)  # read the umask (setting it is the only way), then put it back
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+    except BaseException:  # the caller never learns the name: remove the file here
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return fd, tmp
 
 
@@ -80,22 +87,23 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
         raise write_error(path, e) from None
     if is_dir:
         raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = temp_file_beside(path)
-    except OSError as e:
-        raise write_error(path, e) from None
+    tmp = None
     try:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with signals_deferred():  # the file exists only once its name is known here (to remove it)
+                fd, tmp = temp_file_beside(path)
             with os.fdopen(fd, mode) as f:
                 yield f
-            os.replace(tmp, path)
-            COMMITTED.append(os.path.abspath(path))
+            with signals_deferred():  # in place and noted as committed, or neither
+                os.replace(tmp, path)
+                COMMITTED.append(os.path.abspath(path))
         except OSError as e:
             raise write_error(path, e) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from amct_caffe.errors import FileAccessError
 from amct_caffe.io.files import COMMITTED, message_text, temp_file_beside, write_error
 from amct_caffe.io.paths import check_distinct, check_output
+from amct_caffe.io.scratch import signals_deferred
 
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
@@ -94,8 +95,9 @@ class StagedOutputs:
         if self._queue is not None:
             self._check_targets()  # before anything is written for them
             if self._worker is None:
-                self._worker = threading.Thread(target=self._write_ahead, name="amct-outputs", daemon=True)
-                self._worker.start()
+                with signals_deferred():  # a worker noted here has started (discard joins it)
+                    self._worker = threading.Thread(target=self._write_ahead, name="amct-outputs", daemon=True)
+                    self._worker.start()
             self._queue.put((target, chunks))
         return str(path)
 
@@ -125,8 +127,9 @@ class StagedOutputs:
             missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made += missing  # deepest first
-        fd, tmp = temp_file_beside(path)
-        self._staged.append((tmp, path))
+        with signals_deferred():  # the temporary file exists only once noted (discard removes it)
+            fd, tmp = temp_file_beside(path)
+            self._staged.append((tmp, path))
         try:
             _write_all(fd, chunks)
         finally:
@@ -143,7 +146,8 @@ class StagedOutputs:
     def _join(self) -> None:
         if self._worker is not None:
             self._queue.put(None)
-            self._worker.join()
+            if self._worker.ident is not None:  # started (a worker whose start failed has nothing to join)
+                self._worker.join()
             self._worker = None
 
     def discard(self) -> None:
@@ -164,6 +168,7 @@ class StagedOutputs:
         if self._queue is None:
             self._check_targets()
         moved: list[tuple[Path, str | None]] = []  # (target, backup of its previous file or None)
+        done = False
         try:
             if self._queue is None:
                 for path, chunks in self._files:
@@ -172,14 +177,25 @@ class StagedOutputs:
                 self._join()
                 if self._error is not None:
                     raise self._error
-            for tmp, path in self._staged:
-                self._target = path
-                backup = f"{tmp}.previous" if path.exists() else None
-                moved.append((path, backup))  # before the renames: an interrupt between them is undone too
-                if backup is not None:
-                    os.replace(path, backup)
-                os.replace(tmp, path)
+            # the renames, the note of what is committed and the removal of the files they replaced run whole: an
+            # interrupt is delivered after them (complete outputs, no backup left beside them)
+            with signals_deferred():
+                for tmp, path in self._staged:
+                    self._target = path
+                    backup = f"{tmp}.previous" if path.exists() else None
+                    moved.append((path, backup))
+                    if backup is not None:
+                        os.replace(path, backup)
+                    os.replace(tmp, path)
+                COMMITTED.extend(os.path.abspath(path) for _, path in self._staged)
+                done = True
+                self._made.clear()  # they hold the outputs now
+                self.discard()  # nothing left to remove: every temporary file was moved
+                self._files.clear()
+                _remove_all([backup for _, backup in moved if backup is not None])
         except BaseException as e:  # an interrupt too: put back what was there, write nothing
+            if done:  # an interrupt held back until the outputs were in place
+                raise
             for path, backup in reversed(moved):
                 with contextlib.suppress(OSError):
                     if backup is not None:
@@ -190,8 +206,3 @@ class StagedOutputs:
             if isinstance(e, OSError):
                 raise FileAccessError(f"{write_error(self._target, e)}; no output file was changed") from e
             raise
-        COMMITTED.extend(os.path.abspath(path) for _, path in self._staged)
-        self._made.clear()  # they hold the outputs now
-        self.discard()  # nothing left to remove: every temporary file was moved
-        self._files.clear()
-        _remove_all([backup for _, backup in moved if backup is not None])

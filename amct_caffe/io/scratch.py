@@ -6,6 +6,10 @@ models) in the system's temporary directory. :func:`temporary_directory` registe
 before it exists and forgets it only once it is gone; :func:`remove_leftovers` removes what is still
 registered. The command line calls it after an interrupt (when further signals are ignored), and it
 runs at interpreter exit for scripts.
+
+A few statements must not be cut at all: a temporary output file's creation and the note of its name,
+the renames that put outputs in place and the removal of the files they replaced.
+:func:`signals_deferred` holds SIGINT and SIGTERM back across them and delivers them after.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -62,6 +67,31 @@ def remove_leftovers() -> None:
         left = sorted(_LIVE)
     for path in left:
         remove(path)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Run the block whole: a SIGINT / SIGTERM arriving meanwhile is handed to the handler it would have met
+    (raising KeyboardInterrupt, the command line's, or the default action) when the block ends. Off the main
+    thread, which gets no signals, nothing changes. Keep the block short: the user waits for it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in held:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
 
 atexit.register(remove_leftovers)
