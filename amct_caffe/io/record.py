@@ -345,30 +345,40 @@ def _set_legacy(act, name: str, text: str, where: str) -> None:
         raise _LegacyValueError(f"{where}: {name} {text!r} is out of range: {e}") from None
 
 
+# The smallest float32 whose float32 reciprocal is finite (the Quant layers store 1 / scale_d).
+_SMALLEST_SCALE = float(np.nextafter(np.float32(1) / np.finfo(np.float32).max, np.float32(1)))
+
+
+def _usable_scale(value: float) -> bool:
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scale = np.float32(value)
+        return bool(np.isfinite(scale) and scale > 0 and np.isfinite(np.float32(1) / scale))
+
+
 def check_scales(record: Record, path: str) -> Record:
     """Refuse a record whose scales are not finite numbers > 0; returns it.
 
     A scale is a step size: the quantized value is ``round(x / scale) + offset``, and the deploy
     model stores ``deq_scale = scale_w * scale_d`` and ``1 / scale_d``. Zero, negative, inf or NaN
-    (which protobuf's text format reads without complaint: ``scale_d: nan``) would give infinite or
-    NaN codes, or flip signs, in every layer downstream, long after the file was read; so the file
-    is refused when it is read, naming the layer and field. The offsets and shift_bit are integers,
+    (which protobuf's text format reads without complaint: ``scale_d: nan``), or a scale so small that
+    its float32 reciprocal is infinite (1e-39), would give infinite or NaN codes, or flip signs, in every
+    layer downstream, long after the file was read; so the file is refused when it is read, naming the
+    layer and field. The offsets and shift_bit are integers,
     which cannot hold inf or NaN; their ranges depend on the bit width and are checked where used.
     """
     for key, entry in record.layers.items():
-        bad = [(f"scale_w[{i}]" if len(entry.scale_w) > 1 else "scale_w", v) for i, v in enumerate(entry.scale_w)
-               if not (np.isfinite(v) and v > 0)]
-        bad += [(f"record_d (index {a.index}) scale_d", a.scale_d) for a in entry.record_d
-                if a.scale_d is not None and not (np.isfinite(a.scale_d) and a.scale_d > 0)]
-        bad += [(f"scale_r[{i}]" if len(entry.scale_r) > 1 else "scale_r", v) for i, v in enumerate(entry.scale_r)
-                if not (np.isfinite(v) and v > 0)]
-        if entry.scale_h is not None and not (np.isfinite(entry.scale_h) and entry.scale_h > 0):
-            bad.append(("scale_h", entry.scale_h))
+        scales = [(f"scale_w[{i}]" if len(entry.scale_w) > 1 else "scale_w", v) for i, v in enumerate(entry.scale_w)]
+        scales += [(f"record_d (index {a.index}) scale_d", a.scale_d) for a in entry.record_d if a.scale_d is not None]
+        scales += [(f"scale_r[{i}]" if len(entry.scale_r) > 1 else "scale_r", v) for i, v in enumerate(entry.scale_r)]
+        if entry.scale_h is not None:
+            scales.append(("scale_h", entry.scale_h))
+        bad = [(name, v) for name, v in scales if not _usable_scale(v)]
         if bad:
             name, value = bad[0]
             more = f" (and {len(bad) - 1} more bad scale(s))" if len(bad) > 1 else ""
             raise RecordError(f"{path}: layer '{key}': {name} is {value!r}{more}; a scale must be a finite number "
-                              "> 0: recalibrate the model, or correct the record")
+                              f"> 0 whose reciprocal is a float32 too (>= {_SMALLEST_SCALE:.3g}; the models store "
+                              "1 / scale): recalibrate the model, or correct the record")
     return record
 
 

@@ -13,13 +13,16 @@ from amct_caffe import AmctError
 from amct_caffe.io import record
 from tests.test_cli import LENET, LENET_WEIGHTS
 
+
 def _text(scale_w="0.5 scale_w: 0.25", scale_d="0.02", layer="conv1") -> str:
     return (f'record {{ key: "{layer}" value {{ scale_w: {scale_w} offset_w: 0 offset_w: 0 num_bits_w: 8 '
             f'record_d {{ index: 0 scale_d: {scale_d} offset_d: -128 num_bits_d: 8 }} }} }}\n'
             'record { key: "fc" value { scale_w: 0.1 record_d { index: 0 scale_d: 0.3 } } }\n')
 
 
-BAD = ["inf", "-inf", "nan", "-nan", "infinity", "0", "-0.5", "1e39"]  # 1e39 overflows float32 to inf
+# 1e39 overflows float32 to inf; 1e-39 (a subnormal float32) has no float32 reciprocal, which the models store, and
+# 1e-50 reads as 0
+BAD = ["inf", "-inf", "nan", "-nan", "infinity", "0", "-0.5", "1e39", "1e-39", "2.9e-39", "1e-50"]
 
 
 @pytest.mark.parametrize("value", BAD)
@@ -107,3 +110,15 @@ def test_activations_by_index_keep_the_first_of_each_index():
     entry.record_d.append(record.ActivationRecord(0))  # a second entry of index 0: the first wins, as activation()
     by_index = entry.activations()
     assert by_index == {i: made[i] for i in range(5)} and by_index[0] is made[0] is entry.activation(0)
+
+
+def test_the_smallest_scale_whose_reciprocal_is_a_float32_reads():
+    """The bound of the reciprocal rule is exact: 2.9387e-39 has 1 / scale = 3.4028e38 in float32, below it inf."""
+    import numpy as np
+
+    smallest = np.nextafter(np.float32(1) / np.finfo(np.float32).max, np.float32(1))
+    with np.errstate(over="ignore"):
+        assert np.isfinite(np.float32(1) / smallest) and not np.isfinite(np.float32(1) / np.nextafter(smallest,
+                                                                                                     np.float32(0)))
+    rec = record.parse_record_text(_text(scale_d=repr(float(smallest))), "r.txt")
+    assert rec.layers["conv1"].record_d[0].scale_d == float(smallest)
