@@ -180,8 +180,11 @@ def _signals_unwind():
             signal.signal(_REDELIVER, previous_redeliver if previous_redeliver is not None else signal.SIG_DFL)
 
 
-def _one_line(text: str) -> str:
-    """``text`` with control characters (a newline in a path or a tool's message, a NUL) escaped."""
+def _one_line(text: str, limit: int = 2000) -> str:
+    """``text`` with control characters (a newline in a path or a tool's message, a NUL) escaped, cut after
+    ``limit`` characters (a message quoting some huge input stays one readable line)."""
+    if len(text) > limit:
+        text = f"{text[:limit]} ... ({len(text):,} characters in all)"
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from amct_caffe.errors import ConfigError
-from amct_caffe.io.files import read_text
+from amct_caffe.io.files import parse_failure, read_text, refuse_binary
 
 
 _SHOW_CHARS = 120
@@ -207,12 +207,14 @@ def parse_text_message(path, msg, what: str):
     ``what`` names the file's kind in messages ("simple config", "retrain simple config").
     """
     path = Path(path)
+    text = read_text(path, what, ConfigError)
+    refuse_binary(text, path, what, ConfigError)
     try:
-        text_format.Parse(read_text(path, what, ConfigError), msg)
+        text_format.Parse(text, msg)
     except text_format.ParseError as e:
         line, col = e.GetLine(), e.GetColumn()
         at = f"{path}:{line}:{col}" if line is not None else str(path)
-        detail = str(e)
+        detail = parse_failure(e)
         if line is not None and detail.startswith(f"{line}:{col} : "):
             detail = detail[len(f"{line}:{col} : "):]
         raise ConfigError(f"{at}: cannot parse {what}: {detail}") from None

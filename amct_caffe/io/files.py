@@ -220,6 +220,25 @@ def message_text(message) -> str:
     return text
 
 
+# How much of a parser's message is quoted: protobuf quotes the offending token whole (a 30 MB line of NULs).
+_QUOTED = 300
+
+
+def parse_failure(error: Exception) -> str:
+    """A text parser's message, cut to its first :data:`_QUOTED` characters, without its final full stop."""
+    text = str(error).rstrip(".")
+    return text if len(text) <= _QUOTED else f"{text[:_QUOTED]} ... ({len(text):,} characters in all)"
+
+
+def refuse_binary(text: str, path, what: str, error: type[AmctError]) -> None:
+    """A text file holding a NUL byte is binary (a .caffemodel given for its prototxt, a download cut off and
+    padded with zeros): refused at once, before a text parser quotes it whole."""
+    at = text.find("\x00")
+    if at >= 0:
+        raise error(f"{path}: the {what} holds a NUL byte (line {text.count(chr(10), 0, at) + 1}): it is binary, "
+                    "not text; give the text file (a .caffemodel is the weights file, not the model)")
+
+
 def parse_prototxt_text(text: str, path: str, message=None):
     """Parse Caffe text format into ``message`` (a new NetParameter by default)."""
     msg = caffe_pb().NetParameter() if message is None else message
@@ -234,6 +253,7 @@ def parse_prototxt_text(text: str, path: str, message=None):
         line = text.count("\n", 0, e.start) + 1
         raise ModelFormatError(f"{path}: cannot parse prototxt{_layer_near(text, line)}: line {line} holds "
                                f"{text[e.start]!r}, which is not valid Unicode text") from None
+    refuse_binary(text, path, "prototxt", ModelFormatError)
     try:
         text_format.Parse(text, msg)
     except text_format.ParseError as e:
@@ -246,7 +266,7 @@ def parse_prototxt_text(text: str, path: str, message=None):
         elif where and ("has no field named" in str(e) or "has no value named" in str(e)):
             hint = (" If this is a custom layer, compile your Caffe's caffe.proto with "
                     "amct_caffe.set_caffe_proto(path) or the AMCT_CAFFE_PROTO environment variable.")
-        raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {str(e).rstrip('.')}.{hint}") from None
+        raise ModelFormatError(f"{path}: cannot parse prototxt{where}: {parse_failure(e)}.{hint}") from None
     _check_required(msg, path)
     if empty:
         _remember(msg, text)

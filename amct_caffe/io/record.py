@@ -30,7 +30,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from amct_caffe.errors import AmctError
-from amct_caffe.io.files import atomic_output, read_text
+from amct_caffe.io.files import atomic_output, parse_failure, read_text, refuse_binary
 from amct_caffe.io.float_text import float_texts
 from amct_caffe.io.schema import records
 
@@ -385,20 +385,22 @@ def check_scales(record: Record, path: str) -> Record:
 def parse_record_text(text: str, path: str = "<record>") -> Record:
     """The record of a text (``path`` names it in messages); its scales are checked (:func:`check_scales`)."""
     message = records().ScaleOffsetRecord()
+    refuse_binary(text, path, "record", RecordError)
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as strict_error:
+        strict = parse_failure(strict_error)
         try:
             repaired = _repair(text, path)
         except _LegacyValueError as e:
-            raise RecordError(f"{path}: not a valid scale/offset record: {str(strict_error).rstrip('.')}; read in "
+            raise RecordError(f"{path}: not a valid scale/offset record: {strict}; read in "
                               f"the legacy layout: {e}") from None
         except _Truncated as e:
             raise RecordError(str(e)) from None
         except (text_format.ParseError, RecordError):
-            raise RecordError(f"{path}: not a valid scale/offset record: {strict_error}") from None
+            raise RecordError(f"{path}: not a valid scale/offset record: {strict}") from None
         _LOG.warning("%s: record uses the legacy layout or has unbalanced braces; read it as %d layer "
-                     "record(s) after repair (%s)", path, len(repaired.record), strict_error)
+                     "record(s) after repair (%s)", path, len(repaired.record), strict)
         message = repaired
     return check_scales(_from_message(message, path), path)
 

@@ -172,3 +172,42 @@ def test_a_solver_given_as_the_net_is_named_and_custom_layers_are_not_blamed(tmp
     with pytest.raises(ModelFormatError) as err:  # an unknown field inside a layer keeps the custom-layer advice
         io.parse_prototxt_text('layer { name: "x" type: "Foo" foo_param { a: 1 } }', "m.prototxt")
     assert "If this is a custom layer" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ huge or binary text
+def test_a_text_file_of_nul_bytes_is_refused_at_once(tmp_path):
+    """A zero-filled file (a download cut off and padded): the text parser quoted all of it in its message
+    (a 30 MB file took 16 s, 2.5 GB and printed a 126 MB line); each text reader now refuses a NUL byte first."""
+    import amct_caffe as amct
+    from tests.test_cli import LENET, LENET_WEIGHTS
+
+    path = tmp_path / "zeros.prototxt"
+    path.write_bytes(b'name: "x"\n' + b"\0" * 100_000)
+    with pytest.raises(ModelFormatError, match=r"zeros.prototxt: the prototxt holds a NUL byte \(line 2\): it is "
+                                               "binary, not text"):
+        io.load_prototxt(path)
+    with pytest.raises(record.RecordError, match="the record holds a NUL byte"):
+        record.parse_record_text('record { key: "a" }\0', "r.txt")
+    cfg = tmp_path / "quant.cfg"
+    cfg.write_bytes(b"batch_num: 2\n\0\0")
+    with pytest.raises(amct.AmctError, match=r"quant.cfg: the simple config holds a NUL byte \(line 2\)"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(LENET), str(LENET_WEIGHTS), config_defination=str(cfg))
+
+
+@pytest.mark.parametrize("what", ["prototxt", "record", "cfg"])
+def test_a_parse_error_on_a_huge_line_quotes_only_its_start(tmp_path, what):
+    import amct_caffe as amct
+    from amct_caffe.config.checks import parse_text_message
+    from amct_caffe.io.schema import caffe_pb
+
+    junk = "x" * 1_000_000
+    with pytest.raises(amct.AmctError) as e:
+        if what == "prototxt":
+            io.parse_prototxt_text(f'name: "x" layer {{ {junk} }}', "m.prototxt")
+        elif what == "record":
+            record.parse_record_text(f'record {{ key: "a" value {{ {junk} }} }}', "r.txt")
+        else:
+            path = tmp_path / "quant.cfg"
+            path.write_text(f'name: "x" {junk}\n')
+            parse_text_message(path, caffe_pb().NetParameter(), "simple config")
+    assert len(str(e.value)) < 1000 and "characters in all)" in str(e.value), str(e.value)[:2000]
