@@ -192,7 +192,11 @@ def given_feeds(data, model_file, who: str, batch_size: int = 0, batch_num: int 
     if isinstance(data, (str, os.PathLike)):
         data = open_for_model(data, model_file, batch_size, preprocess)
     if isinstance(data, DataSource):
-        return list(data.batches(batch_num or None))
+        feeds = list(data.batches(batch_num or None))
+        if not feeds:
+            raise DataError(f"{who} data: {data.holds()}, fewer than one batch of {data.batch_size}: give more data, "
+                            "or a model whose inputs take fewer samples per batch")
+        return feeds
     inputs = list(model_inputs(model_file)) if data is not None else []
     feeds = list(itertools.islice(checked_feeds(data, f"{who} data", inputs), batch_num or None)) \
         if data is not None else []

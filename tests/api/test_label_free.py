@@ -112,6 +112,19 @@ def test_no_data(tmp_path):
         amct.label_free_retrain(str(MODEL), str(WEIGHTS), [], str(tmp_path / "q"), progress=False)
 
 
+def test_a_data_file_of_less_than_one_batch_is_refused(tmp_path):
+    """A path of 8 samples for LeNet's batch of 64 gave an empty list of batches, and an IndexError."""
+    data = tmp_path / "in" / "x.npy"
+    data.parent.mkdir()
+    np.save(data, np.zeros((8, 1, 28, 28), np.float32))
+    with pytest.raises(AmctError, match=r"label_free_retrain data: array file .*x.npy holds 8 sample\(s\), fewer "
+                                        "than one batch of 64"):
+        amct.label_free_retrain(str(MODEL), str(WEIGHTS), str(data), str(tmp_path / "out" / "q"), progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AmctError, match=r"x.npy holds 8 sample\(s\)"):
+        amct.compare_model(str(MODEL), str(WEIGHTS), str(MODEL), str(WEIGHTS), str(data), str(tmp_path / "report"))
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ([{"data": np.zeros((0, 1, 28, 28), np.float32)}], "batch 0: input 'data' holds no sample (shape [0, 1, 28, 28])"),
     ([{"data": np.zeros((4, 1, 28, 28))}, "x"], "batch 1 is str, not a {input blob: array} mapping"),
