@@ -29,13 +29,13 @@ _PUBLIC = {
     "label_free_retrain": "amct_caffe.api.label_free",  # ours, beyond the guide
     "compare_model": "amct_caffe.api.accuracy",  # ours, beyond the guide
     **dict.fromkeys(("AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError",
-                     "UnsupportedLayerError", "WeightsError"), "amct_caffe.errors"),
+                     "OutOfMemoryError", "UnsupportedLayerError", "WeightsError"), "amct_caffe.errors"),
     "set_caffe_proto": "amct_caffe.io.schema",
 }
 
 __all__ = [
-    "AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError", "UnsupportedLayerError",
-    "WeightsError",
+    "AmctError", "ConfigError", "FileAccessError", "GraphError", "ModelFormatError", "OutOfMemoryError",
+    "UnsupportedLayerError", "WeightsError",
     "__version__", "activation_quantize_model", "calibrate_with_fallback", "compare_model", "convert_model",
     "create_quant_config",
     "create_quant_retrain_config", "create_quant_retrain_model", "init", "label_free_retrain", "save_model",

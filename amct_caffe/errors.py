@@ -38,3 +38,16 @@ class FileAccessError(AmctError, OSError):
 
 class TrainingError(AmctError):
     """Training cannot go on: a solver setting Caffe refuses, a loss that became NaN or infinite..."""
+
+
+class OutOfMemoryError(AmctError, MemoryError):
+    """A model's values do not fit in memory (a batch or an input too large). Also a MemoryError."""
+
+
+def out_of_memory(error: MemoryError, doing: str) -> MemoryError:
+    """The error to raise for ``error`` met while ``doing`` (e.g. "running net.prototxt"): an OutOfMemoryError
+    saying what to do, or ``error`` itself if it is one already."""
+    if isinstance(error, AmctError):
+        return error
+    return OutOfMemoryError(f"out of memory {doing}{f' ({error})' if str(error) else ''}: use a smaller batch or "
+                            "input shape, or fewer / smaller inputs")

@@ -29,7 +29,7 @@ from collections.abc import Collection
 import numpy as np
 
 from amct_caffe import io
-from amct_caffe.errors import GraphError, WeightsError
+from amct_caffe.errors import GraphError, WeightsError, out_of_memory
 from amct_caffe.io.graph_io import graph_to_net
 from amct_caffe.ir import check_producers
 from amct_caffe.runtime import fold as folding
@@ -93,24 +93,23 @@ class Net(WholeSetCalls):
         # in-place chains after convolutions: "auto", "exact", "fast", "calibration", "off" (runtime/fold.py)
         self._fold = fold
         if ifmr not in IFMR_MODES:
-            raise ValueError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
+            raise GraphError(f"Net: ifmr must be one of {IFMR_MODES}, got {ifmr!r}")
         self.ifmr = ifmr  # the calibration layers' IFMR observer (runtime/layers/calibration.py)
-        with np.errstate(**AS_CAFFE):  # the layers' setup computes like their forward (a PriorBox's sizes)
-            self._build(net_param, loaded, weights is not None)
+        try:
+            with np.errstate(**AS_CAFFE):  # the layers' setup computes like their forward (a PriorBox's sizes)
+                self._build(net_param, loaded, weights is not None)
+        except MemoryError as e:
+            raise out_of_memory(e, f"building the net of {self._source}") from None
 
     @classmethod
     def from_graph(cls, graph, phase: int | None = None, records=None, seed: int = 0, ifmr: str = "stream",
                    observed: Collection[str] | None = None, fold: str | None = None) -> "Net":
-        """A Net running an IR graph in memory (its nodes' params are the weights).
-
-        ``records``: {record_file_path: Record} the calibration layers fill instead of the file.
-        Blob names are the graph's (SSA: an in-place chain's intermediate values have their own names).
-        ``observed``: only these values (and the inputs) need to be readable after a forward; the layers
-        the source model computed in place write over the others again (io.graph_io.in_place_names), so
-        their values share memory, and the chains fold, as in a Net of the source's prototxt. ``fold``
-        (see ``Net``) defaults to ``"exact"`` then, so that the observed values keep the bytes of the SSA
-        net's separate layers, and to ``"auto"`` otherwise.
-        """
+        """A Net running an IR graph in memory (its nodes' params are the weights), blobs named as the graph's
+        (SSA). ``records``: {record_file_path: Record} the calibration layers fill instead of the file.
+        ``observed``: only these values (and the inputs) need to be readable after a forward; the layers the
+        source computed in place write over the others again (io.graph_io.in_place_names), so their values
+        share memory and the chains fold as in a Net of the source's prototxt; ``fold`` (see ``Net``) then
+        defaults to ``"exact"``, so that the observed values keep the SSA net's bytes, else to ``"auto"``."""
         if fold is None:
             fold = "auto" if observed is None else "exact"
         keep = None if observed is None else set(observed) | set(graph.inputs) | shareable_values(graph)
@@ -285,10 +284,8 @@ class Net(WholeSetCalls):
             self._steps = None  # prepared for blobs of other shapes (forward.prepare)
 
     def set_input_arrays(self, data, labels) -> None:
-        """pycaffe's ``set_input_arrays``: give the first layer, a MemoryData, its arrays.
-
-        ``data`` float32 (M, C, H, W), ``labels`` float32 (M,) or (M, 1, 1, 1); the checks are pycaffe's
-        (see :class:`amct_caffe.runtime.layers.array_data.MemoryData`)."""
+        """pycaffe's ``set_input_arrays``: give the first layer, a MemoryData, its arrays ``data`` float32 (M, C,
+        H, W), ``labels`` float32 (M,) or (M, 1, 1, 1); pycaffe's checks (:class:`.layers.array_data.MemoryData`)."""
         if not self.layers or self.layers[0].type != "MemoryData":
             raise GraphError(f"{self._source}: set_input_arrays may only be called if the first layer is a "
                              "MemoryData layer")
@@ -330,11 +327,14 @@ class Net(WholeSetCalls):
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """Run layers ``start``..``end`` (names, inclusive); returns {output name: array}. Keyword arguments
         set input blobs first; an input of a new shape reshapes the net."""
-        if self._bounded_run:  # a calibration net's blobs without numpy's huge-page hint (runtime/memory.py)
-            with np.errstate(**AS_CAFFE), memory.hint_off():
+        try:
+            if self._bounded_run:  # a calibration net's blobs without numpy's huge-page hint (runtime/memory.py)
+                with np.errstate(**AS_CAFFE), memory.hint_off():
+                    return self._forward(blobs, start, end, kwargs)
+            with np.errstate(**AS_CAFFE):  # (alone: a small net's forward takes some 15 microseconds)
                 return self._forward(blobs, start, end, kwargs)
-        with np.errstate(**AS_CAFFE):  # (alone: a small net's forward takes some 15 microseconds)
-            return self._forward(blobs, start, end, kwargs)
+        except MemoryError as e:
+            raise out_of_memory(e, f"running {self._source}") from None
 
     def _forward(self, blobs, start, end, kwargs: dict):
         if self._releases is not None:
@@ -410,8 +410,11 @@ class Net(WholeSetCalls):
         Keyword arguments set the diffs of the net's outputs first (all of them, as pycaffe requires). Returns
         {name: diff} for the inputs (or ``end``'s bottoms) and ``diffs``.
         Gradients of learned blobs accumulate in ``params[layer][i].diff`` until cleared."""
-        with np.errstate(**AS_CAFFE):
-            return self._backward(diffs, start, end, kwargs)
+        try:
+            with np.errstate(**AS_CAFFE):
+                return self._backward(diffs, start, end, kwargs)
+        except MemoryError as e:
+            raise out_of_memory(e, f"back-propagating through {self._source}") from None
 
     def _backward(self, diffs, start, end, kwargs: dict):
         if self._releases is not None:
@@ -519,11 +522,8 @@ class Net(WholeSetCalls):
         return list(self._sharing.learnable)
 
     def share_with(self, other: "Net") -> None:
-        """Use ``other``'s learned blobs (by layer name) as this net's, as Caffe's ShareTrainedLayersWith.
-
-        The data arrays are shared: a solver updating ``other`` in place updates this net too
-        (:func:`~.param_sharing.share_trained_layers`).
-        """
+        """Use ``other``'s learned blobs (by layer name) as this net's, as Caffe's ShareTrainedLayersWith: the
+        data arrays are shared, a solver updating ``other`` updates this net (``share_trained_layers``)."""
         share_trained_layers(self.layers, other.params)
 
     def copy_from(self, weights_file) -> None:

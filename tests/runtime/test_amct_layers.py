@@ -297,7 +297,7 @@ def test_ifmr_layer_observer_follows_the_nets_setting(tmp_path, mode):
     want = obs.compute_qparams()
     act = activation_entry(layer_entry(read_record(rec), "conv"), 0)
     assert act.scale_d == np.float32(want.scale) and act.offset_d == want.offset
-    with pytest.raises(ValueError, match="ifmr must be one of"):
+    with pytest.raises(GraphError, match="ifmr must be one of"):
         Net(str(proto), TEST, ifmr="histogram")
 
 def test_ifmr_end_to_end(tmp_path, caplog):

@@ -97,3 +97,32 @@ def test_a_layer_taking_an_axis_of_a_0d_blob_is_refused(tmp_path, layer):
                     f'layer {{ name: "again" {layer} bottom: "s" top: "t" }}\n')
     with pytest.raises(AmctError, match=r"'again'.*out of range for a 0-D blob"):
         Net(str(path), TEST)
+
+
+def test_a_net_too_large_for_memory_raises_the_librarys_error(tmp_path):
+    """Under a 2.5 GB address-space limit, MTCNN P-Net at 8000 x 8000 (its conv1 top alone 2.4 GB): numpy's bare
+    MemoryError reached API users (the command line alone said what to do); it is an OutOfMemoryError now, an
+    AmctError and still a MemoryError."""
+    import subprocess
+    import sys
+
+    from tests.golden import MODELS
+
+    model = tmp_path / "det1_8000.prototxt"
+    model.write_text((MODELS / "mtcnn" / "det1.prototxt").read_text().replace("input_dim: 12", "input_dim: 8000"))
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2_500_000_000, 2_500_000_000))\n"
+            "import amct_caffe as amct\n"
+            "from amct_caffe.runtime import TEST, Net\n"
+            "try:\n"
+            f"    Net({str(model)!r}, {str(MODELS / 'mtcnn' / 'det1.caffemodel')!r}, TEST)\n"
+            "except amct.OutOfMemoryError as e:\n"
+            "    assert isinstance(e, amct.AmctError) and isinstance(e, MemoryError)\n"
+            "    print(e)\n"
+            "    sys.exit(0)\n"
+            "sys.exit(3)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "1", "AMCT_LOG_LEVEL": "ERROR"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(f"out of memory building the net of {model} (Unable to allocate"), res.stdout
+    assert res.stdout.rstrip().endswith("use a smaller batch or input shape, or fewer / smaller inputs")
