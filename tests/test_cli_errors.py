@@ -330,3 +330,20 @@ def test_a_model_without_inputs_is_refused_with_advice_that_helps(capsys, tmp_pa
                            str(tmp_path / "d.npz"), "--output", str(tmp_path / "q"), "--no-progress", *extra],
                   "the model declares no input .* give the deploy prototxt")
     assert not (tmp_path / "q").exists()
+
+
+def test_an_input_without_a_shape_is_refused_naming_what_to_add(capsys, tmp_path):
+    """An Input layer without input_param: --input-shape overrides declared shapes and cannot stand for a missing one
+    (Caffe cannot build such a net either); the message had been the executor's count of shapes, with --help
+    promising that the option supplies them."""
+    np.savez(tmp_path / "d.npz", data=np.zeros((4, 1, 28, 28), np.float32))
+    text = (MNIST_SAMPLE / "lenet.prototxt").read_text()
+    start = text.index("layer {")
+    end = text.index("layer {", start + 1)
+    model = tmp_path / "shapeless.prototxt"
+    model.write_text(text[:start] + 'layer { name: "data" type: "Input" top: "data" }\n' + text[end:])
+    for extra in ([], ["--input-shape", "data:4,1,28,28"]):
+        fails(capsys, ["calibrate", "--model", str(model), "--weights", str(LENET_WEIGHTS), "--data",
+                       str(tmp_path / "d.npz"), "--output", str(tmp_path / "q"), "--no-progress", *extra],
+              r"the model declares no shape for input 'data': give it one in the prototxt \(input_param \{ shape")
+    assert not (tmp_path / "q").exists()

@@ -179,7 +179,7 @@ DATA_HELP = ("image folder (JPEG/PNG/BMP, sorted by name), .npy / .npz (arrays n
 def add_data_options(parser: argparse.ArgumentParser, what: str) -> None:
     """--input-shape, --select and the image preprocessing group (``what``: the data's use, for help)."""
     parser.add_argument("--input-shape", nargs="+", metavar="[NAME:]N,C,H,W",
-                        help="input shape(s), overriding or supplying the prototxt's")
+                        help="input shape(s), overriding the prototxt's (which must declare each input's shape)")
     parser.add_argument("--select", metavar="START:STOP:STEP",
                         help=f"use only these samples for {what}, in slice syntax: ::10 = every tenth, "
                              "0:500 = the first 500")
@@ -204,9 +204,14 @@ def add_data_options(parser: argparse.ArgumentParser, what: str) -> None:
 def parse_shapes(entries, model_shapes: dict) -> dict:
     """Apply ``--input-shape [NAME:]D0,D1,...`` entries to the prototxt's input shapes."""
     if not model_shapes:  # (--input-shape only sets the shapes of declared inputs: it cannot add one)
-        raise AmctError("the model declares no input (an Input layer or the input: field) to feed the data to; "
-                        "a TRAIN / TEST prototxt that reads Data / ImageData layers is not the model to give: "
-                        "give the deploy prototxt")
+        raise AmctError("the model declares no input to feed the data to (an Input layer, or the input: field with "
+                        "input_dim / input_shape: without them Caffe drops it); a TRAIN / TEST prototxt that reads "
+                        "Data / ImageData layers is not the model to give: give the deploy prototxt")
+    shapeless = [name for name, shape in model_shapes.items() if shape is None]
+    if shapeless:  # Caffe cannot build such a net either: the layers after the input need its axes
+        raise AmctError(f"the model declares no shape for input '{shapeless[0]}': give it one in the prototxt "
+                        "(input_param { shape { dim: N dim: C dim: H dim: W } }); --input-shape overrides a "
+                        "declared shape, it cannot stand for a missing one")
     shapes = dict(model_shapes)
     for entry in entries or ():
         name, _, dims = entry.rpartition(":")

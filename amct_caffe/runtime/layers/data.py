@@ -19,7 +19,9 @@ class Input(Layer):
         n = len(self.lp.top)
         if len(shapes) not in (1, n):
             wanted = "1 shape" if n == 1 else f"1 shape or one per top ({n})"
-            raise GraphError(f"layer '{self.name}' (Input): input_param must give {wanted}, it gives {len(shapes)}")
+            give = " (input_param { shape { dim: N dim: C ... } })" if not shapes else ""
+            raise GraphError(f"layer '{self.name}' (Input): input_param must give {wanted}, it gives "
+                             f"{len(shapes)}{give}")
         return [tuple(int(d) for d in shapes[0 if len(shapes) == 1 else i].dim) for i in range(n)]
 
     def forward(self, bottoms):  # the Net never calls it: inputs are set by the user
