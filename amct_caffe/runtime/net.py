@@ -150,7 +150,7 @@ class Net(WholeSetCalls):
                         f"{self._source}: ")
         for lp in net_param.layer:
             if lp.name in seen_names:
-                raise GraphError(f"{self._source}: two layers are named '{lp.name}'")
+                raise GraphError(f"{self._source}: two layers are named '{lp.name}' (Caffe runs it): rename one")
             seen_names.add(lp.name)
             cls = layer_class(lp.type, lp.name)
             cls.check_arity(lp)

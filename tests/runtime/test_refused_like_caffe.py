@@ -126,3 +126,20 @@ def test_a_net_too_large_for_memory_raises_the_librarys_error(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith(f"out of memory building the net of {model} (Unable to allocate"), res.stdout
     assert res.stdout.rstrip().endswith("use a smaller batch or input shape, or fewer / smaller inputs")
+
+
+def test_two_layers_of_one_name_are_refused_naming_the_file(tmp_path):
+    """Caffe runs a net whose two (parameter-free) layers share a name; the executor indexes layers by name and the
+    quantization's config and record name them, so both refuse it, naming the model file (calibrate had named the
+    graph, 'LeNet')."""
+    import amct_caffe as amct
+    from tests.test_cli import LENET, LENET_WEIGHTS
+
+    model = tmp_path / "twice.prototxt"
+    model.write_text(LENET.read_text().replace('name: "pool2"', 'name: "pool1"'))
+    with pytest.raises(AmctError, match=rf"{re.escape(str(model))}: two layers are named 'pool1' \(Caffe runs it\): "
+                                        "rename one"):
+        Net(str(model), str(LENET_WEIGHTS), TEST)
+    with pytest.raises(AmctError, match=rf"{re.escape(str(model))}: two layers are named 'pool1'; quantization names "
+                                        "layers in its config and record"):
+        amct.create_quant_config(str(tmp_path / "c.json"), str(model), str(LENET_WEIGHTS))
