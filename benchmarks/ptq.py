@@ -116,6 +116,12 @@ Figures (2-core machine shared with other jobs; the load average in brackets):
   of peak) [load 1.0-1.3]: warm calibration forward 231 -> 213 ms (minimum, the two rules alternated in one
   process); end to end 1.85-2.14x the warm FP32 forwards (PTQ 1.45-1.66 s, FP32 0.77-0.78 s, calibration
   forwards 0.94-1.05 s), 1.00-1.51x fresh; peak 498 MiB = 1.71x.
+* then (a calibration net's forward leaves a core to its IFMR worker while its layers still hand it work: at
+  most cpus - 1 BLAS and C++ threads under the adaptive default, runtime/threads.leaving_a_core; with both
+  cores the fills ran between the layers on the forward's thread), default threads, two rounds alternated with
+  the commit before [load 0.5-1.0]: 2.25x / 2.21x -> 1.84x / 1.72x the warm FP32 forwards (PTQ 1.68 / 1.59 ->
+  1.36 / 1.40 s, calibration forwards 1.21 / 1.19 -> 0.90 / 0.92 s); with OPENBLAS_NUM_THREADS=1 nothing
+  changes (1.81x that day).
 """
 
 from __future__ import annotations

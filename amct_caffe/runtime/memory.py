@@ -34,6 +34,8 @@ import threading
 
 import numpy as np
 
+from amct_caffe.runtime import threads
+
 
 # On open_nsfw batch 8 the hint costs up to about 1 s once (the first forward) and saves about 4 % of each
 # later one (0.01 s): below about 100 forwards a net is better off without it.
@@ -90,3 +92,11 @@ def few_forwards(fn):
         with hint_off():
             return fn(*args, **kwargs)
     return with_hint_off
+
+
+@contextlib.contextmanager
+def calibration_forward(layers):
+    """A calibration net's forward: numpy's huge-page hint off (:func:`hint_off`) and, while any of its
+    ``layers`` hands work to the IFMR worker, a core left to that worker (threads.leaving_a_core)."""
+    with hint_off(), threads.leaving_a_core(any(getattr(layer, "hands_off_work", False) for layer in layers)):
+        yield

@@ -328,8 +328,8 @@ class Net(WholeSetCalls):
         """Run layers ``start``..``end`` (names, inclusive); returns {output name: array}. Keyword arguments
         set input blobs first; an input of a new shape reshapes the net."""
         try:
-            if self._bounded_run:  # a calibration net's blobs without numpy's huge-page hint (runtime/memory.py)
-                with np.errstate(**AS_CAFFE), memory.hint_off():
+            if self._bounded_run:  # a calibration net: no huge-page hint, a core for its IFMR worker (memory.py)
+                with np.errstate(**AS_CAFFE), memory.calibration_forward(self.layers):
                     return self._forward(blobs, start, end, kwargs)
             with np.errstate(**AS_CAFFE):  # (alone: a small net's forward takes some 15 microseconds)
                 return self._forward(blobs, start, end, kwargs)

@@ -30,6 +30,7 @@ count still goes to the executor's own C++ loops (:func:`workers`), whose sums n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -98,6 +99,28 @@ def adapt() -> None:
         _auto = _Adaptive.create() or False
     if _auto and _limiter is None:
         _auto.update()
+
+
+@contextlib.contextmanager
+def leaving_a_core(enabled: bool = True):
+    """Within the block the adaptive count leaves a core to a worker thread of the caller's: at most cpus - 1
+    BLAS and C++ loop threads (the IFMR fills of a calibration forward, layers/calibration_overlap.py, which
+    otherwise run on the forward's own thread: open_nsfw's four calibration forwards took 1.30 s on 2 threads
+    with the fills between the layers, 0.97 s on one with them beside it). A count pinned by set_num_threads
+    or the environment stays as it is; after the block the count is what it was."""
+    auto = _auto if enabled and isinstance(_auto, _Adaptive) and _limiter is None else None
+    if auto is None or auto.cpus < 2:
+        yield
+        return
+    before, auto.cap = auto.current, auto.cpus - 1
+    if auto.current > auto.cap:
+        auto._set(auto.cap)  # noqa: SLF001 - this module's own class
+    try:
+        yield
+    finally:
+        auto.cap = None
+        if auto.current != before:
+            auto._set(before)  # noqa: SLF001
 
 
 def _blas_sums_thread_free() -> bool:
@@ -174,6 +197,7 @@ class _Adaptive:
         self.default = _library_count(libs)
         self.cpus = cpus
         self.current = self.default
+        self.cap = None  # at most this many while a block of leaving_a_core runs
         self.last = None  # (monotonic time, machine busy seconds, own CPU seconds)
 
     @classmethod
@@ -206,7 +230,7 @@ class _Adaptive:
             return
         wall = sample[0] - prev[0]
         others = max(0.0, (sample[1] - prev[1]) - (sample[2] - prev[2])) / wall
-        want = min(self.default, max(1, math.floor(self.cpus - others + MARGIN)))
+        want = min(self.default, self.cap or self.default, max(1, math.floor(self.cpus - others + MARGIN)))
         if want != self.current:
             _LOG.debug("BLAS threads %d -> %d (other processes busy on %.2f of %d CPUs)", self.current, want,
                        others, self.cpus)

@@ -117,6 +117,11 @@ class _Collector(Layer):
     def on_net_built(self, net, index: int) -> None:
         self._sink = net.record_sink(self.record_file_path)
 
+    @property
+    def hands_off_work(self) -> bool:
+        """Whether its next forward may give work to the IFMR worker (calibration_overlap.py)."""
+        return getattr(self, "_overlap", None) is not None and not self._done
+
     def reshape(self, bottom_shapes):
         if len(bottom_shapes[0]) < 2:
             raise GraphError(f"layer '{self.name}' ({self.type}) needs a bottom of at least 2 axes "
