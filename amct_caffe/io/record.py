@@ -349,10 +349,11 @@ def _set_legacy(act, name: str, text: str, where: str) -> None:
 _SMALLEST_SCALE = float(np.nextafter(np.float32(1) / np.finfo(np.float32).max, np.float32(1)))
 
 
-def _usable_scale(value: float) -> bool:
+def _usable_scales(values: np.ndarray) -> np.ndarray:
+    """Which ``values`` are float32 scales > 0 with a finite float32 reciprocal."""
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        scale = np.float32(value)
-        return bool(np.isfinite(scale) and scale > 0 and np.isfinite(np.float32(1) / scale))
+        scales = values.astype(np.float32)
+        return np.isfinite(scales) & (scales > 0) & np.isfinite(np.float32(1) / scales)
 
 
 def check_scales(record: Record, path: str) -> Record:
@@ -366,19 +367,24 @@ def check_scales(record: Record, path: str) -> Record:
     layer and field. The offsets and shift_bit are integers,
     which cannot hold inf or NaN; their ranges depend on the bit width and are checked where used.
     """
+    named = []  # (layer, field, value) of every scale, checked together (a record holds thousands of scale_w)
     for key, entry in record.layers.items():
-        scales = [(f"scale_w[{i}]" if len(entry.scale_w) > 1 else "scale_w", v) for i, v in enumerate(entry.scale_w)]
-        scales += [(f"record_d (index {a.index}) scale_d", a.scale_d) for a in entry.record_d if a.scale_d is not None]
-        scales += [(f"scale_r[{i}]" if len(entry.scale_r) > 1 else "scale_r", v) for i, v in enumerate(entry.scale_r)]
+        named += [(key, f"scale_w[{i}]" if len(entry.scale_w) > 1 else "scale_w", v)
+                  for i, v in enumerate(entry.scale_w)]
+        named += [(key, f"record_d (index {a.index}) scale_d", a.scale_d) for a in entry.record_d
+                  if a.scale_d is not None]
+        named += [(key, f"scale_r[{i}]" if len(entry.scale_r) > 1 else "scale_r", v)
+                  for i, v in enumerate(entry.scale_r)]
         if entry.scale_h is not None:
-            scales.append(("scale_h", entry.scale_h))
-        bad = [(name, v) for name, v in scales if not _usable_scale(v)]
-        if bad:
-            name, value = bad[0]
-            more = f" (and {len(bad) - 1} more bad scale(s))" if len(bad) > 1 else ""
-            raise RecordError(f"{path}: layer '{key}': {name} is {value!r}{more}; a scale must be a finite number "
-                              f"> 0 whose reciprocal is a float32 too (>= {_SMALLEST_SCALE:.3g}; the models store "
-                              "1 / scale): recalibrate the model, or correct the record")
+            named.append((key, "scale_h", entry.scale_h))
+    bad = np.flatnonzero(~_usable_scales(np.array([v for _, _, v in named], np.float64)))
+    if bad.size:
+        key, name, value = named[bad[0]]
+        in_layer = sum(1 for i in bad if named[i][0] == key)
+        more = f" (and {in_layer - 1} more bad scale(s))" if in_layer > 1 else ""
+        raise RecordError(f"{path}: layer '{key}': {name} is {value!r}{more}; a scale must be a finite number "
+                          f"> 0 whose reciprocal is a float32 too (>= {_SMALLEST_SCALE:.3g}; the models store "
+                          "1 / scale): recalibrate the model, or correct the record")
     return record
 
 
