@@ -137,10 +137,17 @@ def test_quantization_refuses_a_parameter_layer_the_caffemodel_lacks(tmp_path):
     net = Net(str(proto), TRAIN)
     weights = tmp_path / "m.caffemodel"
     params = {"ip": [b.data for b in net.params["ip"]]}
-    weights.write_bytes(io.net_to_caffemodel(io.parse_prototxt_text(text, str(proto)), params).SerializeToString())
+    message = io.net_to_caffemodel(io.parse_prototxt_text(text, str(proto)), params)
+    listed = message.SerializeToString()  # 'p' listed with no blob: Caffe refuses it (Incompatible number of blobs)
+    del message.layer[[layer.name for layer in message.layer].index("p")]
+    weights.write_bytes(message.SerializeToString())  # 'p' not named at all: Caffe leaves its filler's values
     with pytest.raises(WeightsError, match=r"layer 'p' \(Parameter\): the caffemodel has no weights for this layer"):
         amct.create_quant_config(str(tmp_path / "c.json"), str(proto), str(weights))
     assert not Net(str(proto), str(weights), TRAIN).params["p"][0].data.any()  # the executor: Caffe's zeros
+    weights.write_bytes(listed)
+    with pytest.raises(WeightsError, match=r"layer 'p' \(Parameter\): the caffemodel has 0 blob\(s\) but the "
+                                           r"prototxt needs 1 \(Caffe: Incompatible number of blobs\)"):
+        Net(str(proto), str(weights), TRAIN)
 
 
 def test_filter_keeps_the_selected_items_and_passes_their_gradients_back(tmp_path):
