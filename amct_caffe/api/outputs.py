@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from amct_caffe import ops
 from amct_caffe.errors import AmctError
 from amct_caffe.io.caffemodel_bytes import caffemodel_chunks
 from amct_caffe.io.graph_io import graph_to_net
@@ -28,7 +29,17 @@ def stage_graph(outputs: StagedOutputs, graph: Graph, model_file, weights_file, 
     (``in_place``: see :func:`~amct_caffe.io.graph_io.graph_to_net`)."""
     net, weights = graph_to_net(graph, in_place)
     outputs.add_message_text(model_file, net)
-    outputs.add_chunks(weights_file, caffemodel_chunks(net, weights))  # views of the graph's weights
+    # a layer with parameters and no weights (one the source caffemodel lacks) is not named, as Caffe leaves it
+    unweighted = {node.name for node in graph.nodes if not node.params and _has_parameters(node.type)}
+    outputs.add_chunks(weights_file, caffemodel_chunks(net, weights, unweighted))  # views of the graph's weights
+
+
+def _has_parameters(type_name: str) -> bool:
+    """Whether the executor's layer of ``type_name`` declares learned blobs (Convolution, BatchNorm, Scale...)."""
+    from amct_caffe.runtime import registry  # noqa: F401 - registers the executor's layer classes
+    from amct_caffe.runtime.layer import Layer
+
+    return ops.has_executor(type_name) and ops.executor_class(type_name).param_shapes is not Layer.param_shapes
 
 
 def write_graph(graph: Graph, model_file, weights_file, in_place: bool = False, meanwhile=None):

@@ -141,10 +141,14 @@ def load_model(model_file, weights_file=None, phase: int = TEST, level: int = 0,
     return net, weights
 
 
-def net_to_caffemodel(net, weights) -> object:
-    """A NetParameter for a .caffemodel: ``net``'s layers with their blobs from ``weights``."""
+def net_to_caffemodel(net, weights, leave_out=()) -> object:
+    """A NetParameter for a .caffemodel: ``net``'s layers with their blobs from ``weights``, but those named in
+    ``leave_out`` (layers that have parameters and no weights: Caffe aborts on an entry with no blob for them,
+    and leaves a layer the file does not name at its fillers)."""
     out = caffe_pb().NetParameter()
     out.CopyFrom(net)
+    for k in reversed([k for k, layer in enumerate(out.layer) if layer.name in leave_out]):
+        del out.layer[k]
     for layer in out.layer:
         del layer.blobs[:]
         for arr in weights.get(layer.name, ()):

@@ -117,28 +117,31 @@ def _with_elements(head_and_tail: bytes, cut: int, field: int, elements: list[li
     return out
 
 
-def caffemodel_chunks(net, weights) -> list:
-    """Buffers whose concatenation is the serialized caffemodel of ``net``'s layers with the blobs
-    of ``weights`` (layer name -> arrays), as :func:`amct_caffe.io.net_to_caffemodel` builds it.
+def caffemodel_chunks(net, weights, leave_out=()) -> list:
+    """Buffers whose concatenation is the serialized caffemodel of ``net``'s layers (but those named in
+    ``leave_out``) with the blobs of ``weights`` (layer name -> arrays), as
+    :func:`amct_caffe.io.net_to_caffemodel` builds it.
 
     The buffers view the arrays' memory: they must not change until the bytes are written.
     """
     pb = caffe_pb()
     if len(net.layers) or not _schema_fits(pb):  # V1 layers are not written by the IR
-        return [net_to_caffemodel(net, weights).SerializeToString()]
+        return [net_to_caffemodel(net, weights, leave_out).SerializeToString()]
     top = type(net)()
     top.CopyFrom(net)
     top.ClearField("layer")
     top_bytes = top.SerializeToString()
     net_cut = _split_at(top_bytes, _LAYER)
     if net_cut is None:
-        return [net_to_caffemodel(net, weights).SerializeToString()]
+        return [net_to_caffemodel(net, weights, leave_out).SerializeToString()]
     layers = []
     for lp in net.layer:
+        if lp.name in leave_out:
+            continue
         data = lp.SerializeToString()
         cut = _split_at(data, _BLOBS)  # None for a layer carrying blobs too: net_to_caffemodel replaces them
         if cut is None:
-            return [net_to_caffemodel(net, weights).SerializeToString()]
+            return [net_to_caffemodel(net, weights, leave_out).SerializeToString()]
         blobs = [_blob_chunks(pb, arr) for arr in weights.get(lp.name, ())]
         layers.append(_with_elements(data, cut, _BLOBS, blobs))
     return _with_elements(top_bytes, net_cut, _LAYER, layers)

@@ -530,3 +530,36 @@ def test_a_test_only_layer_sharing_its_weights_needs_none_of_its_own(tmp_path):
     snapshot.write_bytes(msg.SerializeToString())
     paths = amct.save_quant_retrain_model(str(mm), str(snapshot), "Both", str(tmp_path / "out" / "m"), str(rec))
     assert Path(paths["fake_quant_weights"]).is_file()
+
+
+@pytest.mark.parametrize("phase", ["TRAIN", "TEST", None])
+def test_a_new_layer_the_caffemodel_lacks_is_left_out_of_the_modified_caffemodel(tmp_path, phase):
+    """A layer to fine-tune that the float caffemodel does not name: the modified caffemodel listed it with no blob,
+    which Caffe's CopyTrainedLayersFrom refuses (Incompatible number of blobs), as the executor now does; it is not
+    named there at all now, so both start it from its fillers, as they would from the float caffemodel."""
+    from amct_caffe.runtime import TEST, TRAIN, Net
+
+    float_model = ('layer { name: "data" type: "Input" top: "data" top: "t" input_param { shape { dim: 2 dim: 1 '
+                   'dim: 8 dim: 8 } shape { dim: 2 dim: 4 } } }\n'
+                   'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { '
+                   'num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { '
+                   'num_output: 4 weight_filler { type: "xavier" } } }\nNEW'
+                   'layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "t" top: "loss" }\n')
+    (tmp_path / "float.prototxt").write_text(float_model.replace("NEW", ""))
+    Net(str(tmp_path / "float.prototxt"), TEST).save(str(tmp_path / "float.caffemodel"))
+    include = f" include {{ phase: {phase} }}" if phase else ""
+    new = (f'layer {{ name: "head" type: "Convolution" bottom: "conv1" top: "head"{include} convolution_param {{ '
+           'num_output: 2 kernel_size: 1 weight_filler { type: "xavier" } } }\n')
+    model = tmp_path / "m.prototxt"
+    model.write_text(float_model.replace("NEW", new))
+    weights = str(tmp_path / "float.caffemodel")
+    amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(model), weights)
+    amct.create_quant_retrain_model(str(model), weights, str(tmp_path / "c.json"), str(tmp_path / "mod.prototxt"),
+                                    str(tmp_path / "mod.caffemodel"), str(tmp_path / "rec.txt"))
+    written = io.read_caffemodel(str(tmp_path / "mod.caffemodel"))
+    assert "head" not in [layer.name for layer in written.layer]
+    assert {"conv1", "ip"} <= {layer.name for layer in written.layer if len(layer.blobs)}
+    for net_phase in (TRAIN, TEST):
+        net = Net(str(tmp_path / "mod.prototxt"), str(tmp_path / "mod.caffemodel"), net_phase)
+        assert ("head" in net.params) is (phase in (None, "TRAIN" if net_phase == TRAIN else "TEST"))
