@@ -345,6 +345,8 @@ def read_caffemodel(path):
 
 
 def _may_hold_opencv_blobs(net) -> bool:
+    if "uint64_data" not in caffe_pb().BlobProto.DESCRIPTOR.fields_by_name:  # a user's caffe.proto without it
+        return False
     return any(len(b.uint64_data) and not len(b.data) and not len(b.double_data)
                for layers in (net.layer, net.layers) for layer in layers for b in layer.blobs)
 

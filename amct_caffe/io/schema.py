@@ -173,10 +173,13 @@ def set_caffe_proto(proto_file: str | os.PathLike | None) -> Schema:
     if proto_file is None:
         _caffe = _builtin_schema()
         return _caffe
-    data = compile_proto(proto_file)
-    fds = descriptor_pb2.FileDescriptorSet.FromString(data)
+    fds = descriptor_pb2.FileDescriptorSet.FromString(compile_proto(proto_file))
     target = next(f for f in fds.file if Path(f.name).name == Path(proto_file).name)
-    pool = _pool_from_file_set(data)
+    added = _add_integer_blob_fields(target)
+    if added:
+        _LOG.info("%s: BlobProto given %s, the integer blob fields of deploy models (as ATC's caffe.proto has "
+                  "them)", proto_file, ", ".join(added))
+    pool = _pool_from_file_set(fds.SerializeToString())
     schema = Schema(pool, target.package, str(proto_file))
     if not schema.has_message("NetParameter"):
         raise ModelFormatError(f"{proto_file} defines no NetParameter message: is it a caffe.proto?")
@@ -187,6 +190,34 @@ def set_caffe_proto(proto_file: str | os.PathLike | None) -> Schema:
     _caffe = schema
     _LOG.info("using caffe.proto %s (package %r)", proto_file, target.package)
     return schema
+
+
+# BlobProto's integer fields of ATC's caffe.proto (ours has them too): a deploy model's INT8 weights, INT32 biases
+# and packed DeQuant parameters
+_INTEGER_BLOB_FIELDS = (("int8_data", 10, descriptor_pb2.FieldDescriptorProto.TYPE_BYTES, False),
+                        ("int32_data", 11, descriptor_pb2.FieldDescriptorProto.TYPE_INT32, True),
+                        ("uint64_data", 12, descriptor_pb2.FieldDescriptorProto.TYPE_UINT64, True))
+
+
+def _add_integer_blob_fields(file_proto) -> list[str]:
+    """Give the BlobProto of a user's caffe.proto (BVLC's lacks them) the integer fields deploy models need,
+    where its names and numbers are free; returns the names added (a field of another name at one of those
+    numbers leaves that one out: such models then cannot be written with that schema)."""
+    blob = next((m for m in file_proto.message_type if m.name == "BlobProto"), None)
+    if blob is None:
+        return []
+    names, numbers = {f.name for f in blob.field}, {f.number for f in blob.field}
+    added = []
+    for name, number, kind, repeated in _INTEGER_BLOB_FIELDS:
+        if name in names or number in numbers:
+            continue
+        field = blob.field.add(name=name, number=number, type=kind,
+                               label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED if repeated
+                               else descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+        if repeated:
+            field.options.packed = True
+        added.append(name)
+    return added
 
 
 def caffe_pb() -> Schema:

@@ -72,3 +72,29 @@ def test_a_folder_or_a_missing_proto_file_is_named_as_such(tmp_path, restore_sch
         amct_caffe.set_caffe_proto(tmp_path)
     with pytest.raises(ModelFormatError, match="none.proto does not exist"):
         amct_caffe.set_caffe_proto(tmp_path / "none.proto")
+
+
+def test_a_caffe_proto_without_the_integer_blob_fields_runs_the_whole_flow(tmp_path, restore_schema):
+    """BVLC's caffe.proto (and one merged from it) has no BlobProto int8_data / int32_data / uint64_data, which
+    deploy models hold (ATC's caffe.proto has them): reading any caffemodel failed with a bare AttributeError,
+    and save_model could not write the deploy weights. The fields are added where their numbers are free."""
+    import numpy as np
+
+    from tests.test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE
+
+    text = _user_proto(tmp_path).read_text()
+    for line in ("  optional bytes int8_data = 10;\n", "  repeated int32 int32_data = 11 [packed = true];\n",
+                 "  repeated uint64 uint64_data = 12 [packed = true];\n"):
+        assert line in text
+        text = text.replace(line, "")
+    proto = tmp_path / "bvlc_like.proto"
+    proto.write_text(text)
+    amct_caffe.set_caffe_proto(proto)
+    assert {"int8_data", "int32_data", "uint64_data"} <= set(caffe_pb().BlobProto.DESCRIPTOR.fields_by_name)
+    x = (np.load(MNIST_SAMPLE / "mnist_500.npz")["images"][:64, None] / 256).astype(np.float32)
+    from amct_caffe.api.workflow import calibrate
+
+    paths = calibrate(str(LENET), str(LENET_WEIGHTS), [{"data": x}], str(tmp_path / "out" / "m"), 1, progress=False)
+    deploy = io.read_caffemodel(paths["deploy_weights"])
+    conv1 = next(layer for layer in deploy.layer if layer.name == "conv1")
+    assert len(conv1.blobs[0].int8_data) == 20 * 25  # the INT8 weights, in the field ATC reads
