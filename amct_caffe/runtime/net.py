@@ -121,8 +121,7 @@ class Net(WholeSetCalls):
         net._memory_kept = []  # the API's own nets: no script holds their arrays
         if keep is not None:
             net._releases = Releases(net, keep) or None
-        # An input that a later in-place layer overwrites has an SSA name of its own in the graph;
-        # forward(data=...) still means the model's input blob.
+        # an input a later in-place layer overwrites has an SSA name in the graph; forward(data=...) means the input
         net._input_aliases = {original: ssa for node in graph.nodes if node.type == "Input"
                               and node.layer_param is not None
                               for original, ssa in zip(node.layer_param.top, node.tops, strict=False)
@@ -240,8 +239,7 @@ class Net(WholeSetCalls):
                 _LOG.warning("%s: the caffemodel has no weights for this layer; its blobs come from its fillers, "
                              "as Caffe leaves a layer the caffemodel does not name (a new layer to train)", where)
             data = layer.initial_params(shapes, self._rng)
-        # A deploy model's int8 weights / int32 bias run as float32 holding the integers (exact
-        # for int8, and for int32 up to 2**24); packed uint64 parameters stay raw for DeQuant.
+        # a deploy model's int8 weights / int32 bias run as float32 (exact to 2**24), packed uint64 stays for DeQuant
         layer.integer_params = any(np.issubdtype(np.asarray(d).dtype, np.integer) for d in data)
         # np.array, not ascontiguousarray: 0-axis blobs (PReLU channel_shared) must keep shape ().
         arrays = [np.array(d, dtype=np.uint64 if np.asarray(d).dtype == np.uint64 else np.float32, order="C")
@@ -479,7 +477,11 @@ class Net(WholeSetCalls):
         if step.layer in self._held_top_diff:
             top_diffs[0] = self._diffs.held(self._held_top_diff[step.layer], top_diffs[0].shape)
         bottoms = [as_shape(self.blobs[b].data, bottom_shapes, k) for k, b in enumerate(bottom_names)]
-        grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
+        try:
+            grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
+        except (AttributeError, TypeError, ValueError) as e:  # no forward, or one at other shapes, left its state
+            raise GraphError(f"layer '{name}' ({layer.type}): its backward failed ({type(e).__name__}: {e}); run "
+                             "forward() at the net's current shapes before backward()") from None
         if len(grads) != len(bottoms):
             raise GraphError(f"layer '{name}' ({layer.type}) returned {len(grads)} bottom diffs for "
                              f"{len(bottoms)} bottoms")
@@ -507,8 +509,7 @@ class Net(WholeSetCalls):
             self._diffs.share(bottom, top)
 
     def clear_param_diffs(self) -> None:
-        """Zero every learned blob's diff (Caffe's Net::ClearParamDiffs, run by the solvers), in place
-        as Caffe's memset: an array read from ``params[layer][i].diff`` stays the blob's diff."""
+        """Zero every learned blob's diff in place (Caffe's Net::ClearParamDiffs, a memset)."""
         for blob, _, _ in self._sharing.learnable:
             blob.diff.fill(0.0)
 
@@ -543,8 +544,7 @@ class Net(WholeSetCalls):
             self._weights_file = saved_source
 
     def save(self, path) -> None:
-        """Write the current weights as a .caffemodel (atomically: a reader of ``path`` sees the old
-        file or the new one). As in pycaffe it may replace the file the net was loaded from: a script
-        that edits weights and saves them back asks for exactly that."""
+        """Write the current weights as a .caffemodel, atomically; as in pycaffe it may replace the file the
+        net was loaded from (a script that edits weights and saves them back asks for exactly that)."""
         weights = {layer.name: [b.data for b in layer.blobs] for layer in self.layers if layer.blobs}
         io.write_caffemodel(io.net_to_caffemodel(self.net_param, weights), path)

@@ -174,3 +174,4 @@ print(json.dumps(losses))
         net.backward()
     assert want[1] != pytest.approx(want[0])  # (the case shows the effect)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+

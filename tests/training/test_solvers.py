@@ -467,3 +467,34 @@ def test_a_test_only_layer_sharing_a_trained_param_keeps_the_test_nets_weights(t
     test.forward()
     np.testing.assert_allclose(test.blobs["probe"].data, test.blobs["data"].data.sum(1, keepdims=True) * 0.1
                                * np.ones((1, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [
+    'layer { name: "x" type: "SoftmaxWithLoss" bottom: "ip" bottom: "lab" top: "x" }',
+    'layer { name: "x" type: "Dropout" bottom: "ip" top: "x" }',
+    'layer { name: "x" type: "BatchNorm" bottom: "ip" top: "x" }',
+])
+def test_backward_without_a_forward_at_the_current_shapes_says_what_to_do(tmp_path, layer):
+    """A backward before any forward, or after a reshape with no forward, reaches layers whose state a forward
+    leaves (a mask, the softmax, the batch statistics): they raised AttributeError / ValueError from inside."""
+    from amct_caffe.errors import GraphError
+    from amct_caffe.runtime import TRAIN, Net
+
+    model = tmp_path / "n.prototxt"
+    model.write_text('force_backward: true\n'
+                     'layer { name: "data" type: "Input" top: "data" top: "lab" input_param { shape { dim: 2 dim: 3 } '
+                     'shape { dim: 2 } } }\n'
+                     'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { '
+                     'num_output: 3 weight_filler { type: "constant" value: 0.1 } } }\n' + layer)
+    net = Net(str(model), TRAIN)
+    net.blobs["x"].diff[...] = 1
+    advice = r"layer 'x' \(\w+\): its backward failed \(.*\); run forward\(\) at the net's current shapes"
+    with pytest.raises(GraphError, match=advice):
+        net.backward()
+    net.forward()
+    net.backward()  # after a forward it runs
+    net.blobs["data"].reshape(4, 3)
+    net.blobs["lab"].reshape(4)
+    net.reshape()
+    with pytest.raises(GraphError, match=advice):
+        net.backward()
