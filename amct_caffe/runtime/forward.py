@@ -381,6 +381,33 @@ def _into_step(into, bottom, top, shape: tuple, name: str, top_name: str):
     return step
 
 
+def set_inputs(net, given: dict, span: range | None) -> None:
+    """``forward(**given)``'s arrays into their blobs (float32, the blob reshaped to fit), before the run of the
+    layers in ``span`` (None: all). pycaffe takes data for the net's inputs only; here also for a blob no layer
+    of the run computes anew (a partial run from a layer after its producer, or one computing it in place), but
+    not for one that a layer of the run writes: the data would be written over unseen."""
+    for name, value in given.items():
+        name = net._input_aliases.get(name, name)  # noqa: SLF001 - the Net's own state, kept by this module
+        if name not in net.blobs:
+            raise GraphError(f"forward() got data for '{name}', which is not a blob of {net._source} "  # noqa: SLF001
+                             f"(inputs: {net.inputs})")
+        if name not in net.inputs:
+            for i in span if span is not None else range(len(net.layers)):
+                layer_name = net._layer_names[i]  # noqa: SLF001
+                if name in net.top_names[layer_name] and name not in net.bottom_names[layer_name]:
+                    raise GraphError(f"forward() got data for '{name}', which layer '{layer_name}' of this run "
+                                     f"computes (the data would be written over): give data for the net's inputs "
+                                     f"{net.inputs}, or start the run after that layer (forward(start=...))")
+        try:
+            value = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise GraphError(f"forward(): the data for '{name}' is not numbers: {e}") from None
+        blob = net.blobs[name]
+        if value.shape != blob.shape:
+            blob.reshape(value.shape)
+        blob.data[...] = value
+
+
 def held_arrays(net) -> dict:
     """The arrays of ``net``'s outputs as a forward starts. pycaffe's blobs keep their memory for their life, and
     scripts hold an output's (``prob = net.blobs['prob'].data`` once, read after every forward);

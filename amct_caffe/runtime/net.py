@@ -338,23 +338,11 @@ class Net(WholeSetCalls):
         if self._releases is not None:
             self._releases.refuse(self, [self._input_aliases.get(n, n) for n in kwargs], "forward() was given data for")
             self._releases.refuse(self, list(blobs or []), "forward(blobs=...) asks for")
-        for name, value in kwargs.items():
-            name = self._input_aliases.get(name, name)
-            if name not in self.blobs:
-                raise GraphError(f"forward() got data for '{name}', which is not a blob of {self._source} "
-                                 f"(inputs: {self.inputs})")
-            try:
-                value = np.asarray(value, dtype=np.float32)
-            except (TypeError, ValueError) as e:
-                raise GraphError(f"forward(): the data for '{name}' is not numbers: {e}") from None
-            blob = self.blobs[name]
-            if value.shape != blob.shape:
-                blob.reshape(value.shape)
-            blob.data[...] = value
+        span = None if start is None and end is None else self._range(start, end)  # None: every layer
+        forward.set_inputs(self, kwargs, span)
         adapt_threads()  # BLAS threads follow the machine's load (runtime/threads.py)
         held = forward.held_arrays(self)
         self._loss = 0.0
-        span = None if start is None and end is None else self._range(start, end)  # None: every layer
         if span is None or len(span) == len(self.layers):
             key = tuple([self.blobs[t].data.shape for t in self.inputs])
             if self._steps is not None and self._steps_key == key:

@@ -344,3 +344,27 @@ def test_a_layer_writing_one_top_twice_is_refused_as_caffe_does(tmp_path, layers
     if pycaffe_dir() is not None:
         done = run_with_pycaffe(f"import caffe\ncaffe.Net({str(path)!r}, caffe.TEST)")
         assert done.returncode != 0 and "produced by multiple sources" in done.stderr
+
+
+def test_data_for_a_blob_a_layer_of_the_run_computes_is_refused(tmp_path):
+    """forward(data=x) on a net whose MemoryData layer computes 'data' ran that layer over the given data and
+    returned results for other inputs (pycaffe refuses data for anything but the net's inputs). Data for a blob
+    computed before the run's start, or in place within it, still goes in."""
+    import numpy as np
+
+    from amct_caffe.errors import GraphError
+    from amct_caffe.runtime import TEST, Net
+
+    model = tmp_path / "m.prototxt"
+    model.write_text('layer { name: "data" type: "MemoryData" top: "data" top: "label" memory_data_param { '
+                     'batch_size: 2 channels: 1 height: 3 width: 3 } }\n'
+                     'layer { name: "relu" type: "ReLU" bottom: "data" top: "data" }\n'
+                     'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { '
+                     'num_output: 2 weight_filler { type: "constant" value: 0.1 } } }\n')
+    net = Net(str(model), TEST)
+    net.set_input_arrays(np.zeros((2, 1, 3, 3), np.float32), np.zeros(2, np.float32))
+    given = np.full((2, 1, 3, 3), 5, np.float32)
+    with pytest.raises(GraphError, match=r"forward\(\) got data for 'data', which layer 'data' of this run computes"):
+        net.forward(data=given)
+    np.testing.assert_allclose(net.forward(start="relu", data=given)["ip"], np.full((2, 2), 4.5), rtol=1e-6)
+    np.testing.assert_allclose(net.forward(start="ip", data=-given)["ip"], np.full((2, 2), -4.5), rtol=1e-6)
