@@ -347,3 +347,16 @@ def test_an_input_without_a_shape_is_refused_naming_what_to_add(capsys, tmp_path
                        str(tmp_path / "d.npz"), "--output", str(tmp_path / "q"), "--no-progress", *extra],
               r"the model declares no shape for input 'data': give it one in the prototxt \(input_param \{ shape")
     assert not (tmp_path / "q").exists()
+
+
+def test_too_little_data_names_the_config_that_sets_the_number_of_batches(capsys, tmp_path):
+    """With --cfg giving batch_num, the advice named --batch-num, which the file overrides (following it only
+    added a warning that the flag is ignored)."""
+    cfg = tmp_path / "q.cfg"
+    cfg.write_text("batch_num: 4\n")
+    fails(capsys, ["calibrate", "--model", str(LENET), "--weights", str(LENET_WEIGHTS), "--data",
+                   str(MNIST_SAMPLE / "mnist_500.npz"), "--scale", "0.00390625", "--select", ":100",
+                   "--batch-size", "32", "--cfg", str(cfg), "--output", str(tmp_path / "q"), "--no-progress"],
+          rf"4 batches of 32 need 128; give more data, or a smaller batch size or number of batches "
+          rf"\(--batch-size, or batch_num in {re.escape(str(cfg))}\)")
+    assert not (tmp_path / "q").exists()

@@ -24,7 +24,9 @@ def cmd_calibrate(args) -> int:
     batch_num, offset, bn_iterations = config_values(args)
     source, _, batch_size = open_data(args, args.data, model_inputs(args.model), args.batch_size,
                                       time_major=time_major_inputs(args.model))
-    source.batches(batch_num)  # checks there is enough data before any work
+    # checks there is enough data before any work (a --config / --cfg sets the number of batches, not --batch-num)
+    given = args.config or args.cfg
+    source.batches(batch_num, f"--batch-size, or batch_num in {given}" if given else "--batch-size / --batch-num")
     # update_bn on a model with a BatchNorm to refresh runs bn_update_iterations forwards if more: the batches
     # are drawn as the calibration asks for them, up to that many (it says so if the data holds fewer)
     batches = source.batches(min(max(batch_num, bn_iterations), len(source)))

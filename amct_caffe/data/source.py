@@ -107,10 +107,12 @@ class DataSource:
             out[name] = np.ascontiguousarray(np.moveaxis(arr, 0, 1)) if name in self.time_major else arr
         return out
 
-    def batches(self, batch_num: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_num: int | None = None,
+                settings: str = "--batch-size / --batch-num") -> Iterator[dict[str, np.ndarray]]:
         """The first ``batch_num`` batches (all full batches when None).
 
-        Raises :class:`DataError` up front when there are fewer than ``batch_num`` full batches.
+        Raises :class:`DataError` up front when there are fewer than ``batch_num`` full batches, naming the
+        ``settings`` that set the batch size and number.
         """
         if batch_num is None:
             return iter(self)
@@ -119,7 +121,7 @@ class DataSource:
         if batch_num > len(self):
             raise DataError(f"{self.holds()}: {batch_num} batches of "
                             f"{self.batch_size} need {batch_num * self.batch_size}; give more data, or a smaller "
-                            "batch size or number of batches (--batch-size / --batch-num)")
+                            f"batch size or number of batches ({settings})")
         return (self.batch(b) for b in range(batch_num))
 
     def select(self, start: int | None = None, stop: int | None = None, step: int | None = None):
