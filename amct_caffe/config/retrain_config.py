@@ -121,11 +121,13 @@ class RetrainDataConfig:
             raise C.fail(where, f"{prefix}clip_max - clip_min ({C.show(self.clip_max)} - {C.show(self.clip_min)}) "
                                 "overflows float32: the quantization step would be infinite; give a narrower range")
 
-    def resolved(self, after_relu: bool, where: str, prefix: str = "retrain_data_config.") -> RetrainDataConfig:
+    def resolved(self, after_relu: bool, where: str, prefix: str = "retrain_data_config.",
+                 warn: bool = True) -> RetrainDataConfig:
         """This config with ``fixed_min`` decided for a layer whose input is (``after_relu``) or is not a
-        plain ReLU's output: absent, it holds the lower clip at 0 after a ReLU unless ``clip_min`` is given."""
+        plain ReLU's output: absent, it holds the lower clip at 0 after a ReLU unless ``clip_min`` is given.
+        ``warn``: say so where fixed_min is true after something else (the config's check, naming its file)."""
         if self.fixed_min is not None:
-            if self.fixed_min and not after_relu:  # (the guide's table: fixed_min true only after a ReLU)
+            if warn and self.fixed_min and not after_relu:  # (the guide's table: fixed_min true only after a ReLU)
                 _LOG.warning("%s: %sfixed_min is true but the layer's input is not a ReLU's output: its negative "
                              "values are clipped to 0; the guide keeps fixed_min for inputs after a ReLU", where,
                              prefix)

@@ -89,7 +89,7 @@ def retrain_specs(graph: Graph, config: RetrainConfig) -> list[RetrainSpec]:
         layer = config.layers[name]
         given = layer.retrain_data_config
         after_relu = follows_relu(graph, node)
-        data = given.resolved(after_relu, f"layer '{name}'")
+        data = given.resolved(after_relu, f"layer '{name}'", warn=False)  # the config's check said it, naming its file
         if given.fixed_min is None:
             _LOG.debug("layer '%s': fixed_min %s (its input %s a ReLU's output)", name, data.fixed_min,
                        "is" if after_relu else "is not")

@@ -563,3 +563,12 @@ def test_a_new_layer_the_caffemodel_lacks_is_left_out_of_the_modified_caffemodel
     for net_phase in (TRAIN, TEST):
         net = Net(str(tmp_path / "mod.prototxt"), str(tmp_path / "mod.caffemodel"), net_phase)
         assert ("head" in net.params) is (phase in (None, "TRAIN" if net_phase == TRAIN else "TEST"))
+
+
+def test_fixed_min_after_something_else_than_a_relu_warns_once_naming_the_config(tmp_path, caplog):
+    """conv1 reads the data, not a ReLU's output: fixed_min true there is warned about, once, with the config
+    file's name (the check of the config and the building of the model each said it)."""
+    with caplog.at_level("WARNING", logger="amct_caffe"):
+        _retrain(tmp_path, LENET, LENET_W, _set_clips(conv1={"clip_max": 3.0, "fixed_min": True}))
+    said = [r.getMessage() for r in caplog.records if "fixed_min is true but the layer" in r.getMessage()]
+    assert len(said) == 1 and ".json" in said[0] and "conv1" in said[0], said
