@@ -80,8 +80,8 @@ def check_solver_param(param, where: str) -> None:
         raise bad(f"unknown solver type \"{param.type}\"; use one of {', '.join(LEGACY_TYPES.values())}")
     if param.snapshot_format != caffe_pb().SolverParameter.BINARYPROTO:
         raise bad("snapshot_format HDF5 is not supported by the embedded solver; use BINARYPROTO (the default)")
-    if param.snapshot < 0 or param.display < 0 or param.max_iter < 0 or param.test_interval < 0:
-        raise bad("snapshot, display, max_iter and test_interval must not be negative")
+    if param.test_interval < 0:  # (a negative snapshot, display or max_iter runs as in Caffe: `iter % n == 0`)
+        raise bad("test_interval must not be negative")
     if param.snapshot and not param.HasField("snapshot_prefix"):
         raise bad("snapshot is given but snapshot_prefix is not")
     if param.snapshot:

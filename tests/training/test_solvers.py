@@ -498,3 +498,33 @@ def test_backward_without_a_forward_at_the_current_shapes_says_what_to_do(tmp_pa
     net.reshape()
     with pytest.raises(GraphError, match=advice):
         net.backward()
+
+
+@pytest.mark.parametrize("field", ["display: -1", "max_iter: -1", "snapshot: -2"])
+def test_negative_display_max_iter_or_snapshot_run_as_in_caffe(tmp_path, field):
+    """Caffe accepts them (a negative display prints every iteration, `iter % -1 == 0`; step(n) ignores max_iter);
+    the solver had refused the file. Checked against pycaffe when the case was added: the same weights."""
+    import os
+
+    from amct_caffe.runtime import get_solver
+
+    (tmp_path / "n.prototxt").write_text(
+        'layer { name: "data" type: "DummyData" top: "data" top: "label" dummy_data_param { shape { dim: 4 dim: 3 } '
+        'shape { dim: 4 } data_filler { type: "constant" value: 0.5 } data_filler { type: "constant" value: 1 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 3 '
+        'weight_filler { type: "constant" value: 0.02 } } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    results = []
+    for extra in ("", field):
+        (tmp_path / "s.prototxt").write_text(f'net: "n.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                                             f'snapshot_prefix: "{tmp_path / "snap"}"\n{extra}\n')
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            solver = get_solver("s.prototxt")
+            solver.step(3)
+        finally:
+            os.chdir(cwd)
+        results.append((solver.iter, solver.net.params["ip"][0].data.copy()))
+    assert results[1][0] == 3 and (results[0][1] == results[1][1]).all()
+    assert abs(float(results[1][1].flat[0]) - 0.0150292488) < 1e-9  # pycaffe's value for this net
