@@ -119,7 +119,7 @@ def share_trained_layers(layers, others: dict) -> None:
     layer name). Only the layers ``others`` has are re-pointed: a layer it lacks that shares one of their blobs
     by param name keeps the memory it had (Caffe's sharers are Blobs of their own over one memory, and
     ShareData moves one Blob), e.g. a TEST-only layer keeps the test net's weights."""
-    pairs = []
+    pairs = []  # (layer, index, its blob, the other net's)
     for layer in layers:
         theirs = others.get(layer.name)
         if theirs is None or not layer.blobs:
@@ -127,16 +127,20 @@ def share_trained_layers(layers, others: dict) -> None:
         if len(theirs) != len(layer.blobs):
             raise GraphError(f"share_with: layer '{layer.name}' has {len(layer.blobs)} learned blob(s) here "
                              f"and {len(theirs)} in the other net")
-        for mine, src in zip(layer.blobs, theirs, strict=True):
+        for k, (mine, src) in enumerate(zip(layer.blobs, theirs, strict=True)):
             if mine.shape != src.shape:
                 raise GraphError(f"share_with: layer '{layer.name}' blob shapes differ: {list(mine.shape)} "
                                  f"vs {list(src.shape)}")
-            pairs.append((mine, src))
-    moved = {id(mine) for mine, _ in pairs}
+            pairs.append((layer, k, mine, src))
+    moved = {id(mine) for _, _, mine, _ in pairs}
     for layer in layers:
         if layer.name not in others:
             for k, blob in enumerate(layer.blobs):
-                if id(blob) in moved:
+                owner = blob._owner if isinstance(blob, SharedView) else blob  # noqa: SLF001 - this module's class
+                if id(blob) in moved or id(owner) in moved:  # keeps the memory it had (a view of it)
                     layer.blobs[k] = Blob(data=blob.data)
-    for mine, src in pairs:
-        mine.data = src.data
+    for layer, k, mine, src in pairs:
+        if isinstance(mine, SharedView):  # only this layer's blob moves, not its owner's memory
+            layer.blobs[k] = Blob(data=src.data)
+        else:
+            mine.data = src.data

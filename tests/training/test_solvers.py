@@ -441,17 +441,25 @@ def test_a_test_net_whose_weights_do_not_fit_names_the_solver_and_the_test_net(t
         solver.step(1)
 
 
-def test_a_test_only_layer_sharing_a_trained_param_keeps_the_test_nets_weights(tmp_path):
+@pytest.mark.parametrize("probe", [
+    'layer { name: "probe" type: "InnerProduct" bottom: "data" top: "probe" param { name: "w" } '
+    'include { phase: TEST } inner_product_param { num_output: 3 bias_term: false } }\n',
+    # share_mode PERMISSIVE, the (3, 3) weight seen as (3, 3, 1, 1): share_with had moved the sharer with its owner
+    'layer { name: "as4d" type: "Reshape" bottom: "data" top: "data4" reshape_param { shape { dim: 0 dim: 3 dim: 1 '
+    'dim: 1 } } include { phase: TEST } }\n'
+    'layer { name: "probe" type: "Convolution" bottom: "data4" top: "probe" param { name: "w" share_mode: PERMISSIVE '
+    '} include { phase: TEST } convolution_param { num_output: 3 kernel_size: 1 bias_term: false } }\n',
+])
+def test_a_test_only_layer_sharing_a_trained_param_keeps_the_test_nets_weights(tmp_path, probe):
     """Caffe's ShareTrainedLayersWith re-points the layers the train net has; a TEST-only layer naming the
     same param keeps the memory it shared at the test net's build (official Caffe: its weights stay the
-    filler's 0.1 while ip1 trains)."""
+    filler's 0.1 while ip1 trains, also for a PERMISSIVE sharer of another shape)."""
     (tmp_path / "net.prototxt").write_text(
         'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 } } }\n'
         'layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }\n'
         'layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1" param { name: "w" } '
         'inner_product_param { num_output: 3 bias_term: false weight_filler { type: "constant" value: 0.1 } } }\n'
-        'layer { name: "probe" type: "InnerProduct" bottom: "data" top: "probe" param { name: "w" } '
-        'include { phase: TEST } inner_product_param { num_output: 3 bias_term: false } }\n'
+        + probe +
         'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }\n')
     (tmp_path / "solver.prototxt").write_text(f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.5\n'
                                               'lr_policy: "fixed"\ntest_iter: 1\ntest_interval: 1\n')
@@ -463,10 +471,10 @@ def test_a_test_only_layer_sharing_a_trained_param_keeps_the_test_nets_weights(t
     test = solver.test_nets[0]
     np.testing.assert_array_equal(test.params["ip1"][0].data, solver.net.params["ip1"][0].data)
     assert not np.allclose(solver.net.params["ip1"][0].data, 0.1)
-    np.testing.assert_array_equal(test.params["probe"][0].data, np.full((3, 3), 0.1, np.float32))
+    np.testing.assert_array_equal(test.params["probe"][0].data.reshape(3, 3), np.full((3, 3), 0.1, np.float32))
     test.forward()
-    np.testing.assert_allclose(test.blobs["probe"].data, test.blobs["data"].data.sum(1, keepdims=True) * 0.1
-                               * np.ones((1, 3)), rtol=1e-6)
+    np.testing.assert_allclose(test.blobs["probe"].data.reshape(4, 3), test.blobs["data"].data.sum(1, keepdims=True)
+                               * 0.1 * np.ones((1, 3)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("layer", [
