@@ -87,13 +87,14 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
         raise write_error(path, e) from None
     if is_dir:
         raise FileAccessError(f"cannot write {path}: a directory of that name exists; choose another output path")
-    tmp = None
+    tmp = fd = None
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with signals_deferred():  # the file exists only once its name is known here (to remove it)
                 fd, tmp = temp_file_beside(path)
-            with os.fdopen(fd, mode) as f:
+            f, fd = os.fdopen(fd, mode), None  # the file object closes it from here on
+            with f:
                 yield f
             with signals_deferred():  # in place and noted as committed, or neither
                 os.replace(tmp, path)
@@ -101,6 +102,8 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb"):
         except OSError as e:
             raise write_error(path, e) from None
     except BaseException:
+        if fd is not None:  # a signal held during its creation came before the file object took it
+            os.close(fd)
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

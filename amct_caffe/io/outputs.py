@@ -127,13 +127,15 @@ class StagedOutputs:
             missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made += missing  # deepest first
-        with signals_deferred():  # the temporary file exists only once noted (discard removes it)
-            fd, tmp = temp_file_beside(path)
-            self._staged.append((tmp, path))
+        fd = None
         try:
+            with signals_deferred():  # the temporary file exists only once noted (discard removes it)
+                fd, tmp = temp_file_beside(path)
+                self._staged.append((tmp, path))
             _write_all(fd, chunks)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _write_ahead(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -84,14 +84,25 @@ def signals_deferred() -> Iterator[None]:
             previous[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
         yield
     finally:
+        raised: BaseException | None = None
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in held:
+            while True:  # signal.signal runs the handlers of signals pending meanwhile: whatever they raise, restore
+                try:
+                    signal.signal(sig, handler)
+                    break
+                except BaseException as e:  # noqa: BLE001 - raised below, after every handler is back
+                    raised = raised or e
+        # every signal held is delivered, a default action (which ends the process) first; the first raise wins
+        for sig in sorted(dict.fromkeys(held), key=lambda s: previous[s] != signal.SIG_DFL):
             handler = previous[sig]
-            if callable(handler):
-                handler(sig, None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(sig)
-
+            try:
+                if callable(handler):
+                    handler(sig, None)
+                elif handler == signal.SIG_DFL:
+                    signal.raise_signal(sig)
+            except BaseException as e:  # noqa: BLE001
+                raised = raised or e
+        if raised is not None:
+            raise raised
 
 atexit.register(remove_leftovers)
