@@ -238,8 +238,9 @@ def refuse_binary(text: str, path, what: str, error: type[AmctError]) -> None:
     padded with zeros): refused at once, before a text parser quotes it whole."""
     at = text.find("\x00")
     if at >= 0:
+        hint = " (a .caffemodel is the weights file, not the model)" if what == "prototxt" else ""
         raise error(f"{path}: the {what} holds a NUL byte (line {text.count(chr(10), 0, at) + 1}): it is binary, "
-                    "not text; give the text file (a .caffemodel is the weights file, not the model)")
+                    f"not text; give the text file{hint}")
 
 
 def parse_prototxt_text(text: str, path: str, message=None):

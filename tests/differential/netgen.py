@@ -1430,7 +1430,7 @@ REFUSED = [
                                     + _one("Reduction", "reduction_param { operation: SUMSQ }", bottoms=("s",))),
      "bad"),
     ("softmax_of_a_0d_blob", _net('layer { name: "all" type: "Reduction" bottom: "data" top: "s" }\n'
-                                  + _one("Softmax", "", bottoms=("s",))), "bad"),
+                                  + _one("Softmax", "softmax_param { axis: 0 }", bottoms=("s",))), "bad"),
     # PriorBox's img_h / img_w and step_h / step_w go in pairs
     ("priorbox_img_h_alone", _net(_one("PriorBox", "prior_box_param { min_size: 2 img_h: 20 }",
                                        bottoms=("data", "image")), extra_inputs=[("image", (2, 3, 20, 20))]), "bad"),

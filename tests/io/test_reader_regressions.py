@@ -186,8 +186,9 @@ def test_a_text_file_of_nul_bytes_is_refused_at_once(tmp_path):
     with pytest.raises(ModelFormatError, match=r"zeros.prototxt: the prototxt holds a NUL byte \(line 2\): it is "
                                                "binary, not text"):
         io.load_prototxt(path)
-    with pytest.raises(record.RecordError, match="the record holds a NUL byte"):
+    with pytest.raises(record.RecordError, match="the record holds a NUL byte") as e:
         record.parse_record_text('record { key: "a" }\0', "r.txt")
+    assert "caffemodel" not in str(e.value)  # the weights-file hint is the prototxt's only
     cfg = tmp_path / "quant.cfg"
     cfg.write_bytes(b"batch_num: 2\n\0\0")
     with pytest.raises(amct.AmctError, match=r"quant.cfg: the simple config holds a NUL byte \(line 2\)"):

@@ -38,6 +38,8 @@ def argmax_shape(shape, out_max_val=False, top_k=1, axis=None):
         if top_k > shape[a]:
             raise ValueError(f"top_k {top_k} exceeds the axis size {shape[a]}")
         return tuple(shape[:a]) + (top_k,) + tuple(shape[a + 1:])
+    if not shape:  # Caffe's count(1) of a 0-D blob: CHECK(start_axis <= end_axis) fails
+        raise ValueError("without an axis ArgMax takes each item of axis 0, which a 0-D blob does not have")
     if top_k > element_count(shape[1:]):
         raise ValueError(f"top_k {top_k} exceeds the {element_count(shape[1:])} values per item")
     top = [1] * max(len(shape), 3)
