@@ -40,6 +40,7 @@ overridden twice, is an error; the merged entry is validated as a JSON entry, na
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from amct_caffe.config import checks as C
@@ -55,8 +56,33 @@ _DATA_BITS = {"INT8": 8, "INT16": 16}  # dst_type -> num_bits of data; INT4 is b
 
 
 def parse_retrain_cfg(path):
-    """Read a retrain .cfg into a ``RetrainConfig`` message; errors name the file, line and column."""
-    return C.parse_text_message(path, records().RetrainConfig(), "retrain simple config")
+    """Read a retrain .cfg into a ``RetrainConfig`` message; errors name the file, line and column. A layer
+    given twice in ``layers { key: ... }`` is refused (the map field would keep the last entry unsaid)."""
+    msg = C.parse_text_message(path, records().RetrainConfig(), "retrain simple config")
+    if len(msg.layers):
+        keys = [entry.key for entry in C.parse_text_message(path, _listed_layers_class()(), "retrain simple config")
+                .layers]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise C.fail(str(path), f"layers {{ key: \"{twice}\" }} is given twice; give each layer once")
+    return msg
+
+
+@functools.lru_cache(maxsize=1)
+def _listed_layers_class():
+    """RetrainConfig with ``layers`` read as the list of entries the text gives (its map entry made a plain
+    message), so that a key given twice can be seen."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file_proto = descriptor_pb2.FileDescriptorProto()
+    records().RetrainConfig.DESCRIPTOR.file.CopyToProto(file_proto)
+    for message in file_proto.message_type:
+        for nested in message.nested_type:
+            nested.options.ClearField("map_entry")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file_proto)
+    name = records().RetrainConfig.DESCRIPTOR.full_name
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
 
 
 def _set_fields(sub) -> dict:

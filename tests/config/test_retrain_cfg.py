@@ -83,6 +83,9 @@ def test_the_layers_form_alone_changes_only_the_layers_it_names(tmp_path, lenet)
     ("batch_num: 4", "batch_num 4: the retrain layers start their clips by IFMR on the first batch only"),
     ('skip_layers: "pool1"', "skip_layers: layer 'pool1' is not a retrainable layer of the model"),
     ('skip_layers: "conv1" skip_layers: "conv1"', "skip_layers: 'conv1' is listed twice"),
+    # the map field kept the last entry: conv1's retrain_enable false was lost (every other duplicate was refused)
+    ('layers { key: "conv1" value { retrain_enable: false } } layers { key: "conv1" value { retrain_data_config { '
+     'clip_max: 3.0 clip_min: -3.0 } } }', 'layers { key: "conv1" } is given twice'),
     ('skip_layer_types: "Pooling"', "skip_layer_types: 'Pooling' is not one of the retrainable types"),
     ('override_layer_types { layer_type: "LSTM" }', "'LSTM' is not one of the retrainable types"),
     ('override_layer_types { layer_type: "InnerProduct" } override_layer_types { layer_type: "InnerProduct" }',
