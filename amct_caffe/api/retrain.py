@@ -64,6 +64,8 @@ def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
     graph = graph_from_net(net, weights)
     # (a layer defined once per phase is in both: its TEST copy is trained through its TRAIN one)
     graph.train_layers = frozenset(lp.name for lp in io.load_prototxt(model_file, io.TRAIN).layer)
+    names = [lp.name for lp in io.load_prototxt(model_file, filter_layers=False).layer]
+    graph.phase_twins = frozenset(n for n in names if names.count(n) > 1)
     if float_model:
         for node in graph.nodes:
             if ops.layer_type(node.type).inserted:

@@ -295,6 +295,9 @@ def retrain_reason(node, graph=None) -> str | None:
     shapes = cannot_quantize_reason(node, graph)  # an input or output of fewer than 2 axes, as PTQ refuses
     if shapes is not None:
         return shapes
+    if graph is not None and node.name in graph.phase_twins:
+        return ("the prototxt defines it twice under one name (a copy per phase): a retrained layer must be defined "
+                "once; give both phases one layer to retrain it")
     if graph is not None and graph.train_layers is not None and node.name not in graph.train_layers:
         return ("it exists only in the TEST phase: a solver trains the TRAIN net, whose snapshots hold no weights "
                 "for it")

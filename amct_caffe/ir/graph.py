@@ -59,6 +59,8 @@ class Graph:
         # the layer names of the model's TRAIN phase, where this is the TEST phase of a TRAIN/TEST model (QAT:
         # a layer only in the TEST phase is never trained); None otherwise
         self.train_layers: frozenset[str] | None = None
+        # names the prototxt gives two layers (a copy per phase, include { phase }): such a layer cannot be retrained
+        self.phase_twins: frozenset[str] = frozenset()
         self.nodes: list[Node] = list(nodes)
         self.blobs: dict[str, Blob] = dict(blobs or {})
         for n in self.nodes:
@@ -144,7 +146,7 @@ class Graph:
         nodes = [Node(n.name, n.type, list(n.bottoms), list(n.tops), list(n.params), copy.deepcopy(n.layer_param),
                       list(n.origin)) for n in self.nodes]
         out = Graph(self.name, nodes, {k: Blob(v.name, v.shape) for k, v in self.blobs.items()})
-        out.train_layers = self.train_layers
+        out.train_layers, out.phase_twins = self.train_layers, self.phase_twins
         return out
 
     def check(self) -> None:

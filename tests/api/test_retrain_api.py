@@ -463,9 +463,10 @@ def test_a_param_name_no_other_layer_uses_does_not_make_a_weight_shared(tmp_path
     assert read_record(paths["quant_param_record_txt"]).layer("conv1").scale_w
 
 
-def test_a_layer_defined_once_per_phase_is_retrained(tmp_path):
-    """ip2 defined twice, a TRAIN copy and a TEST copy of one name: its TEST copy is trained through the TRAIN
-    one, so it stays in the generated config (it was taken for a TEST-only layer)."""
+def test_a_layer_defined_once_per_phase_is_not_taken_for_a_test_only_one(tmp_path):
+    """ip2 defined twice, a TRAIN copy and a TEST copy of one name: not taken for a TEST-only layer; it is left
+    out of the generated config as a layer defined twice (create_quant_retrain_model takes one definition
+    per retrained layer), and the other layers stay."""
     text = LENET.read_text()
     start = text.index("layer {", text.index('name: "ip2"') - 40)
     end = text.index("\nlayer {", start + 1)
@@ -476,7 +477,8 @@ def test_a_layer_defined_once_per_phase_is_retrained(tmp_path):
     proto.write_text(text[:start] + copies + text[end:])
     config = tmp_path / "config.json"
     amct.create_quant_retrain_config(str(config), str(proto), str(LENET_W))
-    assert {"conv1", "conv2", "ip1", "ip2"} <= set(json.loads(config.read_text()))
+    written = json.loads(config.read_text())
+    assert {"conv1", "conv2", "ip1"} <= set(written) and not written.get("ip2", {}).get("retrain_enable", False)
 
 
 def test_a_weighted_layer_only_in_the_test_phase(tmp_path):
@@ -572,3 +574,32 @@ def test_fixed_min_after_something_else_than_a_relu_warns_once_naming_the_config
         _retrain(tmp_path, LENET, LENET_W, _set_clips(conv1={"clip_max": 3.0, "fixed_min": True}))
     said = [r.getMessage() for r in caplog.records if "fixed_min is true but the layer" in r.getMessage()]
     assert len(said) == 1 and ".json" in said[0] and "conv1" in said[0], said
+
+
+def test_a_layer_defined_once_per_phase_is_left_out_of_the_generated_config(tmp_path, caplog):
+    """'ip' defined for TRAIN and again for TEST under one name (Caffe shares its trained weights by name): the
+    generated config enabled it and create_quant_retrain_model then refused it; now the config leaves it out,
+    saying why, and the model is written with conv1 retrained."""
+    from amct_caffe.runtime import TRAIN, Net
+
+    model = tmp_path / "m.prototxt"
+    model.write_text(
+        'layer { name: "data" type: "Input" top: "data" top: "t" input_param { shape { dim: 2 dim: 1 dim: 8 dim: 8 } '
+        'shape { dim: 2 dim: 4 } } }\n'
+        'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 '
+        'kernel_size: 3 weight_filler { type: "xavier" } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" include { phase: TRAIN } '
+        'inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" include { phase: TEST } '
+        'inner_product_param { num_output: 4 } }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "t" top: "loss" }\n')
+    weights = tmp_path / "m.caffemodel"
+    Net(str(model), TRAIN).save(str(weights))
+    caplog.set_level(logging.INFO, logger="amct_caffe")
+    amct.create_quant_retrain_config(str(tmp_path / "c.json"), str(model), str(weights))
+    config = json.loads((tmp_path / "c.json").read_text())
+    assert config.get("conv1", {}).get("retrain_enable") and not config.get("ip", {}).get("retrain_enable", False)
+    assert any("'ip'" in r.getMessage() and "defines it twice under one name" in r.getMessage()
+               for r in caplog.records)
+    amct.create_quant_retrain_model(str(model), str(weights), str(tmp_path / "c.json"), str(tmp_path / "mod.prototxt"),
+                                    str(tmp_path / "mod.caffemodel"), str(tmp_path / "rec.txt"))
