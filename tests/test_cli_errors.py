@@ -360,3 +360,18 @@ def test_too_little_data_names_the_config_that_sets_the_number_of_batches(capsys
           rf"4 batches of 32 need 128; give more data, or a smaller batch size or number of batches "
           rf"\(--batch-size, or batch_num in {re.escape(str(cfg))}\)")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--model", "m.prototxt"], "the following arguments are required: --weights, --data, --output; "
+                                             "`amct-caffe calibrate --help` lists the options"),
+    (["inspect", "--model", "m.prototxt", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: COMMAND; `amct-caffe --help` lists the options"),
+])
+def test_a_usage_error_is_one_line_too(capsys, argv, message):
+    """argparse printed its usage block (the top-level one for an unknown option) before the error line."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.splitlines() == [f"amct-caffe: error: {err.split('error: ', 1)[1].strip()}"]
+    assert message in err and "usage:" not in err, err

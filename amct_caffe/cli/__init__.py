@@ -58,19 +58,26 @@ amct_log/amct_caffe.log keeps the INFO messages. Exit status: 0 done, 2 error (o
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are the one line every error is (no usage block before it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"amct-caffe: error: {message}; `{self.prog} --help` lists the options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from amct_caffe import __version__
 
-    parser = argparse.ArgumentParser(prog="amct-caffe", description=DESCRIPTION,
+    parser = _Parser(prog="amct-caffe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbose_help = "show the library's INFO messages on stderr (as AMCT_LOG_LEVEL=INFO)"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     # given after the subcommand too; SUPPRESS keeps a subcommand without -v from resetting it
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     # in the order of a session: look at the model, quantize it, see what it cost, run it
     model.add_parsers(sub, common)
     calibrate.add_parser(sub, common)
