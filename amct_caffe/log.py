@@ -70,6 +70,21 @@ class _LazyFileHandler(logging.FileHandler):
                          f"({error.strerror or error}); file logging is off\n")
 
 
+class _ScreenHandler(logging.StreamHandler):
+    """stderr; while a progress bar (tqdm) is on the screen a record is written above it, not into its line."""
+
+    def emit(self, record):
+        bars = sys.modules.get("tqdm")
+        open_bars = getattr(getattr(bars, "tqdm", None), "_instances", None)
+        if not open_bars:
+            super().emit(record)
+            return
+        try:
+            bars.tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - as StreamHandler.emit: logging never raises
+            self.handleError(record)
+
+
 def setup(force: bool = False, screen_level: int | None = None) -> logging.Logger:
     """Attach the screen and file handlers to the ``amct_caffe`` logger (idempotent).
 
@@ -84,7 +99,7 @@ def setup(force: bool = False, screen_level: int | None = None) -> logging.Logge
     if screen_level is None:
         screen_level = level_from_env("AMCT_LOG_LEVEL")
     file_level = level_from_env("AMCT_LOG_FILE_LEVEL")
-    screen = logging.StreamHandler()
+    screen = _ScreenHandler()
     screen.setLevel(screen_level)
     screen.setFormatter(logging.Formatter(_FORMAT))
     # backslashreplace: a path that is not valid UTF-8 (undecodable bytes in a file name) is still logged

@@ -97,3 +97,28 @@ def test_a_log_file_that_stops_taking_writes_is_reported_once(monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert err.count("cannot write the log file") == 1 and "No space left on device" in err
     assert "Traceback" not in err and "Logging error" not in err
+
+
+def test_a_record_logged_under_an_open_progress_bar_gets_a_line_of_its_own():
+    """The label-free QAT's warning landed on its bar's line ('retrain: 100%|...| 207/208 [...]2026-... WARNING')."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from amct_caffe import log
+
+    stream = io.StringIO()
+    logger = log.setup(force=True)
+    screen = next(h for h in logger.handlers if getattr(h, "_amct", False) and hasattr(h, "stream")
+                  and not hasattr(h, "baseFilename"))
+    screen.setStream(stream)
+    try:
+        for i in tqdm(range(3), file=stream, desc="bar", mininterval=0):
+            if i == 1:
+                logging.getLogger("amct_caffe.test").warning("a warning in the middle")
+    finally:
+        log.setup(force=True)
+    lines = stream.getvalue().replace("\r", "\n").splitlines()
+    said = [line for line in lines if "a warning in the middle" in line]
+    assert said and all(line.startswith("20") and "bar:" not in line for line in said), lines
