@@ -60,6 +60,7 @@ from amct_caffe.api.workflow import run_calibration
 from amct_caffe.config.quant_config import BnUpdateConfig, read_quant_config, write_quant_config
 from amct_caffe.data import checked_feeds
 from amct_caffe.errors import AmctError
+from amct_caffe.io import load_weights
 from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.paths import reads
 from amct_caffe.io.scratch import temporary_directory
@@ -314,7 +315,8 @@ def calibrate_with_fallback(model_file, weights_file, calibration_batches, save_
     calib = _materialize(calibration_batches, "calibration_batches")
     evaluation = _materialize(eval_batches, "eval_batches") if eval_batches is not None else calib
     if evaluator is None:
-        reference = Net(str(model_file), str(weights_file), TEST)
+        load_weights(weights_file)  # NaN / Inf weights: refused as quantization refuses them, before the float net
+        reference = Net(str(model_file), str(weights_file), TEST)  # would load them with a warning
         if not compare_blobs:  # the outputs, or what stands for them (a detection list's inputs)
             compare_blobs = stand_in_outputs(net_layers(reference), reference.outputs)[0] or list(reference.outputs)
             if not compare_blobs:

@@ -474,3 +474,25 @@ def test_fallback_whose_last_measurement_fails_leaves_no_files(model, tmp_path):
         calibrate_with_fallback(str(proto), str(weights), batches(2, seed=1), str(tmp_path / "fb/m"), 2,
                                 evaluator=evaluator, target=0.5, progress=False)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_nan_weights_are_refused_before_the_float_net_loads_them(tmp_path, caplog):
+    """The float reference net loads NaN weights with a warning (as Caffe runs them); the fallback then refused
+    them, so the user read a warning that they are computed and an error that they cannot be."""
+    import logging
+
+    from amct_caffe import io
+    from amct_caffe.errors import WeightsError
+    from tests.test_cli import LENET, LENET_WEIGHTS
+
+    net = io.read_caffemodel(LENET_WEIGHTS)
+    next(layer for layer in net.layer if layer.name == "ip1").blobs[1].data[3] = float("nan")
+    weights = tmp_path / "nan.caffemodel"
+    weights.write_bytes(net.SerializeToString())
+    x = np.zeros((64, 1, 28, 28), np.float32)
+    caplog.set_level(logging.WARNING, logger="amct_caffe")
+    with pytest.raises(WeightsError, match="nan.caffemodel: layer 'ip1' blob 1 holds NaN/Inf"):
+        calibrate_with_fallback(str(LENET), str(weights), [{"data": x}], str(tmp_path / "out" / "m"), batch_num=1,
+                                progress=False)
+    assert not any("as Caffe does" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "out").exists()
