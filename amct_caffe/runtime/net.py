@@ -211,7 +211,7 @@ class Net(WholeSetCalls):
         self._seed_loss_diffs()
         for i in range(len(self.layers)):  # Caffe's Net::Init runs every layer's Reshape once
             self._share_diffs(i, "reshape")
-        self._loss = 0.0
+        self._loss, self._forwarded = 0.0, None  # the inputs' shapes at the last forward (backward's check)
         self._steps, self._steps_key = None, None  # forward.prepare's, for these input shapes
         for i, layer in enumerate(self.layers):
             layer.on_net_built(self, i)
@@ -279,7 +279,7 @@ class Net(WholeSetCalls):
                 self._shapes_seen[i] = None  # its tops take the shapes it gave
             self._reshape_layer(i)
         if self._reshapes != before:
-            self._steps = None  # prepared for blobs of other shapes (forward.prepare)
+            self._steps, self._forwarded = None, None  # prepared for other shapes (forward.prepare); no forward yet
 
     def set_input_arrays(self, data, labels) -> None:
         """pycaffe's ``set_input_arrays``: give the first layer, a MemoryData, its arrays ``data`` float32 (M, C,
@@ -359,6 +359,7 @@ class Net(WholeSetCalls):
             forward.run(self, span.start, span.stop)
             if self._reshapes != before:  # blobs of other shapes than the prepared steps were made for
                 self._steps = None
+        self._forwarded = tuple(self.blobs[t].data.shape for t in self.inputs)  # what backward() may follow
         for done in self.after_forward:
             done()
         forward.keep_memory(self, held)
@@ -403,6 +404,9 @@ class Net(WholeSetCalls):
             raise out_of_memory(e, f"back-propagating through {self._source}") from None
 
     def _backward(self, diffs, start, end, kwargs: dict):
+        if self._forwarded != tuple(self.blobs[t].data.shape for t in self.inputs):  # (a loss's softmax, a mask...)
+            raise GraphError(f"{self._source}: backward() needs a forward() at the net's current input shapes first: "
+                             "the layers' backward reads what their forward left")
         if self._releases is not None:
             self._releases.refuse(self, sorted(self._releases.names), "backward() would read")
         missing = [d for d in diffs or () if d not in self.blobs]
@@ -465,11 +469,7 @@ class Net(WholeSetCalls):
         if step.layer in self._held_top_diff:
             top_diffs[0] = self._diffs.held(self._held_top_diff[step.layer], top_diffs[0].shape)
         bottoms = [as_shape(self.blobs[b].data, bottom_shapes, k) for k, b in enumerate(bottom_names)]
-        try:
-            grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
-        except (AttributeError, TypeError, ValueError) as e:  # no forward, or one at other shapes, left its state
-            raise GraphError(f"layer '{name}' ({layer.type}): its backward failed ({type(e).__name__}: {e}); run "
-                             "forward() at the net's current shapes before backward()") from None
+        grads = layer.backward(top_diffs, list(step.bottom_need_backward), bottoms, tops)
         if len(grads) != len(bottoms):
             raise GraphError(f"layer '{name}' ({layer.type}) returned {len(grads)} bottom diffs for "
                              f"{len(bottoms)} bottoms")
