@@ -139,8 +139,12 @@ def share_trained_layers(layers, others: dict) -> None:
                 owner = blob._owner if isinstance(blob, SharedView) else blob  # noqa: SLF001 - this module's class
                 if id(blob) in moved or id(owner) in moved:  # keeps the memory it had (a view of it)
                     layer.blobs[k] = Blob(data=blob.data)
+    taken: dict[int, object] = {}  # id of a blob moved -> the other net's blob it took
     for layer, k, mine, src in pairs:
-        if isinstance(mine, SharedView):  # only this layer's blob moves, not its owner's memory
+        if isinstance(mine, SharedView) or taken.get(id(mine), src) is not src:
+            # only this layer's blob moves: not a PERMISSIVE owner's memory, nor a STRICT sharer's Blob, which its
+            # owner holds too (the other net may give the two layers weights of their own)
             layer.blobs[k] = Blob(data=src.data)
         else:
             mine.data = src.data
+            taken[id(mine)] = src

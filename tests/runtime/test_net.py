@@ -368,3 +368,29 @@ def test_data_for_a_blob_a_layer_of_the_run_computes_is_refused(tmp_path):
         net.forward(data=given)
     np.testing.assert_allclose(net.forward(start="relu", data=given)["ip"], np.full((2, 2), 4.5), rtol=1e-6)
     np.testing.assert_allclose(net.forward(start="ip", data=-given)["ip"], np.full((2, 2), -4.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("share", ['param { name: "w" }', 'param { name: "w" share_mode: PERMISSIVE }'])
+def test_share_with_gives_each_sharer_the_other_nets_blob_of_its_own_name(tmp_path, share):
+    """Two layers sharing 'w' here, two separate layers 'a' and 'b' in the other net: Caffe's ShareTrainedLayersWith
+    points each at the other net's blob of its name (official Caffe: a = 1, b = 2, and 11 / 12 after the other
+    net's weights change). A STRICT sharer's Blob is its owner's, so moving it for 'b' moved 'a' too (a = 2)."""
+    import numpy as np
+
+    from amct_caffe.runtime import TEST, Net
+
+    def ip(name, value, spec=""):
+        return (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "data" top: "{name}" {spec} inner_product_param '
+                f'{{ num_output: 4 bias_term: false weight_filler {{ type: "constant" value: {value} }} }} }}\n')
+
+    data = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+    (tmp_path / "here.prototxt").write_text(data + ip("a", 5, 'param { name: "w" }') + ip("b", 5, share))
+    (tmp_path / "other.prototxt").write_text(data + ip("a", 1) + ip("b", 2))
+    here, other = Net(str(tmp_path / "here.prototxt"), TEST), Net(str(tmp_path / "other.prototxt"), TEST)
+    here.share_with(other)
+    assert (float(here.params["a"][0].data.flat[0]), float(here.params["b"][0].data.flat[0])) == (1.0, 2.0)
+    other.params["a"][0].data[...] += 10
+    other.params["b"][0].data[...] += 10
+    out = here.forward(data=np.ones((1, 3), np.float32))
+    np.testing.assert_array_equal(out["a"], np.full((1, 4), 33.0))
+    np.testing.assert_array_equal(out["b"], np.full((1, 4), 36.0))
