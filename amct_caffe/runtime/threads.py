@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 
 from amct_caffe.errors import AmctError
@@ -47,6 +48,8 @@ _PIN_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 _limiter = None      # threadpoolctl limiter of set_num_threads(n)
 _pinned = None       # that n
 _auto = None         # the _Adaptive state, built on first use (False: adapting is off here)
+_capping = 0         # leaving_a_core blocks open, under _CAP_LOCK
+_CAP_LOCK = threading.Lock()
 _hold = None         # _Hold of numpy's BLAS at one thread where its sums depend on the count (module doc),
                      # made before any other limiter (False: not needed here; None: not decided yet)
 
@@ -106,21 +109,29 @@ def leaving_a_core(enabled: bool = True):
     """Within the block the adaptive count leaves a core to a worker thread of the caller's: at most cpus - 1
     BLAS and C++ loop threads (the IFMR fills of a calibration forward, layers/calibration_overlap.py, which
     otherwise run on the forward's own thread: open_nsfw's four calibration forwards took 1.30 s on 2 threads
-    with the fills between the layers, 0.97 s on one with them beside it). A count pinned by set_num_threads
-    or the environment stays as it is; after the block the count is what it was."""
+    with the fills between the layers, 0.97 s on one with them beside it). Blocks may nest or run in several
+    threads at once: the first to open sets the cap, the last to close lifts it and puts back the count of
+    before. A count pinned by set_num_threads or the environment stays as it is, also one pinned meanwhile."""
+    global _capping
     auto = _auto if enabled and isinstance(_auto, _Adaptive) and _limiter is None else None
     if auto is None or auto.cpus < 2:
         yield
         return
-    before, auto.cap = auto.current, auto.cpus - 1
-    if auto.current > auto.cap:
-        auto._set(auto.cap)  # noqa: SLF001 - this module's own class
+    with _CAP_LOCK:
+        _capping += 1
+        if _capping == 1:
+            auto.before_cap, auto.cap = auto.current, auto.cpus - 1
+            if auto.current > auto.cap:
+                auto._set(auto.cap)  # noqa: SLF001 - this module's own class
     try:
         yield
     finally:
-        auto.cap = None
-        if auto.current != before:
-            auto._set(before)  # noqa: SLF001
+        with _CAP_LOCK:
+            _capping -= 1
+            if _capping == 0:
+                auto.cap = None
+                if _limiter is None and auto.current != auto.before_cap:  # (a pin made meanwhile stays)
+                    auto._set(auto.before_cap)  # noqa: SLF001
 
 
 def _blas_sums_thread_free() -> bool:
@@ -198,6 +209,7 @@ class _Adaptive:
         self.cpus = cpus
         self.current = self.default
         self.cap = None  # at most this many while a block of leaving_a_core runs
+        self.before_cap = self.current  # the count when the first of those blocks opened
         self.last = None  # (monotonic time, machine busy seconds, own CPU seconds)
 
     @classmethod

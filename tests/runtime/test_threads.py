@@ -111,9 +111,19 @@ def test_a_calibration_forward_leaves_a_core_to_its_worker(monkeypatch):
     assert threads.workers() == 2 and lib.num_threads == 2
     with threads.leaving_a_core(enabled=False):
         assert lib.num_threads == 2
+    with threads.leaving_a_core():  # nested: the cap holds until the outer block ends
+        with threads.leaving_a_core():
+            pass
+        assert lib.num_threads == 1 and state.cap == 1
+    assert lib.num_threads == 2
     monkeypatch.setattr(threads, "_limiter", object())  # set_num_threads(n) pinned a count: left alone
     with threads.leaving_a_core():
         assert lib.num_threads == 2
+    monkeypatch.setattr(threads, "_limiter", None)
+    with threads.leaving_a_core():  # a pin made inside the block stays after it
+        lib.num_threads = 2
+        monkeypatch.setattr(threads, "_limiter", object())
+    assert lib.num_threads == 2 and state.cap is None
 
 
 def test_a_streaming_calibration_net_leaves_a_core_while_it_collects(monkeypatch, tmp_path):
