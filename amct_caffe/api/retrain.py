@@ -39,6 +39,7 @@ from amct_caffe.io.graph_io import graph_from_net, graph_to_net, layer_graph
 from amct_caffe.io.outputs import StagedOutputs
 from amct_caffe.io.paths import check_output, checked_path, reading, require
 from amct_caffe.io.record import Record, read_record, record_text
+from amct_caffe.io.schema import require_amct_messages
 from amct_caffe.ir import Graph
 from amct_caffe.passes.fusion import find_fusions
 from amct_caffe.passes.prepare import prepare
@@ -60,6 +61,7 @@ def _test_graph(model_file, weights_file, float_model: bool = True) -> Graph:
 
     ``float_model``: refuse a model that already has AMCT layers (quantized or retrain ones).
     """
+    require_amct_messages("quantization-aware training")
     net, weights = io.load_model(model_file, weights_file)
     graph = graph_from_net(net, weights)
     # (a layer defined once per phase is in both: its TEST copy is trained through its TRAIN one)

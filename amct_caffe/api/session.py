@@ -19,6 +19,7 @@ import numpy as np
 from amct_caffe import io, ops
 from amct_caffe.config import load_config
 from amct_caffe.errors import AmctError, GraphError
+from amct_caffe.io.schema import require_amct_messages
 from amct_caffe.io.bn_dump import bn_dump_path, read_bn_dump
 from amct_caffe.io.graph_io import graph_from_net
 from amct_caffe.io.paths import check_output, checked_path, reading, require
@@ -36,6 +37,7 @@ _LOG = logging.getLogger(__name__)
 
 def load_float_graph(model_file, weights_file) -> Graph:
     """The model as an SSA graph with its blob shapes; refuses models that are already quantized."""
+    require_amct_messages("quantization")
     net, weights = io.load_model(model_file, weights_file)
     seen: set[str] = set()
     for layer in net.layer:  # Caffe runs such a net; here the config and the record name layers

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from amct_caffe.errors import WeightsError
+from amct_caffe.errors import ModelFormatError, WeightsError
 from amct_caffe.io.opencv_blobs import raw_blob_values
+from amct_caffe.io.schema import caffe_pb
 
 _LEGACY_DIMS = ("num", "channels", "height", "width")
 _MAX_COUNT = 2**31 - 1  # Caffe's blob count is an int (Blob::Reshape checks count <= INT_MAX)
@@ -91,6 +92,13 @@ def array_to_blob(arr: np.ndarray, blob) -> None:
     anything else -> float32 ``data``.
     """
     arr = np.asarray(arr)
+    field, number = _INTEGER_FIELDS.get(arr.dtype.str.lstrip("<|"), (None, None))
+    found = blob.DESCRIPTOR.fields_by_name.get(field) if field is not None else None
+    if field is not None and (found is None or found.number != number):
+        raise ModelFormatError(f"{caffe_pb().origin}: BlobProto has no field {field} = {number}, where a deploy "
+                               f"model keeps its {arr.dtype} blobs (ATC's caffe.proto: int8_data = 10, int32_data = "
+                               "11, uint64_data = 12): free those numbers in your caffe.proto, or save the fake-quant "
+                               "model only")
     blob.shape.dim.extend(int(d) for d in arr.shape)
     flat = np.ascontiguousarray(arr).ravel()
     if arr.dtype == np.float64:
@@ -106,6 +114,7 @@ def array_to_blob(arr: np.ndarray, blob) -> None:
 
 
 _DATA, _DOUBLE_DATA = 5, 8  # BlobProto field numbers of `repeated float data`, `repeated double double_data`
+_INTEGER_FIELDS = {"i1": ("int8_data", 10), "i4": ("int32_data", 11), "u8": ("uint64_data", 12)}  # by dtype
 
 
 def _merge_packed(blob, field: int, values: np.ndarray) -> None:

@@ -179,11 +179,18 @@ def set_caffe_proto(proto_file: str | os.PathLike | None) -> Schema:
     if added:
         _LOG.info("%s: BlobProto given %s, the integer blob fields of deploy models (as ATC's caffe.proto has "
                   "them)", proto_file, ", ".join(added))
+    blob = next((m for m in target.message_type if m.name == "BlobProto"), None)
+    lacking = [f"{name} = {number}" for name, number, kind, _ in _INTEGER_BLOB_FIELDS
+               if blob is not None and not any(f.name == name and f.number == number and f.type == kind
+                                               for f in blob.field)]
+    if lacking:
+        _LOG.warning("%s: BlobProto has no %s (their numbers are taken): deploy models, whose INT8 weights and "
+                     "INT32 biases go there, cannot be written with it", proto_file, ", ".join(lacking))
     pool = _pool_from_file_set(fds.SerializeToString())
     schema = Schema(pool, target.package, str(proto_file))
     if not schema.has_message("NetParameter"):
         raise ModelFormatError(f"{proto_file} defines no NetParameter message: is it a caffe.proto?")
-    missing = [m for m in ("QuantParameter", "DeQuantParameter", "IFMRParameter") if not schema.has_message(m)]
+    missing = [m for m in _AMCT_MESSAGES if not schema.has_message(m)]
     if missing:
         _LOG.warning("%s lacks the AMCT messages %s: models with AMCT layers will not parse; "
                      "merge it with amct_custom.proto (caffe_patch/install.py) first", proto_file, missing)
@@ -207,9 +214,10 @@ def _add_integer_blob_fields(file_proto) -> list[str]:
     if blob is None:
         return []
     names, numbers = {f.name for f in blob.field}, {f.number for f in blob.field}
+    ranges = [(r.start, r.end) for r in blob.extension_range] + [(r.start, r.end) for r in blob.reserved_range]
     added = []
     for name, number, kind, repeated in _INTEGER_BLOB_FIELDS:
-        if name in names or number in numbers:
+        if name in names or number in numbers or any(lo <= number < hi for lo, hi in ranges):
             continue
         field = blob.field.add(name=name, number=number, type=kind,
                                label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED if repeated
@@ -218,6 +226,19 @@ def _add_integer_blob_fields(file_proto) -> list[str]:
             field.options.packed = True
         added.append(name)
     return added
+
+
+_AMCT_MESSAGES = ("QuantParameter", "DeQuantParameter", "IFMRParameter")  # the layers quantization writes
+
+
+def require_amct_messages(what: str) -> None:
+    """Refuse to start ``what`` (a quantization flow) with a caffe.proto lacking the AMCT layers it writes."""
+    schema = caffe_pb()
+    missing = [m for m in _AMCT_MESSAGES if not schema.has_message(m)]
+    if missing:
+        raise ModelFormatError(f"{schema.origin} has no {', '.join(missing)} (AMCT's layers), which {what} writes: "
+                               "merge AMCT's layers into it (python -m caffe_patch.merge_proto), or go back to "
+                               "amct_caffe's own (set_caffe_proto(None), AMCT_CAFFE_PROTO unset)")
 
 
 def caffe_pb() -> Schema:

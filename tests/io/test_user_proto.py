@@ -98,3 +98,52 @@ def test_a_caffe_proto_without_the_integer_blob_fields_runs_the_whole_flow(tmp_p
     deploy = io.read_caffemodel(paths["deploy_weights"])
     conv1 = next(layer for layer in deploy.layer if layer.name == "conv1")
     assert len(conv1.blobs[0].int8_data) == 20 * 25  # the INT8 weights, in the field ATC reads
+
+
+def _without_integer_fields(tmp_path) -> str:
+    text = _user_proto(tmp_path).read_text()
+    for line in ("  optional bytes int8_data = 10;\n", "  repeated int32 int32_data = 11 [packed = true];\n",
+                 "  repeated uint64 uint64_data = 12 [packed = true];\n"):
+        text = text.replace(line, "")
+    return text
+
+
+@pytest.mark.parametrize("blob_lines", ["  optional float my_scale = 10;", "  extensions 10 to 100;"])
+def test_blob_numbers_taken_in_a_users_proto_are_named_when_a_deploy_model_is_written(tmp_path, restore_schema,
+                                                                                       caplog, blob_lines):
+    """A field of the user's own at 10 (or an extension range over it): the schema was built anyway (an extension
+    range made it a bare TypeError) and the deploy weights failed with a bare AttributeError at the very end."""
+    import logging
+
+    import numpy as np
+
+    from amct_caffe.api.workflow import calibrate
+    from tests.test_cli import LENET, LENET_WEIGHTS, MNIST_SAMPLE
+
+    proto = tmp_path / "taken.proto"
+    proto.write_text(_without_integer_fields(tmp_path).replace("message BlobProto {",
+                                                               "message BlobProto {\n" + blob_lines, 1))
+    caplog.set_level(logging.WARNING, logger="amct_caffe")
+    amct_caffe.set_caffe_proto(proto)
+    assert any("BlobProto has no int8_data = 10" in r.getMessage() for r in caplog.records)
+    x = (np.load(MNIST_SAMPLE / "mnist_500.npz")["images"][:64, None] / 256).astype(np.float32)
+    with pytest.raises(ModelFormatError, match=r"BlobProto has no field int8_data = 10, where a deploy model keeps"):
+        calibrate(str(LENET), str(LENET_WEIGHTS), [{"data": x}], str(tmp_path / "out" / "m"), 1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_proto_without_amcts_layers_is_refused_before_quantization_starts(tmp_path, restore_schema):
+    """BVLC's caffe.proto, unmerged: the calibration model could not be built (a bare AttributeError: ifmr_param)."""
+    text = _without_integer_fields(tmp_path)
+    for message in ("IFMRParameter",):
+        assert f"message {message} {{" in text
+    text = text.replace("message IFMRParameter {", "message IFMRParameterRenamed {", 1).replace(
+        "optional IFMRParameter ", "optional IFMRParameterRenamed ")
+    proto = tmp_path / "bvlc_like.proto"
+    proto.write_text(text)
+    amct_caffe.set_caffe_proto(proto)
+    from tests.test_cli import LENET, LENET_WEIGHTS
+
+    with pytest.raises(ModelFormatError, match=r"bvlc_like.proto has no IFMRParameter \(AMCT's layers\), which "
+                                               "quantization writes: merge"):
+        amct_caffe.create_quant_config(str(tmp_path / "c.json"), str(LENET), str(LENET_WEIGHTS))
